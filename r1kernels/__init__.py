@@ -1,0 +1,194 @@
+"""r1kernels: token log-probs, the fused GRPO loss family, group advantages and DeepSeek-V3 MoE routing.
+
+Every op validates its inputs (ValueError naming the argument), then runs the fastest eligible backend
+(`backend="auto"`) or the one named; `backend="torch"` is the pure-PyTorch reference in r1kernels.reference.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _backend, _checks
+from . import reference as _ref
+from .reference.grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+
+__all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
+           "GRPOLossOutput", "moe", "patch"]
+__version__ = "0.1.0"
+
+
+class GRPOLossOutput(NamedTuple):
+    loss: torch.Tensor                # fp32 scalar
+    per_token_logprobs: torch.Tensor  # fp32 [B, T], detached
+    metrics: dict                     # kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean
+
+
+def _eager() -> bool:
+    """Data-dependent checks (label range, NaN) run eagerly only; torch.compile traces without them."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_logits_labels(logits_name, logits, labels_name, labels, temperature):
+    _checks.float_tensor(logits_name, logits, min_ndim=1)
+    _checks.int_tensor(labels_name, labels)
+    _checks.shape(labels_name, labels, logits.shape[:-1], f" (the leading dims of {logits_name})")
+    _checks.same_device(**{logits_name: logits, labels_name: labels})
+    _checks.positive("temperature", temperature)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{logits_name} must have a non-empty vocabulary dimension")
+    if _eager():
+        _checks.labels_in_range(labels_name, labels, logits.shape[-1])
+
+
+def _check_linear(hidden, weight, bias, labels, temperature):
+    _checks.float_tensor("hidden", hidden, min_ndim=1)
+    _checks.float_tensor("weight", weight, ndim=2)
+    _checks.int_tensor("labels", labels)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] (hidden size last), "
+                         f"got {tuple(weight.shape)}")
+    _checks.shape("labels", labels, hidden.shape[:-1], " (the leading dims of hidden)")
+    if bias is not None:
+        _checks.float_tensor("bias", bias, ndim=1)
+        _checks.shape("bias", bias, (weight.shape[0],))
+    _checks.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    _checks.positive("temperature", temperature)
+    if _eager():
+        _checks.labels_in_range("labels", labels, weight.shape[0])
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, return_entropy=False, backend="auto"):
+    """logits [..., V] (any float dtype), labels [...] -> fp32 log softmax(logits / T)[label] [...],
+    and the fp32 entropy [...] of that distribution when return_entropy."""
+    _check_logits_labels("logits", logits, "labels", labels, temperature)
+    fn = _backend.pick("token_logprobs", backend, logits.device, logits, labels)
+    return (fn or _ref.token_logprobs)(logits, labels, temperature, return_entropy)
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
+                          backend="auto"):
+    """token_logprobs(hidden @ weight.T + bias, labels) without materializing the [N, V] logits."""
+    _check_linear(hidden, weight, bias, labels, temperature)
+    fn = _backend.pick("linear_token_logprobs", backend, hidden.device, hidden, weight, labels)
+    if fn is None:
+        return _ref.linear_token_logprobs(hidden, weight, labels, bias, temperature, return_entropy)
+    return fn(hidden, weight, labels, bias, temperature, return_entropy)
+
+
+def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_weights=None, backend="auto"):
+    """rewards [B*G] or [B*G, R] (consecutive rows form a group; R reward columns are summed with
+    reward_weights first) -> fp32 advantages [B*G]: (R - group mean) / (std + eps) for scale="group"
+    (unbiased std), the whole batch's std for "batch", no division for "none"."""
+    _checks.float_tensor("rewards", rewards, ndim=(1, 2))
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    n = rewards.shape[0]
+    if n % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch of {n} rewards")
+    _checks.choice("scale", scale, ("group", "batch", "none"))
+    if scale == "group" and group_size < 2:
+        raise ValueError("group_size must be >= 2 with scale='group' (the std of one sample is undefined)")
+    if scale == "batch" and n < 2:
+        raise ValueError("rewards needs >= 2 rows with scale='batch'")
+    _checks.positive("eps", eps, allow_zero=True)
+    if reward_weights is not None:
+        if rewards.dim() != 2:
+            raise ValueError("reward_weights needs rewards of shape [B*G, R]")
+        reward_weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=rewards.device)
+        _checks.shape("reward_weights", reward_weights, (rewards.shape[1],), " (one per reward column)")
+    if _eager() and torch.isnan(rewards).any():
+        raise ValueError("rewards contains NaN (map 'not applicable' rewards to a value before this call)")
+    fn = _backend.pick("group_advantages", backend, rewards.device, rewards, group_size)
+    return (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
+
+
+def _check_grpo(ids, advantages, mask, old, ref, beta, epsilon, epsilon_high, delta, loss_type, is_level,
+                kl_estimator, max_completion_length, num_items_in_batch, temperature):
+    _checks.int_tensor("completion_ids", ids, ndim=2)
+    B, T = ids.shape
+    _checks.float_tensor("advantages", advantages, ndim=(1, 2))
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if mask is not None:
+        _checks.tensor("completion_mask", mask, ndim=2)
+        _checks.shape("completion_mask", mask, (B, T))
+    for name, t in (("old_logprobs", old), ("ref_logprobs", ref)):
+        if t is not None:
+            _checks.float_tensor(name, t, ndim=2)
+            _checks.shape(name, t, (B, T))
+    _checks.same_device(completion_ids=ids, advantages=advantages, completion_mask=mask, old_logprobs=old,
+                        ref_logprobs=ref)
+    _checks.choice("loss_type", loss_type, LOSS_TYPES)
+    _checks.choice("importance_sampling_level", is_level, IS_LEVELS)
+    _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _checks.positive("beta", beta, allow_zero=True)
+    _checks.positive("epsilon", epsilon, allow_zero=True)
+    if epsilon_high is not None:
+        _checks.positive("epsilon_high", epsilon_high, allow_zero=True)
+    if delta is not None:
+        _checks.positive("delta", delta)
+    if beta != 0.0 and ref is None:
+        raise ValueError("ref_logprobs is required when beta != 0")
+    if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or max_completion_length < 1):
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = float(num_items_in_batch) if _eager() else num_items_in_batch
+        if not isinstance(num_items_in_batch, torch.Tensor):
+            _checks.positive("num_items_in_batch", num_items_in_batch)
+    _checks.positive("temperature", temperature)
+
+
+def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_logprobs=None,
+              ref_logprobs=None, beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo",
+              importance_sampling_level="token", kl_estimator="k3", temperature=1.0,
+              max_completion_length=None, num_items_in_batch=None, inplace_backward=False,
+              backend="auto") -> GRPOLossOutput:
+    """The clipped GRPO/KL loss family from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
+    advantages [B] (one per sequence) or [B, T]. inplace_backward=True lets a kernel write the logits'
+    gradient into the logits' own storage (their values are then gone): no extra [B, T, V] buffer."""
+    _check_logits_labels("logits", logits, "completion_ids", completion_ids, temperature)
+    opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
+                epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+                importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
+                max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    _check_grpo(completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, beta, epsilon,
+                epsilon_high, delta, loss_type, importance_sampling_level, kl_estimator,
+                max_completion_length, num_items_in_batch, temperature)
+    _checks.same_device(logits=logits, completion_ids=completion_ids)
+    fn = _backend.pick("grpo_loss", backend, logits.device, logits, completion_ids)
+    if fn is None:
+        loss, logp, metrics = _ref.grpo_loss(logits, completion_ids, advantages, completion_mask,
+                                             temperature=temperature, **opts)
+    else:
+        loss, logp, metrics = fn(logits, completion_ids, advantages, completion_mask, temperature=temperature,
+                                 inplace_backward=inplace_backward, **opts)
+    return GRPOLossOutput(loss, logp.detach(), metrics)
+
+
+def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask=None, *, bias=None,
+                     old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2, epsilon_high=None,
+                     delta=None, loss_type="dapo", importance_sampling_level="token", kl_estimator="k3",
+                     temperature=1.0, max_completion_length=None, num_items_in_batch=None,
+                     backend="auto") -> GRPOLossOutput:
+    """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
+    never holding the [B, T, V] logits."""
+    _check_linear(hidden, weight, bias, completion_ids, temperature)
+    opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
+                epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+                importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
+                max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    _check_grpo(completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, beta, epsilon,
+                epsilon_high, delta, loss_type, importance_sampling_level, kl_estimator,
+                max_completion_length, num_items_in_batch, temperature)
+    fn = _backend.pick("linear_grpo_loss", backend, hidden.device, hidden, weight, completion_ids)
+    impl = fn or _ref.linear_grpo_loss
+    loss, logp, metrics = impl(hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
+                               temperature=temperature, **opts)
+    return GRPOLossOutput(loss, logp.detach(), metrics)
+
+
+from . import moe  # noqa: E402
+from .patch import patch  # noqa: E402

@@ -1,0 +1,132 @@
+"""Backend choice for every public op: "auto" | "triton" | "cuda" | "cpp" | "torch" (env R1K_BACKEND).
+
+Kernels are looked up in KERNELS by module path and function name: adding a kernel is adding the file
+that defines the function (and, if it has limits, a `fn.eligible(*args, **kw) -> bool` attribute).
+Everything is resolved at import time, so `pick` is plain table lookups and traces under torch.compile.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+
+# op -> [(backend, "module:function")], fastest first. "torch" (the reference) is always last and implied.
+KERNELS: dict[str, list[tuple[str, str]]] = {
+    "token_logprobs": [("triton", "r1kernels.ops.logprob:token_logprobs_triton")],
+    "linear_token_logprobs": [("triton", "r1kernels.ops.linear_grpo:linear_token_logprobs_triton")],
+    "grpo_loss": [("triton", "r1kernels.ops.grpo:grpo_loss_triton")],
+    "linear_grpo_loss": [("triton", "r1kernels.ops.linear_grpo:linear_grpo_loss_triton")],
+    "group_advantages": [("cuda", "r1kernels.ops.advantage:group_advantages_cuda"),
+                         ("triton", "r1kernels.ops.advantage:group_advantages_triton"),
+                         ("cpp", "r1kernels.ops.advantage:group_advantages_cpp")],
+    "route": [("cuda", "r1kernels.ops.moe:route_cuda"), ("triton", "r1kernels.ops.moe:route_triton")],
+    "permute": [("cuda", "r1kernels.ops.moe:permute_cuda"), ("triton", "r1kernels.ops.moe:permute_triton")],
+    "unpermute": [("cuda", "r1kernels.ops.moe:unpermute_cuda"),
+                  ("triton", "r1kernels.ops.moe:unpermute_triton")],
+}
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ENV_BACKEND = os.environ.get("R1K_BACKEND", "auto")
+if ENV_BACKEND not in BACKENDS:
+    raise ValueError(f"R1K_BACKEND must be one of {BACKENDS}, got {ENV_BACKEND!r}")
+
+try:  # the compiled extension registers torch.ops.r1kernels.* when imported
+    from r1kernels import _C  # noqa: F401
+    HAS_EXTENSION = True
+except ImportError:
+    HAS_EXTENSION = False
+
+
+def extension_has(op: str, dispatch_key: str) -> bool:
+    """True when r1kernels._C registered `op` with a kernel for dispatch_key ("CPU", "CUDA")."""
+    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"r1kernels::{op}", dispatch_key)
+
+
+def _load(path: str):
+    module, fn = path.split(":")
+    if module.startswith("r1kernels.ops.") and not _module_exists(module):
+        return None
+    try:
+        return getattr(importlib.import_module(module), fn, None)
+    except ImportError as e:  # a kernel module whose dependency (triton) is missing
+        _LOAD_ERRORS[path] = repr(e)
+        return None
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+_LOAD_ERRORS: dict[str, str] = {}
+# op -> [(backend, fn)] of kernels that imported; fn.available(device_type) may narrow further.
+_LOADED: dict[str, list[tuple[str, object]]] = {}
+for _op, _entries in KERNELS.items():
+    _LOADED[_op] = [(b, f) for b, p in _entries if (b != "triton" or HAS_TRITON) and (f := _load(p)) is not None]
+
+_WARNED: set[str] = set()
+
+
+def _runs_on(backend: str, device_type: str) -> bool:
+    if backend == "cuda":
+        return device_type == "cuda"
+    if backend == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRET)
+    if backend == "cpp":
+        return device_type == "cpu"
+    return True
+
+
+def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
+    """The kernel function to call, or None for the torch reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = ENV_BACKEND
+    if backend == "torch":
+        return None
+    dev = device.type
+    for name, fn in _LOADED.get(op, []):
+        if backend != "auto" and name != backend:
+            continue
+        ok = _runs_on(name, dev) and getattr(fn, "available", lambda d: True)(dev)
+        if ok and getattr(fn, "eligible", lambda *a, **k: True)(*args, **kwargs):
+            return fn
+        if backend != "auto" and not ok:
+            raise ValueError(f"backend={backend!r} for {op} cannot run on {dev} tensors here "
+                             f"({_why(op, name)})")
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} for {op} does not support these inputs")
+    if backend != "auto":
+        raise ValueError(f"backend={backend!r} is not available for {op} ({_why(op, backend)})")
+    if dev == "cuda" and op not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(op)
+        warnings.warn(f"r1kernels: no kernel eligible for {op} on cuda; using the torch reference")
+    return None
+
+
+def _why(op: str, backend: str) -> str:
+    paths = [p for b, p in KERNELS.get(op, []) if b == backend]
+    if not paths:
+        return "no such kernel"
+    if backend == "triton" and not HAS_TRITON:
+        return "triton is not installed"
+    if backend == "triton":
+        return _LOAD_ERRORS.get(paths[0], "needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors")
+    if backend in ("cuda", "cpp") and not HAS_EXTENSION:
+        return "the r1kernels._C extension is not built"
+    return _LOAD_ERRORS.get(paths[0], "the extension has no kernel for this device")
+
+
+def available(op: str, device_type: str = "cuda") -> list[str]:
+    """Backends that would run `op` on tensors of device_type (the reference "torch" always)."""
+    return [b for b, f in _LOADED.get(op, []) if _runs_on(b, device_type)
+            and getattr(f, "available", lambda d: True)(device_type)] + ["torch"]

@@ -1,0 +1,116 @@
+"""DeepSeek-V3 MoE routing: r1kernels.moe.route / permute / unpermute / update_bias / sequence_aux_loss."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks
+from . import reference as _ref
+
+__all__ = ["route", "permute", "unpermute", "update_bias", "sequence_aux_loss"]
+
+
+def _eager():
+    return not torch.compiler.is_compiling()
+
+
+def _check_int(name, v, lo=1):
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def check_routing_config(num_experts, top_k, n_group, topk_group):
+    _check_int("top_k", top_k)
+    _check_int("n_group", n_group)
+    _check_int("topk_group", topk_group)
+    if num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must divide the number of experts {num_experts}")
+    if topk_group > n_group:
+        raise ValueError(f"topk_group={topk_group} must be <= n_group={n_group}")
+    if num_experts // n_group < 2:
+        raise ValueError(f"each group needs >= 2 experts (group score = sum of its top 2); "
+                         f"got {num_experts} experts in {n_group} groups")
+    if top_k > topk_group * (num_experts // n_group):
+        raise ValueError(f"top_k={top_k} exceeds the {topk_group * (num_experts // n_group)} experts in the "
+                         f"topk_group={topk_group} kept groups of {num_experts // n_group}")
+
+
+def route(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group, routed_scaling_factor=1.0,
+          norm_topk_prob=True, backend="auto"):
+    """router_logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int64 [T, K]) by DeepSeek-V3's
+    sigmoid + bias + group-limited top-k; ids ordered by biased score, ties to the lower index."""
+    _checks.float_tensor("router_logits", router_logits, ndim=2)
+    E = router_logits.shape[1]
+    _checks.float_tensor("e_score_correction_bias", e_score_correction_bias, ndim=1)
+    _checks.shape("e_score_correction_bias", e_score_correction_bias, (E,))
+    _checks.same_device(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
+    check_routing_config(E, top_k, n_group, topk_group)
+    if not isinstance(routed_scaling_factor, (int, float)):
+        raise ValueError(f"routed_scaling_factor must be a number, got {routed_scaling_factor!r}")
+    fn = _backend.pick("route", backend, router_logits.device, router_logits, e_score_correction_bias,
+                       top_k, n_group, topk_group)
+    return (fn or _ref.route)(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
+                              float(routed_scaling_factor), bool(norm_topk_prob))
+
+
+def permute(hidden, topk_ids, num_experts, *, backend="auto"):
+    """hidden [T, H], topk_ids [T, K] -> (permuted [T*K, H] grouped by expert, row_map int64 [T*K]
+    (row of permuted for flat slot t*K+k), tokens_per_expert int64 [E])."""
+    _checks.float_tensor("hidden", hidden, ndim=2)
+    _checks.int_tensor("topk_ids", topk_ids, ndim=2)
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids must have {hidden.shape[0]} rows (one per token of hidden), "
+                         f"got {tuple(topk_ids.shape)}")
+    _check_int("num_experts", num_experts)
+    _checks.same_device(hidden=hidden, topk_ids=topk_ids)
+    if _eager():
+        _checks.labels_in_range("topk_ids", topk_ids, num_experts)
+    fn = _backend.pick("permute", backend, hidden.device, hidden, topk_ids, num_experts)
+    return (fn or _ref.permute)(hidden, topk_ids, num_experts)
+
+
+def unpermute(expert_out, row_map, topk_weights, *, backend="auto"):
+    """expert_out [T*K, H], row_map [T*K], topk_weights [T, K] -> [T, H] = sum_k w * expert_out[row]."""
+    _checks.float_tensor("expert_out", expert_out, ndim=2)
+    _checks.int_tensor("row_map", row_map, ndim=1)
+    _checks.float_tensor("topk_weights", topk_weights, ndim=2)
+    n = topk_weights.shape[0] * topk_weights.shape[1]
+    _checks.shape("row_map", row_map, (n,), " (T*K of topk_weights)")
+    if expert_out.shape[0] != n:
+        raise ValueError(f"expert_out must have {n} rows (T*K of topk_weights), got {tuple(expert_out.shape)}")
+    _checks.same_device(expert_out=expert_out, row_map=row_map, topk_weights=topk_weights)
+    if _eager():
+        _checks.labels_in_range("row_map", row_map, n)
+    fn = _backend.pick("unpermute", backend, expert_out.device, expert_out, row_map, topk_weights)
+    return (fn or _ref.unpermute)(expert_out, row_map, topk_weights)
+
+
+def update_bias(bias, tokens_per_expert, *, rate=1e-3):
+    """Auxiliary-loss-free balancing, in place and without grad: bias += rate * sign(mean - count).
+    Sum tokens_per_expert over micro-batches (and all-reduce it over data-parallel ranks) first."""
+    _checks.float_tensor("bias", bias, ndim=1)
+    _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
+    _checks.shape("tokens_per_expert", tokens_per_expert, bias.shape, " (one count per expert)")
+    _checks.same_device(bias=bias, tokens_per_expert=tokens_per_expert)
+    _checks.positive("rate", rate, allow_zero=True)
+    return _ref.update_bias(bias, tokens_per_expert, rate)
+
+
+def sequence_aux_loss(router_logits, topk_ids, *, seq_len, top_k, alpha=1e-4):
+    """DeepSeek-V3's sequence-wise balance loss; router_logits [B*S, E], topk_ids [B*S, K] or None
+    (None: the plain top-K of the sigmoid scores, as in the paper)."""
+    _checks.float_tensor("router_logits", router_logits, ndim=2)
+    N, E = router_logits.shape
+    _check_int("seq_len", seq_len)
+    _check_int("top_k", top_k)
+    if N % seq_len:
+        raise ValueError(f"seq_len={seq_len} must divide the {N} rows of router_logits")
+    if top_k > E:
+        raise ValueError(f"top_k={top_k} exceeds the {E} experts")
+    if topk_ids is not None:
+        _checks.int_tensor("topk_ids", topk_ids, ndim=2)
+        _checks.shape("topk_ids", topk_ids, (N, top_k))
+        _checks.same_device(router_logits=router_logits, topk_ids=topk_ids)
+        if _eager():
+            _checks.labels_in_range("topk_ids", topk_ids, E)
+    _checks.positive("alpha", alpha, allow_zero=True)
+    return _ref.sequence_aux_loss(router_logits, topk_ids, seq_len, top_k, alpha)

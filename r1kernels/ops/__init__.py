@@ -1,0 +1,1 @@
+"""torch.library custom ops (schemas, fakes, autograd), one file per op family; loaded by _backend."""

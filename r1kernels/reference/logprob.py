@@ -1,0 +1,53 @@
+"""Token log-probabilities (and entropy) of labels under softmax(logits / T), fp32 math."""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Rows of hidden states per chunk in linear_token_logprobs: the chunk's [rows, V] fp32 logits are the
+# only vocab-sized buffer alive at once (4096 x 151936 x 4 B = 2.5 GB).
+LINEAR_CHUNK_ROWS = 4096
+
+
+def token_logprobs(logits, labels, temperature=1.0, return_entropy=False):
+    """logits [..., V], labels [...] -> fp32 log p(label) [...] (and fp32 entropy [...])."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not return_entropy:
+        return logp
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * z).sum(-1)
+    return logp, entropy
+
+
+def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy):
+    logits_NV = hidden_NH.float() @ weight_VH.float().t()
+    if bias_V is not None:
+        logits_NV = logits_NV + bias_V.float()
+    out = token_logprobs(logits_NV, labels_N, temperature, return_entropy)
+    return out if return_entropy else (out,)
+
+
+def linear_token_logprobs(hidden, weight, labels, bias=None, temperature=1.0, return_entropy=False,
+                          chunk_rows=LINEAR_CHUNK_ROWS):
+    """Same as token_logprobs(hidden @ weight.T + bias, labels) without holding the [N, V] logits:
+    each chunk of rows is recomputed in backward (activation checkpointing)."""
+    lead = hidden.shape[:-1]
+    hidden_NH = hidden.reshape(-1, hidden.shape[-1])
+    labels_N = labels.reshape(-1)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    outs = []
+    for s in range(0, hidden_NH.shape[0], chunk_rows):
+        args = (hidden_NH[s:s + chunk_rows], weight, bias, labels_N[s:s + chunk_rows], temperature, return_entropy)
+        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args))
+    if not outs:
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        outs = [(empty, empty) if return_entropy else (empty,)]
+    logp = torch.cat([o[0] for o in outs]).reshape(lead)
+    if not return_entropy:
+        return logp
+    return logp, torch.cat([o[1] for o in outs]).reshape(lead)

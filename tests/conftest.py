@@ -1,0 +1,71 @@
+"""Test setup: fresh random seed per run (printed), the one tolerance table, gpu/slow markers, and the
+Triton interpreter on machines with no GPU (set before anything imports triton)."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SEED = int(os.environ.get("R1K_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+# Relative-norm error ||out - ref|| / ||ref|| allowed against a float64 reference, by input dtype.
+# Kernels must also stay within 2x the error of the torch reference run in the same low precision.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 4e-3,
+}
+ATOL = 1e-6
+
+
+def pytest_report_header(config):
+    return f"r1kernels test seed: R1K_TEST_SEED={SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    seed = (SEED + hash(request.node.nodeid)) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives inf, so it never passes)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(out64).any() or torch.isinf(out64).any() and not torch.equal(out64.isinf(), ref64.isinf()):
+        return float("inf")
+    num = (out64 - ref64).norm().item()
+    den = ref64.norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close(out, ref, dtype=torch.float32, *, lowp=None, name="output"):
+    """out vs the float64 reference ref: within TOLERANCES[dtype] (or, when `lowp` -- the torch reference
+    evaluated in the same low precision -- is given, within 2x its error) plus ATOL."""
+    err = rel_err(out, ref)
+    tol = TOLERANCES[dtype]
+    if lowp is not None:
+        tol = max(tol, 2.0 * rel_err(lowp, ref))
+    tol += ATOL / max(ref.detach().double().norm().item(), 1e-30) * (ref.numel() ** 0.5)
+    assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.3e} (seed {SEED})"
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
