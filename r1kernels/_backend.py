@@ -1,7 +1,8 @@
 """Backend choice for every public op: "auto" | "triton" | "cuda" | "cpp" | "torch" (env R1K_BACKEND).
 
 Kernels are looked up in KERNELS by module path and function name: adding a kernel is adding the file
-that defines the function (and, if it has limits, a `fn.eligible(*args, **kw) -> bool` attribute).
+that defines the function (and, if it has limits, a `fn.eligible(*args, **kw) -> bool` attribute, which
+must trace under torch.compile: shapes and dtypes only).
 Everything is resolved at import time, so `pick` is plain table lookups and traces under torch.compile.
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _module_exists(module: str) -> bool:
 
 
 _LOAD_ERRORS: dict[str, str] = {}
-# op -> [(backend, fn)] of kernels that imported; fn.available(device_type) may narrow further.
+# op -> [(backend, fn)] of kernels that imported; a `fn.devices` set (made at import) may narrow where
+# a kernel runs, e.g. to the devices the built extension has kernels for.
 _LOADED: dict[str, list[tuple[str, object]]] = {}
 for _op, _entries in KERNELS.items():
     _LOADED[_op] = [(b, f) for b, p in _entries if (b != "triton" or HAS_TRITON) and (f := _load(p)) is not None]
@@ -97,7 +99,7 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
     for name, fn in _LOADED.get(op, []):
         if backend != "auto" and name != backend:
             continue
-        ok = _runs_on(name, dev) and getattr(fn, "available", lambda d: True)(dev)
+        ok = _runs_on(name, dev) and dev in getattr(fn, "devices", (dev,))
         if ok and getattr(fn, "eligible", lambda *a, **k: True)(*args, **kwargs):
             return fn
         if backend != "auto" and not ok:
@@ -128,5 +130,5 @@ def _why(op: str, backend: str) -> str:
 
 def available(op: str, device_type: str = "cuda") -> list[str]:
     """Backends that would run `op` on tensors of device_type (the reference "torch" always)."""
-    return [b for b, f in _LOADED.get(op, []) if _runs_on(b, device_type)
-            and getattr(f, "available", lambda d: True)(device_type)] + ["torch"]
+    return [b for b, f in _LOADED.get(op, [])
+            if _runs_on(b, device_type) and device_type in getattr(f, "devices", (device_type,))] + ["torch"]
