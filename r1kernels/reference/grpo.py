@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprob import linear_token_logprobs, token_logprobs
+from .logprob import acc, linear_token_logprobs, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
@@ -62,15 +62,15 @@ def grpo_loss_from_logprobs(logp, advantages, completion_mask=None, old_logprobs
     """logp [B, T] fp32 (differentiable) -> (loss, metrics). All other tensors are constants."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
-    adv = advantages.float()
+    adv = acc(advantages)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    old = logp.detach() if old_logprobs is None else acc(old_logprobs)
     L, r = per_token_objective(logp, old, adv, mask, epsilon=epsilon, epsilon_high=eps_high, delta=delta,
                                loss_type=loss_type, importance_sampling_level=importance_sampling_level)
     n_tok = mask.sum().clamp(min=1.0)
     kl_mean = logp.new_zeros(())
     if ref_logprobs is not None:
-        kl = kl_per_token(logp, ref_logprobs.float(), kl_estimator)
+        kl = kl_per_token(logp, acc(ref_logprobs), kl_estimator)
         if beta != 0.0:
             L = L + beta * kl
         kl_mean = (kl.detach() * mask).sum() / n_tok

@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+
+def acc(x):
+    """Accumulation dtype: fp32 for fp16/bf16/fp32 inputs; float64 is kept (gradcheck, float64 tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # Rows of hidden states per chunk in linear_token_logprobs: the chunk's [rows, V] fp32 logits are the
 # only vocab-sized buffer alive at once (4096 x 151936 x 4 B = 2.5 GB).
 LINEAR_CHUNK_ROWS = 4096
@@ -11,7 +17,7 @@ LINEAR_CHUNK_ROWS = 4096
 
 def token_logprobs(logits, labels, temperature=1.0, return_entropy=False):
     """logits [..., V], labels [...] -> fp32 log p(label) [...] (and fp32 entropy [...])."""
-    z = logits.float()
+    z = acc(logits)
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
@@ -24,9 +30,9 @@ def token_logprobs(logits, labels, temperature=1.0, return_entropy=False):
 
 
 def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy):
-    logits_NV = hidden_NH.float() @ weight_VH.float().t()
+    logits_NV = acc(hidden_NH) @ acc(weight_VH).t()
     if bias_V is not None:
-        logits_NV = logits_NV + bias_V.float()
+        logits_NV = logits_NV + acc(bias_V)
     out = token_logprobs(logits_NV, labels_N, temperature, return_entropy)
     return out if return_entropy else (out,)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .logprob import acc
+
 
 def _topk_lower_index_wins(x, k):
     """Top-k along the last dim, largest first; equal values keep the lower index first."""
@@ -15,9 +17,9 @@ def route(router_logits, e_score_correction_bias, top_k, n_group, topk_group, ro
     """router_logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int64 [T, K]), ids by descending
     biased score. Gradient flows only through the gathered sigmoid scores."""
     T, E = router_logits.shape
-    s_TE = torch.sigmoid(router_logits.float())
+    s_TE = torch.sigmoid(acc(router_logits))
     with torch.no_grad():
-        c_TE = s_TE + e_score_correction_bias.float()
+        c_TE = s_TE + acc(e_score_correction_bias)
         c_TGe = c_TE.view(T, n_group, E // n_group)
         group_score_TG = _topk_lower_index_wins(c_TGe, 2)[0].sum(-1)
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
@@ -48,15 +50,15 @@ def unpermute(expert_out, row_map, topk_weights):
     """expert_out [T*K, H], row_map [T*K], topk_weights [T, K] -> [T, H] = sum_k w[t,k] * out[row_map[t*K+k]],
     accumulated in fp32 over k in order, returned in expert_out's dtype."""
     T, K = topk_weights.shape
-    gathered_TKH = expert_out[row_map].view(T, K, -1).float()
-    out_TH = (gathered_TKH * topk_weights.float().unsqueeze(-1)).sum(1)
+    gathered_TKH = acc(expert_out[row_map].view(T, K, -1))
+    out_TH = (gathered_TKH * acc(topk_weights).unsqueeze(-1)).sum(1)
     return out_TH.to(expert_out.dtype)
 
 
 @torch.no_grad()
 def update_bias(bias, tokens_per_expert, rate=1e-3):
     """Auxiliary-loss-free balancing: bias += rate * sign(mean(count) - count), in place."""
-    counts = tokens_per_expert.float()
+    counts = acc(tokens_per_expert)
     bias.add_(torch.sign(counts.mean() - counts).to(bias.dtype), alpha=rate)
     return bias
 
@@ -65,7 +67,7 @@ def sequence_aux_loss(router_logits, topk_ids, seq_len, top_k, alpha=1e-4):
     """router_logits [B*S, E], topk_ids [B*S, K] (or None: plain top-K of the sigmoid scores) -> scalar
     alpha * mean_b sum_i f_i P_i with f_i = E/(K*S) * count_i and P_i = mean_t s_i / sum_E s."""
     N, E = router_logits.shape
-    s_NE = torch.sigmoid(router_logits.float())
+    s_NE = torch.sigmoid(acc(router_logits))
     if topk_ids is None:
         topk_ids = _topk_lower_index_wins(s_NE.detach(), top_k)[1]
     B = N // seq_len
