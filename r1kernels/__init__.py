@@ -41,21 +41,21 @@ def _check_logits_labels(logits_name, logits, labels_name, labels, temperature):
         _checks.labels_in_range(labels_name, labels, logits.shape[-1])
 
 
-def _check_linear(hidden, weight, bias, labels, temperature):
+def _check_linear(hidden, weight, bias, labels, temperature, labels_name="labels"):
     _checks.float_tensor("hidden", hidden, min_ndim=1)
     _checks.float_tensor("weight", weight, ndim=2)
-    _checks.int_tensor("labels", labels)
+    _checks.int_tensor(labels_name, labels)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] (hidden size last), "
                          f"got {tuple(weight.shape)}")
-    _checks.shape("labels", labels, hidden.shape[:-1], " (the leading dims of hidden)")
+    _checks.shape(labels_name, labels, hidden.shape[:-1], " (the leading dims of hidden)")
     if bias is not None:
         _checks.float_tensor("bias", bias, ndim=1)
         _checks.shape("bias", bias, (weight.shape[0],))
-    _checks.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    _checks.same_device(hidden=hidden, weight=weight, bias=bias, **{labels_name: labels})
     _checks.positive("temperature", temperature)
     if _eager():
-        _checks.labels_in_range("labels", labels, weight.shape[0])
+        _checks.labels_in_range(labels_name, labels, weight.shape[0])
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, return_entropy=False, backend="auto"):
@@ -175,7 +175,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      backend="auto") -> GRPOLossOutput:
     """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
     never holding the [B, T, V] logits."""
-    _check_linear(hidden, weight, bias, completion_ids, temperature)
+    _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids")
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,

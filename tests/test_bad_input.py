@@ -1,0 +1,104 @@
+"""Every public function rejects bad input with a ValueError that names the argument."""
+import pytest
+import torch
+
+import r1kernels as rk
+
+V = 11
+
+
+def _grpo_args():
+    return dict(logits=torch.randn(2, 3, V), completion_ids=torch.randint(0, V, (2, 3)), advantages=torch.randn(2))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (4,))), "labels"),
+    (dict(logits=torch.randn(3, V), labels=torch.randn(3)), "labels"),
+    (dict(logits=torch.randint(0, 3, (3, V)), labels=torch.randint(0, V, (3,))), "logits"),
+    (dict(logits=torch.randn(3, V), labels=torch.full((3,), V)), "labels"),
+    (dict(logits=torch.randn(3, V), labels=torch.full((3,), -1)), "labels"),
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,), device="meta")), "labels"),
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), temperature=0.0), "temperature"),
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), backend="cuda"), "backend"),
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), backend="nope"), "backend"),
+])
+def test_token_logprobs(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        rk.token_logprobs(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(hidden=torch.randn(3, 4), weight=torch.randn(V, 5), labels=torch.randint(0, V, (3,))), "weight"),
+    (dict(hidden=torch.randn(3, 4), weight=torch.randn(V, 4), labels=torch.randint(0, V, (2,))), "labels"),
+    (dict(hidden=torch.randn(3, 4), weight=torch.randn(V, 4), labels=torch.full((3,), V)), "labels"),
+    (dict(hidden=torch.randn(3, 4), weight=torch.randn(V, 4), labels=torch.randint(0, V, (3,)),
+          bias=torch.randn(V + 1)), "bias"),
+])
+def test_linear_token_logprobs(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        rk.linear_token_logprobs(**kwargs)
+
+
+@pytest.mark.parametrize("override,name", [
+    (dict(loss_type="ppo"), "loss_type"),
+    (dict(kl_estimator="k4"), "kl_estimator"),
+    (dict(importance_sampling_level="batch"), "importance_sampling_level"),
+    (dict(advantages=torch.randn(3)), "advantages"),
+    (dict(completion_mask=torch.ones(2, 4)), "completion_mask"),
+    (dict(old_logprobs=torch.randn(2, 4)), "old_logprobs"),
+    (dict(beta=0.1), "ref_logprobs"),
+    (dict(epsilon=-0.1), "epsilon"),
+    (dict(delta=0.0), "delta"),
+    (dict(completion_ids=torch.full((2, 3), V)), "completion_ids"),
+    (dict(max_completion_length=0), "max_completion_length"),
+    (dict(num_items_in_batch=0), "num_items_in_batch"),
+])
+def test_grpo_loss(override, name):
+    args = {**_grpo_args(), **override}
+    with pytest.raises(ValueError, match=name):
+        rk.grpo_loss(**args)
+    h = torch.randn(2, 3, 4)
+    args.pop("logits")
+    with pytest.raises(ValueError, match=name):
+        rk.linear_grpo_loss(h, torch.randn(V, 4), **args)
+
+
+@pytest.mark.parametrize("args,kwargs,name", [
+    ((torch.randn(10), 3), {}, "group_size"),
+    ((torch.randn(10), 0), {}, "group_size"),
+    ((torch.randn(10), 1), {}, "group_size"),
+    ((torch.tensor([1.0, float("nan")]), 2), {}, "NaN"),
+    ((torch.randn(4), 2), dict(scale="median"), "scale"),
+    ((torch.randn(4, 2), 2), dict(reward_weights=[1.0, 2.0, 3.0]), "reward_weights"),
+    ((torch.randint(0, 2, (4,)), 2), {}, "rewards"),
+    ((torch.randn(4, 2, 2), 2), {}, "rewards"),
+])
+def test_group_advantages(args, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        rk.group_advantages(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(top_k=9, n_group=4, topk_group=2), "top_k"),
+    (dict(top_k=2, n_group=3, topk_group=2), "n_group"),
+    (dict(top_k=2, n_group=4, topk_group=5), "topk_group"),
+    (dict(top_k=0, n_group=4, topk_group=2), "top_k"),
+])
+def test_route_config(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        rk.moe.route(torch.randn(5, 16), torch.zeros(16), **kwargs)
+
+
+def test_route_and_permute_shapes():
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        rk.moe.route(torch.randn(5, 16), torch.zeros(8), top_k=2, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="topk_ids"):
+        rk.moe.permute(torch.randn(5, 4), torch.randint(0, 8, (4, 2)), 8)
+    with pytest.raises(ValueError, match="topk_ids"):
+        rk.moe.permute(torch.randn(5, 4), torch.full((5, 2), 8), 8)
+    with pytest.raises(ValueError, match="row_map"):
+        rk.moe.unpermute(torch.randn(10, 4), torch.arange(9), torch.rand(5, 2))
+    with pytest.raises(ValueError, match="tokens_per_expert"):
+        rk.moe.update_bias(torch.zeros(8), torch.ones(7))
+    with pytest.raises(ValueError, match="seq_len"):
+        rk.moe.sequence_aux_loss(torch.randn(10, 8), None, seq_len=3, top_k=2)

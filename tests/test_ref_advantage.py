@@ -1,0 +1,56 @@
+"""Group advantages: hand values, the C++ op bit-identical to the reference, opcheck, compile."""
+import math
+
+import pytest
+import torch
+
+import r1kernels as rk
+from r1kernels import _backend
+
+R = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])
+
+
+def test_hand_values():
+    a = rk.group_advantages(R, 3, backend="torch")
+    assert torch.allclose(a, torch.tensor([-1, 0, 1, 0, 0, 0]) / (1 + 1e-4))
+    assert torch.equal(rk.group_advantages(R, 3, scale="none", backend="torch"), torch.tensor([-1.0, 0, 1, 0, 0, 0]))
+    batch_std = math.sqrt(sum((x - 3.0) ** 2 for x in R.tolist()) / 5)
+    a = rk.group_advantages(R, 3, scale="batch", eps=0.0, backend="torch")
+    assert torch.allclose(a, torch.tensor([-1.0, 0, 1, 0, 0, 0]) / batch_std)
+
+
+def test_weighted_columns():
+    cols = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    a = rk.group_advantages(cols, 2, scale="none", reward_weights=[2.0, 0.5], backend="torch")
+    assert torch.equal(a, torch.tensor([0.75, -0.75, 1.25, -1.25]))
+
+
+needs_ext = pytest.mark.skipif(not _backend.extension_has("group_advantages", "CPU"),
+                               reason="r1kernels._C not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("n_groups,G,R_", [(1, 2, 0), (7, 16, 0), (64, 3, 3), (5, 33, 2)])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_cpp_bitwise_equal_to_reference(n_groups, G, R_, scale):
+    shape = (n_groups * G,) if R_ == 0 else (n_groups * G, R_)
+    rewards = torch.randn(shape) * 3 + 1
+    w = None if R_ == 0 else torch.rand(R_) + 0.5
+    a = rk.group_advantages(rewards, G, scale=scale, reward_weights=w, backend="cpp")
+    b = rk.group_advantages(rewards, G, scale=scale, reward_weights=w, backend="torch")
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@needs_ext
+def test_auto_uses_cpp_on_cpu_and_opcheck():
+    assert _backend.pick("group_advantages", "auto", torch.device("cpu")) is not None or _backend.TRITON_INTERPRET
+    r = torch.randn(32)
+    torch.library.opcheck(torch.ops.r1kernels.group_advantages.default, (r, 8, "group", 1e-4, None))
+    torch.library.opcheck(torch.ops.r1kernels.group_advantages.default,
+                          (torch.randn(32, 2), 4, "batch", 1e-4, torch.rand(2)))
+
+
+def test_compile_fullgraph():
+    r = torch.randn(48)
+    f = torch.compile(lambda x: rk.group_advantages(x, 6), fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(r), rk.group_advantages(r, 6, backend="torch"))
