@@ -9,7 +9,12 @@ mkdir -p "$OUT/art"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 export R1K_COMMIT=${R1K_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if ls .wheels/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps .wheels/*.whl; fi
+# Peers and the trainer's deps travel as wheels in .wheels/ (carry=[".wheels"]); the machine has no network.
+# Make them here with: pip download --no-deps -d .wheels liger-kernel; pip wheel --no-deps
+# --no-build-isolation deepspeed -w .wheels; plus its deps for Python 3.12 (hjson msgpack py-cpuinfo ...).
+if ls .wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --find-links .wheels liger-kernel deepspeed 2>&1 | tail -3
+fi
 t0=$(date +%s)
 if ! python3 setup.py build_ext --inplace >"$OUT/art/build.log" 2>&1; then
   tail -40 "$OUT/art/build.log"; echo "BUILD FAILED"; exit 1
