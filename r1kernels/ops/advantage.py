@@ -22,3 +22,24 @@ if _backend.HAS_EXTENSION:
 
     group_advantages_cpp.devices = {"cpu"} if _backend.extension_has(OP, "CPU") else set()
     group_advantages_cuda.devices = {"cuda"} if _backend.extension_has(OP, "CUDA") else set()
+
+
+try:
+    from ..triton import advantage as _tk
+except ImportError:  # no triton: the C++ / CUDA / reference paths remain
+    _tk = None
+
+if _tk is not None:
+    @torch.library.custom_op("r1kernels::group_advantages_triton", mutates_args=())
+    def _group_advantages_triton_op(rewards: torch.Tensor, group_size: int, scale: str, eps: float,
+                                    weights: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(rewards.shape[0], device=rewards.device, dtype=torch.float32)
+        w = weights.float().contiguous() if weights is not None else None
+        return _tk.group_advantages(rewards.contiguous(), group_size, scale, eps, w, out)
+
+    @_group_advantages_triton_op.register_fake
+    def _(rewards, group_size, scale, eps, weights):
+        return rewards.new_empty(rewards.shape[0], dtype=torch.float32)
+
+    def group_advantages_triton(rewards, group_size, scale, eps, reward_weights):
+        return _group_advantages_triton_op(rewards, group_size, scale, float(eps), reward_weights)

@@ -1,0 +1,189 @@
+"""Triton kernel: the token-level GRPO loss family from logits in one launch, one program per token.
+
+Per token (b, t) with mask m != 0: pass 1 reads the logits row (online log-sum-exp, cache-resident
+eviction hint), computes l, the per-token loss, its metrics and the gradient coefficient c = dLoss/dl;
+pass 2 re-reads the same row (from L2 when it is still there) and writes dLogits = c/T (onehot - p).
+Masked tokens (m == 0) read nothing and write a zero gradient row. Sequence-level importance sampling
+does not use this kernel (see r1kernels/ops/grpo.py: a log-prob pass, then a gradient pass).
+
+Codes: loss grpo 0, bnpo 1, dr_grpo 2, dapo 3, cispo 4, sapo 5; KL k1 0, k2 1, k3 2, low_var_kl 3.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .logprob import INTERPRET, _row_lse, block_v
+
+LOSS_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5}
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "low_var_kl": 3}
+
+
+def grpo_block_v(V: int) -> int:
+    env = os.environ.get("R1K_GRPO_BLOCK")
+    if env and not INTERPRET:
+        return min(triton.next_power_of_2(V), int(env))
+    return block_v(V)
+
+
+def grpo_num_warps(BLOCK: int) -> int:
+    env = os.environ.get("R1K_GRPO_WARPS")
+    if INTERPRET:
+        return 1
+    return int(env) if env else max(1, min(16, BLOCK // 512))
+
+
+@triton.jit
+def kl_and_grad(l, lref, KL: tl.constexpr):
+    """(KL estimate, d KL / d l) from l and l_ref."""
+    d = lref - l
+    if KL == 0:
+        kl = l - lref
+        dkl = tl.full((), 1.0, tl.float32) + 0.0 * d
+    elif KL == 1:
+        kl = 0.5 * d * d
+        dkl = -d
+    elif KL == 2:
+        e = tl.exp(d)
+        kl = e - d - 1.0
+        dkl = 1.0 - e
+    else:
+        dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+        e = tl.exp(dc)
+        v = e - dc - 1.0
+        kl = tl.minimum(tl.maximum(v, -10.0), 10.0)
+        inside = (d >= -20.0) & (d <= 20.0) & (v >= -10.0) & (v <= 10.0)
+        dkl = tl.where(inside, 1.0 - e, 0.0)
+    return kl, dkl
+
+
+@triton.jit
+def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """(L, dL/dr) of the clipped / sapo surrogates at ratio r (cispo: (min(r, eps_high), 0), see caller)."""
+    if LOSS == 4:
+        w = tl.minimum(r, eps_high)
+        return w, 0.0 * r
+    elif LOSS == 5:
+        tau = tl.where(A > 0, 1.0, 1.05)
+        sg = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))
+        return -A * sg * 4.0 / tau, -4.0 * A * sg * (1.0 - sg)
+    else:
+        if HAS_DELTA:
+            a = tl.minimum(r, delta) * A
+            ga = tl.where(r <= delta, A, 0.0)
+        else:
+            a = r * A
+            ga = A
+        rc = tl.minimum(tl.maximum(r, 1.0 - eps_low), 1.0 + eps_high)
+        bb = rc * A
+        gb = tl.where((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high), A, 0.0)
+        g = tl.where(a < bb, ga, tl.where(a > bb, gb, 0.5 * (ga + gb)))
+        return -tl.minimum(a, bb), -g
+
+
+@triton.jit
+def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
+                       dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t, eps_low, eps_high,
+                       delta, beta, BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr,
+                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
+                       HAS_DELTA: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    x_row = x_ptr + b * stride_b + t * stride_t
+    dx_row = dx_ptr + b * dx_sb + t * dx_st
+    offs = tl.arange(0, BLOCK)
+    m = 1.0
+    if HAS_MASK:
+        m = tl.load(mask_ptr + row)
+    if m == 0.0:
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(logp_ptr + row, 0.0)
+        for k in range(5):
+            tl.store(stats_ptr + k * N + row, 0.0)
+    else:
+        lse, _ez = _row_lse(x_row, V, inv_t, BLOCK, False, "evict_last")
+        y = tl.load(ids_ptr + row).to(tl.int64)
+        l = tl.load(x_row + y).to(tl.float32) * inv_t - lse
+        A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
+        old = l
+        if HAS_OLD:
+            old = tl.load(old_ptr + row)
+        r = tl.exp(l - old)
+        L, dLdr = surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS, HAS_DELTA)
+        if LOSS == 4:  # cispo: -sg(min(r, eps_high)) * A * l
+            dL = -L * A
+            L = -L * A * l
+        else:
+            dL = dLdr * r
+        kl = 0.0 * l
+        if HAS_REF:
+            kl, dkl = kl_and_grad(l, tl.load(ref_ptr + row), KL)
+            if USE_KL:
+                L += beta * kl
+                dL += beta * dkl
+        s = tl.load(scale_ptr + b) * m
+        c = s * dL
+        low = ((r < 1.0 - eps_low) & (A < 0)).to(tl.float32)
+        high = ((r > 1.0 + eps_high) & (A > 0)).to(tl.float32)
+        tl.store(logp_ptr + row, l)
+        tl.store(stats_ptr + row, s * L)
+        tl.store(stats_ptr + N + row, m * kl)
+        tl.store(stats_ptr + 2 * N + row, m * low)
+        tl.store(stats_ptr + 3 * N + row, m * high)
+        tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
+        scale = inv_t * 1.4426950408889634
+        lse2 = lse * 1.4426950408889634
+        ct = c * inv_t
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            x = tl.load(x_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            p = tl.exp2(x * scale - lse2)
+            d = tl.where(cols == y, ct, 0.0) - ct * p
+            tl.store(dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    """x *= g (a device scalar), skipped entirely when g == 1 (the usual loss.backward())."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        pid = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        offs = tl.arange(0, BLOCK)
+        for s0 in range(pid * BLOCK, n, step):
+            idx = s0 + offs
+            x = tl.load(x_ptr + idx, mask=idx < n)
+            tl.store(x_ptr + idx, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=idx < n)
+
+
+def grpo_token(x, ids, adv, mask, old, ref, scale_B, logp, stats, dx, dx_strides, *, temperature, eps_low, eps_high,
+               delta, beta, loss_code, kl_code):
+    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides."""
+    B, T, V = x.shape
+    N = B * T
+    if N == 0:
+        return
+    BLOCK = grpo_block_v(V)
+    adv_sb, adv_st = (T, 1) if adv.dim() == 2 else (1, 0)
+    dummy = scale_B
+    _grpo_token_kernel[(N,)](
+        x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
+        ref if ref is not None else dummy, scale_B, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
+        dx_strides[0], dx_strides[1], adv_sb, adv_st, 1.0 / temperature, eps_low, eps_high,
+        delta if delta is not None else 0.0, beta, BLOCK=BLOCK, LOSS=loss_code, KL=kl_code,
+        HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
+        USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, num_warps=grpo_num_warps(BLOCK))
+
+
+def scale_(x, g):
+    n = x.numel()
+    if n == 0:
+        return
+    BLOCK = 64 if INTERPRET else 4096
+    grid = (max(1, min(triton.cdiv(n, BLOCK), 1 if INTERPRET else 132 * 8)),)
+    _scale_kernel[grid](x, g, n, BLOCK=BLOCK, num_warps=1 if INTERPRET else 8)

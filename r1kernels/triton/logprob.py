@@ -1,0 +1,165 @@
+"""Triton kernels: token log-probs (+ entropy) and their backward, one program per row of the logits.
+
+Rows are addressed as [B, T] with strides (stride_b, stride_t) so sliced logits (logits[:, :-1]) need
+no copy; the vocab dimension must be contiguous. fp32 math, online log-sum-exp over blocks of V.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def block_v(V: int) -> int:
+    """Vocab block: large on the GPU (16 KB+ of loads in flight per program), small under the interpreter."""
+    if INTERPRET:
+        return min(triton.next_power_of_2(V), 64)
+    return min(triton.next_power_of_2(V), 8192)
+
+
+def num_warps(BLOCK: int) -> int:
+    return 1 if INTERPRET else max(1, min(16, BLOCK // 512))
+
+
+@triton.jit
+def _row_lse(x_row, V, inv_t, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT: tl.constexpr):
+    """Online log-sum-exp of z = x * inv_t over one row (base-2 internally): returns (lse, E[z])."""
+    offs = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    scale = inv_t * 1.4426950408889634  # z in base-2 units
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + offs
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+        y = x * scale
+        m_new = tl.maximum(m, tl.max(y, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        e = tl.exp2(y - m_safe)
+        s = s * alpha + tl.sum(e, 0)
+        if ENTROPY:
+            t = t * alpha + tl.sum(e * tl.where(cols < V, y, 0.0), 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = (m_safe + tl.log2(s)) * 0.6931471805599453
+    ez = t / s * 0.6931471805599453
+    return lse, ez
+
+
+@triton.jit
+def _logprob_fwd_kernel(x_ptr, lab_ptr, logp_ptr, lse_ptr, ent_ptr, mask_ptr, T, V, stride_b, stride_t, inv_t,
+                        BLOCK: tl.constexpr, ENTROPY: tl.constexpr, SKIP_MASKED: tl.constexpr):
+    """Rows whose mask is 0 (SKIP_MASKED) read nothing and get logp = lse = 0."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    m = 1.0
+    if SKIP_MASKED:
+        m = tl.load(mask_ptr + row)
+    if m == 0.0:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+    else:
+        lse, ez = _row_lse(x_row, V, inv_t, BLOCK, ENTROPY, "evict_first")
+        y = tl.load(lab_ptr + row).to(tl.int64)
+        zy = tl.load(x_row + y).to(tl.float32) * inv_t
+        tl.store(logp_ptr + row, zy - lse)
+        tl.store(lse_ptr + row, lse)
+        if ENTROPY:
+            tl.store(ent_ptr + row, lse - ez)
+
+
+@triton.jit
+def _logprob_bwd_kernel(x_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr, gent_ptr, dx_ptr, T, V, stride_b, stride_t,
+                        dx_sb, dx_st, inv_t, BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+    """dx = inv_t * (g * (onehot - p) - g_H * p * (z - lse + H)); rows with g == 0 (and g_H == 0) only
+    write zeros (no read of the logits)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    dx_row = dx_ptr + b * dx_sb + (row - b * T) * dx_st
+    g = tl.load(g_ptr + row)
+    y = tl.load(lab_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    gh = 0.0
+    h = 0.0
+    if ENTROPY:
+        gh = tl.load(gent_ptr + row)
+        h = tl.load(ent_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    if (g == 0.0) & (gh == 0.0):
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
+    else:
+        scale = inv_t * 1.4426950408889634
+        lse2 = lse * 1.4426950408889634
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            x = tl.load(x_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            p = tl.exp2(x * scale - lse2)
+            d = tl.where(cols == y, g, 0.0) - g * p
+            if ENTROPY:
+                d -= gh * p * (x * inv_t - lse + h)
+            tl.store(dx_row + cols, (d * inv_t).to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _rows(logits):
+    """(x, B, T, stride_b, stride_t) viewing logits [..., V] as [B, T, V] rows without copying if possible."""
+    V = logits.shape[-1]
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 3:
+        return logits, logits.shape[0], logits.shape[1], logits.stride(0), logits.stride(1)
+    if logits.dim() == 2:
+        return logits, 1, logits.shape[0], 0, logits.stride(0)
+    try:
+        x = logits.view(-1, V)
+    except RuntimeError:
+        x = logits.reshape(-1, V)
+    if x.dim() == 2 and x.shape[0] > 0 and x.stride(0) < V:
+        x = x.contiguous()
+    return x, 1, x.shape[0], 0, x.stride(0) if x.shape[0] else V
+
+
+def logprob_fwd(logits, labels, temperature: float, entropy: bool, mask=None):
+    """-> (logp [N], lse [N], entropy [N] or empty) fp32, N = numel(labels); rows where the fp32 `mask`
+    is 0 are skipped (logp = lse = 0)."""
+    x, B, T, sb, st = _rows(logits)
+    V = logits.shape[-1]
+    N = B * T
+    dev = logits.device
+    logp = torch.empty(N, device=dev, dtype=torch.float32)
+    lse = torch.empty(N, device=dev, dtype=torch.float32)
+    ent = torch.empty(N if entropy else 0, device=dev, dtype=torch.float32)
+    if N:
+        BLOCK = block_v(V)
+        _logprob_fwd_kernel[(N,)](x, labels.reshape(-1).contiguous(), logp, lse, ent if entropy else lse,
+                                  mask if mask is not None else lse, T, V, sb, st, 1.0 / temperature, BLOCK=BLOCK,
+                                  ENTROPY=entropy, SKIP_MASKED=mask is not None, num_warps=num_warps(BLOCK))
+    return logp, lse, ent
+
+
+def logprob_bwd(logits, labels, lse, ent, grad_logp, grad_ent, temperature: float, out=None, out_strides=None):
+    """-> d logits [*logits.shape] in logits.dtype; written into `out` (row strides out_strides = (per b,
+    per t) over the [B, T] rows of logits) when given: out may be the logits themselves (in place)."""
+    x, B, T, sb, st = _rows(logits)
+    V = logits.shape[-1]
+    N = B * T
+    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if out is None else out
+    dsb, dst = out_strides if out is not None else (T * V, V)
+    entropy = grad_ent is not None
+    if N:
+        BLOCK = block_v(V)
+        _logprob_bwd_kernel[(N,)](x, labels.reshape(-1).contiguous(), lse, ent if entropy else lse,
+                                  grad_logp.reshape(-1).float().contiguous(),
+                                  grad_ent.reshape(-1).float().contiguous() if entropy else lse, dx, T, V, sb, st,
+                                  dsb, dst, 1.0 / temperature, BLOCK=BLOCK, ENTROPY=entropy, num_warps=num_warps(BLOCK))
+    return dx

@@ -1,0 +1,93 @@
+"""token_logprobs: the Triton kernel (interpreter on CPU) vs the float64 reference, values and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close
+
+import r1kernels as rk
+from r1kernels.reference import token_logprobs as ref_logprobs
+
+triton = pytest.importorskip("triton")
+from r1kernels.ops import logprob as lp_ops  # noqa: E402
+
+
+def _check(logits, labels, temperature, entropy, dtype):
+    x = logits.detach().clone().requires_grad_()
+    x64 = logits.detach().double().requires_grad_()
+    out = rk.token_logprobs(x, labels, temperature=temperature, return_entropy=entropy, backend="triton")
+    ref = ref_logprobs(x64, labels, temperature, entropy)
+    out, ref = (out, ref) if entropy else ((out,), (ref,))
+    gs = [torch.randn_like(o) for o in out]
+    sum((o * g).sum() for o, g in zip(out, gs)).backward()
+    sum((r * g.double()).sum() for r, g in zip(ref, gs)).backward()
+    lowp = None
+    if dtype != torch.float32:  # the torch reference run in the same low precision
+        xl = logits.detach().clone().requires_grad_()
+        rl = ref_logprobs(xl, labels, temperature, entropy)
+        rl = rl if entropy else (rl,)
+        sum((r * g).sum() for r, g in zip(rl, gs)).backward()
+        lowp = xl.grad
+    for o, r, name in zip(out, ref, ("logp", "entropy")):
+        assert o.dtype == torch.float32 and o.shape == labels.shape
+        assert_close(o, r, torch.float32, name=name)
+    assert x.grad.dtype == logits.dtype
+    assert_close(x.grad, x64.grad, dtype, lowp=lowp, name="grad")
+
+
+@pytest.mark.parametrize("shape,V", [((3, 5), 67), ((7,), 1), ((2, 1), 130), ((1, 4, 3), 29)])
+@pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, True)])
+def test_matches_reference(shape, V, temperature, entropy):
+    logits = torch.randn(*shape, V) * 3
+    labels = torch.randint(0, V, shape)
+    _check(logits, labels, temperature, entropy, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    logits = (torch.randn(4, 3, 77) * 4).to(dtype)
+    _check(logits, torch.randint(0, 77, (4, 3)), 1.3, True, dtype)
+
+
+def test_sliced_logits_int32_labels():
+    full = torch.randn(2, 6, 45)
+    logits = full[:, :-1]  # non-contiguous rows, contiguous vocab
+    labels = torch.randint(0, 45, (2, 5), dtype=torch.int32)
+    _check(logits, labels, 1.0, False, torch.float32)
+
+
+def test_empty():
+    out = rk.token_logprobs(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), backend="triton")
+    assert out.shape == (0,)
+
+
+def test_compile_fullgraph():
+    logits = torch.randn(3, 4, 33, requires_grad=True)
+    labels = torch.randint(0, 33, (3, 4))
+
+    def f(x):
+        lp, h = rk.token_logprobs(x, labels, temperature=0.9, return_entropy=True, backend="triton")
+        return (lp * 2 + h).sum()
+
+    torch.compile(f, fullgraph=True)(logits).backward()
+    x64 = logits.detach().double().requires_grad_()
+    lp, h = ref_logprobs(x64, labels, 0.9, True)
+    (lp * 2 + h).sum().backward()
+    assert_close(logits.grad, x64.grad, torch.float32, name="compiled grad")
+
+
+def test_opcheck():
+    logits = torch.randn(2, 3, 19, requires_grad=True)
+    labels = torch.randint(0, 19, (2, 3))
+    torch.library.opcheck(lp_ops.token_logprobs_fwd, (logits, labels, 0.8, True))
+    torch.library.opcheck(lp_ops.token_logprobs_fwd, (logits, labels, 1.0, False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_real_shape(dtype):
+    N, V = 1024, 151936
+    logits = (torch.randn(N, V, device="cuda") * 2).to(dtype)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    _check(logits, labels, 1.0, True, dtype)
+    assert TOLERANCES[dtype] > 0
