@@ -1,0 +1,236 @@
+"""Trainer configuration: one dataclass, TRL GRPOConfig/SFTConfig field names and defaults where TRL has
+the field, one help string per field. YAML files + `key=value` overrides, type-checked; a bad key or value
+raises ConfigError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def f(default, help: str, choices=None):
+    """A field with its help text (and allowed values, checked on load)."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "choices": choices}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # ---- model and data
+    model_name_or_path: str = f("tiny-qwen2", "tiny-qwen2 | tiny-llama | tiny-deepseek-v3 (built in code) or a "
+                                "local Hugging Face model directory")
+    tokenizer_name_or_path: Optional[str] = f(None, "tokenizer directory; default: the model's, or the "
+                                              "built-in character tokenizer for tiny models")
+    model_hidden_size: int = f(96, "tiny models only: hidden size")
+    model_num_layers: int = f(3, "tiny models only: number of layers")
+    dataset_name: str = f("arith", "'arith' (built-in generated task), a .jsonl/.json/.parquet file, or a "
+                          "Hugging Face dataset name/directory (needs `datasets`)")
+    dataset_split: str = f("train", "split of a Hugging Face dataset")
+    eval_dataset_name: Optional[str] = f(None, "held-out set (same formats); default: built-in task's eval "
+                                         "split, or none")
+    answer_column: str = f("answer", "column passed to the accuracy reward as `answer`")
+    completion_column: str = f("completion", "SFT target column (TRL prompt-completion format)")
+    task_min_terms: int = f(3, "arith task: fewest operands")
+    task_max_terms: int = f(4, "arith task: most operands")
+    task_max_operand: int = f(9, "arith task: operands are 1..task_max_operand")
+    task_train_size: int = f(4000, "arith task: number of training problems")
+    task_eval_size: int = f(200, "arith task: number of held-out problems")
+    task_flaw_share: float = f(0.5, "arith task: share of cold-start SFT solutions with one wrong step")
+    # ---- optimization (TRL / transformers TrainingArguments names)
+    output_dir: str = f("outputs/r1train", "where metrics, completions, plots and checkpoints go")
+    seed: int = f(42, "seed for data order, sampling and init")
+    learning_rate: float = f(1e-6, "peak learning rate (AdamW)")
+    weight_decay: float = f(0.0, "AdamW weight decay")
+    adam_beta1: float = f(0.9, "AdamW beta1")
+    adam_beta2: float = f(0.999, "AdamW beta2")
+    lr_scheduler_type: str = f("constant", "learning-rate schedule", ["constant", "linear", "cosine"])
+    warmup_ratio: float = f(0.0, "share of max_steps spent warming up linearly")
+    per_device_train_batch_size: int = f(8, "completions (GRPO) or examples (SFT) per micro-batch per device")
+    gradient_accumulation_steps: int = f(1, "micro-batches per optimizer step")
+    max_grad_norm: float = f(1.0, "gradient clipping norm (0 = off)")
+    max_steps: int = f(-1, "optimizer steps; -1: derived from num_train_epochs")
+    num_train_epochs: float = f(1.0, "passes over the training prompts when max_steps is -1")
+    logging_steps: int = f(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
+    save_steps: int = f(500, "checkpoint every N steps (0 = only at the end)")
+    save_total_limit: Optional[int] = f(None, "keep at most N checkpoints (oldest deleted)")
+    resume_from_checkpoint: Optional[str] = f(None, "a checkpoint directory, or 'latest' in output_dir")
+    bf16: bool = f(False, "bf16 weights/compute via DeepSpeed (fp16 is not supported)")
+    zero_stage: int = f(0, "DeepSpeed ZeRO stage (r1train/configs/ds_zero<N>.json)", [0, 1, 2, 3])
+    deepspeed: Optional[str] = f(None, "a DeepSpeed JSON config path; overrides zero_stage")
+    disable_tqdm: bool = f(False, "no progress bar")
+    report_to: str = f("tensorboard", "'tensorboard' (when installed) or 'none'", ["tensorboard", "none"])
+    eval_steps: int = f(0, "evaluate held-out accuracy every N steps (0 = only before and after)")
+    eval_num_samples: int = f(1, "samples per held-out prompt for pass@1 (temperature = eval_temperature)")
+    eval_temperature: float = f(1.0, "sampling temperature of held-out evaluation")
+    # ---- GRPO (TRL GRPOConfig names and defaults)
+    num_generations: int = f(8, "G: completions per prompt")
+    max_prompt_length: int = f(512, "prompts longer than this (tokens) are truncated from the left")
+    max_completion_length: int = f(256, "tokens generated per completion")
+    temperature: float = f(1.0, "sampling temperature of rollouts (also used in the loss's log-probs)")
+    top_p: float = f(1.0, "nucleus sampling of rollouts")
+    beta: float = f(0.0, "KL coefficient; > 0 loads a reference model")
+    kl_estimator: str = f("k3", "KL estimator", ["k1", "k2", "k3", "low_var_kl"])
+    epsilon: float = f(0.2, "lower clip range of the ratio")
+    epsilon_high: Optional[float] = f(None, "upper clip range (DAPO clip-higher 0.28); default epsilon")
+    delta: Optional[float] = f(None, "two-sided clipping bound of the unclipped ratio (off when None)")
+    loss_type: str = f("dapo", "loss normalization", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+    importance_sampling_level: str = f("token", "'token' ratios or 'sequence' (GSPO)", ["token", "sequence"])
+    scale_rewards: str = f("group", "advantage scaling", ["group", "batch", "none"])
+    num_iterations: int = f(1, "optimization passes per generation batch (mu); > 1 uses old log-probs")
+    mask_truncated_completions: bool = f(False, "completions without eos get no loss")
+    reward_funcs: list = f(["accuracy", "format"], "reward names: accuracy, format, language, overlong, "
+                           "or import paths 'module:function'")
+    reward_weights: Optional[list] = f(None, "one weight per reward function; default all 1.0")
+    reward_timeout: float = f(30.0, "seconds before a reward call is abandoned (its samples skipped)")
+    overlong_buffer_len: int = f(64, "DAPO soft overlong punishment buffer (tokens) for reward 'overlong'")
+    language: str = f("en", "target language of the language-consistency reward", ["en", "zh"])
+    sync_ref_model: bool = f(False, "re-sync the reference model to the policy (R1 recipe)")
+    ref_model_sync_steps: int = f(512, "steps between reference syncs")
+    ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
+    loss_impl: str = f("linear", "'linear': fused hidden->loss kernels (no [B,T,V] logits); 'logits'",
+                       ["linear", "logits"])
+    log_completions: bool = f(False, "also print a few completions at each logging step")
+    log_entropy: bool = f(True, "compute the entropy metric (one extra no-grad head pass)")
+    moe_bias_update_rate: float = f(1e-3, "MoE policies: aux-loss-free balancing bias step (0 = off)")
+    # ---- SFT (TRL SFTConfig names)
+    max_length: int = f(1024, "SFT: prompt+completion tokens kept (truncated from the right)")
+    completion_only_loss: bool = f(True, "SFT: loss on completion tokens only")
+    # ---- pipeline / sampling
+    rejection_num_samples: int = f(8, "rejection sampling: samples per prompt")
+    rejection_max_per_prompt: int = f(1, "rejection sampling: correct samples kept per prompt")
+    teacher_model: Optional[str] = f(None, "distill: teacher checkpoint directory (samples come from it)")
+
+    def help(self) -> str:
+        return "\n".join(f"{x.name} = {getattr(self, x.name)!r}: {x.metadata['help']}" for x in fields())
+
+    def validate(self) -> TrainConfig:
+        for x in fields():
+            check_type(x, getattr(self, x.name))
+        pos = ["per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+               "max_completion_length", "num_iterations", "max_prompt_length"]
+        for k in pos:
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.temperature <= 0 or self.eval_temperature <= 0:
+            raise ConfigError("temperature and eval_temperature must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for group advantages, got {self.num_generations}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
+                              f"{len(self.reward_funcs)}")
+        if not 0 <= self.task_flaw_share <= 1:
+            raise ConfigError(f"task_flaw_share must be in [0, 1], got {self.task_flaw_share}")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        return self
+
+
+def fields():
+    return dataclasses.fields(TrainConfig)
+
+
+_HINTS = None
+
+
+def check_type(x: dataclasses.Field, v):
+    global _HINTS
+    _HINTS = _HINTS or typing.get_type_hints(TrainConfig)
+    t = _HINTS[x.name]
+    opt = typing.get_origin(t) is Union and type(None) in typing.get_args(t)
+    base = [a for a in typing.get_args(t) if a is not type(None)][0] if opt else t
+    if v is None:
+        if not opt:
+            raise ConfigError(f"{x.name}: None is not allowed (expected {base.__name__})")
+        return
+    ok = {bool: lambda: isinstance(v, bool), int: lambda: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda: isinstance(v, str),
+          list: lambda: isinstance(v, list)}[base]()
+    if not ok:
+        raise ConfigError(f"{x.name}: expected {base.__name__}, got {type(v).__name__} {v!r}")
+    choices = x.metadata.get("choices")
+    if choices is not None and v not in choices:
+        raise ConfigError(f"{x.name}: {v!r} is not one of {choices}")
+
+
+def _coerce(x: dataclasses.Field, raw: str):
+    """Parse a command-line value with YAML rules (so 1e-5, true, [a, b] work), then type-check."""
+    import yaml
+
+    try:
+        v = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{x.name}: cannot parse {raw!r}: {e}") from e
+    t = typing.get_type_hints(TrainConfig)[x.name]
+    if isinstance(v, (int, float, bool)) and (t is str or t == Optional[str]):
+        v = raw  # a string field keeps the text as typed (e.g. dataset names that look like numbers)
+    if isinstance(v, int) and not isinstance(v, bool) and (t is float or t == Optional[float]):
+        v = float(v)
+    if isinstance(v, str) and (t is list or t == Optional[list]):
+        v = [s for s in v.split(",") if s]
+    return v
+
+
+STAGES = ("sft", "grpo", "rejection", "grpo2", "distill")
+
+
+def load_config(path: Optional[str] = None, overrides=(), section: Optional[str] = None, **defaults) -> TrainConfig:
+    """defaults (code) < YAML top level < YAML `section:` block < key=value overrides. Validated."""
+    import yaml
+
+    names = {x.name: x for x in fields()}
+    values = dict(defaults)
+    if path:
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        for k, v in data.items():
+            if k in STAGES:
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{path}: section {k!r} must be a mapping")
+                if k == section:
+                    values.update({f"__sec__{kk}": vv for kk, vv in v.items()})
+            else:
+                values[k] = v
+        values = {k: v for k, v in values.items() if not k.startswith("__sec__")} | {
+            k[7:]: v for k, v in values.items() if k.startswith("__sec__")}
+    for item in overrides:
+        k, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        if k.strip() not in names:
+            raise ConfigError(_unknown(k.strip()))
+        values[k.strip()] = _coerce(names[k.strip()], raw)
+    for k in values:
+        if k not in names:
+            raise ConfigError(_unknown(k))
+    hints = typing.get_type_hints(TrainConfig)
+    for k, v in values.items():
+        if hints[k] in (float, Optional[float]):  # YAML reads 1e-5 as a string and 1 as an int
+            if isinstance(v, int) and not isinstance(v, bool):
+                values[k] = float(v)
+            elif isinstance(v, str):
+                try:
+                    values[k] = float(v)
+                except ValueError:
+                    raise ConfigError(f"{k}: expected float, got {v!r}") from None
+    return TrainConfig(**values).validate()
+
+
+def _unknown(k: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(k, [x.name for x in fields()], n=3)
+    return f"unknown config key {k!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")

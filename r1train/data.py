@@ -1,0 +1,147 @@
+"""Datasets and collators. A dataset is a list of dict rows with a `prompt` column (a list of chat
+messages {"role", "content"} or a plain string) plus any other columns (e.g. `answer`), which reward
+functions receive by name. Sources: the built-in task ('arith'), .jsonl / .json / .parquet files, or a
+Hugging Face dataset (name or saved directory; needs `datasets`). Bad rows raise DatasetError with the
+row index and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def validate_rows(rows: list, source: str, required=("prompt",)) -> list[dict]:
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DatasetError(f"{source}: row {i}: expected an object with a 'prompt' column, got {type(r).__name__}")
+        for col in required:
+            if col not in r or r[col] is None:
+                raise DatasetError(f"{source}: row {i}: missing column {col!r} (has {sorted(r)})")
+        p = r["prompt"]
+        if isinstance(p, str):
+            if not p.strip():
+                raise DatasetError(f"{source}: row {i}: 'prompt' is an empty string")
+        elif isinstance(p, list):
+            if not p:
+                raise DatasetError(f"{source}: row {i}: 'prompt' is an empty message list")
+            for j, m in enumerate(p):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                        m.get("content"), str):
+                    raise DatasetError(f"{source}: row {i}: prompt message {j} must be "
+                                       f"{{'role': str, 'content': str}}, got {m!r}")
+        else:
+            raise DatasetError(f"{source}: row {i}: 'prompt' must be a string or a list of chat messages, "
+                               f"got {type(p).__name__}")
+    return rows
+
+
+def _read_jsonl(path):
+    rows = []
+    with open(path) as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: row {len(rows)} (line {i + 1}): invalid JSON: {e.msg}") from e
+    return rows
+
+
+def load_rows(name: str, split: str = "train", required=("prompt",)) -> list[dict]:
+    """Rows of a .jsonl/.json/.parquet file or a Hugging Face dataset, validated."""
+    if name.endswith(".jsonl"):
+        rows = _read_jsonl(name)
+    elif name.endswith(".json"):
+        with open(name) as fh:
+            rows = json.load(fh)
+        if not isinstance(rows, list):
+            raise DatasetError(f"{name}: expected a JSON list of rows")
+    elif name.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DatasetError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from e
+        rows = pq.read_table(name).to_pylist()
+    else:
+        try:
+            import datasets
+        except ImportError as e:
+            raise DatasetError(f"dataset {name!r}: not a .jsonl/.json/.parquet file and `datasets` is not "
+                               "installed (pip install datasets)") from e
+        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DatasetError(f"dataset {name!r}: no split {split!r} (has {list(ds)})")
+            ds = ds[split]
+        rows = list(ds)
+    return validate_rows(rows, name, required)
+
+
+def prompt_text(tok, prompt) -> str:
+    """Chat messages through the tokenizer's chat template (with the generation prompt); strings as is."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tok, "chat_template", None) is None:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+    return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(tok, prompts, max_prompt_length: int):
+    """Left-padded prompt ids/mask [B, P]; longer prompts keep their last max_prompt_length tokens."""
+    ids = [tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts]
+    return left_pad(ids, tok.pad_token_id)
+
+
+def left_pad(seqs, pad_id):
+    P = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, P - len(s):] = torch.tensor(s)
+            mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs, pad_id):
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def decode_completions(tok, rollout) -> list[str]:
+    """Completion texts up to (not including) eos; special tokens such as the R1 tags are kept."""
+    drop = {tok.eos_token_id, tok.pad_token_id}
+    out = []
+    for ids, m in zip(rollout.completion_ids_BT.tolist(), rollout.completion_mask_BT.tolist()):
+        keep = [t for t, k in zip(ids, m) if k and t not in drop]
+        out.append(tok.decode(keep, skip_special_tokens=False))
+    return out
+
+
+def sft_collate(tok, rows, *, completion_column: str, max_length: int, max_prompt_length: int):
+    """(prompt ids/mask left-padded [B, P], completion ids/mask right-padded [B, T]); completion + eos."""
+    p_ids, c_ids = [], []
+    for i, r in enumerate(rows):
+        c = r.get(completion_column)
+        if isinstance(c, list):  # conversational completion
+            c = c[-1]["content"] if c and isinstance(c[-1], dict) else None
+        if not isinstance(c, str):
+            raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a string, got {c!r}")
+        p = tok(prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"][-max_prompt_length:]
+        comp = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        p_ids.append(p)
+        c_ids.append(comp[:max(1, max_length - len(p))])
+    return (*left_pad(p_ids, tok.pad_token_id), *right_pad(c_ids, tok.pad_token_id))

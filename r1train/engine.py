@@ -1,0 +1,319 @@
+"""The training loop on DeepSpeed: setup, ZeRO 0-3, the reference model, checkpoints, logging.
+
+One `step` = one batch of prompts (GRPO: one generation round, num_iterations optimizer steps; SFT: one
+optimizer step). Data order, sampling noise and checkpoints are functions of (seed, step), so a resumed
+run continues exactly where the killed one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .metrics import MetricsLogger
+from .moe_load import ExpertLoad
+from .rollout import Policy, sample
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed():
+    """Single process with no launcher: fill in the env a launcher would set, then init (gloo on CPU)."""
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
+    path = cfg.deepspeed or os.path.join(CONFIG_DIR, f"ds_zero{cfg.zero_stage}.json")
+    with open(path) as fh:
+        c = json.load(fh)
+    fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": cfg.max_grad_norm}
+    for k, v in fill.items():
+        if c.get(k, "auto") == "auto":
+            c[k] = v
+    c.setdefault("bf16", {})
+    if c["bf16"].get("enabled", "auto") == "auto":
+        c["bf16"]["enabled"] = cfg.bf16
+    c.pop("train_batch_size", None)
+    return c
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    warm = int(cfg.warmup_ratio * total)
+
+    def f(s):
+        if s < warm:
+            return (s + 1) / warm
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        p = (s - warm) / max(1, total - warm)
+        return max(0.0, 1 - p) if cfg.lr_scheduler_type == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+def zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+class Trainer:
+    """Base of GRPOTrainer / SFTTrainer: subclasses implement `train_step(step, rows) -> metrics`."""
+
+    rows_per_step_unit = 1  # prompts per micro-batch "row" (GRPO: completions come G per prompt)
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, train_rows, eval_rows=None, *, optimizer_steps=1):
+        import deepspeed
+
+        self.cfg, self.tok = cfg, tokenizer
+        self.train_rows, self.eval_rows = list(train_rows), list(eval_rows or [])
+        self.rank, self.world = setup_distributed()
+        self.dev = device()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.prompts_per_rank = self.compute_prompts_per_rank()
+        n_step = self.prompts_per_rank * self.world
+        if not self.train_rows:
+            raise ValueError("the training dataset is empty")
+        self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
+            1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
+        ref = copy.deepcopy(model) if self.needs_ref() else None
+        self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
+        dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps * optimizer_steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,
+                                                    lr_scheduler=sched, config=dsc)
+        self.ref = None
+        if ref is not None:  # sharded like the policy under ZeRO-3, no optimizer; plain copy otherwise
+            rc = {k: v for k, v in dsc.items() if k not in ("gradient_clipping",)}
+            if rc["zero_optimization"]["stage"] != 3:
+                rc["zero_optimization"] = {"stage": 0}
+            self.ref, *_ = deepspeed.initialize(model=Policy(ref, cfg.loss_impl), config=rc)
+            self.ref.eval()
+        if zero3(self.engine) and cfg.loss_impl == "linear":
+            for e in filter(None, (self.engine, self.ref)):
+                deepspeed.zero.register_external_parameter(e.module, e.module.head.weight)
+        self.step0 = 0
+        if cfg.resume_from_checkpoint:
+            self.step0 = self.load(cfg.resume_from_checkpoint)
+        self.logger = MetricsLogger(cfg.output_dir, rank=self.rank, report_to=cfg.report_to,
+                                    resume_step=self.step0)
+
+    # ---- hooks for subclasses
+    def compute_prompts_per_rank(self) -> int:
+        return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps
+
+    def needs_ref(self) -> bool:
+        return False
+
+    def train_step(self, step: int, rows: list) -> dict:
+        raise NotImplementedError
+
+    # ---- data order: a function of (seed, step) only
+    def rows_for(self, step: int) -> tuple[list, list[int]]:
+        """This rank's rows for `step` and their global indices in the step's batch."""
+        n, N = self.prompts_per_rank * self.world, len(self.train_rows)
+        out, gidx = [], []
+        for j in range(self.rank * self.prompts_per_rank, (self.rank + 1) * self.prompts_per_rank):
+            k = step * n + j
+            epoch, pos = divmod(k, N)
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            out.append(self.train_rows[int(perm[pos])])
+            gidx.append(j)
+        return out, gidx
+
+    @property
+    def model(self):
+        """The bare HF model (generation, save_pretrained)."""
+        return self.engine.module.model
+
+    # ---- the loop
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        cfg, history = self.cfg, []
+        bar = tqdm(total=self.max_steps, initial=self.step0, disable=cfg.disable_tqdm or self.rank != 0,
+                   desc=type(self).__name__, dynamic_ncols=True)
+        for step in range(self.step0, self.max_steps):
+            t0 = time.perf_counter()
+            rows, _ = self.rows_for(step)
+            m = self.train_step(step, rows)
+            m["learning_rate"] = self.engine.get_lr()[0]
+            m["epoch"] = (step + 1) * self.prompts_per_rank * self.world / len(self.train_rows)
+            m["step_time"] = time.perf_counter() - t0
+            done = step + 1
+            if cfg.eval_steps and done % cfg.eval_steps == 0 and done < self.max_steps:
+                m.update(self.evaluate())
+            self.logger.log(done, m)
+            history.append({"step": done, **m})
+            bar.update(1)
+            bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "reward", "eval/accuracy") if k in m})
+            if self.rank == 0 and cfg.logging_steps and done % cfg.logging_steps == 0:
+                bar.write(" ".join(f"{k}={v:.4g}" for k, v in [("step", done)] + list(m.items())
+                                   if isinstance(v, (int, float))))
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < self.max_steps:
+                self.save(done)
+        bar.close()
+        self.final_step = self.max_steps
+        return history
+
+    def finish(self, save: bool = True):
+        if save:
+            self.save(self.max_steps)
+        self.logger.plot()
+        self.logger.close()
+
+    # ---- evaluation: held-out pass@1 (sampled) and greedy accuracy of the accuracy reward
+    @torch.no_grad()
+    def evaluate(self, rows=None, batch_size: int = 64) -> dict:
+        from .data import decode_completions, encode_prompts
+        from .rewards import accuracy_reward
+
+        rows = self.eval_rows if rows is None else rows
+        if not rows:
+            return {}
+        mine = rows[self.rank::self.world]
+        real = len(mine)
+        if zero3(self.engine):  # every rank must run the same forwards: pad with copies, weight 0
+            mine = mine + [rows[0]] * (math.ceil(len(rows) / self.world) - len(mine))
+        k = self.cfg.eval_num_samples
+        tot = torch.zeros(3, dtype=torch.float64)
+        for s in range(0, len(mine), batch_size):
+            chunk = mine[s:s + batch_size]
+            w = [1.0 if s + i < real else 0.0 for i in range(len(chunk))]
+            ids, mask = encode_prompts(self.tok, [r["prompt"] for r in chunk], self.cfg.max_prompt_length)
+            gold = [r.get(self.cfg.answer_column) for r in chunk]
+            for greedy in (False, True):
+                reps = 1 if greedy else k
+                seeds = [hash((self.cfg.seed, "eval", self.rank, s + i, j)) % 2**31
+                         for i in range(len(chunk)) for j in range(reps)]
+                ro = sample(self.model, ids.repeat_interleave(reps, 0).to(self.dev),
+                            mask.repeat_interleave(reps, 0).to(self.dev), seeds_B=seeds,
+                            max_new_tokens=self.cfg.max_completion_length, eos_id=self.tok.eos_token_id,
+                            pad_id=self.tok.pad_token_id, temperature=self.cfg.eval_temperature,
+                            greedy=greedy, sync_ranks=zero3(self.engine))
+                acc = accuracy_reward(None, decode_completions(self.tok, ro),
+                                      answer=[g for g in gold for _ in range(reps)])
+                tot[1 if greedy else 0] += sum((a or 0.0) * w[i // reps] for i, a in enumerate(acc)) / reps
+            tot[2] += sum(w)
+        if dist.is_initialized():
+            dist.all_reduce(tot)
+        n = max(tot[2].item(), 1)
+        return {"eval/accuracy": tot[0].item() / n, "eval/accuracy_greedy": tot[1].item() / n}
+
+    # ---- reference model
+    @torch.no_grad()
+    def sync_ref(self, alpha: float):
+        """ref <- alpha * policy + (1 - alpha) * ref (gathered shard by shard under ZeRO-3)."""
+        import deepspeed
+
+        for p, r in zip(self.engine.module.parameters(), self.ref.module.parameters()):
+            ctx = deepspeed.zero.GatheredParameters([p, r], modifier_rank=0) if zero3(self.engine) else None
+            with ctx or contextlib.nullcontext():
+                if not zero3(self.engine) or self.rank == 0:
+                    r.data.mul_(1 - alpha).add_(p.data.to(r.dtype), alpha=alpha)
+        for b, rb in zip(self.engine.module.buffers(), self.ref.module.buffers()):
+            rb.data.copy_(b.data)
+
+    # ---- checkpoints: checkpoint-<step>/ = save_pretrained files + ds/ (optimizer etc.) + rng + state
+    def save(self, step: int):
+        cfg = self.cfg
+        final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+        tmp = os.path.join(cfg.output_dir, f"tmp-checkpoint-{step}")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(tmp, tag="ds")
+        if self.ref is not None:
+            self.ref.save_checkpoint(tmp, tag="ref", save_latest=False)
+        sd = self.engine._zero3_consolidated_16bit_state_dict() if zero3(self.engine) else None
+        torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   os.path.join(tmp, f"rng_state_{self.rank}.pth"))
+        if self.rank == 0:
+            if sd is not None:
+                sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+            self.model.save_pretrained(tmp, state_dict=sd)
+            if hasattr(self.tok, "save_pretrained"):
+                self.tok.save_pretrained(tmp)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+                json.dump({"global_step": step, "max_steps": self.max_steps, "trainer": type(self).__name__,
+                           "world_size": self.world, "config": vars(cfg)}, fh, indent=1, default=str)
+        dist.barrier()
+        if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self):
+        limit = self.cfg.save_total_limit
+        if not limit:
+            return
+        for d in sorted(list_checkpoints(self.cfg.output_dir), key=_step_of)[:-limit]:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def load(self, path: str) -> int:
+        if path == "latest":
+            found = list_checkpoints(self.cfg.output_dir)
+            if not found:
+                raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint-* in {self.cfg.output_dir}")
+            path = max(found, key=_step_of)
+        if not os.path.exists(os.path.join(path, "trainer_state.json")):
+            raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a complete checkpoint")
+        self.engine.load_checkpoint(path, tag="ds")
+        if self.ref is not None:
+            self.ref.load_checkpoint(path, tag="ref", load_optimizer_states=False, load_lr_scheduler_states=False)
+        rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pth"), weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            return json.load(fh)["global_step"]
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, d) for d in os.listdir(output_dir)
+            if d.startswith("checkpoint-") and d[11:].isdigit()
+            and os.path.exists(os.path.join(output_dir, d, "trainer_state.json"))]
+
+
+def _step_of(path: str) -> int:
+    return int(os.path.basename(path)[11:])
+

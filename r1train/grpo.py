@@ -1,0 +1,205 @@
+"""One GRPO step: sample G completions per prompt, score them, group advantages, clipped loss.
+
+Shapes: P prompts on this rank, N = P*G completions, micro-batches of per_device_train_batch_size rows;
+all advantages/normalizers are computed over the global batch (all ranks) so 1 process with
+gradient accumulation and k processes without it see the same loss.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import r1kernels as rk
+
+from .data import decode_completions, encode_prompts
+from .engine import Trainer, zero3
+from .rewards import RewardRunner
+from .rollout import logprob_fn, sample, sequence_logprobs
+
+
+def _gather_rows(x_NR: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x_NR
+    parts = [torch.empty_like(x_NR) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_NR.contiguous())
+    return torch.cat(parts)
+
+
+def _all_sum(x: float, dev) -> float:
+    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+class GRPOTrainer(Trainer):
+    def __init__(self, cfg, model, tokenizer, train_rows, eval_rows=None, reward_funcs=None):
+        G = cfg.num_generations
+        n = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        if n % G:
+            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps = {n} must be a "
+                             f"multiple of num_generations = {G} (each prompt's G completions stay on one rank)")
+        super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
+        self.rewards = RewardRunner(reward_funcs or cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
+        w = cfg.reward_weights or [1.0] * len(self.rewards.names)
+        self.reward_w_R = torch.tensor(w, dtype=torch.float32)
+
+    def compute_prompts_per_rank(self):
+        return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps // self.cfg.num_generations
+
+    def needs_ref(self):
+        return self.cfg.beta > 0
+
+    # ---- 1. rollout + rewards + advantages
+    def make_batch(self, step, rows):
+        cfg, G, tok = self.cfg, self.cfg.num_generations, self.tok
+        p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length)
+        _, gidx = self.rows_for(step)
+        seeds = [hash((cfg.seed, step, g, j)) % 2**31 for g in gidx for j in range(G)]
+        t0 = time.perf_counter()
+        ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
+            self.dev), max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+            seeds_B=seeds, temperature=cfg.temperature, top_p=cfg.top_p, sync_ranks=zero3(self.engine))
+        t_gen = time.perf_counter() - t0
+        texts = decode_completions(tok, ro)
+        ids_list = [[t for t, k in zip(i, m) if k] for i, m in zip(ro.completion_ids_BT.tolist(),
+                                                                     ro.completion_mask_BT.tolist())]
+        cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        table, failed = self.rewards(prompts, texts, ids_list, cols)
+        R = len(self.rewards.names)
+        vals_NR = torch.tensor([[float("nan") if v is None else v for v in row] for row in table],
+                               dtype=torch.float32).reshape(-1, R)
+        failed_N = torch.tensor(failed, dtype=torch.float32)
+        all_NR = _gather_rows(torch.cat([vals_NR, failed_N[:, None]], 1).to(self.dev)).cpu()
+        vals_all, failed_all = all_NR[:, :R], all_NR[:, R] > 0
+        # None ("not applicable") counts 0 in the weighted sum (TRL nansum); a failed sample takes its
+        # group's mean so it shifts nobody's advantage, and its loss weight is zeroed below.
+        total_N = (vals_all.nan_to_num(0.0) * self.reward_w_R).sum(1)
+        grp_NG, bad_NG = total_N.view(-1, G), failed_all.view(-1, G)
+        ok = (~bad_NG).float()
+        mean_g = (grp_NG * ok).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+        total_N = torch.where(bad_NG, mean_g, grp_NG).reshape(-1)
+        adv_all = rk.group_advantages(total_N, G, scale=cfg.scale_rewards)
+        lo = self.rank * len(rows) * G
+        adv_N = adv_all[lo:lo + len(rows) * G]
+        mask_BT = ro.completion_mask_BT.clone()
+        if cfg.mask_truncated_completions:
+            mask_BT[ro.truncated_B] = 0
+        mask_BT[failed_N.bool().to(mask_BT.device)] = 0
+        m = self.reward_metrics(vals_all, total_N, failed_all, ro, t_gen)
+        samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
+                    "reward": float(total_N[lo + i]), "advantage": float(adv_N[i])}
+                   for i, (p, c) in enumerate(zip(prompts, texts))]
+        return ro, adv_N.to(self.dev), mask_BT, m, samples
+
+    def reward_metrics(self, vals_NR, total_N, failed_N, ro, t_gen):
+        G = self.cfg.num_generations
+        std_g = total_N.view(-1, G).std(1)
+        m = {"reward": total_N.mean().item(), "reward_std": std_g.mean().item(),
+             "frac_reward_zero_std": (std_g < 1e-6).float().mean().item(), "rewards/failed": failed_N.sum().item()}
+        for j, name in enumerate(self.rewards.names):
+            v = vals_NR[:, j]
+            v = v[~v.isnan()]
+            m[f"rewards/{name}/mean"] = v.mean().item() if v.numel() else float("nan")
+            m[f"rewards/{name}/std"] = v.std().item() if v.numel() > 1 else 0.0
+        lens = ro.completion_mask_BT.sum(1).float()
+        n = _all_sum(lens.numel(), self.dev)
+        m["completions/mean_length"] = _all_sum(lens.sum(), self.dev) / n
+        m["completions/clipped_ratio"] = _all_sum(ro.truncated_B.float().sum(), self.dev) / n
+        m["time/generate"] = t_gen
+        return m
+
+    # ---- 2. loss over micro-batches, num_iterations passes
+    def train_step(self, step, rows):
+        cfg = self.cfg
+        ro, adv_N, mask_BT, m, samples = self.make_batch(step, rows)
+        attn_BL = torch.cat([ro.prompt_mask_BP, ro.completion_mask_BT], 1)
+        ids_BL = ro.input_ids
+        comp_BT = ro.completion_ids_BT
+        mb = cfg.per_device_train_batch_size
+        t0 = time.perf_counter()
+        old_BT = ref_BT = None
+        if cfg.num_iterations > 1:
+            old_BT = sequence_logprobs(self.engine, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
+                                       micro_batch=mb)
+        if self.ref is not None:
+            ref_BT = sequence_logprobs(self.ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
+                                       micro_batch=mb)
+        m["time/logprobs"] = time.perf_counter() - t0
+        # dapo/cispo normalize by the global token count; DeepSpeed divides each micro loss by GA and
+        # averages gradients over ranks, so each micro-batch gets N_global / (GA * world)
+        n_items = max(_all_sum(mask_BT.sum(), self.dev), 1.0) / (cfg.gradient_accumulation_steps * self.world)
+        acc = {}
+        t_bwd = t_opt = 0.0
+        for _ in range(cfg.num_iterations):
+            for s in range(0, ids_BL.shape[0], mb):
+                sl = slice(s, s + mb)
+                out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
+                                           None if old_BT is None else old_BT[sl],
+                                           None if ref_BT is None else ref_BT[sl], n_items)
+                t1 = time.perf_counter()
+                self.engine.backward(out.loss)
+                t2 = time.perf_counter()
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                if boundary:
+                    m.update(self.expert_load.step())
+                    gn = self.engine.get_global_grad_norm()
+                    if gn is not None:
+                        acc.setdefault("grad_norm", []).append(float(gn))
+                t_bwd, t_opt = t_bwd + t2 - t1, t_opt + time.perf_counter() - t2
+                acc.setdefault("loss", []).append(out.loss.item())
+                for k, v in out.metrics.items():
+                    acc.setdefault(k, []).append(float(v))
+                if ent is not None:
+                    acc.setdefault("entropy", []).append(ent)
+        for k, v in acc.items():
+            m[k] = _all_sum(sum(v) / len(v), self.dev) / self.world
+        m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
+        if self.ref is not None and cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:
+            self.sync_ref(cfg.ref_model_mixup_alpha)
+        self.logger.log_completions(step + 1, samples)
+        if cfg.log_completions and self.rank == 0 and cfg.logging_steps and (step + 1) % cfg.logging_steps == 0:
+            for smp in samples[:2]:
+                print(f"[step {step + 1}] reward={smp['reward']:.2f} {smp['prompt']!r} -> {smp['completion']!r}")
+        return m
+
+    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items):
+        """Forward + loss for one micro-batch (trimmed to its longest completion)."""
+        cfg = self.cfg
+        T = int(mask_BT.sum(0).nonzero().max().item()) + 1 if mask_BT.any() else 1
+        cut = ids_BL.shape[1] - comp_BT.shape[1] + T
+        ids_BL, attn_BL, comp_BT, mask_BT = ids_BL[:, :cut], attn_BL[:, :cut], comp_BT[:, :T], mask_BT[:, :T]
+        old_BT = None if old_BT is None else old_BT[:, :T]
+        ref_BT = None if ref_BT is None else ref_BT[:, :T]
+        kw = dict(old_logprobs=old_BT, ref_logprobs=ref_BT, beta=cfg.beta, epsilon=cfg.epsilon,
+                  epsilon_high=cfg.epsilon_high, delta=cfg.delta, loss_type=cfg.loss_type,
+                  importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
+                  temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
+                  num_items_in_batch=n_items)
+        ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True) if cfg.log_entropy else None
+        mask_f = mask_BT.float()
+
+        def fn(x, weight=None, bias=None):
+            if weight is None:
+                out = rk.grpo_loss(x, comp_BT, adv_B, mask_BT, **kw)
+            else:
+                out = rk.linear_grpo_loss(x, weight, comp_BT, adv_B, mask_BT, bias=bias, **kw)
+            ent = None
+            if ent_fn is not None:
+                with torch.no_grad():
+                    args = (x.detach(),) if weight is None else (x.detach(), weight.detach(), bias)
+                    e_BT = ent_fn(*args)[1]
+                    ent = ((e_BT * mask_f).sum() / mask_f.sum().clamp(min=1)).item()
+            return out, ent
+
+        self.expert_load.recording = True
+        self.expert_load.token_mask = attn_BL.reshape(-1).bool()
+        try:
+            return self.engine(ids_BL, attn_BL, T, fn)
+        finally:
+            self.expert_load.recording = False

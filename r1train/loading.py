@@ -1,0 +1,53 @@
+"""Model, tokenizer and dataset loading from a TrainConfig."""
+
+from __future__ import annotations
+
+import os
+
+from .config import ConfigError, TrainConfig
+from .data import load_rows
+from .tasks import TINY_MODELS, ArithSpec, char_tokenizer, generate, tiny_model
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
+    """A tiny built-in model, or a local Hugging Face directory (e.g. a checkpoint-<step>/)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = path or cfg.model_name_or_path
+    if path in TINY_MODELS:
+        tok = char_tokenizer() if cfg.tokenizer_name_or_path is None else AutoTokenizer.from_pretrained(
+            cfg.tokenizer_name_or_path)
+        return tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
+                          num_layers=cfg.model_num_layers), tok
+    if not os.path.isdir(path):
+        raise ConfigError(f"model_name_or_path: {path!r} is neither one of {TINY_MODELS} nor a local model "
+                          "directory (nothing is downloaded)")
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    return model, tok
+
+
+def task_spec(cfg: TrainConfig) -> ArithSpec:
+    return ArithSpec(cfg.task_min_terms, cfg.task_max_terms, cfg.task_max_operand)
+
+
+def load_datasets(cfg: TrainConfig, sft: bool = False):
+    """(train_rows, eval_rows). For the built-in task, SFT rows carry the (possibly flawed) worked
+    solution as `completion`; the held-out rows come from a disjoint seed."""
+    if cfg.dataset_name == "arith":
+        spec = task_spec(cfg)
+        train = generate(cfg.task_train_size, cfg.seed, spec, flaw_share=cfg.task_flaw_share)
+        if sft:
+            for r in train:
+                r[cfg.completion_column] = r["solution"]
+        ev = generate(cfg.task_eval_size, cfg.seed + 10_000, spec)
+        if cfg.eval_dataset_name:
+            ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split)
+        return train, ev
+    required = ("prompt", cfg.completion_column) if sft else ("prompt",)
+    train = load_rows(cfg.dataset_name, cfg.dataset_split, required)
+    ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split) if cfg.eval_dataset_name else []
+    return train, ev
