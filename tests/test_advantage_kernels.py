@@ -1,0 +1,61 @@
+"""group_advantages kernels (Triton under the interpreter on CPU; CUDA on the GPU) vs the float64
+reference: both accumulate in float64, so results match to fp32 rounding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import r1kernels as rk
+from r1kernels import _backend
+from r1kernels.reference import group_advantages as ref_adv
+
+triton = pytest.importorskip("triton")
+from r1kernels.ops import advantage as adv_ops  # noqa: E402
+
+CASES = [(5, 4, 1, "group", None), (3, 7, 3, "group", [0.5, 1.0, 2.0]), (6, 3, 2, "batch", None),
+         (4, 130, 1, "group", None), (2, 5, 1, "none", None), (9, 2, 1, "batch", [2.0]), (1, 16, 2, "none", None)]
+
+
+def _check(backend, device, n_groups, G, R, scale, w, dtype=torch.float32):
+    r = (torch.randn(n_groups * G, R, device=device) * 3).to(dtype)
+    if R == 1 and w is None:
+        r = r[:, 0]
+    out = rk.group_advantages(r, G, scale=scale, reward_weights=w, backend=backend)
+    exp = ref_adv(r, G, scale, 1e-4, torch.tensor(w) if w else None)
+    assert out.dtype == torch.float32 and out.shape == (n_groups * G,)
+    torch.testing.assert_close(out.cpu(), exp.cpu(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton(case):
+    _check("triton", "cuda" if torch.cuda.is_available() else "cpu", *case)
+
+
+def test_triton_bf16_and_tied_rewards():
+    _check("triton", "cuda" if torch.cuda.is_available() else "cpu", 3, 8, 1, "group", None, torch.bfloat16)
+    r = torch.ones(8)  # zero std: (R - mean) / eps = 0
+    out = rk.group_advantages(r, 4, backend="triton")
+    assert torch.equal(out, torch.zeros(8))
+
+
+def test_triton_compile_and_opcheck():
+    r = torch.randn(12, 2)
+    w = torch.tensor([1.0, 0.5])
+    f = torch.compile(lambda x: rk.group_advantages(x, 4, reward_weights=w, backend="triton") * 2, fullgraph=True)
+    torch.testing.assert_close(f(r), 2 * ref_adv(r, 4, "group", 1e-4, w), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(adv_ops._group_advantages_triton_op, (r, 4, "group", 1e-4, w))
+    torch.library.opcheck(adv_ops._group_advantages_triton_op, (r[:, 0].contiguous(), 3, "batch", 1e-4, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES + [(4096, 16, 1, "group", None), (64, 1000, 3, "batch", [1.0, 0.2, 0.3])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda(case, dtype):
+    if not _backend.extension_has("group_advantages", "CUDA"):
+        pytest.skip("extension built without CUDA")
+    _check("cuda", "cuda", *case, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_auto_picks_a_kernel_on_cuda():
+    assert _backend.available("group_advantages", "cuda")[0] in ("cuda", "triton")
