@@ -1,0 +1,196 @@
+"""MoE routing ops: the C++/CUDA ops torch.ops.r1kernels.moe_* (schemas in csrc/moe.cpp) and Triton custom
+ops r1kernels::moe_*_triton, each with a fake (torch.compile) and autograd. The functions at the bottom
+take the reference's positional signatures (r1kernels/reference/moe.py) and are listed in
+r1kernels._backend.KERNELS.
+
+Gradients: route -> logits through the gathered sigmoid weights only (ids, bias: none); permute ->
+hidden by summing the K copies; unpermute -> expert rows (w * grad) and weights (<grad, row>).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _route_fake(logits, bias, top_k, n_group, topk_group, scale, norm):
+    T = logits.shape[0]
+    w = logits.new_empty(T, top_k, dtype=torch.float32)
+    return w, logits.new_empty(T, top_k, dtype=torch.int64), torch.empty_like(w)
+
+
+def _route_setup(ctx, inputs, output):
+    logits, _, _, _, _, scale, norm = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.meta = (logits.shape[1], scale, norm, logits.dtype)
+
+
+def _permute_fake(hidden, row_map, top_k):
+    return hidden.new_empty(hidden.shape[0] * top_k, hidden.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.top_k = inputs[2]
+
+
+def _unpermute_fake(x, row_map, weights, top_k):
+    return x.new_empty(x.shape[0] // top_k, x.shape[1])
+
+
+def _unpermute_setup(ctx, inputs, output):
+    x, row_map, weights, top_k = inputs
+    ctx.save_for_backward(x, row_map, weights)
+    ctx.top_k = top_k
+
+
+def _unpermute_bwd_fake(grad_out, x, row_map, weights):
+    return torch.empty_like(x), weights.new_empty(weights.shape, dtype=torch.float32)
+
+
+def _register(ns, route_bwd, unpermute, unpermute_bwd, permute_op, unpermute_op, route_op):
+    """Autograd for one backend's route / permute / unpermute ops (ns: how the backward ops are called)."""
+
+    def route_backward(ctx, grad_w, grad_ids, grad_s):
+        ids, s_sel = ctx.saved_tensors
+        E, scale, norm, dtype = ctx.meta
+        if grad_w is None:
+            return (None,) * 7
+        return route_bwd(grad_w, ids, s_sel, E, scale, norm, dtype), None, None, None, None, None, None
+
+    def permute_backward(ctx, grad):
+        (row_map,) = ctx.saved_tensors
+        return unpermute(grad, row_map, None, ctx.top_k), None, None
+
+    def unpermute_backward(ctx, grad):
+        x, row_map, weights = ctx.saved_tensors
+        if weights is None:  # the sum of the K rows (the backward of permute): no second derivative here
+            return permute_op(grad, row_map, ctx.top_k), None, None, None
+        gx, gw = unpermute_bwd(grad, x, row_map, weights)
+        return gx, None, gw.to(weights.dtype), None
+
+    torch.library.register_autograd(route_op, route_backward, setup_context=_route_setup)
+    torch.library.register_autograd(permute_op, permute_backward, setup_context=_permute_setup)
+    torch.library.register_autograd(unpermute_op, unpermute_backward, setup_context=_unpermute_setup)
+
+
+def route_eligible(logits, bias, top_k, n_group, topk_group, *a, **k):
+    E = logits.shape[1]
+    return (logits.dtype in _FLOAT and E in (32, 64, 128, 256, 512) and 1 <= n_group <= 32
+            and n_group & (n_group - 1) == 0 and top_k <= 32)
+
+
+def _float_only(x, *a, **k):
+    return x.dtype in _FLOAT
+
+
+# ---------------------------------------------------------------- C++ / CUDA ops (r1kernels._C)
+OPS = torch.ops.r1kernels if _backend.HAS_EXTENSION else None
+HAS_CPP = _backend.HAS_EXTENSION and hasattr(torch.ops.r1kernels, "moe_route")
+
+if HAS_CPP:
+    torch.library.register_fake("r1kernels::moe_route")(_route_fake)
+    torch.library.register_fake("r1kernels::moe_permute")(_permute_fake)
+    torch.library.register_fake("r1kernels::moe_unpermute")(_unpermute_fake)
+    torch.library.register_fake("r1kernels::moe_unpermute_backward")(_unpermute_bwd_fake)
+
+    @torch.library.register_fake("r1kernels::moe_route_backward")
+    def _(grad_w, ids, s_sel, num_experts, scale, norm, dtype):
+        return grad_w.new_empty(ids.shape[0], num_experts, dtype=dtype)
+
+    @torch.library.register_fake("r1kernels::moe_permute_index")
+    def _(ids, num_experts):
+        return ids.new_empty(ids.numel(), dtype=torch.int64), ids.new_empty(num_experts, dtype=torch.int64)
+
+    _register("cpp", OPS.moe_route_backward, OPS.moe_unpermute, OPS.moe_unpermute_backward,
+              OPS.moe_permute.default, OPS.moe_unpermute.default, OPS.moe_route.default)
+
+    def route_cuda(logits, bias, top_k, n_group, topk_group, scale=1.0, norm=True):
+        w, ids, _ = OPS.moe_route(logits, bias, top_k, n_group, topk_group, float(scale), bool(norm))
+        return w, ids
+
+    def permute_cuda(hidden, topk_ids, num_experts):
+        row_map, counts = OPS.moe_permute_index(topk_ids, num_experts)
+        return OPS.moe_permute(hidden, row_map, topk_ids.shape[1]), row_map, counts
+
+    def unpermute_cuda(expert_out, row_map, topk_weights):
+        return OPS.moe_unpermute(expert_out, row_map, topk_weights, topk_weights.shape[1])
+
+    _cuda = {"cuda"} if _backend.extension_has("moe_route", "CUDA") else set()
+    route_cuda.devices = permute_cuda.devices = unpermute_cuda.devices = _cuda
+    route_cuda.eligible = route_eligible
+    permute_cuda.eligible = _float_only
+    unpermute_cuda.eligible = _float_only
+
+
+# ---------------------------------------------------------------- Triton custom ops
+try:
+    from ..triton import moe as _tk
+except ImportError:  # no triton
+    _tk = None
+
+if _tk is not None:
+    @torch.library.custom_op("r1kernels::moe_route_triton", mutates_args=())
+    def _route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                      scale: float, norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.route_fwd(logits.contiguous(), bias.float().contiguous(), top_k, n_group, topk_group, scale,
+                             norm)
+
+    @torch.library.custom_op("r1kernels::moe_route_backward_triton", mutates_args=())
+    def _route_bwd_triton(grad_w: torch.Tensor, ids: torch.Tensor, s_sel: torch.Tensor, num_experts: int,
+                          scale: float, norm: bool, dtype: torch.dtype) -> torch.Tensor:
+        return _tk.route_bwd(grad_w.float().contiguous(), ids.contiguous(), s_sel.contiguous(), num_experts, scale,
+                             norm, dtype)
+
+    @torch.library.custom_op("r1kernels::moe_permute_triton", mutates_args=())
+    def _permute_triton(hidden: torch.Tensor, row_map: torch.Tensor, top_k: int) -> torch.Tensor:
+        return _tk.permute_rows(hidden.contiguous(), row_map.contiguous(), top_k)
+
+    @torch.library.custom_op("r1kernels::moe_unpermute_triton", mutates_args=())
+    def _unpermute_triton(x: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor | None,
+                          top_k: int) -> torch.Tensor:
+        w = weights.float().contiguous() if weights is not None else None
+        return _tk.unpermute_rows(x.contiguous(), row_map.contiguous(), w, top_k)
+
+    @torch.library.custom_op("r1kernels::moe_unpermute_backward_triton", mutates_args=())
+    def _unpermute_bwd_triton(grad_out: torch.Tensor, x: torch.Tensor, row_map: torch.Tensor,
+                              weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.unpermute_bwd(grad_out.to(x.dtype).contiguous(), x.contiguous(), row_map.contiguous(),
+                                 weights.float().contiguous())
+
+    _route_triton.register_fake(_route_fake)
+    _permute_triton.register_fake(_permute_fake)
+    _unpermute_triton.register_fake(_unpermute_fake)
+    _unpermute_bwd_triton.register_fake(_unpermute_bwd_fake)
+
+    @_route_bwd_triton.register_fake
+    def _(grad_w, ids, s_sel, num_experts, scale, norm, dtype):
+        return grad_w.new_empty(ids.shape[0], num_experts, dtype=dtype)
+
+    _register("triton", _route_bwd_triton, _unpermute_triton, _unpermute_bwd_triton, _permute_triton,
+              _unpermute_triton, _route_triton)
+
+    def route_triton(logits, bias, top_k, n_group, topk_group, scale=1.0, norm=True):
+        w, ids, _ = _route_triton(logits, bias, top_k, n_group, topk_group, float(scale), bool(norm))
+        return w, ids
+
+    def permute_index_torch(topk_ids, num_experts):
+        """row_map and counts by a stable sort (the Triton path's index; the CUDA path has a kernel)."""
+        flat = topk_ids.reshape(-1).long()
+        order = torch.sort(flat, stable=True).indices
+        row_map = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return row_map, torch.bincount(flat, minlength=num_experts)
+
+    def permute_triton(hidden, topk_ids, num_experts):
+        row_map, counts = permute_index_torch(topk_ids, num_experts)
+        return _permute_triton(hidden, row_map, topk_ids.shape[1]), row_map, counts
+
+    def unpermute_triton(expert_out, row_map, topk_weights):
+        return _unpermute_triton(expert_out, row_map, topk_weights, topk_weights.shape[1])
+
+    route_triton.eligible = lambda logits, bias, top_k, n_group, *a, **k: (
+        logits.dtype in _FLOAT and logits.shape[1] <= 1024)
+    permute_triton.eligible = _float_only
+    unpermute_triton.eligible = _float_only

@@ -1,0 +1,281 @@
+"""MoE routing kernels (CUDA, Triton, C++ CPU op) against the reference: ids exactly, weights and gradients
+within tolerance; permute / unpermute; custom-op registration (opcheck, torch.compile)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+import r1kernels as rk
+from r1kernels import _backend
+from r1kernels.reference import moe as ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+BACKENDS = [b for b in ("cuda", "triton") if b in _backend.available("route", DEV)]
+HAS_CPP = _backend.HAS_EXTENSION and hasattr(torch.ops.r1kernels, "moe_route")
+needs_kernel = pytest.mark.skipif(not BACKENDS, reason="no MoE kernel runs here")
+# (E, n_group, topk_group, top_k): V3 (256, 8, 4, 8), V2-Lite-like, no grouping, odd group sizes
+CONFIGS = [(256, 8, 4, 8), (64, 4, 2, 6), (32, 1, 1, 4), (12, 3, 1, 2), (128, 8, 3, 5)]
+
+
+def _logits(T, E, mode, dtype=torch.float32):
+    if mode == "ties":  # few distinct values: many exact ties between experts and between groups
+        x = torch.randint(-6, 7, (T, E)).float() / 4
+    else:
+        x = torch.randn(T, E) * 2
+    return x.to(dtype).to(DEV)
+
+
+def _backends_for(E, n_group, top_k, dtype=torch.float32):
+    x = torch.empty(1, E, dtype=dtype)
+    out = []
+    for b in BACKENDS:
+        fn = dict(_backend._LOADED["route"])[b]
+        if fn.eligible(x, None, top_k, n_group, 1):
+            out.append(b)
+    return out
+
+
+def _route_case(backend, E, n_group, topk_group, top_k, T, mode, dtype=torch.float32, norm=True):
+    x = _logits(T, E, mode, dtype)
+    bias = (torch.randint(-4, 5, (E,)).float() / 64 if mode == "ties" else torch.randn(E) * 0.05).to(DEV)
+    kw = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    xk = x.clone().requires_grad_()
+    w, ids = rk.moe.route(xk, bias, backend=backend, **kw)
+    xr = x.double().requires_grad_()
+    w_ref, ids_ref = ref.route(x.float(), bias, top_k, n_group, topk_group, 2.5, norm)  # ids: same fp32 math
+    w64, _ = _route64(xr, bias, ids_ref, 2.5, norm)
+    return xk, w, ids, xr, w64, ids_ref, w_ref
+
+
+def _route64(x64, bias, ids, scale, norm):
+    s = torch.sigmoid(x64).gather(1, ids)
+    if norm:
+        s = s / (s.sum(-1, keepdim=True) + 1e-20)
+    return s * scale, ids
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["random", "ties"])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_route_ids_exact_weights_grads(cfg, mode):
+    E, n_group, topk_group, top_k = cfg
+    for backend in _backends_for(E, n_group, top_k):
+        xk, w, ids, xr, w64, ids_ref, w_ref = _route_case(backend, E, n_group, topk_group, top_k, 33, mode)
+        assert ids.dtype == torch.int64 and w.dtype == torch.float32
+        assert torch.equal(ids, ids_ref), f"{backend}: ids differ from the reference"
+        assert_close(w, w64, name=f"{backend} weights")
+        g = torch.randn_like(w)
+        (w * g).sum().backward()
+        (w64 * g.double()).sum().backward()
+        assert_close(xk.grad, xr.grad, name=f"{backend} grad")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_low_precision_logits_and_no_norm(dtype):
+    E, n_group, topk_group, top_k = 64, 4, 2, 6
+    for backend in _backends_for(E, n_group, top_k, dtype):
+        xk, w, ids, xr, w64, ids_ref, _ = _route_case(backend, E, n_group, topk_group, top_k, 17, "random", dtype,
+                                                      norm=False)
+        assert torch.equal(ids, ids_ref)
+        assert_close(w, w64, name="weights")
+        w.sum().backward()
+        w64.sum().backward()
+        assert xk.grad.dtype == dtype
+        assert_close(xk.grad, xr.grad, dtype, name="grad")
+
+
+@needs_kernel
+def test_route_single_token_and_empty():
+    for backend in BACKENDS:
+        x = torch.randn(1, 32, device=DEV)
+        w, ids = rk.moe.route(x, torch.zeros(32, device=DEV), top_k=3, n_group=4, topk_group=2, backend=backend)
+        assert torch.equal(ids, ref.route(x, torch.zeros(32, device=DEV), 3, 4, 2)[1])
+        w, ids = rk.moe.route(torch.randn(0, 32, device=DEV), torch.zeros(32, device=DEV), top_k=3, n_group=4,
+                              topk_group=2, backend=backend)
+        assert w.shape == (0, 3) and ids.shape == (0, 3)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="r1kernels._C has no MoE ops")
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_cpp_cpu_route_is_the_reference(cfg):
+    E, n_group, topk_group, top_k = cfg
+    x, bias = torch.randn(21, E), torch.randn(E) * 0.1
+    w, ids, s = torch.ops.r1kernels.moe_route(x, bias, top_k, n_group, topk_group, 2.5, True)
+    w_ref, ids_ref = ref.route(x, bias, top_k, n_group, topk_group, 2.5, True)
+    assert torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+
+
+def _route_vs_hf(E, n_group, topk_group, top_k, backend):
+    tf = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+    cfg = tf.DeepseekV3Config(hidden_size=24, moe_intermediate_size=8, intermediate_size=16, n_routed_experts=E,
+                              n_group=n_group, topk_group=topk_group, num_experts_per_tok=top_k,
+                              routed_scaling_factor=2.5, norm_topk_prob=True)
+    moe = m.DeepseekV3MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 24 ** -0.5)
+        moe.gate.e_score_correction_bias.uniform_(0.01, 0.06)  # positive biased scores (older HF masks with 0)
+    out = moe.gate(torch.randn(40, 24))
+    if not (isinstance(out, tuple) and len(out) == 3):
+        pytest.skip("transformers' router API differs")
+    logits, w_hf, ids_hf = out
+    w, ids = rk.moe.route(logits.detach().to(DEV), moe.gate.e_score_correction_bias.to(DEV), top_k=top_k,
+                          n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5, backend=backend)
+    a, b = ids.cpu().sort(-1), ids_hf.sort(-1)
+    assert torch.equal(a.values, b.values)
+    torch.testing.assert_close(w.cpu().gather(1, a.indices), w_hf.detach().float().gather(1, b.indices))
+
+
+@needs_kernel
+@pytest.mark.parametrize("cfg", [(256, 8, 4, 8), (32, 4, 2, 4)])
+def test_route_kernels_match_transformers(cfg):
+    for backend in _backends_for(cfg[0], cfg[1], cfg[3]):
+        _route_vs_hf(*cfg, backend)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_rejects_unsupported_and_auto_falls_back():
+    x, b = torch.randn(4, 12, device="cuda"), torch.zeros(12, device="cuda")
+    if "cuda" in BACKENDS:
+        with pytest.raises(ValueError):
+            rk.moe.route(x, b, top_k=2, n_group=3, topk_group=1, backend="cuda")
+    w, ids = rk.moe.route(x, b, top_k=2, n_group=3, topk_group=1)
+    assert torch.equal(ids, ref.route(x, b, 2, 3, 1)[1])
+
+
+# ---------------------------------------------------------------- permute / unpermute
+PERMUTE_BACKENDS = [b for b in ("cuda", "triton") if b in _backend.available("permute", DEV)]
+
+
+@pytest.mark.skipif(not PERMUTE_BACKENDS, reason="no permute kernel runs here")
+@pytest.mark.parametrize("T,K,H,E,dtype", [(13, 3, 40, 8, torch.float32), (7, 2, 16, 5, torch.bfloat16),
+                                           (1, 1, 8, 3, torch.float32), (33, 4, 24, 6, torch.float16)])
+def test_permute_unpermute_match_reference(T, K, H, E, dtype):
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEV)
+    for backend in PERMUTE_BACKENDS:
+        hidden = torch.randn(T, H, device=DEV, dtype=dtype, requires_grad=True)
+        permuted, row_map, counts = rk.moe.permute(hidden, ids, E, backend=backend)
+        p_ref, rm_ref, c_ref = ref.permute(hidden.detach(), ids, E)
+        assert torch.equal(row_map, rm_ref) and torch.equal(counts, c_ref) and torch.equal(permuted, p_ref)
+        w = torch.rand(T, K, device=DEV, requires_grad=True)
+        x = torch.randn(T * K, H, device=DEV, dtype=dtype, requires_grad=True)
+        out = rk.moe.unpermute(x, row_map, w, backend=backend)
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        out64 = ref.unpermute(x64, row_map, w64)
+        assert out.dtype == dtype
+        assert_close(out, out64, dtype, lowp=ref.unpermute(x.detach(), row_map, w.detach()), name="unpermute")
+        g = torch.randn(T, H, device=DEV, dtype=dtype)
+        out.backward(g)
+        out64.backward(g.double())
+        assert_close(x.grad, x64.grad, dtype, name="grad expert_out")
+        assert_close(w.grad, w64.grad, dtype, name="grad weights")
+        permuted.backward(x.detach())  # grad of permute: the sum of each token's K rows
+        assert_close(hidden.grad, ref.unpermute(x.detach().double(), row_map, torch.ones(T, K, device=DEV,
+                                                                                       dtype=torch.float64)),
+                     dtype, name="grad hidden")
+
+
+@pytest.mark.skipif(not PERMUTE_BACKENDS, reason="no permute kernel runs here")
+def test_identity_experts_reproduce_weighted_sum():
+    T, K, H, E = 10, 4, 32, 16
+    hidden, ids = torch.randn(T, H, device=DEV), torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEV)
+    w = torch.rand(T, K, device=DEV)
+    for backend in PERMUTE_BACKENDS:
+        permuted, row_map, counts = rk.moe.permute(hidden, ids, E, backend=backend)
+        offs = counts.cumsum(0)
+        experts_of_rows = torch.searchsorted(offs, torch.arange(T * K, device=DEV), right=True)
+        assert torch.equal(experts_of_rows[row_map], ids.flatten())  # row_map lands in the expert's segment
+        out = rk.moe.unpermute(permuted, row_map, w, backend=backend)
+        torch.testing.assert_close(out, hidden * w.sum(1, keepdim=True))
+
+
+# ---------------------------------------------------------------- registration
+@pytest.mark.skipif(not HAS_CPP, reason="r1kernels._C has no MoE ops")
+def test_opcheck_cpp_ops():
+    dev = DEV if "cuda" in BACKENDS else "cpu"
+    x, b = torch.randn(9, 32, device=dev, requires_grad=True), torch.randn(32, device=dev)
+    torch.library.opcheck(torch.ops.r1kernels.moe_route.default, (x, b, 4, 4, 2, 2.5, True))
+    ids = torch.stack([torch.randperm(8)[:3] for _ in range(5)]).to(dev)
+    torch.library.opcheck(torch.ops.r1kernels.moe_permute_index.default, (ids, 8))
+    row_map, _ = torch.ops.r1kernels.moe_permute_index(ids, 8)
+    h = torch.randn(5, 16, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.r1kernels.moe_permute.default, (h, row_map, 3))
+    xe, w = torch.randn(15, 16, device=dev, requires_grad=True), torch.rand(5, 3, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.r1kernels.moe_unpermute.default, (xe, row_map, w, 3))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton")
+def test_opcheck_triton_ops():
+    x, b = torch.randn(5, 32, device=DEV, requires_grad=True), torch.randn(32, device=DEV)
+    torch.library.opcheck(torch.ops.r1kernels.moe_route_triton.default, (x, b, 4, 4, 2, 2.5, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    xe, w = torch.randn(6, 8, device=DEV, requires_grad=True), torch.rand(3, 2, device=DEV, requires_grad=True)
+    row_map = torch.randperm(6, device=DEV)
+    torch.library.opcheck(torch.ops.r1kernels.moe_unpermute_triton.default, (xe, row_map, w, 2),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_kernel
+def test_compile_fullgraph_route_permute_unpermute():
+    backend = BACKENDS[0]
+    if backend == "triton" and not CUDA and not _backend.TRITON_INTERPRET:
+        pytest.skip("triton needs the interpreter on CPU")
+
+    def layer(x, bias, hidden):
+        w, ids = rk.moe.route(x, bias, top_k=4, n_group=4, topk_group=2, backend=backend)
+        p, row_map, counts = rk.moe.permute(hidden, ids, 32, backend=backend)
+        return rk.moe.unpermute(p * 2, row_map, w, backend=backend), counts
+
+    x = torch.randn(6, 32, device=DEV, requires_grad=True)
+    bias, hidden = torch.randn(32, device=DEV) * 0.1, torch.randn(6, 16, device=DEV, requires_grad=True)
+    out, counts = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")(
+        x, bias, hidden)
+    out_e, counts_e = layer(x, bias, hidden)
+    torch.testing.assert_close(out, out_e)
+    assert torch.equal(counts, counts_e)
+    g = torch.autograd.grad(out.sum(), (x, hidden))
+    g_e = torch.autograd.grad(out_e.sum(), (x, hidden))
+    for a, b in zip(g, g_e):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- real shapes on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [4096, 16384])
+def test_gpu_v3_gate_real_shape(T):
+    x, bias = torch.randn(T, 256, device="cuda"), torch.randn(256, device="cuda") * 0.05
+    w_ref, ids_ref = ref.route(x, bias, 8, 8, 4, 2.5, True)
+    x64 = x.double().requires_grad_()
+    w64, _ = _route64(x64, bias, ids_ref, 2.5, True)
+    g = torch.randn_like(w_ref)
+    (w64 * g.double()).sum().backward()
+    for backend in BACKENDS:
+        xk = x.clone().requires_grad_()
+        w, ids = rk.moe.route(xk, bias, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                              backend=backend)
+        assert torch.equal(ids, ids_ref), f"{backend}: {(ids != ids_ref).any(1).sum()} tokens differ"
+        assert_close(w, w64, name=f"{backend} weights")
+        (w * g).sum().backward()
+        assert_close(xk.grad, x64.grad, name=f"{backend} grad")
+    xb = x.bfloat16()
+    ids_b = ref.route(xb, bias, 8, 8, 4, 2.5, True)[1]
+    for backend in BACKENDS:
+        assert torch.equal(rk.moe.route(xb, bias, top_k=8, n_group=8, topk_group=4, backend=backend)[1], ids_b)
+
+
+@pytest.mark.gpu
+def test_gpu_permute_real_shape():
+    T, K, H, E = 4096, 8, 7168, 256
+    ids = ref.route(torch.randn(T, E, device="cuda"), torch.zeros(E, device="cuda"), K, 8, 4)[1]
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(T, K, device="cuda")
+    p_ref, rm_ref, c_ref = ref.permute(hidden, ids, E)
+    for backend in PERMUTE_BACKENDS:
+        p, rm, c = rk.moe.permute(hidden, ids, E, backend=backend)
+        assert torch.equal(rm, rm_ref) and torch.equal(c, c_ref) and torch.equal(p, p_ref)
+        out = rk.moe.unpermute(p, rm, w, backend=backend)
+        ref64 = ref.unpermute(p.double(), rm, w.double())
+        assert_close(out, ref64, torch.bfloat16, lowp=ref.unpermute(p, rm, w), name=f"{backend} unpermute")
