@@ -15,24 +15,27 @@ import os
 import triton
 import triton.language as tl
 
-from .logprob import INTERPRET, _row_lse, block_v
+from .logprob import INTERPRET, _row_lse, block_v, num_warps
 
 LOSS_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5}
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "low_var_kl": 3}
 
 
 def grpo_block_v(V: int) -> int:
-    env = os.environ.get("R1K_GRPO_BLOCK")
-    if env and not INTERPRET:
-        return min(triton.next_power_of_2(V), int(env))
-    return block_v(V)
+    return block_v(V, "R1K_GRPO_BLOCK", 8192)
 
 
 def grpo_num_warps(BLOCK: int) -> int:
-    env = os.environ.get("R1K_GRPO_WARPS")
+    return num_warps(BLOCK, "R1K_GRPO_WARPS")
+
+
+def grpo_flags() -> dict:
+    """Pass-2 order (REVERSE: last block first, the most recently cached lines first) and the store cache
+    modifier of the gradient (".cs": streaming, keeps the logits in L2); env R1K_GRPO_REVERSE / _STORE."""
     if INTERPRET:
-        return 1
-    return int(env) if env else max(1, min(16, BLOCK // 512))
+        return dict(REVERSE=True, STORE_CM="")
+    return dict(REVERSE=os.environ.get("R1K_GRPO_REVERSE", "1") == "1",
+                STORE_CM=os.environ.get("R1K_GRPO_STORE", ".cs"))
 
 
 @triton.jit
@@ -86,9 +89,9 @@ def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_D
 @triton.jit
 def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
                        dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t, eps_low, eps_high,
-                       delta, beta, BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr,
-                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
-                       HAS_DELTA: tl.constexpr):
+                       delta, beta, REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr,
+                       LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr,
+                       HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
@@ -139,12 +142,16 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
         scale = inv_t * 1.4426950408889634
         lse2 = lse * 1.4426950408889634
         ct = c * inv_t
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + offs
+        nblk = tl.cdiv(V, BLOCK)
+        for i in range(0, nblk):
+            if REVERSE:
+                cols = (nblk - 1 - i) * BLOCK + offs
+            else:
+                cols = i * BLOCK + offs
             x = tl.load(x_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_first").to(tl.float32)
             p = tl.exp2(x * scale - lse2)
             d = tl.where(cols == y, ct, 0.0) - ct * p
-            tl.store(dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < V, cache_modifier=STORE_CM)
 
 
 @triton.jit
@@ -175,7 +182,7 @@ def grpo_token(x, ids, adv, mask, old, ref, scale_B, logp, stats, dx, dx_strides
         x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
         ref if ref is not None else dummy, scale_B, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
         dx_strides[0], dx_strides[1], adv_sb, adv_st, 1.0 / temperature, eps_low, eps_high,
-        delta if delta is not None else 0.0, beta, BLOCK=BLOCK, LOSS=loss_code, KL=kl_code,
+        delta if delta is not None else 0.0, beta, **grpo_flags(), BLOCK=BLOCK, LOSS=loss_code, KL=kl_code,
         HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
         USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, num_warps=grpo_num_warps(BLOCK))
 

@@ -16,15 +16,18 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def block_v(V: int) -> int:
-    """Vocab block: large on the GPU (16 KB+ of loads in flight per program), small under the interpreter."""
+def block_v(V: int, env: str = "R1K_LP_BLOCK", default: int = 8192) -> int:
+    """Vocab block: large on the GPU (16 KB+ of loads in flight per program), small under the interpreter.
+    Env overrides (tuning sweeps): R1K_LP_BLOCK / R1K_GRPO_BLOCK."""
     if INTERPRET:
         return min(triton.next_power_of_2(V), 64)
-    return min(triton.next_power_of_2(V), 8192)
+    return min(triton.next_power_of_2(V), int(os.environ.get(env, default)))
 
 
-def num_warps(BLOCK: int) -> int:
-    return 1 if INTERPRET else max(1, min(16, BLOCK // 512))
+def num_warps(BLOCK: int, env: str = "R1K_LP_WARPS") -> int:
+    if INTERPRET:
+        return 1
+    return int(os.environ.get(env, 0)) or max(1, min(16, BLOCK // 512))
 
 
 @triton.jit

@@ -1,0 +1,136 @@
+"""K2 GRPO loss from logits: B=8, T=1024, V=151936 bf16, forward+backward (DESIGN.md section 6).
+Providers: torch reference, torch.compile(reference), triton (gradient buffer), triton in place
+(gradient written into the logits), Liger's triton_grpo_loss when installed (its logits carry one extra
+position, [B, T+1, V], as its API wants). Bytes floor: one read + one write of the logits.
+Config: dapo, token level (and sequence level), old + ref log-probs, beta=0.04, temperature 1, all-ones
+mask (a padded mask would let our kernel skip rows, which the floor does not count)."""
+from __future__ import annotations
+
+import torch
+
+import r1kernels as rk
+from r1kernels.reference import grpo as R
+
+from .harness import Case, Rotating
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        return triton_grpo_loss
+    except Exception:
+        return None
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cpu":
+        B, T, V = 2, 16, 1000
+    else:
+        B, T, V = (2, 512, 32000) if quick else (8, 1024, 151936)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shape = f"B={B} T={T} V={V} {str(dtype).split('.')[-1]}"
+    logit_bytes = B * T * V * torch.tensor([], dtype=dtype).element_size()
+    liger = _liger() if device == "cuda" else None
+
+    def make():
+        x = (torch.randn(B, T + (1 if liger else 0), V, device=device) * 2).to(dtype)
+        ids = torch.randint(0, V, (B, T), device=device)
+        base = R.token_logprobs(x[:, :T], ids)
+        old = base + 0.1 * torch.randn(B, T, device=device)
+        ref = base + 0.1 * torch.randn(B, T, device=device)
+        return x, ids, torch.randn(B, device=device), torch.ones(B, T, device=device), old, ref
+
+    inputs = Rotating(make, n=2 if device == "cuda" else 1)
+    backends = ["torch"] + (["triton"] if "triton" in rk._backend.available("grpo_loss", device) else [])
+    kw = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
+
+    def ours(backend, inplace=False, level="token"):
+        def run():
+            x, ids, adv, mask, old, ref = inputs.next()
+            x = x[:, :T].detach().requires_grad_()
+            out = rk.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, backend=backend,
+                               inplace_backward=inplace, importance_sampling_level=level, **kw)
+            return torch.autograd.grad(out.loss, x)
+        return run
+
+    def ref_fn(x, ids, adv, mask, old, ref):
+        return R.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, **kw)[0]
+
+    compiled = torch.compile(ref_fn) if device == "cuda" else None
+
+    def compiled_run():
+        x, ids, adv, mask, old, ref = inputs.next()
+        x = x[:, :T].detach().requires_grad_()
+        return torch.autograd.grad(compiled(x, ids, adv, mask, old, ref), x)
+
+    def liger_run():
+        x, ids, adv, mask, old, ref = inputs.next()
+        x = x.detach().requires_grad_()
+        loss, _ = liger(x, old, ref, ids, adv, mask, temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.28,
+                        inplace=True, loss_type="dapo", reduce=True)
+        return torch.autograd.grad(loss, x)
+
+    tok = {b: ours(b) for b in backends}
+    seq = {b: ours(b, level="sequence") for b in backends}
+    peers = ()
+    if "triton" in backends:
+        tok["triton inplace"] = ours("triton", inplace=True)
+        seq["triton inplace"] = ours("triton", inplace=True, level="sequence")
+    if compiled is not None:
+        tok["torch.compile"] = compiled_run
+        peers += ("torch.compile",)
+    if liger is not None:
+        tok["liger triton_grpo_loss"] = liger_run
+        peers += ("liger triton_grpo_loss",)
+    return [Case("grpo_loss fwd+bwd token", shape, tok, bytes=2 * logit_bytes, peers=peers),
+            Case("grpo_loss fwd+bwd sequence", shape, seq, bytes=2 * logit_bytes)]
+
+
+def tune(B=8, T=1024, V=151936):
+    """GPU sweep of block size / warps / pass-2 order / store hint for the GRPO and log-prob kernels
+    (env overrides read at launch); prints median ms per config. `python -m benchmarks.bench_grpo --tune`."""
+    import itertools
+    import os
+
+    from triton.testing import do_bench
+
+    from r1kernels.ops import grpo as G
+    from r1kernels.ops import logprob as LP
+    x = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), device="cuda")
+    adv, old = torch.randn(B, device="cuda"), torch.randn(B, T, device="cuda") - 12.0
+    args = (ids, adv, None, old, old, None, None, None, 1.0, 0.2, 0.28, None, 0.04, 3, 2, False)
+    floor = 2 * x.numel() * 2 / 3.0e12 * 1e3
+    print(f"grpo fwd (writes the gradient) B={B} T={T} V={V}; 1 read + 1 write at 3.0 TB/s = {floor:.3f} ms")
+    configs = [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
+    for (blk, w), rev, st in itertools.chain(((c, "1", ".cs") for c in configs),
+                                             (((8192, 16), r, s) for r in "01" for s in ("", ".cs"))):
+        os.environ.update(R1K_GRPO_BLOCK=str(blk), R1K_GRPO_WARPS=str(w), R1K_GRPO_REVERSE=rev, R1K_GRPO_STORE=st)
+        try:
+            ms = do_bench(lambda: G.grpo_loss_fwd(x, *args), warmup=50, rep=200, return_mode="median")
+            ms_ip = do_bench(lambda: G.grpo_loss_fwd_inplace(x, *args), warmup=50, rep=200, return_mode="median")
+            print(f"  block={blk:6d} warps={w:2d} reverse={rev} store={st or '-':3s}: {ms:.3f} ms ({ms / floor:.2f}x)"
+                  f"  inplace {ms_ip:.3f} ms ({ms_ip / floor:.2f}x)", flush=True)
+        except Exception as e:
+            print(f"  block={blk} warps={w}: failed {type(e).__name__}: {str(e)[:200]}")
+    for k in ("R1K_GRPO_BLOCK", "R1K_GRPO_WARPS", "R1K_GRPO_REVERSE", "R1K_GRPO_STORE"):
+        os.environ.pop(k)
+    xl = x.view(-1, V)
+    yl = ids.view(-1)
+    print(f"logprob N={xl.shape[0]}: 1 read = {floor / 2:.3f} ms, read+write = {floor:.3f} ms")
+    for blk, w in configs:
+        os.environ.update(R1K_LP_BLOCK=str(blk), R1K_LP_WARPS=str(w))
+        logp, lse, ent = LP.token_logprobs_fwd(xl, yl, 1.0, True)
+        g = torch.randn_like(logp)
+        f = do_bench(lambda: LP.token_logprobs_fwd(xl, yl, 1.0, False), warmup=50, rep=200, return_mode="median")
+        fe = do_bench(lambda: LP.token_logprobs_fwd(xl, yl, 1.0, True), warmup=50, rep=200, return_mode="median")
+        b = do_bench(lambda a=(lse, ent, g): LP.token_logprobs_bwd(xl, yl, *a, None, 1.0), warmup=50, rep=200,
+                     return_mode="median")
+        print(f"  block={blk:6d} warps={w:2d}: fwd {f:.3f} ({f / (floor / 2):.2f}x)  fwd+entropy {fe:.3f}  "
+              f"bwd {b:.3f} ({b / floor:.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    if "--tune" in sys.argv:
+        tune()

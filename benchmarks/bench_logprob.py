@@ -1,0 +1,83 @@
+"""K1 token log-probs: N=8192, V=151936 bf16 (DESIGN.md section 6). Providers: torch reference,
+torch.compile(reference), triton, Liger's fused_selective_log_softmax (forward) and cross-entropy
+(forward+backward: it writes the gradient during its forward) when installed.
+Bytes floor: forward reads the logits once; forward+backward reads twice and writes the gradient once."""
+from __future__ import annotations
+
+import torch
+
+import r1kernels as rk
+from r1kernels.reference import token_logprobs as ref_logprobs
+
+from .harness import Case, Rotating
+
+
+def _liger():
+    try:
+        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+        from liger_kernel.transformers.functional import liger_cross_entropy
+        return fused_selective_log_softmax, liger_cross_entropy
+    except Exception:  # not installed, or incompatible with this torch/triton
+        return None, None
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cpu":
+        N, V = 64, 1000
+    else:
+        N, V = (1024, 32000) if quick else (8192, 151936)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shape = f"N={N} V={V} {str(dtype).split('.')[-1]}"
+    logit_bytes = N * V * torch.tensor([], dtype=dtype).element_size()
+
+    def make():
+        return (torch.randn(N, V, device=device) * 2).to(dtype), torch.randint(0, V, (N,), device=device)
+
+    inputs = Rotating(make, n=3 if device == "cuda" else 1)
+    backends = ["torch"] + (["triton"] if "triton" in rk._backend.available("token_logprobs", device) else [])
+    compiled = torch.compile(ref_logprobs) if device == "cuda" else None
+
+    def fwd(fn, entropy=False):
+        def run():
+            x, y = inputs.next()
+            with torch.no_grad():
+                return fn(x, y, entropy)
+        return run
+
+    def fwd_bwd(fn):
+        def run():
+            x, y = inputs.next()
+            x = x.detach().requires_grad_()
+            lp = fn(x, y, False)
+            return torch.autograd.grad(lp, x, torch.ones_like(lp))
+        return run
+
+    def public(b):
+        return lambda x, y, e: rk.token_logprobs(x, y, return_entropy=e, backend=b)
+
+    selective, liger_ce = _liger()
+    p_fwd = {b: fwd(public(b)) for b in backends}
+    p_ent = {b: fwd(public(b), True) for b in backends}
+    p_fb = {b: fwd_bwd(public(b)) for b in backends}
+    peers = ()
+    if compiled is not None:
+        p_fwd["torch.compile"] = fwd(lambda x, y, e: compiled(x, y, 1.0, e))
+        p_ent["torch.compile"] = fwd(lambda x, y, e: compiled(x, y, 1.0, e), True)
+        p_fb["torch.compile"] = fwd_bwd(lambda x, y, e: compiled(x, y, 1.0, e))
+        peers = ("torch.compile",)
+    if selective is not None and device == "cuda":
+        p_fwd["liger selective_log_softmax"] = fwd(lambda x, y, e: selective(x[None], y[None], 1.0))
+        peers += ("liger selective_log_softmax",)
+
+        def liger_fb():
+            x, y = inputs.next()
+            x = x.detach().requires_grad_()
+            loss = liger_ce(x, y, reduction="sum")
+            return torch.autograd.grad(loss, x)
+        p_fb["liger cross_entropy"] = liger_fb
+        peers += ("liger cross_entropy",)
+    return [
+        Case("token_logprobs fwd", shape, p_fwd, bytes=logit_bytes, peers=peers),
+        Case("token_logprobs+entropy fwd", shape, p_ent, bytes=logit_bytes, peers=peers),
+        Case("token_logprobs fwd+bwd", shape, p_fb, bytes=3 * logit_bytes, peers=peers),
+    ]
