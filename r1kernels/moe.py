@@ -6,7 +6,7 @@ import torch
 from . import _backend, _checks
 from . import reference as _ref
 
-__all__ = ["route", "permute", "unpermute", "update_bias", "sequence_aux_loss"]
+__all__ = ["route", "router", "permute", "unpermute", "update_bias", "sequence_aux_loss"]
 
 
 def _eager():
@@ -50,6 +50,25 @@ def route(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group,
                        top_k, n_group, topk_group)
     return (fn or _ref.route)(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
                               float(routed_scaling_factor), bool(norm_topk_prob))
+
+
+def router(hidden, gate_weight, e_score_correction_bias, *, top_k, n_group, topk_group, routed_scaling_factor=1.0,
+           norm_topk_prob=True, gemm_dtype=None, backend="auto"):
+    """The whole DeepSeek-V3 router: hidden [T, H] x gate_weight [E, H] -> (router_logits fp32 [T, E],
+    topk_weights fp32 [T, K], topk_ids int64 [T, K]). gemm_dtype=None: transformers' fp32 GEMM;
+    torch.bfloat16: bf16 operands, fp32 accumulation, fp32 logits (gradients too: bf16 operands)."""
+    _checks.float_tensor("hidden", hidden, ndim=2)
+    _checks.float_tensor("gate_weight", gate_weight, ndim=2)
+    if gate_weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"gate_weight must have shape [E, {hidden.shape[1]}], got {tuple(gate_weight.shape)}")
+    _checks.same_device(hidden=hidden, gate_weight=gate_weight)
+    if gemm_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"gemm_dtype must be None, torch.float32 or torch.bfloat16, got {gemm_dtype!r}")
+    from .ops.moe import router_logits
+    logits = router_logits(hidden, gate_weight, gemm_dtype)
+    w, ids = route(logits, e_score_correction_bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                   routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob, backend=backend)
+    return logits, w, ids
 
 
 def permute(hidden, topk_ids, num_experts, *, backend="auto"):

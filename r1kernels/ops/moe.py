@@ -76,6 +76,42 @@ def _register(ns, route_bwd, unpermute, unpermute_bwd, permute_op, unpermute_op,
     torch.library.register_autograd(unpermute_op, unpermute_backward, setup_context=_unpermute_setup)
 
 
+class _Bf16RouterLinear(torch.autograd.Function):
+    """logits = bf16(hidden) @ bf16(weight).T accumulated and returned in fp32; backward with bf16 operands."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        hb, wb = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(hb, wb)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return _mm_f32(hb, wb.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        hb, wb = ctx.saved_tensors
+        gb = grad.to(torch.bfloat16)
+        gh = gw = None
+        if ctx.needs_input_grad[0]:
+            gh = _mm_f32(gb, wb).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gw = _mm_f32(gb.t(), hb).to(ctx.dtypes[1])
+        return gh, gw
+
+
+def _mm_f32(a, b):
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the same products (bf16 operands are exact in fp32), fp32 accumulation
+
+
+def router_logits(hidden, weight, gemm_dtype=None):
+    """[T, H] x [E, H] -> fp32 [T, E]: fp32 GEMM (gemm_dtype None / float32, as transformers), or bf16
+    operands with fp32 accumulation."""
+    if gemm_dtype == torch.bfloat16:
+        return _Bf16RouterLinear.apply(hidden, weight)
+    return torch.nn.functional.linear(hidden.float(), weight.float())
+
+
 def route_eligible(logits, bias, top_k, n_group, topk_group, *a, **k):
     E = logits.shape[1]
     return (logits.dtype in _FLOAT and E in (32, 64, 128, 256, 512) and 1 <= n_group <= 32

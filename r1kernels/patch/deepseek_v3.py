@@ -1,0 +1,146 @@
+"""Drop-in for transformers' DeepseekV3 MoE layers: the router (DeepseekV3TopkRouter) becomes the fused
+gate (r1kernels.moe.route, optionally a bf16 router GEMM) and the experts (DeepseekV3Experts) become
+permute -> grouped GEMM -> unpermute. Parameters, buffers and state_dict keys stay the same objects, so
+optimizers, checkpoints and DeepSpeed see no difference.
+
+Routing counts for the auxiliary-loss-free bias update accumulate on each patched router
+(`router.tokens_per_expert`, int64 [E], summed over forwards until `update_router_biases` reads and
+resets them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import moe as _moe
+
+ROUTER_CLASSES = ("DeepseekV3TopkRouter",)
+EXPERTS_CLASSES = ("DeepseekV3Experts",)
+
+
+class R1KRouter(nn.Module):
+    """DeepSeek-V3 router on the fused gate. Returns what the replaced router returned:
+    (router_logits, topk_weights, topk_ids) in transformers >= 5.2."""
+
+    def __init__(self, gate: nn.Module, *, gemm_dtype: torch.dtype | None = None, backend: str = "auto"):
+        super().__init__()
+        self.weight = gate.weight                              # the same Parameter
+        self.register_buffer("e_score_correction_bias", gate.e_score_correction_bias)
+        self.top_k = gate.top_k
+        self.num_experts = gate.weight.shape[0]
+        self.n_group = gate.num_group if hasattr(gate, "num_group") else gate.n_group
+        self.topk_group = gate.topk_group
+        self.routed_scaling_factor = float(gate.routed_scaling_factor)
+        self.norm_topk_prob = bool(gate.norm_topk_prob)
+        self.gemm_dtype = gemm_dtype        # None: transformers' fp32 GEMM; torch.bfloat16: bf16 x bf16 -> fp32
+        self.backend = backend
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64,
+                                                              device=gate.weight.device), persistent=False)
+        self.count_here = True              # False once R1KExperts counts from its permute
+
+    def forward(self, hidden_states):
+        hidden = hidden_states.reshape(-1, self.weight.shape[1])
+        logits, w, ids = _moe.router(hidden, self.weight, self.e_score_correction_bias, top_k=self.top_k,
+                                     n_group=self.n_group, topk_group=self.topk_group,
+                                     routed_scaling_factor=self.routed_scaling_factor,
+                                     norm_topk_prob=self.norm_topk_prob, gemm_dtype=self.gemm_dtype,
+                                     backend=self.backend)
+        if self.count_here:
+            with torch.no_grad():
+                self.tokens_per_expert.add_(torch.bincount(ids.flatten(), minlength=self.num_experts))
+        return logits, w, ids
+
+    def extra_repr(self):
+        return (f"experts={self.num_experts}, top_k={self.top_k}, n_group={self.n_group}, "
+                f"topk_group={self.topk_group}, gemm_dtype={self.gemm_dtype}, backend={self.backend}")
+
+
+def _grouped_linear(x, weight_EOI, counts, offs):
+    """x [N, I] rows grouped by expert -> [N, O] = x_e @ weight[e].T per expert segment."""
+    gm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if (gm is not None and x.is_cuda and x.dtype == torch.bfloat16 and weight_EOI.dtype == torch.bfloat16
+            and x.shape[1] % 8 == 0 and weight_EOI.shape[1] % 8 == 0):
+        return gm(x, weight_EOI.transpose(-2, -1), offs=offs)
+    outs = [seg @ weight_EOI[e].to(x.dtype).t()
+            for e, seg in enumerate(torch.split(x, counts.tolist())) if seg.shape[0]]
+    return torch.cat(outs) if outs else x.new_empty(0, weight_EOI.shape[1])
+
+
+class R1KExperts(nn.Module):
+    """DeepseekV3Experts as permute -> grouped GEMM (gate_up) -> act * up -> grouped GEMM (down) ->
+    unpermute (fp32 weighted combine). Adds each forward's counts to `router.tokens_per_expert`."""
+
+    def __init__(self, experts: nn.Module, router: R1KRouter | None = None, *, backend: str = "auto"):
+        super().__init__()
+        self.gate_up_proj = experts.gate_up_proj              # [E, 2I, H], the same Parameters
+        self.down_proj = experts.down_proj                    # [E, H, I]
+        self.act_fn = experts.act_fn
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.backend = backend
+        self._router = [router]                               # a list: not a submodule (no double registration)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        permuted, row_map, counts = _moe.permute(hidden_states, top_k_index, self.num_experts, backend=self.backend)
+        router = self._router[0]
+        if router is not None:
+            with torch.no_grad():
+                router.tokens_per_expert.add_(counts)
+        offs = counts.cumsum(0).to(torch.int32)
+        gate_up = _grouped_linear(permuted, self.gate_up_proj, counts, offs)
+        gate, up = gate_up.chunk(2, dim=-1)
+        down = _grouped_linear(self.act_fn(gate) * up, self.down_proj, counts, offs)
+        return _moe.unpermute(down, row_map, top_k_weights, backend=self.backend)
+
+
+def _check_experts(mod):
+    E, two_i, H = mod.gate_up_proj.shape
+    if mod.down_proj.shape != (E, H, two_i // 2) or getattr(mod, "is_transposed", False):
+        raise ValueError(f"unsupported DeepseekV3Experts layout: gate_up_proj {tuple(mod.gate_up_proj.shape)}, "
+                         f"down_proj {tuple(mod.down_proj.shape)}")
+
+
+def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None, backend: str = "auto",
+                      experts: bool = True) -> dict[str, nn.Module]:
+    """Swap every DeepseekV3 MoE router (and, with experts=True, its experts) of `model` in place;
+    returns {qualified name: replaced module}. gemm_dtype=torch.bfloat16 runs the router GEMM in bf16 with
+    fp32 accumulation and fp32 logits (default None: transformers' fp32 GEMM)."""
+    replaced: dict[str, nn.Module] = {}
+    for name, parent in list(model.named_modules()):
+        gate = getattr(parent, "gate", None)
+        if type(gate).__name__ not in ROUTER_CLASSES:
+            continue
+        prefix = f"{name}." if name else ""
+        router = R1KRouter(gate, gemm_dtype=gemm_dtype, backend=backend)
+        parent.gate = router
+        replaced[prefix + "gate"] = gate
+        old = getattr(parent, "experts", None)
+        if experts and type(old).__name__ in EXPERTS_CLASSES:
+            _check_experts(old)
+            parent.experts = R1KExperts(old, router, backend=backend)
+            router.count_here = False
+            replaced[prefix + "experts"] = old
+    return replaced
+
+
+def routers(model: nn.Module) -> list[R1KRouter]:
+    return [m for m in model.modules() if isinstance(m, R1KRouter)]
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, rate: float = 1e-3, *, all_reduce: bool | None = None) -> int:
+    """Auxiliary-loss-free balancing after the optimizer step: for each patched router, sum its
+    accumulated tokens_per_expert over data-parallel ranks (torch.distributed, when initialized and
+    all_reduce is not False), apply rk.moe.update_bias to e_score_correction_bias, reset the counts.
+    Returns the number of routers updated."""
+    rs = routers(model)
+    if not rs:
+        return 0
+    counts = torch.stack([r.tokens_per_expert for r in rs])
+    dist = torch.distributed
+    if all_reduce is not False and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    for r, c in zip(rs, counts):
+        _moe.update_bias(r.e_score_correction_bias, c, rate=rate)
+        r.tokens_per_expert.zero_()
+    return len(rs)
