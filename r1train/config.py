@@ -96,6 +96,8 @@ class TrainConfig:
     ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
     loss_impl: str = f("linear", "'linear': fused hidden->loss kernels (no [B,T,V] logits); 'logits'",
                        ["linear", "logits"])
+    kernel_backend: str = f("auto", "r1kernels backend for every loss/log-prob call (auto picks the fastest "
+                            "eligible kernel)", ["auto", "triton", "cuda", "cpp", "torch"])
     log_completions: bool = f(False, "also print a few completions at each logging step")
     log_entropy: bool = f(True, "compute the entropy metric (one extra no-grad head pass)")
     moe_bias_update_rate: float = f(1e-3, "MoE policies: aux-loss-free balancing bias step (0 = off)")

@@ -57,6 +57,8 @@ def _read_jsonl(path):
 
 def load_rows(name: str, split: str = "train", required=("prompt",)) -> list[dict]:
     """Rows of a .jsonl/.json/.parquet file or a Hugging Face dataset, validated."""
+    if name.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(name):
+        raise DatasetError(f"dataset file {name!r} does not exist")
     if name.endswith(".jsonl"):
         rows = _read_jsonl(name)
     elif name.endswith(".json"):

@@ -83,7 +83,7 @@ class GRPOTrainer(Trainer):
         ok = (~bad_NG).float()
         mean_g = (grp_NG * ok).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
         total_N = torch.where(bad_NG, mean_g, grp_NG).reshape(-1)
-        adv_all = rk.group_advantages(total_N, G, scale=cfg.scale_rewards)
+        adv_all = rk.group_advantages(total_N, G, scale=cfg.scale_rewards, backend=cfg.kernel_backend)
         lo = self.rank * len(rows) * G
         adv_N = adv_all[lo:lo + len(rows) * G]
         mask_BT = ro.completion_mask_BT.clone()
@@ -125,10 +125,10 @@ class GRPOTrainer(Trainer):
         old_BT = ref_BT = None
         if cfg.num_iterations > 1:
             old_BT = sequence_logprobs(self.engine, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
-                                       micro_batch=mb)
+                                       micro_batch=mb, backend=cfg.kernel_backend)
         if self.ref is not None:
             ref_BT = sequence_logprobs(self.ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
-                                       micro_batch=mb)
+                                       micro_batch=mb, backend=cfg.kernel_backend)
         m["time/logprobs"] = time.perf_counter() - t0
         # dapo/cispo normalize by the global token count; DeepSpeed divides each micro loss by GA and
         # averages gradients over ranks, so each micro-batch gets N_global / (GA * world)
@@ -180,8 +180,10 @@ class GRPOTrainer(Trainer):
                   epsilon_high=cfg.epsilon_high, delta=cfg.delta, loss_type=cfg.loss_type,
                   importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
                   temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                  num_items_in_batch=n_items)
-        ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True) if cfg.log_entropy else None
+                  num_items_in_batch=n_items, backend=cfg.kernel_backend)
+        ent_fn = None
+        if cfg.log_entropy:
+            ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True, backend=cfg.kernel_backend)
         mask_f = mask_BT.float()
 
         def fn(x, weight=None, bias=None):

@@ -133,8 +133,10 @@ REGISTRY = {
 }
 
 
-def resolve(name: str, cfg=None):
-    """A registry name, "overlong" (built from cfg), or an import path "module:function"."""
+def resolve(name, cfg=None):
+    """A callable, a registry name, "overlong" (built from cfg), or an import path "module:function"."""
+    if callable(name):
+        return name
     if name == "overlong":
         L = cfg.max_completion_length if cfg is not None else 256
         return soft_overlong_punishment(L, cfg.overlong_buffer_len if cfg is not None else L // 4)
@@ -156,8 +158,8 @@ def resolve(name: str, cfg=None):
                      "or give an import path 'module:function'")
 
 
-def reward_name(name: str) -> str:
-    return name.rpartition(":")[2]
+def reward_name(name) -> str:
+    return getattr(name, "__name__", "reward") if callable(name) else name.rpartition(":")[2]
 
 
 class RewardRunner:

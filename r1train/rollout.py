@@ -127,23 +127,24 @@ class Policy(torch.nn.Module):
         return fn(h_BLH[:, -T - 1:-1], self.head.weight, getattr(self.head, "bias", None))
 
 
-def logprob_fn(completion_ids_BT, temperature: float, return_entropy: bool = False):
+def logprob_fn(completion_ids_BT, temperature: float, return_entropy: bool = False, backend: str = "auto"):
     """fn for Policy.forward that returns fp32 log p(completion) [B, T] (, entropy [B, T])."""
     def fn(x, weight=None, bias=None):
         if weight is None:
             return rk.token_logprobs(x, completion_ids_BT, temperature=temperature,
-                                     return_entropy=return_entropy)
+                                     return_entropy=return_entropy, backend=backend)
         return rk.linear_token_logprobs(x, weight, completion_ids_BT, bias=bias, temperature=temperature,
-                                        return_entropy=return_entropy)
+                                        return_entropy=return_entropy, backend=backend)
     return fn
 
 
 @torch.no_grad()
 def sequence_logprobs(policy, input_ids_BL, attention_mask_BL, completion_ids_BT, *, temperature=1.0,
-                      micro_batch: int = 0):
+                      micro_batch: int = 0, backend: str = "auto"):
     """Per-token log p of the completion under `policy` (old policy or reference), fp32 [B, T]."""
     T, B = completion_ids_BT.shape[1], input_ids_BL.shape[0]
     step = micro_batch or max(B, 1)
     outs = [policy(input_ids_BL[s:s + step], attention_mask_BL[s:s + step], T,
-                   logprob_fn(completion_ids_BT[s:s + step], temperature)) for s in range(0, B, step)]
+                   logprob_fn(completion_ids_BT[s:s + step], temperature, backend=backend))
+            for s in range(0, B, step)]
     return torch.cat(outs) if outs else torch.zeros(0, T)

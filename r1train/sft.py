@@ -28,7 +28,8 @@ class SFTTrainer(Trainer):
             self.expert_load.recording = True
             self.expert_load.token_mask = attn_BL[sl].reshape(-1).bool()
             try:
-                lp_BT = self.engine(ids_BL[sl], attn_BL[sl], T, logprob_fn(c_ids[sl], 1.0))
+                fn = logprob_fn(c_ids[sl], 1.0, backend=cfg.kernel_backend)
+                lp_BT = self.engine(ids_BL[sl], attn_BL[sl], T, fn)
             finally:
                 self.expert_load.recording = False
             loss = -(lp_BT * c_mask[sl]).sum() / n_items

@@ -1,0 +1,168 @@
+"""The R1 recipe on the engine: cold-start SFT -> reasoning RL -> rejection-sampling SFT -> RL, and
+distillation (SFT of a student on a teacher's filtered samples). Each stage writes its own
+output_dir/<stage>/ (metrics, curves, final checkpoint); the next stage starts from the previous model
+(in memory below ZeRO-3; from the saved checkpoint under ZeRO-3, whose parameters are partitioned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from .config import TrainConfig, load_config
+from .data import decode_completions, encode_prompts
+from .engine import device, setup_distributed
+from .grpo import GRPOTrainer
+from .loading import load_datasets, load_model_and_tokenizer
+from .rewards import accuracy_reward, format_reward
+from .rollout import sample
+from .sft import SFTTrainer
+
+
+def stage_cfg(cfg: TrainConfig, name: str) -> TrainConfig:
+    return dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, name))
+
+
+def _handoff(trainer, cfg: TrainConfig):
+    """The trained model for the next stage."""
+    if cfg.zero_stage < 3 and cfg.deepspeed is None:
+        return trainer.model
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+
+
+def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
+    train, ev = load_datasets(cfg, sft=True)
+    t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows)
+    t.train()
+    res = t.evaluate() if evaluate else {}
+    if res:
+        t.logger.log(t.max_steps, res)
+    t.finish()
+    return t, res
+
+
+def run_grpo(cfg, model, tok, eval_before=False):
+    train, ev = load_datasets(cfg)
+    t = GRPOTrainer(cfg, model, tok, train, ev)
+    before = t.evaluate() if eval_before else {}
+    if before:
+        t.logger.log(t.step0, before)
+    t.train()
+    after = t.evaluate()
+    t.logger.log(t.max_steps, after)
+    t.finish()
+    return t, before, after
+
+
+@torch.no_grad()
+def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batch_size: int = 64):
+    """R1 stage 3: sample num_samples per prompt, keep up to `keep` correct, well-formed ones as SFT rows."""
+    rank, world = setup_distributed()
+    model = model.to(device())
+    out = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length)
+        seeds = [hash((cfg.seed, "rs", s + i, j)) % 2**31 for i in range(len(chunk)) for j in range(num_samples)]
+        ro = sample(model, ids.repeat_interleave(num_samples, 0).to(device()),
+                    mask.repeat_interleave(num_samples, 0).to(device()), seeds_B=seeds,
+                    max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    temperature=cfg.temperature, top_p=cfg.top_p)
+        texts = decode_completions(tok, ro)
+        gold = [r.get(cfg.answer_column) for r in chunk for _ in range(num_samples)]
+        ok = [a == 1.0 and f == 1.0 for a, f in zip(accuracy_reward(None, texts, answer=gold),
+                                                      format_reward(None, texts))]
+        for i, r in enumerate(chunk):
+            seen = []
+            for j in range(num_samples):
+                t = texts[i * num_samples + j]
+                if ok[i * num_samples + j] and t not in seen and len(seen) < keep:
+                    seen.append(t)
+            out += [{**r, cfg.completion_column: t} for t in seen]
+    return out
+
+
+def recipe(cfg_path=None, overrides=()):
+    """Cold-start SFT -> GRPO -> rejection-sampling SFT -> GRPO; returns the accuracy after each stage."""
+    base = load_config(cfg_path, overrides)
+    model, tok = load_model_and_tokenizer(base)
+    results = {}
+    c1 = stage_cfg(load_config(cfg_path, overrides, section="sft"), "1-cold-start-sft")
+    t, results["cold_start_sft"] = run_sft(c1, model, tok)
+    c2 = stage_cfg(load_config(cfg_path, overrides, section="grpo"), "2-reasoning-rl")
+    t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1), tok)
+    c3 = stage_cfg(load_config(cfg_path, overrides, section="rejection"), "3-rejection-sft")
+    model = _handoff(t, c2)
+    train, _ = load_datasets(c3)
+    rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,
+                            keep=c3.rejection_max_per_prompt)
+    results["rejection_kept"] = len(rows)
+    t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
+    c4 = stage_cfg(load_config(cfg_path, overrides, section="grpo2"), "4-all-scenarios-rl")
+    t, _, results["final_rl"] = run_grpo(c4, _handoff(t, c3), tok)
+    _write(base.output_dir, "pipeline_results.json", results)
+    return results
+
+
+def distill(cfg_path=None, overrides=()):
+    """SFT of the student (model_name_or_path) on teacher_model's correct, well-formed samples."""
+    cfg = load_config(cfg_path, overrides, section="distill")
+    if not cfg.teacher_model:
+        raise ValueError("distill needs teacher_model=<checkpoint directory>")
+    teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)
+    train, _ = load_datasets(cfg)
+    rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
+                            keep=cfg.rejection_max_per_prompt)
+    del teacher
+    student, stok = load_model_and_tokenizer(cfg)
+    if stok.get_vocab() != tok.get_vocab():
+        raise ValueError("distill: the student's tokenizer differs from the teacher's")
+    _, res = run_sft(stage_cfg(cfg, "distill"), student, stok, rows=rows)
+    res["distill_rows"] = len(rows)
+    _write(cfg.output_dir, "distill_results.json", res)
+    return res
+
+
+def demo(cfg_path=None, overrides=()):
+    """Cold-start SFT of the tiny model on the built-in task, then GRPO; prints held-out accuracy
+    before and after RL."""
+    t0 = time.time()
+    path = cfg_path or os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+    base = load_config(path, overrides)
+    model, tok = load_model_and_tokenizer(base)
+    c1 = stage_cfg(load_config(path, overrides, section="sft"), "sft")
+    t, before = run_sft(c1, model, tok)
+    t_sft = time.time() - t0
+    c2 = stage_cfg(load_config(path, overrides, section="grpo"), "grpo")
+    t, _, after = run_grpo(c2, _handoff(t, c1), tok)
+    res = {"accuracy_before_rl": before["eval/accuracy"], "accuracy_after_rl": after["eval/accuracy"],
+           "greedy_accuracy_before_rl": before["eval/accuracy_greedy"],
+           "greedy_accuracy_after_rl": after["eval/accuracy_greedy"],
+           "eval_prompts": base.task_eval_size, "eval_temperature": c2.eval_temperature,
+           "sft_seconds": round(t_sft, 1), "wall_seconds": round(time.time() - t0, 1)}
+    if t.rank == 0:
+        gain = 100 * (res["accuracy_after_rl"] - res["accuracy_before_rl"])
+        print(f"\nheld-out accuracy (pass@1, T={c2.eval_temperature}, {base.task_eval_size} problems): "
+              f"{100 * res['accuracy_before_rl']:.1f}% after cold-start SFT -> "
+              f"{100 * res['accuracy_after_rl']:.1f}% after GRPO ({gain:+.1f} points)")
+        print(f"greedy: {100 * res['greedy_accuracy_before_rl']:.1f}% -> {100 * res['greedy_accuracy_after_rl']:.1f}%"
+              f"; wall time {res['wall_seconds']:.0f}s; outputs in {base.output_dir}/")
+    _write(base.output_dir, "demo_results.json", res)
+    return res
+
+
+def _write(d, name, obj):
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "w") as fh:
+        json.dump(obj, fh, indent=1)

@@ -1,0 +1,81 @@
+"""Rule rewards against hand-derived values; the runner's None / failure / timeout semantics."""
+
+import asyncio
+import time
+
+import pytest
+
+from r1train import rewards as R
+
+GOOD = "<think>2+3=5\n5+4=9</think><answer>9</answer>"
+
+
+def test_accuracy_hand_values():
+    comps = [GOOD, "<think>x</think><answer> 9.0 </answer>", "<answer>8</answer>", "no tags 9", GOOD]
+    assert R.accuracy_reward(None, comps, answer=["9", "9", "9", "9", None]) == [1.0, 1.0, 0.0, 0.0, None]
+
+
+def test_accuracy_last_answer_fraction_and_text():
+    assert R.accuracy_reward(None, ["<answer>1</answer><answer>1/2</answer>"], answer=["0.5"]) == [1.0]
+    assert R.accuracy_reward(None, ["<answer>Paris </answer>"], answer=["paris"]) == [1.0]
+    assert R.accuracy_reward(None, [[{"role": "assistant", "content": GOOD}]], answer=["9"]) == [1.0]
+
+
+def test_format_hand_values():
+    comps = [GOOD, " <think>a</think>\n<answer>b</answer> ", "<think>a</think>", "<answer>9</answer>",
+             "<think>a</think><answer>b</answer> trailing", "<think>a<answer>b</answer>"]
+    assert R.format_reward(None, comps) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_language_consistency_hand_values():
+    comps = ["<think>first add the numbers</think><answer>3</answer>",  # 4/4 english words
+             "<think>first 加 then 减</think>",  # words: first, 加, then, 减 -> 2/4
+             "<think>2+3=5</think><answer>5</answer>"]  # no words -> None
+    assert R.language_consistency_reward(None, comps) == [1.0, 0.5, None]
+    assert R.language_consistency_reward(None, comps[1:2], language="zh") == [0.5]
+
+
+def test_soft_overlong_hand_values():
+    f = R.soft_overlong_punishment(max_completion_len=10, soft_punish_cache=4)
+    ids = [[0] * n for n in (3, 6, 7, 8, 10, 11)]
+    # L <= 6: 0; 6 < L <= 10: (6 - L) / 4; L > 10: -1
+    assert f(None, [""] * 6, ids) == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+
+
+def test_resolve_registry_import_path_and_errors():
+    assert R.resolve("format") is R.format_reward
+    assert R.resolve("r1train.rewards:format_reward") is R.format_reward
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        R.resolve("nope")
+    with pytest.raises(ValueError, match="cannot import 'no_such_mod:f'"):
+        R.resolve("no_such_mod:f")
+
+
+def _boom_on_second(prompts, completions, completion_ids=None, **_):
+    if any(c == "bad" for c in completions):
+        raise RuntimeError("boom")
+    return [1.0 for _ in completions]
+
+
+def _slow(prompts, completions, completion_ids=None, **_):
+    time.sleep(2)
+    return [1.0] * len(completions)
+
+
+async def _async_len(prompts, completions, completion_ids=None, **_):
+    await asyncio.sleep(0)
+    return [float(len(c)) for c in completions]
+
+
+def test_runner_isolates_failing_samples_timeouts_and_async():
+    run = R.RewardRunner([_boom_on_second, _async_len, "accuracy"], timeout=5)
+    table, failed = run(["p"] * 3, ["ok", "bad", GOOD], [[1], [2], [3]], {"answer": ["1", "1", None]})
+    assert failed == [False, True, False]
+    assert [row[0] for row in table] == [1.0, None, 1.0]
+    assert [row[1] for row in table] == [2.0, 3.0, float(len(GOOD))]
+    assert [row[2] for row in table] == [0.0, 0.0, None]
+    assert run.failures == {"_boom_on_second": 1, "_async_len": 0, "accuracy": 0}
+    slow = R.RewardRunner([_slow], timeout=0.2)
+    t0 = time.time()
+    table, failed = slow(["p"], ["x"], [[1]], {})
+    assert failed == [True] and table == [[None]] and time.time() - t0 < 1.5

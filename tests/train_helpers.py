@@ -1,0 +1,49 @@
+"""Shared bits of the trainer tests: small configs, a dense reward that random models can climb, and a
+subprocess runner (torchrun / killable runs) with a fresh port and the kernel backend pinned to torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny + fast: 1 layer, short completions; the reference kernels (tests set TRITON_INTERPRET=1, which
+# would otherwise route CPU tensors through the slow Triton interpreter)
+FAST = ["model_hidden_size=32", "model_num_layers=1", "max_completion_length=8", "num_generations=4",
+        "per_device_train_batch_size=8", "gradient_accumulation_steps=1", "learning_rate=0.01",
+        "disable_tqdm=true", "report_to=none", "kernel_backend=torch", "task_train_size=64",
+        "task_eval_size=8", "logging_steps=0", "save_steps=0"]
+
+
+def digit_share(prompts, completions, completion_ids=None, **_):
+    """Share of characters that are digits: random tiny models start near 10%; GRPO pushes it up."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def env():
+    e = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        e.pop(k, None)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def run_cli(args, nproc: int = 1, timeout: int = 600, **kw):
+    from r1train.engine import free_port
+
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "r1train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "r1train", *args]
+    return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
+        return [json.loads(ln) for ln in fh if ln.strip()]
