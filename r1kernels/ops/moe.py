@@ -98,9 +98,17 @@ class _Bf16RouterLinear(torch.autograd.Function):
         return gh, gw
 
 
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=fp32) on CUDA bf16 (torch >= 2.8); else bf16 output
+
+
 def _mm_f32(a, b):
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        if _MM_OUT_DTYPE[0]:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE[0] = False
+        return torch.mm(a, b).float()
     return a.float() @ b.float()  # the same products (bf16 operands are exact in fp32), fp32 accumulation
 
 
