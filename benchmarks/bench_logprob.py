@@ -59,6 +59,10 @@ def cases(device: str, quick: bool) -> list[Case]:
     p_fwd = {b: fwd(public(b)) for b in backends}
     p_ent = {b: fwd(public(b), True) for b in backends}
     p_fb = {b: fwd_bwd(public(b)) for b in backends}
+    if "triton" in backends:
+        from r1kernels.ops.logprob import token_logprobs_triton
+        p_fwd["triton (op, no API checks)"] = fwd(lambda x, y, e: token_logprobs_triton(x, y, 1.0, e))
+        p_fb["triton (op, no API checks)"] = fwd_bwd(lambda x, y, e: token_logprobs_triton(x, y, 1.0, e))
     peers = ()
     if compiled is not None:
         p_fwd["torch.compile"] = fwd(lambda x, y, e: compiled(x, y, 1.0, e))

@@ -168,9 +168,12 @@ def _(grad, g):
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[2])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero [B, T, V] gradient for the dx output
 
 
 def _backward(ctx, g_stats, g_logp, g_dx):
+    if g_stats is None:  # only the (non-differentiable) metrics / log-probs were used
+        return (None,) * (1 + len(_SCHEMA_ARGS))
     (dx,) = ctx.saved_tensors
     grpo_scale_grad_(dx, g_stats[0])
     return (dx,) + (None,) * len(_SCHEMA_ARGS)
@@ -185,10 +188,13 @@ class _GRPOInplace(torch.autograd.Function):
         stats, logp = grpo_loss_fwd_inplace(logits, *args)
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(logp)
+        ctx.set_materialize_grads(False)
         return stats, logp
 
     @staticmethod
     def backward(ctx, g_stats, g_logp):
+        if g_stats is None:
+            return (None,) * (1 + len(_SCHEMA_ARGS))
         (dx,) = ctx.saved_tensors
         grpo_scale_grad_(dx, g_stats[0])
         return (dx,) + (None,) * len(_SCHEMA_ARGS)

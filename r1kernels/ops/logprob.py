@@ -41,13 +41,16 @@ def _setup(ctx, inputs, output):
     _, lse, ent = output
     ctx.save_for_backward(logits, labels, lse, ent)
     ctx.temperature, ctx.entropy = temperature, entropy
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_logp, g_lse, g_ent):
     logits, labels, lse, ent = ctx.saved_tensors
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
-    d = token_logprobs_bwd(logits, labels, lse, ent, g_logp, g_ent if ctx.entropy else None, ctx.temperature)
+    if g_ent is not None and not ctx.entropy:
+        g_ent = None
+    d = token_logprobs_bwd(logits, labels, lse, ent, g_logp, g_ent, ctx.temperature)
     return d, None, None, None
 
 

@@ -36,33 +36,33 @@ def _adv_kernel(r_ptr, w_ptr, out_ptr, n_groups, G, R, eps, SCALE: tl.constexpr,
     batch_denom = 1.0
     if SCALE == 1:  # every program computes the batch mean and unbiased std first (from L2; no 2nd launch)
         flat = tl.arange(0, BLOCK_S)
-        s = tl.zeros((), tl.float64)
+        bsum = tl.zeros((), tl.float64)
         for i0 in range(0, N, BLOCK_S):
             rows = i0 + flat
-            s += tl.sum(_totals(r_ptr, w_ptr, rows, rows < N, R, HAS_W), 0)
-        mean = s / N
-        ss = tl.zeros((), tl.float64)
+            bsum += tl.sum(_totals(r_ptr, w_ptr, rows, rows < N, R, HAS_W), 0)
+        bmean = bsum / N
+        bss = tl.zeros((), tl.float64)
         for i0 in range(0, N, BLOCK_S):
             rows = i0 + flat
-            d = tl.where(rows < N, _totals(r_ptr, w_ptr, rows, rows < N, R, HAS_W) - mean, 0.0)
-            ss += tl.sum(d * d, 0)
-        batch_denom = tl.sqrt(ss / (N - 1)) + eps
+            d = tl.where(rows < N, _totals(r_ptr, w_ptr, rows, rows < N, R, HAS_W) - bmean, 0.0)
+            bss += tl.sum(d * d, 0)
+        batch_denom = tl.sqrt(bss / (N - 1)) + eps
     for g0 in range(pid * BLOCK_G, n_groups, nprog * BLOCK_G):
         groups = g0 + gi
         gmask = groups < n_groups
-        s = tl.zeros((BLOCK_G,), tl.float64)
+        gsum = tl.zeros((BLOCK_G,), tl.float64)
         for m0 in range(0, G, BLOCK_M):
             mm = gmask & (m0 + mi < G)
-            s += tl.sum(_totals(r_ptr, w_ptr, groups * G + m0 + mi, mm, R, HAS_W), 1)
-        mean = (s / G)[:, None]
+            gsum += tl.sum(_totals(r_ptr, w_ptr, groups * G + m0 + mi, mm, R, HAS_W), 1)
+        mean = (gsum / G)[:, None]
         denom = tl.zeros((BLOCK_G, 1), tl.float64) + batch_denom
         if SCALE == 0:
-            ss = tl.zeros((BLOCK_G,), tl.float64)
+            gss = tl.zeros((BLOCK_G,), tl.float64)
             for m0 in range(0, G, BLOCK_M):
                 mm = gmask & (m0 + mi < G)
-                d = tl.where(mm, _totals(r_ptr, w_ptr, groups * G + m0 + mi, mm, R, HAS_W) - mean, 0.0)
-                ss += tl.sum(d * d, 1)
-            denom = (tl.sqrt(ss / (G - 1)) + eps)[:, None]
+                dg = tl.where(mm, _totals(r_ptr, w_ptr, groups * G + m0 + mi, mm, R, HAS_W) - mean, 0.0)
+                gss += tl.sum(dg * dg, 1)
+            denom = (tl.sqrt(gss / (G - 1)) + eps)[:, None]
         for m0 in range(0, G, BLOCK_M):
             mm = gmask & (m0 + mi < G)
             rows = groups * G + m0 + mi

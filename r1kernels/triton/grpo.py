@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
-from .logprob import INTERPRET, _row_lse, block_v, num_warps
+from .logprob import INTERPRET, block_v, num_warps
 
 LOSS_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5}
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "low_var_kl": 3}
@@ -87,71 +88,134 @@ def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_D
 
 
 @triton.jit
-def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
-                       dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t, eps_low, eps_high,
-                       delta, beta, REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr,
-                       LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr,
-                       HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    x_row = x_ptr + b * stride_b + t * stride_t
-    dx_row = dx_ptr + b * dx_sb + t * dx_st
+def _partial_lse2(x_row, c0, c1, scale, BLOCK: tl.constexpr):
+    """(max, sum of 2^(y - max)) of y = x * scale over columns [c0, c1), base 2, per-lane accumulators."""
     offs = tl.arange(0, BLOCK)
-    m = 1.0
-    if HAS_MASK:
-        m = tl.load(mask_ptr + row)
-    if m == 0.0:
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + offs
-            tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
-        tl.store(logp_ptr + row, 0.0)
-        for k in range(5):
-            tl.store(stats_ptr + k * N + row, 0.0)
+    m = tl.full((), float("-inf"), tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for v0 in range(c0, c1, BLOCK):
+        cols = v0 + offs
+        y = tl.load(x_row + cols, mask=cols < c1, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        y = y * scale
+        m_new = tl.maximum(m, tl.max(y, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp2(m - m_safe) + tl.exp2(y - m_safe)
+        m = m_new
+    return m, tl.sum(acc, 0)
+
+
+@triton.jit
+def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS: tl.constexpr, KL: tl.constexpr,
+                 HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Per-token (L, dL/dl, kl, low, high) at log-prob l (ratio r = exp(l - old))."""
+    r = tl.exp(l - old)
+    L, dLdr = surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS, HAS_DELTA)
+    if LOSS == 4:  # cispo: -sg(min(r, eps_high)) * A * l
+        dL = -L * A
+        L = -L * A * l
     else:
-        lse, _ez = _row_lse(x_row, V, inv_t, BLOCK, False, "evict_last")
-        y = tl.load(ids_ptr + row).to(tl.int64)
-        l = tl.load(x_row + y).to(tl.float32) * inv_t - lse
-        A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
-        old = l
-        if HAS_OLD:
-            old = tl.load(old_ptr + row)
-        r = tl.exp(l - old)
-        L, dLdr = surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS, HAS_DELTA)
-        if LOSS == 4:  # cispo: -sg(min(r, eps_high)) * A * l
-            dL = -L * A
-            L = -L * A * l
+        dL = dLdr * r
+    kl = 0.0 * l
+    if HAS_REF:
+        kl, dkl = kl_and_grad(l, lref, KL)
+        if USE_KL:
+            L += beta * kl
+            dL += beta * dkl
+    low = ((r < 1.0 - eps_low) & (A < 0)).to(tl.float32)
+    high = ((r > 1.0 + eps_high) & (A > 0)).to(tl.float32)
+    return L, dL, kl, low, high
+
+
+@triton.jit
+def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
+                       dx_ptr, part_ptr, flag_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t,
+                       eps_low, eps_high, delta, beta, SPLIT: tl.constexpr, REVERSE: tl.constexpr,
+                       STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
+                       HAS_DELTA: tl.constexpr):
+    """Rows round-robin over the grid. SPLIT=2 (GPU only, every program resident): programs 2q and 2q+1
+    share a row, each reading half of the vocab (half the L2 working set), and exchange their partial
+    log-sum-exp through global memory (flags tagged with row + 1; partials double-buffered)."""
+    pid = tl.program_id(0)
+    h = pid % SPLIT
+    q = pid // SPLIT
+    nq = tl.num_programs(0) // SPLIT
+    half = tl.cdiv(tl.cdiv(V, SPLIT), BLOCK) * BLOCK
+    c0 = h * half
+    c1 = tl.minimum(V, c0 + half)
+    offs = tl.arange(0, BLOCK)
+    scale = inv_t * 1.4426950408889634
+    it = 0
+    for row in range(q.to(tl.int64), N, nq):
+        b = row // T
+        t = row - b * T
+        x_row = x_ptr + b * stride_b + t * stride_t
+        dx_row = dx_ptr + b * dx_sb + t * dx_st
+        m = 1.0
+        if HAS_MASK:
+            m = tl.load(mask_ptr + row)
+        if m == 0.0:
+            for v0 in range(c0, c1, BLOCK):
+                cols = v0 + offs
+                tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < c1)
+            if h == 0:
+                tl.store(logp_ptr + row, 0.0)
+                for k in range(5):
+                    tl.store(stats_ptr + k * N + row, 0.0)
         else:
-            dL = dLdr * r
-        kl = 0.0 * l
-        if HAS_REF:
-            kl, dkl = kl_and_grad(l, tl.load(ref_ptr + row), KL)
-            if USE_KL:
-                L += beta * kl
-                dL += beta * dkl
-        s = tl.load(scale_ptr + b) * m
-        c = s * dL
-        low = ((r < 1.0 - eps_low) & (A < 0)).to(tl.float32)
-        high = ((r > 1.0 + eps_high) & (A > 0)).to(tl.float32)
-        tl.store(logp_ptr + row, l)
-        tl.store(stats_ptr + row, s * L)
-        tl.store(stats_ptr + N + row, m * kl)
-        tl.store(stats_ptr + 2 * N + row, m * low)
-        tl.store(stats_ptr + 3 * N + row, m * high)
-        tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
-        scale = inv_t * 1.4426950408889634
-        lse2 = lse * 1.4426950408889634
-        ct = c * inv_t
-        nblk = tl.cdiv(V, BLOCK)
-        for i in range(0, nblk):
-            if REVERSE:
-                cols = (nblk - 1 - i) * BLOCK + offs
-            else:
-                cols = i * BLOCK + offs
-            x = tl.load(x_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            p = tl.exp2(x * scale - lse2)
-            d = tl.where(cols == y, ct, 0.0) - ct * p
-            tl.store(dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < V, cache_modifier=STORE_CM)
+            mx, sm = _partial_lse2(x_row, c0, c1, scale, BLOCK)
+            if SPLIT == 2:
+                slot = (q * 2 + it % 2) * 2
+                tl.store(part_ptr + (slot + h) * 2, mx)
+                tl.store(part_ptr + (slot + h) * 2 + 1, sm)
+                tl.debug_barrier()  # every thread's stores before the (cumulative) release of the flag
+                tl.atomic_xchg(flag_ptr + pid, (row + 1).to(tl.int32), sem="release")
+                other = pid + 1 - 2 * h
+                seen = tl.atomic_add(flag_ptr + other, 0, sem="acquire")
+                spins = 0
+                while (seen < (row + 1).to(tl.int32)) & (spins < 100_000_000):  # bounded: never hang the GPU
+                    seen = tl.atomic_add(flag_ptr + other, 0, sem="acquire")
+                    spins += 1
+                tl.debug_barrier()
+                mo = tl.atomic_add(part_ptr + (slot + 1 - h) * 2, 0.0, sem="relaxed")
+                so = tl.atomic_add(part_ptr + (slot + 1 - h) * 2 + 1, 0.0, sem="relaxed")
+                mm = tl.maximum(mx, mo)
+                mm = tl.where(mm == float("-inf"), 0.0, mm)
+                sm = sm * tl.exp2(mx - mm) + so * tl.exp2(mo - mm)
+                mx = mm
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            lse2 = mx + tl.log2(sm)
+            y = tl.load(ids_ptr + row).to(tl.int64)
+            l = (tl.load(x_row + y).to(tl.float32) * scale - lse2) * 0.6931471805599453
+            A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
+            old = l
+            if HAS_OLD:
+                old = tl.load(old_ptr + row)
+            lref = l
+            if HAS_REF:
+                lref = tl.load(ref_ptr + row)
+            L, dL, kl, low, high = _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS, KL, HAS_REF,
+                                                USE_KL, HAS_DELTA)
+            sb = tl.load(scale_ptr + b) * m
+            if h == 0:
+                tl.store(logp_ptr + row, l)
+                tl.store(stats_ptr + row, sb * L)
+                tl.store(stats_ptr + N + row, m * kl)
+                tl.store(stats_ptr + 2 * N + row, m * low)
+                tl.store(stats_ptr + 3 * N + row, m * high)
+                tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
+            ct = sb * dL * inv_t
+            nblk = tl.cdiv(c1 - c0, BLOCK)
+            for i in range(0, nblk):
+                if REVERSE:
+                    cols = c0 + (nblk - 1 - i) * BLOCK + offs
+                else:
+                    cols = c0 + i * BLOCK + offs
+                x = tl.load(x_row + cols, mask=cols < c1, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                p = tl.exp2(x * scale - lse2)
+                d = tl.where(cols == y, ct, 0.0) - ct * p
+                tl.store(dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < c1, cache_modifier=STORE_CM)
+        it += 1
 
 
 @triton.jit
@@ -178,12 +242,20 @@ def grpo_token(x, ids, adv, mask, old, ref, scale_B, logp, stats, dx, dx_strides
     BLOCK = grpo_block_v(V)
     adv_sb, adv_st = (T, 1) if adv.dim() == 2 else (1, 0)
     dummy = scale_B
-    _grpo_token_kernel[(N,)](
+    split = 1 if INTERPRET else int(os.environ.get("R1K_GRPO_SPLIT", 1))
+    grid = int(os.environ.get("R1K_GRPO_GRID", 0)) if not INTERPRET else 0
+    if split == 2:  # every program must be resident at once (they wait on each other): one per SM, pairs
+        n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
+        grid = 2 * max(1, min(grid or n_sm, n_sm) // 2)
+    grid = min(N * split, grid) if grid > 0 else N
+    part = torch.empty(max(grid, 2) * 4, device=x.device, dtype=torch.float32) if split == 2 else dummy
+    flags = torch.zeros(max(grid, 2), device=x.device, dtype=torch.int32) if split == 2 else dummy
+    _grpo_token_kernel[(grid,)](
         x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
-        ref if ref is not None else dummy, scale_B, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
+        ref if ref is not None else dummy, scale_B, logp, stats, dx, part, flags, N, T, V, x.stride(0), x.stride(1),
         dx_strides[0], dx_strides[1], adv_sb, adv_st, 1.0 / temperature, eps_low, eps_high,
-        delta if delta is not None else 0.0, beta, **grpo_flags(), BLOCK=BLOCK, LOSS=loss_code, KL=kl_code,
-        HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
+        delta if delta is not None else 0.0, beta, SPLIT=split, **grpo_flags(), BLOCK=BLOCK, LOSS=loss_code,
+        KL=kl_code, HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
         USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, num_warps=grpo_num_warps(BLOCK))
 
 
