@@ -21,7 +21,7 @@ except ImportError:  # older layouts
     from triton.language.extra.cuda import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-INT_MIN = -2147483648
+INT_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
