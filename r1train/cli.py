@@ -40,7 +40,7 @@ def cmd_sample(args):
     from .engine import device, setup_distributed
     from .loading import load_datasets, load_model_and_tokenizer
     from .rewards import RewardRunner
-    from .rollout import sample
+    from .rollout import row_seed, sample
 
     cfg = load_config(args.config, args.overrides, section="grpo")
     setup_distributed()
@@ -59,7 +59,7 @@ def cmd_sample(args):
             ro = sample(model, ids.repeat_interleave(G, 0).to(device()), mask.repeat_interleave(G, 0).to(device()),
                         max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id,
                         pad_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                        seeds_B=[hash((cfg.seed, s, i)) % 2**31 for i in range(len(chunk) * G)])
+                        seeds_B=[row_seed(cfg.seed, s, i) for i in range(len(chunk) * G)])
             texts = decode_completions(tok, ro)
             ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
                                                                         ro.completion_mask_BT.tolist())]
@@ -103,7 +103,10 @@ def main(argv=None) -> int:
             else:
                 _, before, res = pipeline.run_grpo(cfg, model, tok, eval_before=True)
                 res = {**{f"before/{k}": v for k, v in before.items()}, **res}
-            print(json.dumps(res))
+            import torch.distributed as dist
+
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(json.dumps(res))
     except (ConfigError, DatasetError) as e:
         print(f"r1train: error: {e}", file=sys.stderr)
         return 2

@@ -100,6 +100,8 @@ class TrainConfig:
                             "eligible kernel)", ["auto", "triton", "cuda", "cpp", "torch"])
     log_completions: bool = f(False, "also print a few completions at each logging step")
     log_entropy: bool = f(True, "compute the entropy metric (one extra no-grad head pass)")
+    patch_model: Optional[bool] = f(None, "swap DeepseekV3 routers/experts for r1kernels' fused ones (rk.patch); "
+                                    "None: only on CUDA")
     moe_bias_update_rate: float = f(1e-3, "MoE policies: aux-loss-free balancing bias step (0 = off)")
     # ---- SFT (TRL SFTConfig names)
     max_length: int = f(1024, "SFT: prompt+completion tokens kept (truncated from the right)")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
-from .rollout import Policy, sample
+from .rollout import Policy, row_seed, sample
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -216,7 +216,7 @@ class Trainer:
             gold = [r.get(self.cfg.answer_column) for r in chunk]
             for greedy in (False, True):
                 reps = 1 if greedy else k
-                seeds = [hash((self.cfg.seed, "eval", self.rank, s + i, j)) % 2**31
+                seeds = [row_seed(self.cfg.seed, "eval", self.rank + self.world * (s + i), j)
                          for i in range(len(chunk)) for j in range(reps)]
                 ro = sample(self.model, ids.repeat_interleave(reps, 0).to(self.dev),
                             mask.repeat_interleave(reps, 0).to(self.dev), seeds_B=seeds,
@@ -246,6 +246,32 @@ class Trainer:
         for b, rb in zip(self.engine.module.buffers(), self.ref.module.buffers()):
             rb.data.copy_(b.data)
 
+    @torch.no_grad()
+    def ref_state_dict(self) -> dict:
+        """The reference model's full state (its own engine has no optimizer, so no DS checkpoint)."""
+        import deepspeed
+
+        out = {}
+        for name, p in self.ref.module.named_parameters():
+            ctx = deepspeed.zero.GatheredParameters([p]) if zero3(self.engine) else contextlib.nullcontext()
+            with ctx:
+                out[name] = p.data.detach().cpu().clone()
+        out.update({n: b.detach().cpu().clone() for n, b in self.ref.module.named_buffers()})
+        return out
+
+    @torch.no_grad()
+    def load_ref_state_dict(self, sd: dict):
+        import deepspeed
+
+        for name, p in self.ref.module.named_parameters():
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3(self.engine) else None
+            with ctx or contextlib.nullcontext():
+                if ctx is None or self.rank == 0:
+                    p.data.copy_(sd[name].to(p.dtype))
+        for name, b in self.ref.module.named_buffers():
+            if name in sd:
+                b.data.copy_(sd[name])
+
     # ---- checkpoints: checkpoint-<step>/ = save_pretrained files + ds/ (optimizer etc.) + rng + state
     def save(self, step: int):
         cfg = self.cfg
@@ -256,8 +282,7 @@ class Trainer:
             os.makedirs(tmp)
         dist.barrier()
         self.engine.save_checkpoint(tmp, tag="ds")
-        if self.ref is not None:
-            self.ref.save_checkpoint(tmp, tag="ref", save_latest=False)
+        ref_sd = self.ref_state_dict() if self.ref is not None else None
         sd = self.engine._zero3_consolidated_16bit_state_dict() if zero3(self.engine) else None
         torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -266,6 +291,8 @@ class Trainer:
             if sd is not None:
                 sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
             self.model.save_pretrained(tmp, state_dict=sd)
+            if ref_sd is not None:
+                torch.save(ref_sd, os.path.join(tmp, "ref_model.pt"))
             if hasattr(self.tok, "save_pretrained"):
                 self.tok.save_pretrained(tmp)
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
@@ -296,7 +323,7 @@ class Trainer:
             raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a complete checkpoint")
         self.engine.load_checkpoint(path, tag="ds")
         if self.ref is not None:
-            self.ref.load_checkpoint(path, tag="ref", load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.load_ref_state_dict(torch.load(os.path.join(path, "ref_model.pt"), weights_only=True))
         rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pth"), weights_only=False)
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])

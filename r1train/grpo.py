@@ -17,7 +17,7 @@ import r1kernels as rk
 from .data import decode_completions, encode_prompts
 from .engine import Trainer, zero3
 from .rewards import RewardRunner
-from .rollout import logprob_fn, sample, sequence_logprobs
+from .rollout import logprob_fn, row_seed, sample, sequence_logprobs
 
 
 def _gather_rows(x_NR: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class GRPOTrainer(Trainer):
         cfg, G, tok = self.cfg, self.cfg.num_generations, self.tok
         p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length)
         _, gidx = self.rows_for(step)
-        seeds = [hash((cfg.seed, step, g, j)) % 2**31 for g in gidx for j in range(G)]
+        seeds = [row_seed(cfg.seed, step, g, j) for g in gidx for j in range(G)]
         t0 = time.perf_counter()
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,

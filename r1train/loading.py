@@ -18,8 +18,9 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     if path in TINY_MODELS:
         tok = char_tokenizer() if cfg.tokenizer_name_or_path is None else AutoTokenizer.from_pretrained(
             cfg.tokenizer_name_or_path)
-        return tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
-                          num_layers=cfg.model_num_layers), tok
+        model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
+                           num_layers=cfg.model_num_layers)
+        return maybe_patch(model, cfg), tok
     if not os.path.isdir(path):
         raise ConfigError(f"model_name_or_path: {path!r} is neither one of {TINY_MODELS} nor a local model "
                           "directory (nothing is downloaded)")
@@ -27,7 +28,27 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
-    return model, tok
+    return maybe_patch(model, cfg), tok
+
+
+def maybe_patch(model, cfg: TrainConfig):
+    """rk.patch(model) for supported models (DeepseekV3) when asked for, or by default on CUDA."""
+    import logging
+
+    import torch
+
+    want = cfg.patch_model if cfg.patch_model is not None else torch.cuda.is_available()
+    if not want or getattr(model.config, "model_type", "") != "deepseek_v3":
+        return model
+    try:
+        import r1kernels as rk
+
+        rk.patch(model)
+    except (ImportError, AttributeError, NotImplementedError, ValueError) as e:
+        if cfg.patch_model:
+            raise
+        logging.getLogger("r1train").warning("rk.patch unavailable for this model, using HF modules: %r", e)
+    return model
 
 
 def task_spec(cfg: TrainConfig) -> ArithSpec:

@@ -19,7 +19,7 @@ from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer
 from .rewards import accuracy_reward, format_reward
-from .rollout import sample
+from .rollout import row_seed, sample
 from .sft import SFTTrainer
 
 
@@ -70,7 +70,7 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length)
-        seeds = [hash((cfg.seed, "rs", s + i, j)) % 2**31 for i in range(len(chunk)) for j in range(num_samples)]
+        seeds = [row_seed(cfg.seed, "rs", s + i, j) for i in range(len(chunk)) for j in range(num_samples)]
         ro = sample(model, ids.repeat_interleave(num_samples, 0).to(device()),
                     mask.repeat_interleave(num_samples, 0).to(device()), seeds_B=seeds,
                     max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,

@@ -8,6 +8,7 @@ see the same samples).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,11 @@ class Rollout:
     @property
     def attention_mask(self):
         return torch.cat([self.prompt_mask_BP, self.completion_mask_BT], 1)
+
+
+def row_seed(*parts) -> int:
+    """A seed from ints/strings that is the same in every process (unlike hash() of a str)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
 def position_ids(mask_BL: torch.Tensor) -> torch.Tensor:

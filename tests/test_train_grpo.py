@@ -61,3 +61,20 @@ def test_sft_loss_falls(tmp_path):
     train, ev = load_datasets(cfg, sft=True)
     hist = SFTTrainer(cfg, model, tok, train, ev).train()
     assert hist[-1]["loss"] < 0.6 * hist[0]["loss"], [h["loss"] for h in hist]
+
+
+@pytest.mark.slow
+def test_deepseek_v3_bias_update_balances_experts(tmp_path):
+    """Routers start skewed (experts 0 and 1 get +0.3 bias: max/mean load > 2); the
+    aux-loss-free bias update after each optimizer step moves the biases against the load and it falls."""
+    t = _grpo(tmp_path, "model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "max_steps=12",
+              "moe_bias_update_rate=0.03", "patch_model=false", "learning_rate=0.001", reward_funcs=[H.digit_share])
+    assert len(t.expert_load.routers) == 1
+    for r in t.expert_load.routers:
+        r.e_score_correction_bias[:2] = 0.3
+    hist = t.train()
+    ratios = [h["moe/max_load_ratio"] for h in hist]
+    assert ratios[0] > 2.0 and sum(ratios[-3:]) / 3 < 0.75 * ratios[0], ratios
+    b = t.expert_load.routers[0].e_score_correction_bias
+    assert (b[:2] < 0.3).all() and b[2:].mean() > 0
+    assert all(math.isfinite(h["loss"]) for h in hist)

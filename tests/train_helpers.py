@@ -27,13 +27,13 @@ def env():
     e = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         e.pop(k, None)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), e.get("PYTHONPATH", "")])
     e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
     e["OMP_NUM_THREADS"] = "1"
     return e
 
 
-def run_cli(args, nproc: int = 1, timeout: int = 600, **kw):
+def cli_cmd(args, nproc: int = 1):
     from r1train.engine import free_port
 
     if nproc == 1:
@@ -41,9 +41,23 @@ def run_cli(args, nproc: int = 1, timeout: int = 600, **kw):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "-m", "r1train", *args]
+    return cmd
+
+
+def run_cli(args, nproc: int = 1, timeout: int = 600, **kw):
+    cmd = cli_cmd(args, nproc)
     return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def read_metrics(output_dir):
+    """Training rows of metrics.jsonl (the eval-only rows that GRPO's CLI adds are left out)."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
-        return [json.loads(ln) for ln in fh if ln.strip()]
+        rows = [json.loads(ln) for ln in fh if ln.strip()]
+    return [r for r in rows if "loss" in r]
+
+
+TIMING = ("step_time", "time/generate", "time/logprobs", "time/backward", "time/optimizer")
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]

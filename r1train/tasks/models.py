@@ -33,8 +33,8 @@ def tiny_config(name: str, vocab_size: int, *, hidden_size: int = 128, num_layer
         head = hidden_size // num_heads
         cfg = tf.DeepseekV3Config(
             intermediate_size=2 * hidden_size, moe_intermediate_size=hidden_size // 2,
-            num_key_value_heads=num_heads, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-            topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+            num_key_value_heads=num_heads, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+            topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
             q_lora_rank=None, kv_lora_rank=head, qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2,
             v_head_dim=head, tie_word_embeddings=False, rope_scaling=None, **common)
     else:
@@ -50,4 +50,9 @@ def tiny_model(name: str, tokenizer, seed: int = 0, **kw):
 
     cfg = tiny_config(name, len(tokenizer), tokenizer=tokenizer, **kw)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # routers: unit-scale logits (HF's 0.02 init makes every token pick the same experts)
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias") and getattr(m, "weight", None) is not None:
+                m.weight.normal_(0.0, m.weight.shape[1] ** -0.5)
+    return model

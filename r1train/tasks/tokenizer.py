@@ -21,12 +21,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer():
-    """Build the character-level tokenizer (vocab: 11 special tokens + 96 characters = 107)."""
+def char_tokenizer(vocab_size: int | None = None):
+    """Build the character-level tokenizer (vocab: 11 special tokens + 96 characters = 107; `vocab_size`
+    pads it with unused filler tokens, e.g. to give a benchmark model a real-size vocabulary)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    vocab.update({f"<|x{i}|>": i for i in range(len(vocab), vocab_size or 0)})
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
     core.decoder = decoders.Fuse()  # join with no separator

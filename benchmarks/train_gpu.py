@@ -1,0 +1,120 @@
+"""A few GRPO steps of a Qwen2.5-1.5B-shaped model (random weights, bf16, ZeRO-2, one GPU) through the
+r1train engine and the r1kernels losses; time per phase (generation, log-probs, backward, optimizer) and
+peak memory -> JSON.
+
+    python benchmarks/train_gpu.py results/train_gpu_h100.json            # on the GPU
+    python benchmarks/train_gpu.py /tmp/train_tiny.json --tiny            # CPU smoke test
+
+Completions of a random model almost never stop early, so every step generates max_completion_length
+tokens per row (a fixed, comparable amount of work). Step 1 is warm-up and is left out of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                  tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True)
+PHASES = ("time/generate", "time/logprobs", "time/backward", "time/optimizer", "step_time")
+
+
+def length_reward(prompts, completions, completion_ids, **_):
+    """A cheap dense reward (rewards must vary inside groups for non-zero advantages)."""
+    return [float(sum(completion_ids_i) % 7) for completion_ids_i in completion_ids]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="JSON output path")
+    p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU-friendly sizes (smoke test)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=8, help="completions per micro-batch")
+    p.add_argument("--prompt-length", type=int, default=256)
+    p.add_argument("--completion-length", type=int, default=512)
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--loss-impl", default="linear", choices=["linear", "logits"])
+    p.add_argument("--beta", type=float, default=0.04, help="> 0 adds the reference log-prob pass")
+    p.add_argument("--num-iterations", type=int, default=2, help="> 1 adds the old log-prob pass")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.prompt_length, a.completion_length = min(a.prompt_length, 16), min(a.completion_length, 16)
+        a.steps = min(a.steps, 3)
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from r1train.config import load_config
+    from r1train.grpo import GRPOTrainer
+    from r1train.tasks import char_tokenizer
+
+    shape = TINY if a.tiny else QWEN25_15B
+    tok = char_tokenizer(vocab_size=shape["vocab_size"])
+    bf16 = not a.tiny
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(**shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    bos_token_id=tok.bos_token_id), dtype=torch.bfloat16 if bf16 else torch.float32)
+    G = a.num_generations
+    n = a.prompts * G
+    ga = n // a.micro_batch
+    cfg = load_config(overrides=[
+        f"output_dir={os.path.splitext(a.out)[0]}_run", f"max_steps={a.steps}", f"num_generations={G}",
+        f"per_device_train_batch_size={a.micro_batch}", f"gradient_accumulation_steps={ga}",
+        f"max_prompt_length={a.prompt_length}", f"max_completion_length={a.completion_length}",
+        f"zero_stage={a.zero_stage}", f"bf16={str(bf16).lower()}", f"loss_impl={a.loss_impl}",
+        f"beta={a.beta}", f"num_iterations={a.num_iterations}", "learning_rate=1e-6", "save_steps=0",
+        "report_to=none", "logging_steps=1", "log_entropy=false",
+        "kernel_backend=torch" if a.tiny and not torch.cuda.is_available() else "kernel_backend=auto"])
+    # prompts of exactly prompt_length characters (= tokens with the character tokenizer)
+    rows = [{"prompt": "".join(chr(48 + (i * 7 + j) % 40) for j in range(a.prompt_length))}
+            for i in range(a.prompts * (a.steps + 1))]
+    t0 = time.perf_counter()
+    trainer = GRPOTrainer(cfg, model, tok, rows, reward_funcs=[length_reward])
+    t_init = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    hist = trainer.train()
+    timed = hist[1:] if len(hist) > 1 else hist
+    res = {
+        "benchmark": "train_gpu", "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped (random init)",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(), "torch": torch.__version__, "args": vars(a),
+        "params": sum(p.numel() for p in model.parameters()), "init_seconds": t_init,
+        "completions_per_step": n, "tokens_generated_per_step": statistics.median(
+            h["completions/mean_length"] * n for h in timed),
+        "median_seconds": {k: statistics.median(h[k] for h in timed) for k in PHASES},
+        "steps": [{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length")} for h in hist],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(json.dumps(res["median_seconds"]), "peak GiB:", res["peak_memory_gib"])
+    return res
+
+
+def _commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if __name__ == "__main__":
+    main()

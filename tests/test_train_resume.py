@@ -1,0 +1,41 @@
+"""Kill -9 a run after its first checkpoint, resume from it: the continuation's metrics equal those of
+an uninterrupted run. Checkpoints appear atomically (never a checkpoint-N without its trainer_state)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import train_helpers as H
+
+ARGS = H.FAST + ["reward_funcs=train_helpers:digit_share,format", "num_generations=4",
+                 "per_device_train_batch_size=4", "gradient_accumulation_steps=2", "learning_rate=0.003",
+                 "task_eval_size=4", "beta=0.02", "num_iterations=2", "save_steps=3"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_identical(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = H.run_cli(["grpo", *ARGS, "max_steps=6", f"output_dir={ref}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # same run, but with a long horizon (constant lr: the horizon changes nothing) and killed after step 3
+    proc = subprocess.Popen(H.cli_cmd(["grpo", *ARGS, "max_steps=100000", f"output_dir={run}"]), env=H.env(),
+                            cwd=H.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoint-3").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for d in os.listdir(run):
+        if d.startswith("checkpoint-"):
+            assert (run / d / "trainer_state.json").exists(), d
+    r = H.run_cli(["grpo", *ARGS, "max_steps=6", f"output_dir={run}",
+                   f"resume_from_checkpoint={run / 'checkpoint-3'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = H.strip_timing(H.read_metrics(ref)), H.strip_timing(H.read_metrics(run))
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
+    assert b[3:] == a[3:]
+    assert b[:3] == a[:3]
