@@ -23,7 +23,7 @@ KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "low_var_kl": 3}
 
 
 def grpo_block_v(V: int) -> int:
-    return block_v(V, "R1K_GRPO_BLOCK", 8192)
+    return block_v(V, "R1K_GRPO_BLOCK", 16384)
 
 
 def grpo_num_warps(BLOCK: int) -> int:
@@ -89,19 +89,19 @@ def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_D
 
 @triton.jit
 def _partial_lse2(x_row, c0, c1, scale, BLOCK: tl.constexpr):
-    """(max, sum of 2^(y - max)) of y = x * scale over columns [c0, c1), base 2, per-lane accumulators."""
+    """(max, sum of 2^(y - max)) of y = x * scale over columns [c0, c1), base 2."""
     offs = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
-    acc = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((), tl.float32)
     for v0 in range(c0, c1, BLOCK):
         cols = v0 + offs
         y = tl.load(x_row + cols, mask=cols < c1, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
         y = y * scale
         m_new = tl.maximum(m, tl.max(y, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp2(m - m_safe) + tl.exp2(y - m_safe)
+        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(y - m_safe), 0)
         m = m_new
-    return m, tl.sum(acc, 0)
+    return m, acc
 
 
 @triton.jit

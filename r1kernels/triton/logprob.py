@@ -27,7 +27,7 @@ def block_v(V: int, env: str = "R1K_LP_BLOCK", default: int = 8192) -> int:
 def num_warps(BLOCK: int, env: str = "R1K_LP_WARPS") -> int:
     if INTERPRET:
         return 1
-    return int(os.environ.get(env, 0)) or max(1, min(16, BLOCK // 512))
+    return int(os.environ.get(env, 0)) or max(4, min(32, BLOCK // 1024))  # H100 sweeps: 8192/8, 16384/16
 
 
 @triton.jit
@@ -35,8 +35,8 @@ def _row_lse(x_row, V, inv_t, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT:
     """Online log-sum-exp of z = x * inv_t over one row (base-2 internally): returns (lse, E[z])."""
     offs = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK,), tl.float32)  # per-lane accumulators: one cross-warp reduction (the max) per block
-    t = tl.zeros((BLOCK,), tl.float32)
+    s = tl.zeros((), tl.float32)  # scalar accumulators: per-lane ones cost BLOCK/threads registers each
+    t = tl.zeros((), tl.float32)  # (measured on H100: +4% forward, +60% with entropy, from spills)
     scale = inv_t * 1.4426950408889634  # z in base-2 units
     for v0 in range(0, V, BLOCK):
         cols = v0 + offs
@@ -46,12 +46,10 @@ def _row_lse(x_row, V, inv_t, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
         e = tl.exp2(y - m_safe)
-        s = s * alpha + e
+        s = s * alpha + tl.sum(e, 0)
         if ENTROPY:
-            t = t * alpha + e * tl.where(cols < V, y, 0.0)
+            t = t * alpha + tl.sum(e * tl.where(cols < V, y, 0.0), 0)
         m = m_new
-    s = tl.sum(s, 0)
-    t = tl.sum(t, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = (m_safe + tl.log2(s)) * 0.6931471805599453
     ez = t / s * 0.6931471805599453
