@@ -55,7 +55,8 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
 
-    def plot(self, keys=("reward", "eval/accuracy", "kl", "completions/mean_length"), name="curves.png"):
+    def plot(self, keys=("reward", "rewards/accuracy/mean", "eval/accuracy", "kl", "completions/mean_length"),
+             name="curves.png"):
         """One panel per key found in metrics.jsonl (needs matplotlib; skipped quietly without it)."""
         if self.rank != 0:
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -104,9 +105,13 @@ def recipe(cfg_path=None, overrides=()):
     rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,
                             keep=c3.rejection_max_per_prompt)
     results["rejection_kept"] = len(rows)
-    t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
+    if rows:
+        t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
+        model = _handoff(t, c3)
+    else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
+        logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
     c4 = stage_cfg(load_config(cfg_path, overrides, section="grpo2"), "4-all-scenarios-rl")
-    t, _, results["final_rl"] = run_grpo(c4, _handoff(t, c3), tok)
+    t, _, results["final_rl"] = run_grpo(c4, model, tok)
     _write(base.output_dir, "pipeline_results.json", results)
     return results
 
@@ -121,6 +126,9 @@ def distill(cfg_path=None, overrides=()):
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
                             keep=cfg.rejection_max_per_prompt)
     del teacher
+    if not rows:
+        raise ValueError("distill: the teacher produced no correct, well-formed samples to learn from "
+                         "(raise rejection_num_samples or use a stronger teacher)")
     student, stok = load_model_and_tokenizer(cfg)
     if stok.get_vocab() != tok.get_vocab():
         raise ValueError("distill: the student's tokenizer differs from the teacher's")

@@ -16,6 +16,13 @@ import torch.distributed as dist
 
 import r1kernels as rk
 
+try:  # newer transformers renamed the KV-cache argument `past_key_values` -> `cache`
+    from transformers.utils.generic import _rename_kwargs_for_bc  # noqa: F401
+
+    CACHE_KW = "cache"
+except ImportError:
+    CACHE_KW = "past_key_values"
+
 
 @dataclass
 class Rollout:
@@ -74,7 +81,7 @@ def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id:
     mask_BL = prompt_mask_BP.long()
     cache = DynamicCache(config=model.config)
     out = model(input_ids=prompt_ids_BP, attention_mask=mask_BL, position_ids=position_ids(mask_BL),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{CACHE_KW: cache})
     pos_B = position_ids(mask_BL)[:, -1] + 1
     done_B = torch.zeros(B, dtype=torch.bool, device=dev)
     toks = []
@@ -92,7 +99,7 @@ def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id:
             break
         mask_BL = torch.cat([mask_BL, (~done_B | (tok_B == eos_id)).long()[:, None]], 1)
         out = model(input_ids=tok_B[:, None], attention_mask=mask_BL, position_ids=pos_B[:, None],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{CACHE_KW: cache})
         pos_B = pos_B + 1
     model.train(was_training)
     comp_BT = torch.stack(toks, 1) if toks else torch.zeros(B, 0, dtype=torch.long, device=dev)

@@ -1,0 +1,38 @@
+"""The R1 recipe end to end at toy size (every stage runs and leaves a loadable checkpoint), distill's
+error on a teacher with no correct samples, and the `sample` command."""
+
+import json
+
+import pytest
+import train_helpers as H
+
+from r1train import pipeline
+from r1train.cli import main
+
+SECTIONS = """
+sft: {max_steps: 3, learning_rate: 0.003}
+grpo: {max_steps: 2, beta: 0.01, sync_ref_model: true, ref_model_sync_steps: 1,
+       reward_funcs: [accuracy, format, language]}
+rejection: {rejection_num_samples: 2, task_train_size: 8, max_steps: 2}
+grpo2: {max_steps: 1, temperature: 0.7}
+"""
+
+
+@pytest.mark.slow
+def test_recipe_distill_sample(tmp_path):
+    y = tmp_path / "recipe.yaml"
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
+    out = tmp_path / "out"
+    res = pipeline.recipe(str(y), [f"output_dir={out}"])
+    assert set(res) >= {"cold_start_sft", "reasoning_rl", "rejection_kept", "final_rl"}
+    for stage, steps in (("1-cold-start-sft", 3), ("2-reasoning-rl", 2), ("4-all-scenarios-rl", 1)):
+        assert (out / stage / f"checkpoint-{steps}" / "model.safetensors").exists(), stage
+        assert (out / stage / "metrics.jsonl").exists()
+    final = out / "4-all-scenarios-rl" / "checkpoint-1"
+    with pytest.raises(ValueError, match="teacher produced no correct"):
+        pipeline.distill(str(y), [f"teacher_model={final}", "model_name_or_path=tiny-llama",
+                                  f"output_dir={tmp_path / 'distill'}", "task_train_size=4"])
+    assert main(["sample", f"model_name_or_path={final}", "max_steps=2", "num_generations=3",
+                 f"output_dir={tmp_path / 'samples'}", "kernel_backend=torch"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and set(rows[0]["rewards"]) == {"accuracy", "format"}
