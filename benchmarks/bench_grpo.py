@@ -92,7 +92,30 @@ def cases(device: str, quick: bool) -> list[Case]:
         tok["liger triton_grpo_loss"] = liger_run
         peers += ("liger triton_grpo_loss",)
     return [Case("grpo_loss fwd+bwd token", shape, tok, bytes=2 * logit_bytes, peers=peers),
-            Case("grpo_loss fwd+bwd sequence", shape, seq, bytes=2 * logit_bytes)]
+            Case("grpo_loss fwd+bwd sequence", shape, seq, bytes=2 * logit_bytes)] + _linear_cases(device, quick)
+
+
+def _linear_cases(device, quick):
+    """K3 fused hidden -> loss: N=8192, H=3584, V=151936 (floor: 3 GEMMs of 2*N*H*V FLOPs)."""
+    if device == "cpu":
+        B, T, H, V = 2, 8, 32, 500
+    else:
+        B, T, H, V = (2, 512, 1024, 32000) if quick else (8, 1024, 3584, 151936)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden = torch.randn(B, T, H, device=device, dtype=dtype)
+    weight = (torch.randn(V, H, device=device) / H ** 0.5).to(dtype)
+    ids = torch.randint(0, V, (B, T), device=device)
+    adv = torch.randn(B, device=device)
+    old = torch.randn(B, T, device=device) - 12.0
+    provs = {}
+    for b in rk._backend.available("linear_grpo_loss", device):
+        def run(b=b):
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            out = rk.linear_grpo_loss(h, w, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04, backend=b)
+            return torch.autograd.grad(out.loss, (h, w))
+        provs[b] = run
+    return [Case("linear_grpo_loss fwd+bwd token", f"N={B * T} H={H} V={V} {str(dtype).split('.')[-1]}", provs,
+                 flops=3 * 2 * B * T * H * V)]
 
 
 def tune(B=8, T=1024, V=151936, out=None):
