@@ -77,9 +77,9 @@ def test_old_absent(level, loss_type):
 
 
 @pytest.mark.parametrize("case", ["delta", "temperature", "adv_per_token", "num_items", "num_items_tensor",
-                                  "beta0_ref", "no_mask", "empty_mask", "T1", "inplace", "inplace_seq"])
+                                  "beta0_ref", "no_mask", "empty_mask", "T1", "inplace", "inplace_seq", "V_block"])
 def test_options(case):
-    B, T, V = (4, 1, 23) if case == "T1" else (3, 5, 41)
+    B, T, V = {"T1": (4, 1, 23), "V_block": (2, 3, 128)}.get(case, (3, 5, 41))  # V_block: no partial block
     logits, ids, adv, mask, old, ref = _inputs(B, T, V, adv_per_token=case == "adv_per_token",
                                                mask_kind={"no_mask": "none", "empty_mask": "empty"}.get(case, "random"))
     kw = dict(old_logprobs=old)

@@ -35,7 +35,7 @@ def _check(logits, labels, temperature, entropy, dtype):
     assert_close(x.grad, x64.grad, dtype, lowp=lowp, name="grad")
 
 
-@pytest.mark.parametrize("shape,V", [((3, 5), 67), ((7,), 1), ((2, 1), 130), ((1, 4, 3), 29)])
+@pytest.mark.parametrize("shape,V", [((3, 5), 67), ((7,), 1), ((2, 1), 130), ((1, 4, 3), 29), ((2, 3), 128)])
 @pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, True)])
 def test_matches_reference(shape, V, temperature, entropy):
     logits = torch.randn(*shape, V) * 3

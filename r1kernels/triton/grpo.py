@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob import INTERPRET, block_v, num_warps
+from .logprob import INTERPRET, _range_grad, _range_lse, block_v, num_warps
 
 LOSS_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5}
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "low_var_kl": 3}
@@ -88,23 +88,6 @@ def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_D
 
 
 @triton.jit
-def _partial_lse2(x_row, c0, c1, scale, BLOCK: tl.constexpr):
-    """(max, sum of 2^(y - max)) of y = x * scale over columns [c0, c1), base 2."""
-    offs = tl.arange(0, BLOCK)
-    m = tl.full((), float("-inf"), tl.float32)
-    acc = tl.zeros((), tl.float32)
-    for v0 in range(c0, c1, BLOCK):
-        cols = v0 + offs
-        y = tl.load(x_row + cols, mask=cols < c1, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        y = y * scale
-        m_new = tl.maximum(m, tl.max(y, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(y - m_safe), 0)
-        m = m_new
-    return m, acc
-
-
-@triton.jit
 def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS: tl.constexpr, KL: tl.constexpr,
                  HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
     """Per-token (L, dL/dl, kl, low, high) at log-prob l (ratio r = exp(l - old))."""
@@ -163,7 +146,8 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
                 for k in range(5):
                     tl.store(stats_ptr + k * N + row, 0.0)
         else:
-            mx, sm = _partial_lse2(x_row, c0, c1, scale, BLOCK)
+            mx, sm, _t = _range_lse(x_row, c0, c1, scale, BLOCK, False, "evict_last")
+            mx = tl.where(mx == float("-inf"), mx, mx * scale)  # base-2 units
             if SPLIT == 2:
                 slot = (q * 2 + it % 2) * 2
                 tl.store(part_ptr + (slot + h) * 2, mx)
@@ -186,7 +170,8 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
             mx = tl.where(mx == float("-inf"), 0.0, mx)
             lse2 = mx + tl.log2(sm)
             y = tl.load(ids_ptr + row).to(tl.int64)
-            l = (tl.load(x_row + y).to(tl.float32) * scale - lse2) * 0.6931471805599453
+            xy = tl.load(x_row + y).to(tl.float32)
+            l = (xy * scale - lse2) * 0.6931471805599453
             A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
             old = l
             if HAS_OLD:
@@ -205,16 +190,8 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
                 tl.store(stats_ptr + 3 * N + row, m * high)
                 tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
             ct = sb * dL * inv_t
-            nblk = tl.cdiv(c1 - c0, BLOCK)
-            for i in range(0, nblk):
-                if REVERSE:
-                    cols = c0 + (nblk - 1 - i) * BLOCK + offs
-                else:
-                    cols = c0 + i * BLOCK + offs
-                x = tl.load(x_row + cols, mask=cols < c1, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                p = tl.exp2(x * scale - lse2)
-                d = tl.where(cols == y, ct, 0.0) - ct * p
-                tl.store(dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < c1, cache_modifier=STORE_CM)
+            _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, BLOCK, REVERSE, False,
+                        STORE_CM)
         it += 1
 
 
