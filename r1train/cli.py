@@ -36,11 +36,10 @@ def cmd_sample(args):
     import torch
 
     from .config import load_config
-    from .data import decode_completions, encode_prompts
     from .engine import device, setup_distributed
     from .loading import load_datasets, load_model_and_tokenizer
     from .rewards import RewardRunner
-    from .rollout import row_seed, sample
+    from .rollout import sample_rows
 
     cfg = load_config(args.config, args.overrides, section="grpo")
     setup_distributed()
@@ -53,14 +52,8 @@ def cmd_sample(args):
     os.makedirs(cfg.output_dir, exist_ok=True)
     path = os.path.join(cfg.output_dir, "samples.jsonl")
     with open(path, "w") as fh, torch.no_grad():
-        for s in range(0, len(rows), 16):
-            chunk = rows[s:s + 16]
-            ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length)
-            ro = sample(model, ids.repeat_interleave(G, 0).to(device()), mask.repeat_interleave(G, 0).to(device()),
-                        max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                        seeds_B=[row_seed(cfg.seed, s, i) for i in range(len(chunk) * G)])
-            texts = decode_completions(tok, ro)
+        for _, chunk, ro, texts in sample_rows(model, tok, rows, num_samples=G, cfg=cfg, seed_key=(cfg.seed,),
+                                               batch_size=16):
             ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
                                                                         ro.completion_mask_BT.tolist())]
             cols = {k: [r.get(k) for r in chunk for _ in range(G)] for k in chunk[0] if k != "prompt"}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
-from .rollout import Policy, row_seed, sample
+from .rollout import Policy, sample_rows
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -89,8 +89,6 @@ def zero3(engine) -> bool:
 class Trainer:
     """Base of GRPOTrainer / SFTTrainer: subclasses implement `train_step(step, rows) -> metrics`."""
 
-    rows_per_step_unit = 1  # prompts per micro-batch "row" (GRPO: completions come G per prompt)
-
     def __init__(self, cfg: TrainConfig, model, tokenizer, train_rows, eval_rows=None, *, optimizer_steps=1):
         import deepspeed
 
@@ -146,12 +144,16 @@ class Trainer:
         n, N = self.prompts_per_rank * self.world, len(self.train_rows)
         out, gidx = [], []
         for j in range(self.rank * self.prompts_per_rank, (self.rank + 1) * self.prompts_per_rank):
-            k = step * n + j
-            epoch, pos = divmod(k, N)
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            out.append(self.train_rows[int(perm[pos])])
+            epoch, pos = divmod(step * n + j, N)  # epochs are seeded permutations, back to back
+            out.append(self.train_rows[self._perm(epoch)[pos]])
             gidx.append(j)
         return out, gidx
+
+    def _perm(self, epoch: int) -> list[int]:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            self._perm_cache, self._perm_epoch = torch.randperm(len(self.train_rows), generator=g).tolist(), epoch
+        return self._perm_cache
 
     @property
     def model(self):
@@ -185,7 +187,6 @@ class Trainer:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < self.max_steps:
                 self.save(done)
         bar.close()
-        self.final_step = self.max_steps
         return history
 
     def finish(self, save: bool = True):
@@ -197,7 +198,6 @@ class Trainer:
     # ---- evaluation: held-out pass@1 (sampled) and greedy accuracy of the accuracy reward
     @torch.no_grad()
     def evaluate(self, rows=None, batch_size: int = 64) -> dict:
-        from .data import decode_completions, encode_prompts
         from .rewards import accuracy_reward
 
         rows = self.eval_rows if rows is None else rows
@@ -209,24 +209,18 @@ class Trainer:
             mine = mine + [rows[0]] * (math.ceil(len(rows) / self.world) - len(mine))
         k = self.cfg.eval_num_samples
         tot = torch.zeros(3, dtype=torch.float64)
-        for s in range(0, len(mine), batch_size):
-            chunk = mine[s:s + batch_size]
-            w = [1.0 if s + i < real else 0.0 for i in range(len(chunk))]
-            ids, mask = encode_prompts(self.tok, [r["prompt"] for r in chunk], self.cfg.max_prompt_length)
-            gold = [r.get(self.cfg.answer_column) for r in chunk]
-            for greedy in (False, True):
-                reps = 1 if greedy else k
-                seeds = [row_seed(self.cfg.seed, "eval", self.rank + self.world * (s + i), j)
-                         for i in range(len(chunk)) for j in range(reps)]
-                ro = sample(self.model, ids.repeat_interleave(reps, 0).to(self.dev),
-                            mask.repeat_interleave(reps, 0).to(self.dev), seeds_B=seeds,
-                            max_new_tokens=self.cfg.max_completion_length, eos_id=self.tok.eos_token_id,
-                            pad_id=self.tok.pad_token_id, temperature=self.cfg.eval_temperature,
-                            greedy=greedy, sync_ranks=zero3(self.engine))
-                acc = accuracy_reward(None, decode_completions(self.tok, ro),
-                                      answer=[g for g in gold for _ in range(reps)])
+        for greedy in (False, True):
+            reps = 1 if greedy else k
+            for s, chunk, _, texts in sample_rows(
+                    self.model, self.tok, mine, num_samples=reps, cfg=self.cfg, seed_key=(self.cfg.seed, "eval"),
+                    index=lambda i: self.rank + self.world * i, greedy=greedy, batch_size=batch_size,
+                    temperature=self.cfg.eval_temperature, sync_ranks=zero3(self.engine)):
+                w = [1.0 if s + i < real else 0.0 for i in range(len(chunk))]
+                gold = [r.get(self.cfg.answer_column) for r in chunk for _ in range(reps)]
+                acc = accuracy_reward(None, texts, answer=gold)
                 tot[1 if greedy else 0] += sum((a or 0.0) * w[i // reps] for i, a in enumerate(acc)) / reps
-            tot[2] += sum(w)
+                if greedy:
+                    tot[2] += sum(w)
         if dist.is_initialized():
             dist.all_reduce(tot)
         n = max(tot[2].item(), 1)

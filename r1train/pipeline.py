@@ -15,12 +15,11 @@ import time
 import torch
 
 from .config import TrainConfig, load_config
-from .data import decode_completions, encode_prompts
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer
 from .rewards import accuracy_reward, format_reward
-from .rollout import row_seed, sample
+from .rollout import sample_rows
 from .sft import SFTTrainer
 
 
@@ -65,18 +64,11 @@ def run_grpo(cfg, model, tok, eval_before=False):
 @torch.no_grad()
 def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batch_size: int = 64):
     """R1 stage 3: sample num_samples per prompt, keep up to `keep` correct, well-formed ones as SFT rows."""
-    rank, world = setup_distributed()
+    setup_distributed()
     model = model.to(device())
     out = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length)
-        seeds = [row_seed(cfg.seed, "rs", s + i, j) for i in range(len(chunk)) for j in range(num_samples)]
-        ro = sample(model, ids.repeat_interleave(num_samples, 0).to(device()),
-                    mask.repeat_interleave(num_samples, 0).to(device()), seeds_B=seeds,
-                    max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                    temperature=cfg.temperature, top_p=cfg.top_p)
-        texts = decode_completions(tok, ro)
+    for _, chunk, _, texts in sample_rows(model, tok, rows, num_samples=num_samples, cfg=cfg,
+                                          seed_key=(cfg.seed, "rs"), batch_size=batch_size):
         gold = [r.get(cfg.answer_column) for r in chunk for _ in range(num_samples)]
         ok = [a == 1.0 and f == 1.0 for a, f in zip(accuracy_reward(None, texts, answer=gold),
                                                       format_reward(None, texts))]

@@ -172,11 +172,13 @@ class RewardRunner:
         self.pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
         self.failures = {n: 0 for n in self.names}
 
-    def _call(self, fn, args, kwargs):
+    def _call(self, fn, args, columns):
+        """fn(prompts=..., completions=..., completion_ids=..., **columns), all by keyword as TRL does."""
+        kw = dict(zip(("prompts", "completions", "completion_ids"), args), **columns)
         if inspect.iscoroutinefunction(fn):
-            coro = lambda: asyncio.run(asyncio.wait_for(fn(*args, **kwargs), self.timeout))
+            coro = lambda: asyncio.run(asyncio.wait_for(fn(**kw), self.timeout))
             return self.pool.submit(coro).result(timeout=self.timeout + 1)
-        return self.pool.submit(fn, *args, **kwargs).result(timeout=self.timeout)
+        return self.pool.submit(fn, **kw).result(timeout=self.timeout)
 
     def _run_one(self, name, fn, prompts, completions, completion_ids, columns):
         """values (float or None) and failed flags, per sample."""

@@ -109,6 +109,25 @@ def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id:
     return Rollout(prompt_ids_BP, prompt_mask_BP, comp_BT, mask_BT, ~is_eos_BT.any(1))
 
 
+def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=lambda i: i, greedy=False,
+                temperature=None, sync_ranks=False, batch_size: int = 64):
+    """Sample num_samples completions for each row's prompt, batch by batch. Yields (start, chunk, rollout,
+    texts); completion j of row i sits at i * num_samples + j and is seeded by (seed_key, index(i), j)."""
+    from .data import decode_completions, encode_prompts
+
+    dev = next(model.parameters()).device
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length)
+        seeds = [row_seed(*seed_key, index(s + i), j) for i in range(len(chunk)) for j in range(num_samples)]
+        ro = sample(model, ids.repeat_interleave(num_samples, 0).to(dev),
+                    mask.repeat_interleave(num_samples, 0).to(dev), seeds_B=seeds,
+                    max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
+                    greedy=greedy, sync_ranks=sync_ranks)
+        yield s, chunk, ro, decode_completions(tok, ro)
+
+
 class Policy(torch.nn.Module):
     """Wraps a causal LM so that "prompt+completion -> per-token quantity" runs inside ONE forward.
 

@@ -36,3 +36,20 @@ def test_recipe_distill_sample(tmp_path):
                  f"output_dir={tmp_path / 'samples'}", "kernel_backend=torch"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and set(rows[0]["rewards"]) == {"accuracy", "format"}
+
+
+@pytest.mark.slow
+def test_own_model_dir_and_jsonl_data(tmp_path):
+    """SFT then GRPO from a local model directory on user jsonl data (chat and plain-string prompts)."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(6)]
+    rows += [{"prompt": f"Say {i}", "answer": str(i), "completion": f"<answer>{i}</answer>"} for i in range(2)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [o for o in H.FAST if not o.startswith("task_")] + [f"dataset_name={data}"]
+    assert main(["sft", *common, "max_steps=2", f"output_dir={tmp_path / 'sft'}"]) == 0
+    ckpt = tmp_path / "sft" / "checkpoint-2"
+    assert (ckpt / "tokenizer.json").exists()
+    assert main(["grpo", *common, f"model_name_or_path={ckpt}", "max_steps=2",
+                 f"output_dir={tmp_path / 'grpo'}", f"eval_dataset_name={data}"]) == 0
+    assert len(H.read_metrics(tmp_path / "grpo")) == 2
