@@ -37,7 +37,12 @@ def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, **kw):
     assert_close(out.loss, exp.loss, dtype, name="loss")
     assert_close(out.per_token_logprobs * mask, exp.per_token_logprobs * mask, dtype, name="logp")
     for k in exp.metrics:
-        assert_close(out.metrics[k], exp.metrics[k], dtype, name=k)
+        if k.startswith("clip_ratio") and dtype != torch.float32:
+            # token fractions: a bf16-rounded logit can move a ratio across a clip bound (one token in a few
+            # hundred); the fp32 reference computes the logits unrounded
+            assert abs(out.metrics[k].item() - exp.metrics[k].item()) <= 0.01, k
+        else:
+            assert_close(out.metrics[k], exp.metrics[k], dtype, name=k)
     for t, t64, name in zip(leaves, leaves64, ("hidden", "weight", "bias")):
         assert t.grad.dtype == t.dtype
         assert_close(t.grad, t64.grad, dtype, name=f"grad {name}")
