@@ -36,6 +36,50 @@ def _gate_cases(device, quick):
     return [c for T in Ts for c in _gate_cases_at(T, device, backends, compiled)]
 
 
+class _Graphs:
+    """GPU time without the CPU's launch overhead: fn(*inputs) captured once per input set in a CUDA graph;
+    each call replays the next graph (4 sets of [T, E] fp32 rotate past the 50 MB L2 at T >= 16384)."""
+
+    def __init__(self, fn, input_sets):
+        self.graphs, self.i, self.keep = [], 0, []
+        for args in input_sets:
+            fn(*args)  # warm-up: compile / load outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.keep.append(fn(*args))
+            self.graphs.append(g)
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.graphs)
+        self.graphs[self.i].replay()
+
+
+def _graph_providers(T, device, backends):
+    """Kernel-only (CUDA graph) fwd and fwd+bwd for the gate kernels."""
+    from r1kernels.ops import moe as om
+    impls = {}
+    if "cuda" in backends:
+        impls["cuda"] = om._CPP
+    if "triton" in backends:
+        impls["triton"] = om._TK
+    sets = [(torch.randn(T, E, device=device) * 2, torch.randn(E, device=device) * 0.05) for _ in range(4)]
+    g = torch.randn(T, K, device=device)
+    fwd, fb = {}, {}
+    for name, impl in impls.items():
+        def f(x, b, impl=impl):
+            with torch.no_grad():
+                return impl.route_fwd(x, b, K, G, KG, 2.5, True)
+
+        def fbw(x, b, impl=impl):
+            with torch.no_grad():
+                w, ids, s = impl.route_fwd(x, b, K, G, KG, 2.5, True)
+                return impl.route_bwd(g, ids, s, E, 2.5, True, torch.float32)
+        fwd[f"{name} (graph: GPU time)"] = _Graphs(f, sets)
+        fb[f"{name} (graph: GPU time)"] = _Graphs(fbw, sets)
+    return fwd, fb
+
+
 def _gate_cases_at(T, device, backends, compiled):
     inputs = Rotating(lambda: (torch.randn(T, E, device=device) * 2, torch.randn(E, device=device) * 0.05))
 
@@ -65,9 +109,14 @@ def _gate_cases_at(T, device, backends, compiled):
         peers = ("torch", "torch.compile")
     shape = f"T={T} E={E} top{K} {G}g keep{KG} fp32"
     io = T * E * 4 + T * K * (4 + 8 + 4)
-    return [Case("moe gate fwd", shape, {n: fwd(f) for n, f in provs.items()}, bytes=io, peers=peers),
-            Case("moe gate fwd+bwd", shape, {n: fwd_bwd(f) for n, f in provs.items()},
-                 bytes=io + T * E * 4 + T * K * 4, peers=peers)]
+    p_fwd = {n: fwd(f) for n, f in provs.items()}
+    p_fb = {n: fwd_bwd(f) for n, f in provs.items()}
+    if device == "cuda":
+        g_fwd, g_fb = _graph_providers(T, device, backends)
+        p_fwd |= g_fwd
+        p_fb |= g_fb
+    return [Case("moe gate fwd", shape, p_fwd, bytes=io, peers=peers),
+            Case("moe gate fwd+bwd", shape, p_fb, bytes=io + T * E * 4 + T * K * 4, peers=peers)]
 
 
 def _router_cases(device, quick):
@@ -254,3 +303,44 @@ def _layer_cases(device, quick):
 def cases(device: str, quick: bool) -> list[Case]:
     return _gate_cases(device, quick) + _router_cases(device, quick) + _permute_cases(device, quick) + \
         _layer_cases(device, quick)
+
+
+def profile(T: int = 16384, H: int = 7168):
+    """Per-kernel CUDA time of the router fwd+bwd (fp32 / bf16 GEMM) and permute+unpermute fwd+bwd."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    dev = "cuda"
+    h = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(E, H, device=dev) * H ** -0.5)
+    bias = torch.randn(E, device=dev) * 0.05
+
+    def router(gd):
+        _, tw, _ = rk.moe.router(h, w, bias, top_k=K, n_group=G, topk_group=KG, gemm_dtype=gd)
+        torch.autograd.grad(tw, (h, w), torch.ones_like(tw))
+
+    ids = ref.route(torch.randn(T, E, device=dev), bias, K, G, KG)[1]
+    tw = torch.rand(T, K, device=dev, requires_grad=True)
+
+    def perm():
+        p, rm, _ = rk.moe.permute(h, ids, E)
+        out = rk.moe.unpermute(p, rm, tw)
+        torch.autograd.grad(out, (h, tw), out)
+
+    for name, fn in (("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
+                     ("permute+unpermute", perm)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        print(f"\n== profile: {name} (5 iterations)")
+        try:
+            print(p.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
+        except (AttributeError, KeyError, ValueError):
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    profile()

@@ -13,6 +13,8 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
 #include "moe.h"
 
@@ -34,8 +36,27 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 
 template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
 
+// 1 / (1 + expf(-x)) correctly rounded: the IEEE reciprocal equals the IEEE quotient 1/d.
 __device__ __forceinline__ float sigmoid_exact(float x) {
-  return __fdiv_rn(1.0f, __fadd_rn(1.0f, __nv_expf(-x)));
+  return __frcp_rn(__fadd_rn(1.0f, __nv_expf(-x)));
+}
+
+// Warp argmax over (key, index): the largest key, ties to the lowest index; every lane gets the index.
+template <bool REDUX>
+__device__ __forceinline__ int warp_argmax(int key, int idx) {
+  if constexpr (REDUX) {
+    const int m = __reduce_max_sync(FULL, key);
+    return __reduce_min_sync(FULL, key == m ? idx : INT_MAX);
+  } else {
+    unsigned long long k = (static_cast<unsigned long long>(static_cast<unsigned>(key) ^ 0x80000000u) << 32) |
+                           (0xffffffffu - static_cast<unsigned>(idx));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(FULL, k, o);
+      k = other > k ? other : k;
+    }
+    return static_cast<int>(0xffffffffu - static_cast<unsigned>(k & 0xffffffffu));
+  }
 }
 
 // Order-preserving map float -> int32 (larger float, larger int). INT_MIN stays below every float.
@@ -62,7 +83,7 @@ __device__ __forceinline__ void load_row(const scalar_t* p, bool vec, float (&ou
   }
 }
 
-template <typename scalar_t, int VPT>
+template <typename scalar_t, int VPT, bool REDUX>
 __global__ void __launch_bounds__(256) route_fwd_kernel(const scalar_t* __restrict__ logits,
                                                         const float* __restrict__ bias, int64_t T, int n_group,
                                                         int topk_group, int top_k, float scale, bool norm, bool vec,
@@ -111,8 +132,7 @@ __global__ void __launch_bounds__(256) route_fwd_kernel(const scalar_t* __restri
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
       if (key[j] > bk) { bk = key[j]; bj = j; bs = s[j]; }
-    const int m = __reduce_max_sync(FULL, bk);
-    const int id = __reduce_min_sync(FULL, bk == m ? base + bj : INT_MAX);
+    const int id = warp_argmax<REDUX>(bk, base + bj);
     const int owner = id / VPT;
     const float sv = __shfl_sync(FULL, bs, owner);
     if (lane == owner) {
@@ -387,6 +407,18 @@ cudaError_t dispatch_vpt(int64_t E, F&& f) {
 
 inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
+// Top-k argmax flavour: redux.sync (default) or a 64-bit shuffle butterfly (R1K_MOE_TOPK=shfl), for measuring.
+bool topk_redux() {
+  static const bool redux = [] {
+    const char* v = std::getenv("R1K_MOE_TOPK");
+    return !(v && std::strcmp(v, "shfl") == 0);
+  }();
+  return redux;
+}
+
+// Row kernels: 128 threads (H=7168 bf16 is 896 16-byte vectors = 7 per thread, no ragged tail).
+constexpr int ROW_THREADS = 128;
+
 }  // namespace
 
 bool moe_route_supported(int64_t E, int64_t n_group, int64_t top_k) {
@@ -407,9 +439,10 @@ cudaError_t moe_route_fwd(const void* logits, int dtype, const float* bias, int6
     return dispatch_vpt<scalar_t>(E, [&](auto vpt) {
       constexpr int VPT = decltype(vpt)::value;
       const bool vec = aligned(logits, sizeof(scalar_t) * VPT) && aligned(bias, sizeof(float) * VPT);
-      route_fwd_kernel<scalar_t, VPT><<<blocks, threads, 0, stream>>>(
-          static_cast<const scalar_t*>(logits), bias, T, static_cast<int>(n_group), static_cast<int>(topk_group),
-          static_cast<int>(top_k), scale, norm, vec, weights, ids, s_sel);
+      auto kernel = topk_redux() ? route_fwd_kernel<scalar_t, VPT, true> : route_fwd_kernel<scalar_t, VPT, false>;
+      kernel<<<blocks, threads, 0, stream>>>(static_cast<const scalar_t*>(logits), bias, T, static_cast<int>(n_group),
+                                             static_cast<int>(topk_group), static_cast<int>(top_k), scale, norm, vec,
+                                             weights, ids, s_sel);
       return cudaGetLastError();
     });
   });
@@ -463,9 +496,9 @@ cudaError_t moe_permute_rows(const void* hidden, const int64_t* row_map, int64_t
     const auto* h = static_cast<const scalar_t*>(hidden);
     auto* o = static_cast<scalar_t*>(out);
     if (H % VEC == 0 && aligned(hidden, 16) && aligned(out, 16))
-      permute_rows_kernel<scalar_t, VEC><<<T, 256, 0, stream>>>(h, row_map, static_cast<int>(K), H, o);
+      permute_rows_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(h, row_map, static_cast<int>(K), H, o);
     else
-      permute_rows_kernel<scalar_t, 1><<<T, 256, 0, stream>>>(h, row_map, static_cast<int>(K), H, o);
+      permute_rows_kernel<scalar_t, 1><<<T, ROW_THREADS, 0, stream>>>(h, row_map, static_cast<int>(K), H, o);
     return cudaGetLastError();
   });
 }
@@ -479,9 +512,9 @@ cudaError_t moe_unpermute_rows(const void* x, const int64_t* row_map, const floa
     const auto* xp = static_cast<const scalar_t*>(x);
     auto* o = static_cast<scalar_t*>(out);
     if (H % VEC == 0 && aligned(x, 16) && aligned(out, 16))
-      unpermute_rows_kernel<scalar_t, VEC><<<T, 256, 0, stream>>>(xp, row_map, w, static_cast<int>(K), H, o);
+      unpermute_rows_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(xp, row_map, w, static_cast<int>(K), H, o);
     else
-      unpermute_rows_kernel<scalar_t, 1><<<T, 256, 0, stream>>>(xp, row_map, w, static_cast<int>(K), H, o);
+      unpermute_rows_kernel<scalar_t, 1><<<T, ROW_THREADS, 0, stream>>>(xp, row_map, w, static_cast<int>(K), H, o);
     return cudaGetLastError();
   });
 }
@@ -497,10 +530,10 @@ cudaError_t moe_unpermute_bwd(const void* grad_out, const void* x, const int64_t
     const auto* xp = static_cast<const scalar_t*>(x);
     auto* gx = static_cast<scalar_t*>(grad_x);
     if (H % VEC == 0 && aligned(grad_out, 16) && aligned(x, 16) && aligned(grad_x, 16))
-      unpermute_bwd_kernel<scalar_t, VEC><<<T, 256, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
+      unpermute_bwd_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
                                                                   grad_w);
     else
-      unpermute_bwd_kernel<scalar_t, 1><<<T, 256, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
+      unpermute_bwd_kernel<scalar_t, 1><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
                                                                 grad_w);
     return cudaGetLastError();
   });

@@ -120,6 +120,73 @@ def router_logits(hidden, weight, gemm_dtype=None):
     return torch.nn.functional.linear(hidden.float(), weight.float())
 
 
+# ---------------------------------------------------------------- eager fast path
+# In eager mode the public functions call the kernels through plain autograd.Functions, below the
+# dispatcher's autograd layer (the torch.library autograd wrappers cost tens of microseconds per call,
+# more than the gate kernel itself); under torch.compile they call the registered custom ops.
+class _Impl:
+    """One backend's raw callables: route_fwd/route_bwd/permute_rows/unpermute_rows/unpermute_bwd."""
+
+    def __init__(self, route_fwd, route_bwd, permute_rows, unpermute_rows, unpermute_bwd):
+        self.route_fwd, self.route_bwd = route_fwd, route_bwd
+        self.permute_rows, self.unpermute_rows, self.unpermute_bwd = permute_rows, unpermute_rows, unpermute_bwd
+
+
+class _RouteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, n_group, topk_group, scale, norm, impl):
+        with torch._C._AutoDispatchBelowAutograd():
+            w, ids, s = impl.route_fwd(logits, bias, top_k, n_group, topk_group, scale, norm)
+        ctx.save_for_backward(ids, s)
+        ctx.meta = (logits.shape[1], scale, norm, logits.dtype, impl)
+        ctx.mark_non_differentiable(ids)
+        return w, ids
+
+    @staticmethod
+    def backward(ctx, grad_w, grad_ids):
+        ids, s = ctx.saved_tensors
+        E, scale, norm, dtype, impl = ctx.meta
+        with torch._C._AutoDispatchBelowAutograd():
+            g = impl.route_bwd(grad_w, ids, s, E, scale, norm, dtype)
+        return g, None, None, None, None, None, None, None
+
+
+class _PermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, row_map, top_k, impl):
+        ctx.save_for_backward(row_map)
+        ctx.meta = (top_k, impl)
+        with torch._C._AutoDispatchBelowAutograd():
+            return impl.permute_rows(hidden, row_map, top_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_map,) = ctx.saved_tensors
+        top_k, impl = ctx.meta
+        with torch._C._AutoDispatchBelowAutograd():
+            return impl.unpermute_rows(grad, row_map, None, top_k), None, None, None
+
+
+class _UnpermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, row_map, w, impl):
+        ctx.save_for_backward(x, row_map, w)
+        ctx.impl = impl
+        with torch._C._AutoDispatchBelowAutograd():
+            return impl.unpermute_rows(x, row_map, w, w.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, row_map, w = ctx.saved_tensors
+        with torch._C._AutoDispatchBelowAutograd():
+            gx, gw = ctx.impl.unpermute_bwd(grad, x, row_map, w)
+        return gx, None, gw.to(w.dtype), None
+
+
+def _compiling():
+    return torch.compiler.is_compiling()
+
+
 def route_eligible(logits, bias, top_k, n_group, topk_group, *a, **k):
     E = logits.shape[1]
     return (logits.dtype in _FLOAT and E in (32, 64, 128, 256, 512) and 1 <= n_group <= 32
@@ -151,15 +218,24 @@ if HAS_CPP:
     _register("cpp", OPS.moe_route_backward, OPS.moe_unpermute, OPS.moe_unpermute_backward,
               OPS.moe_permute.default, OPS.moe_unpermute.default, OPS.moe_route.default)
 
+    _CPP = _Impl(OPS.moe_route.default, OPS.moe_route_backward.default, OPS.moe_permute.default,
+                 OPS.moe_unpermute.default, OPS.moe_unpermute_backward.default)
+
     def route_cuda(logits, bias, top_k, n_group, topk_group, scale=1.0, norm=True):
+        if not _compiling():
+            return _RouteFn.apply(logits, bias, top_k, n_group, topk_group, float(scale), bool(norm), _CPP)
         w, ids, _ = OPS.moe_route(logits, bias, top_k, n_group, topk_group, float(scale), bool(norm))
         return w, ids
 
     def permute_cuda(hidden, topk_ids, num_experts):
         row_map, counts = OPS.moe_permute_index(topk_ids, num_experts)
+        if not _compiling():
+            return _PermuteFn.apply(hidden, row_map, topk_ids.shape[1], _CPP), row_map, counts
         return OPS.moe_permute(hidden, row_map, topk_ids.shape[1]), row_map, counts
 
     def unpermute_cuda(expert_out, row_map, topk_weights):
+        if not _compiling():
+            return _UnpermuteFn.apply(expert_out, row_map, topk_weights, _CPP)
         return OPS.moe_unpermute(expert_out, row_map, topk_weights, topk_weights.shape[1])
 
     _cuda = {"cuda"} if _backend.extension_has("moe_route", "CUDA") else set()
@@ -216,7 +292,16 @@ if _tk is not None:
     _register("triton", _route_bwd_triton, _unpermute_triton, _unpermute_bwd_triton, _permute_triton,
               _unpermute_triton, _route_triton)
 
+    _TK = _Impl(
+        lambda x, b, *a: _tk.route_fwd(x.contiguous(), b.float().contiguous(), *a),
+        lambda g, ids, s, *a: _tk.route_bwd(g.float().contiguous(), ids, s, *a),
+        lambda h, rm, k: _tk.permute_rows(h.contiguous(), rm, k),
+        lambda x, rm, w, k: _tk.unpermute_rows(x.contiguous(), rm, None if w is None else w.float().contiguous(), k),
+        lambda g, x, rm, w: _tk.unpermute_bwd(g.to(x.dtype).contiguous(), x.contiguous(), rm, w.float().contiguous()))
+
     def route_triton(logits, bias, top_k, n_group, topk_group, scale=1.0, norm=True):
+        if not _compiling():
+            return _RouteFn.apply(logits, bias, top_k, n_group, topk_group, float(scale), bool(norm), _TK)
         w, ids, _ = _route_triton(logits, bias, top_k, n_group, topk_group, float(scale), bool(norm))
         return w, ids
 
@@ -229,9 +314,13 @@ if _tk is not None:
 
     def permute_triton(hidden, topk_ids, num_experts):
         row_map, counts = permute_index_torch(topk_ids, num_experts)
+        if not _compiling():
+            return _PermuteFn.apply(hidden, row_map, topk_ids.shape[1], _TK), row_map, counts
         return _permute_triton(hidden, row_map, topk_ids.shape[1]), row_map, counts
 
     def unpermute_triton(expert_out, row_map, topk_weights):
+        if not _compiling():
+            return _UnpermuteFn.apply(expert_out, row_map, topk_weights, _TK)
         return _unpermute_triton(expert_out, row_map, topk_weights, topk_weights.shape[1])
 
     route_triton.eligible = lambda logits, bias, top_k, n_group, *a, **k: (
