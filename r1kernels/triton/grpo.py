@@ -123,7 +123,7 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
     h = pid % SPLIT
     q = pid // SPLIT
     nq = tl.num_programs(0) // SPLIT
-    half = tl.cdiv(tl.cdiv(V, SPLIT), BLOCK) * BLOCK
+    half = tl.cdiv(tl.cdiv(V, SPLIT), 64) * 64  # balanced halves (each with its own partial last block)
     c0 = h * half
     c1 = tl.minimum(V, c0 + half)
     offs = tl.arange(0, BLOCK)
