@@ -223,7 +223,8 @@ def grpo_token(x, ids, adv, mask, old, ref, scale_B, logp, stats, dx, dx_strides
     grid = int(os.environ.get("R1K_GRPO_GRID", 0)) if not INTERPRET else 0
     if split == 2:  # every program must be resident at once (they wait on each other): one per SM, pairs
         n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
-        grid = 2 * max(1, min(grid or n_sm, n_sm) // 2)
+        # R1K_GRPO_GRID may ask for up to 2 per SM (tuning only: needs 2 resident programs per SM)
+        grid = 2 * max(1, min(grid or n_sm, 2 * n_sm) // 2)
     grid = min(N * split, grid) if grid > 0 else N
     part = torch.empty(max(grid, 2) * 4, device=x.device, dtype=torch.float32) if split == 2 else dummy
     flags = torch.zeros(max(grid, 2), device=x.device, dtype=torch.int32) if split == 2 else dummy
