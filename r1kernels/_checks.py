@@ -1,6 +1,8 @@
 """Input validation shared by every public op: each failure is a ValueError naming the argument."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,12 +42,36 @@ def shape(name, x, expected, what=""):
         raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(x.shape)}")
 
 
-def labels_in_range(name, labels, V, ignore_index=None):
+# Value checks (label range, NaN) need the data. On CPU they raise ValueError at once. On a GPU, reading
+# the answer back is a host sync that idles the GPU while the host then launches the op (measured on an
+# H100: 1.03 vs 0.81 ms for token_logprobs at N=8192, V=151936), so there they run asynchronously through
+# torch._assert_async (a device-side assert, as torch's own cross_entropy does), unless
+# R1K_SYNC_CHECKS=1 asks for ValueError at the price of the sync.
+SYNC_CHECKS = os.environ.get("R1K_SYNC_CHECKS", "0") == "1"
+
+
+def _value_check(ok: torch.Tensor, message: str):
+    if ok.device.type == "cpu" or SYNC_CHECKS:
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def labels_in_range(name, labels, V):
     if labels.numel() == 0:
         return
-    lab = labels if ignore_index is None else labels[labels != ignore_index]
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= V):
-        raise ValueError(f"{name} must lie in [0, {V}), got values in [{int(lab.min())}, {int(lab.max())}]")
+    if labels.device.type == "cpu" or SYNC_CHECKS:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"{name} must lie in [0, {V}), got values in [{lo}, {hi}]")
+        return
+    lo, hi = torch.aminmax(labels)
+    _value_check((lo >= 0) & (hi < V), f"{name} must lie in [0, {V})")
+
+
+def no_nan(name, x, hint=""):
+    _value_check(~torch.isnan(x).any(), f"{name} contains NaN{hint}")
 
 
 def positive(name, v, *, allow_zero=False):
