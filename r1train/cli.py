@@ -12,11 +12,16 @@ import logging
 import os
 import sys
 
+# Idle OpenMP threads sleep instead of spinning (must be set before torch loads): on a small shared CPU
+# a spinning runtime made the demo ~15x slower whenever another process was busy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 COMMANDS = {
     "demo": "cold-start SFT of a tiny model on the built-in task, then GRPO; prints accuracy before/after RL",
     "sft": "supervised fine-tuning (prompt-completion rows)",
     "grpo": "GRPO reinforcement learning with rule rewards",
-    "sample": "sample num_generations completions per prompt, score them, write samples.jsonl",
+    "sample": "sample num_generations completions per prompt (the first max_steps prompts; -1: all), score "
+              "them, write output_dir/samples.jsonl",
     "distill": "SFT a student on a teacher's correct samples (teacher_model=...)",
     "pipeline": "the R1 recipe: cold-start SFT -> RL -> rejection-sampling SFT -> RL",
 }
