@@ -70,6 +70,16 @@ def test_bad_dataset_rows(tmp_path, bad, msg):
     assert msg in str(e.value) and "d.jsonl" in str(e.value)
 
 
+def test_parquet_rows_and_bad_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"prompt": ["1+1?", ""], "answer": ["2", "3"]}), path)
+    with pytest.raises(DatasetError, match="row 1: 'prompt' is an empty string"):
+        load_rows(path)
+
+
 def test_sft_rows_need_completion(tmp_path):
     path = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     with pytest.raises(DatasetError, match="row 1: missing column 'completion'"):

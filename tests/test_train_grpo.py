@@ -78,3 +78,19 @@ def test_deepseek_v3_bias_update_balances_experts(tmp_path):
     b = t.expert_load.routers[0].e_score_correction_bias
     assert (b[:2] < 0.3).all() and b[2:].mean() > 0
     assert all(math.isfinite(h["loss"]) for h in hist)
+
+
+def _flaky(prompts, completions, completion_ids=None, **_):
+    """Raises on any batch holding a completion whose first token id is odd (the runner then retries
+    sample by sample and skips exactly those)."""
+    if any(ids and ids[0] % 2 for ids in completion_ids):
+        raise RuntimeError("flaky reward")
+    return [1.0] * len(completions)
+
+
+def test_failing_reward_skips_samples_not_the_run(tmp_path):
+    t = _grpo(tmp_path, "max_steps=2", reward_funcs=[H.digit_share, _flaky])
+    hist = t.train()
+    assert sum(h["rewards/failed"] for h in hist) > 0
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert t.rewards.failures["_flaky"] == sum(h["rewards/failed"] for h in hist)
