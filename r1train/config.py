@@ -40,6 +40,7 @@ class TrainConfig:
     task_min_terms: int = f(3, "arith task: fewest operands")
     task_max_terms: int = f(4, "arith task: most operands")
     task_max_operand: int = f(9, "arith task: operands are 1..task_max_operand")
+    task_ops: str = f("+-", "arith task: operators to draw from ('+', '-' or '+-')")
     task_train_size: int = f(4000, "arith task: number of training problems")
     task_eval_size: int = f(200, "arith task: number of held-out problems")
     task_flaw_share: float = f(0.5, "arith task: share of cold-start SFT solutions with one wrong step")

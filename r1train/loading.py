@@ -52,7 +52,10 @@ def maybe_patch(model, cfg: TrainConfig):
 
 
 def task_spec(cfg: TrainConfig) -> ArithSpec:
-    return ArithSpec(cfg.task_min_terms, cfg.task_max_terms, cfg.task_max_operand)
+    try:
+        return ArithSpec(cfg.task_min_terms, cfg.task_max_terms, cfg.task_max_operand, cfg.task_ops)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def load_datasets(cfg: TrainConfig, sft: bool = False):

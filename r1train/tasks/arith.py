@@ -8,7 +8,8 @@ evaluates left to right, one step per line, inside <think></think>, then gives t
 A *flawed* solution gets one step's result wrong by a small amount and carries the error to the end (so
 its answer is wrong but the chain is self-consistent): the cold-start SFT data teaches the model to make
 such slips at a rate close to `flaw_share`, and RL has something to fix.
-Invariants: running totals never go negative; the same (seed, index) always gives the same problem.
+Invariants: correct running totals never go negative (a flawed chain may dip below zero after its
+slip); the same seed always gives the same problems.
 """
 
 from __future__ import annotations
