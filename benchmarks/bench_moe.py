@@ -36,50 +36,6 @@ def _gate_cases(device, quick):
     return [c for T in Ts for c in _gate_cases_at(T, device, backends, compiled)]
 
 
-class _Graphs:
-    """GPU time without the CPU's launch overhead: fn(*inputs) captured once per input set in a CUDA graph;
-    each call replays the next graph (4 sets of [T, E] fp32 rotate past the 50 MB L2 at T >= 16384)."""
-
-    def __init__(self, fn, input_sets):
-        self.graphs, self.i, self.keep = [], 0, []
-        for args in input_sets:
-            fn(*args)  # warm-up: compile / load outside the capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self.keep.append(fn(*args))
-            self.graphs.append(g)
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.graphs)
-        self.graphs[self.i].replay()
-
-
-def _graph_providers(T, device, backends):
-    """Kernel-only (CUDA graph) fwd and fwd+bwd for the gate kernels."""
-    from r1kernels.ops import moe as om
-    impls = {}
-    if "cuda" in backends:
-        impls["cuda"] = om._CPP
-    if "triton" in backends:
-        impls["triton"] = om._TK
-    sets = [(torch.randn(T, E, device=device) * 2, torch.randn(E, device=device) * 0.05) for _ in range(4)]
-    g = torch.randn(T, K, device=device)
-    fwd, fb = {}, {}
-    for name, impl in impls.items():
-        def f(x, b, impl=impl):
-            with torch.no_grad():
-                return impl.route_fwd(x, b, K, G, KG, 2.5, True)
-
-        def fbw(x, b, impl=impl):
-            with torch.no_grad():
-                w, ids, s = impl.route_fwd(x, b, K, G, KG, 2.5, True)
-                return impl.route_bwd(g, ids, s, E, 2.5, True, torch.float32)
-        fwd[f"{name} (graph: GPU time)"] = _Graphs(f, sets)
-        fb[f"{name} (graph: GPU time)"] = _Graphs(fbw, sets)
-    return fwd, fb
-
-
 def _gate_cases_at(T, device, backends, compiled):
     inputs = Rotating(lambda: (torch.randn(T, E, device=device) * 2, torch.randn(E, device=device) * 0.05))
 
@@ -111,10 +67,6 @@ def _gate_cases_at(T, device, backends, compiled):
     io = T * E * 4 + T * K * (4 + 8 + 4)
     p_fwd = {n: fwd(f) for n, f in provs.items()}
     p_fb = {n: fwd_bwd(f) for n, f in provs.items()}
-    if device == "cuda":
-        g_fwd, g_fb = _graph_providers(T, device, backends)
-        p_fwd |= g_fwd
-        p_fb |= g_fb
     return [Case("moe gate fwd", shape, p_fwd, bytes=io, peers=peers),
             Case("moe gate fwd+bwd", shape, p_fb, bytes=io + T * E * 4 + T * K * 4, peers=peers)]
 
@@ -180,14 +132,16 @@ def _permute_cases(device, quick):
         _STATE["inputs"] = Rotating(lambda: (torch.randn(T, H, device=device, dtype=dtype), ids.pop(),
                                              torch.rand(T, K, device=device)), n=2)
 
-    def run_with(backend, bwd=False):
+    def run_with(backend, bwd=False, checked=True):
+        permute, unpermute = (rk.moe.permute, rk.moe.unpermute) if checked else (rk.moe._permute, rk.moe._unpermute)
+
         def run():
             h, ids, w = _STATE["inputs"].next()
             if bwd:
                 h = h.detach().requires_grad_()
                 w = w.detach().requires_grad_()
-            p, row_map, _ = rk.moe.permute(h, ids, E, backend=backend)
-            out = rk.moe.unpermute(p, row_map, w, backend=backend)
+            p, row_map, _ = permute(h, ids, E, backend=backend)
+            out = unpermute(p, row_map, w, backend=backend)
             if bwd:
                 return torch.autograd.grad(out, (h, w), out)
             return out
@@ -218,6 +172,8 @@ def _permute_cases(device, quick):
     cases = []
     for bwd in (False, True):
         provs = {"torch": run_with("torch", bwd)} | {b: run_with(b, bwd) for b in backends}
+        if "cuda" in backends:  # the patch's path: ids from the router, no id-range check (no device sync)
+            provs["cuda (unchecked)"] = run_with("cuda", bwd, checked=False)
         provs["transformers-style"] = hf_like(bwd)
         cases.append(Case("moe permute+unpermute" + (" fwd+bwd" if bwd else " fwd"), shape, provs,
                           bytes=bwd_bytes if bwd else fwd_bytes, peers=("torch", "transformers-style"),
@@ -305,8 +261,24 @@ def cases(device: str, quick: bool) -> list[Case]:
         _layer_cases(device, quick)
 
 
-def profile(T: int = 16384, H: int = 7168):
-    """Per-kernel CUDA time of the router fwd+bwd (fp32 / bf16 GEMM) and permute+unpermute fwd+bwd."""
+def _kernel_times(p, iters):
+    """{kernel name: mean device microseconds per iteration} from a profiler run of `iters` iterations."""
+    out = {}
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t:
+            out[e.key[:90]] = round(t / iters, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_only: bool = False):
+    """Per-kernel device time (torch.profiler, no CPU launch overhead) of the gate fwd+bwd at
+    T in {4096, 16384, 65536}, the router fwd+bwd (fp32 / bf16 GEMM) and permute+unpermute fwd+bwd."""
+    import json
+    import os
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
     dev = "cuda"
@@ -326,21 +298,42 @@ def profile(T: int = 16384, H: int = 7168):
         out = rk.moe.unpermute(p, rm, tw)
         torch.autograd.grad(out, (h, tw), out)
 
-    for name, fn in (("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
-                     ("permute+unpermute", perm)):
+    def gate(Tg, backend):
+        xs = [torch.randn(Tg, E, device=dev) * 2 for _ in range(4)]
+        i = [0]
+
+        def run():
+            i[0] = (i[0] + 1) % 4
+            x = xs[i[0]].requires_grad_()
+            w, _ = rk.moe.route(x, bias, top_k=K, n_group=G, topk_group=KG, backend=backend)
+            torch.autograd.grad(w, x, torch.ones_like(w))
+        return run
+
+    cases = [(f"gate fwd+bwd T={t} {b}", gate(t, b)) for t in (4096, 16384, 65536) for b in ("cuda", "triton")
+             if b in rk._backend.available("route", dev)]
+    cases += [] if gate_only else [("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
+              ("permute+unpermute fwd+bwd", perm)]
+    result = {"env": {k: os.environ.get(k) for k in ("R1K_MOE_TOPK", "R1K_MOE_GATE_BLOCKS_PER_SM")},
+              "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "commit": os.environ.get("R1K_COMMIT", ""), "us_per_iteration": {}}
+    for name, fn in cases:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
         with prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(5):
+            for _ in range(10):
                 fn()
             torch.cuda.synchronize()
-        print(f"\n== profile: {name} (5 iterations)")
-        try:
-            print(p.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
-        except (AttributeError, KeyError, ValueError):
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        times = _kernel_times(p, 10)
+        result["us_per_iteration"][name] = times
+        print(f"\n== {name}: {sum(times.values()):.1f} us/iteration on the GPU")
+        for k, v in list(times.items())[:8]:
+            print(f"   {v:9.1f} us  {k}")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
-    profile()
+    import sys
+    profile(out_json=sys.argv[1] if len(sys.argv) > 1 else None, gate_only="gate" in sys.argv[2:])

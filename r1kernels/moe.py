@@ -82,7 +82,20 @@ def permute(hidden, topk_ids, num_experts, *, backend="auto"):
     _check_int("num_experts", num_experts)
     _checks.same_device(hidden=hidden, topk_ids=topk_ids)
     if _eager():
-        _checks.labels_in_range("topk_ids", topk_ids, num_experts)
+        _in_range("topk_ids", topk_ids, num_experts)
+    return _permute(hidden, topk_ids, num_experts, backend)
+
+
+def _in_range(name, ids, n):
+    """ids in [0, n): one reduction and one device sync (aminmax)."""
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")
+
+
+def _permute(hidden, topk_ids, num_experts, backend="auto"):
+    """permute without the data-dependent id check (no device sync): ids known valid (from route)."""
     fn = _backend.pick("permute", backend, hidden.device, hidden, topk_ids, num_experts)
     return (fn or _ref.permute)(hidden, topk_ids, num_experts)
 
@@ -98,7 +111,12 @@ def unpermute(expert_out, row_map, topk_weights, *, backend="auto"):
         raise ValueError(f"expert_out must have {n} rows (T*K of topk_weights), got {tuple(expert_out.shape)}")
     _checks.same_device(expert_out=expert_out, row_map=row_map, topk_weights=topk_weights)
     if _eager():
-        _checks.labels_in_range("row_map", row_map, n)
+        _in_range("row_map", row_map, n)
+    return _unpermute(expert_out, row_map, topk_weights, backend)
+
+
+def _unpermute(expert_out, row_map, topk_weights, backend="auto"):
+    """unpermute without the data-dependent row_map check (no device sync): row_map from permute."""
     fn = _backend.pick("unpermute", backend, expert_out.device, expert_out, row_map, topk_weights)
     return (fn or _ref.unpermute)(expert_out, row_map, topk_weights)
 

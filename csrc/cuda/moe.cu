@@ -12,7 +12,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -83,24 +85,18 @@ __device__ __forceinline__ void load_row(const scalar_t* p, bool vec, float (&ou
   }
 }
 
-template <typename scalar_t, int VPT, bool REDUX>
-__global__ void __launch_bounds__(256) route_fwd_kernel(const scalar_t* __restrict__ logits,
-                                                        const float* __restrict__ bias, int64_t T, int n_group,
-                                                        int topk_group, int top_k, float scale, bool norm, bool vec,
-                                                        float* __restrict__ w_out, int64_t* __restrict__ ids_out,
-                                                        float* __restrict__ s_out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  if (t >= T) return;  // whole warps exit together
-  constexpr int E = 32 * VPT;
+// One token's routing by one warp: x = this lane's VPT logits (as float), b = its VPT biases.
+template <int VPT, bool REDUX>
+__device__ __forceinline__ void route_token(const float (&x)[VPT], const float (&b)[VPT], int64_t t, int lane,
+                                            int n_group, int topk_group, int top_k, float scale, bool norm,
+                                            float* __restrict__ w_out, int64_t* __restrict__ ids_out,
+                                            float* __restrict__ s_out) {
   const int base = lane * VPT;
-  float s[VPT], c[VPT], b[VPT];
-  load_row<scalar_t, VPT>(logits + t * E + base, vec, s);
-  load_row<float, VPT>(bias + base, true, b);
+  float s[VPT], c[VPT];
   float a1 = -INFINITY, a2 = -INFINITY;
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
-    s[j] = sigmoid_exact(s[j]);
+    s[j] = sigmoid_exact(x[j]);
     c[j] = __fadd_rn(s[j], b[j]);
     if (c[j] > a1) { a2 = a1; a1 = c[j]; } else if (c[j] > a2) { a2 = c[j]; }
   }
@@ -148,6 +144,45 @@ __global__ void __launch_bounds__(256) route_fwd_kernel(const scalar_t* __restri
     w_out[t * top_k + lane] = __fmul_rn(w, scale);
     ids_out[t * top_k + lane] = my_id;
     s_out[t * top_k + lane] = my_s;
+  }
+}
+
+// Persistent warps: each warp walks tokens t, t + stride, ... and loads the next token's logits before
+// routing the current one, so the DRAM latency overlaps the (latency-bound) warp-level selection.
+template <typename scalar_t, int VPT>
+__device__ __forceinline__ void load_raw(const scalar_t* p, bool vec, scalar_t (&out)[VPT]) {
+  if (vec) {
+    const Pack<scalar_t, VPT> pk = *reinterpret_cast<const Pack<scalar_t, VPT>*>(p);
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) out[j] = pk.v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) out[j] = p[j];
+  }
+}
+
+template <typename scalar_t, int VPT, bool REDUX>
+__global__ void __launch_bounds__(256) route_fwd_kernel(const scalar_t* __restrict__ logits,
+                                                        const float* __restrict__ bias, int64_t T, int n_group,
+                                                        int topk_group, int top_k, float scale, bool norm, bool vec,
+                                                        float* __restrict__ w_out, int64_t* __restrict__ ids_out,
+                                                        float* __restrict__ s_out) {
+  constexpr int E = 32 * VPT;
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (t >= T) return;  // whole warps exit together
+  const int base = lane * VPT;
+  float b[VPT];
+  scalar_t nxt[VPT];  // raw (unconverted) next row: no instruction waits on its load until the next iteration
+  load_row<float, VPT>(bias + base, true, b);
+  load_raw<scalar_t, VPT>(logits + t * E + base, vec, nxt);
+  for (; t < T; t += stride) {
+    float x[VPT];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) x[j] = to_f(nxt[j]);
+    if (t + stride < T) load_raw<scalar_t, VPT>(logits + (t + stride) * E + base, vec, nxt);
+    route_token<VPT, REDUX>(x, b, t, lane, n_group, topk_group, top_k, scale, norm, w_out, ids_out, s_out);
   }
 }
 
@@ -383,6 +418,63 @@ __global__ void __launch_bounds__(256) unpermute_bwd_kernel(const scalar_t* __re
   }
 }
 
+// K <= 8: each thread keeps the K partial dot products in registers and issues the K row loads together;
+// one block reduction at the end (the generic kernel above reduces once per k).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(128) unpermute_bwd_k8_kernel(const scalar_t* __restrict__ grad_out,
+                                                               const scalar_t* __restrict__ x,
+                                                               const int64_t* __restrict__ row_map,
+                                                               const float* __restrict__ w, int K, int64_t H,
+                                                               scalar_t* __restrict__ grad_x,
+                                                               float* __restrict__ grad_w) {
+  using P = Pack<scalar_t, VEC>;
+  constexpr int MAXK = 8;
+  __shared__ float red[MAXK][32];
+  const int64_t t = blockIdx.x;
+  const int64_t nv = H / VEC;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int64_t r[MAXK];
+  float wk[MAXK], part[MAXK];
+#pragma unroll
+  for (int k = 0; k < MAXK; ++k) {
+    r[k] = k < K ? row_map[t * K + k] : 0;
+    wk[k] = k < K ? w[t * K + k] : 0.0f;
+    part[k] = 0.0f;
+  }
+  const P* g = reinterpret_cast<const P*>(grad_out + t * H);
+  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+    const P gv = g[v];
+    P xv[MAXK];
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k)
+      if (k < K) xv[k] = reinterpret_cast<const P*>(x + r[k] * H)[v];
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k) {
+      if (k < K) {
+        P o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float gf = to_f(gv.v[j]);
+          part[k] = fmaf(gf, to_f(xv[k].v[j]), part[k]);
+          o.v[j] = from_f<scalar_t>(wk[k] * gf);
+        }
+        reinterpret_cast<P*>(grad_x + r[k] * H)[v] = o;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < MAXK; ++k) {
+    const float v = warp_sum(part[k]);
+    if (lane == 0) red[k][warp] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < K) {
+    float acc = 0.0f;
+    for (int i = 0; i < nw; ++i) acc += red[threadIdx.x][i];
+    grad_w[t * K + threadIdx.x] = acc;
+  }
+}
+
 template <typename F>
 cudaError_t dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
@@ -416,6 +508,19 @@ bool topk_redux() {
   return redux;
 }
 
+// Persistent gate grid: R1K_MOE_GATE_BLOCKS_PER_SM (default 4; 0 = one token per warp, no persistence).
+int64_t gate_blocks() {
+  static const int64_t blocks = [] {
+    int dev = 0, sms = 132;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const char* v = std::getenv("R1K_MOE_GATE_BLOCKS_PER_SM");
+    const int64_t per_sm = v ? std::atoll(v) : 4;
+    return per_sm > 0 ? per_sm * sms : INT64_MAX;
+  }();
+  return blocks;
+}
+
 // Row kernels: 128 threads (H=7168 bf16 is 896 16-byte vectors = 7 per thread, no ragged tail).
 constexpr int ROW_THREADS = 128;
 
@@ -433,7 +538,7 @@ cudaError_t moe_route_fwd(const void* logits, int dtype, const float* bias, int6
   if (!moe_route_supported(E, n_group, top_k)) return cudaErrorInvalidValue;
   if (T == 0) return cudaSuccess;
   const int threads = 256;
-  const int64_t blocks = (T * 32 + threads - 1) / threads;
+  const int64_t blocks = std::min<int64_t>((T * 32 + threads - 1) / threads, gate_blocks());
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     return dispatch_vpt<scalar_t>(E, [&](auto vpt) {
@@ -529,7 +634,18 @@ cudaError_t moe_unpermute_bwd(const void* grad_out, const void* x, const int64_t
     const auto* g = static_cast<const scalar_t*>(grad_out);
     const auto* xp = static_cast<const scalar_t*>(x);
     auto* gx = static_cast<scalar_t*>(grad_x);
-    if (H % VEC == 0 && aligned(grad_out, 16) && aligned(x, 16) && aligned(grad_x, 16))
+    const bool v16 = H % VEC == 0 && aligned(grad_out, 16) && aligned(x, 16) && aligned(grad_x, 16);
+    static const bool k8 = [] {
+      const char* e = std::getenv("R1K_MOE_BWD_K8");
+      return !(e && e[0] == '0');
+    }();
+    if (K <= 8 && v16 && k8)
+      unpermute_bwd_k8_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H,
+                                                                          gx, grad_w);
+    else if (K <= 8 && k8)
+      unpermute_bwd_k8_kernel<scalar_t, 1><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H,
+                                                                        gx, grad_w);
+    else if (v16)
       unpermute_bwd_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
                                                                   grad_w);
     else

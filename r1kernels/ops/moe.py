@@ -91,8 +91,8 @@ class _Bf16RouterLinear(torch.autograd.Function):
         hb, wb = ctx.saved_tensors
         gb = grad.to(torch.bfloat16)
         gh = gw = None
-        if ctx.needs_input_grad[0]:
-            gh = _mm_f32(gb, wb).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[0]:  # bf16 hidden: a bf16 GEMM (fp32 accumulation), no fp32 [T, H] round trip
+            gh = torch.mm(gb, wb) if ctx.dtypes[0] == torch.bfloat16 else _mm_f32(gb, wb).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             gw = _mm_f32(gb.t(), hb).to(ctx.dtypes[1])
         return gh, gw

@@ -81,7 +81,8 @@ class R1KExperts(nn.Module):
         self._router = [router]                               # a list: not a submodule (no double registration)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        permuted, row_map, counts = _moe.permute(hidden_states, top_k_index, self.num_experts, backend=self.backend)
+        # ids come from the router: the unchecked entry points skip the id-range check and its device sync
+        permuted, row_map, counts = _moe._permute(hidden_states, top_k_index, self.num_experts, self.backend)
         router = self._router[0]
         if router is not None:
             with torch.no_grad():
@@ -90,7 +91,7 @@ class R1KExperts(nn.Module):
         gate_up = _grouped_linear(permuted, self.gate_up_proj, counts, offs)
         gate, up = gate_up.chunk(2, dim=-1)
         down = _grouped_linear(self.act_fn(gate) * up, self.down_proj, counts, offs)
-        return _moe.unpermute(down, row_map, top_k_weights, backend=self.backend)
+        return _moe._unpermute(down, row_map, top_k_weights, self.backend)
 
 
 def _check_experts(mod):
