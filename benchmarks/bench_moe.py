@@ -311,8 +311,9 @@ def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_onl
 
     cases = [(f"gate fwd+bwd T={t} {b}", gate(t, b)) for t in (4096, 16384, 65536) for b in ("cuda", "triton")
              if b in rk._backend.available("route", dev)]
-    cases += [] if gate_only else [("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
-              ("permute+unpermute fwd+bwd", perm)]
+    if not gate_only:
+        cases += [("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
+                  ("permute+unpermute fwd+bwd", perm)]
     result = {"env": {k: os.environ.get(k) for k in ("R1K_MOE_TOPK", "R1K_MOE_GATE_BLOCKS_PER_SM")},
               "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
               "commit": os.environ.get("R1K_COMMIT", ""), "us_per_iteration": {}}
