@@ -72,10 +72,60 @@ def test_compile_fullgraph():
     R.linear_grpo_loss(h64, w64, ids, adv.double())[0].backward()
     assert_close(hidden.grad, h64.grad, name="compiled grad hidden")
     assert_close(weight.grad, w64.grad, name="compiled grad weight")
+    g = torch.compile(lambda h, w: rk.linear_token_logprobs(h, w, ids, backend="triton").sum(), fullgraph=True)
+    hidden.grad = weight.grad = None
+    g(hidden, weight).backward()
+    h64.grad = w64.grad = None
+    from r1kernels.reference import linear_token_logprobs as ref_lin
+    ref_lin(h64, w64, ids).sum().backward()
+    assert_close(hidden.grad, h64.grad, name="compiled logprob grad hidden")
+    torch.library.opcheck(lin_ops.linear_logprobs_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids,
+                                                        0.9, True))
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach(), weight.detach(), None, ids, adv, None, None, None,
                                                      None, None, None, 1.0, 0.2, 0.2, None, 0.0, 3, 2, False))
+
+
+@pytest.mark.parametrize("entropy,with_bias,chunk", [(False, True, None), (True, False, 5), (True, True, 4)])
+def test_linear_token_logprobs(monkeypatch, entropy, with_bias, chunk):
+    from r1kernels.reference import linear_token_logprobs as ref_lin
+    if chunk:
+        monkeypatch.setattr(lin_ops, "CHUNK_ROWS", chunk)
+    H, V = 7, 43
+    leaves = [torch.randn(2, 3, H), torch.randn(V, H) / H ** 0.5 * 3] + ([torch.randn(V) * 0.1] if with_bias else [])
+    leaves = [t.requires_grad_() for t in leaves]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    labels = torch.randint(0, V, (2, 3))
+    out = rk.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if with_bias else None,
+                                   temperature=0.8, return_entropy=entropy, backend="triton")
+    exp = ref_lin(leaves64[0], leaves64[1], labels, leaves64[2] if with_bias else None, 0.8, entropy)
+    out, exp = (out, exp) if entropy else ((out,), (exp,))
+    gs = [torch.randn_like(o) for o in out]
+    sum((o * g).sum() for o, g in zip(out, gs)).backward()
+    sum((e * g.double()).sum() for e, g in zip(exp, gs)).backward()
+    for o, e in zip(out, exp):
+        assert_close(o, e, name="logp/entropy")
+    for t, t64 in zip(leaves, leaves64):
+        assert_close(t.grad, t64.grad, name="grad")
 
 
 @pytest.mark.gpu
 def test_gpu_real_shape():
     _check(2, 256, 3584, 151936, device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_linear_token_logprobs():
+    from r1kernels.reference import linear_token_logprobs as ref_lin
+    N, H, V = 512, 3584, 151936
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") / H ** 0.5).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (N,), device="cuda")
+    lp = rk.linear_token_logprobs(h, w, y, backend="triton")
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exp = ref_lin(h64, w64, y)
+    g = torch.randn_like(lp)
+    (lp * g).sum().backward()
+    (exp * g.double()).sum().backward()
+    assert_close(lp, exp, torch.bfloat16, name="logp")
+    assert_close(h.grad, h64.grad, torch.bfloat16, name="grad hidden")
+    assert_close(w.grad, w64.grad, torch.bfloat16, name="grad weight")

@@ -3,8 +3,9 @@
 kernel writing dLoss/dlogits into the chunk's own logits buffer -> the two gradient matmuls (dhidden,
 dweight accumulated in fp32). Gradients are computed in the forward (like the logits kernel); backward
 scales them by the upstream scalar in place (skipped when it is 1). Sequence level: one extra logits
-matmul per chunk (a log-prob pass first: the sequence ratio needs every token). linear_token_logprobs
-has no kernel here (the reference's chunked checkpointing is used)."""
+matmul per chunk (a log-prob pass first: the sequence ratio needs every token).
+linear_token_logprobs: per chunk, logits -> the log-prob kernel (lse saved); backward recomputes each
+chunk's logits, writes their gradient in place and runs the two gradient matmuls."""
 from __future__ import annotations
 
 import torch
@@ -141,3 +142,95 @@ def _eligible(hidden, weight, completion_ids, *a, **k):
 
 
 linear_grpo_loss_triton.eligible = _eligible
+
+
+def _rows2d(hidden, labels):
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+
+@torch.library.custom_op("r1kernels::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                        temperature: float, entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, y = _rows2d(hidden, labels)
+    N = h.shape[0]
+    dev = hidden.device
+    logp = torch.empty(N, device=dev, dtype=torch.float32)
+    lse = torch.empty(N, device=dev, dtype=torch.float32)
+    ent = torch.empty(N if entropy else 0, device=dev, dtype=torch.float32)
+    for r0 in range(0, N, CHUNK_ROWS):
+        r1 = min(N, r0 + CHUNK_ROWS)
+        lp, ls, en = _lk.logprob_fwd(_logits(h[r0:r1], weight, bias), y[r0:r1], temperature, entropy)
+        logp[r0:r1], lse[r0:r1] = lp, ls
+        if entropy:
+            ent[r0:r1] = en
+    lead = labels.shape
+    return logp.view(lead), lse.view(lead), ent.view(lead) if entropy else ent
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, labels, temperature, entropy):
+    f = hidden.new_empty(labels.shape, dtype=torch.float32)
+    return f, torch.empty_like(f), torch.empty_like(f) if entropy else f.new_empty(0)
+
+
+@torch.library.custom_op("r1kernels::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                        lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, y = _rows2d(hidden, labels)
+    N, H = h.shape
+    lse, g = lse.reshape(-1), g_logp.reshape(-1).float()
+    ent = ent.reshape(-1) if g_ent is not None else lse
+    ge = g_ent.reshape(-1).float() if g_ent is not None else None
+    dh = torch.empty_like(h)
+    dw = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)
+    db = torch.zeros(weight.shape[0] if bias is not None else 0, device=h.device, dtype=torch.float32)
+    for r0 in range(0, N, CHUNK_ROWS):
+        r1 = min(N, r0 + CHUNK_ROWS)
+        z = _logits(h[r0:r1], weight, bias)
+        _lk.logprob_bwd(z, y[r0:r1], lse[r0:r1], ent[r0:r1], g[r0:r1], ge[r0:r1] if ge is not None else None,
+                        temperature, out=z, out_strides=(0, z.stride(0)))
+        dh[r0:r1] = z @ weight
+        dw.add_(z.t() @ h[r0:r1])
+        if bias is not None:
+            db.add_(z.sum(0, dtype=torch.float32))
+    return dh.view(hidden.shape), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32))
+
+
+def _lp_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, entropy = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
+    ctx.temperature, ctx.entropy = temperature, entropy
+    ctx.set_materialize_grads(False)
+
+
+def _lp_backward(ctx, g_logp, g_lse, g_ent):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    if g_logp is None and g_ent is None:
+        return None, None, None, None, None, None
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse)
+    dh, dw, db = linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, g_logp,
+                                     g_ent if ctx.entropy else None, ctx.temperature)
+    return dh, dw, db if bias is not None else None, None, None, None
+
+
+linear_logprobs_fwd.register_autograd(_lp_backward, setup_context=_lp_setup)
+
+
+def linear_token_logprobs_triton(hidden, weight, labels, bias=None, temperature=1.0, return_entropy=False):
+    logp, _, ent = linear_logprobs_fwd(hidden, weight, bias, labels, float(temperature), bool(return_entropy))
+    return (logp, ent) if return_entropy else logp
+
+
+def _lp_eligible(hidden, weight, labels, *a, **k):
+    return hidden.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+
+
+linear_token_logprobs_triton.eligible = _lp_eligible
