@@ -54,22 +54,38 @@ def _as_number(s: str) -> float | None:
 
 
 def answers_match(pred: str, gold: str) -> bool:
-    """math-verify when installed; otherwise numbers compare with rel. tol 1e-6, text compares normalized."""
-    try:
-        import math_verify
-
-        return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(pred)))
-    except ImportError:
-        pass
+    """Numbers compare numerically (rel. tol 1e-6); other answers match when math-verify (if installed)
+    finds them equivalent or when they are equal as normalized text."""
     p, g = _as_number(pred), _as_number(gold)
     if p is not None and g is not None:
         return math.isclose(p, g, rel_tol=1e-6, abs_tol=1e-9)
+    if _math_verify(pred, gold):
+        return True
     norm = lambda x: " ".join(x.lower().split())
     return norm(pred) == norm(gold)
 
 
+def _math_verify(pred: str, gold: str) -> bool | None:
+    """math-verify's verdict, or None when it is not installed or fails. Its signal-based timeouts only
+    work in the main thread and rewards run in worker threads, so they are switched off."""
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": RewardRunner has one
+    try:
+        try:
+            g, p = math_verify.parse(gold, parsing_timeout=None), math_verify.parse(pred, parsing_timeout=None)
+            return bool(math_verify.verify(g, p, timeout_seconds=None))
+        except TypeError:  # an older math-verify without the timeout switches
+            return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(pred)))
+    except Exception:  # noqa: BLE001 -- any parser failure falls back to the text comparison
+        return None
+
+
 def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_):
-    """1.0 if the <answer> matches the `answer` column, 0.0 if not (or missing), None if no gold answer."""
+    """1.0 if the <answer> matches the `answer` column (see answers_match), 0.0 if not or if there is no
+    <answer>, None if the row has no gold answer."""
     golds = answer if answer is not None else [None] * len(completions)
     out = []
     for c, gold in zip(completions, golds):
