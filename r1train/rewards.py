@@ -74,6 +74,8 @@ def _math_verify(pred: str, gold: str) -> bool | None:
         return None
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": RewardRunner has one
     try:
+        # bare answers (the <answer> content) need math delimiters for math-verify's LaTeX extraction
+        gold, pred = (x if "$" in x or "\\boxed" in x else f"${x}$" for x in (gold, pred))
         try:
             g, p = math_verify.parse(gold, parsing_timeout=None), math_verify.parse(pred, parsing_timeout=None)
             return bool(math_verify.verify(g, p, timeout_seconds=None))

@@ -79,3 +79,9 @@ def test_runner_isolates_failing_samples_timeouts_and_async():
     t0 = time.time()
     table, failed = slow(["p"], ["x"], [[1]], {})
     assert failed == [True] and table == [[None]] and time.time() - t0 < 1.5
+
+
+def test_symbolic_answers_with_math_verify():
+    pytest.importorskip("math_verify")
+    assert R.answers_match("\\frac{1}{2}", "0.5") and R.answers_match("x+1", "1+x")
+    assert R.answers_match("\\sqrt{4}", "2") and not R.answers_match("\\sqrt{5}", "2")
