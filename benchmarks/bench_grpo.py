@@ -135,10 +135,11 @@ def tune(B=8, T=1024, V=151936, out=None):
     floor = 2 * x.numel() * 2 / 3.0e12 * 1e3
     print(f"grpo fwd (writes the gradient) B={B} T={T} V={V}; 1 read + 1 write at 3.0 TB/s = {floor:.3f} ms")
     keys = ("R1K_GRPO_BLOCK", "R1K_GRPO_WARPS", "R1K_GRPO_REVERSE", "R1K_GRPO_STORE", "R1K_GRPO_GRID",
-            "R1K_GRPO_SPLIT")
-    configs = [(16384, 16, "1", ".cs", 0, 1), (16384, 16, "1", ".cs", 132, 1), (8192, 16, "1", ".cs", 0, 2),
-               (16384, 16, "1", ".cs", 0, 2), (16384, 32, "1", ".cs", 0, 2), (32768, 16, "1", ".cs", 0, 2),
-               (32768, 32, "1", ".cs", 0, 2), (8192, 32, "1", ".cs", 0, 2), (16384, 16, "1", ".cs", 264, 2)]
+            "R1K_GRPO_SPLIT", "R1K_GRPO_PREFETCH")
+    # measured 2026-11-25 (NOTES): split 1 default best (2.20 ms); prefetch variants not yet measured
+    configs = [(16384, 16, "1", ".cs", 0, 1, 0), (16384, 16, "1", ".cs", 0, 1, 1), (16384, 16, "1", ".cs", 132, 1, 1),
+               (8192, 16, "1", ".cs", 132, 1, 1), (16384, 16, "1", ".cs", 0, 2, 1), (32768, 16, "1", ".cs", 0, 2, 1),
+               (8192, 8, "1", ".cs", 0, 1, 1)]
     ref_logp = G.grpo_loss_fwd(x, *args)[1]
     best = (1e9, None)
     for cfg in configs:

@@ -98,6 +98,15 @@ def test_options(case):
     _check(logits, ids, adv, mask, inplace=case.startswith("inplace"), **kw)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 41), (2, 3, 128), (2, 2, 200)])
+def test_prefetch_variant(monkeypatch, shape):
+    """The software-prefetch path of the kernel (R1K_GRPO_PREFETCH=1), in place and not."""
+    monkeypatch.setenv("R1K_GRPO_PREFETCH", "1")
+    logits, ids, adv, mask, old, ref = _inputs(*shape)
+    _check(logits, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1)
+    _check(logits, ids, adv, mask, inplace=True, old_logprobs=old, loss_type="grpo")
+
+
 def test_low_precision_bf16():
     logits, ids, adv, mask, old, ref = _inputs(2, 6, 53, dtype=torch.bfloat16)
     _check(logits, ids, adv, mask, dtype=torch.bfloat16, old_logprobs=old, ref_logprobs=ref, beta=0.05)

@@ -31,12 +31,14 @@ def grpo_num_warps(BLOCK: int) -> int:
 
 
 def grpo_flags() -> dict:
-    """Pass-2 order (REVERSE: last block first, the most recently cached lines first) and the store cache
-    modifier of the gradient (".cs": streaming, keeps the logits in L2); env R1K_GRPO_REVERSE / _STORE."""
+    """Pass-2 order (REVERSE: last block first, the most recently cached lines first), the store cache
+    modifier of the gradient (".cs": streaming, keeps the logits in L2), and PREFETCH (software
+    double-buffering; not yet measured on a GPU, off by default); env R1K_GRPO_REVERSE / _STORE / _PREFETCH."""
+    prefetch = os.environ.get("R1K_GRPO_PREFETCH", "0") == "1"  # next block's load before the reductions
     if INTERPRET:
-        return dict(REVERSE=True, STORE_CM="")
+        return dict(REVERSE=True, STORE_CM="", PREFETCH=prefetch)
     return dict(REVERSE=os.environ.get("R1K_GRPO_REVERSE", "1") == "1",
-                STORE_CM=os.environ.get("R1K_GRPO_STORE", ".cs"))
+                STORE_CM=os.environ.get("R1K_GRPO_STORE", ".cs"), PREFETCH=prefetch)
 
 
 @triton.jit
@@ -112,10 +114,10 @@ def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS: tl.const
 @triton.jit
 def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
                        dx_ptr, part_ptr, flag_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t,
-                       eps_low, eps_high, delta, beta, SPLIT: tl.constexpr, REVERSE: tl.constexpr,
-                       STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr,
-                       HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
-                       HAS_DELTA: tl.constexpr):
+                       eps_low, eps_high, delta, beta, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+                       REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
+                       KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                       USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
     """Rows round-robin over the grid. SPLIT=2 (GPU only, every program resident): programs 2q and 2q+1
     share a row, each reading half of the vocab (half the L2 working set), and exchange their partial
     log-sum-exp through global memory (flags tagged with row + 1; partials double-buffered)."""
@@ -146,7 +148,7 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
                 for k in range(5):
                     tl.store(stats_ptr + k * N + row, 0.0)
         else:
-            mx, sm, _t = _range_lse(x_row, c0, c1, scale, BLOCK, False, "evict_last")
+            mx, sm, _t = _range_lse(x_row, c0, c1, scale, BLOCK, False, "evict_last", PREFETCH)
             mx = tl.where(mx == float("-inf"), mx, mx * scale)  # base-2 units
             if SPLIT == 2:
                 slot = (q * 2 + it % 2) * 2
@@ -191,7 +193,7 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
                 tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
             ct = sb * dL * inv_t
             _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, BLOCK, REVERSE, False,
-                        STORE_CM)
+                        STORE_CM, PREFETCH)
         it += 1
 
 

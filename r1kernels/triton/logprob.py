@@ -52,15 +52,40 @@ def _lse_block(x_row, cols, c1, m, acc, t, scale, MASKED: tl.constexpr, EVICT: t
 
 
 @triton.jit
-def _range_lse(x_row, c0, c1, scale, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT: tl.constexpr):
-    """Online log-sum-exp over columns [c0, c1): (m raw max, acc, t); see _lse_block."""
+def _lse_update(x, m, acc, t, scale, ENTROPY: tl.constexpr):
+    """_lse_block on an already loaded full block."""
+    x = x.to(tl.float32)
+    m_new = tl.maximum(m, tl.max(x, 0))
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new) * scale
+    alpha = tl.exp2(m * scale - ms)
+    e = tl.exp2(x * scale - ms)
+    acc = acc * alpha + tl.sum(e, 0)
+    if ENTROPY:
+        t = t * alpha + tl.sum(e * (x * scale), 0)
+    return m_new, acc, t
+
+
+@triton.jit
+def _range_lse(x_row, c0, c1, scale, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT: tl.constexpr,
+               PREFETCH: tl.constexpr = False):
+    """Online log-sum-exp over columns [c0, c1): (m raw max, acc, t); see _lse_block. PREFETCH issues the
+    next block's load before this block's reductions (two blocks in flight per program)."""
     offs = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
     acc = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     nfull = (c1 - c0) // BLOCK
-    for i in range(0, nfull):
-        m, acc, t = _lse_block(x_row, c0 + i * BLOCK + offs, c1, m, acc, t, scale, False, EVICT, ENTROPY)
+    if PREFETCH:
+        if nfull > 0:
+            xn = tl.load(x_row + c0 + offs, eviction_policy=EVICT)
+            for i in range(0, nfull):
+                xc = xn
+                cn = c0 + (i + 1) * BLOCK + offs
+                xn = tl.load(x_row + cn, mask=cn < c0 + nfull * BLOCK, other=0.0, eviction_policy=EVICT)
+                m, acc, t = _lse_update(xc, m, acc, t, scale, ENTROPY)
+    else:
+        for i in range(0, nfull):
+            m, acc, t = _lse_block(x_row, c0 + i * BLOCK + offs, c1, m, acc, t, scale, False, EVICT, ENTROPY)
     if c0 + nfull * BLOCK < c1:
         m, acc, t = _lse_block(x_row, c0 + nfull * BLOCK + offs, c1, m, acc, t, scale, True, EVICT, ENTROPY)
     return m, acc, t
@@ -99,9 +124,9 @@ def _grad_block(x_row, dx_row, cols, c1, scale, lse2, neg_c, inv_t, k_ent, neg_g
 
 @triton.jit
 def _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, c, inv_t, k_ent, neg_gh, BLOCK: tl.constexpr,
-                REVERSE: tl.constexpr, ENTROPY: tl.constexpr, STORE_CM: tl.constexpr):
+                REVERSE: tl.constexpr, ENTROPY: tl.constexpr, STORE_CM: tl.constexpr, PREFETCH: tl.constexpr = False):
     """Writes dx = c (onehot(y) - p) [- g_H terms] over columns [c0, c1); xy = the label's logit, read
-    before (the logits may be overwritten in place)."""
+    before (the logits may be overwritten in place: a prefetched block is always one not yet written)."""
     offs = tl.arange(0, BLOCK)
     nfull = (c1 - c0) // BLOCK
     has_tail = c0 + nfull * BLOCK < c1
@@ -109,9 +134,24 @@ def _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, c, inv_t, k_ent, neg_
         if has_tail:
             _grad_block(x_row, dx_row, c0 + nfull * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent, neg_gh, True,
                         ENTROPY, STORE_CM)
-        for i in range(0, nfull):
-            _grad_block(x_row, dx_row, c0 + (nfull - 1 - i) * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent,
-                        neg_gh, False, ENTROPY, STORE_CM)
+        if PREFETCH:
+            if nfull > 0:
+                xn = tl.load(x_row + c0 + (nfull - 1) * BLOCK + offs, eviction_policy="evict_first")
+                for i in range(0, nfull):
+                    xc = xn.to(tl.float32)
+                    cn = c0 + (nfull - 2 - i) * BLOCK + offs
+                    xn = tl.load(x_row + cn, mask=cn >= c0, other=0.0, eviction_policy="evict_first")
+                    p = tl.exp2(xc * scale - lse2)
+                    if ENTROPY:
+                        d = p * (neg_gh * (xc * inv_t - k_ent) - c)
+                    else:
+                        d = p * -c
+                    tl.store(dx_row + c0 + (nfull - 1 - i) * BLOCK + offs, d.to(dx_row.dtype.element_ty),
+                             cache_modifier=STORE_CM)
+        else:
+            for i in range(0, nfull):
+                _grad_block(x_row, dx_row, c0 + (nfull - 1 - i) * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent,
+                            neg_gh, False, ENTROPY, STORE_CM)
     else:
         for i in range(0, nfull):
             _grad_block(x_row, dx_row, c0 + i * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent, neg_gh, False,
