@@ -80,6 +80,17 @@ def test_parquet_rows_and_bad_row(tmp_path):
         load_rows(path)
 
 
+def test_hf_dataset_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}] * 3)})
+    d.save_to_disk(str(tmp_path / "hf"))
+    rows = load_rows(str(tmp_path / "hf"), "train")
+    assert len(rows) == 3 and rows[0]["answer"] == "2" and rows[0]["prompt"][0]["role"] == "user"
+    with pytest.raises(DatasetError, match="no split 'test'"):
+        load_rows(str(tmp_path / "hf"), "test")
+
+
 def test_sft_rows_need_completion(tmp_path):
     path = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     with pytest.raises(DatasetError, match="row 1: missing column 'completion'"):
