@@ -129,6 +129,11 @@ class TrainConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 for group advantages, got {self.num_generations}")
+        if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):
+            raise ConfigError(f"reward_funcs must be a non-empty list of names, got {self.reward_funcs!r}")
+        if self.reward_weights is not None and not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights):
+            raise ConfigError(f"reward_weights must be a list of numbers, got {self.reward_weights!r}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
                               f"{len(self.reward_funcs)}")
@@ -221,6 +226,11 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
     for k in values:
         if k not in names:
             raise ConfigError(_unknown(k))
+    sr = values.get("scale_rewards")  # TRL also accepts True / False
+    if isinstance(sr, bool) or str(sr).lower() in ("true", "false"):
+        values["scale_rewards"] = "group" if str(sr).lower() == "true" else "none"
+    if isinstance(values.get("reward_weights"), list):  # [1, 0.5] from key=value or YAML
+        values["reward_weights"] = [_num(w, "reward_weights") for w in values["reward_weights"]]
     hints = typing.get_type_hints(TrainConfig)
     for k, v in values.items():
         if hints[k] in (float, Optional[float]):  # YAML reads 1e-5 as a string and 1 as an int
@@ -232,6 +242,15 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
                 except ValueError:
                     raise ConfigError(f"{k}: expected float, got {v!r}") from None
     return TrainConfig(**values).validate()
+
+
+def _num(v, key):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            raise ConfigError(f"{key}: {v!r} is not a number") from None
+    return v
 
 
 def _unknown(k: str) -> str:

@@ -18,6 +18,8 @@ from r1train.data import DatasetError, load_rows
     ("top_p=1.5", "top_p must be in (0, 1]"),
     ("bf16=maybe", "bf16: expected bool"),
     ("beta", "expected key=value"),
+    ("reward_weights=1,x", "reward_weights: 'x' is not a number"),
+    ("reward_funcs=[]", "reward_funcs must be a non-empty list"),
 ])
 def test_bad_override(override, msg):
     with pytest.raises(ConfigError) as e:
@@ -33,6 +35,8 @@ def test_yaml_sections_and_precedence(tmp_path):
     assert (c.learning_rate, c.beta, c.num_generations) == (1e-5, 0.1, 4)
     assert c.reward_funcs == ["accuracy", "format", "language"]
     assert load_config(str(p), section="sft").learning_rate == 3e-4
+    c = load_config(overrides=["scale_rewards=false", "reward_weights=1,0.5", "reward_funcs=accuracy,format"])
+    assert c.scale_rewards == "none" and c.reward_weights == [1.0, 0.5]
     p.write_text("lr: 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'lr'"):
         load_config(str(p))
