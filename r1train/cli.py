@@ -34,7 +34,7 @@ def parse(argv):
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`
 
 
 def cmd_sample(args):

@@ -101,8 +101,15 @@ def test_sft_rows_need_completion(tmp_path):
         load_rows(path, required=("prompt", "completion"))
 
 
-def test_cli_reports_config_errors(capsys):
-    from r1train.cli import main
+def test_cli_reports_config_errors(capsys, tmp_path):
+    from r1train.cli import main, parse
+
+    a = parse(["grpo", "--config", "x.yaml", "beta=0.1", "seed=3"])
+    assert (a.command, a.config, a.overrides) == ("grpo", "x.yaml", ["beta=0.1", "seed=3"])
+    y = tmp_path / "c.yaml"
+    y.write_text("grpo:\n  num_generations: 1\n")
+    assert main(["grpo", "--config", str(y), "seed=1"]) == 2
+    assert "num_generations must be >= 2" in capsys.readouterr().err
 
     assert main(["grpo", "learning_rat=1"]) == 2
     assert "unknown config key 'learning_rat'" in capsys.readouterr().err
