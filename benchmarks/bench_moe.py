@@ -257,8 +257,11 @@ def _layer_cases(device, quick):
 
 
 def cases(device: str, quick: bool) -> list[Case]:
-    return _gate_cases(device, quick) + _router_cases(device, quick) + _permute_cases(device, quick) + \
-        _layer_cases(device, quick)
+    """All MoE cases; env R1K_BENCH_MOE=gate,router,permute,layer picks a subset."""
+    import os
+    parts = {"gate": _gate_cases, "router": _router_cases, "permute": _permute_cases, "layer": _layer_cases}
+    pick = [p for p in os.environ.get("R1K_BENCH_MOE", "").split(",") if p] or list(parts)
+    return [c for p in pick for c in parts[p](device, quick)]
 
 
 def _kernel_times(p, iters):

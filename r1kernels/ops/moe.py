@@ -140,10 +140,13 @@ class _RouteFn(torch.autograd.Function):
         ctx.save_for_backward(ids, s)
         ctx.meta = (logits.shape[1], scale, norm, logits.dtype, impl)
         ctx.mark_non_differentiable(ids)
+        ctx.set_materialize_grads(False)  # no zero-filled [T, K] int64 grad for the ids
         return w, ids
 
     @staticmethod
     def backward(ctx, grad_w, grad_ids):
+        if grad_w is None:
+            return (None,) * 8
         ids, s = ctx.saved_tensors
         E, scale, norm, dtype, impl = ctx.meta
         with torch._C._AutoDispatchBelowAutograd():
