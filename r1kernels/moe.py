@@ -121,14 +121,21 @@ def _unpermute(expert_out, row_map, topk_weights, backend="auto"):
     return (fn or _ref.unpermute)(expert_out, row_map, topk_weights)
 
 
-def update_bias(bias, tokens_per_expert, *, rate=1e-3):
+def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=None):
     """Auxiliary-loss-free balancing, in place and without grad: bias += rate * sign(mean - count).
-    Sum tokens_per_expert over micro-batches (and all-reduce it over data-parallel ranks) first."""
+    Sum tokens_per_expert over micro-batches first; all_reduce=True sums it over the ranks of `group`
+    (torch.distributed, default group) before the update, so every rank applies the same step."""
     _checks.float_tensor("bias", bias, ndim=1)
     _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
     _checks.shape("tokens_per_expert", tokens_per_expert, bias.shape, " (one count per expert)")
     _checks.same_device(bias=bias, tokens_per_expert=tokens_per_expert)
     _checks.positive("rate", rate, allow_zero=True)
+    if all_reduce:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("all_reduce=True needs an initialized torch.distributed process group")
+        tokens_per_expert = tokens_per_expert.clone()
+        dist.all_reduce(tokens_per_expert, group=group)
     return _ref.update_bias(bias, tokens_per_expert, rate)
 
 

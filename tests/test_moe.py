@@ -279,3 +279,16 @@ def test_gpu_permute_real_shape():
         out = rk.moe.unpermute(p, rm, w, backend=backend)
         ref64 = ref.unpermute(p.double(), rm, w.double())
         assert_close(out, ref64, torch.bfloat16, lowp=ref.unpermute(p, rm, w), name=f"{backend} unpermute")
+
+
+def test_update_bias_all_reduce_single_rank(tmp_path):
+    import torch.distributed as dist
+    bias, counts = torch.zeros(4), torch.tensor([1, 2, 3, 6])
+    with pytest.raises(ValueError, match="process group"):
+        rk.moe.update_bias(bias, counts, all_reduce=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        rk.moe.update_bias(bias, counts, rate=0.5, all_reduce=True)
+    finally:
+        dist.destroy_process_group()
+    assert bias.tolist() == [0.5, 0.5, 0.0, -0.5] and counts.tolist() == [1, 2, 3, 6]

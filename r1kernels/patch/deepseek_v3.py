@@ -137,7 +137,7 @@ def update_router_biases(model: nn.Module, rate: float = 1e-3, *, all_reduce: bo
     rs = routers(model)
     if not rs:
         return 0
-    counts = torch.stack([r.tokens_per_expert for r in rs])
+    counts = torch.stack([r.tokens_per_expert for r in rs])  # one all-reduce for every layer
     dist = torch.distributed
     if all_reduce is not False and dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
