@@ -292,3 +292,30 @@ def test_update_bias_all_reduce_single_rank(tmp_path):
     finally:
         dist.destroy_process_group()
     assert bias.tolist() == [0.5, 0.5, 0.0, -0.5] and counts.tolist() == [1, 2, 3, 6]
+
+
+def test_router_fp32_and_bf16_gemm():
+    T, H, E_ = 24, 40, 32
+    hidden = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(E_, H, device=DEV) * H ** -0.5)
+    bias = torch.randn(E_, device=DEV) * 0.05
+    kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    logits, w, ids = rk.moe.router(hidden, weight, bias, **kw)
+    ref_logits = torch.nn.functional.linear(hidden.detach().float(), weight.detach())
+    torch.testing.assert_close(logits, ref_logits)
+    assert torch.equal(ids, ref.route(ref_logits, bias, 4, 4, 2, 2.5)[1])
+    logits_b, w_b, ids_b = rk.moe.router(hidden, weight, bias, gemm_dtype=torch.bfloat16, **kw)
+    assert logits_b.dtype == torch.float32
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact = h64 @ w64.bfloat16().double().t()  # bf16 operands, exact sums; gradient straight through the cast
+    torch.testing.assert_close(logits_b, exact.float().detach(), atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(w_b)
+    gh, gw = torch.autograd.grad((w_b * g).sum(), (hidden, weight))
+    ((_route64(exact, bias, ids_b, 2.5, True)[0] * g.double()).sum()).backward()
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    assert_close(gw, w64.grad, torch.bfloat16, name="grad gate weight (bf16 GEMM)")
+    assert_close(gh, h64.grad, torch.bfloat16, name="grad hidden (bf16 GEMM)")
+    with pytest.raises(ValueError, match="gemm_dtype"):
+        rk.moe.router(hidden, weight, bias, gemm_dtype=torch.float16, **kw)
+    with pytest.raises(ValueError, match="gate_weight"):
+        rk.moe.router(hidden, weight[:, :-1], bias, **kw)
