@@ -29,12 +29,16 @@ COMMANDS = {
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="r1train", description="GRPO / SFT trainer on DeepSpeed with r1kernels")
-    p.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
+    p.add_argument("command", nargs="?", choices=sorted(COMMANDS),
+                   help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
     p.add_argument("--config", default=None, help="YAML file of config keys (see --help-config)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`
+    a = p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`
+    if a.command is None and not a.help_config:
+        p.error(f"a command is required: one of {', '.join(sorted(COMMANDS))}")
+    return a
 
 
 def cmd_sample(args):
