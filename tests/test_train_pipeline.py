@@ -53,3 +53,18 @@ def test_own_model_dir_and_jsonl_data(tmp_path):
     assert main(["grpo", *common, f"model_name_or_path={ckpt}", "max_steps=2",
                  f"output_dir={tmp_path / 'grpo'}", f"eval_dataset_name={data}"]) == 0
     assert len(H.read_metrics(tmp_path / "grpo")) == 2
+
+
+def test_demo_smoke(tmp_path, capsys):
+    """`r1train demo` end to end with its YAML at toy size (the real run is `make demo`)."""
+    res = pipeline.demo(None, ["model_hidden_size=32", "model_num_layers=1", "max_steps=2", "task_eval_size=8",
+                               "task_train_size=64", "kernel_backend=torch", "disable_tqdm=true",
+                               "report_to=none", f"output_dir={tmp_path}"])
+    assert set(res) >= {"accuracy_before_rl", "accuracy_after_rl", "wall_seconds"}
+    assert "held-out accuracy (pass@1" in capsys.readouterr().out
+    assert (tmp_path / "demo_results.json").exists() and (tmp_path / "grpo" / "metrics.jsonl").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "grpo" / "curves.png").exists()
