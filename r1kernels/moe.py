@@ -82,16 +82,8 @@ def permute(hidden, topk_ids, num_experts, *, backend="auto"):
     _check_int("num_experts", num_experts)
     _checks.same_device(hidden=hidden, topk_ids=topk_ids)
     if _eager():
-        _in_range("topk_ids", topk_ids, num_experts)
+        _checks.labels_in_range("topk_ids", topk_ids, num_experts)
     return _permute(hidden, topk_ids, num_experts, backend)
-
-
-def _in_range(name, ids, n):
-    """ids in [0, n): one reduction and one device sync (aminmax)."""
-    if ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= n:
-            raise ValueError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")
 
 
 def _permute(hidden, topk_ids, num_experts, backend="auto"):
@@ -111,7 +103,7 @@ def unpermute(expert_out, row_map, topk_weights, *, backend="auto"):
         raise ValueError(f"expert_out must have {n} rows (T*K of topk_weights), got {tuple(expert_out.shape)}")
     _checks.same_device(expert_out=expert_out, row_map=row_map, topk_weights=topk_weights)
     if _eager():
-        _in_range("row_map", row_map, n)
+        _checks.labels_in_range("row_map", row_map, n)
     return _unpermute(expert_out, row_map, topk_weights, backend)
 
 
