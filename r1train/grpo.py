@@ -45,6 +45,8 @@ class GRPOTrainer(Trainer):
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
         self.rewards = RewardRunner(reward_funcs or cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
         w = cfg.reward_weights or [1.0] * len(self.rewards.names)
+        if len(w) != len(self.rewards.names):
+            raise ValueError(f"reward_weights has {len(w)} entries for {len(self.rewards.names)} reward functions")
         self.reward_w_R = torch.tensor(w, dtype=torch.float32)
 
     def compute_prompts_per_rank(self):
