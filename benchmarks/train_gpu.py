@@ -109,6 +109,8 @@ def main(argv=None):
 
 
 def _commit():
+    if os.environ.get("R1K_COMMIT"):  # the device machine gets the tree without .git
+        return os.environ["R1K_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
