@@ -103,8 +103,10 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     return (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
 
 
-def _check_grpo(ids, advantages, mask, old, ref, beta, epsilon, epsilon_high, delta, loss_type, is_level,
-                kl_estimator, max_completion_length, num_items_in_batch, temperature):
+def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsilon, epsilon_high, delta,
+                loss_type, importance_sampling_level, kl_estimator, max_completion_length, num_items_in_batch):
+    """The loss options shared by grpo_loss and linear_grpo_loss (temperature is checked with the logits)."""
+    old, ref = old_logprobs, ref_logprobs
     _checks.int_tensor("completion_ids", ids, ndim=2)
     B, T = ids.shape
     _checks.float_tensor("advantages", advantages, ndim=(1, 2))
@@ -120,7 +122,7 @@ def _check_grpo(ids, advantages, mask, old, ref, beta, epsilon, epsilon_high, de
     _checks.same_device(completion_ids=ids, advantages=advantages, completion_mask=mask, old_logprobs=old,
                         ref_logprobs=ref)
     _checks.choice("loss_type", loss_type, LOSS_TYPES)
-    _checks.choice("importance_sampling_level", is_level, IS_LEVELS)
+    _checks.choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
     _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _checks.positive("beta", beta, allow_zero=True)
     _checks.positive("epsilon", epsilon, allow_zero=True)
@@ -133,12 +135,11 @@ def _check_grpo(ids, advantages, mask, old, ref, beta, epsilon, epsilon_high, de
     if max_completion_length is not None and (not isinstance(max_completion_length, int)
                                               or max_completion_length < 1):
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = float(num_items_in_batch) if _eager() else num_items_in_batch
-        if not isinstance(num_items_in_batch, torch.Tensor):
-            _checks.positive("num_items_in_batch", num_items_in_batch)
-    _checks.positive("temperature", temperature)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if _eager():
+            _checks._value_check((num_items_in_batch > 0).all(), "num_items_in_batch must be > 0")
+    elif num_items_in_batch is not None:
+        _checks.positive("num_items_in_batch", num_items_in_batch)
 
 
 def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_logprobs=None,
@@ -154,10 +155,7 @@ def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_l
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
-    _check_grpo(completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, beta, epsilon,
-                epsilon_high, delta, loss_type, importance_sampling_level, kl_estimator,
-                max_completion_length, num_items_in_batch, temperature)
-    _checks.same_device(logits=logits, completion_ids=completion_ids)
+    _check_grpo(completion_ids, advantages, completion_mask, **opts)
     fn = _backend.pick("grpo_loss", backend, logits.device, logits, completion_ids)
     if fn is None:
         loss, logp, metrics = _ref.grpo_loss(logits, completion_ids, advantages, completion_mask,
@@ -180,9 +178,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
-    _check_grpo(completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, beta, epsilon,
-                epsilon_high, delta, loss_type, importance_sampling_level, kl_estimator,
-                max_completion_length, num_items_in_batch, temperature)
+    _check_grpo(completion_ids, advantages, completion_mask, **opts)
     fn = _backend.pick("linear_grpo_loss", backend, hidden.device, hidden, weight, completion_ids)
     impl = fn or _ref.linear_grpo_loss
     loss, logp, metrics = impl(hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
