@@ -14,7 +14,7 @@ from . import reference as _ref
 from .reference.grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
-           "GRPOLossOutput", "moe", "patch"]
+           "GRPOLossOutput", "sample_tokens", "decode_attention", "moe", "patch"]
 __version__ = "0.1.0"
 
 
@@ -184,6 +184,73 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
     loss, logp, metrics = impl(hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
                                temperature=temperature, **opts)
     return GRPOLossOutput(loss, logp.detach(), metrics)
+
+
+def sample_tokens(logits, seeds, positions, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False,
+                  backend="auto"):
+    """Draw one token per row of logits [B, V] -> (tokens int64 [B], fp32 log-prob [B] of each token under
+    the distribution sampled from). seeds [B] and positions [B] (int tensors) key the counter-based noise:
+    a row's token depends only on (logits row, seed, position), never on the batch it sits in.
+    top_k 0 and top_p 1.0 and min_p 0.0 disable those truncations; greedy takes the argmax. No host sync
+    (CUDA-graph safe). The exact semantics are r1kernels.reference.sampling's docstring."""
+    _checks.float_tensor("logits", logits, ndim=2)
+    B, V = logits.shape
+    _checks.int_tensor("seeds", seeds, ndim=1)
+    _checks.shape("seeds", seeds, (B,), " (one per logits row)")
+    _checks.int_tensor("positions", positions, ndim=1)
+    _checks.shape("positions", positions, (B,), " (one per logits row)")
+    _checks.same_device(logits=logits, seeds=seeds, positions=positions)
+    if V == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy)
+    fn = _backend.pick("sample_tokens", backend, logits.device, logits)
+    return (fn or _ref.sample_tokens)(logits, seeds, positions, float(temperature), int(top_k), float(top_p),
+                                      float(min_p), bool(greedy))
+
+
+def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_tokens=None):
+    """ValueError naming the first bad sampling option (shared with the generation engine)."""
+    if not isinstance(greedy, bool):
+        raise ValueError(f"greedy must be a bool, got {greedy!r}")
+    if not greedy:
+        _checks.positive("temperature", temperature)
+    elif not isinstance(temperature, (int, float)) or temperature != temperature or temperature <= 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(min_p, (int, float)) or isinstance(min_p, bool) or not 0.0 <= min_p < 1.0:
+        raise ValueError(f"min_p must be in [0, 1), got {min_p!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                                       or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
+def decode_attention(q, k_cache, v_cache, lens, *, scale=None, backend="auto"):
+    """One decode step of attention: q [B, Hq, Dk] against the first lens[b] positions of row b of
+    k_cache [B, Hkv, L, Dk] / v_cache [B, Hkv, L, Dv] (grouped-query: Hq a multiple of Hkv) -> [B, Hq, Dv]
+    in q's dtype, fp32 math; scale defaults to Dk ** -0.5. Reads only the valid positions; no host sync."""
+    _checks.float_tensor("q", q, ndim=3)
+    _checks.float_tensor("k_cache", k_cache, ndim=4)
+    _checks.float_tensor("v_cache", v_cache, ndim=4)
+    _checks.int_tensor("lens", lens, ndim=1)
+    B, Hq, Dk = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != Dk:
+        raise ValueError(f"k_cache must have shape [{B}, Hkv, L, {Dk}], got {tuple(k_cache.shape)}")
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"the {Hq} query heads of q must be a multiple of the {Hkv} heads of k_cache")
+    if tuple(v_cache.shape[:3]) != (B, Hkv, L):
+        raise ValueError(f"v_cache must have shape [{B}, {Hkv}, {L}, Dv], got {tuple(v_cache.shape)}")
+    _checks.shape("lens", lens, (B,), " (one per row)")
+    _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens)
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    if scale is not None:
+        _checks.positive("scale", scale)
+    fn = _backend.pick("decode_attention", backend, q.device, q, k_cache, v_cache)
+    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale)
 
 
 from . import moe  # noqa: E402

@@ -76,6 +76,12 @@ class TrainConfig:
     max_completion_length: int = f(256, "tokens generated per completion")
     temperature: float = f(1.0, "sampling temperature of rollouts (also used in the loss's log-probs)")
     top_p: float = f(1.0, "nucleus sampling of rollouts")
+    top_k: int = f(0, "top-k sampling of rollouts (0 = off)")
+    min_p: float = f(0.0, "min-p sampling of rollouts: keep tokens with p >= min_p * max p (0 = off)")
+    rollout_engine: str = f("r1train", "'r1train': the generation engine (static KV cache, CUDA-graph decode, "
+                            "fused sampling and decode-attention kernels); 'transformers': the model's own "
+                            "generate (any model; a completion then depends on its batch too)",
+                            ["r1train", "transformers"])
     beta: float = f(0.0, "KL coefficient; > 0 loads a reference model")
     kl_estimator: str = f("k3", "KL estimator", ["k1", "k2", "k3", "low_var_kl"])
     epsilon: float = f(0.2, "lower clip range of the ratio")
@@ -127,6 +133,10 @@ class TrainConfig:
             raise ConfigError("temperature and eval_temperature must be > 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 for group advantages, got {self.num_generations}")
         if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):

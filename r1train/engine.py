@@ -210,7 +210,7 @@ class Trainer(CheckpointMixin):
             for s, chunk, _, texts in sample_rows(
                     self.model, self.tok, mine, num_samples=reps, cfg=self.cfg, seed_key=(self.cfg.seed, "eval"),
                     index=lambda i: self.rank + self.world * i, greedy=greedy, batch_size=batch_size,
-                    temperature=self.cfg.eval_temperature, sync_ranks=zero3(self.engine)):
+                    temperature=self.cfg.eval_temperature, ds_engine=self.engine):
                 w = [1.0 if s + i < real else 0.0 for i in range(len(chunk))]
                 gold = [r.get(self.cfg.answer_column) for r in chunk for _ in range(reps)]
                 acc = accuracy_reward(None, texts, answer=gold)

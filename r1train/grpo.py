@@ -15,9 +15,9 @@ import torch.distributed as dist
 import r1kernels as rk
 
 from .data import decode_completions, encode_prompts
-from .engine import Trainer, zero3
+from .engine import Trainer
 from .rewards import RewardRunner
-from .rollout import logprob_fn, row_seed, sample, sequence_logprobs
+from .rollout import logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
 
 
 def _gather_rows(x_NR: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class GRPOTrainer(Trainer):
         t0 = time.perf_counter()
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-            seeds_B=seeds, temperature=cfg.temperature, top_p=cfg.top_p, sync_ranks=zero3(self.engine))
+            seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
         t_gen = time.perf_counter() - t0
         texts = decode_completions(tok, ro)
         ids_list = [[t for t, k in zip(i, m) if k] for i, m in zip(ro.completion_ids_BT.tolist(),
@@ -137,12 +137,21 @@ class GRPOTrainer(Trainer):
         n_items = max(_all_sum(mask_BT.sum(), self.dev), 1.0) / (cfg.gradient_accumulation_steps * self.world)
         acc = {}
         t_bwd = t_opt = 0.0
-        for _ in range(cfg.num_iterations):
+        # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
+        diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
+        for it in range(cfg.num_iterations):
             for s in range(0, ids_BL.shape[0], mb):
                 sl = slice(s, s + mb)
                 out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
                                            None if old_BT is None else old_BT[sl],
                                            None if ref_BT is None else ref_BT[sl], n_items)
+                if it == 0 and ro.logprobs_BT is not None:
+                    T = out.per_token_logprobs.shape[1]
+                    m_BT = mask_BT[sl, :T].bool()
+                    d_BT = (out.per_token_logprobs - ro.logprobs_BT[sl, :T]).abs().masked_fill(~m_BT, 0.0)
+                    diff[0] += d_BT.sum()
+                    diff[1] = torch.maximum(diff[1], d_BT.max().double())
+                    diff[2] += m_BT.sum()
                 t1 = time.perf_counter()
                 self.engine.backward(out.loss)
                 t2 = time.perf_counter()
@@ -161,6 +170,15 @@ class GRPOTrainer(Trainer):
                     acc.setdefault("entropy", []).append(ent)
         for k, v in acc.items():
             m[k] = _all_sum(sum(v) / len(v), self.dev) / self.world
+        if ro.logprobs_BT is not None:
+            if dist.is_initialized() and self.world > 1:
+                dmax = diff[1].clone()
+                dist.all_reduce(diff)
+                dist.all_reduce(dmax, op=dist.ReduceOp.MAX)
+                diff[1] = dmax
+            d = diff.tolist()
+            m["sampling/sampling_logp_difference/mean"] = d[0] / max(d[2], 1.0)
+            m["sampling/sampling_logp_difference/max"] = d[1]
         m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
         if self.ref is not None and cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:
             self.sync_ref(cfg.ref_model_mixup_alpha)

@@ -1,9 +1,9 @@
-"""Sampling G completions per prompt (a KV-cache loop over the HF model), masks, old/ref log-probs.
+"""Rollouts: G completions per prompt through the generation engine (r1train.generation), masks, and the
+old/ref log-prob passes.
 
-Sampling is batch-invariant: row b draws its uniforms from its own generator seeded with seeds_B[b] and
-picks the token by inverse CDF, so a completion depends only on (model, prompt, seed), not on which rank
-or micro-batch it was generated in (this is what makes 1-process and 2-process runs, and resumed runs,
-see the same samples).
+A completion depends only on (model, prompt, seed): the engine's sampler draws row b's token at
+position t from noise keyed by (seeds_B[b], t), so 1- and N-process runs and resumed runs see the same
+samples, whatever batch a row is generated in.
 """
 
 from __future__ import annotations
@@ -12,16 +12,10 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 import r1kernels as rk
 
-try:  # newer transformers renamed the KV-cache argument `past_key_values` -> `cache`
-    from transformers.utils.generic import _rename_kwargs_for_bc  # noqa: F401
-
-    CACHE_KW = "cache"
-except ImportError:
-    CACHE_KW = "past_key_values"
+from .generation import SamplingParams, generate
 
 
 @dataclass
@@ -31,6 +25,7 @@ class Rollout:
     completion_ids_BT: torch.Tensor  # right-padded with pad_id after eos
     completion_mask_BT: torch.Tensor  # 1 up to and including the first eos
     truncated_B: torch.Tensor  # bool: no eos within max_new_tokens
+    logprobs_BT: torch.Tensor | None = None  # fp32 log-prob of each token under the sampling distribution
 
     @property
     def input_ids(self):
@@ -51,66 +46,30 @@ def position_ids(mask_BL: torch.Tensor) -> torch.Tensor:
     return (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pick(logits_BV, u_B, temperature, top_p, greedy):
-    if greedy:
-        return logits_BV.argmax(-1)
-    probs_BV = torch.softmax(logits_BV.float() / temperature, -1)
-    if top_p < 1.0:
-        sorted_BV, idx_BV = probs_BV.sort(-1, descending=True)
-        keep_BV = sorted_BV.cumsum(-1) - sorted_BV < top_p  # always keeps the top token
-        probs_BV = torch.zeros_like(probs_BV).scatter(-1, idx_BV, sorted_BV * keep_BV)
-    cdf_BV = probs_BV.cumsum(-1)
-    tok_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return tok_B.clamp(max=logits_BV.shape[-1] - 1)
-
-
-@torch.no_grad()
 def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id: int, pad_id: int,
-           seeds_B, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-           sync_ranks: bool = False) -> Rollout:
-    """Sample one completion per row. sync_ranks: keep stepping until every rank is done (ZeRO-3 needs
-    all ranks in every forward)."""
-    from transformers import DynamicCache
-
-    B = prompt_ids_BP.shape[0]
-    dev = prompt_ids_BP.device
-    u_BT = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds_B]).to(dev) if B else torch.zeros(0, max_new_tokens, device=dev)
-    was_training = model.training
-    model.eval()
-    mask_BL = prompt_mask_BP.long()
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids_BP, attention_mask=mask_BL, position_ids=position_ids(mask_BL),
-                use_cache=True, logits_to_keep=1, **{CACHE_KW: cache})
-    pos_B = position_ids(mask_BL)[:, -1] + 1
-    done_B = torch.zeros(B, dtype=torch.bool, device=dev)
-    toks = []
-    for t in range(max_new_tokens):
-        tok_B = _pick(out.logits[:, -1], u_BT[:, t], temperature, top_p, greedy)
-        tok_B = torch.where(done_B, torch.full_like(tok_B, pad_id), tok_B)
-        toks.append(tok_B)
-        done_B |= tok_B == eos_id
-        all_done = bool(done_B.all())
-        if sync_ranks:
-            flag = torch.tensor([0.0 if all_done else 1.0], device=dev)
-            dist.all_reduce(flag)
-            all_done = flag.item() == 0
-        if all_done or t == max_new_tokens - 1:
-            break
-        mask_BL = torch.cat([mask_BL, (~done_B | (tok_B == eos_id)).long()[:, None]], 1)
-        out = model(input_ids=tok_B[:, None], attention_mask=mask_BL, position_ids=pos_B[:, None],
-                    use_cache=True, **{CACHE_KW: cache})
-        pos_B = pos_B + 1
-    model.train(was_training)
-    comp_BT = torch.stack(toks, 1) if toks else torch.zeros(B, 0, dtype=torch.long, device=dev)
+           seeds_B, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+           greedy: bool = False, engine: str = "r1train", ds_engine=None, backend: str = "auto") -> Rollout:
+    """Sample one completion per row (seeds_B: one int seed per row). ds_engine: the DeepSpeed engine
+    under ZeRO-3 (parameters gathered once for the rollout)."""
+    sp = SamplingParams(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        greedy=greedy)
+    comp_BT, logp_BT = generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, eos_id=eos_id,
+                                pad_id=pad_id, engine=engine, ds_engine=ds_engine, backend=backend)
+    dev = comp_BT.device
     is_eos_BT = comp_BT == eos_id
     first_eos_B = torch.where(is_eos_BT.any(1), is_eos_BT.float().argmax(1), comp_BT.shape[1])
     mask_BT = (torch.arange(comp_BT.shape[1], device=dev)[None] <= first_eos_B[:, None]).long()
-    return Rollout(prompt_ids_BP, prompt_mask_BP, comp_BT, mask_BT, ~is_eos_BT.any(1))
+    return Rollout(prompt_ids_BP, prompt_mask_BP, comp_BT, mask_BT, ~is_eos_BT.any(1), logp_BT * mask_BT)
+
+
+def sampling_kwargs(cfg, ds_engine=None) -> dict:
+    """The config's sampling keys as `sample` arguments."""
+    return dict(top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, engine=cfg.rollout_engine,
+                ds_engine=ds_engine, backend=cfg.kernel_backend)
 
 
 def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=lambda i: i, greedy=False,
-                temperature=None, sync_ranks=False, batch_size: int = 64):
+                temperature=None, ds_engine=None, batch_size: int = 64):
     """Sample num_samples completions for each row's prompt, batch by batch. Yields (start, chunk, rollout,
     texts); completion j of row i sits at i * num_samples + j and is seeded by (seed_key, index(i), j)."""
     from .data import decode_completions, encode_prompts
@@ -123,8 +82,8 @@ def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=l
         ro = sample(model, ids.repeat_interleave(num_samples, 0).to(dev),
                     mask.repeat_interleave(num_samples, 0).to(dev), seeds_B=seeds,
                     max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                    temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
-                    greedy=greedy, sync_ranks=sync_ranks)
+                    temperature=cfg.temperature if temperature is None else temperature, greedy=greedy,
+                    **sampling_kwargs(cfg, ds_engine))
         yield s, chunk, ro, decode_completions(tok, ro)
 
 

@@ -1,0 +1,25 @@
+"""Decode attention: one new query per row against that row's valid KV-cache positions.
+
+q [B, Hq, Dk], k_cache [B, Hkv, L, Dk], v_cache [B, Hkv, L, Dv], lens [B] (row b attends to cache
+positions 0..lens[b]-1); query head h reads KV head h // (Hq // Hkv) (grouped-query attention).
+out [B, Hq, Dv] in q's dtype = softmax(scale * q . k) @ v with fp32 math; a row with lens 0 gives 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def decode_attention(q, k_cache, v_cache, lens, scale=None):
+    B, Hq, Dk = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    k = k_cache.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, L, Dk]
+    v = v_cache.float().repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
+    valid = torch.arange(L, device=q.device)[None, :] < lens.to(q.device).long()[:, None]  # [B, L]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # lens 0: all -inf -> NaN -> 0
+    v = v.masked_fill(~valid[:, None, :, None], 0.0)  # positions >= lens may hold anything (NaN too)
+    return torch.einsum("bhl,bhld->bhd", p, v).to(q.dtype)

@@ -1,0 +1,64 @@
+"""The generation engine used by every sampling path (GRPO rollouts, evaluation, rejection sampling,
+`r1train sample`, distillation): `generate(model, prompts, seeds, params)`.
+
+engine="r1train" (default): r1train.generation.engine (static KV cache, CUDA-graph decode, rk.sample_tokens,
+rk.decode_attention). engine="transformers": the model's own `generate` (any model, slower).
+Under ZeRO-3 pass the DeepSpeed engine as `ds_engine`: the parameters are gathered once per call (the
+per-layer gather hooks lifted for its duration) and released after.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .engine import Engine, SamplingParams, buckets, engine_for
+from .hf import hf_generate
+
+ENGINES = ("r1train", "transformers")
+
+__all__ = ["generate", "SamplingParams", "Engine", "engine_for", "buckets", "ENGINES", "gathered_for_generation"]
+
+
+def _offload(ds_engine):
+    opt = ds_engine.optimizer
+    return getattr(opt, "parameter_offload", opt)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(ds_engine):
+    """ZeRO-3: full parameters for the duration (one all-gather), without the per-module fetch/release
+    hooks that would otherwise gather every layer at every decode step. A no-op below ZeRO-3."""
+    if ds_engine is None or getattr(ds_engine, "zero_optimization_stage", lambda: 0)() != 3:
+        yield
+        return
+    import deepspeed
+
+    off = _offload(ds_engine)
+    with deepspeed.zero.GatheredParameters(list(ds_engine.module.parameters())):
+        for h in list(off.forward_hooks) + list(off.backward_hooks):
+            h.remove()
+        off.forward_hooks, off.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            for p in ds_engine.module.parameters():
+                getattr(p, "ds_active_sub_modules", set()).clear()
+            off._register_deepspeed_module(off.module)
+
+
+def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingParams, *, eos_id: int,
+             pad_id: int, engine: str = "r1train", ds_engine=None, backend: str = "auto",
+             cuda_graphs: bool = True):
+    """Sample one completion per row of the left-padded prompts -> (tokens [B, T'], fp32 log-probs
+    [B, T'] of each token under the distribution it was drawn from)."""
+    if engine not in ENGINES:
+        raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
+    if len(seeds_B) != prompt_ids_BP.shape[0]:
+        raise ValueError(f"seeds_B has {len(seeds_B)} seeds for {prompt_ids_BP.shape[0]} prompts")
+    with gathered_for_generation(ds_engine):
+        if engine == "transformers":
+            return hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id,
+                               pad_id=pad_id)
+        eng = engine_for(model, backend=backend, cuda_graphs=cuda_graphs and torch.cuda.is_available())
+        return eng.generate(prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id, pad_id=pad_id)

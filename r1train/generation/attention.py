@@ -1,0 +1,96 @@
+"""The KV cache of one rollout and the attention function transformers calls while the engine runs.
+
+The engine registers `ATTN_NAME` with transformers' AttentionInterface and switches the model's config to
+it for the duration of a rollout, so the model's own forward (projections, RoPE, MoE routing, norms) runs
+unchanged and only attention goes through here: prefill writes each prompt's keys/values into the cache
+and attends with torch sdpa; decode writes the new token's keys/values at position lens[b] and calls
+rk.decode_attention over the lens[b] + 1 valid positions. transformers builds no mask for an attention
+name it has no mask function for, so no [B, L] mask exists in decode.
+
+Cache layout: k[layer] [Bmax, Hkv, L, Dk], v[layer] [Bmax, Hkv, L, Dv]; row b holds its tokens at
+positions 0..lens[b]-1 with no padding (prompts are left-padded only in the prefill input). Decode works
+on the first `rows` rows (the engine compacts live rows to the front).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import r1kernels as rk
+
+ATTN_NAME = "r1train_engine"
+_ACTIVE: list = []  # the KVCache in use (set by the engine around model calls)
+
+
+class KVCache:
+    def __init__(self, n_layers: int, rows: int, length: int, backend: str = "auto"):
+        self.n_layers, self.rows_max, self.length, self.backend = n_layers, rows, length, backend
+        self.k: list = [None] * n_layers
+        self.v: list = [None] * n_layers
+        self.lens = None  # int64 [rows_max], set by the engine (static buffer)
+        self.mode = "decode"
+        self.start_B = self.mask_B1PP = None  # prefill inputs
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    # ---- prefill: the prompt's keys/values into the cache, causal attention over the padded prompt
+    def set_prefill(self, prompt_mask_BP: torch.Tensor):
+        B, P = prompt_mask_BP.shape
+        if P > self.length:
+            raise ValueError(f"prompt of {P} tokens does not fit the cache of {self.length}")
+        m = prompt_mask_BP.bool()
+        n_B = m.sum(1)
+        self.start_B = P - n_B  # left padding: position j of row b is column start_B[b] + j
+        causal = torch.ones(P, P, dtype=torch.bool, device=m.device).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=m.device)
+        self.mask_B1PP = ((causal[None] & m[:, None, :]) | eye[None])[:, None]  # pad queries see themselves
+        self.mode = "prefill"
+        return n_B
+
+    def prefill(self, i, q, k, v, scale):
+        B, Hkv, P, _ = k.shape
+        if self.k[i] is None:
+            self.k[i] = k.new_zeros(self.rows_max, Hkv, self.length, k.shape[-1])
+            self.v[i] = v.new_zeros(self.rows_max, Hkv, self.length, v.shape[-1])
+        col_BP = (self.start_B[:, None] + torch.arange(P, device=k.device)[None]).clamp(max=P - 1)
+        for src, dst in ((k, self.k[i]), (v, self.v[i])):
+            idx = col_BP[:, None, :, None].expand(B, Hkv, P, src.shape[-1])
+            dst[:B, :, :P] = src.gather(2, idx)  # positions >= n_b hold junk; never read (lens)
+        G = q.shape[1] // Hkv
+        if G > 1:
+            k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_B1PP, scale=scale)
+        return out.transpose(1, 2).contiguous()
+
+    # ---- decode: one new token per row
+    def decode(self, i, q, k, v, scale):
+        b = q.shape[0]
+        pos_b = self.lens[:b]
+        kc, vc = self.k[i][:b], self.v[i][:b]
+        for src, dst in ((k, kc), (v, vc)):
+            dst.scatter_(2, pos_b.view(b, 1, 1, 1).expand(b, src.shape[1], 1, src.shape[-1]), src)
+        out = rk.decode_attention(q[:, :, 0], kc, vc, pos_b + 1, scale=scale, backend=self.backend)
+        return out[:, None]  # [b, 1, Hq, Dv]
+
+    def compact(self, keep_idx: torch.Tensor):
+        """Move rows keep_idx (ascending) to the front of every buffer."""
+        n = keep_idx.numel()
+        for t in self.k + self.v:
+            if t is not None:
+                t[:n] = t.index_select(0, keep_idx)
+
+
+def engine_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface signature: q [B, Hq, T, Dk], k/v [B, Hkv, T, D] -> ([B, T, Hq, Dv],
+    None)."""
+    cache = _ACTIVE[-1]
+    if cache.mode == "prefill":
+        return cache.prefill(module.layer_idx, query, key, value, scaling), None
+    return cache.decode(module.layer_idx, query, key, value, scaling), None
+
+
+def register():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, engine_attention)

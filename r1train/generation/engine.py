@@ -1,0 +1,250 @@
+"""The generation engine: static KV cache, prefill through the model's forward, a decode step replayed as
+a CUDA graph per batch-size bucket, sampling with rk.sample_tokens, finished rows compacted away.
+
+Per rollout of B rows (left-padded prompts [B, P], max_new_tokens T):
+1. prefill: one forward over the prompts (sdpa, keys/values written into the cache), first token sampled;
+2. decode: the step "forward one token per row -> sample -> write token and log-prob -> advance" reads and
+   writes only static buffers, so on CUDA it is captured once per (rows, sampling options) and replayed;
+   the host reads back only the number of live rows every `check_every` steps, and then moves live rows
+   to the front and continues on the smallest bucket (B, then powers of two) that holds them;
+3. a row's token at generation position t depends only on (model, its prompt, its seed, t):
+   rk.sample_tokens' counter-based noise, so any batch, rank count or resume draws the same samples.
+Graphs and buffers are kept between rollouts while the parameters keep their storage (ZeRO 0-2: the
+optimizer updates them in place); a new parameter storage (ZeRO-3 gathers) re-captures.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+import r1kernels as rk
+
+from . import attention as _attn
+
+SUPPORTED = ("qwen2", "qwen3", "llama", "mistral", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        rk.check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                  min_p=self.min_p, greedy=self.greedy, max_new_tokens=self.max_new_tokens)
+
+    def kernel_kwargs(self):
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    greedy=self.greedy)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def buckets(rows: int) -> list[int]:
+    """Batch sizes the decode step runs at: rows itself, then the powers of two below it."""
+    out, b = [rows], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    return sorted(set(out), reverse=True)
+
+
+class _State:
+    """Static decode-state buffers (their addresses are baked into the captured graphs)."""
+
+    def __init__(self, rows: int, new_tokens: int, dev):
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.tok, self.lens, self.seeds = (torch.zeros(rows, **i64) for _ in range(3))
+        self.pos, self.rid = torch.zeros(rows, **i64), torch.zeros(rows, **i64)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.out_tok = torch.zeros(rows, new_tokens, **i64)
+        self.out_logp = torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev)
+
+    def small(self):
+        return [self.tok, self.lens, self.seeds, self.pos, self.rid, self.done]
+
+
+class Engine:
+    def __init__(self, model, *, backend: str = "auto", cuda_graphs: bool = True, check_every: int = 8):
+        mt = getattr(model.config, "model_type", None)
+        if mt not in SUPPORTED:
+            raise ValueError(f"the generation engine supports {SUPPORTED} models, not {mt!r}; use "
+                             "rollout_engine=transformers for this model")
+        if getattr(model.config, "use_sliding_window", False):
+            raise ValueError("the generation engine does not support sliding-window attention; use "
+                             "rollout_engine=transformers")
+        _attn.register()
+        self.options = dict(backend=backend, cuda_graphs=cuda_graphs, check_every=check_every)
+        self.model, self.backend, self.check_every = model, backend, check_every
+        self.cuda_graphs = cuda_graphs
+        self.cache = self.st = None
+        self.graphs: dict = {}
+        self.pool = None
+        self._sig = None
+        self.stats = {"captures": 0, "capture_seconds": 0.0}
+
+    # ---- buffers and graphs
+    def _param_sig(self):
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def _ensure(self, B: int, L: int, T: int, dev):
+        c = self.cache
+        if c is None or c.rows_max < B or c.length < L or self.st.out_tok.shape[1] < T:
+            self.graphs.clear()
+            self.cache = self.st = None  # free before allocating the larger ones
+            n_layers = self.model.config.num_hidden_layers
+            self.cache = _attn.KVCache(n_layers, B, _round_up(L, 256), backend=self.backend)
+            self.st = _State(B, _round_up(T, 256), dev)
+        sig = self._param_sig()
+        if sig != self._sig:
+            self.graphs.clear()
+            self._sig = sig
+
+    @contextlib.contextmanager
+    def _active(self):
+        cfg = self.model.config
+        old, was_training = cfg._attn_implementation, self.model.training
+        cfg._attn_implementation = _attn.ATTN_NAME
+        self.model.eval()
+        _attn._ACTIVE.append(self.cache)
+        try:
+            yield
+        finally:
+            _attn._ACTIVE.pop()
+            cfg._attn_implementation = old
+            self.model.train(was_training)
+
+    def _forward(self, ids_BT, pos_BT):
+        return self.model(input_ids=ids_BT, position_ids=pos_BT, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+    def _step(self, r: int, sp: SamplingParams, eos_id: int, pad_id: int):
+        st = self.st
+        logits = self._forward(st.tok[:r, None], st.lens[:r, None])
+        self._emit(r, logits, sp, eos_id, pad_id)
+        st.lens[:r] += 1
+
+    def _emit(self, r, logits_rV, sp, eos_id, pad_id):
+        """Sample row tokens from logits, write token/log-prob at each row's position, advance."""
+        st = self.st
+        tok, logp = rk.sample_tokens(logits_rV, st.seeds[:r], st.pos[:r], backend=self.backend,
+                                     **sp.kernel_kwargs())
+        done = st.done[:r]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        st.out_tok.index_put_((st.rid[:r], st.pos[:r]), tok)
+        st.out_logp.index_put_((st.rid[:r], st.pos[:r]), logp.masked_fill(done, 0.0))
+        done |= tok == eos_id
+        st.tok[:r] = tok
+        st.pos[:r] += 1
+
+    def _run_step(self, r, sp, eos_id, pad_id):
+        if not (self.cuda_graphs and self.st.tok.is_cuda):
+            return self._step(r, sp, eos_id, pad_id)
+        key = (r, tuple(sp.kernel_kwargs().items()), eos_id, pad_id)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(r, sp, eos_id, pad_id)
+            if g is None:
+                return self._step(r, sp, eos_id, pad_id)
+            self.graphs[key] = g
+        g.replay()
+
+    def _capture(self, r, sp, eos_id, pad_id):
+        import time
+
+        t0 = time.perf_counter()
+        snap = [t.clone() for t in self.st.small()]
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm-up: Triton compiles, cuBLAS workspaces
+                self._step(r, sp, eos_id, pad_id)
+            torch.cuda.current_stream().wait_stream(s)
+            for t, v in zip(self.st.small(), snap):  # the warm-up step must leave no trace
+                t.copy_(v)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._step(r, sp, eos_id, pad_id)
+        except Exception as e:  # a model whose forward syncs with the host cannot be captured
+            for t, v in zip(self.st.small(), snap):
+                t.copy_(v)
+            warnings.warn(f"r1train generation: CUDA-graph capture failed ({type(e).__name__}: {e}); "
+                          "running the decode step eagerly")
+            self.cuda_graphs = False
+            return None
+        torch.cuda.synchronize()
+        self.stats["captures"] += 1
+        self.stats["capture_seconds"] += time.perf_counter() - t0
+        return g
+
+    def _compact(self, r: int, target: int):
+        """Move live rows to the front; the first `target` rows then hold every live row."""
+        st = self.st
+        done = st.done[:r]
+        order = torch.cat([(~done).nonzero().squeeze(1), done.nonzero().squeeze(1)])[:target]
+        for t in st.small():
+            t[:target] = t[:r].index_select(0, order)
+        self.cache.compact(order)
+
+    # ---- one rollout
+    @torch.no_grad()
+    def generate(self, prompt_ids_BP, prompt_mask_BP, seeds_B, sp: SamplingParams, *, eos_id: int,
+                 pad_id: int):
+        """-> (tokens int64 [B, T'], fp32 log-probs [B, T']) with T' <= max_new_tokens (every row finished
+        or T' = max_new_tokens); tokens after a row's eos are pad_id, their log-probs 0."""
+        B, P = prompt_ids_BP.shape
+        T, dev = sp.max_new_tokens, prompt_ids_BP.device
+        if B == 0:
+            return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
+        self._ensure(B, P + T, T, dev)
+        st, cache = self.st, self.cache
+        st.seeds[:B] = torch.as_tensor(seeds_B, dtype=torch.int64).to(dev)
+        st.rid[:B] = torch.arange(B, device=dev)
+        st.pos.zero_()
+        st.done.zero_()
+        st.out_tok[:B].fill_(pad_id)
+        st.out_logp[:B].zero_()
+        with self._active():
+            n_B = cache.set_prefill(prompt_mask_BP)
+            pos_BP = (prompt_mask_BP.long().cumsum(-1) - 1).clamp(min=0)
+            logits = self._forward(prompt_ids_BP, pos_BP)
+            cache.mode = "decode"
+            cache.lens = st.lens
+            st.lens[:B] = n_B
+            self._emit(B, logits, sp, eos_id, pad_id)
+            rows, steps = B, 1
+            sizes = buckets(B)
+            while steps < T:
+                self._run_step(rows, sp, eos_id, pad_id)
+                steps += 1
+                if steps % self.check_every == 0 and steps < T:
+                    live = int((~st.done[:rows]).sum())
+                    if live == 0:
+                        break
+                    target = min(s for s in sizes if s >= live)
+                    if target < rows:
+                        self._compact(rows, target)
+                        rows = target
+        return st.out_tok[:B, :steps].clone(), st.out_logp[:B, :steps].clone()
+
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, **kw) -> Engine:
+    """The engine of this model (kept between rollouts so graphs and buffers are reused)."""
+    e = _ENGINES.get(model)
+    if e is None or any(e.options.get(k) != v for k, v in kw.items()):
+        e = _ENGINES[model] = Engine(model, **kw)
+    return e

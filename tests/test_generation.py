@@ -1,0 +1,156 @@
+"""The generation engine (r1train.generation) against independent computations: greedy completions vs a
+token-by-token full forward with no cache, sampled log-probs vs the training forward, batch invariance,
+compaction, the transformers fallback, bad arguments."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+from r1train.generation import Engine, SamplingParams, buckets, generate
+from r1train.tasks.models import tiny_config
+
+V = 61
+MODELS = ("tiny-qwen2", "tiny-llama", "tiny-deepseek-v3")
+
+
+def _model(name, layers=2, hidden=64, heads=4, sharp=True):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(name, V, hidden_size=hidden, num_layers=layers, num_heads=heads, max_position=256)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # sharp: logits spread enough that greedy runs are not near-ties
+        model.get_output_embeddings().weight.mul_(20.0 if sharp else 2.0)
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias") and getattr(m, "weight", None) is not None:
+                m.weight.normal_(0.0, m.weight.shape[1] ** -0.5)
+    return model
+
+
+def _prompts(lens, P=None, lo=3):
+    P = P or max(lens)
+    ids = torch.zeros(len(lens), P, dtype=torch.long)
+    mask = torch.zeros(len(lens), P, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, P - n:] = torch.randint(lo, V, (n,))
+        mask[b, P - n:] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _greedy_no_cache(model, prompt, T, eos):
+    seq, out = list(prompt), []
+    for _ in range(T):
+        nxt = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+        out.append(nxt)
+        seq.append(nxt)
+        if nxt == eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_equals_full_forward(name, backend):
+    if backend == "triton" and name != "tiny-qwen2":
+        pytest.skip("interpreter: one model is enough for the kernels (torch covers every model)")
+    torch.manual_seed(0 if name != "tiny-deepseek-v3" else 1)
+    model = _model(name)
+    lens, T = [7, 2, 5, 1, 6], 10
+    ids, mask = _prompts(lens)
+    # eos: a token the greedy run of row 0 reaches at its 4th step, so some rows stop early
+    ref0 = _greedy_no_cache(model, ids[0, mask[0].bool()].tolist(), T, eos=-1)
+    eos = ref0[3]
+    eng = Engine(model, backend=backend, check_every=2)  # frequent checks: compaction runs
+    tok, logp = eng.generate(ids, mask, list(range(len(lens))), SamplingParams(T, greedy=True), eos_id=eos,
+                             pad_id=0)
+    for b in range(len(lens)):
+        ref = _greedy_no_cache(model, ids[b, mask[b].bool()].tolist(), T, eos)
+        assert tok[b, :len(ref)].tolist() == ref, f"row {b}"
+        assert (tok[b, len(ref):] == 0).all()
+        assert (logp[b, len(ref):] == 0).all()
+    assert tok.shape[1] <= T
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])
+def test_sampled_logprobs_equal_training_forward(name):
+    model = _model(name, sharp=False)
+    ids, mask = _prompts([5, 3, 8, 4])
+    T, temp = 9, 0.7
+    tok, logp = generate(model, ids, mask, [11, 12, 13, 14], SamplingParams(T, temperature=temp), eos_id=-1,
+                         pad_id=0, backend="torch")
+    full_ids = torch.cat([ids, tok], 1)
+    full_mask = torch.cat([mask, torch.ones_like(tok)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits
+    ref = torch.log_softmax(logits[:, ids.shape[1] - 1:-1].double() / temp, -1)
+    ref = ref.gather(-1, tok[..., None]).squeeze(-1)
+    assert_close(logp, ref, torch.float32, name="rollout log-probs")
+
+
+def test_batch_invariance_and_seeds():
+    """A row's completion depends only on (model, prompt, seed): alone, in another batch, at another index,
+    with other padding."""
+    model = _model("tiny-qwen2", sharp=False)
+    ids, mask = _prompts([6, 2, 4, 5])
+    T = 8
+    sp = SamplingParams(T, temperature=1.0, top_p=0.9)
+    tok, logp = generate(model, ids, mask, [5, 6, 7, 8], sp, eos_id=-1, pad_id=0, backend="torch")
+    n = int(mask[2].sum())
+    alone, alone_lp = generate(model, ids[2:3, -n:], mask[2:3, -n:], [7], sp, eos_id=-1, pad_id=0,
+                               backend="torch")
+    assert torch.equal(alone[0], tok[2])
+    other_ids, other_mask = _prompts([9, 3])
+    big_ids = torch.cat([other_ids[:1], torch.cat([torch.zeros(1, 9 - n, dtype=torch.long), ids[2:3, -n:]], 1)])
+    big_mask = torch.cat([other_mask[:1], torch.cat([torch.zeros(1, 9 - n, dtype=torch.long),
+                                                     mask[2:3, -n:]], 1)])
+    big, _ = generate(model, big_ids, big_mask, [99, 7], sp, eos_id=-1, pad_id=0, backend="torch")
+    assert torch.equal(big[1], tok[2])
+    assert_close(alone_lp[0], logp[2].double(), torch.float32, name="log-probs across batches")
+    other, _ = generate(model, ids, mask, [5, 6, 70, 8], sp, eos_id=-1, pad_id=0, backend="torch")
+    assert not torch.equal(other[2], tok[2]) and torch.equal(other[0], tok[0])
+
+
+def test_engine_reuses_buffers_and_compacts():
+    model = _model("tiny-llama")
+    eng = Engine(model, backend="torch", check_every=1)
+    ids, mask = _prompts([3, 4, 5, 6, 7])
+    sp = SamplingParams(6, greedy=True)
+    a, _ = eng.generate(ids, mask, list(range(5)), sp, eos_id=-1, pad_id=0)
+    cache = eng.cache
+    b, _ = eng.generate(ids[:3], mask[:3], list(range(3)), sp, eos_id=-1, pad_id=0)
+    assert eng.cache is cache and torch.equal(a[:3], b)
+    assert buckets(5) == [5, 4, 2, 1] and buckets(1) == [1] and buckets(64)[:2] == [64, 32]
+
+
+def test_transformers_fallback_greedy_matches_engine():
+    model = _model("tiny-qwen2")
+    ids, mask = _prompts([4, 6, 2])
+    sp = SamplingParams(7, greedy=True)
+    ours, _ = generate(model, ids, mask, [1, 2, 3], sp, eos_id=-1, pad_id=0, backend="torch")
+    theirs, lp = generate(model, ids, mask, [1, 2, 3], sp, eos_id=V - 1, pad_id=0, engine="transformers")
+    n = theirs.shape[1]
+    same = ours[:, :n] == theirs
+    stop = (theirs == V - 1).long().cumsum(1) > 0  # after an eos transformers pads
+    assert (same | stop).all()
+    assert torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("kw,name", [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                                     (dict(top_k=-1), "top_k"), (dict(temperature=0.0), "temperature"),
+                                     (dict(min_p=1.0), "min_p"), (dict(max_new_tokens=0), "max_new_tokens")])
+def test_bad_sampling_arguments(kw, name):
+    args = dict(max_new_tokens=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**args)
+
+
+def test_bad_engine_arguments():
+    model = _model("tiny-qwen2", layers=1)
+    ids, mask = _prompts([2, 3])
+    with pytest.raises(ValueError, match="rollout_engine"):
+        generate(model, ids, mask, [1, 2], SamplingParams(2), eos_id=1, pad_id=0, engine="vllm")
+    with pytest.raises(ValueError, match="seeds_B"):
+        generate(model, ids, mask, [1], SamplingParams(2), eos_id=1, pad_id=0)
