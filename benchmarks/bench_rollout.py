@@ -1,0 +1,195 @@
+"""R: rollout of a Qwen2.5-1.5B-shaped model (random init, bf16) -- DESIGN.md section 6.
+
+Workloads: "fixed" 8 prompts x 8 samples, 256 prompt tokens, 512 new tokens each (no eos); "varied" the
+same prompts with completion lengths uniform in 32-512 (eos forced at the drawn length by a hook on the
+lm_head); "throughput" 512 completions (64 prompts x 8) of 512 tokens.
+Providers: the floor (each decode step reads every weight once plus the valid KV cache, at the measured
+copy bandwidth), transformers generate with its dynamic cache (what TRL's GRPOTrainer runs without vLLM),
+transformers generate with a static cache + torch.compile (--with-compile: about 45 s of compile), and the
+r1train engine (first call, which captures the CUDA graphs, reported apart).
+
+    python -m benchmarks.bench_rollout --out DIR [--with-compile] [--only fixed,varied,throughput]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+COPY_BW = 4.24e12  # bytes/s, measured device-to-device copy on one H200 (DESIGN.md section 6)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def _model(device, tiny):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from .train_gpu import QWEN25_15B
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**(TINY if tiny else QWEN25_15B), pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+
+
+def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
+    """Decode-step floor: per step all weights once + the KV cache of the rows still generating."""
+    c = model.config
+    w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_tok = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    kv = sum(prompt_len + t for n in lens for t in range(n)) * kv_tok
+    return (max(lens) * w_bytes + kv) / COPY_BW
+
+
+class ForcedLengths:
+    """Forces eos as the len_B[b]-th token of row b (hooks: position ids in, lm_head logits out).
+    rows() gives the original row of each batch row (the engine moves rows when it compacts)."""
+
+    def __init__(self, model, prompt_len, len_B, eos, rows):
+        self.len_B, self.P, self.eos, self.rows = len_B, prompt_len, eos, rows
+        self.pos = None
+        self.h = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                  model.get_output_embeddings().register_forward_hook(self._post)]
+
+    def _pre(self, mod, args, kwargs):
+        self.pos = kwargs.get("position_ids")
+
+    def _post(self, mod, args, out):
+        b = out.shape[0]
+        t = self.pos[:, -1:] - (self.P - 1)  # index of the token these logits draw
+        stop = t >= (self.len_B[self.rows(b)][:, None] - 1)
+        big = torch.where(stop, torch.full_like(out[..., 0], 1e4), torch.full_like(out[..., 0], -1e4))
+        return torch.cat([out[..., :self.eos], big[..., None], out[..., self.eos + 1:]], -1)
+
+    def remove(self):
+        for h in self.h:
+            h.remove()
+
+
+def _timed(fn, device, reps):
+    out = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps):
+    from r1train.generation import SamplingParams, engine_for
+
+    B = n_prompts * G
+    eos = model.config.eos_token_id if lens is not None else -1
+    ids = torch.randint(3, model.config.vocab_size, (n_prompts, P), device=device).repeat_interleave(G, 0)
+    mask = torch.ones_like(ids)
+    seeds = list(range(B))
+    sp = SamplingParams(T, temperature=1.0)
+    eng = engine_for(model)
+    len_B = torch.tensor(lens if lens is not None else [T] * B, device=device)
+    hook = None
+    if lens is not None:
+        eng_rows = {"on": False}
+        hook = ForcedLengths(model, P, len_B, eos, lambda b: eng.st.rid[:b] if eng_rows["on"]
+                             else torch.arange(b, device=device))
+    res = {"workload": name, "rows": B, "prompt_tokens": P, "max_new_tokens": T,
+           "tokens_generated": int(len_B.sum()), "providers": {}}
+    res["floor_s"] = floor_seconds(model, P, len_B.tolist())
+
+    def ours():
+        if hook:
+            eng_rows["on"] = True
+        tok, _ = eng.generate(ids, mask, seeds, sp, eos_id=eos, pad_id=0)
+        if hook:
+            eng_rows["on"] = False
+        return tok
+
+    t0 = time.perf_counter()
+    tok = ours()
+    first = time.perf_counter() - t0
+    got = int(((tok != 0) | (tok == eos)).sum()) if lens is not None else tok.numel()
+    runs = _timed(ours, device, reps)
+    res["providers"]["r1train engine"] = {"seconds": statistics.median(runs), "runs": runs,
+                                         "first_call_s": first, "captures": eng.stats["captures"],
+                                         "capture_seconds": eng.stats["capture_seconds"],
+                                         "tokens_generated": got}
+
+    def hf(**kw):
+        def run():
+            model.generation_config.eos_token_id = None if lens is None else eos
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, max_new_tokens=T, pad_token_id=0,
+                                  eos_token_id=None if lens is None else eos, **kw)
+        return run
+
+    hf_reps = 1 if device == "cuda" else reps
+    peers = {"transformers generate (dynamic cache)": hf()}
+    if with_compile:
+        peers["transformers generate (static cache + torch.compile)"] = hf(cache_implementation="static")
+    for pname, fn in peers.items():
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        runs = _timed(fn, device, hf_reps)
+        res["providers"][pname] = {"seconds": statistics.median(runs), "runs": runs, "first_call_s": first}
+    if hook:
+        hook.remove()
+    for p in res["providers"].values():
+        p["x_floor"] = p["seconds"] / res["floor_s"]
+    ours_s = res["providers"]["r1train engine"]["seconds"]
+    for pname, p in res["providers"].items():
+        p["ours_speedup"] = p["seconds"] / ours_s
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--with-compile", action="store_true")
+    p.add_argument("--only", default="fixed,varied,throughput")
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args(argv)
+    tiny = a.device == "cpu"
+    model = _model(a.device, tiny)
+    n, G, P, T = (2, 2, 8, 12) if tiny else (8, 8, 256, 512)
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randint(max(T // 16, 2), T + 1, (n * G,), generator=g).tolist()
+    work = {"fixed": dict(n_prompts=n, G=G, P=P, T=T, lens=None),
+            "varied": dict(n_prompts=n, G=G, P=P, T=T, lens=varied),
+            "throughput": dict(n_prompts=n * 8, G=G, P=P, T=T, lens=None)}
+    results = []
+    for name in a.only.split(","):
+        r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
+                         reps=a.reps)
+        if name == "throughput":
+            r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "providers"}))
+        for pname, pr in r["providers"].items():
+            print(f"  {pname:55s} {pr['seconds']:8.3f} s  x floor {pr['x_floor']:6.2f}  "
+                  f"(ours {pr['ours_speedup']:.2f}x faster)")
+    from .train_gpu import _commit
+
+    doc = {"benchmark": "rollout", "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": _commit(), "torch": torch.__version__, "copy_bandwidth": COPY_BW,
+           "params": sum(p.numel() for p in model.parameters()), "results": results}
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench_rollout.json"), "w") as fh:
+            json.dump(doc, fh, indent=1)
+    return doc
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
