@@ -146,8 +146,50 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     for p in res["providers"].values():
         p["x_floor"] = p["seconds"] / res["floor_s"]
     ours_s = res["providers"]["r1train engine"]["seconds"]
-    for pname, p in res["providers"].items():
+    for p in res["providers"].values():
         p["ours_speedup"] = p["seconds"] / ours_s
+    return res
+
+
+def profile_step(model, out_dir, device):
+    """Per-kernel device time of one eager decode step, and the replayed graph's time per step, on the
+    engine state the last rollout left (its batch bucket and cache)."""
+    from r1train.generation import SamplingParams, engine_for
+
+    eng = engine_for(model)
+    rows = eng.st.tok.shape[0]
+    sp = SamplingParams(1)
+    res = {"rows": rows}
+    eng.st.pos.zero_()  # the last rollout left every row at its last position
+    eng.st.lens.clamp_(max=eng.cache.length - 4)
+    with eng._active():
+        for _ in range(2):
+            eng._step(rows, sp, -1, 0)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng._step(rows, sp, -1, 0)
+            torch.cuda.synchronize()
+        g = eng._capture(rows, sp, -1, 0)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        for _ in range(20):
+            g.replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+    res["graph_step_ms"] = ev[0].elapsed_time(ev[1]) / 20
+    evs = [e for e in prof.key_averages()]
+    res["kernel_ms_total"] = sum(e.device_time_total for e in evs) / 1e3
+    res["kernels"] = sorted(({"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3}
+                             for e in evs), key=lambda d: -d["ms"])[:30]
+    res["kernel_launches"] = sum(e.count for e in evs)
+    print(json.dumps({k: v for k, v in res.items() if k != "kernels"}))
+    for k in res["kernels"][:15]:
+        print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
+    if out_dir:
+        with open(os.path.join(out_dir, "rollout_profile.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
     return res
 
 
@@ -158,6 +200,7 @@ def main(argv=None):
     p.add_argument("--with-compile", action="store_true")
     p.add_argument("--only", default="fixed,varied,throughput")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     a = p.parse_args(argv)
     tiny = a.device == "cpu"
     model = _model(a.device, tiny)
@@ -178,6 +221,8 @@ def main(argv=None):
         for pname, pr in r["providers"].items():
             print(f"  {pname:55s} {pr['seconds']:8.3f} s  x floor {pr['x_floor']:6.2f}  "
                   f"(ours {pr['ours_speedup']:.2f}x faster)")
+    if a.profile and a.device == "cuda":
+        profile_step(model, a.out, a.device)
     from .train_gpu import _commit
 
     doc = {"benchmark": "rollout", "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",

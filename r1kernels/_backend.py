@@ -29,6 +29,11 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "permute": [("cuda", "r1kernels.ops.moe:permute_cuda"), ("triton", "r1kernels.ops.moe:permute_triton")],
     "unpermute": [("cuda", "r1kernels.ops.moe:unpermute_cuda"),
                   ("triton", "r1kernels.ops.moe:unpermute_triton")],
+    "sample_tokens": [("triton", "r1kernels.ops.sampling:sample_tokens_triton")],
+    "decode_attention": [("triton", "r1kernels.ops.attention:decode_attention_triton")],
+    "rms_norm": [("triton", "r1kernels.ops.fused:rms_norm_triton")],
+    "apply_rotary": [("triton", "r1kernels.ops.fused:apply_rotary_triton")],
+    "silu_mul": [("triton", "r1kernels.ops.fused:silu_mul_triton")],
 }
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

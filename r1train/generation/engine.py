@@ -24,8 +24,10 @@ import torch
 import r1kernels as rk
 
 from . import attention as _attn
+from .fused import fused_decode_ops
 
 SUPPORTED = ("qwen2", "qwen3", "llama", "mistral", "deepseek_v3")
+FUSED_OPS = ("rms_norm", "apply_rotary", "silu_mul")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class _State:
 
 
 class Engine:
-    def __init__(self, model, *, backend: str = "auto", cuda_graphs: bool = True, check_every: int = 8):
+    def __init__(self, model, *, backend: str = "auto", cuda_graphs: bool = True, check_every: int = 8,
+                 fused: bool = True):
         mt = getattr(model.config, "model_type", None)
         if mt not in SUPPORTED:
             raise ValueError(f"the generation engine supports {SUPPORTED} models, not {mt!r}; use "
@@ -84,7 +87,8 @@ class Engine:
             raise ValueError("the generation engine does not support sliding-window attention; use "
                              "rollout_engine=transformers")
         _attn.register()
-        self.options = dict(backend=backend, cuda_graphs=cuda_graphs, check_every=check_every)
+        self.options = dict(backend=backend, cuda_graphs=cuda_graphs, check_every=check_every, fused=fused)
+        self.fused = fused and backend != "torch"  # the fused kernels, where rk runs a kernel for them
         self.model, self.backend, self.check_every = model, backend, check_every
         self.cuda_graphs = cuda_graphs
         self.cache = self.st = None
@@ -117,8 +121,12 @@ class Engine:
         cfg._attn_implementation = _attn.ATTN_NAME
         self.model.eval()
         _attn._ACTIVE.append(self.cache)
+        dev = next(self.model.parameters()).device
+        fuse = (self.fused and (dev.type == "cuda" or self.backend == "triton")
+                and all(len(rk._backend.available(op, dev.type)) > 1 for op in FUSED_OPS))
         try:
-            yield
+            with fused_decode_ops(self.model, self.backend) if fuse else contextlib.nullcontext():
+                yield
         finally:
             _attn._ACTIVE.pop()
             cfg._attn_implementation = old
@@ -153,7 +161,10 @@ class Engine:
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(r, sp, eos_id, pad_id)
+            if g is None and self.cuda_graphs:  # a lazy initialization may fail only the first capture
+                g = self._capture(r, sp, eos_id, pad_id)
             if g is None:
+                self.cuda_graphs = False
                 return self._step(r, sp, eos_id, pad_id)
             self.graphs[key] = g
         g.replay()
@@ -179,9 +190,12 @@ class Engine:
         except Exception as e:  # a model whose forward syncs with the host cannot be captured
             for t, v in zip(self.st.small(), snap):
                 t.copy_(v)
-            warnings.warn(f"r1train generation: CUDA-graph capture failed ({type(e).__name__}: {e}); "
-                          "running the decode step eagerly")
-            self.cuda_graphs = False
+            import traceback
+
+            where = "".join(traceback.format_tb(e.__traceback__)[-4:])
+            warnings.warn(f"r1train generation: CUDA-graph capture of the decode step failed "
+                          f"({type(e).__name__}: {e}) at:\n{where}")
+            self.stats["capture_failures"] = self.stats.get("capture_failures", 0) + 1
             return None
         torch.cuda.synchronize()
         self.stats["captures"] += 1

@@ -1,0 +1,94 @@
+"""Decode attention (one generation step): Qwen2.5-1.5B heads (Hq=12, Hkv=2, D=128) bf16 against a static
+KV cache of L positions. Providers: the torch reference, torch sdpa over the whole static cache with a
+padding mask (what transformers does: repeat_kv, then a masked dense attention), the same with
+enable_gqa, triton through the public API and through the op alone, and the op replayed from a captured
+CUDA graph (how the generation engine runs it). Bytes floor: the valid K/V positions read once, q read,
+out written."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import r1kernels as rk
+
+from .harness import Case, Rotating
+
+
+def _graphed(fn):
+    """Capture fn() once in a CUDA graph; the provider replays it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def _case(device, B, Hq, Hkv, L, D, lens, dtype) -> Case:
+    G = Hq // Hkv
+
+    def make():
+        return (torch.randn(B, Hq, D, device=device).to(dtype), torch.randn(B, Hkv, L, D, device=device).to(dtype),
+                torch.randn(B, Hkv, L, D, device=device).to(dtype))
+
+    inputs = Rotating(make, n=3 if device == "cuda" else 1)
+    mask = (torch.arange(L, device=device)[None, :] < lens[:, None])[:, None, None, :]  # shared by all layers
+
+    def public(backend):
+        def run():
+            q, k, v = inputs.next()
+            return rk.decode_attention(q, k, v, lens, backend=backend)
+        return run
+
+    def sdpa_repeat_kv():
+        q, k, v = inputs.next()
+        k = k[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hq, L, D)
+        v = v[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hq, L, D)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)[:, :, 0]
+
+    def sdpa_gqa():
+        q, k, v = inputs.next()
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+
+    provs = {"torch": public("torch"), "torch sdpa (full cache + mask)": sdpa_repeat_kv,
+             "torch sdpa enable_gqa (full cache + mask)": sdpa_gqa}
+    if "triton" in rk._backend.available("decode_attention", device):
+        provs["triton"] = public("triton")
+    try:
+        from r1kernels.ops.attention import decode_attention_triton
+    except ImportError:  # no triton
+        decode_attention_triton = None
+    if decode_attention_triton is not None and (device == "cuda" or rk._backend.TRITON_INTERPRET):
+        def op():
+            q, k, v = inputs.next()
+            return decode_attention_triton(q, k, v, lens)
+        provs["triton (op, no API checks)"] = op
+        if device == "cuda":
+            q0, k0, v0 = inputs.sets[0]
+            provs["triton (op, CUDA graph)"] = _graphed(lambda: decode_attention_triton(q0, k0, v0, lens))
+    peers = ("torch sdpa (full cache + mask)", "torch sdpa enable_gqa (full cache + mask)")
+    if device == "cuda":
+        q0, k0, v0 = inputs.sets[0]
+        provs["torch sdpa enable_gqa (CUDA graph)"] = _graphed(
+            lambda: F.scaled_dot_product_attention(q0[:, :, None], k0, v0, attn_mask=mask, enable_gqa=True))
+        peers += ("torch sdpa enable_gqa (CUDA graph)",)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    kv_bytes = int(lens.clamp(max=L).sum()) * Hkv * 2 * D * esize
+    lo, hi = int(lens.min()), int(lens.max())
+    shape = f"B={B} Hq={Hq} Hkv={Hkv} D={D} L={L} lens={lo}..{hi} {str(dtype).split('.')[-1]}"
+    return Case("decode_attention", shape, provs, bytes=kv_bytes + 2 * B * Hq * D * esize,
+                peers=peers)
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cpu":
+        return [_case(device, 4, 4, 2, 64, 32, torch.tensor([64, 1, 30, 47]), torch.float32)]
+    B, L = (16, 512) if quick else (64, 1024)
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(L // 4, 3 * L // 4 + 1, (B,), generator=gen).to(device)
+    return [_case(device, B, 12, 2, L, 128, lens, torch.bfloat16),
+            _case(device, 8, 12, 2, 4096, 128, torch.full((8,), 4096, device=device), torch.bfloat16)]

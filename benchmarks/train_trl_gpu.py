@@ -1,0 +1,104 @@
+"""TRL's GRPOTrainer on the work of benchmarks/train_gpu.py: the same Qwen2.5-1.5B-shaped model (random
+init, bf16), prompts, lengths, beta, num_iterations, micro-batches and reward -> seconds per generation
+batch and peak memory, JSON. TRL runs its own defaults otherwise (transformers generate, no vLLM; bf16
+AdamW states under bf16=True, so its numerics are not ours).
+
+One r1train step = one generation batch = num_iterations optimizer steps; TRL counts optimizer steps, so
+each generation batch here is num_iterations of TRL's steps, timed together.
+
+    python benchmarks/train_trl_gpu.py results/train_trl_h200.json     # on the GPU (needs trl, datasets)
+    python benchmarks/train_trl_gpu.py /tmp/trl_tiny.json --tiny       # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.train_gpu import QWEN25_15B, TINY, _commit, checksum_reward  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=3, help="generation batches (the first is warm-up)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--prompt-length", type=int, default=256)
+    p.add_argument("--completion-length", type=int, default=512)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--num-iterations", type=int, default=2)
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.prompt_length, a.completion_length, a.steps = 16, 16, 2
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from r1train.tasks import char_tokenizer
+
+    shape = TINY if a.tiny else QWEN25_15B
+    tok = char_tokenizer(vocab_size=shape["vocab_size"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(**shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    bos_token_id=tok.bos_token_id), dtype=torch.float32 if a.tiny else torch.bfloat16)
+    # TRL builds its reference model from a path: save the random model and hand TRL the directory
+    model_dir = os.path.splitext(a.out)[0] + "_trl_model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    n = a.prompts * a.num_generations
+    rows = [{"prompt": "".join(chr(48 + (i * 7 + j) % 40) for j in range(a.prompt_length))}
+            for i in range(a.prompts * (a.steps + 1))]
+    args = GRPOConfig(
+        output_dir=os.path.splitext(a.out)[0] + "_trl_run", per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=n // a.micro_batch, num_generations=a.num_generations,
+        max_completion_length=a.completion_length, beta=a.beta, num_iterations=a.num_iterations,
+        max_steps=a.steps * a.num_iterations, learning_rate=1e-6, bf16=not a.tiny, logging_steps=1,
+        report_to="none", save_strategy="no", temperature=1.0, use_cpu=a.tiny, disable_tqdm=True,
+        model_init_kwargs={"dtype": "float32" if a.tiny else "bfloat16"})
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[checksum_reward], args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    ends = [t0] + marks
+    per_batch = [ends[i + a.num_iterations] - ends[i] for i in range(0, len(marks), a.num_iterations)]
+    timed = per_batch[1:] if len(per_batch) > 1 else per_batch
+    res = {"benchmark": "train_trl_gpu", "trl": __import__("trl").__version__,
+           "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped (random init)",
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": _commit(), "torch": torch.__version__, "args": vars(a), "completions_per_batch": n,
+           "seconds_per_generation_batch": per_batch, "median_seconds": statistics.median(timed),
+           "log": [h for h in trainer.state.log_history if "loss" in h],
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print("TRL seconds per generation batch:", per_batch, "median", res["median_seconds"], "peak GiB",
+          res["peak_memory_gib"])
+    return res
+
+
+if __name__ == "__main__":
+    main()

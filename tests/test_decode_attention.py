@@ -1,0 +1,194 @@
+"""decode_attention: the Triton flash-decoding kernel (interpreter on CPU) vs the float64 reference and an
+independent per-row scaled_dot_product_attention on each row's valid prefix."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import r1kernels as rk
+from r1kernels.reference import decode_attention as ref_attention
+
+triton = pytest.importorskip("triton")
+from r1kernels.ops import attention as da_ops  # noqa: E402
+from r1kernels.triton import attention as da_k  # noqa: E402
+
+
+def _sdpa_rows(q, k, v, lens, scale):
+    """float64 softmax(q k^T) v per row over its first lens[b] positions, GQA by repeat_interleave."""
+    B, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    out = torch.zeros(B, Hq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        kk = k[b, :, :n].double().cpu().repeat_interleave(G, 0)
+        vv = v[b, :, :n].double().cpu().repeat_interleave(G, 0)
+        out[b] = F.scaled_dot_product_attention(q[b, :, None].double().cpu(), kk, vv, scale=scale)[:, 0]
+    return out
+
+
+def _inputs(B, Hq, Hkv, L, Dk, Dv, dtype, device="cpu"):
+    q = torch.randn(B, Hq, Dk, device=device).to(dtype)
+    k = torch.randn(B, Hkv, L, Dk, device=device).to(dtype)
+    v = torch.randn(B, Hkv, L, Dv, device=device).to(dtype)
+    return q, k, v
+
+
+def _check(q, k, v, lens, dtype, scale=None):
+    out = rk.decode_attention(q, k, v, lens, scale=scale, backend="triton")
+    assert out.dtype == q.dtype and out.shape == (q.shape[0], q.shape[1], v.shape[-1])
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    ref = ref_attention(q.double(), k.double(), v.double(), lens, s)
+    lowp = ref_attention(q, k, v, lens, s) if dtype != torch.float32 else None
+    assert_close(out, ref, dtype, lowp=lowp, name="vs reference")
+    assert_close(out, _sdpa_rows(q, k, v, lens, s), dtype, lowp=lowp, name="vs per-row sdpa")
+    return out
+
+
+# (B, Hq, Hkv, L, Dk, Dv): G = 1, 2, 6; L not a multiple of the interpreter's BLOCK_N (16); Dk != Dv.
+SHAPES = [(3, 6, 1, 37, 24, 16), (3, 4, 2, 50, 32, 32), (3, 2, 2, 20, 8, 8), (2, 12, 2, 33, 16, 24)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(shape, dtype):
+    B, Hq, Hkv, L, Dk, Dv = shape
+    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype)
+    lens = torch.tensor([L, 1, 0][:B], dtype=torch.int32)
+    _check(q, k, v, lens, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_splits_agree(splits):
+    """The direct path (S == 1) and the combine path (S > 1, some splits empty) agree with the reference."""
+    q, k, v = _inputs(4, 4, 2, 45, 16, 16, torch.float32)
+    lens = torch.tensor([45, 7, 0, 30])
+    out = da_k.decode_attention_fwd(q, k, v, lens, 0.3, splits=splits)
+    ref = ref_attention(q.double(), k.double(), v.double(), lens, 0.3)
+    assert_close(out, ref, torch.float32, name=f"splits={splits}")
+
+
+def test_num_splits_shapes_only():
+    cases = [(1024, 128, 64, 528), (4096, 16, 64, 528), (37, 6, 16, 16), (1, 1, 64, 528), (10**5, 1, 64, 10**4)]
+    for L, programs, block_n, target in cases:
+        S, chunk = da_k.num_splits(L, programs, block_n, target)
+        assert 1 <= S <= da_k.MAX_SPLITS and chunk % block_n == 0
+        assert (S - 1) * chunk < L <= S * chunk  # every split starts inside the cache
+    assert da_k.num_splits(1024, 128, 64, 132) == (1, 1024)  # one wave of programs already: no combine
+    assert da_k.num_splits(4096, 16, 64, 132) == (8, 512)
+
+
+def test_strided_views_and_scale():
+    """Caches as the first rows / positions of bigger buffers and in [B, L, H, D] layout; q and lens
+    non-contiguous; int64 lens larger than L count as L."""
+    B, Hq, Hkv, L, Dk, Dv = 3, 4, 2, 21, 24, 16
+    k = torch.randn(5, Hkv, 40, Dk)[:B, :, :L]                   # slice of a [Bmax, Hkv, Lmax, D] buffer
+    v = torch.randn(5, 40, Hkv, Dv).transpose(1, 2)[:B, :, :L]   # [B, L, H, D] storage
+    q = torch.randn(B, Dk, Hq).transpose(1, 2)                   # non-contiguous q
+    lens = torch.tensor([[L, 0], [9, 0], [L + 5, 0]])[:, 0]  # strided lens too
+    _check(q, k, v, lens, torch.float32, scale=0.37)
+
+
+def test_mixed_dtypes():
+    """fp32 q against a bf16 cache: fp32 math, output in q's dtype."""
+    q, k, v = _inputs(2, 4, 2, 19, 16, 16, torch.bfloat16)
+    q = q.float()
+    lens = torch.tensor([19, 4])
+    out = rk.decode_attention(q, k, v, lens, backend="triton")
+    assert out.dtype == torch.float32
+    assert_close(out, ref_attention(q.double(), k.double(), v.double(), lens), torch.float32)
+
+
+def test_invalid_positions_are_never_read():
+    """Positions >= lens hold NaN / inf / huge values: the output stays finite and bit-identical."""
+    B, Hq, Hkv, L, D = 3, 4, 2, 40, 16
+    q, k, v = _inputs(B, Hq, Hkv, L, D, D, torch.float32)
+    lens = torch.tensor([17, 1, 0])
+    base = rk.decode_attention(q, k, v, lens, backend="triton")
+    pos = torch.arange(L)[None, None, :, None] >= lens[:, None, None, None]
+    k2 = k.masked_fill(pos, float("nan"))
+    v2 = v.masked_fill(pos, float("inf"))
+    v2[0, :, 30] = 1e30
+    for splits in (1, 3):
+        out = da_k.decode_attention_fwd(q, k2, v2, lens, D ** -0.5, splits=splits)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, da_k.decode_attention_fwd(q, k, v, lens, D ** -0.5, splits=splits))
+    assert torch.equal(rk.decode_attention(q, k2, v2, lens, backend="triton"), base)
+    assert (base[2] == 0).all()  # lens 0 -> zeros
+
+
+def test_empty_shapes():
+    q, k, v = _inputs(0, 4, 2, 8, 16, 16, torch.float32)
+    assert rk.decode_attention(q, k, v, torch.zeros(0, dtype=torch.long), backend="triton").shape == (0, 4, 16)
+    q, k, v = _inputs(2, 4, 2, 0, 16, 8, torch.float32)
+    out = rk.decode_attention(q, k, v, torch.zeros(2, dtype=torch.long), backend="triton")
+    assert out.shape == (2, 4, 8) and (out == 0).all()
+
+
+@pytest.mark.parametrize("change,name", [
+    (dict(q=torch.randn(2, 5, 16)), "query heads"),                       # Hq not a multiple of Hkv
+    (dict(lens=torch.tensor([3, 3, 3])), "lens"),                          # wrong lens shape
+    (dict(lens=torch.tensor([3.0, 2.0])), "lens"),                         # float lens
+    (dict(k_cache=torch.randn(2, 2, 8, 12)), "k_cache"),                   # Dk mismatch
+    (dict(v_cache=torch.randn(2, 2, 9, 16)), "v_cache"),                   # L mismatch
+    (dict(v_cache=torch.randn(2, 2, 8, 16, dtype=torch.float64)), "v_cache"),  # dtype mismatch
+    (dict(q=torch.randn(2, 4)), "q"),
+    (dict(scale=0.0), "scale"),
+])
+def test_bad_input(change, name):
+    args = dict(q=torch.randn(2, 4, 16), k_cache=torch.randn(2, 2, 8, 16), v_cache=torch.randn(2, 2, 8, 16),
+                lens=torch.tensor([3, 8]))
+    args.update(change)
+    scale = args.pop("scale", None)
+    with pytest.raises(ValueError, match=name):
+        rk.decode_attention(**args, scale=scale, backend="triton")
+
+
+def test_opcheck():
+    q, k, v = _inputs(2, 4, 2, 21, 16, 8, torch.float32)
+    torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([21, 5]), 0.25))
+
+
+def test_compile_fullgraph():
+    q, k, v = _inputs(2, 4, 2, 21, 16, 8, torch.float32)
+    lens = torch.tensor([21, 5])
+    f = torch.compile(lambda q, k, v, lens: rk.decode_attention(q, k, v, lens, backend="triton") * 2,
+                      fullgraph=True)
+    assert_close(f(q, k, v, lens), 2 * ref_attention(q.double(), k.double(), v.double(), lens), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(64, 12, 2, 1024, 128, 128), (8, 16, 16, 300, 192, 128),
+                                   (4, 64, 2, 200, 256, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_real_shapes(shape, dtype):
+    """Qwen2.5-1.5B (G=6, D=128), DeepSeek-V3 MLA expanded (Dk=192, Dv=128, G=1), and the largest heads
+    (D=256, G=32: two head tiles, the smallest pipeline)."""
+    B, Hq, Hkv, L, Dk, Dv = shape
+    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype, "cuda")
+    lens = torch.randint(0, L + 1, (B,), device="cuda")
+    lens[0], lens[1] = L, 0
+    out = rk.decode_attention(q, k, v, lens, backend="triton")
+    ref = ref_attention(q.double(), k.double(), v.double(), lens)
+    lowp = ref_attention(q, k, v, lens) if dtype != torch.float32 else None
+    assert_close(out, ref, dtype, lowp=lowp)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay():
+    """Captured once, replayed with new lens in place (a static graph): matches the reference each time."""
+    B, Hq, Hkv, L, D = 16, 12, 2, 512, 128
+    q, k, v = _inputs(B, Hq, Hkv, L, D, D, torch.bfloat16, "cuda")
+    lens = torch.full((B,), L, device="cuda")
+    rk.decode_attention(q, k, v, lens, backend="triton")  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = rk.decode_attention(q, k, v, lens, backend="triton")
+    for new in (torch.randint(0, L + 1, (B,)), torch.ones(B, dtype=torch.long), torch.full((B,), L)):
+        lens.copy_(new)
+        g.replay()
+        ref = ref_attention(q.double(), k.double(), v.double(), lens)
+        assert_close(out, ref, torch.bfloat16, lowp=ref_attention(q, k, v, lens))

@@ -1,0 +1,281 @@
+"""sample_tokens: the Triton kernel (interpreter on CPU) vs the reference and vs computations written here
+(an independent Philox4x32-10 checked on Random123's known answers, sort-based kept sets, float64
+log-probs, chi-square tests of the draws); batch invariance; bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close
+
+import r1kernels as rk
+from r1kernels.reference import sampling as ref
+
+triton = pytest.importorskip("triton")
+from r1kernels.ops import sampling as ops  # noqa: E402
+
+DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False)
+OPTS = [dict(), dict(greedy=True), dict(temperature=0.6), dict(top_k=5), dict(top_k=1), dict(top_p=0.8),
+        dict(min_p=0.1), dict(top_k=20, top_p=0.7, min_p=0.05, temperature=1.3), dict(top_p=0.9, greedy=True)]
+
+
+def _opts(**kw):
+    return {**DEFAULTS, **kw}
+
+
+def _inputs(B, V, dtype=torch.float32, scale=3.0):
+    logits = (torch.randn(B, V) * scale).to(dtype)
+    seeds = torch.randint(-2**62, 2**62, (B,))
+    positions = torch.randint(0, 2**31 - 1, (B,))
+    return logits, seeds, positions
+
+
+def _kept(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, **_):
+    """bool [B, V] from a sort of each row, the top-p mass in float64 (independent of the reference)."""
+    z = logits.float() / temperature
+    B, V = z.shape
+    zs = z.sort(-1, descending=True).values
+    thr = torch.full((B, 1), float("-inf"))
+    if 0 < top_k < V:
+        thr = zs[:, top_k - 1:top_k]
+    if top_p < 1.0:
+        p = torch.softmax(z.double().masked_fill(z < thr, float("-inf")), -1).sort(-1, descending=True).values
+        n = ((p.cumsum(-1) - p) < top_p).sum(-1, keepdim=True)  # the smallest prefix with mass >= top_p
+        thr = torch.maximum(thr, zs.gather(-1, n - 1))
+    if min_p > 0.0:
+        thr = torch.maximum(thr, zs[:, :1] + math.log(min_p))
+    return z >= thr
+
+
+def _logp64(logits, tok, keep, temperature=1.0, **_):
+    z = (logits.double() / temperature).masked_fill(~keep, float("-inf"))
+    return z.gather(-1, tok[:, None]).squeeze(-1) - z.logsumexp(-1)
+
+
+def _check(logits, seeds, positions, opts):
+    o = _opts(**opts)
+    tok, lp = ops.sample_tokens_triton(logits, seeds, positions, **o)
+    rtok, rlp = ref.sample_tokens(logits, seeds, positions, **o)
+    assert tok.dtype == torch.int64 and lp.dtype == torch.float32
+    assert tok.shape == lp.shape == (logits.shape[0],)
+    assert torch.equal(tok, rtok), f"tokens {tok.tolist()} != reference {rtok.tolist()}"
+    keep = _kept(logits, **o)
+    assert keep.gather(-1, tok[:, None]).all()
+    assert_close(lp, _logp64(logits, tok, keep, **o), torch.float32, name="logp")
+    assert_close(rlp, _logp64(logits, tok, keep, **o), torch.float32, name="reference logp")
+    return tok, lp
+
+
+@pytest.mark.parametrize("B,V", [(1, 1), (3, 7), (5, 100), (3, 1000)])
+@pytest.mark.parametrize("opts", OPTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_matches_reference(B, V, opts):
+    _check(*_inputs(B, V), opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [dict(), dict(top_k=10, top_p=0.9, temperature=0.8)], ids=["default", "trunc"])
+def test_low_precision(dtype, opts):
+    logits, seeds, positions = _inputs(4, 300, dtype)
+    _check(logits, seeds, positions, opts)
+    assert TOLERANCES[dtype] > 0
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(greedy=True), dict(top_k=3), dict(top_p=0.5), dict(min_p=0.3)],
+                         ids=str)
+def test_ties_and_masked_vocab(opts):
+    """Integer logits (many exact ties, at the top-k / top-p edges too) and -inf (masked) entries."""
+    logits = torch.randint(-3, 3, (6, 150)).float()
+    logits[:, 1::4] = float("-inf")
+    seeds, positions = torch.randint(0, 2**31, (6,), dtype=torch.int32), torch.arange(6, dtype=torch.int32)
+    _check(logits, seeds, positions, opts)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(top_p=0.95)], ids=["default", "top_p"])
+def test_peaked_rows(opts):
+    """A leading token far above the rest: later blocks are skipped without noise, same draw."""
+    logits, seeds, positions = _inputs(4, 1000)
+    logits[torch.arange(4), torch.randint(0, 1000, (4,))] += 40.0
+    logits[1, 5] += 45.0  # a leader in the first block, the rest of the row skipped
+    _check(logits, seeds, positions, opts)
+
+
+def test_strided_and_int32_inputs():
+    full, seeds, positions = _inputs(5, 130)
+    opts = dict(top_k=7, temperature=0.9)
+    _check(full[:, :101], seeds.int(), positions.int(), opts)  # row stride 130, vocab contiguous
+    t = full[:, :100].t().contiguous().t()  # vocab stride 5: copied
+    _check(t, -seeds, positions, opts)
+
+
+def test_empty_batch():
+    tok, lp = ops.sample_tokens_triton(torch.randn(0, 9), torch.zeros(0, dtype=torch.long),
+                                       torch.zeros(0, dtype=torch.long))
+    assert tok.shape == lp.shape == (0,)
+
+
+def _philox4x32_10(ctr, key):
+    """Random123's Philox4x32-10 on Python ints, as published (the reference only keeps word 0)."""
+    c, (k0, k1), m = list(ctr), key, 0xFFFFFFFF
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & m, (p0 >> 32) ^ c[3] ^ k1, p0 & m]
+    return c
+
+
+@pytest.mark.parametrize("ctr,key,expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(ctr, key, expected):
+    assert _philox4x32_10(ctr, key) == list(expected)
+
+
+def test_reference_philox_and_uniforms():
+    zero = torch.zeros(1, dtype=torch.long)
+    assert ref.philox_word0(zero, zero, zero, zero).item() == 0x6627E8D5
+    seeds = torch.tensor([0, -1, 2**40 + 12345, -(2**63)])
+    positions = torch.tensor([0, 2**32 - 1, 7, -5])
+    V = 5
+    u = ref.uniforms(seeds, positions, V)
+    for b in range(len(seeds)):
+        s, p = int(seeds[b]) & (2**64 - 1), int(positions[b]) & 0xFFFFFFFF
+        for v in range(V):
+            x = _philox4x32_10((v, p, 0, 0), (s & 0xFFFFFFFF, s >> 32))[0]
+            assert u[b, v].item() == ((x >> 9) + 0.5) * 2.0**-23
+    u = ref.uniforms(torch.randint(-2**62, 2**62, (4,)), torch.randint(0, 2**31, (4,)), 25_000).flatten()
+    n = u.numel()
+    assert 0.0 < u.min() and u.max() < 1.0
+    assert abs(u.double().mean().item() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    ks = ((torch.arange(1, n + 1, dtype=torch.float64) / n) - u.double().sort().values).abs().max().item()
+    assert ks < 2.5 / n**0.5  # Kolmogorov-Smirnov, alpha ~ 1e-5
+
+
+def _chi2_crit(df, z=3.72):
+    """Upper quantile of chi-square(df) at the normal quantile z (Wilson-Hilferty; z=3.72: alpha ~ 1e-4)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * a**0.5) ** 3
+
+
+@pytest.mark.parametrize("opts,n_triton", [(dict(), 200), (dict(temperature=0.7, top_k=4), 60),
+                                           (dict(top_p=0.8), 60), (dict(min_p=0.5), 150)],
+                         ids=["default", "top_k", "top_p", "min_p"])
+def test_draw_distribution(opts, n_triton):
+    """Draws of one row at positions 0..N-1 against softmax(z / T) renormalized on the kept set: N = 4000
+    from the reference, the first n_triton (the interpreter is slow) from the kernel, which must equal them."""
+    N, V = 4000, 6
+    row = torch.linspace(-0.8, 0.8, V)[torch.randperm(V)]
+    seeds = torch.full((N,), torch.randint(0, 2**62, ()).item())
+    positions = torch.arange(N)
+    o = _opts(**opts)
+    keep = _kept(row[None], **o)[0]
+    p = torch.softmax((row.double() / o["temperature"]).masked_fill(~keep, float("-inf")), -1)
+    rtok, rlp = ref.sample_tokens(row.expand(N, V), seeds, positions, **o)
+    n = n_triton
+    tok, lp = ops.sample_tokens_triton(row.expand(n, V), seeds[:n], positions[:n], **o)
+    assert torch.equal(tok, rtok[:n])
+    for name, t, logp in (("reference", rtok, rlp), ("triton", tok, lp)):
+        assert keep[t].all(), name
+        k = keep.nonzero().flatten()
+        expected = len(t) * p[k]
+        chi2 = ((torch.bincount(t, minlength=V).double()[k] - expected) ** 2 / expected).sum().item()
+        assert chi2 < _chi2_crit(len(k) - 1), f"{name}: chi2 {chi2:.1f} over {len(k) - 1} dof"
+        assert_close(logp.double(), p[t].log(), torch.float32, name=f"{name} logp")
+
+
+def test_batch_invariance(monkeypatch):
+    """A row draws the same token and bitwise log-prob alone and at any index of any batch."""
+    monkeypatch.setenv("R1K_SAMPLE_SPLIT_BLOCKS", "2")  # 2 programs per row of V = 200
+    V = 200
+    logits, seeds, positions = _inputs(1, V)
+    for opts in (dict(), dict(top_p=0.9, top_k=50)):
+        o = _opts(**opts)
+        tok1, lp1 = ops.sample_tokens_triton(logits, seeds, positions, **o)
+        for B, i in ((3, 0), (3, 2), (4, 1)):
+            x, s, p = _inputs(B, V)
+            x[i], s[i], p[i] = logits[0], seeds[0], positions[0]
+            tok, lp = ops.sample_tokens_triton(x, s, p, **o)
+            assert tok[i] == tok1[0] and lp[i] == lp1[0], (opts, B, i)
+
+
+def test_public_api_dispatch():
+    if "triton" not in rk._backend.available("sample_tokens", "cpu"):
+        pytest.skip("r1kernels._backend.KERNELS has no triton entry for sample_tokens")
+    logits, seeds, positions = _inputs(3, 50)
+    tok, lp = rk.sample_tokens(logits, seeds, positions, top_k=4, backend="triton")
+    rtok, rlp = rk.sample_tokens(logits, seeds, positions, top_k=4, backend="torch")
+    assert torch.equal(tok, rtok)
+    assert_close(lp, rlp, torch.float32)
+
+
+@pytest.mark.parametrize("override,name", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=0.0), "temperature"), (dict(min_p=1.0), "min_p"),
+    (dict(seeds=torch.zeros(2, dtype=torch.long)), "seeds"), (dict(positions=torch.zeros(3, 1, dtype=torch.long)),
+                                                              "positions"),
+    (dict(seeds=torch.zeros(3)), "seeds"),
+])
+def test_bad_input(override, name):
+    logits, seeds, positions = _inputs(3, 10)
+    args = {**dict(logits=logits, seeds=seeds, positions=positions), **override}
+    with pytest.raises(ValueError, match=name):
+        rk.sample_tokens(**args)
+
+
+def test_opcheck():
+    logits, seeds, positions = _inputs(3, 40)
+    torch.library.opcheck(ops.sample_tokens_op, (logits, seeds, positions, 1.0, 0, 1.0, 0.0, False))
+    torch.library.opcheck(ops.sample_tokens_op, (logits.bfloat16(), seeds.int(), positions, 0.7, 5, 0.9, 0.05, True))
+
+
+def test_compile_fullgraph():
+    logits, seeds, positions = _inputs(3, 40)
+
+    def f(x, s, p):
+        tok, lp = ops.sample_tokens_triton(x * 2.0, s, p + 1, temperature=0.8, top_p=0.9)
+        return tok + 1, lp.exp()
+
+    tok, pr = torch.compile(f, fullgraph=True, backend="aot_eager")(logits, seeds, positions)  # inductor: +10 s
+    rtok, rlp = ref.sample_tokens(logits * 2.0, seeds, positions + 1, **_opts(temperature=0.8, top_p=0.9))
+    assert torch.equal(tok, rtok + 1)
+    assert_close(pr, rlp.exp(), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", [dict(), dict(top_p=0.9, top_k=50), dict(min_p=0.05, temperature=0.7)],
+                         ids=["default", "top_p_k", "min_p"])
+def test_gpu_real_shape(opts):
+    B, V = 64, 151936
+    logits = (torch.randn(B, V, device="cuda") * 2).bfloat16()
+    seeds = torch.randint(0, 2**62, (B,), device="cuda")
+    positions = torch.randint(0, 4096, (B,), device="cuda")
+    o = _opts(**opts)
+    tok, lp = ops.sample_tokens_triton(logits, seeds, positions, **o)
+    rtok, rlp = ref.sample_tokens(logits, seeds, positions, **o)
+    assert (tok == rtok).float().mean().item() >= 0.98  # float ties of -log(-log(u)) across backends
+    same = tok == rtok
+    assert_close(lp[same], rlp[same], torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph():
+    """No host sync: the op captures into a CUDA graph and replays on new inputs written in place."""
+    B, V = 8, 50000
+    logits, seeds, positions = (t.cuda() for t in _inputs(B, V, torch.bfloat16))
+    o = _opts(top_p=0.9, top_k=40, temperature=0.8)
+    ops.sample_tokens_triton(logits, seeds, positions, **o)  # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tok, lp = ops.sample_tokens_triton(logits, seeds, positions, **o)
+    for _ in range(2):
+        logits.copy_(torch.randn_like(logits) * 3)
+        positions.add_(1)
+        g.replay()
+        rtok, rlp = ref.sample_tokens(logits, seeds, positions, **o)
+        assert torch.equal(tok, rtok)
+        assert_close(lp, rlp, torch.float32)
