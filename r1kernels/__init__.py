@@ -288,7 +288,7 @@ def apply_rotary(q, k, cos, sin, *, backend="auto"):
         raise ValueError(f"the head dim of q must be even, got {D}")
     _checks.same_device(q=q, k=k, cos=cos, sin=sin)
     _inference_only("apply_rotary", q=q, k=k)
-    fn = _backend.pick("apply_rotary", backend, q.device, q, k)
+    fn = _backend.pick("apply_rotary", backend, q.device, q, k, cos, sin)
     return (fn or _ref.apply_rotary)(q, k, cos, sin)
 
 

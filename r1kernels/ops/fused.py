@@ -1,0 +1,84 @@
+"""rms_norm, apply_rotary and silu_mul as torch.library custom ops (r1kernels::rms_norm, ::apply_rotary,
+::silu_mul) over the Triton kernels of r1kernels.triton.fused. Inference only: no autograd. The fakes make
+them traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
+from __future__ import annotations
+
+import torch
+
+from ..triton import fused as _k
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("r1kernels::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _k.rms_norm(x, weight, eps)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
+@torch.library.custom_op("r1kernels::apply_rotary", mutates_args=())
+def apply_rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _k.apply_rotary(q, k, cos, sin)
+
+
+@apply_rotary_op.register_fake
+def _(q, k, cos, sin):
+    return _k._out_like(q), _k._out_like(k)
+
+
+@torch.library.custom_op("r1kernels::silu_mul", mutates_args=())
+def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _k.silu_mul(gate, up)
+
+
+@silu_mul_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+def rms_norm_triton(x, weight, eps=1e-6):
+    """HF Qwen2RMSNorm / LlamaRMSNorm over the last dim -> promote_types(weight.dtype, x.dtype)."""
+    return rms_norm_op(x, weight, float(eps))
+
+
+def _rms_norm_eligible(x, weight, *a, **k):
+    return (x.dtype in _FLOATS and weight.dtype in _FLOATS and x.dim() >= 1 and weight.dim() == 1
+            and weight.shape[0] == x.shape[-1] and x.shape[-1] <= _k.MAX_H)
+
+
+rms_norm_triton.eligible = _rms_norm_eligible
+
+
+def apply_rotary_triton(q, k, cos, sin):
+    """HF apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) -> (q_embed, k_embed)."""
+    return apply_rotary_op(q, k, cos, sin)
+
+
+def _apply_rotary_eligible(q, k, cos, sin, *a, **kw):
+    if not all(t.dtype in _FLOATS for t in (q, k, cos, sin)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.dim() != 3:
+        return False
+    B, _, T, D = q.shape
+    return (D % 2 == 0 and k.shape[0] == B and k.shape[2] == T and k.shape[3] == D
+            and cos.shape[0] in (1, B) and tuple(cos.shape[1:]) == (T, D) and sin.shape == cos.shape)
+
+
+apply_rotary_triton.eligible = _apply_rotary_eligible
+
+
+def silu_mul_triton(gate, up):
+    """F.silu(gate) * up, in gate's dtype."""
+    return silu_mul_op(gate, up)
+
+
+def _silu_mul_eligible(gate, up, *a, **k):
+    return gate.dtype in _FLOATS and up.dtype in _FLOATS and gate.shape == up.shape
+
+
+silu_mul_triton.eligible = _silu_mul_eligible

@@ -1,0 +1,145 @@
+"""Triton kernels: the small fused inference ops of a decode step (r1kernels.reference.fused is the spec).
+
+No autograd and no host synchronization (the launchers are replayed inside CUDA graphs): outputs are
+allocated with torch.empty*, grids depend on shapes only. fp32 math inside, plain tl.* ops.
+- _rms_norm_kernel: ROWS rows of [M, H] per program, the whole row in one block (H <= MAX_H).
+- _rotary_kernel: grid (B * T, q head blocks + k head blocks): one program rotates BH heads of q or of k at
+  one (b, t), the two halves of D loaded separately (no gather), cos/sin loaded once per program.
+- _silu_mul_kernel: 1-D over the elements.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_H = 65536
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, M, H, sx, so, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    cm = cols < H
+    m = (rows < M)[:, None] & cm[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=1) / H
+    r = tl.rsqrt(var + eps)
+    # HF rounds the normalized row to the input dtype before the weight product.
+    h = (x * r[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    y = h * w[None, :]
+    tl.store(o_ptr + r64[:, None] * so + cols[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    H = x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    x2 = x.reshape(-1, H)
+    M = x2.shape[0]
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if M == 0 or H == 0:
+        return out
+    w = weight.contiguous()
+    BLOCK = triton.next_power_of_2(H)
+    ROWS = max(1, min(16, 2048 // BLOCK, triton.next_power_of_2(M)))
+    num_warps = 8 if BLOCK >= 4096 else 4 if BLOCK >= 1024 else 2 if BLOCK * ROWS >= 512 else 1
+    _rms_norm_kernel[(triton.cdiv(M, ROWS),)](x2, w, out.view(-1, H), M, H, x2.stride(0), H, float(eps),
+                                                ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
+    return out
+
+
+@triton.jit
+def _rotate_heads(x_ptr, o_ptr, sxb, sxh, sxt, sob, soh, sot, b, t, h0, H, c1, c2, s1, s2,
+                  HALF: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr):
+    h = (h0 + tl.arange(0, BH)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK)
+    m = (h < H)[:, None] & (offs_d < HALF)[None, :]
+    src = x_ptr + b * sxb + t * sxt + h[:, None] * sxh + offs_d[None, :]
+    dst = o_ptr + b * sob + t * sot + h[:, None] * soh + offs_d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * c1 - x2 * s1).to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, c_ptr, s_ptr, T, Hq, Hk, NQB,
+                   sqb, sqh, sqt, skb, skh, skt, sob, soh, sot, spb, sph, spt, scb, sct, ssb, sst,
+                   HALF: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    hb = tl.program_id(1)
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK)
+    md = offs_d < HALF
+    c1 = tl.load(c_ptr + b * scb + t * sct + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(c_ptr + b * scb + t * sct + HALF + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(s_ptr + b * ssb + t * sst + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(s_ptr + b * ssb + t * sst + HALF + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+    if hb < NQB:
+        _rotate_heads(q_ptr, qo_ptr, sqb, sqh, sqt, sob, soh, sot, b, t, hb * BH, Hq, c1, c2, s1, s2,
+                      HALF, BH, BLOCK)
+    else:
+        _rotate_heads(k_ptr, ko_ptr, skb, skh, skt, spb, sph, spt, b, t, (hb - NQB) * BH, Hk, c1, c2, s1, s2,
+                      HALF, BH, BLOCK)
+
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    """An output of t's shape and dtype, in t's memory layout when that is dense (HF's elementwise ops keep
+    the [B, T, H, D] layout of transposed projections), else contiguous. Shared with the fake."""
+    return torch.empty_like(t if t.stride(-1) == 1 else t.contiguous())
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    B, Hq, T, D = q.shape
+    Hk = k.shape[1]
+    cos = cos.expand(B, T, D)
+    sin = sin.expand(B, T, D)
+    if cos.stride(-1) != 1:
+        cos = cos.contiguous()
+    if sin.stride(-1) != 1:
+        sin = sin.contiguous()
+    qo, ko = _out_like(q), _out_like(k)
+    if B * T == 0 or D == 0:
+        return qo, ko
+    half = D // 2
+    BLOCK = triton.next_power_of_2(half)
+    BH = max(1, min(triton.next_power_of_2(max(Hq, Hk, 1)), 512 // BLOCK))
+    nqb, nkb = triton.cdiv(Hq, BH), triton.cdiv(Hk, BH)
+    num_warps = 4 if BH * BLOCK >= 1024 else 2 if BH * BLOCK >= 256 else 1
+    _rotary_kernel[(B * T, nqb + nkb)](
+        q, k, qo, ko, cos, sin, T, Hq, Hk, nqb,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        HALF=half, BH=BH, BLOCK=BLOCK, num_warps=num_warps)
+    return qo, ko
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    N = gate.numel()
+    if N == 0:
+        return out
+    BLOCK = 1024
+    _silu_mul_kernel[(triton.cdiv(N, BLOCK),)](gate, up, out, N, BLOCK=BLOCK, num_warps=4)
+    return out

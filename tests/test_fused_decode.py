@@ -1,0 +1,176 @@
+"""r1kernels.triton.fused (rms_norm, apply_rotary, silu_mul) against r1kernels.reference.fused and against the
+Hugging Face code they replace: Qwen2RMSNorm, apply_rotary_pos_emb with Qwen2RotaryEmbedding's cos/sin,
+ACT2FN["silu"](gate) * up. Triton interpreter on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close
+
+from r1kernels.ops import fused as fops
+from r1kernels.reference import fused as ref
+
+qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _check(out, ref64, dtype, lowp=None, name="output"):
+    assert out.dtype == (lowp.dtype if lowp is not None else out.dtype)
+    assert out.shape == ref64.shape
+    assert_close(out, ref64, dtype, lowp=lowp, name=name)
+
+
+# ------------------------------------------------------------------------------------------------ rms_norm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 72), (2, 3, 100), (1, 1, 64), (17, 40)])
+def test_rms_norm(device, dtype, shape):
+    H = shape[-1]
+    eps = 1e-6
+    norm = qwen2.Qwen2RMSNorm(H, eps=eps).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(H))
+    x = (torch.randn(shape, device=device) * 3).to(dtype)
+    with torch.no_grad():
+        hf = norm(x)
+    out = fops.rms_norm_triton(x, norm.weight.detach(), eps)
+    w64 = norm.weight.detach().double()
+    x64 = x.double()
+    ref64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    _check(out, ref64, dtype, lowp=hf, name="rms_norm vs fp64")
+    _check(out, hf.double(), dtype, name="rms_norm vs HF")
+    _check(out, ref.rms_norm(x, norm.weight.detach(), eps).double(), dtype, name="rms_norm vs reference")
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_noncontiguous_and_promotion(device):
+    """A non-contiguous row view, and an fp32 weight over bf16 input (HF promotes the output to fp32)."""
+    H = 48
+    base = torch.randn(5, 2 * H, device=device).to(torch.bfloat16)
+    x = base[:, H:]
+    w = torch.randn(H, device=device)
+    out = fops.rms_norm_triton(x, w, 1e-5)
+    assert out.dtype == torch.float32
+    r = ref.rms_norm(x, w, 1e-5)
+    assert r.dtype == torch.float32
+    # h is rounded to bf16 inside: one bf16 ulp apart where rsqrt differs in its last bits, or where the
+    # Triton interpreter's fp32 -> bf16 casts truncate (the GPU rounds to nearest).
+    torch.testing.assert_close(out, r, rtol=8e-3, atol=1e-5)
+    xt = torch.randn(H, 4, device=device).t()  # last dim strided
+    torch.testing.assert_close(fops.rms_norm_triton(xt, w, 1e-6), ref.rms_norm(xt, w, 1e-6), rtol=1e-5,
+                               atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+
+def _hf_qk(B, T, Hq, Hk, D, dtype, device, fused_qkv=False):
+    """q, k as Qwen2Attention makes them: projection output [B, T, H * D] -> .view(B, T, -1, D).transpose(1, 2)."""
+    if fused_qkv:  # slices of one wide projection: row stride larger than H * D
+        qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, device=device).to(dtype)
+        qp, kp = qkv[..., :Hq * D], qkv[..., Hq * D:(Hq + Hk) * D]
+    else:
+        qp = torch.randn(B, T, Hq * D, device=device).to(dtype)
+        kp = torch.randn(B, T, Hk * D, device=device).to(dtype)
+    return qp.view(B, T, -1, D).transpose(1, 2), kp.view(B, T, -1, D).transpose(1, 2)
+
+
+def _hf_cos_sin(B, T, Hq, Hk, D, dtype, device, batch_pos=True):
+    cfg = Qwen2Config(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hk,
+                      max_position_embeddings=4096)
+    rope = qwen2.Qwen2RotaryEmbedding(cfg).to(device)
+    pos = torch.randint(0, 4000, (B if batch_pos else 1, T), device=device)
+    x = torch.empty(1, device=device, dtype=dtype)
+    return rope(x, pos)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hq,Hk,D,fused_qkv,batch_pos", [
+    (2, 1, 4, 2, 16, False, True),
+    (3, 3, 6, 2, 32, True, True),
+    (1, 3, 3, 1, 64, False, False),
+    (4, 1, 5, 5, 32, True, False),
+])
+def test_apply_rotary(device, dtype, B, T, Hq, Hk, D, fused_qkv, batch_pos):
+    q, k = _hf_qk(B, T, Hq, Hk, D, dtype, device, fused_qkv)
+    cos, sin = _hf_cos_sin(B, T, Hq, Hk, D, dtype, device, batch_pos)
+    assert cos.shape == (B if batch_pos else 1, T, D) and cos.dtype == dtype
+    hq, hk = qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+    assert fops.apply_rotary_triton.eligible(q, k, cos, sin)
+    oq, ok = fops.apply_rotary_triton(q, k, cos, sin)
+    rq, rk = ref.apply_rotary(q, k, cos, sin)
+    fq, fk = ref.apply_rotary(q.double(), k.double(), cos.double(), sin.double())
+    for out, hf, r, f, nm in ((oq, hq, rq, fq, "q"), (ok, hk, rk, fk, "k")):
+        assert out.shape == hf.shape and out.dtype == hf.dtype
+        _check(out, f, dtype, lowp=hf, name=f"rotary {nm} vs fp64")
+        _check(out, hf.double(), dtype, name=f"rotary {nm} vs HF")
+        torch.testing.assert_close(out, r, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_rotary_contiguous_inputs(device):
+    """Contiguous [B, H, T, D] q/k and a non-unit last stride (copied)."""
+    B, T, Hq, Hk, D = 2, 3, 2, 1, 16
+    q = torch.randn(B, Hq, T, D, device=device)
+    k = torch.randn(B, Hk, T, 2 * D, device=device)[..., ::2]
+    cos, sin = _hf_cos_sin(B, T, Hq, Hk, D, torch.float32, device)
+    oq, ok = fops.apply_rotary_triton(q, k, cos, sin)
+    hq, hk = qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(oq, hq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ok, hk, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ silu_mul
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 72), (2, 1, 100), (5, 1000), (1, 7)])
+def test_silu_mul(device, dtype, shape):
+    gate = (torch.randn(shape, device=device) * 4).to(dtype)
+    up = torch.randn(shape, device=device).to(dtype)
+    out = fops.silu_mul_triton(gate, up)
+    hf = ACT2FN["silu"](gate) * up
+    ref64 = torch.nn.functional.silu(gate.double()) * up.double()
+    assert out.dtype == dtype and out.shape == gate.shape
+    _check(out, ref64, dtype, lowp=hf, name="silu_mul vs fp64")
+    _check(out, hf.double(), dtype, name="silu_mul vs HF")
+    torch.testing.assert_close(out, ref.silu_mul(gate, up), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-5)
+    assert TOLERANCES[dtype] > 0
+
+
+# ------------------------------------------------------------------------------------------------ opcheck / edge
+
+def test_opcheck(device):
+    x = torch.randn(3, 20, device=device)
+    w = torch.randn(20, device=device)
+    torch.library.opcheck(fops.rms_norm_op, (x, w, 1e-6))
+    q, k = _hf_qk(2, 1, 2, 1, 16, torch.float32, device)
+    cos, sin = _hf_cos_sin(2, 1, 2, 1, 16, torch.float32, device)
+    torch.library.opcheck(fops.apply_rotary_op, (q, k, cos, sin))
+    torch.library.opcheck(fops.silu_mul_op, (torch.randn(2, 9, device=device), torch.randn(2, 9, device=device)))
+
+
+def test_empty(device):
+    x = torch.randn(0, 16, device=device)
+    assert fops.rms_norm_triton(x, torch.ones(16, device=device)).shape == (0, 16)
+    assert fops.silu_mul_triton(x, x).shape == (0, 16)
+    q = torch.randn(0, 2, 1, 16, device=device)
+    oq, ok = fops.apply_rotary_triton(q, q[:, :1], torch.randn(0, 1, 16), torch.randn(0, 1, 16))
+    assert oq.shape == q.shape and ok.shape == (0, 1, 1, 16)
+
+
+def test_eligible():
+    x = torch.randn(2, 8)
+    assert fops.rms_norm_triton.eligible(x, torch.ones(8), 1e-6)
+    assert not fops.rms_norm_triton.eligible(x, torch.ones(9), 1e-6)
+    assert not fops.rms_norm_triton.eligible(x.long(), torch.ones(8), 1e-6)
+    assert fops.silu_mul_triton.eligible(x, x)
+    assert not fops.silu_mul_triton.eligible(x, x[:, :4])
+    q = torch.randn(1, 2, 3, 8)
+    c = torch.randn(1, 3, 8)
+    assert fops.apply_rotary_triton.eligible(q, q, c, c)
+    assert not fops.apply_rotary_triton.eligible(q, q, c[..., :4], c[..., :4])
