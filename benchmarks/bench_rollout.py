@@ -95,6 +95,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     seeds = list(range(B))
     sp = SamplingParams(T, temperature=1.0)
     eng = engine_for(model)
+    eng.reset()  # graphs captured for another workload would replay without this one's hooks
     len_B = torch.tensor(lens if lens is not None else [T] * B, device=device)
     hook = None
     if lens is not None:

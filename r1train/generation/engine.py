@@ -104,15 +104,26 @@ class Engine:
     def _ensure(self, B: int, L: int, T: int, dev):
         c = self.cache
         if c is None or c.rows_max < B or c.length < L or self.st.out_tok.shape[1] < T:
-            self.graphs.clear()
-            self.cache = self.st = None  # free before allocating the larger ones
+            self.reset()  # free before allocating the larger ones
             n_layers = self.model.config.num_hidden_layers
             self.cache = _attn.KVCache(n_layers, B, _round_up(L, 256), backend=self.backend)
             self.st = _State(B, _round_up(T, 256), dev)
         sig = self._param_sig()
         if sig != self._sig:
-            self.graphs.clear()
+            self._drop_graphs()
             self._sig = sig
+
+    def _drop_graphs(self):
+        # a memory pool whose graphs are all gone cannot take a new capture (measured on torch 2.11:
+        # "use_count > 0" assert in capture_begin): the next capture gets a new pool
+        self.graphs.clear()
+        self.pool = None
+
+    def reset(self):
+        """Drop graphs and buffers (the next rollout allocates and captures anew): call it after adding
+        hooks to the model or changing it in ways the parameter storage does not show."""
+        self._drop_graphs()
+        self.cache = self.st = None
 
     @contextlib.contextmanager
     def _active(self):
