@@ -8,21 +8,7 @@ import torch
 import r1kernels as rk
 from r1kernels.reference import group_advantages as ref_adv
 
-from .harness import Case
-
-
-def _graphed(fn):
-    """Capture fn() once in a CUDA graph; the provider replays it."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+from .harness import Case, graphed
 
 
 def _case(device, n_groups, G, R, scale) -> Case:
@@ -38,10 +24,10 @@ def _case(device, n_groups, G, R, scale) -> Case:
         for b in ("triton", "cuda"):
             if b in provs:
                 fn = _backend.pick("group_advantages", b, rewards.device, rewards, G)
-                provs[f"{b} (graph)"] = _graphed(lambda fn=fn: fn(rewards, G, scale, 1e-4, w))
+                provs[f"{b} (graph)"] = graphed(lambda fn=fn: fn(rewards, G, scale, 1e-4, w))
         e = torch.empty(1, device=device)
         provs["empty kernel"] = lambda: e.add_(0)
-        provs["empty kernel (graph)"] = _graphed(lambda: e.add_(0))
+        provs["empty kernel (graph)"] = graphed(lambda: e.add_(0))
     return Case("group_advantages", f"{n_groups}x{G} R={R} {scale}", provs, bytes=n_groups * G * (4 * R + 4),
                 peers=("torch.compile",) if device == "cuda" else ())
 

@@ -11,21 +11,7 @@ import torch.nn.functional as F
 
 import r1kernels as rk
 
-from .harness import Case, Rotating
-
-
-def _graphed(fn):
-    """Capture fn() once in a CUDA graph; the provider replays it."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+from .harness import Case, Rotating, graphed
 
 
 def _case(device, B, Hq, Hkv, L, D, lens, dtype) -> Case:
@@ -69,11 +55,11 @@ def _case(device, B, Hq, Hkv, L, D, lens, dtype) -> Case:
         provs["triton (op, no API checks)"] = op
         if device == "cuda":
             q0, k0, v0 = inputs.sets[0]
-            provs["triton (op, CUDA graph)"] = _graphed(lambda: decode_attention_triton(q0, k0, v0, lens))
+            provs["triton (op, CUDA graph)"] = graphed(lambda: decode_attention_triton(q0, k0, v0, lens))
     peers = ("torch sdpa (full cache + mask)", "torch sdpa enable_gqa (full cache + mask)")
     if device == "cuda":
         q0, k0, v0 = inputs.sets[0]
-        provs["torch sdpa enable_gqa (CUDA graph)"] = _graphed(
+        provs["torch sdpa enable_gqa (CUDA graph)"] = graphed(
             lambda: F.scaled_dot_product_attention(q0[:, :, None], k0, v0, attn_mask=mask, enable_gqa=True))
         peers += ("torch sdpa enable_gqa (CUDA graph)",)
     esize = torch.tensor([], dtype=dtype).element_size()

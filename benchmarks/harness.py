@@ -47,6 +47,20 @@ class Rotating:
         return self.sets[self.i]
 
 
+def graphed(fn):
+    """Capture fn() once in a CUDA graph (after two warm-up calls on a side stream); returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
