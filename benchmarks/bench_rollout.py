@@ -188,9 +188,6 @@ def profile_step(model, out_dir, device):
     print(json.dumps({k: v for k, v in res.items() if k != "kernels"}))
     for k in res["kernels"][:15]:
         print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
-    if out_dir:
-        with open(os.path.join(out_dir, "rollout_profile.json"), "w") as fh:
-            json.dump(res, fh, indent=1)
     return res
 
 
@@ -222,19 +219,28 @@ def main(argv=None):
         for pname, pr in r["providers"].items():
             print(f"  {pname:55s} {pr['seconds']:8.3f} s  x floor {pr['x_floor']:6.2f}  "
                   f"(ours {pr['ours_speedup']:.2f}x faster)")
-    if a.profile and a.device == "cuda":
-        profile_step(model, a.out, a.device)
+        e = r["providers"]["r1train engine"]
+        print(f"  engine: first call {e['first_call_s']:.2f} s, {e['captures']} graph captures in "
+              f"{e['capture_seconds']:.2f} s, {e['tokens_generated']} tokens")
+        if a.profile and a.device == "cuda" and name == "fixed":
+            r["profile"] = profile_step(model, a.out, a.device)
+        if a.out:  # written after each workload: a later failure keeps the earlier numbers
+            _write(a.out, model, results, a.device)
+    return results
+
+
+def _write(out_dir, model, results, device):
+    import transformers
+
     from .train_gpu import _commit
 
-    doc = {"benchmark": "rollout", "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+    doc = {"benchmark": "rollout", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": _commit(), "torch": torch.__version__, "copy_bandwidth": COPY_BW,
-           "params": sum(p.numel() for p in model.parameters()), "results": results}
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench_rollout.json"), "w") as fh:
-            json.dump(doc, fh, indent=1)
-    return doc
+           "commit": _commit(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "copy_bandwidth": COPY_BW, "params": sum(p.numel() for p in model.parameters()), "results": results}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_rollout.json"), "w") as fh:
+        json.dump(doc, fh, indent=1)
 
 
 if __name__ == "__main__":
