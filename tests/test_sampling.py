@@ -189,7 +189,9 @@ def test_draw_distribution(opts, n_triton):
 
 def test_batch_invariance(monkeypatch):
     """A row draws the same token and bitwise log-prob alone and at any index of any batch."""
-    monkeypatch.setenv("R1K_SAMPLE_SPLIT_BLOCKS", "2")  # 2 programs per row of V = 200
+    from r1kernels.triton import sampling as k
+
+    monkeypatch.setattr(k, "SPLIT_BLOCKS", 2)  # 2 programs per row of V = 200
     V = 200
     logits, seeds, positions = _inputs(1, V)
     for opts in (dict(), dict(top_p=0.9, top_k=50)):

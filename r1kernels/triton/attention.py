@@ -130,13 +130,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# Launch knobs, read once (env overrides for tuning sweeps). H200 sweep (bf16, CUDA-graph replay;
+# Launch settings. H200 sweep (bf16, CUDA-graph replay;
 # Qwen2.5-1.5B heads B=64 L=1024 lens 256..768 and B=8 L=4096, MLA 192/128 B=32): BLOCK_N=64, 4 warps,
 # 3 stages and about one program per SM (WAVES=1) were best or within 1% of the best.
-BLOCK_N = int(os.environ.get("R1K_DA_BLOCK_N", 64))
-WARPS = int(os.environ.get("R1K_DA_WARPS", 4))
-WAVES = int(os.environ.get("R1K_DA_WAVES", 1))
-STAGES = int(os.environ.get("R1K_DA_STAGES", 0))  # 0: _pipeline decides
+BLOCK_N, WARPS, WAVES = 64, 4, 1
+STAGES = 0  # 0: _pipeline decides
 
 
 def _config(device: torch.device) -> tuple[int, int, int]:

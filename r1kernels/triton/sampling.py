@@ -259,11 +259,10 @@ def _combine_kernel(part_ptr, pidx_ptr, tok_ptr, logp_ptr, nsplit, NSP: tl.const
     tl.store(logp_ptr + row, z - lse)
 
 
-def _blocks_per_split() -> int:
-    """Blocks of one row per program of _partial_kernel: a function of nothing but the build, so a row's
-    log-prob is bitwise the same in any batch (8 x 1024 on a GPU: 19 programs per row of 151936; under the
-    interpreter 6 x 64, so V = 1000 gives 3 splits and the combine is exercised)."""
-    return int(os.environ.get("R1K_SAMPLE_SPLIT_BLOCKS", 6 if INTERPRET else 8))
+# Blocks of one row per program of _partial_kernel: a function of nothing but the build, so a row's log-prob
+# is bitwise the same in any batch (8 x 1024 on a GPU: 19 programs per row of 151936; under the interpreter
+# 6 x 64, so V = 1000 gives 3 splits and the combine is exercised).
+SPLIT_BLOCKS = 6 if INTERPRET else 8
 
 
 def sample(logits, seeds, positions, temperature: float, top_k: int, top_p: float, min_p: float, greedy: bool):
@@ -281,7 +280,7 @@ def sample(logits, seeds, positions, temperature: float, top_k: int, top_p: floa
     nblk = triton.cdiv(V, BLOCK)
     use_k, use_p, use_min_p = 0 < top_k < V, top_p < 1.0, min_p > 0.0
     trunc = use_k or use_p or use_min_p
-    per = _blocks_per_split()
+    per = SPLIT_BLOCKS
     nsplit = triton.cdiv(nblk, per)
     T = float(temperature)
     thr = bmax = logp  # placeholders: never read without TRUNC
