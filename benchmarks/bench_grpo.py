@@ -119,66 +119,66 @@ def _linear_cases(device, quick):
 
 
 def tune(B=8, T=1024, V=151936, out=None):
-    """GPU sweep of the GRPO and log-prob kernels' launch configs (env overrides read at launch): block,
-    warps, pass-2 order, store hint, persistent grid, 2-way row split. Prints median ms per config and
-    writes the best as env lines to `out`. `python -m benchmarks.bench_grpo --tune [best.env]`."""
-    import os
-
+    """GPU sweep of the GRPO and log-prob kernels' launch configs (block, warps, pass-2 order, store hint),
+    passed to the launchers explicitly (the kernels read no environment). Prints median ms per config and
+    writes the best as constants to `out`. `python -m benchmarks.bench_grpo --tune [best.txt]`."""
     from triton.testing import do_bench
 
     from r1kernels.ops import grpo as G
-    from r1kernels.ops import logprob as LP
+    from r1kernels.triton import grpo as K
+    from r1kernels.triton import logprob as LK
     x = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
     ids = torch.randint(0, V, (B, T), device="cuda")
     adv, old = torch.randn(B, device="cuda"), torch.randn(B, T, device="cuda") - 12.0
-    args = (ids, adv, None, old, old, None, None, None, 1.0, 0.2, 0.28, None, 0.04, 3, 2, False)
+    s_B = G.row_scale(None, B, T, "dapo", None, None, None, "cuda")
+    opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.28, delta=None, beta=0.04, loss_type="dapo",
+                kl_estimator="k3")
+    logp = torch.empty(B, T, device="cuda")
+    stats = torch.empty(5, B * T, device="cuda")
+
+    def run(xi, dx, cfg):
+        K.grpo_token(xi, ids, adv, None, old, old, s_B, logp, stats, dx, (dx.stride(0), dx.stride(1)), config=cfg,
+                     **opts)
+
     floor = 2 * x.numel() * 2 / 3.0e12 * 1e3
     print(f"grpo fwd (writes the gradient) B={B} T={T} V={V}; 1 read + 1 write at 3.0 TB/s = {floor:.3f} ms")
-    keys = ("R1K_GRPO_BLOCK", "R1K_GRPO_WARPS", "R1K_GRPO_REVERSE", "R1K_GRPO_STORE", "R1K_GRPO_GRID",
-            "R1K_GRPO_SPLIT", "R1K_GRPO_PREFETCH")
-    # measured 2026-11-25 (NOTES): split 1 default best (2.20 ms); prefetch variants not yet measured
-    configs = [(16384, 16, "1", ".cs", 0, 1, 0), (16384, 16, "1", ".cs", 0, 1, 1), (16384, 16, "1", ".cs", 132, 1, 1),
-               (8192, 16, "1", ".cs", 132, 1, 1), (16384, 16, "1", ".cs", 0, 2, 1), (32768, 16, "1", ".cs", 0, 2, 1),
-               (8192, 8, "1", ".cs", 0, 1, 1)]
-    ref_logp = G.grpo_loss_fwd(x, *args)[1]
+    configs = [dict(K.CONFIG), dict(K.CONFIG, REVERSE=False), dict(K.CONFIG, STORE_CM=""),
+               dict(K.CONFIG, BLOCK=8192), dict(K.CONFIG, BLOCK=8192, num_warps=8), dict(K.CONFIG, BLOCK=32768)]
+    dx = torch.empty_like(x)
+    run(x, dx, K.CONFIG)
+    ref_logp = logp.clone()
     best = (1e9, None)
     for cfg in configs:
-        os.environ.update({k: str(v) for k, v in zip(keys, cfg)})
         try:
-            stats, logp, _ = G.grpo_loss_fwd(x, *args)
+            run(x, dx, cfg)
             err = (logp - ref_logp).abs().max().item()
-            ms = do_bench(lambda: G.grpo_loss_fwd(x, *args), warmup=50, rep=200, return_mode="median")
+            ms = do_bench(lambda cfg=cfg: run(x, dx, cfg), warmup=50, rep=200, return_mode="median")
             xi = x.clone()
-            ms_ip = do_bench(lambda xi=xi: G.grpo_loss_fwd_inplace(xi, *args), warmup=50, rep=200,
-                             return_mode="median")
-            print(f"  {dict(zip(keys, cfg))}: {ms:.3f} ms ({ms / floor:.2f}x)  inplace {ms_ip:.3f} ms "
-                  f"({ms_ip / floor:.2f}x)  max|dlogp| {err:.1e}", flush=True)
+            ms_ip = do_bench(lambda cfg=cfg, xi=xi: run(xi, xi, cfg), warmup=50, rep=200, return_mode="median")
+            print(f"  {cfg}: {ms:.3f} ms ({ms / floor:.2f}x)  inplace {ms_ip:.3f} ms ({ms_ip / floor:.2f}x)  "
+                  f"max|dlogp| {err:.1e}", flush=True)
             if err < 1e-3 and ms_ip < best[0]:
                 best = (ms_ip, cfg)
         except Exception as e:
             print(f"  {cfg}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
-    for k in keys:
-        os.environ.pop(k)
     xl = x.view(-1, V)
     yl = ids.view(-1)
     print(f"logprob N={xl.shape[0]}: 1 read = {floor / 2:.3f} ms, read+write = {floor:.3f} ms")
     best_lp = (1e9, None)
     for blk, w in [(4096, 4), (8192, 8), (8192, 16), (16384, 16)]:
-        os.environ.update(R1K_LP_BLOCK=str(blk), R1K_LP_WARPS=str(w))
-        logp, lse, ent = LP.token_logprobs_fwd(xl, yl, 1.0, True)
-        g = torch.randn_like(logp)
-        f = do_bench(lambda: LP.token_logprobs_fwd(xl, yl, 1.0, False), warmup=50, rep=200, return_mode="median")
-        fe = do_bench(lambda: LP.token_logprobs_fwd(xl, yl, 1.0, True), warmup=50, rep=200, return_mode="median")
-        b = do_bench(lambda a=(lse, ent, g): LP.token_logprobs_bwd(xl, yl, *a, None, 1.0), warmup=50, rep=200,
+        logp_, lse, ent = LK.logprob_fwd(xl, yl, 1.0, True, block=blk, warps=w)
+        g = torch.randn_like(logp_)
+        kw = dict(block=blk, warps=w)
+        f = do_bench(lambda kw=kw: LK.logprob_fwd(xl, yl, 1.0, False, **kw), warmup=50, rep=200, return_mode="median")
+        fe = do_bench(lambda kw=kw: LK.logprob_fwd(xl, yl, 1.0, True, **kw), warmup=50, rep=200, return_mode="median")
+        b = do_bench(lambda a=(lse, ent, g), kw=kw: LK.logprob_bwd(xl, yl, *a, None, 1.0, **kw), warmup=50, rep=200,
                      return_mode="median")
         print(f"  block={blk:6d} warps={w:2d}: fwd {f:.3f} ({f / (floor / 2):.2f}x)  fwd+entropy {fe:.3f} "
               f"(+{(fe / f - 1) * 100:.0f}%)  bwd {b:.3f} ({b / floor:.2f}x)", flush=True)
         if f + b < best_lp[0]:
             best_lp = (f + b, (blk, w))
-    os.environ.pop("R1K_LP_BLOCK")
-    os.environ.pop("R1K_LP_WARPS")
-    lines = [f"export {k}={v}" for k, v in zip(keys, best[1] or ())]
-    lines += [f"export R1K_LP_BLOCK={best_lp[1][0]} R1K_LP_WARPS={best_lp[1][1]}"]
+    lines = [f"r1kernels/triton/grpo.py CONFIG = {best[1]}",
+             f"r1kernels/triton/logprob.py LP_BLOCK = {best_lp[1][0]} (warps {best_lp[1][1]})"]
     print("BEST:", "; ".join(lines))
     if out:
         with open(out, "w") as f:

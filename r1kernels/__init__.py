@@ -5,13 +5,14 @@ Every op validates its inputs (ValueError naming the argument), then runs the fa
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 
 from . import _backend, _checks
 from . import reference as _ref
-from .reference.grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+from .reference.grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
            "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul", "moe",
@@ -30,7 +31,7 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _check_logits_labels(logits_name, logits, labels_name, labels, temperature):
+def _check_logits_labels(logits_name, logits, labels_name, labels, temperature, check_values=True):
     _checks.float_tensor(logits_name, logits, min_ndim=1)
     _checks.int_tensor(labels_name, labels)
     _checks.shape(labels_name, labels, logits.shape[:-1], f" (the leading dims of {logits_name})")
@@ -38,11 +39,11 @@ def _check_logits_labels(logits_name, logits, labels_name, labels, temperature):
     _checks.positive("temperature", temperature)
     if logits.shape[-1] == 0:
         raise ValueError(f"{logits_name} must have a non-empty vocabulary dimension")
-    if _eager():
+    if check_values and _eager():
         _checks.labels_in_range(labels_name, labels, logits.shape[-1])
 
 
-def _check_linear(hidden, weight, bias, labels, temperature, labels_name="labels"):
+def _check_linear(hidden, weight, bias, labels, temperature, labels_name="labels", check_values=True):
     _checks.float_tensor("hidden", hidden, min_ndim=1)
     _checks.float_tensor("weight", weight, ndim=2)
     _checks.int_tensor(labels_name, labels)
@@ -55,7 +56,7 @@ def _check_linear(hidden, weight, bias, labels, temperature, labels_name="labels
         _checks.shape("bias", bias, (weight.shape[0],))
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, **{labels_name: labels})
     _checks.positive("temperature", temperature)
-    if _eager():
+    if check_values and _eager():
         _checks.labels_in_range(labels_name, labels, weight.shape[0])
 
 
@@ -92,7 +93,11 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
         raise ValueError("group_size must be >= 2 with scale='group' (the std of one sample is undefined)")
     if scale == "batch" and n < 2:
         raise ValueError("rewards needs >= 2 rows with scale='batch'")
-    _checks.positive("eps", eps, allow_zero=True)
+    if scale == "none":
+        _checks.positive("eps", eps, allow_zero=True)
+    elif not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:  # also NaN
+        raise ValueError(f"eps must be a number > 0 with scale={scale!r} (a group of equal rewards has std 0: "
+                         f"0 / 0; TRL adds 1e-4), got {eps!r}")
     if reward_weights is not None:
         if rewards.dim() != 2:
             raise ValueError("reward_weights needs rewards of shape [B*G, R]")
@@ -111,8 +116,8 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
     _checks.int_tensor("completion_ids", ids, ndim=2)
     B, T = ids.shape
     _checks.float_tensor("advantages", advantages, ndim=(1, 2))
-    if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
     if mask is not None:
         _checks.tensor("completion_mask", mask, ndim=2)
         _checks.shape("completion_mask", mask, (B, T))
@@ -141,6 +146,25 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
             _checks._value_check((num_items_in_batch > 0).all(), "num_items_in_batch must be > 0")
     elif num_items_in_batch is not None:
         _checks.positive("num_items_in_batch", num_items_in_batch)
+    if num_items_in_batch is not None and LOSS_REDUCTION[loss_type] != "items" and _eager():
+        users = ", ".join(k for k, v in LOSS_REDUCTION.items() if v == "items")
+        warnings.warn(f"num_items_in_batch is ignored by loss_type={loss_type!r} (only {users} divide by it)",
+                      stacklevel=3)
+
+
+def _grpo_inputs(completion_ids, advantages, completion_mask, V):
+    """completion_ids with masked positions (mask 0) set to 0 wherever they lie outside [0, V) (e.g. -100,
+    Hugging Face's ignore index: no kernel reads a masked label); [B, 1] advantages as [B]."""
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages[:, 0]
+    ids = completion_ids
+    if completion_mask is not None:
+        ids = ids.masked_fill((completion_mask == 0) & ((ids < 0) | (ids >= V)), 0)
+    if _eager():
+        hint = (" where completion_mask is not 0 (masked positions may hold any value, e.g. -100)"
+                if completion_mask is not None else " (positions holding -100 need a completion_mask of 0 there)")
+        _checks.labels_in_range("completion_ids", ids, V, hint=hint)
+    return ids, advantages
 
 
 def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_logprobs=None,
@@ -151,12 +175,13 @@ def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_l
     """The clipped GRPO/KL loss family from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
     advantages [B] (one per sequence) or [B, T]. inplace_backward=True lets a kernel write the logits'
     gradient into the logits' own storage (their values are then gone): no extra [B, T, V] buffer."""
-    _check_logits_labels("logits", logits, "completion_ids", completion_ids, temperature)
+    _check_logits_labels("logits", logits, "completion_ids", completion_ids, temperature, check_values=False)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     _check_grpo(completion_ids, advantages, completion_mask, **opts)
+    completion_ids, advantages = _grpo_inputs(completion_ids, advantages, completion_mask, logits.shape[-1])
     fn = _backend.pick("grpo_loss", backend, logits.device, logits, completion_ids)
     if fn is None:
         loss, logp, metrics = _ref.grpo_loss(logits, completion_ids, advantages, completion_mask,
@@ -174,12 +199,13 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      backend="auto") -> GRPOLossOutput:
     """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
     never holding the [B, T, V] logits."""
-    _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids")
+    _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids", check_values=False)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     _check_grpo(completion_ids, advantages, completion_mask, **opts)
+    completion_ids, advantages = _grpo_inputs(completion_ids, advantages, completion_mask, weight.shape[0])
     fn = _backend.pick("linear_grpo_loss", backend, hidden.device, hidden, weight, completion_ids)
     impl = fn or _ref.linear_grpo_loss
     loss, logp, metrics = impl(hidden, weight, completion_ids, advantages, completion_mask, bias=bias,

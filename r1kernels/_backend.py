@@ -4,6 +4,9 @@ Kernels are looked up in KERNELS by module path and function name: adding a kern
 that defines the function (and, if it has limits, a `fn.eligible(*args, **kw) -> bool` attribute, which
 must trace under torch.compile: shapes and dtypes only).
 Everything is resolved at import time, so `pick` is plain table lookups and traces under torch.compile.
+Resolution fails loudly: a listed kernel whose dependency is installed (triton for "triton", the built
+extension r1kernels._C for "cuda" / "cpp") must import and define its function, else `import r1kernels`
+raises ImportError naming the entry. Only a missing dependency makes a kernel unavailable.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "linear_token_logprobs": [("triton", "r1kernels.ops.linear_grpo:linear_token_logprobs_triton")],
     "grpo_loss": [("triton", "r1kernels.ops.grpo:grpo_loss_triton")],
     "linear_grpo_loss": [("triton", "r1kernels.ops.linear_grpo:linear_grpo_loss_triton")],
-    "group_advantages": [("cuda", "r1kernels.ops.advantage:group_advantages_cuda"),
+    "group_advantages": [("cuda", "r1kernels.ops.advantage:group_advantages_ext"),
                          ("triton", "r1kernels.ops.advantage:group_advantages_triton"),
-                         ("cpp", "r1kernels.ops.advantage:group_advantages_cpp")],
+                         ("cpp", "r1kernels.ops.advantage:group_advantages_ext")],
     "route": [("cuda", "r1kernels.ops.moe:route_cuda"), ("triton", "r1kernels.ops.moe:route_triton")],
     "permute": [("cuda", "r1kernels.ops.moe:permute_cuda"), ("triton", "r1kernels.ops.moe:permute_triton")],
     "unpermute": [("cuda", "r1kernels.ops.moe:unpermute_cuda"),
@@ -45,8 +48,13 @@ if ENV_BACKEND not in BACKENDS:
 try:  # the compiled extension registers torch.ops.r1kernels.* when imported
     from r1kernels import _C  # noqa: F401
     HAS_EXTENSION = True
-except ImportError:
+except ModuleNotFoundError as e:  # not built (a pure-Python install): the cuda / cpp kernels are unavailable
+    if e.name != "r1kernels._C":
+        raise
     HAS_EXTENSION = False
+except ImportError as e:  # built, but it does not load (e.g. built against another torch)
+    raise ImportError(f"r1kernels._C exists but does not load ({e}); rebuild it (pip install -e .) or delete it "
+                      "to run without the C++/CUDA kernels") from e
 
 
 def extension_has(op: str, dispatch_key: str) -> bool:
@@ -54,30 +62,42 @@ def extension_has(op: str, dispatch_key: str) -> bool:
     return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"r1kernels::{op}", dispatch_key)
 
 
-def _load(path: str):
-    module, fn = path.split(":")
-    if module.startswith("r1kernels.ops.") and not _module_exists(module):
+# backend -> (whether its dependency is installed, what is missing otherwise)
+DEPENDENCY = {"triton": (HAS_TRITON, "triton is not installed"),
+              "cuda": (HAS_EXTENSION, "the r1kernels._C extension is not built"),
+              "cpp": (HAS_EXTENSION, "the r1kernels._C extension is not built")}
+
+
+def _load(op: str, backend: str, path: str):
+    """The function `path` ("module:function") names, or None (with the reason in _MISSING) when the
+    backend's dependency is not installed. Anything else that stops it loading is an ImportError."""
+    installed, why = DEPENDENCY.get(backend, (True, ""))
+    if not installed:
+        _MISSING[path] = why
         return None
+    module, name = path.split(":")
     try:
-        return getattr(importlib.import_module(module), fn, None)
-    except ImportError as e:  # a kernel module whose dependency (triton) is missing
-        _LOAD_ERRORS[path] = repr(e)
-        return None
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.split(".")[0] == "triton" and not HAS_TRITON:
+            _MISSING[path] = "triton is not installed"
+            return None
+        raise ImportError(f"r1kernels: the {backend} kernel of {op} ({path}) does not import: {e!r}") from e
+    except ImportError as e:
+        raise ImportError(f"r1kernels: the {backend} kernel of {op} ({path}) does not import: {e!r}") from e
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise ImportError(f"r1kernels: the {backend} kernel of {op} ({path}) is missing: {module} defines no "
+                          f"{name!r} (its dependency is installed)")
+    return fn
 
 
-def _module_exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
-_LOAD_ERRORS: dict[str, str] = {}
-# op -> [(backend, fn)] of kernels that imported; a `fn.devices` set (made at import) may narrow where
-# a kernel runs, e.g. to the devices the built extension has kernels for.
+_MISSING: dict[str, str] = {}
+# op -> [(backend, fn)] of the kernels whose dependency is installed; a `fn.devices` set (made at import)
+# may narrow where a kernel runs, e.g. to the devices the built extension has kernels for.
 _LOADED: dict[str, list[tuple[str, object]]] = {}
 for _op, _entries in KERNELS.items():
-    _LOADED[_op] = [(b, f) for b, p in _entries if (b != "triton" or HAS_TRITON) and (f := _load(p)) is not None]
+    _LOADED[_op] = [(b, f) for b, p in _entries if (f := _load(_op, b, p)) is not None]
 
 _WARNED: set[str] = set()
 
@@ -124,13 +144,11 @@ def _why(op: str, backend: str) -> str:
     paths = [p for b, p in KERNELS.get(op, []) if b == backend]
     if not paths:
         return "no such kernel"
-    if backend == "triton" and not HAS_TRITON:
-        return "triton is not installed"
+    if paths[0] in _MISSING:
+        return _MISSING[paths[0]]
     if backend == "triton":
-        return _LOAD_ERRORS.get(paths[0], "needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors")
-    if backend in ("cuda", "cpp") and not HAS_EXTENSION:
-        return "the r1kernels._C extension is not built"
-    return _LOAD_ERRORS.get(paths[0], "the extension has no kernel for this device")
+        return "needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors"
+    return "the extension has no kernel for this device"
 
 
 def available(op: str, device_type: str = "cuda") -> list[str]:

@@ -58,16 +58,16 @@ def _value_check(ok: torch.Tensor, message: str):
         torch._assert_async(ok, message)
 
 
-def labels_in_range(name, labels, V):
+def labels_in_range(name, labels, V, hint=""):
     if labels.numel() == 0:
         return
     if labels.device.type == "cpu" or SYNC_CHECKS:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= V:
-            raise ValueError(f"{name} must lie in [0, {V}), got values in [{lo}, {hi}]")
+            raise ValueError(f"{name} must lie in [0, {V}){hint}, got values in [{lo}, {hi}]")
         return
     lo, hi = torch.aminmax(labels)
-    _value_check((lo >= 0) & (hi < V), f"{name} must lie in [0, {V})")
+    _value_check((lo >= 0) & (hi < V), f"{name} must lie in [0, {V}){hint}")
 
 
 def no_nan(name, x, hint=""):

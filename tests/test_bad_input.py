@@ -72,10 +72,69 @@ def test_grpo_loss(override, name):
     ((torch.randn(4, 2), 2), dict(reward_weights=[1.0, 2.0, 3.0]), "reward_weights"),
     ((torch.randint(0, 2, (4,)), 2), {}, "rewards"),
     ((torch.randn(4, 2, 2), 2), {}, "rewards"),
+    ((torch.ones(4), 2), dict(eps=0.0), "eps"),
+    ((torch.ones(4), 2), dict(eps=0.0, scale="batch"), "eps"),
+    ((torch.ones(4), 2), dict(eps=float("nan")), "eps"),
 ])
 def test_group_advantages(args, kwargs, name):
     with pytest.raises(ValueError, match=name):
         rk.group_advantages(*args, **kwargs)
+
+
+def test_group_advantages_eps():
+    """eps must be > 0 when dividing by a std (a constant group would give 0 / 0); scale="none" divides
+    by nothing, so eps=0 is fine there."""
+    assert torch.equal(rk.group_advantages(torch.ones(4), 2), torch.zeros(4))
+    assert torch.equal(rk.group_advantages(torch.ones(4), 2, eps=0.0, scale="none"), torch.zeros(4))
+
+
+def test_grpo_loss_accepts_b1_advantages_and_masked_ignore_index():
+    args = _grpo_args()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    ids = args["completion_ids"].masked_fill(mask == 0, -100)
+    for fn, x in ((rk.grpo_loss, args["logits"]), (rk.linear_grpo_loss, None)):
+        a = (x,) if x is not None else (torch.randn(2, 3, 4), torch.randn(V, 4))
+        out = fn(*a, ids, args["advantages"][:, None], mask)
+        assert torch.isfinite(out.loss)
+        with pytest.raises(ValueError, match="completion_ids.*completion_mask"):
+            fn(*a, ids, args["advantages"])  # -100 without a mask
+        with pytest.raises(ValueError, match="advantages"):
+            fn(*a, ids, torch.randn(2, 2), mask)
+
+
+def test_every_listed_kernel_resolves():
+    """Each KERNELS entry whose dependency is installed here loaded (with triton installed: every triton
+    entry); a kernel is never silently dropped."""
+    from r1kernels import _backend as B
+    for op, entries in B.KERNELS.items():
+        loaded = [b for b, _ in B._LOADED[op]]
+        for backend, path in entries:
+            if B.DEPENDENCY.get(backend, (True, ""))[0]:
+                assert backend in loaded, f"{op}: {path} did not load"
+    if B.HAS_TRITON:
+        assert all(b in [x for x, _ in B._LOADED[op]] for op, es in B.KERNELS.items() for b, _ in es if b == "triton")
+
+
+def test_dispatch_fails_loudly(tmp_path, monkeypatch):
+    from r1kernels import _backend as B
+    with pytest.raises(ImportError, match="defines no 'grpo_loss_tritn'"):
+        B._load("grpo_loss", "triton", "r1kernels.ops.grpo:grpo_loss_tritn")
+    with pytest.raises(ImportError, match="does not import"):
+        B._load("grpo_loss", "triton", "r1kernels.ops.grpo_typo:grpo_loss_triton")
+    (tmp_path / "r1k_broken_kernel.py").write_text("import r1k_no_such_dependency\n")
+    (tmp_path / "r1k_fake_triton_user.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="r1k_no_such_dependency"):
+        B._load("grpo_loss", "triton", "r1k_broken_kernel:f")
+    if B.HAS_TRITON:  # triton is installed: a module failing on it is broken, not "triton missing"
+        with pytest.raises(ImportError, match="does not import"):
+            B._load("route", "cuda", "r1k_fake_triton_user:f")
+    monkeypatch.setattr(B, "HAS_TRITON", False)
+    monkeypatch.setitem(B.DEPENDENCY, "triton", (False, "triton is not installed"))
+    assert B._load("grpo_loss", "triton", "r1kernels.ops.grpo:grpo_loss_tritn") is None  # dependency absent
+    if B.HAS_EXTENSION:  # a cuda kernel in a module that needs the (absent) triton: unavailable, no error
+        assert B._load("route", "cuda", "r1k_fake_triton_user:f") is None
 
 
 @pytest.mark.parametrize("kwargs,name", [

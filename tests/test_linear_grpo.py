@@ -91,8 +91,14 @@ def test_compile_fullgraph():
     assert_close(hidden.grad, h64.grad, name="compiled logprob grad hidden")
     torch.library.opcheck(lin_ops.linear_logprobs_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids,
                                                         0.9, True))
+    opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.2,
+                delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3")
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach(), weight.detach(), None, ids, adv, None, None, None,
-                                                     None, None, None, 1.0, 0.2, 0.2, None, 0.0, 3, 2, False))
+                                                     None), opts)
+    torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(),
+                                                     torch.randn(V), ids, adv, None, None, None, None),
+                          {**opts, "loss_type": "sapo"},
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("entropy,with_bias,chunk", [(False, True, None), (True, False, 5), (True, True, 4)])
@@ -116,6 +122,34 @@ def test_linear_token_logprobs(monkeypatch, entropy, with_bias, chunk):
         assert_close(o, e, name="logp/entropy")
     for t, t64 in zip(leaves, leaves64):
         assert_close(t.grad, t64.grad, name="grad")
+
+
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nan_hidden_gives_nan_loss(level, backend):
+    """One NaN in hidden must reach the loss on every backend."""
+    B, T, H, V = 2, 3, 8, 17
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H)
+    hidden[0, 1, 2] = float("nan")
+    ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+    for loss_type in ("dapo", "grpo", "cispo", "sapo"):
+        out = rk.linear_grpo_loss(hidden, weight, ids, adv, loss_type=loss_type, importance_sampling_level=level,
+                                  backend=backend)
+        assert torch.isnan(out.loss), (loss_type, out.loss)
+
+
+def test_ignore_index_and_b1_advantages():
+    """-100 at masked positions and [B, 1] advantages, as in grpo_loss."""
+    B, T, H, V = 3, 4, 8, 19
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H)
+    ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+    mask = (torch.rand(B, T) > 0.3).float()
+    for level in R.IS_LEVELS:
+        for backend in ("triton", "torch"):
+            a = rk.linear_grpo_loss(hidden, weight, ids, adv, mask, importance_sampling_level=level, backend=backend)
+            b = rk.linear_grpo_loss(hidden, weight, ids.masked_fill(mask == 0, -100), adv[:, None], mask,
+                                    importance_sampling_level=level, backend=backend)
+            assert_close(b.loss, a.loss, name="loss")
 
 
 @pytest.mark.gpu

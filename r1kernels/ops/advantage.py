@@ -14,14 +14,12 @@ if _backend.HAS_EXTENSION:
     def _fake(rewards, group_size, scale, eps, weights):
         return rewards.new_empty(rewards.shape[0], dtype=torch.float32)
 
-    def group_advantages_cpp(rewards, group_size, scale, eps, reward_weights):
+    def group_advantages_ext(rewards, group_size, scale, eps, reward_weights):
+        """The extension's op: the "cpp" backend on CPU tensors, "cuda" on CUDA tensors."""
         return torch.ops.r1kernels.group_advantages(rewards, group_size, scale, float(eps), reward_weights)
 
-    def group_advantages_cuda(rewards, group_size, scale, eps, reward_weights):
-        return torch.ops.r1kernels.group_advantages(rewards, group_size, scale, float(eps), reward_weights)
-
-    group_advantages_cpp.devices = {"cpu"} if _backend.extension_has(OP, "CPU") else set()
-    group_advantages_cuda.devices = {"cuda"} if _backend.extension_has(OP, "CUDA") else set()
+    group_advantages_ext.devices = {d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                                    if _backend.extension_has(OP, key)}
 
 
 try:

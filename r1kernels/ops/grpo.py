@@ -1,13 +1,19 @@
-"""grpo_loss as torch.library custom ops over the Triton kernels.
+"""grpo_loss over the Triton kernels: one autograd path per importance-sampling level, for eager and
+torch.compile calls alike.
 
-r1kernels::grpo_loss_fwd returns (stats [5] = loss, kl, clip low, high, region; per-token log-probs
-[B, T]; the logits' gradient [B, T, V] for upstream 1). Token level: one kernel, one read of the logits
-(a second read of each row from L2) and one write of the gradient. Sequence level: two passes over the
-logits, a read (log-probs: the sequence ratio needs every token first) and a read + write (gradient).
-Backward only scales the stored gradient by the upstream scalar, in place, and skips even that when it
-is 1. r1kernels::grpo_loss_fwd_inplace writes the gradient into the logits' own storage (no [B, T, V]
-buffer); it is differentiated through a torch.autograd.Function (custom ops that mutate cannot carry
-register_autograd). Masked tokens (mask 0) read nothing; their per-token log-prob is returned as 0.
+Token level: r1kernels::grpo_loss_fwd returns (stats [5] = loss, kl, clip low, high, region; per-token
+log-probs [B, T]; the logits' gradient [B, T, V] for upstream 1): one kernel, one read of the logits (a
+second read of each row from L2) and one write of the gradient. r1kernels::grpo_loss_fwd_inplace writes
+that gradient into the logits' own storage instead (no [B, T, V] buffer). _GRPOLoss, the autograd.Function
+over both, saves the gradient and its backward scales it by the upstream scalar, in place (a no-op kernel
+when it is 1).
+Sequence level: the sequence ratio needs every token's log-prob before any gradient, so the loss is the
+reference (reference/grpo.py) on masked log-probs, differentiated by autograd; _LogProbs computes those
+log-probs (r1kernels::grpo_logprobs, masked tokens skipped) and, in backward, the logits' gradient for the
+[B, T] upstream gradient (into a new buffer, or into the logits' storage when in place).
+Masked tokens (mask 0) read nothing, not even their label; their per-token log-prob is returned as 0.
+The loss options are keyword-only arguments of the custom ops, named as in the public API; loss types and
+KL estimators travel as names (codes exist only inside the kernel launch).
 """
 from __future__ import annotations
 
@@ -20,15 +26,16 @@ from ..triton import logprob as _lk
 STAT_KEYS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
-def _row_scale(mask_f, B, T, loss_code, max_len, num_items_t, num_items_f, device):
-    """s [B] with loss = sum_bt m_bt * s_b * L_bt (the reduction of DESIGN.md section 3)."""
+def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_items_f, device):
+    """s [B] with loss = sum_bt m_bt * s_b * L_bt (the reduction of LOSS_REDUCTION, DESIGN.md section 3)."""
     n_row = mask_f.sum(-1) if mask_f is not None else torch.full((B,), float(T), device=device)
-    if loss_code == 0:  # grpo
+    reduction = _ref.LOSS_REDUCTION[loss_type]
+    if reduction == "sequence":
         return 1.0 / (B * n_row.clamp(min=1.0))
-    if loss_code == 1:  # bnpo
+    if reduction == "tokens":
         s = 1.0 / n_row.sum().clamp(min=1.0)
-    elif loss_code == 2:  # dr_grpo
-        s = torch.full((), 1.0 / (B * (max_len if max_len is not None else T)), device=device)
+    elif reduction == "length":
+        s = torch.full((), 1.0 / (B * (max_completion_length or T)), device=device)
     elif num_items_t is not None:
         s = 1.0 / num_items_t.float().reshape(())
     elif num_items_f is not None:
@@ -38,99 +45,52 @@ def _row_scale(mask_f, B, T, loss_code, max_len, num_items_t, num_items_f, devic
     return s.float().expand(B).contiguous()
 
 
-def _seq_coeffs(logp, adv, mask_f, old, ref, s_B, eps_low, eps_high, delta, beta, loss_code, kl_code):
-    """dLoss/dl [B, T] for sequence-level importance sampling (the chain rule through log w_b)."""
-    m = mask_f if mask_f is not None else torch.ones_like(logp)
-    n = m.sum(-1, keepdim=True).clamp(min=1.0)
-    old_e = logp if old is None else old
-    r = torch.exp((m * (logp - old_e)).sum(-1, keepdim=True) / n)
-    A = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(logp)
-    s = s_B.unsqueeze(-1)
-    if loss_code == 4:  # cispo: -sg(min(r, eps_high)) A l, no gradient through r
-        c = s * m * (-torch.clamp(r, max=eps_high) * A)
-    else:
-        if loss_code == 5:
-            tau = torch.where(A > 0, 1.0, _ref.SAPO_TAU_NEG)
-            sg = torch.sigmoid(tau * (r - 1.0))
-            dLdr = -4.0 * A * sg * (1.0 - sg)
-        else:
-            a = (torch.clamp(r, max=delta) if delta is not None else r) * A
-            bb = torch.clamp(r, 1.0 - eps_low, 1.0 + eps_high) * A
-            ga = A * (r <= delta) if delta is not None else A
-            gb = A * ((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high))
-            dLdr = -torch.where(a < bb, ga, torch.where(a > bb, gb, 0.5 * (ga + gb)))
-        c = s * r * m / n * (m * dLdr).sum(-1, keepdim=True)
-    if ref is not None and beta != 0.0:
-        d = ref - logp
-        if kl_code == 0:
-            dkl = torch.ones_like(d)
-        elif kl_code == 1:
-            dkl = -d
-        elif kl_code == 2:
-            dkl = 1.0 - torch.exp(d)
-        else:
-            dc = d.clamp(-20.0, 20.0)
-            v = torch.exp(dc) - dc - 1.0
-            dkl = torch.where((d >= -20) & (d <= 20) & (v <= 10), 1.0 - torch.exp(dc), 0.0)
-        c = c + s * m * beta * dkl
-    return c.contiguous()
-
-
-def _forward(logits, ids, adv, mask, old, ref, num_items_t, num_items_f, max_len, temperature, eps_low, eps_high,
-             delta, beta, loss_code, kl_code, seq, dx, dx_strides):
-    B, T, V = logits.shape
-    dev = logits.device
+def token_level(x, ids, adv, mask, old, ref, num_items, dx, dx_strides, *, num_items_f, max_completion_length,
+                temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None):
+    """The token-level kernel on x [b1 - b0, T, V], the logits of sequences rows = (b0, b1) of the batch
+    (default: all): (per-token sums [5], logp [b1 - b0, T]); writes the gradient for upstream 1 into dx
+    (strides dx_strides). The other tensors cover the whole batch (the reduction needs all of mask)."""
+    B, T = ids.shape
+    b0, b1 = rows or (0, B)
+    dev = x.device
     mask_f = mask.float().contiguous() if mask is not None else None
-    s_B = _row_scale(mask_f, B, T, loss_code, max_len, num_items_t, num_items_f, dev)
-    ids = ids.contiguous()
-    adv = adv.float().contiguous()
-    old = old.float().contiguous() if old is not None else None
-    ref = ref.float().contiguous() if ref is not None else None
-    x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    if not seq:
-        logp = torch.empty(B, T, device=dev, dtype=torch.float32)
-        stats = torch.empty(5, B * T, device=dev, dtype=torch.float32)
-        _k.grpo_token(x, ids, adv, mask_f, old, ref, s_B, logp, stats, dx, dx_strides, temperature=temperature,
-                      eps_low=eps_low, eps_high=eps_high, delta=delta, beta=beta, loss_code=loss_code,
-                      kl_code=kl_code)
-        sums = stats.sum(1)
-        n_tok = mask_f.sum().clamp(min=1.0) if mask_f is not None else torch.full((), float(max(B * T, 1)),
-                                                                                   device=dev)
-        return torch.cat([sums[:1], sums[1:] / n_tok]), logp
-    logp, lse, _ = _lk.logprob_fwd(x, ids, temperature, False, mask=mask_f.reshape(-1) if mask_f is not None
-                                   else None)
-    logp = logp.view(B, T)
-    loss_type = _ref.LOSS_TYPES[loss_code]
-    loss, metrics = _ref.grpo_loss_from_logprobs(
-        logp, adv, mask_f, old, ref, beta=beta, epsilon=eps_low, epsilon_high=eps_high, delta=delta,
-        loss_type=loss_type, importance_sampling_level="sequence", kl_estimator=_ref.KL_ESTIMATORS[kl_code],
-        max_completion_length=max_len, num_items_in_batch=num_items_t if num_items_t is not None else num_items_f)
-    c = _seq_coeffs(logp, adv, mask_f, old, ref, s_B, eps_low, eps_high, delta, beta, loss_code, kl_code)
-    _lk.logprob_bwd(x, ids, lse, lse, c, None, temperature, out=dx, out_strides=dx_strides)
-    stats = torch.stack([loss.float().reshape(())] + [metrics[k].float().reshape(()) for k in STAT_KEYS])
-    return stats, logp
+    s_B = row_scale(mask_f, B, T, loss_type, max_completion_length, num_items, num_items_f, dev)
+    sl = (lambda t: t[b0:b1].contiguous() if t is not None else None) if rows else (lambda t: t)
+    logp = torch.empty(b1 - b0, T, device=dev, dtype=torch.float32)
+    stats = torch.empty(5, (b1 - b0) * T, device=dev, dtype=torch.float32)
+    _k.grpo_token(x, sl(ids.contiguous()), sl(adv.float().contiguous()), sl(mask_f),
+                  sl(old.float().contiguous() if old is not None else None),
+                  sl(ref.float().contiguous() if ref is not None else None), sl(s_B), logp, stats, dx, dx_strides,
+                  temperature=temperature, eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta,
+                  loss_type=loss_type, kl_estimator=kl_estimator)
+    return stats.sum(1), logp
 
 
-_SCHEMA_ARGS = ("ids", "adv", "mask", "old", "ref", "num_items_t", "num_items_f", "max_len", "temperature",
-                "eps_low", "eps_high", "delta", "beta", "loss_code", "kl_code", "seq")
+def finish_stats(sums, mask, B, T):
+    """[loss, then the four metrics as masked means] from the kernel's per-token sums."""
+    n_tok = mask.float().sum().clamp(min=1.0) if mask is not None else torch.full((), float(max(B * T, 1)),
+                                                                                   device=sums.device)
+    return torch.cat([sums[:1], sums[1:] / n_tok])
 
 
 @torch.library.custom_op("r1kernels::grpo_loss_fwd", mutates_args=())
 def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor | None,
-                  old: torch.Tensor | None, ref: torch.Tensor | None, num_items_t: torch.Tensor | None,
-                  num_items_f: float | None, max_len: int | None, temperature: float, eps_low: float,
-                  eps_high: float, delta: float | None, beta: float, loss_code: int, kl_code: int,
-                  seq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+                  old: torch.Tensor | None, ref: torch.Tensor | None, num_items: torch.Tensor | None, *,
+                  num_items_f: float | None, max_completion_length: int | None, temperature: float, epsilon: float,
+                  epsilon_high: float, delta: float | None, beta: float, loss_type: str, kl_estimator: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
-    stats, logp = _forward(logits, ids, adv, mask, old, ref, num_items_t, num_items_f, max_len, temperature,
-                           eps_low, eps_high, delta, beta, loss_code, kl_code, seq, dx, (T * V, V))
-    return stats, logp, dx
+    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    sums, logp = token_level(x, ids, adv, mask, old, ref, num_items, dx, (T * V, V), num_items_f=num_items_f,
+                             max_completion_length=max_completion_length, temperature=temperature, epsilon=epsilon,
+                             epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
+                             kl_estimator=kl_estimator)
+    return finish_stats(sums, mask, B, T), logp, dx
 
 
 @grpo_loss_fwd.register_fake
-def _(logits, ids, adv, mask, old, ref, num_items_t, num_items_f, max_len, temperature, eps_low, eps_high, delta,
-      beta, loss_code, kl_code, seq):
+def _(logits, ids, adv, mask, old, ref, num_items, **opts):
     B, T, V = logits.shape
     return (logits.new_empty(5, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32),
             torch.empty(logits.shape, device=logits.device, dtype=logits.dtype))
@@ -138,19 +98,22 @@ def _(logits, ids, adv, mask, old, ref, num_items_t, num_items_f, max_len, tempe
 
 @torch.library.custom_op("r1kernels::grpo_loss_fwd_inplace", mutates_args=("logits",))
 def grpo_loss_fwd_inplace(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor | None,
-                          old: torch.Tensor | None, ref: torch.Tensor | None, num_items_t: torch.Tensor | None,
-                          num_items_f: float | None, max_len: int | None, temperature: float, eps_low: float,
-                          eps_high: float, delta: float | None, beta: float, loss_code: int, kl_code: int,
-                          seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          old: torch.Tensor | None, ref: torch.Tensor | None, num_items: torch.Tensor | None, *,
+                          num_items_f: float | None, max_completion_length: int | None, temperature: float,
+                          epsilon: float, epsilon_high: float, delta: float | None, beta: float, loss_type: str,
+                          kl_estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.stride(-1) != 1:
         raise ValueError("inplace_backward needs logits with a contiguous last dimension")
-    return _forward(logits, ids, adv, mask, old, ref, num_items_t, num_items_f, max_len, temperature, eps_low,
-                    eps_high, delta, beta, loss_code, kl_code, seq, logits, (logits.stride(0), logits.stride(1)))
+    B, T, V = logits.shape
+    sums, logp = token_level(logits, ids, adv, mask, old, ref, num_items, logits, (logits.stride(0), logits.stride(1)),
+                             num_items_f=num_items_f, max_completion_length=max_completion_length,
+                             temperature=temperature, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
+                             beta=beta, loss_type=loss_type, kl_estimator=kl_estimator)
+    return finish_stats(sums, mask, B, T), logp
 
 
 @grpo_loss_fwd_inplace.register_fake
-def _(logits, ids, adv, mask, old, ref, num_items_t, num_items_f, max_len, temperature, eps_low, eps_high, delta,
-      beta, loss_code, kl_code, seq):
+def _(logits, ids, adv, mask, old, ref, num_items, **opts):
     B, T, V = logits.shape
     return logits.new_empty(5, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32)
 
@@ -166,54 +129,142 @@ def _(grad, g):
     return None
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-    ctx.set_materialize_grads(False)  # else autograd fills a zero [B, T, V] gradient for the dx output
+def scale_saved_grads(ctx, g):
+    """The backward of every op whose forward already wrote its gradients: scale them by the upstream
+    scalar g in place; None for the inputs without one (and for all when the loss was not used)."""
+    saved = ctx.saved_tensors
+    if g is not None:
+        for t in saved:
+            grpo_scale_grad_(t, g)
+    return tuple(t if g is not None else None for t in saved)
 
 
-def _backward(ctx, g_stats, g_logp, g_dx):
-    if g_stats is None:  # only the (non-differentiable) metrics / log-probs were used
-        return (None,) * (1 + len(_SCHEMA_ARGS))
-    (dx,) = ctx.saved_tensors
-    grpo_scale_grad_(dx, g_stats[0])
-    return (dx,) + (None,) * len(_SCHEMA_ARGS)
+class _GRPOLoss(torch.autograd.Function):
+    """Token level: (logits, inplace, the op's inputs, its keyword options) -> (stats, logp)."""
 
-
-grpo_loss_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-class _GRPOInplace(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, *args):
-        stats, logp = grpo_loss_fwd_inplace(logits, *args)
-        ctx.save_for_backward(logits)
+    def forward(ctx, logits, inplace, ids, adv, mask, old, ref, num_items, opts):
+        if inplace:
+            stats, logp = grpo_loss_fwd_inplace(logits, ids, adv, mask, old, ref, num_items, **opts)
+            dx = logits
+        else:
+            stats, logp, dx = grpo_loss_fwd(logits, ids, adv, mask, old, ref, num_items, **opts)
+        ctx.save_for_backward(dx)
         ctx.mark_non_differentiable(logp)
-        ctx.set_materialize_grads(False)
+        ctx.set_materialize_grads(False)  # no zero [B, T] upstream gradient for the unused log-probs
         return stats, logp
 
     @staticmethod
     def backward(ctx, g_stats, g_logp):
-        if g_stats is None:
-            return (None,) * (1 + len(_SCHEMA_ARGS))
-        (dx,) = ctx.saved_tensors
-        grpo_scale_grad_(dx, g_stats[0])
-        return (dx,) + (None,) * len(_SCHEMA_ARGS)
+        (dx,) = scale_saved_grads(ctx, None if g_stats is None else g_stats[0])
+        return (dx,) + (None,) * 8
+
+
+@torch.library.custom_op("r1kernels::grpo_logprobs", mutates_args=())
+def grpo_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, temperature: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [B, T], lse [B*T]) fp32; masked rows (mask 0) are skipped: logp = lse = 0."""
+    B, T, _ = logits.shape
+    logp, lse, _ = _lk.logprob_fwd(logits, ids, temperature, False,
+                                   mask=mask.float().reshape(-1).contiguous() if mask is not None else None)
+    return logp.view(B, T), lse
+
+
+@grpo_logprobs.register_fake
+def _(logits, ids, mask, temperature):
+    B, T, _ = logits.shape
+    return logits.new_empty(B, T, dtype=torch.float32), logits.new_empty(B * T, dtype=torch.float32)
+
+
+@torch.library.custom_op("r1kernels::grpo_logprobs_grad", mutates_args=())
+def grpo_logprobs_grad(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """d(sum g * logp)/d logits; rows with g == 0 are written as zeros without reading the logits."""
+    return _lk.logprob_bwd(logits, ids, lse, lse, g, None, temperature)
+
+
+@grpo_logprobs_grad.register_fake
+def _(logits, ids, lse, g, temperature):
+    return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+
+
+@torch.library.custom_op("r1kernels::grpo_logprobs_grad_", mutates_args=("logits",))
+def grpo_logprobs_grad_(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                        temperature: float) -> None:
+    """grpo_logprobs_grad written into the logits' own storage (each block is read before it is written)."""
+    if logits.stride(-1) != 1:
+        raise ValueError("inplace_backward needs logits with a contiguous last dimension")
+    _lk.logprob_bwd(logits, ids, lse, lse, g, None, temperature, out=logits,
+                    out_strides=(logits.stride(0), logits.stride(1)))
+
+
+@grpo_logprobs_grad_.register_fake
+def _(logits, ids, lse, g, temperature):
+    return None
+
+
+class _LogProbs(torch.autograd.Function):
+    """Sequence level: (logits, ids, mask, temperature, inplace) -> logp [B, T], differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, mask, temperature, inplace):
+        logp, lse = grpo_logprobs(logits, ids, mask, temperature)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.inplace = temperature, inplace
+        ctx.set_materialize_grads(False)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return (None,) * 5
+        logits, ids, lse = ctx.saved_tensors
+        g = g.float().contiguous()
+        if ctx.inplace:
+            grpo_logprobs_grad_(logits, ids, lse, g, ctx.temperature)
+            dx = logits
+        else:
+            dx = grpo_logprobs_grad(logits, ids, lse, g, ctx.temperature)
+        return dx, None, None, None, None
+
+
+def op_options(*, temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, max_completion_length,
+               num_items_in_batch):
+    """(num_items tensor or None, the token-level ops' keyword options) from the public arguments."""
+    nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
+    return nt, dict(num_items_f=float(num_items_in_batch) if num_items_in_batch is not None and nt is None else None,
+                    max_completion_length=max_completion_length, temperature=float(temperature),
+                    epsilon=float(epsilon), epsilon_high=float(epsilon if epsilon_high is None else epsilon_high),
+                    delta=None if delta is None else float(delta), beta=float(beta), loss_type=loss_type,
+                    kl_estimator=kl_estimator)
+
+
+def sequence_level_loss(logp, advantages, completion_mask, opts):
+    """The reference loss and metrics on log-probs logp [B, T] (differentiable)."""
+    loss, metrics = _ref.grpo_loss_from_logprobs(logp, advantages, completion_mask,
+                                                 importance_sampling_level="sequence", **opts)
+    return loss, {k: metrics[k].detach() for k in STAT_KEYS}
 
 
 def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *, temperature=1.0,
                      inplace_backward=False, old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2,
                      epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
                      kl_estimator="k3", max_completion_length=None, num_items_in_batch=None):
-    nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
-    nf = float(num_items_in_batch) if num_items_in_batch is not None and nt is None else None
-    args = (completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, nt, nf, max_completion_length,
-            float(temperature), float(epsilon), float(epsilon if epsilon_high is None else epsilon_high),
-            None if delta is None else float(delta), float(beta), _k.LOSS_CODES[loss_type],
-            _k.KL_CODES[kl_estimator], importance_sampling_level == "sequence")
-    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
-        stats, logp = _GRPOInplace.apply(logits, *args)
-    else:
-        stats, logp, _ = grpo_loss_fwd(logits, *args)
+    inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled())
+    if importance_sampling_level == "sequence":
+        x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
+        logp = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace)
+        loss, metrics = sequence_level_loss(
+            logp, advantages, completion_mask,
+            dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
+                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type, kl_estimator=kl_estimator,
+                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch))
+        return loss, logp, metrics
+    nt, opts = op_options(temperature=temperature, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
+                          beta=beta, loss_type=loss_type, kl_estimator=kl_estimator,
+                          max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    stats, logp = _GRPOLoss.apply(logits, inplace, completion_ids, advantages, completion_mask, old_logprobs,
+                                  ref_logprobs, nt, opts)
     metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
     return stats[0], logp, metrics
 

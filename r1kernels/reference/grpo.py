@@ -5,9 +5,19 @@ import torch
 
 from .logprob import acc, linear_token_logprobs, token_logprobs
 
+# The one table of the loss family. A loss type's code (the Triton kernel's constexpr LOSS) is its index
+# in LOSS_TYPES; a KL estimator's code (constexpr KL) its index in KL_ESTIMATORS. LOSS_REDUCTION says how
+# sum_bt m*L is normalized (DESIGN.md section 3): "sequence" mean_b(sum_t mL / max(sum_t m, 1)), "tokens"
+# sum mL / max(sum m, 1), "length" sum mL / (B * (max_completion_length or T)), "items"
+# sum mL / (num_items_in_batch or sum m); only "items" reads num_items_in_batch.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+LOSS_REDUCTION = {"grpo": "sequence", "bnpo": "tokens", "dr_grpo": "length", "dapo": "items", "cispo": "items",
+                  "sapo": "items"}
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 IS_LEVELS = ("token", "sequence")
+LOSS_CODE = {name: i for i, name in enumerate(LOSS_TYPES)}
+KL_CODE = {name: i for i, name in enumerate(KL_ESTIMATORS)}
+# SAPO's gate temperatures (tau for A > 0, tau for A <= 0); the kernels take them as values.
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
 
 
@@ -44,13 +54,13 @@ def per_token_objective(logp, old_logp, adv, mask, *, epsilon, epsilon_high, del
 def reduce_loss(L, mask, loss_type, max_completion_length, num_items_in_batch):
     B, T = L.shape
     mL = L * mask
-    if loss_type == "grpo":
+    reduction = LOSS_REDUCTION[loss_type]
+    if reduction == "sequence":
         return (mL.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
+    if reduction == "tokens":
         return mL.sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
+    if reduction == "length":
         return mL.sum() / (B * (max_completion_length or T))
-    # dapo, cispo, sapo: token-level normalization
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
     return mL.sum() / denom
 

@@ -3,55 +3,53 @@
 Per token (b, t) with mask m != 0: pass 1 reads the logits row (online log-sum-exp, cache-resident
 eviction hint), computes l, the per-token loss, its metrics and the gradient coefficient c = dLoss/dl;
 pass 2 re-reads the same row (from L2 when it is still there) and writes dLogits = c/T (onehot - p).
-Masked tokens (m == 0) read nothing and write a zero gradient row. Sequence-level importance sampling
-does not use this kernel (see r1kernels/ops/grpo.py: a log-prob pass, then a gradient pass).
+Masked tokens (m == 0) read nothing (not even their label) and write a zero gradient row. A NaN log-prob
+(or old log-prob) gives a NaN loss and gradient for its token. Sequence-level importance sampling does not
+use this kernel (r1kernels/ops/grpo.py: log-probs, then autograd through the reference).
 
-Codes: loss grpo 0, bnpo 1, dr_grpo 2, dapo 3, cispo 4, sapo 5; KL k1 0, k2 1, k3 2, low_var_kl 3.
+Loss types and KL estimators enter as constexpr codes: their indices in reference/grpo.py's LOSS_TYPES
+and KL_ESTIMATORS (the one table of the family and its constants).
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ..reference.grpo import KL_CODE, LOSS_CODE, SAPO_TAU_NEG, SAPO_TAU_POS
 from .logprob import INTERPRET, _range_grad, _range_lse, block_v, num_warps
 
-LOSS_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5}
-KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "low_var_kl": 3}
+CISPO = tl.constexpr(LOSS_CODE["cispo"])
+SAPO = tl.constexpr(LOSS_CODE["sapo"])
+K1 = tl.constexpr(KL_CODE["k1"])
+K2 = tl.constexpr(KL_CODE["k2"])
+K3 = tl.constexpr(KL_CODE["k3"])
+
+# Launch configuration (H100 sweeps, benchmarks/NOTES-logprob-grpo.md): 16384-wide vocab blocks (warps
+# from num_warps: 16); pass 2 in reverse block order (the most recently read, most likely cached, lines
+# first); streaming (".cs") gradient stores, which keep the logits in L2. benchmarks/bench_grpo.py --tune
+# passes other configurations through grpo_token(config=...).
+CONFIG = dict(BLOCK=16384, REVERSE=True, STORE_CM=".cs", num_warps=None)
 
 
-def grpo_block_v(V: int) -> int:
-    return block_v(V, "R1K_GRPO_BLOCK", 16384)
-
-
-def grpo_num_warps(BLOCK: int) -> int:
-    return num_warps(BLOCK, "R1K_GRPO_WARPS")
-
-
-def grpo_flags() -> dict:
-    """Pass-2 order (REVERSE: last block first, the most recently cached lines first), the store cache
-    modifier of the gradient (".cs": streaming, keeps the logits in L2), and PREFETCH (software
-    double-buffering; not yet measured on a GPU, off by default); env R1K_GRPO_REVERSE / _STORE / _PREFETCH."""
-    prefetch = os.environ.get("R1K_GRPO_PREFETCH", "0") == "1"  # next block's load before the reductions
-    if INTERPRET:
-        return dict(REVERSE=True, STORE_CM="", PREFETCH=prefetch)
-    return dict(REVERSE=os.environ.get("R1K_GRPO_REVERSE", "1") == "1",
-                STORE_CM=os.environ.get("R1K_GRPO_STORE", ".cs"), PREFETCH=prefetch)
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit
 def kl_and_grad(l, lref, KL: tl.constexpr):
-    """(KL estimate, d KL / d l) from l and l_ref."""
+    """(KL estimate, d KL / d l) from l and l_ref (low_var_kl: k3 clamped, zero gradient where clamped)."""
     d = lref - l
-    if KL == 0:
+    if KL == K1:
         kl = l - lref
         dkl = tl.full((), 1.0, tl.float32) + 0.0 * d
-    elif KL == 1:
+    elif KL == K2:
         kl = 0.5 * d * d
         dkl = -d
-    elif KL == 2:
+    elif KL == K3:
         e = tl.exp(d)
         kl = e - d - 1.0
         dkl = 1.0 - e
@@ -66,13 +64,14 @@ def kl_and_grad(l, lref, KL: tl.constexpr):
 
 
 @triton.jit
-def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_DELTA: tl.constexpr):
+def surrogate_and_grad(r, A, eps_low, eps_high, delta, tau_pos, tau_neg, LOSS: tl.constexpr,
+                       HAS_DELTA: tl.constexpr):
     """(L, dL/dr) of the clipped / sapo surrogates at ratio r (cispo: (min(r, eps_high), 0), see caller)."""
-    if LOSS == 4:
+    if LOSS == CISPO:
         w = tl.minimum(r, eps_high)
         return w, 0.0 * r
-    elif LOSS == 5:
-        tau = tl.where(A > 0, 1.0, 1.05)
+    elif LOSS == SAPO:
+        tau = tl.where(A > 0, tau_pos, tau_neg)
         sg = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))
         return -A * sg * 4.0 / tau, -4.0 * A * sg * (1.0 - sg)
     else:
@@ -90,12 +89,13 @@ def surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_D
 
 
 @triton.jit
-def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS: tl.constexpr, KL: tl.constexpr,
-                 HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """Per-token (L, dL/dl, kl, low, high) at log-prob l (ratio r = exp(l - old))."""
+def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
+                 KL: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Per-token (L, dL/dl, kl, low, high) at log-prob l (ratio r = exp(l - old)); L and dL/dl are NaN
+    when r is (tl.minimum / tl.maximum return the non-NaN operand, so the clip would hide it)."""
     r = tl.exp(l - old)
-    L, dLdr = surrogate_and_grad(r, A, eps_low, eps_high, delta, LOSS, HAS_DELTA)
-    if LOSS == 4:  # cispo: -sg(min(r, eps_high)) * A * l
+    L, dLdr = surrogate_and_grad(r, A, eps_low, eps_high, delta, tau_pos, tau_neg, LOSS, HAS_DELTA)
+    if LOSS == CISPO:  # -sg(min(r, eps_high)) * A * l
         dL = -L * A
         L = -L * A * l
     else:
@@ -106,6 +106,9 @@ def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS: tl.const
         if USE_KL:
             L += beta * kl
             dL += beta * dkl
+    nan = r != r
+    L = tl.where(nan, r, L)
+    dL = tl.where(nan, r, dL)
     low = ((r < 1.0 - eps_low) & (A < 0)).to(tl.float32)
     high = ((r > 1.0 + eps_high) & (A > 0)).to(tl.float32)
     return L, dL, kl, low, high
@@ -113,88 +116,53 @@ def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS: tl.const
 
 @triton.jit
 def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
-                       dx_ptr, part_ptr, flag_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t,
-                       eps_low, eps_high, delta, beta, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-                       REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
-                       KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
-                       USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """Rows round-robin over the grid. SPLIT=2 (GPU only, every program resident): programs 2q and 2q+1
-    share a row, each reading half of the vocab (half the L2 working set), and exchange their partial
-    log-sum-exp through global memory (flags tagged with row + 1; partials double-buffered)."""
-    pid = tl.program_id(0)
-    h = pid % SPLIT
-    q = pid // SPLIT
-    nq = tl.num_programs(0) // SPLIT
-    half = tl.cdiv(tl.cdiv(V, SPLIT), 64) * 64  # balanced halves (each with its own partial last block)
-    c0 = h * half
-    c1 = tl.minimum(V, c0 + half)
+                       dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t, eps_low, eps_high,
+                       delta, beta, tau_pos, tau_neg, REVERSE: tl.constexpr, STORE_CM: tl.constexpr,
+                       BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr,
+                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """One program per row (b, t) of the [B, T] tokens."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    x_row = x_ptr + b * stride_b + t * stride_t
+    dx_row = dx_ptr + b * dx_sb + t * dx_st
     offs = tl.arange(0, BLOCK)
     scale = inv_t * 1.4426950408889634
-    it = 0
-    for row in range(q.to(tl.int64), N, nq):
-        b = row // T
-        t = row - b * T
-        x_row = x_ptr + b * stride_b + t * stride_t
-        dx_row = dx_ptr + b * dx_sb + t * dx_st
-        m = 1.0
-        if HAS_MASK:
-            m = tl.load(mask_ptr + row)
-        if m == 0.0:
-            for v0 in range(c0, c1, BLOCK):
-                cols = v0 + offs
-                tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < c1)
-            if h == 0:
-                tl.store(logp_ptr + row, 0.0)
-                for k in range(5):
-                    tl.store(stats_ptr + k * N + row, 0.0)
-        else:
-            mx, sm, _t = _range_lse(x_row, c0, c1, scale, BLOCK, False, "evict_last", PREFETCH)
-            mx = tl.where(mx == float("-inf"), mx, mx * scale)  # base-2 units
-            if SPLIT == 2:
-                slot = (q * 2 + it % 2) * 2
-                tl.store(part_ptr + (slot + h) * 2, mx)
-                tl.store(part_ptr + (slot + h) * 2 + 1, sm)
-                tl.debug_barrier()  # every thread's stores before the (cumulative) release of the flag
-                tl.atomic_xchg(flag_ptr + pid, (row + 1).to(tl.int32), sem="release")
-                other = pid + 1 - 2 * h
-                seen = tl.atomic_add(flag_ptr + other, 0, sem="acquire")
-                spins = 0
-                while (seen < (row + 1).to(tl.int32)) & (spins < 100_000_000):  # bounded: never hang the GPU
-                    seen = tl.atomic_add(flag_ptr + other, 0, sem="acquire")
-                    spins += 1
-                tl.debug_barrier()
-                mo = tl.atomic_add(part_ptr + (slot + 1 - h) * 2, 0.0, sem="relaxed")
-                so = tl.atomic_add(part_ptr + (slot + 1 - h) * 2 + 1, 0.0, sem="relaxed")
-                mm = tl.maximum(mx, mo)
-                mm = tl.where(mm == float("-inf"), 0.0, mm)
-                sm = sm * tl.exp2(mx - mm) + so * tl.exp2(mo - mm)
-                mx = mm
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            lse2 = mx + tl.log2(sm)
-            y = tl.load(ids_ptr + row).to(tl.int64)
-            xy = tl.load(x_row + y).to(tl.float32)
-            l = (xy * scale - lse2) * 0.6931471805599453
-            A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
-            old = l
-            if HAS_OLD:
-                old = tl.load(old_ptr + row)
-            lref = l
-            if HAS_REF:
-                lref = tl.load(ref_ptr + row)
-            L, dL, kl, low, high = _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, LOSS, KL, HAS_REF,
-                                                USE_KL, HAS_DELTA)
-            sb = tl.load(scale_ptr + b) * m
-            if h == 0:
-                tl.store(logp_ptr + row, l)
-                tl.store(stats_ptr + row, sb * L)
-                tl.store(stats_ptr + N + row, m * kl)
-                tl.store(stats_ptr + 2 * N + row, m * low)
-                tl.store(stats_ptr + 3 * N + row, m * high)
-                tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
-            ct = sb * dL * inv_t
-            _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, BLOCK, REVERSE, False,
-                        STORE_CM, PREFETCH)
-        it += 1
+    m = 1.0
+    if HAS_MASK:
+        m = tl.load(mask_ptr + row)
+    if m == 0.0:
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(logp_ptr + row, 0.0)
+        for k in range(5):
+            tl.store(stats_ptr + k * N + row, 0.0)
+    else:
+        mx, sm, _t = _range_lse(x_row, 0, V, scale, BLOCK, False, "evict_last")
+        mx = tl.where(mx == float("-inf"), 0.0, mx * scale)  # base-2 units
+        lse2 = mx + tl.log2(sm)
+        y = tl.load(ids_ptr + row).to(tl.int64)
+        xy = tl.load(x_row + y).to(tl.float32)
+        l = (xy * scale - lse2) * 0.6931471805599453
+        A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
+        old = l
+        if HAS_OLD:
+            old = tl.load(old_ptr + row)
+        lref = l
+        if HAS_REF:
+            lref = tl.load(ref_ptr + row)
+        L, dL, kl, low, high = _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_neg, LOSS,
+                                            KL, HAS_REF, USE_KL, HAS_DELTA)
+        sb = tl.load(scale_ptr + b) * m
+        tl.store(logp_ptr + row, l)
+        tl.store(stats_ptr + row, sb * L)
+        tl.store(stats_ptr + N + row, m * kl)
+        tl.store(stats_ptr + 2 * N + row, m * low)
+        tl.store(stats_ptr + 3 * N + row, m * high)
+        tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
+        ct = sb * dL * inv_t
+        _range_grad(x_row, dx_row, 0, V, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, BLOCK, REVERSE, False, STORE_CM)
 
 
 @triton.jit
@@ -212,31 +180,26 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
 
 
 def grpo_token(x, ids, adv, mask, old, ref, scale_B, logp, stats, dx, dx_strides, *, temperature, eps_low, eps_high,
-               delta, beta, loss_code, kl_code):
-    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides."""
+               delta, beta, loss_type, kl_estimator, config=None):
+    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides.
+    config overrides CONFIG (tuning sweeps only)."""
     B, T, V = x.shape
     N = B * T
     if N == 0:
         return
-    BLOCK = grpo_block_v(V)
-    adv_sb, adv_st = (T, 1) if adv.dim() == 2 else (1, 0)
+    cfg = {**CONFIG, **(config or {})}
+    BLOCK = block_v(V, cfg["BLOCK"])
     dummy = scale_B
-    split = 1 if INTERPRET else int(os.environ.get("R1K_GRPO_SPLIT", 1))
-    grid = int(os.environ.get("R1K_GRPO_GRID", 0)) if not INTERPRET else 0
-    if split == 2:  # every program must be resident at once (they wait on each other): one per SM, pairs
-        n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
-        # R1K_GRPO_GRID may ask for up to 2 per SM (tuning only: needs 2 resident programs per SM)
-        grid = 2 * max(1, min(grid or n_sm, 2 * n_sm) // 2)
-    grid = min(N * split, grid) if grid > 0 else N
-    part = torch.empty(max(grid, 2) * 4, device=x.device, dtype=torch.float32) if split == 2 else dummy
-    flags = torch.zeros(max(grid, 2), device=x.device, dtype=torch.int32) if split == 2 else dummy
-    _grpo_token_kernel[(grid,)](
+    adv_sb, adv_st = (T, 1) if adv.dim() == 2 else (1, 0)
+    _grpo_token_kernel[(N,)](
         x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
-        ref if ref is not None else dummy, scale_B, logp, stats, dx, part, flags, N, T, V, x.stride(0), x.stride(1),
+        ref if ref is not None else dummy, scale_B, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
         dx_strides[0], dx_strides[1], adv_sb, adv_st, 1.0 / temperature, eps_low, eps_high,
-        delta if delta is not None else 0.0, beta, SPLIT=split, **grpo_flags(), BLOCK=BLOCK, LOSS=loss_code,
-        KL=kl_code, HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
-        USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, num_warps=grpo_num_warps(BLOCK))
+        delta if delta is not None else 0.0, beta, SAPO_TAU_POS, SAPO_TAU_NEG, REVERSE=cfg["REVERSE"],
+        STORE_CM="" if INTERPRET else cfg["STORE_CM"], BLOCK=BLOCK, LOSS=LOSS_CODE[loss_type],
+        KL=KL_CODE[kl_estimator], HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
+        USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None,
+        num_warps=cfg["num_warps"] or num_warps(BLOCK))
 
 
 def scale_(x, g):
@@ -244,5 +207,5 @@ def scale_(x, g):
     if n == 0:
         return
     BLOCK = 64 if INTERPRET else 4096
-    grid = (max(1, min(triton.cdiv(n, BLOCK), 1 if INTERPRET else 132 * 8)),)
+    grid = (max(1, min(triton.cdiv(n, BLOCK), 1 if INTERPRET else sm_count(x.device.index) * 8)),)
     _scale_kernel[grid](x, g, n, BLOCK=BLOCK, num_warps=1 if INTERPRET else 8)

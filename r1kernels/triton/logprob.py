@@ -16,18 +16,18 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def block_v(V: int, env: str = "R1K_LP_BLOCK", default: int = 8192) -> int:
-    """Vocab block: large on the GPU (16 KB+ of loads in flight per program), small under the interpreter.
-    Env overrides (tuning sweeps): R1K_LP_BLOCK / R1K_GRPO_BLOCK."""
-    if INTERPRET:
-        return min(triton.next_power_of_2(V), 64)
-    return min(triton.next_power_of_2(V), int(os.environ.get(env, default)))
+LP_BLOCK = 8192  # the log-prob kernels' vocab block on the GPU (H100 sweep: 8192 with 8 warps)
 
 
-def num_warps(BLOCK: int, env: str = "R1K_LP_WARPS") -> int:
+def block_v(V: int, block: int = LP_BLOCK) -> int:
+    """Vocab block: large on the GPU (16 KB+ of loads in flight per program), small under the interpreter."""
+    return min(triton.next_power_of_2(V), 64 if INTERPRET else block)
+
+
+def num_warps(BLOCK: int) -> int:
     if INTERPRET:
         return 1
-    return int(os.environ.get(env, 0)) or max(4, min(32, BLOCK // 1024))  # H100 sweeps: 8192/8, 16384/16
+    return max(4, min(32, BLOCK // 1024))  # H100 sweeps: 8192/8, 16384/16
 
 
 @triton.jit
@@ -52,40 +52,15 @@ def _lse_block(x_row, cols, c1, m, acc, t, scale, MASKED: tl.constexpr, EVICT: t
 
 
 @triton.jit
-def _lse_update(x, m, acc, t, scale, ENTROPY: tl.constexpr):
-    """_lse_block on an already loaded full block."""
-    x = x.to(tl.float32)
-    m_new = tl.maximum(m, tl.max(x, 0))
-    ms = tl.where(m_new == float("-inf"), 0.0, m_new) * scale
-    alpha = tl.exp2(m * scale - ms)
-    e = tl.exp2(x * scale - ms)
-    acc = acc * alpha + tl.sum(e, 0)
-    if ENTROPY:
-        t = t * alpha + tl.sum(e * (x * scale), 0)
-    return m_new, acc, t
-
-
-@triton.jit
-def _range_lse(x_row, c0, c1, scale, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT: tl.constexpr,
-               PREFETCH: tl.constexpr = False):
-    """Online log-sum-exp over columns [c0, c1): (m raw max, acc, t); see _lse_block. PREFETCH issues the
-    next block's load before this block's reductions (two blocks in flight per program)."""
+def _range_lse(x_row, c0, c1, scale, BLOCK: tl.constexpr, ENTROPY: tl.constexpr, EVICT: tl.constexpr):
+    """Online log-sum-exp over columns [c0, c1): (m raw max, acc, t); see _lse_block."""
     offs = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
     acc = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     nfull = (c1 - c0) // BLOCK
-    if PREFETCH:
-        if nfull > 0:
-            xn = tl.load(x_row + c0 + offs, eviction_policy=EVICT)
-            for i in range(0, nfull):
-                xc = xn
-                cn = c0 + (i + 1) * BLOCK + offs
-                xn = tl.load(x_row + cn, mask=cn < c0 + nfull * BLOCK, other=0.0, eviction_policy=EVICT)
-                m, acc, t = _lse_update(xc, m, acc, t, scale, ENTROPY)
-    else:
-        for i in range(0, nfull):
-            m, acc, t = _lse_block(x_row, c0 + i * BLOCK + offs, c1, m, acc, t, scale, False, EVICT, ENTROPY)
+    for i in range(0, nfull):
+        m, acc, t = _lse_block(x_row, c0 + i * BLOCK + offs, c1, m, acc, t, scale, False, EVICT, ENTROPY)
     if c0 + nfull * BLOCK < c1:
         m, acc, t = _lse_block(x_row, c0 + nfull * BLOCK + offs, c1, m, acc, t, scale, True, EVICT, ENTROPY)
     return m, acc, t
@@ -124,9 +99,9 @@ def _grad_block(x_row, dx_row, cols, c1, scale, lse2, neg_c, inv_t, k_ent, neg_g
 
 @triton.jit
 def _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, c, inv_t, k_ent, neg_gh, BLOCK: tl.constexpr,
-                REVERSE: tl.constexpr, ENTROPY: tl.constexpr, STORE_CM: tl.constexpr, PREFETCH: tl.constexpr = False):
+                REVERSE: tl.constexpr, ENTROPY: tl.constexpr, STORE_CM: tl.constexpr):
     """Writes dx = c (onehot(y) - p) [- g_H terms] over columns [c0, c1); xy = the label's logit, read
-    before (the logits may be overwritten in place: a prefetched block is always one not yet written)."""
+    before (the logits may be overwritten in place: each block is read before it is written)."""
     offs = tl.arange(0, BLOCK)
     nfull = (c1 - c0) // BLOCK
     has_tail = c0 + nfull * BLOCK < c1
@@ -134,24 +109,9 @@ def _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, c, inv_t, k_ent, neg_
         if has_tail:
             _grad_block(x_row, dx_row, c0 + nfull * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent, neg_gh, True,
                         ENTROPY, STORE_CM)
-        if PREFETCH:
-            if nfull > 0:
-                xn = tl.load(x_row + c0 + (nfull - 1) * BLOCK + offs, eviction_policy="evict_first")
-                for i in range(0, nfull):
-                    xc = xn.to(tl.float32)
-                    cn = c0 + (nfull - 2 - i) * BLOCK + offs
-                    xn = tl.load(x_row + cn, mask=cn >= c0, other=0.0, eviction_policy="evict_first")
-                    p = tl.exp2(xc * scale - lse2)
-                    if ENTROPY:
-                        d = p * (neg_gh * (xc * inv_t - k_ent) - c)
-                    else:
-                        d = p * -c
-                    tl.store(dx_row + c0 + (nfull - 1 - i) * BLOCK + offs, d.to(dx_row.dtype.element_ty),
-                             cache_modifier=STORE_CM)
-        else:
-            for i in range(0, nfull):
-                _grad_block(x_row, dx_row, c0 + (nfull - 1 - i) * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent,
-                            neg_gh, False, ENTROPY, STORE_CM)
+        for i in range(0, nfull):
+            _grad_block(x_row, dx_row, c0 + (nfull - 1 - i) * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent, neg_gh,
+                        False, ENTROPY, STORE_CM)
     else:
         for i in range(0, nfull):
             _grad_block(x_row, dx_row, c0 + i * BLOCK + offs, c1, scale, lse2, -c, inv_t, k_ent, neg_gh, False,
@@ -238,9 +198,10 @@ def _rows(logits):
     return x, 1, x.shape[0], 0, x.stride(0) if x.shape[0] else V
 
 
-def logprob_fwd(logits, labels, temperature: float, entropy: bool, mask=None):
+def logprob_fwd(logits, labels, temperature: float, entropy: bool, mask=None, block: int = LP_BLOCK,
+                warps: int | None = None):
     """-> (logp [N], lse [N], entropy [N] or empty) fp32, N = numel(labels); rows where the fp32 `mask`
-    is 0 are skipped (logp = lse = 0)."""
+    is 0 are skipped (logp = lse = 0). block / warps: launch configuration (tuning sweeps only)."""
     x, B, T, sb, st = _rows(logits)
     V = logits.shape[-1]
     N = B * T
@@ -249,14 +210,16 @@ def logprob_fwd(logits, labels, temperature: float, entropy: bool, mask=None):
     lse = torch.empty(N, device=dev, dtype=torch.float32)
     ent = torch.empty(N if entropy else 0, device=dev, dtype=torch.float32)
     if N:
-        BLOCK = block_v(V)
+        BLOCK = block_v(V, block)
         _logprob_fwd_kernel[(N,)](x, labels.reshape(-1).contiguous(), logp, lse, ent if entropy else lse,
                                   mask if mask is not None else lse, T, V, sb, st, 1.0 / temperature, BLOCK=BLOCK,
-                                  ENTROPY=entropy, SKIP_MASKED=mask is not None, num_warps=num_warps(BLOCK))
+                                  ENTROPY=entropy, SKIP_MASKED=mask is not None,
+                                  num_warps=warps or num_warps(BLOCK))
     return logp, lse, ent
 
 
-def logprob_bwd(logits, labels, lse, ent, grad_logp, grad_ent, temperature: float, out=None, out_strides=None):
+def logprob_bwd(logits, labels, lse, ent, grad_logp, grad_ent, temperature: float, out=None, out_strides=None,
+                block: int = LP_BLOCK, warps: int | None = None):
     """-> d logits [*logits.shape] in logits.dtype; written into `out` (row strides out_strides = (per b,
     per t) over the [B, T] rows of logits) when given: out may be the logits themselves (in place)."""
     x, B, T, sb, st = _rows(logits)
@@ -266,9 +229,10 @@ def logprob_bwd(logits, labels, lse, ent, grad_logp, grad_ent, temperature: floa
     dsb, dst = out_strides if out is not None else (T * V, V)
     entropy = grad_ent is not None
     if N:
-        BLOCK = block_v(V)
+        BLOCK = block_v(V, block)
         _logprob_bwd_kernel[(N,)](x, labels.reshape(-1).contiguous(), lse, ent if entropy else lse,
                                   grad_logp.reshape(-1).float().contiguous(),
                                   grad_ent.reshape(-1).float().contiguous() if entropy else lse, dx, T, V, sb, st,
-                                  dsb, dst, 1.0 / temperature, BLOCK=BLOCK, ENTROPY=entropy, num_warps=num_warps(BLOCK))
+                                  dsb, dst, 1.0 / temperature, BLOCK=BLOCK, ENTROPY=entropy,
+                                  num_warps=warps or num_warps(BLOCK))
     return dx

@@ -1,0 +1,70 @@
+"""A few GRPO steps of the tiny model with kernel_backend=auto (the Triton kernels, under the interpreter
+on CPU) match kernel_backend=torch (the reference) within the tolerance table, metric by metric."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import train_helpers as H
+from conftest import assert_close
+
+from r1kernels import _backend
+from r1train.config import load_config
+from r1train.grpo import GRPOTrainer
+from r1train.loading import load_datasets, load_model_and_tokenizer
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not (_backend.TRITON_INTERPRET or torch.cuda.is_available()),
+                                reason="needs the Triton interpreter or a GPU")
+
+TRAIN_OPS = ("grpo_loss", "linear_grpo_loss", "token_logprobs", "linear_token_logprobs", "group_advantages")
+
+
+def digit_share(prompts, completions, **_):
+    """Share of digits in each completion (plain text or TRL's conversational format)."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+def _run(tmp_path, backend, overrides, monkeypatch):
+    picked = set()
+    pick = _backend.pick
+
+    def recording_pick(op, *a, **k):
+        fn = pick(op, *a, **k)
+        if fn is not None:
+            picked.add(op)
+        return fn
+
+    monkeypatch.setattr(_backend, "pick", recording_pick)
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / backend}", "max_steps=3", "seed=5",
+                                          "per_device_train_batch_size=4", "num_generations=4",
+                                          f"kernel_backend={backend}", *overrides])
+    model, tok = load_model_and_tokenizer(cfg)
+    train, ev = load_datasets(cfg)
+    t = GRPOTrainer(cfg, model, tok, train, ev, reward_funcs=[digit_share])
+    hist = t.train()
+    t.finish(save=False)
+    monkeypatch.setattr(_backend, "pick", pick)
+    return hist, picked
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["loss_impl=logits", "loss_type=grpo", "beta=0.04", "importance_sampling_level=sequence", "num_iterations=2"],
+], ids=["default", "logits+sequence+kl"])
+def test_auto_matches_torch(tmp_path, monkeypatch, overrides):
+    auto, picked = _run(tmp_path, "auto", overrides, monkeypatch)
+    ref, picked_ref = _run(tmp_path, "torch", overrides, monkeypatch)
+    assert not picked_ref
+    loss_op = "grpo_loss" if "loss_impl=logits" in overrides else "linear_grpo_loss"
+    assert loss_op in picked, picked  # the kernels ran
+    assert len(auto) == len(ref) == 3
+    for step, (a, r) in enumerate(zip(auto, ref)):
+        assert set(a) == set(r)
+        for k, v in r.items():
+            if k in H.TIMING or k.startswith("time/") or not isinstance(v, (int, float)):
+                continue
+            assert math.isfinite(a[k]), (step, k, a[k])
+            assert_close(torch.tensor(float(a[k])), torch.tensor(float(v)), torch.float32, name=f"step {step} {k}")
