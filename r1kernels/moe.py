@@ -113,10 +113,22 @@ def _unpermute(expert_out, row_map, topk_weights, backend="auto"):
     return (fn or _ref.unpermute)(expert_out, row_map, topk_weights)
 
 
-def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=None):
+def _torch_only(op, backend):
+    """Ops with only the torch implementation: backend= is validated like every op's; auto/torch run it, a
+    named kernel backend raises (R1K_BACKEND does not apply: there is nothing else to pick)."""
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend={backend!r} is not available for {op}: it has no {backend} kernel, only the "
+                         "torch implementation (use backend='auto' or 'torch')")
+
+
+def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=None, backend="auto"):
     """Auxiliary-loss-free balancing, in place and without grad: bias += rate * sign(mean - count).
     Sum tokens_per_expert over micro-batches first; all_reduce=True sums it over the ranks of `group`
-    (torch.distributed, default group) before the update, so every rank applies the same step."""
+    (torch.distributed, default group) before the update, so every rank applies the same step.
+    backend: "auto" or "torch" (the only implementation; a named kernel backend raises)."""
+    _torch_only("update_bias", backend)
     _checks.float_tensor("bias", bias, ndim=1)
     _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
     _checks.shape("tokens_per_expert", tokens_per_expert, bias.shape, " (one count per expert)")
@@ -131,9 +143,11 @@ def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=N
     return _ref.update_bias(bias, tokens_per_expert, rate)
 
 
-def sequence_aux_loss(router_logits, topk_ids, *, seq_len, top_k, alpha=1e-4):
+def sequence_aux_loss(router_logits, topk_ids, *, seq_len, top_k, alpha=1e-4, backend="auto"):
     """DeepSeek-V3's sequence-wise balance loss; router_logits [B*S, E], topk_ids [B*S, K] or None
-    (None: the plain top-K of the sigmoid scores, as in the paper)."""
+    (None: the plain top-K of the sigmoid scores, as in the paper). backend: "auto" or "torch" (the only
+    implementation; a named kernel backend raises)."""
+    _torch_only("sequence_aux_loss", backend)
     _checks.float_tensor("router_logits", router_logits, ndim=2)
     N, E = router_logits.shape
     _check_int("seq_len", seq_len)

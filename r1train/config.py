@@ -6,6 +6,7 @@ raises ConfigError naming it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -62,6 +63,8 @@ class TrainConfig:
     save_steps: int = f(500, "checkpoint every N steps (0 = only at the end)")
     save_total_limit: Optional[int] = f(None, "keep at most N checkpoints (oldest deleted)")
     resume_from_checkpoint: Optional[str] = f(None, "a checkpoint directory, or 'latest' in output_dir")
+    overwrite_output_dir: bool = f(False, "a fresh run may start in an output_dir holding another run's "
+                                   "checkpoints or metrics (they are deleted first); otherwise that is an error")
     bf16: bool = f(False, "bf16 weights/compute via DeepSpeed (fp16 is not supported)")
     zero_stage: int = f(0, "DeepSpeed ZeRO stage (r1train/configs/ds_zero<N>.json)", [0, 1, 2, 3])
     deepspeed: Optional[str] = f(None, "a DeepSpeed JSON config path; overrides zero_stage")
@@ -122,13 +125,38 @@ class TrainConfig:
         return "\n".join(f"{x.name} = {getattr(self, x.name)!r}: {x.metadata['help']}" for x in fields())
 
     def validate(self) -> TrainConfig:
+        """Every check that needs no model, data or device work; a bad value raises ConfigError naming its
+        key. GRPO's batch-vs-num_generations rule is in check_grpo_batch (SFT and `sample` do not need it)."""
         for x in fields():
             check_type(x, getattr(self, x.name))
+            v = getattr(self, x.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{x.name} must be a finite number, got {v}")
         pos = ["per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
-               "max_completion_length", "num_iterations", "max_prompt_length"]
+               "max_completion_length", "num_iterations", "max_prompt_length", "eval_num_samples",
+               "ref_model_sync_steps", "max_length", "rejection_num_samples", "rejection_max_per_prompt",
+               "model_hidden_size", "model_num_layers", "task_train_size"]
         for k in pos:
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        non_neg = ["learning_rate", "weight_decay", "max_grad_norm", "logging_steps", "save_steps", "eval_steps",
+                   "epsilon", "beta", "overlong_buffer_len", "moe_bias_update_rate", "task_eval_size"]
+        for k in non_neg:
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps must be >= 1, or -1 to train for num_train_epochs; got {self.max_steps}")
+        if self.num_train_epochs <= 0:
+            raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be >= 1 (or unset to keep every checkpoint), "
+                              f"got {self.save_total_limit}")
+        for k in ("warmup_ratio", "ref_model_mixup_alpha", "task_flaw_share"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
+        for k in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
         if self.temperature <= 0 or self.eval_temperature <= 0:
             raise ConfigError("temperature and eval_temperature must be > 0")
         if not 0 < self.top_p <= 1:
@@ -139,19 +167,64 @@ class TrainConfig:
             raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 for group advantages, got {self.num_generations}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.delta is not None:
+            eh = self.epsilon if self.epsilon_high is None else self.epsilon_high
+            if self.delta <= 1 + eh:
+                raise ConfigError(f"delta must be > 1 + epsilon_high = {1 + eh:g} (it bounds the ratio above the "
+                                  f"upper clip), got {self.delta}")
+        if self.reward_timeout <= 0:
+            raise ConfigError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+        self._check_rewards()
+        _check_backend(self.kernel_backend)
+        return self
+
+    def _check_rewards(self):
         if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):
             raise ConfigError(f"reward_funcs must be a non-empty list of names, got {self.reward_funcs!r}")
-        if self.reward_weights is not None and not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights):
-            raise ConfigError(f"reward_weights must be a list of numbers, got {self.reward_weights!r}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
-                              f"{len(self.reward_funcs)}")
-        if not 0 <= self.task_flaw_share <= 1:
-            raise ConfigError(f"task_flaw_share must be in [0, 1], got {self.task_flaw_share}")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be >= 0, got {self.beta}")
-        return self
+        if self.reward_weights is not None:
+            for w in self.reward_weights:
+                if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                    raise ConfigError(f"reward_weights must be a list of finite numbers, got {self.reward_weights!r}")
+            if len(self.reward_weights) != len(self.reward_funcs):
+                raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
+                                  f"{len(self.reward_funcs)}")
+        from .rewards import check_reward_funcs
+
+        check_reward_funcs(self.reward_funcs, self)  # names, modules, callables, duplicates
+
+
+def check_grpo_batch(cfg: TrainConfig):
+    """GRPO keeps each prompt's G completions on one rank: the per-rank batch must hold whole groups."""
+    n, G = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.num_generations
+    if n % G:
+        raise ConfigError(f"num_generations: per_device_train_batch_size * gradient_accumulation_steps = {n} must "
+                          f"be a multiple of num_generations = {G} (each prompt's G completions stay on one rank)")
+
+
+# the ops every trainer calls with backend=kernel_backend
+_TRAIN_OPS = ("token_logprobs", "linear_token_logprobs", "grpo_loss", "linear_grpo_loss")
+
+
+def _check_backend(backend: str):
+    """kernel_backend=triton/cuda/cpp must have the trainer's kernels and be able to run them here."""
+    if backend in ("auto", "torch"):
+        return
+    import torch
+
+    from r1kernels import _backend
+
+    missing = [op for op in _TRAIN_OPS if backend not in [b for b, _ in _backend.KERNELS.get(op, [])]]
+    if missing:
+        raise ConfigError(f"kernel_backend={backend!r}: r1kernels has no {backend} kernel for "
+                          f"{', '.join(missing)}; use auto, triton or torch")
+    if backend == "triton":
+        if not _backend.HAS_TRITON:
+            raise ConfigError("kernel_backend='triton': triton is not installed; use auto or torch")
+        if not torch.cuda.is_available() and not _backend.TRITON_INTERPRET:
+            raise ConfigError("kernel_backend='triton': no CUDA device here, and Triton runs on CPU only "
+                              "with TRITON_INTERPRET=1 (slow); use auto or torch")
 
 
 def fields():
@@ -195,8 +268,12 @@ def _coerce(x: dataclasses.Field, raw: str):
     if isinstance(v, int) and not isinstance(v, bool) and (t is float or t == Optional[float]):
         v = float(v)
     if isinstance(v, str) and (t is list or t == Optional[list]):
-        v = [s for s in v.split(",") if s]
+        v = _split(v)
     return v
+
+
+def _split(v: str) -> list:
+    return [s.strip() for s in v.split(",") if s.strip()]
 
 
 STAGES = ("sft", "grpo", "rejection", "grpo2", "distill")
@@ -214,12 +291,17 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
                 data = yaml.safe_load(fh) or {}
         except OSError as e:
             raise ConfigError(f"--config: cannot read {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for k, v in data.items():
             if k in STAGES:
                 if not isinstance(v, dict):
                     raise ConfigError(f"{path}: section {k!r} must be a mapping")
+                for kk in v:  # every section's keys, used by this command or not
+                    if kk not in names:
+                        raise ConfigError(f"{path}: section {k!r}: {_unknown(str(kk))}")
                 if k == section:
                     values.update({f"__sec__{kk}": vv for kk, vv in v.items()})
             else:
@@ -236,12 +318,17 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
     for k in values:
         if k not in names:
             raise ConfigError(_unknown(k))
+    hints = typing.get_type_hints(TrainConfig)
+    for k, v in values.items():  # `reward_funcs: accuracy,format` in YAML works as on the command line
+        if hints[k] in (list, Optional[list]) and isinstance(v, str):
+            values[k] = _split(v)
+        elif hints[k] in (list, Optional[list]) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            values[k] = [v]  # reward_weights=2 with one reward
     sr = values.get("scale_rewards")  # TRL also accepts True / False
     if isinstance(sr, bool) or str(sr).lower() in ("true", "false"):
         values["scale_rewards"] = "group" if str(sr).lower() == "true" else "none"
     if isinstance(values.get("reward_weights"), list):  # [1, 0.5] from key=value or YAML
         values["reward_weights"] = [_num(w, "reward_weights") for w in values["reward_weights"]]
-    hints = typing.get_type_hints(TrainConfig)
     for k, v in values.items():
         if hints[k] in (float, Optional[float]):  # YAML reads 1e-5 as a string and 1 as an int
             if isinstance(v, int) and not isinstance(v, bool):

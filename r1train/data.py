@@ -18,6 +18,8 @@ class DatasetError(ValueError):
 
 
 def validate_rows(rows: list, source: str, required=("prompt",)) -> list[dict]:
+    if not rows:
+        raise DatasetError(f"{source}: the dataset has no rows")
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise DatasetError(f"{source}: row {i}: expected an object with a 'prompt' column, got {type(r).__name__}")

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import r1kernels as rk
 
+from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
 from .rewards import RewardRunner
@@ -37,11 +38,7 @@ def _all_sum(x: float, dev) -> float:
 
 class GRPOTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, eval_rows=None, reward_funcs=None):
-        G = cfg.num_generations
-        n = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        if n % G:
-            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps = {n} must be a "
-                             f"multiple of num_generations = {G} (each prompt's G completions stay on one rank)")
+        check_grpo_batch(cfg)
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
         self.rewards = RewardRunner(reward_funcs or cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
         w = cfg.reward_weights or [1.0] * len(self.rewards.names)
@@ -71,6 +68,7 @@ class GRPOTrainer(Trainer):
                                                                      ro.completion_mask_BT.tolist())]
         cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         prompts = [r["prompt"] for r in rows for _ in range(G)]
+        # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}]
         table, failed = self.rewards(prompts, texts, ids_list, cols)
         R = len(self.rewards.names)
         vals_NR = torch.tensor([[float("nan") if v is None else v for v in row] for row in table],
@@ -78,6 +76,8 @@ class GRPOTrainer(Trainer):
         failed_N = torch.tensor(failed, dtype=torch.float32)
         all_NR = _gather_rows(torch.cat([vals_NR, failed_N[:, None]], 1).to(self.dev)).cpu()
         vals_all, failed_all = all_NR[:, :R], all_NR[:, R] > 0
+        if failed_all.all():  # the same global verdict on every rank: all of them stop
+            raise self.rewards.all_failed_error(failed_all.numel())
         # None ("not applicable") counts 0 in the weighted sum (TRL nansum); a failed sample takes its
         # group's mean so it shifts nobody's advantage, and its loss weight is zeroed below.
         total_N = (vals_all.nan_to_num(0.0) * self.reward_w_R).sum(1)

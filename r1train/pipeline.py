@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .config import TrainConfig, load_config
+from .config import ConfigError, TrainConfig, check_grpo_batch, load_config
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer
@@ -25,6 +25,18 @@ from .sft import SFTTrainer
 
 def stage_cfg(cfg: TrainConfig, name: str) -> TrainConfig:
     return dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, name))
+
+
+def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
+    """The base config and every stage's (section -> output subdirectory), all loaded and checked before
+    any stage runs, so a bad value in a late stage is an error now rather than after the early stages."""
+    out = [load_config(path, overrides)]
+    for section, sub in stages.items():
+        c = stage_cfg(load_config(path, overrides, section=section), sub)
+        if section.startswith("grpo"):
+            check_grpo_batch(c)
+        out.append(c)
+    return out
 
 
 def _handoff(trainer, cfg: TrainConfig):
@@ -49,6 +61,7 @@ def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
 
 
 def run_grpo(cfg, model, tok, eval_before=False):
+    check_grpo_batch(cfg)
     train, ev = load_datasets(cfg)
     t = GRPOTrainer(cfg, model, tok, train, ev)
     before = t.evaluate() if eval_before else {}
@@ -84,14 +97,13 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
 
 def recipe(cfg_path=None, overrides=()):
     """Cold-start SFT -> GRPO -> rejection-sampling SFT -> GRPO; returns the accuracy after each stage."""
-    base = load_config(cfg_path, overrides)
+    base, c1, c2, c3, c4 = _stage_configs(cfg_path, overrides, {
+        "sft": "1-cold-start-sft", "grpo": "2-reasoning-rl", "rejection": "3-rejection-sft",
+        "grpo2": "4-all-scenarios-rl"})
     model, tok = load_model_and_tokenizer(base)
     results = {}
-    c1 = stage_cfg(load_config(cfg_path, overrides, section="sft"), "1-cold-start-sft")
     t, results["cold_start_sft"] = run_sft(c1, model, tok)
-    c2 = stage_cfg(load_config(cfg_path, overrides, section="grpo"), "2-reasoning-rl")
     t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1), tok)
-    c3 = stage_cfg(load_config(cfg_path, overrides, section="rejection"), "3-rejection-sft")
     model = _handoff(t, c2)
     train, _ = load_datasets(c3)
     rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,
@@ -102,7 +114,6 @@ def recipe(cfg_path=None, overrides=()):
         model = _handoff(t, c3)
     else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
         logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
-    c4 = stage_cfg(load_config(cfg_path, overrides, section="grpo2"), "4-all-scenarios-rl")
     t, _, results["final_rl"] = run_grpo(c4, model, tok)
     _write(base.output_dir, "pipeline_results.json", results)
     return results
@@ -112,7 +123,7 @@ def distill(cfg_path=None, overrides=()):
     """SFT of the student (model_name_or_path) on teacher_model's correct, well-formed samples."""
     cfg = load_config(cfg_path, overrides, section="distill")
     if not cfg.teacher_model:
-        raise ValueError("distill needs teacher_model=<checkpoint directory>")
+        raise ConfigError("teacher_model: distill needs teacher_model=<checkpoint directory>")
     teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)
     train, _ = load_datasets(cfg)
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
@@ -135,12 +146,10 @@ def demo(cfg_path=None, overrides=()):
     before and after RL."""
     t0 = time.time()
     path = cfg_path or os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
-    base = load_config(path, overrides)
+    base, c1, c2 = _stage_configs(path, overrides, {"sft": "sft", "grpo": "grpo"})
     model, tok = load_model_and_tokenizer(base)
-    c1 = stage_cfg(load_config(path, overrides, section="sft"), "sft")
     t, before = run_sft(c1, model, tok)
     t_sft = time.time() - t0
-    c2 = stage_cfg(load_config(path, overrides, section="grpo"), "grpo")
     t, _, after = run_grpo(c2, _handoff(t, c1), tok)
     res = {"accuracy_before_rl": before["eval/accuracy"], "accuracy_after_rl": after["eval/accuracy"],
            "greedy_accuracy_before_rl": before["eval/accuracy_greedy"],

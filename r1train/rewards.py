@@ -3,19 +3,24 @@
 Signature: f(prompts, completions, completion_ids, **columns) -> list[float | None]; may be async.
 None means "not applicable" (counts as 0 in the weighted sum, left out of that function's mean, as TRL).
 A function that raises or runs past the timeout is logged and counted; the affected samples are marked
-failed and the trainer skips them (zero loss weight); the run goes on.
+failed and the trainer skips them (zero loss weight); the run goes on unless every sample of a step failed
+(RewardError naming the reward). A return value that is not one finite float or None per completion is a
+RewardError at once. With chat-message prompts, completions are passed as TRL does:
+[{"role": "assistant", "content": text}]. Calls run in daemon threads: a hung one is abandoned at the
+timeout and never keeps the process alive.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 import functools
 import importlib
 import inspect
 import logging
 import math
+import numbers
 import re
+import threading
 
 log = logging.getLogger("r1train.rewards")
 
@@ -151,13 +156,25 @@ REGISTRY = {
 }
 
 
+class RewardError(RuntimeError):
+    """A reward function broke its contract (what it returned) or failed on every sample of a step."""
+
+
 def resolve(name, cfg=None):
-    """A callable, a registry name, "overlong" (built from cfg), or an import path "module:function"."""
+    """A callable, a registry name, "overlong" (built from cfg), or an import path "module:function".
+    Unknown names, modules that do not import and non-callables raise ConfigError naming reward_funcs."""
+    from .config import ConfigError
+
     if callable(name):
         return name
+    if not isinstance(name, str):
+        raise ConfigError(f"reward_funcs: {name!r} is neither a reward name nor a callable")
     if name == "overlong":
         L = cfg.max_completion_length if cfg is not None else 256
-        return soft_overlong_punishment(L, cfg.overlong_buffer_len if cfg is not None else L // 4)
+        try:
+            return soft_overlong_punishment(L, cfg.overlong_buffer_len if cfg is not None else L // 4)
+        except ValueError as e:
+            raise ConfigError(f"reward_funcs: 'overlong': {e}") from e
     if name == "language" and cfg is not None:
         return functools.update_wrapper(functools.partial(language_consistency_reward, language=cfg.language),
                                         language_consistency_reward)
@@ -168,71 +185,177 @@ def resolve(name, cfg=None):
         try:
             fn = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward_funcs: cannot import {name!r}: {e}") from e
+            raise ConfigError(f"reward_funcs: cannot import {name!r}: {e}") from e
+        except Exception as e:  # noqa: BLE001 -- the user's module raised while importing
+            raise ConfigError(f"reward_funcs: importing {name!r} raised {e!r}") from e
         if not callable(fn):
-            raise ValueError(f"reward_funcs: {name!r} is not callable")
+            raise ConfigError(f"reward_funcs: {name!r} is not callable (it is a {type(fn).__name__})")
         return fn
-    raise ValueError(f"reward_funcs: unknown reward {name!r}; built-ins: {sorted(REGISTRY) + ['overlong']}, "
-                     "or give an import path 'module:function'")
+    raise ConfigError(f"reward_funcs: unknown reward {name!r}; built-ins: {sorted(REGISTRY) + ['overlong']}, "
+                      "or give an import path 'module:function'")
 
 
 def reward_name(name) -> str:
     return getattr(name, "__name__", "reward") if callable(name) else name.rpartition(":")[2]
 
 
+def check_reward_funcs(names, cfg=None) -> list:
+    """Resolve every reward (ConfigError on a bad one) and refuse one listed twice; -> the callables."""
+    from .config import ConfigError
+
+    funcs = [resolve(n, cfg) for n in names]
+    seen = {}
+    for n in names:
+        key = reward_name(n)
+        if key in seen:
+            raise ConfigError(f"reward_funcs: {n!r} is listed twice (as {seen[key]!r}); each reward is counted "
+                              "once (use reward_weights to weight it more)")
+        seen[key] = n
+    return funcs
+
+
+def is_conversational(prompts) -> bool:
+    """TRL's rule: prompts given as lists of chat messages."""
+    return bool(prompts) and isinstance(prompts[0], list) and (not prompts[0] or isinstance(prompts[0][0], dict))
+
+
+def as_trl_completions(prompts, completions) -> list:
+    """TRL's reward input format: with chat-message prompts each completion is [{"role": "assistant",
+    "content": text}]; with string prompts the text itself."""
+    if not is_conversational(prompts):
+        return list(completions)
+    return [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _call_in_thread(fn, kw, timeout: float):
+    """fn(**kw) (awaited when it returns an awaitable) in a daemon thread; _Timeout after `timeout` s.
+    A call that hangs is abandoned: a daemon thread never keeps the process from exiting (a
+    ThreadPoolExecutor's workers are joined at exit, which made a hung reward hang the process)."""
+    box = {}
+
+    def target():
+        try:
+            r = fn(**kw)
+            if inspect.isawaitable(r):
+                async def wait():
+                    return await asyncio.wait_for(r, timeout)
+                r = asyncio.run(wait())
+            box["value"] = r
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=f"reward-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise _Timeout()
+    if "error" in box:
+        if isinstance(box["error"], asyncio.TimeoutError):
+            raise _Timeout()
+        raise box["error"]
+    return box["value"]
+
+
+def _describe(v) -> str:
+    r = repr(v)
+    return f"{type(v).__name__} {r[:80] + '...' if len(r) > 80 else r}"
+
+
+def check_values(name: str, vals, n: int) -> list:
+    """A reward's return value -> n floats or None; anything else raises RewardError naming the reward
+    and what it returned. None is the only "not applicable"; NaN and inf are errors."""
+    if inspect.isgenerator(vals) or inspect.isawaitable(vals) or isinstance(vals, (str, bytes, dict)) or \
+            not hasattr(vals, "__len__") or not hasattr(vals, "__getitem__"):
+        raise RewardError(f"reward {name!r} returned {_describe(vals)}; a reward function must return a list "
+                          f"with one float (or None) per completion ({n} here)")
+    if len(vals) != n:
+        raise RewardError(f"reward {name!r} returned {len(vals)} values for {n} completions; it must return "
+                          "one float (or None) per completion")
+    out = []
+    for i, v in enumerate(vals):
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, (str, bytes)) or not (isinstance(v, numbers.Real) or getattr(v, "ndim", None) == 0):
+            raise RewardError(f"reward {name!r} returned {_describe(v)} at index {i}; expected a float or None")
+        f = float(v)
+        if not math.isfinite(f):
+            raise RewardError(f"reward {name!r} returned {f} at index {i}; rewards must be finite (return None "
+                              "for 'not applicable')")
+        out.append(f)
+    return out
+
+
 class RewardRunner:
-    """Calls each reward function with a timeout; returns rewards [N][R] with None / NaN semantics."""
+    """Calls each reward function with a timeout; returns rewards [N][R] with None / failure semantics.
+    With chat-message prompts the completions are passed in TRL's conversational format."""
 
     def __init__(self, names, cfg=None, timeout: float = 30.0):
         self.names = [reward_name(n) for n in names]
-        self.funcs = [resolve(n, cfg) for n in names]
+        self.funcs = check_reward_funcs(names, cfg)
         self.timeout = timeout
-        self.pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
         self.failures = {n: 0 for n in self.names}
+        self.last_errors = {}  # reward name -> what went wrong in the latest call (for RewardError)
 
     def _call(self, fn, args, columns):
         """fn(prompts=..., completions=..., completion_ids=..., **columns), all by keyword as TRL does."""
         kw = dict(zip(("prompts", "completions", "completion_ids"), args), **columns)
-        if inspect.iscoroutinefunction(fn):
-            coro = lambda: asyncio.run(asyncio.wait_for(fn(**kw), self.timeout))
-            return self.pool.submit(coro).result(timeout=self.timeout + 1)
-        return self.pool.submit(fn, **kw).result(timeout=self.timeout)
+        return _call_in_thread(fn, kw, self.timeout)
 
     def _run_one(self, name, fn, prompts, completions, completion_ids, columns):
         """values (float or None) and failed flags, per sample."""
         n = len(completions)
         try:
             vals = self._call(fn, (prompts, completions, completion_ids), columns)
-            if len(vals) != n:
-                raise ValueError(f"returned {len(vals)} values for {n} completions")
-            return [None if v is None else float(v) for v in vals], [False] * n
-        except (cf.TimeoutError, asyncio.TimeoutError):
+        except _Timeout:
             log.warning("reward %s timed out after %.1fs; skipping %d samples", name, self.timeout, n)
+            self.last_errors[name] = f"timed out after {self.timeout:g}s (reward_timeout)"
             return [None] * n, [True] * n
         except Exception as e:  # a bad batch: find the bad samples one by one
             log.warning("reward %s raised %r; retrying per sample", name, e)
+        else:
+            return check_values(name, vals, n), [False] * n
         vals, failed = [], []
         for i in range(n):
+            cols = {k: [v[i]] for k, v in columns.items()}
             try:
-                cols = {k: [v[i]] for k, v in columns.items()}
-                v = self._call(fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols)[0]
-                vals.append(None if v is None else float(v))
-                failed.append(False)
+                v = self._call(fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols)
+            except _Timeout:
+                err = f"timed out after {self.timeout:g}s (reward_timeout)"
             except Exception as e:  # noqa: BLE001 -- any failure of user code skips the sample
-                log.warning("reward %s failed on sample %d: %r", name, i, e)
-                vals.append(None)
-                failed.append(True)
+                err = f"raised {e!r}"
+            else:
+                vals.append(check_values(name, v, 1)[0])
+                failed.append(False)
+                continue
+            log.warning("reward %s failed on sample %d: %s", name, i, err)
+            self.last_errors[name] = err
+            vals.append(None)
+            failed.append(True)
         return vals, failed
 
     def __call__(self, prompts, completions, completion_ids, columns):
         """-> (values [N][R] floats or None, failed [N] bool: some function failed on the sample)."""
         n = len(completions)
+        completions = as_trl_completions(prompts, completions)
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n
+        self.last_errors = {}
         for j, (name, fn) in enumerate(zip(self.names, self.funcs)):
             vals, bad = self._run_one(name, fn, prompts, completions, completion_ids, columns)
             for i in range(n):
-                v = vals[i]
-                table[i][j] = None if v is None or math.isnan(v) else v
+                table[i][j] = vals[i]
                 failed[i] = failed[i] or bad[i]
             self.failures[name] += sum(bad)
         return table, failed
+
+    def all_failed_error(self, n: int) -> RewardError:
+        """The error for a step where every one of its n samples failed some reward."""
+        what = "; ".join(f"{k}: {v}" for k, v in self.last_errors.items()) or "failed on other ranks"
+        return RewardError(f"every sample of the step ({n}) failed its rewards, so nothing can be learned: {what}. "
+                           f"Check the reward function (TRL signature f(prompts, completions, completion_ids, "
+                           f"**columns) -> list[float | None]; with chat-message prompts each completion is "
+                           f"[{{'role': 'assistant', 'content': text}}])")

@@ -19,8 +19,12 @@ FAST = ["model_hidden_size=32", "model_num_layers=1", "max_completion_length=8",
 
 
 def digit_share(prompts, completions, completion_ids=None, **_):
-    """Share of characters that are digits: random tiny models start near 10%; GRPO pushes it up."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    """Share of characters that are digits: random tiny models start near 10%; GRPO pushes it up.
+    (Chat-message prompts give TRL's conversational completions: [{"role": "assistant", "content": ...}].)"""
+    from r1train.rewards import completion_text
+
+    texts = [completion_text(c) for c in completions]
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in texts]
 
 
 def env():
