@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import r1kernels as rk
+from r1kernels.reference.grpo import LOSS_REDUCTION
 
 from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
@@ -200,7 +201,8 @@ class GRPOTrainer(Trainer):
                   epsilon_high=cfg.epsilon_high, delta=cfg.delta, loss_type=cfg.loss_type,
                   importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
                   temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                  num_items_in_batch=n_items, backend=cfg.kernel_backend)
+                  num_items_in_batch=n_items if LOSS_REDUCTION[cfg.loss_type] == "items" else None,
+                  backend=cfg.kernel_backend)
         ent_fn = None
         if cfg.log_entropy:
             ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True, backend=cfg.kernel_backend)
