@@ -11,8 +11,9 @@ from .logprob import acc, linear_token_logprobs, token_logprobs
 # sum mL / max(sum m, 1), "length" sum mL / (B * (max_completion_length or T)), "items"
 # sum mL / (num_items_in_batch or sum m); only "items" reads num_items_in_batch.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+# sapo is averaged per sequence, then over sequences, as TRL 1.16 and Liger 0.8.5 do.
 LOSS_REDUCTION = {"grpo": "sequence", "bnpo": "tokens", "dr_grpo": "length", "dapo": "items", "cispo": "items",
-                  "sapo": "items"}
+                  "sapo": "sequence"}
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 IS_LEVELS = ("token", "sequence")
 LOSS_CODE = {name: i for i, name in enumerate(LOSS_TYPES)}
