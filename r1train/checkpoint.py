@@ -1,19 +1,66 @@
-"""Checkpoints: output_dir/checkpoint-<step>/ = save_pretrained files (model, tokenizer) + ds/ (DeepSpeed
-model/optimizer/scheduler states) + ref_model.pt (when beta > 0) + rng_state_<rank>.pth + trainer_state.json.
-Written to tmp-checkpoint-<step>/ and renamed when complete, so a crash never leaves a partial
-checkpoint-<step>/ (resume ignores tmp-* and any directory without trainer_state.json).
+"""Checkpoints, the run's output directory, and stopping on SIGINT / SIGTERM.
+
+output_dir/checkpoint-<step>/ = save_pretrained files (model, tokenizer) + ds/ (DeepSpeed model/optimizer/
+scheduler states) + ref_model.pt (when beta > 0) + rng_state_<rank>.pth + trainer_state.json (step, config)
++ manifest.json, written last: every file's size, and the sha256 of files up to 64 MiB. A checkpoint is
+written to tmp-checkpoint-<step>/ and renamed when complete; on resume it must match its manifest, or
+`resume_from_checkpoint=latest` skips it (with a warning) for the newest complete one, and a named one is an
+error. A resume must also keep the settings that define the run (RUN_KEYS).
+
+output_dir is locked by its run (flock on output_dir/.r1train.lock, released when the process ends, even by
+kill -9), and a fresh run refuses a directory that holds another run's checkpoints or metrics unless
+overwrite_output_dir=true (which deletes them first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
+
+log = logging.getLogger("r1train")
+
+MANIFEST = "manifest.json"
+HASH_MAX_BYTES = 64 << 20  # larger files (weights, optimizer states of big models) are checked by size only
+LOCK = ".r1train.lock"
+# config keys that define the run: a resume must keep them (max_steps, save/log/eval cadence, output_dir,
+# kernel_backend, reward_timeout ... may change)
+RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size", "model_num_layers", "dataset_name",
+            "dataset_split", "task_min_terms", "task_max_terms", "task_max_operand", "task_ops", "task_train_size",
+            "task_flaw_share", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "num_generations", "max_prompt_length", "max_completion_length", "max_length", "loss_type", "beta",
+            "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
+            "importance_sampling_level", "bf16", "zero_stage")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from: missing, incomplete, damaged, or of another run."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM: `checkpoint` is the checkpoint saved at `step` (None when stopped before a step)."""
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: str | None = None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        msg = f"stopped by {name}"
+        if checkpoint:
+            msg += f" after step {step}; saved {checkpoint} (continue with resume_from_checkpoint=latest)"
+        super().__init__(msg)
 
 
 def zero3(engine) -> bool:
@@ -50,9 +97,12 @@ class CheckpointMixin:
                 b.data.copy_(sd[name])
 
     # ---- checkpoints: checkpoint-<step>/ = save_pretrained files + ds/ (optimizer etc.) + rng + state
+    def checkpoint_dir(self, step: int) -> str:
+        return os.path.join(self.cfg.output_dir, f"checkpoint-{step}")
+
     def save(self, step: int):
         cfg = self.cfg
-        final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+        final = self.checkpoint_dir(step)
         tmp = os.path.join(cfg.output_dir, f"tmp-checkpoint-{step}")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -77,27 +127,46 @@ class CheckpointMixin:
                            "world_size": self.world, "config": vars(cfg)}, fh, indent=1, default=str)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
+            write_manifest(tmp)  # last: lists every rank's files
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._prune()
         dist.barrier()
+        self.saved_step = step
         return final
 
     def _prune(self):
         limit = self.cfg.save_total_limit
         if not limit:
             return
-        for d in sorted(list_checkpoints(self.cfg.output_dir), key=_step_of)[:-limit]:
+        done = [d for d in list_checkpoints(self.cfg.output_dir) if os.path.exists(os.path.join(d, MANIFEST))]
+        for d in sorted(done, key=_step_of)[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
 
+    # ---- before any work: the output directory and the checkpoint to resume from (rank 0 decides)
+    def prepare_run(self) -> str | None:
+        """Lock output_dir, refuse (or clear) another run's outputs, and pick and check the checkpoint to
+        resume from; every rank gets rank 0's verdict. Returns the checkpoint path (None: a fresh run)."""
+        res = None
+        if self.rank == 0:
+            try:
+                prepare_output_dir(self.cfg)
+                if self.cfg.resume_from_checkpoint:
+                    path = resolve_checkpoint(self.cfg.resume_from_checkpoint, self.cfg.output_dir)
+                    check_resume_config(path, self.cfg, type(self).__name__, self.world)
+                    res = ("ok", path)
+            except ConfigError as e:
+                res = ("error", type(e).__name__, str(e))
+        if self.world > 1:
+            box = [res]
+            dist.broadcast_object_list(box, src=0)
+            res = box[0]
+        if res and res[0] == "error":
+            raise (CheckpointError if res[1] == "CheckpointError" else ConfigError)(res[2])
+        return res[1] if res else None
+
     def load(self, path: str) -> int:
-        if path == "latest":
-            found = list_checkpoints(self.cfg.output_dir)
-            if not found:
-                raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint-* in {self.cfg.output_dir}")
-            path = max(found, key=_step_of)
-        if not os.path.exists(os.path.join(path, "trainer_state.json")):
-            raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a complete checkpoint")
+        """Restore a checkpoint that prepare_run picked and checked."""
         self.engine.load_checkpoint(path, tag="ds")
         if self.ref is not None:
             self.load_ref_state_dict(torch.load(os.path.join(path, "ref_model.pt"), weights_only=True))
@@ -111,13 +180,221 @@ class CheckpointMixin:
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
+    """Every checkpoint-<step>/ directory, complete or not."""
     if not os.path.isdir(output_dir):
         return []
     return [os.path.join(output_dir, d) for d in os.listdir(output_dir)
-            if d.startswith("checkpoint-") and d[11:].isdigit()
-            and os.path.exists(os.path.join(output_dir, d, "trainer_state.json"))]
+            if d.startswith("checkpoint-") and d[11:].isdigit() and os.path.isdir(os.path.join(output_dir, d))]
 
 
 def _step_of(path: str) -> int:
     return int(os.path.basename(path)[11:])
+
+
+# ---- manifest: a checkpoint is complete when its files match manifest.json (written last)
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(path: str):
+    files = {}
+    for root, _, names in os.walk(path):
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            rel = os.path.relpath(p, path)
+            if rel == MANIFEST:
+                continue
+            e = {"size": os.path.getsize(p)}
+            if e["size"] <= HASH_MAX_BYTES:
+                e["sha256"] = _sha256(p)
+            files[rel] = e
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"format": 1, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete checkpoint (None: it is)."""
+    if not os.path.isdir(path):
+        return "no such directory"
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            files = json.load(fh)["files"]
+        items = [(rel, int(e["size"]), e.get("sha256")) for rel, e in files.items()]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: its save did not finish (or an r1train without manifests wrote it)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    if "trainer_state.json" not in files:
+        return f"{MANIFEST} lists no trainer_state.json"
+    for rel, size, sha in sorted(items):
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            return f"{rel} is missing"
+        if os.path.getsize(p) != size:
+            return f"{rel} has {os.path.getsize(p)} bytes, its manifest says {size}"
+        if sha is not None and _sha256(p) != sha:
+            return f"{rel} does not match its sha256 in {MANIFEST}"
+    return None
+
+
+def resolve_checkpoint(spec: str, output_dir: str) -> str:
+    """resume_from_checkpoint -> a complete checkpoint directory. `latest`: the newest complete
+    checkpoint-<step> in output_dir (damaged or unfinished newer ones are skipped with a warning)."""
+    if spec != "latest":
+        problem = checkpoint_problem(spec)
+        if problem:
+            raise CheckpointError(f"resume_from_checkpoint={spec}: not a complete checkpoint: {problem}"
+                                  " (resume_from_checkpoint=latest picks the newest complete one)")
+        return spec
+    found = sorted(list_checkpoints(output_dir), key=_step_of, reverse=True)
+    if not found:
+        raise CheckpointError(f"resume_from_checkpoint=latest: no checkpoint-<step> in {output_dir}")
+    skipped = []
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("resume_from_checkpoint=latest: skipping %s, which is incomplete or damaged: %s",
+                    path, problem)
+        skipped.append(f"{os.path.basename(path)}: {problem}")
+    raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir} ("
+                          + "; ".join(skipped) + ")")
+
+
+def check_resume_config(path: str, cfg, trainer: str, world: int):
+    """The checkpoint's run and this one must agree on RUN_KEYS, the trainer and the number of processes."""
+    with open(os.path.join(path, "trainer_state.json")) as fh:
+        state = json.load(fh)
+    saved = state.get("config", {})
+    now = json.loads(json.dumps(vars(cfg), default=str))
+    diff = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in RUN_KEYS if k in saved and saved[k] != now[k]]
+    if state.get("trainer", trainer) != trainer:
+        diff.append(f"trainer (checkpoint {state['trainer']}, now {trainer})")
+    if state.get("world_size", world) != world:
+        diff.append(f"number of processes (checkpoint {state['world_size']}, now {world})")
+    if diff:
+        raise CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {path} was written by a run "
+                              f"with other settings: {', '.join(diff)}. Resume with the checkpoint's values, or "
+                              "start a fresh run (another output_dir, or overwrite_output_dir=true)")
+
+
+# ---- the output directory: one run at a time; a fresh run does not mix with another run's outputs
+_LOCKS: dict[str, object] = {}  # realpath -> open lock file held by this process
+
+
+def lock_output_dir(output_dir: str):
+    """flock output_dir/.r1train.lock for this process (re-entrant within it; the kernel drops the lock when
+    the process ends, however it ends)."""
+    key = os.path.realpath(output_dir)
+    if key in _LOCKS:
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = open(os.path.join(output_dir, LOCK), "a+")
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot use {output_dir!r}: {e}") from e
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        _LOCKS[key] = fh
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "unknown"
+        fh.close()
+        raise ConfigError(f"output_dir {output_dir} is in use by another run ({owner}); wait for it to end or "
+                          "choose another output_dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+    _LOCKS[key] = fh
+
+
+def unlock_output_dir(output_dir: str):
+    fh = _LOCKS.pop(os.path.realpath(output_dir), None)
+    if fh is not None:
+        fh.close()  # closing the file releases the flock
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "completions.jsonl", "curves.png", "runs")  # besides checkpoint-* / tmp-checkpoint-*
+
+
+def prepare_output_dir(cfg):
+    """Lock output_dir; a fresh run (no resume_from_checkpoint) refuses one holding another run's checkpoints
+    or metrics, or with overwrite_output_dir=true deletes them."""
+    d = cfg.output_dir
+    lock_output_dir(d)
+    for n in os.listdir(d):  # unfinished saves of a killed run (nobody else writes here: we hold the lock)
+        if n.startswith("tmp-checkpoint-"):
+            shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+    if cfg.resume_from_checkpoint:
+        return
+    ckpts = [n for n in os.listdir(d) if n.startswith("checkpoint-")]
+    logs = [n for n in ("metrics.jsonl", "completions.jsonl")
+            if os.path.isfile(os.path.join(d, n)) and os.path.getsize(os.path.join(d, n))]
+    if not (ckpts or logs):
+        return
+    if not cfg.overwrite_output_dir:
+        shown = sorted(ckpts, key=lambda n: (len(n), n))[-3:] + logs
+        raise ConfigError(f"output_dir {d} holds another run's outputs ({', '.join(shown)}): resume it with "
+                          "resume_from_checkpoint=latest, choose another output_dir, or pass "
+                          "overwrite_output_dir=true to delete them")
+    log.warning("overwrite_output_dir=true: deleting the previous run's outputs in %s", d)
+    for n in ckpts + list(RUN_OUTPUTS):
+        p = os.path.join(d, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+
+# ---- SIGINT / SIGTERM: finish the step, save a checkpoint, stop
+class StopOnSignal:
+    """While active, the first SIGINT or SIGTERM only sets a flag (the loop saves a checkpoint after the
+    current step and raises TrainingInterrupted); a second one stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, rank: int = 0):
+        self.rank, self.signum, self._prev = rank, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._prev = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                          if signal.getsignal(s) is not signal.SIG_IGN}  # e.g. SIGINT of a background job
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+        self._prev = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.__exit__()
+            raise TrainingInterrupted(signum)
+        self.signum = signum
+        if self.rank == 0:
+            print(f"\nr1train: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self, dev) -> int:
+        """The signal number if any rank got one (the same answer on every rank), else 0."""
+        flag = self.signum or 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([flag], dtype=torch.int64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
 

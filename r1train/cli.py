@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 # Idle OpenMP threads sleep instead of spinning (must be set before torch loads): on a small shared CPU
@@ -85,7 +86,12 @@ def main(argv=None) -> int:
         print(TrainConfig().help())
         return 0
     from . import pipeline
+    from .checkpoint import TrainingInterrupted
 
+    # SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C, with no traceback. Inside
+    # the loop, the first SIGINT / SIGTERM saves a checkpoint after the current step (checkpoint.StopOnSignal).
+    catch_term = _main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    prev_term = signal.signal(signal.SIGTERM, _raise_interrupted) if catch_term else None
     try:
         if args.command == "demo":
             pipeline.demo(args.config, args.overrides)
@@ -112,7 +118,33 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError) as e:
         print(f"r1train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # TrainingInterrupted (a signal; maybe a checkpoint saved) or Ctrl-C
+        signum = e.signum if isinstance(e, TrainingInterrupted) else signal.SIGINT
+        if _rank() == 0:
+            print(f"r1train: {e if isinstance(e, TrainingInterrupted) else 'interrupted (SIGINT)'}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
     return 0
+
+
+def _raise_interrupted(signum, frame):
+    from .checkpoint import TrainingInterrupted
+
+    raise TrainingInterrupted(signum)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 if __name__ == "__main__":

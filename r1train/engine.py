@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointMixin, zero3
+from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
 from .config import TrainConfig
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
@@ -98,6 +98,7 @@ class Trainer(CheckpointMixin):
         n_step = self.prompts_per_rank * self.world
         if not self.train_rows:
             raise ValueError("the training dataset is empty")
+        resume = self.prepare_run()  # lock output_dir; the checkpoint to resume from, checked (before any work)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
         ref = copy.deepcopy(model) if self.needs_ref() else None
@@ -118,9 +119,7 @@ class Trainer(CheckpointMixin):
         if zero3(self.engine) and cfg.loss_impl == "linear":
             for e in filter(None, (self.engine, self.ref)):
                 deepspeed.zero.register_external_parameter(e.module, e.module.head.weight)
-        self.step0 = 0
-        if cfg.resume_from_checkpoint:
-            self.step0 = self.load(cfg.resume_from_checkpoint)
+        self.step0 = self.saved_step = self.load(resume) if resume else 0
         self.logger = MetricsLogger(cfg.output_dir, rank=self.rank, report_to=cfg.report_to,
                                     resume_step=self.step0)
 
@@ -163,25 +162,31 @@ class Trainer(CheckpointMixin):
         cfg, history = self.cfg, []
         bar = tqdm(total=self.max_steps, initial=self.step0, disable=cfg.disable_tqdm or self.rank != 0,
                    desc=type(self).__name__, dynamic_ncols=True)
-        for step in range(self.step0, self.max_steps):
-            t0 = time.perf_counter()
-            rows, _ = self.rows_for(step)
-            m = self.train_step(step, rows)
-            m["learning_rate"] = self.engine.get_lr()[0]
-            m["epoch"] = (step + 1) * self.prompts_per_rank * self.world / len(self.train_rows)
-            m["step_time"] = time.perf_counter() - t0
-            done = step + 1
-            if cfg.eval_steps and done % cfg.eval_steps == 0 and done < self.max_steps:
-                m.update(self.evaluate())
-            self.logger.log(done, m)
-            history.append({"step": done, **m})
-            bar.update(1)
-            bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "reward", "eval/accuracy") if k in m})
-            if self.rank == 0 and cfg.logging_steps and done % cfg.logging_steps == 0:
-                bar.write(" ".join(f"{k}={v:.4g}" for k, v in [("step", done)] + list(m.items())
-                                   if isinstance(v, (int, float))))
-            if cfg.save_steps and done % cfg.save_steps == 0 and done < self.max_steps:
-                self.save(done)
+        with StopOnSignal(self.rank) as stop:  # SIGINT / SIGTERM: a checkpoint after the current step, then stop
+            for step in range(self.step0, self.max_steps):
+                t0 = time.perf_counter()
+                rows, _ = self.rows_for(step)
+                m = self.train_step(step, rows)
+                m["learning_rate"] = self.engine.get_lr()[0]
+                m["epoch"] = (step + 1) * self.prompts_per_rank * self.world / len(self.train_rows)
+                m["step_time"] = time.perf_counter() - t0
+                done = step + 1
+                if cfg.eval_steps and done % cfg.eval_steps == 0 and done < self.max_steps:
+                    m.update(self.evaluate())
+                self.logger.log(done, m)
+                history.append({"step": done, **m})
+                bar.update(1)
+                bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "reward", "eval/accuracy") if k in m})
+                if self.rank == 0 and cfg.logging_steps and done % cfg.logging_steps == 0:
+                    bar.write(" ".join(f"{k}={v:.4g}" for k, v in [("step", done)] + list(m.items())
+                                       if isinstance(v, (int, float))))
+                if cfg.save_steps and done % cfg.save_steps == 0 and done < self.max_steps:
+                    self.save(done)
+                signum = stop.requested(self.dev)  # the same answer on every rank
+                if signum:
+                    bar.close()
+                    path = self.save(done) if self.saved_step != done else self.checkpoint_dir(done)
+                    raise TrainingInterrupted(signum, done, path)
         bar.close()
         return history
 
@@ -190,6 +195,8 @@ class Trainer(CheckpointMixin):
             self.save(self.max_steps)
         self.logger.plot()
         self.logger.close()
+        if self.rank == 0:
+            unlock_output_dir(self.cfg.output_dir)
 
     # ---- evaluation: held-out pass@1 (sampled) and greedy accuracy of the accuracy reward
     @torch.no_grad()

@@ -3,9 +3,21 @@ template, padding), so the built-in task and user models go through the same cod
 
 Invariants: every printable ASCII character plus newline is one token; the R1 tags and the role markers
 are single special tokens; decode() concatenates with no separators (so decode(encode(s)) == s).
+
+A saved copy reloads as itself through `AutoTokenizer.from_pretrained(dir)`: the tokenizer is an
+`R1CharTokenizer` registered for AutoTokenizer, so save_pretrained writes an `auto_map` entry (and a copy of
+this file, for trust_remote_code=True). Without it, transformers >= 5 rebuilds any directory whose model
+config says `qwen2` as a byte-level BPE Qwen2Tokenizer, which drops spaces and newlines; with it, the
+tokenizer.json is loaded as written (no custom code is run unless trust_remote_code=True).
+This file is copied into checkpoints as remote code: keep it free of relative imports.
 """
 
 from __future__ import annotations
+
+import json
+import os
+
+from transformers import PreTrainedTokenizerFast
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -21,18 +33,36 @@ CHAT_TEMPLATE = (
 )
 
 
+class R1CharTokenizer(PreTrainedTokenizerFast):
+    """The character tokenizer's class: no __init__ of its own, so tokenizer.json is always loaded as is."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        # name a transformers class (the auto_map names this one): AutoTokenizer then has local code to load
+        # the directory with for every model type, and runs this file only with trust_remote_code=True
+        path = os.path.join(save_directory, "tokenizer_config.json")
+        with open(path) as fh:
+            c = json.load(fh)
+        c["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w") as fh:
+            json.dump(c, fh, indent=2)
+        return out
+
+
+R1CharTokenizer.register_for_auto_class("AutoTokenizer")
+
+
 def char_tokenizer(vocab_size: int | None = None):
     """Build the character-level tokenizer (vocab: 11 special tokens + 96 characters = 107; `vocab_size`
     pads it with unused filler tokens, e.g. to give a benchmark model a real-size vocabulary)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
     vocab.update({f"<|x{i}|>": i for i in range(len(vocab), vocab_size or 0)})
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
     core.decoder = decoders.Fuse()  # join with no separator
-    tok = PreTrainedTokenizerFast(
+    tok = R1CharTokenizer(
         tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
         additional_special_tokens=ROLES + TAGS, padding_side="left",
     )

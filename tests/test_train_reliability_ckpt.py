@@ -1,0 +1,164 @@
+"""Checkpoints and output directories that cannot silently go wrong (issue 13, items 1, 3, 9, 10): a
+checkpoint reloads with its own tokenizer; a directory is locked by its run, a fresh run refuses another
+run's outputs unless overwrite_output_dir=true, a resume refuses a checkpoint of other settings; a damaged
+checkpoint is skipped by `latest` and an error when named; SIGTERM saves a checkpoint and exits cleanly."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import train_helpers as H
+
+from r1train.config import ConfigError, load_config
+from r1train.loading import load_datasets, load_model_and_tokenizer
+from r1train.sft import SFTTrainer
+
+SFT = H.FAST + ["save_steps=2"]
+
+
+def _sft(out, *overrides):
+    cfg = load_config(overrides=SFT + [f"output_dir={out}", *overrides])
+    model, tok = load_model_and_tokenizer(cfg)
+    train, ev = load_datasets(cfg, sft=True)
+    return SFTTrainer(cfg, model, tok, train, ev)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished 4-step SFT run: checkpoint-2, checkpoint-4, metrics.jsonl (copied by each test)."""
+    out = tmp_path_factory.mktemp("sft_run") / "run"
+    t = _sft(out, "max_steps=4")
+    t.train()
+    t.finish()
+    assert sorted(os.listdir(out / "checkpoint-4")) and (out / "checkpoint-2").is_dir()
+    return out
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".r1train.lock"))
+    return dst
+
+
+# ---- item 1: a checkpoint reloads with its own tokenizer
+def test_checkpoint_tokenizer_reloads_as_itself(sft_run):
+    from transformers import AutoTokenizer
+
+    from r1train.tasks import char_tokenizer
+
+    text = "<|user|>What is 3 + 4 - 2?<|assistant|><think>3 + 4 = 7\n7 - 2 = 5</think>\n<answer>5</answer><|eos|>"
+    want = char_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    tok = AutoTokenizer.from_pretrained(str(sft_run / "checkpoint-4"))
+    got = tok(text, add_special_tokens=False)["input_ids"]
+    assert got == want, (type(tok).__name__, len(got), len(want))
+    assert tok.decode(got) == text
+    assert (tok.pad_token_id, tok.eos_token_id, tok.padding_side) == (0, 2, "left")
+    assert tok.apply_chat_template([{"role": "user", "content": "a b\nc"}], add_generation_prompt=True,
+                                   tokenize=False) == "<|user|>a b\nc<|assistant|>"
+
+
+# ---- item 3: one run per output_dir
+def test_fresh_run_refuses_a_used_output_dir_unless_overwrite(sft_run, tmp_path):
+    out = _copy(sft_run, tmp_path)
+    with pytest.raises(ConfigError, match="overwrite_output_dir=true"):
+        _sft(out, "max_steps=2")
+    assert (out / "checkpoint-4").is_dir() and len(H.read_metrics(out)) == 4  # nothing touched
+    t = _sft(out, "max_steps=2", "overwrite_output_dir=true")
+    t.train()
+    t.finish()
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert [r["step"] for r in H.read_metrics(out)] == [1, 2]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(sft_run, tmp_path):
+    out = _copy(sft_run, tmp_path)
+    with pytest.raises(ConfigError) as e:
+        _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "seed=7", "num_generations=2",
+             "per_device_train_batch_size=4")
+    msg = str(e.value)
+    for k in ("seed", "num_generations", "per_device_train_batch_size"):
+        assert k in msg, msg
+    assert "max_steps" not in msg
+    t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "logging_steps=3")  # run-control keys may change
+    assert t.step0 == 4
+
+
+# ---- item 9: a damaged checkpoint is skipped by `latest` (with a warning), an error when named
+DAMAGE = {
+    "truncated rng state": lambda d: _truncate(d / "rng_state_0.pth"),
+    "missing DeepSpeed state": lambda d: os.remove(next((d / "ds").glob("*.pt"))),
+    "garbage trainer_state": lambda d: (d / "trainer_state.json").write_text('{"global_step": 4, "max_steps": 9}'),
+    "no manifest (save did not finish)": lambda d: os.remove(d / "manifest.json"),
+}
+
+
+def _truncate(p):
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_latest_checkpoint_falls_back(sft_run, tmp_path, caplog, damage):
+    out = _copy(sft_run, tmp_path)
+    if damage.startswith("no manifest") and not (out / "checkpoint-4" / "manifest.json").exists():
+        pytest.fail("checkpoints carry no manifest.json")
+    DAMAGE[damage](out / "checkpoint-4")
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest")
+    assert t.step0 == 2
+    assert any("checkpoint-4" in r.getMessage() for r in caplog.records), caplog.text
+    with pytest.raises(ValueError, match="checkpoint-4"):
+        _sft(out, "max_steps=6", f"resume_from_checkpoint={out / 'checkpoint-4'}")
+    t.train()  # the fallback run goes on and replaces the damaged checkpoint-4 with a complete one
+    t.finish()
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert _sft(out, "max_steps=8", "resume_from_checkpoint=latest").step0 == 6
+
+
+# ---- items 3 (lock) and 10 (SIGTERM): a CLI run, a second run into its directory, SIGTERM, resume
+ARGS = H.FAST + ["reward_funcs=accuracy,format", "per_device_train_batch_size=4",
+                 "task_eval_size=4", "save_steps=1000"]
+
+
+@pytest.mark.slow
+def test_lock_sigterm_checkpoint_and_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(H.cli_cmd(["grpo", *ARGS, "max_steps=100000", f"output_dir={run}"]), env=H.env(),
+                            cwd=H.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(H.read_metrics(run) if (run / "metrics.jsonl").exists() else []) < 2:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        # a second run into the same directory (fresh or resuming) is refused while the first one runs
+        r = H.run_cli(["grpo", *ARGS, "max_steps=3", f"output_dir={run}", "overwrite_output_dir=true"])
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "in use by another run" in r.stderr and str(proc.pid) in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    ckpts = sorted(int(d[11:]) for d in os.listdir(run) if d.startswith("checkpoint-"))
+    assert len(ckpts) == 1 and ckpts[0] >= 2, ckpts
+    n = ckpts[0]
+    assert f"checkpoint-{n}" in err, err[-2000:]
+    from r1train.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(str(run / f"checkpoint-{n}")) is None
+    assert [r["step"] for r in H.read_metrics(run)][:n] == list(range(1, n + 1))
+    r = H.run_cli(["grpo", *ARGS, f"max_steps={n + 2}", f"output_dir={run}", "resume_from_checkpoint=latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in H.read_metrics(run)] == list(range(1, n + 3))
