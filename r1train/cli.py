@@ -79,8 +79,9 @@ def cmd_sample(args):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .config import ConfigError, TrainConfig, load_config
+    from .config import ConfigError, TrainConfig, check_grpo_batch, load_config
     from .data import DatasetError
+    from .rewards import RewardError
 
     if args.help_config:
         print(TrainConfig().help())
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
             from .loading import load_model_and_tokenizer
 
             cfg = load_config(args.config, args.overrides, section=args.command)
+            if args.command == "grpo":
+                check_grpo_batch(cfg)  # before the model loads
             model, tok = load_model_and_tokenizer(cfg)
             if args.command == "sft":
                 _, res = pipeline.run_sft(cfg, model, tok)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
 
             if not dist.is_initialized() or dist.get_rank() == 0:
                 print(json.dumps(res))
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, RewardError) as e:
         print(f"r1train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # TrainingInterrupted (a signal; maybe a checkpoint saved) or Ctrl-C

@@ -136,7 +136,8 @@ def test_cli_run_with_hung_reward_exits(tmp_path):
     p = H.run_cli(["grpo", *H.FAST, "max_steps=1", "reward_timeout=1", "task_eval_size=1",
                    "reward_funcs=test_train_reliability_rewards:hang_reward", f"output_dir={tmp_path}"],
                   timeout=240)
-    assert p.returncode != 0 and "hang_reward: timed out after 1s" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and "hang_reward: timed out after 1s" in p.stderr, p.stderr[-2000:]
+    assert "r1train: error:" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert time.time() - t0 < 200
 
 
