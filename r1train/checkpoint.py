@@ -101,6 +101,17 @@ class CheckpointMixin:
         return os.path.join(self.cfg.output_dir, f"checkpoint-{step}")
 
     def save(self, step: int):
+        """Write checkpoint-<step>/ (through tmp-checkpoint-<step>/, renamed when complete). A failed write
+        (a full disk, a read-only directory) is a CheckpointError naming the step; no partial checkpoint
+        is published and the earlier ones stay."""
+        try:
+            self._save(step)
+        except OSError as e:
+            if self.rank == 0:
+                shutil.rmtree(os.path.join(self.cfg.output_dir, f"tmp-checkpoint-{step}"), ignore_errors=True)
+            raise CheckpointError(f"saving checkpoint-{step} in output_dir {self.cfg.output_dir} failed: {e}") from e
+
+    def _save(self, step: int):
         cfg = self.cfg
         final = self.checkpoint_dir(step)
         tmp = os.path.join(cfg.output_dir, f"tmp-checkpoint-{step}")

@@ -162,3 +162,28 @@ def test_lock_sigterm_checkpoint_and_resume(tmp_path):
     r = H.run_cli(["grpo", *ARGS, f"max_steps={n + 2}", f"output_dir={run}", "resume_from_checkpoint=latest"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in H.read_metrics(run)] == list(range(1, n + 3))
+
+
+# ---- item 11: a failed save (full disk) is a clean error; no partial checkpoint is published
+def test_full_disk_during_save_is_a_checkpoint_error(sft_run, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from r1train.checkpoint import CheckpointError
+
+    out = _copy(sft_run, tmp_path)
+    t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest")
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if "rng_state" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="checkpoint-6.*No space left"):
+        t.save(6)
+    names = os.listdir(out)
+    assert "checkpoint-6" not in names and not any(n.startswith("tmp-checkpoint") for n in names)
+    assert (out / "checkpoint-4" / "manifest.json").is_file()
