@@ -15,8 +15,10 @@ def test_hand_values():
     assert torch.allclose(a, torch.tensor([-1, 0, 1, 0, 0, 0]) / (1 + 1e-4))
     assert torch.equal(rk.group_advantages(R, 3, scale="none", backend="torch"), torch.tensor([-1.0, 0, 1, 0, 0, 0]))
     batch_std = math.sqrt(sum((x - 3.0) ** 2 for x in R.tolist()) / 5)
-    a = rk.group_advantages(R, 3, scale="batch", eps=0.0, backend="torch")
-    assert torch.allclose(a, torch.tensor([-1.0, 0, 1, 0, 0, 0]) / batch_std)
+    a = rk.group_advantages(R, 3, scale="batch", eps=1e-3, backend="torch")
+    assert torch.allclose(a, torch.tensor([-1.0, 0, 1, 0, 0, 0]) / (batch_std + 1e-3))
+    with pytest.raises(ValueError, match="eps"):  # std 0 of a constant batch would give 0 / 0
+        rk.group_advantages(R, 3, scale="batch", eps=0.0, backend="torch")
 
 
 def test_weighted_columns():
