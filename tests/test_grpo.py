@@ -172,6 +172,17 @@ def test_nan_logits_give_nan_loss(level, backend):
                 assert torch.isnan(out.loss), (loss_type, list(kw), out.loss)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kl_estimator", R.KL_ESTIMATORS)
+def test_nan_reference_logprobs_give_nan_loss(backend, kl_estimator):
+    """A NaN reference log-prob reaches the loss through every KL estimator (low_var_kl clamps too)."""
+    logits, ids, adv, mask, old, ref = _inputs(2, 3, 17, mask_kind="none")
+    ref = ref.index_put((torch.tensor(0), torch.tensor(1)), torch.tensor(float("nan")))
+    out = rk.grpo_loss(logits, ids, adv, ref_logprobs=ref, beta=0.04, kl_estimator=kl_estimator,
+                       backend=backend)
+    assert torch.isnan(out.loss), (kl_estimator, out.loss)
+
+
 @pytest.mark.parametrize("level", R.IS_LEVELS)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ignore_index_labels_at_masked_positions(level, backend):

@@ -60,6 +60,8 @@ def kl_and_grad(l, lref, KL: tl.constexpr):
         kl = tl.minimum(tl.maximum(v, -10.0), 10.0)
         inside = (d >= -20.0) & (d <= 20.0) & (v >= -10.0) & (v <= 10.0)
         dkl = tl.where(inside, 1.0 - e, 0.0)
+        kl = tl.where(d != d, d, kl)  # NaN stays NaN (the clamps above return the non-NaN operand)
+        dkl = tl.where(d != d, d, dkl)
     return kl, dkl
 
 
