@@ -187,3 +187,11 @@ def test_full_disk_during_save_is_a_checkpoint_error(sft_run, tmp_path, monkeypa
     names = os.listdir(out)
     assert "checkpoint-6" not in names and not any(n.startswith("tmp-checkpoint") for n in names)
     assert (out / "checkpoint-4" / "manifest.json").is_file()
+
+
+def test_output_dir_that_is_a_file_is_a_clean_error(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("not a directory")
+    p = H.run_cli(["sft", *SFT, "max_steps=1", f"output_dir={f}"], timeout=300)
+    assert p.returncode == 2 and "r1train: error: output_dir" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
