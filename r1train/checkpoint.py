@@ -100,12 +100,12 @@ class CheckpointMixin:
     def checkpoint_dir(self, step: int) -> str:
         return os.path.join(self.cfg.output_dir, f"checkpoint-{step}")
 
-    def save(self, step: int):
-        """Write checkpoint-<step>/ (through tmp-checkpoint-<step>/, renamed when complete). A failed write
-        (a full disk, a read-only directory) is a CheckpointError naming the step; no partial checkpoint
-        is published and the earlier ones stay."""
+    def save(self, step: int) -> str:
+        """Write checkpoint-<step>/ (through tmp-checkpoint-<step>/, renamed when complete) and return its
+        path. A failed write (a full disk, a read-only directory) is a CheckpointError naming the step; no
+        partial checkpoint is published and the earlier ones stay."""
         try:
-            self._save(step)
+            return self._save(step)
         except OSError as e:
             if self.rank == 0:
                 shutil.rmtree(os.path.join(self.cfg.output_dir, f"tmp-checkpoint-{step}"), ignore_errors=True)
