@@ -135,19 +135,25 @@ class GRPOTrainer(Trainer):
         m["time/logprobs"] = time.perf_counter() - t0
         # dapo/cispo normalize by the global token count; DeepSpeed divides each micro loss by GA and
         # averages gradients over ranks, so each micro-batch gets N_global / (GA * world)
-        n_items = max(_all_sum(mask_BT.sum(), self.dev), 1.0) / (cfg.gradient_accumulation_steps * self.world)
-        acc = {}
+        n_items = mask_BT.sum().to(torch.float32).reshape(1)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(n_items)
+        n_items = n_items.clamp(min=1.0) / (cfg.gradient_accumulation_steps * self.world)
+        # each micro-batch is trimmed to its longest completion: every length in one host read
+        starts = range(0, ids_BL.shape[0], mb)
+        pos_T = torch.arange(1, mask_BT.shape[1] + 1, device=mask_BT.device)
+        trims = torch.stack([(mask_BT[s:s + mb].any(0) * pos_T).max() for s in starts]).clamp(min=1).tolist()
+        acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
         t_bwd = t_opt = 0.0
         # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
         diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
         for it in range(cfg.num_iterations):
-            for s in range(0, ids_BL.shape[0], mb):
+            for s, T in zip(starts, trims):
                 sl = slice(s, s + mb)
                 out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
                                            None if old_BT is None else old_BT[sl],
-                                           None if ref_BT is None else ref_BT[sl], n_items)
+                                           None if ref_BT is None else ref_BT[sl], n_items, T)
                 if it == 0 and ro.logprobs_BT is not None:
-                    T = out.per_token_logprobs.shape[1]
                     m_BT = mask_BT[sl, :T].bool()
                     d_BT = (out.per_token_logprobs - ro.logprobs_BT[sl, :T]).abs().masked_fill(~m_BT, 0.0)
                     diff[0] += d_BT.sum()
@@ -162,15 +168,16 @@ class GRPOTrainer(Trainer):
                     m.update(self.expert_load.step())
                     gn = self.engine.get_global_grad_norm()
                     if gn is not None:
-                        acc.setdefault("grad_norm", []).append(float(gn))
+                        acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
                 t_bwd, t_opt = t_bwd + t2 - t1, t_opt + time.perf_counter() - t2
-                acc.setdefault("loss", []).append(out.loss.item())
-                for k, v in out.metrics.items():
-                    acc.setdefault(k, []).append(float(v))
-                if ent is not None:
-                    acc.setdefault("entropy", []).append(ent)
-        for k, v in acc.items():
-            m[k] = _all_sum(sum(v) / len(v), self.dev) / self.world
+                for k, v in [("loss", out.loss), *out.metrics.items(), ("entropy", ent)]:
+                    if v is not None:
+                        acc.setdefault(k, []).append(torch.as_tensor(v).detach().reshape(()).float())
+        if acc:
+            means = torch.stack([torch.stack([x.to(self.dev) for x in v]).mean() for v in acc.values()])
+            if dist.is_initialized() and self.world > 1:
+                dist.all_reduce(means)
+            m.update(zip(acc, (means / self.world).tolist()))
         if ro.logprobs_BT is not None:
             if dist.is_initialized() and self.world > 1:
                 dmax = diff[1].clone()
@@ -189,10 +196,9 @@ class GRPOTrainer(Trainer):
                 print(f"[step {step + 1}] reward={smp['reward']:.2f} {smp['prompt']!r} -> {smp['completion']!r}")
         return m
 
-    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items):
-        """Forward + loss for one micro-batch (trimmed to its longest completion)."""
+    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T):
+        """Forward + loss for one micro-batch, trimmed to its first T completion tokens (its longest)."""
         cfg = self.cfg
-        T = int(mask_BT.sum(0).nonzero().max().item()) + 1 if mask_BT.any() else 1
         cut = ids_BL.shape[1] - comp_BT.shape[1] + T
         ids_BL, attn_BL, comp_BT, mask_BT = ids_BL[:, :cut], attn_BL[:, :cut], comp_BT[:, :T], mask_BT[:, :T]
         old_BT = None if old_BT is None else old_BT[:, :T]
@@ -218,7 +224,7 @@ class GRPOTrainer(Trainer):
                 with torch.no_grad():
                     args = (x.detach(),) if weight is None else (x.detach(), weight.detach(), bias)
                     e_BT = ent_fn(*args)[1]
-                    ent = ((e_BT * mask_f).sum() / mask_f.sum().clamp(min=1)).item()
+                    ent = (e_BT * mask_f).sum() / mask_f.sum().clamp(min=1)
             return out, ent
 
         self.expert_load.recording = True
