@@ -159,12 +159,13 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
         if self.temperature <= 0 or self.eval_temperature <= 0:
             raise ConfigError("temperature and eval_temperature must be > 0")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 <= self.min_p < 1:
-            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
+        from r1kernels import check_sampling_options
+
+        try:  # top_p / top_k / min_p: the ranges rk.sample_tokens itself accepts
+            check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                   min_p=self.min_p, greedy=False)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 for group advantages, got {self.num_generations}")
         if self.epsilon_high is not None and self.epsilon_high < 0:

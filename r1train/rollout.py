@@ -16,6 +16,7 @@ import torch
 import r1kernels as rk
 
 from .generation import SamplingParams, generate
+from .generation.attention import position_ids
 
 
 @dataclass
@@ -39,11 +40,6 @@ class Rollout:
 def row_seed(*parts) -> int:
     """A seed from ints/strings that is the same in every process (unlike hash() of a str)."""
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
-
-
-def position_ids(mask_BL: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (what HF generate uses)."""
-    return (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id: int, pad_id: int,

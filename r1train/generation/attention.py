@@ -23,16 +23,13 @@ _ACTIVE: list = []  # the KVCache in use (set by the engine around model calls)
 
 
 class KVCache:
-    def __init__(self, n_layers: int, rows: int, length: int, backend: str = "auto"):
-        self.n_layers, self.rows_max, self.length, self.backend = n_layers, rows, length, backend
+    def __init__(self, n_layers: int, lens: torch.Tensor, length: int, backend: str = "auto"):
+        self.rows_max, self.length, self.backend = lens.numel(), length, backend
         self.k: list = [None] * n_layers
         self.v: list = [None] * n_layers
-        self.lens = None  # int64 [rows_max], set by the engine (static buffer)
+        self.lens = lens  # int64 [rows_max]: valid positions per row (the engine's static buffer)
         self.mode = "decode"
         self.start_B = self.mask_B1PP = None  # prefill inputs
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     # ---- prefill: the prompt's keys/values into the cache, causal attention over the padded prompt
     def set_prefill(self, prompt_mask_BP: torch.Tensor):
@@ -79,6 +76,11 @@ class KVCache:
         for t in self.k + self.v:
             if t is not None:
                 t[:n] = t.index_select(0, keep_idx)
+
+
+def position_ids(mask_BL: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (what HF generate uses)."""
+    return (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -105,9 +105,9 @@ class Engine:
         c = self.cache
         if c is None or c.rows_max < B or c.length < L or self.st.out_tok.shape[1] < T:
             self.reset()  # free before allocating the larger ones
-            n_layers = self.model.config.num_hidden_layers
-            self.cache = _attn.KVCache(n_layers, B, _round_up(L, 256), backend=self.backend)
             self.st = _State(B, _round_up(T, 256), dev)
+            self.cache = _attn.KVCache(self.model.config.num_hidden_layers, self.st.lens, _round_up(L, 256),
+                                       backend=self.backend)
         sig = self._param_sig()
         if sig != self._sig:
             self._drop_graphs()
@@ -242,10 +242,8 @@ class Engine:
         st.out_logp[:B].zero_()
         with self._active():
             n_B = cache.set_prefill(prompt_mask_BP)
-            pos_BP = (prompt_mask_BP.long().cumsum(-1) - 1).clamp(min=0)
-            logits = self._forward(prompt_ids_BP, pos_BP)
+            logits = self._forward(prompt_ids_BP, _attn.position_ids(prompt_mask_BP))
             cache.mode = "decode"
-            cache.lens = st.lens
             st.lens[:B] = n_B
             self._emit(B, logits, sp, eos_id, pad_id)
             rows, steps = B, 1
