@@ -239,11 +239,11 @@ def op_options(*, temperature, epsilon, epsilon_high, delta, beta, loss_type, kl
                     kl_estimator=kl_estimator)
 
 
-def sequence_level_loss(logp, advantages, completion_mask, opts):
-    """The reference loss and metrics on log-probs logp [B, T] (differentiable)."""
-    loss, metrics = _ref.grpo_loss_from_logprobs(logp, advantages, completion_mask,
+def sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, opts):
+    """(loss, logp, metrics): the reference loss and metrics on log-probs logp [B, T] (differentiable)."""
+    loss, metrics = _ref.grpo_loss_from_logprobs(logp, advantages, completion_mask, old_logprobs, ref_logprobs,
                                                  importance_sampling_level="sequence", **opts)
-    return loss, {k: metrics[k].detach() for k in STAT_KEYS}
+    return loss, logp, {k: metrics[k].detach() for k in STAT_KEYS}
 
 
 def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *, temperature=1.0,
@@ -251,18 +251,14 @@ def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *
                      epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
                      kl_estimator="k3", max_completion_length=None, num_items_in_batch=None):
     inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled())
+    loss_opts = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+                     kl_estimator=kl_estimator, max_completion_length=max_completion_length,
+                     num_items_in_batch=num_items_in_batch)
     if importance_sampling_level == "sequence":
         x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
         logp = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace)
-        loss, metrics = sequence_level_loss(
-            logp, advantages, completion_mask,
-            dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
-                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type, kl_estimator=kl_estimator,
-                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch))
-        return loss, logp, metrics
-    nt, opts = op_options(temperature=temperature, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
-                          beta=beta, loss_type=loss_type, kl_estimator=kl_estimator,
-                          max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+        return sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, loss_opts)
+    nt, opts = op_options(temperature=temperature, **loss_opts)
     stats, logp = _GRPOLoss.apply(logits, inplace, completion_ids, advantages, completion_mask, old_logprobs,
                                   ref_logprobs, nt, opts)
     metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}

@@ -84,17 +84,13 @@ def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completi
                             temperature=1.0, old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2,
                             epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
                             kl_estimator="k3", max_completion_length=None, num_items_in_batch=None):
+    loss_opts = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+                     kl_estimator=kl_estimator, max_completion_length=max_completion_length,
+                     num_items_in_batch=num_items_in_batch)
     if importance_sampling_level == "sequence":
         logp = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature)
-        loss, metrics = sequence_level_loss(
-            logp, advantages, completion_mask,
-            dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
-                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type, kl_estimator=kl_estimator,
-                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch))
-        return loss, logp, metrics
-    nt, opts = op_options(temperature=temperature, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
-                          beta=beta, loss_type=loss_type, kl_estimator=kl_estimator,
-                          max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+        return sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, loss_opts)
+    nt, opts = op_options(temperature=temperature, **loss_opts)
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
                                            old_logprobs, ref_logprobs, nt, **opts)
     metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
