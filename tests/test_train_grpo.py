@@ -7,20 +7,12 @@ import pytest
 import train_helpers as H
 
 from r1train.config import load_config
-from r1train.grpo import GRPOTrainer
 from r1train.loading import load_datasets, load_model_and_tokenizer
 from r1train.sft import SFTTrainer
 
 
-def _grpo(tmp_path, *overrides, reward_funcs=None):
-    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", *overrides])
-    model, tok = load_model_and_tokenizer(cfg)
-    train, ev = load_datasets(cfg)
-    return GRPOTrainer(cfg, model, tok, train, ev, reward_funcs=reward_funcs)
-
-
 def test_grpo_reward_rises(tmp_path):
-    t = _grpo(tmp_path, "max_steps=14", "num_generations=8", "per_device_train_batch_size=32",
+    t = H.grpo_trainer(tmp_path, "max_steps=14", "num_generations=8", "per_device_train_batch_size=32",
               "learning_rate=0.01", "seed=3", reward_funcs=[H.digit_share])
     hist = t.train()
     r = [h["reward"] for h in hist]
@@ -44,7 +36,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("ov", VARIANTS, ids=["+".join(v) for v in VARIANTS])
 def test_grpo_variants_step(tmp_path, ov):
-    t = _grpo(tmp_path, "max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+    t = H.grpo_trainer(tmp_path, "max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
               *ov, reward_funcs=[H.digit_share, "format"])
     hist = t.train()
     for h in hist:
@@ -67,7 +59,7 @@ def test_sft_loss_falls(tmp_path):
 def test_deepseek_v3_bias_update_balances_experts(tmp_path):
     """Routers start skewed (experts 0 and 1 get +0.3 bias: max/mean load > 2); the
     aux-loss-free bias update after each optimizer step moves the biases against the load and it falls."""
-    t = _grpo(tmp_path, "model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "max_steps=12",
+    t = H.grpo_trainer(tmp_path, "model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "max_steps=12",
               "moe_bias_update_rate=0.03", "patch_model=false", "learning_rate=0.001", reward_funcs=[H.digit_share])
     assert len(t.expert_load.routers) == 1
     for r in t.expert_load.routers:
@@ -89,7 +81,7 @@ def _flaky(prompts, completions, completion_ids=None, **_):
 
 
 def test_failing_reward_skips_samples_not_the_run(tmp_path):
-    t = _grpo(tmp_path, "max_steps=2", reward_funcs=[H.digit_share, _flaky])
+    t = H.grpo_trainer(tmp_path, "max_steps=2", reward_funcs=[H.digit_share, _flaky])
     hist = t.train()
     assert sum(h["rewards/failed"] for h in hist) > 0
     assert all(math.isfinite(h["loss"]) for h in hist)

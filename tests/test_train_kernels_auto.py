@@ -10,9 +10,6 @@ import train_helpers as H
 from conftest import assert_close
 
 from r1kernels import _backend
-from r1train.config import load_config
-from r1train.grpo import GRPOTrainer
-from r1train.loading import load_datasets, load_model_and_tokenizer
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not (_backend.TRITON_INTERPRET or torch.cuda.is_available()),
@@ -38,12 +35,8 @@ def _run(tmp_path, backend, overrides, monkeypatch):
         return fn
 
     monkeypatch.setattr(_backend, "pick", recording_pick)
-    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / backend}", "max_steps=3", "seed=5",
-                                          "per_device_train_batch_size=4", "num_generations=4",
-                                          f"kernel_backend={backend}", *overrides])
-    model, tok = load_model_and_tokenizer(cfg)
-    train, ev = load_datasets(cfg)
-    t = GRPOTrainer(cfg, model, tok, train, ev, reward_funcs=[digit_share])
+    t = H.grpo_trainer(tmp_path / backend, "max_steps=3", "seed=5", "per_device_train_batch_size=4",
+                       "num_generations=4", f"kernel_backend={backend}", *overrides, reward_funcs=[digit_share])
     hist = t.train()
     t.finish(save=False)
     monkeypatch.setattr(_backend, "pick", pick)

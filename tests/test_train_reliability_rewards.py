@@ -46,20 +46,10 @@ def test_runner_passes_trl_conversational_format():
     assert failed == [False]
 
 
-def _grpo(tmp_path, *overrides, reward_funcs=None):
-    from r1train.grpo import GRPOTrainer
-    from r1train.loading import load_datasets, load_model_and_tokenizer
-
-    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", *overrides])
-    model, tok = load_model_and_tokenizer(cfg)
-    train, ev = load_datasets(cfg)
-    return GRPOTrainer(cfg, model, tok, train, ev, reward_funcs=reward_funcs)
-
-
 def test_grpo_trl_docs_reward_on_chat_prompts(tmp_path):
     """The built-in task's prompts are chat messages: a TRL-docs reward scores every sample."""
     SEEN.clear()
-    t = _grpo(tmp_path, "max_steps=1", reward_funcs=[trl_docs_reward])
+    t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[trl_docs_reward])
     hist = t.train()
     assert hist[0]["rewards/failed"] == 0 and hist[0]["rewards/trl_docs_reward/mean"] > 0
     assert isinstance(SEEN["prompt"], list) and SEEN["prompt"][0]["role"] == "user"
@@ -71,7 +61,7 @@ def string_only_reward(prompts, completions, **_):
 
 
 def test_step_where_every_sample_failed_stops_naming_the_reward(tmp_path):
-    t = _grpo(tmp_path, "max_steps=2", reward_funcs=[H.digit_share, string_only_reward])
+    t = H.grpo_trainer(tmp_path, "max_steps=2", reward_funcs=[H.digit_share, string_only_reward])
     with pytest.raises(R.RewardError, match=r"every sample of the step \(8\) failed.*string_only_reward: "
                                             r"raised AttributeError"):
         t.train()

@@ -64,3 +64,15 @@ TIMING = ("step_time", "time/generate", "time/logprobs", "time/backward", "time/
 
 def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def grpo_trainer(output_dir, *overrides, reward_funcs=None):
+    """An in-process GRPOTrainer on the FAST tiny config (overrides after it win)."""
+    from r1train.config import load_config
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    cfg = load_config(overrides=FAST + [f"output_dir={output_dir}", *overrides])
+    model, tok = load_model_and_tokenizer(cfg)
+    train, ev = load_datasets(cfg)
+    return GRPOTrainer(cfg, model, tok, train, ev, reward_funcs=reward_funcs)
