@@ -45,16 +45,15 @@ ENV_BACKEND = os.environ.get("R1K_BACKEND", "auto")
 if ENV_BACKEND not in BACKENDS:
     raise ValueError(f"R1K_BACKEND must be one of {BACKENDS}, got {ENV_BACKEND!r}")
 
-try:  # the compiled extension registers torch.ops.r1kernels.* when imported
-    from r1kernels import _C  # noqa: F401
-    HAS_EXTENSION = True
-except ModuleNotFoundError as e:  # not built (a pure-Python install): the cuda / cpp kernels are unavailable
-    if e.name != "r1kernels._C":
-        raise
-    HAS_EXTENSION = False
-except ImportError as e:  # built, but it does not load (e.g. built against another torch)
-    raise ImportError(f"r1kernels._C exists but does not load ({e}); rebuild it (pip install -e .) or delete it "
-                      "to run without the C++/CUDA kernels") from e
+# the compiled extension registers torch.ops.r1kernels.* when imported; not built (a pure-Python install):
+# the cuda / cpp kernels are unavailable. Built but not loading (e.g. built against another torch): an error.
+HAS_EXTENSION = importlib.util.find_spec("r1kernels._C") is not None
+if HAS_EXTENSION:
+    try:
+        importlib.import_module("r1kernels._C")
+    except ImportError as e:
+        raise ImportError(f"r1kernels._C exists but does not load ({e}); rebuild it (pip install -e .) or delete "
+                          "it to run without the C++/CUDA kernels") from e
 
 
 def extension_has(op: str, dispatch_key: str) -> bool:
