@@ -152,6 +152,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     return res
 
 
+@torch.no_grad()
 def profile_step(model, out_dir, device):
     """Per-kernel device time of one eager decode step, and the replayed graph's time per step, on the
     engine state the last rollout left (its batch bucket and cache)."""
@@ -186,7 +187,7 @@ def profile_step(model, out_dir, device):
                              for e in evs), key=lambda d: -d["ms"])[:30]
     res["kernel_launches"] = sum(e.count for e in evs)
     print(json.dumps({k: v for k, v in res.items() if k != "kernels"}))
-    for k in res["kernels"][:15]:
+    for k in res["kernels"][:25]:
         print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
     return res
 
@@ -222,10 +223,12 @@ def main(argv=None):
         e = r["providers"]["r1train engine"]
         print(f"  engine: first call {e['first_call_s']:.2f} s, {e['captures']} graph captures in "
               f"{e['capture_seconds']:.2f} s, {e['tokens_generated']} tokens")
-        if a.profile and a.device == "cuda" and name == "fixed":
-            r["profile"] = profile_step(model, a.out, a.device)
         if a.out:  # written after each workload: a later failure keeps the earlier numbers
             _write(a.out, model, results, a.device)
+        if a.profile and a.device == "cuda" and name == "fixed":
+            r["profile"] = profile_step(model, a.out, a.device)
+            if a.out:
+                _write(a.out, model, results, a.device)
     return results
 
 
