@@ -153,39 +153,44 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
 
 
 @torch.no_grad()
-def profile_step(model, out_dir, device):
-    """Per-kernel device time of one eager decode step, and the replayed graph's time per step, on the
-    engine state the last rollout left (its batch bucket and cache)."""
-    from r1train.generation import SamplingParams, engine_for
+def profile_step(model, device, rows=64, P=256, T=512):
+    """Per-kernel device time of one eager decode step (the 6th of a rollout with CUDA graphs off), and the
+    graphed decode step's time per step: (rollout of T tokens - rollout of 2 tokens) / (T - 2)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    eng = engine_for(model)
-    rows = eng.st.tok.shape[0]
-    sp = SamplingParams(1)
-    res = {"rows": rows}
-    eng.st.pos.zero_()  # the last rollout left every row at its last position
-    eng.st.lens.clamp_(max=eng.cache.length - 4)
-    with eng._active():
-        for _ in range(2):
-            eng._step(rows, sp, -1, 0)
+    from r1train.generation import Engine, SamplingParams
+
+    ids = torch.randint(3, model.config.vocab_size, (rows, P), device=device)
+    mask, seeds = torch.ones_like(ids), list(range(rows))
+    eng = Engine(model, cuda_graphs=False)
+    held, n = {}, [0]
+    step = eng._step
+
+    def profiled_step(*a):
+        n[0] += 1
+        if n[0] != 6:
+            return step(*a)
         torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            eng._step(rows, sp, -1, 0)
+        with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+            step(*a)
             torch.cuda.synchronize()
-        g = eng._capture(rows, sp, -1, 0)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        ev[0].record()
-        for _ in range(20):
-            g.replay()
-        ev[1].record()
-        torch.cuda.synchronize()
-    res["graph_step_ms"] = ev[0].elapsed_time(ev[1]) / 20
-    evs = [e for e in prof.key_averages()]
-    res["kernel_ms_total"] = sum(e.device_time_total for e in evs) / 1e3
-    res["kernels"] = sorted(({"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3}
-                             for e in evs), key=lambda d: -d["ms"])[:30]
-    res["kernel_launches"] = sum(e.count for e in evs)
+        held["prof"] = prof
+
+    eng._step = profiled_step
+    eng.generate(ids, mask, seeds, SamplingParams(8), eos_id=-1, pad_id=0)
+    evs = list(held["prof"].key_averages())
+    res = {"rows": rows, "kernel_ms_total": sum(e.device_time_total for e in evs) / 1e3,
+           "kernel_launches": sum(e.count for e in evs),
+           "kernels": sorted(({"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3}
+                              for e in evs), key=lambda d: -d["ms"])[:30]}
+    eng = Engine(model)
+    t = {}
+    for n_new in (2, T):
+        run = lambda: eng.generate(ids, mask, seeds, SamplingParams(n_new), eos_id=-1, pad_id=0)  # noqa: E731
+        run()
+        t[n_new] = statistics.median(_timed(run, device, 3))
+    res["graph_step_ms"] = (t[T] - t[2]) / (T - 2) * 1e3
+    res["prefill_and_first_step_s"] = t[2]
     print(json.dumps({k: v for k, v in res.items() if k != "kernels"}))
     for k in res["kernels"][:25]:
         print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
@@ -226,7 +231,7 @@ def main(argv=None):
         if a.out:  # written after each workload: a later failure keeps the earlier numbers
             _write(a.out, model, results, a.device)
         if a.profile and a.device == "cuda" and name == "fixed":
-            r["profile"] = profile_step(model, a.out, a.device)
+            r["profile"] = profile_step(model, a.device)
             if a.out:
                 _write(a.out, model, results, a.device)
     return results
