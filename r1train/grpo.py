@@ -125,10 +125,12 @@ class GRPOTrainer(Trainer):
         comp_BT = ro.completion_ids_BT
         mb = cfg.per_device_train_batch_size
         t0 = time.perf_counter()
-        old_BT = ref_BT = None
-        if cfg.num_iterations > 1:
-            old_BT = sequence_logprobs(self.engine, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
-                                       micro_batch=mb, backend=cfg.kernel_backend)
+        ref_BT = None
+        # The old policy is the model of iteration 0: an iteration is exactly gradient_accumulation_steps
+        # micro-batches (compute_prompts_per_rank), so the optimizer steps only between iterations and
+        # iteration 0's forward log-probs are the old log-probs (no separate pass; TRL makes one).
+        old_BT = torch.zeros(comp_BT.shape, dtype=torch.float32, device=comp_BT.device) \
+            if cfg.num_iterations > 1 else None
         if self.ref is not None:
             ref_BT = sequence_logprobs(self.ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
                                        micro_batch=mb, backend=cfg.kernel_backend)
@@ -151,8 +153,10 @@ class GRPOTrainer(Trainer):
             for s, T in zip(starts, trims):
                 sl = slice(s, s + mb)
                 out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
-                                           None if old_BT is None else old_BT[sl],
+                                           None if old_BT is None or it == 0 else old_BT[sl],
                                            None if ref_BT is None else ref_BT[sl], n_items, T)
+                if old_BT is not None and it == 0:
+                    old_BT[sl, :T] = out.per_token_logprobs
                 if it == 0 and ro.logprobs_BT is not None:
                     m_BT = mask_BT[sl, :T].bool()
                     d_BT = (out.per_token_logprobs - ro.logprobs_BT[sl, :T]).abs().masked_fill(~m_BT, 0.0)

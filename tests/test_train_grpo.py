@@ -86,3 +86,36 @@ def test_failing_reward_skips_samples_not_the_run(tmp_path):
     assert sum(h["rewards/failed"] for h in hist) > 0
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert t.rewards.failures["_flaky"] == sum(h["rewards/failed"] for h in hist)
+
+
+def test_old_logprobs_are_the_pre_update_policy(tmp_path):
+    """num_iterations=2: the old log-probs of iteration 1 (taken from iteration 0's forward) equal an
+    independent forward of a copy of the model made before the step, and iteration 0 passes none."""
+    import copy
+
+    import torch
+    from conftest import assert_close
+
+    from r1train.rollout import sequence_logprobs
+
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_iterations=2", "gradient_accumulation_steps=2",
+                       "per_device_train_batch_size=4", "learning_rate=0.05", reward_funcs=[H.digit_share])
+    before = copy.deepcopy(t.engine.module).eval()
+    seen, micro = [], t.micro_step
+
+    def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T):
+        seen.append((ids_BL, attn_BL, comp_BT, mask_BT, old_BT, T))
+        return micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T)
+
+    t.micro_step = spy
+    t.train()
+    assert len(seen) == 4 and all(s[4] is None for s in seen[:2]) and all(s[4] is not None for s in seen[2:])
+    for ids_BL, attn_BL, comp_BT, mask_BT, old_BT, T in seen[2:]:
+        cut = ids_BL.shape[1] - comp_BT.shape[1] + T
+        args = (ids_BL[:, :cut], attn_BL[:, :cut], comp_BT[:, :T])
+        with torch.no_grad():
+            ref_BT = sequence_logprobs(before, *args, backend="torch")
+            now_BT = sequence_logprobs(t.engine.module, *args, backend="torch")
+        m = mask_BT[:, :T].bool()
+        assert_close(old_BT[:, :T][m], ref_BT[m], name="old log-probs")
+        assert (old_BT[:, :T][m] - now_BT[m]).abs().max() > 1e-4  # the step changed the policy
