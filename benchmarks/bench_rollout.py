@@ -186,7 +186,7 @@ def profile_step(model, device, rows=64, P=256, T=512):
     eng = Engine(model)
     t = {}
     for n_new in (2, T):
-        run = lambda: eng.generate(ids, mask, seeds, SamplingParams(n_new), eos_id=-1, pad_id=0)  # noqa: E731
+        run = lambda n=n_new: eng.generate(ids, mask, seeds, SamplingParams(n), eos_id=-1, pad_id=0)  # noqa: E731
         run()
         t[n_new] = statistics.median(_timed(run, device, 3))
     res["graph_step_ms"] = (t[T] - t[2]) / (T - 2) * 1e3
