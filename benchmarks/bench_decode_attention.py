@@ -56,6 +56,10 @@ def _case(device, B, Hq, Hkv, L, D, lens, dtype) -> Case:
         if device == "cuda":
             q0, k0, v0 = inputs.sets[0]
             provs["triton (op, CUDA graph)"] = graphed(lambda: decode_attention_triton(q0, k0, v0, lens))
+            # what the generation engine runs: the step's k/v stored at lens (lens - 1 keeps lens + 1 <= L)
+            kn, vn = k0[:, :, 0].clone(), v0[:, :, 0].clone()
+            provs["triton + store new token (op, CUDA graph)"] = graphed(
+                lambda: decode_attention_triton(q0, k0, v0, lens - 1, None, kn, vn))
     peers = ("torch sdpa (full cache + mask)", "torch sdpa enable_gqa (full cache + mask)")
     if device == "cuda":
         q0, k0, v0 = inputs.sets[0]

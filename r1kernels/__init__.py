@@ -254,10 +254,12 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
-def decode_attention(q, k_cache, v_cache, lens, *, scale=None, backend="auto"):
+def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new=None, backend="auto"):
     """One decode step of attention: q [B, Hq, Dk] against the first lens[b] positions of row b of
     k_cache [B, Hkv, L, Dk] / v_cache [B, Hkv, L, Dv] (grouped-query: Hq a multiple of Hkv) -> [B, Hq, Dv]
-    in q's dtype, fp32 math; scale defaults to Dk ** -0.5. Reads only the valid positions; no host sync."""
+    in q's dtype, fp32 math; scale defaults to Dk ** -0.5. Reads only the valid positions; no host sync.
+    k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv] (this step's keys/values, both or neither): written in place
+    at position lens[b] of each row with lens[b] < L, which then attends to lens[b] + 1 positions."""
     _checks.float_tensor("q", q, ndim=3)
     _checks.float_tensor("k_cache", k_cache, ndim=4)
     _checks.float_tensor("v_cache", v_cache, ndim=4)
@@ -276,8 +278,16 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, backend="auto"):
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if scale is not None:
         _checks.positive("scale", scale)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together (this step's keys and values) or not at all")
+    if k_new is not None:
+        _checks.float_tensor("k_new", k_new, ndim=3)
+        _checks.float_tensor("v_new", v_new, ndim=3)
+        _checks.shape("k_new", k_new, (B, Hkv, Dk), " ([B, Hkv, Dk])")
+        _checks.shape("v_new", v_new, (B, Hkv, v_cache.shape[3]), " ([B, Hkv, Dv])")
+        _checks.same_device(q=q, k_new=k_new, v_new=v_new)
     fn = _backend.pick("decode_attention", backend, q.device, q, k_cache, v_cache)
-    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale)
+    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new)
 
 
 def _inference_only(op, **tensors):

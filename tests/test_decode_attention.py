@@ -71,6 +71,46 @@ def test_splits_agree(splits):
     assert_close(out, ref, torch.float32, name=f"splits={splits}")
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_new_token_is_stored_and_attended(shape, dtype, splits):
+    """k_new / v_new: stored at position lens[b] of rows with lens[b] < L (cache dtype, in place; other
+    positions untouched) and attended with the cache's first lens[b] positions; a row with lens >= L stores
+    nothing. Independent check: write by hand, then attend to lens + 1 positions without the new token."""
+    B, Hq, Hkv, L, Dk, Dv = shape
+    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype)
+    k_new, v_new = torch.randn(B, Hkv, Dk).to(dtype), torch.randn(B, Hkv, Dv).to(dtype)
+    lens = torch.tensor([L - 1, 0, L, 5][:B])
+    k_exp, v_exp, n = k.clone(), v.clone(), lens.clone()
+    for b in range(B):
+        if lens[b] < L:
+            k_exp[b, :, lens[b]], v_exp[b, :, lens[b]], n[b] = k_new[b], v_new[b], lens[b] + 1
+    s = Dk ** -0.5
+    ref = ref_attention(q.double(), k_exp.double(), v_exp.double(), n, s)
+    lowp = ref_attention(q, k_exp, v_exp, n, s) if dtype != torch.float32 else None
+    kc, vc = k.clone(), v.clone()
+    if splits is None:
+        out = rk.decode_attention(q, kc, vc, lens, k_new=k_new, v_new=v_new, backend="triton")
+    else:
+        out = da_k.decode_attention_fwd(q, kc, vc, lens, s, splits=splits, k_new=k_new, v_new=v_new)
+    assert_close(out, ref, dtype, lowp=lowp, name="vs reference after a manual write")
+    assert torch.equal(kc, k_exp) and torch.equal(vc, v_exp)
+    kr, vr = k.clone(), v.clone()  # the reference op itself follows the same contract
+    ref_op = ref_attention(q, kr, vr, lens, s, k_new, v_new)
+    assert torch.equal(kr, k_exp) and torch.equal(vr, v_exp)
+    assert_close(ref_op.double(), ref, dtype, lowp=lowp, name="reference op")
+
+
+def test_new_token_arguments():
+    q, k, v = _inputs(2, 4, 2, 8, 16, 16, torch.float32)
+    lens = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match="k_new and v_new"):
+        rk.decode_attention(q, k, v, lens, k_new=torch.zeros(2, 2, 16))
+    with pytest.raises(ValueError, match="v_new"):
+        rk.decode_attention(q, k, v, lens, k_new=torch.zeros(2, 2, 16), v_new=torch.zeros(2, 4, 16))
+
+
 def test_num_splits_shapes_only():
     cases = [(1024, 128, 64, 528), (4096, 16, 64, 528), (37, 6, 16, 16), (1, 1, 64, 528), (10**5, 1, 64, 10**4)]
     for L, programs, block_n, target in cases:
@@ -150,6 +190,8 @@ def test_bad_input(change, name):
 def test_opcheck():
     q, k, v = _inputs(2, 4, 2, 21, 16, 8, torch.float32)
     torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([21, 5]), 0.25))
+    torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([20, 5]), 0.25,
+                                                       torch.randn(2, 2, 16), torch.randn(2, 2, 8)))
 
 
 def test_compile_fullgraph():

@@ -1,5 +1,6 @@
 """decode_attention as the torch.library custom op r1kernels::decode_attention over the Triton
-flash-decoding kernels (inference only: no autograd). The fake makes it traceable by torch.compile."""
+flash-decoding kernels (inference only: no autograd); with k_new / v_new it also writes them into the
+caches (declared mutated). The fake makes it traceable by torch.compile."""
 from __future__ import annotations
 
 import math
@@ -11,20 +12,21 @@ from ..triton import attention as _k
 OP = "r1kernels::decode_attention"
 
 
-@torch.library.custom_op(OP, mutates_args=())
+@torch.library.custom_op(OP, mutates_args=("k_cache", "v_cache"))
 def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    return _k.decode_attention_fwd(q, k_cache, v_cache, lens, scale)
+                        scale: float, k_new: torch.Tensor | None = None,
+                        v_new: torch.Tensor | None = None) -> torch.Tensor:
+    return _k.decode_attention_fwd(q, k_cache, v_cache, lens, scale, k_new=k_new, v_new=v_new)
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, lens, scale):
+def _(q, k_cache, v_cache, lens, scale, k_new=None, v_new=None):
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
 
 
-def decode_attention_triton(q, k_cache, v_cache, lens, scale=None):
+def decode_attention_triton(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return decode_attention_op(q, k_cache, v_cache, lens, float(scale))
+    return decode_attention_op(q, k_cache, v_cache, lens, float(scale), k_new, v_new)
 
 
 def _eligible(q, k_cache, v_cache, *a, **k):

@@ -3,6 +3,9 @@
 q [B, Hq, Dk], k_cache [B, Hkv, L, Dk], v_cache [B, Hkv, L, Dv], lens [B] (row b attends to cache
 positions 0..lens[b]-1); query head h reads KV head h // (Hq // Hkv) (grouped-query attention).
 out [B, Hq, Dv] in q's dtype = softmax(scale * q . k) @ v with fp32 math; a row with lens 0 gives 0.
+With k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv] (this step's keys/values): each row with lens[b] < L first
+stores them at cache position lens[b] (in the cache's dtype, in place) and attends to lens[b] + 1
+positions; a row with lens[b] >= L stores nothing and attends to its L positions.
 """
 from __future__ import annotations
 
@@ -11,9 +14,15 @@ import math
 import torch
 
 
-def decode_attention(q, k_cache, v_cache, lens, scale=None):
+def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None):
     B, Hq, Dk = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    if k_new is not None:
+        lens = lens.to(q.device).long()
+        rows = (lens < L).nonzero().squeeze(1)
+        k_cache[rows, :, lens[rows]] = k_new[rows].to(k_cache.dtype)
+        v_cache[rows, :, lens[rows]] = v_new[rows].to(v_cache.dtype)
+        lens = torch.where(lens < L, lens + 1, lens)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     k = k_cache.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, L, Dk]
     v = v_cache.float().repeat_interleave(Hq // Hkv, dim=1)

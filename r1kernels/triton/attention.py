@@ -7,6 +7,10 @@ and one split [s * chunk, (s + 1) * chunk) of the cache, clipped to lens[b]: it 
 no iteration and leaves an empty partial (lse = -inf, its o not written). The combine kernel merges the
 S partials of each (row, query head) by log-sum-exp; with S == 1 the split kernel writes `out` itself.
 
+With this step's keys/values (HAS_NEW), the program of the split that holds position lens[b] (lens[b] < L)
+folds the new token into its online softmax from registers and the head tile gt == 0 stores it into the
+cache there; no program reads position lens[b] from the cache, so the store races with no load.
+
 S and chunk depend only on shapes and the device (never on lens), so a CUDA graph captured once replays
 for any lens. No host sync: the launcher only allocates and launches.
 """
@@ -25,12 +29,13 @@ MAX_SPLITS = 256
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_ptr, vn_ptr,
                   sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_d, s_lens,
+                  skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
                   Hq, Hkv, G, L, Dk, Dv, chunk, S, qk_scale,
                   NUM_GT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DIRECT: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gt = pid % NUM_GT
@@ -38,7 +43,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr,
     b = pid // (NUM_GT * Hkv)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)  # row offsets of a big cache overflow int32
 
-    n_valid = tl.minimum(tl.load(lens_ptr + b * s_lens).to(tl.int32), L)  # lens > L reads L positions
+    n_cache = tl.load(lens_ptr + b * s_lens).to(tl.int32)
+    n_valid = tl.minimum(n_cache, L)  # lens > L reads L positions
     start = split * chunk
     end = tl.minimum(start + chunk, n_valid)  # this split covers [start, end): empty when start >= end
 
@@ -83,6 +89,24 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr,
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
+
+    if HAS_NEW:
+        if (n_cache < L) & (n_cache >= start) & (n_cache < start + chunk):
+            kn = tl.load(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, mask=dk_mask, other=0.0)
+            vn = tl.load(vn_ptr + b64 * svn_b + h64 * svn_h + dv * svn_d, mask=dv_mask, other=0.0)
+            kn = kn.to(k_ptr.dtype.element_ty)  # the value the cache will hold
+            vn = vn.to(v_ptr.dtype.element_ty)
+            s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # [BLOCK_G]
+            m_new = tl.maximum(m, s_new)
+            alpha = tl.exp2(m - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l = l * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+            m = m_new
+            if gt == 0:
+                pos = n_cache.to(tl.int64)
+                tl.store(k_row + pos * sk_n + dk * sk_d, kn, mask=dk_mask)
+                tl.store(v_row + pos * sv_n + dv * sv_d, vn, mask=dv_mask)
 
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]  # l == 0 (empty split): acc is 0, o is 0
@@ -166,8 +190,10 @@ def num_splits(L: int, programs: int, block_n: int, target: int) -> tuple[int, i
     return cdiv(L, chunk), chunk
 
 
-def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | None = None):
-    """out [B, Hq, Dv] in q's dtype; any strides. `splits` forces S (tests); None picks it from shapes."""
+def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | None = None, k_new=None,
+                         v_new=None):
+    """out [B, Hq, Dv] in q's dtype; any strides. `splits` forces S (tests); None picks it from shapes.
+    k_new / v_new [B, Hkv, D] (both or neither): stored at position lens[b] and attended (module doc)."""
     B, Hq, Dk = q.shape
     Hkv, L, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     out = torch.empty((B, Hq, Dv), dtype=q.dtype, device=q.device)
@@ -175,6 +201,9 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
         return out
     if L == 0:
         return out.zero_()
+    has_new = k_new is not None
+    kn, vn = (k_new, v_new) if has_new else (q, q)  # unused without HAS_NEW
+    kn_s, vn_s = (k_new.stride(), v_new.stride()) if has_new else ((0, 0, 0), (0, 0, 0))
     G = Hq // Hkv
     block_n, target, warps = _config(q.device)
     dot_f32 = INTERPRET or q.dtype != k_cache.dtype or k_cache.dtype not in (torch.float16, torch.bfloat16)
@@ -194,10 +223,10 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     else:
         lse = part = out  # unused
     _split_kernel[(programs, S)](
-        q, k_cache, v_cache, lens, out, lse, part, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *out.stride(), lens.stride(0), Hq, Hkv, G, L, Dk, Dv, chunk, S, float(scale) * LOG2E,
+        q, k_cache, v_cache, lens, out, lse, part, kn, vn, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *out.stride(), lens.stride(0), *kn_s, *vn_s, Hq, Hkv, G, L, Dk, Dv, chunk, S, float(scale) * LOG2E,
         NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        DIRECT=S == 1, DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
+        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, num_warps=warps, num_stages=stages)
     if S > 1:
         _combine_kernel[(B * Hq,)](lse, part, out, *out.stride(), Hq, S, Dv,
                                    BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV,

@@ -3,9 +3,9 @@
 The engine registers `ATTN_NAME` with transformers' AttentionInterface and switches the model's config to
 it for the duration of a rollout, so the model's own forward (projections, RoPE, MoE routing, norms) runs
 unchanged and only attention goes through here: prefill writes each prompt's keys/values into the cache
-and attends with torch sdpa; decode writes the new token's keys/values at position lens[b] and calls
-rk.decode_attention over the lens[b] + 1 valid positions. transformers builds no mask for an attention
-name it has no mask function for, so no [B, L] mask exists in decode.
+and attends with torch sdpa; decode calls rk.decode_attention with the new token's keys/values, which it
+stores at position lens[b] and attends over the lens[b] + 1 valid positions (one kernel). transformers
+builds no mask for an attention name it has no mask function for, so no [B, L] mask exists in decode.
 
 Cache layout: k[layer] [Bmax, Hkv, L, Dk], v[layer] [Bmax, Hkv, L, Dv]; row b holds its tokens at
 positions 0..lens[b]-1 with no padding (prompts are left-padded only in the prefill input). Decode works
@@ -64,10 +64,9 @@ class KVCache:
     def decode(self, i, q, k, v, scale):
         b = q.shape[0]
         pos_b = self.lens[:b]
-        kc, vc = self.k[i][:b], self.v[i][:b]
-        for src, dst in ((k, kc), (v, vc)):
-            dst.scatter_(2, pos_b.view(b, 1, 1, 1).expand(b, src.shape[1], 1, src.shape[-1]), src)
-        out = rk.decode_attention(q[:, :, 0], kc, vc, pos_b + 1, scale=scale, backend=self.backend)
+        # the kernel stores k/v at position lens[b] itself and attends to lens[b] + 1 positions
+        out = rk.decode_attention(q[:, :, 0], self.k[i][:b], self.v[i][:b], pos_b, scale=scale,
+                                  k_new=k[:, :, 0], v_new=v[:, :, 0], backend=self.backend)
         return out[:, None]  # [b, 1, Hq, Dv]
 
     def compact(self, keep_idx: torch.Tensor):
