@@ -3,11 +3,17 @@ from __future__ import annotations
 
 
 def patch(model):
-    """Swap supported modules of `model` for r1kernels implementations; returns {name: replaced module}."""
+    """Swap supported modules of `model` for r1kernels implementations; returns {name: what was replaced}.
+    DeepseekV3 MoE layers get the fused router/experts; Qwen2/Qwen3/Llama/Mistral causal LMs get the
+    fused lm_head log-prob path (`model(..., labels=labels, fused_lm_head=True)`, see patch/lm_head.py)."""
     from .deepseek_v3 import patch_deepseek_v3
+    from .lm_head import LM_HEAD_CLASSES, patch_lm_head
 
     replaced = patch_deepseek_v3(model)
+    if type(model).__name__ in LM_HEAD_CLASSES:
+        replaced.update(patch_lm_head(model))
     if not replaced:
         raise ValueError(f"model ({type(model).__name__}) has no module that r1kernels.patch supports "
-                         "(supported: transformers DeepseekV3 MoE layers)")
+                         f"(supported: transformers DeepseekV3 MoE layers; fused lm_head log-probs for "
+                         f"{', '.join(LM_HEAD_CLASSES)})")
     return replaced

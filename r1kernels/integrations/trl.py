@@ -1,0 +1,191 @@
+"""r1kernels inside TRL's GRPOTrainer (trl >= 1.16). One line after building the trainer:
+
+    trainer = use_r1kernels(GRPOTrainer(model=..., args=GRPOConfig(...), ...))
+
+A function rather than a GRPOTrainer subclass, so that it composes with any trainer class a user already
+has (their own GRPOTrainer subclasses included) and leaves TRL's constructor and names untouched.
+
+What it switches:
+- log-probs and entropy (policy, old policy, reference): the models' fused lm_head becomes
+  r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral and DeepseekV3;
+  DeepseekV3 MoE layers also route through r1kernels.moe (patch/deepseek_v3.py);
+- the loss: r1kernels.linear_grpo_loss from the last hidden states, with TRL's GRPOConfig names
+  (loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo, epsilon, epsilon_high, delta, beta with TRL's k3 KL,
+  importance_sampling_level, temperature, max_completion_length) and TRL's normalizers and metrics
+  (kl, entropy, clip_ratio/*, cispo_clip_ratio).
+Everything else (luspo/vespo, use_bias_correction_kl, off_policy_mask_threshold, top_entropy_quantile,
+entropy bonus, vLLM importance-sampling correction, SAPO temperatures other than 1.0/1.05, router aux
+loss, multimodal inputs, models without a fused head) runs TRL's own code, announced by one warning.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+
+from .. import _checks, linear_grpo_loss, linear_token_logprobs
+from ..reference.grpo import LOSS_REDUCTION, LOSS_TYPES, SAPO_TAU_NEG, SAPO_TAU_POS
+
+__all__ = ["use_r1kernels", "unsupported_options"]
+
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+               "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def unsupported_options(trainer) -> list[str]:
+    """The trainer's settings that r1kernels' loss does not implement (TRL's loss code runs for them)."""
+    args, out = trainer.args, []
+    if trainer.loss_type not in LOSS_TYPES:
+        out.append(f"loss_type={trainer.loss_type!r}")
+    if trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
+        out.append("use_bias_correction_kl=True with beta != 0 (TRL's default; set it False to use ours)")
+    if getattr(trainer, "off_policy_mask_threshold", None) is not None:
+        out.append(f"off_policy_mask_threshold={trainer.off_policy_mask_threshold}")
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        out.append(f"top_entropy_quantile={trainer.top_entropy_quantile}")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        out.append("an entropy bonus (entropy_coef / use_adaptive_entropy)")
+    if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
+        out.append("vllm_importance_sampling_correction=True")
+    taus = (getattr(args, "sapo_temperature_pos", SAPO_TAU_POS), getattr(args, "sapo_temperature_neg", SAPO_TAU_NEG))
+    if trainer.loss_type == "sapo" and taus != (SAPO_TAU_POS, SAPO_TAU_NEG):
+        out.append(f"sapo_temperature_pos/neg={taus} (r1kernels fixes {SAPO_TAU_POS}/{SAPO_TAU_NEG})")
+    if getattr(trainer, "aux_loss_enabled", False):
+        out.append("a router aux loss (router_aux_loss_coef)")
+    return out
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DeepSpeed engine / DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+
+
+def _patch_model(model, trainer, return_entropy, backend):
+    """DeepseekV3 routing and the fused lm_head on one model; the reason when the head stays TRL's."""
+    from ..patch.deepseek_v3 import patch_deepseek_v3
+    from ..patch.lm_head import patch_lm_head, unsupported_reason
+
+    model = _unwrap(model)
+    patch_deepseek_v3(model, backend=backend)
+    reason = unsupported_reason(model)
+    if reason is None:
+        patch_lm_head(model, temperature=trainer.temperature, return_entropy=return_entropy,
+                      fp32_lm_head=bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)), backend=backend)
+    return reason
+
+
+def use_r1kernels(trainer, *, backend: str = "auto"):
+    """Make a trl.GRPOTrainer compute log-probs, entropy and the loss with r1kernels (module docstring);
+    returns the trainer. Call it after constructing the trainer and before train(); calling it twice is a
+    no-op. backend: as every r1kernels op ("auto" | "triton" | "cuda" | "torch")."""
+    try:
+        from trl import GRPOTrainer
+    except ImportError as e:  # pragma: no cover - the integration is for TRL users
+        raise ImportError("r1kernels.integrations.trl needs trl (pip install 'trl>=1.16')") from e
+    if not isinstance(trainer, GRPOTrainer):
+        raise ValueError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
+    _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
+    if getattr(trainer, "_r1k_backend", None) is not None:
+        return trainer
+    trainer._r1k_backend = backend
+    reason = _patch_model(trainer.model, trainer, True, backend)
+    if getattr(trainer, "ref_model", None) is not None:
+        _patch_model(trainer.ref_model, trainer, False, backend)
+    todo = unsupported_options(trainer)
+    if reason is not None:
+        warnings.warn(f"r1kernels: the model keeps TRL's lm_head and loss ({reason})", stacklevel=2)
+    elif todo:
+        warnings.warn(f"r1kernels: TRL's loss code runs for {', '.join(todo)} (log-probs and entropy still use "
+                      "r1kernels' fused lm_head)", stacklevel=2)
+    else:
+        trainer._r1k_trl_compute_loss = trainer._compute_loss
+        trainer._compute_loss = types.MethodType(_compute_loss, trainer)
+    return trainer
+
+
+def _items_normalizer(trainer, inputs, mode):
+    """TRL's dapo/cispo denominator for this micro-batch: the generation batch's completion tokens per
+    process, rescaled to one gradient-accumulation window."""
+    n = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+    if mode == "train":
+        n = n * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+    return n
+
+
+def _compute_loss(self, model, inputs):
+    """GRPOTrainer._compute_loss on r1kernels.linear_grpo_loss (bound to the trainer by use_r1kernels)."""
+    if any(inputs.get(k) is not None for k in _MULTIMODAL):
+        if not getattr(self, "_r1k_warned_multimodal", False):
+            self._r1k_warned_multimodal = True
+            warnings.warn("r1kernels: multimodal inputs run TRL's loss code", stacklevel=2)
+        return self._r1k_trl_compute_loss(model, inputs)
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    mode = "train" if self.model.training else "eval"
+    items = LOSS_REDUCTION[self.loss_type] == "items"
+    old = inputs.get("old_per_token_logps")
+    kw = dict(old_logprobs=old, ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+              beta=self.beta, epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta,
+              loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+              kl_estimator="k3", temperature=self.temperature, max_completion_length=self.max_completion_length,
+              num_items_in_batch=_items_normalizer(self, inputs, mode) if items else None, backend=self._r1k_backend)
+
+    def head(hidden, weight, bias):
+        out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias, **kw)
+        with torch.no_grad():
+            ent = linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids,
+                                        bias=None if bias is None else bias.detach(), temperature=self.temperature,
+                                        return_entropy=True, backend=self._r1k_backend)[1]
+        return out, ent
+
+    with self.accelerator.autocast():
+        out, entropy = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=head,
+                             logits_to_keep=completion_ids.size(1))
+    _log_metrics(self, mode, out.per_token_logprobs, old, inputs, mask, entropy)
+    if items or mode != "train":
+        return out.loss
+    return out.loss / self.current_gradient_accumulation_steps
+
+
+@torch.no_grad()
+def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
+    """TRL's metrics for the loss types r1kernels runs, from the detached per-token log-probs."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    mask = mask.to(logp.dtype)
+    adv = inputs["advantages"]
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    log_ratio = logp - (logp if old is None else old)
+    if self.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef = torch.exp(log_ratio)
+
+    def seq_mean(x):
+        return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+    def global_mean(x):
+        if x.shape[1] == 1:
+            s, n = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+        else:
+            s, n = (x * mask).sum(), mask.sum().float()
+        tot = self.accelerator.reduce(torch.stack([s, n]), reduction="sum")
+        return (tot[0] / tot[1].clamp(min=1.0)).item()
+
+    m = self._metrics[mode]
+    if self.beta != 0.0:
+        d = inputs["ref_per_token_logps"] - logp
+        m["kl"].append(global_mean(torch.exp(d) - d - 1))
+    m["entropy"].append(global_mean(entropy))
+    if self.loss_type == "cispo":
+        m["cispo_clip_ratio"].append(global_mean(((coef > self.epsilon_high) & (adv > 0)).float()))
+    elif self.loss_type != "sapo":
+        low = ((coef < 1 - self.epsilon_low) & (adv < 0)).float()
+        high = ((coef > 1 + self.epsilon_high) & (adv > 0)).float()
+        m["clip_ratio/low_mean"].append(global_mean(low))
+        m["clip_ratio/high_mean"].append(global_mean(high))
+        m["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
+        m["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_mean(low))).item())
+        m["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_mean(high))).item())

@@ -1,0 +1,144 @@
+"""Fused lm_head log-probs for Hugging Face causal LMs: after `patch_lm_head(model)`,
+`model(input_ids, attention_mask=..., labels=labels, fused_lm_head=True)` returns per-token log-probs (and
+entropy) of the next-token labels through `r1kernels.linear_token_logprobs`, never holding the
+[B, L, V] logits. Without `fused_lm_head` the forward is the original one (generation is unchanged).
+
+The keyword contract is TRL's `add_fused_lm_head` (trl 1.16): labels are shifted inside (position t scores
+labels[:, t + 1]) unless `shift_labels` is given; -100 labels are skipped and read 0; `loss` is the mean
+negative log-likelihood over the scored tokens (or their sum / num_items_in_batch). So TRL's GRPOTrainer
+runs on a patched model unchanged.
+
+`fused_lm_head=fn` (a callable) returns fn(hidden [B, n, H], weight [V, H], bias | None) computed inside
+the forward, where hidden[:, t] scores input_ids[:, L - n + t] and n = logits_to_keep (default L - 1):
+the fused GRPO loss runs there, so DDP and ZeRO-3 see one ordinary forward. Both fused paths run the head
+with autocast off, on inputs cast to the autocast dtype when autocast is on (what F.linear would use).
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+# Causal LMs whose logits are exactly lm_head(last_hidden_state): no soft-capping, no logit scale.
+LM_HEAD_CLASSES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+ALSO_FUSABLE = ("DeepseekV3ForCausalLM",)  # fused by r1kernels.integrations.trl, not by rk.patch
+_SCALE_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+               "logits_scaling")
+
+
+@dataclass
+class FusedLMHeadOutput:
+    """What a patched model returns with fused_lm_head=True. Per-token fields are [B, L - 1] (or the shape
+    of shift_labels), fp32, 0 where the label is -100."""
+    loss: torch.Tensor
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None
+    label_mask: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `model` cannot take the fused lm_head path, or None when it can."""
+    name = type(model).__name__
+    if name not in LM_HEAD_CLASSES + ALSO_FUSABLE:
+        return f"{name} is not one of {', '.join(LM_HEAD_CLASSES + ALSO_FUSABLE)}"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its lm_head is a {type(head).__name__}, not a torch.nn.Linear (e.g. a PEFT adapter on lm_head)"
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in _SCALE_KEYS:
+        if getattr(cfg, key, None) not in (None, 1.0):
+            return f"its config sets {key}={getattr(cfg, key)!r}"
+    if getattr(cfg, "output_router_logits", False):
+        return "its config sets output_router_logits (a router aux loss in the forward)"
+    return None
+
+
+def _head_params(self, hidden, fp32):
+    """hidden, weight, bias as the head GEMM reads them: fp32 with fp32_lm_head, else in the autocast dtype
+    when autocast is on (what F.linear would run in), else in hidden's dtype."""
+    head = self.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    hidden = hidden.to(weight.device)
+    dev = hidden.device.type
+    dtype = (torch.float32 if fp32 else torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else hidden.dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    return hidden.to(dtype), weight.to(dtype), bias
+
+
+def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy, fp32, backend):
+    from .. import linear_token_logprobs
+
+    hidden, weight, bias = _head_params(self, hidden, fp32)
+    labels = labels.to(hidden.device)
+    mask = labels != -100
+    # only the scored rows go through the head; masked_scatter keeps an all-masked batch differentiable
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = linear_token_logprobs(hidden[mask], weight, labels[mask], bias=bias, temperature=temperature,
+                                    return_entropy=return_entropy, backend=backend)
+    logp, ent = out if return_entropy else (out, None)
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    logp = zeros.masked_scatter(mask, logp)
+    ent = zeros.masked_scatter(mask, ent) if ent is not None else None
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedLMHeadOutput(loss=-logp.sum() / denom, log_probs=logp, entropy=ent, label_mask=mask)
+
+
+def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = True, fp32_lm_head: bool = False,
+                  backend: str = "auto") -> dict:
+    """Give `model` the fused_lm_head forward (module docstring); returns {"forward": the replaced forward}.
+    temperature / return_entropy are the defaults of each fused call (a call may pass its own);
+    fp32_lm_head runs the head on fp32 hidden states and weight (TRL's cast_lm_head_to_fp32).
+    Patching a patched model only updates these defaults."""
+    from .. import _checks
+
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"model: no fused lm_head path for this model: {reason}")
+    _checks.positive("temperature", temperature)
+    for name, flag in (("return_entropy", return_entropy), ("fp32_lm_head", fp32_lm_head)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
+    defaults = dict(temperature=float(temperature), return_entropy=return_entropy, fp32=fp32_lm_head,
+                    backend=backend)
+    if getattr(model, "_r1k_lm_head", None) is not None:
+        model._r1k_lm_head.update(defaults)
+        return {"forward": model._r1k_lm_head["original"]}
+    original = model.forward
+    model._r1k_lm_head = state = dict(defaults, original=original)
+
+    @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
+    def forward(self, *args, fused_lm_head=False, **kwargs):
+        if fused_lm_head is False or fused_lm_head is None:
+            return original(*args, **kwargs)
+        temperature = kwargs.pop("temperature", None) or state["temperature"]
+        return_entropy = kwargs.pop("return_entropy", None)
+        return_entropy = state["return_entropy"] if return_entropy is None else return_entropy
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        keep = kwargs.pop("logits_to_keep", None)
+        kwargs["use_cache"] = False
+        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
+        if callable(fused_lm_head):
+            n = hidden.shape[1] - 1 if not keep else int(keep)
+            h, weight, bias = _head_params(self, hidden[:, hidden.shape[1] - n - 1:-1], state["fp32"])
+            with torch.autocast(h.device.type, enabled=False):
+                return fused_lm_head(h, weight, bias)
+        if shift_labels is None:
+            if labels is None:
+                raise ValueError("labels (or shift_labels) is required with fused_lm_head=True")
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        return _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy,
+                               state["fp32"], state["backend"])
+
+    model.forward = types.MethodType(forward, model)
+    return {"forward": original}
