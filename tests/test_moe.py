@@ -8,6 +8,7 @@ from conftest import assert_close
 
 import r1kernels as rk
 from r1kernels import _backend
+from r1kernels.ops import moe as moe_ops
 from r1kernels.reference import moe as ref
 
 CUDA = torch.cuda.is_available()
@@ -195,16 +196,55 @@ def test_identity_experts_reproduce_weighted_sum():
 # ---------------------------------------------------------------- registration
 @pytest.mark.skipif(not HAS_CPP, reason="r1kernels._C has no MoE ops")
 def test_opcheck_cpp_ops():
+    """The C++ ops are plain (non-differentiable) ops with fakes; autograd is the Functions' (next test)."""
+    ops = torch.ops.r1kernels
     dev = DEV if "cuda" in BACKENDS else "cpu"
-    x, b = torch.randn(9, 32, device=dev, requires_grad=True), torch.randn(32, device=dev)
-    torch.library.opcheck(torch.ops.r1kernels.moe_route.default, (x, b, 4, 4, 2, 2.5, True))
+    x, b = torch.randn(9, 32, device=dev), torch.randn(32, device=dev)
+    torch.library.opcheck(ops.moe_route.default, (x, b, 4, 4, 2, 2.5, True))
+    _, ids, s = ops.moe_route(x, b, 4, 4, 2, 2.5, True)
+    torch.library.opcheck(ops.moe_route_backward.default, (torch.randn(9, 4, device=dev), ids, s, 32, 2.5, True,
+                                                           torch.bfloat16))
     ids = torch.stack([torch.randperm(8)[:3] for _ in range(5)]).to(dev)
-    torch.library.opcheck(torch.ops.r1kernels.moe_permute_index.default, (ids, 8))
-    row_map, _ = torch.ops.r1kernels.moe_permute_index(ids, 8)
-    h = torch.randn(5, 16, device=dev, requires_grad=True)
-    torch.library.opcheck(torch.ops.r1kernels.moe_permute.default, (h, row_map, 3))
-    xe, w = torch.randn(15, 16, device=dev, requires_grad=True), torch.rand(5, 3, device=dev, requires_grad=True)
-    torch.library.opcheck(torch.ops.r1kernels.moe_unpermute.default, (xe, row_map, w, 3))
+    torch.library.opcheck(ops.moe_permute_index.default, (ids, 8))
+    row_map, _ = ops.moe_permute_index(ids, 8)
+    torch.library.opcheck(ops.moe_permute.default, (torch.randn(5, 16, device=dev), row_map, 3))
+    xe, w = torch.randn(15, 16, device=dev), torch.rand(5, 3, device=dev)
+    torch.library.opcheck(ops.moe_unpermute.default, (xe, row_map, w, 3))
+    torch.library.opcheck(ops.moe_unpermute.default, (xe, row_map, None, 3))
+    torch.library.opcheck(ops.moe_unpermute_backward.default, (torch.randn(5, 16, device=dev), xe, row_map, w))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="r1kernels._C has no MoE ops")
+@pytest.mark.parametrize("T,cfg,H", [(19, (32, 4, 2, 4), 24), (1, (12, 3, 1, 2), 8), (40, (64, 4, 2, 6), 40)])
+def test_cpp_autograd_path_on_cpu(T, cfg, H):
+    """route_cuda / permute_cuda / unpermute_cuda are one autograd.Function each over the C++ ops; on CPU
+    tensors they run the C++ CPU ops through that same path: values and gradients match the reference,
+    eagerly and under torch.compile(fullgraph=True)."""
+    E, n_group, topk_group, top_k = cfg
+    x, bias = torch.randn(T, E), torch.randn(E) * 0.05
+    hidden, g = torch.randn(T, H), torch.randn(T, H)
+
+    def layer(x, hidden):
+        w, ids = moe_ops.route_cuda(x, bias, top_k, n_group, topk_group, 2.5, True)
+        p, row_map, counts = moe_ops.permute_cuda(hidden, ids, E)
+        return moe_ops.unpermute_cuda(p * 1.5, row_map, w), ids, counts
+
+    def layer_ref(x, hidden):
+        w, ids = ref.route(x, bias, top_k, n_group, topk_group, 2.5, True)
+        p, row_map, counts = ref.permute(hidden, ids, E)
+        return ref.unpermute(p * 1.5, row_map, w), ids, counts
+
+    x64, h64 = x.double().requires_grad_(), hidden.double().requires_grad_()
+    out64, ids_ref, counts_ref = layer_ref(x64, h64)
+    gx64, gh64 = torch.autograd.grad((out64 * g.double()).sum(), (x64, h64))
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        xk, hk = x.clone().requires_grad_(), hidden.clone().requires_grad_()
+        out, ids, counts = fn(xk, hk)
+        assert torch.equal(ids, ids_ref) and torch.equal(counts, counts_ref)
+        assert_close(out, out64, name="layer output")
+        gx, gh = torch.autograd.grad((out * g).sum(), (xk, hk))
+        assert_close(gx, gx64, name="grad logits")
+        assert_close(gh, gh64, name="grad hidden")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton")
