@@ -54,8 +54,9 @@ def _greedy_no_cache(model, prompt, T, eos):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_greedy_equals_full_forward(name, backend):
     """Patched: rk.patch(model)'s MoE routing and experts run inside the engine's decode step."""
-    if backend == "triton" and name != "tiny-qwen2":
-        pytest.skip("interpreter: one model is enough for the kernels (torch covers every model)")
+    if backend == "triton" and name not in ("tiny-qwen2", "tiny-llama"):
+        pytest.skip("interpreter: q/k/v with and without bias are enough for the kernels (torch covers every "
+                    "model)")
     torch.manual_seed(0 if name == "tiny-qwen2" or name == "tiny-llama" else 1)
     model = _model(name.removesuffix("-patched"))
     if name.endswith("-patched"):
@@ -76,6 +77,28 @@ def test_greedy_equals_full_forward(name, backend):
         assert (tok[b, len(ref):] == 0).all()
         assert (logp[b, len(ref):] == 0).all()
     assert tok.shape[1] <= T
+
+
+def test_fused_qkv_follows_in_place_updates():
+    """The engine's concatenated q/k/v buffer is refreshed on every rollout: after an in-place update of the
+    projections (what ZeRO 0-2's optimizer does) greedy decoding still equals the full forward, and the
+    training forward runs the unpatched projections again."""
+    torch.manual_seed(0)
+    model = _model("tiny-qwen2")
+    lens, T = [4, 6], 6
+    ids, mask = _prompts(lens)
+    eng = Engine(model, backend="triton")
+    for it in range(2):
+        tok, _ = eng.generate(ids, mask, [0, 1], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0)
+        assert len(eng._qkv) == len(model.model.layers)  # the fused path ran
+        for b in range(len(lens)):
+            assert tok[b].tolist() == _greedy_no_cache(model, ids[b, mask[b].bool()].tolist(), T, -1), (it, b)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.bias):
+                    p.add_(torch.randn_like(p))
+    attn = model.model.layers[0].self_attn
+    assert "forward" not in vars(attn.q_proj) and "forward" not in vars(attn.k_proj)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])

@@ -94,6 +94,7 @@ class Engine:
         self.cache = self.st = None
         self.graphs: dict = {}
         self.pool = None
+        self._qkv: dict = {}  # attention module id -> concatenated q/k/v weight, bias (fused.py)
         self._sig = None
         self.stats = {"captures": 0, "capture_seconds": 0.0}
 
@@ -124,6 +125,7 @@ class Engine:
         hooks to the model or changing it in ways the parameter storage does not show."""
         self._drop_graphs()
         self.cache = self.st = None
+        self._qkv.clear()
 
     @contextlib.contextmanager
     def _active(self):
@@ -136,7 +138,7 @@ class Engine:
         fuse = (self.fused and (dev.type == "cuda" or self.backend == "triton")
                 and all(len(rk._backend.available(op, dev.type)) > 1 for op in FUSED_OPS))
         try:
-            with fused_decode_ops(self.model, self.backend) if fuse else contextlib.nullcontext():
+            with fused_decode_ops(self.model, self.backend, self._qkv) if fuse else contextlib.nullcontext():
                 yield
         finally:
             _attn._ACTIVE.pop()

@@ -1,13 +1,18 @@
 """Fused kernels in the model's own decode forward, while the engine runs: each Hugging Face RMSNorm ->
 rk.rms_norm (one kernel instead of six), each SiLU-gated MLP -> rk.silu_mul between its projections (one
 instead of two), and the rotary embedding of Llama-family attention -> rk.apply_rotary (one launch for q
-and k instead of about ten). Instance attributes shadow the class methods for the duration and are
-removed after, so training forwards run the unpatched code."""
+and k instead of about ten), and the q/k/v projections of each attention -> one GEMM over the three
+weights concatenated into a buffer the engine keeps (refreshed from the parameters on every entry; one
+launch instead of three). Instance attributes shadow the class methods for the duration and are removed
+after, so training forwards run the unpatched code."""
 from __future__ import annotations
 
 import contextlib
 import sys
 import types
+
+import torch
+import torch.nn.functional as F
 
 import r1kernels as rk
 
@@ -28,9 +33,56 @@ def _patchable_mlp(m) -> bool:
             and type(act).__name__ in ("SiLU", "SiLUActivation"))
 
 
+def _qkv_projs(m):
+    ps = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(p, torch.nn.Linear) for p in ps):
+        return None
+    if len({p.bias is None for p in ps}) != 1 or len({(p.weight.dtype, p.weight.device) for p in ps}) != 1:
+        return None
+    return ps
+
+
+def _q(self, x):
+    """q_proj's forward: one GEMM for q, k and v; k_proj / v_proj return their slices for the same x."""
+    qkv = F.linear(x, self._r1k_w, self._r1k_b)
+    nq, nk = self.out_features, self._r1k_k.out_features
+    self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x, qkv[..., nq:nq + nk]), (x, qkv[..., nq + nk:])
+    return qkv[..., :nq]
+
+
+def _kv(self, x):
+    src, out = self._r1k_out
+    return out if src is x else F.linear(x, self.weight, self.bias)
+
+
+def _fuse_qkv(m, buffers: dict):
+    """Patch m's q/k/v projections (see _q); the concatenated weight/bias live in `buffers` under id(m)."""
+    ps = _qkv_projs(m)
+    if ps is None:
+        return []
+    q, k, v = ps
+    w_b = buffers.get(id(m))
+    if w_b is None or w_b[0].shape[0] != sum(p.out_features for p in ps):
+        w = torch.empty(sum(p.out_features for p in ps), q.in_features, dtype=q.weight.dtype,
+                        device=q.weight.device)
+        b = None if q.bias is None else w.new_empty(w.shape[0])
+        w_b = buffers[id(m)] = (w, b)
+    w, b = w_b
+    torch.cat([p.weight.detach() for p in ps], out=w)
+    if b is not None:
+        torch.cat([p.bias.detach() for p in ps], out=b)
+    q.forward, q._r1k_w, q._r1k_b, q._r1k_k, q._r1k_v = types.MethodType(_q, q), w, b, k, v
+    k.forward, v.forward = types.MethodType(_kv, k), types.MethodType(_kv, v)
+    k._r1k_out = v._r1k_out = (None, None)
+    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v")), (k, ("forward", "_r1k_out")),
+            (v, ("forward", "_r1k_out"))]
+
+
 @contextlib.contextmanager
-def fused_decode_ops(model, backend: str = "auto"):
-    patched = []
+def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
+    """buffers: the caller's dict for the concatenated q/k/v weights (kept so CUDA graphs captured inside
+    one entry replay with the same addresses in the next); None skips the q/k/v fusion."""
+    patched, fused = [], []
     for m in model.modules():
         name = type(m).__name__
         fn = None
@@ -41,6 +93,8 @@ def fused_decode_ops(model, backend: str = "auto"):
         if fn is not None:
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
             patched.append(m)
+        elif buffers is not None and name.endswith("Attention"):
+            fused += _fuse_qkv(m, buffers)
     mods = []
     if getattr(model.config, "model_type", None) in ROPE_MODELS:
         for m in model.modules():
@@ -59,5 +113,8 @@ def fused_decode_ops(model, backend: str = "auto"):
     finally:
         for m in patched:
             del m.forward, m._r1k_backend
+        for m, attrs in fused:
+            for a in attrs:
+                delattr(m, a)
         for mod, orig in mods:
             mod.apply_rotary_pos_emb = orig
