@@ -15,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 rc=0
 skip tests || { python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py tests/test_sampling.py \
-  tests/test_decode_attention.py >"$OUT/gpu_tests.log" 2>&1 || rc=$?; tail -4 "$OUT/gpu_tests.log"; }
+  tests/test_decode_attention.py tests/test_fused_decode.py >"$OUT/gpu_tests.log" 2>&1 || rc=$?; tail -4 "$OUT/gpu_tests.log"; }
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" --reps 2 --profile || rc=$?
 skip kernels || python3 -m benchmarks --out "$OUT/k" --only sampling,decode_attention || rc=$?
 skip zero2 || python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2.json" --steps 4 2>&1 | grep -v Warning | tail -3
