@@ -100,12 +100,23 @@ def main(argv=None):
         "median_seconds": {k: statistics.median(h[k] for h in timed) for k in PHASES},
         "steps": [{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length")} for h in hist],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        # held between rollouts by the generation engine (part of the peak): KV cache, decode state, q/k/v
+        "engine_memory_gib": sum(e.memory_bytes() for e in list(_engines().values())) / 2**30,
     }
+    # the step's forwards of the loss (not timed apart), rewards, advantages and logging
+    res["median_seconds"]["other"] = res["median_seconds"]["step_time"] - sum(
+        res["median_seconds"][k] for k in PHASES[:-1])
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
     print(json.dumps(res["median_seconds"]), "peak GiB:", res["peak_memory_gib"])
     return res
+
+
+def _engines():
+    from r1train.generation.engine import _ENGINES
+
+    return _ENGINES
 
 
 def _commit():

@@ -127,6 +127,14 @@ class Engine:
         self.cache = self.st = None
         self._qkv.clear()
 
+    def memory_bytes(self) -> int:
+        """Device bytes this engine holds between rollouts: KV cache, decode state, q/k/v buffers (the
+        CUDA graphs' private pool is not counted)."""
+        ts = [] if self.cache is None else [t for t in self.cache.k + self.cache.v if t is not None]
+        ts += [] if self.st is None else [*self.st.small(), self.st.out_tok, self.st.out_logp]
+        ts += [t for wb in self._qkv.values() for t in wb if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
     @contextlib.contextmanager
     def _active(self):
         cfg = self.model.config
