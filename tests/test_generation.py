@@ -97,8 +97,9 @@ def test_fused_qkv_follows_in_place_updates():
             for layer in model.model.layers:
                 for p in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.bias):
                     p.add_(torch.randn_like(p))
-    attn = model.model.layers[0].self_attn
-    assert "forward" not in vars(attn.q_proj) and "forward" not in vars(attn.k_proj)
+    layer = model.model.layers[0]
+    for m in (layer, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+        assert "forward" not in vars(m), m
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])

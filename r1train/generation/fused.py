@@ -3,8 +3,9 @@ rk.rms_norm (one kernel instead of six), each SiLU-gated MLP -> rk.silu_mul betw
 instead of two), and the rotary embedding of Llama-family attention -> rk.apply_rotary (one launch for q
 and k instead of about ten), and the q/k/v projections of each attention -> one GEMM over the three
 weights concatenated into a buffer the engine keeps (refreshed from the parameters on every entry; one
-launch instead of three). Instance attributes shadow the class methods for the duration and are removed
-after, so training forwards run the unpatched code."""
+launch instead of three), and in each Llama-family decoder layer the two residual adds -> the beta = 1
+input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). Instance attributes shadow the
+class methods for the duration and are removed after, so training forwards run the unpatched code."""
 from __future__ import annotations
 
 import contextlib
@@ -78,6 +79,31 @@ def _fuse_qkv(m, buffers: dict):
             (v, ("forward", "_r1k_out"))]
 
 
+def _res_linear(self, x):
+    """o_proj / down_proj: residual + x @ W^T in one GEMM; the residual is what the layer stashed."""
+    res, self._r1k_res = self._r1k_res, None
+    H = res.shape[-1]
+    return torch.addmm(res.reshape(-1, H), x.reshape(-1, x.shape[-1]), self.weight.t()).view(res.shape)
+
+
+def _layer(self, hidden_states, *args, **kwargs):
+    """A Llama-family decoder layer whose o_proj / down_proj add the residual themselves (_res_linear)."""
+    if args:  # a caller that passes more than hidden_states positionally: the model's own forward
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    self.self_attn.o_proj._r1k_res = hidden_states
+    hidden_states = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+    self.mlp.down_proj._r1k_res = hidden_states
+    return self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def _residual_layer(m) -> bool:
+    lin = torch.nn.Linear
+    return (type(m).__name__.endswith("DecoderLayer") and all(hasattr(m, n) for n in (
+        "input_layernorm", "post_attention_layernorm", "self_attn", "mlp"))
+        and isinstance(getattr(m.self_attn, "o_proj", None), lin) and m.self_attn.o_proj.bias is None
+        and isinstance(getattr(m.mlp, "down_proj", None), lin) and m.mlp.down_proj.bias is None)
+
+
 @contextlib.contextmanager
 def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
     """buffers: the caller's dict for the concatenated q/k/v weights (kept so CUDA graphs captured inside
@@ -97,6 +123,13 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
             fused += _fuse_qkv(m, buffers)
     mods = []
     if getattr(model.config, "model_type", None) in ROPE_MODELS:
+        for m in model.modules():
+            if _residual_layer(m):
+                m.forward = types.MethodType(_layer, m)
+                for lin in (m.self_attn.o_proj, m.mlp.down_proj):
+                    lin.forward, lin._r1k_res = types.MethodType(_res_linear, lin), None
+                fused += [(m, ("forward",)), (m.self_attn.o_proj, ("forward", "_r1k_res")),
+                          (m.mlp.down_proj, ("forward", "_r1k_res"))]
         for m in model.modules():
             mod = sys.modules.get(type(m).__module__)
             if type(m).__name__.endswith("Attention") and hasattr(mod, "apply_rotary_pos_emb") and mod not in [
