@@ -1,0 +1,156 @@
+"""r1kernels.integrations.trl against the installed TRL: a few GRPOTrainer steps on a tiny Qwen2 with and
+without use_r1kernels see the same completions (the second run replays the first run's generations) and
+must give the same loss, metrics and gradients (TOLERANCES[float32]). Plain SGD: Adam's first step is
+sign(grad), which turns a 1e-7 difference in a near-zero gradient entry into a full-size step. Unsupported
+options warn once and run TRL's loss code."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close
+
+pytest.importorskip("trl")
+from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from r1kernels.integrations.trl import unsupported_options, use_r1kernels  # noqa: E402
+from r1kernels.patch.lm_head import FusedLMHeadOutput  # noqa: E402
+
+METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+           "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "reward")
+
+
+def digit_share(prompts, completions, **_):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny Qwen2 (fresh weights each run) and the character tokenizer, saved where TRL can load
+    the reference model from."""
+    from r1train.tasks.models import tiny_model
+    from r1train.tasks.tokenizer import char_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = char_tokenizer()
+    tiny_model("tiny-qwen2", tok, seed=int(torch.randint(0, 2**31 - 1, ()).item()), hidden_size=32,
+               num_layers=1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+class _Grads(TrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _trainer(model_dir, tmp_path, **cfg):
+    from datasets import Dataset
+
+    path, tok = model_dir
+    opts = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
+                logging_steps=1, learning_rate=0.1, optim="sgd", report_to="none", use_cpu=True, bf16=False,
+                save_strategy="no", disable_tqdm=True, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+    opts.update(cfg)
+    ds = Dataset.from_list([{"prompt": f"{i}*{i + 3}="} for i in range(8)])
+    grads = _Grads()
+    tr = GRPOTrainer(model=path, reward_funcs=digit_share, train_dataset=ds, processing_class=tok,
+                     args=GRPOConfig(output_dir=str(tmp_path), **opts), callbacks=[grads])
+    return tr, grads
+
+
+def _train(model_dir, tmp_path, ours, replay=None, **cfg):
+    """(log rows, per-step gradients, generations); with `replay`, the generations of an earlier run."""
+    tr, grads = _trainer(model_dir, tmp_path, **cfg)
+    if replay is None:
+        recorded, generate = [], tr._generate
+        tr._generate = lambda prompts: recorded.append(generate(prompts)) or recorded[-1]
+    else:
+        recorded, it = replay, iter(replay)
+        tr._generate = lambda prompts: next(it)
+    if ours:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a supported setting must not fall back
+            use_r1kernels(tr)
+    tr.train()
+    return [h for h in tr.state.log_history if "loss" in h], grads.grads, recorded
+
+
+def _assert_same_training(a, b):
+    (rows_a, grads_a, _), (rows_b, grads_b, _) = a, b
+    assert len(rows_a) == len(rows_b) > 0 and len(grads_a) == len(grads_b) > 0
+    min_len = min(r["completions/min_length"] for r in rows_a if "completions/min_length" in r)
+    for step, (ra, rb) in enumerate(zip(rows_a, rows_b)):
+        assert_close(torch.tensor(rb["loss"]), torch.tensor(ra["loss"]), name=f"loss, step {step}")
+        for k in METRICS:
+            assert (k in ra) == (k in rb), k
+            if k in ra and "clip_ratio" in k:
+                # a ratio within float error of a clip bound may land on either side: one token's weight
+                assert abs(rb[k] - ra[k]) <= 1.0 / max(min_len, 1) + 1e-6, (k, step, ra[k], rb[k])
+            elif k in ra:
+                assert_close(torch.tensor(rb[k]), torch.tensor(ra[k]), name=f"{k}, step {step}")
+    for step, (ga, gb) in enumerate(zip(grads_a, grads_b)):
+        assert set(ga) == set(gb)
+        for n in ga:
+            assert_close(gb[n], ga[n].double(), name=f"grad {n}, step {step}")
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, num_iterations=2, gradient_accumulation_steps=2),
+    dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2, epsilon_high=0.28),
+    dict(loss_type="dr_grpo", delta=1.5, gradient_accumulation_steps=2, temperature=0.7),
+    dict(loss_type="cispo", epsilon_high=5.0, num_iterations=2),
+    dict(loss_type="sapo", num_iterations=2),
+    dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False),
+], ids=lambda c: c["loss_type"])
+def test_grpo_trainer_same_loss_and_grads(model_dir, tmp_path, cfg):
+    base = _train(model_dir, tmp_path / "trl", False, **cfg)
+    ours = _train(model_dir, tmp_path / "r1k", True, replay=base[2], **cfg)
+    _assert_same_training(base, ours)
+
+
+def test_unsupported_option_warns_once_and_runs_trl_loss(model_dir, tmp_path):
+    cfg = dict(loss_type="luspo", importance_sampling_level="sequence", max_steps=1)
+    base = _train(model_dir, tmp_path / "trl", False, **cfg)
+    tr, grads = _trainer(model_dir, tmp_path / "r1k", **cfg)
+    it = iter(base[2])
+    tr._generate = lambda prompts: next(it)
+    assert unsupported_options(tr) == ["loss_type='luspo'"]
+    with pytest.warns(UserWarning, match="TRL's loss code runs for loss_type='luspo'") as rec:
+        use_r1kernels(tr)
+        use_r1kernels(tr)  # a second call is a no-op: no second warning
+    assert len([w for w in rec if "r1kernels" in str(w.message)]) == 1
+    tr.train()
+    ours = ([h for h in tr.state.log_history if "loss" in h], grads.grads, None)
+    _assert_same_training(base, ours)
+
+
+def test_trainer_models_get_the_fused_head(model_dir, tmp_path):
+    tr, _ = _trainer(model_dir, tmp_path, beta=0.04, use_bias_correction_kl=False, temperature=0.8)
+    use_r1kernels(tr, backend="torch")
+    for m in (tr.model, tr.ref_model):
+        assert m._r1k_lm_head["temperature"] == 0.8 and m._r1k_lm_head["backend"] == "torch"
+    assert tr.ref_model._r1k_lm_head["return_entropy"] is False
+    ids = torch.randint(0, 100, (2, 9))
+    labels = ids.masked_fill(torch.rand(2, 9) < 0.3, -100)
+    out = tr.model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert isinstance(out, FusedLMHeadOutput)
+    logits = tr.model(input_ids=ids).logits[:, :-1].double() / 0.8
+    ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100)
+    assert_close(out.log_probs, ref)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="trainer must be a trl.GRPOTrainer"):
+        use_r1kernels(object())
+
+
+def test_bad_backend(model_dir, tmp_path):
+    tr, _ = _trainer(model_dir, tmp_path)
+    with pytest.raises(ValueError, match="backend"):
+        use_r1kernels(tr, backend="fastest")
