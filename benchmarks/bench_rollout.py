@@ -22,7 +22,14 @@ import time
 
 import torch
 
-COPY_BW = 4.24e12  # bytes/s, measured device-to-device copy on one H200 (DESIGN.md section 6)
+H200_COPY_BW = 4.24e12  # bytes/s, device-to-device copy on one H200 (DESIGN.md section 6): the CPU stand-in
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s (read + written) of a 1 GiB device copy, measured in this run (harness.ceilings)."""
+    from .harness import ceilings
+
+    return ceilings(device)["copy_GBps"] * 1e9 if device == "cuda" else H200_COPY_BW
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True)
 
@@ -44,7 +51,7 @@ def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
     w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_tok = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
     kv = sum(prompt_len + t for n in lens for t in range(n)) * kv_tok
-    return (max(lens) * w_bytes + kv) / COPY_BW
+    return (max(lens) * w_bytes + kv) / copy_bandwidth(next(model.parameters()).device.type)
 
 
 class ForcedLengths:
@@ -245,7 +252,8 @@ def _write(out_dir, model, results, device):
     doc = {"benchmark": "rollout", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": _commit(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "copy_bandwidth": COPY_BW, "params": sum(p.numel() for p in model.parameters()), "results": results}
+           "copy_bandwidth": copy_bandwidth(device), "params": sum(p.numel() for p in model.parameters()),
+           "results": results}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench_rollout.json"), "w") as fh:
         json.dump(doc, fh, indent=1)
