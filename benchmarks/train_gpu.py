@@ -102,6 +102,8 @@ def main(argv=None):
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         # held between rollouts by the generation engine (part of the peak): KV cache, decode state, q/k/v
         "engine_memory_gib": sum(e.memory_bytes() for e in list(_engines().values())) / 2**30,
+        # CUDA-graph captures over the run: one set per bucket unless the parameters move (ZeRO-3 gathers)
+        "engine_stats": [dict(e.stats) for e in list(_engines().values())],
     }
     # the step's forwards of the loss (not timed apart), rewards, advantages and logging
     res["median_seconds"]["other"] = res["median_seconds"]["step_time"] - sum(
