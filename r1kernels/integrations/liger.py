@@ -1,0 +1,232 @@
+"""Liger-Kernel-compatible GRPO entry points backed by r1kernels (signatures of liger-kernel 0.8.5): code
+written for Liger switches by its import line.
+
+    from r1kernels.integrations.liger import LigerFusedLinearGRPOLoss   # was liger_kernel.chunked_loss
+    from r1kernels.integrations.liger import triton_grpo_loss           # was liger_kernel.transformers.grpo_loss
+
+Same constructor and call arguments, defaults and outputs: LigerFusedLinearGRPOLoss(...)(_input [B, T, H],
+lin_weight [V, H], selected_token_ids, attention_mask, advantages [B], ...) -> (loss, (kl?, clip_ratio));
+triton_grpo_loss(logits [B, T + 1, V], ...) -> (loss, [kl?, clip_ratio]) with reduce=True, else the masked
+per-token (loss, kl, is_clipped). kl is listed only when beta != 0. Options r1kernels does not implement
+(loss_type luspo/vespo, vllm_is_ratio, use_bias_correction_kl with beta != 0, SAPO temperatures other than
+1.0/1.05) run Liger's own code when liger-kernel is installed, after one warning; without it they are a
+ValueError. compiled and chunk_size are accepted and have no effect (the kernels chunk by themselves).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import _checks, grpo_loss, linear_grpo_loss, linear_token_logprobs, token_logprobs
+from ..reference.grpo import LOSS_REDUCTION, LOSS_TYPES, SAPO_TAU_NEG, SAPO_TAU_POS, kl_per_token, per_token_objective
+
+__all__ = ["LigerFusedLinearGRPOLoss", "triton_grpo_loss"]
+
+_warned: set[str] = set()
+
+
+def _unsupported(loss_type, beta, use_bias_correction_kl, vllm_is_ratio, sapo_temperature_pos,
+                 sapo_temperature_neg, **extra) -> list[str]:
+    out = [] if loss_type in LOSS_TYPES else [f"loss_type={loss_type!r}"]
+    if use_bias_correction_kl and beta != 0.0:
+        out.append("use_bias_correction_kl=True")
+    if vllm_is_ratio is not None:
+        out.append("vllm_is_ratio")
+    if loss_type == "sapo" and (sapo_temperature_pos, sapo_temperature_neg) != (SAPO_TAU_POS, SAPO_TAU_NEG):
+        out.append(f"sapo_temperature_pos/neg={sapo_temperature_pos}/{sapo_temperature_neg}")
+    return out + [k for k, v in extra.items() if v]
+
+
+def _liger(where: str, what: str, todo: list[str]):
+    """Liger's own implementation of `what` for options r1kernels does not implement (one warning each)."""
+    try:
+        module = __import__(where, fromlist=[what])
+    except ImportError as e:
+        raise ValueError(f"{', '.join(todo)}: not implemented by r1kernels (install liger-kernel to run "
+                         "Liger's implementation for it)") from e
+    key = f"{what}: {', '.join(todo)}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"r1kernels: Liger's {what} runs for {', '.join(todo)}", stacklevel=3)
+    return getattr(module, what)
+
+
+def _check_options(loss_type, importance_sampling_level, delta, sapo_temperature_pos, sapo_temperature_neg,
+                   max_completion_length=None, dr_grpo_needs_length=False):
+    _checks.choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        _checks.positive(name, v)
+    if delta is not None:
+        _checks.positive("delta", delta)
+        if loss_type in ("cispo", "sapo", "vespo"):
+            raise ValueError(f"delta (two-sided clipping) is not supported for loss_type={loss_type!r}")
+    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
+        raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}")
+    if dr_grpo_needs_length and loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("max_completion_length must be provided for loss_type='dr_grpo'")
+
+
+def _dapo_normalizer(mask, num_items_in_batch):
+    """Liger's dapo/cispo denominator: num_items_in_batch (else the mask's token count, summed over ranks)
+    divided by the world size, at least 1."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+    else:
+        n = mask.float().sum()
+        if world > 1:
+            dist.all_reduce(n)
+    return (n / world).clamp(min=1.0)
+
+
+def _is_clipped(logp, old, adv, mask, eps_low, eps_high, loss_type, level):
+    """Liger's per-token clip indicator (float [B, T]): standard types, either bound against the advantage's
+    sign; cispo, r > eps_high with A > 0; sapo, none."""
+    if loss_type == "sapo":
+        return torch.zeros_like(mask)
+    log_r = logp - (logp if old is None else old.float())
+    if level == "sequence":
+        log_r = ((log_r * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    r, a = torch.exp(log_r), adv.float().reshape(adv.shape[0], -1)
+    if loss_type == "cispo":
+        return ((r > eps_high) & (a > 0)).float().expand_as(mask)
+    return (((r < 1 - eps_low) & (a < 0)) | ((r > 1 + eps_high) & (a > 0))).float().expand_as(mask)
+
+
+def _mask_ids(ids, mask, V):
+    """Masked positions may hold any id (e.g. -100); the kernels read a valid one there."""
+    return ids.masked_fill((mask == 0) & ((ids < 0) | (ids >= V)), 0)
+
+
+class LigerFusedLinearGRPOLoss(torch.nn.Module):
+    """liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss on r1kernels.linear_grpo_loss (module docstring).
+    backend (keyword only, not Liger's): the r1kernels backend."""
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length: int | None = None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: float | None = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
+                 backend: str = "auto"):
+        super().__init__()
+        _checks.positive("sapo_temperature_pos", sapo_temperature_pos)
+        _checks.positive("sapo_temperature_neg", sapo_temperature_neg)
+        if delta is not None:
+            _checks.positive("delta", delta)
+        self.liger_kwargs = dict(
+            beta=beta, compiled=compiled, use_ref_model=use_ref_model, chunk_size=chunk_size,
+            epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+            max_completion_length=max_completion_length, importance_sampling_level=importance_sampling_level,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            temperature=temperature, delta=delta, use_bias_correction_kl=use_bias_correction_kl,
+            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg)
+        self.__dict__.update(self.liger_kwargs)
+        self.backend = backend
+        self._liger_module = None
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
+                vllm_is_ratio=None, num_items_in_batch=None):
+        c = self.liger_kwargs
+        _check_options(c["loss_type"], c["importance_sampling_level"], c["delta"], c["sapo_temperature_pos"],
+                       c["sapo_temperature_neg"], c["max_completion_length"], dr_grpo_needs_length=True)
+        todo = _unsupported(c["loss_type"], c["beta"], c["use_bias_correction_kl"], vllm_is_ratio,
+                            c["sapo_temperature_pos"], c["sapo_temperature_neg"])
+        if todo:
+            if self._liger_module is None:
+                self._liger_module = _liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", todo)(**c)
+            return self._liger_module(_input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
+                                      ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias,
+                                      vllm_is_ratio, num_items_in_batch)
+        ref = None
+        if c["use_ref_model"]:
+            if ref_per_token_logps is None and ref_input is None:
+                raise ValueError("ref_per_token_logps or ref_input is required when use_ref_model=True")
+            ref = ref_per_token_logps
+            if ref is None:
+                with torch.no_grad():
+                    ref = linear_token_logprobs(ref_input, ref_weight, _mask_ids(selected_token_ids, attention_mask,
+                                                                                 ref_weight.shape[0]),
+                                                bias=ref_bias, temperature=c["temperature"], backend=self.backend)
+        beta = c["beta"] if ref is not None else 0.0  # Liger: no reference -> KL 0
+        items = LOSS_REDUCTION[c["loss_type"]] == "items"
+        out = linear_grpo_loss(
+            _input, lin_weight, selected_token_ids, advantages, attention_mask, bias=bias,
+            old_logprobs=old_per_token_logps, ref_logprobs=ref, beta=beta, epsilon=c["epsilon_low"],
+            epsilon_high=c["epsilon_high"], delta=c["delta"], loss_type=c["loss_type"],
+            importance_sampling_level=c["importance_sampling_level"], temperature=c["temperature"],
+            max_completion_length=c["max_completion_length"],
+            num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch) if items else None,
+            backend=self.backend)
+        return out.loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
+                                        c["epsilon_low"], c["epsilon_high"], c["loss_type"],
+                                        c["importance_sampling_level"]))
+
+
+def _metrics(out, old, adv, mask, beta, eps_low, eps_high, loss_type, level):
+    mask = mask.float()
+    clipped = _is_clipped(out.per_token_logprobs, old, adv, mask, eps_low, eps_high, loss_type, level)
+    clip_ratio = (clipped * mask).sum() / mask.sum().clamp(min=1.0)
+    return ([out.metrics["kl"]] if beta != 0.0 else []) + [clip_ratio]
+
+
+def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, completion_mask=None, temperature=0.9,
+                     beta=0.04, eps_low=0.2, eps_high=0.4, inplace=True, loss_type="dapo", max_completion_length=None,
+                     importance_sampling_level="token", reduce=False, sapo_temperature_pos=1.0,
+                     sapo_temperature_neg=1.05, vllm_is_ratio=None, delta=None, use_bias_correction_kl=False,
+                     num_items_in_batch=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                     vespo_lambda_neg=2.0, *, backend="auto"):
+    """liger_kernel.transformers.grpo_loss.triton_grpo_loss on r1kernels (module docstring). logits
+    [B, T + 1, V]: logits[:, t] scores completion_ids[:, t] and the last position is unused. reduce=True runs
+    the fused loss kernel (inplace: its backward writes the logits' gradient into their storage);
+    reduce=False returns per-token (loss * mask, kl * mask or None, is_clipped * mask) through the log-prob
+    kernel. backend (keyword only, not Liger's): the r1kernels backend."""
+    _checks.float_tensor("logits", logits, ndim=3)
+    _check_options(loss_type, importance_sampling_level, delta, sapo_temperature_pos, sapo_temperature_neg)
+    todo = _unsupported(loss_type, beta, use_bias_correction_kl, vllm_is_ratio, sapo_temperature_pos,
+                        sapo_temperature_neg)
+    if todo:
+        fn = _liger("liger_kernel.transformers.grpo_loss", "triton_grpo_loss", todo)
+        return fn(logits, old_logp, ref_logp, completion_ids, advantages, completion_mask, temperature, beta, eps_low,
+                  eps_high, inplace, loss_type, max_completion_length, importance_sampling_level, reduce,
+                  sapo_temperature_pos, sapo_temperature_neg, vllm_is_ratio, delta, use_bias_correction_kl,
+                  num_items_in_batch, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    B, T1, V = logits.shape
+    if T1 < 1:
+        raise ValueError(f"logits must have shape [B, T + 1, V], got {tuple(logits.shape)}")
+    _checks.shape("completion_ids", completion_ids, (B, T1 - 1), " (logits has T + 1 positions)")
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0")
+    mask = completion_mask if completion_mask is not None else torch.ones(B, T1 - 1, device=logits.device)
+    x = logits[:, :-1]
+    items = LOSS_REDUCTION[loss_type] == "items"
+    if reduce:
+        out = grpo_loss(x, completion_ids, advantages, mask, old_logprobs=old_logp,
+                        ref_logprobs=ref_logp if beta != 0.0 else None, beta=beta, epsilon=eps_low,
+                        epsilon_high=eps_high, delta=delta, loss_type=loss_type,
+                        importance_sampling_level=importance_sampling_level, temperature=temperature,
+                        max_completion_length=max_completion_length,
+                        num_items_in_batch=_dapo_normalizer(mask, num_items_in_batch) if items else None,
+                        inplace_backward=bool(inplace), backend=backend)
+        return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
+                                  importance_sampling_level)
+    _checks.int_tensor("completion_ids", completion_ids, ndim=2)
+    _checks.float_tensor("advantages", advantages, ndim=1)
+    _checks.shape("advantages", advantages, (B,))
+    logp = token_logprobs(x, _mask_ids(completion_ids, mask, V), temperature=temperature, backend=backend)
+    m = mask.float()
+    old = logp.detach() if old_logp is None else old_logp.float()
+    L, _ = per_token_objective(logp, old, advantages.float().unsqueeze(-1), m, epsilon=eps_low,
+                               epsilon_high=eps_high, delta=delta, loss_type=loss_type,
+                               importance_sampling_level=importance_sampling_level)
+    kl = None
+    if beta != 0.0:
+        kl = kl_per_token(logp, ref_logp.float(), "k3")
+        L = L + beta * kl
+    clipped = _is_clipped(logp.detach(), old_logp, advantages, m, eps_low, eps_high, loss_type,
+                          importance_sampling_level)
+    return L * m, (kl * m if kl is not None else None), clipped * m

@@ -1,0 +1,55 @@
+"""verl's fused linear log-prob/entropy kernel signature (verl/utils/kernel/linear_cross_entropy.py) backed
+by r1kernels.linear_token_logprobs:
+
+    linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None)
+        -> (logprobs, entropy)
+
+hidden [..., H] and labels [...] are flattened to N rows; weight is [V, H]. logprobs = log softmax(hidden @
+weight.T / temperature)[label] (fp32 [N] with reduction "none", else its sum or mean over the N rows, a
+scalar); entropy is the fp32 [N] entropy of the same distribution. Both are differentiable (into hidden and
+weight). A vocabulary split over dist_process_group (tensor parallel) is not implemented here: that call
+runs verl's own kernel when verl is installed (one warning) and is a ValueError otherwise.
+"""
+from __future__ import annotations
+
+import warnings
+
+from .. import _checks, linear_token_logprobs
+
+__all__ = ["linear_cross_entropy"]
+
+REDUCTIONS = ("none", "sum", "mean")
+_warned = []
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None, *,
+                         backend="auto"):
+    """Drop-in for verl.utils.kernel.linear_cross_entropy.linear_cross_entropy (module docstring).
+    backend (keyword only, not verl's): the r1kernels backend."""
+    temperature = 1.0 if temperature is None else temperature
+    reduction = "none" if reduction is None else reduction
+    if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if dist_process_group is not None:
+        try:
+            from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy as verl_fn
+        except ImportError as e:
+            raise ValueError("dist_process_group (a vocabulary split over ranks) is not implemented by r1kernels; "
+                             "install verl to run its kernel for it, or pass dist_process_group=None") from e
+        if not _warned:
+            _warned.append(True)
+            warnings.warn("r1kernels: verl's linear_cross_entropy runs for dist_process_group", stacklevel=2)
+        return verl_fn(hidden, weight, labels, temperature, reduction, dist_process_group)
+    _checks.float_tensor("hidden", hidden, min_ndim=1)
+    _checks.int_tensor("labels", labels)
+    if labels.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"labels must have one entry per row of hidden ({hidden.numel() // max(hidden.shape[-1], 1)}"
+                         f" rows), got shape {tuple(labels.shape)}")
+    logp, ent = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                      temperature=temperature, return_entropy=True, backend=backend)
+    reduction = reduction.lower()
+    if reduction == "sum":
+        logp = logp.sum()
+    elif reduction == "mean":
+        logp = logp.mean()
+    return logp, ent

@@ -1,0 +1,115 @@
+"""rk.patch on Qwen2/Qwen3/Llama/Mistral: the fused lm_head path (model(..., labels, fused_lm_head=True))
+against the unpatched model's own logits in float64 -- log-probs, entropy, loss and gradients -- at several
+shapes with -100 labels; the plain forward and generate stay the model's own."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+import r1kernels as rk  # noqa: E402
+from r1kernels.patch.lm_head import FusedLMHeadOutput, patch_lm_head  # noqa: E402
+
+V = 61
+
+
+def _model(family, bias=False):
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = {"qwen2": lambda: transformers.Qwen2Config(tie_word_embeddings=True, **common),
+           "qwen3": lambda: transformers.Qwen3Config(head_dim=8, **common),
+           "llama": lambda: transformers.LlamaConfig(**common),
+           "mistral": lambda: transformers.MistralConfig(**common)}[family]()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if bias:  # a biased head (none of the four has one; the path supports it)
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(V) * 0.1)
+    return model
+
+
+def _expected(model, ids, mask, labels, temperature):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    keep = labels[:, 1:] != -100
+    logp = logp_all.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * keep
+    ent = -(logp_all.exp() * logp_all).sum(-1) * keep
+    return logp, ent, -logp.sum() / keep.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral"])
+@pytest.mark.parametrize("B,L", [(1, 2), (3, 9), (2, 17)])
+def test_fused_head_matches_logits(family, B, L):
+    model = _model(family, bias=family == "llama")
+    patched = copy.deepcopy(model)
+    assert list(rk.patch(patched)) == ["forward"]
+    temperature = float(torch.empty(()).uniform_(0.6, 1.4))
+    patch_lm_head(patched, temperature=temperature)  # updates the defaults of the patched model
+    ids = torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, : L // 2] = 0  # left padding
+    labels = ids.masked_fill((mask == 0) | (torch.rand(B, L) < 0.2), -100)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert isinstance(out, FusedLMHeadOutput) and out.log_probs.shape == (B, L - 1)
+    logp, ent, loss = _expected(model, ids, mask, labels, temperature)
+    assert_close(out.log_probs, logp, name="log_probs")
+    assert_close(out.entropy, ent, name="entropy")
+    assert_close(out.loss, loss, name="loss")
+    g_lp, g_ent = torch.randn(B, L - 1, dtype=torch.float64), torch.randn(B, L - 1, dtype=torch.float64)
+    ((out.log_probs * g_lp.float()).sum() + (out.entropy * g_ent.float()).sum()).backward()
+    ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    for (n, p), (_, p2) in zip(model.named_parameters(), patched.named_parameters()):
+        if p.grad is not None:
+            assert_close(p2.grad, p.grad, name=f"grad {n}")
+    # the plain forward is untouched
+    torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_shift_labels_callable_and_all_masked():
+    model = _model("qwen2")
+    rk.patch(model)
+    ids = torch.randint(0, V, (2, 8))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    a = model(input_ids=ids, labels=labels, fused_lm_head=True, return_entropy=False)
+    assert a.entropy is None
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)
+    b = model(input_ids=ids, shift_labels=shifted, fused_lm_head=True)
+    assert_close(b.log_probs[:, :-1], a.log_probs.double())
+    # a callable gets the hidden states scoring the last logits_to_keep tokens, inside the forward
+    c = model(input_ids=ids, logits_to_keep=5, fused_lm_head=lambda h, w, bias: rk.linear_token_logprobs(
+        h, w, ids[:, -5:], bias=bias))
+    assert_close(c, a.log_probs[:, -5:].double())
+    # every label masked: zeros, still differentiable
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    assert out.log_probs.abs().sum() == 0 and out.loss.requires_grad
+    out.loss.backward()
+
+
+def test_generate_unchanged():
+    model = _model("llama")
+    patched = copy.deepcopy(model)
+    rk.patch(patched)
+    ids = torch.randint(0, V, (2, 4))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kw), model.generate(ids, **kw))
+
+
+def test_patch_twice_and_bad_input():
+    model = _model("mistral")
+    first = rk.patch(model)
+    assert rk.patch(model)["forward"] is first["forward"]
+    with pytest.raises(ValueError, match="temperature"):
+        patch_lm_head(model, temperature=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        patch_lm_head(model, backend="fast")
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=torch.randint(0, V, (1, 4)), fused_lm_head=True)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="no module"):
+        rk.patch(gpt2)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        patch_lm_head(gpt2)
