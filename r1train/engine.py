@@ -102,6 +102,9 @@ class Trainer(CheckpointMixin):
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
         ref = copy.deepcopy(model) if self.needs_ref() else None
+        # training forwards run in train mode (from_pretrained returns eval mode): MoE routers count their
+        # tokens for the bias update only in train mode with grad enabled (r1train/moe_load.py)
+        model.train()
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
         dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),

@@ -3,9 +3,12 @@ gate (r1kernels.moe.route, optionally a bf16 router GEMM) and the experts (Deeps
 permute -> grouped GEMM -> unpermute. Parameters, buffers and state_dict keys stay the same objects, so
 optimizers, checkpoints and DeepSpeed see no difference.
 
-Routing counts for the auxiliary-loss-free bias update accumulate on each patched router
-(`router.tokens_per_expert`, int64 [E], summed over forwards until `update_router_biases` reads and
-resets them).
+Auxiliary-loss-free balancing (the one mechanism; r1train's ExpertLoad drives it): each patched router adds
+its routed tokens to `router.tokens_per_expert` (int64 [E], on the device, no host sync) in training
+forwards only -- module.training and torch.is_grad_enabled() -- so generation (eval mode, no_grad) and
+no-grad log-prob passes never count. `router.token_mask` ([N] bool, pads False) restricts the count to
+real tokens of forwards with N tokens. `update_router_biases` (once per optimizer step) sums the counts
+over ranks, moves each e_score_correction_bias by rk.moe.update_bias, and resets them.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class R1KRouter(nn.Module):
         self.backend = backend
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64,
                                                               device=gate.weight.device), persistent=False)
-        self.count_here = True              # False once R1KExperts counts from its permute
+        self.token_mask: torch.Tensor | None = None  # [N] bool: the tokens to count (None: all)
 
     def forward(self, hidden_states):
         hidden = hidden_states.reshape(-1, self.weight.shape[1])
@@ -46,10 +49,21 @@ class R1KRouter(nn.Module):
                                      routed_scaling_factor=self.routed_scaling_factor,
                                      norm_topk_prob=self.norm_topk_prob, gemm_dtype=self.gemm_dtype,
                                      backend=self.backend)
-        if self.count_here:
-            with torch.no_grad():
-                self.tokens_per_expert.add_(torch.bincount(ids.flatten(), minlength=self.num_experts))
+        if self.training and torch.is_grad_enabled():
+            self._count(ids)
         return logits, w, ids
+
+    @torch.no_grad()
+    def _count(self, ids_NK):
+        """tokens_per_expert += the routed tokens of ids [N, K] (index_add_: no host read, unlike bincount on
+        CUDA); a token_mask of N entries leaves its False tokens out."""
+        N, K = ids_NK.shape
+        m = self.token_mask
+        if m is not None and m.numel() == N:
+            ones = m.reshape(N, 1).to(device=ids_NK.device, dtype=torch.int64).expand(N, K)
+        else:
+            ones = ids_NK.new_ones(()).expand(N, K)
+        self.tokens_per_expert.index_add_(0, ids_NK.reshape(-1), ones.reshape(-1))
 
     def extra_repr(self):
         return (f"experts={self.num_experts}, top_k={self.top_k}, n_group={self.n_group}, "
@@ -69,24 +83,19 @@ def _grouped_linear(x, weight_EOI, counts, offs):
 
 class R1KExperts(nn.Module):
     """DeepseekV3Experts as permute -> grouped GEMM (gate_up) -> act * up -> grouped GEMM (down) ->
-    unpermute (fp32 weighted combine). Adds each forward's counts to `router.tokens_per_expert`."""
+    unpermute (fp32 weighted combine)."""
 
-    def __init__(self, experts: nn.Module, router: R1KRouter | None = None, *, backend: str = "auto"):
+    def __init__(self, experts: nn.Module, *, backend: str = "auto"):
         super().__init__()
         self.gate_up_proj = experts.gate_up_proj              # [E, 2I, H], the same Parameters
         self.down_proj = experts.down_proj                    # [E, H, I]
         self.act_fn = experts.act_fn
         self.num_experts = experts.gate_up_proj.shape[0]
         self.backend = backend
-        self._router = [router]                               # a list: not a submodule (no double registration)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # ids come from the router: the unchecked entry points skip the id-range check and its device sync
         permuted, row_map, counts = _moe._permute(hidden_states, top_k_index, self.num_experts, self.backend)
-        router = self._router[0]
-        if router is not None:
-            with torch.no_grad():
-                router.tokens_per_expert.add_(counts)
         offs = counts.cumsum(0).to(torch.int32)
         gate_up = _grouped_linear(permuted, self.gate_up_proj, counts, offs)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -118,8 +127,7 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
         old = getattr(parent, "experts", None)
         if experts and type(old).__name__ in EXPERTS_CLASSES:
             _check_experts(old)
-            parent.experts = R1KExperts(old, router, backend=backend)
-            router.count_here = False
+            parent.experts = R1KExperts(old, backend=backend)
             replaced[prefix + "experts"] = old
     return replaced
 
@@ -129,19 +137,20 @@ def routers(model: nn.Module) -> list[R1KRouter]:
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, rate: float = 1e-3, *, all_reduce: bool | None = None) -> int:
-    """Auxiliary-loss-free balancing after the optimizer step: for each patched router, sum its
-    accumulated tokens_per_expert over data-parallel ranks (torch.distributed, when initialized and
-    all_reduce is not False), apply rk.moe.update_bias to e_score_correction_bias, reset the counts.
-    Returns the number of routers updated."""
+def update_router_biases(model: nn.Module, rate: float = 1e-3, *, all_reduce: bool | None = None
+                         ) -> torch.Tensor | None:
+    """Auxiliary-loss-free balancing, once per optimizer step: sum the patched routers' tokens_per_expert
+    over data-parallel ranks (one all-reduce, when torch.distributed is initialized and all_reduce is not
+    False), apply rk.moe.update_bias to each e_score_correction_bias, reset the counts. Returns the counts
+    applied, int64 [routers, E] on the device (None: the model has no patched router)."""
     rs = routers(model)
     if not rs:
-        return 0
-    counts = torch.stack([r.tokens_per_expert for r in rs])  # one all-reduce for every layer
+        return None
+    counts_RE = torch.stack([r.tokens_per_expert for r in rs])
     dist = torch.distributed
     if all_reduce is not False and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    for r, c in zip(rs, counts):
-        _moe.update_bias(r.e_score_correction_bias, c, rate=rate)
+        dist.all_reduce(counts_RE)
+    for r, c_E in zip(rs, counts_RE):
+        _moe.update_bias(r.e_score_correction_bias, c_E, rate=rate)
         r.tokens_per_expert.zero_()
-    return len(rs)
+    return counts_RE
