@@ -154,3 +154,30 @@ def test_bad_backend(model_dir, tmp_path):
     tr, _ = _trainer(model_dir, tmp_path)
     with pytest.raises(ValueError, match="backend"):
         use_r1kernels(tr, backend="fastest")
+
+
+@pytest.fixture(scope="module")
+def dsv3_dir(tmp_path_factory):
+    from r1train.tasks.models import tiny_model
+    from r1train.tasks.tokenizer import char_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-deepseek-v3")
+    tok = char_tokenizer()
+    tiny_model("tiny-deepseek-v3", tok, seed=int(torch.randint(0, 2**31 - 1, ()).item()), hidden_size=32,
+               num_layers=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+def test_deepseek_v3_routes_with_r1kernels(dsv3_dir, tmp_path):
+    from r1kernels.patch.deepseek_v3 import R1KRouter
+
+    cfg = dict(loss_type="dapo", max_steps=1)
+    base = _train(dsv3_dir, tmp_path / "trl", False, **cfg)
+    tr, grads = _trainer(dsv3_dir, tmp_path / "r1k", **cfg)
+    it = iter(base[2])
+    tr._generate = lambda prompts: next(it)
+    use_r1kernels(tr)
+    assert isinstance(tr.model.model.layers[1].mlp.gate, R1KRouter) and hasattr(tr.model, "_r1k_lm_head")
+    tr.train()
+    _assert_same_training(base, ([h for h in tr.state.log_history if "loss" in h], grads.grads, None))

@@ -15,7 +15,8 @@ What it switches:
   (kl, entropy, clip_ratio/*, cispo_clip_ratio).
 Everything else (luspo/vespo, use_bias_correction_kl, off_policy_mask_threshold, top_entropy_quantile,
 entropy bonus, vLLM importance-sampling correction, SAPO temperatures other than 1.0/1.05, router aux
-loss, multimodal inputs, models without a fused head) runs TRL's own code, announced by one warning.
+loss, multimodal inputs, models without a fused head, DeepSpeed ZeRO-3) runs TRL's own code, announced by
+one warning.
 """
 from __future__ import annotations
 
@@ -63,12 +64,15 @@ def _unwrap(model):
 
 def _patch_model(model, trainer, return_entropy, backend):
     """DeepseekV3 routing and the fused lm_head on one model; the reason when the head stays TRL's."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     from ..patch.deepseek_v3 import patch_deepseek_v3
     from ..patch.lm_head import patch_lm_head, unsupported_reason
 
     model = _unwrap(model)
     patch_deepseek_v3(model, backend=backend)
-    reason = unsupported_reason(model)
+    # ZeRO-3 materializes lm_head.weight only inside lm_head's own forward, which the fused path never calls
+    reason = "DeepSpeed ZeRO-3 shards lm_head.weight" if is_deepspeed_zero3_enabled() else unsupported_reason(model)
     if reason is None:
         patch_lm_head(model, temperature=trainer.temperature, return_entropy=return_entropy,
                       fp32_lm_head=bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)), backend=backend)
