@@ -26,19 +26,23 @@ def digit_share(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random tiny Qwen2 (fresh weights each run) and the character tokenizer, saved where TRL can load
+def _save_tiny(tmp_path_factory, name, num_layers):
+    """A random tiny model (fresh weights each run) and the character tokenizer, saved where TRL can load
     the reference model from."""
     from r1train.tasks.models import tiny_model
     from r1train.tasks.tokenizer import char_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-qwen2")
+    path = tmp_path_factory.mktemp(name)
     tok = char_tokenizer()
-    tiny_model("tiny-qwen2", tok, seed=int(torch.randint(0, 2**31 - 1, ()).item()), hidden_size=32,
-               num_layers=1).save_pretrained(path)
+    tiny_model(name, tok, seed=int(torch.randint(0, 2**31 - 1, ()).item()), hidden_size=32,
+               num_layers=num_layers).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path), tok
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save_tiny(tmp_path_factory, "tiny-qwen2", 1)
 
 
 class _Grads(TrainerCallback):
@@ -158,15 +162,7 @@ def test_bad_backend(model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def dsv3_dir(tmp_path_factory):
-    from r1train.tasks.models import tiny_model
-    from r1train.tasks.tokenizer import char_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-deepseek-v3")
-    tok = char_tokenizer()
-    tiny_model("tiny-deepseek-v3", tok, seed=int(torch.randint(0, 2**31 - 1, ()).item()), hidden_size=32,
-               num_layers=2).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path), tok
+    return _save_tiny(tmp_path_factory, "tiny-deepseek-v3", 2)  # layer 1 is MoE
 
 
 def test_deepseek_v3_routes_with_r1kernels(dsv3_dir, tmp_path):

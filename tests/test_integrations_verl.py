@@ -67,3 +67,36 @@ def test_bad_input():
     except ImportError:
         with pytest.raises(ValueError, match="dist_process_group"):
             linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
+
+
+def test_install_binds_ours_and_keeps_verl_for_tensor_parallel(monkeypatch):
+    """install() against a stand-in verl module: verl's name (and a module that imported it) become ours;
+    a dist_process_group call reaches verl's own function, not ours again."""
+    import sys
+    import types
+
+    from r1kernels.integrations import verl as integ
+
+    calls = []
+
+    def verl_lce(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+        calls.append(dist_process_group)
+        return "verl"
+
+    fake = types.ModuleType(integ.VERL_MODULE)
+    fake.linear_cross_entropy = verl_lce
+    user = types.ModuleType("verl_user_module")
+    user.linear_cross_entropy = verl_lce
+    for name in ("verl", "verl.utils", "verl.utils.kernel"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, integ.VERL_MODULE, fake)
+    monkeypatch.setitem(sys.modules, "verl_user_module", user)
+    monkeypatch.setattr(integ, "_verl_original", [])
+    monkeypatch.setattr(integ, "_warned", [])
+    assert integ.install() is verl_lce and integ.install() is verl_lce
+    assert fake.linear_cross_entropy is linear_cross_entropy and user.linear_cross_entropy is linear_cross_entropy
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(13, 8), torch.randint(0, 13, (4,))
+    group = object()
+    with pytest.warns(UserWarning, match="dist_process_group"):
+        assert fake.linear_cross_entropy(hidden, weight, labels, dist_process_group=group) == "verl"
+    assert calls == [group]

@@ -108,6 +108,11 @@ def test_patch_twice_and_bad_input():
         patch_lm_head(model, backend="fast")
     with pytest.raises(ValueError, match="labels"):
         model(input_ids=torch.randint(0, V, (1, 4)), fused_lm_head=True)
+    with pytest.raises(ValueError, match="fused_lm_head"):
+        model(input_ids=torch.randint(0, V, (1, 4)), fused_lm_head="yes")
+    with pytest.raises(ValueError, match="temperature"):
+        model(input_ids=torch.randint(0, V, (1, 4)), labels=torch.zeros(1, 4, dtype=torch.long), fused_lm_head=True,
+              temperature=0.0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="no module"):
         rk.patch(gpt2)

@@ -9,6 +9,10 @@ weight.T / temperature)[label] (fp32 [N] with reduction "none", else its sum or 
 scalar); entropy is the fp32 [N] entropy of the same distribution. Both are differentiable (into hidden and
 weight). A vocabulary split over dist_process_group (tensor parallel) is not implemented here: that call
 runs verl's own kernel when verl is installed (one warning) and is a ValueError otherwise.
+
+`install()` binds it in place of verl's in the calling process. verl's actors are Ray workers, so it must
+run in each of them, e.g. ray.init(runtime_env={"worker_process_setup_hook":
+"r1kernels.integrations.verl.install"}).
 """
 from __future__ import annotations
 
@@ -16,10 +20,36 @@ import warnings
 
 from .. import _checks, linear_token_logprobs
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "install"]
 
 REDUCTIONS = ("none", "sum", "mean")
+VERL_MODULE = "verl.utils.kernel.linear_cross_entropy"
 _warned = []
+_verl_original = []  # verl's function, once install() has replaced it
+
+
+def install():
+    """Make verl call r1kernels: verl's linear_cross_entropy, and every loaded module that imported it by name,
+    become ours in this process. Returns verl's function. Needs verl."""
+    import importlib
+    import sys
+
+    module = importlib.import_module(VERL_MODULE)
+    old = _verl_original[0] if _verl_original else module.linear_cross_entropy
+    if not _verl_original:
+        _verl_original.append(old)
+    for m in list(sys.modules.values()):
+        if getattr(m, "linear_cross_entropy", None) is old:
+            m.linear_cross_entropy = linear_cross_entropy
+    return old
+
+
+def _verl_fn():
+    if _verl_original:
+        return _verl_original[0]
+    import importlib
+
+    return importlib.import_module(VERL_MODULE).linear_cross_entropy
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None, *,
@@ -32,7 +62,7 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if dist_process_group is not None:
         try:
-            from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy as verl_fn
+            verl_fn = _verl_fn()
         except ImportError as e:
             raise ValueError("dist_process_group (a vocabulary split over ranks) is not implemented by r1kernels; "
                              "install verl to run its kernel for it, or pass dist_process_group=None") from e

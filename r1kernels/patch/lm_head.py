@@ -118,7 +118,10 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
     def forward(self, *args, fused_lm_head=False, **kwargs):
         if fused_lm_head is False or fused_lm_head is None:
             return original(*args, **kwargs)
-        temperature = kwargs.pop("temperature", None) or state["temperature"]
+        if fused_lm_head is not True and not callable(fused_lm_head):
+            raise ValueError(f"fused_lm_head must be True, False or a callable, got {fused_lm_head!r}")
+        temperature = kwargs.pop("temperature", None)
+        temperature = state["temperature"] if temperature is None else temperature
         return_entropy = kwargs.pop("return_entropy", None)
         return_entropy = state["return_entropy"] if return_entropy is None else return_entropy
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
