@@ -153,7 +153,8 @@ PERMUTE_BACKENDS = [b for b in ("cuda", "triton") if b in _backend.available("pe
 
 @pytest.mark.skipif(not PERMUTE_BACKENDS, reason="no permute kernel runs here")
 @pytest.mark.parametrize("T,K,H,E,dtype", [(13, 3, 40, 8, torch.float32), (7, 2, 16, 5, torch.bfloat16),
-                                           (1, 1, 8, 3, torch.float32), (33, 4, 24, 6, torch.float16)])
+                                           (1, 1, 8, 3, torch.float32), (33, 4, 24, 6, torch.float16),
+                                           (9, 11, 24, 16, torch.float32)])  # K > 8: two chunks in CUDA's bwd
 def test_permute_unpermute_match_reference(T, K, H, E, dtype):
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEV)
     for backend in PERMUTE_BACKENDS:

@@ -358,101 +358,67 @@ __global__ void __launch_bounds__(256) unpermute_rows_kernel(const scalar_t* __r
   }
 }
 
+// One block per token. Its K expert rows go in chunks of up to 8: each thread keeps a chunk's partial dot
+// products <grad_out[t], x[row]> in registers and issues the chunk's row loads together, then one block
+// reduction per chunk. For K <= 8 (DeepSeek-V3: K = 8) that is one reduction per token; measured on H100 at
+// T=16384, K=8, H=7168 bf16: 1.39 ms (floor 1.33) against 1.92 ms for one block reduction per k (K > 8:
+// one reduction per chunk of 8, not timed).
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(256) unpermute_bwd_kernel(const scalar_t* __restrict__ grad_out,
+__global__ void __launch_bounds__(128) unpermute_bwd_kernel(const scalar_t* __restrict__ grad_out,
                                                             const scalar_t* __restrict__ x,
                                                             const int64_t* __restrict__ row_map,
                                                             const float* __restrict__ w, int K, int64_t H,
                                                             scalar_t* __restrict__ grad_x,
                                                             float* __restrict__ grad_w) {
   using P = Pack<scalar_t, VEC>;
-  __shared__ float red[32];
+  constexpr int KC = 8;
+  __shared__ float red[KC][32];
   const int64_t t = blockIdx.x;
   const int64_t nv = H / VEC;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const P* g = reinterpret_cast<const P*>(grad_out + t * H);
-  for (int k = 0; k < K; ++k) {
-    const int64_t r = row_map[t * K + k];
-    const float wk = w[t * K + k];
-    float part = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    const int kn = K - k0 < KC ? K - k0 : KC;
+    int64_t r[KC];
+    float wk[KC], part[KC];
+#pragma unroll
+    for (int k = 0; k < KC; ++k) {
+      r[k] = k < kn ? row_map[t * K + k0 + k] : 0;
+      wk[k] = k < kn ? w[t * K + k0 + k] : 0.0f;
+      part[k] = 0.0f;
+    }
     for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
       const P gv = g[v];
-      const P xv = reinterpret_cast<const P*>(x + r * H)[v];
-      P o;
+      P xv[KC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float gf = to_f(gv.v[j]);
-        part = fmaf(gf, to_f(xv.v[j]), part);
-        o.v[j] = from_f<scalar_t>(wk * gf);
-      }
-      reinterpret_cast<P*>(grad_x + r * H)[v] = o;
-    }
-    part = warp_sum(part);
-    if (lane == 0) red[warp] = part;
-    __syncthreads();
-    if (warp == 0) {
-      float v = lane < nw ? red[lane] : 0.0f;
-      v = warp_sum(v);
-      if (lane == 0) grad_w[t * K + k] = v;
-    }
-    __syncthreads();
-  }
-}
-
-// K <= 8: each thread keeps the K partial dot products in registers and issues the K row loads together;
-// one block reduction at the end (the generic kernel above reduces once per k).
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(128) unpermute_bwd_k8_kernel(const scalar_t* __restrict__ grad_out,
-                                                               const scalar_t* __restrict__ x,
-                                                               const int64_t* __restrict__ row_map,
-                                                               const float* __restrict__ w, int K, int64_t H,
-                                                               scalar_t* __restrict__ grad_x,
-                                                               float* __restrict__ grad_w) {
-  using P = Pack<scalar_t, VEC>;
-  constexpr int MAXK = 8;
-  __shared__ float red[MAXK][32];
-  const int64_t t = blockIdx.x;
-  const int64_t nv = H / VEC;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  int64_t r[MAXK];
-  float wk[MAXK], part[MAXK];
+      for (int k = 0; k < KC; ++k)
+        if (k < kn) xv[k] = reinterpret_cast<const P*>(x + r[k] * H)[v];
 #pragma unroll
-  for (int k = 0; k < MAXK; ++k) {
-    r[k] = k < K ? row_map[t * K + k] : 0;
-    wk[k] = k < K ? w[t * K + k] : 0.0f;
-    part[k] = 0.0f;
-  }
-  const P* g = reinterpret_cast<const P*>(grad_out + t * H);
-  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-    const P gv = g[v];
-    P xv[MAXK];
+      for (int k = 0; k < KC; ++k) {
+        if (k < kn) {
+          P o;
 #pragma unroll
-    for (int k = 0; k < MAXK; ++k)
-      if (k < K) xv[k] = reinterpret_cast<const P*>(x + r[k] * H)[v];
-#pragma unroll
-    for (int k = 0; k < MAXK; ++k) {
-      if (k < K) {
-        P o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float gf = to_f(gv.v[j]);
-          part[k] = fmaf(gf, to_f(xv[k].v[j]), part[k]);
-          o.v[j] = from_f<scalar_t>(wk[k] * gf);
+          for (int j = 0; j < VEC; ++j) {
+            const float gf = to_f(gv.v[j]);
+            part[k] = fmaf(gf, to_f(xv[k].v[j]), part[k]);
+            o.v[j] = from_f<scalar_t>(wk[k] * gf);
+          }
+          reinterpret_cast<P*>(grad_x + r[k] * H)[v] = o;
         }
-        reinterpret_cast<P*>(grad_x + r[k] * H)[v] = o;
       }
     }
-  }
 #pragma unroll
-  for (int k = 0; k < MAXK; ++k) {
-    const float v = warp_sum(part[k]);
-    if (lane == 0) red[k][warp] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < K) {
-    float acc = 0.0f;
-    for (int i = 0; i < nw; ++i) acc += red[threadIdx.x][i];
-    grad_w[t * K + threadIdx.x] = acc;
+    for (int k = 0; k < KC; ++k) {
+      const float v = warp_sum(part[k]);
+      if (lane == 0) red[k][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < kn) {
+      float acc = 0.0f;
+      for (int i = 0; i < nw; ++i) acc += red[threadIdx.x][i];
+      grad_w[t * K + k0 + threadIdx.x] = acc;
+    }
+    __syncthreads();  // red is rewritten by the next chunk
   }
 }
 
@@ -602,23 +568,12 @@ cudaError_t moe_unpermute_bwd(const void* grad_out, const void* x, const int64_t
     const auto* g = static_cast<const scalar_t*>(grad_out);
     const auto* xp = static_cast<const scalar_t*>(x);
     auto* gx = static_cast<scalar_t*>(grad_x);
-    const bool v16 = H % VEC == 0 && aligned(grad_out, 16) && aligned(x, 16) && aligned(grad_x, 16);
-    static const bool k8 = [] {
-      const char* e = std::getenv("R1K_MOE_BWD_K8");
-      return !(e && e[0] == '0');
-    }();
-    if (K <= 8 && v16 && k8)
-      unpermute_bwd_k8_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H,
-                                                                          gx, grad_w);
-    else if (K <= 8 && k8)
-      unpermute_bwd_k8_kernel<scalar_t, 1><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H,
-                                                                        gx, grad_w);
-    else if (v16)
+    if (H % VEC == 0 && aligned(grad_out, 16) && aligned(x, 16) && aligned(grad_x, 16))
       unpermute_bwd_kernel<scalar_t, VEC><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
-                                                                  grad_w);
+                                                                          grad_w);
     else
       unpermute_bwd_kernel<scalar_t, 1><<<T, ROW_THREADS, 0, stream>>>(g, xp, row_map, w, static_cast<int>(K), H, gx,
-                                                                grad_w);
+                                                                        grad_w);
     return cudaGetLastError();
   });
 }
