@@ -48,7 +48,9 @@ def main(argv=None):
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--loss-impl", default="linear", choices=["linear", "logits"])
     p.add_argument("--beta", type=float, default=0.04, help="> 0 adds the reference log-prob pass")
-    p.add_argument("--num-iterations", type=int, default=2, help="> 1 adds the old log-prob pass")
+    p.add_argument("--num-iterations", type=int, default=2, help="> 1: num_iterations passes per batch")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (r1train's and TRL's default; off in these runs)")
     a = p.parse_args(argv)
     if a.tiny:
         a.prompt_length, a.completion_length = min(a.prompt_length, 16), min(a.completion_length, 16)
@@ -78,6 +80,7 @@ def main(argv=None):
         f"zero_stage={a.zero_stage}", f"bf16={str(bf16).lower()}", f"loss_impl={a.loss_impl}",
         f"beta={a.beta}", f"num_iterations={a.num_iterations}", "learning_rate=1e-6", "save_steps=0",
         "report_to=none", "logging_steps=1", "log_entropy=false",
+        f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
         "kernel_backend=torch" if a.tiny and not torch.cuda.is_available() else "kernel_backend=auto"])
     # prompts of exactly prompt_length characters (= tokens with the character tokenizer)
     rows = [{"prompt": "".join(chr(48 + (i * 7 + j) % 40) for j in range(a.prompt_length))}

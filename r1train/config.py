@@ -66,6 +66,8 @@ class TrainConfig:
     overwrite_output_dir: bool = f(False, "a fresh run may start in an output_dir holding another run's "
                                    "checkpoints or metrics (they are deleted first); otherwise that is an error")
     bf16: bool = f(False, "bf16 weights/compute via DeepSpeed (fp16 is not supported)")
+    gradient_checkpointing: bool = f(True, "recompute each decoder layer's activations in backward (transformers, "
+                                     "non-reentrant): less memory for one more forward (TRL's default)")
     zero_stage: int = f(0, "DeepSpeed ZeRO stage (r1train/configs/ds_zero<N>.json)", [0, 1, 2, 3])
     deepspeed: Optional[str] = f(None, "a DeepSpeed JSON config path; overrides zero_stage")
     disable_tqdm: bool = f(False, "no progress bar")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
 from .config import TrainConfig
+from .loading import enable_activation_checkpointing
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
 from .rollout import Policy, sample_rows
@@ -105,6 +106,8 @@ class Trainer(CheckpointMixin):
         # training forwards run in train mode (from_pretrained returns eval mode): MoE routers count their
         # tokens for the bias update only in train mode with grad enabled (r1train/moe_load.py)
         model.train()
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
         dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),

@@ -31,6 +31,18 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     return maybe_patch(model, cfg), tok
 
 
+def enable_activation_checkpointing(model):
+    """Non-reentrant activation checkpointing of each decoder layer (transformers' own)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set "
+                          "gradient_checkpointing=false")
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def maybe_patch(model, cfg: TrainConfig):
     """rk.patch(model) for supported models (DeepseekV3) when asked for, or by default on CUDA."""
     import logging

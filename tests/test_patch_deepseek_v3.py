@@ -104,6 +104,32 @@ def test_patch_counts_training_forwards_only(experts, shape):
     assert router.tokens_per_expert.sum().item() == (2 * ids.numel() + mask.sum().item()) * router.top_k
 
 
+@pytest.mark.parametrize("shape", [(3, 10), (2, 1)])
+def test_patch_counts_once_under_gradient_checkpointing(shape):
+    """Activation checkpointing re-runs each layer's forward inside backward; the recompute adds no counts,
+    and the gradients equal those of a forward without checkpointing."""
+    model = _tiny()
+    dsv3.patch_deepseek_v3(model, backend="torch")
+    model.train()
+    router = model.model.layers[1].mlp.gate
+    ids = torch.randint(0, 64, shape)
+    expected = _ref_counts(model, ids, 1)
+    grads = []
+    for gc in (False, True):
+        if gc:
+            from r1train.loading import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        model.zero_grad()
+        router.tokens_per_expert.zero_()
+        model(ids).logits.float().square().mean().backward()
+        assert torch.equal(router.tokens_per_expert, expected), gc
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        assert_close(b, a, torch.float32, name="grad with checkpointing")
+
+
 def test_update_router_biases_applies_and_resets():
     model = _tiny()
     rk.patch(model)

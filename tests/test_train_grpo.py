@@ -119,3 +119,32 @@ def test_old_logprobs_are_the_pre_update_policy(tmp_path):
         m = mask_BT[:, :T].bool()
         assert_close(old_BT[:, :T][m], ref_BT[m], name="old log-probs")
         assert (old_BT[:, :T][m] - now_BT[m]).abs().max() > 1e-4  # the step changed the policy
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-llama"])
+def test_gradient_checkpointing_same_loss_and_grads(tmp_path, model):
+    """gradient_checkpointing=true (TRL's default) recomputes activations in backward: the same batch gives
+    the same loss and gradients as without it, within the tolerance table."""
+    import torch
+    from conftest import assert_close
+
+    res = []
+    for gc in ("false", "true"):
+        t = H.grpo_trainer(tmp_path / gc, f"model_name_or_path={model}", f"gradient_checkpointing={gc}",
+                           "model_num_layers=2", "max_steps=1", reward_funcs=[H.digit_share])
+        rows, _ = t.rows_for(0)
+        ro, adv_N, mask_BT, _, _ = t.make_batch(0, rows)
+        attn_BL = torch.cat([ro.prompt_mask_BP, ro.completion_mask_BT], 1)
+        out, _ = t.micro_step(ro.input_ids, attn_BL, ro.completion_ids_BT, adv_N, mask_BT, None, None,
+                              mask_BT.sum().float().reshape(1), mask_BT.shape[1])
+        t.engine.backward(out.loss)
+        mod = t.engine.module
+        assert all(getattr(m, "gradient_checkpointing", False) == (gc == "true")
+                   for m in mod.modules() if hasattr(m, "gradient_checkpointing"))
+        res.append((out.loss.detach(), ro.completion_ids_BT, [p.grad.clone() for p in mod.parameters()
+                                                               if p.grad is not None]))
+    (l0, c0, g0), (l1, c1, g1) = res
+    assert torch.equal(c0, c1) and len(g0) == len(g1) > 0
+    assert_close(l1, l0, torch.float32, name="loss")
+    for a, b in zip(g0, g1):
+        assert_close(b, a, torch.float32, name="grad")

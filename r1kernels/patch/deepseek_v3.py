@@ -5,8 +5,9 @@ optimizers, checkpoints and DeepSpeed see no difference.
 
 Auxiliary-loss-free balancing (the one mechanism; r1train's ExpertLoad drives it): each patched router adds
 its routed tokens to `router.tokens_per_expert` (int64 [E], on the device, no host sync) in training
-forwards only -- module.training and torch.is_grad_enabled() -- so generation (eval mode, no_grad) and
-no-grad log-prob passes never count. `router.token_mask` ([N] bool, pads False) restricts the count to
+forwards only -- module.training and torch.is_grad_enabled(), outside backward's recompute -- so
+generation (eval mode, no_grad), no-grad log-prob passes and activation-checkpointing recomputes never
+count. `router.token_mask` ([N] bool, pads False) restricts the count to
 real tokens of forwards with N tokens. `update_router_biases` (once per optimizer step) sums the counts
 over ranks, moves each e_score_correction_bias by rk.moe.update_bias, and resets them.
 """
@@ -49,7 +50,9 @@ class R1KRouter(nn.Module):
                                      routed_scaling_factor=self.routed_scaling_factor,
                                      norm_topk_prob=self.norm_topk_prob, gemm_dtype=self.gemm_dtype,
                                      backend=self.backend)
-        if self.training and torch.is_grad_enabled():
+        # activation checkpointing re-runs this forward inside backward (an autograd graph task is then
+        # running): that recompute routes the same tokens again and is not counted
+        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             self._count(ids)
         return logits, w, ids
 
