@@ -116,7 +116,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         _checks.positive("sapo_temperature_neg", sapo_temperature_neg)
         if delta is not None:
             _checks.positive("delta", delta)
-        self.liger_kwargs = dict(
+        options = dict(
             beta=beta, compiled=compiled, use_ref_model=use_ref_model, chunk_size=chunk_size,
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
             max_completion_length=max_completion_length, importance_sampling_level=importance_sampling_level,
@@ -124,22 +124,23 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             temperature=temperature, delta=delta, use_bias_correction_kl=use_bias_correction_kl,
             vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
             vespo_lambda_neg=vespo_lambda_neg)
-        self.__dict__.update(self.liger_kwargs)
+        self._option_names = tuple(options)
+        self.__dict__.update(options)  # Liger's attribute names; forward reads them, as Liger's does
         self.backend = backend
         self._liger_module = None
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
                 vllm_is_ratio=None, num_items_in_batch=None):
-        c = self.liger_kwargs
+        c = {k: getattr(self, k) for k in self._option_names}
         _check_options(c["loss_type"], c["importance_sampling_level"], c["delta"], c["sapo_temperature_pos"],
                        c["sapo_temperature_neg"], c["max_completion_length"], dr_grpo_needs_length=True)
         todo = _unsupported(c["loss_type"], c["beta"], c["use_bias_correction_kl"], vllm_is_ratio,
                             c["sapo_temperature_pos"], c["sapo_temperature_neg"])
         if todo:
-            if self._liger_module is None:
-                self._liger_module = _liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", todo)(**c)
-            return self._liger_module(_input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
+            if self._liger_module is None or self._liger_module[0] != c:
+                self._liger_module = (c, _liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", todo)(**c))
+            return self._liger_module[1](_input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
                                       ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias,
                                       vllm_is_ratio, num_items_in_batch)
         ref = None
