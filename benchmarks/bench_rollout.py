@@ -92,7 +92,7 @@ def _timed(fn, device, reps):
     return out
 
 
-def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps):
+def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False):
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -140,7 +140,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
         return run
 
     hf_reps = 1 if device == "cuda" else reps
-    peers = {"transformers generate (dynamic cache)": hf()}
+    peers = {} if skip_peers else {"transformers generate (dynamic cache)": hf()}
     if with_compile:
         peers["transformers generate (static cache + torch.compile)"] = hf(cache_implementation="static")
     for pname, fn in peers.items():
@@ -212,6 +212,7 @@ def main(argv=None):
     p.add_argument("--only", default="fixed,varied,throughput")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
+    p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
     a = p.parse_args(argv)
     tiny = a.device == "cpu"
     model = _model(a.device, tiny)
@@ -224,7 +225,7 @@ def main(argv=None):
     results = []
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
-                         reps=a.reps)
+                         reps=a.reps, skip_peers=a.skip_peers)
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)

@@ -80,10 +80,15 @@ def _fuse_qkv(m, buffers: dict):
 
 
 def _res_linear(self, x):
-    """o_proj / down_proj: residual + x @ W^T in one GEMM; the residual is what the layer stashed."""
+    """o_proj / down_proj: residual += x @ W^T in one GEMM, in place (torch.addmm into a new tensor first
+    copies the residual: two copy kernels a layer, measured). The residual is the layer's input or its
+    attention output, which nothing reads after its norm has (the engine asks for no hidden states)."""
     res, self._r1k_res = self._r1k_res, None
-    H = res.shape[-1]
-    return torch.addmm(res.reshape(-1, H), x.reshape(-1, x.shape[-1]), self.weight.t()).view(res.shape)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not res.is_contiguous():
+        return torch.addmm(res.reshape(-1, res.shape[-1]), x2, self.weight.t()).view(res.shape)
+    res.view(-1, res.shape[-1]).addmm_(x2, self.weight.t())
+    return res
 
 
 def _layer(self, hidden_states, *args, **kwargs):
