@@ -97,6 +97,10 @@ class TrainConfig:
     scale_rewards: str = f("group", "advantage scaling", ["group", "batch", "none"])
     num_iterations: int = f(1, "optimization passes per generation batch (mu); > 1 uses old log-probs")
     mask_truncated_completions: bool = f(False, "completions without eos get no loss")
+    dynamic_sampling: bool = f(False, "DAPO dynamic sampling: a prompt whose G rewards are all equal is replaced "
+                               "by a newly drawn prompt (and G new completions) until each group varies")
+    max_dynamic_sampling_rounds: int = f(10, "dynamic sampling: rollout rounds per step at most (the first "
+                                         "included); groups still constant after them stay, advantage 0")
     reward_funcs: list = f(["accuracy", "format"], "reward names: accuracy, format, language, overlong, "
                            "or import paths 'module:function'")
     reward_weights: Optional[list] = f(None, "one weight per reward function; default all 1.0")
@@ -137,7 +141,7 @@ class TrainConfig:
         pos = ["per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
                "max_completion_length", "num_iterations", "max_prompt_length", "eval_num_samples",
                "ref_model_sync_steps", "max_length", "rejection_num_samples", "rejection_max_per_prompt",
-               "model_hidden_size", "model_num_layers", "task_train_size"]
+               "model_hidden_size", "model_num_layers", "task_train_size", "max_dynamic_sampling_rounds"]
         for k in pos:
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")

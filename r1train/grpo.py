@@ -19,7 +19,7 @@ from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
 from .rewards import RewardRunner
-from .rollout import logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
+from .rollout import Rollout, logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
 
 
 def _gather_rows(x_NR: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,41 @@ def _all_sum(x: float, dev) -> float:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.item()
+
+
+def _pad_to(x, width, value, left):
+    pad = width - x.shape[1]
+    if pad <= 0:
+        return x
+    fill = x.new_full((x.shape[0], pad), value)
+    return torch.cat([fill, x] if left else [x, fill], 1)
+
+
+def _replace_groups(got, new, slots, G, pad_id):
+    """got with the G samples of each group slots[k] replaced by new's group k (rollout tensors re-padded:
+    prompts on the left, completions on the right)."""
+    ro, ro2 = got[0], new[0]
+    P, T = max(ro.prompt_ids_BP.shape[1], ro2.prompt_ids_BP.shape[1]), max(
+        ro.completion_ids_BT.shape[1], ro2.completion_ids_BT.shape[1])
+    rows = torch.tensor([slots[k] * G + j for k in range(len(slots)) for j in range(G)], dtype=torch.long,
+                        device=ro.prompt_ids_BP.device)
+    fields = []
+    for name, width, value, left in (("prompt_ids_BP", P, pad_id, True), ("prompt_mask_BP", P, 0, True),
+                                     ("completion_ids_BT", T, pad_id, False), ("completion_mask_BT", T, 0, False),
+                                     ("logprobs_BT", T, 0.0, False)):
+        a, b = getattr(ro, name), getattr(ro2, name)
+        if a is None or b is None:
+            fields.append(None)
+            continue
+        a, b = _pad_to(a, width, value, left), _pad_to(b, width, value, left)
+        fields.append(a.index_copy(0, rows, b.to(a.dtype)))
+    trunc = ro.truncated_B.index_copy(0, rows, ro2.truncated_B)
+    out = Rollout(*fields[:4], trunc, fields[4])
+    lists = [list(x) for x in got[1:]]
+    for k, i in enumerate(slots):
+        for x, y in zip(lists, new[1:]):
+            x[i * G:(i + 1) * G] = y[k * G:(k + 1) * G]
+    return [out, *lists]
 
 
 class GRPOTrainer(Trainer):
@@ -54,23 +89,86 @@ class GRPOTrainer(Trainer):
         return self.cfg.beta > 0
 
     # ---- 1. rollout + rewards + advantages
-    def make_batch(self, step, rows):
+    def _rollout(self, step, rows, gidx):
+        """This rank's G completions of each row (seeded by (seed, step, gidx[i], j)) and their rewards."""
         cfg, G, tok = self.cfg, self.cfg.num_generations, self.tok
         p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length)
-        _, gidx = self.rows_for(step)
         seeds = [row_seed(cfg.seed, step, g, j) for g in gidx for j in range(G)]
-        t0 = time.perf_counter()
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
             seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
-        t_gen = time.perf_counter() - t0
         texts = decode_completions(tok, ro)
         ids_list = [[t for t, k in zip(i, m) if k] for i, m in zip(ro.completion_ids_BT.tolist(),
                                                                      ro.completion_mask_BT.tolist())]
-        cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"} if rows else {}
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}]
-        table, failed = self.rewards(prompts, texts, ids_list, cols)
+        table, failed = self.rewards(prompts, texts, ids_list, cols) if rows else ([], [])
+        return [ro, texts, ids_list, table, failed]
+
+    def _varied(self, table, failed) -> list[bool]:
+        """Per group of G samples: do the weighted rewards of its non-failed samples differ?"""
+        G, w = self.cfg.num_generations, self.reward_w_R.tolist()
+        tot = [None if f else sum(wj * (0.0 if v is None or v != v else v) for wj, v in zip(w, row))
+               for row, f in zip(table, failed)]
+        out = []
+        for g in range(len(tot) // G):
+            vals = [t for t in tot[g * G:(g + 1) * G] if t is not None]
+            out.append(len(vals) > 1 and max(vals) - min(vals) > 1e-6)
+        return out
+
+    def _extra_row(self, step, rnd, j):
+        """Dynamic sampling's prompt for batch slot j in round rnd >= 1: a function of (seed, step, rnd, j)."""
+        return self.train_rows[row_seed(self.cfg.seed, "dynamic", step, rnd, j) % len(self.train_rows)]
+
+    def _dynamic_sampling(self, step, rows, gidx, got, m):
+        """DAPO dynamic sampling, per batch slot: a slot whose G rewards are all equal (no learning signal)
+        is re-drawn with a new prompt, up to max_dynamic_sampling_rounds rounds in all. A slot lives on one
+        rank and its prompts depend only on (seed, step, round, slot), so 1 and N processes keep the same
+        groups. Slots still constant after the last round stay (their advantages are 0)."""
+        cfg, G, n_global = self.cfg, self.cfg.num_generations, self.prompts_per_rank * self.world
+        rows, gidx = list(rows), list(gidx)
+        ok = self._varied(got[3], got[4])
+        counts = torch.zeros(3, dtype=torch.float64, device=self.dev)  # groups drawn, dropped, rounds
+        counts[0], counts[1] = len(ok), ok.count(False)
+        for rnd in range(1, cfg.max_dynamic_sampling_rounds):
+            todo = torch.tensor([float(ok.count(False))], device=self.dev)
+            if dist.is_initialized() and self.world > 1:
+                dist.all_reduce(todo)  # every rank runs the same rounds (ZeRO-3 rollouts gather together)
+            if todo.item() == 0:
+                break
+            counts[2] += 1
+            slots = [i for i, k in enumerate(ok) if not k]
+            new_rows = [self._extra_row(step, rnd, gidx[i] % n_global) for i in slots]
+            new = self._rollout(step, new_rows, [gidx[i] % n_global + rnd * n_global for i in slots])
+            new_ok = self._varied(new[3], new[4])
+            counts[0] += len(slots)
+            counts[1] += new_ok.count(False)
+            if slots:
+                got = _replace_groups(got, new, slots, G, self.tok.pad_token_id)
+            for k, i in enumerate(slots):
+                rows[i], gidx[i], ok[i] = new_rows[k], gidx[i] % n_global + rnd * n_global, new_ok[k]
+        counts = torch.cat([counts, torch.tensor([float(ok.count(False))], dtype=torch.float64,
+                                                 device=self.dev)])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(counts)
+        c = counts.tolist()
+        m["dynamic_sampling/drop_rate"] = c[1] / max(c[0], 1.0)
+        m["dynamic_sampling/rounds"] = 1 + c[2] / self.world
+        m["dynamic_sampling/constant_groups_kept"] = c[3]
+        return rows, got
+
+    def make_batch(self, step, rows):
+        cfg, G = self.cfg, self.cfg.num_generations
+        _, gidx = self.rows_for(step)
+        m = {}
+        t0 = time.perf_counter()
+        got = self._rollout(step, rows, gidx)
+        if cfg.dynamic_sampling:
+            rows, got = self._dynamic_sampling(step, rows, gidx, got, m)
+        ro, texts, ids_list, table, failed = got
+        t_gen = time.perf_counter() - t0
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
         R = len(self.rewards.names)
         vals_NR = torch.tensor([[float("nan") if v is None else v for v in row] for row in table],
                                dtype=torch.float32).reshape(-1, R)
@@ -93,7 +191,7 @@ class GRPOTrainer(Trainer):
         if cfg.mask_truncated_completions:
             mask_BT[ro.truncated_B] = 0
         mask_BT[failed_N.bool().to(mask_BT.device)] = 0
-        m = self.reward_metrics(vals_all, total_N, failed_all, ro, t_gen)
+        m.update(self.reward_metrics(vals_all, total_N, failed_all, ro, t_gen))
         samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
                     "reward": float(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
@@ -168,8 +266,9 @@ class GRPOTrainer(Trainer):
                 t2 = time.perf_counter()
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
-                if boundary:
-                    m.update(self.expert_load.step())
+                if boundary:  # MoE bias update; its metrics join the step's one device-to-host read
+                    for k, v in self.expert_load.step().items():
+                        acc.setdefault(k, []).append(v)
                     gn = self.engine.get_global_grad_norm()
                     if gn is not None:
                         acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
@@ -231,9 +330,5 @@ class GRPOTrainer(Trainer):
                     ent = (e_BT * mask_f).sum() / mask_f.sum().clamp(min=1)
             return out, ent
 
-        self.expert_load.recording = True
-        self.expert_load.token_mask = attn_BL.reshape(-1).bool()
-        try:
-            return self.engine(ids_BL, attn_BL, T, fn)
-        finally:
-            self.expert_load.recording = False
+        self.expert_load.token_mask = attn_BL.reshape(-1).bool()  # MoE routers count real tokens only
+        return self.engine(ids_BL, attn_BL, T, fn)

@@ -53,7 +53,10 @@ def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id:
                                 pad_id=pad_id, engine=engine, ds_engine=ds_engine, backend=backend)
     dev = comp_BT.device
     is_eos_BT = comp_BT == eos_id
-    first_eos_B = torch.where(is_eos_BT.any(1), is_eos_BT.float().argmax(1), comp_BT.shape[1])
+    if comp_BT.shape[1] == 0:  # no rows (a rank with nothing to sample in a dynamic-sampling round)
+        first_eos_B = torch.zeros(comp_BT.shape[0], dtype=torch.long, device=dev)
+    else:
+        first_eos_B = torch.where(is_eos_BT.any(1), is_eos_BT.float().argmax(1), comp_BT.shape[1])
     mask_BT = (torch.arange(comp_BT.shape[1], device=dev)[None] <= first_eos_B[:, None]).long()
     return Rollout(prompt_ids_BP, prompt_mask_BP, comp_BT, mask_BT, ~is_eos_BT.any(1), logp_BT * mask_BT)
 

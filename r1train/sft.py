@@ -25,13 +25,9 @@ class SFTTrainer(Trainer):
         for s in range(0, ids_BL.shape[0], mb):
             sl = slice(s, s + mb)
             T = c_ids.shape[1]
-            self.expert_load.recording = True
-            self.expert_load.token_mask = attn_BL[sl].reshape(-1).bool()
-            try:
-                fn = logprob_fn(c_ids[sl], 1.0, backend=cfg.kernel_backend)
-                lp_BT = self.engine(ids_BL[sl], attn_BL[sl], T, fn)
-            finally:
-                self.expert_load.recording = False
+            self.expert_load.token_mask = attn_BL[sl].reshape(-1).bool()  # MoE routers count real tokens only
+            fn = logprob_fn(c_ids[sl], 1.0, backend=cfg.kernel_backend)
+            lp_BT = self.engine(ids_BL[sl], attn_BL[sl], T, fn)
             loss = -(lp_BT * c_mask[sl]).sum() / n_items
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()

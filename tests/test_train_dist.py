@@ -10,16 +10,26 @@ ARGS = H.FAST + ["reward_funcs=train_helpers:digit_share", "max_steps=2", "num_g
                  "per_device_train_batch_size=8", "task_eval_size=4", "learning_rate=0.003", "num_iterations=2"]
 
 
+DYNAMIC = ["dynamic_sampling=true", "max_dynamic_sampling_rounds=4", "reward_funcs=train_helpers:half_constant"]
+
+
 @pytest.mark.slow
-def test_zero2_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("extra", [[], DYNAMIC], ids=["plain", "dynamic_sampling"])
+def test_zero2_two_processes_match_one(tmp_path, extra):
+    """Dynamic sampling too: a batch slot lives on one rank and redraws from (seed, step, round, slot)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = H.run_cli(["grpo", *ARGS, "zero_stage=2", "gradient_accumulation_steps=2", f"output_dir={one}"])
+    r1 = H.run_cli(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=2", f"output_dir={one}"])
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = H.run_cli(["grpo", *ARGS, "zero_stage=2", "gradient_accumulation_steps=1", f"output_dir={two}"], nproc=2)
+    r2 = H.run_cli(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=1", f"output_dir={two}"],
+                   nproc=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     m1, m2 = H.read_metrics(one), H.read_metrics(two)
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
+        for k in ("dynamic_sampling/drop_rate", "dynamic_sampling/rounds"):
+            assert (k in a) == (k in b) == bool(extra)
+            if extra:
+                assert a[k] == pytest.approx(b[k], abs=1e-9), k
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["completions/mean_length"] == pytest.approx(b["completions/mean_length"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), (a, b)

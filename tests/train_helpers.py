@@ -27,6 +27,17 @@ def digit_share(prompts, completions, completion_ids=None, **_):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in texts]
 
 
+def half_constant(prompts, completions, completion_ids=None, **kw):
+    """digit_share, except for prompts with an even checksum, which get 0.5 whatever the completion: their
+    groups carry no learning signal (what dynamic sampling drops)."""
+    import zlib
+
+    from r1train.rewards import completion_text
+
+    ds = digit_share(prompts, completions, completion_ids)
+    return [0.5 if zlib.crc32(completion_text(p).encode()) % 2 == 0 else d for p, d in zip(prompts, ds)]
+
+
 def env():
     e = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
