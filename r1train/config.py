@@ -70,6 +70,10 @@ class TrainConfig:
                                      "non-reentrant): less memory for one more forward (TRL's default)")
     zero_stage: int = f(0, "DeepSpeed ZeRO stage (r1train/configs/ds_zero<N>.json)", [0, 1, 2, 3])
     deepspeed: Optional[str] = f(None, "a DeepSpeed JSON config path; overrides zero_stage")
+    offload_optimizer: bool = f(False, "ZeRO-Offload: optimizer states and fp32 master weights in CPU memory, the "
+                                "optimizer step on the CPU (zero_stage >= 1)")
+    offload_param: bool = f(False, "ZeRO-3 parameter offload: parameters in CPU memory between uses "
+                            "(zero_stage 3)")
     disable_tqdm: bool = f(False, "no progress bar")
     report_to: str = f("tensorboard", "'tensorboard' (when installed) or 'none'", ["tensorboard", "none"])
     eval_steps: int = f(0, "evaluate held-out accuracy every N steps (0 = only before and after)")
@@ -163,6 +167,8 @@ class TrainConfig:
         for k in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.deepspeed is None:
+            check_offload(self, self.zero_stage)
         if self.temperature <= 0 or self.eval_temperature <= 0:
             raise ConfigError("temperature and eval_temperature must be > 0")
         from r1kernels import check_sampling_options
@@ -200,6 +206,14 @@ class TrainConfig:
         from .rewards import check_reward_funcs
 
         check_reward_funcs(self.reward_funcs, self)  # names, modules, callables, duplicates
+
+
+def check_offload(cfg, stage: int):
+    """The offload keys against the ZeRO stage they need (from zero_stage or the `deepspeed` file)."""
+    if cfg.offload_optimizer and stage < 1:
+        raise ConfigError(f"offload_optimizer needs ZeRO stage 1, 2 or 3 (zero_stage), got stage {stage}")
+    if cfg.offload_param and stage != 3:
+        raise ConfigError(f"offload_param needs ZeRO stage 3 (zero_stage=3), got stage {stage}")
 
 
 def check_grpo_batch(cfg: TrainConfig):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
-from .config import TrainConfig
+from .config import TrainConfig, check_offload
 from .loading import enable_activation_checkpointing
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
@@ -67,6 +67,14 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     if c["bf16"].get("enabled", "auto") == "auto":
         c["bf16"]["enabled"] = cfg.bf16
     c.pop("train_batch_size", None)
+    zo = c.setdefault("zero_optimization", {"stage": 0})
+    check_offload(cfg, zo.get("stage", 0))
+    pin = torch.cuda.is_available()
+    if cfg.offload_optimizer:
+        zo["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        c["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU (not DeepSpeedCPUAdam)
+    if cfg.offload_param:
+        zo["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return c
 
 
@@ -120,6 +128,9 @@ class Trainer(CheckpointMixin):
             rc = {k: v for k, v in dsc.items() if k not in ("gradient_clipping",)}
             if rc["zero_optimization"]["stage"] != 3:
                 rc["zero_optimization"] = {"stage": 0}
+            else:  # no optimizer to offload; offload_param (if set) keeps the reference on the CPU too
+                rc["zero_optimization"] = {k: v for k, v in rc["zero_optimization"].items()
+                                           if k != "offload_optimizer"}
             self.ref, *_ = deepspeed.initialize(model=Policy(ref, cfg.loss_impl), config=rc)
             self.ref.eval()
         if zero3(self.engine) and cfg.loss_impl == "linear":
