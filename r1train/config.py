@@ -75,7 +75,8 @@ class TrainConfig:
     offload_param: bool = f(False, "ZeRO-3 parameter offload: parameters in CPU memory between uses "
                             "(zero_stage 3)")
     disable_tqdm: bool = f(False, "no progress bar")
-    report_to: str = f("tensorboard", "'tensorboard' (when installed) or 'none'", ["tensorboard", "none"])
+    report_to: list = f(["tensorboard"], "metrics backends, through their own clients: tensorboard (when "
+                        "installed), wandb, trackio; 'all' (every installed one) or 'none'")
     eval_steps: int = f(0, "evaluate held-out accuracy every N steps (0 = only before and after)")
     eval_num_samples: int = f(1, "samples per held-out prompt for pass@1 (temperature = eval_temperature)")
     eval_temperature: float = f(1.0, "sampling temperature of held-out evaluation")
@@ -118,7 +119,8 @@ class TrainConfig:
                        ["linear", "logits"])
     kernel_backend: str = f("auto", "r1kernels backend for every loss/log-prob call (auto picks the fastest "
                             "eligible kernel)", ["auto", "triton", "cuda", "cpp", "torch"])
-    log_completions: bool = f(False, "also print a few completions at each logging step")
+    log_completions: bool = f(False, "at each logging step print a few completions and send the completions "
+                              "table to the report_to backends")
     log_entropy: bool = f(True, "compute the entropy metric (one extra no-grad head pass)")
     patch_model: Optional[bool] = f(None, "swap DeepseekV3 routers/experts for r1kernels' fused ones (rk.patch); "
                                     "None: only on CUDA")
@@ -169,6 +171,11 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
         if self.deepspeed is None:
             check_offload(self, self.zero_stage)
+        rt = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        bad = [x for x in rt if x not in ("tensorboard", "wandb", "trackio", "all", "none")]
+        if bad or not rt or (len(rt) > 1 and ("all" in rt or "none" in rt)):
+            raise ConfigError(f"report_to must list tensorboard, wandb and/or trackio, or be 'all' or 'none'; "
+                              f"got {self.report_to!r}")
         if self.temperature <= 0 or self.eval_temperature <= 0:
             raise ConfigError("temperature and eval_temperature must be > 0")
         from r1kernels import check_sampling_options

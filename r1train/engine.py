@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -138,6 +139,7 @@ class Trainer(CheckpointMixin):
                 deepspeed.zero.register_external_parameter(e.module, e.module.head.weight)
         self.step0 = self.saved_step = self.load(resume) if resume else 0
         self.logger = MetricsLogger(cfg.output_dir, rank=self.rank, report_to=cfg.report_to,
+                                    config=dataclasses.asdict(cfg),
                                     resume_step=self.step0)
 
     # ---- hooks for subclasses

@@ -293,8 +293,9 @@ class GRPOTrainer(Trainer):
         m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
         if self.ref is not None and cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:
             self.sync_ref(cfg.ref_model_mixup_alpha)
-        self.logger.log_completions(step + 1, samples)
-        if cfg.log_completions and self.rank == 0 and cfg.logging_steps and (step + 1) % cfg.logging_steps == 0:
+        show = cfg.log_completions and cfg.logging_steps and (step + 1) % cfg.logging_steps == 0
+        self.logger.log_completions(step + 1, samples, to_backends=show)
+        if show and self.rank == 0:
             for smp in samples[:2]:
                 print(f"[step {step + 1}] reward={smp['reward']:.2f} {smp['prompt']!r} -> {smp['completion']!r}")
         return m

@@ -1,5 +1,6 @@
-"""Metrics sinks: metrics.jsonl (every step), TensorBoard when installed, completions.jsonl, PNG curves.
-Only rank 0 writes."""
+"""Metrics sinks: metrics.jsonl and completions.jsonl (every step), PNG curves, and the `report_to` backends
+through each library's own client: TensorBoard (when installed), Weights & Biases, Trackio. Only rank 0
+writes. The backends get the completions table when the trainer asks (TRL's log_completions)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,30 @@ import os
 log = logging.getLogger("r1train")
 
 
+BACKENDS = ("tensorboard", "wandb", "trackio")
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard" if name == "tensorboard" else name) is not None
+
+
+def resolve_report_to(report_to) -> list[str]:
+    """report_to (a name, a list, 'all' = every installed backend, 'none') -> backend names."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if names == ["all"]:
+        return [b for b in BACKENDS if _installed(b)]
+    return [] if names == ["none"] else names
+
+
 class MetricsLogger:
-    def __init__(self, output_dir: str, *, rank: int = 0, report_to: str = "tensorboard", resume_step: int = 0):
+    def __init__(self, output_dir: str, *, rank: int = 0, report_to=("tensorboard",), resume_step: int = 0,
+                 config: dict | None = None):
         self.dir, self.rank = output_dir, rank
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.comp_path = os.path.join(output_dir, "completions.jsonl")
-        self.tb = None
+        self.sinks: dict = {}
         if rank != 0:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -25,13 +44,10 @@ class MetricsLogger:
             keep = [ln for ln in _read(p) if json.loads(ln).get("step", 0) <= resume_step] if resume_step else []
             with open(p, "w") as fh:
                 fh.writelines(keep)
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(output_dir, "runs"))
-            except ImportError:
-                log.info("tensorboard not installed; metrics go to metrics.jsonl only")
+        for name in resolve_report_to(report_to):
+            sink = _open(name, output_dir, config or {}, resume=resume_step > 0)
+            if sink is not None:
+                self.sinks[name] = sink
 
     def log(self, step: int, metrics: dict):
         if self.rank != 0:
@@ -39,21 +55,44 @@ class MetricsLogger:
         row = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        nums = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        for name, sink in self.sinks.items():
+            if name == "tensorboard":
+                for k, v in nums.items():
+                    sink.add_scalar(k, v, step)
+            else:  # wandb and trackio share the call
+                sink.log(nums, step=step)
 
-    def log_completions(self, step: int, rows: list[dict]):
+    def log_completions(self, step: int, rows: list[dict], *, to_backends: bool = False):
+        """completions.jsonl always; the backends (a table of step, prompt, completion, reward, advantage)
+        when to_backends."""
         if self.rank != 0 or not rows:
             return
         with open(self.comp_path, "a") as fh:
             for r in rows:
                 fh.write(json.dumps({"step": step, **r}) + "\n")
+        if not to_backends:
+            return
+        cols = ["step", *rows[0].keys()]
+        data = [[step, *(_py(r[k]) for k in cols[1:])] for r in rows]
+        for name, sink in self.sinks.items():
+            if name == "tensorboard":
+                head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+                body = "".join("| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in d) + " |\n"
+                               for d in data)
+                sink.add_text("completions", head + body, step)
+            else:
+                table_cls = getattr(__import__(name), "Table", None)
+                if table_cls is not None:
+                    sink.log({"completions": table_cls(columns=cols, data=data)}, step=step)
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        for name, sink in self.sinks.items():
+            if name == "tensorboard":
+                sink.close()
+            else:
+                sink.finish()
+        self.sinks = {}
 
     def plot(self, keys=("reward", "rewards/accuracy/mean", "eval/accuracy", "kl", "completions/mean_length"),
              name="curves.png"):
@@ -97,3 +136,33 @@ def _py(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _open(name: str, output_dir: str, config: dict, resume: bool):
+    """The backend's client; a resumed training run continues the backend run it started (wandb: its id is
+    kept in output_dir), a fresh one starts a new run."""
+    if name == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard not installed; metrics go to metrics.jsonl only")
+            return None
+        return SummaryWriter(os.path.join(output_dir, "runs"))
+    if not _installed(name):
+        raise ImportError(f"report_to lists {name!r}, which is not installed (pip install {name})")
+    mod = __import__(name)
+    id_path = os.path.join(output_dir, f".{name}_run_id")
+    run_name = os.path.basename(os.path.abspath(output_dir))
+    project = os.environ.get(f"{name.upper()}_PROJECT", "r1train")
+    if name == "wandb":
+        import uuid
+
+        run_id = open(id_path).read().strip() if resume and os.path.exists(id_path) else uuid.uuid4().hex[:12]
+        run = mod.init(project=project, name=run_name, id=run_id, resume="allow", dir=output_dir, config=config)
+    else:  # trackio: wandb-style init / log / finish
+        run_id = None
+        run = mod.init(project=project, name=run_name, config=config)
+    if run_id is not None:
+        with open(id_path, "w") as fh:
+            fh.write(run_id)
+    return run

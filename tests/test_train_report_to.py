@@ -1,0 +1,54 @@
+"""report_to: a list of backends through their own clients (wandb offline here), the completions table at
+logging steps with log_completions, 'all' / 'none', and bad values naming the key."""
+
+import math
+
+import pytest
+import train_helpers as H
+
+from r1train.config import ConfigError, load_config
+from r1train.metrics import resolve_report_to
+
+
+def test_wandb_offline_gets_metrics_and_completions(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = H.grpo_trainer(tmp_path, "max_steps=2", "report_to=wandb", "log_completions=true", "logging_steps=2",
+                       reward_funcs=[H.digit_share])
+    run = t.logger.sinks["wandb"]
+    calls, log = [], run.log
+    run.log = lambda data, step=None, **kw: (calls.append((step, data)), log(data, step=step, **kw))[1]
+    hist = t.train()
+    metrics = [(st, d) for st, d in calls if "loss" in d]
+    assert [st for st, _ in metrics] == [1, 2]
+    for (_, d), h in zip(metrics, hist):
+        assert d["loss"] == h["loss"] and d["reward"] == h["reward"] and d["entropy"] == h["entropy"]
+    tables = [(st, d["completions"]) for st, d in calls if "completions" in d]
+    assert [st for st, _ in tables] == [2]  # logging_steps=2
+    tab = tables[0][1]
+    assert isinstance(tab, wandb.Table) and tab.columns == ["step", "prompt", "completion", "reward", "advantage"]
+    assert len(tab.data) == t.prompts_per_rank * t.cfg.num_generations and all(r[0] == 2 for r in tab.data)
+    run_id = (tmp_path / ".wandb_run_id").read_text()
+    assert run.id == run_id and any(p.name.startswith("offline-run-") for p in (tmp_path / "wandb").iterdir())
+    t.finish(save=False)
+    assert not t.logger.sinks and wandb.run is None
+    assert all(math.isfinite(h["loss"]) for h in hist)
+
+
+def test_resolve_and_bad_values():
+    assert resolve_report_to("none") == [] and resolve_report_to(["none"]) == []
+    assert resolve_report_to(["wandb", "tensorboard"]) == ["wandb", "tensorboard"]
+    assert set(resolve_report_to("all")) <= {"tensorboard", "wandb", "trackio"}
+    assert load_config(overrides=["report_to=wandb,tensorboard"]).report_to == ["wandb", "tensorboard"]
+    for bad in ("mlflow", "none,wandb", "all,wandb"):
+        with pytest.raises(ConfigError, match="report_to"):
+            load_config(overrides=[f"report_to={bad}"])
+
+
+def test_missing_backend_is_an_error(tmp_path, monkeypatch):
+    import r1train.metrics as M
+
+    monkeypatch.setattr(M, "_installed", lambda name: False)
+    with pytest.raises(ImportError, match="report_to lists 'trackio'"):
+        M.MetricsLogger(str(tmp_path), report_to=["trackio"])
