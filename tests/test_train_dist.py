@@ -14,14 +14,16 @@ DYNAMIC = ["dynamic_sampling=true", "max_dynamic_sampling_rounds=4", "reward_fun
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], DYNAMIC], ids=["plain", "dynamic_sampling"])
-def test_zero2_two_processes_match_one(tmp_path, extra):
-    """Dynamic sampling too: a batch slot lives on one rank and redraws from (seed, step, round, slot)."""
+@pytest.mark.parametrize("extra,launcher", [([], "torchrun"), (DYNAMIC, "torchrun"), ([], "accelerate")],
+                         ids=["plain", "dynamic_sampling", "accelerate_launch"])
+def test_zero2_two_processes_match_one(tmp_path, extra, launcher):
+    """Dynamic sampling too: a batch slot lives on one rank and redraws from (seed, step, round, slot);
+    `accelerate launch` starts the same two processes as torchrun."""
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = H.run_cli(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=2", f"output_dir={one}"])
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = H.run_cli(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=1", f"output_dir={two}"],
-                   nproc=2)
+                   nproc=2, launcher=launcher)
     assert r2.returncode == 0, r2.stderr[-3000:]
     m1, m2 = H.read_metrics(one), H.read_metrics(two)
     assert len(m1) == len(m2) == 2

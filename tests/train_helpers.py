@@ -47,19 +47,24 @@ def env():
     return e
 
 
-def cli_cmd(args, nproc: int = 1):
+def cli_cmd(args, nproc: int = 1, launcher: str = "torchrun"):
     from r1train.engine import free_port
 
     if nproc == 1:
         cmd = [sys.executable, "-m", "r1train", *args]
+    elif launcher == "accelerate":
+        # --multi_gpu is accelerate's torchrun mode (it starts the processes on CPU too; --cpu starts one)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={nproc}", "--multi_gpu",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+               f"--main_process_port={free_port()}", "-m", "r1train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "-m", "r1train", *args]
     return cmd
 
 
-def run_cli(args, nproc: int = 1, timeout: int = 600, **kw):
-    cmd = cli_cmd(args, nproc)
+def run_cli(args, nproc: int = 1, timeout: int = 600, launcher: str = "torchrun", **kw):
+    cmd = cli_cmd(args, nproc, launcher)
     return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
 
 
