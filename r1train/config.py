@@ -66,6 +66,14 @@ class TrainConfig:
     overwrite_output_dir: bool = f(False, "a fresh run may start in an output_dir holding another run's "
                                    "checkpoints or metrics (they are deleted first); otherwise that is an error")
     bf16: bool = f(False, "bf16 weights/compute via DeepSpeed (fp16 is not supported)")
+    use_peft: bool = f(False, "LoRA through peft (TRL's keys): only the adapters train; the reference model is the "
+                       "base with the adapters disabled (no second copy); checkpoints hold the adapter")
+    lora_r: int = f(16, "LoRA rank")
+    lora_alpha: int = f(32, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = f(0.05, "LoRA dropout")
+    lora_target_modules: Optional[list] = f(None, "modules that get adapters; None: every linear layer of "
+                                            "attention and MLP (peft's 'all-linear', lm_head excluded)")
+    lora_modules_to_save: Optional[list] = f(None, "modules trained in full beside the adapters (e.g. lm_head)")
     gradient_checkpointing: bool = f(True, "recompute each decoder layer's activations in backward (transformers, "
                                      "non-reentrant): less memory for one more forward (TRL's default)")
     zero_stage: int = f(0, "DeepSpeed ZeRO stage (r1train/configs/ds_zero<N>.json)", [0, 1, 2, 3])
@@ -171,6 +179,18 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
         if self.deepspeed is None:
             check_offload(self, self.zero_stage)
+        if self.use_peft:
+            if self.lora_r < 1 or self.lora_alpha < 1:
+                raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if self.loss_impl == "linear" and "lm_head" in (self.lora_target_modules or []):
+                raise ConfigError("lora_target_modules: an adapter on lm_head is not seen by the fused linear "
+                                  "loss (it reads lm_head.weight); use lora_modules_to_save=lm_head or "
+                                  "loss_impl=logits")
+            if self.sync_ref_model:
+                raise ConfigError("sync_ref_model: with use_peft the reference is the base model with the "
+                                  "adapters disabled; it cannot be synced")
         rt = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         bad = [x for x in rt if x not in ("tensorboard", "wandb", "trackio", "all", "none")]
         if bad or not rt or (len(rt) > 1 and ("all" in rt or "none" in rt)):

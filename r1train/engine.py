@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
 from .config import TrainConfig, check_offload
-from .loading import enable_activation_checkpointing
+from .loading import apply_lora, enable_activation_checkpointing
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
 from .rollout import Policy, sample_rows
@@ -111,7 +111,9 @@ class Trainer(CheckpointMixin):
         resume = self.prepare_run()  # lock output_dir; the checkpoint to resume from, checked (before any work)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
-        ref = copy.deepcopy(model) if self.needs_ref() else None
+        if cfg.use_peft:  # the reference is then this model with its adapters disabled (ref_policy)
+            model = apply_lora(model, cfg)
+        ref = copy.deepcopy(model) if self.needs_ref() and not cfg.use_peft else None
         # training forwards run in train mode (from_pretrained returns eval mode): MoE routers count their
         # tokens for the bias update only in train mode with grad enabled (r1train/moe_load.py)
         model.train()
@@ -119,8 +121,8 @@ class Trainer(CheckpointMixin):
             enable_activation_checkpointing(model)
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
         dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps * optimizer_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,
                                                     lr_scheduler=sched, config=dsc)
@@ -168,6 +170,20 @@ class Trainer(CheckpointMixin):
             g = torch.Generator().manual_seed(self.cfg.seed + epoch)
             self._perm_cache, self._perm_epoch = torch.randperm(len(self.train_rows), generator=g).tolist(), epoch
         return self._perm_cache
+
+    def ref_policy(self):
+        """The reference policy for log-probs (called like the engine), or None: the reference engine, or
+        with LoRA the policy itself with its adapters disabled."""
+        if self.ref is not None:
+            return self.ref
+        if not (self.cfg.use_peft and self.needs_ref()):
+            return None
+        peft_model = self.engine.module.model
+
+        def ref(*args):
+            with torch.no_grad(), peft_model.disable_adapter():
+                return self.engine(*args)
+        return ref
 
     @property
     def model(self):

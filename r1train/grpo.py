@@ -229,8 +229,9 @@ class GRPOTrainer(Trainer):
         # iteration 0's forward log-probs are the old log-probs (no separate pass; TRL makes one).
         old_BT = torch.zeros(comp_BT.shape, dtype=torch.float32, device=comp_BT.device) \
             if cfg.num_iterations > 1 else None
-        if self.ref is not None:
-            ref_BT = sequence_logprobs(self.ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
+        ref = self.ref_policy()
+        if ref is not None:
+            ref_BT = sequence_logprobs(ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
                                        micro_batch=mb, backend=cfg.kernel_backend)
         m["time/logprobs"] = time.perf_counter() - t0
         # dapo/cispo normalize by the global token count; DeepSpeed divides each micro loss by GA and

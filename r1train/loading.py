@@ -31,6 +31,21 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     return maybe_patch(model, cfg), tok
 
 
+def apply_lora(model, cfg: TrainConfig):
+    """The peft LoRA model of cfg's lora_* keys (only the adapters, and lora_modules_to_save, train)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError("use_peft needs peft (pip install peft)") from e
+    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=cfg.lora_target_modules or "all-linear",
+                    modules_to_save=cfg.lora_modules_to_save, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lc)
+    except ValueError as e:  # e.g. a target module that does not exist
+        raise ConfigError(f"lora_target_modules / lora_modules_to_save: {e}") from e
+
+
 def enable_activation_checkpointing(model):
     """Non-reentrant activation checkpointing of each decoder layer (transformers' own)."""
     if not getattr(model, "supports_gradient_checkpointing", False):

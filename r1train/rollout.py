@@ -111,7 +111,8 @@ class Policy(torch.nn.Module):
             out = self.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=pos_BL,
                              logits_to_keep=T + 1)
             return fn(out.logits[:, :-1])
-        base = getattr(self.model, self.model.base_model_prefix)
+        hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        base = getattr(hf, hf.base_model_prefix)
         h_BLH = base(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
                      position_ids=pos_BL).last_hidden_state
         return fn(h_BLH[:, -T - 1:-1], self.head.weight, getattr(self.head, "bias", None))

@@ -15,12 +15,16 @@ ARGS = H.FAST + ["reward_funcs=train_helpers:digit_share,format", "num_generatio
 
 
 @pytest.mark.slow
-def test_kill_and_resume_identical(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["use_peft=true", "lora_modules_to_save=lm_head"]], ids=["full", "lora"])
+def test_kill_and_resume_identical(tmp_path, extra):
+    if extra:
+        pytest.importorskip("peft")
+    args = ARGS + extra
     ref, run = tmp_path / "ref", tmp_path / "run"
-    r = H.run_cli(["grpo", *ARGS, "max_steps=6", f"output_dir={ref}"])
+    r = H.run_cli(["grpo", *args, "max_steps=6", f"output_dir={ref}"])
     assert r.returncode == 0, r.stderr[-3000:]
     # same run, but with a long horizon (constant lr: the horizon changes nothing) and killed after step 3
-    proc = subprocess.Popen(H.cli_cmd(["grpo", *ARGS, "max_steps=100000", f"output_dir={run}"]), env=H.env(),
+    proc = subprocess.Popen(H.cli_cmd(["grpo", *args, "max_steps=100000", f"output_dir={run}"]), env=H.env(),
                             cwd=H.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     while not (run / "checkpoint-3").exists():
@@ -32,7 +36,7 @@ def test_kill_and_resume_identical(tmp_path):
     for d in os.listdir(run):
         if d.startswith("checkpoint-"):
             assert (run / d / "trainer_state.json").exists(), d
-    r = H.run_cli(["grpo", *ARGS, "max_steps=6", f"output_dir={run}",
+    r = H.run_cli(["grpo", *args, "max_steps=6", f"output_dir={run}",
                    f"resume_from_checkpoint={run / 'checkpoint-3'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = H.strip_timing(H.read_metrics(ref)), H.strip_timing(H.read_metrics(run))

@@ -1,0 +1,65 @@
+"""LoRA through peft (use_peft): only the adapters train and the reward rises; the reference is the base
+model with the adapters disabled (equal to an untouched copy of the base); checkpoints hold the adapter;
+the rollout engine runs the adapted model; bad keys are errors naming them."""
+
+import copy
+
+import pytest
+import torch
+import train_helpers as H
+
+pytest.importorskip("peft")
+
+from r1train.config import ConfigError, load_config  # noqa: E402
+from r1train.loading import load_model_and_tokenizer  # noqa: E402
+from r1train.rollout import Policy, sequence_logprobs  # noqa: E402
+
+
+def test_lora_grpo_trains_adapters_only_and_reward_rises(tmp_path):
+    """Adapters on every attention/MLP linear layer plus a trained copy of lm_head (lora_modules_to_save):
+    the base weights never move."""
+    t = H.grpo_trainer(tmp_path, "use_peft=true", "lora_modules_to_save=lm_head", "max_steps=14",
+                       "num_generations=8", "per_device_train_batch_size=32", "learning_rate=0.01", "seed=3",
+                       reward_funcs=[H.digit_share])
+    peft_model = t.engine.module.model
+    trained = lambda n: "lora_" in n or "modules_to_save" in n  # noqa: E731
+    base0 = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not trained(n)}
+    lora0 = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert lora0 and all(p.requires_grad == trained(n) for n, p in peft_model.named_parameters())
+    hist = t.train()
+    r = [h["reward"] for h in hist]
+    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.15, r
+    now = dict(peft_model.named_parameters())
+    assert all(torch.equal(now[n], v) for n, v in base0.items())
+    assert all(not torch.equal(now[n], v) for n, v in lora0.items() if "lora_B" in n)
+    t.finish()
+    ck = tmp_path / "checkpoint-14"
+    assert (ck / "adapter_config.json").exists() and (ck / "adapter_model.safetensors").exists()
+
+
+def test_reference_is_the_base_with_adapters_disabled(tmp_path):
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
+    base, _ = load_model_and_tokenizer(cfg)
+    base = copy.deepcopy(base).eval()
+    t = H.grpo_trainer(tmp_path / "run", "use_peft=true", "beta=0.04", "max_steps=2", "learning_rate=0.05",
+                       reward_funcs=[H.digit_share])
+    assert t.ref is None  # no second copy of the model
+    t.train()  # the adapters move away from zero
+    rows, _ = t.rows_for(0)
+    ro = t.make_batch(0, rows)[0]
+    args = (ro.input_ids, torch.cat([ro.prompt_mask_BP, ro.completion_mask_BT], 1), ro.completion_ids_BT)
+    got = sequence_logprobs(t.ref_policy(), *args, backend="torch")
+    with torch.no_grad():
+        want = sequence_logprobs(Policy(base), *args, backend="torch")
+        adapted = sequence_logprobs(t.engine, *args, backend="torch")
+    m = ro.completion_mask_BT.bool()
+    torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+    assert (adapted[m] - want[m]).abs().max() > 1e-4  # the policy itself is not the base
+
+
+@pytest.mark.parametrize("ov,key", [(["lora_r=0"], "lora_r"), (["lora_dropout=1.0"], "lora_dropout"),
+                                    (["lora_target_modules=q_proj,lm_head"], "lora_target_modules"),
+                                    (["sync_ref_model=true", "beta=0.1"], "sync_ref_model")])
+def test_bad_lora_keys(ov, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=["use_peft=true", *ov])
