@@ -63,3 +63,18 @@ def test_reference_is_the_base_with_adapters_disabled(tmp_path):
 def test_bad_lora_keys(ov, key):
     with pytest.raises(ConfigError, match=key):
         load_config(overrides=["use_peft=true", *ov])
+
+
+def test_lora_sft_loss_falls(tmp_path):
+    from r1train.loading import load_datasets
+    from r1train.sft import SFTTrainer
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_steps=25", "learning_rate=0.01",
+                                          "model_hidden_size=64", "per_device_train_batch_size=16",
+                                          "use_peft=true", "lora_modules_to_save=lm_head"])
+    model, tok = load_model_and_tokenizer(cfg)
+    train, ev = load_datasets(cfg, sft=True)
+    t = SFTTrainer(cfg, model, tok, train, ev)
+    hist = t.train()
+    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"], [h["loss"] for h in hist]
+    assert type(t.engine.module.model).__name__.startswith("Peft")
