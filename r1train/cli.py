@@ -1,4 +1,4 @@
-"""`r1train {demo,sft,grpo,sample,distill,pipeline} [--config x.yaml] [key=value ...]`.
+"""`r1train {demo,sft,grpo,sample,distill,pipeline,merge} [--config x.yaml] [key=value ...]`.
 
 Config precedence: defaults < YAML top level < the YAML section of the command (sft:, grpo:, ...) <
 key=value. `r1train <command> --help-config` lists every key with its default and meaning.
@@ -25,6 +25,7 @@ COMMANDS = {
               "them, write output_dir/samples.jsonl",
     "distill": "SFT a student on a teacher's correct samples (teacher_model=...)",
     "pipeline": "the R1 recipe: cold-start SFT -> RL -> rejection-sampling SFT -> RL",
+    "merge": "merge a LoRA checkpoint (adapter_path=...) into model_name_or_path; save to output_dir",
 }
 
 
@@ -102,6 +103,10 @@ def main(argv=None) -> int:
             print(json.dumps(pipeline.distill(args.config, args.overrides), indent=1))
         elif args.command == "sample":
             cmd_sample(args)
+        elif args.command == "merge":
+            from .loading import merge_lora
+
+            print(merge_lora(load_config(args.config, args.overrides)))
         else:
             from .loading import load_model_and_tokenizer
 

@@ -74,6 +74,8 @@ class TrainConfig:
     lora_target_modules: Optional[list] = f(None, "modules that get adapters; None: every linear layer of "
                                             "attention and MLP (peft's 'all-linear', lm_head excluded)")
     lora_modules_to_save: Optional[list] = f(None, "modules trained in full beside the adapters (e.g. lm_head)")
+    adapter_path: Optional[str] = f(None, "`r1train merge`: a LoRA checkpoint directory to merge into "
+                                    "model_name_or_path; the merged model goes to output_dir")
     gradient_checkpointing: bool = f(True, "recompute each decoder layer's activations in backward (transformers, "
                                      "non-reentrant): less memory for one more forward (TRL's default)")
     zero_stage: int = f(0, "DeepSpeed ZeRO stage (r1train/configs/ds_zero<N>.json)", [0, 1, 2, 3])

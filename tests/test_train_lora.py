@@ -78,3 +78,25 @@ def test_lora_sft_loss_falls(tmp_path):
     hist = t.train()
     assert hist[-1]["loss"] < 0.7 * hist[0]["loss"], [h["loss"] for h in hist]
     assert type(t.engine.module.model).__name__.startswith("Peft")
+
+
+def test_merge_equals_the_adapted_model(tmp_path):
+    """`r1train merge`: base + adapter (with a trained lm_head copy) -> a plain model whose logits equal the
+    adapted model's."""
+    from transformers import AutoModelForCausalLM
+
+    t = H.grpo_trainer(tmp_path / "run", "use_peft=true", "lora_modules_to_save=lm_head", "max_steps=3",
+                       "learning_rate=0.05", reward_funcs=[H.digit_share])
+    t.train()
+    t.finish()
+    adapted = t.engine.module.model.eval()
+    r = H.run_cli(["merge", *H.FAST, f"adapter_path={tmp_path / 'run' / 'checkpoint-3'}",
+                   f"output_dir={tmp_path / 'merged'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(3, 40, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+    r = H.run_cli(["merge", *H.FAST, f"adapter_path={tmp_path}", f"output_dir={tmp_path / 'x'}"])
+    assert r.returncode != 0 and "adapter_path" in r.stderr
