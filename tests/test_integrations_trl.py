@@ -85,23 +85,33 @@ def _train(model_dir, tmp_path, ours, replay=None, **cfg):
     return [h for h in tr.state.log_history if "loss" in h], grads.grads, recorded
 
 
+def _dtype(step):
+    """The fp32 table while both runs hold the same weights (the first optimizer step); after it, the two
+    runs' weights differ by the update's fp32 rounding (gradients summed in another order, times lr 0.1),
+    so later values are compared at the bf16 table (measured: entropy 4.6e-5, kl up to 5e-2 relative on
+    values near 1e-4 -- drift, not a different loss)."""
+    return torch.float32 if step == 0 else torch.bfloat16
+
+
 def _assert_same_training(a, b):
     (rows_a, grads_a, _), (rows_b, grads_b, _) = a, b
     assert len(rows_a) == len(rows_b) > 0 and len(grads_a) == len(grads_b) > 0
     min_len = min(r["completions/min_length"] for r in rows_a if "completions/min_length" in r)
     for step, (ra, rb) in enumerate(zip(rows_a, rows_b)):
-        assert_close(torch.tensor(rb["loss"]), torch.tensor(ra["loss"]), name=f"loss, step {step}")
+        assert_close(torch.tensor(rb["loss"]), torch.tensor(ra["loss"]), _dtype(step), name=f"loss, step {step}")
         for k in METRICS:
             assert (k in ra) == (k in rb), k
             if k in ra and "clip_ratio" in k:
                 # a ratio within float error of a clip bound may land on either side: one token's weight
                 assert abs(rb[k] - ra[k]) <= 1.0 / max(min_len, 1) + 1e-6, (k, step, ra[k], rb[k])
+            elif k == "kl" and k in ra and step > 0:
+                assert abs(rb[k] - ra[k]) <= 2e-2 * abs(ra[k]) + 1e-5, (k, step, ra[k], rb[k])
             elif k in ra:
-                assert_close(torch.tensor(rb[k]), torch.tensor(ra[k]), name=f"{k}, step {step}")
+                assert_close(torch.tensor(rb[k]), torch.tensor(ra[k]), _dtype(step), name=f"{k}, step {step}")
     for step, (ga, gb) in enumerate(zip(grads_a, grads_b)):
         assert set(ga) == set(gb)
         for n in ga:
-            assert_close(gb[n], ga[n].double(), name=f"grad {n}, step {step}")
+            assert_close(gb[n], ga[n].double(), _dtype(step), name=f"grad {n}, step {step}")
 
 
 @pytest.mark.parametrize("cfg", [
