@@ -177,6 +177,20 @@ def test_bad_sampling_arguments(kw, name):
         SamplingParams(**args)
 
 
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_no_rows(engine):
+    """A rank with nothing to sample (a dynamic-sampling round) gets empty tensors from either engine, and
+    rollout.sample an empty rollout."""
+    from r1train.rollout import sample
+
+    model = _model("tiny-qwen2")
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    tok, logp = generate(model, ids, ids, [], SamplingParams(4), eos_id=1, pad_id=0, engine=engine)
+    assert tok.shape == (0, 0) and logp.shape == (0, 0)
+    ro = sample(model, ids, ids, max_new_tokens=4, eos_id=1, pad_id=0, seeds_B=[], engine=engine)
+    assert ro.completion_ids_BT.shape[0] == 0 and ro.truncated_B.shape == (0,)
+
+
 def test_bad_engine_arguments():
     model = _model("tiny-qwen2", layers=1)
     ids, mask = _prompts([2, 3])

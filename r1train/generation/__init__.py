@@ -56,7 +56,10 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
     if len(seeds_B) != prompt_ids_BP.shape[0]:
         raise ValueError(f"seeds_B has {len(seeds_B)} seeds for {prompt_ids_BP.shape[0]} prompts")
-    with gathered_for_generation(ds_engine):
+    with gathered_for_generation(ds_engine):  # entered even with no rows: under ZeRO-3 it is a collective
+        if prompt_ids_BP.shape[0] == 0:  # a rank with nothing to sample this round (dynamic sampling)
+            dev = prompt_ids_BP.device
+            return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
         if engine == "transformers":
             return hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id,
                                pad_id=pad_id)
