@@ -110,6 +110,10 @@ class TrainConfig:
     loss_type: str = f("dapo", "loss normalization", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
     importance_sampling_level: str = f("token", "'token' ratios or 'sequence' (GSPO)", ["token", "sequence"])
     scale_rewards: str = f("group", "advantage scaling", ["group", "batch", "none"])
+    multi_objective_aggregation: str = f("sum_then_normalize", "several rewards: weighted sum, then scale_rewards "
+                                         "(sum_then_normalize); or each reward normalized in its group, the weighted "
+                                         "sum normalized over the batch (normalize_then_sum, GDPO)",
+                                         ["sum_then_normalize", "normalize_then_sum"])
     num_iterations: int = f(1, "optimization passes per generation batch (mu); > 1 uses old log-probs")
     mask_truncated_completions: bool = f(False, "completions without eos get no loss")
     dynamic_sampling: bool = f(False, "DAPO dynamic sampling: a prompt whose G rewards are all equal is replaced "

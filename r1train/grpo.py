@@ -37,6 +37,27 @@ def _all_sum(x: float, dev) -> float:
     return t.item()
 
 
+def _nanstd(x, dim):
+    """Bessel-corrected std ignoring NaNs; NaN where fewer than two values (TRL's nanstd)."""
+    n = (~x.isnan()).sum(dim, keepdim=True)
+    var = (x - x.nanmean(dim, keepdim=True)).square().nanmean(dim, keepdim=True) * n / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
+
+
+def normalize_then_sum(vals_NR, failed_N, w_R, G: int):
+    """Advantages of multi_objective_aggregation='normalize_then_sum' (GDPO, TRL's formula): each reward
+    normalized within its group ((r - mean) / (std + 1e-4), None and failed samples left out), the weighted
+    sum over rewards, then normalized over the batch; a row with no usable reward gets advantage 0."""
+    v = vals_NR.double().clone()
+    v[failed_N] = float("nan")
+    g = v.view(-1, G, v.shape[1])
+    z = ((g - g.nanmean(1, keepdim=True)) / (_nanstd(g, 1) + 1e-4)).view_as(v)
+    total = (z * w_R.double()).nansum(1)
+    total[v.isnan().all(1)] = float("nan")
+    adv = (total - total.nanmean()) / (_nanstd(total, 0) + 1e-4)
+    return adv.nan_to_num(0.0).float()
+
+
 def _pad_to(x, width, value, left):
     pad = width - x.shape[1]
     if pad <= 0:
@@ -184,7 +205,10 @@ class GRPOTrainer(Trainer):
         ok = (~bad_NG).float()
         mean_g = (grp_NG * ok).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
         total_N = torch.where(bad_NG, mean_g, grp_NG).reshape(-1)
-        adv_all = rk.group_advantages(total_N, G, scale=cfg.scale_rewards, backend=cfg.kernel_backend)
+        if cfg.multi_objective_aggregation == "normalize_then_sum":
+            adv_all = normalize_then_sum(vals_all, failed_all, self.reward_w_R, G)
+        else:
+            adv_all = rk.group_advantages(total_N, G, scale=cfg.scale_rewards, backend=cfg.kernel_backend)
         lo = self.rank * len(rows) * G
         adv_N = adv_all[lo:lo + len(rows) * G]
         mask_BT = ro.completion_mask_BT.clone()
