@@ -161,14 +161,15 @@ class GRPOTrainer(Trainer):
             counts[2] += 1
             slots = [i for i, k in enumerate(ok) if not k]
             new_rows = [self._extra_row(step, rnd, gidx[i] % n_global) for i in slots]
-            new = self._rollout(step, new_rows, [gidx[i] % n_global + rnd * n_global for i in slots])
+            new_gidx = [gidx[i] % n_global + rnd * n_global for i in slots]  # distinct seeds per round
+            new = self._rollout(step, new_rows, new_gidx)
             new_ok = self._varied(new[3], new[4])
             counts[0] += len(slots)
             counts[1] += new_ok.count(False)
             if slots:
                 got = _replace_groups(got, new, slots, G, self.tok.pad_token_id)
             for k, i in enumerate(slots):
-                rows[i], gidx[i], ok[i] = new_rows[k], gidx[i] % n_global + rnd * n_global, new_ok[k]
+                rows[i], gidx[i], ok[i] = new_rows[k], new_gidx[k], new_ok[k]
         counts = torch.cat([counts, torch.tensor([float(ok.count(False))], dtype=torch.float64,
                                                  device=self.dev)])
         if dist.is_initialized() and self.world > 1:

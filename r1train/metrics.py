@@ -18,7 +18,7 @@ BACKENDS = ("tensorboard", "wandb", "trackio")
 def _installed(name: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tensorboard" if name == "tensorboard" else name) is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def resolve_report_to(report_to) -> list[str]:
