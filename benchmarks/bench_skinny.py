@@ -87,11 +87,14 @@ def _cublas(kind):
 
 
 def sweep_configs(M, N, K, kind):
-    for BN, BK, split, stages in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 3, 4, 6, 8), (3, 4)):
-        if BK * split > K or (kind == "swiglu" and BN * BK * stages > 64 * 256 * 3):
+    """Tiles of 32-128 columns and 128-256 deep, K splits that give 120-640 programs, 3 or 4 stages."""
+    BM = max(16, 1 << (M - 1).bit_length())
+    for BN, BK, split, stages in itertools.product((32, 64, 128), (128, 256), (1, 2, 3, 4, 6, 8, 12, 16), (3, 4)):
+        programs = -(-N // BN) * -(-M // BM) * split
+        smem = stages * BK * (BM + BN * (2 if kind == "swiglu" else 1)) * 2
+        if BK * split > K or not 120 <= programs <= 640 or smem > 200 * 1024:
             continue
-        yield dict(BM=max(16, 1 << (M - 1).bit_length()), BN=BN, BK=BK, SPLIT=split, num_warps=4,
-                   num_stages=stages)
+        yield dict(BM=BM, BN=BN, BK=BK, SPLIT=split, num_warps=4, num_stages=stages)
 
 
 def main(argv=None):
