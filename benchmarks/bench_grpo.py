@@ -95,6 +95,17 @@ def cases(device: str, quick: bool) -> list[Case]:
             Case("grpo_loss fwd+bwd sequence", shape, seq, bytes=2 * logit_bytes)] + _linear_cases(device, quick)
 
 
+def chunk_info(N, H, V, dtype, device, budget, grad_weight):
+    """The Triton provider's chunk plan (rows, count, budget, dweight accumulator) and the bytes of the
+    gradients it returns (peak_extra_MB minus outputs_MB = the temporaries)."""
+    from r1kernels.ops.linear_grpo import chunk_plan
+    p = chunk_plan(N, V, dtype, budget, weight_numel=V * H if grad_weight else 0, weight_dtype=dtype, device=device)
+    elt = torch.empty((), dtype=dtype).element_size()
+    return {"chunk_budget_bytes": p.budget_bytes, "chunks": p.chunks, "chunk_rows": p.rows,
+            "fp32_dweight": p.fp32_dweight, "planned_temp_MB": p.temp_bytes / 2**20,
+            "outputs_MB": ((N * H + V * H) * elt if grad_weight else 0) / 2**20}
+
+
 def _linear_cases(device, quick):
     """K3 fused hidden -> loss: N=8192, H=3584, V=151936 (floor: 3 GEMMs of 2*N*H*V FLOPs)."""
     if device == "cpu":
@@ -107,15 +118,18 @@ def _linear_cases(device, quick):
     ids = torch.randint(0, V, (B, T), device=device)
     adv = torch.randn(B, device=device)
     old = torch.randn(B, T, device=device) - 12.0
-    provs = {}
+    provs, info = {}, {}
     for b in rk._backend.available("linear_grpo_loss", device):
         def run(b=b):
             h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
             out = rk.linear_grpo_loss(h, w, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04, backend=b)
             return torch.autograd.grad(out.loss, (h, w))
         provs[b] = run
+    if "triton" in provs:
+        from r1kernels.ops.linear_grpo import GRPO_CHUNK_BUDGET
+        info["triton"] = chunk_info(B * T, H, V, dtype, device, GRPO_CHUNK_BUDGET, True)
     return [Case("linear_grpo_loss fwd+bwd token", f"N={B * T} H={H} V={V} {str(dtype).split('.')[-1]}", provs,
-                 flops=3 * 2 * B * T * H * V)]
+                 flops=3 * 2 * B * T * H * V, info=info)]
 
 
 def tune(B=8, T=1024, V=151936, out=None):

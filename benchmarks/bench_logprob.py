@@ -1,7 +1,9 @@
 """K1 token log-probs: N=8192, V=151936 bf16 (DESIGN.md section 6). Providers: torch reference,
 torch.compile(reference), triton, Liger's fused_selective_log_softmax (forward) and cross-entropy
 (forward+backward: it writes the gradient during its forward) when installed.
-Bytes floor: forward reads the logits once; forward+backward reads twice and writes the gradient once."""
+Bytes floor: forward reads the logits once; forward+backward reads twice and writes the gradient once.
+Also linear_token_logprobs from hidden states (N=8192, H=3584; floor: its GEMMs), whose Triton rows carry
+the chunk plan (chunks, rows, budget) of its memory budget."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +11,7 @@ import torch
 import r1kernels as rk
 from r1kernels.reference import token_logprobs as ref_logprobs
 
+from .bench_grpo import chunk_info
 from .harness import Case, Rotating
 
 
@@ -80,8 +83,37 @@ def cases(device: str, quick: bool) -> list[Case]:
             return torch.autograd.grad(loss, x)
         p_fb["liger cross_entropy"] = liger_fb
         peers += ("liger cross_entropy",)
-    return [
+    return _linear_cases(device, quick) + [
         Case("token_logprobs fwd", shape, p_fwd, bytes=logit_bytes, peers=peers),
         Case("token_logprobs+entropy fwd", shape, p_ent, bytes=logit_bytes, peers=peers),
         Case("token_logprobs fwd+bwd", shape, p_fb, bytes=3 * logit_bytes, peers=peers),
     ]
+
+
+def _linear_cases(device, quick):
+    """linear_token_logprobs forward (no grad: reference / old-policy log-probs) and forward+backward."""
+    if device == "cpu":
+        N, H, V = 16, 32, 500
+    else:
+        N, H, V = (1024, 1024, 32000) if quick else (8192, 3584, 151936)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden = torch.randn(N, H, device=device, dtype=dtype)
+    weight = (torch.randn(V, H, device=device) / H ** 0.5).to(dtype)
+    y = torch.randint(0, V, (N,), device=device)
+    fwd, fb, info_f, info_fb = {}, {}, {}, {}
+    for b in rk._backend.available("linear_token_logprobs", device):
+        def run_f(b=b):
+            with torch.no_grad():
+                return rk.linear_token_logprobs(hidden, weight, y, backend=b)
+
+        def run_fb(b=b):
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            return torch.autograd.grad(rk.linear_token_logprobs(h, w, y, backend=b).sum(), (h, w))
+        fwd[b], fb[b] = run_f, run_fb
+    if "triton" in fwd:
+        from r1kernels.ops.linear_grpo import LOGPROB_CHUNK_BUDGET
+        info_f["triton"] = chunk_info(N, H, V, dtype, device, LOGPROB_CHUNK_BUDGET, False)
+        info_fb["triton"] = chunk_info(N, H, V, dtype, device, LOGPROB_CHUNK_BUDGET, True)
+    shape = f"N={N} H={H} V={V} {str(dtype).split('.')[-1]}"
+    return [Case("linear_token_logprobs fwd", shape, fwd, flops=2 * N * H * V, info=info_f),
+            Case("linear_token_logprobs fwd+bwd", shape, fb, flops=4 * 2 * N * H * V, info=info_fb)]

@@ -33,6 +33,7 @@ class Case:
     flops: float = 0.0                        # floating-point operations
     peers: tuple[str, ...] = ()               # providers from other projects / torch.compile, for the ratio
     setup: Callable[[], None] | None = None   # runs once before the providers (allocate inputs)
+    info: dict[str, dict] = dataclasses.field(default_factory=dict)  # provider -> extra JSON fields of its row
 
 
 class Rotating:
@@ -146,7 +147,7 @@ def run_case(case: Case, device: str) -> list[dict]:
         case.setup()
     rows, floor = [], floor_ms(case, device)
     for name, fn in case.providers.items():
-        row = {"op": case.op, "shape": case.shape, "provider": name}
+        row = {"op": case.op, "shape": case.shape, "provider": name, **case.info.get(name, {})}
         try:
             row["ms"] = time_ms(fn, device)
             row["peak_extra_MB"] = peak_extra_mb(fn, device)

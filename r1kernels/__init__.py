@@ -70,13 +70,23 @@ def token_logprobs(logits, labels, *, temperature=1.0, return_entropy=False, bac
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
-                          backend="auto"):
-    """token_logprobs(hidden @ weight.T + bias, labels) without materializing the [N, V] logits."""
+                          chunk_budget_bytes=None, backend="auto"):
+    """token_logprobs(hidden @ weight.T + bias, labels) without materializing the [N, V] logits.
+    chunk_budget_bytes: the kernels' memory budget for the logits chunk and its per-row temporaries
+    (None: 300 MiB; r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields)."""
     _check_linear(hidden, weight, bias, labels, temperature)
+    _check_budget(chunk_budget_bytes)
     fn = _backend.pick("linear_token_logprobs", backend, hidden.device, hidden, weight, labels)
     if fn is None:
         return _ref.linear_token_logprobs(hidden, weight, labels, bias, temperature, return_entropy)
-    return fn(hidden, weight, labels, bias, temperature, return_entropy)
+    budget = {} if chunk_budget_bytes is None else {"chunk_budget_bytes": chunk_budget_bytes}
+    return fn(hidden, weight, labels, bias, temperature, return_entropy, **budget)
+
+
+def _check_budget(chunk_budget_bytes):
+    if chunk_budget_bytes is not None and (not isinstance(chunk_budget_bytes, int)
+                                           or isinstance(chunk_budget_bytes, bool) or chunk_budget_bytes < 1):
+        raise ValueError(f"chunk_budget_bytes must be a positive int (bytes) or None, got {chunk_budget_bytes!r}")
 
 
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_weights=None, backend="auto"):
@@ -197,10 +207,13 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2, epsilon_high=None,
                      delta=None, loss_type="dapo", importance_sampling_level="token", kl_estimator="k3",
                      temperature=1.0, max_completion_length=None, num_items_in_batch=None,
-                     backend="auto") -> GRPOLossOutput:
+                     chunk_budget_bytes=None, backend="auto") -> GRPOLossOutput:
     """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
-    never holding the [B, T, V] logits."""
+    never holding the [B, T, V] logits. chunk_budget_bytes: the kernels' memory budget for the logits
+    chunk, its per-row temporaries and (when it fits) an fp32 weight-gradient accumulator (None: 960 MiB;
+    r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields)."""
     _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids", check_values=False)
+    _check_budget(chunk_budget_bytes)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
@@ -208,6 +221,8 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
     _check_grpo(completion_ids, advantages, completion_mask, **opts)
     completion_ids, advantages = _grpo_inputs(completion_ids, advantages, completion_mask, weight.shape[0])
     fn = _backend.pick("linear_grpo_loss", backend, hidden.device, hidden, weight, completion_ids)
+    if fn is not None and chunk_budget_bytes is not None:
+        opts["chunk_budget_bytes"] = chunk_budget_bytes
     impl = fn or _ref.linear_grpo_loss
     loss, logp, metrics = impl(hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
                                temperature=temperature, **opts)

@@ -64,10 +64,56 @@ def test_matches_reference(level, loss_type):
     _check(3, 4, 8, 37, importance_sampling_level=level, loss_type=loss_type, temperature=0.9)
 
 
-def test_chunks_and_no_bias(monkeypatch):
-    monkeypatch.setattr(lin_ops, "CHUNK_ROWS", 4)  # one sequence per chunk
-    _check(3, 4, 6, 29, with_bias=False)
-    _check(3, 4, 6, 29, importance_sampling_level="sequence")
+def _budget_for_rows(rows, V, dtype=torch.float32):
+    """A chunk budget that plans `rows` rows of V logits per chunk (no fp32 dweight accumulator)."""
+    return rows * (V * torch.empty((), dtype=dtype).element_size() + lin_ops.ROW_FP32_BYTES)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_chunks_equal_unchunked_reference(rows):
+    """12 tokens (3 sequences of 4) in chunks of 1, 3 or 6 rows (boundaries inside sequences) or 4 rows
+    (whole sequences): the same loss, metrics and gradients as the float64 reference, which never chunks."""
+    B, T, V = 3, 4, 29
+    budget = _budget_for_rows(rows, V)
+    plan = lin_ops.chunk_plan(B * T, V, torch.float32, budget)
+    assert plan.rows == rows and plan.chunks == -(-B * T // rows)
+    _check(B, T, 6, V, with_bias=False, chunk_budget_bytes=budget)
+    _check(B, T, 6, V, chunk_budget_bytes=budget, loss_type="grpo")
+    _check(B, T, 6, V, importance_sampling_level="sequence", chunk_budget_bytes=budget)
+
+
+def test_chunk_plan():
+    """The plan covers N rows in balanced chunks within the budget; the default budgets keep the
+    temporaries <= 1.0 GiB (linear_grpo_loss) and <= 0.3 GiB (linear_token_logprobs) at N=8192, H=3584,
+    V=151936 bf16 with chunks of >= MIN_CHUNK_ROWS rows; an fp32 dweight accumulator only where it fits."""
+    GiB = 2**30
+    for N, V, budget in [(8192, 151936, lin_ops.GRPO_CHUNK_BUDGET), (8192, 151936, lin_ops.LOGPROB_CHUNK_BUDGET),
+                         (1000, 5000, 10**6), (7, 100, 1), (1, 10, 10**9)]:
+        p = lin_ops.chunk_plan(N, V, torch.bfloat16, budget)
+        assert p.chunks * p.rows >= N > (p.chunks - 1) * p.rows
+        row_bytes = V * 2 + lin_ops.ROW_FP32_BYTES
+        assert p.temp_bytes <= max(budget, row_bytes)
+        assert (p.chunks - 1) * max(1, budget // row_bytes) < N  # one chunk fewer would break the budget
+    grpo = lin_ops.chunk_plan(8192, 151936, torch.bfloat16, lin_ops.GRPO_CHUNK_BUDGET, weight_numel=151936 * 3584,
+                              weight_dtype=torch.bfloat16, device="cuda")
+    assert grpo.temp_bytes <= 1.0 * GiB and not grpo.fp32_dweight and grpo.rows >= lin_ops.MIN_CHUNK_ROWS
+    lp = lin_ops.chunk_plan(8192, 151936, torch.bfloat16, lin_ops.LOGPROB_CHUNK_BUDGET)
+    assert lp.temp_bytes <= 0.3 * GiB and lp.rows >= lin_ops.MIN_CHUNK_ROWS
+    small = lin_ops.chunk_plan(4096, 1000, torch.bfloat16, lin_ops.GRPO_CHUNK_BUDGET, weight_numel=1000 * 64,
+                               weight_dtype=torch.bfloat16, device="cuda")
+    assert small.fp32_dweight and small.chunks == 1 and small.temp_bytes <= lin_ops.GRPO_CHUNK_BUDGET
+    on_cpu = lin_ops.chunk_plan(4096, 1000, torch.bfloat16, lin_ops.GRPO_CHUNK_BUDGET, weight_numel=1000 * 64,
+                                weight_dtype=torch.bfloat16, device="cpu")
+    assert not on_cpu.fp32_dweight  # no fp32-output addmm on the CPU
+
+
+def test_bad_chunk_budget():
+    h, w, ids = torch.randn(2, 3, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 3))
+    for bad in (0, -5, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match="chunk_budget_bytes"):
+            rk.linear_grpo_loss(h, w, ids, torch.randn(2), chunk_budget_bytes=bad)
+        with pytest.raises(ValueError, match="chunk_budget_bytes"):
+            rk.linear_token_logprobs(h, w, ids, chunk_budget_bytes=bad)
 
 
 def test_compile_fullgraph():
@@ -90,9 +136,9 @@ def test_compile_fullgraph():
     ref_lin(h64, w64, ids).sum().backward()
     assert_close(hidden.grad, h64.grad, name="compiled logprob grad hidden")
     torch.library.opcheck(lin_ops.linear_logprobs_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids,
-                                                        0.9, True))
+                                                        0.9, True, 2**20))
     opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.2,
-                delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3")
+                delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3", chunk_budget_bytes=2**20)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach(), weight.detach(), None, ids, adv, None, None, None,
                                                      None), opts)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(),
@@ -102,17 +148,17 @@ def test_compile_fullgraph():
 
 
 @pytest.mark.parametrize("entropy,with_bias,chunk", [(False, True, None), (True, False, 5), (True, True, 4)])
-def test_linear_token_logprobs(monkeypatch, entropy, with_bias, chunk):
+def test_linear_token_logprobs(entropy, with_bias, chunk):
+    """Unchunked, and chunks of 5 and 4 of the 6 rows (a boundary inside the second sequence)."""
     from r1kernels.reference import linear_token_logprobs as ref_lin
-    if chunk:
-        monkeypatch.setattr(lin_ops, "CHUNK_ROWS", chunk)
     H, V = 7, 43
+    budget = {"chunk_budget_bytes": _budget_for_rows(chunk, V)} if chunk else {}
     leaves = [torch.randn(2, 3, H), torch.randn(V, H) / H ** 0.5 * 3] + ([torch.randn(V) * 0.1] if with_bias else [])
     leaves = [t.requires_grad_() for t in leaves]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     labels = torch.randint(0, V, (2, 3))
     out = rk.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if with_bias else None,
-                                   temperature=0.8, return_entropy=entropy, backend="triton")
+                                   temperature=0.8, return_entropy=entropy, backend="triton", **budget)
     exp = ref_lin(leaves64[0], leaves64[1], labels, leaves64[2] if with_bias else None, 0.8, entropy)
     out, exp = (out, exp) if entropy else ((out,), (exp,))
     gs = [torch.randn_like(o) for o in out]

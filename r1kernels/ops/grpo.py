@@ -47,23 +47,34 @@ def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_i
 
 def token_level(x, ids, adv, mask, old, ref, num_items, dx, dx_strides, *, num_items_f, max_completion_length,
                 temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None):
-    """The token-level kernel on x [b1 - b0, T, V], the logits of sequences rows = (b0, b1) of the batch
-    (default: all): (per-token sums [5], logp [b1 - b0, T]); writes the gradient for upstream 1 into dx
-    (strides dx_strides). The other tensors cover the whole batch (the reduction needs all of mask)."""
+    """The token-level kernel: (per-token sums [5], logp); writes the gradient for upstream 1 into dx
+    (strides dx_strides). x is the [B, T, V] logits of the whole batch, or with rows = (r0, r1) the
+    [r1 - r0, V] logits of flattened rows r0:r1 of the B*T tokens (then logp is [r1 - r0]). The other
+    tensors cover the whole batch (the reduction needs all of mask)."""
     B, T = ids.shape
-    b0, b1 = rows or (0, B)
     dev = x.device
     mask_f = mask.float().contiguous() if mask is not None else None
     s_B = row_scale(mask_f, B, T, loss_type, max_completion_length, num_items, num_items_f, dev)
-    sl = (lambda t: t[b0:b1].contiguous() if t is not None else None) if rows else (lambda t: t)
-    logp = torch.empty(b1 - b0, T, device=dev, dtype=torch.float32)
-    stats = torch.empty(5, (b1 - b0) * T, device=dev, dtype=torch.float32)
-    _k.grpo_token(x, sl(ids.contiguous()), sl(adv.float().contiguous()), sl(mask_f),
-                  sl(old.float().contiguous() if old is not None else None),
-                  sl(ref.float().contiguous() if ref is not None else None), sl(s_B), logp, stats, dx, dx_strides,
-                  temperature=temperature, eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta,
-                  loss_type=loss_type, kl_estimator=kl_estimator)
-    return stats.sum(1), logp
+    adv = adv.float().contiguous()
+    old = old.float().contiguous() if old is not None else None
+    ref = ref.float().contiguous() if ref is not None else None
+    if rows is None:
+        n_rows, x3, ids_, mask_, old_, ref_, adv_, s_ = B * T, x, ids.contiguous(), mask_f, old, ref, adv, s_B
+    else:
+        r0, r1 = rows
+        n_rows, x3 = r1 - r0, x.view(1, r1 - r0, x.shape[-1])
+
+        def flat(t):
+            return t.reshape(-1)[r0:r1] if t is not None else None
+        ids_, mask_, old_, ref_ = flat(ids), flat(mask_f), flat(old), flat(ref)
+        adv_ = flat(adv.reshape(B, -1).expand(B, T)).view(1, -1)
+        s_ = flat(s_B[:, None].expand(B, T)).view(1, -1)
+    logp = torch.empty(n_rows, device=dev, dtype=torch.float32)
+    stats = torch.empty(5, n_rows, device=dev, dtype=torch.float32)
+    _k.grpo_token(x3, ids_, adv_, mask_, old_, ref_, s_, logp, stats, dx, dx_strides, temperature=temperature,
+                  eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
+                  kl_estimator=kl_estimator)
+    return stats.sum(1), logp if rows is not None else logp.view(B, T)
 
 
 def finish_stats(sums, mask, B, T):

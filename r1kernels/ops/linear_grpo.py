@@ -1,24 +1,90 @@
 """linear_grpo_loss: hidden [B, T, H] and the lm_head weight [V, H] -> the GRPO loss without holding the
-[B, T, V] logits. Token level, per chunk of whole sequences: cuBLAS logits (hidden dtype) -> the fused
-Triton loss kernel writing dLoss/dlogits into the chunk's own logits buffer -> the two gradient matmuls
-(dhidden, dweight accumulated in fp32). Gradients are computed in the forward (like the logits kernel);
-backward scales them by the upstream scalar in place (skipped when it is 1). Sequence level: the reference
-loss on linear_token_logprobs (autograd; its backward recomputes each chunk's logits).
+[B, T, V] logits. Token level, per chunk of rows of the B*T tokens: cuBLAS logits (hidden dtype) -> the
+fused Triton loss kernel writing dLoss/dlogits into the chunk's own logits buffer -> the two gradient
+matmuls (dhidden written in place, dweight accumulated). Gradients are computed in the forward (like the
+logits kernel); backward scales them by the upstream scalar in place (skipped when it is 1). Sequence
+level: the reference loss on linear_token_logprobs (autograd; its backward recomputes each chunk's logits).
 linear_token_logprobs: per chunk, logits -> the log-prob kernel (lse saved); backward recomputes each
-chunk's logits, writes their gradient in place and runs the two gradient matmuls."""
+chunk's logits, writes their gradient in place and runs the two gradient matmuls.
+
+Chunk sizes come from a memory budget (chunk_plan): the bytes of the temporaries that grow with the chunk
+(the logits buffer, which also holds its gradient, and the per-row fp32 vectors) plus, when it fits with
+a chunk of at least MIN_CHUNK_ROWS rows, an fp32 accumulator of dweight; otherwise dweight accumulates in
+the weight's dtype (fp32 GEMM accumulation within a chunk, one rounding per chunk).
+"""
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
 from ..triton import logprob as _lk
 from .grpo import STAT_KEYS, finish_stats, op_options, scale_saved_grads, sequence_level_loss, token_level
 
-CHUNK_ROWS = 8192  # rows of logits per chunk: 8192 x 151936 bf16 = 2.5 GB
+# Default budgets: at N=8192, H=3584, V=151936 bf16 they give 3 chunks of 2752 rows (0.78 GiB of logits)
+# for linear_grpo_loss and 8 chunks of 1024 rows (0.29 GiB) for linear_token_logprobs.
+GRPO_CHUNK_BUDGET = 960 * 2**20
+LOGPROB_CHUNK_BUDGET = 300 * 2**20
+MIN_CHUNK_ROWS = 1024  # below this the GEMMs lose efficiency; the fp32 dweight accumulator yields to it
+ROW_FP32_BYTES = 64    # per row: log-prob, lse, entropy, five loss sums, two coefficients, slack
+
+
+class ChunkPlan(NamedTuple):
+    rows: int             # rows of logits per chunk (the last chunk may be shorter)
+    chunks: int
+    budget_bytes: int
+    fp32_dweight: bool    # dweight accumulated in fp32 (else in the weight's dtype)
+    temp_bytes: int       # the planned temporaries: logits chunk + per-row fp32 (+ fp32 dweight)
+
+
+def _mm_out_fp32(device) -> bool:
+    """torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=fp32): CUDA and torch >= 2.8."""
+    return device.type == "cuda" and "out_dtype" in (torch.addmm.__doc__ or "")
+
+
+def chunk_plan(N: int, V: int, dtype: torch.dtype, budget_bytes: int, *, weight_numel: int = 0,
+               weight_dtype: torch.dtype | None = None, device=None) -> ChunkPlan:
+    """Rows per chunk for N rows of V logits in `dtype` under budget_bytes. weight_numel > 0 (a weight
+    gradient is accumulated): an fp32 accumulator is planned when the weight is not fp32 and it fits
+    beside a chunk of min(N, MIN_CHUNK_ROWS) rows (and fp32-output addmm exists on the device).
+    Chunks are balanced (equal sizes, rounded up to a multiple of 64 rows where the budget allows)."""
+    row_bytes = V * torch.empty((), dtype=dtype).element_size() + ROW_FP32_BYTES
+    acc = weight_numel * 4 if weight_numel and weight_dtype not in (None, torch.float32) else 0
+    fp32_dw = bool(acc) and (device is None or _mm_out_fp32(torch.device(device))) and \
+        acc + min(max(N, 1), MIN_CHUNK_ROWS) * row_bytes <= budget_bytes
+    max_rows = max(1, (budget_bytes - (acc if fp32_dw else 0)) // row_bytes)
+    chunks = max(1, math.ceil(N / max_rows))
+    rows = max(1, math.ceil(N / chunks))
+    if rows < N and -(-rows // 64) * 64 <= max_rows:
+        rows = -(-rows // 64) * 64
+        chunks = math.ceil(N / rows)
+    temp = min(rows, max(N, 1)) * row_bytes + (acc if fp32_dw else 0)
+    return ChunkPlan(rows, chunks, int(budget_bytes), fp32_dw, temp)
+
+
+def _plan(h2, weight, budget, grad_weight):
+    return chunk_plan(h2.shape[0], weight.shape[0], h2.dtype, budget,
+                      weight_numel=weight.numel() if grad_weight else 0, weight_dtype=weight.dtype,
+                      device=h2.device)
 
 
 def _logits(h, weight, bias):
-    z = h @ weight.t()
-    return z + bias.to(z.dtype) if bias is not None else z
+    """h @ weight.T (+ bias) in one buffer."""
+    return torch.addmm(bias.to(h.dtype), h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def _dweight(plan, weight):
+    return torch.zeros(weight.shape, device=weight.device,
+                       dtype=torch.float32 if plan.fp32_dweight else weight.dtype)
+
+
+def _accumulate(dw, g, h):
+    """dw += g.T @ h without a [V, H] temporary (fp32 output straight from bf16/fp16 operands)."""
+    if dw.dtype == g.dtype:
+        dw.addmm_(g.t(), h)
+    else:
+        torch.addmm(dw, g.t(), h, out_dtype=torch.float32, out=dw)
 
 
 @torch.library.custom_op("r1kernels::linear_grpo_fwd", mutates_args=())
@@ -26,7 +92,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     adv: torch.Tensor, mask: torch.Tensor | None, old: torch.Tensor | None, ref: torch.Tensor | None,
                     num_items: torch.Tensor | None, *, num_items_f: float | None, max_completion_length: int | None,
                     temperature: float, epsilon: float, epsilon_high: float, delta: float | None, beta: float,
-                    loss_type: str, kl_estimator: str
+                    loss_type: str, kl_estimator: str, chunk_budget_bytes: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, H = hidden.shape
     V = weight.shape[0]
@@ -34,24 +100,26 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     opts = dict(num_items_f=num_items_f, max_completion_length=max_completion_length, temperature=temperature,
                 epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
                 kl_estimator=kl_estimator)
-    dh = torch.empty_like(hidden)
-    dw = torch.zeros(V, H, device=dev, dtype=torch.float32)
+    h2 = hidden.reshape(B * T, H)
+    plan = _plan(h2, weight, chunk_budget_bytes, True)
+    dh = torch.empty_like(h2)
+    dw = _dweight(plan, weight)
     db = torch.zeros(V if bias is not None else 0, device=dev, dtype=torch.float32)
-    logp = torch.empty(B, T, device=dev, dtype=torch.float32)
+    logp = torch.empty(B * T, device=dev, dtype=torch.float32)
     sums = torch.zeros(5, device=dev, dtype=torch.float32)
-    bc = max(1, CHUNK_ROWS // max(T, 1))
-    for b0 in range(0, B, bc):
-        b1 = min(B, b0 + bc)
-        z = _logits(hidden[b0:b1], weight, bias)
-        s, logp[b0:b1] = token_level(z, ids, adv, mask, old, ref, num_items, z, (z.stride(0), z.stride(1)),
-                                     rows=(b0, b1), **opts)
+    for r0 in range(0, B * T, plan.rows):
+        r1 = min(B * T, r0 + plan.rows)
+        z = _logits(h2[r0:r1], weight, bias)
+        s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, num_items, z, (0, z.stride(0)), rows=(r0, r1),
+                                     **opts)
         sums += s
-        z2 = z.view(-1, V)  # now dLoss/dlogits for sequences b0:b1
-        dh[b0:b1] = (z2 @ weight).view(b1 - b0, T, H)
-        dw.add_(z2.t() @ hidden[b0:b1].reshape(-1, H))
+        # z now holds dLoss/dlogits of rows r0:r1
+        torch.mm(z, weight, out=dh[r0:r1])
+        _accumulate(dw, z, h2[r0:r1])
         if bias is not None:
-            db.add_(z2.sum(0, dtype=torch.float32))
-    return finish_stats(sums, mask, B, T), logp, dh, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
+            db.add_(z.sum(0, dtype=torch.float32))
+    return (finish_stats(sums, mask, B, T), logp.view(B, T), dh.view(B, T, H), dw.to(weight.dtype),
+            db.to(bias.dtype) if bias is not None else db)
 
 
 @linear_grpo_fwd.register_fake
@@ -83,16 +151,20 @@ linear_grpo_fwd.register_autograd(_backward, setup_context=_setup)
 def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completion_mask=None, *, bias=None,
                             temperature=1.0, old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2,
                             epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
-                            kl_estimator="k3", max_completion_length=None, num_items_in_batch=None):
+                            kl_estimator="k3", max_completion_length=None, num_items_in_batch=None,
+                            chunk_budget_bytes=GRPO_CHUNK_BUDGET):
+    chunk_budget_bytes = GRPO_CHUNK_BUDGET if chunk_budget_bytes is None else chunk_budget_bytes
     loss_opts = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                      kl_estimator=kl_estimator, max_completion_length=max_completion_length,
                      num_items_in_batch=num_items_in_batch)
     if importance_sampling_level == "sequence":
-        logp = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature)
+        logp = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature,
+                                            chunk_budget_bytes=chunk_budget_bytes)
         return sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, loss_opts)
     nt, opts = op_options(temperature=temperature, **loss_opts)
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
-                                           old_logprobs, ref_logprobs, nt, **opts)
+                                           old_logprobs, ref_logprobs, nt, chunk_budget_bytes=int(chunk_budget_bytes),
+                                           **opts)
     metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
     return stats[0], logp, metrics
 
@@ -111,15 +183,17 @@ def _rows2d(hidden, labels):
 
 @torch.library.custom_op("r1kernels::linear_logprobs_fwd", mutates_args=())
 def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                        temperature: float, entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: float, entropy: bool, chunk_budget_bytes: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h, y = _rows2d(hidden, labels)
     N = h.shape[0]
     dev = hidden.device
     logp = torch.empty(N, device=dev, dtype=torch.float32)
     lse = torch.empty(N, device=dev, dtype=torch.float32)
     ent = torch.empty(N if entropy else 0, device=dev, dtype=torch.float32)
-    for r0 in range(0, N, CHUNK_ROWS):
-        r1 = min(N, r0 + CHUNK_ROWS)
+    rows = _plan(h, weight, chunk_budget_bytes, False).rows
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
         lp, ls, en = _lk.logprob_fwd(_logits(h[r0:r1], weight, bias), y[r0:r1], temperature, entropy)
         logp[r0:r1], lse[r0:r1] = lp, ls
         if entropy:
@@ -129,7 +203,7 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, entropy):
+def _(hidden, weight, bias, labels, temperature, entropy, chunk_budget_bytes):
     f = hidden.new_empty(labels.shape, dtype=torch.float32)
     return f, torch.empty_like(f), torch.empty_like(f) if entropy else f.new_empty(0)
 
@@ -137,56 +211,60 @@ def _(hidden, weight, bias, labels, temperature, entropy):
 @torch.library.custom_op("r1kernels::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                         lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: float, chunk_budget_bytes: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h, y = _rows2d(hidden, labels)
     N, H = h.shape
     lse, g = lse.reshape(-1), g_logp.reshape(-1).float()
     ent = ent.reshape(-1) if g_ent is not None else lse
     ge = g_ent.reshape(-1).float() if g_ent is not None else None
+    plan = _plan(h, weight, chunk_budget_bytes, True)
     dh = torch.empty_like(h)
-    dw = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)
+    dw = _dweight(plan, weight)
     db = torch.zeros(weight.shape[0] if bias is not None else 0, device=h.device, dtype=torch.float32)
-    for r0 in range(0, N, CHUNK_ROWS):
-        r1 = min(N, r0 + CHUNK_ROWS)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(N, r0 + plan.rows)
         z = _logits(h[r0:r1], weight, bias)
         _lk.logprob_bwd(z, y[r0:r1], lse[r0:r1], ent[r0:r1], g[r0:r1], ge[r0:r1] if ge is not None else None,
                         temperature, out=z, out_strides=(0, z.stride(0)))
-        dh[r0:r1] = z @ weight
-        dw.add_(z.t() @ h[r0:r1])
+        torch.mm(z, weight, out=dh[r0:r1])
+        _accumulate(dw, z, h[r0:r1])
         if bias is not None:
             db.add_(z.sum(0, dtype=torch.float32))
     return dh.view(hidden.shape), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
 
 
 @linear_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature):
+def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, chunk_budget_bytes):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32))
 
 
 def _lp_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, entropy = inputs
+    hidden, weight, bias, labels, temperature, entropy, budget = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
-    ctx.temperature, ctx.entropy = temperature, entropy
+    ctx.temperature, ctx.entropy, ctx.budget = temperature, entropy, budget
     ctx.set_materialize_grads(False)
 
 
 def _lp_backward(ctx, g_logp, g_lse, g_ent):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
     if g_logp is None and g_ent is None:
-        return None, None, None, None, None, None
+        return (None,) * 7
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     dh, dw, db = linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, g_logp,
-                                     g_ent if ctx.entropy else None, ctx.temperature)
-    return dh, dw, db if bias is not None else None, None, None, None
+                                     g_ent if ctx.entropy else None, ctx.temperature, ctx.budget)
+    return dh, dw, db if bias is not None else None, None, None, None, None
 
 
 linear_logprobs_fwd.register_autograd(_lp_backward, setup_context=_lp_setup)
 
 
-def linear_token_logprobs_triton(hidden, weight, labels, bias=None, temperature=1.0, return_entropy=False):
-    logp, _, ent = linear_logprobs_fwd(hidden, weight, bias, labels, float(temperature), bool(return_entropy))
+def linear_token_logprobs_triton(hidden, weight, labels, bias=None, temperature=1.0, return_entropy=False,
+                                 chunk_budget_bytes=LOGPROB_CHUNK_BUDGET):
+    logp, _, ent = linear_logprobs_fwd(hidden, weight, bias, labels, float(temperature), bool(return_entropy),
+                                       int(chunk_budget_bytes))
     return (logp, ent) if return_entropy else logp
 
 

@@ -118,11 +118,13 @@ def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_n
 
 @triton.jit
 def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
-                       dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, inv_t, eps_low, eps_high,
+                       dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, sc_sb, sc_st, inv_t, eps_low,
+                       eps_high,
                        delta, beta, tau_pos, tau_neg, REVERSE: tl.constexpr, STORE_CM: tl.constexpr,
                        BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr,
                        HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """One program per row (b, t) of the [B, T] tokens."""
+    """One program per row (b, t) of the [B, T] tokens; the loss scale of row (b, t) is
+    scale[b * sc_sb + t * sc_st] (per sequence: strides (1, 0); per row: (T, 1))."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
@@ -156,7 +158,7 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
             lref = tl.load(ref_ptr + row)
         L, dL, kl, low, high = _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_neg, LOSS,
                                             KL, HAS_REF, USE_KL, HAS_DELTA)
-        sb = tl.load(scale_ptr + b) * m
+        sb = tl.load(scale_ptr + b * sc_sb + t * sc_st) * m
         tl.store(logp_ptr + row, l)
         tl.store(stats_ptr + row, sb * L)
         tl.store(stats_ptr + N + row, m * kl)
@@ -181,22 +183,23 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
             tl.store(x_ptr + idx, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=idx < n)
 
 
-def grpo_token(x, ids, adv, mask, old, ref, scale_B, logp, stats, dx, dx_strides, *, temperature, eps_low, eps_high,
+def grpo_token(x, ids, adv, mask, old, ref, scale, logp, stats, dx, dx_strides, *, temperature, eps_low, eps_high,
                delta, beta, loss_type, kl_estimator, config=None):
-    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides.
-    config overrides CONFIG (tuning sweeps only)."""
+    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides;
+    adv and scale are [B] (per sequence) or [B, T] (per row). config overrides CONFIG (tuning sweeps only)."""
     B, T, V = x.shape
     N = B * T
     if N == 0:
         return
     cfg = {**CONFIG, **(config or {})}
     BLOCK = block_v(V, cfg["BLOCK"])
-    dummy = scale_B
+    dummy = scale
     adv_sb, adv_st = (T, 1) if adv.dim() == 2 else (1, 0)
+    sc_sb, sc_st = (T, 1) if scale.dim() == 2 else (1, 0)
     _grpo_token_kernel[(N,)](
         x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
-        ref if ref is not None else dummy, scale_B, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
-        dx_strides[0], dx_strides[1], adv_sb, adv_st, 1.0 / temperature, eps_low, eps_high,
+        ref if ref is not None else dummy, scale, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
+        dx_strides[0], dx_strides[1], adv_sb, adv_st, sc_sb, sc_st, 1.0 / temperature, eps_low, eps_high,
         delta if delta is not None else 0.0, beta, SAPO_TAU_POS, SAPO_TAU_NEG, REVERSE=cfg["REVERSE"],
         STORE_CM="" if INTERPRET else cfg["STORE_CM"], BLOCK=BLOCK, LOSS=LOSS_CODE[loss_type],
         KL=KL_CODE[kl_estimator], HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
