@@ -44,7 +44,7 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             "task_flaw_share", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_generations", "max_prompt_length", "max_completion_length", "max_length", "loss_type", "beta",
             "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
-            "importance_sampling_level", "bf16", "zero_stage")
+            "importance_sampling_level", "bf16", "zero_stage", "optim")
 
 
 class CheckpointError(ConfigError):

@@ -25,6 +25,7 @@ from .config import TrainConfig, check_offload
 from .loading import apply_lora, enable_activation_checkpointing
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
+from .optim import make_optimizer
 from .rollout import Policy, sample_rows
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -121,8 +122,7 @@ class Trainer(CheckpointMixin):
             enable_activation_checkpointing(model)
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
         dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])  # the `optim` key
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps * optimizer_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,
                                                     lr_scheduler=sched, config=dsc)
@@ -202,7 +202,7 @@ class Trainer(CheckpointMixin):
                 t0 = time.perf_counter()
                 rows, _ = self.rows_for(step)
                 m = self.train_step(step, rows)
-                m["learning_rate"] = self.engine.get_lr()[0]
+                m["learning_rate"] = float(self.engine.get_lr()[0])  # a tensor for torchao's optimizers
                 m["epoch"] = (step + 1) * self.prompts_per_rank * self.world / len(self.train_rows)
                 m["step_time"] = time.perf_counter() - t0
                 done = step + 1

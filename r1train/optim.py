@@ -1,0 +1,97 @@
+"""The optimizer behind the `optim` key (transformers/TRL names).
+
+- `adamw_torch` (default): torch AdamW. Under DeepSpeed bf16 the engine keeps fp32 master weights, so the
+  GPU holds 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 8 (fp32 exp_avg, exp_avg_sq) bytes per
+  trained parameter, plus a transient fp32 copy of the gradient partition (4) at the optimizer step.
+- `adamw_torch_8bit`: torchao's AdamW8bit (what transformers' `optim="adamw_torch_8bit"` builds): the same
+  fp32 master weights, the update computed in fp32, the two moments stored block-wise quantized to 8 bits
+  (256 values per fp32 scale): 2.03 bytes of state per parameter instead of 8, so fp32 master + states take
+  6.03 bytes instead of 12. Chosen over bf16 weights with stochastic rounding (no fp32 master at all) and
+  over CPU master weights (offload_optimizer: slow, and 16 bytes per parameter of host memory); measured in
+  tests/test_train_memory_optim.py and the README's memory section.
+
+ZeRO 1/2 hand the optimizer one flat fp32 partition per parameter group, whose length is a multiple of
+2 x world size, not of torchao's block size; torchao would then keep that whole tensor's state in fp32.
+`AdamW8bit` below quantizes the block-aligned head and keeps only the short tail (< 256 values) in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_8bit")
+
+
+def make_optimizer(cfg, params):
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw_torch_8bit":
+        return adamw_8bit_class()(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def adamw_8bit_class():
+    try:
+        from torchao.optim import AdamW8bit as _AdamW8bit
+        from torchao.optim.adam import single_param_adam
+    except ImportError as e:
+        raise ConfigError("optim=adamw_torch_8bit needs torchao (pip install torchao)") from e
+
+    class AdamW8bit(_AdamW8bit):
+        """torchao's AdamW8bit; a parameter whose length is not a multiple of the block size gets its
+        block-aligned head quantized and its tail (< block_size values) in fp32."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            fn = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            with torch._dynamo.utils.disable_cache_limit():
+                for group in self.param_groups:
+                    if not torch.is_tensor(group["lr"]):  # a scheduler that assigned a float
+                        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        st = self.state[p]
+                        n = p.numel()
+                        head = n - n % self.block_size if n >= 4096 else 0
+                        if not st:
+                            st["step"] = torch.tensor(0.0)
+                            flat = p.detach().view(-1)
+                            if head:
+                                st["exp_avg"] = self._new_buffer(flat[:head], True)
+                                st["exp_avg_sq"] = self._new_buffer(flat[:head], False)
+                            if head < n:
+                                st["exp_avg_tail"] = torch.zeros_like(flat[head:])
+                                st["exp_avg_sq_tail"] = torch.zeros_like(flat[head:])
+                        st["step"] += 1
+                        flat, g = p.detach().view(-1), p.grad.view(-1)
+                        args = (st["step"],)
+                        rest = (None, group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
+                                group["eps"], True, self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+                        if head:
+                            fn(flat[:head], g[:head], *args, st["exp_avg"], st["exp_avg_sq"], *rest)
+                        if head < n:
+                            fn(flat[head:], g[head:], *args, st["exp_avg_tail"], st["exp_avg_sq_tail"], *rest)
+            return loss
+
+    return AdamW8bit
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes the optimizer's state tensors hold (quantized states counted by their real storage)."""
+    n = 0
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if not torch.is_tensor(v) or k == "step":
+                continue
+            if hasattr(v, "__tensor_flatten__"):  # a tensor subclass: codes + scales (+ the shared qmap)
+                names, _ = v.__tensor_flatten__()
+                n += sum(getattr(v, a).numel() * getattr(v, a).element_size() for a in names)
+            else:
+                n += v.numel() * v.element_size()
+    return n
