@@ -86,20 +86,18 @@ def _cublas(kind):
     return make
 
 
-def sweep_configs(M, N, K, kind):
-    """Tiles of 32-256 columns and 64-256 deep, K splits that give 64-640 programs, the deepest pipeline
-    within 220 KB of shared memory (at most 5 stages) and one less, 8 warps for tiles of 128+ columns.
-    Measured at M = 64 (H200): with 32-column tiles the x tiles re-read from L2 cost as much as the weight
-    (x reads = N / BN * M * K), so wide tiles are in the sweep."""
+def sweep_configs(M, N, K, kind, sms=132):
+    """Tiles of 32-256 columns and 64-256 deep on one or two programs per SM (stream-K), the deepest
+    pipeline within 220 KB of shared memory (at most 5 stages; per program when two share an SM) and one
+    less, 8 warps for tiles of 128+ columns."""
     BM = max(16, 1 << (M - 1).bit_length())
-    for BN, BK, split, warps in itertools.product((32, 64, 128, 256), (64, 128, 256), (1, 2, 3, 4, 6, 8), (4, 8)):
-        programs = -(-N // BN) * -(-M // BM) * split
+    for BN, BK, per_sm, warps in itertools.product((32, 64, 128, 256), (64, 128, 256), (1, 2), (4, 8)):
         stage_bytes = BK * (BM + BN * (2 if kind == "swiglu" else 1)) * 2
-        most = min(5, 220 * 1024 // stage_bytes)  # the deepest pipeline that fits, and one less
-        if BK * split > K or not 64 <= programs <= 640 or most < 2 or (warps == 8) != (BN >= 128):
+        most = min(5, 220 * 1024 // per_sm // stage_bytes)
+        if BK > K or most < 2 or (warps == 8) != (BN >= 128):
             continue
         for stages in (most, most - 1) if most > 2 else (2,):
-            yield dict(BM=BM, BN=BN, BK=BK, SPLIT=split, num_warps=warps, num_stages=stages)
+            yield dict(BN=BN, BK=BK, PROGRAMS=per_sm * sms, num_warps=warps, num_stages=stages)
 
 
 def main(argv=None):
@@ -129,7 +127,7 @@ def main(argv=None):
             row["ours_s"] = _graph_time([_ours(kind, None)(*s) for s in sets])
             if a.sweep and M == rows[0]:
                 best = None
-                for cfg in sweep_configs(M, N, K, kind):
+                for cfg in sweep_configs(M, N, K, kind, torch.cuda.get_device_properties(dev).multi_processor_count):
                     try:
                         t = _graph_time([_ours(kind, cfg)(*s) for s in sets], reps=5)
                     except Exception as e:  # out of shared memory etc.

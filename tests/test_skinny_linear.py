@@ -16,8 +16,11 @@ from r1kernels.triton import skinny
 DTYPES = [torch.float32, torch.bfloat16]
 # (M, N, K): one row; ragged everything; K a multiple of the split; more rows than one M tile
 SHAPES = [(1, 40, 64), (5, 37, 100), (16, 64, 160), (33, 24, 96)]
-CFGS = [None, dict(BM=16, BN=16, BK=32, SPLIT=3, num_warps=1, num_stages=1),
-        dict(BM=16, BN=32, BK=16, SPLIT=1, num_warps=1, num_stages=1)]
+# programs: the default; one (every tile whole); more than tiles (tiles cut between up to K / BK programs,
+# ranges inside one tile); more than units (empty ranges)
+CFGS = [None, dict(BN=16, BK=32, PROGRAMS=1, num_warps=1, num_stages=1),
+        dict(BN=16, BK=16, PROGRAMS=7, num_warps=1, num_stages=1),
+        dict(BN=32, BK=32, PROGRAMS=64, num_warps=1, num_stages=1)]
 
 
 def _inputs(device, dtype, M, N, K):
@@ -48,7 +51,7 @@ def test_linear(device, dtype, shape, cfg):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("cfg", CFGS[:2])
+@pytest.mark.parametrize("cfg", CFGS)
 def test_swiglu(device, dtype, shape, cfg):
     M, N, K = shape
     x, wg = _inputs(device, dtype, M, N, K)
@@ -64,7 +67,7 @@ def test_swiglu(device, dtype, shape, cfg):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("cfg", CFGS[:2])
+@pytest.mark.parametrize("cfg", CFGS)
 def test_linear_residual(device, dtype, shape, cfg):
     M, N, K = shape
     x, w = _inputs(device, dtype, M, N, K)
