@@ -204,24 +204,6 @@ def profile_step(model, device, rows=64, P=256, T=512):
     return res
 
 
-def _set_gemms(mode: str):
-    if mode == "default":
-        return
-    from r1kernels.ops import fused as fops
-    from r1kernels.triton import skinny
-
-    if mode == "cublas":
-        for f in (fops.linear_triton, fops.swiglu_triton, fops.linear_residual_triton):
-            f.eligible = lambda *a, **k: False
-        return
-    with open(mode) as fh:
-        best = {(r["N"], r["K"], r["op"] == "gate_up"): r["best_cfg"] for r in json.load(fh)["results"]
-                if "best_cfg" in r}
-    default = skinny.config
-    skinny.config = lambda M, N, K, gated, dev: dict(best[N, K, gated]) if M > 32 and (N, K, gated) in best \
-        else default(M, N, K, gated, dev)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
@@ -231,10 +213,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
-    p.add_argument("--gemms", default="default", help="the decode step's few-row GEMMs: default | cublas (the "
-                   "Triton kernels off) | a bench_skinny.json (an experiment: its best config per shape at M > 32)")
     a = p.parse_args(argv)
-    _set_gemms(a.gemms)
     tiny = a.device == "cpu"
     model = _model(a.device, tiny)
     n, G, P, T = (2, 2, 8, 12) if tiny else (8, 8, 256, 512)

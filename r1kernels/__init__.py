@@ -15,8 +15,7 @@ from . import reference as _ref
 from .reference.grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
-           "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul",
-           "linear", "swiglu", "linear_residual_", "moe",
+           "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul", "moe",
            "patch"]
 __version__ = "0.1.0"
 
@@ -353,45 +352,6 @@ def silu_mul(gate, up, *, backend="auto"):
     _inference_only("silu_mul", gate=gate, up=up)
     fn = _backend.pick("silu_mul", backend, gate.device, gate, up)
     return (fn or _ref.silu_mul)(gate, up)
-
-
-def _few_row_gemm_checks(op, x, weights, **tensors):
-    _checks.float_tensor("x", x, min_ndim=1)
-    for name, w in weights.items():
-        _checks.float_tensor(name, w, ndim=2)
-        if w.shape[1] != x.shape[-1]:
-            raise ValueError(f"{name} must have shape [N, {x.shape[-1]}] (the last dim of x), got {tuple(w.shape)}")
-    _checks.same_device(x=x, **weights, **{k: t for k, t in tensors.items() if t is not None})
-    _inference_only(op, x=x, **weights, **tensors)
-
-
-def linear(x, weight, bias=None, *, backend="auto"):
-    """F.linear(x, weight, bias): x [..., K], weight [N, K] -> [..., N]. A Triton kernel for a decode step's
-    few rows (<= 64; split over K, deterministic), cuBLAS otherwise. Inference only."""
-    _few_row_gemm_checks("linear", x, {"weight": weight}, bias=bias)
-    if bias is not None:
-        _checks.shape("bias", bias, (weight.shape[0],), " ([N])")
-    fn = _backend.pick("linear", backend, x.device, x, weight, bias)
-    return (fn or _ref.linear)(x, weight, bias)
-
-
-def swiglu(x, w_gate, w_up, *, backend="auto"):
-    """silu(x W_gate^T) * (x W_up^T) (a SwiGLU MLP up to its down projection), each product rounded to x's
-    dtype first, then fp32 math; both weights read in one kernel for a decode step's few rows. Inference
-    only."""
-    _few_row_gemm_checks("swiglu", x, {"w_gate": w_gate, "w_up": w_up})
-    _checks.shape("w_up", w_up, tuple(w_gate.shape), " (the shape of w_gate)")
-    fn = _backend.pick("swiglu", backend, x.device, x, w_gate, w_up)
-    return (fn or _ref.swiglu)(x, w_gate, w_up)
-
-
-def linear_residual_(x, weight, residual, *, backend="auto"):
-    """residual += x @ weight^T in place (fp32 accumulation, one rounding: torch.addmm_ with beta = 1);
-    x [..., K], weight [N, K], residual [..., N]. Returns residual. Inference only."""
-    _few_row_gemm_checks("linear_residual_", x, {"weight": weight}, residual=residual)
-    _checks.shape("residual", residual, (*x.shape[:-1], weight.shape[0]), " ([..., N])")
-    fn = _backend.pick("linear_residual_", backend, x.device, x, weight, residual)
-    return (fn or _ref.linear_residual_)(x, weight, residual)
 
 
 from . import moe  # noqa: E402

@@ -37,14 +37,7 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "rms_norm": [("triton", "r1kernels.ops.fused:rms_norm_triton")],
     "apply_rotary": [("triton", "r1kernels.ops.fused:apply_rotary_triton")],
     "silu_mul": [("triton", "r1kernels.ops.fused:silu_mul_triton")],
-    "linear": [("triton", "r1kernels.ops.fused:linear_triton")],
-    "swiglu": [("triton", "r1kernels.ops.fused:swiglu_triton")],
-    "linear_residual_": [("triton", "r1kernels.ops.fused:linear_residual_triton")],
 }
-
-# ops whose reference is cuBLAS, the intended path beyond the kernels' limits (more rows than a decode step):
-# no warning when it runs on cuda
-REFERENCE_ON_CUDA = {"linear", "swiglu", "linear_residual_"}
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -140,7 +133,7 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
             raise ValueError(f"backend={backend!r} for {op} does not support these inputs")
     if backend != "auto":
         raise ValueError(f"backend={backend!r} is not available for {op} ({_why(op, backend)})")
-    if dev == "cuda" and op not in _WARNED and op not in REFERENCE_ON_CUDA and not torch.compiler.is_compiling():
+    if dev == "cuda" and op not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(op)
         warnings.warn(f"r1kernels: no kernel eligible for {op} on cuda; using the torch reference")
     return None

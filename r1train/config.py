@@ -45,6 +45,10 @@ class TrainConfig:
     task_train_size: int = f(4000, "arith task: number of training problems")
     task_eval_size: int = f(200, "arith task: number of held-out problems")
     task_flaw_share: float = f(0.5, "arith task: share of cold-start SFT solutions with one wrong step")
+    task_slip_share: float = f(0.6, "demo stages: share of carry/borrow steps that a cold-start solution writes "
+                               "without the carry (a systematic slip: above 0.5, greedy decoding makes it)")
+    task_mix_share: float = f(0.3, "demo stages with step words: share of chain-of-thought lines written in the "
+                              "second step-word language (language mixing in the cold-start set)")
     # ---- optimization (TRL / transformers TrainingArguments names)
     output_dir: str = f("outputs/r1train", "where metrics, completions, plots and checkpoints go")
     seed: int = f(42, "seed for data order, sampling and init")
@@ -180,7 +184,7 @@ class TrainConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1 (or unset to keep every checkpoint), "
                               f"got {self.save_total_limit}")
-        for k in ("warmup_ratio", "ref_model_mixup_alpha", "task_flaw_share"):
+        for k in ("warmup_ratio", "ref_model_mixup_alpha", "task_flaw_share", "task_slip_share", "task_mix_share"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         for k in ("adam_beta1", "adam_beta2"):

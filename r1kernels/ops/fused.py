@@ -1,13 +1,11 @@
 """rms_norm, apply_rotary and silu_mul as torch.library custom ops (r1kernels::rms_norm, ::apply_rotary,
-::silu_mul) over the Triton kernels of r1kernels.triton.fused, and the few-row GEMMs of a decode step
-(::skinny_linear, ::swiglu, ::linear_residual_) over r1kernels.triton.skinny. Inference only: no autograd.
-The fakes make them traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
+::silu_mul) over the Triton kernels of r1kernels.triton.fused. Inference only: no autograd. The fakes make
+them traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
 from __future__ import annotations
 
 import torch
 
 from ..triton import fused as _k
-from ..triton import skinny as _sk
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -84,64 +82,3 @@ def _silu_mul_eligible(gate, up, *a, **k):
 
 
 silu_mul_triton.eligible = _silu_mul_eligible
-
-
-@torch.library.custom_op("r1kernels::skinny_linear", mutates_args=())
-def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _sk.linear(x, weight, bias)
-
-
-@skinny_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("r1kernels::swiglu", mutates_args=())
-def swiglu_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    return _sk.swiglu(x, w_gate, w_up)
-
-
-@swiglu_op.register_fake
-def _(x, w_gate, w_up):
-    return x.new_empty(*x.shape[:-1], w_gate.shape[0])
-
-
-@torch.library.custom_op("r1kernels::linear_residual_", mutates_args=("residual",))
-def linear_residual_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> None:
-    _sk.linear_residual_(x, weight, residual)
-
-
-def _few_rows(x, *weights):
-    """x [..., K] of at most MAX_M rows against row-major [N, K] weights of x's dtype."""
-    K = x.shape[-1]
-    return (x.dtype in _FLOATS and x.dim() >= 1 and x.numel() // max(K, 1) <= _sk.MAX_M and K > 0
-            and all(w.dim() == 2 and w.shape[1] == K and w.dtype == x.dtype and w.stride(1) == 1
-                    for w in weights))
-
-
-def linear_triton(x, weight, bias=None):
-    """F.linear(x, weight, bias) for a decode step's few rows."""
-    return skinny_linear_op(x, weight, bias)
-
-
-linear_triton.eligible = lambda x, weight, bias=None: _few_rows(x, weight) and (
-    bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],) and bias.stride(0) == 1))
-
-
-def swiglu_triton(x, w_gate, w_up):
-    """silu(x W_g^T) * (x W_u^T) for a decode step's few rows."""
-    return swiglu_op(x, w_gate, w_up)
-
-
-swiglu_triton.eligible = lambda x, w_gate, w_up: _few_rows(x, w_gate, w_up) and w_gate.shape == w_up.shape
-
-
-def linear_residual_triton(x, weight, residual):
-    """residual += x W^T in place for a decode step's few rows; returns residual."""
-    linear_residual_op(x, weight, residual)
-    return residual
-
-
-linear_residual_triton.eligible = lambda x, weight, residual: (
-    _few_rows(x, weight) and residual.is_contiguous() and residual.dtype == x.dtype
-    and residual.shape == (*x.shape[:-1], weight.shape[0]))

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference: the spec every kernel is tested against and the CPU fallback (fp32 math)."""
 from .advantage import group_advantages
 from .attention import decode_attention
-from .fused import apply_rotary, linear, linear_residual_, rms_norm, silu_mul, swiglu
+from .fused import apply_rotary, rms_norm, silu_mul
 from .grpo import grpo_loss, grpo_loss_from_logprobs, linear_grpo_loss
 from .logprob import linear_token_logprobs, token_logprobs
 from .moe import permute, route, sequence_aux_loss, unpermute, update_bias
@@ -11,5 +11,4 @@ __all__ = [
     "token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "grpo_loss_from_logprobs",
     "linear_grpo_loss", "route", "permute", "unpermute", "update_bias", "sequence_aux_loss",
     "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul",
-    "linear", "swiglu", "linear_residual_",
 ]

@@ -8,11 +8,6 @@
   cat(-x[..., D/2:], x[..., :D/2]), in fp32, rounded once to q's / k's dtype.
 - silu_mul(gate, up): F.silu(gate) * up (HF MLP act_fn(gate_proj(x)) * up_proj(x)) in fp32, rounded once to
   gate's dtype.
-- linear(x, weight, bias): F.linear (the decode step's q/k/v projection).
-- swiglu(x, w_gate, w_up): silu_mul(F.linear(x, w_gate), F.linear(x, w_up)) (the two projections rounded to
-  x's dtype, as the unfused MLP's are).
-- linear_residual_(x, weight, residual): residual += x @ weight^T in place, accumulated in fp32 and rounded
-  once (torch.addmm_ with beta = 1); returns residual.
 """
 from __future__ import annotations
 
@@ -41,17 +36,3 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
-
-
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    return silu_mul(F.linear(x, w_gate), F.linear(x, w_up))
-
-
-def linear_residual_(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    r2 = residual.view(-1, residual.shape[-1])
-    r2.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
-    return residual

@@ -1,13 +1,11 @@
 """Fused kernels in the model's own decode forward, while the engine runs: each Hugging Face RMSNorm ->
-rk.rms_norm (one kernel instead of six); each SiLU-gated MLP -> rk.swiglu (gate and up projections and the
-activation in one kernel) for a decode step's few rows, else its projections around rk.silu_mul; the
-rotary embedding of Llama-family attention -> rk.apply_rotary (one launch for q and k instead of about
-ten); the q/k/v projections of each attention -> one rk.linear over the three weights concatenated into a
-buffer the engine keeps (refreshed from the parameters on every entry; one launch instead of three); and
-in each Llama-family decoder layer the two residual adds -> rk.linear_residual_ (o_proj's and down_proj's
-GEMMs add into the residual in place). rk.linear / swiglu / linear_residual_ run Triton few-row GEMMs up
-to 64 rows and cuBLAS beyond. Instance attributes shadow the class methods for the duration and are
-removed after, so training forwards run the unpatched code."""
+rk.rms_norm (one kernel instead of six), each SiLU-gated MLP -> rk.silu_mul between its projections (one
+instead of two), and the rotary embedding of Llama-family attention -> rk.apply_rotary (one launch for q
+and k instead of about ten), and the q/k/v projections of each attention -> one GEMM over the three
+weights concatenated into a buffer the engine keeps (refreshed from the parameters on every entry; one
+launch instead of three), and in each Llama-family decoder layer the two residual adds -> the beta = 1
+input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). Instance attributes shadow the
+class methods for the duration and are removed after, so training forwards run the unpatched code."""
 from __future__ import annotations
 
 import contextlib
@@ -26,20 +24,8 @@ def _norm(self, x):
     return rk.rms_norm(x, self.weight, self.variance_epsilon, backend=self._r1k_backend)
 
 
-def _gemm_backend(backend: str) -> str:
-    """The few-row GEMM ops' backend: their reference is cuBLAS, the right path past the kernels' row limit,
-    so an explicit "triton" still lets "auto" choose by shape."""
-    return "torch" if backend == "torch" else "auto"
-
-
 def _mlp(self, x):
-    g, u, be = self.gate_proj, self.up_proj, self._r1k_backend
-    if (g.bias is None and u.bias is None
-            and rk._backend.pick("swiglu", _gemm_backend(be), x.device, x, g.weight, u.weight) is not None):
-        h = rk.swiglu(x, g.weight, u.weight, backend=_gemm_backend(be))
-    else:
-        h = rk.silu_mul(g(x), u(x), backend=be)
-    return self.down_proj(h)
+    return self.down_proj(rk.silu_mul(self.gate_proj(x), self.up_proj(x), backend=self._r1k_backend))
 
 
 def _patchable_mlp(m) -> bool:
@@ -59,7 +45,7 @@ def _qkv_projs(m):
 
 def _q(self, x):
     """q_proj's forward: one GEMM for q, k and v; k_proj / v_proj return their slices for the same x."""
-    qkv = rk.linear(x, self._r1k_w, self._r1k_b, backend=_gemm_backend(self._r1k_backend))
+    qkv = F.linear(x, self._r1k_w, self._r1k_b)
     nq, nk = self.out_features, self._r1k_k.out_features
     self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x, qkv[..., nq:nq + nk]), (x, qkv[..., nq + nk:])
     return qkv[..., :nq]
@@ -70,7 +56,7 @@ def _kv(self, x):
     return out if src is x else F.linear(x, self.weight, self.bias)
 
 
-def _fuse_qkv(m, buffers: dict, backend: str):
+def _fuse_qkv(m, buffers: dict):
     """Patch m's q/k/v projections (see _q); the concatenated weight/bias live in `buffers` under id(m)."""
     ps = _qkv_projs(m)
     if ps is None:
@@ -87,22 +73,22 @@ def _fuse_qkv(m, buffers: dict, backend: str):
     if b is not None:
         torch.cat([p.bias.detach() for p in ps], out=b)
     q.forward, q._r1k_w, q._r1k_b, q._r1k_k, q._r1k_v = types.MethodType(_q, q), w, b, k, v
-    q._r1k_backend = backend
     k.forward, v.forward = types.MethodType(_kv, k), types.MethodType(_kv, v)
     k._r1k_out = v._r1k_out = (None, None)
-    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v", "_r1k_backend")), (k, ("forward", "_r1k_out")),
+    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v")), (k, ("forward", "_r1k_out")),
             (v, ("forward", "_r1k_out"))]
 
 
 def _res_linear(self, x):
-    """o_proj / down_proj: residual += x @ W^T in one GEMM, in place (an out-of-place add first copies the
-    residual: two copy kernels a layer, measured). The residual is the layer's input or its attention
-    output, which nothing reads after its norm has (the engine asks for no hidden states)."""
+    """o_proj / down_proj: residual += x @ W^T in one GEMM, in place (torch.addmm into a new tensor first
+    copies the residual: two copy kernels a layer, measured). The residual is the layer's input or its
+    attention output, which nothing reads after its norm has (the engine asks for no hidden states)."""
     res, self._r1k_res = self._r1k_res, None
+    x2 = x.reshape(-1, x.shape[-1])
     if not res.is_contiguous():
-        x2 = x.reshape(-1, x.shape[-1])
         return torch.addmm(res.reshape(-1, res.shape[-1]), x2, self.weight.t()).view(res.shape)
-    return rk.linear_residual_(x, self.weight, res, backend=_gemm_backend(self._r1k_backend))
+    res.view(-1, res.shape[-1]).addmm_(x2, self.weight.t())
+    return res
 
 
 def _layer(self, hidden_states, *args, **kwargs):
@@ -139,7 +125,7 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
             patched.append(m)
         elif buffers is not None and name.endswith("Attention"):
-            fused += _fuse_qkv(m, buffers, backend)
+            fused += _fuse_qkv(m, buffers)
     mods = []
     if getattr(model.config, "model_type", None) in ROPE_MODELS:
         for m in model.modules():
@@ -147,9 +133,8 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
                 m.forward = types.MethodType(_layer, m)
                 for lin in (m.self_attn.o_proj, m.mlp.down_proj):
                     lin.forward, lin._r1k_res = types.MethodType(_res_linear, lin), None
-                    lin._r1k_backend = backend
-                fused += [(m, ("forward",)), (m.self_attn.o_proj, ("forward", "_r1k_res", "_r1k_backend")),
-                          (m.mlp.down_proj, ("forward", "_r1k_res", "_r1k_backend"))]
+                fused += [(m, ("forward",)), (m.self_attn.o_proj, ("forward", "_r1k_res")),
+                          (m.mlp.down_proj, ("forward", "_r1k_res"))]
         for m in model.modules():
             mod = sys.modules.get(type(m).__module__)
             if type(m).__name__.endswith("Attention") and hasattr(mod, "apply_rotary_pos_emb") and mod not in [
