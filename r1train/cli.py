@@ -18,13 +18,15 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
-    "demo": "cold-start SFT of a tiny model on the built-in task, then GRPO; prints accuracy before/after RL",
+    "demo": "the R1 stages on the built-in task and tiny models (--stage zero|default|language|rejection|distill|"
+            "all; default: cold-start SFT then GRPO); prints each stage's held-out table",
     "sft": "supervised fine-tuning (prompt-completion rows)",
     "grpo": "GRPO reinforcement learning with rule rewards",
     "sample": "sample num_generations completions per prompt (the first max_steps prompts; -1: all), score "
               "them, write output_dir/samples.jsonl",
     "distill": "SFT a student on a teacher's correct samples (teacher_model=...)",
-    "pipeline": "the R1 recipe: cold-start SFT -> RL -> rejection-sampling SFT -> RL",
+    "pipeline": "the R1 recipe: cold-start SFT -> RL -> rejection-sampling SFT -> RL (with --config); with no "
+                "--config, every demo stage (= demo --stage all)",
     "merge": "merge a LoRA checkpoint (adapter_path=...) into model_name_or_path; save to output_dir",
 }
 
@@ -35,6 +37,7 @@ def parse(argv):
                    help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
     p.add_argument("--config", default=None, help="YAML file of config keys (see --help-config)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--stage", default=None, help="demo: zero | default | language | rejection | distill | all")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`
@@ -95,8 +98,14 @@ def main(argv=None) -> int:
     catch_term = _main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
     prev_term = signal.signal(signal.SIGTERM, _raise_interrupted) if catch_term else None
     try:
-        if args.command == "demo":
-            pipeline.demo(args.config, args.overrides)
+        if args.command == "demo" or (args.command == "pipeline" and args.config is None):
+            from . import demo
+
+            stage = args.stage or ("all" if args.command == "pipeline" else "default")
+            if args.config is not None and stage != "default":
+                raise ConfigError("--config: only the default demo stage takes a config file (the others read "
+                                  "r1train/configs/demo_<stage>.yaml); override keys with key=value")
+            demo.run(stage, args.overrides, config=args.config)
         elif args.command == "pipeline":
             print(json.dumps(pipeline.recipe(args.config, args.overrides), indent=1))
         elif args.command == "distill":

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 
 import torch
 
@@ -18,7 +17,7 @@ from .config import ConfigError, TrainConfig, check_grpo_batch, load_config
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer
-from .rewards import accuracy_reward, format_reward
+from .rewards import accuracy_reward, format_reward, language_consistency_reward
 from .rollout import sample_rows
 from .sft import SFTTrainer
 
@@ -75,16 +74,24 @@ def run_grpo(cfg, model, tok, eval_before=False):
 
 
 @torch.no_grad()
-def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batch_size: int = 64):
-    """R1 stage 3: sample num_samples per prompt, keep up to `keep` correct, well-formed ones as SFT rows."""
+def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batch_size: int = 64,
+                     language: str | None = None, stats: dict | None = None):
+    """R1 stage 3: sample num_samples per prompt, keep up to `keep` correct, well-formed ones as SFT rows.
+    language: also require a readable chain of thought (language reward 1, or no words at all). stats, when
+    given, gets the counts: samples, correct, kept, prompts_kept (prompts with at least one kept sample)."""
     setup_distributed()
     model = model.to(device())
-    out = []
+    out, n = [], {"samples": 0, "correct": 0, "kept": 0, "prompts_kept": 0}
     for _, chunk, _, texts in sample_rows(model, tok, rows, num_samples=num_samples, cfg=cfg,
                                           seed_key=(cfg.seed, "rs"), batch_size=batch_size):
         gold = [r.get(cfg.answer_column) for r in chunk for _ in range(num_samples)]
         ok = [a == 1.0 and f == 1.0 for a, f in zip(accuracy_reward(None, texts, answer=gold),
                                                       format_reward(None, texts))]
+        n["samples"] += len(texts)
+        n["correct"] += sum(ok)
+        if language is not None:
+            lang = language_consistency_reward(None, texts, language=language)
+            ok = [o and (v is None or v == 1.0) for o, v in zip(ok, lang)]
         for i, r in enumerate(chunk):
             seen = []
             for j in range(num_samples):
@@ -92,6 +99,10 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
                 if ok[i * num_samples + j] and t not in seen and len(seen) < keep:
                     seen.append(t)
             out += [{**r, cfg.completion_column: t} for t in seen]
+            n["kept"] += len(seen)
+            n["prompts_kept"] += bool(seen)
+    if stats is not None:
+        stats.update(n)
     return out
 
 
@@ -142,29 +153,11 @@ def distill(cfg_path=None, overrides=()):
 
 
 def demo(cfg_path=None, overrides=()):
-    """Cold-start SFT of the tiny model on the built-in task, then GRPO; prints held-out accuracy
-    before and after RL."""
-    t0 = time.time()
-    path = cfg_path or os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
-    base, c1, c2 = _stage_configs(path, overrides, {"sft": "sft", "grpo": "grpo"})
-    model, tok = load_model_and_tokenizer(base)
-    t, before = run_sft(c1, model, tok)
-    t_sft = time.time() - t0
-    t, _, after = run_grpo(c2, _handoff(t, c1), tok)
-    res = {"accuracy_before_rl": before["eval/accuracy"], "accuracy_after_rl": after["eval/accuracy"],
-           "greedy_accuracy_before_rl": before["eval/accuracy_greedy"],
-           "greedy_accuracy_after_rl": after["eval/accuracy_greedy"],
-           "eval_prompts": base.task_eval_size, "eval_temperature": c2.eval_temperature,
-           "sft_seconds": round(t_sft, 1), "wall_seconds": round(time.time() - t0, 1)}
-    if t.rank == 0:
-        gain = 100 * (res["accuracy_after_rl"] - res["accuracy_before_rl"])
-        print(f"\nheld-out accuracy (pass@1, T={c2.eval_temperature}, {base.task_eval_size} problems): "
-              f"{100 * res['accuracy_before_rl']:.1f}% after cold-start SFT -> "
-              f"{100 * res['accuracy_after_rl']:.1f}% after GRPO ({gain:+.1f} points)")
-        print(f"greedy: {100 * res['greedy_accuracy_before_rl']:.1f}% -> {100 * res['greedy_accuracy_after_rl']:.1f}%"
-              f"; wall time {res['wall_seconds']:.0f}s; outputs in {base.output_dir}/")
-    _write(base.output_dir, "demo_results.json", res)
-    return res
+    """The default demo stage (r1train.demo: cold-start SFT of the tiny model on the built-in task, then GRPO);
+    prints its held-out table and returns its results."""
+    from . import demo as demo_stages
+
+    return demo_stages.run("default", overrides, config=cfg_path)["default"]
 
 
 def _write(d, name, obj):

@@ -36,7 +36,8 @@ class SFTTrainer(Trainer):
                 moe = self.expert_load.step()
                 gn = self.engine.get_global_grad_norm()
             losses.append(loss.item())
-        m = {"loss": _all_sum(sum(losses) / len(losses), self.dev) / self.world}
+        m = {"loss": _all_sum(sum(losses) / len(losses), self.dev) / self.world,
+             "tokens": _all_sum(attn_BL.sum(), self.dev)}  # prompt + completion tokens of the step (all ranks)
         if gn is not None:
             m["grad_norm"] = float(gn)
         m.update(moe)

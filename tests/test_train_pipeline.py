@@ -60,11 +60,13 @@ def test_demo_smoke(tmp_path, capsys):
     res = pipeline.demo(None, ["model_hidden_size=32", "model_num_layers=1", "max_steps=2", "task_eval_size=8",
                                "task_train_size=64", "kernel_backend=torch", "disable_tqdm=true",
                                "report_to=none", f"output_dir={tmp_path}"])
-    assert set(res) >= {"accuracy_before_rl", "accuracy_after_rl", "wall_seconds"}
-    assert "held-out accuracy (pass@1" in capsys.readouterr().out
+    assert set(res) >= {"accuracy_before_rl", "accuracy_after_rl", "greedy_accuracy_before_rl",
+                        "greedy_accuracy_after_rl", "wall_seconds"}
+    out = capsys.readouterr().out
+    assert "== cold start -> reasoning RL" in out and "greedy accuracy" in out
     assert (tmp_path / "demo_results.json").exists() and (tmp_path / "grpo" / "metrics.jsonl").exists()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    assert (tmp_path / "grpo" / "curves.png").exists()
+    assert (tmp_path / "grpo" / "curves.png").exists() and (tmp_path / "demo_curves.png").exists()

@@ -54,3 +54,89 @@ def test_tiny_models_forward(name):
     m = tiny_model(name, tok, hidden_size=32, num_layers=2)
     out = m(input_ids=torch.randint(0, len(tok), (2, 7)))
     assert out.logits.shape == (2, 7, len(tok)) and torch.isfinite(out.logits).all()
+
+
+# ---- the demo stages' task family
+
+
+def _value(line: str) -> tuple[int, int]:
+    """(true value of the step's left side, written result) of "a+b=c" or "a plus b = c" / "a 加 b = c"."""
+    lhs, rhs = line.split("=")
+    for w, s in (("plus", "+"), ("minus", "-"), ("\u52a0", "+"), ("\u51cf", "-")):
+        lhs = lhs.replace(w, s)
+    return eval(lhs.replace(" ", "")), int(rhs)
+
+
+def test_split_is_held_out_and_seeded():
+    from r1train.tasks import arith
+
+    spec = ArithSpec(min_terms=3, max_terms=3, max_operand=9)
+    train, ev = arith.split(2000, 300, seed=5, spec=spec)
+    assert (train, ev) == arith.split(2000, 300, seed=5, spec=spec)
+    e_ev = [arith.expression(*p) for p in ev]
+    assert len(set(e_ev)) == 300 and not set(e_ev) & {arith.expression(*p) for p in train}
+    with pytest.raises(ValueError, match="distinct held-out"):
+        arith.split(10, 100, seed=0, spec=ArithSpec(min_terms=2, max_terms=2, max_operand=2))
+
+
+@pytest.mark.parametrize("slip", [0.0, 0.6, 1.0])
+def test_cold_start_slips_are_forgotten_carries(slip):
+    from r1train.tasks import arith
+
+    train, _ = arith.split(500, 10, seed=1, spec=ArithSpec(min_terms=3, max_terms=4, max_operand=19))
+    rows = arith.cold_start_rows(train, seed=1, slip_share=slip)
+    carry_steps = slipped = 0
+    for r, (nums, ops) in zip(rows, train):
+        assert format_reward(None, [r["completion"]]) == [1.0]
+        assert r["answer"] == str(eval(arith.expression(nums, ops)))
+        lines = r["completion"][7:].split("</think>")[0].split("\n")
+        total = nums[0]
+        for line, op, b in zip(lines, ops, nums[1:]):
+            truth, written = _value(line)
+            assert line.startswith(str(total))  # the chain goes on from the written (maybe wrong) total
+            if arith.carries(total, op, b):
+                carry_steps += 1
+                slipped += written != truth
+                assert written in (truth, truth - 10 if op == "+" else truth + 10)
+            else:
+                assert written == truth  # only carry/borrow steps ever slip
+            total = written
+        assert r["completion"].endswith(f"<answer>{total}</answer>")  # self-consistent to the end
+    assert carry_steps > 200
+    assert abs(slipped / carry_steps - slip) < 0.07
+
+
+def test_step_word_languages_and_mixing():
+    from r1train.rewards import language_consistency_reward
+    from r1train.tasks import arith
+
+    train, _ = arith.split(400, 10, seed=2, spec=ArithSpec(min_terms=3, max_terms=3))
+    pure = arith.cold_start_rows(train, seed=2, words=True)
+    assert all(v == 1.0 for v in language_consistency_reward(None, [r["completion"] for r in pure]))
+    assert all(" plus " in r["completion"] or " minus " in r["completion"] for r in pure)
+    mixed = arith.cold_start_rows(train, seed=2, words=True, mix_share=0.3)
+    lines = [ln for r in mixed for ln in r["completion"][7:].split("</think>")[0].split("\n")]
+    zh = sum(("\u52a0" in ln or "\u51cf" in ln) for ln in lines) / len(lines)
+    assert 0.25 < zh < 0.35
+    for r in mixed:  # the words change, the arithmetic does not
+        assert all(_value(ln)[0] == _value(ln)[1] for ln in r["completion"][7:].split("</think>")[0].split("\n"))
+        assert accuracy_reward(None, [r["completion"]], answer=[r["answer"]]) == [1.0]
+    tok = char_tokenizer()
+    s = mixed[0]["completion"] + "7 \u52a0 5 = 12\n12 \u51cf 3 = 9"
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == s and tok.unk_token_id not in ids
+
+
+def test_pretrain_corpus_styles():
+    from r1train.tasks import arith
+
+    train, _ = arith.split(2000, 10, seed=3, spec=ArithSpec(min_terms=3, max_terms=4))
+    rows = arith.pretrain_rows(train, seed=3, work_share=0.3, tag_share=0.2)
+    assert all(isinstance(r["prompt"], str) and r["prompt"].startswith("What is ") for r in rows)
+    tagged = [r for r in rows if format_reward(None, [r["completion"]]) == [1.0]]
+    worked = [r for r in rows if "=" in r["completion"]]
+    assert abs(len(tagged) / len(rows) - 0.2) < 0.04 and abs(len(worked) / len(rows) - 0.3) < 0.04
+    assert all(accuracy_reward(None, [r["completion"]], answer=[r["answer"]]) == [1.0] for r in tagged)
+    for r in rows:  # untagged documents end with the answer, plainly
+        if r not in tagged:
+            assert "<" not in r["completion"] and r["completion"].split()[-1] == r["answer"]

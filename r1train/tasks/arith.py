@@ -87,3 +87,101 @@ def generate(n: int, seed: int, spec: ArithSpec = ArithSpec(), flaw_share: float
             msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
         rows.append({"prompt": msgs, "answer": str(truth), "solution": text})
     return rows
+
+
+# ---- the demo stages' task family: held-out splits, systematic cold-start slips, two step-word
+# languages, and a plain-text pretraining corpus for the R1-Zero base
+
+# step words of the two "languages" of the language-consistency stage (en = the target)
+STEP_WORDS = {"en": {"+": "plus", "-": "minus"}, "zh": {"+": "\u52a0", "-": "\u51cf"}}
+
+
+def carries(total: int, op: str, b: int) -> bool:
+    """True when the step total op b needs a carry (+) or a borrow (-) in the units digit."""
+    return (total % 10 + b % 10 >= 10) if op == "+" else (total % 10 < b % 10 and total >= 10)
+
+
+def split(n_train: int, n_eval: int, seed: int, spec: ArithSpec = ArithSpec()):
+    """(train, eval) problems [(nums, ops)], the eval expressions never among the training ones. Eval is
+    drawn first from its own stream (distinct expressions); train draws from the seed's stream, skipping
+    eval expressions (repeats among training problems are allowed)."""
+    rng_e, rng_t = random.Random(seed + 10_000), random.Random(seed)
+    ev, seen, tries = [], set(), 0
+    while len(ev) < n_eval:
+        nums, ops = make_problem(rng_e, spec)
+        e = expression(nums, ops)
+        tries += 1
+        if tries > 100 * (n_eval + 10):
+            raise ValueError(f"task: cannot draw {n_eval} distinct held-out problems from this spec; widen it")
+        if e not in seen:
+            seen.add(e)
+            ev.append((nums, ops))
+    train = []
+    while len(train) < n_train:
+        nums, ops = make_problem(rng_t, spec)
+        if expression(nums, ops) not in seen:
+            train.append((nums, ops))
+    return train, ev
+
+
+def chain(nums, ops, *, slip_share: float = 0.0, mix_share: float = 0.0, rng=None, words: bool = False):
+    """A worked chain: (step lines, final value, languages used). slip_share: each carry/borrow step is
+    written without its carry (the tens digit left as it was, +10/-10 off) with this probability, the error
+    carried to the end. words: each line reads "a plus b = c" (en) or, with probability mix_share, in the
+    other vocabulary "a 加 b = c" (zh); without words, "a+b=c"."""
+    lines, langs, total = [], set(), nums[0]
+    for op, b in zip(ops, nums[1:]):
+        new = total + b if op == "+" else total - b
+        if slip_share and carries(total, op, b) and rng.random() < slip_share:
+            new = new - 10 if op == "+" else new + 10  # forgot to carry / to borrow
+        if words:
+            lang = "zh" if mix_share and rng.random() < mix_share else "en"
+            langs.add(lang)
+            lines.append(f"{total} {STEP_WORDS[lang][op]} {b} = {new}")
+        else:
+            lines.append(f"{total}{op}{b}={new}")
+        total = new
+    return lines, total, langs
+
+
+def r1_text(lines, answer) -> str:
+    return "<think>" + "\n".join(lines) + "</think><answer>" + str(answer) + "</answer>"
+
+
+def question(nums, ops) -> str:
+    return f"What is {expression(nums, ops)}?"
+
+
+def rl_rows(problems, *, chat: bool = True) -> list[dict]:
+    """Prompt + gold answer rows (chat messages, or the bare question text for a base model)."""
+    return [{"prompt": [{"role": "user", "content": question(n, o)}] if chat else question(n, o) + "\n",
+             "answer": str(chain(n, o)[1])} for n, o in problems]
+
+
+def cold_start_rows(problems, seed: int, *, slip_share: float = 0.0, mix_share: float = 0.0,
+                    words: bool = False) -> list[dict]:
+    """rl_rows plus `completion`: the cold-start worked solution in the R1 format, with systematic slips
+    (forgotten carries) and/or mixed step-word languages."""
+    rng = random.Random(seed + 20_000)
+    rows = rl_rows(problems)
+    for r, (n, o) in zip(rows, problems):
+        lines, total, _ = chain(n, o, slip_share=slip_share, mix_share=mix_share, rng=rng, words=words)
+        r["completion"] = r1_text(lines, total)
+    return rows
+
+
+def pretrain_rows(problems, seed: int, *, work_share: float = 0.3, tag_share: float = 0.2) -> list[dict]:
+    """A plain-text corpus for the R1-Zero base: each document is the question, then its correct answer,
+    written directly ("9") or with its working ("7+5=12\\n12-3=9\\nso 9") with probability work_share; with
+    probability tag_share (independently) the document uses the <think>/<answer> markup instead (empty
+    think when there is no working). No chat template, no instruction."""
+    rng = random.Random(seed + 30_000)
+    rows = rl_rows(problems, chat=False)
+    for r, (n, o) in zip(rows, problems):
+        lines, total, _ = chain(n, o)
+        work = lines if rng.random() < work_share else []
+        if rng.random() < tag_share:
+            r["completion"] = r1_text(work, total)
+        else:
+            r["completion"] = "\n".join(work + [f"so {total}" if work else str(total)])
+    return rows

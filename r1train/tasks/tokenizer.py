@@ -1,7 +1,8 @@
 """A character-level tokenizer built in code: a real `PreTrainedTokenizerFast` (save_pretrained, chat
 template, padding), so the built-in task and user models go through the same code path.
 
-Invariants: every printable ASCII character plus newline is one token; the R1 tags and the role markers
+Invariants: every printable ASCII character plus newline (and the two CJK step words of the language
+demo) is one token; the R1 tags and the role markers
 are single special tokens; decode() concatenates with no separators (so decode(encode(s)) == s).
 
 A saved copy reloads as itself through `AutoTokenizer.from_pretrained(dir)`: the tokenizer is an
@@ -23,7 +24,8 @@ TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL = [PAD, BOS, EOS, UNK] + ROLES + TAGS
-CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+# the two CJK step words of the language-consistency demo ("add", "subtract") come last
+CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\u52a0", "\u51cf"]
 
 # Role markers + content; the assistant turn ends with eos. Generation prompt = "<|assistant|>".
 CHAT_TEMPLATE = (
@@ -53,7 +55,7 @@ R1CharTokenizer.register_for_auto_class("AutoTokenizer")
 
 
 def char_tokenizer(vocab_size: int | None = None):
-    """Build the character-level tokenizer (vocab: 11 special tokens + 96 characters = 107; `vocab_size`
+    """Build the character-level tokenizer (vocab: 11 special tokens + 98 characters = 109; `vocab_size`
     pads it with unused filler tokens, e.g. to give a benchmark model a real-size vocabulary)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 

@@ -1,0 +1,142 @@
+"""The demo stages (r1train.demo): held-out metrics against hand counts and against the trainer's own
+evaluation, rejection sampling's filter and counts, and every stage end to end at toy size (files written,
+the reported ratios and differences consistent with the reported numbers)."""
+
+import json
+import os
+
+import pytest
+
+from r1train import pipeline
+from r1train.demo import common as C
+
+TOY = ["model_hidden_size=32", "model_num_layers=1", "max_steps=2", "task_eval_size=6", "task_train_size=32",
+       "kernel_backend=torch", "disable_tqdm=true", "max_completion_length=24", "logging_steps=0"]
+
+ZH_PLUS = "\u52a0"
+
+
+def test_text_metrics_by_hand():
+    texts = ["<think>1 plus 2 = 3</think><answer>3</answer>",  # right, formatted, English
+             f"<think>1 {ZH_PLUS} 2 = 3</think><answer>3</answer>",  # right, mixed (a non-English word)
+             "<think>1 plus 2 = 4</think><answer>4</answer>",  # wrong
+             "<answer>3</answer>",  # right, unformatted, no words (not mixed)
+             "3"]  # no answer tag: wrong
+    m = C.text_metrics(texts, ["3"] * 5, [10, 20, 30, 40, 50])
+    assert m == {"accuracy": 3 / 5, "format": 3 / 5, "mixing": 1 / 5, "length": 30.0}
+    assert C.text_metrics([], [], []) == {"accuracy": 0.0, "format": 0.0, "mixing": 0.0, "length": 0.0}
+
+
+def test_table_and_plot(tmp_path):
+    m = {"greedy/accuracy": 0.5, "sampled/accuracy": 0.25, "sampled/length": 12.34}
+    out = C.table("t", [("a model", m), ("b", {})], ["note"])
+    lines = out.splitlines()
+    assert lines[0] == "== t ==" and lines[-1] == "note"
+    assert "50.0%" in lines[2] and "25.0%" in lines[2] and "12.3" in lines[2] and lines[3].split()[1:] == ["-"] * 7
+    pytest.importorskip("matplotlib")
+    p = C.plot(str(tmp_path / "c.png"), {"p": {"x": [[0, 1.0], [1, 2.0]]}, "empty": {"y": []}})
+    assert os.path.getsize(p) > 0
+    assert C.plot(str(tmp_path / "none.png"), {"empty": {"y": []}}) is None
+
+
+def test_rejection_sample_filter_and_counts(monkeypatch):
+    """Keeps only correct, well-formed (and with `language`, single-language) samples, distinct, at most
+    `keep` per prompt; the counts add up."""
+    import torch
+
+    from r1train.config import TrainConfig
+
+    rows = [{"prompt": "a", "answer": "3"}, {"prompt": "b", "answer": "5"}]
+    texts = ["<think>1 plus 2 = 3</think><answer>3</answer>",
+             "<think>1 plus 2 = 3</think><answer>3</answer>",  # a duplicate
+             f"<think>1 {ZH_PLUS} 2 = 3</think><answer>3</answer>",  # correct but mixed
+             "<answer>3</answer>",  # correct, unformatted
+             "<think>2 plus 2 = 4</think><answer>4</answer>",  # wrong
+             "<think>2 plus 3 = 5</think><answer>5</answer>",
+             "<think>3 plus 2 = 5</think><answer>5</answer>",
+             "<think>4 plus 1 = 5</think><answer>5</answer>"]
+
+    def fake(model, tok, rows, *, num_samples, cfg, seed_key, batch_size):
+        assert num_samples == 4
+        yield 0, rows, None, texts
+
+    monkeypatch.setattr(pipeline, "sample_rows", fake)
+    monkeypatch.setattr(pipeline, "setup_distributed", lambda: (0, 1))
+    model = torch.nn.Linear(1, 1)
+    for language, keep, want in ((None, 1, [texts[0], texts[5]]), (None, 2, [texts[0], texts[2], texts[5], texts[6]]),
+                                 ("en", 2, [texts[0], texts[5], texts[6]])):
+        stats = {}
+        out = pipeline.rejection_sample(TrainConfig(), model, None, rows, num_samples=4, keep=keep,
+                                        language=language, stats=stats)
+        assert [r["completion"] for r in out] == want
+        assert all(r["answer"] == r["completion"][-10] for r in out)  # each row keeps its own prompt's columns
+        assert stats == {"samples": 8, "correct": 6, "kept": len(want), "prompts_kept": 2}
+
+
+def test_evaluate_matches_the_trainer(tmp_path):
+    """The demo's greedy held-out accuracy equals the trainer's own evaluation of the same model and rows."""
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.tasks import arith
+
+    base, c_rl = C.configs("demo.yaml", TOY + ["task_eval_size=12"], str(tmp_path), {"grpo": "grpo"})
+    train, ev = C.problems(base)
+    model, tok = load_model_and_tokenizer(base)
+    rows = arith.rl_rows(ev)
+    # a model that answers some of them: SFT on the held-out problems' correct solutions
+    solved = arith.cold_start_rows(ev, 0)
+    C.sft(C.configs("demo.yaml", TOY + ["max_steps=30", "learning_rate=0.01"], str(tmp_path / "s"),
+                    {"sft": "sft"})[1], model, tok, solved)
+    mine = C.evaluate(model, tok, rows, c_rl, samples=2)
+    t = GRPOTrainer(c_rl, model, tok, arith.rl_rows(train), rows)
+    theirs = t.evaluate()
+    assert mine["greedy/accuracy"] == pytest.approx(theirs["eval/accuracy_greedy"])
+    assert 0 <= mine["sampled/accuracy"] <= 1 and mine["greedy/length"] >= 1
+    assert mine["eval_temperature"] == c_rl.eval_temperature
+
+
+@pytest.mark.slow
+def test_every_stage_at_toy_size(tmp_path, capsys):
+    """`r1train demo --stage all` at toy size: each stage's table, JSON and curves; the reported derived numbers
+    recomputed from the reported metrics. (Directions of the effects need the real sizes: README table.)"""
+    from r1train.cli import main
+
+    assert main(["demo", "--stage", "all", *TOY, f"output_dir={tmp_path}", "eval_steps=1"]) == 0
+    out = capsys.readouterr().out
+    for title in ("R1-Zero", "cold start -> reasoning RL", "language consistency", "rejection sampling",
+                  "distillation"):
+        assert f"== {title}" in out
+    res = {}
+    for stage, sub, name in (("zero", "zero", "zero"), ("default", "", "demo"), ("language", "language", "language"),
+                             ("rejection", "rejection", "rejection"), ("distill", "distill", "distill")):
+        d = tmp_path / sub
+        res[stage] = json.loads((d / f"{name}_results.json").read_text())
+        assert res[stage]["wall_seconds"] > 0 and res[stage]["eval_prompts"] == 6
+        for m in res[stage]["table"].values():
+            for k in ("greedy/accuracy", "sampled/accuracy", "greedy/format", "sampled/mixing"):
+                assert 0.0 <= m.get(k, 0.0) <= 1.0
+    d = res["default"]
+    assert (d["greedy_accuracy_before_rl"], d["accuracy_after_rl"]) == (d["after_sft"]["greedy/accuracy"],
+                                                                        d["after_rl"]["sampled/accuracy"])
+    lang = res["language"]
+    plain, with_ = lang["rl_without_language_reward"], lang["rl_with_language_reward"]
+    assert lang["mixing_reduction_sampled"] == pytest.approx(plain["sampled/mixing"] / max(with_["sampled/mixing"],
+                                                                                           1 / 6))
+    assert lang["accuracy_cost_greedy"] == pytest.approx(plain["greedy/accuracy"] - with_["greedy/accuracy"])
+    for arm in ("rl-language", "rl-no-language"):
+        rewards = {k for r in C.read_metrics(str(tmp_path / "language" / arm)) for k in r if k.startswith("rewards/")}
+        assert ("rewards/language/mean" in rewards) == (arm == "rl-language")
+    rs = res["rejection"]["rejection_sampling"]
+    assert rs["samples"] == 32 * 4 and rs["kept"] <= min(rs["correct"], rs["prompts"])
+    assert rs["kept_share"] == pytest.approx(rs["kept"] / rs["samples"])
+    assert res["rejection"]["start"] == "language stage (this run)" and res["rejection"]["rl_temperature"] == 0.7
+    dist = res["distill"]
+    assert dist["student_params"] < dist["teacher_params"]
+    f = dist["flops"]
+    assert f["rl_over_distill"] == pytest.approx(f["student_rl"] / max(f["distill_sft"] + f["teacher_sampling"], 1))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for sub, name in (("zero", "zero"), ("", "demo"), ("language", "language"), ("distill", "distill")):
+        assert (tmp_path / sub / f"{name}_curves.png").exists(), name
