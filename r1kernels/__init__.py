@@ -12,7 +12,7 @@ import torch
 
 from . import _backend, _checks
 from . import reference as _ref
-from .reference.grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES
+from .reference.grpo import EXTRA_DEFAULTS, IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES, check_extra_options
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
            "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul", "moe",
@@ -162,6 +162,16 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
                       stacklevel=3)
 
 
+def _check_grpo_extra(ids, extra, loss_type, importance_sampling_level):
+    """The rollout-correction, loss-family and entropy options (reference/grpo.py EXTRA_DEFAULTS)."""
+    samp = extra["sampling_logprobs"]
+    if samp is not None:
+        _checks.float_tensor("sampling_logprobs", samp, ndim=2)
+        _checks.shape("sampling_logprobs", samp, tuple(ids.shape))
+        _checks.same_device(completion_ids=ids, sampling_logprobs=samp)
+    check_extra_options(loss_type, importance_sampling_level, **extra)
+
+
 def _grpo_inputs(completion_ids, advantages, completion_mask, V):
     """completion_ids with masked positions (mask 0) set to 0 wherever they lie outside [0, V) (e.g. -100,
     Hugging Face's ignore index: no kernel reads a masked label); [B, 1] advantages as [B]."""
@@ -181,16 +191,28 @@ def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_l
               ref_logprobs=None, beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo",
               importance_sampling_level="token", kl_estimator="k3", temperature=1.0,
               max_completion_length=None, num_items_in_batch=None, inplace_backward=False,
+              sampling_logprobs=None, vllm_importance_sampling_correction=True,
+              vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0,
+              vllm_importance_sampling_clip_min=None, off_policy_mask_threshold=None,
+              use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+              vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, top_entropy_quantile=1.0, entropy_coef=0.0,
               backend="auto") -> GRPOLossOutput:
     """The clipped GRPO/KL loss family from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
     advantages [B] (one per sequence) or [B, T]. inplace_backward=True lets a kernel write the logits'
-    gradient into the logits' own storage (their values are then gone): no extra [B, T, V] buffer."""
+    gradient into the logits' own storage (their values are then gone): no extra [B, T, V] buffer.
+    The options after inplace_backward are TRL 1.16's (names and defaults; r1kernels.reference.grpo
+    EXTRA_DEFAULTS and grpo_loss_from_logprobs): rollout correction from sampling_logprobs [B, T] (the
+    rollout engine's log-probs), the off-policy sequence mask, the bias-corrected KL, the sapo / vespo
+    parameters, the high-entropy token mask and the entropy term (then metrics also hold "entropy")."""
+    extra = {k: v for k, v in locals().items() if k in EXTRA_DEFAULTS}  # (evaluated in this frame)
     _check_logits_labels("logits", logits, "completion_ids", completion_ids, temperature, check_values=False)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     _check_grpo(completion_ids, advantages, completion_mask, **opts)
+    _check_grpo_extra(completion_ids, extra, loss_type, importance_sampling_level)
+    opts.update(extra)
     completion_ids, advantages = _grpo_inputs(completion_ids, advantages, completion_mask, logits.shape[-1])
     fn = _backend.pick("grpo_loss", backend, logits.device, logits, completion_ids)
     if fn is None:
@@ -206,11 +228,18 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2, epsilon_high=None,
                      delta=None, loss_type="dapo", importance_sampling_level="token", kl_estimator="k3",
                      temperature=1.0, max_completion_length=None, num_items_in_batch=None,
+                     sampling_logprobs=None, vllm_importance_sampling_correction=True,
+                     vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0,
+                     vllm_importance_sampling_clip_min=None, off_policy_mask_threshold=None,
+                     use_bias_correction_kl=True,
+                     sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                     vespo_k_neg=3.0, vespo_lambda_neg=2.0, top_entropy_quantile=1.0, entropy_coef=0.0,
                      chunk_budget_bytes=None, backend="auto") -> GRPOLossOutput:
     """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
     never holding the [B, T, V] logits. chunk_budget_bytes: the kernels' memory budget for the logits
     chunk, its per-row temporaries and (when it fits) an fp32 weight-gradient accumulator (None: 960 MiB;
-    r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields)."""
+    r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields). The loss options are grpo_loss's."""
+    extra = {k: v for k, v in locals().items() if k in EXTRA_DEFAULTS}  # (evaluated in this frame)
     _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids", check_values=False)
     _check_budget(chunk_budget_bytes)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
@@ -218,6 +247,8 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     _check_grpo(completion_ids, advantages, completion_mask, **opts)
+    _check_grpo_extra(completion_ids, extra, loss_type, importance_sampling_level)
+    opts.update(extra)
     completion_ids, advantages = _grpo_inputs(completion_ids, advantages, completion_mask, weight.shape[0])
     fn = _backend.pick("linear_grpo_loss", backend, hidden.device, hidden, weight, completion_ids)
     if fn is not None and chunk_budget_bytes is not None:

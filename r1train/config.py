@@ -114,8 +114,38 @@ class TrainConfig:
     epsilon: float = f(0.2, "lower clip range of the ratio")
     epsilon_high: Optional[float] = f(None, "upper clip range (DAPO clip-higher 0.28); default epsilon")
     delta: Optional[float] = f(None, "two-sided clipping bound of the unclipped ratio (off when None)")
-    loss_type: str = f("dapo", "loss normalization", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+    loss_type: str = f("dapo", "loss formulation and normalization (luspo needs importance_sampling_level="
+                       "sequence)", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
     importance_sampling_level: str = f("token", "'token' ratios or 'sequence' (GSPO)", ["token", "sequence"])
+    sapo_temperature_pos: float = f(1.0, "sapo: gate temperature of tokens with advantage > 0")
+    sapo_temperature_neg: float = f(1.05, "sapo: gate temperature of tokens with advantage <= 0")
+    vespo_k_pos: float = f(2.0, "vespo: power k of the gamma weight, advantage >= 0")
+    vespo_lambda_pos: float = f(3.0, "vespo: decay lambda of the gamma weight, advantage >= 0")
+    vespo_k_neg: float = f(3.0, "vespo: power k of the gamma weight, advantage < 0")
+    vespo_lambda_neg: float = f(2.0, "vespo: decay lambda of the gamma weight, advantage < 0")
+    vllm_importance_sampling_correction: bool = f(True, "rollout correction: the policy term times the importance "
+                                                  "weight exp(l_old - l_rollout) from the rollout engine's log-probs "
+                                                  "(TRL's name; here any engine that returns them)")
+    vllm_importance_sampling_mode: str = f("sequence_mask", "rollout correction: per-token or per-sequence weight, "
+                                           "clipped (truncate) or zeroed outside the bounds (mask)",
+                                           ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+    vllm_importance_sampling_clip_max: Optional[float] = f(3.0, "rollout correction: upper bound C_max")
+    vllm_importance_sampling_clip_min: Optional[float] = f(None, "rollout correction: lower bound C_min")
+    off_policy_mask_threshold: Optional[float] = f(None, "DeepSeek-V3.2 off-policy sequence masking: drop a "
+                                                   "sequence with advantage < 0 whose mean l_rollout - l exceeds this")
+    use_bias_correction_kl: bool = f(True, "the KL term times the (differentiable) ratio: the unbiased reverse-KL "
+                                     "gradient (DeepSeek-V3.2)")
+    top_entropy_quantile: float = f(1.0, "train only on the top quantile of each micro-batch's tokens by entropy "
+                                    "(0.2 in 'Beyond the 80/20 rule'; 1.0 = all tokens), in (0, 1]")
+    entropy_coef: float = f(0.0, "entropy bonus: loss - entropy_coef * mean token entropy (the initial value "
+                            "with use_adaptive_entropy)")
+    use_adaptive_entropy: bool = f(False, "Skywork-OR1 adaptive entropy control: entropy_coef += delta when the "
+                                   "step's entropy <= entropy_target, -= delta otherwise; applied only while the "
+                                   "entropy is <= entropy_target")
+    entropy_coef_min: float = f(0.0, "adaptive entropy: lower bound of entropy_coef")
+    entropy_coef_max: float = f(1.0, "adaptive entropy: upper bound of entropy_coef")
+    entropy_coef_delta: float = f(0.005, "adaptive entropy: step of entropy_coef per optimizer step")
+    entropy_target: float = f(0.2, "adaptive entropy: target mean token entropy (nats)")
     scale_rewards: str = f("group", "advantage scaling", ["group", "batch", "none"])
     multi_objective_aggregation: str = f("sum_then_normalize", "several rewards: weighted sum, then scale_rewards "
                                          "(sum_then_normalize); or each reward normalized in its group, the weighted "
@@ -229,9 +259,26 @@ class TrainConfig:
                                   f"upper clip), got {self.delta}")
         if self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+        self._check_loss_options()
         self._check_rewards()
         _check_backend(self.kernel_backend)
         return self
+
+    def _check_loss_options(self):
+        """The GRPO loss keys r1kernels validates (ValueError naming the key), and the adaptive-entropy bounds."""
+        from r1kernels.reference.grpo import EXTRA_DEFAULTS, check_extra_options
+
+        keys = {k: getattr(self, k) for k in EXTRA_DEFAULTS if hasattr(self, k)}
+        try:
+            check_extra_options(self.loss_type, self.importance_sampling_level, **keys)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for k in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
+            raise ConfigError(f"entropy_coef_min ({self.entropy_coef_min}) must be <= entropy_coef_max "
+                              f"({self.entropy_coef_max})")
 
     def _check_rewards(self):
         if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):

@@ -13,13 +13,27 @@ import torch
 import torch.distributed as dist
 
 import r1kernels as rk
-from r1kernels.reference.grpo import LOSS_REDUCTION
+from r1kernels.reference.grpo import EXTRA_DEFAULTS, LOSS_REDUCTION, needs_entropy
 
 from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
 from .rewards import RewardRunner
 from .rollout import Rollout, logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
+
+
+def loss_keys(cfg) -> dict:
+    """The config's loss options beyond the clipped core (TRL names; r1kernels.reference.grpo EXTRA_DEFAULTS),
+    entropy_coef and the sampling log-probs aside (set per step)."""
+    return {k: getattr(cfg, k) for k in EXTRA_DEFAULTS if k not in ("sampling_logprobs", "entropy_coef")}
+
+
+def adaptive_entropy_step(coef: float, entropy: float, cfg) -> float:
+    """Skywork-OR1 / TRL adaptive control, once per optimizer step: coef + delta (at most entropy_coef_max)
+    when the step's entropy <= entropy_target, else coef - delta (at least entropy_coef_min)."""
+    if entropy <= cfg.entropy_target:
+        return min(coef + cfg.entropy_coef_delta, cfg.entropy_coef_max)
+    return max(coef - cfg.entropy_coef_delta, cfg.entropy_coef_min)
 
 
 def _gather_rows(x_NR: torch.Tensor) -> torch.Tensor:
@@ -102,6 +116,14 @@ class GRPOTrainer(Trainer):
         if len(w) != len(self.rewards.names):
             raise ValueError(f"reward_weights has {len(w)} entries for {len(self.rewards.names)} reward functions")
         self.reward_w_R = torch.tensor(w, dtype=torch.float32)
+        self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")  # adaptive entropy control
+
+    def applied_entropy_coef(self) -> float:
+        """The entropy term's coefficient for this optimizer step: entropy_coef; with use_adaptive_entropy
+        only while the last step's entropy is <= entropy_target (TRL: none before the first measurement)."""
+        if self.cfg.use_adaptive_entropy and not self.last_entropy <= self.cfg.entropy_target:
+            return 0.0
+        return self.entropy_coef
 
     def compute_prompts_per_rank(self):
         return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps // self.cfg.num_generations
@@ -273,12 +295,19 @@ class GRPOTrainer(Trainer):
         t_bwd = t_opt = 0.0
         # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
         diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
+        ent_window = torch.zeros(2, dtype=torch.float64, device=self.dev)  # adaptive entropy: sum, tokens
         for it in range(cfg.num_iterations):
             for s, T in zip(starts, trims):
                 sl = slice(s, s + mb)
                 out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
                                            None if old_BT is None or it == 0 else old_BT[sl],
-                                           None if ref_BT is None else ref_BT[sl], n_items, T)
+                                           None if ref_BT is None else ref_BT[sl], n_items, T,
+                                           samp_BT=None if ro.logprobs_BT is None else ro.logprobs_BT[sl],
+                                           entropy_coef=self.applied_entropy_coef())
+                if cfg.use_adaptive_entropy and ent is not None:
+                    sel = out.metrics.get("entropy/selected_mean", ent)
+                    n_tok = mask_BT[sl].sum()
+                    ent_window += torch.stack([sel.detach().double() * n_tok, n_tok.double()])
                 if old_BT is not None and it == 0:
                     old_BT[sl, :T] = out.per_token_logprobs
                 if it == 0 and ro.logprobs_BT is not None:
@@ -292,6 +321,13 @@ class GRPOTrainer(Trainer):
                 t2 = time.perf_counter()
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
+                if boundary and cfg.use_adaptive_entropy:  # one host read per optimizer step
+                    if dist.is_initialized() and self.world > 1:
+                        dist.all_reduce(ent_window)
+                    w = ent_window.tolist()
+                    self.last_entropy = w[0] / max(w[1], 1.0)
+                    self.entropy_coef = adaptive_entropy_step(self.entropy_coef, self.last_entropy, cfg)
+                    ent_window.zero_()
                 if boundary:  # MoE bias update; its metrics join the step's one device-to-host read
                     for k, v in self.expert_load.step().items():
                         acc.setdefault(k, []).append(v)
@@ -317,6 +353,8 @@ class GRPOTrainer(Trainer):
             m["sampling/sampling_logp_difference/mean"] = d[0] / max(d[2], 1.0)
             m["sampling/sampling_logp_difference/max"] = d[1]
         m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
+        if cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy:
+            m["entropy_coef"] = self.entropy_coef
         if self.ref is not None and cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:
             self.sync_ref(cfg.ref_model_mixup_alpha)
         show = cfg.log_completions and cfg.logging_steps and (step + 1) % cfg.logging_steps == 0
@@ -326,8 +364,10 @@ class GRPOTrainer(Trainer):
                 print(f"[step {step + 1}] reward={smp['reward']:.2f} {smp['prompt']!r} -> {smp['completion']!r}")
         return m
 
-    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T):
-        """Forward + loss for one micro-batch, trimmed to its first T completion tokens (its longest)."""
+    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=None,
+                   entropy_coef=0.0):
+        """Forward + loss for one micro-batch, trimmed to its first T completion tokens (its longest);
+        samp_BT: the rollout engine's log-probs (rollout correction, off-policy mask)."""
         cfg = self.cfg
         cut = ids_BL.shape[1] - comp_BT.shape[1] + T
         ids_BL, attn_BL, comp_BT, mask_BT = ids_BL[:, :cut], attn_BL[:, :cut], comp_BT[:, :T], mask_BT[:, :T]
@@ -338,9 +378,10 @@ class GRPOTrainer(Trainer):
                   importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
                   temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
                   num_items_in_batch=n_items if LOSS_REDUCTION[cfg.loss_type] == "items" else None,
-                  backend=cfg.kernel_backend)
+                  backend=cfg.kernel_backend, **loss_keys(cfg), entropy_coef=entropy_coef,
+                  sampling_logprobs=None if samp_BT is None else samp_BT[:, :T])
         ent_fn = None
-        if cfg.log_entropy:
+        if (cfg.log_entropy or cfg.use_adaptive_entropy) and not needs_entropy(kw):  # else the loss reports it
             ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True, backend=cfg.kernel_backend)
         mask_f = mask_BT.float()
 
@@ -349,7 +390,7 @@ class GRPOTrainer(Trainer):
                 out = rk.grpo_loss(x, comp_BT, adv_B, mask_BT, **kw)
             else:
                 out = rk.linear_grpo_loss(x, weight, comp_BT, adv_B, mask_BT, bias=bias, **kw)
-            ent = None
+            ent = out.metrics.pop("entropy", None)
             if ent_fn is not None:
                 with torch.no_grad():
                     args = (x.detach(),) if weight is None else (x.detach(), weight.detach(), bias)

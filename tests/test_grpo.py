@@ -59,9 +59,66 @@ def _check(logits, ids, adv, mask, dtype=torch.float32, inplace=False, **kw):
 @pytest.mark.parametrize("level", R.IS_LEVELS)
 def test_loss_types(loss_type, level):
     logits, ids, adv, mask, old, ref = _inputs(3, 5, 37)
+    if loss_type == "luspo" and level == "token":
+        with pytest.raises(ValueError, match="importance_sampling_level"):
+            rk.grpo_loss(logits, ids, adv, mask, loss_type="luspo", backend="triton")
+        return
     _check(logits, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.04, loss_type=loss_type,
            importance_sampling_level=level, epsilon_high=0.28 if loss_type != "cispo" else 4.0,
            max_completion_length=7 if loss_type == "dr_grpo" else None)
+
+
+@pytest.mark.parametrize("mode", R.IS_MODES)
+@pytest.mark.parametrize("with_old", [True, False])
+@pytest.mark.parametrize("clip", [(None, 1.2), (0.9, None), (0.8, 1.5)])
+def test_rollout_correction(mode, with_old, clip):
+    """Rollout importance sampling from the sampling log-probs: token modes in the fused kernel (one more
+    input), sequence modes through log-probs + the reference; with or without old log-probs (then the
+    current ones, detached), bias-corrected KL on, against the float64 reference."""
+    logits, ids, adv, mask, old, ref = _inputs(3, 6, 37)
+    samp = R.token_logprobs(logits, ids) + 0.3 * torch.randn(3, 6)
+    samp[0, 1] = float("nan")  # a token the engine did not score: weight 1
+    if mode.endswith("truncate") and clip == (None, None):
+        return
+    kw = dict(sampling_logprobs=samp, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=clip[0],
+              vllm_importance_sampling_clip_max=clip[1], ref_logprobs=ref, beta=0.05, epsilon_high=0.28)
+    if with_old:
+        kw["old_logprobs"] = old
+    _check(logits, ids, adv, mask, **kw)
+    _check(logits, ids, adv, mask, inplace=True, **kw)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+def test_bias_corrected_kl(bias_correction, level):
+    logits, ids, adv, mask, old, ref = _inputs(3, 5, 29)
+    _check(logits, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.2, importance_sampling_level=level,
+           use_bias_correction_kl=bias_correction)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 2.0])
+def test_off_policy_mask(threshold):
+    logits, ids, adv, mask, old, ref = _inputs(4, 5, 31)
+    samp = R.token_logprobs(logits, ids) + 0.5 * torch.randn(4, 5).abs()
+    _check(logits, ids, adv, mask, old_logprobs=old, sampling_logprobs=samp, off_policy_mask_threshold=threshold)
+    _check(logits, ids, adv, mask, old_logprobs=old, off_policy_mask_threshold=threshold)
+
+
+def test_sapo_temperatures_are_kernel_arguments():
+    logits, ids, adv, mask, old, ref = _inputs(3, 5, 29)
+    _check(logits, ids, adv, mask, old_logprobs=old, loss_type="sapo", sapo_temperature_pos=0.4,
+           sapo_temperature_neg=2.5)
+
+
+@pytest.mark.parametrize("q,coef", [(1.0, 0.05), (0.3, 0.0), (0.5, -0.02)])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_entropy_controls(q, coef, loss_type):
+    """top_entropy_quantile and entropy_coef: entropy from the log-prob kernel's pass, its gradient in the
+    backward kernel's one pass (rows whose coefficients are 0 are not read), vs the float64 reference."""
+    logits, ids, adv, mask, old, ref = _inputs(3, 6, 37)
+    _check(logits, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.02, loss_type=loss_type,
+           top_entropy_quantile=q, entropy_coef=coef)
+    _check(logits, ids, adv, mask, inplace=True, old_logprobs=old, top_entropy_quantile=q, entropy_coef=coef)
 
 
 @pytest.mark.parametrize("kl_estimator", R.KL_ESTIMATORS)
@@ -142,20 +199,24 @@ def test_compile_fullgraph(inplace, level):
 
 def test_opcheck():
     logits, ids, adv, mask, old, ref = _inputs(2, 3, 19)
-    args = (ids, adv, mask, old, ref, None)
+    samp = old + 0.1
+    args = (ids, adv, mask, old, ref, None, None)
     opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.28,
-                delta=None, beta=0.04, loss_type="dapo", kl_estimator="k3")
+                delta=None, beta=0.04, loss_type="dapo", kl_estimator="k3", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True)
     for loss_type in ("grpo", "sapo"):
         torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args, {**opts, "loss_type": loss_type})
-    torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args[:-1] + (torch.tensor(7.0),),
-                          {**opts, "num_items_f": None})
+    torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args[:-2] + (samp, torch.tensor(7.0)),
+                          {**opts, "num_items_f": None, "is_mode": "token_mask", "is_clip_max": 1.5})
     torch.library.opcheck(grpo_ops.grpo_loss_fwd_inplace, (logits.clone(),) + args, opts)
     torch.library.opcheck(grpo_ops.grpo_scale_grad_, (logits.clone(), torch.tensor(2.0)))
-    logp, lse = grpo_ops.grpo_logprobs(logits, ids, mask, 0.9)
-    torch.library.opcheck(grpo_ops.grpo_logprobs, (logits, ids, mask, 0.9))
-    g = torch.randn(2, 3) * mask
-    torch.library.opcheck(grpo_ops.grpo_logprobs_grad, (logits, ids, lse, g, 0.9))
-    torch.library.opcheck(grpo_ops.grpo_logprobs_grad_, (logits.clone(), ids, lse, g, 0.9))
+    for entropy in (False, True):
+        logp, lse, ent = grpo_ops.grpo_logprobs(logits, ids, mask, 0.9, entropy)
+        torch.library.opcheck(grpo_ops.grpo_logprobs, (logits, ids, mask, 0.9, entropy))
+        g = torch.randn(2, 3) * mask
+        g_ent = torch.randn(2, 3) * mask if entropy else None
+        torch.library.opcheck(grpo_ops.grpo_logprobs_grad, (logits, ids, lse, ent, g, g_ent, 0.9))
+        torch.library.opcheck(grpo_ops.grpo_logprobs_grad_, (logits.clone(), ids, lse, ent, g, g_ent, 0.9))
 
 
 @pytest.mark.parametrize("level", R.IS_LEVELS)
@@ -214,13 +275,15 @@ def test_advantages_b1_broadcast_like_b(backend):
 @pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
 def test_num_items_warns_when_unused(loss_type):
     logits, ids, adv, mask, _, _ = _inputs(2, 3, 13)
+    kw = dict(loss_type=loss_type, num_items_in_batch=5, backend="torch",
+              importance_sampling_level="sequence" if loss_type == "luspo" else "token")
     if R.LOSS_REDUCTION[loss_type] == "items":
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            rk.grpo_loss(logits, ids, adv, mask, loss_type=loss_type, num_items_in_batch=5, backend="torch")
+            rk.grpo_loss(logits, ids, adv, mask, **kw)
     else:
         with pytest.warns(UserWarning, match="num_items_in_batch is ignored"):
-            rk.grpo_loss(logits, ids, adv, mask, loss_type=loss_type, num_items_in_batch=5, backend="torch")
+            rk.grpo_loss(logits, ids, adv, mask, **kw)
 
 
 @pytest.mark.gpu

@@ -117,13 +117,17 @@ def _assert_same_training(a, b):
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, num_iterations=2, gradient_accumulation_steps=2),
+    dict(loss_type="dapo", beta=0.04, num_iterations=2, gradient_accumulation_steps=2),  # bias-corrected KL
+    dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, num_iterations=2),
     dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2, epsilon_high=0.28),
     dict(loss_type="dr_grpo", delta=1.5, gradient_accumulation_steps=2, temperature=0.7),
     dict(loss_type="cispo", epsilon_high=5.0, num_iterations=2),
     dict(loss_type="sapo", num_iterations=2),
+    dict(loss_type="sapo", num_iterations=2, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+    dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2, beta=0.04),
     dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False),
-], ids=lambda c: c["loss_type"])
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("loss_type", "beta", "use_bias_correction_kl",
+                                                                   "sapo_temperature_pos")))
 def test_grpo_trainer_same_loss_and_grads(model_dir, tmp_path, cfg):
     base = _train(model_dir, tmp_path / "trl", False, **cfg)
     ours = _train(model_dir, tmp_path / "r1k", True, replay=base[2], **cfg)
@@ -131,13 +135,13 @@ def test_grpo_trainer_same_loss_and_grads(model_dir, tmp_path, cfg):
 
 
 def test_unsupported_option_warns_once_and_runs_trl_loss(model_dir, tmp_path):
-    cfg = dict(loss_type="luspo", importance_sampling_level="sequence", max_steps=1)
+    cfg = dict(loss_type="vespo", max_steps=1)
     base = _train(model_dir, tmp_path / "trl", False, **cfg)
     tr, grads = _trainer(model_dir, tmp_path / "r1k", **cfg)
     it = iter(base[2])
     tr._generate = lambda prompts: next(it)
-    assert unsupported_options(tr) == ["loss_type='luspo'"]
-    with pytest.warns(UserWarning, match="TRL's loss code runs for loss_type='luspo'") as rec:
+    assert unsupported_options(tr) == ["loss_type='vespo'"]
+    with pytest.warns(UserWarning, match="TRL's loss code runs for loss_type='vespo'") as rec:
         use_r1kernels(tr)
         use_r1kernels(tr)  # a second call is a no-op: no second warning
     assert len([w for w in rec if "r1kernels" in str(w.message)]) == 1
@@ -147,7 +151,7 @@ def test_unsupported_option_warns_once_and_runs_trl_loss(model_dir, tmp_path):
 
 
 def test_trainer_models_get_the_fused_head(model_dir, tmp_path):
-    tr, _ = _trainer(model_dir, tmp_path, beta=0.04, use_bias_correction_kl=False, temperature=0.8)
+    tr, _ = _trainer(model_dir, tmp_path, beta=0.04, temperature=0.8)
     use_r1kernels(tr, backend="torch")
     for m in (tr.model, tr.ref_model):
         assert m._r1k_lm_head["temperature"] == 0.8 and m._r1k_lm_head["backend"] == "torch"

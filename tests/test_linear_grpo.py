@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 from r1kernels.ops import linear_grpo as lin_ops  # noqa: E402
 
 
-def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, **kw):
+def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, with_sampling=False, **kw):
     hidden = (torch.randn(B, T, H, device=device)).to(dtype)
     weight = (torch.randn(V, H, device=device) / H ** 0.5 * 3).to(dtype)
     bias = (torch.randn(V, device=device) * 0.1).to(dtype) if with_bias else None
@@ -25,6 +25,8 @@ def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, **kw):
     old = base + 0.2 * torch.randn(B, T, device=device)
     ref = base + 0.2 * torch.randn(B, T, device=device)
     opts = dict(old_logprobs=old, ref_logprobs=ref, beta=0.05, **kw)
+    if with_sampling:  # rollout-engine log-probs near the policy's
+        opts["sampling_logprobs"] = base + 0.3 * torch.randn(B, T, device=device)
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     b = leaves[2] if with_bias else None
@@ -62,6 +64,25 @@ def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, **kw):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_matches_reference(level, loss_type):
     _check(3, 4, 8, 37, importance_sampling_level=level, loss_type=loss_type, temperature=0.9)
+
+
+@pytest.mark.parametrize("mode", R.IS_MODES)
+def test_rollout_correction(mode):
+    """Token modes run the fused chunked kernel (chunks split sequences here), sequence modes and the
+    off-policy mask the log-prob path; both against the float64 reference."""
+    budget = _budget_for_rows(5, 29)
+    _check(3, 4, 6, 29, with_sampling=True, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=1.3,
+           chunk_budget_bytes=budget)
+    _check(3, 4, 6, 29, with_sampling=True, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.9,
+           off_policy_mask_threshold=0.1, use_bias_correction_kl=False)
+
+
+@pytest.mark.parametrize("loss_type,level", [("luspo", "sequence"), ("vespo", "token"), ("sapo", "token")])
+def test_loss_family_and_entropy(loss_type, level):
+    _check(3, 4, 6, 29, loss_type=loss_type, importance_sampling_level=level, sapo_temperature_pos=0.6,
+           sapo_temperature_neg=1.7)
+    _check(3, 4, 6, 29, loss_type=loss_type, importance_sampling_level=level, top_entropy_quantile=0.4,
+           entropy_coef=0.03)
 
 
 def _budget_for_rows(rows, V, dtype=torch.float32):
@@ -138,11 +159,12 @@ def test_compile_fullgraph():
     torch.library.opcheck(lin_ops.linear_logprobs_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids,
                                                         0.9, True, 2**20))
     opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.2,
-                delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3", chunk_budget_bytes=2**20)
+                delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True, chunk_budget_bytes=2**20)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach(), weight.detach(), None, ids, adv, None, None, None,
-                                                     None), opts)
+                                                     None, None), opts)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(),
-                                                     torch.randn(V), ids, adv, None, None, None, None),
+                                                     torch.randn(V), ids, adv, None, None, None, None, None),
                           {**opts, "loss_type": "sapo"},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

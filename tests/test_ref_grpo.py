@@ -55,17 +55,87 @@ def test_cispo_and_sapo():
     assert abs(loss - ((terms[0] + terms[1]) / 2 + terms[2]) / 2) < 1e-12
 
 
+# the ratios of LOGP / OLD, token by token
+RATIO = torch.tensor([[1.25, 1.0], [1.6, 0.5]], dtype=torch.float64)
+# the dapo per-token surrogate of the 2x2 example (last token masked)
+DAPO_TERMS = torch.tensor([[-1.2, -1.0], [1.6, 0.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
 @pytest.mark.parametrize("est", ["k1", "k2", "k3", "low_var_kl"])
-def test_kl_estimators(est):
+def test_kl_estimators(est, bias_correction):
+    """+ beta * KL per token; use_bias_correction_kl (TRL's default) multiplies it by the ratio r."""
     d = torch.tensor([[0.3, -0.2], [0.5, 1.0]], dtype=torch.float64)  # l_ref - l
     ref_lp = LOGP + d
     k = {"k1": -d, "k2": d * d / 2, "k3": d.exp() - d - 1, "low_var_kl": d.exp() - d - 1}[est]
+    k = k * RATIO if bias_correction else k
     base, _ = loss_of(loss_type="bnpo")
     loss, metrics = ref.grpo_loss_from_logprobs(LOGP, ADV, MASK, OLD, ref_lp, beta=0.1, loss_type="bnpo",
-                                                kl_estimator=est)
+                                                kl_estimator=est, use_bias_correction_kl=bias_correction)
     kl_mean = float((k * MASK).sum() / 3)
     assert abs(loss.item() - (base + 0.1 * kl_mean)) < 1e-12
     assert abs(metrics["kl"].item() - kl_mean) < 1e-12
+
+
+def test_bias_corrected_kl_gradient():
+    """d(beta * k3 * r)/dl = beta * r * (k3 + dk3/dl) with dk3/dl = 1 - exp(l_ref - l), dr/dl = r."""
+    d = torch.tensor([[0.3, -0.2], [0.5, 1.0]], dtype=torch.float64)
+    logp = LOGP.clone().requires_grad_(True)
+    loss, _ = ref.grpo_loss_from_logprobs(logp, torch.zeros(2, dtype=torch.float64), MASK, OLD, LOGP + d, beta=0.1,
+                                          loss_type="bnpo")
+    loss.backward()
+    k3 = d.exp() - d - 1
+    assert torch.allclose(logp.grad, 0.1 * RATIO * (k3 + 1 - d.exp()) * MASK / 3)
+
+
+# sampling log-probs with l_old - l_sampling = log [[2, 1], [0.5, 4]] (the last token is masked: weight 1)
+SAMP = OLD - torch.log(torch.tensor([[2.0, 1.0], [0.5, 4.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode,clip_min,clip_max,w", [
+    ("token_truncate", None, 3.0, [[2.0, 1.0], [0.5, 1.0]]),
+    ("token_truncate", 0.8, 1.5, [[1.5, 1.0], [0.8, 1.0]]),
+    ("token_mask", None, 1.5, [[0.0, 1.0], [0.5, 1.0]]),
+    ("token_mask", 0.6, None, [[2.0, 1.0], [0.0, 1.0]]),
+    ("sequence_truncate", None, 3.0, [[2.0, 2.0], [0.5, 0.5]]),   # sequence sums: log 2 and log 0.5
+    ("sequence_truncate", 1.0, 1.5, [[1.5, 1.5], [1.0, 1.0]]),
+    ("sequence_mask", None, 1.5, [[0.0, 0.0], [0.5, 0.5]]),
+    ("sequence_mask", 0.6, 3.0, [[2.0, 2.0], [0.0, 0.0]]),
+])
+def test_rollout_correction(mode, clip_min, clip_max, w):
+    """The policy term times TRL's vLLM importance-sampling weight from l_old and the sampling log-probs."""
+    opts = dict(sampling_logprobs=SAMP, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=clip_min,
+                vllm_importance_sampling_clip_max=clip_max)
+    loss, _ = loss_of(loss_type="dapo", **opts)
+    w = torch.tensor(w, dtype=torch.float64)
+    assert abs(loss - float((DAPO_TERMS * w * MASK).sum() / 3)) < 1e-12
+    off, _ = loss_of(loss_type="dapo", vllm_importance_sampling_correction=False, **opts)
+    assert abs(off - float((DAPO_TERMS * MASK).sum() / 3)) < 1e-12
+
+
+def test_rollout_correction_without_old_uses_current_logprobs():
+    """No old log-probs: l_old = l (detached), so w = exp(l - l_sampling); its gradient is 0."""
+    logp = LOGP.clone().requires_grad_(True)
+    samp = LOGP - torch.log(torch.tensor([[2.0, 1.0], [0.5, 4.0]], dtype=torch.float64))
+    loss, _ = ref.grpo_loss_from_logprobs(logp, ADV, MASK, loss_type="dapo", sampling_logprobs=samp,
+                                          vllm_importance_sampling_mode="token_truncate")
+    w = torch.tensor([[2.0, 1.0], [0.5, 1.0]], dtype=torch.float64)
+    assert abs(loss.item() - float((-ADV[:, None] * w * MASK).sum() / 3)) < 1e-12
+    loss.backward()
+    assert torch.allclose(logp.grad, -ADV[:, None] * w * MASK / 3)  # r = exp(l - sg(l)): dr/dl = 1
+
+
+@pytest.mark.parametrize("threshold,kept", [(0.5, False), (1.0, True)])
+def test_off_policy_mask(threshold, kept):
+    """Sequence 1 (A < 0) has mean(l_sampling - l) = 0.7 over its tokens: dropped when 0.7 > threshold.
+    Sequence 0 (A > 0) is kept whatever its divergence (here 5)."""
+    samp = LOGP + torch.tensor([[5.0, 5.0], [0.7, 9.0]], dtype=torch.float64)
+    loss, _ = loss_of(loss_type="dapo", sampling_logprobs=samp, vllm_importance_sampling_correction=False,
+                      off_policy_mask_threshold=threshold)
+    assert abs(loss - (-1.2 - 1.0 + (1.6 if kept else 0.0)) / 3) < 1e-12
+    # without sampling log-probs the old ones measure it: mean(l_old - l) of sequence 1 = log(0.5 / 0.8) < 0.5
+    loss, _ = loss_of(loss_type="dapo", off_policy_mask_threshold=threshold)
+    assert abs(loss - (-1.2 - 1.0 + 1.6) / 3) < 1e-12
 
 
 def test_low_var_kl_clamps():
@@ -149,3 +219,63 @@ def test_compiles_fullgraph():
     eager = f(logits)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(logits)
     assert torch.allclose(eager, compiled, atol=1e-6)
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sapo_temperatures():
+    """-A sigmoid(tau (r - 1)) 4 / tau with tau_pos for A > 0 and tau_neg otherwise."""
+    loss, _ = loss_of(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)
+    terms = [-_sig(0.5 * 0.25) * 4 / 0.5, -_sig(0.0) * 4 / 0.5, _sig(2.0 * 0.6) * 4 / 2.0]
+    assert abs(loss - ((terms[0] + terms[1]) / 2 + terms[2]) / 2) < 1e-12
+
+
+def test_luspo():
+    """GSPO's sequence ratio (exp of the masked mean log-ratio), clipped; each sequence's terms summed, then
+    averaged over sequences."""
+    loss, _ = loss_of(loss_type="luspo", importance_sampling_level="sequence")
+    r0, r1 = math.sqrt(1.25), 1.6
+    assert abs(loss - ((-min(r0, 1.2)) * 2 + (-min(-r1, -1.2)) * 1) / 2) < 1e-12
+
+
+def test_vespo():
+    """phi(w) = exp(lambda + k log w - lambda w) of the sequence ratio w = exp(sum_t m log r) (k, lambda by the
+    sign of A: 2, 3 for A >= 0; 3, 2 below), -phi A l per token, over the token count."""
+    loss, _ = loss_of(loss_type="vespo")
+    phi0 = math.exp(3 + 2 * math.log(1.25) - 3 * 1.25)
+    phi1 = math.exp(2 + 3 * math.log(1.6) - 2 * 1.6)
+    terms = [-phi0 * LOGP[0, 0].item(), -phi0 * LOGP[0, 1].item(), phi1 * LOGP[1, 0].item()]
+    assert abs(loss - sum(terms) / 3) < 1e-12
+    loss2, _ = loss_of(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=1.0)
+    phi0, phi1 = math.exp(1 + math.log(1.25) - 1.25), math.exp(1 + math.log(1.6) - 1.6)
+    terms = [-phi0 * LOGP[0, 0].item(), -phi0 * LOGP[0, 1].item(), phi1 * LOGP[1, 0].item()]
+    assert abs(loss2 - sum(terms) / 3) < 1e-12
+
+
+ENT = torch.tensor([[0.5, 2.0], [1.0, 3.0]], dtype=torch.float64)  # the last (masked) token's 3.0 is ignored
+
+
+@pytest.mark.parametrize("q,kept", [(1.0, [[1, 1], [1, 0]]), (0.5, [[0, 1], [1, 0]]), (0.34, [[0, 1], [0, 0]])])
+def test_top_entropy_quantile(q, kept):
+    """Keep tokens whose entropy >= the (1 - q) quantile (linear interpolation) of the masked entropies
+    [0.5, 2, 1]: the median 1.0 for q = 0.5, 1.32 for q = 0.34; the denominator stays the mask's."""
+    loss, m = loss_of(loss_type="dapo", entropy=ENT, top_entropy_quantile=q)
+    kept = torch.tensor(kept, dtype=torch.float64)
+    assert abs(loss - float((DAPO_TERMS * kept).sum() / 3)) < 1e-12
+    assert abs(m["entropy"] - 3.5 / 3) < 1e-12
+
+
+@pytest.mark.parametrize("q,eff_mean", [(1.0, 3.5 / 3), (0.5, 3.0 / 2)])
+def test_entropy_coef(q, eff_mean):
+    """loss - entropy_coef * the mean entropy over the tokens trained on; gradient -coef * eff / n_eff."""
+    base, _ = loss_of(loss_type="dapo", entropy=ENT, top_entropy_quantile=q)
+    loss, _ = loss_of(loss_type="dapo", entropy=ENT, top_entropy_quantile=q, entropy_coef=0.1)
+    assert abs(loss - (base - 0.1 * eff_mean)) < 1e-12
+    ent = ENT.clone().requires_grad_(True)
+    out, _ = ref.grpo_loss_from_logprobs(LOGP, ADV, MASK, OLD, entropy=ent, loss_type="dapo",
+                                         top_entropy_quantile=q, entropy_coef=0.1)
+    out.backward()
+    eff = MASK if q == 1.0 else torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(ent.grad, -0.1 * eff / eff.sum())

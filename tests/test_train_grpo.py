@@ -103,9 +103,9 @@ def test_old_logprobs_are_the_pre_update_policy(tmp_path):
     before = copy.deepcopy(t.engine.module).eval()
     seen, micro = [], t.micro_step
 
-    def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T):
+    def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw):
         seen.append((ids_BL, attn_BL, comp_BT, mask_BT, old_BT, T))
-        return micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T)
+        return micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw)
 
     t.micro_step = spy
     t.train()

@@ -28,7 +28,7 @@ _warned: set[str] = set()
 
 def _unsupported(loss_type, beta, use_bias_correction_kl, vllm_is_ratio, sapo_temperature_pos,
                  sapo_temperature_neg, **extra) -> list[str]:
-    out = [] if loss_type in LOSS_TYPES else [f"loss_type={loss_type!r}"]
+    out = [] if loss_type in LOSS_TYPES and loss_type not in ("luspo", "vespo") else [f"loss_type={loss_type!r}"]
     if use_bias_correction_kl and beta != 0.0:
         out.append("use_bias_correction_kl=True")
     if vllm_is_ratio is not None:
@@ -162,7 +162,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             importance_sampling_level=c["importance_sampling_level"], temperature=c["temperature"],
             max_completion_length=c["max_completion_length"],
             num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch) if items else None,
-            backend=self.backend)
+            use_bias_correction_kl=False, backend=self.backend)
         return out.loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
                                         c["epsilon_low"], c["epsilon_high"], c["loss_type"],
                                         c["importance_sampling_level"]))
@@ -212,7 +212,7 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                         importance_sampling_level=importance_sampling_level, temperature=temperature,
                         max_completion_length=max_completion_length,
                         num_items_in_batch=_dapo_normalizer(mask, num_items_in_batch) if items else None,
-                        inplace_backward=bool(inplace), backend=backend)
+                        use_bias_correction_kl=False, inplace_backward=bool(inplace), backend=backend)
         return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
                                   importance_sampling_level)
     _checks.int_tensor("completion_ids", completion_ids, ndim=2)

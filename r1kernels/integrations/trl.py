@@ -10,13 +10,12 @@ What it switches:
   r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral and DeepseekV3;
   DeepseekV3 MoE layers also route through r1kernels.moe (patch/deepseek_v3.py);
 - the loss: r1kernels.linear_grpo_loss from the last hidden states, with TRL's GRPOConfig names
-  (loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo, epsilon, epsilon_high, delta, beta with TRL's k3 KL,
-  importance_sampling_level, temperature, max_completion_length) and TRL's normalizers and metrics
-  (kl, entropy, clip_ratio/*, cispo_clip_ratio).
-Everything else (luspo/vespo, use_bias_correction_kl, off_policy_mask_threshold, top_entropy_quantile,
-entropy bonus, vLLM importance-sampling correction, SAPO temperatures other than 1.0/1.05, router aux
-loss, multimodal inputs, models without a fused head, DeepSpeed ZeRO-3) runs TRL's own code, announced by
-one warning.
+  (loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo/luspo, epsilon, epsilon_high, delta, beta with TRL's k3
+  KL and use_bias_correction_kl, sapo_temperature_pos/neg, importance_sampling_level, temperature,
+  max_completion_length) and TRL's normalizers and metrics (kl, entropy, clip_ratio/*, cispo_clip_ratio).
+Everything else (vespo, off_policy_mask_threshold, top_entropy_quantile, entropy bonus, vLLM
+importance-sampling correction, router aux loss, multimodal inputs, models without a fused head,
+DeepSpeed ZeRO-3) runs TRL's own code, announced by one warning.
 """
 from __future__ import annotations
 
@@ -36,11 +35,11 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_
 
 def unsupported_options(trainer) -> list[str]:
     """The trainer's settings that r1kernels' loss does not implement (TRL's loss code runs for them)."""
-    args, out = trainer.args, []
-    if trainer.loss_type not in LOSS_TYPES:
+    out = []
+    if trainer.loss_type not in LOSS_TYPES or trainer.loss_type == "vespo":
         out.append(f"loss_type={trainer.loss_type!r}")
-    if trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
-        out.append("use_bias_correction_kl=True with beta != 0 (TRL's default; set it False to use ours)")
+    if trainer.loss_type == "luspo" and trainer.importance_sampling_level != "sequence":
+        out.append("loss_type='luspo' with importance_sampling_level='token'")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
         out.append(f"off_policy_mask_threshold={trainer.off_policy_mask_threshold}")
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
@@ -49,9 +48,6 @@ def unsupported_options(trainer) -> list[str]:
         out.append("an entropy bonus (entropy_coef / use_adaptive_entropy)")
     if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
         out.append("vllm_importance_sampling_correction=True")
-    taus = (getattr(args, "sapo_temperature_pos", SAPO_TAU_POS), getattr(args, "sapo_temperature_neg", SAPO_TAU_NEG))
-    if trainer.loss_type == "sapo" and taus != (SAPO_TAU_POS, SAPO_TAU_NEG):
-        out.append(f"sapo_temperature_pos/neg={taus} (r1kernels fixes {SAPO_TAU_POS}/{SAPO_TAU_NEG})")
     if getattr(trainer, "aux_loss_enabled", False):
         out.append("a router aux loss (router_aux_loss_coef)")
     return out
@@ -135,7 +131,10 @@ def _compute_loss(self, model, inputs):
               beta=self.beta, epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta,
               loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
               kl_estimator="k3", temperature=self.temperature, max_completion_length=self.max_completion_length,
-              num_items_in_batch=_items_normalizer(self, inputs, mode) if items else None, backend=self._r1k_backend)
+              num_items_in_batch=_items_normalizer(self, inputs, mode) if items else None, backend=self._r1k_backend,
+              use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
+              sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", SAPO_TAU_POS),
+              sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", SAPO_TAU_NEG))
 
     def head(hidden, weight, bias):
         out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias, **kw)
@@ -181,7 +180,8 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
     m = self._metrics[mode]
     if self.beta != 0.0:
         d = inputs["ref_per_token_logps"] - logp
-        m["kl"].append(global_mean(torch.exp(d) - d - 1))
+        kl = torch.exp(d) - d - 1
+        m["kl"].append(global_mean(kl * coef if getattr(self.args, "use_bias_correction_kl", False) else kl))
     m["entropy"].append(global_mean(entropy))
     if self.loss_type == "cispo":
         m["cispo_clip_ratio"].append(global_mean(((coef > self.epsilon_high) & (adv > 0)).float()))

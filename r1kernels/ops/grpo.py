@@ -45,12 +45,12 @@ def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_i
     return s.float().expand(B).contiguous()
 
 
-def token_level(x, ids, adv, mask, old, ref, num_items, dx, dx_strides, *, num_items_f, max_completion_length,
-                temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None):
+def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *, num_items_f, max_completion_length,
+                temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None, **kernel_opts):
     """The token-level kernel: (per-token sums [5], logp); writes the gradient for upstream 1 into dx
     (strides dx_strides). x is the [B, T, V] logits of the whole batch, or with rows = (r0, r1) the
     [r1 - r0, V] logits of flattened rows r0:r1 of the B*T tokens (then logp is [r1 - r0]). The other
-    tensors cover the whole batch (the reduction needs all of mask)."""
+    tensors cover the whole batch (the reduction needs all of mask). kernel_opts: KERNEL_OPTS."""
     B, T = ids.shape
     dev = x.device
     mask_f = mask.float().contiguous() if mask is not None else None
@@ -58,22 +58,24 @@ def token_level(x, ids, adv, mask, old, ref, num_items, dx, dx_strides, *, num_i
     adv = adv.float().contiguous()
     old = old.float().contiguous() if old is not None else None
     ref = ref.float().contiguous() if ref is not None else None
+    samp = samp.float().contiguous() if samp is not None else None
     if rows is None:
-        n_rows, x3, ids_, mask_, old_, ref_, adv_, s_ = B * T, x, ids.contiguous(), mask_f, old, ref, adv, s_B
+        n_rows, x3, adv_, s_ = B * T, x, adv, s_B
+        ids_, mask_, old_, ref_, samp_ = ids.contiguous(), mask_f, old, ref, samp
     else:
         r0, r1 = rows
         n_rows, x3 = r1 - r0, x.view(1, r1 - r0, x.shape[-1])
 
         def flat(t):
             return t.reshape(-1)[r0:r1] if t is not None else None
-        ids_, mask_, old_, ref_ = flat(ids), flat(mask_f), flat(old), flat(ref)
+        ids_, mask_, old_, ref_, samp_ = flat(ids), flat(mask_f), flat(old), flat(ref), flat(samp)
         adv_ = flat(adv.reshape(B, -1).expand(B, T)).view(1, -1)
         s_ = flat(s_B[:, None].expand(B, T)).view(1, -1)
     logp = torch.empty(n_rows, device=dev, dtype=torch.float32)
     stats = torch.empty(5, n_rows, device=dev, dtype=torch.float32)
-    _k.grpo_token(x3, ids_, adv_, mask_, old_, ref_, s_, logp, stats, dx, dx_strides, temperature=temperature,
-                  eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
-                  kl_estimator=kl_estimator)
+    _k.grpo_token(x3, ids_, adv_, mask_, old_, ref_, samp_, s_, logp, stats, dx, dx_strides,
+                  temperature=temperature, eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta,
+                  loss_type=loss_type, kl_estimator=kl_estimator, **kernel_opts)
     return stats.sum(1), logp if rows is not None else logp.view(B, T)
 
 
@@ -86,22 +88,21 @@ def finish_stats(sums, mask, B, T):
 
 @torch.library.custom_op("r1kernels::grpo_loss_fwd", mutates_args=())
 def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor | None,
-                  old: torch.Tensor | None, ref: torch.Tensor | None, num_items: torch.Tensor | None, *,
-                  num_items_f: float | None, max_completion_length: int | None, temperature: float, epsilon: float,
-                  epsilon_high: float, delta: float | None, beta: float, loss_type: str, kl_estimator: str
+                  old: torch.Tensor | None, ref: torch.Tensor | None, samp: torch.Tensor | None,
+                  num_items: torch.Tensor | None, *, num_items_f: float | None, max_completion_length: int | None,
+                  temperature: float, epsilon: float, epsilon_high: float, delta: float | None, beta: float,
+                  loss_type: str, kl_estimator: str, sapo_tau_pos: float, sapo_tau_neg: float, is_mode: str | None,
+                  is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
     dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    sums, logp = token_level(x, ids, adv, mask, old, ref, num_items, dx, (T * V, V), num_items_f=num_items_f,
-                             max_completion_length=max_completion_length, temperature=temperature, epsilon=epsilon,
-                             epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
-                             kl_estimator=kl_estimator)
+    sums, logp = token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, (T * V, V), **_opts(locals()))
     return finish_stats(sums, mask, B, T), logp, dx
 
 
 @grpo_loss_fwd.register_fake
-def _(logits, ids, adv, mask, old, ref, num_items, **opts):
+def _(logits, ids, adv, mask, old, ref, samp, num_items, **opts):
     B, T, V = logits.shape
     return (logits.new_empty(5, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32),
             torch.empty(logits.shape, device=logits.device, dtype=logits.dtype))
@@ -109,22 +110,22 @@ def _(logits, ids, adv, mask, old, ref, num_items, **opts):
 
 @torch.library.custom_op("r1kernels::grpo_loss_fwd_inplace", mutates_args=("logits",))
 def grpo_loss_fwd_inplace(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor | None,
-                          old: torch.Tensor | None, ref: torch.Tensor | None, num_items: torch.Tensor | None, *,
-                          num_items_f: float | None, max_completion_length: int | None, temperature: float,
-                          epsilon: float, epsilon_high: float, delta: float | None, beta: float, loss_type: str,
-                          kl_estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+                          old: torch.Tensor | None, ref: torch.Tensor | None, samp: torch.Tensor | None,
+                          num_items: torch.Tensor | None, *, num_items_f: float | None,
+                          max_completion_length: int | None, temperature: float, epsilon: float, epsilon_high: float,
+                          delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
+                          sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None,
+                          is_clip_max: float | None, bias_kl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.stride(-1) != 1:
         raise ValueError("inplace_backward needs logits with a contiguous last dimension")
     B, T, V = logits.shape
-    sums, logp = token_level(logits, ids, adv, mask, old, ref, num_items, logits, (logits.stride(0), logits.stride(1)),
-                             num_items_f=num_items_f, max_completion_length=max_completion_length,
-                             temperature=temperature, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
-                             beta=beta, loss_type=loss_type, kl_estimator=kl_estimator)
+    sums, logp = token_level(logits, ids, adv, mask, old, ref, samp, num_items, logits,
+                             (logits.stride(0), logits.stride(1)), **_opts(locals()))
     return finish_stats(sums, mask, B, T), logp
 
 
 @grpo_loss_fwd_inplace.register_fake
-def _(logits, ids, adv, mask, old, ref, num_items, **opts):
+def _(logits, ids, adv, mask, old, ref, samp, num_items, **opts):
     B, T, V = logits.shape
     return logits.new_empty(5, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32)
 
@@ -154,12 +155,12 @@ class _GRPOLoss(torch.autograd.Function):
     """Token level: (logits, inplace, the op's inputs, its keyword options) -> (stats, logp)."""
 
     @staticmethod
-    def forward(ctx, logits, inplace, ids, adv, mask, old, ref, num_items, opts):
+    def forward(ctx, logits, inplace, ids, adv, mask, old, ref, samp, num_items, opts):
         if inplace:
-            stats, logp = grpo_loss_fwd_inplace(logits, ids, adv, mask, old, ref, num_items, **opts)
+            stats, logp = grpo_loss_fwd_inplace(logits, ids, adv, mask, old, ref, samp, num_items, **opts)
             dx = logits
         else:
-            stats, logp, dx = grpo_loss_fwd(logits, ids, adv, mask, old, ref, num_items, **opts)
+            stats, logp, dx = grpo_loss_fwd(logits, ids, adv, mask, old, ref, samp, num_items, **opts)
         ctx.save_for_backward(dx)
         ctx.mark_non_differentiable(logp)
         ctx.set_materialize_grads(False)  # no zero [B, T] upstream gradient for the unused log-probs
@@ -168,110 +169,135 @@ class _GRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_stats, g_logp):
         (dx,) = scale_saved_grads(ctx, None if g_stats is None else g_stats[0])
-        return (dx,) + (None,) * 8
+        return (dx,) + (None,) * 9
 
 
 @torch.library.custom_op("r1kernels::grpo_logprobs", mutates_args=())
-def grpo_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, temperature: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [B, T], lse [B*T]) fp32; masked rows (mask 0) are skipped: logp = lse = 0."""
+def grpo_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, temperature: float,
+                  entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [B, T], lse [B*T], entropy [B, T] or empty) fp32; masked rows (mask 0) are skipped: logp = lse
+    = entropy = 0."""
     B, T, _ = logits.shape
-    logp, lse, _ = _lk.logprob_fwd(logits, ids, temperature, False,
-                                   mask=mask.float().reshape(-1).contiguous() if mask is not None else None)
-    return logp.view(B, T), lse
+    logp, lse, ent = _lk.logprob_fwd(logits, ids, temperature, entropy,
+                                     mask=mask.float().reshape(-1).contiguous() if mask is not None else None)
+    if entropy and mask is not None:  # the kernel leaves masked rows' entropy unwritten
+        ent = torch.where(mask.reshape(-1) != 0, ent, 0.0)
+    return logp.view(B, T), lse, ent.view(B, T) if entropy else ent
 
 
 @grpo_logprobs.register_fake
-def _(logits, ids, mask, temperature):
+def _(logits, ids, mask, temperature, entropy):
     B, T, _ = logits.shape
-    return logits.new_empty(B, T, dtype=torch.float32), logits.new_empty(B * T, dtype=torch.float32)
+    f = logits.new_empty(B, T, dtype=torch.float32)
+    return f, logits.new_empty(B * T, dtype=torch.float32), torch.empty_like(f) if entropy else f.new_empty(0)
 
 
 @torch.library.custom_op("r1kernels::grpo_logprobs_grad", mutates_args=())
-def grpo_logprobs_grad(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                       temperature: float) -> torch.Tensor:
-    """d(sum g * logp)/d logits; rows with g == 0 are written as zeros without reading the logits."""
-    return _lk.logprob_bwd(logits, ids, lse, lse, g, None, temperature)
+def grpo_logprobs_grad(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+                       g: torch.Tensor, g_ent: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """d(sum g * logp + g_ent * entropy)/d logits; rows with zero g (and g_ent) are written as zeros
+    without reading the logits."""
+    return _lk.logprob_bwd(logits, ids, lse, ent.reshape(-1) if g_ent is not None else lse, g, g_ent, temperature)
 
 
 @grpo_logprobs_grad.register_fake
-def _(logits, ids, lse, g, temperature):
+def _(logits, ids, lse, ent, g, g_ent, temperature):
     return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
 
 
 @torch.library.custom_op("r1kernels::grpo_logprobs_grad_", mutates_args=("logits",))
-def grpo_logprobs_grad_(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                        temperature: float) -> None:
+def grpo_logprobs_grad_(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+                        g: torch.Tensor, g_ent: torch.Tensor | None, temperature: float) -> None:
     """grpo_logprobs_grad written into the logits' own storage (each block is read before it is written)."""
     if logits.stride(-1) != 1:
         raise ValueError("inplace_backward needs logits with a contiguous last dimension")
-    _lk.logprob_bwd(logits, ids, lse, lse, g, None, temperature, out=logits,
-                    out_strides=(logits.stride(0), logits.stride(1)))
+    _lk.logprob_bwd(logits, ids, lse, ent.reshape(-1) if g_ent is not None else lse, g, g_ent, temperature,
+                    out=logits, out_strides=(logits.stride(0), logits.stride(1)))
 
 
 @grpo_logprobs_grad_.register_fake
-def _(logits, ids, lse, g, temperature):
+def _(logits, ids, lse, ent, g, g_ent, temperature):
     return None
 
 
 class _LogProbs(torch.autograd.Function):
-    """Sequence level: (logits, ids, mask, temperature, inplace) -> logp [B, T], differentiable."""
+    """The loss from per-token values: (logits, ids, mask, temperature, inplace, entropy) -> (logp [B, T],
+    entropy [B, T] or empty), both differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, ids, mask, temperature, inplace):
-        logp, lse = grpo_logprobs(logits, ids, mask, temperature)
-        ctx.save_for_backward(logits, ids, lse)
+    def forward(ctx, logits, ids, mask, temperature, inplace, entropy):
+        logp, lse, ent = grpo_logprobs(logits, ids, mask, temperature, entropy)
+        ctx.save_for_backward(logits, ids, lse, ent)
         ctx.temperature, ctx.inplace = temperature, inplace
         ctx.set_materialize_grads(False)
-        return logp
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, g):
-        if g is None:
-            return (None,) * 5
-        logits, ids, lse = ctx.saved_tensors
-        g = g.float().contiguous()
+    def backward(ctx, g, g_ent):
+        if g is None and g_ent is None:
+            return (None,) * 6
+        logits, ids, lse, ent = ctx.saved_tensors
+        g = torch.zeros_like(lse) if g is None else g.float().contiguous()
+        g_ent = g_ent.float().contiguous() if g_ent is not None and ent.numel() else None
         if ctx.inplace:
-            grpo_logprobs_grad_(logits, ids, lse, g, ctx.temperature)
+            grpo_logprobs_grad_(logits, ids, lse, ent, g, g_ent, ctx.temperature)
             dx = logits
         else:
-            dx = grpo_logprobs_grad(logits, ids, lse, g, ctx.temperature)
-        return dx, None, None, None, None
+            dx = grpo_logprobs_grad(logits, ids, lse, ent, g, g_ent, ctx.temperature)
+        return dx, None, None, None, None, None
+
+
+# The fused token kernel's options beyond the core ones (keyword-only arguments of the custom ops).
+KERNEL_OPTS = ("sapo_tau_pos", "sapo_tau_neg", "is_mode", "is_clip_min", "is_clip_max", "bias_kl")
+_CORE_OPTS = ("num_items_f", "max_completion_length", "temperature", "epsilon", "epsilon_high", "delta", "beta",
+              "loss_type", "kl_estimator")
+
+
+def _opts(names):
+    """The keyword options of token_level from a custom op's locals()."""
+    return {k: names[k] for k in _CORE_OPTS + KERNEL_OPTS}
 
 
 def op_options(*, temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, max_completion_length,
-               num_items_in_batch):
+               num_items_in_batch, **extra):
     """(num_items tensor or None, the token-level ops' keyword options) from the public arguments."""
+    o = {**_ref.EXTRA_DEFAULTS, **extra}
     nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
+    has_is = o["sampling_logprobs"] is not None and o["vllm_importance_sampling_correction"]
+    fl = (lambda v: None if v is None else float(v))
     return nt, dict(num_items_f=float(num_items_in_batch) if num_items_in_batch is not None and nt is None else None,
                     max_completion_length=max_completion_length, temperature=float(temperature),
                     epsilon=float(epsilon), epsilon_high=float(epsilon if epsilon_high is None else epsilon_high),
-                    delta=None if delta is None else float(delta), beta=float(beta), loss_type=loss_type,
-                    kl_estimator=kl_estimator)
+                    delta=fl(delta), beta=float(beta), loss_type=loss_type, kl_estimator=kl_estimator,
+                    sapo_tau_pos=float(o["sapo_temperature_pos"]), sapo_tau_neg=float(o["sapo_temperature_neg"]),
+                    is_mode=o["vllm_importance_sampling_mode"] if has_is else None,
+                    is_clip_min=fl(o["vllm_importance_sampling_clip_min"]),
+                    is_clip_max=fl(o["vllm_importance_sampling_clip_max"]), bias_kl=bool(o["use_bias_correction_kl"]))
 
 
-def sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, opts):
-    """(loss, logp, metrics): the reference loss and metrics on log-probs logp [B, T] (differentiable)."""
+def per_token_loss(logp, ent, advantages, completion_mask, old_logprobs, ref_logprobs, opts):
+    """(loss, logp, metrics): the reference loss and metrics on per-token log-probs logp [B, T] (and entropy
+    ent [B, T] or None), both differentiable: the path for losses that are not token-local."""
     loss, metrics = _ref.grpo_loss_from_logprobs(logp, advantages, completion_mask, old_logprobs, ref_logprobs,
-                                                 importance_sampling_level="sequence", **opts)
-    return loss, logp, {k: metrics[k].detach() for k in STAT_KEYS}
+                                                 entropy=ent, **opts)
+    return loss, logp, {k: v.detach() for k, v in metrics.items()}
 
 
 def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *, temperature=1.0,
-                     inplace_backward=False, old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2,
-                     epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
-                     kl_estimator="k3", max_completion_length=None, num_items_in_batch=None):
+                     inplace_backward=False, old_logprobs=None, ref_logprobs=None, **opts):
+    """Token-local losses (reference/grpo.py token_local): the fused kernel. Others (sequence ratio,
+    sequence weights, entropy terms): log-probs (+ entropy) by the kernels, the loss by the reference."""
     inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled())
-    loss_opts = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-                     kl_estimator=kl_estimator, max_completion_length=max_completion_length,
-                     num_items_in_batch=num_items_in_batch)
-    if importance_sampling_level == "sequence":
+    if not _ref.token_local(opts):
         x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
-        logp = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace)
-        return sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, loss_opts)
-    nt, opts = op_options(temperature=temperature, **loss_opts)
+        logp, ent = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace,
+                                    _ref.needs_entropy(opts))
+        return per_token_loss(logp, ent if ent.numel() else None, advantages, completion_mask, old_logprobs,
+                              ref_logprobs, opts)
+    samp = opts.get("sampling_logprobs")
+    nt, kopts = op_options(temperature=temperature, **opts)
     stats, logp = _GRPOLoss.apply(logits, inplace, completion_ids, advantages, completion_mask, old_logprobs,
-                                  ref_logprobs, nt, opts)
+                                  ref_logprobs, samp if kopts["is_mode"] else None, nt, kopts)
     metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
     return stats[0], logp, metrics
 

@@ -19,8 +19,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..reference import grpo as _ref
 from ..triton import logprob as _lk
-from .grpo import STAT_KEYS, finish_stats, op_options, scale_saved_grads, sequence_level_loss, token_level
+from .grpo import KERNEL_OPTS, STAT_KEYS, finish_stats, op_options, per_token_loss, scale_saved_grads, token_level
 
 # Default budgets: at N=8192, H=3584, V=151936 bf16 they give 3 chunks of 2752 rows (0.78 GiB of logits)
 # for linear_grpo_loss and 8 chunks of 1024 rows (0.29 GiB) for linear_token_logprobs.
@@ -90,16 +91,18 @@ def _accumulate(dw, g, h):
 @torch.library.custom_op("r1kernels::linear_grpo_fwd", mutates_args=())
 def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                     adv: torch.Tensor, mask: torch.Tensor | None, old: torch.Tensor | None, ref: torch.Tensor | None,
-                    num_items: torch.Tensor | None, *, num_items_f: float | None, max_completion_length: int | None,
-                    temperature: float, epsilon: float, epsilon_high: float, delta: float | None, beta: float,
-                    loss_type: str, kl_estimator: str, chunk_budget_bytes: int
+                    samp: torch.Tensor | None, num_items: torch.Tensor | None, *, num_items_f: float | None,
+                    max_completion_length: int | None, temperature: float, epsilon: float, epsilon_high: float,
+                    delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
+                    sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None, is_clip_max: float | None,
+                    bias_kl: bool, chunk_budget_bytes: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     opts = dict(num_items_f=num_items_f, max_completion_length=max_completion_length, temperature=temperature,
                 epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
-                kl_estimator=kl_estimator)
+                kl_estimator=kl_estimator, **{k: v for k, v in locals().items() if k in KERNEL_OPTS})
     h2 = hidden.reshape(B * T, H)
     plan = _plan(h2, weight, chunk_budget_bytes, True)
     dh = torch.empty_like(h2)
@@ -110,8 +113,8 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     for r0 in range(0, B * T, plan.rows):
         r1 = min(B * T, r0 + plan.rows)
         z = _logits(h2[r0:r1], weight, bias)
-        s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, num_items, z, (0, z.stride(0)), rows=(r0, r1),
-                                     **opts)
+        s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, samp, num_items, z, (0, z.stride(0)),
+                                     rows=(r0, r1), **opts)
         sums += s
         # z now holds dLoss/dlogits of rows r0:r1
         torch.mm(z, weight, out=dh[r0:r1])
@@ -123,7 +126,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 @linear_grpo_fwd.register_fake
-def _(hidden, weight, bias, ids, adv, mask, old, ref, num_items, **opts):
+def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, **opts):
     B, T, H = hidden.shape
     f = torch.float32
     return (hidden.new_empty(5, dtype=f), hidden.new_empty(B, T, dtype=f), torch.empty_like(hidden),
@@ -149,22 +152,21 @@ linear_grpo_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completion_mask=None, *, bias=None,
-                            temperature=1.0, old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon=0.2,
-                            epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
-                            kl_estimator="k3", max_completion_length=None, num_items_in_batch=None,
-                            chunk_budget_bytes=GRPO_CHUNK_BUDGET):
-    chunk_budget_bytes = GRPO_CHUNK_BUDGET if chunk_budget_bytes is None else chunk_budget_bytes
-    loss_opts = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-                     kl_estimator=kl_estimator, max_completion_length=max_completion_length,
-                     num_items_in_batch=num_items_in_batch)
-    if importance_sampling_level == "sequence":
-        logp = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                            chunk_budget_bytes=chunk_budget_bytes)
-        return sequence_level_loss(logp, advantages, completion_mask, old_logprobs, ref_logprobs, loss_opts)
-    nt, opts = op_options(temperature=temperature, **loss_opts)
+                            temperature=1.0, old_logprobs=None, ref_logprobs=None, chunk_budget_bytes=None, **opts):
+    """Token-local losses (reference/grpo.py token_local): the fused chunked kernel path. Others:
+    linear_token_logprobs (+ entropy) and the reference loss (its backward recomputes each chunk)."""
+    budget = GRPO_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
+    if not _ref.token_local(opts):
+        ent = _ref.needs_entropy(opts)
+        out = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature,
+                                           return_entropy=ent, chunk_budget_bytes=budget)
+        logp, h = out if ent else (out, None)
+        return per_token_loss(logp, h, advantages, completion_mask, old_logprobs, ref_logprobs, opts)
+    samp = opts.get("sampling_logprobs")
+    nt, kopts = op_options(temperature=temperature, **opts)
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
-                                           old_logprobs, ref_logprobs, nt, chunk_budget_bytes=int(chunk_budget_bytes),
-                                           **opts)
+                                           old_logprobs, ref_logprobs, samp if kopts["is_mode"] else None, nt,
+                                           chunk_budget_bytes=budget, **kopts)
     metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
     return stats[0], logp, metrics
 

@@ -13,6 +13,7 @@ and KL_ESTIMATORS (the one table of the family and its constants).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -91,10 +92,13 @@ def surrogate_and_grad(r, A, eps_low, eps_high, delta, tau_pos, tau_neg, LOSS: t
 
 
 @triton.jit
-def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
-                 KL: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _token_terms(l, A, old, lref, samp, eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi,
+                 LOSS: tl.constexpr, KL: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
+                 HAS_DELTA: tl.constexpr, HAS_IS: tl.constexpr, IS_MASK: tl.constexpr, BIAS_KL: tl.constexpr):
     """Per-token (L, dL/dl, kl, low, high) at log-prob l (ratio r = exp(l - old)); L and dL/dl are NaN
-    when r is (tl.minimum / tl.maximum return the non-NaN operand, so the clip would hide it)."""
+    when r is (tl.minimum / tl.maximum return the non-NaN operand, so the clip would hide it).
+    HAS_IS: the policy term times the rollout weight w = exp(old - samp) (NaN difference: w = 1) clipped
+    to [is_lo, is_hi] or, IS_MASK, zero outside it. BIAS_KL: the KL term times r (d/dl: r (kl + dkl))."""
     r = tl.exp(l - old)
     L, dLdr = surrogate_and_grad(r, A, eps_low, eps_high, delta, tau_pos, tau_neg, LOSS, HAS_DELTA)
     if LOSS == CISPO:  # -sg(min(r, eps_high)) * A * l
@@ -102,9 +106,21 @@ def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_n
         L = -L * A * l
     else:
         dL = dLdr * r
+    if HAS_IS:
+        d = old - samp
+        w = tl.exp(tl.where(d != d, 0.0, d))
+        if IS_MASK:
+            w = tl.where((w < is_lo) | (w > is_hi), 0.0, w)
+        else:
+            w = tl.minimum(tl.maximum(w, is_lo), is_hi)
+        L = L * w
+        dL = dL * w
     kl = 0.0 * l
     if HAS_REF:
         kl, dkl = kl_and_grad(l, lref, KL)
+        if BIAS_KL:
+            dkl = (dkl + kl) * r
+            kl = kl * r
         if USE_KL:
             L += beta * kl
             dL += beta * dkl
@@ -117,12 +133,13 @@ def _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_n
 
 
 @triton.jit
-def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scale_ptr, logp_ptr, stats_ptr,
-                       dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, sc_sb, sc_st, inv_t, eps_low,
-                       eps_high,
-                       delta, beta, tau_pos, tau_neg, REVERSE: tl.constexpr, STORE_CM: tl.constexpr,
-                       BLOCK: tl.constexpr, LOSS: tl.constexpr, KL: tl.constexpr, HAS_MASK: tl.constexpr,
-                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp_ptr, scale_ptr, logp_ptr,
+                       stats_ptr, dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, sc_sb, sc_st,
+                       inv_t, eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi,
+                       REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
+                       KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                       USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_IS: tl.constexpr, IS_MASK: tl.constexpr,
+                       BIAS_KL: tl.constexpr):
     """One program per row (b, t) of the [B, T] tokens; the loss scale of row (b, t) is
     scale[b * sc_sb + t * sc_st] (per sequence: strides (1, 0); per row: (T, 1))."""
     row = tl.program_id(0).to(tl.int64)
@@ -156,8 +173,12 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, scal
         lref = l
         if HAS_REF:
             lref = tl.load(ref_ptr + row)
-        L, dL, kl, low, high = _token_terms(l, A, old, lref, eps_low, eps_high, delta, beta, tau_pos, tau_neg, LOSS,
-                                            KL, HAS_REF, USE_KL, HAS_DELTA)
+        samp = old
+        if HAS_IS:
+            samp = tl.load(samp_ptr + row)
+        L, dL, kl, low, high = _token_terms(l, A, old, lref, samp, eps_low, eps_high, delta, beta, tau_pos, tau_neg,
+                                            is_lo, is_hi, LOSS, KL, HAS_REF, USE_KL, HAS_DELTA, HAS_IS, IS_MASK,
+                                            BIAS_KL)
         sb = tl.load(scale_ptr + b * sc_sb + t * sc_st) * m
         tl.store(logp_ptr + row, l)
         tl.store(stats_ptr + row, sb * L)
@@ -183,10 +204,12 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
             tl.store(x_ptr + idx, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=idx < n)
 
 
-def grpo_token(x, ids, adv, mask, old, ref, scale, logp, stats, dx, dx_strides, *, temperature, eps_low, eps_high,
-               delta, beta, loss_type, kl_estimator, config=None):
+def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_strides, *, temperature, eps_low,
+               eps_high, delta, beta, loss_type, kl_estimator, sapo_tau_pos=SAPO_TAU_POS, sapo_tau_neg=SAPO_TAU_NEG,
+               is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False, config=None):
     """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides;
-    adv and scale are [B] (per sequence) or [B, T] (per row). config overrides CONFIG (tuning sweeps only)."""
+    adv and scale are [B] (per sequence) or [B, T] (per row); samp (the sampling log-probs) with is_mode
+    token_truncate / token_mask. config overrides CONFIG (tuning sweeps only)."""
     B, T, V = x.shape
     N = B * T
     if N == 0:
@@ -196,15 +219,18 @@ def grpo_token(x, ids, adv, mask, old, ref, scale, logp, stats, dx, dx_strides, 
     dummy = scale
     adv_sb, adv_st = (T, 1) if adv.dim() == 2 else (1, 0)
     sc_sb, sc_st = (T, 1) if scale.dim() == 2 else (1, 0)
+    has_is = samp is not None and is_mode is not None
     _grpo_token_kernel[(N,)](
         x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
-        ref if ref is not None else dummy, scale, logp, stats, dx, N, T, V, x.stride(0), x.stride(1),
-        dx_strides[0], dx_strides[1], adv_sb, adv_st, sc_sb, sc_st, 1.0 / temperature, eps_low, eps_high,
-        delta if delta is not None else 0.0, beta, SAPO_TAU_POS, SAPO_TAU_NEG, REVERSE=cfg["REVERSE"],
+        ref if ref is not None else dummy, samp if has_is else dummy, scale, logp, stats, dx, N, T, V, x.stride(0),
+        x.stride(1), dx_strides[0], dx_strides[1], adv_sb, adv_st, sc_sb, sc_st, 1.0 / temperature, eps_low, eps_high,
+        delta if delta is not None else 0.0, beta, sapo_tau_pos, sapo_tau_neg,
+        is_clip_min if is_clip_min is not None else (-math.inf if is_mode == "token_mask" else 0.0),
+        is_clip_max if is_clip_max is not None else math.inf, REVERSE=cfg["REVERSE"],
         STORE_CM="" if INTERPRET else cfg["STORE_CM"], BLOCK=BLOCK, LOSS=LOSS_CODE[loss_type],
         KL=KL_CODE[kl_estimator], HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
-        USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None,
-        num_warps=cfg["num_warps"] or num_warps(BLOCK))
+        USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, HAS_IS=has_is,
+        IS_MASK=is_mode == "token_mask", BIAS_KL=bool(bias_kl), num_warps=cfg["num_warps"] or num_warps(BLOCK))
 
 
 def scale_(x, g):
