@@ -30,6 +30,23 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 PHASES = ("time/generate", "time/logprobs", "time/backward", "time/optimizer", "step_time")
 
 
+def random_model(shape: dict, tok, dtype, device=None):
+    """A Qwen2-architecture model of `shape` with random weights (built on `device`: a 7B model inits fast there)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(
+            Qwen2Config(**shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id), dtype=dtype)
+
+
+def prompt_rows(count: int, length: int) -> list[dict]:
+    """Prompts of exactly `length` characters (= tokens with the character tokenizer)."""
+    return [{"prompt": "".join(chr(48 + (i * 7 + j) % 40) for j in range(length))} for i in range(count)]
+
+
 def checksum_reward(prompts, completions, completion_ids, **_):
     """A cheap reward that varies inside groups (sum of token ids mod 7), so advantages are non-zero."""
     return [float(sum(completion_ids_i) % 7) for completion_ids_i in completion_ids]
@@ -57,7 +74,6 @@ def main(argv=None):
         a.steps = min(a.steps, 3)
 
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     from r1train.config import load_config
     from r1train.grpo import GRPOTrainer
@@ -66,10 +82,7 @@ def main(argv=None):
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])
     bf16 = not a.tiny
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        Qwen2Config(**shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                    bos_token_id=tok.bos_token_id), dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = random_model(shape, tok, torch.bfloat16 if bf16 else torch.float32)
     G = a.num_generations
     n = a.prompts * G
     ga = n // a.micro_batch
@@ -82,9 +95,7 @@ def main(argv=None):
         "report_to=none", "logging_steps=1", "log_entropy=false",
         f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
         "kernel_backend=torch" if a.tiny and not torch.cuda.is_available() else "kernel_backend=auto"])
-    # prompts of exactly prompt_length characters (= tokens with the character tokenizer)
-    rows = [{"prompt": "".join(chr(48 + (i * 7 + j) % 40) for j in range(a.prompt_length))}
-            for i in range(a.prompts * (a.steps + 1))]
+    rows = prompt_rows(a.prompts * (a.steps + 1), a.prompt_length)
     t0 = time.perf_counter()
     trainer = GRPOTrainer(cfg, model, tok, rows, reward_funcs=[checksum_reward])
     t_init = time.perf_counter() - t0

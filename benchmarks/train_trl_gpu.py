@@ -21,7 +21,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_gpu import QWEN25_15B, TINY, _commit, checksum_reward  # noqa: E402
+from benchmarks.train_gpu import QWEN25_15B, TINY, _commit, checksum_reward, prompt_rows, random_model  # noqa: E402
+
+
+def step_clock(marks: list):
+    """A TrainerCallback appending the (device-synchronized) time at the end of each optimizer step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+    return Clock()
 
 
 def main(argv=None):
@@ -42,24 +55,19 @@ def main(argv=None):
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from r1train.tasks import char_tokenizer
 
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        Qwen2Config(**shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                    bos_token_id=tok.bos_token_id), dtype=torch.float32 if a.tiny else torch.bfloat16)
+    model = random_model(shape, tok, torch.float32 if a.tiny else torch.bfloat16)
     # TRL builds its reference model from a path: save the random model and hand TRL the directory
     model_dir = os.path.splitext(a.out)[0] + "_trl_model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     n = a.prompts * a.num_generations
-    rows = [{"prompt": "".join(chr(48 + (i * 7 + j) % 40) for j in range(a.prompt_length))}
-            for i in range(a.prompts * (a.steps + 1))]
+    rows = prompt_rows(a.prompts * (a.steps + 1), a.prompt_length)
     args = GRPOConfig(
         output_dir=os.path.splitext(a.out)[0] + "_trl_run", per_device_train_batch_size=a.micro_batch,
         gradient_accumulation_steps=n // a.micro_batch, num_generations=a.num_generations,
@@ -68,15 +76,8 @@ def main(argv=None):
         report_to="none", save_strategy="no", temperature=1.0, use_cpu=a.tiny, disable_tqdm=True,
         model_init_kwargs={"dtype": "float32" if a.tiny else "bfloat16"})
     marks = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-
     trainer = GRPOTrainer(model=model_dir, reward_funcs=[checksum_reward], args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
+                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[step_clock(marks)])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

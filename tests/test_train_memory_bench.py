@@ -1,0 +1,41 @@
+"""benchmarks/bench_memory.py on the CPU (--cpu-smoke: tiny model, fp32): each configuration in its own
+subprocess, r1train and TRL, results merged by name into one JSON, a child that runs out of memory recorded
+as "oom" (not a crash), configurations past the budget recorded as skipped."""
+
+import json
+import os
+
+import pytest
+import train_helpers as H
+
+from benchmarks import bench_memory as B
+
+
+def test_config_names_and_selection():
+    assert "7b-full-offload-gc" in B.CONFIGS and "1.5b-trl-lora64-gc" in B.CONFIGS
+    assert B.select("7b-trl-*") == ["7b-trl-full", "7b-trl-full-gc", "7b-trl-lora64", "7b-trl-lora64-gc"]
+    with pytest.raises(SystemExit, match="matches none"):
+        B.select("13b-full")
+    assert B.QWEN25_7B["hidden_size"] == 3584 and B.QWEN25_7B["vocab_size"] == 152064
+
+
+def test_cpu_smoke_runs_r1train_and_trl_and_records_oom(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    out = str(tmp_path / "mem.json")
+    monkeypatch.setenv("R1K_BENCH_FAKE_OOM", "7b-full")
+    monkeypatch.setenv("PYTHONPATH", H.env()["PYTHONPATH"])
+    B.main(["--out", out, "--cpu-smoke", "--max-steps", "1", "--configs", "1.5b-full-offload-gc,7b-full"])
+    B.main(["--out", out, "--cpu-smoke", "--max-steps", "2", "--configs", "1.5b-trl-lora64-gc,1.5b-lora64",
+            "--budget-s", "600", "--min-start-s", "599"])  # the second starts with < 599 s left: skipped
+    with open(out) as fh:
+        res = json.load(fh)["results"]
+    full, trl = res["1.5b-full-offload-gc"], res["1.5b-trl-lora64-gc"]
+    assert full["status"] == "ok", full
+    assert full["reference_model"] and full["trainable_params"] == full["params"] and len(full["step_seconds"]) == 1
+    assert res["7b-full"]["status"] == "oom"
+    assert trl["status"] == "ok", trl
+    assert not trl["reference_model"] and 0 < trl["trainable_params"] < trl["params"]
+    assert len(trl["step_seconds"]) == 2 and trl["median_step_seconds"] == trl["step_seconds"][1]
+    assert res["1.5b-lora64"]["status"] == "skipped (budget)"
+    assert not os.path.exists(out + ".tmp")
