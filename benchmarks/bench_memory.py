@@ -296,6 +296,7 @@ def main(argv=None):
     p.add_argument("--min-start-s", type=float, default=45, help="start no configuration with less time left")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, fp32, on the CPU (tests the code paths)")
     p.add_argument("--list", action="store_true", help="print the configuration names and exit")
+    p.add_argument("--merge", nargs="+", help="merge these JSON files' results into --out (no runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -311,6 +312,13 @@ def main(argv=None):
         return r
     if not a.out:
         p.error("--out is required")
+    if a.merge:  # several device calls' files -> one (later files win)
+        data = {"benchmark": "bench_memory", "results": {}}
+        for f in a.merge:
+            with open(f) as fh:
+                data["results"].update(json.load(fh)["results"])
+        _write(a.out, data)
+        return data
     return run_parent(a)
 
 

@@ -39,3 +39,7 @@ def test_cpu_smoke_runs_r1train_and_trl_and_records_oom(tmp_path, monkeypatch):
     assert len(trl["step_seconds"]) == 2 and trl["median_step_seconds"] == trl["step_seconds"][1]
     assert res["1.5b-lora64"]["status"] == "skipped (budget)"
     assert not os.path.exists(out + ".tmp")
+    merged = str(tmp_path / "merged.json")
+    B.main(["--out", merged, "--merge", out])
+    with open(merged) as fh:
+        assert json.load(fh)["results"] == res
