@@ -45,8 +45,8 @@ class TrainConfig:
     task_train_size: int = f(4000, "arith task: number of training problems")
     task_eval_size: int = f(200, "arith task: number of held-out problems")
     task_flaw_share: float = f(0.5, "arith task: share of cold-start SFT solutions with one wrong step")
-    task_slip_share: float = f(0.6, "demo stages: share of carry/borrow steps that a cold-start solution writes "
-                               "without the carry (a systematic slip: above 0.5, greedy decoding makes it)")
+    task_slip_share: float = f(0.6, "demo stages: share of cold-start solutions that forget every carry/borrow "
+                               "(a systematic slip: above 0.5, greedy decoding makes it)")
     task_mix_share: float = f(0.3, "demo stages with step words: share of chain-of-thought lines written in the "
                               "second step-word language (language mixing in the cold-start set)")
     # ---- optimization (TRL / transformers TrainingArguments names)

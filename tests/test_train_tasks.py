@@ -83,27 +83,30 @@ def test_split_is_held_out_and_seeded():
 def test_cold_start_slips_are_forgotten_carries(slip):
     from r1train.tasks import arith
 
-    train, _ = arith.split(500, 10, seed=1, spec=ArithSpec(min_terms=3, max_terms=4, max_operand=19))
+    train, _ = arith.split(800, 10, seed=1, spec=ArithSpec(min_terms=3, max_terms=4, max_operand=19))
     rows = arith.cold_start_rows(train, seed=1, slip_share=slip)
-    carry_steps = slipped = 0
+    with_carry = slipped = 0
     for r, (nums, ops) in zip(rows, train):
         assert format_reward(None, [r["completion"]]) == [1.0]
         assert r["answer"] == str(eval(arith.expression(nums, ops)))
         lines = r["completion"][7:].split("</think>")[0].split("\n")
-        total = nums[0]
+        total, wrong = nums[0], []
         for line, op, b in zip(lines, ops, nums[1:]):
             truth, written = _value(line)
             assert line.startswith(str(total))  # the chain goes on from the written (maybe wrong) total
             if arith.carries(total, op, b):
-                carry_steps += 1
-                slipped += written != truth
+                wrong.append(written != truth)
                 assert written in (truth, truth - 10 if op == "+" else truth + 10)
             else:
                 assert written == truth  # only carry/borrow steps ever slip
             total = written
         assert r["completion"].endswith(f"<answer>{total}</answer>")  # self-consistent to the end
-    assert carry_steps > 200
-    assert abs(slipped / carry_steps - slip) < 0.07
+        if wrong:  # a solution forgets every carry or none
+            assert all(wrong) or not any(wrong)
+            with_carry += 1
+            slipped += wrong[0]
+    assert with_carry > 400
+    assert abs(slipped / with_carry - slip) < 0.07
 
 
 def test_step_word_languages_and_mixing():
@@ -131,12 +134,15 @@ def test_pretrain_corpus_styles():
     from r1train.tasks import arith
 
     train, _ = arith.split(2000, 10, seed=3, spec=ArithSpec(min_terms=3, max_terms=4))
-    rows = arith.pretrain_rows(train, seed=3, work_share=0.3, tag_share=0.2)
-    assert all(isinstance(r["prompt"], str) and r["prompt"].startswith("What is ") for r in rows)
-    tagged = [r for r in rows if format_reward(None, [r["completion"]]) == [1.0]]
-    worked = [r for r in rows if "=" in r["completion"]]
-    assert abs(len(tagged) / len(rows) - 0.2) < 0.04 and abs(len(worked) / len(rows) - 0.3) < 0.04
+    rows = arith.pretrain_rows(train, seed=3, work_share=0.3, tag_share=0.2, fact_share=0.5)
+    assert len(rows) == 3000 and all(isinstance(r["prompt"], str) and r["prompt"].startswith("What is ") for r in rows)
+    facts = [r for r in rows if r["prompt"].count("+") + r["prompt"].count("-") == 1]
+    probs = [r for r in rows if r not in facts]
+    assert len(facts) == 1000 and all(r["completion"] == r["answer"] == str(eval(r["prompt"][8:-2])) for r in facts)
+    tagged = [r for r in probs if format_reward(None, [r["completion"]]) == [1.0]]
+    worked = [r for r in probs if "=" in r["completion"]]
+    assert abs(len(tagged) / len(probs) - 0.2) < 0.04 and abs(len(worked) / len(probs) - 0.3) < 0.04
     assert all(accuracy_reward(None, [r["completion"]], answer=[r["answer"]]) == [1.0] for r in tagged)
-    for r in rows:  # untagged documents end with the answer, plainly
+    for r in probs:  # untagged documents end with the answer, plainly
         if r not in tagged:
             assert "<" not in r["completion"] and r["completion"].split()[-1] == r["answer"]

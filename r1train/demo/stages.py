@@ -83,7 +83,7 @@ def zero(overrides, out_dir, ctx) -> dict:
     base, c_pre, c_rl = C.configs("demo_zero.yaml", overrides, out_dir, {"sft": "pretrain", "grpo": "rl"})
     train, ev = C.problems(base)
     model, tok = load_model_and_tokenizer(base)
-    corpus = arith.pretrain_rows(train, base.seed)
+    corpus = arith.pretrain_rows(train, base.seed, max_operand=base.task_max_operand)
     t = C.sft(c_pre, model, tok, corpus)
     clock.lap("pretrain")
     eval_rows = arith.rl_rows(ev, chat=False)
@@ -95,7 +95,8 @@ def zero(overrides, out_dir, ctx) -> dict:
     clock.lap("eval")
     texts = [r["completion"] for r in corpus]
     res = {"stage": "zero", "eval_prompts": len(ev), "eval_temperature": c_rl.eval_temperature,
-           "corpus": {"documents": len(corpus), "tagged": sum(x.startswith("<think>") for x in texts) / len(texts),
+           "corpus": {"documents": len(corpus), "problems": len(train),
+                      "tagged": sum(x.startswith("<think>") for x in texts) / len(texts),
                       "with_working": sum("=" in x for x in texts) / len(texts)},
            "base": before, "after_rl": after, "phase_seconds": clock.phases, "wall_seconds": clock.total()}
     m = C.read_metrics(c_rl.output_dir)
@@ -104,8 +105,9 @@ def zero(overrides, out_dir, ctx) -> dict:
                            "held-out greedy": C.curve(m, "eval/accuracy_greedy"),
                            "held-out sampled": C.curve(m, "eval/accuracy")},
               "mean response length (tokens)": {"train": C.curve(m, "completions/mean_length")}}
-    notes = [f"base pretrained on {len(corpus)} plain documents ({100 * res['corpus']['tagged']:.0f}% use the "
-             f"tags, {100 * res['corpus']['with_working']:.0f}% show working); RL from the bare question; "
+    notes = [f"base pretrained on {len(corpus)} plain documents ({len(train)} problems, the rest one-step facts; "
+             f"{100 * res['corpus']['tagged']:.0f}% use the tags, {100 * res['corpus']['with_working']:.0f}% show "
+             f"working); RL from the bare question; "
              f"wall {res['wall_seconds']:.0f}s; outputs in {out_dir}/"]
     return _finish(out_dir, "zero", "R1-Zero: RL from a pretrained base, no SFT (held-out)",
                    [("base", before), ("+ GRPO", after)], res, panels, notes)

@@ -124,15 +124,15 @@ def split(n_train: int, n_eval: int, seed: int, spec: ArithSpec = ArithSpec()):
     return train, ev
 
 
-def chain(nums, ops, *, slip_share: float = 0.0, mix_share: float = 0.0, rng=None, words: bool = False):
-    """A worked chain: (step lines, final value, languages used). slip_share: each carry/borrow step is
-    written without its carry (the tens digit left as it was, +10/-10 off) with this probability, the error
-    carried to the end. words: each line reads "a plus b = c" (en) or, with probability mix_share, in the
-    other vocabulary "a 加 b = c" (zh); without words, "a+b=c"."""
+def chain(nums, ops, *, slip: bool = False, mix_share: float = 0.0, rng=None, words: bool = False):
+    """A worked chain: (step lines, final value, languages used). slip: every carry/borrow step is written
+    without its carry (the tens digit left as it was: +10/-10 off), the error carried to the end. words: each
+    line reads "a plus b = c" (en) or, with probability mix_share, in the other vocabulary "a 加 b = c" (zh);
+    without words, "a+b=c"."""
     lines, langs, total = [], set(), nums[0]
     for op, b in zip(ops, nums[1:]):
         new = total + b if op == "+" else total - b
-        if slip_share and carries(total, op, b) and rng.random() < slip_share:
+        if slip and carries(total, op, b):
             new = new - 10 if op == "+" else new + 10  # forgot to carry / to borrow
         if words:
             lang = "zh" if mix_share and rng.random() < mix_share else "en"
@@ -160,21 +160,25 @@ def rl_rows(problems, *, chat: bool = True) -> list[dict]:
 
 def cold_start_rows(problems, seed: int, *, slip_share: float = 0.0, mix_share: float = 0.0,
                     words: bool = False) -> list[dict]:
-    """rl_rows plus `completion`: the cold-start worked solution in the R1 format, with systematic slips
-    (forgotten carries) and/or mixed step-word languages."""
+    """rl_rows plus `completion`: the cold-start worked solution in the R1 format. A share slip_share of the
+    solutions come from an annotator who never carries (every carry/borrow step forgotten: a systematic slip,
+    which greedy decoding makes when slip_share > 1/2); with words, step words mix two languages."""
     rng = random.Random(seed + 20_000)
     rows = rl_rows(problems)
     for r, (n, o) in zip(rows, problems):
-        lines, total, _ = chain(n, o, slip_share=slip_share, mix_share=mix_share, rng=rng, words=words)
+        lines, total, _ = chain(n, o, slip=rng.random() < slip_share, mix_share=mix_share, rng=rng, words=words)
         r["completion"] = r1_text(lines, total)
     return rows
 
 
-def pretrain_rows(problems, seed: int, *, work_share: float = 0.3, tag_share: float = 0.2) -> list[dict]:
-    """A plain-text corpus for the R1-Zero base: each document is the question, then its correct answer,
-    written directly ("9") or with its working ("7+5=12\\n12-3=9\\nso 9") with probability work_share; with
-    probability tag_share (independently) the document uses the <think>/<answer> markup instead (empty
-    think when there is no working). No chat template, no instruction."""
+def pretrain_rows(problems, seed: int, *, work_share: float = 0.4, tag_share: float = 0.2,
+                  fact_share: float = 0.5, max_operand: int = 9) -> list[dict]:
+    """A plain-text corpus for the R1-Zero base: each document is a question, then its correct answer. The
+    problems' documents answer directly ("9") or, with probability work_share, show their working
+    ("7+5=12\n12-3=9\nso 9"); with probability tag_share (independently) a document uses the
+    <think>/<answer> markup instead (empty think when there is no working). fact_share * len(problems) more
+    documents are one-step facts ("What is 23+7?" -> "30", totals up to the problems' largest), which working
+    chains together. No chat template, no instruction; the order is shuffled."""
     rng = random.Random(seed + 30_000)
     rows = rl_rows(problems, chat=False)
     for r, (n, o) in zip(rows, problems):
@@ -184,4 +188,11 @@ def pretrain_rows(problems, seed: int, *, work_share: float = 0.3, tag_share: fl
             r["completion"] = r1_text(work, total)
         else:
             r["completion"] = "\n".join(work + [f"so {total}" if work else str(total)])
+    top = max((sum(n) for n, _ in problems), default=max_operand)
+    for _ in range(int(fact_share * len(problems))):
+        t, b = rng.randint(1, top), rng.randint(1, max_operand)
+        op = "-" if b <= t and rng.random() < 0.5 else "+"
+        rows.append({"prompt": question([t, b], [op]) + "\n", "answer": str(t + b if op == "+" else t - b)})
+        rows[-1]["completion"] = rows[-1]["answer"]
+    rng.shuffle(rows)
     return rows
