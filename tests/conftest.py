@@ -36,6 +36,16 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    """In-process trainers (the demo, the TRL trainer) initialise torch.distributed and keep it, as
+    DeepSpeed does; a later test must not see that group."""
+    yield
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
