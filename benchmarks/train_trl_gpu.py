@@ -8,6 +8,7 @@ each generation batch here is num_iterations of TRL's steps, timed together.
 
     python benchmarks/train_trl_gpu.py results/train_trl_h200.json     # on the GPU (needs trl, datasets)
     python benchmarks/train_trl_gpu.py /tmp/trl_tiny.json --tiny       # CPU smoke test
+    python benchmarks/train_trl_gpu.py out.json --use-r1kernels        # the same trainer on our kernels
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main(argv=None):
     p.add_argument("--completion-length", type=int, default=512)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--num-iterations", type=int, default=2)
+    p.add_argument("--use-r1kernels", action="store_true",
+                   help="wrap the trainer in r1kernels.integrations.trl.use_r1kernels (the one-line switch)")
     a = p.parse_args(argv)
     if a.tiny:
         a.prompt_length, a.completion_length, a.steps = 16, 16, 2
@@ -78,6 +81,9 @@ def main(argv=None):
     marks = []
     trainer = GRPOTrainer(model=model_dir, reward_funcs=[checksum_reward], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[step_clock(marks)])
+    if a.use_r1kernels:
+        from r1kernels.integrations.trl import use_r1kernels
+        trainer = use_r1kernels(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -85,7 +91,7 @@ def main(argv=None):
     ends = [t0] + marks
     per_batch = [ends[i + a.num_iterations] - ends[i] for i in range(0, len(marks), a.num_iterations)]
     timed = per_batch[1:] if len(per_batch) > 1 else per_batch
-    res = {"benchmark": "train_trl_gpu", "trl": __import__("trl").__version__,
+    res = {"benchmark": "train_trl_gpu", "trl": __import__("trl").__version__, "use_r1kernels": a.use_r1kernels,
            "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped (random init)",
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
