@@ -13,10 +13,6 @@ import os
 import signal
 import sys
 
-# Idle OpenMP threads sleep instead of spinning (must be set before torch loads): on a small shared CPU
-# a spinning runtime made the demo ~15x slower whenever another process was busy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 COMMANDS = {
     "demo": "the R1 stages on the built-in task and tiny models (--stage zero|default|language|rejection|distill|"
             "all; default: cold-start SFT then GRPO); prints each stage's held-out table",

@@ -108,14 +108,19 @@ def task_spec(cfg: TrainConfig) -> ArithSpec:
 
 def load_datasets(cfg: TrainConfig, sft: bool = False):
     """(train_rows, eval_rows). For the built-in task, SFT rows carry the (possibly flawed) worked
-    solution as `completion`; the held-out rows come from a disjoint seed."""
+    solution as `completion`; the held-out rows come from their own seed and no training row repeats one."""
     if cfg.dataset_name == "arith":
         spec = task_spec(cfg)
-        train = generate(cfg.task_train_size, cfg.seed, spec, flaw_share=cfg.task_flaw_share)
+        try:
+            ev = generate(cfg.task_eval_size, cfg.seed + 10_000, spec)
+            held_out = frozenset(r["expression"] for r in ev)  # never trained on
+            train = generate(cfg.task_train_size, cfg.seed, spec, flaw_share=cfg.task_flaw_share, exclude=held_out)
+        except ValueError as e:
+            sizes = f"task_train_size={cfg.task_train_size}, task_eval_size={cfg.task_eval_size}"
+            raise ConfigError(f"{e} ({sizes})") from e
         if sft:
             for r in train:
                 r[cfg.completion_column] = r["solution"]
-        ev = generate(cfg.task_eval_size, cfg.seed + 10_000, spec)
         if cfg.eval_dataset_name:
             ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split)
         return train, ev

@@ -46,6 +46,23 @@ def test_arith_answers_flaws_and_determinism():
         ArithSpec(ops="*")
 
 
+@pytest.mark.parametrize("sizes", [(2000, 400), (300, 50)])
+def test_builtin_held_out_set_never_trained_on(sizes):
+    from r1train.config import ConfigError, TrainConfig
+    from r1train.loading import load_datasets
+
+    n_train, n_eval = sizes
+    cfg = TrainConfig(task_train_size=n_train, task_eval_size=n_eval, task_min_terms=2, task_max_terms=2)
+    train, ev = load_datasets(cfg)
+    assert len(train) == n_train and len(ev) == n_eval
+    q = lambda r: r["prompt"][-1]["content"]  # noqa: E731
+    assert not {q(r) for r in train} & {q(r) for r in ev}
+    assert all(q(r) == f"What is {r['expression']}?" for r in train + ev)
+    small = TrainConfig(task_train_size=10, task_eval_size=60, task_min_terms=2, task_max_terms=2, task_max_operand=1)
+    with pytest.raises(ConfigError, match="task_train_size"):  # 1+1 and 1-1 only: 60 draws hold both out
+        load_datasets(small)
+
+
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_tiny_models_forward(name):
     import torch

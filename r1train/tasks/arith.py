@@ -71,12 +71,19 @@ def worked_solution(nums, ops, flaw_step: int | None = None, flaw_delta: int = 0
     return "<think>" + "\n".join(lines) + "</think><answer>" + str(total) + "</answer>", total
 
 
-def generate(n: int, seed: int, spec: ArithSpec = ArithSpec(), flaw_share: float = 0.0) -> list[dict]:
-    """n rows: {"prompt": [chat messages], "answer": str, "solution": worked (possibly flawed) text}."""
+def generate(n: int, seed: int, spec: ArithSpec = ArithSpec(), flaw_share: float = 0.0,
+             exclude=frozenset()) -> list[dict]:
+    """n rows: {"prompt": [chat messages], "answer": str, "solution": worked (possibly flawed) text,
+    "expression": "7+5-3"}; problems whose expression is in `exclude` are skipped (held-out sets)."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows, tries = [], 0
+    while len(rows) < n:
         nums, ops = make_problem(rng, spec)
+        tries += 1
+        if tries > 100 * (n + 10):
+            raise ValueError(f"task: cannot draw {n} problems outside the held-out set from this spec; widen it")
+        if expression(nums, ops) in exclude:
+            continue
         truth = worked_solution(nums, ops)[1]
         flawed = rng.random() < flaw_share
         step = rng.randrange(len(ops)) if flawed else None
@@ -85,7 +92,7 @@ def generate(n: int, seed: int, spec: ArithSpec = ArithSpec(), flaw_share: float
         msgs = [{"role": "user", "content": f"What is {expression(nums, ops)}?"}]
         if SYSTEM_PROMPT:
             msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-        rows.append({"prompt": msgs, "answer": str(truth), "solution": text})
+        rows.append({"prompt": msgs, "answer": str(truth), "solution": text, "expression": expression(nums, ops)})
     return rows
 
 
