@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from ..moe_replay import recorder
 from .engine import Engine, SamplingParams, buckets, engine_for
 from .hf import hf_generate
 
@@ -61,6 +62,9 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
             dev = prompt_ids_BP.device
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
         if engine == "transformers":
+            if recorder(model) is not None:
+                raise ValueError("moe_router_replay needs rollout_engine=r1train: the transformers fallback does "
+                                 "not record the routing")
             return hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id,
                                pad_id=pad_id)
         eng = engine_for(model, backend=backend, cuda_graphs=cuda_graphs and torch.cuda.is_available())

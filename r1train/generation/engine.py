@@ -9,6 +9,9 @@ Per rollout of B rows (left-padded prompts [B, P], max_new_tokens T):
    to the front and continues on the smallest bucket (B, then powers of two) that holds them;
 3. a row's token at generation position t depends only on (model, its prompt, its seed, t):
    rk.sample_tokens' counter-based noise, so any batch, rank count or resume draws the same samples.
+MoE router replay (r1train.moe_replay.enable(model)): the prefill records the prompt tokens' expert ids and
+the decode step writes each row's into a preallocated [layers, rows, T, k] int16 buffer (tensor indices, no
+host read: part of the captured graph); moe_replay.take(model) returns them after the rollout.
 Graphs and buffers are kept between rollouts while the parameters keep their storage (ZeRO 0-2: the
 optimizer updates them in place); a new parameter storage (ZeRO-3 gathers) re-captures.
 """
@@ -23,6 +26,7 @@ import torch
 
 import r1kernels as rk
 
+from .. import moe_replay as _replay
 from . import attention as _attn
 from .fused import fused_decode_ops
 
@@ -92,6 +96,8 @@ class Engine:
         self.model, self.backend, self.check_every = model, backend, check_every
         self.cuda_graphs = cuda_graphs
         self.cache = self.st = None
+        self.routes = None  # MoE router replay: expert ids [layers, rows, T, k] of the decoded tokens
+        self._rec = None    # the model's recorder during a recording rollout
         self.graphs: dict = {}
         self.pool = None
         self._qkv: dict = {}  # attention module id -> concatenated q/k/v weight, bias (fused.py)
@@ -124,7 +130,7 @@ class Engine:
         """Drop graphs and buffers (the next rollout allocates and captures anew): call it after adding
         hooks to the model or changing it in ways the parameter storage does not show."""
         self._drop_graphs()
-        self.cache = self.st = None
+        self.cache = self.st = self.routes = None
         self._qkv.clear()
 
     def memory_bytes(self) -> int:
@@ -133,6 +139,7 @@ class Engine:
         ts = [] if self.cache is None else [t for t in self.cache.k + self.cache.v if t is not None]
         ts += [] if self.st is None else [*self.st.small(), self.st.out_tok, self.st.out_logp]
         ts += [t for wb in self._qkv.values() for t in wb if t is not None]
+        ts += [] if self.routes is None else [self.routes]
         return sum(t.numel() * t.element_size() for t in ts)
 
     @contextlib.contextmanager
@@ -158,7 +165,9 @@ class Engine:
 
     def _step(self, r: int, sp: SamplingParams, eos_id: int, pad_id: int):
         st = self.st
-        logits = self._forward(st.tok[:r, None], st.lens[:r, None])
+        rec = self._rec.decode(self.routes, st.rid[:r], st.pos[:r], st.done[:r]) if self._rec else None
+        with rec or contextlib.nullcontext():
+            logits = self._forward(st.tok[:r, None], st.lens[:r, None])
         self._emit(r, logits, sp, eos_id, pad_id)
         st.lens[:r] += 1
 
@@ -178,7 +187,7 @@ class Engine:
     def _run_step(self, r, sp, eos_id, pad_id):
         if not (self.cuda_graphs and self.st.tok.is_cuda):
             return self._step(r, sp, eos_id, pad_id)
-        key = (r, tuple(sp.kernel_kwargs().items()), eos_id, pad_id)
+        key = (r, tuple(sp.kernel_kwargs().items()), eos_id, pad_id, self._rec is not None)
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(r, sp, eos_id, pad_id)
@@ -244,6 +253,15 @@ class Engine:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
         self._ensure(B, P + T, T, dev)
         st, cache = self.st, self.cache
+        self._rec = rec = _replay.recorder(self.model)
+        if rec is not None:
+            rec.sync()
+            M, K, _ = rec.shape
+            shape = (M, self.cache.rows_max, st.out_tok.shape[1], K)
+            if self.routes is None or tuple(self.routes.shape) != shape or self.routes.dtype != rec.dtype:
+                self._drop_graphs()  # captured graphs write into the old buffer
+                self.routes = torch.empty(shape, dtype=rec.dtype, device=dev)
+            self.routes[:, :B].fill_(-1)
         st.seeds[:B] = torch.as_tensor(seeds_B, dtype=torch.int64).to(dev)
         st.rid[:B] = torch.arange(B, device=dev)
         st.pos.zero_()
@@ -252,7 +270,8 @@ class Engine:
         st.out_logp[:B].zero_()
         with self._active():
             n_B = cache.set_prefill(prompt_mask_BP)
-            logits = self._forward(prompt_ids_BP, _attn.position_ids(prompt_mask_BP))
+            with rec.prefill(prompt_mask_BP) if rec else contextlib.nullcontext():
+                logits = self._forward(prompt_ids_BP, _attn.position_ids(prompt_mask_BP))
             cache.mode = "decode"
             st.lens[:B] = n_B
             self._emit(B, logits, sp, eos_id, pad_id)
@@ -269,6 +288,9 @@ class Engine:
                     if target < rows:
                         self._compact(rows, target)
                         rows = target
+        if rec is not None:
+            rec.finish(self.routes[:, :B, :steps])
+            self._rec = None
         return st.out_tok[:B, :steps].clone(), st.out_logp[:B, :steps].clone()
 
 

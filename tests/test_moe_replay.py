@@ -1,0 +1,281 @@
+"""MoE router replay (r1train.moe_replay) on tiny DeepseekV3 models: the replayed training forward equals a
+forward whose router top-k is forced to the same ids by monkeypatching torch.topk (logits and gradients,
+the router weight's included); the generation engine records the ids a no-cache full forward of the
+generated sequence routes to; the agreement metric by hand; bad ids rejected naming `ids`."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_close
+from test_generation import _model, _prompts
+from test_patch_deepseek_v3 import _tiny
+
+from r1kernels.patch import deepseek_v3 as dsv3
+from r1train import moe_replay
+from r1train.config import ConfigError
+from r1train.generation import Engine, SamplingParams, generate
+from r1train.moe_load import ExpertLoad
+
+pytest.importorskip("transformers")
+
+E, K, M = 16, 4, 2  # _tiny(): 16 experts, top-4, layers 1 and 2 are MoE
+
+
+def _random_ids(B, L, unrecorded=0.0):
+    """Distinct random experts per (token, layer); a share of the tokens -1 (route normally)."""
+    ids = torch.rand(B, L, M, E).argsort(-1)[..., :K]
+    off = torch.rand(B, L) < unrecorded
+    return ids.masked_fill(off[..., None, None], -1)
+
+
+def _natural_ids(model, x):
+    """The routers' own choices [B, L, M, K] in a no-grad forward (a hook on each router)."""
+    got = []
+    hs = [r.register_forward_hook(lambda m, a, o: got.append(o[2].detach())) for r in moe_replay.moe_routers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    B, L = x.shape
+    return torch.stack(got, 1).view(B, L, len(got), -1)
+
+
+def _forced_topk(monkeypatch, ids_BLMK):
+    """torch.topk forced for the HF router's expert choice (its only topk over the E experts): the layer's
+    given ids where recorded, the real top-k where -1. Calls cycle over the MoE layers in forward order."""
+    real = torch.topk
+    calls = []
+
+    def fake(x, k, dim=-1, largest=True, sorted=True):
+        if x.dim() != 2 or x.shape[-1] != E or k != K:
+            return real(x, k, dim=dim, largest=largest, sorted=sorted)
+        j = len(calls) % M
+        calls.append(j)
+        nat = real(x, k, dim=dim, largest=largest, sorted=sorted)[1]
+        want = ids_BLMK[:, :, j].reshape(-1, K)
+        idx = torch.where((want >= 0).all(-1, keepdim=True), want, nat)
+        return x.gather(1, idx), idx
+
+    monkeypatch.setattr(torch, "topk", fake)
+    return calls
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    out = model(x, labels=x)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["hf", "patched", "router_only"])
+@pytest.mark.parametrize("unrecorded", [0.0, 0.3])
+def test_replay_equals_forced_topk(monkeypatch, variant, unrecorded):
+    """Replay on the HF routers, on rk.patch's router+experts (torch backend: the hook sees the same outputs
+    whatever backend computed them) and on ExpertLoad's router-only swap equals the
+    HF model whose torch.topk is forced to the ids (router gradient included); the natural routing differs."""
+    base = _tiny()
+    base.train()
+    B, L = 2, 9
+    x = torch.randint(0, 64, (B, L))
+    ids = _random_ids(B, L, unrecorded)
+    model = copy.deepcopy(base)
+    if variant == "patched":
+        dsv3.patch_deepseek_v3(model, backend="torch")
+    elif variant == "router_only":
+        ExpertLoad(model)
+    with moe_replay.replay(model, ids):
+        logits, grads = _loss_and_grads(model, x)
+    agree = moe_replay.agreement(model)["moe/routing_agreement"].item()
+    assert agree < 0.8  # random ids: the replay forced other experts than the router's own
+    natural, _ = _loss_and_grads(copy.deepcopy(base), x)
+    calls = _forced_topk(monkeypatch, ids)
+    ref_logits, ref_grads = _loss_and_grads(base, x)
+    assert calls == [0, 1]
+    assert (logits - natural).abs().max() > 1e-3
+    assert_close(logits, ref_logits.double(), torch.float32, name="logits")
+    assert set(grads) == set(ref_grads)
+    for n, g in ref_grads.items():
+        assert_close(grads[n], g.double(), torch.float32, name=f"grad {n}")
+    gate = "model.layers.1.mlp.gate.weight"
+    assert ref_grads[gate].abs().sum() > 0
+
+
+def test_replay_under_activation_checkpointing():
+    """The armed ids stay for backward: checkpointing's recompute replays them (same gradients as without
+    checkpointing) and is not counted in the agreement."""
+    from r1train.loading import enable_activation_checkpointing
+
+    model = _tiny()
+    dsv3.patch_deepseek_v3(model, backend="torch")
+    model.train()
+    B, L = 3, 7
+    x = torch.randint(0, 64, (B, L))
+    ids = _random_ids(B, L, 0.2)
+    results = []
+    for gc in (False, True):
+        if gc:
+            enable_activation_checkpointing(model)
+        moe_replay.replay(model, ids)  # armed until the next call: backward runs outside any `with`
+        logits, grads = _loss_and_grads(model, x)
+        moe_replay.replay(model, None)
+        stats = moe_replay.agreement(model)["moe/routing_agreement"]
+        results.append((logits, grads, stats))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert_close(l1, l0.double(), torch.float32, name="logits")
+    assert set(g0) == set(g1)
+    for n in g0:
+        assert_close(g1[n], g0[n].double(), torch.float32, name=f"grad {n}")
+    assert torch.equal(s0, s1)
+
+
+def test_routing_agreement_by_hand():
+    """Natural ids (k order shuffled: the comparison is per set) agree fully; n entries of the last MoE layer
+    replaced by experts the router did not pick lower it by n / recorded entries; -1 tokens do not count;
+    counts add over forwards and reset when read."""
+    model = _tiny()
+    model.train()
+    B, L = 3, 8
+    x = torch.randint(0, 64, (B, L))
+    nat = _natural_ids(model, x)
+    ids = nat.gather(-1, torch.rand(nat.shape).argsort(-1))
+    off = torch.zeros(B, L, dtype=torch.bool)
+    off[0, :3] = off[2, 5] = True
+    ids[off] = -1
+    recorded = int((~off).sum()) * M * K
+    n_bad = 0
+    for b, t in [(0, 4), (1, 0), (1, 5), (2, 7), (2, 2)]:
+        others = [e for e in range(E) if e not in nat[b, t, M - 1].tolist()]
+        for k in range(1 + (b + t) % 3):  # 1-3 entries of this token
+            ids[b, t, M - 1, k] = others[k]
+            n_bad += 1
+    assert moe_replay.agreement(model) == {}
+    with moe_replay.replay(model, ids):
+        model(x).logits.sum().backward()
+        m = moe_replay.agreement(model)
+        assert m["moe/routing_agreement"].dtype == torch.float32 and m["moe/routing_agreement"].dim() == 0
+        torch.testing.assert_close(m["moe/routing_agreement"].item(), 1 - n_bad / recorded, atol=1e-6, rtol=0)
+        for _ in range(2):
+            model(x)
+        torch.testing.assert_close(moe_replay.agreement(model)["moe/routing_agreement"].item(),
+                                   1 - n_bad / recorded, atol=1e-6, rtol=0)
+        with torch.no_grad():
+            model(x)  # a no-grad pass (log-probs, generation) neither replays nor counts
+        model.eval()
+        model(x)
+        model.train()
+    assert moe_replay.agreement(model) == {}
+    with moe_replay.replay(model, nat):
+        model(x)
+    assert moe_replay.agreement(model)["moe/routing_agreement"].item() == 1.0
+
+
+def _greedy_routing_no_cache(model, seq):
+    """Routing of `seq` in one full forward with no cache (hooks on the routers): [len, M, K]."""
+    return _natural_ids(model, torch.tensor([seq]))[0]
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_engine_records_routing_of_greedy_rollout(patched):
+    """The engine's record (prefill + decode step, compaction on) equals the routing a full no-cache forward
+    of each generated sequence computes, on every position that reaches the loss; -1 exactly on pads, the eos
+    token and after it, and each row's last token."""
+    torch.manual_seed(1)
+    model = _model("tiny-deepseek-v3")
+    if patched:
+        dsv3.patch_deepseek_v3(model, backend="torch")
+    moe_replay.enable(model)
+    lens, T = [6, 2, 5, 1], 9
+    ids, mask = _prompts(lens)
+    P = ids.shape[1]
+    eng = Engine(model, backend="torch", check_every=2)
+    probe, _ = eng.generate(ids[:1], mask[:1], [0], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0)
+    moe_replay.take(model)
+    eos = int(probe[0, 3])  # row 0 stops at its 4th token: other rows may run on
+    tok, _ = eng.generate(ids, mask, list(range(len(lens))), SamplingParams(T, greedy=True), eos_id=eos, pad_id=0)
+    rec = moe_replay.take(model)
+    Mm, Kk = len(moe_replay.moe_routers(model)), model.config.num_experts_per_tok
+    assert rec.prompt.shape == (len(lens), P, Mm, Kk) and rec.prompt.dtype == torch.int16
+    assert rec.completion.shape == (len(lens), tok.shape[1], Mm, Kk)
+    assert rec.joined().shape[1] == P + tok.shape[1]
+    for b, n in enumerate(lens):
+        comp = tok[b].tolist()
+        end = comp.index(eos) if eos in comp else len(comp) - 1  # the last token fed to the model is end - 1
+        seq = ids[b, P - n:].tolist() + comp[:end + 1]
+        ref = _greedy_routing_no_cache(model, seq).sort(-1).values
+        got = torch.cat([rec.prompt[b, P - n:], rec.completion[b, :end]]).long().sort(-1).values
+        assert torch.equal(got, ref[:n + end]), f"row {b}"
+        assert (rec.prompt[b, :P - n] == -1).all() and (rec.completion[b, end:] == -1).all(), f"row {b}"
+    with pytest.raises(RuntimeError, match="no recorded rollout"):
+        moe_replay.take(model)
+
+
+def test_generation_ignores_armed_replay_and_grows_buffers():
+    """Generation (eval, no_grad) routes normally with replay ids armed; a larger rollout reallocates the
+    record buffer and still records."""
+    torch.manual_seed(2)
+    model = _model("tiny-deepseek-v3")
+    moe_replay.enable(model)
+    ids, mask = _prompts([3, 4])
+    eng = Engine(model, backend="torch")
+    tok0, _ = eng.generate(ids, mask, [0, 1], SamplingParams(5, greedy=True), eos_id=-1, pad_id=0)
+    moe_replay.take(model)
+    moe_replay.replay(model, torch.tensor([[[[0, 1]]]]))  # 1 token: no rollout forward has that size
+    tok1, _ = eng.generate(ids, mask, [0, 1], SamplingParams(5, greedy=True), eos_id=-1, pad_id=0)
+    assert torch.equal(tok0, tok1)
+    moe_replay.replay(model, None)
+    ids3, mask3 = _prompts([3, 4, 2, 6, 5])
+    tok3, _ = eng.generate(ids3, mask3, list(range(5)), SamplingParams(7, greedy=True), eos_id=-1, pad_id=0)
+    rec = moe_replay.take(model)
+    assert rec.completion.shape[:2] == tok3.shape and (rec.completion[:, :-1] >= 0).all()
+    assert (rec.completion[:, -1] == -1).all()
+
+
+def test_record_replace_rows():
+    a = moe_replay.RoutingRecord(torch.randint(0, 8, (3, 2, 1, 2)), torch.randint(0, 8, (3, 4, 1, 2)))
+    b = moe_replay.RoutingRecord(torch.randint(0, 8, (1, 3, 1, 2)), torch.randint(0, 8, (1, 2, 1, 2)))
+    c = a.replace_rows(b, torch.tensor([1]))
+    assert c.prompt.shape == (3, 3, 1, 2) and c.completion.shape == (3, 4, 1, 2)
+    assert torch.equal(c.prompt[1], b.prompt[0]) and torch.equal(c.prompt[0, 1:], a.prompt[0])
+    assert (c.prompt[0, 0] == -1).all() and (c.completion[1, 2:] == -1).all()
+    assert torch.equal(c.completion[2], a.completion[2]) and torch.equal(c.completion[1, :2], b.completion[0])
+
+
+def test_bad_ids_name_the_argument():
+    model = _tiny()
+    model.train()
+    x = torch.randint(0, 64, (2, 5))
+    good = _random_ids(2, 5)
+    bad = {
+        "float": good.float(),
+        "ndim": good[0, 0],
+        "layers": good[:, :, :1],
+        "top_k": good[..., :3],
+        "range_hi": good.masked_fill(torch.rand(good.shape) < 0.1, E),
+        "range_lo": good.masked_fill(torch.rand(good.shape) < 0.1, -2),
+        "partial": torch.cat([good[..., :1].clamp(max=-1), good[..., 1:]], -1),
+        "duplicate": torch.cat([good[..., :1], good[..., :1], good[..., 2:]], -1),
+        "device": good.to("meta"),
+    }
+    bad["range_hi"][0, 0, 0, 0] = E
+    bad["range_lo"][0, 0, 0, 0] = -2
+    for ids in bad.values():
+        with pytest.raises(ValueError, match="ids"):
+            moe_replay.replay(model, ids)
+    moe_replay.replay(model, good[:, :4])  # 8 tokens armed; the forward routes 10
+    with pytest.raises(ValueError, match="ids: the armed replay covers 8 tokens"):
+        model(x)
+    moe_replay.replay(model, None)
+    model(x)
+    with pytest.raises(ConfigError, match="moe_router_replay"):
+        moe_replay.enable(_model("tiny-qwen2"))
+    with pytest.raises(ConfigError, match="moe_router_replay"):
+        moe_replay.replay(torch.nn.Linear(2, 2), good)
+    with pytest.raises(RuntimeError, match="moe_router_replay"):
+        moe_replay.take(_tiny())
+    gen = _model("tiny-deepseek-v3")
+    moe_replay.enable(gen)
+    ids, mask = _prompts([3, 2])
+    with pytest.raises(ValueError, match="moe_router_replay needs rollout_engine=r1train"):
+        generate(gen, ids, mask, [0, 1], SamplingParams(3), eos_id=-1, pad_id=0, engine="transformers")
