@@ -54,12 +54,19 @@ def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
     return (max(lens) * w_bytes + kv) / copy_bandwidth(next(model.parameters()).device.type)
 
 
+def varied_lengths(rows: int, T: int, seed: int = 0) -> list[int]:
+    """The "varied" workload's completion lengths: uniform in max(T // 16, 2)..T (32-512 for T = 512)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(max(T // 16, 2), T + 1, (rows,), generator=g).tolist()
+
+
 class ForcedLengths:
     """Forces eos as the len_B[b]-th token of row b (hooks: position ids in, lm_head logits out).
-    rows() gives the original row of each batch row (the engine moves rows when it compacts)."""
+    rows() gives the original row of each batch row (the engine moves rows when it compacts); active()
+    (default: always) says whether this lm_head call is a rollout's (a trainer's forwards pass through)."""
 
-    def __init__(self, model, prompt_len, len_B, eos, rows):
-        self.len_B, self.P, self.eos, self.rows = len_B, prompt_len, eos, rows
+    def __init__(self, model, prompt_len, len_B, eos, rows, active=None):
+        self.len_B, self.P, self.eos, self.rows, self.active = len_B, prompt_len, eos, rows, active
         self.pos = None
         self.h = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                   model.get_output_embeddings().register_forward_hook(self._post)]
@@ -68,6 +75,8 @@ class ForcedLengths:
         self.pos = kwargs.get("position_ids")
 
     def _post(self, mod, args, out):
+        if self.active is not None and not self.active():
+            return out
         b = out.shape[0]
         t = self.pos[:, -1:] - (self.P - 1)  # index of the token these logits draw
         stop = t >= (self.len_B[self.rows(b)][:, None] - 1)
@@ -217,8 +226,7 @@ def main(argv=None):
     tiny = a.device == "cpu"
     model = _model(a.device, tiny)
     n, G, P, T = (2, 2, 8, 12) if tiny else (8, 8, 256, 512)
-    g = torch.Generator().manual_seed(0)
-    varied = torch.randint(max(T // 16, 2), T + 1, (n * G,), generator=g).tolist()
+    varied = varied_lengths(n * G, T)
     work = {"fixed": dict(n_prompts=n, G=G, P=P, T=T, lens=None),
             "varied": dict(n_prompts=n, G=G, P=P, T=T, lens=varied),
             "throughput": dict(n_prompts=n * 8, G=G, P=P, T=T, lens=None)}

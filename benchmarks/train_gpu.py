@@ -4,9 +4,13 @@ peak memory -> JSON.
 
     python benchmarks/train_gpu.py results/train_gpu_h100.json            # on the GPU
     python benchmarks/train_gpu.py /tmp/train_tiny.json --tiny            # CPU smoke test
+    python benchmarks/train_gpu.py OUT.json --varied-lengths [--padding-free [--max-tokens-per-batch N]]
 
 Completions of a random model almost never stop early, so every step generates max_completion_length
-tokens per row (a fixed, comparable amount of work). Step 1 is warm-up and is left out of the medians.
+tokens per row (a fixed, comparable amount of work). --varied-lengths instead forces eos at a length drawn
+per row, uniform in 32-512 (bench_rollout's "varied" workload, the same lengths every step): the workload
+where padding-free micro-batches (--padding-free, --max-tokens-per-batch) pay; packed vs padded is two
+runs with the same flags but those. Step 1 is warm-up and is left out of the medians.
 """
 
 from __future__ import annotations
@@ -68,6 +72,11 @@ def main(argv=None):
     p.add_argument("--num-iterations", type=int, default=2, help="> 1: num_iterations passes per batch")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (r1train's and TRL's default; off in these runs)")
+    p.add_argument("--varied-lengths", action="store_true",
+                   help="completion lengths uniform in completion_length/16..completion_length (eos forced)")
+    p.add_argument("--padding-free", action="store_true", help="padding_free=true: packed micro-batches")
+    p.add_argument("--max-tokens-per-batch", type=int, default=None,
+                   help="max_tokens_per_batch (with --padding-free): token-budget micro-batches")
     a = p.parse_args(argv)
     if a.tiny:
         a.prompt_length, a.completion_length = min(a.prompt_length, 16), min(a.completion_length, 16)
@@ -94,11 +103,14 @@ def main(argv=None):
         f"beta={a.beta}", f"num_iterations={a.num_iterations}", "learning_rate=1e-6", "save_steps=0",
         "report_to=none", "logging_steps=1", "log_entropy=false",
         f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
+        f"padding_free={str(a.padding_free).lower()}",
+        *([f"max_tokens_per_batch={a.max_tokens_per_batch}"] if a.max_tokens_per_batch else []),
         "kernel_backend=torch" if a.tiny and not torch.cuda.is_available() else "kernel_backend=auto"])
     rows = prompt_rows(a.prompts * (a.steps + 1), a.prompt_length)
     t0 = time.perf_counter()
     trainer = GRPOTrainer(cfg, model, tok, rows, reward_funcs=[checksum_reward])
     t_init = time.perf_counter() - t0
+    lens = force_lengths(trainer, rows, n, a) if a.varied_lengths else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     hist = trainer.train()
@@ -109,6 +121,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(), "torch": torch.__version__, "args": vars(a),
         "params": sum(p.numel() for p in model.parameters()), "init_seconds": t_init,
+        "workload": "varied" if lens else "fixed", "completion_lengths": lens,
         "completions_per_step": n, "tokens_generated_per_step": statistics.median(
             h["completions/mean_length"] * n for h in timed),
         "median_seconds": {k: statistics.median(h[k] for h in timed) for k in PHASES},
@@ -127,6 +140,24 @@ def main(argv=None):
         json.dump(res, fh, indent=1)
     print(json.dumps(res["median_seconds"]), "peak GiB:", res["peak_memory_gib"])
     return res
+
+
+def force_lengths(trainer, rows, n: int, a) -> list[int]:
+    """eos forced at the drawn length of each of a step's n rollout rows (bench_rollout's hook, active only
+    while the generation engine runs: the trainer's own forwards pass through)."""
+    import torch
+
+    from benchmarks.bench_rollout import ForcedLengths, varied_lengths
+    from r1train.data import encode_prompts
+    from r1train.generation import attention, engine_for
+
+    model = trainer.model
+    lens = varied_lengths(n, a.completion_length)
+    P = encode_prompts(trainer.tok, [rows[0]["prompt"]], a.prompt_length)[0].shape[1]
+    len_B = torch.tensor(lens, device=trainer.dev)
+    ForcedLengths(model, P, len_B, trainer.tok.eos_token_id, rows=lambda b: engine_for(model).st.rid[:b],
+                  active=lambda: model.config._attn_implementation == attention.ATTN_NAME)
+    return lens
 
 
 def _engines():

@@ -168,6 +168,17 @@ class TrainConfig:
     ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
     loss_impl: str = f("linear", "'linear': fused hidden->loss kernels (no [B,T,V] logits); 'logits'",
                        ["linear", "logits"])
+    padding_free: bool = f(False, "GRPO: training forwards without padding (verl use_remove_padding, TRL SFT's "
+                            "name): each micro-batch's rows (prompt + completion, pads removed) run as one packed "
+                            "sequence, positions restarting per row (varlen flash attention on CUDA bf16/fp16, "
+                            "per-row torch sdpa elsewhere); the loss runs on the completion tokens only, normalized "
+                            "exactly as the padded micro-batches of per_device_train_batch_size rows")
+    max_tokens_per_batch: Optional[int] = f(None, "padding_free: a token budget per micro-batch (verl "
+                                            "use_dynamic_bsz): rows packed into as few micro-batches of at most "
+                                            "this many tokens as fit (the count varies per step; optimizer steps "
+                                            "and losses stay those of the padded batch); >= max_prompt_length + "
+                                            "max_completion_length. None: per_device_train_batch_size rows per "
+                                            "micro-batch")
     kernel_backend: str = f("auto", "r1kernels backend for every loss/log-prob call (auto picks the fastest "
                             "eligible kernel)", ["auto", "triton", "cuda", "cpp", "torch"])
     log_completions: bool = f(False, "at each logging step print a few completions and send the completions "
@@ -259,6 +270,7 @@ class TrainConfig:
                                   f"upper clip), got {self.delta}")
         if self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+        self._check_packing()
         self._check_loss_options()
         self._check_rewards()
         _check_backend(self.kernel_backend)
@@ -279,6 +291,20 @@ class TrainConfig:
         if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
             raise ConfigError(f"entropy_coef_min ({self.entropy_coef_min}) must be <= entropy_coef_max "
                               f"({self.entropy_coef_max})")
+
+    def _check_packing(self):
+        b = self.max_tokens_per_batch
+        if b is None:
+            return
+        if b < 1:
+            raise ConfigError(f"max_tokens_per_batch must be a positive number of tokens (or unset), got {b}")
+        if not self.padding_free:
+            raise ConfigError(f"max_tokens_per_batch={b} needs padding_free=true (token-budget micro-batches are "
+                              "packed)")
+        longest = self.max_prompt_length + self.max_completion_length
+        if b < longest:
+            raise ConfigError(f"max_tokens_per_batch must be >= max_prompt_length + max_completion_length = {longest} "
+                              f"(the longest row), got {b}")
 
     def _check_rewards(self):
         if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):

@@ -180,9 +180,9 @@ class Trainer(CheckpointMixin):
             return None
         peft_model = self.engine.module.model
 
-        def ref(*args):
+        def ref(*args, **kw):
             with torch.no_grad(), peft_model.disable_adapter():
-                return self.engine(*args)
+                return self.engine(*args, **kw)
         return ref
 
     @property

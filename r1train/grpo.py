@@ -7,17 +7,20 @@ gradient accumulation and k processes without it see the same loss.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 
 import torch
 import torch.distributed as dist
 
 import r1kernels as rk
-from r1kernels.reference.grpo import EXTRA_DEFAULTS, LOSS_REDUCTION, needs_entropy
+from r1kernels.reference.grpo import EXTRA_DEFAULTS, LOSS_REDUCTION, grpo_token_loss, needs_entropy, token_local
 
 from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
+from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardRunner
 from .rollout import Rollout, logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
 
@@ -270,6 +273,12 @@ class GRPOTrainer(Trainer):
         comp_BT = ro.completion_ids_BT
         mb = cfg.per_device_train_batch_size
         t0 = time.perf_counter()
+        # padding_free: the micro-batches are packs of rows (r1train/packing.py), planned once per step and
+        # held over the num_iterations passes; the attention switch is held over the backward too
+        packs = build_packs(ids_BL, ro.prompt_mask_BP, mask_BT, rows_per_batch=mb,
+                            max_tokens=cfg.max_tokens_per_batch) if cfg.padding_free else None
+        models = (self.model, None if self.ref is None else self.ref.module.model)
+        packed = (lambda: packed_attention(*models)) if packs else contextlib.nullcontext
         ref_BT = None
         # The old policy is the model of iteration 0: an iteration is exactly gradient_accumulation_steps
         # micro-batches (compute_prompts_per_rank), so the optimizer steps only between iterations and
@@ -277,7 +286,10 @@ class GRPOTrainer(Trainer):
         old_BT = torch.zeros(comp_BT.shape, dtype=torch.float32, device=comp_BT.device) \
             if cfg.num_iterations > 1 else None
         ref = self.ref_policy()
-        if ref is not None:
+        if ref is not None and packs:
+            with packed():
+                ref_BT = packed_logprobs(ref, packs, comp_BT, temperature=cfg.temperature, backend=cfg.kernel_backend)
+        elif ref is not None:
             ref_BT = sequence_logprobs(ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
                                        micro_batch=mb, backend=cfg.kernel_backend)
         m["time/logprobs"] = time.perf_counter() - t0
@@ -287,23 +299,38 @@ class GRPOTrainer(Trainer):
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(n_items)
         n_items = n_items.clamp(min=1.0) / (cfg.gradient_accumulation_steps * self.world)
-        # each micro-batch is trimmed to its longest completion: every length in one host read
-        starts = range(0, ids_BL.shape[0], mb)
-        pos_T = torch.arange(1, mask_BT.shape[1] + 1, device=mask_BT.device)
-        trims = torch.stack([(mask_BT[s:s + mb].any(0) * pos_T).max() for s in starts]).clamp(min=1).tolist()
+        if packs:  # per row: its padded micro-batch's loss weight; the micro-batches are the packs
+            weights = reduction_weights(cfg.loss_type, mask_BT, mb, max_completion_length=cfg.max_completion_length,
+                                    num_items=n_items)
+            micro = [(pk.rows, pk.T, pk) for pk in packs]
+        else:  # each micro-batch is trimmed to its longest completion: every length in one host read
+            starts = range(0, ids_BL.shape[0], mb)
+            pos_T = torch.arange(1, mask_BT.shape[1] + 1, device=mask_BT.device)
+            trims = torch.stack([(mask_BT[s:s + mb].any(0) * pos_T).max() for s in starts]).clamp(min=1).tolist()
+            micro = [(slice(s, s + mb), T, None) for s, T in zip(starts, trims)]
+        # the logged loss is the padded run's mean micro-batch loss: a pack's share of the sum is scaled
+        loss_scale = len(micro) / cfg.gradient_accumulation_steps
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
         t_bwd = t_opt = 0.0
         # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
         diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
         ent_window = torch.zeros(2, dtype=torch.float64, device=self.dev)  # adaptive entropy: sum, tokens
-        for it in range(cfg.num_iterations):
-            for s, T in zip(starts, trims):
-                sl = slice(s, s + mb)
-                out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
-                                           None if old_BT is None or it == 0 else old_BT[sl],
-                                           None if ref_BT is None else ref_BT[sl], n_items, T,
-                                           samp_BT=None if ro.logprobs_BT is None else ro.logprobs_BT[sl],
-                                           entropy_coef=self.applied_entropy_coef())
+        with packed():
+            for it, j in itertools.product(range(cfg.num_iterations), range(len(micro))):
+                sl, T, pk = micro[j]
+                samp_BT = ro.logprobs_BT
+                if pk is not None:
+                    # the optimizer steps after the iteration's last pack, as after the padded run's last
+                    # micro-batch (DeepSpeed counts gradient_accumulation_steps otherwise)
+                    self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+                    out, ent = self.micro_step_packed(pk, comp_BT, adv_N, mask_BT, None if it == 0 else old_BT,
+                                                      ref_BT, samp_BT, n_items, weights, self.applied_entropy_coef())
+                else:
+                    out, ent = self.micro_step(ids_BL[sl], attn_BL[sl], comp_BT[sl], adv_N[sl], mask_BT[sl],
+                                               None if old_BT is None or it == 0 else old_BT[sl],
+                                               None if ref_BT is None else ref_BT[sl], n_items, T,
+                                               samp_BT=None if samp_BT is None else samp_BT[sl],
+                                               entropy_coef=self.applied_entropy_coef())
                 if cfg.use_adaptive_entropy and ent is not None:
                     sel = out.metrics.get("entropy/selected_mean", ent)
                     n_tok = mask_BT[sl].sum()
@@ -335,7 +362,8 @@ class GRPOTrainer(Trainer):
                     if gn is not None:
                         acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
                 t_bwd, t_opt = t_bwd + t2 - t1, t_opt + time.perf_counter() - t2
-                for k, v in [("loss", out.loss), *out.metrics.items(), ("entropy", ent)]:
+                for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
+                             *out.metrics.items(), ("entropy", ent)]:
                     if v is not None:
                         acc.setdefault(k, []).append(torch.as_tensor(v).detach().reshape(()).float())
         if acc:
@@ -364,22 +392,20 @@ class GRPOTrainer(Trainer):
                 print(f"[step {step + 1}] reward={smp['reward']:.2f} {smp['prompt']!r} -> {smp['completion']!r}")
         return m
 
-    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=None,
-                   entropy_coef=0.0):
-        """Forward + loss for one micro-batch, trimmed to its first T completion tokens (its longest);
-        samp_BT: the rollout engine's log-probs (rollout correction, off-policy mask)."""
+    def _loss_kw(self, n_items, entropy_coef, **tensors) -> dict:
+        """The loss options of rk.grpo_loss / rk.linear_grpo_loss from the config; tensors: old_logprobs,
+        ref_logprobs, sampling_logprobs (the rollout engine's: rollout correction, off-policy mask)."""
         cfg = self.cfg
-        cut = ids_BL.shape[1] - comp_BT.shape[1] + T
-        ids_BL, attn_BL, comp_BT, mask_BT = ids_BL[:, :cut], attn_BL[:, :cut], comp_BT[:, :T], mask_BT[:, :T]
-        old_BT = None if old_BT is None else old_BT[:, :T]
-        ref_BT = None if ref_BT is None else ref_BT[:, :T]
-        kw = dict(old_logprobs=old_BT, ref_logprobs=ref_BT, beta=cfg.beta, epsilon=cfg.epsilon,
-                  epsilon_high=cfg.epsilon_high, delta=cfg.delta, loss_type=cfg.loss_type,
-                  importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
-                  temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                  num_items_in_batch=n_items if LOSS_REDUCTION[cfg.loss_type] == "items" else None,
-                  backend=cfg.kernel_backend, **loss_keys(cfg), entropy_coef=entropy_coef,
-                  sampling_logprobs=None if samp_BT is None else samp_BT[:, :T])
+        return dict(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+                    loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+                    kl_estimator=cfg.kl_estimator, temperature=cfg.temperature,
+                    max_completion_length=cfg.max_completion_length,
+                    num_items_in_batch=n_items if LOSS_REDUCTION[cfg.loss_type] == "items" else None,
+                    backend=cfg.kernel_backend, **loss_keys(cfg), entropy_coef=entropy_coef, **tensors)
+
+    def _fused_loss(self, comp_BT, adv, mask_BT, kw):
+        """fn for Policy.forward: the fused loss on [B, T] -> (GRPOLossOutput, masked mean entropy or None)."""
+        cfg = self.cfg
         ent_fn = None
         if (cfg.log_entropy or cfg.use_adaptive_entropy) and not needs_entropy(kw):  # else the loss reports it
             ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True, backend=cfg.kernel_backend)
@@ -387,9 +413,9 @@ class GRPOTrainer(Trainer):
 
         def fn(x, weight=None, bias=None):
             if weight is None:
-                out = rk.grpo_loss(x, comp_BT, adv_B, mask_BT, **kw)
+                out = rk.grpo_loss(x, comp_BT, adv, mask_BT, **kw)
             else:
-                out = rk.linear_grpo_loss(x, weight, comp_BT, adv_B, mask_BT, bias=bias, **kw)
+                out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias, **kw)
             ent = out.metrics.pop("entropy", None)
             if ent_fn is not None:
                 with torch.no_grad():
@@ -397,6 +423,67 @@ class GRPOTrainer(Trainer):
                     e_BT = ent_fn(*args)[1]
                     ent = (e_BT * mask_f).sum() / mask_f.sum().clamp(min=1)
             return out, ent
+        return fn
 
+    def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=None,
+                   entropy_coef=0.0):
+        """Forward + loss for one micro-batch, trimmed to its first T completion tokens (its longest);
+        samp_BT: the rollout engine's log-probs (rollout correction, off-policy mask)."""
+        cut = ids_BL.shape[1] - comp_BT.shape[1] + T
+        ids_BL, attn_BL, comp_BT, mask_BT = ids_BL[:, :cut], attn_BL[:, :cut], comp_BT[:, :T], mask_BT[:, :T]
+        kw = self._loss_kw(n_items, entropy_coef, old_logprobs=None if old_BT is None else old_BT[:, :T],
+                           ref_logprobs=None if ref_BT is None else ref_BT[:, :T],
+                           sampling_logprobs=None if samp_BT is None else samp_BT[:, :T])
+        fn = self._fused_loss(comp_BT, adv_B, mask_BT, kw)
         self.expert_load.token_mask = attn_BL.reshape(-1).bool()  # MoE routers count real tokens only
         return self.engine(ids_BL, attn_BL, T, fn)
+
+    def micro_step_packed(self, pk, comp_BT, adv_N, mask_BT, old_BT, ref_BT, samp_BT, n_items, weights,
+                          entropy_coef=0.0):
+        """Forward + loss for one packed micro-batch (r1train/packing.py): the transformer runs on the pack's
+        tokens, the head on its scored tokens only; the loss is the pack's share of the padded micro-batches'
+        losses: sum over its rows of w_row * sum_t m*L (weights: reduction_weights' (w_N, we_N)). Returns
+        (GRPOLossOutput with per_token_logprobs in the pack's [b, T] layout, masked mean entropy or None)."""
+        cfg = self.cfg
+        self.expert_load.token_mask = None  # every packed token is real
+        on_tokens = (lambda x: None if x is None else pk.gather(x))
+        kw = self._loss_kw(n_items, entropy_coef, old_logprobs=on_tokens(old_BT), ref_logprobs=on_tokens(ref_BT),
+                           sampling_logprobs=on_tokens(samp_BT))
+        ids_1C = pk.gather(comp_BT)
+        if token_local(kw) and LOSS_REDUCTION[cfg.loss_type] == "items":
+            # every token weighs 1/num_items: the fused loss on the packed tokens is exactly their share
+            fused = self._fused_loss(ids_1C, adv_N[pk.rows[pk.tok_row]][None], pk.gather(mask_BT), kw)
+
+            def fn_fused(*args):
+                out, ent = fused(*args)
+                return out._replace(per_token_logprobs=pk.to_rows(out.per_token_logprobs)), ent
+            return self.engine(pk.input_ids, None, 0, fn_fused, pack=pk)
+        # otherwise the log-prob kernel on the packed tokens (entropy in the same pass), then the loss family's
+        # per-token L on the pack's [b, T] layout (r1kernels' reference), reduced with the row weights
+        on_rows = (lambda x: None if x is None else pk.rows_T(x))
+        tkw = dict(kw, old_logprobs=on_rows(old_BT), ref_logprobs=on_rows(ref_BT), sampling_logprobs=on_rows(samp_BT))
+        ent_loss = needs_entropy(kw)
+        ent_on = ent_loss or cfg.log_entropy or cfg.use_adaptive_entropy
+        m_bT = pk.rows_T(mask_BT).float()
+        w_b, we_b = (w[pk.rows][:, None] for w in weights)
+
+        def fn(x, weight=None, bias=None):
+            lkw = dict(temperature=cfg.temperature, return_entropy=ent_on, backend=cfg.kernel_backend)
+            lp = rk.token_logprobs(x, ids_1C, **lkw) if weight is None else \
+                rk.linear_token_logprobs(x, weight, ids_1C, bias=bias, **lkw)
+            logp_1C, h_1C = lp if ent_on else (lp, None)
+            logp, h = pk.to_rows(logp_1C), None if h_1C is None else pk.to_rows(h_1C)
+            L, ent_mask, metrics = grpo_token_loss(logp, adv_N[pk.rows], m_bT, entropy=h if ent_loss else None,
+                                                   **tkw)
+            loss = (L * m_bT * w_b).sum()
+            ent = None if h is None else (h.detach() * m_bT).sum() / m_bT.sum().clamp(min=1.0)
+            if ent_mask is not None:  # top_entropy_quantile: selected among this pack's tokens
+                eff = m_bT * ent_mask
+                metrics["entropy/selected_mean"] = (h.detach() * eff).sum() / eff.sum().clamp(min=1.0)
+                if entropy_coef != 0.0:  # the pack's mean, weighted by its share of the rank's tokens
+                    share = cfg.gradient_accumulation_steps * m_bT.sum() / mask_BT.sum().clamp(min=1)
+                    loss = loss - entropy_coef * share * (h * eff).sum() / eff.sum().clamp(min=1.0)
+            elif entropy_coef != 0.0:
+                loss = loss - entropy_coef * (h * m_bT * we_b).sum()
+            return rk.GRPOLossOutput(loss, logp.detach(), metrics), ent
+        return self.engine(pk.input_ids, None, 0, fn, pack=pk)

@@ -105,7 +105,9 @@ class Policy(torch.nn.Module):
     def head(self):
         return self.model.get_output_embeddings()
 
-    def forward(self, input_ids_BL, attention_mask_BL, T: int, fn):
+    def forward(self, input_ids_BL, attention_mask_BL, T: int, fn, pack=None):
+        if pack is not None:
+            return self._forward_packed(pack, fn)
         pos_BL = position_ids(attention_mask_BL)
         if self.impl == "logits":
             out = self.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=pos_BL,
@@ -116,6 +118,19 @@ class Policy(torch.nn.Module):
         h_BLH = base(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
                      position_ids=pos_BL).last_hidden_state
         return fn(h_BLH[:, -T - 1:-1], self.head.weight, getattr(self.head, "bias", None))
+
+    def _forward_packed(self, pk, fn):
+        """A packed micro-batch (r1train.packing.Pack): one [1, n] sequence, no attention mask; fn gets the
+        scored tokens only: hidden [1, C, H] (impl "linear") or logits [1, C, V]."""
+        from .packing import packed_attention
+
+        kw = dict(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False, **pk.attn_kwargs())
+        with packed_attention(self.model):
+            if self.impl == "logits":
+                return fn(self.model(**kw, logits_to_keep=pk.score_idx).logits)
+            hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            h_1NH = getattr(hf, hf.base_model_prefix)(**kw).last_hidden_state
+        return fn(h_1NH[:, pk.score_idx], self.head.weight, getattr(self.head, "bias", None))
 
 
 def logprob_fn(completion_ids_BT, temperature: float, return_entropy: bool = False, backend: str = "auto"):

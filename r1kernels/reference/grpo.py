@@ -191,16 +191,15 @@ def token_local(opts) -> bool:
             and o["entropy_coef"] == 0.0 and not seq_is)
 
 
-def grpo_loss_from_logprobs(logp, advantages, completion_mask=None, old_logprobs=None, ref_logprobs=None,
-                            beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo",
-                            importance_sampling_level="token", kl_estimator="k3", max_completion_length=None,
-                            num_items_in_batch=None, entropy=None, **extra):
-    """logp [B, T] fp32 (differentiable) -> (loss, metrics), in TRL 1.16's order: the policy term times the
-    off-policy mask, the entropy mask and the rollout-IS weight, plus beta * KL (times the ratio when
-    use_bias_correction_kl), reduced per loss type, minus entropy_coef * the masked mean entropy.
-    entropy [B, T] (differentiable) is needed by top_entropy_quantile < 1 and entropy_coef != 0; extra:
-    the options of EXTRA_DEFAULTS. All other tensors are constants."""
-    o = {**EXTRA_DEFAULTS, **extra}
+def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, ref_logprobs=None, beta=0.0,
+                    epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
+                    kl_estimator="k3", entropy=None, **extra):
+    """The loss before its reduction: (L [B, T], ent_mask [B, T] or None, metrics). L is the policy term
+    times the off-policy mask, the entropy mask and the rollout-IS weight, plus beta * KL (times the ratio
+    when use_bias_correction_kl); reduce_loss(L, mask, ...) gives the loss. A caller that weights rows
+    itself (r1train's packed micro-batches) reduces L with its own weights. extra: the EXTRA_DEFAULTS
+    options (max_completion_length / num_items_in_batch, reduction only, are ignored)."""
+    o = {**EXTRA_DEFAULTS, **{k: v for k, v in extra.items() if k in EXTRA_DEFAULTS}}
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
     adv = acc(advantages)
@@ -233,25 +232,44 @@ def grpo_loss_from_logprobs(logp, advantages, completion_mask=None, old_logprobs
         if beta != 0.0:
             L = L + beta * kl
         kl_mean = (kl.detach() * mask).sum() / n_tok
+    with torch.no_grad():
+        rr = r.expand_as(mask)
+        low = ((rr < 1.0 - epsilon) & (adv < 0)).to(mask.dtype)
+        high = ((rr > 1.0 + eps_high) & (adv > 0)).to(mask.dtype)
+        metrics = {
+            "kl": kl_mean,
+            "clip_ratio/low_mean": (low * mask).sum() / n_tok,
+            "clip_ratio/high_mean": (high * mask).sum() / n_tok,
+            "clip_ratio/region_mean": (torch.maximum(low, high) * mask).sum() / n_tok,
+        }
+    return L, ent_mask, metrics
+
+
+def grpo_loss_from_logprobs(logp, advantages, completion_mask=None, old_logprobs=None, ref_logprobs=None,
+                            beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo",
+                            importance_sampling_level="token", kl_estimator="k3", max_completion_length=None,
+                            num_items_in_batch=None, entropy=None, **extra):
+    """logp [B, T] fp32 (differentiable) -> (loss, metrics), in TRL 1.16's order: the policy term times the
+    off-policy mask, the entropy mask and the rollout-IS weight, plus beta * KL (times the ratio when
+    use_bias_correction_kl), reduced per loss type, minus entropy_coef * the masked mean entropy.
+    entropy [B, T] (differentiable) is needed by top_entropy_quantile < 1 and entropy_coef != 0; extra:
+    the options of EXTRA_DEFAULTS. All other tensors are constants."""
+    o = {**EXTRA_DEFAULTS, **extra}
+    L, ent_mask, token_metrics = grpo_token_loss(
+        logp, advantages, completion_mask, old_logprobs, ref_logprobs, beta=beta, epsilon=epsilon,
+        epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, entropy=entropy, **extra)
+    mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
     loss = reduce_loss(L, mask, loss_type, max_completion_length, num_items_in_batch)
     metrics = {}
     if entropy is not None:
         eff = mask if ent_mask is None else mask * ent_mask
         if o["entropy_coef"] != 0.0:
             loss = loss - o["entropy_coef"] * (entropy * eff).sum() / eff.sum().clamp(min=1.0)
-        metrics["entropy"] = (entropy.detach() * mask).sum() / n_tok
+        metrics["entropy"] = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1.0)
         if ent_mask is not None:  # over the tokens the loss trains on (TRL's adaptive-entropy measure)
             metrics["entropy/selected_mean"] = (entropy.detach() * eff).sum() / eff.sum().clamp(min=1.0)
-    with torch.no_grad():
-        rr = r.expand_as(mask)
-        low = ((rr < 1.0 - epsilon) & (adv < 0)).to(mask.dtype)
-        high = ((rr > 1.0 + eps_high) & (adv > 0)).to(mask.dtype)
-        metrics.update({
-            "kl": kl_mean,
-            "clip_ratio/low_mean": (low * mask).sum() / n_tok,
-            "clip_ratio/high_mean": (high * mask).sum() / n_tok,
-            "clip_ratio/region_mean": (torch.maximum(low, high) * mask).sum() / n_tok,
-        })
+    metrics.update(token_metrics)
     return loss, metrics
 
 

@@ -1,0 +1,269 @@
+"""Padding-free, token-budget micro-batches (padding_free, max_tokens_per_batch).
+
+A rank's N rows (left-padded prompt + right-padded completion) are planned into micro-batches: the padded
+partition (per_device_train_batch_size consecutive rows) or, with a token budget, as few bins of at most
+max_tokens_per_batch tokens as fit (largest row first into the lightest bin). Each micro-batch runs as ONE
+sequence [1, n]: its rows' real tokens back to back, position ids restarting at 0 per row, and causal
+attention inside each row only (`packed_attention`: torch's varlen flash attention on CUDA bf16/fp16,
+torch sdpa row by row elsewhere). A row feeds its prompt and its completion up to the token before its last
+loss token: the hidden state before token t scores t, so nothing after the last scored token is computed.
+
+Why the losses stay exactly those of the padded batch: every normalization of the loss family is a sum
+over tokens with a weight that depends only on the row and on the padded micro-batch the row would have
+been in (grpo/sapo: 1 / (rows * the row's tokens), bnpo: 1 / that micro-batch's tokens, dr_grpo:
+1 / (rows * max_completion_length), luspo: 1 / rows, dapo/cispo/vespo: 1 / num_items), and every
+per-sequence quantity (GSPO ratio, sequence rollout-correction weights, the off-policy mask, VESPO's
+weight) reads its own row only. So a packed micro-batch's loss is sum over its rows of w_row * sum_t m*L,
+with w_row from the padded partition (`reduction_weights`), and the packed losses add up to the padded
+ones whatever rows share a micro-batch. L itself comes from r1kernels' reference (grpo_token_loss) on the
+[rows, T] layout of the packed log-probs (a scatter of fp32 scalars); the head runs on the scored tokens
+only (rk.linear_token_logprobs, or rk.linear_grpo_loss directly on the packed tokens when the loss is
+token-local with num_items normalization, where w_row is one constant). The expensive transformer
+forward/backward runs packed, which is where the time goes. One exception, by definition per micro-batch:
+top_entropy_quantile's threshold is taken over the packed micro-batch's tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from r1kernels.reference.grpo import LOSS_REDUCTION
+
+ATTN_NAME = "r1train_packed"
+
+
+@dataclass
+class Pack:
+    """One packed micro-batch. rows: rank-local row indices [b]; the scored (loss) tokens are listed row by
+    row: token j is completion column tok_col[j] of rows[tok_row[j]], scored by the hidden state at packed
+    position score_idx[j]."""
+    rows: torch.Tensor           # [b] int64
+    input_ids: torch.Tensor      # [1, n]
+    position_ids: torch.Tensor   # [1, n]
+    cu_seqlens: torch.Tensor     # [b + 1] int32
+    max_len: int
+    score_idx: torch.Tensor      # [C] int64
+    tok_row: torch.Tensor        # [C] int64, 0..b-1
+    tok_col: torch.Tensor        # [C] int64
+    T: int                       # the longest row's scored tokens: the pack's [b, T] layout
+    src: torch.Tensor            # [n] int64: each packed token's flat index in the rank's [N, L] input_ids
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def attn_kwargs(self) -> dict:
+        return {"cu_seq_lens_q": self.cu_seqlens, "max_length_q": self.max_len}
+
+    def gather(self, x_BT: torch.Tensor) -> torch.Tensor:
+        """[1, C] of a rank-level [N, T'] tensor at the pack's scored tokens."""
+        return x_BT[self.rows[self.tok_row], self.tok_col][None]
+
+    def to_rows(self, x_1C: torch.Tensor) -> torch.Tensor:
+        """[b, T] layout of a [1, C] per-token tensor (zeros past each row's scored tokens; differentiable)."""
+        out = x_1C.new_zeros(self.rows.numel(), self.T)
+        return out.index_put((self.tok_row, self.tok_col), x_1C[0])
+
+    def rows_T(self, x_BT: torch.Tensor) -> torch.Tensor:
+        """[b, T] slice of a rank-level [N, T'] tensor."""
+        return x_BT[self.rows, :self.T]
+
+
+def loss_lengths(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Per row: 1 + the last completion column with a nonzero loss mask (0 for a row with no loss)."""
+    pos = torch.arange(1, mask_BT.shape[1] + 1, device=mask_BT.device)
+    return ((mask_BT != 0) * pos).amax(1) if mask_BT.shape[1] else mask_BT.new_zeros(mask_BT.shape[0])
+
+
+def plan(lengths: list[int], rows_per_batch: int, max_tokens: int | None = None,
+         min_batches: int = 1) -> list[list[int]]:
+    """Micro-batches as lists of row indices: consecutive runs of rows_per_batch rows (no budget), or at
+    least min_batches bins of at most max_tokens tokens, balanced (largest row first into the lightest
+    bin; more bins until every bin fits)."""
+    n = len(lengths)
+    if max_tokens is None:
+        return [list(range(s, min(s + rows_per_batch, n))) for s in range(0, n, rows_per_batch)]
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens}")
+    if n and max(lengths) > max_tokens:
+        raise ValueError(f"max_tokens_per_batch={max_tokens} is less than the longest row ({max(lengths)} tokens)")
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    k = min(max(math.ceil(sum(lengths) / max_tokens), min_batches, 1), max(n, 1))
+    while True:
+        heap = [(0, b) for b in range(k)]
+        bins: list[list[int]] = [[] for _ in range(k)]
+        for i in order:
+            load, b = heapq.heappop(heap)
+            bins[b].append(i)
+            heapq.heappush(heap, (load + lengths[i], b))
+        if max(load for load, _ in heap) <= max_tokens or k >= n:
+            return [sorted(b) for b in bins if b] or [[]]
+        k += 1
+
+
+def plan_all_ranks(lengths, rows_per_batch, max_tokens, device) -> list[list[int]]:
+    """plan() with the same number of micro-batches on every rank (ZeRO's collectives run per forward and
+    backward, so every rank must run as many)."""
+    bins = plan(lengths, rows_per_batch, max_tokens)
+    if max_tokens is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return bins
+    while True:
+        t = torch.tensor([len(bins), -len(bins)], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        hi, lo = t[0].item(), -t[1].item()
+        if hi == lo:
+            return bins
+        bins = plan(lengths, rows_per_batch, max_tokens, min_batches=hi)
+
+
+def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, max_tokens: int | None = None):
+    """The rank's micro-batches as Packs. Row i feeds its p_i prompt tokens and its first max(n_i - 1, 0)
+    completion tokens (n_i = loss_lengths), and scores completion tokens 0..n_i-1."""
+    dev = input_ids_BL.device
+    P, L = prompt_mask_BP.shape[1], input_ids_BL.shape[1]
+    p = prompt_mask_BP.sum(1).cpu()
+    n = loss_lengths(mask_BT).cpu()
+    if (p < 1).any():
+        raise ValueError("padding_free needs at least one prompt token per row (the first completion token is "
+                         "scored from the last prompt token)")
+    feed = p + (n - 1).clamp(min=0)
+    groups = plan_all_ranks(feed.tolist(), rows_per_batch, max_tokens, dev)
+    flat = input_ids_BL.reshape(-1)
+    packs = []
+    for rows in groups:
+        r = torch.tensor(rows, dtype=torch.long)
+        f_r, p_r, n_r = feed[r], p[r], n[r]
+        starts = torch.cumsum(f_r, 0) - f_r
+        first = r * L + P - p_r  # flat index of each row's first prompt token (left padding)
+        pos = torch.arange(int(f_r.sum())) - torch.repeat_interleave(starts, f_r)
+        src = torch.repeat_interleave(first, f_r) + pos
+        tok_row = torch.repeat_interleave(torch.arange(len(rows)), n_r)
+        tok_col = torch.arange(int(n_r.sum())) - torch.repeat_interleave(torch.cumsum(n_r, 0) - n_r, n_r)
+        score = torch.repeat_interleave(starts + p_r - 1, n_r) + tok_col
+        cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(f_r, 0)
+        src = src.to(dev)
+        packs.append(Pack(rows=r.to(dev), input_ids=flat[src][None], position_ids=pos.to(dev)[None],
+                          cu_seqlens=cu.to(dev), max_len=int(f_r.max()) if rows else 0, score_idx=score.to(dev),
+                          tok_row=tok_row.to(dev), tok_col=tok_col.to(dev), T=max(int(n_r.max()) if rows else 0, 1),
+                          src=src))
+    return packs
+
+
+def reduction_weights(loss_type: str, mask_BT, rows_per_batch: int, *, max_completion_length=None, num_items=None):
+    """w [N] with sum_i w_i sum_t m_it L_it = the sum over the padded micro-batches (runs of rows_per_batch
+    consecutive rows) of reduce_loss(L, m) (r1kernels.reference.grpo), and the entropy term's weights
+    we [N] (entropy_coef * sum_i we_i sum_t m_it H_it = the sum of each micro-batch's entropy term)."""
+    m = mask_BT.float()
+    N = m.shape[0]
+    grp = torch.arange(N, device=m.device) // rows_per_batch
+    n_i = m.sum(1)
+    tok_g = torch.zeros(int(grp.max()) + 1 if N else 0, device=m.device).index_add_(0, grp, n_i)
+    rows_g = torch.bincount(grp).float()
+    tok_i, rows_i = tok_g[grp].clamp(min=1.0), rows_g[grp]
+    red = LOSS_REDUCTION[loss_type]
+    if red == "sequence":
+        w = 1.0 / (rows_i * n_i.clamp(min=1.0))
+    elif red == "sequence_sum":
+        w = 1.0 / rows_i
+    elif red == "tokens":
+        w = 1.0 / tok_i
+    elif red == "length":
+        w = 1.0 / (rows_i * (max_completion_length or mask_BT.shape[1]))
+    else:
+        w = torch.ones_like(n_i) / (num_items.reshape(()).float() if num_items is not None else m.sum().clamp(min=1.0))
+    return w, 1.0 / tok_i
+
+
+# ---- attention over packed rows
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention-interface signature: q [1, Hq, n, Dq], k [1, Hkv, n, Dq], v [1, Hkv, n, Dv] of
+    rows packed back to back (boundaries cu_seq_lens_q) -> ([1, n, Hq, Dv], None), causal within each row."""
+    if cu_seq_lens_q is None:
+        raise RuntimeError(f"attention {ATTN_NAME!r} needs cu_seq_lens_q (a packed r1train forward)")
+    Hq, Hkv, Dq, Dv = query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]
+    if _flash_ok(query, dropout, Dv):
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [n, H, D]
+        if Dv < Dq:  # DeepSeek-V3's MLA: values narrower than keys
+            v = F.pad(v, (0, Dq - Dv))
+        window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                          window_size=window, enable_gqa=Hq != Hkv)
+        return out[..., :Dv][None], None
+    bounds = cu_seq_lens_q.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        mask = None
+        if sliding_window is not None:
+            i = torch.arange(e - s, device=query.device)
+            mask = (i[:, None] >= i[None]) & (i[:, None] - i[None] < sliding_window)
+        outs.append(F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, is_causal=mask is None,
+            scale=scaling, dropout_p=dropout, enable_gqa=Hq != Hkv))
+    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+def _flash_ok(query, dropout, Dv) -> bool:
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0):
+        return False
+    D = query.shape[-1]
+    if D % 8 or D > 256 or Dv > D:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_REGISTERED = []
+
+
+def register():
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, packed_attention_forward)
+        _REGISTERED.append(True)
+
+
+@contextlib.contextmanager
+def packed_attention(*models):
+    """The models' attention runs packed_attention_forward inside (re-entrant). transformers builds no mask
+    for a name it has no mask function for, so no [n, n] mask exists. Hold it over the backward too:
+    activation checkpointing re-runs the attention there."""
+    register()
+    cfgs = {id(m.config): m.config for m in models if m is not None}
+    cfgs = [c for c in cfgs.values() if c._attn_implementation != ATTN_NAME]
+    old = [c._attn_implementation for c in cfgs]
+    for c in cfgs:
+        c._attn_implementation = ATTN_NAME
+    try:
+        yield
+    finally:
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
+
+
+@torch.no_grad()
+def packed_logprobs(policy, packs, completion_ids_BT, *, temperature=1.0, backend="auto"):
+    """Per-token log p of the scored completion tokens under `policy` (called like the engine) from packed
+    forwards, fp32 [N, T] (0 past each row's scored tokens)."""
+    from .rollout import logprob_fn
+
+    out = torch.zeros(completion_ids_BT.shape, dtype=torch.float32, device=completion_ids_BT.device)
+    for pk in packs:
+        lp_1C = policy(pk.input_ids, None, 0, logprob_fn(pk.gather(completion_ids_BT), temperature, backend=backend),
+                       pack=pk)
+        out[pk.rows[pk.tok_row], pk.tok_col] = lp_1C[0].float()
+    return out

@@ -1,0 +1,312 @@
+"""padding_free / max_tokens_per_batch (r1train/packing.py): the packed forward equals per-sequence forwards;
+packed micro-batches give the padded batch's loss and gradients for every loss type and normalization
+(fresh random rows of varied lengths, with and without a token budget); a few GRPO steps packed and padded
+agree (losses, parameter updates, optimizer steps); bad values are errors naming the key."""
+
+import pytest
+import torch
+import train_helpers as H
+from conftest import assert_close
+
+from r1train.config import ConfigError, load_config
+from r1train.packing import build_packs, packed_attention, packed_logprobs, plan, reduction_weights
+from r1train.rollout import Policy, Rollout, sequence_logprobs
+
+
+def _rows(B, P, T, V, *, min_prompt=1, min_completion=0):
+    """Random rows: left-padded prompts of 1..P tokens, completions of 0..T tokens."""
+    p = torch.randint(min_prompt, P + 1, (B,))
+    c = torch.randint(min_completion, T + 1, (B,))
+    pm = (torch.arange(P)[None] >= P - p[:, None]).long()
+    cm = (torch.arange(T)[None] < c[:, None]).long()
+    return torch.randint(3, V, (B, P + T)), pm, cm
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama", "tiny-deepseek-v3"])
+def test_packed_forward_equals_per_sequence(tmp_path, name):
+    """One packed [1, n] forward (positions restarting per row, no mask) gives each row's logits of its own
+    unpadded forward, and the padded batch's log-probs, with and without a token budget."""
+    cfg = load_config(overrides=H.FAST + [f"model_name_or_path={name}", f"output_dir={tmp_path}",
+                                          "model_num_layers=2"])
+    from r1train.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(cfg)
+    model.eval()
+    B, P, T, V = 7, 6, 9, model.config.vocab_size
+    ids, pm, cm = _rows(B, P, T, V)
+    cm[0] = 0  # a row with no completion token (its prompt still runs)
+    comp = ids[:, P:]
+    keep = lambda x: x  # noqa: E731  (fn for Policy: the scored tokens' logits as they come)
+    with torch.no_grad():
+        for budget in (None, 2 * (P + T)):
+            packs = build_packs(ids, pm, cm, rows_per_batch=3, max_tokens=budget)
+            assert sorted(torch.cat([pk.rows for pk in packs]).tolist()) == list(range(B))
+            for pk in packs:
+                got = Policy(model, "logits")(pk.input_ids, None, 0, keep, pack=pk)[0]
+                for j, i in enumerate(pk.rows.tolist()):
+                    n = int(cm[i].sum())
+                    if n == 0:
+                        continue
+                    seq = ids[i][torch.cat([pm[i], cm[i]]).bool()][None, :-1]  # the row alone, unpadded
+                    want = model(input_ids=seq).logits[0, -n:]
+                    assert_close(got[pk.tok_row == j], want, name=f"{name} row {i} logits")
+            for impl in ("linear", "logits"):
+                pol = Policy(model, impl)
+                want = sequence_logprobs(pol, ids, torch.cat([pm, cm], 1), comp, backend="torch")
+                got = packed_logprobs(pol, packs, comp, backend="torch")
+                m = cm.bool()
+                assert_close(got[m], want[m], name=f"{name} {impl} log-probs")
+                assert (got[~m] == 0).all()
+
+
+# (config overrides, passes sampling log-probs): every reduction, the sequence-level quantities, both the
+# fused-on-packed-tokens path (token-local + num_items: dapo/cispo) and the per-row-weight path
+CASES = [
+    (dict(loss_type="dapo", vllm_importance_sampling_mode="token_truncate"), True),
+    (dict(loss_type="dapo"), True),  # sequence_mask rollout correction
+    (dict(loss_type="grpo", beta=0.04), False),
+    (dict(loss_type="bnpo", beta=0.04, kl_estimator="k1", use_bias_correction_kl=False), False),
+    (dict(loss_type="dr_grpo"), False),
+    (dict(loss_type="cispo", epsilon_high=5.0), False),
+    (dict(loss_type="sapo"), False),
+    (dict(loss_type="luspo", importance_sampling_level="sequence"), False),
+    (dict(loss_type="vespo", vllm_importance_sampling_mode="token_mask"), True),
+    (dict(loss_type="grpo", importance_sampling_level="sequence", vllm_importance_sampling_mode="sequence_truncate"),
+     True),
+    (dict(loss_type="bnpo", off_policy_mask_threshold=0.02), True),
+    (dict(loss_type="grpo", entropy_coef=0.01), False),
+    (dict(loss_type="dapo", entropy_coef=-0.02, delta=1.5, epsilon_high=0.28), False),
+]
+
+
+def _padded_and_packed(t, batch, mb, GA, budget, entropy_coef):
+    """(loss, grads) summed over the padded micro-batches (runs of mb rows, as train_step), then over the packs."""
+    ids, pm, cm, mask, adv, old, ref, samp = batch
+    comp, attn = ids[:, pm.shape[1]:], torch.cat([pm, cm], 1)
+    n_items = mask.sum().float().reshape(1).clamp(min=1.0) / GA
+    params = [p for p in t.engine.module.parameters() if p.requires_grad]
+    res = []
+    for packed in (False, True):
+        total = 0.0
+        if not packed:
+            pos = torch.arange(1, mask.shape[1] + 1)
+            for s in range(0, ids.shape[0], mb):
+                sl = slice(s, s + mb)
+                T = max(int((mask[sl].any(0) * pos).max()), 1)
+                out, _ = t.micro_step(ids[sl], attn[sl], comp[sl], adv[sl], mask[sl], old if old is None else old[sl],
+                                      ref if ref is None else ref[sl], n_items, T,
+                                      samp_BT=samp if samp is None else samp[sl], entropy_coef=entropy_coef)
+                total = total + out.loss
+            t.engine.backward(total)
+        else:
+            packs = build_packs(ids, pm, mask, rows_per_batch=mb, max_tokens=budget)
+            w = reduction_weights(t.cfg.loss_type, mask, mb, max_completion_length=t.cfg.max_completion_length,
+                                  num_items=n_items)
+            with packed_attention(t.model):  # held over the backward (activation checkpointing recomputes)
+                for pk in packs:
+                    out, _ = t.micro_step_packed(pk, comp, adv, mask, old, ref, samp, n_items, w, entropy_coef)
+                    total = total + out.loss
+                t.engine.backward(total)
+        res.append((total.detach(), [p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+    return res
+
+
+def test_packed_loss_and_grads_equal_padded(tmp_path):
+    """Fresh random rows of varied lengths (some fully masked), old/ref/sampling log-probs near the policy's:
+    for each loss configuration, the packed micro-batches' summed loss and its gradients equal the padded
+    micro-batches' (both shapes; no budget = the padded partition, a budget = other compositions)."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_checkpointing=false", "model_num_layers=2",
+                       "max_completion_length=9", reward_funcs=[H.digit_share])
+    V = t.model.config.vocab_size
+    runs = [(i, impl) for i in range(len(CASES)) for impl in ("linear", "logits") if impl == "linear" or i < 3]
+    for i, impl in runs:
+        (mb, GA, P, T), (case, with_samp) = [(4, 2, 6, 9), (3, 3, 5, 7)][i % 2], CASES[i]
+        t.engine.module.impl = impl
+        for k, v in {**dict(loss_type="dapo", beta=0.0, importance_sampling_level="token", entropy_coef=0.0,
+                            vllm_importance_sampling_mode="sequence_mask", kl_estimator="k3", delta=None,
+                            use_bias_correction_kl=True, off_policy_mask_threshold=None, epsilon_high=None),
+                     **case}.items():
+            setattr(t.cfg, k, v)
+        t.cfg.validate()
+        B = mb * GA
+        ids, pm, cm = _rows(B, P, T, V, min_completion=1)
+        mask = cm.clone()
+        mask[torch.randperm(B)[:1]] = 0  # a failed sample: no loss, still in its micro-batch's row count
+        adv = torch.randn(B)
+        with torch.no_grad():
+            now = sequence_logprobs(t.engine.module, ids, torch.cat([pm, cm], 1), ids[:, P:], backend="torch")
+        old, ref, samp = (((now + s * torch.randn_like(now)) * cm).detach() for s in (0.05, 0.1, 0.05))
+        batch = (ids, pm, cm, mask, adv, old, ref if case.get("beta") else None, samp if with_samp else None)
+        ec = case.get("entropy_coef", 0.0)
+        for budget in (None, P + T + 3):
+            (l0, g0), (l1, g1) = _padded_and_packed(t, batch, mb, GA, budget, ec)
+            tag = f"{case} {impl} mb={mb} budget={budget}"
+            assert torch.isfinite(l0) and l0.abs() > 0, tag
+            assert_close(l1, l0, name=f"loss {tag}")
+            assert_close(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0]),
+                         name=f"grads {tag}")
+    t.engine.module.impl = "linear"
+
+
+def _varied_lengths(monkeypatch):
+    """Rollouts whose completions stop (eos) at a length drawn from the row's seed, 1..max_new_tokens: a random
+    tiny model never stops by itself."""
+    import r1train.grpo as G
+
+    orig = G.sample
+
+    def sample(model, p_ids, p_mask, *, max_new_tokens, eos_id, pad_id, seeds_B, **kw):
+        ro = orig(model, p_ids, p_mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                  seeds_B=seeds_B, **kw)
+        B, T = ro.completion_ids_BT.shape
+        n = torch.tensor([1 + s % T for s in seeds_B], device=p_ids.device)
+        col = torch.arange(T, device=p_ids.device)[None]
+        comp = ro.completion_ids_BT.masked_fill(col == n[:, None] - 1, eos_id).masked_fill(col >= n[:, None], pad_id)
+        mask = (col < n[:, None]).long()
+        return Rollout(ro.prompt_ids_BP, ro.prompt_mask_BP, comp, mask, torch.zeros(B, dtype=torch.bool,
+                       device=p_ids.device), None if ro.logprobs_BT is None else ro.logprobs_BT * mask)
+    monkeypatch.setattr(G, "sample", sample)
+
+
+def _trained_params(t):
+    """The trainable parameters, flat (gathered under ZeRO-3)."""
+    import contextlib
+
+    import deepspeed
+
+    from r1train.checkpoint import zero3
+
+    ps = [p for p in t.engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(ps) if zero3(t.engine) else contextlib.nullcontext():
+        return torch.cat([p.detach().flatten().clone() for p in ps])
+
+
+RUNS = [
+    ["loss_type=bnpo", "beta=0.04", "num_iterations=2", "gradient_checkpointing=true", "zero_stage=2"],
+    ["model_name_or_path=tiny-deepseek-v3", "loss_type=grpo", "moe_bias_update_rate=0", "use_peft=true",
+     "beta=0.04", "zero_stage=3", "lora_dropout=0"],
+]
+
+
+@pytest.mark.parametrize("ov", RUNS, ids=["dense-zero2-ref-mu2-gc", "moe-lora-zero3-ref"])
+def test_grpo_steps_packed_equal_padded(tmp_path, monkeypatch, ov):
+    """Two GRPO steps on rows of varied length, padded and packed under a token budget (more, and differently
+    composed, micro-batches than the padded run's): the same logged losses, the same optimizer steps, the
+    same parameter updates (activation checkpointing recomputes packed attention in the backward)."""
+    _varied_lengths(monkeypatch)
+    base = ["max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+            "max_completion_length=10", "max_prompt_length=18", "learning_rate=0.003", *ov]
+    res = []
+    for extra in ([], ["padding_free=true", "max_tokens_per_batch=30"]):
+        t = H.grpo_trainer(tmp_path / str(len(res)), *base, *extra, reward_funcs=[H.digit_share])
+        p0 = _trained_params(t)
+        hist = t.train()
+        upd = _trained_params(t) - p0
+        res.append((hist, upd, t.engine.global_steps, t.cfg.num_iterations))
+    (h0, u0, s0, mu) = res[0]
+    lens = [h["completions/mean_length"] for h in h0]
+    assert 1 < min(lens) and max(lens) < 10, lens
+    for hist, upd, steps, _ in res[1:]:
+        assert steps == s0 == 2 * mu
+        for a, b in zip(h0, hist):
+            assert a["completions/mean_length"] == b["completions/mean_length"]
+            assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), name="loss")
+        assert_close(upd, u0, name="parameter update")
+
+
+def test_bad_values_name_the_key(tmp_path):
+    base = H.FAST + [f"output_dir={tmp_path}", "max_prompt_length=20", "max_completion_length=8"]
+    for v, msg in (("0", "positive"), ("-4", "positive"), ("27", ">= max_prompt_length")):
+        with pytest.raises(ConfigError, match=f"max_tokens_per_batch.*{msg}"):
+            load_config(overrides=base + ["padding_free=true", f"max_tokens_per_batch={v}"])
+    with pytest.raises(ConfigError, match="max_tokens_per_batch=64 needs padding_free"):
+        load_config(overrides=base + ["max_tokens_per_batch=64"])
+    assert load_config(overrides=base + ["padding_free=true", "max_tokens_per_batch=28"]).max_tokens_per_batch == 28
+    assert issubclass(ConfigError, ValueError)
+    with pytest.raises(ValueError, match="max_tokens_per_batch=5 is less than the longest row"):
+        plan([3, 6, 2], 2, max_tokens=5)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        plan([3], 2, max_tokens=0)
+
+
+def test_plan_fits_the_budget_and_covers_every_row():
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 50, (37,), generator=g).tolist()
+    for budget in (50, 64, 200, 10_000):
+        bins = plan(lens, 4, max_tokens=budget)
+        assert sorted(i for b in bins for i in b) == list(range(37))
+        assert all(sum(lens[i] for i in b) <= budget for b in bins)
+        assert len(bins) >= -(-sum(lens) // budget)
+        assert len(plan(lens, 4, max_tokens=budget, min_batches=len(bins) + 2)) >= len(bins) + 2
+    assert plan(lens, 4) == [list(range(s, min(s + 4, 37))) for s in range(0, 37, 4)]
+
+
+def test_help_config_lists_the_keys(capsys):
+    from r1train.cli import main
+
+    assert main(["grpo", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "padding_free = False: GRPO: training forwards without padding" in out
+    assert "max_tokens_per_batch = None: padding_free: a token budget per micro-batch" in out
+
+
+def test_train_gpu_bench_flags_tiny(tmp_path):
+    """benchmarks/train_gpu.py --tiny with --varied-lengths --padding-free --max-tokens-per-batch: eos forced
+    at the drawn lengths, the flags in the JSON."""
+    from benchmarks import train_gpu
+
+    out = str(tmp_path / "t.json")
+    res = train_gpu.main([out, "--tiny", "--steps", "1", "--prompts", "2", "--num-generations", "4",
+                          "--micro-batch", "4", "--num-iterations", "1", "--varied-lengths", "--padding-free",
+                          "--max-tokens-per-batch", "40"])
+    assert res["args"]["padding_free"] and res["args"]["max_tokens_per_batch"] == 40
+    assert res["args"]["varied_lengths"] and res["workload"] == "varied"
+    lens = res["completion_lengths"]
+    assert len(lens) == 8 and min(lens) >= 2 and max(lens) <= 16 and len(set(lens)) > 1
+    assert res["steps"][0]["completions/mean_length"] == pytest.approx(sum(lens) / len(lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])
+def test_packed_varlen_flash_bf16(tmp_path, name):
+    """CUDA bf16: the packed forward runs torch's varlen flash attention (GQA; DeepSeek-V3's narrower values
+    padded) and gives the padded batch's log-probs within the bf16 tolerance; its backward runs."""
+    from r1train import packing
+    from r1train.loading import load_model_and_tokenizer
+
+    cfg = load_config(overrides=H.FAST + [f"model_name_or_path={name}", f"output_dir={tmp_path}",
+                                          "model_num_layers=2", "model_hidden_size=128"])
+    model, _ = load_model_and_tokenizer(cfg)
+    model = model.to("cuda", torch.bfloat16)
+    B, P, T, V = 9, 40, 70, model.config.vocab_size
+    ids, pm, cm = (x.cuda() for x in _rows(B, P, T, V))
+    comp, pol = ids[:, P:], Policy(model, "linear")
+    used = []
+    orig = packing._flash_ok
+    packing._flash_ok = lambda *a: used.append(orig(*a)) or used[-1]
+    try:
+        with torch.no_grad():
+            want = sequence_logprobs(pol, ids, torch.cat([pm, cm], 1), comp)
+            packs = build_packs(ids, pm, cm, rows_per_batch=4, max_tokens=3 * (P + T))
+            got = packed_logprobs(pol, packs, comp)
+        m = cm.bool()
+        with torch.no_grad():
+            want32 = sequence_logprobs(Policy(model.float(), "linear"), ids, torch.cat([pm, cm], 1), comp)
+        model.to(torch.bfloat16)
+        assert_close(got[m], want32[m], torch.bfloat16, lowp=want[m], name=f"{name} packed bf16 log-probs")
+        pk = packs[0]
+        with packed_attention(model):
+            lp = pol(pk.input_ids, None, 0, packing_logprob_fn(pk.gather(comp)), pack=pk)
+            lp.sum().backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    finally:
+        packing._flash_ok = orig
+    assert used and all(used), "varlen flash attention was not used"
+
+
+def packing_logprob_fn(ids_1C):
+    from r1train.rollout import logprob_fn
+
+    return logprob_fn(ids_1C, 1.0)
