@@ -56,9 +56,11 @@ class TrainConfig:
     weight_decay: float = f(0.0, "AdamW weight decay")
     adam_beta1: float = f(0.9, "AdamW beta1")
     adam_beta2: float = f(0.999, "AdamW beta2")
-    optim: str = f("adamw_torch", "optimizer (transformers' names): adamw_torch; adamw_torch_8bit = torchao's "
+    optim: str = f("adamw_torch_fused", "optimizer (transformers' names and default): adamw_torch_fused = torch "
+                   "AdamW, one fused kernel; adamw_torch = its multi-tensor path; adamw_torch_8bit = torchao's "
                    "AdamW8bit: fp32 master weights kept, both moments in 8 bits (6 bytes per parameter for "
-                   "master + states instead of 12; needs torchao)", ["adamw_torch", "adamw_torch_8bit"])
+                   "master + states instead of 12; needs torchao)", ["adamw_torch_fused", "adamw_torch",
+                                                                      "adamw_torch_8bit"])
     lr_scheduler_type: str = f("constant", "learning-rate schedule", ["constant", "linear", "cosine"])
     warmup_ratio: float = f(0.0, "share of max_steps spent warming up linearly")
     per_device_train_batch_size: int = f(8, "completions (GRPO) or examples (SFT) per micro-batch per device")

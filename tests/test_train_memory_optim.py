@@ -117,3 +117,30 @@ def test_reference_model_only_with_beta(tmp_path, beta):
 def test_bad_optim_is_an_error():
     with pytest.raises(ConfigError, match="optim"):
         load_config(overrides=["optim=adamw_bnb_8bit"])
+
+
+def test_adamw_fused_is_the_default_and_equals_foreach(tmp_path):
+    """`optim` defaults to transformers' adamw_torch_fused; the fused kernel and the multi-tensor path give the
+    same parameters on fresh random inputs (fp32 rounding), at several sizes and hyper-parameters."""
+    from r1train.optim import make_optimizer
+
+    cfg = load_config(overrides=SFT + [f"output_dir={tmp_path}"])
+    assert cfg.optim == "adamw_torch_fused"
+    for n, wd in ((7, 0.0), (1000, 0.1), (4099, 0.01)):
+        c = load_config(overrides=SFT + [f"output_dir={tmp_path}", f"weight_decay={wd}"])
+        ps = {o: torch.nn.Parameter(torch.randn(n, dtype=torch.float64).float()) for o in ("fused", "foreach")}
+        ps["foreach"].data.copy_(ps["fused"].data)
+        start = ps["fused"].detach().clone()
+        opts = {"fused": make_optimizer(c, [ps["fused"]]),
+                "foreach": make_optimizer(load_config(overrides=SFT + [f"output_dir={tmp_path}", "optim=adamw_torch",
+                                                                      f"weight_decay={wd}"]), [ps["foreach"]])}
+        assert opts["fused"].defaults["fused"] and not opts["foreach"].defaults["fused"]
+        for _ in range(5):
+            g = torch.randn(n)
+            for o, p in ps.items():
+                p.grad = g.clone()
+                opts[o].step()
+        torch.testing.assert_close(ps["fused"], ps["foreach"], rtol=1e-5, atol=1e-6)
+        assert (ps["fused"].detach() - start).abs().min() > 0  # every entry moved
+    with pytest.raises(ConfigError, match="optim"):
+        load_config(overrides=SFT + [f"output_dir={tmp_path}", "optim=adamw_torch_fuse"])
