@@ -2,7 +2,9 @@
 
 Shapes: P prompts on this rank, N = P*G completions, micro-batches of per_device_train_batch_size rows;
 all advantages/normalizers are computed over the global batch (all ranks) so 1 process with
-gradient accumulation and k processes without it see the same loss.
+gradient accumulation and k processes without it see the same loss. padding_free: the micro-batches are
+packed sequences (r1train/packing.py), max_tokens_per_batch of them under a token budget; each row keeps
+the loss weight of its padded micro-batch, so the loss and the optimizer steps are the padded run's.
 """
 
 from __future__ import annotations
@@ -442,7 +444,7 @@ class GRPOTrainer(Trainer):
                           entropy_coef=0.0):
         """Forward + loss for one packed micro-batch (r1train/packing.py): the transformer runs on the pack's
         tokens, the head on its scored tokens only; the loss is the pack's share of the padded micro-batches'
-        losses: sum over its rows of w_row * sum_t m*L (weights: reduction_weights' (w_N, we_N)). Returns
+        losses: sum over its rows of w_row * sum_t m*L (weights: reduction_weights'). Returns
         (GRPOLossOutput with per_token_logprobs in the pack's [b, T] layout, masked mean entropy or None)."""
         cfg = self.cfg
         self.expert_load.token_mask = None  # every packed token is real
@@ -465,7 +467,7 @@ class GRPOTrainer(Trainer):
         ent_loss = needs_entropy(kw)
         ent_on = ent_loss or cfg.log_entropy or cfg.use_adaptive_entropy
         m_bT = pk.rows_T(mask_BT).float()
-        w_b, we_b = (w[pk.rows][:, None] for w in weights)
+        w_b, we_b, share_b = (w[pk.rows][:, None] for w in weights)
 
         def fn(x, weight=None, bias=None):
             lkw = dict(temperature=cfg.temperature, return_entropy=ent_on, backend=cfg.kernel_backend)
@@ -480,9 +482,8 @@ class GRPOTrainer(Trainer):
             if ent_mask is not None:  # top_entropy_quantile: selected among this pack's tokens
                 eff = m_bT * ent_mask
                 metrics["entropy/selected_mean"] = (h.detach() * eff).sum() / eff.sum().clamp(min=1.0)
-                if entropy_coef != 0.0:  # the pack's mean, weighted by its share of the rank's tokens
-                    share = cfg.gradient_accumulation_steps * m_bT.sum() / mask_BT.sum().clamp(min=1)
-                    loss = loss - entropy_coef * share * (h * eff).sum() / eff.sum().clamp(min=1.0)
+                if entropy_coef != 0.0:  # the pack's mean, counted as many padded micro-batches as its rows fill
+                    loss = loss - entropy_coef * share_b.sum() * (h * eff).sum() / eff.sum().clamp(min=1.0)
             elif entropy_coef != 0.0:
                 loss = loss - entropy_coef * (h * m_bT * we_b).sum()
             return rk.GRPOLossOutput(loss, logp.detach(), metrics), ent

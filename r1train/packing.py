@@ -20,7 +20,8 @@ ones whatever rows share a micro-batch. L itself comes from r1kernels' reference
 only (rk.linear_token_logprobs, or rk.linear_grpo_loss directly on the packed tokens when the loss is
 token-local with num_items normalization, where w_row is one constant). The expensive transformer
 forward/backward runs packed, which is where the time goes. One exception, by definition per micro-batch:
-top_entropy_quantile's threshold is taken over the packed micro-batch's tokens.
+top_entropy_quantile's threshold is taken over the packed micro-batch's tokens (the padded one's without
+a token budget, where the packs are the padded micro-batches).
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, m
 
 def reduction_weights(loss_type: str, mask_BT, rows_per_batch: int, *, max_completion_length=None, num_items=None):
     """w [N] with sum_i w_i sum_t m_it L_it = the sum over the padded micro-batches (runs of rows_per_batch
-    consecutive rows) of reduce_loss(L, m) (r1kernels.reference.grpo), and the entropy term's weights
-    we [N] (entropy_coef * sum_i we_i sum_t m_it H_it = the sum of each micro-batch's entropy term)."""
+    consecutive rows) of reduce_loss(L, m) (r1kernels.reference.grpo); the entropy term's weights we [N]
+    (entropy_coef * sum_i we_i sum_t m_it H_it = the sum of each micro-batch's entropy term); and each row's
+    share of its padded micro-batch, 1 / rows (a packed micro-batch's entropy mean over the tokens that
+    top_entropy_quantile selects counts sum_i share_i times: once where it is a padded micro-batch)."""
     m = mask_BT.float()
     N = m.shape[0]
     grp = torch.arange(N, device=m.device) // rows_per_batch
@@ -179,7 +182,7 @@ def reduction_weights(loss_type: str, mask_BT, rows_per_batch: int, *, max_compl
         w = 1.0 / (rows_i * (max_completion_length or mask_BT.shape[1]))
     else:
         w = torch.ones_like(n_i) / (num_items.reshape(()).float() if num_items is not None else m.sum().clamp(min=1.0))
-    return w, 1.0 / tok_i
+    return w, 1.0 / tok_i, 1.0 / rows_i
 
 
 # ---- attention over packed rows

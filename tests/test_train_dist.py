@@ -51,3 +51,22 @@ def test_zero3_two_processes_with_reference(tmp_path):
     model, info = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert (out / "checkpoint-2" / "ref_model.pt").exists()
+
+
+@pytest.mark.slow
+def test_packed_two_processes_match_padded_one(tmp_path):
+    """padding_free with a token budget under ZeRO-2 on two processes (each rank plans its own packs, the
+    count agreed by an all-reduce) logs the losses of one padded process with gradient accumulation (bnpo:
+    the per-micro-batch token normalization)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*ARGS, "max_prompt_length=20", "max_completion_length=8", "loss_type=bnpo", "zero_stage=2"]
+    r1 = H.run_cli(["grpo", *args, "gradient_accumulation_steps=2", f"output_dir={one}"])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = H.run_cli(["grpo", *args, "gradient_accumulation_steps=1", "padding_free=true", "max_tokens_per_batch=30",
+                    f"output_dir={two}"], nproc=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m1, m2 = H.read_metrics(one), H.read_metrics(two)
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        assert a["completions/mean_length"] == pytest.approx(b["completions/mean_length"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), (a, b)
