@@ -189,6 +189,10 @@ class TrainConfig:
     patch_model: Optional[bool] = f(None, "swap DeepseekV3 routers/experts for r1kernels' fused ones (rk.patch); "
                                     "None: only on CUDA")
     moe_bias_update_rate: float = f(1e-3, "MoE policies: aux-loss-free balancing bias step (0 = off)")
+    moe_router_replay: bool = f(False, "MoE policies (DeepseekV3): router replay (R3): the rollout records every "
+                                "token's top-k experts per MoE layer and the training forward uses them as its "
+                                "expert selection; the routing weights still come from the current router "
+                                "(the gate learns); logs moe/routing_agreement. Needs rollout_engine=r1train")
     # ---- SFT (TRL SFTConfig names)
     max_length: int = f(1024, "SFT: prompt+completion tokens kept (truncated from the right)")
     completion_only_loss: bool = f(True, "SFT: loss on completion tokens only")
@@ -270,6 +274,9 @@ class TrainConfig:
             if self.delta <= 1 + eh:
                 raise ConfigError(f"delta must be > 1 + epsilon_high = {1 + eh:g} (it bounds the ratio above the "
                                   f"upper clip), got {self.delta}")
+        if self.moe_router_replay and self.rollout_engine != "r1train":
+            raise ConfigError("moe_router_replay needs rollout_engine=r1train (the transformers fallback does not "
+                              "record the routing)")
         if self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
         self._check_packing()

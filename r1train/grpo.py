@@ -19,6 +19,7 @@ import torch.distributed as dist
 import r1kernels as rk
 from r1kernels.reference.grpo import EXTRA_DEFAULTS, LOSS_REDUCTION, grpo_token_loss, needs_entropy, token_local
 
+from . import moe_replay
 from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
@@ -105,6 +106,8 @@ def _replace_groups(got, new, slots, G, pad_id):
         fields.append(a.index_copy(0, rows, b.to(a.dtype)))
     trunc = ro.truncated_B.index_copy(0, rows, ro2.truncated_B)
     out = Rollout(*fields[:4], trunc, fields[4])
+    if ro.routing is not None:  # moe_router_replay: the groups' routing records follow their rows
+        out.routing = ro.routing.replace_rows(ro2.routing, rows)
     lists = [list(x) for x in got[1:]]
     for k, i in enumerate(slots):
         for x, y in zip(lists, new[1:]):
@@ -122,6 +125,8 @@ class GRPOTrainer(Trainer):
             raise ValueError(f"reward_weights has {len(w)} entries for {len(self.rewards.names)} reward functions")
         self.reward_w_R = torch.tensor(w, dtype=torch.float32)
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")  # adaptive entropy control
+        # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError)
+        self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
 
     def applied_entropy_coef(self) -> float:
         """The entropy term's coefficient for this optimizer step: entropy_coef; with use_adaptive_entropy
@@ -145,6 +150,8 @@ class GRPOTrainer(Trainer):
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
             seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
+        if self.replay is not None:
+            ro.routing = self.replay.take()
         texts = decode_completions(tok, ro)
         ids_list = [[t for t, k in zip(i, m) if k] for i, m in zip(ro.completion_ids_BT.tolist(),
                                                                      ro.completion_mask_BT.tolist())]
@@ -317,9 +324,18 @@ class GRPOTrainer(Trainer):
         # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
         diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
         ent_window = torch.zeros(2, dtype=torch.float64, device=self.dev)  # adaptive entropy: sum, tokens
+        # moe_router_replay: [B, P+T, MoE layers, k] expert ids, armed per micro-batch (flat-indexed for packs)
+        routes = None if ro.routing is None else ro.routing.joined()
+        if routes is not None and routes.shape[:2] != ids_BL.shape:
+            raise RuntimeError(f"moe_router_replay: routing {tuple(routes.shape[:2])} does not match the rollout's "
+                               f"input ids {tuple(ids_BL.shape)}")
         with packed():
             for it, j in itertools.product(range(cfg.num_iterations), range(len(micro))):
                 sl, T, pk = micro[j]
+                if routes is not None:
+                    ids = routes.flatten(0, 1)[pk.src] if pk is not None else \
+                        routes[sl, :ids_BL.shape[1] - comp_BT.shape[1] + T]
+                    moe_replay.replay(self.model, ids, check=False)
                 samp_BT = ro.logprobs_BT
                 if pk is not None:
                     # the optimizer steps after the iteration's last pack, as after the padded run's last
@@ -368,6 +384,9 @@ class GRPOTrainer(Trainer):
                              *out.metrics.items(), ("entropy", ent)]:
                     if v is not None:
                         acc.setdefault(k, []).append(torch.as_tensor(v).detach().reshape(()).float())
+        if routes is not None:
+            moe_replay.replay(self.model, None)
+            acc.update({k: [v] for k, v in moe_replay.agreement(self.model).items()})
         if acc:
             means = torch.stack([torch.stack([x.to(self.dev) for x in v]).mean() for v in acc.values()])
             if dist.is_initialized() and self.world > 1:

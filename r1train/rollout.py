@@ -27,6 +27,7 @@ class Rollout:
     completion_mask_BT: torch.Tensor  # 1 up to and including the first eos
     truncated_B: torch.Tensor  # bool: no eos within max_new_tokens
     logprobs_BT: torch.Tensor | None = None  # fp32 log-prob of each token under the sampling distribution
+    routing: object = None  # moe_router_replay: the rollout's expert ids (r1train.moe_replay.RoutingRecord)
 
     @property
     def input_ids(self):

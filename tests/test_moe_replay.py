@@ -279,3 +279,45 @@ def test_bad_ids_name_the_argument():
     ids, mask = _prompts([3, 2])
     with pytest.raises(ValueError, match="moe_router_replay needs rollout_engine=r1train"):
         generate(gen, ids, mask, [0, 1], SamplingParams(3), eos_id=-1, pad_id=0, engine="transformers")
+
+
+# ---- the trainer's wiring (moe_router_replay=true)
+TRAIN = ["model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "moe_bias_update_rate=0", "num_iterations=2",
+         "max_steps=2", "moe_router_replay=true", "patch_model=false"]
+
+
+PACKED = ["padding_free=true", "max_prompt_length=18", "max_tokens_per_batch=40"]
+
+
+@pytest.mark.parametrize("extra", [[], PACKED], ids=["padded", "packed"])
+def test_trainer_replays_the_rollout_routing(tmp_path, monkeypatch, extra):
+    """With learning_rate 0 the training forwards route exactly as the rollout did: agreement 1.0 on every step,
+    padded and packed (the packs index the record through their flat token positions). With the record's
+    experts shifted (e -> e+1 mod E) the same run's losses change and the agreement falls: the replayed ids
+    are the ones the training forward uses."""
+    import train_helpers as H
+
+    runs = {}
+    for shift in (0, 1):
+        t = H.grpo_trainer(tmp_path / str(shift), *TRAIN, "learning_rate=0", *extra, reward_funcs=[H.digit_share])
+        if shift:
+            take, n_exp = t.replay.take, t.model.config.n_routed_experts
+
+            def shifted(take=take, n_exp=n_exp):
+                rec = take()
+                move = lambda x: torch.where(x >= 0, (x + 1) % n_exp, x)  # noqa: E731
+                return moe_replay.RoutingRecord(move(rec.prompt), move(rec.completion))
+            monkeypatch.setattr(t.replay, "take", shifted)
+        runs[shift] = t.train()
+    assert all(h["moe/routing_agreement"] == 1.0 for h in runs[0]), [h["moe/routing_agreement"] for h in runs[0]]
+    assert all(h["moe/routing_agreement"] < 0.9 for h in runs[1])
+    assert all(a["loss"] != b["loss"] for a, b in zip(runs[0], runs[1]))
+
+
+def test_trainer_replay_config_errors(tmp_path):
+    import train_helpers as H
+
+    with pytest.raises(ConfigError, match="moe_router_replay"):
+        H.grpo_trainer(tmp_path / "a", *TRAIN, "rollout_engine=transformers")
+    with pytest.raises(ConfigError, match="moe_router_replay"):
+        H.grpo_trainer(tmp_path / "b", "moe_router_replay=true")  # tiny-qwen2: no MoE layers
