@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import train_helpers as H
-from conftest import assert_close
+from conftest import SEED, TOLERANCES
 
 from r1kernels import _backend
 
@@ -60,4 +60,7 @@ def test_auto_matches_torch(tmp_path, monkeypatch, overrides):
             if k in H.TIMING or k.startswith("time/") or not isinstance(v, (int, float)):
                 continue
             assert math.isfinite(a[k]), (step, k, a[k])
-            assert_close(torch.tensor(float(a[k])), torch.tensor(float(v)), torch.float32, name=f"step {step} {k}")
+            # the loss and the step's metrics are O(1)-scaled means whose terms cancel (advantages have zero
+            # mean per group), so the loss itself can be ~1e-7: the float32 tolerance applies at scale >= 1
+            tol = TOLERANCES[torch.float32] * max(abs(v), 1.0)
+            assert abs(a[k] - v) <= tol, f"step {step} {k}: {a[k]} vs {v} (tolerance {tol:.2e}, seed {SEED})"
