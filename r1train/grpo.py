@@ -283,11 +283,12 @@ class GRPOTrainer(Trainer):
         mb = cfg.per_device_train_batch_size
         t0 = time.perf_counter()
         # padding_free: the micro-batches are packs of rows (r1train/packing.py), planned once per step and
-        # held over the num_iterations passes; the attention switch is held over the backward too
+        # held over the num_iterations passes. Each packed forward switches its model's attention itself
+        # (Policy._forward_packed); the training loop also holds the policy's switch over the backward, where
+        # activation checkpointing re-runs the attention
         packs = build_packs(ids_BL, ro.prompt_mask_BP, mask_BT, rows_per_batch=mb,
                             max_tokens=cfg.max_tokens_per_batch) if cfg.padding_free else None
-        models = (self.model, None if self.ref is None else self.ref.module.model)
-        packed = (lambda: packed_attention(*models)) if packs else contextlib.nullcontext
+        packed = (lambda: packed_attention(self.model)) if packs else contextlib.nullcontext
         ref_BT = None
         # The old policy is the model of iteration 0: an iteration is exactly gradient_accumulation_steps
         # micro-batches (compute_prompts_per_rank), so the optimizer steps only between iterations and
@@ -296,8 +297,7 @@ class GRPOTrainer(Trainer):
             if cfg.num_iterations > 1 else None
         ref = self.ref_policy()
         if ref is not None and packs:
-            with packed():
-                ref_BT = packed_logprobs(ref, packs, comp_BT, temperature=cfg.temperature, backend=cfg.kernel_backend)
+            ref_BT = packed_logprobs(ref, packs, comp_BT, temperature=cfg.temperature, backend=cfg.kernel_backend)
         elif ref is not None:
             ref_BT = sequence_logprobs(ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
                                        micro_batch=mb, backend=cfg.kernel_backend)
