@@ -59,6 +59,21 @@ def expression(nums: list[int], ops: list[str]) -> str:
     return str(nums[0]) + "".join(f"{o}{b}" for o, b in zip(ops, nums[1:]))
 
 
+def draw(rng: random.Random, spec: ArithSpec, n: int, exclude=frozenset()):
+    """Yields n problems (nums, ops, expression) from rng whose expression is not in `exclude` (a held-out
+    set); ValueError when the spec leaves too few outside it. Lazy: the caller may draw from rng in between."""
+    got = tries = 0
+    while got < n:
+        nums, ops = make_problem(rng, spec)
+        e = expression(nums, ops)
+        tries += 1
+        if tries > 100 * (n + 10):
+            raise ValueError(f"task: cannot draw {n} problems outside the held-out set from this spec; widen it")
+        if e not in exclude:
+            got += 1
+            yield nums, ops, e
+
+
 def worked_solution(nums, ops, flaw_step: int | None = None, flaw_delta: int = 0) -> tuple[str, int]:
     """The step-by-step solution text and its final value; step `flaw_step` is off by `flaw_delta`."""
     lines, total = [], nums[0]
@@ -76,23 +91,17 @@ def generate(n: int, seed: int, spec: ArithSpec = ArithSpec(), flaw_share: float
     """n rows: {"prompt": [chat messages], "answer": str, "solution": worked (possibly flawed) text,
     "expression": "7+5-3"}; problems whose expression is in `exclude` are skipped (held-out sets)."""
     rng = random.Random(seed)
-    rows, tries = [], 0
-    while len(rows) < n:
-        nums, ops = make_problem(rng, spec)
-        tries += 1
-        if tries > 100 * (n + 10):
-            raise ValueError(f"task: cannot draw {n} problems outside the held-out set from this spec; widen it")
-        if expression(nums, ops) in exclude:
-            continue
+    rows = []
+    for nums, ops, expr in draw(rng, spec, n, exclude):
         truth = worked_solution(nums, ops)[1]
         flawed = rng.random() < flaw_share
         step = rng.randrange(len(ops)) if flawed else None
         delta = rng.choice([-2, -1, 1, 2]) if flawed else 0
         text, _ = worked_solution(nums, ops, step, delta)
-        msgs = [{"role": "user", "content": f"What is {expression(nums, ops)}?"}]
+        msgs = [{"role": "user", "content": f"What is {expr}?"}]
         if SYSTEM_PROMPT:
             msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-        rows.append({"prompt": msgs, "answer": str(truth), "solution": text, "expression": expression(nums, ops)})
+        rows.append({"prompt": msgs, "answer": str(truth), "solution": text, "expression": expr})
     return rows
 
 
@@ -123,11 +132,7 @@ def split(n_train: int, n_eval: int, seed: int, spec: ArithSpec = ArithSpec()):
         if e not in seen:
             seen.add(e)
             ev.append((nums, ops))
-    train = []
-    while len(train) < n_train:
-        nums, ops = make_problem(rng_t, spec)
-        if expression(nums, ops) not in seen:
-            train.append((nums, ops))
+    train = [(nums, ops) for nums, ops, _ in draw(rng_t, spec, n_train, seen)]
     return train, ev
 
 
