@@ -59,16 +59,18 @@ def expression(nums: list[int], ops: list[str]) -> str:
     return str(nums[0]) + "".join(f"{o}{b}" for o, b in zip(ops, nums[1:]))
 
 
-def draw(rng: random.Random, spec: ArithSpec, n: int, exclude=frozenset()):
+def draw(rng: random.Random, spec: ArithSpec, n: int, exclude=frozenset(),
+         what: str = "problems outside the held-out set"):
     """Yields n problems (nums, ops, expression) from rng whose expression is not in `exclude` (a held-out
-    set); ValueError when the spec leaves too few outside it. Lazy: the caller may draw from rng in between."""
+    set, or the expressions drawn so far when the caller adds each one); ValueError naming `what` when the
+    spec leaves too few. Lazy: the caller may draw from rng, or add to exclude, in between."""
     got = tries = 0
     while got < n:
         nums, ops = make_problem(rng, spec)
         e = expression(nums, ops)
         tries += 1
         if tries > 100 * (n + 10):
-            raise ValueError(f"task: cannot draw {n} problems outside the held-out set from this spec; widen it")
+            raise ValueError(f"task: cannot draw {n} {what} from this spec; widen it")
         if e not in exclude:
             got += 1
             yield nums, ops, e
@@ -122,16 +124,10 @@ def split(n_train: int, n_eval: int, seed: int, spec: ArithSpec = ArithSpec()):
     drawn first from its own stream (distinct expressions); train draws from the seed's stream, skipping
     eval expressions (repeats among training problems are allowed)."""
     rng_e, rng_t = random.Random(seed + 10_000), random.Random(seed)
-    ev, seen, tries = [], set(), 0
-    while len(ev) < n_eval:
-        nums, ops = make_problem(rng_e, spec)
-        e = expression(nums, ops)
-        tries += 1
-        if tries > 100 * (n_eval + 10):
-            raise ValueError(f"task: cannot draw {n_eval} distinct held-out problems from this spec; widen it")
-        if e not in seen:
-            seen.add(e)
-            ev.append((nums, ops))
+    ev, seen = [], set()
+    for nums, ops, e in draw(rng_e, spec, n_eval, seen, what="distinct held-out problems"):
+        seen.add(e)
+        ev.append((nums, ops))
     train = [(nums, ops) for nums, ops, _ in draw(rng_t, spec, n_train, seen)]
     return train, ev
 
