@@ -24,11 +24,11 @@ def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=No
         v_cache[rows, :, lens[rows]] = v_new[rows].to(v_cache.dtype)
         lens = torch.where(lens < L, lens + 1, lens)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
-    k = k_cache.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, L, Dk]
-    v = v_cache.float().repeat_interleave(Hq // Hkv, dim=1)
-    s = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
-    valid = torch.arange(L, device=q.device)[None, :] < lens.to(q.device).long()[:, None]  # [B, L]
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # lens 0: all -inf -> NaN -> 0
-    v = v.masked_fill(~valid[:, None, :, None], 0.0)  # positions >= lens may hold anything (NaN too)
-    return torch.einsum("bhl,bhld->bhd", p, v).to(q.dtype)
+    G = Hq // Hkv
+    q_BKGD = q.float().view(B, Hkv, G, Dk)  # query head h = kv head h // G, group member h % G
+    s_BKGL = torch.einsum("bkgd,bkld->bkgl", q_BKGD, k_cache.float()) * scale
+    valid_BL = torch.arange(L, device=q.device)[None, :] < lens.to(q.device).long()[:, None]
+    s_BKGL = s_BKGL.masked_fill(~valid_BL[:, None, None, :], float("-inf"))
+    p_BKGL = torch.softmax(s_BKGL, -1).nan_to_num(0.0)  # lens 0: all -inf -> NaN -> 0
+    v = v_cache.float().masked_fill(~valid_BL[:, None, :, None], 0.0)  # positions >= lens may hold NaN
+    return torch.einsum("bkgl,bkld->bkgd", p_BKGL, v).reshape(B, Hq, -1).to(q.dtype)

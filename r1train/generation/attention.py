@@ -30,6 +30,9 @@ class KVCache:
         self.lens = lens  # int64 [rows_max]: valid positions per row (the engine's static buffer)
         self.mode = "decode"
         self.start_B = self.mask_B1PP = None  # prefill inputs
+        # decode reads positions [0, window) (None: all L). An eager decode step sets it to the host-known
+        # bound prompt length + steps >= lens + 1 (no sync); captured steps keep None (static shapes).
+        self.window: int | None = None
 
     # ---- prefill: the prompt's keys/values into the cache, causal attention over the padded prompt
     def set_prefill(self, prompt_mask_BP: torch.Tensor):
@@ -62,10 +65,10 @@ class KVCache:
 
     # ---- decode: one new token per row
     def decode(self, i, q, k, v, scale):
-        b = q.shape[0]
+        b, w = q.shape[0], self.window
         pos_b = self.lens[:b]
         # the kernel stores k/v at position lens[b] itself and attends to lens[b] + 1 positions
-        out = rk.decode_attention(q[:, :, 0], self.k[i][:b], self.v[i][:b], pos_b, scale=scale,
+        out = rk.decode_attention(q[:, :, 0], self.k[i][:b, :, :w], self.v[i][:b, :, :w], pos_b, scale=scale,
                                   k_new=k[:, :, 0], v_new=v[:, :, 0], backend=self.backend)
         return out[:, None]  # [b, 1, Hq, Dv]
 

@@ -278,6 +278,8 @@ class Engine:
             rows, steps = B, 1
             sizes = buckets(B)
             while steps < T:
+                eager = not (self.cuda_graphs and st.tok.is_cuda)
+                cache.window = min(P + steps, cache.length) if eager else None  # lens <= P + steps - 1
                 self._run_step(rows, sp, eos_id, pad_id)
                 steps += 1
                 if steps % self.check_every == 0 and steps < T:
@@ -288,6 +290,7 @@ class Engine:
                     if target < rows:
                         self._compact(rows, target)
                         rows = target
+        cache.window = None
         if rec is not None:
             rec.finish(self.routes[:, :B, :steps])
             self._rec = None
