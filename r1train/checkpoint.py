@@ -70,6 +70,13 @@ def zero3(engine) -> bool:
 class CheckpointMixin:
     """Mixed into engine.Trainer (uses self.engine, self.ref, self.model, self.tok, self.cfg, self.rank)."""
 
+    # ---- a trainer's own state beyond model, optimizer and RNG (JSON values; the same on every rank)
+    def trainer_state(self) -> dict:
+        return {}
+
+    def load_trainer_state(self, state: dict):
+        pass
+
     @torch.no_grad()
     def ref_state_dict(self) -> dict:
         """The reference model's full state (its own engine has no optimizer, so no DS checkpoint)."""
@@ -135,7 +142,8 @@ class CheckpointMixin:
                 self.tok.save_pretrained(tmp)
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
                 json.dump({"global_step": step, "max_steps": self.max_steps, "trainer": type(self).__name__,
-                           "world_size": self.world, "config": vars(cfg)}, fh, indent=1, default=str)
+                           "world_size": self.world, "trainer_state": self.trainer_state(), "config": vars(cfg)},
+                          fh, indent=1, default=str)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
             write_manifest(tmp)  # last: lists every rank's files
@@ -187,7 +195,9 @@ class CheckpointMixin:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         with open(os.path.join(path, "trainer_state.json")) as fh:
-            return json.load(fh)["global_step"]
+            state = json.load(fh)
+        self.load_trainer_state(state.get("trainer_state", {}))
+        return state["global_step"]
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

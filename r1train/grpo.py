@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 
 import torch
@@ -118,15 +119,26 @@ def _replace_groups(got, new, slots, G, pad_id):
 class GRPOTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, eval_rows=None, reward_funcs=None):
         check_grpo_batch(cfg)
+        self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")  # adaptive entropy control
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
         self.rewards = RewardRunner(reward_funcs or cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
         w = cfg.reward_weights or [1.0] * len(self.rewards.names)
         if len(w) != len(self.rewards.names):
             raise ValueError(f"reward_weights has {len(w)} entries for {len(self.rewards.names)} reward functions")
         self.reward_w_R = torch.tensor(w, dtype=torch.float32)
-        self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")  # adaptive entropy control
         # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError)
         self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
+
+    def trainer_state(self) -> dict:
+        """Adaptive entropy control's state (a resumed run continues it; inf, before any step: null)."""
+        last = self.last_entropy if math.isfinite(self.last_entropy) else None
+        return {"entropy_coef": self.entropy_coef, "last_entropy": last}
+
+    def load_trainer_state(self, state: dict):
+        if "entropy_coef" in state:
+            self.entropy_coef = float(state["entropy_coef"])
+            last = state.get("last_entropy")
+            self.last_entropy = float("inf") if last is None else float(last)
 
     def applied_entropy_coef(self) -> float:
         """The entropy term's coefficient for this optimizer step: entropy_coef; with use_adaptive_entropy

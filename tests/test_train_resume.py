@@ -1,5 +1,6 @@
 """Kill -9 a run after its first checkpoint, resume from it: the continuation's metrics equal those of
-an uninterrupted run. Checkpoints appear atomically (never a checkpoint-N without its trainer_state)."""
+an uninterrupted run (the adaptive entropy coefficient included). Checkpoints appear atomically (never a
+checkpoint-N without its trainer_state)."""
 
 import os
 import signal
@@ -15,9 +16,11 @@ ARGS = H.FAST + ["reward_funcs=train_helpers:digit_share,format", "num_generatio
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["use_peft=true", "lora_modules_to_save=lm_head"]], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [[], ["use_peft=true", "lora_modules_to_save=lm_head"],
+                                   ["use_adaptive_entropy=true", "entropy_coef=0.01", "entropy_target=100.0"]],
+                         ids=["full", "lora", "adaptive-entropy"])
 def test_kill_and_resume_identical(tmp_path, extra):
-    if extra:
+    if "use_peft=true" in extra:
         pytest.importorskip("peft")
     args = ARGS + extra
     ref, run = tmp_path / "ref", tmp_path / "run"
