@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 
 import r1kernels as rk
-from r1kernels.reference.grpo import EXTRA_DEFAULTS, LOSS_REDUCTION, grpo_token_loss, needs_entropy, token_local
+from r1kernels.reference.grpo import (
+    EXTRA_DEFAULTS,
+    LOSS_REDUCTION,
+    grpo_token_loss,
+    needs_entropy,
+    rollout_is_weights,
+    token_local,
+)
 
 from . import moe_replay
 from .config import check_grpo_batch
@@ -335,6 +342,8 @@ class GRPOTrainer(Trainer):
         t_bwd = t_opt = 0.0
         # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
         diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
+        # rollout correction's weights (TRL's sampling/importance_sampling_ratio/*): sum, count, max, -min
+        isr = torch.tensor([0.0, 0.0, -math.inf, -math.inf], dtype=torch.float64, device=self.dev)
         ent_window = torch.zeros(2, dtype=torch.float64, device=self.dev)  # adaptive entropy: sum, tokens
         # moe_router_replay: [B, P+T, MoE layers, k] expert ids, armed per micro-batch (flat-indexed for packs)
         routes = None if ro.routing is None else ro.routing.joined()
@@ -373,6 +382,16 @@ class GRPOTrainer(Trainer):
                     diff[0] += d_BT.sum()
                     diff[1] = torch.maximum(diff[1], d_BT.max().double())
                     diff[2] += m_BT.sum()
+                    if cfg.vllm_importance_sampling_correction:
+                        w = rollout_is_weights(out.per_token_logprobs.detach(), ro.logprobs_BT[sl, :T], m_BT,
+                                               cfg.vllm_importance_sampling_mode,
+                                               cfg.vllm_importance_sampling_clip_min,
+                                               cfg.vllm_importance_sampling_clip_max)
+                        w = w[:, 0] if w.shape[1] == 1 else w[m_BT]  # sequence modes: one weight per row
+                        if w.numel():
+                            w = w.double()
+                            isr[:2] += torch.stack([w.sum(), w.new_tensor(w.numel())])
+                            isr[2:] = torch.maximum(isr[2:], torch.stack([w.max(), -w.min()]))
                 t1 = time.perf_counter()
                 self.engine.backward(out.loss)
                 t2 = time.perf_counter()
@@ -413,6 +432,17 @@ class GRPOTrainer(Trainer):
             d = diff.tolist()
             m["sampling/sampling_logp_difference/mean"] = d[0] / max(d[2], 1.0)
             m["sampling/sampling_logp_difference/max"] = d[1]
+            if cfg.vllm_importance_sampling_correction:
+                if dist.is_initialized() and self.world > 1:
+                    ext = isr[2:].clone()
+                    dist.all_reduce(isr)
+                    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
+                    isr[2:] = ext
+                r = isr.tolist()
+                if r[1] > 0:
+                    m["sampling/importance_sampling_ratio/min"] = -r[3]
+                    m["sampling/importance_sampling_ratio/mean"] = r[0] / r[1]
+                    m["sampling/importance_sampling_ratio/max"] = r[2]
         m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
         if cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy:
             m["entropy_coef"] = self.entropy_coef

@@ -35,6 +35,9 @@ def test_zero2_two_processes_match_one(tmp_path, extra, launcher):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["completions/mean_length"] == pytest.approx(b["completions/mean_length"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), (a, b)
+        for k in ("min", "mean", "max"):  # rollout-correction weights, reduced over ranks
+            k = f"sampling/importance_sampling_ratio/{k}"
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
     assert abs(m1[0]["loss"]) > 1e-6 and math.isfinite(m1[1]["loss"])  # mu=2: the 2nd pass has ratios != 1
 
 
@@ -70,3 +73,6 @@ def test_packed_two_processes_match_padded_one(tmp_path):
     for a, b in zip(m1, m2):
         assert a["completions/mean_length"] == pytest.approx(b["completions/mean_length"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), (a, b)
+        for k in ("min", "mean", "max"):  # rollout-correction weights, reduced over ranks
+            k = f"sampling/importance_sampling_ratio/{k}"
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k

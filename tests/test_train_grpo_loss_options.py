@@ -49,6 +49,9 @@ def test_grpo_step_runs(tmp_path, overrides):
     t = H.grpo_trainer(tmp_path, "max_steps=2", *overrides, reward_funcs=[H.digit_share])
     rows = [t.train_step(s, t.rows_for(s)[0]) for s in range(2)]
     assert all(math.isfinite(r["loss"]) for r in rows)
+    for r in rows:  # rollout correction's weights: the engine samples with the trained weights (on-policy),
+        lo, mean, hi = (r[f"sampling/importance_sampling_ratio/{k}"] for k in ("min", "mean", "max"))
+        assert lo <= mean <= hi and abs(lo - 1) < 1e-3 and abs(hi - 1) < 1e-3, r  # so every weight is ~1
     if "use_adaptive_entropy=true" in overrides:
         assert rows[0]["entropy_coef"] == pytest.approx(0.01 + 0.005)
         assert rows[1]["entropy_coef"] == pytest.approx(0.01 + 2 * 0.005)
