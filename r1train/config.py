@@ -56,6 +56,7 @@ class TrainConfig:
     weight_decay: float = f(0.0, "AdamW weight decay")
     adam_beta1: float = f(0.9, "AdamW beta1")
     adam_beta2: float = f(0.999, "AdamW beta2")
+    adam_epsilon: float = f(1e-8, "AdamW epsilon (added to the root of the second moment)")
     optim: str = f("adamw_torch_fused", "optimizer (transformers' names and default): adamw_torch_fused = torch "
                    "AdamW, one fused kernel; adamw_torch = its multi-tensor path; adamw_torch_8bit = torchao's "
                    "AdamW8bit: fp32 master weights kept, both moments in 8 bits (6 bytes per parameter for "
@@ -170,11 +171,12 @@ class TrainConfig:
     ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
     loss_impl: str = f("linear", "'linear': fused hidden->loss kernels (no [B,T,V] logits); 'logits'",
                        ["linear", "logits"])
-    padding_free: bool = f(False, "GRPO: training forwards without padding (verl use_remove_padding, TRL SFT's "
-                            "name): each micro-batch's rows (prompt + completion, pads removed) run as one packed "
-                            "sequence, positions restarting per row (varlen flash attention on CUDA bf16/fp16, "
-                            "per-row torch sdpa elsewhere); the loss runs on the completion tokens only, normalized "
-                            "exactly as the padded micro-batches of per_device_train_batch_size rows")
+    padding_free: bool = f(False, "GRPO and SFT: training forwards without padding (verl use_remove_padding, TRL "
+                            "SFT's name): each micro-batch's rows (prompt + completion, pads removed) run as one "
+                            "packed sequence, positions restarting per row (varlen flash attention on CUDA "
+                            "bf16/fp16, elsewhere one torch sdpa over the rows re-padded for attention only); the "
+                            "loss runs on the completion tokens only, normalized exactly as the padded micro-batches "
+                            "of per_device_train_batch_size rows")
     max_tokens_per_batch: Optional[int] = f(None, "padding_free: a token budget per micro-batch (verl "
                                             "use_dynamic_bsz): rows packed into as few micro-batches of at most "
                                             "this many tokens as fit (the count varies per step; optimizer steps "
@@ -237,6 +239,8 @@ class TrainConfig:
         for k in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if not self.adam_epsilon > 0:
+            raise ConfigError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.deepspeed is None:
             check_offload(self, self.zero_stage)
         if self.use_peft:

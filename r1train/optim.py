@@ -30,7 +30,8 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_torch_8bit")
 
 
 def make_optimizer(cfg, params):
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+              weight_decay=cfg.weight_decay)
     if cfg.optim == "adamw_torch_8bit":
         return adamw_8bit_class()(params, **kw)
     return torch.optim.AdamW(params, fused=cfg.optim == "adamw_torch_fused", **kw)

@@ -3,11 +3,14 @@ prompt-completion format, completion_only_loss), through r1kernels' fused hidden
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .data import sft_collate
 from .engine import Trainer
 from .grpo import _all_sum
+from .packing import build_packs, packed_attention
 from .rollout import logprob_fn
 
 
@@ -22,21 +25,35 @@ class SFTTrainer(Trainer):
         # token-level mean over the global batch (see grpo.py for the GA * world factor)
         n_items = max(_all_sum(c_mask.sum(), self.dev), 1.0) / (cfg.gradient_accumulation_steps * self.world)
         mb, losses, gn, moe = cfg.per_device_train_batch_size, [], None, {}
-        for s in range(0, ids_BL.shape[0], mb):
-            sl = slice(s, s + mb)
-            T = c_ids.shape[1]
-            self.expert_load.token_mask = attn_BL[sl].reshape(-1).bool()  # MoE routers count real tokens only
-            fn = logprob_fn(c_ids[sl], 1.0, backend=cfg.kernel_backend)
-            lp_BT = self.engine(ids_BL[sl], attn_BL[sl], T, fn)
-            loss = -(lp_BT * c_mask[sl]).sum() / n_items
-            self.engine.backward(loss)
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.step()
-            if boundary:
-                moe = self.expert_load.step()
-                gn = self.engine.get_global_grad_norm()
-            losses.append(loss.item())
-        m = {"loss": _all_sum(sum(losses) / len(losses), self.dev) / self.world,
+        # padding_free: each micro-batch is one packed sequence of its rows' real tokens (r1train/packing.py);
+        # the loss is a plain sum over completion tokens, so the packs' losses add up to the padded ones
+        packs = build_packs(ids_BL, p_mask, c_mask, rows_per_batch=mb,
+                            max_tokens=cfg.max_tokens_per_batch) if cfg.padding_free else None
+        micro = packs or [slice(s, s + mb) for s in range(0, ids_BL.shape[0], mb)]
+        with packed_attention(self.model) if packs else contextlib.nullcontext():
+            for j, part in enumerate(micro):
+                if packs:
+                    self.expert_load.token_mask = None  # every packed token is real
+                    # the optimizer steps after the last pack, as after the padded run's last micro-batch
+                    self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+                    fn = logprob_fn(part.gather(c_ids), 1.0, backend=cfg.kernel_backend)
+                    lp = self.engine(part.input_ids, None, 0, fn, pack=part)
+                    loss = -(lp * part.gather(c_mask)).sum() / n_items
+                else:
+                    self.expert_load.token_mask = attn_BL[part].reshape(-1).bool()  # MoE routers: real tokens
+                    fn = logprob_fn(c_ids[part], 1.0, backend=cfg.kernel_backend)
+                    lp = self.engine(ids_BL[part], attn_BL[part], c_ids.shape[1], fn)
+                    loss = -(lp * c_mask[part]).sum() / n_items
+                self.engine.backward(loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                if boundary:
+                    moe = self.expert_load.step()
+                    gn = self.engine.get_global_grad_norm()
+                losses.append(loss.item())
+        # each micro-batch's loss is its tokens' share times gradient_accumulation_steps (n_items), so their
+        # sum over GA is the step's token mean, whatever the count of packs
+        m = {"loss": _all_sum(sum(losses) / cfg.gradient_accumulation_steps, self.dev) / self.world,
              "tokens": _all_sum(attn_BL.sum(), self.dev)}  # prompt + completion tokens of the step (all ranks)
         if gn is not None:
             m["grad_norm"] = float(gn)

@@ -20,6 +20,7 @@ from r1train.data import DatasetError, load_rows
     ("beta", "expected key=value"),
     ("reward_weights=1,x", "reward_weights: 'x' is not a number"),
     ("reward_funcs=[]", "reward_funcs must be a non-empty list"),
+    ("adam_epsilon=0", "adam_epsilon must be > 0"),
 ])
 def test_bad_override(override, msg):
     with pytest.raises(ConfigError) as e:

@@ -189,6 +189,11 @@ def _trained_params(t):
         return torch.cat([p.detach().flatten().clone() for p in ps])
 
 
+# AdamW with epsilon >> |grad|: the update is linear in the gradient, so updates compare gradients. With
+# 1e-8, Adam's early steps are ~sign(grad) and a 1e-7 difference in a near-zero gradient entry becomes a
+# full-size step (measured: 4.4e-2 relative on the updates of exactly equal packed and padded losses).
+ADAM_LINEAR = "adam_epsilon=1.0"
+
 RUNS = [
     ["loss_type=bnpo", "beta=0.04", "num_iterations=2", "gradient_checkpointing=true", "zero_stage=2"],
     ["model_name_or_path=tiny-deepseek-v3", "loss_type=grpo", "moe_bias_update_rate=0", "use_peft=true",
@@ -203,7 +208,7 @@ def test_grpo_steps_packed_equal_padded(tmp_path, monkeypatch, ov):
     same parameter updates (activation checkpointing recomputes packed attention in the backward)."""
     _varied_lengths(monkeypatch)
     base = ["max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
-            "max_completion_length=10", "max_prompt_length=18", "learning_rate=0.003", *ov]
+            "max_completion_length=10", "max_prompt_length=18", "learning_rate=0.003", ADAM_LINEAR, *ov]
     res = []
     for extra in ([], ["padding_free=true", "max_tokens_per_batch=30"]):
         t = H.grpo_trainer(tmp_path / str(len(res)), *base, *extra, reward_funcs=[H.digit_share])
@@ -218,6 +223,37 @@ def test_grpo_steps_packed_equal_padded(tmp_path, monkeypatch, ov):
         assert steps == s0 == 2 * mu
         for a, b in zip(h0, hist):
             assert a["completions/mean_length"] == b["completions/mean_length"]
+            assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), name="loss")
+        assert_close(upd, u0, name="parameter update")
+
+
+@pytest.mark.parametrize("ov", [["zero_stage=2", "gradient_checkpointing=true"],
+                                ["model_name_or_path=tiny-deepseek-v3", "moe_bias_update_rate=0", "zero_stage=3"]],
+                         ids=["dense-zero2-gc", "moe-zero3"])
+def test_sft_steps_packed_equal_padded(tmp_path, ov):
+    """Two SFT steps on worked solutions of 2..5 terms (varied lengths), padded, packed, and packed under a
+    token budget (another count of micro-batches): the same logged losses, optimizer steps and updates."""
+    from r1train.config import load_config
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    base = ["max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4", "task_min_terms=2",
+            "task_max_terms=5", "max_prompt_length=40", "learning_rate=0.003", ADAM_LINEAR, *ov]
+    res = []
+    for extra in ([], ["padding_free=true"], ["padding_free=true", "max_tokens_per_batch=90"]):
+        cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / str(len(res))}", *base, *extra])
+        model, tok = load_model_and_tokenizer(cfg)
+        t = SFTTrainer(cfg, model, tok, load_datasets(cfg, sft=True)[0], [])
+        p0 = _trained_params(t)
+        hist = t.train()
+        res.append((hist, _trained_params(t) - p0, t.engine.global_steps))
+    (h0, u0, s0) = res[0]
+    lens = [sum(len(r["solution"]) for r in t.train_rows[:8]) / 8, max(len(r["solution"]) for r in t.train_rows)]
+    assert lens[1] > 1.3 * lens[0], lens  # rows of varied length: padding to remove
+    for hist, upd, steps in res[1:]:
+        assert steps == s0 == 2
+        for a, b in zip(h0, hist):
+            assert a["tokens"] == b["tokens"]
             assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), name="loss")
         assert_close(upd, u0, name="parameter update")
 
