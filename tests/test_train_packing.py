@@ -290,7 +290,7 @@ def test_help_config_lists_the_keys(capsys):
 
     assert main(["grpo", "--help-config"]) == 0
     out = capsys.readouterr().out
-    assert "padding_free = False: GRPO: training forwards without padding" in out
+    assert "padding_free = False: GRPO and SFT: training forwards without padding" in out
     assert "max_tokens_per_batch = None: padding_free: a token budget per micro-batch" in out
 
 
