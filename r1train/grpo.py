@@ -126,7 +126,8 @@ def _replace_groups(got, new, slots, G, pad_id):
 class GRPOTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, eval_rows=None, reward_funcs=None):
         check_grpo_batch(cfg)
-        self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")  # adaptive entropy control
+        # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
+        self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
         self.rewards = RewardRunner(reward_funcs or cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
         w = cfg.reward_weights or [1.0] * len(self.rewards.names)
@@ -340,10 +341,10 @@ class GRPOTrainer(Trainer):
         loss_scale = len(micro) / cfg.gradient_accumulation_steps
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
         t_bwd = t_opt = 0.0
-        # rollout log-probs vs the training forward's (first pass): sum, max, count on the device
-        diff = torch.zeros(3, dtype=torch.float64, device=self.dev)
-        # rollout correction's weights (TRL's sampling/importance_sampling_ratio/*): sum, count, max, -min
-        isr = torch.tensor([0.0, 0.0, -math.inf, -math.inf], dtype=torch.float64, device=self.dev)
+        # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
+        # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
+        samp_sum = torch.zeros(4, dtype=torch.float64, device=self.dev)
+        samp_max = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64, device=self.dev)
         ent_window = torch.zeros(2, dtype=torch.float64, device=self.dev)  # adaptive entropy: sum, tokens
         # moe_router_replay: [B, P+T, MoE layers, k] expert ids, armed per micro-batch (flat-indexed for packs)
         routes = None if ro.routing is None else ro.routing.joined()
@@ -379,9 +380,8 @@ class GRPOTrainer(Trainer):
                 if it == 0 and ro.logprobs_BT is not None:
                     m_BT = mask_BT[sl, :T].bool()
                     d_BT = (out.per_token_logprobs - ro.logprobs_BT[sl, :T]).abs().masked_fill(~m_BT, 0.0)
-                    diff[0] += d_BT.sum()
-                    diff[1] = torch.maximum(diff[1], d_BT.max().double())
-                    diff[2] += m_BT.sum()
+                    samp_sum[:2] += torch.stack([d_BT.sum().double(), m_BT.sum().double()])
+                    samp_max[0] = torch.maximum(samp_max[0], d_BT.max().double())
                     if cfg.vllm_importance_sampling_correction:
                         w = rollout_is_weights(out.per_token_logprobs.detach(), ro.logprobs_BT[sl, :T], m_BT,
                                                cfg.vllm_importance_sampling_mode,
@@ -390,8 +390,8 @@ class GRPOTrainer(Trainer):
                         w = w[:, 0] if w.shape[1] == 1 else w[m_BT]  # sequence modes: one weight per row
                         if w.numel():
                             w = w.double()
-                            isr[:2] += torch.stack([w.sum(), w.new_tensor(w.numel())])
-                            isr[2:] = torch.maximum(isr[2:], torch.stack([w.max(), -w.min()]))
+                            samp_sum[2:] += torch.stack([w.sum(), w.new_tensor(w.numel())])
+                            samp_max[1:] = torch.maximum(samp_max[1:], torch.stack([w.max(), -w.min()]))
                 t1 = time.perf_counter()
                 self.engine.backward(out.loss)
                 t2 = time.perf_counter()
@@ -425,24 +425,15 @@ class GRPOTrainer(Trainer):
             m.update(zip(acc, (means / self.world).tolist()))
         if ro.logprobs_BT is not None:
             if dist.is_initialized() and self.world > 1:
-                dmax = diff[1].clone()
-                dist.all_reduce(diff)
-                dist.all_reduce(dmax, op=dist.ReduceOp.MAX)
-                diff[1] = dmax
-            d = diff.tolist()
-            m["sampling/sampling_logp_difference/mean"] = d[0] / max(d[2], 1.0)
-            m["sampling/sampling_logp_difference/max"] = d[1]
-            if cfg.vllm_importance_sampling_correction:
-                if dist.is_initialized() and self.world > 1:
-                    ext = isr[2:].clone()
-                    dist.all_reduce(isr)
-                    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
-                    isr[2:] = ext
-                r = isr.tolist()
-                if r[1] > 0:
-                    m["sampling/importance_sampling_ratio/min"] = -r[3]
-                    m["sampling/importance_sampling_ratio/mean"] = r[0] / r[1]
-                    m["sampling/importance_sampling_ratio/max"] = r[2]
+                dist.all_reduce(samp_sum)
+                dist.all_reduce(samp_max, op=dist.ReduceOp.MAX)
+            su, mx = samp_sum.tolist(), samp_max.tolist()
+            m["sampling/sampling_logp_difference/mean"] = su[0] / max(su[1], 1.0)
+            m["sampling/sampling_logp_difference/max"] = mx[0]
+            if su[3] > 0:  # rollout correction on, some weight seen
+                m["sampling/importance_sampling_ratio/min"] = -mx[2]
+                m["sampling/importance_sampling_ratio/mean"] = su[2] / su[3]
+                m["sampling/importance_sampling_ratio/max"] = mx[1]
         m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
         if cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy:
             m["entropy_coef"] = self.entropy_coef
