@@ -123,9 +123,15 @@ def test_every_stage_at_toy_size(tmp_path, capsys):
     assert lang["mixing_reduction_sampled"] == pytest.approx(plain["sampled/mixing"] / max(with_["sampled/mixing"],
                                                                                            1 / 6))
     assert lang["accuracy_cost_greedy"] == pytest.approx(plain["greedy/accuracy"] - with_["greedy/accuracy"])
-    for arm in ("rl-language", "rl-no-language"):
-        rewards = {k for r in C.read_metrics(str(tmp_path / "language" / arm)) for k in r if k.startswith("rewards/")}
+    for arm, after in (("rl-language", with_), ("rl-no-language", plain)):
+        m = C.read_metrics(str(tmp_path / "language" / arm))
+        rewards = {k for r in m for k in r if k.startswith("rewards/")}
         assert ("rewards/language/mean" in rewards) == (arm == "rl-language")
+        # the accuracy curve starts and ends at the stage table's evaluations (each model evaluated once)
+        greedy = C.curve(m, "eval/accuracy_greedy")
+        assert greedy[0] == [0, lang["after_sft"]["greedy/accuracy"]]
+        assert greedy[-1][1] == after["greedy/accuracy"]
+        assert C.curve(m, "eval/accuracy")[-1][1] == after["sampled/accuracy"]
     rs = res["rejection"]["rejection_sampling"]
     assert rs["samples"] == 32 * 4 and rs["kept"] <= min(rs["correct"], rs["prompts"])
     assert rs["kept_share"] == pytest.approx(rs["kept"] / rs["samples"])

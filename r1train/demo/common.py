@@ -94,14 +94,23 @@ def sft(cfg: TrainConfig, model, tok, rows):
     return t
 
 
-def grpo(cfg: TrainConfig, model, tok, rows, eval_rows):
+def _curve_point(m: dict) -> dict:
+    """`evaluate`'s metrics under the trainer's eval keys."""
+    return {"eval/accuracy": m["sampled/accuracy"], "eval/accuracy_greedy": m["greedy/accuracy"]}
+
+
+def grpo(cfg: TrainConfig, model, tok, rows, eval_rows, before: dict):
+    """GRPO from `model`, whose held-out metrics are `before` (from `evaluate`) -> (trainer, metrics after).
+    The accuracy curve's first and last points are these two evaluations, so each model is evaluated once;
+    the points between come from the trainer's eval_steps."""
     t = GRPOTrainer(cfg, model, tok, rows, eval_rows)
-    if cfg.eval_steps:  # the curve's first point
-        t.logger.log(0, t.evaluate())
+    if cfg.eval_steps:
+        t.logger.log(0, _curve_point(before))
     t.train()
-    t.logger.log(t.max_steps, t.evaluate())
+    after = evaluate(t.model, tok, eval_rows, cfg)
+    t.logger.log(t.max_steps, _curve_point(after))
     t.finish()
-    return t
+    return t, after
 
 
 def read_metrics(d: str) -> list[dict]:

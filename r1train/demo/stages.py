@@ -50,10 +50,8 @@ def default(overrides, out_dir, ctx) -> dict:
     eval_rows = arith.rl_rows(ev)
     before = C.evaluate(t.model, tok, eval_rows, c_rl)
     clock.lap("eval")
-    t = C.grpo(c_rl, t.model, tok, arith.rl_rows(train), eval_rows)
+    t, after = C.grpo(c_rl, t.model, tok, arith.rl_rows(train), eval_rows, before)
     clock.lap("rl")
-    after = C.evaluate(t.model, tok, eval_rows, c_rl)
-    clock.lap("eval")
     res = {"stage": "default", "eval_prompts": len(ev), "eval_temperature": c_rl.eval_temperature,
            "cold_start": {"rows": len(cold), "slip_share": base.task_slip_share,
                           "flawed_rows": sum(r["completion"] != arith.r1_text(arith.chain(*p)[0], r["answer"])
@@ -89,10 +87,8 @@ def zero(overrides, out_dir, ctx) -> dict:
     eval_rows = arith.rl_rows(ev, chat=False)
     before = C.evaluate(t.model, tok, eval_rows, c_rl)
     clock.lap("eval")
-    t = C.grpo(c_rl, t.model, tok, arith.rl_rows(train, chat=False), eval_rows)
+    t, after = C.grpo(c_rl, t.model, tok, arith.rl_rows(train, chat=False), eval_rows, before)
     clock.lap("rl")
-    after = C.evaluate(t.model, tok, eval_rows, c_rl)
-    clock.lap("eval")
     texts = [r["completion"] for r in corpus]
     res = {"stage": "zero", "eval_prompts": len(ev), "eval_temperature": c_rl.eval_temperature,
            "corpus": {"documents": len(corpus), "problems": len(train),
@@ -146,11 +142,9 @@ def language(overrides, out_dir, ctx) -> dict:
     eval_rows, rl_rows = arith.rl_rows(ev), arith.rl_rows(train)
     before = C.evaluate(t.model, tok, eval_rows, c_rl)
     cold_start = t.model
-    t_plain = C.grpo(c_plain, copy.deepcopy(cold_start), tok, rl_rows, eval_rows)
-    plain = C.evaluate(t_plain.model, tok, eval_rows, c_rl)
+    t_plain, plain = C.grpo(c_plain, copy.deepcopy(cold_start), tok, rl_rows, eval_rows, before)
     clock.lap("rl without the language reward")
-    t_lang = C.grpo(c_lang, cold_start, tok, rl_rows, eval_rows)
-    lang = C.evaluate(t_lang.model, tok, eval_rows, c_rl)
+    t_lang, lang = C.grpo(c_lang, cold_start, tok, rl_rows, eval_rows, before)
     clock.lap("rl with the language reward")
     ctx["language"] = t_lang.model
     floor = 1 / len(ev)  # a rate measured as 0 counts as one mixed completion, so the ratio stays finite
@@ -238,8 +232,7 @@ def rejection(overrides, out_dir, ctx) -> dict:
         log.warning("demo rejection: no sample was kept; skipping the rejection SFT")
         mid = before
     clock.lap("sft")
-    t = C.grpo(c_rl, model, tok, arith.rl_rows(train), eval_rows)
-    after = C.evaluate(t.model, tok, eval_rows, c_rl)
+    t, after = C.grpo(c_rl, model, tok, arith.rl_rows(train), eval_rows, mid)
     clock.lap("rl")
     ctx["rejection"] = t.model
     res = {"stage": "rejection", "start": source, "eval_prompts": len(ev), "eval_temperature": c_rl.eval_temperature,
@@ -296,8 +289,7 @@ def distill(overrides, out_dir, ctx) -> dict:
     else:  # a toy-size teacher that solves nothing
         log.warning("demo distill: the teacher produced no correct, readable sample; no distilled student")
     clock.lap("student distill sft")
-    t_c = C.grpo(c_rl, copy.deepcopy(t_a.model), stok, arith.rl_rows(train), eval_rows)
-    c = C.evaluate(t_c.model, stok, eval_rows, c_rl)
+    t_c, c = C.grpo(c_rl, copy.deepcopy(t_a.model), stok, arith.rl_rows(train), eval_rows, a)
     clock.lap("student rl")
     prompt_tokens = sum(len(stok.apply_chat_template(r["prompt"], add_generation_prompt=True)) for r in eval_rows)
     prompt_tokens /= len(eval_rows)
