@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .data import sft_collate
+from .data import TokenCache, sft_collate
 from .engine import Trainer
 from .grpo import _all_sum
 from .packing import build_packs, packed_attention
@@ -15,10 +15,15 @@ from .rollout import logprob_fn
 
 
 class SFTTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens = TokenCache(self.tok)
+
     def train_step(self, step, rows):
         cfg = self.cfg
         p_ids, p_mask, c_ids, c_mask = sft_collate(self.tok, rows, completion_column=cfg.completion_column,
-                                                   max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+                                                   max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                                   cache=self.tokens)
         ids_BL = torch.cat([p_ids, c_ids], 1).to(self.dev)
         attn_BL = torch.cat([p_mask, c_mask], 1).to(self.dev)
         c_ids, c_mask = c_ids.to(self.dev), c_mask.to(self.dev)

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from r1train.rewards import accuracy_reward, format_reward
 from r1train.tasks import TINY_MODELS, ArithSpec, char_tokenizer, generate, tiny_model
@@ -163,3 +164,24 @@ def test_pretrain_corpus_styles():
     for r in probs:  # untagged documents end with the answer, plainly
         if r not in tagged:
             assert "<" not in r["completion"] and r["completion"].split()[-1] == r["answer"]
+
+
+def test_sft_collate_with_the_token_cache_equals_fresh_encoding():
+    """The SFT token cache changes nothing: a batch collated twice through one cache (the second time from
+    the cache) equals the batch encoded afresh; a cache that is full stops storing but keeps encoding."""
+    from r1train.data import TokenCache, sft_collate
+    from r1train.tasks import arith
+
+    tok = char_tokenizer()
+    train, _ = arith.split(24, 4, 3, ArithSpec())
+    rows = arith.cold_start_rows(train, 3)
+    rows[0] = {**rows[0], "prompt": rows[0]["prompt"][-1]["content"]}  # a plain-string prompt too
+    kw = dict(completion_column="completion", max_length=40, max_prompt_length=12)
+    want = sft_collate(tok, rows, **kw)
+    for cache in (TokenCache(tok), TokenCache(tok, max_entries=5)):
+        for batch in (rows[:10], rows, rows[::-1]):
+            got = sft_collate(tok, batch, cache=cache, **kw)
+            ref = sft_collate(tok, batch, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref))
+        assert len(cache) == min(cache.max_entries, 2 * len(rows))
+    assert all(torch.equal(a, b) for a, b in zip(sft_collate(tok, rows, cache=TokenCache(tok), **kw), want))
