@@ -58,7 +58,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         x, ids, adv, mask, old, ref = inputs.next()
         x = x[:, :T].detach().requires_grad_()
         loss, _, _ = grpo_loss_triton(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, inplace_backward=True,
-                                      **kw)
+                                      delta=None, kl_estimator="k3", max_completion_length=None,
+                                      num_items_in_batch=None, **kw)
         return torch.autograd.grad(loss, x)
 
     def ref_fn(x, ids, adv, mask, old, ref):

@@ -38,6 +38,53 @@ def step_clock(marks: list):
     return Clock()
 
 
+PHASES = {"generate": "_generate", "logprobs (old, ref)": "_get_per_token_logps_and_entropies",
+          "loss forward": "compute_loss"}
+
+
+def phase_timers(trainer, events: list):
+    """Wrap the trainer's generation, log-prob and loss methods and the accelerator's backward: each call
+    appends (phase, start, seconds), device-synchronized. Log-prob calls made inside the loss count as loss."""
+    import functools
+
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    inside = []
+
+    def timed(phase, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if inside:
+                return fn(*args, **kwargs)
+            sync()
+            t = time.perf_counter()
+            inside.append(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside.pop()
+                sync()
+                events.append((phase, t, time.perf_counter() - t))
+        return run
+    for phase, name in PHASES.items():
+        setattr(trainer, name, timed(phase, getattr(trainer, name)))
+    trainer.accelerator.backward = timed("backward", trainer.accelerator.backward)
+
+
+def per_batch_phases(events, ends, num_iterations) -> list[dict]:
+    """Seconds per phase in each generation batch (batch i spans ends[i * k] .. ends[(i + 1) * k])."""
+    out = []
+    for i in range(0, len(ends) - 1, num_iterations):
+        lo, hi = ends[i], ends[min(i + num_iterations, len(ends) - 1)]
+        d = {p: 0.0 for p in (*PHASES, "backward")}
+        for phase, t, dt in events:
+            if lo <= t < hi:
+                d[phase] += dt
+        out.append(d)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
@@ -84,6 +131,8 @@ def main(argv=None):
     if a.use_r1kernels:
         from r1kernels.integrations.trl import use_r1kernels
         trainer = use_r1kernels(trainer)
+    events = []
+    phase_timers(trainer, events)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -91,19 +140,24 @@ def main(argv=None):
     ends = [t0] + marks
     per_batch = [ends[i + a.num_iterations] - ends[i] for i in range(0, len(marks), a.num_iterations)]
     timed = per_batch[1:] if len(per_batch) > 1 else per_batch
+    phases = per_batch_phases(events, ends, a.num_iterations)
+    phases_timed = phases[1:] if len(phases) > 1 else phases
     res = {"benchmark": "train_trl_gpu", "trl": __import__("trl").__version__, "use_r1kernels": a.use_r1kernels,
            "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped (random init)",
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": _commit(), "torch": torch.__version__, "args": vars(a), "completions_per_batch": n,
            "seconds_per_generation_batch": per_batch, "median_seconds": statistics.median(timed),
+           # device-synchronized phase totals per generation batch (medians over the timed batches)
+           "median_phase_seconds": {p: statistics.median(d[p] for d in phases_timed) for p in phases[0]},
+           "phase_seconds_per_generation_batch": phases,
            "log": [h for h in trainer.state.log_history if "loss" in h],
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
     print("TRL seconds per generation batch:", per_batch, "median", res["median_seconds"], "peak GiB",
-          res["peak_memory_gib"])
+          res["peak_memory_gib"], "phases", json.dumps(res["median_phase_seconds"]))
     return res
 
 

@@ -54,7 +54,12 @@ def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, with_s
     assert_close(out.loss, exp.loss, dtype, name="loss")
     assert_close(out.per_token_logprobs * mask, exp.per_token_logprobs * mask, dtype, name="logp")
     for k in exp.metrics:
-        assert_close(out.metrics[k], exp.metrics[k], dtype, name=k)
+        if k.startswith("clip_ratio") and dtype != torch.float32:
+            # shares of clipped tokens: the kernel's own bf16 logits may put a token on the other side of a
+            # clip bound than cuBLAS's, so allow two tokens of the shortest row
+            assert abs(float(out.metrics[k]) - float(exp.metrics[k])) <= 2 / float(mask.sum(1).min()), k
+        else:
+            assert_close(out.metrics[k], exp.metrics[k], dtype, name=k)
     for t, g64, name in zip(leaves, grads64, ("hidden", "weight", "bias")):
         assert t.grad.dtype == t.dtype
         assert_close(t.grad, g64, dtype, name=f"grad {name}")
