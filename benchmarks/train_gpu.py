@@ -10,7 +10,8 @@ Completions of a random model almost never stop early, so every step generates m
 tokens per row (a fixed, comparable amount of work). --varied-lengths instead forces eos at a length drawn
 per row, uniform in 32-512 (bench_rollout's "varied" workload, the same lengths every step): the workload
 where padding-free micro-batches (--padding-free, --max-tokens-per-batch) pay; packed vs padded is two
-runs with the same flags but those. Step 1 is warm-up and is left out of the medians.
+runs with the same flags but those. Step 1 is warm-up and is left out of the medians. Under a time limit,
+stop with SIGKILL (`timeout -s KILL`): SIGTERM makes the trainer save a checkpoint first (~25 GB here).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main(argv=None):
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])
     bf16 = not a.tiny
-    model = random_model(shape, tok, torch.bfloat16 if bf16 else torch.float32)
+    model = random_model(shape, tok, torch.bfloat16 if bf16 else torch.float32,
+                         "cuda" if torch.cuda.is_available() else None)
     G = a.num_generations
     n = a.prompts * G
     ga = n // a.micro_batch
