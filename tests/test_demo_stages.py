@@ -162,3 +162,46 @@ def test_language_reward_lowers_mixing_at_small_size(tmp_path):
     without, with_ = res["rl_without_language_reward"], res["rl_with_language_reward"]
     assert res["after_sft"]["sampled/mixing"] > 0.1
     assert with_["sampled/mixing"] < 0.5 * without["sampled/mixing"], (with_, without)
+
+
+def _small_config(tmp_path, name: str, sft_steps: int, rl_steps: int, rl_lr: float) -> str:
+    """The stage's YAML with its SFT (or pretraining) and GRPO sections shortened, at an affordable size."""
+    import yaml
+
+    y = yaml.safe_load(open(os.path.join(C.CONFIG_DIR, name)))
+    y["sft"].update(max_steps=sft_steps, learning_rate=3e-3)
+    y["grpo"].update(max_steps=rl_steps, learning_rate=rl_lr, eval_steps=0)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(y))
+    return str(path)
+
+
+SMALL = ["model_hidden_size=64", "model_num_layers=2", "task_train_size=400", "task_eval_size=60",
+         "kernel_backend=torch", "disable_tqdm=true", "logging_steps=0"]
+
+
+@pytest.mark.slow
+def test_default_stage_grpo_raises_accuracy_at_small_size(tmp_path):
+    """The default stage's effect in the direction the README reports, at a size a test can afford (a 2-layer,
+    64-wide model, 400 cold-start SFT steps, 80 GRPO steps at lr 1e-4): held-out pass@1 rises over RL
+    (measured with seeds 42, 1, 7: 11.7 -> 16.7, 11.7 -> 21.7, 5.0 -> 8.3%). The training accuracy reward
+    is flat at this size (seed 42: 23.2% over the first 20 steps, 22.5% over the last 20), so not asserted."""
+    from r1train.demo import stages
+
+    res = stages.default(SMALL, str(tmp_path), {"config": _small_config(tmp_path, "demo.yaml", 400, 80, 1e-4)})
+    before, after = res["after_sft"], res["after_rl"]
+    assert before["greedy/format"] > 0.9 and 0.0 < before["sampled/accuracy"] < 0.5  # room to improve
+    assert after["sampled/accuracy"] > before["sampled/accuracy"], (before, after)
+
+
+@pytest.mark.slow
+def test_zero_stage_adopts_the_format_at_small_size(tmp_path):
+    """R1-Zero's effect at an affordable size (400 pretraining steps, 80 GRPO steps at lr 1e-4, 2-layer
+    64-wide): the base rarely uses the <think>/<answer> format; RL from the bare question adopts it (measured
+    13% -> 98% sampled) and held-out accuracy rises."""
+    from r1train.demo import stages
+
+    res = stages.zero(SMALL, str(tmp_path), {"config": _small_config(tmp_path, "demo_zero.yaml", 400, 80, 1e-4)})
+    base, after = res["base"], res["after_rl"]
+    assert base["sampled/format"] < 0.5 and after["sampled/format"] > 0.9, (base, after)
+    assert after["sampled/accuracy"] > base["sampled/accuracy"]

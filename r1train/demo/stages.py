@@ -78,7 +78,8 @@ def zero(overrides, out_dir, ctx) -> dict:
     from the bare question, no chain-of-thought SFT: the format is adopted, accuracy rises and responses
     grow longer as the working that pays off takes over."""
     clock = C.Clock()
-    base, c_pre, c_rl = C.configs("demo_zero.yaml", overrides, out_dir, {"sft": "pretrain", "grpo": "rl"})
+    base, c_pre, c_rl = C.configs(ctx.get("config") or "demo_zero.yaml", overrides, out_dir,
+                                  {"sft": "pretrain", "grpo": "rl"})
     train, ev = C.problems(base)
     model, tok = load_model_and_tokenizer(base)
     corpus = arith.pretrain_rows(train, base.seed, max_operand=base.task_max_operand)
