@@ -169,7 +169,9 @@ def _small_config(tmp_path, name: str, sft_steps: int, rl_steps: int, rl_lr: flo
     import yaml
 
     y = yaml.safe_load(open(os.path.join(C.CONFIG_DIR, name)))
-    y["sft"].update(max_steps=sft_steps, learning_rate=3e-3)
+    for sec in ("sft", "distill"):
+        if sec in y:
+            y[sec].update(max_steps=sft_steps, learning_rate=3e-3)
     y["grpo"].update(max_steps=rl_steps, learning_rate=rl_lr, eval_steps=0)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(y))
@@ -205,3 +207,24 @@ def test_zero_stage_adopts_the_format_at_small_size(tmp_path):
     base, after = res["base"], res["after_rl"]
     assert base["sampled/format"] < 0.5 and after["sampled/format"] > 0.9, (base, after)
     assert after["sampled/accuracy"] > base["sampled/accuracy"]
+
+
+@pytest.mark.slow
+def test_distill_stage_beats_cold_start_at_small_size(tmp_path):
+    """Distillation's effect at an affordable size: the teacher stands in for the rejection stage's model (the
+    same 2-layer, 64-wide shape, 400 SFT steps on correct worked solutions: 47-77% greedy); a student SFT'd
+    200 steps on its filtered samples beats the same student SFT'd on the flawed, mixed cold-start set
+    (measured with seeds 42, 1, 7: greedy 18.3 / 20.0 / 16.7% against 1.7 / 3.3 / 5.0%)."""
+    from r1train.demo import stages
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.tasks import arith
+
+    cfg = _small_config(tmp_path, "demo_distill.yaml", 200, 50, 5e-5)
+    base, c_teacher = C.configs(cfg, SMALL + ["max_steps=400"], str(tmp_path / "teacher"), {"sft": "sft"})
+    train, _ = C.problems(base)
+    teacher, tok = load_model_and_tokenizer(base)
+    teacher = C.sft(c_teacher, teacher, tok, arith.cold_start_rows(train, base.seed)).model
+    res = stages.distill(SMALL, str(tmp_path / "distill"), {"config": cfg, "rejection": teacher})
+    cold, distilled = res["student_cold_start_sft"], res["student_distilled"]
+    assert res["teacher_samples"]["kept"] > 100
+    assert distilled["greedy/accuracy"] > cold["greedy/accuracy"] + 0.05, (cold, distilled)

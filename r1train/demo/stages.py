@@ -270,7 +270,7 @@ def distill(overrides, out_dir, ctx) -> dict:
 
     clock = C.Clock()
     base, c_cold, c_dist, c_rl, c_teach = C.configs(
-        "demo_distill.yaml", overrides, out_dir,
+        ctx.get("config") or "demo_distill.yaml", overrides, out_dir,
         {"sft": "student-cold-start-sft", "distill": "student-distill-sft", "grpo": "student-rl",
          "rejection": "teacher-samples"})
     teacher, tok, source, train, ev, eval_rows, teacher_eval, rows, stats = _start_and_sample(
