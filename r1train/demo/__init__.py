@@ -22,7 +22,7 @@ def out_dir(stage: str, overrides) -> str:
 
 def run(stage: str = "default", overrides=(), ctx: dict | None = None, config: str | None = None) -> dict:
     """One stage, or every stage in order ("all"); returns {stage: results}. config: a YAML file replacing
-    the default stage's demo.yaml."""
+    the default stage's demo.yaml (ctx["config"]; the other stages read ctx["<stage>_config"] if set)."""
     if stage not in STAGES + ("all",):
         raise ValueError(f"--stage: {stage!r} is not one of {', '.join(STAGES + ('all',))}")
     ctx = {} if ctx is None else ctx

@@ -78,7 +78,7 @@ def zero(overrides, out_dir, ctx) -> dict:
     from the bare question, no chain-of-thought SFT: the format is adopted, accuracy rises and responses
     grow longer as the working that pays off takes over."""
     clock = C.Clock()
-    base, c_pre, c_rl = C.configs(ctx.get("config") or "demo_zero.yaml", overrides, out_dir,
+    base, c_pre, c_rl = C.configs(ctx.get("zero_config") or "demo_zero.yaml", overrides, out_dir,
                                   {"sft": "pretrain", "grpo": "rl"})
     train, ev = C.problems(base)
     model, tok = load_model_and_tokenizer(base)
@@ -223,7 +223,8 @@ def rejection(overrides, out_dir, ctx) -> dict:
     well-formed, single-language ones (at most rejection_max_per_prompt each), SFT on them, then GRPO at
     temperature 0.7."""
     clock = C.Clock()
-    base, c_rs, c_rl = C.configs("demo_rejection.yaml", overrides, out_dir, {"rejection": "sft", "grpo2": "rl"})
+    base, c_rs, c_rl = C.configs(ctx.get("rejection_config") or "demo_rejection.yaml", overrides, out_dir,
+                                 {"rejection": "sft", "grpo2": "rl"})
     model, tok, source, train, ev, eval_rows, before, rows, stats = _start_and_sample(
         "language", overrides, ctx, base, c_rs, c_rl, clock)
     if rows:
@@ -270,7 +271,7 @@ def distill(overrides, out_dir, ctx) -> dict:
 
     clock = C.Clock()
     base, c_cold, c_dist, c_rl, c_teach = C.configs(
-        ctx.get("config") or "demo_distill.yaml", overrides, out_dir,
+        ctx.get("distill_config") or "demo_distill.yaml", overrides, out_dir,
         {"sft": "student-cold-start-sft", "distill": "student-distill-sft", "grpo": "student-rl",
          "rejection": "teacher-samples"})
     teacher, tok, source, train, ev, eval_rows, teacher_eval, rows, stats = _start_and_sample(
