@@ -111,8 +111,7 @@ def main(argv=None):
 
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])
-    model = random_model(shape, tok, torch.float32 if a.tiny else torch.bfloat16,
-                         "cuda" if torch.cuda.is_available() else None)
+    model = random_model(shape, tok, torch.float32 if a.tiny else torch.bfloat16)
     # TRL builds its reference model from a path: save the random model and hand TRL the directory
     model_dir = os.path.splitext(a.out)[0] + "_trl_model"
     model.save_pretrained(model_dir)

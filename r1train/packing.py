@@ -197,8 +197,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     if cu_seq_lens_q is None:
         raise RuntimeError(f"attention {ATTN_NAME!r} needs cu_seq_lens_q (a packed r1train forward)")
     Hq, Hkv, Dq, Dv = query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]
-    params = _varlen_params() if _flash_ok(query, dropout, Dv) else ()
-    if params and (sliding_window is None or "window_size" in params):
+    if _flash_ok(query, dropout, Dv):
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [n, H, D]
@@ -206,15 +205,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
             v = F.pad(v, (0, Dq - Dv))
         kw = {}
         if Hq != Hkv:
-            if "enable_gqa" in params:
+            if "enable_gqa" in _varlen_params():
                 kw["enable_gqa"] = True
             else:
                 k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
-        if "window_size" in params:  # torch >= 2.12; before, a causal flag
-            kw["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
-        else:
-            kw["is_causal"] = True
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling, **kw)
+        window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                          window_size=window, **kw)
         return out[..., :Dv][None], None
     # elsewhere: the rows scattered into a padded [b, H, Lmax, D] batch for one sdpa call (causal, keys past
     # a row's end masked), then gathered back; the projections and MLP around it stay packed
@@ -238,8 +235,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
 
 @functools.lru_cache(maxsize=1)
 def _varlen_params() -> frozenset:
-    """Keyword names of torch's varlen_attn (empty without it): window_size and enable_gqa are newer than
-    the function (torch 2.11 has neither)."""
+    """Keyword names of torch's varlen_attn (empty without it). The packed path needs window_size (causal
+    masking); enable_gqa is newer (torch 2.11's varlen_attn rejects it: heads are then repeated)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -251,7 +248,7 @@ def _flash_ok(query, dropout, Dv) -> bool:
     if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0):
         return False
     D = query.shape[-1]
-    return not (D % 8 or D > 256 or Dv > D)
+    return not (D % 8 or D > 256 or Dv > D) and "window_size" in _varlen_params()
 
 
 _REGISTERED = []
