@@ -6,7 +6,8 @@ lm_head); "throughput" 512 completions (64 prompts x 8) of 512 tokens.
 Providers: the floor (each decode step reads every weight once plus the valid KV cache, at the measured
 copy bandwidth), transformers generate with its dynamic cache (what TRL's GRPOTrainer runs without vLLM),
 transformers generate with a static cache + torch.compile (--with-compile: about 45 s of compile), and the
-r1train engine (first call, which captures the CUDA graphs, reported apart).
+r1train engine (first call, which captures the CUDA graphs, reported apart). The parameters lie in one flat
+buffer, as DeepSpeed ZeRO 1/2 holds them in training (--separate-params: one allocation each).
 
     python -m benchmarks.bench_rollout --out DIR [--with-compile] [--only fixed,varied,throughput]
 """
@@ -34,7 +35,24 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True)
 
 
-def _model(device, tiny):
+def flatten_parameters(model):
+    """Move every parameter into one flat buffer, back to back in model.parameters() order: the layout the
+    engine reads during training (DeepSpeed ZeRO 1/2 flattens the bf16 parameters this way), where it fuses
+    gate_proj with up_proj into one GEMM over a view (r1train/generation/fused.py)."""
+    ps = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+    off = 0
+    for p in ps:
+        p.data = flat[off:off + p.numel()].view_as(p)
+        off += p.numel()
+    return model
+
+
+def _is_flat(model) -> bool:
+    return len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+def _model(device, tiny, separate_params=False):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from .train_gpu import QWEN25_15B
@@ -42,7 +60,8 @@ def _model(device, tiny):
     torch.manual_seed(0)
     cfg = Qwen2Config(**(TINY if tiny else QWEN25_15B), pad_token_id=0, eos_token_id=1, bos_token_id=2)
     dtype = torch.float32 if tiny else torch.bfloat16
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+    return model if separate_params else flatten_parameters(model)
 
 
 def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
@@ -222,9 +241,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
+    p.add_argument("--separate-params", action="store_true",
+                   help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
     tiny = a.device == "cpu"
-    model = _model(a.device, tiny)
+    model = _model(a.device, tiny, a.separate_params)
     n, G, P, T = (2, 2, 8, 12) if tiny else (8, 8, 256, 512)
     varied = varied_lengths(n * G, T)
     work = {"fixed": dict(n_prompts=n, G=G, P=P, T=T, lens=None),
@@ -262,6 +283,7 @@ def _write(out_dir, model, results, device):
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": _commit(), "torch": torch.__version__, "transformers": transformers.__version__,
            "copy_bandwidth": copy_bandwidth(device), "params": sum(p.numel() for p in model.parameters()),
+           "parameter_layout": "flat (as DeepSpeed ZeRO 1/2)" if _is_flat(model) else "separate",
            "results": results}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench_rollout.json"), "w") as fh:

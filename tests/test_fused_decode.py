@@ -142,6 +142,19 @@ def test_silu_mul(device, dtype, shape):
     assert TOLERANCES[dtype] > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 40), (5, 1000), (2, 3, 7)])
+def test_silu_mul_halves_of_one_projection(device, dtype, shape):
+    """gate and up as the two halves of one [.., 2C] GEMM output (row stride 2C), read in place."""
+    C = shape[-1]
+    gu = (torch.randn(*shape[:-1], 2 * C, device=device) * 3).to(dtype)
+    gate, up = gu[..., :C], gu[..., C:]
+    out = fops.silu_mul_triton(gate, up)
+    ref64 = torch.nn.functional.silu(gate.double()) * up.double()
+    assert out.shape == gate.shape and out.is_contiguous()
+    _check(out, ref64, dtype, lowp=ACT2FN["silu"](gate) * up, name="silu_mul halves vs fp64")
+
+
 # ------------------------------------------------------------------------------------------------ opcheck / edge
 
 def test_opcheck(device):

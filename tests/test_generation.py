@@ -102,6 +102,37 @@ def test_fused_qkv_follows_in_place_updates():
         assert "forward" not in vars(m), m
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_flat_parameters_fuse_gate_up_and_follow_updates(name, monkeypatch):
+    """Parameters back to back in one buffer (DeepSpeed ZeRO 1/2's layout): gate_proj and up_proj run as one
+    GEMM over a view of their weights (and Llama's bias-free q/k/v too, with no buffer); greedy decoding equals
+    the full forward before and after an in-place update of those weights, and the patch is gone after."""
+    from benchmarks.bench_rollout import flatten_parameters
+    from r1train.generation import fused
+
+    torch.manual_seed(0)
+    model = flatten_parameters(_model(name))
+    calls = []
+    orig = fused._mlp_gate_up
+    monkeypatch.setattr(fused, "_mlp_gate_up", lambda self, x: calls.append(1) or orig(self, x))
+    lens, T = [4, 6, 3], 6
+    ids, mask = _prompts(lens)
+    eng = Engine(model, backend="triton")
+    for it in range(2):
+        calls.clear()
+        tok, _ = eng.generate(ids, mask, [0, 1, 2], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0)
+        assert len(calls) >= T * len(model.model.layers)  # prefill + decode steps, every layer fused
+        assert len(eng._qkv) == (0 if name == "tiny-llama" else len(model.model.layers))
+        for b in range(len(lens)):
+            assert tok[b].tolist() == _greedy_no_cache(model, ids[b, mask[b].bool()].tolist(), T, -1), (it, b)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.mlp.up_proj.weight, layer.self_attn.v_proj.weight):
+                    p.add_(torch.randn_like(p))
+    for m in model.modules():
+        assert "_r1k_gu" not in vars(m) and "forward" not in vars(m), m
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])
 def test_sampled_logprobs_equal_training_forward(name):
     model = _model(name, sharp=False)

@@ -5,7 +5,8 @@ allocated with torch.empty*, grids depend on shapes only. fp32 math inside, plai
 - _rms_norm_kernel: ROWS rows of [M, H] per program, the whole row in one block (H <= MAX_H).
 - _rotary_kernel: grid (B * T, q head blocks + k head blocks): one program rotates BH heads of q or of k at
   one (b, t), the two halves of D loaded separately (no gather), cos/sin loaded once per program.
-- _silu_mul_kernel: 1-D over the elements.
+- _silu_mul_kernel: grid (rows, column blocks) over [M, C] inputs with their own row strides, so the two
+  halves of one fused gate/up projection are read in place.
 """
 from __future__ import annotations
 
@@ -125,21 +126,28 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, C, sg, su, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < C
+    g = tl.load(g_ptr + row * sg + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * su + cols, mask=m, other=0.0).to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
-    tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(o_ptr + row * C + cols, y.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def _row_view(x: torch.Tensor, C: int) -> torch.Tensor:
+    x2 = x.reshape(-1, C)  # a view for the halves of one [.., 2C] projection: no copy
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    N = gate.numel()
-    if N == 0:
+    C = gate.shape[-1] if gate.dim() else 1
+    if gate.numel() == 0:
         return out
-    BLOCK = 1024
-    _silu_mul_kernel[(triton.cdiv(N, BLOCK),)](gate, up, out, N, BLOCK=BLOCK, num_warps=4)
+    g2, u2 = _row_view(gate, C), _row_view(up, C)
+    BLOCK = min(1024, triton.next_power_of_2(C))
+    _silu_mul_kernel[(g2.shape[0], triton.cdiv(C, BLOCK))](g2, u2, out, C, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
+                                                           num_warps=4 if BLOCK >= 512 else 1)
     return out

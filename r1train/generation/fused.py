@@ -1,9 +1,10 @@
 """Fused kernels in the model's own decode forward, while the engine runs: each Hugging Face RMSNorm ->
 rk.rms_norm (one kernel instead of six), each SiLU-gated MLP -> rk.silu_mul between its projections (one
-instead of two), and the rotary embedding of Llama-family attention -> rk.apply_rotary (one launch for q
-and k instead of about ten), and the q/k/v projections of each attention -> one GEMM over the three
-weights concatenated into a buffer the engine keeps (refreshed from the parameters on every entry; one
-launch instead of three), and in each Llama-family decoder layer the two residual adds -> the beta = 1
+instead of two) and, where gate_proj's and up_proj's weights lie back to back in memory (DeepSpeed ZeRO 1/2),
+one GEMM over both; the rotary embedding of Llama-family attention -> rk.apply_rotary (one launch for q
+and k instead of about ten); the q/k/v projections of each attention -> one GEMM over the three weights
+(a view where they lie back to back, else a concatenated buffer the engine keeps, refreshed from the
+parameters on every entry); and in each Llama-family decoder layer the two residual adds -> the beta = 1
 input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). Instance attributes shadow the
 class methods for the duration and are removed after, so training forwards run the unpatched code."""
 from __future__ import annotations
@@ -26,6 +27,34 @@ def _norm(self, x):
 
 def _mlp(self, x):
     return self.down_proj(rk.silu_mul(self.gate_proj(x), self.up_proj(x), backend=self._r1k_backend))
+
+
+def _mlp_gate_up(self, x):
+    """One GEMM over gate_proj's and up_proj's weights as one [2I, H] view (_stacked_weight); silu_mul reads
+    the two halves of its output in place."""
+    gu = F.linear(x, self._r1k_gu)
+    n = self.gate_proj.out_features
+    return self.down_proj(rk.silu_mul(gu[..., :n], gu[..., n:], backend=self._r1k_backend))
+
+
+def _stacked_weight(lins):
+    """The weights of `lins` (no biases) as one [sum of out_features, in_features] view, when they lie back to
+    back in one storage, as DeepSpeed ZeRO 1/2 lays out the parameters it flattens (model order: gate_proj then
+    up_proj, q_proj then k_proj then v_proj); None otherwise. A view costs no memory and follows the
+    optimizer's in-place updates, so nothing is refreshed and captured graphs stay valid."""
+    ws = [lin.weight for lin in lins]
+    w0 = ws[0]
+    if any(lin.bias is not None for lin in lins) or any(
+            w.dtype != w0.dtype or w.device != w0.device or w.dim() != 2 or w.shape[1] != w0.shape[1]
+            or not w.is_contiguous() or w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr()
+            for w in ws):
+        return None
+    off = w0.storage_offset()
+    for w in ws:
+        if w.storage_offset() != off:
+            return None
+        off += w.numel()
+    return w0.detach().as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))
 
 
 def _patchable_mlp(m) -> bool:
@@ -57,21 +86,25 @@ def _kv(self, x):
 
 
 def _fuse_qkv(m, buffers: dict):
-    """Patch m's q/k/v projections (see _q); the concatenated weight/bias live in `buffers` under id(m)."""
+    """Patch m's q/k/v projections (see _q): over a view of their weights where they lie back to back
+    (_stacked_weight), else over a concatenated weight/bias kept in `buffers` under id(m) and refreshed here."""
     ps = _qkv_projs(m)
     if ps is None:
         return []
     q, k, v = ps
-    w_b = buffers.get(id(m))
-    if w_b is None or w_b[0].shape[0] != sum(p.out_features for p in ps):
-        w = torch.empty(sum(p.out_features for p in ps), q.in_features, dtype=q.weight.dtype,
-                        device=q.weight.device)
-        b = None if q.bias is None else w.new_empty(w.shape[0])
-        w_b = buffers[id(m)] = (w, b)
-    w, b = w_b
-    torch.cat([p.weight.detach() for p in ps], out=w)
-    if b is not None:
-        torch.cat([p.bias.detach() for p in ps], out=b)
+    w, b = _stacked_weight(ps), None
+    if w is not None:
+        buffers.pop(id(m), None)
+    else:
+        w_b = buffers.get(id(m))
+        if w_b is None or w_b[0].shape[0] != sum(p.out_features for p in ps):
+            w = torch.empty(sum(p.out_features for p in ps), q.in_features, dtype=q.weight.dtype,
+                            device=q.weight.device)
+            w_b = buffers[id(m)] = (w, None if q.bias is None else w.new_empty(w.shape[0]))
+        w, b = w_b
+        torch.cat([p.weight.detach() for p in ps], out=w)
+        if b is not None:
+            torch.cat([p.bias.detach() for p in ps], out=b)
     q.forward, q._r1k_w, q._r1k_b, q._r1k_k, q._r1k_v = types.MethodType(_q, q), w, b, k, v
     k.forward, v.forward = types.MethodType(_kv, k), types.MethodType(_kv, v)
     k._r1k_out = v._r1k_out = (None, None)
@@ -121,6 +154,11 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
             fn = _norm
         elif _patchable_mlp(m):
             fn = _mlp
+            gu = _stacked_weight([m.gate_proj, m.up_proj]) if all(
+                type(getattr(m, n)) is torch.nn.Linear for n in ("gate_proj", "up_proj")) else None
+            if gu is not None:
+                fn, m._r1k_gu = _mlp_gate_up, gu
+                fused.append((m, ("_r1k_gu",)))
         if fn is not None:
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
             patched.append(m)
