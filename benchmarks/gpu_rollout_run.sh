@@ -4,8 +4,10 @@
 # ZeRO-2 and ZeRO-3, and TRL's GRPOTrainer on the same work, without and with use_r1kernels. JSON under $OUT.
 # Needs the wheels in .wheels/ (carry=[".wheels"]): deepspeed (+ hjson, pydantic, pydantic-core,
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
-# Env: SKIP (comma list of: tests,rollout,kernels,zero2,zero3,trl,trlk); KERNELS (benches, default
-# sampling,decode_attention); TESTS (gpu test files, default the engine's four).
+# Env: SKIP (comma list of: tests,rollout,kernels,zero2,zero3,trl,trlk,varied); KERNELS (benches, default
+# sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
+# "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3).
+# Each trainer run is killed with SIGKILL past 300 s (SIGTERM would make it save a checkpoint).
 set -uo pipefail
 OUT=${OUT:-/tmp/r1k_out}
 mkdir -p "$OUT"
@@ -15,12 +17,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 rc=0
-skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" --reps 2 --profile || rc=$?
-skip zero2 || python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2.json" --steps 4 2>&1 | grep -v Warning | tail -3
-skip zero3 || python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero3.json" --steps 3 --zero-stage 3 2>&1 \
+k300() { timeout -s KILL 300 "$@"; }
+skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?
+skip zero2 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2.json" --steps 4 2>&1 | grep -v Warning | tail -3
+skip zero3 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero3.json" --steps 3 --zero-stage 3 2>&1 \
   | grep -v Warning | tail -3
-skip trl || python3 benchmarks/train_trl_gpu.py "$OUT/train_trl.json" --steps 3 2>&1 | tail -2
-skip trlk || python3 benchmarks/train_trl_gpu.py "$OUT/train_trl_r1kernels.json" --steps 3 --use-r1kernels 2>&1 | tail -2
+skip trl || k300 python3 benchmarks/train_trl_gpu.py "$OUT/train_trl.json" --steps "${TRL_STEPS:-3}" 2>&1 | tail -2
+skip trlk || k300 python3 benchmarks/train_trl_gpu.py "$OUT/train_trl_r1kernels.json" --steps "${TRL_STEPS:-3}" \
+  --use-r1kernels 2>&1 | tail -2
+# the varied-length workload (completions uniform in 32-512): padded, packed, packed with a token budget
+skip varied || for v in "padded:" "packed:--padding-free" "budget:--padding-free --max-tokens-per-batch 16384"; do
+  k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_varied_${v%%:*}.json" --varied-lengths --steps 3 ${v#*:} 2>&1 \
+    | grep -v Warning | tail -2; done
 skip kernels || python3 -m benchmarks --out "$OUT/k" --only "${KERNELS:-sampling,decode_attention}" || rc=$?
 TESTS=${TESTS:-tests/test_generation.py tests/test_sampling.py tests/test_decode_attention.py tests/test_fused_decode.py}
 skip tests || { python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS >"$OUT/gpu_tests.log" 2>&1 || rc=$?
