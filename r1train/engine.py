@@ -80,6 +80,20 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     return c
 
 
+def reference_config(dsc: dict) -> dict:
+    """The DeepSpeed config of the reference model (no optimizer): sharded like the policy under ZeRO-3
+    (offload_param, if set, keeps it on the CPU too), a plain copy (stage 0) otherwise; the optimizer-side
+    keys go (gradient clipping, offload_optimizer, bf16 master weights/gradients/optimizer states, which
+    DeepSpeed rejects at stage 0)."""
+    rc = {k: v for k, v in dsc.items() if k != "gradient_clipping"}
+    rc["bf16"] = {k: v for k, v in rc.get("bf16", {}).items()
+                  if k not in ("bf16_master_weights_and_grads", "bf16_optimizer_states")}
+    zo = rc.get("zero_optimization", {})
+    rc["zero_optimization"] = ({k: v for k, v in zo.items() if k != "offload_optimizer"}
+                               if zo.get("stage", 0) == 3 else {"stage": 0})
+    return rc
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
     warm = int(cfg.warmup_ratio * total)
 
@@ -127,14 +141,8 @@ class Trainer(CheckpointMixin):
         self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,
                                                     lr_scheduler=sched, config=dsc)
         self.ref = None
-        if ref is not None:  # sharded like the policy under ZeRO-3, no optimizer; plain copy otherwise
-            rc = {k: v for k, v in dsc.items() if k not in ("gradient_clipping",)}
-            if rc["zero_optimization"]["stage"] != 3:
-                rc["zero_optimization"] = {"stage": 0}
-            else:  # no optimizer to offload; offload_param (if set) keeps the reference on the CPU too
-                rc["zero_optimization"] = {k: v for k, v in rc["zero_optimization"].items()
-                                           if k != "offload_optimizer"}
-            self.ref, *_ = deepspeed.initialize(model=Policy(ref, cfg.loss_impl), config=rc)
+        if ref is not None:
+            self.ref, *_ = deepspeed.initialize(model=Policy(ref, cfg.loss_impl), config=reference_config(dsc))
             self.ref.eval()
         if zero3(self.engine) and cfg.loss_impl == "linear":
             for e in filter(None, (self.engine, self.ref)):

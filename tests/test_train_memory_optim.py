@@ -107,6 +107,23 @@ def test_pure_bf16_deepspeed_config_runs(tmp_path):
     assert state_bytes(opt) / n == 4.0 and all(h["loss"] == h["loss"] for h in hist)
 
 
+def test_pure_bf16_config_with_a_reference_model(tmp_path):
+    """GRPO with beta > 0 on the pure-bf16 config: the reference engine (stage 0, no optimizer) drops the
+    optimizer-side bf16 keys, which DeepSpeed rejects at stage 0 (the H200 memory bench failed on this)."""
+    import os
+
+    from r1train.engine import CONFIG_DIR, reference_config
+
+    path = os.path.join(CONFIG_DIR, "ds_zero2_bf16.json")
+    t = H.grpo_trainer(tmp_path, "beta=0.04", "max_steps=1", "bf16=true", f"deepspeed={path}",
+                       reward_funcs=[H.digit_share])
+    assert t.ref is not None and len(t.train()) == 1
+    rc = reference_config({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}, "gradient_clipping": 1.0,
+                           "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                 "offload_param": {"device": "cpu"}}})
+    assert rc == {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_reference_model_only_with_beta(tmp_path, beta):
     t = H.grpo_trainer(tmp_path, f"beta={beta}", "max_steps=1", reward_funcs=[H.digit_share])
