@@ -6,7 +6,8 @@
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
 # Env: SKIP (comma list of: tests,rollout,kernels,zero2,zero3,trl,trlk,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
-# "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3).
+# "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
+# TRAIN_ARGS (appended to the ZeRO-2 and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
 # Each trainer run is killed with SIGKILL past 300 s (SIGTERM would make it save a checkpoint).
 set -uo pipefail
 OUT=${OUT:-/tmp/r1k_out}
@@ -19,15 +20,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 rc=0
 k300() { timeout -s KILL 300 "$@"; }
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?
-skip zero2 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2.json" --steps 4 2>&1 | grep -v Warning | tail -3
+skip zero2 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2.json" --steps 4 ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -3
 skip zero3 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero3.json" --steps 3 --zero-stage 3 2>&1 \
   | grep -v Warning | tail -3
-skip trl || k300 python3 benchmarks/train_trl_gpu.py "$OUT/train_trl.json" --steps "${TRL_STEPS:-3}" 2>&1 | tail -2
-skip trlk || k300 python3 benchmarks/train_trl_gpu.py "$OUT/train_trl_r1kernels.json" --steps "${TRL_STEPS:-3}" \
-  --use-r1kernels 2>&1 | tail -2
+trl_run() {  # $1: trl | trlk; $2: a suffix for the JSON name
+  local name; name=$([ "$1" = trlk ] && echo train_trl_r1kernels || echo train_trl)
+  skip "$1" || k300 python3 benchmarks/train_trl_gpu.py "$OUT/$name$2.json" --steps "${TRL_STEPS:-3}" \
+    $([ "$1" = trlk ] && echo --use-r1kernels) 2>&1 | tail -2; }
+# TRL_ORDER: the TRL runs in this order (default "trl trlk"); e.g. "trlk trl trlk" checks an order effect
+i=0; for r in ${TRL_ORDER:-trl trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 2 ] && echo _$i)"; done
 # the varied-length workload (completions uniform in 32-512): padded, packed, packed with a token budget
 skip varied || for v in "padded:" "packed:--padding-free" "budget:--padding-free --max-tokens-per-batch 16384"; do
-  k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_varied_${v%%:*}.json" --varied-lengths --steps 3 ${v#*:} 2>&1 \
+  k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_varied_${v%%:*}.json" --varied-lengths --steps 3 ${v#*:} \
+    ${TRAIN_ARGS:-} 2>&1 \
     | grep -v Warning | tail -2; done
 skip kernels || python3 -m benchmarks --out "$OUT/k" --only "${KERNELS:-sampling,decode_attention}" || rc=$?
 TESTS=${TESTS:-tests/test_generation.py tests/test_sampling.py tests/test_decode_attention.py tests/test_fused_decode.py}

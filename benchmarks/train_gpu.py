@@ -5,6 +5,7 @@ peak memory -> JSON.
     python benchmarks/train_gpu.py results/train_gpu_h100.json            # on the GPU
     python benchmarks/train_gpu.py /tmp/train_tiny.json --tiny            # CPU smoke test
     python benchmarks/train_gpu.py OUT.json --varied-lengths [--padding-free [--max-tokens-per-batch N]]
+    python benchmarks/train_gpu.py OUT.json --steps 4 --profile-step 3     # kernels + CPU ops of step 3
 
 Completions of a random model almost never stop early, so every step generates max_completion_length
 tokens per row (a fixed, comparable amount of work). --varied-lengths instead forces eos at a length drawn
@@ -79,6 +80,8 @@ def main(argv=None):
     p.add_argument("--padding-free", action="store_true", help="padding_free=true: packed micro-batches")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="max_tokens_per_batch (with --padding-free): token-budget micro-batches")
+    p.add_argument("--profile-step", type=int, default=None,
+                   help="run this step (1-based, > 1: warm) under torch.profiler: top kernels and CPU ops in the JSON")
     a = p.parse_args(argv)
     if a.tiny:
         a.prompt_length, a.completion_length = min(a.prompt_length, 16), min(a.completion_length, 16)
@@ -113,10 +116,12 @@ def main(argv=None):
     trainer = GRPOTrainer(cfg, model, tok, rows, reward_funcs=[checksum_reward])
     t_init = time.perf_counter() - t0
     lens = force_lengths(trainer, rows, n, a) if a.varied_lengths else None
+    profile = profile_step(trainer, a.profile_step - 1) if a.profile_step else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     hist = trainer.train()
     timed = hist[1:] if len(hist) > 1 else hist
+    timed = [h for h in timed if h["step"] != a.profile_step] or timed  # the profiler slows its step
     res = {
         "benchmark": "train_gpu", "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped (random init)",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -134,6 +139,8 @@ def main(argv=None):
         # CUDA-graph captures over the run: one set per bucket unless the parameters move (ZeRO-3 gathers)
         "engine_stats": [dict(e.stats) for e in list(_engines().values())],
     }
+    if profile is not None:
+        res["profile"] = profile
     # the step's forwards of the loss (not timed apart), rewards, advantages and logging
     res["median_seconds"]["other"] = res["median_seconds"]["step_time"] - sum(
         res["median_seconds"][k] for k in PHASES[:-1])
@@ -142,6 +149,42 @@ def main(argv=None):
         json.dump(res, fh, indent=1)
     print(json.dumps(res["median_seconds"]), "peak GiB:", res["peak_memory_gib"])
     return res
+
+
+def profile_step(trainer, step_index: int, top: int = 40) -> dict:
+    """Wrap trainer.train_step so that step `step_index` (0-based) runs under torch.profiler; the returned
+    dict is filled then: the step's wall seconds, device kernel time (sum and top kernels by total time, with
+    launch counts) and the top CPU ops by self time (host overhead, syncs: cudaStreamSynchronize etc.)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out, orig, cuda = {}, trainer.train_step, torch.cuda.is_available()
+
+    def run(step, rows):
+        if step != step_index:
+            return orig(step, rows)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            m = orig(step, rows)
+            if cuda:
+                torch.cuda.synchronize()
+        evs = list(prof.key_averages())
+        dev = [e for e in evs if getattr(e, "self_device_time_total", 0) > 0]
+        out.update({
+            "step": step + 1, "wall_s": time.perf_counter() - t0,
+            "kernel_s_total": sum(e.self_device_time_total for e in dev) / 1e6,
+            "kernel_launches": sum(e.count for e in dev),
+            "kernels": [{"name": e.key[:100], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                        for e in sorted(dev, key=lambda e: -e.self_device_time_total)[:top]],
+            "cpu_ops": [{"name": e.key[:100], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+                        for e in sorted(evs, key=lambda e: -e.self_cpu_time_total)[:top]]})
+        return m
+
+    trainer.train_step = run
+    return out
 
 
 def force_lengths(trainer, rows, n: int, a) -> list[int]:
