@@ -71,6 +71,33 @@ def test_adamw_8bit_head_and_tail():
     assert ((move8 - movet).norm() / movet.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("n", [4096 * 3 + 37, 4096 * 2])
+def test_adamw_8bit_chunks_equal_one_call(n):
+    """The update over chunks (chunk_elements, a block multiple; here 1536 and 4096 values) is bit-identical to
+    one call over the whole quantized head: same parameters and same 8-bit moment codes and scales."""
+    pytest.importorskip("torchao")
+    from r1train.optim import adamw_8bit_class
+
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(n, generator=g)
+    grads = [torch.randn(n, generator=g) for _ in range(3)]
+    cls = adamw_8bit_class()
+    runs = []
+    for chunk in (2 ** 30, 1536, 4096, 1000):  # 1000 rounds down to 768: whole blocks only
+        p = torch.nn.Parameter(w0.clone())
+        o = cls([p], lr=1e-2, weight_decay=0.01)
+        o.chunk_elements = chunk
+        for gr in grads:
+            p.grad = gr.clone()
+            o.step()
+        runs.append((p.detach(), o.state[p]))
+    p1, st1 = runs[0]
+    for p, st in runs[1:]:
+        assert torch.equal(p, p1)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[k].codes, st1[k].codes) and torch.equal(st[k].scale, st1[k].scale)
+
+
 def test_adamw_8bit_resume_is_exact(tmp_path):
     pytest.importorskip("torchao")
     full = [h["loss"] for h in _sft(tmp_path / "a", "optim=adamw_torch_8bit", "max_steps=4").train()]
