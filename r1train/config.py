@@ -112,6 +112,9 @@ class TrainConfig:
                             "fused sampling and decode-attention kernels); 'transformers': the model's own "
                             "generate (any model; a completion then depends on its batch too)",
                             ["r1train", "transformers"])
+    rollout_release_memory: bool = f(False, "free the engine's KV cache, decode buffers and CUDA graphs after each "
+                                     "rollout, for the training step's use (the next rollout allocates and "
+                                     "captures again: seconds a step); false keeps them between rollouts")
     beta: float = f(0.0, "KL coefficient; > 0 loads a reference model")
     kl_estimator: str = f("k3", "KL estimator", ["k1", "k2", "k3", "low_var_kl"])
     epsilon: float = f(0.2, "lower clip range of the ratio")

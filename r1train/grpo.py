@@ -31,6 +31,7 @@ from . import moe_replay
 from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
+from .generation import release as release_engine
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardRunner
 from .rollout import Rollout, logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
@@ -243,6 +244,8 @@ class GRPOTrainer(Trainer):
         if cfg.dynamic_sampling:
             rows, got = self._dynamic_sampling(step, rows, gidx, got, m)
         ro, texts, ids_list, table, failed = got
+        if cfg.rollout_release_memory:
+            release_engine(self.model)
         t_gen = time.perf_counter() - t0
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         R = len(self.rewards.names)

@@ -158,6 +158,23 @@ def test_reference_model_only_with_beta(tmp_path, beta):
     assert len(t.train()) == 1
 
 
+def test_rollout_release_memory_frees_the_engine_and_changes_no_sample(tmp_path):
+    """rollout_release_memory=true: after each rollout the engine holds nothing (the next one allocates
+    again), and the run's samples, rewards and losses equal the run that keeps the engine's buffers."""
+    from r1train.generation.engine import _ENGINES
+
+    hist, held = {}, {}
+    for flag in ("false", "true"):
+        t = H.grpo_trainer(tmp_path / flag, "max_steps=2", f"rollout_release_memory={flag}",
+                           reward_funcs=[H.digit_share])
+        hist[flag] = t.train()
+        held[flag] = _ENGINES[t.model].memory_bytes()
+    assert held["true"] == 0 < held["false"]
+    for a, b in zip(hist["false"], hist["true"]):
+        for k in ("loss", "reward", "completions/mean_length"):
+            assert a[k] == b[k], k
+
+
 def test_bad_optim_is_an_error():
     with pytest.raises(ConfigError, match="optim"):
         load_config(overrides=["optim=adamw_bnb_8bit"])

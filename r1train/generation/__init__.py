@@ -13,12 +13,13 @@ import contextlib
 import torch
 
 from ..moe_replay import recorder
-from .engine import Engine, SamplingParams, buckets, engine_for
+from .engine import Engine, SamplingParams, buckets, engine_for, release
 from .hf import hf_generate
 
 ENGINES = ("r1train", "transformers")
 
-__all__ = ["generate", "SamplingParams", "Engine", "engine_for", "buckets", "ENGINES", "gathered_for_generation"]
+__all__ = ["generate", "SamplingParams", "Engine", "engine_for", "release", "buckets", "ENGINES",
+           "gathered_for_generation"]
 
 
 def _offload(ds_engine):

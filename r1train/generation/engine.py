@@ -300,6 +300,13 @@ class Engine:
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def release(model):
+    """Free what the model's engine holds between rollouts (KV cache, buffers, graphs), if it has one."""
+    e = _ENGINES.get(model)
+    if e is not None:
+        e.reset()
+
+
 def engine_for(model, **kw) -> Engine:
     """The engine of this model (kept between rollouts so graphs and buffers are reused)."""
     e = _ENGINES.get(model)
