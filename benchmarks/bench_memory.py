@@ -20,7 +20,8 @@ peaks cover the whole process, init included (`peak_allocated_gib`), and the ste
 (`steps_peak_allocated_gib`). Variants (r1train unless `trl-`): full = fp32 master + fp32 AdamW
 (16 bytes/param + a transient fp32 gradient partition), 8bit = `optim=adamw_torch_8bit`, bf16 =
 r1train/configs/ds_zero2_bf16.json (bf16 master, gradients and moments: TRL's layout), offload =
-`offload_optimizer=true` (master + moments on the CPU, the step on the CPU), gc = gradient_checkpointing.
+`offload_optimizer=true` (master + moments on the CPU, the step on the CPU), gc = gradient_checkpointing,
+release = `rollout_release_memory=true` (the engine's KV cache and graphs freed for the training step).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ VARIANTS = {
     "full-8bit": ["optim=adamw_torch_8bit"], "full-8bit-gc": ["optim=adamw_torch_8bit", "gradient_checkpointing=true"],
     "full-bf16-gc": ["deepspeed=r1train/configs/ds_zero2_bf16.json", "gradient_checkpointing=true"],
     "lora64": ["use_peft=true"], "lora64-gc": ["use_peft=true", "gradient_checkpointing=true"],
+    "lora64-gc-release": ["use_peft=true", "gradient_checkpointing=true", "rollout_release_memory=true"],
+    "full-8bit-gc-release": ["optim=adamw_torch_8bit", "gradient_checkpointing=true", "rollout_release_memory=true"],
     "trl-full": [], "trl-full-gc": ["gradient_checkpointing"], "trl-lora64": ["peft"],
     "trl-lora64-gc": ["peft", "gradient_checkpointing"],
 }
