@@ -149,7 +149,7 @@ def tune(B=8, T=1024, V=151936, out=None):
     opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.28, delta=None, beta=0.04, loss_type="dapo",
                 kl_estimator="k3")
     logp = torch.empty(B, T, device="cuda")
-    stats = torch.empty(5, B * T, device="cuda")
+    stats = torch.empty(6, B * T, device="cuda")
 
     def run(xi, dx, cfg):
         K.grpo_token(xi, ids, adv, None, old, old, s_B, logp, stats, dx, (dx.stride(0), dx.stride(1)), config=cfg,

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 class GRPOLossOutput(NamedTuple):
     loss: torch.Tensor                # fp32 scalar
     per_token_logprobs: torch.Tensor  # fp32 [B, T], detached
-    metrics: dict                     # kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean
+    metrics: dict                     # kl, clip_ratio/{low,high,region}_mean (+ entropy)
 
 
 def _eager() -> bool:
@@ -196,14 +196,16 @@ def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_l
               vllm_importance_sampling_clip_min=None, off_policy_mask_threshold=None,
               use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
               vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, top_entropy_quantile=1.0, entropy_coef=0.0,
-              backend="auto") -> GRPOLossOutput:
+              compute_entropy=False, backend="auto") -> GRPOLossOutput:
     """The clipped GRPO/KL loss family from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
     advantages [B] (one per sequence) or [B, T]. inplace_backward=True lets a kernel write the logits'
     gradient into the logits' own storage (their values are then gone): no extra [B, T, V] buffer.
     The options after inplace_backward are TRL 1.16's (names and defaults; r1kernels.reference.grpo
     EXTRA_DEFAULTS and grpo_loss_from_logprobs): rollout correction from sampling_logprobs [B, T] (the
     rollout engine's log-probs), the off-policy sequence mask, the bias-corrected KL, the sapo / vespo
-    parameters, the high-entropy token mask and the entropy term (then metrics also hold "entropy")."""
+    parameters, the high-entropy token mask and the entropy term (then metrics also hold "entropy").
+    compute_entropy=True puts the masked mean entropy in metrics["entropy"] (detached) in any case, computed
+    in the loss kernel's own pass over the logits."""
     extra = {k: v for k, v in locals().items() if k in EXTRA_DEFAULTS}  # (evaluated in this frame)
     _check_logits_labels("logits", logits, "completion_ids", completion_ids, temperature, check_values=False)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
@@ -234,7 +236,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      use_bias_correction_kl=True,
                      sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
                      vespo_k_neg=3.0, vespo_lambda_neg=2.0, top_entropy_quantile=1.0, entropy_coef=0.0,
-                     chunk_budget_bytes=None, backend="auto") -> GRPOLossOutput:
+                     compute_entropy=False, chunk_budget_bytes=None, backend="auto") -> GRPOLossOutput:
     """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
     never holding the [B, T, V] logits. chunk_budget_bytes: the kernels' memory budget for the logits
     chunk, its per-row temporaries and (when it fits) an fp32 weight-gradient accumulator (None: 960 MiB;

@@ -190,7 +190,7 @@ class TrainConfig:
                             "eligible kernel)", ["auto", "triton", "cuda", "cpp", "torch"])
     log_completions: bool = f(False, "at each logging step print a few completions and send the completions "
                               "table to the report_to backends")
-    log_entropy: bool = f(True, "compute the entropy metric (one extra no-grad head pass)")
+    log_entropy: bool = f(True, "compute the entropy metric (in the loss kernel's own pass over the logits)")
     patch_model: Optional[bool] = f(None, "swap DeepseekV3 routers/experts for r1kernels' fused ones (rk.patch); "
                                     "None: only on CUDA")
     moe_bias_update_rate: float = f(1e-3, "MoE policies: aux-loss-free balancing bias step (0 = off)")

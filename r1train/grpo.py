@@ -34,13 +34,14 @@ from .engine import Trainer
 from .generation import release as release_engine
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardRunner
-from .rollout import Rollout, logprob_fn, row_seed, sample, sampling_kwargs, sequence_logprobs
+from .rollout import Rollout, row_seed, sample, sampling_kwargs, sequence_logprobs
 
 
 def loss_keys(cfg) -> dict:
     """The config's loss options beyond the clipped core (TRL names; r1kernels.reference.grpo EXTRA_DEFAULTS),
-    entropy_coef and the sampling log-probs aside (set per step)."""
-    return {k: getattr(cfg, k) for k in EXTRA_DEFAULTS if k not in ("sampling_logprobs", "entropy_coef")}
+    entropy_coef and the sampling log-probs aside (set per step), compute_entropy too (set per loss call)."""
+    return {k: getattr(cfg, k) for k in EXTRA_DEFAULTS if k not in ("sampling_logprobs", "entropy_coef",
+                                                                    "compute_entropy")}
 
 
 def adaptive_entropy_step(coef: float, entropy: float, cfg) -> float:
@@ -461,25 +462,18 @@ class GRPOTrainer(Trainer):
                     backend=cfg.kernel_backend, **loss_keys(cfg), entropy_coef=entropy_coef, **tensors)
 
     def _fused_loss(self, comp_BT, adv, mask_BT, kw):
-        """fn for Policy.forward: the fused loss on [B, T] -> (GRPOLossOutput, masked mean entropy or None)."""
+        """fn for Policy.forward: the fused loss on [B, T] -> (GRPOLossOutput, masked mean entropy or None).
+        The entropy (log_entropy, use_adaptive_entropy) comes from the loss kernel's own pass over the logits
+        (compute_entropy), not from a second head pass."""
         cfg = self.cfg
-        ent_fn = None
-        if (cfg.log_entropy or cfg.use_adaptive_entropy) and not needs_entropy(kw):  # else the loss reports it
-            ent_fn = logprob_fn(comp_BT, cfg.temperature, return_entropy=True, backend=cfg.kernel_backend)
-        mask_f = mask_BT.float()
+        kw = dict(kw, compute_entropy=cfg.log_entropy or cfg.use_adaptive_entropy)
 
         def fn(x, weight=None, bias=None):
             if weight is None:
                 out = rk.grpo_loss(x, comp_BT, adv, mask_BT, **kw)
             else:
                 out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias, **kw)
-            ent = out.metrics.pop("entropy", None)
-            if ent_fn is not None:
-                with torch.no_grad():
-                    args = (x.detach(),) if weight is None else (x.detach(), weight.detach(), bias)
-                    e_BT = ent_fn(*args)[1]
-                    ent = (e_BT * mask_f).sum() / mask_f.sum().clamp(min=1)
-            return out, ent
+            return out, out.metrics.pop("entropy", None)
         return fn
 
     def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=None,

@@ -121,6 +121,25 @@ def test_entropy_controls(q, coef, loss_type):
     _check(logits, ids, adv, mask, inplace=True, old_logprobs=old, top_entropy_quantile=q, entropy_coef=coef)
 
 
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("mask_kind", ["random", "none", "empty"])
+def test_compute_entropy(level, inplace, mask_kind):
+    """compute_entropy=True: metrics["entropy"] is the masked mean of -sum p log p (p = softmax(logits / T)),
+    computed here in float64, and the loss and log-probs are those of the same call without it."""
+    logits, ids, adv, mask, old, ref = _inputs(3, 5, 41, mask_kind=mask_kind)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.04, importance_sampling_level=level, temperature=0.8)
+    _check(logits, ids, adv, mask, inplace=inplace, compute_entropy=True, **kw)
+    out = rk.grpo_loss(logits, ids, adv, mask, backend="triton", compute_entropy=True, **kw)
+    lp = torch.log_softmax(logits.double() / 0.8, -1)
+    h = -(lp.exp() * lp).sum(-1)
+    m = torch.ones_like(h) if mask is None else mask.double()
+    assert_close(out.metrics["entropy"], (h * m).sum() / m.sum().clamp(min=1.0), torch.float32, name="entropy")
+    off = rk.grpo_loss(logits, ids, adv, mask, backend="triton", **kw)
+    assert "entropy" not in off.metrics
+    assert torch.equal(out.loss, off.loss) and torch.equal(out.per_token_logprobs, off.per_token_logprobs)
+
+
 @pytest.mark.parametrize("kl_estimator", R.KL_ESTIMATORS)
 def test_kl_estimators(kl_estimator):
     logits, ids, adv, mask, old, ref = _inputs(2, 4, 29)
@@ -203,12 +222,13 @@ def test_opcheck():
     args = (ids, adv, mask, old, ref, None, None)
     opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.28,
                 delta=None, beta=0.04, loss_type="dapo", kl_estimator="k3", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True)
+                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True, entropy=False)
     for loss_type in ("grpo", "sapo"):
         torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args, {**opts, "loss_type": loss_type})
     torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args[:-2] + (samp, torch.tensor(7.0)),
                           {**opts, "num_items_f": None, "is_mode": "token_mask", "is_clip_max": 1.5})
     torch.library.opcheck(grpo_ops.grpo_loss_fwd_inplace, (logits.clone(),) + args, opts)
+    torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args, {**opts, "entropy": True})
     torch.library.opcheck(grpo_ops.grpo_scale_grad_, (logits.clone(), torch.tensor(2.0)))
     for entropy in (False, True):
         logp, lse, ent = grpo_ops.grpo_logprobs(logits, ids, mask, 0.9, entropy)

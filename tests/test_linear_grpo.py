@@ -82,6 +82,22 @@ def test_matches_reference(level, loss_type):
     _check(3, 4, 8, 37, importance_sampling_level=level, loss_type=loss_type, temperature=0.9)
 
 
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+def test_compute_entropy(level):
+    """metrics["entropy"] from the fused chunked kernel's pass (token level) or the log-prob path (sequence),
+    against the float64 reference (through _check) and a direct computation over chunks of 5 rows."""
+    _check(3, 4, 8, 37, importance_sampling_level=level, compute_entropy=True,
+           chunk_budget_bytes=_budget_for_rows(5, 37))
+    torch.manual_seed(3)
+    h, w = torch.randn(2, 6, 8), torch.randn(37, 8)
+    ids, adv, mask = torch.randint(0, 37, (2, 6)), torch.randn(2), (torch.rand(2, 6) > 0.3).float()
+    out = rk.linear_grpo_loss(h, w, ids, adv, mask, importance_sampling_level=level, temperature=1.3,
+                              compute_entropy=True, backend="triton")
+    lp = torch.log_softmax(h.double() @ w.double().t() / 1.3, -1)
+    ent = -(lp.exp() * lp).sum(-1)
+    assert_close(out.metrics["entropy"], (ent * mask).sum() / mask.sum(), torch.float32, name="entropy")
+
+
 @pytest.mark.parametrize("mode", R.IS_MODES)
 def test_rollout_correction(mode):
     """Token modes run the fused chunked kernel (chunks split sequences here), sequence modes and the
@@ -176,12 +192,12 @@ def test_compile_fullgraph():
                                                         0.9, True, 2**20))
     opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.2,
                 delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True, chunk_budget_bytes=2**20)
+                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True, entropy=False, chunk_budget_bytes=2**20)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach(), weight.detach(), None, ids, adv, None, None, None,
                                                      None, None), opts)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(),
                                                      torch.randn(V), ids, adv, None, None, None, None, None),
-                          {**opts, "loss_type": "sapo"},
+                          {**opts, "loss_type": "sapo", "entropy": True},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from .. import _checks, linear_grpo_loss, linear_token_logprobs
+from .. import _checks, linear_grpo_loss
 from ..reference.grpo import LOSS_REDUCTION, LOSS_TYPES, SAPO_TAU_NEG, SAPO_TAU_POS
 
 __all__ = ["use_r1kernels", "unsupported_options"]
@@ -134,20 +134,16 @@ def _compute_loss(self, model, inputs):
               num_items_in_batch=_items_normalizer(self, inputs, mode) if items else None, backend=self._r1k_backend,
               use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
               sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", SAPO_TAU_POS),
-              sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", SAPO_TAU_NEG))
+              sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", SAPO_TAU_NEG),
+              compute_entropy=True)  # the entropy metric from the loss kernel's own pass
 
     def head(hidden, weight, bias):
-        out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias, **kw)
-        with torch.no_grad():
-            ent = linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids,
-                                        bias=None if bias is None else bias.detach(), temperature=self.temperature,
-                                        return_entropy=True, backend=self._r1k_backend)[1]
-        return out, ent
+        return linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias, **kw)
 
     with self.accelerator.autocast():
-        out, entropy = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=head,
-                             logits_to_keep=completion_ids.size(1))
-    _log_metrics(self, mode, out.per_token_logprobs, old, inputs, mask, entropy)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=head,
+                    logits_to_keep=completion_ids.size(1))
+    _log_metrics(self, mode, out.per_token_logprobs, old, inputs, mask, out.metrics["entropy"])
     if items or mode != "train":
         return out.loss
     return out.loss / self.current_gradient_accumulation_steps
@@ -155,7 +151,8 @@ def _compute_loss(self, model, inputs):
 
 @torch.no_grad()
 def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
-    """TRL's metrics for the loss types r1kernels runs, from the detached per-token log-probs."""
+    """TRL's metrics for the loss types r1kernels runs, from the detached per-token log-probs; entropy: the
+    masked mean over this micro-batch's tokens."""
     from trl.trainer.utils import nanmax, nanmin
 
     mask = mask.to(logp.dtype)
@@ -182,7 +179,9 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
         d = inputs["ref_per_token_logps"] - logp
         kl = torch.exp(d) - d - 1
         m["kl"].append(global_mean(kl * coef if getattr(self.args, "use_bias_correction_kl", False) else kl))
-    m["entropy"].append(global_mean(entropy))
+    n_tok = mask.sum()
+    tot = self.accelerator.reduce(torch.stack([entropy * n_tok, n_tok]), reduction="sum")
+    m["entropy"].append((tot[0] / tot[1].clamp(min=1.0)).item())
     if self.loss_type == "cispo":
         m["cispo_clip_ratio"].append(global_mean(((coef > self.epsilon_high) & (adv > 0)).float()))
     elif self.loss_type != "sapo":

@@ -1,7 +1,8 @@
 """grpo_loss over the Triton kernels: one autograd path per importance-sampling level, for eager and
 torch.compile calls alike.
 
-Token level: r1kernels::grpo_loss_fwd returns (stats [5] = loss, kl, clip low, high, region; per-token
+Token level: r1kernels::grpo_loss_fwd returns (stats [6] = loss, kl, clip low, high, region, entropy (0
+unless entropy=True: from the same pass); per-token
 log-probs [B, T]; the logits' gradient [B, T, V] for upstream 1): one kernel, one read of the logits (a
 second read of each row from L2) and one write of the gradient. r1kernels::grpo_loss_fwd_inplace writes
 that gradient into the logits' own storage instead (no [B, T, V] buffer). _GRPOLoss, the autograd.Function
@@ -23,7 +24,7 @@ from ..reference import grpo as _ref
 from ..triton import grpo as _k
 from ..triton import logprob as _lk
 
-STAT_KEYS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+STAT_KEYS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
 
 
 def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_items_f, device):
@@ -72,7 +73,7 @@ def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *,
         adv_ = flat(adv.reshape(B, -1).expand(B, T)).view(1, -1)
         s_ = flat(s_B[:, None].expand(B, T)).view(1, -1)
     logp = torch.empty(n_rows, device=dev, dtype=torch.float32)
-    stats = torch.empty(5, n_rows, device=dev, dtype=torch.float32)
+    stats = torch.empty(6, n_rows, device=dev, dtype=torch.float32)
     _k.grpo_token(x3, ids_, adv_, mask_, old_, ref_, samp_, s_, logp, stats, dx, dx_strides,
                   temperature=temperature, eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta,
                   loss_type=loss_type, kl_estimator=kl_estimator, **kernel_opts)
@@ -80,7 +81,7 @@ def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *,
 
 
 def finish_stats(sums, mask, B, T):
-    """[loss, then the four metrics as masked means] from the kernel's per-token sums."""
+    """[loss, then the five metrics (STAT_KEYS) as masked means] from the kernel's per-token sums."""
     n_tok = mask.float().sum().clamp(min=1.0) if mask is not None else torch.full((), float(max(B * T, 1)),
                                                                                    device=sums.device)
     return torch.cat([sums[:1], sums[1:] / n_tok])
@@ -92,7 +93,7 @@ def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, ma
                   num_items: torch.Tensor | None, *, num_items_f: float | None, max_completion_length: int | None,
                   temperature: float, epsilon: float, epsilon_high: float, delta: float | None, beta: float,
                   loss_type: str, kl_estimator: str, sapo_tau_pos: float, sapo_tau_neg: float, is_mode: str | None,
-                  is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool
+                  is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool, entropy: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
     dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
@@ -104,7 +105,7 @@ def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, ma
 @grpo_loss_fwd.register_fake
 def _(logits, ids, adv, mask, old, ref, samp, num_items, **opts):
     B, T, V = logits.shape
-    return (logits.new_empty(5, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32),
+    return (logits.new_empty(6, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32),
             torch.empty(logits.shape, device=logits.device, dtype=logits.dtype))
 
 
@@ -115,7 +116,8 @@ def grpo_loss_fwd_inplace(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Te
                           max_completion_length: int | None, temperature: float, epsilon: float, epsilon_high: float,
                           delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
                           sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None,
-                          is_clip_max: float | None, bias_kl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          is_clip_max: float | None, bias_kl: bool, entropy: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.stride(-1) != 1:
         raise ValueError("inplace_backward needs logits with a contiguous last dimension")
     B, T, V = logits.shape
@@ -127,7 +129,7 @@ def grpo_loss_fwd_inplace(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Te
 @grpo_loss_fwd_inplace.register_fake
 def _(logits, ids, adv, mask, old, ref, samp, num_items, **opts):
     B, T, V = logits.shape
-    return logits.new_empty(5, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32)
+    return logits.new_empty(6, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("r1kernels::grpo_scale_grad_", mutates_args=("grad",))
@@ -248,7 +250,7 @@ class _LogProbs(torch.autograd.Function):
 
 
 # The fused token kernel's options beyond the core ones (keyword-only arguments of the custom ops).
-KERNEL_OPTS = ("sapo_tau_pos", "sapo_tau_neg", "is_mode", "is_clip_min", "is_clip_max", "bias_kl")
+KERNEL_OPTS = ("sapo_tau_pos", "sapo_tau_neg", "is_mode", "is_clip_min", "is_clip_max", "bias_kl", "entropy")
 _CORE_OPTS = ("num_items_f", "max_completion_length", "temperature", "epsilon", "epsilon_high", "delta", "beta",
               "loss_type", "kl_estimator")
 
@@ -272,7 +274,13 @@ def op_options(*, temperature, epsilon, epsilon_high, delta, beta, loss_type, kl
                     sapo_tau_pos=float(o["sapo_temperature_pos"]), sapo_tau_neg=float(o["sapo_temperature_neg"]),
                     is_mode=o["vllm_importance_sampling_mode"] if has_is else None,
                     is_clip_min=fl(o["vllm_importance_sampling_clip_min"]),
-                    is_clip_max=fl(o["vllm_importance_sampling_clip_max"]), bias_kl=bool(o["use_bias_correction_kl"]))
+                    is_clip_max=fl(o["vllm_importance_sampling_clip_max"]), bias_kl=bool(o["use_bias_correction_kl"]),
+                    entropy=bool(o["compute_entropy"]))
+
+
+def stat_metrics(stats, entropy: bool) -> dict:
+    """The metrics dict of a token-level op's stats (entropy only when it was computed)."""
+    return {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS) if entropy or k != "entropy"}
 
 
 def per_token_loss(logp, ent, advantages, completion_mask, old_logprobs, ref_logprobs, opts):
@@ -291,15 +299,14 @@ def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *
     if not _ref.token_local(opts):
         x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
         logp, ent = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace,
-                                    _ref.needs_entropy(opts))
+                                    _ref.reports_entropy(opts))
         return per_token_loss(logp, ent if ent.numel() else None, advantages, completion_mask, old_logprobs,
                               ref_logprobs, opts)
     samp = opts.get("sampling_logprobs")
     nt, kopts = op_options(temperature=temperature, **opts)
     stats, logp = _GRPOLoss.apply(logits, inplace, completion_ids, advantages, completion_mask, old_logprobs,
                                   ref_logprobs, samp if kopts["is_mode"] else None, nt, kopts)
-    metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
-    return stats[0], logp, metrics
+    return stats[0], logp, stat_metrics(stats, kopts["entropy"])
 
 
 def _eligible(logits, completion_ids, *a, **k):

@@ -21,7 +21,7 @@ import torch
 
 from ..reference import grpo as _ref
 from ..triton import logprob as _lk
-from .grpo import KERNEL_OPTS, STAT_KEYS, finish_stats, op_options, per_token_loss, scale_saved_grads, token_level
+from .grpo import KERNEL_OPTS, finish_stats, op_options, per_token_loss, scale_saved_grads, stat_metrics, token_level
 
 # Default budgets: at N=8192, H=3584, V=151936 bf16 they give 3 chunks of 2752 rows (0.78 GiB of logits)
 # for linear_grpo_loss and 8 chunks of 1024 rows (0.29 GiB) for linear_token_logprobs.
@@ -95,7 +95,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     max_completion_length: int | None, temperature: float, epsilon: float, epsilon_high: float,
                     delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
                     sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None, is_clip_max: float | None,
-                    bias_kl: bool, chunk_budget_bytes: int
+                    bias_kl: bool, entropy: bool, chunk_budget_bytes: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, H = hidden.shape
     V = weight.shape[0]
@@ -109,7 +109,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     dw = _dweight(plan, weight)
     db = torch.zeros(V if bias is not None else 0, device=dev, dtype=torch.float32)
     logp = torch.empty(B * T, device=dev, dtype=torch.float32)
-    sums = torch.zeros(5, device=dev, dtype=torch.float32)
+    sums = torch.zeros(6, device=dev, dtype=torch.float32)
     for r0 in range(0, B * T, plan.rows):
         r1 = min(B * T, r0 + plan.rows)
         z = _logits(h2[r0:r1], weight, bias)
@@ -129,7 +129,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, **opts):
     B, T, H = hidden.shape
     f = torch.float32
-    return (hidden.new_empty(5, dtype=f), hidden.new_empty(B, T, dtype=f), torch.empty_like(hidden),
+    return (hidden.new_empty(6, dtype=f), hidden.new_empty(B, T, dtype=f), torch.empty_like(hidden),
             torch.empty_like(weight), bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=f))
 
 
@@ -157,7 +157,7 @@ def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completi
     linear_token_logprobs (+ entropy) and the reference loss (its backward recomputes each chunk)."""
     budget = GRPO_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
     if not _ref.token_local(opts):
-        ent = _ref.needs_entropy(opts)
+        ent = _ref.reports_entropy(opts)
         out = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature,
                                            return_entropy=ent, chunk_budget_bytes=budget)
         logp, h = out if ent else (out, None)
@@ -167,8 +167,7 @@ def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completi
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
                                            old_logprobs, ref_logprobs, samp if kopts["is_mode"] else None, nt,
                                            chunk_budget_bytes=budget, **kopts)
-    metrics = {k: stats[i + 1].detach() for i, k in enumerate(STAT_KEYS)}
-    return stats[0], logp, metrics
+    return stats[0], logp, stat_metrics(stats, kopts["entropy"])
 
 
 def _eligible(hidden, weight, completion_ids, *a, **k):

@@ -32,7 +32,7 @@ EXTRA_DEFAULTS = dict(
     vllm_importance_sampling_clip_max=3.0, vllm_importance_sampling_clip_min=None, off_policy_mask_threshold=None,
     use_bias_correction_kl=True, sapo_temperature_pos=SAPO_TAU_POS, sapo_temperature_neg=SAPO_TAU_NEG,
     vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, top_entropy_quantile=1.0,
-    entropy_coef=0.0)
+    entropy_coef=0.0, compute_entropy=False)
 
 
 def _number(name, v, lo=None, *, strict=False, none_ok=False):
@@ -45,8 +45,9 @@ def _number(name, v, lo=None, *, strict=False, none_ok=False):
 
 
 def check_extra_options(loss_type, importance_sampling_level, **o):
-    """ValueError naming the key for a bad value of an EXTRA_DEFAULTS option (tensors aside)."""
-    for name in ("vllm_importance_sampling_correction", "use_bias_correction_kl"):
+    """ValueError naming the key for a bad value of an EXTRA_DEFAULTS option (tensors aside); absent: default."""
+    o = {**EXTRA_DEFAULTS, **o}
+    for name in ("vllm_importance_sampling_correction", "use_bias_correction_kl", "compute_entropy"):
         if not isinstance(o[name], bool):
             raise ValueError(f"{name} must be a bool, got {o[name]!r}")
     mode = o["vllm_importance_sampling_mode"]
@@ -278,9 +279,14 @@ def needs_entropy(opts) -> bool:
     return opts.get("top_entropy_quantile", 1.0) < 1.0 or opts.get("entropy_coef", 0.0) != 0.0
 
 
+def reports_entropy(opts) -> bool:
+    """The entropy is computed: the loss reads it, or compute_entropy asks for its metric."""
+    return needs_entropy(opts) or bool(opts.get("compute_entropy", False))
+
+
 def grpo_loss(logits, completion_ids, advantages, completion_mask=None, temperature=1.0, **kw):
     """logits [B, T, V] aligned with completion_ids [B, T] -> (loss, per_token_logprobs [B, T], metrics)."""
-    if needs_entropy(kw):
+    if reports_entropy(kw):
         logp, ent = token_logprobs(logits, completion_ids, temperature, return_entropy=True)
     else:
         logp, ent = token_logprobs(logits, completion_ids, temperature), None
@@ -292,7 +298,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      temperature=1.0, **kw):
     """hidden [B, T, H], weight [V, H]: grpo_loss(hidden @ weight.T + bias, ...) without [B, T, V]."""
     out = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                return_entropy=needs_entropy(kw))
-    logp, ent = out if needs_entropy(kw) else (out, None)
+                                return_entropy=reports_entropy(kw))
+    logp, ent = out if reports_entropy(kw) else (out, None)
     loss, metrics = grpo_loss_from_logprobs(logp, advantages, completion_mask, entropy=ent, **kw)
     return loss, logp, metrics

@@ -139,9 +139,10 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
                        REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
                        KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
                        USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_IS: tl.constexpr, IS_MASK: tl.constexpr,
-                       BIAS_KL: tl.constexpr):
+                       BIAS_KL: tl.constexpr, ENTROPY: tl.constexpr):
     """One program per row (b, t) of the [B, T] tokens; the loss scale of row (b, t) is
-    scale[b * sc_sb + t * sc_st] (per sequence: strides (1, 0); per row: (T, 1))."""
+    scale[b * sc_sb + t * sc_st] (per sequence: strides (1, 0); per row: (T, 1)). stats rows: loss, kl,
+    clip low, high, region and (ENTROPY: from pass 1's sums, no extra read) the entropy, each times the mask."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
@@ -157,12 +158,15 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
             cols = v0 + offs
             tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
         tl.store(logp_ptr + row, 0.0)
-        for k in range(5):
+        for k in range(6):
             tl.store(stats_ptr + k * N + row, 0.0)
     else:
-        mx, sm, _t = _range_lse(x_row, 0, V, scale, BLOCK, False, "evict_last")
+        mx, sm, tz = _range_lse(x_row, 0, V, scale, BLOCK, ENTROPY, "evict_last")
         mx = tl.where(mx == float("-inf"), 0.0, mx * scale)  # base-2 units
         lse2 = mx + tl.log2(sm)
+        ent = 0.0
+        if ENTROPY:  # lse - E[z], both in base-2 units here
+            ent = (lse2 - tz / sm) * 0.6931471805599453
         y = tl.load(ids_ptr + row).to(tl.int64)
         xy = tl.load(x_row + y).to(tl.float32)
         l = (xy * scale - lse2) * 0.6931471805599453
@@ -186,6 +190,7 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
         tl.store(stats_ptr + 2 * N + row, m * low)
         tl.store(stats_ptr + 3 * N + row, m * high)
         tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
+        tl.store(stats_ptr + 5 * N + row, m * ent)
         ct = sb * dL * inv_t
         _range_grad(x_row, dx_row, 0, V, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, BLOCK, REVERSE, False, STORE_CM)
 
@@ -206,10 +211,11 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
 
 def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_strides, *, temperature, eps_low,
                eps_high, delta, beta, loss_type, kl_estimator, sapo_tau_pos=SAPO_TAU_POS, sapo_tau_neg=SAPO_TAU_NEG,
-               is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False, config=None):
+               is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False, entropy=False, config=None):
     """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides;
     adv and scale are [B] (per sequence) or [B, T] (per row); samp (the sampling log-probs) with is_mode
-    token_truncate / token_mask. config overrides CONFIG (tuning sweeps only)."""
+    token_truncate / token_mask; stats is [6, B * T] (entropy: its last row). config overrides CONFIG
+    (tuning sweeps only)."""
     B, T, V = x.shape
     N = B * T
     if N == 0:
@@ -230,7 +236,8 @@ def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_str
         STORE_CM="" if INTERPRET else cfg["STORE_CM"], BLOCK=BLOCK, LOSS=LOSS_CODE[loss_type],
         KL=KL_CODE[kl_estimator], HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
         USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, HAS_IS=has_is,
-        IS_MASK=is_mode == "token_mask", BIAS_KL=bool(bias_kl), num_warps=cfg["num_warps"] or num_warps(BLOCK))
+        IS_MASK=is_mode == "token_mask", BIAS_KL=bool(bias_kl), ENTROPY=bool(entropy),
+        num_warps=cfg["num_warps"] or num_warps(BLOCK))
 
 
 def scale_(x, g):
