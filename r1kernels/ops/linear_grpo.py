@@ -70,9 +70,19 @@ def _plan(h2, weight, budget, grad_weight):
                       device=h2.device)
 
 
-def _logits(h, weight, bias):
-    """h @ weight.T (+ bias) in one buffer."""
-    return torch.addmm(bias.to(h.dtype), h, weight.t()) if bias is not None else h @ weight.t()
+def _chunk_buffer(plan, h, weight):
+    """One logits buffer of plan.rows rows, reused by every chunk: a new tensor per chunk would hold two
+    chunks at once (the last one is freed only when its name is rebound), 2x the planned temporaries
+    (measured on the H200: 1.60 GB of temporaries for 0.80 GB planned at N=8192, V=151936)."""
+    return torch.empty(min(plan.rows, h.shape[0]), weight.shape[0], dtype=h.dtype, device=h.device)
+
+
+def _logits(h, weight, bias, buf):
+    """h @ weight.T (+ bias) into the first rows of buf."""
+    out = buf[:h.shape[0]]
+    if bias is not None:
+        return torch.addmm(bias.to(h.dtype), h, weight.t(), out=out)
+    return torch.mm(h, weight.t(), out=out)
 
 
 def _dweight(plan, weight):
@@ -110,9 +120,10 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     db = torch.zeros(V if bias is not None else 0, device=dev, dtype=torch.float32)
     logp = torch.empty(B * T, device=dev, dtype=torch.float32)
     sums = torch.zeros(6, device=dev, dtype=torch.float32)
+    buf = _chunk_buffer(plan, h2, weight)
     for r0 in range(0, B * T, plan.rows):
         r1 = min(B * T, r0 + plan.rows)
-        z = _logits(h2[r0:r1], weight, bias)
+        z = _logits(h2[r0:r1], weight, bias, buf)
         s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, samp, num_items, z, (0, z.stride(0)),
                                      rows=(r0, r1), **opts)
         sums += s
@@ -192,10 +203,11 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     logp = torch.empty(N, device=dev, dtype=torch.float32)
     lse = torch.empty(N, device=dev, dtype=torch.float32)
     ent = torch.empty(N if entropy else 0, device=dev, dtype=torch.float32)
-    rows = _plan(h, weight, chunk_budget_bytes, False).rows
+    plan = _plan(h, weight, chunk_budget_bytes, False)
+    rows, buf = plan.rows, _chunk_buffer(plan, h, weight)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        lp, ls, en = _lk.logprob_fwd(_logits(h[r0:r1], weight, bias), y[r0:r1], temperature, entropy)
+        lp, ls, en = _lk.logprob_fwd(_logits(h[r0:r1], weight, bias, buf), y[r0:r1], temperature, entropy)
         logp[r0:r1], lse[r0:r1] = lp, ls
         if entropy:
             ent[r0:r1] = en
@@ -223,9 +235,10 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     dh = torch.empty_like(h)
     dw = _dweight(plan, weight)
     db = torch.zeros(weight.shape[0] if bias is not None else 0, device=h.device, dtype=torch.float32)
+    buf = _chunk_buffer(plan, h, weight)
     for r0 in range(0, N, plan.rows):
         r1 = min(N, r0 + plan.rows)
-        z = _logits(h[r0:r1], weight, bias)
+        z = _logits(h[r0:r1], weight, bias, buf)
         _lk.logprob_bwd(z, y[r0:r1], lse[r0:r1], ent[r0:r1], g[r0:r1], ge[r0:r1] if ge is not None else None,
                         temperature, out=z, out_strides=(0, z.stride(0)))
         torch.mm(z, weight, out=dh[r0:r1])
