@@ -61,6 +61,7 @@ def adamw_8bit_class():
                 with torch.enable_grad():
                     loss = closure()
             fn = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            chunk = max(self.block_size, self.chunk_elements - self.chunk_elements % self.block_size)
             with torch._dynamo.utils.disable_cache_limit():
                 for group in self.param_groups:
                     if not torch.is_tensor(group["lr"]):  # a scheduler that assigned a float
@@ -85,9 +86,8 @@ def adamw_8bit_class():
                         args = (st["step"],)
                         rest = (None, group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
                                 group["eps"], True, self.bf16_stochastic_round and p.dtype is torch.bfloat16)
-                        step = max(self.block_size, self.chunk_elements - self.chunk_elements % self.block_size)
-                        for c0 in range(0, head, step):
-                            c1 = min(head, c0 + step)
+                        for c0 in range(0, head, chunk):
+                            c1 = min(head, c0 + chunk)
                             fn(flat[c0:c1], g[c0:c1], *args, st["exp_avg"][c0:c1], st["exp_avg_sq"][c0:c1], *rest)
                         if head < n:
                             fn(flat[head:], g[head:], *args, st["exp_avg_tail"], st["exp_avg_sq_tail"], *rest)

@@ -79,24 +79,34 @@ def test_greedy_equals_full_forward(name, backend):
     assert tok.shape[1] <= T
 
 
-def test_fused_qkv_follows_in_place_updates():
-    """The engine's concatenated q/k/v buffer is refreshed on every rollout: after an in-place update of the
-    projections (what ZeRO 0-2's optimizer does) greedy decoding still equals the full forward, and the
-    training forward runs the unpatched projections again."""
-    torch.manual_seed(0)
-    model = _model("tiny-qwen2")
-    lens, T = [4, 6], 6
+def _greedy_follows_updates(model, lens, T, updated, check):
+    """Two greedy rollouts of one engine, an in-place update of updated(layer)'s tensors between them (what ZeRO
+    0-2's optimizer does): each equals the full forward; check(eng) runs after each rollout."""
     ids, mask = _prompts(lens)
     eng = Engine(model, backend="triton")
     for it in range(2):
-        tok, _ = eng.generate(ids, mask, [0, 1], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0)
-        assert len(eng._qkv) == len(model.model.layers)  # the fused path ran
+        tok, _ = eng.generate(ids, mask, list(range(len(lens))), SamplingParams(T, greedy=True), eos_id=-1,
+                              pad_id=0)
+        check(eng)
         for b in range(len(lens)):
             assert tok[b].tolist() == _greedy_no_cache(model, ids[b, mask[b].bool()].tolist(), T, -1), (it, b)
         with torch.no_grad():
             for layer in model.model.layers:
-                for p in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.bias):
+                for p in updated(layer):
                     p.add_(torch.randn_like(p))
+
+
+def test_fused_qkv_follows_in_place_updates():
+    """The engine's concatenated q/k/v buffer is refreshed on every rollout: after an in-place update of the
+    projections greedy decoding still equals the full forward, and the training forward runs the unpatched
+    projections again."""
+    torch.manual_seed(0)
+    model = _model("tiny-qwen2")
+
+    def check(eng):
+        assert len(eng._qkv) == len(model.model.layers)  # the fused path ran
+    _greedy_follows_updates(model, [4, 6], 6, lambda layer: (layer.self_attn.k_proj.weight,
+                                                              layer.self_attn.v_proj.bias), check)
     layer = model.model.layers[0]
     for m in (layer, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
         assert "forward" not in vars(m), m
@@ -115,20 +125,14 @@ def test_flat_parameters_fuse_gate_up_and_follow_updates(name, monkeypatch):
     calls = []
     orig = fused._mlp_gate_up
     monkeypatch.setattr(fused, "_mlp_gate_up", lambda self, x: calls.append(1) or orig(self, x))
-    lens, T = [4, 6, 3], 6
-    ids, mask = _prompts(lens)
-    eng = Engine(model, backend="triton")
-    for it in range(2):
-        calls.clear()
-        tok, _ = eng.generate(ids, mask, [0, 1, 2], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0)
+    T = 6
+
+    def check(eng):
         assert len(calls) >= T * len(model.model.layers)  # prefill + decode steps, every layer fused
         assert len(eng._qkv) == (0 if name == "tiny-llama" else len(model.model.layers))
-        for b in range(len(lens)):
-            assert tok[b].tolist() == _greedy_no_cache(model, ids[b, mask[b].bool()].tolist(), T, -1), (it, b)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for p in (layer.mlp.up_proj.weight, layer.self_attn.v_proj.weight):
-                    p.add_(torch.randn_like(p))
+        calls.clear()
+    _greedy_follows_updates(model, [4, 6, 3], T, lambda layer: (layer.mlp.up_proj.weight,
+                                                                 layer.self_attn.v_proj.weight), check)
     for m in model.modules():
         assert "_r1k_gu" not in vars(m) and "forward" not in vars(m), m
 
