@@ -19,8 +19,11 @@ Step 1 (CUDA-graph capture, torch.compile of the 8-bit optimizer, allocator warm
 peaks cover the whole process, init included (`peak_allocated_gib`), and the steps alone
 (`steps_peak_allocated_gib`). Variants (r1train unless `trl-`): full = fp32 master + fp32 AdamW
 (16 bytes/param + a transient fp32 gradient partition), 8bit = `optim=adamw_torch_8bit`, bf16 =
-r1train/configs/ds_zero2_bf16.json (bf16 master, gradients and moments: TRL's layout), offload =
-`offload_optimizer=true` (master + moments on the CPU, the step on the CPU), gc = gradient_checkpointing,
+r1train/configs/ds_zero2_bf16.json (DeepSpeed's bf16 master partition, gradients and moments: a copy of the
+weights more than TRL), bf16params = r1train/configs/ds_zero0_bf16.json (the optimizer steps the bf16
+weights themselves, bf16 gradients and moments: TRL's layout without DeepSpeed), offload =
+`offload_optimizer=true` (master + moments on the CPU, the step on the CPU; unpinned =
+r1train/configs/ds_zero2_offload.json, pin_memory=false: no pinned copies), gc = gradient_checkpointing,
 release = `rollout_release_memory=true` (the engine's KV cache and graphs freed for the training step).
 """
 
@@ -61,8 +64,12 @@ VARIANTS = {
     "full-offload": ["offload_optimizer=true"],
     "full-offload-gc": ["offload_optimizer=true", "gradient_checkpointing=true"],
     "full-offload-8bit-gc": ["offload_optimizer=true", "optim=adamw_torch_8bit", "gradient_checkpointing=true"],
+    "full-offload-unpinned-8bit-gc": ["deepspeed=r1train/configs/ds_zero2_offload.json", "optim=adamw_torch_8bit",
+                                      "gradient_checkpointing=true"],
     "full-8bit": ["optim=adamw_torch_8bit"], "full-8bit-gc": ["optim=adamw_torch_8bit", "gradient_checkpointing=true"],
     "full-bf16-gc": ["deepspeed=r1train/configs/ds_zero2_bf16.json", "gradient_checkpointing=true"],
+    "full-bf16params-gc-release": ["deepspeed=r1train/configs/ds_zero0_bf16.json", "gradient_checkpointing=true",
+                                   "rollout_release_memory=true"],
     "lora64": ["use_peft=true"], "lora64-gc": ["use_peft=true", "gradient_checkpointing=true"],
     "lora64-gc-release": ["use_peft=true", "gradient_checkpointing=true", "rollout_release_memory=true"],
     "full-8bit-gc-release": ["optim=adamw_torch_8bit", "gradient_checkpointing=true", "rollout_release_memory=true"],

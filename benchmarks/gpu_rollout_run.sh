@@ -7,7 +7,7 @@
 # Env: SKIP (comma list of: tests,rollout,kernels,zero2,zero3,trl,trlk,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
 # "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
-# TRAIN_ARGS (appended to the ZeRO-2 and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
+# TEST_MARK (default gpu; empty: all of $TESTS); TRAIN_ARGS (appended to the ZeRO-2 and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
 # Each trainer run is killed with SIGKILL past 300 s (SIGTERM would make it save a checkpoint).
 set -uo pipefail
 OUT=${OUT:-/tmp/r1k_out}
@@ -36,7 +36,8 @@ skip varied || for v in "padded:" "packed:--padding-free" "budget:--padding-free
     | grep -v Warning | tail -2; done
 skip kernels || python3 -m benchmarks --out "$OUT/k" --only "${KERNELS:-sampling,decode_attention}" || rc=$?
 TESTS=${TESTS:-tests/test_generation.py tests/test_sampling.py tests/test_decode_attention.py tests/test_fused_decode.py}
-skip tests || { python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS >"$OUT/gpu_tests.log" 2>&1 || rc=$?
+MARK=${TEST_MARK-gpu}  # TEST_MARK= (empty) runs every test of $TESTS on the GPU (the device fixture is cuda)
+skip tests || { python3 -m pytest -q ${MARK:+-m $MARK} -p no:cacheprovider $TESTS >"$OUT/gpu_tests.log" 2>&1 || rc=$?
   tail -4 "$OUT/gpu_tests.log"; }
 rm -rf "$OUT"/*_run "$OUT"/*_trl_model
 exit $rc

@@ -338,27 +338,22 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
     return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new)
 
 
-def _inference_only(op, **tensors):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
-        raise ValueError(f"{op} is an inference-only op (no backward): call it under torch.no_grad()")
-
-
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):
     """Hugging Face RMSNorm (Qwen2/Llama): weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), fp32 math;
-    x [..., H], weight [H]. Inference only (the generation engine's decode step)."""
+    x [..., H], weight [H]. Differentiable in x and weight (the Triton kernel has a fused backward)."""
     _checks.float_tensor("x", x, min_ndim=1)
     _checks.float_tensor("weight", weight, ndim=1)
     _checks.shape("weight", weight, (x.shape[-1],), " (the last dim of x)")
     _checks.same_device(x=x, weight=weight)
     _checks.positive("eps", eps, allow_zero=True)
-    _inference_only("rms_norm", x=x, weight=weight)
     fn = _backend.pick("rms_norm", backend, x.device, x, weight)
     return (fn or _ref.rms_norm)(x, weight, float(eps))
 
 
 def apply_rotary(q, k, cos, sin, *, backend="auto"):
     """Hugging Face apply_rotary_pos_emb (rotate_half form): q [B, Hq, T, D], k [B, Hk, T, D], cos/sin
-    [B, T, D] -> (q * cos + rotate_half(q) * sin, the same for k), fp32 math. Inference only."""
+    [B or 1, T, D] -> (q * cos + rotate_half(q) * sin, the same for k), fp32 math. Differentiable in q and k (the
+    Triton kernel's backward is the rotation by -sin; cos/sin that require grad take the reference)."""
     for name, t in (("q", q), ("k", k)):
         _checks.float_tensor(name, t, ndim=4)
     for name, t in (("cos", cos), ("sin", sin)):
@@ -366,23 +361,23 @@ def apply_rotary(q, k, cos, sin, *, backend="auto"):
     B, _, T, D = q.shape
     if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"k must have shape [{B}, Hk, {T}, {D}], got {tuple(k.shape)}")
-    _checks.shape("cos", cos, (B, T, D))
-    _checks.shape("sin", sin, (B, T, D))
+    if cos.shape[0] not in (1, B) or tuple(cos.shape[1:]) != (T, D):
+        raise ValueError(f"cos must have shape ({B}, {T}, {D}) or (1, {T}, {D}), got {tuple(cos.shape)}")
+    _checks.shape("sin", sin, cos.shape, " (the shape of cos)")
     if D % 2:
         raise ValueError(f"the head dim of q must be even, got {D}")
     _checks.same_device(q=q, k=k, cos=cos, sin=sin)
-    _inference_only("apply_rotary", q=q, k=k)
     fn = _backend.pick("apply_rotary", backend, q.device, q, k, cos, sin)
     return (fn or _ref.apply_rotary)(q, k, cos, sin)
 
 
 def silu_mul(gate, up, *, backend="auto"):
-    """silu(gate) * up (the SwiGLU MLP's activation), fp32 math, gate's dtype. Inference only."""
+    """silu(gate) * up (the SwiGLU MLP's activation), fp32 math, gate's dtype. Differentiable (the Triton
+    kernel has a fused backward)."""
     _checks.float_tensor("gate", gate, min_ndim=1)
     _checks.float_tensor("up", up, min_ndim=1)
     _checks.shape("up", up, gate.shape, " (the shape of gate)")
     _checks.same_device(gate=gate, up=up)
-    _inference_only("silu_mul", gate=gate, up=up)
     fn = _backend.pick("silu_mul", backend, gate.device, gate, up)
     return (fn or _ref.silu_mul)(gate, up)
 

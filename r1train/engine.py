@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
 from .config import TrainConfig, check_offload
-from .loading import apply_lora, enable_activation_checkpointing
+from .loading import apply_lora, enable_activation_checkpointing, maybe_patch
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
 from .optim import make_optimizer
@@ -72,11 +72,13 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     zo = c.setdefault("zero_optimization", {"stage": 0})
     check_offload(cfg, zo.get("stage", 0))
     pin = torch.cuda.is_available()
-    if cfg.offload_optimizer:
-        zo["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    # the keys turn offload on; a `deepspeed` file's own offload sections (e.g. pin_memory=false, which saves
+    # the pinned copies' transient host memory) are kept over these defaults
+    if cfg.offload_optimizer or "offload_optimizer" in zo:
+        zo["offload_optimizer"] = {"device": "cpu", "pin_memory": pin, **zo.get("offload_optimizer", {})}
         c["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU (not DeepSpeedCPUAdam)
-    if cfg.offload_param:
-        zo["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.offload_param or "offload_param" in zo:
+        zo["offload_param"] = {"device": "cpu", "pin_memory": pin, **zo.get("offload_param", {})}
     return c
 
 
@@ -126,6 +128,11 @@ class Trainer(CheckpointMixin):
         resume = self.prepare_run()  # lock output_dir; the checkpoint to resume from, checked (before any work)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
+        model = maybe_patch(model, cfg)  # fused kernels in the forward (a model not built by r1train.loading)
+        dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+        if cfg.bf16 and not dsc["bf16"].get("enabled"):  # bf16 without DeepSpeed's mixed precision (e.g.
+            for p in model.parameters():  # ds_zero0_bf16.json): the optimizer steps bf16 parameters (buffers keep
+                p.data = p.data.to(torch.bfloat16)  # their dtype, as DeepSpeed's own cast does)
         if cfg.use_peft:  # the reference is then this model with its adapters disabled (ref_policy)
             model = apply_lora(model, cfg)
         ref = copy.deepcopy(model) if self.needs_ref() and not cfg.use_peft else None
@@ -135,7 +142,6 @@ class Trainer(CheckpointMixin):
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
-        dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
         opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])  # the `optim` key
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps * optimizer_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,

@@ -80,18 +80,24 @@ def enable_activation_checkpointing(model):
 
 
 def maybe_patch(model, cfg: TrainConfig):
-    """rk.patch(model) for supported models (DeepseekV3) when asked for, or by default on CUDA."""
+    """rk.patch(model) for supported models when asked for, or by default on CUDA: DeepseekV3's fused MoE
+    routing, and the fused RMSNorm / SiLU-MLP / rotary ops of Qwen2, Qwen3, Llama and Mistral (forward and
+    backward; r1kernels/patch/layers.py)."""
     import logging
 
     import torch
 
+    from r1kernels.patch.layers import FUSED_MODEL_TYPES
+
     want = cfg.patch_model if cfg.patch_model is not None else torch.cuda.is_available()
-    if not want or getattr(model.config, "model_type", "") != "deepseek_v3":
+    if not want or getattr(model, "_r1k_patched", False) or \
+            getattr(model.config, "model_type", "") not in ("deepseek_v3", *FUSED_MODEL_TYPES):
         return model
     try:
         import r1kernels as rk
 
-        rk.patch(model)
+        rk.patch(model, backend="torch" if cfg.kernel_backend == "torch" else "auto")
+        model._r1k_patched = True  # loading patches, and so does the Trainer (models built in code): once
     except (ImportError, AttributeError, NotImplementedError, ValueError) as e:
         if cfg.patch_model:
             raise

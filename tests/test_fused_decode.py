@@ -1,6 +1,7 @@
 """r1kernels.triton.fused (rms_norm, apply_rotary, silu_mul) against r1kernels.reference.fused and against the
 Hugging Face code they replace: Qwen2RMSNorm, apply_rotary_pos_emb with Qwen2RotaryEmbedding's cos/sin,
-ACT2FN["silu"](gate) * up. Triton interpreter on CPU."""
+ACT2FN["silu"](gate) * up; their backwards against torch autograd of the reference in fp64. Triton
+interpreter on CPU."""
 from __future__ import annotations
 
 import pytest
@@ -155,16 +156,115 @@ def test_silu_mul_halves_of_one_projection(device, dtype, shape):
     _check(out, ref64, dtype, lowp=ACT2FN["silu"](gate) * up, name="silu_mul halves vs fp64")
 
 
+# ------------------------------------------------------------------------------------------------ backward
+
+def _grads(fn, inputs, dys):
+    """Gradients of sum(out * dy) over the outputs with respect to each input (None where not required)."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(outs, leaves, [dy.to(o.dtype) for o, dy in zip(outs, dys)])
+    return list(got)
+
+
+def _leaf(t, dtype=None, grad=True):
+    return (t if dtype is None else t.to(dtype)).detach().requires_grad_(grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,frozen_w", [((3, 72), False), ((2, 5, 100), False), ((17, 40), True),
+                                            ((1, 1, 64), False)])
+def test_rms_norm_backward(device, dtype, shape, frozen_w):
+    """dx and dweight of the Triton op vs autograd of the reference in fp64 (the lowp bound: the reference's
+    own autograd in the same dtype); a frozen weight gets no gradient and costs no partial sums."""
+    H, eps = shape[-1], 1e-6
+    x0 = torch.randn(shape, device=device) * 2
+    w0 = 1 + 0.5 * torch.randn(H, device=device)
+    dy = torch.randn(shape, device=device)
+    got = _grads(lambda x, w: fops.rms_norm_triton(x, w, eps), (_leaf(x0, dtype), _leaf(w0, dtype, not frozen_w)), [dy])
+    x64, w64 = _leaf(x0, torch.float64), _leaf(w0, torch.float64, not frozen_w)
+    want = _grads(lambda x, w: ref.rms_norm(x, w, eps), (x64, w64), [dy.double()])
+    lowp = _grads(lambda x, w: ref.rms_norm(x, w, eps), (_leaf(x0, dtype), _leaf(w0, dtype, not frozen_w)), [dy])
+    assert len(got) == (1 if frozen_w else 2)
+    for g, r, lp, nm in zip(got, want, lowp, ("dx", "dweight")):
+        assert g.dtype == dtype and g.shape == r.shape
+        _check(g, r, dtype, lowp=lp if dtype != torch.float32 else None, name=f"rms_norm {nm}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hq,Hk,D,fused_qkv", [(2, 3, 4, 2, 16, False), (1, 5, 3, 1, 32, True)])
+def test_apply_rotary_backward(device, dtype, B, T, Hq, Hk, D, fused_qkv):
+    """dq, dk of the Triton op (the rotation by -sin) vs autograd of the reference in fp64, q/k laid out as
+    HF's attention makes them."""
+    q0, k0 = _hf_qk(B, T, Hq, Hk, D, torch.float32, device, fused_qkv)
+    cos, sin = _hf_cos_sin(B, T, Hq, Hk, D, dtype, device)
+    dys = [torch.randn(B, Hq, T, D, device=device), torch.randn(B, Hk, T, D, device=device)]
+    got = _grads(lambda q, k: fops.apply_rotary_triton(q, k, cos, sin), (_leaf(q0, dtype), _leaf(k0, dtype)), dys)
+    want = _grads(lambda q, k: ref.apply_rotary(q, k, cos.double(), sin.double()),
+                  (_leaf(q0, torch.float64), _leaf(k0, torch.float64)), [d.double() for d in dys])
+    for g, r, nm in zip(got, want, ("dq", "dk")):
+        assert g.dtype == dtype and g.shape == r.shape
+        _check(g, r, dtype, name=f"rotary {nm}")
+    # only q's output used: dk is the gradient of nothing (zeros), dq unchanged
+    q, k = _leaf(q0, dtype), _leaf(k0, dtype)
+    gq, gk = torch.autograd.grad(fops.apply_rotary_triton(q, k, cos, sin)[0], (q, k), dys[0].to(dtype))
+    assert torch.equal(gq, got[0]) and not gk.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,halves", [((3, 72), False), ((2, 4, 100), False), ((5, 1000), True), ((1, 7), True)])
+def test_silu_mul_backward(device, dtype, shape, halves):
+    """dgate, dup of the Triton op vs autograd of the reference in fp64; `halves`: gate and up are the two
+    halves of one projection's output (strided rows)."""
+    g0, u0 = torch.randn(shape, device=device) * 3, torch.randn(shape, device=device)
+    dy = torch.randn(shape, device=device)
+    if halves:
+        gu = _leaf(torch.cat([g0, u0], -1), dtype)
+        C = shape[-1]
+        got = _grads(lambda t: fops.silu_mul_triton(t[..., :C], t[..., C:]), (gu,), [dy])[0].split(C, -1)
+    else:
+        got = _grads(fops.silu_mul_triton, (_leaf(g0, dtype), _leaf(u0, dtype)), [dy])
+    want = _grads(ref.silu_mul, (_leaf(g0, torch.float64), _leaf(u0, torch.float64)), [dy.double()])
+    lowp = _grads(ref.silu_mul, (_leaf(g0, dtype), _leaf(u0, dtype)), [dy])
+    for g, r, lp, nm in zip(got, want, lowp, ("dgate", "dup")):
+        assert g.dtype == dtype and g.shape == r.shape
+        _check(g, r, dtype, lowp=lp if dtype != torch.float32 else None, name=f"silu_mul {nm}")
+
+
+def test_public_ops_are_differentiable(device):
+    """rk.rms_norm / apply_rotary / silu_mul take inputs that require grad on every backend (the kernels'
+    gradients equal the reference's), and cos/sin that require grad take the reference (eligible says no)."""
+    import r1kernels as rk
+
+    x, w = torch.randn(4, 24, device=device, requires_grad=True), torch.randn(24, device=device, requires_grad=True)
+    g = [torch.autograd.grad(rk.rms_norm(x, w, backend=b).square().sum(), (x, w)) for b in ("auto", "torch")]
+    for a, r in zip(*g):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    q, k = _hf_qk(1, 2, 2, 1, 8, torch.float32, device)
+    cos, sin = _hf_cos_sin(1, 2, 2, 1, 8, torch.float32, device)
+    cos.requires_grad_(True)
+    assert not fops.apply_rotary_triton.eligible(q, k, cos, sin)
+    oq, _ = rk.apply_rotary(q, k, cos, sin)
+    assert torch.autograd.grad(oq.sum(), cos)[0].shape == cos.shape
+
+
 # ------------------------------------------------------------------------------------------------ opcheck / edge
 
-def test_opcheck(device):
-    x = torch.randn(3, 20, device=device)
-    w = torch.randn(20, device=device)
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck(device, grad):
+    """Schemas, fakes and (grad=True) the autograd registration of every op, backwards included."""
+    x = torch.randn(3, 20, device=device, requires_grad=grad)
+    w = torch.randn(20, device=device, requires_grad=grad)
     torch.library.opcheck(fops.rms_norm_op, (x, w, 1e-6))
     q, k = _hf_qk(2, 1, 2, 1, 16, torch.float32, device)
     cos, sin = _hf_cos_sin(2, 1, 2, 1, 16, torch.float32, device)
-    torch.library.opcheck(fops.apply_rotary_op, (q, k, cos, sin))
-    torch.library.opcheck(fops.silu_mul_op, (torch.randn(2, 9, device=device), torch.randn(2, 9, device=device)))
+    torch.library.opcheck(fops.apply_rotary_op, (q.requires_grad_(grad), k.requires_grad_(grad), cos, sin))
+    g, u = (torch.randn(2, 9, device=device, requires_grad=grad) for _ in range(2))
+    torch.library.opcheck(fops.silu_mul_op, (g, u))
+    if grad:
+        dy = torch.randn(3, 20, device=device)
+        torch.library.opcheck(fops.rms_norm_backward_op, (dy, x.detach(), w.detach(), 1e-6, True))
+        torch.library.opcheck(fops.silu_mul_backward_op, (torch.randn(2, 9, device=device), g.detach(), u.detach()))
 
 
 def test_empty(device):

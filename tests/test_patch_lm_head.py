@@ -44,7 +44,7 @@ def _expected(model, ids, mask, labels, temperature):
 def test_fused_head_matches_logits(family, B, L):
     model = _model(family, bias=family == "llama")
     patched = copy.deepcopy(model)
-    assert list(rk.patch(patched)) == ["forward"]
+    assert list(rk.patch(patched)) == ["forward", "layers"]
     temperature = float(torch.empty(()).uniform_(0.6, 1.4))
     patch_lm_head(patched, temperature=temperature)  # updates the defaults of the patched model
     ids = torch.randint(0, V, (B, L))
@@ -63,9 +63,9 @@ def test_fused_head_matches_logits(family, B, L):
     for (n, p), (_, p2) in zip(model.named_parameters(), patched.named_parameters()):
         if p.grad is not None:
             assert_close(p2.grad, p.grad, name=f"grad {n}")
-    # the plain forward is untouched
+    # the plain forward is the model's own (rk.patch also fuses its layers: fp32 math rounded once)
     torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits,
-                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_shift_labels_callable_and_all_masked():

@@ -151,6 +151,30 @@ def test_pure_bf16_config_with_a_reference_model(tmp_path):
     assert rc == {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
 
 
+def test_bf16_params_config_steps_the_bf16_weights(tmp_path):
+    """r1train/configs/ds_zero0_bf16.json with bf16=true: DeepSpeed's mixed precision off, so the torch
+    optimizer steps the bf16 parameters themselves (TRL's layout without DeepSpeed: no master copy, bf16
+    gradients and moments, 4 bytes of state per parameter); the loss falls; GRPO with a reference model runs."""
+    import os
+
+    from r1train.engine import CONFIG_DIR
+
+    path = os.path.join(CONFIG_DIR, "ds_zero0_bf16.json")
+    t = _sft(tmp_path / "sft", "max_steps=6", "zero_stage=0", f"deepspeed={path}")
+    hist = t.train()
+    opt = t.engine.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert isinstance(opt, torch.optim.Optimizer) and params
+    assert {p.data_ptr() for p in params} == {p.data_ptr() for p in t.engine.module.parameters()}  # no copy
+    assert all(p.dtype == torch.bfloat16 and (p.grad is None or p.grad.dtype == torch.bfloat16) for p in params)
+    assert {v.dtype for st in opt.state.values() for v in st.values() if v.dim()} == {torch.bfloat16}
+    assert state_bytes(opt) / sum(p.numel() for p in params) == 4.0
+    assert hist[-1]["loss"] < hist[0]["loss"], [h["loss"] for h in hist]
+    g = H.grpo_trainer(tmp_path / "grpo", "beta=0.04", "max_steps=1", "bf16=true", "zero_stage=0", f"deepspeed={path}",
+                       reward_funcs=[H.digit_share])
+    assert g.ref is not None and len(g.train()) == 1
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_reference_model_only_with_beta(tmp_path, beta):
     t = H.grpo_trainer(tmp_path, f"beta={beta}", "max_steps=1", reward_funcs=[H.digit_share])

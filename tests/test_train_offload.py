@@ -2,15 +2,20 @@
 offload paths and train the same as without offload; a stage that cannot offload is an error naming the key."""
 
 import math
+import os
 
 import pytest
 import train_helpers as H
 
 from r1train.config import ConfigError, load_config
+from r1train.engine import CONFIG_DIR
+
+_UNPINNED = "deepspeed=" + os.path.join(CONFIG_DIR, "ds_zero2_offload.json")
 
 
 @pytest.mark.parametrize("stage,extra", [(2, ["offload_optimizer=true"]),
-                                         (3, ["offload_optimizer=true", "offload_param=true", "beta=0.04"])])
+                                         (3, ["offload_optimizer=true", "offload_param=true", "beta=0.04"]),
+                                         (2, [_UNPINNED])])
 def test_offload_trains_like_no_offload(tmp_path, stage, extra):
     hist = {}
     for name, ov in (("plain", []), ("offload", extra)):
@@ -20,6 +25,8 @@ def test_offload_trains_like_no_offload(tmp_path, stage, extra):
                            reward_funcs=[H.digit_share])
         if name == "offload":
             assert t.engine.zero_offload_optimizer()
+            if ov == [_UNPINNED]:  # the file's own offload section (pin_memory=false) is kept
+                assert t.engine.optimizer.cpu_offload_pin_memory is False
             if stage == 3:
                 assert t.engine.zero_offload_param()
         hist[name] = t.train()

@@ -9,6 +9,8 @@ What it switches:
 - log-probs and entropy (policy, old policy, reference): the models' fused lm_head becomes
   r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral and DeepseekV3;
   DeepseekV3 MoE layers also route through r1kernels.moe (patch/deepseek_v3.py);
+- every forward and backward of Qwen2, Qwen3, Llama and Mistral models (generation included): RMSNorm,
+  the SiLU MLP's activation and the rotary embedding run as one fused kernel each (patch/layers.py);
 - the loss: r1kernels.linear_grpo_loss from the last hidden states, with TRL's GRPOConfig names
   (loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo/luspo, epsilon, epsilon_high, delta, beta with TRL's k3
   KL and use_bias_correction_kl, sapo_temperature_pos/neg, importance_sampling_level, temperature,
@@ -59,14 +61,18 @@ def _unwrap(model):
 
 
 def _patch_model(model, trainer, return_entropy, backend):
-    """DeepseekV3 routing and the fused lm_head on one model; the reason when the head stays TRL's."""
+    """DeepseekV3 routing, the fused layer ops and the fused lm_head on one model; the reason when the head
+    stays TRL's."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from ..patch.deepseek_v3 import patch_deepseek_v3
+    from ..patch.layers import FUSED_MODEL_TYPES, patch_layers
     from ..patch.lm_head import patch_lm_head, unsupported_reason
 
     model = _unwrap(model)
     patch_deepseek_v3(model, backend=backend)
+    if getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES:
+        patch_layers(model, backend="torch" if backend == "torch" else "auto")
     # ZeRO-3 materializes lm_head.weight only inside lm_head's own forward, which the fused path never calls
     reason = "DeepSpeed ZeRO-3 shards lm_head.weight" if is_deepspeed_zero3_enabled() else unsupported_reason(model)
     if reason is None:

@@ -1,6 +1,9 @@
 """rms_norm, apply_rotary and silu_mul as torch.library custom ops (r1kernels::rms_norm, ::apply_rotary,
-::silu_mul) over the Triton kernels of r1kernels.triton.fused. Inference only: no autograd. The fakes make
-them traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
+::silu_mul) over the Triton kernels of r1kernels.triton.fused, each with one autograd path (register_autograd)
+for eager and compiled calls: the backwards are custom ops too (::rms_norm_backward, ::silu_mul_backward;
+the rotary's is the forward op with -sin). Only x/weight, gate/up and q/k get gradients: cos and sin are
+taken as constants (rotary_eligible declines them when they require grad). The fakes make every op
+traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
 from __future__ import annotations
 
 import torch
@@ -20,6 +23,34 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
 
 
+@torch.library.custom_op("r1kernels::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                         need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = _k.rms_norm_backward(dy, x, weight, eps, need_dw)
+    return dx, (dw if dw is not None else weight.new_empty(0))
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, x, weight, eps, need_dw):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if need_dw else (0,))
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_norm_bwd(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = rms_norm_backward_op(dy, x, weight, ctx.eps, need_w)
+    return (dx if need_x else None), (dw if need_w else None), None
+
+
+rms_norm_op.register_autograd(_rms_norm_bwd, setup_context=_rms_norm_setup)
+
+
 @torch.library.custom_op("r1kernels::apply_rotary", mutates_args=())
 def apply_rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +62,23 @@ def _(q, k, cos, sin):
     return _k._out_like(q), _k._out_like(k)
 
 
+def _rotary_setup(ctx, inputs, output):
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.meta = [(t.shape, t.dtype, t.device) for t in (q, k)]
+
+
+def _rotary_bwd(ctx, dq, dk):
+    # q_out = [q1 c1 - q2 s1, q2 c2 + q1 s2]  =>  dq = [d1 c1 + d2 s2, d2 c2 - d1 s1]: the rotation by -sin
+    cos, sin = ctx.saved_tensors
+    dq, dk = [torch.zeros(s, dtype=dt, device=dev) if d is None else d for d, (s, dt, dev) in zip((dq, dk), ctx.meta)]
+    gq, gk = apply_rotary_op(dq, dk, cos, -sin)
+    return gq, gk, None, None
+
+
+apply_rotary_op.register_autograd(_rotary_bwd, setup_context=_rotary_setup)
+
+
 @torch.library.custom_op("r1kernels::silu_mul", mutates_args=())
 def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _k.silu_mul(gate, up)
@@ -39,6 +87,27 @@ def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @silu_mul_op.register_fake
 def _(gate, up):
     return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("r1kernels::silu_mul_backward", mutates_args=())
+def silu_mul_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _k.silu_mul_backward(dy, gate, up)
+
+
+@silu_mul_backward_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_bwd(ctx, dy):
+    return silu_mul_backward_op(dy, *ctx.saved_tensors)
+
+
+silu_mul_op.register_autograd(_silu_mul_bwd, setup_context=_silu_mul_setup)
 
 
 def rms_norm_triton(x, weight, eps=1e-6):
@@ -63,6 +132,8 @@ def _apply_rotary_eligible(q, k, cos, sin, *a, **kw):
     if not all(t.dtype in _FLOATS for t in (q, k, cos, sin)):
         return False
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.dim() != 3:
+        return False
+    if cos.requires_grad or sin.requires_grad:  # the kernel's backward gives q and k gradients only
         return False
     B, _, T, D = q.shape
     return (D % 2 == 0 and k.shape[0] == B and k.shape[2] == T and k.shape[3] == D

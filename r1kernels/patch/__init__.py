@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 
-def patch(model):
+def patch(model, *, backend: str = "auto"):
     """Swap supported modules of `model` for r1kernels implementations; returns {name: what was replaced}.
     DeepseekV3 MoE layers get the fused router/experts; Qwen2/Qwen3/Llama/Mistral causal LMs get the
-    fused lm_head log-prob path (`model(..., labels=labels, fused_lm_head=True)`, see patch/lm_head.py)."""
+    fused lm_head log-prob path (`model(..., labels=labels, fused_lm_head=True)`, see patch/lm_head.py) and
+    fused, differentiable RMSNorm / SiLU-MLP / rotary ops in every forward (patch/layers.py; the counts
+    under "layers")."""
     from .deepseek_v3 import patch_deepseek_v3
+    from .layers import FUSED_MODEL_TYPES, patch_layers
     from .lm_head import LM_HEAD_CLASSES, patch_lm_head
 
-    replaced = patch_deepseek_v3(model)
+    replaced = patch_deepseek_v3(model, backend=backend)
     if type(model).__name__ in LM_HEAD_CLASSES:
-        replaced.update(patch_lm_head(model))
+        replaced.update(patch_lm_head(model, backend=backend))
+    if getattr(getattr(model, "config", None), "model_type", None) in FUSED_MODEL_TYPES:
+        replaced["layers"] = patch_layers(model, backend=backend)
     if not replaced:
         raise ValueError(f"model ({type(model).__name__}) has no module that r1kernels.patch supports "
                          f"(supported: transformers DeepseekV3 MoE layers; fused lm_head log-probs for "

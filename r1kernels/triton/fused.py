@@ -1,12 +1,17 @@
-"""Triton kernels: the small fused inference ops of a decode step (r1kernels.reference.fused is the spec).
+"""Triton kernels: the small fused ops of a Qwen2/Llama layer, forward (the decode step and training) and
+backward (training); r1kernels.reference.fused is the spec, its torch autograd the spec of the backwards.
 
-No autograd and no host synchronization (the launchers are replayed inside CUDA graphs): outputs are
-allocated with torch.empty*, grids depend on shapes only. fp32 math inside, plain tl.* ops.
+No host synchronization (the forward launchers are replayed inside CUDA graphs): outputs are allocated with
+torch.empty*, grids depend on shapes only. fp32 math inside, plain tl.* ops.
 - _rms_norm_kernel: ROWS rows of [M, H] per program, the whole row in one block (H <= MAX_H).
+- _rms_norm_bwd_kernel: a run of rows per program (the whole row in one block); recomputes rsqrt(mean(x^2))
+  from x (nothing but x is saved), writes dx and the program's fp32 partial sum of dweight (summed after).
 - _rotary_kernel: grid (B * T, q head blocks + k head blocks): one program rotates BH heads of q or of k at
   one (b, t), the two halves of D loaded separately (no gather), cos/sin loaded once per program.
 - _silu_mul_kernel: grid (rows, column blocks) over [M, C] inputs with their own row strides, so the two
-  halves of one fused gate/up projection are read in place.
+  halves of one fused gate/up projection are read in place. _silu_mul_bwd_kernel: the same grid, reads
+  gate, up and the output's gradient once, writes both input gradients.
+- The rotary backward is the rotation by -sin (apply_rotary(dq, dk, cos, -sin)): no kernel of its own.
 """
 from __future__ import annotations
 
@@ -50,6 +55,68 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(triton.cdiv(M, ROWS),)](x2, w, out.view(-1, H), M, H, x2.stride(0), H, float(eps),
                                                 ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
     return out
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, H, sx, sdy, eps, ROWS_PER_PROG,
+                         HAS_DW: tl.constexpr, BLOCK: tl.constexpr):
+    # y = w * round(x * r), r = rsqrt(mean(x^2) + eps); the rounding's gradient is taken as 1 (as autograd
+    # of the reference does): dw = sum_rows dy * round(x * r), dx = r * (dh - n * mean(dh * n)), dh = dy * w,
+    # n = x * r.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    cm = cols < H
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, ROWS_PER_PROG):
+        row = pid * ROWS_PER_PROG + i
+        m = cols < tl.where(row < M, H, 0)
+        r64 = row.to(tl.int64)
+        x = tl.load(x_ptr + r64 * sx + cols, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * sdy + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        n = x * r
+        if HAS_DW:
+            dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+        dh = dy * w
+        dx = r * (dh - n * (tl.sum(dh * n, axis=0) / H))
+        tl.store(dx_ptr + r64 * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    if HAS_DW:
+        tl.store(dw_ptr + pid * H + cols, dw, mask=cm)
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 under the interpreter: few programs, fast tests)."""
+    if device.type != "cuda":
+        return 2
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      need_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx in x's dtype and shape, dweight in weight's dtype or None)."""
+    H = x.shape[-1]
+    x2 = x.reshape(-1, H) if x.stride(-1) == 1 else x.contiguous().reshape(-1, H)
+    dy2 = dy.reshape(-1, H) if dy.stride(-1) == 1 else dy.contiguous().reshape(-1, H)
+    M = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if M == 0 or H == 0:
+        return dx, (torch.zeros_like(weight) if need_dw else None)
+    progs = min(M, 4 * sm_count(x.device))
+    rows_per = triton.cdiv(M, progs)
+    progs = triton.cdiv(M, rows_per)
+    part = torch.empty((progs, H) if need_dw else (1,), dtype=torch.float32, device=x.device)
+    BLOCK = triton.next_power_of_2(H)
+    num_warps = 8 if BLOCK >= 4096 else 4 if BLOCK >= 1024 else 2 if BLOCK >= 256 else 1
+    _rms_norm_bwd_kernel[(progs,)](x2, weight.contiguous(), dy2, dx, part, M, H, x2.stride(0), dy2.stride(0),
+                                   float(eps), rows_per, HAS_DW=need_dw, BLOCK=BLOCK, num_warps=num_warps)
+    return dx, (part.sum(0).to(weight.dtype) if need_dw else None)
 
 
 @triton.jit
@@ -139,6 +206,35 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, C, sg, su, BLOCK: tl.constexpr):
 def _row_view(x: torch.Tensor, C: int) -> torch.Tensor:
     x2 = x.reshape(-1, C)  # a view for the halves of one [.., 2C] projection: no copy
     return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+@triton.jit
+def _silu_mul_bwd_kernel(g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, C, sg, su, sdy, BLOCK: tl.constexpr):
+    # y = g * s * u, s = sigmoid(g): du = dy * g * s, dg = dy * u * s * (1 + g * (1 - s))
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < C
+    g = tl.load(g_ptr + row * sg + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * su + cols, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * sdy + cols, mask=m, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(du_ptr + row * C + cols, (dy * g * s).to(du_ptr.dtype.element_ty), mask=m)
+    tl.store(dg_ptr + row * C + cols, (dy * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup): contiguous, in gate's / up's dtype and shape."""
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    C = gate.shape[-1] if gate.dim() else 1
+    if gate.numel() == 0:
+        return dg, du
+    g2, u2, dy2 = _row_view(gate, C), _row_view(up, C), _row_view(dy, C)
+    BLOCK = min(1024, triton.next_power_of_2(C))
+    _silu_mul_bwd_kernel[(g2.shape[0], triton.cdiv(C, BLOCK))](g2, u2, dy2, dg, du, C, g2.stride(0), u2.stride(0),
+                                                               dy2.stride(0), BLOCK=BLOCK,
+                                                               num_warps=4 if BLOCK >= 512 else 1)
+    return dg, du
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
