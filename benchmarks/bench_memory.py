@@ -69,7 +69,7 @@ VARIANTS = {
     "full-8bit": ["optim=adamw_torch_8bit"], "full-8bit-gc": ["optim=adamw_torch_8bit", "gradient_checkpointing=true"],
     "full-bf16-gc": ["deepspeed=r1train/configs/ds_zero2_bf16.json", "gradient_checkpointing=true"],
     "full-bf16params-gc-release": ["deepspeed=r1train/configs/ds_zero0_bf16.json", "gradient_checkpointing=true",
-                                   "rollout_release_memory=true"],
+                                   "rollout_release_memory=true", "patch_model=true"],
     "lora64": ["use_peft=true"], "lora64-gc": ["use_peft=true", "gradient_checkpointing=true"],
     "lora64-gc-release": ["use_peft=true", "gradient_checkpointing=true", "rollout_release_memory=true"],
     "full-8bit-gc-release": ["optim=adamw_torch_8bit", "gradient_checkpointing=true", "rollout_release_memory=true"],

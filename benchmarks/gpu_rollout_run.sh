@@ -29,6 +29,9 @@ trl_run() {  # $1: trl | trlk; $2: a suffix for the JSON name
     $([ "$1" = trlk ] && echo --use-r1kernels) 2>&1 | tail -2; }
 # TRL_ORDER: the TRL runs in this order (default "trl trlk"); e.g. "trlk trl trlk" checks an order effect
 i=0; for r in ${TRL_ORDER:-trl trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 2 ] && echo _$i)"; done
+# FUSED_AB=1: the ZeRO-2 step again with --fused-layers (patch_model=true), same session
+[ -n "${FUSED_AB:-}" ] && k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2_fused.json" --steps 4 --fused-layers \
+  ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -1
 # the varied-length workload (completions uniform in 32-512): padded, packed, packed with a token budget
 skip varied || for v in "padded:" "packed:--padding-free" "budget:--padding-free --max-tokens-per-batch 16384"; do
   k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_varied_${v%%:*}.json" --varied-lengths --steps 3 ${v#*:} \

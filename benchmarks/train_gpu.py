@@ -80,6 +80,8 @@ def main(argv=None):
     p.add_argument("--padding-free", action="store_true", help="padding_free=true: packed micro-batches")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="max_tokens_per_batch (with --padding-free): token-budget micro-batches")
+    p.add_argument("--fused-layers", action="store_true",
+                   help="patch_model=true: r1kernels' fused RMSNorm / SiLU-MLP / rotary in the training forwards")
     p.add_argument("--profile-step", type=int, default=None,
                    help="run this step (1-based, > 1: warm) under torch.profiler: top kernels and CPU ops in the JSON")
     a = p.parse_args(argv)
@@ -109,6 +111,7 @@ def main(argv=None):
         "report_to=none", "logging_steps=1", "log_entropy=false",
         f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
         f"padding_free={str(a.padding_free).lower()}",
+        *(["patch_model=true"] if a.fused_layers else []),
         *([f"max_tokens_per_batch={a.max_tokens_per_batch}"] if a.max_tokens_per_batch else []),
         "kernel_backend=torch" if a.tiny and not torch.cuda.is_available() else "kernel_backend=auto"])
     rows = prompt_rows(a.prompts * (a.steps + 1), a.prompt_length)

@@ -191,9 +191,9 @@ class TrainConfig:
     log_completions: bool = f(False, "at each logging step print a few completions and send the completions "
                               "table to the report_to backends")
     log_entropy: bool = f(True, "compute the entropy metric (in the loss kernel's own pass over the logits)")
-    patch_model: Optional[bool] = f(None, "rk.patch the policy: DeepseekV3 routers/experts and the RMSNorm / "
+    patch_model: Optional[bool] = f(None, "rk.patch the policy: true = DeepseekV3 routers/experts and the RMSNorm / "
                                     "SiLU-MLP / rotary ops of Qwen2, Qwen3, Llama and Mistral become r1kernels' "
-                                    "fused ones (forward and backward); None: only on CUDA")
+                                    "fused ones (forward and backward); None = DeepseekV3 only, on CUDA")
     moe_bias_update_rate: float = f(1e-3, "MoE policies: aux-loss-free balancing bias step (0 = off)")
     moe_router_replay: bool = f(False, "MoE policies (DeepseekV3): router replay (R3): the rollout records every "
                                 "token's top-k experts per MoE layer and the training forward uses them as its "

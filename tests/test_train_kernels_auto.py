@@ -1,5 +1,6 @@
 """A few GRPO steps of the tiny model with kernel_backend=auto (the Triton kernels, under the interpreter
-on CPU) match kernel_backend=torch (the reference) within the tolerance table, metric by metric."""
+on CPU) match kernel_backend=torch (the reference) within the tolerance table, metric by metric; with
+patch_model=true the policy's and the reference's forwards also run the fused layer ops (rk.patch)."""
 from __future__ import annotations
 
 import math
@@ -38,6 +39,8 @@ def _run(tmp_path, backend, overrides, monkeypatch):
     t = H.grpo_trainer(tmp_path / backend, "max_steps=3", "seed=5", "per_device_train_batch_size=4",
                        "num_generations=4", f"kernel_backend={backend}", *overrides, reward_funcs=[digit_share])
     hist = t.train()
+    fused = {type(m).__name__ for m in t.engine.module.modules() if getattr(type(m), "_r1k_layers", False)}
+    assert fused == ({"Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"} if "patch_model=true" in overrides else set())
     t.finish(save=False)
     monkeypatch.setattr(_backend, "pick", pick)
     return hist, picked
@@ -46,7 +49,8 @@ def _run(tmp_path, backend, overrides, monkeypatch):
 @pytest.mark.parametrize("overrides", [
     [],
     ["loss_impl=logits", "loss_type=grpo", "beta=0.04", "importance_sampling_level=sequence", "num_iterations=2"],
-], ids=["default", "logits+sequence+kl"])
+    ["patch_model=true", "beta=0.04", "num_iterations=2"],
+], ids=["default", "logits+sequence+kl", "fused-layers"])
 def test_auto_matches_torch(tmp_path, monkeypatch, overrides):
     auto, picked = _run(tmp_path, "auto", overrides, monkeypatch)
     ref, picked_ref = _run(tmp_path, "torch", overrides, monkeypatch)
