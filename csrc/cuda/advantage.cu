@@ -87,7 +87,13 @@ cudaError_t launch(const void* r, const float* w, float* out, int64_t n, int64_t
   if (n == 0) return cudaSuccess;
   const int64_t n_groups = n / G;
   int64_t blocks = (n_groups + kWarps - 1) / kWarps;
-  if (scale == 1 && blocks > 132) blocks = 132;  // each block recomputes the batch statistics
+  if (scale == 1) {  // each block recomputes the batch statistics: one block per SM at most
+    int dev = 0, sms = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
+    if (blocks > sms) blocks = sms;
+  }
   if (blocks > 65535) blocks = 65535;
   advantages_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const T*>(r), w, out, n,
                                                                               R, G, scale, eps);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .device import sm_count
 from .logprob import INTERPRET
 
 SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
@@ -81,8 +82,8 @@ def group_advantages(rewards, group_size: int, scale: str, eps: float, weights, 
     BLOCK_G = max(1, (64 if INTERPRET else 256) // BLOCK_M)
     code = SCALE_CODES[scale]
     grid = (triton.cdiv(n_groups, BLOCK_G),)
-    if code == 1:
-        grid = (min(grid[0], 2 if INTERPRET else 132),)
+    if code == 1:  # each program recomputes the batch statistics: one program per SM at most
+        grid = (min(grid[0], sm_count(rewards.device)),)
     _adv_kernel[grid](rewards, weights if weights is not None else out, out, n_groups, group_size, R, float(eps),
                       SCALE=code, HAS_W=weights is not None, BLOCK_G=BLOCK_G, BLOCK_M=BLOCK_M,
                       BLOCK_S=64 if INTERPRET else 4096, num_warps=1 if INTERPRET else 4)

@@ -16,12 +16,13 @@ for any lens. No host sync: the launcher only allocates and launches.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .device import sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -149,11 +150,6 @@ def _combine_kernel(lse_ptr, part_ptr, out_ptr, so_b, so_h, so_d, Hq, S, Dv,
     tl.store(out_ptr + b * so_b + h * so_h + dv * so_d, out.to(out_ptr.dtype.element_ty), mask=dv_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Launch settings. H200 sweep (bf16, CUDA-graph replay;
 # Qwen2.5-1.5B heads B=64 L=1024 lens 256..768 and B=8 L=4096, MLA 192/128 B=32): BLOCK_N=64, 4 warps,
 # 3 stages and about one program per SM (WAVES=1) were best or within 1% of the best.
@@ -165,8 +161,7 @@ def _config(device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, target programs, num_warps); small blocks and few programs under the interpreter."""
     if INTERPRET or device.type != "cuda":
         return 16, 16, 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return BLOCK_N, sms * WAVES, WARPS
+    return BLOCK_N, sm_count(device) * WAVES, WARPS
 
 
 def _pipeline(block_n: int, block_dk: int, block_dv: int, esize: int) -> tuple[int, int]:

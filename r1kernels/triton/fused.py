@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import sm_count
+
 MAX_H = 65536
 
 
@@ -83,19 +85,6 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, H, sx, sdy, ep
         tl.store(dx_ptr + r64 * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
     if HAS_DW:
         tl.store(dw_ptr + pid * H + cols, dw, mask=cm)
-
-
-_SM_COUNT: dict = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (2 under the interpreter: few programs, fast tests)."""
-    if device.type != "cuda":
-        return 2
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -12,14 +12,13 @@ and KL_ESTIMATORS (the one table of the family and its constants).
 """
 from __future__ import annotations
 
-import functools
 import math
 
-import torch
 import triton
 import triton.language as tl
 
 from ..reference.grpo import KL_CODE, LOSS_CODE, SAPO_TAU_NEG, SAPO_TAU_POS
+from .device import sm_count
 from .logprob import INTERPRET, _range_grad, _range_lse, block_v, num_warps
 
 CISPO = tl.constexpr(LOSS_CODE["cispo"])
@@ -33,11 +32,6 @@ K3 = tl.constexpr(KL_CODE["k3"])
 # first); streaming (".cs") gradient stores, which keep the logits in L2. benchmarks/bench_grpo.py --tune
 # passes other configurations through grpo_token(config=...).
 CONFIG = dict(BLOCK=16384, REVERSE=True, STORE_CM=".cs", num_warps=None)
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit
@@ -245,5 +239,5 @@ def scale_(x, g):
     if n == 0:
         return
     BLOCK = 64 if INTERPRET else 4096
-    grid = (max(1, min(triton.cdiv(n, BLOCK), 1 if INTERPRET else sm_count(x.device.index) * 8)),)
+    grid = (max(1, min(triton.cdiv(n, BLOCK), 1 if INTERPRET else sm_count(x.device) * 8)),)
     _scale_kernel[grid](x, g, n, BLOCK=BLOCK, num_warps=1 if INTERPRET else 8)

@@ -1,0 +1,18 @@
+"""The one place kernels ask the device for launch sizes."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 2 elsewhere (the interpreter: few programs, fast tests)."""
+    if device.type != "cuda":
+        return 2
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
