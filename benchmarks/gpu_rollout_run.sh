@@ -7,7 +7,7 @@
 # Env: SKIP (comma list of: tests,rollout,kernels,zero2,zero3,trl,trlk,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
 # "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
-# TEST_MARK (default gpu; empty: all of $TESTS); TRAIN_ARGS (appended to the ZeRO-2 and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
+# TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the ZeRO-2 and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
 # Each trainer run is killed with SIGKILL past 300 s (SIGTERM would make it save a checkpoint).
 set -uo pipefail
 OUT=${OUT:-/tmp/r1k_out}
@@ -29,9 +29,12 @@ trl_run() {  # $1: trl | trlk; $2: a suffix for the JSON name
     $([ "$1" = trlk ] && echo --use-r1kernels) 2>&1 | tail -2; }
 # TRL_ORDER: the TRL runs in this order (default "trl trlk"); e.g. "trlk trl trlk" checks an order effect
 i=0; for r in ${TRL_ORDER:-trl trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 2 ] && echo _$i)"; done
-# FUSED_AB=1: the ZeRO-2 step again with --fused-layers (patch_model=true), same session
-[ -n "${FUSED_AB:-}" ] && k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2_fused.json" --steps 4 --fused-layers \
-  ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -1
+# AB: the default step again in this session with one change each (space list): fused = --fused-layers
+# (patch_model=true), zero1 = --zero-stage 1 (no per-parameter gradient hooks: on one GPU the same memory)
+for v in ${AB:-}; do
+  case $v in fused) f=--fused-layers ;; zero1) f="--zero-stage 1" ;; *) echo "AB: unknown $v"; continue ;; esac
+  k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_ab_$v.json" --steps 4 $f ${TRAIN_ARGS:-} 2>&1 | grep -v Warning \
+    | tail -1; done
 # the varied-length workload (completions uniform in 32-512): padded, packed, packed with a token budget
 skip varied || for v in "padded:" "packed:--padding-free" "budget:--padding-free --max-tokens-per-batch 16384"; do
   k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_varied_${v%%:*}.json" --varied-lengths --steps 3 ${v#*:} \
