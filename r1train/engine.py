@@ -130,9 +130,11 @@ class Trainer(CheckpointMixin):
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
         model = maybe_patch(model, cfg)  # fused kernels in the forward (a model not built by r1train.loading)
         dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-        if cfg.bf16 and not dsc["bf16"].get("enabled"):  # bf16 without DeepSpeed's mixed precision (e.g.
-            for p in model.parameters():  # ds_zero0_bf16.json): the optimizer steps bf16 parameters (buffers keep
-                p.data = p.data.to(torch.bfloat16)  # their dtype, as DeepSpeed's own cast does)
+        # bf16 without DeepSpeed's mixed precision (e.g. ds_zero0_bf16.json): the optimizer steps bf16 parameters
+        # (buffers keep their dtype, as DeepSpeed's own cast does)
+        if cfg.bf16 and not dsc["bf16"].get("enabled"):
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
         if cfg.use_peft:  # the reference is then this model with its adapters disabled (ref_policy)
             model = apply_lora(model, cfg)
         ref = copy.deepcopy(model) if self.needs_ref() and not cfg.use_peft else None

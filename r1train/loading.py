@@ -87,7 +87,7 @@ def maybe_patch(model, cfg: TrainConfig):
 
     import torch
 
-    from r1kernels.patch.layers import FUSED_MODEL_TYPES
+    from r1kernels.patch.layers import FUSED_MODEL_TYPES, layers_backend
 
     # None: DeepseekV3 only, on CUDA. The fused layers are opt-in (patch_model=true) until an H200 A/B in one
     # session decides: with them the step measured 5.17 s against 4.27 s a session earlier, on a host that also
@@ -99,7 +99,7 @@ def maybe_patch(model, cfg: TrainConfig):
     try:
         import r1kernels as rk
 
-        rk.patch(model, backend="torch" if cfg.kernel_backend == "torch" else "auto")
+        rk.patch(model, backend=layers_backend(cfg.kernel_backend))
         model._r1k_patched = True  # loading patches, and so does the Trainer (models built in code): once
     except (ImportError, AttributeError, NotImplementedError, ValueError) as e:
         if cfg.patch_model:

@@ -66,13 +66,13 @@ def _patch_model(model, trainer, return_entropy, backend):
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from ..patch.deepseek_v3 import patch_deepseek_v3
-    from ..patch.layers import FUSED_MODEL_TYPES, patch_layers
+    from ..patch.layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
     from ..patch.lm_head import patch_lm_head, unsupported_reason
 
     model = _unwrap(model)
     patch_deepseek_v3(model, backend=backend)
     if getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES:
-        patch_layers(model, backend="torch" if backend == "torch" else "auto")
+        patch_layers(model, backend=layers_backend(backend))
     # ZeRO-3 materializes lm_head.weight only inside lm_head's own forward, which the fused path never calls
     reason = "DeepSpeed ZeRO-3 shards lm_head.weight" if is_deepspeed_zero3_enabled() else unsupported_reason(model)
     if reason is None:

@@ -79,15 +79,23 @@ def _wrap_rope(mod) -> bool:
     return True
 
 
-def _is_norm(m) -> bool:
+def is_rms_norm(m) -> bool:
+    """An HF RMSNorm over the last dim (weight [H], variance_epsilon): what rk.rms_norm computes."""
     return (type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
             and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1)
 
 
-def _is_mlp(m) -> bool:
+def is_silu_mlp(m) -> bool:
+    """An HF gated MLP down_proj(act_fn(gate_proj(x)) * up_proj(x)) with SiLU: what rk.silu_mul fuses."""
     act = getattr(m, "act_fn", None)
     return (all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
             and type(act).__name__ in ("SiLU", "SiLUActivation"))
+
+
+def layers_backend(backend: str) -> str:
+    """The layer ops' backend for a caller's op backend: they have Triton kernels and the reference only, so
+    "cuda" / "cpp" (kernels other ops have) mean "auto"."""
+    return backend if backend in ("auto", "triton", "torch") else "auto"
 
 
 def patch_layers(model, *, backend: str = "auto") -> dict:
@@ -103,9 +111,9 @@ def patch_layers(model, *, backend: str = "auto") -> dict:
     counts = {"rms_norm": 0, "silu_mul": 0, "apply_rotary": 0}
     for m in model.modules():
         cls = type(m)
-        if _is_norm(m):
+        if is_rms_norm(m):
             m.__class__, key = _fused_class(cls, _norm_forward), "rms_norm"
-        elif _is_mlp(m):
+        elif is_silu_mlp(m):
             m.__class__, key = _fused_class(cls, _mlp_forward), "silu_mul"
         elif cls.__name__.endswith("Attention") and _wrap_rope(sys.modules.get(cls.__module__)):
             m.__class__, key = _fused_class(cls, _attention_forward), "apply_rotary"

@@ -91,8 +91,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, e
                       need_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx in x's dtype and shape, dweight in weight's dtype or None)."""
     H = x.shape[-1]
-    x2 = x.reshape(-1, H) if x.stride(-1) == 1 else x.contiguous().reshape(-1, H)
-    dy2 = dy.reshape(-1, H) if dy.stride(-1) == 1 else dy.contiguous().reshape(-1, H)
+    x2, dy2 = _row_view(x, H), _row_view(dy, H)
     M = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if M == 0 or H == 0:

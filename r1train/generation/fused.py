@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import r1kernels as rk
+from r1kernels.patch.layers import is_rms_norm, is_silu_mlp
 
 ROPE_MODELS = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -55,12 +56,6 @@ def _stacked_weight(lins):
             return None
         off += w.numel()
     return w0.detach().as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))
-
-
-def _patchable_mlp(m) -> bool:
-    act = getattr(m, "act_fn", None)
-    return (all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and type(act).__name__ in ("SiLU", "SiLUActivation"))
 
 
 def _qkv_projs(m):
@@ -150,9 +145,9 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
     for m in model.modules():
         name = type(m).__name__
         fn = None
-        if name.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+        if is_rms_norm(m):
             fn = _norm
-        elif _patchable_mlp(m):
+        elif is_silu_mlp(m):
             fn = _mlp
             gu = _stacked_weight([m.gate_proj, m.up_proj]) if all(
                 type(getattr(m, n)) is torch.nn.Linear for n in ("gate_proj", "up_proj")) else None
