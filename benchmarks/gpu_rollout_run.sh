@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call for the rollout engine: its gpu tests (engine, sampling, decode attention), bench_rollout
-# (+ a per-kernel profile of one decode step), the two kernels' benches, the GRPO step of train_gpu.py under
-# ZeRO-2 and ZeRO-3, and TRL's GRPOTrainer on the same work, without and with use_r1kernels. JSON under $OUT.
+# (+ a per-kernel profile of one decode step), the two kernels' benches, the GRPO step of train_gpu.py (its
+# defaults: ZeRO-1, fused layers) and under ZeRO-3, and TRL's GRPOTrainer on the same work, without and with
+# use_r1kernels. JSON under $OUT.
 # Needs the wheels in .wheels/ (carry=[".wheels"]): deepspeed (+ hjson, pydantic, pydantic-core,
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
-# Env: SKIP (comma list of: tests,rollout,kernels,zero2,zero3,trl,trlk,varied); KERNELS (benches, default
+# Env: SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
 # "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
-# TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the ZeRO-2 and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
+# TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the default, AB and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
 # Each trainer run is killed with SIGKILL past 300 s (SIGTERM would make it save a checkpoint).
 set -uo pipefail
 OUT=${OUT:-/tmp/r1k_out}
@@ -20,7 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 rc=0
 k300() { timeout -s KILL 300 "$@"; }
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?
-skip zero2 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero2.json" --steps 4 ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -3
+skip step || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu.json" --steps 4 ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -3
 skip zero3 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero3.json" --steps 3 --zero-stage 3 2>&1 \
   | grep -v Warning | tail -3
 trl_run() {  # $1: trl | trlk; $2: a suffix for the JSON name
@@ -29,10 +30,12 @@ trl_run() {  # $1: trl | trlk; $2: a suffix for the JSON name
     $([ "$1" = trlk ] && echo --use-r1kernels) 2>&1 | tail -2; }
 # TRL_ORDER: the TRL runs in this order (default "trl trlk"); e.g. "trlk trl trlk" checks an order effect
 i=0; for r in ${TRL_ORDER:-trl trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 2 ] && echo _$i)"; done
-# AB: the default step again in this session with one change each (space list): fused = --fused-layers
-# (patch_model=true), zero1 = --zero-stage 1 (no per-parameter gradient hooks: on one GPU the same memory)
+# AB: the default step (ZeRO-1, fused layers) again in this session with one change each (space list):
+# nofused = --no-fused-layers (HF's layers); zero0 / zero2 / zero3 = that ZeRO stage (0 and 1: no per-parameter
+# gradient hooks; on one GPU stages 1 and 2 hold the same memory); zero2nofused = both (the earlier default)
 for v in ${AB:-}; do
-  case $v in fused) f=--fused-layers ;; zero1) f="--zero-stage 1" ;; *) echo "AB: unknown $v"; continue ;; esac
+  case $v in nofused) f=--no-fused-layers ;; zero[0-3]) f="--zero-stage ${v#zero}" ;;
+    zero[0-3]nofused) f="--zero-stage ${v:4:1} --no-fused-layers" ;; *) echo "AB: unknown $v"; continue ;; esac
   k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_ab_$v.json" --steps 4 $f ${TRAIN_ARGS:-} 2>&1 | grep -v Warning \
     | tail -1; done
 # the varied-length workload (completions uniform in 32-512): padded, packed, packed with a token budget
