@@ -124,6 +124,7 @@ def main(argv=None):
     t_init = time.perf_counter() - t0
     lens = force_lengths(trainer, rows, n, a) if a.varied_lengths else None
     profile = profile_step(trainer, a.profile_step - 1) if a.profile_step else None
+    gc_s = gc_pauses(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     hist = trainer.train()
@@ -139,7 +140,8 @@ def main(argv=None):
         "completions_per_step": n, "tokens_generated_per_step": statistics.median(
             h["completions/mean_length"] * n for h in timed),
         "median_seconds": {k: statistics.median(h[k] for h in timed) for k in PHASES},
-        "steps": [{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length")} for h in hist],
+        "steps": [{**{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length")}, "gc_s": g}
+                  for h, g in zip(hist, gc_s)],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         # held between rollouts by the generation engine (part of the peak): KV cache, decode state, q/k/v
         "engine_memory_gib": sum(e.memory_bytes() for e in list(_engines().values())) / 2**30,
@@ -190,6 +192,31 @@ def profile_step(trainer, step_index: int, top: int = 40) -> dict:
                         for e in sorted(evs, key=lambda e: -e.self_cpu_time_total)[:top]]})
         return m
 
+    trainer.train_step = run
+    return out
+
+
+def gc_pauses(trainer) -> list[dict]:
+    """Per step (a list filled as the trainer runs): seconds the Python garbage collector paused it, by
+    generation ("0", "1", "2": a full collection), from gc.callbacks."""
+    import gc
+
+    out, t0, orig = [], [0.0], trainer.train_step
+
+    def on_gc(phase, info):
+        if not out:
+            return
+        if phase == "start":
+            t0[0] = time.perf_counter()
+        else:
+            g = str(info["generation"])
+            out[-1][g] = out[-1].get(g, 0.0) + time.perf_counter() - t0[0]
+
+    def run(step, rows):
+        out.append({})
+        return orig(step, rows)
+
+    gc.callbacks.append(on_gc)
     trainer.train_step = run
     return out
 

@@ -31,16 +31,19 @@ def test_triton(case):
     _check("triton", "cuda" if torch.cuda.is_available() else "cpu", *case)
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (TRITON_INTERPRET=1)
+
+
 def test_triton_bf16_and_tied_rewards():
-    _check("triton", "cuda" if torch.cuda.is_available() else "cpu", 3, 8, 1, "group", None, torch.bfloat16)
-    r = torch.ones(8)  # zero std: (R - mean) / eps = 0
+    _check("triton", DEV, 3, 8, 1, "group", None, torch.bfloat16)
+    r = torch.ones(8, device=DEV)  # zero std: (R - mean) / eps = 0
     out = rk.group_advantages(r, 4, backend="triton")
-    assert torch.equal(out, torch.zeros(8))
+    assert torch.equal(out, torch.zeros(8, device=DEV))
 
 
 def test_triton_compile_and_opcheck():
-    r = torch.randn(12, 2)
-    w = torch.tensor([1.0, 0.5])
+    r = torch.randn(12, 2, device=DEV)
+    w = torch.tensor([1.0, 0.5], device=DEV)
     f = torch.compile(lambda x: rk.group_advantages(x, 4, reward_weights=w, backend="triton") * 2, fullgraph=True)
     torch.testing.assert_close(f(r), 2 * ref_adv(r, 4, "group", 1e-4, w), rtol=1e-6, atol=1e-6)
     torch.library.opcheck(adv_ops._group_advantages_triton_op, (r, 4, "group", 1e-4, w))
