@@ -86,6 +86,8 @@ def main(argv=None):
     p.add_argument("--fused-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="patch_model=true (default): r1kernels' fused RMSNorm / SiLU-MLP / rotary in the training "
                         "forwards and backwards; --no-fused-layers: HF's layers")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave the Python heap unfrozen (r1train freezes it for the training loop): the A/B of gc_s")
     p.add_argument("--profile-step", type=int, default=None,
                    help="run this step (1-based, > 1: warm) under torch.profiler: top kernels and CPU ops in the JSON")
     a = p.parse_args(argv)
@@ -99,6 +101,10 @@ def main(argv=None):
     from r1train.grpo import GRPOTrainer
     from r1train.tasks import char_tokenizer
 
+    if a.no_gc_freeze:
+        import r1train.engine
+
+        r1train.engine._freeze_heap = lambda: None
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])
     bf16 = not a.tiny
