@@ -32,10 +32,9 @@ trl_run() {  # $1: trl | trlk; $2: a suffix for the JSON name
 i=0; for r in ${TRL_ORDER:-trl trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 2 ] && echo _$i)"; done
 # AB: the default step (ZeRO-1, fused layers) again in this session with one change each (space list):
 # nofused = --no-fused-layers (HF's layers); zero0 / zero2 / zero3 = that ZeRO stage (0 and 1: no per-parameter
-# gradient hooks; on one GPU stages 1 and 2 hold the same memory); zero2nofused = both (the earlier default);
-# nofreeze = --no-gc-freeze (the Python heap left unfrozen)
+# gradient hooks; on one GPU stages 1 and 2 hold the same memory); zero2nofused = both (the earlier default)
 for v in ${AB:-}; do
-  case $v in nofused) f=--no-fused-layers ;; nofreeze) f=--no-gc-freeze ;; zero[0-3]) f="--zero-stage ${v#zero}" ;;
+  case $v in nofused) f=--no-fused-layers ;; zero[0-3]) f="--zero-stage ${v#zero}" ;;
     zero[0-3]nofused) f="--zero-stage ${v:4:1} --no-fused-layers" ;; *) echo "AB: unknown $v"; continue ;; esac
   k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_ab_$v.json" --steps 4 $f ${TRAIN_ARGS:-} 2>&1 | grep -v Warning \
     | tail -1; done

@@ -1,7 +1,8 @@
 """A few GRPO steps of a Qwen2.5-1.5B-shaped model (random weights, bf16, one GPU) through the r1train engine
 and the r1kernels losses; time per phase (generation, log-probs, backward, optimizer) and peak memory -> JSON.
 Defaults: ZeRO-1 and the fused layers (patch_model=true), the fastest one-GPU layout measured on the H200
-(2026-12-03, same session: 3.94 s per step against 4.29 s with HF's layers and 4.52 s under ZeRO-2).
+(2026-12-03, A/B inside three sessions: medians 3.94 / 4.57 / 4.02 s, against 4.29 / 4.26 / 4.17 s with HF's
+layers; ZeRO-2 with HF's layers 4.52 and 5.30 s in two of them). Each step's Python GC pauses: gc_s.
 
     python benchmarks/train_gpu.py results/train_gpu_h100.json            # on the GPU
     python benchmarks/train_gpu.py /tmp/train_tiny.json --tiny            # CPU smoke test
@@ -86,8 +87,6 @@ def main(argv=None):
     p.add_argument("--fused-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="patch_model=true (default): r1kernels' fused RMSNorm / SiLU-MLP / rotary in the training "
                         "forwards and backwards; --no-fused-layers: HF's layers")
-    p.add_argument("--no-gc-freeze", action="store_true",
-                   help="leave the Python heap unfrozen (r1train freezes it for the training loop): the A/B of gc_s")
     p.add_argument("--profile-step", type=int, default=None,
                    help="run this step (1-based, > 1: warm) under torch.profiler: top kernels and CPU ops in the JSON")
     a = p.parse_args(argv)
@@ -101,10 +100,6 @@ def main(argv=None):
     from r1train.grpo import GRPOTrainer
     from r1train.tasks import char_tokenizer
 
-    if a.no_gc_freeze:
-        import r1train.engine
-
-        r1train.engine._freeze_heap = lambda: None
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])
     bf16 = not a.tiny

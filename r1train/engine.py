@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -36,26 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _freeze_heap():
-    """Collect, then move every surviving Python object to the collector's permanent generation (gc.freeze):
-    the model, DeepSpeed's engine and the generation engine's state are about half a million objects (a
-    2-layer model on the CPU) that every full collection would otherwise rescan, at points of a step that
-    depend on how many Python objects it makes (custom-op autograd nodes: one per fused layer op)."""
-    gc.collect()
-    gc.freeze()
-
-
-@contextlib.contextmanager
-def _frozen_heap():
-    """_freeze_heap while the training loop runs; gc.unfreeze after, so that its objects can be collected again
-    (and extension modules do not report them as leaked at exit)."""
-    _freeze_heap()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def setup_distributed():
@@ -234,11 +213,8 @@ class Trainer(CheckpointMixin):
         cfg, history = self.cfg, []
         bar = tqdm(total=self.max_steps, initial=self.step0, disable=cfg.disable_tqdm or self.rank != 0,
                    desc=type(self).__name__, dynamic_ncols=True)
-        # SIGINT / SIGTERM: a checkpoint after the current step, then stop
-        with StopOnSignal(self.rank) as stop, _frozen_heap():
+        with StopOnSignal(self.rank) as stop:  # SIGINT / SIGTERM: a checkpoint after the current step, then stop
             for step in range(self.step0, self.max_steps):
-                if step == self.step0 + 1:  # again after the first step, which built the rollout's state
-                    _freeze_heap()
                 t0 = time.perf_counter()
                 rows, _ = self.rows_for(step)
                 m = self.train_step(step, rows)
