@@ -16,9 +16,14 @@ from .harness import Case, Rotating, Skip
 TOKENS, HIDDEN, INTER, HQ, HK, D, BATCH = 6144, 1536, 8960, 12, 2, 128, 8
 
 
+def _no_liger(*_):
+    raise Skip("liger-kernel not installed")
+
+
 def _liger(name, device):
+    """Liger's function for name (rms_norm / silu_mul / rope), or _no_liger (its row is skipped)."""
     if device != "cuda":  # Liger's kernels are Triton on the GPU only
-        return None
+        return _no_liger
     try:
         if name == "rms_norm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -27,12 +32,16 @@ def _liger(name, device):
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
             return LigerSiLUMulFunction.apply
         from liger_kernel.ops.rope import LigerRopeFunction
-        return lambda q, k, c, s: LigerRopeFunction.apply(q, k, c, s)
+        return LigerRopeFunction.apply
     except ImportError:
-        return None
+        return _no_liger
 
 
-def _providers(name, fns: dict, inputs: Rotating, backward: bool) -> dict:
+def _dtype(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _providers(fns: dict, inputs: Rotating, backward: bool) -> dict:
     """name -> closure: fn(*inputs) (+ backward of every output with a fixed gradient)."""
     def run(fn):
         def go():
@@ -44,17 +53,13 @@ def _providers(name, fns: dict, inputs: Rotating, backward: bool) -> dict:
                     a.grad = None
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         return go
-    return {p: run(fn) for p, fn in fns.items() if fn is not None}
-
-
-def _no_liger(*_):
-    raise Skip("liger-kernel not installed")
+    return {p: run(fn) for p, fn in fns.items()}
 
 
 def _op_cases(device: str, quick: bool, backward: bool) -> list[Case]:
     M, H, C, B = (TOKENS, HIDDEN, INTER, BATCH) if not quick else (64, 128, 256, 2)
     T = M // B
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = _dtype(device)
     out = []
     es = torch.tensor([], dtype=dt).element_size()
     tag = " fwd+bwd" if backward else ""
@@ -66,15 +71,15 @@ def _op_cases(device: str, quick: bool, backward: bool) -> list[Case]:
            "torch.compile": torch.compile(lambda x, w: ref.rms_norm(x, w, 1e-6)),
            "r1kernels": lambda x, w: rk.rms_norm(x, w, 1e-6)}
     lg = _liger("rms_norm", device)
-    rms["liger"] = (lambda x, w: lg(x, w, 1e-6)) if lg else _no_liger
-    out.append(Case(f"rms_norm{tag}", f"{M}x{H} {dt}", _providers("rms", rms, Rotating(rms_in), backward),
+    rms["liger"] = lambda x, w: lg(x, w, 1e-6)
+    out.append(Case(f"rms_norm{tag}", f"{M}x{H} {dt}", _providers(rms, Rotating(rms_in), backward),
                     bytes=(5 if backward else 2) * M * H * es, peers=("torch.compile", "liger")))
 
     def silu_in():
         return (torch.randn(M, C, **g), torch.randn(M, C, **g))
     silu = {"torch (HF math)": ref.silu_mul, "torch.compile": torch.compile(ref.silu_mul),
-            "r1kernels": rk.silu_mul, "liger": _liger("silu_mul", device) or _no_liger}
-    out.append(Case(f"silu_mul{tag}", f"{M}x{C} {dt}", _providers("silu", silu, Rotating(silu_in), backward),
+            "r1kernels": rk.silu_mul, "liger": _liger("silu_mul", device)}
+    out.append(Case(f"silu_mul{tag}", f"{M}x{C} {dt}", _providers(silu, Rotating(silu_in), backward),
                     bytes=(8 if backward else 3) * M * C * es, peers=("torch.compile", "liger")))
 
     def rope_in():
@@ -89,11 +94,9 @@ def _op_cases(device: str, quick: bool, backward: bool) -> list[Case]:
         return lambda q, k, c, s: fn(q.transpose(1, 2), k.transpose(1, 2), c, s)
     rope = {"torch (HF math)": transposed(ref.apply_rotary),
             "torch.compile": transposed(torch.compile(ref.apply_rotary)),
-            "r1kernels": transposed(rk.apply_rotary)}
-    lr = _liger("rope", device)
-    rope["liger"] = transposed(lr) if lr else _no_liger
+            "r1kernels": transposed(rk.apply_rotary), "liger": transposed(_liger("rope", device))}
     out.append(Case(f"apply_rotary{tag}", f"q {B}x{HQ}x{T}x{D} k {B}x{HK}x{T}x{D} {dt}",
-                    _providers("rope", rope, Rotating(rope_in), backward),
+                    _providers(rope, Rotating(rope_in), backward),
                     bytes=(4 if backward else 2) * B * T * (HQ + HK) * D * es, peers=("torch.compile", "liger")))
     return out
 
@@ -111,7 +114,7 @@ def _layers_case(device: str, quick: bool, backward: bool) -> Case:
     cfg = Qwen2Config(hidden_size=H, intermediate_size=INTER if not quick else 256, num_hidden_layers=2,
                       num_attention_heads=HQ if not quick else 4, num_key_value_heads=HK, vocab_size=1024,
                       attn_implementation="sdpa")
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = _dtype(device)
     torch.manual_seed(0)
     hf = Qwen2Model(cfg).to(device=device, dtype=dt)
     ours = copy.deepcopy(hf)

@@ -12,6 +12,7 @@ from r1kernels.reference import group_advantages as ref_adv
 triton = pytest.importorskip("triton")
 from r1kernels.ops import advantage as adv_ops  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (TRITON_INTERPRET=1)
 CASES = [(5, 4, 1, "group", None), (3, 7, 3, "group", [0.5, 1.0, 2.0]), (6, 3, 2, "batch", None),
          (4, 130, 1, "group", None), (2, 5, 1, "none", None), (9, 2, 1, "batch", [2.0]), (1, 16, 2, "none", None)]
 
@@ -28,10 +29,7 @@ def _check(backend, device, n_groups, G, R, scale, w, dtype=torch.float32):
 
 @pytest.mark.parametrize("case", CASES)
 def test_triton(case):
-    _check("triton", "cuda" if torch.cuda.is_available() else "cpu", *case)
-
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (TRITON_INTERPRET=1)
+    _check("triton", DEV, *case)
 
 
 def test_triton_bf16_and_tied_rewards():

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import r1kernels as rk
-from r1kernels.patch.layers import is_rms_norm, is_silu_mlp
-
-ROPE_MODELS = ("qwen2", "qwen3", "llama", "mistral")
+from r1kernels.patch.layers import FUSED_MODEL_TYPES, is_rms_norm, is_silu_mlp
 
 
 def _norm(self, x):
@@ -160,7 +158,7 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
         elif buffers is not None and name.endswith("Attention"):
             fused += _fuse_qkv(m, buffers)
     mods = []
-    if getattr(model.config, "model_type", None) in ROPE_MODELS:
+    if getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES:
         for m in model.modules():
             if _residual_layer(m):
                 m.forward = types.MethodType(_layer, m)
