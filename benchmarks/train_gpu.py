@@ -81,6 +81,9 @@ def main(argv=None):
                    help="recompute activations in backward (r1train's and TRL's default; off in these runs)")
     p.add_argument("--varied-lengths", action="store_true",
                    help="completion lengths uniform in completion_length/16..completion_length (eos forced)")
+    p.add_argument("--early-eos", type=int, default=None, metavar="L",
+                   help="eos forced at length L in one row per step, the others run to completion_length (the "
+                        "padded-mask path of a step whose rollout stopped a row early, on every step)")
     p.add_argument("--padding-free", action="store_true", help="padding_free=true: packed micro-batches")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="max_tokens_per_batch (with --padding-free): token-budget micro-batches")
@@ -123,9 +126,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     trainer = GRPOTrainer(cfg, model, tok, rows, reward_funcs=[checksum_reward])
     t_init = time.perf_counter() - t0
-    lens = force_lengths(trainer, rows, n, a) if a.varied_lengths else None
+    from benchmarks.bench_rollout import varied_lengths
+
+    lens = varied_lengths(n, a.completion_length) if a.varied_lengths else None
+    if a.early_eos:
+        lens = [a.early_eos] + [a.completion_length] * (n - 1)
+    if lens:
+        force_lengths(trainer, rows, lens, a)
     profile = profile_step(trainer, a.profile_step - 1) if a.profile_step else None
     gc_s = gc_pauses(trainer)
+    compiles = triton_compiles(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     hist = trainer.train()
@@ -137,12 +147,13 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(), "torch": torch.__version__, "args": vars(a),
         "params": sum(p.numel() for p in model.parameters()), "init_seconds": t_init,
-        "workload": "varied" if lens else "fixed", "completion_lengths": lens,
+        "workload": "varied" if a.varied_lengths else "early_eos" if a.early_eos else "fixed",
+        "completion_lengths": lens,
         "completions_per_step": n, "tokens_generated_per_step": statistics.median(
             h["completions/mean_length"] * n for h in timed),
         "median_seconds": {k: statistics.median(h[k] for h in timed) for k in PHASES},
-        "steps": [{**{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length")}, "gc_s": g}
-                  for h, g in zip(hist, gc_s)],
+        "steps": [{**{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length")}, "gc_s": g,
+                   "triton_compiles": c} for h, g, c in zip(hist, gc_s, compiles)],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         # held between rollouts by the generation engine (part of the peak): KV cache, decode state, q/k/v
         "engine_memory_gib": sum(e.memory_bytes() for e in list(_engines().values())) / 2**30,
@@ -222,22 +233,50 @@ def gc_pauses(trainer) -> list[dict]:
     return out
 
 
-def force_lengths(trainer, rows, n: int, a) -> list[int]:
-    """eos forced at the drawn length of each of a step's n rollout rows (bench_rollout's hook, active only
+def triton_compiles(trainer) -> list[list]:
+    """Per step (a list filled as the trainer runs): the Triton kernels compiled (or loaded from Triton's disk
+    cache) during it, each [kernel name, seconds, specialization key]; the key shows which argument's
+    specialization (dtype, divisibility by 16, == 1) was new. Empty where triton is absent."""
+    out, orig = [], trainer.train_step
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return out
+    compile_ = getattr(JITFunction, "_do_compile", None)
+    if compile_ is None:
+        return out
+
+    def do_compile(self, key, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return compile_(self, key, *args, **kwargs)
+        finally:
+            if out:
+                out[-1].append([getattr(self, "__name__", repr(self)), time.perf_counter() - t0, str(key)[:600]])
+
+    def run(step, rows):
+        out.append([])
+        return orig(step, rows)
+
+    JITFunction._do_compile = do_compile
+    trainer.train_step = run
+    return out
+
+
+def force_lengths(trainer, rows, lens: list, a):
+    """eos forced at lens[b] in each of a step's rollout rows b (bench_rollout's hook, active only
     while the generation engine runs: the trainer's own forwards pass through)."""
     import torch
 
-    from benchmarks.bench_rollout import ForcedLengths, varied_lengths
+    from benchmarks.bench_rollout import ForcedLengths
     from r1train.data import encode_prompts
     from r1train.generation import attention, engine_for
 
     model = trainer.model
-    lens = varied_lengths(n, a.completion_length)
     P = encode_prompts(trainer.tok, [rows[0]["prompt"]], a.prompt_length)[0].shape[1]
     len_B = torch.tensor(lens, device=trainer.dev)
     ForcedLengths(model, P, len_B, trainer.tok.eos_token_id, rows=lambda b: engine_for(model).st.rid[:b],
                   active=lambda: model.config._attn_implementation == attention.ATTN_NAME)
-    return lens
 
 
 def _engines():
