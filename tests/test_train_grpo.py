@@ -148,3 +148,39 @@ def test_gradient_checkpointing_same_loss_and_grads(tmp_path, model):
     assert_close(l1, l0, torch.float32, name="loss")
     for a, b in zip(g0, g1):
         assert_close(b, a, torch.float32, name="grad")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("impl", ["linear", "logits"])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_policy_logprobs_equal_each_row_alone(family, impl, left_padded):
+    """The training forward (Policy) of a batch whose completions stop early (right padding after eos, its
+    attention mask unmasked by unmask_completions) and whose prompts are left-padded or not gives every real
+    completion token the log-prob of a forward of its row alone, without any padding."""
+    import torch
+    import transformers
+    from conftest import assert_close
+
+    from r1train.rollout import Policy, logprob_fn, unmask_completions
+
+    V, B, P, T = 61, 4, 6, 7
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.Qwen2Config(**common) if family == "qwen2" else transformers.LlamaConfig(**common)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    p_len = torch.randint(2, P + 1, (B,)) if left_padded else torch.full((B,), P)
+    c_len = torch.randint(1, T + 1, (B,))
+    c_len[0] = T  # one row runs to the end, so the batch's completion width is T
+    ids_BL = torch.randint(0, V, (B, P + T))  # pad positions hold arbitrary ids: they must not matter
+    mask_BL = torch.zeros(B, P + T, dtype=torch.long)
+    for b in range(B):
+        mask_BL[b, P - p_len[b]:P + c_len[b]] = 1
+    comp_BT = ids_BL[:, P:]
+    out_BT = Policy(model, impl)(ids_BL, mask_BL, T, logprob_fn(comp_BT, 1.0, backend="torch"))
+    assert torch.equal(unmask_completions(mask_BL, T)[:, P:], torch.ones(B, T, dtype=torch.long))
+    for b in range(B):
+        row = ids_BL[b, P - p_len[b]:P + c_len[b]][None]
+        with torch.no_grad():
+            logits = model(input_ids=row).logits[0, p_len[b] - 1:-1].double()
+        want = logits.log_softmax(-1).gather(-1, comp_BT[b, :c_len[b], None])[:, 0]
+        assert_close(out_BT[b, :c_len[b]], want, torch.float32, name=f"row {b} log-probs")
