@@ -84,6 +84,8 @@ def main(argv=None):
     p.add_argument("--early-eos", type=int, default=None, metavar="L",
                    help="eos forced at length L in one row per step, the others run to completion_length (the "
                         "padded-mask path of a step whose rollout stopped a row early, on every step)")
+    p.add_argument("--early-eos-steps", type=int, nargs="+", default=None, metavar="K",
+                   help="with --early-eos: only on these steps (1-based), the others run every row to the end")
     p.add_argument("--padding-free", action="store_true", help="padding_free=true: packed micro-batches")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="max_tokens_per_batch (with --padding-free): token-budget micro-batches")
@@ -132,7 +134,7 @@ def main(argv=None):
     if a.early_eos:
         lens = [a.early_eos] + [a.completion_length] * (n - 1)
     if lens:
-        force_lengths(trainer, rows, lens, a)
+        force_lengths(trainer, rows, lens, a, steps=a.early_eos_steps if a.early_eos else None)
     profile = profile_step(trainer, a.profile_step - 1) if a.profile_step else None
     gc_s = gc_pauses(trainer)
     compiles = triton_compiles(trainer)
@@ -263,18 +265,26 @@ def triton_compiles(trainer) -> list[list]:
     return out
 
 
-def force_lengths(trainer, rows, lens: list, a):
+def force_lengths(trainer, rows, lens: list, a, steps=None):
     """eos forced at lens[b] in each of a step's rollout rows b (bench_rollout's hook, active only
-    while the generation engine runs: the trainer's own forwards pass through)."""
+    while the generation engine runs: the trainer's own forwards pass through), on every step or on
+    `steps` (1-based) only."""
     import torch
 
     from benchmarks.bench_rollout import ForcedLengths
     from r1train.data import encode_prompts
     from r1train.generation import attention, engine_for
 
-    model = trainer.model
+    model, orig = trainer.model, trainer.train_step
     P = encode_prompts(trainer.tok, [rows[0]["prompt"]], a.prompt_length)[0].shape[1]
     len_B = torch.tensor(lens, device=trainer.dev)
+    forced_B, free_B = len_B.clone(), torch.full_like(len_B, a.completion_length + 1)
+
+    def run(k, rows):  # the lengths are read by the captured decode graphs: updated in place
+        len_B.copy_(forced_B if steps is None or k + 1 in steps else free_B)
+        return orig(k, rows)
+
+    trainer.train_step = run
     ForcedLengths(model, P, len_B, trainer.tok.eos_token_id, rows=lambda b: engine_for(model).st.rid[:b],
                   active=lambda: model.config._attn_implementation == attention.ATTN_NAME)
 
