@@ -310,6 +310,23 @@ def test_train_gpu_bench_flags_tiny(tmp_path):
     assert res["steps"][0]["completions/mean_length"] == pytest.approx(sum(lens) / len(lens))
 
 
+
+def test_train_gpu_bench_early_eos_tiny(tmp_path):
+    """benchmarks/train_gpu.py --tiny --early-eos L --early-eos-steps 2: eos forced at length L in one row of
+    step 2 only (the lengths live on the device, read by the decode step); every step lists its Triton
+    compiles."""
+    from benchmarks import train_gpu
+
+    out = str(tmp_path / "t.json")
+    res = train_gpu.main([out, "--tiny", "--steps", "3", "--prompts", "2", "--num-generations", "4",
+                          "--micro-batch", "4", "--num-iterations", "1", "--early-eos", "5", "--early-eos-steps", "2"])
+    n, T = 8, res["args"]["completion_length"]
+    assert res["workload"] == "early_eos" and res["completion_lengths"] == [5] + [T] * (n - 1)
+    means = [s["completions/mean_length"] for s in res["steps"]]
+    assert means[1] == pytest.approx((5 + (n - 1) * T) / n)  # a random tiny model draws no eos of its own here
+    assert means[0] == means[2] == T
+    assert all(isinstance(s["triton_compiles"], list) for s in res["steps"])
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])
 def test_packed_varlen_flash_bf16(tmp_path, name):
