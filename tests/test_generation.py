@@ -138,6 +138,29 @@ def test_flat_parameters_fuse_gate_up_and_follow_updates(name, monkeypatch):
         assert "_r1k_gu" not in vars(m) and "forward" not in vars(m), m
 
 
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_rotary_fused_while_the_engine_runs_only(name, monkeypatch):
+    """The engine's fused decode ops (Triton backend: the interpreter on CPU) apply the rotary embedding with
+    rk.apply_rotary in every layer of the prefill and of every decode step; the same model's forward outside
+    the engine runs HF's rotary code again."""
+    import r1kernels as rk
+
+    torch.manual_seed(0)
+    model = _model(name)
+    calls = []
+    orig = rk.apply_rotary
+    monkeypatch.setattr(rk, "apply_rotary", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    ids, mask = _prompts([4, 6])
+    T = 5
+    generate(model, ids, mask, [0, 1], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0, backend="triton")
+    assert len(calls) >= T * len(model.model.layers)
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert calls == []
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])
 def test_sampled_logprobs_equal_training_forward(name):
     model = _model(name, sharp=False)

@@ -10,13 +10,14 @@ How, so that nothing else changes:
   patches) still shadow it;
 - the rotary embedding is a module-level function of the modeling file (apply_rotary_pos_emb), called from
   the attention's forward: it is wrapped once per modeling module, and the wrapper takes the fused path only
-  inside the forward of a patched attention (a thread-local flag its forward sets), so unpatched models of the
-  same class in the process keep HF's code.
+  inside the forward of a patched attention or a `fused_rotary` scope (the generation engine's decode; a
+  thread-local flag both set), so unpatched models of the same class in the process keep HF's code.
 The numbers: fp32 math inside each kernel, rounded once (HF rounds after each op in bf16), so a patched
 model's outputs and gradients match the unpatched model within the tolerance table, not bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 
@@ -77,6 +78,23 @@ def _wrap_rope(mod) -> bool:
     apply_rotary_pos_emb.__doc__ = orig.__doc__
     mod.apply_rotary_pos_emb = apply_rotary_pos_emb
     return True
+
+
+@contextlib.contextmanager
+def fused_rotary(model, backend: str = "auto"):
+    """Inside: every attention of `model`'s modeling modules applies its rotary embedding with rk.apply_rotary
+    (the same wrapper as patch_layers', switched on for this thread), patched or not; after, HF's code again
+    for unpatched attentions. Yields whether any modeling module has apply_rotary_pos_emb."""
+    mods = {sys.modules.get(type(m).__module__) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    wrapped = [mod for mod in mods if mod is not None and _wrap_rope(mod)]
+    prev = getattr(_ROPE, "backend", None)
+    if wrapped:
+        _ROPE.backend = backend
+    try:
+        yield bool(wrapped)
+    finally:
+        if wrapped:
+            _ROPE.backend = prev
 
 
 def is_rms_norm(m) -> bool:

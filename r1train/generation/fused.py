@@ -10,14 +10,13 @@ class methods for the duration and are removed after, so training forwards run t
 from __future__ import annotations
 
 import contextlib
-import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
 import r1kernels as rk
-from r1kernels.patch.layers import FUSED_MODEL_TYPES, is_rms_norm, is_silu_mlp
+from r1kernels.patch.layers import FUSED_MODEL_TYPES, fused_rotary, is_rms_norm, is_silu_mlp
 
 
 def _norm(self, x):
@@ -157,8 +156,8 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
             patched.append(m)
         elif buffers is not None and name.endswith("Attention"):
             fused += _fuse_qkv(m, buffers)
-    mods = []
-    if getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES:
+    llama_family = getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES
+    if llama_family:
         for m in model.modules():
             if _residual_layer(m):
                 m.forward = types.MethodType(_layer, m)
@@ -166,24 +165,12 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
                     lin.forward, lin._r1k_res = types.MethodType(_res_linear, lin), None
                 fused += [(m, ("forward",)), (m.self_attn.o_proj, ("forward", "_r1k_res")),
                           (m.mlp.down_proj, ("forward", "_r1k_res"))]
-        for m in model.modules():
-            mod = sys.modules.get(type(m).__module__)
-            if type(m).__name__.endswith("Attention") and hasattr(mod, "apply_rotary_pos_emb") and mod not in [
-                    x for x, _ in mods]:
-                mods.append((mod, mod.apply_rotary_pos_emb))
-
-                def rope(q, k, cos, sin, unsqueeze_dim=1, _orig=mod.apply_rotary_pos_emb):
-                    if unsqueeze_dim != 1:
-                        return _orig(q, k, cos, sin, unsqueeze_dim)
-                    return rk.apply_rotary(q, k, cos, sin, backend=backend)
-                mod.apply_rotary_pos_emb = rope
     try:
-        yield
+        with fused_rotary(model, backend) if llama_family else contextlib.nullcontext():
+            yield
     finally:
         for m in patched:
             del m.forward, m._r1k_backend
         for m, attrs in fused:
             for a in attrs:
                 delattr(m, a)
-        for mod, orig in mods:
-            mod.apply_rotary_pos_emb = orig
