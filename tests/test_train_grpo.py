@@ -184,3 +184,30 @@ def test_policy_logprobs_equal_each_row_alone(family, impl, left_padded):
             logits = model(input_ids=row).logits[0, p_len[b] - 1:-1].double()
         want = logits.log_softmax(-1).gather(-1, comp_BT[b, :c_len[b], None])[:, 0]
         assert_close(out_BT[b, :c_len[b]], want, torch.float32, name=f"row {b} log-probs")
+
+
+def test_out_of_memory_names_the_keys_that_cut_memory(tmp_path):
+    """An out-of-memory error in the training step stays a torch.OutOfMemoryError, keeps the original text and
+    names the memory keys this run has off (and not those it has on)."""
+    import torch
+
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_checkpointing=false", "beta=0.04",
+                       reward_funcs=[H.digit_share])
+    orig = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.37 GiB.")
+
+    def step(*_):
+        raise orig
+    t.train_step = step
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        t.train()
+    msg = str(e.value)
+    assert e.value.__cause__ is orig and msg.startswith("CUDA out of memory. Tried to allocate 28.37 GiB.")
+    for key in ("gradient_checkpointing=true", "use_peft=true", "rollout_release_memory=true", "beta=0"):
+        assert key in msg, key
+    t2 = H.grpo_trainer(tmp_path / "b", "max_steps=1", "gradient_checkpointing=true", "beta=0",
+                        "rollout_release_memory=true", reward_funcs=[H.digit_share])
+    t2.train_step = step
+    with pytest.raises(torch.OutOfMemoryError) as e2:
+        t2.train()
+    for key in ("gradient_checkpointing=true", "rollout_release_memory=true", "beta=0"):
+        assert key not in str(e2.value), key
