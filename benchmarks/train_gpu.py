@@ -9,6 +9,7 @@ layers; ZeRO-2 with HF's layers 4.52 and 5.30 s in two of them). Each step's Pyt
     python benchmarks/train_gpu.py OUT.json --varied-lengths [--padding-free [--max-tokens-per-batch N]]
     python benchmarks/train_gpu.py OUT.json --steps 4 --profile-step 3     # kernels + CPU ops of step 3
     python benchmarks/train_gpu.py OUT.json --zero-stage 2 --no-fused-layers  # the layout of the earlier runs
+    python benchmarks/train_gpu.py OUT.json --early-eos 300 --early-eos-steps 4  # one row stops early at step 4
 
 Completions of a random model almost never stop early, so every step generates max_completion_length
 tokens per row (a fixed, comparable amount of work). --varied-lengths instead forces eos at a length drawn
