@@ -96,6 +96,8 @@ def main(argv=None):
     p.add_argument("--profile-step", type=int, default=None,
                    help="run this step (1-based, > 1: warm) under torch.profiler: top kernels and CPU ops in the JSON")
     a = p.parse_args(argv)
+    if a.early_eos_steps and not a.early_eos:
+        p.error("--early-eos-steps needs --early-eos L")
     if a.tiny:
         a.prompt_length, a.completion_length = min(a.prompt_length, 16), min(a.completion_length, 16)
         a.steps = min(a.steps, 3)
