@@ -218,7 +218,7 @@ def gc_pauses(trainer) -> list[dict]:
     generation ("0", "1", "2": a full collection), from gc.callbacks."""
     import gc
 
-    out, t0, orig = [], [0.0], trainer.train_step
+    out, t0 = [], [0.0]
 
     def on_gc(phase, info):
         if not out:
@@ -229,20 +229,27 @@ def gc_pauses(trainer) -> list[dict]:
             g = str(info["generation"])
             out[-1][g] = out[-1].get(g, 0.0) + time.perf_counter() - t0[0]
 
+    gc.callbacks.append(on_gc)
+    before_each_step(trainer, lambda _: out.append({}))
+    return out
+
+
+def before_each_step(trainer, fn):
+    """Wrap trainer.train_step so that fn(step) (0-based) runs before each step."""
+    orig = trainer.train_step
+
     def run(step, rows):
-        out.append({})
+        fn(step)
         return orig(step, rows)
 
-    gc.callbacks.append(on_gc)
     trainer.train_step = run
-    return out
 
 
 def triton_compiles(trainer) -> list[list]:
     """Per step (a list filled as the trainer runs): the Triton kernels compiled (or loaded from Triton's disk
     cache) during it, each [kernel name, seconds, specialization key]; the key shows which argument's
     specialization (dtype, divisibility by 16, == 1) was new. Empty where triton is absent."""
-    out, orig = [], trainer.train_step
+    out = []
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
@@ -259,12 +266,8 @@ def triton_compiles(trainer) -> list[list]:
             if out:
                 out[-1].append([getattr(self, "__name__", repr(self)), time.perf_counter() - t0, str(key)[:600]])
 
-    def run(step, rows):
-        out.append([])
-        return orig(step, rows)
-
     JITFunction._do_compile = do_compile
-    trainer.train_step = run
+    before_each_step(trainer, lambda _: out.append([]))
     return out
 
 
@@ -278,16 +281,12 @@ def force_lengths(trainer, rows, lens: list, a, steps=None):
     from r1train.data import encode_prompts
     from r1train.generation import attention, engine_for
 
-    model, orig = trainer.model, trainer.train_step
+    model = trainer.model
     P = encode_prompts(trainer.tok, [rows[0]["prompt"]], a.prompt_length)[0].shape[1]
     len_B = torch.tensor(lens, device=trainer.dev)
-    forced_B, free_B = len_B.clone(), torch.full_like(len_B, a.completion_length + 1)
-
-    def run(k, rows):  # the lengths are read by the captured decode graphs: updated in place
-        len_B.copy_(forced_B if steps is None or k + 1 in steps else free_B)
-        return orig(k, rows)
-
-    trainer.train_step = run
+    if steps is not None:  # the lengths are read by the captured decode graphs: updated in place
+        forced_B, free_B = len_B.clone(), torch.full_like(len_B, a.completion_length + 1)
+        before_each_step(trainer, lambda k: len_B.copy_(forced_B if k + 1 in steps else free_B))
     ForcedLengths(model, P, len_B, trainer.tok.eos_token_id, rows=lambda b: engine_for(model).st.rid[:b],
                   active=lambda: model.config._attn_implementation == attention.ATTN_NAME)
 

@@ -162,11 +162,10 @@ def test_policy_logprobs_equal_each_row_alone(family, impl, left_padded):
     from conftest import assert_close
 
     from r1train.rollout import Policy, logprob_fn, unmask_completions
+    from r1train.tasks.models import tiny_config
 
     V, B, P, T = 61, 4, 6, 7
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    cfg = transformers.Qwen2Config(**common) if family == "qwen2" else transformers.LlamaConfig(**common)
+    cfg = tiny_config(f"tiny-{family}", V, hidden_size=32, num_layers=2, num_heads=4, max_position=64)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     p_len = torch.randint(2, P + 1, (B,)) if left_padded else torch.full((B,), P)
     c_len = torch.randint(1, T + 1, (B,))

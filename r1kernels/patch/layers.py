@@ -84,14 +84,14 @@ def _wrap_rope(mod) -> bool:
 def fused_rotary(model, backend: str = "auto"):
     """Inside: every attention of `model`'s modeling modules applies its rotary embedding with rk.apply_rotary
     (the same wrapper as patch_layers', switched on for this thread), patched or not; after, HF's code again
-    for unpatched attentions. Yields whether any modeling module has apply_rotary_pos_emb."""
+    for unpatched attentions."""
     mods = {sys.modules.get(type(m).__module__) for m in model.modules() if type(m).__name__.endswith("Attention")}
     wrapped = [mod for mod in mods if mod is not None and _wrap_rope(mod)]
     prev = getattr(_ROPE, "backend", None)
     if wrapped:
         _ROPE.backend = backend
     try:
-        yield bool(wrapped)
+        yield
     finally:
         if wrapped:
             _ROPE.backend = prev
