@@ -1,9 +1,9 @@
-"""K5-K7 DeepSeek-V3 MoE routing (DESIGN.md section 6).
-K5 gate from fp32 logits, T in {4096, 16384, 65536}, E=256, top-8, 8 groups keep 4 (fwd, fwd+bwd), and the
-full router with the [T,7168]x[7168,256] GEMM (transformers' fp32 router vs r1kernels fp32 / bf16 GEMM).
-K6 permute + unpermute, T=16384 x 8, H=7168 bf16. K7 a V3-dimension MoE layer (H=7168, I=2048, E=256, top-8,
-one shared expert) fwd+bwd: transformers (grouped_mm experts) vs patched, vs its grouped GEMMs + shared
-expert alone. Providers: torch reference, torch.compile(reference), triton, cuda, transformers.
+"""K5-K7 DeepSeek-V3 MoE routing (DESIGN.md section 6). K5 gate from fp32 logits, T in {4096, 16384, 65536},
+E=256, top-8, 8 groups keep 4 (fwd, fwd+bwd), and the full router with the [T,7168]x[7168,256] GEMM
+(transformers' fp32 router vs r1kernels fp32 / bf16 GEMM). K6 permute + unpermute, T=16384 x 8, H=7168 bf16.
+K7 a V3-dimension MoE layer (H=7168, I=2048, E=256, top-8, one shared expert) fwd+bwd: transformers
+(grouped_mm experts) vs patched vs Liger's fused MoE experts (when installed, with our router), vs its grouped
+GEMMs + shared expert alone. Providers: torch reference, torch.compile(reference), triton, cuda, transformers.
 Bytes floors: gate fwd reads the logits once (+ the [T, K] outputs); fwd+bwd also writes the [T, E] grad.
 permute+unpermute: hidden read once, T*K rows written, read back, [T, H] written."""
 from __future__ import annotations
@@ -215,7 +215,11 @@ def _layer_cases(device, quick):
         router = R1KRouter(moe.gate, gemm_dtype=torch.bfloat16)
         patched._modules["gate"] = router
         patched._modules["experts"] = R1KExperts(moe.experts)
-        _STATE.update(moe=moe, patched=patched,
+        liger = copy.copy(moe)                 # the same router as ours; Liger's fused experts on the same weights
+        liger._modules = dict(moe._modules)
+        liger._modules["gate"] = router
+        liger._modules["experts"] = _LigerExperts(moe.experts)
+        _STATE.update(moe=moe, patched=patched, liger=liger,
                       inputs=Rotating(lambda: torch.randn(1, T, H, device=device, dtype=torch.bfloat16), n=2))
         ids = ref.route(torch.randn(T, n_exp, device=device), torch.zeros(n_exp, device=device), K, G, KG)[1]
         counts = torch.bincount(ids.flatten(), minlength=n_exp)
@@ -251,8 +255,41 @@ def _layer_cases(device, quick):
     flops = 3 * 2 * (T * K * 3 * H * I + T * 3 * H * I)  # fwd+bwd: routed (top-8) and shared, 3 GEMMs each
     provs = {"transformers grouped_mm": step("moe"), "r1kernels patched": step("patched"),
              "grouped GEMMs + shared only": gemms_only}
+    peers = ("transformers grouped_mm",)
+    if _LigerExperts.fn is not None:
+        provs["Liger fused MoE (our router)"] = _skip_on_error(step("liger"))
+        peers += ("Liger fused MoE (our router)",)
     return [Case("moe layer fwd+bwd", f"T={T} H={H} I={I} E={n_exp} top{K} bf16", provs, flops=flops,
-                 peers=("transformers grouped_mm",), setup=setup)]
+                 peers=peers, setup=setup)]
+
+
+def _skip_on_error(fn):
+    """A peer that fails (a version mismatch, say) is a skipped row, not a failed benchmark."""
+    def run():
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise Skip(f"{type(e).__name__}: {e}"[:300]) from e
+    return run
+
+
+class _LigerExperts(torch.nn.Module):
+    """Liger-Kernel 0.8.5's LigerFusedMoEFunction (gather + grouped GEMM + SwiGLU, recomputing backward) on
+    transformers' expert weights (gate_up_proj [E, 2I, H], down_proj [E, H, I]: Liger's layout)."""
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction as fn
+    except ImportError:
+        fn = None
+
+    def __init__(self, experts):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.fn.apply(hidden_states, self.experts.gate_up_proj, self.experts.down_proj,
+                             top_k_index.to(torch.int32), top_k_weights)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

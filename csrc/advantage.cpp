@@ -1,5 +1,6 @@
 // group_advantages: schema and CPU implementation (float64 accumulation; bit-identical to
-// r1kernels.reference.group_advantages on fp32 input, which also computes in float64).
+// r1kernels.reference.group_advantages on fp32 input, which also computes in float64). NaN rewards raise
+// ValueError here and stop the CUDA kernel with a device-side assert: the public API does not check them again.
 #include <cmath>
 #include <string>
 #include <vector>
@@ -31,6 +32,10 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, int64_t group_size, s
     for (int64_t j = 0; j < R; ++j) w[j] = wd.data_ptr<double>()[j];
   }
   const double* rp = r.data_ptr<double>();
+  for (int64_t i = 0; i < N * R; ++i) {
+    TORCH_CHECK_VALUE(!std::isnan(rp[i]),
+                      "rewards contains NaN (map 'not applicable' rewards to a value before this call)");
+  }
   std::vector<double> total(N);
   for (int64_t i = 0; i < N; ++i) {
     double acc = 0.0;
