@@ -1,9 +1,9 @@
-"""K2 GRPO loss from logits: B=8, T=1024, V=151936 bf16, forward+backward (DESIGN.md section 6).
-Providers: torch reference, torch.compile(reference), triton (gradient buffer), triton in place
-(gradient written into the logits), Liger's triton_grpo_loss when installed (its logits carry one extra
-position, [B, T+1, V], as its API wants). Bytes floor: one read + one write of the logits.
-Config: dapo, token level (and sequence level), old + ref log-probs, beta=0.04, temperature 1, all-ones
-mask (a padded mask would let our kernel skip rows, which the floor does not count)."""
+"""K2 GRPO loss from logits: B=8, T=1024, V=151936 bf16, forward+backward (DESIGN.md section 6). Providers: torch
+reference, torch.compile(reference), triton (gradient buffer), triton in place (gradient written into the
+logits), the CUDA cluster kernel (sm_90+: each row on chip; 2, 4, 8 CTAs per row), Liger's triton_grpo_loss when
+installed (its logits carry one extra position, [B, T+1, V], as its API wants). Bytes floor: one read + one
+write of the logits. Config: dapo, token level (and sequence level), old + ref log-probs, beta=0.04, temperature
+1, all-ones mask (a padded mask would let our kernel skip rows, which the floor does not count)."""
 from __future__ import annotations
 
 import torch
@@ -86,6 +86,23 @@ def cases(device: str, quick: bool) -> list[Case]:
         tok["triton inplace"] = ours("triton", inplace=True)
         tok["triton inplace (op, no API checks)"] = op_run
         seq["triton inplace"] = ours("triton", inplace=True, level="sequence")
+    if "cuda" in rk._backend.available("grpo_loss", device):  # the cluster kernel; CTAs per row swept
+        from r1kernels.ops import grpo as G
+
+        def with_cluster(cl, fn):
+            def run():
+                keep = G.CUDA_CONFIG["cluster"]
+                G.CUDA_CONFIG["cluster"] = cl
+                try:
+                    return fn()
+                finally:
+                    G.CUDA_CONFIG["cluster"] = keep
+            return run
+        tok["cuda"] = ours("cuda")
+        tok["cuda inplace"] = ours("cuda", inplace=True)
+        for cl in (2, 4, 8):
+            if cl != G.CUDA_CONFIG["cluster"]:
+                tok[f"cuda inplace, {cl} CTAs per row"] = with_cluster(cl, ours("cuda", inplace=True))
     if compiled is not None:
         tok["torch.compile"] = compiled_run
         peers += ("torch.compile",)

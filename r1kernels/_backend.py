@@ -23,7 +23,7 @@ BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 KERNELS: dict[str, list[tuple[str, str]]] = {
     "token_logprobs": [("triton", "r1kernels.ops.logprob:token_logprobs_triton")],
     "linear_token_logprobs": [("triton", "r1kernels.ops.linear_grpo:linear_token_logprobs_triton")],
-    "grpo_loss": [("triton", "r1kernels.ops.grpo:grpo_loss_triton")],
+    "grpo_loss": [("triton", "r1kernels.ops.grpo:grpo_loss_triton"), ("cuda", "r1kernels.ops.grpo:grpo_loss_cuda")],
     "linear_grpo_loss": [("triton", "r1kernels.ops.linear_grpo:linear_grpo_loss_triton")],
     "group_advantages": [("cuda", "r1kernels.ops.advantage:group_advantages_ext"),
                          ("triton", "r1kernels.ops.advantage:group_advantages_triton"),
@@ -57,8 +57,14 @@ if HAS_EXTENSION:
 
 
 def extension_has(op: str, dispatch_key: str) -> bool:
-    """True when r1kernels._C registered `op` with a kernel for dispatch_key ("CPU", "CUDA")."""
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"r1kernels::{op}", dispatch_key)
+    """True when r1kernels._C registered `op` with a kernel for dispatch_key ("CPU", "CUDA"); False also
+    when it has no schema for `op` (ops with only a CUDA kernel exist only in CUDA builds)."""
+    if not HAS_EXTENSION:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"r1kernels::{op}", dispatch_key)
+    except RuntimeError:  # no such operator
+        return False
 
 
 # backend -> (whether its dependency is installed, what is missing otherwise)

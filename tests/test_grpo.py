@@ -32,11 +32,11 @@ def _inputs(B, T, V, device="cpu", dtype=torch.float32, adv_per_token=False, mas
     return logits, ids, adv, mask, old, ref
 
 
-def _check(logits, ids, adv, mask, dtype=torch.float32, inplace=False, **kw):
+def _check(logits, ids, adv, mask, dtype=torch.float32, inplace=False, backend="triton", **kw):
     x = logits.detach().clone().requires_grad_()
     x64 = logits.detach().double().requires_grad_()
     y = x * 1.0 if inplace else x  # in place needs a non-leaf
-    out = rk.grpo_loss(y, ids, adv, mask, backend="triton", inplace_backward=inplace, **kw)
+    out = rk.grpo_loss(y, ids, adv, mask, backend=backend, inplace_backward=inplace, **kw)
     kw64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
     ref = rk.grpo_loss(x64, ids, adv.double(), mask, backend="torch", **kw64)
     g = 1.0 + torch.rand(()).item()  # a non-unit upstream gradient exercises the backward scaling
@@ -315,3 +315,73 @@ def test_gpu_real_shape(level, inplace):
     _check(logits, ids, adv, mask, dtype=torch.bfloat16, inplace=inplace, old_logprobs=old, ref_logprobs=ref,
            beta=0.04, importance_sampling_level=level, loss_type="grpo" if level == "sequence" else "dapo")
     assert TOLERANCES[torch.bfloat16] > 0
+
+
+# The CUDA cluster kernel (csrc/cuda/grpo.cu, sm_90+): every option of the token-level family, at shapes whose
+# rows are 16-byte aligned (vector path) and not (V * element size not a multiple of 16: element path), each
+# row split over 1-8 CTAs, against the float64 reference.
+CUDA_SHAPES = [(3, 5, 1001, torch.float32), (2, 7, 4096, torch.bfloat16), (2, 3, 151936, torch.bfloat16),
+               (2, 4, 32003, torch.float16)]
+CUDA_CASES = {
+    "dapo": dict(loss_type="dapo", epsilon_high=0.28), "grpo_k1": dict(loss_type="grpo", kl_estimator="k1"),
+    "bnpo_k2": dict(loss_type="bnpo", kl_estimator="k2"), "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=9),
+    "cispo": dict(loss_type="cispo", epsilon_high=4.0),
+    "sapo": dict(loss_type="sapo", sapo_temperature_pos=0.4, sapo_temperature_neg=2.5),
+    "low_var_kl": dict(kl_estimator="low_var_kl"), "delta": dict(delta=1.05, epsilon=0.1),
+    "is_truncate": dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=1.2),
+    "is_mask": dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.8,
+                    vllm_importance_sampling_clip_max=1.5),
+    "no_bias_kl": dict(use_bias_correction_kl=False),
+    "entropy_temperature": dict(compute_entropy=True, temperature=0.7),
+    "adv_per_token": {}, "no_mask": {}, "empty_mask": {}, "no_old": {}, "num_items": dict(num_items_in_batch=11),
+    "sequence": dict(importance_sampling_level="sequence", loss_type="grpo"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("i,case", list(enumerate(CUDA_CASES)))
+def test_cuda_token_kernel(i, case, inplace, monkeypatch):
+    if not grpo_ops.HAS_CUDA_TOKEN:
+        pytest.skip("extension built without the CUDA token kernel")
+    B, T, V, dtype = CUDA_SHAPES[i % len(CUDA_SHAPES)]
+    monkeypatch.setitem(grpo_ops.CUDA_CONFIG, "cluster", (1, 2, 4, 8)[(i + inplace) % 4])
+    mask_kind = {"no_mask": "none", "empty_mask": "empty"}.get(case, "random")
+    logits, ids, adv, mask, old, ref = _inputs(B, T, V, device="cuda", dtype=dtype,
+                                               adv_per_token=case == "adv_per_token", mask_kind=mask_kind)
+    kw = dict(CUDA_CASES[case])
+    if case != "no_old":
+        kw["old_logprobs"] = old
+    kw.update(ref_logprobs=ref + (3.0 * torch.randn_like(ref) if case == "low_var_kl" else 0.0), beta=0.05)
+    if case.startswith("is_"):
+        samp = R.token_logprobs(logits.float(), ids) + 0.3 * torch.randn(B, T, device="cuda")
+        samp[0, 1] = float("nan")  # a token the engine did not score: weight 1
+        kw["sampling_logprobs"] = samp
+    _check(logits, ids, adv, mask, dtype=dtype, inplace=inplace, backend="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-{str(s[3])[6:]}")
+def test_cuda_token_kernel_equals_triton(shape, cluster, monkeypatch):
+    """Loss, metrics, log-probs and gradient of the CUDA kernel against the Triton kernel on the same
+    input (same fp32 math, different reduction order)."""
+    if not grpo_ops.HAS_CUDA_TOKEN:
+        pytest.skip("extension built without the CUDA token kernel")
+    B, T, V, dtype = shape
+    monkeypatch.setitem(grpo_ops.CUDA_CONFIG, "cluster", cluster)
+    logits, ids, adv, mask, old, ref = _inputs(B, T, V, device="cuda", dtype=dtype)
+    outs = []
+    for backend in ("cuda", "triton"):
+        x = logits.detach().clone().requires_grad_()
+        out = rk.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.04, compute_entropy=True,
+                           backend=backend)
+        out.loss.backward()
+        outs.append((out, x.grad))
+    (a, ga), (b, gb) = outs
+    assert_close(a.loss, b.loss, torch.float32, name="loss")
+    assert_close(a.per_token_logprobs, b.per_token_logprobs, torch.float32, name="logp")
+    for k in b.metrics:
+        assert_close(a.metrics[k], b.metrics[k], torch.float32, name=k)
+    assert_close(ga, gb, dtype, name="grad")
+    assert (ga[mask == 0] == 0).all()

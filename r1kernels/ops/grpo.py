@@ -1,5 +1,6 @@
-"""grpo_loss over the Triton kernels: one autograd path per importance-sampling level, for eager and
-torch.compile calls alike.
+"""grpo_loss over the Triton kernels (and, for the token-level loss on sm_90+, the CUDA cluster kernel of
+csrc/cuda/grpo.cu, which holds each row on chip: one read of the logits): one autograd path per
+importance-sampling level, for eager and torch.compile calls alike.
 
 Token level: r1kernels::grpo_loss_fwd returns (stats [6] = loss, kl, clip low, high, region, entropy (0
 unless entropy=True: from the same pass); per-token
@@ -18,8 +19,11 @@ KL estimators travel as names (codes exist only inside the kernel launch).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .. import _backend
 from ..reference import grpo as _ref
 from ..triton import grpo as _k
 from ..triton import logprob as _lk
@@ -46,12 +50,62 @@ def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_i
     return s.float().expand(B).contiguous()
 
 
+# The CUDA token kernel (csrc/cuda/grpo.cu): each row split over a cluster of CUDA_CONFIG["cluster"] CTAs
+# (more when a slice would not fit one CTA's shared memory). benchmarks/bench_grpo.py passes other values
+# through config= (tuning sweeps only).
+CUDA_CONFIG = dict(cluster=4)
+HAS_CUDA_TOKEN = _backend.HAS_EXTENSION and _backend.extension_has("grpo_token", "CUDA")
+_SMEM_LIMIT: dict[int, int] = {}
+
+
+def cuda_cluster(V: int, elem_bytes: int, device: torch.device, want: int) -> int:
+    """The smallest cluster size >= want (of 1, 2, 4, 8) whose row slice fits one CTA's shared memory."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_LIMIT:
+        props = torch.cuda.get_device_properties(idx)
+        if props.major < 9:
+            raise ValueError(f"backend='cuda' for grpo_loss needs an sm_90+ GPU (thread-block clusters), got "
+                             f"sm_{props.major}{props.minor}; use backend='triton'")
+        _SMEM_LIMIT[idx] = props.shared_memory_per_block_optin - 1024  # the kernel's static part < 1 KB
+    for cl in (1, 2, 4, 8):
+        chunk = (V + cl - 1) // cl
+        chunk = (chunk + 7) // 8 * 8  # grpo.cu chunk_of: slices on 16-byte boundaries
+        if cl >= want and chunk * elem_bytes <= _SMEM_LIMIT[idx]:
+            return cl
+    raise ValueError(f"backend='cuda' for grpo_loss: a vocabulary of {V} does not fit 8 CTAs' shared memory; "
+                     "use backend='triton'")
+
+
+def grpo_token_cuda(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_strides, *, temperature, eps_low,
+                    eps_high, delta, beta, loss_type, kl_estimator, sapo_tau_pos=_ref.SAPO_TAU_POS,
+                    sapo_tau_neg=_ref.SAPO_TAU_NEG, is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False,
+                    entropy=False, config=None):
+    """_k.grpo_token's contract (same arguments and outputs) on the CUDA cluster kernel: one read and one
+    write of each row."""
+    B, T, V = x.shape
+    if B * T == 0:
+        return
+    cfg = {**CUDA_CONFIG, **(config or {})}
+    has_is = samp is not None and is_mode is not None
+    torch.ops.r1kernels.grpo_token(
+        x, ids.long().contiguous(), adv, mask, old, ref, samp if has_is else None, scale, logp, stats, dx,
+        list(dx_strides), inv_t=1.0 / temperature, eps_low=eps_low, eps_high=eps_high,
+        delta=delta if delta is not None else 0.0, beta=beta, tau_pos=sapo_tau_pos, tau_neg=sapo_tau_neg,
+        is_lo=is_clip_min if is_clip_min is not None else (-math.inf if is_mode == "token_mask" else 0.0),
+        is_hi=is_clip_max if is_clip_max is not None else math.inf, loss_code=_ref.LOSS_CODE[loss_type],
+        kl_code=_ref.KL_CODE[kl_estimator], has_delta=delta is not None, is_mask=is_mode == "token_mask",
+        bias_kl=bool(bias_kl), entropy=bool(entropy), use_kl=ref is not None and beta != 0.0,
+        cluster=cuda_cluster(V, x.element_size(), x.device, cfg["cluster"]))
+
+
 def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *, num_items_f, max_completion_length,
-                temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None, **kernel_opts):
+                temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None,
+                token_kernel="triton", **kernel_opts):
     """The token-level kernel: (per-token sums [5], logp); writes the gradient for upstream 1 into dx
     (strides dx_strides). x is the [B, T, V] logits of the whole batch, or with rows = (r0, r1) the
     [r1 - r0, V] logits of flattened rows r0:r1 of the B*T tokens (then logp is [r1 - r0]). The other
-    tensors cover the whole batch (the reduction needs all of mask). kernel_opts: KERNEL_OPTS."""
+    tensors cover the whole batch (the reduction needs all of mask). token_kernel: "triton" (_k.grpo_token) or "cuda"
+    (grpo_token_cuda). kernel_opts: KERNEL_OPTS."""
     B, T = ids.shape
     dev = x.device
     mask_f = mask.float().contiguous() if mask is not None else None
@@ -74,9 +128,10 @@ def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *,
         s_ = flat(s_B[:, None].expand(B, T)).view(1, -1)
     logp = torch.empty(n_rows, device=dev, dtype=torch.float32)
     stats = torch.empty(6, n_rows, device=dev, dtype=torch.float32)
-    _k.grpo_token(x3, ids_, adv_, mask_, old_, ref_, samp_, s_, logp, stats, dx, dx_strides,
-                  temperature=temperature, eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta,
-                  loss_type=loss_type, kl_estimator=kl_estimator, **kernel_opts)
+    launch = grpo_token_cuda if token_kernel == "cuda" else _k.grpo_token
+    launch(x3, ids_, adv_, mask_, old_, ref_, samp_, s_, logp, stats, dx, dx_strides, temperature=temperature,
+           eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
+           kl_estimator=kl_estimator, **kernel_opts)
     return stats.sum(1), logp if rows is not None else logp.view(B, T)
 
 
@@ -93,8 +148,8 @@ def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, ma
                   num_items: torch.Tensor | None, *, num_items_f: float | None, max_completion_length: int | None,
                   temperature: float, epsilon: float, epsilon_high: float, delta: float | None, beta: float,
                   loss_type: str, kl_estimator: str, sapo_tau_pos: float, sapo_tau_neg: float, is_mode: str | None,
-                  is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool, entropy: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool, entropy: bool,
+                  token_kernel: str = "triton") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
     dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -116,7 +171,7 @@ def grpo_loss_fwd_inplace(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Te
                           max_completion_length: int | None, temperature: float, epsilon: float, epsilon_high: float,
                           delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
                           sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None,
-                          is_clip_max: float | None, bias_kl: bool, entropy: bool
+                          is_clip_max: float | None, bias_kl: bool, entropy: bool, token_kernel: str = "triton"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.stride(-1) != 1:
         raise ValueError("inplace_backward needs logits with a contiguous last dimension")
@@ -252,7 +307,7 @@ class _LogProbs(torch.autograd.Function):
 # The fused token kernel's options beyond the core ones (keyword-only arguments of the custom ops).
 KERNEL_OPTS = ("sapo_tau_pos", "sapo_tau_neg", "is_mode", "is_clip_min", "is_clip_max", "bias_kl", "entropy")
 _CORE_OPTS = ("num_items_f", "max_completion_length", "temperature", "epsilon", "epsilon_high", "delta", "beta",
-              "loss_type", "kl_estimator")
+              "loss_type", "kl_estimator", "token_kernel")
 
 
 def _opts(names):
@@ -292,9 +347,10 @@ def per_token_loss(logp, ent, advantages, completion_mask, old_logprobs, ref_log
 
 
 def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *, temperature=1.0,
-                     inplace_backward=False, old_logprobs=None, ref_logprobs=None, **opts):
-    """Token-local losses (reference/grpo.py token_local): the fused kernel. Others (sequence ratio,
-    sequence weights, entropy terms): log-probs (+ entropy) by the kernels, the loss by the reference."""
+                     inplace_backward=False, old_logprobs=None, ref_logprobs=None, token_kernel="triton", **opts):
+    """Token-local losses (reference/grpo.py token_local): the fused kernel (token_kernel="triton": Triton's,
+    "cuda": the cluster kernel). Others (sequence ratio, sequence weights, entropy terms): log-probs
+    (+ entropy) by the Triton kernels, the loss by the reference."""
     inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled())
     if not _ref.token_local(opts):
         x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
@@ -304,6 +360,7 @@ def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *
                               ref_logprobs, opts)
     samp = opts.get("sampling_logprobs")
     nt, kopts = op_options(temperature=temperature, **opts)
+    kopts["token_kernel"] = token_kernel
     stats, logp = _GRPOLoss.apply(logits, inplace, completion_ids, advantages, completion_mask, old_logprobs,
                                   ref_logprobs, samp if kopts["is_mode"] else None, nt, kopts)
     return stats[0], logp, stat_metrics(stats, kopts["entropy"])
@@ -314,3 +371,12 @@ def _eligible(logits, completion_ids, *a, **k):
 
 
 grpo_loss_triton.eligible = _eligible
+
+
+def grpo_loss_cuda(logits, completion_ids, advantages, completion_mask=None, **opts):
+    """grpo_loss_triton with the CUDA cluster kernel for the token-level loss (sm_90+)."""
+    return grpo_loss_triton(logits, completion_ids, advantages, completion_mask, token_kernel="cuda", **opts)
+
+
+grpo_loss_cuda.eligible = _eligible
+grpo_loss_cuda.devices = {"cuda"} if HAS_CUDA_TOKEN else set()
