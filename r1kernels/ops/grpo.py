@@ -51,9 +51,10 @@ def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_i
 
 
 # The CUDA token kernel (csrc/cuda/grpo.cu): each row split over a cluster of CUDA_CONFIG["cluster"] CTAs
-# (more when a slice would not fit one CTA's shared memory). benchmarks/bench_grpo.py passes other values
-# through config= (tuning sweeps only).
-CUDA_CONFIG = dict(cluster=4)
+# (more when a slice would not fit one CTA's shared memory). H200, V=151936 bf16, kernel alone: 8 CTAs
+# (38 KB of shared memory each, 5 per SM) 1.43-1.47 ms in two sessions; 4 CTAs 1.45-1.68 ms; 2 CTAs 2.2 ms
+# (benchmarks/NOTES-logprob-grpo.md). benchmarks/bench_grpo.py sweeps the others.
+CUDA_CONFIG = dict(cluster=8)
 HAS_CUDA_TOKEN = _backend.HAS_EXTENSION and _backend.extension_has("grpo_token", "CUDA")
 _SMEM_LIMIT: dict[int, int] = {}
 
