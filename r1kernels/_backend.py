@@ -117,32 +117,45 @@ def _runs_on(backend: str, device_type: str) -> bool:
     return True
 
 
+def _candidates(op: str, device_type: str) -> list[tuple[str, object, object]]:
+    """[(backend, fn, fn.eligible or None)] of the loaded kernels of op that run on device_type, fastest first."""
+    return [(b, f, getattr(f, "eligible", None)) for b, f in _LOADED.get(op, [])
+            if _runs_on(b, device_type) and device_type in getattr(f, "devices", (device_type,))]
+
+
+# (op, device type) -> _candidates, made once: pick is a lookup plus the eligibility checks (host time per
+# call is paid per layer by the MoE ops)
+_RUNS = {(op, dev): _candidates(op, dev) for op in _LOADED for dev in ("cpu", "cuda")}
+
+
 def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
     """The kernel function to call, or None for the torch reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = ENV_BACKEND
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return None
     dev = device.type
-    for name, fn in _LOADED.get(op, []):
-        if backend != "auto" and name != backend:
-            continue
-        ok = _runs_on(name, dev) and dev in getattr(fn, "devices", (dev,))
-        if ok and getattr(fn, "eligible", lambda *a, **k: True)(*args, **kwargs):
-            return fn
-        if backend != "auto" and not ok:
-            raise ValueError(f"backend={backend!r} for {op} cannot run on {dev} tensors here "
-                             f"({_why(op, name)})")
-        if backend != "auto":
+    cands = _RUNS.get((op, dev))
+    if cands is None:
+        cands = _candidates(op, dev)
+    if backend == "auto":
+        for _, fn, eligible in cands:
+            if eligible is None or eligible(*args, **kwargs):
+                return fn
+        if dev == "cuda" and op not in _WARNED and not torch.compiler.is_compiling():
+            _WARNED.add(op)
+            warnings.warn(f"r1kernels: no kernel eligible for {op} on cuda; using the torch reference")
+        return None
+    for name, fn, eligible in cands:
+        if name == backend:
+            if eligible is None or eligible(*args, **kwargs):
+                return fn
             raise ValueError(f"backend={backend!r} for {op} does not support these inputs")
-    if backend != "auto":
-        raise ValueError(f"backend={backend!r} is not available for {op} ({_why(op, backend)})")
-    if dev == "cuda" and op not in _WARNED and not torch.compiler.is_compiling():
-        _WARNED.add(op)
-        warnings.warn(f"r1kernels: no kernel eligible for {op} on cuda; using the torch reference")
-    return None
+    if any(name == backend for name, _ in _LOADED.get(op, [])):
+        raise ValueError(f"backend={backend!r} for {op} cannot run on {dev} tensors here ({_why(op, backend)})")
+    raise ValueError(f"backend={backend!r} is not available for {op} ({_why(op, backend)})")
 
 
 def _why(op: str, backend: str) -> str:

@@ -161,3 +161,23 @@ def test_route_and_permute_shapes():
         rk.moe.update_bias(torch.zeros(8), torch.ones(7))
     with pytest.raises(ValueError, match="seq_len"):
         rk.moe.sequence_aux_loss(torch.randn(10, 8), None, seq_len=3, top_k=2)
+
+
+def test_backend_dispatch_errors_and_choices():
+    """pick (a table made at import, then the eligibility checks): explicit backends that cannot run on the
+    tensors' device, unknown ones and kernels an op does not have raise ValueError naming the backend; auto
+    takes the first eligible kernel; torch is the reference."""
+    from r1kernels import _backend as B
+    r = torch.randn(8)
+    with pytest.raises(ValueError, match="backend='cuda' for group_advantages cannot run on cpu"):
+        rk.group_advantages(r, 4, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rk.group_advantages(r, 4, backend="gpu")
+    with pytest.raises(ValueError, match="backend='cpp' is not available for grpo_loss"):
+        B.pick("grpo_loss", "cpp", r.device, r)
+    assert B.pick("group_advantages", "torch", r.device, r, 4) is None
+    for op in B.KERNELS:
+        runs = [b for b, _ in B._LOADED[op] if b in B.available(op, "cpu")]
+        fn = B.pick(op, "auto", r.device) if not any(getattr(f, "eligible", None) for _, f in B._LOADED[op]) else 0
+        if fn != 0:  # ops without eligibility rules: auto is the first kernel that runs here, else the reference
+            assert fn is (dict(B._LOADED[op])[runs[0]] if runs else None), op
