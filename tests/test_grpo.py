@@ -385,3 +385,19 @@ def test_cuda_token_kernel_equals_triton(shape, cluster, monkeypatch):
         assert_close(a.metrics[k], b.metrics[k], torch.float32, name=k)
     assert_close(ga, gb, dtype, name="grad")
     assert (ga[mask == 0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster", [4, 8])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_token_kernel_many_rows(cluster, inplace, monkeypatch):
+    """Many more rows than the GPU holds clusters at once, with masked rows (which read nothing and write
+    zeros) between scored ones."""
+    if not grpo_ops.HAS_CUDA_TOKEN:
+        pytest.skip("extension built without the CUDA token kernel")
+    monkeypatch.setitem(grpo_ops.CUDA_CONFIG, "cluster", cluster)
+    B, T, V = 6, 160, 151936  # 960 rows
+    logits, ids, adv, mask, old, ref = _inputs(B, T, V, device="cuda", dtype=torch.bfloat16)
+    mask[:, 1::3] = 0  # masked rows between published ones
+    _check(logits, ids, adv, mask, dtype=torch.bfloat16, inplace=inplace, backend="cuda", old_logprobs=old,
+           ref_logprobs=ref, beta=0.04, compute_entropy=True)
