@@ -128,6 +128,11 @@ def _candidates(op: str, device_type: str) -> list[tuple[str, object, object]]:
 _RUNS = {(op, dev): _candidates(op, dev) for op in _LOADED for dev in ("cpu", "cuda")}
 
 
+def _runnable(op: str, device_type: str) -> list[tuple[str, object, object]]:
+    cands = _RUNS.get((op, device_type))
+    return cands if cands is not None else _candidates(op, device_type)
+
+
 def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
     """The kernel function to call, or None for the torch reference."""
     if backend == "auto":
@@ -137,9 +142,7 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
     if backend == "torch":
         return None
     dev = device.type
-    cands = _RUNS.get((op, dev))
-    if cands is None:
-        cands = _candidates(op, dev)
+    cands = _runnable(op, dev)
     if backend == "auto":
         for _, fn, eligible in cands:
             if eligible is None or eligible(*args, **kwargs):
@@ -171,5 +174,4 @@ def _why(op: str, backend: str) -> str:
 
 def available(op: str, device_type: str = "cuda") -> list[str]:
     """Backends that would run `op` on tensors of device_type (the reference "torch" always)."""
-    return [b for b, f in _LOADED.get(op, [])
-            if _runs_on(b, device_type) and device_type in getattr(f, "devices", (device_type,))] + ["torch"]
+    return [b for b, _, _ in _runnable(op, device_type)] + ["torch"]
