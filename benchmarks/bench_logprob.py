@@ -117,3 +117,60 @@ def _linear_cases(device, quick):
     shape = f"N={N} H={H} V={V} {str(dtype).split('.')[-1]}"
     return [Case("linear_token_logprobs fwd", shape, fwd, flops=2 * N * H * V, info=info_f),
             Case("linear_token_logprobs fwd+bwd", shape, fb, flops=4 * 2 * N * H * V, info=info_fb)]
+
+
+def tune(out_json: str | None = None, N: int = 8192, V: int = 151936):
+    """Kernel-alone times (CUDA events) of the log-prob forward and backward kernels over launch configs,
+    beside torch's copy of the same bytes (the backward's floor structure: one read + one write), and the
+    per-kernel device time (torch.profiler) of one public-API fwd+bwd call. Tuning lives here, not in
+    the kernels: a config that wins becomes LP_BLOCK / num_warps() in r1kernels/triton/logprob.py."""
+    import json
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1kernels.triton.logprob import logprob_bwd, logprob_fwd
+
+    from .bench_moe import _kernel_times
+    from .harness import ceilings, time_ms
+    dev = "cuda"
+    x = (torch.randn(N, V, device=dev) * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), device=dev)
+    g = torch.ones(N, device=dev)
+    dx = torch.empty_like(x)
+    _, lse, _ = logprob_fwd(x, y, 1.0, False)
+    gb = x.numel() * x.element_size() / 1e9
+    copy_ms = time_ms(lambda: dx.copy_(x), dev)
+    res = {"device_name": torch.cuda.get_device_name(), "commit": os.environ.get("R1K_COMMIT", ""),
+           "shape": f"N={N} V={V} bfloat16", "ceilings": ceilings(dev), "GB_per_pass": gb,
+           "torch_copy_ms": copy_ms, "fwd": {}, "bwd": {}}
+    for block, warps in [(4096, 4), (4096, 8), (8192, 4), (8192, 8), (8192, 16), (16384, 8), (16384, 16),
+                         (16384, 32), (32768, 32)]:
+        key = f"{block}/{warps}"
+        res["fwd"][key] = time_ms(lambda b=block, w=warps: logprob_fwd(x, y, 1.0, False, block=b, warps=w), dev)
+        res["bwd"][key] = time_ms(lambda b=block, w=warps: logprob_bwd(x, y, lse, None, g, None, 1.0, out=dx,
+                                                                       out_strides=(0, V), block=b, warps=w), dev)
+        print(f"{key:>12}: fwd {res['fwd'][key]:.3f} ms  bwd {res['bwd'][key]:.3f} ms  (copy {copy_ms:.3f})")
+
+    def api():
+        xr = x.detach().requires_grad_()
+        lp = rk.token_logprobs(xr, y)
+        torch.autograd.grad(lp, xr, torch.ones_like(lp))
+    for _ in range(3):
+        api()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(10):
+            api()
+        torch.cuda.synchronize()
+    res["api_fwd_bwd_kernels_us"] = _kernel_times(p, 10)
+    res["api_fwd_bwd_ms"] = time_ms(api, dev)
+    print(json.dumps({k: res[k] for k in ("torch_copy_ms", "api_fwd_bwd_ms", "api_fwd_bwd_kernels_us")}, indent=1))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    import sys
+    tune(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -300,23 +300,30 @@ def cases(device: str, quick: bool) -> list[Case]:
     return [c for p in pick for c in parts[p](device, quick)]
 
 
-def _kernel_times(p, iters):
-    """{kernel name: mean device microseconds per iteration} from a profiler run of `iters` iterations."""
+def _kernel_times(p, iters, host: bool = False):
+    """{kernel name: mean device microseconds per iteration} from a profiler run of `iters` iterations;
+    host=True: {op name: mean host (CPU self) microseconds per iteration}, the top 12."""
     out = {}
     for e in p.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
+        if host:
+            t = e.self_cpu_time_total
+        else:
+            t = getattr(e, "self_device_time_total", None)
+            if t is None:
+                t = getattr(e, "self_cuda_time_total", 0)
         if t:
             out[e.key[:90]] = round(t / iters, 2)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    top = sorted(out.items(), key=lambda kv: -kv[1])
+    return dict(top[:12] if host else top)
 
 
 def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_only: bool = False):
-    """Per-kernel device time (torch.profiler, no CPU launch overhead) of the gate fwd+bwd at
-    T in {4096, 16384, 65536}, the router fwd+bwd (fp32 / bf16 GEMM) and permute+unpermute fwd+bwd."""
+    """Per-kernel device time (torch.profiler, no CPU launch overhead), the top host ops (CPU self time) and
+    the wall time of 50 back-to-back calls of the gate fwd+bwd at T in {4096, 16384, 65536}, the router fwd+bwd
+    (fp32 / bf16 GEMM) and permute+unpermute fwd+bwd."""
     import json
     import os
+    import time
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
@@ -353,19 +360,25 @@ def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_onl
     if not gate_only:
         cases += [("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
                   ("permute+unpermute fwd+bwd", perm)]
-    result = {"env": {k: os.environ.get(k) for k in ("R1K_MOE_TOPK", "R1K_MOE_GATE_BLOCKS_PER_SM")},
-              "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "commit": os.environ.get("R1K_COMMIT", ""), "us_per_iteration": {}}
+    result = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "commit": os.environ.get("R1K_COMMIT", ""), "us_per_iteration": {},
+              "host_us_per_iteration": {}, "wall_us_per_iteration": {}}
     for name, fn in cases:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
             for _ in range(10):
                 fn()
             torch.cuda.synchronize()
         times = _kernel_times(p, 10)
         result["us_per_iteration"][name] = times
+        result["host_us_per_iteration"][name] = _kernel_times(p, 10, host=True)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        result["wall_us_per_iteration"][name] = round((time.perf_counter() - t0) / 50 * 1e6, 1)
         print(f"\n== {name}: {sum(times.values()):.1f} us/iteration on the GPU")
         for k, v in list(times.items())[:8]:
             print(f"   {v:9.1f} us  {k}")
