@@ -151,14 +151,13 @@ def _linear_cases(device, quick):
 
 
 def tune(B=8, T=1024, V=151936, out=None):
-    """GPU sweep of the GRPO and log-prob kernels' launch configs (block, warps, pass-2 order, store hint),
+    """GPU sweep of the GRPO kernel's launch configs (block, warps, pass-2 order, store hint),
     passed to the launchers explicitly (the kernels read no environment). Prints median ms per config and
     writes the best as constants to `out`. `python -m benchmarks.bench_grpo --tune [best.txt]`."""
     from triton.testing import do_bench
 
     from r1kernels.ops import grpo as G
     from r1kernels.triton import grpo as K
-    from r1kernels.triton import logprob as LK
     x = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
     ids = torch.randint(0, V, (B, T), device="cuda")
     adv, old = torch.randn(B, device="cuda"), torch.randn(B, T, device="cuda") - 12.0
@@ -193,24 +192,7 @@ def tune(B=8, T=1024, V=151936, out=None):
                 best = (ms_ip, cfg)
         except Exception as e:
             print(f"  {cfg}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
-    xl = x.view(-1, V)
-    yl = ids.view(-1)
-    print(f"logprob N={xl.shape[0]}: 1 read = {floor / 2:.3f} ms, read+write = {floor:.3f} ms")
-    best_lp = (1e9, None)
-    for blk, w in [(4096, 4), (8192, 8), (8192, 16), (16384, 16)]:
-        logp_, lse, ent = LK.logprob_fwd(xl, yl, 1.0, True, block=blk, warps=w)
-        g = torch.randn_like(logp_)
-        kw = dict(block=blk, warps=w)
-        f = do_bench(lambda kw=kw: LK.logprob_fwd(xl, yl, 1.0, False, **kw), warmup=50, rep=200, return_mode="median")
-        fe = do_bench(lambda kw=kw: LK.logprob_fwd(xl, yl, 1.0, True, **kw), warmup=50, rep=200, return_mode="median")
-        b = do_bench(lambda a=(lse, ent, g), kw=kw: LK.logprob_bwd(xl, yl, *a, None, 1.0, **kw), warmup=50, rep=200,
-                     return_mode="median")
-        print(f"  block={blk:6d} warps={w:2d}: fwd {f:.3f} ({f / (floor / 2):.2f}x)  fwd+entropy {fe:.3f} "
-              f"(+{(fe / f - 1) * 100:.0f}%)  bwd {b:.3f} ({b / floor:.2f}x)", flush=True)
-        if f + b < best_lp[0]:
-            best_lp = (f + b, (blk, w))
-    lines = [f"r1kernels/triton/grpo.py CONFIG = {best[1]}",
-             f"r1kernels/triton/logprob.py LP_BLOCK = {best_lp[1][0]} (warps {best_lp[1][1]})"]
+    lines = [f"r1kernels/triton/grpo.py CONFIG = {best[1]} (log-prob kernels: benchmarks.bench_logprob.tune)"]
     print("BEST:", "; ".join(lines))
     if out:
         with open(out, "w") as f:

@@ -16,7 +16,13 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-LP_BLOCK = 8192  # the log-prob kernels' vocab block on the GPU (H100 sweep: 8192 with 8 warps)
+# Launch configs (vocab block, warps) on the GPU, from benchmarks/bench_logprob.tune on one H200 (b7681f2,
+# N=8192 V=151936 bf16, kernel alone): forward 8192/4 0.550 ms (8192/8 0.571; one read of the logits 0.587 at
+# the copy rate); backward 32768/32 1.255 ms (8192/8 1.310; torch's copy of the same bytes 1.170): the
+# backward reads a block, then writes it, so the bytes in flight per program set its rate.
+LP_BLOCK = 8192
+FWD_WARPS = 4
+BWD_BLOCK = 32768
 
 
 def block_v(V: int, block: int = LP_BLOCK) -> int:
@@ -27,7 +33,7 @@ def block_v(V: int, block: int = LP_BLOCK) -> int:
 def num_warps(BLOCK: int) -> int:
     if INTERPRET:
         return 1
-    return max(4, min(32, BLOCK // 1024))  # H100 sweeps: 8192/8, 16384/16
+    return max(4, min(32, BLOCK // 1024))  # one warp per 1024 columns of the block
 
 
 @triton.jit
@@ -199,7 +205,7 @@ def _rows(logits):
 
 
 def logprob_fwd(logits, labels, temperature: float, entropy: bool, mask=None, block: int = LP_BLOCK,
-                warps: int | None = None):
+                warps: int | None = FWD_WARPS):
     """-> (logp [N], lse [N], entropy [N] or empty) fp32, N = numel(labels); rows where the fp32 `mask`
     is 0 are skipped (logp = lse = 0). block / warps: launch configuration (tuning sweeps only)."""
     x, B, T, sb, st = _rows(logits)
@@ -214,12 +220,12 @@ def logprob_fwd(logits, labels, temperature: float, entropy: bool, mask=None, bl
         _logprob_fwd_kernel[(N,)](x, labels.reshape(-1).contiguous(), logp, lse, ent if entropy else lse,
                                   mask if mask is not None else lse, T, V, sb, st, 1.0 / temperature, BLOCK=BLOCK,
                                   ENTROPY=entropy, SKIP_MASKED=mask is not None,
-                                  num_warps=warps or num_warps(BLOCK))
+                                  num_warps=1 if INTERPRET else warps or num_warps(BLOCK))
     return logp, lse, ent
 
 
 def logprob_bwd(logits, labels, lse, ent, grad_logp, grad_ent, temperature: float, out=None, out_strides=None,
-                block: int = LP_BLOCK, warps: int | None = None):
+                block: int = BWD_BLOCK, warps: int | None = None):
     """-> d logits [*logits.shape] in logits.dtype; written into `out` (row strides out_strides = (per b,
     per t) over the [B, T] rows of logits) when given: out may be the logits themselves (in place)."""
     x, B, T, sb, st = _rows(logits)
