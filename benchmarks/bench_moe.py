@@ -360,6 +360,10 @@ def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_onl
     if not gate_only:
         cases += [("router fp32 GEMM", lambda: router(None)), ("router bf16 GEMM", lambda: router(torch.bfloat16)),
                   ("permute+unpermute fwd+bwd", perm)]
+        # permute's bytes (read T*H, write T*K*H) as plain torch streams: the write-heavy floor
+        rows, src = (torch.ones(T * K, H, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        cases += [("write T*K*H (fill)", lambda: rows.fill_(1.0)),
+                  ("copy T*K*H (read + write)", lambda: rows.copy_(src))]
     result = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
               "commit": os.environ.get("R1K_COMMIT", ""), "us_per_iteration": {},
               "host_us_per_iteration": {}, "wall_us_per_iteration": {}}

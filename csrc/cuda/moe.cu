@@ -319,21 +319,14 @@ __global__ void __launch_bounds__(256) permute_rows_kernel(const scalar_t* __res
                                                            const int64_t* __restrict__ row_map, int K, int64_t H,
                                                            scalar_t* __restrict__ out) {
   using P = Pack<scalar_t, VEC>;
-  constexpr int KC = 8;  // destination rows held in registers per pass over the source row
   const int64_t t = blockIdx.x;
   const int64_t nv = H / VEC;
   const P* src = reinterpret_cast<const P*>(hidden + t * H);
-  for (int k0 = 0; k0 < K; k0 += KC) {
-    const int kc = K - k0 < KC ? K - k0 : KC;
-    P* dst[KC];
-#pragma unroll
-    for (int k = 0; k < KC; ++k) dst[k] = reinterpret_cast<P*>(out + (k < kc ? row_map[t * K + k0 + k] : 0) * H);
-#pragma unroll 4
-    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-      const P x = src[v];
-#pragma unroll
-      for (int k = 0; k < KC; ++k)
-        if (k < kc) dst[k][v] = x;
+  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+    const P x = src[v];
+    for (int k = 0; k < K; ++k) {
+      const int64_t r = row_map[t * K + k];
+      reinterpret_cast<P*>(out + r * H)[v] = x;
     }
   }
 }
