@@ -371,12 +371,17 @@ def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_onl
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+        # two runs: with CPU activity on, each op's row would repeat its kernels' device time
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
             for _ in range(10):
                 fn()
             torch.cuda.synchronize()
         times = _kernel_times(p, 10)
         result["us_per_iteration"][name] = times
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
         result["host_us_per_iteration"][name] = _kernel_times(p, 10, host=True)
         t0 = time.perf_counter()
         for _ in range(50):

@@ -2,7 +2,8 @@
 # One call on the GPU machine: build r1kernels._C with CUDA, run the `gpu` tests, run the benchmarks.
 # Writes $OUT/results.json (every bench's JSON merged), $OUT/gpu_tests.log, $OUT/artifacts.tar.gz (PNGs,
 # build log). Usage (device tool, repo root):  R1K_COMMIT=<sha> bash benchmarks/gpu_run.sh [bench,names]
-# Env: PYTEST_K (pytest -k filter), TEST_FILES (whole files instead of -m gpu), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (extra args, e.g. --quick).
+# Env: PYTEST_K (pytest -k filter), TEST_FILES (see below), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (extra
+# args, e.g. --quick).
 set -uo pipefail
 OUT=${OUT:-/tmp/r1k_out}
 mkdir -p "$OUT/art"
@@ -22,8 +23,9 @@ fi
 echo "build: $(( $(date +%s) - t0 )) s"
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # TEST_FILES: run these files whole on the GPU (tests parametrized on the device run their CUDA cases too),
-  # instead of the `gpu`-marked tests of every file.
+  # TEST_FILES: run these files whole instead of the `gpu`-marked tests of every file; for files whose tests
+  # take their device from torch.cuda.is_available() (test_moe.py, test_advantage_kernels.py). The Triton
+  # files' CPU cases (test_logprob.py, test_grpo.py) need TRITON_INTERPRET=1 and fail on a GPU machine.
   if [ -n "${TEST_FILES:-}" ]; then sel=($TEST_FILES); else sel=(-m gpu tests); fi
   python3 -m pytest -q -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} "${sel[@]}" >"$OUT/gpu_tests.log" 2>&1 || rc=$?
   tail -25 "$OUT/gpu_tests.log"
