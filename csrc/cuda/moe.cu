@@ -14,8 +14,6 @@
 
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "moe.h"
 
@@ -43,21 +41,10 @@ __device__ __forceinline__ float sigmoid_exact(float x) {
 }
 
 // Warp argmax over (key, index): the largest key, ties to the lowest index; every lane gets the index.
-template <bool REDUX>
+// redux.sync (sm_80+): measured on H100 faster than a 64-bit shuffle butterfly (benchmarks/NOTES-moe.md, 9).
 __device__ __forceinline__ int warp_argmax(int key, int idx) {
-  if constexpr (REDUX) {
-    const int m = __reduce_max_sync(FULL, key);
-    return __reduce_min_sync(FULL, key == m ? idx : INT_MAX);
-  } else {
-    unsigned long long k = (static_cast<unsigned long long>(static_cast<unsigned>(key) ^ 0x80000000u) << 32) |
-                           (0xffffffffu - static_cast<unsigned>(idx));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const unsigned long long other = __shfl_xor_sync(FULL, k, o);
-      k = other > k ? other : k;
-    }
-    return static_cast<int>(0xffffffffu - static_cast<unsigned>(k & 0xffffffffu));
-  }
+  const int m = __reduce_max_sync(FULL, key);
+  return __reduce_min_sync(FULL, key == m ? idx : INT_MAX);
 }
 
 // Order-preserving map float -> int32 (larger float, larger int). INT_MIN stays below every float.
@@ -85,7 +72,7 @@ __device__ __forceinline__ void load_row(const scalar_t* p, bool vec, float (&ou
 }
 
 // One token's routing by one warp: x = this lane's VPT logits (as float), b = its VPT biases.
-template <int VPT, bool REDUX>
+template <int VPT>
 __device__ __forceinline__ void route_token(const float (&x)[VPT], const float (&b)[VPT], int64_t t, int lane,
                                             int n_group, int topk_group, int top_k, float scale, bool norm,
                                             float* __restrict__ w_out, int64_t* __restrict__ ids_out,
@@ -128,7 +115,7 @@ __device__ __forceinline__ void route_token(const float (&x)[VPT], const float (
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
       if (key[j] > bk) { bk = key[j]; bj = j; bs = s[j]; }
-    const int id = warp_argmax<REDUX>(bk, base + bj);
+    const int id = warp_argmax(bk, base + bj);
     const int owner = id / VPT;
     const float sv = __shfl_sync(FULL, bs, owner);
     if (lane == owner) {
@@ -151,7 +138,7 @@ __device__ __forceinline__ void route_token(const float (&x)[VPT], const float (
 // next token's row ran 11% slower (31.0 vs 27.9 us): the kernel is bound by issue and the latency of its
 // serial warp reductions, not DRAM. Capping registers at 40 for VPT <= 8 (6 blocks of 256 per SM) raises the
 // warps resident per SM from 32 to 48 to hide more of that latency.
-template <typename scalar_t, int VPT, bool REDUX>
+template <typename scalar_t, int VPT>
 __global__ void __launch_bounds__(256, (VPT <= 8 ? 6 : 1)) route_fwd_kernel(
     const scalar_t* __restrict__ logits, const float* __restrict__ bias, int64_t T, int n_group, int topk_group,
     int top_k, float scale, bool norm, bool vec, float* __restrict__ w_out, int64_t* __restrict__ ids_out,
@@ -164,7 +151,7 @@ __global__ void __launch_bounds__(256, (VPT <= 8 ? 6 : 1)) route_fwd_kernel(
   float x[VPT], b[VPT];
   load_row<scalar_t, VPT>(logits + t * E + base, vec, x);
   load_row<float, VPT>(bias + base, true, b);
-  route_token<VPT, REDUX>(x, b, t, lane, n_group, topk_group, top_k, scale, norm, w_out, ids_out, s_out);
+  route_token<VPT>(x, b, t, lane, n_group, topk_group, top_k, scale, norm, w_out, ids_out, s_out);
 }
 
 template <typename scalar_t, int VPT>
@@ -446,15 +433,6 @@ cudaError_t dispatch_vpt(int64_t E, F&& f) {
 
 inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
-// Top-k argmax flavour: redux.sync (default) or a 64-bit shuffle butterfly (R1K_MOE_TOPK=shfl), for measuring.
-bool topk_redux() {
-  static const bool redux = [] {
-    const char* v = std::getenv("R1K_MOE_TOPK");
-    return !(v && std::strcmp(v, "shfl") == 0);
-  }();
-  return redux;
-}
-
 // Row kernels: 128 threads (H=7168 bf16 is 896 16-byte vectors = 7 per thread, no ragged tail).
 constexpr int ROW_THREADS = 128;
 
@@ -478,10 +456,9 @@ cudaError_t moe_route_fwd(const void* logits, int dtype, const float* bias, int6
     return dispatch_vpt<scalar_t>(E, [&](auto vpt) {
       constexpr int VPT = decltype(vpt)::value;
       const bool vec = aligned(logits, sizeof(scalar_t) * VPT) && aligned(bias, sizeof(float) * VPT);
-      auto kernel = topk_redux() ? route_fwd_kernel<scalar_t, VPT, true> : route_fwd_kernel<scalar_t, VPT, false>;
-      kernel<<<blocks, threads, 0, stream>>>(static_cast<const scalar_t*>(logits), bias, T, static_cast<int>(n_group),
-                                             static_cast<int>(topk_group), static_cast<int>(top_k), scale, norm, vec,
-                                             weights, ids, s_sel);
+      route_fwd_kernel<scalar_t, VPT><<<blocks, threads, 0, stream>>>(
+          static_cast<const scalar_t*>(logits), bias, T, static_cast<int>(n_group), static_cast<int>(topk_group),
+          static_cast<int>(top_k), scale, norm, vec, weights, ids, s_sel);
       return cudaGetLastError();
     });
   });
