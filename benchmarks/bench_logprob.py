@@ -123,16 +123,13 @@ def tune(out_json: str | None = None, N: int = 8192, V: int = 151936):
     """Kernel-alone times (CUDA events) of the log-prob forward and backward kernels over launch configs,
     beside torch's copy of the same bytes (the backward's floor structure: one read + one write), and the
     per-kernel device time (torch.profiler) of one public-API fwd+bwd call. Tuning lives here, not in
-    the kernels: a config that wins becomes LP_BLOCK / num_warps() in r1kernels/triton/logprob.py."""
+    the kernels: a config that wins becomes LP_BLOCK / FWD_WARPS / BWD_BLOCK in r1kernels/triton/logprob.py."""
     import json
     import os
 
-    from torch.profiler import ProfilerActivity, profile
-
     from r1kernels.triton.logprob import logprob_bwd, logprob_fwd
 
-    from .bench_moe import _kernel_times
-    from .harness import ceilings, time_ms
+    from .harness import ceilings, profile_us, time_ms
     dev = "cuda"
     x = (torch.randn(N, V, device=dev) * 2).to(torch.bfloat16)
     y = torch.randint(0, V, (N,), device=dev)
@@ -156,14 +153,7 @@ def tune(out_json: str | None = None, N: int = 8192, V: int = 151936):
         xr = x.detach().requires_grad_()
         lp = rk.token_logprobs(xr, y)
         torch.autograd.grad(lp, xr, torch.ones_like(lp))
-    for _ in range(3):
-        api()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(10):
-            api()
-        torch.cuda.synchronize()
-    res["api_fwd_bwd_kernels_us"] = _kernel_times(p, 10)
+    res["api_fwd_bwd_kernels_us"] = profile_us(api)
     res["api_fwd_bwd_ms"] = time_ms(api, dev)
     print(json.dumps({k: res[k] for k in ("torch_copy_ms", "api_fwd_bwd_ms", "api_fwd_bwd_kernels_us")}, indent=1))
     if out_json:

@@ -300,23 +300,6 @@ def cases(device: str, quick: bool) -> list[Case]:
     return [c for p in pick for c in parts[p](device, quick)]
 
 
-def _kernel_times(p, iters, host: bool = False):
-    """{kernel name: mean device microseconds per iteration} from a profiler run of `iters` iterations;
-    host=True: {op name: mean host (CPU self) microseconds per iteration}, the top 12."""
-    out = {}
-    for e in p.key_averages():
-        if host:
-            t = e.self_cpu_time_total
-        else:
-            t = getattr(e, "self_device_time_total", None)
-            if t is None:
-                t = getattr(e, "self_cuda_time_total", 0)
-        if t:
-            out[e.key[:90]] = round(t / iters, 2)
-    top = sorted(out.items(), key=lambda kv: -kv[1])
-    return dict(top[:12] if host else top)
-
-
 def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_only: bool = False):
     """Per-kernel device time (torch.profiler, no CPU launch overhead), the top host ops (CPU self time) and
     the wall time of 50 back-to-back calls of the gate fwd+bwd at T in {4096, 16384, 65536}, the router fwd+bwd
@@ -325,8 +308,7 @@ def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_onl
     import os
     import time
 
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
+    from .harness import profile_us
     dev = "cuda"
     h = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.nn.Parameter(torch.randn(E, H, device=dev) * H ** -0.5)
@@ -368,21 +350,9 @@ def profile(T: int = 16384, H: int = 7168, out_json: str | None = None, gate_onl
               "commit": os.environ.get("R1K_COMMIT", ""), "us_per_iteration": {},
               "host_us_per_iteration": {}, "wall_us_per_iteration": {}}
     for name, fn in cases:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        # two runs: with CPU activity on, each op's row would repeat its kernels' device time
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
-        times = _kernel_times(p, 10)
+        times = profile_us(fn)
         result["us_per_iteration"][name] = times
-        with prof(activities=[ProfilerActivity.CPU]) as p:
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
-        result["host_us_per_iteration"][name] = _kernel_times(p, 10, host=True)
+        result["host_us_per_iteration"][name] = profile_us(fn, host=True)
         t0 = time.perf_counter()
         for _ in range(50):
             fn()

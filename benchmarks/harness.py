@@ -96,6 +96,32 @@ def time_ms(fn, device: str, *, warmup_ms: float = 50.0, rep_ms: float = 300.0, 
     return statistics.median(times)
 
 
+def profile_us(fn, iters: int = 10, host: bool = False) -> dict[str, float]:
+    """torch.profiler over `iters` calls of fn (after 3 warm-up calls), CUDA only: {kernel name: mean device
+    microseconds per call}, largest first; host=True: {op name: mean host (CPU self) microseconds per call},
+    the top 12. One activity per run: with both on, each op's row repeats its kernels' device time."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU if host else ProfilerActivity.CUDA]) as p:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in p.key_averages():
+        if host:
+            t = e.self_cpu_time_total
+        else:
+            t = getattr(e, "self_device_time_total", None)
+            if t is None:
+                t = getattr(e, "self_cuda_time_total", 0)
+        if t:
+            out[e.key[:90]] = round(t / iters, 2)
+    top = sorted(out.items(), key=lambda kv: -kv[1])
+    return dict(top[:12] if host else top)
+
+
 def peak_extra_mb(fn, device: str) -> float | None:
     """Peak memory above what was allocated before one run of fn (CUDA only)."""
     if device != "cuda":
