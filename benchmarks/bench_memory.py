@@ -25,6 +25,9 @@ weights themselves, bf16 gradients and moments: TRL's layout without DeepSpeed),
 `offload_optimizer=true` (master + moments on the CPU, the step on the CPU; unpinned =
 r1train/configs/ds_zero2_offload.json, pin_memory=false: no pinned copies), gc = gradient_checkpointing,
 release = `rollout_release_memory=true` (the engine's KV cache and graphs freed for the training step).
+
+With R1K_MEMORY_TRACE=1 (CUDA) the allocator's trace of the steps is recorded and each result gets
+`peak_composition`: what is alive at the steps' peak, summed by allocation site and by trainer caller.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ def run_child(name: str, a) -> dict:
         res.update(status="oom" if oom else "error", error=f"{type(e).__name__}: {str(e)[:400]}",
                    traceback=traceback.format_exc()[-3000:])
     _memory(torch, res, "")
+    if cuda:
+        _trace_result(torch, res)
     if "init_peak_allocated_gib" in res:  # the process peak: before or after the reset at the first step
         res["peak_allocated_gib"] = max(res["peak_allocated_gib"], res.get("init_peak_allocated_gib", 0))
         res["peak_reserved_gib"] = max(res["peak_reserved_gib"], res.get("init_peak_reserved_gib", 0))
@@ -138,6 +143,70 @@ def _after_init(torch, res, t0):
         res["init_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         _memory(torch, res, "init_")
         torch.cuda.reset_peak_memory_stats()
+        if os.environ.get("R1K_MEMORY_TRACE") == "1":
+            res["_trace_base"] = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=TRACE_ENTRIES)
+
+
+# ------------------------------------------------------------------ what is alive at the peak (R1K_MEMORY_TRACE=1)
+TRACE_ENTRIES = 4_000_000
+# frames in these packages name an allocation's site (the innermost one) and its caller in a trainer
+SITE_DIRS = ("r1train/", "r1kernels/", "trl/", "peft/", "deepspeed/", "transformers/", "torchao/", "accelerate/",
+             "torch/optim/", "torch/utils/checkpoint", "torch/autograd/", "torch/nn/")
+CALLER_DIRS = ("r1train/", "trl/")
+
+
+def _frame(frames, dirs, outermost=False):
+    for f in (reversed(frames) if outermost else frames):
+        for d in dirs:
+            i = f["filename"].rfind(d)
+            if i >= 0:
+                return f"{f['filename'][i:]}:{f['line']} {f['name']}"
+    return "other"
+
+
+def peak_composition(trace: list[dict], base_bytes: int, top: int = 25, unit: int = 2**20) -> dict:
+    """Replay one device's allocator trace (alloc / free_completed; frames innermost first) from base_bytes
+    allocated when recording began; sizes in `unit` bytes (MiB). -> peak; untraced: blocks alive at the peak
+    that were allocated before recording (their frees are seen, their allocs not); sites / callers: the traced
+    blocks alive at the peak summed by allocation site and by trainer caller, largest first; at: the
+    allocation that set the peak."""
+    cur, peak, peak_i = base_bytes, base_bytes, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            cur += e["size"]
+            if cur > peak:
+                peak, peak_i = cur, i
+        elif e["action"] == "free_completed":
+            cur -= e["size"]
+    live, untraced = {}, base_bytes
+    for e in trace[:peak_i + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            if live.pop(e["addr"], None) is None:
+                untraced -= e["size"]
+    sites, callers = {}, {}
+    for e in live.values():
+        fr = e.get("frames", [])
+        for table, key in ((sites, _frame(fr, SITE_DIRS)), (callers, _frame(fr, CALLER_DIRS, outermost=True))):
+            table[key] = table.get(key, 0) + e["size"]
+    largest = lambda t: [[k, round(v / unit, 1)] for k, v in sorted(t.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+    at = trace[peak_i] if peak_i >= 0 else {}
+    return {"unit": "MiB" if unit == 2**20 else f"{unit} bytes", "peak": peak / unit, "untraced": untraced / unit,
+            "traced_live": sum(sites.values()) / unit, "sites": largest(sites), "callers": largest(callers),
+            "events": len(trace), "truncated": len(trace) >= TRACE_ENTRIES,
+            "at": {"size": at.get("size", 0) / unit, "site": _frame(at.get("frames", []), SITE_DIRS),
+                   "caller": _frame(at.get("frames", []), CALLER_DIRS, outermost=True)}}
+
+
+def _trace_result(torch, res):
+    base = res.pop("_trace_base", None)
+    if base is None:
+        return
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    res["peak_composition"] = peak_composition(snap["device_traces"][torch.cuda.current_device()], base)
 
 
 def _timed(step_seconds: list[float]) -> dict:

@@ -43,3 +43,26 @@ def test_cpu_smoke_runs_r1train_and_trl_and_records_oom(tmp_path, monkeypatch):
     B.main(["--out", merged, "--merge", out])
     with open(merged) as fh:
         assert json.load(fh)["results"] == res
+
+
+def _ev(action, addr, size, *frames):
+    return {"action": action, "addr": addr, "size": size,
+            "frames": [{"filename": f"/site/{f}", "line": i + 1, "name": "fn"} for i, f in enumerate(frames)]}
+
+
+def test_peak_composition_replays_the_trace():
+    """An independent count: base 100 bytes (a pre-recording block of 40 of them freed first), then blocks 1-3
+    alive at the peak, 4 allocated after 1 and 2 are freed (lower than the peak)."""
+    trace = [_ev("free_completed", 9, 40),       # allocated before recording: leaves the untraced part
+             _ev("alloc", 1, 50, "torch/nn/linear.py", "r1train/grpo.py"),
+             _ev("alloc", 2, 30, "r1kernels/ops/x.py", "trl/trainer.py"),
+             _ev("free_requested", 1, 50),       # not yet free
+             _ev("alloc", 3, 25, "deepspeed/zero.py"),  # peak: 100 + 50 + 30 - 40 + 25 = 165
+             _ev("free_completed", 1, 50), _ev("free_completed", 2, 30),
+             _ev("alloc", 4, 60, "r1train/grpo.py")]  # 145 < 165
+    r = B.peak_composition(trace, 100, unit=1)
+    assert r["peak"] == 165 and r["untraced"] == 60 and r["traced_live"] == 105
+    assert r["sites"] == [["torch/nn/linear.py:1 fn", 50], ["r1kernels/ops/x.py:1 fn", 30],
+                          ["deepspeed/zero.py:1 fn", 25]]
+    assert dict(r["callers"]) == {"r1train/grpo.py:2 fn": 50, "trl/trainer.py:2 fn": 30, "other": 25}
+    assert r["at"]["site"] == "deepspeed/zero.py:1 fn" and r["at"]["size"] == 25
