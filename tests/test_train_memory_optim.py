@@ -229,3 +229,31 @@ def test_adamw_fused_is_the_default_and_equals_foreach(tmp_path):
         assert (ps["fused"].detach() - start).abs().min() > 0  # every entry moved
     with pytest.raises(ConfigError, match="optim"):
         load_config(overrides=SFT + [f"output_dir={tmp_path}", "optim=adamw_torch_fuse"])
+
+
+def test_zero0_single_process_skips_the_gradient_all_reduce(tmp_path, monkeypatch):
+    """ZeRO-0 in one process sets enable_backward_allreduce off (DeepSpeed's all-reduce over a world of one
+    only makes flat transient copies); the trained weights are bitwise those of a run that keeps it on."""
+    import os
+
+    import deepspeed
+
+    from r1train.engine import CONFIG_DIR
+
+    path = os.path.join(CONFIG_DIR, "ds_zero0_bf16.json")
+    calls = []
+    orig = deepspeed.DeepSpeedEngine.allreduce_gradients
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "allreduce_gradients",
+                        lambda self, *a, **k: (calls.append(1), orig(self, *a, **k))[1])
+    runs = {}
+    for keep in (False, True):
+        t = _sft(tmp_path / str(keep), "max_steps=3", "zero_stage=0", f"deepspeed={path}")
+        assert t.engine.enable_backward_allreduce is False
+        t.engine.enable_backward_allreduce = keep
+        calls.clear()
+        t.train()
+        assert bool(calls) == keep
+        runs[keep] = [p.detach().clone() for p in t.engine.module.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(runs[False], runs[True], strict=True))
+    z2 = _sft(tmp_path / "z2", "max_steps=1")  # ZeRO-2 keeps its reduce path (it fills the partitions)
+    assert z2.engine.enable_backward_allreduce is True
