@@ -113,6 +113,27 @@ def test_fused_qkv_follows_in_place_updates():
         assert "forward" not in vars(m), m
 
 
+def test_fused_qkv_keeps_no_layer_tensors_after_the_layer():
+    """k_proj / v_proj take q's slices of the fused q/k/v output and drop them: after a layer's forward (prefill
+    and decode) none of its projections still references its input or the q/k/v output."""
+    torch.manual_seed(0)
+    model = _model("tiny-qwen2", layers=3)
+    seen = []
+
+    def after_layer(layer, *_):
+        attn = layer.self_attn
+        if "forward" in vars(attn.q_proj):  # the engine's fused path is on
+            seen.append((attn.k_proj._r1k_out, attn.v_proj._r1k_out))
+
+    hooks = [layer.register_forward_hook(after_layer) for layer in model.model.layers]
+    ids, mask = _prompts([5, 3])
+    Engine(model, backend="triton").generate(ids, mask, [0, 1], SamplingParams(4, greedy=True), eos_id=-1, pad_id=0)
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= 3 * 4  # every layer: prefill + decode steps
+    assert all(kv == ((None, None), (None, None)) for kv in seen)
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_flat_parameters_fuse_gate_up_and_follow_updates(name, monkeypatch):
     """Parameters back to back in one buffer (DeepSpeed ZeRO 1/2's layout): gate_proj and up_proj run as one
