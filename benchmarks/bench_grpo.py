@@ -113,15 +113,17 @@ def cases(device: str, quick: bool) -> list[Case]:
             Case("grpo_loss fwd+bwd sequence", shape, seq, bytes=2 * logit_bytes)] + _linear_cases(device, quick)
 
 
-def chunk_info(N, H, V, dtype, device, budget, grad_weight):
+def chunk_info(N, H, V, dtype, device, budget, grad_weight, grad_hidden=None):
     """The Triton provider's chunk plan (rows, count, budget, dweight accumulator) and the bytes of the
-    gradients it returns (peak_extra_MB minus outputs_MB = the temporaries)."""
+    gradients it returns (peak_extra_MB minus outputs_MB = the temporaries); grad_hidden defaults to
+    grad_weight (a forward alone returns neither)."""
     from r1kernels.ops.linear_grpo import chunk_plan
     p = chunk_plan(N, V, dtype, budget, weight_numel=V * H if grad_weight else 0, weight_dtype=dtype, device=device)
     elt = torch.empty((), dtype=dtype).element_size()
+    grad_hidden = grad_weight if grad_hidden is None else grad_hidden
     return {"chunk_budget_bytes": p.budget_bytes, "chunks": p.chunks, "chunk_rows": p.rows,
             "fp32_dweight": p.fp32_dweight, "planned_temp_MB": p.temp_bytes / 2**20,
-            "outputs_MB": ((N * H + V * H) * elt if grad_weight else 0) / 2**20}
+            "outputs_MB": (N * H * grad_hidden + V * H * grad_weight) * elt / 2**20}
 
 
 def _linear_cases(device, quick):
@@ -145,7 +147,15 @@ def _linear_cases(device, quick):
         provs[b] = run
     if "triton" in provs:
         from r1kernels.ops.linear_grpo import GRPO_CHUNK_BUDGET
+
+        def frozen():  # lm_head frozen (LoRA): no weight gradient, no weight-gradient GEMM
+            h = hidden.detach().requires_grad_()
+            out = rk.linear_grpo_loss(h, weight, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04,
+                                      backend="triton")
+            return torch.autograd.grad(out.loss, (h,))
+        provs["triton, lm_head frozen"] = frozen
         info["triton"] = chunk_info(B * T, H, V, dtype, device, GRPO_CHUNK_BUDGET, True)
+        info["triton, lm_head frozen"] = chunk_info(B * T, H, V, dtype, device, GRPO_CHUNK_BUDGET, False, True)
     return [Case("linear_grpo_loss fwd+bwd token", f"N={B * T} H={H} V={V} {str(dtype).split('.')[-1]}", provs,
                  flops=3 * 2 * B * T * H * V, info=info)]
 

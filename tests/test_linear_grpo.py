@@ -199,6 +199,9 @@ def test_compile_fullgraph():
                                                      torch.randn(V), ids, adv, None, None, None, None, None),
                           {**opts, "loss_type": "sapo", "entropy": True},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids, adv,
+                                                     None, None, None, None, None), {**opts, "grad_weight": False},
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("entropy,with_bias,chunk", [(False, True, None), (True, False, 5), (True, True, 4)])
@@ -222,6 +225,36 @@ def test_linear_token_logprobs(entropy, with_bias, chunk):
         assert_close(o, e, name="logp/entropy")
     for t, t64 in zip(leaves, leaves64):
         assert_close(t.grad, t64.grad, name="grad")
+
+
+@pytest.mark.parametrize("op", ["linear_grpo_loss", "linear_token_logprobs"])
+@pytest.mark.parametrize("B,T,H,V", [(2, 3, 8, 17), (3, 5, 12, 61)])
+def test_frozen_weight_runs_no_weight_gradient_gemm(op, B, T, H, V, monkeypatch):
+    """lm_head frozen (LoRA): the hidden gradient equals the float64 reference's, the weight gets none, and
+    the weight-gradient GEMM never runs (its accumulator is never called); with a trainable weight it runs."""
+    calls = []
+    orig = lin_ops._accumulate
+    monkeypatch.setattr(lin_ops, "_accumulate", lambda *a: (calls.append(1), orig(*a))[1])
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H) / H ** 0.5 * 3
+    ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+    old = torch.randn(B, T) - 3.0
+
+    def run(h, w, backend):
+        if op == "linear_grpo_loss":
+            return rk.linear_grpo_loss(h, w, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04,
+                                       backend=backend).loss * 1.3
+        return (rk.linear_token_logprobs(h, w, ids, backend=backend) * torch.linspace(-1, 1, T)).sum()
+
+    for frozen in (True, False):
+        calls.clear()
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen)
+        run(h, w, "triton").backward()
+        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_(not frozen)
+        run(h64, w64, "torch").backward()
+        assert_close(h.grad, h64.grad, name="grad hidden")
+        assert (w.grad is None) == frozen and bool(calls) != frozen
+        if not frozen:
+            assert_close(w.grad, w64.grad, name="grad weight")
 
 
 @pytest.mark.parametrize("level", R.IS_LEVELS)

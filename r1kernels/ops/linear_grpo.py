@@ -105,8 +105,12 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     max_completion_length: int | None, temperature: float, epsilon: float, epsilon_high: float,
                     delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
                     sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None, is_clip_max: float | None,
-                    bias_kl: bool, entropy: bool, chunk_budget_bytes: int
+                    bias_kl: bool, entropy: bool, chunk_budget_bytes: int, grad_hidden: bool = True,
+                    grad_weight: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (stats, logp, dh, dw, db): the gradients of the loss (stats[0]) written in the forward; dh / dw
+    empty (0 values) when not grad_hidden / grad_weight (a frozen lm_head: no weight-gradient GEMM, no
+    [V, H] buffer)."""
     B, T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -114,9 +118,9 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                 epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
                 kl_estimator=kl_estimator, **{k: v for k, v in locals().items() if k in KERNEL_OPTS})
     h2 = hidden.reshape(B * T, H)
-    plan = _plan(h2, weight, chunk_budget_bytes, True)
-    dh = torch.empty_like(h2)
-    dw = _dweight(plan, weight)
+    plan = _plan(h2, weight, chunk_budget_bytes, grad_weight)
+    dh = torch.empty_like(h2) if grad_hidden else h2.new_empty(0)
+    dw = _dweight(plan, weight) if grad_weight else weight.new_empty(0)
     db = torch.zeros(V if bias is not None else 0, device=dev, dtype=torch.float32)
     logp = torch.empty(B * T, device=dev, dtype=torch.float32)
     sums = torch.zeros(6, device=dev, dtype=torch.float32)
@@ -128,25 +132,30 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                                      rows=(r0, r1), **opts)
         sums += s
         # z now holds dLoss/dlogits of rows r0:r1
-        torch.mm(z, weight, out=dh[r0:r1])
-        _accumulate(dw, z, h2[r0:r1])
+        if grad_hidden:
+            torch.mm(z, weight, out=dh[r0:r1])
+        if grad_weight:
+            _accumulate(dw, z, h2[r0:r1])
         if bias is not None:
             db.add_(z.sum(0, dtype=torch.float32))
-    return (finish_stats(sums, mask, B, T), logp.view(B, T), dh.view(B, T, H), dw.to(weight.dtype),
-            db.to(bias.dtype) if bias is not None else db)
+    return (finish_stats(sums, mask, B, T), logp.view(B, T), dh.view(B, T, H) if grad_hidden else dh,
+            dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db)
 
 
 @linear_grpo_fwd.register_fake
-def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, **opts):
+def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, grad_hidden=True, grad_weight=True, **opts):
     B, T, H = hidden.shape
     f = torch.float32
-    return (hidden.new_empty(6, dtype=f), hidden.new_empty(B, T, dtype=f), torch.empty_like(hidden),
-            torch.empty_like(weight), bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=f))
+    return (hidden.new_empty(6, dtype=f), hidden.new_empty(B, T, dtype=f),
+            torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+            bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=f))
 
 
 def _setup(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(*output[2:] if inputs[2] is not None else output[2:4])
     ctx.has_bias = inputs[2] is not None
+    ctx.written = (keyword_only_inputs.get("grad_hidden", True), keyword_only_inputs.get("grad_weight", True), True)
     ctx.set_materialize_grads(False)
 
 
@@ -156,6 +165,7 @@ _N_TENSOR_ARGS = sum(not a.kwarg_only for a in linear_grpo_fwd._opoverload._sche
 
 def _backward(ctx, g_stats, g_logp, g_dh, g_dw, g_db):
     grads = scale_saved_grads(ctx, None if g_stats is None else g_stats[0])  # (dh, dw[, db])
+    grads = tuple(g if w else None for g, w in zip(grads, ctx.written))  # not written: placeholders
     return grads + (None,) * (_N_TENSOR_ARGS - len(grads))
 
 
@@ -175,9 +185,11 @@ def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completi
         return per_token_loss(logp, h, advantages, completion_mask, old_logprobs, ref_logprobs, opts)
     samp = opts.get("sampling_logprobs")
     nt, kopts = op_options(temperature=temperature, **opts)
+    grad = torch.is_grad_enabled()
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
                                            old_logprobs, ref_logprobs, samp if kopts["is_mode"] else None, nt,
-                                           chunk_budget_bytes=budget, **kopts)
+                                           chunk_budget_bytes=budget, grad_hidden=grad and hidden.requires_grad,
+                                           grad_weight=grad and weight.requires_grad, **kopts)
     return stats[0], logp, stat_metrics(stats, kopts["entropy"])
 
 
@@ -224,16 +236,17 @@ def _(hidden, weight, bias, labels, temperature, entropy, chunk_budget_bytes):
 @torch.library.custom_op("r1kernels::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                         lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                        temperature: float, chunk_budget_bytes: int
+                        temperature: float, chunk_budget_bytes: int, grad_weight: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dh, dw, db); dw empty (0 values) when not grad_weight (no weight-gradient GEMM)."""
     h, y = _rows2d(hidden, labels)
     N, H = h.shape
     lse, g = lse.reshape(-1), g_logp.reshape(-1).float()
     ent = ent.reshape(-1) if g_ent is not None else lse
     ge = g_ent.reshape(-1).float() if g_ent is not None else None
-    plan = _plan(h, weight, chunk_budget_bytes, True)
+    plan = _plan(h, weight, chunk_budget_bytes, grad_weight)
     dh = torch.empty_like(h)
-    dw = _dweight(plan, weight)
+    dw = _dweight(plan, weight) if grad_weight else weight.new_empty(0)
     db = torch.zeros(weight.shape[0] if bias is not None else 0, device=h.device, dtype=torch.float32)
     buf = _chunk_buffer(plan, h, weight)
     for r0 in range(0, N, plan.rows):
@@ -242,15 +255,16 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         _lk.logprob_bwd(z, y[r0:r1], lse[r0:r1], ent[r0:r1], g[r0:r1], ge[r0:r1] if ge is not None else None,
                         temperature, out=z, out_strides=(0, z.stride(0)))
         torch.mm(z, weight, out=dh[r0:r1])
-        _accumulate(dw, z, h[r0:r1])
+        if grad_weight:
+            _accumulate(dw, z, h[r0:r1])
         if bias is not None:
             db.add_(z.sum(0, dtype=torch.float32))
     return dh.view(hidden.shape), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
 
 
 @linear_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, chunk_budget_bytes):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
+def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, chunk_budget_bytes, grad_weight=True):
+    return (torch.empty_like(hidden), torch.empty_like(weight) if grad_weight else weight.new_empty(0),
             bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32))
 
 
@@ -267,9 +281,10 @@ def _lp_backward(ctx, g_logp, g_lse, g_ent):
         return (None,) * 7
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
+    grad_weight = ctx.needs_input_grad[1]
     dh, dw, db = linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, g_logp,
-                                     g_ent if ctx.entropy else None, ctx.temperature, ctx.budget)
-    return dh, dw, db if bias is not None else None, None, None, None, None
+                                     g_ent if ctx.entropy else None, ctx.temperature, ctx.budget, grad_weight)
+    return dh, dw if grad_weight else None, db if bias is not None else None, None, None, None, None
 
 
 linear_logprobs_fwd.register_autograd(_lp_backward, setup_context=_lp_setup)
