@@ -302,12 +302,15 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
-def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new=None, backend="auto"):
+def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new=None, cos=None, sin=None,
+                     backend="auto"):
     """One decode step of attention: q [B, Hq, Dk] against the first lens[b] positions of row b of
     k_cache [B, Hkv, L, Dk] / v_cache [B, Hkv, L, Dv] (grouped-query: Hq a multiple of Hkv) -> [B, Hq, Dv]
     in q's dtype, fp32 math; scale defaults to Dk ** -0.5. Reads only the valid positions; no host sync.
     k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv] (this step's keys/values, both or neither): written in place
-    at position lens[b] of each row with lens[b] < L, which then attends to lens[b] + 1 positions."""
+    at position lens[b] of each row with lens[b] < L, which then attends to lens[b] + 1 positions.
+    cos / sin [B, Dk] (with k_new; both or neither): the rotary embedding at each row's position, applied to q
+    and k_new first as rk.apply_rotary does (in the same kernel)."""
     _checks.float_tensor("q", q, ndim=3)
     _checks.float_tensor("k_cache", k_cache, ndim=4)
     _checks.float_tensor("v_cache", v_cache, ndim=4)
@@ -334,8 +337,20 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         _checks.shape("k_new", k_new, (B, Hkv, Dk), " ([B, Hkv, Dk])")
         _checks.shape("v_new", v_new, (B, Hkv, v_cache.shape[3]), " ([B, Hkv, Dv])")
         _checks.same_device(q=q, k_new=k_new, v_new=v_new)
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (the rotary embedding) or not at all")
+    if cos is not None:
+        if k_new is None:
+            raise ValueError("cos/sin rotate this step's query and key: they need k_new and v_new")
+        if Dk % 2:
+            raise ValueError(f"the rotary embedding needs an even head size, got Dk={Dk}")
+        _checks.float_tensor("cos", cos, ndim=2)
+        _checks.float_tensor("sin", sin, ndim=2)
+        _checks.shape("cos", cos, (B, Dk), " ([B, Dk])")
+        _checks.shape("sin", sin, (B, Dk), " ([B, Dk])")
+        _checks.same_device(q=q, cos=cos, sin=sin)
     fn = _backend.pick("decode_attention", backend, q.device, q, k_cache, v_cache)
-    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new)
+    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new, cos, sin)
 
 
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):

@@ -102,6 +102,51 @@ def test_new_token_is_stored_and_attended(shape, dtype, splits):
     assert_close(ref_op.double(), ref, dtype, lowp=lowp, name="reference op")
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_rotary_in_the_kernel(shape, dtype, splits):
+    """cos / sin: q and k_new rotated in the kernel equal rk.apply_rotary's reference rotation followed by
+    the unrotated op (attended and stored); cos/sin at a different position per row, HF's layout."""
+    from r1kernels.reference.fused import apply_rotary as ref_rotary
+    B, Hq, Hkv, L, Dk, Dv = shape
+    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype)
+    k_new, v_new = torch.randn(B, Hkv, Dk).to(dtype), torch.randn(B, Hkv, Dv).to(dtype)
+    lens = torch.tensor([L - 1, 0, L, 5][:B])
+    inv = 1.0 / 10000 ** (torch.arange(0, Dk, 2).float() / Dk)
+    ang = (lens.float() + 3.0)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    qr, kr = ref_rotary(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
+    qr, kr = qr[:, :, 0], kr[:, :, 0]
+    s = Dk ** -0.5
+    k_exp, v_exp = k.clone(), v.clone()
+    ref = ref_attention(qr.double(), k_exp, v_exp, lens, s, kr.double(), v_new.double())
+    lowp = ref_attention(qr, k.clone(), v.clone(), lens, s, kr, v_new) if dtype != torch.float32 else None
+    kc, vc = k.clone(), v.clone()
+    if splits is None:
+        out = rk.decode_attention(q, kc, vc, lens, k_new=k_new, v_new=v_new, cos=cos, sin=sin, backend="triton")
+    else:
+        out = da_k.decode_attention_fwd(q, kc, vc, lens, s, splits=splits, k_new=k_new, v_new=v_new, cos=cos, sin=sin)
+    assert_close(out, ref, dtype, lowp=lowp, name="rotated in the kernel vs rotated first")
+    assert_close(kc, k_exp, dtype, name="stored rotated key")  # k_exp: written by the reference op
+    assert torch.equal(vc, v_exp)
+    kt, vt = k.clone(), v.clone()  # the reference op with cos/sin is the same composition
+    ref_op = ref_attention(q, kt, vt, lens, s, k_new, v_new, cos, sin)
+    assert_close(ref_op.double(), ref, dtype, lowp=lowp, name="reference op")
+
+
+def test_rotary_arguments():
+    q, k, v = _inputs(2, 4, 2, 8, 16, 16, torch.float32)
+    lens, kn, vn = torch.tensor([3, 4]), torch.zeros(2, 2, 16), torch.zeros(2, 2, 16)
+    c = torch.ones(2, 16)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rk.decode_attention(q, k, v, lens, k_new=kn, v_new=vn, cos=c)
+    with pytest.raises(ValueError, match="need k_new"):
+        rk.decode_attention(q, k, v, lens, cos=c, sin=c)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        rk.decode_attention(q, k, v, lens, k_new=kn, v_new=vn, cos=torch.ones(2, 8), sin=c)
+
+
 def test_new_token_arguments():
     q, k, v = _inputs(2, 4, 2, 8, 16, 16, torch.float32)
     lens = torch.tensor([3, 4])

@@ -163,19 +163,24 @@ def test_flat_parameters_fuse_gate_up_and_follow_updates(name, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_rotary_fused_while_the_engine_runs_only(name, monkeypatch):
     """The engine's fused decode ops (Triton backend: the interpreter on CPU) apply the rotary embedding with
-    rk.apply_rotary in every layer of the prefill and of every decode step; the same model's forward outside
-    the engine runs HF's rotary code again."""
+    rk.apply_rotary in every layer of the prefill and inside rk.decode_attention (cos/sin passed, no rotary
+    kernel) in every layer of every decode step; the same model's forward outside the engine runs HF's
+    rotary code again. (Greedy equality with the uncached forward: test_greedy_equals_full_forward.)"""
     import r1kernels as rk
 
     torch.manual_seed(0)
     model = _model(name)
-    calls = []
-    orig = rk.apply_rotary
+    calls, attn = [], []
+    orig, orig_attn = rk.apply_rotary, rk.decode_attention
     monkeypatch.setattr(rk, "apply_rotary", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    monkeypatch.setattr(rk, "decode_attention",
+                        lambda *a, **kw: attn.append(kw.get("cos") is not None) or orig_attn(*a, **kw))
     ids, mask = _prompts([4, 6])
     T = 5
     generate(model, ids, mask, [0, 1], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0, backend="triton")
-    assert len(calls) >= T * len(model.model.layers)
+    n = len(model.model.layers)
+    assert len(calls) == n  # the prefill
+    assert len(attn) >= (T - 1) * n and all(attn)
     calls.clear()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)

@@ -70,6 +70,10 @@ def _wrap_rope(mod) -> bool:
         backend = getattr(_ROPE, "backend", None)
         if backend is None or args or kwargs.get("unsqueeze_dim", 1) != 1 or q.dim() != 4 or cos.dim() != 3:
             return orig(q, k, cos, sin, *args, **kwargs)
+        sink = getattr(_ROPE, "defer", None)
+        if sink is not None and sink.defer_rope and q.shape[2] == 1 and cos.shape[1] == 1:
+            sink.rope = (cos[:, 0], sin[:, 0])  # applied by the caller's attention (fused_rotary's defer)
+            return q, k
         import r1kernels as rk
 
         return rk.apply_rotary(q, k, cos, sin, backend=backend)
@@ -81,20 +85,22 @@ def _wrap_rope(mod) -> bool:
 
 
 @contextlib.contextmanager
-def fused_rotary(model, backend: str = "auto"):
+def fused_rotary(model, backend: str = "auto", defer=None):
     """Inside: every attention of `model`'s modeling modules applies its rotary embedding with rk.apply_rotary
     (the same wrapper as patch_layers', switched on for this thread), patched or not; after, HF's code again
-    for unpatched attentions."""
+    for unpatched attentions. defer: an object whose `defer_rope` is true while its attention applies the
+    rotation itself: then a one-token call returns q and k unrotated and sets defer.rope = (cos, sin) [B, D]
+    (the generation engine's decode step: rk.decode_attention rotates in its kernel)."""
     mods = {sys.modules.get(type(m).__module__) for m in model.modules() if type(m).__name__.endswith("Attention")}
     wrapped = [mod for mod in mods if mod is not None and _wrap_rope(mod)]
-    prev = getattr(_ROPE, "backend", None)
+    prev, prev_defer = getattr(_ROPE, "backend", None), getattr(_ROPE, "defer", None)
     if wrapped:
-        _ROPE.backend = backend
+        _ROPE.backend, _ROPE.defer = backend, defer
     try:
         yield
     finally:
         if wrapped:
-            _ROPE.backend = prev
+            _ROPE.backend, _ROPE.defer = prev, prev_defer
 
 
 def is_rms_norm(m) -> bool:

@@ -6,6 +6,8 @@ out [B, Hq, Dv] in q's dtype = softmax(scale * q . k) @ v with fp32 math; a row 
 With k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv] (this step's keys/values): each row with lens[b] < L first
 stores them at cache position lens[b] (in the cache's dtype, in place) and attends to lens[b] + 1
 positions; a row with lens[b] >= L stores nothing and attends to its L positions.
+With cos / sin [B, Dk] (and k_new): q and k_new are first rotated by the rotary embedding at each row's
+position (reference.fused.apply_rotary: HF's rotate-half form, fp32 math rounded to their dtypes).
 """
 from __future__ import annotations
 
@@ -14,7 +16,12 @@ import math
 import torch
 
 
-def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None):
+def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None, cos=None, sin=None):
+    if cos is not None:
+        from .fused import apply_rotary
+
+        q, k_new = apply_rotary(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
+        q, k_new = q[:, :, 0], k_new[:, :, 0]
     B, Hq, Dk = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     if k_new is not None:

@@ -10,6 +10,8 @@ S partials of each (row, query head) by log-sum-exp; with S == 1 the split kerne
 With this step's keys/values (HAS_NEW), the program of the split that holds position lens[b] (lens[b] < L)
 folds the new token into its online softmax from registers and the head tile gt == 0 stores it into the
 cache there; no program reads position lens[b] from the cache, so the store races with no load.
+With cos/sin (ROPE, HAS_NEW only) q and the new key are rotated on load (HF's rotate-half form, fp32 math
+rounded once to their dtype, as rk.apply_rotary): the decode step launches no rotary kernel.
 
 S and chunk depend only on shapes and the device (never on lens), so a CUDA graph captured once replays
 for any lens. No host sync: the launcher only allocates and launches.
@@ -30,13 +32,25 @@ MAX_SPLITS = 256
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_ptr, vn_ptr,
+def _rotated(base, row_offs, row_mask, sd, dk, dk_mask, half, c, sn):
+    """x * cos + rotate_half(x) * sin in fp32 for rows x [R, BLOCK_DK] at base + row_offs (rotate_half(x)[d] =
+    -x[d + half] for d < half, x[d - half] after); c / sn [BLOCK_DK] fp32."""
+    lo = dk < half
+    dk_r = tl.where(lo, dk + half, dk - half)
+    m = row_mask[:, None] & dk_mask[None, :]
+    x = tl.load(base + row_offs[:, None] + dk[None, :] * sd, mask=m, other=0.0).to(tl.float32)
+    xr = tl.load(base + row_offs[:, None] + dk_r[None, :] * sd, mask=m, other=0.0).to(tl.float32)
+    return tl.where(lo[None, :], x * c[None, :] - xr * sn[None, :], x * c[None, :] + xr * sn[None, :])
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr,
                   sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_d, s_lens,
-                  skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
+                  skn_b, skn_h, skn_d, svn_b, svn_h, svn_d, sc_b, sc_d, ss_b, ss_d,
                   Hq, Hkv, G, L, Dk, Dv, chunk, S, qk_scale,
                   NUM_GT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DIRECT: tl.constexpr,
-                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr):
+                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr, ROPE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gt = pid % NUM_GT
@@ -57,8 +71,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
     dk_mask = dk < Dk
     dv_mask = dv < Dv
 
-    q = tl.load(q_ptr + b64 * sq_b + heads[:, None] * sq_h + dk[None, :] * sq_d,
-                mask=g_mask[:, None] & dk_mask[None, :], other=0.0)
+    if ROPE:
+        half = Dk // 2
+        c = tl.load(cos_ptr + b64 * sc_b + dk * sc_d, mask=dk_mask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + b64 * ss_b + dk * ss_d, mask=dk_mask, other=0.0).to(tl.float32)
+        q = _rotated(q_ptr + b64 * sq_b, heads.to(tl.int64) * sq_h, g_mask, sq_d, dk, dk_mask, half, c,
+                     sn).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + b64 * sq_b + heads[:, None] * sq_h + dk[None, :] * sq_d,
+                    mask=g_mask[:, None] & dk_mask[None, :], other=0.0)
     k_row = k_ptr + b64 * sk_b + h64 * sk_h
     v_row = v_ptr + b64 * sv_b + h64 * sv_h
     if DOT_F32:
@@ -93,7 +114,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
 
     if HAS_NEW:
         if (n_cache < L) & (n_cache >= start) & (n_cache < start + chunk):
-            kn = tl.load(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, mask=dk_mask, other=0.0)
+            if ROPE:
+                one = tl.arange(0, 1)
+                kn = tl.sum(_rotated(kn_ptr + b64 * skn_b + h64 * skn_h, one.to(tl.int64), one == 0, skn_d, dk,
+                                     dk_mask, half, c, sn), 0).to(kn_ptr.dtype.element_ty)
+            else:
+                kn = tl.load(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, mask=dk_mask, other=0.0)
             vn = tl.load(vn_ptr + b64 * svn_b + h64 * svn_h + dv * svn_d, mask=dv_mask, other=0.0)
             kn = kn.to(k_ptr.dtype.element_ty)  # the value the cache will hold
             vn = vn.to(v_ptr.dtype.element_ty)
@@ -186,9 +212,10 @@ def num_splits(L: int, programs: int, block_n: int, target: int) -> tuple[int, i
 
 
 def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | None = None, k_new=None,
-                         v_new=None):
+                         v_new=None, cos=None, sin=None):
     """out [B, Hq, Dv] in q's dtype; any strides. `splits` forces S (tests); None picks it from shapes.
-    k_new / v_new [B, Hkv, D] (both or neither): stored at position lens[b] and attended (module doc)."""
+    k_new / v_new [B, Hkv, D] (both or neither): stored at position lens[b] and attended (module doc);
+    cos / sin [B, Dk] (with k_new): q and k_new rotated first."""
     B, Hq, Dk = q.shape
     Hkv, L, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     out = torch.empty((B, Hq, Dv), dtype=q.dtype, device=q.device)
@@ -199,6 +226,9 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     has_new = k_new is not None
     kn, vn = (k_new, v_new) if has_new else (q, q)  # unused without HAS_NEW
     kn_s, vn_s = (k_new.stride(), v_new.stride()) if has_new else ((0, 0, 0), (0, 0, 0))
+    rope = cos is not None
+    cs, ss = (cos.stride(), sin.stride()) if rope else ((0, 0), (0, 0))
+    cos, sin = (cos, sin) if rope else (q, q)  # unused without ROPE
     G = Hq // Hkv
     block_n, target, warps = _config(q.device)
     dot_f32 = INTERPRET or q.dtype != k_cache.dtype or k_cache.dtype not in (torch.float16, torch.bfloat16)
@@ -218,10 +248,10 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     else:
         lse = part = out  # unused
     _split_kernel[(programs, S)](
-        q, k_cache, v_cache, lens, out, lse, part, kn, vn, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *out.stride(), lens.stride(0), *kn_s, *vn_s, Hq, Hkv, G, L, Dk, Dv, chunk, S, float(scale) * LOG2E,
-        NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, num_warps=warps, num_stages=stages)
+        q, k_cache, v_cache, lens, out, lse, part, kn, vn, cos, sin, *q.stride(), *k_cache.stride(),
+        *v_cache.stride(), *out.stride(), lens.stride(0), *kn_s, *vn_s, *cs, *ss, Hq, Hkv, G, L, Dk, Dv, chunk, S,
+        float(scale) * LOG2E, NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope and has_new, num_warps=warps, num_stages=stages)
     if S > 1:
         _combine_kernel[(B * Hq,)](lse, part, out, *out.stride(), Hq, S, Dv,
                                    BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV,

@@ -33,6 +33,12 @@ class KVCache:
         # decode reads positions [0, window) (None: all L). An eager decode step sets it to the host-known
         # bound prompt length + steps >= lens + 1 (no sync); captured steps keep None (static shapes).
         self.window: int | None = None
+        self.rope = None  # (cos, sin) [B, D] of this decode step, left by the rotary wrapper (fused_rotary)
+
+    @property
+    def defer_rope(self) -> bool:
+        """Decode applies the rotary embedding inside rk.decode_attention (no rotary kernel a layer)."""
+        return self.mode == "decode"
 
     # ---- prefill: the prompt's keys/values into the cache, causal attention over the padded prompt
     def set_prefill(self, prompt_mask_BP: torch.Tensor):
@@ -68,8 +74,10 @@ class KVCache:
         b, w = q.shape[0], self.window
         pos_b = self.lens[:b]
         # the kernel stores k/v at position lens[b] itself and attends to lens[b] + 1 positions
+        cos, sin = self.rope or (None, None)
+        self.rope = None
         out = rk.decode_attention(q[:, :, 0], self.k[i][:b, :, :w], self.v[i][:b, :, :w], pos_b, scale=scale,
-                                  k_new=k[:, :, 0], v_new=v[:, :, 0], backend=self.backend)
+                                  k_new=k[:, :, 0], v_new=v[:, :, 0], cos=cos, sin=sin, backend=self.backend)
         return out[:, None]  # [b, 1, Hq, Dv]
 
     def compact(self, keep_idx: torch.Tensor):

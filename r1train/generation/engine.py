@@ -153,7 +153,8 @@ class Engine:
         fuse = (self.fused and (dev.type == "cuda" or self.backend == "triton")
                 and all(len(rk._backend.available(op, dev.type)) > 1 for op in FUSED_OPS))
         try:
-            with fused_decode_ops(self.model, self.backend, self._qkv) if fuse else contextlib.nullcontext():
+            with fused_decode_ops(self.model, self.backend, self._qkv, rope_sink=self.cache) if fuse else \
+                    contextlib.nullcontext():
                 yield
         finally:
             _attn._ACTIVE.pop()

@@ -139,9 +139,10 @@ def _residual_layer(m) -> bool:
 
 
 @contextlib.contextmanager
-def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
+def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, rope_sink=None):
     """buffers: the caller's dict for the concatenated q/k/v weights (kept so CUDA graphs captured inside
-    one entry replay with the same addresses in the next); None skips the q/k/v fusion."""
+    one entry replay with the same addresses in the next); None skips the q/k/v fusion. rope_sink: the KV
+    cache, whose decode attention applies the rotary embedding (fused_rotary's defer)."""
     patched, fused = [], []
     for m in model.modules():
         name = type(m).__name__
@@ -170,7 +171,7 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None):
                 fused += [(m, ("forward",)), (m.self_attn.o_proj, ("forward", "_r1k_res")),
                           (m.mlp.down_proj, ("forward", "_r1k_res"))]
     try:
-        with fused_rotary(model, backend) if llama_family else contextlib.nullcontext():
+        with fused_rotary(model, backend, defer=rope_sink) if llama_family else contextlib.nullcontext():
             yield
     finally:
         for m in patched:
