@@ -102,18 +102,17 @@ def test_new_token_is_stored_and_attended(shape, dtype, splits):
     assert_close(ref_op.double(), ref, dtype, lowp=lowp, name="reference op")
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("splits", [None, 3])
-def test_rotary_in_the_kernel(shape, dtype, splits):
+def _check_rotary(shape, dtype, splits, device="cpu"):
     """cos / sin: q and k_new rotated in the kernel equal rk.apply_rotary's reference rotation followed by
     the unrotated op (attended and stored); cos/sin at a different position per row, HF's layout."""
     from r1kernels.reference.fused import apply_rotary as ref_rotary
     B, Hq, Hkv, L, Dk, Dv = shape
-    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype)
-    k_new, v_new = torch.randn(B, Hkv, Dk).to(dtype), torch.randn(B, Hkv, Dv).to(dtype)
-    lens = torch.tensor([L - 1, 0, L, 5][:B])
-    inv = 1.0 / 10000 ** (torch.arange(0, Dk, 2).float() / Dk)
+    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype, device)
+    k_new = torch.randn(B, Hkv, Dk, device=device).to(dtype)
+    v_new = torch.randn(B, Hkv, Dv, device=device).to(dtype)
+    lens = torch.randint(0, L + 1, (B,), device=device)
+    lens[:4] = torch.tensor([L - 1, 0, L, 5][:B])
+    inv = 1.0 / 10000 ** (torch.arange(0, Dk, 2, device=device).float() / Dk)
     ang = (lens.float() + 3.0)[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
     qr, kr = ref_rotary(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
@@ -126,13 +125,29 @@ def test_rotary_in_the_kernel(shape, dtype, splits):
     if splits is None:
         out = rk.decode_attention(q, kc, vc, lens, k_new=k_new, v_new=v_new, cos=cos, sin=sin, backend="triton")
     else:
-        out = da_k.decode_attention_fwd(q, kc, vc, lens, s, splits=splits, k_new=k_new, v_new=v_new, cos=cos, sin=sin)
+        out = da_k.decode_attention_fwd(q, kc, vc, lens, s, splits=splits, k_new=k_new, v_new=v_new, cos=cos,
+                                        sin=sin)
     assert_close(out, ref, dtype, lowp=lowp, name="rotated in the kernel vs rotated first")
     assert_close(kc, k_exp, dtype, name="stored rotated key")  # k_exp: written by the reference op
     assert torch.equal(vc, v_exp)
     kt, vt = k.clone(), v.clone()  # the reference op with cos/sin is the same composition
     ref_op = ref_attention(q, kt, vt, lens, s, k_new, v_new, cos, sin)
     assert_close(ref_op.double(), ref, dtype, lowp=lowp, name="reference op")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_rotary_in_the_kernel(shape, dtype, splits):
+    _check_rotary(shape, dtype, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("splits", [None, 4])
+def test_gpu_rotary_in_the_kernel(dtype, splits):
+    """Qwen2.5-1.5B heads (G=6, D=128), 64 rows: the compiled kernel's rotation (tensor-core dot in bf16)."""
+    _check_rotary((64, 12, 2, 1024, 128, 128), dtype, splits, "cuda")
 
 
 def test_rotary_arguments():
