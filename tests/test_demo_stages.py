@@ -184,15 +184,19 @@ SMALL = ["model_hidden_size=64", "model_num_layers=2", "task_train_size=400", "t
 
 @pytest.mark.slow
 def test_default_stage_grpo_raises_accuracy_at_small_size(tmp_path):
-    """The default stage's effect in the direction the README reports, at a size a test can afford (a 2-layer,
-    64-wide model, 400 cold-start SFT steps, 80 GRPO steps at lr 1e-4): held-out pass@1 rises over RL
-    (measured with seeds 42, 1, 7: 11.7 -> 16.7, 11.7 -> 21.7, 5.0 -> 8.3%). The training accuracy reward
-    is flat at this size (seed 42: 23.2% over the first 20 steps, 22.5% over the last 20), so not asserted."""
+    """The default stage's effect in the direction the README reports, at a size a test can afford: the demo's
+    model (4 layers x 128), 300 cold-start SFT steps on 1000 problems, 80 GRPO steps at the demo's lr, 200 held-out
+    problems (about 90 s on 2 cores). Measured (seeds 42, 1, 7): greedy accuracy 44.0 -> 59.5, 45.5 -> 50.5,
+    35.0 -> 44.0%; pass@1 43.0 -> 54.0, 34.5 -> 35.5, 25.5 -> 28.5%. A 2-layer, 64-wide model with 60 held-out
+    problems (this test before) moved within one problem of noise (16.7 -> 15.0% in one environment)."""
     from r1train.demo import stages
 
-    res = stages.default(SMALL, str(tmp_path), {"config": _small_config(tmp_path, "demo.yaml", 400, 80, 1e-4)})
+    small = ["task_train_size=1000", "task_eval_size=200", "kernel_backend=torch", "disable_tqdm=true",
+             "logging_steps=0"]
+    res = stages.default(small, str(tmp_path), {"config": _small_config(tmp_path, "demo.yaml", 300, 80, 3e-5)})
     before, after = res["after_sft"], res["after_rl"]
-    assert before["greedy/format"] > 0.9 and 0.0 < before["sampled/accuracy"] < 0.5  # room to improve
+    assert before["greedy/format"] > 0.9 and 0.0 < before["sampled/accuracy"] < 0.6  # room to improve
+    assert after["greedy/accuracy"] >= before["greedy/accuracy"] + 0.05, (before, after)
     assert after["sampled/accuracy"] > before["sampled/accuracy"], (before, after)
 
 
