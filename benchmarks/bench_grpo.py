@@ -6,6 +6,8 @@ write of the logits. Config: dapo, token level (and sequence level), old + ref l
 1, all-ones mask (a padded mask would let our kernel skip rows, which the floor does not count)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import r1kernels as rk
@@ -139,21 +141,16 @@ def _linear_cases(device, quick):
     adv = torch.randn(B, device=device)
     old = torch.randn(B, T, device=device) - 12.0
     provs, info = {}, {}
+
+    def run(b, frozen=False):  # frozen: lm_head without grad (LoRA): no weight gradient, no weight-gradient GEMM
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_(not frozen)
+        out = rk.linear_grpo_loss(h, w, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04, backend=b)
+        return torch.autograd.grad(out.loss, (h,) if frozen else (h, w))
     for b in rk._backend.available("linear_grpo_loss", device):
-        def run(b=b):
-            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-            out = rk.linear_grpo_loss(h, w, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04, backend=b)
-            return torch.autograd.grad(out.loss, (h, w))
-        provs[b] = run
+        provs[b] = functools.partial(run, b)
     if "triton" in provs:
         from r1kernels.ops.linear_grpo import GRPO_CHUNK_BUDGET
-
-        def frozen():  # lm_head frozen (LoRA): no weight gradient, no weight-gradient GEMM
-            h = hidden.detach().requires_grad_()
-            out = rk.linear_grpo_loss(h, weight, ids, adv, old_logprobs=old, ref_logprobs=old, beta=0.04,
-                                      backend="triton")
-            return torch.autograd.grad(out.loss, (h,))
-        provs["triton, lm_head frozen"] = frozen
+        provs["triton, lm_head frozen"] = functools.partial(run, "triton", frozen=True)
         info["triton"] = chunk_info(B * T, H, V, dtype, device, GRPO_CHUNK_BUDGET, True)
         info["triton, lm_head frozen"] = chunk_info(B * T, H, V, dtype, device, GRPO_CHUNK_BUDGET, False, True)
     return [Case("linear_grpo_loss fwd+bwd token", f"N={B * T} H={H} V={V} {str(dtype).split('.')[-1]}", provs,

@@ -15,11 +15,11 @@ import math
 
 import torch
 
+from .fused import apply_rotary
+
 
 def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None, cos=None, sin=None):
     if cos is not None:
-        from .fused import apply_rotary
-
         q, k_new = apply_rotary(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
         q, k_new = q[:, :, 0], k_new[:, :, 0]
     B, Hq, Dk = q.shape

@@ -10,7 +10,7 @@ S partials of each (row, query head) by log-sum-exp; with S == 1 the split kerne
 With this step's keys/values (HAS_NEW), the program of the split that holds position lens[b] (lens[b] < L)
 folds the new token into its online softmax from registers and the head tile gt == 0 stores it into the
 cache there; no program reads position lens[b] from the cache, so the store races with no load.
-With cos/sin (ROPE, HAS_NEW only) q and the new key are rotated on load (HF's rotate-half form, fp32 math
+With cos/sin (ROPE) q and the new key are rotated on load (HF's rotate-half form, fp32 math
 rounded once to their dtype, as rk.apply_rotary): the decode step launches no rotary kernel.
 
 S and chunk depend only on shapes and the device (never on lens), so a CUDA graph captured once replays
@@ -32,15 +32,13 @@ MAX_SPLITS = 256
 
 
 @triton.jit
-def _rotated(base, row_offs, row_mask, sd, dk, dk_mask, half, c, sn):
-    """x * cos + rotate_half(x) * sin in fp32 for rows x [R, BLOCK_DK] at base + row_offs (rotate_half(x)[d] =
+def _rotated(x_ptrs, mask, dk, half, sd, c, sn):
+    """x * cos + rotate_half(x) * sin in fp32 for x at x_ptrs (last axis dk, stride sd; rotate_half(x)[d] =
     -x[d + half] for d < half, x[d - half] after); c / sn [BLOCK_DK] fp32."""
     lo = dk < half
-    dk_r = tl.where(lo, dk + half, dk - half)
-    m = row_mask[:, None] & dk_mask[None, :]
-    x = tl.load(base + row_offs[:, None] + dk[None, :] * sd, mask=m, other=0.0).to(tl.float32)
-    xr = tl.load(base + row_offs[:, None] + dk_r[None, :] * sd, mask=m, other=0.0).to(tl.float32)
-    return tl.where(lo[None, :], x * c[None, :] - xr * sn[None, :], x * c[None, :] + xr * sn[None, :])
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    xr = tl.load(x_ptrs + tl.where(lo, half, -half) * sd, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(lo, x * c - xr * sn, x * c + xr * sn)
 
 
 @triton.jit
@@ -75,8 +73,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
         half = Dk // 2
         c = tl.load(cos_ptr + b64 * sc_b + dk * sc_d, mask=dk_mask, other=0.0).to(tl.float32)
         sn = tl.load(sin_ptr + b64 * ss_b + dk * ss_d, mask=dk_mask, other=0.0).to(tl.float32)
-        q = _rotated(q_ptr + b64 * sq_b, heads.to(tl.int64) * sq_h, g_mask, sq_d, dk, dk_mask, half, c,
-                     sn).to(q_ptr.dtype.element_ty)
+        q = _rotated(q_ptr + b64 * sq_b + heads[:, None] * sq_h + dk[None, :] * sq_d,
+                     g_mask[:, None] & dk_mask[None, :], dk, half, sq_d, c, sn).to(q_ptr.dtype.element_ty)
     else:
         q = tl.load(q_ptr + b64 * sq_b + heads[:, None] * sq_h + dk[None, :] * sq_d,
                     mask=g_mask[:, None] & dk_mask[None, :], other=0.0)
@@ -115,9 +113,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
     if HAS_NEW:
         if (n_cache < L) & (n_cache >= start) & (n_cache < start + chunk):
             if ROPE:
-                one = tl.arange(0, 1)
-                kn = tl.sum(_rotated(kn_ptr + b64 * skn_b + h64 * skn_h, one.to(tl.int64), one == 0, skn_d, dk,
-                                     dk_mask, half, c, sn), 0).to(kn_ptr.dtype.element_ty)
+                kn = _rotated(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, dk_mask, dk, half, skn_d, c,
+                              sn).to(kn_ptr.dtype.element_ty)
             else:
                 kn = tl.load(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, mask=dk_mask, other=0.0)
             vn = tl.load(vn_ptr + b64 * svn_b + h64 * svn_h + dv * svn_d, mask=dv_mask, other=0.0)
@@ -251,7 +248,7 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
         q, k_cache, v_cache, lens, out, lse, part, kn, vn, cos, sin, *q.stride(), *k_cache.stride(),
         *v_cache.stride(), *out.stride(), lens.stride(0), *kn_s, *vn_s, *cs, *ss, Hq, Hkv, G, L, Dk, Dv, chunk, S,
         float(scale) * LOG2E, NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope and has_new, num_warps=warps, num_stages=stages)
+        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope, num_warps=warps, num_stages=stages)
     if S > 1:
         _combine_kernel[(B * Hq,)](lse, part, out, *out.stride(), Hq, S, Dv,
                                    BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV,
