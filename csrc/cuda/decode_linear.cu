@@ -1,0 +1,289 @@
+// Few-row bf16 linear layers of the decode step: see decode_linear.h for the math and the work split.
+// Tile layout: each CTA holds, per pipeline stage, BN weight rows x 64 k (128-byte rows) and the MR <= 64
+// activation rows x 64 k, both XOR-swizzled by 16-byte chunk (ldmatrix phases and cp.async stores are
+// conflict-free). Warp w multiplies weight rows [w * WR, (w + 1) * WR) of the tile by every activation row:
+// mma.m16n8k16 with the weight as A (row-major, k contiguous) and the activations as B (k contiguous).
+#include <cuda_bf16.h>
+
+#include "decode_linear.h"
+
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kBK = R1K_DECODE_LINEAR_K_STEP;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, L2 only; valid == false zero-fills (the source is not read)
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                            uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// byte offset of 16-byte chunk c (0..7) of row r in a tile of 128-byte rows: the 8 consecutive rows one
+// ldmatrix phase reads at one chunk fall in 8 different 16-byte bank groups
+__device__ __forceinline__ uint32_t swz(int r, int c) { return (r << 7) | ((c ^ (r & 7)) << 4); }
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+template <int WR, int MT, int STAGES, int MODE>
+__global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecodeLinear p) {
+  constexpr int BN = 4 * WR;                // weight rows per tile
+  constexpr int MR = MT * 8;                // activation rows held (rows >= M are zeros)
+  constexpr int W_BYTES = BN * 128, STAGE_BYTES = W_BYTES + MR * 128;
+  constexpr int IT = WR / 16;               // m16 tiles per warp
+  constexpr int WCH = BN * 8 / kThreads;    // 16-byte weight chunks per thread and stage
+  constexpr int XCH = MR * 8 / kThreads;    // activation chunks per thread and stage (MT >= 2)
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int is_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int kblocks = static_cast<int>(p.K / kBK);
+  const int kb0 = static_cast<int>(static_cast<int64_t>(split) * kblocks / splits);
+  const int nkb = static_cast<int>(static_cast<int64_t>(split + 1) * kblocks / splits) - kb0;
+  const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(p.w);
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+  const uint32_t sbase = smem_addr(smem);
+
+  // this thread's cp.async sources (at k block kb0) and shared-memory offsets, fixed over the K loop
+  const __nv_bfloat16* wsrc[WCH];
+  uint32_t wdst[WCH];
+  bool wok[WCH];
+#pragma unroll
+  for (int i = 0; i < WCH; ++i) {
+    const int id = tid + i * kThreads, r = id >> 3, c = id & 7;
+    int64_t row;
+    if (MODE == 2) {  // tile rows [0, BN/2): gate rows; [BN/2, BN): the matching up rows (N + n)
+      const int64_t n = static_cast<int64_t>(tile) * (BN / 2) + (r % (BN / 2));
+      wok[i] = n < p.N;
+      row = r < BN / 2 ? n : p.N + n;
+    } else {
+      row = static_cast<int64_t>(tile) * BN + r;
+      wok[i] = row < p.N;
+    }
+    wsrc[i] = w + (wok[i] ? row * p.K + static_cast<int64_t>(kb0) * kBK + c * 8 : 0);
+    wdst[i] = swz(r, c);
+  }
+  const __nv_bfloat16* xsrc[XCH];
+  uint32_t xdst[XCH];
+  bool xok[XCH];
+#pragma unroll
+  for (int i = 0; i < XCH; ++i) {
+    const int id = tid + i * kThreads, r = id >> 3, c = id & 7;
+    xok[i] = r < p.M;
+    xsrc[i] = x + (xok[i] ? r * p.ldx + static_cast<int64_t>(kb0) * kBK + c * 8 : 0);
+    xdst[i] = W_BYTES + swz(r, c);
+  }
+  auto load = [&](int slot, int t) {  // k block kb0 + t into stage `slot`
+    const uint32_t base = sbase + slot * STAGE_BYTES;
+    const int64_t koff = static_cast<int64_t>(t) * kBK;
+#pragma unroll
+    for (int i = 0; i < WCH; ++i) cp_async16(base + wdst[i], wsrc[i] + (wok[i] ? koff : 0), wok[i]);
+#pragma unroll
+    for (int i = 0; i < XCH; ++i) cp_async16(base + xdst[i], xsrc[i] + (xok[i] ? koff : 0), xok[i]);
+  };
+
+  float acc[IT][MT][4];
+#pragma unroll
+  for (int i = 0; i < IT; ++i)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nkb) load(s, s);
+    cp_async_commit();
+  }
+  for (int t = 0; t < nkb; ++t) {
+    cp_async_wait<STAGES - 2>();  // stage t landed (this thread's part) ...
+    __syncthreads();              // ... everyone's, and everyone is done with stage t - 1's slot
+    if (t + STAGES - 1 < nkb) load((t + STAGES - 1) % STAGES, t + STAGES - 1);
+    cp_async_commit();
+    const uint32_t wbase = sbase + (t % STAGES) * STAGE_BYTES, xbase = wbase + W_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t a[IT][4], b[MT][2];
+#pragma unroll
+      for (int i = 0; i < IT; ++i)
+        ldmatrix_x4(wbase + swz(warp * WR + i * 16 + (lane & 15), 2 * kk + (lane >> 4)), a[i][0], a[i][1],
+                    a[i][2], a[i][3]);
+#pragma unroll
+      for (int j = 0; j < MT; j += 2)
+        ldmatrix_x4(xbase + swz(j * 8 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)), b[j][0],
+                    b[j][1], b[j + 1][0], b[j + 1][1]);
+#pragma unroll
+      for (int i = 0; i < IT; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j) mma_bf16(acc[i][j], a[i], b[j]);
+    }
+  }
+  cp_async_wait<0>();
+
+  if (splits > 1) {  // partials in fragment order (coalesced); the tile's last split sums them in order
+    constexpr int TILE_FLOATS = BN * MR;
+    float* part = p.ws + (static_cast<int64_t>(split) * gridDim.x + tile) * TILE_FLOATS;
+#pragma unroll
+    for (int i = 0; i < IT; ++i)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) __stcg(part + ((i * MT + j) * 4 + r) * kThreads + tid, acc[i][j][r]);
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const int last = atomicAdd(p.counters + tile, 1) == splits - 1;
+      if (last) p.counters[tile] = 0;  // every split of this tile has arrived: ready for the next launch
+      is_last = last;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < IT; ++i)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t off = static_cast<int64_t>(tile) * TILE_FLOATS + ((i * MT + j) * 4 + r) * kThreads + tid;
+          float s = 0.f;
+          for (int sp = 0; sp < splits; ++sp) s += __ldcg(p.ws + static_cast<int64_t>(sp) * gridDim.x * TILE_FLOATS + off);
+          acc[i][j][r] = s;
+        }
+  }
+
+  // accumulator (i, j, r): weight row warp * WR + i * 16 + g (+ 8 for r >= 2), activation row j * 8 + 2q (+1)
+  const int g = lane >> 2, q = lane & 3;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  if (MODE == 2) {  // up warps (2, 3) hand their bf16-rounded values to the gate warps (0, 1) through smem
+    __syncthreads();  // every warp is done reading the pipeline's shared memory
+    float* xch = reinterpret_cast<float*>(smem);
+    if (warp >= 2) {
+#pragma unroll
+      for (int i = 0; i < IT; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) xch[((((warp - 2) * IT + i) * MT + j) * 4 + r) * 32 + lane] = round_bf16(acc[i][j][r]);
+    }
+    __syncthreads();
+    if (warp >= 2) return;
+#pragma unroll
+    for (int i = 0; i < IT; ++i)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t n = static_cast<int64_t>(tile) * (BN / 2) + warp * WR + i * 16 + g + (r >= 2 ? 8 : 0);
+          const int64_t m = j * 8 + 2 * q + (r & 1);
+          if (m < p.M && n < p.N) {
+            const float gv = round_bf16(acc[i][j][r]);
+            const float u = xch[(((warp * IT + i) * MT + j) * 4 + r) * 32 + lane];
+            out[m * p.ldo + n] = __float2bfloat16(gv / (1.f + __expf(-gv)) * u);
+          }
+        }
+    return;
+  }
+  const __nv_bfloat16* bias = static_cast<const __nv_bfloat16*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < IT; ++i)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t n = static_cast<int64_t>(tile) * BN + warp * WR + i * 16 + g + (r >= 2 ? 8 : 0);
+        const int64_t m = j * 8 + 2 * q + (r & 1);
+        if (m < p.M && n < p.N) {
+          float v = acc[i][j][r];
+          if (MODE == 0 && bias != nullptr) v += __bfloat162float(bias[n]);
+          if (MODE == 1) v += __bfloat162float(out[m * p.ldo + n]);
+          out[m * p.ldo + n] = __float2bfloat16(v);
+        }
+      }
+}
+
+int m_tiles(int64_t M) { return M <= 16 ? 2 : M <= 32 ? 4 : 8; }
+
+template <int WR, int MT, int STAGES, int MODE>
+cudaError_t launch(const R1kDecodeLinear* p, cudaStream_t stream) {
+  constexpr int smem = STAGES * (4 * WR * 128 + MT * 8 * 128);
+  auto kernel = decode_linear_kernel<WR, MT, STAGES, MODE>;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(static_cast<unsigned>(r1k_decode_linear_tiles(p->N, p->mode, WR)),
+                  static_cast<unsigned>(p->splits));
+  kernel<<<grid, kThreads, smem, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+template <int WR, int MT, int STAGES>
+cudaError_t by_mode(const R1kDecodeLinear* p, cudaStream_t s) {
+  switch (p->mode) {
+    case 0: return launch<WR, MT, STAGES, 0>(p, s);
+    case 1: return launch<WR, MT, STAGES, 1>(p, s);
+    default: return launch<WR, MT, STAGES, 2>(p, s);
+  }
+}
+
+template <int WR, int MT>
+cudaError_t by_stages(const R1kDecodeLinear* p, cudaStream_t s) {
+  switch (p->stages) {
+    case 3: return by_mode<WR, MT, 3>(p, s);
+    case 4: return by_mode<WR, MT, 4>(p, s);
+    default: return by_mode<WR, MT, 6>(p, s);
+  }
+}
+
+template <int WR>
+cudaError_t by_m(const R1kDecodeLinear* p, cudaStream_t s) {
+  switch (m_tiles(p->M)) {
+    case 2: return by_stages<WR, 2>(p, s);
+    case 4: return by_stages<WR, 4>(p, s);
+    default: return by_stages<WR, 8>(p, s);
+  }
+}
+
+}  // namespace
+
+extern "C" int64_t r1k_decode_linear_tiles(int64_t N, int mode, int warp_rows) {
+  const int64_t rows = mode == 2 ? 2 * warp_rows : 4 * warp_rows;  // output columns per tile
+  return (N + rows - 1) / rows;
+}
+
+extern "C" int64_t r1k_decode_linear_ws_floats(const R1kDecodeLinear* p) {
+  if (p->splits <= 1) return 0;
+  return static_cast<int64_t>(p->splits) * r1k_decode_linear_tiles(p->N, p->mode, p->warp_rows) * 4 *
+         p->warp_rows * m_tiles(p->M) * 8;
+}
+
+extern "C" cudaError_t r1k_decode_linear(const R1kDecodeLinear* p, cudaStream_t stream) {
+  if (p->M < 1 || p->M > R1K_DECODE_LINEAR_MAX_M || p->N < 1 || p->K < kBK || p->K % kBK != 0 ||
+      p->splits < 1 || p->splits > p->K / kBK || p->mode < 0 || p->mode > 2 ||
+      (p->warp_rows != 16 && p->warp_rows != 32) || (p->stages != 3 && p->stages != 4 && p->stages != 6) ||
+      (p->splits > 1 && (p->ws == nullptr || p->counters == nullptr)))
+    return cudaErrorInvalidValue;
+  return p->warp_rows == 16 ? by_m<16>(p, stream) : by_m<32>(p, stream);
+}
