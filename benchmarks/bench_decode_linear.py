@@ -3,7 +3,7 @@
 as 28 calls over 28 distinct weights (as the 28 layers of a step: the weights do not stay in L2) replayed in
 one CUDA graph, so a call's time includes the graph's launch gaps. Providers: the engine's torch path
 (cuBLAS F.linear / addmm_, + rk.silu_mul for the gated MLP) and rk.decode_linear (r1kernels.ops.linear's
-config, and with --sweep every (warp_rows, stages, splits)). Floor: the weight's bytes at the measured copy
+config, and with --sweep every (warp_rows, k_groups, stages, splits)). Floor: the weight's bytes at the measured copy
 bandwidth. Writes bench_decode_linear.json (with each config's max error against the fp32 product)."""
 from __future__ import annotations
 
@@ -110,17 +110,18 @@ def max_err(ws, bs, x, mode, cfg) -> float:
 
 def sweep_configs(K: int):
     for wr in (16, 32):
-        for stages in (3, 4, 6):
-            for splits in (1, 2, 3, 4, 6, 8, 11, 12, 16):
-                if splits <= K // 64:
-                    yield (wr, stages, splits)
+        for kg in (1, 2, 4):
+            for stages in (4, 6):
+                for splits in (1, 2, 3, 4, 6, 8, 12):
+                    if splits <= K // 64:
+                        yield (wr, kg, stages, splits)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--sweep", action="store_true", help="time every (warp_rows, stages, splits)")
+    p.add_argument("--sweep", action="store_true", help="time every (warp_rows, k_groups, stages, splits)")
     p.add_argument("--rows", default="64", help="comma list of M")
     p.add_argument("--models", default="1.5B,7B")
     a = p.parse_args(argv)

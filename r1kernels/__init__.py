@@ -403,7 +403,7 @@ def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=No
     - x @ weight.T + bias -> [M, N] (F.linear);
     - residual given: residual += x @ weight.T in place, returns residual (o_proj / down_proj + the residual);
     - gated: weight [2I, K] holds gate_proj's rows then up_proj's -> silu(x @ Wg.T) * (x @ Wu.T), [M, I].
-    config: (warp_rows, stages, splits) for the CUDA kernel (benchmarks); None: r1kernels.ops.linear.config.
+    config: (warp_rows, k_groups, stages, splits) for the CUDA kernel (benchmarks); None: r1kernels.ops.linear.config.
     Inference only: no autograd."""
     _checks.float_tensor("x", x, ndim=2)
     _checks.float_tensor("weight", weight, ndim=2)
@@ -419,10 +419,10 @@ def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=No
     if residual is not None:
         _checks.float_tensor("residual", residual, ndim=2)
         _checks.shape("residual", residual, (x.shape[0], weight.shape[0]), " ([x rows, weight rows])")
-    if config is not None and (len(config) != 3 or config[0] not in (16, 32) or config[1] not in (3, 4, 6)
-                               or not 1 <= config[2] <= x.shape[1] // 64):
-        raise ValueError(f"config must be (warp_rows in (16, 32), stages in (3, 4, 6), splits in [1, K/64]), "
-                         f"got {config}")
+    if config is not None and (len(config) != 4 or config[0] not in (16, 32) or config[1] not in (1, 2, 4)
+                               or config[2] not in (4, 6) or not 1 <= config[3] <= x.shape[1] // 64):
+        raise ValueError("config must be (warp_rows in (16, 32), k_groups in (1, 2, 4), stages in (4, 6), "
+                         f"splits in [1, K/64]), got {config}")
     _checks.same_device(x=x, weight=weight, **{k: t for k, t in (("bias", bias), ("residual", residual))
                                                if t is not None})
     fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, gated)

@@ -58,14 +58,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="bias"):
         rk.decode_linear(x, w, torch.randn(31, dtype=BF))
     with pytest.raises(ValueError, match="config"):
-        rk.decode_linear(x, w, config=(8, 4, 1))
+        rk.decode_linear(x, w, config=(8, 1, 4, 1))
     with pytest.raises(ValueError, match="config"):
-        rk.decode_linear(x, w, config=(32, 4, 2))  # K = 64 has one k-step: at most 1 split
+        rk.decode_linear(x, w, config=(32, 1, 4, 2))  # K = 64 has one k-step: at most 1 split
     with pytest.raises(ValueError, match="x"):
         rk.decode_linear(torch.randn(64, dtype=BF), w)
 
 
-CONFIGS = [(16, 3, 1), (32, 4, 1), (16, 6, 2), (32, 4, 3), (32, 3, 5)]
+CONFIGS = [(16, 1, 4, 1), (32, 2, 4, 1), (16, 4, 6, 2), (32, 4, 4, 3), (32, 1, 6, 5), (16, 2, 4, 5)]
 
 
 @pytest.mark.gpu
@@ -88,7 +88,7 @@ def test_gpu_kernel_matches_float64(mode, M, N, K, cfg):
 def test_gpu_split_k_deterministic_and_counters_reset():
     from r1kernels.ops import linear as L
     x, w, _, _ = _inputs(64, 1536, 8960, "plain", "cuda")
-    outs = [rk.decode_linear(x, w, config=(32, 4, 11), backend="cuda") for _ in range(3)]
+    outs = [rk.decode_linear(x, w, config=(32, 2, 4, 11), backend="cuda") for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert int(L._COUNTERS[torch.cuda.current_device()].abs().sum()) == 0
     assert_close(outs[0], _expected(x, w, None, None, False), BF, lowp=F.linear(x, w))

@@ -9,7 +9,7 @@
 
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps
+constexpr int kRowWarps = 4;  // warps across a tile's weight rows; k_groups of them split each k-step
 constexpr int kBK = R1K_DECODE_LINEAR_K_STEP;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -47,17 +47,28 @@ __device__ __forceinline__ uint32_t swz(int r, int c) { return (r << 7) | ((c ^ 
 
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
-template <int WR, int MT, int STAGES, int MODE>
-__global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecodeLinear p) {
-  constexpr int BN = 4 * WR;                // weight rows per tile
+template <int WR, int KG, int MT, int STAGES>
+constexpr int smem_bytes() {
+  constexpr int pipe = STAGES * (kRowWarps * WR * 128 + MT * 8 * 128);
+  constexpr int red = (KG - 1) * kRowWarps * 32 * (WR / 16) * MT * 4 * 4;  // k-group partials
+  constexpr int tile = kRowWarps * WR * MT * 8 * 4;                          // split-K sums
+  return pipe > red ? (pipe > tile ? pipe : tile) : (red > tile ? red : tile);
+}
+
+template <int WR, int KG, int MT, int STAGES, int MODE>
+__global__ void __launch_bounds__(kRowWarps * 32 * KG) decode_linear_kernel(const R1kDecodeLinear p) {
+  constexpr int kThreads = kRowWarps * 32 * KG;
+  constexpr int BN = kRowWarps * WR;        // weight rows per tile
   constexpr int MR = MT * 8;                // activation rows held (rows >= M are zeros)
   constexpr int W_BYTES = BN * 128, STAGE_BYTES = W_BYTES + MR * 128;
   constexpr int IT = WR / 16;               // m16 tiles per warp
-  constexpr int WCH = BN * 8 / kThreads;    // 16-byte weight chunks per thread and stage
-  constexpr int XCH = MR * 8 / kThreads;    // activation chunks per thread and stage (MT >= 2)
+  constexpr int WCH = BN * 8 / kThreads;    // 16-byte weight chunks per thread and stage (>= 1)
+  constexpr int XCH = (MR * 8 + kThreads - 1) / kThreads;  // activation chunks per thread and stage
+  static_assert(WCH >= 1 && BN * 8 % kThreads == 0, "a tile's chunks must spread evenly over the threads");
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ int is_last;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) % kRowWarps, kg = tid >> 7;
+  const int ftid = tid & 127;  // this thread's index among the 128 of its k-group (fragment order)
   const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int kblocks = static_cast<int>(p.K / kBK);
   const int kb0 = static_cast<int>(static_cast<int64_t>(split) * kblocks / splits);
@@ -91,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
 #pragma unroll
   for (int i = 0; i < XCH; ++i) {
     const int id = tid + i * kThreads, r = id >> 3, c = id & 7;
-    xok[i] = r < p.M;
+    xok[i] = r < p.M && r < MR;
     xsrc[i] = x + (xok[i] ? r * p.ldx + static_cast<int64_t>(kb0) * kBK + c * 8 : 0);
     xdst[i] = W_BYTES + swz(r, c);
   }
@@ -101,7 +112,8 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
 #pragma unroll
     for (int i = 0; i < WCH; ++i) cp_async16(base + wdst[i], wsrc[i] + (wok[i] ? koff : 0), wok[i]);
 #pragma unroll
-    for (int i = 0; i < XCH; ++i) cp_async16(base + xdst[i], xsrc[i] + (xok[i] ? koff : 0), xok[i]);
+    for (int i = 0; i < XCH; ++i)
+      if (tid + i * kThreads < MR * 8) cp_async16(base + xdst[i], xsrc[i] + (xok[i] ? koff : 0), xok[i]);
   };
 
   float acc[IT][MT][4];
@@ -124,7 +136,8 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
     cp_async_commit();
     const uint32_t wbase = sbase + (t % STAGES) * STAGE_BYTES, xbase = wbase + W_BYTES;
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
+    for (int k2 = 0; k2 < kBK / 16 / KG; ++k2) {  // this k-group's 16-wide k-steps of the stage
+      const int kk = k2 * KG + kg;
       uint32_t a[IT][4], b[MT][2];
 #pragma unroll
       for (int i = 0; i < IT; ++i)
@@ -141,16 +154,44 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
     }
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the pipeline's shared memory
+  float* red = reinterpret_cast<float*>(smem);
+  constexpr int FR = IT * MT * 4;  // accumulator values per thread
+  if (KG > 1) {  // k-groups 1.. hand their partials to k-group 0, which adds them in k-group order
+    if (kg > 0) {
+#pragma unroll
+      for (int i = 0; i < IT; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) red[((kg - 1) * FR + (i * MT + j) * 4 + r) * 128 + ftid] = acc[i][j][r];
+    }
+    __syncthreads();
+    if (kg == 0) {
+#pragma unroll
+      for (int i = 0; i < IT; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int g2 = 1; g2 < KG; ++g2) acc[i][j][r] += red[((g2 - 1) * FR + (i * MT + j) * 4 + r) * 128 + ftid];
+    }
+    __syncthreads();
+  }
 
-  if (splits > 1) {  // partials in fragment order (coalesced); the tile's last split sums them in order
+  if (splits > 1) {  // partials in fragment order (coalesced); the tile's last split sums them in split order
     constexpr int TILE_FLOATS = BN * MR;
+    static_assert(TILE_FLOATS == FR * 128, "fragment order covers the tile");
     float* part = p.ws + (static_cast<int64_t>(split) * gridDim.x + tile) * TILE_FLOATS;
+    if (kg == 0) {
 #pragma unroll
-    for (int i = 0; i < IT; ++i)
+      for (int i = 0; i < IT; ++i)
 #pragma unroll
-      for (int j = 0; j < MT; ++j)
+        for (int j = 0; j < MT; ++j)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) __stcg(part + ((i * MT + j) * 4 + r) * kThreads + tid, acc[i][j][r]);
+          for (int r = 0; r < 4; ++r) __stcg(part + ((i * MT + j) * 4 + r) * 128 + ftid, acc[i][j][r]);
+    }
     __threadfence();
     __syncthreads();
     if (tid == 0) {
@@ -159,37 +200,43 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
       is_last = last;
     }
     __syncthreads();
-    if (!is_last) return;
+    if (!is_last) return;  // the whole CTA leaves together
     __threadfence();
-#pragma unroll
-    for (int i = 0; i < IT; ++i)
-#pragma unroll
-      for (int j = 0; j < MT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int64_t off = static_cast<int64_t>(tile) * TILE_FLOATS + ((i * MT + j) * 4 + r) * kThreads + tid;
-          float s = 0.f;
-          for (int sp = 0; sp < splits; ++sp) s += __ldcg(p.ws + static_cast<int64_t>(sp) * gridDim.x * TILE_FLOATS + off);
-          acc[i][j][r] = s;
-        }
-  }
-
-  // accumulator (i, j, r): weight row warp * WR + i * 16 + g (+ 8 for r >= 2), activation row j * 8 + 2q (+1)
-  const int g = lane >> 2, q = lane & 3;
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-  if (MODE == 2) {  // up warps (2, 3) hand their bf16-rounded values to the gate warps (0, 1) through smem
-    __syncthreads();  // every warp is done reading the pipeline's shared memory
-    float* xch = reinterpret_cast<float*>(smem);
-    if (warp >= 2) {
+    const float* base = p.ws + static_cast<int64_t>(tile) * TILE_FLOATS;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * TILE_FLOATS;
+    for (int e = tid; e < TILE_FLOATS; e += kThreads) {  // every thread, independent loads per split
+      float s = 0.f;
+#pragma unroll 4
+      for (int sp = 0; sp < splits; ++sp) s += __ldcg(base + sp * stride + e);
+      red[e] = s;
+    }
+    __syncthreads();
+    if (kg == 0) {
 #pragma unroll
       for (int i = 0; i < IT; ++i)
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) xch[((((warp - 2) * IT + i) * MT + j) * 4 + r) * 32 + lane] = round_bf16(acc[i][j][r]);
+          for (int r = 0; r < 4; ++r) acc[i][j][r] = red[((i * MT + j) * 4 + r) * 128 + ftid];
     }
     __syncthreads();
-    if (warp >= 2) return;
+  }
+
+  // accumulator (i, j, r) of k-group 0: weight row warp * WR + i * 16 + g (+ 8 for r >= 2), activation row
+  // j * 8 + 2q (+1)
+  const int g = lane >> 2, q = lane & 3;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  if (MODE == 2) {  // up warps (2, 3) hand their bf16-rounded values to the gate warps (0, 1) through smem
+    if (kg == 0 && warp >= 2) {
+#pragma unroll
+      for (int i = 0; i < IT; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) red[((((warp - 2) * IT + i) * MT + j) * 4 + r) * 32 + lane] = round_bf16(acc[i][j][r]);
+    }
+    __syncthreads();
+    if (kg != 0 || warp >= 2) return;
 #pragma unroll
     for (int i = 0; i < IT; ++i)
 #pragma unroll
@@ -200,12 +247,13 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
           const int64_t m = j * 8 + 2 * q + (r & 1);
           if (m < p.M && n < p.N) {
             const float gv = round_bf16(acc[i][j][r]);
-            const float u = xch[(((warp * IT + i) * MT + j) * 4 + r) * 32 + lane];
+            const float u = red[(((warp * IT + i) * MT + j) * 4 + r) * 32 + lane];
             out[m * p.ldo + n] = __float2bfloat16(gv / (1.f + __expf(-gv)) * u);
           }
         }
     return;
   }
+  if (kg != 0) return;
   const __nv_bfloat16* bias = static_cast<const __nv_bfloat16*>(p.bias);
 #pragma unroll
   for (int i = 0; i < IT; ++i)
@@ -226,43 +274,48 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(const R1kDecode
 
 int m_tiles(int64_t M) { return M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
-template <int WR, int MT, int STAGES, int MODE>
+template <int WR, int KG, int MT, int STAGES, int MODE>
 cudaError_t launch(const R1kDecodeLinear* p, cudaStream_t stream) {
-  constexpr int smem = STAGES * (4 * WR * 128 + MT * 8 * 128);
-  auto kernel = decode_linear_kernel<WR, MT, STAGES, MODE>;
+  constexpr int smem = smem_bytes<WR, KG, MT, STAGES>();
+  auto kernel = decode_linear_kernel<WR, KG, MT, STAGES, MODE>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>(r1k_decode_linear_tiles(p->N, p->mode, WR)),
                   static_cast<unsigned>(p->splits));
-  kernel<<<grid, kThreads, smem, stream>>>(*p);
+  kernel<<<grid, kRowWarps * 32 * KG, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
-template <int WR, int MT, int STAGES>
+template <int WR, int KG, int MT, int STAGES>
 cudaError_t by_mode(const R1kDecodeLinear* p, cudaStream_t s) {
   switch (p->mode) {
-    case 0: return launch<WR, MT, STAGES, 0>(p, s);
-    case 1: return launch<WR, MT, STAGES, 1>(p, s);
-    default: return launch<WR, MT, STAGES, 2>(p, s);
+    case 0: return launch<WR, KG, MT, STAGES, 0>(p, s);
+    case 1: return launch<WR, KG, MT, STAGES, 1>(p, s);
+    default: return launch<WR, KG, MT, STAGES, 2>(p, s);
   }
 }
 
-template <int WR, int MT>
+template <int WR, int KG, int MT>
 cudaError_t by_stages(const R1kDecodeLinear* p, cudaStream_t s) {
-  switch (p->stages) {
-    case 3: return by_mode<WR, MT, 3>(p, s);
-    case 4: return by_mode<WR, MT, 4>(p, s);
-    default: return by_mode<WR, MT, 6>(p, s);
+  return p->stages == 4 ? by_mode<WR, KG, MT, 4>(p, s) : by_mode<WR, KG, MT, 6>(p, s);
+}
+
+template <int WR, int KG>
+cudaError_t by_m(const R1kDecodeLinear* p, cudaStream_t s) {
+  switch (m_tiles(p->M)) {
+    case 2: return by_stages<WR, KG, 2>(p, s);
+    case 4: return by_stages<WR, KG, 4>(p, s);
+    default: return by_stages<WR, KG, 8>(p, s);
   }
 }
 
 template <int WR>
-cudaError_t by_m(const R1kDecodeLinear* p, cudaStream_t s) {
-  switch (m_tiles(p->M)) {
-    case 2: return by_stages<WR, 2>(p, s);
-    case 4: return by_stages<WR, 4>(p, s);
-    default: return by_stages<WR, 8>(p, s);
+cudaError_t by_kg(const R1kDecodeLinear* p, cudaStream_t s) {
+  switch (p->k_groups) {
+    case 1: return by_m<WR, 1>(p, s);
+    case 2: return by_m<WR, 2>(p, s);
+    default: return by_m<WR, 4>(p, s);
   }
 }
 
@@ -282,8 +335,9 @@ extern "C" int64_t r1k_decode_linear_ws_floats(const R1kDecodeLinear* p) {
 extern "C" cudaError_t r1k_decode_linear(const R1kDecodeLinear* p, cudaStream_t stream) {
   if (p->M < 1 || p->M > R1K_DECODE_LINEAR_MAX_M || p->N < 1 || p->K < kBK || p->K % kBK != 0 ||
       p->splits < 1 || p->splits > p->K / kBK || p->mode < 0 || p->mode > 2 ||
-      (p->warp_rows != 16 && p->warp_rows != 32) || (p->stages != 3 && p->stages != 4 && p->stages != 6) ||
+      (p->warp_rows != 16 && p->warp_rows != 32) || (p->stages != 4 && p->stages != 6) ||
+      (p->k_groups != 1 && p->k_groups != 2 && p->k_groups != 4) ||
       (p->splits > 1 && (p->ws == nullptr || p->counters == nullptr)))
     return cudaErrorInvalidValue;
-  return p->warp_rows == 16 ? by_m<16>(p, stream) : by_m<32>(p, stream);
+  return p->warp_rows == 16 ? by_kg<16>(p, stream) : by_kg<32>(p, stream);
 }

@@ -26,8 +26,10 @@ typedef struct {
   int* counters;        // >= r1k_decode_linear_tiles() ints, zero on entry; zero again on exit
   int64_t M, N, K, ldx, ldo;
   int mode;             // 0 store, 1 residual, 2 gated (above)
-  int warp_rows;        // weight rows per warp: 16 or 32 (tile = 4 warps x warp_rows)
-  int stages;           // cp.async pipeline depth: 3, 4 or 6
+  int warp_rows;        // weight rows per warp: 16 or 32 (tile = 4 row warps x warp_rows)
+  int k_groups;         // 1, 2 or 4 sets of the 4 row warps, each taking every k_groups-th 16-wide k-step
+                        // (more warps issuing MMAs per SM); summed in k-group order in shared memory
+  int stages;           // cp.async pipeline depth: 4 or 6
   int splits;           // K splits, 1 .. K / 64
 } R1kDecodeLinear;
 

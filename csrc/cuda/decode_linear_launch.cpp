@@ -19,8 +19,8 @@ void check_bf16_rows(const at::Tensor& t, const char* name) {
 }
 
 void decode_linear_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                        at::Tensor& out, at::Tensor& counters, int64_t mode, int64_t warp_rows, int64_t stages,
-                        int64_t splits) {
+                        at::Tensor& out, at::Tensor& counters, int64_t mode, int64_t warp_rows, int64_t k_groups,
+                        int64_t stages, int64_t splits) {
   check_bf16_rows(x, "x");
   check_bf16_rows(out, "out");
   check_bf16_rows(w, "weight");
@@ -47,6 +47,7 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& w, const std::opt
   p.ldo = out.stride(0);
   p.mode = static_cast<int>(mode);
   p.warp_rows = static_cast<int>(warp_rows);
+  p.k_groups = static_cast<int>(k_groups);
   p.stages = static_cast<int>(stages);
   p.splits = static_cast<int>(splits);
   at::Tensor ws;
@@ -57,7 +58,7 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& w, const std::opt
   }
   const cudaError_t err = r1k_decode_linear(&p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "decode_linear CUDA launch failed (M=", M, " N=", N, " K=", K, " mode=", mode,
-              " warp_rows=", warp_rows, " stages=", stages, " splits=", splits, "): ", cudaGetErrorString(err));
+              " warp_rows=", warp_rows, " k_groups=", k_groups, " stages=", stages, " splits=", splits, "): ", cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -65,7 +66,7 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& w, const std::opt
 TORCH_LIBRARY_FRAGMENT(r1kernels, m) {
   m.def(
       "decode_linear(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out, Tensor(b!) counters, *, int mode, "
-      "int warp_rows, int stages, int splits) -> ()");
+      "int warp_rows, int k_groups, int stages, int splits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(r1kernels, CUDA, m) { m.impl("decode_linear", &decode_linear_cuda); }

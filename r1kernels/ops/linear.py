@@ -3,9 +3,9 @@ GEMM of the decode step with its epilogue (bias / in-place residual / SiLU gate)
 r1kernels.reference.linear for the spec. Inference only (no autograd): eligible() declines inputs that
 require grad.
 
-Launch configuration (weight rows per warp, pipeline stages, K splits): `config(M, N, K, mode)` below, from
+Launch configuration (weight rows per warp, k-groups, pipeline stages, K splits): `config(M, N, K, mode)` below, from
 benchmarks/bench_decode_linear.py's sweep on an H200 (its JSON is committed beside the others); callers may
-pass `config=(warp_rows, stages, splits)`."""
+pass `config=(warp_rows, k_groups, stages, splits)`."""
 from __future__ import annotations
 
 import functools
@@ -33,13 +33,13 @@ def tiles(n: int, mode: int, warp_rows: int) -> int:
     return -(-n // cols)
 
 
-def config(M: int, N: int, K: int, mode: int, sms: int) -> tuple[int, int, int]:
-    """(warp_rows, stages, splits): 128-row tiles, split over K until about one CTA per SM, each split at
-    least 4 k-steps of 64."""
+def config(M: int, N: int, K: int, mode: int, sms: int) -> tuple[int, int, int, int]:
+    """(warp_rows, k_groups, stages, splits): 128-row tiles, split over K until about one CTA per SM, each
+    split at least 4 k-steps of 64."""
     wr = 32
     t = tiles(N, mode, wr)
     splits = max(1, min(K // (4 * K_STEP), round(sms / t)))
-    return wr, 4, splits
+    return wr, 2, 4, splits
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 if HAS_CUDA:
     @torch.library.register_fake("r1kernels::decode_linear")
-    def _fake(x, w, bias, out, counters, *, mode, warp_rows, stages, splits):
+    def _fake(x, w, bias, out, counters, *, mode, warp_rows, k_groups, stages, splits):
         return None
 
 
@@ -64,10 +64,10 @@ def decode_linear_cuda(x, weight, bias=None, residual=None, gated=False, config_
         out = residual
     else:
         out = x.new_empty(M, N)
-    wr, stages, splits = config_ or config(M, N, K, mode, _sms(x.device.index or 0))
+    wr, kg, stages, splits = config_ or config(M, N, K, mode, _sms(x.device.index or 0))
     counters = _counters(x.device, tiles(N, mode, wr))
-    torch.ops.r1kernels.decode_linear(x, weight, bias, out, counters, mode=mode, warp_rows=wr, stages=stages,
-                                      splits=splits)
+    torch.ops.r1kernels.decode_linear(x, weight, bias, out, counters, mode=mode, warp_rows=wr, k_groups=kg,
+                                      stages=stages, splits=splits)
     return out
 
 
