@@ -15,8 +15,8 @@ from . import reference as _ref
 from .reference.grpo import EXTRA_DEFAULTS, IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES, check_extra_options
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
-           "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul",
-           "decode_linear", "moe", "patch"]
+           "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul", "moe",
+           "patch"]
 __version__ = "0.1.0"
 
 
@@ -395,40 +395,6 @@ def silu_mul(gate, up, *, backend="auto"):
     _checks.same_device(gate=gate, up=up)
     fn = _backend.pick("silu_mul", backend, gate.device, gate, up)
     return (fn or _ref.silu_mul)(gate, up)
-
-
-def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=None, backend="auto"):
-    """The decode step's projections for x [M, K] (fp32 accumulation, one rounding; the CUDA kernel takes
-    bf16 with M <= 64 and K % 64 == 0, else torch's GEMM):
-    - x @ weight.T + bias -> [M, N] (F.linear);
-    - residual given: residual += x @ weight.T in place, returns residual (o_proj / down_proj + the residual);
-    - gated: weight [2I, K] holds gate_proj's rows then up_proj's -> silu(x @ Wg.T) * (x @ Wu.T), [M, I].
-    config: (warp_rows, k_groups, stages, splits) for the CUDA kernel (benchmarks); None: r1kernels.ops.linear.config.
-    Inference only: no autograd."""
-    _checks.float_tensor("x", x, ndim=2)
-    _checks.float_tensor("weight", weight, ndim=2)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must have shape [N, {x.shape[1]}] (x's last dim), got {tuple(weight.shape)}")
-    if gated and (residual is not None or bias is not None or weight.shape[0] % 2):
-        raise ValueError("gated=True takes a weight of 2I rows (gate then up) and no bias or residual")
-    if bias is not None:
-        _checks.float_tensor("bias", bias, ndim=1)
-        _checks.shape("bias", bias, (weight.shape[0],), " (weight's rows)")
-        if residual is not None:
-            raise ValueError("bias and residual cannot both be given")
-    if residual is not None:
-        _checks.float_tensor("residual", residual, ndim=2)
-        _checks.shape("residual", residual, (x.shape[0], weight.shape[0]), " ([x rows, weight rows])")
-    if config is not None and (len(config) != 4 or config[0] not in (16, 32) or config[1] not in (1, 2, 4)
-                               or config[2] not in (4, 6) or not 1 <= config[3] <= x.shape[1] // 64):
-        raise ValueError("config must be (warp_rows in (16, 32), k_groups in (1, 2, 4), stages in (4, 6), "
-                         f"splits in [1, K/64]), got {config}")
-    _checks.same_device(x=x, weight=weight, **{k: t for k, t in (("bias", bias), ("residual", residual))
-                                               if t is not None})
-    fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, gated)
-    if fn is None:
-        return _ref.decode_linear(x, weight, bias, residual, gated)
-    return fn(x, weight, bias, residual, gated, config)
 
 
 from . import moe  # noqa: E402

@@ -37,7 +37,6 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "rms_norm": [("triton", "r1kernels.ops.fused:rms_norm_triton")],
     "apply_rotary": [("triton", "r1kernels.ops.fused:apply_rotary_triton")],
     "silu_mul": [("triton", "r1kernels.ops.fused:silu_mul_triton")],
-    "decode_linear": [("cuda", "r1kernels.ops.linear:decode_linear_cuda")],
 }
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -3,7 +3,6 @@ from .advantage import group_advantages
 from .attention import decode_attention
 from .fused import apply_rotary, rms_norm, silu_mul
 from .grpo import grpo_loss, grpo_loss_from_logprobs, linear_grpo_loss
-from .linear import decode_linear
 from .logprob import linear_token_logprobs, token_logprobs
 from .moe import permute, route, sequence_aux_loss, unpermute, update_bias
 from .sampling import sample_tokens
@@ -11,5 +10,5 @@ from .sampling import sample_tokens
 __all__ = [
     "token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "grpo_loss_from_logprobs",
     "linear_grpo_loss", "route", "permute", "unpermute", "update_bias", "sequence_aux_loss",
-    "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul", "decode_linear",
+    "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul",
 ]

@@ -1,0 +1,126 @@
+"""python -m benchmarks.bench_decode_gemm [--out DIR]: the decode step's four projections at 64 rows through
+cuBLAS, each as 28 calls over 28 distinct weights (the 28 layers of a Qwen2.5 step: the weights do not stay
+in L2) replayed in one CUDA graph, so a call's time includes the graph's launch gaps. Variants of the same
+product, to find the fastest way to ask cuBLAS for it: the engine's form (F.linear / addmm_ into the
+residual), the transposed product W @ x^T (cuBLAS then tiles the other operand), the cuBLASLt vs cuBLAS
+backend of torch, and bf16 split-K reduction allowed or not. Floor: the weight's bytes at the measured copy
+bandwidth. Writes bench_decode_gemm.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import environment
+
+LAYERS = 28
+SHAPES = {  # model -> (hidden, intermediate, q/k/v rows)
+    "1.5B": (1536, 8960, 1536 + 2 * 256),
+    "7B": (3584, 18944, 3584 + 2 * 512),
+}
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        b.copy_(a)
+    e1.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (e0.elapsed_time(e1) / 1e3)
+
+
+def graph_ms(calls, reps: int = 20) -> float:
+    """ms per call of `calls` (closures) replayed as one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in calls:
+            f()
+    for _ in range(3):
+        g.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / (reps * len(calls))
+
+
+def variants(ws, bs, x, residual: bool):
+    """name -> list of closures (one per layer)."""
+    res = torch.randn(x.shape[0], ws[0].shape[0], device="cuda", dtype=x.dtype)
+    xt = x.t().contiguous()
+    out = {}
+    if residual:
+        out["addmm_"] = [lambda w=w: res.addmm_(x, w.t()) for w in ws]
+    else:
+        out["F.linear"] = [lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(ws, bs)]
+    out["mm(x, W^T)"] = [lambda w=w: torch.mm(x, w.t()) for w in ws]
+    out["mm(W, x^T view)"] = [lambda w=w: torch.mm(w, x.t()) for w in ws]
+    out["mm(W, x^T contiguous)"] = [lambda w=w: torch.mm(w, xt) for w in ws]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--rows", type=int, default=64)
+    a = p.parse_args(argv)
+    if a.device != "cuda" or not torch.cuda.is_available():
+        print("bench_decode_gemm: needs a CUDA device")
+        return 0
+    bw = copy_bandwidth()
+    M, dev, bf = a.rows, "cuda", torch.bfloat16
+    rows, lib0 = [], torch.backends.cuda.preferred_blas_library()
+    for model, (H, inter, nqkv) in SHAPES.items():
+        for name, (n, k, bias, residual) in {"qkv": (nqkv, H, True, False), "o_proj": (H, H, False, True),
+                                             "gate_up": (2 * inter, H, False, False),
+                                             "down": (H, inter, False, True)}.items():
+            ws = [torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5 for _ in range(LAYERS)]
+            bs = [torch.randn(n, device=dev, dtype=bf) if bias else None for _ in range(LAYERS)]
+            x = torch.randn(M, k, device=dev, dtype=bf)
+            row = {"model": model, "op": name, "M": M, "N": n, "K": k,
+                   "floor_us": n * k * 2 / bw * 1e6, "us": {}}
+            for lib in ("cublas", "cublaslt"):
+                for reduced in (True, False):
+                    torch.backends.cuda.preferred_blas_library(lib)
+                    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
+                    for v, calls in variants(ws, bs, x, residual).items():
+                        key = f"{v} [{lib}{'' if reduced else ', fp32 split-K reduction'}]"
+                        try:
+                            row["us"][key] = graph_ms(calls) * 1e3
+                        except Exception as e:  # a variant the backend refuses is reported, not fatal
+                            row["us"][key] = f"{type(e).__name__}: {e}"[:160]
+            torch.backends.cuda.preferred_blas_library(lib0)
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+            rows.append(row)
+            print(f"{model} {name} floor {row['floor_us']:.1f} us", flush=True)
+            for key, t in sorted(row["us"].items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9):
+                print(f"   {t if isinstance(t, str) else f'{t:7.1f} us'}  {key}")
+            del ws, bs, x
+            torch.cuda.empty_cache()
+    res = {"benchmark": "decode_gemm", **environment("cuda"), "copy_bandwidth": bw, "layers": LAYERS, "results": rows}
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench_decode_gemm.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
