@@ -27,24 +27,12 @@ def _mlp(self, x):
     return self.down_proj(rk.silu_mul(self.gate_proj(x), self.up_proj(x), backend=self._r1k_backend))
 
 
-# Up to this many rows (a decode step) the gated MLP runs transposed: cuBLAS's product W @ x^T takes 17.2 us
-# against 18.8 for x @ W^T at the 1.5B gate/up shape on an H200 (bench_decode_gemm, 64 rows).
-TRANSPOSED_MLP_ROWS = 64
-
-
 def _mlp_gate_up(self, x):
     """One GEMM over gate_proj's and up_proj's weights as one [2I, H] view (_stacked_weight); silu_mul reads
-    the two halves of its output in place. At <= TRANSPOSED_MLP_ROWS rows the product is taken as
-    W @ x^T ([2I, rows]: each half a contiguous block) and down_proj gets the activation as a transposed view
-    (same values, no copy)."""
+    the two halves of its output in place."""
+    gu = F.linear(x, self._r1k_gu)
     n = self.gate_proj.out_features
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > TRANSPOSED_MLP_ROWS:
-        gu = F.linear(x, self._r1k_gu)
-        return self.down_proj(rk.silu_mul(gu[..., :n], gu[..., n:], backend=self._r1k_backend))
-    gu_t = torch.mm(self._r1k_gu, x2.t())
-    h_t = rk.silu_mul(gu_t[:n], gu_t[n:], backend=self._r1k_backend)
-    return self.down_proj(h_t.t().view(*x.shape[:-1], n))
+    return self.down_proj(rk.silu_mul(gu[..., :n], gu[..., n:], backend=self._r1k_backend))
 
 
 def _stacked_weight(lins):
