@@ -115,7 +115,7 @@ def test_empty_batch():
 
 
 def _philox4x32_10(ctr, key):
-    """Random123's Philox4x32-10 on Python ints, as published (the reference only keeps word 0)."""
+    """Random123's Philox4x32-10 on Python ints, as published."""
     c, (k0, k1), m = list(ctr), key, 0xFFFFFFFF
     for r in range(10):
         if r:
@@ -137,15 +137,17 @@ def test_philox_known_answers(ctr, key, expected):
 
 def test_reference_philox_and_uniforms():
     zero = torch.zeros(1, dtype=torch.long)
-    assert ref.philox_word0(zero, zero, zero, zero).item() == 0x6627E8D5
+    assert [w.item() for w in ref.philox4(zero, zero, zero, zero)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
+                                                                       0x9B00DBD8]
     seeds = torch.tensor([0, -1, 2**40 + 12345, -(2**63)])
     positions = torch.tensor([0, 2**32 - 1, 7, -5])
-    V = 5
+    V = 11  # a partial last group of 4
     u = ref.uniforms(seeds, positions, V)
+    assert u.shape == (4, V)
     for b in range(len(seeds)):
         s, p = int(seeds[b]) & (2**64 - 1), int(positions[b]) & 0xFFFFFFFF
         for v in range(V):
-            x = _philox4x32_10((v, p, 0, 0), (s & 0xFFFFFFFF, s >> 32))[0]
+            x = _philox4x32_10((v // 4, p, 0, 0), (s & 0xFFFFFFFF, s >> 32))[v % 4]
             assert u[b, v].item() == ((x >> 9) + 0.5) * 2.0**-23
     u = ref.uniforms(torch.randint(-2**62, 2**62, (4,)), torch.randint(0, 2**31, (4,)), 25_000).flatten()
     n = u.numel()

@@ -8,9 +8,10 @@ the float keys):
   >= top_p (the smallest nucleus, ties at its edge kept); min_p > 0 keeps z >= max z + log(min_p).
 - token = argmax over the kept set of z + g, g = -log(-log(u)) (Gumbel-max: an exact draw from
   softmax over the kept set), ties to the lower index; greedy: argmax of z over the kept set.
-- u = ((x >> 9) + 0.5) * 2^-23 in (0, 1), x = Philox4x32-10 word 0 with counter (v, position, 0, 0)
-  and key (seed low 32 bits, seed high 32 bits): the noise is a function of (seed, position, v) only,
-  so a row draws the same token in any batch, on any rank, and after a resume.
+- u = ((x >> 9) + 0.5) * 2^-23 in (0, 1), x = word v mod 4 of Philox4x32-10 with counter
+  (v div 4, position, 0, 0) and key (seed low 32 bits, seed high 32 bits): one Philox call gives the noise
+  of 4 consecutive tokens; the noise is a function of (seed, position, v) only, so a row draws the same
+  token in any batch, on any rank, and after a resume.
 - logprob = z[token] - logsumexp(z over the kept set): the log-probability under the distribution
   sampled from (with no truncation, log softmax(logits / T)[token], what the training forward computes).
 """
@@ -23,9 +24,9 @@ PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 
 
-def philox_word0(c0, c1, k0, k1, rounds: int = 10):
-    """Philox4x32 word 0 for counters (c0, c1, 0, 0) and key (k0, k1); int64 tensors holding uint32
-    values (products wrap mod 2^64 in two's complement, so hi/lo 32-bit halves stay exact)."""
+def philox4(c0, c1, k0, k1, rounds: int = 10):
+    """Philox4x32 words (x0, x1, x2, x3) for counters (c0, c1, 0, 0) and key (k0, k1); int64 tensors holding
+    uint32 values (products wrap mod 2^64 in two's complement, so hi/lo 32-bit halves stay exact)."""
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0 = k0 + torch.zeros_like(c0)
@@ -36,15 +37,16 @@ def philox_word0(c0, c1, k0, k1, rounds: int = 10):
         hi1, lo1 = (p1 >> 32) & MASK32, p1 & MASK32
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def uniforms(seeds_B, positions_B, V: int):
     """fp32 u [B, V] in (0, 1): the noise for vocabulary entry v of row b at its position."""
     s = seeds_B.long()
     k0, k1 = (s & MASK32)[:, None], ((s >> 32) & MASK32)[:, None]
-    v = torch.arange(V, device=seeds_B.device, dtype=torch.int64)[None, :]
-    x = philox_word0(v, (positions_B.long() & MASK32)[:, None], k0, k1)
+    c = torch.arange(-(-V // 4), device=seeds_B.device, dtype=torch.int64)[None, :]
+    words = philox4(c, (positions_B.long() & MASK32)[:, None], k0, k1)
+    x = torch.stack(words, -1).reshape(s.shape[0], -1)[:, :V]  # token v: word v % 4 of counter v // 4
     return ((x >> 9).float() + 0.5) * (2.0 ** -23)
 
 

@@ -36,10 +36,12 @@ def _from_ukey(k):
 
 
 @triton.jit
-def _gumbel_key(zk, cols, c1, k0, k1):
-    """zk + g, g = -log(-log(u)), u = ((x >> 9) + 0.5) * 2^-23, x = Philox4x32-10 word 0 for the counter
-    (v, c1, 0, 0) and key (k0, k1), all uint32."""
-    c0 = cols.to(tl.uint32)
+def _gumbel_key(zk, blk, c1, k0, k1, BLOCK: tl.constexpr):
+    """zk + g for the BLOCK tokens of block blk, g = -log(-log(u)), u = ((x >> 9) + 0.5) * 2^-23, x = word
+    v % 4 of Philox4x32-10 for the counter (v // 4, c1, 0, 0) and key (k0, k1), all uint32: one Philox call
+    per 4 tokens (the 10 rounds of 32-bit multiplies are most of this kernel's work on a flat row)."""
+    c0 = (blk * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    c1 = c1 + tl.zeros_like(c0)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
     for _ in tl.static_range(10):
@@ -50,7 +52,8 @@ def _gumbel_key(zk, cols, c1, k0, k1):
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    u = ((c0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    x = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))  # [x0, x1, x2, x3] of each counter in turn
+    u = ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     # -log(u) keeping a small relative error near u = 1, where a hardware log2 (absolute error ~2^-22) would
     # not: there 1 - u is exact and -log(u) = 2 atanh(s), s = (1 - u) / (1 + u) <= 1/3.
     w = 1.0 - u
@@ -223,7 +226,7 @@ def _partial_kernel(x_ptr, seed_ptr, pos_ptr, thr_ptr, bmax_ptr, part_ptr, pidx_
                 if GREEDY:
                     key = zk
                 else:
-                    key = _gumbel_key(zk, cols, pos, k0, k1)
+                    key = _gumbel_key(zk, blk, pos, k0, k1, BLOCK)
                 kb = tl.max(key, 0)
                 ib = tl.min(tl.where(key == kb, cols, 2147483647), 0)
                 upd = kb > best  # strictly: an earlier block wins ties
