@@ -4,7 +4,7 @@ in L2) replayed in one CUDA graph, so a call's time includes the graph's launch 
 product, to find the fastest way to ask cuBLAS for it: the engine's form (F.linear / addmm_ into the
 residual), the transposed product W @ x^T (cuBLAS then tiles the other operand), the cuBLASLt vs cuBLAS
 backend of torch, and bf16 split-K reduction allowed or not. Floor: the weight's bytes at the measured copy
-bandwidth. Writes bench_decode_gemm.json."""
+bandwidth (harness.ceilings). Writes bench_decode_gemm.json."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import environment
+from benchmarks.harness import ceilings, environment, graphed, time_ms
 
 LAYERS = 28
 SHAPES = {  # model -> (hidden, intermediate, q/k/v rows)
@@ -23,41 +23,9 @@ SHAPES = {  # model -> (hidden, intermediate, q/k/v rows)
 }
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(10):
-        b.copy_(a)
-    e1.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (e0.elapsed_time(e1) / 1e3)
-
-
-def graph_ms(calls, reps: int = 20) -> float:
-    """ms per call of `calls` (closures) replayed as one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in calls:
-            f()
-    for _ in range(3):
-        g.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / (reps * len(calls))
+def graph_ms(calls) -> float:
+    """ms per call of `calls` (closures) replayed as one CUDA graph (median replay)."""
+    return time_ms(graphed(lambda: [f() for f in calls]), "cuda") / len(calls)
 
 
 def variants(ws, bs, x, residual: bool):
@@ -84,7 +52,7 @@ def main(argv=None):
     if a.device != "cuda" or not torch.cuda.is_available():
         print("bench_decode_gemm: needs a CUDA device")
         return 0
-    bw = copy_bandwidth()
+    bw = ceilings("cuda")["copy_GBps"] * 1e9  # bytes/s read + written (also in environment())
     M, dev, bf = a.rows, "cuda", torch.bfloat16
     rows, lib0 = [], torch.backends.cuda.preferred_blas_library()
     for model, (H, inter, nqkv) in SHAPES.items():
