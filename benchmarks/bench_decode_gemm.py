@@ -4,7 +4,9 @@ in L2) replayed in one CUDA graph, so a call's time includes the graph's launch 
 product, to find the fastest way to ask cuBLAS for it: the engine's form (F.linear / addmm_ into the
 residual), the transposed product W @ x^T (cuBLAS then tiles the other operand), the cuBLASLt vs cuBLAS
 backend of torch, and bf16 split-K reduction allowed or not. Floor: the weight's bytes at the measured copy
-bandwidth (harness.ceilings). Writes bench_decode_gemm.json."""
+bandwidth (harness.ceilings). --few-rows: instead, r1kernels' few-row GEMM (descriptor loads, fused bias /
+residual / SiLU-gate epilogues) over a config sweep beside the engine's cuBLAS form of each projection (for
+gate/up: one GEMM over the stacked weight + rk.silu_mul). Writes bench_decode_gemm[_few_rows].json."""
 from __future__ import annotations
 
 import argparse
@@ -43,11 +45,60 @@ def variants(ws, bs, x, residual: bool):
     return out
 
 
+FEW_ROWS_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": nw}
+                  for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for st in (3, 5) for nw in (4,)]
+
+
+def few_rows_rows(model, name, ws, bs, x, M):
+    """{'engine (cuBLAS)': us, 'few_rows <cfg>': us, ...} for one projection."""
+    import r1kernels as rk
+    from benchmarks.few_rows_tma import few_rows_linear
+    n, k = ws[0].shape
+    us = {}
+    if name == "gate_up":
+        half = n // 2
+        eng = [lambda w=w: rk.silu_mul(*F.linear(x, w).split(half, -1)) for w in ws]
+        ours = lambda cfg: [lambda w=w: few_rows_linear(x, w[:half], w2_NK=w[half:], epilogue="silu_gate", config=cfg)
+                            for w in ws]
+        per_stage = lambda c: (64 + 2 * c["BLOCK_N"]) * c["BLOCK_K"] * 2
+    elif name in ("o_proj", "down"):
+        res = torch.randn(M, n, device="cuda", dtype=x.dtype)
+        eng = [lambda w=w: res.addmm_(x, w.t()) for w in ws]
+        ours = lambda cfg: [lambda w=w: few_rows_linear(x, w, epilogue="residual", out_MN=res, config=cfg) for w in ws]
+        per_stage = lambda c: (64 + c["BLOCK_N"]) * c["BLOCK_K"] * 2
+    else:
+        eng = [lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(ws, bs)]
+        ours = lambda cfg: [lambda w=w, b=b: few_rows_linear(x, w, bias_N=b, config=cfg) for w, b in zip(ws, bs)]
+        per_stage = lambda c: (64 + c["BLOCK_N"]) * c["BLOCK_K"] * 2
+    us["engine (cuBLAS)"] = graph_ms(eng) * 1e3
+    for cfg in FEW_ROWS_SWEEP:
+        if per_stage(cfg) * cfg["STAGES"] > 220 * 1024:
+            continue
+        key = "few_rows " + ",".join(f"{kk}={v}" for kk, v in cfg.items())
+        try:
+            if name in ("o_proj", "down"):  # in place: compare one call's increment, from a copy
+                before = res.clone()
+                got = ours(cfg)[0]() - before
+                res.copy_(before)
+            else:
+                got = ours(cfg)[0]()
+            want = eng[0]() if name != "o_proj" and name != "down" else x @ ws[0].t()
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            if not err < 2e-2:  # bf16 roundings of two orders; a wrong config is reported, not timed
+                us[key] = f"wrong: relative difference {err:.3g} from the engine's form"
+                continue
+            us[key] = graph_ms(ours(cfg)) * 1e3
+        except Exception as e:  # a config the compiler or the device refuses is reported, not fatal
+            us[key] = f"{type(e).__name__}: {e}"[:160]
+    return us
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--few-rows", action="store_true")
     a = p.parse_args(argv)
     if a.device != "cuda" or not torch.cuda.is_available():
         print("bench_decode_gemm: needs a CUDA device")
@@ -64,7 +115,9 @@ def main(argv=None):
             x = torch.randn(M, k, device=dev, dtype=bf)
             row = {"model": model, "op": name, "M": M, "N": n, "K": k,
                    "floor_us": n * k * 2 / bw * 1e6, "us": {}}
-            for lib in ("cublas", "cublaslt"):
+            if a.few_rows:
+                row["us"] = few_rows_rows(model, name, ws, bs, x, M)
+            for lib in ("cublas", "cublaslt") if not a.few_rows else ():
                 for reduced in (True, False):
                     torch.backends.cuda.preferred_blas_library(lib)
                     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
@@ -85,7 +138,7 @@ def main(argv=None):
     res = {"benchmark": "decode_gemm", **environment("cuda"), "copy_bandwidth": bw, "layers": LAYERS, "results": rows}
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench_decode_gemm.json"), "w") as f:
+        with open(os.path.join(a.out, f"bench_decode_gemm{'_few_rows' if a.few_rows else ''}.json"), "w") as f:
             json.dump(res, f, indent=1)
     return 0
 

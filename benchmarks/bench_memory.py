@@ -242,7 +242,7 @@ def _r1train(name, variant, model, tok, rows, w, a, cuda, res, out_dir, t0):
     _after_init(torch, res, t0)
     hist = trainer.train()
     res.update(_timed([h["step_time"] for h in hist]))
-    phases = ("time/generate", "time/logprobs", "time/backward", "time/optimizer")
+    phases = tuple(f"time/{k}" for k in ("generate", "rewards", "logprobs", "forward", "backward", "optimizer"))
     timed = hist[1:] if len(hist) > 1 else hist
     res["median_phase_seconds"] = {k: statistics.median(h[k] for h in timed) for k in phases if k in timed[0]}
     res["loss"] = [h["loss"] for h in hist]

@@ -37,7 +37,9 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
                   tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True)
-PHASES = ("time/generate", "time/logprobs", "time/backward", "time/optimizer", "step_time")
+# r1train's PhaseClock: each phase's device time inside train_step; step_time is the host's
+PHASES = tuple(f"time/{k}" for k in ("generate", "rewards", "logprobs", "forward", "backward", "optimizer")) \
+    + ("step_time",)
 
 
 def random_model(shape: dict, tok, dtype, device=None):
@@ -167,7 +169,7 @@ def main(argv=None):
     }
     if profile is not None:
         res["profile"] = profile
-    # the step's forwards of the loss (not timed apart), rewards, advantages and logging
+    # outside train_step: the loop's logging, checkpoint checks and data
     res["median_seconds"]["other"] = res["median_seconds"]["step_time"] - sum(
         res["median_seconds"][k] for k in PHASES[:-1])
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts
 from .engine import Trainer
 from .generation import release as release_engine
+from .metrics import PhaseClock
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardRunner
 from .rollout import Rollout, row_seed, sample, sampling_kwargs, sequence_logprobs
@@ -236,18 +236,20 @@ class GRPOTrainer(Trainer):
         m["dynamic_sampling/constant_groups_kept"] = c[3]
         return rows, got
 
-    def make_batch(self, step, rows):
+    def make_batch(self, step, rows, clock=None):
+        """clock: the step's PhaseClock (generate, rewards)."""
         cfg, G = self.cfg, self.cfg.num_generations
+        clock = PhaseClock(self.dev) if clock is None else clock
         _, gidx = self.rows_for(step)
         m = {}
-        t0 = time.perf_counter()
+        clock.mark("generate")
         got = self._rollout(step, rows, gidx)
         if cfg.dynamic_sampling:
             rows, got = self._dynamic_sampling(step, rows, gidx, got, m)
         ro, texts, ids_list, table, failed = got
         if cfg.rollout_release_memory:
             release_engine(self.model)
-        t_gen = time.perf_counter() - t0
+        clock.mark("rewards")
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         R = len(self.rewards.names)
         vals_NR = torch.tensor([[float("nan") if v is None else v for v in row] for row in table],
@@ -274,13 +276,13 @@ class GRPOTrainer(Trainer):
         if cfg.mask_truncated_completions:
             mask_BT[ro.truncated_B] = 0
         mask_BT[failed_N.bool().to(mask_BT.device)] = 0
-        m.update(self.reward_metrics(vals_all, total_N, failed_all, ro, t_gen))
+        m.update(self.reward_metrics(vals_all, total_N, failed_all, ro))
         samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
                     "reward": float(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
         return ro, adv_N.to(self.dev), mask_BT, m, samples
 
-    def reward_metrics(self, vals_NR, total_N, failed_N, ro, t_gen):
+    def reward_metrics(self, vals_NR, total_N, failed_N, ro):
         G = self.cfg.num_generations
         std_g = total_N.view(-1, G).std(1)
         m = {"reward": total_N.mean().item(), "reward_std": std_g.mean().item(),
@@ -294,18 +296,18 @@ class GRPOTrainer(Trainer):
         n = _all_sum(lens.numel(), self.dev)
         m["completions/mean_length"] = _all_sum(lens.sum(), self.dev) / n
         m["completions/clipped_ratio"] = _all_sum(ro.truncated_B.float().sum(), self.dev) / n
-        m["time/generate"] = t_gen
         return m
 
     # ---- 2. loss over micro-batches, num_iterations passes
     def train_step(self, step, rows):
         cfg = self.cfg
-        ro, adv_N, mask_BT, m, samples = self.make_batch(step, rows)
+        clock = PhaseClock(self.dev)
+        ro, adv_N, mask_BT, m, samples = self.make_batch(step, rows, clock)
         attn_BL = torch.cat([ro.prompt_mask_BP, ro.completion_mask_BT], 1)
         ids_BL = ro.input_ids
         comp_BT = ro.completion_ids_BT
         mb = cfg.per_device_train_batch_size
-        t0 = time.perf_counter()
+        clock.mark("logprobs")
         # padding_free: the micro-batches are packs of rows (r1train/packing.py), planned once per step and
         # held over the num_iterations passes. Each packed forward switches its model's attention itself
         # (Policy._forward_packed); the training loop also holds the policy's switch over the backward, where
@@ -325,7 +327,6 @@ class GRPOTrainer(Trainer):
         elif ref is not None:
             ref_BT = sequence_logprobs(ref, ids_BL, attn_BL, comp_BT, temperature=cfg.temperature,
                                        micro_batch=mb, backend=cfg.kernel_backend)
-        m["time/logprobs"] = time.perf_counter() - t0
         # dapo/cispo normalize by the global token count; DeepSpeed divides each micro loss by GA and
         # averages gradients over ranks, so each micro-batch gets N_global / (GA * world)
         n_items = mask_BT.sum().to(torch.float32).reshape(1)
@@ -344,7 +345,6 @@ class GRPOTrainer(Trainer):
         # the logged loss is the padded run's mean micro-batch loss: a pack's share of the sum is scaled
         loss_scale = len(micro) / cfg.gradient_accumulation_steps
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
-        t_bwd = t_opt = 0.0
         # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
         # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
         samp_sum = torch.zeros(4, dtype=torch.float64, device=self.dev)
@@ -357,6 +357,7 @@ class GRPOTrainer(Trainer):
                                f"input ids {tuple(ids_BL.shape)}")
         with packed():
             for it, j in itertools.product(range(cfg.num_iterations), range(len(micro))):
+                clock.mark("forward")
                 sl, T, pk = micro[j]
                 if routes is not None:
                     ids = routes.flatten(0, 1)[pk.src] if pk is not None else \
@@ -396,9 +397,9 @@ class GRPOTrainer(Trainer):
                             w = w.double()
                             samp_sum[2:] += torch.stack([w.sum(), w.new_tensor(w.numel())])
                             samp_max[1:] = torch.maximum(samp_max[1:], torch.stack([w.max(), -w.min()]))
-                t1 = time.perf_counter()
+                clock.mark("backward")
                 self.engine.backward(out.loss)
-                t2 = time.perf_counter()
+                clock.mark("optimizer")
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
                 if boundary and cfg.use_adaptive_entropy:  # one host read per optimizer step
@@ -414,11 +415,12 @@ class GRPOTrainer(Trainer):
                     gn = self.engine.get_global_grad_norm()
                     if gn is not None:
                         acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
-                t_bwd, t_opt = t_bwd + t2 - t1, t_opt + time.perf_counter() - t2
+                clock.mark("forward")  # the micro-step's metric tensors
                 for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
                              *out.metrics.items(), ("entropy", ent)]:
                     if v is not None:
                         acc.setdefault(k, []).append(torch.as_tensor(v).detach().reshape(()).float())
+        clock.mark(None)
         if routes is not None:
             moe_replay.replay(self.model, None)
             acc.update({k: [v] for k, v in moe_replay.agreement(self.model).items()})
@@ -438,7 +440,7 @@ class GRPOTrainer(Trainer):
                 m["sampling/importance_sampling_ratio/min"] = -mx[2]
                 m["sampling/importance_sampling_ratio/mean"] = su[2] / su[3]
                 m["sampling/importance_sampling_ratio/max"] = mx[1]
-        m["time/backward"], m["time/optimizer"] = t_bwd, t_opt
+        m.update({f"time/{k}": v for k, v in clock.seconds().items()})
         if cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy:
             m["entropy_coef"] = self.entropy_coef
         if self.ref is not None and cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:

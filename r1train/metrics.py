@@ -8,6 +8,9 @@ import json
 import logging
 import math
 import os
+import time
+
+import torch
 
 log = logging.getLogger("r1train")
 
@@ -27,6 +30,36 @@ def resolve_report_to(report_to) -> list[str]:
     if names == ["all"]:
         return [b for b in BACKENDS if _installed(b)]
     return [] if names == ["none"] else names
+
+
+class PhaseClock:
+    """Seconds per phase of one step on the device's timeline. mark(phase) ends the running phase where the
+    host has queued its work (a CUDA event on the current stream: no host sync) and starts `phase`; mark(None)
+    ends the last one. seconds(), called after the step's metric read (which waits for the device), sums each
+    phase's intervals. So a phase is charged the device time of the work queued inside it, not the host time of
+    queuing it (host timers charged the reference log-probs' GPU work to whichever later call first waited).
+    On CPU the work is synchronous: perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = []
+
+    def mark(self, phase: str | None):
+        if self.cuda:
+            now = torch.cuda.Event(enable_timing=True)
+            now.record()
+        else:
+            now = time.perf_counter()
+        self.marks.append((phase, now))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        out: dict[str, float] = {}
+        for (phase, a), (_, b) in zip(self.marks, self.marks[1:]):
+            if phase is not None:
+                out[phase] = out.get(phase, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return out
 
 
 class MetricsLogger:

@@ -44,6 +44,30 @@ def test_grpo_variants_step(tmp_path, ov):
             assert math.isfinite(h[k]), (k, h)
     if "mask_truncated_completions=true" in ov:
         assert hist[0]["completions/clipped_ratio"] > 0
+    for h in hist:  # the step's phases partition its time inside train_step (PhaseClock)
+        phases = [h[f"time/{p}"] for p in ("generate", "rewards", "logprobs", "forward", "backward", "optimizer")]
+        assert all(t > 0 for t in phases), h
+        assert sum(phases) <= h["step_time"], h
+
+
+def test_phase_clock_sums_each_phase_intervals():
+    """On CPU a phase's seconds are the perf_counter intervals it was open, summed over its reopenings."""
+    import time
+
+    import torch
+
+    from r1train.metrics import PhaseClock
+
+    c = PhaseClock(torch.device("cpu"))
+    t0 = time.perf_counter()
+    for phase, dt in [("a", 0.03), ("b", 0.01), ("a", 0.02), (None, 0.01), ("b", 0.0)]:
+        c.mark(phase)
+        time.sleep(dt)
+    c.mark(None)
+    total = time.perf_counter() - t0
+    s = c.seconds()
+    assert set(s) == {"a", "b"} and s["a"] >= 0.05 and s["b"] >= 0.01, s
+    assert s["a"] + s["b"] <= total - 0.01, (s, total)
 
 
 def test_sft_loss_falls(tmp_path):
