@@ -120,7 +120,9 @@ def _timed(fn, device, reps):
     return out
 
 
-def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False):
+def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False,
+                 few_rows=None):
+    """few_rows: also time the engine under few_rows_tma.engine_patch with these configs ({} = defaults)."""
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -158,6 +160,17 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
+    if few_rows is not None:  # the same engine with its decode GEMMs through benchmarks/few_rows_tma.py
+        from .few_rows_tma import engine_patch
+
+        with engine_patch(few_rows):
+            eng.reset()
+            tok_fr = ours()
+            runs = _timed(ours, device, reps)
+        eng.reset()
+        res["providers"]["r1train engine, few_rows_tma GEMMs"] = {
+            "seconds": statistics.median(runs), "runs": runs, "configs": {str(k): v for k, v in few_rows.items()},
+            "tokens_equal_cublas_run": bool(torch.equal(tok_fr, tok))}
 
     def hf(**kw):
         def run():
@@ -241,6 +254,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
+    p.add_argument("--few-rows", default=None, metavar="SWEEP_JSON",
+                   help="also the engine with its decode GEMMs through benchmarks/few_rows_tma.py, each at its "
+                        "fastest config in bench_decode_gemm --few-rows's JSON ('default': DEFAULT_CONFIG)")
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
@@ -251,10 +267,15 @@ def main(argv=None):
     work = {"fixed": dict(n_prompts=n, G=G, P=P, T=T, lens=None),
             "varied": dict(n_prompts=n, G=G, P=P, T=T, lens=varied),
             "throughput": dict(n_prompts=n * 8, G=G, P=P, T=T, lens=None)}
+    few_rows = None
+    if a.few_rows is not None:
+        from .few_rows_tma import best_configs
+
+        few_rows = {} if a.few_rows == "default" else best_configs(json.load(open(a.few_rows)))
     results = []
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
-                         reps=a.reps, skip_peers=a.skip_peers)
+                         reps=a.reps, skip_peers=a.skip_peers, few_rows=few_rows)
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)

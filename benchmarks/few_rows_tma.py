@@ -12,6 +12,7 @@ Program p owns weight rows [p * BLOCK_N, (p + 1) * BLOCK_N); the x tile rows pas
 descriptor (no bytes read). Accumulation in fp32, one rounding at the store."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -87,3 +88,84 @@ def few_rows_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, *, bias_N=None, epil
         EPI=EPILOGUES.index(epilogue), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
     return out_MN
+
+
+# ---- the engine's decode projections through few_rows_linear (bench_rollout --few-rows): measured in the rollout
+# before anything of it moves into r1train
+
+MAX_ROWS = 64
+
+
+def best_configs(sweep: dict) -> dict:
+    """bench_decode_gemm --few-rows JSON -> {(epilogue, weight rows, K): fastest correct config}."""
+    epi = {"qkv": "none", "o_proj": "residual", "down": "residual", "gate_up": "silu_gate"}
+    out = {}
+    for row in sweep["results"]:
+        timed = [(us, key) for key, us in row["us"].items() if key.startswith("few_rows ") and isinstance(us, float)]
+        if timed:
+            cfg = dict(kv.split("=") for kv in min(timed)[1][len("few_rows "):].split(","))
+            out[(epi[row["op"]], row["N"], row["K"])] = {k: int(v) for k, v in cfg.items()}
+    return out
+
+
+def _eligible(x2, *ws) -> bool:
+    return x2.shape[0] <= MAX_ROWS and x2.is_contiguous() and x2.dtype in (torch.bfloat16, torch.float16) \
+        and all(w.dtype == x2.dtype and w.stride(-1) == 1 for w in ws)
+
+
+@contextlib.contextmanager
+def engine_patch(configs: dict | None = None):
+    """While open, r1train.generation.fused (the engine's decode forward) runs q/k/v (+ bias), o_proj / down_proj
+    (+ the residual, in place) and gate/up + SiLU through few_rows_linear for <= 64 rows (the decode step);
+    prefill and other dtypes keep the engine's cuBLAS form. configs: best_configs(); default DEFAULT_CONFIG.
+    fused_decode_ops binds these functions when it is entered (each Engine.generate), so enter this first; and
+    call Engine.reset() after entering and after leaving: captured graphs keep the kernels they captured."""
+    from r1train.generation import fused as F_
+
+    configs = configs or {}
+    cfg = lambda epi, n, k: configs.get((epi, n, k))  # noqa: E731
+    orig = {n: getattr(F_, n) for n in ("_q", "_mlp", "_mlp_gate_up", "_res_linear")}
+
+    def _q(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if not _eligible(x2, self._r1k_w):
+            return orig["_q"](self, x)
+        qkv = few_rows_linear(x2, self._r1k_w, bias_N=self._r1k_b,
+                              config=cfg("none", *self._r1k_w.shape)).view(*x.shape[:-1], -1)
+        nq, nk = self.out_features, self._r1k_k.out_features
+        self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x, qkv[..., nq:nq + nk]), (x, qkv[..., nq + nk:])
+        return qkv[..., :nq]
+
+    def _gated(self, x, wg, wu, name):
+        x2 = x.reshape(-1, x.shape[-1])
+        if not _eligible(x2, wg, wu):
+            return orig[name](self, x)
+        h = few_rows_linear(x2, wg, w2_NK=wu, epilogue="silu_gate",
+                            config=cfg("silu_gate", 2 * wg.shape[0], wg.shape[1]))
+        return self.down_proj(h.view(*x.shape[:-1], wg.shape[0]))
+
+    def _mlp(self, x):
+        return _gated(self, x, self.gate_proj.weight.detach(), self.up_proj.weight.detach(), "_mlp")
+
+    def _mlp_gate_up(self, x):
+        n = self.gate_proj.out_features
+        return _gated(self, x, self._r1k_gu[:n], self._r1k_gu[n:], "_mlp_gate_up")
+
+    def _res_linear(self, x):
+        res, x2 = self._r1k_res, x.reshape(-1, x.shape[-1])
+        w = self.weight.detach()
+        if not (_eligible(x2, w) and res.is_contiguous()):
+            return orig["_res_linear"](self, x)
+        self._r1k_res = None
+        few_rows_linear(x2, w, epilogue="residual", out_MN=res.view(-1, res.shape[-1]),
+                        config=cfg("residual", *w.shape))
+        return res
+
+    new = {"_q": _q, "_mlp": _mlp, "_mlp_gate_up": _mlp_gate_up, "_res_linear": _res_linear}
+    for n, fn in new.items():
+        setattr(F_, n, fn)
+    try:
+        yield
+    finally:
+        for n, fn in orig.items():
+            setattr(F_, n, fn)
