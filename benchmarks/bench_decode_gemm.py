@@ -45,8 +45,10 @@ def variants(ws, bs, x, residual: bool):
     return out
 
 
-FEW_ROWS_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": nw}
-                  for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for st in (3, 5) for nw in (4,)]
+FEW_ROWS_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": 4, "SPLIT_K": 1}
+                  for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for st in (3, 5)] + \
+                 [{"BLOCK_N": bn, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4, "SPLIT_K": sk}
+                  for bn in (16, 32, 64) for sk in (2, 4, 8)]
 
 
 def few_rows_rows(model, name, ws, bs, x, M):

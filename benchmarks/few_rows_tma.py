@@ -8,7 +8,9 @@ and one of three epilogues:
   "residual"  res += acc, in place (o_proj / down_proj adding the layer's residual)
   "silu_gate" out = silu(x @ Wg^T) * (x @ Wu^T): gate and up as two accumulators of one program, so the
               [M, 2I] intermediate is never written
-Program p owns weight rows [p * BLOCK_N, (p + 1) * BLOCK_N); the x tile rows past M are zero-filled by the
+Program p owns weight rows [t * BLOCK_N, (t + 1) * BLOCK_N), t = p // SPLIT_K, and the (p % SPLIT_K)-th
+of SPLIT_K equal ranges of K (SPLIT_K > 1: fp32 partials, summed in split order by the tile's last
+program, so results do not depend on arrival order); the x tile rows past M are zero-filled by the
 descriptor (no bytes read). Accumulation in fp32, one rounding at the store."""
 from __future__ import annotations
 
@@ -25,13 +27,32 @@ EPILOGUES = ("none", "residual", "silu_gate")
 
 
 @triton.jit
-def _few_rows_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride_om,
+def _epilogue(acc, acc2, out_ptr, bias_ptr, rm, rn, M, N, stride_om, EPI: tl.constexpr, HAS_BIAS: tl.constexpr):
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EPI == 1:
+        acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
+    if EPI == 2:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _few_rows_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, K, stride_om,
                      EPI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    split = pid % SPLIT_K
+    n0 = tile * BLOCK_N
+    k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = split * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([0, k0])
         w = w_desc.load([n0, k0])
         if DOT_F32:  # the interpreter's bf16 dot is wrong
@@ -45,18 +66,40 @@ def _few_rows_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride
             acc2 = tl.dot(x, w2.T, acc2)
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
-    msk = (rm[:, None] < M) & (rn[None, :] < N)
-    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if EPI == 1:
-        acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
-    if EPI == 2:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+    if SPLIT_K == 1:
+        _epilogue(acc, acc2, out_ptr, bias_ptr, rm, rn, M, N, stride_om, EPI, HAS_BIAS)
+    else:
+        # fp32 partials in ws [2, SPLIT_K, BLOCK_M, N]; the tile's last program to arrive (a self-resetting
+        # counter) sums them in split order, so the result does not depend on the arrival order
+        part = rm[:, None] * N + rn[None, :]
+        nmask = (rn < N)[None, :]
+        tl.store(ws_ptr + split * BLOCK_M * N + part, acc, mask=nmask)
+        if EPI == 2:
+            tl.store(ws_ptr + (SPLIT_K + split) * BLOCK_M * N + part, acc2, mask=nmask)
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for j in range(SPLIT_K):
+                acc += tl.load(ws_ptr + j * BLOCK_M * N + part, mask=nmask, other=0.0, cache_modifier=".cg")
+                if EPI == 2:
+                    acc2 += tl.load(ws_ptr + (SPLIT_K + j) * BLOCK_M * N + part, mask=nmask, other=0.0,
+                                    cache_modifier=".cg")
+            _epilogue(acc, acc2, out_ptr, bias_ptr, rm, rn, M, N, stride_om, EPI, HAS_BIAS)
+            tl.store(cnt_ptr + tile, 0)
 
 
-DEFAULT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4}
+_COUNTERS: dict = {}  # device -> int32 zeros, one per tile (each split-K launch leaves them zero)
+
+
+def _counters(device, n):
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
+DEFAULT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4, "SPLIT_K": 1}
 
 
 def few_rows_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, *, bias_N=None, epilogue: str = "none",
@@ -83,10 +126,14 @@ def few_rows_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, *, bias_N=None, epil
     x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
     w2_desc = TensorDescriptor.from_tensor(w2_NK, [bn, bk]) if w2_NK is not None else w_desc
-    _few_rows_kernel[(triton.cdiv(N, bn),)](
-        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, M, N, K, out_MN.stride(0),
-        EPI=EPILOGUES.index(epilogue), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+    split, tiles = cfg["SPLIT_K"], triton.cdiv(N, bn)
+    ws = x_MK.new_empty(2 * split * bm * N, dtype=torch.float32) if split > 1 else out_MN
+    cnt = _counters(x_MK.device, tiles) if split > 1 else out_MN
+    _few_rows_kernel[(tiles * split,)](
+        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, ws, cnt, M, N, K,
+        out_MN.stride(0), EPI=EPILOGUES.index(epilogue), HAS_BIAS=bias_N is not None,
+        DOT_F32=INTERPRET or x_MK.device.type != "cuda", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
+        SPLIT_K=split, num_warps=cfg["num_warps"])
     return out_MN
 
 

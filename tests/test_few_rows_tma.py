@@ -20,20 +20,28 @@ def _inputs(M, N, K, device):
     return x, w, w2, torch.randn(N, device=device).to(bf), torch.randn(M, N, device=device).to(bf)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_epilogues_match_float64(M, N, K, device):
+def test_epilogues_match_float64(M, N, K, split_k, device):
+    """split_k 3: K's 32-wide blocks (the interpreter's) in 3 ranges, some empty at small K."""
+    import benchmarks.few_rows_tma as FR
+
+    cfg = {"SPLIT_K": split_k}
     x, w, w2, b, res = _inputs(M, N, K, device)
     x64, w64, w264 = x.double(), w.double(), w2.double()
-    out = few_rows_linear(x, w)
+    out = few_rows_linear(x, w, config=cfg)
     assert out.dtype == torch.bfloat16 and out.shape == (M, N)
     assert_close(out, x64 @ w64.t(), torch.bfloat16, name="none")
-    assert_close(few_rows_linear(x, w, bias_N=b), x64 @ w64.t() + b.double(), torch.bfloat16, name="bias")
+    assert_close(few_rows_linear(x, w, bias_N=b, config=cfg), x64 @ w64.t() + b.double(), torch.bfloat16,
+                 name="bias")
     r = res.clone()
-    got = few_rows_linear(x, w, epilogue="residual", out_MN=r)
+    got = few_rows_linear(x, w, epilogue="residual", out_MN=r, config=cfg)
     assert got.data_ptr() == r.data_ptr()
     assert_close(r, res.double() + x64 @ w64.t(), torch.bfloat16, name="residual")
-    assert_close(few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2), F.silu(x64 @ w64.t()) * (x64 @ w264.t()),
-                 torch.bfloat16, name="silu_gate")
+    g = few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg)
+    assert_close(g, F.silu(x64 @ w64.t()) * (x64 @ w264.t()), torch.bfloat16, name="silu_gate")
+    assert torch.equal(few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg), g)  # deterministic
+    assert all(int(c.abs().sum()) == 0 for c in FR._COUNTERS.values())  # the tile counters reset themselves
 
 
 def test_stacked_halves_are_views(device):
@@ -61,7 +69,8 @@ def test_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(64, 2048, 1536), (37, 1536, 8960), (64, 8960, 1536)])
 @pytest.mark.parametrize("cfg", [None, {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 3},
-                                 {"BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 5}])
+                                 {"BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 5},
+                                 {"BLOCK_N": 32, "BLOCK_K": 128, "STAGES": 4, "SPLIT_K": 4}])
 def test_decode_shapes_gpu(M, N, K, cfg):
     x, w, w2, b, res = _inputs(M, N, K, "cuda")
     x64, w64 = x.double(), w.double()
@@ -69,8 +78,10 @@ def test_decode_shapes_gpu(M, N, K, cfg):
     r = res.clone()
     few_rows_linear(x, w, epilogue="residual", out_MN=r, config=cfg)
     assert_close(r, res.double() + x64 @ w64.t(), torch.bfloat16)
-    assert_close(few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg),
-                 F.silu(x64 @ w64.t()) * (x64 @ w2.double().t()), torch.bfloat16)
+    g = few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg)
+    assert_close(g, F.silu(x64 @ w64.t()) * (x64 @ w2.double().t()), torch.bfloat16)
+    for _ in range(3):  # split-K partials are summed in split order whichever program arrives last
+        assert torch.equal(few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg), g)
 
 
 @pytest.mark.parametrize("flat", [True, False])
