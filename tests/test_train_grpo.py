@@ -70,6 +70,27 @@ def test_phase_clock_sums_each_phase_intervals():
     assert s["a"] + s["b"] <= total - 0.01, (s, total)
 
 
+@pytest.mark.gpu
+def test_phase_clock_charges_queued_device_work():
+    """On CUDA a phase is charged the device time of the work queued in it, though the host leaves it at once:
+    20 matmuls queued in "gemm" take longer than one small add queued in "tail", whose mark comes right after."""
+    import torch
+
+    from r1train.metrics import PhaseClock
+
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    c = PhaseClock(torch.device("cuda"))
+    c.mark("gemm")
+    for _ in range(20):
+        a = a @ a / 64.0
+    c.mark("tail")
+    a += 1
+    c.mark(None)
+    s = c.seconds()
+    assert s["gemm"] > 10 * s["tail"] > 0, s
+
+
 def test_sft_loss_falls(tmp_path):
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_steps=25", "learning_rate=0.01",
                                           "model_hidden_size=64", "per_device_train_batch_size=16"])
