@@ -160,15 +160,16 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
-    if few_rows is not None:  # the same engine with its decode GEMMs through benchmarks/few_rows_tma.py
+    for fuse_norms in (False, True) if few_rows is not None else ():
+        # the same engine with its decode GEMMs through benchmarks/few_rows_tma.py (and the norms in them)
         from .few_rows_tma import engine_patch
 
-        with engine_patch(few_rows):
+        with engine_patch(few_rows, fuse_norms=fuse_norms):
             eng.reset()
             tok_fr = ours()
             runs = _timed(ours, device, reps)
         eng.reset()
-        res["providers"]["r1train engine, few_rows_tma GEMMs"] = {
+        res["providers"]["r1train engine, few_rows_tma GEMMs" + (" + RMSNorms" if fuse_norms else "")] = {
             "seconds": statistics.median(runs), "runs": runs, "configs": {str(k): v for k, v in few_rows.items()},
             "tokens_equal_cublas_run": bool(torch.equal(tok_fr, tok))}
 
@@ -290,6 +291,11 @@ def main(argv=None):
             _write(a.out, model, results, a.device)
         if a.profile and a.device == "cuda" and name == "fixed":
             r["profile"] = profile_step(model, a.device)
+            if few_rows is not None:
+                from .few_rows_tma import engine_patch
+
+                with engine_patch(few_rows, fuse_norms=True):
+                    r["profile_few_rows_norms"] = profile_step(model, a.device)
             if a.out:
                 _write(a.out, model, results, a.device)
     return results

@@ -22,12 +22,14 @@ rc=0
 k300() { timeout -s KILL 300 "$@"; }
 # FEWROWS=1: first the few-row descriptor-load GEMM experiment (benchmarks/few_rows_tma.py): its gpu tests, the
 # config sweep beside cuBLAS (bench_decode_gemm_few_rows.json), and the fixed rollout with the engine's decode GEMMs
-# at each op's fastest config beside the cuBLAS engine in the same process (bench_rollout.json)
+# at each op's fastest config, without and with the RMSNorms folded into them, beside the cuBLAS engine in the same
+# process, and a per-kernel profile of each (bench_rollout.json)
 if [ -n "${FEWROWS:-}" ]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_few_rows_tma.py 2>&1 | tail -2
   timeout 420 python3 -m benchmarks.bench_decode_gemm --few-rows --out "$OUT" 2>&1 | grep -v "^   " | tail -12
   fr="$OUT/bench_decode_gemm_few_rows.json"; [ -f "$fr" ] || fr=default
-  python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --few-rows "$fr" || rc=$?
+  python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --profile --few-rows "$fr" \
+    || rc=$?
   SKIP=${SKIP:-},rollout
 fi
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?

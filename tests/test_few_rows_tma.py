@@ -44,6 +44,23 @@ def test_epilogues_match_float64(M, N, K, split_k, device):
     assert all(int(c.abs().sum()) == 0 for c in FR._COUNTERS.values())  # the tile counters reset themselves
 
 
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_rms_norm_prologue_matches_float64(M, N, K, device):
+    """norm_K: rms_norm(x) @ W^T with the RMSNorm folded in (x * g in the operand, the rsqrt on the accumulators)."""
+    x, w, w2, b, res = _inputs(M, N, K, device)
+    x = x * 3  # rows of rms ~3: the rsqrt matters
+    g = (1 + 0.5 * torch.randn(K, device=device)).to(torch.bfloat16)
+    x64 = x.double()
+    n64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
+    w64, w264 = w.double(), w2.double()
+    assert_close(few_rows_linear(x, w, bias_N=b, norm_K=g, eps=1e-5), n64 @ w64.t() + b.double(), torch.bfloat16)
+    assert_close(few_rows_linear(x, w, w2_NK=w2, epilogue="silu_gate", norm_K=g, eps=1e-5),
+                 F.silu(n64 @ w64.t()) * (n64 @ w264.t()), torch.bfloat16)
+    r = res.clone()
+    few_rows_linear(x, w, epilogue="residual", out_MN=r, norm_K=g, eps=1e-5)
+    assert_close(r, res.double() + n64 @ w64.t(), torch.bfloat16)
+
+
 def test_stacked_halves_are_views(device):
     """gate/up as the two halves of one stacked [2I, K] weight (the engine's layout under ZeRO 1/2)."""
     x, w, w2, _, _ = _inputs(7, 24, 48, device)
@@ -64,6 +81,10 @@ def test_bad_arguments():
         few_rows_linear(x, w, w2_NK=w2)
     with pytest.raises(ValueError, match="out_MN"):
         few_rows_linear(x, w, epilogue="residual")
+    with pytest.raises(ValueError, match="norm_K"):
+        few_rows_linear(x, w, norm_K=torch.ones(15, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="norm_K"):
+        few_rows_linear(x, w, norm_K=torch.ones(16, dtype=torch.bfloat16), config={"SPLIT_K": 2})
 
 
 @pytest.mark.gpu
@@ -80,12 +101,17 @@ def test_decode_shapes_gpu(M, N, K, cfg):
     assert_close(r, res.double() + x64 @ w64.t(), torch.bfloat16)
     g = few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg)
     assert_close(g, F.silu(x64 @ w64.t()) * (x64 @ w2.double().t()), torch.bfloat16)
+    if (cfg or {}).get("SPLIT_K", 1) == 1:
+        nw = (1 + 0.5 * torch.randn(K, device="cuda")).to(torch.bfloat16)
+        n64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+        assert_close(few_rows_linear(x, w, w2_NK=w2, epilogue="silu_gate", norm_K=nw, config=cfg),
+                     F.silu(n64 @ w64.t()) * (n64 @ w2.double().t()), torch.bfloat16)
     for _ in range(3):  # split-K partials are summed in split order whichever program arrives last
         assert torch.equal(few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg), g)
 
 
-@pytest.mark.parametrize("flat", [True, False])
-def test_engine_patch_keeps_the_decode_forward(device, flat):
+@pytest.mark.parametrize("flat,fuse_norms", [(True, False), (False, False), (True, True)])
+def test_engine_patch_keeps_the_decode_forward(device, flat, fuse_norms):
     """bench_rollout --few-rows: the engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows
     gives the same logits with every q/k/v, o_proj, gate/up and down_proj GEMM through few_rows_linear (flat:
     the stacked gate/up view of ZeRO 1/2's layout; else separate weights), and prefill rows stay on cuBLAS."""
@@ -100,9 +126,10 @@ def test_engine_patch_keeps_the_decode_forward(device, flat):
                                              dtype=torch.bfloat16).to(device).eval()
     if flat:
         flatten_parameters(model)
-    calls = []
+    calls, norms = [], []
     real = FR.few_rows_linear
-    FR.few_rows_linear = lambda *a, **k: calls.append(k.get("epilogue", "none")) or real(*a, **k)
+    FR.few_rows_linear = lambda *a, **k: calls.append(k.get("epilogue", "none")) or norms.append(
+        k.get("norm_K") is not None) or real(*a, **k)
     try:
         for rows, T in [(5, 1), (2, 40)]:  # a decode step; a prefill of 80 rows
             ids = torch.randint(0, 97, (rows, T), device=device)
@@ -110,11 +137,15 @@ def test_engine_patch_keeps_the_decode_forward(device, flat):
                 with fused_decode_ops(model, buffers={}):
                     ref = model(ids).logits
                 calls.clear()
-                with FR.engine_patch(), fused_decode_ops(model, buffers={}):  # the patch binds at entry
+                norms.clear()
+                # the patch binds at fused_decode_ops's entry
+                with FR.engine_patch(fuse_norms=fuse_norms), fused_decode_ops(model, buffers={}):
                     got = model(ids).logits
             n_layers = model.config.num_hidden_layers
             expect = {"none": n_layers, "residual": 2 * n_layers, "silu_gate": n_layers} if rows * T <= 64 else {}
             assert {e: calls.count(e) for e in set(calls)} == expect
+            assert sum(norms) == (2 * n_layers if fuse_norms and rows * T <= 64 else 0)
+            assert not any("_r1k_norm" in m.__dict__ for m in model.modules())
             assert_close(got, ref.double(), torch.bfloat16, name=f"logits rows={rows} T={T}")
     finally:
         FR.few_rows_linear = real
