@@ -101,6 +101,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--few-rows", action="store_true")
+    p.add_argument("--models", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     a = p.parse_args(argv)
     if a.device != "cuda" or not torch.cuda.is_available():
         print("bench_decode_gemm: needs a CUDA device")
@@ -108,7 +109,7 @@ def main(argv=None):
     bw = ceilings("cuda")["copy_GBps"] * 1e9  # bytes/s read + written (also in environment())
     M, dev, bf = a.rows, "cuda", torch.bfloat16
     rows, lib0 = [], torch.backends.cuda.preferred_blas_library()
-    for model, (H, inter, nqkv) in SHAPES.items():
+    for model, (H, inter, nqkv) in ((m, SHAPES[m]) for m in a.models.split(",")):
         for name, (n, k, bias, residual) in {"qkv": (nqkv, H, True, False), "o_proj": (H, H, False, True),
                                              "gate_up": (2 * inter, H, False, False),
                                              "down": (H, inter, False, True)}.items():

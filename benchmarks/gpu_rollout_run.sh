@@ -26,7 +26,7 @@ k300() { timeout -s KILL 300 "$@"; }
 # process, and a per-kernel profile of each (bench_rollout.json)
 if [ -n "${FEWROWS:-}" ]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_few_rows_tma.py 2>&1 | tail -2
-  timeout 420 python3 -m benchmarks.bench_decode_gemm --few-rows --out "$OUT" 2>&1 | grep -v "^   " | tail -12
+  timeout 420 python3 -m benchmarks.bench_decode_gemm --few-rows --models 1.5B --out "$OUT" 2>&1 | grep -v "^   " | tail -12
   fr="$OUT/bench_decode_gemm_few_rows.json"; [ -f "$fr" ] || fr=default
   python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --profile --few-rows "$fr" \
     || rc=$?
