@@ -149,3 +149,21 @@ def test_engine_patch_keeps_the_decode_forward(device, flat, fuse_norms):
             assert_close(got, ref.double(), torch.bfloat16, name=f"logits rows={rows} T={T}")
     finally:
         FR.few_rows_linear = real
+
+
+def test_best_configs_picks_the_fastest_correct_config():
+    from benchmarks.few_rows_tma import best_configs
+
+    def key(bn, sk):
+        return f"few_rows BLOCK_N={bn},BLOCK_K=128,STAGES=4,num_warps=4,SPLIT_K={sk}"
+
+    sweep = {"results": [
+        {"op": "gate_up", "N": 17920, "K": 1536, "us": {"engine (cuBLAS)": 20.0, key(32, 1): 16.0, key(64, 1): 15.5,
+                                                         key(16, 1): "wrong: relative difference 0.5"}},
+        {"op": "down", "N": 1536, "K": 8960, "us": {"engine (cuBLAS)": 12.0, key(16, 4): 9.0, key(32, 2): 9.5}},
+        {"op": "qkv", "N": 2048, "K": 1536, "us": {"engine (cuBLAS)": 6.0, key(16, 1): "OutOfResources"}}]}
+    got = best_configs(sweep)
+    assert got == {("silu_gate", 17920, 1536): {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4,
+                                                "SPLIT_K": 1},
+                   ("residual", 1536, 8960): {"BLOCK_N": 16, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4,
+                                              "SPLIT_K": 4}}
