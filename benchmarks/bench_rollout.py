@@ -122,7 +122,7 @@ def _timed(fn, device, reps):
 
 def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False,
                  few_rows=None):
-    """few_rows: also time the engine under few_rows_tma.engine_patch with these configs ({} = defaults)."""
+    """few_rows: {label: engine_patch kwargs}: also time the engine under each."""
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -160,17 +160,18 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
-    for fuse_norms in (False, True) if few_rows is not None else ():
-        # the same engine with its decode GEMMs through benchmarks/few_rows_tma.py (and the norms in them)
+    for label, patch in (few_rows or {}).items():
+        # the same engine with (some of) its decode GEMMs through benchmarks/few_rows_tma.py
         from .few_rows_tma import engine_patch
 
-        with engine_patch(few_rows, fuse_norms=fuse_norms):
+        with engine_patch(**patch):
             eng.reset()
             tok_fr = ours()
             runs = _timed(ours, device, reps)
         eng.reset()
-        res["providers"]["r1train engine, few_rows_tma GEMMs" + (" + RMSNorms" if fuse_norms else "")] = {
-            "seconds": statistics.median(runs), "runs": runs, "configs": {str(k): v for k, v in few_rows.items()},
+        res["providers"][f"r1train engine, few_rows_tma: {label}"] = {
+            "seconds": statistics.median(runs), "runs": runs,
+            "configs": {str(k): v for k, v in patch["configs"].items()},
             "tokens_equal_cublas_run": bool(torch.equal(tok_fr, tok))}
 
     def hf(**kw):
@@ -272,7 +273,13 @@ def main(argv=None):
     if a.few_rows is not None:
         from .few_rows_tma import best_configs
 
-        few_rows = {} if a.few_rows == "default" else best_configs(json.load(open(a.few_rows)))
+        sweep = None if a.few_rows == "default" else json.load(open(a.few_rows))
+        best = {} if sweep is None else best_configs(sweep)
+        few_rows = {"every projection": dict(configs=best),
+                    "every projection + the RMSNorms": dict(configs=best, fuse_norms=True)}
+        if sweep is not None:
+            few_rows["the projections that beat cuBLAS in the sweep"] = dict(
+                configs=best_configs(sweep, winners_only=True), only_listed=True)
     results = []
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
@@ -294,7 +301,7 @@ def main(argv=None):
             if few_rows is not None:
                 from .few_rows_tma import engine_patch
 
-                with engine_patch(few_rows, fuse_norms=True):
+                with engine_patch(**few_rows["every projection + the RMSNorms"]):
                     r["profile_few_rows_norms"] = profile_step(model, a.device)
             if a.out:
                 _write(a.out, model, results, a.device)

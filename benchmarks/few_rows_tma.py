@@ -162,20 +162,23 @@ def few_rows_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, *, bias_N=None, epil
 MAX_ROWS = 64
 
 
-def best_configs(sweep: dict) -> dict:
-    """bench_decode_gemm --few-rows JSON -> {(epilogue, weight rows, K): fastest correct config}."""
+def best_configs(sweep: dict, winners_only: bool = False) -> dict:
+    """bench_decode_gemm --few-rows JSON -> {(epilogue, weight rows, K): fastest correct config}; winners_only:
+    only the projections where that config beat the engine's cuBLAS form."""
     epi = {"qkv": "none", "o_proj": "residual", "down": "residual", "gate_up": "silu_gate"}
     out = {}
     for row in sweep["results"]:
         timed = [(us, key) for key, us in row["us"].items() if key.startswith("few_rows ") and isinstance(us, float)]
+        if timed and winners_only and not min(timed)[0] < row["us"].get("engine (cuBLAS)", float("inf")):
+            continue
         if timed:
             cfg = dict(kv.split("=") for kv in min(timed)[1][len("few_rows "):].split(","))
             out[(epi[row["op"]], row["N"], row["K"])] = {k: int(v) for k, v in cfg.items()}
     return out
 
 
-def _eligible(x2, *ws) -> bool:
-    return x2.shape[0] <= MAX_ROWS and x2.is_contiguous() and x2.dtype in (torch.bfloat16, torch.float16) \
+def _eligible(x2, *ws, listed=True) -> bool:
+    return listed and x2.shape[0] <= MAX_ROWS and x2.is_contiguous() and x2.dtype in (torch.bfloat16, torch.float16) \
         and all(w.dtype == x2.dtype and w.stride(-1) == 1 for w in ws)
 
 
@@ -186,10 +189,11 @@ def _pending_norm(mod, x):
 
 
 @contextlib.contextmanager
-def engine_patch(configs: dict | None = None, fuse_norms: bool = False):
+def engine_patch(configs: dict | None = None, fuse_norms: bool = False, only_listed: bool = False):
     """While open, r1train.generation.fused (the engine's decode forward) runs q/k/v (+ bias), o_proj / down_proj
     (+ the residual, in place) and gate/up + SiLU through few_rows_linear for <= 64 rows (the decode step);
-    prefill and other dtypes keep the engine's cuBLAS form. configs: best_configs(); default DEFAULT_CONFIG.
+    prefill and other dtypes keep the engine's cuBLAS form. configs: best_configs(); default DEFAULT_CONFIG;
+    only_listed: the projections without a config keep cuBLAS too.
     fuse_norms: each Llama-family layer's two RMSNorms move into the q/k/v and gate/up kernels (norm_K; those
     two then run without split-K). fused_decode_ops binds these functions when it is entered (each
     Engine.generate), so enter this first; and call Engine.reset() after entering and after leaving: captured
@@ -203,6 +207,9 @@ def engine_patch(configs: dict | None = None, fuse_norms: bool = False):
         c = configs.get((epi, n, k))
         return {**(c or DEFAULT_CONFIG), "SPLIT_K": 1} if norm is not None else c
 
+    def listed(epi, n, k):
+        return not only_listed or (epi, n, k) in configs
+
     def normed(x, norm):  # the fallback paths: the deferred norm, unfused
         return x if norm is None else rk.rms_norm(x, norm[0], norm[1])
 
@@ -211,7 +218,7 @@ def engine_patch(configs: dict | None = None, fuse_norms: bool = False):
     def _q(self, x):
         norm = _pending_norm(self, x)
         x2 = x.reshape(-1, x.shape[-1])
-        if not _eligible(x2, self._r1k_w):
+        if not _eligible(x2, self._r1k_w, listed=listed("none", *self._r1k_w.shape)):
             return orig["_q"](self, normed(x, norm))
         w = self._r1k_w
         qkv = few_rows_linear(x2, w, bias_N=self._r1k_b, config=cfg("none", *w.shape, norm),
@@ -223,7 +230,7 @@ def engine_patch(configs: dict | None = None, fuse_norms: bool = False):
     def _gated(self, x, wg, wu, name):
         norm = _pending_norm(self, x)
         x2 = x.reshape(-1, x.shape[-1])
-        if not _eligible(x2, wg, wu):
+        if not _eligible(x2, wg, wu, listed=listed("silu_gate", 2 * wg.shape[0], wg.shape[1])):
             return orig[name](self, normed(x, norm))
         h = few_rows_linear(x2, wg, w2_NK=wu, epilogue="silu_gate", config=cfg("silu_gate", 2 * wg.shape[0],
                             wg.shape[1], norm), **({} if norm is None else {"norm_K": norm[0], "eps": norm[1]}))
@@ -239,7 +246,7 @@ def engine_patch(configs: dict | None = None, fuse_norms: bool = False):
     def _res_linear(self, x):
         res, x2 = self._r1k_res, x.reshape(-1, x.shape[-1])
         w = self.weight.detach()
-        if not (_eligible(x2, w) and res.is_contiguous()):
+        if not (_eligible(x2, w, listed=listed("residual", *w.shape)) and res.is_contiguous()):
             return orig["_res_linear"](self, x)
         self._r1k_res = None
         few_rows_linear(x2, w, epilogue="residual", out_MN=res.view(-1, res.shape[-1]),

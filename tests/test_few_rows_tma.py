@@ -110,8 +110,9 @@ def test_decode_shapes_gpu(M, N, K, cfg):
         assert torch.equal(few_rows_linear(x, w, epilogue="silu_gate", w2_NK=w2, config=cfg), g)
 
 
-@pytest.mark.parametrize("flat,fuse_norms", [(True, False), (False, False), (True, True)])
-def test_engine_patch_keeps_the_decode_forward(device, flat, fuse_norms):
+@pytest.mark.parametrize("flat,fuse_norms,only", [(True, False, None), (False, False, None), (True, True, None),
+                                                   (True, False, "silu_gate")])
+def test_engine_patch_keeps_the_decode_forward(device, flat, fuse_norms, only):
     """bench_rollout --few-rows: the engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows
     gives the same logits with every q/k/v, o_proj, gate/up and down_proj GEMM through few_rows_linear (flat:
     the stacked gate/up view of ZeRO 1/2's layout; else separate weights), and prefill rows stay on cuBLAS."""
@@ -139,10 +140,14 @@ def test_engine_patch_keeps_the_decode_forward(device, flat, fuse_norms):
                 calls.clear()
                 norms.clear()
                 # the patch binds at fused_decode_ops's entry
-                with FR.engine_patch(fuse_norms=fuse_norms), fused_decode_ops(model, buffers={}):
+                c = model.config  # only: the one projection with a config, the others stay on cuBLAS
+                listed = {} if only is None else {("silu_gate", 2 * c.intermediate_size, c.hidden_size): {}}
+                with FR.engine_patch(listed, fuse_norms=fuse_norms, only_listed=only is not None), \
+                        fused_decode_ops(model, buffers={}):
                     got = model(ids).logits
-            n_layers = model.config.num_hidden_layers
+            n_layers = c.num_hidden_layers
             expect = {"none": n_layers, "residual": 2 * n_layers, "silu_gate": n_layers} if rows * T <= 64 else {}
+            expect = {k: v for k, v in expect.items() if only in (None, k)}
             assert {e: calls.count(e) for e in set(calls)} == expect
             assert sum(norms) == (2 * n_layers if fuse_norms and rows * T <= 64 else 0)
             assert not any("_r1k_norm" in m.__dict__ for m in model.modules())
@@ -161,9 +166,10 @@ def test_best_configs_picks_the_fastest_correct_config():
         {"op": "gate_up", "N": 17920, "K": 1536, "us": {"engine (cuBLAS)": 20.0, key(32, 1): 16.0, key(64, 1): 15.5,
                                                          key(16, 1): "wrong: relative difference 0.5"}},
         {"op": "down", "N": 1536, "K": 8960, "us": {"engine (cuBLAS)": 12.0, key(16, 4): 9.0, key(32, 2): 9.5}},
-        {"op": "qkv", "N": 2048, "K": 1536, "us": {"engine (cuBLAS)": 6.0, key(16, 1): "OutOfResources"}}]}
-    got = best_configs(sweep)
-    assert got == {("silu_gate", 17920, 1536): {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4,
-                                                "SPLIT_K": 1},
-                   ("residual", 1536, 8960): {"BLOCK_N": 16, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4,
-                                              "SPLIT_K": 4}}
+        {"op": "qkv", "N": 2048, "K": 1536, "us": {"engine (cuBLAS)": 6.0, key(16, 1): "OutOfResources"}},
+        {"op": "o_proj", "N": 1536, "K": 1536, "us": {"engine (cuBLAS)": 5.0, key(16, 2): 6.0}}]}
+    cfg = {"BLOCK_K": 128, "STAGES": 4, "num_warps": 4}
+    winners = {("silu_gate", 17920, 1536): {"BLOCK_N": 64, **cfg, "SPLIT_K": 1},
+               ("residual", 1536, 8960): {"BLOCK_N": 16, **cfg, "SPLIT_K": 4}}
+    assert best_configs(sweep, winners_only=True) == winners
+    assert best_configs(sweep) == {**winners, ("residual", 1536, 1536): {"BLOCK_N": 16, **cfg, "SPLIT_K": 2}}
