@@ -23,8 +23,8 @@ k300() { timeout -s KILL 300 "$@"; }
 # FEWROWS=1: first the few-row descriptor-load GEMM experiment (benchmarks/few_rows_tma.py): its gpu tests, the
 # config sweep beside cuBLAS (bench_decode_gemm_few_rows.json), and the fixed rollout with the engine's decode GEMMs
 # at each op's fastest config (every projection; + the RMSNorms folded in; only those that beat cuBLAS in the
-# sweep), beside the cuBLAS engine in the same
-# process, and a per-kernel profile of each (bench_rollout.json)
+# sweep), beside the cuBLAS engine in the same process, and per-kernel profiles of a decode step of the cuBLAS
+# engine and of the every-projection + RMSNorms variant (bench_rollout.json)
 if [ -n "${FEWROWS:-}" ]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_few_rows_tma.py 2>&1 | tail -2
   timeout 420 python3 -m benchmarks.bench_decode_gemm --few-rows --models 1.5B --out "$OUT" 2>&1 | grep -v "^   " | tail -12
