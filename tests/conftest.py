@@ -29,6 +29,12 @@ def pytest_report_header(config):
     return f"r1kernels test seed: R1K_TEST_SEED={SEED}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The seed again at the end: `pytest -q` (what CI runs) hides the header, and a failure that is not an
+    assert_close names no seed."""
+    terminalreporter.write_line(f"r1kernels test seed: R1K_TEST_SEED={SEED}")
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # crc32, not hash(): str hashes change per process, and R1K_TEST_SEED must reproduce a failure

@@ -148,14 +148,19 @@ def test_update_router_biases_applies_and_resets():
 
 
 def test_patch_bf16_router_gemm_close():
-    """The bf16 router GEMM is wired in: outputs stay close. Biases 1.0 apart (sigmoid scores vary by < 1)
-    fix every token's experts, so bf16 rounding cannot flip a near-tie choice (the op-level bf16 GEMM
-    numerics are test_moe.py's test_router_fp32_and_bf16_gemm)."""
+    """The bf16 router GEMM is wired in: outputs stay close. Biases fix every token's experts, so bf16 rounding
+    cannot flip a near-tie choice (the op-level bf16 GEMM numerics are test_moe.py's
+    test_router_fp32_and_bf16_gemm): within a group 1.0 apart, and the groups' top-2 sums 2 * group size
+    apart (a random permutation of all experts let two groups' sums tie, and the sigmoid scores, which vary
+    by < 1, then chose the group: 1 seed in the full suite flipped one)."""
     model = _tiny()
     with torch.no_grad():
         for m in model.modules():
             if hasattr(m, "e_score_correction_bias"):
-                m.e_score_correction_bias.copy_(torch.randperm(m.e_score_correction_bias.numel()).float())
+                G = model.config.n_group
+                gs = m.e_score_correction_bias.numel() // G
+                b_Gs = torch.randperm(G)[:, None] * gs + torch.stack([torch.randperm(gs) for _ in range(G)])
+                m.e_score_correction_bias.copy_(b_Gs.flatten().float())
     patched = copy.deepcopy(model)
     dsv3.patch_deepseek_v3(patched, gemm_dtype=torch.bfloat16)
     ids = torch.randint(0, 64, (2, 12))
