@@ -220,6 +220,7 @@ def _r1train(name, variant, model, tok, rows, w, a, cuda, res, out_dir, t0):
 
     from r1train.config import load_config
     from r1train.grpo import GRPOTrainer
+    from r1train.metrics import STEP_PHASES
 
     n = w["prompts"] * w["num_generations"]
     ov = [f"output_dir={out_dir}", f"max_steps={a.max_steps}", f"num_generations={w['num_generations']}",
@@ -242,7 +243,7 @@ def _r1train(name, variant, model, tok, rows, w, a, cuda, res, out_dir, t0):
     _after_init(torch, res, t0)
     hist = trainer.train()
     res.update(_timed([h["step_time"] for h in hist]))
-    phases = tuple(f"time/{k}" for k in ("generate", "rewards", "logprobs", "forward", "backward", "optimizer"))
+    phases = tuple(f"time/{k}" for k in STEP_PHASES)
     timed = hist[1:] if len(hist) > 1 else hist
     res["median_phase_seconds"] = {k: statistics.median(h[k] for h in timed) for k in phases if k in timed[0]}
     res["loss"] = [h["loss"] for h in hist]

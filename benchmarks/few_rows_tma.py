@@ -258,7 +258,7 @@ def engine_patch(configs: dict | None = None, fuse_norms: bool = False, only_lis
         attn, mlp = self.self_attn, self.mlp
         x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
         ours = getattr(getattr(attn, "q_proj", None), "forward", None)
-        if args or not (_eligible(x2, x2) and getattr(ours, "__func__", None) is _q
+        if args or not (_eligible(x2) and getattr(ours, "__func__", None) is _q
                         and getattr(mlp.forward, "__func__", None) in (_mlp, _mlp_gate_up)):
             return orig["_layer"](self, hidden_states, *args, **kwargs)
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm

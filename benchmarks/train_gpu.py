@@ -37,9 +37,6 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
                   tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True)
-# r1train's PhaseClock: each phase's device time inside train_step; step_time is the host's
-PHASES = tuple(f"time/{k}" for k in ("generate", "rewards", "logprobs", "forward", "backward", "optimizer")) \
-    + ("step_time",)
 
 
 def random_model(shape: dict, tok, dtype, device=None):
@@ -108,7 +105,11 @@ def main(argv=None):
 
     from r1train.config import load_config
     from r1train.grpo import GRPOTrainer
+    from r1train.metrics import STEP_PHASES
     from r1train.tasks import char_tokenizer
+
+    # r1train's PhaseClock: each phase's device time inside train_step; step_time is the host's
+    PHASES = tuple(f"time/{k}" for k in STEP_PHASES) + ("step_time",)
 
     shape = TINY if a.tiny else QWEN25_15B
     tok = char_tokenizer(vocab_size=shape["vocab_size"])

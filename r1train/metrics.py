@@ -10,8 +10,6 @@ import math
 import os
 import time
 
-import torch
-
 log = logging.getLogger("r1train")
 
 
@@ -32,6 +30,10 @@ def resolve_report_to(report_to) -> list[str]:
     return [] if names == ["none"] else names
 
 
+# The GRPO step's phases, in the order GRPOTrainer.train_step marks them (time/<phase> in its metrics)
+STEP_PHASES = ("generate", "rewards", "logprobs", "forward", "backward", "optimizer")
+
+
 class PhaseClock:
     """Seconds per phase of one step on the device's timeline. mark(phase) ends the running phase where the
     host has queued its work (a CUDA event on the current stream: no host sync) and starts `phase`; mark(None)
@@ -40,13 +42,16 @@ class PhaseClock:
     queuing it (host timers charged the reference log-probs' GPU work to whichever later call first waited).
     On CPU the work is synchronous: perf_counter."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
+        import torch  # here, not at import: reading and plotting metrics needs no torch
+
         self.cuda = torch.device(device).type == "cuda"
+        self._event = torch.cuda.Event if self.cuda else None
         self.marks: list = []
 
     def mark(self, phase: str | None):
         if self.cuda:
-            now = torch.cuda.Event(enable_timing=True)
+            now = self._event(enable_timing=True)
             now.record()
         else:
             now = time.perf_counter()

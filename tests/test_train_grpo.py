@@ -8,6 +8,7 @@ import train_helpers as H
 
 from r1train.config import load_config
 from r1train.loading import load_datasets, load_model_and_tokenizer
+from r1train.metrics import STEP_PHASES
 from r1train.sft import SFTTrainer
 
 
@@ -45,7 +46,7 @@ def test_grpo_variants_step(tmp_path, ov):
     if "mask_truncated_completions=true" in ov:
         assert hist[0]["completions/clipped_ratio"] > 0
     for h in hist:  # the step's phases partition its time inside train_step (PhaseClock)
-        phases = [h[f"time/{p}"] for p in ("generate", "rewards", "logprobs", "forward", "backward", "optimizer")]
+        phases = [h[f"time/{p}"] for p in STEP_PHASES]
         assert all(t > 0 for t in phases), h
         assert sum(phases) <= h["step_time"], h
 

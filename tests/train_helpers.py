@@ -75,11 +75,13 @@ def read_metrics(output_dir):
     return [r for r in rows if "loss" in r]
 
 
-TIMING = ("step_time",)  # and every time/<phase>
+def is_timing(key: str) -> bool:
+    """step_time and every time/<phase>: metrics that differ between runs of the same work."""
+    return key == "step_time" or key.startswith("time/")
 
 
 def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")} for r in rows]
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in rows]
 
 
 def grpo_trainer(output_dir, *overrides, reward_funcs=None):
