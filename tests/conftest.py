@@ -23,6 +23,13 @@ TOLERANCES = {
     torch.float16: 4e-3,
 }
 ATOL = 1e-6
+# A set of tensors checked together (a model's gradients): the root-mean-square of their relative errors is held
+# to LOWP_RATIO x the torch low-precision reference's, each tensor to LOWP_RATIO_ONE x its own. One run's error
+# norm of an 8-32-element tensor (a bias, a head-dim norm weight) is a noisy estimate: over 800 bf16 runs of
+# test_patch_layers (27 tensors each) the ratio to HF's error averaged 1.0 per tensor and reached 2.45, the
+# pooled ratio 1.33.
+LOWP_RATIO = 2.0
+LOWP_RATIO_ONE = 4.0
 
 
 def pytest_report_header(config):
@@ -85,9 +92,30 @@ def assert_close(out, ref, dtype=torch.float32, *, lowp=None, name="output", sca
     err = rel_err(out, ref, scale)
     tol = TOLERANCES[dtype]
     if lowp is not None:
-        tol = max(tol, 2.0 * rel_err(lowp, ref, scale))
+        tol = max(tol, LOWP_RATIO * rel_err(lowp, ref, scale))
     tol += ATOL / max(ref.detach().double().norm().item(), scale, 1e-30) * (ref.numel() ** 0.5)
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.3e} (seed {SEED})"
+
+
+def assert_close_set(outs: dict, refs: dict, dtype, *, lowps: dict | None = None, name="output"):
+    """Every tensor of outs vs its float64 ref in refs as assert_close does; with lowps (the torch low-precision
+    reference's tensors) the low-precision rule applies to the set: the RMS of the relative errors within
+    LOWP_RATIO x lowps' RMS, each tensor within LOWP_RATIO_ONE x its own, all at least TOLERANCES[dtype]."""
+    assert set(outs) == set(refs), f"{name}: {sorted(set(outs) ^ set(refs))} in one set only"
+    if not lowps:
+        for k in outs:
+            assert_close(outs[k], refs[k], dtype, name=f"{name} {k}")
+        return
+    errs = {k: rel_err(outs[k], refs[k]) for k in outs}
+    lows = {k: rel_err(lowps[k], refs[k]) for k in outs}
+    atol = {k: ATOL / max(refs[k].detach().double().norm().item(), 1e-30) * (refs[k].numel() ** 0.5) for k in outs}
+    for k in outs:
+        tol = max(TOLERANCES[dtype], LOWP_RATIO_ONE * lows[k]) + atol[k]
+        assert errs[k] <= tol, f"{name} {k}: relative error {errs[k]:.3e} > tolerance {tol:.3e} (seed {SEED})"
+    rms = (sum(e * e for e in errs.values()) / len(errs)) ** 0.5
+    rms_low = (sum(e * e for e in lows.values()) / len(lows)) ** 0.5
+    tol = max(TOLERANCES[dtype], LOWP_RATIO * rms_low) + max(atol.values())
+    assert rms <= tol, f"{name}: RMS relative error {rms:.3e} > tolerance {tol:.3e} (seed {SEED})"
 
 
 def loss_scale(loss_of_adv, adv) -> float:
