@@ -4,9 +4,10 @@ in L2) replayed in one CUDA graph, so a call's time includes the graph's launch 
 product, to find the fastest way to ask cuBLAS for it: the engine's form (F.linear / addmm_ into the
 residual), the transposed product W @ x^T (cuBLAS then tiles the other operand), the cuBLASLt vs cuBLAS
 backend of torch, and bf16 split-K reduction allowed or not. Floor: the weight's bytes at the measured copy
-bandwidth (harness.ceilings). --few-rows: instead, r1kernels' few-row GEMM (descriptor loads, fused bias /
-residual / SiLU-gate epilogues) over a config sweep beside the engine's cuBLAS form of each projection (for
-gate/up: one GEMM over the stacked weight + rk.silu_mul). Writes bench_decode_gemm[_few_rows].json."""
+bandwidth (harness.ceilings). --few-rows: instead, the few-row GEMM experiment benchmarks/few_rows_tma.py
+(descriptor loads, fused bias / residual / SiLU-gate epilogues) over a config sweep beside the engine's cuBLAS
+form of each projection (for gate/up: one GEMM over the stacked weight + rk.silu_mul).
+Writes bench_decode_gemm[_few_rows].json."""
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ FEW_ROWS_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": 4, "
                   for bn in (16, 32, 64) for sk in (2, 4, 8)]
 
 
-def few_rows_rows(model, name, ws, bs, x, M):
+def few_rows_rows(name, ws, bs, x, M):
     """{'engine (cuBLAS)': us, 'few_rows <cfg>': us, ...} for one projection."""
     import r1kernels as rk
     from benchmarks.few_rows_tma import few_rows_linear
@@ -118,7 +119,7 @@ def main(argv=None):
             row = {"model": model, "op": name, "M": M, "N": n, "K": k,
                    "floor_us": n * k * 2 / bw * 1e6, "us": {}}
             if a.few_rows:
-                row["us"] = few_rows_rows(model, name, ws, bs, x, M)
+                row["us"] = few_rows_rows(name, ws, bs, x, M)
             for lib in ("cublas", "cublaslt") if not a.few_rows else ():
                 for reduced in (True, False):
                     torch.backends.cuda.preferred_blas_library(lib)

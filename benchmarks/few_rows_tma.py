@@ -182,10 +182,15 @@ def _eligible(x2, *ws, listed=True) -> bool:
         and all(w.dtype == x2.dtype and w.stride(-1) == 1 for w in ws)
 
 
-def _pending_norm(mod, x):
-    """The RMSNorm (weight, eps) the patched layer left on `mod` for its input x (then x is the raw residual),
-    cleared; None when x is already normed."""
+def _pending_norm(mod):
+    """The RMSNorm (weight, eps) the patched layer left on `mod` for its input (then the input is the raw
+    residual), cleared; None when the input is already normed."""
     return mod.__dict__.pop("_r1k_norm", None)
+
+
+def _norm_kwargs(norm) -> dict:
+    """few_rows_linear's prologue arguments for a pending norm (weight, eps)."""
+    return {} if norm is None else {"norm_K": norm[0], "eps": norm[1]}
 
 
 @contextlib.contextmanager
@@ -216,24 +221,24 @@ def engine_patch(configs: dict | None = None, fuse_norms: bool = False, only_lis
     orig = {n: getattr(F_, n) for n in ("_q", "_mlp", "_mlp_gate_up", "_res_linear", "_layer")}
 
     def _q(self, x):
-        norm = _pending_norm(self, x)
+        norm = _pending_norm(self)
         x2 = x.reshape(-1, x.shape[-1])
         if not _eligible(x2, self._r1k_w, listed=listed("none", *self._r1k_w.shape)):
             return orig["_q"](self, normed(x, norm))
         w = self._r1k_w
         qkv = few_rows_linear(x2, w, bias_N=self._r1k_b, config=cfg("none", *w.shape, norm),
-                              **({} if norm is None else {"norm_K": norm[0], "eps": norm[1]})).view(*x.shape[:-1], -1)
+                              **_norm_kwargs(norm)).view(*x.shape[:-1], -1)
         nq, nk = self.out_features, self._r1k_k.out_features
         self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x, qkv[..., nq:nq + nk]), (x, qkv[..., nq + nk:])
         return qkv[..., :nq]
 
     def _gated(self, x, wg, wu, name):
-        norm = _pending_norm(self, x)
+        norm = _pending_norm(self)
         x2 = x.reshape(-1, x.shape[-1])
         if not _eligible(x2, wg, wu, listed=listed("silu_gate", 2 * wg.shape[0], wg.shape[1])):
             return orig[name](self, normed(x, norm))
         h = few_rows_linear(x2, wg, w2_NK=wu, epilogue="silu_gate", config=cfg("silu_gate", 2 * wg.shape[0],
-                            wg.shape[1], norm), **({} if norm is None else {"norm_K": norm[0], "eps": norm[1]}))
+                            wg.shape[1], norm), **_norm_kwargs(norm))
         return self.down_proj(h.view(*x.shape[:-1], wg.shape[0]))
 
     def _mlp(self, x):

@@ -84,38 +84,38 @@ def rel_err(out, ref, scale=0.0) -> float:
     return num / den if den > 0 else num
 
 
-def assert_close(out, ref, dtype=torch.float32, *, lowp=None, name="output", scale=0.0):
+def _atol(ref, scale=0.0) -> float:
+    """ATOL per element as a share of max(||ref||, scale)."""
+    return ATOL / max(ref.detach().double().norm().item(), scale, 1e-30) * (ref.numel() ** 0.5)
+
+
+def assert_close(out, ref, dtype=torch.float32, *, lowp=None, name="output", scale=0.0, lowp_ratio=LOWP_RATIO):
     """out vs the float64 reference ref: within TOLERANCES[dtype] (or, when `lowp` -- the torch reference
-    evaluated in the same low precision -- is given, within 2x its error) plus ATOL. Errors are relative to
-    max(||ref||, scale); for a loss (a sum of signed terms that can cancel to near zero while rounding
-    errors scale with the terms) pass the sum of the terms' magnitudes as `scale`."""
+    evaluated in the same low precision -- is given, within lowp_ratio x its error) plus ATOL. Errors are
+    relative to max(||ref||, scale); for a loss (a sum of signed terms that can cancel to near zero while
+    rounding errors scale with the terms) pass the sum of the terms' magnitudes as `scale`."""
     err = rel_err(out, ref, scale)
     tol = TOLERANCES[dtype]
     if lowp is not None:
-        tol = max(tol, LOWP_RATIO * rel_err(lowp, ref, scale))
-    tol += ATOL / max(ref.detach().double().norm().item(), scale, 1e-30) * (ref.numel() ** 0.5)
+        tol = max(tol, lowp_ratio * rel_err(lowp, ref, scale))
+    tol += _atol(ref, scale)
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.3e} (seed {SEED})"
 
 
 def assert_close_set(outs: dict, refs: dict, dtype, *, lowps: dict | None = None, name="output"):
     """Every tensor of outs vs its float64 ref in refs as assert_close does; with lowps (the torch low-precision
-    reference's tensors) the low-precision rule applies to the set: the RMS of the relative errors within
-    LOWP_RATIO x lowps' RMS, each tensor within LOWP_RATIO_ONE x its own, all at least TOLERANCES[dtype]."""
+    reference's tensors) the low-precision rule applies to the set: each tensor within LOWP_RATIO_ONE x its own
+    error, the RMS of the relative errors within LOWP_RATIO x lowps' RMS, all at least TOLERANCES[dtype]."""
     assert set(outs) == set(refs), f"{name}: {sorted(set(outs) ^ set(refs))} in one set only"
-    if not lowps:
-        for k in outs:
-            assert_close(outs[k], refs[k], dtype, name=f"{name} {k}")
-        return
-    errs = {k: rel_err(outs[k], refs[k]) for k in outs}
-    lows = {k: rel_err(lowps[k], refs[k]) for k in outs}
-    atol = {k: ATOL / max(refs[k].detach().double().norm().item(), 1e-30) * (refs[k].numel() ** 0.5) for k in outs}
     for k in outs:
-        tol = max(TOLERANCES[dtype], LOWP_RATIO_ONE * lows[k]) + atol[k]
-        assert errs[k] <= tol, f"{name} {k}: relative error {errs[k]:.3e} > tolerance {tol:.3e} (seed {SEED})"
-    rms = (sum(e * e for e in errs.values()) / len(errs)) ** 0.5
-    rms_low = (sum(e * e for e in lows.values()) / len(lows)) ** 0.5
-    tol = max(TOLERANCES[dtype], LOWP_RATIO * rms_low) + max(atol.values())
-    assert rms <= tol, f"{name}: RMS relative error {rms:.3e} > tolerance {tol:.3e} (seed {SEED})"
+        assert_close(outs[k], refs[k], dtype, lowp=lowps[k] if lowps else None, name=f"{name} {k}",
+                     lowp_ratio=LOWP_RATIO_ONE)
+    if lowps:
+        def rms(tensors):
+            return (sum(rel_err(tensors[k], refs[k]) ** 2 for k in refs) / len(refs)) ** 0.5
+
+        err, tol = rms(outs), max(TOLERANCES[dtype], LOWP_RATIO * rms(lowps)) + max(map(_atol, refs.values()))
+        assert err <= tol, f"{name}: RMS relative error {err:.3e} > tolerance {tol:.3e} (seed {SEED})"
 
 
 def loss_scale(loss_of_adv, adv) -> float:
