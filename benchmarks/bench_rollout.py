@@ -85,6 +85,10 @@ class ForcedLengths:
     (default: always) says whether this lm_head call is a rollout's (a trainer's forwards pass through)."""
 
     def __init__(self, model, prompt_len, len_B, eos, rows, active=None):
+        # the prefill draws token 0 from the distinct prompts' logits, whose rows rows() does not map: it is
+        # never forced
+        if int(len_B.min()) < 2:
+            raise ValueError(f"len_B: completion lengths must be >= 2, got {int(len_B.min())}")
         self.len_B, self.P, self.eos, self.rows, self.active = len_B, prompt_len, eos, rows, active
         self.pos = None
         self.h = [model.register_forward_pre_hook(self._pre, with_kwargs=True),

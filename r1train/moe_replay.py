@@ -150,6 +150,10 @@ class RouterReplay:
         finally:
             self._target = None
 
+    def repeat_prompts(self, rows_B):
+        """The prefill ran on distinct prompts: row b's prompt record is prompt row rows_B[b]'s."""
+        self._prompt_MBPK = self._prompt_MBPK.index_select(1, rows_B)
+
     @contextlib.contextmanager
     def decode(self, buf_MBTK, rid_r, pos_r, done_r):
         """Around the decode step's forward (captured in the CUDA graph): row rid_r[i]'s input token ids go

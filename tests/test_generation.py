@@ -66,6 +66,8 @@ def test_greedy_equals_full_forward(name, backend):
         rk.patch(model)
     lens, T = [7, 2, 5, 1, 6], 10
     ids, mask = _prompts(lens)
+    rep = [0, 1, 2, 3, 4, 2, 0, 2]  # repeated prompts: one prefill row each, copied (distinct_rows)
+    ids, mask, lens = ids[rep], mask[rep], [lens[i] for i in rep]
     # eos: a token the greedy run of row 0 reaches at its 4th step, so some rows stop early
     ref0 = _greedy_no_cache(model, ids[0, mask[0].bool()].tolist(), T, eos=-1)
     eos = ref0[3]
@@ -225,6 +227,13 @@ def test_batch_invariance_and_seeds():
     assert_close(alone_lp[0], logp[2].double(), torch.float32, name="log-probs across batches")
     other, _ = generate(model, ids, mask, [5, 6, 70, 8], sp, eos_id=-1, pad_id=0, backend="torch")
     assert not torch.equal(other[2], tok[2]) and torch.equal(other[0], tok[0])
+    # repeats of a prompt (one prefill row, copied to each): each row as in a batch of distinct prompts
+    rep, rep_lp = generate(model, ids[[2, 0, 2, 2]], mask[[2, 0, 2, 2]], [7, 5, 70, 6], sp, eos_id=-1, pad_id=0,
+                           backend="torch")
+    six, _ = generate(model, ids[2:3], mask[2:3], [6], sp, eos_id=-1, pad_id=0, backend="torch")
+    for got, want in ((rep[0], tok[2]), (rep[1], tok[0]), (rep[2], other[2]), (rep[3], six[0])):
+        assert torch.equal(got, want)
+    assert_close(rep_lp[0], logp[2].double(), torch.float32, name="log-probs of a repeated prompt")
 
 
 def test_engine_reuses_buffers_and_compacts():

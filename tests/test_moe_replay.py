@@ -188,6 +188,8 @@ def test_engine_records_routing_of_greedy_rollout(patched):
     moe_replay.enable(model)
     lens, T = [6, 2, 5, 1], 9
     ids, mask = _prompts(lens)
+    rep = [0, 1, 2, 3, 2, 0]  # repeated prompts: recorded once in the prefill, copied
+    ids, mask, lens = ids[rep], mask[rep], [lens[i] for i in rep]
     P = ids.shape[1]
     eng = Engine(model, backend="torch", check_every=2)
     probe, _ = eng.generate(ids[:1], mask[:1], [0], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0)

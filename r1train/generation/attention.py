@@ -69,6 +69,12 @@ class KVCache:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_B1PP, scale=scale)
         return out.transpose(1, 2).contiguous()
 
+    def repeat_prefill(self, rows_B: torch.Tensor, P: int):
+        """The prefill ran on distinct prompts: row b gets prompt row rows_B[b]'s keys/values (positions < P)."""
+        for t in self.k + self.v:
+            if t is not None:
+                t[:rows_B.numel(), :, :P] = t[:, :, :P].index_select(0, rows_B)
+
     # ---- decode: one new token per row
     def decode(self, i, q, k, v, scale):
         b, w = q.shape[0], self.window

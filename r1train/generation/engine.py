@@ -2,7 +2,8 @@
 a CUDA graph per batch-size bucket, sampling with rk.sample_tokens, finished rows compacted away.
 
 Per rollout of B rows (left-padded prompts [B, P], max_new_tokens T):
-1. prefill: one forward over the prompts (sdpa, keys/values written into the cache), first token sampled;
+1. prefill: one forward over the distinct prompts (sdpa, keys/values written into the cache; rows that repeat
+   a prompt get copies), first token sampled;
 2. decode: the step "forward one token per row -> sample -> write token and log-prob -> advance" reads and
    writes only static buffers, so on CUDA it is captured once per (rows, sampling options) and replayed;
    the host reads back only the number of live rows every `check_every` steps, and then moves live rows
@@ -63,6 +64,20 @@ def buckets(rows: int) -> list[int]:
         out.append(b)
         b *= 2
     return sorted(set(out), reverse=True)
+
+
+def distinct_rows(ids_BP: torch.Tensor, mask_BP: torch.Tensor):
+    """Distinct left-padded prompts -> (first_U: the first row of each, ascending; rows_B: the index in first_U
+    of row b's prompt). Rows are the same prompt when their tokens and padding are. One host read (the count)."""
+    B, dev = ids_BP.shape[0], ids_BP.device
+    key_BP = torch.where(mask_BP.bool(), ids_BP, -1)
+    uniq_UP, sorted_B = torch.unique(key_BP, dim=0, return_inverse=True)  # indices into sorted keys
+    first_U = torch.full((uniq_UP.shape[0],), B, dtype=torch.int64, device=dev)
+    first_U.scatter_reduce_(0, sorted_B, torch.arange(B, device=dev), "amin")
+    first_U, order_U = first_U.sort()
+    rank_U = torch.empty_like(order_U)
+    rank_U[order_U] = torch.arange(order_U.numel(), device=dev)
+    return first_U, rank_U[sorted_B]
 
 
 class _State:
@@ -270,9 +285,19 @@ class Engine:
         st.out_tok[:B].fill_(pad_id)
         st.out_logp[:B].zero_()
         with self._active():
-            n_B = cache.set_prefill(prompt_mask_BP)
-            with rec.prefill(prompt_mask_BP) if rec else contextlib.nullcontext():
-                logits = self._forward(prompt_ids_BP, _attn.position_ids(prompt_mask_BP))
+            # the prefill runs once per distinct prompt (GRPO repeats each num_generations times); the repeats
+            # get copies of its keys/values, first-token logits and MoE routing
+            first_U, rows_B = distinct_rows(prompt_ids_BP, prompt_mask_BP)
+            ids_UP, mask_UP = prompt_ids_BP[first_U], prompt_mask_BP[first_U]
+            n_U = cache.set_prefill(mask_UP)
+            with rec.prefill(mask_UP) if rec else contextlib.nullcontext():
+                logits = self._forward(ids_UP, _attn.position_ids(mask_UP))
+            n_B = n_U
+            if first_U.numel() < B:
+                cache.repeat_prefill(rows_B, P)
+                if rec:
+                    rec.repeat_prompts(rows_B)
+                logits, n_B = logits[rows_B], n_U[rows_B]
             cache.mode = "decode"
             st.lens[:B] = n_B
             self._emit(B, logits, sp, eos_id, pad_id)
