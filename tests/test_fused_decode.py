@@ -192,12 +192,15 @@ def test_rms_norm_backward(device, dtype, shape, frozen_w):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,Hq,Hk,D,fused_qkv", [(2, 3, 4, 2, 16, False), (1, 5, 3, 1, 32, True)])
-def test_apply_rotary_backward(device, dtype, B, T, Hq, Hk, D, fused_qkv):
-    """dq, dk of the Triton op (the rotation by -sin) vs autograd of the reference in fp64, q/k laid out as
-    HF's attention makes them."""
+@pytest.mark.parametrize("B,T,Hq,Hk,D,fused_qkv,generic", [(2, 3, 4, 2, 16, False, False), (1, 5, 3, 1, 32, True, False),
+                                                           (2, 2, 2, 1, 16, False, True)])
+def test_apply_rotary_backward(device, dtype, B, T, Hq, Hk, D, fused_qkv, generic):
+    """dq, dk of the Triton op vs autograd of the reference in fp64, q/k laid out as HF's attention makes them;
+    `generic`: random cos/sin (halves not equal, unlike HF's)."""
     q0, k0 = _hf_qk(B, T, Hq, Hk, D, torch.float32, device, fused_qkv)
     cos, sin = _hf_cos_sin(B, T, Hq, Hk, D, dtype, device)
+    if generic:
+        cos, sin = torch.randn_like(cos), torch.randn_like(sin)
     dys = [torch.randn(B, Hq, T, D, device=device), torch.randn(B, Hk, T, D, device=device)]
     got = _grads(lambda q, k: fops.apply_rotary_triton(q, k, cos, sin), (_leaf(q0, dtype), _leaf(k0, dtype)), dys)
     want = _grads(lambda q, k: ref.apply_rotary(q, k, cos.double(), sin.double()),

@@ -1,7 +1,7 @@
 """rms_norm, apply_rotary and silu_mul as torch.library custom ops (r1kernels::rms_norm, ::apply_rotary,
 ::silu_mul) over the Triton kernels of r1kernels.triton.fused, each with one autograd path (register_autograd)
 for eager and compiled calls: the backwards are custom ops too (::rms_norm_backward, ::silu_mul_backward;
-the rotary's is the forward op with -sin). Only x/weight, gate/up and q/k get gradients: cos and sin are
+the rotary's is the forward op with sin's halves swapped and negated). Only x/weight, gate/up and q/k get gradients: cos and sin are
 taken as constants (rotary_eligible declines them when they require grad). The fakes make every op
 traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
 from __future__ import annotations
@@ -69,10 +69,12 @@ def _rotary_setup(ctx, inputs, output):
 
 
 def _rotary_bwd(ctx, dq, dk):
-    # q_out = [q1 c1 - q2 s1, q2 c2 + q1 s2]  =>  dq = [d1 c1 + d2 s2, d2 c2 - d1 s1]: the rotation by -sin
+    # q_out = [q1 c1 - q2 s1, q2 c2 + q1 s2]  =>  dq = [d1 c1 + d2 s2, d2 c2 - d1 s1]: the forward with cos and
+    # sin' = -[s2, s1] (sin's halves swapped; HF's cos/sin have equal halves, any others are accepted too)
     cos, sin = ctx.saved_tensors
     dq, dk = [torch.zeros(s, dtype=dt, device=dev) if d is None else d for d, (s, dt, dev) in zip((dq, dk), ctx.meta)]
-    gq, gk = apply_rotary_op(dq, dk, cos, -sin)
+    s1, s2 = sin.chunk(2, -1)
+    gq, gk = apply_rotary_op(dq, dk, cos, -torch.cat([s2, s1], -1))
     return gq, gk, None, None
 
 
