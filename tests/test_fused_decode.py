@@ -192,7 +192,8 @@ def test_rms_norm_backward(device, dtype, shape, frozen_w):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,Hq,Hk,D,fused_qkv,generic", [(2, 3, 4, 2, 16, False, False), (1, 5, 3, 1, 32, True, False),
+@pytest.mark.parametrize("B,T,Hq,Hk,D,fused_qkv,generic", [(2, 3, 4, 2, 16, False, False),
+                                                           (1, 5, 3, 1, 32, True, False),
                                                            (2, 2, 2, 1, 16, False, True)])
 def test_apply_rotary_backward(device, dtype, B, T, Hq, Hk, D, fused_qkv, generic):
     """dq, dk of the Triton op vs autograd of the reference in fp64, q/k laid out as HF's attention makes them;

@@ -167,6 +167,36 @@ def test_empty_mask_is_zero_not_nan():
         assert loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo", "vespo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_masked_positions_ignore_their_logprob_values(loss_type, level):
+    """old / ref / sampling log-probs at masked positions do not reach the loss or its gradient: padding them
+    with 0 where the policy's log-prob is -300 (exp overflows), with NaN, or with the policy's own values gives
+    the same finite loss, metrics and gradient."""
+    B, T = 3, 5
+    logp0 = torch.randn(B, T, dtype=torch.float64) - 1.0
+    logp0[:, 3:] = -300.0  # a low-temperature policy's log-prob of the pad token
+    mask = torch.ones(B, T, dtype=torch.float64)
+    mask[:, 3:] = 0.0
+    mask[1, 1:] = 0.0
+    lps = [logp0 + 0.1 * torch.randn(B, T, dtype=torch.float64) for _ in range(3)]
+    adv = torch.randn(B, dtype=torch.float64)
+    runs = []
+    for fill in ("policy", 0.0, math.nan):
+        old, reflp, samp = [torch.where(mask.bool(), x, logp0 if fill == "policy" else torch.full_like(x, fill))
+                            for x in lps]
+        logp = logp0.clone().requires_grad_(True)
+        loss, m = ref.grpo_loss_from_logprobs(logp, adv, mask, old, ref_logprobs=reflp, beta=0.04, loss_type=loss_type,
+                                              importance_sampling_level=level, sampling_logprobs=samp,
+                                              vllm_importance_sampling_correction=True)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), fill
+        runs.append((loss.detach(), logp.grad, {k: v.detach() for k, v in m.items()}))
+    for loss, g, m in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(g, runs[0][1])
+        assert all(torch.equal(v, runs[0][2][k]) for k, v in m.items())
+
+
 def test_cispo_gradient_stops_at_the_weight():
     logp = LOGP.clone().requires_grad_(True)
     loss, _ = ref.grpo_loss_from_logprobs(logp, ADV, MASK, OLD, loss_type="cispo", epsilon_high=1.3)

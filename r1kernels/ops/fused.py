@@ -1,9 +1,9 @@
 """rms_norm, apply_rotary and silu_mul as torch.library custom ops (r1kernels::rms_norm, ::apply_rotary,
 ::silu_mul) over the Triton kernels of r1kernels.triton.fused, each with one autograd path (register_autograd)
 for eager and compiled calls: the backwards are custom ops too (::rms_norm_backward, ::silu_mul_backward;
-the rotary's is the forward op with sin's halves swapped and negated). Only x/weight, gate/up and q/k get gradients: cos and sin are
-taken as constants (rotary_eligible declines them when they require grad). The fakes make every op
-traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
+the rotary's is the forward op with sin's halves swapped and negated). Only x/weight, gate/up and q/k get
+gradients: cos and sin are taken as constants (rotary_eligible declines them when they require grad). The
+fakes make every op traceable by torch.compile(fullgraph=True); see r1kernels.reference.fused for the spec."""
 from __future__ import annotations
 
 import torch

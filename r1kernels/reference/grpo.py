@@ -205,8 +205,13 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
     adv = acc(advantages)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-    old = logp.detach() if old_logprobs is None else acc(old_logprobs)
-    samp = acc(o["sampling_logprobs"]) if o["sampling_logprobs"] is not None else None
+    # masked positions take the policy's log-prob as old/ref/sampling log-prob (ratio 1, KL 0): whatever a
+    # caller pads them with (0, NaN) stays out of exp(), whose inf times a 0 mask would be NaN in the loss
+    # and its gradient (the kernels skip masked tokens)
+    valid = mask.bool()
+    pad = lambda x: None if x is None else torch.where(valid, acc(x), logp.detach())  # noqa: E731
+    old = logp.detach() if old_logprobs is None else pad(old_logprobs)
+    samp, ref_logprobs = pad(o["sampling_logprobs"]), pad(ref_logprobs)
     is_w = None
     if samp is not None and o["vllm_importance_sampling_correction"]:
         is_w = rollout_is_weights(old, samp, mask, o["vllm_importance_sampling_mode"],
@@ -227,7 +232,7 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
     n_tok = mask.sum().clamp(min=1.0)
     kl_mean = logp.new_zeros(())
     if ref_logprobs is not None:
-        kl = kl_per_token(logp, acc(ref_logprobs), kl_estimator)
+        kl = kl_per_token(logp, ref_logprobs, kl_estimator)
         if o["use_bias_correction_kl"]:
             kl = kl * r
         if beta != 0.0:
