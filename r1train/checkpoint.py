@@ -38,13 +38,17 @@ MANIFEST = "manifest.json"
 HASH_MAX_BYTES = 64 << 20  # larger files (weights, optimizer states of big models) are checked by size only
 LOCK = ".r1train.lock"
 # config keys that define the run: a resume must keep them (max_steps, save/log/eval cadence, output_dir,
-# kernel_backend, reward_timeout ... may change)
+# kernel_backend, reward_timeout ... may change). The optimizer's hyperparameters are here because loading its
+# state restores the checkpoint's (a new value would be silently ignored); the LoRA keys because they shape
+# the saved state (another shape cannot load)
 RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size", "model_num_layers", "dataset_name",
             "dataset_split", "task_min_terms", "task_max_terms", "task_max_operand", "task_ops", "task_train_size",
             "task_flaw_share", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_generations", "max_prompt_length", "max_completion_length", "max_length", "loss_type", "beta",
             "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
-            "importance_sampling_level", "bf16", "zero_stage", "optim")
+            "importance_sampling_level", "bf16", "zero_stage", "optim", "learning_rate", "weight_decay",
+            "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
+            "lora_modules_to_save")
 
 
 class CheckpointError(ConfigError):
@@ -149,16 +153,20 @@ class CheckpointMixin:
             write_manifest(tmp)  # last: lists every rank's files
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self._prune()
+            self._prune(step)
         dist.barrier()
         self.saved_step = step
         return final
 
-    def _prune(self):
+    def _prune(self, step: int):
+        """save_total_limit: keep the newest `limit` checkpoints up to `step` (the one just saved). Newer ones
+        are left alone: they predate a resume from an older step (one that `latest` skipped as damaged, or
+        a resume from a named checkpoint), and counting them would delete this run's own checkpoints."""
         limit = self.cfg.save_total_limit
         if not limit:
             return
-        done = [d for d in list_checkpoints(self.cfg.output_dir) if os.path.exists(os.path.join(d, MANIFEST))]
+        done = [d for d in list_checkpoints(self.cfg.output_dir)
+                if _step_of(d) <= step and os.path.exists(os.path.join(d, MANIFEST))]
         for d in sorted(done, key=_step_of)[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
 

@@ -79,9 +79,10 @@ def test_resume_refuses_a_checkpoint_of_other_settings(sft_run, tmp_path):
     out = _copy(sft_run, tmp_path)
     with pytest.raises(ConfigError) as e:
         _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "seed=7", "num_generations=2",
-             "per_device_train_batch_size=4")
+             "per_device_train_batch_size=4", "learning_rate=0.5", "use_peft=true")
     msg = str(e.value)
-    for k in ("seed", "num_generations", "per_device_train_batch_size"):
+    # learning_rate: the optimizer state would restore the old one; use_peft: the saved state has no adapter
+    for k in ("seed", "num_generations", "per_device_train_batch_size", "learning_rate", "use_peft"):
         assert k in msg, msg
     assert "max_steps" not in msg
     t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "logging_steps=3")  # run-control keys may change
@@ -118,6 +119,19 @@ def test_damaged_latest_checkpoint_falls_back(sft_run, tmp_path, caplog, damage)
     t.finish()
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
     assert _sft(out, "max_steps=8", "resume_from_checkpoint=latest").step0 == 6
+
+
+def test_save_total_limit_keeps_the_resumed_runs_checkpoints(sft_run, tmp_path):
+    """A resume that skipped a damaged newer checkpoint: save_total_limit prunes among the checkpoints up to
+    the step just saved, so the resumed run's own (its last included) stay loadable."""
+    out = _copy(sft_run, tmp_path)
+    DAMAGE["truncated rng state"](out / "checkpoint-4")
+    t = _sft(out, "max_steps=3", "save_steps=1", "save_total_limit=1", "resume_from_checkpoint=latest")
+    assert t.step0 == 2
+    t.train()
+    t.finish()
+    assert not (out / "checkpoint-2").exists() and (out / "checkpoint-4").exists()  # limit 1 below step 3
+    assert _sft(out, "max_steps=5", "resume_from_checkpoint=latest").step0 == 3
 
 
 # ---- items 3 (lock) and 10 (SIGTERM): a CLI run, a second run into its directory, SIGTERM, resume
