@@ -49,7 +49,8 @@ def _handoff(trainer, cfg: TrainConfig):
 
 
 def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
-    train, ev = load_datasets(cfg, sft=True)
+    """rows: sampled SFT rows (distillation, rejection sampling); the dataset then needs no completions."""
+    train, ev = load_datasets(cfg, sft=rows is None)
     t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows)
     t.train()
     res = t.evaluate() if evaluate else {}

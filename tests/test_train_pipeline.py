@@ -55,6 +55,26 @@ def test_own_model_dir_and_jsonl_data(tmp_path):
     assert len(H.read_metrics(tmp_path / "grpo")) == 2
 
 
+def test_distill_on_prompt_answer_data(tmp_path, monkeypatch):
+    """distill on a dataset of prompts and answers (no completion column): the student's SFT trains on the
+    teacher's samples. The teacher is a stand-in that answers every prompt correctly (a random tiny teacher
+    answers none)."""
+    rows = [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def teacher(cfg, model, tok, prompts, **kw):
+        return [{**r, cfg.completion_column: f"<think>{r['prompt']}</think><answer>{r['answer']}</answer>"}
+                for r in prompts]
+
+    monkeypatch.setattr(pipeline, "rejection_sample", teacher)
+    common = [o for o in H.FAST if not o.startswith("task_")]
+    res = pipeline.distill(None, common + [f"output_dir={tmp_path / 'out'}", f"dataset_name={data}",
+                                           "teacher_model=tiny-qwen2", "max_steps=2"])
+    assert res["distill_rows"] == len(rows)
+    assert len(H.read_metrics(tmp_path / "out" / "distill")) == 2
+
+
 def test_demo_smoke(tmp_path, capsys):
     """`r1train demo` end to end with its YAML at toy size (the real run is `make demo`)."""
     res = pipeline.demo(None, ["model_hidden_size=32", "model_num_layers=1", "max_steps=2", "task_eval_size=8",
