@@ -46,6 +46,7 @@ def cmd_sample(args):
     import torch
 
     from .config import load_config
+    from .data import reward_columns
     from .engine import device, setup_distributed
     from .loading import load_datasets, load_model_and_tokenizer
     from .rewards import RewardRunner
@@ -66,7 +67,7 @@ def cmd_sample(args):
                                                batch_size=16):
             ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
                                                                         ro.completion_mask_BT.tolist())]
-            cols = {k: [r.get(k) for r in chunk for _ in range(G)] for k in chunk[0] if k != "prompt"}
+            cols = reward_columns(chunk, G, cfg.answer_column)
             prompts = [r["prompt"] for r in chunk for _ in range(G)]
             table, failed = runner(prompts, texts, ids_list, cols)
             for i, t in enumerate(texts):

@@ -36,7 +36,8 @@ class TrainConfig:
     dataset_split: str = f("train", "split of a Hugging Face dataset")
     eval_dataset_name: Optional[str] = f(None, "held-out set (same formats); default: built-in task's eval "
                                          "split, or none")
-    answer_column: str = f("answer", "column passed to the accuracy reward as `answer`")
+    answer_column: str = f("answer", "column the rewards receive as `answer` (the accuracy reward's gold answer; "
+                           "evaluation reads it too); with reward accuracy the training set must have it")
     completion_column: str = f("completion", "SFT target column (TRL prompt-completion format)")
     task_min_terms: int = f(3, "arith task: fewest operands")
     task_max_terms: int = f(4, "arith task: most operands")

@@ -89,6 +89,17 @@ def load_rows(name: str, split: str = "train", required=("prompt",)) -> list[dic
     return validate_rows(rows, name, required)
 
 
+def reward_columns(rows, repeats: int, answer_column: str) -> dict:
+    """The dataset columns reward functions receive, each row's value repeated for its `repeats` samples:
+    every column but `prompt` under its own name, and `answer` = the values of `answer_column` (what the
+    accuracy reward reads; evaluation reads the same column)."""
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"]
+    cols = {k: [r.get(k) for r in rows for _ in range(repeats)] for k in names}
+    if answer_column in cols:
+        cols["answer"] = cols[answer_column]
+    return cols
+
+
 def prompt_text(tok, prompt) -> str:
     """Chat messages through the tokenizer's chat template (with the generation prompt); strings as is."""
     if isinstance(prompt, str):

@@ -28,7 +28,7 @@ from r1kernels.reference.grpo import (
 
 from . import moe_replay
 from .config import check_grpo_batch
-from .data import decode_completions, encode_prompts
+from .data import decode_completions, encode_prompts, reward_columns
 from .engine import Trainer
 from .generation import release as release_engine
 from .metrics import PhaseClock
@@ -177,7 +177,7 @@ class GRPOTrainer(Trainer):
         texts = decode_completions(tok, ro)
         ids_list = [[t for t, k in zip(i, m) if k] for i, m in zip(ro.completion_ids_BT.tolist(),
                                                                      ro.completion_mask_BT.tolist())]
-        cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"} if rows else {}
+        cols = reward_columns(rows, G, cfg.answer_column)  # `answer` from answer_column, as evaluation reads
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}]
         table, failed = self.rewards(prompts, texts, ids_list, cols) if rows else ([], [])

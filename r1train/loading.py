@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .config import ConfigError, TrainConfig
-from .data import load_rows
+from .data import DatasetError, load_rows
 from .tasks import TINY_MODELS, ArithSpec, char_tokenizer, generate, tiny_model
 
 
@@ -132,8 +132,19 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
                 r[cfg.completion_column] = r["solution"]
         if cfg.eval_dataset_name:
             ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split)
-        return train, ev
-    required = ("prompt", cfg.completion_column) if sft else ("prompt",)
-    train = load_rows(cfg.dataset_name, cfg.dataset_split, required)
-    ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split) if cfg.eval_dataset_name else []
+    else:
+        required = ("prompt", cfg.completion_column) if sft else ("prompt",)
+        train = load_rows(cfg.dataset_name, cfg.dataset_split, required)
+        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split) if cfg.eval_dataset_name else []
+    if not sft:
+        check_answer_column(cfg, train)
     return train, ev
+
+
+def check_answer_column(cfg: TrainConfig, rows):
+    """The accuracy reward reads `answer` from answer_column: a training set without that column would give it
+    None for every sample (no learning signal), so that is an error naming the key."""
+    if "accuracy" in cfg.reward_funcs and not any(cfg.answer_column in r for r in rows):
+        cols = sorted(dict.fromkeys(k for r in rows[:100] for k in r))
+        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of {cfg.dataset_name!r} has this column, "
+                           f"which the accuracy reward reads as `answer` (columns: {cols})")

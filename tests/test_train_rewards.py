@@ -1,9 +1,12 @@
 """Rule rewards against hand-derived values; the runner's None / failure / timeout semantics."""
 
 import asyncio
+import json
+import math
 import time
 
 import pytest
+import train_helpers as H
 
 from r1train import rewards as R
 
@@ -85,3 +88,57 @@ def test_symbolic_answers_with_math_verify():
     pytest.importorskip("math_verify")
     assert R.answers_match("\\frac{1}{2}", "0.5") and R.answers_match("x+1", "1+x")
     assert R.answers_match("\\sqrt{4}", "2") and not R.answers_match("\\sqrt{5}", "2")
+
+
+SEEN_COLUMNS = []
+
+
+def _answer_spy(prompts, completions, completion_ids=None, **cols):
+    SEEN_COLUMNS.append({"prompts": prompts, **cols})
+    return [0.0] * len(completions)
+
+
+def _gold_rows(tmp_path, n=8):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "gold": str(i + 1)}) + "\n" for i in range(n)))
+    return data
+
+
+def test_training_rewards_receive_answer_from_answer_column(tmp_path):
+    """answer_column=gold: GRPO's rewards get `answer` = each sample's gold value (the column evaluation reads),
+    beside the columns under their own names, so the accuracy reward scores every sample (it returned None for
+    all of them, a NaN mean and no learning signal, when only `gold` was passed)."""
+    SEEN_COLUMNS.clear()
+    data = _gold_rows(tmp_path)
+    t = H.grpo_trainer(tmp_path / "out", f"dataset_name={data}", "answer_column=gold", "max_steps=1",
+                       reward_funcs=[_answer_spy, "accuracy"])
+    m = t.train()[0]
+    assert math.isfinite(m["rewards/accuracy/mean"])
+    (cols,) = SEEN_COLUMNS
+    assert len(cols["answer"]) == 8 and cols["answer"] == cols["gold"]
+    by_prompt = {f"What is {i}+1?": str(i + 1) for i in range(8)}
+    assert all(a == by_prompt[p] for a, p in zip(cols["answer"], cols["prompts"]))
+
+
+def test_sample_command_rewards_read_answer_column(tmp_path):
+    """`r1train sample` scores with the same columns: accuracy is 0 or 1 per sample, never None (not applicable)."""
+    from r1train.cli import main
+
+    data = _gold_rows(tmp_path, 2)
+    out = tmp_path / "samples"
+    assert main(["sample", *H.FAST, f"dataset_name={data}", "answer_column=gold", "reward_funcs=accuracy",
+                 "num_generations=2", f"output_dir={out}"]) == 0
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["rewards"]["accuracy"] in (0.0, 1.0) for r in rows)
+
+
+def test_missing_answer_column_is_an_error_naming_it(tmp_path):
+    from r1train.config import load_config
+    from r1train.data import DatasetError
+    from r1train.loading import load_datasets
+
+    data = _gold_rows(tmp_path)
+    cfg = load_config(overrides=[f"dataset_name={data}"])  # answer_column=answer: no such column
+    with pytest.raises(DatasetError, match=r"answer_column='answer': no row .* has this column.*'gold'"):
+        load_datasets(cfg)
+    assert len(load_datasets(load_config(overrides=[f"dataset_name={data}", "reward_funcs=format"]))[0]) == 8
