@@ -325,6 +325,10 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         raise ValueError(f"v_cache must have shape [{B}, {Hkv}, {L}, Dv], got {tuple(v_cache.shape)}")
     _checks.shape("lens", lens, (B,), " (one per row)")
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens)
+    # Skipped under CUDA-graph capture: the graph would repeat it in every layer at every replay, and the
+    # generation engine, which captures its decode step, counts lens itself from the prompt lengths.
+    if _eager() and not _checks.capturing(lens):
+        _checks._value_check((lens >= 0).all(), "lens must be >= 0 (each row's number of valid cache positions)")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if scale is not None:

@@ -50,6 +50,11 @@ def shape(name, x, expected, what=""):
 SYNC_CHECKS = os.environ.get("R1K_SYNC_CHECKS", "0") == "1"
 
 
+def capturing(x: torch.Tensor) -> bool:
+    """x is a CUDA tensor and the current stream is being captured into a CUDA graph (no host sync allowed)."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _value_check(ok: torch.Tensor, message: str):
     if ok.device.type == "cpu" or SYNC_CHECKS:
         if not bool(ok):

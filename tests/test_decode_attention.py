@@ -247,6 +247,22 @@ def test_bad_input(change, name):
         rk.decode_attention(**args, scale=scale, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_negative_lens(backend):
+    """lens < 0 raises a ValueError naming lens before anything is written (the reference stored k_new at
+    L + lens[b], Python's negative index, and the kernel stored nothing). lens >= L stays valid."""
+    q, k, v = _inputs(2, 4, 2, 8, 16, 16, torch.float32)
+    k0, v0 = k.clone(), v.clone()
+    new = dict(k_new=torch.ones(2, 2, 16), v_new=torch.ones(2, 2, 16))
+    for lens in (torch.tensor([3, -2]), torch.tensor([-1, -1], dtype=torch.int32)):
+        for kw in ({}, new):
+            with pytest.raises(ValueError, match="lens must be >= 0"):
+                rk.decode_attention(q, k, v, lens, backend=backend, **kw)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    rk.decode_attention(q, k, v, torch.tensor([8, 0]), backend=backend, **new)  # row 0 full: stores nothing
+    assert torch.equal(k[0], k0[0]) and (k[1, :, 0] == 1).all() and torch.equal(k[1, :, 1:], k0[1, :, 1:])
+
+
 def test_opcheck():
     q, k, v = _inputs(2, 4, 2, 21, 16, 8, torch.float32)
     torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([21, 5]), 0.25))
@@ -280,8 +296,12 @@ def test_gpu_real_shapes(shape, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay():
-    """Captured once, replayed with new lens in place (a static graph): matches the reference each time."""
+@pytest.mark.parametrize("sync_checks", [False, True])
+def test_gpu_cuda_graph_replay(sync_checks, monkeypatch):
+    """Captured once, replayed with new lens in place (a static graph): matches the reference each time.
+    R1K_SYNC_CHECKS=1 does not make the capture sync (the lens check is skipped while capturing)."""
+    from r1kernels import _checks
+    monkeypatch.setattr(_checks, "SYNC_CHECKS", sync_checks)
     B, Hq, Hkv, L, D = 16, 12, 2, 512, 128
     q, k, v = _inputs(B, Hq, Hkv, L, D, D, torch.bfloat16, "cuda")
     lens = torch.full((B,), L, device="cuda")
