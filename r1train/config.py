@@ -134,7 +134,8 @@ class TrainConfig:
                                                   "weight exp(l_old - l_rollout) from the rollout engine's log-probs "
                                                   "(TRL's name; here any engine that returns them)")
     vllm_importance_sampling_mode: str = f("sequence_mask", "rollout correction: per-token or per-sequence weight, "
-                                           "clipped (truncate) or zeroed outside the bounds (mask)",
+                                           "clipped (truncate) or zeroed outside the bounds (mask); loss_type=vespo "
+                                           "needs a token mode",
                                            ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
     vllm_importance_sampling_clip_max: Optional[float] = f(3.0, "rollout correction: upper bound C_max")
     vllm_importance_sampling_clip_min: Optional[float] = f(None, "rollout correction: lower bound C_min")
@@ -303,6 +304,16 @@ class TrainConfig:
             check_extra_options(self.loss_type, self.importance_sampling_level, **keys)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        mode = self.vllm_importance_sampling_mode
+        if self.loss_type == "vespo" and self.vllm_importance_sampling_correction and mode.startswith("sequence"):
+            # both rollout engines (r1train's and transformers' generate) return the sampling log-probs the
+            # correction reads, so the loss would raise this at the first step
+            raise ConfigError(
+                "loss_type=vespo folds per-token rollout importance-sampling weights into its sequence weight: with "
+                f"vllm_importance_sampling_correction=true, vllm_importance_sampling_mode must be token_truncate or "
+                f"token_mask, got {mode!r} (sequence_mask is TRL's default, which TRL applies only with vLLM; here "
+                "the correction applies with every rollout_engine). Set vllm_importance_sampling_mode=token_mask "
+                "(or token_truncate), or vllm_importance_sampling_correction=false")
         for k in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")

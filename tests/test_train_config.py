@@ -116,3 +116,22 @@ def test_cli_reports_config_errors(capsys, tmp_path):
     assert "unknown config key 'learning_rat'" in capsys.readouterr().err
     assert main(["sft", "dataset_name=/nonexistent.jsonl"]) == 2
     assert "dataset file '/nonexistent.jsonl' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_vespo_with_a_sequence_rollout_correction_mode_is_a_config_error(engine):
+    """vespo folds token rollout-IS weights into its sequence weight; both rollout engines return the sampling
+    log-probs the correction reads, so vespo with the default sequence_mask mode failed at step 1 (after
+    writing metrics). Now a ConfigError naming the keys and the fix; the token modes, or no correction, load."""
+    for mode in ("sequence_mask", "sequence_truncate"):
+        with pytest.raises(ConfigError) as e:
+            load_config(overrides=["loss_type=vespo", f"rollout_engine={engine}",
+                                   f"vllm_importance_sampling_mode={mode}"])
+        msg = str(e.value)
+        assert all(k in msg for k in ("loss_type=vespo", "vllm_importance_sampling_mode", mode, "token_mask",
+                                      "vllm_importance_sampling_correction=false"))
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_mode must be token_truncate or token_mask"):
+        load_config(overrides=["loss_type=vespo", f"rollout_engine={engine}"])  # TRL's default mode
+    for ok in (["vllm_importance_sampling_mode=token_mask"], ["vllm_importance_sampling_mode=token_truncate"],
+               ["vllm_importance_sampling_correction=false"]):
+        assert load_config(overrides=["loss_type=vespo", f"rollout_engine={engine}", *ok]).loss_type == "vespo"
