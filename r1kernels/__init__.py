@@ -91,7 +91,8 @@ def _check_budget(chunk_budget_bytes):
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_weights=None, backend="auto"):
     """rewards [B*G] or [B*G, R] (consecutive rows form a group; R reward columns are summed with
     reward_weights first) -> fp32 advantages [B*G]: (R - group mean) / (std + eps) for scale="group"
-    (unbiased std), the whole batch's std for "batch", no division for "none"."""
+    (unbiased std), the whole batch's std for "batch", no division for "none". rewards and reward_weights
+    must be finite (NaN or inf: ValueError, a device assert for CUDA tensors)."""
     _checks.float_tensor("rewards", rewards, ndim=(1, 2))
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -111,11 +112,17 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     if reward_weights is not None:
         if rewards.dim() != 2:
             raise ValueError("reward_weights needs rewards of shape [B*G, R]")
-        reward_weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=rewards.device)
+        try:
+            reward_weights = torch.as_tensor(reward_weights, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"reward_weights must be numbers, one per reward column, got {reward_weights!r}") from e
         _checks.shape("reward_weights", reward_weights, (rewards.shape[1],), " (one per reward column)")
+        if _eager():  # before the copy to rewards' device: a list of weights is checked on the host
+            _checks.finite("reward_weights", reward_weights)
+        reward_weights = reward_weights.to(rewards.device)
     fn = _backend.pick("group_advantages", backend, rewards.device, rewards, group_size)
-    if _eager() and (_checks.SYNC_CHECKS or not getattr(fn, "checks_nan", False)):  # the extension checks
-        _checks.no_nan("rewards", rewards, " (map 'not applicable' rewards to a value before this call)")
+    if _eager():  # the extension's kernels stop on NaN rewards themselves, but not on inf
+        _checks.finite("rewards", rewards, " (map 'not applicable' rewards to a finite value before this call)")
     return (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
 
 

@@ -75,8 +75,8 @@ def labels_in_range(name, labels, V, hint=""):
     _value_check((lo >= 0) & (hi < V), f"{name} must lie in [0, {V}){hint}")
 
 
-def no_nan(name, x, hint=""):
-    _value_check(~torch.isnan(x).any(), f"{name} contains NaN{hint}")
+def finite(name, x, hint=""):
+    _value_check(torch.isfinite(x).all(), f"{name} contains NaN or inf{hint}")
 
 
 def positive(name, v, *, allow_zero=False):

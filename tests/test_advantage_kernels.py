@@ -64,31 +64,33 @@ def test_auto_picks_a_kernel_on_cuda():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("where", [0, 5, 17])
-def test_nan_reward_raises_on_every_cpu_backend(backend, where):
-    """The C++ op checks NaN itself (the public API skips its own check for it); the others are checked by
-    the API. Both name the argument."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_reward_raises_on_every_cpu_backend(backend, where, bad):
+    """The public API checks that rewards are finite before any backend runs (an inf reward made its
+    group's advantages NaN; the C++ op also checks NaN itself); the error names the argument."""
     if backend == "cpp" and not _backend.extension_has("group_advantages", "CPU"):
         pytest.skip("extension not built")
     if backend == "triton" and DEV != "cpu":
         pytest.skip("the CPU case of the Triton path runs under the interpreter")
     r = torch.randn(18, 2)
-    r[where, where % 2] = float("nan")
-    with pytest.raises(ValueError, match="rewards contains NaN"):
+    r[where, where % 2] = bad
+    with pytest.raises(ValueError, match="rewards contains NaN or inf"):
         rk.group_advantages(r, 6, reward_weights=[1.0, 0.5], backend=backend)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale", ["group", "batch"])
 def test_cuda_nan_reward_is_a_device_assert(scale):
-    """On CUDA the kernel itself stops on a NaN reward (a device-side assert, as torch._assert_async gives),
-    in a child process because the assert ends its CUDA context."""
+    """On CUDA the extension's kernel itself stops on a NaN reward (a device-side assert, as
+    torch._assert_async gives), in a child process because the assert ends its CUDA context. The op is
+    called directly: the public API's finite check would stop first."""
     import subprocess
     import sys
     if not _backend.extension_has("group_advantages", "CUDA"):
         pytest.skip("extension built without CUDA")
     code = ("import torch, r1kernels as rk\n"
             "r = torch.randn(4096 * 16, device='cuda'); r[12345] = float('nan')\n"
-            f"a = rk.group_advantages(r, 16, scale='{scale}', backend='cuda')\n"
+            f"a = torch.ops.r1kernels.group_advantages(r, 16, '{scale}', 1e-4, None)\n"
             "torch.cuda.synchronize()\nprint('NO ERROR')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr

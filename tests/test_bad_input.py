@@ -68,6 +68,12 @@ def test_grpo_loss(override, name):
     ((torch.randn(10), 0), {}, "group_size"),
     ((torch.randn(10), 1), {}, "group_size"),
     ((torch.tensor([1.0, float("nan")]), 2), {}, "NaN"),
+    ((torch.tensor([1.0, float("inf")]), 2), {}, "rewards contains NaN or inf"),
+    ((torch.tensor([[1.0, 0.0], [-float("inf"), 0.0]]), 2), dict(reward_weights=[1.0, 0.0]), "rewards contains"),
+    ((torch.randn(4, 2), 2), dict(reward_weights=[1.0, float("nan")]), "reward_weights contains"),
+    ((torch.randn(4, 2), 2), dict(reward_weights=torch.tensor([float("inf"), 1.0])), "reward_weights contains"),
+    ((torch.randn(4, 2), 2), dict(reward_weights="ab"), "reward_weights must be numbers"),
+    ((torch.randn(4, 2), 2), dict(reward_weights=[1.0, None]), "reward_weights must be numbers"),
     ((torch.randn(4), 2), dict(scale="median"), "scale"),
     ((torch.randn(4, 2), 2), dict(reward_weights=[1.0, 2.0, 3.0]), "reward_weights"),
     ((torch.randint(0, 2, (4,)), 2), {}, "rewards"),
@@ -77,8 +83,9 @@ def test_grpo_loss(override, name):
     ((torch.ones(4), 2), dict(eps=float("nan")), "eps"),
 ])
 def test_group_advantages(args, kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        rk.group_advantages(*args, **kwargs)
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match=name):
+            rk.group_advantages(*args, **kwargs, backend=backend)
 
 
 def test_group_advantages_eps():
