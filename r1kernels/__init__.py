@@ -106,8 +106,8 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
         raise ValueError("rewards needs >= 2 rows with scale='batch'")
     if scale == "none":
         _checks.positive("eps", eps, allow_zero=True)
-    elif not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:  # also NaN
-        raise ValueError(f"eps must be a number > 0 with scale={scale!r} (a group of equal rewards has std 0: "
+    elif not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):  # also NaN
+        raise ValueError(f"eps must be a finite number > 0 with scale={scale!r} (a group of equal rewards has std 0: "
                          f"0 / 0; TRL adds 1e-4), got {eps!r}")
     if reward_weights is not None:
         if rewards.dim() != 2:
@@ -148,11 +148,12 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
     _checks.choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
     _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _checks.positive("beta", beta, allow_zero=True)
-    _checks.positive("epsilon", epsilon, allow_zero=True)
+    # inf clip bounds are exact on every backend (min/max/compare only): epsilon = inf does not clip
+    _checks.positive("epsilon", epsilon, allow_zero=True, allow_inf=True)
     if epsilon_high is not None:
-        _checks.positive("epsilon_high", epsilon_high, allow_zero=True)
+        _checks.positive("epsilon_high", epsilon_high, allow_zero=True, allow_inf=True)
     if delta is not None:
-        _checks.positive("delta", delta)
+        _checks.positive("delta", delta, allow_inf=True)
     if beta != 0.0 and ref is None:
         raise ValueError("ref_logprobs is required when beta != 0")
     if max_completion_length is not None and (not isinstance(max_completion_length, int)
@@ -294,10 +295,7 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
     """ValueError naming the first bad sampling option (shared with the generation engine)."""
     if not isinstance(greedy, bool):
         raise ValueError(f"greedy must be a bool, got {greedy!r}")
-    if not greedy:
-        _checks.positive("temperature", temperature)
-    elif not isinstance(temperature, (int, float)) or temperature != temperature or temperature <= 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    _checks.positive("temperature", temperature)  # also with greedy: it scales the returned log-probs
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:

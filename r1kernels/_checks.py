@@ -1,6 +1,7 @@
 """Input validation shared by every public op: each failure is a ValueError naming the argument."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -79,9 +80,10 @@ def finite(name, x, hint=""):
     _value_check(torch.isfinite(x).all(), f"{name} contains NaN or inf{hint}")
 
 
-def positive(name, v, *, allow_zero=False):
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-        raise ValueError(f"{name} must be a number, got {v!r}")
+def positive(name, v, *, allow_zero=False, allow_inf=False):
+    """v is a real number (not a bool, not NaN) > 0 (>= 0 with allow_zero); inf only with allow_inf."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or (v == math.inf and not allow_inf):
+        raise ValueError(f"{name} must be a {'number' if allow_inf else 'finite number'}, got {v!r}")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 

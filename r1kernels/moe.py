@@ -44,8 +44,7 @@ def route(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group,
     _checks.shape("e_score_correction_bias", e_score_correction_bias, (E,))
     _checks.same_device(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
     check_routing_config(E, top_k, n_group, topk_group)
-    if not isinstance(routed_scaling_factor, (int, float)):
-        raise ValueError(f"routed_scaling_factor must be a number, got {routed_scaling_factor!r}")
+    _checks.positive("routed_scaling_factor", routed_scaling_factor)
     fn = _backend.pick("route", backend, router_logits.device, router_logits, e_score_correction_bias,
                        top_k, n_group, topk_group)
     return (fn or _ref.route)(router_logits, e_score_correction_bias, top_k, n_group, topk_group,

@@ -19,6 +19,7 @@ def _grpo_args():
     (dict(logits=torch.randn(3, V), labels=torch.full((3,), -1)), "labels"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,), device="meta")), "labels"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), temperature=0.0), "temperature"),
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), temperature=float("inf")), "temperature"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), backend="cuda"), "backend"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), backend="nope"), "backend"),
 ])
@@ -52,6 +53,10 @@ def test_linear_token_logprobs(kwargs, name):
     (dict(completion_ids=torch.full((2, 3), V)), "completion_ids"),
     (dict(max_completion_length=0), "max_completion_length"),
     (dict(num_items_in_batch=0), "num_items_in_batch"),
+    (dict(num_items_in_batch=float("inf")), "num_items_in_batch"),
+    (dict(beta=float("inf"), ref_logprobs=torch.randn(2, 3)), "beta"),
+    (dict(epsilon=float("nan")), "epsilon"),
+    (dict(temperature=float("inf")), "temperature"),
 ])
 def test_grpo_loss(override, name):
     args = {**_grpo_args(), **override}
@@ -81,11 +86,34 @@ def test_grpo_loss(override, name):
     ((torch.ones(4), 2), dict(eps=0.0), "eps"),
     ((torch.ones(4), 2), dict(eps=0.0, scale="batch"), "eps"),
     ((torch.ones(4), 2), dict(eps=float("nan")), "eps"),
+    ((torch.ones(4), 2), dict(eps=float("inf")), "eps"),
+    ((torch.ones(4), 2), dict(eps=float("inf"), scale="none"), "eps"),
 ])
 def test_group_advantages(args, kwargs, name):
     for backend in ("auto", "torch"):
         with pytest.raises(ValueError, match=name):
             rk.group_advantages(*args, **kwargs, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inf_clip_bounds_do_not_clip(backend):
+    """epsilon / epsilon_high / delta may be inf (every backend's clip is min/max/compare): the loss and
+    gradient are the unclipped objective's, computed here from the log-probs, and nothing counts as clipped."""
+    args = _grpo_args()
+    x, ids, adv = args["logits"], args["completion_ids"], args["advantages"]
+    old = rk.token_logprobs(x + torch.randn_like(x), ids)  # ratios far from 1: a finite epsilon would clip
+    inf = float("inf")
+    xg = x.clone().requires_grad_()
+    out = rk.grpo_loss(xg, ids, adv, old_logprobs=old, epsilon=inf, epsilon_high=inf, delta=inf,
+                       loss_type="bnpo", backend=backend)
+    out.loss.backward()
+    xr = x.clone().requires_grad_()
+    ratio = torch.exp(torch.log_softmax(xr, -1).gather(-1, ids[..., None])[..., 0] - old)
+    expected = -(ratio * adv[:, None]).mean()  # bnpo: sum over tokens / count, no mask
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(xg.grad, xr.grad)
+    assert all(float(v) == 0.0 for k, v in out.metrics.items() if k.startswith("clip_ratio"))
 
 
 def test_group_advantages_eps():
@@ -153,6 +181,25 @@ def test_dispatch_fails_loudly(tmp_path, monkeypatch):
 def test_route_config(kwargs, name):
     with pytest.raises(ValueError, match=name):
         rk.moe.route(torch.randn(5, 16), torch.zeros(16), **kwargs)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), -1.0, 0.0, True, "2.5", None])
+def test_route_scaling_factor(factor):
+    """routed_scaling_factor multiplies every routing weight: a finite real number > 0 (not a bool)."""
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        rk.moe.route(torch.randn(5, 16), torch.zeros(16), top_k=2, n_group=4, topk_group=2,
+                     routed_scaling_factor=factor)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: rk.rms_norm(torch.randn(2, 4), torch.ones(4), eps=float("inf")),
+    lambda: rk.moe.update_bias(torch.zeros(8), torch.ones(8), rate=float("inf")),
+    lambda: rk.moe.sequence_aux_loss(torch.randn(4, 8), None, seq_len=2, top_k=2, alpha=float("inf")),
+])
+def test_inf_scalar_options(call):
+    """Scalar options with no meaning at inf (they gave NaN / inf / silently degenerate results) raise."""
+    with pytest.raises(ValueError, match="must be a finite number"):
+        call()
 
 
 def test_route_and_permute_shapes():

@@ -237,6 +237,7 @@ def test_empty_shapes():
     (dict(v_cache=torch.randn(2, 2, 8, 16, dtype=torch.float64)), "v_cache"),  # dtype mismatch
     (dict(q=torch.randn(2, 4)), "q"),
     (dict(scale=0.0), "scale"),
+    (dict(scale=float("inf")), "scale"),
 ])
 def test_bad_input(change, name):
     args = dict(q=torch.randn(2, 4, 16), k_cache=torch.randn(2, 2, 8, 16), v_cache=torch.randn(2, 2, 8, 16),
