@@ -202,8 +202,12 @@ class TrainConfig:
                                 "expert selection; the routing weights still come from the current router "
                                 "(the gate learns); logs moe/routing_agreement. Needs rollout_engine=r1train")
     # ---- SFT (TRL SFTConfig names)
-    max_length: int = f(1024, "SFT: prompt+completion tokens kept (truncated from the right)")
-    completion_only_loss: bool = f(True, "SFT: loss on completion tokens only")
+    max_length: int = f(1024, "SFT: the first max_length tokens of prompt (its last max_prompt_length tokens) + "
+                        "completion + eos are kept (TRL's truncation_mode keep_start); with completion_only_loss a "
+                        "row left with no completion token is an error naming it, before training")
+    completion_only_loss: Optional[bool] = f(None, "SFT: loss on completion tokens only (None, TRL's default: true "
+                                             "for prompt-completion rows, which SFT rows here always are); false: on "
+                                             "the prompt tokens too (every token after a row's first)")
     # ---- pipeline / sampling
     rejection_num_samples: int = f(8, "rejection sampling: samples per prompt")
     rejection_max_per_prompt: int = f(1, "rejection sampling: correct samples kept per prompt")

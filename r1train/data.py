@@ -170,19 +170,34 @@ class TokenCache(dict):
         return self._get(("text", text), lambda: self.tok(text, add_special_tokens=False)["input_ids"])
 
 
-def sft_collate(tok, rows, *, completion_column: str, max_length: int, max_prompt_length: int,
-                cache: TokenCache | None = None):
-    """(prompt ids/mask left-padded [B, P], completion ids/mask right-padded [B, T]); completion + eos."""
+def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prompt_length: int,
+               completion_only_loss: bool = True, cache: TokenCache | None = None) -> tuple[list, list]:
+    """One SFT row's (context ids, scored ids): the prompt (its last max_prompt_length tokens) + completion +
+    eos, truncated to the first max_length tokens (TRL SFT's truncation_mode keep_start). The scored ids are
+    the completion's; with completion_only_loss=false every token after the first (TRL: the prompt is scored
+    too). A row left with no scored token is a DatasetError naming row i and max_length."""
     cache = TokenCache(tok, 0) if cache is None else cache
-    p_ids, c_ids = [], []
-    for i, r in enumerate(rows):
-        c = r.get(completion_column)
-        if isinstance(c, list):  # conversational completion
-            c = c[-1]["content"] if c and isinstance(c[-1], dict) else None
-        if not isinstance(c, str):
-            raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a string, got {c!r}")
-        p = cache.prompt(r["prompt"])[-max_prompt_length:]
-        comp = cache.text(c) + [tok.eos_token_id]
-        p_ids.append(p)
-        c_ids.append(comp[:max(1, max_length - len(p))])
+    c = row.get(completion_column)
+    if isinstance(c, list):  # conversational completion
+        c = c[-1]["content"] if c and isinstance(c[-1], dict) else None
+    if not isinstance(c, str):
+        raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a string, got {c!r}")
+    p = cache.prompt(row["prompt"])[-max_prompt_length:][:max_length]
+    comp = (cache.text(c) + [tok.eos_token_id])[:max_length - len(p)]
+    if not completion_only_loss:
+        p, comp = (p + comp)[:1], (p + comp)[1:]
+    if not comp:
+        why = (f"its prompt takes {len(p)} tokens, so max_length={max_length} leaves no completion token to train "
+               "on (completion_only_loss=true); raise max_length or lower max_prompt_length below it"
+               if completion_only_loss else f"max_length={max_length} leaves no token after the first to train on")
+        raise DatasetError(f"SFT row {i}: {why}")
+    return p, comp
+
+
+def sft_collate(tok, rows, *, completion_column: str, max_length: int, max_prompt_length: int,
+                completion_only_loss: bool = True, cache: TokenCache | None = None):
+    """(context ids/mask left-padded [B, P], scored ids/mask right-padded [B, T]) of sft_tokens' rows."""
+    p_ids, c_ids = zip(*(sft_tokens(tok, r, i, completion_column=completion_column, max_length=max_length,
+                                    max_prompt_length=max_prompt_length, completion_only_loss=completion_only_loss,
+                                    cache=cache) for i, r in enumerate(rows))) if rows else ((), ())
     return (*left_pad(p_ids, tok.pad_token_id), *right_pad(c_ids, tok.pad_token_id))

@@ -1,5 +1,6 @@
 """One SFT step on the same engine: token-level NLL of the completion given the prompt (TRL
-prompt-completion format, completion_only_loss), through r1kernels' fused hidden->log-prob kernel."""
+prompt-completion format, completion_only_loss; with completion_only_loss=false of every token after the
+first), through r1kernels' fused hidden->log-prob kernel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 
 import torch
 
-from .data import TokenCache, sft_collate
+from .data import TokenCache, sft_collate, sft_tokens
 from .engine import Trainer
 from .grpo import _all_sum
 from .packing import build_packs, packed_attention
@@ -15,15 +16,23 @@ from .rollout import logprob_fn
 
 
 class SFTTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tokens = TokenCache(self.tok)
+    def __init__(self, cfg, model, tokenizer, train_rows, *args, **kwargs):
+        self.tokens = TokenCache(tokenizer)
+        if cfg.max_length <= cfg.max_prompt_length or cfg.max_length < 2:
+            # a row may then keep no token to train on (sft_tokens): an error naming it before any work
+            for i, r in enumerate(train_rows):
+                sft_tokens(tokenizer, r, i, **self.token_keys(cfg))
+        super().__init__(cfg, model, tokenizer, train_rows, *args, **kwargs)
+
+    def token_keys(self, cfg) -> dict:
+        return dict(completion_column=cfg.completion_column, max_length=cfg.max_length,
+                    max_prompt_length=cfg.max_prompt_length, completion_only_loss=cfg.completion_only_loss is not False,
+                    cache=self.tokens)
 
     def train_step(self, step, rows):
         cfg = self.cfg
-        p_ids, p_mask, c_ids, c_mask = sft_collate(self.tok, rows, completion_column=cfg.completion_column,
-                                                   max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                                   cache=self.tokens)
+        # completion_only_loss=false: the "completion" side holds every token after each row's first (data.sft_tokens)
+        p_ids, p_mask, c_ids, c_mask = sft_collate(self.tok, rows, **self.token_keys(cfg))
         ids_BL = torch.cat([p_ids, c_ids], 1).to(self.dev)
         attn_BL = torch.cat([p_mask, c_mask], 1).to(self.dev)
         c_ids, c_mask = c_ids.to(self.dev), c_mask.to(self.dev)

@@ -1,0 +1,95 @@
+"""SFT rows: max_length bounds prompt + completion (TRL's keep_start truncation), and completion_only_loss=false
+scores the prompt tokens too (TRL semantics), checked against a hand-computed NLL of a tiny model."""
+
+import copy
+
+import pytest
+import torch
+import train_helpers as H
+
+from r1train.config import load_config
+from r1train.data import DatasetError, sft_collate
+from r1train.tasks import char_tokenizer
+
+KW = dict(completion_column="completion", max_prompt_length=512)
+
+
+def _kept(tok, rows, **kw):
+    """Each row's kept tokens (prompt side then completion side, pads dropped) and its scored tokens."""
+    p_ids, p_mask, c_ids, c_mask = sft_collate(tok, rows, **{**KW, **kw})
+    ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1).bool()
+    return [row[m].tolist() for row, m in zip(ids, mask)], [row[m].tolist() for row, m in zip(c_ids, c_mask.bool())]
+
+
+def test_sft_max_length_keeps_the_first_tokens_of_prompt_and_completion():
+    tok = char_tokenizer()
+    eos = tok.eos_token_id
+    rows = [{"prompt": "What is 12+30?", "completion": "<think>12+30=42</think><answer>42</answer>" * 3},
+            {"prompt": "x" * 20, "completion": "the answer is 4"},
+            {"prompt": "1+1?", "completion": "2"}]
+    for max_length in (64, 30, 21, 200):
+        kept, scored = _kept(tok, rows, max_length=max_length)
+        for r, k, s in zip(rows, kept, scored):
+            prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            full = prompt + tok(r["completion"], add_special_tokens=False)["input_ids"] + [eos]
+            assert len(k) <= max_length and k == full[:max_length]  # keep_start over prompt + completion + eos
+            assert s == full[len(prompt):max_length]  # the completion tokens that are left
+    # completion_only_loss=false: the same kept tokens, every one after the first scored, even where the prompt
+    # alone is longer than max_length
+    for max_length in (64, 10):
+        kept, scored = _kept(tok, rows, max_length=max_length, completion_only_loss=False)
+        for r, k, s in zip(rows, kept, scored):
+            full = tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] + [eos]
+            assert k == full[:max_length] and s == full[1:max_length]
+    # the audit's case: a 300-token prompt and max_length=64 kept 301 tokens; now the prompt leaves no room for
+    # any completion token, an error naming the row and max_length
+    with pytest.raises(DatasetError, match=r"SFT row 0: its prompt takes 64 tokens, so max_length=64 leaves no"):
+        sft_collate(tok, [{"prompt": "x" * 300, "completion": "the answer is 4"}], max_length=64, **KW)
+
+
+def test_sft_trainer_checks_every_row_against_max_length_before_training(tmp_path):
+    from r1train.sft import SFTTrainer
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=16", "max_prompt_length=32"])
+    rows = [{"prompt": "1+1?", "completion": "2"}] * 3 + [{"prompt": "y" * 20, "completion": "z"}]
+    with pytest.raises(DatasetError, match="SFT row 3: its prompt takes 16 tokens, so max_length=16"):
+        SFTTrainer(cfg, None, char_tokenizer(), rows, [])  # no model work before the check
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _hand_nll(model, tok, rows, max_length, completion_only):
+    """Mean over the batch's scored tokens of -log p(token | the tokens before it), one plain forward per row."""
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            ids = (prompt + tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            ids = torch.tensor(ids[:max_length])
+            logp = torch.log_softmax(model(ids[None]).logits[0].double(), -1)
+            tok_nll = -logp[:-1].gather(1, ids[1:, None])[:, 0]  # position t predicts token t + 1
+            first = 0 if not completion_only else len(prompt) - 1  # the first scored token is ids[first + 1]
+            nll, n = nll + tok_nll[first:].sum().item(), n + len(tok_nll) - first
+    return nll / n
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_completion_only_loss_false_scores_prompt_tokens(tmp_path, padding_free):
+    """The step's loss (before its update) equals the hand-computed mean NLL over every token after each row's
+    first (completion_only_loss=false) or over the completion tokens only (the default); they differ."""
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    rows = [{"prompt": "What is 3+4?", "completion": "<think>3+4=7</think><answer>7</answer>"},
+            {"prompt": "What is 12+5-2?", "completion": "<answer>15</answer>"},
+            {"prompt": "Hi", "completion": "<think>no sum</think><answer>0</answer>" * 2},
+            {"prompt": "What is 9-1?", "completion": "8"}]
+    losses = {}
+    for flag in ("true", "false"):
+        cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / flag}", f"completion_only_loss={flag}",
+                                              "max_length=40", f"padding_free={str(padding_free).lower()}"])
+        model, tok = load_model_and_tokenizer(cfg)
+        want = _hand_nll(copy.deepcopy(model).eval(), tok, rows, 40, completion_only=flag == "true")
+        t = SFTTrainer(cfg, model, tok, rows, [])
+        losses[flag] = t.train_step(0, rows)["loss"]
+        assert losses[flag] == pytest.approx(want, rel=1e-5)
+    assert abs(losses["true"] - losses["false"]) > 1e-3
