@@ -220,11 +220,17 @@ def test_invalid_positions_are_never_read():
     assert (base[2] == 0).all()  # lens 0 -> zeros
 
 
-def test_empty_shapes():
-    q, k, v = _inputs(0, 4, 2, 8, 16, 16, torch.float32)
-    assert rk.decode_attention(q, k, v, torch.zeros(0, dtype=torch.long), backend="triton").shape == (0, 4, 16)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_shapes(backend):
+    """0 rows (also with this step's keys/values and the rotary embedding): an empty [0, Hq, Dv] output (the
+    reference's reshape(0, Hq, -1) raised); an empty cache: zeros."""
+    q, k, v = _inputs(0, 4, 2, 8, 16, 12, torch.float32)
+    none = torch.zeros(0, dtype=torch.long)
+    assert rk.decode_attention(q, k, v, none, backend=backend).shape == (0, 4, 12)
+    new = dict(k_new=torch.randn(0, 2, 16), v_new=torch.randn(0, 2, 12), cos=torch.ones(0, 16), sin=torch.zeros(0, 16))
+    assert rk.decode_attention(q, k, v, none, backend=backend, **new).shape == (0, 4, 12)
     q, k, v = _inputs(2, 4, 2, 0, 16, 8, torch.float32)
-    out = rk.decode_attention(q, k, v, torch.zeros(2, dtype=torch.long), backend="triton")
+    out = rk.decode_attention(q, k, v, torch.zeros(2, dtype=torch.long), backend=backend)
     assert out.shape == (2, 4, 8) and (out == 0).all()
 
 

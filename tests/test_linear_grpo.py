@@ -207,6 +207,27 @@ def test_compile_fullgraph():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0)])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_empty_batch_backpropagates(backend, shape, entropy):
+    """No tokens: empty outputs that stay in the autograd graph, so backward runs and gives zero gradients
+    (the reference returned outputs without a graph for 0 rows and loss.backward() raised)."""
+    H, V = 5, 7
+    hidden, weight, bias = (torch.randn(*s).requires_grad_() for s in ((*shape, H), (V, H), (V,)))
+    ids = torch.zeros(shape, dtype=torch.long)
+    out = rk.linear_token_logprobs(hidden, weight, ids, bias=bias, return_entropy=entropy, backend=backend)
+    out = out if entropy else (out,)
+    assert all(o.shape == shape and o.dtype == torch.float32 and o.requires_grad for o in out)
+    sum(o.sum() for o in out).backward()
+    res = rk.linear_grpo_loss(hidden, weight, ids, torch.zeros(shape[0]), bias=bias, compute_entropy=entropy,
+                              backend=backend)
+    assert res.loss.shape == () and res.loss.item() == 0.0 and res.per_token_logprobs.shape == shape
+    res.loss.backward()
+    for t in (hidden, weight, bias):
+        assert t.grad.shape == t.shape and not t.grad.any()
+
+
 @pytest.mark.parametrize("entropy,with_bias,chunk", [(False, True, None), (True, False, 5), (True, True, 4)])
 def test_linear_token_logprobs(entropy, with_bias, chunk):
     """Unchunked, and chunks of 5 and 4 of the 6 rows (a boundary inside the second sequence)."""

@@ -108,10 +108,13 @@ def test_strided_and_int32_inputs():
     _check(t, -seeds, positions, opts)
 
 
-def test_empty_batch():
-    tok, lp = ops.sample_tokens_triton(torch.randn(0, 9), torch.zeros(0, dtype=torch.long),
-                                       torch.zeros(0, dtype=torch.long))
-    assert tok.shape == lp.shape == (0,)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("opts", [{}, dict(top_k=3, top_p=0.8, min_p=0.1), dict(greedy=True)])
+def test_empty_batch(backend, opts):
+    """0 rows: empty int64 tokens and fp32 log-probs on both backends (the reference's reshape(0, -1) raised)."""
+    none = torch.zeros(0, dtype=torch.long)
+    tok, lp = rk.sample_tokens(torch.randn(0, 9), none, none, backend=backend, **opts)
+    assert tok.shape == lp.shape == (0,) and tok.dtype == torch.int64 and lp.dtype == torch.float32
 
 
 def _philox4x32_10(ctr, key):

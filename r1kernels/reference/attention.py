@@ -38,4 +38,4 @@ def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=No
     s_BKGL = s_BKGL.masked_fill(~valid_BL[:, None, None, :], float("-inf"))
     p_BKGL = torch.softmax(s_BKGL, -1).nan_to_num(0.0)  # lens 0: all -inf -> NaN -> 0
     v = v_cache.float().masked_fill(~valid_BL[:, None, :, None], 0.0)  # positions >= lens may hold NaN
-    return torch.einsum("bkgl,bkld->bkgd", p_BKGL, v).reshape(B, Hq, -1).to(q.dtype)
+    return torch.einsum("bkgl,bkld->bkgd", p_BKGL, v).reshape(B, Hq, v_cache.shape[3]).to(q.dtype)

@@ -47,12 +47,10 @@ def linear_token_logprobs(hidden, weight, labels, bias=None, temperature=1.0, re
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
     outs = []
-    for s in range(0, hidden_NH.shape[0], chunk_rows):
+    # no rows: one empty chunk, so the (empty) outputs still come from weight and hidden in the autograd graph
+    for s in range(0, max(hidden_NH.shape[0], 1), chunk_rows):
         args = (hidden_NH[s:s + chunk_rows], weight, bias, labels_N[s:s + chunk_rows], temperature, return_entropy)
         outs.append(checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args))
-    if not outs:
-        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
-        outs = [(empty, empty) if return_entropy else (empty,)]
     logp = torch.cat([o[0] for o in outs]).reshape(lead)
     if not return_entropy:
         return logp

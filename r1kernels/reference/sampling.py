@@ -44,9 +44,10 @@ def uniforms(seeds_B, positions_B, V: int):
     """fp32 u [B, V] in (0, 1): the noise for vocabulary entry v of row b at its position."""
     s = seeds_B.long()
     k0, k1 = (s & MASK32)[:, None], ((s >> 32) & MASK32)[:, None]
-    c = torch.arange(-(-V // 4), device=seeds_B.device, dtype=torch.int64)[None, :]
+    n = -(-V // 4)  # Philox counters per row
+    c = torch.arange(n, device=seeds_B.device, dtype=torch.int64)[None, :]
     words = philox4(c, (positions_B.long() & MASK32)[:, None], k0, k1)
-    x = torch.stack(words, -1).reshape(s.shape[0], -1)[:, :V]  # token v: word v % 4 of counter v // 4
+    x = torch.stack(words, -1).reshape(s.shape[0], 4 * n)[:, :V]  # token v: word v % 4 of counter v // 4
     return ((x >> 9).float() + 0.5) * (2.0 ** -23)
 
 
