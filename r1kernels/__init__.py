@@ -377,7 +377,11 @@ def rms_norm(x, weight, eps=1e-6, *, backend="auto"):
 def apply_rotary(q, k, cos, sin, *, backend="auto"):
     """Hugging Face apply_rotary_pos_emb (rotate_half form): q [B, Hq, T, D], k [B, Hk, T, D], cos/sin
     [B or 1, T, D] -> (q * cos + rotate_half(q) * sin, the same for k), fp32 math. Differentiable in q and k (the
-    Triton kernel's backward is the rotation by -sin; cos/sin that require grad take the reference)."""
+    Triton kernel's backward is its transpose: the forward op with sin's halves swapped and negated; cos/sin
+    that require grad take the reference).
+    The Triton path returns both outputs from one autograd node: backpropagate them in one backward (e.g.
+    through a loss that uses both, or torch.autograd.backward([q_out, k_out], [dq, dk])); two separate
+    .backward() calls need retain_graph=True on the first (the reference has no such restriction)."""
     for name, t in (("q", q), ("k", k)):
         _checks.float_tensor(name, t, ndim=4)
     for name, t in (("cos", cos), ("sin", sin)):
