@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+from .demo import CHOICES
+
 COMMANDS = {
     "demo": "the R1 stages on the built-in task and tiny models (--stage zero|default|language|rejection|distill|"
             "all; default: cold-start SFT then GRPO); prints each stage's held-out table",
@@ -33,7 +35,7 @@ def parse(argv):
                    help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
     p.add_argument("--config", default=None, help="YAML file of config keys (see --help-config)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    p.add_argument("--stage", default=None, help="demo: zero | default | language | rejection | distill | all")
+    p.add_argument("--stage", default=None, choices=CHOICES, help="demo: " + " | ".join(CHOICES))
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`

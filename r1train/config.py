@@ -6,7 +6,9 @@ raises ConfigError naming it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -253,6 +255,11 @@ class TrainConfig:
             raise ConfigError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.deepspeed is None:
             check_offload(self, self.zero_stage)
+        else:
+            stage = read_deepspeed_config(self.deepspeed).get("zero_optimization", {}).get("stage", 0)
+            if isinstance(stage, int):
+                check_offload(self, stage)
+        self._check_tokenizer_path()
         if self.use_peft:
             if self.lora_r < 1 or self.lora_alpha < 1:
                 raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
@@ -298,6 +305,15 @@ class TrainConfig:
         self._check_rewards()
         _check_backend(self.kernel_backend)
         return self
+
+    def _check_tokenizer_path(self):
+        """A tokenizer_name_or_path written as a local path (absolute, ./, ../, ~) must be a directory; other
+        names go to transformers (its cache; nothing is downloaded), whose errors loading wraps."""
+        t = self.tokenizer_name_or_path
+        if t is not None and (os.path.isabs(t) or t.startswith((".", "~"))) and not os.path.isdir(
+                os.path.expanduser(t)):
+            raise ConfigError(f"tokenizer_name_or_path: {t!r} is not a directory (a tokenizer saved with "
+                              "save_pretrained)")
 
     def _check_loss_options(self):
         """The GRPO loss keys r1kernels validates (ValueError naming the key), and the adaptive-entropy bounds."""
@@ -352,6 +368,27 @@ class TrainConfig:
         from .rewards import check_reward_funcs
 
         check_reward_funcs(self.reward_funcs, self)  # names, modules, callables, duplicates
+
+
+def read_file(path: str, key: str, parse, what: str, parse_errors, error=ConfigError):
+    """parse(the UTF-8 text file at path); an unreadable file, non-UTF-8 bytes or a parse error (parse_errors)
+    is `error` naming the key and the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse(fh)
+    except OSError as e:
+        raise error(f"{key}: cannot read {path}: {e}") from e
+    except (UnicodeDecodeError, *parse_errors) as e:
+        raise error(f"{key}: {path} is not valid {what}: {e}") from e
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The `deepspeed` key's JSON file as a dict; a missing or malformed file is a ConfigError naming the key."""
+    c = read_file(path, "deepspeed", json.load, "JSON", (json.JSONDecodeError,))
+    if not isinstance(c, dict) or not isinstance(c.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed: {path!r} must hold a JSON object of DeepSpeed settings "
+                          "(zero_optimization, if given, an object)")
+    return c
 
 
 def check_offload(cfg, stage: int):
@@ -453,13 +490,7 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
     names = {x.name: x for x in fields()}
     values = dict(defaults)
     if path:
-        try:
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise ConfigError(f"--config: cannot read {path}: {e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+        data = read_file(path, "--config", lambda fh: yaml.safe_load(fh) or {}, "YAML", (yaml.YAMLError,))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for k, v in data.items():

@@ -46,8 +46,13 @@ def validate_rows(rows: list, source: str, required=("prompt",)) -> list[dict]:
 
 def _read_jsonl(path):
     rows = []
-    with open(path) as fh:
-        for i, line in enumerate(fh):
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}: row {len(rows)} (line {i + 1}): not UTF-8 text: {e.reason} at byte "
+                                   f"{e.start} of the line") from e
             if not line.strip():
                 continue
             try:
@@ -57,33 +62,48 @@ def _read_jsonl(path):
     return rows
 
 
-def load_rows(name: str, split: str = "train", required=("prompt",)) -> list[dict]:
-    """Rows of a .jsonl/.json/.parquet file or a Hugging Face dataset, validated."""
+def _read_json(path, key):
+    from .config import read_file
+
+    rows = read_file(path, key, json.load, "JSON", (json.JSONDecodeError,), error=DatasetError)
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of rows")
+    return rows
+
+
+def load_rows(name: str, split: str = "train", required=("prompt",), key: str = "dataset") -> list[dict]:
+    """Rows of a .jsonl/.json/.parquet file or a Hugging Face dataset, validated. key: the config key that named
+    it, for the errors (DatasetError naming the key and the file)."""
     if name.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(name):
-        raise DatasetError(f"dataset file {name!r} does not exist")
+        raise DatasetError(f"{key}: dataset file {name!r} does not exist")
     if name.endswith(".jsonl"):
         rows = _read_jsonl(name)
     elif name.endswith(".json"):
-        with open(name) as fh:
-            rows = json.load(fh)
-        if not isinstance(rows, list):
-            raise DatasetError(f"{name}: expected a JSON list of rows")
+        rows = _read_json(name, key)
     elif name.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DatasetError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from e
-        rows = pq.read_table(name).to_pylist()
+        try:
+            rows = pq.read_table(name).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DatasetError(f"{key}: {name} is not a readable parquet file: {e}") from e
     else:
         try:
             import datasets
         except ImportError as e:
-            raise DatasetError(f"dataset {name!r}: not a .jsonl/.json/.parquet file and `datasets` is not "
+            raise DatasetError(f"{key}: {name!r} is not a .jsonl/.json/.parquet file and `datasets` is not "
                                "installed (pip install datasets)") from e
-        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+        try:
+            ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+        except Exception as e:  # datasets raises FileNotFoundError, ConnectionError, ValueError, its own errors
+            what = "a directory saved by datasets (save_to_disk)" if os.path.isdir(name) else \
+                "a Hugging Face dataset name (from the Hub or its cache)"
+            raise DatasetError(f"{key}: cannot load {name!r} as {what}: {type(e).__name__}: {e}") from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DatasetError(f"dataset {name!r}: no split {split!r} (has {list(ds)})")
+                raise DatasetError(f"{key}: dataset {name!r}: no split {split!r} (has {list(ds)})")
             ds = ds[split]
         rows = list(ds)
     return validate_rows(rows, name, required)

@@ -12,23 +12,35 @@ from .tasks import TINY_MODELS, ArithSpec, char_tokenizer, generate, tiny_model
 def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     """A tiny built-in model, or a local Hugging Face directory (e.g. a checkpoint-<step>/)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = path or cfg.model_name_or_path
     if path in TINY_MODELS:
-        tok = char_tokenizer() if cfg.tokenizer_name_or_path is None else AutoTokenizer.from_pretrained(
-            cfg.tokenizer_name_or_path)
+        tok = char_tokenizer() if cfg.tokenizer_name_or_path is None else load_tokenizer(cfg.tokenizer_name_or_path,
+                                                                                         "tokenizer_name_or_path")
         model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
                            num_layers=cfg.model_num_layers)
         return maybe_patch(model, cfg), tok
     if not os.path.isdir(path):
         raise ConfigError(f"model_name_or_path: {path!r} is neither one of {TINY_MODELS} nor a local model "
                           "directory (nothing is downloaded)")
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or path)
+    key = "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else (
+        "model_name_or_path" if path == cfg.model_name_or_path else "model directory")
+    tok = load_tokenizer(cfg.tokenizer_name_or_path or path, key)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     return maybe_patch(model, cfg), tok
+
+
+def load_tokenizer(name: str, key: str):
+    """AutoTokenizer.from_pretrained(name); a name it cannot load is a ConfigError naming the key."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # no such directory / repo id, no tokenizer files, unknown tokenizer class
+        raise ConfigError(f"{key}: cannot load a tokenizer from {name!r}: {e}") from e
 
 
 def apply_lora(model, cfg: TrainConfig):
@@ -131,11 +143,12 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
             for r in train:
                 r[cfg.completion_column] = r["solution"]
         if cfg.eval_dataset_name:
-            ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split)
+            ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split, key="eval_dataset_name")
     else:
         required = ("prompt", cfg.completion_column) if sft else ("prompt",)
-        train = load_rows(cfg.dataset_name, cfg.dataset_split, required)
-        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split) if cfg.eval_dataset_name else []
+        train = load_rows(cfg.dataset_name, cfg.dataset_split, required, key="dataset_name")
+        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split, key="eval_dataset_name") if cfg.eval_dataset_name \
+            else []
     if not sft:
         check_answer_column(cfg, train)
     return train, ev

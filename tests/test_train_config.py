@@ -135,3 +135,83 @@ def test_vespo_with_a_sequence_rollout_correction_mode_is_a_config_error(engine)
     for ok in (["vllm_importance_sampling_mode=token_mask"], ["vllm_importance_sampling_mode=token_truncate"],
                ["vllm_importance_sampling_correction=false"]):
         assert load_config(overrides=["loss_type=vespo", f"rollout_engine={engine}", *ok]).loss_type == "vespo"
+
+
+def test_deepspeed_file_is_checked_before_any_model_load(tmp_path, capsys):
+    """A missing, malformed or non-object `deepspeed` file is a ConfigError naming the key when the config loads
+    (it was a FileNotFoundError / JSONDecodeError after the model had loaded); its ZeRO stage is checked against
+    the offload keys there too."""
+    from r1train.cli import main
+
+    bad = tmp_path / "ds.json"
+    cases = [("/nonexistent/ds.json", None, "deepspeed: cannot read /nonexistent/ds.json"),
+             (str(bad), "{not json", "is not valid JSON"),
+             (str(bad), b"\xff\xfe{}", "is not valid JSON"),
+             (str(bad), "[1, 2]", "must hold a JSON object")]
+    for path, text, msg in cases:
+        if text is not None:
+            bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError, match="^deepspeed: ") as e:
+            load_config(overrides=[f"deepspeed={path}"])
+        assert msg in str(e.value)
+    assert main(["sft", "deepspeed=/nonexistent/ds.json", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "r1train: error: deepspeed: cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="offload_param needs ZeRO stage 3"):
+        load_config(overrides=[f"deepspeed={bad}", "offload_param=true"])
+    assert load_config(overrides=[f"deepspeed={bad}", "offload_optimizer=true"]).offload_optimizer
+
+
+def test_bad_tokenizer_path_names_the_key(tmp_path):
+    from r1train.loading import load_model_and_tokenizer
+
+    with pytest.raises(ConfigError, match="tokenizer_name_or_path: '/nonexistent/tok' is not a directory"):
+        load_config(overrides=["tokenizer_name_or_path=/nonexistent/tok"])
+    (tmp_path / "empty").mkdir()  # a directory, but no tokenizer in it: transformers' error, naming the key
+    cfg = load_config(overrides=[f"tokenizer_name_or_path={tmp_path / 'empty'}"])
+    with pytest.raises(ConfigError, match="tokenizer_name_or_path: cannot load a tokenizer from"):
+        load_model_and_tokenizer(cfg)
+
+
+def test_unreadable_data_files_name_the_file(tmp_path):
+    """Malformed .json, non-UTF-8 .json/.jsonl, a bad parquet file and a directory that holds no saved dataset
+    are DatasetErrors naming the key and file (they were raw JSONDecodeError / UnicodeDecodeError /
+    FileNotFoundError tracebacks)."""
+    p = tmp_path / "train.json"
+    p.write_text('[{"prompt": "a", "answer": "1"},\n {"prompt": "b" "answer": "2"}]')
+    with pytest.raises(DatasetError, match=r"train.json is not valid JSON: Expecting ',' delimiter: line 2 column 17"):
+        load_rows(str(p))
+    p.write_bytes(b'[{"prompt": "caf\xe9", "answer": "1"}]')
+    with pytest.raises(DatasetError, match=r"train.json is not valid JSON: 'utf-8' codec can't decode byte 0xe9"):
+        load_rows(str(p))
+    q = tmp_path / "train.jsonl"
+    q.write_bytes(b'{"prompt": "a", "answer": "1"}\n\n{"prompt": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(DatasetError, match=r"train.jsonl: row 1 \(line 3\): not UTF-8 text"):
+        load_rows(str(q))
+    r = tmp_path / "train.parquet"
+    r.write_text("not parquet")
+    pytest.importorskip("pyarrow")
+    with pytest.raises(DatasetError, match=r"dataset_name: .*train.parquet is not a readable parquet file"):
+        load_rows(str(r), key="dataset_name")
+    pytest.importorskip("datasets")
+    with pytest.raises(DatasetError, match=r"eval_dataset_name: cannot load '.*' as a directory saved by datasets"):
+        load_rows(str(tmp_path), key="eval_dataset_name")
+
+
+def test_eval_dataset_dir_error_from_the_cli(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    from r1train.cli import main
+
+    (tmp_path / "notads").mkdir()
+    assert main(["grpo", f"eval_dataset_name={tmp_path / 'notads'}", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "r1train: error: eval_dataset_name: cannot load" in capsys.readouterr().err
+
+
+def test_demo_stage_choices(capsys):
+    from r1train.cli import parse
+
+    assert parse(["demo", "--stage", "rejection"]).stage == "rejection"
+    with pytest.raises(SystemExit) as e:
+        parse(["demo", "--stage", "bogus"])
+    assert e.value.code == 2 and "argument --stage: invalid choice: 'bogus'" in capsys.readouterr().err
