@@ -215,3 +215,34 @@ def test_demo_stage_choices(capsys):
     with pytest.raises(SystemExit) as e:
         parse(["demo", "--stage", "bogus"])
     assert e.value.code == 2 and "argument --stage: invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+# defaults that differ from TRL 1.16's on purpose; each is listed, with its reason, in r1train.config's docstring
+DEVIATIONS = {"bf16", "lr_scheduler_type", "learning_rate", "loss_type"}
+
+
+@pytest.mark.parametrize("trl_config", ["GRPOConfig", "SFTConfig"])
+def test_defaults_are_trl_except_the_documented_deviations(tmp_path, trl_config):
+    """Every key TRL's config also has defaults to TRL's value (read from the installed TRL), except DEVIATIONS,
+    each documented in the config module's docstring (max_completion_length, num_train_epochs, report_to and
+    completion_only_loss differed without a reason)."""
+    import dataclasses
+    import warnings
+
+    trl = pytest.importorskip("trl")
+    import r1train.config as C
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = getattr(trl, trl_config)(output_dir=str(tmp_path), use_cpu=True)
+    ours = C.TrainConfig()
+    differ = {}
+    for x in dataclasses.fields(C.TrainConfig):
+        if x.name != "output_dir" and hasattr(theirs, x.name):
+            t = getattr(theirs, x.name)
+            t = getattr(t, "value", t)  # transformers' enums (lr_scheduler_type)
+            if getattr(ours, x.name) != t and not {getattr(ours, x.name), t} <= {0, None}:  # 0 / None: off
+                differ[x.name] = (getattr(ours, x.name), t)
+    assert set(differ) <= DEVIATIONS, differ
+    for k in differ:
+        assert f"\n- {k} " in C.__doc__, k
