@@ -33,8 +33,8 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, int64_t group_size, s
   }
   const double* rp = r.data_ptr<double>();
   for (int64_t i = 0; i < N * R; ++i) {
-    TORCH_CHECK_VALUE(!std::isnan(rp[i]),
-                      "rewards contains NaN (map 'not applicable' rewards to a value before this call)");
+    TORCH_CHECK_VALUE(std::isfinite(rp[i]),
+                      "rewards contains NaN or inf (map 'not applicable' rewards to a finite value before this call)");
   }
   std::vector<double> total(N);
   for (int64_t i = 0; i < N; ++i) {

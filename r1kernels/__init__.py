@@ -121,7 +121,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
             _checks.finite("reward_weights", reward_weights)
         reward_weights = reward_weights.to(rewards.device)
     fn = _backend.pick("group_advantages", backend, rewards.device, rewards, group_size)
-    if _eager():  # the extension's kernels stop on NaN rewards themselves, but not on inf
+    if _eager() and (_checks.SYNC_CHECKS or not getattr(fn, "checks_finite", False)):  # the extension checks
         _checks.finite("rewards", rewards, " (map 'not applicable' rewards to a finite value before this call)")
     return (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
 

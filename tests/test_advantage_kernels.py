@@ -66,8 +66,8 @@ def test_auto_picks_a_kernel_on_cuda():
 @pytest.mark.parametrize("where", [0, 5, 17])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_reward_raises_on_every_cpu_backend(backend, where, bad):
-    """The public API checks that rewards are finite before any backend runs (an inf reward made its
-    group's advantages NaN; the C++ op also checks NaN itself); the error names the argument."""
+    """NaN or inf rewards are a ValueError naming the argument on every backend (an inf reward made its group's
+    advantages NaN): the public API checks them, or the extension's op itself (it stops on them in one pass)."""
     if backend == "cpp" and not _backend.extension_has("group_advantages", "CPU"):
         pytest.skip("extension not built")
     if backend == "triton" and DEV != "cpu":
@@ -80,19 +80,20 @@ def test_non_finite_reward_raises_on_every_cpu_backend(backend, where, bad):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale", ["group", "batch"])
-def test_cuda_nan_reward_is_a_device_assert(scale):
-    """On CUDA the extension's kernel itself stops on a NaN reward (a device-side assert, as
-    torch._assert_async gives), in a child process because the assert ends its CUDA context. The op is
-    called directly: the public API's finite check would stop first."""
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_cuda_non_finite_reward_is_a_device_assert(scale, bad):
+    """On CUDA the extension's kernel itself stops on a NaN or inf reward (a device-side assert, as
+    torch._assert_async gives; the public API adds no check launches of its own), in a child process because
+    the assert ends its CUDA context."""
     import subprocess
     import sys
     if not _backend.extension_has("group_advantages", "CUDA"):
         pytest.skip("extension built without CUDA")
     code = ("import torch, r1kernels as rk\n"
-            "r = torch.randn(4096 * 16, device='cuda'); r[12345] = float('nan')\n"
-            f"a = torch.ops.r1kernels.group_advantages(r, 16, '{scale}', 1e-4, None)\n"
+            f"r = torch.randn(4096 * 16, device='cuda'); r[12345] = float('{bad}')\n"
+            f"a = rk.group_advantages(r, 16, scale='{scale}')\n"
             "torch.cuda.synchronize()\nprint('NO ERROR')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "NO ERROR" not in out, out[-2000:]
-    assert "rewards contains NaN" in out or "device-side assert" in out, out[-2000:]
+    assert "rewards contains NaN or inf" in out or "device-side assert" in out, out[-2000:]

@@ -2,8 +2,8 @@
 // scale 0 (group): one warp per group, lanes stride over members (two passes: mean, then squared
 // deviations, so the result matches the float64 reference). scale 1 (batch): every block first reduces
 // the batch mean and unbiased std (the rewards are small and L2-resident), then does its groups.
-// A NaN reward stops the kernel with a device-side assert (the same error as torch._assert_async), so the
-// public API needs no separate isnan/any/assert launches before this one.
+// A NaN or inf reward stops the kernel with a device-side assert (the same error as torch._assert_async), so
+// the public API needs no separate isfinite/all/assert launches before this one.
 #include <assert.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,17 +21,18 @@ template <> __device__ __forceinline__ double to_d<__nv_bfloat16>(__nv_bfloat16 
   return static_cast<double>(__bfloat162float(v));
 }
 
-__device__ __forceinline__ double not_nan(double v) {
-  if (v != v) __assert_fail("rewards contains NaN (map 'not applicable' rewards to a value before this call)",
-                            __FILE__, __LINE__, __func__);
+__device__ __forceinline__ double finite(double v) {
+  if (!isfinite(v))
+    __assert_fail("rewards contains NaN or inf (map 'not applicable' rewards to a finite value before this call)",
+                  __FILE__, __LINE__, __func__);
   return v;
 }
 
 template <typename T>
 __device__ __forceinline__ double total(const T* r, const float* w, int64_t i, int64_t R) {
-  if (R == 1) return not_nan(to_d(r[i])) * (w ? static_cast<double>(w[0]) : 1.0);
+  if (R == 1) return finite(to_d(r[i])) * (w ? static_cast<double>(w[0]) : 1.0);
   double acc = 0.0;
-  for (int64_t j = 0; j < R; ++j) acc += not_nan(to_d(r[i * R + j])) * (w ? static_cast<double>(w[j]) : 1.0);
+  for (int64_t j = 0; j < R; ++j) acc += finite(to_d(r[i * R + j])) * (w ? static_cast<double>(w[j]) : 1.0);
   return acc;
 }
 

@@ -20,8 +20,8 @@ if _backend.HAS_EXTENSION:
 
     group_advantages_ext.devices = {d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
                                     if _backend.extension_has(OP, key)}
-    # NaN rewards: ValueError on CPU, a device-side assert in the CUDA kernel (no extra launches)
-    group_advantages_ext.checks_nan = True
+    # NaN or inf rewards: ValueError on CPU, a device-side assert in the CUDA kernel (no extra launches)
+    group_advantages_ext.checks_finite = True
 
 
 try:
