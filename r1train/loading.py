@@ -58,20 +58,34 @@ def apply_lora(model, cfg: TrainConfig):
         raise ConfigError(f"lora_target_modules / lora_modules_to_save: {e}") from e
 
 
+def merge_adapters(model):
+    """A peft model -> its base model with the adapters folded into the weights (a trained lm_head copy stays
+    untied from the embeddings); any other model as it is."""
+    import torch
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model
+    if not isinstance(model, PeftModel):
+        return model
+    merged = model.merge_and_unload()
+    emb, head = merged.get_input_embeddings(), merged.get_output_embeddings()
+    if head is not None and head.weight is not emb.weight and getattr(merged.config, "tie_word_embeddings", False):
+        merged.config.tie_word_embeddings = False  # lora_modules_to_save=lm_head trained its own copy
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    return merged
+
+
 def merge_lora(cfg: TrainConfig) -> str:
     """model_name_or_path + the adapter at adapter_path -> a plain save_pretrained model in output_dir (the
     adapters folded into the weights; a trained lm_head copy stays untied from the embeddings)."""
-    import torch
     from peft import PeftModel
 
     if not cfg.adapter_path or not os.path.isfile(os.path.join(cfg.adapter_path, "adapter_config.json")):
         raise ConfigError(f"adapter_path: {cfg.adapter_path!r} is not a LoRA checkpoint (no adapter_config.json)")
     base, tok = load_model_and_tokenizer(cfg)
-    merged = PeftModel.from_pretrained(base, cfg.adapter_path).merge_and_unload()
-    emb, head = merged.get_input_embeddings(), merged.get_output_embeddings()
-    if head is not None and head.weight is not emb.weight and getattr(merged.config, "tie_word_embeddings", False):
-        merged.config.tie_word_embeddings = False  # lora_modules_to_save=lm_head trained its own copy
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    merged = merge_adapters(PeftModel.from_pretrained(base, cfg.adapter_path))
     os.makedirs(cfg.output_dir, exist_ok=True)
     merged.save_pretrained(cfg.output_dir)
     if hasattr(tok, "save_pretrained"):

@@ -16,7 +16,7 @@ import torch
 from .config import ConfigError, TrainConfig, check_grpo_batch, load_config
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
-from .loading import load_datasets, load_model_and_tokenizer
+from .loading import load_datasets, load_model_and_tokenizer, merge_adapters
 from .rewards import accuracy_reward, format_reward, language_consistency_reward
 from .rollout import sample_rows
 from .sft import SFTTrainer
@@ -38,10 +38,23 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     return out
 
 
+def _in_memory(cfg: TrainConfig) -> bool:
+    """The stage's model goes to the next stage in memory (its parameters are not partitioned)."""
+    return cfg.zero_stage < 3 and cfg.deepspeed is None
+
+
+def _check_handoff(cfg: TrainConfig, section: str):
+    if cfg.use_peft and not _in_memory(cfg):
+        raise ConfigError(f"[{section}] use_peft with zero_stage=3 or a deepspeed file: the next stage would load "
+                          "this stage's checkpoint, which holds only the LoRA adapter; use zero_stage <= 2 (and no "
+                          "deepspeed file) for the recipe's LoRA stages, or use_peft=false")
+
+
 def _handoff(trainer, cfg: TrainConfig):
-    """The trained model for the next stage."""
-    if cfg.zero_stage < 3 and cfg.deepspeed is None:
-        return trainer.model
+    """The trained model for the next stage; LoRA adapters are merged into its weights (a next stage with
+    use_peft trains new adapters on the merged model)."""
+    if _in_memory(cfg):
+        return merge_adapters(trainer.model)
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
@@ -112,6 +125,8 @@ def recipe(cfg_path=None, overrides=()):
     base, c1, c2, c3, c4 = _stage_configs(cfg_path, overrides, {
         "sft": "1-cold-start-sft", "grpo": "2-reasoning-rl", "rejection": "3-rejection-sft",
         "grpo2": "4-all-scenarios-rl"})
+    for c, section in ((c1, "sft"), (c2, "grpo"), (c3, "rejection")):  # the stages whose model is handed on
+        _check_handoff(c, section)
     model, tok = load_model_and_tokenizer(base)
     results = {}
     t, results["cold_start_sft"] = run_sft(c1, model, tok)

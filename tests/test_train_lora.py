@@ -100,3 +100,33 @@ def test_merge_equals_the_adapted_model(tmp_path):
                                    atol=1e-4)
     r = H.run_cli(["merge", *H.FAST, f"adapter_path={tmp_path}", f"output_dir={tmp_path / 'x'}"])
     assert r.returncode != 0 and "adapter_path" in r.stderr
+
+
+def test_recipe_hands_on_a_merged_model(tmp_path):
+    """The R1 recipe with use_peft: a stage's adapters are merged into the model it hands to the next stage
+    (logits equal the adapted model's), whose own LoRA then trains new adapters on it; under ZeRO-3 (the
+    checkpoint would hold only the adapter) the recipe refuses use_peft before any stage runs."""
+    from r1train import pipeline
+
+    ov = H.FAST + [f"output_dir={tmp_path}", "use_peft=true", "lora_modules_to_save=lm_head", "max_steps=2",
+                   "learning_rate=0.05", "lora_dropout=0.0"]
+    c1 = pipeline.stage_cfg(load_config(overrides=ov, section="sft"), "1")
+    c2 = pipeline.stage_cfg(load_config(overrides=ov, section="grpo"), "2")
+    model, tok = load_model_and_tokenizer(c1)
+    t, _ = pipeline.run_sft(c1, model, tok, evaluate=False)
+    adapted = t.engine.module.model.eval()
+    ids = torch.randint(3, 40, (3, 11))
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+    handed = pipeline._handoff(t, c1)
+    assert not type(handed).__name__.startswith("Peft")
+    with torch.no_grad():
+        torch.testing.assert_close(handed.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    t2, _, _ = pipeline.run_grpo(c2, handed, tok)
+    names = [n for n, p in t2.engine.module.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "modules_to_save" in n for n in names)
+    assert not any("base_model.model.base_model.model" in n for n in names)  # one level of adapters
+    y = tmp_path / "r.yaml"
+    y.write_text("use_peft: true\nzero_stage: 3\n")
+    with pytest.raises(ConfigError, match="use_peft with zero_stage=3"):
+        pipeline.recipe(str(y), H.FAST + [f"output_dir={tmp_path / 'z3'}"])

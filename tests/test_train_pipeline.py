@@ -75,6 +75,26 @@ def test_distill_on_prompt_answer_data(tmp_path, monkeypatch):
     assert len(H.read_metrics(tmp_path / "out" / "distill")) == 2
 
 
+def test_demo_config_is_the_users_file(tmp_path, monkeypatch):
+    """`r1train demo --config demo.yaml` reads the file in the working directory, not the packaged one of the
+    same name (each stage loads its configs first: the spy stops there)."""
+    from r1train import demo
+    from r1train.demo import common
+
+    (tmp_path / "demo.yaml").write_text("model_hidden_size: 24\ntask_train_size: 40\n")
+    monkeypatch.chdir(tmp_path)
+    seen, real = [], common.configs
+
+    def spy(*a):
+        seen.append(real(*a)[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "configs", spy)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run("default", [f"output_dir={tmp_path / 'out'}"], config="demo.yaml")
+    assert (seen[0].model_hidden_size, seen[0].task_train_size) == (24, 40)
+
+
 def test_demo_smoke(tmp_path, capsys):
     """`r1train demo` end to end with its YAML at toy size (the real run is `make demo`)."""
     res = pipeline.demo(None, ["model_hidden_size=32", "model_num_layers=1", "max_steps=2", "task_eval_size=8",

@@ -27,7 +27,7 @@ def run(stage: str = "default", overrides=(), ctx: dict | None = None, config: s
     if stage not in CHOICES:
         raise ValueError(f"--stage: {stage!r} is not one of {', '.join(CHOICES)}")
     ctx = {} if ctx is None else ctx
-    if config is not None:
-        ctx["config"] = config
+    if config is not None:  # the user's file, as given (relative to the working directory)
+        ctx["config"] = os.path.abspath(config)
     todo = STAGES if stage == "all" else (stage,)
     return {s: getattr(stages, s)(list(overrides), out_dir(s, overrides), ctx) for s in todo}

@@ -30,7 +30,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 def configs(yaml_name: str, overrides, out_dir: str, sections: dict) -> list[TrainConfig]:
     """The stage's base config and one per section (section -> output subdirectory), all loaded and checked
-    before any work; output_dir is the stage's directory (key=value overrides of output_dir name the root)."""
+    before any work; output_dir is the stage's directory (key=value overrides of output_dir name the root).
+    yaml_name: a file name in r1train/configs/, or a path (demo.run makes the user's --config absolute)."""
     path = yaml_name if os.sep in yaml_name else os.path.join(CONFIG_DIR, yaml_name)
     ov = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out_dir}"]
     out = [load_config(path, ov)]
