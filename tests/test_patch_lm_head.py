@@ -118,3 +118,29 @@ def test_patch_twice_and_bad_input():
         rk.patch(gpt2)
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         patch_lm_head(gpt2)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_deepcopy_of_a_patched_model_is_its_own(family):
+    """A reference copy (copy.deepcopy after rk.patch, as TRL and r1train make one) runs its own weights and
+    defaults: after the original's weights move, the copy's plain and fused forwards equal an unpatched model
+    loaded with the copy's weights, and gradients land on the copy; patching the copy changes only its defaults."""
+    model = _model(family)
+    plain = copy.deepcopy(model)
+    rk.patch(model)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = torch.randint(0, V, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert_close(ref(input_ids=ids).logits, plain(input_ids=ids).logits.double(), torch.float32,
+                     name="copy's logits")
+    patch_lm_head(ref, temperature=0.5)
+    assert model._r1k_lm_head["temperature"] == 1.0
+    out = ref(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+    logp, _, _ = _expected(plain, ids, mask, ids, 0.5)
+    assert_close(out.log_probs, logp, torch.float32, name="copy's fused log-probs")
+    out.loss.backward()
+    assert all(p.grad is None for p in model.parameters()) and any(p.grad is not None for p in ref.parameters())

@@ -112,12 +112,15 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
         model._r1k_lm_head.update(defaults)
         return {"forward": model._r1k_lm_head["original"]}
     original = model.forward
-    model._r1k_lm_head = state = dict(defaults, original=original)
+    model._r1k_lm_head = dict(defaults, original=original)
 
+    # The state is read from `self`, not captured: copy.deepcopy of the model (a reference copy) copies
+    # _r1k_lm_head and rebinds its "original" method to the copy, so the copy runs its own weights and defaults.
     @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
     def forward(self, *args, fused_lm_head=False, **kwargs):
+        state = self._r1k_lm_head
         if fused_lm_head is False or fused_lm_head is None:
-            return original(*args, **kwargs)
+            return state["original"](*args, **kwargs)
         if fused_lm_head is not True and not callable(fused_lm_head):
             raise ValueError(f"fused_lm_head must be True, False or a callable, got {fused_lm_head!r}")
         temperature = kwargs.pop("temperature", None)
