@@ -138,13 +138,14 @@ def _assert_same_training(a, b):
     dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, num_iterations=2),
     dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2, epsilon_high=0.28),
     dict(loss_type="dr_grpo", delta=1.5, gradient_accumulation_steps=2, temperature=0.7),
+    dict(loss_type="dapo", delta=1.05, epsilon=0.02, epsilon_high=0.1, num_iterations=2),  # clip metrics after delta
     dict(loss_type="cispo", epsilon_high=5.0, num_iterations=2),
     dict(loss_type="sapo", num_iterations=2),
     dict(loss_type="sapo", num_iterations=2, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
     dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2, beta=0.04),
     dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False),
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("loss_type", "beta", "use_bias_correction_kl",
-                                                                   "sapo_temperature_pos")))
+                                                                   "sapo_temperature_pos", "delta")))
 def test_grpo_trainer_same_loss_and_grads(model_dir, tmp_path, cfg):
     cfg = dict(cfg, seed=_fresh_seed())  # one seed: the same shuffle of the generation buffer into micro-batches
     base = _train(model_dir, tmp_path / "trl", False, **cfg)

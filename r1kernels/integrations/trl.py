@@ -191,6 +191,8 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
     if self.loss_type == "cispo":
         m["cispo_clip_ratio"].append(global_mean(((coef > self.epsilon_high) & (adv > 0)).float()))
     elif self.loss_type != "sapo":
+        if getattr(self.args, "delta", None) is not None:  # TRL's metrics see the ratio after the delta clamp
+            coef = torch.clamp(coef, max=self.args.delta)
         low = ((coef < 1 - self.epsilon_low) & (adv < 0)).float()
         high = ((coef > 1 + self.epsilon_high) & (adv > 0)).float()
         m["clip_ratio/low_mean"].append(global_mean(low))
