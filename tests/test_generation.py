@@ -8,6 +8,7 @@ import torch
 from conftest import assert_close
 
 from r1train.generation import Engine, SamplingParams, buckets, generate
+from r1train.generation.hf import hf_generate
 from r1train.tasks.models import tiny_config
 
 V = 61
@@ -248,17 +249,127 @@ def test_engine_reuses_buffers_and_compacts():
     assert buckets(5) == [5, 4, 2, 1] and buckets(1) == [1] and buckets(64)[:2] == [64, 32]
 
 
+def _shipped_generation_config(model):
+    """Processors a checkpoint's generation_config.json can switch on (Qwen2.5-Instruct ships repetition_penalty
+    1.05, top_k 20, top_p 0.8, temperature 0.7): the fallback must apply none of them."""
+    gc = model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.top_k, gc.top_p, gc.temperature = 1.3, 2, 3, 0.5, 0.4
+    gc.bad_words_ids, gc.suppress_tokens, gc.begin_suppress_tokens = [[V - 2]], [V - 3], [V - 4]
+    gc.sequence_bias, gc.min_new_tokens = {(V - 5,): 5.0}, 3
+    return model
+
+
+@torch.no_grad()
+def _training_logprobs(model, ids, mask, tok, sp, eos):
+    """Each row alone through a full forward: log p of its completion tokens under log_softmax(logits /
+    temperature) restricted to the kept set (r1kernels.reference.sampling.kept_mask); 0 after the row's eos."""
+    from r1kernels.reference.sampling import kept_mask
+
+    out = torch.zeros(tok.shape, dtype=torch.float64)
+    for b in range(tok.shape[0]):
+        prompt, comp = ids[b, mask[b].bool()].tolist(), tok[b].tolist()
+        n = comp.index(eos) + 1 if eos in comp else len(comp)
+        logits = model(input_ids=torch.tensor([prompt + comp[:n]])).logits[0, len(prompt) - 1:-1]
+        z = logits.double() / sp.temperature
+        keep = kept_mask(z, sp.top_k, sp.top_p, sp.min_p)
+        assert keep.gather(-1, tok[b, :n, None]).all(), f"row {b}: a token outside the kept set"
+        zk = z.masked_fill(~keep, float("-inf"))
+        out[b, :n] = zk.gather(-1, tok[b, :n, None]).squeeze(-1) - torch.logsumexp(zk, -1)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(temperature=1.3, top_k=5, top_p=0.9),
+                                dict(min_p=0.05), dict(greedy=True, temperature=0.7),
+                                dict(greedy=True, temperature=1.5, top_k=4)])
+def test_transformers_fallback_logprobs_match_training_forward(kw):
+    """The fallback samples from, and returns the log-probs of, log_softmax(logits / temperature) over the kept
+    set (as the engine does), whatever the model's generation_config sets (it applied repetition_penalty,
+    no_repeat_ngram_size, bad words, its own top_k, ... and returned the processed scores, or for greedy the raw
+    logits without the temperature)."""
+    torch.manual_seed(0)
+    model = _shipped_generation_config(_model("tiny-qwen2", sharp=False))
+    ids, mask = _prompts([5, 2, 7, 3])
+    sp = SamplingParams(9, **kw)
+    tok, lp = generate(model, ids, mask, [1, 2, 3, 4], sp, eos_id=V - 1, pad_id=0, engine="transformers")
+    assert lp.dtype == torch.float32 and tok.shape == lp.shape
+    ref = _training_logprobs(model, ids, mask, tok, sp, eos=V - 1)
+    assert_close(lp, ref, torch.float32, name="fallback log-probs")
+    after = (tok == V - 1).long().cumsum(1) - (tok == V - 1).long() > 0
+    assert (tok[after] == 0).all() and (lp[after] == 0).all()
+
+
+@torch.no_grad()
+def test_transformers_fallback_samples_the_kept_distribution():
+    """Many rows of one prompt, one token each: the fallback's tokens follow softmax(logits / temperature) over
+    the kept set, with the model's generation_config banning the likeliest token and biasing another (it used to
+    apply both)."""
+    from r1kernels.reference.sampling import kept_mask
+
+    model = _model("tiny-qwen2", sharp=False)
+    ids, mask = _prompts([5])
+    sp = SamplingParams(1, temperature=1.3, top_k=5, top_p=0.9)
+    z = model(input_ids=ids).logits[0, -1].double() / sp.temperature
+    p = torch.softmax(z.masked_fill(~kept_mask(z[None], sp.top_k, sp.top_p)[0], float("-inf")), -1)
+    top2 = p.topk(2).indices.tolist()
+    assert p[top2[1]] > 0.05
+    model.generation_config.bad_words_ids, model.generation_config.sequence_bias = [[top2[0]]], {(top2[1],): 3.0}
+    n = 4000
+    tok, lp = generate(model, ids.expand(n, -1), mask.expand(n, -1), list(range(n)), sp, eos_id=-1, pad_id=0,
+                       engine="transformers")
+    freq = torch.bincount(tok[:, 0], minlength=V).double() / n
+    assert 0.5 * (freq - p).abs().sum() < 0.05, "total variation distance to the kept distribution"
+    assert torch.allclose(lp[:, 0].double(), p[tok[:, 0]].log(), atol=1e-5)
+
+
 def test_transformers_fallback_greedy_matches_engine():
-    model = _model("tiny-qwen2")
+    """Greedy tokens and log-probs equal the engine's, with a generation_config whose repetition penalty and
+    no-repeat n-grams would change the argmax (the sharp model repeats tokens) and a temperature != 1."""
+    model = _shipped_generation_config(_model("tiny-qwen2"))
     ids, mask = _prompts([4, 6, 2])
-    sp = SamplingParams(7, greedy=True)
-    ours, _ = generate(model, ids, mask, [1, 2, 3], sp, eos_id=-1, pad_id=0, backend="torch")
-    theirs, lp = generate(model, ids, mask, [1, 2, 3], sp, eos_id=V - 1, pad_id=0, engine="transformers")
+    sp = SamplingParams(7, greedy=True, temperature=0.7)
+    ref0 = _greedy_no_cache(model, ids[0, mask[0].bool()].tolist(), 7, eos=-1)
+    eos = ref0[2]
+    ours, ours_lp = generate(model, ids, mask, [1, 2, 3], sp, eos_id=eos, pad_id=0, backend="torch")
+    theirs, lp = generate(model, ids, mask, [1, 2, 3], sp, eos_id=eos, pad_id=0, engine="transformers")
+    end = ref0.index(eos) + 1  # row 0 stops there
+    assert theirs[0, :end].tolist() == ref0[:end] and (theirs[0, end:] == 0).all()
     n = theirs.shape[1]
-    same = ours[:, :n] == theirs
-    stop = (theirs == V - 1).long().cumsum(1) > 0  # after an eos transformers pads
-    assert (same | stop).all()
-    assert torch.isfinite(lp).all()
+    assert torch.equal(theirs, ours[:, :n]) and (ours[:, n:] == 0).all()
+    assert_close(lp, ours_lp[:, :n].double(), torch.float32, name="greedy log-probs vs the engine")
+
+
+def test_transformers_fallback_stops_at_any_eos_id():
+    """eos_id as a sequence: each row stops at the first of any of them (then pad_id, log-prob 0), where the run
+    with no eos had the same tokens; an int is the sequence of one."""
+    model = _model("tiny-qwen2", sharp=False)
+    ids, mask = _prompts([4, 6, 2, 5])
+    sp, seeds = SamplingParams(8), [1, 2, 3, 4]
+    full, full_lp = generate(model, ids, mask, seeds, sp, eos_id=-1, pad_id=0, engine="transformers")
+    eos = [int(full[0, 2]), int(full[1, 3])]
+    tok, lp = generate(model, ids, mask, seeds, sp, eos_id=eos, pad_id=0, engine="transformers")
+    for b in range(4):
+        row = full[b].tolist()
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        assert tok[b, :end].tolist() == row[:end] and (tok[b, end:] == 0).all(), f"row {b}"
+        assert torch.allclose(lp[b, :end], full_lp[b, :end], atol=1e-6) and (lp[b, end:] == 0).all(), f"row {b}"
+    assert tok.shape[1] <= full.shape[1] and (tok[:2, 4:] == 0).all()  # rows 0 and 1 stopped
+    one, _ = generate(model, ids, mask, seeds, sp, eos_id=(eos[1],), pad_id=0, engine="transformers")
+    two, _ = generate(model, ids, mask, seeds, sp, eos_id=eos[1], pad_id=0, engine="transformers")
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("lens,row", [([3, 0, 2], 1), ([0, 0], 0)])
+def test_transformers_fallback_empty_prompt(lens, row):
+    """A row with no prompt tokens, or a batch of P=0 columns: a ValueError naming prompt_mask_BP and the row (was
+    an IndexError, or a completion of junk)."""
+    model = _model("tiny-qwen2", layers=1)
+    ids, mask = _prompts(lens)  # [0, 0]: P = 0 columns
+    assert ids.shape[1] == max(lens)
+    seeds, sp = list(range(len(lens))), SamplingParams(3)
+    with pytest.raises(ValueError, match=rf"prompt_mask_BP: row {row} has no prompt tokens"):
+        generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0, engine="transformers")
+    with pytest.raises(ValueError, match=rf"prompt_mask_BP: row {row} has no prompt tokens"):
+        hf_generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0)
 
 
 @pytest.mark.parametrize("kw,name", [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),

@@ -1,29 +1,96 @@
 """transformers' own `generate` as the fallback rollout engine (rollout_engine=transformers), for models
 the engine does not support. Its noise comes from one torch generator seeded by the batch's row seeds,
-so a completion depends on its batch too (not on the row alone, as with the engine)."""
+so a completion depends on its batch too (not on the row alone, as with the engine).
+
+Same outputs as the engine: a token is drawn from softmax(logits / temperature) over the tokens top-k / top-p /
+min-p keep (r1kernels.reference.sampling.kept_mask: one logits processor, `_Kept`, is the whole sampling
+distribution); greedy takes its argmax. Its log-prob is z[token] - logsumexp(z over the kept set), z = raw logits /
+temperature, as the engine and (with no truncation) the training forward compute it. Nothing from the model's
+generation_config applies (repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, forced
+bos/eos, its top_k / temperature, num_beams, stop_strings, ...): see `_Exact`.
+"""
 from __future__ import annotations
 
+import numbers
 import zlib
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from r1kernels.reference.sampling import kept_mask
+
+
+class _Exact(GenerationConfig):
+    """A GenerationConfig complete as built. generate() fills a passed config's unset (None) fields from
+    model.generation_config (transformers 5.x `_prepare_generation_config`: update(defaults_only=True)), and several
+    processors (bad_words_ids, sequence_bias, forced_bos/eos_token_id, exponential_decay_length_penalty,
+    suppress_tokens, top_h, min_p, watermarking_config) are on whenever their field is not None, so no neutral value
+    could be set for them: this config takes no such defaults (nor transformers' global ones: `_config` sets what
+    the sampling loop needs), and None leaves every one of them off. Should a later transformers merge the model's
+    config some other way, the tests named test_transformers_fallback_* fail."""
+
+    def update(self, defaults_only=False, allow_custom_entries=False, **kwargs):
+        if defaults_only:
+            return kwargs
+        return super().update(allow_custom_entries=allow_custom_entries, **kwargs)
+
+
+def kept_logits(logits_BV, sp):
+    """logits -> fp32 logits / temperature, -inf outside the kept set: what the engine samples from."""
+    z = logits_BV.float() / sp.temperature
+    return z.masked_fill(~kept_mask(z, sp.top_k, sp.top_p, sp.min_p), float("-inf"))
+
+
+class _Kept(LogitsProcessor):
+    def __init__(self, sp):
+        self.sp = sp
+
+    def __call__(self, input_ids, scores):
+        return kept_logits(scores, self.sp)
+
+
+def eos_ids(eos_id) -> list[int]:
+    """eos_id: an int or a sequence of ints (a row stops at any of them) -> the list; negative ids never match."""
+    if isinstance(eos_id, numbers.Integral) or (isinstance(eos_id, torch.Tensor) and eos_id.dim() == 0):
+        return [int(eos_id)]
+    return [int(e) for e in eos_id]
+
+
+def _config(sp, eos: list[int], pad_id: int) -> _Exact:
+    stops = [e for e in eos if e >= 0]
+    sampling = {} if sp.greedy else dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+                                         eta_cutoff=0.0)  # neutral: _Kept applies temperature and truncation
+    return _Exact(do_sample=not sp.greedy, num_beams=1, num_return_sequences=1, use_cache=True,
+                  max_new_tokens=sp.max_new_tokens, min_length=0, eos_token_id=stops or None, pad_token_id=pad_id,
+                  repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                  encoder_no_repeat_ngram_size=0, remove_invalid_values=False, renormalize_logits=False,
+                  output_logits=True, return_dict_in_generate=True, **sampling)
 
 
 @torch.no_grad()
-def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id: int, pad_id: int):
+def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pad_id: int):
+    """-> (tokens [B, T'], fp32 log-probs [B, T']); eos_id an int or a sequence of ints; after a row's first eos
+    its tokens are pad_id and its log-probs 0."""
     B, P = prompt_ids_BP.shape
+    empty = (prompt_mask_BP.sum(1) == 0).nonzero().flatten().tolist() if P else list(range(B))
+    if empty:
+        raise ValueError(f"prompt_mask_BP: row {empty[0]} has no prompt tokens ({len(empty)} such row(s) of {B}, "
+                         f"P={P} prompt columns); a completion needs a prompt to condition on")
+    eos = eos_ids(eos_id)
     torch.manual_seed(zlib.crc32(repr([int(s) for s in seeds_B]).encode()))
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP, do_sample=not sp.greedy,
-                             temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                             min_p=sp.min_p or None, max_new_tokens=sp.max_new_tokens, eos_token_id=eos_id,
-                             pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
+                             generation_config=_config(sp, eos, pad_id),
+                             logits_processor=LogitsProcessorList([_Kept(sp)]))
     finally:
         model.train(was_training)
     tok_BT = out.sequences[:, P:]
-    # scores are the processed logits the token was drawn from (temperature, top-k/p, min-p applied)
-    logp_BT = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
-    logp_BT = logp_BT.gather(-1, tok_BT[..., None]).squeeze(-1)
-    after_eos = (tok_BT == eos_id).long().cumsum(1) - (tok_BT == eos_id).long() > 0
+    logp_BT = torch.zeros(tok_BT.shape, dtype=torch.float32, device=tok_BT.device)
+    for t, logits_BV in enumerate(out.logits):  # the raw logits, not the processed scores
+        zk_BV = kept_logits(logits_BV, sp)
+        logp_BT[:, t] = zk_BV.gather(-1, tok_BT[:, t, None]).squeeze(-1) - torch.logsumexp(zk_BV, -1)
+    is_eos = torch.isin(tok_BT, torch.tensor(eos, dtype=tok_BT.dtype, device=tok_BT.device))
+    after_eos = is_eos.long().cumsum(1) - is_eos.long() > 0
     return tok_BT.masked_fill(after_eos, pad_id), logp_BT.masked_fill(after_eos, 0.0)
