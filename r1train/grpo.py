@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 
 import torch
@@ -35,6 +36,8 @@ from .metrics import PhaseClock
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardRunner
 from .rollout import Rollout, row_seed, sample, sampling_kwargs, sequence_logprobs
+
+log = logging.getLogger("r1train.grpo")
 
 
 def loss_keys(cfg) -> dict:
@@ -74,18 +77,61 @@ def _nanstd(x, dim):
     return torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
 
 
-def normalize_then_sum(vals_NR, failed_N, w_R, G: int):
-    """Advantages of multi_objective_aggregation='normalize_then_sum' (GDPO, TRL's formula): each reward
-    normalized within its group ((r - mean) / (std + 1e-4), None and failed samples left out), the weighted
-    sum over rewards, then normalized over the batch; a row with no usable reward gets advantage 0."""
+def reward_totals(vals_NR, failed_N, w_R):
+    """Each row's weighted reward sum in float64 (TRL's nansum: None counts 0 beside a value); NaN for a row
+    left out of every statistic: unscorable (every reward None; TRL's unscorable_mask) or failed (a reward
+    raised or timed out). Such a row gets advantage 0 and no share of the logged reward metrics."""
+    v = vals_NR.double()
+    total = (v * w_R.double()).nansum(1)
+    total[v.isnan().all(1) | failed_N] = float("nan")
+    return total
+
+
+def _gdpo_totals(vals_NR, failed_N, w_R, G: int):
     v = vals_NR.double().clone()
     v[failed_N] = float("nan")
     g = v.view(-1, G, v.shape[1])
     z = ((g - g.nanmean(1, keepdim=True)) / (_nanstd(g, 1) + 1e-4)).view_as(v)
     total = (z * w_R.double()).nansum(1)
     total[v.isnan().all(1)] = float("nan")
+    return total
+
+
+def normalize_then_sum(vals_NR, failed_N, w_R, G: int):
+    """Advantages of multi_objective_aggregation='normalize_then_sum' (GDPO, TRL's formula): each reward
+    normalized within its group ((r - mean) / (std + 1e-4), None and failed samples left out), the weighted
+    sum over rewards, then normalized over the batch; a row with no usable reward gets advantage 0."""
+    total = _gdpo_totals(vals_NR, failed_N, w_R, G)
     adv = (total - total.nanmean()) / (_nanstd(total, 0) + 1e-4)
     return adv.nan_to_num(0.0).float()
+
+
+def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, backend: str = "torch"):
+    """TRL 1.16's advantages over the global batch (GRPOTrainer._generate_and_score_completions), float64
+    inside -> (advantages fp32 [N], std_N: the std each row is scaled by, TRL's std_rewards: the group's
+    for scale_rewards group and none, the batch's for batch and for normalize_then_sum; frac_reward_zero_std
+    counts the rows where it is 0). Rows with NaN reward_totals (unscorable, failed) are left out of the
+    means and stds and get advantage 0. With none of them, rk.group_advantages (the kernel_backend's op)
+    computes the sum_then_normalize advantages."""
+    if aggregation == "normalize_then_sum":
+        return normalize_then_sum(vals_NR, failed_N, w_R, G), _nanstd(_gdpo_totals(vals_NR, failed_N, w_R, G),
+                                                                      0).expand(len(vals_NR))
+    total = reward_totals(vals_NR, failed_N, w_R)
+    g = total.view(-1, G)
+    std_N = _nanstd(total, 0).expand_as(total) if scale == "batch" else _nanstd(g, 1).expand_as(g).reshape(-1)
+    if not total.isnan().any():
+        adv = rk.group_advantages(vals_NR.nan_to_num(0.0), G, scale=scale, reward_weights=w_R, backend=backend)
+    else:
+        adv = (g - g.nanmean(1, keepdim=True)).reshape(-1)
+        if scale != "none":
+            adv = adv / (std_N + 1e-4)
+        adv = adv.nan_to_num(0.0).float()
+    return adv, std_N
+
+
+def _finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def _pad_to(x, width, value, left):
@@ -184,9 +230,10 @@ class GRPOTrainer(Trainer):
         return [ro, texts, ids_list, table, failed]
 
     def _varied(self, table, failed) -> list[bool]:
-        """Per group of G samples: do the weighted rewards of its non-failed samples differ?"""
+        """Per group of G samples: do the weighted rewards of its scored samples differ? Failed and unscorable
+        samples (every reward None) are left out, as from the advantages: they give a group no signal."""
         G, w = self.cfg.num_generations, self.reward_w_R.tolist()
-        tot = [None if f else sum(wj * (0.0 if v is None or v != v else v) for wj, v in zip(w, row))
+        tot = [None if f or all(v is None for v in row) else sum(wj * v for wj, v in zip(w, row) if v is not None)
                for row, f in zip(table, failed)]
         out = []
         for g in range(len(tot) // G):
@@ -259,34 +306,34 @@ class GRPOTrainer(Trainer):
         vals_all, failed_all = all_NR[:, :R], all_NR[:, R] > 0
         if failed_all.all():  # the same global verdict on every rank: all of them stop
             raise self.rewards.all_failed_error(failed_all.numel())
-        # None ("not applicable") counts 0 in the weighted sum (TRL nansum); a failed sample takes its
-        # group's mean so it shifts nobody's advantage, and its loss weight is zeroed below.
-        total_N = (vals_all.nan_to_num(0.0) * self.reward_w_R).sum(1)
-        grp_NG, bad_NG = total_N.view(-1, G), failed_all.view(-1, G)
-        ok = (~bad_NG).float()
-        mean_g = (grp_NG * ok).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
-        total_N = torch.where(bad_NG, mean_g, grp_NG).reshape(-1)
-        if cfg.multi_objective_aggregation == "normalize_then_sum":
-            adv_all = normalize_then_sum(vals_all, failed_all, self.reward_w_R, G)
-        else:
-            adv_all = rk.group_advantages(total_N, G, scale=cfg.scale_rewards, backend=cfg.kernel_backend)
+        # TRL's advantages: None ("not applicable") counts 0 beside another reward's value (nansum); a row
+        # with no reward at all (unscorable) or a failed reward is left out of the group's (the batch's) mean
+        # and std and gets advantage 0; a failed row also gets no loss weight (below)
+        adv_all, std_all = advantages(vals_all, failed_all, self.reward_w_R, G, scale=cfg.scale_rewards,
+                                      aggregation=cfg.multi_objective_aggregation, backend=cfg.kernel_backend)
+        total_N = reward_totals(vals_all, failed_all, self.reward_w_R)
+        unscorable = int(vals_all.isnan().all(1).sum())
+        if unscorable and self.rank == 0:
+            log.warning("%d of %d completions got None from every reward function: unscorable, advantage 0 "
+                        "(TRL's rule); check that some reward applies to every row", unscorable, len(total_N))
         lo = self.rank * len(rows) * G
         adv_N = adv_all[lo:lo + len(rows) * G]
         mask_BT = ro.completion_mask_BT.clone()
         if cfg.mask_truncated_completions:
             mask_BT[ro.truncated_B] = 0
         mask_BT[failed_N.bool().to(mask_BT.device)] = 0
-        m.update(self.reward_metrics(vals_all, total_N, failed_all, ro))
+        m.update(self.reward_metrics(vals_all, total_N, std_all, failed_all, ro))
         samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
-                    "reward": float(total_N[lo + i]), "advantage": float(adv_N[i])}
+                    "reward": _finite_or_none(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
         return ro, adv_N.to(self.dev), mask_BT, m, samples
 
-    def reward_metrics(self, vals_NR, total_N, failed_N, ro):
-        G = self.cfg.num_generations
-        std_g = total_N.view(-1, G).std(1)
-        m = {"reward": total_N.mean().item(), "reward_std": std_g.mean().item(),
-             "frac_reward_zero_std": (std_g < 1e-6).float().mean().item(), "rewards/failed": failed_N.sum().item()}
+    def reward_metrics(self, vals_NR, total_N, std_N, failed_N, ro):
+        """TRL's: reward and reward_std over the batch's scored rows (unscorable and failed rows left out),
+        frac_reward_zero_std the share of rows whose advantage scale (std_N, TRL's std_rewards) is 0."""
+        m = {"reward": total_N.nanmean().item(), "reward_std": _nanstd(total_N, 0).item(),
+             "frac_reward_zero_std": torch.isclose(std_N, torch.zeros_like(std_N)).double().mean().item(),
+             "rewards/failed": failed_N.sum().item()}
         for j, name in enumerate(self.rewards.names):
             v = vals_NR[:, j]
             v = v[~v.isnan()]
@@ -449,7 +496,8 @@ class GRPOTrainer(Trainer):
         self.logger.log_completions(step + 1, samples, to_backends=show)
         if show and self.rank == 0:
             for smp in samples[:2]:
-                print(f"[step {step + 1}] reward={smp['reward']:.2f} {smp['prompt']!r} -> {smp['completion']!r}")
+                r = "none" if smp["reward"] is None else f"{smp['reward']:.2f}"
+                print(f"[step {step + 1}] reward={r} {smp['prompt']!r} -> {smp['completion']!r}")
         return m
 
     def _loss_kw(self, n_items, entropy_coef, **tensors) -> dict:

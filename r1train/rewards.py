@@ -1,9 +1,11 @@
 """Rule rewards with TRL's signature, a registry, and a runner that survives bad reward functions.
 
 Signature: f(prompts, completions, completion_ids, **columns) -> list[float | None]; may be async.
-None means "not applicable" (counts as 0 in the weighted sum, left out of that function's mean, as TRL).
-A function that raises or runs past the timeout is logged and counted; the affected samples are marked
-failed and the trainer skips them (zero loss weight); the run goes on unless every sample of a step failed
+None means "not applicable" (counts as 0 in the weighted sum beside another reward's value, left out of
+that function's mean, as TRL); a completion for which every reward returns None is unscorable: as in TRL,
+left out of its group's mean and std and of the logged reward, advantage 0. A function that raises or runs
+past the timeout is logged and counted; the affected samples are marked failed and the trainer treats them
+as unscorable and gives them zero loss weight; the run goes on unless every sample of a step failed
 (RewardError naming the reward). A return value that is not one finite float or None per completion is a
 RewardError at once. With chat-message prompts, completions are passed as TRL does:
 [{"role": "assistant", "content": text}]. Calls run in daemon threads: a hung one is abandoned at the

@@ -74,3 +74,29 @@ def test_step_runs_and_off_by_default(tmp_path):
 def test_bad_rounds():
     with pytest.raises(ConfigError, match="max_dynamic_sampling_rounds"):
         load_config(overrides=["max_dynamic_sampling_rounds=0"])
+
+
+def none_or_one(prompts, completions, completion_ids=None, **_):
+    """1.0, or None (unscorable: the only reward) for completions with an odd checksum: every group is
+    constant on its scored samples, whatever its unscorable ones."""
+    import zlib
+
+    from r1train.rewards import completion_text
+
+    return [None if zlib.crc32(completion_text(c).encode()) % 2 else 1.0 for c in completions]
+
+
+def test_unscorable_samples_are_no_variation(tmp_path):
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_generations=4", "per_device_train_batch_size=16",
+                       "dynamic_sampling=true", "max_dynamic_sampling_rounds=1", reward_funcs=[none_or_one])
+    # unscorable and failed samples are left out, as from the advantages (None beside a value counts 0)
+    assert t._varied([[1.0], [None], [1.0], [1.0]], [False] * 4) == [False]
+    assert t._varied([[1.0], [None], [0.0], [1.0]], [False] * 4) == [True]
+    assert t._varied([[1.0], [0.0], [1.0], [1.0]], [False, True, False, False]) == [False]
+    rows, _ = t.rows_for(0)
+    ro, adv_N, mask_BT, m, samples = t.make_batch(0, list(rows))
+    G, vals = t.cfg.num_generations, none_or_one(None, [s["completion"] for s in samples])
+    mixed = sum(None in vals[i:i + G] and 1.0 in vals[i:i + G] for i in range(0, len(vals), G))
+    assert mixed > 0  # groups of 1.0 and unscorable samples: what None-as-0 took for variation
+    assert m["dynamic_sampling/drop_rate"] == 1.0 and m["dynamic_sampling/constant_groups_kept"] == len(rows)
+    assert (adv_N == 0).all()
