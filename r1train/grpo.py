@@ -34,7 +34,7 @@ from .engine import Trainer
 from .generation import release as release_engine
 from .metrics import PhaseClock
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
-from .rewards import RewardRunner
+from .rewards import RewardError, RewardRunner
 from .rollout import Rollout, row_seed, sample, sampling_kwargs, sequence_logprobs
 
 log = logging.getLogger("r1train.grpo")
@@ -311,6 +311,10 @@ class GRPOTrainer(Trainer):
         # and std and gets advantage 0; a failed row also gets no loss weight (below)
         adv_all, std_all = advantages(vals_all, failed_all, self.reward_w_R, G, scale=cfg.scale_rewards,
                                       aggregation=cfg.multi_objective_aggregation, backend=cfg.kernel_backend)
+        if not torch.isfinite(adv_all).all():  # scale_rewards=none: reward differences beyond float32
+            raise RewardError(f"advantages overflow float32 with scale_rewards={cfg.scale_rewards}: a weighted "
+                              "reward minus its group's mean is beyond float32's range (3.4e38); scale the rewards "
+                              "or reward_weights down, or scale the advantages (scale_rewards=group)")
         total_N = reward_totals(vals_all, failed_all, self.reward_w_R)
         unscorable = int(vals_all.isnan().all(1).sum())
         if unscorable and self.rank == 0:
@@ -335,7 +339,7 @@ class GRPOTrainer(Trainer):
              "frac_reward_zero_std": torch.isclose(std_N, torch.zeros_like(std_N)).double().mean().item(),
              "rewards/failed": failed_N.sum().item()}
         for j, name in enumerate(self.rewards.names):
-            v = vals_NR[:, j]
+            v = vals_NR[:, j].double()  # float32 rewards near its max: their sum in float64
             v = v[~v.isnan()]
             m[f"rewards/{name}/mean"] = v.mean().item() if v.numel() else float("nan")
             m[f"rewards/{name}/std"] = v.std().item() if v.numel() > 1 else 0.0

@@ -7,9 +7,9 @@ left out of its group's mean and std and of the logged reward, advantage 0. A fu
 past the timeout is logged and counted; the affected samples are marked failed and the trainer treats them
 as unscorable and gives them zero loss weight; the run goes on unless every sample of a step failed
 (RewardError naming the reward). A return value that is not one finite float or None per completion is a
-RewardError at once. With chat-message prompts, completions are passed as TRL does:
-[{"role": "assistant", "content": text}]. Calls run in daemon threads: a hung one is abandoned at the
-timeout and never keeps the process alive.
+RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). With
+chat-message prompts, completions are passed as TRL does: [{"role": "assistant", "content": text}]. Calls
+run in daemon threads: a hung one is abandoned at the timeout and never keeps the process alive.
 """
 
 from __future__ import annotations
@@ -267,9 +267,13 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {r[:80] + '...' if len(r) > 80 else r}"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
 def check_values(name: str, vals, n: int) -> list:
     """A reward's return value -> n floats or None; anything else raises RewardError naming the reward
-    and what it returned. None is the only "not applicable"; NaN and inf are errors."""
+    and what it returned. None is the only "not applicable"; NaN, inf and values beyond float32's range
+    (inf in the float32 reward table, as in TRL's) are errors."""
     if inspect.isgenerator(vals) or inspect.isawaitable(vals) or isinstance(vals, (str, bytes, dict)) or \
             not hasattr(vals, "__len__") or not hasattr(vals, "__getitem__"):
         raise RewardError(f"reward {name!r} returned {_describe(vals)}; a reward function must return a list "
@@ -288,6 +292,9 @@ def check_values(name: str, vals, n: int) -> list:
         if not math.isfinite(f):
             raise RewardError(f"reward {name!r} returned {f} at index {i}; rewards must be finite (return None "
                               "for 'not applicable')")
+        if abs(f) > FLOAT32_MAX:
+            raise RewardError(f"reward {name!r} returned {f} at index {i}; rewards must lie within float32's range "
+                              f"(|r| <= {FLOAT32_MAX:.7g}: the reward table is float32, as TRL's, where this is inf)")
         out.append(f)
     return out
 

@@ -5,6 +5,7 @@ so it is given to TRL as unscorable) are left out of the group's (the batch's) m
 advantage 0; `reward` and `reward_std` are over the batch's scored rows; frac_reward_zero_std is the share of
 rows whose advantage scale (TRL's std_rewards) is 0."""
 
+import math
 import random
 import zlib
 
@@ -14,7 +15,7 @@ import train_helpers as H
 from trl.trainer.utils import nanstd
 
 from r1train.grpo import advantages
-from r1train.rewards import completion_text
+from r1train.rewards import RewardError, completion_text
 
 
 def trl_advantages(rewards_per_func, weights, G, scale="group", aggregation="sum_then_normalize"):
@@ -132,3 +133,46 @@ def test_step_advantages_and_reward_metrics_match_trl(tmp_path, reward, scale):
     assert m["rewards/failed"] == sum(failed)
     assert [s["reward"] for s in samples] == [None if v[0] is None else v[0] for v in vals]
     assert mask.any(1).tolist() == [not f and bool(k) for f, k in zip(failed, ro.completion_mask_BT.any(1))]
+
+
+def _py_mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def near_max(prompts, completions, completion_ids=None, **_):
+    """3e38 (within float32's range; twice it is not) for even-checksum completions, else 0."""
+    return [3e38 if _crc(c) % 2 == 0 else 0.0 for c in completions]
+
+
+def near_max_too(prompts, completions, completion_ids=None, **_):
+    return near_max(prompts, completions)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_rewards_near_float32_max(tmp_path, scale):
+    """Rewards within float32's range whose sums are not: advantages and metrics as a plain-Python
+    float64 computation of TRL's formula (TRL's float32 table would hold inf); with scale_rewards=none the
+    advantages themselves do not fit float32: an error naming scale_rewards, not inf."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_generations=4", "per_device_train_batch_size=16",
+                       f"scale_rewards={scale}", reward_funcs=[near_max, near_max_too])
+    rows, _ = t.rows_for(0)
+    if scale == "none":
+        with pytest.raises(RewardError, match="advantages overflow float32 with scale_rewards=none"):
+            t.make_batch(0, list(rows))
+        return
+    ro, adv, mask, m, samples = t.make_batch(0, list(rows))
+    G, vals = t.cfg.num_generations, near_max(None, [s["completion"] for s in samples])
+    tot = [2.0 * v for v in vals]
+    assert 0 < vals.count(0.0) < len(vals)
+    want = []
+    for i in range(0, len(tot), G):
+        mean, std = _py_mean_std(tot[i:i + G])
+        std = std if scale == "group" else _py_mean_std(tot)[1]
+        want += [(x - mean) / (std + 1e-4) for x in tot[i:i + G]]
+    torch.testing.assert_close(adv.cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert m["reward"] == pytest.approx(_py_mean_std(tot)[0])
+    assert m["reward_std"] == pytest.approx(_py_mean_std(tot)[1])
+    assert m["rewards/near_max/mean"] == pytest.approx(_py_mean_std(vals)[0])
+    assert m["rewards/near_max/std"] == pytest.approx(_py_mean_std(vals)[1], rel=1e-6)
+    assert [s["reward"] for s in samples] == pytest.approx(tot)

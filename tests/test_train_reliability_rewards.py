@@ -82,6 +82,8 @@ def _returns(value, name="bad_reward"):
     (lambda: (x for x in [1.0, 1.0]), "returned generator"),
     ([float("inf"), 1.0], "returned inf at index 0; rewards must be finite"),
     ([float("nan"), float("nan")], "returned nan at index 0"),
+    ([1.0, 1e39], "returned 1e+39 at index 1; rewards must lie within float32's range"),  # float32 inf in TRL
+    ([-3.5e38, 1.0], "returned -3.5e+38 at index 0; rewards must lie within float32's range"),
     (["1", 1.0], "returned str '1' at index 0; expected a float or None"),
     ({"a": 1.0, "b": 2.0}, "returned dict"),
 ])
@@ -96,6 +98,8 @@ def test_none_is_the_only_not_applicable_and_numeric_types_pass():
     run = R.RewardRunner([_returns([None, 0.5], "a"), _returns(torch.tensor([1.0, 2.0]), "b")], timeout=5)
     table, failed = run(["p", "q"], ["a", "b"], [[1], [2]], {})
     assert table == [[None, 1.0], [0.5, 2.0]] and failed == [False, False]
+    f32max = torch.finfo(torch.float32).max  # the largest reward the float32 table holds
+    assert R.check_values("r", [f32max, -f32max], 2) == [f32max, -f32max]
 
 
 # ---- item 8: a hung sync reward never keeps the process alive
