@@ -15,7 +15,7 @@ import torch
 
 import r1kernels as rk
 
-from .generation import SamplingParams, generate
+from .generation import SamplingParams, eos_tuple, generate
 from .generation.attention import position_ids
 
 
@@ -43,17 +43,26 @@ def row_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id: int, pad_id: int,
+def eos_ids(model, tok) -> list[int]:
+    """The ids that end a completion, as TRL 1.16's GRPOTrainer takes them: the tokenizer's eos, then every eos
+    id of the model's generation_config (e.g. an end-of-turn token)."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if gen is None else [gen] if isinstance(gen, int) else list(gen)
+    return ids if tok.eos_token_id in ids else [tok.eos_token_id, *ids]
+
+
+def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id, pad_id: int,
            seeds_B, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
            greedy: bool = False, engine: str = "r1train", ds_engine=None, backend: str = "auto") -> Rollout:
-    """Sample one completion per row (seeds_B: one int seed per row). ds_engine: the DeepSpeed engine
-    under ZeRO-3 (parameters gathered once for the rollout)."""
+    """Sample one completion per row (seeds_B: one int seed per row); eos_id: a token id or a sequence of them
+    (eos_ids(model, tok)). ds_engine: the DeepSpeed engine under ZeRO-3 (parameters gathered once for the
+    rollout)."""
     sp = SamplingParams(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         greedy=greedy)
     comp_BT, logp_BT = generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, eos_id=eos_id,
                                 pad_id=pad_id, engine=engine, ds_engine=ds_engine, backend=backend)
     dev = comp_BT.device
-    is_eos_BT = comp_BT == eos_id
+    is_eos_BT = torch.isin(comp_BT, torch.tensor(eos_tuple(eos_id), device=dev))
     if comp_BT.shape[1] == 0:  # no rows (a rank with nothing to sample in a dynamic-sampling round)
         first_eos_B = torch.zeros(comp_BT.shape[0], dtype=torch.long, device=dev)
     else:
@@ -81,7 +90,7 @@ def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=l
         seeds = [row_seed(*seed_key, index(s + i), j) for i in range(len(chunk)) for j in range(num_samples)]
         ro = sample(model, ids.repeat_interleave(num_samples, 0).to(dev),
                     mask.repeat_interleave(num_samples, 0).to(dev), seeds_B=seeds,
-                    max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id,
                     temperature=cfg.temperature if temperature is None else temperature, greedy=greedy,
                     **sampling_kwargs(cfg, ds_engine))
         yield s, chunk, ro, decode_completions(tok, ro)

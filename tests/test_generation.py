@@ -338,38 +338,67 @@ def test_transformers_fallback_greedy_matches_engine():
     assert_close(lp, ours_lp[:, :n].double(), torch.float32, name="greedy log-probs vs the engine")
 
 
-def test_transformers_fallback_stops_at_any_eos_id():
-    """eos_id as a sequence: each row stops at the first of any of them (then pad_id, log-prob 0), where the run
-    with no eos had the same tokens; an int is the sequence of one."""
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_stops_at_any_eos_id(engine):
+    """eos_id as a sequence (TRL stops at any of the model's eos ids): each row stops at the first of any of them
+    (then pad_id, log-prob 0), where the run with no eos had the same tokens; an int is the sequence of one.
+    rollout.sample's completion mask and truncation flag see every eos id."""
+    from r1train.rollout import sample
+
     model = _model("tiny-qwen2", sharp=False)
     ids, mask = _prompts([4, 6, 2, 5])
     sp, seeds = SamplingParams(8), [1, 2, 3, 4]
-    full, full_lp = generate(model, ids, mask, seeds, sp, eos_id=-1, pad_id=0, engine="transformers")
+    kw = dict(pad_id=0, engine=engine, backend="torch")
+    full, full_lp = generate(model, ids, mask, seeds, sp, eos_id=-1, **kw)
     eos = [int(full[0, 2]), int(full[1, 3])]
-    tok, lp = generate(model, ids, mask, seeds, sp, eos_id=eos, pad_id=0, engine="transformers")
+    tok, lp = generate(model, ids, mask, seeds, sp, eos_id=eos, **kw)
     for b in range(4):
         row = full[b].tolist()
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         assert tok[b, :end].tolist() == row[:end] and (tok[b, end:] == 0).all(), f"row {b}"
         assert torch.allclose(lp[b, :end], full_lp[b, :end], atol=1e-6) and (lp[b, end:] == 0).all(), f"row {b}"
     assert tok.shape[1] <= full.shape[1] and (tok[:2, 4:] == 0).all()  # rows 0 and 1 stopped
-    one, _ = generate(model, ids, mask, seeds, sp, eos_id=(eos[1],), pad_id=0, engine="transformers")
-    two, _ = generate(model, ids, mask, seeds, sp, eos_id=eos[1], pad_id=0, engine="transformers")
+    one, _ = generate(model, ids, mask, seeds, sp, eos_id=(eos[1],), **kw)
+    two, _ = generate(model, ids, mask, seeds, sp, eos_id=eos[1], **kw)
     assert torch.equal(one, two)
+    ro = sample(model, ids, mask, max_new_tokens=8, eos_id=eos, seeds_B=seeds, **kw)
+    for b in range(4):
+        row = full[b].tolist()
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+        assert ro.completion_mask_BT[b].sum() == (end or ro.completion_ids_BT.shape[1]), f"row {b}"
+        assert bool(ro.truncated_B[b]) == (end is None), f"row {b}"
+    for bad in ([], [1.5], True, None):
+        with pytest.raises(ValueError, match="eos_id"):
+            generate(model, ids, mask, seeds, sp, eos_id=bad, **kw)
 
 
+def test_eos_ids_are_trls():
+    """rollout.eos_ids: the tokenizer's eos, then every eos id of the model's generation_config (TRL 1.16)."""
+    from types import SimpleNamespace
+
+    from r1train.rollout import eos_ids
+
+    model = _model("tiny-qwen2", layers=1)
+    tok = SimpleNamespace(eos_token_id=7)
+    for gen, want in ((None, [7]), (7, [7]), (9, [7, 9]), ([9, 7, 11], [9, 7, 11]), ([9, 11], [7, 9, 11])):
+        model.generation_config.eos_token_id = gen
+        assert eos_ids(model, tok) == want, gen
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
 @pytest.mark.parametrize("lens,row", [([3, 0, 2], 1), ([0, 0], 0)])
-def test_transformers_fallback_empty_prompt(lens, row):
+def test_empty_prompt(engine, lens, row):
     """A row with no prompt tokens, or a batch of P=0 columns: a ValueError naming prompt_mask_BP and the row (was
-    an IndexError, or a completion of junk)."""
+    an IndexError / a RuntimeError, or a completion of junk)."""
     model = _model("tiny-qwen2", layers=1)
     ids, mask = _prompts(lens)  # [0, 0]: P = 0 columns
     assert ids.shape[1] == max(lens)
     seeds, sp = list(range(len(lens))), SamplingParams(3)
     with pytest.raises(ValueError, match=rf"prompt_mask_BP: row {row} has no prompt tokens"):
-        generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0, engine="transformers")
-    with pytest.raises(ValueError, match=rf"prompt_mask_BP: row {row} has no prompt tokens"):
-        hf_generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0)
+        generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0, engine=engine)
+    if engine == "transformers":
+        with pytest.raises(ValueError, match=rf"prompt_mask_BP: row {row} has no prompt tokens"):
+            hf_generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0)
 
 
 @pytest.mark.parametrize("kw,name", [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),

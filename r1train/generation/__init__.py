@@ -13,12 +13,12 @@ import contextlib
 import torch
 
 from ..moe_replay import recorder
-from .engine import Engine, SamplingParams, buckets, engine_for, release
+from .engine import Engine, SamplingParams, buckets, engine_for, eos_tuple, release
 from .hf import hf_generate
 
 ENGINES = ("r1train", "transformers")
 
-__all__ = ["generate", "SamplingParams", "Engine", "engine_for", "release", "buckets", "ENGINES",
+__all__ = ["generate", "SamplingParams", "Engine", "engine_for", "eos_tuple", "release", "buckets", "ENGINES",
            "gathered_for_generation"]
 
 
@@ -49,15 +49,21 @@ def gathered_for_generation(ds_engine):
             off._register_deepspeed_module(off.module)
 
 
-def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingParams, *, eos_id: int,
-             pad_id: int, engine: str = "r1train", ds_engine=None, backend: str = "auto",
-             cuda_graphs: bool = True):
+def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingParams, *, eos_id, pad_id: int,
+             engine: str = "r1train", ds_engine=None, backend: str = "auto", cuda_graphs: bool = True):
     """Sample one completion per row of the left-padded prompts -> (tokens [B, T'], fp32 log-probs
-    [B, T'] of each token under the distribution it was drawn from)."""
+    [B, T'] of each token under the distribution it was drawn from). eos_id: a token id or a sequence of
+    them (a row ends at any; rollout.eos_ids gives TRL's set)."""
     if engine not in ENGINES:
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
     if len(seeds_B) != prompt_ids_BP.shape[0]:
         raise ValueError(f"seeds_B has {len(seeds_B)} seeds for {prompt_ids_BP.shape[0]} prompts")
+    eos_tuple(eos_id)  # a clear error before any work
+    if prompt_ids_BP.shape[0]:
+        empty = (prompt_mask_BP.sum(1) == 0).nonzero()  # one host read per rollout
+        if empty.numel():
+            raise ValueError(f"prompt_mask_BP: row {int(empty[0])} has no prompt tokens (a completion needs a "
+                             "prompt to condition on)")
     with gathered_for_generation(ds_engine):  # entered even with no rows: under ZeRO-3 it is a collective
         if prompt_ids_BP.shape[0] == 0:  # a rank with nothing to sample this round (dynamic sampling)
             dev = prompt_ids_BP.device

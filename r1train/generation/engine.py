@@ -66,6 +66,14 @@ def buckets(rows: int) -> list[int]:
     return sorted(set(out), reverse=True)
 
 
+def eos_tuple(eos_id) -> tuple:
+    """eos_id: one token id or a sequence of them (TRL stops at any of the model's eos ids) -> a tuple."""
+    ids = (eos_id,) if isinstance(eos_id, int) else tuple(dict.fromkeys(eos_id)) if eos_id is not None else ()
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_id must be a token id or a non-empty sequence of them, got {eos_id!r}")
+    return ids
+
+
 def distinct_rows(ids_BP: torch.Tensor, mask_BP: torch.Tensor):
     """Distinct left-padded prompts -> (first_U: the first row of each, ascending; rows_B: the index in first_U
     of row b's prompt). Rows are the same prompt when their tokens and padding are. One host read (the count)."""
@@ -116,6 +124,7 @@ class Engine:
         self.graphs: dict = {}
         self.pool = None
         self._qkv: dict = {}  # attention module id -> concatenated q/k/v weight, bias (fused.py)
+        self._eos: dict = {}  # eos tuple -> int64 tensor of its ids (static: the captured steps read it)
         self._sig = None
         self.stats = {"captures": 0, "capture_seconds": 0.0}
 
@@ -179,15 +188,15 @@ class Engine:
     def _forward(self, ids_BT, pos_BT):
         return self.model(input_ids=ids_BT, position_ids=pos_BT, use_cache=False, logits_to_keep=1).logits[:, -1]
 
-    def _step(self, r: int, sp: SamplingParams, eos_id: int, pad_id: int):
+    def _step(self, r: int, sp: SamplingParams, eos: tuple, pad_id: int):
         st = self.st
         rec = self._rec.decode(self.routes, st.rid[:r], st.pos[:r], st.done[:r]) if self._rec else None
         with rec or contextlib.nullcontext():
             logits = self._forward(st.tok[:r, None], st.lens[:r, None])
-        self._emit(r, logits, sp, eos_id, pad_id)
+        self._emit(r, logits, sp, eos, pad_id)
         st.lens[:r] += 1
 
-    def _emit(self, r, logits_rV, sp, eos_id, pad_id):
+    def _emit(self, r, logits_rV, sp, eos, pad_id):
         """Sample row tokens from logits, write token/log-prob at each row's position, advance."""
         st = self.st
         tok, logp = rk.sample_tokens(logits_rV, st.seeds[:r], st.pos[:r], backend=self.backend,
@@ -196,26 +205,26 @@ class Engine:
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         st.out_tok.index_put_((st.rid[:r], st.pos[:r]), tok)
         st.out_logp.index_put_((st.rid[:r], st.pos[:r]), logp.masked_fill(done, 0.0))
-        done |= tok == eos_id
+        done |= (tok == eos[0]) if len(eos) == 1 else (tok[:, None] == self._eos[eos]).any(1)
         st.tok[:r] = tok
         st.pos[:r] += 1
 
-    def _run_step(self, r, sp, eos_id, pad_id):
+    def _run_step(self, r, sp, eos, pad_id):
         if not (self.cuda_graphs and self.st.tok.is_cuda):
-            return self._step(r, sp, eos_id, pad_id)
-        key = (r, tuple(sp.kernel_kwargs().items()), eos_id, pad_id, self._rec is not None)
+            return self._step(r, sp, eos, pad_id)
+        key = (r, tuple(sp.kernel_kwargs().items()), eos, pad_id, self._rec is not None)
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(r, sp, eos_id, pad_id)
+            g = self._capture(r, sp, eos, pad_id)
             if g is None and self.cuda_graphs:  # a lazy initialization may fail only the first capture
-                g = self._capture(r, sp, eos_id, pad_id)
+                g = self._capture(r, sp, eos, pad_id)
             if g is None:
                 self.cuda_graphs = False
-                return self._step(r, sp, eos_id, pad_id)
+                return self._step(r, sp, eos, pad_id)
             self.graphs[key] = g
         g.replay()
 
-    def _capture(self, r, sp, eos_id, pad_id):
+    def _capture(self, r, sp, eos, pad_id):
         import time
 
         t0 = time.perf_counter()
@@ -224,7 +233,7 @@ class Engine:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm-up: Triton compiles, cuBLAS workspaces
-                self._step(r, sp, eos_id, pad_id)
+                self._step(r, sp, eos, pad_id)
             torch.cuda.current_stream().wait_stream(s)
             for t, v in zip(self.st.small(), snap):  # the warm-up step must leave no trace
                 t.copy_(v)
@@ -232,7 +241,7 @@ class Engine:
                 self.pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self._step(r, sp, eos_id, pad_id)
+                self._step(r, sp, eos, pad_id)
         except Exception as e:  # a model whose forward syncs with the host cannot be captured
             for t, v in zip(self.st.small(), snap):
                 t.copy_(v)
@@ -259,14 +268,16 @@ class Engine:
 
     # ---- one rollout
     @torch.no_grad()
-    def generate(self, prompt_ids_BP, prompt_mask_BP, seeds_B, sp: SamplingParams, *, eos_id: int,
-                 pad_id: int):
+    def generate(self, prompt_ids_BP, prompt_mask_BP, seeds_B, sp: SamplingParams, *, eos_id, pad_id: int):
         """-> (tokens int64 [B, T'], fp32 log-probs [B, T']) with T' <= max_new_tokens (every row finished
         or T' = max_new_tokens); tokens after a row's eos are pad_id, their log-probs 0."""
         B, P = prompt_ids_BP.shape
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
+        eos = eos_tuple(eos_id)
+        if len(eos) > 1 and eos not in self._eos:
+            self._eos[eos] = torch.tensor(eos, dtype=torch.int64, device=dev)
         self._ensure(B, P + T, T, dev)
         st, cache = self.st, self.cache
         self._rec = rec = _replay.recorder(self.model)
@@ -300,13 +311,13 @@ class Engine:
                 logits, n_B = logits[rows_B], n_U[rows_B]
             cache.mode = "decode"
             st.lens[:B] = n_B
-            self._emit(B, logits, sp, eos_id, pad_id)
+            self._emit(B, logits, sp, eos, pad_id)
             rows, steps = B, 1
             sizes = buckets(B)
             while steps < T:
                 eager = not (self.cuda_graphs and st.tok.is_cuda)
                 cache.window = min(P + steps, cache.length) if eager else None  # lens <= P + steps - 1
-                self._run_step(rows, sp, eos_id, pad_id)
+                self._run_step(rows, sp, eos, pad_id)
                 steps += 1
                 if steps % self.check_every == 0 and steps < T:
                     live = int((~st.done[:rows]).sum())
