@@ -41,6 +41,12 @@ def test_clip_metrics():
     assert m["clip_ratio/low_mean"] == 0.0                     # r=0.5 < 0.8 with A < 0, but masked
     assert m["clip_ratio/region_mean"] == pytest.approx(1 / 3)
     assert m["kl"] == 0.0
+    # delta clamps the ratio before TRL counts clipping: r = 1.25 -> 1.1, inside (0.8, 1.2); the gradient keeps
+    # the clamp (test_surrogate_and_reductions), the metric follows it
+    _, m = loss_of(loss_type="dapo", delta=1.1)
+    assert m["clip_ratio/high_mean"] == 0.0 and m["clip_ratio/region_mean"] == 0.0
+    _, m = loss_of(loss_type="dapo", delta=1.3)
+    assert m["clip_ratio/high_mean"] == pytest.approx(1 / 3)
 
 
 def test_cispo_and_sapo():

@@ -149,8 +149,11 @@ __device__ Terms token_terms(const R1kGrpoToken& p, float l, float A, float old,
     }
   }
   if (r != r) L = dL = r;
-  const float low = (r < 1.f - p.eps_low && A < 0.f) ? 1.f : 0.f;
-  const float high = (r > 1.f + p.eps_high && A > 0.f) ? 1.f : 0.f;
+  // the clip metrics count on the ratio after the delta clamp (TRL), NaN kept
+  const bool clamp = p.has_delta && p.loss != R1K_LOSS_CISPO && p.loss != R1K_LOSS_SAPO && r > p.delta;
+  const float rm = clamp ? p.delta : r;
+  const float low = (rm < 1.f - p.eps_low && A < 0.f) ? 1.f : 0.f;
+  const float high = (rm > 1.f + p.eps_high && A > 0.f) ? 1.f : 0.f;
   return {L, dL, kl, low, high};
 }
 

@@ -240,6 +240,8 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
         kl_mean = (kl.detach() * mask).sum() / n_tok
     with torch.no_grad():
         rr = r.expand_as(mask)
+        if delta is not None and loss_type not in ("cispo", "sapo", "vespo"):
+            rr = torch.where(rr > delta, delta, rr)  # TRL counts clipping on the ratio after the delta clamp
         low = ((rr < 1.0 - epsilon) & (adv < 0)).to(mask.dtype)
         high = ((rr > 1.0 + eps_high) & (adv > 0)).to(mask.dtype)
         metrics = {

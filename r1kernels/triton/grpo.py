@@ -121,8 +121,12 @@ def _token_terms(l, A, old, lref, samp, eps_low, eps_high, delta, beta, tau_pos,
     nan = r != r
     L = tl.where(nan, r, L)
     dL = tl.where(nan, r, dL)
-    low = ((r < 1.0 - eps_low) & (A < 0)).to(tl.float32)
-    high = ((r > 1.0 + eps_high) & (A > 0)).to(tl.float32)
+    rm = r  # the clip metrics count on the ratio after the delta clamp (TRL), NaN kept
+    if HAS_DELTA:
+        if LOSS != CISPO and LOSS != SAPO:
+            rm = tl.where(r > delta, delta, r)
+    low = ((rm < 1.0 - eps_low) & (A < 0)).to(tl.float32)
+    high = ((rm > 1.0 + eps_high) & (A > 0)).to(tl.float32)
     return L, dL, kl, low, high
 
 
