@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -226,8 +227,41 @@ class GRPOTrainer(Trainer):
         cols = reward_columns(rows, G, cfg.answer_column)  # `answer` from answer_column, as evaluation reads
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}]
-        table, failed = self.rewards(prompts, texts, ids_list, cols) if rows else ([], [])
-        return [ro, texts, ids_list, table, failed]
+        table, failed = self.rewards(prompts, texts, ids_list, cols, trainer_state=self.reward_state(step)) \
+            if rows else ([], [])
+        return [ro, texts, ids_list, table, failed, self.rewards.last_extra if rows else []]
+
+    def reward_state(self, step):
+        """TRL's trainer_state for the reward functions of `step` (0-based): a transformers.TrainerState as at
+        that step's generation in TRL: global_step the steps done (r1train's steps: one generation batch
+        each; max_steps counts the same), epoch the epochs done, num_train_epochs, the intervals."""
+        from transformers import TrainerState
+
+        cfg, n, N = self.cfg, self.prompts_per_rank * self.world, len(self.train_rows)
+        return TrainerState(epoch=step * n / N, global_step=step, max_steps=self.max_steps,
+                            num_train_epochs=math.ceil(self.max_steps * n / N), logging_steps=cfg.logging_steps,
+                            eval_steps=cfg.eval_steps, save_steps=cfg.save_steps,
+                            train_batch_size=cfg.per_device_train_batch_size, is_world_process_zero=self.rank == 0,
+                            is_local_process_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+
+    def _logged_metrics(self, m) -> dict:
+        """The step's log_metric values by name, averaged over every rank's calls (TRL: sum / count)."""
+        got = self.rewards.take_metrics()
+        names = sorted(got)
+        if dist.is_initialized() and self.world > 1:  # every rank reduces the same names
+            every = [None] * self.world
+            dist.all_gather_object(every, names)
+            names = sorted(set().union(*every))
+        if not names:
+            return {}
+        sums = torch.tensor([[sum(got.get(k, [])), len(got.get(k, []))] for k in names], dtype=torch.float64,
+                            device=self.dev)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(sums)
+        taken = [k for k in names if k in m]
+        if taken:
+            raise RewardError(f"log_metric: {taken} are metrics the trainer logs itself; log them under other names")
+        return {k: s / c for k, (s, c) in zip(names, sums.tolist())}
 
     def _varied(self, table, failed) -> list[bool]:
         """Per group of G samples: do the weighted rewards of its scored samples differ? Failed and unscorable
@@ -293,7 +327,7 @@ class GRPOTrainer(Trainer):
         got = self._rollout(step, rows, gidx)
         if cfg.dynamic_sampling:
             rows, got = self._dynamic_sampling(step, rows, gidx, got, m)
-        ro, texts, ids_list, table, failed = got
+        ro, texts, ids_list, table, failed, extra = got
         if cfg.rollout_release_memory:
             release_engine(self.model)
         clock.mark("rewards")
@@ -327,9 +361,17 @@ class GRPOTrainer(Trainer):
             mask_BT[ro.truncated_B] = 0
         mask_BT[failed_N.bool().to(mask_BT.device)] = 0
         m.update(self.reward_metrics(vals_all, total_N, std_all, failed_all, ro))
+        m.update(self._logged_metrics(m))
         samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
                     "reward": _finite_or_none(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
+        cols = list(dict.fromkeys(k for e in extra for k in e))  # log_extra's columns (None where not logged)
+        own = {"step", "prompt", "completion", "reward", "advantage"} & set(cols)
+        if own:
+            raise RewardError(f"log_extra: columns {sorted(own)} are the completions log's own; log them under "
+                              "other names")
+        for smp, e in zip(samples, extra):
+            smp.update((k, e.get(k)) for k in cols)
         return ro, adv_N.to(self.dev), mask_BT, m, samples
 
     def reward_metrics(self, vals_NR, total_N, std_N, failed_N, ro):

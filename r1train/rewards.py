@@ -18,6 +18,7 @@ import asyncio
 import functools
 import importlib
 import inspect
+import json
 import logging
 import math
 import numbers
@@ -270,12 +271,16 @@ def _describe(v) -> str:
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
+def _not_a_list(v) -> bool:
+    return inspect.isgenerator(v) or inspect.isawaitable(v) or isinstance(v, (str, bytes, dict)) or \
+        not hasattr(v, "__len__") or not hasattr(v, "__getitem__")
+
+
 def check_values(name: str, vals, n: int) -> list:
     """A reward's return value -> n floats or None; anything else raises RewardError naming the reward
     and what it returned. None is the only "not applicable"; NaN, inf and values beyond float32's range
     (inf in the float32 reward table, as in TRL's) are errors."""
-    if inspect.isgenerator(vals) or inspect.isawaitable(vals) or isinstance(vals, (str, bytes, dict)) or \
-            not hasattr(vals, "__len__") or not hasattr(vals, "__getitem__"):
+    if _not_a_list(vals):
         raise RewardError(f"reward {name!r} returned {_describe(vals)}; a reward function must return a list "
                           f"with one float (or None) per completion ({n} here)")
     if len(vals) != n:
@@ -299,27 +304,101 @@ def check_values(name: str, vals, n: int) -> list:
     return out
 
 
+# TRL 1.16's keyword arguments beside the columns (GRPOTrainer._calculate_rewards)
+TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
+
+
+def _takes(fn) -> set:
+    """Which of TRL_KWARGS fn accepts: all with **kwargs (as TRL's reward functions have), else those it names
+    (a function with neither worked before they were passed and still does)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass them, as TRL does
+        return set(TRL_KWARGS)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return set(TRL_KWARGS)
+    return {p.name for p in params if p.name in TRL_KWARGS}
+
+
+class _Logged:
+    """One reward call's log_extra(column, values) and log_metric(name, value) calls (TRL's hooks). The runner
+    keeps them when the call returns (RewardRunner._keep) and drops them when it raised or timed out."""
+
+    def __init__(self):
+        self.extra, self.metrics = [], []
+
+    def log_extra(self, column, values):
+        self.extra.append((column, values))
+
+    def log_metric(self, name, value):
+        self.metrics.append((name, value))
+
+
 class RewardRunner:
     """Calls each reward function with a timeout; returns rewards [N][R] with None / failure semantics.
-    With chat-message prompts the completions are passed in TRL's conversational format."""
+    With chat-message prompts the completions are passed in TRL's conversational format. As TRL 1.16, a
+    function also gets trainer_state (a transformers.TrainerState), log_extra(column, values: one per
+    completion) -> last_extra, the completions log's extra columns per sample, and log_metric(name, value)
+    -> take_metrics(), the values to average into the step's metrics."""
 
     def __init__(self, names, cfg=None, timeout: float = 30.0):
         self.names = [reward_name(n) for n in names]
         self.funcs = check_reward_funcs(names, cfg)
+        self.takes = {n: _takes(f) for n, f in zip(self.names, self.funcs)}
         self.timeout = timeout
         self.failures = {n: 0 for n in self.names}
         self.last_errors = {}  # reward name -> what went wrong in the latest call (for RewardError)
+        self.last_extra: list[dict] = []  # per sample of the latest call: log_extra's {column: value}
+        self._metrics: dict[str, list[float]] = {}  # log_metric's values since take_metrics()
+        self._state = None
 
-    def _call(self, fn, args, columns):
-        """fn(prompts=..., completions=..., completion_ids=..., **columns), all by keyword as TRL does."""
+    def take_metrics(self) -> dict[str, list[float]]:
+        """The log_metric values logged since the last take (TRL averages them into the step's metrics)."""
+        out, self._metrics = self._metrics, {}
+        return out
+
+    def _call(self, name, fn, args, columns):
+        """fn(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=...,
+        log_metric=...), all by keyword as TRL does -> (its value, what it logged)."""
+        logged = _Logged()
         kw = dict(zip(("prompts", "completions", "completion_ids"), args), **columns)
-        return _call_in_thread(fn, kw, self.timeout)
+        extra = {"trainer_state": self._state, "log_extra": logged.log_extra, "log_metric": logged.log_metric}
+        kw.update((k, v) for k, v in extra.items() if k in self.takes[name])
+        return _call_in_thread(fn, kw, self.timeout), logged
+
+    def _keep(self, name, logged, rows):
+        """A returned call's log_extra columns (rows: the call's sample indices; one JSON value per completion)
+        and log_metric values (finite numbers); anything else is a RewardError naming the reward."""
+        n, cols = len(rows), {}
+        for col, values in logged.extra:
+            if not isinstance(col, str) or _not_a_list(values):
+                raise RewardError(f"reward {name!r} called log_extra({_describe(col)}, {_describe(values)}); it "
+                                  f"takes a column name (str) and a list with one value per completion ({n} here)")
+            cols.setdefault(col, []).extend(values)
+        for col, values in cols.items():
+            if len(values) != n:
+                raise RewardError(f"reward {name!r} logged {len(values)} values for column {col!r} through "
+                                  f"log_extra for {n} completions; it takes one value per completion")
+            try:
+                json.dumps(values)
+            except (TypeError, ValueError) as e:
+                raise RewardError(f"reward {name!r} logged a value the completions log (JSON) cannot hold for "
+                                  f"column {col!r} through log_extra: {e}") from e
+            for i, v in zip(rows, values):
+                self.last_extra[i][col] = v
+        for metric, value in logged.metrics:
+            ok = isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0
+            if not isinstance(metric, str) or isinstance(value, (str, bytes)) or not ok or \
+                    not math.isfinite(float(value)):
+                raise RewardError(f"reward {name!r} called log_metric({_describe(metric)}, {_describe(value)}); "
+                                  "it takes a metric name (str) and a finite number")
+            self._metrics.setdefault(metric, []).append(float(value))
 
     def _run_one(self, name, fn, prompts, completions, completion_ids, columns):
         """values (float or None) and failed flags, per sample."""
         n = len(completions)
         try:
-            vals = self._call(fn, (prompts, completions, completion_ids), columns)
+            vals, logged = self._call(name, fn, (prompts, completions, completion_ids), columns)
         except _Timeout:
             log.warning("reward %s timed out after %.1fs; skipping %d samples", name, self.timeout, n)
             self.last_errors[name] = f"timed out after {self.timeout:g}s (reward_timeout)"
@@ -327,18 +406,21 @@ class RewardRunner:
         except Exception as e:  # a bad batch: find the bad samples one by one
             log.warning("reward %s raised %r; retrying per sample", name, e)
         else:
-            return check_values(name, vals, n), [False] * n
+            vals = check_values(name, vals, n)
+            self._keep(name, logged, range(n))
+            return vals, [False] * n
         vals, failed = [], []
         for i in range(n):
             cols = {k: [v[i]] for k, v in columns.items()}
             try:
-                v = self._call(fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols)
+                v, logged = self._call(name, fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols)
             except _Timeout:
                 err = f"timed out after {self.timeout:g}s (reward_timeout)"
             except Exception as e:  # noqa: BLE001 -- any failure of user code skips the sample
                 err = f"raised {e!r}"
             else:
                 vals.append(check_values(name, v, 1)[0])
+                self._keep(name, logged, [i])
                 failed.append(False)
                 continue
             log.warning("reward %s failed on sample %d: %s", name, i, err)
@@ -347,12 +429,17 @@ class RewardRunner:
             failed.append(True)
         return vals, failed
 
-    def __call__(self, prompts, completions, completion_ids, columns):
-        """-> (values [N][R] floats or None, failed [N] bool: some function failed on the sample)."""
+    def __call__(self, prompts, completions, completion_ids, columns, trainer_state=None):
+        """-> (values [N][R] floats or None, failed [N] bool: some function failed on the sample).
+        trainer_state: what the functions get as TRL's trainer_state (None: a TrainerState at step 0)."""
+        if trainer_state is None:
+            from transformers import TrainerState
+
+            trainer_state = TrainerState()
         n = len(completions)
         completions = as_trl_completions(prompts, completions)
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n
-        self.last_errors = {}
+        self.last_errors, self.last_extra, self._state = {}, [{} for _ in range(n)], trainer_state
         for j, (name, fn) in enumerate(zip(self.names, self.funcs)):
             vals, bad = self._run_one(name, fn, prompts, completions, completion_ids, columns)
             for i in range(n):

@@ -142,3 +142,106 @@ def test_missing_answer_column_is_an_error_naming_it(tmp_path):
     with pytest.raises(DatasetError, match=r"answer_column='answer': no row .* has this column.*'gold'"):
         load_datasets(cfg)
     assert len(load_datasets(load_config(overrides=[f"dataset_name={data}", "reward_funcs=format"]))[0]) == 8
+
+
+# ---- TRL 1.16's extra keyword arguments: trainer_state, log_extra, log_metric
+def _hooks(prompts, completions, completion_ids=None, trainer_state=None, log_extra=None, log_metric=None, **_):
+    """Logs each completion's length and the step; raises on 'bad' after logging (its logs must not stay)."""
+    log_extra("length", [len(c) for c in completions])
+    log_metric("hooks/step", float(trainer_state.global_step))
+    if "bad" in completions:
+        raise RuntimeError("bad")
+    return [float(trainer_state.global_step)] * len(completions)
+
+
+def _no_kwargs(prompts, completions, completion_ids):
+    """No **kwargs: TRL's extra arguments are not passed to it (it worked before they were)."""
+    return [1.0] * len(completions)
+
+
+def _log_three(prompts, completions, log_metric, **_):
+    log_metric("hooks/step", 3.0)
+    return [0.0] * len(completions)
+
+
+def test_runner_passes_trl_kwargs_and_keeps_what_returned_calls_logged():
+    from transformers import TrainerState
+
+    run = R.RewardRunner([_hooks, _no_kwargs, _log_three], timeout=5)
+    state = TrainerState(global_step=7)
+    table, failed = run(["p"] * 3, ["ok", "bad", "okay"], [[1], [2], [3]], {}, trainer_state=state)
+    assert table == [[7.0, 1.0, 0.0], [None, 1.0, 0.0], [7.0, 1.0, 0.0]] and failed == [False, True, False]
+    # the batch call raised (its logs dropped), the per-sample calls of "ok" and "okay" returned
+    assert run.last_extra == [{"length": 2}, {}, {"length": 4}]
+    assert run.take_metrics() == {"hooks/step": [7.0, 7.0, 3.0]} and run.take_metrics() == {}
+    run([], [], [], {})  # outside training (`r1train sample`): a TrainerState at step 0
+    assert run.take_metrics() == {"hooks/step": [0.0, 3.0]}
+
+
+def _misuse(how):
+    def misuse(prompts, completions, log_extra, log_metric, **_):
+        how(log_extra, log_metric, len(completions))
+        return [0.0] * len(completions)
+    return misuse
+
+
+@pytest.mark.parametrize("how, msg", [
+    (lambda e, m, n: e("c", [1] * (n + 1)), "logged 3 values for column 'c' through log_extra for 2 completions"),
+    (lambda e, m, n: e("c", 5), r"called log_extra\(str 'c', int 5\); it takes a column name \(str\) and a list"),
+    (lambda e, m, n: e("c", [object()] * n), r"logged a value the completions log \(JSON\) cannot hold for column"),
+    (lambda e, m, n: m("x", "1"), r"called log_metric\(str 'x', str '1'\); it takes a metric name \(str\) and a "
+                                  "finite number"),
+    (lambda e, m, n: m("x", float("nan")), r"called log_metric\(str 'x', float nan\)"),
+])
+def test_bad_trl_hook_calls_are_one_clear_error(how, msg):
+    run = R.RewardRunner([_misuse(how)], timeout=5)
+    with pytest.raises(R.RewardError, match=r"reward 'misuse' " + msg):
+        run(["p", "q"], ["a", "b"], [[1], [2]], {})
+
+
+SEEN_STATES = []
+
+
+def curriculum(prompts, completions, completion_ids=None, trainer_state=None, log_extra=None, log_metric=None,
+               **kw):
+    """A TRL reward shaped by training progress (TRL's documented use of trainer_state)."""
+    s = trainer_state
+    SEEN_STATES.append((s.global_step, s.max_steps, s.epoch, s.num_train_epochs))
+    log_metric("curriculum/progress", s.global_step / s.max_steps)
+    log_extra("seen_step", [s.global_step] * len(completions))
+    return [float(s.global_step < 1)] * len(completions)
+
+
+def test_grpo_rewards_get_trl_trainer_state_log_metric_and_log_extra(tmp_path):
+    SEEN_STATES.clear()
+    t = H.grpo_trainer(tmp_path, "max_steps=3", reward_funcs=[curriculum, _log_three])
+    hist = t.train()
+    # TRL: at step k's generation global_step is k (steps done), epoch k / steps per epoch
+    prompts_per_step = t.cfg.per_device_train_batch_size * t.cfg.gradient_accumulation_steps // t.cfg.num_generations
+    steps_per_epoch = len(t.train_rows) / prompts_per_step
+    assert SEEN_STATES == [(k, 3, k / steps_per_epoch, 1) for k in range(3)]
+    assert [h["curriculum/progress"] for h in hist] == [k / 3 for k in range(3)]
+    assert [h["hooks/step"] for h in hist] == [3.0] * 3
+    assert [h["reward"] for h in hist] == [1.0, 0.0, 0.0]
+    with open(tmp_path / "completions.jsonl") as fh:
+        rows = [json.loads(x) for x in fh]
+    assert len(rows) == 3 * t.cfg.per_device_train_batch_size
+    assert all(r["seen_step"] == r["step"] - 1 for r in rows)
+
+
+def _own_metric(prompts, completions, log_metric, **_):
+    log_metric("reward", 1.0)
+    return [0.0] * len(completions)
+
+
+def _own_column(prompts, completions, log_extra, **_):
+    log_extra("advantage", [1.0] * len(completions))
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("fn, msg", [(_own_metric, r"log_metric: \['reward'\] are metrics the trainer logs itself"),
+                                     (_own_column, r"log_extra: columns \['advantage'\] are the completions log's")])
+def test_trl_hooks_cannot_overwrite_the_trainers_own(tmp_path, fn, msg):
+    t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[fn])
+    with pytest.raises(R.RewardError, match=msg):
+        t.make_batch(0, t.rows_for(0)[0])
