@@ -350,7 +350,7 @@ class GRPOTrainer(Trainer):
                               "reward minus its group's mean is beyond float32's range (3.4e38); scale the rewards "
                               "or reward_weights down, or scale the advantages (scale_rewards=group)")
         total_N = reward_totals(vals_all, failed_all, self.reward_w_R)
-        unscorable = int(vals_all.isnan().all(1).sum())
+        unscorable = int((vals_all.isnan().all(1) & ~failed_all).sum())  # a failed row is counted as failed
         if unscorable and self.rank == 0:
             log.warning("%d of %d completions got None from every reward function: unscorable, advantage 0 "
                         "(TRL's rule); check that some reward applies to every row", unscorable, len(total_N))

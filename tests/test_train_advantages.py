@@ -112,7 +112,7 @@ def flaky(prompts, completions, completion_ids=None, **_):
 
 @pytest.mark.parametrize("reward, scale", [(mixed, "group"), (mixed, "batch"), (flaky, "group"),
                                            (flaky, "batch")])
-def test_step_advantages_and_reward_metrics_match_trl(tmp_path, reward, scale):
+def test_step_advantages_and_reward_metrics_match_trl(tmp_path, caplog, reward, scale):
     t = H.grpo_trainer(tmp_path, "max_steps=1", "num_generations=4", "per_device_train_batch_size=32",
                        f"scale_rewards={scale}", reward_funcs=[reward])
     rows, _ = t.rows_for(0)
@@ -131,6 +131,11 @@ def test_step_advantages_and_reward_metrics_match_trl(tmp_path, reward, scale):
     for k in ("reward", "reward_std", "frac_reward_zero_std"):
         assert m[k] == pytest.approx(want_m[k], rel=1e-5), k
     assert m["rewards/failed"] == sum(failed)
+    # TRL's warning names the unscorable rows; failed ones are counted in rewards/failed, not as unscorable
+    warned = [r.getMessage() for r in caplog.records if "got None from every reward" in r.getMessage()]
+    assert warned == ([] if reward is flaky else [f"{sum(left_out)} of {len(vals)} completions got None from every "
+                                                  "reward function: unscorable, advantage 0 (TRL's rule); check "
+                                                  "that some reward applies to every row"])
     assert [s["reward"] for s in samples] == [None if v[0] is None else v[0] for v in vals]
     assert mask.any(1).tolist() == [not f and bool(k) for f, k in zip(failed, ro.completion_mask_BT.any(1))]
 
