@@ -36,7 +36,7 @@ from .generation import release as release_engine
 from .metrics import PhaseClock
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardError, RewardRunner
-from .rollout import Rollout, row_seed, sample, sampling_kwargs, sequence_logprobs
+from .rollout import Rollout, eos_ids, row_seed, sample, sampling_kwargs, sequence_logprobs
 
 log = logging.getLogger("r1train.grpo")
 
@@ -217,8 +217,8 @@ class GRPOTrainer(Trainer):
         p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length)
         seeds = [row_seed(cfg.seed, step, g, j) for g in gidx for j in range(G)]
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
-            self.dev), max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-            seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
+            self.dev), max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(self.model, tok),
+            pad_id=tok.pad_token_id, seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
         if self.replay is not None:
             ro.routing = self.replay.take()
         texts = decode_completions(tok, ro)

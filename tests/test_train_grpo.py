@@ -256,3 +256,13 @@ def test_out_of_memory_names_the_keys_that_cut_memory(tmp_path):
         t2.train()
     for key in ("gradient_checkpointing=true", "rollout_release_memory=true", "beta=0"):
         assert key not in str(e2.value), key
+
+
+def test_rollout_stops_at_every_eos_id_of_the_model(tmp_path):
+    """The GRPO rollout ends a completion at any eos id of the model's generation_config (TRL 1.16), not only
+    the tokenizer's: with every token id declared an eos id, each completion is its first token."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1")
+    assert t.train()[0]["completions/mean_length"] > 1.0  # the tokenizer's eos alone: longer completions
+    t2 = H.grpo_trainer(tmp_path / "b", "max_steps=1")
+    t2.model.generation_config.eos_token_id = list(range(t2.model.config.vocab_size))
+    assert t2.train()[0]["completions/mean_length"] == 1.0
