@@ -315,10 +315,16 @@ class Trainer(CheckpointMixin):
         """ref <- alpha * policy + (1 - alpha) * ref (gathered shard by shard under ZeRO-3)."""
         import deepspeed
 
-        for p, r in zip(self.engine.module.parameters(), self.ref.module.parameters()):
+        # paired by name: the policy may hold buffers the reference lacks (ExpertLoad's token counts on routers
+        # it patched after the reference was copied), so positions do not line up
+        ref_params = dict(self.ref.module.named_parameters())
+        for name, p in self.engine.module.named_parameters():
+            r = ref_params[name]
             ctx = deepspeed.zero.GatheredParameters([p, r], modifier_rank=0) if zero3(self.engine) else None
             with ctx or contextlib.nullcontext():
                 if not zero3(self.engine) or self.rank == 0:
                     r.data.mul_(1 - alpha).add_(p.data.to(r.dtype), alpha=alpha)
-        for b, rb in zip(self.engine.module.buffers(), self.ref.module.buffers()):
-            rb.data.copy_(b.data)
+        ref_buffers = dict(self.ref.module.named_buffers())
+        for name, b in self.engine.module.named_buffers():
+            if name in ref_buffers:
+                ref_buffers[name].data.copy_(b.data)

@@ -4,6 +4,7 @@ step with finite values; SFT lowers its loss."""
 import math
 
 import pytest
+import torch
 import train_helpers as H
 
 from r1train.config import load_config
@@ -266,3 +267,26 @@ def test_rollout_stops_at_every_eos_id_of_the_model(tmp_path):
     t2 = H.grpo_trainer(tmp_path / "b", "max_steps=1")
     t2.model.generation_config.eos_token_id = list(range(t2.model.config.vocab_size))
     assert t2.train()[0]["completions/mean_length"] == 1.0
+
+
+def test_sync_ref_model_pairs_parameters_and_buffers_by_name(tmp_path):
+    """sync_ref_model with a DeepseekV3 policy whose routers ExpertLoad patched after the reference was copied
+    (extra token-count buffers): a full sync (alpha 1) makes every reference parameter and buffer equal to the
+    policy's of the same name, and the reference's logits equal the policy's (buffers paired by position
+    wrote the rotary inv_freq and the routers' biases into the wrong buffers)."""
+    t = H.grpo_trainer(tmp_path, "model_name_or_path=tiny-deepseek-v3", "model_num_layers=4", "beta=0.04",
+                       "sync_ref_model=true", "ref_model_sync_steps=1", "ref_model_mixup_alpha=0.5", "max_steps=2",
+                       "moe_bias_update_rate=0.01")
+    t.train()
+    t.sync_ref(1.0)
+    pol, ref = t.engine.module, t.ref.module
+    ref_bufs = dict(ref.named_buffers())
+    ref_params = dict(ref.named_parameters())
+    assert all(torch.equal(ref_params[n], p) for n, p in pol.named_parameters())
+    shared = [n for n, _ in pol.named_buffers() if n in ref_bufs]
+    assert any("inv_freq" in n for n in shared) and any("e_score_correction_bias" in n for n in shared)
+    assert all(torch.equal(ref_bufs[n], b) for n, b in pol.named_buffers() if n in ref_bufs)
+    ids = torch.randint(3, 20, (2, 9))
+    with torch.no_grad():
+        pm, rm = pol.model.eval(), ref.model.eval()
+        torch.testing.assert_close(rm(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
