@@ -56,6 +56,24 @@ def test_patch_matches_unpatched_logits_and_grads():
     _compare(model, patched, "cpu", torch.float32, torch.float32)
 
 
+def test_patched_model_records_router_logits():
+    """output_router_logits=True: the patched routers' logits, as HF's (transformers records them by the router
+    class; the patched router subclasses it), also in a deep copy of the patched model."""
+    model = _tiny()
+    patched = copy.deepcopy(model)
+    rk.patch(patched)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        want = model(ids, output_router_logits=True).router_logits
+        got = patched(ids, output_router_logits=True).router_logits
+    assert len(want) == 2 and len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_close(g, w.double(), torch.float32, name="router logits")
+    with torch.no_grad():
+        again = copy.deepcopy(patched)(ids, output_router_logits=True).router_logits
+    assert all(torch.equal(a, g) for a, g in zip(again, got))
+
+
 def _ref_counts(model, ids, layer, mask=None):
     """Expected tokens_per_expert of `layer` for ids: the reference route of that layer's router on the
     hidden states it sees (captured by a hook), pads (mask False) left out."""
