@@ -129,6 +129,9 @@ def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=N
     backend: "auto" or "torch" (the only implementation; a named kernel backend raises)."""
     _torch_only("update_bias", backend)
     _checks.float_tensor("bias", bias, ndim=1)
+    if bias.dtype != torch.float32:  # rate-sized steps vanish or double in bf16/fp16 (0.6016 + 1e-3 == 0.6016)
+        raise ValueError(f"bias must be float32 (transformers keeps e_score_correction_bias in fp32), got "
+                         f"{bias.dtype}")
     _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
     _checks.shape("tokens_per_expert", tokens_per_expert, bias.shape, " (one count per expert)")
     _checks.same_device(bias=bias, tokens_per_expert=tokens_per_expert)

@@ -213,6 +213,11 @@ def test_route_and_permute_shapes():
         rk.moe.unpermute(torch.randn(10, 4), torch.arange(9), torch.rand(5, 2))
     with pytest.raises(ValueError, match="tokens_per_expert"):
         rk.moe.update_bias(torch.zeros(8), torch.ones(7))
+    for dt in (torch.bfloat16, torch.float16, torch.float64):  # bf16: 0.6016 + 1e-3 rounds back to 0.6016
+        bias = torch.full((4,), 0.6016, dtype=dt)
+        with pytest.raises(ValueError, match="bias must be float32"):
+            rk.moe.update_bias(bias, torch.tensor([1, 2, 3, 6]))
+        assert (bias == torch.tensor(0.6016, dtype=dt)).all()
     with pytest.raises(ValueError, match="seq_len"):
         rk.moe.sequence_aux_loss(torch.randn(10, 8), None, seq_len=3, top_k=2)
 
