@@ -157,11 +157,18 @@ def right_pad(seqs, pad_id):
 
 
 def decode_completions(tok, rollout) -> list[str]:
-    """Completion texts up to (not including) eos; special tokens such as the R1 tags are kept."""
-    drop = {tok.eos_token_id, tok.pad_token_id}
+    """Completion texts up to (not including) the first eos: any id of the rollout's eos_ids (those it was
+    sampled with, e.g. the model's end-of-turn token) or the tokenizer's eos; pad ids are dropped. Special
+    tokens such as the R1 tags are kept."""
+    eos = {tok.eos_token_id, *getattr(rollout, "eos_ids", ())}
     out = []
     for ids, m in zip(rollout.completion_ids_BT.tolist(), rollout.completion_mask_BT.tolist()):
-        keep = [t for t, k in zip(ids, m) if k and t not in drop]
+        keep = []
+        for t in (t for t, k in zip(ids, m) if k):
+            if t in eos:
+                break
+            if t != tok.pad_token_id:
+                keep.append(t)
         out.append(tok.decode(keep, skip_special_tokens=False))
     return out
 

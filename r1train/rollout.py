@@ -28,6 +28,7 @@ class Rollout:
     truncated_B: torch.Tensor  # bool: no eos within max_new_tokens
     logprobs_BT: torch.Tensor | None = None  # fp32 log-prob of each token under the sampling distribution
     routing: object = None  # moe_router_replay: the rollout's expert ids (r1train.moe_replay.RoutingRecord)
+    eos_ids: tuple = ()  # the ids that ended a completion (sample's eos_id); decode_completions drops them
 
     @property
     def input_ids(self):
@@ -61,14 +62,15 @@ def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id,
                         greedy=greedy)
     comp_BT, logp_BT = generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, eos_id=eos_id,
                                 pad_id=pad_id, engine=engine, ds_engine=ds_engine, backend=backend)
-    dev = comp_BT.device
-    is_eos_BT = torch.isin(comp_BT, torch.tensor(eos_tuple(eos_id), device=dev))
+    dev, eos = comp_BT.device, eos_tuple(eos_id)
+    is_eos_BT = torch.isin(comp_BT, torch.tensor(eos, device=dev))
     if comp_BT.shape[1] == 0:  # no rows (a rank with nothing to sample in a dynamic-sampling round)
         first_eos_B = torch.zeros(comp_BT.shape[0], dtype=torch.long, device=dev)
     else:
         first_eos_B = torch.where(is_eos_BT.any(1), is_eos_BT.float().argmax(1), comp_BT.shape[1])
     mask_BT = (torch.arange(comp_BT.shape[1], device=dev)[None] <= first_eos_B[:, None]).long()
-    return Rollout(prompt_ids_BP, prompt_mask_BP, comp_BT, mask_BT, ~is_eos_BT.any(1), logp_BT * mask_BT)
+    return Rollout(prompt_ids_BP, prompt_mask_BP, comp_BT, mask_BT, ~is_eos_BT.any(1), logp_BT * mask_BT,
+                   eos_ids=eos)
 
 
 def sampling_kwargs(cfg, ds_engine=None) -> dict:

@@ -1,0 +1,52 @@
+"""Prompt encoding and completion decoding (r1train/data.py) against what TRL 1.16 does."""
+
+import torch
+import train_helpers as H
+
+from r1train.config import load_config
+from r1train.data import decode_completions, encode_prompts
+from r1train.loading import load_model_and_tokenizer
+from r1train.rewards import format_reward
+from r1train.rollout import Rollout, sample
+from r1train.tasks import char_tokenizer
+
+
+def _rollout(tok, rows, eos_ids):
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return Rollout(ids[:, :0], mask[:, :0], ids, mask, torch.zeros(len(rows), dtype=torch.bool), eos_ids=eos_ids)
+
+
+def test_completion_ending_at_any_eos_id_decodes_as_at_the_tokenizers_eos():
+    """A completion that stopped at a second eos id of the model (an end-of-turn token) decodes to the same
+    text as one that stopped at the tokenizer's eos: the eos is not part of the text, so format_reward scores
+    both; the text ends before the first eos the rollout was sampled with."""
+    tok = char_tokenizer()
+    eot = tok.convert_tokens_to_ids("<|user|>")
+    a = tok("<think>1+2=3</think><answer>3</answer>", add_special_tokens=False)["input_ids"]
+    ro = _rollout(tok, [a + [tok.eos_token_id], a + [eot], a[:5] + [eot] + a[5:] + [tok.eos_token_id]],
+                  (tok.eos_token_id, eot))
+    texts = decode_completions(tok, ro)
+    assert texts[0] == texts[1] == tok.decode(a, skip_special_tokens=False)
+    assert texts[2] == tok.decode(a[:5], skip_special_tokens=False)
+    assert format_reward(None, texts[:2]) == format_reward(None, texts[:1]) * 2 == [1.0, 1.0]
+
+
+def test_sample_records_its_eos_ids_and_decoding_stops_at_each(tmp_path):
+    """rollout.sample keeps the eos ids it stopped at on the Rollout; a rollout that also stops at the token
+    the model samples at position k (same seed, same prefix) decodes to the first k tokens of the one
+    without it."""
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_completion_length=12"])
+    model, tok = load_model_and_tokenizer(cfg)
+    p_ids, p_mask = encode_prompts(tok, ["What is 1+2?"], cfg.max_prompt_length)
+    kw = dict(max_new_tokens=12, pad_id=tok.pad_token_id, seeds_B=[0], backend="torch")
+    ro = sample(model, p_ids, p_mask, eos_id=tok.eos_token_id, **kw)
+    assert ro.eos_ids == (tok.eos_token_id,)
+    full = [t for t, k in zip(ro.completion_ids_BT[0].tolist(), ro.completion_mask_BT[0].tolist()) if k]
+    k = next(k for k in range(1, len(full)) if full[k] not in full[:k] and full[k] != tok.eos_token_id)
+    ro2 = sample(model, p_ids, p_mask, eos_id=[tok.eos_token_id, full[k]], **kw)
+    assert ro2.eos_ids == (tok.eos_token_id, full[k])
+    assert decode_completions(tok, ro2) == [tok.decode(full[:k], skip_special_tokens=False)]
