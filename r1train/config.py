@@ -269,7 +269,9 @@ class TrainConfig:
         if self.deepspeed is None:
             check_offload(self, self.zero_stage)
         else:
-            stage = read_deepspeed_config(self.deepspeed).get("zero_optimization", {}).get("stage", 0)
+            dsc = read_deepspeed_config(self.deepspeed)
+            check_deepspeed_values(self, dsc)
+            stage = dsc.get("zero_optimization", {}).get("stage", 0)
             if isinstance(stage, int):
                 check_offload(self, stage)
         self._check_tokenizer_path()
@@ -402,6 +404,31 @@ def read_deepspeed_config(path: str) -> dict:
         raise ConfigError(f"deepspeed: {path!r} must hold a JSON object of DeepSpeed settings "
                           "(zero_optimization, if given, an object)")
     return c
+
+
+# a `deepspeed` file's keys that r1train fills from its config ("auto"), and the config keys they come from
+DEEPSPEED_FILLED = (("train_micro_batch_size_per_gpu", "per_device_train_batch_size"),
+                    ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+                    ("gradient_clipping", "max_grad_norm"))
+
+
+def check_deepspeed_values(cfg, c: dict):
+    """A `deepspeed` file's value for a key r1train fills (DEEPSPEED_FILLED, bf16.enabled) must be "auto" or
+    equal the config's (as transformers' HfTrainerDeepSpeedConfig.fill_match): DeepSpeed would otherwise run
+    with the file's value over the config's (a file's GA 4 with the config's 1 stepped the optimizer every 4th
+    micro-batch, none in 3 steps). bf16.enabled=false with bf16=true is allowed: bf16 weights stepped directly
+    without DeepSpeed's mixed precision (r1train/configs/ds_zero0_bf16.json)."""
+    for ds_key, key in DEEPSPEED_FILLED:
+        v, want = c.get(ds_key, "auto"), getattr(cfg, key)
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != want):
+            raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets {ds_key}={v!r} but the config has {key}={want!r}; "
+                              f"set one of them so they match, or {ds_key} to \"auto\" (filled from {key})")
+    bf16 = c.get("bf16", {})
+    v = bf16.get("enabled", "auto") if isinstance(bf16, dict) else bf16
+    if v != "auto" and (not isinstance(v, bool) or (v and not cfg.bf16)):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets bf16.enabled={v!r} but the config has bf16={cfg.bf16!r}; "
+                          "set bf16=true, or bf16.enabled to \"auto\" (filled from bf16) or false (with bf16=true: "
+                          "bf16 weights stepped without DeepSpeed's mixed precision)")
 
 
 def check_offload(cfg, stage: int):

@@ -246,3 +246,39 @@ def test_defaults_are_trl_except_the_documented_deviations(tmp_path, trl_config)
     assert set(differ) <= DEVIATIONS, differ
     for k in differ:
         assert f"\n- {k} " in C.__doc__, k
+
+
+def test_deepspeed_file_values_must_match_the_config(tmp_path):
+    """A `deepspeed` file's fixed value for a key r1train fills from its config (micro-batch, GA, clipping,
+    bf16.enabled) that differs from the config's is a ConfigError naming both, at load (as transformers'
+    fill_match): DeepSpeed ran with the file's GA 4 over the config's 1, 3 steps and no optimizer step.
+    "auto" or an equal value loads; bf16.enabled=false with bf16=true is the bf16-weights layout."""
+    from r1train.engine import ds_config
+
+    path = tmp_path / "ds.json"
+    base = ["per_device_train_batch_size=8", "gradient_accumulation_steps=1", "max_grad_norm=1.0", "bf16=false"]
+    for ds_key, value, key in (("train_micro_batch_size_per_gpu", 4, "per_device_train_batch_size"),
+                               ("gradient_accumulation_steps", 4, "gradient_accumulation_steps"),
+                               ("gradient_accumulation_steps", "4", "gradient_accumulation_steps"),
+                               ("gradient_clipping", 0.5, "max_grad_norm")):
+        path.write_text(json.dumps({ds_key: value}))
+        with pytest.raises(ConfigError, match=f"^deepspeed: .*{ds_key}=.*{key}="):
+            load_config(overrides=base + [f"deepspeed={path}"])
+    path.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="bf16.enabled=True but the config has bf16=False"):
+        load_config(overrides=base + [f"deepspeed={path}"])
+    same = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1,
+            "bf16": {"enabled": False}}
+    path.write_text(json.dumps(same))
+    cfg = load_config(overrides=base + [f"deepspeed={path}"])
+    dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    assert {k: dsc[k] for k in same} == same
+    path.write_text(json.dumps({"gradient_accumulation_steps": "auto", "bf16": {"enabled": False}}))
+    cfg = load_config(overrides=["bf16=true", "gradient_accumulation_steps=2", f"deepspeed={path}"])
+    assert ds_config(cfg, 8, 2)["gradient_accumulation_steps"] == 2
+    # a config changed after load (as a pipeline stage's) is checked again where the engine's config is built
+    path.write_text(json.dumps({"gradient_accumulation_steps": 2}))
+    cfg = load_config(overrides=["gradient_accumulation_steps=2", f"deepspeed={path}"])
+    cfg.gradient_accumulation_steps = 1
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 but the config has gradient_acc"):
+        ds_config(cfg, 8, 1)
