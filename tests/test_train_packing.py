@@ -169,7 +169,8 @@ def _varied_lengths(monkeypatch):
         B, T = ro.completion_ids_BT.shape
         n = torch.tensor([1 + s % T for s in seeds_B], device=p_ids.device)
         col = torch.arange(T, device=p_ids.device)[None]
-        comp = ro.completion_ids_BT.masked_fill(col == n[:, None] - 1, eos_id).masked_fill(col >= n[:, None], pad_id)
+        eos = eos_id if isinstance(eos_id, int) else eos_id[0]  # the rollout's eos ids (rollout.eos_ids)
+        comp = ro.completion_ids_BT.masked_fill(col == n[:, None] - 1, eos).masked_fill(col >= n[:, None], pad_id)
         mask = (col < n[:, None]).long()
         return Rollout(ro.prompt_ids_BP, ro.prompt_mask_BP, comp, mask, torch.zeros(B, dtype=torch.bool,
                        device=p_ids.device), None if ro.logprobs_BT is None else ro.logprobs_BT * mask)
