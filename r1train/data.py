@@ -129,10 +129,19 @@ def prompt_text(tok, prompt) -> str:
     return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
+def prompt_ids(tok, prompt) -> list[int]:
+    """A prompt's token ids as TRL 1.16's GRPOTrainer encodes them: a string with the tokenizer's defaults
+    (processing_class(text=prompts): add_special_tokens=True, e.g. a Llama tokenizer's BOS); chat messages
+    through the chat template (with the generation prompt) without extra special tokens (the template has
+    them). With no chat template, messages are rendered as plain text and encoded as a string is."""
+    text = prompt_text(tok, prompt)
+    templated = not isinstance(prompt, str) and getattr(tok, "chat_template", None) is not None
+    return tok(text, add_special_tokens=not templated)["input_ids"]
+
+
 def encode_prompts(tok, prompts, max_prompt_length: int):
-    """Left-padded prompt ids/mask [B, P]; longer prompts keep their last max_prompt_length tokens."""
-    ids = [tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts]
-    return left_pad(ids, tok.pad_token_id)
+    """Left-padded prompt ids/mask [B, P] (prompt_ids); longer prompts keep their last max_prompt_length tokens."""
+    return left_pad([prompt_ids(tok, p)[-max_prompt_length:] for p in prompts], tok.pad_token_id)
 
 
 def left_pad(seqs, pad_id):
@@ -173,6 +182,16 @@ def decode_completions(tok, rollout) -> list[str]:
     return out
 
 
+def common_prefix_length(a: list, b: list) -> int:
+    """The count of leading ids a and b share (TRL's common_prefix_length)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class TokenCache(dict):
     """Token ids of prompts and completions already encoded: SFT revisits its rows every epoch, and encoding
     (chat template + tokenizer) was 9% of the demo's SFT step. Holds at most max_entries texts."""
@@ -190,8 +209,18 @@ class TokenCache(dict):
         return ids
 
     def prompt(self, prompt) -> list[int]:
-        return self._get(("prompt", repr(prompt)), lambda: self.tok(
-            prompt_text(self.tok, prompt), add_special_tokens=False)["input_ids"])
+        return self._get(("prompt", repr(prompt)), lambda: prompt_ids(self.tok, prompt))
+
+    def string_row(self, prompt: str, completion: str) -> tuple[list, list]:
+        """A string row's (prompt ids, completion ids) as TRL 1.16's SFTTrainer tokenizes them: the completion
+        + the eos token's text (unless it ends with it), prompt and prompt + completion each encoded with the
+        tokenizer's defaults (e.g. a BOS); the completion is what follows their common prefix."""
+        def encode():
+            eos = self.tok.eos_token or ""
+            full = self.tok(prompt + completion + ("" if completion.endswith(eos) else eos))["input_ids"]
+            n = common_prefix_length(self.tok(prompt)["input_ids"], full)
+            return full[:n], full[n:]
+        return self._get(("string_row", prompt, completion), encode)
 
     def text(self, text: str) -> list[int]:
         return self._get(("text", text), lambda: self.tok(text, add_special_tokens=False)["input_ids"])
@@ -209,8 +238,12 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prom
         c = c[-1]["content"] if c and isinstance(c[-1], dict) else None
     if not isinstance(c, str):
         raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a string, got {c!r}")
-    p = cache.prompt(row["prompt"])[-max_prompt_length:][:max_length]
-    comp = (cache.text(c) + [tok.eos_token_id])[:max_length - len(p)]
+    if isinstance(row["prompt"], str):
+        p, comp = cache.string_row(row["prompt"], c)
+    else:
+        p, comp = cache.prompt(row["prompt"]), cache.text(c) + [tok.eos_token_id]
+    p = p[-max_prompt_length:][:max_length]
+    comp = comp[:max_length - len(p)]
     if not completion_only_loss:
         p, comp = (p + comp)[:1], (p + comp)[1:]
     if not comp:

@@ -50,3 +50,52 @@ def test_sample_records_its_eos_ids_and_decoding_stops_at_each(tmp_path):
     ro2 = sample(model, p_ids, p_mask, eos_id=[tok.eos_token_id, full[k]], **kw)
     assert ro2.eos_ids == (tok.eos_token_id, full[k])
     assert decode_completions(tok, ro2) == [tok.decode(full[:k], skip_special_tokens=False)]
+
+
+def _bos_tokenizer():
+    """A Llama-style tokenizer: encoding with the defaults (add_special_tokens=True) prepends BOS."""
+    from tokenizers import processors
+
+    tok = char_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def test_prompts_are_encoded_as_trl_grpo_encodes_them():
+    """String prompts with the tokenizer's defaults (TRL 1.16 GRPOTrainer._tokenize_prompts:
+    processing_class(text=prompts), so a BOS); chat prompts through apply_chat_template(add_generation_prompt,
+    tokenize=True), with no second BOS."""
+    tok = _bos_tokenizer()
+    strings = ["What is 1+2?", "Hi"]
+    ids, mask = encode_prompts(tok, strings, 512)
+    want = tok(text=strings)["input_ids"]
+    assert [[t for t, m in zip(r, k) if m] for r, k in zip(ids.tolist(), mask.tolist())] == want
+    chat = [[{"role": "user", "content": "What is 1+2?"}]]
+    ids, mask = encode_prompts(tok, chat, 512)
+    want = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert ids.tolist() == want
+    assert encode_prompts(tok, strings, 3)[0].tolist() == [w[-3:] for w in tok(text=strings)["input_ids"]]
+
+
+def test_sft_string_rows_are_tokenized_as_trl_sft():
+    """A string prompt-completion row: the prompt and scored ids equal TRL 1.16 SFTTrainer's tokenize_fn (eos
+    text added to the completion, prompt and prompt + completion encoded with the defaults, completion after
+    their common prefix): the BOS is kept."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from r1train.data import TokenCache, sft_tokens
+
+    tok = _bos_tokenizer()
+    for row in ({"prompt": "2+3?", "completion": "<answer>5</answer>"},
+                {"prompt": "q", "completion": "a" + tok.eos_token}):
+        c = row["completion"] if row["completion"].endswith(tok.eos_token) else row["completion"] + tok.eos_token
+        p_ids = _tokenize(tok, row["prompt"])["input_ids"]
+        full = _tokenize(tok, row["prompt"] + c)["input_ids"]
+        n = common_prefix_length(p_ids, full)
+        for cache in (None, TokenCache(tok)):
+            p, comp = sft_tokens(tok, row, 0, completion_column="completion", max_length=512,
+                                 max_prompt_length=512, cache=cache)
+            assert (p, comp) == (full[:n], full[n:])
+            assert p[0] == tok.bos_token_id and comp[-1] == tok.eos_token_id and tok.eos_token_id not in comp[:-1]
