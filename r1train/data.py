@@ -222,23 +222,57 @@ class TokenCache(dict):
             return full[:n], full[n:]
         return self._get(("string_row", prompt, completion), encode)
 
+    def chat_row(self, prompt: list, completion: list) -> tuple[list, list]:
+        """A conversational row's (prompt ids, completion ids) as TRL 1.16's SFTTrainer tokenizes them: the chat
+        template of prompt + completion, the completion what follows its common prefix with the prompt's
+        rendering with the generation prompt (every completion message is trained on, the template's end-of-turn
+        tokens included). With no chat template, the messages as plain text (prompt_text's rendering) + eos."""
+        def encode():
+            tok = self.tok
+            if getattr(tok, "chat_template", None) is None:
+                full = tok(prompt_text(tok, prompt + completion)[:-len("assistant: ")])["input_ids"]
+                full = full + [tok.eos_token_id]
+            else:
+                full = list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+            n = common_prefix_length(prompt_ids(tok, prompt), full)
+            return full[:n], full[n:]
+        return self._get(("chat_row", repr(prompt), repr(completion)), encode)
+
     def text(self, text: str) -> list[int]:
         return self._get(("text", text), lambda: self.tok(text, add_special_tokens=False)["input_ids"])
+
+
+def check_sft_completion(row, i, completion_column: str):
+    """Row i's completion: a string, or (with a message-list prompt) a non-empty list of messages
+    ({"role": str, "content": str}); anything else is a DatasetError naming the row and the column."""
+    c = row.get(completion_column)
+    if isinstance(c, str):
+        return c
+    if not isinstance(c, list):
+        raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a string or a list of messages, "
+                           f"got {c!r}")
+    if not c or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                        for m in c):
+        raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a non-empty list of messages "
+                           f'{{"role": str, "content": str}}, got {c!r}')
+    if not isinstance(row.get("prompt"), list):
+        raise DatasetError(f"SFT row {i}: a conversational {completion_column!r} (a list of messages) needs a "
+                           f"conversational prompt (a list of messages), got prompt {row.get('prompt')!r}")
+    return c
 
 
 def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prompt_length: int,
                completion_only_loss: bool = True, cache: TokenCache | None = None) -> tuple[list, list]:
     """One SFT row's (context ids, scored ids): the prompt (its last max_prompt_length tokens) + completion +
-    eos, truncated to the first max_length tokens (TRL SFT's truncation_mode keep_start). The scored ids are
-    the completion's; with completion_only_loss=false every token after the first (TRL: the prompt is scored
+    eos (string and conversational rows tokenized as TRL's SFTTrainer: TokenCache.string_row/chat_row),
+    truncated to the first max_length tokens (TRL SFT's truncation_mode keep_start). The scored ids are the
+    completion's; with completion_only_loss=false every token after the first (TRL: the prompt is scored
     too). A row left with no scored token is a DatasetError naming row i and max_length."""
     cache = TokenCache(tok, 0) if cache is None else cache
-    c = row.get(completion_column)
-    if isinstance(c, list):  # conversational completion
-        c = c[-1]["content"] if c and isinstance(c[-1], dict) else None
-    if not isinstance(c, str):
-        raise DatasetError(f"SFT row {i}: column {completion_column!r} must be a string, got {c!r}")
-    if isinstance(row["prompt"], str):
+    c = check_sft_completion(row, i, completion_column)
+    if isinstance(c, list):
+        p, comp = cache.chat_row(row["prompt"], c)
+    elif isinstance(row["prompt"], str):
         p, comp = cache.string_row(row["prompt"], c)
     else:
         p, comp = cache.prompt(row["prompt"]), cache.text(c) + [tok.eos_token_id]

@@ -93,3 +93,31 @@ def test_completion_only_loss_false_scores_prompt_tokens(tmp_path, padding_free)
         losses[flag] = t.train_step(0, rows)["loss"]
         assert losses[flag] == pytest.approx(want, rel=1e-5)
     assert abs(losses["true"] - losses["false"]) > 1e-3
+
+
+def test_sft_conversational_completion_is_tokenized_as_trl_sft():
+    """A conversational completion of several messages ([assistant, user, assistant]) is trained whole, as
+    TRL 1.16 SFTTrainer's tokenize_fn does: the chat template of prompt + completion, the scored tokens those
+    after its common prefix with the prompt rendered with the generation prompt (only the last message was
+    trained before); one message as before. Malformed or mixed rows are DatasetErrors naming the row."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from r1train.data import TokenCache, sft_tokens
+
+    tok = char_tokenizer()
+    prompt = [{"role": "user", "content": "2+3?"}]
+    for comp in ([{"role": "assistant", "content": "Let me use the tool."}, {"role": "user", "content": "tool: 5"},
+                  {"role": "assistant", "content": "<answer>5</answer>"}],
+                 [{"role": "assistant", "content": "<answer>5</answer>"}]):
+        p_ids = _tokenize(tok, prompt, add_generation_prompt=True)["input_ids"]
+        full = _tokenize(tok, prompt + comp)["input_ids"]
+        n = common_prefix_length(p_ids, full)
+        for cache in (None, TokenCache(tok)):
+            got = sft_tokens(tok, {"prompt": prompt, "completion": comp}, 0, cache=cache, max_length=512, **KW)
+            assert got == (full[:n], full[n:])
+        assert all(m["content"] in tok.decode(full[n:]) for m in comp)
+    for i, bad, msg in ((3, {"prompt": "2+3?", "completion": comp}, "needs a conversational prompt"),
+                        (4, {"prompt": prompt, "completion": []}, "non-empty list of messages"),
+                        (5, {"prompt": prompt, "completion": [{"role": "assistant"}]}, "non-empty list of messages")):
+        with pytest.raises(DatasetError, match=f"SFT row {i}: .*{msg}"):
+            sft_tokens(tok, bad, i, max_length=512, **KW)
