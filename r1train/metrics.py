@@ -103,7 +103,10 @@ class MetricsLogger:
 
     def log_completions(self, step: int, rows: list[dict], *, to_backends: bool = False):
         """completions.jsonl always; the backends (a table of step, prompt, completion, reward, advantage)
-        when to_backends."""
+        when to_backends. Every rank calls it with its own rows: they are gathered to rank 0 in rank order (as
+        TRL's gather_object), so the files and the table hold every process's completions (rank 0's only, before).
+        """
+        rows = gather_rows(rows)
         if self.rank != 0 or not rows:
             return
         with open(self.comp_path, "a") as fh:
@@ -159,6 +162,19 @@ class MetricsLogger:
         fig.savefig(out, dpi=80)
         plt.close(fig)
         return out
+
+
+def gather_rows(rows: list) -> list:
+    """Every rank's rows, concatenated in rank order, on rank 0 ([] on the others); the rows themselves in one
+    process. A collective: every rank of the process group calls it."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(rows)
+    rank = dist.get_rank()
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(list(rows), parts, dst=0)
+    return [r for part in parts for r in part] if rank == 0 else []
 
 
 def _read(p):

@@ -39,6 +39,24 @@ def test_zero2_two_processes_match_one(tmp_path, extra, launcher):
             k = f"sampling/importance_sampling_ratio/{k}"
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
     assert abs(m1[0]["loss"]) > 1e-6 and math.isfinite(m1[1]["loss"])  # mu=2: the 2nd pass has ratios != 1
+    # completions.jsonl holds every rank's completions, gathered to rank 0 (it kept rank 0's half before)
+    c1, c2 = _completions(one), _completions(two)
+    assert sorted(c1) == sorted(c2) == [1, 2]
+    for step in c1:
+        assert len(c2[step]) == len(c1[step]) == 8 * 2, step  # per_device_train_batch_size * GA of one process
+        assert sorted(c2[step]) == sorted(c1[step]), step  # the same (prompt, completion) pairs
+
+
+def _completions(output_dir) -> dict:
+    """completions.jsonl as {step: [(prompt, completion), ...]}."""
+    import json
+
+    out: dict = {}
+    with open(output_dir / "completions.jsonl") as fh:
+        for ln in fh:
+            r = json.loads(ln)
+            out.setdefault(r["step"], []).append((r["prompt"], r["completion"]))
+    return out
 
 
 @pytest.mark.slow
