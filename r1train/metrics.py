@@ -77,9 +77,17 @@ class MetricsLogger:
         if rank != 0:
             return
         os.makedirs(output_dir, exist_ok=True)
-        # a resumed run continues the files: drop lines past the checkpoint (written after it, then lost)
+        # a resumed run continues the files: drop lines past the checkpoint (written after it, then lost), and a
+        # line that does not parse (a run killed while writing it: its last line, past the checkpoint too)
         for p in (self.path, self.comp_path):
-            keep = [ln for ln in _read(p) if json.loads(ln).get("step", 0) <= resume_step] if resume_step else []
+            keep = []
+            for ln in _read(p) if resume_step else []:
+                row = _parse(ln)
+                if row is None:
+                    log.warning("%s: dropped a line that is not a JSON object (a partly written line?): %r",
+                                p, ln[:80])
+                elif row.get("step", 0) <= resume_step:
+                    keep.append(ln if ln.endswith("\n") else ln + "\n")
             with open(p, "w") as fh:
                 fh.writelines(keep)
         for name in resolve_report_to(report_to):
@@ -182,6 +190,15 @@ def _read(p):
         return []
     with open(p) as fh:
         return [ln for ln in fh if ln.strip()]
+
+
+def _parse(line: str) -> dict | None:
+    """One line of metrics.jsonl / completions.jsonl as a dict; None if it is not one (e.g. cut by a kill)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _py(v):

@@ -46,3 +46,31 @@ def test_kill_and_resume_identical(tmp_path, extra):
     assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
     assert b[3:] == a[3:]
     assert b[:3] == a[:3]
+
+
+def test_resume_drops_a_partly_written_last_line(tmp_path, caplog):
+    """A run killed while writing metrics.jsonl / completions.jsonl leaves a partial last line: the resume
+    (MetricsLogger truncating the files to the checkpoint's step) raised JSONDecodeError on it; it is dropped
+    with a warning, the lines up to the checkpoint are kept, and the next line starts on a line of its own."""
+    import json
+
+    from r1train.metrics import MetricsLogger
+
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    full = "".join(json.dumps(r) + "\n" for r in rows)
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        (tmp_path / name).write_text(full + json.dumps({"step": 4, "loss": 0.25})[:9])
+    with caplog.at_level("WARNING", logger="r1train"):
+        logger = MetricsLogger(str(tmp_path), resume_step=2, report_to="none")
+    assert "partly written" in caplog.text
+    logger.log(3, {"loss": 0.5})
+    logger.log_completions(3, [{"prompt": "p", "completion": "c"}])
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == rows[:2] + [{"step": 3, "loss": 0.5}]
+    lines = [json.loads(ln) for ln in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert lines == rows[:2] + [{"step": 3, "prompt": "p", "completion": "c"}]
+    # a complete last line without its newline (killed between the two writes) is kept, and ended
+    (tmp_path / "metrics.jsonl").write_text(full[:-1])
+    MetricsLogger(str(tmp_path), resume_step=3, report_to="none").log(4, {"loss": 0.25})
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == rows + [{"step": 4, "loss": 0.25}]
