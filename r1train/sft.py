@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from .data import TokenCache, sft_collate, sft_tokens
+from .data import TokenCache, check_sft_completion, sft_collate, sft_tokens
 from .engine import Trainer
 from .grpo import _all_sum
 from .packing import build_packs, packed_attention
@@ -18,6 +18,8 @@ from .rollout import logprob_fn
 class SFTTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, *args, **kwargs):
         self.tokens = TokenCache(tokenizer)
+        for i, r in enumerate(train_rows):  # a bad completion: an error naming its dataset row before any work
+            check_sft_completion(r, i, cfg.completion_column)
         if cfg.max_length <= cfg.max_prompt_length or cfg.max_length < 2:
             # a row may then keep no token to train on (sft_tokens): an error naming it before any work
             for i, r in enumerate(train_rows):

@@ -57,6 +57,20 @@ def test_sft_trainer_checks_every_row_against_max_length_before_training(tmp_pat
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("bad", [5, None, [{"role": "assistant"}]])
+def test_sft_trainer_checks_every_rows_completion_before_training(tmp_path, bad):
+    """A bad completion in dataset row 10 is an error naming row 10 when the trainer is built (it was found
+    only when its batch was collated, numbered within the batch), whatever max_length."""
+    from r1train.sft import SFTTrainer
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=64", "max_prompt_length=32"])
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "completion": f"a{i}"} for i in range(16)]
+    rows[10] = {**rows[10], "completion": bad}
+    with pytest.raises(DatasetError, match="SFT row 10: column 'completion' must be"):
+        SFTTrainer(cfg, None, char_tokenizer(), rows, [])  # no model work before the check
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def _hand_nll(model, tok, rows, max_length, completion_only):
     """Mean over the batch's scored tokens of -log p(token | the tokens before it), one plain forward per row."""
     nll, n = 0.0, 0
