@@ -201,8 +201,8 @@ class TrainConfig:
                                             "use_dynamic_bsz): rows packed into as few micro-batches of at most "
                                             "this many tokens as fit (the count varies per step; optimizer steps "
                                             "and losses stay those of the padded batch); >= max_prompt_length + "
-                                            "max_completion_length. None: per_device_train_batch_size rows per "
-                                            "micro-batch")
+                                            "max_completion_length (GRPO); >= max_length or the longest row "
+                                            "(SFT). None: per_device_train_batch_size rows per micro-batch")
     kernel_backend: str = f("auto", "r1kernels backend for every loss/log-prob call (auto picks the fastest "
                             "eligible kernel)", ["auto", "triton", "cuda", "cpp", "torch"])
     log_completions: bool = f(False, "at each logging step print a few completions and send the completions "
@@ -365,10 +365,13 @@ class TrainConfig:
         if not self.padding_free:
             raise ConfigError(f"max_tokens_per_batch={b} needs padding_free=true (token-budget micro-batches are "
                               "packed)")
-        longest = self.max_prompt_length + self.max_completion_length
-        if b < longest:
-            raise ConfigError(f"max_tokens_per_batch must be >= max_prompt_length + max_completion_length = {longest} "
-                              f"(the longest row), got {b}")
+        # the longest row: a GRPO row's max_prompt_length + max_completion_length, an SFT row's at most max_length
+        # tokens; the trainer checks the bound of its rows (check_token_budget), so here a budget below both
+        grpo, sft = self.max_prompt_length + self.max_completion_length, self.max_length
+        if b < min(grpo, sft):
+            raise ConfigError(f"max_tokens_per_batch must hold the longest row: >= max_prompt_length + "
+                              f"max_completion_length = {grpo} for GRPO, >= max_length = {sft} (or the longest "
+                              f"training row's tokens) for SFT; got {b}")
 
     def _check_rewards(self):
         if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):
@@ -404,6 +407,15 @@ def read_deepspeed_config(path: str) -> dict:
         raise ConfigError(f"deepspeed: {path!r} must hold a JSON object of DeepSpeed settings "
                           "(zero_optimization, if given, an object)")
     return c
+
+
+def check_token_budget(cfg, longest: int, what: str):
+    """max_tokens_per_batch (with padding_free) must hold the trainer's longest row, `longest` tokens (`what`
+    says whose); packing.build_packs raised on it mid-training. The trainer calls it before any work: the
+    config alone does not know whether its rows are GRPO's or SFT's."""
+    b = cfg.max_tokens_per_batch
+    if b is not None and cfg.padding_free and b < longest:
+        raise ConfigError(f"max_tokens_per_batch must be >= {what} = {longest}, got {b}")
 
 
 # a `deepspeed` file's keys that r1train fills from its config ("auto"), and the config keys they come from

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
-from .config import TrainConfig, check_deepspeed_values, check_offload
+from .config import TrainConfig, check_deepspeed_values, check_offload, check_token_budget
 from .loading import apply_lora, enable_activation_checkpointing, maybe_patch
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
@@ -138,6 +138,7 @@ class Trainer(CheckpointMixin):
 
         self.cfg, self.tok = cfg, tokenizer
         self.train_rows, self.eval_rows = list(train_rows), list(eval_rows or [])
+        self.check_token_budget(cfg, tokenizer, self.train_rows)  # before any work
         self.rank, self.world = setup_distributed()
         self.dev = device()
         random.seed(cfg.seed)
@@ -186,6 +187,27 @@ class Trainer(CheckpointMixin):
         self.logger = MetricsLogger(cfg.output_dir, rank=self.rank, report_to=cfg.report_to,
                                     config=dataclasses.asdict(cfg),
                                     resume_step=self.step0)
+
+    def check_token_budget(self, cfg, tokenizer, train_rows):
+        """padding_free's max_tokens_per_batch against the longest row of this trainer's rows: a GRPO row's
+        max_prompt_length + max_completion_length; an SFT row's at most max_length tokens, so a smaller budget is
+        checked against the training rows themselves (tokenized as training will)."""
+        from .grpo import GRPOTrainer
+        from .sft import SFTTrainer
+
+        b = cfg.max_tokens_per_batch
+        if b is None or not cfg.padding_free:
+            return
+        if isinstance(self, GRPOTrainer):
+            check_token_budget(cfg, cfg.max_prompt_length + cfg.max_completion_length,
+                               "max_prompt_length + max_completion_length (the longest GRPO row)")
+        elif isinstance(self, SFTTrainer) and b < cfg.max_length:
+            from .data import sft_tokens
+
+            n, i = max((sum(map(len, sft_tokens(tokenizer, r, i, **self.token_keys(cfg)))), i)
+                       for i, r in enumerate(train_rows)) if train_rows else (0, None)
+            check_token_budget(cfg, n, f"the longest SFT row's tokens (row {i}; max_length={cfg.max_length} "
+                               "holds every row)")
 
     # ---- hooks for subclasses
     def compute_prompts_per_rank(self) -> int:

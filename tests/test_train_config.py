@@ -282,3 +282,49 @@ def test_deepspeed_file_values_must_match_the_config(tmp_path):
     cfg.gradient_accumulation_steps = 1
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 but the config has gradient_acc"):
         ds_config(cfg, 8, 1)
+
+
+def test_token_budget_is_checked_against_the_trainers_longest_row(tmp_path):
+    """max_tokens_per_batch's floor is the longest row of the trainer's rows: GRPO's max_prompt_length +
+    max_completion_length; SFT's max_length, or below it the longest training row (tokenized before any work).
+    SFT was checked against GRPO's bound, so a budget below its rows loaded and failed mid-training, and one
+    above max_length (512, max_length 64) was rejected."""
+    import train_helpers as H
+
+    from r1train.data import sft_tokens
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    def trainer(cls, out, *ov):
+        cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / out}", "padding_free=true", *ov])
+        model, tok = load_model_and_tokenizer(cfg)
+        if cls is SFTTrainer:
+            return SFTTrainer(cfg, model, tok, load_datasets(cfg, sft=True)[0])
+        return GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=[H.digit_share])
+
+    sft = ["max_length=64", "max_prompt_length=32", "max_steps=1"]
+    # below both bounds: an error at load, naming both
+    with pytest.raises(ConfigError, match=r"max_tokens_per_batch must hold the longest row.*= 40 for GRPO.*"
+                                          r"max_length = 64 .*for SFT; got 39"):
+        load_config(overrides=H.FAST + sft + ["padding_free=true", "max_tokens_per_batch=39"])
+    # SFT: the longest training row, counted here as training tokenizes it (prompt + completion + eos)
+    cfg = load_config(overrides=H.FAST + sft)
+    _, tok = load_model_and_tokenizer(cfg)
+    rows = load_datasets(cfg, sft=True)[0]
+    longest = max(sum(map(len, sft_tokens(tok, r, i, completion_column=cfg.completion_column, max_length=64,
+                                          max_prompt_length=32))) for i, r in enumerate(rows))
+    assert 40 < longest < 64  # the budgets below lie between the GRPO bound (40) and max_length
+    with pytest.raises(ConfigError, match=rf"max_tokens_per_batch must be >= the longest SFT row's tokens .*"
+                                          rf"= {longest}, got {longest - 1}"):
+        trainer(SFTTrainer, "sft_small", *sft, f"max_tokens_per_batch={longest - 1}")
+    assert not (tmp_path / "sft_small").exists()  # before any work
+    assert len(trainer(SFTTrainer, "sft_fits", *sft, f"max_tokens_per_batch={longest}").train()) == 1
+    # SFT: 512 >= max_length although < max_prompt_length + max_completion_length: loads and trains
+    t = trainer(SFTTrainer, "sft_ok", "max_length=64", "max_steps=1", "max_tokens_per_batch=512")
+    assert t.cfg.max_prompt_length + t.cfg.max_completion_length > 512 >= t.cfg.max_length
+    assert len(t.train()) == 1
+    # GRPO: below prompt + completion, above max_length (an SFT key)
+    with pytest.raises(ConfigError, match=r"max_tokens_per_batch must be >= max_prompt_length \+ "
+                                          r"max_completion_length \(the longest GRPO row\) = 40, got 39"):
+        trainer(GRPOTrainer, "grpo_small", "max_prompt_length=32", "max_length=16", "max_tokens_per_batch=39")
