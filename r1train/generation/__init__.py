@@ -58,12 +58,7 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
     if len(seeds_B) != prompt_ids_BP.shape[0]:
         raise ValueError(f"seeds_B has {len(seeds_B)} seeds for {prompt_ids_BP.shape[0]} prompts")
-    eos_tuple(eos_id)  # a clear error before any work
-    if prompt_ids_BP.shape[0]:
-        empty = (prompt_mask_BP.sum(1) == 0).nonzero()  # one host read per rollout
-        if empty.numel():
-            raise ValueError(f"prompt_mask_BP: row {int(empty[0])} has no prompt tokens (a completion needs a "
-                             "prompt to condition on)")
+    eos_tuple(eos_id)  # a clear error before any work (each engine checks the prompt rows)
     with gathered_for_generation(ds_engine):  # entered even with no rows: under ZeRO-3 it is a collective
         if prompt_ids_BP.shape[0] == 0:  # a rank with nothing to sample this round (dynamic sampling)
             dev = prompt_ids_BP.device

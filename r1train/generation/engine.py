@@ -74,6 +74,16 @@ def eos_tuple(eos_id) -> tuple:
     return ids
 
 
+def check_prompt_rows(prompt_mask_BP: torch.Tensor):
+    """Every row has a prompt token: a completion needs a prompt to condition on (ValueError naming the first
+    row without one). One host read."""
+    B, P = prompt_mask_BP.shape
+    empty = (prompt_mask_BP.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"prompt_mask_BP: row {empty[0]} has no prompt tokens ({len(empty)} such row(s) of {B}, "
+                         f"P={P} prompt columns); a completion needs a prompt to condition on")
+
+
 def distinct_rows(ids_BP: torch.Tensor, mask_BP: torch.Tensor):
     """Distinct left-padded prompts -> (first_U: the first row of each, ascending; rows_B: the index in first_U
     of row b's prompt). Rows are the same prompt when their tokens and padding are. One host read (the count)."""
@@ -275,6 +285,7 @@ class Engine:
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
+        check_prompt_rows(prompt_mask_BP)
         eos = eos_tuple(eos_id)
         if len(eos) > 1 and eos not in self._eos:
             self._eos[eos] = torch.tensor(eos, dtype=torch.int64, device=dev)

@@ -11,13 +11,14 @@ bos/eos, its top_k / temperature, num_beams, stop_strings, ...): see `_Exact`.
 """
 from __future__ import annotations
 
-import numbers
 import zlib
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kernels.reference.sampling import kept_mask
+
+from .engine import check_prompt_rows, eos_tuple
 
 
 class _Exact(GenerationConfig):
@@ -49,14 +50,7 @@ class _Kept(LogitsProcessor):
         return kept_logits(scores, self.sp)
 
 
-def eos_ids(eos_id) -> list[int]:
-    """eos_id: an int or a sequence of ints (a row stops at any of them) -> the list; negative ids never match."""
-    if isinstance(eos_id, numbers.Integral) or (isinstance(eos_id, torch.Tensor) and eos_id.dim() == 0):
-        return [int(eos_id)]
-    return [int(e) for e in eos_id]
-
-
-def _config(sp, eos: list[int], pad_id: int) -> _Exact:
+def _config(sp, eos: tuple, pad_id: int) -> _Exact:
     stops = [e for e in eos if e >= 0]
     sampling = {} if sp.greedy else dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
                                          eta_cutoff=0.0)  # neutral: _Kept applies temperature and truncation
@@ -71,12 +65,9 @@ def _config(sp, eos: list[int], pad_id: int) -> _Exact:
 def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pad_id: int):
     """-> (tokens [B, T'], fp32 log-probs [B, T']); eos_id an int or a sequence of ints; after a row's first eos
     its tokens are pad_id and its log-probs 0."""
-    B, P = prompt_ids_BP.shape
-    empty = (prompt_mask_BP.sum(1) == 0).nonzero().flatten().tolist() if P else list(range(B))
-    if empty:
-        raise ValueError(f"prompt_mask_BP: row {empty[0]} has no prompt tokens ({len(empty)} such row(s) of {B}, "
-                         f"P={P} prompt columns); a completion needs a prompt to condition on")
-    eos = eos_ids(eos_id)
+    P = prompt_ids_BP.shape[1]
+    check_prompt_rows(prompt_mask_BP)
+    eos = eos_tuple(eos_id)  # negative ids never match
     torch.manual_seed(zlib.crc32(repr([int(s) for s in seeds_B]).encode()))
     was_training = model.training
     model.eval()
