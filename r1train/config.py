@@ -412,10 +412,10 @@ def read_deepspeed_config(path: str) -> dict:
 def check_token_budget(cfg, longest: int, what: str):
     """max_tokens_per_batch (with padding_free) must hold the trainer's longest row, `longest` tokens (`what`
     says whose); packing.build_packs raised on it mid-training. The trainer calls it before any work: the
-    config alone does not know whether its rows are GRPO's or SFT's."""
-    b = cfg.max_tokens_per_batch
-    if b is not None and cfg.padding_free and b < longest:
-        raise ConfigError(f"max_tokens_per_batch must be >= {what} = {longest}, got {b}")
+    config alone does not know whether its rows are GRPO's or SFT's (it calls this when padding_free with a
+    budget)."""
+    if cfg.max_tokens_per_batch < longest:
+        raise ConfigError(f"max_tokens_per_batch must be >= {what} = {longest}, got {cfg.max_tokens_per_batch}")
 
 
 # a `deepspeed` file's keys that r1train fills from its config ("auto"), and the config keys they come from

@@ -138,7 +138,8 @@ class Trainer(CheckpointMixin):
 
         self.cfg, self.tok = cfg, tokenizer
         self.train_rows, self.eval_rows = list(train_rows), list(eval_rows or [])
-        self.check_token_budget(cfg, tokenizer, self.train_rows)  # before any work
+        if cfg.padding_free and cfg.max_tokens_per_batch is not None:  # before any work
+            check_token_budget(cfg, *self.longest_row(cfg, self.train_rows))
         self.rank, self.world = setup_distributed()
         self.dev = device()
         random.seed(cfg.seed)
@@ -188,28 +189,12 @@ class Trainer(CheckpointMixin):
                                     config=dataclasses.asdict(cfg),
                                     resume_step=self.step0)
 
-    def check_token_budget(self, cfg, tokenizer, train_rows):
-        """padding_free's max_tokens_per_batch against the longest row of this trainer's rows: a GRPO row's
-        max_prompt_length + max_completion_length; an SFT row's at most max_length tokens, so a smaller budget is
-        checked against the training rows themselves (tokenized as training will)."""
-        from .grpo import GRPOTrainer
-        from .sft import SFTTrainer
-
-        b = cfg.max_tokens_per_batch
-        if b is None or not cfg.padding_free:
-            return
-        if isinstance(self, GRPOTrainer):
-            check_token_budget(cfg, cfg.max_prompt_length + cfg.max_completion_length,
-                               "max_prompt_length + max_completion_length (the longest GRPO row)")
-        elif isinstance(self, SFTTrainer) and b < cfg.max_length:
-            from .data import sft_tokens
-
-            n, i = max((sum(map(len, sft_tokens(tokenizer, r, i, **self.token_keys(cfg)))), i)
-                       for i, r in enumerate(train_rows)) if train_rows else (0, None)
-            check_token_budget(cfg, n, f"the longest SFT row's tokens (row {i}; max_length={cfg.max_length} "
-                               "holds every row)")
-
     # ---- hooks for subclasses
+    def longest_row(self, cfg, rows) -> tuple[int, str]:
+        """(the most tokens one of this trainer's training rows can take, what bounds it): padding_free's
+        max_tokens_per_batch must hold it (checked before any work)."""
+        raise NotImplementedError
+
     def compute_prompts_per_rank(self) -> int:
         return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps
 

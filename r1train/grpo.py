@@ -231,6 +231,10 @@ class GRPOTrainer(Trainer):
             if rows else ([], [])
         return [ro, texts, ids_list, table, failed, self.rewards.last_extra if rows else []]
 
+    def longest_row(self, cfg, rows):
+        return cfg.max_prompt_length + cfg.max_completion_length, \
+            "max_prompt_length + max_completion_length (the longest GRPO row)"
+
     def reward_state(self, step):
         """TRL's trainer_state for the reward functions of `step` (0-based): a transformers.TrainerState as at
         that step's generation in TRL: global_step the steps done (r1train's steps: one generation batch

@@ -18,13 +18,23 @@ from .rollout import logprob_fn
 class SFTTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, *args, **kwargs):
         self.tokens = TokenCache(tokenizer)
-        for i, r in enumerate(train_rows):  # a bad completion: an error naming its dataset row before any work
-            check_sft_completion(r, i, cfg.completion_column)
-        if cfg.max_length <= cfg.max_prompt_length or cfg.max_length < 2:
-            # a row may then keep no token to train on (sft_tokens): an error naming it before any work
-            for i, r in enumerate(train_rows):
-                sft_tokens(tokenizer, r, i, **self.token_keys(cfg))
+        # a row may keep no token to train on when its prompt can fill max_length (sft_tokens)
+        tight = cfg.max_length <= cfg.max_prompt_length or cfg.max_length < 2
+        for i, r in enumerate(train_rows):  # a bad row: an error naming its dataset index before any work
+            if tight:
+                sft_tokens(tokenizer, r, i, **self.token_keys(cfg))  # checks the completion too
+            else:
+                check_sft_completion(r, i, cfg.completion_column)
         super().__init__(cfg, model, tokenizer, train_rows, *args, **kwargs)
+
+    def longest_row(self, cfg, rows):
+        """max_length holds every row; a smaller budget is held to the training rows themselves, tokenized as
+        training will."""
+        if cfg.max_tokens_per_batch >= cfg.max_length:
+            return cfg.max_length, "max_length"
+        n, i = max((sum(map(len, sft_tokens(self.tok, r, i, **self.token_keys(cfg)))), i)
+                   for i, r in enumerate(rows)) if rows else (0, None)
+        return n, f"the longest SFT row's tokens (row {i}; max_length={cfg.max_length} holds every row)"
 
     def token_keys(self, cfg) -> dict:
         return dict(completion_column=cfg.completion_column, max_length=cfg.max_length,
