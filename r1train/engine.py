@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
-from .config import TrainConfig, check_deepspeed_values, check_offload, check_token_budget
+from .config import TrainConfig, check_deepspeed_values, check_offload, check_token_budget, read_deepspeed_config
 from .loading import apply_lora, enable_activation_checkpointing, maybe_patch
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
@@ -58,8 +57,7 @@ def device():
 
 def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     path = cfg.deepspeed or os.path.join(CONFIG_DIR, f"ds_zero{cfg.zero_stage}.json")
-    with open(path) as fh:
-        c = json.load(fh)
+    c = read_deepspeed_config(path)
     check_deepspeed_values(cfg, c)  # also at load (validate); again here for a config changed after it
     fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.max_grad_norm}
