@@ -125,8 +125,8 @@ def _timed(fn, device, reps):
 
 
 def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False,
-                 few_rows=None):
-    """few_rows: {label: engine_patch kwargs}: also time the engine under each."""
+                 ab_cublas=False):
+    """ab_cublas: also the engine with every decode projection on cuBLAS (generation.fused.DECODE_LINEAR empty)."""
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -164,19 +164,19 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
-    for label, patch in (few_rows or {}).items():
-        # the same engine with (some of) its decode GEMMs through benchmarks/few_rows_tma.py
-        from .few_rows_tma import engine_patch
+    if ab_cublas:
+        from r1train.generation import fused as fz
 
-        with engine_patch(**patch):
-            eng.reset()
-            tok_fr = ours()
+        kept, fz.DECODE_LINEAR = fz.DECODE_LINEAR, ()
+        try:
+            eng.reset()  # captured graphs keep the kernels they captured
+            tok_ab = ours()
             runs = _timed(ours, device, reps)
-        eng.reset()
-        res["providers"][f"r1train engine, few_rows_tma: {label}"] = {
-            "seconds": statistics.median(runs), "runs": runs,
-            "configs": {str(k): v for k, v in patch["configs"].items()},
-            "tokens_equal_cublas_run": bool(torch.equal(tok_fr, tok))}
+        finally:
+            fz.DECODE_LINEAR = kept
+            eng.reset()
+        res["providers"]["r1train engine, decode projections on cuBLAS"] = {
+            "seconds": statistics.median(runs), "runs": runs, "tokens_equal_engine_run": bool(torch.equal(tok_ab, tok))}
 
     def hf(**kw):
         def run():
@@ -260,9 +260,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
-    p.add_argument("--few-rows", default=None, metavar="SWEEP_JSON",
-                   help="also the engine with its decode GEMMs through benchmarks/few_rows_tma.py, each at its "
-                        "fastest config in bench_decode_gemm --few-rows's JSON ('default': DEFAULT_CONFIG)")
+    p.add_argument("--ab-cublas", action="store_true",
+                   help="also the engine with its decode projections on cuBLAS instead of rk.decode_linear")
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
@@ -273,21 +272,10 @@ def main(argv=None):
     work = {"fixed": dict(n_prompts=n, G=G, P=P, T=T, lens=None),
             "varied": dict(n_prompts=n, G=G, P=P, T=T, lens=varied),
             "throughput": dict(n_prompts=n * 8, G=G, P=P, T=T, lens=None)}
-    few_rows = None
-    if a.few_rows is not None:
-        from .few_rows_tma import best_configs
-
-        sweep = None if a.few_rows == "default" else json.load(open(a.few_rows))
-        best = {} if sweep is None else best_configs(sweep)
-        few_rows = {"every projection": dict(configs=best),
-                    "every projection + the RMSNorms": dict(configs=best, fuse_norms=True)}
-        if sweep is not None:
-            few_rows["the projections that beat cuBLAS in the sweep"] = dict(
-                configs=best_configs(sweep, winners_only=True), only_listed=True)
     results = []
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
-                         reps=a.reps, skip_peers=a.skip_peers, few_rows=few_rows)
+                         reps=a.reps, skip_peers=a.skip_peers, ab_cublas=a.ab_cublas)
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)
@@ -302,11 +290,6 @@ def main(argv=None):
             _write(a.out, model, results, a.device)
         if a.profile and a.device == "cuda" and name == "fixed":
             r["profile"] = profile_step(model, a.device)
-            if few_rows is not None:
-                from .few_rows_tma import engine_patch
-
-                with engine_patch(**few_rows["every projection + the RMSNorms"]):
-                    r["profile_few_rows_norms"] = profile_step(model, a.device)
             if a.out:
                 _write(a.out, model, results, a.device)
     return results

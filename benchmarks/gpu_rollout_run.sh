@@ -5,7 +5,7 @@
 # use_r1kernels. JSON under $OUT.
 # Needs the wheels in .wheels/ (carry=[".wheels"]): deepspeed (+ hjson, pydantic, pydantic-core,
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
-# Env: FEWROWS (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,varied); KERNELS (benches, default
+# Env: DL (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
 # "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
 # TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the default, AB and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
@@ -20,17 +20,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 rc=0
 k300() { timeout -s KILL 300 "$@"; }
-# FEWROWS=1: first the few-row descriptor-load GEMM experiment (benchmarks/few_rows_tma.py): its gpu tests, the
-# config sweep beside cuBLAS (bench_decode_gemm_few_rows.json), and the fixed rollout with the engine's decode GEMMs
-# at each op's fastest config (every projection; + the RMSNorms folded in; only those that beat cuBLAS in the
-# sweep), beside the cuBLAS engine in the same process, and per-kernel profiles of a decode step of the cuBLAS
-# engine and of the every-projection + RMSNorms variant (bench_rollout.json)
-if [ -n "${FEWROWS:-}" ]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_few_rows_tma.py 2>&1 | tail -2
-  timeout 420 python3 -m benchmarks.bench_decode_gemm --few-rows --models 1.5B --out "$OUT" 2>&1 | grep -v "^   " | tail -12
-  fr="$OUT/bench_decode_gemm_few_rows.json"; [ -f "$fr" ] || fr=default
-  python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --profile --few-rows "$fr" \
-    || rc=$?
+# DL=1: first rk.decode_linear: its gpu tests, bench_decode_linear (the kernel beside the engine's cuBLAS form of
+# each projection; DL=sweep: + the config sweep), and the fixed rollout beside the same engine with its decode
+# projections on cuBLAS (bench_rollout --ab-cublas), with a per-kernel profile of a decode step (bench_rollout.json)
+if [ -n "${DL:-}" ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_linear.py 2>&1 | tail -2
+  timeout 420 python3 -m benchmarks.bench_decode_linear $([ "$DL" = sweep ] && echo --sweep) --out "$OUT" 2>&1 \
+    | grep -v "^   config" | tail -40
+  python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --profile --ab-cublas || rc=$?
   SKIP=${SKIP:-},rollout
 fi
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?

@@ -15,8 +15,8 @@ from . import reference as _ref
 from .reference.grpo import EXTRA_DEFAULTS, IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES, check_extra_options
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
-           "GRPOLossOutput", "sample_tokens", "decode_attention", "rms_norm", "apply_rotary", "silu_mul", "moe",
-           "patch"]
+           "GRPOLossOutput", "sample_tokens", "decode_attention", "decode_linear", "rms_norm", "apply_rotary",
+           "silu_mul", "moe", "patch"]
 __version__ = "0.1.0"
 
 
@@ -360,6 +360,39 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         _checks.same_device(q=q, cos=cos, sin=sin)
     fn = _backend.pick("decode_attention", backend, q.device, q, k_cache, v_cache)
     return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new, cos, sin)
+
+
+def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backend="auto"):
+    """A projection of the decode step: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
+    up_weight [N, K]: silu(x @ weight^T) * (x @ up_weight^T) instead (a SwiGLU MLP's gate/up, weight being
+    gate_proj's; no bias). residual [M, N]: residual += the result, in place, and residual is returned (the
+    layer's residual add). All tensors share x's dtype and device. Inference only (no autograd). The kernel
+    (a Hopper GPU, bf16/fp16, M <= 64: the decode step's rows) reads each weight once with fp32
+    accumulation and fuses the epilogue; other inputs run the reference's cuBLAS forms."""
+    _checks.float_tensor("x", x, ndim=2)
+    _checks.float_tensor("weight", weight, ndim=2)
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must have shape [N, {K}] (x's last dim last), got {tuple(weight.shape)}")
+    named = {"weight": weight, "bias": bias, "residual": residual, "up_weight": up_weight}
+    if up_weight is not None:
+        if bias is not None or residual is not None:
+            raise ValueError("up_weight (the SwiGLU gate/up product) takes no bias and no residual")
+        _checks.float_tensor("up_weight", up_weight, ndim=2)
+        _checks.shape("up_weight", up_weight, (N, K), " (the shape of weight)")
+    if bias is not None:
+        _checks.float_tensor("bias", bias, ndim=1)
+        _checks.shape("bias", bias, (N,), " (one per row of weight)")
+    if residual is not None:
+        _checks.float_tensor("residual", residual, ndim=2)
+        _checks.shape("residual", residual, (M, N), " ([M, N]: updated in place)")
+    for name, t in named.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    _checks.same_device(x=x, **named)
+    fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, up_weight)
+    return (fn or _ref.decode_linear)(x, weight, bias, residual, up_weight)
 
 
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):

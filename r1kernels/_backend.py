@@ -34,6 +34,7 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
                   ("triton", "r1kernels.ops.moe:unpermute_triton")],
     "sample_tokens": [("triton", "r1kernels.ops.sampling:sample_tokens_triton")],
     "decode_attention": [("triton", "r1kernels.ops.attention:decode_attention_triton")],
+    "decode_linear": [("triton", "r1kernels.ops.decode_linear:decode_linear_triton")],
     "rms_norm": [("triton", "r1kernels.ops.fused:rms_norm_triton")],
     "apply_rotary": [("triton", "r1kernels.ops.fused:apply_rotary_triton")],
     "silu_mul": [("triton", "r1kernels.ops.fused:silu_mul_triton")],
@@ -144,9 +145,9 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
     dev = device.type
     cands = _runnable(op, dev)
     if backend == "auto":
-        for _, fn, eligible in cands:
-            if eligible is None or eligible(*args, **kwargs):
-                return fn
+        fn = kernel(op, backend, device, *args, **kwargs)
+        if fn is not None:
+            return fn
         if dev == "cuda" and op not in _WARNED and not torch.compiler.is_compiling():
             _WARNED.add(op)
             warnings.warn(f"r1kernels: no kernel eligible for {op} on cuda; using the torch reference")
@@ -159,6 +160,17 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
     if any(name == backend for name, _ in _LOADED.get(op, [])):
         raise ValueError(f"backend={backend!r} for {op} cannot run on {dev} tensors here ({_why(op, backend)})")
     raise ValueError(f"backend={backend!r} is not available for {op} ({_why(op, backend)})")
+
+
+def kernel(op: str, backend: str, device: torch.device, *args, **kwargs):
+    """The kernel pick would run for these inputs, or None where the reference would run (or pick would raise:
+    a named backend that cannot take them); quiet. For callers with their own fallback (the generation engine)."""
+    if backend == "auto":
+        backend = ENV_BACKEND
+    for name, fn, eligible in _runnable(op, device.type):
+        if backend in ("auto", name) and (eligible is None or eligible(*args, **kwargs)):
+            return fn
+    return None
 
 
 def _why(op: str, backend: str) -> str:

@@ -5,8 +5,11 @@ one GEMM over both; the rotary embedding of Llama-family attention -> rk.apply_r
 and k instead of about ten); the q/k/v projections of each attention -> one GEMM over the three weights
 (a view where they lie back to back, else a concatenated buffer the engine keeps, refreshed from the
 parameters on every entry); and in each Llama-family decoder layer the two residual adds -> the beta = 1
-input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). Instance attributes shadow the
-class methods for the duration and are removed after, so training forwards run the unpatched code."""
+input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). In the decode step (<= 64 rows)
+q/k/v (+ bias), o_proj (+ the residual) and gate/up (+ SiLU) run as rk.decode_linear where its kernel takes
+them (a Hopper GPU; DECODE_LINEAR); prefill and everything else keeps the cuBLAS forms above. Instance
+attributes shadow the class methods for the duration and are removed after, so training forwards run the
+unpatched code."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +19,19 @@ import torch
 import torch.nn.functional as F
 
 import r1kernels as rk
+from r1kernels._backend import kernel as _kernel
 from r1kernels.patch.layers import FUSED_MODEL_TYPES, fused_rotary, is_rms_norm, is_silu_mlp
+
+# the projections the decode step runs through rk.decode_linear's few-row kernel. H200, Qwen2.5-1.5B shapes
+# at 64 rows, each against the engine's cuBLAS form (results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json):
+# q/k/v 5.2 vs 6.0 us, o_proj 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8; down_proj lost (13.4 vs 12.7) and is not
+# here. The fixed rollout with these three: 1.034 s vs 1.102 s (results/rollout_few_rows_h200_2026-12-05_3d03630.json).
+DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
+
+
+def _decode_kernel(backend, x2, w, **kw) -> bool:
+    """rk.decode_linear's kernel takes these inputs (the decode step's rows on a Hopper GPU)."""
+    return _kernel("decode_linear", backend, x2.device, x2, w, **kw) is not None
 
 
 def _norm(self, x):
@@ -29,9 +44,14 @@ def _mlp(self, x):
 
 def _mlp_gate_up(self, x):
     """One GEMM over gate_proj's and up_proj's weights as one [2I, H] view (_stacked_weight); silu_mul reads
-    the two halves of its output in place."""
-    gu = F.linear(x, self._r1k_gu)
+    the two halves of its output in place. Decode rows: rk.decode_linear's kernel, SiLU in its epilogue."""
     n = self.gate_proj.out_features
+    x2 = x.reshape(-1, x.shape[-1])
+    wg, wu = self._r1k_gu[:n], self._r1k_gu[n:]
+    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x2, wg, up_weight=wu):
+        h = rk.decode_linear(x2, wg, up_weight=wu, backend=self._r1k_backend)
+        return self.down_proj(h.view(*x.shape[:-1], n))
+    gu = F.linear(x, self._r1k_gu)
     return self.down_proj(rk.silu_mul(gu[..., :n], gu[..., n:], backend=self._r1k_backend))
 
 
@@ -65,8 +85,13 @@ def _qkv_projs(m):
 
 
 def _q(self, x):
-    """q_proj's forward: one GEMM for q, k and v; k_proj / v_proj return their slices for the same x."""
-    qkv = F.linear(x, self._r1k_w, self._r1k_b)
+    """q_proj's forward: one GEMM for q, k and v (decode rows: rk.decode_linear's kernel); k_proj / v_proj
+    return their slices for the same x."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x2, self._r1k_w, bias=self._r1k_b):
+        qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, backend=self._r1k_backend).view(*x.shape[:-1], -1)
+    else:
+        qkv = F.linear(x, self._r1k_w, self._r1k_b)
     nq, nk = self.out_features, self._r1k_k.out_features
     self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x, qkv[..., nq:nq + nk]), (x, qkv[..., nq + nk:])
     return qkv[..., :nq]
@@ -81,7 +106,7 @@ def _kv(self, x):
     return out if src is x else F.linear(x, self.weight, self.bias)
 
 
-def _fuse_qkv(m, buffers: dict):
+def _fuse_qkv(m, buffers: dict, backend: str):
     """Patch m's q/k/v projections (see _q): over a view of their weights where they lie back to back
     (_stacked_weight), else over a concatenated weight/bias kept in `buffers` under id(m) and refreshed here."""
     ps = _qkv_projs(m)
@@ -102,9 +127,10 @@ def _fuse_qkv(m, buffers: dict):
         if b is not None:
             torch.cat([p.bias.detach() for p in ps], out=b)
     q.forward, q._r1k_w, q._r1k_b, q._r1k_k, q._r1k_v = types.MethodType(_q, q), w, b, k, v
+    q._r1k_backend = backend
     k.forward, v.forward = types.MethodType(_kv, k), types.MethodType(_kv, v)
     k._r1k_out = v._r1k_out = (None, None)
-    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v")), (k, ("forward", "_r1k_out")),
+    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v", "_r1k_backend")), (k, ("forward", "_r1k_out")),
             (v, ("forward", "_r1k_out"))]
 
 
@@ -116,7 +142,11 @@ def _res_linear(self, x):
     x2 = x.reshape(-1, x.shape[-1])
     if not res.is_contiguous():
         return torch.addmm(res.reshape(-1, res.shape[-1]), x2, self.weight.t()).view(res.shape)
-    res.view(-1, res.shape[-1]).addmm_(x2, self.weight.t())
+    res2, w = res.view(-1, res.shape[-1]), self.weight.detach()
+    if self._r1k_decode_linear and _decode_kernel(self._r1k_backend, x2, w, residual=res2):
+        rk.decode_linear(x2, w, residual=res2, backend=self._r1k_backend)
+    else:
+        res2.addmm_(x2, self.weight.t())
     return res
 
 
@@ -160,16 +190,17 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, 
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
             patched.append(m)
         elif buffers is not None and name.endswith("Attention"):
-            fused += _fuse_qkv(m, buffers)
+            fused += _fuse_qkv(m, buffers, backend)
     llama_family = getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES
     if llama_family:
         for m in model.modules():
             if _residual_layer(m):
                 m.forward = types.MethodType(_layer, m)
-                for lin in (m.self_attn.o_proj, m.mlp.down_proj):
+                for lin, name in ((m.self_attn.o_proj, "o_proj"), (m.mlp.down_proj, "down_proj")):
                     lin.forward, lin._r1k_res = types.MethodType(_res_linear, lin), None
-                fused += [(m, ("forward",)), (m.self_attn.o_proj, ("forward", "_r1k_res")),
-                          (m.mlp.down_proj, ("forward", "_r1k_res"))]
+                    lin._r1k_backend, lin._r1k_decode_linear = backend, name in DECODE_LINEAR
+                    fused.append((lin, ("forward", "_r1k_res", "_r1k_backend", "_r1k_decode_linear")))
+                fused.append((m, ("forward",)))
     try:
         with fused_rotary(model, backend, defer=rope_sink) if llama_family else contextlib.nullcontext():
             yield

@@ -1,0 +1,106 @@
+"""Few-row projection of the decode step: out[M, N] = x[M, K] @ W[N, K]^T for M <= 64 rows, both operands
+loaded by tensor descriptors (Hopper's tensor-memory-accelerator copies; host-built, so a captured CUDA graph
+keeps them), pipelined over K in STAGES, fp32 accumulation, one rounding at the store, and one epilogue:
+
+  "none"      out = acc (+ bias)
+  "residual"  res += acc (+ bias), in place (o_proj adding the layer's residual)
+  "silu_gate" out = silu(x @ Wg^T) * (x @ Wu^T): gate and up as two accumulators of one program, so the
+              [M, 2I] gate/up output is never written and no SiLU kernel runs
+
+Program p owns weight rows [p * BLOCK_N, (p + 1) * BLOCK_N); the x tile's rows past M are zero-filled by the
+descriptor. H200, Qwen2.5-1.5B decode shapes at 64 rows, 28 distinct weights per CUDA graph (bench_decode_linear
+--sweep, results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json), best of 33 configs against the engine's
+cuBLAS form: q/k/v + bias 5.2 vs 6.0 us, o_proj + residual 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8
+(cuBLAS + silu_mul); down_proj + residual 13.4 vs 12.7 (cuBLAS wins: the engine keeps it)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+EPILOGUES = ("none", "residual", "silu_gate")
+MAX_ROWS = 64
+# each epilogue's fastest config in the sweep above (5 stages x 40 KB of shared memory: Hopper's 228 KB)
+CONFIGS = {"none": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
+           "residual": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
+           "silu_gate": {"BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 5, "num_warps": 4}}
+
+
+@triton.jit
+def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride_om,
+                          EPI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        x = x_desc.load([0, k0])  # columns past K are zero-filled: no tail mask
+        w = w_desc.load([n0, k0])
+        if DOT_F32:  # the interpreter's bf16 dot is wrong
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w.T, acc)
+        if EPI == 2:
+            w2 = w2_desc.load([n0, k0])
+            if DOT_F32:
+                w2 = w2.to(tl.float32)
+            acc2 = tl.dot(x, w2.T, acc2)
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EPI == 1:
+        acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
+    if EPI == 2:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
+                  residual_MN: torch.Tensor | None = None, w2_NK: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x_MK [1 <= M <= 64, K > 0] and w_NK / w2_NK [N, K] with unit stride along K and 16-byte aligned (eligible());
+    residual_MN [M, N] (unit stride along N): updated in place and returned; w2_NK: the silu_gate epilogue
+    (w_NK is the gate's). config: overrides of CONFIGS[epilogue] (the benchmark's sweep)."""
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    epi = "silu_gate" if w2_NK is not None else "residual" if residual_MN is not None else "none"
+    cfg = {**CONFIGS[epi], **(config or {})}
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if INTERPRET:
+        bn, bk = min(bn, 16), min(bk, 32)
+    bm = MAX_ROWS if not INTERPRET else max(16, triton.next_power_of_2(M))
+    out_MN = residual_MN if residual_MN is not None else x_MK.new_empty(M, N)
+    x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
+    w2_desc = TensorDescriptor.from_tensor(w2_NK, [bn, bk]) if w2_NK is not None else w_desc
+    _decode_linear_kernel[(triton.cdiv(N, bn),)](
+        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, M, N, K, out_MN.stride(0),
+        EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+    return out_MN
+
+
+def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
+    """Shapes, dtypes, strides and the device (a Hopper or newer GPU, or the interpreter): tensor
+    descriptors need unit stride along K, 16-byte aligned row strides and base addresses, and no empty axis."""
+    dt = x_MK.dtype
+    if dt not in (torch.bfloat16, torch.float16) or not 0 < x_MK.shape[0] <= MAX_ROWS or 0 in w_NK.shape:
+        return False
+    if x_MK.device.type == "cuda":
+        if torch.cuda.get_device_capability(x_MK.device)[0] < 9:
+            return False
+    elif not INTERPRET:
+        return False
+    es = x_MK.element_size()
+    for t in (x_MK, w_NK, w2_NK):
+        if t is not None and (t.dtype != dt or t.stride(1) != 1 or (t.stride(0) * es) % 16
+                              or t.data_ptr() % 16):
+            return False
+    return all(t is None or (t.dtype == dt and t.stride(-1) == 1) for t in (bias_N, residual_MN))

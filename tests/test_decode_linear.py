@@ -1,0 +1,160 @@
+"""rk.decode_linear (the decode step's projections: bias, residual and SiLU-gate epilogues): the Triton kernel
+(interpreter on CPU) and the torch reference each against float64, at row counts below, at and past a tile,
+N and K not multiples of the tiles; the generation engine's decode forward with the kernel against without."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import r1kernels as rk
+
+pytest.importorskip("triton")
+from r1kernels.ops import decode_linear as dops  # noqa: E402
+from r1kernels.triton import decode_linear as dk  # noqa: E402
+
+SHAPES = [(1, 33, 40), (5, 100, 96), (16, 48, 64), (64, 70, 200)]
+BACKENDS = ["triton", "torch"]
+
+
+def _inputs(M, N, K, device, dtype=torch.bfloat16):
+    x = torch.randn(M, K, device=device).to(dtype)
+    w, w2 = [(torch.randn(N, K, device=device) / K ** 0.5).to(dtype) for _ in range(2)]
+    return x, w, w2, torch.randn(N, device=device).to(dtype), torch.randn(M, N, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_epilogues_match_float64(M, N, K, backend, device):
+    x, w, w2, b, res = _inputs(M, N, K, device)
+    x64, w64 = x.double(), w.double()
+    y = x64 @ w64.t()
+    out = rk.decode_linear(x, w, backend=backend)
+    assert out.dtype == torch.bfloat16 and out.shape == (M, N)
+    assert_close(out, y, torch.bfloat16, name="none")
+    assert_close(rk.decode_linear(x, w, bias=b, backend=backend), y + b.double(), torch.bfloat16, name="bias")
+    for bias in (None, b):
+        r = res.clone()
+        got = rk.decode_linear(x, w, bias=bias, residual=r, backend=backend)
+        assert got is r
+        want = res.double() + y + (0 if bias is None else b.double())
+        assert_close(r, want, torch.bfloat16, name=f"residual bias={bias is not None}")
+    g = rk.decode_linear(x, w, up_weight=w2, backend=backend)
+    assert_close(g, F.silu(y) * (x64 @ w2.double().t()), torch.bfloat16, name="silu_gate")
+    assert torch.equal(rk.decode_linear(x, w, up_weight=w2, backend=backend), g)  # deterministic
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_and_up_as_halves_of_one_weight(backend, device):
+    """gate/up as the two halves of one stacked [2I, K] weight (the engine's layout under ZeRO 1/2; the
+    reference then runs one GEMM over both)."""
+    x, w, w2, _, _ = _inputs(7, 24, 48, device)
+    gu = torch.cat([w, w2])
+    got = rk.decode_linear(x, gu[:24], up_weight=gu[24:], backend=backend)
+    assert_close(got, F.silu(x.double() @ w.double().t()) * (x.double() @ w2.double().t()), torch.bfloat16)
+
+
+def test_eligible():
+    x, w, w2, b, res = _inputs(4, 24, 32, "cpu")
+    ok = dops.decode_linear_triton.eligible
+    assert ok(x, w) and ok(x, w, b) and ok(x, w, residual=res) and ok(x, w, up_weight=w2)
+    assert not ok(torch.zeros(65, 32, dtype=torch.bfloat16), w)   # more rows than a tile
+    assert not ok(x.float(), w.float())                           # fp32: the reference
+    assert not ok(x, w.t().contiguous().t())                      # K not the unit stride
+    assert not ok(x[:, :30].contiguous(), w[:, :30].contiguous())  # rows of 60 bytes: not 16-byte aligned
+    assert not ok(torch.zeros(0, 32, dtype=torch.bfloat16), w)    # an empty axis
+    assert ok(x, torch.cat([w, w2])[24:])                         # a 16-byte aligned offset view
+
+
+def test_empty_and_fp32_inputs_run_the_reference(device):
+    x, w, _, b, _ = _inputs(0, 8, 16, device)
+    assert rk.decode_linear(x, w, bias=b).shape == (0, 8)
+    x, w, _, b, _ = _inputs(3, 8, 16, device, torch.float32)
+    assert_close(rk.decode_linear(x, w, bias=b), x.double() @ w.double().t() + b.double(), torch.float32)
+
+
+def test_bad_arguments():
+    x, w, w2, b, res = _inputs(4, 8, 16, "cpu")
+    with pytest.raises(ValueError, match="weight"):
+        rk.decode_linear(x, w[:, :15])
+    with pytest.raises(ValueError, match="up_weight"):
+        rk.decode_linear(x, w, up_weight=w2[:7])
+    with pytest.raises(ValueError, match="up_weight"):
+        rk.decode_linear(x, w, up_weight=w2, bias=b)
+    with pytest.raises(ValueError, match="up_weight"):
+        rk.decode_linear(x, w, up_weight=w2, residual=res)
+    with pytest.raises(ValueError, match="bias"):
+        rk.decode_linear(x, w, bias=b[:7])
+    with pytest.raises(ValueError, match="residual"):
+        rk.decode_linear(x, w, residual=res[:3])
+    with pytest.raises(ValueError, match="dtype"):
+        rk.decode_linear(x, w.float())
+    with pytest.raises(ValueError, match="x"):
+        rk.decode_linear(x[0], w)
+    with pytest.raises(ValueError, match="backend"):
+        rk.decode_linear(torch.zeros(65, 16, dtype=torch.bfloat16), w, backend="triton")
+
+
+def test_opcheck(device):
+    x, w, w2, b, res = _inputs(3, 24, 32, device)
+    torch.library.opcheck(dops.decode_linear_op, (x, w, b, None))
+    torch.library.opcheck(dops.decode_linear_op, (x, w, None, w2))
+    torch.library.opcheck(dops.decode_linear_residual_op, (x, w, res.clone(), b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(64, 2048, 1536), (37, 1536, 8960), (64, 17920, 1536), (1, 1536, 1536)])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 3}])
+def test_decode_shapes_gpu(M, N, K, config):
+    """The production configs (CONFIGS) and another at Qwen2.5-1.5B's decode shapes, against float64."""
+    x, w, w2, b, res = _inputs(M, N, K, "cuda")
+    x64, w64 = x.double(), w.double()
+    y = x64 @ w64.t()
+    assert_close(dk.decode_linear(x, w, bias_N=b, config=config), y + b.double(), torch.bfloat16)
+    r = res.clone()
+    dk.decode_linear(x, w, residual_MN=r, config=config)
+    assert_close(r, res.double() + y, torch.bfloat16)
+    g = dk.decode_linear(x, w, w2_NK=w2, config=config)
+    assert_close(g, F.silu(y) * (x64 @ w2.double().t()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_engine_decode_forward_with_and_without_the_kernel(device, flat, monkeypatch):
+    """The engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows gives the same logits with
+    q/k/v, o_proj and gate/up through rk.decode_linear's kernel as with DECODE_LINEAR empty (the cuBLAS forms;
+    flat: the stacked gate/up view of ZeRO 1/2's layout, else separate weights, whose gate/up stays unfused);
+    a prefill of 80 rows calls no kernel."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.bench_rollout import flatten_parameters
+    from r1train.generation import fused as fz
+    from r1train.tasks.models import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("tiny-qwen2", 97, hidden_size=64, num_layers=2, num_heads=4),
+                                             dtype=torch.bfloat16).to(device).eval()
+    if flat:
+        flatten_parameters(model)
+    calls = []
+    real = dops.decode_linear_triton
+    spy = lambda x, w, bias=None, residual=None, up_weight=None: calls.append(
+        "silu_gate" if up_weight is not None else "residual" if residual is not None else "none") or real(
+        x, w, bias, residual, up_weight)
+    spy.eligible = real.eligible
+    key = ("decode_linear", torch.device(device).type)
+    monkeypatch.setitem(rk._backend._RUNS, key, [("triton", spy, spy.eligible)])
+    L = model.config.num_hidden_layers
+    for rows, T in [(5, 1), (2, 40)]:  # a decode step; a prefill of 80 rows
+        ids = torch.randint(0, 97, (rows, T), device=device)
+        with torch.no_grad():
+            monkeypatch.setattr(fz, "DECODE_LINEAR", ())
+            with fz.fused_decode_ops(model, buffers={}):
+                ref = model(ids).logits
+            assert calls == []
+            monkeypatch.setattr(fz, "DECODE_LINEAR", ("qkv", "o_proj", "gate_up"))
+            with fz.fused_decode_ops(model, buffers={}):
+                got = model(ids).logits
+        want = {"none": L, "residual": L, **({"silu_gate": L} if flat else {})} if rows * T <= 64 else {}
+        assert {e: calls.count(e) for e in set(calls)} == want
+        calls.clear()
+        assert_close(got, ref.double(), torch.bfloat16, name=f"logits rows={rows} T={T}")
