@@ -388,7 +388,7 @@ class GRPOTrainer(Trainer):
             v = vals_NR[:, j].double()  # float32 rewards near its max: their sum in float64
             v = v[~v.isnan()]
             m[f"rewards/{name}/mean"] = v.mean().item() if v.numel() else float("nan")
-            m[f"rewards/{name}/std"] = v.std().item() if v.numel() > 1 else 0.0
+            m[f"rewards/{name}/std"] = v.std().item() if v.numel() > 1 else float("nan")  # TRL's nanstd
         lens = ro.completion_mask_BT.sum(1).float()
         n = _all_sum(lens.numel(), self.dev)
         m["completions/mean_length"] = _all_sum(lens.sum(), self.dev) / n

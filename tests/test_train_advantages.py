@@ -181,3 +181,25 @@ def test_rewards_near_float32_max(tmp_path, scale):
     assert m["rewards/near_max/mean"] == pytest.approx(_py_mean_std(vals)[0])
     assert m["rewards/near_max/std"] == pytest.approx(_py_mean_std(vals)[1], rel=1e-6)
     assert [s["reward"] for s in samples] == pytest.approx(tot)
+
+
+def first_only(prompts, completions, completion_ids=None, **_):
+    """A value for the batch's first completion only (None, unscorable by this reward, for the others)."""
+    return [float(_crc(completions[0]) % 7 + 1)] + [None] * (len(completions) - 1)
+
+
+def scored(prompts, completions, completion_ids=None, **_):
+    return [float(_crc(c) % 5) for c in completions]
+
+
+def test_reward_metrics_of_a_reward_with_fewer_than_two_values(tmp_path):
+    """rewards/<name>/std with one scored value is NaN (TRL's nanstd: Bessel's correction over one value), not
+    0; its mean is that value; a reward that scores every row keeps its std."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_generations=4", "per_device_train_batch_size=8",
+                       reward_funcs=[first_only, scored])
+    rows, _ = t.rows_for(0)
+    _, _, _, m, samples = t.make_batch(0, list(rows))
+    comps = [s["completion"] for s in samples]
+    assert math.isnan(m["rewards/first_only/std"])
+    assert m["rewards/first_only/mean"] == pytest.approx(first_only(None, comps)[0])
+    assert m["rewards/scored/std"] == pytest.approx(_py_mean_std(scored(None, comps))[1], rel=1e-6)
