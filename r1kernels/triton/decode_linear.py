@@ -14,6 +14,7 @@ cuBLAS form: q/k/v + bias 5.2 vs 6.0 us, o_proj + residual 4.9 vs 5.4, gate/up +
 (cuBLAS + silu_mul); down_proj + residual 13.4 vs 12.7 (cuBLAS wins: the engine keeps it)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -87,6 +88,20 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     return out_MN
 
 
+@functools.cache
+def _device_ok(index: int) -> bool:
+    """Tensor-memory-accelerator copies (compute capability 9+) and the shared memory CONFIGS' 5 stages take
+    (200 KB a block: Hopper's and datacenter Blackwell's 227 KB, not the ~100 KB of consumer parts)."""
+    p = torch.cuda.get_device_properties(index)
+    need = max(_smem(c, epi) for epi, c in CONFIGS.items())
+    return p.major >= 9 and getattr(p, "shared_memory_per_block_optin", 0) >= need
+
+
+def _smem(cfg: dict, epi: str) -> int:
+    """Bytes of shared memory the pipeline's stages hold: the x tile and one (two for silu_gate) weight tiles."""
+    return (MAX_ROWS + (2 if epi == "silu_gate" else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["STAGES"]
+
+
 def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     """Shapes, dtypes, strides and the device (a Hopper or newer GPU, or the interpreter): tensor
     descriptors need unit stride along K, 16-byte aligned row strides and base addresses, and no empty axis."""
@@ -94,7 +109,7 @@ def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     if dt not in (torch.bfloat16, torch.float16) or not 0 < x_MK.shape[0] <= MAX_ROWS or 0 in w_NK.shape:
         return False
     if x_MK.device.type == "cuda":
-        if torch.cuda.get_device_capability(x_MK.device)[0] < 9:
+        if not _device_ok(x_MK.device.index if x_MK.device.index is not None else torch.cuda.current_device()):
             return False
     elif not INTERPRET:
         return False
