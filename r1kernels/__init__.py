@@ -308,14 +308,15 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
 
 
 def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new=None, cos=None, sin=None,
-                     backend="auto"):
+                     check_lens=True, backend="auto"):
     """One decode step of attention: q [B, Hq, Dk] against the first lens[b] positions of row b of
     k_cache [B, Hkv, L, Dk] / v_cache [B, Hkv, L, Dv] (grouped-query: Hq a multiple of Hkv) -> [B, Hq, Dv]
     in q's dtype, fp32 math; scale defaults to Dk ** -0.5. Reads only the valid positions; no host sync.
     k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv] (this step's keys/values, both or neither): written in place
     at position lens[b] of each row with lens[b] < L, which then attends to lens[b] + 1 positions.
     cos / sin [B, Dk] (with k_new; both or neither): the rotary embedding at each row's position, applied to q
-    and k_new first as rk.apply_rotary does (in the same kernel)."""
+    and k_new first as rk.apply_rotary does (in the same kernel). check_lens=False skips the data check of
+    lens (>= 0; three kernels on a GPU, a host sync on a CPU), for callers that count lens themselves."""
     _checks.float_tensor("q", q, ndim=3)
     _checks.float_tensor("k_cache", k_cache, ndim=4)
     _checks.float_tensor("v_cache", v_cache, ndim=4)
@@ -332,7 +333,7 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens)
     # Skipped under CUDA-graph capture: the graph would repeat it in every layer at every replay, and the
     # generation engine, which captures its decode step, counts lens itself from the prompt lengths.
-    if _eager() and not _checks.capturing(lens):
+    if check_lens and _eager() and not _checks.capturing(lens):
         _checks._value_check((lens >= 0).all(), "lens must be >= 0 (each row's number of valid cache positions)")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")

@@ -270,6 +270,25 @@ def test_negative_lens(backend):
     assert torch.equal(k[0], k0[0]) and (k[1, :, 0] == 1).all() and torch.equal(k[1, :, 1:], k0[1, :, 1:])
 
 
+def test_check_lens_false_skips_only_the_data_check(monkeypatch):
+    """check_lens=False: no value check of lens runs (the engine's uncaptured steps paid three kernels a layer
+    for it on a GPU); shape checks stay, and valid lens give the same output."""
+    import r1kernels._checks as C
+
+    q, k, v = _inputs(2, 4, 2, 8, 16, 16, torch.float32)
+    lens = torch.tensor([3, 8])
+    seen = []
+    real = C._value_check
+    monkeypatch.setattr(C, "_value_check", lambda ok, msg: seen.append(msg) or real(ok, msg))
+    want = rk.decode_attention(q, k, v, lens, backend="torch")
+    assert any("lens" in m for m in seen)
+    seen.clear()
+    assert torch.equal(rk.decode_attention(q, k, v, lens, check_lens=False, backend="torch"), want)
+    assert seen == []
+    with pytest.raises(ValueError, match="lens"):
+        rk.decode_attention(q, k, v, lens[:1], check_lens=False)
+
+
 def test_opcheck():
     q, k, v = _inputs(2, 4, 2, 21, 16, 8, torch.float32)
     torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([21, 5]), 0.25))

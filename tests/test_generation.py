@@ -176,14 +176,16 @@ def test_rotary_fused_while_the_engine_runs_only(name, monkeypatch):
     calls, attn = [], []
     orig, orig_attn = rk.apply_rotary, rk.decode_attention
     monkeypatch.setattr(rk, "apply_rotary", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    monkeypatch.setattr(rk, "decode_attention",
-                        lambda *a, **kw: attn.append(kw.get("cos") is not None) or orig_attn(*a, **kw))
+    checked = []
+    monkeypatch.setattr(rk, "decode_attention", lambda *a, **kw: attn.append(kw.get("cos") is not None)
+                        or checked.append(kw.get("check_lens", True)) or orig_attn(*a, **kw))
     ids, mask = _prompts([4, 6])
     T = 5
     generate(model, ids, mask, [0, 1], SamplingParams(T, greedy=True), eos_id=-1, pad_id=0, backend="triton")
     n = len(model.model.layers)
     assert len(calls) == n  # the prefill
     assert len(attn) >= (T - 1) * n and all(attn)
+    assert not any(checked)  # the engine counts lens itself: no data check in every layer of every step
     calls.clear()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)

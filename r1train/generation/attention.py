@@ -79,11 +79,13 @@ class KVCache:
     def decode(self, i, q, k, v, scale):
         b, w = q.shape[0], self.window
         pos_b = self.lens[:b]
-        # the kernel stores k/v at position lens[b] itself and attends to lens[b] + 1 positions
+        # the kernel stores k/v at position lens[b] itself and attends to lens[b] + 1 positions; lens counts
+        # from the prompt lengths up (never negative): no data check in every layer of an uncaptured step
         cos, sin = self.rope or (None, None)
         self.rope = None
         out = rk.decode_attention(q[:, :, 0], self.k[i][:b, :, :w], self.v[i][:b, :, :w], pos_b, scale=scale,
-                                  k_new=k[:, :, 0], v_new=v[:, :, 0], cos=cos, sin=sin, backend=self.backend)
+                                  k_new=k[:, :, 0], v_new=v[:, :, 0], cos=cos, sin=sin, check_lens=False,
+                                  backend=self.backend)
         return out[:, None]  # [b, 1, Hq, Dv]
 
     def compact(self, keep_idx: torch.Tensor):
