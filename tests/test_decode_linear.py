@@ -119,6 +119,21 @@ def test_decode_shapes_gpu(M, N, K, config):
     assert_close(g, F.silu(y) * (x64 @ w2.double().t()), torch.bfloat16)
 
 
+@pytest.mark.gpu
+def test_one_wave_rule_gpu():
+    """On a GPU the kernel takes a projection only when its programs fit one wave of the SMs (7B's q/k/v, 288
+    programs of 16 rows, measured slower than cuBLAS): 1.5B's q/k/v (2048 rows, 128 programs) is taken where the
+    GPU has >= 128 SMs."""
+    from r1kernels.triton.device import sm_count
+
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    w = lambda n: torch.empty(n, 256, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    sms = sm_count(x.device)
+    assert dops.decode_linear_triton.eligible(x, w(16 * sms))
+    assert not dops.decode_linear_triton.eligible(x, w(16 * sms + 1))
+    assert not dops.decode_linear_triton.eligible(x, w(128 * sms + 1), up_weight=w(128 * sms + 1))
+
+
 @pytest.mark.parametrize("flat", [True, False])
 def test_engine_decode_forward_with_and_without_the_kernel(device, flat, monkeypatch):
     """The engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows gives the same logits with

@@ -22,9 +22,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .device import sm_count
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EPILOGUES = ("none", "residual", "silu_gate")
 MAX_ROWS = 64
+# ONE_WAVE: with 200 KB of shared memory a program holds its SM alone, so a grid past the SM count runs a second
+# wave. H200 (results/decode_linear_h200_2026-12-05_3267bdf.json, these configs vs cuBLAS): faster at the 1.5B
+# shapes, 70-128 programs (q/k/v 5.2 vs 6.0 us, o_proj 4.8 vs 5.4, gate/up 17.3 vs 20.0); slower at the 7B ones,
+# 148-288 programs (q/k/v 19.4 vs 12.0, o_proj 13.6 vs 9.4; gate/up 73.8 vs 74.7). Those run cuBLAS.
 # each epilogue's fastest config in the sweep above (5 stages x 40 KB of shared memory: Hopper's 228 KB)
 CONFIGS = {"none": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
            "residual": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
@@ -104,13 +110,17 @@ def _smem(cfg: dict, epi: str) -> int:
 
 def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     """Shapes, dtypes, strides and the device (a Hopper or newer GPU, or the interpreter): tensor
-    descriptors need unit stride along K, 16-byte aligned row strides and base addresses, and no empty axis."""
+    descriptors need unit stride along K, 16-byte aligned row strides and base addresses, and no empty axis.
+    On a GPU also ONE_WAVE: at most one program per SM."""
     dt = x_MK.dtype
     if dt not in (torch.bfloat16, torch.float16) or not 0 < x_MK.shape[0] <= MAX_ROWS or 0 in w_NK.shape:
         return False
     if x_MK.device.type == "cuda":
         if not _device_ok(x_MK.device.index if x_MK.device.index is not None else torch.cuda.current_device()):
             return False
+        epi = "silu_gate" if w2_NK is not None else "residual" if residual_MN is not None else "none"
+        if triton.cdiv(w_NK.shape[0], CONFIGS[epi]["BLOCK_N"]) > sm_count(x_MK.device):
+            return False  # more than one wave of programs: slower than cuBLAS (ONE_WAVE)
     elif not INTERPRET:
         return False
     es = x_MK.element_size()

@@ -25,7 +25,8 @@ from r1kernels.patch.layers import FUSED_MODEL_TYPES, fused_rotary, is_rms_norm,
 # the projections the decode step runs through rk.decode_linear's few-row kernel. H200, Qwen2.5-1.5B shapes
 # at 64 rows, each against the engine's cuBLAS form (results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json):
 # q/k/v 5.2 vs 6.0 us, o_proj 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8; down_proj lost (13.4 vs 12.7) and is not
-# here. The fixed rollout with these three: 1.034 s vs 1.102 s (results/rollout_few_rows_h200_2026-12-05_3d03630.json).
+# here. The fixed rollout with these three: 1.042 s vs 1.087 s (results/rollout_h200_2026-12-05_3267bdf.json). At
+# 7B's shapes the kernel's eligibility (one wave of programs) leaves every projection on cuBLAS, measured faster there.
 DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
 
 
