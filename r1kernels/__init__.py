@@ -388,6 +388,8 @@ def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backen
     if residual is not None:
         _checks.float_tensor("residual", residual, ndim=2)
         _checks.shape("residual", residual, (M, N), " ([M, N]: updated in place)")
+        if _eager():
+            _checks.writable("residual", residual, x=x, weight=weight, bias=bias)
     for name, t in named.items():
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")

@@ -40,6 +40,10 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "silu_mul": [("triton", "r1kernels.ops.fused:silu_mul_triton")],
 }
 
+# ops whose reference is their designed path beyond the kernel's limits (decode_linear: cuBLAS past 64 rows or one
+# wave of programs): no warning when auto falls back to it
+QUIET_FALLBACK = {"decode_linear"}
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ENV_BACKEND = os.environ.get("R1K_BACKEND", "auto")
@@ -148,7 +152,7 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
         fn = kernel(op, backend, device, *args, **kwargs)
         if fn is not None:
             return fn
-        if dev == "cuda" and op not in _WARNED and not torch.compiler.is_compiling():
+        if dev == "cuda" and op not in _WARNED and op not in QUIET_FALLBACK and not torch.compiler.is_compiling():
             _WARNED.add(op)
             warnings.warn(f"r1kernels: no kernel eligible for {op} on cuda; using the torch reference")
         return None

@@ -38,6 +38,26 @@ def same_device(**named):
             raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev0}")
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses t's elements can touch."""
+    n = sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + n * t.element_size()
+
+
+def writable(name: str, out: torch.Tensor, **read):
+    """`out`, written in place, has no two elements at one address (an expanded view) and shares no memory with
+    the tensors `read` (eager callers; addresses are not traceable)."""
+    if out.numel() and torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"{name} is written in place and must not repeat memory (e.g. an expanded view); "
+                         "pass a contiguous tensor")
+    lo, hi = _span(out)
+    for n, t in read.items():
+        if t is not None and t.numel() and out.numel() and t.device == out.device:
+            a, b = _span(t)
+            if a < hi and lo < b:
+                raise ValueError(f"{name} is written in place and must not share memory with {n}")
+
+
 def shape(name, x, expected, what=""):
     if tuple(x.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(x.shape)}")

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import decode_linear as _ref
 from ..triton import decode_linear as _k
 
 
 @torch.library.custom_op("r1kernels::decode_linear", mutates_args=())
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      up_weight: torch.Tensor | None = None) -> torch.Tensor:
+    if not _k.aligned(x, weight, up_weight):  # a view at an odd offset: no tensor descriptor over it
+        return _ref(x, weight, bias, None, up_weight)
     return _k.decode_linear(x, weight, bias_N=bias, w2_NK=up_weight)
 
 
@@ -23,7 +26,10 @@ def _(x, weight, bias=None, up_weight=None):
 @torch.library.custom_op("r1kernels::decode_linear_residual_", mutates_args=("residual",))
 def decode_linear_residual_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                               bias: torch.Tensor | None = None) -> None:
-    _k.decode_linear(x, weight, bias_N=bias, residual_MN=residual)
+    if not _k.aligned(x, weight):
+        _ref(x, weight, bias, residual)
+    else:
+        _k.decode_linear(x, weight, bias_N=bias, residual_MN=residual)
 
 
 @decode_linear_residual_op.register_fake

@@ -19,6 +19,8 @@ from .fused import silu_mul
 def _back_to_back(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """a and b [N, K] as one [2N, K] view when b starts where a ends in one storage (gate_proj / up_proj under
     DeepSpeed ZeRO 1/2's flat layout): one GEMM for both."""
+    if torch.compiler.is_compiling():  # storages are not traceable: two GEMMs
+        return None
     if a.is_contiguous() and b.is_contiguous() and a.untyped_storage().data_ptr() == \
             b.untyped_storage().data_ptr() and b.storage_offset() == a.storage_offset() + a.numel():
         return a.as_strided((2 * a.shape[0], a.shape[1]), a.stride())

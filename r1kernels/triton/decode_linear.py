@@ -20,7 +20,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:  # Triton >= 3.3 (tensor descriptors); older: the kernel is never eligible
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from .device import sm_count
 
@@ -94,6 +98,11 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     return out_MN
 
 
+def aligned(*tensors) -> bool:
+    """Tensor descriptors need 16-byte aligned base addresses (a view at an odd offset may not have one)."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
 @functools.cache
 def _device_ok(index: int) -> bool:
     """Tensor-memory-accelerator copies (compute capability 9+) and the shared memory CONFIGS' 5 stages take
@@ -110,10 +119,14 @@ def _smem(cfg: dict, epi: str) -> int:
 
 def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     """Shapes, dtypes, strides and the device (a Hopper or newer GPU, or the interpreter): tensor
-    descriptors need unit stride along K, 16-byte aligned row strides and base addresses, and no empty axis.
-    On a GPU also ONE_WAVE: at most one program per SM."""
+    descriptors need unit stride along K, 16-byte aligned (nonzero) row strides, and no empty axis. Shapes,
+    strides and dtypes only, so it traces under torch.compile.
+    On a GPU also ONE_WAVE: at most one program per SM. The base addresses (not traceable) are aligned()'s:
+    the custom op checks them when it runs."""
     dt = x_MK.dtype
-    if dt not in (torch.bfloat16, torch.float16) or not 0 < x_MK.shape[0] <= MAX_ROWS or 0 in w_NK.shape:
+    if TensorDescriptor is None or dt not in (torch.bfloat16, torch.float16):
+        return False
+    if not 0 < x_MK.shape[0] <= MAX_ROWS or 0 in w_NK.shape:
         return False
     if x_MK.device.type == "cuda":
         if not _device_ok(x_MK.device.index if x_MK.device.index is not None else torch.cuda.current_device()):
@@ -123,9 +136,8 @@ def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
             return False  # more than one wave of programs: slower than cuBLAS (ONE_WAVE)
     elif not INTERPRET:
         return False
-    es = x_MK.element_size()
+    es = dt.itemsize
     for t in (x_MK, w_NK, w2_NK):
-        if t is not None and (t.dtype != dt or t.stride(1) != 1 or (t.stride(0) * es) % 16
-                              or t.data_ptr() % 16):
+        if t is not None and (t.dtype != dt or t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.stride(0) == 0):
             return False
     return all(t is None or (t.dtype == dt and t.stride(-1) == 1) for t in (bias_N, residual_MN))

@@ -5,9 +5,9 @@ one GEMM over both; the rotary embedding of Llama-family attention -> rk.apply_r
 and k instead of about ten); the q/k/v projections of each attention -> one GEMM over the three weights
 (a view where they lie back to back, else a concatenated buffer the engine keeps, refreshed from the
 parameters on every entry); and in each Llama-family decoder layer the two residual adds -> the beta = 1
-input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). In the decode step (<= 64 rows)
-q/k/v (+ bias), o_proj (+ the residual) and gate/up (+ SiLU) run as rk.decode_linear where its kernel takes
-them (a Hopper GPU; DECODE_LINEAR); prefill and everything else keeps the cuBLAS forms above. Instance
+input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). In the decode step (one token per
+row, <= 64 rows) q/k/v (+ bias), o_proj (+ the residual) and gate/up (+ SiLU) run as rk.decode_linear where its
+kernel takes them (a Hopper GPU; DECODE_LINEAR); prefill and everything else keeps the cuBLAS forms above. Instance
 attributes shadow the class methods for the duration and are removed after, so training forwards run the
 unpatched code."""
 from __future__ import annotations
@@ -30,9 +30,10 @@ from r1kernels.patch.layers import FUSED_MODEL_TYPES, fused_rotary, is_rms_norm,
 DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
 
 
-def _decode_kernel(backend, x2, w, **kw) -> bool:
-    """rk.decode_linear's kernel takes these inputs (the decode step's rows on a Hopper GPU)."""
-    return _kernel("decode_linear", backend, x2.device, x2, w, **kw) is not None
+def _decode_kernel(backend, x, x2, w, **kw) -> bool:
+    """x [B, T, H] is one token per row (the decode step: T == 1; prefill keeps the cuBLAS forms) and
+    rk.decode_linear's kernel takes x2 = x as [B, H] (few rows on a Hopper GPU)."""
+    return x.dim() == 3 and x.shape[1] == 1 and _kernel("decode_linear", backend, x2.device, x2, w, **kw) is not None
 
 
 def _norm(self, x):
@@ -44,16 +45,19 @@ def _mlp(self, x):
 
 
 def _mlp_gate_up(self, x):
-    """One GEMM over gate_proj's and up_proj's weights as one [2I, H] view (_stacked_weight); silu_mul reads
-    the two halves of its output in place. Decode rows: rk.decode_linear's kernel, SiLU in its epilogue."""
-    n = self.gate_proj.out_features
+    """gate_proj and up_proj plain bias-free Linears. Decode rows: rk.decode_linear's kernel, SiLU in its
+    epilogue. Else one GEMM over their weights as one [2I, H] view where they lie back to back (_r1k_gu:
+    _stacked_weight; silu_mul reads the two halves of its output in place), or the two GEMMs (_mlp)."""
+    n, gu = self.gate_proj.out_features, self._r1k_gu
     x2 = x.reshape(-1, x.shape[-1])
-    wg, wu = self._r1k_gu[:n], self._r1k_gu[n:]
-    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x2, wg, up_weight=wu):
+    wg, wu = (gu[:n], gu[n:]) if gu is not None else (self.gate_proj.weight.detach(), self.up_proj.weight.detach())
+    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, wg, up_weight=wu):
         h = rk.decode_linear(x2, wg, up_weight=wu, backend=self._r1k_backend)
         return self.down_proj(h.view(*x.shape[:-1], n))
-    gu = F.linear(x, self._r1k_gu)
-    return self.down_proj(rk.silu_mul(gu[..., :n], gu[..., n:], backend=self._r1k_backend))
+    if gu is None:
+        return _mlp(self, x)
+    out = F.linear(x, gu)
+    return self.down_proj(rk.silu_mul(out[..., :n], out[..., n:], backend=self._r1k_backend))
 
 
 def _stacked_weight(lins):
@@ -89,7 +93,7 @@ def _q(self, x):
     """q_proj's forward: one GEMM for q, k and v (decode rows: rk.decode_linear's kernel); k_proj / v_proj
     return their slices for the same x."""
     x2 = x.reshape(-1, x.shape[-1])
-    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x2, self._r1k_w, bias=self._r1k_b):
+    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b):
         qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, backend=self._r1k_backend).view(*x.shape[:-1], -1)
     else:
         qkv = F.linear(x, self._r1k_w, self._r1k_b)
@@ -144,7 +148,7 @@ def _res_linear(self, x):
     if not res.is_contiguous():
         return torch.addmm(res.reshape(-1, res.shape[-1]), x2, self.weight.t()).view(res.shape)
     res2, w = res.view(-1, res.shape[-1]), self.weight.detach()
-    if self._r1k_decode_linear and _decode_kernel(self._r1k_backend, x2, w, residual=res2):
+    if self._r1k_decode_linear and _decode_kernel(self._r1k_backend, x, x2, w, residual=res2):
         rk.decode_linear(x2, w, residual=res2, backend=self._r1k_backend)
     else:
         res2.addmm_(x2, self.weight.t())
@@ -182,10 +186,9 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, 
             fn = _norm
         elif is_silu_mlp(m):
             fn = _mlp
-            gu = _stacked_weight([m.gate_proj, m.up_proj]) if all(
-                type(getattr(m, n)) is torch.nn.Linear for n in ("gate_proj", "up_proj")) else None
-            if gu is not None:
-                fn, m._r1k_gu = _mlp_gate_up, gu
+            if all(type(getattr(m, n)) is torch.nn.Linear and getattr(m, n).bias is None
+                   for n in ("gate_proj", "up_proj")):
+                fn, m._r1k_gu = _mlp_gate_up, _stacked_weight([m.gate_proj, m.up_proj])
                 fused.append((m, ("_r1k_gu",)))
         if fn is not None:
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
