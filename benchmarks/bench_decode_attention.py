@@ -74,6 +74,25 @@ def _case(device, B, Hq, Hkv, L, D, lens, dtype) -> Case:
                 peers=peers)
 
 
+def _shared_prompt_bound(device, B=64, G=8, P=256, T=256, Hq=12, Hkv=2, D=128, L=1024) -> Case:
+    """The rollout's shape at mid-rollout (B rows = B / G prompts x G completions, P prompt positions, T own
+    positions a row), CUDA-graph replay: each row reading its copy of the prompt (the engine today) vs the same
+    kernel reading only the bytes a shared-prompt kernel would (P / G prompt positions a row): a bound on what
+    reading each prompt once per group could save (benchmarks/NOTES-decode-linear.md), not a kernel."""
+    from r1kernels.ops.attention import decode_attention_triton
+
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(B, Hq, D, device=device).to(bf), torch.randn(B, Hkv, L, D, device=device).to(bf),
+               torch.randn(B, Hkv, L, D, device=device).to(bf))
+    own = torch.full((B,), P + T, device=device)
+    shared = torch.full((B,), P // G + T, device=device)
+    provs = {"per-row prompt copies (engine)": graphed(lambda: decode_attention_triton(q, k, v, own)),
+             "bytes of a shared prompt (bound)": graphed(lambda: decode_attention_triton(q, k, v, shared))}
+    kv_bytes = B * (P // G + T) * Hkv * 2 * D * 2
+    return Case("decode_attention shared-prompt bound", f"B={B} G={G} P={P} T={T} Hq={Hq} Hkv={Hkv} D={D} bf16",
+                provs, bytes=kv_bytes + 2 * B * Hq * D * 2)
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     if device == "cpu":
         return [_case(device, 4, 4, 2, 64, 32, torch.tensor([64, 1, 30, 47]), torch.float32)]
@@ -81,4 +100,5 @@ def cases(device: str, quick: bool) -> list[Case]:
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(L // 4, 3 * L // 4 + 1, (B,), generator=gen).to(device)
     return [_case(device, B, 12, 2, L, 128, lens, torch.bfloat16),
-            _case(device, 8, 12, 2, 4096, 128, torch.full((8,), 4096, device=device), torch.bfloat16)]
+            _case(device, 8, 12, 2, 4096, 128, torch.full((8,), 4096, device=device), torch.bfloat16)] + \
+        ([] if quick else [_shared_prompt_bound(device)])
