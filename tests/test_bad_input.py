@@ -243,3 +243,37 @@ def test_backend_dispatch_errors_and_choices():
             continue  # the choice depends on the inputs
         here = [b for b in B.available(op, "cpu") if b != "torch"]  # fastest first
         assert B.pick(op, "auto", r.device) is (loaded[here[0]] if here else None), op
+
+
+def test_sync_checks_never_read_back_while_a_graph_is_captured(monkeypatch):
+    """R1K_SYNC_CHECKS=1 reads value checks back (ValueError) except while a CUDA graph is being captured,
+    where a read-back fails the capture: there the device assert runs instead (_checks._sync)."""
+    from r1kernels import _checks
+
+    t = torch.empty(3, device="meta")  # neither a CPU tensor nor capturable here: the flag alone decides
+    monkeypatch.setattr(_checks, "SYNC_CHECKS", True)
+    assert _checks._sync(t) and _checks._sync(torch.zeros(1))
+    monkeypatch.setattr(_checks, "capturing", lambda x: True)
+    assert not _checks._sync(t)
+    assert _checks._sync(torch.zeros(1))  # CPU tensors always read back
+    monkeypatch.setattr(_checks, "SYNC_CHECKS", False)
+    assert not _checks._sync(t)
+
+
+@pytest.mark.gpu
+def test_sync_checks_inside_a_captured_graph_gpu(monkeypatch):
+    """With R1K_SYNC_CHECKS=1 an op with a value check (token_logprobs: the labels' range) captures into a CUDA
+    graph and replays correctly (the check reads nothing back while capturing)."""
+    from r1kernels import _checks
+
+    monkeypatch.setattr(_checks, "SYNC_CHECKS", True)
+    logits = torch.randn(6, 40, device="cuda")
+    labels = torch.randint(0, 40, (6,), device="cuda")
+    rk.token_logprobs(logits, labels)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = rk.token_logprobs(logits, labels)
+    logits.copy_(torch.randn(6, 40, device="cuda"))
+    g.replay()
+    want = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None])[:, 0]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
