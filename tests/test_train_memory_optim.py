@@ -220,13 +220,19 @@ def test_adamw_fused_is_the_default_and_equals_foreach(tmp_path):
                 "foreach": make_optimizer(load_config(overrides=SFT + [f"output_dir={tmp_path}", "optim=adamw_torch",
                                                                       f"weight_decay={wd}"]), [ps["foreach"]])}
         assert opts["fused"].defaults["fused"] and not opts["foreach"].defaults["fused"]
-        for _ in range(5):
+        p64, m, v = start.double(), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        b1, b2, lr = c.adam_beta1, c.adam_beta2, c.learning_rate
+        for t in range(1, 6):
             g = torch.randn(n)
             for o, p in ps.items():
                 p.grad = g.clone()
                 opts[o].step()
+            # AdamW in float64 (decoupled weight decay, bias-corrected moments): an independent computation
+            m, v = b1 * m + (1 - b1) * g.double(), b2 * v + (1 - b2) * g.double() ** 2
+            p64 = p64 * (1 - lr * wd) - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + c.adam_epsilon)
         torch.testing.assert_close(ps["fused"], ps["foreach"], rtol=1e-5, atol=1e-6)
-        assert (ps["fused"].detach() - start).abs().min() > 0  # every entry moved
+        torch.testing.assert_close(ps["fused"].double(), p64, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(ps["fused"].detach(), start)  # the steps were taken (5 steps of ~lr each)
     with pytest.raises(ConfigError, match="optim"):
         load_config(overrides=SFT + [f"output_dir={tmp_path}", "optim=adamw_torch_fuse"])
 
