@@ -16,21 +16,28 @@ import torch.nn.functional as F
 from .fused import silu_mul
 
 
-def _back_to_back(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """a and b [N, K] as one [2N, K] view when b starts where a ends in one storage (gate_proj / up_proj under
-    DeepSpeed ZeRO 1/2's flat layout): one GEMM for both."""
-    if torch.compiler.is_compiling():  # storages are not traceable: two GEMMs
+def stacked(ws: list[torch.Tensor]) -> torch.Tensor | None:
+    """2-D tensors of one dtype, device and column count that lie back to back in one storage, each contiguous
+    (gate_proj then up_proj, or q/k/v, under DeepSpeed ZeRO 1/2's flat layout), as one [sum of rows, K] view
+    (sharing their autograd state); None otherwise."""
+    w0 = ws[0]
+    if any(w.dtype != w0.dtype or w.device != w0.device or w.dim() != 2 or w.shape[1] != w0.shape[1]
+           or not w.is_contiguous() or w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr()
+           for w in ws):
         return None
-    if a.is_contiguous() and b.is_contiguous() and a.untyped_storage().data_ptr() == \
-            b.untyped_storage().data_ptr() and b.storage_offset() == a.storage_offset() + a.numel():
-        return a.as_strided((2 * a.shape[0], a.shape[1]), a.stride())
-    return None
+    off = w0.storage_offset()
+    for w in ws:
+        if w.storage_offset() != off:
+            return None
+        off += w.numel()
+    return w0.as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, up_weight: torch.Tensor | None = None) -> torch.Tensor:
     if up_weight is not None:
-        both = _back_to_back(weight, up_weight)
+        # one GEMM over both where they lie back to back (storages are not traceable: two GEMMs while compiling)
+        both = None if torch.compiler.is_compiling() else stacked([weight, up_weight])
         if both is not None:
             gu = F.linear(x, both)
             return silu_mul(gu[:, :weight.shape[0]], gu[:, weight.shape[0]:])

@@ -73,6 +73,10 @@ def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, s
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
 
 
+def _epilogue(residual_MN, w2_NK) -> str:
+    return "silu_gate" if w2_NK is not None else "residual" if residual_MN is not None else "none"
+
+
 def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
                   residual_MN: torch.Tensor | None = None, w2_NK: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
@@ -81,7 +85,7 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     (w_NK is the gate's). config: overrides of CONFIGS[epilogue] (the benchmark's sweep)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
-    epi = "silu_gate" if w2_NK is not None else "residual" if residual_MN is not None else "none"
+    epi = _epilogue(residual_MN, w2_NK)
     cfg = {**CONFIGS[epi], **(config or {})}
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     if INTERPRET:
@@ -131,8 +135,7 @@ def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     if x_MK.device.type == "cuda":
         if not _device_ok(x_MK.device.index if x_MK.device.index is not None else torch.cuda.current_device()):
             return False
-        epi = "silu_gate" if w2_NK is not None else "residual" if residual_MN is not None else "none"
-        if triton.cdiv(w_NK.shape[0], CONFIGS[epi]["BLOCK_N"]) > sm_count(x_MK.device):
+        if triton.cdiv(w_NK.shape[0], CONFIGS[_epilogue(residual_MN, w2_NK)]["BLOCK_N"]) > sm_count(x_MK.device):
             return False  # more than one wave of programs: slower than cuBLAS (ONE_WAVE)
     elif not INTERPRET:
         return False

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import r1kernels as rk
 from r1kernels._backend import kernel as _kernel
 from r1kernels.patch.layers import FUSED_MODEL_TYPES, fused_rotary, is_rms_norm, is_silu_mlp
+from r1kernels.reference.decode_linear import stacked
 
 # the projections the decode step runs through rk.decode_linear's few-row kernel. H200, Qwen2.5-1.5B shapes
 # at 64 rows, each against the engine's cuBLAS form (results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json):
@@ -63,21 +64,12 @@ def _mlp_gate_up(self, x):
 def _stacked_weight(lins):
     """The weights of `lins` (no biases) as one [sum of out_features, in_features] view, when they lie back to
     back in one storage, as DeepSpeed ZeRO 1/2 lays out the parameters it flattens (model order: gate_proj then
-    up_proj, q_proj then k_proj then v_proj); None otherwise. A view costs no memory and follows the
-    optimizer's in-place updates, so nothing is refreshed and captured graphs stay valid."""
-    ws = [lin.weight for lin in lins]
-    w0 = ws[0]
-    if any(lin.bias is not None for lin in lins) or any(
-            w.dtype != w0.dtype or w.device != w0.device or w.dim() != 2 or w.shape[1] != w0.shape[1]
-            or not w.is_contiguous() or w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr()
-            for w in ws):
+    up_proj, q_proj then k_proj then v_proj; r1kernels.reference.decode_linear.stacked); None otherwise. A view
+    costs no memory and follows the optimizer's in-place updates, so nothing is refreshed and captured graphs
+    stay valid."""
+    if any(lin.bias is not None for lin in lins):
         return None
-    off = w0.storage_offset()
-    for w in ws:
-        if w.storage_offset() != off:
-            return None
-        off += w.numel()
-    return w0.detach().as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))
+    return stacked([lin.weight.detach() for lin in lins])
 
 
 def _qkv_projs(m):
@@ -151,7 +143,7 @@ def _res_linear(self, x):
     if self._r1k_decode_linear and _decode_kernel(self._r1k_backend, x, x2, w, residual=res2):
         rk.decode_linear(x2, w, residual=res2, backend=self._r1k_backend)
     else:
-        res2.addmm_(x2, self.weight.t())
+        res2.addmm_(x2, w.t())
     return res
 
 
