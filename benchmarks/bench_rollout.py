@@ -14,6 +14,7 @@ buffer, as DeepSpeed ZeRO 1/2 holds them in training (--separate-params: one all
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -124,9 +125,38 @@ def _timed(fn, device, reps):
     return out
 
 
-def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False,
-                 ab_cublas=False):
-    """ab_cublas: also the engine with every decode projection on cuBLAS (generation.fused.DECODE_LINEAR empty)."""
+# --ab: the engine again with one change, in the same process (rows of one call compare; calls vary by ~3%)
+AB = {"cublas": "decode projections on cuBLAS", "nopdl": "no programmatic dependent launch",
+      "noprefetch": "no weight prefetch before the predecessor completes"}
+
+
+@contextlib.contextmanager
+def _variant(v: str):
+    from r1kernels.triton import decode_linear as dl
+    from r1kernels.triton import device as kd
+    from r1train.generation import fused as fz
+
+    kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}
+    try:
+        if v == "cublas":
+            fz.DECODE_LINEAR = ()
+        elif v == "nopdl":
+            kd.PDL = False
+        elif v == "noprefetch":
+            for c in dl.CONFIGS.values():
+                c["PREFETCH"] = False
+        else:
+            raise ValueError(f"--ab: unknown variant {v!r} (one of {sorted(AB)})")
+        yield
+    finally:
+        fz.DECODE_LINEAR, kd.PDL = kept[0], kept[1]
+        for e, c in kept[2].items():
+            dl.CONFIGS[e].clear()
+            dl.CONFIGS[e].update(c)
+
+
+def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False, ab=()):
+    """ab: names of AB, each run as its own provider."""
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -164,18 +194,13 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
-    if ab_cublas:
-        from r1train.generation import fused as fz
-
-        kept, fz.DECODE_LINEAR = fz.DECODE_LINEAR, ()
-        try:
+    for v in ab:
+        with _variant(v):
             eng.reset()  # captured graphs keep the kernels they captured
             tok_ab = ours()
             runs = _timed(ours, device, reps)
-        finally:
-            fz.DECODE_LINEAR = kept
-            eng.reset()
-        res["providers"]["r1train engine, decode projections on cuBLAS"] = {
+        eng.reset()
+        res["providers"][f"r1train engine, {AB[v]}"] = {
             "seconds": statistics.median(runs), "runs": runs, "tokens_equal_engine_run": bool(torch.equal(tok_ab, tok))}
 
     def hf(**kw):
@@ -260,8 +285,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
-    p.add_argument("--ab-cublas", action="store_true",
-                   help="also the engine with its decode projections on cuBLAS instead of rk.decode_linear")
+    p.add_argument("--ab", default="", help="comma list: also the engine with one change each: " + ", ".join(
+        f"{k} = {v}" for k, v in AB.items()))
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
@@ -275,7 +300,8 @@ def main(argv=None):
     results = []
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
-                         reps=a.reps, skip_peers=a.skip_peers, ab_cublas=a.ab_cublas)
+                         reps=a.reps, skip_peers=a.skip_peers,
+                         ab=[v for v in a.ab.split(",") if v])
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)

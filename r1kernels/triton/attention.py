@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import sm_count
+from .device import pdl, pdl_enter, pdl_launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -48,7 +48,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
                   Hq, Hkv, G, L, Dk, Dv, chunk, S, qk_scale,
                   NUM_GT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DIRECT: tl.constexpr,
-                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr, ROPE: tl.constexpr):
+                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gt = pid % NUM_GT
@@ -146,9 +147,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
 
 @triton.jit
 def _combine_kernel(lse_ptr, part_ptr, out_ptr, so_b, so_h, so_d, Hq, S, Dv,
-                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
     """out[b, h] = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) over the S partials; reads o only of
     non-empty splits (lse > -inf); all empty (lens 0) gives 0."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)  # b * Hq + h
     b = row // Hq
     h = row % Hq
@@ -234,6 +236,7 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     BLOCK_G = max(16, min(triton.next_power_of_2(G), 64 if Dv <= 128 else 32))
     NUM_GT = triton.cdiv(G, BLOCK_G)
     programs = B * Hkv * NUM_GT
+    on = pdl(q.device)
     if splits is None:
         S, chunk = num_splits(L, programs, block_n, target)
     else:
@@ -248,9 +251,10 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
         q, k_cache, v_cache, lens, out, lse, part, kn, vn, cos, sin, *q.stride(), *k_cache.stride(),
         *v_cache.stride(), *out.stride(), lens.stride(0), *kn_s, *vn_s, *cs, *ss, Hq, Hkv, G, L, Dk, Dv, chunk, S,
         float(scale) * LOG2E, NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope, num_warps=warps, num_stages=stages)
+        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope, PDL=on, num_warps=warps, num_stages=stages,
+        **pdl_launch(on))
     if S > 1:
         _combine_kernel[(B * Hq,)](lse, part, out, *out.stride(), Hq, S, Dv,
-                                   BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV,
-                                   num_warps=1 if INTERPRET else 4)
+                                   BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV, PDL=on,
+                                   num_warps=1 if INTERPRET else 4, **pdl_launch(on))
     return out

@@ -26,7 +26,7 @@ try:  # Triton >= 3.3 (tensor descriptors); older: the kernel is never eligible
 except ImportError:
     TensorDescriptor = None
 
-from .device import sm_count
+from .device import pdl, pdl_enter, pdl_launch, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EPILOGUES = ("none", "residual", "silu_gate")
@@ -42,10 +42,27 @@ CONFIGS = {"none": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
 
 
 @triton.jit
-def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride_om,
-                          EPI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+def _prefetch_l2(w_ptr, n0, N, K, stride_n, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+    """L2 prefetch of the first LINES 128-byte lines (64 two-byte elements) of weight rows [n0, n0 + BLOCK_N):
+    one prefetch instruction per line, no registers filled, nothing waited for."""
+    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)
+    rk = tl.minimum(tl.arange(0, LINES) * 64, K - 1)
+    p = w_ptr + rn[:, None].to(tl.int64) * stride_n + rk[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, w_ptr, w2_ptr, M, N, K, stride_om, stride_wn,
+                          stride_w2n, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                          PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
+    if PREFETCH_LINES > 0:  # the weights are no predecessor's output: fetched while it finishes (PDL)
+        _prefetch_l2(w_ptr, n0, N, K, stride_wn, BLOCK_N, PREFETCH_LINES)
+        if EPI == 2:
+            _prefetch_l2(w2_ptr, n0, N, K, stride_w2n, BLOCK_N, PREFETCH_LINES)
+    pdl_enter(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -95,11 +112,23 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
     w2_desc = TensorDescriptor.from_tensor(w2_NK, [bn, bk]) if w2_NK is not None else w_desc
+    w2 = w2_NK if w2_NK is not None else w_NK
+    on = pdl(x_MK.device)
     _decode_linear_kernel[(triton.cdiv(N, bn),)](
-        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, M, N, K, out_MN.stride(0),
-        EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, w_NK, w2, M, N, K,
+        out_MN.stride(0), w_NK.stride(0), w2.stride(0), EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None,
+        DOT_F32=INTERPRET or x_MK.device.type != "cuda", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
+        PDL=on, PREFETCH_LINES=_prefetch_lines(cfg, K) if on else 0, num_warps=cfg["num_warps"], **pdl_launch(on))
     return out_MN
+
+
+def _prefetch_lines(cfg: dict, K: int) -> int:
+    """128-byte lines per weight row prefetched into L2 before the predecessor completes: the pipeline's first
+    STAGES x BLOCK_K columns (at most K), rounded down to a power of two; cfg["PREFETCH"] = False: none."""
+    if not cfg.get("PREFETCH", True):
+        return 0
+    cols = min(K, cfg["STAGES"] * cfg["BLOCK_K"])
+    return 1 << ((cols // 64).bit_length() - 1) if cols >= 64 else 0
 
 
 def aligned(*tensors) -> bool:

@@ -1,9 +1,25 @@
-"""The one place kernels ask the device for launch sizes."""
+"""The one place kernels ask the device for launch sizes and launch options."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+import triton
+import triton.language as tl
+
+try:  # grid dependency control (Triton >= 3.3); without it no kernel is launched with PDL
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_wait = gdc_launch_dependents = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Programmatic dependent launch for the decode step's kernels (rms_norm, decode_linear, decode attention) on
+# Hopper or newer: each launch may start while its predecessor finishes, and waits (gdc_wait, first thing in
+# every program) until the predecessor has completed and its writes are visible. Since every kernel launched
+# so waits before it can complete, completion stays ordered along the stream. bench_rollout --ab nopdl sets
+# it False for an A/B (captured graphs keep what they captured: reset the engine after a change).
+PDL = os.environ.get("R1K_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -11,8 +27,37 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 2 elsewhere (the interpreter: few programs, fast tests)."""
     if device.type != "cuda":
         return 2
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sms(_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    return gdc_wait is not None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch (PDL above): a CUDA device of compute capability >= 9, not
+    the interpreter (it has no grid dependency control)."""
+    return PDL and not INTERPRET and device.type == "cuda" and _pdl_capable(_index(device))
+
+
+def pdl_launch(on: bool) -> dict:
+    """The launch keyword of a kernel that takes `PDL: tl.constexpr` and calls pdl_enter first."""
+    return {"launch_pdl": True} if on else {}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First in every program of a kernel launched with pdl_launch(True): wait for the predecessor's
+    completion, then let the successor launch (it waits the same way, so it may start now)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
