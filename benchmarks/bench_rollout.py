@@ -127,7 +127,8 @@ def _timed(fn, device, reps):
 
 # --ab: the engine again with one change, in the same process (rows of one call compare; calls vary by ~3%)
 AB = {"cublas": "decode projections on cuBLAS", "nopdl": "no programmatic dependent launch",
-      "noprefetch": "no weight prefetch before the predecessor completes"}
+      "noprefetch": "no weight prefetch before the predecessor completes",
+      "down": "down_proj through rk.decode_linear too"}
 
 
 @contextlib.contextmanager
@@ -140,6 +141,8 @@ def _variant(v: str):
     try:
         if v == "cublas":
             fz.DECODE_LINEAR = ()
+        elif v == "down":
+            fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj")
         elif v == "nopdl":
             kd.PDL = False
         elif v == "noprefetch":
