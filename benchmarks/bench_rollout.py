@@ -128,7 +128,8 @@ def _timed(fn, device, reps):
 # --ab: the engine again with one change, in the same process (rows of one call compare; calls vary by ~3%)
 AB = {"cublas": "decode projections on cuBLAS", "nopdl": "no programmatic dependent launch",
       "noprefetch": "no weight prefetch before the predecessor completes",
-      "down": "down_proj through rk.decode_linear too"}
+      "down": "down_proj through rk.decode_linear too",
+      "down_pf": "down_proj through rk.decode_linear, o_proj and down_proj prefetching whole weight rows"}
 
 
 @contextlib.contextmanager
@@ -141,8 +142,10 @@ def _variant(v: str):
     try:
         if v == "cublas":
             fz.DECODE_LINEAR = ()
-        elif v == "down":
+        elif v in ("down", "down_pf"):
             fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj")
+            if v == "down_pf":
+                dl.CONFIGS["residual"]["PREFETCH"] = 1 << 20
         elif v == "nopdl":
             kd.PDL = False
         elif v == "noprefetch":

@@ -147,9 +147,11 @@ def test_opcheck(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(64, 2048, 1536), (37, 1536, 8960), (64, 17920, 1536), (1, 1536, 1536)])
-@pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 3}])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 3},
+                                    {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 4, "PREFETCH": 1 << 20}])
 def test_decode_shapes_gpu(M, N, K, config):
-    """The production configs (CONFIGS) and another at Qwen2.5-1.5B's decode shapes, against float64."""
+    """The production configs (CONFIGS) and others (one prefetching whole weight rows into L2) at Qwen2.5-1.5B's
+    decode shapes, against float64."""
     x, w, w2, b, res = _inputs(M, N, K, "cuda")
     x64, w64 = x.double(), w.double()
     y = x64 @ w64.t()

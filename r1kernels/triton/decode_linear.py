@@ -123,12 +123,15 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
 
 
 def _prefetch_lines(cfg: dict, K: int) -> int:
-    """128-byte lines per weight row prefetched into L2 before the predecessor completes: the pipeline's first
-    STAGES x BLOCK_K columns (at most K), rounded down to a power of two; cfg["PREFETCH"] = False: none."""
-    if not cfg.get("PREFETCH", True):
-        return 0
-    cols = min(K, cfg["STAGES"] * cfg["BLOCK_K"])
-    return 1 << ((cols // 64).bit_length() - 1) if cols >= 64 else 0
+    """128-byte lines per weight row prefetched into L2 before the predecessor completes. cfg["PREFETCH"]: True
+    (default) the pipeline's first STAGES x BLOCK_K columns (at most K) rounded down to a power of two; False
+    none; an int, that many columns (at most K), rounded up to a power of two of lines (the kernel clamps the
+    columns to K: the last line repeats), for benchmarks."""
+    pf = cfg.get("PREFETCH", True)
+    if pf is True:
+        cols = min(K, cfg["STAGES"] * cfg["BLOCK_K"])
+        return 1 << ((cols // 64).bit_length() - 1) if cols >= 64 else 0
+    return triton.next_power_of_2(triton.cdiv(min(K, int(pf)), 64)) if pf else 0
 
 
 def aligned(*tensors) -> bool:
