@@ -125,11 +125,12 @@ def _timed(fn, device, reps):
     return out
 
 
-# --ab: the engine again with one change, in the same process (rows of one call compare; calls vary by ~3%)
-AB = {"cublas": "decode projections on cuBLAS", "nopdl": "no programmatic dependent launch",
+# --ab: the engine again with a change, in the same process (rows of one call compare; calls vary by ~3%). A
+# variant is one change or several joined by "+", e.g. pdl+down.
+AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1)",
       "noprefetch": "no weight prefetch before the predecessor completes",
-      "down": "down_proj through rk.decode_linear too",
-      "down_pf": "down_proj through rk.decode_linear, o_proj and down_proj prefetching whole weight rows"}
+      "down": "down_proj through rk.decode_linear", "pf_rows": "o_proj / down_proj prefetching whole weight rows",
+      "norm": "RMSNorms folded into the q/k/v and gate/up kernels"}
 
 
 @contextlib.contextmanager
@@ -140,25 +141,30 @@ def _variant(v: str):
 
     kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}
     try:
-        if v == "cublas":
-            fz.DECODE_LINEAR = ()
-        elif v in ("down", "down_pf"):
-            fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj")
-            if v == "down_pf":
+        for change in v.split("+"):
+            if change not in AB:
+                raise ValueError(f"--ab: unknown change {change!r} in {v!r} (each one of {sorted(AB)})")
+            if change == "cublas":
+                fz.DECODE_LINEAR = ()
+            elif change == "pdl":
+                kd.PDL = True
+            elif change == "noprefetch":
+                for c in dl.CONFIGS.values():
+                    c["PREFETCH"] = False
+            elif change in ("down", "norm"):
+                fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj" if change == "down" else "norm")
+            elif change == "pf_rows":
                 dl.CONFIGS["residual"]["PREFETCH"] = 1 << 20
-        elif v == "nopdl":
-            kd.PDL = False
-        elif v == "noprefetch":
-            for c in dl.CONFIGS.values():
-                c["PREFETCH"] = False
-        else:
-            raise ValueError(f"--ab: unknown variant {v!r} (one of {sorted(AB)})")
         yield
     finally:
         fz.DECODE_LINEAR, kd.PDL = kept[0], kept[1]
         for e, c in kept[2].items():
             dl.CONFIGS[e].clear()
             dl.CONFIGS[e].update(c)
+
+
+def _ab_name(v: str) -> str:
+    return "r1train engine, " + " + ".join(AB[c] for c in v.split("+"))
 
 
 def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False, ab=()):
@@ -206,7 +212,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
             tok_ab = ours()
             runs = _timed(ours, device, reps)
         eng.reset()
-        res["providers"][f"r1train engine, {AB[v]}"] = {
+        res["providers"][_ab_name(v)] = {
             "seconds": statistics.median(runs), "runs": runs, "tokens_equal_engine_run": bool(torch.equal(tok_ab, tok))}
 
     def hf(**kw):
@@ -291,8 +297,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
-    p.add_argument("--ab", default="", help="comma list: also the engine with one change each: " + ", ".join(
-        f"{k} = {v}" for k, v in AB.items()))
+    p.add_argument("--ab", default="", help="comma list of variants, each a change or changes joined by +: also "
+                   "the engine with that change; changes: " + ", ".join(f"{k} = {v}" for k, v in AB.items()))
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)

@@ -17,9 +17,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Programmatic dependent launch for the decode step's kernels (rms_norm, decode_linear, decode attention) on
 # Hopper or newer: each launch may start while its predecessor finishes, and waits (gdc_wait, first thing in
 # every program) until the predecessor has completed and its writes are visible. Since every kernel launched
-# so waits before it can complete, completion stays ordered along the stream. bench_rollout --ab nopdl sets
-# it False for an A/B (captured graphs keep what they captured: reset the engine after a change).
-PDL = os.environ.get("R1K_PDL", "1") != "0"
+# so waits before it can complete, completion stays ordered along the stream. OFF by default until measured on
+# a GPU (R1K_PDL=1 or device.PDL = True turns it on; bench_rollout --ab pdl times it beside the default, and
+# captured graphs keep what they captured: reset the engine after a change).
+PDL = os.environ.get("R1K_PDL", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
