@@ -363,13 +363,16 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
     return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new, cos, sin)
 
 
-def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backend="auto"):
+def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, norm_weight=None, eps=1e-6,
+                  backend="auto"):
     """A projection of the decode step: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
     up_weight [N, K]: silu(x @ weight^T) * (x @ up_weight^T) instead (a SwiGLU MLP's gate/up, weight being
     gate_proj's; no bias). residual [M, N]: residual += the result, in place, and residual is returned (the
-    layer's residual add). All tensors share x's dtype and device. Inference only (no autograd). The kernel
-    (a Hopper GPU, bf16/fp16, M <= 64: the decode step's rows) reads each weight once with fp32
-    accumulation and fuses the epilogue; other inputs run the reference's cuBLAS forms."""
+    layer's residual add). norm_weight [K]: x is first rk.rms_norm(x, norm_weight, eps) (the layer's norm
+    folded into its projection: the kernel needs no rms_norm launch; equal within the bf16 tolerance). All
+    tensors share x's dtype and device. Inference only (no autograd). The kernel (a Hopper GPU, bf16/fp16,
+    M <= 64: the decode step's rows) reads each weight once with fp32 accumulation and fuses the epilogue;
+    other inputs run the reference's cuBLAS forms."""
     _checks.float_tensor("x", x, ndim=2)
     _checks.float_tensor("weight", weight, ndim=2)
     M, K = x.shape
@@ -389,13 +392,19 @@ def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backen
         _checks.float_tensor("residual", residual, ndim=2)
         _checks.shape("residual", residual, (M, N), " ([M, N]: updated in place)")
         if _eager():
-            _checks.writable("residual", residual, x=x, weight=weight, bias=bias)
+            _checks.writable("residual", residual, x=x, weight=weight, bias=bias, norm_weight=norm_weight)
+    if norm_weight is not None:
+        _checks.float_tensor("norm_weight", norm_weight, ndim=1)
+        _checks.shape("norm_weight", norm_weight, (K,), " (one per column of x)")
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be > 0 (RMSNorm's variance epsilon), got {eps}")
+        named["norm_weight"] = norm_weight
     for name, t in named.items():
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     _checks.same_device(x=x, **named)
-    fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, up_weight)
-    return (fn or _ref.decode_linear)(x, weight, bias, residual, up_weight)
+    fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, up_weight, norm_weight)
+    return (fn or _ref.decode_linear)(x, weight, bias, residual, up_weight, norm_weight, float(eps))
 
 
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):

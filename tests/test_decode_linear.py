@@ -45,6 +45,33 @@ def test_epilogues_match_float64(M, N, K, backend, device):
     assert torch.equal(rk.decode_linear(x, w, up_weight=w2, backend=backend), g)  # deterministic
 
 
+def _hf_rms_norm64(x, g, eps):
+    """Hugging Face's RMSNorm in float64, with its one rounding of the normalized row to x's dtype."""
+    h = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+    return g.double() * h.to(x.dtype).double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_norm_weight_folds_the_rms_norm(M, N, K, backend, device):
+    """norm_weight: x RMS-normalized first (the layer's norm folded into its projection), every epilogue, against
+    float64 of Hugging Face's RMSNorm then the projection; rows of very different scales (the norm's sum of
+    squares is per row) and an eps that matters for the smallest."""
+    x, w, w2, b, res = _inputs(M, N, K, device)
+    x = (x.float() * torch.logspace(-3, 2, M, device=device)[:, None]).to(torch.bfloat16)
+    g = (torch.rand(K, device=device) + 0.5).to(torch.bfloat16)
+    eps = 1e-5
+    n64 = _hf_rms_norm64(x, g, eps)
+    y = n64 @ w.double().t()
+    assert_close(rk.decode_linear(x, w, bias=b, norm_weight=g, eps=eps, backend=backend), y + b.double(),
+                 torch.bfloat16, name="norm + bias")
+    r = res.clone()
+    rk.decode_linear(x, w, residual=r, norm_weight=g, eps=eps, backend=backend)
+    assert_close(r, res.double() + y, torch.bfloat16, name="norm + residual")
+    got = rk.decode_linear(x, w, up_weight=w2, norm_weight=g, eps=eps, backend=backend)
+    assert_close(got, F.silu(y) * (n64 @ w2.double().t()), torch.bfloat16, name="norm + silu_gate")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gate_and_up_as_halves_of_one_weight(backend, device):
     """gate/up as the two halves of one stacked [2I, K] weight (the engine's layout under ZeRO 1/2; the
@@ -65,6 +92,8 @@ def test_eligible():
     assert not ok(x[:, :30].contiguous(), w[:, :30].contiguous())  # rows of 60 bytes: not 16-byte aligned
     assert not ok(torch.zeros(0, 32, dtype=torch.bfloat16), w)    # an empty axis
     assert ok(x, torch.cat([w, w2])[24:])                         # a 16-byte aligned offset view
+    g = torch.ones(64, dtype=torch.bfloat16)
+    assert ok(x, w, norm_weight=g[:32]) and not ok(x, w, norm_weight=g[::2])  # the norm weight: unit stride
 
 
 def test_a_view_at_an_odd_offset(device):
@@ -109,6 +138,13 @@ def test_bad_arguments():
         rk.decode_linear(x[0], w)
     with pytest.raises(ValueError, match="backend"):
         rk.decode_linear(torch.zeros(65, 16, dtype=torch.bfloat16), w, backend="triton")
+    g = torch.ones(16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="norm_weight"):
+        rk.decode_linear(x, w, norm_weight=g[:15])
+    with pytest.raises(ValueError, match="norm_weight"):
+        rk.decode_linear(x, w, norm_weight=g.float())
+    with pytest.raises(ValueError, match="eps"):
+        rk.decode_linear(x, w, norm_weight=g, eps=0.0)
 
 
 def test_residual_that_overlaps_an_input_or_itself_is_an_error():
@@ -128,14 +164,18 @@ def test_residual_that_overlaps_an_input_or_itself_is_an_error():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["bias", "residual", "silu_gate"])
+@pytest.mark.parametrize("kind", ["bias", "residual", "silu_gate", "norm"])
 def test_compile_fullgraph(kind, backend, device):
     """Every form traces under torch.compile(fullgraph=True) (eligibility: shapes, strides and dtypes only)."""
     x, w, w2, b, res = _inputs(5, 48, 64, device)
-    kw = {"bias": dict(bias=b), "residual": dict(residual=res.clone()), "silu_gate": dict(up_weight=w2)}[kind]
+    kw = {"bias": dict(bias=b), "residual": dict(residual=res.clone()), "silu_gate": dict(up_weight=w2),
+          "norm": dict(up_weight=w2, norm_weight=torch.rand(64, device=device).to(x.dtype), eps=1e-5)}[kind]
     want = rk.decode_linear(x, w, backend=backend, **{k: v.clone() if k == "residual" else v for k, v in kw.items()})
     f = torch.compile(lambda x, w, kw: rk.decode_linear(x, w, backend=backend, **kw) * 2, fullgraph=True)
-    torch.testing.assert_close(f(x, w, kw), want * 2, rtol=0, atol=0)
+    if kind == "norm" and backend == "torch":  # inductor fuses the reference's RMSNorm: its own fp32 rounding
+        assert_close(f(x, w, kw), want.double() * 2, torch.bfloat16)
+    else:
+        torch.testing.assert_close(f(x, w, kw), want * 2, rtol=0, atol=0)
 
 
 def test_opcheck(device):
@@ -143,6 +183,9 @@ def test_opcheck(device):
     torch.library.opcheck(dops.decode_linear_op, (x, w, b, None))
     torch.library.opcheck(dops.decode_linear_op, (x, w, None, w2))
     torch.library.opcheck(dops.decode_linear_residual_op, (x, w, res.clone(), b))
+    g = torch.rand(32, device=device).to(x.dtype)
+    torch.library.opcheck(dops.decode_linear_op, (x, w, b, None, g, 1e-5))
+    torch.library.opcheck(dops.decode_linear_residual_op, (x, w, res.clone(), None, g, 1e-5))
 
 
 @pytest.mark.gpu
@@ -179,11 +222,13 @@ def test_one_wave_rule_gpu():
 
 
 @pytest.mark.parametrize("flat", [True, False])
-def test_engine_decode_forward_with_and_without_the_kernel(device, flat, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("norm",), ("down_proj", "norm")])
+def test_engine_decode_forward_with_and_without_the_kernel(device, flat, extra, monkeypatch):
     """The engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows gives the same logits with
-    q/k/v, o_proj and gate/up through rk.decode_linear's kernel as with DECODE_LINEAR empty (the cuBLAS forms;
+    q/k/v, o_proj and gate/up (extra: + down_proj; + the layers' RMSNorms folded into the q/k/v and gate/up
+    kernels) through rk.decode_linear's kernel as with DECODE_LINEAR empty (the cuBLAS forms and rk.rms_norm;
     flat: the stacked gate/up view of ZeRO 1/2's layout, else separate weights); prefills (several tokens a
-    row), even of fewer than 64 token rows, call no kernel."""
+    row), even of fewer than 64 token rows, call no kernel and fold no norm."""
     from transformers import AutoModelForCausalLM
 
     from benchmarks.bench_rollout import flatten_parameters
@@ -196,12 +241,17 @@ def test_engine_decode_forward_with_and_without_the_kernel(device, flat, monkeyp
         flatten_parameters(model)
     calls = []
     real = dops.decode_linear_triton
-    spy = lambda x, w, bias=None, residual=None, up_weight=None: calls.append(
-        "silu_gate" if up_weight is not None else "residual" if residual is not None else "none") or real(
-        x, w, bias, residual, up_weight)
+
+    def spy(x, w, bias=None, residual=None, up_weight=None, norm_weight=None, eps=1e-6):
+        epi = "silu_gate" if up_weight is not None else "residual" if residual is not None else "none"
+        calls.append(epi + ("+norm" if norm_weight is not None else ""))
+        return real(x, w, bias, residual, up_weight, norm_weight, eps)
     spy.eligible = real.eligible
     key = ("decode_linear", torch.device(device).type)
     monkeypatch.setitem(rk._backend._RUNS, key, [("triton", spy, spy.eligible)])
+    norms = []
+    real_norm = rk.rms_norm
+    monkeypatch.setattr(rk, "rms_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
     L = model.config.num_hidden_layers
     for rows, T in [(5, 1), (2, 40), (2, 24)]:  # a decode step; prefills of 80 and of 48 rows
         ids = torch.randint(0, 97, (rows, T), device=device)
@@ -209,13 +259,17 @@ def test_engine_decode_forward_with_and_without_the_kernel(device, flat, monkeyp
             monkeypatch.setattr(fz, "DECODE_LINEAR", ())
             with fz.fused_decode_ops(model, buffers={}):
                 ref = model(ids).logits
-            assert calls == []
-            monkeypatch.setattr(fz, "DECODE_LINEAR", ("qkv", "o_proj", "gate_up"))
+            assert calls == [] and len(norms) == 2 * L + 1
+            norms.clear()
+            monkeypatch.setattr(fz, "DECODE_LINEAR", ("qkv", "o_proj", "gate_up", *extra))
             with fz.fused_decode_ops(model, buffers={}):
                 got = model(ids).logits
-        want = {"none": L, "residual": L, "silu_gate": L} if T == 1 else {}  # prefill: cuBLAS
-        assert {e: calls.count(e) for e in set(calls)} == want
+        fold = "+norm" if "norm" in extra else ""
+        want = {"none" + fold: L, "residual": L * (2 if "down_proj" in extra else 1), "silu_gate" + fold: L}
+        assert {e: calls.count(e) for e in set(calls)} == (want if T == 1 else {})  # prefill: cuBLAS
+        assert len(norms) == (1 if T == 1 and fold else 2 * L + 1)  # folded: only the final norm runs alone
         calls.clear()
+        norms.clear()
         assert_close(got, ref.double(), torch.bfloat16, name=f"logits rows={rows} T={T}")
 
 
