@@ -282,10 +282,38 @@ def profile_step(model, device, rows=64, P=256, T=512):
         t[n_new] = statistics.median(_timed(run, device, 3))
     res["graph_step_ms"] = (t[T] - t[2]) / (T - 2) * 1e3
     res["prefill_and_first_step_s"] = t[2]
+    res["prefill_profile"] = _profile_prefill(eng, ids, mask, seeds, device)
     print(json.dumps({k: v for k, v in res.items() if k != "kernels"}))
     for k in res["kernels"][:25]:
         print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
     return res
+
+
+def _profile_prefill(eng, ids, mask, seeds, device, top=25):
+    """Where the rollout's one-time part goes (prefill_and_first_step_s: a warm 2-token rollout of the same rows:
+    setup, the prefill of the distinct prompts, the repeats' copies, one decode step, the outputs): host time by
+    op (self CPU time) and device time by kernel, from torch.profiler over one such call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1train.generation import SamplingParams
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        eng.generate(ids, mask, seeds, SamplingParams(2), eos_id=-1, pad_id=0)
+        sync()
+    evs = list(prof.key_averages())
+    host = sorted(evs, key=lambda e: -e.self_cpu_time_total)[:top]
+    dev = sorted(evs, key=lambda e: -e.device_time_total)[:top]
+    out = {"host_ms_self_total": sum(e.self_cpu_time_total for e in evs) / 1e3,
+           "device_ms_total": sum(e.self_device_time_total for e in evs) / 1e3,
+           "host_top": [{"name": e.key[:90], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in host],
+           "device_top": [{"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3} for e in dev]}
+    print(f"prefill profile: host self {out['host_ms_self_total']:.1f} ms, device {out['device_ms_total']:.1f} ms")
+    for e in out["host_top"][:12]:
+        print(f"  host {e['self_ms']:8.3f} ms  x{e['count']:5d}  {e['name']}")
+    return out
 
 
 def main(argv=None):
