@@ -204,6 +204,13 @@ def test_decode_shapes_gpu(M, N, K, config):
     assert_close(r, res.double() + y, torch.bfloat16)
     g = dk.decode_linear(x, w, w2_NK=w2, config=config)
     assert_close(g, F.silu(y) * (x64 @ w2.double().t()), torch.bfloat16)
+    # the RMSNorm folded in (norm_K): on the GPU the x tile goes through registers (x * g) before the wgmma
+    nw = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+    n64 = _hf_rms_norm64(x, nw, 1e-6)
+    assert_close(dk.decode_linear(x, w, bias_N=b, norm_K=nw, config=config), n64 @ w64.t() + b.double(),
+                 torch.bfloat16, name="norm + bias")
+    assert_close(dk.decode_linear(x, w, w2_NK=w2, norm_K=nw, config=config),
+                 F.silu(n64 @ w64.t()) * (n64 @ w2.double().t()), torch.bfloat16, name="norm + silu_gate")
 
 
 @pytest.mark.gpu
