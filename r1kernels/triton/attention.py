@@ -8,8 +8,8 @@ no iteration and leaves an empty partial (lse = -inf, its o not written). The co
 S partials of each (row, query head) by log-sum-exp; with S == 1 the split kernel writes `out` itself.
 
 With this step's keys/values (HAS_NEW), the program of the split that holds position lens[b] (lens[b] < L)
-starts its online softmax with the new token (from registers, before the cache loop, so its loads and store
-overlap the loop instead of trailing it) and the head tile gt == 0 stores it into the cache there; no program
+loads the new token before its cache loop (so the load latency overlaps the loop), folds it into its online
+softmax after the loop from registers, and the head tile gt == 0 stores it into the cache there; no program
 reads position lens[b] from the cache, so the store races with no load.
 With cos/sin (ROPE) q and the new key are rotated on load (HF's rotate-half form, fp32 math
 rounded once to their dtype, as rk.apply_rotary): the decode step launches no rotary kernel.
@@ -88,23 +88,20 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max of the base-2 scores
     l = tl.zeros((BLOCK_G,), tl.float32)                 # running sum of 2^(score - m)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)      # running sum of 2^(score - m) * v
-    if HAS_NEW:  # first: its loads, math and store overlap the cache loop instead of trailing it
-        if (n_cache < L) & (n_cache >= start) & (n_cache < start + chunk):
-            if ROPE:
-                kn = _rotated(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, dk_mask, dk, half, skn_d, c,
-                              sn).to(kn_ptr.dtype.element_ty)
-            else:
-                kn = tl.load(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, mask=dk_mask, other=0.0)
-            vn = tl.load(vn_ptr + b64 * svn_b + h64 * svn_h + dv * svn_d, mask=dv_mask, other=0.0)
-            kn = kn.to(k_ptr.dtype.element_ty)  # the value the cache will hold
-            vn = vn.to(v_ptr.dtype.element_ty)
-            if gt == 0:
-                pos = n_cache.to(tl.int64)
-                tl.store(k_row + pos * sk_n + dk * sk_d, kn, mask=dk_mask)
-                tl.store(v_row + pos * sv_n + dv * sv_d, vn, mask=dv_mask)
-            m = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # [BLOCK_G]: 2^0 weight
-            l = tl.full((BLOCK_G,), 1.0, tl.float32)
-            acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32) + vn.to(tl.float32)[None, :]
+    if HAS_NEW:  # this step's key/value: loaded before the cache loop (predicated, no branch), so their
+        # latency overlaps the loop; folded in and stored after it
+        here = (n_cache < L) & (n_cache >= start) & (n_cache < start + chunk)
+        # the masks as blocks (the interpreter rejects a bool scalar inside a load mask)
+        kn_mask = dk_mask & (dk * 0 + here.to(tl.int32) > 0)
+        vn_mask = dv_mask & (dv * 0 + here.to(tl.int32) > 0)
+        if ROPE:
+            kn = _rotated(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, kn_mask, dk, half, skn_d, c,
+                          sn).to(kn_ptr.dtype.element_ty)
+        else:
+            kn = tl.load(kn_ptr + b64 * skn_b + h64 * skn_h + dk * skn_d, mask=kn_mask, other=0.0)
+        vn = tl.load(vn_ptr + b64 * svn_b + h64 * svn_h + dv * svn_d, mask=vn_mask, other=0.0)
+        kn = kn.to(k_ptr.dtype.element_ty)  # the value the cache will hold
+        vn = vn.to(v_ptr.dtype.element_ty)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end  # n0 < end: every iteration has >= 1 valid position, so m stays finite
@@ -128,6 +125,20 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
+
+    if HAS_NEW:
+        if here:
+            s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # [BLOCK_G]
+            m_new = tl.maximum(m, s_new)
+            alpha = tl.exp2(m - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l = l * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+            m = m_new
+            if gt == 0:
+                pos = n_cache.to(tl.int64)
+                tl.store(k_row + pos * sk_n + dk * sk_d, kn, mask=dk_mask)
+                tl.store(v_row + pos * sv_n + dv * sv_d, vn, mask=dv_mask)
 
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]  # l == 0 (empty split): acc is 0, o is 0
