@@ -291,7 +291,7 @@ def test_dependent_launch_chain_in_a_graph_gpu(rows, monkeypatch):
     from r1kernels.triton import device as kd
 
     H, Hq, Hkv, D, I, L = 1536, 12, 2, 128, 2048, 300
-    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))  # from the run's seed
     rnd = lambda *s, scale=1.0: (torch.randn(*s, device="cuda", generator=g) * scale).to(torch.bfloat16)  # noqa: E731
     layers = [dict(n1=rnd(H) + 1, wqkv=rnd((Hq + 2 * Hkv) * D, H, scale=H ** -0.5), b=rnd((Hq + 2 * Hkv) * D),
                    wo=rnd(H, Hq * D, scale=(Hq * D) ** -0.5), n2=rnd(H) + 1, wg=rnd(I, H, scale=H ** -0.5),
