@@ -231,6 +231,17 @@ def test_one_wave_rule_gpu():
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("extra", [(), ("norm",), ("down_proj", "norm")])
 def test_engine_decode_forward_with_and_without_the_kernel(device, flat, extra, monkeypatch):
+    _engine_decode_forward(device, flat, extra, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [(), ("norm",), ("down_proj", "norm")])
+def test_engine_decode_forward_gpu(extra, monkeypatch):
+    """The same on the GPU: the compiled kernels (the folded norm's x tile through registers)."""
+    _engine_decode_forward("cuda", True, extra, monkeypatch)
+
+
+def _engine_decode_forward(device, flat, extra, monkeypatch):
     """The engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows gives the same logits with
     q/k/v, o_proj and gate/up (extra: + down_proj; + the layers' RMSNorms folded into the q/k/v and gate/up
     kernels) through rk.decode_linear's kernel as with DECODE_LINEAR empty (the cuBLAS forms and rk.rms_norm;
@@ -345,3 +356,35 @@ def test_dependent_launch_chain_in_a_graph_gpu(rows, monkeypatch):
     n1 = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).double() * ly["n1"].double()
     qkv = n1 @ ly["wqkv"].double().t() + ly["b"].double()
     assert_close(rk.decode_linear(rk.rms_norm(x_in, ly["n1"]), ly["wqkv"], bias=ly["b"]), qkv, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_engine_with_dependent_launch_gpu(name, monkeypatch):
+    """The engine's captured decode step on a bf16 model with programmatic dependent launch (off by default):
+    the same math, so the sampled and the greedy tokens and their log-probs equal the default's bitwise."""
+    from transformers import AutoModelForCausalLM
+
+    from r1kernels.triton import device as kd
+    from r1train.generation import Engine, SamplingParams
+    from r1train.tasks.models import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(name, 97, hidden_size=128, num_layers=3, num_heads=4,
+                                                         max_position=256), dtype=torch.bfloat16).cuda().eval()
+    B, P = 12, 9
+    ids = torch.randint(3, 97, (B, P), device="cuda")
+    mask = torch.ones_like(ids)
+    eng = Engine(model, cuda_graphs=True)
+
+    def run(sp):
+        eng.reset()  # captured graphs keep the kernels (and launch options) they captured
+        out = eng.generate(ids, mask, list(range(B)), sp, eos_id=-1, pad_id=0)
+        assert eng.cuda_graphs and eng.stats["captures"] >= 1
+        return out
+
+    for sp in (SamplingParams(20, temperature=1.0), SamplingParams(20, greedy=True)):
+        monkeypatch.setattr(kd, "PDL", False)
+        tok, logp = run(sp)
+        monkeypatch.setattr(kd, "PDL", True)
+        tok_p, logp_p = run(sp)
+        assert torch.equal(tok_p, tok) and torch.equal(logp_p, logp)
