@@ -180,7 +180,8 @@ def _layer(self, hidden_states, *args, **kwargs):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     attn, mlp = self.self_attn, self.mlp
     attn.o_proj._r1k_res = hidden_states
-    hidden_states = attn(hidden_states=_folded(attn.q_proj, self.input_layernorm, hidden_states), **kwargs)[0]
+    x = _folded(getattr(attn, "q_proj", None), self.input_layernorm, hidden_states)
+    hidden_states = attn(hidden_states=x, **kwargs)[0]
     mlp.down_proj._r1k_res = hidden_states
     return mlp(_folded(mlp, self.post_attention_layernorm, hidden_states))
 
