@@ -272,8 +272,7 @@ def profile_step(model, device, rows=64, P=256, T=512):
     evs = list(held["prof"].key_averages())
     res = {"rows": rows, "kernel_ms_total": sum(e.device_time_total for e in evs) / 1e3,
            "kernel_launches": sum(e.count for e in evs),
-           "kernels": sorted(({"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3}
-                              for e in evs), key=lambda d: -d["ms"])[:30]}
+           "kernels": _device_top(evs, 30)}
     eng = Engine(model)
     t = {}
     for n_new in (2, T):
@@ -283,10 +282,16 @@ def profile_step(model, device, rows=64, P=256, T=512):
     res["graph_step_ms"] = (t[T] - t[2]) / (T - 2) * 1e3
     res["prefill_and_first_step_s"] = t[2]
     res["prefill_profile"] = _profile_prefill(eng, ids, mask, seeds, device)
-    print(json.dumps({k: v for k, v in res.items() if k != "kernels"}))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("kernels", "prefill_profile")}))
     for k in res["kernels"][:25]:
         print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
     return res
+
+
+def _device_top(evs, n: int) -> list[dict]:
+    """The n profiler events (key_averages) with the most device time: name, count, ms."""
+    return [{"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3}
+            for e in sorted(evs, key=lambda e: -e.device_time_total)[:n]]
 
 
 def _profile_prefill(eng, ids, mask, seeds, device, top=25):
@@ -305,11 +310,10 @@ def _profile_prefill(eng, ids, mask, seeds, device, top=25):
         sync()
     evs = list(prof.key_averages())
     host = sorted(evs, key=lambda e: -e.self_cpu_time_total)[:top]
-    dev = sorted(evs, key=lambda e: -e.device_time_total)[:top]
     out = {"host_ms_self_total": sum(e.self_cpu_time_total for e in evs) / 1e3,
            "device_ms_total": sum(e.self_device_time_total for e in evs) / 1e3,
            "host_top": [{"name": e.key[:90], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in host],
-           "device_top": [{"name": e.key[:90], "count": e.count, "ms": e.device_time_total / 1e3} for e in dev]}
+           "device_top": _device_top(evs, top)}
     print(f"prefill profile: host self {out['host_ms_self_total']:.1f} ms, device {out['device_ms_total']:.1f} ms")
     for e in out["host_top"][:12]:
         print(f"  host {e['self_ms']:8.3f} ms  x{e['count']:5d}  {e['name']}")

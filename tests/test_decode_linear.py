@@ -352,9 +352,7 @@ def test_dependent_launch_chain_in_a_graph_gpu(rows, monkeypatch):
             assert torch.equal(a, b)
     # the first layer's gate/up output against float64 math from the same inputs
     ly = layers[0]
-    x64 = x_in.double()
-    n1 = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).double() * ly["n1"].double()
-    qkv = n1 @ ly["wqkv"].double().t() + ly["b"].double()
+    qkv = _hf_rms_norm64(x_in, ly["n1"], 1e-6) @ ly["wqkv"].double().t() + ly["b"].double()
     assert_close(rk.decode_linear(rk.rms_norm(x_in, ly["n1"]), ly["wqkv"], bias=ly["b"]), qkv, torch.bfloat16)
 
 

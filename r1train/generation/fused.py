@@ -57,9 +57,9 @@ def _mlp_gate_up(self, x):
     n, gu = self.gate_proj.out_features, self._r1k_gu
     x2 = x.reshape(-1, x.shape[-1])
     wg, wu = (gu[:n], gu[n:]) if gu is not None else (self.gate_proj.weight.detach(), self.up_proj.weight.detach())
-    nw = None if norm is None else norm.weight.detach()
-    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, wg, up_weight=wu, norm_weight=nw):
-        h = rk.decode_linear(x2, wg, up_weight=wu, **_norm_kw(norm), backend=self._r1k_backend)
+    nkw = _norm_kw(norm)
+    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, wg, up_weight=wu, **nkw):
+        h = rk.decode_linear(x2, wg, up_weight=wu, **nkw, backend=self._r1k_backend)
         return self.down_proj(h.view(*x.shape[:-1], n))
     if norm is not None:
         x = norm(x)
@@ -70,6 +70,7 @@ def _mlp_gate_up(self, x):
 
 
 def _norm_kw(norm) -> dict:
+    """rk.decode_linear's (and its eligibility's) keywords for a folded norm (_folded), none without one."""
     return {} if norm is None else {"norm_weight": norm.weight.detach(), "eps": norm.variance_epsilon}
 
 
@@ -108,11 +109,9 @@ def _q(self, x):
     """q_proj's forward: one GEMM for q, k and v (decode rows: rk.decode_linear's kernel); k_proj / v_proj
     return their slices for the same x. With _r1k_norm set (_folded), x is the layer's input before its norm."""
     x_in, norm, self._r1k_norm = x, self._r1k_norm, None
-    x2 = x.reshape(-1, x.shape[-1])
-    nw = None if norm is None else norm.weight.detach()
-    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b,
-                                                 norm_weight=nw):
-        qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, **_norm_kw(norm),
+    x2, nkw = x.reshape(-1, x.shape[-1]), _norm_kw(norm)
+    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b, **nkw):
+        qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, **nkw,
                                backend=self._r1k_backend).view(*x.shape[:-1], -1)
     else:
         qkv = F.linear(x if norm is None else norm(x), self._r1k_w, self._r1k_b)
