@@ -76,8 +76,9 @@ class TrainConfig:
                    "master + states instead of 12; needs torchao)", ["adamw_torch_fused", "adamw_torch",
                                                                       "adamw_torch_8bit"])
     lr_scheduler_type: str = f("constant", "learning-rate schedule (TRL's default is linear; see the module "
-                               "docstring)", ["constant", "linear", "cosine"])
-    warmup_ratio: float = f(0.0, "share of max_steps spent warming up linearly")
+                               "docstring)", ["constant", "constant_with_warmup", "linear", "cosine"])
+    warmup_ratio: float = f(0.0, "share of the optimizer steps spent warming up linearly from 0 (ceil(ratio * "
+                            "steps), as TRL); not with constant (transformers' ignores it): constant_with_warmup")
     per_device_train_batch_size: int = f(8, "completions (GRPO) or examples (SFT) per micro-batch per device")
     gradient_accumulation_steps: int = f(1, "micro-batches per optimizer step")
     max_grad_norm: float = f(1.0, "gradient clipping norm (0 = off)")
@@ -264,6 +265,9 @@ class TrainConfig:
         for k in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.lr_scheduler_type == "constant" and self.warmup_ratio > 0:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} with lr_scheduler_type=constant: transformers' "
+                              "constant schedule has no warmup; use lr_scheduler_type=constant_with_warmup")
         if not self.adam_epsilon > 0:
             raise ConfigError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.deepspeed is None:

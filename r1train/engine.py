@@ -116,15 +116,19 @@ def oom_message(err: str, cfg: TrainConfig) -> str:
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
-    warm = int(cfg.warmup_ratio * total)
+    """The lr multiplier at optimizer step s of `total`: transformers' get_scheduler (optimization.py) for each
+    lr_scheduler_type, with TRL's warmup of ceil(warmup_ratio * total) steps rising from 0 (s / warm);
+    `constant` has no warmup (transformers ignores it; the config rejects warmup_ratio with it)."""
+    kind = cfg.lr_scheduler_type
+    warm = 0 if kind == "constant" else math.ceil(cfg.warmup_ratio * total)
 
     def f(s):
         if s < warm:
-            return (s + 1) / warm
-        if cfg.lr_scheduler_type == "constant":
+            return s / max(1, warm)
+        if kind in ("constant", "constant_with_warmup"):
             return 1.0
         p = (s - warm) / max(1, total - warm)
-        return max(0.0, 1 - p) if cfg.lr_scheduler_type == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+        return max(0.0, 1 - p) if kind == "linear" else max(0.0, 0.5 * (1 + math.cos(math.pi * p)))
     return f
 
 
