@@ -130,16 +130,18 @@ def _timed(fn, device, reps):
 AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1)",
       "noprefetch": "no weight prefetch before the predecessor completes",
       "down": "down_proj through rk.decode_linear", "pf_rows": "o_proj / down_proj prefetching whole weight rows",
-      "norm": "RMSNorms folded into the q/k/v and gate/up kernels"}
+      "norm": "RMSNorms folded into the q/k/v and gate/up kernels",
+      "shared": "rows of one prompt reading one copy of its keys/values (attention.SHARED_PROMPT)"}
 
 
 @contextlib.contextmanager
 def _variant(v: str):
     from r1kernels.triton import decode_linear as dl
     from r1kernels.triton import device as kd
+    from r1train.generation import attention as ga
     from r1train.generation import fused as fz
 
-    kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}
+    kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}, ga.SHARED_PROMPT
     try:
         for change in v.split("+"):
             if change not in AB:
@@ -155,9 +157,11 @@ def _variant(v: str):
                 fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj" if change == "down" else "norm")
             elif change == "pf_rows":
                 dl.CONFIGS["residual"]["PREFETCH"] = 1 << 20
+            elif change == "shared":
+                ga.SHARED_PROMPT = True
         yield
     finally:
-        fz.DECODE_LINEAR, kd.PDL = kept[0], kept[1]
+        fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT = kept[0], kept[1], kept[3]
         for e, c in kept[2].items():
             dl.CONFIGS[e].clear()
             dl.CONFIGS[e].update(c)
@@ -244,14 +248,16 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
 
 
 @torch.no_grad()
-def profile_step(model, device, rows=64, P=256, T=512):
+def profile_step(model, device, rows=64, P=256, T=512, G=8):
     """Per-kernel device time of one eager decode step (the 6th of a rollout with CUDA graphs off), and the
-    graphed decode step's time per step: (rollout of T tokens - rollout of 2 tokens) / (T - 2)."""
+    graphed decode step's time per step: (rollout of T tokens - rollout of 2 tokens) / (T - 2). The rows are
+    rows / G prompts x G completions, as in the fixed workload (so the one-time part prefills rows / G prompts:
+    until 2026-12-05 every row had its own prompt, 8x the fixed workload's prefill)."""
     from torch.profiler import ProfilerActivity, profile
 
     from r1train.generation import Engine, SamplingParams
 
-    ids = torch.randint(3, model.config.vocab_size, (rows, P), device=device)
+    ids = torch.randint(3, model.config.vocab_size, (rows // G, P), device=device).repeat_interleave(G, 0)
     mask, seeds = torch.ones_like(ids), list(range(rows))
     eng = Engine(model, cuda_graphs=False)
     held, n = {}, [0]
