@@ -22,15 +22,12 @@ for any lens. No host sync: the launcher only allocates and launches.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .device import pdl, pdl_enter, pdl_launch, sm_count
+from .device import INTERPRET, pdl, pdl_enter, pdl_launch, sm_count
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 256
 

@@ -8,12 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import TRITON_INTERPRET as INTERPRET  # TRITON_INTERPRET=1, read in one place
+
 try:  # grid dependency control (Triton >= 3.3); without it no kernel is launched with PDL
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     gdc_wait = gdc_launch_dependents = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Programmatic dependent launch for the decode step's kernels (rms_norm, decode_linear, decode attention) on
 # Hopper or newer: each launch may start while its predecessor finishes, and waits (gdc_wait, first thing in
 # every program) until the predecessor has completed and its writes are visible. Since every kernel launched

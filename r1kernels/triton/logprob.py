@@ -5,13 +5,12 @@ no copy; the vocab dimension must be contiguous. fp32 math, online log-sum-exp o
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .device import INTERPRET
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 

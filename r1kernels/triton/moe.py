@@ -9,18 +9,17 @@ row argmax on order-preserving int keys (ties to the lower expert).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .device import INTERPRET
 
 try:
     from triton.language.extra import libdevice
 except ImportError:  # older layouts
     from triton.language.extra.cuda import libdevice
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT_MIN = tl.constexpr(-2147483648)
 
 

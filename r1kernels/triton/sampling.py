@@ -12,13 +12,12 @@ z = logits / temperature is an IEEE division (div_rn) so every kernel and the re
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .device import INTERPRET
+
 # Upper bound of the Gumbel noise: u <= 1 - 2^-24 gives -log(-log(u)) <= 16.64.
 G_MAX = tl.constexpr(17.0)
 BITS = 4  # bits of a threshold fixed per bisection pass (2^BITS candidates tried at once)
