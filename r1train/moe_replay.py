@@ -24,8 +24,11 @@ normalizes its own: w = sigmoid(logits) gathered at the ids, / (sum w + 1e-20) w
 routed_scaling_factor. Gradients reach the gate weight through the gathered scores (the gate still learns);
 tokens with -1 keep the router's own selection and weights. The ids stay armed until the next replay() call
 or the end of its `with` block, so activation checkpointing's recompute inside backward replays the same
-ids. The router itself still runs (its forward hook replaces its output), so rk.patch's load counter
-(auxiliary-loss-free balancing) keeps counting the router's own choice, which is what its bias steers.
+ids. Reentrant checkpointing (use_reentrant=True) runs the layer's forward without grad: that forward is
+replayed too (found by its torch.utils.checkpoint frame), else it would route by the router's own choice and
+its recompute by the recorded ids (different logits and gradients, silently). The router itself still runs
+(its forward hook replaces its output), so rk.patch's load counter (auxiliary-loss-free balancing) keeps
+counting the router's own choice, which is what its bias steers.
 
 Agreement: each replayed training forward (not a checkpointing recompute) adds, on the device, how many
 recorded (token, layer, k) entries the router's recomputed top-k contains (a set comparison: ids are
@@ -36,13 +39,28 @@ the trainer reads it with its step's other metrics in one host sync.
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 ROUTER_CLASSES = ("DeepseekV3TopkRouter", "R1KRouter")
 KEY = "moe_router_replay"
+
+
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Inside torch.utils.checkpoint's reentrant forward (which runs the checkpointed layer without grad)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is _REENTRANT_FORWARD:
+            return True
+        f = f.f_back
+    return False
 
 
 def moe_routers(model) -> list:
@@ -121,7 +139,8 @@ class RouterReplay:
             if self._target is not None:
                 self._record(j, out[2])
                 return None
-            if self.ids_NMK is not None and module.training and torch.is_grad_enabled():
+            if self.ids_NMK is not None and module.training and (torch.is_grad_enabled() or
+                                                                 _in_reentrant_checkpoint()):
                 return self._replay(j, module, out)
             return None
         return hook

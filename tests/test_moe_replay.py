@@ -102,11 +102,12 @@ def test_replay_equals_forced_topk(monkeypatch, variant, unrecorded):
     assert ref_grads[gate].abs().sum() > 0
 
 
-def test_replay_under_activation_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_replay_under_activation_checkpointing(reentrant):
     """The armed ids stay for backward: checkpointing's recompute replays them (same gradients as without
-    checkpointing) and is not counted in the agreement."""
-    from r1train.loading import enable_activation_checkpointing
-
+    checkpointing) and is not counted in the agreement. Reentrant checkpointing runs the layer's forward without
+    grad: it is replayed too (before, its logits were the natural routing's and its gradients those of neither).
+    A no-grad forward outside checkpointing still routes normally (log-prob passes)."""
     model = _tiny()
     dsv3.patch_deepseek_v3(model, backend="torch")
     model.train()
@@ -116,7 +117,11 @@ def test_replay_under_activation_checkpointing():
     results = []
     for gc in (False, True):
         if gc:
-            enable_activation_checkpointing(model)
+            kw = {"use_reentrant": reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         moe_replay.replay(model, ids)  # armed until the next call: backward runs outside any `with`
         logits, grads = _loss_and_grads(model, x)
         moe_replay.replay(model, None)
@@ -128,6 +133,10 @@ def test_replay_under_activation_checkpointing():
     for n in g0:
         assert_close(g1[n], g0[n].double(), torch.float32, name=f"grad {n}")
     assert torch.equal(s0, s1)
+    with moe_replay.replay(model, ids), torch.no_grad():
+        plain = model(x).logits
+    natural = _loss_and_grads(model, x)[0]
+    assert torch.equal(plain, natural) and (plain - l0).abs().max() > 1e-3
 
 
 def test_routing_agreement_by_hand():
