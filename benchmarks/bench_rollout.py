@@ -131,7 +131,9 @@ AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent l
       "noprefetch": "no weight prefetch before the predecessor completes",
       "down": "down_proj through rk.decode_linear", "pf_rows": "o_proj / down_proj prefetching whole weight rows",
       "norm": "RMSNorms folded into the q/k/v and gate/up kernels",
-      "shared": "rows of one prompt reading one copy of its keys/values (attention.SHARED_PROMPT)"}
+      "shared": "rows of one prompt reading one copy of its keys/values (attention.SHARED_PROMPT)",
+      "emit": "the step's bookkeeping after sampling as one kernel (engine.STEP_FUSIONS)",
+      "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)"}
 
 
 @contextlib.contextmanager
@@ -139,9 +141,10 @@ def _variant(v: str):
     from r1kernels.triton import decode_linear as dl
     from r1kernels.triton import device as kd
     from r1train.generation import attention as ga
+    from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
-    kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}, ga.SHARED_PROMPT
+    kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}, ga.SHARED_PROMPT, ge.STEP_FUSIONS
     try:
         for change in v.split("+"):
             if change not in AB:
@@ -159,9 +162,11 @@ def _variant(v: str):
                 dl.CONFIGS["residual"]["PREFETCH"] = 1 << 20
             elif change == "shared":
                 ga.SHARED_PROMPT = True
+            elif change in ("emit", "rope_table"):
+                ge.STEP_FUSIONS = (*ge.STEP_FUSIONS, change)
         yield
     finally:
-        fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT = kept[0], kept[1], kept[3]
+        fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS = kept[0], kept[1], kept[3], kept[4]
         for e, c in kept[2].items():
             dl.CONFIGS[e].clear()
             dl.CONFIGS[e].update(c)

@@ -29,10 +29,18 @@ import r1kernels as rk
 
 from .. import moe_replay as _replay
 from . import attention as _attn
+from . import emit as _emit_ops
 from .fused import fused_decode_ops
 
 SUPPORTED = ("qwen2", "qwen3", "llama", "mistral", "deepseek_v3")
 FUSED_OPS = ("rms_norm", "apply_rotary", "silu_mul")
+# Fusions of the decode step's small torch ops, OFF until measured on a GPU (bench_rollout --ab emit): "emit",
+# the bookkeeping after sampling (write token / log-prob, done, next input, pos, lens) as one Triton kernel
+# instead of ten torch kernels (emit.py; ~2 us each plus a launch gap in a graph: predicted -0.02 ms a step);
+# "rope_table", the rotary embedding's cos / sin of a one-token step gathered from a table of the positions
+# the cache holds instead of ~8 elementwise kernels (fused._rope_table; predicted -0.015 ms a step). Bitwise
+# the same values. Captured graphs keep what they captured (the graph key has this tuple).
+STEP_FUSIONS: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -197,8 +205,9 @@ class Engine:
         fuse = (self.fused and (dev.type == "cuda" or self.backend == "triton")
                 and all(len(rk._backend.available(op, dev.type)) > 1 for op in FUSED_OPS))
         try:
-            with fused_decode_ops(self.model, self.backend, self._qkv, rope_sink=self.cache) if fuse else \
-                    contextlib.nullcontext():
+            rope = self.cache.length if "rope_table" in STEP_FUSIONS else None
+            with fused_decode_ops(self.model, self.backend, self._qkv, rope_sink=self.cache, rope_table=rope) \
+                    if fuse else contextlib.nullcontext():
                 yield
         finally:
             _attn._ACTIVE.pop()
@@ -213,27 +222,23 @@ class Engine:
         rec = self._rec.decode(self.routes, st.rid[:r], st.pos[:r], st.done[:r]) if self._rec else None
         with rec or contextlib.nullcontext():
             logits = self._forward(st.tok[:r, None], st.lens[:r, None])
-        self._emit(r, logits, sp, eos, pad_id)
-        st.lens[:r] += 1
+        self._emit(r, logits, sp, eos, pad_id, advance_lens=True)
 
-    def _emit(self, r, logits_rV, sp, eos, pad_id):
-        """Sample row tokens from logits, write token/log-prob at each row's position, advance."""
+    def _emit(self, r, logits_rV, sp, eos, pad_id, advance_lens=False):
+        """Sample row tokens from logits, write token/log-prob at each row's position, advance (emit.py)."""
         st = self.st
         tok, logp = rk.sample_tokens(logits_rV, st.seeds[:r], st.pos[:r], backend=self.backend,
                                      **sp.kernel_kwargs())
-        done = st.done[:r]
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        st.out_tok.index_put_((st.rid[:r], st.pos[:r]), tok)
-        st.out_logp.index_put_((st.rid[:r], st.pos[:r]), logp.masked_fill(done, 0.0))
-        done |= (tok == eos[0]) if len(eos) == 1 else (tok[:, None] == self._eos[eos]).any(1)
-        st.tok[:r] = tok
-        st.pos[:r] += 1
+        kernel = ("emit" in STEP_FUSIONS and _emit_ops.triton is not None and self.backend != "torch"
+                  and (tok.is_cuda or rk._backend.TRITON_INTERPRET))
+        emit = _emit_ops.emit_triton if kernel else _emit_ops.emit_torch
+        emit(st, r, tok, logp, self._eos[eos], pad_id, advance_lens)
 
     def _run_step(self, r, sp, eos, pad_id):
         if not (self.cuda_graphs and self.st.tok.is_cuda):
             return self._step(r, sp, eos, pad_id)
         key = (r, tuple(sp.kernel_kwargs().items()), eos, pad_id, self._rec is not None,
-               self.cache.prefix_row is not None)
+               self.cache.prefix_row is not None, STEP_FUSIONS)
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(r, sp, eos, pad_id)
@@ -299,7 +304,7 @@ class Engine:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
         check_prompt_rows(prompt_mask_BP)
         eos = eos_tuple(eos_id)
-        if len(eos) > 1 and eos not in self._eos:
+        if eos not in self._eos:
             self._eos[eos] = torch.tensor(eos, dtype=torch.int64, device=dev)
         self._ensure(B, P + T, T, dev)
         st, cache = self.st, self.cache
