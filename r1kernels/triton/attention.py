@@ -146,7 +146,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
         src = tl.load(src_ptr + b * s_src).to(tl.int64)
         lo = tl.minimum(tl.maximum(n_pre, start), end)  # the prefix part of [start, end) is [start, lo)
         mid = start + (lo - start) // BLOCK_N * BLOCK_N
-        edge = tl.minimum(mid + BLOCK_N, end) if mid < lo else mid
+        edge = tl.where(mid < lo, tl.minimum(mid + BLOCK_N, end), mid)  # the boundary tile's end, if any
         m, l, acc = _attend(q, k_ptr + src * sk_b + h64 * sk_h, v_ptr + src * sv_b + h64 * sv_h, start, mid, m, l,
                             acc, 0, 0, 0, sk_n, sk_d, sv_n, sv_d, dk, dv, dk_mask, dv_mask, qk_scale,
                             BLOCK_N, DOT_F32, False)
