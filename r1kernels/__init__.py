@@ -336,8 +336,6 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         raise ValueError(f"v_cache must have shape [{B}, {Hkv}, {L}, Dv], got {tuple(v_cache.shape)}")
     _checks.shape("lens", lens, (B,), " (one per row)")
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens)
-    # Skipped under CUDA-graph capture: the graph would repeat it in every layer at every replay, and the
-    # generation engine, which captures its decode step, counts lens itself from the prompt lengths.
     if (prefix_row is None) != (prefix_len is None):
         raise ValueError("prefix_row and prefix_len must be given together (rows reading another row's prompt) "
                          "or not at all")
@@ -347,6 +345,8 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         _checks.shape("prefix_row", prefix_row, (B,), " (one per row)")
         _checks.shape("prefix_len", prefix_len, (B,), " (one per row)")
         _checks.same_device(q=q, prefix_row=prefix_row, prefix_len=prefix_len)
+    # Skipped under CUDA-graph capture: the graph would repeat it in every layer at every replay, and the
+    # generation engine, which captures its decode step, counts lens itself from the prompt lengths.
     if check_lens and _eager() and not _checks.capturing(lens):
         _checks._value_check((lens >= 0).all(), "lens must be >= 0 (each row's number of valid cache positions)")
         if prefix_row is not None:

@@ -290,7 +290,8 @@ class Engine:
         order = torch.cat([(~done).nonzero().squeeze(1), done.nonzero().squeeze(1)])[:target]
         for t in st.small():
             t[:target] = t[:r].index_select(0, order)
-        st.group_sources(target)
+        if self.cache.prefix_row is not None:
+            st.group_sources(target)
         self.cache.compact(order)
 
     # ---- one rollout
@@ -339,10 +340,11 @@ class Engine:
                 logits, n_B = logits[rows_B], n_U[rows_B]
             cache.mode = "decode"
             st.lens[:B] = n_B
-            st.grp[:B], st.plen[:B] = rows_B, n_B
-            st.group_sources(B)
-            shared = _attn.SHARED_PROMPT
-            cache.prefix_row, cache.prefix_len = (st.src, st.plen) if shared else (None, None)
+            cache.prefix_row = cache.prefix_len = None
+            if _attn.SHARED_PROMPT:
+                st.grp[:B], st.plen[:B] = rows_B, n_B
+                st.group_sources(B)
+                cache.prefix_row, cache.prefix_len = st.src, st.plen
             self._emit(B, logits, sp, eos, pad_id)
             rows, steps = B, 1
             sizes = buckets(B)
