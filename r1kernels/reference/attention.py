@@ -9,8 +9,8 @@ positions; a row with lens[b] >= L stores nothing and attends to its L positions
 With cos / sin [B, Dk] (and k_new): q and k_new are first rotated by the rotary embedding at each row's
 position (reference.fused.apply_rotary: HF's rotate-half form, fp32 math rounded to their dtypes).
 With prefix_row / prefix_len [B] (rows that repeat a prompt): row b's positions < prefix_len[b] are read from
-cache row prefix_row[b] (as it is before this call's stores; callers keep prefix_len[b] <= lens of both rows,
-so no row stores into a prefix another row reads); positions >= prefix_len[b] from row b.
+cache row prefix_row[b], positions >= prefix_len[b] from row b; callers keep prefix_len[b] <= lens of both rows,
+so no store lands in a prefix another row reads (reading before or after this call's stores is the same).
 """
 from __future__ import annotations
 
@@ -23,21 +23,6 @@ from .fused import apply_rotary
 
 def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None, cos=None, sin=None,
                      prefix_row=None, prefix_len=None):
-    if prefix_row is not None:  # the cache as row b reads it (a copy: stores still go to k_cache itself)
-        L, dev = k_cache.shape[2], q.device
-        pos_L, own_B = torch.arange(L, device=dev), torch.arange(q.shape[0], device=dev)
-        row_BL = torch.where(pos_L[None, :] < prefix_len.to(dev).long()[:, None], prefix_row.to(dev).long()[:, None],
-                             own_B[:, None])
-        pos_BL = pos_L.expand_as(row_BL)
-        read_k = k_cache[row_BL, :, pos_BL].transpose(1, 2)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
-        read_v = v_cache[row_BL, :, pos_BL].transpose(1, 2)
-        out = decode_attention(q, read_k, read_v, lens, scale, k_new, v_new, cos, sin)
-        if k_new is not None:  # the stores of the call above went into the copies
-            lens = lens.to(q.device).long()
-            rows = (lens < L).nonzero().squeeze(1)
-            k_cache[rows, :, lens[rows]] = read_k[rows, :, lens[rows]]
-            v_cache[rows, :, lens[rows]] = read_v[rows, :, lens[rows]]
-        return out
     if cos is not None:
         q, k_new = apply_rotary(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
         q, k_new = q[:, :, 0], k_new[:, :, 0]
@@ -49,6 +34,12 @@ def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=No
         k_cache[rows, :, lens[rows]] = k_new[rows].to(k_cache.dtype)
         v_cache[rows, :, lens[rows]] = v_new[rows].to(v_cache.dtype)
         lens = torch.where(lens < L, lens + 1, lens)
+    if prefix_row is not None:  # the cache as row b reads it, gathered after the stores (none lands in a prefix)
+        pos_L, own_B = torch.arange(L, device=q.device), torch.arange(B, device=q.device)
+        row_BL = torch.where(pos_L[None, :] < prefix_len.to(q.device).long()[:, None],
+                             prefix_row.to(q.device).long()[:, None], own_B[:, None])
+        k_cache = k_cache[row_BL, :, pos_L.expand_as(row_BL)].transpose(1, 2)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
+        v_cache = v_cache[row_BL, :, pos_L.expand_as(row_BL)].transpose(1, 2)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     G = Hq // Hkv
     q_BKGD = q.float().view(B, Hkv, G, Dk)  # query head h = kv head h // G, group member h % G
