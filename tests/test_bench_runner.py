@@ -1,0 +1,38 @@
+"""`python -m benchmarks` (make bench): each whole-run benchmark gets arguments its own parser accepts, and one
+benchmark that fails -- by an exception or by argparse's SystemExit -- leaves the others running."""
+import types
+
+import pytest
+
+from benchmarks import __main__ as runner
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_memory_bench_accepts_the_runner_arguments(device, tmp_path, capsys):
+    from benchmarks import bench_memory
+
+    argv = runner._whole_run_argv("memory", device, str(tmp_path))
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "bench_memory.json")
+    assert ("--cpu-smoke" in argv) == (device == "cpu")
+    bench_memory.main([*argv, "--list"])  # parses the runner's arguments, then only lists (no SystemExit)
+    assert "1.5b-lora64" in capsys.readouterr().out.split()
+
+
+def test_a_failing_bench_does_not_stop_the_others(monkeypatch, tmp_path):
+    ran = []
+
+    def whole_run(name, exc):
+        def main(argv):
+            ran.append((name, argv))
+            if exc is not None:
+                raise exc
+        return types.SimpleNamespace(main=main)
+
+    mods = {"benchmarks.bench_a": whole_run("a", SystemExit(2)), "benchmarks.bench_b": whole_run("b", ValueError("x")),
+            "benchmarks.bench_c": whole_run("c", None)}
+    monkeypatch.setattr(runner.pkgutil, "iter_modules",
+                        lambda path: [types.SimpleNamespace(name=n.split(".")[-1]) for n in mods])
+    monkeypatch.setattr(runner.importlib, "import_module", lambda n: mods[n])
+    assert runner.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert [n for n, _ in ran] == ["a", "b", "c"]
+    assert ran[2][1] == ["--device", "cpu", "--out", str(tmp_path)]
