@@ -91,8 +91,9 @@ def run_grpo(cfg, model, tok, eval_before=False):
 def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batch_size: int = 64,
                      language: str | None = None, stats: dict | None = None):
     """R1 stage 3: sample num_samples per prompt, keep up to `keep` correct, well-formed ones as SFT rows.
-    language: also require a readable chain of thought (language reward 1, or no words at all). stats, when
-    given, gets the counts: samples, correct, kept, prompts_kept (prompts with at least one kept sample)."""
+    language: also require a readable chain of thought (language reward 1, or no words at all); the recipe and
+    distill pass cfg.language (R1 keeps no chain of thought that mixes languages). stats, when given, gets the
+    counts: samples, correct, kept, prompts_kept (prompts with at least one kept sample)."""
     setup_distributed()
     model = model.to(device())
     out, n = [], {"samples": 0, "correct": 0, "kept": 0, "prompts_kept": 0}
@@ -133,8 +134,8 @@ def recipe(cfg_path=None, overrides=()):
     t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1), tok)
     model = _handoff(t, c2)
     train, _ = load_datasets(c3)
-    rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,
-                            keep=c3.rejection_max_per_prompt)
+    rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,  # R1: readable ones only
+                            keep=c3.rejection_max_per_prompt, language=c3.language)
     results["rejection_kept"] = len(rows)
     if rows:
         t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
@@ -154,7 +155,7 @@ def distill(cfg_path=None, overrides=()):
     teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)
     train, _ = load_datasets(cfg)
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
-                            keep=cfg.rejection_max_per_prompt)
+                            keep=cfg.rejection_max_per_prompt, language=cfg.language)
     del teacher
     if not rows:
         raise ValueError("distill: the teacher produced no correct, well-formed samples to learn from "

@@ -19,11 +19,14 @@ grpo2: {max_steps: 1, temperature: 0.7}
 
 
 @pytest.mark.slow
-def test_recipe_distill_sample(tmp_path):
+def test_recipe_distill_sample(tmp_path, monkeypatch):
     y = tmp_path / "recipe.yaml"
     y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
     out = tmp_path / "out"
+    langs, real = [], pipeline.rejection_sample
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: langs.append(kw["language"]) or real(*a, **kw))
     res = pipeline.recipe(str(y), [f"output_dir={out}"])
+    assert langs == ["en"]  # stage 3 keeps only readable (single-language) samples
     assert set(res) >= {"cold_start_sft", "reasoning_rl", "rejection_kept", "final_rl"}
     for stage, steps in (("1-cold-start-sft", 3), ("2-reasoning-rl", 2), ("4-all-scenarios-rl", 1)):
         assert (out / stage / f"checkpoint-{steps}" / "model.safetensors").exists(), stage
@@ -64,13 +67,14 @@ def test_distill_on_prompt_answer_data(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def teacher(cfg, model, tok, prompts, **kw):
+        assert kw["language"] == "zh"  # R1 keeps no chain of thought that mixes languages: cfg.language's filter
         return [{**r, cfg.completion_column: f"<think>{r['prompt']}</think><answer>{r['answer']}</answer>"}
                 for r in prompts]
 
     monkeypatch.setattr(pipeline, "rejection_sample", teacher)
     common = [o for o in H.FAST if not o.startswith("task_")]
     res = pipeline.distill(None, common + [f"output_dir={tmp_path / 'out'}", f"dataset_name={data}",
-                                           "teacher_model=tiny-qwen2", "max_steps=2"])
+                                           "teacher_model=tiny-qwen2", "max_steps=2", "language=zh"])
     assert res["distill_rows"] == len(rows)
     assert len(H.read_metrics(tmp_path / "out" / "distill")) == 2
 
