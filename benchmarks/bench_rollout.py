@@ -137,7 +137,7 @@ AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent l
 
 
 @contextlib.contextmanager
-def _variant(v: str):
+def ab_variant(v: str):
     from r1kernels.triton import decode_linear as dl
     from r1kernels.triton import device as kd
     from r1train.generation import attention as ga
@@ -216,7 +216,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
     for v in ab:
-        with _variant(v):
+        with ab_variant(v):
             eng.reset()  # captured graphs keep the kernels they captured
             tok_ab = ours()
             runs = _timed(ours, device, reps)
