@@ -24,7 +24,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # TEST_FILES: run these files whole instead of the `gpu`-marked tests of every file; for files whose tests
-  # take their device from torch.cuda.is_available() (test_moe.py, test_advantage_kernels.py). The Triton
+  # take their device from torch.cuda.is_available() (test_moe.py, test_advantage.py). The Triton
   # files' CPU cases (test_logprob.py, test_grpo.py) need TRITON_INTERPRET=1 and fail on a GPU machine.
   if [ -n "${TEST_FILES:-}" ]; then sel=($TEST_FILES); else sel=(-m gpu tests); fi
   python3 -m pytest -q -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} "${sel[@]}" >"$OUT/gpu_tests.log" 2>&1 || rc=$?
