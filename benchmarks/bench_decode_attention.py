@@ -45,7 +45,7 @@ def _case(device, B, Hq, Hkv, L, D, lens, dtype) -> Case:
     if "triton" in rk._backend.available("decode_attention", device):
         provs["triton"] = public("triton")
     try:
-        from r1kernels.ops.attention import decode_attention_triton
+        from r1kernels.ops.decode_attention import decode_attention_triton
     except ImportError:  # no triton
         decode_attention_triton = None
     if decode_attention_triton is not None and (device == "cuda" or rk._backend.TRITON_INTERPRET):
@@ -81,7 +81,7 @@ def _shared_prompt_bound(device, B=64, G=8, P=256, T=256, Hq=12, Hkv=2, D=128, L
     reading each prompt once per group could save (benchmarks/NOTES-decode-linear.md), not a kernel; and the
     kernel with prefix_row / prefix_len (each row reading its group's first row's prompt: L2 hits when the
     group's programs run together), what the engine runs with attention.SHARED_PROMPT."""
-    from r1kernels.ops.attention import decode_attention_triton
+    from r1kernels.ops.decode_attention import decode_attention_triton
 
     bf = torch.bfloat16
     q, k, v = (torch.randn(B, Hq, D, device=device).to(bf), torch.randn(B, Hkv, L, D, device=device).to(bf),

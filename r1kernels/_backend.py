@@ -33,7 +33,7 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "unpermute": [("cuda", "r1kernels.ops.moe:unpermute_cuda"),
                   ("triton", "r1kernels.ops.moe:unpermute_triton")],
     "sample_tokens": [("triton", "r1kernels.ops.sampling:sample_tokens_triton")],
-    "decode_attention": [("triton", "r1kernels.ops.attention:decode_attention_triton")],
+    "decode_attention": [("triton", "r1kernels.ops.decode_attention:decode_attention_triton")],
     "decode_linear": [("triton", "r1kernels.ops.decode_linear:decode_linear_triton")],
     "rms_norm": [("triton", "r1kernels.ops.fused:rms_norm_triton")],
     "apply_rotary": [("triton", "r1kernels.ops.fused:apply_rotary_triton")],

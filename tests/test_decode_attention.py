@@ -11,8 +11,8 @@ import r1kernels as rk
 from r1kernels.reference import decode_attention as ref_attention
 
 triton = pytest.importorskip("triton")
-from r1kernels.ops import attention as da_ops  # noqa: E402
-from r1kernels.triton import attention as da_k  # noqa: E402
+from r1kernels.ops import decode_attention as da_ops  # noqa: E402
+from r1kernels.triton import decode_attention as da_k  # noqa: E402
 
 
 def _sdpa_rows(q, k, v, lens, scale):

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference: the spec every kernel is tested against and the CPU fallback (fp32 math)."""
 from .advantage import group_advantages
-from .attention import decode_attention
+from .decode_attention import decode_attention
 from .decode_linear import decode_linear
 from .fused import apply_rotary, rms_norm, silu_mul
 from .grpo import grpo_loss, grpo_loss_from_logprobs, linear_grpo_loss

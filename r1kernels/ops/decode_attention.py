@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..triton import attention as _k
+from ..triton import decode_attention as _k
 
 OP = "r1kernels::decode_attention"
 
