@@ -15,7 +15,8 @@ from .harness import run_cases
 
 def _whole_run_argv(name: str, device: str, out: str | None) -> list[str]:
     """A whole-run benchmark's arguments. bench_memory trains in a child process per configuration, on its own
-    device (the GPU; on CPU its --cpu-smoke run of one configuration), and writes one JSON file."""
+    device (the GPU, where the runner starts it only by name; on CPU its --cpu-smoke run of one configuration),
+    and writes one JSON file."""
     if name == "memory":
         smoke = ["--cpu-smoke", "--max-steps", "1", "--configs", "1.5b-lora64"] if device == "cpu" else []
         return [*smoke, *(["--out", os.path.join(out, "bench_memory.json")] if out else [])]
@@ -37,6 +38,10 @@ def main(argv=None):
     failed = []
     for name in names:
         if only and name not in only:
+            continue
+        if name == "memory" and not only and a.device != "cpu":  # minutes of training: asked for by name only
+            print("bench_memory: skipped (a GRPO run per configuration, up to its 540 s budget): --only memory "
+                  "or benchmarks/gpu_memory_run.sh", file=sys.stderr)
             continue
         try:
             mod = importlib.import_module(f"benchmarks.bench_{name}")

@@ -1,10 +1,18 @@
-"""`python -m benchmarks` (make bench): each whole-run benchmark gets arguments its own parser accepts, and one
-benchmark that fails -- by an exception or by argparse's SystemExit -- leaves the others running."""
+"""`python -m benchmarks` (make bench): each whole-run benchmark gets arguments its own parser accepts, one
+benchmark that fails -- by an exception or by argparse's SystemExit -- leaves the others running, and on a GPU
+the memory benchmark (minutes of training) runs only when named."""
 import types
 
 import pytest
 
 from benchmarks import __main__ as runner
+
+
+def _fake_benches(monkeypatch, mods: dict):
+    """The runner finds exactly `mods` ({"benchmarks.bench_<name>": module}) as its benchmarks."""
+    monkeypatch.setattr(runner.pkgutil, "iter_modules",
+                        lambda path: [types.SimpleNamespace(name=n.split(".")[-1]) for n in mods])
+    monkeypatch.setattr(runner.importlib, "import_module", lambda n: mods[n])
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -30,9 +38,16 @@ def test_a_failing_bench_does_not_stop_the_others(monkeypatch, tmp_path):
 
     mods = {"benchmarks.bench_a": whole_run("a", SystemExit(2)), "benchmarks.bench_b": whole_run("b", ValueError("x")),
             "benchmarks.bench_c": whole_run("c", None)}
-    monkeypatch.setattr(runner.pkgutil, "iter_modules",
-                        lambda path: [types.SimpleNamespace(name=n.split(".")[-1]) for n in mods])
-    monkeypatch.setattr(runner.importlib, "import_module", lambda n: mods[n])
+    _fake_benches(monkeypatch, mods)
     assert runner.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
     assert [n for n, _ in ran] == ["a", "b", "c"]
     assert ran[2][1] == ["--device", "cpu", "--out", str(tmp_path)]
+
+
+@pytest.mark.parametrize("device,only,runs", [("cpu", "", True), ("cuda", "", False), ("cuda", "memory", True)])
+def test_memory_bench_on_a_gpu_only_by_name(device, only, runs, monkeypatch, tmp_path):
+    ran = []
+    mods = {"benchmarks.bench_memory": types.SimpleNamespace(main=lambda argv: ran.append(argv))}
+    _fake_benches(monkeypatch, mods)
+    assert runner.main(["--device", device, "--out", str(tmp_path), *(["--only", only] if only else [])]) == 0
+    assert bool(ran) == runs
