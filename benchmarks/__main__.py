@@ -1,26 +1,17 @@
 """python -m benchmarks [--quick] [--only a,b] [--out DIR]: runs every benchmarks/bench_*.py that imports.
-On CPU, --quick (the default there) runs small shapes as a smoke test; on CUDA, DESIGN.md's shapes."""
+On CPU, --quick (the default there) runs small shapes as a smoke test; on CUDA, DESIGN.md's shapes. A whole-run
+benchmark (a main(argv), no cases()) gets --device and --out DIR, or what its runner_argv(device, out_dir, named)
+returns (None: skipped)."""
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 
 import torch
 
 from .harness import run_cases
-
-
-def _whole_run_argv(name: str, device: str, out: str | None) -> list[str]:
-    """A whole-run benchmark's arguments. bench_memory trains in a child process per configuration, on its own
-    device (the GPU, where the runner starts it only by name; on CPU its --cpu-smoke run of one configuration),
-    and writes one JSON file."""
-    if name == "memory":
-        smoke = ["--cpu-smoke", "--max-steps", "1", "--configs", "1.5b-lora64"] if device == "cpu" else []
-        return [*smoke, *(["--out", os.path.join(out, "bench_memory.json")] if out else [])]
-    return ["--device", device, *(["--out", out] if out else [])]
 
 
 def main(argv=None):
@@ -39,16 +30,17 @@ def main(argv=None):
     for name in names:
         if only and name not in only:
             continue
-        if name == "memory" and not only and a.device != "cpu":  # minutes of training: asked for by name only
-            print("bench_memory: skipped (a GRPO run per configuration, up to its 540 s budget): --only memory "
-                  "or benchmarks/gpu_memory_run.sh", file=sys.stderr)
-            continue
         try:
             mod = importlib.import_module(f"benchmarks.bench_{name}")
             if hasattr(mod, "cases"):
                 run_cases(name, mod.cases(a.device, quick), a.device, a.out)
             else:  # whole-run benchmarks (seconds per call) time themselves and write their own JSON
-                mod.main(_whole_run_argv(name, a.device, a.out))
+                argv = mod.runner_argv(a.device, a.out, name in only) if hasattr(mod, "runner_argv") else \
+                    ["--device", a.device, *(["--out", a.out] if a.out else [])]
+                if argv is None:
+                    print(f"bench_{name}: skipped here; runs when named (--only {name})", file=sys.stderr)
+                    continue
+                mod.main(argv)
         except (Exception, SystemExit) as e:  # one broken bench (argparse exits) must not hide the others' numbers
             print(f"bench_{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(name)

@@ -367,6 +367,16 @@ def _write(path, data):
     os.replace(tmp, path)
 
 
+def runner_argv(device: str, out_dir: str | None, named: bool) -> list[str] | None:
+    """`python -m benchmarks`' arguments for this benchmark (None: skipped). On a GPU it trains a GRPO run per
+    configuration, up to --budget-s (540 s): only when named (--only memory; or benchmarks/gpu_memory_run.sh).
+    On CPU the smoke run of one configuration. The JSON: bench_memory.json in the runner's directory."""
+    if device != "cpu" and not named:
+        return None
+    smoke = ["--cpu-smoke", "--max-steps", "1", "--configs", "1.5b-lora64"] if device == "cpu" else []
+    return [*smoke, *(["--out", os.path.join(out_dir, "bench_memory.json")] if out_dir else [])]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="JSON (merged by configuration name with what it already holds)")

@@ -19,7 +19,7 @@ def _fake_benches(monkeypatch, mods: dict):
 def test_memory_bench_accepts_the_runner_arguments(device, tmp_path, capsys):
     from benchmarks import bench_memory
 
-    argv = runner._whole_run_argv("memory", device, str(tmp_path))
+    argv = bench_memory.runner_argv(device, str(tmp_path), named=True)
     assert argv[argv.index("--out") + 1] == str(tmp_path / "bench_memory.json")
     assert ("--cpu-smoke" in argv) == (device == "cpu")
     bench_memory.main([*argv, "--list"])  # parses the runner's arguments, then only lists (no SystemExit)
@@ -47,7 +47,10 @@ def test_a_failing_bench_does_not_stop_the_others(monkeypatch, tmp_path):
 @pytest.mark.parametrize("device,only,runs", [("cpu", "", True), ("cuda", "", False), ("cuda", "memory", True)])
 def test_memory_bench_on_a_gpu_only_by_name(device, only, runs, monkeypatch, tmp_path):
     ran = []
-    mods = {"benchmarks.bench_memory": types.SimpleNamespace(main=lambda argv: ran.append(argv))}
+    from benchmarks import bench_memory
+
+    mods = {"benchmarks.bench_memory": types.SimpleNamespace(main=lambda argv: ran.append(argv),
+                                                             runner_argv=bench_memory.runner_argv)}
     _fake_benches(monkeypatch, mods)
     assert runner.main(["--device", device, "--out", str(tmp_path), *(["--only", only] if only else [])]) == 0
     assert bool(ran) == runs
