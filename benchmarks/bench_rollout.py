@@ -215,14 +215,19 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"],
                                          "tokens_generated": got}
-    for v in ab:
-        with ab_variant(v):
-            eng.reset()  # captured graphs keep the kernels they captured
-            tok_ab = ours()
-            runs = _timed(ours, device, reps)
-        eng.reset()
-        res["providers"][_ab_name(v)] = {
-            "seconds": statistics.median(runs), "runs": runs, "tokens_equal_engine_run": bool(torch.equal(tok_ab, tok))}
+    for v in ab:  # a variant that fails (say a launch option this Triton lacks) is recorded; the others still run
+        try:
+            with ab_variant(v):
+                eng.reset()  # captured graphs keep the kernels they captured
+                tok_ab = ours()
+                runs = _timed(ours, device, reps)
+            res["providers"][_ab_name(v)] = {"seconds": statistics.median(runs), "runs": runs,
+                                             "tokens_equal_engine_run": bool(torch.equal(tok_ab, tok))}
+        except Exception as e:  # noqa: BLE001 -- reported in the JSON and on stderr
+            print(f"bench_rollout --ab {v}: {type(e).__name__}: {e}", file=sys.stderr)
+            res["ab_errors"] = {**res.get("ab_errors", {}), v: f"{type(e).__name__}: {e}"}
+        finally:
+            eng.reset()
 
     def hf(**kw):
         def run():
@@ -338,13 +343,17 @@ def main(argv=None):
     p.add_argument("--with-compile", action="store_true")
     p.add_argument("--only", default="fixed,varied,throughput")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="per-kernel time of one decode step (CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   help="per-kernel time of one decode step (CUDA): the default engine's and the last --ab variant's")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
     p.add_argument("--ab", default="", help="comma list of variants, each a change or changes joined by +: also "
                    "the engine with that change; changes: " + ", ".join(f"{k} = {v}" for k, v in AB.items()))
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
+    bad = [c for v in a.ab.split(",") if v for c in v.split("+") if c not in AB]
+    if bad:
+        p.error(f"--ab: unknown change(s) {bad} (each one of {sorted(AB)})")
     tiny = a.device == "cpu"
     model = _model(a.device, tiny, a.separate_params)
     n, G, P, T = (2, 2, 8, 12) if tiny else (8, 8, 256, 512)
@@ -371,6 +380,10 @@ def main(argv=None):
             _write(a.out, model, results, a.device)
         if a.profile and a.device == "cuda" and name == "fixed":
             r["profile"] = profile_step(model, a.device)
+            abs_ = [v for v in a.ab.split(",") if v]
+            if abs_ and abs_[-1] not in r.get("ab_errors", {}):  # the last variant's step too: where it gained
+                with ab_variant(abs_[-1]):
+                    r["profile_ab"] = {"variant": abs_[-1], **profile_step(model, a.device)}
             if a.out:
                 _write(a.out, model, results, a.device)
     return results
