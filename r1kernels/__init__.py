@@ -36,7 +36,7 @@ def _check_logits_labels(logits_name, logits, labels_name, labels, temperature, 
     _checks.int_tensor(labels_name, labels)
     _checks.shape(labels_name, labels, logits.shape[:-1], f" (the leading dims of {logits_name})")
     _checks.same_device(**{logits_name: logits, labels_name: labels})
-    _checks.positive("temperature", temperature)
+    _checks.temperature(temperature)
     if logits.shape[-1] == 0:
         raise ValueError(f"{logits_name} must have a non-empty vocabulary dimension")
     if check_values and _eager():
@@ -55,7 +55,7 @@ def _check_linear(hidden, weight, bias, labels, temperature, labels_name="labels
         _checks.float_tensor("bias", bias, ndim=1)
         _checks.shape("bias", bias, (weight.shape[0],))
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, **{labels_name: labels})
-    _checks.positive("temperature", temperature)
+    _checks.temperature(temperature)
     if check_values and _eager():
         _checks.labels_in_range(labels_name, labels, weight.shape[0])
 
@@ -295,7 +295,7 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
     """ValueError naming the first bad sampling option (shared with the generation engine)."""
     if not isinstance(greedy, bool):
         raise ValueError(f"greedy must be a bool, got {greedy!r}")
-    _checks.positive("temperature", temperature)  # also with greedy: it scales the returned log-probs
+    _checks.temperature(temperature)  # also with greedy: it scales the returned log-probs
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:

@@ -114,6 +114,19 @@ def positive(name, v, *, allow_zero=False, allow_inf=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
+# The smallest sampling / loss temperature: the kernels scale logits by 1 / temperature in float32, which
+# overflows to inf below ~3e-39 (NaN log-probs), and logits of magnitude 30 overflow below ~1e-37. 1e-5 is
+# also where vLLM switches to greedy; for argmax decoding pass greedy instead.
+MIN_TEMPERATURE = 1e-5
+
+
+def temperature(v, name="temperature"):
+    positive(name, v)
+    if v < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (smaller scales the logits past float32's range); "
+                         f"for argmax decoding use greedy, got {v!r}")
+
+
 def choice(name, v, options):
     if v not in options:
         raise ValueError(f"{name} must be one of {options}, got {v!r}")

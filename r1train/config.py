@@ -296,13 +296,12 @@ class TrainConfig:
         if bad or (len(rt) > 1 and ("all" in rt or "none" in rt)):
             raise ConfigError(f"report_to must list tensorboard, wandb and/or trackio, or be 'all' or 'none'; "
                               f"got {self.report_to!r}")
-        if self.temperature <= 0 or self.eval_temperature <= 0:
-            raise ConfigError("temperature and eval_temperature must be > 0")
-        from r1kernels import check_sampling_options
+        from r1kernels import _checks, check_sampling_options
 
-        try:  # top_p / top_k / min_p: the ranges rk.sample_tokens itself accepts
+        try:  # temperature / top_p / top_k / min_p: the ranges rk.sample_tokens itself accepts
             check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                    min_p=self.min_p, greedy=False)
+            _checks.temperature(self.eval_temperature, "eval_temperature")
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.num_generations < 2:

@@ -20,6 +20,7 @@ def _grpo_args():
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,), device="meta")), "labels"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), temperature=0.0), "temperature"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), temperature=float("inf")), "temperature"),
+    (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), temperature=1e-40), "temperature"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), backend="cuda"), "backend"),
     (dict(logits=torch.randn(3, V), labels=torch.randint(0, V, (3,)), backend="nope"), "backend"),
 ])

@@ -223,6 +223,7 @@ def test_public_api_dispatch():
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(temperature=0.0), "temperature"), (dict(min_p=1.0), "min_p"),
     (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("inf"), greedy=True), "temperature"),
+    (dict(temperature=1e-40), "temperature"),
     (dict(seeds=torch.zeros(2, dtype=torch.long)), "seeds"), (dict(positions=torch.zeros(3, 1, dtype=torch.long)),
                                                               "positions"),
     (dict(seeds=torch.zeros(3)), "seeds"),

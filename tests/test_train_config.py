@@ -21,6 +21,9 @@ from r1train.data import DatasetError, load_rows
     ("reward_weights=1,x", "reward_weights: 'x' is not a number"),
     ("reward_funcs=[]", "reward_funcs must be a non-empty list"),
     ("adam_epsilon=0", "adam_epsilon must be > 0"),
+    ("temperature=0", "temperature must be > 0"),
+    ("temperature=1e-40", "temperature must be >= 1e-05"),
+    ("eval_temperature=1e-7", "eval_temperature must be >= 1e-05"),
 ])
 def test_bad_override(override, msg):
     with pytest.raises(ConfigError) as e:

@@ -101,7 +101,7 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"model: no fused lm_head path for this model: {reason}")
-    _checks.positive("temperature", temperature)
+    _checks.temperature(temperature)
     for name, flag in (("return_entropy", return_entropy), ("fp32_lm_head", fp32_lm_head)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
