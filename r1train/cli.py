@@ -91,6 +91,7 @@ def main(argv=None) -> int:
         return 0
     from . import pipeline
     from .checkpoint import TrainingInterrupted
+    from .engine import TrainingDiverged
 
     # SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C, with no traceback. Inside
     # the loop, the first SIGINT / SIGTERM saves a checkpoint after the current step (checkpoint.StopOnSignal).
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, RewardError) as e:
         print(f"r1train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"r1train: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # TrainingInterrupted (a signal; maybe a checkpoint saved) or Ctrl-C
         signum = e.signum if isinstance(e, TrainingInterrupted) else signal.SIGINT
         if _rank() == 0:

@@ -30,6 +30,17 @@ from .rollout import Policy, sample_rows
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm is NaN or inf: the run stops before it saves the diverged weights."""
+
+    def __init__(self, step: int, values: dict, last_checkpoint: str | None):
+        self.step, self.values, self.last_checkpoint = step, values, last_checkpoint
+        got = ", ".join(f"{k} {v}" for k, v in values.items())
+        super().__init__(f"training diverged at step {step} ({got}); nothing of this run after "
+                         f"{'the last checkpoint, ' + last_checkpoint if last_checkpoint else 'its start'} is saved. "
+                         "Lower learning_rate (or max_grad_norm), or check the rewards and data")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,6 +276,10 @@ class Trainer(CheckpointMixin):
                     m.update(self.evaluate())
                 self.logger.log(done, m)
                 history.append({"step": done, **m})
+                bad = {k: m[k] for k in ("loss", "grad_norm") if k in m and not math.isfinite(m[k])}
+                if bad:  # the same values on every rank (all-reduced): every rank stops here, before any save
+                    bar.close()
+                    raise TrainingDiverged(done, bad, self.checkpoint_dir(self.saved_step) if self.saved_step else None)
                 bar.update(1)
                 bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "reward", "eval/accuracy") if k in m})
                 if self.rank == 0 and cfg.logging_steps and done % cfg.logging_steps == 0:

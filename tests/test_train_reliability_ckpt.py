@@ -209,3 +209,27 @@ def test_output_dir_that_is_a_file_is_a_clean_error(tmp_path):
     p = H.run_cli(["sft", *SFT, "max_steps=1", f"output_dir={f}"], timeout=300)
     assert p.returncode == 2 and "r1train: error: output_dir" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_diverged_run_stops_with_an_error_before_saving(tmp_path, capsys, command):
+    """learning_rate 1e10: the loss turns NaN / inf within a few steps; the run stops with an error naming the
+    step (exit 1), metrics.jsonl keeps that step's row, and no checkpoint of a diverged step is written."""
+    from safetensors.torch import load_file
+
+    from r1train.cli import main
+
+    out = tmp_path / "run"
+    extra = ["reward_funcs=train_helpers:digit_share"] if command == "grpo" else []  # rewards that vary in a group
+    rc = main([command, *H.FAST, *extra, "learning_rate=1e10", "max_steps=6", "save_steps=1", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "training diverged at step" in err, err
+    step = int(err.split("training diverged at step ")[1].split()[0])
+    assert 1 <= step < 6
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == step and (rows[-1]["loss"] is None or rows[-1].get("grad_norm") is None)
+    saved = sorted(int(d.name.split("-")[1]) for d in out.iterdir() if d.name.startswith("checkpoint-"))
+    assert saved == list(range(1, step))
+    for s in saved:  # every checkpoint on disk holds finite weights
+        sd = load_file(str(out / f"checkpoint-{s}" / "model.safetensors"))
+        assert all(v.isfinite().all() for v in sd.values())
