@@ -38,12 +38,14 @@ MANIFEST = "manifest.json"
 HASH_MAX_BYTES = 64 << 20  # larger files (weights, optimizer states of big models) are checked by size only
 LOCK = ".r1train.lock"
 # config keys that define the run: a resume must keep them (max_steps, save/log/eval cadence, output_dir,
-# kernel_backend, reward_timeout ... may change). The optimizer's hyperparameters are here because loading its
-# state restores the checkpoint's (a new value would be silently ignored); the LoRA keys because they shape
-# the saved state (another shape cannot load)
+# kernel_backend, reward_timeout ... may change). task_eval_size too: its held-out problems are left out of the
+# training rows; answer_column, completion_column, completion_only_loss: they define the objective. The
+# optimizer's hyperparameters are here because loading its state restores the checkpoint's (a new value would
+# be silently ignored); the LoRA keys because they shape the saved state (another shape cannot load)
 RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size", "model_num_layers", "dataset_name",
             "dataset_split", "task_min_terms", "task_max_terms", "task_max_operand", "task_ops", "task_train_size",
-            "task_flaw_share", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "task_eval_size", "task_flaw_share", "answer_column", "completion_column", "completion_only_loss",
+            "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_generations", "max_prompt_length", "max_completion_length", "max_length", "loss_type", "beta",
             "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
             "importance_sampling_level", "bf16", "zero_stage", "optim", "learning_rate", "weight_decay",

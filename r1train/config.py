@@ -46,6 +46,8 @@ class TrainConfig:
     dataset_name: str = f("arith", "'arith' (built-in generated task), a .jsonl/.json/.parquet file, or a "
                           "Hugging Face dataset name/directory (needs `datasets`)")
     dataset_split: str = f("train", "split of a Hugging Face dataset")
+    dataset_test_split: str = f("test", "split of eval_dataset_name where it is a Hugging Face dataset with splits "
+                                "(TRL's script argument of this name)")
     eval_dataset_name: Optional[str] = f(None, "held-out set (same formats); default: built-in task's eval "
                                          "split, or none")
     answer_column: str = f("answer", "column the rewards receive as `answer` (the accuracy reward's gold answer; "

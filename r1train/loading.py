@@ -157,15 +157,32 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
             for r in train:
                 r[cfg.completion_column] = r["solution"]
         if cfg.eval_dataset_name:
-            ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split, key="eval_dataset_name")
+            ev = load_rows(cfg.eval_dataset_name, cfg.dataset_test_split, key="eval_dataset_name")
     else:
         required = ("prompt", cfg.completion_column) if sft else ("prompt",)
         train = load_rows(cfg.dataset_name, cfg.dataset_split, required, key="dataset_name")
-        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_split, key="eval_dataset_name") if cfg.eval_dataset_name \
-            else []
+        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_test_split, key="eval_dataset_name") \
+            if cfg.eval_dataset_name else []
     if not sft:
         check_answer_column(cfg, train)
+        check_reward_columns(cfg, train)
+    if ev and not any(cfg.answer_column in r for r in ev):  # evaluation scores against it: else 0 for every row
+        cols = sorted(dict.fromkeys(k for r in ev[:100] for k in r))
+        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of eval_dataset_name="
+                           f"{cfg.eval_dataset_name!r} has this column, which evaluation scores against "
+                           f"(columns: {cols})")
     return train, ev
+
+
+def check_reward_columns(cfg: TrainConfig, rows):
+    """Reward functions get every column but `prompt` by name, beside their own arguments (rewards.REWARD_ARGS):
+    a column of such a name would take the argument's place."""
+    from .rewards import REWARD_ARGS
+
+    clash = [k for k in dict.fromkeys(k for r in rows for k in r) if k in REWARD_ARGS]
+    if clash:
+        raise DatasetError(f"dataset_name={cfg.dataset_name!r}: column(s) {clash} have the name of an argument "
+                           f"reward functions receive ({', '.join(REWARD_ARGS)}); rename them")
 
 
 def check_answer_column(cfg: TrainConfig, rows):

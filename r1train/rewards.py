@@ -306,6 +306,9 @@ def check_values(name: str, vals, n: int) -> list:
 
 # TRL 1.16's keyword arguments beside the columns (GRPOTrainer._calculate_rewards)
 TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
+# every argument a reward function gets besides the dataset columns: a column of one of these names would
+# replace it (TRL raises a TypeError there; the dataset check names the column: loading.load_datasets)
+REWARD_ARGS = ("prompts", "completions", "completion_ids", *TRL_KWARGS)
 
 
 def _takes(fn) -> set:
@@ -361,7 +364,7 @@ class RewardRunner:
         """fn(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=...,
         log_metric=...), all by keyword as TRL does -> (its value, what it logged)."""
         logged = _Logged()
-        kw = dict(zip(("prompts", "completions", "completion_ids"), args), **columns)
+        kw = {**columns, **dict(zip(REWARD_ARGS[:3], args))}
         extra = {"trainer_state": self._state, "log_extra": logged.log_extra, "log_metric": logged.log_metric}
         kw.update((k, v) for k, v in extra.items() if k in self.takes[name])
         return _call_in_thread(fn, kw, self.timeout), logged

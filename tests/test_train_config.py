@@ -99,6 +99,37 @@ def test_hf_dataset_directory(tmp_path):
         load_rows(str(tmp_path / "hf"), "test")
 
 
+def test_eval_set_is_read_from_its_test_split(tmp_path):
+    """eval_dataset_name with train/test splits: the held-out rows are dataset_test_split's ("test", TRL's name
+    and default), not the training split (which dataset_split names)."""
+    datasets = pytest.importorskip("datasets")
+    from r1train.loading import load_datasets
+
+    d = str(tmp_path / "dd")
+    datasets.DatasetDict({s: datasets.Dataset.from_list([{"prompt": f"{s} {i}", "answer": str(i)} for i in range(n)])
+                          for s, n in (("train", 5), ("test", 3), ("validation", 2))}).save_to_disk(d)
+    train, ev = load_datasets(load_config(overrides=[f"dataset_name={d}", f"eval_dataset_name={d}"]))
+    assert [r["prompt"] for r in train] == [f"train {i}" for i in range(5)]
+    assert [r["prompt"] for r in ev] == [f"test {i}" for i in range(3)]
+    _, ev = load_datasets(load_config(overrides=[f"dataset_name={d}", f"eval_dataset_name={d}",
+                                                 "dataset_test_split=validation"]))
+    assert [r["prompt"] for r in ev] == ["validation 0", "validation 1"]
+
+
+@pytest.mark.parametrize("sft", [False, True])
+def test_eval_rows_without_the_answer_column_are_an_error(tmp_path, sft):
+    """Evaluation scores against answer_column: a held-out set without it would score 0 on every row."""
+    from r1train.loading import load_datasets
+
+    train = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1+1?", "answer": "2", "solution": "2", "completion": "2"}])
+    ev = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": "2+2?", "solution": "4"}] * 2)
+    with pytest.raises(DatasetError, match="answer_column='answer': no row of eval_dataset_name="):
+        load_datasets(load_config(overrides=[f"dataset_name={train}", f"eval_dataset_name={ev}"]), sft=sft)
+    _, rows = load_datasets(load_config(overrides=[f"dataset_name={train}", f"eval_dataset_name={ev}",
+                                                   "answer_column=solution"]), sft=sft)
+    assert rows[0]["solution"] == "4"
+
+
 def test_sft_rows_need_completion(tmp_path):
     path = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     with pytest.raises(DatasetError, match="row 1: missing column 'completion'"):
@@ -331,3 +362,13 @@ def test_token_budget_is_checked_against_the_trainers_longest_row(tmp_path):
     with pytest.raises(ConfigError, match=r"max_tokens_per_batch must be >= max_prompt_length \+ "
                                           r"max_completion_length \(the longest GRPO row\) = 40, got 39"):
         trainer(GRPOTrainer, "grpo_small", "max_prompt_length=32", "max_length=16", "max_tokens_per_batch=39")
+
+
+@pytest.mark.parametrize("column", ["completions", "completion_ids", "trainer_state", "log_metric"])
+def test_a_column_named_like_a_reward_argument_is_an_error(tmp_path, column):
+    """Reward functions get the columns by name beside their own arguments: such a column would replace one."""
+    from r1train.loading import load_datasets
+
+    train = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1+1?", "answer": "2", column: "x"}])
+    with pytest.raises(DatasetError, match=rf"column\(s\) \['{column}'\] have the name of an argument"):
+        load_datasets(load_config(overrides=[f"dataset_name={train}"]))

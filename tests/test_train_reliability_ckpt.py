@@ -79,10 +79,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(sft_run, tmp_path):
     out = _copy(sft_run, tmp_path)
     with pytest.raises(ConfigError) as e:
         _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "seed=7", "num_generations=2",
-             "per_device_train_batch_size=4", "learning_rate=0.5", "use_peft=true")
+             "per_device_train_batch_size=4", "learning_rate=0.5", "use_peft=true", "task_eval_size=20",
+             "completion_only_loss=false")
     msg = str(e.value)
-    # learning_rate: the optimizer state would restore the old one; use_peft: the saved state has no adapter
-    for k in ("seed", "num_generations", "per_device_train_batch_size", "learning_rate", "use_peft"):
+    # learning_rate: the optimizer state would restore the old one; use_peft: the saved state has no adapter;
+    # task_eval_size: the held-out problems are left out of the training rows
+    for k in ("seed", "num_generations", "per_device_train_batch_size", "learning_rate", "use_peft",
+              "task_eval_size", "completion_only_loss"):
         assert k in msg, msg
     assert "max_steps" not in msg
     t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "logging_steps=3")  # run-control keys may change
