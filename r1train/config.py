@@ -113,9 +113,9 @@ class TrainConfig:
     offload_param: bool = f(False, "ZeRO-3 parameter offload: parameters in CPU memory between uses "
                             "(zero_stage 3)")
     disable_tqdm: bool = f(False, "no progress bar")
-    report_to: list = f([], "metrics backends, through their own clients: tensorboard (when installed), wandb, "
-                        "trackio; 'all' (every installed one); 'none' or [] (TRL's default) for none (metrics.jsonl "
-                        "and completions.jsonl are written whatever this is)")
+    report_to: list = f([], "metrics backends, through their own clients: tensorboard, wandb, trackio (each "
+                        "must be installed); 'all' (every installed one); 'none' or [] (TRL's default) for none "
+                        "(metrics.jsonl and completions.jsonl are written whatever this is)")
     eval_steps: int = f(0, "evaluate held-out accuracy every N steps (0 = only before and after)")
     eval_num_samples: int = f(1, "samples per held-out prompt for pass@1 (temperature = eval_temperature)")
     eval_temperature: float = f(1.0, "sampling temperature of held-out evaluation")
@@ -254,6 +254,8 @@ class TrainConfig:
         for k in non_neg:
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed(seed + epoch) takes 64 bits
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps must be >= 1, or -1 to train for num_train_epochs; got {self.max_steps}")
         if self.num_train_epochs <= 0:
@@ -293,11 +295,20 @@ class TrainConfig:
             if self.sync_ref_model:
                 raise ConfigError("sync_ref_model: with use_peft the reference is the base model with the "
                                   "adapters disabled; it cannot be synced")
+        if self.sync_ref_model and self.beta == 0:  # as TRL 1.16's GRPOTrainer
+            raise ConfigError("sync_ref_model: with beta 0 there is no reference model to sync; set beta > 0 or "
+                              "sync_ref_model=false")
         rt = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         bad = [x for x in rt if x not in ("tensorboard", "wandb", "trackio", "all", "none")]
         if bad or (len(rt) > 1 and ("all" in rt or "none" in rt)):
             raise ConfigError(f"report_to must list tensorboard, wandb and/or trackio, or be 'all' or 'none'; "
                               f"got {self.report_to!r}")
+        from .metrics import _installed
+
+        missing = [x for x in rt if x not in ("all", "none") and not _installed(x)]
+        if missing:  # 'all' takes the installed ones; a named backend must be there
+            raise ConfigError(f"report_to lists {missing}, not installed (pip install {' '.join(missing)}); "
+                              "report_to=all takes the installed backends")
         from r1kernels import _checks, check_sampling_options
 
         try:  # temperature / top_p / top_k / min_p: the ranges rk.sample_tokens itself accepts
@@ -524,8 +535,8 @@ def _coerce(x: dataclasses.Field, raw: str):
     except yaml.YAMLError as e:
         raise ConfigError(f"{x.name}: cannot parse {raw!r}: {e}") from e
     t = typing.get_type_hints(TrainConfig)[x.name]
-    if isinstance(v, (int, float, bool)) and (t is str or t == Optional[str]):
-        v = raw  # a string field keeps the text as typed (e.g. dataset names that look like numbers)
+    if v is not None and not isinstance(v, str) and (t is str or t == Optional[str]):
+        v = raw  # a string field keeps the text as typed (names that YAML reads as numbers, dates, lists)
     if isinstance(v, int) and not isinstance(v, bool) and (t is float or t == Optional[float]):
         v = float(v)
     if isinstance(v, str) and (t is list or t == Optional[list]):
@@ -551,6 +562,8 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for k, v in data.items():
+            if not isinstance(k, str):  # YAML reads `1:` as an int key
+                raise ConfigError(f"{path}: {_unknown(str(k))}")
             if k in STAGES:
                 if not isinstance(v, dict):
                     raise ConfigError(f"{path}: section {k!r} must be a mapping")

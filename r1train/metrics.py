@@ -68,7 +68,7 @@ class PhaseClock:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, *, rank: int = 0, report_to=("tensorboard",), resume_step: int = 0,
+    def __init__(self, output_dir: str, *, rank: int = 0, report_to=(), resume_step: int = 0,
                  config: dict | None = None):
         self.dir, self.rank = output_dir, rank
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -212,15 +212,12 @@ def _py(v):
 def _open(name: str, output_dir: str, config: dict, resume: bool):
     """The backend's client; a resumed training run continues the backend run it started (wandb: its id is
     kept in output_dir), a fresh one starts a new run."""
-    if name == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("tensorboard not installed; metrics go to metrics.jsonl only")
-            return None
-        return SummaryWriter(os.path.join(output_dir, "runs"))
-    if not _installed(name):
+    if not _installed(name):  # named (not through 'all'): TrainConfig.validate says so before any work
         raise ImportError(f"report_to lists {name!r}, which is not installed (pip install {name})")
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(os.path.join(output_dir, "runs"))
     mod = __import__(name)
     id_path = os.path.join(output_dir, f".{name}_run_id")
     run_name = os.path.basename(os.path.abspath(output_dir))

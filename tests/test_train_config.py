@@ -21,11 +21,19 @@ from r1train.data import DatasetError, load_rows
     ("reward_weights=1,x", "reward_weights: 'x' is not a number"),
     ("reward_funcs=[]", "reward_funcs must be a non-empty list"),
     ("adam_epsilon=0", "adam_epsilon must be > 0"),
+    ("seed=18446744073709551616", "seed must be in [0, 2**63)"),
+    ("seed=-1", "seed must be in [0, 2**63)"),
+    ("sync_ref_model=true", "sync_ref_model: with beta 0 there is no reference model"),
+    ("output_dir=2024-01-01", "__ok__"),
     ("temperature=0", "temperature must be > 0"),
     ("temperature=1e-40", "temperature must be >= 1e-05"),
     ("eval_temperature=1e-7", "eval_temperature must be >= 1e-05"),
 ])
 def test_bad_override(override, msg):
+    if msg == "__ok__":  # a string key keeps the text as typed, whatever YAML would read it as
+        k, _, v = override.partition("=")
+        assert getattr(load_config(overrides=[override]), k) == v
+        return
     with pytest.raises(ConfigError) as e:
         load_config(overrides=[override])
     assert msg in str(e.value)
@@ -43,6 +51,9 @@ def test_yaml_sections_and_precedence(tmp_path):
     assert c.scale_rewards == "none" and c.reward_weights == [1.0, 0.5]
     p.write_text("lr: 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'lr'"):
+        load_config(str(p))
+    p.write_text("1: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key '1'"):
         load_config(str(p))
     p.write_text("reward_weights: [1, 2]\n")
     with pytest.raises(ConfigError, match="reward_weights has 2 entries but reward_funcs has 2|reward_weights"):
