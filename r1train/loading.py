@@ -21,15 +21,27 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
         model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
                            num_layers=cfg.model_num_layers)
         return maybe_patch(model, cfg), tok
+    mkey = "model_name_or_path" if path == cfg.model_name_or_path else "model directory"
     if not os.path.isdir(path):
         raise ConfigError(f"model_name_or_path: {path!r} is neither one of {TINY_MODELS} nor a local model "
                           "directory (nothing is downloaded)")
-    key = "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else (
-        "model_name_or_path" if path == cfg.model_name_or_path else "model directory")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+            os.path.join(path, "config.json")):
+        raise ConfigError(f"{mkey}: {path!r} holds LoRA adapters (adapter_config.json), not a whole model: fold "
+                          "them into their base model first (r1train merge model_name_or_path=BASE "
+                          f"adapter_path={path} output_dir=OUT)")
+    key = "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else mkey
     tok = load_tokenizer(cfg.tokenizer_name_or_path or path, key)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    except (OSError, ValueError) as e:  # no or unreadable config / weights, an unknown model type
+        raise ConfigError(f"{mkey}: cannot load a model from {path!r}: {e}") from e
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_emb:  # a token id past the embedding: an IndexError (a device assert on CUDA) mid-run
+        raise ConfigError(f"{key}: the tokenizer has {len(tok)} tokens, the model's embedding {n_emb} rows; resize "
+                          "the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it first")
     return maybe_patch(model, cfg), tok
 
 

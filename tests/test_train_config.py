@@ -219,6 +219,36 @@ def test_bad_tokenizer_path_names_the_key(tmp_path):
         load_model_and_tokenizer(cfg)
 
 
+def test_model_directories_that_cannot_train_name_the_key(tmp_path):
+    """A tokenizer with more tokens than the model's embedding (an IndexError mid-run before), a LoRA adapter
+    checkpoint given as the model (a raw OSError from the Hub client), a directory with a broken config."""
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.tasks import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    model_dir, big_tok = tmp_path / "m", tmp_path / "tok"
+    tiny_model("tiny-qwen2", tok, hidden_size=32, num_layers=1).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = load_config(overrides=[f"model_name_or_path={model_dir}"])
+    model, _ = load_model_and_tokenizer(cfg)  # the model's own tokenizer fits
+    big = char_tokenizer()
+    big.add_tokens(["<extra>"])
+    big.save_pretrained(big_tok)
+    cfg = load_config(overrides=[f"model_name_or_path={model_dir}", f"tokenizer_name_or_path={big_tok}"])
+    n = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ConfigError, match=rf"tokenizer_name_or_path: the tokenizer has {n + 1} tokens, the model's "
+                                          rf"embedding {n} rows"):
+        load_model_and_tokenizer(cfg)
+    adapter = tmp_path / "checkpoint-3"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="model_name_or_path: .* holds LoRA adapters .*r1train merge"):
+        load_model_and_tokenizer(load_config(overrides=[f"model_name_or_path={adapter}"]))
+    (model_dir / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(ConfigError, match="model_name_or_path: cannot load a model from"):
+        load_model_and_tokenizer(load_config(overrides=[f"model_name_or_path={model_dir}"]))
+
+
 def test_unreadable_data_files_name_the_file(tmp_path):
     """Malformed .json, non-UTF-8 .json/.jsonl, a bad parquet file and a directory that holds no saved dataset
     are DatasetErrors naming the key and file (they were raw JSONDecodeError / UnicodeDecodeError /
