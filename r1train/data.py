@@ -8,9 +8,12 @@ row index and the reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("r1train")
 
 
 class DatasetError(ValueError):
@@ -139,9 +142,23 @@ def prompt_ids(tok, prompt) -> list[int]:
     return tok(text, add_special_tokens=not templated)["input_ids"]
 
 
+_warned_truncation: set = set()  # max_prompt_length values already warned about in this process
+
+
+def keep_prompt_tail(ids: list, max_prompt_length: int) -> list:
+    """A prompt's last max_prompt_length tokens; the first cut prompt of a process logs a warning that names the
+    key (TRL 1.16 cuts no prompt: a cut drops a system message or the start of a chat template unseen)."""
+    if len(ids) > max_prompt_length and max_prompt_length not in _warned_truncation:
+        _warned_truncation.add(max_prompt_length)
+        log.warning("a prompt of %d tokens keeps its last max_prompt_length=%d (its start, e.g. a system message, "
+                    "is dropped; this warning is shown once): raise max_prompt_length to keep whole prompts",
+                    len(ids), max_prompt_length)
+    return ids[-max_prompt_length:]
+
+
 def encode_prompts(tok, prompts, max_prompt_length: int):
     """Left-padded prompt ids/mask [B, P] (prompt_ids); longer prompts keep their last max_prompt_length tokens."""
-    return left_pad([prompt_ids(tok, p)[-max_prompt_length:] for p in prompts], tok.pad_token_id)
+    return left_pad([keep_prompt_tail(prompt_ids(tok, p), max_prompt_length) for p in prompts], tok.pad_token_id)
 
 
 def left_pad(seqs, pad_id):
@@ -276,7 +293,7 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prom
         p, comp = cache.string_row(row["prompt"], c)
     else:
         p, comp = cache.prompt(row["prompt"]), cache.text(c) + [tok.eos_token_id]
-    p = p[-max_prompt_length:][:max_length]
+    p = keep_prompt_tail(p, max_prompt_length)[:max_length]
     comp = comp[:max_length - len(p)]
     if not completion_only_loss:
         p, comp = (p + comp)[:1], (p + comp)[1:]

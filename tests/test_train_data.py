@@ -99,3 +99,26 @@ def test_sft_string_rows_are_tokenized_as_trl_sft():
                                  max_prompt_length=512, cache=cache)
             assert (p, comp) == (full[:n], full[n:])
             assert p[0] == tok.bos_token_id and comp[-1] == tok.eos_token_id and tok.eos_token_id not in comp[:-1]
+
+
+def test_a_cut_prompt_is_warned_about_once(caplog, monkeypatch):
+    """Prompts over max_prompt_length keep their last tokens (GRPO and SFT); the first cut in a process logs a
+    warning naming the key (it was silent: a system message could go unseen)."""
+    import logging
+
+    import r1train.data as D
+    from r1train.tasks import char_tokenizer
+
+    monkeypatch.setattr(D, "_warned_truncation", set())
+    tok = char_tokenizer()
+    long, short = "1+2+3+4+5+6+7+8+9=", "1+2="
+    full = D.prompt_ids(tok, long)
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        ids, mask = D.encode_prompts(tok, [short, long], len(full))
+        assert not caplog.records  # nothing cut
+        ids, mask = D.encode_prompts(tok, [short, long], 5)
+        assert ids[1].tolist() == full[-5:] and mask.sum(1).tolist() == [min(5, len(D.prompt_ids(tok, short))), 5]
+        assert len(caplog.records) == 1 and "max_prompt_length=5" in caplog.text
+        p, _ = D.sft_tokens(tok, {"prompt": long, "completion": "45"}, 0, completion_column="completion",
+                            max_length=64, max_prompt_length=5)
+        assert p == full[-5:] and len(caplog.records) == 1  # once per value
