@@ -471,6 +471,17 @@ def test_empty_prompt(engine, lens, row):
             hf_generate(model, ids, mask, seeds, sp, eos_id=1, pad_id=0)
 
 
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_right_padded_prompt_is_an_error(engine):
+    """A row whose mask has a 0 after a 1 (right padding, a hole): a ValueError naming the row (was accepted:
+    the completion continued after the padding)."""
+    model = _model("tiny-qwen2", layers=1)
+    ids, mask = _prompts([3, 2, 4])
+    mask[1] = mask[1].flip(0)  # row 1 right-padded
+    with pytest.raises(ValueError, match=r"prompt_mask_BP: row 1 is not left-padded"):
+        generate(model, ids, mask, [0, 1, 2], SamplingParams(3), eos_id=1, pad_id=0, engine=engine)
+
+
 @pytest.mark.parametrize("kw,name", [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                                      (dict(top_k=-1), "top_k"), (dict(temperature=0.0), "temperature"),
                                      (dict(min_p=1.0), "min_p"), (dict(max_new_tokens=0), "max_new_tokens"),

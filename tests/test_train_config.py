@@ -24,6 +24,9 @@ from r1train.data import DatasetError, load_rows
     ("seed=18446744073709551616", "seed must be in [0, 2**63)"),
     ("seed=-1", "seed must be in [0, 2**63)"),
     ("sync_ref_model=true", "sync_ref_model: with beta 0 there is no reference model"),
+    ("model_hidden_size=1", "model_hidden_size must be a multiple of 8"),
+    ("model_hidden_size=36", "model_hidden_size must be a multiple of 8"),
+    ("model_name_or_path=tiny-deepseek-v3 model_hidden_size=24", "model_hidden_size must be a multiple of 16"),
     ("output_dir=2024-01-01", "__ok__"),
     ("temperature=0", "temperature must be > 0"),
     ("temperature=1e-40", "temperature must be >= 1e-05"),
@@ -35,7 +38,7 @@ def test_bad_override(override, msg):
         assert getattr(load_config(overrides=[override]), k) == v
         return
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=[override])
+        load_config(overrides=override.split(" "))
     assert msg in str(e.value)
 
 

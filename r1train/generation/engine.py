@@ -83,13 +83,19 @@ def eos_tuple(eos_id) -> tuple:
 
 
 def check_prompt_rows(prompt_mask_BP: torch.Tensor):
-    """Every row has a prompt token: a completion needs a prompt to condition on (ValueError naming the first
-    row without one). One host read."""
+    """Every row has a prompt token (a completion needs a prompt to condition on) and is left-padded (its
+    tokens are its last columns: a right-padded row would continue after its padding): a ValueError naming the
+    first row that is not. One host read."""
     B, P = prompt_mask_BP.shape
-    empty = (prompt_mask_BP.sum(1) == 0).nonzero().flatten().tolist()
+    m_BP = prompt_mask_BP.bool()
+    flags_2B = torch.stack([~m_BP.any(1), (m_BP[:, :-1] & ~m_BP[:, 1:]).any(1)])
+    empty, gap = (f.nonzero().flatten().tolist() for f in flags_2B.cpu())
     if empty:
         raise ValueError(f"prompt_mask_BP: row {empty[0]} has no prompt tokens ({len(empty)} such row(s) of {B}, "
                          f"P={P} prompt columns); a completion needs a prompt to condition on")
+    if gap:
+        raise ValueError(f"prompt_mask_BP: row {gap[0]} is not left-padded (a 0 after a 1; {len(gap)} such row(s) "
+                         f"of {B}): prompts must end in the last column (tokenizer padding_side='left')")
 
 
 def distinct_rows(ids_BP: torch.Tensor, mask_BP: torch.Tensor):
