@@ -18,9 +18,10 @@ except ImportError:
 # Programmatic dependent launch for the decode step's kernels (rms_norm, decode_linear, decode attention) on
 # Hopper or newer: each launch may start while its predecessor finishes, and waits (gdc_wait, first thing in
 # every program) until the predecessor has completed and its writes are visible. Since every kernel launched
-# so waits before it can complete, completion stays ordered along the stream. OFF by default until measured on
-# a GPU (R1K_PDL=1 or device.PDL = True turns it on; bench_rollout --ab pdl times it beside the default, and
-# captured graphs keep what they captured: reset the engine after a change).
+# so waits before it can complete, completion stays ordered along the stream. OFF: measured slower, the fixed
+# rollout 1.264 -> 1.295 s (+2.4%, H100, cd8bc50, results/rollout_ab_h100_2026-12-05_cd8bc50.json; cause not
+# yet measured). R1K_PDL=1 or device.PDL = True turns it on; bench_rollout --ab pdl times it beside the default
+# (captured graphs keep what they captured: reset the engine after a change).
 PDL = os.environ.get("R1K_PDL", "0") == "1"
 
 

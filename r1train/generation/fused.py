@@ -28,9 +28,10 @@ from r1kernels.reference.decode_linear import stacked
 # q/k/v 5.2 vs 6.0 us, o_proj 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8; down_proj lost (13.4 vs 12.7) and is not
 # here. The fixed rollout with these three: 1.042 s vs 1.087 s (results/rollout_h200_2026-12-05_3267bdf.json). At
 # 7B's shapes the kernel's eligibility (one wave of programs) leaves every projection on cuBLAS, measured faster there.
-# Also accepted, not measured on a GPU yet (bench_rollout --ab down / norm): "down_proj"; "norm": each decoder
-# layer's two RMSNorms folded into its q/k/v and gate/up kernels (rk.decode_linear's norm_weight: 56 rms_norm
-# launches fewer a 1.5B step; _folded).
+# Also accepted, measured slower (H100, cd8bc50, bench_rollout --ab): "norm", each decoder layer's two RMSNorms
+# folded into its q/k/v and gate/up kernels (rk.decode_linear's norm_weight; _folded): the fixed rollout +2.5%
+# (56 rms_norm launches fewer, 0.1 ms of decode_linear time more a step); "down_proj" (with PDL and norm: +5.1%
+# against +4.3% without it).
 DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
 
 
