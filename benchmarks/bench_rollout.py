@@ -133,7 +133,8 @@ AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent l
       "norm": "RMSNorms folded into the q/k/v and gate/up kernels",
       "shared": "rows of one prompt reading one copy of its keys/values (attention.SHARED_PROMPT)",
       "emit": "the step's bookkeeping after sampling as one kernel (engine.STEP_FUSIONS)",
-      "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)"}
+      "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)",
+      "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)"}
 
 
 @contextlib.contextmanager
@@ -163,7 +164,9 @@ def ab_variant(v: str):
             elif change == "shared":
                 ga.SHARED_PROMPT = True
             elif change in ("emit", "rope_table"):
-                ge.STEP_FUSIONS = (*ge.STEP_FUSIONS, change)
+                ge.STEP_FUSIONS = tuple(dict.fromkeys((*ge.STEP_FUSIONS, change)))
+            elif change == "nofusions":
+                ge.STEP_FUSIONS = ()
         yield
     finally:
         fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS = kept[0], kept[1], kept[3], kept[4]
