@@ -480,6 +480,13 @@ def test_right_padded_prompt_is_an_error(engine):
     mask[1] = mask[1].flip(0)  # row 1 right-padded
     with pytest.raises(ValueError, match=r"prompt_mask_BP: row 1 is not left-padded"):
         generate(model, ids, mask, [0, 1, 2], SamplingParams(3), eos_id=1, pad_id=0, engine=engine)
+    ids, mask = _prompts([3, 2, 4])
+    V = model.get_input_embeddings().num_embeddings
+    ids[2, -1] = V  # a token the embedding does not have (an IndexError, a device assert on CUDA)
+    ids[0, 0] = V  # in row 0's padding: not read, not an error
+    with pytest.raises(ValueError, match=rf"prompt_ids_BP: row 2 holds a token id outside the model's embedding "
+                                         rf"\[0, {V}\)"):
+        generate(model, ids, mask, [0, 1, 2], SamplingParams(3), eos_id=1, pad_id=0, engine=engine)
 
 
 @pytest.mark.parametrize("kw,name", [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),

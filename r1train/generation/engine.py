@@ -83,20 +83,25 @@ def eos_tuple(eos_id) -> tuple:
     return ids
 
 
-def check_prompt_rows(prompt_mask_BP: torch.Tensor):
-    """Every row has a prompt token (a completion needs a prompt to condition on) and is left-padded (its
-    tokens are its last columns: a right-padded row would continue after its padding): a ValueError naming the
-    first row that is not. One host read."""
+def check_prompt_rows(prompt_mask_BP: torch.Tensor, prompt_ids_BP: torch.Tensor, model):
+    """Every row has a prompt token (a completion needs a prompt to condition on), is left-padded (its tokens
+    are its last columns: a right-padded row would continue after its padding) and holds ids the model's
+    embedding has: a ValueError naming the first row that does not. One host read."""
     B, P = prompt_mask_BP.shape
+    V = model.get_input_embeddings().num_embeddings
     m_BP = prompt_mask_BP.bool()
-    flags_2B = torch.stack([~m_BP.any(1), (m_BP[:, :-1] & ~m_BP[:, 1:]).any(1)])
-    empty, gap = (f.nonzero().flatten().tolist() for f in flags_2B.cpu())
+    flags_3B = torch.stack([~m_BP.any(1), (m_BP[:, :-1] & ~m_BP[:, 1:]).any(1),
+                            (m_BP & ((prompt_ids_BP < 0) | (prompt_ids_BP >= V))).any(1)])
+    empty, gap, bad = (f.nonzero().flatten().tolist() for f in flags_3B.cpu())
     if empty:
         raise ValueError(f"prompt_mask_BP: row {empty[0]} has no prompt tokens ({len(empty)} such row(s) of {B}, "
                          f"P={P} prompt columns); a completion needs a prompt to condition on")
     if gap:
         raise ValueError(f"prompt_mask_BP: row {gap[0]} is not left-padded (a 0 after a 1; {len(gap)} such row(s) "
                          f"of {B}): prompts must end in the last column (tokenizer padding_side='left')")
+    if bad:
+        raise ValueError(f"prompt_ids_BP: row {bad[0]} holds a token id outside the model's embedding [0, {V}) "
+                         f"({len(bad)} such row(s) of {B}); is the tokenizer the model's?")
 
 
 def distinct_rows(ids_BP: torch.Tensor, mask_BP: torch.Tensor):
@@ -310,7 +315,7 @@ class Engine:
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
-        check_prompt_rows(prompt_mask_BP)
+        check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model)
         eos = eos_tuple(eos_id)
         if eos not in self._eos:
             self._eos[eos] = torch.tensor(eos, dtype=torch.int64, device=dev)

@@ -66,7 +66,7 @@ def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pa
     """-> (tokens [B, T'], fp32 log-probs [B, T']); eos_id an int or a sequence of ints; after a row's first eos
     its tokens are pad_id and its log-probs 0."""
     P = prompt_ids_BP.shape[1]
-    check_prompt_rows(prompt_mask_BP)
+    check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model)
     eos = eos_tuple(eos_id)  # negative ids never match
     torch.manual_seed(zlib.crc32(repr([int(s) for s in seeds_B]).encode()))
     was_training = model.training
