@@ -163,7 +163,9 @@ class Engine:
         self._rec = None    # the model's recorder during a recording rollout
         self.graphs: dict = {}
         self.pool = None
-        self._qkv: dict = {}  # attention module id -> concatenated q/k/v weight, bias (fused.py)
+        # the fused decode ops' kept buffers (fused.py): attention module id -> concatenated q/k/v (weight, bias);
+        # ("rope", rotary module id) -> (its cos / sin table,) with STEP_FUSIONS "rope_table"
+        self._qkv: dict = {}
         self._eos: dict = {}  # eos tuple -> int64 tensor of its ids (static: the captured steps read it)
         self._sig = None
         self.stats = {"captures": 0, "capture_seconds": 0.0}
@@ -198,7 +200,7 @@ class Engine:
         self._qkv.clear()
 
     def memory_bytes(self) -> int:
-        """Device bytes this engine holds between rollouts: KV cache, decode state, q/k/v buffers (the
+        """Device bytes this engine holds between rollouts: KV cache, decode state, q/k/v and rotary buffers (the
         CUDA graphs' private pool is not counted)."""
         ts = [] if self.cache is None else [t for t in self.cache.k + self.cache.v if t is not None]
         ts += [] if self.st is None else [*self.st.small(), self.st.out_tok, self.st.out_logp]
