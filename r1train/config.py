@@ -251,8 +251,10 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         # the tiny models' 4 attention heads need an even head size (rotary); tiny-deepseek-v3 rotates half of
         # each head: a multiple of 4
+        from .tasks import TINY_MODELS  # the key sizes only these (a local model directory ignores it)
+
         mult = 16 if self.model_name_or_path == "tiny-deepseek-v3" else 8
-        if self.model_hidden_size % mult:
+        if self.model_name_or_path in TINY_MODELS and self.model_hidden_size % mult:
             raise ConfigError(f"model_hidden_size must be a multiple of {mult} for {self.model_name_or_path} "
                               f"(4 attention heads, rotary halves), got {self.model_hidden_size}")
         non_neg = ["learning_rate", "weight_decay", "max_grad_norm", "logging_steps", "save_steps", "eval_steps",

@@ -74,9 +74,10 @@ def _read_json(path, key):
     return rows
 
 
-def load_rows(name: str, split: str = "train", required=("prompt",), key: str = "dataset") -> list[dict]:
+def load_rows(name: str, split: str = "train", required=("prompt",), key: str = "dataset",
+              split_key: str = "dataset_split") -> list[dict]:
     """Rows of a .jsonl/.json/.parquet file or a Hugging Face dataset, validated. key: the config key that named
-    it, for the errors (DatasetError naming the key and the file)."""
+    it, split_key the one that named the split, for the errors (DatasetError naming the key and the file)."""
     if name.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(name):
         raise DatasetError(f"{key}: dataset file {name!r} does not exist")
     if name.endswith(".jsonl"):
@@ -106,7 +107,8 @@ def load_rows(name: str, split: str = "train", required=("prompt",), key: str = 
             raise DatasetError(f"{key}: cannot load {name!r} as {what}: {type(e).__name__}: {e}") from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DatasetError(f"{key}: dataset {name!r}: no split {split!r} (has {list(ds)})")
+                raise DatasetError(f"{key}: dataset {name!r}: no split {split!r} (has {list(ds)}; {split_key} "
+                                   "names the split)")
             ds = ds[split]
         rows = list(ds)
     return validate_rows(rows, name, required)

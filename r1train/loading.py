@@ -168,13 +168,13 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
         if sft:
             for r in train:
                 r[cfg.completion_column] = r["solution"]
-        if cfg.eval_dataset_name:
-            ev = load_rows(cfg.eval_dataset_name, cfg.dataset_test_split, key="eval_dataset_name")
     else:
         required = ("prompt", cfg.completion_column) if sft else ("prompt",)
         train = load_rows(cfg.dataset_name, cfg.dataset_split, required, key="dataset_name")
-        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_test_split, key="eval_dataset_name") \
-            if cfg.eval_dataset_name else []
+        ev = []
+    if cfg.eval_dataset_name:  # instead of the built-in task's held-out problems
+        ev = load_rows(cfg.eval_dataset_name, cfg.dataset_test_split, key="eval_dataset_name",
+                       split_key="dataset_test_split")
     if not sft:
         check_answer_column(cfg, train)
         check_reward_columns(cfg, train)

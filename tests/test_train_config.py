@@ -128,6 +128,10 @@ def test_eval_set_is_read_from_its_test_split(tmp_path):
     _, ev = load_datasets(load_config(overrides=[f"dataset_name={d}", f"eval_dataset_name={d}",
                                                  "dataset_test_split=validation"]))
     assert [r["prompt"] for r in ev] == ["validation 0", "validation 1"]
+    one = str(tmp_path / "one")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "p", "answer": "1"}])}).save_to_disk(one)
+    with pytest.raises(DatasetError, match=r"no split 'test' \(has \['train'\]; dataset_test_split names the split"):
+        load_datasets(load_config(overrides=[f"dataset_name={d}", f"eval_dataset_name={one}"]))
 
 
 @pytest.mark.parametrize("sft", [False, True])
@@ -232,7 +236,7 @@ def test_model_directories_that_cannot_train_name_the_key(tmp_path):
     model_dir, big_tok = tmp_path / "m", tmp_path / "tok"
     tiny_model("tiny-qwen2", tok, hidden_size=32, num_layers=1).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    cfg = load_config(overrides=[f"model_name_or_path={model_dir}"])
+    cfg = load_config(overrides=[f"model_name_or_path={model_dir}", "model_hidden_size=100"])  # ignored here
     model, _ = load_model_and_tokenizer(cfg)  # the model's own tokenizer fits
     big = char_tokenizer()
     big.add_tokens(["<extra>"])

@@ -130,3 +130,20 @@ def test_recipe_hands_on_a_merged_model(tmp_path):
     y.write_text("use_peft: true\nzero_stage: 3\n")
     with pytest.raises(ConfigError, match="use_peft with zero_stage=3"):
         pipeline.recipe(str(y), H.FAST + [f"output_dir={tmp_path / 'z3'}"])
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_generate_with_an_adapter_on_the_embedding(engine):
+    """peft's LoRA embedding wraps nn.Embedding (no num_embeddings of its own): generate()'s prompt-id check reads
+    the wrapped layer's size, and samples the same tokens as the adapter-free model (a fresh adapter adds 0)."""
+    from r1train.generation import SamplingParams, generate
+    from r1train.loading import apply_lora
+
+    cfg = load_config(overrides=[*H.FAST, "use_peft=true", "lora_target_modules=embed_tokens,q_proj"])
+    model, tok = load_model_and_tokenizer(cfg)
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    kw = dict(eos_id=-1, pad_id=0, engine=engine)
+    want, _ = generate(model, ids, mask, [0, 1], SamplingParams(3, greedy=True), **kw)
+    got, _ = generate(apply_lora(model, cfg), ids, mask, [0, 1], SamplingParams(3, greedy=True), **kw)
+    assert torch.equal(got, want)

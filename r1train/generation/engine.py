@@ -88,7 +88,8 @@ def check_prompt_rows(prompt_mask_BP: torch.Tensor, prompt_ids_BP: torch.Tensor,
     are its last columns: a right-padded row would continue after its padding) and holds ids the model's
     embedding has: a ValueError naming the first row that does not. One host read."""
     B, P = prompt_mask_BP.shape
-    V = model.get_input_embeddings().num_embeddings
+    emb = model.get_input_embeddings()
+    V = getattr(emb, "base_layer", emb).num_embeddings  # peft's LoRA embedding wraps the layer
     m_BP = prompt_mask_BP.bool()
     flags_3B = torch.stack([~m_BP.any(1), (m_BP[:, :-1] & ~m_BP[:, 1:]).any(1),
                             (m_BP & ((prompt_ids_BP < 0) | (prompt_ids_BP >= V))).any(1)])
