@@ -354,7 +354,8 @@ def main(argv=None):
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
-    bad = [c for v in a.ab.split(",") if v for c in v.split("+") if c not in AB]
+    variants = [v for v in a.ab.split(",") if v]
+    bad = [c for v in variants for c in v.split("+") if c not in AB]
     if bad:
         p.error(f"--ab: unknown change(s) {bad} (each one of {sorted(AB)})")
     tiny = a.device == "cpu"
@@ -368,7 +369,7 @@ def main(argv=None):
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
                          reps=a.reps, skip_peers=a.skip_peers,
-                         ab=[v for v in a.ab.split(",") if v])
+                         ab=variants)
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)
@@ -383,10 +384,9 @@ def main(argv=None):
             _write(a.out, model, results, a.device)
         if a.profile and a.device == "cuda" and name == "fixed":
             r["profile"] = profile_step(model, a.device)
-            abs_ = [v for v in a.ab.split(",") if v]
-            if abs_ and abs_[-1] not in r.get("ab_errors", {}):  # the last variant's step too: where it gained
-                with ab_variant(abs_[-1]):
-                    r["profile_ab"] = {"variant": abs_[-1], **profile_step(model, a.device)}
+            if variants and variants[-1] not in r.get("ab_errors", {}):  # the last variant's step too
+                with ab_variant(variants[-1]):
+                    r["profile_ab"] = {"variant": variants[-1], **profile_step(model, a.device)}
             if a.out:
                 _write(a.out, model, results, a.device)
     return results

@@ -176,13 +176,11 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
         ev = load_rows(cfg.eval_dataset_name, cfg.dataset_test_split, key="eval_dataset_name",
                        split_key="dataset_test_split")
     if not sft:
-        check_answer_column(cfg, train)
+        if "accuracy" in cfg.reward_funcs:  # else None for every sample: no learning signal
+            check_answer_column(cfg, train, repr(cfg.dataset_name), "the accuracy reward reads as `answer`")
         check_reward_columns(cfg, train)
-    if ev and not any(cfg.answer_column in r for r in ev):  # evaluation scores against it: else 0 for every row
-        cols = sorted(dict.fromkeys(k for r in ev[:100] for k in r))
-        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of eval_dataset_name="
-                           f"{cfg.eval_dataset_name!r} has this column, which evaluation scores against "
-                           f"(columns: {cols})")
+    if ev:  # evaluation scores against it: else 0 for every row
+        check_answer_column(cfg, ev, f"eval_dataset_name={cfg.eval_dataset_name!r}", "evaluation scores against")
     return train, ev
 
 
@@ -197,10 +195,9 @@ def check_reward_columns(cfg: TrainConfig, rows):
                            f"reward functions receive ({', '.join(REWARD_ARGS)}); rename them")
 
 
-def check_answer_column(cfg: TrainConfig, rows):
-    """The accuracy reward reads `answer` from answer_column: a training set without that column would give it
-    None for every sample (no learning signal), so that is an error naming the key."""
-    if "accuracy" in cfg.reward_funcs and not any(cfg.answer_column in r for r in rows):
+def check_answer_column(cfg: TrainConfig, rows, source: str, reader: str):
+    """Some row of `source` has answer_column, which `reader` reads: else an error naming the key."""
+    if not any(cfg.answer_column in r for r in rows):
         cols = sorted(dict.fromkeys(k for r in rows[:100] for k in r))
-        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of {cfg.dataset_name!r} has this column, "
-                           f"which the accuracy reward reads as `answer` (columns: {cols})")
+        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of {source} has this column, "
+                           f"which {reader} (columns: {cols})")

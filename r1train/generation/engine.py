@@ -166,7 +166,7 @@ class Engine:
         self.pool = None
         # the fused decode ops' kept buffers (fused.py): attention module id -> concatenated q/k/v (weight, bias);
         # ("rope", rotary module id) -> (its cos / sin table,) with STEP_FUSIONS "rope_table"
-        self._qkv: dict = {}
+        self._fused_buffers: dict = {}
         self._eos: dict = {}  # eos tuple -> int64 tensor of its ids (static: the captured steps read it)
         self._sig = None
         self.stats = {"captures": 0, "capture_seconds": 0.0}
@@ -198,14 +198,14 @@ class Engine:
         hooks to the model or changing it in ways the parameter storage does not show."""
         self._drop_graphs()
         self.cache = self.st = self.routes = None
-        self._qkv.clear()
+        self._fused_buffers.clear()
 
     def memory_bytes(self) -> int:
         """Device bytes this engine holds between rollouts: KV cache, decode state, q/k/v and rotary buffers (the
         CUDA graphs' private pool is not counted)."""
         ts = [] if self.cache is None else [t for t in self.cache.k + self.cache.v if t is not None]
         ts += [] if self.st is None else [*self.st.small(), self.st.out_tok, self.st.out_logp]
-        ts += [t for wb in self._qkv.values() for t in wb if t is not None]
+        ts += [t for wb in self._fused_buffers.values() for t in wb if t is not None]
         ts += [] if self.routes is None else [self.routes]
         return sum(t.numel() * t.element_size() for t in ts)
 
@@ -221,8 +221,8 @@ class Engine:
                 and all(len(rk._backend.available(op, dev.type)) > 1 for op in FUSED_OPS))
         try:
             rope = self.cache.length if "rope_table" in STEP_FUSIONS else None
-            with fused_decode_ops(self.model, self.backend, self._qkv, rope_sink=self.cache, rope_table=rope) \
-                    if fuse else contextlib.nullcontext():
+            with fused_decode_ops(self.model, self.backend, self._fused_buffers, rope_sink=self.cache,
+                                  rope_table=rope) if fuse else contextlib.nullcontext():
                 yield
         finally:
             _attn._ACTIVE.pop()
