@@ -301,10 +301,87 @@ def profile_step(model, device, rows=64, P=256, T=512, G=8):
     res["graph_step_ms"] = (t[T] - t[2]) / (T - 2) * 1e3
     res["prefill_and_first_step_s"] = t[2]
     res["prefill_profile"] = _profile_prefill(eng, ids, mask, seeds, device)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("kernels", "prefill_profile")}))
+    res["graph_timeline"] = graph_timeline(model, ids, mask, seeds)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("kernels", "prefill_profile", "graph_timeline")}))
+    gt = res["graph_timeline"]
+    if gt.get("replays"):
+        print("graph timeline (median replay): " + json.dumps({k: v for k, v in gt.items() if k not in
+                                                              ("replays", "top_gaps", "gap_by_pair")}))
     for k in res["kernels"][:25]:
         print(f"  {k['ms']:8.3f} ms  x{k['count']:4d}  {k['name']}")
     return res
+
+
+@torch.no_grad()
+def graph_timeline(model, ids, mask, seeds, steps=64, replays=5):
+    """Where the replayed decode step's time goes between kernels: the step's graph (captured by a rollout of
+    `steps` tokens) replayed `replays` times under torch.profiler, each replay's kernels (CUPTI records the graph's
+    kernel nodes) reduced by timeline_stats. The replays continue the rollout's rows (the cache holds P + 256)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1train.generation import Engine, SamplingParams
+
+    eng = Engine(model)
+    eng.generate(ids, mask, seeds, SamplingParams(steps), eos_id=-1, pad_id=0)
+    if len(eng.graphs) != 1:
+        return {"error": f"expected one captured graph, got {len(eng.graphs)}"}
+    g = next(iter(eng.graphs.values()))
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+            torch.cuda.synchronize()  # host gap between replays: timeline_stats splits the trace there
+    kern = [(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3) for e in prof.profiler.kineto_results.events()
+            if str(e.device_type()).endswith("CUDA") and e.duration_ns() > 0]
+    eng.reset()
+    return timeline_stats(kern)
+
+
+def timeline_stats(kern, split_us=50.0, top=12) -> dict:
+    """kern: (name, start_us, end_us) of device kernels. Replays are runs of kernels separated by more than split_us
+    of idle device. Per replay: span (first start to last end), busy (union of kernel intervals), gaps (idle time
+    between kernels inside the span = span - busy), overlap (sum of kernel durations - busy: kernels running at once,
+    as with programmatic dependent launch). The median replay's figures, its largest gaps and the gap time by
+    (previous kernel, next kernel) name pair (names cut at 40 characters)."""
+    kern = sorted(kern, key=lambda k: k[1])
+    runs, cur, end = [], [], None
+    for k in kern:
+        if cur and k[1] - end > split_us:
+            runs.append(cur)
+            cur = []
+        cur.append(k)
+        end = k[2] if len(cur) == 1 else max(end, k[2])
+    if cur:
+        runs.append(cur)
+    stats = []
+    for r in runs:
+        busy, s0, e0 = 0.0, r[0][1], r[0][2]
+        gaps = []
+        for prev, k in zip(r, r[1:]):
+            if k[1] > e0:
+                busy += e0 - s0
+                gaps.append((k[1] - e0, prev[0][:40], k[0][:40]))
+                s0, e0 = k[1], k[2]
+            else:
+                e0 = max(e0, k[2])
+        busy += e0 - s0
+        span = max(k[2] for k in r) - r[0][1]
+        stats.append({"kernels": len(r), "span_us": span, "busy_us": busy, "gap_us": span - busy,
+                      "overlap_us": sum(k[2] - k[1] for k in r) - busy, "gaps": gaps})
+    if not stats:
+        return {"replays": 0}
+    med = sorted(stats, key=lambda s: s["span_us"])[len(stats) // 2]
+    pair: dict = {}
+    for us, a, b in med["gaps"]:
+        n, t = pair.get((a, b), (0, 0.0))
+        pair[(a, b)] = (n + 1, t + us)
+    out = {k: v for k, v in med.items() if k != "gaps"}
+    out.update(replays=len(stats), spans_us=[s["span_us"] for s in stats], gap_count=len(med["gaps"]),
+               top_gaps=[{"us": us, "after": a, "before": b} for us, a, b in sorted(med["gaps"], reverse=True)[:top]],
+               gap_by_pair=[{"after": a, "before": b, "count": n, "us": t}
+                            for (a, b), (n, t) in sorted(pair.items(), key=lambda kv: -kv[1][1])[:top]])
+    return out
 
 
 def _device_top(evs, n: int) -> list[dict]:

@@ -54,3 +54,23 @@ def test_memory_bench_on_a_gpu_only_by_name(device, only, runs, monkeypatch, tmp
     _fake_benches(monkeypatch, mods)
     assert runner.main(["--device", device, "--out", str(tmp_path), *(["--only", only] if only else [])]) == 0
     assert bool(ran) == runs
+
+
+def test_graph_timeline_stats_split_replays_gaps_and_overlap():
+    from benchmarks.bench_rollout import timeline_stats
+
+    # replay 1: a [0, 10], b [12, 20] (gap 2), c [18, 30] (overlaps b by 2), d [31, 35] (gap 1): span 35,
+    # busy 10 + 18 + 4 = 32, gap 3, overlap (10 + 8 + 12 + 4) - 32 = 2
+    r1 = [("a", 0, 10), ("b", 12, 20), ("c", 18, 30), ("d", 31, 35)]
+    # replay 2 (starts 1000 us later): a [0, 10], b [15, 20]: span 20, busy 15, gap 5, no overlap
+    r2 = [("a", 1000, 1010), ("b", 1015, 1020)]
+    # replay 3: one kernel nested in another: span 40, busy 40, overlap 10
+    r3 = [("x", 2000, 2040), ("y", 2010, 2020)]
+    got = timeline_stats(r2 + r3 + r1)  # any order
+    assert got["replays"] == 3 and got["spans_us"] == [35, 20, 40]
+    assert (got["span_us"], got["busy_us"], got["gap_us"], got["overlap_us"], got["kernels"]) == (35, 32, 3, 2, 4)
+    assert got["gap_count"] == 2
+    assert got["top_gaps"] == [{"us": 2, "after": "a", "before": "b"}, {"us": 1, "after": "c", "before": "d"}]
+    assert {(p["after"], p["before"], p["count"], p["us"]) for p in got["gap_by_pair"]} == {("a", "b", 1, 2),
+                                                                                         ("c", "d", 1, 1)}
+    assert timeline_stats([]) == {"replays": 0}
