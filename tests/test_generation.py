@@ -101,8 +101,8 @@ def _greedy_follows_updates(model, lens, T, updated, check):
 
 
 def _qkv_buffers(eng) -> int:
-    """The engine's concatenated q/k/v buffers (keyed by module id; its rotary tables are ("rope", id))."""
-    return sum(not isinstance(k, tuple) for k in eng._fused_buffers)
+    """The engine's concatenated q/k/v buffers (one per attention module that needs a copy)."""
+    return len(eng._fused_buffers.get("qkv", {}))
 
 
 def test_fused_qkv_follows_in_place_updates():

@@ -164,8 +164,8 @@ class Engine:
         self._rec = None    # the model's recorder during a recording rollout
         self.graphs: dict = {}
         self.pool = None
-        # the fused decode ops' kept buffers (fused.py): attention module id -> concatenated q/k/v (weight, bias);
-        # ("rope", rotary module id) -> (its cos / sin table,) with STEP_FUSIONS "rope_table"
+        # the fused decode ops' kept buffers (fused.fused_decode_ops): "qkv": attention module id -> concatenated
+        # q/k/v (weight, bias); "rope": rotary module id -> (its cos / sin table,) with STEP_FUSIONS "rope_table"
         self._fused_buffers: dict = {}
         self._eos: dict = {}  # eos tuple -> int64 tensor of its ids (static: the captured steps read it)
         self._sig = None
@@ -205,7 +205,7 @@ class Engine:
         CUDA graphs' private pool is not counted)."""
         ts = [] if self.cache is None else [t for t in self.cache.k + self.cache.v if t is not None]
         ts += [] if self.st is None else [*self.st.small(), self.st.out_tok, self.st.out_logp]
-        ts += [t for wb in self._fused_buffers.values() for t in wb if t is not None]
+        ts += [t for kept in self._fused_buffers.values() for wb in kept.values() for t in wb if t is not None]
         ts += [] if self.routes is None else [self.routes]
         return sum(t.numel() * t.element_size() for t in ts)
 

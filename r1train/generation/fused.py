@@ -132,7 +132,8 @@ def _kv(self, x):
 
 def _fuse_qkv(m, buffers: dict, backend: str):
     """Patch m's q/k/v projections (see _q): over a view of their weights where they lie back to back
-    (_stacked_weight), else over a concatenated weight/bias kept in `buffers` under id(m) and refreshed here."""
+    (_stacked_weight), else over a concatenated weight/bias kept in `buffers` (module id -> (weight, bias)) and
+    refreshed here."""
     ps = _qkv_projs(m)
     if ps is None:
         return []
@@ -161,16 +162,17 @@ def _fuse_qkv(m, buffers: dict, backend: str):
 def _rope_table(m, buffers: dict, length: int, dtype):
     """Patch the rotary-embedding module m (default RoPE: cos / sin depend on the position only) to read one-token
     calls (the decode step) from a [length, 2, D] table of its own outputs for positions 0..length-1, kept in
-    `buffers` (stable address for captured graphs) and refreshed here: one gather a step instead of its ~8
-    elementwise kernels. The table is the module's own forward at [length, 1] positions in `dtype` (the hidden
-    states'), each entry the same fp32 computation as a one-token call: bitwise the values it would return."""
+    `buffers` (module id -> (table,); a stable address for captured graphs) and refreshed here: one gather a step
+    instead of its ~8 elementwise kernels. The table is the module's own forward at [length, 1] positions in
+    `dtype` (the hidden states'), each entry the same fp32 computation as a one-token call: bitwise the values it
+    would return."""
     dev = m.inv_freq.device
     cos, sin = type(m).forward(m, torch.empty(0, dtype=dtype, device=dev),
                                torch.arange(length, device=dev)[:, None])  # [length, 1, D]
-    tab = buffers.get(("rope", id(m)), (None,))[0]
+    tab = buffers.get(id(m), (None,))[0]
     if tab is None or tab.shape != (length, 2, cos.shape[-1]) or tab.dtype != cos.dtype:
         tab = cos.new_empty(length, 2, cos.shape[-1])
-        buffers[("rope", id(m))] = (tab,)
+        buffers[id(m)] = (tab,)
     tab[:, 0], tab[:, 1] = cos[:, 0], sin[:, 0]
     m.forward, m._r1k_rope = types.MethodType(_rope_lookup, m), tab
     return [(m, ("forward", "_r1k_rope"))]
@@ -223,11 +225,12 @@ def _residual_layer(m) -> bool:
 @contextlib.contextmanager
 def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, rope_sink=None,
                      rope_table: int | None = None):
-    """buffers: the caller's dict for the concatenated q/k/v weights (kept so CUDA graphs captured inside
-    one entry replay with the same addresses in the next); None skips the q/k/v fusion. rope_sink: the KV
-    cache, whose decode attention applies the rotary embedding (fused_rotary's defer). rope_table: a length:
-    one-token rotary embeddings of Llama-family models with default RoPE come from a table of that many
-    positions (_rope_table; kept in buffers)."""
+    """buffers: the caller's dict for the buffers these ops keep (so CUDA graphs captured inside one entry replay
+    with the same addresses in the next): buffers["qkv"] the concatenated q/k/v weights, buffers["rope"] the
+    rotary tables, each module id -> tuple of tensors (created here); None skips the q/k/v fusion and the
+    tables. rope_sink: the KV cache, whose decode attention applies the rotary embedding (fused_rotary's defer).
+    rope_table: a length: one-token rotary embeddings of Llama-family models with default RoPE come from a table
+    of that many positions (_rope_table)."""
     patched, fused = [], []
     for m in model.modules():
         name = type(m).__name__
@@ -244,13 +247,14 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, 
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
             patched.append(m)
         elif buffers is not None and name.endswith("Attention"):
-            fused += _fuse_qkv(m, buffers, backend)
+            fused += _fuse_qkv(m, buffers.setdefault("qkv", {}), backend)
     llama_family = getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES
     if llama_family and rope_table and buffers is not None:
         for m in model.modules():
             if type(m).__name__.endswith("RotaryEmbedding") and isinstance(getattr(m, "inv_freq", None), torch.Tensor) \
                     and getattr(m, "rope_type", "default") == "default":
-                fused += _rope_table(m, buffers, rope_table, model.get_input_embeddings().weight.dtype)
+                fused += _rope_table(m, buffers.setdefault("rope", {}), rope_table,
+                                     model.get_input_embeddings().weight.dtype)
     if llama_family:
         for m in model.modules():
             if _residual_layer(m):
