@@ -311,9 +311,9 @@ class TrainConfig:
         if bad or (len(rt) > 1 and ("all" in rt or "none" in rt)):
             raise ConfigError(f"report_to must list tensorboard, wandb and/or trackio, or be 'all' or 'none'; "
                               f"got {self.report_to!r}")
-        from .metrics import _installed
+        from .metrics import backend_installed
 
-        missing = [x for x in rt if x not in ("all", "none") and not _installed(x)]
+        missing = [x for x in rt if x not in ("all", "none") and not backend_installed(x)]
         if missing:  # 'all' takes the installed ones; a named backend must be there
             raise ConfigError(f"report_to lists {missing}, not installed (pip install {' '.join(missing)}); "
                               "report_to=all takes the installed backends")

@@ -16,7 +16,7 @@ log = logging.getLogger("r1train")
 BACKENDS = ("tensorboard", "wandb", "trackio")
 
 
-def _installed(name: str) -> bool:
+def backend_installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
@@ -26,7 +26,7 @@ def resolve_report_to(report_to) -> list[str]:
     """report_to (a name, a list, 'all' = every installed backend, 'none') -> backend names."""
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if names == ["all"]:
-        return [b for b in BACKENDS if _installed(b)]
+        return [b for b in BACKENDS if backend_installed(b)]
     return [] if names == ["none"] else names
 
 
@@ -212,7 +212,7 @@ def _py(v):
 def _open(name: str, output_dir: str, config: dict, resume: bool):
     """The backend's client; a resumed training run continues the backend run it started (wandb: its id is
     kept in output_dir), a fresh one starts a new run."""
-    if not _installed(name):  # named (not through 'all'): TrainConfig.validate says so before any work
+    if not backend_installed(name):  # named (not through 'all'): TrainConfig.validate says so before any work
         raise ImportError(f"report_to lists {name!r}, which is not installed (pip install {name})")
     if name == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter

@@ -42,7 +42,7 @@ def test_resolve_and_bad_values(monkeypatch):
     assert resolve_report_to("none") == [] and resolve_report_to(["none"]) == []
     assert resolve_report_to(["wandb", "tensorboard"]) == ["wandb", "tensorboard"]
     assert set(resolve_report_to("all")) <= {"tensorboard", "wandb", "trackio"}
-    monkeypatch.setattr(M, "_installed", lambda name: True)
+    monkeypatch.setattr(M, "backend_installed", lambda name: True)
     assert load_config(overrides=["report_to=wandb,tensorboard"]).report_to == ["wandb", "tensorboard"]
     for bad in ("mlflow", "none,wandb", "all,wandb"):
         with pytest.raises(ConfigError, match="report_to"):
@@ -52,7 +52,7 @@ def test_resolve_and_bad_values(monkeypatch):
 def test_missing_backend_is_an_error(tmp_path, monkeypatch):
     import r1train.metrics as M
 
-    monkeypatch.setattr(M, "_installed", lambda name: name == "wandb")
+    monkeypatch.setattr(M, "backend_installed", lambda name: name == "wandb")
     for name in ("trackio", "tensorboard"):  # tensorboard was skipped with an INFO line the CLI does not show
         with pytest.raises(ImportError, match=f"report_to lists '{name}'"):
             M.MetricsLogger(str(tmp_path), report_to=[name])
