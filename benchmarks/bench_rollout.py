@@ -127,7 +127,8 @@ def _timed(fn, device, reps):
 
 # --ab: the engine again with a change, in the same process (rows of one call compare; calls vary by ~3%). A
 # variant is one change or several joined by "+", e.g. pdl+down.
-AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1)",
+AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1, on by default)",
+      "nopdl": "without programmatic dependent launch (R1K_PDL=0)",
       "noprefetch": "no weight prefetch before the predecessor completes",
       "down": "down_proj through rk.decode_linear", "pf_rows": "o_proj / down_proj prefetching whole weight rows",
       "norm": "RMSNorms folded into the q/k/v and gate/up kernels",
@@ -152,8 +153,8 @@ def ab_variant(v: str):
                 raise ValueError(f"--ab: unknown change {change!r} in {v!r} (each one of {sorted(AB)})")
             if change == "cublas":
                 fz.DECODE_LINEAR = ()
-            elif change == "pdl":
-                kd.PDL = True
+            elif change in ("pdl", "nopdl"):
+                kd.PDL = change == "pdl"
             elif change == "noprefetch":
                 for c in dl.CONFIGS.values():
                     c["PREFETCH"] = False
