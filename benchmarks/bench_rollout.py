@@ -127,7 +127,7 @@ def _timed(fn, device, reps):
 
 # --ab: the engine again with a change, in the same process (rows of one call compare; calls vary by ~3%). A
 # variant is one change or several joined by "+", e.g. pdl+down.
-AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1, on by default)",
+AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1)",
       "nopdl": "without programmatic dependent launch (R1K_PDL=0)",
       "noprefetch": "no weight prefetch before the predecessor completes",
       "down": "down_proj through rk.decode_linear", "pf_rows": "o_proj / down_proj prefetching whole weight rows",

@@ -359,7 +359,7 @@ def test_dependent_launch_chain_in_a_graph_gpu(rows, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_engine_with_dependent_launch_gpu(name, monkeypatch):
-    """The engine's captured decode step on a bf16 model with programmatic dependent launch (on by default) and
+    """The engine's captured decode step on a bf16 model with programmatic dependent launch (off by default) and
     without: the same math, so the sampled and the greedy tokens and their log-probs are bitwise equal."""
     from transformers import AutoModelForCausalLM
 

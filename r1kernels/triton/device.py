@@ -18,13 +18,14 @@ except ImportError:
 # Programmatic dependent launch for the decode step's kernels (rms_norm, decode_linear, decode attention) on
 # Hopper or newer: each launch may start while its predecessor finishes, and waits (gdc_wait, first thing in
 # every program) until the predecessor has completed and its writes are visible. Since every kernel launched
-# so waits before it can complete, completion stays ordered along the stream. ON: the replayed 1.5B decode step's
-# idle time between kernels 116 -> 20 us and its span 2209 -> 2182 us; the fixed rollout 0.3-0.8% faster in each of
-# 4 interleaved rounds, tokens bitwise equal (H100, 7f99945, results/rollout_{h100,pdl_interleaved_h100}_2026-12-05_
-# 7f99945.json; a sequential A/B of another session measured +2.4%, within the ~3% between calls). It can save at
-# most the gaps (~5% of the step). R1K_PDL=0 or device.PDL = False turns it off; bench_rollout --ab nopdl times
-# that beside the default (captured graphs keep what they captured: reset the engine after a change).
-PDL = os.environ.get("R1K_PDL", "1") != "0"
+# so waits before it can complete, completion stays ordered along the stream. OFF: its effect is within the
+# call-to-call variation. Measured on H100s (fixed rollout, each beside the default in one process): +2.4% (cd8bc50);
+# -1.9% (7f99945; the replayed step's idle time between kernels 116 -> 20 us, span 2209 -> 2182 us); -0.3 to -0.8%
+# in 4 interleaved rounds on the same machine; +2.1% (fixed) and +3.9% (varied) on another machine at 8947a6d
+# (results/rollout_*_h100_2026-12-05_{cd8bc50,7f99945,8947a6d}.json). It can save at most the gaps (~5% of the
+# step). R1K_PDL=1 or device.PDL = True turns it on; bench_rollout --ab pdl times it beside the default (captured
+# graphs keep what they captured: reset the engine after a change).
+PDL = os.environ.get("R1K_PDL", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
