@@ -184,9 +184,11 @@ class TrainConfig:
     max_dynamic_sampling_rounds: int = f(10, "dynamic sampling: rollout rounds per step at most (the first "
                                          "included); groups still constant after them stay, advantage 0")
     reward_funcs: list = f(["accuracy", "format"], "reward names: accuracy, format, language, overlong, "
+                           "a reward model's directory (sequence classification, num_labels=1), "
                            "or import paths 'module:function'")
     reward_weights: Optional[list] = f(None, "one weight per reward function; default all 1.0")
-    reward_timeout: float = f(30.0, "seconds before a reward call is abandoned (its samples skipped)")
+    reward_timeout: float = f(30.0, "seconds before a reward call is abandoned (its samples skipped); a reward "
+                              "model's call scores all of a process's completions (its loading is not timed)")
     overlong_buffer_len: int = f(64, "DAPO soft overlong punishment buffer (tokens) for reward 'overlong'")
     language: str = f("en", "target language of the language-consistency reward", ["en", "zh"])
     sync_ref_model: bool = f(False, "re-sync the reference model to the policy (R1 recipe)")

@@ -10,6 +10,8 @@ as unscorable and gives them zero loss weight; the run goes on unless every samp
 RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). With
 chat-message prompts, completions are passed as TRL does: [{"role": "assistant", "content": text}]. Calls
 run in daemon threads: a hung one is abandoned at the timeout and never keeps the process alive.
+A reward_funcs entry naming a local model directory is a neural reward model (reward_model.RewardModel, TRL's
+sequence-classification reward), loaded before its first timed call.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import json
 import logging
 import math
 import numbers
+import os
 import re
 import threading
+
+from .reward_model import RewardModel, check_model_dir, is_model_dir, model_dir_name
 
 log = logging.getLogger("r1train.rewards")
 
@@ -164,8 +169,10 @@ class RewardError(RuntimeError):
 
 
 def resolve(name, cfg=None):
-    """A callable, a registry name, "overlong" (built from cfg), or an import path "module:function".
-    Unknown names, modules that do not import and non-callables raise ConfigError naming reward_funcs."""
+    """A callable, a registry name, "overlong" (built from cfg), a reward model's local directory (one with a
+    config.json: a RewardModel, its config checked, its weights loaded on first use), or an import path
+    "module:function". Unknown names, bad model directories, modules that do not import and non-callables raise
+    ConfigError naming reward_funcs."""
     from .config import ConfigError
 
     if callable(name):
@@ -183,6 +190,12 @@ def resolve(name, cfg=None):
                                         language_consistency_reward)
     if name in REGISTRY:
         return REGISTRY[name]
+    if is_model_dir(name):
+        check_model_dir(name)
+        return RewardModel(name)
+    if os.path.isdir(name):
+        raise ConfigError(f"reward_funcs: {name!r} is a directory with no model in it (no config.json); a reward "
+                          "model is a sequence-classification model saved with save_pretrained")
     if ":" in name:
         mod, _, attr = name.partition(":")
         try:
@@ -195,11 +208,15 @@ def resolve(name, cfg=None):
             raise ConfigError(f"reward_funcs: {name!r} is not callable (it is a {type(fn).__name__})")
         return fn
     raise ConfigError(f"reward_funcs: unknown reward {name!r}; built-ins: {sorted(REGISTRY) + ['overlong']}, "
-                      "or give an import path 'module:function'")
+                      "a reward model's directory, or an import path 'module:function'")
 
 
 def reward_name(name) -> str:
-    return getattr(name, "__name__", "reward") if callable(name) else name.rpartition(":")[2]
+    """The name a reward logs under: a callable's __name__, a model directory's basename, an import path's
+    function name."""
+    if callable(name):
+        return getattr(name, "__name__", "reward")
+    return model_dir_name(name) if is_model_dir(name) else name.rpartition(":")[2]
 
 
 def check_reward_funcs(names, cfg=None) -> list:
@@ -439,6 +456,9 @@ class RewardRunner:
             from transformers import TrainerState
 
             trainer_state = TrainerState()
+        for fn in self.funcs:  # loaded here, in this thread: reward_timeout bounds the scoring, not the loading
+            if isinstance(fn, RewardModel):
+                fn.load()
         n = len(completions)
         completions = as_trl_completions(prompts, completions)
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n

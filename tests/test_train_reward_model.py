@@ -1,0 +1,166 @@
+"""A reward model as a reward function (TRL 1.16's): its scores against the model's forward on each text alone,
+naming and config errors, a short GRPO run scored by one."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import train_helpers as H
+from conftest import assert_close
+
+from r1train import rewards as R
+from r1train.config import ConfigError
+from r1train.reward_model import RewardModel
+from r1train.tasks import char_tokenizer
+from r1train.tasks.models import tiny_config
+
+CHARS = "0123456789+-= abcdefxyz\n"
+
+
+def save_reward_model(path, num_labels=1):
+    """A tiny random Qwen2ForSequenceClassification (hidden 32, 2 layers) and the char tokenizer, saved to path."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = char_tokenizer()
+    cfg = tiny_config("tiny-qwen2", len(tok), hidden_size=32, num_layers=2, tokenizer=tok, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)  # unit-scale scores (HF's 0.02 init puts every score near 0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    return save_reward_model(tmp_path_factory.mktemp("rm") / "tiny-rm")
+
+
+def rand_text(lo, hi):
+    return "".join(random.choice(CHARS) for _ in range(random.randint(lo, hi)))
+
+
+def reference(path, texts):
+    """The saved model in float64 on each text alone (no padding, no special tokens): logits[0, 0]."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return torch.stack([model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+                            for t in texts])
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_scores_match_each_text_alone(rm_dir, chat):
+    from transformers import AutoTokenizer
+
+    n = 7
+    comps = [rand_text(1, 30) for _ in range(n)]  # lengths differ: the batches are right-padded
+    if chat:
+        prompts = [[{"role": "user", "content": rand_text(1, 12)}] for _ in range(n)]
+        tok = AutoTokenizer.from_pretrained(rm_dir)
+        texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+                 for p, c in zip(prompts, comps)]
+        assert texts[0].startswith("<|user|>") and texts[0].endswith(comps[0] + "<|eos|>")
+    else:
+        prompts = [rand_text(1, 12) for _ in range(n)]
+        texts = [p + c for p, c in zip(prompts, comps)]
+    ref = reference(rm_dir, texts)
+    assert ref.std() > 1e-3  # the scores differ: a constant reward would match trivially
+    for bs in (1, 3, n):
+        rm = RewardModel(rm_dir, batch_size=bs)
+        out = torch.tensor(rm(prompts, comps), dtype=torch.float64)
+        assert_close(out, ref, torch.float32, name=f"batch_size={bs}")
+    if chat:  # TRL's conversational completions score the same
+        trl = R.as_trl_completions(prompts, comps)
+        assert_close(torch.tensor(rm(prompts, trl), dtype=torch.float64), ref, torch.float32, name="trl format")
+    assert rm.device == torch.device("cpu") and not rm.model.training
+    # through the runner: the call runs in a worker thread under reward_timeout
+    table, failed = R.RewardRunner([rm_dir], timeout=60)(prompts, comps, [[1]] * n, {})
+    assert not any(failed)
+    assert_close(torch.tensor([row[0] for row in table], dtype=torch.float64), ref, torch.float32, name="runner")
+
+
+def test_resolve_and_name(rm_dir):
+    fn = R.resolve(rm_dir)
+    assert isinstance(fn, RewardModel) and fn.model is None  # loaded on first use
+    assert R.reward_name(rm_dir) == R.reward_name(rm_dir + "/") == R.reward_name(fn) == "tiny-rm"
+    run = R.RewardRunner([rm_dir, "format"])
+    assert run.names == ["tiny-rm", "format"]
+    with pytest.raises(ConfigError, match="listed twice"):
+        R.check_reward_funcs([rm_dir, rm_dir + "/"])
+    assert R.resolve("format") is R.format_reward  # names and import paths resolve as before
+    assert R.resolve("train_helpers:digit_share") is H.digit_share
+
+
+def test_bad_directories(tmp_path, rm_dir):
+    two = save_reward_model(tmp_path / "two", num_labels=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(open(os.path.join(rm_dir, "config.json")).read())
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    causal = tmp_path / "causal"  # a causal LM's directory: no num_labels=1 head
+    save_reward_model(causal)
+    c = json.loads((causal / "config.json").read_text())
+    c.pop("id2label", None), c.pop("label2id", None)
+    (causal / "config.json").write_text(json.dumps({**c, "architectures": ["Qwen2ForCausalLM"]}))
+    cases = [(two, "num_labels=2"), (empty, "no model"), (no_weights, "no weights"), (bad_json, "cannot read"),
+             (causal, "num_labels=2")]
+    for path, what in cases:
+        with pytest.raises(ConfigError, match=f"^reward_funcs: .*{what}") as e:
+            R.check_reward_funcs(["format", str(path)])
+        assert str(path) in str(e.value)
+    with pytest.raises(ConfigError, match="reward_funcs: .*two.*num_labels=2"):  # at config load
+        H.grpo_trainer(tmp_path / "out", f"reward_funcs={two}")
+
+
+def test_head_without_weights_is_an_error(tmp_path, rm_dir):
+    """num_labels=1 in the config but no trained head in the weights: an error, never random scores."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "headless"
+    save_reward_model(path)
+    w = load_file(path / "model.safetensors")
+    save_file({k: v for k, v in w.items() if not k.startswith("score.")}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    rm = R.resolve(str(path))  # the config alone is fine
+    with pytest.raises(ConfigError, match="reward_funcs: .*headless.* has no weights for .*score"):
+        rm(["p"], ["c"])
+
+
+def test_grpo_with_reward_model(tmp_path, rm_dir):
+    t = H.grpo_trainer(tmp_path, "max_steps=2", "per_device_train_batch_size=4", f"reward_funcs={rm_dir}",
+                       "reward_timeout=60")
+    hist = t.train()
+    t.finish(save=False)
+    assert len(hist) == 2
+    for h in hist:
+        assert h["rewards/failed"] == 0, h
+        assert h["rewards/tiny-rm/std"] > 0, h  # model scores, not a constant
+        assert h["reward"] == pytest.approx(h["rewards/tiny-rm/mean"], rel=1e-6, abs=1e-9)
+
+
+def test_two_processes_score_their_own_completions(tmp_path, rm_dir):
+    """torchrun with 2 processes: every logged completion's reward is the model's score of its own text."""
+    out = tmp_path / "out"
+    p = H.run_cli(["grpo", *H.FAST, "max_steps=1", "per_device_train_batch_size=4", f"reward_funcs={rm_dir}",
+                   "reward_timeout=60", "task_eval_size=1", "save_steps=0", f"output_dir={out}"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert H.read_metrics(out)[0]["rewards/failed"] == 0
+    rows = [json.loads(ln) for ln in open(out / "completions.jsonl")]
+    assert len(rows) == 2 * 4  # both ranks' completions
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                      {"role": "assistant", "content": r["completion"]}], tokenize=False)
+             for r in rows]
+    got = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    assert_close(got, reference(rm_dir, texts), torch.float32, name="logged rewards")
