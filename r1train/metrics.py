@@ -99,6 +99,11 @@ class MetricsLogger:
         if self.rank != 0:
             return
         row = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
+        # standard JSON has no NaN / inf: such a value is written as null and named, with its value, under
+        # "nonfinite" (e.g. {"loss": "nan"}), so the row keeps what a diverged step logged
+        bad = {k: str(_item(v)) for k, v in metrics.items() if row[k] is None and _item(v) is not None}
+        if bad:
+            row["nonfinite"] = bad
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         nums = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
@@ -201,9 +206,12 @@ def _parse(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def _item(v):
+    return v.item() if hasattr(v, "item") else v
+
+
 def _py(v):
-    if hasattr(v, "item"):
-        v = v.item()
+    v = _item(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

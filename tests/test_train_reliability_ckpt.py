@@ -217,7 +217,8 @@ def test_output_dir_that_is_a_file_is_a_clean_error(tmp_path):
 @pytest.mark.parametrize("command", ["sft", "grpo"])
 def test_diverged_run_stops_with_an_error_before_saving(tmp_path, capsys, command):
     """learning_rate 1e10: the loss turns NaN / inf within a few steps; the run stops with an error naming the
-    step (exit 1), metrics.jsonl keeps that step's row, and no checkpoint of a diverged step is written."""
+    step (exit 1), metrics.jsonl keeps that step's row (the non-finite values as null, named with their value
+    under "nonfinite"), and no checkpoint of a diverged step is written."""
     from safetensors.torch import load_file
 
     from r1train.cli import main
@@ -230,7 +231,11 @@ def test_diverged_run_stops_with_an_error_before_saving(tmp_path, capsys, comman
     step = int(err.split("training diverged at step ")[1].split()[0])
     assert 1 <= step < 6
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == step and (rows[-1]["loss"] is None or rows[-1].get("grad_norm") is None)
+    last = rows[-1]
+    assert last["step"] == step and (last["loss"] is None or last.get("grad_norm") is None)
+    assert set(last["nonfinite"]) == {k for k, v in last.items() if v is None}
+    assert all(v in ("nan", "inf", "-inf") for v in last["nonfinite"].values())
+    assert all("nonfinite" not in r for r in rows[:-1])
     saved = sorted(int(d.name.split("-")[1]) for d in out.iterdir() if d.name.startswith("checkpoint-"))
     assert saved == list(range(1, step))
     for s in saved:  # every checkpoint on disk holds finite weights
