@@ -74,3 +74,19 @@ def test_graph_timeline_stats_split_replays_gaps_and_overlap():
     assert {(p["after"], p["before"], p["count"], p["us"]) for p in got["gap_by_pair"]} == {("a", "b", 1, 2),
                                                                                          ("c", "d", 1, 1)}
     assert timeline_stats([]) == {"replays": 0}
+
+
+def test_rollout_bench_reports_each_workloads_own_captures():
+    """The engine's capture counters run over its life (one engine per model): run_workload reports only the
+    captures of its own calls (on the CPU: none), not those of earlier workloads or A/B variants."""
+    from benchmarks import bench_rollout as br
+    from r1train.generation import engine_for
+
+    model = br._model("cpu", tiny=True)
+    eng = engine_for(model)
+    eng.stats.update(captures=5, capture_seconds=1.5)  # as after earlier workloads on a GPU
+    r = br.run_workload("fixed", model, "cpu", n_prompts=2, G=2, P=8, T=4, lens=None, with_compile=False, reps=1,
+                        skip_peers=True)
+    ours = r["providers"]["r1train engine"]
+    assert (ours["captures"], ours["capture_seconds"]) == (0, 0.0)
+    assert ours["tokens_generated"] == 2 * 2 * 4
