@@ -358,15 +358,15 @@ def timeline_stats(kern, split_us=50.0, top=12) -> dict:
         runs.append(cur)
     stats = []
     for r in runs:
-        busy, s0, e0 = 0.0, r[0][1], r[0][2]
+        busy, s0, e0, last = 0.0, r[0][1], r[0][2], r[0][0]  # last: the kernel whose end is e0
         gaps = []
-        for prev, k in zip(r, r[1:]):
+        for k in r[1:]:
             if k[1] > e0:
                 busy += e0 - s0
-                gaps.append((k[1] - e0, prev[0][:40], k[0][:40]))
-                s0, e0 = k[1], k[2]
-            else:
-                e0 = max(e0, k[2])
+                gaps.append((k[1] - e0, last[:40], k[0][:40]))
+                s0, e0, last = k[1], k[2], k[0]
+            elif k[2] > e0:
+                e0, last = k[2], k[0]
         busy += e0 - s0
         span = max(k[2] for k in r) - r[0][1]
         stats.append({"kernels": len(r), "span_us": span, "busy_us": busy, "gap_us": span - busy,

@@ -161,7 +161,8 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(), "torch": torch.__version__, "args": vars(a),
-        "params": sum(p.numel() for p in model.parameters()), "init_seconds": t_init,
+        "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),  # ZeRO-3: not the shard
+        "init_seconds": t_init,
         "workload": "varied" if a.varied_lengths else "early_eos" if a.early_eos else "fixed",
         "completion_lengths": lens,
         "completions_per_step": n, "tokens_generated_per_step": statistics.median(

@@ -44,7 +44,7 @@ def check_model_dir(path: str):
         raise ConfigError(f"reward_funcs: reward model {path!r} is not a directory")
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:  # no or unreadable config.json, an unknown model type
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:  # unreadable or malformed config.json
         raise ConfigError(f"reward_funcs: cannot read a reward model's config from {path!r}: {e}") from e
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
         raise ConfigError(f"reward_funcs: reward model {path!r} is a {config.model_type!r} model, which has no "
@@ -70,7 +70,9 @@ def training_device():
 class RewardModel:
     """reward_funcs entry for a sequence-classification model directory: __call__(prompts, completions, **_) ->
     one float per completion. device None: the training device; dtype None: the checkpoint's (transformers'
-    "auto", as TRL without model_init_kwargs); batch_size: texts per forward."""
+    "auto"); resolve() passes bfloat16 when the run trains in bf16, as TRL 1.16 scores in bf16 then (its
+    DeepSpeed engine casts the reward model's weights; without DeepSpeed, bf16 autocast); batch_size: texts per
+    forward."""
 
     def __init__(self, path: str, device=None, dtype=None, batch_size: int = 32):
         if batch_size < 1:

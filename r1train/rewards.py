@@ -192,7 +192,9 @@ def resolve(name, cfg=None):
         return REGISTRY[name]
     if is_model_dir(name):
         check_model_dir(name)
-        return RewardModel(name)
+        import torch
+
+        return RewardModel(name, dtype=torch.bfloat16 if getattr(cfg, "bf16", False) else None)
     if os.path.isdir(name):
         raise ConfigError(f"reward_funcs: {name!r} is a directory with no model in it (no config.json); a reward "
                           "model is a sequence-classification model saved with save_pretrained")
@@ -227,6 +229,10 @@ def check_reward_funcs(names, cfg=None) -> list:
     seen = {}
     for n in names:
         key = reward_name(n)
+        if key in seen and is_model_dir(n) and isinstance(seen[key], str) and \
+                os.path.realpath(n) != os.path.realpath(seen[key]):
+            raise ConfigError(f"reward_funcs: reward models {seen[key]!r} and {n!r} would both log as {key!r} (a "
+                              "reward model logs under its directory's name): rename one directory")
         if key in seen:
             raise ConfigError(f"reward_funcs: {n!r} is listed twice (as {seen[key]!r}); each reward is counted "
                               "once (use reward_weights to weight it more)")

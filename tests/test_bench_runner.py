@@ -74,6 +74,9 @@ def test_graph_timeline_stats_split_replays_gaps_and_overlap():
     assert {(p["after"], p["before"], p["count"], p["us"]) for p in got["gap_by_pair"]} == {("a", "b", 1, 2),
                                                                                          ("c", "d", 1, 1)}
     assert timeline_stats([]) == {"replays": 0}
+    # a gap is named after the kernel that ended last before it (a), not the last one to start (b, nested in a)
+    got = timeline_stats([("a", 0, 30), ("b", 5, 10), ("c", 40, 50)])
+    assert got["top_gaps"] == [{"us": 10, "after": "a", "before": "c"}] and got["overlap_us"] == 5
 
 
 def test_rollout_bench_reports_each_workloads_own_captures():

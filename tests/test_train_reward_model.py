@@ -19,15 +19,22 @@ from r1train.tasks.models import tiny_config
 CHARS = "0123456789+-= abcdefxyz\n"
 
 
-def save_reward_model(path, num_labels=1):
-    """A tiny random Qwen2ForSequenceClassification (hidden 32, 2 layers) and the char tokenizer, saved to path."""
+def save_reward_model(path, num_labels=1, bos_no_pad=False):
+    """A tiny random Qwen2ForSequenceClassification (hidden 32, 2 layers) and the char tokenizer, saved to path.
+    bos_no_pad: the tokenizer adds a BOS token to every text (add_special_tokens=True) and has no pad token."""
+    from tokenizers import processors
     from transformers import AutoModelForSequenceClassification
 
     tok = char_tokenizer()
+    if bos_no_pad:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
     cfg = tiny_config("tiny-qwen2", len(tok), hidden_size=32, num_layers=2, tokenizer=tok, num_labels=num_labels)
     model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         model.score.weight.normal_(0.0, 1.0)  # unit-scale scores (HF's 0.02 init puts every score near 0)
+    if bos_no_pad:
+        tok.pad_token = None
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -84,6 +91,42 @@ def test_scores_match_each_text_alone(rm_dir, chat):
     assert_close(torch.tensor([row[0] for row in table], dtype=torch.float64), ref, torch.float32, name="runner")
 
 
+def test_no_special_tokens_and_eos_padding(tmp_path):
+    """A tokenizer that adds a BOS (add_special_tokens=True) and has no pad token: texts are scored without the
+    BOS (TRL's add_special_tokens=False) and batches are padded with eos, the scores those of each text alone."""
+    from transformers import AutoTokenizer
+
+    path = save_reward_model(tmp_path / "bos-rm", bos_no_pad=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.pad_token is None and tok("12")["input_ids"][0] == tok.bos_token_id  # the case is what it claims
+    n = 6
+    prompts, comps = [rand_text(1, 12) for _ in range(n)], [rand_text(1, 30) for _ in range(n)]
+    texts = [p + c for p, c in zip(prompts, comps)]
+    ref = reference(path, texts)
+    rm = RewardModel(path, batch_size=n)
+    assert_close(torch.tensor(rm(prompts, comps), dtype=torch.float64), ref, torch.float32, name="no BOS")
+    assert rm.tokenizer.pad_token == rm.tokenizer.eos_token
+    with_bos = reference(path, [tok.bos_token + t for t in texts])
+    assert (with_bos - ref).abs().max() > 1e-3  # a BOS would have changed the scores
+
+
+def test_bf16_run_scores_in_bf16(rm_dir):
+    """bf16=true: the reward model runs in bfloat16 (TRL 1.16 scores in bf16 then), within bf16's tolerance of
+    float64; bf16=false keeps the checkpoint's dtype."""
+    import types
+
+    n = 5
+    prompts, comps = [rand_text(1, 12) for _ in range(n)], [rand_text(1, 30) for _ in range(n)]
+    ref = reference(rm_dir, [p + c for p, c in zip(prompts, comps)])
+    rm = R.resolve(rm_dir, types.SimpleNamespace(bf16=True))
+    got = torch.tensor(rm(prompts, comps), dtype=torch.float64)
+    assert rm.model.dtype == torch.bfloat16
+    assert_close(got, ref, torch.bfloat16, name="bf16 scores")
+    rm32 = R.resolve(rm_dir, types.SimpleNamespace(bf16=False))
+    rm32(prompts[:1], comps[:1])
+    assert rm32.model.dtype == torch.float32
+
+
 def test_resolve_and_name(rm_dir):
     fn = R.resolve(rm_dir)
     assert isinstance(fn, RewardModel) and fn.model is None  # loaded on first use
@@ -111,12 +154,23 @@ def test_bad_directories(tmp_path, rm_dir):
     c = json.loads((causal / "config.json").read_text())
     c.pop("id2label", None), c.pop("label2id", None)
     (causal / "config.json").write_text(json.dumps({**c, "architectures": ["Qwen2ForCausalLM"]}))
+    malformed = []  # valid JSON, wrong field types: transformers raises TypeError / AttributeError
+    for i, c in enumerate([{"model_type": "qwen2", "id2label": 5}, {"model_type": "qwen2", "num_labels": "1",
+                                                                     "id2label": {"0": "a"}}]):
+        d = tmp_path / f"malformed{i}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(c))
+        (d / "model.safetensors").write_bytes(open(os.path.join(rm_dir, "model.safetensors"), "rb").read())
+        malformed.append((d, "cannot read"))
     cases = [(two, "num_labels=2"), (empty, "no model"), (no_weights, "no weights"), (bad_json, "cannot read"),
-             (causal, "num_labels=2")]
+             (causal, "num_labels=2"), *malformed]
     for path, what in cases:
         with pytest.raises(ConfigError, match=f"^reward_funcs: .*{what}") as e:
             R.check_reward_funcs(["format", str(path)])
         assert str(path) in str(e.value)
+    other = save_reward_model(tmp_path / "elsewhere" / os.path.basename(rm_dir))  # another model, the same name
+    with pytest.raises(ConfigError, match="would both log as 'tiny-rm'.*rename one"):
+        R.check_reward_funcs([rm_dir, other])
     with pytest.raises(ConfigError, match="reward_funcs: .*two.*num_labels=2"):  # at config load
         H.grpo_trainer(tmp_path / "out", f"reward_funcs={two}")
 
