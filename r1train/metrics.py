@@ -105,7 +105,7 @@ class MetricsLogger:
         if bad:
             row["nonfinite"] = bad
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
         nums = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         for name, sink in self.sinks.items():
             if name == "tensorboard":
@@ -211,9 +211,15 @@ def _item(v):
 
 
 def _py(v):
+    """A metric value as standard JSON: tensors / numpy scalars as Python numbers, NaN / inf as None (also inside
+    lists and dicts)."""
     v = _item(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, (list, tuple)):
+        return [_py(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _py(x) for k, x in v.items()}
     return v
 
 

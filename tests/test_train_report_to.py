@@ -59,3 +59,28 @@ def test_missing_backend_is_an_error(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match=rf"report_to lists \['{name}'\], not installed"):  # before any work
             load_config(overrides=[f"report_to=wandb,{name}"])
     assert load_config(overrides=["report_to=all"]).report_to == ["all"]
+
+
+def test_metrics_rows_are_standard_json(tmp_path):
+    """NaN / inf (plain, tensor, nested in a list or dict) are written as null, never as a bare NaN token, and
+    the top-level ones are named with their value under "nonfinite"."""
+    import json
+
+    import torch
+
+    from r1train.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), report_to="none")
+    log.log(1, {"loss": torch.tensor(float("nan")), "grad_norm": float("inf"), "ok": 0.5,
+                "per_reward": [1.0, float("-inf")], "by_name": {"a": float("nan"), "b": 2}})
+    log.log(2, {"loss": 0.25})
+    line, line2 = (tmp_path / "metrics.jsonl").read_text().splitlines()
+
+    def strict(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    row = json.loads(line, parse_constant=strict)
+    assert row == {"step": 1, "loss": None, "grad_norm": None, "ok": 0.5, "per_reward": [1.0, None],
+                   "by_name": {"a": None, "b": 2}, "nonfinite": {"loss": "nan", "grad_norm": "inf"}}
+    assert json.loads(line2, parse_constant=strict) == {"step": 2, "loss": 0.25}
+    assert not math.isnan(row["ok"])
