@@ -161,3 +161,63 @@ def test_bad_input():
         ours.triton_grpo_loss(logits, old, None, ids, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="importance_sampling_level"):
         ours.triton_grpo_loss(logits, old, ref, ids, adv, mask, importance_sampling_level="batch")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("case", [dict(loss_type="cispo", epsilon_high=1.1), dict(loss_type="sapo")],
+                         ids=lambda c: c["loss_type"])
+def test_fused_linear_delta_has_no_effect_for_cispo_sapo(shape, case):
+    """Liger's chunked class (as TRL) clamps the ratio by delta only for the clipped loss types: delta with
+    cispo/sapo runs and changes nothing (it was a ValueError here)."""
+    hidden, weight, ids, mask, adv, old, ref = _inputs(*shape)
+    hidden.requires_grad_(), weight.requires_grad_()
+    kw = dict(beta=0.04, compiled=False, delta=1.05, **case)
+    call = dict(ref_per_token_logps=ref, old_per_token_logps=old)
+    want = _run(lambda: LigerLinear(**kw)(hidden, weight, ids, mask, adv, **call), [hidden, weight])
+    got = _run(lambda: ours.LigerFusedLinearGRPOLoss(**kw)(hidden, weight, ids, mask, adv, **call), [hidden, weight])
+    _same(got, want, f"{case} delta")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_triton_grpo_loss_skips_masked_positions(shape, level):
+    """Liger's kernel never reads old_logp / ref_logp / completion_ids where completion_mask is 0: NaN, -inf
+    or -100 there leave the loss, metrics and gradient finite and unchanged (reduce=False gave NaN)."""
+    B, T, H, V = shape
+    _, _, ids, mask, adv, old, ref = _inputs(B, T, H, V)
+    mask[-1, -1] = 0
+    off = mask == 0
+    bad = (old.masked_fill(off, float("nan")), ref.masked_fill(off, float("-inf")), ids.masked_fill(off, -100))
+    x = torch.randn(B, T + 1, V).requires_grad_()
+    kw = dict(temperature=0.9, beta=0.04, inplace=False, importance_sampling_level=level)
+    for reduce in (True, False):
+        want = liger_triton(x * 1.0, old, ref, ids, adv, mask, reduce=reduce, **kw)
+        (want[0].sum()).backward()
+        gw, x.grad = x.grad.clone(), None
+        got = ours.triton_grpo_loss(x * 1.0, *bad, adv, mask, reduce=reduce, **kw)
+        (got[0].sum()).backward()
+        gg, x.grad = x.grad.clone(), None
+        outs = [[out[0]] + (list(out[1]) if reduce else [t for t in out[1:] if t is not None]) for out in (got, want)]
+        assert len(outs[0]) == len(outs[1])
+        for i, (g, w) in enumerate(zip(*outs)):
+            assert_close(g.detach(), w.detach().double(), name=f"reduce={reduce} output {i}")
+        assert_close(gg, gw.double(), name=f"reduce={reduce} grad")
+
+
+def test_bad_input_named():
+    """Wrong shapes reach a ValueError naming Liger's argument on both triton_grpo_loss paths (reduce=False
+    broadcast an old_logp of shape (1, T) silently, or raised a RuntimeError)."""
+    hidden, weight, ids, mask, adv, old, ref = _inputs(2, 5, 8, 20)
+    logits = torch.randn(2, 6, 20)
+    for reduce in (True, False):
+        for name, args in (("old_logp", (old[:1], ref, ids, adv, mask)),
+                           ("old_logp", (torch.randn(2, 6), ref, ids, adv, mask)),
+                           ("ref_logp", (old, ref[:1], ids, adv, mask)),
+                           ("completion_mask", (old, ref, ids, adv, mask[:1])),
+                           ("completion_mask", (old, ref, ids, adv, torch.ones(2, 6))),
+                           ("advantages", (old, ref, ids, adv[:1], mask)),
+                           ("completion_ids", (old, ref, ids + 20, adv, mask))):
+            with pytest.raises(ValueError, match=name):
+                ours.triton_grpo_loss(logits, *args, reduce=reduce)
+    with pytest.raises(ValueError, match="ref_weight"):
+        ours.LigerFusedLinearGRPOLoss()(hidden, weight, ids, mask, adv, ref_input=hidden)

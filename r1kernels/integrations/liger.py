@@ -53,13 +53,16 @@ def _liger(where: str, what: str, todo: list[str]):
 
 
 def _check_options(loss_type, importance_sampling_level, delta, sapo_temperature_pos, sapo_temperature_neg,
-                   max_completion_length=None, dr_grpo_needs_length=False):
+                   max_completion_length=None, dr_grpo_needs_length=False, delta_ignored=False):
+    """Liger's option checks. delta_ignored: delta with cispo/sapo/vespo is no error and has no effect (Liger's
+    chunked class, like TRL, clamps the ratio by delta only for the clipped loss types); Liger's Triton loss
+    refuses it."""
     _checks.choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
     for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         _checks.positive(name, v)
     if delta is not None:
         _checks.positive("delta", delta)
-        if loss_type in ("cispo", "sapo", "vespo"):
+        if loss_type in ("cispo", "sapo", "vespo") and not delta_ignored:
             raise ValueError(f"delta (two-sided clipping) is not supported for loss_type={loss_type!r}")
     if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
         raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}")
@@ -87,6 +90,7 @@ def _is_clipped(logp, old, adv, mask, eps_low, eps_high, loss_type, level):
     if loss_type == "sapo":
         return torch.zeros_like(mask)
     log_r = logp - (logp if old is None else old.float())
+    log_r = log_r.masked_fill(mask == 0, 0.0)  # what old holds at masked positions (NaN, -inf) is never read
     if level == "sequence":
         log_r = ((log_r * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     r, a = torch.exp(log_r), adv.float().reshape(adv.shape[0], -1)
@@ -134,7 +138,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 vllm_is_ratio=None, num_items_in_batch=None):
         c = {k: getattr(self, k) for k in self._option_names}
         _check_options(c["loss_type"], c["importance_sampling_level"], c["delta"], c["sapo_temperature_pos"],
-                       c["sapo_temperature_neg"], c["max_completion_length"], dr_grpo_needs_length=True)
+                       c["sapo_temperature_neg"], c["max_completion_length"], dr_grpo_needs_length=True,
+                       delta_ignored=True)
         todo = _unsupported(c["loss_type"], c["beta"], c["use_bias_correction_kl"], vllm_is_ratio,
                             c["sapo_temperature_pos"], c["sapo_temperature_neg"])
         if todo:
@@ -149,6 +154,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 raise ValueError("ref_per_token_logps or ref_input is required when use_ref_model=True")
             ref = ref_per_token_logps
             if ref is None:
+                if ref_weight is None:
+                    raise ValueError("ref_weight is required with ref_input (the reference model's lm_head weight)")
                 with torch.no_grad():
                     ref = linear_token_logprobs(ref_input, ref_weight, _mask_ids(selected_token_ids, attention_mask,
                                                                                  ref_weight.shape[0]),
@@ -158,7 +165,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         out = linear_grpo_loss(
             _input, lin_weight, selected_token_ids, advantages, attention_mask, bias=bias,
             old_logprobs=old_per_token_logps, ref_logprobs=ref, beta=beta, epsilon=c["epsilon_low"],
-            epsilon_high=c["epsilon_high"], delta=c["delta"], loss_type=c["loss_type"],
+            epsilon_high=c["epsilon_high"], delta=None if c["loss_type"] in ("cispo", "sapo") else c["delta"],
+            loss_type=c["loss_type"],
             importance_sampling_level=c["importance_sampling_level"], temperature=c["temperature"],
             max_completion_length=c["max_completion_length"],
             num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch) if items else None,
@@ -199,9 +207,18 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
     B, T1, V = logits.shape
     if T1 < 1:
         raise ValueError(f"logits must have shape [B, T + 1, V], got {tuple(logits.shape)}")
+    _checks.int_tensor("completion_ids", completion_ids, ndim=2)
     _checks.shape("completion_ids", completion_ids, (B, T1 - 1), " (logits has T + 1 positions)")
     if beta != 0.0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta != 0")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp if beta != 0.0 else None),
+                    ("completion_mask", completion_mask)):
+        if t is not None:
+            _checks.tensor(name, t)
+            _checks.shape(name, t, (B, T1 - 1), " (logits has T + 1 positions)")
+    _checks.float_tensor("advantages", advantages)
+    if tuple(advantages.shape) not in ((B,), (B, 1)):
+        raise ValueError(f"advantages must have shape ({B},) or ({B}, 1), got {tuple(advantages.shape)}")
     mask = completion_mask if completion_mask is not None else torch.ones(B, T1 - 1, device=logits.device)
     x = logits[:, :-1]
     items = LOSS_REDUCTION[loss_type] == "items"
@@ -215,19 +232,20 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                         use_bias_correction_kl=False, inplace_backward=bool(inplace), backend=backend)
         return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
                                   importance_sampling_level)
-    _checks.int_tensor("completion_ids", completion_ids, ndim=2)
-    _checks.float_tensor("advantages", advantages, ndim=1)
-    _checks.shape("advantages", advantages, (B,))
-    logp = token_logprobs(x, _mask_ids(completion_ids, mask, V), temperature=temperature, backend=backend)
     m = mask.float()
-    old = logp.detach() if old_logp is None else old_logp.float()
-    L, _ = per_token_objective(logp, old, advantages.float().unsqueeze(-1), m, epsilon=eps_low,
+    ids = _mask_ids(completion_ids, mask, V)
+    _checks.labels_in_range("completion_ids", ids.masked_fill(m == 0, 0), V,
+                            " where completion_mask is not 0 (masked positions may hold any value, e.g. -100)")
+    logp = token_logprobs(x, ids, temperature=temperature, backend=backend)
+    on = m != 0  # masked positions are skipped, as Liger's kernel does: whatever old/ref hold there (NaN, -inf)
+    old = logp.detach() if old_logp is None else torch.where(on, old_logp.float(), logp.detach())
+    L, _ = per_token_objective(logp, old, advantages.float().reshape(B, 1), m, epsilon=eps_low,
                                epsilon_high=eps_high, delta=delta, loss_type=loss_type,
                                importance_sampling_level=importance_sampling_level)
     kl = None
     if beta != 0.0:
-        kl = kl_per_token(logp, ref_logp.float(), "k3")
+        kl = kl_per_token(logp, torch.where(on, ref_logp.float(), logp.detach()), "k3")
         L = L + beta * kl
-    clipped = _is_clipped(logp.detach(), old_logp, advantages, m, eps_low, eps_high, loss_type,
-                          importance_sampling_level)
+    clipped = _is_clipped(logp.detach(), None if old_logp is None else old, advantages, m, eps_low, eps_high,
+                          loss_type, importance_sampling_level)
     return L * m, (kl * m if kl is not None else None), clipped * m
