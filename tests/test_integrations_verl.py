@@ -55,6 +55,19 @@ def test_defaults_and_2d_inputs():
     assert_close(ent, ref_ent)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 13), (1, 7, 16, 40)])
+def test_tensor_temperature(shape):
+    """verl's linear_cross_entropy passes float(temperature) on: a one-element tensor is a temperature there
+    (it was a ValueError here)."""
+    B, T, H, V = shape
+    hidden, weight, labels = torch.randn(B, T, H), torch.randn(V, H), torch.randint(0, V, (B, T))
+    t = float(torch.empty(()).uniform_(0.5, 1.5))
+    logp, ent = linear_cross_entropy(hidden, weight, labels, torch.tensor(t), "none")
+    ref_logp, ref_ent = _reference(hidden, weight, labels, t, "none")
+    assert_close(logp, ref_logp, name="logprobs")
+    assert_close(ent, ref_ent, name="entropy")
+
+
 def test_bad_input():
     hidden, weight, labels = torch.randn(2, 5, 8), torch.randn(13, 8), torch.randint(0, 13, (2, 5))
     with pytest.raises(ValueError, match="reduction"):

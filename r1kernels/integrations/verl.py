@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from .. import _checks, linear_token_logprobs
 
 __all__ = ["linear_cross_entropy", "install"]
@@ -57,6 +59,8 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     """Drop-in for verl.utils.kernel.linear_cross_entropy.linear_cross_entropy (module docstring).
     backend (keyword only, not verl's): the r1kernels backend."""
     temperature = 1.0 if temperature is None else temperature
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        temperature = float(temperature)  # verl's wrapper calls float(temperature): a one-element tensor works
     reduction = "none" if reduction is None else reduction
     if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
