@@ -300,8 +300,9 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(min_p, (int, float)) or isinstance(min_p, bool) or not 0.0 <= min_p < 1.0:
-        raise ValueError(f"min_p must be in [0, 1), got {min_p!r}")
+    # [0, 1] as transformers' MinPLogitsWarper and TRL's GRPOConfig: min_p 1.0 keeps the tokens as likely as the top
+    if not isinstance(min_p, (int, float)) or isinstance(min_p, bool) or not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
                                        or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")

@@ -496,7 +496,7 @@ def test_right_padded_prompt_is_an_error(engine):
 
 @pytest.mark.parametrize("kw,name", [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                                      (dict(top_k=-1), "top_k"), (dict(temperature=0.0), "temperature"),
-                                     (dict(min_p=1.0), "min_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+                                     (dict(min_p=1.5), "min_p"), (dict(max_new_tokens=0), "max_new_tokens"),
                                      (dict(temperature=1e-40), "temperature")])
 def test_bad_sampling_arguments(kw, name):
     args = dict(max_new_tokens=4)

@@ -221,7 +221,7 @@ def test_public_api_dispatch():
 
 @pytest.mark.parametrize("override,name", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-    (dict(temperature=0.0), "temperature"), (dict(min_p=1.0), "min_p"),
+    (dict(temperature=0.0), "temperature"), (dict(min_p=1.01), "min_p"), (dict(min_p=-0.1), "min_p"),
     (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("inf"), greedy=True), "temperature"),
     (dict(temperature=1e-40), "temperature"),
     (dict(seeds=torch.zeros(2, dtype=torch.long)), "seeds"), (dict(positions=torch.zeros(3, 1, dtype=torch.long)),
@@ -288,3 +288,48 @@ def test_gpu_cuda_graph():
         rtok, rlp = ref.sample_tokens(logits, seeds, positions, **o)
         assert torch.equal(tok, rtok)
         assert_close(lp, rlp, torch.float32)
+
+
+def _hf_kept(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, **_):
+    """bool [B, V]: the tokens transformers' warpers leave finite, in generate's order (temperature, top-k,
+    top-p, min-p; transformers.generation.utils._get_logits_processor), min_tokens_to_keep=1."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    s = TemperatureLogitsWarper(temperature)(None, logits.float())
+    for on, w in ((top_k != 0, lambda: TopKLogitsWarper(top_k)), (top_p < 1.0, lambda: TopPLogitsWarper(top_p)),
+                  (min_p > 0.0, lambda: MinPLogitsWarper(min_p))):
+        if on:
+            s = w()(None, s)
+    return s > float("-inf")
+
+
+HF_EDGE_OPTS = [dict(min_p=1.0), dict(min_p=1.0, top_k=3, temperature=0.5), dict(top_k=1000), dict(top_k=1),
+                dict(top_p=1e-9), dict(top_p=1e-9, min_p=1.0, greedy=True), dict(temperature=1e-5, min_p=0.999),
+                dict(temperature=1e3, top_k=4, top_p=0.6, min_p=0.2)]
+
+
+@pytest.mark.parametrize("B,V", [(3, 5), (4, 130)])
+@pytest.mark.parametrize("opts", HF_EDGE_OPTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_edge_options_match_transformers_warpers(B, V, opts):
+    """The kept set against transformers' TopK / TopP / MinP warpers at the edges of each option's range (min_p
+    1.0, which transformers and TRL accept, was a ValueError), on logits with -inf entries and a row with one
+    finite entry; the drawn token is in that set, equal on both backends, with the log-prob renormalized
+    over it."""
+    logits = torch.randn(B, V) * 3  # no ties: transformers keeps some of the tokens tied at a top-p edge
+    logits[0, 1::3] = float("-inf")
+    logits[-1, :] = float("-inf")
+    logits[-1, torch.randint(0, V, ())] = 0.5
+    seeds, positions = torch.randint(0, 2**62, (B,)), torch.randint(0, 2**31 - 1, (B,))
+    o = _opts(**opts)
+    hf = _hf_kept(logits, **o)
+    assert torch.equal(hf, _kept(logits, **o) & (logits > float("-inf")))
+    tok, lp = rk.sample_tokens(logits, seeds, positions, backend="torch", **o)
+    ttok, tlp = rk.sample_tokens(logits, seeds, positions, backend="triton", **o)
+    assert torch.equal(tok, ttok) and hf.gather(-1, tok[:, None]).all()
+    for name, got in (("reference", lp), ("triton", tlp)):
+        assert_close(got, _logp64(logits, tok, hf, **o), torch.float32, name=f"{name} logp")
