@@ -528,6 +528,43 @@ def test_bad_engine_arguments():
         generate(model, ids, mask, [1], SamplingParams(2), eos_id=1, pad_id=0)
 
 
+_BAD_ARGS = [
+    (dict(pad_id=None), "pad_id"), (dict(pad_id=-1), "pad_id"), (dict(pad_id=V), "pad_id"),
+    (dict(pad_id=0.5), "pad_id"), (dict(pad_id=True), "pad_id"), (dict(mask=lambda m: m[:, 1:]), "prompt_mask_BP"),
+    (dict(mask=lambda m: m[:1]), "prompt_mask_BP"), (dict(ids=lambda i: i.float()), "prompt_ids_BP"),
+    (dict(ids=lambda i: i[0], mask=lambda m: m[0]), "prompt_ids_BP"), (dict(seeds=[2**64, 1, 2]), "seeds_B"),
+    (dict(seeds=[1.5, 2.0, 3.0]), "seeds_B"), (dict(seeds=[1, 2]), "seeds_B"), (dict(seeds=None), "seeds_B"),
+]
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers", "Engine"])
+@pytest.mark.parametrize("kw,name", _BAD_ARGS, ids=lambda x: x if isinstance(x, str) else ",".join(x))
+def test_bad_generate_arguments_name_the_argument(engine, kw, name):
+    """Each malformed argument is a ValueError naming it, before any work, through generate() with either engine
+    and Engine.generate: a pad_id of None / < 0 / >= vocab was a TypeError or an IndexError in the decode step (a
+    device-side assert on a GPU: finished rows feed pad_id to the model), a float seed was truncated, a mask of
+    another shape or float ids a RuntimeError."""
+    model = _model("tiny-qwen2", layers=1)
+    ids, mask = _prompts([2, 4, 3])
+    args = dict(ids=ids, mask=mask, seeds=[1, 2, 3], pad_id=0)
+    args.update({k: v(args[k]) if callable(v) else v for k, v in kw.items()})
+    sp = SamplingParams(3)
+    with pytest.raises(ValueError, match=name):
+        if engine == "Engine":
+            Engine(model, backend="torch", cuda_graphs=False).generate(args["ids"], args["mask"], args["seeds"], sp,
+                                                                       eos_id=1, pad_id=args["pad_id"])
+        else:
+            generate(model, args["ids"], args["mask"], args["seeds"], sp, eos_id=1, pad_id=args["pad_id"],
+                     engine=engine, backend="torch")
+    if engine == "r1train":  # the tensor seeds and numpy ids callers pass are fine
+        import numpy as np
+
+        tok, _ = generate(model, ids, mask, torch.tensor([1, 2, 3]), sp, eos_id=1, pad_id=np.int64(V - 1),
+                          backend="torch")
+        assert torch.equal(tok, generate(model, ids, mask, [1, 2, 3], sp, eos_id=1, pad_id=V - 1,
+                                         backend="torch")[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_gpu_cuda_graph_greedy_equals_full_forward(name):

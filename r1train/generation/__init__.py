@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from ..moe_replay import recorder
-from .engine import Engine, SamplingParams, buckets, engine_for, eos_tuple, release
+from .engine import Engine, SamplingParams, buckets, check_arguments, engine_for, eos_tuple, release
 from .hf import hf_generate
 
 ENGINES = ("r1train", "transformers")
@@ -56,8 +56,7 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
     them (a row ends at any; rollout.eos_ids gives TRL's set)."""
     if engine not in ENGINES:
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
-    if len(seeds_B) != prompt_ids_BP.shape[0]:
-        raise ValueError(f"seeds_B has {len(seeds_B)} seeds for {prompt_ids_BP.shape[0]} prompts")
+    check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id)  # shapes, dtypes, one seed a row, pad_id
     eos_tuple(eos_id)  # a clear error before any work (each engine checks the prompt rows)
     with gathered_for_generation(ds_engine):  # entered even with no rows: under ZeRO-3 it is a collective
         if prompt_ids_BP.shape[0] == 0:  # a rank with nothing to sample this round (dynamic sampling)

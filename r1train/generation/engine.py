@@ -19,6 +19,7 @@ optimizer updates them in place); a new parameter storage (ZeRO-3 gathers) re-ca
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -83,13 +84,47 @@ def eos_tuple(eos_id) -> tuple:
     return ids
 
 
-def check_prompt_rows(prompt_mask_BP: torch.Tensor, prompt_ids_BP: torch.Tensor, model):
+def check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id) -> torch.Tensor:
+    """A ValueError naming the first malformed argument (before any work; no host read): prompt_ids_BP a 2-D
+    integer tensor, prompt_mask_BP a tensor of its shape, seeds_B one integer seed per row (in int64; a float
+    seed was truncated), pad_id an int >= 0 (done rows feed it to the model: check_prompt_rows bounds it by
+    the vocabulary). -> the seeds as an int64 tensor (on seeds_B's device; a list: on the CPU)."""
+    def integer(t):
+        return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+    if not isinstance(prompt_ids_BP, torch.Tensor) or prompt_ids_BP.ndim != 2 or not integer(prompt_ids_BP):
+        raise ValueError(f"prompt_ids_BP must be a 2-D integer tensor [B, P] (left-padded prompts), got "
+                         f"{getattr(prompt_ids_BP, 'dtype', type(prompt_ids_BP))} of shape "
+                         f"{tuple(getattr(prompt_ids_BP, 'shape', ()))}")
+    if not isinstance(prompt_mask_BP, torch.Tensor) or prompt_mask_BP.shape != prompt_ids_BP.shape:
+        raise ValueError(f"prompt_mask_BP must be a tensor of prompt_ids_BP's shape {tuple(prompt_ids_BP.shape)}, "
+                         f"got {tuple(getattr(prompt_mask_BP, 'shape', ()))}")
+    B = prompt_ids_BP.shape[0]
+    try:
+        seeds = seeds_B if isinstance(seeds_B, torch.Tensor) else torch.as_tensor(list(seeds_B))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"seeds_B must be {B} integer seeds in int64's range, got {seeds_B!r} ({e})") from None
+    if seeds.numel() == 0:  # [] is a float tensor
+        seeds = seeds.long()
+    if seeds.shape != (B,) or not integer(seeds):
+        raise ValueError(f"seeds_B must be {B} integer seeds (one per prompt row), got {seeds.dtype} of shape "
+                         f"{tuple(seeds.shape)}")
+    if not isinstance(pad_id, numbers.Integral) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ValueError(f"pad_id must be a token id (an int >= 0: finished rows feed it to the model), got "
+                         f"{pad_id!r}")
+    return seeds.long()
+
+
+def check_prompt_rows(prompt_mask_BP: torch.Tensor, prompt_ids_BP: torch.Tensor, model, pad_id=None):
     """Every row has a prompt token (a completion needs a prompt to condition on), is left-padded (its tokens
     are its last columns: a right-padded row would continue after its padding) and holds ids the model's
-    embedding has: a ValueError naming the first row that does not. One host read."""
+    embedding has: a ValueError naming the first row that does not; so must pad_id, when given. One host read."""
     B, P = prompt_mask_BP.shape
     emb = model.get_input_embeddings()
     V = getattr(emb, "base_layer", emb).num_embeddings  # peft's LoRA embedding wraps the layer
+    if pad_id is not None and not 0 <= pad_id < V:
+        raise ValueError(f"pad_id {pad_id} is outside the model's embedding [0, {V}) (finished rows feed it to "
+                         "the model)")
     m_BP = prompt_mask_BP.bool()
     flags_3B = torch.stack([~m_BP.any(1), (m_BP[:, :-1] & ~m_BP[:, 1:]).any(1),
                             (m_BP & ((prompt_ids_BP < 0) | (prompt_ids_BP >= V))).any(1)])
@@ -314,11 +349,12 @@ class Engine:
     def generate(self, prompt_ids_BP, prompt_mask_BP, seeds_B, sp: SamplingParams, *, eos_id, pad_id: int):
         """-> (tokens int64 [B, T'], fp32 log-probs [B, T']) with T' <= max_new_tokens (every row finished
         or T' = max_new_tokens); tokens after a row's eos are pad_id, their log-probs 0."""
+        seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id)
         B, P = prompt_ids_BP.shape
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
-        check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model)
+        check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model, pad_id)
         eos = eos_tuple(eos_id)
         if eos not in self._eos:
             self._eos[eos] = torch.tensor(eos, dtype=torch.int64, device=dev)
@@ -333,7 +369,7 @@ class Engine:
                 self._drop_graphs()  # captured graphs write into the old buffer
                 self.routes = torch.empty(shape, dtype=rec.dtype, device=dev)
             self.routes[:, :B].fill_(-1)
-        st.seeds[:B] = torch.as_tensor(seeds_B, dtype=torch.int64).to(dev)
+        st.seeds[:B] = seeds.to(dev)
         st.rid[:B] = torch.arange(B, device=dev)
         st.pos.zero_()
         st.done.zero_()

@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kernels.reference.sampling import kept_mask
 
-from .engine import check_prompt_rows, eos_tuple
+from .engine import check_arguments, check_prompt_rows, eos_tuple
 
 
 class _Exact(GenerationConfig):
@@ -65,10 +65,11 @@ def _config(sp, eos: tuple, pad_id: int) -> _Exact:
 def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pad_id: int):
     """-> (tokens [B, T'], fp32 log-probs [B, T']); eos_id an int or a sequence of ints; after a row's first eos
     its tokens are pad_id and its log-probs 0."""
+    seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id)
     P = prompt_ids_BP.shape[1]
-    check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model)
+    check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model, pad_id)
     eos = eos_tuple(eos_id)  # negative ids never match
-    torch.manual_seed(zlib.crc32(repr([int(s) for s in seeds_B]).encode()))
+    torch.manual_seed(zlib.crc32(repr(seeds.tolist()).encode()))
     was_training = model.training
     model.eval()
     try:
