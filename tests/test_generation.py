@@ -413,6 +413,24 @@ def test_transformers_fallback_greedy_matches_engine():
     assert_close(lp, ours_lp[:, :n].double(), torch.float32, name="greedy log-probs vs the engine")
 
 
+@pytest.mark.parametrize("lens", [[3, 5], [2, 7, 4, 1]])
+def test_transformers_fallback_leaves_the_global_generator_alone(lens):
+    """The fallback draws from the global generator seeded by the rows' seeds, then restores the caller's
+    state of it (it was left reseeded: the trainer's later draws followed from the rollout's seeds); the
+    completions stay a function of (prompts, seeds), whatever the global state was before."""
+    model = _model("tiny-qwen2", layers=1, sharp=False)
+    ids, mask = _prompts(lens)
+    seeds, sp = list(range(7, 7 + len(lens))), SamplingParams(5, top_k=20)
+    outs = []
+    for before in (torch.randint(0, 2**31, ()).item(), None):
+        if before is not None:
+            torch.manual_seed(before)
+        state = torch.random.get_rng_state()
+        outs.append(generate(model, ids, mask, seeds, sp, eos_id=-1, pad_id=0, engine="transformers"))
+        assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 @pytest.mark.parametrize("engine", ["r1train", "transformers"])
 def test_stops_at_any_eos_id(engine):
     """eos_id as a sequence (TRL stops at any of the model's eos ids): each row stops at the first of any of them

@@ -69,13 +69,21 @@ def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pa
     P = prompt_ids_BP.shape[1]
     check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model, pad_id)
     eos = eos_tuple(eos_id)  # negative ids never match
-    torch.manual_seed(zlib.crc32(repr(seeds.tolist()).encode()))
     was_training = model.training
     model.eval()
+    dev = prompt_ids_BP.device
+    # the draws come from the global generator of the logits' device, seeded here; the caller's state of it is
+    # restored after (it was left reseeded: the trainer's later draws were a function of the rollout's seeds)
     try:
-        out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
-                             generation_config=_config(sp, eos, pad_id),
-                             logits_processor=LogitsProcessorList([_Kept(sp)]))
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            seed = zlib.crc32(repr(seeds.tolist()).encode())
+            torch.random.default_generator.manual_seed(seed)
+            if dev.type == "cuda":
+                with torch.cuda.device(dev):
+                    torch.cuda.manual_seed(seed)
+            out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
+                                 generation_config=_config(sp, eos, pad_id),
+                                 logits_processor=LogitsProcessorList([_Kept(sp)]))
     finally:
         model.train(was_training)
     tok_BT = out.sequences[:, P:]
