@@ -583,6 +583,14 @@ def test_bad_generate_arguments_name_the_argument(engine, kw, name):
                                          backend="torch")[0])
 
 
+@pytest.mark.parametrize("check_every", [0, -3, 2.0, True])
+def test_bad_check_every(check_every):
+    """check_every 0 was a ZeroDivisionError in the decode loop, < 0 silently never compacted."""
+    model = _model("tiny-qwen2", layers=1)
+    with pytest.raises(ValueError, match="check_every"):
+        Engine(model, backend="torch", check_every=check_every)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_gpu_cuda_graph_greedy_equals_full_forward(name):

@@ -189,6 +189,9 @@ class Engine:
         if getattr(model.config, "use_sliding_window", False):
             raise ValueError("the generation engine does not support sliding-window attention; use "
                              "rollout_engine=transformers")
+        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1 (decode steps between reads of the live-row count), "
+                             f"got {check_every!r}")  # 0 was a ZeroDivisionError, < 0 never compacted
         _attn.register()
         self.options = dict(backend=backend, cuda_graphs=cuda_graphs, check_every=check_every, fused=fused)
         self.fused = fused and backend != "torch"  # the fused kernels, where rk runs a kernel for them
