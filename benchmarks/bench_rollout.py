@@ -65,11 +65,16 @@ def _model(device, tiny, separate_params=False):
     return model if separate_params else flatten_parameters(model)
 
 
-def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
-    """Decode-step floor: per step all weights once + the KV cache of the rows still generating."""
+def _step_bytes(model) -> tuple[int, int]:
+    """(bytes of every weight, bytes of keys + values of one cached token over all layers, bf16)."""
     c = model.config
     w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_tok = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    return w_bytes, c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+
+
+def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
+    """Decode-step floor: per step all weights once + the KV cache of the rows still generating."""
+    w_bytes, kv_tok = _step_bytes(model)
     kv = sum(prompt_len + t for n in lens for t in range(n)) * kv_tok
     return (max(lens) * w_bytes + kv) / copy_bandwidth(next(model.parameters()).device.type)
 
@@ -180,8 +185,9 @@ def _ab_name(v: str) -> str:
     return "r1train engine, " + " + ".join(AB[c] for c in v.split("+"))
 
 
-def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False, ab=()):
-    """ab: names of AB, each run as its own provider."""
+def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False, ab=(),
+                 breakdown=False):
+    """ab: names of AB, each run as its own provider; breakdown: step_breakdown of one more warm rollout."""
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -220,6 +226,8 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
                                          "first_call_s": first, "captures": eng.stats["captures"] - stats0["captures"],
                                          "capture_seconds": eng.stats["capture_seconds"] - stats0["capture_seconds"],
                                          "tokens_generated": got}
+    if breakdown:
+        res["breakdown"] = step_breakdown(eng, ours, model, P, len_B.tolist(), device)
     for v in ab:  # a variant that fails (say a launch option this Triton lacks) is recorded; the others still run
         try:
             with ab_variant(v):
@@ -260,6 +268,90 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     for p in res["providers"].values():
         p["ours_speedup"] = p["seconds"] / ours_s
     return res
+
+
+def step_breakdown(eng, run, model, P, lens, device) -> dict:
+    """Where one warm rollout's wall time goes: a timing mark (a CUDA event, or the host clock on CPU) before and
+    after each decode step and each compaction (the engine's own methods wrapped on this instance; no host read
+    added inside the loop). Parts: the prefill and first token (start to the first step); the decode steps by
+    batch bucket, each beside its floor (every weight once + the keys/values of the rows still generating at that
+    step, as floor_seconds); the steps after every row drew its eos (up to check_every - 1); the compactions;
+    idle device time between steps (the host's done-checks); the tail (outputs copied); the wall time around it."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def ms(a, b):
+        return a.elapsed_time(b) if cuda else (b - a) * 1e3
+
+    marks = []  # (kind, rows, start, end)
+    step, compact = eng._run_step, eng._compact
+
+    def timed_step(r, *a):
+        s0 = mark()
+        step(r, *a)
+        marks.append(("step", r, s0, mark()))
+
+    def timed_compact(r, target):
+        s0 = mark()
+        compact(r, target)
+        marks.append(("compact", r, s0, mark()))
+
+    eng._run_step, eng._compact = timed_step, timed_compact
+    try:
+        sync()
+        t0 = time.perf_counter()
+        begin = mark()
+        run()
+        end = mark()
+        sync()
+        wall = time.perf_counter() - t0
+    finally:
+        del eng._run_step, eng._compact  # the class's methods again
+    w_bytes, kv_tok = _step_bytes(model)
+    bw = copy_bandwidth(device)
+    out = {"wall_ms": wall * 1e3, "prefill_and_first_token_ms": ms(begin, marks[0][2]) if marks else ms(begin, end),
+           "buckets": {}, "steps_after_done": 0, "steps_after_done_ms": 0.0, "compactions": 0,
+           "compaction_ms": 0.0, "idle_between_ms": 0.0,
+           "tail_ms": ms(marks[-1][3], end) if marks else 0.0}
+    t = 0  # decode step t draws token t (token 0 came from the prefill)
+    for i, (kind, r, s0, e0) in enumerate(marks):
+        if i:
+            out["idle_between_ms"] += ms(marks[i - 1][3], s0)
+        if kind == "compact":
+            out["compactions"] += 1
+            out["compaction_ms"] += ms(s0, e0)
+            continue
+        t += 1
+        live = [n for n in lens if n > t]
+        if not live:  # every row has drawn its eos; the engine reads the live count only every check_every steps
+            out["steps_after_done"] += 1
+            out["steps_after_done_ms"] += ms(s0, e0)
+            continue
+        b = out["buckets"].setdefault(str(r), {"rows": r, "steps": 0, "ms": 0.0, "floor_ms": 0.0, "live_rows": 0})
+        b["steps"] += 1
+        b["ms"] += ms(s0, e0)
+        b["floor_ms"] += (w_bytes + len(live) * (P + t) * kv_tok) / bw * 1e3
+        b["live_rows"] += len(live)
+    for b in out["buckets"].values():
+        b.update(ms_per_step=b["ms"] / b["steps"], floor_ms_per_step=b["floor_ms"] / b["steps"],
+                 x_floor=b["ms"] / b["floor_ms"], live_rows=b["live_rows"] / b["steps"])
+    out["steps_ms"] = sum(b["ms"] for b in out["buckets"].values())
+    out["steps_floor_ms"] = sum(b["floor_ms"] for b in out["buckets"].values())
+    print(f"  breakdown: wall {out['wall_ms']:.1f} ms = prefill {out['prefill_and_first_token_ms']:.1f} + steps "
+          f"{out['steps_ms']:.1f} (floor {out['steps_floor_ms']:.1f}) + {out['steps_after_done']} steps after the last "
+          f"eos {out['steps_after_done_ms']:.1f} + {out['compactions']} compactions "
+          f"{out['compaction_ms']:.1f} + idle {out['idle_between_ms']:.1f} + tail {out['tail_ms']:.1f}")
+    for b in out["buckets"].values():
+        print(f"    rows {b['rows']:4d}: {b['steps']:4d} steps x {b['ms_per_step']:.3f} ms (floor "
+              f"{b['floor_ms_per_step']:.3f}, {b['x_floor']:.2f}x; {b['live_rows']:.1f} live rows)")
+    return out
 
 
 @torch.no_grad()
@@ -426,7 +518,8 @@ def main(argv=None):
     p.add_argument("--only", default="fixed,varied,throughput")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true",
-                   help="per-kernel time of one decode step (CUDA): the default engine's and the last --ab variant's")
+                   help="per-kernel time of one decode step (CUDA): the default engine's and the last --ab variant's; "
+                   "and each workload's step_breakdown")
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
     p.add_argument("--ab", default="", help="comma list of variants, each a change or changes joined by +: also "
                    "the engine with that change; changes: " + ", ".join(f"{k} = {v}" for k, v in AB.items()))
@@ -448,7 +541,7 @@ def main(argv=None):
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
                          reps=a.reps, skip_peers=a.skip_peers,
-                         ab=variants)
+                         ab=variants, breakdown=a.profile)
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)

@@ -93,3 +93,37 @@ def test_rollout_bench_reports_each_workloads_own_captures():
     ours = r["providers"]["r1train engine"]
     assert (ours["captures"], ours["capture_seconds"]) == (0, 0.0)
     assert ours["tokens_generated"] == 2 * 2 * 4
+
+
+@pytest.mark.parametrize("lens", [None, "varied"])
+def test_rollout_breakdown_accounts_for_the_rollout(lens):
+    """step_breakdown's parts (prefill, steps by bucket, steps after the last eos, compactions, idle, tail) add up
+    to the marked span inside the measured wall time; one step per drawn token after the first until the done-check
+    that sees every row finished, each at a bucket the engine runs; the steps' floor equals floor_seconds less
+    the first token's share (every weight once + each prompt's keys/values)."""
+    import random
+
+    from benchmarks import bench_rollout as br
+    from r1train.generation import engine_for
+    from r1train.generation.engine import buckets
+
+    model = br._model("cpu", tiny=True)
+    eng = engine_for(model, backend="torch")  # run_workload's engine_for(model) returns this one
+    n, G, P, T = 2, 4, random.randint(3, 9), 20
+    lens = [random.randint(2, T) for _ in range(n * G)] if lens else None
+    r = br.run_workload("w", model, "cpu", n_prompts=n, G=G, P=P, T=T, lens=lens, with_compile=False, reps=1,
+                        skip_peers=True, breakdown=True)
+    b = r["breakdown"]
+    parts = (b["prefill_and_first_token_ms"] + b["steps_ms"] + b["steps_after_done_ms"] + b["compaction_ms"]
+             + b["idle_between_ms"] + b["tail_ms"])
+    assert 0 < parts <= b["wall_ms"] + 1e-6
+    lens_B = lens or [T] * (n * G)
+    c = eng.check_every
+    end = T if lens is None else min(T, -(-max(lens_B) // c) * c)  # the steps counter when the rollout stops
+    assert sum(x["steps"] for x in b["buckets"].values()) == max(lens_B) - 1
+    assert b["steps_after_done"] == end - max(lens_B)
+    rows = {x["rows"] for x in b["buckets"].values()}
+    assert rows <= set(buckets(n * G)) and b["compactions"] == len(rows) - 1
+    w_bytes, kv_tok = br._step_bytes(model)
+    first = (w_bytes + len(lens_B) * P * kv_tok) / br.copy_bandwidth("cpu")
+    assert b["steps_floor_ms"] == pytest.approx((br.floor_seconds(model, P, lens_B) - first) * 1e3, rel=1e-9)
