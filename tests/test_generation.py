@@ -583,6 +583,40 @@ def test_bad_generate_arguments_name_the_argument(engine, kw, name):
                                          backend="torch")[0])
 
 
+@pytest.mark.parametrize("engine", ["r1train", "transformers", "Engine"])
+@pytest.mark.parametrize("where", ["ids", "mask", "both", "model"])
+def test_prompts_on_another_device_name_the_argument(engine, where):
+    """Prompts on a device other than the model's are a ValueError naming the argument and both devices, before
+    any work, through generate() with either engine and Engine.generate (it was a RuntimeError from inside the
+    embedding or an index op, or 'Cannot copy out of meta tensor'). 'meta' stands in for the other device on a
+    CPU-only machine: as prompts, or as the model's device (its parameters moved there)."""
+    import re
+
+    model = _model("tiny-qwen2", layers=1)
+    B = int(torch.randint(1, 5, ()))
+    ids, mask = _prompts(torch.randint(1, 6, (B,)).tolist())
+    seeds, sp = torch.randint(0, 2**31, (B,)).tolist(), SamplingParams(3)
+    args = dict(ids=ids.to("meta") if where in ("ids", "both") else ids,
+                mask=mask.to("meta") if where in ("mask", "both") else mask)
+    if where == "model":
+        model = model.to("meta")
+    name = "prompt_mask_BP" if where == "mask" else "prompt_ids_BP"
+    other, model_dev = ("cpu", "meta") if where == "model" else ("meta", "cpu")
+
+    def run(ids_BP, mask_BP):
+        if engine == "Engine":
+            return Engine(model, backend="torch", cuda_graphs=False).generate(ids_BP, mask_BP, seeds, sp, eos_id=1,
+                                                                              pad_id=0)
+        return generate(model, ids_BP, mask_BP, seeds, sp, eos_id=1, pad_id=0, engine=engine, backend="torch")
+
+    with pytest.raises(ValueError, match=re.escape(f"{name} is on {other} but the model is on {model_dev}")):
+        run(args["ids"], args["mask"])
+    if where != "model":  # the same prompts on the model's device run
+        tok, logp = run(ids, mask)
+        assert tok.shape[0] == B and 1 <= tok.shape[1] <= 3 and logp.shape == tok.shape
+        assert ((tok >= 0) & (tok < V)).all()
+
+
 @pytest.mark.parametrize("check_every", [0, -3, 2.0, True])
 def test_bad_check_every(check_every):
     """check_every 0 was a ZeroDivisionError in the decode loop, < 0 silently never compacted."""

@@ -56,7 +56,8 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
     them (a row ends at any; rollout.eos_ids gives TRL's set)."""
     if engine not in ENGINES:
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
-    check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id)  # shapes, dtypes, one seed a row, pad_id
+    # shapes, dtypes, the model's device, one seed a row, pad_id
+    check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id, model=model)
     eos_tuple(eos_id)  # a clear error before any work (each engine checks the prompt rows)
     with gathered_for_generation(ds_engine):  # entered even with no rows: under ZeRO-3 it is a collective
         if prompt_ids_BP.shape[0] == 0:  # a rank with nothing to sample this round (dynamic sampling)

@@ -84,11 +84,13 @@ def eos_tuple(eos_id) -> tuple:
     return ids
 
 
-def check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id) -> torch.Tensor:
+def check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id, *, model) -> torch.Tensor:
     """A ValueError naming the first malformed argument (before any work; no host read): prompt_ids_BP a 2-D
-    integer tensor, prompt_mask_BP a tensor of its shape, seeds_B one integer seed per row (in int64; a float
-    seed was truncated), pad_id an int >= 0 (done rows feed it to the model: check_prompt_rows bounds it by
-    the vocabulary). -> the seeds as an int64 tensor (on seeds_B's device; a list: on the CPU)."""
+    integer tensor, prompt_mask_BP a tensor of its shape, both on the model's device (its parameters'; a
+    mismatch was a RuntimeError from inside the embedding or an index op), seeds_B one integer seed per row (in
+    int64; a float seed was truncated; any device), pad_id an int >= 0 (done rows feed it to the model:
+    check_prompt_rows bounds it by the vocabulary). -> the seeds as an int64 tensor (on seeds_B's device; a
+    list: on the CPU)."""
     def integer(t):
         return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
@@ -99,6 +101,11 @@ def check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id) -> torch.Ten
     if not isinstance(prompt_mask_BP, torch.Tensor) or prompt_mask_BP.shape != prompt_ids_BP.shape:
         raise ValueError(f"prompt_mask_BP must be a tensor of prompt_ids_BP's shape {tuple(prompt_ids_BP.shape)}, "
                          f"got {tuple(getattr(prompt_mask_BP, 'shape', ()))}")
+    dev = next(model.parameters()).device
+    for name, t in (("prompt_ids_BP", prompt_ids_BP), ("prompt_mask_BP", prompt_mask_BP)):
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but the model is on {dev} (move the prompts to the "
+                             "model's device)")
     B = prompt_ids_BP.shape[0]
     try:
         seeds = seeds_B if isinstance(seeds_B, torch.Tensor) else torch.as_tensor(list(seeds_B))
@@ -352,7 +359,7 @@ class Engine:
     def generate(self, prompt_ids_BP, prompt_mask_BP, seeds_B, sp: SamplingParams, *, eos_id, pad_id: int):
         """-> (tokens int64 [B, T'], fp32 log-probs [B, T']) with T' <= max_new_tokens (every row finished
         or T' = max_new_tokens); tokens after a row's eos are pad_id, their log-probs 0."""
-        seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id)
+        seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id, model=self.model)
         B, P = prompt_ids_BP.shape
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:

@@ -65,7 +65,7 @@ def _config(sp, eos: tuple, pad_id: int) -> _Exact:
 def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pad_id: int):
     """-> (tokens [B, T'], fp32 log-probs [B, T']); eos_id an int or a sequence of ints; after a row's first eos
     its tokens are pad_id and its log-probs 0."""
-    seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id)
+    seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id, model=model)
     P = prompt_ids_BP.shape[1]
     check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model, pad_id)
     eos = eos_tuple(eos_id)  # negative ids never match
