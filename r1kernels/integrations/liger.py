@@ -93,7 +93,8 @@ def _is_clipped(logp, old, adv, mask, eps_low, eps_high, loss_type, level):
     log_r = log_r.masked_fill(mask == 0, 0.0)  # what old holds at masked positions (NaN, -inf) is never read
     if level == "sequence":
         log_r = ((log_r * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    r, a = torch.exp(log_r), adv.float().reshape(adv.shape[0], -1)
+    a = adv.float()
+    r, a = torch.exp(log_r), a.unsqueeze(-1) if a.ndim == 1 else a  # [B] -> [B, 1] (B may be 0)
     if loss_type == "cispo":
         return ((r > eps_high) & (a > 0)).float().expand_as(mask)
     return (((r < 1 - eps_low) & (a < 0)) | ((r > 1 + eps_high) & (a > 0))).float().expand_as(mask)
@@ -171,9 +172,18 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             max_completion_length=c["max_completion_length"],
             num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch) if items else None,
             use_bias_correction_kl=False, backend=self.backend)
-        return out.loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
-                                        c["epsilon_low"], c["epsilon_high"], c["loss_type"],
-                                        c["importance_sampling_level"]))
+        loss = _empty_batch_loss(out.loss, _input.shape[0], c["loss_type"])
+        return loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
+                                    c["epsilon_low"], c["epsilon_high"], c["loss_type"],
+                                    c["importance_sampling_level"]))
+
+
+def _empty_batch_loss(loss, rows, loss_type):
+    """Liger's loss for a batch of no rows: 0, except a NaN (0 / 0, a mean over no sequences) for the types
+    that average over sequences or divide by B (grpo, sapo, dr_grpo); the gradients stay zero."""
+    if rows == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "length"):
+        return loss + float("nan")
+    return loss
 
 
 def _metrics(out, old, adv, mask, beta, eps_low, eps_high, loss_type, level):
@@ -230,8 +240,8 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                         max_completion_length=max_completion_length,
                         num_items_in_batch=_dapo_normalizer(mask, num_items_in_batch) if items else None,
                         use_bias_correction_kl=False, inplace_backward=bool(inplace), backend=backend)
-        return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
-                                  importance_sampling_level)
+        return _empty_batch_loss(out.loss, B, loss_type), _metrics(out, old_logp, advantages, mask, beta, eps_low,
+                                                                   eps_high, loss_type, importance_sampling_level)
     m = mask.float()
     ids = _mask_ids(completion_ids, mask, V)
     _checks.labels_in_range("completion_ids", ids.masked_fill(m == 0, 0), V,

@@ -40,7 +40,8 @@ def row_scale(mask_f, B, T, loss_type, max_completion_length, num_items_t, num_i
     if reduction == "tokens":
         s = 1.0 / n_row.sum().clamp(min=1.0)
     elif reduction == "length":
-        s = torch.full((), 1.0 / (B * (max_completion_length or T)), device=device)
+        # max(.., 1): with no rows (or no tokens) s scales nothing; 1 / 0 was a ZeroDivisionError
+        s = torch.full((), 1.0 / max(B * (max_completion_length or T), 1), device=device)
     elif num_items_t is not None:
         s = 1.0 / num_items_t.float().reshape(())
     elif num_items_f is not None:
