@@ -145,6 +145,9 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
     _checks.same_device(completion_ids=ids, advantages=advantages, completion_mask=mask, old_logprobs=old,
                         ref_logprobs=ref)
     _checks.choice("loss_type", loss_type, LOSS_TYPES)
+    if B == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "sequence_sum", "length"):  # 0 / 0
+        raise ValueError(f"completion_ids has no rows: loss_type={loss_type!r} averages over sequences (or divides "
+                         f"by their count), undefined for an empty batch")
     _checks.choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
     _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _checks.positive("beta", beta, allow_zero=True)

@@ -124,6 +124,31 @@ def test_group_advantages_eps():
     assert torch.equal(rk.group_advantages(torch.ones(4), 2, eps=0.0, scale="none"), torch.zeros(4))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", list(rk.LOSS_TYPES))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_loss_with_no_rows(backend, loss_type, level):
+    """No rows: the losses normalized by tokens return 0 (zero gradients); those that average over sequences or
+    divide by their count (0 / 0: the reference gave NaN, the kernel 0 at token level) are a ValueError naming
+    completion_ids, for grpo_loss and linear_grpo_loss."""
+    T, H = int(torch.randint(1, 6, ())), 4
+    ids, adv = torch.zeros(0, T, dtype=torch.long), torch.zeros(0)
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, max_completion_length=T, backend=backend,
+                old_logprobs=torch.zeros(0, T))
+    hidden, weight = torch.randn(0, T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    calls = (lambda: rk.grpo_loss(hidden @ weight.t(), ids, adv, **opts),
+             lambda: rk.linear_grpo_loss(hidden, weight, ids, adv, **opts))
+    for call in calls:
+        if rk.LOSS_REDUCTION[loss_type] in ("sequence", "sequence_sum", "length"):
+            with pytest.raises(ValueError, match="completion_ids has no rows"):
+                call()
+        else:
+            out = call()
+            assert out.loss.item() == 0.0
+            out.loss.backward()
+            assert weight.grad is not None and not weight.grad.any()
+
+
 def test_grpo_loss_accepts_b1_advantages_and_masked_ignore_index():
     args = _grpo_args()
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

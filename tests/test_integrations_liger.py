@@ -224,7 +224,7 @@ def test_bad_input_named():
 
 
 def _same_empty(got, want, what):
-    """Outputs of an empty batch: Liger's values exactly (a NaN loss where Liger's is 0 / 0), same shapes."""
+    """Outputs of an empty batch: Liger's values exactly, same shapes."""
     assert len(got[1]) == len(want[1]), what
     for i, (g, w) in enumerate(zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]])):
         assert g.shape == w.shape, f"{what} output {i}: shape {tuple(g.shape)} != Liger's {tuple(w.shape)}"
@@ -235,9 +235,9 @@ def _same_empty(got, want, what):
 @pytest.mark.parametrize("case", CASES + [dict(loss_type="grpo")], ids=lambda c: "-".join(map(str, c.values())))
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_empty_batch_equals_liger(B, T, case, beta):
-    """No rows or no completion tokens: Liger returns a loss (0, or NaN for the losses that average over no
-    sequences) with zero gradients and zero metrics; both drop-ins return the same (rows = 0 was a
-    RuntimeError from reshaping the advantages with -1)."""
+    """No rows or no completion tokens: Liger returns a loss of 0 with zero gradients and zero metrics, and both
+    drop-ins return the same (rows = 0 was a RuntimeError from reshaping the advantages with -1); where Liger's
+    loss is NaN (no rows, a loss that averages over sequences: 0 / 0) ours is a ValueError naming the input."""
     H, V = int(torch.randint(4, 17, ())), int(torch.randint(5, 40, ()))
     hidden, weight, ids, mask, adv, old, ref = _inputs(max(B, 1), max(T, 1), H, V)
     hidden, ids, mask, old, ref = (t[:B, :T].contiguous() for t in (hidden, ids, mask, old, ref))
@@ -246,14 +246,27 @@ def test_empty_batch_equals_liger(B, T, case, beta):
     kw = dict(beta=beta, compiled=False, **case)
     call = dict(ref_per_token_logps=ref, old_per_token_logps=old)
     want = _run(lambda: LigerLinear(**kw)(hidden, weight, ids, mask, adv, **call), [hidden, weight])
-    got = _run(lambda: ours.LigerFusedLinearGRPOLoss(**kw)(hidden, weight, ids, mask, adv, **call), [hidden, weight])
-    _same_empty(got, want, f"fused {case} beta={beta}")
+    undefined = bool(torch.isnan(want[0]))
+    assert undefined == (B == 0 and case["loss_type"] in ("grpo", "sapo", "dr_grpo"))
+    if undefined:
+        with pytest.raises(ValueError, match="_input has no rows"):
+            ours.LigerFusedLinearGRPOLoss(**kw)(hidden, weight, ids, mask, adv, **call)
+    else:
+        got = _run(lambda: ours.LigerFusedLinearGRPOLoss(**kw)(hidden, weight, ids, mask, adv, **call),
+                   [hidden, weight])
+        _same_empty(got, want, f"fused {case} beta={beta}")
     logits = torch.randn(B, T + 1, V, requires_grad=True)
     tkw = dict(temperature=0.9, beta=beta, inplace=False,
                **{"eps_high" if k == "epsilon_high" else k: v for k, v in case.items()})
     want = _run(lambda: liger_triton(logits * 1.0, old, ref, ids, adv, mask, reduce=True, **tkw), [logits])
-    got = _run(lambda: ours.triton_grpo_loss(logits * 1.0, old, ref, ids, adv, mask, reduce=True, **tkw), [logits])
-    _same_empty(got, want, f"triton {case} beta={beta}")
+    assert bool(torch.isnan(want[0])) == undefined
+    if undefined:
+        with pytest.raises(ValueError, match="logits has no rows"):
+            ours.triton_grpo_loss(logits * 1.0, old, ref, ids, adv, mask, reduce=True, **tkw)
+    else:
+        got = _run(lambda: ours.triton_grpo_loss(logits * 1.0, old, ref, ids, adv, mask, reduce=True, **tkw),
+                   [logits])
+        _same_empty(got, want, f"triton {case} beta={beta}")
     want = liger_triton(logits, old, ref, ids, adv, mask, reduce=False, **tkw)
     got = ours.triton_grpo_loss(logits, old, ref, ids, adv, mask, reduce=False, **tkw)
     _same_empty((got[0], [t for t in got[1:] if t is not None], []),

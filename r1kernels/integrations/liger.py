@@ -163,6 +163,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                                                 bias=ref_bias, temperature=c["temperature"], backend=self.backend)
         beta = c["beta"] if ref is not None else 0.0  # Liger: no reference -> KL 0
         items = LOSS_REDUCTION[c["loss_type"]] == "items"
+        _check_rows(_input.shape[0], c["loss_type"], "_input")
         out = linear_grpo_loss(
             _input, lin_weight, selected_token_ids, advantages, attention_mask, bias=bias,
             old_logprobs=old_per_token_logps, ref_logprobs=ref, beta=beta, epsilon=c["epsilon_low"],
@@ -172,18 +173,18 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             max_completion_length=c["max_completion_length"],
             num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch) if items else None,
             use_bias_correction_kl=False, backend=self.backend)
-        loss = _empty_batch_loss(out.loss, _input.shape[0], c["loss_type"])
-        return loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
+        return out.loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
                                     c["epsilon_low"], c["epsilon_high"], c["loss_type"],
                                     c["importance_sampling_level"]))
 
 
-def _empty_batch_loss(loss, rows, loss_type):
-    """Liger's loss for a batch of no rows: 0, except a NaN (0 / 0, a mean over no sequences) for the types
-    that average over sequences or divide by B (grpo, sapo, dr_grpo); the gradients stay zero."""
-    if rows == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "length"):
-        return loss + float("nan")
-    return loss
+def _check_rows(rows, loss_type, name):
+    """A batch of no rows: Liger returns a loss of 0 (zero gradients) for the token-normalized types, and NaN
+    (0 / 0) for those that average over sequences or divide by their count, which we refuse: a ValueError
+    naming the argument (this project returns no silent NaN)."""
+    if rows == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "sequence_sum", "length"):
+        raise ValueError(f"{name} has no rows: loss_type={loss_type!r} averages over sequences, undefined for an "
+                         f"empty batch (liger-kernel returns NaN)")
 
 
 def _metrics(out, old, adv, mask, beta, eps_low, eps_high, loss_type, level):
@@ -233,6 +234,7 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
     x = logits[:, :-1]
     items = LOSS_REDUCTION[loss_type] == "items"
     if reduce:
+        _check_rows(B, loss_type, "logits")
         out = grpo_loss(x, completion_ids, advantages, mask, old_logprobs=old_logp,
                         ref_logprobs=ref_logp if beta != 0.0 else None, beta=beta, epsilon=eps_low,
                         epsilon_high=eps_high, delta=delta, loss_type=loss_type,
@@ -240,8 +242,8 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                         max_completion_length=max_completion_length,
                         num_items_in_batch=_dapo_normalizer(mask, num_items_in_batch) if items else None,
                         use_bias_correction_kl=False, inplace_backward=bool(inplace), backend=backend)
-        return _empty_batch_loss(out.loss, B, loss_type), _metrics(out, old_logp, advantages, mask, beta, eps_low,
-                                                                   eps_high, loss_type, importance_sampling_level)
+        return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
+                              importance_sampling_level)
     m = mask.float()
     ids = _mask_ids(completion_ids, mask, V)
     _checks.labels_in_range("completion_ids", ids.masked_fill(m == 0, 0), V,
