@@ -78,9 +78,25 @@ def test_fused_linear_ref_input_and_bias():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["loss_type"])
 def test_triton_grpo_loss_equals_liger(shape, case):
+    _triton_grpo_loss_equals_liger(shape, case, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 96, 8, 32000), (2, 40, 8, 151936)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["loss_type"])
+def test_gpu_triton_grpo_loss_equals_liger(shape, case):
+    """The same on the GPU: our compiled kernels beside Liger's at real vocabularies."""
+    _triton_grpo_loss_equals_liger(shape, case, "cuda")
+
+
+def _triton_grpo_loss_equals_liger(shape, case, device):
     B, T, H, V = shape
-    _, _, ids, mask, adv, old, ref = _inputs(B, T, H, V)
-    logits = torch.randn(B, T + 1, V)
+    _, _, _, mask, adv, _, _ = (t.to(device) for t in _inputs(B, T, H, 2))
+    ids = torch.randint(0, V, (B, T), device=device)
+    logits = torch.randn(B, T + 1, V, device=device)
+    logp = torch.log_softmax(logits[:, :-1].double() / 0.9, -1).gather(-1, ids[..., None])[..., 0].float()
+    old = logp + 0.3 * torch.randn(B, T, device=device)  # ratios on both sides of the clip bounds
+    ref = logp + 0.2 * torch.randn(B, T, device=device)
     kw = dict(temperature=0.9, beta=0.04, inplace=False,
               **{"eps_high" if k == "epsilon_high" else k: v for k, v in case.items()})
     x = logits.clone().requires_grad_()
