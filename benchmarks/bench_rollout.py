@@ -140,7 +140,8 @@ AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent l
       "shared": "rows of one prompt reading one copy of its keys/values (attention.SHARED_PROMPT)",
       "emit": "the step's bookkeeping after sampling as one kernel (engine.STEP_FUSIONS)",
       "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)",
-      "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)"}
+      "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)",
+      "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS = 1; default 17)"}
 
 
 @contextlib.contextmanager
@@ -152,6 +153,7 @@ def ab_variant(v: str):
     from r1train.generation import fused as fz
 
     kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}, ga.SHARED_PROMPT, ge.STEP_FUSIONS
+    min_rows = fz.DECODE_LINEAR_MIN_ROWS
     try:
         for change in v.split("+"):
             if change not in AB:
@@ -173,9 +175,12 @@ def ab_variant(v: str):
                 ge.STEP_FUSIONS = tuple(dict.fromkeys((*ge.STEP_FUSIONS, change)))
             elif change == "nofusions":
                 ge.STEP_FUSIONS = ()
+            elif change == "dl_all_rows":
+                fz.DECODE_LINEAR_MIN_ROWS = 1
         yield
     finally:
         fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS = kept[0], kept[1], kept[3], kept[4]
+        fz.DECODE_LINEAR_MIN_ROWS = min_rows
         for e, c in kept[2].items():
             dl.CONFIGS[e].clear()
             dl.CONFIGS[e].update(c)

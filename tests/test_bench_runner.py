@@ -127,3 +127,28 @@ def test_rollout_breakdown_accounts_for_the_rollout(lens):
     w_bytes, kv_tok = br._step_bytes(model)
     first = (w_bytes + len(lens_B) * P * kv_tok) / br.copy_bandwidth("cpu")
     assert b["steps_floor_ms"] == pytest.approx((br.floor_seconds(model, P, lens_B) - first) * 1e3, rel=1e-9)
+
+
+def test_rollout_ab_variants_set_and_restore_the_engine_switches():
+    """Each bench_rollout --ab change sets its switch inside the context and every switch is back after it, also
+    when the body raises (dl_all_rows: the decode_linear row minimum 17 -> 1)."""
+    from benchmarks import bench_rollout as br
+    from r1kernels.triton import decode_linear as dl
+    from r1kernels.triton import device as kd
+    from r1train.generation import attention as ga
+    from r1train.generation import engine as ge
+    from r1train.generation import fused as fz
+
+    def state():
+        return (fz.DECODE_LINEAR, fz.DECODE_LINEAR_MIN_ROWS, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS,
+                {e: dict(c) for e, c in dl.CONFIGS.items()})
+
+    before = state()
+    with br.ab_variant("dl_all_rows+cublas"):
+        assert (fz.DECODE_LINEAR_MIN_ROWS, fz.DECODE_LINEAR) == (1, ())
+    assert state() == before
+    for change in br.AB:
+        with pytest.raises(KeyError), br.ab_variant(change):
+            assert state() != before or change in ("emit", "rope_table", "nopdl")  # on by default / off already
+            raise KeyError
+        assert state() == before, change

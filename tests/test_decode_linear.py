@@ -242,11 +242,12 @@ def test_engine_decode_forward_gpu(extra, monkeypatch):
 
 
 def _engine_decode_forward(device, flat, extra, monkeypatch):
-    """The engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 rows gives the same logits with
-    q/k/v, o_proj and gate/up (extra: + down_proj; + the layers' RMSNorms folded into the q/k/v and gate/up
+    """The engine's decode forward (fused_decode_ops) of a tiny bf16 Qwen2 at 5 and 20 rows gives the same logits
+    with q/k/v, o_proj and gate/up (extra: + down_proj; + the layers' RMSNorms folded into the q/k/v and gate/up
     kernels) through rk.decode_linear's kernel as with DECODE_LINEAR empty (the cuBLAS forms and rk.rms_norm;
-    flat: the stacked gate/up view of ZeRO 1/2's layout, else separate weights); prefills (several tokens a
-    row), even of fewer than 64 token rows, call no kernel and fold no norm."""
+    flat: the stacked gate/up view of ZeRO 1/2's layout, else separate weights); the kernel runs from
+    DECODE_LINEAR_MIN_ROWS rows (5 rows: cuBLAS, as measured faster; then again with the minimum at 1);
+    prefills (several tokens a row), even of fewer than 64 token rows, call no kernel and fold no norm."""
     from transformers import AutoModelForCausalLM
 
     from benchmarks.bench_rollout import flatten_parameters
@@ -271,7 +272,10 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
     real_norm = rk.rms_norm
     monkeypatch.setattr(rk, "rms_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
     L = model.config.num_hidden_layers
-    for rows, T in [(5, 1), (2, 40), (2, 24)]:  # a decode step; prefills of 80 and of 48 rows
+    assert fz.DECODE_LINEAR_MIN_ROWS == 17
+    # decode steps below and above the row minimum, then at 5 rows with a minimum of 1; prefills of 80 and 48 rows
+    for rows, T, least in [(5, 1, 17), (20, 1, 17), (5, 1, 1), (2, 40, 1), (2, 24, 1)]:
+        monkeypatch.setattr(fz, "DECODE_LINEAR_MIN_ROWS", least)
         ids = torch.randint(0, 97, (rows, T), device=device)
         with torch.no_grad():
             monkeypatch.setattr(fz, "DECODE_LINEAR", ())
@@ -284,8 +288,9 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
                 got = model(ids).logits
         fold = "+norm" if "norm" in extra else ""
         want = {"none" + fold: L, "residual": L * (2 if "down_proj" in extra else 1), "silu_gate" + fold: L}
-        assert {e: calls.count(e) for e in set(calls)} == (want if T == 1 else {})  # prefill: cuBLAS
-        assert len(norms) == (1 if T == 1 and fold else 2 * L + 1)  # folded: only the final norm runs alone
+        kernel = T == 1 and rows >= least  # prefill and steps of fewer rows: cuBLAS
+        assert {e: calls.count(e) for e in set(calls)} == (want if kernel else {})
+        assert len(norms) == (1 if kernel and fold else 2 * L + 1)  # folded: only the final norm runs alone
         calls.clear()
         norms.clear()
         assert_close(got, ref.double(), torch.bfloat16, name=f"logits rows={rows} T={T}")

@@ -6,10 +6,10 @@ and k instead of about ten); the q/k/v projections of each attention -> one GEMM
 (a view where they lie back to back, else a concatenated buffer the engine keeps, refreshed from the
 parameters on every entry); and in each Llama-family decoder layer the two residual adds -> the beta = 1
 input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). In the decode step (one token per
-row, <= 64 rows) q/k/v (+ bias), o_proj (+ the residual) and gate/up (+ SiLU) run as rk.decode_linear where its
-kernel takes them (a Hopper GPU; DECODE_LINEAR); prefill and everything else keeps the cuBLAS forms above. Instance
-attributes shadow the class methods for the duration and are removed after, so training forwards run the
-unpatched code."""
+row, 17-64 rows: DECODE_LINEAR_MIN_ROWS) q/k/v (+ bias), o_proj (+ the residual) and gate/up (+ SiLU) run as
+rk.decode_linear where its kernel takes them (a Hopper GPU; DECODE_LINEAR); prefill and everything else keeps the
+cuBLAS forms above. Instance attributes shadow the class methods for the duration and are removed after, so
+training forwards run the unpatched code."""
 from __future__ import annotations
 
 import contextlib
@@ -33,12 +33,18 @@ from r1kernels.reference.decode_linear import stacked
 # (56 rms_norm launches fewer, 0.1 ms of decode_linear time more a step); "down_proj" (with PDL and norm: +5.1%
 # against +4.3% without it).
 DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
+# Decode steps of fewer rows keep the cuBLAS forms, which pick 8-row tiles there (the kernel's tile is 64 rows).
+# The 1.5B decode step replayed, kernel vs cuBLAS, H100 (2026-12-05, 91b4823;
+# results/decode_linear_rows_h100_2026-12-05_91b4823.json): 4 rows 2.074 vs 1.969 ms, 8: 2.167 vs 2.053,
+# 16: 2.217 vs 2.067, 32: 2.142 vs 2.240, 64: 2.230 vs 2.298.
+DECODE_LINEAR_MIN_ROWS = 17
 
 
 def _decode_kernel(backend, x, x2, w, **kw) -> bool:
-    """x [B, T, H] is one token per row (the decode step: T == 1; prefill keeps the cuBLAS forms) and
-    rk.decode_linear's kernel takes x2 = x as [B, H] (few rows on a Hopper GPU)."""
-    return x.dim() == 3 and x.shape[1] == 1 and _kernel("decode_linear", backend, x2.device, x2, w, **kw) is not None
+    """x [B, T, H] is one token per row (the decode step: T == 1; prefill keeps the cuBLAS forms), B >=
+    DECODE_LINEAR_MIN_ROWS, and rk.decode_linear's kernel takes x2 = x as [B, H] (few rows on a Hopper GPU)."""
+    return (x.dim() == 3 and x.shape[1] == 1 and x2.shape[0] >= DECODE_LINEAR_MIN_ROWS
+            and _kernel("decode_linear", backend, x2.device, x2, w, **kw) is not None)
 
 
 def _norm(self, x):
