@@ -79,6 +79,15 @@ def floor_seconds(model, prompt_len: int, lens: list[int]) -> float:
     return (max(lens) * w_bytes + kv) / copy_bandwidth(next(model.parameters()).device.type)
 
 
+def generated_tokens(tok_BT: torch.Tensor, eos: int) -> int:
+    """Tokens a rollout drew: each row's through its first eos (all T without one). Counting tokens != pad_id
+    missed sampled tokens equal to the pad id."""
+    T = tok_BT.shape[1]
+    is_eos = tok_BT == eos
+    n_B = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, T)
+    return int(n_B.sum())
+
+
 def varied_lengths(rows: int, T: int, seed: int = 0) -> list[int]:
     """The "varied" workload's completion lengths: uniform in max(T // 16, 2)..T (32-512 for T = 512)."""
     g = torch.Generator().manual_seed(seed)
@@ -225,7 +234,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     t0 = time.perf_counter()
     tok = ours()
     first = time.perf_counter() - t0
-    got = int(((tok != 0) | (tok == eos)).sum()) if lens is not None else tok.numel()
+    got = generated_tokens(tok, eos) if lens is not None else tok.numel()
     runs = _timed(ours, device, reps)
     res["providers"]["r1train engine"] = {"seconds": statistics.median(runs), "runs": runs,
                                          "first_call_s": first, "captures": eng.stats["captures"] - stats0["captures"],

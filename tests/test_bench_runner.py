@@ -4,6 +4,7 @@ the memory benchmark (minutes of training) runs only when named."""
 import types
 
 import pytest
+import torch
 
 from benchmarks import __main__ as runner
 
@@ -113,11 +114,12 @@ def test_rollout_breakdown_accounts_for_the_rollout(lens):
     lens = [random.randint(2, T) for _ in range(n * G)] if lens else None
     r = br.run_workload("w", model, "cpu", n_prompts=n, G=G, P=P, T=T, lens=lens, with_compile=False, reps=1,
                         skip_peers=True, breakdown=True)
+    lens_B = lens or [T] * (n * G)
+    assert r["providers"]["r1train engine"]["tokens_generated"] == sum(lens_B) == r["tokens_generated"]
     b = r["breakdown"]
     parts = (b["prefill_and_first_token_ms"] + b["steps_ms"] + b["steps_after_done_ms"] + b["compaction_ms"]
              + b["idle_between_ms"] + b["tail_ms"])
     assert 0 < parts <= b["wall_ms"] + 1e-6
-    lens_B = lens or [T] * (n * G)
     c = eng.check_every
     end = T if lens is None else min(T, -(-max(lens_B) // c) * c)  # the steps counter when the rollout stops
     assert sum(x["steps"] for x in b["buckets"].values()) == max(lens_B) - 1
@@ -127,6 +129,24 @@ def test_rollout_breakdown_accounts_for_the_rollout(lens):
     w_bytes, kv_tok = br._step_bytes(model)
     first = (w_bytes + len(lens_B) * P * kv_tok) / br.copy_bandwidth("cpu")
     assert b["steps_floor_ms"] == pytest.approx((br.floor_seconds(model, P, lens_B) - first) * 1e3, rel=1e-9)
+
+
+def test_generated_tokens_counts_through_the_first_eos():
+    """Each row's tokens through its first eos, all T without one, whatever token ids (the pad id 0 included)
+    come before or after it."""
+    from benchmarks.bench_rollout import generated_tokens
+
+    B, T, eos = 6, 9, 1
+    tok = torch.randint(0, 4, (B, T))
+    tok[tok == eos] = 0
+    want = 0
+    for b in range(B):
+        j = int(torch.randint(0, T + 1, ()))  # T: no eos in this row
+        if j < T:
+            tok[b, j] = eos
+            tok[b, j + 1:] = torch.randint(0, 4, (T - j - 1,))  # anything after it, eos included
+        want += j + 1 if j < T else T
+    assert generated_tokens(tok, eos) == want
 
 
 def test_rollout_ab_variants_set_and_restore_the_engine_switches():

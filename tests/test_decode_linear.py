@@ -365,12 +365,16 @@ def test_dependent_launch_chain_in_a_graph_gpu(rows, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_engine_with_dependent_launch_gpu(name, monkeypatch):
     """The engine's captured decode step on a bf16 model with programmatic dependent launch (off by default) and
-    without: the same math, so the sampled and the greedy tokens and their log-probs are bitwise equal."""
+    without: the same math, so the sampled and the greedy tokens and their log-probs are bitwise equal. 12 rows,
+    with rk.decode_linear's kernel in the step (its row minimum set to 1: by default 12 rows keep cuBLAS)."""
     from transformers import AutoModelForCausalLM
 
     from r1kernels.triton import device as kd
     from r1train.generation import Engine, SamplingParams
+    from r1train.generation import fused as fz
     from r1train.tasks.models import tiny_config
+
+    monkeypatch.setattr(fz, "DECODE_LINEAR_MIN_ROWS", 1)
 
     model = AutoModelForCausalLM.from_config(tiny_config(name, 97, hidden_size=128, num_layers=3, num_heads=4,
                                                          max_position=256), dtype=torch.bfloat16).cuda().eval()
