@@ -150,6 +150,10 @@ class Trainer(CheckpointMixin):
         import deepspeed
 
         self.cfg, self.tok = cfg, tokenizer
+        if tokenizer is not None and tokenizer.pad_token_id is None:  # TRL's trainers: the eos token pads
+            if tokenizer.eos_token is None:
+                raise ValueError("tokenizer: it has neither a pad token nor an eos token; set tokenizer.pad_token")
+            tokenizer.pad_token = tokenizer.eos_token
         self.train_rows, self.eval_rows = list(train_rows), list(eval_rows or [])
         if cfg.padding_free and cfg.max_tokens_per_batch is not None:  # before any work
             check_token_budget(cfg, *self.longest_row(cfg, self.train_rows))

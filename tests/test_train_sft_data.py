@@ -135,3 +135,25 @@ def test_sft_conversational_completion_is_tokenized_as_trl_sft():
                         (5, {"prompt": prompt, "completion": [{"role": "assistant"}]}, "non-empty list of messages")):
         with pytest.raises(DatasetError, match=f"SFT row {i}: .*{msg}"):
             sft_tokens(tok, bad, i, max_length=512, **KW)
+
+
+def test_sft_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    """A tokenizer with no pad token (e.g. Llama's, passed to the trainer directly) pads with its eos token, as
+    TRL's SFTTrainer does: the step's loss is the hand-computed NLL. It was a TypeError from torch.full in the
+    first step's collate (after the engine was built)."""
+    import random
+
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    rng = random.Random()
+    rows = [{"prompt": f"What is {rng.randint(0, 999)}+{rng.randint(0, 99)}?" + "x" * rng.randint(0, 9),
+             "completion": "<answer>" + str(rng.randint(0, 10 ** rng.randint(1, 8))) + "</answer>"} for _ in range(4)]
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=48"])
+    model, tok = load_model_and_tokenizer(cfg)
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    want = _hand_nll(copy.deepcopy(model).eval(), tok, rows, 48, completion_only=True)
+    t = SFTTrainer(cfg, model, tok, rows, [])
+    assert tok.pad_token_id == tok.eos_token_id
+    assert t.train_step(0, rows)["loss"] == pytest.approx(want, rel=1e-5)
