@@ -295,6 +295,8 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prom
         p, comp = cache.string_row(row["prompt"], c)
     else:
         p, comp = cache.prompt(row["prompt"]), cache.text(c) + [tok.eos_token_id]
+    if not p:  # the prompt merged whole into the completion's first token: as in TRL, no token scores the first
+        p, comp = comp[:1], comp[1:]
     p = keep_prompt_tail(p, max_prompt_length)[:max_length]
     comp = comp[:max_length - len(p)]
     if not completion_only_loss:

@@ -157,3 +157,51 @@ def test_sft_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     t = SFTTrainer(cfg, model, tok, rows, [])
     assert tok.pad_token_id == tok.eos_token_id
     assert t.train_step(0, rows)["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def _merging_tokenizer(pairs):
+    """A byte-pair tokenizer over a few characters whose merges join each (a, b) of pairs into one token."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz0123456789 ?+")}}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(pairs)})
+    core = Tokenizer(models.BPE(vocab, list(pairs)))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_prompt_merged_into_the_completion_is_scored_as_trl(tmp_path, padding_free):
+    """A string prompt whose tokens all merge into the completion's first token (BPE: prompt "a", completion
+    "b ..." -> "ab") left no context token: the first scored token was predicted from a pad position (a silent
+    wrong loss), a batch of only such rows was a ValueError about label shapes, and padding_free refused it
+    mid-training. Now, as in TRL's SFTTrainer (completion mask from the common prefix, labels shifted by one),
+    every token after the row's first is scored: the step's loss equals that hand-computed NLL."""
+    import random
+
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    rng = random.Random()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pairs = [(a, b) for a, b in zip(rng.sample(letters, 4), rng.sample(letters, 4))]
+    tok = _merging_tokenizer(pairs)
+    rows = [{"prompt": a, "completion": b + " " + str(rng.randint(0, 10 ** 6))} for a, b in pairs]
+    rows.append({"prompt": "what is " + str(rng.randint(0, 99)) + "?", "completion": " " + str(rng.randint(0, 99))})
+    for batch in (rows[:2], rows[2:]):
+        cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / str(len(batch))}", "max_length=40",
+                                              f"padding_free={str(padding_free).lower()}"])
+        model, _ = load_model_and_tokenizer(cfg)  # its 109-token vocabulary holds this tokenizer's ids
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            ref = copy.deepcopy(model).eval()
+            for r in batch:
+                full = tok(r["prompt"] + r["completion"] + "<eos>")["input_ids"]
+                p = tok(r["prompt"])["input_ids"]
+                first = next((i for i, (x, y) in enumerate(zip(p, full)) if x != y), len(p))  # TRL's prompt_len
+                ids = torch.tensor(full)
+                logp = torch.log_softmax(ref(ids[None]).logits[0].double(), -1)[:-1].gather(1, ids[1:, None])[:, 0]
+                mask = torch.arange(1, len(full)) >= first  # labels[t] = ids[t] where completion_mask[t], t >= 1
+                nll, n = nll - logp[mask].sum().item(), n + int(mask.sum())
+        t = SFTTrainer(cfg, model, tok, batch, [])
+        assert t.train_step(0, batch)["loss"] == pytest.approx(nll / n, rel=1e-5)
