@@ -14,6 +14,7 @@ import os
 import torch
 
 from .config import ConfigError, TrainConfig, check_grpo_batch, load_config
+from .data import DatasetError
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer, merge_adapters
@@ -94,6 +95,13 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
     language: also require a readable chain of thought (language reward 1, or no words at all); the recipe and
     distill pass cfg.language (R1 keeps no chain of thought that mixes languages). stats, when given, gets the
     counts: samples, correct, kept, prompts_kept (prompts with at least one kept sample)."""
+    missing = sum(r.get(cfg.answer_column) is None for r in rows)
+    if rows and missing == len(rows):
+        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row has this column, and rejection sampling "
+                           "keeps only samples whose <answer> matches it")
+    if missing:
+        logging.getLogger("r1train").warning("rejection sampling: %d of %d rows have no %r column; none of their "
+                                             "samples can be kept", missing, len(rows), cfg.answer_column)
     setup_distributed()
     model = model.to(device())
     out, n = [], {"samples": 0, "correct": 0, "kept": 0, "prompts_kept": 0}

@@ -4,6 +4,7 @@ error on a teacher with no correct samples, and the `sample` command."""
 import json
 
 import pytest
+import torch
 import train_helpers as H
 
 from r1train import pipeline
@@ -114,3 +115,42 @@ def test_demo_smoke(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "grpo" / "curves.png").exists() and (tmp_path / "demo_curves.png").exists()
+
+
+def test_rejection_sampling_names_rows_without_an_answer(tmp_path, monkeypatch, caplog):
+    """Rejection sampling keeps only samples whose <answer> matches answer_column. Rows without it were dropped
+    unseen: with reward_funcs not holding accuracy (so loading checks no answer column), distill on prompts with
+    no answers said the teacher produced no correct samples, and the recipe skipped its stage 3. Now no row with
+    the column is a DatasetError naming answer_column (before any sampling), and some rows without it a warning
+    with their count; the rows with answers are kept. The sampler is a stand-in that answers correctly."""
+    import logging
+    import random
+
+    from r1train.config import load_config
+    from r1train.data import DatasetError
+
+    rng = random.Random()
+    rows = [{"prompt": f"What is {i}+{rng.randint(0, 99)}?", "answer": str(rng.randint(0, 999))}
+            for i in range(rng.randint(4, 12))]
+    gone = rng.sample(range(len(rows)), rng.randint(1, len(rows) - 1))
+    for i in gone:
+        del rows[i]["answer"]
+
+    def sampler(model, tok, rows, *, num_samples, **kw):
+        texts = [f"<think>sum</think><answer>{r.get('answer', '0')}</answer>" for r in rows for _ in range(num_samples)]
+        yield 0, rows, None, texts
+
+    monkeypatch.setattr(pipeline, "sample_rows", sampler)
+    monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "reward_funcs=format"])
+    model = torch.nn.Linear(1, 1)
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        kept = pipeline.rejection_sample(cfg, model, None, rows, num_samples=3, keep=2)
+    assert [r["prompt"] for r in kept] == [r["prompt"] for i, r in enumerate(rows) if i not in gone]
+    assert f"{len(gone)} of {len(rows)} rows have no 'answer'" in caplog.text
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    common = [o for o in H.FAST if not o.startswith("task_")]
+    with pytest.raises(DatasetError, match="answer_column='answer': no row has this column"):
+        pipeline.distill(None, common + [f"output_dir={tmp_path / 'out'}", f"dataset_name={data}",
+                                         "teacher_model=tiny-qwen2", "reward_funcs=format"])
