@@ -39,6 +39,16 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     return out
 
 
+def _resumed(c: TrainConfig) -> TrainConfig:
+    """resume_from_checkpoint=latest in the recipe: a stage with no complete checkpoint yet (not reached, or
+    killed before its first save) runs from its start, its partial outputs replaced; the others resume."""
+    from .checkpoint import checkpoint_problem, list_checkpoints
+
+    if c.resume_from_checkpoint == "latest" and all(checkpoint_problem(p) for p in list_checkpoints(c.output_dir)):
+        return dataclasses.replace(c, resume_from_checkpoint=None, overwrite_output_dir=True)
+    return c
+
+
 def _in_memory(cfg: TrainConfig) -> bool:
     """The stage's model goes to the next stage in memory (its parameters are not partitioned)."""
     return cfg.zero_stage < 3 and cfg.deepspeed is None
@@ -134,6 +144,7 @@ def recipe(cfg_path=None, overrides=()):
     base, c1, c2, c3, c4 = _stage_configs(cfg_path, overrides, {
         "sft": "1-cold-start-sft", "grpo": "2-reasoning-rl", "rejection": "3-rejection-sft",
         "grpo2": "4-all-scenarios-rl"})
+    c1, c2, c3, c4 = map(_resumed, (c1, c2, c3, c4))
     for c, section in ((c1, "sft"), (c2, "grpo"), (c3, "rejection")):  # the stages whose model is handed on
         _check_handoff(c, section)
     model, tok = load_model_and_tokenizer(base)

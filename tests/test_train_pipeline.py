@@ -154,3 +154,40 @@ def test_rejection_sampling_names_rows_without_an_answer(tmp_path, monkeypatch, 
     with pytest.raises(DatasetError, match="answer_column='answer': no row has this column"):
         pipeline.distill(None, common + [f"output_dir={tmp_path / 'out'}", f"dataset_name={data}",
                                          "teacher_model=tiny-qwen2", "reward_funcs=format"])
+
+
+@pytest.mark.slow
+def test_recipe_resumes_latest_after_a_kill_in_a_middle_stage(tmp_path, monkeypatch):
+    """A recipe killed in stage 2 (after its first checkpoint) and rerun with resume_from_checkpoint=latest ends
+    as an uninterrupted run: the same metrics in every stage and the same final weights. Before, the rerun
+    stopped at the first stage with no checkpoint yet (a CheckpointError: no checkpoint-<step>), so a killed
+    recipe could only restart from scratch. Stages with no complete checkpoint now run from their start."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from r1train.grpo import GRPOTrainer
+
+    y = tmp_path / "recipe.yaml"
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
+    over = [f"seed={random.randrange(1000)}", "save_steps=1"]
+    pipeline.recipe(str(y), over + [f"output_dir={tmp_path / 'ref'}"])
+    real = GRPOTrainer.save
+
+    def killed(self, step):
+        path = real(self, step)
+        raise KeyboardInterrupt(path)
+
+    monkeypatch.setattr(GRPOTrainer, "save", killed)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="2-reasoning-rl"):
+        pipeline.recipe(str(y), over + [f"output_dir={run}"])
+    monkeypatch.setattr(GRPOTrainer, "save", real)
+    assert not (run / "4-all-scenarios-rl").exists()
+    pipeline.recipe(str(y), over + [f"output_dir={run}", "resume_from_checkpoint=latest"])
+    for stage in ("1-cold-start-sft", "2-reasoning-rl", "4-all-scenarios-rl"):
+        a, b = (H.strip_timing(H.read_metrics(d / stage)) for d in (tmp_path / "ref", run))
+        assert a == b and a, stage
+    final = "4-all-scenarios-rl/checkpoint-1/model.safetensors"
+    wa, wb = (load_file(d / final) for d in (tmp_path / "ref", run))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
