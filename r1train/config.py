@@ -251,6 +251,9 @@ class TrainConfig:
         for k in pos:
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.rejection_max_per_prompt > self.rejection_num_samples:  # it would keep at most num_samples
+            raise ConfigError(f"rejection_max_per_prompt ({self.rejection_max_per_prompt}) must be <= "
+                              f"rejection_num_samples ({self.rejection_num_samples}): the samples drawn per prompt")
         # the tiny models' 4 attention heads need an even head size (rotary); tiny-deepseek-v3 rotates half of
         # each head: a multiple of 4
         from .tasks import TINY_MODELS  # the key sizes only these (a local model directory ignores it)

@@ -31,8 +31,13 @@ from r1train.data import DatasetError, load_rows
     ("temperature=0", "temperature must be > 0"),
     ("temperature=1e-40", "temperature must be >= 1e-05"),
     ("eval_temperature=1e-7", "eval_temperature must be >= 1e-05"),
+    ("rejection_num_samples=2 rejection_max_per_prompt=3", "rejection_max_per_prompt (3) must be <= rejection_num"),
+    ("rejection_num_samples=3 rejection_max_per_prompt=3", "__valid__"),
 ])
 def test_bad_override(override, msg):
+    if msg == "__valid__":
+        load_config(overrides=override.split())
+        return
     if msg == "__ok__":  # a string key keeps the text as typed, whatever YAML would read it as
         k, _, v = override.partition("=")
         assert getattr(load_config(overrides=[override]), k) == v
