@@ -113,10 +113,19 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
         logging.getLogger("r1train").warning("rejection sampling: %d of %d rows have no %r column; none of their "
                                              "samples can be kept", missing, len(rows), cfg.answer_column)
     setup_distributed()
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # each rank samples rows[rank::world]; a row's seeds stay keyed by its index in `rows`, so its completions
+    # are those of one process. The model here is whole on every rank (ds_engine None: below ZeRO-3 it is the
+    # trained module, under ZeRO-3 reloaded from the checkpoint), so generate needs no collective and the
+    # ranks may make different numbers of calls.
+    share = rows[rank::world] if world > 1 else rows
+    spread = {"index": lambda i: rank + i * world} if world > 1 else {}
     model = model.to(device())
-    out, n = [], {"samples": 0, "correct": 0, "kept": 0, "prompts_kept": 0}
-    for _, chunk, _, texts in sample_rows(model, tok, rows, num_samples=num_samples, cfg=cfg,
-                                          seed_key=(cfg.seed, "rs"), batch_size=batch_size):
+    kept, n = [], {"samples": 0, "correct": 0, "kept": 0, "prompts_kept": 0}  # kept: (row, its kept texts)
+    for _, chunk, _, texts in sample_rows(model, tok, share, num_samples=num_samples, cfg=cfg,
+                                          seed_key=(cfg.seed, "rs"), batch_size=batch_size, **spread):
         gold = [r.get(cfg.answer_column) for r in chunk for _ in range(num_samples)]
         ok = [a == 1.0 and f == 1.0 for a, f in zip(accuracy_reward(None, texts, answer=gold),
                                                       format_reward(None, texts))]
@@ -131,9 +140,15 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
                 t = texts[i * num_samples + j]
                 if ok[i * num_samples + j] and t not in seen and len(seen) < keep:
                     seen.append(t)
-            out += [{**r, cfg.completion_column: t} for t in seen]
+            kept.append((r, seen))
             n["kept"] += len(seen)
             n["prompts_kept"] += bool(seen)
+    if world > 1:  # every rank: the kept texts of every row, in the rows' order, and the counts of all ranks
+        every = [None] * world
+        dist.all_gather_object(every, ([seen for _, seen in kept], n))  # texts only: each rank has the rows
+        kept = [(r, every[g % world][0][g // world]) for g, r in enumerate(rows)]
+        n = {k: sum(e[1][k] for e in every) for k in n}
+    out = [{**r, cfg.completion_column: t} for r, seen in kept for t in seen]
     if stats is not None:
         stats.update(n)
     return out

@@ -94,3 +94,78 @@ def test_packed_two_processes_match_padded_one(tmp_path):
         for k in ("min", "mean", "max"):  # rollout-correction weights, reduced over ranks
             k = f"sampling/importance_sampling_ratio/{k}"
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
+
+
+def _rejection_worker(out_dir):
+    """One process of test_rejection_sampling_splits_prompts_across_ranks: rejection sampling of 11 prompts with
+    the tiny model, every generate call's rows counted. The real completions are wrapped into a well-formed
+    answer that depends on their text (a random model writes none), so which samples are kept follows the
+    completions themselves."""
+    import json
+    import os
+    import zlib
+
+    import torch.distributed as dist
+
+    from r1train import pipeline, rollout
+    from r1train.config import load_config
+    from r1train.loading import load_model_and_tokenizer
+
+    calls, real_generate, real_sample_rows = [], rollout.generate, pipeline.sample_rows
+
+    def counted(model, prompt_ids_BP, *a, **kw):
+        calls.append(prompt_ids_BP.shape[0])
+        return real_generate(model, prompt_ids_BP, *a, **kw)
+
+    def wrapped(*a, **kw):
+        for s, chunk, ro, texts in real_sample_rows(*a, **kw):
+            yield s, chunk, ro, [f"<think>{t!r}</think><answer>{zlib.crc32(t.encode()) % 2}</answer>" for t in texts]
+
+    rollout.generate, pipeline.sample_rows = counted, wrapped
+    cfg = load_config(overrides=H.FAST + ["seed=7", f"output_dir={out_dir}"])
+    model, tok = load_model_and_tokenizer(cfg)
+    rows = [{"prompt": f"What is {i}+{2 * i}?", "answer": str(i % 2), "id": i} for i in range(11)]
+    stats = {}
+    kept = pipeline.rejection_sample(cfg, model, tok, rows, num_samples=3, keep=2, batch_size=4, stats=stats)
+    rank = dist.get_rank()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"world": dist.get_world_size(), "calls": calls, "kept": kept, "stats": stats}, fh)
+
+
+@pytest.mark.slow
+def test_rejection_sampling_splits_prompts_across_ranks(tmp_path):
+    """Rejection sampling (recipe stage 3, distill) sampled every prompt on every rank. Now rank r samples
+    rows[r::world], each row still seeded by its index in rows, and the kept rows and counts are gathered: two
+    processes keep the same rows, in the same order, with the same stats as one, and each rank generated only
+    its half of the prompts (6 and 5 of 11, 3 samples each)."""
+    import json
+    import subprocess
+    import sys
+
+    from r1train.engine import free_port
+
+    script = [__file__, "_rejection_worker"]
+    res = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                        f"--master_port={free_port()}"]
+        r = subprocess.run([sys.executable, *launch, *script, str(out)], env=H.env(), cwd=H.ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[nproc] = [json.loads((out / f"rank{k}.json").read_text()) for k in range(nproc)]
+    (one,), two = res[1], res[2]
+    assert one["world"] == 1 and [t["world"] for t in two] == [2, 2]
+    assert sum(one["calls"]) == 11 * 3
+    assert one["stats"]["kept"] > 0 and one["stats"]["prompts_kept"] < 11  # some samples kept, some prompts not
+    for t in two:
+        assert t["kept"] == one["kept"]  # same rows, same completions, same order, on every rank
+        assert t["stats"] == one["stats"]
+    assert [sum(t["calls"]) for t in two] == [6 * 3, 5 * 3]  # each rank its own half of the prompts
+
+
+if __name__ == "__main__":  # a worker process of the tests above: test_train_dist.py <worker> <args>
+    import sys
+
+    globals()[sys.argv[1]](*sys.argv[2:])
