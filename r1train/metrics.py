@@ -114,6 +114,17 @@ class MetricsLogger:
             else:  # wandb and trackio share the call
                 sink.log(nums, step=step)
 
+    def log_once(self, step: int, metrics: dict):
+        """log, unless metrics.jsonl already has a row at this step holding every key of metrics (an evaluation
+        at the end of a stage that a rerun with resume_from_checkpoint=latest finds already finished)."""
+        if self.rank != 0:
+            return
+        for ln in _read(self.path):
+            row = _parse(ln)
+            if row is not None and row.get("step") == step and all(k in row for k in metrics):
+                return
+        self.log(step, metrics)
+
     def log_completions(self, step: int, rows: list[dict], *, to_backends: bool = False):
         """completions.jsonl always; the backends (a table of step, prompt, completion, reward, advantage)
         when to_backends. Every rank calls it with its own rows: they are gathered to rank 0 in rank order (as

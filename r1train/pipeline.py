@@ -79,7 +79,7 @@ def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
     t.train()
     res = t.evaluate() if evaluate else {}
     if res:
-        t.logger.log(t.max_steps, res)
+        t.logger.log_once(t.max_steps, res)
     t.finish()
     return t, res
 
@@ -90,10 +90,10 @@ def run_grpo(cfg, model, tok, eval_before=False):
     t = GRPOTrainer(cfg, model, tok, train, ev)
     before = t.evaluate() if eval_before else {}
     if before:
-        t.logger.log(t.step0, before)
+        t.logger.log_once(t.step0, before)
     t.train()
     after = t.evaluate()
-    t.logger.log(t.max_steps, after)
+    t.logger.log_once(t.max_steps, after)
     t.finish()
     return t, before, after
 

@@ -188,6 +188,10 @@ def test_recipe_resumes_latest_after_a_kill_in_a_middle_stage(tmp_path, monkeypa
     for stage in ("1-cold-start-sft", "2-reasoning-rl", "4-all-scenarios-rl"):
         a, b = (H.strip_timing(H.read_metrics(d / stage)) for d in (tmp_path / "ref", run))
         assert a == b and a, stage
+        # the stages' evaluations too, once each (a resumed finished stage evaluated again and appended a copy)
+        ea, eb = ([r for r in map(json.loads, (d / stage / "metrics.jsonl").read_text().splitlines())
+                   if "loss" not in r] for d in (tmp_path / "ref", run))
+        assert ea == eb and ea, stage
     final = "4-all-scenarios-rl/checkpoint-1/model.safetensors"
     wa, wb = (load_file(d / final) for d in (tmp_path / "ref", run))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

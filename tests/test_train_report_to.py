@@ -84,3 +84,24 @@ def test_metrics_rows_are_standard_json(tmp_path):
                    "by_name": {"a": None, "b": 2}, "nonfinite": {"loss": "nan", "grad_norm": "inf"}}
     assert json.loads(line2, parse_constant=strict) == {"step": 2, "loss": 0.25}
     assert not math.isnan(row["ok"])
+
+
+def test_log_once_skips_a_row_already_written(tmp_path):
+    """log_once (the end-of-stage evaluation) appends a row unless one at that step already holds every key: a
+    recipe rerun that resumes a finished stage does not write its evaluation twice; other keys or steps append."""
+    import json
+    import random
+
+    from r1train.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), report_to="none")
+    step, acc = random.randint(1, 50), random.random()
+    log.log(step, {"loss": 0.5})
+    log.log_once(step, {"eval/accuracy": acc})
+    log.log_once(step, {"eval/accuracy": acc})  # the rerun's evaluation
+    log.log_once(step + 1, {"eval/accuracy": acc})
+    log.log_once(step, {"eval/accuracy": acc, "eval/accuracy_greedy": 1.0})  # a key not yet at that step
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": step, "loss": 0.5}, {"step": step, "eval/accuracy": acc},
+                    {"step": step + 1, "eval/accuracy": acc},
+                    {"step": step, "eval/accuracy": acc, "eval/accuracy_greedy": 1.0}]
