@@ -126,6 +126,14 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     return (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
 
 
+def _check_loss_rows(name: str, rows: int, loss_type: str, note: str = ""):
+    """No rows and a loss that averages over sequences or divides by their count (0 / 0): a ValueError naming
+    `name` (the reference would return NaN)."""
+    if rows == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "sequence_sum", "length"):
+        raise ValueError(f"{name} has no rows: loss_type={loss_type!r} averages over sequences (or divides by their "
+                         f"count), undefined for an empty batch{note}")
+
+
 def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsilon, epsilon_high, delta,
                 loss_type, importance_sampling_level, kl_estimator, max_completion_length, num_items_in_batch):
     """The loss options shared by grpo_loss and linear_grpo_loss (temperature is checked with the logits)."""
@@ -145,9 +153,7 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
     _checks.same_device(completion_ids=ids, advantages=advantages, completion_mask=mask, old_logprobs=old,
                         ref_logprobs=ref)
     _checks.choice("loss_type", loss_type, LOSS_TYPES)
-    if B == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "sequence_sum", "length"):  # 0 / 0
-        raise ValueError(f"completion_ids has no rows: loss_type={loss_type!r} averages over sequences (or divides "
-                         f"by their count), undefined for an empty batch")
+    _check_loss_rows("completion_ids", B, loss_type)
     _checks.choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
     _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _checks.positive("beta", beta, allow_zero=True)

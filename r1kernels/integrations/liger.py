@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .. import _checks, grpo_loss, linear_grpo_loss, linear_token_logprobs, token_logprobs
+from .. import _check_loss_rows, _checks, grpo_loss, linear_grpo_loss, linear_token_logprobs, token_logprobs
 from ..reference.grpo import LOSS_REDUCTION, LOSS_TYPES, SAPO_TAU_NEG, SAPO_TAU_POS, kl_per_token, per_token_objective
 
 __all__ = ["LigerFusedLinearGRPOLoss", "triton_grpo_loss"]
@@ -163,7 +163,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                                                 bias=ref_bias, temperature=c["temperature"], backend=self.backend)
         beta = c["beta"] if ref is not None else 0.0  # Liger: no reference -> KL 0
         items = LOSS_REDUCTION[c["loss_type"]] == "items"
-        _check_rows(_input.shape[0], c["loss_type"], "_input")
+        _check_loss_rows("_input", _input.shape[0], c["loss_type"], _LIGER_NAN)
         out = linear_grpo_loss(
             _input, lin_weight, selected_token_ids, advantages, attention_mask, bias=bias,
             old_logprobs=old_per_token_logps, ref_logprobs=ref, beta=beta, epsilon=c["epsilon_low"],
@@ -178,13 +178,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                                     c["importance_sampling_level"]))
 
 
-def _check_rows(rows, loss_type, name):
-    """A batch of no rows: Liger returns a loss of 0 (zero gradients) for the token-normalized types, and NaN
-    (0 / 0) for those that average over sequences or divide by their count, which we refuse: a ValueError
-    naming the argument (this project returns no silent NaN)."""
-    if rows == 0 and LOSS_REDUCTION[loss_type] in ("sequence", "sequence_sum", "length"):
-        raise ValueError(f"{name} has no rows: loss_type={loss_type!r} averages over sequences, undefined for an "
-                         f"empty batch (liger-kernel returns NaN)")
+# the drop-ins refuse an empty batch where liger-kernel returns NaN (0 / 0) and return its 0 elsewhere
+_LIGER_NAN = " (liger-kernel returns NaN)"
 
 
 def _metrics(out, old, adv, mask, beta, eps_low, eps_high, loss_type, level):
@@ -234,7 +229,7 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
     x = logits[:, :-1]
     items = LOSS_REDUCTION[loss_type] == "items"
     if reduce:
-        _check_rows(B, loss_type, "logits")
+        _check_loss_rows("logits", B, loss_type, _LIGER_NAN)
         out = grpo_loss(x, completion_ids, advantages, mask, old_logprobs=old_logp,
                         ref_logprobs=ref_logp if beta != 0.0 else None, beta=beta, epsilon=eps_low,
                         epsilon_high=eps_high, delta=delta, loss_type=loss_type,
