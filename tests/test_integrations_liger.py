@@ -3,6 +3,8 @@ the same loss, metrics and gradients as Liger's LigerFusedLinearGRPOLoss and tri
 Triton kernel under the interpreter on CPU) on fresh random inputs at several shapes."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import assert_close
@@ -19,16 +21,32 @@ CASES = [dict(loss_type="dapo"), dict(loss_type="grpo", importance_sampling_leve
          dict(loss_type="cispo", epsilon_high=5.0), dict(loss_type="sapo")]
 
 
-def _inputs(B, T, H, V):
+# every clip bound of CASES and of both Liger classes' defaults (eps_low 0.2; eps_high 0.2, or 0.4 in
+# triton_grpo_loss; dapo's 0.28; delta 1.3; cispo's 1 + 5.0)
+CLIP_BOUNDS = (0.8, 1.2, 1.28, 1.3, 1.4, 6.0)
+
+
+def _old_logps(logp, scale):
+    """logp + scale * noise: ratios on both sides of the clip bounds, but none within 1e-4 (in log) of one. Two
+    float32 implementations put a token within ~3e-7 of a bound on different sides (measured: the clip-ratio
+    metric then differs by a token), so such a draw is moved 2e-4 further from the bound."""
+    old = logp + scale * torch.randn_like(logp)
+    for b in CLIP_BOUNDS:
+        d = logp.double() - old.double() - math.log(b)
+        step = torch.where(d >= 0, 2e-4, -2e-4)
+        old = torch.where(d.abs() < 1e-4, old - step.to(old.dtype), old)
+    return old
+
+
+def _inputs(B, T, H, V, temperature=1.0):
     hidden = torch.randn(B, T, H) / H ** 0.25
     weight = torch.randn(V, H) / H ** 0.25
     ids = torch.randint(0, V, (B, T))
     mask = (torch.rand(B, T) > 0.25).long()
     mask[0, 0] = 1
     logits = hidden @ weight.t()
-    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0].float()
-    old = logp + 0.3 * torch.randn(B, T)  # ratios on both sides of the clip bounds
-    ref = logp + 0.2 * torch.randn(B, T)
+    logp = torch.log_softmax(logits.double() / temperature, -1).gather(-1, ids[..., None])[..., 0].float()
+    old, ref = _old_logps(logp, 0.3), logp + 0.2 * torch.randn(B, T)
     return hidden, weight, ids, mask, torch.randn(B), old, ref
 
 
@@ -53,7 +71,7 @@ def _same(a, b, what):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["loss_type"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_fused_linear_grpo_loss_equals_liger(shape, case, beta):
-    hidden, weight, ids, mask, adv, old, ref = _inputs(*shape)
+    hidden, weight, ids, mask, adv, old, ref = _inputs(*shape, temperature=0.8)
     hidden.requires_grad_(), weight.requires_grad_()
     kw = dict(beta=beta, compiled=False, temperature=0.8, **case)
     args = (ids, mask, adv)
@@ -95,7 +113,7 @@ def _triton_grpo_loss_equals_liger(shape, case, device):
     ids = torch.randint(0, V, (B, T), device=device)
     logits = torch.randn(B, T + 1, V, device=device)
     logp = torch.log_softmax(logits[:, :-1].double() / 0.9, -1).gather(-1, ids[..., None])[..., 0].float()
-    old = logp + 0.3 * torch.randn(B, T, device=device)  # ratios on both sides of the clip bounds
+    old = _old_logps(logp, 0.3)
     ref = logp + 0.2 * torch.randn(B, T, device=device)
     kw = dict(temperature=0.9, beta=0.04, inplace=False,
               **{"eps_high" if k == "epsilon_high" else k: v for k, v in case.items()})
