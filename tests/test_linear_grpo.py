@@ -295,6 +295,14 @@ def test_nan_hidden_gives_nan_loss(level, backend):
         assert torch.isnan(out.loss), (loss_type, out.loss)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("T,rows", [(1, 1), (5, 2), (7, 7), (9, 4)])
+def test_batch_of_one_row(loss_type, T, rows):
+    """B = 1 (per_device_train_batch_size=1): the chunked kernel reads the row's advantage and scale for every
+    token of a chunk (an expanded [1, T] view, whose reshape keeps stride 0): against the float64 reference."""
+    _check(1, T, 6, 29, loss_type=loss_type, max_completion_length=12, chunk_budget_bytes=_budget_for_rows(rows, 29))
+
+
 def test_ignore_index_and_b1_advantages():
     """-100 at masked positions and [B, 1] advantages, as in grpo_loss."""
     B, T, H, V = 3, 4, 8, 19

@@ -123,8 +123,8 @@ def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *,
         r0, r1 = rows
         n_rows, x3 = r1 - r0, x.view(1, r1 - r0, x.shape[-1])
 
-        def flat(t):
-            return t.reshape(-1)[r0:r1] if t is not None else None
+        def flat(t):  # contiguous: reshape keeps a stride-0 view of an expanded [1, T] (a batch of one row)
+            return t.reshape(-1)[r0:r1].contiguous() if t is not None else None
         ids_, mask_, old_, ref_, samp_ = flat(ids), flat(mask_f), flat(old), flat(ref), flat(samp)
         adv_ = flat(adv.reshape(B, -1).expand(B, T)).view(1, -1)
         s_ = flat(s_B[:, None].expand(B, T)).view(1, -1)
