@@ -27,6 +27,7 @@ import numbers
 import os
 import re
 import threading
+from fractions import Fraction
 
 from .reward_model import RewardModel, check_model_dir, is_model_dir, model_dir_name
 
@@ -35,15 +36,35 @@ log = logging.getLogger("r1train.rewards")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
-_WORD = re.compile(r"[^\W\d_]+")
+_TAGS = re.compile(r"</?(?:think|answer)>")
+# a word: one Han character (Chinese has no spaces between words) or a run of other letters
+_WORD = re.compile(r"[\u4e00-\u9fff]|[^\W\d_\u4e00-\u9fff]+")
+# digits grouped in threes by "," or " " (1,000 / 1 000 000.5): the only commas and spaces a number may hold
+_GROUPED = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d*)?")
+_MAX_EXPONENT = 400  # 1e400 is a number; 1e999999999 would build a 10**999999999 fraction (a hung reward)
+
+
+def _content_text(content) -> str:
+    """A message's content as text: a string, None (no text), or a list of parts [{"type": "text", "text": ...}]."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(str(p.get("text") or "") for p in content
+                       if isinstance(p, dict) and p.get("type", "text") == "text")
+    return str(content)
 
 
 def completion_text(c) -> str:
-    """A completion as text: plain string or TRL conversational [{"role": "assistant", "content": ...}]."""
+    """A completion as text: plain string or TRL conversational [{"role": "assistant", "content": ...}]. A missing
+    completion (None, no messages, None content) is "" -- never the text "None" for the rewards to score."""
+    if c is None:
+        return ""
     if isinstance(c, str):
         return c
-    if isinstance(c, list) and c and isinstance(c[-1], dict):
-        return str(c[-1].get("content", ""))
+    if isinstance(c, list) and not c:
+        return ""
+    if isinstance(c, list) and isinstance(c[-1], dict):
+        return _content_text(c[-1].get("content"))
     return str(c)
 
 
@@ -53,29 +74,46 @@ def extract_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def _as_number(s: str) -> float | None:
-    s = s.strip().strip("$").replace(",", "").replace(" ", "")
+def _as_number(s: str) -> Fraction | None:
+    """s as an exact number (an integer, decimal, a/b, or scientific notation, maybe in $...$ or \\boxed{}), or None.
+    Commas and spaces inside it count only as thousands separators: "2,3" and "1 5" are not numbers."""
+    s = s.strip().strip("$").strip()
     m = re.fullmatch(r"\\boxed\{(.*)\}", s)
-    s = m.group(1) if m else s
+    s = m.group(1).strip() if m else s
+    s = re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s)  # "- 5", "1 / 2": spaces not between two digits
+    if _GROUPED.fullmatch(s):
+        s = s.replace(",", "").replace(" ", "")
+    e = re.search(r"[eE]([-+]?\d+)$", s)
+    if e and abs(int(e.group(1))) > _MAX_EXPONENT:
+        return None
     try:
-        if re.fullmatch(r"[-+]?\d+/\d+", s):
-            a, b = s.split("/")
-            return int(a) / int(b) if int(b) else None
-        return float(s)
-    except ValueError:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
+def _numbers_match(p: Fraction, g: Fraction) -> bool:
+    """An integer gold answer is matched exactly (off by one is wrong however large the answer); any other
+    number within a relative 1e-6 (decimals rounded by the model or the dataset)."""
+    if g.denominator == 1:
+        return p == g
+    return abs(p - g) <= Fraction(1, 10**6) * max(abs(p), abs(g))
+
+
+def _normalized_text(x: str) -> str:
+    """Case- and whitespace-insensitive text, without a final full stop ("Paris." is "Paris")."""
+    return " ".join(x.lower().split()).rstrip(".。").rstrip()
+
+
 def answers_match(pred: str, gold: str) -> bool:
-    """Numbers compare numerically (rel. tol 1e-6); other answers match when math-verify (if installed)
+    """Numbers compare as numbers (see _numbers_match); other answers match when math-verify (if installed)
     finds them equivalent or when they are equal as normalized text."""
     p, g = _as_number(pred), _as_number(gold)
     if p is not None and g is not None:
-        return math.isclose(p, g, rel_tol=1e-6, abs_tol=1e-9)
+        return _numbers_match(p, g)
     if _math_verify(pred, gold):
         return True
-    norm = lambda x: " ".join(x.lower().split())
-    return norm(pred) == norm(gold)
+    return _normalized_text(pred) == _normalized_text(gold)
 
 
 def _math_verify(pred: str, gold: str) -> bool | None:
@@ -98,13 +136,21 @@ def _math_verify(pred: str, gold: str) -> bool | None:
         return None
 
 
+def _has_gold(gold) -> bool:
+    """A row's gold answer is missing when it is None, NaN (pandas' missing value) or blank text (an empty
+    <answer> must never match it)."""
+    if gold is None or (isinstance(gold, float) and math.isnan(gold)):
+        return False
+    return str(gold).strip() != ""
+
+
 def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_):
     """1.0 if the <answer> matches the `answer` column (see answers_match), 0.0 if not or if there is no
-    <answer>, None if the row has no gold answer."""
+    <answer>, None if the row has no gold answer (None or blank)."""
     golds = answer if answer is not None else [None] * len(completions)
     out = []
     for c, gold in zip(completions, golds):
-        if gold is None:
+        if not _has_gold(gold):
             out.append(None)
             continue
         pred = extract_answer(completion_text(c))
@@ -113,8 +159,14 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_)
 
 
 def format_reward(prompts, completions, completion_ids=None, **_):
-    """1.0 for exactly <think>...</think><answer>...</answer> (whitespace around allowed), else 0.0."""
-    return [1.0 if _FORMAT.match(completion_text(c)) else 0.0 for c in completions]
+    """1.0 for exactly <think>...</think><answer>...</answer> (whitespace around allowed), else 0.0: each of the
+    four tags once, in that order (a second <answer>, or a tag inside the other's body, is not the format)."""
+    out = []
+    for c in completions:
+        text = completion_text(c)
+        once = _TAGS.findall(text) == ["<think>", "</think>", "<answer>", "</answer>"]
+        out.append(1.0 if once and _FORMAT.match(text) else 0.0)
+    return out
 
 
 def _in_language(word: str, language: str) -> bool:
@@ -125,16 +177,31 @@ def _in_language(word: str, language: str) -> bool:
     raise ValueError(f"language: unsupported {language!r} (use 'en' or 'zh')")
 
 
-def language_consistency_reward(prompts, completions, completion_ids=None, language: str = "en", **_):
-    """R1: share of chain-of-thought words (inside <think>, else the whole text) in the target language.
-    None when the chain of thought has no words (e.g. pure arithmetic)."""
+def language_consistency_reward(prompts, completions, completion_ids=None, language="en", **_):
+    """R1: share of chain-of-thought words (inside <think>, else the whole text; each Chinese character a word)
+    in the target language: `language` ('en' or 'zh'), or one per completion (a dataset column of that name, as
+    TRL passes columns). None when the chain of thought has no words (e.g. pure arithmetic)."""
+    langs = [language] * len(completions) if isinstance(language, str) else list(language)
+    if len(langs) != len(completions):
+        raise ValueError(f"language: {len(langs)} values for {len(completions)} completions; give one language "
+                         "or one per completion")
     out = []
-    for c in completions:
+    for c, lang in zip(completions, langs):
         text = completion_text(c)
         m = _THINK.search(text)
         words = _WORD.findall(m.group(1) if m else text)
-        out.append(sum(_in_language(w, language) for w in words) / len(words) if words else None)
+        out.append(sum(_in_language(w, lang) for w in words) / len(words) if words else None)
     return out
+
+
+def _language_reward_for(language: str):
+    """The language reward bound to the config's target language. A dataset column named `language` reaches it
+    by name too (every column does) and must not replace it, as it would a functools.partial's keyword."""
+    def reward(prompts, completions, completion_ids=None, **columns):
+        columns["language"] = language
+        return language_consistency_reward(prompts, completions, completion_ids, **columns)
+
+    return functools.update_wrapper(reward, language_consistency_reward)
 
 
 def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int):
@@ -186,8 +253,7 @@ def resolve(name, cfg=None):
         except ValueError as e:
             raise ConfigError(f"reward_funcs: 'overlong': {e}") from e
     if name == "language" and cfg is not None:
-        return functools.update_wrapper(functools.partial(language_consistency_reward, language=cfg.language),
-                                        language_consistency_reward)
+        return _language_reward_for(cfg.language)
     if name in REGISTRY:
         return REGISTRY[name]
     if is_model_dir(name):

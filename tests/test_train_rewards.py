@@ -245,3 +245,104 @@ def test_trl_hooks_cannot_overwrite_the_trainers_own(tmp_path, fn, msg):
     t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[fn])
     with pytest.raises(R.RewardError, match=msg):
         t.make_batch(0, t.rows_for(0)[0])
+
+
+# ---- audit: answer comparison, format, missing completions
+def test_format_needs_each_tag_once_in_order():
+    """A second <answer> (accuracy reads the last: a model could hedge), a second <think>, or a tag inside the other
+    block is not the R1 format."""
+    ok = "<think>\nsteps\n</think>\n<answer>\n7\n</answer>\n"
+    comps = [ok,
+             "<think>a</think><answer>6</answer><answer>7</answer>",
+             "<think>a</think><think>b</think><answer>7</answer>",
+             "<think><think>a</think><answer>7</answer>",
+             "<think>a</think><answer>6</think><answer>7</answer>",
+             "<think>a <answer>6</answer></think><answer>7</answer>"]
+    assert R.format_reward(None, comps) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("pred, gold, want", [
+    ("12,000", "12000", 1.0), ("3 141 592", "3141592", 1.0), ("-2,500.5", "-2500.5", 1.0),  # thousands separators
+    ("4,7", "47", 0.0), ("1 9", "19", 0.0), ("12,34", "1234", 0.0),  # a pair, a list, a decimal comma: not 47
+])
+def test_commas_and_spaces_count_only_as_thousands_separators(pred, gold, want):
+    assert R.accuracy_reward(None, [f"<think>t</think><answer>{pred}</answer>"], answer=[gold]) == [want]
+
+
+def test_integer_answers_match_exactly_however_large():
+    """Off by one is a wrong count; a relative tolerance made 2000001 match 2000000."""
+    comps = [f"<answer>{x}</answer>" for x in ("2000001", "2000000", "2000000.0", "$\\boxed{2000000}$")]
+    assert R.accuracy_reward(None, comps, answer=["2000000"] * 4) == [0.0, 1.0, 1.0, 1.0]
+    big = 10**20 + 1  # beyond float's 53-bit mantissa
+    assert R.accuracy_reward(None, [f"<answer>{big - 1}</answer>", f"<answer>{big}</answer>"],
+                             answer=[str(big)] * 2) == [0.0, 1.0]
+    assert R.accuracy_reward(None, ["<answer>0.0000000004</answer>"], answer=["0"]) == [0.0]
+    # a decimal gold still allows a rounded answer
+    assert R.accuracy_reward(None, ["<answer>0.6667</answer>", "<answer>2/3</answer>"],
+                             answer=["0.66666666", "0.666667"]) == [0.0, 1.0]
+
+
+def test_huge_exponent_is_no_number_and_returns_fast():
+    t0 = time.time()
+    assert R.accuracy_reward(None, ["<answer>1e999999999</answer>"], answer=["1"]) == [0.0]
+    assert time.time() - t0 < 5
+
+
+def test_missing_completions_are_empty_text():
+    """None, no messages, or a message with content None is no text: not the word 'None' (an English word
+    for the language reward, 1.0)."""
+    missing = [None, [], [{"role": "assistant", "content": None}], [{"role": "assistant"}]]
+    assert R.language_consistency_reward(None, missing) == [None] * 4
+    assert R.format_reward(None, missing) == [0.0] * 4
+    assert R.accuracy_reward(None, missing, answer=["None"] * 4) == [0.0] * 4
+
+
+def test_message_content_as_text_parts():
+    """A chat message's content may be a list of parts (transformers' multimodal format)."""
+    parts = [{"type": "text", "text": "<think>one plus one</think>"}, {"type": "image"},
+             {"type": "text", "text": "<answer>2</answer>"}]
+    c = [[{"role": "assistant", "content": parts}]]
+    assert R.format_reward(None, c) == [1.0]
+    assert R.accuracy_reward(None, c, answer=["2"]) == [1.0]
+    assert R.language_consistency_reward(None, c) == [1.0]
+
+
+def test_blank_or_nan_gold_is_not_applicable():
+    """A row without a gold answer (blank text, or NaN as pandas loads a missing value) is None: an empty
+    <answer> scored 1.0 against a blank gold, and 'nan' against NaN."""
+    comps = ["<answer></answer>", "<answer> </answer>", "<answer>nan</answer>", "<answer>5</answer>"]
+    assert R.accuracy_reward(None, comps, answer=["", "   ", float("nan"), 5]) == [None, None, None, 1.0]
+
+
+def test_text_answer_with_final_full_stop():
+    comps = ["<answer>Mount Everest.</answer>", "<answer>mount  everest</answer>", "<answer>K2.</answer>"]
+    assert R.accuracy_reward(None, comps, answer=["Mount Everest"] * 3) == [1.0, 1.0, 0.0]
+    assert R.accuracy_reward(None, ["<answer>6!</answer>"], answer=["6"]) == [0.0]  # 720, not 6
+
+
+def test_language_counts_each_chinese_character_as_a_word():
+    """Chinese has no spaces: a whole run of characters was one 'word' beside each English word, so a chain of
+    thought of 12 Chinese characters and 2 English words scored 0.5 for zh and 2/3 for en."""
+    cot = "<think>先把两个数相加然后 check 再除以 two</think><answer>3</answer>"  # 12 characters, 2 English words
+    assert R.language_consistency_reward(None, [cot], language="zh") == [12 / 14]
+    assert R.language_consistency_reward(None, [cot], language="en") == [2 / 14]
+
+
+def test_language_column_does_not_replace_the_configured_language():
+    """Datasets often have a `language` column; every column reaches the rewards by name, and it took the place of
+    cfg.language in the built-in language reward, which then raised on every sample (the step stopped)."""
+    from r1train.config import load_config
+
+    cfg = load_config(overrides=["reward_funcs=language", "language=zh"])
+    run = R.RewardRunner(["language"], cfg, timeout=5)
+    comps = ["<think>加减</think><answer>1</answer>", "<think>add it</think><answer>1</answer>"]
+    table, failed = run(["p", "q"], comps, [[1], [2]], {"language": ["English", "English"]})
+    assert table == [[1.0], [0.0]] and failed == [False, False]
+
+
+def test_language_per_row_as_a_dataset_column():
+    """Called directly (as TRL does, with the dataset's columns), `language` may name each row's target language."""
+    comps = ["<think>加减</think>", "<think>加减</think>", "<think>add 加</think>"]
+    assert R.language_consistency_reward(None, comps, language=["zh", "en", "en"]) == [1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match=r"language: 2 values for 3 completions"):
+        R.language_consistency_reward(None, comps, language=["zh", "en"])
