@@ -144,8 +144,11 @@ def _assert_same_training(a, b):
     dict(loss_type="sapo", num_iterations=2, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
     dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2, beta=0.04),
     dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False),
+    # micro-batches of one completion (a common setting for large models): the fused kernel's row chunks
+    dict(loss_type="grpo", beta=0.04, per_device_train_batch_size=1, num_generations=2, gradient_accumulation_steps=2),
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("loss_type", "beta", "use_bias_correction_kl",
-                                                                   "sapo_temperature_pos", "delta")))
+                                                                   "sapo_temperature_pos", "delta",
+                                                                   "per_device_train_batch_size")))
 def test_grpo_trainer_same_loss_and_grads(model_dir, tmp_path, cfg):
     cfg = dict(cfg, seed=_fresh_seed())  # one seed: the same shuffle of the generation buffer into micro-batches
     base = _train(model_dir, tmp_path / "trl", False, **cfg)
@@ -210,3 +213,72 @@ def test_deepseek_v3_routes_with_r1kernels(dsv3_dir, tmp_path):
     assert isinstance(tr.model.model.layers[1].mlp.gate, R1KRouter) and hasattr(tr.model, "_r1k_lm_head")
     tr.train()
     _assert_same_training(base, ([h for h in tr.state.log_history if "loss" in h], grads.grads, None))
+
+
+@pytest.fixture(scope="module")
+def direct_trainer(model_dir, tmp_path_factory):
+    """One patched trainer whose two _compute_loss (TRL's and r1kernels') are called directly on built
+    micro-batches: edge cases without a training run each."""
+    tr, _ = _trainer(model_dir, tmp_path_factory.mktemp("direct"), beta=0.04)
+    use_r1kernels(tr)
+    tr.current_gradient_accumulation_steps = 2  # set by Trainer's training loop
+    return tr
+
+
+def _micro_batch(tr, B, T, masked_rows):
+    """A micro-batch as TRL's _prepare_inputs gives one: random prompts and completions, the model's own
+    log-probs plus noise as old / reference log-probs (0 where the completion is padding, as TRL's are)."""
+    V = tr.model.config.vocab_size
+    mask = (torch.rand(B, T) < 0.8).long()
+    mask[:, 0] = 1
+    mask[:masked_rows] = 0  # e.g. mask_truncated_completions
+    inp = dict(prompt_ids=torch.randint(3, V, (B, 5)), prompt_mask=torch.ones(B, 5, dtype=torch.long),
+               completion_ids=torch.randint(3, V, (B, T)), completion_mask=mask, advantages=torch.randn(B),
+               num_items_in_batch=mask.sum() * 2)
+    with torch.no_grad():
+        logp, _, _ = tr._get_per_token_logps_and_entropies(
+            tr.model, torch.cat([inp["prompt_ids"], inp["completion_ids"]], 1),
+            torch.cat([inp["prompt_mask"], mask], 1), T)
+    for k in ("old_per_token_logps", "ref_per_token_logps"):
+        inp[k] = (logp + 0.3 * torch.randn_like(logp)) * mask
+    return inp
+
+
+def _loss_grads_metrics(tr, compute_loss, inp):
+    tr._metrics["train"].clear()
+    tr.model.zero_grad()
+    loss = compute_loss(tr.model, inp)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: list(v) for k, v in tr._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("B,T,masked_rows,level,loss_type", [
+    (1, 7, 0, "token", "dapo"), (1, 7, 0, "token", "grpo"),  # the fused token kernel on one completion
+    (4, 1, 1, "token", "dapo"), (4, 1, 1, "sequence", "grpo"),
+    (4, 7, 2, "sequence", "grpo"),
+], ids=["batch-of-one-dapo", "batch-of-one-grpo", "completions-of-one-token-dapo",
+        "completions-of-one-token-sequence-grpo", "masked-rows-sequence-grpo"])
+def test_compute_loss_edge_micro_batches(direct_trainer, B, T, masked_rows, level, loss_type):
+    """r1kernels' _compute_loss vs TRL's on the same micro-batch: loss, gradients and every logged metric
+    (a metric's value, and its presence). Completions of one token: TRL's metrics read [B, 1] tensors as one
+    value per sequence, padded rows included."""
+    tr = direct_trainer
+    tr.loss_type, tr.importance_sampling_level = loss_type, level
+    tr.model.train()
+    inp = _micro_batch(tr, B, T, masked_rows)
+    want = _loss_grads_metrics(tr, tr._r1k_trl_compute_loss, inp)
+    got = _loss_grads_metrics(tr, tr._compute_loss, inp)
+    assert_close(got[0], want[0].double(), name="loss")
+    assert set(got[1]) == set(want[1])
+    for n in want[1]:
+        assert_close(got[1][n], want[1][n].double(), name=f"grad {n}")
+    assert set(got[2]) == set(want[2])
+    lens = inp["completion_mask"].sum(-1)
+    min_len = int(lens[lens > 0].min())  # the shortest completion that counts (a padded row has none)
+    for k in want[2]:
+        a, b = torch.tensor(want[2][k]), torch.tensor(got[2][k])
+        if "clip_ratio" in k:  # a ratio within float error of a clip bound may land on either side
+            assert ((a - b).abs() <= 1.0 / min_len + 1e-6).all() or (a.isnan() & b.isnan()).all(), (k, a, b)
+        else:
+            assert_close(b, a.double(), name=k)

@@ -155,6 +155,18 @@ def _compute_loss(self, model, inputs):
     return out.loss / self.current_gradient_accumulation_steps
 
 
+def _entropy_mean(self, entropy, mask):
+    """TRL's entropy metric from the kernel's masked mean `entropy` over this micro-batch: the masked sum
+    over all processes / their token count. Completions of one token ([B, 1] entropies) TRL reads as one
+    value per sequence: the sum / the number of rows, a padded row adding its entropy 0 (its label is -100;
+    a tool-masked token's nonzero entropy, which TRL would add, is not in the kernel's sum)."""
+    n_tok = mask.sum()
+    count = n_tok if mask.shape[1] != 1 else torch.tensor(float(mask.shape[0]), device=n_tok.device,
+                                                          dtype=n_tok.dtype)
+    tot = self.accelerator.reduce(torch.stack([entropy * n_tok, count]), reduction="sum")
+    return (tot[0] / tot[1].clamp(min=1.0)).item()
+
+
 @torch.no_grad()
 def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
     """TRL's metrics for the loss types r1kernels runs, from the detached per-token log-probs; entropy: the
@@ -162,6 +174,9 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
     from trl.trainer.utils import nanmax, nanmin
 
     mask = mask.to(logp.dtype)
+    # TRL's log-probs read 0 where the completion is padding (label -100); the kernels' may hold the token's
+    # log-prob there. Only TRL's unmasked reading of [B, 1] tensors (completions of one token) sees them.
+    logp = logp.masked_fill(inputs["completion_mask"] == 0, 0.0)
     adv = inputs["advantages"]
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
     log_ratio = logp - (logp if old is None else old)
@@ -185,9 +200,7 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
         d = inputs["ref_per_token_logps"] - logp
         kl = torch.exp(d) - d - 1
         m["kl"].append(global_mean(kl * coef if getattr(self.args, "use_bias_correction_kl", False) else kl))
-    n_tok = mask.sum()
-    tot = self.accelerator.reduce(torch.stack([entropy * n_tok, n_tok]), reduction="sum")
-    m["entropy"].append((tot[0] / tot[1].clamp(min=1.0)).item())
+    m["entropy"].append(_entropy_mean(self, entropy, mask))
     if self.loss_type == "cispo":
         m["cispo_clip_ratio"].append(global_mean(((coef > self.epsilon_high) & (adv > 0)).float()))
     elif self.loss_type != "sapo":
