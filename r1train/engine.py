@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -327,15 +328,22 @@ class Trainer(CheckpointMixin):
                     self.model, self.tok, mine, num_samples=reps, cfg=self.cfg, seed_key=(self.cfg.seed, "eval"),
                     index=lambda i: self.rank + self.world * i, greedy=greedy, batch_size=batch_size,
                     temperature=self.cfg.eval_temperature, ds_engine=self.engine):
-                w = [1.0 if s + i < real else 0.0 for i in range(len(chunk))]
                 gold = [r.get(self.cfg.answer_column) for r in chunk for _ in range(reps)]
                 acc = accuracy_reward(None, texts, answer=gold)
+                # weight 0: a zero-3 padding copy, or a row with no gold answer (accuracy None: not scored)
+                w = [1.0 if s + i < real and acc[i * reps] is not None else 0.0 for i in range(len(chunk))]
                 tot[1 if greedy else 0] += sum((a or 0.0) * w[i // reps] for i, a in enumerate(acc)) / reps
                 if greedy:
                     tot[2] += sum(w)
         if dist.is_initialized():
             dist.all_reduce(tot)
-        n = max(tot[2].item(), 1)
+        n = tot[2].item()
+        if n == 0:  # no row has a gold answer to score against
+            if self.rank == 0:
+                logging.getLogger("r1train").warning(
+                    "evaluation: none of the %d eval rows has a gold %r answer; no accuracy to report", len(rows),
+                    self.cfg.answer_column)
+            return {}
         return {"eval/accuracy": tot[0].item() / n, "eval/accuracy_greedy": tot[1].item() / n}
 
     # ---- reference model

@@ -95,6 +95,29 @@ def test_evaluate_matches_the_trainer(tmp_path):
     assert mine["eval_temperature"] == c_rl.eval_temperature
 
 
+def test_evaluate_skips_rows_without_gold(tmp_path, monkeypatch):
+    """The trainer's held-out accuracies count only rows with a gold answer (accuracy_reward None: a missing or
+    blank one); with none, no accuracy is reported. The accuracy reward is replaced by one that scores a row by
+    its gold answer alone (1 when even), so the expected accuracies follow from the rows."""
+    from r1train import rewards
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.tasks import arith
+
+    monkeypatch.setattr(rewards, "accuracy_reward", lambda prompts, texts, answer: [
+        float(int(a) % 2 == 0) if rewards._has_gold(a) else None for a in answer])
+    base, c_rl = C.configs("demo.yaml", TOY + ["task_eval_size=10"], str(tmp_path), {"grpo": "grpo"})
+    train, ev = C.problems(base)
+    model, tok = load_model_and_tokenizer(base)
+    rows = arith.rl_rows(ev)
+    want = sum(int(r["answer"]) % 2 == 0 for r in rows) / len(rows)
+    blank = [dict(r, answer=a) for r, a in zip(rows[:4], (None, "", " ", float("nan")))]
+    for ev_rows in (rows, rows + blank, blank[:2] + rows):
+        got = GRPOTrainer(c_rl, model, tok, arith.rl_rows(train), ev_rows).evaluate()
+        assert got == pytest.approx({"eval/accuracy": want, "eval/accuracy_greedy": want})
+    assert GRPOTrainer(c_rl, model, tok, arith.rl_rows(train), blank).evaluate() == {}
+
+
 @pytest.mark.slow
 def test_every_stage_at_toy_size(tmp_path, capsys):
     """`r1train demo --stage all` at toy size: each stage's table, JSON and curves; the reported derived numbers
