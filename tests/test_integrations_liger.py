@@ -15,7 +15,7 @@ from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger_triton
 
 from r1kernels.integrations import liger as ours  # noqa: E402
 
-SHAPES = [(1, 1, 8, 5), (3, 7, 16, 37), (2, 13, 24, 130)]  # B, T, H, V (V not a multiple of any block)
+SHAPES = [(1, 1, 8, 5), (1, 6, 16, 37), (3, 7, 16, 37), (2, 13, 24, 130)]  # B, T, H, V (V not a multiple of any block)
 CASES = [dict(loss_type="dapo"), dict(loss_type="grpo", importance_sampling_level="sequence"),
          dict(loss_type="bnpo", delta=1.3), dict(loss_type="dr_grpo", max_completion_length=20),
          dict(loss_type="cispo", epsilon_high=5.0), dict(loss_type="sapo")]
