@@ -402,3 +402,50 @@ def test_cuda_token_kernel_many_rows(cluster, inplace, monkeypatch):
     mask[:, 1::3] = 0  # masked rows between published ones
     _check(logits, ids, adv, mask, dtype=torch.bfloat16, inplace=inplace, backend="cuda", old_logprobs=old,
            ref_logprobs=ref, beta=0.04, compute_entropy=True)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("layout", ["sliced", "expanded", "vocab_strided"])
+@pytest.mark.parametrize("B,T,V", [(1, 4, 17), (2, 5, 33), (3, 2, 70)])
+def test_inplace_backward_any_logits_layout(level, layout, B, T, V):
+    _inplace_backward_layout(level, layout, B, T, V, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("layout", ["sliced", "expanded", "vocab_strided"])
+def test_gpu_inplace_backward_any_logits_layout(level, layout):
+    """The same on the GPU at a real vocabulary (the row-strided scale kernel's loop over V)."""
+    _inplace_backward_layout(level, layout, 2, 33, 151936, "cuda")
+
+
+def _inplace_backward_layout(level, layout, B, T, V, device):
+    """inplace_backward with logits that are not a contiguous block: logits[:, :-1] of a [B, T + 1, V] tensor
+    (the gradient is written between other rows; a non-unit upstream gradient must scale those rows, not the
+    first B*T*V elements of the storage), logits expanded from [1, T, V] (stride 0: the rows share memory,
+    which cannot hold B gradients) and logits transposed from [B, V, T] (no unit stride along V: the sequence
+    level raised in backward, after its forward ran). The leaf's gradient against the float64 reference of the
+    same layout."""
+    shape = {"sliced": (B, T + 1, V), "expanded": (1, T, V), "vocab_strided": (B, V, T)}[layout]
+    leaf = torch.randn(shape, device=device) * 2
+    ids = torch.randint(0, V, (B, T), device=device)
+    adv = torch.randn(B, device=device)
+    mask = (torch.rand(B, T, device=device) > 0.25).float()
+    old = torch.randn(B, T, device=device) * 0.3 - 3.0
+
+    def view(t):
+        return {"sliced": lambda: t[:, :-1], "expanded": lambda: t.expand(B, T, V),
+                "vocab_strided": lambda: t.transpose(1, 2)}[layout]()
+
+    x, x64 = leaf.clone().requires_grad_(), leaf.double().requires_grad_()
+    out = rk.grpo_loss(view(x * 1.0), ids, adv, mask, old_logprobs=old, importance_sampling_level=level,
+                       backend="triton", inplace_backward=True)
+    ref = rk.grpo_loss(view(x64 * 1.0), ids, adv.double(), mask, old_logprobs=old.double(),
+                       importance_sampling_level=level, backend="torch")
+    g = 1.5 + torch.rand(()).item()
+    (out.loss * g).backward()
+    (ref.loss * g).backward()
+    scale = loss_scale(lambda a: rk.grpo_loss(view(x64.detach()), ids, a.double(), mask, old_logprobs=old.double(),
+                                              importance_sampling_level=level, backend="torch").loss, adv)
+    assert_close(out.loss, ref.loss, torch.float32, name="loss", scale=scale)
+    assert_close(x.grad, x64.grad, torch.float32, name="grad")

@@ -348,12 +348,20 @@ def per_token_loss(logp, ent, advantages, completion_mask, old_logprobs, ref_log
     return loss, logp, {k: v.detach() for k, v in metrics.items()}
 
 
+def holds_own_grad(logits) -> bool:
+    """Whether the kernels can write the logits' gradient into their own storage (inplace_backward): a contiguous
+    last dim (else grpo_loss_fwd_inplace / grpo_logprobs_grad_ raise; at the sequence level only in backward)
+    and no two elements sharing memory (an expanded view, stride 0 over a dim of size > 1: each copy's gradient
+    would overwrite the others'). Other logits get a gradient buffer, as without inplace_backward."""
+    return logits.stride(-1) == 1 and not any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape))
+
+
 def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *, temperature=1.0,
                      inplace_backward=False, old_logprobs=None, ref_logprobs=None, token_kernel="triton", **opts):
     """Token-local losses (reference/grpo.py token_local): the fused kernel (token_kernel="triton": Triton's,
     "cuda": the cluster kernel). Others (sequence ratio, sequence weights, entropy terms): log-probs
     (+ entropy) by the Triton kernels, the loss by the reference."""
-    inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled())
+    inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled() and holds_own_grad(logits))
     if not _ref.token_local(opts):
         x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
         logp, ent = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace,

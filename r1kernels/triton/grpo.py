@@ -238,9 +238,47 @@ def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_str
         num_warps=cfg["num_warps"] or num_warps(BLOCK))
 
 
+@triton.jit
+def _scale_rows_kernel(x_ptr, g_ptr, T, V, sb, st, BLOCK: tl.constexpr):
+    """x[b, t, :] *= g over the rows of a [B, T, V] x with a contiguous last dim and any row strides (sb, st),
+    skipped when g == 1."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        b = row // T
+        x_row = x_ptr + b * sb + (row - b * T) * st
+        offs = tl.arange(0, BLOCK)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            x = tl.load(x_row + cols, mask=cols < V)
+            tl.store(x_row + cols, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _dense(x) -> bool:
+    """x's elements fill x.numel() consecutive slots from its first one, each once (any order of its dims)."""
+    expected = 1
+    for st, n in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n > 1):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
 def scale_(x, g):
+    """x *= g (g: a one-element fp32 device tensor) in place, for any layout of x: the flat kernel reads
+    x.numel() elements from x's first one, right only for a dense x; a [B, T, V] view with gaps between
+    its rows (the logits[:, :-1] an in-place backward writes into) takes the row kernel."""
     n = x.numel()
     if n == 0:
+        return
+    if not _dense(x):
+        if x.dim() == 3 and x.stride(-1) == 1:
+            B, T, V = x.shape
+            BLOCK = min(triton.next_power_of_2(V), 64 if INTERPRET else 4096)
+            _scale_rows_kernel[(B * T,)](x, g, T, V, x.stride(0), x.stride(1), BLOCK=BLOCK,
+                                         num_warps=1 if INTERPRET else 8)
+        else:
+            x.mul_(g.reshape(()))
         return
     BLOCK = 64 if INTERPRET else 4096
     grid = (max(1, min(triton.cdiv(n, BLOCK), 1 if INTERPRET else sm_count(x.device) * 8)),)
