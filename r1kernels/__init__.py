@@ -169,6 +169,9 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
                                               or max_completion_length < 1):
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
     if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
         if _eager():
             _checks._value_check((num_items_in_batch > 0).all(), "num_items_in_batch must be > 0")
     elif num_items_in_batch is not None:

@@ -148,6 +148,8 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_)
     """1.0 if the <answer> matches the `answer` column (see answers_match), 0.0 if not or if there is no
     <answer>, None if the row has no gold answer (None or blank)."""
     golds = answer if answer is not None else [None] * len(completions)
+    if len(golds) != len(completions):  # zip would score the first len(golds) completions only
+        raise ValueError(f"answer: {len(golds)} values for {len(completions)} completions; give one per completion")
     out = []
     for c, gold in zip(completions, golds):
         if not _has_gold(gold):

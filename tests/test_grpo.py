@@ -293,6 +293,29 @@ def test_advantages_b1_broadcast_like_b(backend):
     assert torch.equal(a.loss, b.loss)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_num_items_as_a_one_element_tensor(backend):
+    """num_items_in_batch as a [1] tensor (how TRL passes it): a scalar loss equal to the number's; a tensor of
+    more elements is an error naming it."""
+    logits, ids, adv, mask, old, _ = _inputs(3, 4, 19)
+    n = float(mask.sum()) + 2.0
+    want = rk.grpo_loss(logits, ids, adv, mask, old_logprobs=old, num_items_in_batch=n, backend="torch").loss
+    got = rk.grpo_loss(logits, ids, adv, mask, old_logprobs=old, num_items_in_batch=torch.tensor([n]), backend=backend)
+    assert got.loss.shape == ()
+    assert_close(got.loss, want.double(), name="loss")
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        rk.grpo_loss(logits, ids, adv, mask, num_items_in_batch=torch.tensor([n, n]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dr_grpo_without_tokens_is_zero(backend):
+    """dr_grpo divides by B * (max_completion_length or T): with completions of no tokens (T = 0) and no
+    max_completion_length, the loss is 0 on every backend (the reference's 0 / 0 was NaN)."""
+    logits, ids, adv = torch.randn(2, 0, 11), torch.zeros(2, 0, dtype=torch.long), torch.randn(2)
+    out = rk.grpo_loss(logits, ids, adv, loss_type="dr_grpo", backend=backend)
+    assert out.loss.item() == 0.0
+
+
 @pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
 def test_num_items_warns_when_unused(loss_type):
     logits, ids, adv, mask, _, _ = _inputs(2, 3, 13)

@@ -346,3 +346,13 @@ def test_language_per_row_as_a_dataset_column():
     assert R.language_consistency_reward(None, comps, language=["zh", "en", "en"]) == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match=r"language: 2 values for 3 completions"):
         R.language_consistency_reward(None, comps, language=["zh", "en"])
+
+
+def test_accuracy_answer_column_of_another_length_is_an_error():
+    """One gold answer per completion: a shorter or longer `answer` list is an error naming it (zip scored only the
+    first len(answer) completions and returned a shorter list)."""
+    comps = [f"<think>x</think><answer>{i}</answer>" for i in range(4)]
+    assert R.accuracy_reward(None, comps, answer=[str(i) for i in range(4)]) == [1.0] * 4
+    for n in (3, 5):
+        with pytest.raises(ValueError, match="answer"):
+            R.accuracy_reward(None, comps, answer=[str(i) for i in range(n)])

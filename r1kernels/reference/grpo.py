@@ -175,8 +175,10 @@ def reduce_loss(L, mask, loss_type, max_completion_length, num_items_in_batch):
     if reduction == "tokens":
         return mL.sum() / mask.sum().clamp(min=1.0)
     if reduction == "length":
-        return mL.sum() / (B * (max_completion_length or T))
+        return mL.sum() / max(B * (max_completion_length or T), 1)  # T = 0: 0, as the kernels' row_scale
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
+    if isinstance(denom, torch.Tensor):
+        denom = denom.reshape(())  # a [1] tensor (TRL's num_items_in_batch) gives a scalar loss, as the kernels
     return mL.sum() / denom
 
 
