@@ -1,8 +1,8 @@
 """Datasets and collators. A dataset is a list of dict rows with a `prompt` column (a list of chat
 messages {"role", "content"} or a plain string) plus any other columns (e.g. `answer`), which reward
 functions receive by name. Sources: the built-in task ('arith'), .jsonl / .json / .parquet files, or a
-Hugging Face dataset (name or saved directory; needs `datasets`). Bad rows raise DatasetError with the
-row index and the reason.
+Hugging Face dataset (name, saved directory or directory of data files; needs `datasets`). Bad rows raise
+DatasetError with the row index and the reason.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def validate_rows(rows: list, source: str, required=("prompt",)) -> list[dict]:
         if not isinstance(r, dict):
             raise DatasetError(f"{source}: row {i}: expected an object with a 'prompt' column, got {type(r).__name__}")
         for col in required:
-            if col not in r or r[col] is None:
+            if col not in r:
                 raise DatasetError(f"{source}: row {i}: missing column {col!r} (has {sorted(r)})")
+            if r[col] is None:  # e.g. a parquet / datasets row without the value: its schema fills in None
+                raise DatasetError(f"{source}: row {i}: column {col!r} is null (None)")
         p = r["prompt"]
         if isinstance(p, str):
             if not p.strip():
@@ -65,12 +67,26 @@ def _read_jsonl(path):
     return rows
 
 
+_JSON_LINES = object()
+
+
 def _read_json(path, key):
     from .config import read_file
 
-    rows = read_file(path, key, json.load, "JSON", (json.JSONDecodeError,), error=DatasetError)
+    def parse(fh):
+        text = fh.read()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:  # a second value after the first: JSON Lines, which datasets' json
+            if e.msg == "Extra data" and text.lstrip().startswith("{"):  # loader reads from .json files too
+                return _JSON_LINES
+            raise
+
+    rows = read_file(path, key, parse, "JSON", (json.JSONDecodeError,), error=DatasetError)
+    if rows is _JSON_LINES or isinstance(rows, dict):  # JSON Lines (one object a line), one row or more
+        return _read_jsonl(path)
     if not isinstance(rows, list):
-        raise DatasetError(f"{path}: expected a JSON list of rows")
+        raise DatasetError(f"{path}: expected a JSON list of rows or JSON Lines (one object a line)")
     return rows
 
 
@@ -93,16 +109,26 @@ def load_rows(name: str, split: str = "train", required=("prompt",), key: str = 
             rows = pq.read_table(name).to_pylist()
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DatasetError(f"{key}: {name} is not a readable parquet file: {e}") from e
+    elif os.path.isfile(name):  # datasets.load_dataset(file) finds "no data file" there: name the formats
+        raise DatasetError(f"{key}: {name!r} is a file of a format r1train does not read: use a .jsonl, .json or "
+                           ".parquet file, or a directory of data files (e.g. train.csv) that datasets.load_dataset "
+                           "reads")
     else:
         try:
             import datasets
         except ImportError as e:
             raise DatasetError(f"{key}: {name!r} is not a .jsonl/.json/.parquet file and `datasets` is not "
                                "installed (pip install datasets)") from e
+        # a directory saved by datasets (save_to_disk) or one of data files (train.jsonl, data/test-*.parquet, ...)
+        # that datasets.load_dataset reads, as TRL's scripts do (load_dataset(dataset_name))
+        saved = os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f))
+                                            for f in ("dataset_dict.json", "state.json"))
         try:
-            ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+            ds = datasets.load_from_disk(name) if saved else datasets.load_dataset(name)
         except Exception as e:  # datasets raises FileNotFoundError, ConnectionError, ValueError, its own errors
-            what = "a directory saved by datasets (save_to_disk)" if os.path.isdir(name) else \
+            what = "a directory saved by datasets (save_to_disk)" if saved else \
+                "a directory saved by datasets (save_to_disk) or of data files for datasets.load_dataset (e.g. " \
+                "train.jsonl, test.jsonl)" if os.path.isdir(name) else \
                 "a Hugging Face dataset name (from the Hub or its cache)"
             raise DatasetError(f"{key}: cannot load {name!r} as {what}: {type(e).__name__}: {e}") from e
         if isinstance(ds, datasets.DatasetDict):
@@ -249,8 +275,7 @@ class TokenCache(dict):
         def encode():
             tok = self.tok
             if getattr(tok, "chat_template", None) is None:
-                full = tok(prompt_text(tok, prompt + completion)[:-len("assistant: ")])["input_ids"]
-                full = full + [tok.eos_token_id]
+                full = with_eos(tok, tok(prompt_text(tok, prompt + completion)[:-len("assistant: ")])["input_ids"])
             else:
                 full = list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
             n = common_prefix_length(prompt_ids(tok, prompt), full)
@@ -259,6 +284,13 @@ class TokenCache(dict):
 
     def text(self, text: str) -> list[int]:
         return self._get(("text", text), lambda: self.tok(text, add_special_tokens=False)["input_ids"])
+
+
+def with_eos(tok, ids: list) -> list:
+    """ids + the tokenizer's eos id, unless they end with it or the tokenizer has none (as the eos text TRL's
+    SFTTrainer adds to a string completion: none is added where it already ends with it)."""
+    eos = tok.eos_token_id
+    return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
 
 
 def check_sft_completion(row, i, completion_column: str):
@@ -294,9 +326,13 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prom
     elif isinstance(row["prompt"], str):
         p, comp = cache.string_row(row["prompt"], c)
     else:
-        p, comp = cache.prompt(row["prompt"]), cache.text(c) + [tok.eos_token_id]
+        p, comp = cache.prompt(row["prompt"]), with_eos(tok, cache.text(c))
     if not p:  # the prompt merged whole into the completion's first token: as in TRL, no token scores the first
         p, comp = comp[:1], comp[1:]
+    if (len(comp) if completion_only_loss else len(p) + len(comp) - 1) < 1:  # before any cut: not max_length's doing
+        what = "after the prompt" if completion_only_loss else "after the row's first token"
+        raise DatasetError(f"SFT row {i}: no token to train on: column {completion_column!r} = {c!r} tokenizes to "
+                           f"nothing {what} (the tokenizer's eos token: {tok.eos_token!r})")
     p = keep_prompt_tail(p, max_prompt_length)[:max_length]
     comp = comp[:max_length - len(p)]
     if not completion_only_loss:

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from .data import TokenCache, check_sft_completion, sft_collate, sft_tokens
+from .data import TokenCache, sft_collate, sft_tokens
 from .engine import Trainer
 from .grpo import _all_sum
 from .packing import build_packs, packed_attention
@@ -18,13 +18,11 @@ from .rollout import logprob_fn
 class SFTTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, *args, **kwargs):
         self.tokens = TokenCache(tokenizer)
-        # a row may keep no token to train on when its prompt can fill max_length (sft_tokens)
-        tight = cfg.max_length <= cfg.max_prompt_length or cfg.max_length < 2
-        for i, r in enumerate(train_rows):  # a bad row: an error naming its dataset index before any work
-            if tight:
-                sft_tokens(tokenizer, r, i, **self.token_keys(cfg))  # checks the completion too
-            else:
-                check_sft_completion(r, i, cfg.completion_column)
+        # a bad row (a bad completion, or no token to train on: a prompt that fills max_length, a completion that
+        # tokenizes to nothing): an error naming its dataset index before any work, as TRL's SFTTrainer tokenizes
+        # its dataset up front (sft_collate, mid-training, only knows a row's position in its batch)
+        for i, r in enumerate(train_rows):
+            sft_tokens(tokenizer, r, i, **self.token_keys(cfg))  # checks the completion too (the cache keeps the ids)
         super().__init__(cfg, model, tokenizer, train_rows, *args, **kwargs)
 
     def longest_row(self, cfg, rows):

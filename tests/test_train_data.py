@@ -122,3 +122,88 @@ def test_a_cut_prompt_is_warned_about_once(caplog, monkeypatch):
         p, _ = D.sft_tokens(tok, {"prompt": long, "completion": "45"}, 0, completion_column="completion",
                             max_length=64, max_prompt_length=5)
         assert p == full[-5:] and len(caplog.records) == 1  # once per value
+
+
+def test_a_directory_of_data_files_loads_as_trl_scripts_load_it(tmp_path, monkeypatch):
+    """dataset_name / eval_dataset_name naming a local directory of data files (train.jsonl + test.jsonl), which
+    TRL's scripts read with datasets.load_dataset(dataset_name), gives the rows of the named split (it was a
+    DatasetError: the directory was read only as one saved by save_to_disk); a save_to_disk directory still
+    loads, and a missing split is an error naming the split key."""
+    import json
+    import random
+
+    import datasets
+    import pytest
+
+    from r1train.config import load_config
+    from r1train.data import DatasetError, load_rows
+    from r1train.loading import load_datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rng = random.Random()
+    split_rows = {s: [{"prompt": [{"role": "system", "content": "Answer."}, {"role": "user", "content": f"{a}+{b}?"}],
+                       "answer": str(a + b)} for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(n))]
+                  for s, n in (("train", 5), ("test", 3))}
+    d = tmp_path / "data"
+    d.mkdir()
+    for s, rows in split_rows.items():
+        (d / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_rows(str(d), "test") == split_rows["test"]
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'out'}", f"dataset_name={d}",
+                                          f"eval_dataset_name={d}", "reward_funcs=accuracy"])
+    assert load_datasets(cfg) == (split_rows["train"], split_rows["test"])
+    with pytest.raises(DatasetError, match="dataset_name: dataset .*: no split 'dev' .*dataset_split names"):
+        load_rows(str(d), "dev", key="dataset_name")
+    datasets.Dataset.from_list(split_rows["train"]).save_to_disk(str(tmp_path / "saved"))
+    assert load_rows(str(tmp_path / "saved")) == split_rows["train"]
+
+
+def test_a_csv_file_is_named_as_unread_and_a_directory_of_csv_loads(tmp_path, monkeypatch):
+    """A .csv file given as dataset_name was sent to datasets.load_dataset as a Hub name: "cannot load ... as a
+    Hugging Face dataset name: Couldn't find any data file" for a file that exists. Now the error names the
+    formats read; a directory holding the CSV loads (datasets.load_dataset(dir), as TRL's scripts read it)."""
+    import csv
+    import random
+
+    import datasets
+    import pytest
+
+    from r1train.data import DatasetError, load_rows
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rng = random.Random()
+    rows = [{"prompt": f"What is {rng.randint(0, 999)}?", "answer": f"x{rng.randint(0, 999)}"} for _ in range(4)]
+    (tmp_path / "d").mkdir()
+    with open(tmp_path / "d" / "train.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, ["prompt", "answer"])
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(DatasetError, match=r"dataset_name: '.*train.csv' is a file of a format r1train does not read"):
+        load_rows(str(tmp_path / "d" / "train.csv"), key="dataset_name")
+    assert load_rows(str(tmp_path / "d")) == rows
+
+
+def test_a_json_file_of_json_lines_loads(tmp_path):
+    """A .json file in JSON Lines form (one object a line, as many Hub datasets ship their .json files and as
+    datasets' json loader reads them) was "not valid JSON: Extra data"; now its rows load as a .jsonl file's, a
+    one-row file included; a bad line is named by row and line, and a JSON list still loads."""
+    import json
+    import random
+
+    import pytest
+
+    from r1train.data import DatasetError, load_rows
+
+    rng = random.Random()
+    rows = [{"prompt": [{"role": "user", "content": f"{rng.randint(0, 99)} caf\u00e9 \u52a0?"}],
+             "answer": str(rng.randint(0, 99))} for _ in range(3)]
+    p = tmp_path / "train.json"
+    p.write_text("".join(json.dumps(r, ensure_ascii=rng.random() < 0.5) + "\n" for r in rows), encoding="utf-8")
+    assert load_rows(str(p)) == rows
+    p.write_text(json.dumps(rows[0]) + "\n")
+    assert load_rows(str(p)) == rows[:1]
+    p.write_text(json.dumps(rows))
+    assert load_rows(str(p)) == rows
+    p.write_text(json.dumps(rows[0]) + "\n\n" + '{"prompt": "a" "answer": 1}\n')
+    with pytest.raises(DatasetError, match=r"train.json: row 1 \(line 3\): invalid JSON"):
+        load_rows(str(p))

@@ -205,3 +205,89 @@ def test_sft_prompt_merged_into_the_completion_is_scored_as_trl(tmp_path, paddin
                 nll, n = nll - logp[mask].sum().item(), n + int(mask.sum())
         t = SFTTrainer(cfg, model, tok, batch, [])
         assert t.train_step(0, batch)["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+def _no_end_of_turn_template(tok):
+    """The character tokenizer with a chat template that ends no turn (no eos after an assistant message)."""
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok
+
+
+def _no_eos(tok):
+    tok.eos_token = None
+    assert tok.eos_token_id is None and tok.pad_token_id is not None
+    return tok
+
+
+@pytest.mark.parametrize("case", ["no_eos_string", "no_end_of_turn_chat", "no_eos_loss_on_all"])
+def test_sft_trainer_names_the_dataset_row_whose_completion_gives_no_token(tmp_path, case):
+    """A row whose completion tokenizes to nothing (an empty completion with a tokenizer that has no eos token,
+    or an empty assistant message under a template that ends no turn) has no token to train on, whatever
+    max_length. With max_length > max_prompt_length the trainer checked only the completion's type up front:
+    the row was found mid-training, by its position in its batch, and the error blamed max_length. Now it is
+    an error naming dataset row 13 when the trainer is built."""
+    from r1train.sft import SFTTrainer
+
+    tok, only = char_tokenizer(), "true"
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+1?"}], "completion": f"{i + 1}"} for i in range(20)]
+    if case == "no_end_of_turn_chat":
+        tok = _no_end_of_turn_template(tok)
+        rows = [{**r, "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows]
+        rows[13] = {**rows[13], "completion": [{"role": "assistant", "content": ""}]}
+    else:
+        tok = _no_eos(tok)
+        rows = [{**r, "prompt": r["prompt"][0]["content"]} for r in rows]
+        rows[13] = {"prompt": "x", "completion": ""} if case == "no_eos_loss_on_all" else {**rows[13], "completion": ""}
+        only = "false" if case == "no_eos_loss_on_all" else "true"
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=64", "max_prompt_length=32",
+                                          f"completion_only_loss={only}"])
+    with pytest.raises(DatasetError, match=r"SFT row 13: no token to train on: column 'completion' = .* tokenizes "
+                                           "to nothing after the"):
+        SFTTrainer(cfg, None, tok, rows, [])  # no model work before the check
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_sft_tokenizer_without_eos_adds_no_eos_id():
+    """A tokenizer with no eos token (a pad token set): a string row gets no eos (TRL adds the eos *text*, here
+    none); a conversational prompt with a string completion, or messages with no chat template, got the id None
+    appended, a TypeError from torch.tensor in the step's collate. A completion that ends with the eos text gets
+    no second eos, as a string row."""
+    from r1train.data import sft_tokens
+
+    tok = _no_eos(char_tokenizer())
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}]
+    p, c = sft_tokens(tok, {"prompt": chat, "completion": "<answer>5</answer>"}, 0, max_length=512, **KW)
+    assert p == tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert c == ids("<answer>5</answer>")
+    tok.chat_template = None
+    p, c = sft_tokens(tok, {"prompt": chat, "completion": [{"role": "assistant", "content": "5"}]}, 0,
+                      max_length=512, **KW)
+    assert tok.decode(p + c) == "system: Be brief.\nuser: 2+3?\nassistant: 5\n" and None not in c
+    rows = [{"prompt": chat, "completion": "5"}, {"prompt": "q", "completion": "a"}]
+    _, _, c_ids, c_mask = sft_collate(tok, rows, max_length=512, **KW)
+    assert c_ids[c_mask.bool()].tolist() == ids("5") + ids("a")
+    tok = char_tokenizer()  # with an eos token: exactly one at the end
+    eos = tok.eos_token_id
+    for comp in ("5", "5" + tok.eos_token):
+        _, c = sft_tokens(tok, {"prompt": chat, "completion": comp}, 0, max_length=512, **KW)
+        assert c == ids("5") + [eos]
+
+
+def test_a_null_completion_in_a_parquet_file_is_named_null(tmp_path):
+    """A parquet SFT file where one row has no completion: pyarrow fills it with None, and the error said
+    "missing column 'completion' (has ['completion', 'prompt'])", a column the row has. Now: the row, the
+    column, and that it is null."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from r1train.config import load_config
+    from r1train.loading import load_datasets
+
+    path = tmp_path / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "1+1?", "completion": "2"}, {"prompt": "2+2?"},
+                                         {"prompt": "3+3?", "completion": "6"}]), str(path))
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'o'}", f"dataset_name={path}"])
+    with pytest.raises(DatasetError, match=r"sft.parquet: row 1: column 'completion' is null \(None\)$"):
+        load_datasets(cfg, sft=True)
