@@ -389,10 +389,28 @@ class GRPOTrainer(Trainer):
             v = v[~v.isnan()]
             m[f"rewards/{name}/mean"] = v.mean().item() if v.numel() else float("nan")
             m[f"rewards/{name}/std"] = v.std().item() if v.numel() > 1 else float("nan")  # TRL's nanstd
-        lens = ro.completion_mask_BT.sum(1).float()
-        n = _all_sum(lens.numel(), self.dev)
-        m["completions/mean_length"] = _all_sum(lens.sum(), self.dev) / n
-        m["completions/clipped_ratio"] = _all_sum(ro.truncated_B.float().sum(), self.dev) / n
+        # TRL's completions/*: lengths (eos counted) over every completion; the terminated ones (an eos, not
+        # clipped) apart, all 0 when there are none. One sum and one min all-reduce (max as -min of -x)
+        lens = ro.completion_mask_BT.sum(1).double().to(self.dev)
+        trunc = ro.truncated_B.to(self.dev)
+        term = lens[~trunc]
+        inf = float("inf")
+        sums = torch.stack([lens.new_tensor(float(lens.numel())), lens.sum(), trunc.double().sum(),
+                            lens.new_tensor(float(term.numel())), term.sum()])
+        mins = torch.stack([lens.min() if lens.numel() else lens.new_tensor(inf),
+                            -lens.max() if lens.numel() else lens.new_tensor(inf),
+                            term.min() if term.numel() else lens.new_tensor(inf),
+                            -term.max() if term.numel() else lens.new_tensor(inf)])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(mins, op=dist.ReduceOp.MIN)
+        (n, tot, n_trunc, n_term, tot_term), mn = sums.tolist(), mins.tolist()
+        m["completions/mean_length"] = tot / max(n, 1.0)
+        m["completions/min_length"], m["completions/max_length"] = (mn[0], -mn[1]) if n else (0.0, 0.0)
+        m["completions/clipped_ratio"] = n_trunc / max(n, 1.0)
+        m["completions/mean_terminated_length"] = tot_term / n_term if n_term else 0.0
+        m["completions/min_terminated_length"] = mn[2] if n_term else 0.0
+        m["completions/max_terminated_length"] = -mn[3] if n_term else 0.0
         return m
 
     # ---- 2. loss over micro-batches, num_iterations passes

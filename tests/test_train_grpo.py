@@ -290,3 +290,33 @@ def test_sync_ref_model_pairs_parameters_and_buffers_by_name(tmp_path):
     with torch.no_grad():
         pm, rm = pol.model.eval(), ref.model.eval()
         torch.testing.assert_close(rm(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_completion_length_metrics_are_trls(tmp_path):
+    """TRL 1.16's completions/* metrics: mean/min/max length over every completion (its eos counted),
+    clipped_ratio the share with no eos, and mean/min/max_terminated_length over those that ended with an
+    eos (0 when none did). With every fifth token id declared an eos id, the batch mixes both kinds."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "max_completion_length=8", "per_device_train_batch_size=16",
+                       reward_funcs=[H.digit_share])
+    eos = {i for i in range(t.model.config.vocab_size) if i % 5 == 0} | {t.tok.eos_token_id}
+    t.model.generation_config.eos_token_id = sorted(eos)
+    rows, _ = t.rows_for(0)
+    ro, _, _, m, _ = t.make_batch(0, list(rows))
+    lens, ended = [], []
+    for ids in ro.completion_ids_BT.tolist():  # independently: the first eos id ends a completion
+        first = next((k for k, x in enumerate(ids) if x in eos), None)
+        lens.append(8 if first is None else first + 1)
+        ended.append(first is not None)
+    term = [n for n, e in zip(lens, ended) if e]
+    assert 0 < len(term) < len(lens) and len(set(term)) > 1  # both kinds, terminated lengths that differ
+    assert m["completions/mean_length"] == pytest.approx(sum(lens) / len(lens))
+    assert m["completions/min_length"] == min(lens) and m["completions/max_length"] == max(lens)
+    assert m["completions/clipped_ratio"] == pytest.approx(1 - len(term) / len(lens))
+    assert m["completions/mean_terminated_length"] == pytest.approx(sum(term) / len(term))
+    assert m["completions/min_terminated_length"] == min(term)
+    assert m["completions/max_terminated_length"] == max(term)
+    t2 = H.grpo_trainer(tmp_path / "b", "max_steps=1", "max_completion_length=3", reward_funcs=[H.digit_share])
+    t2.model.generation_config.eos_token_id = [t2.tok.eos_token_id]
+    _, _, _, m2, _ = t2.make_batch(0, list(t2.rows_for(0)[0]))
+    assert m2["completions/clipped_ratio"] == 1.0  # no completion ended: TRL logs 0 for the terminated lengths
+    assert [m2[f"completions/{k}_terminated_length"] for k in ("mean", "min", "max")] == [0.0, 0.0, 0.0]
