@@ -197,3 +197,23 @@ def test_gpu_patch_matches_unpatched(dtype):
     patched = copy.deepcopy(model)
     rk.patch(patched)
     _compare(model, patched, "cuda", dtype, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
+def test_patch_twice_and_after_a_router_only_patch():
+    """rk.patch on a patched model (as r1train's loading and a trainer may both call it) keeps it patched and
+    raises nothing; after a router-only patch (ExpertLoad's experts=False) it fuses the experts too. Outputs
+    and gradients still equal the unpatched model's."""
+    model = _tiny()
+    twice = copy.deepcopy(model)
+    first = rk.patch(twice)
+    assert rk.patch(twice, backend="torch") == {}
+    assert all(r.backend == "torch" for r in dsv3.routers(twice))
+    assert sorted(first) == [f"model.layers.{i}.mlp.{m}" for i in (1, 2) for m in ("experts", "gate")]
+    routed_only = copy.deepcopy(model)
+    dsv3.patch_deepseek_v3(routed_only, experts=False)
+    assert sorted(rk.patch(routed_only)) == [f"model.layers.{i}.mlp.experts" for i in (1, 2)]
+    assert all(isinstance(routed_only.model.layers[i].mlp.experts, dsv3.R1KExperts) for i in (1, 2))
+    for patched in (twice, routed_only):
+        assert set(patched.state_dict()) == set(model.state_dict())
+        model.zero_grad()
+        _compare(model, patched, "cpu", torch.float32, torch.float32)

@@ -99,3 +99,22 @@ def test_patch_twice_and_bad_input():
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)
     with pytest.raises(ValueError, match="model_type"):
         patch_layers(transformers.GPT2LMHeadModel(cfg))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cpp"])
+def test_rk_patch_backends_of_other_ops(backend):
+    """rk.patch takes the op backends: the layer ops (Triton and the reference only) read "cuda" / "cpp" as
+    "auto" (layers_backend), as r1train does; a backend the lm_head refuses ("cpp") raises before anything is
+    patched, so the model is left as it was, not half patched."""
+    model = _model("qwen2")
+    classes = [type(m) for m in model.modules()]
+    if backend == "cpp":
+        with pytest.raises(ValueError, match="backend"):
+            rk.patch(model, backend=backend)
+        assert [type(m) for m in model.modules()] == classes and not hasattr(model, "_r1k_lm_head")
+        assert "forward" not in vars(model)
+        return
+    out = rk.patch(model, backend=backend)
+    assert out["layers"]["apply_rotary"] == model.config.num_hidden_layers
+    assert model._r1k_lm_head["backend"] == backend
+    assert {getattr(m, "_r1k_layers_backend", "auto") for m in model.modules()} == {"auto"}

@@ -131,16 +131,23 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
                       experts: bool = True) -> dict[str, nn.Module]:
     """Swap every DeepseekV3 MoE router (and, with experts=True, its experts) of `model` in place;
     returns {qualified name: replaced module}. gemm_dtype=torch.bfloat16 runs the router GEMM in bf16 with
-    fp32 accumulation and fp32 logits (default None: transformers' fp32 GEMM)."""
+    fp32 accumulation and fp32 logits (default None: transformers' fp32 GEMM).
+    Patching a patched model replaces only what is still HF's (the experts of layers patched with
+    experts=False) and sets the backend of the patched routers and experts."""
     replaced: dict[str, nn.Module] = {}
     for name, parent in list(model.named_modules()):
         gate = getattr(parent, "gate", None)
-        if type(gate).__name__ not in ROUTER_CLASSES:
-            continue
         prefix = f"{name}." if name else ""
-        router = _router_type(type(gate))(gate, gemm_dtype=gemm_dtype, backend=backend)
-        parent.gate = router
-        replaced[prefix + "gate"] = gate
+        if isinstance(gate, R1KRouter):  # patched before
+            gate.backend = backend
+            if isinstance(getattr(parent, "experts", None), R1KExperts):
+                parent.experts.backend = backend
+        elif type(gate).__name__ in ROUTER_CLASSES:
+            router = _router_type(type(gate))(gate, gemm_dtype=gemm_dtype, backend=backend)
+            parent.gate = router
+            replaced[prefix + "gate"] = gate
+        else:
+            continue
         old = getattr(parent, "experts", None)
         if experts and type(old).__name__ in EXPERTS_CLASSES:
             _check_experts(old)
