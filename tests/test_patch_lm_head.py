@@ -83,6 +83,12 @@ def test_shift_labels_callable_and_all_masked():
     c = model(input_ids=ids, logits_to_keep=5, fused_lm_head=lambda h, w, bias: rk.linear_token_logprobs(
         h, w, ids[:, -5:], bias=bias))
     assert_close(c, a.log_probs[:, -5:].double())
+    for keep in (8, 9):  # more tokens than have a next token to score: an error naming the key, not a wrapped slice
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(input_ids=ids, logits_to_keep=keep, fused_lm_head=lambda h, w, bias: h)
+    full = model(input_ids=ids, logits_to_keep=7, fused_lm_head=lambda h, w, bias: rk.linear_token_logprobs(
+        h, w, ids[:, 1:], bias=bias))
+    assert_close(full[:, 2:], a.log_probs[:, 2:].double())  # a's first two labels are -100 (log-prob 0)
     # every label masked: zeros, still differentiable
     out = model(input_ids=ids, labels=torch.full_like(ids, -100), fused_lm_head=True)
     assert out.log_probs.abs().sum() == 0 and out.loss.requires_grad

@@ -134,6 +134,9 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
         hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
         if callable(fused_lm_head):
             n = hidden.shape[1] - 1 if not keep else int(keep)
+            if not 1 <= n < hidden.shape[1]:  # a wider slice would wrap around to the sequence's end (silently)
+                raise ValueError(f"logits_to_keep must be in [1, {hidden.shape[1] - 1}] (the sequence has "
+                                 f"{hidden.shape[1]} tokens; position t scores token t + 1), got {keep!r}")
             h, weight, bias = _head_params(self, hidden[:, hidden.shape[1] - n - 1:-1], state["fp32"])
             with torch.autocast(h.device.type, enabled=False):
                 return fused_lm_head(h, weight, bias)
