@@ -329,6 +329,14 @@ def test_gpu_real_shape():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_gpu_batch_of_one_row(loss_type):
+    """B = 1 on the GPU (test_batch_of_one_row's case at a real vocabulary, several chunks)."""
+    _check(1, 300, 1536, 151936, device="cuda", dtype=torch.bfloat16, loss_type=loss_type,
+           chunk_budget_bytes=_budget_for_rows(128, 151936, torch.bfloat16))
+
+
+@pytest.mark.gpu
 def test_gpu_linear_token_logprobs():
     from r1kernels.reference import linear_token_logprobs as ref_lin
     N, H, V = 512, 3584, 151936
