@@ -215,11 +215,13 @@ def test_deepseek_v3_routes_with_r1kernels(dsv3_dir, tmp_path):
     _assert_same_training(base, ([h for h in tr.state.log_history if "loss" in h], grads.grads, None))
 
 
-@pytest.fixture(scope="module")
-def direct_trainer(model_dir, tmp_path_factory):
-    """One patched trainer whose two _compute_loss (TRL's and r1kernels') are called directly on built
-    micro-batches: edge cases without a training run each."""
-    tr, _ = _trainer(model_dir, tmp_path_factory.mktemp("direct"), beta=0.04)
+@pytest.fixture
+def direct_trainer(model_dir, tmp_path):
+    """A patched trainer whose two _compute_loss (TRL's and r1kernels') are called directly on built
+    micro-batches: edge cases without a training run each. One per test: conftest destroys the process group
+    after each test, and a trainer whose accelerator set one up (when an earlier test left RANK / WORLD_SIZE in
+    the environment) could not reduce its metrics after that."""
+    tr, _ = _trainer(model_dir, tmp_path, beta=0.04)
     use_r1kernels(tr)
     tr.current_gradient_accumulation_steps = 2  # set by Trainer's training loop
     return tr
