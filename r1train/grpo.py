@@ -394,13 +394,12 @@ class GRPOTrainer(Trainer):
         lens = ro.completion_mask_BT.sum(1).double().to(self.dev)
         trunc = ro.truncated_B.to(self.dev)
         term = lens[~trunc]
-        inf = float("inf")
+        def least(t):  # inf on a rank with none: the MIN all-reduce then takes the other ranks' value
+            return t.min() if t.numel() else t.new_tensor(float("inf"))
+
         sums = torch.stack([lens.new_tensor(float(lens.numel())), lens.sum(), trunc.double().sum(),
                             lens.new_tensor(float(term.numel())), term.sum()])
-        mins = torch.stack([lens.min() if lens.numel() else lens.new_tensor(inf),
-                            -lens.max() if lens.numel() else lens.new_tensor(inf),
-                            term.min() if term.numel() else lens.new_tensor(inf),
-                            -term.max() if term.numel() else lens.new_tensor(inf)])
+        mins = torch.stack([least(lens), least(-lens), least(term), least(-term)])
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(mins, op=dist.ReduceOp.MIN)

@@ -144,12 +144,17 @@ def _has_gold(gold) -> bool:
     return str(gold).strip() != ""
 
 
+def _one_per_completion(name: str, values, completions, hint: str = "give one per completion"):
+    """A per-row column holds one value per completion: zip would silently score only a prefix."""
+    if len(values) != len(completions):
+        raise ValueError(f"{name}: {len(values)} values for {len(completions)} completions; {hint}")
+
+
 def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_):
     """1.0 if the <answer> matches the `answer` column (see answers_match), 0.0 if not or if there is no
     <answer>, None if the row has no gold answer (None or blank)."""
     golds = answer if answer is not None else [None] * len(completions)
-    if len(golds) != len(completions):  # zip would score the first len(golds) completions only
-        raise ValueError(f"answer: {len(golds)} values for {len(completions)} completions; give one per completion")
+    _one_per_completion("answer", golds, completions)
     out = []
     for c, gold in zip(completions, golds):
         if not _has_gold(gold):
@@ -184,9 +189,7 @@ def language_consistency_reward(prompts, completions, completion_ids=None, langu
     in the target language: `language` ('en' or 'zh'), or one per completion (a dataset column of that name, as
     TRL passes columns). None when the chain of thought has no words (e.g. pure arithmetic)."""
     langs = [language] * len(completions) if isinstance(language, str) else list(language)
-    if len(langs) != len(completions):
-        raise ValueError(f"language: {len(langs)} values for {len(completions)} completions; give one language "
-                         "or one per completion")
+    _one_per_completion("language", langs, completions, "give one language or one per completion")
     out = []
     for c, lang in zip(completions, langs):
         text = completion_text(c)
