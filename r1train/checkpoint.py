@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import ConfigError, read_deepspeed_config
 
 log = logging.getLogger("r1train")
 
@@ -119,7 +119,7 @@ class CheckpointMixin:
         partial checkpoint is published and the earlier ones stay."""
         try:
             return self._save(step)
-        except OSError as e:
+        except Exception as e:  # a failed write: OSError, RuntimeError (torch.save), SafetensorError
             if self.rank == 0:
                 shutil.rmtree(os.path.join(self.cfg.output_dir, f"tmp-checkpoint-{step}"), ignore_errors=True)
             raise CheckpointError(f"saving checkpoint-{step} in output_dir {self.cfg.output_dir} failed: {e}") from e
@@ -148,13 +148,20 @@ class CheckpointMixin:
                 self.tok.save_pretrained(tmp)
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
                 json.dump({"global_step": step, "max_steps": self.max_steps, "trainer": type(self).__name__,
-                           "world_size": self.world, "trainer_state": self.trainer_state(), "config": vars(cfg)},
+                           "world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
+                           "trainer_state": self.trainer_state(), "config": vars(cfg)},
                           fh, indent=1, default=str)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
             write_manifest(tmp)  # last: lists every rank's files
-            shutil.rmtree(final, ignore_errors=True)
+            # a step saved before (a resumed run saves it again) is renamed aside, deleted once the new copy is
+            # published: a crash leaves one complete checkpoint-<step> (tmp-* are deleted at the next start)
+            old = os.path.join(cfg.output_dir, f"tmp-checkpoint-{step}-replaced")
+            if os.path.lexists(final):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             self._prune(step)
         dist.barrier()
         self.saved_step = step
@@ -196,6 +203,12 @@ class CheckpointMixin:
 
     def load(self, path: str) -> int:
         """Restore a checkpoint that prepare_run picked and checked."""
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            state = json.load(fh)
+        if state["global_step"] > self.max_steps:  # no step to train; finish() would save it as another step
+            raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: {path} is at step "
+                                  f"{state['global_step']}, past this run's max_steps ({self.max_steps}): raise "
+                                  "max_steps (or num_train_epochs), or resume from an earlier checkpoint")
         self.engine.load_checkpoint(path, tag="ds")
         if self.ref is not None:
             self.load_ref_state_dict(torch.load(os.path.join(path, "ref_model.pt"), weights_only=True))
@@ -204,8 +217,6 @@ class CheckpointMixin:
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            state = json.load(fh)
         self.load_trainer_state(state.get("trainer_state", {}))
         return state["global_step"]
 
@@ -278,7 +289,10 @@ def checkpoint_problem(path: str) -> str | None:
 
 def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """resume_from_checkpoint -> a complete checkpoint directory. `latest`: the newest complete
-    checkpoint-<step> in output_dir (damaged or unfinished newer ones are skipped with a warning)."""
+    checkpoint-<step> in output_dir (damaged or unfinished newer ones are skipped with a warning); `true` too
+    (HF Trainer's resume_from_checkpoint=True), unless a directory has that name."""
+    if spec.lower() == "true" and not os.path.isdir(spec):
+        spec = "latest"
     if spec != "latest":
         problem = checkpoint_problem(spec)
         if problem:
@@ -311,10 +325,20 @@ def check_resume_config(path: str, cfg, trainer: str, world: int):
         diff.append(f"trainer (checkpoint {state['trainer']}, now {trainer})")
     if state.get("world_size", world) != world:
         diff.append(f"number of processes (checkpoint {state['world_size']}, now {world})")
+    stage = zero_stage_of(cfg)  # DeepSpeed cannot load one stage's optimizer states into another's
+    if state.get("zero_stage", stage) != stage:
+        diff.append(f"ZeRO stage, zero_stage or the deepspeed file's (checkpoint {state['zero_stage']}, now {stage})")
     if diff:
         raise CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {path} was written by a run "
                               f"with other settings: {', '.join(diff)}. Resume with the checkpoint's values, or "
                               "start a fresh run (another output_dir, or overwrite_output_dir=true)")
+
+
+def zero_stage_of(cfg) -> int:
+    """The ZeRO stage a run uses: its `deepspeed` file's, which overrides zero_stage (engine.ds_config)."""
+    if not cfg.deepspeed:
+        return cfg.zero_stage
+    return read_deepspeed_config(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0)
 
 
 # ---- the output directory: one run at a time; a fresh run does not mix with another run's outputs

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -241,3 +242,90 @@ def test_diverged_run_stops_with_an_error_before_saving(tmp_path, capsys, comman
     for s in saved:  # every checkpoint on disk holds finite weights
         sd = load_file(str(out / f"checkpoint-{s}" / "model.safetensors"))
         assert all(v.isfinite().all() for v in sd.values())
+
+
+def test_resume_past_max_steps_is_an_error(sft_run, tmp_path):
+    """A checkpoint past this run's max_steps: the run would train no step and finish() would save the
+    checkpoint's weights as checkpoint-<max_steps>, over the real one. It is an error naming max_steps."""
+    from r1train.checkpoint import CheckpointError
+
+    out = _copy(sft_run, tmp_path)
+    before = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"max_steps.*checkpoint-4|checkpoint-4.*max_steps"):
+        _sft(out, "max_steps=2", "resume_from_checkpoint=latest")
+    assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == before
+    assert _sft(out, "max_steps=4", "resume_from_checkpoint=latest").step0 == 4  # max_steps = its step: fine
+
+
+def test_resume_with_another_zero_stage_from_a_deepspeed_file_is_refused(sft_run, tmp_path):
+    """`deepspeed` overrides zero_stage: a ZeRO-0 checkpoint resumed under a ZeRO-2 file failed deep in
+    DeepSpeed (a missing zero_pp_rank_* file); the effective stage is checked like zero_stage."""
+    from r1train.checkpoint import CheckpointError
+    from r1train.engine import CONFIG_DIR
+
+    out = _copy(sft_run, tmp_path)
+    resume = ["max_steps=6", "resume_from_checkpoint=latest"]
+    with pytest.raises(CheckpointError, match="ZeRO stage.*checkpoint 0, now 2"):
+        _sft(out, *resume, f"deepspeed={os.path.join(CONFIG_DIR, 'ds_zero2.json')}")
+    t = _sft(out, *resume, f"deepspeed={os.path.join(CONFIG_DIR, 'ds_zero0.json')}")
+    assert t.step0 == 4
+
+
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from test_train_reliability_ckpt import _sft
+t = _sft({out!r}, "max_steps=6", "resume_from_checkpoint=latest")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+try:
+    t.save(6)
+except Exception as e:
+    print("RAISED", type(e).__name__, e)
+"""
+
+
+def test_real_write_failure_during_save_is_a_checkpoint_error(sft_run, tmp_path):
+    """A write that really fails (torch.save and safetensors raise RuntimeError / SafetensorError, not
+    OSError): a CheckpointError naming the step, and no tmp-checkpoint left behind."""
+    out = _copy(sft_run, tmp_path)
+    code = FULL_DISK.format(tests=os.path.dirname(__file__), out=str(out))
+    p = subprocess.run([sys.executable, "-c", code], env=H.env(), cwd=H.ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert "RAISED" in p.stdout, p.stderr[-3000:]
+    assert "RAISED CheckpointError saving checkpoint-6" in p.stdout, p.stdout[-2000:]
+    names = os.listdir(out)
+    assert "checkpoint-6" not in names and not any(n.startswith("tmp-checkpoint") for n in names), names
+    assert (out / "checkpoint-4" / "manifest.json").is_file()
+
+
+def test_killed_while_replacing_a_checkpoint_keeps_one(sft_run, tmp_path, monkeypatch):
+    """A resumed run saves a step that has a checkpoint already (here: resumed from checkpoint-2, it saves
+    checkpoint-4 again). A kill while the old copy is deleted left a damaged checkpoint-4 and the complete new
+    one under tmp-checkpoint-4, which the next start deletes: both lost. One complete copy survives."""
+    import r1train.checkpoint as C
+
+    out = _copy(sft_run, tmp_path)
+    t = _sft(out, "max_steps=4", f"resume_from_checkpoint={out / 'checkpoint-2'}")
+    t.train()
+    real = shutil.rmtree
+
+    def killed_midway(path, *a, **k):  # the first removal of a complete checkpoint is cut short
+        if os.path.isfile(os.path.join(path, "manifest.json")):
+            monkeypatch.setattr(C.shutil, "rmtree", real)
+            os.remove(os.path.join(path, "manifest.json"))
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(C.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        t.finish()
+    monkeypatch.setattr(C.shutil, "rmtree", real)
+    assert _sft(out, "max_steps=6", "resume_from_checkpoint=latest").step0 == 4
+
+
+def test_resume_from_checkpoint_true_picks_the_latest(sft_run, tmp_path):
+    """HF Trainer's resume_from_checkpoint=True: the newest checkpoint in output_dir, as `latest`."""
+    out = _copy(sft_run, tmp_path)
+    assert _sft(out, "max_steps=6", "resume_from_checkpoint=true").step0 == 4
+    assert _sft(out, "max_steps=6", "resume_from_checkpoint=True").step0 == 4
