@@ -103,6 +103,11 @@ def unpermute(expert_out, row_map, topk_weights, *, backend="auto"):
     _checks.same_device(expert_out=expert_out, row_map=row_map, topk_weights=topk_weights)
     if _eager():
         _checks.labels_in_range("row_map", row_map, n)
+        if n:  # a permutation of [0, T*K), as permute returns: the kernels' backward writes each row once
+            hit = torch.zeros(n, dtype=torch.bool, device=row_map.device)
+            hit.index_fill_(0, row_map.long().clamp(0, n - 1), True)
+            _checks._value_check(hit.all(), f"row_map must be a permutation of [0, {n}) (the row_map permute "
+                                            "returns), got a repeated row")
     return _unpermute(expert_out, row_map, topk_weights, backend)
 
 
@@ -132,9 +137,15 @@ def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=N
     if bias.dtype != torch.float32:  # rate-sized steps vanish or double in bf16/fp16 (0.6016 + 1e-3 == 0.6016)
         raise ValueError(f"bias must be float32 (transformers keeps e_score_correction_bias in fp32), got "
                          f"{bias.dtype}")
-    _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
+    _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1,
+                   dtypes=_checks.INT_DTYPES + (torch.int16, torch.int8, torch.uint8) + _checks.FLOAT_DTYPES,
+                   kind="an integer or floating-point tensor of counts")
     _checks.shape("tokens_per_expert", tokens_per_expert, bias.shape, " (one count per expert)")
     _checks.same_device(bias=bias, tokens_per_expert=tokens_per_expert)
+    if tokens_per_expert.is_floating_point():
+        _checks.finite("tokens_per_expert", tokens_per_expert)
+    if tokens_per_expert.numel():
+        _checks._value_check((tokens_per_expert >= 0).all(), "tokens_per_expert must be >= 0 (token counts)")
     _checks.positive("rate", rate, allow_zero=True)
     if all_reduce:
         dist = torch.distributed
@@ -154,6 +165,8 @@ def sequence_aux_loss(router_logits, topk_ids, *, seq_len, top_k, alpha=1e-4, ba
     N, E = router_logits.shape
     _check_int("seq_len", seq_len)
     _check_int("top_k", top_k)
+    if N == 0:
+        raise ValueError("router_logits has no rows: the loss averages over sequences, undefined for an empty batch")
     if N % seq_len:
         raise ValueError(f"seq_len={seq_len} must divide the {N} rows of router_logits")
     if top_k > E:

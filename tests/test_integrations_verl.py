@@ -120,3 +120,21 @@ def test_install_binds_ours_and_keeps_verl_for_tensor_parallel(monkeypatch):
     with pytest.warns(UserWarning, match="dist_process_group"):
         assert fake.linear_cross_entropy(hidden, weight, labels, dist_process_group=group) == "verl"
     assert calls == [group]
+
+
+def test_no_rows_mean_is_an_error_sum_and_none_are_empty():
+    """reduction='mean' over zero rows was a silent NaN."""
+    hidden, weight, labels = torch.randn(0, 8), torch.randn(13, 8), torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="hidden"):
+        linear_cross_entropy(hidden, weight, labels, 1.0, "mean")
+    logp, ent = linear_cross_entropy(hidden, weight, labels, 1.0, "sum")
+    assert logp.item() == 0.0 and ent.shape == (0,)
+    logp, ent = linear_cross_entropy(hidden, weight, labels, 1.0, "none")
+    assert logp.shape == ent.shape == (0,)
+
+
+def test_labels_count_checked_with_zero_hidden_size():
+    """hidden_size 0: numel 0 for any row count, so a label count that matched no row count passed the check and
+    failed later in reshape(-1, 0) with a RuntimeError."""
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(torch.randn(2, 0), torch.randn(13, 0), torch.randint(0, 13, (5,)))

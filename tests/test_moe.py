@@ -374,3 +374,35 @@ def test_router_fp32_and_bf16_gemm():
         rk.moe.router(hidden, weight, bias, gemm_dtype=torch.float16, **kw)
     with pytest.raises(ValueError, match="gate_weight"):
         rk.moe.router(hidden, weight[:, :-1], bias, **kw)
+
+
+# ---------------------------------------------------------------- audit regressions
+@pytest.mark.parametrize("backend", ["torch"] + PERMUTE_BACKENDS)
+def test_unpermute_rejects_row_map_that_is_not_a_permutation(backend):
+    """A row_map with a repeated row (in range, so it passed) gave the kernels' backward uninitialised memory
+    as the gradient of the rows no slot wrote (-2.5e29 under the Triton interpreter)."""
+    T, K, H = 3, 2, 4
+    x, w = torch.randn(T * K, H, device=DEV), torch.rand(T, K, device=DEV)
+    with pytest.raises(ValueError, match="row_map"):
+        rk.moe.unpermute(x, torch.zeros(T * K, dtype=torch.long, device=DEV), w, backend=backend)
+    row_map = torch.randperm(T * K, device=DEV)  # a permutation still runs
+    out = rk.moe.unpermute(x, row_map, w, backend=backend)
+    torch.testing.assert_close(out, ref.unpermute(x, row_map, w))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_permute_unpermute_empty_batch_and_no_expert_per_token(backend):
+    """T = 0 (reference unpermute: a RuntimeError from view(0, K, -1)) and K = 0, tokens routed to no expert
+    (kernels: ZeroDivisionError forward and in permute's backward): [T, H] zeros, zero gradients."""
+    H, E = 4, 5
+    for T, K in ((0, 2), (3, 0)):
+        hidden = torch.randn(T, H, device=DEV, requires_grad=True)
+        ids = torch.zeros(T, K, dtype=torch.long, device=DEV)
+        permuted, row_map, counts = rk.moe.permute(hidden, ids, E, backend=backend)
+        assert permuted.shape == (T * K, H) and row_map.shape == (T * K,) and counts.tolist() == [0] * E
+        w = torch.rand(T, K, device=DEV, requires_grad=True)
+        out = rk.moe.unpermute(permuted * 2, row_map, w, backend=backend)
+        assert out.shape == (T, H) and not out.any()
+        out.sum().backward()
+        assert hidden.grad.shape == (T, H) and not hidden.grad.any()
+        assert w.grad.shape == (T, K)

@@ -118,3 +118,44 @@ def test_sequence_aux_loss_hand_and_gradient():
     assert abs(loss.item() - 0.1) < 1e-7
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda x: ref.sequence_aux_loss(x, None, 3, 2, 1.0), (x,))
+
+
+def test_update_bias_rejects_bad_counts_and_leaves_bias():
+    """NaN counts were a silent no-op (sign(NaN) = 0), negative / bool / complex counts silently applied."""
+    for bad in (torch.tensor([1.0, float("nan"), 3.0, 4.0]), torch.tensor([1, -2, 3, 4]),
+                torch.tensor([True, False, True, False]), torch.tensor([1, 2, 3, 4]) * 1j):
+        bias = torch.zeros(4)
+        with pytest.raises(ValueError, match="tokens_per_expert"):
+            rk.moe.update_bias(bias, bad)
+        assert not bias.any()
+    bias = torch.zeros(4)
+    rk.moe.update_bias(bias, torch.tensor([1.0, 2.0, 3.0, 6.0]), rate=0.5)  # float counts still work
+    assert bias.tolist() == [0.5, 0.5, 0.0, -0.5]
+
+
+def test_update_bias_exact_for_counts_past_2_pow_24():
+    """fp32 counts round 2**24 + 1 to 2**24 = the fp32 mean: the overloaded expert got no step."""
+    bias = torch.zeros(2)
+    rk.moe.update_bias(bias, torch.tensor([2**24 + 1, 2**24 - 1]), rate=0.5)
+    assert bias.tolist() == [-0.5, 0.5]
+
+
+def test_sequence_aux_loss_empty_batch_is_an_error():
+    with pytest.raises(ValueError, match="router_logits"):  # was a RuntimeError from reshape(0, -1)
+        rk.moe.sequence_aux_loss(torch.randn(0, 8), None, seq_len=4, top_k=2)
+
+
+def test_sequence_aux_loss_underflowing_scores_not_nan():
+    x = torch.full((4, 8), -100.0).requires_grad_()  # sigmoid underflows to 0 for every expert: was 0 / 0 = NaN
+    x.data[0, 0] = 0.0
+    loss = rk.moe.sequence_aux_loss(x, None, seq_len=2, top_k=2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    y = torch.randn(6, 8, dtype=torch.float64)
+    z = torch.randn(6, 8, dtype=torch.float64)  # ordinary logits: unchanged by the guard
+    s = torch.sigmoid(y)
+    p = (s / s.sum(-1, keepdim=True)).view(2, 3, 8).mean(1)
+    ids = z.topk(2, -1).indices
+    f = torch.zeros(2, 8, dtype=torch.float64).scatter_add_(1, ids.view(2, -1), torch.ones(2, 6, dtype=torch.float64))
+    want = 1e-4 * (f * 8 / (2 * 3) * p).sum(-1).mean()
+    torch.testing.assert_close(rk.moe.sequence_aux_loss(y, ids, seq_len=3, top_k=2), want)

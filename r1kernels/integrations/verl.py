@@ -16,6 +16,7 @@ run in each of them, e.g. ray.init(runtime_env={"worker_process_setup_hook":
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -76,10 +77,14 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         return verl_fn(hidden, weight, labels, temperature, reduction, dist_process_group)
     _checks.float_tensor("hidden", hidden, min_ndim=1)
     _checks.int_tensor("labels", labels)
-    if labels.numel() * hidden.shape[-1] != hidden.numel():
-        raise ValueError(f"labels must have one entry per row of hidden ({hidden.numel() // max(hidden.shape[-1], 1)}"
-                         f" rows), got shape {tuple(labels.shape)}")
-    logp, ent = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+    rows = math.prod(hidden.shape[:-1])  # not numel // H: hidden_size 0 has numel 0 for any row count
+    if labels.numel() != rows:
+        raise ValueError(f"labels must have one entry per row of hidden ({rows} rows), got shape "
+                         f"{tuple(labels.shape)}")
+    if rows == 0 and reduction.lower() == "mean":
+        raise ValueError("hidden has no rows: reduction='mean' averages over them, undefined for an empty batch "
+                         "(use reduction='sum' or 'none')")
+    logp, ent = linear_token_logprobs(hidden.reshape(rows, hidden.shape[-1]), weight, labels.reshape(-1),
                                       temperature=temperature, return_entropy=True, backend=backend)
     reduction = reduction.lower()
     if reduction == "sum":

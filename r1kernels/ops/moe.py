@@ -149,6 +149,14 @@ def _float_only(x, *a, **k):
     return x.dtype in _FLOAT
 
 
+def _permute_eligible(hidden, topk_ids, *a, **k):  # K = 0 (no expert per token): the reference
+    return hidden.dtype in _FLOAT and topk_ids.shape[1] > 0
+
+
+def _unpermute_eligible(x, row_map, weights, *a, **k):  # the kernels divide the T*K rows by K
+    return x.dtype in _FLOAT and weights.shape[1] > 0
+
+
 # ---------------------------------------------------------------- C++ / CUDA ops (r1kernels._C)
 OPS = torch.ops.r1kernels if _backend.HAS_EXTENSION else None
 HAS_CPP = _backend.HAS_EXTENSION and hasattr(torch.ops.r1kernels, "moe_route")
@@ -180,8 +188,8 @@ if HAS_CPP:
     _cuda = {"cuda"} if _backend.extension_has("moe_route", "CUDA") else set()
     route_cuda.devices = permute_cuda.devices = unpermute_cuda.devices = _cuda
     route_cuda.eligible = route_eligible
-    permute_cuda.eligible = _float_only
-    unpermute_cuda.eligible = _float_only
+    permute_cuda.eligible = _permute_eligible
+    unpermute_cuda.eligible = _unpermute_eligible
 
 
 # ---------------------------------------------------------------- Triton custom ops
@@ -246,5 +254,5 @@ if _backend.HAS_TRITON:
 
     route_triton.eligible = lambda logits, bias, top_k, n_group, *a, **k: (
         logits.dtype in _FLOAT and logits.shape[1] <= 1024)
-    permute_triton.eligible = _float_only
-    unpermute_triton.eligible = _float_only
+    permute_triton.eligible = _permute_eligible
+    unpermute_triton.eligible = _unpermute_eligible

@@ -50,7 +50,7 @@ def unpermute(expert_out, row_map, topk_weights):
     """expert_out [T*K, H], row_map [T*K], topk_weights [T, K] -> [T, H] = sum_k w[t,k] * out[row_map[t*K+k]],
     accumulated in fp32 over k in order, returned in expert_out's dtype."""
     T, K = topk_weights.shape
-    gathered_TKH = acc(expert_out[row_map].view(T, K, -1))
+    gathered_TKH = acc(expert_out[row_map].view(T, K, expert_out.shape[1]))
     out_TH = (gathered_TKH * acc(topk_weights).unsqueeze(-1)).sum(1)
     return out_TH.to(expert_out.dtype)
 
@@ -58,7 +58,7 @@ def unpermute(expert_out, row_map, topk_weights):
 @torch.no_grad()
 def update_bias(bias, tokens_per_expert, rate=1e-3):
     """Auxiliary-loss-free balancing: bias += rate * sign(mean(count) - count), in place."""
-    counts = acc(tokens_per_expert)
+    counts = tokens_per_expert.double()  # exact integer counts past 2**24 (fp32 rounds 2**24 + 1 to 2**24)
     bias.add_(torch.sign(counts.mean() - counts).to(bias.dtype), alpha=rate)
     return bias
 
@@ -71,7 +71,7 @@ def sequence_aux_loss(router_logits, topk_ids, seq_len, top_k, alpha=1e-4):
     if topk_ids is None:
         topk_ids = _topk_lower_index_wins(s_NE.detach(), top_k)[1]
     B = N // seq_len
-    p_BSE = (s_NE / s_NE.sum(-1, keepdim=True)).view(B, seq_len, E)
+    p_BSE = (s_NE / (s_NE.sum(-1, keepdim=True) + 1e-20)).view(B, seq_len, E)  # 1e-20: all s underflow to 0
     counts_BE = torch.zeros(B, E, device=s_NE.device, dtype=torch.float32)
     counts_BE.scatter_add_(1, topk_ids.reshape(B, -1).long(),
                            torch.ones(B, seq_len * topk_ids.shape[-1], device=s_NE.device))
