@@ -41,13 +41,17 @@ def parse(argv):
     a = p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`
     if a.command is None and not a.help_config:
         p.error(f"a command is required: one of {', '.join(sorted(COMMANDS))}")
+    if a.stage is not None and not a.help_config and not (
+            a.command == "demo" or (a.command == "pipeline" and a.config is None)):
+        p.error(f"--stage picks a demo stage: it applies to demo (and pipeline without --config), not to "
+                f"{a.command}{' --config' if a.command == 'pipeline' else ''}")
     return a
 
 
 def cmd_sample(args):
     import torch
 
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .data import reward_columns
     from .engine import device, setup_distributed
     from .loading import load_datasets, load_model_and_tokenizer
@@ -55,6 +59,10 @@ def cmd_sample(args):
     from .rollout import sample_rows
 
     cfg = load_config(args.config, args.overrides, section="grpo")
+    path = os.path.join(cfg.output_dir, "samples.jsonl")
+    if os.path.isfile(path) and os.path.getsize(path) and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir: {path} holds earlier samples; set overwrite_output_dir=true to replace "
+                          "them, or choose another output_dir")
     setup_distributed()
     model, tok = load_model_and_tokenizer(cfg)
     model = model.to(device())
@@ -63,7 +71,6 @@ def cmd_sample(args):
     rows, G = rows[:n], cfg.num_generations
     runner = RewardRunner(cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    path = os.path.join(cfg.output_dir, "samples.jsonl")
     with open(path, "w") as fh, torch.no_grad():
         for _, chunk, ro, texts in sample_rows(model, tok, rows, num_samples=G, cfg=cfg, seed_key=(cfg.seed,),
                                                batch_size=16):

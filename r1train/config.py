@@ -89,9 +89,11 @@ class TrainConfig:
     logging_steps: int = f(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
     save_steps: int = f(500, "checkpoint every N steps (0 = only at the end)")
     save_total_limit: Optional[int] = f(None, "keep at most N checkpoints (oldest deleted)")
-    resume_from_checkpoint: Optional[str] = f(None, "a checkpoint directory, or 'latest' in output_dir")
+    resume_from_checkpoint: Optional[str] = f(None, "a checkpoint directory, or 'latest' in output_dir (true: "
+                                              "latest; false: none, as in HF's Trainer)")
     overwrite_output_dir: bool = f(False, "a fresh run may start in an output_dir holding another run's "
-                                   "checkpoints or metrics (they are deleted first); otherwise that is an error")
+                                   "checkpoints or metrics (they are deleted first), and `sample` may replace "
+                                   "its samples.jsonl; otherwise that is an error")
     bf16: bool = f(False, "bf16 weights/compute via DeepSpeed (fp16 is not supported; TRL's default is true: see "
                    "the module docstring)")
     use_peft: bool = f(False, "LoRA through peft (TRL's keys): only the adapters train; the reference model is the "
@@ -292,9 +294,7 @@ class TrainConfig:
         else:
             dsc = read_deepspeed_config(self.deepspeed)
             check_deepspeed_values(self, dsc)
-            stage = dsc.get("zero_optimization", {}).get("stage", 0)
-            if isinstance(stage, int):
-                check_offload(self, stage)
+            check_offload(self, dsc.get("zero_optimization", {}).get("stage", 0))
         self._check_tokenizer_path()
         if self.use_peft:
             if self.lora_r < 1 or self.lora_alpha < 1:
@@ -417,6 +417,31 @@ class TrainConfig:
         check_reward_funcs(self.reward_funcs, self)  # names, modules, callables, duplicates
 
 
+def _yaml_loader():
+    """yaml.SafeLoader that rejects a key repeated in one mapping (yaml keeps the last value, dropping the first
+    without a word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                    continue
+                k = self.construct_object(key_node, deep=deep)
+                try:
+                    dup = k in seen
+                    seen.add(k)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if dup:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {k!r}",
+                                                            key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_file(path: str, key: str, parse, what: str, parse_errors, error=ConfigError):
     """parse(the UTF-8 text file at path); an unreadable file, non-UTF-8 bytes or a parse error (parse_errors)
     is `error` naming the key and the file."""
@@ -432,9 +457,12 @@ def read_file(path: str, key: str, parse, what: str, parse_errors, error=ConfigE
 def read_deepspeed_config(path: str) -> dict:
     """The `deepspeed` key's JSON file as a dict; a missing or malformed file is a ConfigError naming the key."""
     c = read_file(path, "deepspeed", json.load, "JSON", (json.JSONDecodeError,))
-    if not isinstance(c, dict) or not isinstance(c.get("zero_optimization", {}), dict):
+    if not isinstance(c, dict) or not all(isinstance(c.get(k, {}), dict) for k in ("zero_optimization", "bf16")):
         raise ConfigError(f"deepspeed: {path!r} must hold a JSON object of DeepSpeed settings "
-                          "(zero_optimization, if given, an object)")
+                          "(zero_optimization and bf16, if given, objects)")
+    stage = c.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: {path!r} sets zero_optimization.stage={stage!r}; it must be 0, 1, 2 or 3")
     return c
 
 
@@ -464,8 +492,7 @@ def check_deepspeed_values(cfg, c: dict):
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != want):
             raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets {ds_key}={v!r} but the config has {key}={want!r}; "
                               f"set one of them so they match, or {ds_key} to \"auto\" (filled from {key})")
-    bf16 = c.get("bf16", {})
-    v = bf16.get("enabled", "auto") if isinstance(bf16, dict) else bf16
+    v = c.get("bf16", {}).get("enabled", "auto")  # bf16 is an object (read_deepspeed_config)
     if v != "auto" and (not isinstance(v, bool) or (v and not cfg.bf16)):
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets bf16.enabled={v!r} but the config has bf16={cfg.bf16!r}; "
                           "set bf16=true, or bf16.enabled to \"auto\" (filled from bf16) or false (with bf16=true: "
@@ -540,16 +567,22 @@ def check_type(x: dataclasses.Field, v):
 
 
 def _coerce(x: dataclasses.Field, raw: str):
-    """Parse a command-line value with YAML rules (so 1e-5, true, [a, b] work), then type-check."""
+    """Parse a command-line value with YAML rules (so 1e-5, true, [a, b] work), then type-check. A string
+    key's value is its text as typed (stripped): YAML only removes quotes around it, and null / ~ / nothing
+    is None."""
     import yaml
 
+    t = typing.get_type_hints(TrainConfig)[x.name]
+    text = raw.strip()
+    if (t is str or t == Optional[str]) and not (len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""):
+        # not YAML's reading: `a #b` would be `a`, `2024-01-01` a date, `@x` an error
+        return None if text in ("", "~", "null", "Null", "NULL") else text
     try:
         v = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{x.name}: cannot parse {raw!r}: {e}") from e
-    t = typing.get_type_hints(TrainConfig)[x.name]
     if v is not None and not isinstance(v, str) and (t is str or t == Optional[str]):
-        v = raw  # a string field keeps the text as typed (names that YAML reads as numbers, dates, lists)
+        v = raw  # a quoted string that YAML does not read as a string
     if isinstance(v, int) and not isinstance(v, bool) and (t is float or t == Optional[float]):
         v = float(v)
     if isinstance(v, str) and (t is list or t == Optional[list]):
@@ -571,7 +604,8 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
     names = {x.name: x for x in fields()}
     values = dict(defaults)
     if path:
-        data = read_file(path, "--config", lambda fh: yaml.safe_load(fh) or {}, "YAML", (yaml.YAMLError,))
+        data = read_file(path, "--config", lambda fh: yaml.load(fh, Loader=_yaml_loader()) or {}, "YAML",
+                         (yaml.YAMLError,))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for k, v in data.items():
@@ -608,6 +642,9 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
     sr = values.get("scale_rewards")  # TRL also accepts True / False
     if isinstance(sr, bool) or str(sr).lower() in ("true", "false"):
         values["scale_rewards"] = "group" if str(sr).lower() == "true" else "none"
+    rc = values.get("resume_from_checkpoint")  # HF Trainer's True (the newest checkpoint) / False (no resume)
+    if isinstance(rc, bool) or (isinstance(rc, str) and rc.lower() in ("true", "false") and not os.path.isdir(rc)):
+        values["resume_from_checkpoint"] = "latest" if str(rc).lower() == "true" else None
     if isinstance(values.get("reward_weights"), list):  # [1, 0.5] from key=value or YAML
         values["reward_weights"] = [_num(w, "reward_weights") for w in values["reward_weights"]]
     for k, v in values.items():

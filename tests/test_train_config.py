@@ -425,3 +425,97 @@ def test_a_column_named_like_a_reward_argument_is_an_error(tmp_path, column):
     train = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1+1?", "answer": "2", column: "x"}])
     with pytest.raises(DatasetError, match=rf"column\(s\) \['{column}'\] have the name of an argument"):
         load_datasets(load_config(overrides=[f"dataset_name={train}"]))
+
+
+def test_a_key_repeated_in_a_yaml_file_is_an_error(tmp_path):
+    """YAML itself keeps the last of two equal keys: the first value was dropped without a word."""
+    p = tmp_path / "r.yaml"
+    p.write_text("learning_rate: 1e-5\nbeta: 0.04\nlearning_rate: 3e-4\n")
+    with pytest.raises(ConfigError, match=r"--config: .*r.yaml is not valid YAML: .*duplicate key 'learning_rate'"):
+        load_config(str(p))
+    p.write_text("grpo:\n  num_generations: 4\n  beta: 0.1\n  num_generations: 2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'num_generations'"):
+        load_config(str(p), section="grpo")
+    p.write_text("beta: 0.1\ngrpo:\n  beta: 0.2\nsft:\n  beta: 0.3\n")  # one key per mapping: no error
+    assert load_config(str(p), section="grpo").beta == 0.2
+    p.write_text("sft: &s\n  beta: 0.3\n  seed: 3\ngrpo:\n  <<: *s\n  beta: 0.2\n")  # a merge key's keys
+    assert (load_config(str(p), section="grpo").beta, load_config(str(p), section="grpo").seed) == (0.2, 3)
+
+
+@pytest.mark.parametrize("raw", ["runs #1", "@scratch/run", "*run", "%run", "[a", "!x"])
+def test_a_string_override_keeps_its_text(raw):
+    """key=value of a string key is the text as typed: YAML read `runs #1` as `runs` (a comment) and
+    rejected text it cannot parse (`@...`, `*...`) although any text is a valid name."""
+    assert load_config(overrides=[f"output_dir={raw}"]).output_dir == raw
+    assert load_config(overrides=[f"eval_dataset_name={raw}"]).eval_dataset_name == raw
+
+
+def test_a_string_override_still_unquotes_and_reads_null():
+    assert load_config(overrides=["output_dir='a #b'"]).output_dir == "a #b"
+    assert load_config(overrides=['output_dir="x"']).output_dir == "x"
+    assert load_config(overrides=["eval_dataset_name=null"]).eval_dataset_name is None
+    assert load_config(overrides=["eval_dataset_name=~"]).eval_dataset_name is None
+    assert load_config(overrides=["eval_dataset_name="]).eval_dataset_name is None
+    with pytest.raises(ConfigError, match="output_dir: None is not allowed"):
+        load_config(overrides=["output_dir=null"])
+
+
+@pytest.mark.parametrize("body, msg, offload", [
+    ({"bf16": True}, "bf16", False), ({"bf16": "auto"}, "bf16", False),
+    ({"zero_optimization": {"stage": "2"}}, "zero_optimization.stage", True),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage", False),
+])
+def test_deepspeed_file_bf16_and_stage_are_checked_at_load(tmp_path, body, msg, offload):
+    """A non-object bf16 or a ZeRO stage that is not 0-3 loaded, then building the engine's config (after the
+    model loaded) raised AttributeError / TypeError, or DeepSpeed rejected the stage."""
+    from r1train.engine import ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(body))
+    ov = [f"deepspeed={path}", "bf16=true", f"offload_optimizer={offload}"]
+    with pytest.raises(ConfigError, match=f"^deepspeed: .*{msg}"):
+        cfg = load_config(overrides=ov)
+        ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+
+
+@pytest.mark.parametrize("argv", [["grpo", "--stage", "zero"], ["sft", "--stage", "all"],
+                                  ["pipeline", "--config", "r.yaml", "--stage", "zero"]])
+def test_stage_with_a_command_that_ignores_it_is_an_error(argv, capsys):
+    """--stage picks a demo stage; other commands (and pipeline with --config) ran without a word about it."""
+    from r1train.cli import parse
+
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2 and "--stage" in capsys.readouterr().err
+    assert parse(["pipeline", "--stage", "zero"]).stage == "zero"
+    assert parse(["demo", "--config", "r.yaml", "--stage", "default"]).stage == "default"
+
+
+def test_sample_does_not_overwrite_earlier_samples(tmp_path, capsys):
+    """`r1train sample` replaced output_dir/samples.jsonl (an earlier run's samples) without a word; now it
+    needs overwrite_output_dir=true, and says so before any model loads."""
+    import train_helpers as H
+
+    from r1train.cli import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "samples.jsonl").write_text('{"earlier": 1}\n')
+    ov = [*H.FAST, f"output_dir={out}", "max_steps=1", "num_generations=2", "max_completion_length=2"]
+    assert main(["sample", *ov]) == 2
+    assert "overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "samples.jsonl").read_text() == '{"earlier": 1}\n'
+    assert main(["sample", *ov, "overwrite_output_dir=true"]) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("given,want", [("true", "latest"), ("True", "latest"), ("false", None), ("False", None),
+                                        ("latest", "latest"), ("runs/x/checkpoint-4", "runs/x/checkpoint-4")])
+def test_resume_from_checkpoint_true_and_false_as_in_hf(tmp_path, given, want):
+    """HF Trainer's resume_from_checkpoint=True / False: the newest checkpoint / no resume, from key=value and
+    from YAML booleans (a directory named `true` is still that directory)."""
+    assert load_config(None, [f"resume_from_checkpoint={given}"]).resume_from_checkpoint == want
+    if given in ("true", "false"):
+        f = tmp_path / "c.yaml"
+        f.write_text(f"resume_from_checkpoint: {given}\n")
+        assert load_config(str(f)).resume_from_checkpoint == want
