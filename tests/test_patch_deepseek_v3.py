@@ -3,6 +3,7 @@ model, same state_dict, routing counts for the bias update."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -217,3 +218,19 @@ def test_patch_twice_and_after_a_router_only_patch():
         assert set(patched.state_dict()) == set(model.state_dict())
         model.zero_grad()
         _compare(model, patched, "cpu", torch.float32, torch.float32)
+
+
+def test_patched_model_pickles_patched():
+    """torch.save(model) / copy.deepcopy of a patched DeepseekV3 model: the routers (a class made per router
+    class) reload as R1KRouter, and the logits are the same."""
+    model = _tiny()
+    rk.patch(model)
+    ids = torch.randint(0, 64, (2, 9))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for copied in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert isinstance(copied.model.layers[1].mlp.gate, dsv3.R1KRouter)
+        assert type(copied.model.layers[1].mlp.gate) is type(model.model.layers[1].mlp.gate)
+        with torch.no_grad():
+            assert torch.equal(copied(ids).logits, model(ids).logits)

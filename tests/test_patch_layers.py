@@ -6,6 +6,7 @@ model: test_generation.py (tiny-qwen2-patched, tiny-llama-patched). Triton inter
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -118,3 +119,31 @@ def test_rk_patch_backends_of_other_ops(backend):
     assert out["layers"]["apply_rotary"] == model.config.num_hidden_layers
     assert model._r1k_lm_head["backend"] == backend
     assert {getattr(m, "_r1k_layers_backend", "auto") for m in model.modules()} == {"auto"}
+
+
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_patched_model_pickles_patched(family):
+    """torch.save(model) of an rk.patch'ed model reloads patched (the same fused modules and classes, the fused
+    lm_head path, the same outputs), and an unpatched model of the same class saved after it reloads too: the
+    made classes and the wrapped rotary name would otherwise fail to pickle or reload as HF's forward."""
+    model, plain = _model(family), _model(family)
+    rk.patch(model, backend="torch")
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        want, want_plain = model(ids, labels=ids, fused_lm_head=True), plain(ids).logits
+    for copied in (_save_load(model), copy.deepcopy(model)):
+        assert [type(m) for m in copied.modules()] == [type(m) for m in model.modules()]
+        assert copied.forward.model is copied and copied._r1k_lm_head["backend"] == "torch"
+        with torch.no_grad():
+            got = copied(ids, labels=ids, fused_lm_head=True)
+        assert torch.equal(got.log_probs, want.log_probs) and torch.equal(got.label_mask, want.label_mask)
+        assert patch_layers(copied) == patch_layers(model)  # patched before: the same counts, nothing new
+    with torch.no_grad():
+        assert torch.equal(_save_load(plain)(ids).logits, want_plain)

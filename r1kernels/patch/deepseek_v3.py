@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import moe as _moe
+from ._pickle import reduce_made
 
 ROUTER_CLASSES = ("DeepseekV3TopkRouter",)
 EXPERTS_CLASSES = ("DeepseekV3Experts",)
@@ -83,8 +84,14 @@ def _router_type(gate_cls: type) -> type:
     t = _ROUTER_TYPES.get(gate_cls)
     if t is None:
         # the same name: code that matches routers by class name (moe_replay) sees an R1KRouter
-        t = _ROUTER_TYPES[gate_cls] = type("R1KRouter", (R1KRouter, gate_cls), {"__module__": __name__})
+        t = _ROUTER_TYPES[gate_cls] = type("R1KRouter", (R1KRouter, gate_cls),
+                                           {"__module__": __name__, "__reduce_ex__": _reduce_router})
     return t
+
+
+def _reduce_router(self, protocol):
+    """A patched router pickles as the made class of its replaced router's class (patch/_pickle.py)."""
+    return reduce_made(self, protocol, _router_type, type(self).__bases__[1])
 
 
 def _grouped_linear(x, weight_EOI, counts, offs):

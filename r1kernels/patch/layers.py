@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from ._pickle import reduce_made
+
 FUSED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 _SUBCLASS: dict = {}
 _ROPE = threading.local()  # .backend: set while a patched attention's forward runs
@@ -54,8 +56,30 @@ def _fused_class(cls, forward):
         return cls
     if cls not in _SUBCLASS:
         _SUBCLASS[cls] = type(cls.__name__, (cls,), {"forward": forward, "_r1k_layers": True,
-                                                     "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+                                                     "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                     "__reduce_ex__": _reduce_fused})
     return _SUBCLASS[cls]
+
+
+def _reduce_fused(self, protocol):
+    """A patched module pickles as its base class's made patched again (patch/_pickle.py)."""
+    cls = type(self)
+    return reduce_made(self, protocol, _fused_class, cls.__bases__[0], cls.forward)
+
+
+def _rope(orig, q, k, cos, sin, *args, **kwargs):
+    """apply_rotary_pos_emb of a wrapped modeling module: the fused path inside a patched attention (or a
+    fused_rotary scope) for the shapes it covers, orig (HF's) otherwise."""
+    backend = getattr(_ROPE, "backend", None)
+    if backend is None or args or kwargs.get("unsqueeze_dim", 1) != 1 or q.dim() != 4 or cos.dim() != 3:
+        return orig(q, k, cos, sin, *args, **kwargs)
+    sink = getattr(_ROPE, "defer", None)
+    if sink is not None and sink.defer_rope and q.shape[2] == 1 and cos.shape[1] == 1:
+        sink.rope = (cos[:, 0], sin[:, 0])  # applied by the caller's attention (fused_rotary's defer)
+        return q, k
+    import r1kernels as rk
+
+    return rk.apply_rotary(q, k, cos, sin, backend=backend)
 
 
 def _wrap_rope(mod) -> bool:
@@ -65,22 +89,27 @@ def _wrap_rope(mod) -> bool:
         return False
     if getattr(orig, "_r1k_orig", None) is not None:
         return True
+    if isinstance(orig, torch.nn.Module):
+        # transformers with `kernels` installed: the name holds a kernels function-module, and unpickling an
+        # attention makes its private copy as type(mod.apply_rotary_pos_emb)(): so the wrapper is a module of a
+        # subclass of that class (made with no arguments, like it), not a function; such a private copy runs
+        # as the base's (orig dispatches to it)
+        base = type(orig)
 
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        backend = getattr(_ROPE, "backend", None)
-        if backend is None or args or kwargs.get("unsqueeze_dim", 1) != 1 or q.dim() != 4 or cos.dim() != 3:
-            return orig(q, k, cos, sin, *args, **kwargs)
-        sink = getattr(_ROPE, "defer", None)
-        if sink is not None and sink.defer_rope and q.shape[2] == 1 and cos.shape[1] == 1:
-            sink.rope = (cos[:, 0], sin[:, 0])  # applied by the caller's attention (fused_rotary's defer)
-            return q, k
-        import r1kernels as rk
+        def forward(self, *args, **kwargs):
+            if self is mod.apply_rotary_pos_emb:
+                return _rope(orig, *args, **kwargs)
+            return base.forward(self, *args, **kwargs)
 
-        return rk.apply_rotary(q, k, cos, sin, backend=backend)
+        wrapper = type(base.__name__, (base,), {"forward": forward, "_r1k_orig": orig,
+                                                "__module__": base.__module__})()
+    else:
+        def wrapper(q, k, cos, sin, *args, **kwargs):
+            return _rope(orig, q, k, cos, sin, *args, **kwargs)
 
-    apply_rotary_pos_emb._r1k_orig = orig
-    apply_rotary_pos_emb.__doc__ = orig.__doc__
-    mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+        wrapper._r1k_orig = orig
+        wrapper.__doc__ = orig.__doc__
+    mod.apply_rotary_pos_emb = wrapper
     return True
 
 

@@ -15,7 +15,7 @@ with autocast off, on inputs cast to the autocast dtype when autocast is on (wha
 """
 from __future__ import annotations
 
-import functools
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -110,17 +110,37 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
                     backend=backend)
     if getattr(model, "_r1k_lm_head", None) is not None:
         model._r1k_lm_head.update(defaults)
-        return {"forward": model._r1k_lm_head["original"]}
-    original = model.forward
-    model._r1k_lm_head = dict(defaults, original=original)
+        return {"forward": model._r1k_lm_head["forward"].original_forward()}
+    model._r1k_lm_head = dict(defaults, forward=_ForwardWithFusedHead(model, model.forward))
+    model.forward = model._r1k_lm_head["forward"]
+    return {"forward": model._r1k_lm_head["forward"].original_forward()}
 
-    # The state is read from `self`, not captured: copy.deepcopy of the model (a reference copy) copies
-    # _r1k_lm_head and rebinds its "original" method to the copy, so the copy runs its own weights and defaults.
-    @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
-    def forward(self, *args, fused_lm_head=False, **kwargs):
-        state = self._r1k_lm_head
+
+class _ForwardWithFusedHead:
+    """model.forward after patch_lm_head: an object of a module-level class, not a method bound to the model,
+    so that torch.save(model) reloads it patched and copy.deepcopy(model) (a reference copy) gets one that runs
+    the copy (pickle and deepcopy keep the one model object; a bound method would reload as the class's
+    unpatched forward, which ignores fused_lm_head). The defaults are read from the model at each call. Its
+    signature is the replaced forward's: generate() reads its kwargs and logits_to_keep support from it."""
+
+    def __init__(self, model, original):
+        self.model = model
+        # None: the class's own forward, bound at each call (nothing of it to pickle)
+        self.original = None if getattr(original, "__func__", None) is type(model).forward else original
+
+    def original_forward(self):
+        return self.original if self.original is not None else types.MethodType(type(self.model).forward,
+                                                                                 self.model)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original_forward())
+
+    def __call__(self, *args, fused_lm_head=False, **kwargs):
+        model = self.model
+        state = model._r1k_lm_head
         if fused_lm_head is False or fused_lm_head is None:
-            return state["original"](*args, **kwargs)
+            return self.original_forward()(*args, **kwargs)
         if fused_lm_head is not True and not callable(fused_lm_head):
             raise ValueError(f"fused_lm_head must be True, False or a callable, got {fused_lm_head!r}")
         temperature = kwargs.pop("temperature", None)
@@ -131,13 +151,13 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         keep = kwargs.pop("logits_to_keep", None)
         kwargs["use_cache"] = False
-        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
+        hidden = getattr(model, model.base_model_prefix)(*args, **kwargs).last_hidden_state
         if callable(fused_lm_head):
             n = hidden.shape[1] - 1 if not keep else int(keep)
             if not 1 <= n < hidden.shape[1]:  # a wider slice would wrap around to the sequence's end (silently)
                 raise ValueError(f"logits_to_keep must be in [1, {hidden.shape[1] - 1}] (the sequence has "
                                  f"{hidden.shape[1]} tokens; position t scores token t + 1), got {keep!r}")
-            h, weight, bias = _head_params(self, hidden[:, hidden.shape[1] - n - 1:-1], state["fp32"])
+            h, weight, bias = _head_params(model, hidden[:, hidden.shape[1] - n - 1:-1], state["fp32"])
             with torch.autocast(h.device.type, enabled=False):
                 return fused_lm_head(h, weight, bias)
         if shift_labels is None:
@@ -146,8 +166,6 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        return _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy,
+        return _fused_logprobs(model, hidden, labels, num_items_in_batch, temperature, return_entropy,
                                state["fp32"], state["backend"])
 
-    model.forward = types.MethodType(forward, model)
-    return {"forward": original}
