@@ -566,7 +566,7 @@ def check_type(x: dataclasses.Field, v):
         raise ConfigError(f"{x.name}: {v!r} is not one of {choices}")
 
 
-def _coerce(x: dataclasses.Field, raw: str):
+def parse_override(x: dataclasses.Field, raw: str):
     """Parse a command-line value with YAML rules (so 1e-5, true, [a, b] work), then type-check. A string
     key's value is its text as typed (stripped): YAML only removes quotes around it, and null / ~ / nothing
     is None."""
@@ -629,7 +629,7 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
             raise ConfigError(f"override {item!r}: expected key=value")
         if k.strip() not in names:
             raise ConfigError(_unknown(k.strip()))
-        values[k.strip()] = _coerce(names[k.strip()], raw)
+        values[k.strip()] = parse_override(names[k.strip()], raw)
     for k in values:
         if k not in names:
             raise ConfigError(_unknown(k))

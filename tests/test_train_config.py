@@ -519,3 +519,19 @@ def test_resume_from_checkpoint_true_and_false_as_in_hf(tmp_path, given, want):
         f = tmp_path / "c.yaml"
         f.write_text(f"resume_from_checkpoint: {given}\n")
         assert load_config(str(f)).resume_from_checkpoint == want
+
+
+@pytest.mark.parametrize("given,root", [('output_dir="runs #1"', "runs #1"), ("output_dir = runs/a", "runs/a"),
+                                        ("output_dir=runs/b", "runs/b")])
+def test_demo_output_dir_is_read_as_the_config_reads_it(given, root):
+    """The demo writes its tables under the directory its training runs use: the output_dir override read as
+    load_config reads it (a quoted value, spaces around =)."""
+    import os
+
+    from r1train.demo import out_dir
+    from r1train.demo.common import configs
+
+    assert out_dir("default", ["seed=3", given]) == root
+    assert out_dir("zero", [given]) == os.path.join(root, "zero")
+    cfg = configs("demo.yaml", [given], out_dir("default", [given]), {})[0]
+    assert cfg.output_dir == root

@@ -15,7 +15,15 @@ ROOT = os.path.join("outputs", "demo")
 
 
 def out_dir(stage: str, overrides) -> str:
-    root = next((o.partition("=")[2] for o in reversed(list(overrides)) if o.startswith("output_dir=")), ROOT)
+    """The stage's directory under the root that the last `output_dir=` override names, read as load_config reads
+    it (quotes removed, `output_dir = x` too)."""
+    from ..config import fields, parse_override
+
+    root = ROOT
+    for o in overrides:
+        k, _, raw = o.partition("=")
+        if k.strip() == "output_dir":
+            root = parse_override(next(x for x in fields() if x.name == "output_dir"), raw) or ROOT
     return root if stage == "default" else os.path.join(root, stage)
 
 

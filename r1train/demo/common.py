@@ -33,7 +33,7 @@ def configs(yaml_name: str, overrides, out_dir: str, sections: dict) -> list[Tra
     before any work; output_dir is the stage's directory (key=value overrides of output_dir name the root).
     yaml_name: a file name in r1train/configs/, or a path (demo.run makes the user's --config absolute)."""
     path = yaml_name if os.sep in yaml_name else os.path.join(CONFIG_DIR, yaml_name)
-    ov = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out_dir}"]
+    ov = [o for o in overrides if o.partition("=")[0].strip() != "output_dir"] + [f"output_dir={out_dir}"]
     out = [load_config(path, ov)]
     for section, sub in sections.items():
         c = load_config(path, ov, section=section)
