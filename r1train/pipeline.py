@@ -18,7 +18,7 @@ from .data import DatasetError
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer, merge_adapters
-from .rewards import accuracy_reward, format_reward, language_consistency_reward
+from .rewards import accuracy_reward, format_reward, has_gold, language_consistency_reward
 from .rollout import sample_rows
 from .sft import SFTTrainer
 
@@ -40,11 +40,14 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
 
 
 def _resumed(c: TrainConfig) -> TrainConfig:
-    """resume_from_checkpoint=latest in the recipe: a stage with no complete checkpoint yet (not reached, or
-    killed before its first save) runs from its start, its partial outputs replaced; the others resume."""
+    """resume_from_checkpoint=latest in the recipe (or true, which resolve_checkpoint reads as latest unless a
+    directory has that name): a stage with no complete checkpoint yet (not reached, or killed before its first
+    save) runs from its start, its partial outputs replaced; the others resume."""
     from .checkpoint import checkpoint_problem, list_checkpoints
 
-    if c.resume_from_checkpoint == "latest" and all(checkpoint_problem(p) for p in list_checkpoints(c.output_dir)):
+    spec = c.resume_from_checkpoint
+    latest = spec == "latest" or (isinstance(spec, str) and spec.lower() == "true" and not os.path.isdir(spec))
+    if latest and all(checkpoint_problem(p) for p in list_checkpoints(c.output_dir)):
         return dataclasses.replace(c, resume_from_checkpoint=None, overwrite_output_dir=True)
     return c
 
@@ -105,13 +108,14 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
     language: also require a readable chain of thought (language reward 1, or no words at all); the recipe and
     distill pass cfg.language (R1 keeps no chain of thought that mixes languages). stats, when given, gets the
     counts: samples, correct, kept, prompts_kept (prompts with at least one kept sample)."""
-    missing = sum(r.get(cfg.answer_column) is None for r in rows)
+    missing = sum(not has_gold(r.get(cfg.answer_column)) for r in rows)  # None, NaN, blank: never matched
     if rows and missing == len(rows):
-        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row has this column, and rejection sampling "
-                           "keeps only samples whose <answer> matches it")
+        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row has this column (or a non-blank value in "
+                           "it), and rejection sampling keeps only samples whose <answer> matches it")
     if missing:
-        logging.getLogger("r1train").warning("rejection sampling: %d of %d rows have no %r column; none of their "
-                                             "samples can be kept", missing, len(rows), cfg.answer_column)
+        logging.getLogger("r1train").warning("rejection sampling: %d of %d rows have no %r value (missing or "
+                                             "blank); none of their samples can be kept", missing, len(rows),
+                                             cfg.answer_column)
     setup_distributed()
     import torch.distributed as dist
 
@@ -217,5 +221,12 @@ def _write(d, name, obj):
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, name), "w") as fh:
-        json.dump(obj, fh, indent=1)
+    path = os.path.join(d, name)
+    tmp = f"{path}.tmp-{os.getpid()}"  # written whole, then renamed: a failed write leaves the previous file
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -136,7 +136,7 @@ def _math_verify(pred: str, gold: str) -> bool | None:
         return None
 
 
-def _has_gold(gold) -> bool:
+def has_gold(gold) -> bool:
     """A row's gold answer is missing when it is None, NaN (pandas' missing value) or blank text (an empty
     <answer> must never match it)."""
     if gold is None or (isinstance(gold, float) and math.isnan(gold)):
@@ -157,7 +157,7 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_)
     _one_per_completion("answer", golds, completions)
     out = []
     for c, gold in zip(completions, golds):
-        if not _has_gold(gold):
+        if not has_gold(gold):
             out.append(None)
             continue
         pred = extract_answer(completion_text(c))

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from r1train import pipeline
 from r1train.demo import common as C
@@ -74,23 +75,42 @@ def test_rejection_sample_filter_and_counts(monkeypatch):
 
 
 def test_evaluate_matches_the_trainer(tmp_path):
-    """The demo's greedy held-out accuracy equals the trainer's own evaluation of the same model and rows."""
+    """The demo's greedy held-out accuracy equals the trainer's own evaluation of the same model and rows, and
+    an independent count: HF generate's greedy completions, one prompt at a time, whose last <answer> equals the
+    gold answer. The model is SFT'd on the held-out problems' solutions (it answers them), and every other gold
+    answer is changed, so the expected accuracy is neither 0 nor 1 (before, an untrained model answered none
+    and the test compared 0 with 0)."""
+    import re
+
+    from r1train.data import prompt_ids
     from r1train.grpo import GRPOTrainer
     from r1train.loading import load_model_and_tokenizer
     from r1train.tasks import arith
 
-    base, c_rl = C.configs("demo.yaml", TOY + ["task_eval_size=12"], str(tmp_path), {"grpo": "grpo"})
+    toy = TOY + ["task_eval_size=12", "max_completion_length=64"]  # room for a whole solution
+    base, c_rl = C.configs("demo.yaml", toy, str(tmp_path), {"grpo": "grpo"})
     train, ev = C.problems(base)
     model, tok = load_model_and_tokenizer(base)
-    rows = arith.rl_rows(ev)
-    # a model that answers some of them: SFT on the held-out problems' correct solutions
-    solved = arith.cold_start_rows(ev, 0)
-    C.sft(C.configs("demo.yaml", TOY + ["max_steps=30", "learning_rate=0.01"], str(tmp_path / "s"),
-                    {"sft": "sft"})[1], model, tok, solved)
+    # a model that answers them: SFT on the held-out problems' correct solutions
+    C.sft(C.configs("demo.yaml", toy + ["max_steps=200", "learning_rate=0.01"], str(tmp_path / "s"),
+                    {"sft": "sft"})[1], model, tok, arith.cold_start_rows(ev, 0))
+    rows = [dict(r, answer=str(int(r["answer"]) + 1000)) if i % 2 else r for i, r in enumerate(arith.rl_rows(ev))]
+    model.eval()
+    right = 0
+    for r in rows:
+        ids = torch.tensor([prompt_ids(tok, r["prompt"])])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=c_rl.max_completion_length, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        out = out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+        found = re.findall(r"<answer>(.*?)</answer>", tok.decode(out), re.S)
+        right += bool(found) and found[-1].strip() == r["answer"]
+    want = right / len(rows)
+    assert 0 < want < 1, want
     mine = C.evaluate(model, tok, rows, c_rl, samples=2)
-    t = GRPOTrainer(c_rl, model, tok, arith.rl_rows(train), rows)
-    theirs = t.evaluate()
-    assert mine["greedy/accuracy"] == pytest.approx(theirs["eval/accuracy_greedy"])
+    theirs = GRPOTrainer(c_rl, model, tok, arith.rl_rows(train), rows).evaluate()
+    assert mine["greedy/accuracy"] == pytest.approx(want)
+    assert theirs["eval/accuracy_greedy"] == pytest.approx(want)
     assert 0 <= mine["sampled/accuracy"] <= 1 and mine["greedy/length"] >= 1
     assert mine["eval_temperature"] == c_rl.eval_temperature
 
@@ -105,7 +125,7 @@ def test_evaluate_skips_rows_without_gold(tmp_path, monkeypatch):
     from r1train.tasks import arith
 
     monkeypatch.setattr(rewards, "accuracy_reward", lambda prompts, texts, answer: [
-        float(int(a) % 2 == 0) if rewards._has_gold(a) else None for a in answer])
+        float(int(a) % 2 == 0) if rewards.has_gold(a) else None for a in answer])
     base, c_rl = C.configs("demo.yaml", TOY + ["task_eval_size=10"], str(tmp_path), {"grpo": "grpo"})
     train, ev = C.problems(base)
     model, tok = load_model_and_tokenizer(base)

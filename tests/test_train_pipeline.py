@@ -195,3 +195,70 @@ def test_recipe_resumes_latest_after_a_kill_in_a_middle_stage(tmp_path, monkeypa
     final = "4-all-scenarios-rl/checkpoint-1/model.safetensors"
     wa, wb = (load_file(d / final) for d in (tmp_path / "ref", run))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_recipe_resume_true_starts_a_stage_with_no_checkpoint_fresh(tmp_path, monkeypatch):
+    """resume_from_checkpoint=true (HF Trainer's True, any case) means `latest` (checkpoint.resolve_checkpoint),
+    so a recipe stage with no checkpoint yet runs from its start, as with `latest`. Before, only the exact string
+    "latest" had this fallback: with true the first stage not reached was a CheckpointError (no
+    checkpoint-<step>), so a killed recipe could not be resumed with true. A directory named `true` stays a path.
+    (load_config now also turns true into latest; a TrainConfig made or replaced in code keeps the string.)"""
+    import dataclasses
+
+    from r1train.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    base = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'stage'}"])
+    for spec in ("latest", "true", "True", "TRUE"):
+        r = pipeline._resumed(dataclasses.replace(base, resume_from_checkpoint=spec))
+        assert (r.resume_from_checkpoint, r.overwrite_output_dir) == (None, True), spec
+    (tmp_path / "true").mkdir()  # resolve_checkpoint reads this as the checkpoint directory `true`
+    c = dataclasses.replace(base, resume_from_checkpoint="true")
+    assert pipeline._resumed(c) is c
+
+
+def test_rejection_sampling_counts_blank_answers_as_missing(tmp_path, monkeypatch, caplog):
+    """A blank or NaN gold answer is no gold answer (accuracy_reward gives None, so no sample of its row can be
+    kept), as a missing one is. Before, only None counted as missing: rows whose answers were all "" (an empty
+    CSV column) or NaN passed without the DatasetError naming answer_column, and distill then blamed the teacher
+    ("produced no correct, well-formed samples"); some blank rows went without the warning."""
+    import logging
+
+    from r1train.config import load_config
+    from r1train.data import DatasetError
+
+    def sampler(model, tok, rows, *, num_samples, **kw):
+        texts = [f"<think>sum</think><answer>{r.get('answer')}</answer>" for r in rows for _ in range(num_samples)]
+        yield 0, rows, None, texts
+
+    monkeypatch.setattr(pipeline, "sample_rows", sampler)
+    monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
+    model = torch.nn.Linear(1, 1)
+    blank = [{"prompt": f"q{i}", "answer": a} for i, a in enumerate(("", " ", float("nan"), None))]
+    with pytest.raises(DatasetError, match="answer_column='answer': no row has"):
+        pipeline.rejection_sample(cfg, model, None, blank, num_samples=2, keep=1)
+    rows = blank + [{"prompt": "q9", "answer": "7"}]
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        kept = pipeline.rejection_sample(cfg, model, None, rows, num_samples=2, keep=1)
+    assert [r["prompt"] for r in kept] == ["q9"]
+    assert "4 of 5 rows have no 'answer'" in caplog.text
+
+
+def test_results_json_is_written_atomically(tmp_path, monkeypatch):
+    """pipeline_results.json / distill_results.json: a write that fails midway (a full disk, a kill) leaves the
+    previous complete file, not a truncated one. Before, the file was opened with "w" (emptied) and written in
+    place."""
+    pipeline._write(str(tmp_path), "pipeline_results.json", {"final_rl": {"eval/accuracy": 0.5}})
+    real = json.dump
+
+    def fails_midway(obj, fh, **kw):
+        fh.write(json.dumps(obj, **kw)[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", fails_midway)
+    with pytest.raises(OSError):
+        pipeline._write(str(tmp_path), "pipeline_results.json", {"final_rl": {"eval/accuracy": 0.75}})
+    monkeypatch.setattr(json, "dump", real)
+    assert json.loads((tmp_path / "pipeline_results.json").read_text()) == {"final_rl": {"eval/accuracy": 0.5}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline_results.json"]  # no temporary file left
