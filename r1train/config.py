@@ -296,6 +296,12 @@ class TrainConfig:
             check_deepspeed_values(self, dsc)
             check_offload(self, dsc.get("zero_optimization", {}).get("stage", 0))
         self._check_tokenizer_path()
+        from .tasks.arith import ArithSpec  # the built-in task's settings: checked here, not when data loads
+
+        try:
+            ArithSpec(self.task_min_terms, self.task_max_terms, self.task_max_operand, self.task_ops)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.use_peft:
             if self.lora_r < 1 or self.lora_alpha < 1:
                 raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")

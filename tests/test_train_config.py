@@ -535,3 +535,12 @@ def test_demo_output_dir_is_read_as_the_config_reads_it(given, root):
     assert out_dir("zero", [given]) == os.path.join(root, "zero")
     cfg = configs("demo.yaml", [given], out_dir("default", [given]), {})[0]
     assert cfg.output_dir == root
+
+
+@pytest.mark.parametrize("override,key", [("task_min_terms=1", "task_min_terms"),
+                                          ("task_max_terms=2", "task_max_terms"),
+                                          ("task_max_operand=0", "task_max_operand"), ("task_ops=*", "task_ops")])
+def test_task_settings_checked_at_load_naming_the_key(override, key):
+    """The built-in task's settings: a bad one is a ConfigError when the config loads, naming its key."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])

@@ -28,12 +28,14 @@ class ArithSpec:
     ops: str = "+-"  # allowed operators; "-" is only used when the running total stays >= 0
 
     def __post_init__(self):
+        # the messages name the config keys (task_<field>) that set these
         if not 2 <= self.min_terms <= self.max_terms:
-            raise ValueError(f"task terms: need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
+            raise ValueError(f"task_min_terms / task_max_terms: need 2 <= task_min_terms <= task_max_terms, got "
+                             f"{self.min_terms}, {self.max_terms}")
         if self.max_operand < 1:
-            raise ValueError(f"task max_operand must be >= 1, got {self.max_operand}")
+            raise ValueError(f"task_max_operand must be >= 1, got {self.max_operand}")
         if not self.ops or set(self.ops) - set("+-"):
-            raise ValueError(f"task ops must be a non-empty subset of '+-', got {self.ops!r}")
+            raise ValueError(f"task_ops must be a non-empty subset of '+-', got {self.ops!r}")
 
 
 def make_problem(rng: random.Random, spec: ArithSpec) -> tuple[list[int], list[str]]:
