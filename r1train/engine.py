@@ -21,11 +21,18 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
-from .config import TrainConfig, check_deepspeed_values, check_offload, check_token_budget, read_deepspeed_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_deepspeed_values,
+    check_offload,
+    check_token_budget,
+    read_deepspeed_config,
+)
 from .loading import apply_lora, enable_activation_checkpointing, maybe_patch
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
-from .optim import make_optimizer
+from .optim import make_optimizer, param_groups
 from .rollout import Policy, sample_rows
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -76,13 +83,36 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     for k, v in fill.items():
         if c.get(k, "auto") == "auto":
             c[k] = v
+    fp16 = c.get("fp16", {})  # transformers fills "auto" from its fp16 key; r1train has none (bf16 or fp32)
+    if not isinstance(fp16, dict) or fp16.get("enabled", False) not in (False, "auto"):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets fp16={fp16!r}; r1train does not support fp16 (loss "
+                          "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
+                          "16-bit training")
+    if "fp16" in c:
+        c["fp16"] = {**fp16, "enabled": False}
     c.setdefault("bf16", {})
     if c["bf16"].get("enabled", "auto") == "auto":
         c["bf16"]["enabled"] = cfg.bf16
-    c.pop("train_batch_size", None)
+    # DeepSpeed's train_batch_size is micro-batch x gradient accumulation x processes: "auto" or that product
+    # (transformers' fill_match); another value was dropped silently (a file written for another world size)
+    tbs = c.pop("train_batch_size", "auto")
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    want = c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * world
+    if tbs != "auto" and (isinstance(tbs, bool) or not isinstance(tbs, (int, float)) or tbs != want):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets train_batch_size={tbs!r} but train_micro_batch_size_"
+                          f"per_gpu x gradient_accumulation_steps x processes = {c['train_micro_batch_size_per_gpu']} "
+                          f"x {c['gradient_accumulation_steps']} x {world} = {want} (per_device_train_batch_size, "
+                          "gradient_accumulation_steps); set train_batch_size to \"auto\" or drop it")
+    check_optimizer_sections(cfg, c)
+    c.pop("optimizer", None)  # checked: the engine gets r1train's (the reference engine would build this one)
     zo = c.setdefault("zero_optimization", {"stage": 0})
     check_offload(cfg, zo.get("stage", 0))
     pin = torch.cuda.is_available()
+    for k in ("offload_optimizer", "offload_param"):  # the key on and the file's section off: which one holds?
+        sec = zo.get(k)
+        if getattr(cfg, k) and isinstance(sec, dict) and str(sec.get("device", "cpu")).lower() == "none":
+            raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets zero_optimization.{k}.device='none' but the config "
+                              f"has {k}=true; set {k}=false, or the file's device to cpu")
     # the keys turn offload on; a `deepspeed` file's own offload sections (e.g. pin_memory=false, which saves
     # the pinned copies' transient host memory) are kept over these defaults
     if cfg.offload_optimizer or "offload_optimizer" in zo:
@@ -91,6 +121,37 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     if cfg.offload_param or "offload_param" in zo:
         zo["offload_param"] = {"device": "cpu", "pin_memory": pin, **zo.get("offload_param", {})}
     return c
+
+
+def check_optimizer_sections(cfg: TrainConfig, c: dict):
+    """r1train builds the optimizer (`optim`, learning_rate, adam_*, weight_decay) and the schedule
+    (lr_scheduler_type, warmup_ratio) itself, and DeepSpeed takes those over a file's `optimizer` / `scheduler`
+    sections: a section's value that would not hold was ignored silently. An optimizer section may stay with
+    AdamW and its params "auto" or equal to the config's (transformers' fill_match); a scheduler section is an
+    error (DeepSpeed's schedules are not lr_scheduler_type's)."""
+    if c.get("scheduler") is not None:
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} has a scheduler section, which r1train does not run (its "
+                          "schedule is lr_scheduler_type and warmup_ratio); remove it and set those keys")
+    o = c.get("optimizer")
+    if o is None:
+        return
+    if not isinstance(o, dict) or not isinstance(o.get("params", {}), dict):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r}: optimizer must be an object (with a params object)")
+    if str(o.get("type", "AdamW")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets optimizer.type={o.get('type')!r}; r1train's optimizer "
+                          "is AdamW of the `optim` key; remove the optimizer section")
+    want = {"lr": ("learning_rate", cfg.learning_rate), "betas": ("adam_beta1, adam_beta2",
+                                                                   [cfg.adam_beta1, cfg.adam_beta2]),
+            "eps": ("adam_epsilon", cfg.adam_epsilon), "weight_decay": ("weight_decay", cfg.weight_decay)}
+    for k, v in o.get("params", {}).items():
+        key, w = want.get(k, (None, None))
+        if v == "auto" or (key is not None and not isinstance(v, bool) and
+                           (list(v) if isinstance(v, (list, tuple)) else v) == w):
+            continue
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets optimizer.params.{k}={v!r}"
+                          + (f" but the config has {key}={w!r}; set one of them so they match, or {k} to \"auto\""
+                             if key else "; r1train's optimizer does not take it (set through the `optim` key and "
+                             "learning_rate, adam_beta1/2, adam_epsilon, weight_decay); remove it"))
 
 
 def reference_config(dsc: dict) -> dict:
@@ -185,7 +246,7 @@ class Trainer(CheckpointMixin):
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
-        opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])  # the `optim` key
+        opt = make_optimizer(cfg, param_groups(cfg, model))  # the `optim` key; no decay for biases and norms
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps * optimizer_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,
                                                     lr_scheduler=sched, config=dsc)
@@ -269,11 +330,14 @@ class Trainer(CheckpointMixin):
             for step in range(self.step0, self.max_steps):
                 t0 = time.perf_counter()
                 rows, _ = self.rows_for(step)
+                # the rate this step's (first) optimizer step uses, as transformers' Trainer logs it ("before
+                # update"): after the step, the scheduler has moved on to the next step's; a tensor for torchao's
+                lr = float(self.engine.get_lr()[0])
                 try:
                     m = self.train_step(step, rows)
                 except torch.OutOfMemoryError as e:
                     raise torch.OutOfMemoryError(oom_message(str(e), cfg)) from e
-                m["learning_rate"] = float(self.engine.get_lr()[0])  # a tensor for torchao's optimizers
+                m["learning_rate"] = lr
                 m["epoch"] = (step + 1) * self.prompts_per_rank * self.world / len(self.train_rows)
                 m["step_time"] = time.perf_counter() - t0
                 done = step + 1

@@ -21,9 +21,10 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
         model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
                            num_layers=cfg.model_num_layers)
         return maybe_patch(model, cfg), tok
-    mkey = "model_name_or_path" if path == cfg.model_name_or_path else "model directory"
+    mkey = ("model_name_or_path" if path == cfg.model_name_or_path else
+            "teacher_model" if path == getattr(cfg, "teacher_model", None) else "model directory")
     if not os.path.isdir(path):
-        raise ConfigError(f"model_name_or_path: {path!r} is neither one of {TINY_MODELS} nor a local model "
+        raise ConfigError(f"{mkey}: {path!r} is neither one of {TINY_MODELS} nor a local model "
                           "directory (nothing is downloaded)")
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
             os.path.join(path, "config.json")):

@@ -29,6 +29,27 @@ from .config import ConfigError
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_torch_8bit")
 
 
+# transformers' Trainer.get_decay_parameter_names: no weight decay for biases and norm weights (matched on the
+# lower-cased name) or parameters of nn.LayerNorm modules
+_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def param_groups(cfg, model) -> list:
+    """model's trainable parameters for make_optimizer: with weight_decay > 0 transformers' two groups (biases
+    and norm weights without decay); one group otherwise (the same update, and the layout of checkpoints)."""
+    import re
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not cfg.weight_decay:
+        return [p for _, p in named]
+    pats = [re.compile(x) for x in _NO_DECAY]
+    in_ln = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    skip = [id(p) in in_ln or any(r.search(n.lower()) for r in pats) for n, p in named]
+    groups = [{"params": [p for (_, p), s in zip(named, skip) if not s]},
+              {"params": [p for (_, p), s in zip(named, skip) if s], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(cfg, params):
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
               weight_decay=cfg.weight_decay)

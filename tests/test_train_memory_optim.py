@@ -263,3 +263,31 @@ def test_zero0_single_process_skips_the_gradient_all_reduce(tmp_path, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(runs[False], runs[True], strict=True))
     z2 = _sft(tmp_path / "z2", "max_steps=1")  # ZeRO-2 keeps its reduce path (it fills the partitions)
     assert z2.engine.enable_backward_allreduce is True
+
+
+def test_weight_decay_skips_biases_and_norms_as_transformers(tmp_path):
+    """weight_decay (a TrainingArguments key) decayed every parameter, the RMSNorm weights and attention biases
+    too; transformers' Trainer (TRL's) puts those in a group without decay (get_decay_parameter_names). Under
+    ZeRO-2 the two groups train."""
+    import math
+
+    from transformers import Trainer
+
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'z0'}", "weight_decay=0.1", "max_steps=1"])
+    model, tok = load_model_and_tokenizer(cfg)
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert 0 < len(decay) < len(names)  # tiny-qwen2 has q/k/v biases and RMSNorm weights
+    train, ev = load_datasets(cfg, sft=True)
+    t = SFTTrainer(cfg, model, tok, train, ev)
+    got = {names[id(p)]: g["weight_decay"] for g in t.engine.basic_optimizer.param_groups for p in g["params"]}
+    assert got == {n: 0.1 if n in decay else 0.0 for n in names.values()}
+    # weight_decay 0: one group, as before (the same update and checkpoint layout)
+    t2 = _sft(tmp_path / "z2", "weight_decay=0.0", "max_steps=1")
+    assert len(t2.engine.basic_optimizer.param_groups) == 1
+    t3 = _sft(tmp_path / "z2wd", "weight_decay=0.1", "max_steps=2")
+    assert len(t3.engine.basic_optimizer.param_groups) == 2
+    assert all(math.isfinite(h["loss"]) for h in t3.train())

@@ -218,3 +218,21 @@ def test_two_processes_score_their_own_completions(tmp_path, rm_dir):
              for r in rows]
     got = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
     assert_close(got, reference(rm_dir, texts), torch.float32, name="logged rewards")
+
+
+def test_model_path_errors_name_their_key(tmp_path):
+    """load_model_and_tokenizer(cfg, path) for distill's teacher_model: a directory that does not exist (or holds
+    no loadable model) was reported as model_name_or_path (or "model directory"), a key the user had right."""
+    from r1train.config import load_config
+    from r1train.loading import load_model_and_tokenizer
+
+    cfg = load_config(overrides=[f"teacher_model={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match=r"^teacher_model: .*nope"):
+        load_model_and_tokenizer(cfg, cfg.teacher_model)
+    (tmp_path / "empty").mkdir()
+    cfg = load_config(overrides=[f"teacher_model={tmp_path / 'empty'}"])
+    with pytest.raises(ConfigError, match=r"^teacher_model: .*empty"):
+        load_model_and_tokenizer(cfg, cfg.teacher_model)
+    cfg = load_config(overrides=[f"model_name_or_path={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: .*nope"):
+        load_model_and_tokenizer(cfg)

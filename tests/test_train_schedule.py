@@ -46,3 +46,28 @@ def test_constant_with_warmup_ratio_is_an_error():
     with pytest.raises(ConfigError, match="warmup_ratio.*constant_with_warmup"):
         load_config(overrides=["lr_scheduler_type=constant", "warmup_ratio=0.1"])
     assert load_config(overrides=["lr_scheduler_type=constant_with_warmup", "warmup_ratio=0.1"]).warmup_ratio == 0.1
+
+
+@pytest.mark.parametrize("name", ["constant_with_warmup", "linear"])
+def test_logged_learning_rate_is_the_one_the_step_used(tmp_path, name):
+    """metrics' learning_rate was read after the step's scheduler step: the next step's rate (at step 1 of a
+    warmup 1/warm x lr where the optimizer stepped at 0; at the last step of linear 0). transformers' Trainer
+    logs the rate the optimizer step used ("get learning rate before update"): compared against the lr each
+    optimizer step saw."""
+    import train_helpers as H
+
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    lr, total = 0.01, 4
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", f"lr_scheduler_type={name}", "warmup_ratio=0.5",
+                                          f"max_steps={total}", f"learning_rate={lr}"])
+    model, tok = load_model_and_tokenizer(cfg)
+    train, ev = load_datasets(cfg, sft=True)
+    t = SFTTrainer(cfg, model, tok, train, ev)
+    seen = []
+    t.engine.basic_optimizer.register_step_pre_hook(lambda opt, *_: seen.append(float(opt.param_groups[0]["lr"])))
+    hist = t.train()
+    want = [lr * x for x in transformers_lrs(name, 0.5, total)]
+    assert seen == pytest.approx(want, abs=1e-12)
+    assert [h["learning_rate"] for h in hist] == pytest.approx(want, abs=1e-12)
