@@ -197,8 +197,13 @@ def check_reward_columns(cfg: TrainConfig, rows):
 
 
 def check_answer_column(cfg: TrainConfig, rows, source: str, reader: str):
-    """Some row of `source` has answer_column, which `reader` reads: else an error naming the key."""
-    if not any(cfg.answer_column in r for r in rows):
+    """Some row of `source` has a gold answer in answer_column (not None, NaN or blank: rewards.has_gold), which
+    `reader` reads: else an error naming the key."""
+    from .rewards import has_gold
+
+    if not any(has_gold(r.get(cfg.answer_column)) for r in rows):
         cols = sorted(dict.fromkeys(k for r in rows[:100] for k in r))
-        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of {source} has this column, "
-                           f"which {reader} (columns: {cols})")
+        there = any(cfg.answer_column in r for r in rows)
+        raise DatasetError(f"answer_column={cfg.answer_column!r}: no row of {source} has "
+                           f"{'a value (not None, NaN or blank) in ' if there else ''}this column, which {reader} "
+                           f"(columns: {cols})")

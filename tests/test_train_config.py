@@ -544,3 +544,16 @@ def test_task_settings_checked_at_load_naming_the_key(override, key):
     """The built-in task's settings: a bad one is a ConfigError when the config loads, naming its key."""
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("blank", [None, "", "  ", float("nan")])
+def test_an_answer_column_with_no_value_is_an_error(tmp_path, blank):
+    """A column present on every row but holding no gold answer (None, blank, NaN: what the accuracy reward
+    treats as missing) gives GRPO no accuracy signal: an error naming answer_column, as a missing column is."""
+    from r1train.loading import load_datasets
+
+    train = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"{i}+1?", "answer": blank} for i in range(3)])
+    with pytest.raises(DatasetError, match=r"answer_column='answer': no row of .* has a value"):
+        load_datasets(load_config(overrides=[f"dataset_name={train}"]))
+    ok = _write_jsonl(tmp_path / "u.jsonl", [{"prompt": "1+1?", "answer": blank}, {"prompt": "2+1?", "answer": "3"}])
+    assert len(load_datasets(load_config(overrides=[f"dataset_name={ok}"]))[0]) == 2
