@@ -85,6 +85,9 @@ def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=l
     texts); completion j of row i sits at i * num_samples + j and is seeded by (seed_key, index(i), j)."""
     from .data import decode_completions, encode_prompts
 
+    for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     dev = next(model.parameters()).device
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]

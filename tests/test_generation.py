@@ -661,3 +661,77 @@ def test_gpu_shared_prompt_reads_in_captured_steps(name, monkeypatch):
         (tok, logp), (tok_s, logp_s) = _shared_prompt_runs(model, "auto", monkeypatch, eos=eos, device="cuda",
                                                            check_every=2)
         assert torch.equal(tok_s, tok) and torch.equal(logp_s, logp)
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+@pytest.mark.parametrize("fill", [V, -1])
+def test_padding_ids_outside_the_vocabulary_are_not_read(engine, fill):
+    """check_prompt_rows checks only the ids under the mask (a padding column is not read); any id in a padding
+    column (-1, V: a caller's own pad value) gives the completions of pad_id there, through either engine and
+    hf_generate (it was an IndexError from the embedding of the prefill / transformers' forward)."""
+    model = _model("tiny-qwen2", layers=1, sharp=False)
+    ids, mask = _prompts([5, 2, 3])
+    sp, seeds = SamplingParams(4, top_k=20), [1, 2, 3]
+    want = generate(model, ids, mask, seeds, sp, eos_id=-1, pad_id=0, engine=engine, backend="torch")
+    odd = ids.masked_fill(mask == 0, fill)
+    got = generate(model, odd, mask, seeds, sp, eos_id=-1, pad_id=0, engine=engine, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(odd[mask == 0], torch.full_like(odd[mask == 0], fill))  # the caller's tensor is untouched
+    if engine == "transformers":
+        got = hf_generate(model, odd, mask, seeds, sp, eos_id=-1, pad_id=0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_transformers_fallback_completion_depends_on_row_only():
+    """rollout_engine=transformers keeps the contract of rollout.py: a row's completion depends only on (model,
+    prompt, seed), alone or at another index of another batch with other padding (1- and N-process runs sample
+    the same), and is the engine's (the same counter-based draw at each generation position). Its noise came
+    from one generator seeded by the whole batch's seeds."""
+    model = _model("tiny-qwen2", sharp=False)
+    ids, mask = _prompts([6, 2, 4, 5])
+    sp = SamplingParams(8, temperature=1.1, top_p=0.95)
+    kw = dict(eos_id=-1, pad_id=0, engine="transformers")
+    tok, lp = generate(model, ids, mask, [5, 6, 7, 8], sp, **kw)
+    n = int(mask[2].sum())
+    alone, alone_lp = generate(model, ids[2:3, -n:], mask[2:3, -n:], [7], sp, **kw)
+    assert torch.equal(alone[0], tok[2])
+    assert_close(alone_lp[0], lp[2].double(), torch.float32, name="log-probs alone")
+    swapped, _ = generate(model, ids[[3, 2]], mask[[3, 2]], [8, 7], sp, **kw)
+    assert torch.equal(swapped[0], tok[3]) and torch.equal(swapped[1], tok[2])
+    ours, ours_lp = generate(model, ids, mask, [5, 6, 7, 8], sp, eos_id=-1, pad_id=0, backend="torch")
+    assert torch.equal(ours, tok)
+    assert_close(lp, ours_lp.double(), torch.float32, name="fallback vs engine log-probs")
+
+
+class _CharTok:
+    """A stand-in tokenizer: one id per character, pad 0, eos 1."""
+    pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [3 + ord(c) % (V - 3) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("kw,name", [(dict(num_samples=0), "num_samples"), (dict(num_samples=-2), "num_samples"),
+                                     (dict(num_samples=2.0), "num_samples"), (dict(num_samples=True), "num_samples"),
+                                     (dict(batch_size=0), "batch_size"), (dict(batch_size=-1), "batch_size")])
+def test_sample_rows_bad_counts_name_the_argument(kw, name):
+    """num_samples < 1 (the completions per prompt) and batch_size < 1: a ValueError naming it (num_samples 0 or
+    batch_size < 0 yielded nothing, silently; num_samples < 0 was a RuntimeError from repeat_interleave, 2.0 a
+    TypeError, batch_size 0 range()'s 'arg 3 must not be zero')."""
+    from types import SimpleNamespace
+
+    from r1train.rollout import sample_rows
+
+    model = _model("tiny-qwen2", layers=1)
+    cfg = SimpleNamespace(max_prompt_length=16, max_completion_length=3, temperature=1.0, top_p=1.0, top_k=0,
+                          min_p=0.0, rollout_engine="r1train", kernel_backend="torch")
+    rows = [{"prompt": "ab"}, {"prompt": "cde"}]
+    args = dict(num_samples=2, batch_size=1)
+    out = list(sample_rows(model, _CharTok(), rows, cfg=cfg, **args))
+    assert [len(o[3]) for o in out] == [2, 2]
+    args.update(kw)
+    with pytest.raises(ValueError, match=name):
+        list(sample_rows(model, _CharTok(), rows, cfg=cfg, **args))

@@ -1,21 +1,23 @@
 """transformers' own `generate` as the fallback rollout engine (rollout_engine=transformers), for models
-the engine does not support. Its noise comes from one torch generator seeded by the batch's row seeds,
-so a completion depends on its batch too (not on the row alone, as with the engine).
+the engine does not support. Its draws are the engine's: rk.sample_tokens on each step's logits with the row's
+seed at its generation position (one logits processor, `_Draw`, leaves the drawn token the only finite score and
+transformers decodes greedily), so a completion depends only on (model, prompt, seed), as with the engine (it
+came from one torch generator seeded by the whole batch's seeds: another batch, or the rows split over N
+processes, drew other completions).
 
 Same outputs as the engine: a token is drawn from softmax(logits / temperature) over the tokens top-k / top-p /
-min-p keep (r1kernels.reference.sampling.kept_mask: one logits processor, `_Kept`, is the whole sampling
-distribution); greedy takes its argmax. Its log-prob is z[token] - logsumexp(z over the kept set), z = raw logits /
-temperature, as the engine and (with no truncation) the training forward compute it. Nothing from the model's
-generation_config applies (repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, forced
-bos/eos, its top_k / temperature, num_beams, stop_strings, ...): see `_Exact`.
+min-p keep (r1kernels.reference.sampling.kept_mask); greedy takes its argmax. Its log-prob is z[token] -
+logsumexp(z over the kept set), z = raw logits / temperature, as the engine and (with no truncation) the
+training forward compute it. Nothing from the model's generation_config applies (repetition_penalty,
+no_repeat_ngram_size, bad_words_ids, suppress_tokens, forced bos/eos, its top_k / temperature, num_beams,
+stop_strings, ...): see `_Exact`.
 """
 from __future__ import annotations
-
-import zlib
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+import r1kernels as rk
 from r1kernels.reference.sampling import kept_mask
 
 from .engine import check_arguments, check_prompt_rows, eos_tuple
@@ -42,48 +44,49 @@ def kept_logits(logits_BV, sp):
     return z.masked_fill(~kept_mask(z, sp.top_k, sp.top_p, sp.min_p), float("-inf"))
 
 
-class _Kept(LogitsProcessor):
-    def __init__(self, sp):
-        self.sp = sp
+class _Draw(LogitsProcessor):
+    """The engine's draw of each row (rk.sample_tokens: its seed, generation position t = the columns after the
+    P prompt columns) -> scores 0 at the drawn token, -inf elsewhere (transformers' greedy step takes it)."""
+
+    def __init__(self, sp, seeds_B, P: int, backend: str):
+        # "auto" on a CPU: the torch reference (the same draws; the kernel runs there only under the interpreter)
+        cpu = seeds_B.device.type == "cpu"
+        self.sp, self.seeds_B, self.P = sp, seeds_B, P
+        self.backend = "torch" if backend == "auto" and cpu else backend
 
     def __call__(self, input_ids, scores):
-        return kept_logits(scores, self.sp)
+        pos_B = torch.full_like(self.seeds_B, input_ids.shape[1] - self.P)
+        tok_B, _ = rk.sample_tokens(scores, self.seeds_B, pos_B, backend=self.backend, **self.sp.kernel_kwargs())
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tok_B[:, None], 0.0)
 
 
 def _config(sp, eos: tuple, pad_id: int) -> _Exact:
     stops = [e for e in eos if e >= 0]
-    sampling = {} if sp.greedy else dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
-                                         eta_cutoff=0.0)  # neutral: _Kept applies temperature and truncation
-    return _Exact(do_sample=not sp.greedy, num_beams=1, num_return_sequences=1, use_cache=True,
+    return _Exact(do_sample=False, num_beams=1, num_return_sequences=1, use_cache=True,  # _Draw draws
                   max_new_tokens=sp.max_new_tokens, min_length=0, eos_token_id=stops or None, pad_token_id=pad_id,
                   repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
                   encoder_no_repeat_ngram_size=0, remove_invalid_values=False, renormalize_logits=False,
-                  output_logits=True, return_dict_in_generate=True, **sampling)
+                  output_logits=True, return_dict_in_generate=True)
 
 
 @torch.no_grad()
-def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pad_id: int):
+def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pad_id: int, backend: str = "auto"):
     """-> (tokens [B, T'], fp32 log-probs [B, T']); eos_id an int or a sequence of ints; after a row's first eos
-    its tokens are pad_id and its log-probs 0."""
+    its tokens are pad_id and its log-probs 0. backend: rk.sample_tokens' (the draw)."""
     seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id, model=model)
     P = prompt_ids_BP.shape[1]
     check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model, pad_id)
+    prompt_ids_BP = prompt_ids_BP.masked_fill(~prompt_mask_BP.bool(), pad_id)  # padding is embedded, not read
     eos = eos_tuple(eos_id)  # negative ids never match
     was_training = model.training
     model.eval()
     dev = prompt_ids_BP.device
-    # the draws come from the global generator of the logits' device, seeded here; the caller's state of it is
-    # restored after (it was left reseeded: the trainer's later draws were a function of the rollout's seeds)
+    # no draw from a global generator: the caller's state of it is left alone (it was left reseeded: the
+    # trainer's later draws were a function of the rollout's seeds)
     try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            seed = zlib.crc32(repr(seeds.tolist()).encode())
-            torch.random.default_generator.manual_seed(seed)
-            if dev.type == "cuda":
-                with torch.cuda.device(dev):
-                    torch.cuda.manual_seed(seed)
-            out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
-                                 generation_config=_config(sp, eos, pad_id),
-                                 logits_processor=LogitsProcessorList([_Kept(sp)]))
+        out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
+                             generation_config=_config(sp, eos, pad_id),
+                             logits_processor=LogitsProcessorList([_Draw(sp, seeds.to(dev), P, backend)]))
     finally:
         model.train(was_training)
     tok_BT = out.sequences[:, P:]
