@@ -88,22 +88,21 @@ class MetricsLogger:
                                 p, ln[:80])
                 elif row.get("step", 0) <= resume_step:
                     keep.append(ln if ln.endswith("\n") else ln + "\n")
-            with open(p, "w") as fh:
+            # written beside it, then renamed over it: a failure or kill part way (disk full, SIGKILL) leaves the
+            # old file whole (truncating it in place lost every earlier line)
+            tmp = p + ".tmp"
+            with open(tmp, "w") as fh:
                 fh.writelines(keep)
+            os.replace(tmp, p)
         for name in resolve_report_to(report_to):
-            sink = _open(name, output_dir, config or {}, resume=resume_step > 0)
+            sink = _open(name, output_dir, config or {}, resume_step=resume_step)
             if sink is not None:
                 self.sinks[name] = sink
 
     def log(self, step: int, metrics: dict):
         if self.rank != 0:
             return
-        row = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
-        # standard JSON has no NaN / inf: such a value is written as null and named, with its value, under
-        # "nonfinite" (e.g. {"loss": "nan"}), so the row keeps what a diverged step logged
-        bad = {k: str(_item(v)) for k, v in metrics.items() if row[k] is None and _item(v) is not None}
-        if bad:
-            row["nonfinite"] = bad
+        row = _row(step, metrics)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
         nums = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
@@ -133,13 +132,17 @@ class MetricsLogger:
         rows = gather_rows(rows)
         if self.rank != 0 or not rows:
             return
+        # standard JSON as metrics.jsonl (a NaN advantage was a bare NaN token; a numpy / tensor log_extra value a
+        # TypeError after part of the step's rows), every line built before the file is touched
+        text = "".join(json.dumps(_row(step, r), allow_nan=False) + "\n" for r in rows)
         with open(self.comp_path, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps({"step": step, **r}) + "\n")
+            fh.write(text)
         if not to_backends:
             return
-        cols = ["step", *rows[0].keys()]
-        data = [[step, *(_py(r[k]) for k in cols[1:])] for r in rows]
+        # every row's columns: log_extra's are each rank's own (a KeyError on rank 0 where rank 0 had one that
+        # another rank's rows lack; a column only later ranks had was left out)
+        cols = ["step", *dict.fromkeys(k for r in rows for k in r)]
+        data = [[step, *(_py(r.get(k)) for k in cols[1:])] for r in rows]
         for name, sink in self.sinks.items():
             if name == "tensorboard":
                 head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
@@ -217,6 +220,17 @@ def _parse(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def _row(step: int, values: dict) -> dict:
+    """{"step": step, **values} as standard JSON (_py): standard JSON has no NaN / inf, so such a value is written
+    as null and named, with its value, under "nonfinite" (e.g. {"loss": "nan"}), so the row keeps what a
+    diverged step logged."""
+    row = {"step": step, **{k: _py(v) for k, v in values.items()}}
+    bad = {k: str(_item(v)) for k, v in values.items() if row[k] is None and _item(v) is not None}
+    if bad:
+        row["nonfinite"] = bad
+    return row
+
+
 def _item(v):
     return v.item() if hasattr(v, "item") else v
 
@@ -234,7 +248,7 @@ def _py(v):
     return v
 
 
-def _open(name: str, output_dir: str, config: dict, resume: bool):
+def _open(name: str, output_dir: str, config: dict, resume_step: int = 0):
     """The backend's client; a resumed training run continues the backend run it started (wandb: its id is
     kept in output_dir), a fresh one starts a new run."""
     if not backend_installed(name):  # named (not through 'all'): TrainConfig.validate says so before any work
@@ -242,7 +256,10 @@ def _open(name: str, output_dir: str, config: dict, resume: bool):
     if name == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(os.path.join(output_dir, "runs"))
+        # resumed: hide the events that the killed run logged past the checkpoint (metrics.jsonl drops its lines
+        # past it), else TensorBoard shows both runs' values at those steps
+        return SummaryWriter(os.path.join(output_dir, "runs"), purge_step=resume_step + 1 if resume_step else None)
+    resume = resume_step > 0
     mod = __import__(name)
     id_path = os.path.join(output_dir, f".{name}_run_id")
     run_name = os.path.basename(os.path.abspath(output_dir))

@@ -105,3 +105,126 @@ def test_log_once_skips_a_row_already_written(tmp_path):
     assert rows == [{"step": step, "loss": 0.5}, {"step": step, "eval/accuracy": acc},
                     {"step": step + 1, "eval/accuracy": acc},
                     {"step": step, "eval/accuracy": acc, "eval/accuracy_greedy": 1.0}]
+
+
+def test_completions_rows_are_standard_json(tmp_path):
+    """completions.jsonl holds standard JSON as metrics.jsonl does: a NaN / inf advantage or log_extra value is
+    written as null (named under "nonfinite"), never as a bare NaN token; tensors / numpy scalars (a reward
+    function's log_extra values) are written as numbers, not a TypeError after part of the step's rows."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from r1train.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), report_to="none")
+    log.log_completions(1, [{"prompt": "p", "completion": "c", "reward": None, "advantage": float("nan"),
+                             "extra": 0.5},
+                            {"prompt": "q", "completion": "d", "reward": 1.0, "advantage": 0.25,
+                             "extra": np.float32(0.75)},
+                            {"prompt": "r", "completion": "e", "reward": 0.0, "advantage": -0.25,
+                             "extra": torch.tensor(float("inf"))}])
+
+    def strict(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    rows = [json.loads(ln, parse_constant=strict) for ln in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"step": 1, "prompt": "p", "completion": "c", "reward": None, "advantage": None, "extra": 0.5,
+         "nonfinite": {"advantage": "nan"}},
+        {"step": 1, "prompt": "q", "completion": "d", "reward": 1.0, "advantage": 0.25, "extra": 0.75},
+        {"step": 1, "prompt": "r", "completion": "e", "reward": 0.0, "advantage": -0.25, "extra": None,
+         "nonfinite": {"extra": "inf"}}]
+
+
+def test_resume_rewrite_keeps_the_logs_if_it_fails(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl / completions.jsonl without the lines past the checkpoint: a failure
+    while writing (disk full, a kill) must leave the earlier lines there, not an emptied or truncated file."""
+    import builtins
+    import errno
+    import json
+
+    import r1train.metrics as M
+
+    full = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4))
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        (tmp_path / name).write_text(full)
+
+    class Full:  # a file whose writes fail part way: the first line goes out, then ENOSPC
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.fh.close()
+
+        def write(self, s):
+            self.fh.write(s[:5])
+            self.fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def writelines(self, lines):
+            self.write("".join(lines))
+
+    def failing_open(path, mode="r", *a, **kw):
+        fh = builtins.open(path, mode, *a, **kw)
+        return Full(fh) if "w" in mode or "a" in mode else fh
+
+    monkeypatch.setattr(M, "open", failing_open, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        M.MetricsLogger(str(tmp_path), resume_step=2, report_to="none")
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == full  # untouched: the next resume still has it all
+    M.MetricsLogger(str(tmp_path), resume_step=2, report_to="none").log(3, {"loss": 0.5})
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.5}]
+
+
+def test_tensorboard_resume_drops_the_killed_runs_later_steps(tmp_path):
+    """A resume drops metrics.jsonl's lines past the checkpoint; TensorBoard must drop that run's events past it
+    too (SummaryWriter's purge_step), not show the killed run's steps 3-4 beside the resumed run's step 3."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from r1train.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), report_to="tensorboard")
+    for s in (1, 2, 3, 4):
+        log.log(s, {"loss": float(s)})
+    log.close()  # killed after step 4, resumed from checkpoint-2
+    log = MetricsLogger(str(tmp_path), resume_step=2, report_to="tensorboard")
+    log.log(3, {"loss": 30.0})
+    log.close()
+    ea = EventAccumulator(str(tmp_path / "runs"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_completions_table_with_columns_that_differ_by_rank(tmp_path, monkeypatch):
+    """log_extra's columns are each rank's own (grpo fills None only within a rank): rows gathered from a rank
+    whose reward functions logged a column and from one whose did not still make one table (every column,
+    empty where a row has none), not a KeyError on rank 0 at a logging step."""
+    import r1train.metrics as M
+
+    base = {"prompt": "p", "completion": "c", "reward": 1.0, "advantage": 0.5}
+    rank0, rank1 = [dict(base, parse_error="no answer")], [dict(base), dict(base, tokens=7)]
+    monkeypatch.setattr(M, "gather_rows", lambda rows: rank0 + rank1)  # rank 0's view after the gather
+
+    class Board:
+        texts = []
+
+        def add_text(self, tag, text, step):
+            self.texts.append((tag, text, step))
+
+    log = M.MetricsLogger(str(tmp_path), report_to="none")
+    log.sinks["tensorboard"] = Board()
+    log.log_completions(2, rank0, to_backends=True)
+    (tag, text, step), = Board.texts
+    head, _, *body = text.splitlines()
+    assert (tag, step) == ("completions", 2)
+    assert head == "| step | prompt | completion | reward | advantage | parse_error | tokens |"
+    assert body == ["| 2 | p | c | 1.0 | 0.5 | no answer | None |", "| 2 | p | c | 1.0 | 0.5 | None | None |",
+                    "| 2 | p | c | 1.0 | 0.5 | None | 7 |"]
