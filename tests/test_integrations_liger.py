@@ -305,3 +305,67 @@ def test_empty_batch_equals_liger(B, T, case, beta):
     got = ours.triton_grpo_loss(logits, old, ref, ids, adv, mask, reduce=False, **tkw)
     _same_empty((got[0], [t for t in got[1:] if t is not None], []),
                 (want[0], [t for t in want[1:] if t is not None], []), f"per-token {case} beta={beta}")
+
+
+@pytest.mark.parametrize("reduce", [True, False])
+@pytest.mark.parametrize("name,value", [("beta", float("nan")), ("beta", -1.0), ("eps_low", float("nan")),
+                                        ("eps_low", -0.1), ("eps_high", float("nan"))])
+def test_triton_grpo_loss_bad_options_named(reduce, name, value):
+    """beta / eps_low / eps_high that make the loss NaN (or make no sense) are a ValueError naming Liger's
+    argument on both paths (reduce=False skipped the checks and returned NaN per-token losses; reduce=True
+    named r1kernels' `epsilon`)."""
+    _, _, ids, mask, adv, old, ref = _inputs(2, 5, 8, 20)
+    logits = torch.randn(2, 6, 20)
+    with pytest.raises(ValueError, match=name):
+        ours.triton_grpo_loss(logits, old, ref, ids, adv, mask, reduce=reduce, **{name: value})
+
+
+def test_fused_linear_bad_input_names_liger_arguments():
+    """LigerFusedLinearGRPOLoss's errors name Liger's arguments (attention_mask, old_per_token_logps,
+    ref_input, ...), not r1kernels' (completion_mask, old_logprobs, labels, ...); a NaN attention_mask is not
+    reported as a bad num_items_in_batch (which the caller never passed)."""
+    hidden, weight, ids, mask, adv, old, ref = _inputs(2, 5, 8, 20)
+    nan_mask = mask.float().masked_fill(torch.eye(2, 5, dtype=torch.bool), float("nan"))
+    for name, ctor, call in (
+            ("attention_mask", {}, dict(attention_mask=mask[:1])),
+            ("attention_mask", {}, dict(attention_mask=nan_mask)),
+            ("old_per_token_logps", {}, dict(old_per_token_logps=old[:1])),
+            ("ref_per_token_logps", {}, dict(ref_per_token_logps=ref[:, :3])),
+            ("selected_token_ids", {}, dict(selected_token_ids=ids[:1])),
+            ("lin_weight", {}, dict(lin_weight=weight[:, :3])),
+            ("epsilon_low", dict(epsilon_low=float("nan")), {}),
+            ("epsilon_high", dict(epsilon_high=-1.0), {}),
+            ("ref_input", dict(beta=0.1), dict(ref_per_token_logps=None, ref_input=hidden[:1], ref_weight=weight)),
+            ("ref_weight", dict(beta=0.1), dict(ref_per_token_logps=None, ref_input=hidden, ref_weight=weight[:, :3])),
+            ("ref_bias", dict(beta=0.1), dict(ref_per_token_logps=None, ref_input=hidden, ref_weight=weight,
+                                              ref_bias=torch.randn(3))),
+            ("selected_token_ids .* ref_weight", dict(beta=0.1),
+             dict(ref_per_token_logps=None, ref_input=hidden, ref_weight=weight[:3]))):
+        args = dict(_input=hidden, lin_weight=weight, selected_token_ids=ids, attention_mask=mask,
+                    advantages=adv, ref_per_token_logps=ref, old_per_token_logps=old)
+        args.update(call)
+        with pytest.raises(ValueError, match=name):
+            ours.LigerFusedLinearGRPOLoss(**ctor)(**args)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_advantages_get_no_gradient(level):
+    """Liger treats the advantages as constants (its backward returns None for them) on every path; the
+    drop-ins sent a gradient into advantages that require grad (the sequence level, and reduce=False)."""
+    hidden, weight, ids, mask, adv, old, ref = _inputs(2, 5, 8, 20)
+    hidden.requires_grad_()
+    a = adv.clone().requires_grad_()
+    loss, _ = ours.LigerFusedLinearGRPOLoss(importance_sampling_level=level)(
+        hidden, weight, ids, mask, a, ref_per_token_logps=ref, old_per_token_logps=old)
+    loss.backward()
+    assert a.grad is None
+    logits = torch.randn(2, 6, 20, requires_grad=True)
+    for reduce in (True, False):
+        out = ours.triton_grpo_loss(logits * 1.0, old, ref, ids, a, mask, reduce=reduce,
+                                    importance_sampling_level=level)
+        out[0].sum().backward()
+        assert a.grad is None, f"reduce={reduce}"
+        want = liger_triton(logits * 1.0, old, ref, ids, a, mask, reduce=reduce, importance_sampling_level=level)
+        assert want[0].requires_grad
+        want[0].sum().backward()
+        assert a.grad is None

@@ -70,15 +70,18 @@ def _check_options(loss_type, importance_sampling_level, delta, sapo_temperature
         raise ValueError("max_completion_length must be provided for loss_type='dr_grpo'")
 
 
-def _dapo_normalizer(mask, num_items_in_batch):
+def _dapo_normalizer(mask, num_items_in_batch, mask_name):
     """Liger's dapo/cispo denominator: num_items_in_batch (else the mask's token count, summed over ranks)
-    divided by the world size, at least 1."""
+    divided by the world size, at least 1. A NaN / inf mask is an error naming mask_name (the core would name
+    num_items_in_batch, which the caller never passed)."""
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if num_items_in_batch is not None:
         n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
     else:
         n = mask.float().sum()
+        if not torch.compiler.is_compiling():
+            _checks.finite(mask_name, n)
         if world > 1:
             dist.all_reduce(n)
     return (n / world).clamp(min=1.0)
@@ -98,6 +101,47 @@ def _is_clipped(logp, old, adv, mask, eps_low, eps_high, loss_type, level):
     if loss_type == "cispo":
         return ((r > eps_high) & (a > 0)).float().expand_as(mask)
     return (((r < 1 - eps_low) & (a < 0)) | ((r > 1 + eps_high) & (a > 0))).float().expand_as(mask)
+
+
+def _check_coefficients(beta, eps_low, eps_high, names=("beta", "epsilon_low", "epsilon_high")):
+    """The loss coefficients under Liger's names (the core names them beta / epsilon / epsilon_high)."""
+    _checks.positive(names[0], beta, allow_zero=True)
+    _checks.positive(names[1], eps_low, allow_zero=True, allow_inf=True)
+    _checks.positive(names[2], eps_high, allow_zero=True, allow_inf=True)
+
+
+def _check_linear_inputs(_input, lin_weight, ids, mask, bias, old, ref, ref_input, ref_weight, ref_bias, use_ref):
+    """LigerFusedLinearGRPOLoss's tensors, under Liger's argument names (shapes only: no host sync)."""
+    _checks.float_tensor("_input", _input, ndim=3)
+    B, T, H = _input.shape
+    _checks.float_tensor("lin_weight", lin_weight, ndim=2)
+    if lin_weight.shape[1] != H:
+        raise ValueError(f"lin_weight must have shape [V, {H}] (the hidden size of _input), got "
+                         f"{tuple(lin_weight.shape)}")
+    _checks.int_tensor("selected_token_ids", ids, ndim=2)
+    _checks.shape("selected_token_ids", ids, (B, T), " (the leading dims of _input)")
+    _checks.tensor("attention_mask", mask, ndim=2)
+    _checks.shape("attention_mask", mask, (B, T), " (the leading dims of _input)")
+    if bias is not None:
+        _checks.float_tensor("bias", bias, ndim=1)
+        _checks.shape("bias", bias, (lin_weight.shape[0],), " (the rows of lin_weight)")
+    for name, t in (("old_per_token_logps", old), ("ref_per_token_logps", ref if use_ref else None)):
+        if t is not None:
+            _checks.float_tensor(name, t, ndim=2)
+            _checks.shape(name, t, (B, T))
+    if use_ref and ref is None and ref_input is not None:
+        _checks.float_tensor("ref_input", ref_input, ndim=3)
+        if tuple(ref_input.shape[:2]) != (B, T):
+            raise ValueError(f"ref_input must have shape ({B}, {T}, H) (the leading dims of _input), got "
+                             f"{tuple(ref_input.shape)}")
+        if ref_weight is not None:
+            _checks.float_tensor("ref_weight", ref_weight, ndim=2)
+            if ref_weight.shape[1] != ref_input.shape[2]:
+                raise ValueError(f"ref_weight must have shape [V, {ref_input.shape[2]}] (the hidden size of "
+                                 f"ref_input), got {tuple(ref_weight.shape)}")
+            if ref_bias is not None:
+                _checks.float_tensor("ref_bias", ref_bias, ndim=1)
+                _checks.shape("ref_bias", ref_bias, (ref_weight.shape[0],), " (the rows of ref_weight)")
 
 
 def _mask_ids(ids, mask, V):
@@ -149,6 +193,10 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             return self._liger_module[1](_input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
                                       ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias,
                                       vllm_is_ratio, num_items_in_batch)
+        _check_coefficients(c["beta"], c["epsilon_low"], c["epsilon_high"])
+        _check_linear_inputs(_input, lin_weight, selected_token_ids, attention_mask, bias, old_per_token_logps,
+                             ref_per_token_logps, ref_input, ref_weight, ref_bias, c["use_ref_model"])
+        advantages = advantages.detach()  # Liger's backward gives the advantages no gradient
         ref = None
         if c["use_ref_model"]:
             if ref_per_token_logps is None and ref_input is None:
@@ -157,9 +205,13 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             if ref is None:
                 if ref_weight is None:
                     raise ValueError("ref_weight is required with ref_input (the reference model's lm_head weight)")
+                ref_ids = _mask_ids(selected_token_ids, attention_mask, ref_weight.shape[0])
+                if not torch.compiler.is_compiling():  # the core would name them `labels`
+                    _checks.labels_in_range("selected_token_ids", ref_ids.masked_fill(attention_mask == 0, 0),
+                                            ref_weight.shape[0], " (the rows of ref_weight) where attention_mask "
+                                            "is not 0")
                 with torch.no_grad():
-                    ref = linear_token_logprobs(ref_input, ref_weight, _mask_ids(selected_token_ids, attention_mask,
-                                                                                 ref_weight.shape[0]),
+                    ref = linear_token_logprobs(ref_input, ref_weight, ref_ids,
                                                 bias=ref_bias, temperature=c["temperature"], backend=self.backend)
         beta = c["beta"] if ref is not None else 0.0  # Liger: no reference -> KL 0
         items = LOSS_REDUCTION[c["loss_type"]] == "items"
@@ -171,7 +223,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             loss_type=c["loss_type"],
             importance_sampling_level=c["importance_sampling_level"], temperature=c["temperature"],
             max_completion_length=c["max_completion_length"],
-            num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch) if items else None,
+            num_items_in_batch=_dapo_normalizer(attention_mask, num_items_in_batch, "attention_mask") if items
+            else None,
             use_bias_correction_kl=False, backend=self.backend)
         return out.loss, tuple(_metrics(out, old_per_token_logps, advantages, attention_mask, c["beta"],
                                     c["epsilon_low"], c["epsilon_high"], c["loss_type"],
@@ -210,6 +263,7 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                   eps_high, inplace, loss_type, max_completion_length, importance_sampling_level, reduce,
                   sapo_temperature_pos, sapo_temperature_neg, vllm_is_ratio, delta, use_bias_correction_kl,
                   num_items_in_batch, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    _check_coefficients(beta, eps_low, eps_high, ("beta", "eps_low", "eps_high"))
     B, T1, V = logits.shape
     if T1 < 1:
         raise ValueError(f"logits must have shape [B, T + 1, V], got {tuple(logits.shape)}")
@@ -225,6 +279,7 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
     _checks.float_tensor("advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, 1)):
         raise ValueError(f"advantages must have shape ({B},) or ({B}, 1), got {tuple(advantages.shape)}")
+    advantages = advantages.detach()  # Liger's backward gives the advantages no gradient
     mask = completion_mask if completion_mask is not None else torch.ones(B, T1 - 1, device=logits.device)
     x = logits[:, :-1]
     items = LOSS_REDUCTION[loss_type] == "items"
@@ -235,7 +290,8 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                         epsilon_high=eps_high, delta=delta, loss_type=loss_type,
                         importance_sampling_level=importance_sampling_level, temperature=temperature,
                         max_completion_length=max_completion_length,
-                        num_items_in_batch=_dapo_normalizer(mask, num_items_in_batch) if items else None,
+                        num_items_in_batch=_dapo_normalizer(mask, num_items_in_batch, "completion_mask") if items
+                        else None,
                         use_bias_correction_kl=False, inplace_backward=bool(inplace), backend=backend)
         return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
                               importance_sampling_level)
