@@ -194,7 +194,9 @@ def _check_grpo_extra(ids, extra, loss_type, importance_sampling_level):
 
 def _grpo_inputs(completion_ids, advantages, completion_mask, V):
     """completion_ids with masked positions (mask 0) set to 0 wherever they lie outside [0, V) (e.g. -100,
-    Hugging Face's ignore index: no kernel reads a masked label); [B, 1] advantages as [B]."""
+    Hugging Face's ignore index: no kernel reads a masked label); [B, 1] advantages as [B], detached: the
+    advantages are constants of the loss on every backend (the kernels return no gradient for them; TRL, Liger)."""
+    advantages = advantages.detach()
     if advantages.dim() == 2 and advantages.shape[1] == 1:
         advantages = advantages[:, 0]
     ids = completion_ids

@@ -472,3 +472,24 @@ def _inplace_backward_layout(level, layout, B, T, V, device):
                                               importance_sampling_level=level, backend="torch").loss, adv)
     assert_close(out.loss, ref.loss, torch.float32, name="loss", scale=scale)
     assert_close(x.grad, x64.grad, torch.float32, name="grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("adv_per_token", [False, True])
+@pytest.mark.parametrize("linear", [False, True])
+def test_advantages_get_no_gradient_on_any_backend(backend, adv_per_token, linear):
+    """The advantages are constants of the loss (TRL and Liger give them no gradient): advantages that require
+    grad get none on every backend, and the loss still reaches the logits / hidden states."""
+    B, T, V, H = 3, 5, 11, 8
+    logits, ids, adv, mask, old, ref = _inputs(B, T, V, adv_per_token=adv_per_token)
+    adv = adv.clone().requires_grad_()
+    if linear:
+        x = torch.randn(B, T, H, requires_grad=True)
+        w = torch.randn(V, H)
+        out = rk.linear_grpo_loss(x, w, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1,
+                                  backend=backend)
+    else:
+        x = logits.clone().requires_grad_()
+        out = rk.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, backend=backend)
+    out.loss.backward()
+    assert adv.grad is None and x.grad is not None and x.grad.abs().sum() > 0
