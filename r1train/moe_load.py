@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from r1kernels import _checks
 from r1kernels.patch import deepseek_v3 as dsv3
 
 
 class ExpertLoad:
     def __init__(self, model, rate: float = 1e-3):
+        _checks.positive("rate", rate, allow_zero=True)  # here, not at the first step() after a training step
         self.model, self.rate = model, rate
         if not dsv3.routers(model):
             dsv3.patch_deepseek_v3(model, backend="torch", experts=False)
@@ -38,6 +40,14 @@ class ExpertLoad:
 
     @token_mask.setter
     def token_mask(self, mask_N):
+        # the routers count int64(mask) per token: a float mask (0.5 -> 0) or an int one (2) miscounted silently
+        if mask_N is not None:
+            if not isinstance(mask_N, torch.Tensor) or mask_N.dtype.is_floating_point or mask_N.dtype.is_complex:
+                got = mask_N.dtype if isinstance(mask_N, torch.Tensor) else type(mask_N).__name__
+                raise ValueError(f"token_mask must be None or a bool (or 0/1 integer) tensor of the forward's "
+                                 f"tokens, got {got}")
+            if mask_N.dtype != torch.bool:
+                mask_N = mask_N != 0
         for r in self.routers:
             r.token_mask = mask_N
 

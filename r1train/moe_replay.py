@@ -185,8 +185,11 @@ class RouterReplay:
 
     def finish(self, completion_MBTK):
         """The engine's rollout is done: completion_MBTK = its buffer [M, B, T', K] (copied)."""
+        # a copy, never a view of the engine's buffer (.contiguous() returns the view itself when it is already
+        # contiguous: one MoE layer with one row, or rows that ran the buffer's full width), which the next
+        # rollout (dynamic sampling, evaluation) overwrites
         self.record = RoutingRecord(self._prompt_MBPK.permute(1, 2, 0, 3).contiguous(),
-                                    completion_MBTK.permute(1, 2, 0, 3).contiguous())
+                                    completion_MBTK.permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format))
         self._prompt_MBPK = None
 
     def take(self) -> RoutingRecord:

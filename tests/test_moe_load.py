@@ -52,3 +52,30 @@ def test_expert_load_counts_training_forwards_and_steps(shape, rate):
 def test_expert_load_without_moe_is_empty():
     load = ExpertLoad(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     assert not load and load.step() == {} and load.token_mask is None
+
+
+# ---- audit additions
+@pytest.mark.parametrize("rate", [-1.0, float("nan"), float("inf"), True, "0.1"])
+def test_expert_load_rejects_bad_rate_before_any_work(rate):
+    """A bad rate is an error naming it when ExpertLoad is made, not at the first step() -- after a whole
+    training step (forwards, backward, optimizer step) has run."""
+    model = _tiny()
+    with pytest.raises(ValueError, match="rate"):
+        ExpertLoad(model, rate)
+
+
+def test_expert_load_token_mask_is_checked():
+    """token_mask counts each real token once: an integer mask counts its nonzero tokens once (an attention mask
+    holding 2 counted that token twice), a float mask is an error naming token_mask (0.5 counted nothing)."""
+    model = _tiny()
+    load = ExpertLoad(model, 0.0)
+    ids = torch.randint(0, 64, (2, 5))
+    mask = torch.rand(2, 5) < 0.6
+    mask[0, 0] = True
+    expected = torch.stack([_ref_counts(model, ids, i, mask) for i in (1, 2)])
+    load.token_mask = mask.long().reshape(-1) * 2
+    model(ids)
+    assert torch.equal(torch.stack([r.tokens_per_expert for r in load.routers]), expected)
+    for bad in (mask.float().reshape(-1) * 0.5, mask.reshape(-1).tolist()):
+        with pytest.raises(ValueError, match="token_mask"):
+            load.token_mask = bad

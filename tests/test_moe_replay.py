@@ -332,3 +332,25 @@ def test_trainer_replay_config_errors(tmp_path):
         H.grpo_trainer(tmp_path / "a", *TRAIN, "rollout_engine=transformers")
     with pytest.raises(ConfigError, match="moe_router_replay"):
         H.grpo_trainer(tmp_path / "b", "moe_router_replay=true")  # tiny-qwen2: no MoE layers
+
+
+# ---- audit additions
+def test_record_is_a_copy_of_the_engine_buffer():
+    """The record taken after a rollout is the rollout's own: a later rollout of the same engine (dynamic
+    sampling's next round, an evaluation) does not change it. With one MoE layer and one row the permuted
+    buffer slice is already contiguous (.contiguous() was the engine's buffer itself), so the next rollout's
+    fill and decode writes overwrote the taken record."""
+    torch.manual_seed(3)
+    model = _model("tiny-deepseek-v3")
+    moe_replay.enable(model)
+    assert len(moe_replay.moe_routers(model)) == 1
+    eng = Engine(model, backend="torch")
+    ids, mask = _prompts([3])
+    eng.generate(ids, mask, [0], SamplingParams(5, greedy=True), eos_id=-1, pad_id=0)
+    rec = moe_replay.take(model)
+    prompt, completion = rec.prompt.clone(), rec.completion.clone()
+    assert (completion[:, :-1] >= 0).all()
+    ids2, mask2 = _prompts([4])
+    eng.generate(ids2, mask2, [1], SamplingParams(5, greedy=True), eos_id=-1, pad_id=0)
+    assert torch.equal(rec.prompt, prompt) and torch.equal(rec.completion, completion)
+    assert rec.completion.data_ptr() != eng.routes.data_ptr()
