@@ -40,6 +40,10 @@ from .rollout import Rollout, eos_ids, row_seed, sample, sampling_kwargs, sequen
 
 log = logging.getLogger("r1train.grpo")
 
+# TRL's token-mean metrics (global_masked_mean): per micro-batch, the sum over every process's scored tokens over
+# their count, then averaged over the micro-batches
+TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
 
 def loss_keys(cfg) -> dict:
     """The config's loss options beyond the clipped core (TRL names; r1kernels.reference.grpo EXTRA_DEFAULTS),
@@ -459,6 +463,7 @@ class GRPOTrainer(Trainer):
         # the logged loss is the padded run's mean micro-batch loss: a pack's share of the sum is scaled
         loss_scale = len(micro) / cfg.gradient_accumulation_steps
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
+        tok_acc = {}  # token-mean metric -> per-micro-batch [sum, tokens], all-reduced per micro-batch
         # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
         # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
         samp_sum = torch.zeros(4, dtype=torch.float64, device=self.dev)
@@ -530,10 +535,16 @@ class GRPOTrainer(Trainer):
                     if gn is not None:
                         acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
                 clock.mark("forward")  # the micro-step's metric tensors
+                n_tok = mask_BT[sl].sum().double()
                 for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
                              *out.metrics.items(), ("entropy", ent)]:
-                    if v is not None:
-                        acc.setdefault(k, []).append(torch.as_tensor(v).detach().reshape(()).float())
+                    if v is None:
+                        continue
+                    v = torch.as_tensor(v).detach().reshape(())
+                    if k in TOKEN_MEAN_METRICS:  # TRL's global_masked_mean: the micro-batch's sum and count
+                        tok_acc.setdefault(k, []).append(torch.stack([v.double() * n_tok, n_tok]))
+                    else:
+                        acc.setdefault(k, []).append(v.float())
         clock.mark(None)
         if routes is not None:
             moe_replay.replay(self.model, None)
@@ -543,6 +554,11 @@ class GRPOTrainer(Trainer):
             if dist.is_initialized() and self.world > 1:
                 dist.all_reduce(means)
             m.update(zip(acc, (means / self.world).tolist()))
+        if tok_acc:  # per micro-batch: every rank's sum over every rank's tokens; then the mean over micro-batches
+            st = torch.stack([torch.stack([x.to(self.dev) for x in v]) for v in tok_acc.values()])  # [K, M, 2]
+            if dist.is_initialized() and self.world > 1:
+                dist.all_reduce(st)
+            m.update(zip(tok_acc, (st[..., 0] / st[..., 1].clamp(min=1.0)).mean(1).tolist()))
         if ro.logprobs_BT is not None:
             if dist.is_initialized() and self.world > 1:
                 dist.all_reduce(samp_sum)

@@ -320,3 +320,64 @@ def test_completion_length_metrics_are_trls(tmp_path):
     _, _, _, m2, _ = t2.make_batch(0, list(t2.rows_for(0)[0]))
     assert m2["completions/clipped_ratio"] == 1.0  # no completion ended: TRL logs 0 for the terminated lengths
     assert [m2[f"completions/{k}_terminated_length"] for k in ("mean", "min", "max")] == [0.0, 0.0, 0.0]
+
+
+TOKEN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+def _token_metrics_worker(out_dir):
+    """One process of test_token_metrics_are_global_token_means: a GRPO step (two micro-batches, two
+    iterations) whose completions stop at every 7th token id, so the ranks' micro-batches hold different token
+    counts; writes each micro-batch's token metrics, its scored-token count and the step's logged metrics."""
+    import json
+
+    import torch.distributed as dist
+
+    t = H.grpo_trainer(out_dir, "max_steps=1", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+                       "num_iterations=2", "learning_rate=0.05", "max_completion_length=12", "beta=0.04",
+                       reward_funcs=[H.digit_share])
+    eos = {i for i in range(t.model.config.vocab_size) if i % 7 == 0} | {t.tok.eos_token_id}
+    t.model.generation_config.eos_token_id = sorted(eos)
+    seen, micro = [], t.micro_step
+
+    def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw):
+        out, ent = micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw)
+        vals = {k: float(out.metrics[k]) for k in TOKEN_METRICS if k != "entropy"}
+        seen.append({"n": float(mask_BT[:, :T].sum()), "entropy": float(ent), **vals})
+        return out, ent
+
+    t.micro_step = spy
+    m = t.train_step(0, t.rows_for(0)[0])
+    with open(f"{out_dir}/rank{dist.get_rank()}.json", "w") as fh:
+        json.dump({"micro": seen, "m": {k: m[k] for k in TOKEN_METRICS}}, fh)
+
+
+def test_token_metrics_are_global_token_means(tmp_path):
+    """TRL 1.16's kl, entropy and clip_ratio/*_mean are, per micro-batch, token means over every process's
+    tokens of that micro-batch (global_masked_mean: sums and counts all-reduced), averaged over the
+    micro-batches: with two processes whose micro-batches hold different token counts, not the plain mean of
+    the per-process means."""
+    import json
+    import subprocess
+    import sys
+
+    from r1train.engine import free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", __file__, "_token_metrics_worker", str(tmp_path)],
+                       env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    a, b = ranks[0]["micro"], ranks[1]["micro"]
+    assert len(a) == len(b) == 4 and any(x["n"] != y["n"] for x, y in zip(a, b))  # the ranks' counts differ
+    for k in TOKEN_METRICS:
+        want = sum((x[k] * x["n"] + y[k] * y["n"]) / max(x["n"] + y["n"], 1.0) for x, y in zip(a, b)) / len(a)
+        for rk in ranks:
+            assert rk["m"][k] == pytest.approx(want, rel=1e-5, abs=1e-7), (k, rk["m"][k], want)
+    assert ranks[0]["m"]["clip_ratio/region_mean"] > 0  # the second iteration clips some tokens
+
+
+if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo.py <worker> <args>
+    import sys
+
+    globals()[sys.argv[1]](*sys.argv[2:])
