@@ -399,6 +399,9 @@ class Trainer(CheckpointMixin):
                 tot[1 if greedy else 0] += sum((a or 0.0) * w[i // reps] for i, a in enumerate(acc)) / reps
                 if greedy:
                     tot[2] += sum(w)
+        replay = getattr(self, "replay", None)
+        if replay is not None:  # the routing these rollouts recorded (moe_router_replay) is not trained on
+            replay.record = None
         if dist.is_initialized():
             dist.all_reduce(tot)
         n = tot[2].item()

@@ -223,8 +223,8 @@ class GRPOTrainer(Trainer):
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(self.model, tok),
             pad_id=tok.pad_token_id, seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
-        if self.replay is not None:
-            ro.routing = self.replay.take()
+        if self.replay is not None:  # a rank with no rows (a dynamic-sampling round) sampled nothing to record
+            ro.routing = self.replay.take() if rows else None
         texts = decode_completions(tok, ro)
         ids_list = [[t for t, k in zip(i, m) if k] for i, m in zip(ro.completion_ids_BT.tolist(),
                                                                      ro.completion_mask_BT.tolist())]

@@ -354,3 +354,18 @@ def test_record_is_a_copy_of_the_engine_buffer():
     eng.generate(ids2, mask2, [1], SamplingParams(5, greedy=True), eos_id=-1, pad_id=0)
     assert torch.equal(rec.prompt, prompt) and torch.equal(rec.completion, completion)
     assert rec.completion.data_ptr() != eng.routes.data_ptr()
+
+
+def test_trainer_replay_rank_without_rows_and_evaluation(tmp_path):
+    """A rank with no groups to redraw in a dynamic-sampling round samples zero rows and records nothing: its
+    rollout has no routing (take() raised "no recorded rollout"). evaluate()'s rollouts leave no record behind
+    (it stayed on the device, untaken, until the next training rollout)."""
+    import train_helpers as H
+
+    t = H.grpo_trainer(tmp_path, *TRAIN, reward_funcs=[H.digit_share])
+    ro = t._rollout(0, [], [])[0]
+    assert ro.routing is None and ro.completion_ids_BT.shape[0] == 0
+    t.evaluate(t.eval_rows[:2])
+    assert t.replay.record is None
+    ro = t._rollout(0, t.train_rows[:1], [0])[0]  # a real rollout still records, and it is taken
+    assert ro.routing is not None and t.replay.record is None
