@@ -43,6 +43,36 @@ log = logging.getLogger("r1train.grpo")
 # TRL's token-mean metrics (global_masked_mean): per micro-batch, the sum over every process's scored tokens over
 # their count, then averaged over the micro-batches
 TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+# the loss types TRL 1.16 logs clip_ratio/low_min and clip_ratio/high_max for
+CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+@torch.no_grad()
+def clip_extremes(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
+    """One micro-batch's inputs of TRL's clip_ratio/low_min and clip_ratio/high_max: each sequence's share of
+    low-clipped (ratio < 1 - epsilon, advantage < 0) and high-clipped (ratio > 1 + epsilon_high, advantage > 0)
+    scored tokens (TRL's masked_seq_mean; one value per sequence with importance_sampling_level=sequence), the
+    least low share and the greatest high share over this process's sequences -> [2] = (low, -high), inf where
+    no sequence has a share (sequences without scored tokens are left out: TRL's nanmin / nanmax). old_bT None:
+    the ratio is 1 (the first iteration), nothing is clipped."""
+    m = mask_bT.float()
+    lr = torch.zeros_like(m) if old_bT is None else (logp_bT.float() - old_bT.float()) * m
+    if cfg.importance_sampling_level == "sequence":
+        lr = lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    r = lr.exp()
+    if cfg.delta is not None:
+        r = r.clamp(max=cfg.delta)  # TRL counts clipping on the ratio after the delta clamp
+    adv = adv_b[:, None] if adv_b.dim() == 1 else adv_b
+    eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    low, high = ((r < 1 - cfg.epsilon) & (adv < 0)).float(), ((r > 1 + eps_high) & (adv > 0)).float()
+    if r.shape[1] == 1:  # sequence level: the sequence's own value
+        low_b, high_b = low[:, 0], high[:, 0]
+    else:
+        n_b = m.sum(-1)
+        low_b, high_b = (low * m).sum(-1) / n_b, (high * m).sum(-1) / n_b  # NaN: no scored token
+    inf = torch.tensor(math.inf, device=m.device)
+    return torch.stack([torch.cat([low_b.nan_to_num(math.inf), inf[None]]).min(),
+                        torch.cat([-high_b.nan_to_num(-math.inf), inf[None]]).min()])
 
 
 def loss_keys(cfg) -> dict:
@@ -464,6 +494,7 @@ class GRPOTrainer(Trainer):
         loss_scale = len(micro) / cfg.gradient_accumulation_steps
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
         tok_acc = {}  # token-mean metric -> per-micro-batch [sum, tokens], all-reduced per micro-batch
+        ext = []  # per micro-batch: clip_extremes, min-reduced over the ranks
         # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
         # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
         samp_sum = torch.zeros(4, dtype=torch.float64, device=self.dev)
@@ -499,6 +530,9 @@ class GRPOTrainer(Trainer):
                     sel = out.metrics.get("entropy/selected_mean", ent)
                     n_tok = mask_BT[sl].sum()
                     ent_window += torch.stack([sel.detach().double() * n_tok, n_tok.double()])
+                if cfg.loss_type in CLIP_EXTREME_LOSSES:
+                    ext.append(clip_extremes(out.per_token_logprobs, None if old_BT is None or it == 0 else
+                                             old_BT[sl, :T], adv_N[sl], mask_BT[sl, :T], cfg))
                 if old_BT is not None and it == 0:
                     old_BT[sl, :T] = out.per_token_logprobs
                 if it == 0 and ro.logprobs_BT is not None:
@@ -559,6 +593,14 @@ class GRPOTrainer(Trainer):
             if dist.is_initialized() and self.world > 1:
                 dist.all_reduce(st)
             m.update(zip(tok_acc, (st[..., 0] / st[..., 1].clamp(min=1.0)).mean(1).tolist()))
+        if ext:  # TRL: per micro-batch the min (max) over every process's sequences, then the mean over those with one
+            e = torch.stack(ext)
+            if dist.is_initialized() and self.world > 1:
+                dist.all_reduce(e, op=dist.ReduceOp.MIN)
+            for k, col, sign in (("clip_ratio/low_min", 0, 1.0), ("clip_ratio/high_max", 1, -1.0)):
+                v = [sign * x for x in e[:, col].tolist() if math.isfinite(x)]
+                if v:
+                    m[k] = sum(v) / len(v)
         if ro.logprobs_BT is not None:
             if dist.is_initialized() and self.world > 1:
                 dist.all_reduce(samp_sum)

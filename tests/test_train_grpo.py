@@ -323,6 +323,7 @@ def test_completion_length_metrics_are_trls(tmp_path):
 
 
 TOKEN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+CLIP_EXTREMES = ("clip_ratio/low_min", "clip_ratio/high_max")
 
 
 def _token_metrics_worker(out_dir):
@@ -343,20 +344,28 @@ def _token_metrics_worker(out_dir):
     def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw):
         out, ent = micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw)
         vals = {k: float(out.metrics[k]) for k in TOKEN_METRICS if k != "entropy"}
-        seen.append({"n": float(mask_BT[:, :T].sum()), "entropy": float(ent), **vals})
+        # TRL's per-sequence clipped shares (masked_seq_mean of is_low_clipped / is_high_clipped), in float64
+        lp, m_BT = out.per_token_logprobs.detach().double(), mask_BT[:, :T].double()
+        coef = torch.ones_like(lp) if old_BT is None else (lp - old_BT[:, :T].double()).exp()
+        adv = adv_B.double()[:, None]
+        eps, eps_high = t.cfg.epsilon, t.cfg.epsilon_high or t.cfg.epsilon
+        low = (((coef < 1 - eps) & (adv < 0)) * m_BT).sum(-1) / m_BT.sum(-1)
+        high = (((coef > 1 + eps_high) & (adv > 0)) * m_BT).sum(-1) / m_BT.sum(-1)
+        seen.append({"n": float(mask_BT[:, :T].sum()), "entropy": float(ent), "low": low.tolist(),
+                     "high": high.tolist(), **vals})
         return out, ent
 
     t.micro_step = spy
     m = t.train_step(0, t.rows_for(0)[0])
     with open(f"{out_dir}/rank{dist.get_rank()}.json", "w") as fh:
-        json.dump({"micro": seen, "m": {k: m[k] for k in TOKEN_METRICS}}, fh)
+        json.dump({"micro": seen, "m": {k: m[k] for k in TOKEN_METRICS + CLIP_EXTREMES}}, fh)
 
 
 def test_token_metrics_are_global_token_means(tmp_path):
     """TRL 1.16's kl, entropy and clip_ratio/*_mean are, per micro-batch, token means over every process's
     tokens of that micro-batch (global_masked_mean: sums and counts all-reduced), averaged over the
     micro-batches: with two processes whose micro-batches hold different token counts, not the plain mean of
-    the per-process means."""
+    the per-process means. clip_ratio/low_min and high_max: the extremes over both processes' sequences."""
     import json
     import subprocess
     import sys
@@ -375,6 +384,15 @@ def test_token_metrics_are_global_token_means(tmp_path):
         for rk in ranks:
             assert rk["m"][k] == pytest.approx(want, rel=1e-5, abs=1e-7), (k, rk["m"][k], want)
     assert ranks[0]["m"]["clip_ratio/region_mean"] > 0  # the second iteration clips some tokens
+    # TRL's clip_ratio/low_min (high_max): per micro-batch the least (greatest) share over both processes'
+    # sequences (NaN shares of sequences without scored tokens left out), then the mean over the micro-batches
+    for k, key, pick in (("clip_ratio/low_min", "low", min), ("clip_ratio/high_max", "high", max)):
+        per_micro = [pick(v for v in x[key] + y[key] if v == v) for x, y in zip(a, b)]
+        want = sum(per_micro) / len(per_micro)
+        for rk in ranks:
+            assert rk["m"][k] == pytest.approx(want, rel=1e-6, abs=1e-9), (k, rk["m"][k], want)
+    assert ranks[0]["m"]["clip_ratio/high_max"] > 0 or ranks[0]["m"]["clip_ratio/low_min"] > 0 or \
+        ranks[0]["m"]["clip_ratio/low_mean"] > 0
 
 
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo.py <worker> <args>
