@@ -47,6 +47,30 @@ TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_m
 CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
+def importance_ratio(logp_bT, old_bT, mask_bT, cfg):
+    """TRL's coef_1, detached: exp(log-prob - old log-prob) per token [b, T], or of the sequence's masked mean
+    [b, 1] with importance_sampling_level=sequence; 1 where old_bT is None (the first iteration). -> (ratio,
+    the float mask)."""
+    m = mask_bT.float()
+    lr = torch.zeros_like(m) if old_bT is None else (logp_bT.detach().float() - old_bT.float()) * m
+    if cfg.importance_sampling_level == "sequence":
+        lr = lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return lr.exp(), m
+
+
+@torch.no_grad()
+def cispo_clipped(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
+    """One micro-batch's [clipped, counted] of TRL's cispo_clip_ratio: scored tokens (sequences, at sequence
+    level) whose ratio exceeds epsilon_high with a positive advantage (the tokens CISPO's clamp changes)."""
+    r, m = importance_ratio(logp_bT, old_bT, mask_bT, cfg)
+    adv = adv_b[:, None] if adv_b.dim() == 1 else adv_b
+    eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    hit = ((r > eps_high) & (adv > 0)).double()
+    if r.shape[1] == 1:
+        return torch.stack([hit.sum(), hit.new_tensor(float(hit.shape[0]))])
+    return torch.stack([(hit * m).sum(), m.double().sum()])
+
+
 @torch.no_grad()
 def clip_extremes(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
     """One micro-batch's inputs of TRL's clip_ratio/low_min and clip_ratio/high_max: each sequence's share of
@@ -55,11 +79,7 @@ def clip_extremes(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
     least low share and the greatest high share over this process's sequences -> [2] = (low, -high), inf where
     no sequence has a share (sequences without scored tokens are left out: TRL's nanmin / nanmax). old_bT None:
     the ratio is 1 (the first iteration), nothing is clipped."""
-    m = mask_bT.float()
-    lr = torch.zeros_like(m) if old_bT is None else (logp_bT.float() - old_bT.float()) * m
-    if cfg.importance_sampling_level == "sequence":
-        lr = lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    r = lr.exp()
+    r, m = importance_ratio(logp_bT, old_bT, mask_bT, cfg)
     if cfg.delta is not None:
         r = r.clamp(max=cfg.delta)  # TRL counts clipping on the ratio after the delta clamp
     adv = adv_b[:, None] if adv_b.dim() == 1 else adv_b
@@ -530,9 +550,12 @@ class GRPOTrainer(Trainer):
                     sel = out.metrics.get("entropy/selected_mean", ent)
                     n_tok = mask_BT[sl].sum()
                     ent_window += torch.stack([sel.detach().double() * n_tok, n_tok.double()])
+                old_sl = None if old_BT is None or it == 0 else old_BT[sl, :T]
                 if cfg.loss_type in CLIP_EXTREME_LOSSES:
-                    ext.append(clip_extremes(out.per_token_logprobs, None if old_BT is None or it == 0 else
-                                             old_BT[sl, :T], adv_N[sl], mask_BT[sl, :T], cfg))
+                    ext.append(clip_extremes(out.per_token_logprobs, old_sl, adv_N[sl], mask_BT[sl, :T], cfg))
+                elif cfg.loss_type == "cispo":  # TRL's global_masked_mean, as TOKEN_MEAN_METRICS
+                    tok_acc.setdefault("cispo_clip_ratio", []).append(
+                        cispo_clipped(out.per_token_logprobs, old_sl, adv_N[sl], mask_BT[sl, :T], cfg))
                 if old_BT is not None and it == 0:
                     old_BT[sl, :T] = out.per_token_logprobs
                 if it == 0 and ro.logprobs_BT is not None:

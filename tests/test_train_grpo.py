@@ -395,6 +395,34 @@ def test_token_metrics_are_global_token_means(tmp_path):
         ranks[0]["m"]["clip_ratio/low_mean"] > 0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo_clip_ratio_as_trl(tmp_path, level):
+    """loss_type=cispo logs TRL's cispo_clip_ratio: per micro-batch the share of scored tokens (sequences, at
+    sequence level) whose ratio exceeds epsilon_high with a positive advantage, averaged over the micro-batches;
+    against a float64 computation of TRL's formula from each micro-batch's log-probs."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+                       "num_iterations=2", "learning_rate=0.05", "loss_type=cispo", "epsilon_high=1.02",
+                       f"importance_sampling_level={level}", reward_funcs=[H.digit_share])
+    shares, micro = [], t.micro_step
+
+    def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw):
+        out, ent = micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, **kw)
+        lp, m_BT = out.per_token_logprobs.detach().double(), mask_BT[:, :T].double()
+        lr = torch.zeros_like(lp) if old_BT is None else (lp - old_BT[:, :T].double()) * m_BT
+        if level == "sequence":
+            coef = (lr.sum(-1) / m_BT.sum(-1).clamp(min=1.0)).exp()
+            shares.append(float(((coef > 1.02) & (adv_B > 0)).double().mean()))
+        else:
+            hit = (lr.exp() > 1.02) & (adv_B.double()[:, None] > 0)
+            shares.append(float((hit * m_BT).sum() / m_BT.sum().clamp(min=1.0)))
+        return out, ent
+
+    t.micro_step = spy
+    m = t.train_step(0, t.rows_for(0)[0])
+    assert len(shares) == 4 and max(shares) > 0  # the second iteration's ratios pass 1.02
+    assert m["cispo_clip_ratio"] == pytest.approx(sum(shares) / len(shares), rel=1e-6, abs=1e-9)
+
+
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo.py <worker> <args>
     import sys
 
