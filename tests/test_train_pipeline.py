@@ -262,3 +262,26 @@ def test_results_json_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(json, "dump", real)
     assert json.loads((tmp_path / "pipeline_results.json").read_text()) == {"final_rl": {"eval/accuracy": 0.5}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline_results.json"]  # no temporary file left
+
+
+def test_distill_into_a_student_with_another_tokenizer(tmp_path, monkeypatch):
+    """Distillation hands the teacher's kept samples over as text, so a student whose tokenizer differs from the
+    teacher's (R1's Llama students of DeepSeek-V3) trains on them with its own: SFT on every kept row, which the
+    student's tokenizer encodes (it refused before: "the student's tokenizer differs from the teacher's")."""
+    from r1train.tasks import char_tokenizer, tiny_model
+
+    stok = char_tokenizer(vocab_size=160)  # the character vocabulary plus 51 filler tokens: another vocabulary
+    student_dir = tmp_path / "student"
+    tiny_model("tiny-llama", stok, hidden_size=32, num_layers=1).save_pretrained(student_dir)
+    stok.save_pretrained(student_dir)
+    kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+    seen = []
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
+    real = pipeline.run_sft
+    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows: seen.append((len(tok), rows)) or
+                        real(cfg, model, tok, rows=rows))
+    res = pipeline.distill(None, H.FAST + ["teacher_model=tiny-qwen2", f"model_name_or_path={student_dir}",
+                                           f"output_dir={tmp_path / 'distill'}", "max_steps=2"])
+    assert res["distill_rows"] == 4 and seen == [(160, kept)]
+    assert (tmp_path / "distill" / "distill_results.json").exists()
