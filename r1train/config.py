@@ -492,7 +492,9 @@ def check_deepspeed_values(cfg, c: dict):
     equal the config's (as transformers' HfTrainerDeepSpeedConfig.fill_match): DeepSpeed would otherwise run
     with the file's value over the config's (a file's GA 4 with the config's 1 stepped the optimizer every 4th
     micro-batch, none in 3 steps). bf16.enabled=false with bf16=true is allowed: bf16 weights stepped directly
-    without DeepSpeed's mixed precision (r1train/configs/ds_zero0_bf16.json)."""
+    without DeepSpeed's mixed precision (r1train/configs/ds_zero0_bf16.json). Also, when the config loads (before
+    any model): fp16 off, the optimizer / scheduler sections (check_optimizer_sections), and no offload section of
+    device "none" under an offload_* key that is on."""
     for ds_key, key in DEEPSPEED_FILLED:
         v, want = c.get(ds_key, "auto"), getattr(cfg, key)
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != want):
@@ -503,6 +505,49 @@ def check_deepspeed_values(cfg, c: dict):
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets bf16.enabled={v!r} but the config has bf16={cfg.bf16!r}; "
                           "set bf16=true, or bf16.enabled to \"auto\" (filled from bf16) or false (with bf16=true: "
                           "bf16 weights stepped without DeepSpeed's mixed precision)")
+    fp16 = c.get("fp16", {})  # transformers fills "auto" from its fp16 key; r1train has none (bf16 or fp32)
+    if not isinstance(fp16, dict) or fp16.get("enabled", False) not in (False, "auto"):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets fp16={fp16!r}; r1train does not support fp16 (loss "
+                          "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
+                          "16-bit training")
+    check_optimizer_sections(cfg, c)
+    zo = c.get("zero_optimization", {})
+    for k in ("offload_optimizer", "offload_param"):  # the key on and the file's section off: which one holds?
+        sec = zo.get(k)
+        if getattr(cfg, k) and isinstance(sec, dict) and str(sec.get("device", "cpu")).lower() == "none":
+            raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets zero_optimization.{k}.device='none' but the config "
+                              f"has {k}=true; set {k}=false, or the file's device to cpu")
+
+
+def check_optimizer_sections(cfg, c: dict):
+    """r1train builds the optimizer (`optim`, learning_rate, adam_*, weight_decay) and the schedule
+    (lr_scheduler_type, warmup_ratio) itself, and DeepSpeed takes those over a file's `optimizer` / `scheduler`
+    sections: a section's value that would not hold was ignored silently. An optimizer section may stay with
+    AdamW and its params "auto" or equal to the config's (transformers' fill_match); a scheduler section is an
+    error (DeepSpeed's schedules are not lr_scheduler_type's)."""
+    if c.get("scheduler") is not None:
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} has a scheduler section, which r1train does not run (its "
+                          "schedule is lr_scheduler_type and warmup_ratio); remove it and set those keys")
+    o = c.get("optimizer")
+    if o is None:
+        return
+    if not isinstance(o, dict) or not isinstance(o.get("params", {}), dict):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r}: optimizer must be an object (with a params object)")
+    if str(o.get("type", "AdamW")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets optimizer.type={o.get('type')!r}; r1train's optimizer "
+                          "is AdamW of the `optim` key; remove the optimizer section")
+    want = {"lr": ("learning_rate", cfg.learning_rate), "betas": ("adam_beta1, adam_beta2",
+                                                                   [cfg.adam_beta1, cfg.adam_beta2]),
+            "eps": ("adam_epsilon", cfg.adam_epsilon), "weight_decay": ("weight_decay", cfg.weight_decay)}
+    for k, v in o.get("params", {}).items():
+        key, w = want.get(k, (None, None))
+        if v == "auto" or (key is not None and not isinstance(v, bool) and
+                           (list(v) if isinstance(v, (list, tuple)) else v) == w):
+            continue
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets optimizer.params.{k}={v!r}"
+                          + (f" but the config has {key}={w!r}; set one of them so they match, or {k} to \"auto\""
+                             if key else "; r1train's optimizer does not take it (set through the `optim` key and "
+                             "learning_rate, adam_beta1/2, adam_epsilon, weight_decay); remove it"))
 
 
 def check_offload(cfg, stage: int):

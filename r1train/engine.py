@@ -83,13 +83,8 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     for k, v in fill.items():
         if c.get(k, "auto") == "auto":
             c[k] = v
-    fp16 = c.get("fp16", {})  # transformers fills "auto" from its fp16 key; r1train has none (bf16 or fp32)
-    if not isinstance(fp16, dict) or fp16.get("enabled", False) not in (False, "auto"):
-        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets fp16={fp16!r}; r1train does not support fp16 (loss "
-                          "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
-                          "16-bit training")
-    if "fp16" in c:
-        c["fp16"] = {**fp16, "enabled": False}
+    if "fp16" in c:  # checked (check_deepspeed_values): false or "auto", which transformers fills from its fp16 key
+        c["fp16"] = {**c["fp16"], "enabled": False}
     c.setdefault("bf16", {})
     if c["bf16"].get("enabled", "auto") == "auto":
         c["bf16"]["enabled"] = cfg.bf16
@@ -103,16 +98,10 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
                           f"per_gpu x gradient_accumulation_steps x processes = {c['train_micro_batch_size_per_gpu']} "
                           f"x {c['gradient_accumulation_steps']} x {world} = {want} (per_device_train_batch_size, "
                           "gradient_accumulation_steps); set train_batch_size to \"auto\" or drop it")
-    check_optimizer_sections(cfg, c)
     c.pop("optimizer", None)  # checked: the engine gets r1train's (the reference engine would build this one)
     zo = c.setdefault("zero_optimization", {"stage": 0})
     check_offload(cfg, zo.get("stage", 0))
     pin = torch.cuda.is_available()
-    for k in ("offload_optimizer", "offload_param"):  # the key on and the file's section off: which one holds?
-        sec = zo.get(k)
-        if getattr(cfg, k) and isinstance(sec, dict) and str(sec.get("device", "cpu")).lower() == "none":
-            raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets zero_optimization.{k}.device='none' but the config "
-                              f"has {k}=true; set {k}=false, or the file's device to cpu")
     # the keys turn offload on; a `deepspeed` file's own offload sections (e.g. pin_memory=false, which saves
     # the pinned copies' transient host memory) are kept over these defaults
     if cfg.offload_optimizer or "offload_optimizer" in zo:
@@ -121,37 +110,6 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     if cfg.offload_param or "offload_param" in zo:
         zo["offload_param"] = {"device": "cpu", "pin_memory": pin, **zo.get("offload_param", {})}
     return c
-
-
-def check_optimizer_sections(cfg: TrainConfig, c: dict):
-    """r1train builds the optimizer (`optim`, learning_rate, adam_*, weight_decay) and the schedule
-    (lr_scheduler_type, warmup_ratio) itself, and DeepSpeed takes those over a file's `optimizer` / `scheduler`
-    sections: a section's value that would not hold was ignored silently. An optimizer section may stay with
-    AdamW and its params "auto" or equal to the config's (transformers' fill_match); a scheduler section is an
-    error (DeepSpeed's schedules are not lr_scheduler_type's)."""
-    if c.get("scheduler") is not None:
-        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} has a scheduler section, which r1train does not run (its "
-                          "schedule is lr_scheduler_type and warmup_ratio); remove it and set those keys")
-    o = c.get("optimizer")
-    if o is None:
-        return
-    if not isinstance(o, dict) or not isinstance(o.get("params", {}), dict):
-        raise ConfigError(f"deepspeed: {cfg.deepspeed!r}: optimizer must be an object (with a params object)")
-    if str(o.get("type", "AdamW")).lower() not in ("adamw", "adam"):
-        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets optimizer.type={o.get('type')!r}; r1train's optimizer "
-                          "is AdamW of the `optim` key; remove the optimizer section")
-    want = {"lr": ("learning_rate", cfg.learning_rate), "betas": ("adam_beta1, adam_beta2",
-                                                                   [cfg.adam_beta1, cfg.adam_beta2]),
-            "eps": ("adam_epsilon", cfg.adam_epsilon), "weight_decay": ("weight_decay", cfg.weight_decay)}
-    for k, v in o.get("params", {}).items():
-        key, w = want.get(k, (None, None))
-        if v == "auto" or (key is not None and not isinstance(v, bool) and
-                           (list(v) if isinstance(v, (list, tuple)) else v) == w):
-            continue
-        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets optimizer.params.{k}={v!r}"
-                          + (f" but the config has {key}={w!r}; set one of them so they match, or {k} to \"auto\""
-                             if key else "; r1train's optimizer does not take it (set through the `optim` key and "
-                             "learning_rate, adam_beta1/2, adam_epsilon, weight_decay); remove it"))
 
 
 def reference_config(dsc: dict) -> dict:

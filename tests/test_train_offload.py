@@ -1,6 +1,7 @@
 """ZeRO-Offload keys: offload_optimizer (stage >= 1) and offload_param (stage 3) run through DeepSpeed's own
 offload paths and train the same as without offload; a stage that cannot offload is an error naming the key."""
 
+import dataclasses
 import math
 import os
 
@@ -89,9 +90,10 @@ def test_deepspeed_optimizer_and_scheduler_sections(tmp_path):
                            ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}},
                             r"scheduler.*lr_scheduler_type")):
         path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **section}))
-        cfg = load_config(overrides=base + [f"deepspeed={path}"])
-        with pytest.raises(ConfigError, match=r"^deepspeed: .*" + match):
-            ds_config(cfg, 8, 1)
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*" + match):  # when the config loads
+            load_config(overrides=base + [f"deepspeed={path}"])
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*" + match):  # a config changed after it loaded
+            ds_config(dataclasses.replace(load_config(overrides=base), deepspeed=str(path)), 8, 1)
     ok = {"type": "AdamW", "params": {"lr": "auto", "betas": [0.8, 0.99], "eps": 1e-8, "weight_decay": "auto"}}
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "optimizer": ok}))
     t = H.grpo_trainer(tmp_path / "run", *base, f"deepspeed={path}", "max_steps=1", "beta=0.04",
@@ -111,9 +113,10 @@ def test_deepspeed_fp16_is_an_error(tmp_path):
     path = tmp_path / "ds.json"
     for bad in ({"enabled": True}, {"enabled": 1}, {"enabled": "true"}, True):
         path.write_text(json.dumps({"fp16": bad, "zero_optimization": {"stage": 1}}))
-        cfg = load_config(overrides=[f"deepspeed={path}"])
-        with pytest.raises(ConfigError, match=r"^deepspeed: .*fp16"):
-            ds_config(cfg, 8, 1)
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*fp16"):  # when the config loads
+            load_config(overrides=[f"deepspeed={path}"])
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*fp16"):  # a config changed after it loaded
+            ds_config(dataclasses.replace(load_config(), deepspeed=str(path)), 8, 1)
     for ok in ({"enabled": False}, {"enabled": "auto", "loss_scale": 0}, {}):
         path.write_text(json.dumps({"fp16": ok, "zero_optimization": {"stage": 1}}))
         cfg = load_config(overrides=[f"deepspeed={path}"])
@@ -131,9 +134,8 @@ def test_offload_key_against_a_file_section_that_turns_it_off(tmp_path, key):
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, key: {"device": "none"}}}))
-    cfg = load_config(overrides=[f"deepspeed={path}", f"{key}=true"])
     with pytest.raises(ConfigError, match=rf"^deepspeed: .*{key}\.device='none'.*{key}=true"):
-        ds_config(cfg, 8, 1)
+        load_config(overrides=[f"deepspeed={path}", f"{key}=true"])  # when the config loads, before any model
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, key: {"device": "cpu", "pin_memory": False}}}))
     cfg = load_config(overrides=[f"deepspeed={path}", f"{key}=true"])
     assert ds_config(cfg, 8, 1)["zero_optimization"][key] == {"device": "cpu", "pin_memory": False}
