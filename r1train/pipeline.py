@@ -33,9 +33,16 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     out = [load_config(path, overrides)]
     for section, sub in stages.items():
         c = stage_cfg(load_config(path, overrides, section=section), sub)
+
         if section.startswith("grpo"):
             check_grpo_batch(c)
         out.append(c)
+    paths = [c.resume_from_checkpoint for c in out[1:] if c.resume_from_checkpoint not in (None, "latest")]
+    for p in dict.fromkeys(paths):  # one checkpoint path given to several stages (the top level, key=value)
+        if paths.count(p) > 1:
+            raise ConfigError(f"resume_from_checkpoint={p!r}: a checkpoint is one stage's, and {paths.count(p)} "
+                              "stages would load it; use resume_from_checkpoint=latest (each stage resumes from its "
+                              "own output directory), or set a path in one stage's section")
     return out
 
 

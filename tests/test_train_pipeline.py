@@ -9,6 +9,7 @@ import train_helpers as H
 
 from r1train import pipeline
 from r1train.cli import main
+from r1train.config import ConfigError
 
 SECTIONS = """
 sft: {max_steps: 3, learning_rate: 0.003}
@@ -285,3 +286,18 @@ def test_distill_into_a_student_with_another_tokenizer(tmp_path, monkeypatch):
                                            f"output_dir={tmp_path / 'distill'}", "max_steps=2"])
     assert res["distill_rows"] == 4 and seen == [(160, kept)]
     assert (tmp_path / "distill" / "distill_results.json").exists()
+
+
+def test_recipe_refuses_one_checkpoint_path_for_every_stage(tmp_path):
+    """resume_from_checkpoint=<a path> on the command line (or the YAML top level) reaches every stage of the
+    recipe, and a later stage loading the first stage's checkpoint failed only after the earlier stages ran: an
+    error naming the key before any stage runs. A path in one stage's section stays allowed."""
+    y = tmp_path / "recipe.yaml"
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
+    ckpt = tmp_path / "out" / "1-cold-start-sft" / "checkpoint-3"
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint=.*4 stages would load it"):
+        pipeline._stage_configs(str(y), [f"resume_from_checkpoint={ckpt}"], {
+            "sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"})
+    y.write_text(y.read_text().replace("sft: {max_steps: 3,", f"sft: {{resume_from_checkpoint: {ckpt}, max_steps: 3,"))
+    cfgs = pipeline._stage_configs(str(y), [], {"sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"})
+    assert [c.resume_from_checkpoint for c in cfgs[1:]] == [str(ckpt), None, None, None]
