@@ -208,7 +208,7 @@ def distill(cfg_path=None, overrides=()):
     # the hand-off is text (prompt, completion): the student's own tokenizer and chat template read it, so a
     # student of another family (R1's Qwen and Llama students of DeepSeek-V3) needs no common vocabulary
     student, stok = load_model_and_tokenizer(cfg)
-    _, res = run_sft(stage_cfg(cfg, "distill"), student, stok, rows=rows)
+    _, res = run_sft(_resumed(stage_cfg(cfg, "distill")), student, stok, rows=rows)  # latest: fresh if none yet
     res["distill_rows"] = len(rows)
     _write(cfg.output_dir, "distill_results.json", res)
     return res

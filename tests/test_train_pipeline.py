@@ -301,3 +301,18 @@ def test_recipe_refuses_one_checkpoint_path_for_every_stage(tmp_path):
     y.write_text(y.read_text().replace("sft: {max_steps: 3,", f"sft: {{resume_from_checkpoint: {ckpt}, max_steps: 3,"))
     cfgs = pipeline._stage_configs(str(y), [], {"sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"})
     assert [c.resume_from_checkpoint for c in cfgs[1:]] == [str(ckpt), None, None, None]
+
+
+def test_distill_resumed_before_its_first_checkpoint_starts_fresh(tmp_path, monkeypatch):
+    """distill rerun with resume_from_checkpoint=latest after a kill before the student's first save: the student
+    starts fresh, as a recipe stage with no checkpoint does (it failed with "no checkpoint-<step>" after sampling
+    the teacher again)."""
+    kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
+    out = tmp_path / "run"
+    (out / "distill").mkdir(parents=True)
+    (out / "distill" / "metrics.jsonl").write_text("")  # a killed run's partial outputs, no checkpoint
+    res = pipeline.distill(None, H.FAST + ["teacher_model=tiny-qwen2", "model_name_or_path=tiny-qwen2",
+                                           f"output_dir={out}", "max_steps=2", "resume_from_checkpoint=latest"])
+    assert res["distill_rows"] == 4 and (out / "distill" / "checkpoint-2").is_dir()
