@@ -291,7 +291,7 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """resume_from_checkpoint -> a complete checkpoint directory. `latest`: the newest complete
     checkpoint-<step> in output_dir (damaged or unfinished newer ones are skipped with a warning); `true` too
     (HF Trainer's resume_from_checkpoint=True), unless a directory has that name."""
-    if spec.lower() == "true" and not os.path.isdir(spec):
+    if resumes_latest(spec):
         spec = "latest"
     if spec != "latest":
         problem = checkpoint_problem(spec)
@@ -312,6 +312,12 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
         skipped.append(f"{os.path.basename(path)}: {problem}")
     raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir} ("
                           + "; ".join(skipped) + ")")
+
+
+def resumes_latest(spec) -> bool:
+    """resume_from_checkpoint names the newest checkpoint: `latest`, or `true` (HF Trainer's True) unless a
+    directory has that name (load_config reads true as latest; a config changed in code may still hold it)."""
+    return spec == "latest" or (isinstance(spec, str) and spec.lower() == "true" and not os.path.isdir(spec))
 
 
 def check_resume_config(path: str, cfg, trainer: str, world: int):

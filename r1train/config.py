@@ -296,12 +296,7 @@ class TrainConfig:
             check_deepspeed_values(self, dsc)
             check_offload(self, dsc.get("zero_optimization", {}).get("stage", 0))
         self._check_tokenizer_path()
-        from .tasks.arith import ArithSpec  # the built-in task's settings: checked here, not when data loads
-
-        try:
-            ArithSpec(self.task_min_terms, self.task_max_terms, self.task_max_operand, self.task_ops)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        task_spec(self)  # the built-in task's settings: checked here, not when data loads
         if self.use_peft:
             if self.lora_r < 1 or self.lora_alpha < 1:
                 raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
@@ -421,6 +416,16 @@ class TrainConfig:
         from .rewards import check_reward_funcs
 
         check_reward_funcs(self.reward_funcs, self)  # names, modules, callables, duplicates
+
+
+def task_spec(cfg):
+    """The built-in task's ArithSpec from the task_* keys; a bad value is a ConfigError naming its key."""
+    from .tasks.arith import ArithSpec
+
+    try:
+        return ArithSpec(cfg.task_min_terms, cfg.task_max_terms, cfg.task_max_operand, cfg.task_ops)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _yaml_loader():

@@ -546,10 +546,10 @@ class GRPOTrainer(Trainer):
                                                None if ref_BT is None else ref_BT[sl], n_items, T,
                                                samp_BT=None if samp_BT is None else samp_BT[sl],
                                                entropy_coef=self.applied_entropy_coef())
+                n_tok = mask_BT[sl].sum().double()  # the micro-batch's scored tokens (metric weights)
                 if cfg.use_adaptive_entropy and ent is not None:
                     sel = out.metrics.get("entropy/selected_mean", ent)
-                    n_tok = mask_BT[sl].sum()
-                    ent_window += torch.stack([sel.detach().double() * n_tok, n_tok.double()])
+                    ent_window += torch.stack([sel.detach().double() * n_tok, n_tok])
                 old_sl = None if old_BT is None or it == 0 else old_BT[sl, :T]
                 if cfg.loss_type in CLIP_EXTREME_LOSSES:
                     ext.append(clip_extremes(out.per_token_logprobs, old_sl, adv_N[sl], mask_BT[sl, :T], cfg))
@@ -592,7 +592,6 @@ class GRPOTrainer(Trainer):
                     if gn is not None:
                         acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
                 clock.mark("forward")  # the micro-step's metric tensors
-                n_tok = mask_BT[sl].sum().double()
                 for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
                              *out.metrics.items(), ("entropy", ent)]:
                     if v is None:

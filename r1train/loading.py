@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, task_spec
 from .data import DatasetError, load_rows
-from .tasks import TINY_MODELS, ArithSpec, char_tokenizer, generate, tiny_model
+from .tasks import TINY_MODELS, char_tokenizer, generate, tiny_model
 
 
 def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
@@ -145,13 +145,6 @@ def maybe_patch(model, cfg: TrainConfig):
             raise
         logging.getLogger("r1train").warning("rk.patch unavailable for this model, using HF modules: %r", e)
     return model
-
-
-def task_spec(cfg: TrainConfig) -> ArithSpec:
-    try:
-        return ArithSpec(cfg.task_min_terms, cfg.task_max_terms, cfg.task_max_operand, cfg.task_ops)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
 
 
 def load_datasets(cfg: TrainConfig, sft: bool = False):

@@ -33,7 +33,6 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     out = [load_config(path, overrides)]
     for section, sub in stages.items():
         c = stage_cfg(load_config(path, overrides, section=section), sub)
-
         if section.startswith("grpo"):
             check_grpo_batch(c)
         out.append(c)
@@ -50,11 +49,9 @@ def _resumed(c: TrainConfig) -> TrainConfig:
     """resume_from_checkpoint=latest in the recipe (or true, which resolve_checkpoint reads as latest unless a
     directory has that name): a stage with no complete checkpoint yet (not reached, or killed before its first
     save) runs from its start, its partial outputs replaced; the others resume."""
-    from .checkpoint import checkpoint_problem, list_checkpoints
+    from .checkpoint import checkpoint_problem, list_checkpoints, resumes_latest
 
-    spec = c.resume_from_checkpoint
-    latest = spec == "latest" or (isinstance(spec, str) and spec.lower() == "true" and not os.path.isdir(spec))
-    if latest and all(checkpoint_problem(p) for p in list_checkpoints(c.output_dir)):
+    if resumes_latest(c.resume_from_checkpoint) and all(checkpoint_problem(p) for p in list_checkpoints(c.output_dir)):
         return dataclasses.replace(c, resume_from_checkpoint=None, overwrite_output_dir=True)
     return c
 

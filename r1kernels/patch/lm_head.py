@@ -110,9 +110,9 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
                     backend=backend)
     if getattr(model, "_r1k_lm_head", None) is not None:
         model._r1k_lm_head.update(defaults)
-        return {"forward": model._r1k_lm_head["forward"].original_forward()}
-    model._r1k_lm_head = dict(defaults, forward=_ForwardWithFusedHead(model, model.forward))
-    model.forward = model._r1k_lm_head["forward"]
+    else:
+        model._r1k_lm_head = dict(defaults, forward=_ForwardWithFusedHead(model, model.forward))
+        model.forward = model._r1k_lm_head["forward"]
     return {"forward": model._r1k_lm_head["forward"].original_forward()}
 
 

@@ -16,10 +16,9 @@ import time
 
 import torch
 
-from ..config import TrainConfig, check_grpo_batch, load_config
+from ..config import TrainConfig, check_grpo_batch, load_config, task_spec
 from ..engine import setup_distributed
 from ..grpo import GRPOTrainer
-from ..loading import task_spec
 from ..rewards import accuracy_reward, format_reward, language_consistency_reward
 from ..rollout import sample_rows
 from ..sft import SFTTrainer
