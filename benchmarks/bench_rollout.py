@@ -150,7 +150,8 @@ AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent l
       "emit": "the step's bookkeeping after sampling as one kernel (engine.STEP_FUSIONS)",
       "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)",
       "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)",
-      "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS = 1; default 17)"}
+      "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS = 1; default 17)",
+      "cublaslt": "torch's GEMMs (down_proj, lm_head) on cuBLASLt (torch.backends.cuda.preferred_blas_library)"}
 
 
 @contextlib.contextmanager
@@ -163,6 +164,7 @@ def ab_variant(v: str):
 
     kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}, ga.SHARED_PROMPT, ge.STEP_FUSIONS
     min_rows = fz.DECODE_LINEAR_MIN_ROWS
+    blas = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
     try:
         for change in v.split("+"):
             if change not in AB:
@@ -186,10 +188,14 @@ def ab_variant(v: str):
                 ge.STEP_FUSIONS = ()
             elif change == "dl_all_rows":
                 fz.DECODE_LINEAR_MIN_ROWS = 1
+            elif change == "cublaslt":
+                torch.backends.cuda.preferred_blas_library("cublaslt")
         yield
     finally:
         fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS = kept[0], kept[1], kept[3], kept[4]
         fz.DECODE_LINEAR_MIN_ROWS = min_rows
+        if blas is not None:
+            torch.backends.cuda.preferred_blas_library(blas)
         for e, c in kept[2].items():
             dl.CONFIGS[e].clear()
             dl.CONFIGS[e].update(c)
