@@ -668,7 +668,8 @@ def test_gpu_shared_prompt_reads_in_captured_steps(name, monkeypatch):
 def test_padding_ids_outside_the_vocabulary_are_not_read(engine, fill):
     """check_prompt_rows checks only the ids under the mask (a padding column is not read); any id in a padding
     column (-1, V: a caller's own pad value) gives the completions of pad_id there, through either engine and
-    hf_generate (it was an IndexError from the embedding of the prefill / transformers' forward)."""
+    called directly (Engine.generate, hf_generate; it was an IndexError from the embedding of the prefill /
+    transformers' forward)."""
     model = _model("tiny-qwen2", layers=1, sharp=False)
     ids, mask = _prompts([5, 2, 3])
     sp, seeds = SamplingParams(4, top_k=20), [1, 2, 3]
@@ -677,9 +678,9 @@ def test_padding_ids_outside_the_vocabulary_are_not_read(engine, fill):
     got = generate(model, odd, mask, seeds, sp, eos_id=-1, pad_id=0, engine=engine, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(odd[mask == 0], torch.full_like(odd[mask == 0], fill))  # the caller's tensor is untouched
-    if engine == "transformers":
-        got = hf_generate(model, odd, mask, seeds, sp, eos_id=-1, pad_id=0)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    direct = hf_generate(model, odd, mask, seeds, sp, eos_id=-1, pad_id=0) if engine == "transformers" else \
+        Engine(model, backend="torch", cuda_graphs=False).generate(odd, mask, seeds, sp, eos_id=-1, pad_id=0)
+    assert torch.equal(direct[0], want[0]) and torch.equal(direct[1], want[1])
 
 
 def test_transformers_fallback_completion_depends_on_row_only():

@@ -63,9 +63,6 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
         if prompt_ids_BP.shape[0] == 0:  # a rank with nothing to sample this round (dynamic sampling)
             dev = prompt_ids_BP.device
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
-        # padding columns are not read (check_prompt_rows checks the masked-in ids only), but the forwards embed
-        # them: a caller's own pad value (-1, an id past the vocabulary) was an IndexError there
-        prompt_ids_BP = prompt_ids_BP.masked_fill(~prompt_mask_BP.bool(), pad_id)
         if engine == "transformers":
             if recorder(model) is not None:
                 raise ValueError("moe_router_replay needs rollout_engine=r1train: the transformers fallback does "

@@ -365,6 +365,9 @@ class Engine:
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
         check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model, pad_id)
+        # padding columns are not read (check_prompt_rows checks the masked-in ids only), but the prefill embeds
+        # them: a caller's own pad value (-1, an id past the vocabulary) would index outside the embedding
+        prompt_ids_BP = prompt_ids_BP.masked_fill(~prompt_mask_BP.bool(), pad_id)
         eos = eos_tuple(eos_id)
         if eos not in self._eos:
             self._eos[eos] = torch.tensor(eos, dtype=torch.int64, device=dev)
