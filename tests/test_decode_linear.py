@@ -271,6 +271,10 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
     norms = []
     real_norm = rk.rms_norm
     monkeypatch.setattr(rk, "rms_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    if key[1] == "cpu":
+        # the rotary embedding (the same op in ref and got, not what is compared) by the torch reference: under the
+        # interpreter its Triton kernel (tested in test_fused_decode) took ~2/3 of this test's time
+        monkeypatch.setitem(rk._backend._RUNS, ("apply_rotary", "cpu"), [])
     L = model.config.num_hidden_layers
     assert fz.DECODE_LINEAR_MIN_ROWS == 17
     # decode steps below and above the row minimum, then at 5 rows with a minimum of 1; prefills of 80 and 48 rows

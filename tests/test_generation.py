@@ -55,16 +55,19 @@ def _greedy_no_cache(model, prompt, T, eos):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_greedy_equals_full_forward(name, backend):
     """Patched: rk.patch(model)'s MoE routing and experts run inside the engine's decode step; the fused layer
-    classes of Qwen2 / Llama (shadowed by the engine's own decode-step patches) in prefill and decode."""
+    classes of Qwen2 / Llama (shadowed by the engine's own decode-step patches) in prefill and decode. The engine
+    runs them on their default backend (on CPU the Triton interpreter), the uncached references (~80 forwards)
+    on the torch ops (the interpreter there took ~90% of the test's time)."""
     if backend == "triton" and name not in ("tiny-qwen2", "tiny-llama"):
         pytest.skip("interpreter: q/k/v with and without bias are enough for the kernels (torch covers every "
                     "model)")
+    import r1kernels as rk
+
     torch.manual_seed(0 if name == "tiny-qwen2" or name == "tiny-llama" else 1)
     model = _model(name.removesuffix("-patched"))
-    if name.endswith("-patched"):
-        import r1kernels as rk
-
-        rk.patch(model)
+    patched = name.endswith("-patched")
+    if patched:
+        rk.patch(model, backend="torch")  # the references: the patched classes over the torch ops
     lens, T = [7, 2, 5, 1, 6], 10
     ids, mask = _prompts(lens)
     rep = [0, 1, 2, 3, 4, 2, 0, 2]  # repeated prompts: one prefill row each, copied (distinct_rows)
@@ -72,9 +75,13 @@ def test_greedy_equals_full_forward(name, backend):
     # eos: a token the greedy run of row 0 reaches at its 4th step, so some rows stop early
     ref0 = _greedy_no_cache(model, ids[0, mask[0].bool()].tolist(), T, eos=-1)
     eos = ref0[3]
+    if patched:
+        rk.patch(model)  # the engine's run: the patched ops' default backend
     eng = Engine(model, backend=backend, check_every=2)  # frequent checks: compaction runs
     tok, logp = eng.generate(ids, mask, list(range(len(lens))), SamplingParams(T, greedy=True), eos_id=eos,
                              pad_id=0)
+    if patched:
+        rk.patch(model, backend="torch")
     for b in range(len(lens)):
         ref = _greedy_no_cache(model, ids[b, mask[b].bool()].tolist(), T, eos)
         assert tok[b, :len(ref)].tolist() == ref, f"row {b}"

@@ -2,6 +2,7 @@
 gradient accumulation (same prompts, same samples, same global-batch normalization); ZeRO-3 runs."""
 
 import math
+import subprocess
 
 import pytest
 import train_helpers as H
@@ -13,17 +14,48 @@ ARGS = H.FAST + ["reward_funcs=train_helpers:digit_share", "max_steps=2", "num_g
 DYNAMIC = ["dynamic_sampling=true", "max_dynamic_sampling_rounds=4", "reward_funcs=train_helpers:half_constant"]
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """start(args) -> wait(): the one-process run of these arguments, started in the background (it runs
+    alongside the caller's two-process run: each CLI process has one thread) once per module (plain and
+    accelerate_launch compare with the same one); wait() -> its output_dir once it has exited cleanly."""
+    runs = {}
+
+    def start(args):
+        key = tuple(args)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("one")
+            err = open(out.parent / f"{out.name}.stderr", "w+")
+            proc = subprocess.Popen(H.cli_cmd([*args, f"output_dir={out}"]), env=H.env(), cwd=H.ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            runs[key] = (out, proc, err)
+        out, proc, err = runs[key]
+
+        def wait():
+            rc = proc.wait(timeout=600)
+            err.seek(0)
+            assert rc == 0, err.read()[-3000:]
+            return out
+        return wait
+    yield start
+    for _, proc, err in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra,launcher", [([], "torchrun"), (DYNAMIC, "torchrun"), ([], "accelerate")],
                          ids=["plain", "dynamic_sampling", "accelerate_launch"])
-def test_zero2_two_processes_match_one(tmp_path, extra, launcher):
+def test_zero2_two_processes_match_one(tmp_path, extra, launcher, one_process_run):
     """Dynamic sampling too: a batch slot lives on one rank and redraws from (seed, step, round, slot);
     `accelerate launch` starts the same two processes as torchrun."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    r1 = H.run_cli(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=2", f"output_dir={one}"])
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    two = tmp_path / "two"
+    wait_one = one_process_run(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=2"])
     r2 = H.run_cli(["grpo", *ARGS, *extra, "zero_stage=2", "gradient_accumulation_steps=1", f"output_dir={two}"],
                    nproc=2, launcher=launcher)
+    one = wait_one()
     assert r2.returncode == 0, r2.stderr[-3000:]
     m1, m2 = H.read_metrics(one), H.read_metrics(two)
     assert len(m1) == len(m2) == 2
@@ -75,16 +107,16 @@ def test_zero3_two_processes_with_reference(tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_two_processes_match_padded_one(tmp_path):
+def test_packed_two_processes_match_padded_one(tmp_path, one_process_run):
     """padding_free with a token budget under ZeRO-2 on two processes (each rank plans its own packs, the
     count agreed by an all-reduce) logs the losses of one padded process with gradient accumulation (bnpo:
     the per-micro-batch token normalization)."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     args = [*ARGS, "max_prompt_length=20", "max_completion_length=8", "loss_type=bnpo", "zero_stage=2"]
-    r1 = H.run_cli(["grpo", *args, "gradient_accumulation_steps=2", f"output_dir={one}"])
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    wait_one = one_process_run(["grpo", *args, "gradient_accumulation_steps=2"])
     r2 = H.run_cli(["grpo", *args, "gradient_accumulation_steps=1", "padding_free=true", "max_tokens_per_batch=30",
                     f"output_dir={two}"], nproc=2)
+    one = wait_one()
     assert r2.returncode == 0, r2.stderr[-3000:]
     m1, m2 = H.read_metrics(one), H.read_metrics(two)
     assert len(m1) == len(m2) == 2
