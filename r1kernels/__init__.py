@@ -306,19 +306,30 @@ def sample_tokens(logits, seeds, positions, *, temperature=1.0, top_k=0, top_p=1
 
 
 def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_tokens=None):
-    """ValueError naming the first bad sampling option (shared with the generation engine)."""
+    """ValueError naming the first bad sampling option (shared with the generation engine). The numbers may be
+    numpy scalars (np.float32(0.9), np.int64(5): numbers.Real / numbers.Integral); bools are not numbers here."""
+    import numbers
+
+    def real(v):  # numbers.Real, not a bool (np.bool_ is not a numbers.Real)
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    def integral(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
     if not isinstance(greedy, bool):
         raise ValueError(f"greedy must be a bool, got {greedy!r}")
-    _checks.temperature(temperature)  # also with greedy: it scales the returned log-probs
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+    # also with greedy: it scales the returned log-probs. _checks takes Python numbers: a numpy one as its float
+    # (exact for numpy floats; a Python int stays itself: float() of a huge one overflows)
+    _checks.temperature(float(temperature) if real(temperature) and not isinstance(temperature, (int, float))
+                        else temperature)
+    if not integral(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+    if not real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     # [0, 1] as transformers' MinPLogitsWarper and TRL's GRPOConfig: min_p 1.0 keeps the tokens as likely as the top
-    if not isinstance(min_p, (int, float)) or isinstance(min_p, bool) or not 0.0 <= min_p <= 1.0:
+    if not real(min_p) or not 0.0 <= min_p <= 1.0:
         raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
-                                       or max_new_tokens < 1):
+    if max_new_tokens is not None and (not integral(max_new_tokens) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 

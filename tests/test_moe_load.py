@@ -79,3 +79,30 @@ def test_expert_load_token_mask_is_checked():
     for bad in (mask.float().reshape(-1) * 0.5, mask.reshape(-1).tolist()):
         with pytest.raises(ValueError, match="token_mask"):
             load.token_mask = bad
+
+
+@pytest.mark.parametrize("delta", [1, -1, 5])
+def test_expert_load_token_mask_of_another_size_is_an_error(delta):
+    """A token_mask whose size is not the training forward's token count was ignored (every token, pads too,
+    counted): now that forward is a ValueError naming token_mask and counts nothing. Forwards that do not count
+    (no-grad log-prob passes, eval-mode generation, which run with the last micro-batch's mask still set) are
+    not affected; a right-size mask and None count as before (against _ref_counts' independent routing)."""
+    model = _tiny()
+    load = ExpertLoad(model, 0.0)
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.rand(2, 6) < 0.6
+    load.token_mask = torch.ones(ids.numel() + delta, dtype=torch.bool)
+    with torch.no_grad():
+        model(ids)                  # not counted: no check either
+    model.eval()
+    model(ids)
+    model.train()
+    with pytest.raises(ValueError, match="token_mask"):
+        model(ids)
+    assert all(r.tokens_per_expert.sum().item() == 0 for r in load.routers)
+    load.token_mask = mask.reshape(-1)
+    model(ids)
+    load.token_mask = None
+    model(ids)
+    expected = torch.stack([_ref_counts(model, ids, i, mask) + _ref_counts(model, ids, i) for i in (1, 2)])
+    assert torch.equal(torch.stack([r.tokens_per_expert for r in load.routers]), expected)

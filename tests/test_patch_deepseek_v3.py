@@ -112,7 +112,11 @@ def test_patch_counts_training_forwards_only(experts, shape):
     model(ids)
     router.token_mask = mask.reshape(-1)
     model(ids)
-    router.token_mask = torch.zeros(ids.numel() + 1, dtype=torch.bool)  # another forward's size: not applied
+    for n in (ids.numel() + 1, ids.numel() - 1):  # another forward's size: an error naming it, nothing counted
+        router.token_mask = torch.ones(n, dtype=torch.bool)
+        with pytest.raises(ValueError, match="token_mask"):
+            model(ids)
+    router.token_mask = None  # every token
     model(ids)
     with torch.no_grad():
         model(ids)

@@ -8,8 +8,9 @@ its routed tokens to `router.tokens_per_expert` (int64 [E], on the device, no ho
 forwards only -- module.training and torch.is_grad_enabled(), outside backward's recompute -- so
 generation (eval mode, no_grad), no-grad log-prob passes and activation-checkpointing recomputes never
 count. `router.token_mask` ([N] bool, pads False) restricts the count to
-real tokens of forwards with N tokens. `update_router_biases` (once per optimizer step) sums the counts
-over ranks, moves each e_score_correction_bias by rk.moe.update_bias, and resets them.
+real tokens of forwards with N tokens (a mask of another size: a ValueError in the training forward).
+`update_router_biases` (once per optimizer step) sums the counts over ranks, moves each
+e_score_correction_bias by rk.moe.update_bias, and resets them.
 """
 from __future__ import annotations
 
@@ -60,10 +61,14 @@ class R1KRouter(nn.Module):
     @torch.no_grad()
     def _count(self, ids_NK):
         """tokens_per_expert += the routed tokens of ids [N, K] (index_add_: no host read, unlike bincount on
-        CUDA); a token_mask of N entries leaves its False tokens out."""
+        CUDA); a token_mask of N entries leaves its False tokens out, one of another size is a ValueError (it
+        was ignored: every token, pads too, counted)."""
         N, K = ids_NK.shape
         m = self.token_mask
-        if m is not None and m.numel() == N:
+        if m is not None and m.numel() != N:
+            raise ValueError(f"token_mask has {m.numel()} entries but this training forward routes {N} tokens "
+                             "(set it to the forward's [N] mask of real tokens, or None to count every token)")
+        if m is not None:
             ones = m.reshape(N, 1).to(device=ids_NK.device, dtype=torch.int64).expand(N, K)
         else:
             ones = ids_NK.new_ones(()).expand(N, K)

@@ -77,9 +77,27 @@ def buckets(rows: int) -> list[int]:
 
 
 def eos_tuple(eos_id) -> tuple:
-    """eos_id: one token id or a sequence of them (TRL stops at any of the model's eos ids) -> a tuple."""
-    ids = (eos_id,) if isinstance(eos_id, int) else tuple(dict.fromkeys(eos_id)) if eos_id is not None else ()
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    """eos_id: one token id or a sequence of them (TRL stops at any of the model's eos ids) -> a tuple of ints.
+    A numpy integer, an integer numpy array or an integer tensor (0-d or 1-d) holds valid ids (tokenizers and
+    TRL configs pass them): read as Python ints. Bools, floats, strings: a ValueError naming eos_id."""
+    from operator import index  # int, numpy integer, 0-d integer array / tensor -> int; a float: TypeError
+
+    def one(i):
+        if isinstance(i, bool) or "bool" in str(getattr(i, "dtype", "")):
+            raise TypeError("a bool")
+        v = index(i)
+        if not -2 ** 63 <= v < 2 ** 63:  # the engine holds the ids in int64
+            raise OverflowError(v)
+        return v
+
+    try:
+        if isinstance(eos_id, (str, bytes)):  # iterable, but not token ids
+            raise TypeError("a string")
+        scalar = isinstance(eos_id, (numbers.Integral, bool)) or getattr(eos_id, "ndim", None) == 0
+        ids = (one(eos_id),) if scalar else tuple(dict.fromkeys(one(i) for i in eos_id))
+    except (TypeError, ValueError, OverflowError):
+        ids = ()
+    if not ids:
         raise ValueError(f"eos_id must be a token id or a non-empty sequence of them, got {eos_id!r}")
     return ids
 
