@@ -163,13 +163,15 @@ class TrainConfig:
                                                    "sequence with advantage < 0 whose mean l_rollout - l exceeds this")
     use_bias_correction_kl: bool = f(True, "the KL term times the (differentiable) ratio: the unbiased reverse-KL "
                                      "gradient (DeepSeek-V3.2)")
-    top_entropy_quantile: float = f(1.0, "train only on the top quantile of each micro-batch's tokens by entropy "
-                                    "(0.2 in 'Beyond the 80/20 rule'; 1.0 = all tokens), in (0, 1]")
+    top_entropy_quantile: float = f(1.0, "train only on the top quantile of each micro-batch's tokens by entropy, "
+                                    "the threshold taken over every process's micro-batch as TRL does (0.2 in "
+                                    "'Beyond the 80/20 rule'; 1.0 = all tokens), in (0, 1]")
     entropy_coef: float = f(0.0, "entropy bonus: loss - entropy_coef * mean token entropy (the initial value "
                             "with use_adaptive_entropy)")
     use_adaptive_entropy: bool = f(False, "Skywork-OR1 adaptive entropy control: entropy_coef += delta when the "
                                    "step's entropy <= entropy_target, -= delta otherwise; applied only while the "
-                                   "entropy is <= entropy_target")
+                                   "entropy is <= entropy_target. The step's entropy: the mean over every "
+                                   "process's tokens the loss trains on (top_entropy_quantile's, TRL's)")
     entropy_coef_min: float = f(0.0, "adaptive entropy: lower bound of entropy_coef")
     entropy_coef_max: float = f(1.0, "adaptive entropy: upper bound of entropy_coef")
     entropy_coef_delta: float = f(0.005, "adaptive entropy: step of entropy_coef per optimizer step")
@@ -428,12 +430,37 @@ def task_spec(cfg):
         raise ConfigError(str(e)) from None
 
 
+# PyYAML implements YAML 1.1, which reads `017` as octal (15) and `1:30` / `1:30.5` as base 60 (90 / 90.5):
+# silently not what a config means. The loader reads them as YAML 1.2 does: 017 is 17, 1:30 a string (a numeric
+# key then fails its type check, naming the key). Every other scalar resolves as before (true/false, 1e-6 (a
+# string that load_config makes a float), 0x1f, 0b101, 1_000, null, dates).
+_YAML_INT = r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"""
+_YAML_FLOAT = (r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"""
+               r"""|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""")
+
+
 def _yaml_loader():
     """yaml.SafeLoader that rejects a key repeated in one mapping (yaml keeps the last value, dropping the first
-    without a word)."""
+    without a word), with YAML 1.2's reading of leading-zero and colon-separated numbers (_YAML_INT)."""
+    import re
+
     import yaml
 
+    int_re, float_re = re.compile(_YAML_INT), re.compile(_YAML_FLOAT)
+    resolvers = {c: [(tag, int_re if tag == "tag:yaml.org,2002:int" else float_re
+                      if tag == "tag:yaml.org,2002:float" else r) for tag, r in rs]
+                 for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
     class UniqueKeyLoader(yaml.SafeLoader):
+        yaml_implicit_resolvers = resolvers  # no base-60 ints / floats: `1:30` is a string
+
+        def construct_yaml_int(self, node):
+            text = self.construct_scalar(node).replace("_", "")
+            digits = text.lstrip("+-")
+            if len(digits) > 1 and digits[0] == "0" and digits.isdigit():  # 017: 17, not octal 15
+                return int(text, 10)
+            return super().construct_yaml_int(node)
+
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
@@ -450,6 +477,7 @@ def _yaml_loader():
                                                             key_node.start_mark)
             return super().construct_mapping(node, deep=deep)
 
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
     return UniqueKeyLoader
 
 
@@ -634,7 +662,7 @@ def parse_override(x: dataclasses.Field, raw: str):
         # not YAML's reading: `a #b` would be `a`, `2024-01-01` a date, `@x` an error
         return None if text in ("", "~", "null", "Null", "NULL") else text
     try:
-        v = yaml.safe_load(raw) if raw != "" else None
+        v = yaml.load(raw, Loader=_yaml_loader()) if raw != "" else None  # the config file's reading of numbers
     except yaml.YAMLError as e:
         raise ConfigError(f"{x.name}: cannot parse {raw!r}: {e}") from e
     if v is not None and not isinstance(v, str) and (t is str or t == Optional[str]):

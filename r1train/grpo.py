@@ -22,6 +22,7 @@ import r1kernels as rk
 from r1kernels.reference.grpo import (
     EXTRA_DEFAULTS,
     LOSS_REDUCTION,
+    grpo_loss_from_logprobs,
     grpo_token_loss,
     needs_entropy,
     rollout_is_weights,
@@ -45,6 +46,17 @@ log = logging.getLogger("r1train.grpo")
 TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 # the loss types TRL 1.16 logs clip_ratio/low_min and clip_ratio/high_max for
 CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# with importance_sampling_level=sequence TRL's clip_ratio/*_mean count sequences (every row of the micro-batch)
+CLIP_MEAN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+# a loss call's [sum of H over the tokens the loss trains on, their count] (top_entropy_quantile < 1; popped from
+# its metrics by train_step, never logged): adaptive entropy control's window, as TRL's _entropy_window_stats
+ENTROPY_WINDOW = "entropy/window"
+
+
+def selected_entropy_window(h, mask, ent_mask) -> torch.Tensor:
+    """[sum of the entropy over mask * ent_mask, that mask's count] in float64 (detached)."""
+    eff = (mask * ent_mask).double()
+    return torch.stack([(h.detach().double() * eff).sum(), eff.sum()])
 
 
 def importance_ratio(logp_bT, old_bT, mask_bT, cfg):
@@ -547,9 +559,14 @@ class GRPOTrainer(Trainer):
                                                samp_BT=None if samp_BT is None else samp_BT[sl],
                                                entropy_coef=self.applied_entropy_coef())
                 n_tok = mask_BT[sl].sum().double()  # the micro-batch's scored tokens (metric weights)
+                # with importance_sampling_level=sequence TRL's clip_ratio/*_mean weigh each row of the micro-batch
+                n_seq = n_tok.new_tensor(float(out.per_token_logprobs.shape[0]))
+                # TRL's adaptive-entropy window: the entropy sum and count of the tokens the loss trains on (the
+                # top_entropy_quantile selection; else every scored token)
+                win = out.metrics.pop(ENTROPY_WINDOW, None)
                 if cfg.use_adaptive_entropy and ent is not None:
-                    sel = out.metrics.get("entropy/selected_mean", ent)
-                    ent_window += torch.stack([sel.detach().double() * n_tok, n_tok])
+                    ent_window += win.to(ent_window.device) if win is not None else \
+                        torch.stack([ent.detach().double() * n_tok, n_tok])
                 old_sl = None if old_BT is None or it == 0 else old_BT[sl, :T]
                 if cfg.loss_type in CLIP_EXTREME_LOSSES:
                     ext.append(clip_extremes(out.per_token_logprobs, old_sl, adv_N[sl], mask_BT[sl, :T], cfg))
@@ -598,7 +615,8 @@ class GRPOTrainer(Trainer):
                         continue
                     v = torch.as_tensor(v).detach().reshape(())
                     if k in TOKEN_MEAN_METRICS:  # TRL's global_masked_mean: the micro-batch's sum and count
-                        tok_acc.setdefault(k, []).append(torch.stack([v.double() * n_tok, n_tok]))
+                        n = n_seq if k in CLIP_MEAN_METRICS and cfg.importance_sampling_level == "sequence" else n_tok
+                        tok_acc.setdefault(k, []).append(torch.stack([v.double() * n, n]))
                     else:
                         acc.setdefault(k, []).append(v.float())
         clock.mark(None)
@@ -664,6 +682,8 @@ class GRPOTrainer(Trainer):
         (compute_entropy), not from a second head pass."""
         cfg = self.cfg
         kw = dict(kw, compute_entropy=cfg.log_entropy or cfg.use_adaptive_entropy)
+        if kw["top_entropy_quantile"] < 1.0:
+            return self._quantile_loss(comp_BT, adv, mask_BT, kw)
 
         def fn(x, weight=None, bias=None):
             if weight is None:
@@ -671,6 +691,31 @@ class GRPOTrainer(Trainer):
             else:
                 out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias, **kw)
             return out, out.metrics.pop("entropy", None)
+        return fn
+
+    def entropy_group(self):
+        """The process group of the top_entropy_quantile threshold: every data-parallel process (TRL gathers
+        all processes' entropies); None with one process."""
+        return dist.group.WORLD if dist.is_initialized() and self.world > 1 else None
+
+    def _quantile_loss(self, comp_BT, adv, mask_BT, kw):
+        """_fused_loss's fn for top_entropy_quantile < 1 (never a token-local loss, so rk.grpo_loss would run
+        the same two parts): log-probs and entropy by the log-prob kernel, then the reference loss with the
+        entropy threshold over every process's tokens (entropy_group), which rk.grpo_loss cannot gather.
+        Its metrics hold ENTROPY_WINDOW (the selected tokens' entropy sum and count)."""
+        cfg = self.cfg
+        lkw = dict(temperature=cfg.temperature, return_entropy=True, backend=cfg.kernel_backend)
+        rkw = {k: v for k, v in kw.items() if k not in ("temperature", "backend", "compute_entropy")}
+        group = self.entropy_group()
+
+        def fn(x, weight=None, bias=None):
+            logp, h = rk.token_logprobs(x, comp_BT, **lkw) if weight is None else \
+                rk.linear_token_logprobs(x, weight, comp_BT, bias=bias, **lkw)
+            loss, metrics, ent_mask = grpo_loss_from_logprobs(logp, adv, mask_BT, entropy=h, entropy_group=group,
+                                                              return_entropy_mask=True, **rkw)
+            metrics = {k: v.detach() for k, v in metrics.items()}
+            metrics[ENTROPY_WINDOW] = selected_entropy_window(h, mask_BT.to(h.dtype), ent_mask)
+            return rk.GRPOLossOutput(loss, logp.detach(), metrics), metrics.pop("entropy", None)
         return fn
 
     def micro_step(self, ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=None,
@@ -714,6 +759,7 @@ class GRPOTrainer(Trainer):
         ent_on = ent_loss or cfg.log_entropy or cfg.use_adaptive_entropy
         m_bT = pk.rows_T(mask_BT).float()
         w_b, we_b, share_b = (w[pk.rows][:, None] for w in weights)
+        group = self.entropy_group() if ent_loss else None
 
         def fn(x, weight=None, bias=None):
             lkw = dict(temperature=cfg.temperature, return_entropy=ent_on, backend=cfg.kernel_backend)
@@ -722,12 +768,13 @@ class GRPOTrainer(Trainer):
             logp_1C, h_1C = lp if ent_on else (lp, None)
             logp, h = pk.to_rows(logp_1C), None if h_1C is None else pk.to_rows(h_1C)
             L, ent_mask, metrics = grpo_token_loss(logp, adv_N[pk.rows], m_bT, entropy=h if ent_loss else None,
-                                                   **tkw)
+                                                   entropy_group=group, **tkw)
             loss = (L * m_bT * w_b).sum()
             ent = None if h is None else (h.detach() * m_bT).sum() / m_bT.sum().clamp(min=1.0)
-            if ent_mask is not None:  # top_entropy_quantile: selected among this pack's tokens
+            if ent_mask is not None:  # top_entropy_quantile: selected among every process's pack's tokens
                 eff = m_bT * ent_mask
                 metrics["entropy/selected_mean"] = (h.detach() * eff).sum() / eff.sum().clamp(min=1.0)
+                metrics[ENTROPY_WINDOW] = selected_entropy_window(h, m_bT, ent_mask)
                 if entropy_coef != 0.0:  # the pack's mean, counted as many padded micro-batches as its rows fill
                     loss = loss - entropy_coef * share_b.sum() * (h * eff).sum() / eff.sum().clamp(min=1.0)
             elif entropy_coef != 0.0:

@@ -557,3 +557,63 @@ def test_an_answer_column_with_no_value_is_an_error(tmp_path, blank):
         load_datasets(load_config(overrides=[f"dataset_name={train}"]))
     ok = _write_jsonl(tmp_path / "u.jsonl", [{"prompt": "1+1?", "answer": blank}, {"prompt": "2+1?", "answer": "3"}])
     assert len(load_datasets(load_config(overrides=[f"dataset_name={ok}"]))[0]) == 2
+
+
+# ---- YAML 1.1's octal and base-60 numbers (PyYAML): read as YAML 1.2 does
+@pytest.mark.parametrize("text", ["017", "0017", "+017", "010", "0_17", "00", "07"])
+def test_leading_zero_ints_read_as_decimal(tmp_path, text):
+    """`seed: 017` was octal 15 (YAML 1.1); a config means 17, as YAML 1.2 reads it: in the file, in a section
+    and as a key=value override (both parse numbers with the same loader)."""
+    want = int(text.replace("_", ""), 10)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"seed: {text}\ngrpo:\n  logging_steps: {text}\n")
+    c = load_config(str(p), section="grpo")
+    assert (c.seed, c.logging_steps) == (want, want)
+    assert load_config(overrides=[f"seed={text}"]).seed == want
+
+
+def test_negative_leading_zero_int_reads_as_decimal():
+    from r1train.config import fields, parse_override
+
+    seed = next(x for x in fields() if x.name == "seed")
+    assert parse_override(seed, "-017") == -int("17")
+
+
+@pytest.mark.parametrize("key,text,msg", [("seed", "1:30", "seed: expected int, got str '1:30'"),
+                                          ("max_steps", "1:00:00", "max_steps: expected int, got str '1:00:00'"),
+                                          ("learning_rate", "1:30.5", "learning_rate: expected float, got '1:30.5'")])
+def test_base_60_numbers_are_an_error_naming_the_key(tmp_path, key, text, msg):
+    """`1:30` was 90 (base 60 in YAML 1.1): a string in YAML 1.2, so a numeric key is a ConfigError naming it,
+    from the file and from a key=value override alike."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{key}: {text}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert msg in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"{key}={text}"])
+    assert msg in str(e.value)
+
+
+def test_base_60_text_of_a_string_key_is_kept(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: 1:30\n")
+    assert load_config(str(p)).output_dir == "1:30"  # was int 90: a type error
+
+
+def test_other_yaml_values_parse_as_before(tmp_path):
+    """Booleans, floats written 1e-6 (a string to YAML 1.1, a float to the config), hex / underscored ints, null
+    and lists: what PyYAML's safe_load reads (the independent reading), after the config's float conversion."""
+    import yaml
+
+    text = ("bf16: false\nlearning_rate: 1e-6\nbeta: 0.04\nsave_steps: 0x20\nmax_completion_length: 1_024\n"
+            "resume_from_checkpoint: null\nreward_funcs: [accuracy, format]\nreward_weights: [1, 0.5]\n"
+            "top_k: 0\nmax_steps: -1\n")
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    c = load_config(str(p))
+    for k, v in yaml.safe_load(text).items():
+        want = [float(w) for w in v] if k == "reward_weights" else float(v) if k in ("learning_rate", "beta") else v
+        assert getattr(c, k) == want, k
+    over = load_config(overrides=[f"{k}={v}" for k, v in (ln.split(": ", 1) for ln in text.splitlines())])
+    assert all(getattr(over, k) == getattr(c, k) for k in yaml.safe_load(text)), "overrides read as the file"

@@ -131,15 +131,55 @@ def vespo_weights(adv, log_ratio, mask, is_w, k_pos, lambda_pos, k_neg, lambda_n
         return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def high_entropy_mask(entropy, mask, quantile):
-    """TRL's get_high_entropy_mask with threshold 1 - quantile: mask & (H >= the (1 - quantile) quantile
-    of the masked tokens' entropies); all False when no token is masked in."""
+def gather_varsize(x, group=None):
+    """x [n] of every process of the torch.distributed process group `group`, concatenated in rank order,
+    whatever each process's n (sizes all-gathered first, then the values padded to the largest, all-gathered
+    and unpadded: TRL's pad_across_processes + gather). x itself when group is None, torch.distributed is not
+    initialized, or the group has one process. A collective: every process of the group must call it."""
+    if group is None:
+        return x
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    n = torch.tensor([x.numel()], dtype=torch.long, device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in torch.cat(sizes).tolist()]  # one host read
+    if max(sizes) == 0:
+        return x
+    buf = x.new_zeros(max(sizes))
+    buf[:x.numel()] = x
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+def entropy_threshold(entropy, mask, quantile, group=None):
+    """The (1 - quantile) quantile of the masked tokens' entropies (detached), over every process of the
+    torch.distributed process group `group` (TRL's get_high_entropy_mask gathers all processes' masked
+    entropies); group None: this call's tokens only. None when no process has a masked-in token."""
     h = entropy.detach()
     sel = acc(h[mask.bool()])  # fp32 (TRL), float64 kept: the threshold is one of the values or between two
+    sel = gather_varsize(sel.contiguous(), group)
     if sel.numel() == 0:
+        return None
+    return torch.quantile(sel, 1.0 - quantile)
+
+
+def high_entropy_mask(entropy, mask, quantile, group=None):
+    """TRL's get_high_entropy_mask with threshold 1 - quantile: mask & (H >= the (1 - quantile) quantile
+    of the masked tokens' entropies); all False when no token is masked in. group: a torch.distributed process
+    group whose processes' masked entropies the quantile is taken over (entropy_threshold; every process of
+    the group must call it, a collective); None (the default): this call's tokens only."""
+    h = entropy.detach()
+    thr = entropy_threshold(h, mask, quantile, group)
+    if thr is None:
         return torch.zeros_like(mask)
-    thr = torch.quantile(sel, 1.0 - quantile).to(h.dtype)
-    return ((h * mask >= thr) & mask.bool()).to(mask.dtype)
+    return ((h * mask >= thr.to(h.dtype)) & mask.bool()).to(mask.dtype)
 
 
 def per_token_objective(logp, old_logp, adv, mask, *, epsilon, epsilon_high, delta, loss_type,
@@ -196,12 +236,19 @@ def token_local(opts) -> bool:
 
 def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, ref_logprobs=None, beta=0.0,
                     epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo", importance_sampling_level="token",
-                    kl_estimator="k3", entropy=None, **extra):
+                    kl_estimator="k3", entropy=None, entropy_group=None, **extra):
     """The loss before its reduction: (L [B, T], ent_mask [B, T] or None, metrics). L is the policy term
     times the off-policy mask, the entropy mask and the rollout-IS weight, plus beta * KL (times the ratio
     when use_bias_correction_kl); reduce_loss(L, mask, ...) gives the loss. A caller that weights rows
     itself (r1train's packed micro-batches) reduces L with its own weights. extra: the EXTRA_DEFAULTS
-    options (max_completion_length / num_items_in_batch, reduction only, are ignored)."""
+    options (max_completion_length / num_items_in_batch, reduction only, are ignored). entropy_group: the
+    torch.distributed process group the top_entropy_quantile threshold is taken over (high_entropy_mask;
+    TRL gathers every data-parallel process's entropies; then every process of the group must make the
+    call); None: this call's tokens only.
+    Metrics: kl a masked token mean; clip_ratio/{low,high,region}_mean the share of masked tokens clipped, or
+    at importance_sampling_level="sequence" with one advantage per sequence the share of the B sequences
+    (TRL 1.16's global_masked_mean of a [B, 1] indicator: every row counts, one without masked tokens as
+    not clipped)."""
     o = {**EXTRA_DEFAULTS, **{k: v for k, v in extra.items() if k in EXTRA_DEFAULTS}}
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
@@ -225,8 +272,8 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
                                sapo_temperature_neg=o["sapo_temperature_neg"], is_w=is_w, vespo=vespo)
     if o["off_policy_mask_threshold"] is not None:
         L = L * off_policy_mask(adv, logp, samp if samp is not None else old, mask, o["off_policy_mask_threshold"])
-    ent_mask = high_entropy_mask(entropy, mask, o["top_entropy_quantile"]) if o["top_entropy_quantile"] < 1.0 \
-        else None
+    ent_mask = high_entropy_mask(entropy, mask, o["top_entropy_quantile"], entropy_group) \
+        if o["top_entropy_quantile"] < 1.0 else None
     if ent_mask is not None:
         L = L * ent_mask
     if is_w is not None and loss_type != "vespo":
@@ -241,16 +288,21 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
             L = L + beta * kl
         kl_mean = (kl.detach() * mask).sum() / n_tok
     with torch.no_grad():
-        rr = r.expand_as(mask)
+        rr = r
         if delta is not None and loss_type not in ("cispo", "sapo", "vespo"):
             rr = torch.where(rr > delta, delta, rr)  # TRL counts clipping on the ratio after the delta clamp
         low = ((rr < 1.0 - epsilon) & (adv < 0)).to(mask.dtype)
         high = ((rr > 1.0 + eps_high) & (adv > 0)).to(mask.dtype)
+        # sequence level, one advantage per sequence: [B, 1] indicators, TRL counts sequences, not tokens
+        per_seq = importance_sampling_level == "sequence" and low.shape[-1] == 1
+        w = mask.new_ones(low.shape) if per_seq else mask
+        low, high = (x if per_seq else x.expand_as(mask) for x in (low, high))
+        n = w.sum().clamp(min=1.0)
         metrics = {
             "kl": kl_mean,
-            "clip_ratio/low_mean": (low * mask).sum() / n_tok,
-            "clip_ratio/high_mean": (high * mask).sum() / n_tok,
-            "clip_ratio/region_mean": (torch.maximum(low, high) * mask).sum() / n_tok,
+            "clip_ratio/low_mean": (low * w).sum() / n,
+            "clip_ratio/high_mean": (high * w).sum() / n,
+            "clip_ratio/region_mean": (torch.maximum(low, high) * w).sum() / n,
         }
     return L, ent_mask, metrics
 
@@ -258,17 +310,21 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
 def grpo_loss_from_logprobs(logp, advantages, completion_mask=None, old_logprobs=None, ref_logprobs=None,
                             beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo",
                             importance_sampling_level="token", kl_estimator="k3", max_completion_length=None,
-                            num_items_in_batch=None, entropy=None, **extra):
+                            num_items_in_batch=None, entropy=None, entropy_group=None, return_entropy_mask=False,
+                            **extra):
     """logp [B, T] fp32 (differentiable) -> (loss, metrics), in TRL 1.16's order: the policy term times the
     off-policy mask, the entropy mask and the rollout-IS weight, plus beta * KL (times the ratio when
     use_bias_correction_kl), reduced per loss type, minus entropy_coef * the masked mean entropy.
     entropy [B, T] (differentiable) is needed by top_entropy_quantile < 1 and entropy_coef != 0; extra:
-    the options of EXTRA_DEFAULTS. All other tensors are constants."""
+    the options of EXTRA_DEFAULTS. All other tensors are constants. entropy_group: grpo_token_loss's (the
+    process group of the top_entropy_quantile threshold; None: this call's tokens). return_entropy_mask:
+    return (loss, metrics, the high-entropy mask [B, T] or None when top_entropy_quantile is 1)."""
     o = {**EXTRA_DEFAULTS, **extra}
     L, ent_mask, token_metrics = grpo_token_loss(
         logp, advantages, completion_mask, old_logprobs, ref_logprobs, beta=beta, epsilon=epsilon,
         epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, entropy=entropy, **extra)
+        importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, entropy=entropy,
+        entropy_group=entropy_group, **extra)
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
     loss = reduce_loss(L, mask, loss_type, max_completion_length, num_items_in_batch)
     metrics = {}
@@ -280,7 +336,7 @@ def grpo_loss_from_logprobs(logp, advantages, completion_mask=None, old_logprobs
         if ent_mask is not None:  # over the tokens the loss trains on (TRL's adaptive-entropy measure)
             metrics["entropy/selected_mean"] = (entropy.detach() * eff).sum() / eff.sum().clamp(min=1.0)
     metrics.update(token_metrics)
-    return loss, metrics
+    return (loss, metrics, ent_mask) if return_entropy_mask else (loss, metrics)
 
 
 def needs_entropy(opts) -> bool:
