@@ -9,7 +9,7 @@ launch) may cost more than the eager ops it replaces. Measured here, same proces
 - host microseconds per call at the decode shape [64, 1, 1536] of one RMSNorm and one MLP, HF's forward vs the
   fused one (CPU clock over many calls, one sync at the end: the GPU keeps up, so this is host time).
 
-    python -m benchmarks.bench_patch_generate --out DIR [--new-tokens 128] [--rounds 2]
+    python -m benchmarks.bench_patch_generate --out DIR [--new-tokens 128] [--rounds 4] [--device cpu --tiny]
 """
 from __future__ import annotations
 
@@ -25,22 +25,27 @@ import torch
 from r1kernels.patch import layers
 
 
-def _host_us(fn, n=300):
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _host_us(fn, device, n=300):
     fn()
-    torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def _generate_s(model, ids, mask, T):
-    torch.cuda.synchronize()
+def _generate_s(model, ids, mask, T, device):
+    _sync(device)
     t0 = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                    max_new_tokens=T, min_new_tokens=T, pad_token_id=0, eos_token_id=None)
-    torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -49,35 +54,44 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="the 2-layer model of bench_rollout (a CPU smoke run)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts (each completed 8 times)")
+    p.add_argument("--prompt-tokens", type=int, default=256)
     a = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from .bench_rollout import TINY
     from .train_gpu import QWEN25_15B, _commit
 
+    dev = a.device
     torch.manual_seed(0)
-    cfg = Qwen2Config(**QWEN25_15B, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    cfg = Qwen2Config(**(TINY if a.tiny else QWEN25_15B), pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if a.tiny else torch.bfloat16).to(dev).eval()
     fused = copy.deepcopy(plain)
     layers.patch_layers(fused)
-    ids = torch.randint(3, cfg.vocab_size, (8, 256), device="cuda").repeat_interleave(8, 0)
+    rows = a.prompts * 8
+    ids = torch.randint(3, cfg.vocab_size, (a.prompts, a.prompt_tokens), device=dev).repeat_interleave(8, 0)
     mask = torch.ones_like(ids)
     variants = {"unpatched": plain, "patched (fused RMSNorm, SiLU-mul, rotary)": fused}
     runs = {k: [] for k in variants}
     for i in range(a.rounds + 1):  # the first round warms up (allocator, Triton compiles) and is dropped
         for k in (list(variants) if i % 2 else list(variants)[::-1]):
-            runs[k].append(_generate_s(variants[k], ids, mask, a.new_tokens))
-    res = {"benchmark": "bench_patch_generate", "commit": _commit(), "device": torch.cuda.get_device_name(),
-           "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": 64, "prompt_tokens": 256,
+            runs[k].append(_generate_s(variants[k], ids, mask, a.new_tokens, dev))
+    res = {"benchmark": "bench_patch_generate", "commit": _commit(),
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+           "torch": torch.__version__, "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped", "rows": rows,
+           "prompt_tokens": a.prompt_tokens,
            "new_tokens": a.new_tokens, "generate_s": {k: {"median": statistics.median(v[1:]), "runs": v[1:]}
                                                       for k, v in runs.items()}}
-    x = torch.randn(64, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, 1, cfg.hidden_size, device=dev, dtype=plain.dtype)
     host = {}
     with torch.no_grad():
         for name, pm, fm in (("rms_norm", plain.model.norm, fused.model.norm),
                              ("mlp", plain.model.layers[0].mlp, fused.model.layers[0].mlp)):
-            host[f"{name} HF forward"] = _host_us(lambda m=pm: m(x))
-            host[f"{name} fused"] = _host_us(lambda m=fm: m(x))
-    res["host_us_per_call_64x1"] = host
+            host[f"{name} HF forward"] = _host_us(lambda m=pm: m(x), dev)
+            host[f"{name} fused"] = _host_us(lambda m=fm: m(x), dev)
+    res["host_us_per_call_rows_x_1"] = host
     print(json.dumps(res, indent=1))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
