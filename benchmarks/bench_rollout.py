@@ -189,6 +189,8 @@ def ab_variant(v: str):
             elif change == "dl_all_rows":
                 fz.DECODE_LINEAR_MIN_ROWS = 1
             elif change == "cublaslt":
+                if blas is None:
+                    raise ValueError("--ab cublaslt needs a CUDA device (torch's BLAS backend choice)")
                 torch.backends.cuda.preferred_blas_library("cublaslt")
         yield
     finally:

@@ -159,15 +159,23 @@ def test_rollout_ab_variants_set_and_restore_the_engine_switches():
     from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
+    cuda = torch.cuda.is_available()
+
     def state():
         return (fz.DECODE_LINEAR, fz.DECODE_LINEAR_MIN_ROWS, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS,
-                {e: dict(c) for e, c in dl.CONFIGS.items()})
+                {e: dict(c) for e, c in dl.CONFIGS.items()},
+                torch.backends.cuda.preferred_blas_library() if cuda else None)
 
     before = state()
     with br.ab_variant("dl_all_rows+cublas"):
         assert (fz.DECODE_LINEAR_MIN_ROWS, fz.DECODE_LINEAR) == (1, ())
     assert state() == before
     for change in br.AB:
+        if change == "cublaslt" and not cuda:  # torch's BLAS choice exists only with CUDA
+            with pytest.raises(ValueError, match="cublaslt"), br.ab_variant(change):
+                pass
+            assert state() == before
+            continue
         with pytest.raises(KeyError), br.ab_variant(change):
             assert state() != before or change in ("emit", "rope_table", "nopdl")  # on by default / off already
             raise KeyError
