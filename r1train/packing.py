@@ -185,7 +185,8 @@ def reduction_weights(loss_type: str, mask_BT, rows_per_batch: int, *, max_compl
     elif red == "length":
         w = 1.0 / (rows_i * (max_completion_length or mask_BT.shape[1]))
     else:
-        w = torch.ones_like(n_i) / (num_items.reshape(()).float() if num_items is not None else m.sum().clamp(min=1.0))
+        # without num_items, reduce_loss divides by its micro-batch's token count (not the rank's)
+        w = torch.ones_like(n_i) / num_items.reshape(()).float() if num_items is not None else 1.0 / tok_i
     return w, 1.0 / tok_i, 1.0 / rows_i
 
 

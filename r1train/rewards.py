@@ -139,7 +139,8 @@ def _math_verify(pred: str, gold: str) -> bool | None:
 def has_gold(gold) -> bool:
     """A row's gold answer is missing when it is None, NaN (pandas' missing value) or blank text (an empty
     <answer> must never match it)."""
-    if gold is None or (isinstance(gold, float) and math.isnan(gold)):
+    if gold is None or (isinstance(gold, numbers.Real) and not isinstance(gold, numbers.Rational)
+                        and math.isnan(gold)):  # also numpy's float32 NaN (not a float subclass)
         return False
     return str(gold).strip() != ""
 
