@@ -166,6 +166,7 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
     if beta != 0.0 and ref is None:
         raise ValueError("ref_logprobs is required when beta != 0")
     if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or isinstance(max_completion_length, bool)
                                               or max_completion_length < 1):
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -173,7 +174,8 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
             raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
                              f"{tuple(num_items_in_batch.shape)}")
         if _eager():
-            _checks._value_check((num_items_in_batch > 0).all(), "num_items_in_batch must be > 0")
+            _checks._value_check(((num_items_in_batch > 0) & torch.isfinite(num_items_in_batch)).all(),
+                                 "num_items_in_batch must be finite and > 0")
     elif num_items_in_batch is not None:
         _checks.positive("num_items_in_batch", num_items_in_batch)
     if num_items_in_batch is not None and LOSS_REDUCTION[loss_type] != "items" and _eager():

@@ -301,13 +301,14 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                             " where completion_mask is not 0 (masked positions may hold any value, e.g. -100)")
     logp = token_logprobs(x, ids, temperature=temperature, backend=backend)
     on = m != 0  # masked positions are skipped, as Liger's kernel does: whatever old/ref hold there (NaN, -inf)
-    old = logp.detach() if old_logp is None else torch.where(on, old_logp.float(), logp.detach())
+    # old/ref log-probs are constants (Liger's kernel returns them no gradient)
+    old = logp.detach() if old_logp is None else torch.where(on, old_logp.detach().float(), logp.detach())
     L, _ = per_token_objective(logp, old, advantages.float().reshape(B, 1), m, epsilon=eps_low,
                                epsilon_high=eps_high, delta=delta, loss_type=loss_type,
                                importance_sampling_level=importance_sampling_level)
     kl = None
     if beta != 0.0:
-        kl = kl_per_token(logp, torch.where(on, ref_logp.float(), logp.detach()), "k3")
+        kl = kl_per_token(logp, torch.where(on, ref_logp.detach().float(), logp.detach()), "k3")
         L = L + beta * kl
     clipped = _is_clipped(logp.detach(), None if old_logp is None else old, advantages, m, eps_low, eps_high,
                           loss_type, importance_sampling_level)

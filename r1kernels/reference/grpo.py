@@ -252,13 +252,14 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
     o = {**EXTRA_DEFAULTS, **{k: v for k, v in extra.items() if k in EXTRA_DEFAULTS}}
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = torch.ones_like(logp) if completion_mask is None else completion_mask.to(logp.dtype)
-    adv = acc(advantages)
+    adv = acc(advantages).detach()  # constants, as on every kernel path: no gradient flows into them
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
     # masked positions take the policy's log-prob as old/ref/sampling log-prob (ratio 1, KL 0): whatever a
     # caller pads them with (0, NaN) stays out of exp(), whose inf times a 0 mask would be NaN in the loss
-    # and its gradient (the kernels skip masked tokens)
+    # and its gradient (the kernels skip masked tokens). Detached: old/ref/sampling log-probs are constants
+    # of the loss (TRL computes them without grad; the kernels return them no gradient)
     valid = mask.bool()
-    pad = lambda x: None if x is None else torch.where(valid, acc(x), logp.detach())  # noqa: E731
+    pad = lambda x: None if x is None else torch.where(valid, acc(x).detach(), logp.detach())  # noqa: E731
     old = logp.detach() if old_logprobs is None else pad(old_logprobs)
     samp, ref_logprobs = pad(o["sampling_logprobs"]), pad(ref_logprobs)
     is_w = None
