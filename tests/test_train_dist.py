@@ -2,7 +2,6 @@
 gradient accumulation (same prompts, same samples, same global-batch normalization); ZeRO-3 runs."""
 
 import math
-import subprocess
 
 import pytest
 import train_helpers as H
@@ -16,33 +15,25 @@ DYNAMIC = ["dynamic_sampling=true", "max_dynamic_sampling_rounds=4", "reward_fun
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    """start(args) -> wait(): the one-process run of these arguments, started in the background (it runs
-    alongside the caller's two-process run: each CLI process has one thread) once per module (plain and
-    accelerate_launch compare with the same one); wait() -> its output_dir once it has exited cleanly."""
+    """start(args) -> wait(): the one-process run of these arguments, started in the background (H.BackgroundCLI,
+    beside the caller's two-process run) once per module (plain and accelerate_launch compare with the same one);
+    wait() -> its output_dir once it has exited cleanly."""
     runs = {}
 
     def start(args):
         key = tuple(args)
         if key not in runs:
             out = tmp_path_factory.mktemp("one")
-            err = open(out.parent / f"{out.name}.stderr", "w+")
-            proc = subprocess.Popen(H.cli_cmd([*args, f"output_dir={out}"]), env=H.env(), cwd=H.ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=err)
-            runs[key] = (out, proc, err)
-        out, proc, err = runs[key]
+            runs[key] = (out, H.BackgroundCLI([*args, f"output_dir={out}"], out.parent / f"{out.name}.stderr"))
+        out, run = runs[key]
 
         def wait():
-            rc = proc.wait(timeout=600)
-            err.seek(0)
-            assert rc == 0, err.read()[-3000:]
+            run.wait()
             return out
         return wait
     yield start
-    for _, proc, err in runs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        err.close()
+    for _, run in runs.values():
+        run.stop()
 
 
 @pytest.mark.slow

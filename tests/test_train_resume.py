@@ -24,19 +24,10 @@ def test_kill_and_resume_identical(tmp_path, extra):
         pytest.importorskip("peft")
     args = ARGS + extra
     ref, run = tmp_path / "ref", tmp_path / "run"
-    # the uninterrupted run alongside the killed and the resumed one (each CLI process runs one thread: the two
-    # share the CI machine's 2 cores instead of taking turns)
-    ref_err = open(tmp_path / "ref.stderr", "w+")
-    ref_proc = subprocess.Popen(H.cli_cmd(["grpo", *args, "max_steps=6", f"output_dir={ref}"]), env=H.env(),
-                                cwd=H.ROOT, stdout=subprocess.DEVNULL, stderr=ref_err)
-    try:
+    # the uninterrupted run alongside the killed and the resumed one
+    with H.BackgroundCLI(["grpo", *args, "max_steps=6", f"output_dir={ref}"], tmp_path / "ref.stderr") as ref_run:
         _kill_after_step_3_and_resume(args, run)
-        assert ref_proc.wait(timeout=600) == 0, (ref_err.seek(0), ref_err.read()[-3000:])[1]
-    finally:
-        if ref_proc.poll() is None:
-            ref_proc.kill()
-            ref_proc.wait()
-        ref_err.close()
+        ref_run.wait()
     a, b = H.strip_timing(H.read_metrics(ref)), H.strip_timing(H.read_metrics(run))
     assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
     assert b[3:] == a[3:]

@@ -68,6 +68,33 @@ def run_cli(args, nproc: int = 1, timeout: int = 600, launcher: str = "torchrun"
     return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+class BackgroundCLI:
+    """A one-process CLI run started in the background, beside the caller's own run (each CLI process runs one
+    thread: two share the CI machine's 2 cores instead of taking turns); stderr goes to err_path. wait() asserts
+    it exited cleanly; leaving the `with` block (or stop()) kills it if it still runs."""
+
+    def __init__(self, args, err_path):
+        self.err = open(err_path, "w+")
+        self.proc = subprocess.Popen(cli_cmd(args), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err)
+
+    def wait(self, timeout: int = 600):
+        rc = self.proc.wait(timeout=timeout)
+        self.err.seek(0)
+        assert rc == 0, self.err.read()[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 def read_metrics(output_dir):
     """Training rows of metrics.jsonl (the eval-only rows that GRPO's CLI adds are left out)."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
