@@ -38,10 +38,14 @@ MANIFEST = "manifest.json"
 HASH_MAX_BYTES = 64 << 20  # larger files (weights, optimizer states of big models) are checked by size only
 LOCK = ".r1train.lock"
 # config keys that define the run: a resume must keep them (max_steps, save/log/eval cadence, output_dir,
-# kernel_backend, reward_timeout ... may change). task_eval_size too: its held-out problems are left out of the
-# training rows; answer_column, completion_column, completion_only_loss: they define the objective. The
-# optimizer's hyperparameters are here because loading its state restores the checkpoint's (a new value would
-# be silently ignored); the LoRA keys because they shape the saved state (another shape cannot load)
+# kernel_backend, loss_impl, padding_free, reward_timeout ... may change: they do not change what is trained).
+# task_eval_size too: its held-out problems are left out of the training rows; answer_column, completion_column,
+# completion_only_loss: they define the objective, as the loss's keys (every option the loss is called with),
+# the advantages', the rollouts' sampling, the rewards' and the reference's. The optimizer's hyperparameters are
+# here because loading its state restores the checkpoint's (a new value would be silently ignored), entropy_coef
+# too (the trainer state restores it); the schedule's because the restored scheduler runs the new config's
+# lr_lambda from the checkpoint's step (its horizon, max_steps, is checked in load); the LoRA keys because they
+# shape the saved state (another shape cannot load). A key a checkpoint's config lacks is not compared
 RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size", "model_num_layers", "dataset_name",
             "dataset_split", "task_min_terms", "task_max_terms", "task_max_operand", "task_ops", "task_train_size",
             "task_eval_size", "task_flaw_share", "answer_column", "completion_column", "completion_only_loss",
@@ -50,7 +54,20 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
             "importance_sampling_level", "bf16", "zero_stage", "optim", "learning_rate", "weight_decay",
             "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
-            "lora_modules_to_save")
+            "lora_modules_to_save", "lora_dropout",
+            # the schedule and the update
+            "lr_scheduler_type", "warmup_ratio", "max_grad_norm",
+            # the loss (GRPOTrainer._loss_kw) and adaptive entropy control
+            "epsilon", "epsilon_high", "delta", "kl_estimator", "mask_truncated_completions",
+            "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+            "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "off_policy_mask_threshold",
+            "use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+            "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile", "entropy_coef",
+            "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
+            # the batches, their rewards and advantages, the reference, MoE routing
+            "top_p", "top_k", "min_p", "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len",
+            "language", "multi_objective_aggregation", "sync_ref_model", "ref_model_sync_steps",
+            "ref_model_mixup_alpha", "moe_bias_update_rate", "moe_router_replay")
 
 
 class CheckpointError(ConfigError):
@@ -209,6 +226,13 @@ class CheckpointMixin:
             raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: {path} is at step "
                                   f"{state['global_step']}, past this run's max_steps ({self.max_steps}): raise "
                                   "max_steps (or num_train_epochs), or resume from an earlier checkpoint")
+        if schedule_has_horizon(self.cfg) and state.get("max_steps", self.max_steps) != self.max_steps:
+            raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: {path} was written by "
+                                  f"a run of other settings: max_steps (the checkpoint's run has "
+                                  f"{state['max_steps']} steps, this one {self.max_steps}); lr_scheduler_type="
+                                  f"{self.cfg.lr_scheduler_type} with warmup_ratio={self.cfg.warmup_ratio} sets each "
+                                  "step's rate from the number of steps. Resume with the checkpoint's max_steps (or "
+                                  "num_train_epochs), or start a fresh run")
         self.engine.load_checkpoint(path, tag="ds")
         if self.ref is not None:
             self.load_ref_state_dict(torch.load(os.path.join(path, "ref_model.pt"), weights_only=True))
@@ -338,6 +362,12 @@ def check_resume_config(path: str, cfg, trainer: str, world: int):
         raise CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {path} was written by a run "
                               f"with other settings: {', '.join(diff)}. Resume with the checkpoint's values, or "
                               "start a fresh run (another output_dir, or overwrite_output_dir=true)")
+
+
+def schedule_has_horizon(cfg) -> bool:
+    """Whether the learning rate at an optimizer step depends on the run's number of steps (engine.lr_lambda):
+    a decay's end, or a warmup of ceil(warmup_ratio * total) steps."""
+    return cfg.lr_scheduler_type in ("linear", "cosine") or cfg.warmup_ratio > 0
 
 
 def zero_stage_of(cfg) -> int:

@@ -196,7 +196,8 @@ class TrainConfig:
     overlong_buffer_len: int = f(64, "DAPO soft overlong punishment buffer (tokens) for reward 'overlong'")
     language: str = f("en", "target language of the language-consistency reward", ["en", "zh"])
     sync_ref_model: bool = f(False, "re-sync the reference model to the policy (R1 recipe)")
-    ref_model_sync_steps: int = f(512, "steps between reference syncs")
+    ref_model_sync_steps: int = f(512, "optimizer steps between reference syncs (TRL's global steps: a GRPO step "
+                                  "makes num_iterations)")
     ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
     loss_impl: str = f("linear", "'linear': fused hidden->loss kernels (no [B,T,V] logits); 'logits'",
                        ["linear", "logits"])

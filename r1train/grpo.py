@@ -608,6 +608,12 @@ class GRPOTrainer(Trainer):
                     gn = self.engine.get_global_grad_norm()
                     if gn is not None:
                         acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
+                # each iteration ends with exactly one optimizer step, so this one is the run's
+                # (step * num_iterations + it + 1)-th: TRL's global_step, which its SyncRefModelCallback counts.
+                # After the MoE bias update (the policy as the step leaves it); the step's ref log-probs are taken
+                if boundary and self.ref is not None and cfg.sync_ref_model and \
+                        (step * cfg.num_iterations + it + 1) % cfg.ref_model_sync_steps == 0:
+                    self.sync_ref(cfg.ref_model_mixup_alpha)
                 clock.mark("forward")  # the micro-step's metric tensors
                 for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
                              *out.metrics.items(), ("entropy", ent)]:
@@ -655,8 +661,6 @@ class GRPOTrainer(Trainer):
         m.update({f"time/{k}": v for k, v in clock.seconds().items()})
         if cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy:
             m["entropy_coef"] = self.entropy_coef
-        if self.ref is not None and cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:
-            self.sync_ref(cfg.ref_model_mixup_alpha)
         show = cfg.log_completions and cfg.logging_steps and (step + 1) % cfg.logging_steps == 0
         self.logger.log_completions(step + 1, samples, to_backends=show)
         if show and self.rank == 0:
