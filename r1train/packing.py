@@ -52,7 +52,7 @@ class Pack:
     rows: torch.Tensor           # [b] int64
     input_ids: torch.Tensor      # [1, n]
     position_ids: torch.Tensor   # [1, n]
-    cu_seqlens: torch.Tensor     # [b + 1] int32
+    cu_seqlens: torch.Tensor     # [b + 1] int32 ([0, 1] for a filler pack: b = 0, one unscored token)
     max_len: int
     score_idx: torch.Tensor      # [C] int64
     tok_row: torch.Tensor        # [C] int64, 0..b-1
@@ -89,9 +89,12 @@ def loss_lengths(mask_BT: torch.Tensor) -> torch.Tensor:
 
 def plan(lengths: list[int], rows_per_batch: int, max_tokens: int | None = None,
          min_batches: int = 1) -> list[list[int]]:
-    """Micro-batches as lists of row indices: consecutive runs of rows_per_batch rows (no budget), or at
-    least min_batches bins of at most max_tokens tokens, balanced (largest row first into the lightest
-    bin; more bins until every bin fits)."""
+    """Micro-batches as lists of row indices: consecutive runs of rows_per_batch rows (no budget), or with a
+    token budget the fewest bins, and at least max(min_batches, 1), of at most max_tokens tokens that the
+    greedy packing fits (largest row first into the lightest bin; more bins until every bin fits).
+    Invariants (budget): every row is in exactly one bin; len(result) >= min_batches, == min_batches when
+    min_batches >= len(lengths) (never capped at the row count); bins that get no row are [] and come last:
+    build_packs runs each as a filler pack, so a rank short of rows still runs as many micro-batches."""
     n = len(lengths)
     if max_tokens is None:
         return [list(range(s, min(s + rows_per_batch, n))) for s in range(0, n, rows_per_batch)]
@@ -100,7 +103,7 @@ def plan(lengths: list[int], rows_per_batch: int, max_tokens: int | None = None,
     if n and max(lengths) > max_tokens:
         raise ValueError(f"max_tokens_per_batch={max_tokens} is less than the longest row ({max(lengths)} tokens)")
     order = sorted(range(n), key=lambda i: -lengths[i])
-    k = min(max(math.ceil(sum(lengths) / max_tokens), min_batches, 1), max(n, 1))
+    k = max(math.ceil(sum(lengths) / max_tokens), min_batches, 1)  # never capped at n: min_batches is a promise
     while True:
         heap = [(0, b) for b in range(k)]
         bins: list[list[int]] = [[] for _ in range(k)]
@@ -108,14 +111,19 @@ def plan(lengths: list[int], rows_per_batch: int, max_tokens: int | None = None,
             load, b = heapq.heappop(heap)
             bins[b].append(i)
             heapq.heappush(heap, (load + lengths[i], b))
+        # with k >= n bins every row lands in a bin of load 0 (or of 0-token rows), so it fits: the loop ends
         if max(load for load, _ in heap) <= max_tokens or k >= n:
-            return [sorted(b) for b in bins if b] or [[]]
+            return sorted((sorted(b) for b in bins), key=lambda b: not b)  # stable: the empty bins last
         k += 1
 
 
 def plan_all_ranks(lengths, rows_per_batch, max_tokens, device) -> list[list[int]]:
     """plan() with the same number of micro-batches on every rank (ZeRO's collectives run per forward and
-    backward, so every rank must run as many)."""
+    backward, so every rank must run as many); a rank short of rows gets empty bins. Each round every rank
+    replans with min_batches = the ranks' largest count, and plan returns at least that many (exactly that
+    many unless its rows need more), so the largest count never falls and only grows while some rank's rows
+    need more bins: bounded (as many bins as rows always fit), so the rounds end. Every rank takes the same
+    branch each round (hi and lo are all-reduced), so no rank leaves the loop while another all-reduces."""
     bins = plan(lengths, rows_per_batch, max_tokens)
     if max_tokens is None or not dist.is_initialized() or dist.get_world_size() == 1:
         return bins
@@ -143,6 +151,9 @@ def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, m
     flat = input_ids_BL.reshape(-1)
     packs = []
     for rows in groups:
+        if not rows:  # an empty bin (plan_all_ranks: this rank has fewer rows than another has packs)
+            packs.append(_filler_pack(flat))
+            continue
         r = torch.tensor(rows, dtype=torch.long)
         f_r, p_r, n_r = feed[r], p[r], n[r]
         starts = torch.cumsum(f_r, 0) - f_r
@@ -156,10 +167,23 @@ def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, m
         cu[1:] = torch.cumsum(f_r, 0)
         src = src.to(dev)
         packs.append(Pack(rows=r.to(dev), input_ids=flat[src][None], position_ids=pos.to(dev)[None],
-                          cu_seqlens=cu.to(dev), max_len=int(f_r.max()) if rows else 0, score_idx=score.to(dev),
-                          tok_row=tok_row.to(dev), tok_col=tok_col.to(dev), T=max(int(n_r.max()) if rows else 0, 1),
-                          src=src))
+                          cu_seqlens=cu.to(dev), max_len=int(f_r.max()), score_idx=score.to(dev),
+                          tok_row=tok_row.to(dev), tok_col=tok_col.to(dev), T=max(int(n_r.max()), 1), src=src))
     return packs
+
+
+def _filler_pack(flat: torch.Tensor) -> Pack:
+    """An empty bin's micro-batch: no rows and no scored tokens (its loss is an empty sum: 0, every gradient
+    0), yet one token to feed (the rank's first token; token 0 on a rank without rows), so its forward and
+    backward run every layer, and ZeRO's collectives in them, as the other ranks' packs do: transformers
+    cannot run a sequence of 0 tokens. That token is one sequence of its own (cu_seqlens [0, 1])."""
+    dev = flat.device
+    src = torch.zeros(min(flat.numel(), 1), dtype=torch.long, device=dev)
+    ids = flat[src][None] if flat.numel() else torch.zeros(1, 1, dtype=flat.dtype, device=dev)
+    none = torch.zeros(0, dtype=torch.long, device=dev)
+    return Pack(rows=none, input_ids=ids, position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev),
+                cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=dev), max_len=1, score_idx=none,
+                tok_row=none, tok_col=none, T=1, src=src)
 
 
 def reduction_weights(loss_type: str, mask_BT, rows_per_batch: int, *, max_completion_length=None, num_items=None):

@@ -55,16 +55,19 @@ def _content_text(content) -> str:
 
 
 def completion_text(c) -> str:
-    """A completion as text: plain string or TRL conversational [{"role": "assistant", "content": ...}]. A missing
-    completion (None, no messages, None content) is "" -- never the text "None" for the rewards to score."""
+    """A completion as text: plain string or TRL conversational [{"role": "assistant", "content": ...}]. Of a
+    conversational completion the FIRST message is read, as TRL's own rewards do (completion[0]["content"] in
+    trl.rewards): a multi-message completion (assistant turn, tool result, ...) scores its first turn in both.
+    A missing completion (None, no messages, None content) is "" -- never the text "None" for the rewards to
+    score."""
     if c is None:
         return ""
     if isinstance(c, str):
         return c
     if isinstance(c, list) and not c:
         return ""
-    if isinstance(c, list) and isinstance(c[-1], dict):
-        return _content_text(c[-1].get("content"))
+    if isinstance(c, list) and isinstance(c[0], dict):
+        return _content_text(c[0].get("content"))
     return str(c)
 
 
