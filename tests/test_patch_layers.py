@@ -15,6 +15,7 @@ from conftest import assert_close, assert_close_set
 transformers = pytest.importorskip("transformers")
 
 import r1kernels as rk  # noqa: E402
+from r1kernels.patch import layers  # noqa: E402
 from r1kernels.patch.layers import patch_layers  # noqa: E402
 
 V = 53
@@ -82,12 +83,40 @@ def test_unpatched_model_of_the_same_class_keeps_hf_rotary(monkeypatch):
     calls = []
     real = rk.apply_rotary
     monkeypatch.setattr(rk, "apply_rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(layers, "HOST_BOUND_ROWS", 0)  # the fused ops at any size
     ids = torch.randint(0, V, (2, 5))
     with torch.no_grad():
         plain(ids)
         assert calls == []
         patched(ids)
     assert len(calls) == patched.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_small_calls_without_autograd_run_hf_forward(family, monkeypatch):
+    """Without autograd, a call over at most HOST_BOUND_ROWS token rows (the decode steps of HF's generate, bound
+    by host time per op) runs HF's own forward: logits bitwise the unpatched model's, no fused op called. Over
+    more rows, or with autograd at any size, every fused op runs."""
+    base = _model(family)
+    patched = copy.deepcopy(base)
+    patch_layers(patched)
+    calls = []
+    def counted(name, real):
+        return lambda *a, **k: calls.append(name) or real(*a, **k)
+
+    for name in ("rms_norm", "silu_mul", "apply_rotary"):
+        monkeypatch.setattr(rk, name, counted(name, getattr(rk, name)))
+    B, T = 2, int(torch.randint(2, 6, ()))
+    monkeypatch.setattr(layers, "HOST_BOUND_ROWS", B * T)
+    ids, more = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T + 1))
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, base(ids).logits)
+        assert calls == []
+        assert_close(patched(more).logits, copy.deepcopy(base).double()(more).logits, torch.float32)
+    assert set(calls) == {"rms_norm", "silu_mul", "apply_rotary"}
+    calls.clear()
+    patched(ids).logits.sum().backward()
+    assert set(calls) == {"rms_norm", "silu_mul", "apply_rotary"}
 
 
 def test_patch_twice_and_bad_input():

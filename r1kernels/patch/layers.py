@@ -29,20 +29,40 @@ FUSED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 _SUBCLASS: dict = {}
 _ROPE = threading.local()  # .backend: set while a patched attention's forward runs
 
+# A call without autograd over at most this many token rows runs HF's own forward: the decode steps of HF's
+# generate (TRL's rollout without vLLM) are bound by host time per op, where a fused op's dispatch (custom op,
+# argument checks, Triton launch) costs more than the few eager ops it replaces save on the GPU
+# (benchmarks/bench_patch_generate.py). Training forwards (autograd on) and log-prob forwards of whole sequences
+# always take the fused ops.
+HOST_BOUND_ROWS = 512
+
+
+def _host_bound(x: torch.Tensor) -> bool:
+    """x: HF's [B, T, ...] hidden states ([B, T, heads, head_dim] at Qwen3's q/k norms) or [N, H] token rows."""
+    rows = x.shape[0] * (x.shape[1] if x.dim() >= 3 else 1) if x.dim() >= 2 else 1
+    return not torch.is_grad_enabled() and rows <= HOST_BOUND_ROWS
+
 
 def _norm_forward(self, x):
     import r1kernels as rk
 
+    if _host_bound(x):
+        return type(self).__bases__[0].forward(self, x)
     return rk.rms_norm(x, self.weight, self.variance_epsilon, backend=self._r1k_layers_backend)
 
 
 def _mlp_forward(self, x):
     import r1kernels as rk
 
+    if _host_bound(x):
+        return type(self).__bases__[0].forward(self, x)
     return self.down_proj(rk.silu_mul(self.gate_proj(x), self.up_proj(x), backend=self._r1k_layers_backend))
 
 
 def _attention_forward(self, *args, **kwargs):
+    x = args[0] if args else kwargs.get("hidden_states")
+    if isinstance(x, torch.Tensor) and _host_bound(x):  # HF's rotary (a fused_rotary scope still applies)
+        return type(self).__bases__[0].forward(self, *args, **kwargs)
     prev = getattr(_ROPE, "backend", None)
     _ROPE.backend = self._r1k_layers_backend
     try:
