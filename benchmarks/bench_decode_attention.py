@@ -78,9 +78,7 @@ def _shared_prompt_bound(device, B=64, G=8, P=256, T=256, Hq=12, Hkv=2, D=128, L
     """The rollout's shape at mid-rollout (B rows = B / G prompts x G completions, P prompt positions, T own
     positions a row), CUDA-graph replay: each row reading its copy of the prompt (the engine today) vs the same
     kernel reading only the bytes a shared-prompt kernel would (P / G prompt positions a row): a bound on what
-    reading each prompt once per group could save (benchmarks/NOTES-decode-linear.md), not a kernel; and the
-    kernel with prefix_row / prefix_len (each row reading its group's first row's prompt: L2 hits when the
-    group's programs run together), what the engine runs with attention.SHARED_PROMPT."""
+    reading each prompt once per group could save (benchmarks/NOTES-decode-linear.md), not a kernel."""
     from r1kernels.ops.decode_attention import decode_attention_triton
 
     bf = torch.bfloat16
@@ -88,12 +86,8 @@ def _shared_prompt_bound(device, B=64, G=8, P=256, T=256, Hq=12, Hkv=2, D=128, L
                torch.randn(B, Hkv, L, D, device=device).to(bf))
     own = torch.full((B,), P + T, device=device)
     shared = torch.full((B,), P // G + T, device=device)
-    row = torch.arange(B, device=device) // G * G
-    pre = torch.full((B,), P, device=device)
     provs = {"per-row prompt copies (engine)": graphed(lambda: decode_attention_triton(q, k, v, own)),
-             "bytes of a shared prompt (bound)": graphed(lambda: decode_attention_triton(q, k, v, shared)),
-             "prefix_row reads (SHARED_PROMPT)": graphed(
-                 lambda: decode_attention_triton(q, k, v, own, None, None, None, None, None, row, pre))}
+             "bytes of a shared prompt (bound)": graphed(lambda: decode_attention_triton(q, k, v, shared))}
     kv_bytes = B * (P // G + T) * Hkv * 2 * D * 2
     return Case("decode_attention shared-prompt bound", f"B={B} G={G} P={P} T={T} Hq={Hq} Hkv={Hkv} D={D} bf16",
                 provs, bytes=kv_bytes + 2 * B * Hq * D * 2)

@@ -3,8 +3,7 @@ form of each of the decode step's four projections at 64 rows, each as 28 calls 
 28 layers of a Qwen2.5 step: the weights do not stay in L2) replayed in one CUDA graph, so a call's time
 includes the graph's launch gaps. cuBLAS forms: F.linear (+ bias) for q/k/v, addmm_ into the residual for
 o_proj / down_proj, one GEMM over the stacked gate/up weight + rk.silu_mul. Floor: the weight's bytes at the
-measured copy bandwidth (harness.ceilings). q/k/v and gate/up also with the layer's RMSNorm before them: rk.rms_norm
-then the kernel (two launches a layer) against the norm folded into the kernel (norm_weight). --sweep: also each
+measured copy bandwidth (harness.ceilings). --sweep: also each
 config of SWEEP through the kernel, to choose r1kernels.triton.decode_linear.CONFIGS. Writes
 bench_decode_linear.json."""
 from __future__ import annotations
@@ -54,14 +53,6 @@ def projection_us(name, ws, bs, x, sweep: bool) -> dict:
         ours = lambda cfg: [lambda w=w, b=b: kernel(x, w, bias_N=b, config=cfg) for w, b in zip(ws, bs)]
         per_stage = lambda c: (64 + c["BLOCK_N"]) * c["BLOCK_K"] * 2
     us = {"engine (cuBLAS)": graph_ms(eng) * 1e3, "rk.decode_linear": graph_ms(ours(None)) * 1e3}
-    if name in ("qkv", "gate_up"):  # the RMSNorm before the projection: its own launch, or folded in
-        gs = [torch.rand(k, device=x.device, dtype=x.dtype) + 0.5 for _ in ws]
-        kw = (lambda w, b: dict(w_NK=w[:half], w2_NK=w[half:])) if name == "gate_up" else \
-            (lambda w, b: dict(w_NK=w, bias_N=b))
-        us["rk.rms_norm + rk.decode_linear"] = graph_ms(
-            [lambda w=w, b=b, g=g: kernel(rk.rms_norm(x, g), **kw(w, b)) for w, b, g in zip(ws, bs, gs)]) * 1e3
-        us["rk.decode_linear, norm folded"] = graph_ms(
-            [lambda w=w, b=b, g=g: kernel(x, norm_K=g, **kw(w, b)) for w, b, g in zip(ws, bs, gs)]) * 1e3
     for cfg in SWEEP if sweep else ():
         if per_stage(cfg) * cfg["STAGES"] > 220 * 1024:
             continue

@@ -140,13 +140,10 @@ def _timed(fn, device, reps):
 
 
 # --ab: the engine again with a change, in the same process (rows of one call compare; calls vary by ~3%). A
-# variant is one change or several joined by "+", e.g. pdl+down.
-AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent launch (R1K_PDL=1)",
-      "nopdl": "without programmatic dependent launch (R1K_PDL=0)",
-      "noprefetch": "no weight prefetch before the predecessor completes",
-      "down": "down_proj through rk.decode_linear", "pf_rows": "o_proj / down_proj prefetching whole weight rows",
-      "norm": "RMSNorms folded into the q/k/v and gate/up kernels",
-      "shared": "rows of one prompt reading one copy of its keys/values (attention.SHARED_PROMPT)",
+# variant is one change or several joined by "+", e.g. down+emit. (Programmatic dependent launch, RMSNorms folded
+# into the projections and shared-prompt reads were measured slower on H100 and H200 and removed:
+# benchmarks/NOTES-decode-linear.md.)
+AB = {"cublas": "decode projections on cuBLAS", "down": "down_proj through rk.decode_linear",
       "emit": "the step's bookkeeping after sampling as one kernel (engine.STEP_FUSIONS)",
       "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)",
       "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)",
@@ -156,13 +153,10 @@ AB = {"cublas": "decode projections on cuBLAS", "pdl": "programmatic dependent l
 
 @contextlib.contextmanager
 def ab_variant(v: str):
-    from r1kernels.triton import decode_linear as dl
-    from r1kernels.triton import device as kd
-    from r1train.generation import attention as ga
     from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
-    kept = fz.DECODE_LINEAR, kd.PDL, {e: dict(c) for e, c in dl.CONFIGS.items()}, ga.SHARED_PROMPT, ge.STEP_FUSIONS
+    kept = fz.DECODE_LINEAR, ge.STEP_FUSIONS
     min_rows = fz.DECODE_LINEAR_MIN_ROWS
     blas = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
     try:
@@ -171,17 +165,8 @@ def ab_variant(v: str):
                 raise ValueError(f"--ab: unknown change {change!r} in {v!r} (each one of {sorted(AB)})")
             if change == "cublas":
                 fz.DECODE_LINEAR = ()
-            elif change in ("pdl", "nopdl"):
-                kd.PDL = change == "pdl"
-            elif change == "noprefetch":
-                for c in dl.CONFIGS.values():
-                    c["PREFETCH"] = False
-            elif change in ("down", "norm"):
-                fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj" if change == "down" else "norm")
-            elif change == "pf_rows":
-                dl.CONFIGS["residual"]["PREFETCH"] = 1 << 20
-            elif change == "shared":
-                ga.SHARED_PROMPT = True
+            elif change == "down":
+                fz.DECODE_LINEAR = (*fz.DECODE_LINEAR, "down_proj")
             elif change in ("emit", "rope_table"):
                 ge.STEP_FUSIONS = tuple(dict.fromkeys((*ge.STEP_FUSIONS, change)))
             elif change == "nofusions":
@@ -194,13 +179,10 @@ def ab_variant(v: str):
                 torch.backends.cuda.preferred_blas_library("cublaslt")
         yield
     finally:
-        fz.DECODE_LINEAR, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS = kept[0], kept[1], kept[3], kept[4]
+        fz.DECODE_LINEAR, ge.STEP_FUSIONS = kept
         fz.DECODE_LINEAR_MIN_ROWS = min_rows
         if blas is not None:
             torch.backends.cuda.preferred_blas_library(blas)
-        for e, c in kept[2].items():
-            dl.CONFIGS[e].clear()
-            dl.CONFIGS[e].update(c)
 
 
 def _ab_name(v: str) -> str:

@@ -24,14 +24,14 @@ k300() { timeout -s KILL 300 "$@"; }
 # DL=1: first rk.decode_linear: its gpu tests, bench_decode_linear (killed past DL_TIMEOUT s, default 420; the kernel beside the engine's cuBLAS form of
 # each projection; DL=sweep: + the config sweep), and the fixed rollout beside the same engine with its decode
 # projections changed (bench_rollout --ab $ROLLOUT_AB, default
-# cublas,nofusions,pdl,pdl+noprefetch,pdl+down,norm,pdl+norm,shared,pdl+norm+shared: see
+# cublas,nofusions,down,dl_all_rows: see
 # bench_rollout.AB), with a per-kernel profile of a decode step (bench_rollout.json)
 if [ -n "${DL:-}" ]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_linear.py 2>&1 | tail -2
   timeout "${DL_TIMEOUT:-420}" python3 -m benchmarks.bench_decode_linear $([ "$DL" = sweep ] && echo --sweep) --out "$OUT" 2>&1 \
     | grep -v "^   config" | tail -40
   python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --profile \
-    --ab "${ROLLOUT_AB:-cublas,nofusions,pdl,pdl+noprefetch,pdl+down,norm,pdl+norm,shared,pdl+norm+shared}" || rc=$?
+    --ab "${ROLLOUT_AB:-cublas,nofusions,down,dl_all_rows}" || rc=$?
   SKIP=${SKIP:-},rollout
 fi
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?

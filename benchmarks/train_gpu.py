@@ -10,7 +10,7 @@ layers; ZeRO-2 with HF's layers 4.52 and 5.30 s in two of them). Each step's Pyt
     python benchmarks/train_gpu.py OUT.json --steps 4 --profile-step 3     # kernels + CPU ops of step 3
     python benchmarks/train_gpu.py OUT.json --zero-stage 2 --no-fused-layers  # the layout of the earlier runs
     python benchmarks/train_gpu.py OUT.json --early-eos 300 --early-eos-steps 4  # one row stops early at step 4
-    python benchmarks/train_gpu.py OUT.json --ab pdl+norm              # the engine with bench_rollout --ab changes
+    python benchmarks/train_gpu.py OUT.json --ab down                  # the engine with bench_rollout --ab changes
 
 Completions of a random model almost never stop early, so every step generates max_completion_length
 tokens per row (a fixed, comparable amount of work). --varied-lengths instead forces eos at a length drawn
@@ -97,7 +97,7 @@ def main(argv=None):
     p.add_argument("--profile-step", type=int, default=None,
                    help="run this step (1-based, > 1: warm) under torch.profiler: top kernels and CPU ops in the JSON")
     p.add_argument("--ab", default=None, metavar="VARIANT",
-                   help="the rollout engine with bench_rollout's --ab change(s), e.g. pdl+norm (bench_rollout.AB)")
+                   help="the rollout engine with bench_rollout's --ab change(s), e.g. down (bench_rollout.AB)")
     a = p.parse_args(argv)
     if a.early_eos_steps and not a.early_eos:
         p.error("--early-eos-steps needs --early-eos L")

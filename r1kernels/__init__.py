@@ -336,20 +336,15 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
 
 
 def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new=None, cos=None, sin=None,
-                     prefix_row=None, prefix_len=None, check_lens=True, backend="auto"):
+                     check_lens=True, backend="auto"):
     """One decode step of attention: q [B, Hq, Dk] against the first lens[b] positions of row b of
     k_cache [B, Hkv, L, Dk] / v_cache [B, Hkv, L, Dv] (grouped-query: Hq a multiple of Hkv) -> [B, Hq, Dv]
     in q's dtype, fp32 math; scale defaults to Dk ** -0.5. Reads only the valid positions; no host sync.
     k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv] (this step's keys/values, both or neither): written in place
     at position lens[b] of each row with lens[b] < L, which then attends to lens[b] + 1 positions.
     cos / sin [B, Dk] (with k_new; both or neither): the rotary embedding at each row's position, applied to q
-    and k_new first as rk.apply_rotary does (in the same kernel). prefix_row / prefix_len [B] int (both or
-    neither; rows that repeat a prompt, as GRPO's completions of one prompt do): row b reads its positions
-    < prefix_len[b] from cache row prefix_row[b] instead of its own, so the rows of a group read one copy of
-    their prompt (the same result where the rows hold equal copies); needs 0 <= prefix_row < B and
-    prefix_len[b] <= lens of rows b and prefix_row[b] (no store lands in a prefix that is read).
-    check_lens=False skips the data checks of lens and the prefix (three kernels on a GPU, a host sync on a
-    CPU), for callers that count them themselves."""
+    and k_new first as rk.apply_rotary does (in the same kernel). check_lens=False skips the data check of
+    lens (>= 0; three kernels on a GPU, a host sync on a CPU), for callers that count lens themselves."""
     _checks.float_tensor("q", q, ndim=3)
     _checks.float_tensor("k_cache", k_cache, ndim=4)
     _checks.float_tensor("v_cache", v_cache, ndim=4)
@@ -364,26 +359,10 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         raise ValueError(f"v_cache must have shape [{B}, {Hkv}, {L}, Dv], got {tuple(v_cache.shape)}")
     _checks.shape("lens", lens, (B,), " (one per row)")
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens)
-    if (prefix_row is None) != (prefix_len is None):
-        raise ValueError("prefix_row and prefix_len must be given together (rows reading another row's prompt) "
-                         "or not at all")
-    if prefix_row is not None:
-        _checks.int_tensor("prefix_row", prefix_row, ndim=1)
-        _checks.int_tensor("prefix_len", prefix_len, ndim=1)
-        _checks.shape("prefix_row", prefix_row, (B,), " (one per row)")
-        _checks.shape("prefix_len", prefix_len, (B,), " (one per row)")
-        _checks.same_device(q=q, prefix_row=prefix_row, prefix_len=prefix_len)
     # Skipped under CUDA-graph capture: the graph would repeat it in every layer at every replay, and the
     # generation engine, which captures its decode step, counts lens itself from the prompt lengths.
     if check_lens and _eager() and not _checks.capturing(lens):
         _checks._value_check((lens >= 0).all(), "lens must be >= 0 (each row's number of valid cache positions)")
-        if prefix_row is not None:
-            ok_row = ((prefix_row >= 0) & (prefix_row < B)).all()
-            _checks._value_check(ok_row, f"prefix_row must be in [0, {B}) (a row of the cache)")
-            n_src = lens.long()[prefix_row.long().clamp(0, max(B - 1, 0))]
-            _checks._value_check(((prefix_len >= 0) & (prefix_len <= lens) & (prefix_len <= n_src)).all(),
-                                 "prefix_len must be in [0, lens[b]] and <= lens[prefix_row[b]] (a prefix both "
-                                 "rows hold, where no new token is stored)")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if scale is not None:
@@ -409,20 +388,16 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         _checks.shape("sin", sin, (B, Dk), " ([B, Dk])")
         _checks.same_device(q=q, cos=cos, sin=sin)
     fn = _backend.pick("decode_attention", backend, q.device, q, k_cache, v_cache)
-    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new, cos, sin, prefix_row,
-                                         prefix_len)
+    return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new, cos, sin)
 
 
-def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, norm_weight=None, eps=1e-6,
-                  backend="auto"):
+def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backend="auto"):
     """A projection of the decode step: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
     up_weight [N, K]: silu(x @ weight^T) * (x @ up_weight^T) instead (a SwiGLU MLP's gate/up, weight being
     gate_proj's; no bias). residual [M, N]: residual += the result, in place, and residual is returned (the
-    layer's residual add). norm_weight [K]: x is first rk.rms_norm(x, norm_weight, eps) (the layer's norm
-    folded into its projection: the kernel needs no rms_norm launch; equal within the bf16 tolerance). All
-    tensors share x's dtype and device. Inference only (no autograd). The kernel (a Hopper GPU, bf16/fp16,
-    M <= 64: the decode step's rows) reads each weight once with fp32 accumulation and fuses the epilogue;
-    other inputs run the reference's cuBLAS forms."""
+    layer's residual add). All tensors share x's dtype and device. Inference only (no autograd). The kernel (a
+    Hopper GPU, bf16/fp16, M <= 64: the decode step's rows) reads each weight once with fp32 accumulation and
+    fuses the epilogue; other inputs run the reference's cuBLAS forms."""
     _checks.float_tensor("x", x, ndim=2)
     _checks.float_tensor("weight", weight, ndim=2)
     M, K = x.shape
@@ -442,19 +417,13 @@ def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, norm_w
         _checks.float_tensor("residual", residual, ndim=2)
         _checks.shape("residual", residual, (M, N), " ([M, N]: updated in place)")
         if _eager():
-            _checks.writable("residual", residual, x=x, weight=weight, bias=bias, norm_weight=norm_weight)
-    if norm_weight is not None:
-        _checks.float_tensor("norm_weight", norm_weight, ndim=1)
-        _checks.shape("norm_weight", norm_weight, (K,), " (one per column of x)")
-        if not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be > 0 (RMSNorm's variance epsilon), got {eps}")
-        named["norm_weight"] = norm_weight
+            _checks.writable("residual", residual, x=x, weight=weight, bias=bias)
     for name, t in named.items():
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     _checks.same_device(x=x, **named)
-    fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, up_weight, norm_weight)
-    return (fn or _ref.decode_linear)(x, weight, bias, residual, up_weight, norm_weight, float(eps))
+    fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, up_weight)
+    return (fn or _ref.decode_linear)(x, weight, bias, residual, up_weight)
 
 
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):

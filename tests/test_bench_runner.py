@@ -153,17 +153,13 @@ def test_rollout_ab_variants_set_and_restore_the_engine_switches():
     """Each bench_rollout --ab change sets its switch inside the context and every switch is back after it, also
     when the body raises (dl_all_rows: the decode_linear row minimum 17 -> 1)."""
     from benchmarks import bench_rollout as br
-    from r1kernels.triton import decode_linear as dl
-    from r1kernels.triton import device as kd
-    from r1train.generation import attention as ga
     from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
     cuda = torch.cuda.is_available()
 
     def state():
-        return (fz.DECODE_LINEAR, fz.DECODE_LINEAR_MIN_ROWS, kd.PDL, ga.SHARED_PROMPT, ge.STEP_FUSIONS,
-                {e: dict(c) for e, c in dl.CONFIGS.items()},
+        return (fz.DECODE_LINEAR, fz.DECODE_LINEAR_MIN_ROWS, ge.STEP_FUSIONS,
                 torch.backends.cuda.preferred_blas_library() if cuda else None)
 
     before = state()
@@ -177,7 +173,7 @@ def test_rollout_ab_variants_set_and_restore_the_engine_switches():
             assert state() == before
             continue
         with pytest.raises(KeyError), br.ab_variant(change):
-            assert state() != before or change in ("emit", "rope_table", "nopdl")  # on by default / off already
+            assert state() != before or change in ("emit", "rope_table")  # on by default
             raise KeyError
         assert state() == before, change
 

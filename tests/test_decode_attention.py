@@ -171,122 +171,6 @@ def test_new_token_arguments():
         rk.decode_attention(q, k, v, lens, k_new=torch.zeros(2, 2, 16), v_new=torch.zeros(2, 4, 16))
 
 
-def _prefix_case(B, Hq, Hkv, L, Dk, Dv, dtype, device="cpu", G=3):
-    """Rows in groups of G (the last may be shorter) reading the group's first row's prefix; every row's
-    cache differs (so a read from the wrong row shows), lens >= prefix_len on both rows."""
-    q, k, v = _inputs(B, Hq, Hkv, L, Dk, Dv, dtype, device)
-    row = (torch.arange(B, device=device) // G) * G
-    pre = torch.randint(0, L // 2 + 1, (B,), device=device)[row]  # one prompt length per group
-    lens = pre + torch.randint(0, L - L // 2, (B,), device=device)  # <= L - 1: room for the new token
-    if B > 1:
-        lens[1] = pre[1]  # a row with no own positions yet
-    return q, k, v, lens, row, pre
-
-
-def _read_by_hand(k, lens, row, pre):
-    """The cache as each row reads it: positions < pre[b] copied from row row[b] (python loop)."""
-    out = k.clone()
-    for b in range(k.shape[0]):
-        n = int(pre[b])
-        out[b, :, :n] = k[int(row[b]), :, :n]
-    return out
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("new", [False, True])
-def test_prefix_rows_read_the_source_row(shape, dtype, splits, new):
-    """prefix_row / prefix_len: row b attends to row prefix_row[b]'s positions < prefix_len[b] and its own
-    after (independent: the read cache built by hand, then the op without prefix); with k_new the store goes
-    to row b's own position lens[b] and nothing else changes; the reference op follows the same contract."""
-    B, Hq, Hkv, L, Dk, Dv = shape
-    q, k, v, lens, row, pre = _prefix_case(B + 2, Hq, Hkv, L, Dk, Dv, dtype)
-    B = q.shape[0]
-    kw = dict(k_new=torch.randn(B, Hkv, Dk).to(dtype), v_new=torch.randn(B, Hkv, Dv).to(dtype)) if new else {}
-    s = Dk ** -0.5
-    k_read, v_read = _read_by_hand(k, lens, row, pre), _read_by_hand(v, lens, row, pre)
-    ref = ref_attention(q.double(), k_read.double(), v_read.double(), lens, s,
-                        **{n: t.double() for n, t in kw.items()})
-    k_exp, v_exp = k.clone(), v.clone()
-    if new:
-        b_ = torch.arange(B)
-        k_exp[b_, :, lens], v_exp[b_, :, lens] = kw["k_new"], kw["v_new"]
-    lowp = ref_attention(q, k_read.clone(), v_read.clone(), lens, s, **kw) if dtype != torch.float32 else None
-    kc, vc = k.clone(), v.clone()
-    if splits is None:
-        out = rk.decode_attention(q, kc, vc, lens, prefix_row=row, prefix_len=pre, backend="triton", **kw)
-    else:
-        out = da_k.decode_attention_fwd(q, kc, vc, lens, s, splits=splits, prefix_row=row, prefix_len=pre, **kw)
-    assert_close(out, ref, dtype, lowp=lowp, name="vs the read cache built by hand")
-    assert torch.equal(kc, k_exp) and torch.equal(vc, v_exp)
-    kr, vr = k.clone(), v.clone()
-    ref_op = rk.decode_attention(q, kr, vr, lens, prefix_row=row, prefix_len=pre, backend="torch", **kw)
-    assert torch.equal(kr, k_exp) and torch.equal(vr, v_exp)
-    assert_close(ref_op.double(), ref, dtype, lowp=lowp, name="reference op")
-
-
-@pytest.mark.parametrize("splits", [1, 3])
-def test_prefix_rows_over_equal_copies_change_nothing(splits):
-    """Where the rows of a group hold equal copies of their prompt (what the engine keeps), reading the
-    source row's copy gives bitwise the output and the stores of the call without prefix_row (rotary on)."""
-    B, Hq, Hkv, L, D = 7, 6, 2, 41, 16
-    q, k, v, lens, row, pre = _prefix_case(B, Hq, Hkv, L, D, D, torch.bfloat16)
-    k, v = _read_by_hand(k, lens, row, pre), _read_by_hand(v, lens, row, pre)  # the copies
-    kn, vn = torch.randn(B, Hkv, D).bfloat16(), torch.randn(B, Hkv, D).bfloat16()
-    cos, sin = torch.rand(B, D).bfloat16(), torch.rand(B, D).bfloat16()
-    outs = []
-    for kw in ({}, dict(prefix_row=row, prefix_len=pre)):
-        kc, vc = k.clone(), v.clone()
-        outs.append((da_k.decode_attention_fwd(q, kc, vc, lens, 0.25, splits=splits, k_new=kn, v_new=vn, cos=cos,
-                                               sin=sin, **kw), kc, vc))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("splits", [None, 4])
-def test_gpu_prefix_rows(splits):
-    """The rollout's shape (64 rows = 8 prompts x 8 completions, Qwen2.5-1.5B heads, bf16, prompts of 200..260
-    positions: tile edges inside the prompt) with the new token and the rotary embedding: distinct rows vs the
-    read cache built by hand; equal copies: bitwise the unshared call."""
-    B, Hq, Hkv, L, D, G = 64, 12, 2, 1024, 128, 8
-    q, k, v, lens, row, pre = _prefix_case(B, Hq, Hkv, L, D, D, torch.bfloat16, "cuda", G=G)
-    pre = torch.randint(200, 261, (B,), device="cuda")[row]
-    lens = pre + torch.randint(0, 500, (B,), device="cuda")
-    kn, vn = torch.randn(B, Hkv, D, device="cuda").bfloat16(), torch.randn(B, Hkv, D, device="cuda").bfloat16()
-    cos, sin = torch.rand(B, D, device="cuda").bfloat16(), torch.rand(B, D, device="cuda").bfloat16()
-    new = dict(k_new=kn, v_new=vn, cos=cos, sin=sin)
-    k_read, v_read = _read_by_hand(k, lens, row, pre), _read_by_hand(v, lens, row, pre)
-    ref = ref_attention(q.double(), k_read.double(), v_read.double(), lens, D ** -0.5,
-                        **{n: t.double() for n, t in new.items()})
-    lowp = ref_attention(q, k_read.clone(), v_read.clone(), lens, D ** -0.5, **new)
-    out = da_k.decode_attention_fwd(q, k.clone(), v.clone(), lens, D ** -0.5, splits=splits, prefix_row=row,
-                                    prefix_len=pre, **new)
-    assert_close(out, ref, torch.bfloat16, lowp=lowp)
-    outs = [da_k.decode_attention_fwd(q, k_read.clone(), v_read.clone(), lens, D ** -0.5, splits=splits, **new, **kw)
-            for kw in ({}, dict(prefix_row=row, prefix_len=pre))]
-    assert torch.equal(outs[0], outs[1])
-
-
-def test_prefix_arguments():
-    q, k, v = _inputs(3, 4, 2, 8, 16, 16, torch.float32)
-    lens, row, pre = torch.tensor([3, 4, 5]), torch.tensor([0, 0, 2]), torch.tensor([2, 2, 5])
-    rk.decode_attention(q, k, v, lens, prefix_row=row, prefix_len=pre)  # valid
-    bad = [(dict(prefix_row=row), "prefix_row and prefix_len"),
-           (dict(prefix_row=row[:2], prefix_len=pre[:2]), "prefix_row must have shape"),
-           (dict(prefix_row=row.float(), prefix_len=pre), "prefix_row"),
-           (dict(prefix_row=torch.tensor([0, 3, 2]), prefix_len=pre), r"prefix_row must be in \[0, 3\)"),
-           (dict(prefix_row=torch.tensor([0, -1, 2]), prefix_len=pre), r"prefix_row must be in \[0, 3\)"),
-           (dict(prefix_row=row, prefix_len=torch.tensor([2, 2, 6])), "prefix_len must be in"),   # > own lens
-           (dict(prefix_row=row, prefix_len=torch.tensor([2, 4, 5])), "prefix_len must be in"),   # > source's lens
-           (dict(prefix_row=row, prefix_len=torch.tensor([-1, 2, 5])), "prefix_len must be in")]
-    for backend in ("torch", "triton"):
-        for kw, msg in bad:
-            with pytest.raises(ValueError, match=msg):
-                rk.decode_attention(q, k, v, lens, backend=backend, **kw)
-
-
 def test_num_splits_shapes_only():
     cases = [(1024, 128, 64, 528), (4096, 16, 64, 528), (37, 6, 16, 16), (1, 1, 64, 528), (10**5, 1, 64, 10**4)]
     for L, programs, block_n, target in cases:
@@ -410,9 +294,6 @@ def test_opcheck():
     torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([21, 5]), 0.25))
     torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([20, 5]), 0.25,
                                                        torch.randn(2, 2, 16), torch.randn(2, 2, 8)))
-    torch.library.opcheck(da_ops.decode_attention_op, (q, k, v, torch.tensor([20, 9]), 0.25, torch.randn(2, 2, 16),
-                                                       torch.randn(2, 2, 8), None, None, torch.tensor([0, 0]),
-                                                       torch.tensor([4, 4])))
 
 
 def test_compile_fullgraph():

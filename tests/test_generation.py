@@ -263,74 +263,6 @@ def test_engine_reuses_buffers_and_compacts():
     assert buckets(5) == [5, 4, 2, 1] and buckets(1) == [1] and buckets(64)[:2] == [64, 32]
 
 
-def _shared_prompt_runs(model, backend, monkeypatch, eos, corrupt=False, device="cpu", check_every=1, T=10,
-                        modes=(False, True)):
-    """Rollouts of 3 prompts (lengths 7, 3, 5) x 3 completions, interleaved, sampled, with and without
-    attention.SHARED_PROMPT. corrupt: after the prefill, every row that is not its prompt's first row gets noise
-    in its copy of the prompt's keys/values (the engine's attention must then never read those copies)."""
-    from r1train.generation import attention as A
-
-    with torch.random.fork_rng():  # the same prompts in every call
-        torch.manual_seed(5)
-        ids, mask = _prompts([7, 3, 5])
-    order = [0, 1, 2, 0, 1, 2, 2, 0, 1]
-    ids, mask = ids[order].to(device), mask[order].to(device)
-    real = A.KVCache.repeat_prefill
-
-    def noisy(self, rows_B, P):
-        real(self, rows_B, P)
-        first = [b for b in range(len(order)) if order.index(order[b]) == b]
-        others = [b for b in range(len(order)) if b not in first]
-        for t in self.k + self.v:
-            if t is not None:
-                t[others, :, :P] = torch.randn_like(t[others, :, :P]) * 10
-
-    if corrupt:
-        monkeypatch.setattr(A.KVCache, "repeat_prefill", noisy)
-    out = []
-    for shared in modes:
-        monkeypatch.setattr(A, "SHARED_PROMPT", shared)
-        eng = Engine(model, backend=backend, check_every=check_every)
-        out.append(eng.generate(ids, mask, list(range(len(order))), SamplingParams(T, temperature=1.0), eos_id=eos,
-                                pad_id=0))
-    return out
-
-
-def _common_token(tok_BT):
-    """The token the most rows draw (as an eos it finishes several rows at different steps)."""
-    rows = torch.stack([(tok_BT == t).any(1).sum() for t in range(V)])
-    return int(rows.argmax())
-
-
-@pytest.mark.parametrize("name,backend", [("tiny-qwen2", "torch"), ("tiny-qwen2", "triton"),
-                                          ("tiny-deepseek-v3", "torch")])
-def test_shared_prompt_reads_change_nothing(name, backend, monkeypatch):
-    """Rows of one prompt reading its keys/values from one row's copy (attention.SHARED_PROMPT) sample the same
-    tokens and log-probs bitwise, also while finished rows are compacted away (check_every=1, an eos most rows
-    reach: the rows a group reads from change)."""
-    torch.manual_seed(1)
-    model = _model(name, sharp=False)
-    (tok, logp), _ = _shared_prompt_runs(model, "torch", monkeypatch, eos=-1)
-    eos = _common_token(tok)
-    (tok, logp), (tok_s, logp_s) = _shared_prompt_runs(model, backend, monkeypatch, eos=eos)
-    assert (tok == eos).any(1).sum() >= 2  # rows finish: compaction moves the others
-    assert torch.equal(tok_s, tok) and torch.equal(logp_s, logp)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_shared_prompt_reads_use_one_copy(backend, monkeypatch):
-    """With the other rows' copies of a prompt overwritten by noise after the prefill, the shared reads still
-    give the clean rollout (every row reads its prompt from the group's first row), and the unshared reads do not
-    (the noise is read there): the switch is what the engine's attention follows."""
-    torch.manual_seed(2)
-    model = _model("tiny-llama", sharp=False)
-    (tok, logp), = _shared_prompt_runs(model, backend, monkeypatch, eos=-1, check_every=100, T=5, modes=(False,))
-    (tok_n, logp_n), (tok_s, logp_s) = _shared_prompt_runs(model, backend, monkeypatch, eos=-1, corrupt=True,
-                                                           check_every=100, T=5)
-    assert torch.equal(tok_s, tok) and torch.equal(logp_s, logp)
-    assert not torch.equal(logp_n, logp)
-
-
 def _shipped_generation_config(model):
     """Processors a checkpoint's generation_config.json can switch on (Qwen2.5-Instruct ships repetition_penalty
     1.05, top_k 20, top_p 0.8, temperature 0.7): the fallback must apply none of them."""
@@ -653,21 +585,6 @@ def test_gpu_cuda_graph_greedy_equals_full_forward(name):
             assert tok[b, :len(ref)].tolist() == ref, f"row {b}"
     if name != "tiny-deepseek-v3":
         assert eng.cuda_graphs and eng.stats["captures"] >= 1
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
-def test_gpu_shared_prompt_reads_in_captured_steps(name, monkeypatch):
-    """The captured decode step with attention.SHARED_PROMPT (a graph of its own: the key has it) samples what
-    the default does, bitwise, with compaction (check_every=2) and on replay."""
-    torch.manual_seed(3)
-    model = _model(name, sharp=False).cuda().to(torch.bfloat16)
-    (tok, logp), _ = _shared_prompt_runs(model, "auto", monkeypatch, eos=-1, device="cuda")
-    eos = _common_token(tok)
-    for _ in range(2):
-        (tok, logp), (tok_s, logp_s) = _shared_prompt_runs(model, "auto", monkeypatch, eos=eos, device="cuda",
-                                                           check_every=2)
-        assert torch.equal(tok_s, tok) and torch.equal(logp_s, logp)
 
 
 @pytest.mark.parametrize("engine", ["r1train", "transformers"])

@@ -8,9 +8,6 @@ stores them at cache position lens[b] (in the cache's dtype, in place) and atten
 positions; a row with lens[b] >= L stores nothing and attends to its L positions.
 With cos / sin [B, Dk] (and k_new): q and k_new are first rotated by the rotary embedding at each row's
 position (reference.fused.apply_rotary: HF's rotate-half form, fp32 math rounded to their dtypes).
-With prefix_row / prefix_len [B] (rows that repeat a prompt): row b's positions < prefix_len[b] are read from
-cache row prefix_row[b], positions >= prefix_len[b] from row b; callers keep prefix_len[b] <= lens of both rows,
-so no store lands in a prefix another row reads (reading before or after this call's stores is the same).
 """
 from __future__ import annotations
 
@@ -21,8 +18,7 @@ import torch
 from .fused import apply_rotary
 
 
-def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None, cos=None, sin=None,
-                     prefix_row=None, prefix_len=None):
+def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=None, cos=None, sin=None):
     if cos is not None:
         q, k_new = apply_rotary(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
         q, k_new = q[:, :, 0], k_new[:, :, 0]
@@ -34,12 +30,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale=None, k_new=None, v_new=No
         k_cache[rows, :, lens[rows]] = k_new[rows].to(k_cache.dtype)
         v_cache[rows, :, lens[rows]] = v_new[rows].to(v_cache.dtype)
         lens = torch.where(lens < L, lens + 1, lens)
-    if prefix_row is not None:  # the cache as row b reads it, gathered after the stores (none lands in a prefix)
-        pos_L, own_B = torch.arange(L, device=q.device), torch.arange(B, device=q.device)
-        row_BL = torch.where(pos_L[None, :] < prefix_len.to(q.device).long()[:, None],
-                             prefix_row.to(q.device).long()[:, None], own_B[:, None])
-        k_cache = k_cache[row_BL, :, pos_L.expand_as(row_BL)].transpose(1, 2)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
-        v_cache = v_cache[row_BL, :, pos_L.expand_as(row_BL)].transpose(1, 2)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     G = Hq // Hkv
     q_BKGD = q.float().view(B, Hkv, G, Dk)  # query head h = kv head h // G, group member h % G

@@ -1,9 +1,6 @@
 """Projection of a decode step (no autograd needed; the spec of r1kernels.triton.decode_linear and its fallback).
 
-decode_linear(x [M, K], weight [N, K], bias [N] = None, residual [M, N] = None, up_weight [N, K] = None,
-              norm_weight [K] = None, eps = 1e-6):
-  with norm_weight x is first Hugging Face's RMSNorm of x (rms_norm(x, norm_weight, eps): the layer's norm before
-  its q/k/v or gate/up projection, folded in);
+decode_linear(x [M, K], weight [N, K], bias [N] = None, residual [M, N] = None, up_weight [N, K] = None):
   y = x @ weight^T (+ bias);  with up_weight: y = silu(x @ weight^T) * (x @ up_weight^T) (SwiGLU; weight is
   gate_proj's, bias not allowed);  with residual: residual += y in place, and residual is returned.
 The math is real-number math; this reference runs it as the engine's cuBLAS forms in x's dtype (F.linear,
@@ -16,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import rms_norm, silu_mul
+from .fused import silu_mul
 
 
 def stacked(ws: list[torch.Tensor]) -> torch.Tensor | None:
@@ -37,10 +34,7 @@ def stacked(ws: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
-                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)
+                  residual: torch.Tensor | None = None, up_weight: torch.Tensor | None = None) -> torch.Tensor:
     if up_weight is not None:
         # one GEMM over both where they lie back to back (storages are not traceable: two GEMMs while compiling)
         both = None if torch.compiler.is_compiling() else stacked([weight, up_weight])

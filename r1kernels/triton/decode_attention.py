@@ -11,9 +11,6 @@ With this step's keys/values (HAS_NEW), the program of the split that holds posi
 loads the new token before its cache loop (so the load latency overlaps the loop), folds it into its online
 softmax after the loop from registers, and the head tile gt == 0 stores it into the cache there; no program
 reads position lens[b] from the cache, so the store races with no load.
-With prefix_row / prefix_len (SHARED) positions < prefix_len[b] of row b are read from cache row
-prefix_row[b] (rows that repeat a prompt read one copy of it: the copies of rows running at the same time
-then meet in L2); positions from prefix_len[b] on from row b itself. Stores go to row b only.
 With cos/sin (ROPE) q and the new key are rotated on load (HF's rotate-half form, fp32 math
 rounded once to their dtype, as rk.apply_rotary): the decode step launches no rotary kernel.
 
@@ -26,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import INTERPRET, pdl, pdl_enter, pdl_launch, sm_count
+from .device import INTERPRET, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 256
@@ -43,50 +40,13 @@ def _rotated(x_ptrs, mask, dk, half, sd, c, sn):
 
 
 @triton.jit
-def _attend(q, k_row, v_row, lo, hi, m, l, acc, n_pre, k_jump, v_jump, sk_n, sk_d, sv_n, sv_d, dk, dv, dk_mask,
-            dv_mask, qk_scale, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, JUMP: tl.constexpr):
-    """The online softmax (m, l, acc) over cache positions [lo, hi) of one row's K/V (k_row / v_row), BLOCK_N at a
-    time from lo; JUMP: positions < n_pre read k_jump / v_jump elements further (another row)."""
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < hi  # n0 < hi: every iteration has >= 1 valid position, so m stays finite
-        n64 = n.to(tl.int64)
-        k_off = n64 * sk_n
-        v_off = n64 * sv_n
-        if JUMP:
-            k_off += tl.where(n < n_pre, k_jump, 0)
-            v_off += tl.where(n < n_pre, v_jump, 0)
-        k = tl.load(k_row + k_off[:, None] + dk[None, :] * sk_d, mask=n_mask[:, None] & dk_mask[None, :], other=0.0)
-        v = tl.load(v_row + v_off[:, None] + dv[None, :] * sv_d, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
-        if DOT_F32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N], base-2 units
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)  # first iteration: 2^-inf = 0
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
-    return m, l, acc
-
-
-@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr,
-                  src_ptr, pre_ptr,
                   sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_d, s_lens,
-                  skn_b, skn_h, skn_d, svn_b, svn_h, svn_d, sc_b, sc_d, ss_b, ss_d, s_src, s_pre,
+                  skn_b, skn_h, skn_d, svn_b, svn_h, svn_d, sc_b, sc_d, ss_b, ss_d,
                   Hq, Hkv, G, L, Dk, Dv, chunk, S, qk_scale,
                   NUM_GT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DIRECT: tl.constexpr,
-                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr, ROPE: tl.constexpr, SHARED: tl.constexpr,
-                  PDL: tl.constexpr):
-    pdl_enter(PDL)
+                  DOT_F32: tl.constexpr, HAS_NEW: tl.constexpr, ROPE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gt = pid % NUM_GT
@@ -138,25 +98,29 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
         vn = tl.load(vn_ptr + b64 * svn_b + h64 * svn_h + dv * svn_d, mask=vn_mask, other=0.0)
         kn = kn.to(k_ptr.dtype.element_ty)  # the value the cache will hold
         vn = vn.to(v_ptr.dtype.element_ty)
-    if SHARED:  # whole tiles inside the prefix from row src (no per-position select: the loads keep their
-        # vector width and pipelining, checked in the sm_90 PTX), the tile holding position n_pre with a
-        # per-position row select, then row b's own tiles: the tiles and their order are those of the
-        # unshared loop, so over equal copies the result is bitwise the same
-        n_pre = tl.load(pre_ptr + b * s_pre).to(tl.int32)
-        src = tl.load(src_ptr + b * s_src).to(tl.int64)
-        lo = tl.minimum(tl.maximum(n_pre, start), end)  # the prefix part of [start, end) is [start, lo)
-        mid = start + (lo - start) // BLOCK_N * BLOCK_N
-        edge = tl.where(mid < lo, tl.minimum(mid + BLOCK_N, end), mid)  # the boundary tile's end, if any
-        m, l, acc = _attend(q, k_ptr + src * sk_b + h64 * sk_h, v_ptr + src * sv_b + h64 * sv_h, start, mid, m, l,
-                            acc, 0, 0, 0, sk_n, sk_d, sv_n, sv_d, dk, dv, dk_mask, dv_mask, qk_scale,
-                            BLOCK_N, DOT_F32, False)
-        m, l, acc = _attend(q, k_row, v_row, mid, edge, m, l, acc, n_pre, (src - b64) * sk_b, (src - b64) * sv_b,
-                            sk_n, sk_d, sv_n, sv_d, dk, dv, dk_mask, dv_mask, qk_scale, BLOCK_N, DOT_F32, True)
-        m, l, acc = _attend(q, k_row, v_row, edge, end, m, l, acc, 0, 0, 0, sk_n, sk_d, sv_n, sv_d, dk, dv,
-                            dk_mask, dv_mask, qk_scale, BLOCK_N, DOT_F32, False)
-    else:
-        m, l, acc = _attend(q, k_row, v_row, start, end, m, l, acc, 0, 0, 0, sk_n, sk_d, sv_n, sv_d, dk, dv,
-                            dk_mask, dv_mask, qk_scale, BLOCK_N, DOT_F32, False)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end  # n0 < end: every iteration has >= 1 valid position, so m stays finite
+        n64 = n.to(tl.int64)
+        k = tl.load(k_row + n64[:, None] * sk_n + dk[None, :] * sk_d,
+                    mask=n_mask[:, None] & dk_mask[None, :], other=0.0)
+        v = tl.load(v_row + n64[:, None] * sv_n + dv[None, :] * sv_d,
+                    mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+        if DOT_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N], base-2 units
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)  # first iteration: 2^-inf = 0
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if DOT_F32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
 
     if HAS_NEW:
         if here:
@@ -186,10 +150,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, lse_ptr, part_ptr, kn_
 
 @triton.jit
 def _combine_kernel(lse_ptr, part_ptr, out_ptr, so_b, so_h, so_d, Hq, S, Dv,
-                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out[b, h] = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) over the S partials; reads o only of
     non-empty splits (lse > -inf); all empty (lens 0) gives 0."""
-    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)  # b * Hq + h
     b = row // Hq
     h = row % Hq
@@ -250,11 +213,10 @@ def num_splits(L: int, programs: int, block_n: int, target: int) -> tuple[int, i
 
 
 def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | None = None, k_new=None,
-                         v_new=None, cos=None, sin=None, prefix_row=None, prefix_len=None):
+                         v_new=None, cos=None, sin=None):
     """out [B, Hq, Dv] in q's dtype; any strides. `splits` forces S (tests); None picks it from shapes.
     k_new / v_new [B, Hkv, D] (both or neither): stored at position lens[b] and attended (module doc);
-    cos / sin [B, Dk] (with k_new): q and k_new rotated first; prefix_row / prefix_len [B] (both or neither):
-    row b's positions < prefix_len[b] read from row prefix_row[b]."""
+    cos / sin [B, Dk] (with k_new): q and k_new rotated first."""
     B, Hq, Dk = q.shape
     Hkv, L, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     out = torch.empty((B, Hq, Dv), dtype=q.dtype, device=q.device)
@@ -268,8 +230,6 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     rope = cos is not None
     cs, ss = (cos.stride(), sin.stride()) if rope else ((0, 0), (0, 0))
     cos, sin = (cos, sin) if rope else (q, q)  # unused without ROPE
-    shared = prefix_row is not None
-    src, pre = (prefix_row, prefix_len) if shared else (lens, lens)  # unused without SHARED
     G = Hq // Hkv
     block_n, target, warps = _config(q.device)
     dot_f32 = INTERPRET or q.dtype != k_cache.dtype or k_cache.dtype not in (torch.float16, torch.bfloat16)
@@ -278,7 +238,6 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     BLOCK_G = max(16, min(triton.next_power_of_2(G), 64 if Dv <= 128 else 32))
     NUM_GT = triton.cdiv(G, BLOCK_G)
     programs = B * Hkv * NUM_GT
-    on = pdl(q.device)
     if splits is None:
         S, chunk = num_splits(L, programs, block_n, target)
     else:
@@ -290,13 +249,12 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, scale: float, splits: int | 
     else:
         lse = part = out  # unused
     _split_kernel[(programs, S)](
-        q, k_cache, v_cache, lens, out, lse, part, kn, vn, cos, sin, src, pre, *q.stride(), *k_cache.stride(),
-        *v_cache.stride(), *out.stride(), lens.stride(0), *kn_s, *vn_s, *cs, *ss, src.stride(0), pre.stride(0),
-        Hq, Hkv, G, L, Dk, Dv, chunk, S, float(scale) * LOG2E, NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n,
-        BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope,
-        SHARED=shared, PDL=on, num_warps=warps, num_stages=stages, **pdl_launch(on))
+        q, k_cache, v_cache, lens, out, lse, part, kn, vn, cos, sin, *q.stride(), *k_cache.stride(),
+        *v_cache.stride(), *out.stride(), lens.stride(0), *kn_s, *vn_s, *cs, *ss, Hq, Hkv, G, L, Dk, Dv, chunk, S,
+        float(scale) * LOG2E, NUM_GT=NUM_GT, BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        DIRECT=S == 1, DOT_F32=dot_f32, HAS_NEW=has_new, ROPE=rope, num_warps=warps, num_stages=stages)
     if S > 1:
         _combine_kernel[(B * Hq,)](lse, part, out, *out.stride(), Hq, S, Dv,
-                                   BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV, PDL=on,
-                                   num_warps=1 if INTERPRET else 4, **pdl_launch(on))
+                                   BLOCK_S=min(triton.next_power_of_2(S), 16), BLOCK_DV=BLOCK_DV,
+                                   num_warps=1 if INTERPRET else 4)
     return out

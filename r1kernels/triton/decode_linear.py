@@ -7,17 +7,13 @@ keeps them), pipelined over K in STAGES, fp32 accumulation, one rounding at the 
   "silu_gate" out = silu(x @ Wg^T) * (x @ Wu^T): gate and up as two accumulators of one program, so the
               [M, 2I] gate/up output is never written and no SiLU kernel runs
 
-With norm_weight g (NORM) x is first RMS-normalized: out = r * ((x * g) @ W^T) with r = rsqrt(mean(x^2) + eps)
-per row, the sum of squares accumulated from the x tiles the loop loads anyway (no extra pass, no rms_norm
-launch), x * g rounded to x's dtype before the dot and r applied to the fp32 accumulator before the bias and the
-epilogue (the reference rounds x * r to the dtype first, as Hugging Face's RMSNorm: equal within the bf16
-tolerance, not bitwise).
-
 Program p owns weight rows [p * BLOCK_N, (p + 1) * BLOCK_N); the x tile's rows past M are zero-filled by the
 descriptor. H200, Qwen2.5-1.5B decode shapes at 64 rows, 28 distinct weights per CUDA graph (bench_decode_linear
 --sweep, results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json), best of 33 configs against the engine's
 cuBLAS form: q/k/v + bias 5.2 vs 6.0 us, o_proj + residual 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8
-(cuBLAS + silu_mul); down_proj + residual 13.4 vs 12.7 (cuBLAS wins: the engine keeps it)."""
+(cuBLAS + silu_mul); down_proj + residual 13.4 vs 12.7 (cuBLAS wins: the engine keeps it). Measured slower
+and removed (benchmarks/NOTES-decode-linear.md): the layer's RMSNorm folded into the K loop (H200 rollout +5.0%),
+programmatic dependent launch with an L2 prefetch of the first weight tiles (+1.5%)."""
 from __future__ import annotations
 
 import functools
@@ -31,7 +27,7 @@ try:  # Triton >= 3.3 (tensor descriptors); older: the kernel is never eligible
 except ImportError:
     TensorDescriptor = None
 
-from .device import INTERPRET, pdl, pdl_enter, pdl_launch, sm_count
+from .device import INTERPRET, sm_count
 
 EPILOGUES = ("none", "residual", "silu_gate")
 MAX_ROWS = 64
@@ -46,39 +42,15 @@ CONFIGS = {"none": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
 
 
 @triton.jit
-def _prefetch_l2(w_ptr, n0, N, K, stride_n, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
-    """L2 prefetch of the first LINES 128-byte lines (64 two-byte elements) of weight rows [n0, n0 + BLOCK_N):
-    one prefetch instruction per line, no registers filled, nothing waited for."""
-    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)
-    rk = tl.minimum(tl.arange(0, LINES) * 64, K - 1)
-    p = w_ptr + rn[:, None].to(tl.int64) * stride_n + rk[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, w_ptr, w2_ptr, g_ptr, M, N, K, stride_om,
-                          stride_wn, stride_w2n, eps, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                          DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride_om, EPI: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
-    if PREFETCH_LINES > 0:  # the weights are no predecessor's output: fetched while it finishes (PDL)
-        _prefetch_l2(w_ptr, n0, N, K, stride_wn, BLOCK_N, PREFETCH_LINES)
-        if EPI == 2:
-            _prefetch_l2(w2_ptr, n0, N, K, stride_w2n, BLOCK_N, PREFETCH_LINES)
-    pdl_enter(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    ss = tl.zeros((BLOCK_M,), tl.float32)  # NORM: sum of x^2 per row
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([0, k0])  # columns past K are zero-filled: no tail mask
         w = w_desc.load([n0, k0])
-        if NORM:
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-            rk = k0 + tl.arange(0, BLOCK_K)
-            g = tl.load(g_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(w.dtype)
         if DOT_F32:  # the interpreter's bf16 dot is wrong
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -88,10 +60,6 @@ def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, w_ptr, w2_
             if DOT_F32:
                 w2 = w2.to(tl.float32)
             acc2 = tl.dot(x, w2.T, acc2)
-    if NORM:
-        r = tl.math.rsqrt(ss / K + eps)
-        acc = acc * r[:, None]
-        acc2 = acc2 * r[:, None]
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     msk = (rm[:, None] < M) & (rn[None, :] < N)
@@ -111,11 +79,10 @@ def _epilogue(residual_MN, w2_NK) -> str:
 
 def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
                   residual_MN: torch.Tensor | None = None, w2_NK: torch.Tensor | None = None,
-                  norm_K: torch.Tensor | None = None, eps: float = 1e-6, config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None) -> torch.Tensor:
     """x_MK [1 <= M <= 64, K > 0] and w_NK / w2_NK [N, K] with unit stride along K and 16-byte aligned (eligible());
     residual_MN [M, N] (unit stride along N): updated in place and returned; w2_NK: the silu_gate epilogue
-    (w_NK is the gate's); norm_K [K] (unit stride): x RMS-normalized with that weight and eps first (NORM).
-    config: overrides of CONFIGS[epilogue] (the benchmark's sweep)."""
+    (w_NK is the gate's). config: overrides of CONFIGS[epilogue] (the benchmark's sweep)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     epi = _epilogue(residual_MN, w2_NK)
@@ -128,27 +95,11 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
     w2_desc = TensorDescriptor.from_tensor(w2_NK, [bn, bk]) if w2_NK is not None else w_desc
-    w2 = w2_NK if w2_NK is not None else w_NK
-    on = pdl(x_MK.device)
     _decode_linear_kernel[(triton.cdiv(N, bn),)](
-        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, w_NK, w2,
-        norm_K if norm_K is not None else w_NK, M, N, K, out_MN.stride(0), w_NK.stride(0), w2.stride(0), float(eps),
-        EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None, NORM=norm_K is not None,
-        DOT_F32=INTERPRET or x_MK.device.type != "cuda", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
-        PDL=on, PREFETCH_LINES=_prefetch_lines(cfg, K) if on else 0, num_warps=cfg["num_warps"], **pdl_launch(on))
+        x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, M, N, K, out_MN.stride(0),
+        EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
     return out_MN
-
-
-def _prefetch_lines(cfg: dict, K: int) -> int:
-    """128-byte lines per weight row prefetched into L2 before the predecessor completes. cfg["PREFETCH"]: True
-    (default) the pipeline's first STAGES x BLOCK_K columns (at most K) rounded down to a power of two; False
-    none; an int, that many columns (at most K), rounded up to a power of two of lines (the kernel clamps the
-    columns to K: the last line repeats), for benchmarks."""
-    pf = cfg.get("PREFETCH", True)
-    if pf is True:
-        cols = min(K, cfg["STAGES"] * cfg["BLOCK_K"])
-        return 1 << ((cols // 64).bit_length() - 1) if cols >= 64 else 0
-    return triton.next_power_of_2(triton.cdiv(min(K, int(pf)), 64)) if pf else 0
 
 
 def aligned(*tensors) -> bool:
@@ -170,7 +121,7 @@ def _smem(cfg: dict, epi: str) -> int:
     return (MAX_ROWS + (2 if epi == "silu_gate" else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["STAGES"]
 
 
-def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None, norm_K=None) -> bool:
+def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     """Shapes, dtypes, strides and the device (a Hopper or newer GPU, or the interpreter): tensor
     descriptors need unit stride along K, 16-byte aligned (nonzero) row strides, and no empty axis. Shapes,
     strides and dtypes only, so it traces under torch.compile.
@@ -192,4 +143,4 @@ def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None, norm_K=None)
     for t in (x_MK, w_NK, w2_NK):
         if t is not None and (t.dtype != dt or t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.stride(0) == 0):
             return False
-    return all(t is None or (t.dtype == dt and t.stride(-1) == 1) for t in (bias_N, residual_MN, norm_K))
+    return all(t is None or (t.dtype == dt and t.stride(-1) == 1) for t in (bias_N, residual_MN))

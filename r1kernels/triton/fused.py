@@ -19,15 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import pdl, pdl_enter, pdl_launch, sm_count
+from .device import sm_count
 
 MAX_H = 65536
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, M, H, sx, so, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    pdl_enter(PDL)
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, M, H, sx, so, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     cm = cols < H
@@ -56,9 +54,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     BLOCK = triton.next_power_of_2(H)
     ROWS = max(1, min(16, 2048 // BLOCK, triton.next_power_of_2(M)))
     num_warps = 8 if BLOCK >= 4096 else 4 if BLOCK >= 1024 else 2 if BLOCK * ROWS >= 512 else 1
-    on = pdl(x.device)
     _rms_norm_kernel[(triton.cdiv(M, ROWS),)](x2, w, out.view(-1, H), M, H, x2.stride(0), H, float(eps),
-                                                ROWS=ROWS, BLOCK=BLOCK, PDL=on, num_warps=num_warps, **pdl_launch(on))
+                                                ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
     return out
 
 

@@ -9,9 +9,8 @@ builds no mask for an attention name it has no mask function for, so no [B, L] m
 
 Cache layout: k[layer] [Bmax, Hkv, L, Dk], v[layer] [Bmax, Hkv, L, Dv]; row b holds its tokens at
 positions 0..lens[b]-1 with no padding (prompts are left-padded only in the prefill input). Decode works
-on the first `rows` rows (the engine compacts live rows to the front). With SHARED_PROMPT the rows that repeat
-a prompt (GRPO's completions of one prompt) read it from one row's copy (rk.decode_attention's prefix_row /
-prefix_len, set by the engine): the same result, the copies of rows decoding together meet in L2.
+on the first `rows` rows (the engine compacts live rows to the front). Shared-prompt reads (the rows of one
+prompt reading one row's copy of it) were measured slower (benchmarks/NOTES-decode-linear.md) and removed.
 """
 from __future__ import annotations
 
@@ -22,12 +21,6 @@ import r1kernels as rk
 
 ATTN_NAME = "r1train_engine"
 _ACTIVE: list = []  # the KVCache in use (set by the engine around model calls)
-# Rows of one prompt read its keys/values from one row's copy (bench_rollout --ab shared; bench_decode_attention's
-# "shared-prompt bound" case): a prompt of P positions shared by G rows reads P / G positions' bytes a row from
-# HBM if the copies of rows decoding at the same time meet in L2. Predicted -0.08 to -0.11 ms a 1.5B step;
-# measured (H100, cd8bc50) the attention kernels 0.343 -> 0.304 ms at step 6, the whole fixed rollout +0.3%
-# (1.264 -> 1.268 s): OFF.
-SHARED_PROMPT = False
 
 
 class KVCache:
@@ -42,9 +35,6 @@ class KVCache:
         # bound prompt length + steps >= lens + 1 (no sync); captured steps keep None (static shapes).
         self.window: int | None = None
         self.rope = None  # (cos, sin) [B, D] of this decode step, left by the rotary wrapper (fused_rotary)
-        # SHARED_PROMPT: int64 [rows_max] each (the engine's static buffers): row b reads its positions
-        # < prefix_len[b] (its prompt) from row prefix_row[b], a row holding the same prompt
-        self.prefix_row = self.prefix_len = None
 
     @property
     def defer_rope(self) -> bool:
@@ -94,10 +84,9 @@ class KVCache:
         # from the prompt lengths up (never negative): no data check in every layer of an uncaptured step
         cos, sin = self.rope or (None, None)
         self.rope = None
-        shared = {} if self.prefix_row is None else dict(prefix_row=self.prefix_row[:b], prefix_len=self.prefix_len[:b])
         out = rk.decode_attention(q[:, :, 0], self.k[i][:b, :, :w], self.v[i][:b, :, :w], pos_b, scale=scale,
                                   k_new=k[:, :, 0], v_new=v[:, :, 0], cos=cos, sin=sin, check_lens=False,
-                                  backend=self.backend, **shared)
+                                  backend=self.backend)
         return out[:, None]  # [b, 1, Hq, Dv]
 
     def compact(self, keep_idx: torch.Tensor):

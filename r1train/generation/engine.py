@@ -189,19 +189,10 @@ class _State:
         self.done = torch.zeros(rows, dtype=torch.bool, device=dev)
         self.out_tok = torch.zeros(rows, new_tokens, **i64)
         self.out_logp = torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev)
-        # shared prompts (attention.SHARED_PROMPT): each row's prompt index and length, and the row it reads
-        # its prompt's keys/values from (the first row holding that prompt; set by group_sources)
-        self.grp, self.plen, self.src = (torch.zeros(rows, **i64) for _ in range(3))
 
     def small(self):
-        """The per-row state compaction moves (src is recomputed after it)."""
-        return [self.tok, self.lens, self.seeds, self.pos, self.rid, self.done, self.grp, self.plen]
-
-    def group_sources(self, r: int):
-        """src[i] = the first of rows [0, r) holding row i's prompt (grp < rows: prompt indices of one rollout)."""
-        first = torch.full_like(self.grp, r)
-        first.scatter_reduce_(0, self.grp[:r], torch.arange(r, device=self.grp.device), "amin")
-        self.src[:r] = first[self.grp[:r]]
+        """The per-row state compaction moves."""
+        return [self.tok, self.lens, self.seeds, self.pos, self.rid, self.done]
 
 
 class Engine:
@@ -315,8 +306,7 @@ class Engine:
     def _run_step(self, r, sp, eos, pad_id):
         if not (self.cuda_graphs and self.st.tok.is_cuda):
             return self._step(r, sp, eos, pad_id)
-        key = (r, tuple(sp.kernel_kwargs().items()), eos, pad_id, self._rec is not None,
-               self.cache.prefix_row is not None, STEP_FUSIONS)
+        key = (r, tuple(sp.kernel_kwargs().items()), eos, pad_id, self._rec is not None, STEP_FUSIONS)
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(r, sp, eos, pad_id)
@@ -368,8 +358,6 @@ class Engine:
         order = torch.cat([(~done).nonzero().squeeze(1), done.nonzero().squeeze(1)])[:target]
         for t in st.small():
             t[:target] = t[:r].index_select(0, order)
-        if self.cache.prefix_row is not None:
-            st.group_sources(target)
         self.cache.compact(order)
 
     # ---- one rollout
@@ -422,11 +410,6 @@ class Engine:
                 logits, n_B = logits[rows_B], n_U[rows_B]
             cache.mode = "decode"
             st.lens[:B] = n_B
-            cache.prefix_row = cache.prefix_len = None
-            if _attn.SHARED_PROMPT:
-                st.grp[:B], st.plen[:B] = rows_B, n_B
-                st.group_sources(B)
-                cache.prefix_row, cache.prefix_len = st.src, st.plen
             self._emit(B, logits, sp, eos, pad_id)
             rows, steps = B, 1
             sizes = buckets(B)

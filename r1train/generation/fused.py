@@ -28,10 +28,9 @@ from r1kernels.reference.decode_linear import stacked
 # q/k/v 5.2 vs 6.0 us, o_proj 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8; down_proj lost (13.4 vs 12.7) and is not
 # here. The fixed rollout with these three: 1.042 s vs 1.087 s (results/rollout_h200_2026-12-05_3267bdf.json). At
 # 7B's shapes the kernel's eligibility (one wave of programs) leaves every projection on cuBLAS, measured faster there.
-# Also accepted, measured slower (H100, cd8bc50, bench_rollout --ab): "norm", each decoder layer's two RMSNorms
-# folded into its q/k/v and gate/up kernels (rk.decode_linear's norm_weight; _folded): the fixed rollout +2.5%
-# (56 rms_norm launches fewer, 0.1 ms of decode_linear time more a step); "down_proj" (with PDL and norm: +5.1%
-# against +4.3% without it).
+# Also accepted, measured slower: "down_proj" (H100, cd8bc50: the fixed rollout +4.3%). The RMSNorms folded into the
+# q/k/v and gate/up kernels were measured slower too (H100 +2.5%, H200 +5.0%) and removed
+# (benchmarks/NOTES-decode-linear.md).
 DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
 # Decode steps of fewer rows keep the cuBLAS forms, which pick 8-row tiles there (the kernel's tile is 64 rows).
 # The 1.5B decode step replayed, kernel vs cuBLAS, H100 (2026-12-05, 91b4823;
@@ -58,38 +57,17 @@ def _mlp(self, x):
 def _mlp_gate_up(self, x):
     """gate_proj and up_proj plain bias-free Linears. Decode rows: rk.decode_linear's kernel, SiLU in its
     epilogue. Else one GEMM over their weights as one [2I, H] view where they lie back to back (_r1k_gu:
-    _stacked_weight; silu_mul reads the two halves of its output in place), or the two GEMMs (_mlp). With
-    _r1k_norm set (_folded), x is the residual stream before the layer's post-attention norm."""
-    norm, self._r1k_norm = self._r1k_norm, None
+    _stacked_weight; silu_mul reads the two halves of its output in place), or the two GEMMs (_mlp)."""
     n, gu = self.gate_proj.out_features, self._r1k_gu
     x2 = x.reshape(-1, x.shape[-1])
     wg, wu = (gu[:n], gu[n:]) if gu is not None else (self.gate_proj.weight.detach(), self.up_proj.weight.detach())
-    nkw = _norm_kw(norm)
-    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, wg, up_weight=wu, **nkw):
-        h = rk.decode_linear(x2, wg, up_weight=wu, **nkw, backend=self._r1k_backend)
+    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, wg, up_weight=wu):
+        h = rk.decode_linear(x2, wg, up_weight=wu, backend=self._r1k_backend)
         return self.down_proj(h.view(*x.shape[:-1], n))
-    if norm is not None:
-        x = norm(x)
     if gu is None:
         return _mlp(self, x)
     out = F.linear(x, gu)
     return self.down_proj(rk.silu_mul(out[..., :n], out[..., n:], backend=self._r1k_backend))
-
-
-def _norm_kw(norm) -> dict:
-    """rk.decode_linear's (and its eligibility's) keywords for a folded norm (_folded), none without one."""
-    return {} if norm is None else {"norm_weight": norm.weight.detach(), "eps": norm.variance_epsilon}
-
-
-def _folded(proj, norm, x):
-    """The input of a projection of a decode step (one token a row) that applies the layer's RMSNorm itself
-    (DECODE_LINEAR "norm": _q / _mlp_gate_up pass its weight to rk.decode_linear's kernel, or call it first where
-    the kernel does not run): x itself, the norm handed to proj; else norm(x)."""
-    if "norm" in DECODE_LINEAR and hasattr(proj, "_r1k_norm") and is_rms_norm(norm) and x.dim() == 3 \
-            and x.shape[1] == 1:
-        proj._r1k_norm = norm
-        return x
-    return norm(x)
 
 
 def _stacked_weight(lins):
@@ -114,16 +92,14 @@ def _qkv_projs(m):
 
 def _q(self, x):
     """q_proj's forward: one GEMM for q, k and v (decode rows: rk.decode_linear's kernel); k_proj / v_proj
-    return their slices for the same x. With _r1k_norm set (_folded), x is the layer's input before its norm."""
-    x_in, norm, self._r1k_norm = x, self._r1k_norm, None
-    x2, nkw = x.reshape(-1, x.shape[-1]), _norm_kw(norm)
-    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b, **nkw):
-        qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, **nkw,
-                               backend=self._r1k_backend).view(*x.shape[:-1], -1)
+    return their slices for the same x."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b):
+        qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, backend=self._r1k_backend).view(*x.shape[:-1], -1)
     else:
-        qkv = F.linear(x if norm is None else norm(x), self._r1k_w, self._r1k_b)
+        qkv = F.linear(x, self._r1k_w, self._r1k_b)
     nq, nk = self.out_features, self._r1k_k.out_features
-    self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x_in, qkv[..., nq:nq + nk]), (x_in, qkv[..., nq + nk:])
+    self._r1k_k._r1k_out, self._r1k_v._r1k_out = (x, qkv[..., nq:nq + nk]), (x, qkv[..., nq + nk:])
     return qkv[..., :nq]
 
 
@@ -158,10 +134,10 @@ def _fuse_qkv(m, buffers: dict, backend: str):
         if b is not None:
             torch.cat([p.bias.detach() for p in ps], out=b)
     q.forward, q._r1k_w, q._r1k_b, q._r1k_k, q._r1k_v = types.MethodType(_q, q), w, b, k, v
-    q._r1k_backend, q._r1k_norm = backend, None
+    q._r1k_backend = backend
     k.forward, v.forward = types.MethodType(_kv, k), types.MethodType(_kv, v)
     k._r1k_out = v._r1k_out = (None, None)
-    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v", "_r1k_backend", "_r1k_norm")),
+    return [(q, ("forward", "_r1k_w", "_r1k_b", "_r1k_k", "_r1k_v", "_r1k_backend")),
             (k, ("forward", "_r1k_out")), (v, ("forward", "_r1k_out"))]
 
 
@@ -214,10 +190,9 @@ def _layer(self, hidden_states, *args, **kwargs):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     attn, mlp = self.self_attn, self.mlp
     attn.o_proj._r1k_res = hidden_states
-    x = _folded(getattr(attn, "q_proj", None), self.input_layernorm, hidden_states)
-    hidden_states = attn(hidden_states=x, **kwargs)[0]
+    hidden_states = attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
     mlp.down_proj._r1k_res = hidden_states
-    return mlp(_folded(mlp, self.post_attention_layernorm, hidden_states))
+    return mlp(self.post_attention_layernorm(hidden_states))
 
 
 def _residual_layer(m) -> bool:
@@ -247,8 +222,8 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, 
             fn = _mlp
             if all(type(getattr(m, n)) is torch.nn.Linear and getattr(m, n).bias is None
                    for n in ("gate_proj", "up_proj")):
-                fn, m._r1k_gu, m._r1k_norm = _mlp_gate_up, _stacked_weight([m.gate_proj, m.up_proj]), None
-                fused.append((m, ("_r1k_gu", "_r1k_norm")))
+                fn, m._r1k_gu = _mlp_gate_up, _stacked_weight([m.gate_proj, m.up_proj])
+                fused.append((m, ("_r1k_gu",)))
         if fn is not None:
             m.forward, m._r1k_backend = types.MethodType(fn, m), backend
             patched.append(m)
