@@ -7,23 +7,55 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
-from .data import TokenCache, sft_collate, sft_tokens
+from .data import TokenCache, sft_collate, sft_tokens, validate_rows
 from .engine import Trainer
 from .grpo import _all_sum
 from .packing import build_packs, packed_attention
 from .rollout import logprob_fn
 
+_TOP1_CHUNK_BYTES = 1 << 28  # the no-grad top-1 pass's logits chunk (mean_token_accuracy; loss_impl linear)
+
+
+def top1_fn(ids_BT, fn):
+    """fn for Policy.forward: (fn's output, whether each target token is its position's first argmax) [B, T],
+    TRL's is_top1 (mean_token_accuracy), from the logits (loss_impl logits) or, without grad, from the hidden
+    states through the head in chunks of rows (loss_impl linear: one more head GEMM, no [N, V] logits)."""
+    def wrapped(x, weight=None, bias=None):
+        out = fn(x) if weight is None else fn(x, weight, bias)
+        with torch.no_grad():
+            if weight is None:
+                top = x.argmax(-1)
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                step = max(1, _TOP1_CHUNK_BYTES // (4 * weight.shape[0]))
+                top = torch.cat([torch.nn.functional.linear(flat[s:s + step], weight, bias).argmax(-1)
+                                 for s in range(0, flat.shape[0], step)]).reshape(x.shape[:-1])
+        return out, top == ids_BT
+    return wrapped
+
 
 class SFTTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, *args, **kwargs):
         self.tokens = TokenCache(tokenizer)
+        self.num_tokens = 0  # TRL's num_tokens: the tokens trained on so far, all ranks (a resumed run continues)
+        # a row without a usable prompt (missing, None, not a string or a list of messages) was a KeyError or
+        # TypeError with no row index; the checks the CLI's loader makes, naming the row
+        if train_rows:
+            validate_rows(train_rows, "SFT train_rows")
         # a bad row (a bad completion, or no token to train on: a prompt that fills max_length, a completion that
         # tokenizes to nothing): an error naming its dataset index before any work, as TRL's SFTTrainer tokenizes
         # its dataset up front (sft_collate, mid-training, only knows a row's position in its batch)
         for i, r in enumerate(train_rows):
             sft_tokens(tokenizer, r, i, **self.token_keys(cfg))  # checks the completion too (the cache keeps the ids)
         super().__init__(cfg, model, tokenizer, train_rows, *args, **kwargs)
+
+    def trainer_state(self) -> dict:
+        return {"num_tokens": self.num_tokens}
+
+    def load_trainer_state(self, state: dict):
+        self.num_tokens = int(state.get("num_tokens", 0))
 
     def longest_row(self, cfg, rows):
         """max_length holds every row; a smaller budget is held to the training rows themselves, tokenized as
@@ -49,6 +81,11 @@ class SFTTrainer(Trainer):
         # token-level mean over the global batch (see grpo.py for the GA * world factor)
         n_items = max(_all_sum(c_mask.sum(), self.dev), 1.0) / (cfg.gradient_accumulation_steps * self.world)
         mb, losses, gn, moe = cfg.per_device_train_batch_size, [], None, {}
+        ent = bool(cfg.log_entropy)
+        # TRL's per-forward metrics: [micro-batch, (correct, entropy sum, scored)] of the padded micro-batches
+        # (rows j * mb ...), whose ratios TRL averages; packs add their rows' counts to their micro-batches
+        n_micro = max(1, -(-ids_BL.shape[0] // mb))
+        stats = torch.zeros(n_micro, 3, dtype=torch.float64, device=self.dev)
         # padding_free: each micro-batch is one packed sequence of its rows' real tokens (r1train/packing.py);
         # the loss is a plain sum over completion tokens, so the packs' losses add up to the padded ones
         packs = build_packs(ids_BL, p_mask, c_mask, rows_per_batch=mb,
@@ -60,14 +97,22 @@ class SFTTrainer(Trainer):
                     self.expert_load.token_mask = None  # every packed token is real
                     # the optimizer steps after the last pack, as after the padded run's last micro-batch
                     self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
-                    fn = logprob_fn(part.gather(c_ids), 1.0, backend=cfg.kernel_backend)
-                    lp = self.engine(part.input_ids, None, 0, fn, pack=part)
-                    loss = -(lp * part.gather(c_mask)).sum() / n_items
+                    tgt, mask = part.gather(c_ids), part.gather(c_mask)
+                    fn = top1_fn(tgt, logprob_fn(tgt, 1.0, return_entropy=ent, backend=cfg.kernel_backend))
+                    out, top1 = self.engine(part.input_ids, None, 0, fn, pack=part)
+                    which = (part.rows[part.tok_row] // mb)[None]  # each scored token's padded micro-batch
                 else:
                     self.expert_load.token_mask = attn_BL[part].reshape(-1).bool()  # MoE routers: real tokens
-                    fn = logprob_fn(c_ids[part], 1.0, backend=cfg.kernel_backend)
-                    lp = self.engine(ids_BL[part], attn_BL[part], c_ids.shape[1], fn)
-                    loss = -(lp * c_mask[part]).sum() / n_items
+                    tgt, mask = c_ids[part], c_mask[part]
+                    fn = top1_fn(tgt, logprob_fn(tgt, 1.0, return_entropy=ent, backend=cfg.kernel_backend))
+                    out, top1 = self.engine(ids_BL[part], attn_BL[part], c_ids.shape[1], fn)
+                    which = torch.full_like(tgt, j)
+                lp, h = out if ent else (out, None)
+                loss = -(lp * mask).sum() / n_items
+                with torch.no_grad():
+                    m_ = mask.double()
+                    vals = torch.stack([top1.double() * m_, (h.double() if ent else m_ * 0) * m_, m_], -1)
+                    stats.index_add_(0, which.reshape(-1).to(self.dev), vals.reshape(-1, 3))
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
@@ -75,10 +120,20 @@ class SFTTrainer(Trainer):
                     moe = self.expert_load.step()
                     gn = self.engine.get_global_grad_norm()
                 losses.append(loss.item())
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        # TRL's SFTTrainer.compute_loss: per forward, correct / scored and entropy sum / scored over every
+        # rank's tokens (0 where none), averaged over the forwards (here those of the step)
+        seen = stats[:, 2].clamp(min=1)
+        acc, entropy = (stats[:, 0] / seen).mean().item(), (stats[:, 1] / seen).mean().item()
+        step_tokens = int(_all_sum(attn_BL.sum(), self.dev))  # prompt + completion tokens of the step (all ranks)
+        self.num_tokens += step_tokens
         # each micro-batch's loss is its tokens' share times gradient_accumulation_steps (n_items), so their
         # sum over GA is the step's token mean, whatever the count of packs
         m = {"loss": _all_sum(sum(losses) / cfg.gradient_accumulation_steps, self.dev) / self.world,
-             "tokens": _all_sum(attn_BL.sum(), self.dev)}  # prompt + completion tokens of the step (all ranks)
+             "mean_token_accuracy": acc, "num_tokens": self.num_tokens, "tokens": step_tokens}
+        if ent:
+            m["entropy"] = entropy
         if gn is not None:
             m["grad_norm"] = float(gn)
         m.update(moe)
