@@ -11,6 +11,17 @@ per-token (loss, kl, is_clipped). kl is listed only when beta != 0. Options r1ke
 (loss_type luspo/vespo, vllm_is_ratio, use_bias_correction_kl with beta != 0, SAPO temperatures other than
 1.0/1.05) run Liger's own code when liger-kernel is installed, after one warning; without it they are a
 ValueError. compiled and chunk_size are accepted and have no effect (the kernels chunk by themselves).
+
+Deliberate differences from liger-kernel 0.8.5:
+- The metrics and triton_grpo_loss(reduce=False)'s kl and is_clipped carry no gradient (requires_grad False);
+  Liger's carry a graph whose gradient its backward ignores, so a loss built from them gets the same gradient.
+- triton_grpo_loss with delta: the gradient of the clamped formula (Liger's Triton backward leaves out delta's
+  clamp); reduce=False never writes the gradient into the logits (Liger's inplace backward does).
+- Masked positions are never read (old/ref log-probs and ids may be NaN, -inf or -100 there); Liger's
+  sequence-level and chunked paths turn a NaN there into a NaN loss.
+- An empty batch with a loss that averages over sequences (Liger: 0 / 0 = NaN) is a ValueError naming the
+  input; a NaN or negative beta / epsilon and wrong shapes are ValueErrors naming Liger's argument (Liger
+  computes NaN, or asserts).
 """
 from __future__ import annotations
 
@@ -312,4 +323,5 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
         L = L + beta * kl
     clipped = _is_clipped(logp.detach(), None if old_logp is None else old, advantages, m, eps_low, eps_high,
                           loss_type, importance_sampling_level)
-    return L * m, (kl * m if kl is not None else None), clipped * m
+    # kl and is_clipped are reported, not trained on: Liger's backward reads only the per-token loss's gradient
+    return L * m, (kl.detach() * m if kl is not None else None), clipped * m

@@ -7,8 +7,17 @@ by r1kernels.linear_token_logprobs:
 hidden [..., H] and labels [...] are flattened to N rows; weight is [V, H]. logprobs = log softmax(hidden @
 weight.T / temperature)[label] (fp32 [N] with reduction "none", else its sum or mean over the N rows, a
 scalar); entropy is the fp32 [N] entropy of the same distribution. Both are differentiable (into hidden and
-weight). A vocabulary split over dist_process_group (tensor parallel) is not implemented here: that call
-runs verl's own kernel when verl is installed (one warning) and is a ValueError otherwise.
+weight). temperature goes through float() as in verl (None is 1.0; an int, NumPy scalar or one-element tensor
+works), reduction is case-insensitive (None is "none"). A dist_process_group of one rank (verl's Megatron path
+passes its tensor-parallel group even at TP size 1) is the same as none and runs here. A vocabulary split over
+a larger group (tensor parallel) is not implemented here: that call runs verl's own kernel when verl is
+installed (one warning) and is a ValueError otherwise. Sequence parallelism (Ulysses) needs nothing here: verl
+slices hidden / labels before the call.
+
+Deliberate differences from verl's kernel (each where verl's gives garbage, NaN or an error of its own):
+labels outside [0, V), a temperature that is not finite and > 0, and reduction="mean" over zero rows are
+ValueErrors naming the argument; any hidden size and device work (verl's asserts CUDA, contiguous inputs and
+hidden_size % 128 == 0).
 
 `install()` binds it in place of verl's in the calling process. verl's actors are Ray workers, so it must
 run in each of them, e.g. ray.init(runtime_env={"worker_process_setup_hook":
@@ -55,16 +64,38 @@ def _verl_fn():
     return importlib.import_module(VERL_MODULE).linear_cross_entropy
 
 
+def _float_temperature(temperature):
+    """verl's wrapper passes float(temperature) on (None is 1.0): an int, a NumPy scalar or a one-element tensor
+    is a temperature there."""
+    if temperature is None:
+        return 1.0
+    try:
+        return float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"temperature must be a number (verl calls float() on it), got {temperature!r}") from e
+
+
+def _group_size(group):
+    """The world size of dist_process_group, None where it is not a process group of an initialized
+    torch.distributed (then verl's kernel, or the error, decides)."""
+    dist = torch.distributed
+    try:
+        return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else None
+    except (RuntimeError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None, *,
                          backend="auto"):
     """Drop-in for verl.utils.kernel.linear_cross_entropy.linear_cross_entropy (module docstring).
     backend (keyword only, not verl's): the r1kernels backend."""
-    temperature = 1.0 if temperature is None else temperature
-    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
-        temperature = float(temperature)  # verl's wrapper calls float(temperature): a one-element tensor works
+    temperature = _float_temperature(temperature)
     reduction = "none" if reduction is None else reduction
     if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if dist_process_group is not None and _group_size(dist_process_group) == 1:
+        dist_process_group = None  # one rank holds the whole vocabulary (verl's Megatron path passes its TP group
+        # even at tensor-parallel size 1): the same as no group, so r1kernels runs
     if dist_process_group is not None:
         try:
             verl_fn = _verl_fn()
