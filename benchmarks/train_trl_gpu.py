@@ -9,6 +9,7 @@ each generation batch here is num_iterations of TRL's steps, timed together.
     python benchmarks/train_trl_gpu.py results/train_trl_h200.json     # on the GPU (needs trl, datasets)
     python benchmarks/train_trl_gpu.py /tmp/trl_tiny.json --tiny       # CPU smoke test
     python benchmarks/train_trl_gpu.py out.json --use-r1kernels        # the same trainer on our kernels
+    python benchmarks/train_trl_gpu.py out.json --use-r1kernels --rollout-engine r1train  # + r1train's engine
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def main(argv=None):
     p.add_argument("--num-iterations", type=int, default=2)
     p.add_argument("--use-r1kernels", action="store_true",
                    help="wrap the trainer in r1kernels.integrations.trl.use_r1kernels (the one-line switch)")
+    p.add_argument("--rollout-engine", default="transformers", choices=("transformers", "r1train"),
+                   help="use_r1kernels' rollout_engine (with --use-r1kernels)")
     a = p.parse_args(argv)
     if a.tiny:
         a.prompt_length, a.completion_length, a.steps = 16, 16, 2
@@ -130,7 +133,7 @@ def main(argv=None):
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[step_clock(marks)])
     if a.use_r1kernels:
         from r1kernels.integrations.trl import use_r1kernels
-        trainer = use_r1kernels(trainer)
+        trainer = use_r1kernels(trainer, rollout_engine=a.rollout_engine)
     events = []
     phase_timers(trainer, events)
     if torch.cuda.is_available():
@@ -143,6 +146,7 @@ def main(argv=None):
     phases = per_batch_phases(events, ends, a.num_iterations)
     phases_timed = phases[1:] if len(phases) > 1 else phases
     res = {"benchmark": "train_trl_gpu", "trl": __import__("trl").__version__, "use_r1kernels": a.use_r1kernels,
+           "rollout_engine": a.rollout_engine if a.use_r1kernels else "transformers",
            "model": "tiny" if a.tiny else "Qwen2.5-1.5B-shaped (random init)",
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

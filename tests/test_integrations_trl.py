@@ -284,3 +284,126 @@ def test_compute_loss_edge_micro_batches(direct_trainer, B, T, masked_rows, leve
             assert ((a - b).abs() <= 1.0 / min_len + 1e-6).all() or (a.isnan() & b.isnan()).all(), (k, a, b)
         else:
             assert_close(b, a.double(), name=k)
+
+
+def _prompts(tok, n):
+    """Left-padded prompt ids / mask of n prompts of different lengths (TRL's layout for generate)."""
+    rows = [tok("".join(str(int(d)) for d in torch.randint(0, 10, (i + 1,))) + "*7=")["input_ids"] for i in range(n)]
+    P = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
+    return ids, (torch.arange(P)[None] >= torch.tensor([P - len(r) for r in rows])[:, None]).long()
+
+
+def test_rollout_engine_greedy_equals_transformers_generate(model_dir, tmp_path):
+    """rollout_engine='r1train': the policy's generate (TRL's rollout without vLLM) runs r1train's engine; greedy
+    (do_sample=False) it returns what transformers' own generate returns for left-padded prompts of different
+    lengths: the prompt then the completion, pad after a row's eos (eos set to a token the rows do emit)."""
+    _greedy_equals_transformers(model_dir, tmp_path, dict(), "torch")
+
+
+@pytest.mark.gpu
+def test_rollout_engine_greedy_equals_transformers_generate_gpu(model_dir, tmp_path):
+    """The same on the GPU (fp32 weights): the engine's kernels and captured decode steps inside TRL's trainer."""
+    _greedy_equals_transformers(model_dir, tmp_path, dict(use_cpu=False), "auto")
+
+
+def _greedy_equals_transformers(model_dir, tmp_path, cfg, backend):
+    from transformers import GenerationConfig
+
+    import r1train.generation as gen
+
+    tr, _ = _trainer(model_dir, tmp_path, **cfg)
+    use_r1kernels(tr, rollout_engine="r1train", backend=backend)
+    model = tr.model
+    with torch.no_grad():  # larger random weights: greedy rows that differ (the saved tiny model repeats a token)
+        for p in model.parameters():
+            p.normal_(0, 0.5) if p.dim() > 1 else None
+    ids, mask = (t.to(model.device) for t in _prompts(model_dir[1], 5))
+    with torch.no_grad():
+        free = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None))
+    new = free[:, ids.shape[1]:].tolist()
+
+    def stops(t):  # each row's first position of t (len: never)
+        return {r.index(t) if t in r else len(r) for r in new}
+    eos = max({t for r in new for t in r}, key=lambda t: len(stops(t)))  # rows ending at the most different steps
+    gc = GenerationConfig(do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=eos)
+    calls = []
+    real = gen.generate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with torch.no_grad():
+            got = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    with torch.no_grad():
+        want = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=gc)
+    assert calls == [1]
+    assert torch.equal(got, want)
+    # eos ids that stop every row within 3 steps: transformers stops there, the engine's extra columns are cut
+    gc.eos_token_id = sorted({r[2] for r in new})
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+        want = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=gc)
+    assert got.shape[1] <= ids.shape[1] + 3 and torch.equal(got, want)
+
+
+def test_rollout_engine_samples_follow_torch_seed_and_layout(model_dir, tmp_path):
+    """Sampling (TRL's generation_config, T = 1.3, top_k, top_p): the same torch seed gives the same rollout and
+    another seed another one; each row starts with its prompt, holds eos at most once and pad only after it."""
+    tr, _ = _trainer(model_dir, tmp_path, temperature=1.3, top_k=20, top_p=0.9, max_completion_length=12)
+    use_r1kernels(tr, rollout_engine="r1train", backend="torch")
+    ids, mask = _prompts(model_dir[1], 6)
+    gc = tr.generation_config
+    eos = set(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id])
+
+    def run(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return tr.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    s = _fresh_seed()
+    a, b, c = run(s), run(s), run(s + 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :ids.shape[1]], ids) and a.shape[1] <= ids.shape[1] + 12
+    for row in a[:, ids.shape[1]:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+        assert all(t == gc.pad_token_id for t in row[stop + 1:])
+
+
+def test_rollout_engine_falls_back_for_what_it_does_not_implement(model_dir, tmp_path):
+    """A repetition penalty (TRL's repetition_penalty) is not the engine's: one warning, then transformers'
+    generate, the same tokens as calling it directly with the same torch seed."""
+    tr, _ = _trainer(model_dir, tmp_path, repetition_penalty=1.3)
+    use_r1kernels(tr, rollout_engine="r1train", backend="torch")
+    ids, mask = _prompts(model_dir[1], 3)
+    gc, s = tr.generation_config, _fresh_seed()
+    torch.manual_seed(s)
+    with pytest.warns(UserWarning, match="repetition_penalty=1.3"), torch.no_grad():
+        got = tr.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    torch.manual_seed(s)
+    with torch.no_grad():
+        want = type(tr.model).generate(tr.model, input_ids=ids, attention_mask=mask, generation_config=gc)
+    assert torch.equal(got, want)
+
+
+def test_grpo_trainer_trains_with_the_engine_rollout(model_dir, tmp_path):
+    """TRL's GRPOTrainer with use_r1kernels(rollout_engine='r1train'): every rollout goes through r1train's engine
+    (no fallback warning), and the steps log a finite loss and completions within max_completion_length."""
+    import r1train.generation as gen
+
+    tr, _ = _trainer(model_dir, tmp_path, max_steps=2)
+    calls = []
+    real = gen.generate
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        mp.setattr(gen, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        use_r1kernels(tr, rollout_engine="r1train")
+        tr.train()
+    assert not [w for w in rec if "r1kernels" in str(w.message)]
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(calls) >= 1 and len(logs) == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) and h["completions/max_length"] <= 6 for h in logs)
+
+
+def test_bad_rollout_engine(model_dir, tmp_path):
+    tr, _ = _trainer(model_dir, tmp_path)
+    with pytest.raises(ValueError, match="rollout_engine"):
+        use_r1kernels(tr, rollout_engine="vllm")

@@ -18,6 +18,14 @@ What it switches:
 Everything else (vespo, off_policy_mask_threshold, top_entropy_quantile, entropy bonus, vLLM
 importance-sampling correction, router aux loss, multimodal inputs, models without a fused head,
 DeepSpeed ZeRO-3) runs TRL's own code, announced by one warning.
+
+rollout_engine="r1train" (opt-in) also replaces the policy's `generate`, which TRL calls for its rollout
+without vLLM, by r1train's generation engine (static KV cache, CUDA-graph decode steps, rk.sample_tokens,
+rk.decode_attention): the same distribution (temperature, top_k, top_p, min_p; greedy without do_sample),
+drawn with counter-based noise from one seed per row taken from torch's RNG (so TRL's seed fixes the samples).
+It returns HF's layout: the prompt ids then the completion, pad_token_id after a row's eos. A generate call
+with anything else (beams, a repetition penalty, suppressed tokens, logits processors, multimodal inputs, a
+model type the engine does not support) runs transformers' generate after one warning.
 """
 from __future__ import annotations
 
@@ -29,7 +37,9 @@ import torch
 from .. import _checks, linear_grpo_loss
 from ..reference.grpo import LOSS_REDUCTION, LOSS_TYPES, SAPO_TAU_NEG, SAPO_TAU_POS
 
-__all__ = ["use_r1kernels", "unsupported_options"]
+__all__ = ["use_r1kernels", "unsupported_options", "ROLLOUT_ENGINES"]
+
+ROLLOUT_ENGINES = ("transformers", "r1train")
 
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -81,10 +91,11 @@ def _patch_model(model, trainer, return_entropy, backend):
     return reason
 
 
-def use_r1kernels(trainer, *, backend: str = "auto"):
+def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "transformers"):
     """Make a trl.GRPOTrainer compute log-probs, entropy and the loss with r1kernels (module docstring);
     returns the trainer. Call it after constructing the trainer and before train(); calling it twice is a
-    no-op. backend: as every r1kernels op ("auto" | "triton" | "cuda" | "torch")."""
+    no-op. backend: as every r1kernels op ("auto" | "triton" | "cuda" | "torch"). rollout_engine:
+    "transformers" (TRL's generate) or "r1train" (r1train's generation engine for TRL's rollout without vLLM)."""
     try:
         from trl import GRPOTrainer
     except ImportError as e:  # pragma: no cover - the integration is for TRL users
@@ -92,9 +103,12 @@ def use_r1kernels(trainer, *, backend: str = "auto"):
     if not isinstance(trainer, GRPOTrainer):
         raise ValueError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
     _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
+    _checks.choice("rollout_engine", rollout_engine, ROLLOUT_ENGINES)
     if getattr(trainer, "_r1k_backend", None) is not None:
         return trainer
     trainer._r1k_backend = backend
+    if rollout_engine == "r1train":
+        _use_engine(trainer, backend)
     reason = _patch_model(trainer.model, trainer, True, backend)
     if getattr(trainer, "ref_model", None) is not None:
         _patch_model(trainer.ref_model, trainer, False, backend)
@@ -213,3 +227,85 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
         m["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
         m["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_mean(low))).item())
         m["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_mean(high))).item())
+
+
+# GenerationConfig fields the engine implements, with the values that mean "off" for the others
+_ENGINE_KWARGS = ("input_ids", "attention_mask", "generation_config", "disable_compile")
+_OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "suppress_tokens": None,
+        "begin_suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0, "min_new_tokens": None,
+        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "forced_bos_token_id": None,
+        "forced_eos_token_id": None, "sequence_bias": None, "guidance_scale": None, "penalty_alpha": None,
+        "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "exponential_decay_length_penalty": None,
+        "top_h": None, "assistant_model": None, "prompt_lookup_num_tokens": None, "stop_strings": None,
+        "min_length": 0, "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+        "watermarking_config": None}
+
+
+def _use_engine(trainer, backend):
+    """TRL's rollout through r1train's engine: the policy's generate (the model TRL's
+    unwrap_model_for_generation yields, or under PEFT the base model its generate reaches)."""
+    from r1train.generation.engine import SUPPORTED
+
+    why = None
+    if getattr(trainer, "use_vllm", False):
+        why = "TRL generates with vLLM (use_vllm=True)"
+    elif getattr(trainer, "use_transformers_continuous_batching", False):
+        why = "TRL generates with transformers' continuous batching"
+    model = _unwrap(trainer.model)
+    if why is None and getattr(model.config, "model_type", None) not in SUPPORTED:
+        why = f"the engine supports {SUPPORTED} models, not {getattr(model.config, 'model_type', None)!r}"
+    if why is not None:
+        warnings.warn(f"r1kernels: rollout_engine='r1train' not used: {why}", stacklevel=3)
+        return
+    model.generate = types.MethodType(_engine_generate, model)
+    model._r1k_rollout_backend = backend
+
+
+def _fallback_reason(gc, kwargs) -> str | None:
+    """Why this generate call needs transformers' generate (None: the engine runs it)."""
+    extra = sorted(k for k, v in kwargs.items() if k not in _ENGINE_KWARGS and v is not None)
+    if extra:
+        return f"generate arguments {extra}"
+    if gc.max_new_tokens is None:
+        return "no max_new_tokens"
+    for k, off in _OFF.items():
+        v = getattr(gc, k, off)
+        if v is not None and v != off and not (off is None and v == []):
+            return f"generation_config.{k}={v!r}"
+    return None
+
+
+def _engine_generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+    """model.generate for TRL's rollout (bound by _use_engine): r1train's engine where it implements the call
+    (_fallback_reason), else the model class's own generate."""
+    gc = generation_config if generation_config is not None else self.generation_config
+    why = _fallback_reason(gc, {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+    if why is not None or input_ids is None:
+        if not getattr(self, "_r1k_rollout_warned", False):
+            self._r1k_rollout_warned = True
+            warnings.warn(f"r1kernels: transformers' generate runs this rollout ({why or 'no input_ids'})",
+                          stacklevel=2)
+        return type(self).generate(self, input_ids=input_ids, attention_mask=attention_mask,
+                                   generation_config=generation_config, **kwargs)
+    from r1train.generation import SamplingParams, eos_tuple, generate
+
+    greedy = not gc.do_sample
+    params = SamplingParams(max_new_tokens=int(gc.max_new_tokens),
+                            temperature=1.0 if greedy or gc.temperature is None else float(gc.temperature),
+                            top_k=0 if greedy or not gc.top_k else int(gc.top_k),
+                            top_p=1.0 if greedy or gc.top_p is None else float(gc.top_p),
+                            min_p=0.0 if greedy or not gc.min_p else float(gc.min_p), greedy=greedy)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    # one seed a row from torch's CPU RNG: TRL's seed (transformers' set_seed) fixes the rollout
+    seeds = torch.randint(0, 2 ** 62, (input_ids.shape[0],), dtype=torch.int64).to(input_ids.device)
+    eos = gc.eos_token_id if gc.eos_token_id is not None else -1  # none: rows run to max_new_tokens
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos if isinstance(eos, int) and eos >= 0 else 0)
+    tok, _ = generate(self, input_ids, mask, seeds, params, eos_id=eos, pad_id=int(pad),
+                      backend=self._r1k_rollout_backend)
+    # the engine checks for finished rows every few steps, so it may return a few all-pad columns past the
+    # step where the last row ended: cut them, as transformers' generate stops at that step (one host read)
+    if tok.shape[1] and gc.eos_token_id is not None:
+        hit = torch.isin(tok, torch.tensor(eos_tuple(eos), device=tok.device))
+        ends = torch.where(hit.any(1), hit.int().argmax(1) + 1, tok.shape[1])
+        tok = tok[:, :int(ends.max())]
+    return torch.cat([input_ids, tok.to(input_ids.dtype)], 1)
