@@ -8,9 +8,13 @@ launch) may cost more than the eager ops it replaces. Measured here, same proces
   256 prompt tokens: unpatched, rk.patch's fused layers (patch_layers) with the fused ops at every size, and as
   shipped (layers.HOST_BOUND_ROWS: no-grad calls over few token rows run HF's forward);
 - host microseconds per call at the decode shape [64, 1, 1536] of one RMSNorm and one MLP, HF's forward vs the
-  fused one (CPU clock over many calls, one sync at the end: the GPU keeps up, so this is host time).
+  fused one (CPU clock over many calls, one sync at the end: the GPU keeps up, so this is host time);
+- a training micro-batch as TRL's loss forward runs it (8 x 768 tokens, logits of the last 512, autograd on: the
+  fused ops at any size): forward and backward, each as host time to enqueue and wall time to its end (host ~ wall:
+  host-bound), unpatched vs fused (TRL + use_r1kernels' loss forwards measured slower than TRL's).
 
     python -m benchmarks.bench_patch_generate --out DIR [--new-tokens 128] [--rounds 4] [--device cpu --tiny]
+        [--train-rows 8 --train-tokens 768]
 """
 from __future__ import annotations
 
@@ -41,6 +45,28 @@ def _host_us(fn, device, n=300):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def _train_ms(model, ids, keep, device, n=5) -> dict:
+    """Median ms of one forward (autograd on, logits of the last `keep` positions) and its backward: host time to
+    enqueue each and wall time to its end."""
+    rows = []
+    for i in range(n + 1):  # the first warms up
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, logits_to_keep=keep).logits.float().mean()
+        t1 = time.perf_counter()
+        _sync(device)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        _sync(device)
+        t4 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        if i:
+            rows.append((t1 - t0, t2 - t0, t3 - t2, t4 - t2))
+    keys = ("forward host", "forward wall", "backward host", "backward wall")
+    return {k: statistics.median(r[j] for r in rows) * 1e3 for j, k in enumerate(keys)}
+
+
 def _generate_s(model, ids, mask, T, device):
     _sync(device)
     t0 = time.perf_counter()
@@ -59,6 +85,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the 2-layer model of bench_rollout (a CPU smoke run)")
     p.add_argument("--prompts", type=int, default=8, help="prompts (each completed 8 times)")
     p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--train-rows", type=int, default=8, help="rows of the training micro-batch")
+    p.add_argument("--train-tokens", type=int, default=768, help="tokens a row (the last 2/3 get logits)")
     a = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -101,6 +129,12 @@ def main(argv=None):
             host[f"{name} fused"] = _host_us(lambda m=fm: m(x), dev)
             layers.HOST_BOUND_ROWS = shipped
     res["host_us_per_call_rows_x_1"] = host
+    ids_t = torch.randint(3, cfg.vocab_size, (a.train_rows, a.train_tokens), device=dev)
+    keep = max(1, a.train_tokens * 2 // 3)
+    res["train_micro_batch_ms"] = {"rows": a.train_rows, "tokens": a.train_tokens, "logits_kept": keep}
+    for i in range(2):  # two rounds in alternating order
+        for k, m in (("unpatched", plain), ("fused", fused))[::1 if i % 2 else -1]:
+            res["train_micro_batch_ms"].setdefault(k, []).append(_train_ms(m.train(), ids_t, keep, dev))
     print(json.dumps(res, indent=1))
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -186,7 +186,7 @@ def test_patch_generate_bench_runs_and_reports_both_models(tmp_path):
     from benchmarks import bench_patch_generate as bp
 
     bp.main(["--device", "cpu", "--tiny", "--new-tokens", "3", "--rounds", "2", "--prompts", "1",
-             "--prompt-tokens", "5", "--out", str(tmp_path)])
+             "--prompt-tokens", "5", "--train-rows", "2", "--train-tokens", "6", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "bench_patch_generate.json").read_text())
     from r1kernels.patch import layers
 
@@ -195,3 +195,5 @@ def test_patch_generate_bench_runs_and_reports_both_models(tmp_path):
     assert all(len(v["runs"]) == 2 and all(t > 0 for t in v["runs"]) for v in res["generate_s"].values())
     assert len(res["host_us_per_call_rows_x_1"]) == 6 and all(v > 0 for v in res["host_us_per_call_rows_x_1"].values())
     assert res["rows"] == 8 and res["new_tokens"] == 3
+    tm = res["train_micro_batch_ms"]
+    assert all(len(tm[k]) == 2 and all(v > 0 for r in tm[k] for v in r.values()) for k in ("unpatched", "fused"))
