@@ -119,7 +119,7 @@ class SFTTrainer(Trainer):
                 if boundary:
                     moe = self.expert_load.step()
                     gn = self.engine.get_global_grad_norm()
-                losses.append(loss.item())
+                losses.append(loss.detach())  # read once after the loop: no host sync per micro-batch
         if dist.is_initialized():
             dist.all_reduce(stats)
         # TRL's SFTTrainer.compute_loss: per forward, correct / scored and entropy sum / scored over every
@@ -130,7 +130,8 @@ class SFTTrainer(Trainer):
         self.num_tokens += step_tokens
         # each micro-batch's loss is its tokens' share times gradient_accumulation_steps (n_items), so their
         # sum over GA is the step's token mean, whatever the count of packs
-        m = {"loss": _all_sum(sum(losses) / cfg.gradient_accumulation_steps, self.dev) / self.world,
+        loss_sum = float(torch.stack(losses).double().sum())
+        m = {"loss": _all_sum(loss_sum / cfg.gradient_accumulation_steps, self.dev) / self.world,
              "mean_token_accuracy": acc, "num_tokens": self.num_tokens, "tokens": step_tokens}
         if ent:
             m["entropy"] = entropy
