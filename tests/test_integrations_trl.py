@@ -407,3 +407,38 @@ def test_bad_rollout_engine(model_dir, tmp_path):
     tr, _ = _trainer(model_dir, tmp_path)
     with pytest.raises(ValueError, match="rollout_engine"):
         use_r1kernels(tr, rollout_engine="vllm")
+
+
+def test_rollout_engine_with_a_lora_policy(model_dir, tmp_path):
+    """A PEFT LoRA policy (TRL's peft_config): its generate reaches the base model's, which runs r1train's engine
+    through the LoRA layers (nonzero adapters here): greedy equals transformers' generate of the same PeftModel."""
+    peft = pytest.importorskip("peft")
+    from datasets import Dataset
+    from transformers import GenerationConfig
+
+    import r1train.generation as gen
+
+    path, tok = model_dir
+    tr = GRPOTrainer(model=path, reward_funcs=digit_share, processing_class=tok,
+                     train_dataset=Dataset.from_list([{"prompt": "1*2="}] * 4),
+                     args=GRPOConfig(output_dir=str(tmp_path / "lora"), per_device_train_batch_size=4,
+                                     num_generations=4, max_completion_length=6, max_steps=1, report_to="none",
+                                     use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True),
+                     peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    use_r1kernels(tr, rollout_engine="r1train", backend="torch")
+    with torch.no_grad():
+        for n, p in tr.model.named_parameters():
+            if "lora_" in n or p.dim() > 1:
+                p.normal_(0, 0.5)  # adapters that change the output; rows that differ (see the greedy test)
+    ids, mask = _prompts(tok, 4)
+    gc = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    calls = []
+    real = gen.generate
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(gen, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = tr.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    base = tr.model.get_base_model()
+    del base.generate  # transformers' own generate for the same PeftModel
+    with torch.no_grad():
+        want = tr.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    assert calls == [1] and torch.equal(got, want)
