@@ -442,3 +442,15 @@ def test_rollout_engine_with_a_lora_policy(model_dir, tmp_path):
     with torch.no_grad():
         want = tr.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
     assert calls == [1] and torch.equal(got, want)
+
+
+def test_rollout_engine_not_bound_where_trl_does_not_gather_zero3_parameters(model_dir, tmp_path, monkeypatch):
+    """ZeRO-3 with ds3_gather_for_generation=False keeps the parameters sharded during generate (per-layer gathers
+    the engine's captured steps cannot follow): one warning, and the policy keeps transformers' generate."""
+    from r1kernels.integrations import trl as it
+
+    tr, _ = _trainer(model_dir, tmp_path, ds3_gather_for_generation=False)
+    monkeypatch.setattr(it, "_zero3", lambda: True)
+    with pytest.warns(UserWarning, match="ds3_gather_for_generation=False"):
+        use_r1kernels(tr, rollout_engine="r1train")
+    assert "generate" not in vars(tr.model)

@@ -251,6 +251,8 @@ def _use_engine(trainer, backend):
         why = "TRL generates with vLLM (use_vllm=True)"
     elif getattr(trainer, "use_transformers_continuous_batching", False):
         why = "TRL generates with transformers' continuous batching"
+    elif not getattr(trainer.args, "ds3_gather_for_generation", True) and _zero3():
+        why = "ds3_gather_for_generation=False (ZeRO-3 parameters stay sharded during generate)"
     model = _unwrap(trainer.model)
     if why is None and getattr(model.config, "model_type", None) not in SUPPORTED:
         why = f"the engine supports {SUPPORTED} models, not {getattr(model.config, 'model_type', None)!r}"
@@ -259,6 +261,12 @@ def _use_engine(trainer, backend):
         return
     model.generate = types.MethodType(_engine_generate, model)
     model._r1k_rollout_backend = backend
+
+
+def _zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _fallback_reason(gc, kwargs) -> str | None:
