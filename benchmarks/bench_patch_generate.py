@@ -76,6 +76,13 @@ def _generate_s(model, ids, mask, T, device):
     return time.perf_counter() - t0
 
 
+def runner_argv(device, out_dir, named):
+    """python -m benchmarks: on CPU a smoke run of the tiny model (the 1.5B-shaped one takes minutes there)."""
+    small = ["--tiny", "--new-tokens", "3", "--rounds", "2", "--prompts", "1", "--prompt-tokens", "5",
+             "--train-rows", "2", "--train-tokens", "6"] if device == "cpu" else []
+    return ["--device", device, *small, *(["--out", out_dir] if out_dir else [])]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)

@@ -197,3 +197,14 @@ def test_patch_generate_bench_runs_and_reports_both_models(tmp_path):
     assert res["rows"] == 8 and res["new_tokens"] == 3
     tm = res["train_micro_batch_ms"]
     assert all(len(tm[k]) == 2 and all(v > 0 for r in tm[k] for v in r.values()) for k in ("unpatched", "fused"))
+
+
+def test_runner_runs_patch_generate_small_on_cpu(tmp_path):
+    """python -m benchmarks --only patch_generate on CPU: the tiny model through runner_argv (it built the
+    1.5B-shaped model there and ran for minutes)."""
+    from benchmarks import bench_patch_generate as bp
+    from benchmarks.__main__ import main
+
+    assert "--tiny" in bp.runner_argv("cpu", None, True) and "--tiny" not in bp.runner_argv("cuda", None, True)
+    assert main(["--only", "patch_generate", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench_patch_generate.json").exists()
