@@ -1,4 +1,6 @@
 """Every public function rejects bad input with a ValueError that names the argument."""
+import math
+
 import pytest
 import torch
 
@@ -303,3 +305,25 @@ def test_sync_checks_inside_a_captured_graph_gpu(monkeypatch):
     g.replay()
     want = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None])[:, 0]
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0.0, -3.0])
+def test_num_items_in_batch_tensor_must_be_finite_positive(backend, value):
+    """A tensor inf divided the loss to 0 silently (a Python float inf was already a ValueError)."""
+    B, T, V = 2, 3, 7
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        rk.grpo_loss(torch.randn(B, T, V), torch.randint(0, V, (B, T)), torch.randn(B),
+                     num_items_in_batch=torch.tensor(value), backend=backend)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        rk.linear_grpo_loss(torch.randn(B, T, 4), torch.randn(V, 4), torch.randint(0, V, (B, T)), torch.randn(B),
+                            num_items_in_batch=torch.tensor([value]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_max_completion_length_bool_rejected(backend):
+    """True was taken as max_completion_length=1 (dr_grpo's loss then T times too large)."""
+    B, T, V = 2, 3, 7
+    with pytest.raises(ValueError, match="max_completion_length"):
+        rk.grpo_loss(torch.randn(B, T, V), torch.randint(0, V, (B, T)), torch.randn(B), loss_type="dr_grpo",
+                     max_completion_length=True, backend=backend)

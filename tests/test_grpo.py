@@ -1,5 +1,6 @@
 """grpo_loss: the single-pass Triton kernel (interpreter on CPU) vs the float64 reference: loss, metrics,
-per-token log-probs (where the mask is 1: masked tokens are not read) and the logits' gradient."""
+per-token log-probs (where the mask is 1: masked tokens are not read) and the logits' gradient. Old / ref /
+sampling log-probs are constants of the loss on every backend."""
 from __future__ import annotations
 
 import warnings
@@ -493,3 +494,58 @@ def test_advantages_get_no_gradient_on_any_backend(backend, adv_per_token, linea
         out = rk.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, backend=backend)
     out.loss.backward()
     assert adv.grad is None and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _dapo_k3_loss(logits, ids, adv, mask, old, ref, beta, eps, temperature):
+    """Independent float64 token-level dapo loss with the k3 KL times the ratio (TRL's bias-corrected KL, the
+    default), old / ref as constants: sum(mask * L) / sum(mask)."""
+    z = logits.double() / temperature
+    logp = z.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    r = torch.exp(logp - old.double())
+    a = adv.double()[:, None]
+    pg = -torch.minimum(r * a, r.clamp(1 - eps, 1 + eps) * a)
+    d = ref.double() - logp
+    L = pg + beta * (torch.exp(d) - d - 1.0) * r
+    m = mask.double()
+    return (L * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_old_and_ref_logprobs_get_no_gradient(backend):
+    """old_logprobs / ref_logprobs computed with grad (from another forward pass) were differentiated through by
+    the torch reference (a gradient into the model that made them), not by the kernels."""
+    B, T, V = 3, 5, 29
+    logits = torch.randn(B, T, V)
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.randn(B)
+    mask = (torch.rand(B, T) > 0.25).long()
+    mask[:, 0] = 1
+    other = torch.randn(B, T, V, requires_grad=True)  # the model old/ref came from
+    lp_other = torch.log_softmax(other, -1).gather(-1, ids[..., None])[..., 0]
+    old = lp_other + 0.05 * torch.randn(B, T)
+    ref = lp_other + 0.2 * torch.randn(B, T)
+    x = logits.clone().requires_grad_()
+    out = rk.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, epsilon=0.2,
+                       temperature=0.9, backend=backend)
+    out.loss.backward()
+    assert other.grad is None or other.grad.abs().max() == 0, "gradient flowed through old/ref log-probs"
+    x64 = logits.double().requires_grad_()
+    want = _dapo_k3_loss(x64, ids, adv, mask, old.detach(), ref.detach(), 0.1, 0.2, 0.9)
+    want.backward()
+    assert_close(out.loss, want.detach(), name="loss")
+    assert_close(x.grad, x64.grad, name="logits grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_sampling_logprobs_get_no_gradient(backend, mode):
+    B, T, V = 2, 4, 13
+    logits = torch.randn(B, T, V, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    old = rk.token_logprobs(logits.detach(), ids)
+    samp = (old + 0.05 * torch.randn(B, T)).requires_grad_()
+    out = rk.grpo_loss(logits, ids, torch.randn(B), old_logprobs=old, sampling_logprobs=samp,
+                       vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=10.0, backend=backend)
+    out.loss.backward()
+    assert samp.grad is None or samp.grad.abs().max() == 0
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

@@ -1,6 +1,7 @@
 """r1kernels.integrations.liger against the installed liger-kernel: the same constructor/call arguments give
 the same loss, metrics and gradients as Liger's LigerFusedLinearGRPOLoss and triton_grpo_loss (Liger's
-Triton kernel under the interpreter on CPU) on fresh random inputs at several shapes."""
+Triton kernel under the interpreter on CPU) on fresh random inputs at several shapes. triton_grpo_loss(reduce=False):
+the returned kl and the old / ref log-probs carry no gradient, as in Liger."""
 from __future__ import annotations
 
 import math
@@ -369,3 +370,53 @@ def test_advantages_get_no_gradient(level):
         assert want[0].requires_grad
         want[0].sum().backward()
         assert a.grad is None
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_liger_triton_unreduced_kl_carries_no_gradient(level):
+    """reduce=False: a loss that adds the returned kl gets the gradient of the per-token loss alone, as in Liger
+    (GrpoLossFunction.backward reads only the first output's gradient)."""
+    B, T, V = 2, 6, 23
+    ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+    mask = (torch.rand(B, T) > 0.3).float()
+    mask[0, 0] = 1
+    old, ref = torch.randn(B, T) - 3.0, torch.randn(B, T) - 3.0
+    x = torch.randn(B, T + 1, V, requires_grad=True)
+    kw = dict(temperature=0.9, beta=0.1, inplace=False, reduce=False, importance_sampling_level=level)
+    grads = {}
+    for name, fn in (("liger", liger_triton), ("ours", ours.triton_grpo_loss)):
+        for with_kl in (False, True):
+            x.grad = None
+            loss, kl, _ = fn(x * 1.0, old, ref, ids, adv, mask, **kw)
+            (loss.sum() + (3.0 * kl.sum() if with_kl else 0.0)).backward()
+            grads[name, with_kl] = x.grad.clone()
+    assert torch.equal(grads["liger", True], grads["liger", False])  # what Liger does
+    assert_close(grads["ours", True], grads["ours", False].double(), name="ours: grad with kl added")
+    assert_close(grads["ours", True], grads["liger", True].double(), name="ours vs Liger")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_liger_triton_grpo_loss_per_token_old_ref_no_gradient(backend):
+    """liger's triton_grpo_loss(reduce=False) differentiated through old_logp / ref_logp; Liger's kernel does not."""
+    B, T, V = 2, 3, 11
+    x = torch.randn(B, T + 1, V)
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.randn(B)
+    lp = torch.log_softmax(x[:, :-1].double() / 0.9, -1).gather(-1, ids[..., None])[..., 0].float()
+    old = (lp + 0.05 * torch.randn(B, T)).requires_grad_()
+    ref = (lp + 0.2 * torch.randn(B, T)).requires_grad_()
+    xx = x.clone().requires_grad_()
+    g = torch.randn(B, T)
+    loss, _, _ = ours.triton_grpo_loss(xx, old, ref, ids, adv, reduce=False, backend=backend)
+    (loss * g).sum().backward()
+    assert old.grad is None and ref.grad is None
+    # independent float64: per-token dapo loss + 0.04 * k3 (no bias correction), old/ref constants
+    x64 = x.double().requires_grad_()
+    logp = (x64[:, :-1] / 0.9).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    r = torch.exp(logp - old.detach().double())
+    a = adv.double()[:, None]
+    d = ref.detach().double() - logp
+    L = -torch.minimum(r * a, r.clamp(0.8, 1.4) * a) + 0.04 * (torch.exp(d) - d - 1.0)
+    (L * g.double()).sum().backward()
+    assert_close(loss, L.detach(), name="per-token loss")
+    assert_close(xx.grad, x64.grad, name="logits grad")

@@ -1,12 +1,18 @@
 """r1kernels.integrations.verl.linear_cross_entropy (verl's fused-kernel signature) against an independent
 float64 torch computation of verl's formula: logprobs = log softmax(hidden @ weight.T / T)[label], entropy of
-the same distribution, reduction none/sum/mean over the flattened rows; values and gradients."""
+the same distribution, reduction none/sum/mean over the flattened rows; values and gradients. A NumPy or
+integer temperature is one (verl calls float()); a process group of one rank is computed here, one of unknown
+size still reaches verl."""
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close
 
+from r1kernels.integrations import verl as integ
 from r1kernels.integrations.verl import linear_cross_entropy
 
 
@@ -138,3 +144,72 @@ def test_labels_count_checked_with_zero_hidden_size():
     failed later in reshape(-1, 0) with a RuntimeError."""
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(torch.randn(2, 0), torch.randn(13, 0), torch.randint(0, 13, (5,)))
+
+
+def _verl_inputs(B=2, T=5, H=16, V=37):
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    return hidden, weight, torch.randint(0, V, (B, T))
+
+
+def _grads(fn, leaves):
+    for t in leaves:
+        t.grad = None
+    logp, ent = fn()
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    return logp.detach(), ent.detach(), [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("temperature", [np.float32(0.7), np.float64(0.7), np.int64(1), 1])
+def test_verl_temperature_any_float_convertible(temperature):
+    hidden, weight, labels = _verl_inputs()
+    got = _grads(lambda: linear_cross_entropy(hidden, weight, labels, temperature, "none"), [hidden, weight])
+    want = _grads(lambda: linear_cross_entropy(hidden, weight, labels, float(temperature), "none"), [hidden, weight])
+    for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        assert_close(g, w.double())
+
+
+def test_verl_temperature_not_a_number_is_named():
+    hidden, weight, labels = _verl_inputs()
+    with pytest.raises(ValueError, match="temperature"):
+        linear_cross_entropy(hidden, weight, labels, torch.tensor([0.5, 0.7]))
+    with pytest.raises(ValueError, match="temperature"):
+        linear_cross_entropy(hidden, weight, labels, "warm")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_verl_one_rank_group_runs_r1kernels(tmp_path, monkeypatch, reduction):
+    """A process group of one rank (Megatron's TP group at TP size 1) gives what no group gives, computed here:
+    verl's function is not called and nothing is warned."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def verl_lce(*args):
+        calls.append(args)
+        return "verl"
+
+    monkeypatch.setattr(integ, "_verl_original", [verl_lce])
+    monkeypatch.setattr(integ, "_warned", [])
+    hidden, weight, labels = _verl_inputs()
+    want = _grads(lambda: linear_cross_entropy(hidden, weight, labels, 0.8, reduction), [hidden, weight])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = _grads(lambda: linear_cross_entropy(hidden, weight, labels, 0.8, reduction, dist.group.WORLD),
+                         [hidden, weight])
+    finally:
+        dist.destroy_process_group()
+    assert calls == []
+    for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        assert_close(g, w.double())
+
+
+def test_verl_unknown_group_still_reaches_verl(monkeypatch):
+    """A group whose size cannot be read here (no initialized torch.distributed) still goes to verl's kernel."""
+    monkeypatch.setattr(integ, "_verl_original", [lambda *a: "verl"])
+    monkeypatch.setattr(integ, "_warned", [])
+    hidden, weight, labels = _verl_inputs()
+    with pytest.warns(UserWarning, match="dist_process_group"):
+        assert linear_cross_entropy(hidden, weight, labels, dist_process_group=object()) == "verl"

@@ -1,10 +1,14 @@
 """linear_grpo_loss: chunked cuBLAS logits + the fused Triton loss kernel vs the float64 reference:
-loss, metrics, per-token log-probs and the gradients of hidden, weight and bias."""
+loss, metrics, per-token log-probs and the gradients of hidden, weight and bias; old / ref log-probs are
+constants of the loss on every backend."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from conftest import assert_close, loss_scale
+from test_grpo import _dapo_k3_loss
 
 import r1kernels as rk
 from r1kernels.reference import grpo as R
@@ -353,3 +357,25 @@ def test_gpu_linear_token_logprobs():
     assert_close(lp, exp, torch.bfloat16, name="logp")
     assert_close(h.grad, h64.grad, torch.bfloat16, name="grad hidden")
     assert_close(w.grad, w64.grad, torch.bfloat16, name="grad weight")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_old_ref_logprobs_get_no_gradient(backend):
+    B, T, H, V = 2, 4, 8, 23
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H) / math.sqrt(H)
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.randn(B)
+    mask = torch.ones(B, T, dtype=torch.long)
+    src = torch.randn(B, T, requires_grad=True)
+    lp = torch.log_softmax((hidden @ weight.t()).double(), -1).gather(-1, ids[..., None])[..., 0].float()
+    old, ref = lp + 0.05 * src, lp + 0.2 * src
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = rk.linear_grpo_loss(h, w, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, backend=backend)
+    out.loss.backward()
+    assert src.grad is None or src.grad.abs().max() == 0, "gradient flowed through old/ref log-probs"
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = _dapo_k3_loss(h64 @ w64.t(), ids, adv, mask, old.detach(), ref.detach(), 0.1, 0.2, 1.0)
+    want.backward()
+    assert_close(out.loss, want.detach(), name="loss")
+    assert_close(h.grad, h64.grad, name="hidden grad")
+    assert_close(w.grad, w64.grad, name="weight grad")

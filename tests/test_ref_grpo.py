@@ -6,6 +6,7 @@ import torch
 
 import r1kernels as rk
 from r1kernels import reference as ref
+from r1kernels.reference.grpo import grpo_loss_from_logprobs
 
 # logp and old log-probs chosen so the ratios are r = [[1.25, 1.0], [1.6, 0.5]]; A = [+1, -1];
 # the last token is masked. Per-token surrogate (eps 0.2): [[-1.2, -1.0], [1.6, (0.8 masked)]].
@@ -315,3 +316,16 @@ def test_entropy_coef(q, eff_mean):
     out.backward()
     eff = MASK if q == 1.0 else torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     assert torch.allclose(ent.grad, -0.1 * eff / eff.sum())
+
+
+def test_grpo_token_loss_reference_treats_old_ref_as_constants():
+    """reference.grpo.grpo_loss_from_logprobs (the spec, also r1train's loss): 'All other tensors are constants'."""
+    B, T = 3, 4
+    logp = (torch.randn(B, T) - 2).requires_grad_()
+    old = (logp.detach() + 0.05 * torch.randn(B, T)).requires_grad_()
+    ref = (logp.detach() + 0.1 * torch.randn(B, T)).requires_grad_()
+    adv = torch.randn(B, requires_grad=True)
+    loss, _ = grpo_loss_from_logprobs(logp, adv, None, old, ref, beta=0.1)
+    loss.backward()
+    assert old.grad is None and ref.grad is None and adv.grad is None
+    assert logp.grad is not None

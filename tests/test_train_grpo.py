@@ -292,6 +292,31 @@ def test_sync_ref_model_pairs_parameters_and_buffers_by_name(tmp_path):
         torch.testing.assert_close(rm(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_ref_sync_counts_optimizer_steps_as_trl(tmp_path):
+    """3 GRPO steps of num_iterations 2 (gradient accumulation 2): 6 optimizer steps, so ref_model_sync_steps=3
+    syncs after optimizer steps 3 and 6 (TRL), each time ref <- alpha * policy + (1 - alpha) * ref with the
+    policy of that moment. Counting GRPO steps synced once, after step 3 (optimizer step 6)."""
+    t = H.grpo_trainer(tmp_path, "max_steps=3", "num_iterations=2", "gradient_accumulation_steps=2",
+                       "per_device_train_batch_size=4", "beta=0.04", "sync_ref_model=true", "ref_model_sync_steps=3",
+                       "ref_model_mixup_alpha=0.5")
+    alpha, real = 0.5, t.sync_ref
+    want = {n: p.detach().clone() for n, p in t.ref.module.named_parameters()}
+    synced_at = []
+
+    def spy(a):
+        synced_at.append(t.engine.global_steps)  # DeepSpeed's count of optimizer steps taken
+        for n, p in t.engine.module.named_parameters():
+            want[n].mul_(1 - alpha).add_(p.detach(), alpha=alpha)
+        real(a)
+
+    t.sync_ref = spy
+    t.train()
+    assert t.engine.global_steps == 6
+    assert synced_at == [3, 6]
+    for n, r in t.ref.module.named_parameters():
+        torch.testing.assert_close(r, want[n], rtol=0, atol=0, msg=n)
+
+
 def test_completion_length_metrics_are_trls(tmp_path):
     """TRL 1.16's completions/* metrics: mean/min/max length over every completion (its eos counted),
     clipped_ratio the share with no eos, and mean/min/max_terminated_length over those that ended with an

@@ -1,6 +1,7 @@
 """Checkpoints and output directories that cannot silently go wrong (issue 13, items 1, 3, 9, 10): a
 checkpoint reloads with its own tokenizer; a directory is locked by its run, a fresh run refuses another
-run's outputs unless overwrite_output_dir=true, a resume refuses a checkpoint of other settings; a damaged
+run's outputs unless overwrite_output_dir=true, a resume refuses a checkpoint of other settings (GRPO: another
+learning-rate schedule, its horizon, or loss; RUN_KEYS holds every loss option); a damaged
 checkpoint is skipped by `latest` and an error when named; SIGTERM saves a checkpoint and exits cleanly."""
 
 import json
@@ -15,7 +16,9 @@ import time
 import pytest
 import train_helpers as H
 
+from r1train.checkpoint import RUN_KEYS, CheckpointError, write_manifest
 from r1train.config import ConfigError, load_config
+from r1train.grpo import loss_keys
 from r1train.loading import load_datasets, load_model_and_tokenizer
 from r1train.sft import SFTTrainer
 
@@ -329,3 +332,65 @@ def test_resume_from_checkpoint_true_picks_the_latest(sft_run, tmp_path):
     out = _copy(sft_run, tmp_path)
     assert _sft(out, "max_steps=6", "resume_from_checkpoint=true").step0 == 4
     assert _sft(out, "max_steps=6", "resume_from_checkpoint=True").step0 == 4
+
+
+# ---- RUN_KEYS: a run of a linear schedule with warmup, saved at its last step (2)
+BASE = ["lr_scheduler_type=linear", "warmup_ratio=0.5", "max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo_run") / "run"
+    t = H.grpo_trainer(out, *BASE)
+    t.train()
+    t.finish()
+    return out / "checkpoint-2"
+
+
+def _resume(ckpt, tmp_path, *overrides):
+    return H.grpo_trainer(tmp_path / "out", *BASE, f"resume_from_checkpoint={ckpt}", *overrides)
+
+
+CHANGED = [(["lr_scheduler_type=cosine"], "lr_scheduler_type (checkpoint 'linear', now 'cosine')"),
+           (["warmup_ratio=0.25"], "warmup_ratio (checkpoint 0.5, now 0.25)"),
+           (["epsilon=0.3"], "epsilon (checkpoint 0.2, now 0.3)"),
+           (["epsilon_high=0.28"], "epsilon_high (checkpoint None, now 0.28)"),
+           (["entropy_coef=0.01"], "entropy_coef (checkpoint 0.0, now 0.01)"),
+           (["max_grad_norm=0.5"], "max_grad_norm (checkpoint 1.0, now 0.5)")]
+
+
+@pytest.mark.parametrize("over,named", CHANGED, ids=[c[0][0] for c in CHANGED])
+def test_resume_refuses_another_schedule_or_loss(grpo_run, tmp_path, over, named):
+    with pytest.raises(CheckpointError, match="other settings") as e:
+        _resume(grpo_run, tmp_path, *over)
+    assert named in str(e.value), str(e.value)
+
+
+def test_resume_refuses_another_horizon_of_a_decaying_schedule(grpo_run, tmp_path):
+    """The linear schedule's rate at a step depends on max_steps: resuming for 4 steps would continue with
+    another schedule than the checkpoint's (constant rates do not: other tests resume those with more steps)."""
+    with pytest.raises(CheckpointError, match=r"max_steps.*checkpoint's run has 2 steps, this one 4"):
+        _resume(grpo_run, tmp_path, "max_steps=4")
+    assert _resume(grpo_run, tmp_path).step0 == 2  # the same settings resume
+
+
+def test_checkpoint_without_the_new_keys_still_resumes(grpo_run, tmp_path):
+    """A checkpoint written before a key joined RUN_KEYS lacks it in its saved config: not compared."""
+    ckpt = tmp_path / "old" / "checkpoint-2"
+    shutil.copytree(grpo_run, ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for k in ("lr_scheduler_type", "warmup_ratio", "epsilon", "epsilon_high", "entropy_coef", "max_grad_norm"):
+        del state["config"][k]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    os.remove(ckpt / "manifest.json")
+    write_manifest(str(ckpt))
+    t = _resume(ckpt, tmp_path, "epsilon=0.3", "max_grad_norm=0.5")
+    assert t.step0 == 2
+
+
+def test_every_loss_option_is_a_run_key():
+    """The config keys the GRPO loss is called with (GRPOTrainer._loss_kw) define the run, so a loss option
+    added later joins RUN_KEYS (kernel_backend aside: a kernel choice, not the objective)."""
+    core = ("beta", "epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "kl_estimator",
+            "temperature", "max_completion_length", "entropy_coef")
+    assert set(core) | set(loss_keys(load_config())) <= set(RUN_KEYS)

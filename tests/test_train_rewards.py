@@ -1,4 +1,5 @@
-"""Rule rewards against hand-derived values; the runner's None / failure / timeout semantics."""
+"""Rule rewards against hand-derived values; the runner's None / failure / timeout semantics; completion_text
+reads a multi-message completion's first message, as TRL's rewards do."""
 
 import asyncio
 import json
@@ -356,3 +357,34 @@ def test_accuracy_answer_column_of_another_length_is_an_error():
     for n in (3, 5):
         with pytest.raises(ValueError, match="answer"):
             R.accuracy_reward(None, comps, answer=[str(i) for i in range(n)])
+
+
+# ---- completion_text: TRL's completion[0]["content"]
+
+TURNS = [[{"role": "assistant", "content": "<think>2 plus 3</think><answer>5</answer>"},
+          {"role": "tool", "content": "calculator: 7"}],
+         [{"role": "assistant", "content": "<answer>7</answer>"},
+          {"role": "user", "content": "sure?"},
+          {"role": "assistant", "content": "<think>check</think><answer>5</answer>"}]]
+
+
+def test_completion_text_reads_the_first_message_as_trl():
+    """A multi-message completion (assistant turn, then a tool or user turn) is scored on its first message,
+    as trl.rewards' accuracy_reward / think_format_reward read completion[0]["content"]."""
+    assert [R.completion_text(c) for c in TURNS] == [c[0]["content"] for c in TURNS]
+    assert R.accuracy_reward(None, TURNS, answer=["5", "5"]) == [1.0, 0.0]
+    assert R.format_reward(None, TURNS) == [1.0, 0.0]
+    trl_rewards = pytest.importorskip("trl.rewards")
+    ours = [[{"role": "assistant", "content": R.completion_text(c)}] for c in TURNS]
+    assert trl_rewards.think_format_reward(ours) == trl_rewards.think_format_reward(TURNS) == [1.0, 0.0]
+
+
+def test_completion_text_keeps_the_missing_text_contract():
+    """None, no messages, a first message with None or no content: "" (never "None"); strings and text parts
+    as before."""
+    for c in (None, [], [{"role": "assistant", "content": None}], [{"role": "assistant"}],
+              [{"role": "assistant", "content": None}, {"role": "tool", "content": "x"}]):
+        assert R.completion_text(c) == "", c
+    assert R.completion_text("<answer>1</answer>") == "<answer>1</answer>"
+    parts = [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]
+    assert R.completion_text([{"role": "assistant", "content": parts}, {"role": "tool", "content": "c"}]) == "ab"
