@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import train_helpers as H
-from conftest import assert_close
+from conftest import TOLERANCES, assert_close
 
+from r1kernels.reference.grpo import LOSS_TYPES, reduce_loss
 from r1train import packing
 from r1train.config import ConfigError, load_config
 from r1train.packing import build_packs, packed_attention, packed_logprobs, plan, reduction_weights
@@ -161,6 +162,22 @@ def test_packed_loss_and_grads_equal_padded(tmp_path):
             assert_close(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0]),
                          name=f"grads {tag}")
     t.engine.module.impl = "linear"
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("with_items", [False, True])
+def test_reduction_weights_equal_padded_micro_batches(loss_type, with_items):
+    """reduction_weights against r1kernels' reduce_loss summed over the padded micro-batches, every loss type,
+    with and without num_items (the "items" losses without it divide by each micro-batch's own token count)."""
+    N, T, mb = random.randint(3, 9), random.randint(1, 7), random.randint(1, 4)
+    m = (torch.rand(N, T, dtype=torch.float64) > 0.4).double()
+    m[random.randrange(N)] = 0  # a row with no loss token
+    L = torch.randn(N, T, dtype=torch.float64)
+    items = m.sum().clamp(min=1.0).reshape(1) / 3 if with_items else None
+    w, _, _ = reduction_weights(loss_type, m, mb, max_completion_length=T, num_items=items)
+    packed = (w.double() * (m * L).sum(1)).sum()
+    padded = sum(reduce_loss(L[s:s + mb], m[s:s + mb], loss_type, T, items) for s in range(0, N, mb))
+    assert abs(float(packed - padded)) <= TOLERANCES[torch.float32] * max(abs(float(padded)), 1.0)
 
 
 def _varied_lengths(monkeypatch):

@@ -4,8 +4,10 @@ reads a multi-message completion's first message, as TRL's rewards do."""
 import asyncio
 import json
 import math
+import random
 import time
 
+import numpy as np
 import pytest
 import train_helpers as H
 
@@ -313,6 +315,17 @@ def test_blank_or_nan_gold_is_not_applicable():
     <answer> scored 1.0 against a blank gold, and 'nan' against NaN."""
     comps = ["<answer></answer>", "<answer> </answer>", "<answer>nan</answer>", "<answer>5</answer>"]
     assert R.accuracy_reward(None, comps, answer=["", "   ", float("nan"), 5]) == [None, None, None, 1.0]
+
+
+def test_numpy_nan_gold_is_missing():
+    """A missing gold answer given as numpy's float32 NaN (not a Python float subclass) is "no gold answer"
+    (None), as a Python NaN is: never a gold "nan" that an <answer>nan</answer> matches."""
+    x = random.randint(-10**6, 10**6)
+    golds = [np.float32("nan"), np.float16("nan"), float("nan"), None, np.float32(x), x, 10**400]
+    assert [R.has_gold(g) for g in golds] == [False, False, False, False, True, True, True]
+    comps = ["<answer>nan</answer>"] * 4 + [f"<answer>{x}</answer>"] * 3
+    out = R.accuracy_reward(None, comps, answer=golds)
+    assert out[:4] == [None] * 4 and out[4] == 1.0 and out[5] == 1.0 and out[6] == 0.0
 
 
 def test_text_answer_with_final_full_stop():
