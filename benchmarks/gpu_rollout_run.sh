@@ -63,7 +63,7 @@ skip varied || for v in "padded:" "packed:--padding-free" "budget:--padding-free
 skip kernels || python3 -m benchmarks --out "$OUT/k" --only "${KERNELS:-sampling,decode_attention}" || rc=$?
 TESTS=${TESTS:-tests/test_generation.py tests/test_sampling.py tests/test_decode_attention.py tests/test_fused_decode.py}
 MARK=${TEST_MARK-gpu}  # TEST_MARK= (empty) runs every test of $TESTS on the GPU (the device fixture is cuda)
-skip tests || { python3 -m pytest -q ${MARK:+-m $MARK} -p no:cacheprovider $TESTS >"$OUT/gpu_tests.log" 2>&1 || rc=$?
+skip tests || { python3 -m pytest -q --durations=20 ${MARK:+-m $MARK} -p no:cacheprovider $TESTS >"$OUT/gpu_tests.log" 2>&1 || rc=$?
   tail -4 "$OUT/gpu_tests.log"; }
 rm -rf "$OUT"/*_run "$OUT"/*_trl_model
 exit $rc

@@ -27,7 +27,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # take their device from torch.cuda.is_available() (test_moe.py, test_advantage.py). The Triton
   # files' CPU cases (test_logprob.py, test_grpo.py) need TRITON_INTERPRET=1 and fail on a GPU machine.
   if [ -n "${TEST_FILES:-}" ]; then sel=($TEST_FILES); else sel=(-m gpu tests); fi
-  python3 -m pytest -q -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} "${sel[@]}" >"$OUT/gpu_tests.log" 2>&1 || rc=$?
+  python3 -m pytest -q -p no:cacheprovider --durations=20 ${PYTEST_K:+-k "$PYTEST_K"} "${sel[@]}" >"$OUT/gpu_tests.log" 2>&1 || rc=$?
   tail -25 "$OUT/gpu_tests.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
