@@ -119,19 +119,23 @@ class SFTTrainer(Trainer):
                 if boundary:
                     moe = self.expert_load.step()
                     gn = self.engine.get_global_grad_norm()
-                losses.append(loss.detach())  # read once after the loop: no host sync per micro-batch
+                losses.append(loss.detach())  # read with the step's metrics: no host sync per micro-batch
+        # the step's metrics in one all-reduce and one host read: the per-micro-batch counts, the loss sum and
+        # the step's prompt + completion tokens, over every rank
+        flat = torch.cat([stats.reshape(-1), torch.stack([torch.stack(losses).double().sum(),
+                                                          attn_BL.sum().double()]).to(self.dev)])
         if dist.is_initialized():
-            dist.all_reduce(stats)
+            dist.all_reduce(flat)
+        stats = flat[:-2].view(n_micro, 3)
         # TRL's SFTTrainer.compute_loss: per forward, correct / scored and entropy sum / scored over every
         # rank's tokens (0 where none), averaged over the forwards (here those of the step)
         seen = stats[:, 2].clamp(min=1)
-        acc, entropy = (stats[:, 0] / seen).mean().item(), (stats[:, 1] / seen).mean().item()
-        step_tokens = int(_all_sum(attn_BL.sum(), self.dev))  # prompt + completion tokens of the step (all ranks)
+        acc, entropy, loss_sum, step_tokens = torch.cat([(stats[:, :2] / seen[:, None]).mean(0), flat[-2:]]).tolist()
+        step_tokens = int(step_tokens)
         self.num_tokens += step_tokens
         # each micro-batch's loss is its tokens' share times gradient_accumulation_steps (n_items), so their
         # sum over GA is the step's token mean, whatever the count of packs
-        loss_sum = float(torch.stack(losses).double().sum())
-        m = {"loss": _all_sum(loss_sum / cfg.gradient_accumulation_steps, self.dev) / self.world,
+        m = {"loss": loss_sum / cfg.gradient_accumulation_steps / self.world,
              "mean_token_accuracy": acc, "num_tokens": self.num_tokens, "tokens": step_tokens}
         if ent:
             m["entropy"] = entropy
