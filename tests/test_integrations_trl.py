@@ -320,8 +320,9 @@ def _greedy_equals_transformers(model_dir, tmp_path, cfg, backend):
             p.normal_(0, 0.5) if p.dim() > 1 else None
     ids, mask = (t.to(model.device) for t in _prompts(model_dir[1], 5))
     with torch.no_grad():
+        # an eos id no row can emit: eos_token_id=None would take the model's own eos (rows could stop there)
         free = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
-            do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None))
+            do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=model.config.vocab_size))
     new = free[:, ids.shape[1]:].tolist()
 
     def stops(t):  # each row's first position of t (len: never)
