@@ -345,6 +345,13 @@ def _greedy_equals_transformers(model_dir, tmp_path, cfg, backend):
         got = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
         want = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=gc)
     assert got.shape[1] <= ids.shape[1] + 3 and torch.equal(got, want)
+    # ids the call's config leaves unset are the model's own (its generation_config), as in transformers
+    for unset in ("pad_token_id", "eos_token_id"):
+        setattr(gc, unset, None)
+        with torch.no_grad():
+            got = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+            want = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=gc)
+        assert torch.equal(got, want), unset
 
 
 def test_rollout_engine_samples_follow_torch_seed_and_layout(model_dir, tmp_path):

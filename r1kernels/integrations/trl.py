@@ -306,14 +306,18 @@ def _engine_generate(self, input_ids=None, attention_mask=None, generation_confi
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     # one seed a row from torch's CPU RNG: TRL's seed (transformers' set_seed) fixes the rollout
     seeds = torch.randint(0, 2 ** 62, (input_ids.shape[0],), dtype=torch.int64).to(input_ids.device)
-    eos = gc.eos_token_id if gc.eos_token_id is not None else -1  # none: rows run to max_new_tokens
-    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos if isinstance(eos, int) and eos >= 0 else 0)
-    tok, _ = generate(self, input_ids, mask, seeds, params, eos_id=eos, pad_id=int(pad),
+    # as transformers: an id the call's config leaves unset is the model's own (its generation_config); then a
+    # missing pad id is the first eos id; no eos id at all: rows run to max_new_tokens
+    own = self.generation_config
+    eos_id = gc.eos_token_id if gc.eos_token_id is not None else own.eos_token_id
+    eos = eos_tuple(eos_id) if eos_id is not None else ()
+    pad = next((p for p in (gc.pad_token_id, own.pad_token_id, *eos[:1]) if p is not None), 0)
+    tok, _ = generate(self, input_ids, mask, seeds, params, eos_id=eos or -1, pad_id=int(pad),
                       backend=self._r1k_rollout_backend)
     # the engine checks for finished rows every few steps, so it may return a few all-pad columns past the
     # step where the last row ended: cut them, as transformers' generate stops at that step (one host read)
-    if tok.shape[1] and gc.eos_token_id is not None:
-        hit = torch.isin(tok, torch.tensor(eos_tuple(eos), device=tok.device))
+    if tok.shape[1] and eos:
+        hit = torch.isin(tok, torch.tensor(eos, device=tok.device))
         ends = torch.where(hit.any(1), hit.int().argmax(1) + 1, tok.shape[1])
         tok = tok[:, :int(ends.max())]
     return torch.cat([input_ids, tok.to(input_ids.dtype)], 1)
