@@ -92,7 +92,9 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     """rewards [B*G] or [B*G, R] (consecutive rows form a group; R reward columns are summed with
     reward_weights first) -> fp32 advantages [B*G]: (R - group mean) / (std + eps) for scale="group"
     (unbiased std), the whole batch's std for "batch", no division for "none". rewards and reward_weights
-    must be finite (NaN or inf: ValueError, a device assert for CUDA tensors)."""
+    must be finite (NaN or inf: ValueError, a device assert for CUDA tensors), and so must the advantages in float32:
+    scale="none" with rewards whose spread passes float32's range, or float64 rewards past F64_REWARD_MAX, is a
+    ValueError naming rewards (eager calls; see _ADV_OVERFLOW)."""
     _checks.float_tensor("rewards", rewards, ndim=(1, 2))
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -123,7 +125,38 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     fn = _backend.pick("group_advantages", backend, rewards.device, rewards, group_size)
     if _eager() and (_checks.SYNC_CHECKS or not getattr(fn, "checks_finite", False)):  # the extension checks
         _checks.finite("rewards", rewards, " (map 'not applicable' rewards to a finite value before this call)")
-    return (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
+    if _eager() and rewards.dtype == torch.float64 and scale != "none" and rewards.numel():
+        _check_f64_reward_range(rewards, reward_weights)
+    out = (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
+    if _eager() and scale == "none":
+        _checks._value_check(torch.isfinite(out).all(), _ADV_OVERFLOW)
+    return out
+
+
+# Finite rewards whose advantages leave float32 (every backend computes in float64, then rounds to float32): a
+# ValueError naming rewards, checked eagerly (as the finite check; torch.compile traces without it), on the host on
+# CPU, a device assert on a GPU (a ValueError there under R1K_SYNC_CHECKS=1), one reduction where it can happen:
+# - scale="none": R - group mean reaches 2 max|R| (x the weights), past float32's 3.4e38 an inf advantage. Checked on
+#   the output (exact for every backend, any dtype).
+# - "group" / "batch": |R - mean| <= (n - 1) / sqrt(n) std over n members, so |A| < (n - 1) / sqrt(n): never past
+#   float32, and weighted float32 / bf16 / fp16 rewards (|R| < 3.4e38 * R cols * 3.4e38) square and sum far within
+#   float64. float64 rewards can overflow that sum: the std is inf and the advantages 0 -- finite and wrong,
+#   invisible in the output -- so their weighted magnitude is bounded on the input instead.
+_ADV_OVERFLOW = ("rewards: the advantages (rewards - group mean, scale='none') overflow float32 (|A| > 3.4e38); "
+                 "rescale the rewards")
+# |weighted reward| <= F64_REWARD_MAX: squares <= 4e290 each, a sum of up to 4e17 of them stays finite in float64
+F64_REWARD_MAX = 1e145
+
+
+def _check_f64_reward_range(rewards, reward_weights):
+    """float64 rewards, scale group / batch: max|R| (times sum|w| with reward columns) <= F64_REWARD_MAX (one
+    reduction)."""
+    mag = rewards.abs().amax()
+    if rewards.dim() == 2:
+        mag = mag * (reward_weights.double().abs().sum() if reward_weights is not None else rewards.shape[1])
+    _checks._value_check(mag <= F64_REWARD_MAX,
+                         f"rewards: float64 rewards of magnitude > {F64_REWARD_MAX:g} (weighted) overflow the "
+                         "float64 std of group_advantages (it would give advantages of 0); rescale the rewards")
 
 
 def _check_loss_rows(name: str, rows: int, loss_type: str, note: str = ""):
@@ -310,20 +343,12 @@ def sample_tokens(logits, seeds, positions, *, temperature=1.0, top_k=0, top_p=1
 def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_tokens=None):
     """ValueError naming the first bad sampling option (shared with the generation engine). The numbers may be
     numpy scalars (np.float32(0.9), np.int64(5): numbers.Real / numbers.Integral); bools are not numbers here."""
-    import numbers
-
-    def real(v):  # numbers.Real, not a bool (np.bool_ is not a numbers.Real)
-        return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-    def integral(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
+    real, integral = _checks.is_real, _checks.is_integral  # numpy scalars too; bools and arrays not
     if not isinstance(greedy, bool):
         raise ValueError(f"greedy must be a bool, got {greedy!r}")
-    # also with greedy: it scales the returned log-probs. _checks takes Python numbers: a numpy one as its float
-    # (exact for numpy floats; a Python int stays itself: float() of a huge one overflows)
-    _checks.temperature(float(temperature) if real(temperature) and not isinstance(temperature, (int, float))
-                        else temperature)
+    # also with greedy: it scales the returned log-probs. _checks.temperature takes Python numbers: a numpy one as
+    # its value (exact; a Python int stays itself: float() of a huge one overflows)
+    _checks.temperature(_checks.as_python(temperature))
     if not integral(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
     if not real(top_p) or not 0.0 < top_p <= 1.0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -104,6 +105,28 @@ def labels_in_range(name, labels, V, hint=""):
 
 def finite(name, x, hint=""):
     _value_check(torch.isfinite(x).all(), f"{name} contains NaN or inf{hint}")
+
+
+def is_real(v) -> bool:
+    """v is a real number: a Python int / float or a NumPy real scalar (numbers.Real: np.float32, np.int64, ...).
+    Not a bool (np.bool_ is no numbers.Real either), not an array or a tensor (not even one element)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def is_integral(v) -> bool:
+    """v is an integer: a Python int or a NumPy integer scalar (numbers.Integral); not a bool, array or tensor."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def as_python(v):
+    """A NumPy real scalar as the Python number of its value, for the checks below (which take Python numbers)
+    and the kernels after them: an integer as int (np.int64(5) -> 5), any other real as float (exact:
+    np.float32(0.9) -> the double float(np.float32(0.9)), not 0.9; NaN / inf stay NaN / inf for the check to
+    name). Anything else is returned unchanged: Python ints and floats (a huge int stays exact), bools, arrays,
+    tensors and junk, which the check that follows names."""
+    if type(v) in (int, float) or not is_real(v):
+        return v
+    return int(v) if is_integral(v) else float(v)
 
 
 def positive(name, v, *, allow_zero=False, allow_inf=False):

@@ -187,13 +187,24 @@ def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, 
     g = total.view(-1, G)
     std_N = _nanstd(total, 0).expand_as(total) if scale == "batch" else _nanstd(g, 1).expand_as(g).reshape(-1)
     if not total.isnan().any():
-        adv = rk.group_advantages(vals_NR.nan_to_num(0.0), G, scale=scale, reward_weights=w_R, backend=backend)
+        try:  # host tensors: the library's overflow check is a ValueError
+            adv = rk.group_advantages(vals_NR.nan_to_num(0.0), G, scale=scale, reward_weights=w_R, backend=backend)
+        except ValueError as e:
+            if "overflow float32" in str(e):
+                raise _overflow_error(scale) from e
+            raise
     else:
         adv = (g - g.nanmean(1, keepdim=True)).reshape(-1)
         if scale != "none":
             adv = adv / (std_N + 1e-4)
         adv = adv.nan_to_num(0.0).float()
     return adv, std_N
+
+
+def _overflow_error(scale: str) -> RewardError:
+    return RewardError(f"advantages overflow float32 with scale_rewards={scale}: a weighted reward minus its "
+                       "group's mean is beyond float32's range (3.4e38); scale the rewards or reward_weights down, or "
+                       "scale the advantages (scale_rewards=group)")
 
 
 def _finite_or_none(x) -> float | None:
@@ -416,9 +427,7 @@ class GRPOTrainer(Trainer):
         adv_all, std_all = advantages(vals_all, failed_all, self.reward_w_R, G, scale=cfg.scale_rewards,
                                       aggregation=cfg.multi_objective_aggregation, backend=cfg.kernel_backend)
         if not torch.isfinite(adv_all).all():  # scale_rewards=none: reward differences beyond float32
-            raise RewardError(f"advantages overflow float32 with scale_rewards={cfg.scale_rewards}: a weighted "
-                              "reward minus its group's mean is beyond float32's range (3.4e38); scale the rewards "
-                              "or reward_weights down, or scale the advantages (scale_rewards=group)")
+            raise _overflow_error(cfg.scale_rewards)
         total_N = reward_totals(vals_all, failed_all, self.reward_w_R)
         unscorable = int((vals_all.isnan().all(1) & ~failed_all).sum())  # a failed row is counted as failed
         if unscorable and self.rank == 0:
@@ -579,7 +588,8 @@ class GRPOTrainer(Trainer):
                     m_BT = mask_BT[sl, :T].bool()
                     d_BT = (out.per_token_logprobs - ro.logprobs_BT[sl, :T]).abs().masked_fill(~m_BT, 0.0)
                     samp_sum[:2] += torch.stack([d_BT.sum().double(), m_BT.sum().double()])
-                    samp_max[0] = torch.maximum(samp_max[0], d_BT.max().double())
+                    if d_BT.numel():  # a filler pack has no rows
+                        samp_max[0] = torch.maximum(samp_max[0], d_BT.max().double())
                     if cfg.vllm_importance_sampling_correction:
                         w = rollout_is_weights(out.per_token_logprobs.detach(), ro.logprobs_BT[sl, :T], m_BT,
                                                cfg.vllm_importance_sampling_mode,
@@ -615,9 +625,10 @@ class GRPOTrainer(Trainer):
                         (step * cfg.num_iterations + it + 1) % cfg.ref_model_sync_steps == 0:
                     self.sync_ref(cfg.ref_model_mixup_alpha)
                 clock.mark("forward")  # the micro-step's metric tensors
+                filler = pk is not None and not pk.rows.numel()  # its loss 0 is a share; its means are no rows'
                 for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
                              *out.metrics.items(), ("entropy", ent)]:
-                    if v is None:
+                    if v is None or (filler and k != "loss"):
                         continue
                     v = torch.as_tensor(v).detach().reshape(())
                     if k in TOKEN_MEAN_METRICS:  # TRL's global_masked_mean: the micro-batch's sum and count
@@ -742,7 +753,9 @@ class GRPOTrainer(Trainer):
         losses: sum over its rows of w_row * sum_t m*L (weights: reduction_weights'). Returns
         (GRPOLossOutput with per_token_logprobs in the pack's [b, T] layout, masked mean entropy or None)."""
         cfg = self.cfg
-        self.expert_load.token_mask = None  # every packed token is real
+        # every packed token is real, but a filler pack's one token (fed only so collectives match) routes none
+        self.expert_load.token_mask = None if pk.rows.numel() else \
+            torch.zeros(pk.input_ids.numel(), dtype=torch.bool, device=self.dev)
         on_tokens = (lambda x: None if x is None else pk.gather(x))
         kw = self._loss_kw(n_items, entropy_coef, old_logprobs=on_tokens(old_BT), ref_logprobs=on_tokens(ref_BT),
                            sampling_logprobs=on_tokens(samp_BT))

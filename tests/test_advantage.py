@@ -97,3 +97,93 @@ def test_cuda_non_finite_reward_is_a_device_assert(scale, bad):
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "NO ERROR" not in out, out[-2000:]
     assert "rewards contains NaN or inf" in out or "device-side assert" in out, out[-2000:]
+
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def _cpu_backend(backend):
+    if backend == "cpp" and not _backend.extension_has("group_advantages", "CPU"):
+        pytest.skip("extension not built")
+    if backend == "triton" and DEV != "cpu":
+        pytest.skip("the CPU case of the Triton path runs under the interpreter")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("cols", [0, 2])
+def test_scale_none_past_float32_raises_on_every_cpu_backend(backend, cols):
+    """Finite float32 rewards whose R - group mean passes float32's range: scale='none' was an inf advantage on
+    every backend (float64 math cast to float32); now a ValueError naming rewards exactly when the advantage, computed
+    here in float64 from the rewards, rounds to inf in float32. Fresh random magnitudes around the boundary (some
+    draws overflow, some do not); "group" / "batch" of the same rewards stay finite and equal the reference."""
+    _cpu_backend(backend)
+    G, n_groups = int(torch.randint(2, 7, ())), int(torch.randint(1, 4, ()))
+    w = torch.rand(cols) + 0.5 if cols else None
+    for _ in range(6):
+        mag = 10 ** (38 + float(torch.rand(())) * 0.6 - 0.3)  # 5e37 .. 2e38 per reward
+        shape = (n_groups * G, max(cols, 1))
+        r = (torch.rand(shape) * 2 - 1).sign() * mag * (0.5 + torch.rand(shape))
+        r = r.clamp(-F32_MAX, F32_MAX).float()
+        r = r if cols else r[:, 0]
+        t = r.double() if not cols else (r.double() * w.double()).sum(-1)
+        t_BG = t.view(-1, G)
+        want_inf = bool(torch.isinf((t_BG - t_BG.mean(-1, keepdim=True)).float()).any())
+        if want_inf:
+            with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+                rk.group_advantages(r, G, scale="none", reward_weights=w, backend=backend)
+        else:
+            out = rk.group_advantages(r, G, scale="none", reward_weights=w, backend=backend)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, ref_adv(r, G, "none", 1e-4, w), rtol=1e-6, atol=0)
+        for scale in ("group", "batch"):
+            out = rk.group_advantages(r, G, scale=scale, reward_weights=w, backend=backend)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, ref_adv(r, G, scale, 1e-4, w), rtol=1e-6, atol=1e-6)
+    # a group whose centered value certainly passes float32 (3 members: 3e38 - (-1e38) = 4e38) and one that does not
+    r = torch.randn(3 * G)
+    r[:3] = torch.tensor([3e38, -3e38, -3e38])
+    with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+        rk.group_advantages(r, 3, scale="none", backend=backend)
+    edge = torch.tensor([F32_MAX / 2, -F32_MAX / 2] * 2) * (1 - torch.rand(4) * 1e-3)  # |R - mean| < F32_MAX
+    assert torch.isfinite(rk.group_advantages(edge, 2, scale="none", backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_float64_rewards_past_float64_std_raise(backend, scale):
+    """float64 rewards of magnitude ~1e200: their squares overflow the float64 std, which was inf, so "group" /
+    "batch" returned advantages of 0 (finite and wrong) and "none" an inf: a ValueError naming rewards on every
+    backend. Large float64 rewards within the bound (1e100) keep the exact result: a pair (a, -a) has advantages
+    +-a / (sqrt(2) a + eps) = +-1/sqrt(2) ("group"), against a hand value, not the reference."""
+    _cpu_backend(backend)
+    G = int(torch.randint(2, 6, ()))
+    r = torch.randn(4 * G, dtype=torch.float64)
+    r[int(torch.randint(0, 4 * G, ()))] = float(torch.rand(()) + 1) * 1e200
+    with pytest.raises(ValueError, match="rewards"):
+        rk.group_advantages(r, G, scale=scale, backend=backend)
+    a = float(torch.rand(()) + 1) * 1e100
+    pair = torch.tensor([a, -a], dtype=torch.float64)
+    if scale == "none":
+        with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+            rk.group_advantages(pair, 2, scale=scale, backend=backend)
+    else:
+        out = rk.group_advantages(pair, 2, scale=scale, backend=backend)
+        want = torch.tensor([1, -1], dtype=torch.float32) / 2 ** 0.5
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_scale_none_past_float32_raises_with_sync_checks(backend, monkeypatch):
+    """The GPU backends under R1K_SYNC_CHECKS=1: the same ValueError naming rewards as on CPU (without it, a
+    device-side assert, as for NaN rewards)."""
+    if backend == "cuda" and not _backend.extension_has("group_advantages", "CUDA"):
+        pytest.skip("extension built without CUDA")
+    monkeypatch.setattr(rk._checks, "SYNC_CHECKS", True)
+    r = torch.randn(3 * 64, device="cuda")
+    r[:3] = torch.tensor([3e38, -3e38, -3e38])
+    with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+        rk.group_advantages(r, 3, scale="none", backend=backend)
+    r[:3] = torch.randn(3)
+    out = rk.group_advantages(r, 3, scale="none", backend=backend)
+    torch.testing.assert_close(out, ref_adv(r, 3, "none", 1e-4, None), rtol=1e-6, atol=1e-6)

@@ -122,3 +122,54 @@ def test_sample_tokens_with_numpy_options_equals_python_options():
     a = rk.sample_tokens(logits, seeds, pos, backend="torch", **np_kw)
     b = rk.sample_tokens(logits, seeds, pos, backend="torch", **py_kw)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---- r1kernels._checks: is_real / is_integral / as_python (what check_sampling_options and the Liger drop-in use)
+
+REALS = [np.float16(0.5), np.float32(0.9), np.float64(-2.5), np.longdouble(1.25), np.float32("nan"),
+         np.float64("inf"), 0.9, -3.0, float("nan")]
+INTEGRALS = [np.int8(-3), np.int32(7), np.int64(2 ** 62), np.uint8(255), np.uint64(2 ** 63 + 1), 5, -1, 2 ** 80]
+NOT_NUMBERS = [True, False, np.bool_(True), np.bool_(False), np.array(0.5), np.array([2]), np.array([1.0, 2.0]),
+               torch.tensor(0.5), torch.tensor(3), "0.5", b"1", None, 1 + 0j, np.complex64(1), [1.0], object()]
+
+
+@pytest.mark.parametrize("v", REALS + INTEGRALS + NOT_NUMBERS, ids=repr)
+def test_checks_is_real_and_is_integral(v):
+    """Real: Python int / float and NumPy real scalars; integral: Python int and NumPy integer scalars. Never bools,
+    arrays or tensors (not even of one element), strings or complex numbers."""
+    from r1kernels import _checks
+    assert _checks.is_real(v) == any(v is x for x in REALS + INTEGRALS)
+    assert _checks.is_integral(v) == any(v is x for x in INTEGRALS)
+
+
+@pytest.mark.parametrize("v", REALS + INTEGRALS, ids=repr)
+def test_checks_as_python_gives_the_exact_python_value(v):
+    """A NumPy scalar becomes the plain Python int / float of its exact value (np.float32(0.9) is the double of
+    that float32, not 0.9; a uint64 past int64 stays exact); Python numbers are returned as they are."""
+    from r1kernels import _checks
+    got = _checks.as_python(v)
+    if type(v) in (int, float):
+        assert got is v
+        return
+    want_type = int if isinstance(v, np.integer) else float
+    assert type(got) is want_type
+    want = v.item() if want_type is int else float(np.float64(v))  # numpy's own conversions
+    assert got == want or (got != got and want != want)
+
+
+@pytest.mark.parametrize("v", NOT_NUMBERS, ids=repr)
+def test_checks_as_python_leaves_non_numbers_for_the_check(v):
+    """Bools, arrays, tensors and junk come back unchanged, so the check that follows names them."""
+    from r1kernels import _checks
+    assert _checks.as_python(v) is v
+    with pytest.raises(ValueError, match="beta"):
+        _checks.positive("beta", _checks.as_python(v))
+
+
+def test_checks_as_python_then_positive_takes_numpy_numbers():
+    """_checks.positive takes Python numbers: after as_python a NumPy coefficient passes (and NaN still fails)."""
+    from r1kernels import _checks
+    for v in (np.float32(0.04), np.float64(0.2), np.int64(1), np.float16(0.0)):
+        _checks.positive("beta", _checks.as_python(v), allow_zero=True)
+    with pytest.raises(ValueError, match="beta"):
+        _checks.positive("beta", _checks.as_python(np.float32("nan")), allow_zero=True)

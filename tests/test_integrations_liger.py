@@ -420,3 +420,91 @@ def test_liger_triton_grpo_loss_per_token_old_ref_no_gradient(backend):
     (L * g.double()).sum().backward()
     assert_close(loss, L.detach(), name="per-token loss")
     assert_close(xx.grad, x64.grad, name="logits grad")
+
+
+@pytest.mark.parametrize("loss_type", ["foo", "GRPO", None, 3])
+def test_unknown_loss_type_is_one_error_without_warning(loss_type):
+    """An unknown loss_type is a ValueError naming loss_type and nothing else: it was first treated as an option
+    r1kernels does not implement, with a warning that Liger's code runs for it (and without liger-kernel, an error
+    saying to install it), before Liger's own 'Unknown loss type'."""
+    import warnings
+    hidden, weight, ids, mask, adv, old, ref = _inputs(2, 5, 8, 20)
+    logits = torch.randn(2, 6, 20)
+    ours._warned.clear()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="loss_type must be one of"):
+            ours.LigerFusedLinearGRPOLoss(loss_type=loss_type)
+        module = ours.LigerFusedLinearGRPOLoss()
+        module.loss_type = loss_type  # Liger's attribute, read by forward
+        with pytest.raises(ValueError, match="loss_type must be one of"):
+            module(hidden, weight, ids, mask, adv, ref_per_token_logps=ref)
+        for reduce in (True, False):
+            with pytest.raises(ValueError, match="loss_type must be one of"):
+                ours.triton_grpo_loss(logits, old, ref, ids, adv, mask, loss_type=loss_type, reduce=reduce)
+    assert not [w for w in rec if "r1kernels" in str(w.message)] and not ours._warned
+
+
+def _np_draw(value, kind):
+    import numpy as np
+    return {"f32": np.float32, "f64": np.float64, "f16": np.float16}[kind](value)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f64", "f16"])
+def test_numpy_coefficients_equal_liger_and_python_values(kind):
+    """NumPy beta / epsilon_low / epsilon_high / temperature / delta (np.float32(0.04), ...) were a ValueError here
+    while Liger's chunked class takes them: now both drop-ins give exactly what the same values as Python floats
+    give (float(np.float32(0.04)), the double of the float32, not 0.04), which is Liger's result for them."""
+    shape = SHAPES[int(torch.randint(1, len(SHAPES), ()))]
+    hidden, weight, ids, mask, adv, old, ref = _inputs(*shape, temperature=0.8)
+    hidden.requires_grad_(), weight.requires_grad_()
+    vals = dict(beta=float(torch.rand(()) * 0.1), epsilon_low=float(0.1 + 0.2 * torch.rand(())),
+                epsilon_high=float(0.2 + 0.2 * torch.rand(())), temperature=0.8, delta=1.3)
+    np_kw = {k: _np_draw(v, kind) for k, v in vals.items()}
+    py_kw = {k: float(v) for k, v in np_kw.items()}
+    call = dict(ref_per_token_logps=ref, old_per_token_logps=old)
+    fused = {}
+    for name, kw in (("numpy", np_kw), ("python", py_kw)):
+        fused[name] = _run(lambda kw=kw: ours.LigerFusedLinearGRPOLoss(compiled=False, loss_type="bnpo", **kw)(
+            hidden, weight, ids, mask, adv, **call), [hidden, weight])
+    # Liger is given the Python values: its own arithmetic with an np.float16 coefficient runs in float16
+    want = _run(lambda: LigerLinear(compiled=False, loss_type="bnpo", **py_kw)(hidden, weight, ids, mask, adv, **call),
+                [hidden, weight])
+    _same(fused["numpy"], want, f"fused {kind}")
+    for a, b in zip([fused["numpy"][0], *fused["numpy"][1], *fused["numpy"][2]],
+                    [fused["python"][0], *fused["python"][1], *fused["python"][2]]):
+        assert torch.equal(a, b)
+    tkw = {"eps_low" if k == "epsilon_low" else "eps_high" if k == "epsilon_high" else k: v for k, v in np_kw.items()}
+    B, T = ids.shape
+    x = torch.randn(B, T + 1, weight.shape[0], requires_grad=True)
+    for reduce in (True, False):
+        got = ours.triton_grpo_loss(x * 1.0, old, ref, ids, adv, mask, reduce=reduce, **tkw)
+        py = ours.triton_grpo_loss(x * 1.0, old, ref, ids, adv, mask, reduce=reduce,
+                                   **{k: float(v) for k, v in tkw.items()})
+        want = liger_triton(x * 1.0, old, ref, ids, adv, mask, reduce=reduce, inplace=False,
+                            **{k: float(v) for k, v in tkw.items()})
+        flat = [got[0], *(got[1] if reduce else got[1:])]
+        assert all(torch.equal(a, b) for a, b in zip(flat, [py[0], *(py[1] if reduce else py[1:])]))
+        for i, (g, w) in enumerate(zip(flat, [want[0], *(want[1] if reduce else want[1:])])):
+            assert_close(g.detach(), w.detach().double(), name=f"triton reduce={reduce} output {i}")
+
+
+def _bad_numpy_values():
+    import numpy as np
+    return [np.bool_(True), np.float32("nan"), np.float64(-0.5), np.array([0.1, 0.2]), np.array(0.04),
+            np.array([0.04]), torch.tensor(0.04)]
+
+
+@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("name", ["beta", "epsilon_low", "epsilon_high"])
+def test_numpy_bad_coefficients_named(i, name):
+    """NaN, negative or bool NumPy values and arrays / tensors (any size: numbers are scalars, as in
+    rk.check_sampling_options) stay a ValueError naming Liger's argument on both drop-ins."""
+    value = _bad_numpy_values()[i]
+    hidden, weight, ids, mask, adv, old, ref = _inputs(2, 5, 8, 20)
+    with pytest.raises(ValueError, match=name):
+        ours.LigerFusedLinearGRPOLoss(**{name: value})(hidden, weight, ids, mask, adv, ref_per_token_logps=ref)
+    tname = {"epsilon_low": "eps_low", "epsilon_high": "eps_high"}.get(name, name)
+    for reduce in (True, False):
+        with pytest.raises(ValueError, match=tname):
+            ours.triton_grpo_loss(torch.randn(2, 6, 20), old, ref, ids, adv, mask, reduce=reduce, **{tname: value})

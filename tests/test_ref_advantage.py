@@ -56,3 +56,24 @@ def test_compile_fullgraph():
     r = torch.randn(48)
     f = torch.compile(lambda x: rk.group_advantages(x, 6), fullgraph=True, backend="aot_eager")
     assert torch.equal(f(r), rk.group_advantages(r, 6, backend="torch"))
+
+
+def test_scale_none_past_float32_is_an_error_naming_rewards():
+    """Hand values: 3e38 against two -3e38 centres to 3e38 + 1e38 = 4e38 > float32's max (was an inf advantage);
+    a pair +-3e38 centres to +-3e38 exactly (no error). float64 rewards of 1e200 were advantages of 0 under
+    "group" (their float64 std overflows): an error too."""
+    with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+        rk.group_advantages(torch.tensor([3e38, -3e38, -3e38]), 3, scale="none", backend="torch")
+    pair = torch.tensor([3e38, -3e38])
+    assert torch.equal(rk.group_advantages(pair, 2, scale="none", backend="torch"), pair)
+    with pytest.raises(ValueError, match="rewards: float64 rewards"):
+        rk.group_advantages(torch.tensor([1e200, -1e200], dtype=torch.float64), 2, backend="torch")
+
+
+def test_compile_fullgraph_scale_none():
+    """The float32-range check runs eagerly only (as the finite check): the compiled op traces without it."""
+    r = torch.randn(24, 2)
+    w = torch.tensor([1.0, 0.5])
+    f = torch.compile(lambda x: rk.group_advantages(x, 4, scale="none", reward_weights=w), fullgraph=True,
+                      backend="aot_eager")
+    assert torch.equal(f(r), rk.group_advantages(r, 4, scale="none", reward_weights=w, backend="torch"))

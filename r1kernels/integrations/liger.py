@@ -21,7 +21,9 @@ Deliberate differences from liger-kernel 0.8.5:
   sequence-level and chunked paths turn a NaN there into a NaN loss.
 - An empty batch with a loss that averages over sequences (Liger: 0 / 0 = NaN) is a ValueError naming the
   input; a NaN or negative beta / epsilon and wrong shapes are ValueErrors naming Liger's argument (Liger
-  computes NaN, or asserts).
+  computes NaN, or asserts); so is an unknown loss_type, before anything else.
+NumPy real scalars as options (np.float32(0.04), np.int64(20)) are taken as the Python numbers of their values, as
+Liger takes them; bools, arrays and tensors (even of one element) are not numbers here (a ValueError).
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ def _liger(where: str, what: str, todo: list[str]):
 
 def _check_options(loss_type, importance_sampling_level, delta, sapo_temperature_pos, sapo_temperature_neg,
                    max_completion_length=None, dr_grpo_needs_length=False, delta_ignored=False):
-    """Liger's option checks. delta_ignored: delta with cispo/sapo/vespo is no error and has no effect (Liger's
-    chunked class, like TRL, clamps the ratio by delta only for the clipped loss types); Liger's Triton loss
-    refuses it."""
+    """Liger's option checks, loss_type first: an unknown one is an error of its own, not an option to hand to
+    Liger's code (with a warning that it runs there) or to call unimplemented. delta_ignored: delta with
+    cispo/sapo/vespo is no error and has no effect (Liger's chunked class, like TRL, clamps the ratio by delta only
+    for the clipped loss types); Liger's Triton loss refuses it."""
+    _checks.choice("loss_type", loss_type, LOSS_TYPES)  # liger-kernel 0.8.5's eight types
     _checks.choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
     for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         _checks.positive(name, v)
@@ -79,6 +83,14 @@ def _check_options(loss_type, importance_sampling_level, delta, sapo_temperature
         raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}")
     if dr_grpo_needs_length and loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("max_completion_length must be provided for loss_type='dr_grpo'")
+
+
+def _numbers(options: dict) -> dict:
+    """NumPy real scalars among the options as the Python numbers of their values (np.float32(0.04) -> the double
+    float(np.float32(0.04)); np.int64 -> int), as Liger's own code takes them and as r1kernels takes NumPy numbers
+    elsewhere (_checks.as_python). Everything else is left for the checks to name: bools, arrays and tensors (even
+    of one element), NaN, negatives."""
+    return {k: _checks.as_python(v) for k, v in options.items()}
 
 
 def _dapo_normalizer(mask, num_items_in_batch, mask_name):
@@ -172,10 +184,11 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
                  backend: str = "auto"):
         super().__init__()
-        _checks.positive("sapo_temperature_pos", sapo_temperature_pos)
-        _checks.positive("sapo_temperature_neg", sapo_temperature_neg)
+        _checks.choice("loss_type", loss_type, LOSS_TYPES)
+        _checks.positive("sapo_temperature_pos", _checks.as_python(sapo_temperature_pos))
+        _checks.positive("sapo_temperature_neg", _checks.as_python(sapo_temperature_neg))
         if delta is not None:
-            _checks.positive("delta", delta)
+            _checks.positive("delta", _checks.as_python(delta))
         options = dict(
             beta=beta, compiled=compiled, use_ref_model=use_ref_model, chunk_size=chunk_size,
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
@@ -192,7 +205,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
                 vllm_is_ratio=None, num_items_in_batch=None):
-        c = {k: getattr(self, k) for k in self._option_names}
+        c = _numbers({k: getattr(self, k) for k in self._option_names})
         _check_options(c["loss_type"], c["importance_sampling_level"], c["delta"], c["sapo_temperature_pos"],
                        c["sapo_temperature_neg"], c["max_completion_length"], dr_grpo_needs_length=True,
                        delta_ignored=True)
@@ -265,6 +278,10 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
     reduce=False returns per-token (loss * mask, kl * mask or None, is_clipped * mask) through the log-prob
     kernel. backend (keyword only, not Liger's): the r1kernels backend."""
     _checks.float_tensor("logits", logits, ndim=3)
+    (temperature, beta, eps_low, eps_high, max_completion_length, sapo_temperature_pos, sapo_temperature_neg, delta,
+     vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg) = map(_checks.as_python, (
+        temperature, beta, eps_low, eps_high, max_completion_length, sapo_temperature_pos, sapo_temperature_neg, delta,
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))  # NumPy scalars: _numbers
     _check_options(loss_type, importance_sampling_level, delta, sapo_temperature_pos, sapo_temperature_neg)
     todo = _unsupported(loss_type, beta, use_bias_correction_kl, vllm_is_ratio, sapo_temperature_pos,
                         sapo_temperature_neg)
