@@ -49,42 +49,47 @@ def validate_rows(rows: list, source: str, required=("prompt",)) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path):
+def _json_lines(path, lines) -> list:
+    """The rows of JSON Lines (one JSON value a line; blank lines skipped), lines as text or as UTF-8 bytes; a
+    bad line (not UTF-8, not JSON) is a DatasetError naming its row and line."""
     rows = []
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh):
+    for i, line in enumerate(lines):
+        if isinstance(line, bytes):
             try:
-                line = raw.decode("utf-8")
+                line = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DatasetError(f"{path}: row {len(rows)} (line {i + 1}): not UTF-8 text: {e.reason} at byte "
                                    f"{e.start} of the line") from e
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: row {len(rows)} (line {i + 1}): invalid JSON: {e.msg}") from e
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: row {len(rows)} (line {i + 1}): invalid JSON: {e.msg}") from e
     return rows
 
 
-_JSON_LINES = object()
+def _read_jsonl(path):
+    with open(path, "rb") as fh:
+        return _json_lines(path, fh)
 
 
 def _read_json(path, key):
+    """A .json file's rows, read once: a JSON list of rows, or JSON Lines (one object a line, which datasets'
+    json loader reads from .json files too; a one-object file is one row)."""
     from .config import read_file
 
     def parse(fh):
         text = fh.read()
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:  # a second value after the first: JSON Lines, which datasets' json
-            if e.msg == "Extra data" and text.lstrip().startswith("{"):  # loader reads from .json files too
-                return _JSON_LINES
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:  # a second value after the first: JSON Lines
+            if e.msg == "Extra data" and text.lstrip().startswith("{"):
+                return _json_lines(path, text.split("\n"))
             raise
+        return [rows] if isinstance(rows, dict) else rows
 
     rows = read_file(path, key, parse, "JSON", (json.JSONDecodeError,), error=DatasetError)
-    if rows is _JSON_LINES or isinstance(rows, dict):  # JSON Lines (one object a line), one row or more
-        return _read_jsonl(path)
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON list of rows or JSON Lines (one object a line)")
     return rows
@@ -174,8 +179,9 @@ _warned_truncation: set = set()  # max_prompt_length values already warned about
 
 
 def keep_prompt_tail(ids: list, max_prompt_length: int) -> list:
-    """A prompt's last max_prompt_length tokens; the first cut prompt of a process logs a warning that names the
-    key (TRL 1.16 cuts no prompt: a cut drops a system message or the start of a chat template unseen)."""
+    """A GRPO prompt's last max_prompt_length tokens (SFT cuts no prompt: sft_tokens); the first cut prompt of a
+    process logs a warning that names the key (TRL 1.16 cuts no prompt: a cut drops a system message or the start
+    of a chat template unseen)."""
     if len(ids) > max_prompt_length and max_prompt_length not in _warned_truncation:
         _warned_truncation.add(max_prompt_length)
         log.warning("a prompt of %d tokens keeps its last max_prompt_length=%d (its start, e.g. a system message, "
@@ -312,13 +318,14 @@ def check_sft_completion(row, i, completion_column: str):
     return c
 
 
-def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prompt_length: int,
-               completion_only_loss: bool = True, cache: TokenCache | None = None) -> tuple[list, list]:
-    """One SFT row's (context ids, scored ids): the prompt (its last max_prompt_length tokens) + completion +
-    eos (string and conversational rows tokenized as TRL's SFTTrainer: TokenCache.string_row/chat_row),
-    truncated to the first max_length tokens (TRL SFT's truncation_mode keep_start). The scored ids are the
-    completion's; with completion_only_loss=false every token after the first (TRL: the prompt is scored
-    too). A row left with no scored token is a DatasetError naming row i and max_length."""
+def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, completion_only_loss: bool = True,
+               cache: TokenCache | None = None) -> tuple[list, list]:
+    """One SFT row's (context ids, scored ids): the whole prompt + completion + eos (string and conversational
+    rows tokenized as TRL's SFTTrainer: TokenCache.string_row/chat_row), truncated to the first max_length
+    tokens (TRL 1.16 SFT's truncation_mode keep_start; as there, no cut of the prompt alone: max_prompt_length
+    is GRPO's). The scored ids are the completion's; with completion_only_loss=false every token after the
+    first (TRL: the prompt is scored too). Invariant: len(context) + len(scored) <= max_length. A row left with
+    no scored token is a DatasetError naming row i (and max_length where the cut left none; TRL drops it)."""
     cache = TokenCache(tok, 0) if cache is None else cache
     c = check_sft_completion(row, i, completion_column)
     if isinstance(c, list):
@@ -333,22 +340,23 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, max_prom
         what = "after the prompt" if completion_only_loss else "after the row's first token"
         raise DatasetError(f"SFT row {i}: no token to train on: column {completion_column!r} = {c!r} tokenizes to "
                            f"nothing {what} (the tokenizer's eos token: {tok.eos_token!r})")
-    p = keep_prompt_tail(p, max_prompt_length)[:max_length]
+    n_prompt = len(p)
+    p = p[:max_length]
     comp = comp[:max_length - len(p)]
     if not completion_only_loss:
         p, comp = (p + comp)[:1], (p + comp)[1:]
     if not comp:
-        why = (f"its prompt takes {len(p)} tokens, so max_length={max_length} leaves no completion token to train "
-               "on (completion_only_loss=true); raise max_length or lower max_prompt_length below it"
+        why = (f"its prompt takes {n_prompt} tokens, so max_length={max_length} leaves no completion token to train "
+               "on (completion_only_loss=true; TRL's SFTTrainer drops such a row unseen); raise max_length"
                if completion_only_loss else f"max_length={max_length} leaves no token after the first to train on")
         raise DatasetError(f"SFT row {i}: {why}")
     return p, comp
 
 
-def sft_collate(tok, rows, *, completion_column: str, max_length: int, max_prompt_length: int,
-                completion_only_loss: bool = True, cache: TokenCache | None = None):
+def sft_collate(tok, rows, *, completion_column: str, max_length: int, completion_only_loss: bool = True,
+                cache: TokenCache | None = None):
     """(context ids/mask left-padded [B, P], scored ids/mask right-padded [B, T]) of sft_tokens' rows."""
     p_ids, c_ids = zip(*(sft_tokens(tok, r, i, completion_column=completion_column, max_length=max_length,
-                                    max_prompt_length=max_prompt_length, completion_only_loss=completion_only_loss,
-                                    cache=cache) for i, r in enumerate(rows))) if rows else ((), ())
+                                    completion_only_loss=completion_only_loss, cache=cache)
+                         for i, r in enumerate(rows))) if rows else ((), ())
     return (*left_pad(p_ids, tok.pad_token_id), *right_pad(c_ids, tok.pad_token_id))

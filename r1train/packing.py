@@ -92,12 +92,14 @@ def plan(lengths: list[int], rows_per_batch: int, max_tokens: int | None = None,
     """Micro-batches as lists of row indices: consecutive runs of rows_per_batch rows (no budget), or with a
     token budget the fewest bins, and at least max(min_batches, 1), of at most max_tokens tokens that the
     greedy packing fits (largest row first into the lightest bin; more bins until every bin fits).
-    Invariants (budget): every row is in exactly one bin; len(result) >= min_batches, == min_batches when
-    min_batches >= len(lengths) (never capped at the row count); bins that get no row are [] and come last:
-    build_packs runs each as a filler pack, so a rank short of rows still runs as many micro-batches."""
+    Invariants: every row is in exactly one bin; len(result) >= min_batches (never capped at the row count;
+    without a budget == max(ceil(n / rows_per_batch), min_batches), with one == min_batches when min_batches
+    >= len(lengths)); bins that get no row are [] and come last: build_packs runs each as a filler pack, so a
+    rank short of rows still runs as many micro-batches."""
     n = len(lengths)
     if max_tokens is None:
-        return [list(range(s, min(s + rows_per_batch, n))) for s in range(0, n, rows_per_batch)]
+        runs = [list(range(s, min(s + rows_per_batch, n))) for s in range(0, n, rows_per_batch)]
+        return runs + [[] for _ in range(min_batches - len(runs))]
     if max_tokens < 1:
         raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens}")
     if n and max(lengths) > max_tokens:
@@ -118,14 +120,16 @@ def plan(lengths: list[int], rows_per_batch: int, max_tokens: int | None = None,
 
 
 def plan_all_ranks(lengths, rows_per_batch, max_tokens, device) -> list[list[int]]:
-    """plan() with the same number of micro-batches on every rank (ZeRO's collectives run per forward and
-    backward, so every rank must run as many); a rank short of rows gets empty bins. Each round every rank
+    """plan() with the same number of micro-batches on every rank, with or without a token budget (ZeRO's
+    collectives run per forward and backward, so every rank must run as many; ranks of uneven row counts
+    plan different counts even without a budget); a rank short of rows gets empty bins. Each round every rank
     replans with min_batches = the ranks' largest count, and plan returns at least that many (exactly that
     many unless its rows need more), so the largest count never falls and only grows while some rank's rows
-    need more bins: bounded (as many bins as rows always fit), so the rounds end. Every rank takes the same
-    branch each round (hi and lo are all-reduced), so no rank leaves the loop while another all-reduces."""
+    need more bins: bounded (as many bins as rows always fit), so the rounds end (without a budget after the
+    first). Every rank takes the same branch each round (hi and lo are all-reduced), so no rank leaves the
+    loop while another all-reduces."""
     bins = plan(lengths, rows_per_batch, max_tokens)
-    if max_tokens is None or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return bins
     while True:
         t = torch.tensor([len(bins), -len(bins)], dtype=torch.long, device=device)

@@ -30,10 +30,20 @@ def top1_fn(ids_BT, fn):
             else:
                 flat = x.detach().reshape(-1, x.shape[-1])
                 step = max(1, _TOP1_CHUNK_BYTES // (4 * weight.shape[0]))
+                # at least one chunk: a filler pack scores no token (0 rows)
                 top = torch.cat([torch.nn.functional.linear(flat[s:s + step], weight, bias).argmax(-1)
-                                 for s in range(0, flat.shape[0], step)]).reshape(x.shape[:-1])
+                                 for s in range(0, max(flat.shape[0], 1), step)]).reshape(x.shape[:-1])
         return out, top == ids_BT
     return wrapped
+
+
+def _all_max(n: int, dev) -> int:
+    """The largest n of any rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 class SFTTrainer(Trainer):
@@ -67,9 +77,9 @@ class SFTTrainer(Trainer):
         return n, f"the longest SFT row's tokens (row {i}; max_length={cfg.max_length} holds every row)"
 
     def token_keys(self, cfg) -> dict:
+        """sft_tokens' keys: no max_prompt_length, a GRPO key (TRL's SFTTrainer cuts only the whole row)."""
         return dict(completion_column=cfg.completion_column, max_length=cfg.max_length,
-                    max_prompt_length=cfg.max_prompt_length, completion_only_loss=cfg.completion_only_loss is not False,
-                    cache=self.tokens)
+                    completion_only_loss=cfg.completion_only_loss is not False, cache=self.tokens)
 
     def train_step(self, step, rows):
         cfg = self.cfg
@@ -83,20 +93,35 @@ class SFTTrainer(Trainer):
         mb, losses, gn, moe = cfg.per_device_train_batch_size, [], None, {}
         ent = bool(cfg.log_entropy)
         # TRL's per-forward metrics: [micro-batch, (correct, entropy sum, scored)] of the padded micro-batches
-        # (rows j * mb ...), whose ratios TRL averages; packs add their rows' counts to their micro-batches
-        n_micro = max(1, -(-ids_BL.shape[0] // mb))
+        # (rows j * mb ...), whose ratios TRL averages; packs add their rows' counts to their micro-batches.
+        # Every rank runs (and all-reduces) the most padded micro-batches of any rank: ranks may hold uneven
+        # row counts, and ZeRO's collectives run in every forward and backward
+        n_micro = _all_max(max(1, -(-ids_BL.shape[0] // mb)), self.dev)
         stats = torch.zeros(n_micro, 3, dtype=torch.float64, device=self.dev)
-        # padding_free: each micro-batch is one packed sequence of its rows' real tokens (r1train/packing.py);
-        # the loss is a plain sum over completion tokens, so the packs' losses add up to the padded ones
+        # padding_free: each micro-batch is one packed sequence of its rows' real tokens (r1train/packing.py),
+        # as many on every rank (filler packs); the loss is a plain sum over completion tokens, so the packs'
+        # losses add up to the padded ones. Padded: a rank short of rows runs filler micro-batches (None)
         packs = build_packs(ids_BL, p_mask, c_mask, rows_per_batch=mb,
                             max_tokens=cfg.max_tokens_per_batch) if cfg.padding_free else None
-        micro = packs or [slice(s, s + mb) for s in range(0, ids_BL.shape[0], mb)]
+        micro = packs
+        if packs is None:
+            micro = [slice(s, s + mb) for s in range(0, ids_BL.shape[0], mb)]
+            micro += [None] * (n_micro - len(micro))
         with packed_attention(self.model) if packs else contextlib.nullcontext():
             for j, part in enumerate(micro):
-                if packs:
-                    self.expert_load.token_mask = None  # every packed token is real
-                    # the optimizer steps after the last pack, as after the padded run's last micro-batch
-                    self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+                # the optimizer steps after the last micro-batch, however many this step runs
+                self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+                if part is None:  # a filler: one scored pad, masked out (loss 0, every gradient 0)
+                    self.expert_load.token_mask = torch.zeros(2, dtype=torch.bool, device=self.dev)  # counts none
+                    pad = torch.full((1, 2), self.tok.pad_token_id, dtype=ids_BL.dtype, device=self.dev)
+                    tgt, mask = pad[:, 1:], torch.zeros_like(pad[:, 1:])
+                    fn = top1_fn(tgt, logprob_fn(tgt, 1.0, return_entropy=ent, backend=cfg.kernel_backend))
+                    out, top1 = self.engine(pad, torch.ones_like(pad), 1, fn)
+                    which = torch.full_like(tgt, j)
+                elif packs:
+                    # every packed token is real; a filler pack's one token counts for no router
+                    self.expert_load.token_mask = None if part.rows.numel() else \
+                        torch.zeros(part.tokens, dtype=torch.bool, device=self.dev)
                     tgt, mask = part.gather(c_ids), part.gather(c_mask)
                     fn = top1_fn(tgt, logprob_fn(tgt, 1.0, return_entropy=ent, backend=cfg.kernel_backend))
                     out, top1 = self.engine(part.input_ids, None, 0, fn, pack=part)

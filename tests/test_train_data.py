@@ -95,15 +95,15 @@ def test_sft_string_rows_are_tokenized_as_trl_sft():
         full = _tokenize(tok, row["prompt"] + c)["input_ids"]
         n = common_prefix_length(p_ids, full)
         for cache in (None, TokenCache(tok)):
-            p, comp = sft_tokens(tok, row, 0, completion_column="completion", max_length=512,
-                                 max_prompt_length=512, cache=cache)
+            p, comp = sft_tokens(tok, row, 0, completion_column="completion", max_length=512, cache=cache)
             assert (p, comp) == (full[:n], full[n:])
             assert p[0] == tok.bos_token_id and comp[-1] == tok.eos_token_id and tok.eos_token_id not in comp[:-1]
 
 
 def test_a_cut_prompt_is_warned_about_once(caplog, monkeypatch):
-    """Prompts over max_prompt_length keep their last tokens (GRPO and SFT); the first cut in a process logs a
-    warning naming the key (it was silent: a system message could go unseen)."""
+    """GRPO prompts over max_prompt_length keep their last tokens; the first cut in a process logs a warning
+    naming the key (it was silent: a system message could go unseen). SFT cuts no prompt (TRL 1.16's
+    SFTTrainer cuts only the whole row, to max_length) and warns of none."""
     import logging
 
     import r1train.data as D
@@ -119,9 +119,12 @@ def test_a_cut_prompt_is_warned_about_once(caplog, monkeypatch):
         ids, mask = D.encode_prompts(tok, [short, long], 5)
         assert ids[1].tolist() == full[-5:] and mask.sum(1).tolist() == [min(5, len(D.prompt_ids(tok, short))), 5]
         assert len(caplog.records) == 1 and "max_prompt_length=5" in caplog.text
+        ids, _ = D.encode_prompts(tok, [long], 5)
+        assert ids[0].tolist() == full[-5:] and len(caplog.records) == 1  # once per value
+        monkeypatch.setattr(D, "_warned_truncation", set())
         p, _ = D.sft_tokens(tok, {"prompt": long, "completion": "45"}, 0, completion_column="completion",
-                            max_length=64, max_prompt_length=5)
-        assert p == full[-5:] and len(caplog.records) == 1  # once per value
+                            max_length=64)
+        assert p == full and len(caplog.records) == 1  # SFT: the whole prompt, no warning
 
 
 def test_a_directory_of_data_files_loads_as_trl_scripts_load_it(tmp_path, monkeypatch):
@@ -206,4 +209,40 @@ def test_a_json_file_of_json_lines_loads(tmp_path):
     assert load_rows(str(p)) == rows
     p.write_text(json.dumps(rows[0]) + "\n\n" + '{"prompt": "a" "answer": 1}\n')
     with pytest.raises(DatasetError, match=r"train.json: row 1 \(line 3\): invalid JSON"):
+        load_rows(str(p))
+
+
+def test_a_json_file_is_read_once(tmp_path, monkeypatch):
+    """A .json file of JSON Lines was read twice (parsed whole as JSON, which fails on its second value, then
+    read again line by line), as was a one-object file; now each is opened once and gives the rows of its
+    lines. A bad line is still named by row and line."""
+    import builtins
+    import json
+    import random
+
+    import pytest
+
+    from r1train.data import DatasetError, load_rows
+
+    rng = random.Random()
+    rows = [{"prompt": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?", "answer": str(rng.randint(0, 99))}
+            for _ in range(rng.randint(2, 6))]
+    p = tmp_path / "train.json"
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *a, **kw):
+        if str(file) == str(p):
+            opened.append(file)
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    cases = [("".join(json.dumps(r) + "\n" for r in rows), rows), (json.dumps(rows[0]), rows[:1]),
+             (json.dumps(rows), rows), ("\n" + json.dumps(rows[0]) + "\r\n\n" + json.dumps(rows[1]), rows[:2])]
+    for text, want in cases:
+        p.write_bytes(text.encode())
+        opened.clear()
+        assert load_rows(str(p)) == want
+        assert len(opened) == 1, text
+    p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n\n" + '{"prompt": "a" "answer": 1}\n')
+    with pytest.raises(DatasetError, match=r"train.json: row 2 \(line 4\): invalid JSON"):
         load_rows(str(p))

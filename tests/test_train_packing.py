@@ -3,7 +3,8 @@ packed micro-batches give the padded batch's loss and gradients for every loss t
 (fresh random rows of varied lengths, with and without a token budget); a few GRPO steps packed and padded
 agree (losses, parameter updates, optimizer steps); bad values are errors naming the key. plan returns at least
 min_batches bins, plan_all_ranks gives ranks of different row counts as many micro-batches, and a filler pack
-adds no loss or gradient."""
+adds no loss or gradient. SFT on two gloo processes of uneven row counts (padded, packed, under a budget, MoE)
+runs, steps once and logs the metrics and makes the update of one process on all the rows."""
 
 import random
 import threading
@@ -496,6 +497,19 @@ def test_plan_all_ranks_agrees_when_ranks_hold_different_row_counts(monkeypatch)
         assert all(sum(lens[i] for i in b) <= budget for b in bins)
 
 
+def test_plan_all_ranks_without_a_budget_agrees_too(monkeypatch):
+    """Without a token budget (padding_free alone) ranks of uneven row counts planned ceil(rows / mb) runs
+    each, unequal counts of micro-batches; now every rank plans the most, its own runs of mb consecutive rows
+    first, then empty bins."""
+    mb = random.randint(1, 4)
+    ranks = [[random.randint(1, 50) for _ in range(n)] for n in (0, random.randint(1, 5), random.randint(6, 20))]
+    got = _on_ranks(monkeypatch, lambda r, lens: packing.plan_all_ranks(lens, mb, None, "cpu"), ranks)
+    most = -(-len(ranks[-1]) // mb)
+    for lens, bins in zip(ranks, got):
+        runs = [list(range(s, min(s + mb, len(lens)))) for s in range(0, len(lens), mb)]
+        assert bins == runs + [[]] * (most - len(runs)), (len(lens), bins)
+
+
 def test_build_packs_on_unequal_ranks_gives_fillers(monkeypatch):
     """build_packs through plan_all_ranks: as many packs on every rank; an empty bin is a filler pack of one
     token with no rows and no scored tokens."""
@@ -547,3 +561,163 @@ def test_filler_packs_add_nothing_to_the_loss_or_gradients(tmp_path, monkeypatch
     assert_close(l1, l0, name="loss with filler packs")
     assert_close(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0]),
                  name="grads with filler packs")
+
+
+# ---- SFT on ranks of uneven row counts: two gloo processes against one
+
+UNEVEN_MODES = {"padded": [], "packed": ["padding_free=true"],
+                "budget": ["padding_free=true", "max_tokens_per_batch=64"],
+                "moe": ["model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "padding_free=true",
+                        "max_tokens_per_batch=64"]}  # layer 0 is dense
+UNEVEN_SPLIT = {1: [range(9)], 2: [range(3), range(3, 9)]}  # world size -> each rank's rows
+
+
+def _uneven_sft_worker(out_dir, seed):
+    """One process of test_sft_on_ranks_of_uneven_row_counts: per mode, one SFT step (ZeRO-2, 2 rows a
+    micro-batch, gradient_accumulation_steps=2) on 9 rows of 36..64 tokens (each fills one 64-token pack):
+    all of them in one process, 3 on rank 0 and 6 on rank 1 in two. Saves the step's metrics, optimizer
+    steps, parameter update and filler packs, and per row (NLL sum, correct top-1, entropy sum, scored)
+    under the initial model, from its full logits (an HF forward, log_softmax, argmax)."""
+    import copy
+
+    from r1train.data import sft_tokens
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    fillers, real_filler = [], packing._filler_pack
+
+    def counted(flat):
+        fillers.append(1)
+        return real_filler(flat)
+
+    packing._filler_pack = counted
+    rng = random.Random(int(seed))
+    digits = lambda n: "".join(rng.choice("0123456789+") for _ in range(n))  # noqa: E731
+    rows = [{"prompt": f"What is {digits(rng.randint(25, 35))}?", "completion": f"<answer>{digits(rng.randint(5, 20))}"
+             "</answer>"} for _ in range(9)]
+    for mode, ov in UNEVEN_MODES.items():
+        cfg = load_config(overrides=H.FAST + [f"output_dir={out_dir}/{mode}", "per_device_train_batch_size=2",
+                                              "gradient_accumulation_steps=2", "zero_stage=2", "max_length=64",
+                                              "learning_rate=0.003", ADAM_LINEAR, *ov])
+        model, tok = load_model_and_tokenizer(cfg)
+        init = copy.deepcopy(model).eval()
+        t = SFTTrainer(cfg, model, tok, rows, [])
+        p0, fillers[:] = _trained_params(t), []
+        m = t.train_step(0, [rows[i] for i in UNEVEN_SPLIT[t.world][t.rank]])
+        upd = _trained_params(t) - p0
+        hand = []
+        with torch.no_grad():
+            for i, r in enumerate(rows):
+                p, c = sft_tokens(tok, r, i, completion_column="completion", max_length=64)
+                logits = init(torch.tensor([p + c])).logits[0, len(p) - 1:-1].double()
+                logp, tgt = torch.log_softmax(logits, -1), torch.tensor(c)
+                hand.append((-logp.gather(1, tgt[:, None]).sum().item(), (logits.argmax(-1) == tgt).sum().item(),
+                             -(logp.exp() * logp).sum().item(), len(c)))
+        torch.save({"m": m, "upd": upd, "hand": hand, "steps": t.engine.global_steps, "fillers": len(fillers)},
+                   f"{out_dir}/{mode}_rank{t.rank}.pt")
+
+
+def _uneven_want(hand, world):
+    """TRL's SFT metrics of rows split as UNEVEN_SPLIT[world], from per-row (NLL, correct, entropy, scored):
+    the token-mean NLL; per forward j (every rank's rows 2j, 2j + 1) correct / scored and entropy / scored,
+    averaged over the forwards."""
+    loss = sum(h[0] for h in hand) / sum(h[3] for h in hand)
+    micro = {}
+    for rows in UNEVEN_SPLIT[world]:
+        for k, i in enumerate(rows):
+            micro.setdefault(k // 2, []).append(hand[i])
+    acc = sum(sum(h[1] for h in g) / sum(h[3] for h in g) for g in micro.values()) / len(micro)
+    ent = sum(sum(h[2] for h in g) / sum(h[3] for h in g) for g in micro.values()) / len(micro)
+    return loss, acc, ent
+
+
+@pytest.mark.slow
+def test_sft_on_ranks_of_uneven_row_counts(tmp_path):
+    """SFT with 3 rows on rank 0 and 6 on rank 1 (2 rows a micro-batch: 2 and 3 micro-batches), padded,
+    packed, and packed under a token budget (one row a pack: 3 and 6 packs): every rank runs as many
+    micro-batches and collectives (rank 0 runs fillers: before, ZeRO-2's per-backward reductions hung), the
+    optimizer steps once (one process with 5 micro-batches and gradient_accumulation_steps=2 stepped twice),
+    both ranks make the update of one process that trains on all 9 rows (token-mean NLL: the same gradient
+    whatever the split), and log the loss, mean_token_accuracy and entropy of the rows' full logits and (MoE)
+    the expert loads of one process: the fillers count in no metric (a filler pack's token was routed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from r1train.engine import free_port
+
+    seed, procs = random.randrange(2**31), {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node=2",
+                                        f"--master_port={free_port()}"]
+        err = open(tmp_path / f"n{nproc}.stderr", "w+")
+        procs[nproc] = (err, subprocess.Popen([sys.executable, *launch, __file__, "_uneven_sft_worker", str(out),
+                                               str(seed)], env=H.env(), cwd=H.ROOT, stdout=subprocess.DEVNULL,
+                                              stderr=err, start_new_session=True))
+    try:
+        for nproc, (err, proc) in procs.items():
+            try:
+                rc = proc.wait(timeout=420)
+            except subprocess.TimeoutExpired:
+                rc = "timeout (a rank waits in a collective the other never runs)"
+            err.seek(0)
+            assert rc == 0, f"{nproc} process(es): {rc}\n{err.read()[-3000:]}"
+    finally:
+        for err, proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers (their own session)
+                proc.wait()
+            err.close()
+    for mode in UNEVEN_MODES:
+        one = torch.load(tmp_path / "n1" / f"{mode}_rank0.pt")
+        two = [torch.load(tmp_path / "n2" / f"{mode}_rank{r}.pt") for r in range(2)]
+        assert [r["fillers"] for r in two] == [{"padded": 0, "packed": 1}.get(mode, 3), 0], mode
+        for world, res in ((1, one), (2, two[0]), (2, two[1])):
+            loss, acc, ent = _uneven_want(one["hand"], world)
+            assert res["steps"] == 1, (mode, world, res["steps"])
+            assert res["m"]["loss"] == pytest.approx(loss, rel=1e-5), (mode, world)
+            assert res["m"]["mean_token_accuracy"] == pytest.approx(acc, abs=1e-9), (mode, world)
+            assert res["m"]["entropy"] == pytest.approx(ent, rel=1e-4, abs=1e-5), (mode, world)  # fp32 kernel
+            assert res["m"]["tokens"] == one["m"]["tokens"], (mode, world)
+            assert_close(res["upd"], one["upd"], name=f"{mode}: parameter update")
+            for k in (k for k in one["m"] if k.startswith("moe/")):  # the routers' loads: real tokens only
+                assert float(res["m"][k]) == pytest.approx(float(one["m"][k]), rel=1e-6), (k, world)
+        assert mode != "moe" or "moe/max_load_ratio" in one["m"]
+        assert two[0]["m"] == two[1]["m"], mode  # every metric all-reduced: the same on both ranks
+        assert torch.equal(two[0]["upd"], two[1]["upd"]), mode
+
+
+if __name__ == "__main__":  # a worker process of the tests above: test_train_packing.py <worker> <args>
+    import sys
+
+    globals()[sys.argv[1]](*sys.argv[2:])
+
+
+def test_grpo_step_with_filler_packs_logs_and_trains_as_without(tmp_path, monkeypatch):
+    """A whole GRPO step whose plan ends in filler packs (what a rank with fewer packs than another runs), with
+    the rollout's log-probs, entropy selection and MoE experts: the same logged metrics and parameter update as
+    the plan without them (a filler's empty log-prob difference failed in max(); its zero entropy entered the
+    per-micro-batch means; its token entered the expert loads)."""
+    _varied_lengths(monkeypatch)
+    base = ["max_steps=1", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+            "max_completion_length=10", "max_prompt_length=18", "learning_rate=0.003", ADAM_LINEAR,
+            "model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "loss_type=grpo", "beta=0.04",
+            "top_entropy_quantile=0.5", "padding_free=true", "max_tokens_per_batch=30"]
+    orig = packing.plan_all_ranks
+    res = []
+    for fillers in (0, 2):
+        monkeypatch.setattr(packing, "plan_all_ranks", lambda *a, n=fillers: orig(*a) + [[]] * n)
+        t = H.grpo_trainer(tmp_path / str(fillers), *base, reward_funcs=[H.digit_share])
+        p0 = _trained_params(t)
+        hist = t.train()
+        res.append((hist[-1], _trained_params(t) - p0))
+    (m0, u0), (m1, u1) = res
+    keys = sorted(k for k in m0 if isinstance(m0[k], float) and not k.startswith("time") and "time" not in k)
+    assert "sampling/sampling_logp_difference/max" in keys and "entropy/selected_mean" in keys, keys
+    assert any(k.startswith("moe/") for k in keys), keys
+    for k in keys:
+        assert_close(torch.tensor(m1[k], dtype=torch.float64), torch.tensor(m0[k], dtype=torch.float64), name=k)
+    assert_close(u1, u0, name="parameter update")

@@ -1,7 +1,7 @@
-"""SFT rows: max_length bounds prompt + completion (TRL's keep_start truncation), and completion_only_loss=false
-scores the prompt tokens too (TRL semantics), checked against a hand-computed NLL of a tiny model. SFTTrainer's
-logged metrics as TRL 1.16's (loss over the accumulation window, mean_token_accuracy, entropy, num_tokens); a
-row without a usable prompt is named before training."""
+"""SFT rows: max_length bounds prompt + completion (TRL's keep_start truncation; no prompt-only cut), and
+completion_only_loss=false scores the prompt tokens too (TRL semantics), checked against a hand-computed NLL of
+a tiny model. SFTTrainer's logged metrics as TRL 1.16's (loss over the accumulation window, mean_token_accuracy,
+entropy, num_tokens); a row without a usable prompt is named before training."""
 
 import copy
 
@@ -13,7 +13,7 @@ from r1train.config import load_config
 from r1train.data import DatasetError, sft_collate
 from r1train.tasks import char_tokenizer
 
-KW = dict(completion_column="completion", max_prompt_length=512)
+KW = dict(completion_column="completion")
 
 
 def _kept(tok, rows, **kw):
@@ -44,17 +44,17 @@ def test_sft_max_length_keeps_the_first_tokens_of_prompt_and_completion():
             full = tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] + [eos]
             assert k == full[:max_length] and s == full[1:max_length]
     # the audit's case: a 300-token prompt and max_length=64 kept 301 tokens; now the prompt leaves no room for
-    # any completion token, an error naming the row and max_length
-    with pytest.raises(DatasetError, match=r"SFT row 0: its prompt takes 64 tokens, so max_length=64 leaves no"):
+    # any completion token, an error naming the row, the prompt's length and max_length
+    with pytest.raises(DatasetError, match=r"SFT row 0: its prompt takes 300 tokens, so max_length=64 leaves no"):
         sft_collate(tok, [{"prompt": "x" * 300, "completion": "the answer is 4"}], max_length=64, **KW)
 
 
 def test_sft_trainer_checks_every_row_against_max_length_before_training(tmp_path):
     from r1train.sft import SFTTrainer
 
-    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=16", "max_prompt_length=32"])
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=16", "max_prompt_length=8"])
     rows = [{"prompt": "1+1?", "completion": "2"}] * 3 + [{"prompt": "y" * 20, "completion": "z"}]
-    with pytest.raises(DatasetError, match="SFT row 3: its prompt takes 16 tokens, so max_length=16"):
+    with pytest.raises(DatasetError, match="SFT row 3: its prompt takes 20 tokens, so max_length=16"):
         SFTTrainer(cfg, None, char_tokenizer(), rows, [])  # no model work before the check
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -248,7 +248,7 @@ def _no_eos(tok):
 def test_sft_trainer_names_the_dataset_row_whose_completion_gives_no_token(tmp_path, case):
     """A row whose completion tokenizes to nothing (an empty completion with a tokenizer that has no eos token,
     or an empty assistant message under a template that ends no turn) has no token to train on, whatever
-    max_length. With max_length > max_prompt_length the trainer checked only the completion's type up front:
+    max_length. Once the trainer checked only the completion's type up front:
     the row was found mid-training, by its position in its batch, and the error blamed max_length. Now it is
     an error naming dataset row 13 when the trainer is built."""
     from r1train.sft import SFTTrainer
@@ -394,3 +394,30 @@ def test_sft_mean_token_accuracy_of_a_memorized_row_is_one(tmp_path):
     hist = [t.train_step(s, rows) for s in range(40)]
     assert hist[-1]["loss"] < 0.1 * hist[0]["loss"]
     assert hist[-1]["mean_token_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_cuts_no_prompt_to_max_prompt_length(tmp_path, padding_free):
+    """TRL 1.16's SFTTrainer cuts no prompt: only the whole row, to its first max_length tokens. Prompts longer
+    than max_prompt_length (a GRPO key) were cut to their last max_prompt_length tokens in SFT. A step on rows
+    with long prompts now trains on every prompt token: its token count and loss are those of the rows kept
+    whole up to max_length (prompt + completion + eos), computed from the model's full logits."""
+    import random
+
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    rng, max_length = random.Random(), 48
+    digits = lambda n: "".join(rng.choice("0123456789+") for _ in range(n))  # noqa: E731
+    rows = [{"prompt": f"What is {digits(rng.randint(12, 30))}?", "completion": f"<answer>{digits(n)}</answer>"}
+            for n in [40] + [rng.randint(1, 6) for _ in range(3)]]  # row 0 longer than max_length
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_prompt_length=8", f"max_length={max_length}",
+                                          "per_device_train_batch_size=2", "gradient_accumulation_steps=2",
+                                          f"padding_free={str(padding_free).lower()}"])
+    model, tok = load_model_and_tokenizer(cfg)
+    hand = _hand(copy.deepcopy(model).eval(), tok, rows, max_length)
+    assert all(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) > 8 for r in rows)
+    assert any(h[4] == max_length for h in hand) and all(h[3] >= 1 for h in hand)  # some rows cut, each scored
+    m = SFTTrainer(cfg, model, tok, rows, []).train_step(0, rows)
+    assert m["tokens"] == sum(h[4] for h in hand)
+    assert m["loss"] == pytest.approx(sum(h[0] for h in hand) / sum(h[3] for h in hand), rel=1e-5)

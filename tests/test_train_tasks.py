@@ -176,7 +176,7 @@ def test_sft_collate_with_the_token_cache_equals_fresh_encoding():
     train, _ = arith.split(24, 4, 3, ArithSpec())
     rows = arith.cold_start_rows(train, 3)
     rows[0] = {**rows[0], "prompt": rows[0]["prompt"][-1]["content"]}  # a plain-string prompt too
-    kw = dict(completion_column="completion", max_length=40, max_prompt_length=12)
+    kw = dict(completion_column="completion", max_length=40)
     want = sft_collate(tok, rows, **kw)
     for cache in (TokenCache(tok), TokenCache(tok, max_entries=5)):
         for batch in (rows[:10], rows, rows[::-1]):
