@@ -123,7 +123,8 @@ class TrainConfig:
     eval_temperature: float = f(1.0, "sampling temperature of held-out evaluation")
     # ---- GRPO (TRL GRPOConfig names and defaults)
     num_generations: int = f(8, "G: completions per prompt")
-    max_prompt_length: int = f(512, "prompts longer than this (tokens) are truncated from the left")
+    max_prompt_length: int = f(512, "GRPO: prompts longer than this (tokens) keep their last max_prompt_length "
+                               "tokens (truncated from the left); SFT cuts no prompt (max_length bounds the row)")
     max_completion_length: int = f(512, "tokens generated per completion at most")
     temperature: float = f(1.0, "sampling temperature of rollouts (also used in the loss's log-probs)")
     top_p: float = f(1.0, "nucleus sampling of rollouts")
@@ -227,8 +228,8 @@ class TrainConfig:
                                 "expert selection; the routing weights still come from the current router "
                                 "(the gate learns); logs moe/routing_agreement. Needs rollout_engine=r1train")
     # ---- SFT (TRL SFTConfig names)
-    max_length: int = f(1024, "SFT: the first max_length tokens of prompt (its last max_prompt_length tokens) + "
-                        "completion + eos are kept (TRL's truncation_mode keep_start); with completion_only_loss a "
+    max_length: int = f(1024, "SFT: the first max_length tokens of the whole prompt + completion + eos are kept "
+                        "(TRL's truncation_mode keep_start; no prompt-only cut); with completion_only_loss a "
                         "row left with no completion token is an error naming it, before training")
     completion_only_loss: Optional[bool] = f(None, "SFT: loss on completion tokens only (None, TRL's default: true "
                                              "for prompt-completion rows, which SFT rows here always are); false: on "
@@ -521,14 +522,15 @@ DEEPSPEED_FILLED = (("train_micro_batch_size_per_gpu", "per_device_train_batch_s
                     ("gradient_clipping", "max_grad_norm"))
 
 
-def check_deepspeed_values(cfg, c: dict):
+def check_deepspeed_values(cfg, c: dict, world: Optional[int] = None):
     """A `deepspeed` file's value for a key r1train fills (DEEPSPEED_FILLED, bf16.enabled) must be "auto" or
     equal the config's (as transformers' HfTrainerDeepSpeedConfig.fill_match): DeepSpeed would otherwise run
     with the file's value over the config's (a file's GA 4 with the config's 1 stepped the optimizer every 4th
     micro-batch, none in 3 steps). bf16.enabled=false with bf16=true is allowed: bf16 weights stepped directly
     without DeepSpeed's mixed precision (r1train/configs/ds_zero0_bf16.json). Also, when the config loads (before
     any model): fp16 off, the optimizer / scheduler sections (check_optimizer_sections), and no offload section of
-    device "none" under an offload_* key that is on."""
+    device "none" under an offload_* key that is on, and train_batch_size against the launch's world size
+    (check_train_batch_size; `world`: the process group's, where the engine is built)."""
     for ds_key, key in DEEPSPEED_FILLED:
         v, want = c.get(ds_key, "auto"), getattr(cfg, key)
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != want):
@@ -545,12 +547,42 @@ def check_deepspeed_values(cfg, c: dict):
                           "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
                           "16-bit training")
     check_optimizer_sections(cfg, c)
+    check_train_batch_size(cfg, c, world)
     zo = c.get("zero_optimization", {})
     for k in ("offload_optimizer", "offload_param"):  # the key on and the file's section off: which one holds?
         sec = zo.get(k)
         if getattr(cfg, k) and isinstance(sec, dict) and str(sec.get("device", "cpu")).lower() == "none":
             raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets zero_optimization.{k}.device='none' but the config "
                               f"has {k}=true; set {k}=false, or the file's device to cpu")
+
+
+def launch_world_size() -> int:
+    """The number of training processes before any process group: the launcher's WORLD_SIZE (torchrun, the
+    deepspeed launcher and accelerate set it before the process starts; engine.setup_distributed sets 1 where
+    there is none, and the process group takes it from there)."""
+    w = os.environ.get("WORLD_SIZE", "1")
+    if not w.strip().isdigit() or int(w) < 1:
+        raise ConfigError(f"WORLD_SIZE={w!r} in the environment: the launcher's number of processes must be an "
+                          "integer >= 1")
+    return int(w)
+
+
+def check_train_batch_size(cfg, c: dict, world: Optional[int] = None):
+    """DeepSpeed's train_batch_size is micro-batch x gradient accumulation x processes (`world`; None: the
+    launch's, launch_world_size): a `deepspeed` file's must be "auto" or that product (transformers'
+    fill_match); another value was dropped silently (a file written for another world size). Checked when the
+    config loads, before any model: the file's micro-batch and accumulation are "auto" or the config's
+    (check_deepspeed_values), so the product is the config's."""
+    tbs = c.get("train_batch_size", "auto")
+    if tbs == "auto":
+        return
+    mb, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    world = launch_world_size() if world is None else world
+    if isinstance(tbs, bool) or not isinstance(tbs, (int, float)) or tbs != mb * ga * world:
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets train_batch_size={tbs!r} but train_micro_batch_size_"
+                          f"per_gpu x gradient_accumulation_steps x processes = {mb} x {ga} x {world} = "
+                          f"{mb * ga * world} (per_device_train_batch_size, gradient_accumulation_steps); set "
+                          "train_batch_size to \"auto\" or drop it")
 
 
 def check_optimizer_sections(cfg, c: dict):
@@ -732,16 +764,35 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
         values["resume_from_checkpoint"] = "latest" if str(rc).lower() == "true" else None
     if isinstance(values.get("reward_weights"), list):  # [1, 0.5] from key=value or YAML
         values["reward_weights"] = [_num(w, "reward_weights") for w in values["reward_weights"]]
-    for k, v in values.items():
-        if hints[k] in (float, Optional[float]):  # YAML reads 1e-5 as a string and 1 as an int
-            if isinstance(v, int) and not isinstance(v, bool):
-                values[k] = float(v)
-            elif isinstance(v, str):
-                try:
-                    values[k] = float(v)
-                except ValueError:
-                    raise ConfigError(f"{k}: expected float, got {v!r}") from None
+    values = {k: _as_type(k, v, hints[k]) for k, v in values.items()}
     return TrainConfig(**values).validate()
+
+
+# transformers' string_to_bool (HfArgumentParser's type of a bool key), case-insensitive
+_BOOL_TEXT = {"yes": True, "true": True, "t": True, "y": True, "1": True,
+              "no": False, "false": False, "f": False, "n": False, "0": False}
+
+
+def _as_type(key: str, v, hint):
+    """A string value of an int / float / bool key read as TRL reads it: TrlParser makes a YAML config's values
+    argparse defaults, and argparse reads a string default through the key's type as it reads the command line
+    (int(), float(), string_to_bool). So `seed: 018` and `seed: '42'` (strings to YAML 1.1) are 18 and 42,
+    `learning_rate: 1e-5` is 1e-05, `bf16: y` is True; text the type does not read is a ConfigError naming the
+    key. An int for a float key is that float, and 0 / 1 for a bool key False / True (string_to_bool's "0" /
+    "1"). Every other value is left to check_type."""
+    base = {Optional[int]: int, Optional[float]: float, Optional[bool]: bool}.get(hint, hint)
+    if base not in (int, float, bool) or v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        try:
+            return _BOOL_TEXT[v.strip().lower()] if base is bool else base(v)
+        except (KeyError, ValueError):
+            raise ConfigError(f"{key}: expected {base.__name__}, got str {v!r}") from None
+    if isinstance(v, int) and base is float:
+        return float(v)
+    if isinstance(v, int) and base is bool and v in (0, 1):
+        return bool(v)
+    return v
 
 
 def _num(v, key):

@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
 from .config import (
-    ConfigError,
     TrainConfig,
     check_deepspeed_values,
     check_offload,
@@ -77,7 +76,8 @@ def device():
 def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     path = cfg.deepspeed or os.path.join(CONFIG_DIR, f"ds_zero{cfg.zero_stage}.json")
     c = read_deepspeed_config(path)
-    check_deepspeed_values(cfg, c)  # also at load (validate); again here for a config changed after it
+    world = dist.get_world_size() if dist.is_initialized() else None
+    check_deepspeed_values(cfg, c, world)  # also at load (validate); again here for a config changed after it
     fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.max_grad_norm}
     for k, v in fill.items():
@@ -88,16 +88,7 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     c.setdefault("bf16", {})
     if c["bf16"].get("enabled", "auto") == "auto":
         c["bf16"]["enabled"] = cfg.bf16
-    # DeepSpeed's train_batch_size is micro-batch x gradient accumulation x processes: "auto" or that product
-    # (transformers' fill_match); another value was dropped silently (a file written for another world size)
-    tbs = c.pop("train_batch_size", "auto")
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    want = c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * world
-    if tbs != "auto" and (isinstance(tbs, bool) or not isinstance(tbs, (int, float)) or tbs != want):
-        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets train_batch_size={tbs!r} but train_micro_batch_size_"
-                          f"per_gpu x gradient_accumulation_steps x processes = {c['train_micro_batch_size_per_gpu']} "
-                          f"x {c['gradient_accumulation_steps']} x {world} = {want} (per_device_train_batch_size, "
-                          "gradient_accumulation_steps); set train_batch_size to \"auto\" or drop it")
+    c.pop("train_batch_size", None)  # checked: "auto" or micro-batch x accumulation x processes
     c.pop("optimizer", None)  # checked: the engine gets r1train's (the reference engine would build this one)
     zo = c.setdefault("zero_optimization", {"stage": 0})
     check_offload(cfg, zo.get("stage", 0))

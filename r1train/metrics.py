@@ -267,12 +267,26 @@ def _open(name: str, output_dir: str, config: dict, resume_step: int = 0):
     if name == "wandb":
         import uuid
 
-        run_id = open(id_path).read().strip() if resume and os.path.exists(id_path) else uuid.uuid4().hex[:12]
+        run_id = (_stored_run_id(id_path) if resume else None) or uuid.uuid4().hex[:12]
         run = mod.init(project=project, name=run_name, id=run_id, resume="allow", dir=output_dir, config=config)
     else:  # trackio: wandb-style init / log / finish
         run_id = None
         run = mod.init(project=project, name=run_name, config=config)
-    if run_id is not None:
-        with open(id_path, "w") as fh:
+    if run_id is not None:  # written beside it, then renamed over it: a kill part way leaves the old id whole
+        with open(id_path + ".tmp", "w") as fh:
             fh.write(run_id)
+        os.replace(id_path + ".tmp", id_path)
     return run
+
+
+def _stored_run_id(path: str) -> str | None:
+    """The run id a resumed run continues (written by the run that made the checkpoint); None where there is
+    none: no file (that run had no such backend), or an empty one (wandb rejects an empty id), with a warning."""
+    try:
+        with open(path) as fh:
+            run_id = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    if not run_id:
+        log.warning("%s is empty: the resumed run starts a new backend run", path)
+    return run_id or None

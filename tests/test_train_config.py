@@ -11,7 +11,7 @@ from r1train.data import DatasetError, load_rows
 @pytest.mark.parametrize("override, msg", [
     ("lerning_rate=1e-5", "unknown config key 'lerning_rate' (did you mean learning_rate?)"),
     ("num_generations=abc", "num_generations: expected int, got str 'abc'"),
-    ("learning_rate=fast", "learning_rate: expected float, got 'fast'"),
+    ("learning_rate=fast", "learning_rate: expected float, got str 'fast'"),
     ("loss_type=ppo", "loss_type: 'ppo' is not one of"),
     ("zero_stage=4", "zero_stage: 4 is not one of [0, 1, 2, 3]"),
     ("num_generations=1", "num_generations must be >= 2"),
@@ -399,8 +399,8 @@ def test_token_budget_is_checked_against_the_trainers_longest_row(tmp_path):
     cfg = load_config(overrides=H.FAST + sft)
     _, tok = load_model_and_tokenizer(cfg)
     rows = load_datasets(cfg, sft=True)[0]
-    longest = max(sum(map(len, sft_tokens(tok, r, i, completion_column=cfg.completion_column, max_length=64,
-                                          max_prompt_length=32))) for i, r in enumerate(rows))
+    longest = max(sum(map(len, sft_tokens(tok, r, i, completion_column=cfg.completion_column, max_length=64)))
+                  for i, r in enumerate(rows))
     assert 40 < longest < 64  # the budgets below lie between the GRPO bound (40) and max_length
     with pytest.raises(ConfigError, match=rf"max_tokens_per_batch must be >= the longest SFT row's tokens .*"
                                           rf"= {longest}, got {longest - 1}"):
@@ -581,7 +581,8 @@ def test_negative_leading_zero_int_reads_as_decimal():
 
 @pytest.mark.parametrize("key,text,msg", [("seed", "1:30", "seed: expected int, got str '1:30'"),
                                           ("max_steps", "1:00:00", "max_steps: expected int, got str '1:00:00'"),
-                                          ("learning_rate", "1:30.5", "learning_rate: expected float, got '1:30.5'")])
+                                          ("learning_rate", "1:30.5",
+                                           "learning_rate: expected float, got str '1:30.5'")])
 def test_base_60_numbers_are_an_error_naming_the_key(tmp_path, key, text, msg):
     """`1:30` was 90 (base 60 in YAML 1.1): a string in YAML 1.2, so a numeric key is a ConfigError naming it,
     from the file and from a key=value override alike."""
@@ -617,3 +618,79 @@ def test_other_yaml_values_parse_as_before(tmp_path):
         assert getattr(c, k) == want, k
     over = load_config(overrides=[f"{k}={v}" for k, v in (ln.split(": ", 1) for ln in text.splitlines())])
     assert all(getattr(over, k) == getattr(c, k) for k in yaml.safe_load(text)), "overrides read as the file"
+
+
+def _trl_reading(key: str, text: str, tmp_path):
+    """TRL's reading of `key: text` in a --config YAML file (TrlParser over a dataclass with TrainConfig's type of
+    the key): the value, or None where TRL's parser rejects it."""
+    import dataclasses
+    import typing
+
+    from r1train.config import TrainConfig
+
+    trl = pytest.importorskip("trl")
+    D = dataclasses.make_dataclass("D", [(key, typing.get_type_hints(TrainConfig)[key], None)])
+    p = tmp_path / "trl.yaml"
+    p.write_text(f"{key}: {text}\n")
+    try:
+        (d,) = trl.TrlParser(D).parse_args_and_config(["--config", str(p)])
+    except SystemExit:  # argparse's error: the key's type does not read the text
+        return None
+    return getattr(d, key)
+
+
+# YAML 1.1 surprises: 018 / 09 (no octal digit: strings to PyYAML), 1e-5 (no dot: a string), quoted numbers,
+# yes/no/on/off and string_to_bool's y/n/t/f
+@pytest.mark.parametrize("key,text", [
+    ("seed", "018"), ("seed", "09"), ("seed", "'42'"), ("max_steps", "' 5'"), ("max_steps", "1_000"),
+    ("save_total_limit", "'3'"), ("save_total_limit", "null"),
+    ("learning_rate", "1e-5"), ("learning_rate", "'3e-4'"), ("epsilon_high", "2E-1"),
+    ("bf16", "yes"), ("bf16", "no"), ("bf16", "on"), ("bf16", "off"), ("bf16", "y"), ("bf16", "N"),
+    ("bf16", "'true'"), ("bf16", "T"), ("bf16", "1"), ("bf16", "0"), ("completion_only_loss", "'no'"),
+    ("seed", "1e3"), ("seed", "0o17"), ("max_steps", "'five'"), ("learning_rate", "'fast'"), ("bf16", "maybe"),
+    ("bf16", "'on'"),
+])
+def test_typed_values_read_as_trl_reads_them(tmp_path, key, text):
+    """An int / float / bool key's value, in the YAML file and as a key=value override, is what TRL's TrlParser
+    reads from the same YAML (a string through the key's type: `seed: 018` was a ConfigError while `seed: 017` was
+    17, `bf16: y` an error); where TRL rejects the text, a ConfigError naming the key (never another value)."""
+    want = _trl_reading(key, text, tmp_path)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{key}: {text}\n")
+    for load in (lambda: load_config(str(p)), lambda: load_config(overrides=[f"{key}={text}"])):
+        if want is None and text != "null":
+            with pytest.raises(ConfigError, match=f"^{key}: expected "):
+                load()
+            continue
+        got = getattr(load(), key)
+        assert got == want and type(got) is (type(want) if key != "bf16" else bool), (got, want)
+
+
+def test_deepspeed_train_batch_size_is_checked_at_load(tmp_path, monkeypatch, capsys):
+    """A `deepspeed` file's train_batch_size must be "auto" or per_device_train_batch_size x
+    gradient_accumulation_steps x processes (the launcher's WORLD_SIZE): a ConfigError naming train_batch_size
+    and the product when the config loads, before any model (it was raised building the engine's config, after
+    the model had loaded)."""
+    from r1train.cli import main
+
+    path = tmp_path / "ds.json"
+    base = ["per_device_train_batch_size=8", "gradient_accumulation_steps=2", f"deepspeed={path}"]
+    for world in (1, 4):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        want = 8 * 2 * world
+        for bad in (want * 2, want // 2, str(want), True, None):
+            path.write_text(json.dumps({"train_batch_size": bad}))
+            with pytest.raises(ConfigError, match=rf"^deepspeed: .*train_batch_size={bad!r} .* = 8 x 2 x {world} "
+                                                  rf"= {want} \(per_device_train_batch_size"):
+                load_config(overrides=base)
+        for ok in (want, float(want), "auto"):
+            path.write_text(json.dumps({"train_batch_size": ok}))
+            assert load_config(overrides=base).deepspeed == str(path)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    path.write_text(json.dumps({"train_batch_size": 64}))
+    assert main(["sft", *base, f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "r1train: error: deepspeed: " in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing ran
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two'"):
+        load_config(overrides=base)

@@ -47,7 +47,8 @@ def test_offload_needs_its_stage(ov, key):
 def test_deepspeed_train_batch_size_must_match(tmp_path):
     """A `deepspeed` file's train_batch_size was dropped silently, also when it contradicted micro-batch x
     gradient accumulation x processes (transformers' integration raises a mismatch): now a ConfigError naming
-    `deepspeed` and the keys; "auto" and the consistent value keep working."""
+    `deepspeed` and the keys, when the config loads and again at engine setup; "auto" and the consistent value
+    keep working."""
     import json
 
     from r1train.engine import ds_config
@@ -56,9 +57,12 @@ def test_deepspeed_train_batch_size_must_match(tmp_path):
     base = ["per_device_train_batch_size=8", "gradient_accumulation_steps=2", "max_grad_norm=1.0"]
     for bad in (64, 8, "16", True):
         path.write_text(json.dumps({"train_batch_size": bad, "zero_optimization": {"stage": 2}}))
-        cfg = load_config(overrides=base + [f"deepspeed={path}"])
         with pytest.raises(ConfigError, match=r"^deepspeed: .*train_batch_size=.*per_device_train_batch_size.*"
-                                              r"gradient_accumulation_steps"):
+                                              r"gradient_accumulation_steps"):  # when the config loads
+            load_config(overrides=base + [f"deepspeed={path}"])
+        cfg = load_config(overrides=base)
+        cfg.deepspeed = str(path)  # a config changed after it loaded
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*train_batch_size="):  # and at engine setup
             ds_config(cfg, 8, 2)
     for ok in (16, "auto"):
         path.write_text(json.dumps({"train_batch_size": ok, "zero_optimization": {"stage": 2}}))

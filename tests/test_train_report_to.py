@@ -228,3 +228,92 @@ def test_completions_table_with_columns_that_differ_by_rank(tmp_path, monkeypatc
     assert head == "| step | prompt | completion | reward | advantage | parse_error | tokens |"
     assert body == ["| 2 | p | c | 1.0 | 0.5 | no answer | None |", "| 2 | p | c | 1.0 | 0.5 | None | None |",
                     "| 2 | p | c | 1.0 | 0.5 | None | 7 |"]
+
+
+def _fake_wandb(monkeypatch):
+    """A stand-in `wandb` module (installed as far as find_spec is concerned): records each init's arguments; a
+    run records the steps it is sent."""
+    import importlib.machinery
+    import sys
+    import types
+
+    mod = types.ModuleType("wandb")
+    mod.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    mod.inits = []
+
+    class Run:
+        def __init__(self, id):
+            self.id, self.steps = id, []
+
+        def log(self, data, step=None):
+            self.steps.append(step)
+
+        def finish(self):
+            pass
+
+    def init(**kw):
+        mod.inits.append(kw)
+        return Run(kw.get("id"))
+
+    mod.init = init
+    monkeypatch.setitem(sys.modules, "wandb", mod)
+    return mod
+
+
+def test_wandb_resume_continues_the_run_and_a_fresh_run_starts_a_new_one(tmp_path, monkeypatch):
+    """A resume in the same output_dir passes the id the first run got (kept in output_dir) with resume allow /
+    must; a fresh run, in a new output_dir or over the old one (overwrite_output_dir), gets a new id."""
+    from r1train.metrics import MetricsLogger
+
+    wandb = _fake_wandb(monkeypatch)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+
+    def run(output_dir, resume_step=0):
+        MetricsLogger(output_dir, report_to=["wandb"], resume_step=resume_step, config={"seed": 1}).close()
+        return wandb.inits[-1]
+
+    first = run(a)
+    assert isinstance(first["id"], str) and first["id"] and first["config"] == {"seed": 1}
+    resumed = run(a, resume_step=2)
+    assert resumed["id"] == first["id"] and resumed["resume"] in ("allow", "must")
+    assert run(a, resume_step=4)["id"] == first["id"]  # resumed twice: still the first run
+    other = run(b)["id"]
+    fresh = run(a)["id"]  # a fresh run over the old one
+    assert len({first["id"], other, fresh}) == 3
+    assert run(a, resume_step=1)["id"] == fresh
+
+
+def test_wandb_resume_through_the_trainer(tmp_path, monkeypatch):
+    """The trainer's resume (resume_from_checkpoint=latest) continues the killed run's wandb run from the step
+    after its checkpoint."""
+    wandb = _fake_wandb(monkeypatch)
+    t = H.grpo_trainer(tmp_path, "max_steps=2", "save_steps=1", "report_to=wandb", reward_funcs=[H.digit_share])
+    run = t.logger.sinks["wandb"]
+    t.train()  # "killed" after step 2: checkpoint-1 is its last checkpoint
+    t.logger.close()
+    from r1train.checkpoint import unlock_output_dir
+
+    unlock_output_dir(str(tmp_path))
+    assert run.steps == [1, 2]
+    t = H.grpo_trainer(tmp_path, "max_steps=2", "save_steps=1", "report_to=wandb", "resume_from_checkpoint=latest",
+                       reward_funcs=[H.digit_share])
+    assert t.step0 == 1
+    resumed = t.logger.sinks["wandb"]
+    assert resumed.id == run.id and wandb.inits[-1]["resume"] in ("allow", "must")
+    t.train()
+    t.finish(save=False)
+    assert resumed.steps == [2]
+
+
+def test_wandb_resume_with_an_empty_run_id_file_starts_a_new_run(tmp_path, monkeypatch, caplog):
+    """An empty .wandb_run_id (a write cut short) was passed to wandb.init as id "", which wandb rejects
+    ("Run ID cannot be empty"): the resume failed. Now a new run, with a warning naming the file."""
+    from r1train.metrics import MetricsLogger
+
+    wandb = _fake_wandb(monkeypatch)
+    (tmp_path / ".wandb_run_id").write_text("\n")
+    MetricsLogger(str(tmp_path), report_to=["wandb"], resume_step=2).close()
+    run_id = wandb.inits[-1]["id"]
+    assert run_id and (tmp_path / ".wandb_run_id").read_text() == run_id
+    assert ".wandb_run_id is empty" in caplog.text
+    assert not (tmp_path / ".wandb_run_id.tmp").exists()
