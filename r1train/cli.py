@@ -96,10 +96,13 @@ def main(argv=None) -> int:
     if args.help_config:
         print(TrainConfig().help())
         return 0
+    import torch.distributed as dist
+
     from . import pipeline
     from .checkpoint import TrainingInterrupted
     from .engine import TrainingDiverged
 
+    owns_group = not dist.is_initialized()  # the run's process group, torn down after a run every rank finished
     # SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C, with no traceback. Inside
     # the loop, the first SIGINT / SIGTERM saves a checkpoint after the current step (checkpoint.StopOnSignal).
     catch_term = _main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
@@ -135,10 +138,12 @@ def main(argv=None) -> int:
             else:
                 _, before, res = pipeline.run_grpo(cfg, model, tok, eval_before=True)
                 res = {**{f"before/{k}": v for k, v in before.items()}, **res}
-            import torch.distributed as dist
-
             if not dist.is_initialized() or dist.get_rank() == 0:
                 print(json.dumps(res))
+        if owns_group:
+            from .engine import teardown_distributed
+
+            teardown_distributed()
     except (ConfigError, DatasetError, RewardError) as e:
         print(f"r1train: error: {e}", file=sys.stderr)
         return 2

@@ -69,6 +69,21 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
+def teardown_distributed():
+    """The end of a run that every rank completed: a barrier (no rank tears down a group another still uses),
+    then destroy_process_group, which torch asks for before a process exits, and DeepSpeed's clone of the world
+    group with it (a later init in the same process builds both again)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
+
+
 def device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -153,6 +153,9 @@ def _rejection_worker(out_dir):
     rank = dist.get_rank()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump({"world": dist.get_world_size(), "calls": calls, "kept": kept, "stats": stats}, fh)
+    from r1train.engine import teardown_distributed
+
+    teardown_distributed()
 
 
 @pytest.mark.slow
@@ -186,6 +189,30 @@ def test_rejection_sampling_splits_prompts_across_ranks(tmp_path):
         assert t["kept"] == one["kept"]  # same rows, same completions, same order, on every rank
         assert t["stats"] == one["stats"]
     assert [sum(t["calls"]) for t in two] == [6 * 3, 5 * 3]  # each rank its own half of the prompts
+
+
+def test_cli_run_tears_down_its_process_group(tmp_path, capsys):
+    """A finished CLI run destroys the process group it made (torch asks for destroy_process_group before a
+    process exits; r1train left it to interpreter shutdown), so a second run in the same process builds a new
+    one and trains the same; a group the caller made is left to the caller."""
+    import json
+
+    import torch.distributed as dist
+
+    from r1train.cli import main
+
+    args = ["grpo", *H.FAST, "max_steps=1", "seed=3", "eval_steps=0"]
+    res = []
+    for i in range(2):
+        assert main([*args, f"output_dir={tmp_path / str(i)}"]) == 0
+        assert not dist.is_initialized()
+        res.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert res[0] == res[1]
+    from r1train.engine import setup_distributed
+
+    setup_distributed()
+    assert main([*args, f"output_dir={tmp_path / 'own'}"]) == 0
+    assert dist.is_initialized()  # conftest's fixture destroys it
 
 
 if __name__ == "__main__":  # a worker process of the tests above: test_train_dist.py <worker> <args>
