@@ -788,10 +788,10 @@ class GRPOTrainer(Trainer):
                                                    entropy_group=group, **tkw)
             loss = (L * m_bT * w_b).sum()
             ent = None if h is None else (h.detach() * m_bT).sum() / m_bT.sum().clamp(min=1.0)
-            if ent_mask is not None:  # top_entropy_quantile: selected among every process's pack's tokens
+            if ent_mask is not None:  # top_entropy_quantile: selected among every process's j-th pack's tokens
                 eff = m_bT * ent_mask
-                metrics["entropy/selected_mean"] = (h.detach() * eff).sum() / eff.sum().clamp(min=1.0)
-                metrics[ENTROPY_WINDOW] = selected_entropy_window(h, m_bT, ent_mask)
+                win = metrics[ENTROPY_WINDOW] = selected_entropy_window(h, m_bT, ent_mask)
+                metrics["entropy/selected_mean"] = (win[0] / win[1].clamp(min=1.0)).to(h.dtype)
                 if entropy_coef != 0.0:  # the pack's mean, counted as many padded micro-batches as its rows fill
                     loss = loss - entropy_coef * share_b.sum() * (h * eff).sum() / eff.sum().clamp(min=1.0)
             elif entropy_coef != 0.0:

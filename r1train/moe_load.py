@@ -2,7 +2,8 @@
 r1kernels/patch/deepseek_v3.py).
 
 Counting rule: each patched router adds the experts it chose to its device counter in training forwards
-only (module.training and torch.is_grad_enabled()). The generation engine runs the model in eval mode
+only (module.training and grad enabled, once per forward under either activation-checkpointing mode:
+dsv3.training_forward). The generation engine runs the model in eval mode
 under no_grad, and the old / reference log-prob passes run under no_grad, so none of them count; pads do
 not count either (`token_mask`, set by the trainer before each training forward). Once per optimizer step,
 `step()` sums the counts over ranks (one all-reduce), moves each e_score_correction_bias by

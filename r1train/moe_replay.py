@@ -39,28 +39,15 @@ the trainer reads it with its step's other metrics in one host sync.
 from __future__ import annotations
 
 import contextlib
-import sys
 import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
+
+from r1kernels.patch.deepseek_v3 import in_reentrant_checkpoint
 
 ROUTER_CLASSES = ("DeepseekV3TopkRouter", "R1KRouter")
 KEY = "moe_router_replay"
-
-
-_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
-
-
-def _in_reentrant_checkpoint() -> bool:
-    """Inside torch.utils.checkpoint's reentrant forward (which runs the checkpointed layer without grad)."""
-    f = sys._getframe(1)
-    while f is not None:
-        if f.f_code is _REENTRANT_FORWARD:
-            return True
-        f = f.f_back
-    return False
 
 
 def moe_routers(model) -> list:
@@ -140,7 +127,7 @@ class RouterReplay:
                 self._record(j, out[2])
                 return None
             if self.ids_NMK is not None and module.training and (torch.is_grad_enabled() or
-                                                                 _in_reentrant_checkpoint()):
+                                                                 in_reentrant_checkpoint()):
                 return self._replay(j, module, out)
             return None
         return hook

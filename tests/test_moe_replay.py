@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close
 from test_generation import _model, _prompts
-from test_patch_deepseek_v3 import _tiny
+from test_patch_deepseek_v3 import _tiny, checkpointing_on
 
 from r1kernels.patch import deepseek_v3 as dsv3
 from r1train import moe_replay
@@ -107,7 +107,8 @@ def test_replay_under_activation_checkpointing(reentrant):
     """The armed ids stay for backward: checkpointing's recompute replays them (same gradients as without
     checkpointing) and is not counted in the agreement. Reentrant checkpointing runs the layer's forward without
     grad: it is replayed too (before, its logits were the natural routing's and its gradients those of neither).
-    A no-grad forward outside checkpointing still routes normally (log-prob passes)."""
+    The load counter counts each training forward once in both modes (the router's own choice). A no-grad
+    forward outside checkpointing still routes normally (log-prob passes)."""
     model = _tiny()
     dsv3.patch_deepseek_v3(model, backend="torch")
     model.train()
@@ -117,17 +118,16 @@ def test_replay_under_activation_checkpointing(reentrant):
     results = []
     for gc in (False, True):
         if gc:
-            kw = {"use_reentrant": reentrant}
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            checkpointing_on(model, reentrant=reentrant)
+        for r in dsv3.routers(model):
+            r.tokens_per_expert.zero_()
         moe_replay.replay(model, ids)  # armed until the next call: backward runs outside any `with`
         logits, grads = _loss_and_grads(model, x)
         moe_replay.replay(model, None)
         stats = moe_replay.agreement(model)["moe/routing_agreement"]
-        results.append((logits, grads, stats))
-    (l0, g0, s0), (l1, g1, s1) = results
+        results.append((logits, grads, stats, torch.stack([r.tokens_per_expert for r in dsv3.routers(model)])))
+    (l0, g0, s0, c0), (l1, g1, s1, c1) = results
+    assert c0.sum() == M * B * L * K and torch.equal(c1, c0)
     assert_close(l1, l0.double(), torch.float32, name="logits")
     assert set(g0) == set(g1)
     for n in g0:

@@ -33,6 +33,15 @@ def _tiny(device="cpu", dtype=torch.float32, E=16, n_group=4, topk_group=2, top_
     return model.to(device=device, dtype=dtype)
 
 
+def checkpointing_on(model, *, reentrant: bool):
+    """transformers' own activation checkpointing switch (renamed in newer versions), reentrant or not."""
+    kw = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def _compare(model, patched, device, dtype, tol_dtype):
     ids = torch.randint(0, 64, (2, 12), device=device)
     out = model(ids, labels=ids)
@@ -127,10 +136,13 @@ def test_patch_counts_training_forwards_only(experts, shape):
     assert router.tokens_per_expert.sum().item() == (2 * ids.numel() + mask.sum().item()) * router.top_k
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("shape", [(3, 10), (2, 1)])
-def test_patch_counts_once_under_gradient_checkpointing(shape):
+def test_patch_counts_once_under_gradient_checkpointing(shape, reentrant):
     """Activation checkpointing re-runs each layer's forward inside backward; the recompute adds no counts,
-    and the gradients equal those of a forward without checkpointing."""
+    and the gradients equal those of a forward without checkpointing. Non-reentrant is r1train's mode;
+    reentrant (transformers' use_reentrant=True) runs the layer's first forward without grad, which is still
+    the training forward and counts once."""
     model = _tiny()
     dsv3.patch_deepseek_v3(model, backend="torch")
     model.train()
@@ -139,13 +151,17 @@ def test_patch_counts_once_under_gradient_checkpointing(shape):
     expected = _ref_counts(model, ids, 1)
     grads = []
     for gc in (False, True):
-        if gc:
+        if gc and not reentrant:
             from r1train.loading import enable_activation_checkpointing
 
             enable_activation_checkpointing(model)
+        elif gc:
+            checkpointing_on(model, reentrant=True)
         model.zero_grad()
         router.tokens_per_expert.zero_()
         model(ids).logits.float().square().mean().backward()
+        with torch.no_grad():  # a no-grad pass in train mode (transformers then does not checkpoint): no count
+            model(ids)
         assert torch.equal(router.tokens_per_expert, expected), gc
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1])

@@ -1,10 +1,11 @@
 """padding_free / max_tokens_per_batch (r1train/packing.py): the packed forward equals per-sequence forwards;
 packed micro-batches give the padded batch's loss and gradients for every loss type and normalization
 (fresh random rows of varied lengths, with and without a token budget); a few GRPO steps packed and padded
-agree (losses, parameter updates, optimizer steps); bad values are errors naming the key. plan returns at least
-min_batches bins, plan_all_ranks gives ranks of different row counts as many micro-batches, and a filler pack
-adds no loss or gradient. SFT on two gloo processes of uneven row counts (padded, packed, under a budget, MoE)
-runs, steps once and logs the metrics and makes the update of one process on all the rows."""
+agree (losses, parameter updates, optimizer steps), with top_entropy_quantile < 1 too (every logged metric; under a
+budget the threshold is each pack's, as the padded path's on that pack's rows); bad values are errors naming the key.
+plan returns at least min_batches bins, plan_all_ranks gives ranks of different row counts as many micro-batches,
+and a filler pack adds no loss or gradient. SFT on two gloo processes of uneven row counts (padded, packed, under a
+budget, MoE) runs, steps once and logs the metrics and makes the update of one process on all the rows."""
 
 import random
 import threading
@@ -85,7 +86,8 @@ CASES = [
     (dict(loss_type="bnpo", off_policy_mask_threshold=0.02), True),
     (dict(loss_type="grpo", entropy_coef=0.01), False),
     (dict(loss_type="dapo", entropy_coef=-0.02, delta=1.5, epsilon_high=0.28), False),
-    # the entropy quantile is per micro-batch: equal to the padded run's only without a budget
+    # the entropy quantile is per micro-batch: equal to the padded run's only without a budget (under one it is
+    # per pack: test_packed_entropy_quantile_under_a_budget_is_per_pack)
     (dict(loss_type="bnpo", top_entropy_quantile=0.5, entropy_coef=0.01), False),
 ]
 
@@ -721,3 +723,88 @@ def test_grpo_step_with_filler_packs_logs_and_trains_as_without(tmp_path, monkey
     for k in keys:
         assert_close(torch.tensor(m1[k], dtype=torch.float64), torch.tensor(m0[k], dtype=torch.float64), name=k)
     assert_close(u1, u0, name="parameter update")
+
+
+@pytest.mark.parametrize("ov", [["loss_type=grpo", "beta=0.04", "num_iterations=2"],
+                                ["loss_type=dapo", "importance_sampling_level=sequence"]],
+                         ids=["grpo-ref-mu2", "dapo-sequence"])
+def test_grpo_step_entropy_quantile_packed_equals_padded(tmp_path, monkeypatch, ov):
+    """top_entropy_quantile < 1 without a token budget: the packs are the padded micro-batches (the same rows),
+    so the high-entropy selection is the same and the whole step is the padded one's: every logged metric
+    (loss, entropy, entropy/selected_mean, the adaptive coefficient moved by the selected tokens' entropy
+    window) and the parameter update, on rows of varied length."""
+    _varied_lengths(monkeypatch)
+    base = ["max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+            "max_completion_length=10", "max_prompt_length=18", "learning_rate=0.003", ADAM_LINEAR,
+            "gradient_checkpointing=false", "top_entropy_quantile=0.5", "entropy_coef=0.01",
+            "use_adaptive_entropy=true", "entropy_target=1.0", "entropy_coef_delta=0.003", *ov]
+    res = []
+    for extra in ([], ["padding_free=true"]):
+        t = H.grpo_trainer(tmp_path / str(len(res)), *base, *extra, reward_funcs=[H.digit_share])
+        p0 = _trained_params(t)
+        hist = t.train()
+        res.append((hist, _trained_params(t) - p0))
+    (h0, u0), (h1, u1) = res
+    for a, b in zip(h0, h1):
+        keys = sorted(k for k in a if isinstance(a[k], float) and "time" not in k)
+        assert "entropy/selected_mean" in keys and "entropy_coef" in keys and sorted(
+            k for k in b if isinstance(b[k], float) and "time" not in k) == keys
+        for k in keys:
+            assert_close(torch.tensor(b[k], dtype=torch.float64), torch.tensor(a[k], dtype=torch.float64), name=k)
+    assert_close(u1, u0, name="parameter update")
+
+
+def test_packed_entropy_quantile_under_a_budget_is_per_pack(tmp_path):
+    """With max_tokens_per_batch the packs hold other rows than the padded micro-batches, and
+    top_entropy_quantile's threshold is taken over each pack's tokens: each pack's loss, gradients,
+    entropy/selected_mean and entropy window equal the padded path's on one micro-batch of exactly that pack's
+    rows (dapo / cispo: every token weighs 1/num_items in both; the entropy bonus, the pack's selected-token
+    mean, counts as many padded micro-batches as the pack's rows fill: len(rows) / mb)."""
+    from r1train.grpo import ENTROPY_WINDOW
+
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_checkpointing=false", "model_num_layers=2",
+                       "max_completion_length=9", reward_funcs=[H.digit_share])
+    V = t.model.config.vocab_size
+    mb, GA, P, T = 4, 2, 6, 9
+    B = mb * GA
+    params = [p for p in t.engine.module.parameters() if p.requires_grad]
+    for loss_type, coef in (("dapo", 0.0), ("dapo", 0.02), ("cispo", -0.01)):
+        for k, v in dict(loss_type=loss_type, top_entropy_quantile=0.4, epsilon_high=5.0 if loss_type == "cispo"
+                         else None, beta=0.0, entropy_coef=coef).items():
+            setattr(t.cfg, k, v)
+        t.cfg.validate()
+        ids, pm, cm = _rows(B, P, T, V, min_completion=1)
+        comp, attn = ids[:, P:], torch.cat([pm, cm], 1)
+        adv = torch.randn(B)
+        with torch.no_grad():
+            now = sequence_logprobs(t.engine.module, ids, attn, comp, backend="torch")
+        old = ((now + 0.05 * torch.randn_like(now)) * cm).detach()
+        n_items = cm.sum().float().reshape(1) / GA
+        w = reduction_weights(loss_type, cm, mb, max_completion_length=t.cfg.max_completion_length, num_items=n_items)
+        packs = build_packs(ids, pm, cm, rows_per_batch=mb, max_tokens=P + T + 3)
+        runs = [pk.rows.tolist() for pk in packs]
+        assert len(packs) > GA and all(r != list(range(s, s + mb)) for r, s in zip(runs, range(0, B, mb))), runs
+        for pk in packs:
+            rows = pk.rows
+            res = []
+            for packed in (True, False):
+                if packed:
+                    with packed_attention(t.model):
+                        out, ent = t.micro_step_packed(pk, comp, adv, cm, old, None, None, n_items, w, coef)
+                        t.engine.backward(out.loss)
+                else:
+                    Tr = int(packing.loss_lengths(cm[rows]).max())
+                    out, ent = t.micro_step(ids[rows], attn[rows], comp[rows], adv[rows], cm[rows], old[rows], None,
+                                            n_items, Tr, entropy_coef=coef * len(rows) / mb)
+                    t.engine.backward(out.loss)
+                res.append((out.loss.detach(), out.metrics, ent, torch.cat([p.grad.flatten() for p in params])))
+                for p in params:
+                    p.grad = None
+            (l1, m1, e1, g1), (l0, m0, e0, g0) = res
+            tag = f"{loss_type} coef={coef} rows={rows.tolist()}"
+            assert_close(l1, l0, name=f"loss {tag}")
+            assert_close(g1, g0, name=f"grads {tag}")
+            assert_close(e1, e0, name=f"entropy {tag}")
+            assert m0[ENTROPY_WINDOW][1] > 0 and torch.equal(m1[ENTROPY_WINDOW][1], m0[ENTROPY_WINDOW][1]), tag
+            assert_close(m1[ENTROPY_WINDOW], m0[ENTROPY_WINDOW], name=f"window {tag}")
+            assert_close(m1["entropy/selected_mean"], m0["entropy/selected_mean"], name=f"selected_mean {tag}")

@@ -5,17 +5,23 @@ optimizers, checkpoints and DeepSpeed see no difference.
 
 Auxiliary-loss-free balancing (the one mechanism; r1train's ExpertLoad drives it): each patched router adds
 its routed tokens to `router.tokens_per_expert` (int64 [E], on the device, no host sync) in training
-forwards only -- module.training and torch.is_grad_enabled(), outside backward's recompute -- so
-generation (eval mode, no_grad), no-grad log-prob passes and activation-checkpointing recomputes never
-count. `router.token_mask` ([N] bool, pads False) restricts the count to
-real tokens of forwards with N tokens (a mask of another size: a ValueError in the training forward).
+forwards only -- module.training and grad enabled, outside backward's recompute -- so generation (eval
+mode, no_grad), no-grad log-prob passes and activation-checkpointing recomputes never count. Reentrant
+checkpointing (use_reentrant=True) runs a layer's training forward under no_grad inside
+torch.utils.checkpoint's CheckpointFunction.forward: that forward counts as grad-enabled
+(`in_reentrant_checkpoint`), so each training forward counts exactly once in either checkpointing mode.
+`router.token_mask` ([N] bool, pads False) restricts the count to real tokens of forwards with N tokens (a
+mask of another size: a ValueError in the training forward).
 `update_router_biases` (once per optimizer step) sums the counts over ranks, moves each
 e_score_correction_bias by rk.moe.update_bias, and resets them.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import moe as _moe
@@ -23,6 +29,27 @@ from ._pickle import reduce_made
 
 ROUTER_CLASSES = ("DeepseekV3TopkRouter",)
 EXPERTS_CLASSES = ("DeepseekV3Experts",)
+
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Inside torch.utils.checkpoint's reentrant forward, which runs the checkpointed layer under no_grad
+    (transformers checkpoints only grad-enabled training forwards; the recompute runs in backward, outside it)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is _REENTRANT_FORWARD:
+            return True
+        f = f.f_back
+    return False
+
+
+def training_forward(module: nn.Module) -> bool:
+    """A forward whose backward trains `module`, seen once: train mode, grad enabled (or reentrant
+    checkpointing's no-grad forward), and not activation checkpointing's recompute inside backward (an
+    autograd graph task is then running)."""
+    return (module.training and (torch.is_grad_enabled() or in_reentrant_checkpoint())
+            and torch._C._current_graph_task_id() == -1)
 
 
 class R1KRouter(nn.Module):
@@ -52,9 +79,7 @@ class R1KRouter(nn.Module):
                                      routed_scaling_factor=self.routed_scaling_factor,
                                      norm_topk_prob=self.norm_topk_prob, gemm_dtype=self.gemm_dtype,
                                      backend=self.backend)
-        # activation checkpointing re-runs this forward inside backward (an autograd graph task is then
-        # running): that recompute routes the same tokens again and is not counted
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if training_forward(self):  # a checkpointing recompute routes the same tokens again: not counted
             self._count(ids)
         return logits, w, ids
 
