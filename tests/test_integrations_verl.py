@@ -2,7 +2,8 @@
 float64 torch computation of verl's formula: logprobs = log softmax(hidden @ weight.T / T)[label], entropy of
 the same distribution, reduction none/sum/mean over the flattened rows; values and gradients. A NumPy or
 integer temperature is one (verl calls float()); a process group of one rank is computed here, one of unknown
-size still reaches verl."""
+size still reaches verl. Tensor parallel (a vocabulary split over 2 gloo processes: the fused and the logits-level
+drop-ins) against the single-process full-vocabulary computation, values and gradients."""
 from __future__ import annotations
 
 import warnings
@@ -213,3 +214,263 @@ def test_verl_unknown_group_still_reaches_verl(monkeypatch):
     hidden, weight, labels = _verl_inputs()
     with pytest.warns(UserWarning, match="dist_process_group"):
         assert linear_cross_entropy(hidden, weight, labels, dist_process_group=object()) == "verl"
+
+
+# --- tensor parallel: a vocabulary split over 2 gloo processes ------------------------------------------------------
+# Each case's full [N, V] problem is made here; worker rank r gets the vocabulary shard [r * V/2, (r + 1) * V/2)
+# (logits columns, or lm_head weight rows), runs the drop-in with the 2-rank group, backpropagates fixed upstream
+# gradients and saves what it got. Checked against the float64 full-vocabulary computation: log-probs and entropy
+# on every rank; logits / weight gradients concatenated over ranks; hidden gradients summed over ranks (each rank's
+# is its shard's part, as with verl's kernel). bfloat16 gradients through the lm_head are held to 2x the bf16 torch
+# reference's error, as in test_matches_formula.
+
+TP = 2
+LOGITS_SHAPES = [(1, 1, 2), (3, 7, 38), (1, 64, 300)]        # B, T, V
+LINEAR_SHAPES = [(1, 3, 8, 6), (2, 7, 16, 38), (3, 11, 32, 300)]  # B, T, H, V
+TP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _tp_cases():
+    from conftest import SEED
+
+    gen = torch.Generator().manual_seed(SEED % 2**31 + 17)
+
+    def randn(*shape, dtype):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    def randint(hi, shape):
+        return torch.randint(0, hi, shape, generator=gen)
+
+    cases = []
+    for dtype in TP_DTYPES:
+        for B, T, V in LOGITS_SHAPES:
+            labels = randint(V, (B, T))
+            if V > 2:
+                labels[0, 0] = V - 1  # both shards own some label whatever the draw
+                labels[-1, -1] = 0
+            cases.append(dict(kind="logits", dtype=dtype, logits=randn(B, T, V, dtype=dtype) * 3, labels=labels,
+                              g_logp=randn(B, T, dtype=torch.float64), g_ent=randn(B, T, dtype=torch.float64)))
+        # one shard's logits far above the other's: its share of the softmax is ~1, the other's ~e^-30
+        logits = randn(2, 5, 40, dtype=dtype) * 3
+        logits[..., 20:] += 30
+        cases.append(dict(kind="logits", dtype=dtype, logits=logits, labels=randint(40, (2, 5)),
+                          g_logp=randn(2, 5, dtype=torch.float64), g_ent=randn(2, 5, dtype=torch.float64)))
+        for (B, T, H, V), reduction in zip(LINEAR_SHAPES, ("none", "sum", "mean")):
+            labels = randint(V, (B, T))
+            labels[0, 0], labels[-1, -1] = V - 1, 0
+            cases.append(dict(kind="linear", dtype=dtype, reduction=reduction,
+                              temperature=float(torch.empty(()).uniform_(0.5, 1.5, generator=gen)),
+                              hidden=randn(B, T, H, dtype=dtype) / H ** 0.25,
+                              weight=randn(V, H, dtype=dtype) / H ** 0.25, labels=labels,
+                              g_logp=randn(B * T, dtype=torch.float64) if reduction == "none"
+                              else randn((), dtype=torch.float64),
+                              g_ent=randn(B * T, dtype=torch.float64)))
+    # entropy-only and log-prob-only gradients (the other output unused)
+    base = next(c for c in cases if c["kind"] == "linear" and c["dtype"] == torch.float32 and c["reduction"] == "none")
+    cases.append({**base, "g_logp": torch.zeros_like(base["g_logp"])})
+    cases.append({**base, "g_ent": torch.zeros_like(base["g_ent"])})
+    return cases
+
+
+def _tp_run(case, rank, group):
+    """This rank's results for one case (see the section comment)."""
+    import r1kernels.integrations.verl as v
+
+    dtype = case["dtype"]
+    if case["kind"] == "logits":
+        V = case["logits"].shape[-1]
+        shard = case["logits"][..., rank * V // TP:(rank + 1) * V // TP].clone().requires_grad_()
+        logp = v.vocab_parallel_log_probs_from_logits(shard, case["labels"], group=group)
+        ent = v.vocab_parallel_entropy(shard, group=group)
+        leaves = {"logits": shard}
+    else:
+        V = case["weight"].shape[0]
+        hidden = case["hidden"].clone().requires_grad_()
+        shard = case["weight"][rank * V // TP:(rank + 1) * V // TP].clone().requires_grad_()
+        logp, ent = v.linear_cross_entropy(hidden, shard, case["labels"], case["temperature"], case["reduction"],
+                                           group)
+        leaves = {"hidden": hidden, "weight": shard}
+        with torch.no_grad():  # the no-grad call gives the same values
+            logp_ng, ent_ng = v.linear_cross_entropy(hidden, shard, case["labels"], case["temperature"],
+                                                     case["reduction"], group)
+        assert torch.equal(logp_ng, logp.detach()) and torch.equal(ent_ng, ent.detach())
+    ((logp * case["g_logp"].to(logp.dtype)).sum() + (ent * case["g_ent"].to(ent.dtype)).sum()).backward()
+    assert logp.dtype == ent.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    return {"logp": logp.detach(), "ent": ent.detach(), **{k: t.grad for k, t in leaves.items()}}
+
+
+def _tp_errors(rank, group):
+    """Bad input that only the group can see is a ValueError on every rank (no rank left waiting)."""
+    import r1kernels.integrations.verl as v
+
+    out = []
+    H = 8
+    hidden, labels = torch.randn(5, H), torch.randint(0, 10, (5,))
+    for args in ((hidden, torch.randn(5 + rank, H), labels),             # shards of different sizes
+                 (hidden, torch.randn(5, H), labels + 10)):               # a label past the full vocabulary
+        try:
+            v.linear_cross_entropy(*args, dist_process_group=group)
+            out.append(None)
+        except ValueError as e:
+            out.append(str(e))
+    try:
+        v.vocab_parallel_entropy(torch.randn(3, 4 + rank), group=group)
+        out.append(None)
+    except ValueError as e:
+        out.append(str(e))
+    return out
+
+
+def _tp_worker(rank, init_file, cases_path, out_dir):
+    import sys
+    import types
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP)
+    try:
+        group = dist.group.WORLD
+        cases = torch.load(cases_path)
+        res = {"cases": [_tp_run(c, rank, group) for c in cases], "errors": _tp_errors(rank, group)}
+        # verl's own calls pass no group: Megatron's tensor-parallel group is the default
+        mpu = types.ModuleType("megatron.core.parallel_state")
+        mpu.get_tensor_model_parallel_group = lambda: group
+        for name, mod in (("megatron", types.ModuleType("megatron")), ("megatron.core", types.ModuleType("m.c")),
+                          ("megatron.core.parallel_state", mpu)):
+            sys.modules[name] = mod
+        sys.modules["megatron.core"].parallel_state = mpu
+        import r1kernels.integrations.verl as v
+
+        c = next(c for c in cases if c["kind"] == "logits" and c["logits"].shape[-1] > 2)
+        V = c["logits"].shape[-1]
+        shard = c["logits"][..., rank * V // TP:(rank + 1) * V // TP]
+        res["default_group"] = (v.vocab_parallel_log_probs_from_logits(shard, c["labels"]),
+                                v.vocab_parallel_entropy(shard))
+        torch.save(res, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("verl_tp")
+    cases = _tp_cases()
+    torch.save(cases, tmp / "cases.pt")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tp_worker, args=(r, str(tmp / "pg"), str(tmp / "cases.pt"), str(tmp)))
+             for r in range(TP)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0] * TP, "a tensor-parallel worker failed (its traceback is above)"
+    return cases, [torch.load(tmp / f"rank{r}.pt") for r in range(TP)]
+
+
+def _full_reference(case, lowp=False):
+    """float64 full-vocabulary log-probs, entropy and the gradients of sum(g_logp logp + g_ent ent); lowp: the
+    lm_head product in the inputs' dtype (the bf16 tolerance scale, as in test_matches_formula)."""
+    if case["kind"] == "logits":
+        leaves = {"logits": case["logits"].double().requires_grad_()}
+        logp_all = torch.log_softmax(leaves["logits"], -1)
+        logp = logp_all.gather(-1, case["labels"].unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    else:
+        cast = (lambda t: t.clone()) if lowp else (lambda t: t.double())
+        leaves = {"hidden": cast(case["hidden"]).requires_grad_(), "weight": cast(case["weight"]).requires_grad_()}
+        logp, ent = _reference(leaves["hidden"], leaves["weight"], case["labels"], case["temperature"],
+                               case["reduction"], lowp=lowp)
+    grads = torch.autograd.grad((logp * case["g_logp"]).sum() + (ent * case["g_ent"]).sum(), list(leaves.values()))
+    return logp.detach(), ent.detach(), dict(zip(leaves, grads))
+
+
+def test_tensor_parallel_matches_full_vocabulary(tp_results):
+    cases, ranks = tp_results
+    for i, case in enumerate(cases):
+        logp, ent, grads = _full_reference(case)
+        dtype = case["dtype"]
+        lowp_grads = (_full_reference(case, lowp=True)[2] if case["kind"] == "linear" and dtype == torch.bfloat16
+                      else {})
+        what = f"case {i} ({case['kind']}, {dtype}, {tuple(case['labels'].shape)})"
+        for r, res in enumerate(ranks):
+            got = res["cases"][i]
+            assert got["logp"].shape == logp.shape and got["ent"].shape == ent.shape
+            assert_close(got["logp"], logp, dtype, name=f"{what} rank {r} logprobs")
+            assert_close(got["ent"], ent, dtype, name=f"{what} rank {r} entropy")
+        for name, want in grads.items():
+            parts = [res["cases"][i][name] for res in ranks]
+            got = sum(parts) if name == "hidden" else torch.cat(parts, dim=-1 if name == "logits" else 0)
+            assert_close(got, want, dtype, lowp=lowp_grads.get(name), name=f"{what} grad {name}")
+
+
+def test_tensor_parallel_bad_input_is_an_error_on_every_rank(tp_results):
+    _, ranks = tp_results
+    for res in ranks:
+        uneven, label, uneven_logits = res["errors"]
+        assert uneven is not None and "weight" in uneven and "same size" in uneven
+        assert label is not None and "labels" in label and "[0, 10)" in label
+        assert uneven_logits is not None and "same size" in uneven_logits
+
+
+def test_tensor_parallel_default_group_is_megatrons(tp_results):
+    cases, ranks = tp_results
+    i = next(i for i, c in enumerate(cases) if c["kind"] == "logits" and c["logits"].shape[-1] > 2)
+    for res in ranks:
+        logp, ent = res["default_group"]
+        assert torch.equal(logp, res["cases"][i]["logp"]) and torch.equal(ent, res["cases"][i]["ent"])
+
+
+def test_install_binds_vocab_parallel_functions(monkeypatch):
+    """install() also rebinds verl's Megatron vocab-parallel log-prob / entropy functions (and a module that
+    imported them by name) when verl.utils.megatron.tensor_parallel imports."""
+    import sys
+    import types
+
+    def theirs_lp(logits, labels):
+        return "verl"
+
+    def theirs_ent(logits):
+        return "verl"
+
+    kernel = types.ModuleType(integ.VERL_MODULE)
+    kernel.linear_cross_entropy = lambda *a: "verl"
+    tp = types.ModuleType(integ.VERL_TP_MODULE)
+    tp.vocab_parallel_log_probs_from_logits, tp.vocab_parallel_entropy = theirs_lp, theirs_ent
+    actor = types.ModuleType("verl_megatron_actor")
+    actor.vocab_parallel_log_probs_from_logits, actor.vocab_parallel_entropy = theirs_lp, theirs_ent
+    for name in ("verl", "verl.utils", "verl.utils.kernel", "verl.utils.megatron"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    for mod in (kernel, tp, actor):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(integ, "_verl_original", [])
+    integ.install()
+    for m in (tp, actor):
+        assert m.vocab_parallel_log_probs_from_logits is integ.vocab_parallel_log_probs_from_logits
+        assert m.vocab_parallel_entropy is integ.vocab_parallel_entropy
+    assert kernel.linear_cross_entropy is linear_cross_entropy
+
+
+def test_vocab_parallel_one_rank_and_no_group(tmp_path, monkeypatch):
+    """A group of one rank is plain token_logprobs; with no group and no Megatron the error names group."""
+    import torch.distributed as dist
+
+    logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    logp_all = torch.log_softmax(logits.double(), -1)
+    monkeypatch.setitem(__import__("sys").modules, "megatron", None)
+    with pytest.raises(ValueError, match="group"):
+        integ.vocab_parallel_entropy(logits)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        logp = integ.vocab_parallel_log_probs_from_logits(logits, labels, group=dist.group.WORLD)
+        ent = integ.vocab_parallel_entropy(logits, group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert_close(logp, logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+    assert_close(ent, -(logp_all.exp() * logp_all).sum(-1))

@@ -1,0 +1,113 @@
+"""Token log-probs and entropy of a vocabulary split over the ranks of a process group (Megatron's tensor-parallel
+layout, the one verl's kernels assume): rank r of a group of W holds the logits of token ids [r * Vl, (r + 1) * Vl),
+every shard the same size Vl, and every rank the same rows and the same (full-vocabulary) labels.
+
+Each rank runs r1kernels' op on its own shard (labels off the shard replaced by a local index 0) and gets, per row,
+lse_r (the shard's log-sum-exp, from the shard log-prob of that index and its logit), ent_r (the shard
+distribution's entropy) and the label's logit where the shard holds it. Two all-reduces combine them:
+
+    m = max_r lse_r                    (all-reduce MAX; also carries the shard-size and label-range checks, read
+                                        without a host sync: r1kernels' device-side value checks)
+    w_r = exp(lse_r - m)               (in (0, 1]; 1 on the rank holding the max)
+    S = sum_r w_r,  D = sum_r w_r (ent_r + m - lse_r),  Z = sum_r [label on r] (z_label - m)   (one all-reduce SUM)
+    lse = m + log S,  logp = Z - log S,  entropy = D / S + log S
+
+(entropy = sum_r pi_r ent_r - sum_r pi_r log pi_r with pi_r = w_r / S, the mixture identity: every term of D and
+log S is >= 0, so nothing cancels). The SUM is differentiable with an identity backward: the outputs are computed
+the same on every rank and so is the loss on them (Megatron's convention), and each rank's own terms enter S, D, Z
+once, so the chain rule through the identity gives each rank the full-vocabulary gradient restricted to its
+shard; m only shifts the exponents and is a constant. Gradients into anything a shard's logits come from (the
+hidden states of a vocab-parallel lm_head) are this rank's part; summing them over the group is the caller's,
+as it is with verl's kernel and Megatron's own vocab-parallel cross-entropy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import linear_token_logprobs, token_logprobs
+from .._checks import _value_check
+from ..reference.logprob import acc
+
+
+class _GroupSum(torch.autograd.Function):
+    """all_reduce(SUM) over group; backward is the identity (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def rank_and_size(group):
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def local_labels(labels, rank, shard):
+    """-> (idx, owned): labels - rank * shard where the shard holds the label, else 0 (any in-shard index works:
+    its terms cancel in lse_r); owned marks the rows whose label is on this shard."""
+    local = labels.long() - rank * shard
+    owned = (local >= 0) & (local < shard)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world):
+    """Per-row shard results -> full-vocabulary (logp, entropy or None). logp_r / z_idx: the shard log-prob and
+    logit of the local index; ent_r: the shard entropy or None; owned: rows whose label is on this shard."""
+    lse_r = z_idx - logp_r
+    vocab = shard * world
+    bad_label = ((labels < 0) | (labels >= vocab)).any()
+    # shard sizes and the flag ride on the MAX: exact in any float dtype up to 2**24, far above a vocab shard
+    tail = torch.stack([lse_r.new_tensor(shard), lse_r.new_tensor(-shard), bad_label.to(lse_r.dtype)])
+    stat = torch.cat([lse_r.detach().reshape(-1), tail])
+    dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
+    # checked on the reduced values without a host read: a ValueError for CPU tensors (and under
+    # R1K_SYNC_CHECKS=1), a device assert for CUDA ones, as r1kernels' other value checks
+    hi, neg_lo, bad = stat[-3:]
+    _value_check((hi == shard) & (neg_lo == -shard),
+                 "weight / logits: every rank of the tensor-parallel group must hold a vocabulary shard of the same "
+                 f"size (Megatron's layout: rank r holds ids [r * Vl, (r + 1) * Vl)); this rank's is {shard}, "
+                 "another's differs")
+    _value_check(bad == 0, f"labels must be token ids in [0, {vocab}) (the full vocabulary: {world} ranks x {shard} "
+                           "ids each) on every rank")
+    m = stat[:-3].reshape(lse_r.shape)
+    w = torch.exp(lse_r - m)
+    z_t = torch.where(owned, z_idx - m, torch.zeros_like(z_idx))
+    parts = [w, z_t] if ent_r is None else [w, z_t, w * (ent_r + (m - lse_r))]
+    sums = _GroupSum.apply(torch.stack(parts), group)
+    log_s = sums[0].log()
+    logp = sums[1] - log_s
+    ent = None if ent_r is None else sums[2] / sums[0] + log_s
+    return logp, ent
+
+
+def logits_logprobs(logits, labels, group, return_entropy, backend="auto"):
+    """logits [..., Vl] (this rank's shard), labels [...] full-vocabulary ids -> fp32 (fp64 for float64 logits)
+    full-vocabulary log-probs [...] and entropy [...] (or None)."""
+    rank, world = rank_and_size(group)
+    shard = logits.shape[-1]
+    idx, owned = local_labels(labels, rank, shard)
+    logp_r, ent_r = token_logprobs(logits, idx, return_entropy=True, backend=backend)
+    z_idx = acc(logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
+    logp, ent = combine(logp_r, ent_r if return_entropy else None, z_idx, owned, labels, shard, group, world)
+    return logp, ent
+
+
+def linear_logprobs(hidden, weight, labels, temperature, group, backend="auto"):
+    """hidden [N, H], weight [Vl, H] (this rank's lm_head shard), labels [N] full-vocabulary ids ->
+    full-vocabulary (log-probs, entropy) [N] of softmax(hidden @ weight.T / temperature) across the group."""
+    rank, world = rank_and_size(group)
+    shard = weight.shape[0] if weight.dim() == 2 else 0
+    if shard == 0:
+        raise ValueError(f"weight must be this rank's [V / tp, H] vocabulary shard with V / tp >= 1, got shape "
+                         f"{tuple(weight.shape)}")
+    idx, owned = local_labels(labels, rank, shard)
+    logp_r, ent_r = linear_token_logprobs(hidden, weight, idx, temperature=temperature, return_entropy=True,
+                                          backend=backend)
+    z_idx = (acc(hidden) * acc(weight[idx])).sum(-1) / temperature
+    return combine(logp_r, ent_r, z_idx.to(logp_r.dtype), owned, labels, shard, group, world)
