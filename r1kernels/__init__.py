@@ -2,6 +2,8 @@
 
 Every op validates its inputs (ValueError naming the argument), then runs the fastest eligible backend
 (`backend="auto"`) or the one named; `backend="torch"` is the pure-PyTorch reference in r1kernels.reference.
+Scalar options take Python numbers or NumPy real scalars (np.float32(0.04): its exact value, as a Python float for
+the kernels); bools, arrays and tensors are errors naming the option.
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ class GRPOLossOutput(NamedTuple):
 def _eager() -> bool:
     """Data-dependent checks (label range, NaN) run eagerly only; torch.compile traces without them."""
     return not torch.compiler.is_compiling()
+
+
+def _scalars(*values):
+    """The public ops' scalar options as Python numbers (_checks.as_python; anything else unchanged, for the checks
+    to name): converted once at entry, so the checks, the kernels and torch.compile see Python numbers."""
+    return tuple(_checks.as_python(v) for v in values)
 
 
 def _check_logits_labels(logits_name, logits, labels_name, labels, temperature, check_values=True):
@@ -63,6 +71,7 @@ def _check_linear(hidden, weight, bias, labels, temperature, labels_name="labels
 def token_logprobs(logits, labels, *, temperature=1.0, return_entropy=False, backend="auto"):
     """logits [..., V] (any float dtype), labels [...] -> fp32 log softmax(logits / T)[label] [...],
     and the fp32 entropy [...] of that distribution when return_entropy."""
+    temperature = _checks.as_python(temperature)
     _check_logits_labels("logits", logits, "labels", labels, temperature)
     fn = _backend.pick("token_logprobs", backend, logits.device, logits, labels)
     return (fn or _ref.token_logprobs)(logits, labels, temperature, return_entropy)
@@ -73,6 +82,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     """token_logprobs(hidden @ weight.T + bias, labels) without materializing the [N, V] logits.
     chunk_budget_bytes: the kernels' memory budget for the logits chunk and its per-row temporaries
     (None: 300 MiB; r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields)."""
+    temperature, chunk_budget_bytes = _checks.as_python(temperature), _checks.as_python(chunk_budget_bytes)
     _check_linear(hidden, weight, bias, labels, temperature)
     _check_budget(chunk_budget_bytes)
     fn = _backend.pick("linear_token_logprobs", backend, hidden.device, hidden, weight, labels)
@@ -95,6 +105,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     must be finite (NaN or inf: ValueError, a device assert for CUDA tensors), and so must the advantages in float32:
     scale="none" with rewards whose spread passes float32's range, or float64 rewards past F64_REWARD_MAX, is a
     ValueError naming rewards (eager calls; see _ADV_OVERFLOW)."""
+    group_size, eps = _checks.as_python(group_size), _checks.as_python(eps)
     _checks.float_tensor("rewards", rewards, ndim=(1, 2))
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -264,6 +275,9 @@ def grpo_loss(logits, completion_ids, advantages, completion_mask=None, *, old_l
     compute_entropy=True puts the masked mean entropy in metrics["entropy"] (detached) in any case, computed
     in the loss kernel's own pass over the logits."""
     extra = {k: v for k, v in locals().items() if k in EXTRA_DEFAULTS}  # (evaluated in this frame)
+    extra = dict(zip(extra, _scalars(*extra.values())))
+    beta, epsilon, epsilon_high, delta, temperature, max_completion_length, num_items_in_batch = _scalars(
+        beta, epsilon, epsilon_high, delta, temperature, max_completion_length, num_items_in_batch)
     _check_logits_labels("logits", logits, "completion_ids", completion_ids, temperature, check_values=False)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
@@ -299,6 +313,10 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
     chunk, its per-row temporaries and (when it fits) an fp32 weight-gradient accumulator (None: 960 MiB;
     r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields). The loss options are grpo_loss's."""
     extra = {k: v for k, v in locals().items() if k in EXTRA_DEFAULTS}  # (evaluated in this frame)
+    extra = dict(zip(extra, _scalars(*extra.values())))
+    beta, epsilon, epsilon_high, delta, temperature, max_completion_length, num_items_in_batch = _scalars(
+        beta, epsilon, epsilon_high, delta, temperature, max_completion_length, num_items_in_batch)
+    chunk_budget_bytes = _checks.as_python(chunk_budget_bytes)
     _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids", check_values=False)
     _check_budget(chunk_budget_bytes)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
@@ -391,7 +409,7 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if scale is not None:
-        _checks.positive("scale", scale)
+        scale = _checks.positive("scale", scale)
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new must be given together (this step's keys and values) or not at all")
     if k_new is not None:
@@ -458,7 +476,7 @@ def rms_norm(x, weight, eps=1e-6, *, backend="auto"):
     _checks.float_tensor("weight", weight, ndim=1)
     _checks.shape("weight", weight, (x.shape[-1],), " (the last dim of x)")
     _checks.same_device(x=x, weight=weight)
-    _checks.positive("eps", eps, allow_zero=True)
+    eps = _checks.positive("eps", eps, allow_zero=True)
     fn = _backend.pick("rms_norm", backend, x.device, x, weight)
     return (fn or _ref.rms_norm)(x, weight, float(eps))
 

@@ -119,22 +119,25 @@ def is_integral(v) -> bool:
 
 
 def as_python(v):
-    """A NumPy real scalar as the Python number of its value, for the checks below (which take Python numbers)
-    and the kernels after them: an integer as int (np.int64(5) -> 5), any other real as float (exact:
-    np.float32(0.9) -> the double float(np.float32(0.9)), not 0.9; NaN / inf stay NaN / inf for the check to
-    name). Anything else is returned unchanged: Python ints and floats (a huge int stays exact), bools, arrays,
-    tensors and junk, which the check that follows names."""
+    """A NumPy real scalar as the Python number of its value, for the checks below and the kernels after them
+    (public ops convert their scalar options once, at entry: kernels receive Python numbers): an integer as int
+    (np.int64(5) -> 5), any other real as float (exact: np.float32(0.9) -> the double float(np.float32(0.9)), not
+    0.9; NaN / inf stay NaN / inf for the check to name). Anything else is returned unchanged: Python ints and
+    floats (a huge int stays exact), bools, arrays, tensors and junk, which the check that follows names."""
     if type(v) in (int, float) or not is_real(v):
         return v
     return int(v) if is_integral(v) else float(v)
 
 
 def positive(name, v, *, allow_zero=False, allow_inf=False):
-    """v is a real number (not a bool, not NaN) > 0 (>= 0 with allow_zero); inf only with allow_inf."""
+    """v is a real number (not a bool, not NaN) > 0 (>= 0 with allow_zero); inf only with allow_inf. A NumPy real
+    scalar is judged as its Python value (as_python); returns that Python number, for the caller to pass on."""
+    v = as_python(v)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or (v == math.inf and not allow_inf):
         raise ValueError(f"{name} must be a {'number' if allow_inf else 'finite number'}, got {v!r}")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    return v
 
 
 # The smallest sampling / loss temperature: the kernels scale logits by 1 / temperature in float32, which
@@ -144,10 +147,12 @@ MIN_TEMPERATURE = 1e-5
 
 
 def temperature(v, name="temperature"):
-    positive(name, v)
+    """positive(name, v) and >= MIN_TEMPERATURE; returns v as a Python number (as positive)."""
+    v = positive(name, v)
     if v < MIN_TEMPERATURE:
         raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (smaller scales the logits past float32's range); "
                          f"for argmax decoding use greedy, got {v!r}")
+    return v
 
 
 def choice(name, v, options):

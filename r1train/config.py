@@ -28,10 +28,21 @@ class ConfigError(ValueError):
     pass
 
 
-def f(default, help: str, choices=None):
-    """A field with its help text (and allowed values, checked on load)."""
+def f(default, help: str, choices=None, items=None):
+    """A field with its help text (and allowed values, checked on load). A list key names the kind of its items
+    (a key of LIST_ITEMS), which check_type checks one by one."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, "choices": choices}, **kw)
+    return field(metadata={"help": help, "choices": choices, "items": items}, **kw)
+
+
+# The items a list key may hold (f(items=...)): kind -> (test, what the message calls one). A YAML list holds
+# any value (`[q_proj, 3]`, `[[q_proj]]`, `[null]`): each item is checked here, not deep in peft or a backend.
+LIST_ITEMS = {
+    "str": (lambda v: isinstance(v, str), "string"),
+    "name": (lambda v: isinstance(v, str) and v.strip() != "", "non-empty string"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+               "finite number"),
+}
 
 
 @dataclass
@@ -102,8 +113,10 @@ class TrainConfig:
     lora_alpha: int = f(32, "LoRA alpha (scale alpha / r)")
     lora_dropout: float = f(0.05, "LoRA dropout")
     lora_target_modules: Optional[list] = f(None, "modules that get adapters; None: every linear layer of "
-                                            "attention and MLP (peft's 'all-linear', lm_head excluded)")
-    lora_modules_to_save: Optional[list] = f(None, "modules trained in full beside the adapters (e.g. lm_head)")
+                                            "attention and MLP (peft's 'all-linear', lm_head excluded)",
+                                            items="name")
+    lora_modules_to_save: Optional[list] = f(None, "modules trained in full beside the adapters (e.g. lm_head)",
+                                             items="name")
     adapter_path: Optional[str] = f(None, "`r1train merge`: a LoRA checkpoint directory to merge into "
                                     "model_name_or_path; the merged model goes to output_dir")
     gradient_checkpointing: bool = f(True, "recompute each decoder layer's activations in backward (transformers, "
@@ -117,7 +130,7 @@ class TrainConfig:
     disable_tqdm: bool = f(False, "no progress bar")
     report_to: list = f([], "metrics backends, through their own clients: tensorboard, wandb, trackio (each "
                         "must be installed); 'all' (every installed one); 'none' or [] (TRL's default) for none "
-                        "(metrics.jsonl and completions.jsonl are written whatever this is)")
+                        "(metrics.jsonl and completions.jsonl are written whatever this is)", items="str")
     eval_steps: int = f(0, "evaluate held-out accuracy every N steps (0 = only before and after)")
     eval_num_samples: int = f(1, "samples per held-out prompt for pass@1 (temperature = eval_temperature)")
     eval_temperature: float = f(1.0, "sampling temperature of held-out evaluation")
@@ -190,8 +203,8 @@ class TrainConfig:
                                          "included); groups still constant after them stay, advantage 0")
     reward_funcs: list = f(["accuracy", "format"], "reward names: accuracy, format, language, overlong, "
                            "a reward model's directory (sequence classification, num_labels=1), "
-                           "or import paths 'module:function'")
-    reward_weights: Optional[list] = f(None, "one weight per reward function; default all 1.0")
+                           "or import paths 'module:function'", items="name")
+    reward_weights: Optional[list] = f(None, "one weight per reward function; default all 1.0", items="number")
     reward_timeout: float = f(30.0, "seconds before a reward call is abandoned (its samples skipped); a reward "
                               "model's call scores all of a process's completions (its loading is not timed)")
     overlong_buffer_len: int = f(64, "DAPO soft overlong punishment buffer (tokens) for reward 'overlong'")
@@ -301,6 +314,9 @@ class TrainConfig:
             check_offload(self, dsc.get("zero_optimization", {}).get("stage", 0))
         self._check_tokenizer_path()
         task_spec(self)  # the built-in task's settings: checked here, not when data loads
+        if self.lora_target_modules == []:  # apply_lora would take [] as unset: every linear layer
+            raise ConfigError("lora_target_modules: [] names no module; leave it unset (null) for every linear layer "
+                              "of attention and MLP, or list the module names")
         if self.use_peft:
             if self.lora_r < 1 or self.lora_alpha < 1:
                 raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
@@ -678,6 +694,12 @@ def check_type(x: dataclasses.Field, v):
           list: lambda: isinstance(v, list)}[base]()
     if not ok:
         raise ConfigError(f"{x.name}: expected {base.__name__}, got {type(v).__name__} {v!r}")
+    if base is list:
+        test, what = LIST_ITEMS[x.metadata["items"]]
+        for i, item in enumerate(v):
+            if not test(item):
+                raise ConfigError(f"{x.name} must be a list of {what}s, got {v!r} (item {i}: {type(item).__name__} "
+                                  f"{item!r})")
     choices = x.metadata.get("choices")
     if choices is not None and v not in choices:
         raise ConfigError(f"{x.name}: {v!r} is not one of {choices}")

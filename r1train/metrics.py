@@ -248,9 +248,15 @@ def _py(v):
     return v
 
 
+# WANDB_RUN_ID -> the output_dir whose fresh run took it in this process: one id names one run, so a pipeline's
+# later stages (other output_dirs, steps from 1 again, which wandb would drop below the run's last step) get new ids
+_ENV_RUN_IDS: dict[str, str] = {}
+
+
 def _open(name: str, output_dir: str, config: dict, resume_step: int = 0):
     """The backend's client; a resumed training run continues the backend run it started (wandb: its id is
-    kept in output_dir), a fresh one starts a new run."""
+    kept in output_dir), a fresh one starts a new run: under the environment's WANDB_RUN_ID (and WANDB_RESUME)
+    where the user set them, as wandb documents them, else under a new id."""
     if not backend_installed(name):  # named (not through 'all'): TrainConfig.validate says so before any work
         raise ImportError(f"report_to lists {name!r}, which is not installed (pip install {name})")
     if name == "tensorboard":
@@ -267,8 +273,27 @@ def _open(name: str, output_dir: str, config: dict, resume_step: int = 0):
     if name == "wandb":
         import uuid
 
-        run_id = (_stored_run_id(id_path) if resume else None) or uuid.uuid4().hex[:12]
-        run = mod.init(project=project, name=run_name, id=run_id, resume="allow", dir=output_dir, config=config)
+        stored = _stored_run_id(id_path) if resume else None
+        env_id = os.environ.get("WANDB_RUN_ID", "").strip() or None  # empty: unset (wandb rejects id "")
+        if stored is not None:  # a resume continues the stored run, whatever the environment says now
+            if env_id is not None and env_id != stored:
+                log.warning("WANDB_RUN_ID=%s is ignored: the resumed run continues wandb run %s (%s)", env_id,
+                            stored, id_path)
+            kw = dict(id=stored, resume="allow")
+        elif env_id is not None and _ENV_RUN_IDS.setdefault(env_id, os.path.abspath(output_dir)) != \
+                os.path.abspath(output_dir):  # a later stage of a pipeline: its steps restart at 1
+            log.warning("WANDB_RUN_ID=%s names the wandb run of %s, started in this process; %s starts a new run",
+                        env_id, _ENV_RUN_IDS[env_id], output_dir)
+            kw = dict(id=uuid.uuid4().hex[:12], resume="allow")
+        elif env_id is not None:  # the user's id and resume policy, passed on: wandb.init would read them from the
+            # environment only at its first call in the process (its settings then stay for later runs)
+            kw = dict(id=env_id)
+            if os.environ.get("WANDB_RESUME", "").strip():
+                kw["resume"] = os.environ["WANDB_RESUME"].strip()
+        else:
+            kw = dict(id=uuid.uuid4().hex[:12], resume="allow")
+        run = mod.init(project=project, name=run_name, dir=output_dir, config=config, **kw)
+        run_id = getattr(run, "id", None) or kw["id"]  # the id wandb runs under, kept for a resume
     else:  # trackio: wandb-style init / log / finish
         run_id = None
         run = mod.init(project=project, name=run_name, config=config)

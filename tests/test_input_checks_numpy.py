@@ -173,3 +173,200 @@ def test_checks_as_python_then_positive_takes_numpy_numbers():
         _checks.positive("beta", _checks.as_python(v), allow_zero=True)
     with pytest.raises(ValueError, match="beta"):
         _checks.positive("beta", _checks.as_python(np.float32("nan")), allow_zero=True)
+
+
+# ---- every public op's scalar options: a NumPy real scalar is its exact Python value
+
+def _f(v):
+    """The Python value a NumPy scalar stands for, computed with NumPy's own conversion (independent of
+    _checks.as_python): an integer's .item(), a real's float64 value."""
+    return v.item() if isinstance(v, np.integer) else float(np.float64(v))
+
+
+def _grpo_case(B=3, T=5, V=13, H=8, seed=0):
+    """A small GRPO batch near on-policy: old / ref / sampling log-probs within ~0.5 of the policy's (so clipping,
+    masks and weights each act on some tokens); the logits are hidden @ weight.T (both loss ops see one policy)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    logits = hidden @ weight.T
+    ids = torch.randint(0, V, (B, T), generator=g)
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0].float()
+    mask = torch.ones(B, T)
+    mask[0, 3:] = 0
+
+    def near(shift=0.0):
+        return logp + shift + 0.4 * torch.randn(B, T, generator=g)
+    return dict(hidden=hidden, weight=weight, logits=logits, completion_ids=ids,
+                advantages=torch.tensor([1.0, -0.5, 0.25]), completion_mask=mask, old_logprobs=near(),
+                ref_logprobs=near(), sampling_logprobs=near(0.2))
+
+
+VESPO = dict(loss_type="vespo", vllm_importance_sampling_mode="token_mask")
+# (option, NumPy value, another value that changes the result, other options the value needs to matter)
+GRPO_OPTIONS = [
+    ("beta", np.float32(0.04), 0.5, {}), ("beta", np.float16(0.5), 0.0, {}),
+    ("epsilon", np.float32(0.2), 0.05, {}), ("epsilon", np.int64(0), 1.0, {}),
+    ("epsilon_high", np.float32(0.28), 0.05, {}), ("delta", np.float32(1.1), 5.0, {}),
+    ("temperature", np.float32(0.7), 1.0, {}), ("temperature", np.int32(2), 1.0, {}),
+    ("max_completion_length", np.int64(7), 9, dict(loss_type="dr_grpo")),
+    ("num_items_in_batch", np.float32(9), 4.0, dict(loss_type="dapo")),
+    ("num_items_in_batch", np.int64(11), 4, dict(loss_type="dapo")),
+    ("vllm_importance_sampling_clip_max", np.float32(1.05), 3.0, dict(vllm_importance_sampling_mode="token_truncate")),
+    ("vllm_importance_sampling_clip_min", np.float32(0.95), 0.1, dict(vllm_importance_sampling_mode="token_truncate")),
+    ("off_policy_mask_threshold", np.float32(0.0), 100.0, {}),
+    ("sapo_temperature_pos", np.float32(0.9), 2.0, dict(loss_type="sapo")),
+    ("sapo_temperature_neg", np.float32(1.1), 2.0, dict(loss_type="sapo")),
+    ("vespo_k_pos", np.float32(1.5), 3.0, VESPO), ("vespo_lambda_pos", np.float32(2.5), 1.0, VESPO),
+    ("vespo_k_neg", np.float32(2.5), 1.0, VESPO), ("vespo_lambda_neg", np.int64(3), 1.0, VESPO),
+    ("top_entropy_quantile", np.float32(0.6), 1.0, {}), ("entropy_coef", np.float32(0.01), 0.0, {}),
+]
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["grpo_loss", "linear_grpo_loss"])
+@pytest.mark.parametrize("name,value,other,extra", GRPO_OPTIONS,
+                         ids=lambda x: repr(x) if not isinstance(x, (dict, float, int)) else "")
+def test_grpo_loss_numpy_option_equals_python_value(linear, name, value, other, extra):
+    """Loss, log-probs, metrics and gradients with a NumPy option are bitwise those of the equal Python number; the
+    option matters in this configuration (another value changes the loss or its gradient)."""
+    c = _grpo_case()
+    base = dict(completion_mask=c["completion_mask"], old_logprobs=c["old_logprobs"],
+                ref_logprobs=c["ref_logprobs"], sampling_logprobs=c["sampling_logprobs"], beta=0.1, backend="torch",
+                **extra)
+
+    def run(v):
+        x = (c["hidden"] if linear else c["logits"]).clone().requires_grad_(True)
+        lead = (x, c["weight"]) if linear else (x,)
+        out = (rk.linear_grpo_loss if linear else rk.grpo_loss)(*lead, c["completion_ids"], c["advantages"],
+                                                                 **{**base, name: v})
+        out.loss.backward()
+        return out, x.grad
+
+    (got, g_got), (want, g_want) = run(value), run(_f(value))
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.per_token_logprobs, want.per_token_logprobs)
+    assert torch.equal(g_got, g_want)
+    assert got.metrics.keys() == want.metrics.keys()
+    assert all(torch.equal(got.metrics[k], want.metrics[k]) for k in want.metrics)
+    alt, g_alt = run(other)
+    assert not torch.equal(alt.loss, want.loss) or not torch.equal(g_alt, g_want)
+
+
+def _op_cases():
+    """(label, call(value), option, NumPy value): each public op with a scalar option."""
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(4, 9, generator=g) * 3, torch.randint(0, 9, (4,), generator=g)
+    hidden, weight = torch.randn(4, 6, generator=g), torch.randn(9, 6, generator=g)
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.5, 0.5])
+    q, kc, vc = torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8)
+    lens = torch.tensor([3, 5])
+    x, w = torch.randn(3, 8, generator=g) * 1e-2, torch.randn(8, generator=g)
+    rl, bias = torch.randn(6, 8, generator=g), torch.randn(8, generator=g)
+    return [
+        ("token_logprobs", lambda v: rk.token_logprobs(logits, labels, temperature=v, return_entropy=True,
+                                                       backend="torch"), "temperature", np.float32(0.7)),
+        ("linear_token_logprobs", lambda v: rk.linear_token_logprobs(hidden, weight, labels, temperature=v,
+                                                                     return_entropy=True, backend="torch"),
+         "temperature", np.float16(1.5)),
+        ("linear_token_logprobs", lambda v: rk.linear_token_logprobs(hidden, weight, labels, chunk_budget_bytes=v,
+                                                                     backend="torch"),
+         "chunk_budget_bytes", np.int64(1 << 20)),
+        ("group_advantages", lambda v: rk.group_advantages(rewards, 2, eps=v, backend="torch"), "eps",
+         np.float32(1e-4)),
+        ("group_advantages", lambda v: rk.group_advantages(rewards, 3, scale="none", eps=v, backend="torch"), "eps",
+         np.float32(0)),
+        ("group_advantages", lambda v: rk.group_advantages(rewards, v, backend="torch"), "group_size", np.int64(3)),
+        ("decode_attention", lambda v: rk.decode_attention(q, kc, vc, lens, scale=v, backend="torch"), "scale",
+         np.float32(0.3)),
+        ("rms_norm", lambda v: rk.rms_norm(x, w, v, backend="torch"), "eps", np.float32(1e-3)),
+        ("rms_norm", lambda v: rk.rms_norm(x, w, eps=v, backend="torch"), "eps", np.float64(1e-5)),
+        ("moe.route", lambda v: rk.moe.route(rl, bias, top_k=2, n_group=2, topk_group=1, routed_scaling_factor=v,
+                                             backend="torch"), "routed_scaling_factor", np.float32(2.5)),
+        ("moe.update_bias", lambda v: rk.moe.update_bias(torch.zeros(8) + 0.3, torch.arange(8), rate=v),
+         "rate", np.float32(1e-3)),
+        ("moe.sequence_aux_loss", lambda v: rk.moe.sequence_aux_loss(rl, None, seq_len=3, top_k=2, alpha=v),
+         "alpha", np.float32(1e-2)),
+    ]
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)] if isinstance(out, (tuple, list)) else [torch.tensor(float(out))]
+
+
+@pytest.mark.parametrize("case", range(len(_op_cases())), ids=lambda i: f"{_op_cases()[i][0]}-{_op_cases()[i][2]}")
+def test_public_op_numpy_option_equals_python_value(case):
+    _, call, _, value = _op_cases()[case]
+    got, want = _flat(call(value)), _flat(call(_f(value)))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("case", range(len(_op_cases())), ids=lambda i: f"{_op_cases()[i][0]}-{_op_cases()[i][2]}")
+@pytest.mark.parametrize("bad", [np.bool_(True), True, np.float32("nan"), np.array(0.5), np.array([0.5]),
+                                 torch.tensor(0.5), np.float32(-1.0), "0.5"], ids=repr)
+def test_public_op_bad_numpy_option_names_it(case, bad):
+    _, call, name, _ = _op_cases()[case]
+    with pytest.raises(ValueError, match=name):
+        call(bad)
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("beta", np.bool_(False)), ("beta", np.float32("nan")), ("beta", np.float32(-0.1)), ("beta", np.array(0.04)),
+    ("beta", torch.tensor(0.04)), ("epsilon", np.float64("nan")), ("epsilon", np.array([0.2])),
+    ("epsilon_high", np.bool_(True)), ("delta", np.float32(0)), ("temperature", np.float32("inf")),
+    ("temperature", np.float32(1e-7)), ("max_completion_length", np.float32(7)),
+    ("max_completion_length", np.bool_(True)), ("num_items_in_batch", np.float32(0)),
+    ("num_items_in_batch", np.float32("nan")), ("vllm_importance_sampling_clip_max", np.float32("nan")),
+    ("sapo_temperature_pos", np.float32(0)), ("vespo_k_pos", np.bool_(True)),
+    ("top_entropy_quantile", np.float32(1.5)), ("entropy_coef", np.array(0.1)),
+    ("vllm_importance_sampling_correction", np.bool_(True)), ("compute_entropy", np.bool_(False))], ids=repr)
+@pytest.mark.parametrize("linear", [False, True], ids=["grpo_loss", "linear_grpo_loss"])
+def test_grpo_loss_bad_numpy_option_names_it(linear, name, bad):
+    c = _grpo_case()
+    lead = (c["hidden"], c["weight"]) if linear else (c["logits"],)
+    with pytest.raises(ValueError, match=name):
+        (rk.linear_grpo_loss if linear else rk.grpo_loss)(*lead, c["completion_ids"], c["advantages"],
+                                                           ref_logprobs=c["ref_logprobs"], backend="torch",
+                                                           **{name: bad})
+
+
+def test_kernels_receive_python_numbers(monkeypatch):
+    """Each op hands its kernel the options as Python numbers (a kernel specializes on / torch.compile traces
+    them as constants): the backend lookup is replaced by a spy that records the scalar arguments and runs the
+    reference."""
+    from r1kernels import _backend
+    from r1kernels import reference as ref
+    seen = []
+    refs = {"grpo_loss": ref.grpo_loss, "linear_grpo_loss": ref.linear_grpo_loss,
+            "token_logprobs": ref.token_logprobs, "group_advantages": ref.group_advantages,
+            "decode_attention": ref.decode_attention, "rms_norm": ref.rms_norm, "route": ref.route}
+
+    def pick(op, backend, device, *args):
+        if op not in refs:
+            return None
+
+        def spy(*a, **kw):
+            kw.pop("inplace_backward", None)
+            seen.extend((op, v) for v in list(a) + list(kw.values()) if not isinstance(v, torch.Tensor))
+            return refs[op](*a, **kw)
+        return spy
+
+    monkeypatch.setattr(_backend, "pick", pick)
+    c = _grpo_case()
+    opts = dict(completion_mask=c["completion_mask"], old_logprobs=c["old_logprobs"],
+                ref_logprobs=c["ref_logprobs"], sampling_logprobs=c["sampling_logprobs"])
+    numpy_opts = {name: value for name, value, _, extra in GRPO_OPTIONS if not extra}
+    rk.grpo_loss(c["logits"], c["completion_ids"], c["advantages"], **opts, **numpy_opts)
+    rk.linear_grpo_loss(c["hidden"], c["weight"], c["completion_ids"], c["advantages"], **opts, **numpy_opts)
+    rk.grpo_loss(c["logits"], c["completion_ids"], c["advantages"], **opts, loss_type="sapo",
+                 sapo_temperature_pos=np.float32(0.9), sapo_temperature_neg=np.float64(1.1))
+    rk.grpo_loss(c["logits"], c["completion_ids"], c["advantages"], **opts, loss_type="vespo",
+                 vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=np.float32(0.2),
+                 **{n: v for n, v, _, e in GRPO_OPTIONS if n.startswith("vespo")})
+    rk.grpo_loss(c["logits"], c["completion_ids"], c["advantages"], loss_type="dr_grpo",
+                 max_completion_length=np.int64(7))
+    for i in range(len(_op_cases())):
+        _, call, _, value = _op_cases()[i]
+        call(value)
+    assert {op for op, _ in seen} >= set(refs)
+    bad = [(op, v) for op, v in seen if isinstance(v, np.generic) or type(v).__module__ == "numpy"]
+    assert not bad, bad

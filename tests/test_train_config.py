@@ -694,3 +694,64 @@ def test_deepspeed_train_batch_size_is_checked_at_load(tmp_path, monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ConfigError, match="WORLD_SIZE='two'"):
         load_config(overrides=base)
+
+
+# ---- list keys: every item is type-checked when the config loads
+
+def _list_keys():
+    import dataclasses
+    import typing
+
+    from r1train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return [x.name for x in dataclasses.fields(TrainConfig) if hints[x.name] in (list, typing.Optional[list])]
+
+
+def test_the_list_keys_are_the_ones_tested_here():
+    """A new list key must join LIST_BAD below (its items then checked by a test)."""
+    assert sorted(_list_keys()) == sorted(LIST_BAD)
+
+
+# key -> YAML values whose items are wrong (a number, a nested list, null, a mapping, a bool, an empty name)
+LIST_BAD = {
+    "lora_target_modules": ["[q_proj, 3]", "[[q_proj, v_proj]]", "[q_proj, null]", "[{q: 1}]", "[true]", "['']",
+                            "3", "[]"],
+    "lora_modules_to_save": ["[lm_head, 1.5]", "[[lm_head]]", "[null]", "[lm_head, '  ']", "[false]"],
+    "report_to": ["[1]", "[[wandb]]", "[null]", "[{wandb: 1}]", "[true]", "3"],
+    "reward_funcs": ["[accuracy, 3]", "[[accuracy, format]]", "[accuracy, null]", "[{accuracy: 1}]", "[true]"],
+    "reward_weights": ["[1, [2]]", "[[1, 2]]", "[1, null]", "[1, {a: 1}]", "[1, true]", "[1, .nan]", "[1, .inf]"],
+}
+
+
+@pytest.mark.parametrize("key,text", [(k, t) for k, ts in LIST_BAD.items() for t in ts], ids=repr)
+@pytest.mark.parametrize("peft", [False, True], ids=["", "use_peft"])
+def test_list_key_items_are_type_checked(tmp_path, key, text, peft):
+    """A bad item in a list key (YAML or key=value) is a ConfigError naming the key when the config loads, with or
+    without use_peft (it crashed inside peft, or passed silently: `lora_target_modules: []` ran peft's every
+    linear layer)."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{key}: {text}\n" + ("use_peft: true\n" if peft else ""))
+    for load in (lambda: load_config(str(p)),
+                 lambda: load_config(overrides=[f"{key}={text}"] + (["use_peft=true"] if peft else []))):
+        with pytest.raises(ConfigError, match=f"^{key}[: ]"):
+            load()
+
+
+@pytest.mark.parametrize("key,text,want", [
+    ("lora_target_modules", "[q_proj, v_proj]", ["q_proj", "v_proj"]),
+    ("lora_target_modules", "q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("lora_target_modules", "null", None),
+    ("lora_modules_to_save", "[lm_head]", ["lm_head"]),
+    ("lora_modules_to_save", "[]", []),
+    ("report_to", "[]", []),
+    ("report_to", "none", ["none"]),
+    ("reward_funcs", "[accuracy, format]", ["accuracy", "format"]),
+    ("reward_weights", "[1, 0.5]", [1.0, 0.5]),
+    ("reward_weights", "[1, '2']", [1.0, 2.0]),
+], ids=repr)
+def test_good_list_keys_still_load(tmp_path, key, text, want):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{key}: {text}\nuse_peft: true\n")
+    for cfg in (load_config(str(p)), load_config(overrides=[f"{key}={text}", "use_peft=true"])):
+        assert getattr(cfg, key) == want

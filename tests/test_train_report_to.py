@@ -232,18 +232,22 @@ def test_completions_table_with_columns_that_differ_by_rank(tmp_path, monkeypatc
 
 def _fake_wandb(monkeypatch):
     """A stand-in `wandb` module (installed as far as find_spec is concerned): records each init's arguments; a
-    run records the steps it is sent."""
+    run records the steps it is sent. Its id and resume policy are wandb.init's: the argument, else the
+    environment's WANDB_RUN_ID / WANDB_RESUME (wandb's settings: init arguments over environment variables), else
+    a generated id / no resume."""
     import importlib.machinery
+    import os
     import sys
     import types
+    import uuid
 
     mod = types.ModuleType("wandb")
     mod.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     mod.inits = []
 
     class Run:
-        def __init__(self, id):
-            self.id, self.steps = id, []
+        def __init__(self, id, resume):
+            self.id, self.resume, self.steps = id, resume, []
 
         def log(self, data, step=None):
             self.steps.append(step)
@@ -253,7 +257,8 @@ def _fake_wandb(monkeypatch):
 
     def init(**kw):
         mod.inits.append(kw)
-        return Run(kw.get("id"))
+        run_id = kw.get("id") or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:8]
+        return Run(run_id, kw["resume"] if kw.get("resume") is not None else os.environ.get("WANDB_RESUME"))
 
     mod.init = init
     monkeypatch.setitem(sys.modules, "wandb", mod)
@@ -317,3 +322,90 @@ def test_wandb_resume_with_an_empty_run_id_file_starts_a_new_run(tmp_path, monke
     assert run_id and (tmp_path / ".wandb_run_id").read_text() == run_id
     assert ".wandb_run_id is empty" in caplog.text
     assert not (tmp_path / ".wandb_run_id.tmp").exists()
+
+
+def test_wandb_run_id_from_the_environment(tmp_path, monkeypatch, caplog):
+    """wandb documents WANDB_RUN_ID as setting the run id (and WANDB_RESUME the resume policy): a fresh run takes
+    the user's (r1train passed its own id, which wandb.init puts over the environment's), keeps it in output_dir,
+    and a resume continues it, whatever WANDB_RUN_ID says then (a different one: a warning naming both)."""
+    import r1train.metrics as M
+    from r1train.metrics import MetricsLogger
+
+    wandb = _fake_wandb(monkeypatch)
+    monkeypatch.setattr(M, "_ENV_RUN_IDS", {}, raising=False)
+    out = str(tmp_path / "a")
+
+    def run(resume_step=0):
+        log = MetricsLogger(out, report_to=["wandb"], resume_step=resume_step)
+        sink = log.sinks["wandb"]
+        log.close()
+        return sink
+
+    monkeypatch.setenv("WANDB_RUN_ID", "users-run-7")
+    monkeypatch.setenv("WANDB_RESUME", "never")
+    fresh = run()
+    assert (fresh.id, fresh.resume) == ("users-run-7", "never")
+    assert (tmp_path / "a" / ".wandb_run_id").read_text() == "users-run-7"
+    resumed = run(resume_step=3)
+    assert resumed.id == "users-run-7" and resumed.resume in ("allow", "must")
+    monkeypatch.delenv("WANDB_RUN_ID")
+    monkeypatch.delenv("WANDB_RESUME")
+    assert run(resume_step=4).id == "users-run-7"  # the stored id, not a new one
+    monkeypatch.setenv("WANDB_RUN_ID", "another-run")
+    caplog.clear()
+    resumed = run(resume_step=5)
+    assert resumed.id == "users-run-7" and resumed.resume in ("allow", "must")
+    assert "WANDB_RUN_ID" in caplog.text and "another-run" in caplog.text and "users-run-7" in caplog.text
+    fresh = run()  # a fresh run over the old output_dir: the environment's id again
+    assert fresh.id == "another-run" and (tmp_path / "a" / ".wandb_run_id").read_text() == "another-run"
+    monkeypatch.setenv("WANDB_RUN_ID", "")  # empty: unset (wandb rejects an empty id)
+    fresh = run()
+    assert fresh.id and fresh.id != "another-run" and (tmp_path / "a" / ".wandb_run_id").read_text() == fresh.id
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert len({run().id, run().id, fresh.id}) == 3  # no WANDB_RUN_ID: a new id per fresh run
+    # a resume with no stored id (the run before had no wandb): the environment's id, as a fresh run
+    (tmp_path / "a" / ".wandb_run_id").unlink()
+    monkeypatch.setenv("WANDB_RUN_ID", "env-on-resume")
+    assert run(resume_step=2).id == "env-on-resume"
+    assert (tmp_path / "a" / ".wandb_run_id").read_text() == "env-on-resume"
+    assert len(wandb.inits) == 9
+
+
+def test_wandb_environments_run_id_names_one_run_per_process(tmp_path, monkeypatch, caplog):
+    """A pipeline runs its stages in one process, each a fresh run in its own output_dir whose steps start at 1:
+    WANDB_RUN_ID names the first stage's run; a later stage starts a new run (with a warning), as it would with
+    WANDB_RUN_ID unset, rather than logging its steps into the first stage's run (wandb drops steps below the
+    run's last)."""
+    import r1train.metrics as M
+
+    _fake_wandb(monkeypatch)
+    monkeypatch.setattr(M, "_ENV_RUN_IDS", {}, raising=False)
+    monkeypatch.setenv("WANDB_RUN_ID", "recipe-run")
+    ids = {}
+    for stage in ("sft", "grpo", "sft"):
+        log = M.MetricsLogger(str(tmp_path / stage), report_to=["wandb"])
+        ids.setdefault(stage, []).append(log.sinks["wandb"].id)
+        log.close()
+    assert ids["sft"] == ["recipe-run", "recipe-run"] and ids["grpo"][0] != "recipe-run"
+    assert (tmp_path / "grpo" / ".wandb_run_id").read_text() == ids["grpo"][0]
+    assert "WANDB_RUN_ID=recipe-run names the wandb run of" in caplog.text
+    log = M.MetricsLogger(str(tmp_path / "grpo"), report_to=["wandb"], resume_step=2)  # resumed: its own run
+    assert log.sinks["wandb"].id == ids["grpo"][0]
+    log.close()
+
+
+def test_wandb_offline_takes_the_environments_run_id(tmp_path, monkeypatch):
+    """The real client (offline): WANDB_RUN_ID is the run's id, and the one kept for a resume."""
+    pytest.importorskip("wandb")
+    from r1train.metrics import MetricsLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_RUN_ID", "r1k-env-id-1")
+    monkeypatch.setattr("r1train.metrics._ENV_RUN_IDS", {}, raising=False)
+    log = MetricsLogger(str(tmp_path), report_to=["wandb"])
+    try:
+        assert log.sinks["wandb"].id == "r1k-env-id-1"
+    finally:
+        log.close()
+    assert (tmp_path / ".wandb_run_id").read_text() == "r1k-env-id-1"
