@@ -38,6 +38,9 @@ def route(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group,
           norm_topk_prob=True, backend="auto"):
     """router_logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int64 [T, K]) by DeepSeek-V3's
     sigmoid + bias + group-limited top-k; ids ordered by biased score, ties to the lower index."""
+    # NumPy scalars as their Python values (kernels take Python numbers; r1kernels' convention)
+    top_k, n_group, topk_group, routed_scaling_factor = map(
+        _checks.as_python, (top_k, n_group, topk_group, routed_scaling_factor))
     _checks.float_tensor("router_logits", router_logits, ndim=2)
     E = router_logits.shape[1]
     _checks.float_tensor("e_score_correction_bias", e_score_correction_bias, ndim=1)
@@ -78,6 +81,7 @@ def permute(hidden, topk_ids, num_experts, *, backend="auto"):
     if topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"topk_ids must have {hidden.shape[0]} rows (one per token of hidden), "
                          f"got {tuple(topk_ids.shape)}")
+    num_experts = _checks.as_python(num_experts)
     _check_int("num_experts", num_experts)
     _checks.same_device(hidden=hidden, topk_ids=topk_ids)
     if _eager():
@@ -146,7 +150,7 @@ def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=N
         _checks.finite("tokens_per_expert", tokens_per_expert)
     if tokens_per_expert.numel():
         _checks._value_check((tokens_per_expert >= 0).all(), "tokens_per_expert must be >= 0 (token counts)")
-    _checks.positive("rate", rate, allow_zero=True)
+    rate = _checks.positive("rate", rate, allow_zero=True)
     if all_reduce:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
@@ -163,6 +167,7 @@ def sequence_aux_loss(router_logits, topk_ids, *, seq_len, top_k, alpha=1e-4, ba
     _torch_only("sequence_aux_loss", backend)
     _checks.float_tensor("router_logits", router_logits, ndim=2)
     N, E = router_logits.shape
+    seq_len, top_k, alpha = map(_checks.as_python, (seq_len, top_k, alpha))
     _check_int("seq_len", seq_len)
     _check_int("top_k", top_k)
     if N == 0:

@@ -62,8 +62,12 @@ def apply_lora(model, cfg: TrainConfig):
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise ConfigError("use_peft needs peft (pip install peft)") from e
+    # peft takes "all-linear" only as a string; TRL's ModelConfig passes a one-item list on as its item (which
+    # would make any other name a full-match regex, so only this one is unwrapped: [q_proj] stays a suffix match)
+    target = cfg.lora_target_modules
+    target = "all-linear" if not target or target == ["all-linear"] else target
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=cfg.lora_target_modules or "all-linear",
+                    target_modules=target,
                     modules_to_save=cfg.lora_modules_to_save, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lc)

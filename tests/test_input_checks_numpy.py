@@ -284,6 +284,19 @@ def _op_cases():
          "rate", np.float32(1e-3)),
         ("moe.sequence_aux_loss", lambda v: rk.moe.sequence_aux_loss(rl, None, seq_len=3, top_k=2, alpha=v),
          "alpha", np.float32(1e-2)),
+        ("moe.route", lambda v: rk.moe.route(rl, bias, top_k=v, n_group=2, topk_group=1, backend="torch"),
+         "top_k", np.int64(3)),
+        ("moe.route", lambda v: rk.moe.route(rl, bias, top_k=2, n_group=v, topk_group=1, backend="torch"),
+         "n_group", np.int32(4)),
+        ("moe.route", lambda v: rk.moe.route(rl, bias, top_k=2, n_group=2, topk_group=v, backend="torch"),
+         "topk_group", np.int64(2)),
+        ("moe.permute", lambda v: rk.moe.permute(rl, torch.tensor([[0, 7], [3, 3], [5, 1], [2, 0], [6, 4],
+                                                                   [1, 2]]), v, backend="torch"),
+         "num_experts", np.int64(8)),
+        ("moe.sequence_aux_loss", lambda v: rk.moe.sequence_aux_loss(rl, None, seq_len=v, top_k=2), "seq_len",
+         np.int64(2)),
+        ("moe.sequence_aux_loss", lambda v: rk.moe.sequence_aux_loss(rl, None, seq_len=3, top_k=v), "top_k",
+         np.uint8(3)),
     ]
 
 

@@ -147,3 +147,20 @@ def test_generate_with_an_adapter_on_the_embedding(engine):
     want, _ = generate(model, ids, mask, [0, 1], SamplingParams(3, greedy=True), **kw)
     got, _ = generate(apply_lora(model, cfg), ids, mask, [0, 1], SamplingParams(3, greedy=True), **kw)
     assert torch.equal(got, want)
+
+
+def test_all_linear_as_a_one_item_list():
+    """lora_target_modules=all-linear (a one-item list, as TRL's ModelConfig reads it and then unwraps) adapts
+    the same modules as leaving it unset (peft failed: no module named 'all-linear'); a one-item module name
+    stays a suffix match (q_proj: every layer's q_proj)."""
+    from r1train.loading import apply_lora
+
+    def adapted(*extra):
+        cfg = load_config(overrides=[*H.FAST, "use_peft=true", *extra])
+        model, _ = load_model_and_tokenizer(cfg)
+        return sorted(n for n, _ in apply_lora(model, cfg).named_modules() if n.endswith(".lora_A"))
+
+    every = adapted()
+    assert every == adapted("lora_target_modules=all-linear") and len(every) > 1
+    q = adapted("lora_target_modules=q_proj")
+    assert q and all(n.endswith("q_proj.lora_A") for n in q) and set(q) < set(every)
