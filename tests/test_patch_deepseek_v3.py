@@ -136,13 +136,13 @@ def test_patch_counts_training_forwards_only(experts, shape):
     assert router.tokens_per_expert.sum().item() == (2 * ids.numel() + mask.sum().item()) * router.top_k
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True, "deepspeed"])
 @pytest.mark.parametrize("shape", [(3, 10), (2, 1)])
 def test_patch_counts_once_under_gradient_checkpointing(shape, reentrant):
     """Activation checkpointing re-runs each layer's forward inside backward; the recompute adds no counts,
     and the gradients equal those of a forward without checkpointing. Non-reentrant is r1train's mode;
-    reentrant (transformers' use_reentrant=True) runs the layer's first forward without grad, which is still
-    the training forward and counts once."""
+    reentrant (transformers' use_reentrant=True, and DeepSpeed's checkpoint, which Megatron-style trainers use)
+    runs the layer's first forward without grad, which is still the training forward and counts once."""
     model = _tiny()
     dsv3.patch_deepseek_v3(model, backend="torch")
     model.train()
@@ -157,6 +157,11 @@ def test_patch_counts_once_under_gradient_checkpointing(shape, reentrant):
             enable_activation_checkpointing(model)
         elif gc:
             checkpointing_on(model, reentrant=True)
+            if reentrant == "deepspeed":
+                from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+
+                for layer in model.model.layers:
+                    layer._gradient_checkpointing_func = ds_ckpt.checkpoint
         model.zero_grad()
         router.tokens_per_expert.zero_()
         model(ids).logits.float().square().mean().backward()

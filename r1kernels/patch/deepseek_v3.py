@@ -30,15 +30,28 @@ from ._pickle import reduce_made
 ROUTER_CLASSES = ("DeepseekV3TopkRouter",)
 EXPERTS_CLASSES = ("DeepseekV3Experts",)
 
-_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+# Reentrant activation checkpointing's autograd Functions, whose forward runs the layer under no_grad: torch's,
+# DeepSpeed's and Megatron's (looked up where their modules are loaded; each a class named CheckpointFunction)
+_REENTRANT_MODULES = ("torch.utils.checkpoint", "deepspeed.runtime.activation_checkpointing.checkpointing",
+                      "megatron.core.tensor_parallel.random")
+
+
+def _reentrant_forwards() -> set:
+    codes = set()
+    for name in _REENTRANT_MODULES:
+        fwd = getattr(getattr(sys.modules.get(name), "CheckpointFunction", None), "forward", None)
+        if fwd is not None:
+            codes.add(fwd.__code__)
+    return codes
 
 
 def in_reentrant_checkpoint() -> bool:
-    """Inside torch.utils.checkpoint's reentrant forward, which runs the checkpointed layer under no_grad
+    """Inside a reentrant checkpoint's forward (torch's, DeepSpeed's, Megatron's), which runs the layer under no_grad
     (transformers checkpoints only grad-enabled training forwards; the recompute runs in backward, outside it)."""
+    codes = _reentrant_forwards()
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code is _REENTRANT_FORWARD:
+        if f.f_code in codes:
             return True
         f = f.f_back
     return False
