@@ -165,7 +165,7 @@ def _check_f64_reward_range(rewards, reward_weights):
     mag = rewards.abs().amax()
     if rewards.dim() == 2:
         mag = mag * (reward_weights.double().abs().sum() if reward_weights is not None else rewards.shape[1])
-    _checks._value_check(mag <= F64_REWARD_MAX,
+    _checks._value_check(~(mag > F64_REWARD_MAX),  # NaN passes here: the finite check names it
                          f"rewards: float64 rewards of magnitude > {F64_REWARD_MAX:g} (weighted) overflow the "
                          "float64 std of group_advantages (it would give advantages of 0); rescale the rewards")
 

@@ -161,6 +161,9 @@ def test_float64_rewards_past_float64_std_raise(backend, scale):
     r[int(torch.randint(0, 4 * G, ()))] = float(torch.rand(()) + 1) * 1e200
     with pytest.raises(ValueError, match="rewards"):
         rk.group_advantages(r, G, scale=scale, backend=backend)
+    r[0] = float("nan")  # NaN is named as NaN, also by the extension's own check (not as a magnitude)
+    with pytest.raises(ValueError, match="NaN"):
+        rk.group_advantages(r, G, scale=scale, backend=backend)
     a = float(torch.rand(()) + 1) * 1e100
     pair = torch.tensor([a, -a], dtype=torch.float64)
     if scale == "none":
