@@ -593,7 +593,10 @@ def check_train_batch_size(cfg, c: dict, world: Optional[int] = None):
     if tbs == "auto":
         return
     mb, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    world = launch_world_size() if world is None else world
+    if world is None:  # a process group made before the config (mp.spawn, a notebook) has its own size
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launch_world_size()
     if isinstance(tbs, bool) or not isinstance(tbs, (int, float)) or tbs != mb * ga * world:
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets train_batch_size={tbs!r} but train_micro_batch_size_"
                           f"per_gpu x gradient_accumulation_steps x processes = {mb} x {ga} x {world} = "

@@ -215,6 +215,44 @@ def test_cli_run_tears_down_its_process_group(tmp_path, capsys):
     assert dist.is_initialized()  # conftest's fixture destroys it
 
 
+def test_teardown_survives_a_failed_barrier(monkeypatch, caplog):
+    """A rank whose end-of-run barrier fails (it timed out while rank 0 uploaded to wandb) still destroys its
+    group and ends with a warning: the run's results are saved, so the exit is not a failure."""
+    import torch.distributed as dist
+
+    from r1train.engine import setup_distributed, teardown_distributed
+
+    setup_distributed()
+
+    def failed(*a, **k):
+        raise dist.DistError("barrier timed out")
+    monkeypatch.setattr(dist, "barrier", failed)
+    with caplog.at_level("WARNING", logger="r1train"):
+        teardown_distributed()
+    assert not dist.is_initialized()
+    assert "barrier failed" in caplog.text
+
+
+def test_train_batch_size_checked_against_a_group_made_before_the_config(tmp_path, monkeypatch):
+    """A process group made before the config loads (mp.spawn, a notebook) without WORLD_SIZE in the
+    environment: the deepspeed file's train_batch_size is checked against that group's size, not 1."""
+    import json
+
+    from r1train.config import ConfigError, check_train_batch_size, load_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 2}}))
+    cfg = load_config(overrides=["per_device_train_batch_size=8", "gradient_accumulation_steps=2"])
+    cfg.deepspeed = str(path)
+    check_train_batch_size(cfg, {"train_batch_size": 16})  # no group: the launch's 1 process
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
+    monkeypatch.setattr("torch.distributed.get_world_size", lambda *a: 2)
+    with pytest.raises(ConfigError, match=r"train_batch_size=16 .* = 8 x 2 x 2 = 32"):
+        check_train_batch_size(cfg, {"train_batch_size": 16})
+    check_train_batch_size(cfg, {"train_batch_size": 32})
+
+
 if __name__ == "__main__":  # a worker process of the tests above: test_train_dist.py <worker> <args>
     import sys
 

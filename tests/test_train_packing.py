@@ -692,11 +692,6 @@ def test_sft_on_ranks_of_uneven_row_counts(tmp_path):
         assert torch.equal(two[0]["upd"], two[1]["upd"]), mode
 
 
-if __name__ == "__main__":  # a worker process of the tests above: test_train_packing.py <worker> <args>
-    import sys
-
-    globals()[sys.argv[1]](*sys.argv[2:])
-
 
 def test_grpo_step_with_filler_packs_logs_and_trains_as_without(tmp_path, monkeypatch):
     """A whole GRPO step whose plan ends in filler packs (what a rank with fewer packs than another runs), with
@@ -808,3 +803,9 @@ def test_packed_entropy_quantile_under_a_budget_is_per_pack(tmp_path):
             assert m0[ENTROPY_WINDOW][1] > 0 and torch.equal(m1[ENTROPY_WINDOW][1], m0[ENTROPY_WINDOW][1]), tag
             assert_close(m1[ENTROPY_WINDOW], m0[ENTROPY_WINDOW], name=f"window {tag}")
             assert_close(m1["entropy/selected_mean"], m0["entropy/selected_mean"], name=f"selected_mean {tag}")
+
+
+if __name__ == "__main__":  # a worker process of the tests above: test_train_packing.py <worker> <args>
+    import sys
+
+    globals()[sys.argv[1]](*sys.argv[2:])
