@@ -166,7 +166,8 @@ class CheckpointMixin:
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
                 json.dump({"global_step": step, "max_steps": self.max_steps, "trainer": type(self).__name__,
                            "world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
-                           "trainer_state": self.trainer_state(), "config": vars(cfg)},
+                           "trainer_state": self.trainer_state(), "config": vars(cfg),
+                           "sft_whole_prompts": True},  # SFT keeps whole prompts (check_resume_state)
                           fh, indent=1, default=str)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
@@ -196,6 +197,10 @@ class CheckpointMixin:
         for d in sorted(done, key=_step_of)[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
 
+    def check_resume_state(self, path: str):
+        """A trainer's own check of the checkpoint it resumes from (rank 0, before any work): CheckpointError
+        where resuming would train differently from the run that wrote it. None here."""
+
     # ---- before any work: the output directory and the checkpoint to resume from (rank 0 decides)
     def prepare_run(self) -> str | None:
         """Lock output_dir, refuse (or clear) another run's outputs, and pick and check the checkpoint to
@@ -207,6 +212,7 @@ class CheckpointMixin:
                 if self.cfg.resume_from_checkpoint:
                     path = resolve_checkpoint(self.cfg.resume_from_checkpoint, self.cfg.output_dir)
                     check_resume_config(path, self.cfg, type(self).__name__, self.world)
+                    self.check_resume_state(path)
                     res = ("ok", path)
             except ConfigError as e:
                 res = ("error", type(e).__name__, str(e))

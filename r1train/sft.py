@@ -5,11 +5,14 @@ first), through r1kernels' fused hidden->log-prob kernel."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import torch
 import torch.distributed as dist
 
-from .data import TokenCache, sft_collate, sft_tokens, validate_rows
+from .checkpoint import CheckpointError
+from .data import DatasetError, TokenCache, sft_collate, sft_tokens, validate_rows
 from .engine import Trainer
 from .grpo import _all_sum
 from .packing import build_packs, packed_attention
@@ -60,6 +63,29 @@ class SFTTrainer(Trainer):
         for i, r in enumerate(train_rows):
             sft_tokens(tokenizer, r, i, **self.token_keys(cfg))  # checks the completion too (the cache keeps the ids)
         super().__init__(cfg, model, tokenizer, train_rows, *args, **kwargs)
+
+    def check_resume_state(self, path: str):
+        """A checkpoint written before SFT kept whole prompts (no sft_whole_prompts in its trainer_state.json)
+        trained on each prompt's last max_prompt_length tokens; resuming it with a longer training prompt would
+        train that row on other tokens than the run did: a CheckpointError naming the row. Without such a prompt
+        both rules tokenize alike and the resume goes on."""
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            state = json.load(fh)
+        if state.get("sft_whole_prompts"):
+            return
+        cut = state.get("config", {}).get("max_prompt_length", self.cfg.max_prompt_length)
+        keys = dict(self.token_keys(self.cfg), completion_only_loss=True, max_length=1 << 62)
+        for i, r in enumerate(self.train_rows):
+            try:
+                n = len(sft_tokens(self.tok, r, i, **keys)[0])
+            except DatasetError:  # no completion token (a completion_only_loss=false run): its prompt is not cut
+                continue
+            if n > cut:
+                raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: {path} was written "
+                                      f"before SFT kept whole prompts: that run cut each prompt to its last "
+                                      f"max_prompt_length={cut} tokens, and train row {i}'s prompt has {n}, so this "
+                                      "run would train it on other tokens. Start a fresh run (another output_dir, "
+                                      "or overwrite_output_dir=true)")
 
     def trainer_state(self) -> dict:
         return {"num_tokens": self.num_tokens}

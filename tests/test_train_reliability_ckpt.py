@@ -96,6 +96,30 @@ def test_resume_refuses_a_checkpoint_of_other_settings(sft_run, tmp_path):
     assert t.step0 == 4
 
 
+def test_resume_refuses_an_sft_checkpoint_that_cut_prompts(sft_run, tmp_path):
+    """An SFT checkpoint written before SFT kept whole prompts (no sft_whole_prompts in its trainer_state.json)
+    trained on each prompt's last max_prompt_length tokens: resuming it where a training prompt is longer would
+    train that row on other tokens, a CheckpointError naming it; where every prompt fits, and from a checkpoint of
+    this version, the resume goes on."""
+    out = _copy(sft_run, tmp_path)
+    ckpt = out / "checkpoint-4"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state.pop("sft_whole_prompts") is True
+
+    def resume(cut, whole=False):
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "config": {**state["config"],
+                                                                                  "max_prompt_length": cut},
+                                                               **({"sft_whole_prompts": True} if whole else {})}))
+        write_manifest(str(ckpt))  # the edited file is the checkpoint's (else `latest` skips it as damaged)
+        return _sft(out, "max_steps=6", f"resume_from_checkpoint={ckpt}", f"max_prompt_length={cut}")
+
+    with pytest.raises(CheckpointError, match=r"before SFT kept whole prompts.*max_prompt_length=2 tokens, and "
+                                              r"train row \d+'s prompt has \d+"):
+        resume(2)  # every prompt is longer than 2 tokens
+    assert resume(4096).step0 == 4  # every prompt fits: both rules tokenize alike
+    assert resume(2, whole=True).step0 == 4  # a checkpoint of this version: nothing to check
+
+
 # ---- item 9: a damaged checkpoint is skipped by `latest` (with a warning), an error when named
 DAMAGE = {
     "truncated rng state": lambda d: _truncate(d / "rng_state_0.pth"),
