@@ -95,9 +95,10 @@ def logits_logprobs(logits, labels, group, return_entropy, backend="auto"):
     rank, world = rank_and_size(group)
     shard = logits.shape[-1]
     idx, owned = local_labels(labels, rank, shard)
-    logp_r, ent_r = token_logprobs(logits, idx, return_entropy=True, backend=backend)
+    out = token_logprobs(logits, idx, return_entropy=return_entropy, backend=backend)  # entropy only if asked
+    logp_r, ent_r = out if return_entropy else (out, None)
     z_idx = acc(logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
-    logp, ent = combine(logp_r, ent_r if return_entropy else None, z_idx, owned, labels, shard, group, world)
+    logp, ent = combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world)
     return logp, ent
 
 
