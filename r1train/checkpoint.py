@@ -197,9 +197,10 @@ class CheckpointMixin:
         for d in sorted(done, key=_step_of)[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
 
-    def check_resume_state(self, path: str):
-        """A trainer's own check of the checkpoint it resumes from (rank 0, before any work): CheckpointError
-        where resuming would train differently from the run that wrote it. None here."""
+    def check_resume_state(self, path: str, state: dict):
+        """A trainer's own check of the checkpoint it resumes from (rank 0, before any work; state: its
+        trainer_state.json): CheckpointError where resuming would train differently from the run that wrote it.
+        None here."""
 
     # ---- before any work: the output directory and the checkpoint to resume from (rank 0 decides)
     def prepare_run(self) -> str | None:
@@ -211,8 +212,8 @@ class CheckpointMixin:
                 prepare_output_dir(self.cfg)
                 if self.cfg.resume_from_checkpoint:
                     path = resolve_checkpoint(self.cfg.resume_from_checkpoint, self.cfg.output_dir)
-                    check_resume_config(path, self.cfg, type(self).__name__, self.world)
-                    self.check_resume_state(path)
+                    state = check_resume_config(path, self.cfg, type(self).__name__, self.world)
+                    self.check_resume_state(path, state)
                     res = ("ok", path)
             except ConfigError as e:
                 res = ("error", type(e).__name__, str(e))
@@ -350,8 +351,9 @@ def resumes_latest(spec) -> bool:
     return spec == "latest" or (isinstance(spec, str) and spec.lower() == "true" and not os.path.isdir(spec))
 
 
-def check_resume_config(path: str, cfg, trainer: str, world: int):
-    """The checkpoint's run and this one must agree on RUN_KEYS, the trainer and the number of processes."""
+def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
+    """The checkpoint's run and this one must agree on RUN_KEYS, the trainer and the number of processes.
+    Returns the checkpoint's trainer_state.json."""
     with open(os.path.join(path, "trainer_state.json")) as fh:
         state = json.load(fh)
     saved = state.get("config", {})
@@ -368,6 +370,7 @@ def check_resume_config(path: str, cfg, trainer: str, world: int):
         raise CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {path} was written by a run "
                               f"with other settings: {', '.join(diff)}. Resume with the checkpoint's values, or "
                               "start a fresh run (another output_dir, or overwrite_output_dir=true)")
+    return state
 
 
 def schedule_has_horizon(cfg) -> bool:

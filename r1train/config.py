@@ -424,12 +424,10 @@ class TrainConfig:
                               f"training row's tokens) for SFT; got {b}")
 
     def _check_rewards(self):
-        if not self.reward_funcs or not all(isinstance(x, str) and x for x in self.reward_funcs):
+        # each name and weight is checked by check_type (the keys' LIST_ITEMS kinds)
+        if not self.reward_funcs:
             raise ConfigError(f"reward_funcs must be a non-empty list of names, got {self.reward_funcs!r}")
         if self.reward_weights is not None:
-            for w in self.reward_weights:
-                if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                    raise ConfigError(f"reward_weights must be a list of finite numbers, got {self.reward_weights!r}")
             if len(self.reward_weights) != len(self.reward_funcs):
                 raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
                                   f"{len(self.reward_funcs)}")
@@ -538,15 +536,15 @@ DEEPSPEED_FILLED = (("train_micro_batch_size_per_gpu", "per_device_train_batch_s
                     ("gradient_clipping", "max_grad_norm"))
 
 
-def check_deepspeed_values(cfg, c: dict, world: Optional[int] = None):
+def check_deepspeed_values(cfg, c: dict):
     """A `deepspeed` file's value for a key r1train fills (DEEPSPEED_FILLED, bf16.enabled) must be "auto" or
     equal the config's (as transformers' HfTrainerDeepSpeedConfig.fill_match): DeepSpeed would otherwise run
     with the file's value over the config's (a file's GA 4 with the config's 1 stepped the optimizer every 4th
     micro-batch, none in 3 steps). bf16.enabled=false with bf16=true is allowed: bf16 weights stepped directly
     without DeepSpeed's mixed precision (r1train/configs/ds_zero0_bf16.json). Also, when the config loads (before
     any model): fp16 off, the optimizer / scheduler sections (check_optimizer_sections), and no offload section of
-    device "none" under an offload_* key that is on, and train_batch_size against the launch's world size
-    (check_train_batch_size; `world`: the process group's, where the engine is built)."""
+    device "none" under an offload_* key that is on, and train_batch_size against the number of processes
+    (check_train_batch_size)."""
     for ds_key, key in DEEPSPEED_FILLED:
         v, want = c.get(ds_key, "auto"), getattr(cfg, key)
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != want):
@@ -563,7 +561,7 @@ def check_deepspeed_values(cfg, c: dict, world: Optional[int] = None):
                           "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
                           "16-bit training")
     check_optimizer_sections(cfg, c)
-    check_train_batch_size(cfg, c, world)
+    check_train_batch_size(cfg, c)
     zo = c.get("zero_optimization", {})
     for k in ("offload_optimizer", "offload_param"):  # the key on and the file's section off: which one holds?
         sec = zo.get(k)
@@ -583,9 +581,9 @@ def launch_world_size() -> int:
     return int(w)
 
 
-def check_train_batch_size(cfg, c: dict, world: Optional[int] = None):
-    """DeepSpeed's train_batch_size is micro-batch x gradient accumulation x processes (`world`; None: the
-    launch's, launch_world_size): a `deepspeed` file's must be "auto" or that product (transformers'
+def check_train_batch_size(cfg, c: dict):
+    """DeepSpeed's train_batch_size is micro-batch x gradient accumulation x processes (the process group's, else
+    the launch's: launch_world_size): a `deepspeed` file's must be "auto" or that product (transformers'
     fill_match); another value was dropped silently (a file written for another world size). Checked when the
     config loads, before any model: the file's micro-batch and accumulation are "auto" or the config's
     (check_deepspeed_values), so the product is the config's."""
@@ -593,10 +591,9 @@ def check_train_batch_size(cfg, c: dict, world: Optional[int] = None):
     if tbs == "auto":
         return
     mb, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    if world is None:  # a process group made before the config (mp.spawn, a notebook) has its own size
-        import torch.distributed as dist
+    import torch.distributed as dist  # a group made before the config (mp.spawn, a notebook) has its own size
 
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launch_world_size()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launch_world_size()
     if isinstance(tbs, bool) or not isinstance(tbs, (int, float)) or tbs != mb * ga * world:
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets train_batch_size={tbs!r} but train_micro_batch_size_"
                           f"per_gpu x gradient_accumulation_steps x processes = {mb} x {ga} x {world} = "

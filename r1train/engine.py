@@ -71,8 +71,7 @@ def setup_distributed():
 
 def teardown_distributed():
     """The end of a run that every rank completed: a barrier (no rank tears down a group another still uses),
-    then destroy_process_group, which torch asks for before a process exits, and DeepSpeed's clone of the world
-    group with it (a later init in the same process builds both again)."""
+    then destroy_process_group, which torch asks for before a process exits."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:  # the run's results are saved: a rank that timed out here (rank 0 alone uploads to its metrics backends
@@ -81,9 +80,15 @@ def teardown_distributed():
     except (RuntimeError, dist.DistError) as e:
         logging.getLogger("r1train").warning("the end-of-run barrier failed (%s); the process group is destroyed "
                                              "anyway", e)
-    dist.destroy_process_group()
+    destroy_process_group()
+
+
+def destroy_process_group():
+    """torch.distributed's group and DeepSpeed's clone of the world group with it (a ZeRO-3 init would use the
+    dead clone); a later init in the same process builds both again."""
     import sys
 
+    dist.destroy_process_group()
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
         groups._WORLD_GROUP = None
@@ -96,8 +101,7 @@ def device():
 def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
     path = cfg.deepspeed or os.path.join(CONFIG_DIR, f"ds_zero{cfg.zero_stage}.json")
     c = read_deepspeed_config(path)
-    world = dist.get_world_size() if dist.is_initialized() else None
-    check_deepspeed_values(cfg, c, world)  # also at load (validate); again here for a config changed after it
+    check_deepspeed_values(cfg, c)  # also at load (validate); again here for a config changed after it
     fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.max_grad_norm}
     for k, v in fill.items():

@@ -5,8 +5,6 @@ first), through r1kernels' fused hidden->log-prob kernel."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -64,13 +62,11 @@ class SFTTrainer(Trainer):
             sft_tokens(tokenizer, r, i, **self.token_keys(cfg))  # checks the completion too (the cache keeps the ids)
         super().__init__(cfg, model, tokenizer, train_rows, *args, **kwargs)
 
-    def check_resume_state(self, path: str):
+    def check_resume_state(self, path: str, state: dict):
         """A checkpoint written before SFT kept whole prompts (no sft_whole_prompts in its trainer_state.json)
         trained on each prompt's last max_prompt_length tokens; resuming it with a longer training prompt would
         train that row on other tokens than the run did: a CheckpointError naming the row. Without such a prompt
         both rules tokenize alike and the resume goes on."""
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            state = json.load(fh)
         if state.get("sft_whole_prompts"):
             return
         cut = state.get("config", {}).get("max_prompt_length", self.cfg.max_prompt_length)

@@ -76,11 +76,9 @@ def _no_leaked_process_group():
     yield
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        import sys
-        groups = sys.modules.get("deepspeed.utils.groups")
-        if groups is not None:  # DeepSpeed's clone of the world group died with it (a ZeRO-3 init would use it)
-            groups._WORLD_GROUP = None
+        from r1train.engine import destroy_process_group
+
+        destroy_process_group()
 
 
 def pytest_collection_modifyitems(config, items):
