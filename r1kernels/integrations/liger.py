@@ -185,10 +185,10 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                  backend: str = "auto"):
         super().__init__()
         _checks.choice("loss_type", loss_type, LOSS_TYPES)
-        _checks.positive("sapo_temperature_pos", _checks.as_python(sapo_temperature_pos))
-        _checks.positive("sapo_temperature_neg", _checks.as_python(sapo_temperature_neg))
+        _checks.positive("sapo_temperature_pos", sapo_temperature_pos)  # NumPy scalars judged by value
+        _checks.positive("sapo_temperature_neg", sapo_temperature_neg)
         if delta is not None:
-            _checks.positive("delta", _checks.as_python(delta))
+            _checks.positive("delta", delta)
         options = dict(
             beta=beta, compiled=compiled, use_ref_model=use_ref_model, chunk_size=chunk_size,
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,

@@ -7,9 +7,9 @@ Auxiliary-loss-free balancing (the one mechanism; r1train's ExpertLoad drives it
 its routed tokens to `router.tokens_per_expert` (int64 [E], on the device, no host sync) in training
 forwards only -- module.training and grad enabled, outside backward's recompute -- so generation (eval
 mode, no_grad), no-grad log-prob passes and activation-checkpointing recomputes never count. Reentrant
-checkpointing (use_reentrant=True) runs a layer's training forward under no_grad inside
-torch.utils.checkpoint's CheckpointFunction.forward: that forward counts as grad-enabled
-(`in_reentrant_checkpoint`), so each training forward counts exactly once in either checkpointing mode.
+checkpointing (torch's use_reentrant=True, DeepSpeed's, Megatron's) runs a layer's training forward under
+no_grad inside its CheckpointFunction.forward: that forward counts as grad-enabled (`in_reentrant_checkpoint`),
+so each training forward counts exactly once in either checkpointing mode.
 `router.token_mask` ([N] bool, pads False) restricts the count to real tokens of forwards with N tokens (a
 mask of another size: a ValueError in the training forward).
 `update_router_biases` (once per optimizer step) sums the counts over ranks, moves each
