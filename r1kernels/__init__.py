@@ -14,11 +14,12 @@ import torch
 
 from . import _backend, _checks
 from . import reference as _ref
+from ._checks import AdvantageOverflowError
 from .reference.grpo import EXTRA_DEFAULTS, IS_LEVELS, KL_ESTIMATORS, LOSS_REDUCTION, LOSS_TYPES, check_extra_options
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "linear_grpo_loss",
            "GRPOLossOutput", "sample_tokens", "decode_attention", "decode_linear", "rms_norm", "apply_rotary",
-           "silu_mul", "moe", "patch"]
+           "silu_mul", "moe", "patch", "AdvantageOverflowError"]
 __version__ = "0.1.0"
 
 
@@ -104,7 +105,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     (unbiased std), the whole batch's std for "batch", no division for "none". rewards and reward_weights
     must be finite (NaN or inf: ValueError, a device assert for CUDA tensors), and so must the advantages in float32:
     scale="none" with rewards whose spread passes float32's range, or float64 rewards past F64_REWARD_MAX, is a
-    ValueError naming rewards (eager calls; see _ADV_OVERFLOW)."""
+    AdvantageOverflowError (a ValueError) naming rewards (eager calls; see _ADV_OVERFLOW)."""
     group_size, eps = _checks.as_python(group_size), _checks.as_python(eps)
     _checks.float_tensor("rewards", rewards, ndim=(1, 2))
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
@@ -140,7 +141,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
         _check_f64_reward_range(rewards, reward_weights)
     out = (fn or _ref.group_advantages)(rewards, group_size, scale, eps, reward_weights)
     if _eager() and scale == "none":
-        _checks._value_check(torch.isfinite(out).all(), _ADV_OVERFLOW)
+        _checks._value_check(torch.isfinite(out).all(), _ADV_OVERFLOW, AdvantageOverflowError)
     return out
 
 
@@ -167,7 +168,8 @@ def _check_f64_reward_range(rewards, reward_weights):
         mag = mag * (reward_weights.double().abs().sum() if reward_weights is not None else rewards.shape[1])
     _checks._value_check(~(mag > F64_REWARD_MAX),  # NaN passes here: the finite check names it
                          f"rewards: float64 rewards of magnitude > {F64_REWARD_MAX:g} (weighted) overflow the "
-                         "float64 std of group_advantages (it would give advantages of 0); rescale the rewards")
+                         "float64 std of group_advantages (it would give advantages of 0); rescale the rewards",
+                         AdvantageOverflowError)
 
 
 def _check_loss_rows(name: str, rows: int, loss_type: str, note: str = ""):

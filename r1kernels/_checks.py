@@ -83,10 +83,15 @@ def _sync(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" or (SYNC_CHECKS and not capturing(x))
 
 
-def _value_check(ok: torch.Tensor, message: str):
+class AdvantageOverflowError(ValueError):
+    """rk.group_advantages: finite rewards whose advantages leave float32 (or whose float64 std would overflow).
+    A ValueError, so callers that catch ValueError keep working; trainers catch this one to name their option."""
+
+
+def _value_check(ok: torch.Tensor, message: str, error: type[ValueError] = ValueError):
     if _sync(ok):
         if not bool(ok):
-            raise ValueError(message)
+            raise error(message)
     else:
         torch._assert_async(ok, message)
 

@@ -187,12 +187,10 @@ def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, 
     g = total.view(-1, G)
     std_N = _nanstd(total, 0).expand_as(total) if scale == "batch" else _nanstd(g, 1).expand_as(g).reshape(-1)
     if not total.isnan().any():
-        try:  # host tensors: the library's overflow check is a ValueError
+        try:  # host tensors: the library's overflow check raises (no device assert)
             adv = rk.group_advantages(vals_NR.nan_to_num(0.0), G, scale=scale, reward_weights=w_R, backend=backend)
-        except ValueError as e:
-            if "overflow float32" in str(e):
-                raise _overflow_error(scale) from e
-            raise
+        except rk.AdvantageOverflowError as e:
+            raise _overflow_error(scale) from e
     else:
         adv = (g - g.nanmean(1, keepdim=True)).reshape(-1)
         if scale != "none":

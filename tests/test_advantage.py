@@ -129,7 +129,7 @@ def test_scale_none_past_float32_raises_on_every_cpu_backend(backend, cols):
         t_BG = t.view(-1, G)
         want_inf = bool(torch.isinf((t_BG - t_BG.mean(-1, keepdim=True)).float()).any())
         if want_inf:
-            with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+            with pytest.raises(rk.AdvantageOverflowError, match=r"rewards: .*overflow float32"):
                 rk.group_advantages(r, G, scale="none", reward_weights=w, backend=backend)
         else:
             out = rk.group_advantages(r, G, scale="none", reward_weights=w, backend=backend)
@@ -142,7 +142,7 @@ def test_scale_none_past_float32_raises_on_every_cpu_backend(backend, cols):
     # a group whose centered value certainly passes float32 (3 members: 3e38 - (-1e38) = 4e38) and one that does not
     r = torch.randn(3 * G)
     r[:3] = torch.tensor([3e38, -3e38, -3e38])
-    with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+    with pytest.raises(rk.AdvantageOverflowError, match=r"rewards: .*overflow float32"):
         rk.group_advantages(r, 3, scale="none", backend=backend)
     edge = torch.tensor([F32_MAX / 2, -F32_MAX / 2] * 2) * (1 - torch.rand(4) * 1e-3)  # |R - mean| < F32_MAX
     assert torch.isfinite(rk.group_advantages(edge, 2, scale="none", backend=backend)).all()
@@ -159,7 +159,7 @@ def test_float64_rewards_past_float64_std_raise(backend, scale):
     G = int(torch.randint(2, 6, ()))
     r = torch.randn(4 * G, dtype=torch.float64)
     r[int(torch.randint(0, 4 * G, ()))] = float(torch.rand(()) + 1) * 1e200
-    with pytest.raises(ValueError, match="rewards"):
+    with pytest.raises(rk.AdvantageOverflowError, match="rewards"):
         rk.group_advantages(r, G, scale=scale, backend=backend)
     r[0] = float("nan")  # NaN is named as NaN, also by the extension's own check (not as a magnitude)
     with pytest.raises(ValueError, match="NaN"):
@@ -167,7 +167,7 @@ def test_float64_rewards_past_float64_std_raise(backend, scale):
     a = float(torch.rand(()) + 1) * 1e100
     pair = torch.tensor([a, -a], dtype=torch.float64)
     if scale == "none":
-        with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+        with pytest.raises(rk.AdvantageOverflowError, match=r"rewards: .*overflow float32"):
             rk.group_advantages(pair, 2, scale=scale, backend=backend)
     else:
         out = rk.group_advantages(pair, 2, scale=scale, backend=backend)
@@ -185,7 +185,7 @@ def test_cuda_scale_none_past_float32_raises_with_sync_checks(backend, monkeypat
     monkeypatch.setattr(rk._checks, "SYNC_CHECKS", True)
     r = torch.randn(3 * 64, device="cuda")
     r[:3] = torch.tensor([3e38, -3e38, -3e38])
-    with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+    with pytest.raises(rk.AdvantageOverflowError, match=r"rewards: .*overflow float32"):
         rk.group_advantages(r, 3, scale="none", backend=backend)
     r[:3] = torch.randn(3)
     out = rk.group_advantages(r, 3, scale="none", backend=backend)

@@ -62,11 +62,11 @@ def test_scale_none_past_float32_is_an_error_naming_rewards():
     """Hand values: 3e38 against two -3e38 centres to 3e38 + 1e38 = 4e38 > float32's max (was an inf advantage);
     a pair +-3e38 centres to +-3e38 exactly (no error). float64 rewards of 1e200 were advantages of 0 under
     "group" (their float64 std overflows): an error too."""
-    with pytest.raises(ValueError, match=r"rewards: .*overflow float32"):
+    with pytest.raises(rk.AdvantageOverflowError, match=r"rewards: .*overflow float32"):
         rk.group_advantages(torch.tensor([3e38, -3e38, -3e38]), 3, scale="none", backend="torch")
     pair = torch.tensor([3e38, -3e38])
     assert torch.equal(rk.group_advantages(pair, 2, scale="none", backend="torch"), pair)
-    with pytest.raises(ValueError, match="rewards: float64 rewards"):
+    with pytest.raises(rk.AdvantageOverflowError, match="rewards: float64 rewards"):
         rk.group_advantages(torch.tensor([1e200, -1e200], dtype=torch.float64), 2, backend="torch")
 
 
