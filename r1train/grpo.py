@@ -27,6 +27,7 @@ from r1kernels.reference.grpo import (
     needs_entropy,
     rollout_is_weights,
     token_local,
+    vespo_weights,
 )
 
 from . import moe_replay
@@ -44,13 +45,16 @@ log = logging.getLogger("r1train.grpo")
 # TRL's token-mean metrics (global_masked_mean): per micro-batch, the sum over every process's scored tokens over
 # their count, then averaged over the micro-batches
 TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-# the loss types TRL 1.16 logs clip_ratio/low_min and clip_ratio/high_max for
+# the loss types TRL 1.16 logs clip_ratio/* for (the others' clipping is not two-sided: none of these keys)
 CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # with importance_sampling_level=sequence TRL's clip_ratio/*_mean count sequences (every row of the micro-batch)
 CLIP_MEAN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 # a loss call's [sum of H over the tokens the loss trains on, their count] (top_entropy_quantile < 1; popped from
 # its metrics by train_step, never logged): adaptive entropy control's window, as TRL's _entropy_window_stats
 ENTROPY_WINDOW = "entropy/window"
+# a loss call's loss before its entropy term (set only where the loss has one; popped by train_step, which logs
+# TRL's policy_loss from it)
+POLICY_LOSS = "policy_loss"
 
 
 def selected_entropy_window(h, mask, ent_mask) -> torch.Tensor:
@@ -81,6 +85,24 @@ def cispo_clipped(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
     if r.shape[1] == 1:
         return torch.stack([hit.sum(), hit.new_tensor(float(hit.shape[0]))])
     return torch.stack([(hit * m).sum(), m.double().sum()])
+
+
+@torch.no_grad()
+def vespo_phi(logp_bT, old_bT, adv_b, mask_bT, samp_bT, cfg) -> torch.Tensor:
+    """One micro-batch's [sum, count] of TRL's vespo/phi_seq_mean: the loss's gamma weight phi [b, 1]
+    (vespo_weights, with the rollout-correction weights the loss used: samp_bT the sampling log-probs) summed
+    over the sequences, every row counted. old_bT None: the policy's own log-probs (the first iteration)."""
+    lp = logp_bT.detach().float()
+    m, valid = mask_bT.to(lp.dtype), mask_bT.bool()
+    old = lp if old_bT is None else torch.where(valid, old_bT.float(), lp)  # as grpo_token_loss pads them
+    is_w = None
+    if samp_bT is not None and cfg.vllm_importance_sampling_correction:
+        is_w = rollout_is_weights(old, torch.where(valid, samp_bT.float(), lp), m, cfg.vllm_importance_sampling_mode,
+                                  cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max)
+    adv = (adv_b[:, None] if adv_b.dim() == 1 else adv_b).float()
+    phi = vespo_weights(adv, lp - old, m, is_w, cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg,
+                        cfg.vespo_lambda_neg).double()
+    return torch.stack([phi.sum(), phi.new_tensor(float(phi.shape[0]))])
 
 
 @torch.no_grad()
@@ -534,6 +556,8 @@ class GRPOTrainer(Trainer):
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
         tok_acc = {}  # token-mean metric -> per-micro-batch [sum, tokens], all-reduced per micro-batch
         ext = []  # per micro-batch: clip_extremes, min-reduced over the ranks
+        no_clip = () if cfg.loss_type in CLIP_EXTREME_LOSSES else CLIP_MEAN_METRICS  # TRL logs none of them
+        bonus, items = cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy, LOSS_REDUCTION[cfg.loss_type] == "items"
         # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
         # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
         samp_sum = torch.zeros(4, dtype=torch.float64, device=self.dev)
@@ -571,6 +595,7 @@ class GRPOTrainer(Trainer):
                 # TRL's adaptive-entropy window: the entropy sum and count of the tokens the loss trains on (the
                 # top_entropy_quantile selection; else every scored token)
                 win = out.metrics.pop(ENTROPY_WINDOW, None)
+                pol = out.metrics.pop(POLICY_LOSS, out.loss).detach()
                 if cfg.use_adaptive_entropy and ent is not None:
                     ent_window += win.to(ent_window.device) if win is not None else \
                         torch.stack([ent.detach().double() * n_tok, n_tok])
@@ -580,6 +605,10 @@ class GRPOTrainer(Trainer):
                 elif cfg.loss_type == "cispo":  # TRL's global_masked_mean, as TOKEN_MEAN_METRICS
                     tok_acc.setdefault("cispo_clip_ratio", []).append(
                         cispo_clipped(out.per_token_logprobs, old_sl, adv_N[sl], mask_BT[sl, :T], cfg))
+                elif cfg.loss_type == "vespo":  # the same, of phi [b, 1]: every sequence counts
+                    tok_acc.setdefault("vespo/phi_seq_mean", []).append(
+                        vespo_phi(out.per_token_logprobs, old_sl, adv_N[sl], mask_BT[sl, :T],
+                                  None if samp_BT is None else samp_BT[sl, :T], cfg))
                 if old_BT is not None and it == 0:
                     old_BT[sl, :T] = out.per_token_logprobs
                 if it == 0 and ro.logprobs_BT is not None:
@@ -624,9 +653,12 @@ class GRPOTrainer(Trainer):
                     self.sync_ref(cfg.ref_model_mixup_alpha)
                 clock.mark("forward")  # the micro-step's metric tensors
                 filler = pk is not None and not pk.rows.numel()  # its loss 0 is a share; its means are no rows'
-                for k, v in [("loss", out.loss.detach() * (loss_scale if pk is not None else 1.0)),
-                             *out.metrics.items(), ("entropy", ent)]:
-                    if v is None or (filler and k != "loss"):
+                share = loss_scale if pk is not None else 1.0
+                # TRL's policy_loss (entropy bonus on): dapo/cispo/vespo's TRL normalizer is GA x n_items
+                pol = pol * share / (cfg.gradient_accumulation_steps if items else 1.0) if bonus else None
+                for k, v in [("loss", out.loss.detach() * share), ("policy_loss", pol), *out.metrics.items(),
+                             ("entropy", ent)]:
+                    if v is None or (filler and k not in ("loss", "policy_loss")) or k in no_clip:
                         continue
                     v = torch.as_tensor(v).detach().reshape(())
                     if k in TOKEN_MEAN_METRICS:  # TRL's global_masked_mean: the micro-batch's sum and count
@@ -703,7 +735,10 @@ class GRPOTrainer(Trainer):
                 out = rk.grpo_loss(x, comp_BT, adv, mask_BT, **kw)
             else:
                 out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias, **kw)
-            return out, out.metrics.pop("entropy", None)
+            ent = out.metrics.pop("entropy", None)
+            if kw["entropy_coef"] != 0.0:  # the loss's entropy term: entropy_coef * the masked mean entropy
+                out.metrics[POLICY_LOSS] = out.loss.detach() + kw["entropy_coef"] * ent
+            return out, ent
         return fn
 
     def entropy_group(self):
@@ -728,6 +763,8 @@ class GRPOTrainer(Trainer):
                                                               return_entropy_mask=True, **rkw)
             metrics = {k: v.detach() for k, v in metrics.items()}
             metrics[ENTROPY_WINDOW] = selected_entropy_window(h, mask_BT.to(h.dtype), ent_mask)
+            if rkw["entropy_coef"] != 0.0:  # its entropy term: entropy_coef * the selected tokens' mean entropy
+                metrics[POLICY_LOSS] = loss.detach() + rkw["entropy_coef"] * metrics["entropy/selected_mean"]
             return rk.GRPOLossOutput(loss, logp.detach(), metrics), metrics.pop("entropy", None)
         return fn
 
@@ -785,6 +822,8 @@ class GRPOTrainer(Trainer):
             L, ent_mask, metrics = grpo_token_loss(logp, adv_N[pk.rows], m_bT, entropy=h if ent_loss else None,
                                                    entropy_group=group, **tkw)
             loss = (L * m_bT * w_b).sum()
+            if entropy_coef != 0.0:
+                metrics[POLICY_LOSS] = loss.detach()
             ent = None if h is None else (h.detach() * m_bT).sum() / m_bT.sum().clamp(min=1.0)
             if ent_mask is not None:  # top_entropy_quantile: selected among every process's j-th pack's tokens
                 eff = m_bT * ent_mask

@@ -7,6 +7,7 @@ import pytest
 import torch
 import train_helpers as H
 
+import r1kernels.reference.grpo as RG
 from r1train.config import load_config
 from r1train.loading import load_datasets, load_model_and_tokenizer
 from r1train.metrics import STEP_PHASES
@@ -446,6 +447,259 @@ def test_cispo_clip_ratio_as_trl(tmp_path, level):
     m = t.train_step(0, t.rows_for(0)[0])
     assert len(shares) == 4 and max(shares) > 0  # the second iteration's ratios pass 1.02
     assert m["cispo_clip_ratio"] == pytest.approx(sum(shares) / len(shares), rel=1e-6, abs=1e-9)
+
+
+# TRL 1.16's loss types with two-sided clipping: the only ones it logs clip_ratio/* for
+TRL_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+CLIP_ALL = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+            "clip_ratio/high_max")
+LOSS_RUNS = {"luspo": ["importance_sampling_level=sequence"], "vespo": ["vllm_importance_sampling_mode=token_truncate"],
+             "cispo": ["epsilon_high=5.0"]}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"])
+def test_clip_ratio_metrics_only_for_trls_clipped_losses(tmp_path, loss_type):
+    """TRL 1.16 logs clip_ratio/{low,high,region}_mean, low_min and high_max only for grpo, bnpo, dr_grpo, dapo
+    and luspo; cispo logs cispo_clip_ratio instead, vespo vespo/phi_seq_mean, sapo neither. Without the entropy
+    bonus there is no policy_loss."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_iterations=2", f"loss_type={loss_type}",
+                       *LOSS_RUNS.get(loss_type, []), reward_funcs=[H.digit_share])
+    m = t.train_step(0, t.rows_for(0)[0])
+    for k in CLIP_ALL:
+        assert (k in m) == (loss_type in TRL_CLIPPED), (k, loss_type)
+    assert ("cispo_clip_ratio" in m) == (loss_type == "cispo")
+    assert ("vespo/phi_seq_mean" in m) == (loss_type == "vespo")
+    assert "policy_loss" not in m  # no entropy bonus: TRL logs none
+
+
+def _trl_is_ratio(old, samp, m, cfg):
+    """TRL 1.16's vllm_importance_sampling_ratio (float64): exp(old - sampling log-prob) per scored token (summed
+    per sequence in sequence modes), clamped (truncate) or zeroed outside [clip_min, clip_max] (mask)."""
+    d = ((old - samp) * m).nan_to_num(0.0)
+    if cfg.vllm_importance_sampling_mode.startswith("sequence"):
+        d = d.sum(-1, keepdim=True)
+    r = d.exp()
+    lo, hi = cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+    if cfg.vllm_importance_sampling_mode.endswith("truncate"):
+        return r.clamp(min=lo, max=hi)
+    return r.masked_fill((r < (-math.inf if lo is None else lo)) | (r > (math.inf if hi is None else hi)), 0.0)
+
+
+def _trl_phi(lp, old, adv, m, isr, cfg):
+    """TRL 1.16's get_gamma_weights (float64) -> phi_seq [B, 1]."""
+    lo = math.log(1e-8)
+    seq = ((lp - old).clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+    if isr is not None:
+        seq = seq + isr.log().clamp(lo, 20.0).sum(-1, keepdim=True)
+    log_w = seq.clamp(lo, 20.0)
+    pos = adv[:, None] >= 0
+    k = torch.where(pos, cfg.vespo_k_pos, cfg.vespo_k_neg).double()
+    lam = torch.where(pos, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).double().clamp(min=1e-4)
+    return (lam + k * log_w - lam * log_w.exp()).exp().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _micro_inputs(lp, old_BT, ref_BT, samp_BT, adv, m_BT):
+    """A micro-batch's float64 inputs as TRL holds them: old log-probs = the policy's on the first iteration;
+    old/ref/sampling log-probs on unscored positions (TRL's are finite there, masked out) = the policy's."""
+    lp, m = lp.detach().double(), m_BT.double()
+    fill = lambda x: None if x is None else torch.where(m > 0, x.double(), lp)  # noqa: E731
+    return lp, lp if old_BT is None else fill(old_BT), fill(ref_BT), fill(samp_BT), adv.double(), m
+
+
+def _noisy_sampling_logprobs(t, scale):
+    """Perturb the rollout engine's log-probs (uniform in +-scale) so the rollout-correction weights are not ~1."""
+    real = t.make_batch
+
+    def make_batch(*a, **k):
+        got = real(*a, **k)
+        lp = got[0].logprobs_BT
+        assert lp is not None  # the engine returns its sampling log-probs
+        lp.add_((torch.rand_like(lp) - 0.5) * 2 * scale)
+        return got
+    t.make_batch = make_batch
+
+
+def _spy_rows(t, record):
+    """Call record(lp [b, T], old, ref, samp, adv [b], mask [b, T], rows, T, entropy_coef, ent) per micro-batch (packed
+    or padded), with every tensor the micro-batch's rows; rows: their indices (None: the padded micro-batch)."""
+    micro, packed = t.micro_step, t.micro_step_packed
+    sl = lambda x, r, T: None if x is None else x[r, :T]  # noqa: E731
+
+    def spy(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=None, entropy_coef=0.0):
+        out, ent = micro(ids_BL, attn_BL, comp_BT, adv_B, mask_BT, old_BT, ref_BT, n_items, T, samp_BT=samp_BT,
+                         entropy_coef=entropy_coef)
+        a = slice(None)
+        record(out.per_token_logprobs, sl(old_BT, a, T), sl(ref_BT, a, T), sl(samp_BT, a, T), adv_B,
+               mask_BT[:, :T], None, T, entropy_coef, ent)
+        return out, ent
+
+    def spy_packed(pk, comp_BT, adv_N, mask_BT, old_BT, ref_BT, samp_BT, n_items, weights, entropy_coef=0.0):
+        out, ent = packed(pk, comp_BT, adv_N, mask_BT, old_BT, ref_BT, samp_BT, n_items, weights, entropy_coef)
+        r, T = pk.rows, pk.T
+        record(out.per_token_logprobs, sl(old_BT, r, T), sl(ref_BT, r, T), sl(samp_BT, r, T), adv_N[r],
+               mask_BT[r, :T], r, T, entropy_coef, ent)
+        return out, ent
+    t.micro_step, t.micro_step_packed = spy, spy_packed
+
+
+VESPO_RUNS = {
+    "token_truncate": ["vllm_importance_sampling_mode=token_truncate", "vllm_importance_sampling_clip_min=0.5",
+                       "vllm_importance_sampling_clip_max=2.0", "vespo_k_pos=1.5", "vespo_lambda_pos=2.5",
+                       "vespo_k_neg=2.5", "vespo_lambda_neg=1.5"],
+    "token_mask+sequence": ["vllm_importance_sampling_mode=token_mask", "vllm_importance_sampling_clip_min=0.8",
+                            "importance_sampling_level=sequence", "per_device_train_batch_size=2",
+                            "gradient_accumulation_steps=4"],
+    "no_correction": ["vllm_importance_sampling_correction=false", "vespo_k_neg=1.0", "vespo_lambda_neg=0.5"],
+    "packed": ["vllm_importance_sampling_mode=token_truncate", "vllm_importance_sampling_clip_min=0.5",
+               "max_prompt_length=20", "padding_free=true", "max_tokens_per_batch=40"],
+}
+
+
+@pytest.mark.parametrize("run", list(VESPO_RUNS))
+def test_vespo_phi_seq_mean_as_trl(tmp_path, run):
+    """loss_type=vespo logs TRL's vespo/phi_seq_mean: per micro-batch (pack, with padding_free) the mean of the
+    VESPO gamma weight phi over its sequences (every row), phi from the sequence's summed log-ratio to the old
+    policy and the token rollout-correction weights the loss used, averaged over the micro-batches; against
+    TRL's get_gamma_weights in float64 on each micro-batch's log-probs, perturbed sampling log-probs, completions
+    of different lengths and two iterations (ratios != 1)."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+                       "num_iterations=2", "learning_rate=0.05", "max_completion_length=12", "loss_type=vespo",
+                       *VESPO_RUNS[run], reward_funcs=[H.digit_share])
+    eos = {i for i in range(t.model.config.vocab_size) if i % 7 == 0} | {t.tok.eos_token_id}
+    t.model.generation_config.eos_token_id = sorted(eos)
+    _noisy_sampling_logprobs(t, 0.3)
+    cfg, phis = t.cfg, []
+
+    def record(lp, old, ref, samp, adv, m_BT, rows, T, coef, ent):
+        lp, old, _, samp, adv, m = _micro_inputs(lp, old, ref, samp, adv, m_BT)
+        isr = _trl_is_ratio(old, samp, m, cfg) if cfg.vllm_importance_sampling_correction else None
+        phis.append(_trl_phi(lp, old, adv, m, isr, cfg)[:, 0])
+    _spy_rows(t, record)
+    m = t.train_step(0, t.rows_for(0)[0])
+    assert len(phis) >= 4
+    every = torch.cat(phis)
+    assert every.min() < 0.99 and every.max() > 0  # ratios and weights away from 1: phi differs from 1
+    want = sum(float(p.mean()) for p in phis) / len(phis)
+    assert m["vespo/phi_seq_mean"] == pytest.approx(want, rel=1e-5, abs=1e-8)
+
+
+def _trl_policy_loss(lp, old, ref, samp, adv, m, ent_mask, cfg, num_items):
+    """TRL 1.16's policy_loss of one micro-batch (float64): the reduced policy term (+ beta * KL), before the
+    entropy bonus and before the gradient-accumulation division; dapo/cispo/vespo normalized by num_items
+    (the generation batch's scored tokens over the processes)."""
+    log_ratio = lp - old
+    if cfg.importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    coef_1, a = log_ratio.exp(), adv[:, None]
+    eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    if cfg.loss_type == "sapo":
+        tau = torch.where(a > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).double()
+        L = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * a
+    elif cfg.loss_type == "cispo":
+        L = -coef_1.clamp(max=eps_high) * a * lp
+    else:
+        coef_2 = coef_1.clamp(1 - cfg.epsilon, 1 + eps_high)
+        c1 = coef_1 if cfg.delta is None else coef_1.clamp(max=cfg.delta)
+        L = -torch.min(c1 * a, coef_2 * a)
+    L = L.expand_as(m)
+    if ent_mask is not None:
+        L = L * ent_mask
+    if samp is not None and cfg.vllm_importance_sampling_correction:
+        L = L * _trl_is_ratio(old, samp, m, cfg)
+    if cfg.beta != 0.0:
+        kl = (ref - lp).exp() - (ref - lp) - 1
+        L = L + cfg.beta * (kl * coef_1 if cfg.use_bias_correction_kl else kl)
+    if cfg.loss_type in ("grpo", "sapo"):
+        return float(((L * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean())
+    if cfg.loss_type == "bnpo":
+        return float((L * m).sum() / m.sum().clamp(min=1.0))
+    if cfg.loss_type == "dr_grpo":
+        return float((L * m).sum() / (L.shape[0] * cfg.max_completion_length))
+    return float((L * m).sum() / max(num_items, 1.0))
+
+
+POLICY_RUNS = {
+    "grpo+kl": ["loss_type=grpo", "entropy_coef=0.01", "beta=0.04", "vllm_importance_sampling_correction=false"],
+    "dapo": ["loss_type=dapo", "entropy_coef=0.02", "vllm_importance_sampling_mode=token_truncate",
+             "vllm_importance_sampling_clip_min=0.5"],
+    "sapo+sequence_is": ["loss_type=sapo", "entropy_coef=-0.01", "per_device_train_batch_size=2",
+                         "gradient_accumulation_steps=4"],
+    "adaptive+quantile": ["loss_type=bnpo", "use_adaptive_entropy=true", "entropy_coef=0.01",
+                          "entropy_target=100.0", "top_entropy_quantile=0.5"],
+    "dapo+packed": ["loss_type=dapo", "entropy_coef=0.02", "beta=0.04", "max_prompt_length=20", "padding_free=true",
+                    "max_tokens_per_batch=40"],
+    "grpo+packed": ["loss_type=grpo", "entropy_coef=0.02", "importance_sampling_level=sequence",
+                    "max_prompt_length=20", "padding_free=true", "max_tokens_per_batch=40"],
+}
+
+
+@pytest.mark.parametrize("run", list(POLICY_RUNS))
+def test_policy_loss_as_trl(tmp_path, run):
+    """With the entropy bonus on (entropy_coef != 0 or use_adaptive_entropy) TRL logs policy_loss: per micro-batch
+    the loss's policy term (KL included) before the entropy bonus, grpo/bnpo/dr_grpo/sapo/luspo before the
+    gradient-accumulation division, dapo/cispo/vespo normalized by the generation batch's scored tokens, averaged
+    over the micro-batches (the padded run's, with padding_free). Against TRL's formulas in float64 on each
+    micro-batch's log-probs; the logged loss is TRL's too (padded runs): the micro-batches' losses, each less the
+    applied coefficient times its mean entropy over the tokens trained on, summed per optimizer step (TRL's
+    loss / gradient_accumulation_steps per micro-batch), averaged over the iterations' optimizer steps."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+                       "num_iterations=2", "learning_rate=0.05", "max_completion_length=12",
+                       *POLICY_RUNS[run], reward_funcs=[H.digit_share])
+    eos = {i for i in range(t.model.config.vocab_size) if i % 7 == 0} | {t.tok.eos_token_id}
+    t.model.generation_config.eos_token_id = sorted(eos)
+    _noisy_sampling_logprobs(t, 0.3)
+    cfg, GA, mb = t.cfg, t.cfg.gradient_accumulation_steps, t.cfg.per_device_train_batch_size
+    seen, masks = [], []
+    real_mb, real_hem = t.make_batch, RG.high_entropy_mask
+
+    def make_batch(*a, **k):
+        got = real_mb(*a, **k)
+        seen.append(float(got[2].sum()))  # the generation batch's scored tokens: TRL's num_items_in_batch
+        return got
+
+    def hem(entropy, mask, *a, **k):
+        out = real_hem(entropy, mask, *a, **k)
+        masks.append((entropy.detach().double(), out.double()))
+        return out
+    t.make_batch = make_batch
+    micro = []
+
+    def record(lp, old, ref, samp, adv, m_BT, rows, T, coef, ent):
+        ent_mask = masks.pop() if masks else None
+        micro.append((_micro_inputs(lp, old, ref, samp, adv, m_BT), rows, coef, ent, ent_mask))
+    _spy_rows(t, record)
+    RG.high_entropy_mask = hem
+    try:
+        m = t.train_step(0, t.rows_for(0)[0])
+    finally:
+        RG.high_entropy_mask = real_hem
+    num_items = seen[0]
+    if not cfg.padding_free:
+        pol, loss = [], 0.0
+        for (lp, old, ref, samp, adv, mm), _, coef, ent, em in micro:
+            p = _trl_policy_loss(lp, old, ref, samp, adv, mm, None if em is None else em[1], cfg, num_items)
+            h = float(ent) if em is None else float((em[0] * em[1]).sum() / em[1].sum().clamp(min=1.0))
+            pol.append(p)
+            loss += (p if RG.LOSS_REDUCTION[cfg.loss_type] == "items" else p / GA) - coef * h / GA
+        assert m["loss"] == pytest.approx(loss / cfg.num_iterations, rel=1e-5, abs=1e-7)
+    else:  # the padded micro-batches, from the packs' rows
+        assert all(em is None for *_, em in micro)
+        N, Tm = t.cfg.num_generations * t.prompts_per_rank, max(x[0][0].shape[1] for x in micro)
+        per_it = len(micro) // cfg.num_iterations
+        full = [[torch.zeros(N, Tm, dtype=torch.float64) for _ in range(6)] for _ in range(cfg.num_iterations)]
+        for j, ((lp, old, ref, samp, adv, mm), rows, _, _, _) in enumerate(micro):
+            buf = full[j // per_it]
+            for b, x in zip(buf, (lp, old, ref, samp, adv[:, None].expand_as(lp), mm)):
+                if x is not None:
+                    b[rows, :x.shape[1]] = x
+        pol = [_trl_policy_loss(lp[s:s + mb], old[s:s + mb], ref[s:s + mb], samp[s:s + mb], adv[s:s + mb, 0],
+                                mm[s:s + mb], None, cfg, num_items)
+               for lp, old, ref, samp, adv, mm in full for s in range(0, N, mb)]
+        assert len(pol) == GA * cfg.num_iterations
+    want = sum(pol) / len(pol)
+    assert abs(want - m["loss"]) > 1e-3  # the entropy term (and dapo's normalizer) set them apart
+    assert m["policy_loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+
 
 
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo.py <worker> <args>
