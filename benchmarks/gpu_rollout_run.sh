@@ -5,7 +5,7 @@
 # use_r1kernels. JSON under $OUT.
 # Needs the wheels in .wheels/ (carry=[".wheels"]): deepspeed (+ hjson, pydantic, pydantic-core,
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
-# Env: DL (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,varied); KERNELS (benches, default
+# Env: DL (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,trle,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
 # "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
 # TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the default, AB and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
@@ -38,15 +38,15 @@ skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:
 skip step || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu.json" --steps 4 ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -3
 skip zero3 || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu_zero3.json" --steps 3 --zero-stage 3 2>&1 \
   | grep -v Warning | tail -3
-trl_run() {  # $1: trl | trlk | trle (use_r1kernels with rollout_engine=r1train); $2: a suffix for the JSON name
-  local name flags=""
-  case $1 in trlk) name=train_trl_r1kernels; flags=--use-r1kernels ;;
+trl_run() {  # $1: trl | trlk (use_r1kernels with TRL's generate) | trle (use_r1kernels, its default rollout_engine=r1train)
+  local name flags=""       # $2: a suffix for the JSON name
+  case $1 in trlk) name=train_trl_r1kernels; flags="--use-r1kernels --rollout-engine transformers" ;;
     trle) name=train_trl_r1kernels_engine; flags="--use-r1kernels --rollout-engine r1train" ;; *) name=train_trl ;; esac
   skip "$1" || k300 python3 benchmarks/train_trl_gpu.py "$OUT/$name$2.json" --steps "${TRL_STEPS:-3}" $flags 2>&1 \
     | tail -2; }
-# TRL_ORDER: the TRL runs in this order (default "trl trlk"); e.g. "trlk trl trlk" checks an order effect, "trl trle"
+# TRL_ORDER: the TRL runs in this order (default "trl trle trlk"); e.g. "trlk trl trlk" checks an order effect, "trl trle"
 # times TRL's rollout on r1train's engine
-i=0; for r in ${TRL_ORDER:-trl trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 2 ] && echo _$i)"; done
+i=0; for r in ${TRL_ORDER:-trl trle trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 3 ] && echo _$i)"; done
 # AB: the default step (ZeRO-1, fused layers) again in this session with one change each (space list):
 # nofused = --no-fused-layers (HF's layers); zero0 / zero2 / zero3 = that ZeRO stage (0 and 1: no per-parameter
 # gradient hooks; on one GPU stages 1 and 2 hold the same memory); zero2nofused = both (the earlier default)

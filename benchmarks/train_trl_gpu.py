@@ -8,8 +8,8 @@ each generation batch here is num_iterations of TRL's steps, timed together.
 
     python benchmarks/train_trl_gpu.py results/train_trl_h200.json     # on the GPU (needs trl, datasets)
     python benchmarks/train_trl_gpu.py /tmp/trl_tiny.json --tiny       # CPU smoke test
-    python benchmarks/train_trl_gpu.py out.json --use-r1kernels        # the same trainer on our kernels
-    python benchmarks/train_trl_gpu.py out.json --use-r1kernels --rollout-engine r1train  # + r1train's engine
+    python benchmarks/train_trl_gpu.py out.json --use-r1kernels        # the same trainer on our kernels + engine
+    python benchmarks/train_trl_gpu.py out.json --use-r1kernels --rollout-engine transformers  # TRL's generate
 """
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def main(argv=None):
     p.add_argument("--num-iterations", type=int, default=2)
     p.add_argument("--use-r1kernels", action="store_true",
                    help="wrap the trainer in r1kernels.integrations.trl.use_r1kernels (the one-line switch)")
-    p.add_argument("--rollout-engine", default="transformers", choices=("transformers", "r1train"),
-                   help="use_r1kernels' rollout_engine (with --use-r1kernels)")
+    p.add_argument("--rollout-engine", default="r1train", choices=("transformers", "r1train"),
+                   help="use_r1kernels' rollout_engine (with --use-r1kernels; its default r1train)")
     a = p.parse_args(argv)
     if a.tiny:
         a.prompt_length, a.completion_length, a.steps = 16, 16, 2

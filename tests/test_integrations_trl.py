@@ -411,6 +411,24 @@ def test_grpo_trainer_trains_with_the_engine_rollout(model_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(h["loss"])) and h["completions/max_length"] <= 6 for h in logs)
 
 
+@pytest.mark.parametrize("mode", ["default", "transformers", "vllm", "continuous_batching"])
+def test_rollout_engine_default_binding(model_dir, tmp_path, mode):
+    """use_r1kernels(trainer) runs TRL's rollout on r1train's engine by default; rollout_engine='transformers' keeps
+    transformers' generate; a trainer whose rollout is vLLM or continuous batching (TRL never calls the policy's
+    generate there) is left as it is, without a warning."""
+    tr, _ = _trainer(model_dir, tmp_path)
+    if mode == "vllm":
+        tr.use_vllm = True
+    if mode == "continuous_batching":
+        tr.use_transformers_continuous_batching = True
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        use_r1kernels(tr, **({"rollout_engine": "transformers"} if mode == "transformers" else {}))
+    # (with use_vllm TRL's vLLM importance-sampling correction is on: its loss-code warning is not the engine's)
+    assert not [w for w in rec if "rollout" in str(w.message) or "generate" in str(w.message)]
+    assert ("generate" in vars(tr.model)) == (mode == "default")
+
+
 def test_bad_rollout_engine(model_dir, tmp_path):
     tr, _ = _trainer(model_dir, tmp_path)
     with pytest.raises(ValueError, match="rollout_engine"):

@@ -19,13 +19,14 @@ Everything else (vespo, off_policy_mask_threshold, top_entropy_quantile, entropy
 importance-sampling correction, router aux loss, multimodal inputs, models without a fused head,
 DeepSpeed ZeRO-3) runs TRL's own code, announced by one warning.
 
-rollout_engine="r1train" (opt-in) also replaces the policy's `generate`, which TRL calls for its rollout
-without vLLM, by r1train's generation engine (static KV cache, CUDA-graph decode steps, rk.sample_tokens,
-rk.decode_attention): the same distribution (temperature, top_k, top_p, min_p; greedy without do_sample),
-drawn with counter-based noise from one seed per row taken from torch's RNG (so TRL's seed fixes the samples).
-It returns HF's layout: the prompt ids then the completion, pad_token_id after a row's eos. A generate call
-with anything else (beams, a repetition penalty, suppressed tokens, logits processors, multimodal inputs, a
-model type the engine does not support) runs transformers' generate after one warning.
+rollout_engine="r1train" (the default; "transformers" keeps TRL's) also replaces the policy's `generate`, which
+TRL calls for its rollout without vLLM, by r1train's generation engine (static KV cache, CUDA-graph decode
+steps, rk.sample_tokens, rk.decode_attention): the same distribution (temperature, top_k, top_p, min_p; greedy
+without do_sample), drawn with counter-based noise from one seed per row taken from torch's RNG (so TRL's seed
+fixes the samples). It returns HF's layout: the prompt ids then the completion, pad_token_id after a row's eos.
+A generate call with anything else (beams, a repetition penalty, suppressed tokens, logits processors,
+multimodal inputs, a model type the engine does not support) runs transformers' generate after one warning.
+With vLLM or TRL's continuous batching the policy's generate is never called and stays as it is.
 """
 from __future__ import annotations
 
@@ -91,11 +92,12 @@ def _patch_model(model, trainer, return_entropy, backend):
     return reason
 
 
-def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "transformers"):
+def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1train"):
     """Make a trl.GRPOTrainer compute log-probs, entropy and the loss with r1kernels (module docstring);
     returns the trainer. Call it after constructing the trainer and before train(); calling it twice is a
     no-op. backend: as every r1kernels op ("auto" | "triton" | "cuda" | "torch"). rollout_engine:
-    "transformers" (TRL's generate) or "r1train" (r1train's generation engine for TRL's rollout without vLLM)."""
+    "r1train" (default: r1train's generation engine for TRL's rollout without vLLM) or "transformers"
+    (TRL's own generate, its random stream included)."""
     try:
         from trl import GRPOTrainer
     except ImportError as e:  # pragma: no cover - the integration is for TRL users
@@ -246,12 +248,10 @@ def _use_engine(trainer, backend):
     unwrap_model_for_generation yields, or under PEFT the base model its generate reaches)."""
     from r1train.generation.engine import SUPPORTED
 
+    if getattr(trainer, "use_vllm", False) or getattr(trainer, "use_transformers_continuous_batching", False):
+        return  # TRL's rollout never calls the policy's generate: nothing to replace, nothing lost
     why = None
-    if getattr(trainer, "use_vllm", False):
-        why = "TRL generates with vLLM (use_vllm=True)"
-    elif getattr(trainer, "use_transformers_continuous_batching", False):
-        why = "TRL generates with transformers' continuous batching"
-    elif not getattr(trainer.args, "ds3_gather_for_generation", True) and _zero3():
+    if not getattr(trainer.args, "ds3_gather_for_generation", True) and _zero3():
         why = "ds3_gather_for_generation=False (ZeRO-3 parameters stay sharded during generate)"
     model = _unwrap(trainer.model)
     if why is None and getattr(model.config, "model_type", None) not in SUPPORTED:
