@@ -46,7 +46,9 @@ trl_run() {  # $1: trl | trlk (use_r1kernels with TRL's generate) | trle (use_r1
     | tail -2; }
 # TRL_ORDER: the TRL runs in this order (default "trl trle trlk"); e.g. "trlk trl trlk" checks an order effect, "trl trle"
 # times TRL's rollout on r1train's engine
-i=0; for r in ${TRL_ORDER:-trl trle trlk}; do i=$((i + 1)); trl_run "$r" "$([ $i -gt 3 ] && echo _$i)"; done
+seen=" "; i=0  # a run whose name came before gets the suffix _<position>
+for r in ${TRL_ORDER:-trl trle trlk}; do i=$((i + 1)); trl_run "$r" "$([[ $seen == *" $r "* ]] && echo _$i)"; seen+="$r "
+done
 # AB: the default step (ZeRO-1, fused layers) again in this session with one change each (space list):
 # nofused = --no-fused-layers (HF's layers); zero0 / zero2 / zero3 = that ZeRO stage (0 and 1: no per-parameter
 # gradient hooks; on one GPU stages 1 and 2 hold the same memory); zero2nofused = both (the earlier default)

@@ -211,8 +211,8 @@ def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, 
     if not total.isnan().any():
         try:  # host tensors: the library's overflow check raises (no device assert)
             adv = rk.group_advantages(vals_NR.nan_to_num(0.0), G, scale=scale, reward_weights=w_R, backend=backend)
-        except rk.AdvantageOverflowError as e:
-            raise _overflow_error(scale) from e
+        except rk.AdvantageOverflowError as e:  # past float32 only with scale none; else a float64 std overflow
+            raise (_overflow_error(scale) if scale == "none" else RewardError(f"scale_rewards={scale}: {e}")) from e
     else:
         adv = (g - g.nanmean(1, keepdim=True)).reshape(-1)
         if scale != "none":

@@ -485,6 +485,27 @@ def test_bad_engine_arguments():
         generate(model, ids, mask, [1], SamplingParams(2), eos_id=1, pad_id=0)
 
 
+def test_sliding_window_past_the_prompt_and_completion_is_an_error():
+    """Qwen2 with use_sliding_window (layers past max_window_layers attend within the window): a rollout whose
+    prompt + max_new_tokens pass the window is a ValueError naming it and rollout_engine (the engine attends to
+    every position); within the window the engine runs and its greedy tokens equal the full forward's."""
+    from transformers import AutoModelForCausalLM
+
+    P, T = 5, 6
+    for w, ok in ((P + T - 1, False), (P + T, True)):
+        cfg = tiny_config("tiny-qwen2", V, hidden_size=64, num_layers=2, num_heads=4, max_position=256)
+        cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, w, 1
+        cfg.layer_types = ["full_attention", "sliding_attention"]
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        ids, mask = _prompts([P, P - 2])
+        if not ok:
+            with pytest.raises(ValueError, match=f"{w}-token sliding window.*rollout_engine=transformers"):
+                generate(model, ids, mask, [1, 2], SamplingParams(T, greedy=True), eos_id=V + 5, pad_id=0)
+            continue
+        tok, _ = generate(model, ids, mask, [1, 2], SamplingParams(T, greedy=True), eos_id=V + 5, pad_id=0)
+        assert tok[0].tolist() == _greedy_no_cache(model, ids[0].tolist(), T, None)
+
+
 _BAD_ARGS = [
     (dict(pad_id=None), "pad_id"), (dict(pad_id=-1), "pad_id"), (dict(pad_id=V), "pad_id"),
     (dict(pad_id=0.5), "pad_id"), (dict(pad_id=True), "pad_id"), (dict(mask=lambda m: m[:, 1:]), "prompt_mask_BP"),

@@ -5,6 +5,7 @@ sign(grad), which turns a 1e-7 difference in a near-zero gradient entry into a f
 options warn once and run TRL's loss code."""
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -427,6 +428,97 @@ def test_rollout_engine_default_binding(model_dir, tmp_path, mode):
     # (with use_vllm TRL's vLLM importance-sampling correction is on: its loss-code warning is not the engine's)
     assert not [w for w in rec if "rollout" in str(w.message) or "generate" in str(w.message)]
     assert ("generate" in vars(tr.model)) == (mode == "default")
+
+
+def _bare_policy(config_cls, **cfg):
+    """A random tiny causal LM with r1train's engine bound as TRL's rollout would have it (backend torch)."""
+    from transformers import AutoModelForCausalLM
+
+    from r1kernels.integrations import trl as it
+
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
+                        bos_token_id=2, **cfg)
+    m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5) if p.dim() > 1 else None
+    m.generate = types.MethodType(it._engine_generate, m)
+    m._r1k_rollout_backend = "torch"
+    return m
+
+
+def _engine_vs_transformers(m, ids, gc):
+    """(the bound generate's output, transformers' generate's, the fallback warnings)."""
+    with torch.no_grad(), warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        want = type(m).generate(m, input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+    return got, want, [str(w.message) for w in rec if "r1kernels" in str(w.message)]
+
+
+@pytest.mark.parametrize("window", ["passed", "within", "none"])
+def test_rollout_engine_sliding_window(window):
+    """A Mistral model's sliding window (every layer): prompt + max_new_tokens past it runs transformers' generate
+    after one warning (the engine attended to every position and returned other tokens, silently); within it, or
+    with no window, the engine's greedy tokens equal transformers'."""
+    from transformers import GenerationConfig, MistralConfig
+
+    P, T = int(torch.randint(6, 11, ())), int(torch.randint(6, 13, ()))
+    w = {"passed": P + T - int(torch.randint(1, 5, ())), "within": P + T, "none": None}[window]
+    m = _bare_policy(MistralConfig, sliding_window=w)
+    gc = GenerationConfig(max_new_tokens=T, do_sample=False, pad_token_id=0, eos_token_id=63)
+    got, want, warned = _engine_vs_transformers(m, torch.randint(3, 64, (3, P)), gc)
+    assert torch.equal(got, want)
+    assert [("sliding window" in x) for x in warned] == ([True] if window == "passed" else [])
+
+
+def test_sliding_window_of_configs():
+    """transformers' rules: Mistral's window applies to every layer when set; Qwen2's only with
+    use_sliding_window (layer_types then names sliding layers); Llama has none."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from r1train.generation.engine import sliding_window
+
+    w = int(torch.randint(8, 4096, ()))
+    assert sliding_window(MistralConfig(sliding_window=w)) == w
+    assert sliding_window(MistralConfig(sliding_window=None)) is None
+    assert sliding_window(Qwen2Config(sliding_window=w)) is None
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=w, max_window_layers=1,
+                                      num_hidden_layers=2)) == w
+    assert sliding_window(LlamaConfig()) is None
+
+
+def test_rollout_engine_reads_the_models_generation_config():
+    """transformers' generate takes every field the call's config leaves unset from the model's generation_config
+    (suppress_tokens, no_repeat_ngram_size here): the engine does not implement them, so the call runs transformers'
+    generate after one warning (the engine ignored them, silently); with none set the engine runs it."""
+    from transformers import GenerationConfig, Qwen2Config
+
+    m = _bare_policy(Qwen2Config)
+    ids = torch.randint(3, 64, (3, 6))
+    gc = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=[1])
+    got, want, warned = _engine_vs_transformers(m, ids, gc)
+    assert torch.equal(got, want) and warned == []
+    m.generation_config.suppress_tokens = want[:, 6:].flatten().unique().tolist()[:3]
+    m.generation_config.no_repeat_ngram_size = 2
+    got2, want2, warned2 = _engine_vs_transformers(m, ids, gc)
+    assert torch.equal(got2, want2) and not torch.equal(want2, want)
+    assert len(warned2) == 1 and "generation_config.suppress_tokens" in warned2[0]
+
+
+@pytest.mark.parametrize("case", ["fsdp", "quantized"])
+def test_rollout_engine_not_bound_for_fsdp_or_quantized_models(model_dir, tmp_path, case):
+    """FSDP (per-module gathers a captured decode step cannot follow) and quantized weights (4-bit / 8-bit layers
+    the engine's fused projections would read as plain weights): one warning, transformers' generate kept."""
+    tr, _ = _trainer(model_dir, tmp_path)
+    if case == "fsdp":
+        tr.is_fsdp_enabled = True
+    else:
+        tr.model.config.quantization_config = {"load_in_4bit": True}
+    with pytest.warns(UserWarning, match="FSDP" if case == "fsdp" else "quantized"):
+        use_r1kernels(tr)
+    assert "generate" not in vars(tr.model)
 
 
 def test_bad_rollout_engine(model_dir, tmp_path):

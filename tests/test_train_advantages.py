@@ -203,3 +203,16 @@ def test_reward_metrics_of_a_reward_with_fewer_than_two_values(tmp_path):
     assert math.isnan(m["rewards/first_only/std"])
     assert m["rewards/first_only/mean"] == pytest.approx(first_only(None, comps)[0])
     assert m["rewards/scored/std"] == pytest.approx(_py_mean_std(scored(None, comps))[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_float64_std_overflow_is_named_as_such(scale):
+    """float64 reward totals past rk's F64_REWARD_MAX (their std overflows float64): a RewardError naming
+    scale_rewards with the library's float64 message, not the float32 one (whose advice is scale_rewards=group)."""
+    G = int(torch.randint(2, 5, ()))
+    v = torch.randn(2 * G, 1, dtype=torch.float64)
+    v[int(torch.randint(0, 2 * G, ())), 0] = float(torch.rand(()) + 1) * 1e200
+    with pytest.raises(RewardError, match=f"scale_rewards={scale}: rewards: float64 rewards") as e:
+        advantages(v, torch.zeros(2 * G, dtype=torch.bool), torch.ones(1, dtype=torch.float64), G, scale=scale,
+                   aggregation="sum_then_normalize")
+    assert "float32" not in str(e.value)

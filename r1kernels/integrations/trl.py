@@ -24,8 +24,10 @@ TRL calls for its rollout without vLLM, by r1train's generation engine (static K
 steps, rk.sample_tokens, rk.decode_attention): the same distribution (temperature, top_k, top_p, min_p; greedy
 without do_sample), drawn with counter-based noise from one seed per row taken from torch's RNG (so TRL's seed
 fixes the samples). It returns HF's layout: the prompt ids then the completion, pad_token_id after a row's eos.
-A generate call with anything else (beams, a repetition penalty, suppressed tokens, logits processors,
-multimodal inputs, a model type the engine does not support) runs transformers' generate after one warning.
+A generate call with anything else (beams, a repetition penalty, suppressed tokens, logits processors, also
+from the model's own generation_config; multimodal inputs; prompt + max_new_tokens past a sliding window) and a
+trainer the engine cannot serve (FSDP, quantized weights, a model type it does not support) run transformers'
+generate after one warning.
 With vLLM or TRL's continuous batching the policy's generate is never called and stays as it is.
 """
 from __future__ import annotations
@@ -240,7 +242,7 @@ _OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "s
         "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "exponential_decay_length_penalty": None,
         "top_h": None, "assistant_model": None, "prompt_lookup_num_tokens": None, "stop_strings": None,
         "min_length": 0, "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
-        "watermarking_config": None}
+        "watermarking_config": None, "dola_layers": None, "token_healing": False, "max_time": None}
 
 
 def _use_engine(trainer, backend):
@@ -253,9 +255,14 @@ def _use_engine(trainer, backend):
     why = None
     if not getattr(trainer.args, "ds3_gather_for_generation", True) and _zero3():
         why = "ds3_gather_for_generation=False (ZeRO-3 parameters stay sharded during generate)"
+    elif getattr(trainer, "is_fsdp_enabled", False):
+        why = "FSDP (the engine's captured decode steps cannot follow FSDP's per-module gathers)"
     model = _unwrap(trainer.model)
     if why is None and getattr(model.config, "model_type", None) not in SUPPORTED:
         why = f"the engine supports {SUPPORTED} models, not {getattr(model.config, 'model_type', None)!r}"
+    if why is None and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                        or getattr(model.config, "quantization_config", None) is not None):
+        why = "a quantized model (the engine runs bf16 / fp16 / fp32 weights)"
     if why is not None:
         warnings.warn(f"r1kernels: rollout_engine='r1train' not used: {why}", stacklevel=3)
         return
@@ -269,8 +276,11 @@ def _zero3() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def _fallback_reason(gc, kwargs) -> str | None:
-    """Why this generate call needs transformers' generate (None: the engine runs it)."""
+def _fallback_reason(model, gc, kwargs) -> str | None:
+    """Why this generate call needs transformers' generate (None: the engine runs it). gc: the call's generation
+    config merged with the model's own as transformers' generate merges them."""
+    from r1train.generation.engine import sliding_window
+
     extra = sorted(k for k, v in kwargs.items() if k not in _ENGINE_KWARGS and v is not None)
     if extra:
         return f"generate arguments {extra}"
@@ -280,14 +290,18 @@ def _fallback_reason(gc, kwargs) -> str | None:
         v = getattr(gc, k, off)
         if v is not None and v != off and not (off is None and v == []):
             return f"generation_config.{k}={v!r}"
+    w, ids = sliding_window(model.config), kwargs.get("input_ids")
+    if w is not None and ids is not None and ids.shape[1] + gc.max_new_tokens > w:
+        return f"a {w}-token sliding window that prompt + max_new_tokens ({ids.shape[1] + gc.max_new_tokens}) pass"
     return None
 
 
 def _engine_generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
     """model.generate for TRL's rollout (bound by _use_engine): r1train's engine where it implements the call
     (_fallback_reason), else the model class's own generate."""
-    gc = generation_config if generation_config is not None else self.generation_config
-    why = _fallback_reason(gc, {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+    # transformers' merge: the call's values, then the model's generation_config for those it leaves unset
+    gc, _ = self._prepare_generation_config(generation_config)
+    why = _fallback_reason(self, gc, {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
     if why is not None or input_ids is None:
         if not getattr(self, "_r1k_rollout_warned", False):
             self._r1k_rollout_warned = True

@@ -195,6 +195,20 @@ class _State:
         return [self.tok, self.lens, self.seeds, self.pos, self.rid, self.done]
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of the model's sliding-window layers as transformers applies it (each position sees
+    the last `window` cache positions), or None when every layer attends to the whole sequence."""
+    w = getattr(config, "sliding_window", None)
+    if w is None:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:  # Qwen2 / Qwen3 (use_sliding_window sets some layers' type), Mistral in newer releases
+        return w if "sliding_attention" in types else None
+    if hasattr(config, "use_sliding_window"):
+        return w if config.use_sliding_window else None
+    return w  # Mistral: a set sliding_window applies to every layer
+
+
 class Engine:
     def __init__(self, model, *, backend: str = "auto", cuda_graphs: bool = True, check_every: int = 8,
                  fused: bool = True):
@@ -202,9 +216,6 @@ class Engine:
         if mt not in SUPPORTED:
             raise ValueError(f"the generation engine supports {SUPPORTED} models, not {mt!r}; use "
                              "rollout_engine=transformers for this model")
-        if getattr(model.config, "use_sliding_window", False):
-            raise ValueError("the generation engine does not support sliding-window attention; use "
-                             "rollout_engine=transformers")
         if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1 (decode steps between reads of the live-row count), "
                              f"got {check_every!r}")  # 0 was a ZeroDivisionError, < 0 never compacted
@@ -370,6 +381,11 @@ class Engine:
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
+        w = sliding_window(self.model.config)
+        if w is not None and P + T > w:
+            raise ValueError(f"the model's layers attend within a {w}-token sliding window, which prompt + "
+                             f"max_new_tokens ({P} + {T}) pass; the generation engine attends to every position: "
+                             "use rollout_engine=transformers")
         check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model, pad_id)
         # padding columns are not read (check_prompt_rows checks the masked-in ids only), but the prefill embeds
         # them: a caller's own pad value (-1, an id past the vocabulary) would index outside the embedding
