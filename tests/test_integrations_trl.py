@@ -521,10 +521,31 @@ def test_rollout_engine_not_bound_for_fsdp_or_quantized_models(model_dir, tmp_pa
     assert "generate" not in vars(tr.model)
 
 
+@pytest.mark.parametrize("release", [False, True])
+def test_rollout_release_memory(model_dir, tmp_path, release):
+    """use_r1kernels(rollout_release_memory=True): after each rollout the engine holds no KV cache or buffers
+    (r1train's key of that name); by default it keeps them for the next rollout. The tokens are the same."""
+    from transformers import GenerationConfig
+
+    from r1train.generation import engine_for
+
+    tr, _ = _trainer(model_dir, tmp_path)
+    use_r1kernels(tr, backend="torch", rollout_release_memory=release)
+    ids, mask = _prompts(model_dir[1], 3)
+    gc = GenerationConfig(do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=tr.model.config.vocab_size)
+    with torch.no_grad():
+        outs = [tr.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    eng = engine_for(tr.model, backend="torch", cuda_graphs=False)
+    assert (eng.cache is None and eng.memory_bytes() == 0) == release
+
+
 def test_bad_rollout_engine(model_dir, tmp_path):
     tr, _ = _trainer(model_dir, tmp_path)
     with pytest.raises(ValueError, match="rollout_engine"):
         use_r1kernels(tr, rollout_engine="vllm")
+    with pytest.raises(ValueError, match="rollout_release_memory"):
+        use_r1kernels(tr, rollout_release_memory="yes")
 
 
 def test_rollout_engine_with_a_lora_policy(model_dir, tmp_path):

@@ -94,12 +94,15 @@ def _patch_model(model, trainer, return_entropy, backend):
     return reason
 
 
-def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1train"):
+def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1train",
+                  rollout_release_memory: bool = False):
     """Make a trl.GRPOTrainer compute log-probs, entropy and the loss with r1kernels (module docstring);
     returns the trainer. Call it after constructing the trainer and before train(); calling it twice is a
     no-op. backend: as every r1kernels op ("auto" | "triton" | "cuda" | "torch"). rollout_engine:
     "r1train" (default: r1train's generation engine for TRL's rollout without vLLM) or "transformers"
-    (TRL's own generate, its random stream included)."""
+    (TRL's own generate, its random stream included). rollout_release_memory: free the engine's KV cache, decode
+    buffers and CUDA graphs after each rollout (r1train's key of that name: less memory in the training phase,
+    the next rollout allocates and captures again)."""
     try:
         from trl import GRPOTrainer
     except ImportError as e:  # pragma: no cover - the integration is for TRL users
@@ -108,11 +111,13 @@ def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1tr
         raise ValueError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
     _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
     _checks.choice("rollout_engine", rollout_engine, ROLLOUT_ENGINES)
+    if not isinstance(rollout_release_memory, bool):
+        raise ValueError(f"rollout_release_memory must be a bool, got {rollout_release_memory!r}")
     if getattr(trainer, "_r1k_backend", None) is not None:
         return trainer
     trainer._r1k_backend = backend
     if rollout_engine == "r1train":
-        _use_engine(trainer, backend)
+        _use_engine(trainer, backend, rollout_release_memory)
     reason = _patch_model(trainer.model, trainer, True, backend)
     if getattr(trainer, "ref_model", None) is not None:
         _patch_model(trainer.ref_model, trainer, False, backend)
@@ -245,7 +250,7 @@ _OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "s
         "watermarking_config": None, "dola_layers": None, "token_healing": False, "max_time": None}
 
 
-def _use_engine(trainer, backend):
+def _use_engine(trainer, backend, release_memory=False):
     """TRL's rollout through r1train's engine: the policy's generate (the model TRL's
     unwrap_model_for_generation yields, or under PEFT the base model its generate reaches)."""
     from r1train.generation.engine import SUPPORTED
@@ -267,7 +272,7 @@ def _use_engine(trainer, backend):
         warnings.warn(f"r1kernels: rollout_engine='r1train' not used: {why}", stacklevel=3)
         return
     model.generate = types.MethodType(_engine_generate, model)
-    model._r1k_rollout_backend = backend
+    model._r1k_rollout_backend, model._r1k_rollout_release = backend, release_memory
 
 
 def _zero3() -> bool:
@@ -328,6 +333,10 @@ def _engine_generate(self, input_ids=None, attention_mask=None, generation_confi
     pad = next((p for p in (gc.pad_token_id, own.pad_token_id, *eos[:1]) if p is not None), 0)
     tok, _ = generate(self, input_ids, mask, seeds, params, eos_id=eos or -1, pad_id=int(pad),
                       backend=self._r1k_rollout_backend)
+    if getattr(self, "_r1k_rollout_release", False):
+        from r1train.generation import release
+
+        release(self)
     # the engine checks for finished rows every few steps, so it may return a few all-pad columns past the
     # step where the last row ended: cut them, as transformers' generate stops at that step (one host read)
     if tok.shape[1] and eos:
