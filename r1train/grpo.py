@@ -202,6 +202,12 @@ def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, 
     counts the rows where it is 0). Rows with NaN reward_totals (unscorable, failed) are left out of the
     means and stds and get advantage 0. With none of them, rk.group_advantages (the kernel_backend's op)
     computes the sum_then_normalize advantages."""
+    # float64 stds overflow past this magnitude (advantages 0, silently): rk.group_advantages checks it, but the
+    # paths below with NaN rows or per-reward normalization compute without it
+    mag = (vals_NR.double().abs() * w_R.double().abs()).nan_to_num(0.0).sum(1).amax() if len(vals_NR) else 0.0
+    if scale != "none" and float(mag) > rk.F64_REWARD_MAX:
+        raise RewardError(f"scale_rewards={scale}: weighted rewards of magnitude > {rk.F64_REWARD_MAX:g} overflow the "
+                          "float64 std of the advantages (they would be 0); scale the rewards or reward_weights down")
     if aggregation == "normalize_then_sum":
         return normalize_then_sum(vals_NR, failed_N, w_R, G), _nanstd(_gdpo_totals(vals_NR, failed_N, w_R, G),
                                                                       0).expand(len(vals_NR))
@@ -211,8 +217,8 @@ def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, 
     if not total.isnan().any():
         try:  # host tensors: the library's overflow check raises (no device assert)
             adv = rk.group_advantages(vals_NR.nan_to_num(0.0), G, scale=scale, reward_weights=w_R, backend=backend)
-        except rk.AdvantageOverflowError as e:  # past float32 only with scale none; else a float64 std overflow
-            raise (_overflow_error(scale) if scale == "none" else RewardError(f"scale_rewards={scale}: {e}")) from e
+        except rk.AdvantageOverflowError as e:  # past float32 (scale none; the float64 bound is checked above)
+            raise _overflow_error(scale) from e
     else:
         adv = (g - g.nanmean(1, keepdim=True)).reshape(-1)
         if scale != "none":

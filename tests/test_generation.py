@@ -492,7 +492,7 @@ def test_sliding_window_past_the_prompt_and_completion_is_an_error():
     from transformers import AutoModelForCausalLM
 
     P, T = 5, 6
-    for w, ok in ((P + T - 1, False), (P + T, True)):
+    for w, ok in ((P + T - 2, False), (P + T - 1, True)):  # P + T - 1 positions attended (the last token not fed)
         cfg = tiny_config("tiny-qwen2", V, hidden_size=64, num_layers=2, num_heads=4, max_position=256)
         cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, w, 1
         cfg.layer_types = ["full_attention", "sliding_attention"]

@@ -465,7 +465,8 @@ def test_rollout_engine_sliding_window(window):
     from transformers import GenerationConfig, MistralConfig
 
     P, T = int(torch.randint(6, 11, ())), int(torch.randint(6, 13, ()))
-    w = {"passed": P + T - int(torch.randint(1, 5, ())), "within": P + T, "none": None}[window]
+    # P + T - 1 positions are attended (the last sampled token is not fed back)
+    w = {"passed": P + T - int(torch.randint(2, 6, ())), "within": P + T - 1, "none": None}[window]
     m = _bare_policy(MistralConfig, sliding_window=w)
     gc = GenerationConfig(max_new_tokens=T, do_sample=False, pad_token_id=0, eos_token_id=63)
     got, want, warned = _engine_vs_transformers(m, torch.randint(3, 64, (3, P)), gc)

@@ -206,13 +206,21 @@ def test_reward_metrics_of_a_reward_with_fewer_than_two_values(tmp_path):
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])
-def test_float64_std_overflow_is_named_as_such(scale):
-    """float64 reward totals past rk's F64_REWARD_MAX (their std overflows float64): a RewardError naming
-    scale_rewards with the library's float64 message, not the float32 one (whose advice is scale_rewards=group)."""
+@pytest.mark.parametrize("case", ["plain", "failed_row", "normalize_then_sum"])
+def test_float64_std_overflow_is_named_as_such(scale, case):
+    """float64 weighted rewards past rk's F64_REWARD_MAX (their std overflows float64: advantages 0, silently): a
+    RewardError naming scale_rewards and the float64 bound, not the float32 message (whose advice is
+    scale_rewards=group), also where a failed row or per-reward normalization skips rk.group_advantages."""
     G = int(torch.randint(2, 5, ()))
     v = torch.randn(2 * G, 1, dtype=torch.float64)
     v[int(torch.randint(0, 2 * G, ())), 0] = float(torch.rand(()) + 1) * 1e200
-    with pytest.raises(RewardError, match=f"scale_rewards={scale}: rewards: float64 rewards") as e:
-        advantages(v, torch.zeros(2 * G, dtype=torch.bool), torch.ones(1, dtype=torch.float64), G, scale=scale,
-                   aggregation="sum_then_normalize")
+    failed = torch.zeros(2 * G, dtype=torch.bool)
+    if case == "failed_row":
+        failed[int(torch.randint(0, 2 * G, ()))] = True
+        v[failed] = float("nan")
+    agg = "normalize_then_sum" if case == "normalize_then_sum" else "sum_then_normalize"
+    if v.abs().nan_to_num(0.0).max() <= 1e145:  # the failed row took the large one
+        v[(~failed).nonzero()[0, 0], 0] = 1e200
+    with pytest.raises(RewardError, match=f"scale_rewards={scale}: weighted rewards of magnitude > 1e\\+145") as e:
+        advantages(v, failed, torch.ones(1, dtype=torch.float64), G, scale=scale, aggregation=agg)
     assert "float32" not in str(e.value)

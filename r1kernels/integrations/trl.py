@@ -296,8 +296,9 @@ def _fallback_reason(model, gc, kwargs) -> str | None:
         if v is not None and v != off and not (off is None and v == []):
             return f"generation_config.{k}={v!r}"
     w, ids = sliding_window(model.config), kwargs.get("input_ids")
-    if w is not None and ids is not None and ids.shape[1] + gc.max_new_tokens > w:
-        return f"a {w}-token sliding window that prompt + max_new_tokens ({ids.shape[1] + gc.max_new_tokens}) pass"
+    n = None if ids is None else ids.shape[1] + gc.max_new_tokens - 1  # positions attended: the last token is not fed
+    if w is not None and n is not None and n > w:
+        return f"a {w}-token sliding window that prompt + max_new_tokens - 1 ({n}) pass"
     return None
 
 

@@ -382,10 +382,10 @@ class Engine:
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
         w = sliding_window(self.model.config)
-        if w is not None and P + T > w:
+        if w is not None and P + T - 1 > w:  # the last sampled token is never fed: P + T - 1 positions attended
             raise ValueError(f"the model's layers attend within a {w}-token sliding window, which prompt + "
-                             f"max_new_tokens ({P} + {T}) pass; the generation engine attends to every position: "
-                             "use rollout_engine=transformers")
+                             f"max_new_tokens - 1 ({P} + {T} - 1) pass; the generation engine attends to every "
+                             "position: use rollout_engine=transformers")
         check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model, pad_id)
         # padding columns are not read (check_prompt_rows checks the masked-in ids only), but the prefill embeds
         # them: a caller's own pad value (-1, an id past the vocabulary) would index outside the embedding
