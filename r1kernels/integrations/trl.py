@@ -284,7 +284,7 @@ def _zero3() -> bool:
 def _fallback_reason(model, gc, kwargs) -> str | None:
     """Why this generate call needs transformers' generate (None: the engine runs it). gc: the call's generation
     config merged with the model's own as transformers' generate merges them."""
-    from r1train.generation.engine import sliding_window
+    from r1train.generation.engine import window_passed
 
     extra = sorted(k for k, v in kwargs.items() if k not in _ENGINE_KWARGS and v is not None)
     if extra:
@@ -295,9 +295,10 @@ def _fallback_reason(model, gc, kwargs) -> str | None:
         v = getattr(gc, k, off)
         if v is not None and v != off and not (off is None and v == []):
             return f"generation_config.{k}={v!r}"
-    w, ids = sliding_window(model.config), kwargs.get("input_ids")
-    n = None if ids is None else ids.shape[1] + gc.max_new_tokens - 1  # positions attended: the last token is not fed
-    if w is not None and n is not None and n > w:
+    ids = kwargs.get("input_ids")
+    w = None if ids is None else window_passed(model.config, ids.shape[1], gc.max_new_tokens)
+    if w is not None:
+        n = ids.shape[1] + gc.max_new_tokens - 1
         return f"a {w}-token sliding window that prompt + max_new_tokens - 1 ({n}) pass"
     return None
 

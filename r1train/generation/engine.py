@@ -209,6 +209,13 @@ def sliding_window(config) -> int | None:
     return w  # Mistral: a set sliding_window applies to every layer
 
 
+def window_passed(config, P: int, T: int) -> int | None:
+    """The model's sliding window where a rollout of P prompt columns and T new tokens passes it (the engine
+    attends to every position), else None. P + T - 1 positions are attended: the last sampled token is not fed."""
+    w = sliding_window(config)
+    return w if w is not None and P + T - 1 > w else None
+
+
 class Engine:
     def __init__(self, model, *, backend: str = "auto", cuda_graphs: bool = True, check_every: int = 8,
                  fused: bool = True):
@@ -381,8 +388,8 @@ class Engine:
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
-        w = sliding_window(self.model.config)
-        if w is not None and P + T - 1 > w:  # the last sampled token is never fed: P + T - 1 positions attended
+        w = window_passed(self.model.config, P, T)
+        if w is not None:
             raise ValueError(f"the model's layers attend within a {w}-token sliding window, which prompt + "
                              f"max_new_tokens - 1 ({P} + {T} - 1) pass; the generation engine attends to every "
                              "position: use rollout_engine=transformers")
