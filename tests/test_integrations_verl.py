@@ -400,6 +400,14 @@ def _full_reference(case, lowp=False):
     return logp.detach(), ent.detach(), dict(zip(leaves, grads))
 
 
+def _two_call_scale(case):
+    """||d(g_logp logp)/d logits|| + ||d(g_ent ent)/d logits|| in float64: what the logits gradient's rounding
+    error scales with when the log-probs and the entropy come from separate calls."""
+    parts = [_full_reference({**case, "g_ent": torch.zeros_like(case["g_ent"])})[2]["logits"],
+             _full_reference({**case, "g_logp": torch.zeros_like(case["g_logp"])})[2]["logits"]]
+    return sum(float(p.norm()) for p in parts)
+
+
 def test_tensor_parallel_matches_full_vocabulary(tp_results):
     cases, ranks = tp_results
     for i, case in enumerate(cases):
@@ -413,10 +421,14 @@ def test_tensor_parallel_matches_full_vocabulary(tp_results):
             assert got["logp"].shape == logp.shape and got["ent"].shape == ent.shape
             assert_close(got["logp"], logp, dtype, name=f"{what} rank {r} logprobs")
             assert_close(got["ent"], ent, dtype, name=f"{what} rank {r} entropy")
+        # the logits kind runs two calls (verl's API: log-probs, then entropy), so autograd sums two gradients in
+        # the logits' dtype and rounds each first; where they cancel, the error scales with the two, not the sum
+        # (V = 2, bf16: -4.1e-3 + 4.6e-3 = 5.3e-4 came out 3% off with every rank's value correctly rounded)
+        scale = _two_call_scale(case) if case["kind"] == "logits" else 0.0
         for name, want in grads.items():
             parts = [res["cases"][i][name] for res in ranks]
             got = sum(parts) if name == "hidden" else torch.cat(parts, dim=-1 if name == "logits" else 0)
-            assert_close(got, want, dtype, lowp=lowp_grads.get(name), name=f"{what} grad {name}")
+            assert_close(got, want, dtype, lowp=lowp_grads.get(name), name=f"{what} grad {name}", scale=scale)
             if case.get("strict"):
                 err, ref_err = rel_err(got, want), rel_err(lowp_grads[name], want)
                 assert err <= LOWP_RATIO_ONE * ref_err, \
