@@ -594,3 +594,53 @@ def test_rollout_engine_not_bound_where_trl_does_not_gather_zero3_parameters(mod
     with pytest.warns(UserWarning, match="ds3_gather_for_generation=False"):
         use_r1kernels(tr, rollout_engine="r1train")
     assert "generate" not in vars(tr.model)
+
+
+@pytest.mark.parametrize("where", ["attention_dropout", "lora_dropout"])
+def test_rollout_engine_falls_back_for_dropout_in_training_mode(where):
+    """TRL generates its rollout with the policy in training mode (Trainer.training_step calls model.train() before
+    _prepare_inputs), so transformers' generate samples through the policy's dropout: an attention_dropout, or a
+    LoRA adapter's lora_dropout (TRL's disable_dropout=False default; it zeroes nn.Dropout only). The engine runs
+    the model in eval mode (no dropout, another distribution, silently): the call runs transformers' generate after
+    one warning, the same tokens as calling it directly with the same torch seed; in eval mode the engine runs it."""
+    from transformers import GenerationConfig, Qwen2Config
+
+    from r1kernels.integrations import trl as it
+
+    m = _bare_policy(Qwen2Config, attention_dropout=0.5 if where == "attention_dropout" else 0.0)
+    policy = m
+    if where == "lora_dropout":
+        peft = pytest.importorskip("peft")
+        del m.generate  # bound again below, on the base model the PeftModel's generate reaches (as _use_engine)
+        policy = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                        target_modules="all-linear"))
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.5)  # adapters that change the output, so that their dropout does
+        m.generate = types.MethodType(it._engine_generate, m)
+    ids = torch.randint(3, 64, (4, 6))
+    gc = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=[1])
+    s = _fresh_seed()
+
+    def run(transformers_generate):
+        torch.manual_seed(s)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            if transformers_generate:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.delattr(m, "generate")
+                    out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+            else:
+                out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        return out, [str(w.message) for w in rec if "r1kernels" in str(w.message)]
+
+    policy.eval()
+    eval_got, eval_warned = run(False)
+    assert torch.equal(eval_got, run(True)[0]) and eval_warned == []  # no dropout in eval mode: the engine's
+    policy.train()
+    got, warned = run(False)
+    want, _ = run(True)
+    assert not torch.equal(want, eval_got)  # the dropout changes transformers' tokens here
+    assert torch.equal(got, want)
+    assert len(warned) == 1 and "dropout" in warned[0]

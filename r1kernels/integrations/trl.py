@@ -27,7 +27,8 @@ fixes the samples). It returns HF's layout: the prompt ids then the completion, 
 A generate call with anything else (beams, a repetition penalty, suppressed tokens, logits processors, also
 from the model's own generation_config; multimodal inputs; prompt + max_new_tokens past a sliding window) and a
 trainer the engine cannot serve (FSDP, quantized weights, a model type it does not support) run transformers'
-generate after one warning.
+generate after one warning; so does a call on a policy in training mode whose forward applies dropout (a LoRA
+lora_dropout, an attention_dropout: TRL's rollout samples through it, the engine runs in eval mode).
 With vLLM or TRL's continuous batching the policy's generate is never called and stays as it is.
 """
 from __future__ import annotations
@@ -281,6 +282,20 @@ def _zero3() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
+def _active_dropout(model) -> str | None:
+    """The first dropout `model`'s forward applies as it stands ('module name p=...'), else None: an nn.Dropout of
+    p > 0 (e.g. a LoRA adapter's lora_dropout) or an attention module's attention_dropout > 0, in a module in
+    training mode. TRL calls generate with the policy in training mode (Trainer.training_step calls model.train()
+    before _prepare_inputs): transformers' generate samples through that dropout; the engine runs in eval mode."""
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        p = m.p if isinstance(m, torch.nn.modules.dropout._DropoutNd) else getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and p > 0:
+            return f"{name or type(model).__name__} p={p}"
+    return None
+
+
 def _fallback_reason(model, gc, kwargs) -> str | None:
     """Why this generate call needs transformers' generate (None: the engine runs it). gc: the call's generation
     config merged with the model's own as transformers' generate merges them."""
@@ -289,6 +304,10 @@ def _fallback_reason(model, gc, kwargs) -> str | None:
     extra = sorted(k for k, v in kwargs.items() if k not in _ENGINE_KWARGS and v is not None)
     if extra:
         return f"generate arguments {extra}"
+    drop = _active_dropout(model)
+    if drop is not None:
+        return (f"dropout in training mode ({drop}; TRL's disable_dropout=True zeroes nn.Dropout, not "
+                "attention_dropout)")
     if gc.max_new_tokens is None:
         return "no max_new_tokens"
     for k, off in _OFF.items():
