@@ -5,7 +5,8 @@ scheduler states) + ref_model.pt (when beta > 0) + rng_state_<rank>.pth + traine
 + manifest.json, written last: every file's size, and the sha256 of files up to 64 MiB. A checkpoint is
 written to tmp-checkpoint-<step>/ and renamed when complete; on resume it must match its manifest, or
 `resume_from_checkpoint=latest` skips it (with a warning) for the newest complete one, and a named one is an
-error. A resume must also keep the settings that define the run (RUN_KEYS).
+error. A resume must also keep the settings that define the run (RUN_KEYS, the ZeRO stage and DeepSpeed's
+mixed precision).
 
 output_dir is locked by its run (flock on output_dir/.r1train.lock, released when the process ends, even by
 kill -9), and a fresh run refuses a directory that holds another run's checkpoints or metrics unless
@@ -166,6 +167,7 @@ class CheckpointMixin:
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
                 json.dump({"global_step": step, "max_steps": self.max_steps, "trainer": type(self).__name__,
                            "world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
+                           "ds_precision": self.ds_precision,
                            "trainer_state": self.trainer_state(), "config": vars(cfg),
                            "sft_whole_prompts": True},  # SFT keeps whole prompts (check_resume_state)
                           fh, indent=1, default=str)
@@ -209,6 +211,8 @@ class CheckpointMixin:
         res = None
         if self.rank == 0:
             try:
+                # read once, as the engine is built from it (a save must not depend on the file staying there)
+                self.ds_precision = ds_precision_of(self.cfg)
                 prepare_output_dir(self.cfg)
                 if self.cfg.resume_from_checkpoint:
                     path = resolve_checkpoint(self.cfg.resume_from_checkpoint, self.cfg.output_dir)
@@ -366,6 +370,10 @@ def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
     stage = zero_stage_of(cfg)  # DeepSpeed cannot load one stage's optimizer states into another's
     if state.get("zero_stage", stage) != stage:
         diff.append(f"ZeRO stage, zero_stage or the deepspeed file's (checkpoint {state['zero_stage']}, now {stage})")
+    precision = ds_precision_of(cfg)  # the dtype of the saved master weights and optimizer states
+    if state.get("ds_precision", precision) != precision:
+        diff.append(f"DeepSpeed mixed precision, the deepspeed file's bf16 section (checkpoint "
+                    f"{state['ds_precision']}, now {precision})")
     if diff:
         raise CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {path} was written by a run "
                               f"with other settings: {', '.join(diff)}. Resume with the checkpoint's values, or "
@@ -384,6 +392,20 @@ def zero_stage_of(cfg) -> int:
     if not cfg.deepspeed:
         return cfg.zero_stage
     return read_deepspeed_config(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0)
+
+
+def ds_precision_of(cfg) -> dict:
+    """DeepSpeed's mixed precision of a run, as engine.ds_config resolves it from the `deepspeed` file (else
+    r1train's ds_zero<N>.json): bf16 (DeepSpeed's bf16 on: fp32 master weights and optimizer states, unless the
+    file keeps them in bf16; "auto" is the bf16 key) and its two bf16_* options (False with bf16 off). A
+    checkpoint's optimizer state has this layout and dtype: another one fails to load (deep in DeepSpeed) or
+    loads into other dtypes, so a resume keeps it (check_resume_config)."""
+    path = cfg.deepspeed or os.path.join(os.path.dirname(__file__), "configs", f"ds_zero{cfg.zero_stage}.json")
+    bf16 = read_deepspeed_config(path).get("bf16", {})
+    on = bf16.get("enabled", "auto")
+    on = bool(cfg.bf16) if on == "auto" else bool(on)
+    return {"bf16": on, **{k: on and bool(bf16.get(k, False))
+                           for k in ("bf16_master_weights_and_grads", "bf16_optimizer_states")}}
 
 
 # ---- the output directory: one run at a time; a fresh run does not mix with another run's outputs
@@ -430,15 +452,48 @@ def unlock_output_dir(output_dir: str):
 RUN_OUTPUTS = ("metrics.jsonl", "completions.jsonl", "curves.png", "runs")  # besides checkpoint-* / tmp-checkpoint-*
 
 
+def recover_replaced(output_dir: str):
+    """A save of a step that has a checkpoint renames the old copy to tmp-checkpoint-<step>-replaced, then the new
+    one, complete, from tmp-checkpoint-<step> to checkpoint-<step> (CheckpointMixin._save): a kill between the two
+    renames leaves no checkpoint-<step>, and the start's cleanup of tmp-* would delete both copies. Publish the
+    new copy where it is complete (the resumed run's, which metrics.jsonl follows), else the old one."""
+    for n in os.listdir(output_dir):
+        step = n[len("tmp-checkpoint-"):-len("-replaced")]
+        if not (n.startswith("tmp-checkpoint-") and n.endswith("-replaced") and step.isdigit()):
+            continue
+        final = os.path.join(output_dir, f"checkpoint-{step}")
+        if os.path.lexists(final):  # killed after publishing: the old copy is deleted with the other tmp-*
+            continue
+        for src in (os.path.join(output_dir, f"tmp-checkpoint-{step}"), os.path.join(output_dir, n)):
+            if checkpoint_problem(src) is None:
+                log.warning("output_dir: a save of checkpoint-%s was killed while replacing it; restoring it from %s",
+                            step, src)
+                os.replace(src, final)
+                break
+
+
+def resumes_elsewhere(cfg) -> bool:
+    """resume_from_checkpoint names a checkpoint directory outside output_dir (not `latest`): output_dir's own
+    outputs, if any, are another run's."""
+    spec = cfg.resume_from_checkpoint
+    if not spec or resumes_latest(spec):
+        return False
+    parent = os.path.dirname(os.path.abspath(os.path.normpath(spec)))
+    return os.path.realpath(parent) != os.path.realpath(cfg.output_dir)
+
+
 def prepare_output_dir(cfg):
-    """Lock output_dir; a fresh run (no resume_from_checkpoint) refuses one holding another run's checkpoints
-    or metrics, or with overwrite_output_dir=true deletes them."""
+    """Lock output_dir; a fresh run (no resume_from_checkpoint), or one resuming from a checkpoint of another
+    directory, refuses one holding another run's checkpoints or metrics, or with overwrite_output_dir=true
+    deletes them (a resume would cut metrics.jsonl to its checkpoint's step and save over the checkpoints)."""
     d = cfg.output_dir
     lock_output_dir(d)
+    recover_replaced(d)
     for n in os.listdir(d):  # unfinished saves of a killed run (nobody else writes here: we hold the lock)
         if n.startswith("tmp-checkpoint-"):
             shutil.rmtree(os.path.join(d, n), ignore_errors=True)
-    if cfg.resume_from_checkpoint:
+    elsewhere = resumes_elsewhere(cfg)
+    if cfg.resume_from_checkpoint and not elsewhere:
         return
     ckpts = [n for n in os.listdir(d) if n.startswith("checkpoint-")]
     logs = [n for n in ("metrics.jsonl", "completions.jsonl")
@@ -447,6 +502,12 @@ def prepare_output_dir(cfg):
         return
     if not cfg.overwrite_output_dir:
         shown = sorted(ckpts, key=lambda n: (len(n), n))[-3:] + logs
+        if elsewhere:
+            raise ConfigError(f"output_dir {d} holds another run's outputs ({', '.join(shown)}), and "
+                              f"resume_from_checkpoint={cfg.resume_from_checkpoint} is a checkpoint of another "
+                              "directory: resuming here would cut that run's metrics to the checkpoint's step and "
+                              "save over its checkpoints. Choose another output_dir, resume this directory's run "
+                              "(resume_from_checkpoint=latest), or pass overwrite_output_dir=true to delete them")
         raise ConfigError(f"output_dir {d} holds another run's outputs ({', '.join(shown)}): resume it with "
                           "resume_from_checkpoint=latest, choose another output_dir, or pass "
                           "overwrite_output_dir=true to delete them")

@@ -96,6 +96,22 @@ def test_resume_refuses_a_checkpoint_of_other_settings(sft_run, tmp_path):
     assert t.step0 == 4
 
 
+def test_resume_from_another_directory_refuses_a_used_output_dir(sft_run, tmp_path):
+    """resume_from_checkpoint=<a checkpoint of another directory> into an output_dir holding a run's outputs: the
+    resume cut that run's metrics.jsonl to the checkpoint's step (rows 3 and 4 lost) and would save over its
+    checkpoints. Refused as a fresh run is, unless overwrite_output_dir=true; an empty output_dir takes it."""
+    out = _copy(sft_run, tmp_path)
+    other = tmp_path / "other" / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", other)
+    with pytest.raises(ConfigError, match=r"holds another run's outputs.*resume_from_checkpoint=.*another directory"):
+        _sft(out, "max_steps=4", f"resume_from_checkpoint={other}")
+    assert [r["step"] for r in H.read_metrics(out)] == [1, 2, 3, 4]  # nothing touched
+    assert _sft(out, "max_steps=4", f"resume_from_checkpoint={out / 'checkpoint-2'}").step0 == 2  # its own: fine
+    assert _sft(tmp_path / "empty", "max_steps=4", f"resume_from_checkpoint={other}").step0 == 2
+    t = _sft(out, "max_steps=4", f"resume_from_checkpoint={other}", "overwrite_output_dir=true")
+    assert t.step0 == 2 and not any(n.startswith("checkpoint-") for n in os.listdir(out))
+
+
 def test_resume_refuses_an_sft_checkpoint_that_cut_prompts(sft_run, tmp_path):
     """An SFT checkpoint written before SFT kept whole prompts (no sft_whole_prompts in its trainer_state.json)
     trained on each prompt's last max_prompt_length tokens: resuming it where a training prompt is longer would
@@ -298,6 +314,26 @@ def test_resume_with_another_zero_stage_from_a_deepspeed_file_is_refused(sft_run
     assert t.step0 == 4
 
 
+@pytest.mark.parametrize("saved,now", [("ds_zero0.json", "ds_zero0_bf16.json"),
+                                       ("ds_zero2.json", "ds_zero2_bf16.json")])
+def test_resume_with_another_deepspeed_precision_is_refused(tmp_path, saved, now):
+    """bf16=true under DeepSpeed's mixed precision (fp32 master weights and optimizer states) resumed under a
+    `deepspeed` file of the same ZeRO stage that keeps them in bf16 (or steps bf16 weights with no master copy):
+    ZeRO-0 failed deep in DeepSpeed (KeyError 'param_groups'), ZeRO-2 resumed silently in bf16, another run than
+    the checkpoint's. A CheckpointError naming the precision; the checkpoint's own file resumes."""
+    from r1train.engine import CONFIG_DIR
+
+    out = tmp_path / "run"
+    t = _sft(out, "max_steps=2", "bf16=true", f"deepspeed={os.path.join(CONFIG_DIR, saved)}")
+    t.train()
+    t.finish()
+    resume = ["max_steps=4", "bf16=true", "resume_from_checkpoint=latest"]
+    with pytest.raises(CheckpointError, match=r"DeepSpeed mixed precision.*checkpoint \{'bf16': True, "
+                                              r"'bf16_master_weights_and_grads': False"):
+        _sft(out, *resume, f"deepspeed={os.path.join(CONFIG_DIR, now)}")
+    assert _sft(out, *resume, f"deepspeed={os.path.join(CONFIG_DIR, saved)}").step0 == 2
+
+
 FULL_DISK = """
 import resource, signal, sys
 sys.path.insert(0, {tests!r})
@@ -349,6 +385,33 @@ def test_killed_while_replacing_a_checkpoint_keeps_one(sft_run, tmp_path, monkey
         t.finish()
     monkeypatch.setattr(C.shutil, "rmtree", real)
     assert _sft(out, "max_steps=6", "resume_from_checkpoint=latest").step0 == 4
+
+
+def test_killed_between_the_renames_of_a_replaced_checkpoint_keeps_one(sft_run, tmp_path, monkeypatch):
+    """Replacing checkpoint-4 renames it to tmp-checkpoint-4-replaced, then tmp-checkpoint-4 (the new copy,
+    complete) to checkpoint-4. A kill between the two renames left no checkpoint-4, and the next start deleted
+    both tmp-* copies: the step was lost (latest fell back to checkpoint-2). The next start publishes the new copy."""
+    import r1train.checkpoint as C
+
+    out = _copy(sft_run, tmp_path)
+    t = _sft(out, "max_steps=4", f"resume_from_checkpoint={out / 'checkpoint-2'}")
+    t.train()
+    real = os.replace
+
+    def killed_midway(src, dst, *a, **k):  # killed before the new copy is renamed into place
+        if os.path.basename(src) == "tmp-checkpoint-4" and os.path.basename(dst) == "checkpoint-4":
+            raise KeyboardInterrupt
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(C.os, "replace", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        t.finish()
+    monkeypatch.setattr(C.os, "replace", real)
+    assert not (out / "checkpoint-4").exists() and (out / "tmp-checkpoint-4-replaced").is_dir()
+    want = (out / "tmp-checkpoint-4" / "model.safetensors").read_bytes()  # the resumed run's copy
+    assert _sft(out, "max_steps=6", "resume_from_checkpoint=latest").step0 == 4
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == want
+    assert not any(n.startswith("tmp-checkpoint") for n in os.listdir(out))
 
 
 def test_resume_from_checkpoint_true_picks_the_latest(sft_run, tmp_path):
