@@ -244,7 +244,12 @@ class CheckpointMixin:
                                   f"{self.cfg.lr_scheduler_type} with warmup_ratio={self.cfg.warmup_ratio} sets each "
                                   "step's rate from the number of steps. Resume with the checkpoint's max_steps (or "
                                   "num_train_epochs), or start a fresh run")
-        self.engine.load_checkpoint(path, tag="ds")
+        # without its states DeepSpeed fails an assert deep inside, or (other versions, stages) only warns that it
+        # found nothing and the run goes on from the base weights
+        ds = os.path.join(path, "ds")
+        if not os.path.isdir(ds) or self.engine.load_checkpoint(path, tag="ds")[0] is None:
+            raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: DeepSpeed loaded "
+                                  f"nothing from {ds}: the checkpoint's model and optimizer states are missing")
         if self.ref is not None:
             self.load_ref_state_dict(torch.load(os.path.join(path, "ref_model.pt"), weights_only=True))
         rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pth"), weights_only=False)

@@ -481,3 +481,15 @@ def test_every_loss_option_is_a_run_key():
     core = ("beta", "epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "kl_estimator",
             "temperature", "max_completion_length", "entropy_coef")
     assert set(core) | set(loss_keys(load_config())) <= set(RUN_KEYS)
+
+
+def test_checkpoint_whose_deepspeed_state_is_gone_is_an_error(sft_run, tmp_path):
+    """A checkpoint whose manifest matches but whose ds/ states are gone (the manifest rewritten without them):
+    DeepSpeed only warns that it found nothing, and the run would go on from the base weights."""
+    from r1train.checkpoint import CheckpointError, write_manifest
+
+    out = _copy(sft_run, tmp_path)
+    shutil.rmtree(out / "checkpoint-4" / "ds")
+    write_manifest(str(out / "checkpoint-4"))
+    with pytest.raises(CheckpointError, match="DeepSpeed loaded nothing"):
+        _sft(out, "max_steps=6", "resume_from_checkpoint=latest")
