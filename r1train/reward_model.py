@@ -123,16 +123,17 @@ class RewardModel:
         self.model, self.tokenizer = model.to(self.device).eval().requires_grad_(False), tok
 
     def texts(self, prompts, completions) -> list[str]:
-        """The text each completion is scored on (TRL's)."""
-        from .rewards import as_trl_completions, is_conversational
+        """The text each completion is scored on (TRL's), by its own prompt's format (a dataset may mix them):
+        chat messages through the chat template, a string prompt + completion."""
+        from .rewards import as_trl_completions, is_chat_prompt
 
         completions = as_trl_completions(prompts, completions)
-        if not is_conversational(prompts):
-            return [p + c for p, c in zip(prompts, completions)]
-        if self.tokenizer.chat_template is None:
+        chat = [is_chat_prompt(p) for p in prompts]
+        if any(chat) and self.tokenizer.chat_template is None:
             raise ValueError(f"reward model {self.path!r}: chat-message prompts need a chat template, and its "
                              "tokenizer has none")
-        return [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+        return [self.tokenizer.apply_chat_template(p + c, tokenize=False) if is_chat else p + c
+                for p, c, is_chat in zip(prompts, completions, chat)]
 
     def __call__(self, prompts, completions, **_) -> list[float]:
         import torch

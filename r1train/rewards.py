@@ -7,9 +7,11 @@ left out of its group's mean and std and of the logged reward, advantage 0. A fu
 past the timeout is logged and counted; the affected samples are marked failed and the trainer treats them
 as unscorable and gives them zero loss weight; the run goes on unless every sample of a step failed
 (RewardError naming the reward). A return value that is not one finite float or None per completion is a
-RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). With
-chat-message prompts, completions are passed as TRL does: [{"role": "assistant", "content": text}]. Calls
-run in daemon threads: a hung one is abandoned at the timeout and never keeps the process alive.
+RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). After a
+chat-message prompt its completion is passed as TRL does: [{"role": "assistant", "content": text}]. Each step's
+functions get their own copies of the prompts and columns (TRL's rows are fresh per completion). Calls run in
+daemon threads, async ones awaited on one event loop (TRL's): a hung call is abandoned at the timeout and never
+keeps the process alive.
 A reward_funcs entry naming a local model directory is a neural reward model (reward_model.RewardModel, TRL's
 sequence-classification reward), loaded before its first timed call.
 """
@@ -17,6 +19,7 @@ sequence-classification reward), loaded before its first timed call.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import importlib
 import inspect
@@ -289,10 +292,13 @@ def resolve(name, cfg=None):
 
 
 def reward_name(name) -> str:
-    """The name a reward logs under: a callable's __name__, a model directory's basename, an import path's
-    function name."""
+    """The name a reward logs under: a callable's as TRL's get_callable_name gives it (its __name__; a
+    functools.partial's wrapped function's; a callable object without one, its class's), a model directory's
+    basename, an import path's function name."""
     if callable(name):
-        return getattr(name, "__name__", "reward")
+        while isinstance(name, functools.partial):
+            name = name.func
+        return getattr(name, "__name__", type(name).__name__)
     return model_dir_name(name) if is_model_dir(name) else name.rpartition(":")[2]
 
 
@@ -308,6 +314,10 @@ def check_reward_funcs(names, cfg=None) -> list:
                 os.path.realpath(n) != os.path.realpath(seen[key]):
             raise ConfigError(f"reward_funcs: reward models {seen[key]!r} and {n!r} would both log as {key!r} (a "
                               "reward model logs under its directory's name): rename one directory")
+        if key in seen and callable(n) and callable(seen[key]) and n is not seen[key]:
+            raise ConfigError(f"reward_funcs: {seen[key]!r} and {n!r} would both log as {key!r} (a partial logs "
+                              "under its function's name, a callable object under its class's): give one another "
+                              "__name__")
         if key in seen:
             raise ConfigError(f"reward_funcs: {n!r} is listed twice (as {seen[key]!r}); each reward is counted "
                               "once (use reward_weights to weight it more)")
@@ -315,26 +325,64 @@ def check_reward_funcs(names, cfg=None) -> list:
     return funcs
 
 
+def is_chat_prompt(prompt) -> bool:
+    """TRL's rule for one prompt: a list of chat messages."""
+    return isinstance(prompt, list) and (not prompt or isinstance(prompt[0], dict))
+
+
 def is_conversational(prompts) -> bool:
-    """TRL's rule: prompts given as lists of chat messages."""
-    return bool(prompts) and isinstance(prompts[0], list) and (not prompts[0] or isinstance(prompts[0][0], dict))
+    """TRL's rule: prompts given as lists of chat messages (read from the first)."""
+    return bool(prompts) and is_chat_prompt(prompts[0])
 
 
 def as_trl_completions(prompts, completions) -> list:
-    """TRL's reward input format: with chat-message prompts each completion is [{"role": "assistant",
-    "content": text}]; with string prompts the text itself."""
-    if not is_conversational(prompts):
-        return list(completions)
-    return [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
+    """TRL's reward input format, each completion in its own prompt's: after chat messages [{"role":
+    "assistant", "content": text}], after a string the text itself. TRL reads the batch's first prompt, the
+    same thing where a datasets column holds one format; a .jsonl dataset may mix them (then a batch's first
+    prompt would decide for every completion of the batch)."""
+    return [[{"role": "assistant", "content": c}] if isinstance(c, str) and is_chat_prompt(p) else c
+            for p, c in zip(prompts, completions, strict=True)]
 
 
 class _Timeout(Exception):
     pass
 
 
+_loop_lock = threading.Lock()
+_loop, _loop_pid = None, None  # the event loop of every async reward call (_event_loop), and its process
+
+
+def _event_loop():
+    """The one event loop, in a daemon thread, that async reward calls run on, as TRL 1.16 runs them (its
+    GRPOTrainer-AsyncLoop, for the trainer's life): what an async reward keeps between calls (an httpx / openai
+    AsyncClient, an asyncio.Semaphore) is bound to the loop it was first used on, so a loop per call broke it
+    on the next step. Started on first use; replaced only when a timed-out call left it blocked
+    (_drop_if_blocked)."""
+    global _loop, _loop_pid
+    with _loop_lock:
+        if _loop is None or _loop_pid != os.getpid():  # a forked child has the loop but not its thread
+            _loop, _loop_pid = asyncio.new_event_loop(), os.getpid()
+            threading.Thread(target=_loop.run_forever, name="reward-async-loop", daemon=True).start()
+        return _loop
+
+
+def _drop_if_blocked(loop, wait: float = 1.0):
+    """After an async call timed out: a loop that runs nothing within `wait` s is blocked (sync code inside an
+    async reward); it is stopped once that code returns and the next call gets a new one, so one such reward
+    never times out every later async call."""
+    global _loop
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(wait)
+    except Exception:  # noqa: BLE001 -- concurrent.futures.TimeoutError (or a loop already stopped)
+        with _loop_lock:
+            if _loop is loop:
+                _loop = None
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def _call_in_thread(fn, kw, timeout: float):
-    """fn(**kw) (awaited when it returns an awaitable) in a daemon thread; _Timeout after `timeout` s.
-    A call that hangs is abandoned: a daemon thread never keeps the process from exiting (a
+    """fn(**kw) in a daemon thread (an awaitable it returns awaited on _event_loop()); _Timeout after `timeout`
+    s. A call that hangs is abandoned: a daemon thread never keeps the process from exiting (a
     ThreadPoolExecutor's workers are joined at exit, which made a hung reward hang the process)."""
     box = {}
 
@@ -344,7 +392,8 @@ def _call_in_thread(fn, kw, timeout: float):
             if inspect.isawaitable(r):
                 async def wait():
                     return await asyncio.wait_for(r, timeout)
-                r = asyncio.run(wait())
+                box["loop"] = _event_loop()
+                r = asyncio.run_coroutine_threadsafe(wait(), box["loop"]).result()
             box["value"] = r
         except BaseException as e:  # noqa: BLE001 -- handed to the caller
             box["error"] = e
@@ -353,6 +402,8 @@ def _call_in_thread(fn, kw, timeout: float):
     t.start()
     t.join(timeout)
     if t.is_alive():
+        if "loop" in box:
+            _drop_if_blocked(box["loop"])
         raise _Timeout()
     if "error" in box:
         if isinstance(box["error"], asyncio.TimeoutError):
@@ -370,8 +421,17 @@ FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _not_a_list(v) -> bool:
+    """Not a sequence of one value per completion (a 0-d array or tensor has __len__, but len() of it raises)."""
     return inspect.isgenerator(v) or inspect.isawaitable(v) or isinstance(v, (str, bytes, dict)) or \
-        not hasattr(v, "__len__") or not hasattr(v, "__getitem__")
+        not hasattr(v, "__len__") or not hasattr(v, "__getitem__") or getattr(v, "ndim", None) == 0
+
+
+def _as_real(v):
+    """v as a Python real number, or None if it is not one: a 0-d array or tensor counts as its item (so a
+    complex or string one is no number, as a complex or a str is not)."""
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        v = v.item()
+    return v if isinstance(v, numbers.Real) else None
 
 
 def check_values(name: str, vals, n: int) -> list:
@@ -389,9 +449,10 @@ def check_values(name: str, vals, n: int) -> list:
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, (str, bytes)) or not (isinstance(v, numbers.Real) or getattr(v, "ndim", None) == 0):
+        real = _as_real(v)
+        if real is None:
             raise RewardError(f"reward {name!r} returned {_describe(v)} at index {i}; expected a float or None")
-        f = float(v)
+        f = float(real)
         if not math.isfinite(f):
             raise RewardError(f"reward {name!r} returned {f} at index {i}; rewards must be finite (return None "
                               "for 'not applicable')")
@@ -433,6 +494,14 @@ class _Logged:
 
     def log_metric(self, name, value):
         self.metrics.append((name, value))
+
+
+def _fresh(values) -> list:
+    """A copy of each value, made once per step (the step's reward functions share them, as in TRL): TRL's rows
+    are fresh per completion (a datasets row per index), so a reward that changes its prompts or columns in place
+    (prompt += completion) changes no other completion's input and no dataset row; the caller's lists share the
+    rows' objects (a group's G samples share one)."""
+    return [copy.deepcopy(v) for v in values]
 
 
 class RewardRunner:
@@ -488,12 +557,11 @@ class RewardRunner:
             for i, v in zip(rows, values):
                 self.last_extra[i][col] = v
         for metric, value in logged.metrics:
-            ok = isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0
-            if not isinstance(metric, str) or isinstance(value, (str, bytes)) or not ok or \
-                    not math.isfinite(float(value)):
+            real = _as_real(value)
+            if not isinstance(metric, str) or real is None or not math.isfinite(float(real)):
                 raise RewardError(f"reward {name!r} called log_metric({_describe(metric)}, {_describe(value)}); "
                                   "it takes a metric name (str) and a finite number")
-            self._metrics.setdefault(metric, []).append(float(value))
+            self._metrics.setdefault(metric, []).append(float(real))
 
     def _run_one(self, name, fn, prompts, completions, completion_ids, columns):
         """values (float or None) and failed flags, per sample."""
@@ -541,6 +609,7 @@ class RewardRunner:
             if isinstance(fn, RewardModel):
                 fn.load()
         n = len(completions)
+        prompts, columns = _fresh(prompts), {k: _fresh(v) for k, v in columns.items()}
         completions = as_trl_completions(prompts, completions)
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n
         self.last_errors, self.last_extra, self._state = {}, [{} for _ in range(n)], trainer_state

@@ -91,6 +91,16 @@ def test_scores_match_each_text_alone(rm_dir, chat):
     assert_close(torch.tensor([row[0] for row in table], dtype=torch.float64), ref, torch.float32, name="runner")
 
 
+def test_mixed_prompt_formats_score_each_text_by_its_own_prompt(rm_dir):
+    """A .jsonl dataset may mix chat and string prompts: each completion is scored on its own prompt's text (TRL's
+    for a batch of that format); the first prompt's format used to decide for all (list + str: TypeError)."""
+    chat, plain = [{"role": "user", "content": "1+1?"}], "1+1?"
+    rm = RewardModel(rm_dir)
+    for prompts in ([chat, plain], [plain, chat]):
+        want = [rm(*pc)[0] for pc in (([p], ["x2"]) for p in prompts)]  # each alone: one format per batch
+        assert rm(prompts, ["x2", "x2"]) == pytest.approx(want, rel=1e-5, abs=1e-5)  # float32, padded
+
+
 def test_no_special_tokens_and_eos_padding(tmp_path):
     """A tokenizer that adds a BOS (add_special_tokens=True) and has no pad token: texts are scored without the
     BOS (TRL's add_special_tokens=False) and batches are padded with eos, the scores those of each text alone."""
