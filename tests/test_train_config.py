@@ -19,6 +19,7 @@ from r1train.data import DatasetError, load_rows
     ("bf16=maybe", "bf16: expected bool"),
     ("beta", "expected key=value"),
     ("reward_weights=1,x", "reward_weights: 'x' is not a number"),
+    ("reward_funcs=accuracy,format reward_weights=1,-1e39", "reward_weights must be finite numbers within float32's"),
     ("reward_funcs=[]", "reward_funcs must be a non-empty list"),
     ("adam_epsilon=0", "adam_epsilon must be > 0"),
     ("seed=18446744073709551616", "seed must be in [0, 2**63)"),
