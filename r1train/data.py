@@ -156,21 +156,23 @@ def reward_columns(rows, repeats: int, answer_column: str) -> dict:
     return cols
 
 
-def prompt_text(tok, prompt) -> str:
-    """Chat messages through the tokenizer's chat template (with the generation prompt); strings as is."""
+def prompt_text(tok, prompt, **template_kwargs) -> str:
+    """Chat messages through the tokenizer's chat template (with the generation prompt; template_kwargs, e.g.
+    tools, passed on to it); strings as is."""
     if isinstance(prompt, str):
         return prompt
     if getattr(tok, "chat_template", None) is None:
         return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
-    return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **template_kwargs)
 
 
-def prompt_ids(tok, prompt) -> list[int]:
+def prompt_ids(tok, prompt, **template_kwargs) -> list[int]:
     """A prompt's token ids as TRL 1.16's GRPOTrainer encodes them: a string with the tokenizer's defaults
     (processing_class(text=prompts): add_special_tokens=True, e.g. a Llama tokenizer's BOS); chat messages
-    through the chat template (with the generation prompt) without extra special tokens (the template has
-    them). With no chat template, messages are rendered as plain text and encoded as a string is."""
-    text = prompt_text(tok, prompt)
+    through the chat template (with the generation prompt; template_kwargs passed on) without extra special
+    tokens (the template has them). With no chat template, messages are rendered as plain text and encoded as
+    a string is."""
+    text = prompt_text(tok, prompt, **template_kwargs)
     templated = not isinstance(prompt, str) and getattr(tok, "chat_template", None) is not None
     return tok(text, add_special_tokens=not templated)["input_ids"]
 
@@ -259,8 +261,9 @@ class TokenCache(dict):
                 self[key] = ids
         return ids
 
-    def prompt(self, prompt) -> list[int]:
-        return self._get(("prompt", repr(prompt)), lambda: prompt_ids(self.tok, prompt))
+    def prompt(self, prompt, template_kwargs: dict | None = None) -> list[int]:
+        kw = template_kwargs or {}
+        return self._get(("prompt", repr(prompt), repr(kw)), lambda: prompt_ids(self.tok, prompt, **kw))
 
     def string_row(self, prompt: str, completion: str) -> tuple[list, list]:
         """A string row's (prompt ids, completion ids) as TRL 1.16's SFTTrainer tokenizes them: the completion
@@ -273,20 +276,24 @@ class TokenCache(dict):
             return full[:n], full[n:]
         return self._get(("string_row", prompt, completion), encode)
 
-    def chat_row(self, prompt: list, completion: list) -> tuple[list, list]:
+    def chat_row(self, prompt: list, completion: list, template_kwargs: dict | None = None) -> tuple[list, list]:
         """A conversational row's (prompt ids, completion ids) as TRL 1.16's SFTTrainer tokenizes them: the chat
         template of prompt + completion, the completion what follows its common prefix with the prompt's
         rendering with the generation prompt (every completion message is trained on, the template's end-of-turn
-        tokens included). With no chat template, the messages as plain text (prompt_text's rendering) + eos."""
+        tokens included); both renderings get template_kwargs (the row's tools and chat_template_kwargs:
+        sft_template_kwargs). With no chat template, the messages as plain text (prompt_text's rendering) + eos."""
+        kw = template_kwargs or {}
+
         def encode():
             tok = self.tok
             if getattr(tok, "chat_template", None) is None:
                 full = with_eos(tok, tok(prompt_text(tok, prompt + completion)[:-len("assistant: ")])["input_ids"])
             else:
-                full = list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
-            n = common_prefix_length(prompt_ids(tok, prompt), full)
+                full = list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True,
+                                                    **kw)["input_ids"])
+            n = common_prefix_length(prompt_ids(tok, prompt, **kw), full)
             return full[:n], full[n:]
-        return self._get(("chat_row", repr(prompt), repr(completion)), encode)
+        return self._get(("chat_row", repr(prompt), repr(completion), repr(kw)), encode)
 
     def text(self, text: str) -> list[int]:
         return self._get(("text", text), lambda: self.tok(text, add_special_tokens=False)["input_ids"])
@@ -318,22 +325,59 @@ def check_sft_completion(row, i, completion_column: str):
     return c
 
 
+# keywords the SFT tokenization sets itself: a row's chat_template_kwargs may not set them (in TRL 1.16 a TypeError)
+_OWN_TEMPLATE_KEYS = ("add_generation_prompt", "tokenize", "return_dict")
+
+
+def sft_template_kwargs(tok, row, i) -> dict:
+    """Row i's chat-template keywords, as TRL 1.16's SFTTrainer reads them from a conversational row: its `tools`
+    column (a list of tool schemas, or their JSON text as datasets may store it) and its `chat_template_kwargs`
+    column (a dict, e.g. {"enable_thinking": false}), passed to the template when the row's prompt and
+    prompt + completion are rendered. Absent or None: none. A bad value, or either column with a tokenizer that
+    has no chat template to render it (r1train's plain rendering would drop it unseen), is a DatasetError naming
+    the row and the column."""
+    tools, extra = row.get("tools"), row.get("chat_template_kwargs")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"SFT row {i}: column 'tools' is text that is not JSON: {e.msg}") from e
+    if tools is not None and not isinstance(tools, list):
+        raise DatasetError(f"SFT row {i}: column 'tools' must be a list of tool schemas (or its JSON text), "
+                           f"got {type(tools).__name__}")
+    if extra is not None and not isinstance(extra, dict):
+        raise DatasetError(f"SFT row {i}: column 'chat_template_kwargs' must be a dict, got {type(extra).__name__}")
+    kw = {**({"tools": tools} if tools is not None else {}), **(extra or {})}  # TRL: the row's kwargs win
+    clash = [k for k in _OWN_TEMPLATE_KEYS if k in kw]
+    if clash:
+        raise DatasetError(f"SFT row {i}: column 'chat_template_kwargs' sets {clash}, which SFT's tokenization "
+                           "sets itself")
+    if (tools or extra) and getattr(tok, "chat_template", None) is None:
+        col = "tools" if tools else "chat_template_kwargs"
+        raise DatasetError(f"SFT row {i}: column {col!r} is passed to the chat template, and the tokenizer has "
+                           "none (set tokenizer.chat_template)")
+    return kw
+
+
 def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, completion_only_loss: bool = True,
                cache: TokenCache | None = None) -> tuple[list, list]:
     """One SFT row's (context ids, scored ids): the whole prompt + completion + eos (string and conversational
-    rows tokenized as TRL's SFTTrainer: TokenCache.string_row/chat_row), truncated to the first max_length
+    rows tokenized as TRL's SFTTrainer: TokenCache.string_row/chat_row; a conversational row with its tools and
+    chat_template_kwargs columns, sft_template_kwargs), truncated to the first max_length
     tokens (TRL 1.16 SFT's truncation_mode keep_start; as there, no cut of the prompt alone: max_prompt_length
     is GRPO's). The scored ids are the completion's; with completion_only_loss=false every token after the
     first (TRL: the prompt is scored too). Invariant: len(context) + len(scored) <= max_length. A row left with
     no scored token is a DatasetError naming row i (and max_length where the cut left none; TRL drops it)."""
     cache = TokenCache(tok, 0) if cache is None else cache
     c = check_sft_completion(row, i, completion_column)
+    # a conversational prompt is rendered with the row's tools / chat_template_kwargs (TRL: a string one ignores them)
+    kw = sft_template_kwargs(tok, row, i) if isinstance(row["prompt"], list) else {}
     if isinstance(c, list):
-        p, comp = cache.chat_row(row["prompt"], c)
+        p, comp = cache.chat_row(row["prompt"], c, kw)
     elif isinstance(row["prompt"], str):
         p, comp = cache.string_row(row["prompt"], c)
     else:
-        p, comp = cache.prompt(row["prompt"]), with_eos(tok, cache.text(c))
+        p, comp = cache.prompt(row["prompt"], kw), with_eos(tok, cache.text(c))
     if not p:  # the prompt merged whole into the completion's first token: as in TRL, no token scores the first
         p, comp = comp[:1], comp[1:]
     if (len(comp) if completion_only_loss else len(p) + len(comp) - 1) < 1:  # before any cut: not max_length's doing

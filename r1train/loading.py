@@ -20,7 +20,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
                                                                                          "tokenizer_name_or_path")
         model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
                            num_layers=cfg.model_num_layers)
-        return maybe_patch(model, cfg), tok
+        return patch_layers(model, cfg), tok
     mkey = ("model_name_or_path" if path == cfg.model_name_or_path else
             "teacher_model" if path == getattr(cfg, "teacher_model", None) else "model directory")
     if not os.path.isdir(path):
@@ -43,7 +43,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     if len(tok) > n_emb:  # a token id past the embedding: an IndexError (a device assert on CUDA) mid-run
         raise ConfigError(f"{key}: the tokenizer has {len(tok)} tokens, the model's embedding {n_emb} rows; resize "
                           "the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it first")
-    return maybe_patch(model, cfg), tok
+    return patch_layers(model, cfg), tok
 
 
 def load_tokenizer(name: str, key: str):
@@ -122,7 +122,33 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
+def check_loss_head(model, cfg: TrainConfig):
+    """loss_impl=linear scores tokens with log_softmax(hidden @ lm_head.weight.T + bias) (r1kernels' fused head
+    kernels, rollout.Policy); a model whose config scales or soft-caps its logits (Gemma 2/3's
+    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...; TRL's fused head applies them)
+    has other log-probs: its loss, gradients and logged metrics were wrong with no error. Invariant: a model trained
+    with loss_impl=linear has logits = its lm_head's output; else a ConfigError naming loss_impl, before any work."""
+    from r1kernels.patch.lm_head import _SCALE_KEYS
+
+    if cfg.loss_impl != "linear":
+        return
+    conf = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    bad = {k: getattr(conf, k) for k in _SCALE_KEYS if getattr(conf, k, None) not in (None, 1.0)}
+    if bad:
+        what = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        raise ConfigError(f"loss_impl=linear: {type(model).__name__}'s config sets {what}, which the fused head "
+                          "kernels do not apply to its logits (its log-probs and loss would be wrong); set "
+                          "loss_impl=logits")
+
+
 def maybe_patch(model, cfg: TrainConfig):
+    """The trainers' entry (engine.Trainer, for every model it trains, built by r1train.loading or not):
+    check_loss_head, then patch_layers."""
+    check_loss_head(model, cfg)
+    return patch_layers(model, cfg)
+
+
+def patch_layers(model, cfg: TrainConfig):
     """rk.patch(model): with patch_model=true DeepseekV3's fused MoE routing and the fused RMSNorm / SiLU-MLP /
     rotary ops of Qwen2, Qwen3, Llama and Mistral (forward and backward; r1kernels/patch/layers.py); by
     default (None) DeepseekV3 on CUDA only."""

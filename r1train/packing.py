@@ -225,6 +225,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     rows packed back to back (boundaries cu_seq_lens_q) -> ([1, n, Hq, Dv], None), causal within each row."""
     if cu_seq_lens_q is None:
         raise RuntimeError(f"attention {ATTN_NAME!r} needs cu_seq_lens_q (a packed r1train forward)")
+    check_attention_kwargs(module, kwargs)
     Hq, Hkv, Dq, Dv = query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]
     if _flash_ok(query, dropout, Dv):
         from torch.nn.attention.varlen import varlen_attn
@@ -260,6 +261,24 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     out = F.scaled_dot_product_attention(rows_of(query), rows_of(key), rows_of(value), attn_mask=mask[:, None],
                                          scale=scaling, dropout_p=dropout, enable_gqa=Hq != Hkv)
     return out.transpose(1, 2)[row, col][None], None  # [1, n, Hq, Dv]
+
+
+# attention keywords that change the math (transformers' attention-interface names): Gemma 2's logit soft-capping
+# (softcap), gpt-oss's sinks (s_aux, sinks), a relative position bias (position_bias), a non-causal layer
+# (is_causal=False); each maps to the one value it may take besides None. Packed attention is plain causal softmax
+# attention over each row: any other value is an error.
+_UNPACKABLE = {"softcap": None, "s_aux": None, "sinks": None, "position_bias": None, "is_causal": True}
+
+
+def check_attention_kwargs(module, kwargs: dict):
+    """Invariant: packed attention computes what the model's own attention would, or refuses. Ignoring such a
+    keyword (as this did) gave wrong attention outputs, so a wrong loss, with no error."""
+    bad = {k: kwargs[k] for k, ok in _UNPACKABLE.items() if k in kwargs and kwargs[k] is not None
+           and kwargs[k] is not ok}
+    if bad:
+        what = ", ".join(f"{k}={v!r}" if not torch.is_tensor(v) else f"{k} (a tensor)" for k, v in bad.items())
+        raise ValueError(f"padding_free: {type(module).__name__}'s attention passes {what}, which r1train's packed "
+                         "attention does not implement; set padding_free=false")
 
 
 @functools.lru_cache(maxsize=1)

@@ -421,3 +421,64 @@ def test_sft_cuts_no_prompt_to_max_prompt_length(tmp_path, padding_free):
     m = SFTTrainer(cfg, model, tok, rows, []).train_step(0, rows)
     assert m["tokens"] == sum(h[4] for h in hand)
     assert m["loss"] == pytest.approx(sum(h[0] for h in hand) / sum(h[3] for h in hand), rel=1e-5)
+
+
+def _tool_template(tok):
+    """The character tokenizer's chat template, preceded by the names of the row's tools and a marker for a
+    `think` keyword (chat_template_kwargs), as a tool-calling template renders them."""
+    tok.chat_template = ("{% if tools %}<|system|>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}"
+                         "{% endif %}{% if think %}<think>{% endif %}" + tok.chat_template)
+    return tok
+
+
+def test_sft_renders_a_rows_tools_and_chat_template_kwargs_as_trl():
+    """TRL 1.16's SFTTrainer renders a conversational row with its `tools` column (a list, or JSON text) and its
+    `chat_template_kwargs` column: apply_chat_template(prompt, add_generation_prompt=True, tools=..., **kwargs)
+    and of prompt + completion likewise, the completion after their common prefix. Both columns were ignored: the
+    model trained on prompts without the tool schemas it is told about at inference. Bad values, or either column
+    with no chat template to render it, are DatasetErrors naming the row and the column."""
+    import json
+    import random
+
+    from r1train.data import TokenCache, sft_tokens
+
+    rng = random.Random()
+    tok = _tool_template(char_tokenizer())
+    name = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8)))
+    tools = [{"type": "function", "function": {"name": name, "description": "adds",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    prompt = [{"role": "user", "content": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?"}]
+    comp = [{"role": "assistant", "content": f"<answer>{rng.randint(0, 200)}</answer>"}]
+
+    def trl(p, c, **kw):  # TRL's tokenize_fn (conversational prompt-completion), written out
+        render = lambda m, **k: tok.apply_chat_template(m, tokenize=True, return_dict=True, **k)["input_ids"]  # noqa
+        p_ids, full = render(p, add_generation_prompt=True, **kw), render(p + c, **kw)
+        n = next((j for j, (x, y) in enumerate(zip(p_ids, full)) if x != y), min(len(p_ids), len(full)))
+        return full[:n], full[n:]
+
+    for extra, kw in (({"tools": tools}, {"tools": tools}), ({"tools": json.dumps(tools)}, {"tools": tools}),
+                      ({"chat_template_kwargs": {"think": True}}, {"think": True}),
+                      ({"tools": tools, "chat_template_kwargs": {"think": True}}, {"tools": tools, "think": True})):
+        for cache in (None, TokenCache(tok)):
+            got = sft_tokens(tok, {"prompt": prompt, "completion": comp, **extra}, 0, cache=cache, max_length=512,
+                             **KW)
+            assert got == trl(prompt, comp, **kw)
+        assert (name in tok.decode(got[0])) == ("tools" in kw) and ("<think>" in tok.decode(got[0])) == ("think" in kw)
+    # a string completion to a conversational prompt (r1train's own format): the prompt rendered with them too
+    p, _ = sft_tokens(tok, {"prompt": prompt, "completion": "5", "tools": tools}, 0, max_length=512, **KW)
+    assert p == trl(prompt, comp, tools=tools)[0] and name in tok.decode(p)
+    # absent or None: as without the columns
+    plain = sft_tokens(tok, {"prompt": prompt, "completion": comp}, 0, max_length=512, **KW)
+    assert sft_tokens(tok, {"prompt": prompt, "completion": comp, "tools": None, "chat_template_kwargs": None}, 0,
+                      max_length=512, **KW) == plain == trl(prompt, comp)
+    for i, extra, msg in ((3, {"tools": "{not json"}, r"column 'tools' is text that is not JSON"),
+                          (4, {"tools": 5}, r"column 'tools' must be a list"),
+                          (5, {"chat_template_kwargs": "think"}, r"column 'chat_template_kwargs' must be a dict"),
+                          (6, {"chat_template_kwargs": {"tokenize": False}},
+                           r"column 'chat_template_kwargs' sets \['tokenize'\]")):
+        with pytest.raises(DatasetError, match=f"SFT row {i}: {msg}"):
+            sft_tokens(tok, {"prompt": prompt, "completion": comp, **extra}, i, max_length=512, **KW)
+    tok.chat_template = None
+    with pytest.raises(DatasetError, match="SFT row 7: column 'tools' is passed to the chat template, and the "
+                                           "tokenizer has none"):
+        sft_tokens(tok, {"prompt": prompt, "completion": comp, "tools": tools}, 7, max_length=512, **KW)
