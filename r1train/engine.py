@@ -28,7 +28,7 @@ from .config import (
     check_token_budget,
     read_deepspeed_config,
 )
-from .loading import apply_lora, enable_activation_checkpointing, maybe_patch
+from .loading import apply_lora, check_loss_head, enable_activation_checkpointing, patch_layers
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
 from .optim import make_optimizer, param_groups
@@ -200,10 +200,11 @@ class Trainer(CheckpointMixin):
         n_step = self.prompts_per_rank * self.world
         if not self.train_rows:
             raise ValueError("the training dataset is empty")
+        check_loss_head(model, cfg)  # a ConfigError before prepare_run, which may delete old outputs
         resume = self.prepare_run()  # lock output_dir; the checkpoint to resume from, checked (before any work)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
-        model = maybe_patch(model, cfg)  # fused kernels in the forward (a model not built by r1train.loading)
+        model = patch_layers(model, cfg)  # fused kernels in the forward (a model not built by r1train.loading)
         dsc = ds_config(cfg, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
         # bf16 without DeepSpeed's mixed precision (e.g. ds_zero0_bf16.json): the optimizer steps bf16 parameters
         # (buffers keep their dtype, as DeepSpeed's own cast does)

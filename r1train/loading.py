@@ -126,8 +126,8 @@ def check_loss_head(model, cfg: TrainConfig):
     """loss_impl=linear scores tokens with log_softmax(hidden @ lm_head.weight.T + bias) (r1kernels' fused head
     kernels, rollout.Policy); a model whose config scales or soft-caps its logits (Gemma 2/3's
     final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...; TRL's fused head applies them)
-    has other log-probs: its loss, gradients and logged metrics were wrong with no error. Invariant: a model trained
-    with loss_impl=linear has logits = its lm_head's output; else a ConfigError naming loss_impl, before any work."""
+    has other log-probs. Invariant: a model trained with loss_impl=linear has logits = its lm_head's output; else a
+    ConfigError naming loss_impl, before any work (engine.Trainer calls it before prepare_run)."""
     from r1kernels.patch.lm_head import _SCALE_KEYS
 
     if cfg.loss_impl != "linear":
@@ -139,13 +139,6 @@ def check_loss_head(model, cfg: TrainConfig):
         raise ConfigError(f"loss_impl=linear: {type(model).__name__}'s config sets {what}, which the fused head "
                           "kernels do not apply to its logits (its log-probs and loss would be wrong); set "
                           "loss_impl=logits")
-
-
-def maybe_patch(model, cfg: TrainConfig):
-    """The trainers' entry (engine.Trainer, for every model it trains, built by r1train.loading or not):
-    check_loss_head, then patch_layers."""
-    check_loss_head(model, cfg)
-    return patch_layers(model, cfg)
 
 
 def patch_layers(model, cfg: TrainConfig):

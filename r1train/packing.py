@@ -271,10 +271,13 @@ _UNPACKABLE = {"softcap": None, "s_aux": None, "sinks": None, "position_bias": N
 
 
 def check_attention_kwargs(module, kwargs: dict):
-    """Invariant: packed attention computes what the model's own attention would, or refuses. Ignoring such a
-    keyword (as this did) gave wrong attention outputs, so a wrong loss, with no error."""
+    """Packed attention is causal softmax attention: a keyword of _UNPACKABLE with another value, or a module
+    whose is_causal attribute is False (transformers' sdpa reads it, e.g. Gemma 3's bidirectional attention), is
+    a ValueError naming padding_free."""
     bad = {k: kwargs[k] for k, ok in _UNPACKABLE.items() if k in kwargs and kwargs[k] is not None
            and kwargs[k] is not ok}
+    if getattr(module, "is_causal", True) is False:
+        bad["is_causal"] = False
     if bad:
         what = ", ".join(f"{k}={v!r}" if not torch.is_tensor(v) else f"{k} (a tensor)" for k, v in bad.items())
         raise ValueError(f"padding_free: {type(module).__name__}'s attention passes {what}, which r1train's packed "

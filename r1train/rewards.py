@@ -349,41 +349,47 @@ class _Timeout(Exception):
 
 
 _loop_lock = threading.Lock()
-_loop, _loop_pid = None, None  # the event loop of every async reward call (_event_loop), and its process
+_loops: dict = {}  # id(reward function) -> (its event loop, the process that started it): _event_loop
 
 
-def _event_loop():
-    """The one event loop, in a daemon thread, that async reward calls run on, as TRL 1.16 runs them (its
-    GRPOTrainer-AsyncLoop, for the trainer's life): what an async reward keeps between calls (an httpx / openai
-    AsyncClient, an asyncio.Semaphore) is bound to the loop it was first used on, so a loop per call broke it
-    on the next step. Started on first use; replaced only when a timed-out call left it blocked
-    (_drop_if_blocked)."""
-    global _loop, _loop_pid
+def _run_loop(loop):
+    loop.run_forever()
+    loop.close()  # stopped by _drop_if_blocked: its thread ends and its resources go
+
+
+def _event_loop(fn):
+    """fn's event loop, in a daemon thread, that every async call of fn runs on for the process's life, as TRL
+    1.16 runs async rewards on one loop: what a reward keeps between calls (an httpx / openai AsyncClient, an
+    asyncio.Semaphore) is bound to the loop it was first used on. One loop (and default thread pool) per function:
+    a reward that blocks its loop or fills its pool with hung to_thread calls delays only itself. A forked child
+    starts its own (it has the loop but not its thread)."""
     with _loop_lock:
-        if _loop is None or _loop_pid != os.getpid():  # a forked child has the loop but not its thread
-            _loop, _loop_pid = asyncio.new_event_loop(), os.getpid()
-            threading.Thread(target=_loop.run_forever, name="reward-async-loop", daemon=True).start()
-        return _loop
+        loop, pid = _loops.get(id(fn), (None, None))
+        if loop is None or pid != os.getpid():
+            loop = asyncio.new_event_loop()
+            _loops[id(fn)] = (loop, os.getpid())
+            threading.Thread(target=_run_loop, args=(loop,), name="reward-async-loop", daemon=True).start()
+        return loop
 
 
-def _drop_if_blocked(loop, wait: float = 1.0):
-    """After an async call timed out: a loop that runs nothing within `wait` s is blocked (sync code inside an
-    async reward); it is stopped once that code returns and the next call gets a new one, so one such reward
-    never times out every later async call."""
-    global _loop
+def _drop_if_blocked(fn, loop, wait: float = 1.0):
+    """After fn's async call timed out: a loop that runs nothing within `wait` s is blocked (sync code inside the
+    async reward); it stops once that code returns and fn's next call gets a new one, so the blocking reward does
+    not time out on every later step (what it bound to the old loop is lost: it blocked it)."""
     try:
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(wait)
     except Exception:  # noqa: BLE001 -- concurrent.futures.TimeoutError (or a loop already stopped)
         with _loop_lock:
-            if _loop is loop:
-                _loop = None
+            if _loops.get(id(fn), (None,))[0] is loop:
+                del _loops[id(fn)]
         loop.call_soon_threadsafe(loop.stop)
 
 
 def _call_in_thread(fn, kw, timeout: float):
-    """fn(**kw) in a daemon thread (an awaitable it returns awaited on _event_loop()); _Timeout after `timeout`
+    """fn(**kw) in a daemon thread (an awaitable it returns awaited on _event_loop(fn)); _Timeout after `timeout`
     s. A call that hangs is abandoned: a daemon thread never keeps the process from exiting (a
-    ThreadPoolExecutor's workers are joined at exit, which made a hung reward hang the process)."""
+    ThreadPoolExecutor's workers are joined at exit, which would make a hung reward hang the process); the
+    thread waiting on an async call gives up one second past the timeout."""
     box = {}
 
     def target():
@@ -392,8 +398,8 @@ def _call_in_thread(fn, kw, timeout: float):
             if inspect.isawaitable(r):
                 async def wait():
                     return await asyncio.wait_for(r, timeout)
-                box["loop"] = _event_loop()
-                r = asyncio.run_coroutine_threadsafe(wait(), box["loop"]).result()
+                box["loop"] = _event_loop(fn)
+                r = asyncio.run_coroutine_threadsafe(wait(), box["loop"]).result(timeout + 1.0)
             box["value"] = r
         except BaseException as e:  # noqa: BLE001 -- handed to the caller
             box["error"] = e
@@ -403,7 +409,7 @@ def _call_in_thread(fn, kw, timeout: float):
     t.join(timeout)
     if t.is_alive():
         if "loop" in box:
-            _drop_if_blocked(box["loop"])
+            _drop_if_blocked(fn, box["loop"])
         raise _Timeout()
     if "error" in box:
         if isinstance(box["error"], asyncio.TimeoutError):
@@ -497,11 +503,11 @@ class _Logged:
 
 
 def _fresh(values) -> list:
-    """A copy of each value, made once per step (the step's reward functions share them, as in TRL): TRL's rows
-    are fresh per completion (a datasets row per index), so a reward that changes its prompts or columns in place
-    (prompt += completion) changes no other completion's input and no dataset row; the caller's lists share the
-    rows' objects (a group's G samples share one)."""
-    return [copy.deepcopy(v) for v in values]
+    """A copy of each value for one call: TRL's rows are fresh per completion (a datasets row per index), so a
+    reward that changes its prompts or columns in place (prompt += completion) changes no other completion's input,
+    no later call's (another reward's, a retry's) and no dataset row; the caller's lists share the rows' objects
+    (a group's G samples share one). Strings and numbers are immutable: not copied."""
+    return [v if isinstance(v, (str, bytes, int, float, type(None))) else copy.deepcopy(v) for v in values]
 
 
 class RewardRunner:
@@ -531,7 +537,9 @@ class RewardRunner:
         """fn(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=...,
         log_metric=...), all by keyword as TRL does -> (its value, what it logged)."""
         logged = _Logged()
-        kw = {**columns, **dict(zip(REWARD_ARGS[:3], args))}
+        prompts, completions, completion_ids = args  # completion_ids shared, as TRL shares them between functions
+        kw = {**{k: _fresh(v) for k, v in columns.items()}, "prompts": _fresh(prompts),
+              "completions": _fresh(completions), "completion_ids": completion_ids}
         extra = {"trainer_state": self._state, "log_extra": logged.log_extra, "log_metric": logged.log_metric}
         kw.update((k, v) for k, v in extra.items() if k in self.takes[name])
         return _call_in_thread(fn, kw, self.timeout), logged
@@ -609,7 +617,6 @@ class RewardRunner:
             if isinstance(fn, RewardModel):
                 fn.load()
         n = len(completions)
-        prompts, columns = _fresh(prompts), {k: _fresh(v) for k, v in columns.items()}
         completions = as_trl_completions(prompts, completions)
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n
         self.last_errors, self.last_extra, self._state = {}, [{} for _ in range(n)], trainer_state

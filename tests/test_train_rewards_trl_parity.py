@@ -56,6 +56,31 @@ def test_an_async_reward_that_blocks_the_loop_does_not_stall_the_next():
     assert time.time() - t0 < 1.2  # a fresh loop, not the blocked one
 
 
+def test_a_reward_that_blocks_its_loop_leaves_another_rewards_loop_alone():
+    """Each async reward has its own loop: replacing the blocked one does not rebind the judge's semaphore (with one
+    shared loop the judge failed from the next step on: 'bound to a different event loop', re-run per sample)."""
+    run = R.RewardRunner([judge], timeout=5)
+    assert run(["p"] * 3, ["a", "bb", "ccc"], [[1]] * 3, {}) == ([[1.0], [2.0], [3.0]], [False] * 3)
+    assert R.RewardRunner([blocks_its_loop], timeout=0.3)(["p"], ["x"], [[1]], {}) == ([[None]], [True])
+    _JUDGE_CALLS.clear()
+    assert run(["p"] * 3, ["a", "bb", "ccc"], [[1]] * 3, {}) == ([[1.0], [2.0], [3.0]], [False] * 3)
+    assert _JUDGE_CALLS == [3]
+
+
+async def hangs_in_threads(prompts, completions, **_):
+    await asyncio.gather(*(asyncio.to_thread(time.sleep, 3) for _ in range(64)))  # fills its loop's thread pool
+    return [0.0] * len(completions)
+
+
+async def uses_a_thread(prompts, completions, **_):
+    return [await asyncio.to_thread(lambda: 1.0) for _ in completions]
+
+
+def test_a_reward_that_fills_its_thread_pool_leaves_another_rewards_pool_alone():
+    assert R.RewardRunner([hangs_in_threads], timeout=0.3)(["p"], ["x"], [[1]], {}) == ([[None]], [True])
+    assert R.RewardRunner([uses_a_thread], timeout=2)(["p"], ["x"], [[1]], {}) == ([[1.0]], [False])
+
+
 # ---- names: TRL's get_callable_name (partial: the wrapped function's name; a callable object: its class's)
 def length_reward(prompts, completions, scale=1.0, **_):
     return [scale * len(c) for c in completions]
@@ -74,7 +99,7 @@ class AsyncJudge:
 def test_partials_and_callable_objects_are_named_as_trl_names_them():
     part = functools.partial(functools.partial(length_reward, scale=2.0))
     assert [R.reward_name(f) for f in (part, Judge(), AsyncJudge())] == ["length_reward", "Judge", "AsyncJudge"]
-    run = R.RewardRunner([part, Judge(), AsyncJudge()], timeout=5)  # was ConfigError: 'listed twice'
+    run = R.RewardRunner([part, Judge(), AsyncJudge()], timeout=5)  # three rewards, none 'listed twice'
     assert run.names == ["length_reward", "Judge", "AsyncJudge"]
     assert run(["p"], ["abc"], [[1]], {}) == ([[6.0, 1.0, 2.0]], [False])
     with pytest.raises(ConfigError, match="would both log as 'length_reward'"):
@@ -104,6 +129,22 @@ def test_a_reward_changing_its_arguments_in_place_changes_no_dataset_row():
     assert json.dumps(rows) == before
 
 
+def test_a_retry_gets_the_arguments_the_failed_call_changed_afresh():
+    """A batch call that changes its prompts in place and then raises is retried per sample on fresh copies."""
+    calls = []
+
+    def grows_then_fails(prompts, completions, **_):
+        for p, c in zip(prompts, completions):
+            p += c
+        calls.append([len(p) for p in prompts])
+        if len(prompts) > 1:
+            raise RuntimeError("a bad batch")
+        return [float(len(prompts[0]))]
+    msgs = [{"role": "user", "content": "1+1?"}]
+    table, failed = R.RewardRunner([grows_then_fails], timeout=5)([msgs, msgs], ["a", "b"], [[1], [2]], {})
+    assert table == [[2.0], [2.0]] and failed == [False, False] and calls == [[2, 2], [2], [2]]
+
+
 def test_grpo_rows_are_unchanged_by_a_reward_that_changes_its_prompts(tmp_path):
     t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[lambda prompts, completions, **_: [
         float(len(p.__iadd__(c))) for p, c in zip(prompts, completions)]])
@@ -116,7 +157,7 @@ def test_grpo_rows_are_unchanged_by_a_reward_that_changes_its_prompts(tmp_path):
 @pytest.mark.parametrize("value, msg", [
     (np.array(1.0), "returned ndarray array(1.); a reward function must return a list"),
     (torch.tensor(0.5), "returned Tensor tensor(0.5000); a reward function must return a list"),
-    ([np.complex128(1 + 2j), 1.0], "at index 0; expected a float or None"),  # was 1.0: its real part, silently
+    ([np.complex128(1 + 2j), 1.0], "at index 0; expected a float or None"),  # not its real part
     ([torch.tensor(1 + 2j), 1.0], "at index 0; expected a float or None"),
     ([np.array("1"), 1.0], "at index 0; expected a float or None"),
 ])

@@ -93,3 +93,15 @@ def test_sft_loss_impl_linear_refuses_a_soft_capped_head(tmp_path):
         else:
             assert SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, []).train_step(0, ROWS)["loss"] == \
                 pytest.approx(want, rel=1e-5)
+
+
+def test_packed_attention_refuses_a_non_causal_attention_module():
+    """transformers' sdpa reads the attention module's is_causal attribute (Gemma 3's bidirectional attention sets
+    it False without passing a keyword): packed attention, causal, refuses it; a causal module passes."""
+    import types
+
+    from r1train.packing import check_attention_kwargs
+
+    check_attention_kwargs(types.SimpleNamespace(is_causal=True), {"softcap": None, "is_causal": True})
+    with pytest.raises(ValueError, match="padding_free: SimpleNamespace's attention passes is_causal=False"):
+        check_attention_kwargs(types.SimpleNamespace(is_causal=False), {})
