@@ -508,11 +508,12 @@ def prepare_output_dir(cfg):
     if not cfg.overwrite_output_dir:
         shown = sorted(ckpts, key=lambda n: (len(n), n))[-3:] + logs
         if elsewhere:
-            raise ConfigError(f"output_dir {d} holds another run's outputs ({', '.join(shown)}), and "
+            raise ConfigError(f"output_dir {d} holds a run's outputs ({', '.join(shown)}), and "
                               f"resume_from_checkpoint={cfg.resume_from_checkpoint} is a checkpoint of another "
-                              "directory: resuming here would cut that run's metrics to the checkpoint's step and "
-                              "save over its checkpoints. Choose another output_dir, resume this directory's run "
-                              "(resume_from_checkpoint=latest), or pass overwrite_output_dir=true to delete them")
+                              "directory: resuming from it here would cut those metrics to its step and save over "
+                              "those checkpoints. To continue the run in output_dir (e.g. a retried job that first "
+                              "resumed from that checkpoint) use resume_from_checkpoint=latest; else choose another "
+                              "output_dir, or pass overwrite_output_dir=true to delete them")
         raise ConfigError(f"output_dir {d} holds another run's outputs ({', '.join(shown)}): resume it with "
                           "resume_from_checkpoint=latest, choose another output_dir, or pass "
                           "overwrite_output_dir=true to delete them")

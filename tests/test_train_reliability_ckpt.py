@@ -103,7 +103,8 @@ def test_resume_from_another_directory_refuses_a_used_output_dir(sft_run, tmp_pa
     out = _copy(sft_run, tmp_path)
     other = tmp_path / "other" / "checkpoint-2"
     shutil.copytree(out / "checkpoint-2", other)
-    with pytest.raises(ConfigError, match=r"holds another run's outputs.*resume_from_checkpoint=.*another directory"):
+    with pytest.raises(ConfigError, match=r"holds a run.s outputs.*resume_from_checkpoint=.*another directory"
+                                          r".*resume_from_checkpoint=latest"):
         _sft(out, "max_steps=4", f"resume_from_checkpoint={other}")
     assert [r["step"] for r in H.read_metrics(out)] == [1, 2, 3, 4]  # nothing touched
     assert _sft(out, "max_steps=4", f"resume_from_checkpoint={out / 'checkpoint-2'}").step0 == 2  # its own: fine
