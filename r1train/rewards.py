@@ -8,10 +8,10 @@ past the timeout is logged and counted; the affected samples are marked failed a
 as unscorable and gives them zero loss weight; the run goes on unless every sample of a step failed
 (RewardError naming the reward). A return value that is not one finite float or None per completion is a
 RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). After a
-chat-message prompt its completion is passed as TRL does: [{"role": "assistant", "content": text}]. Each step's
-functions get their own copies of the prompts and columns (TRL's rows are fresh per completion). Calls run in
-daemon threads, async ones awaited on one event loop (TRL's): a hung call is abandoned at the timeout and never
-keeps the process alive.
+chat-message prompt its completion is passed as TRL does: [{"role": "assistant", "content": text}]. Each call
+gets its own copies of the prompts, completions and columns (TRL's rows are fresh per completion). Calls run in
+daemon threads, an async function's awaited on one event loop of its own for the process's life (TRL keeps one):
+a hung call is abandoned at the timeout and never keeps the process alive.
 A reward_funcs entry naming a local model directory is a neural reward model (reward_model.RewardModel, TRL's
 sequence-classification reward), loaded before its first timed call.
 """
