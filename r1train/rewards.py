@@ -376,9 +376,12 @@ def _drop_if_blocked(fn, loop, wait: float = 1.0):
     """After fn's async call timed out: a loop that runs nothing within `wait` s is blocked (sync code inside the
     async reward); it stops once that code returns and fn's next call gets a new one, so the blocking reward does
     not time out on every later step (what it bound to the old loop is lost: it blocked it)."""
+    alive = threading.Event()
     try:
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(wait)
-    except Exception:  # noqa: BLE001 -- concurrent.futures.TimeoutError (or a loop already stopped)
+        loop.call_soon_threadsafe(alive.set)  # a callback, not a coroutine: a stopped loop leaves none un-awaited
+    except RuntimeError:  # closed already
+        alive.set()
+    if not alive.wait(wait):
         with _loop_lock:
             if _loops.get(id(fn), (None,))[0] is loop:
                 del _loops[id(fn)]
