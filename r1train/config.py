@@ -425,6 +425,8 @@ class TrainConfig:
 
     def _check_rewards(self):
         # each name and weight is checked by check_type (the keys' LIST_ITEMS kinds)
+        from .rewards import FLOAT32_MAX, check_reward_funcs
+
         if not self.reward_funcs:
             raise ConfigError(f"reward_funcs must be a non-empty list of names, got {self.reward_funcs!r}")
         if self.reward_weights is not None:
@@ -432,12 +434,10 @@ class TrainConfig:
                 raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
                                   f"{len(self.reward_funcs)}")
             # the weights become a float32 tensor (TRL's): past its range a weight is inf, and inf x a 0 reward NaN
-            bad = [w for w in self.reward_weights if abs(w) > 3.4028234663852886e38]  # finite: check_type
+            bad = [w for w in self.reward_weights if abs(w) > FLOAT32_MAX]  # finite: check_type
             if bad:
                 raise ConfigError(f"reward_weights must be finite numbers within float32's range (+-3.4e38), got "
                                   f"{bad}")
-        from .rewards import check_reward_funcs
-
         check_reward_funcs(self.reward_funcs, self)  # names, modules, callables, duplicates
 
 

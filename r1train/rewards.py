@@ -330,11 +330,6 @@ def is_chat_prompt(prompt) -> bool:
     return isinstance(prompt, list) and (not prompt or isinstance(prompt[0], dict))
 
 
-def is_conversational(prompts) -> bool:
-    """TRL's rule: prompts given as lists of chat messages (read from the first)."""
-    return bool(prompts) and is_chat_prompt(prompts[0])
-
-
 def as_trl_completions(prompts, completions) -> list:
     """TRL's reward input format, each completion in its own prompt's: after chat messages [{"role":
     "assistant", "content": text}], after a string the text itself. TRL reads the batch's first prompt, the
