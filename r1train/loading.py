@@ -128,12 +128,9 @@ def check_loss_head(model, cfg: TrainConfig):
     final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...; TRL's fused head applies them)
     has other log-probs. Invariant: a model trained with loss_impl=linear has logits = its lm_head's output; else a
     ConfigError naming loss_impl, before any work (engine.Trainer calls it before prepare_run)."""
-    from r1kernels.patch.lm_head import _SCALE_KEYS
+    from r1kernels.patch.lm_head import logit_scaling
 
-    if cfg.loss_impl != "linear":
-        return
-    conf = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    bad = {k: getattr(conf, k) for k in _SCALE_KEYS if getattr(conf, k, None) not in (None, 1.0)}
+    bad = logit_scaling(model) if cfg.loss_impl == "linear" else {}
     if bad:
         what = ", ".join(f"{k}={v!r}" for k, v in bad.items())
         raise ConfigError(f"loss_impl=linear: {type(model).__name__}'s config sets {what}, which the fused head "

@@ -39,6 +39,13 @@ class FusedLMHeadOutput:
     aux_loss: torch.Tensor | None = None
 
 
+def logit_scaling(model) -> dict:
+    """The logit scaling / soft-capping keys `model`'s config sets to other than None or 1 (its logits are then not
+    its lm_head's output), with their values."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return {k: getattr(cfg, k) for k in _SCALE_KEYS if getattr(cfg, k, None) not in (None, 1.0)}
+
+
 def unsupported_reason(model) -> str | None:
     """Why `model` cannot take the fused lm_head path, or None when it can."""
     name = type(model).__name__
@@ -47,10 +54,11 @@ def unsupported_reason(model) -> str | None:
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"its lm_head is a {type(head).__name__}, not a torch.nn.Linear (e.g. a PEFT adapter on lm_head)"
+    scaled = logit_scaling(model)
+    if scaled:
+        key, v = next(iter(scaled.items()))
+        return f"its config sets {key}={v!r}"
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in _SCALE_KEYS:
-        if getattr(cfg, key, None) not in (None, 1.0):
-            return f"its config sets {key}={getattr(cfg, key)!r}"
     if getattr(cfg, "output_router_logits", False):
         return "its config sets output_router_logits (a router aux loss in the forward)"
     return None
