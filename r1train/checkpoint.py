@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, read_deepspeed_config
+from .config import ConfigError, deepspeed_file, read_deepspeed_config
 
 log = logging.getLogger("r1train")
 
@@ -405,8 +405,7 @@ def ds_precision_of(cfg) -> dict:
     file keeps them in bf16; "auto" is the bf16 key) and its two bf16_* options (False with bf16 off). A
     checkpoint's optimizer state has this layout and dtype: another one fails to load (deep in DeepSpeed) or
     loads into other dtypes, so a resume keeps it (check_resume_config)."""
-    path = cfg.deepspeed or os.path.join(os.path.dirname(__file__), "configs", f"ds_zero{cfg.zero_stage}.json")
-    bf16 = read_deepspeed_config(path).get("bf16", {})
+    bf16 = read_deepspeed_config(deepspeed_file(cfg)).get("bf16", {})
     on = bf16.get("enabled", "auto")
     on = bool(cfg.bf16) if on == "auto" else bool(on)
     return {"bf16": on, **{k: on and bool(bf16.get(k, False))

@@ -514,6 +514,14 @@ def read_file(path: str, key: str, parse, what: str, parse_errors, error=ConfigE
         raise error(f"{key}: {path} is not valid {what}: {e}") from e
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")  # r1train's DeepSpeed JSONs and recipes
+
+
+def deepspeed_file(cfg) -> str:
+    """The DeepSpeed JSON a run is built from: its `deepspeed` key, else r1train's configs/ds_zero<zero_stage>.json."""
+    return cfg.deepspeed or os.path.join(CONFIG_DIR, f"ds_zero{cfg.zero_stage}.json")
+
+
 def read_deepspeed_config(path: str) -> dict:
     """The `deepspeed` key's JSON file as a dict; a missing or malformed file is a ConfigError naming the key."""
     c = read_file(path, "deepspeed", json.load, "JSON", (json.JSONDecodeError,))

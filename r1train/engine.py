@@ -26,6 +26,7 @@ from .config import (
     check_deepspeed_values,
     check_offload,
     check_token_budget,
+    deepspeed_file,
     read_deepspeed_config,
 )
 from .loading import apply_lora, check_loss_head, enable_activation_checkpointing, patch_layers
@@ -33,8 +34,6 @@ from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
 from .optim import make_optimizer, param_groups
 from .rollout import Policy, sample_rows
-
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,8 +98,7 @@ def device():
 
 
 def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
-    path = cfg.deepspeed or os.path.join(CONFIG_DIR, f"ds_zero{cfg.zero_stage}.json")
-    c = read_deepspeed_config(path)
+    c = read_deepspeed_config(deepspeed_file(cfg))
     check_deepspeed_values(cfg, c)  # also at load (validate); again here for a config changed after it
     fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.max_grad_norm}

@@ -124,7 +124,7 @@ def test_pure_bf16_deepspeed_config_runs(tmp_path):
     (TRL's bf16 AdamW layout, for equal-settings comparisons): 4 bytes of state per parameter, no fp32."""
     import os
 
-    from r1train.engine import CONFIG_DIR
+    from r1train.config import CONFIG_DIR
 
     t = _sft(tmp_path, "max_steps=3", f"deepspeed={os.path.join(CONFIG_DIR, 'ds_zero2_bf16.json')}")
     hist = t.train()
@@ -139,7 +139,8 @@ def test_pure_bf16_config_with_a_reference_model(tmp_path):
     optimizer-side bf16 keys, which DeepSpeed rejects at stage 0 (the H200 memory bench failed on this)."""
     import os
 
-    from r1train.engine import CONFIG_DIR, reference_config
+    from r1train.config import CONFIG_DIR
+    from r1train.engine import reference_config
 
     path = os.path.join(CONFIG_DIR, "ds_zero2_bf16.json")
     t = H.grpo_trainer(tmp_path, "beta=0.04", "max_steps=1", "bf16=true", f"deepspeed={path}",
@@ -157,7 +158,7 @@ def test_bf16_params_config_steps_the_bf16_weights(tmp_path):
     gradients and moments, 4 bytes of state per parameter); the loss falls; GRPO with a reference model runs."""
     import os
 
-    from r1train.engine import CONFIG_DIR
+    from r1train.config import CONFIG_DIR
 
     path = os.path.join(CONFIG_DIR, "ds_zero0_bf16.json")
     t = _sft(tmp_path / "sft", "max_steps=6", "zero_stage=0", f"deepspeed={path}")
@@ -244,7 +245,7 @@ def test_zero0_single_process_skips_the_gradient_all_reduce(tmp_path, monkeypatc
 
     import deepspeed
 
-    from r1train.engine import CONFIG_DIR
+    from r1train.config import CONFIG_DIR
 
     path = os.path.join(CONFIG_DIR, "ds_zero0_bf16.json")
     calls = []

@@ -8,8 +8,7 @@ import os
 import pytest
 import train_helpers as H
 
-from r1train.config import ConfigError, load_config
-from r1train.engine import CONFIG_DIR
+from r1train.config import CONFIG_DIR, ConfigError, load_config
 
 _UNPINNED = "deepspeed=" + os.path.join(CONFIG_DIR, "ds_zero2_offload.json")
 

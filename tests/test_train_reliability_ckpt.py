@@ -305,7 +305,7 @@ def test_resume_with_another_zero_stage_from_a_deepspeed_file_is_refused(sft_run
     """`deepspeed` overrides zero_stage: a ZeRO-0 checkpoint resumed under a ZeRO-2 file failed deep in
     DeepSpeed (a missing zero_pp_rank_* file); the effective stage is checked like zero_stage."""
     from r1train.checkpoint import CheckpointError
-    from r1train.engine import CONFIG_DIR
+    from r1train.config import CONFIG_DIR
 
     out = _copy(sft_run, tmp_path)
     resume = ["max_steps=6", "resume_from_checkpoint=latest"]
@@ -322,7 +322,7 @@ def test_resume_with_another_deepspeed_precision_is_refused(tmp_path, saved, now
     `deepspeed` file of the same ZeRO stage that keeps them in bf16 (or steps bf16 weights with no master copy):
     ZeRO-0 failed deep in DeepSpeed (KeyError 'param_groups'), ZeRO-2 resumed silently in bf16, another run than
     the checkpoint's. A CheckpointError naming the precision; the checkpoint's own file resumes."""
-    from r1train.engine import CONFIG_DIR
+    from r1train.config import CONFIG_DIR
 
     out = tmp_path / "run"
     t = _sft(out, "max_steps=2", "bf16=true", f"deepspeed={os.path.join(CONFIG_DIR, saved)}")

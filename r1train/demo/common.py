@@ -16,15 +16,13 @@ import time
 
 import torch
 
-from ..config import TrainConfig, check_grpo_batch, load_config, task_spec
+from ..config import CONFIG_DIR, TrainConfig, check_grpo_batch, load_config, task_spec
 from ..engine import setup_distributed
 from ..grpo import GRPOTrainer
 from ..rewards import accuracy_reward, format_reward, language_consistency_reward
 from ..rollout import sample_rows
 from ..sft import SFTTrainer
 from ..tasks import arith
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
 def configs(yaml_name: str, overrides, out_dir: str, sections: dict) -> list[TrainConfig]:
