@@ -173,7 +173,7 @@ class CheckpointMixin:
                           fh, indent=1, default=str)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
-            write_manifest(tmp)  # last: lists every rank's files
+            write_manifest(tmp)  # last: lists every rank's files, each on disk (fsync) before it
             # a step saved before (a resumed run saves it again) is renamed aside, deleted once the new copy is
             # published: a crash leaves one complete checkpoint-<step> (tmp-* are deleted at the next start)
             old = os.path.join(cfg.output_dir, f"tmp-checkpoint-{step}-replaced")
@@ -181,6 +181,7 @@ class CheckpointMixin:
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(cfg.output_dir)  # the renames are on disk before any older checkpoint is deleted
             shutil.rmtree(old, ignore_errors=True)
             self._prune(step)
         dist.barrier()
@@ -274,15 +275,33 @@ def _step_of(path: str) -> int:
 
 
 # ---- manifest: a checkpoint is complete when its files match manifest.json (written last)
-def _sha256(path: str) -> str:
+def _sha256_of(fh) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return _sha256_of(fh)
+
+
+def fsync_dir(path: str):
+    """Put a directory's entries (the names created, renamed or removed in it) on disk."""
+    if os.name != "posix":  # a directory cannot be opened on Windows (NTFS journals its entries)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_manifest(path: str):
+    """path/manifest.json: every file under path with its size (and sha256 up to HASH_MAX_BYTES). Each file
+    (whichever process wrote it) and each directory is on disk (fsync) before the manifest is written, and the
+    manifest before this returns: a manifest that survives a crash or power loss lists files that survived it."""
     files = {}
     for root, _, names in os.walk(path):
         for n in sorted(names):
@@ -290,16 +309,20 @@ def write_manifest(path: str):
             rel = os.path.relpath(p, path)
             if rel == MANIFEST:
                 continue
-            e = {"size": os.path.getsize(p)}
-            if e["size"] <= HASH_MAX_BYTES:
-                e["sha256"] = _sha256(p)
+            with open(p, "rb") as fh:  # one open per file: its size, its hash, its fsync
+                e = {"size": os.fstat(fh.fileno()).st_size}
+                if e["size"] <= HASH_MAX_BYTES:
+                    e["sha256"] = _sha256_of(fh)
+                os.fsync(fh.fileno())
             files[rel] = e
+        fsync_dir(root)
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as fh:
         json.dump({"format": 1, "files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(path, MANIFEST))
+    fsync_dir(path)
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -393,10 +416,9 @@ def schedule_has_horizon(cfg) -> bool:
 
 
 def zero_stage_of(cfg) -> int:
-    """The ZeRO stage a run uses: its `deepspeed` file's, which overrides zero_stage (engine.ds_config)."""
-    if not cfg.deepspeed:
-        return cfg.zero_stage
-    return read_deepspeed_config(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0)
+    """The ZeRO stage a run uses, read as engine.ds_config reads it: from the `deepspeed` file, which overrides
+    zero_stage, else from r1train's ds_zero<zero_stage>.json (which holds stage zero_stage)."""
+    return read_deepspeed_config(deepspeed_file(cfg)).get("zero_optimization", {}).get("stage", 0)
 
 
 def ds_precision_of(cfg) -> dict:
@@ -473,6 +495,7 @@ def recover_replaced(output_dir: str):
                 log.warning("output_dir: a save of checkpoint-%s was killed while replacing it; restoring it from %s",
                             step, src)
                 os.replace(src, final)
+                fsync_dir(output_dir)  # on disk before the start's cleanup deletes the other copy
                 break
 
 

@@ -116,13 +116,19 @@ class MetricsLogger:
     def log_once(self, step: int, metrics: dict):
         """log, unless metrics.jsonl already has a row at this step holding every key of metrics (an evaluation
         at the end of a stage that a rerun with resume_from_checkpoint=latest finds already finished)."""
+        if self.rank == 0 and self.logged(step, metrics) is None:
+            self.log(step, metrics)
+
+    def logged(self, step: int, keys) -> dict | None:
+        """metrics.jsonl's first row at `step` that holds every key of `keys` (None: there is none; on ranks
+        other than 0 always None)."""
         if self.rank != 0:
-            return
+            return None
         for ln in _read(self.path):
             row = _parse(ln)
-            if row is not None and row.get("step") == step and all(k in row for k in metrics):
-                return
-        self.log(step, metrics)
+            if row is not None and row.get("step") == step and all(k in row for k in keys):
+                return row
+        return None
 
     def log_completions(self, step: int, rows: list[dict], *, to_backends: bool = False):
         """completions.jsonl always; the backends (a table of step, prompt, completion, reward, advantage)

@@ -92,12 +92,18 @@ def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
 
 
 def run_grpo(cfg, model, tok, eval_before=False):
+    """eval_before: evaluate before training, logged at step 0. A resumed run does not evaluate again (as HF
+    Trainer): its `before` is its step-0 row in metrics.jsonl (rank 0; {} where there is none)."""
     check_grpo_batch(cfg)
     train, ev = load_datasets(cfg)
     t = GRPOTrainer(cfg, model, tok, train, ev)
-    before = t.evaluate() if eval_before else {}
-    if before:
-        t.logger.log_once(t.step0, before)
+    before = {}
+    if eval_before and t.step0 == 0:  # the same step0 on every rank: all of them evaluate (a collective), or none
+        before = t.evaluate()
+        if before:
+            t.logger.log(0, before)
+    elif eval_before:
+        before = {k: v for k, v in (t.logger.logged(0, ("eval/accuracy",)) or {}).items() if k.startswith("eval/")}
     t.train()
     after = t.evaluate()
     t.logger.log_once(t.max_steps, after)

@@ -494,3 +494,91 @@ def test_checkpoint_whose_deepspeed_state_is_gone_is_an_error(sft_run, tmp_path)
     write_manifest(str(out / "checkpoint-4"))
     with pytest.raises(CheckpointError, match="DeepSpeed loaded nothing"):
         _sft(out, "max_steps=6", "resume_from_checkpoint=latest")
+
+
+# ---- durability: a checkpoint is on disk (fsync) before anything older is deleted
+def _record_disk_ops(monkeypatch):
+    """Record os.fsync (the synced path), os.replace and shutil.rmtree calls, in order, as real paths."""
+    events, fsync, replace, rmtree = [], os.fsync, os.replace, shutil.rmtree
+
+    def synced(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def replaced(src, dst, *a, **k):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return replace(src, dst, *a, **k)
+
+    def removed(path, *a, **k):
+        events.append(("rmtree", os.path.realpath(path)))
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", replaced)
+    monkeypatch.setattr(shutil, "rmtree", removed)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync'd descriptor through /proc")
+def test_checkpoint_is_on_disk_before_older_ones_are_deleted(sft_run, tmp_path, monkeypatch):
+    """A power loss after a save must not leave a checkpoint whose manifest is on disk but whose files are not,
+    once the older checkpoints are gone. So every file of the checkpoint (DeepSpeed's and safetensors' too) and
+    every directory of it is fsynced before the manifest, the manifest before the rename that publishes it,
+    and output_dir (the renames) before save_total_limit or the replacement of a step deletes anything."""
+    out = _copy(sft_run, tmp_path)
+    # resumed from checkpoint-2, the run saves checkpoint-4 again (the old copy is deleted) and save_total_limit=1
+    # deletes checkpoint-2
+    t = _sft(out, "max_steps=4", "save_total_limit=1", f"resume_from_checkpoint={out / 'checkpoint-2'}")
+    t.train()
+    events = _record_disk_ops(monkeypatch)
+    t.finish()
+    real = os.path.realpath(out)
+    tmp, final = os.path.join(real, "tmp-checkpoint-4"), os.path.join(real, "checkpoint-4")
+    publish = events.index(("replace", tmp, final))
+    synced = [e[1] for e in events[:publish] if e[0] == "fsync"]
+    manifest = synced.index(os.path.join(tmp, "manifest.json.tmp"))
+    for root, _, names in os.walk(final):
+        rel = os.path.relpath(root, final)
+        want = os.path.normpath(os.path.join(tmp, rel))
+        assert want in synced[:manifest], f"directory {rel} of the checkpoint was not fsynced before its manifest"
+        for n in names:
+            if n != "manifest.json":
+                assert os.path.join(want, n) in synced[:manifest], f"{os.path.join(rel, n)} was not fsynced"
+    assert synced[-1] == tmp  # after the manifest's rename into it
+    deleted = [i for i, e in enumerate(events) if e[0] == "rmtree" and i > publish]
+    assert {events[i][1] for i in deleted} >= {os.path.join(real, "checkpoint-2"),
+                                               os.path.join(real, "tmp-checkpoint-4-replaced")}
+    assert ("fsync", real) in events[publish:deleted[0]], "output_dir was not fsynced before a deletion"
+    assert not (out / "checkpoint-2").exists() and _sft(out, "max_steps=6", "resume_from_checkpoint=latest").step0 == 4
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync'd descriptor through /proc")
+def test_restored_replaced_checkpoint_is_on_disk_before_the_other_copy_is_deleted(sft_run, tmp_path, monkeypatch):
+    """A start after a kill between the renames of a replaced checkpoint (both copies under tmp-*) renames the
+    complete copy to checkpoint-<step>, then deletes the other tmp-*: output_dir is fsynced between the two."""
+    from r1train.checkpoint import prepare_output_dir, unlock_output_dir
+
+    out = _copy(sft_run, tmp_path)
+    os.rename(out / "checkpoint-4", out / "tmp-checkpoint-4-replaced")
+    shutil.copytree(out / "tmp-checkpoint-4-replaced", out / "tmp-checkpoint-4")
+    cfg = load_config(overrides=SFT + [f"output_dir={out}", "resume_from_checkpoint=latest"])
+    events = _record_disk_ops(monkeypatch)
+    prepare_output_dir(cfg)
+    unlock_output_dir(cfg.output_dir)
+    real = os.path.realpath(out)
+    restore = events.index(("replace", os.path.join(real, "tmp-checkpoint-4"), os.path.join(real, "checkpoint-4")))
+    deleted = events.index(("rmtree", os.path.join(real, "tmp-checkpoint-4-replaced")))
+    assert ("fsync", real) in events[restore:deleted]
+    assert (out / "checkpoint-4" / "manifest.json").is_file()
+
+
+def test_zero_stage_of_reads_the_file_the_engine_is_built_from(tmp_path):
+    """zero_stage_of (the stage a resume must keep) reads deepspeed_file, as engine.ds_config: r1train's
+    ds_zero<N>.json holds stage N, and a `deepspeed` file's stage overrides zero_stage."""
+    from r1train.checkpoint import zero_stage_of
+
+    for n in range(4):
+        assert zero_stage_of(load_config(overrides=[f"zero_stage={n}"])) == n
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert zero_stage_of(load_config(overrides=["zero_stage=1", f"deepspeed={f}"])) == 2

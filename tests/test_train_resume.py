@@ -79,3 +79,29 @@ def test_resume_drops_a_partly_written_last_line(tmp_path, caplog):
     MetricsLogger(str(tmp_path), resume_step=3, report_to="none").log(4, {"loss": 0.25})
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == rows + [{"step": 4, "loss": 0.25}]
+
+
+def test_resumed_cli_run_does_not_evaluate_before_training_again(tmp_path, capsys):
+    """`r1train grpo` evaluates before training (metrics.jsonl's row at step 0) and after. A resumed run
+    evaluated "before" again, at its checkpoint's step: a second before row, in the middle of the run, printed as
+    the run's before/ values. As HF Trainer, a resume does not evaluate before training: its metrics are the
+    uninterrupted run's, and it prints the before/ values of the row at step 0."""
+    import json
+
+    from r1train.cli import main
+
+    out = tmp_path / "run"
+    args = ["grpo", *H.FAST, "max_steps=2", "save_steps=1", f"output_dir={out}"]
+
+    def printed():
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert main(args) == 0
+    first = printed()
+    assert main(args + [f"resume_from_checkpoint={out / 'checkpoint-1'}"]) == 0
+    resumed = printed()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss" in r) for r in rows] == [(0, False), (1, True), (2, True), (2, False)]
+    assert "before/eval/accuracy" in first
+    assert {k: v for k, v in resumed.items() if k.startswith("before/")} == \
+        {k: v for k, v in first.items() if k.startswith("before/")}
