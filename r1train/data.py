@@ -192,9 +192,38 @@ def keep_prompt_tail(ids: list, max_prompt_length: int) -> list:
     return ids[-max_prompt_length:]
 
 
-def encode_prompts(tok, prompts, max_prompt_length: int):
-    """Left-padded prompt ids/mask [B, P] (prompt_ids); longer prompts keep their last max_prompt_length tokens."""
-    return left_pad([keep_prompt_tail(prompt_ids(tok, p), max_prompt_length) for p in prompts], tok.pad_token_id)
+# keywords the prompt and SFT renderings set themselves: chat-template keywords may not set them (TRL: a TypeError)
+_OWN_TEMPLATE_KEYS = ("add_generation_prompt", "tokenize", "return_dict")
+
+
+def grpo_template_kwargs(tok, prompts, chat_template_kwargs) -> dict:
+    """The chat-template keywords of GRPO's prompts: the trainer-level chat_template_kwargs (TRL 1.16 GRPOConfig's
+    key, passed to every conversational prompt's rendering; string prompts are encoded without them). TRL's
+    GRPOTrainer reads no per-row `tools` / `chat_template_kwargs` column for its prompts (they reach the reward
+    functions as columns). None: none. Not a dict, a keyword the rendering sets itself, or keywords with chat
+    prompts and a tokenizer with no chat template (r1train's plain rendering would drop them unseen): a
+    DatasetError naming chat_template_kwargs."""
+    if chat_template_kwargs is None:
+        return {}
+    if not isinstance(chat_template_kwargs, dict):
+        raise DatasetError(f"chat_template_kwargs must be a dict of chat-template keywords, got "
+                           f"{type(chat_template_kwargs).__name__}")
+    clash = [k for k in _OWN_TEMPLATE_KEYS if k in chat_template_kwargs]
+    if clash:
+        raise DatasetError(f"chat_template_kwargs sets {clash}, which the prompt rendering sets itself")
+    if chat_template_kwargs and getattr(tok, "chat_template", None) is None and any(
+            isinstance(p, list) for p in prompts):
+        raise DatasetError("chat_template_kwargs is passed to the chat template, and the tokenizer has none (set "
+                           "tokenizer.chat_template)")
+    return chat_template_kwargs
+
+
+def encode_prompts(tok, prompts, max_prompt_length: int, chat_template_kwargs: dict | None = None):
+    """Left-padded prompt ids/mask [B, P] (prompt_ids; chat prompts rendered with chat_template_kwargs:
+    grpo_template_kwargs); longer prompts keep their last max_prompt_length tokens."""
+    kw = grpo_template_kwargs(tok, prompts, chat_template_kwargs)
+    return left_pad([keep_prompt_tail(prompt_ids(tok, p, **kw), max_prompt_length) for p in prompts],
+                    tok.pad_token_id)
 
 
 def left_pad(seqs, pad_id):
@@ -245,6 +274,32 @@ def common_prefix_length(a: list, b: list) -> int:
     return n
 
 
+def split_completion(prompt_ids: list, full: list) -> tuple[list, list, list]:
+    """(context, completion, left out) of a prompt + completion row tokenized whole (full) and its prompt alone
+    (prompt_ids), as TRL 1.16's SFTTrainer splits them: the completion starts where the two diverge. Left out:
+    the prompt's ids past that point (none when prompt_ids is a prefix of full), which the row trains without."""
+    n = common_prefix_length(prompt_ids, full)
+    return full[:n], full[n:], prompt_ids[n:]
+
+
+_warned_not_prefix = False  # whether this process has warned of a prompt that is not a prefix (warn_not_prefix)
+
+
+def warn_not_prefix(tok, i, left_out: list):
+    """The first SFT row of a process whose tokenized prompt is not a prefix of its tokenized prompt + completion
+    (TRL 1.16's SFTTrainer warns once too) logs a warning naming the row and the prompt's end the row trains
+    without."""
+    global _warned_not_prefix
+    if left_out and not _warned_not_prefix:
+        _warned_not_prefix = True
+        log.warning("SFT row %d: the tokenized prompt is not a prefix of the tokenized prompt + completion (the chat "
+                    "template renders the prompt alone unlike its start in prompt + completion, or tokens merge "
+                    "across the prompt/completion boundary); the completion starts where they diverge, and the "
+                    "prompt's end %r is not in the row the model trains on, so it trains on a context unlike the one "
+                    "it is prompted with. Shown once; other rows likely share it. Render the prompt alike in both, "
+                    "or end the prompt on a token boundary", i, tok.decode(left_out, skip_special_tokens=False))
+
+
 class TokenCache(dict):
     """Token ids of prompts and completions already encoded: SFT revisits its rows every epoch, and encoding
     (chat template + tokenizer) was 9% of the demo's SFT step. Holds at most max_entries texts."""
@@ -265,23 +320,22 @@ class TokenCache(dict):
         kw = template_kwargs or {}
         return self._get(("prompt", repr(prompt), repr(kw)), lambda: prompt_ids(self.tok, prompt, **kw))
 
-    def string_row(self, prompt: str, completion: str) -> tuple[list, list]:
-        """A string row's (prompt ids, completion ids) as TRL 1.16's SFTTrainer tokenizes them: the completion
-        + the eos token's text (unless it ends with it), prompt and prompt + completion each encoded with the
-        tokenizer's defaults (e.g. a BOS); the completion is what follows their common prefix."""
+    def string_row(self, prompt: str, completion: str) -> tuple[list, list, list]:
+        """A string row's (prompt ids, completion ids, left out) as TRL 1.16's SFTTrainer tokenizes them: the
+        completion + the eos token's text (unless it ends with it), prompt and prompt + completion each encoded
+        with the tokenizer's defaults (e.g. a BOS), split by split_completion."""
         def encode():
             eos = self.tok.eos_token or ""
             full = self.tok(prompt + completion + ("" if completion.endswith(eos) else eos))["input_ids"]
-            n = common_prefix_length(self.tok(prompt)["input_ids"], full)
-            return full[:n], full[n:]
+            return split_completion(self.tok(prompt)["input_ids"], full)
         return self._get(("string_row", prompt, completion), encode)
 
-    def chat_row(self, prompt: list, completion: list, template_kwargs: dict | None = None) -> tuple[list, list]:
-        """A conversational row's (prompt ids, completion ids) as TRL 1.16's SFTTrainer tokenizes them: the chat
-        template of prompt + completion, the completion what follows its common prefix with the prompt's
-        rendering with the generation prompt (every completion message is trained on, the template's end-of-turn
-        tokens included); both renderings get template_kwargs (the row's tools and chat_template_kwargs:
-        sft_template_kwargs). With no chat template, the messages as plain text (prompt_text's rendering) + eos."""
+    def chat_row(self, prompt: list, completion: list, template_kwargs: dict | None = None) -> tuple[list, list, list]:
+        """A conversational row's (prompt ids, completion ids, left out) as TRL 1.16's SFTTrainer tokenizes them:
+        the chat template of prompt + completion split (split_completion) by the prompt's rendering with the
+        generation prompt (every completion message is trained on, the template's end-of-turn tokens included);
+        both renderings get template_kwargs (the row's tools and chat_template_kwargs: sft_template_kwargs). With
+        no chat template, the messages as plain text (prompt_text's rendering) + eos."""
         kw = template_kwargs or {}
 
         def encode():
@@ -291,8 +345,7 @@ class TokenCache(dict):
             else:
                 full = list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True,
                                                     **kw)["input_ids"])
-            n = common_prefix_length(prompt_ids(tok, prompt, **kw), full)
-            return full[:n], full[n:]
+            return split_completion(prompt_ids(tok, prompt, **kw), full)
         return self._get(("chat_row", repr(prompt), repr(completion), repr(kw)), encode)
 
     def text(self, text: str) -> list[int]:
@@ -323,10 +376,6 @@ def check_sft_completion(row, i, completion_column: str):
         raise DatasetError(f"SFT row {i}: a conversational {completion_column!r} (a list of messages) needs a "
                            f"conversational prompt (a list of messages), got prompt {row.get('prompt')!r}")
     return c
-
-
-# keywords the SFT tokenization sets itself: a row's chat_template_kwargs may not set them (in TRL 1.16 a TypeError)
-_OWN_TEMPLATE_KEYS = ("add_generation_prompt", "tokenize", "return_dict")
 
 
 def sft_template_kwargs(tok, row, i) -> dict:
@@ -363,7 +412,8 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, completi
                cache: TokenCache | None = None) -> tuple[list, list]:
     """One SFT row's (context ids, scored ids): the whole prompt + completion + eos (string and conversational
     rows tokenized as TRL's SFTTrainer: TokenCache.string_row/chat_row; a conversational row with its tools and
-    chat_template_kwargs columns, sft_template_kwargs), truncated to the first max_length
+    chat_template_kwargs columns, sft_template_kwargs; a prompt that is not a prefix of prompt + completion is
+    warned of once, warn_not_prefix), truncated to the first max_length
     tokens (TRL 1.16 SFT's truncation_mode keep_start; as there, no cut of the prompt alone: max_prompt_length
     is GRPO's). The scored ids are the completion's; with completion_only_loss=false every token after the
     first (TRL: the prompt is scored too). Invariant: len(context) + len(scored) <= max_length. A row left with
@@ -373,11 +423,12 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, completi
     # a conversational prompt is rendered with the row's tools / chat_template_kwargs (TRL: a string one ignores them)
     kw = sft_template_kwargs(tok, row, i) if isinstance(row["prompt"], list) else {}
     if isinstance(c, list):
-        p, comp = cache.chat_row(row["prompt"], c, kw)
+        p, comp, left_out = cache.chat_row(row["prompt"], c, kw)
     elif isinstance(row["prompt"], str):
-        p, comp = cache.string_row(row["prompt"], c)
-    else:
-        p, comp = cache.prompt(row["prompt"], kw), with_eos(tok, cache.text(c))
+        p, comp, left_out = cache.string_row(row["prompt"], c)
+    else:  # the completion's ids follow the prompt's: nothing left out
+        p, comp, left_out = cache.prompt(row["prompt"], kw), with_eos(tok, cache.text(c)), []
+    warn_not_prefix(tok, i, left_out)
     if not p:  # the prompt merged whole into the completion's first token: as in TRL, no token scores the first
         p, comp = comp[:1], comp[1:]
     if (len(comp) if completion_only_loss else len(p) + len(comp) - 1) < 1:  # before any cut: not max_length's doing

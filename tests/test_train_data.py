@@ -246,3 +246,41 @@ def test_a_json_file_is_read_once(tmp_path, monkeypatch):
     p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n\n" + '{"prompt": "a" "answer": 1}\n')
     with pytest.raises(DatasetError, match=r"train.json: row 2 \(line 4\): invalid JSON"):
         load_rows(str(p))
+
+
+def test_grpo_prompts_are_rendered_with_chat_template_kwargs_as_trl():
+    """TRL 1.16's GRPOTrainer._tokenize_prompts renders conversational prompts with GRPOConfig.chat_template_kwargs
+    (apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs)) and
+    encodes string prompts without them; it reads no per-row column for them. encode_prompts takes them (it had no
+    way to pass them); a bad value, or keywords with chat prompts and no chat template, is a DatasetError naming
+    chat_template_kwargs."""
+    import random
+
+    import pytest
+
+    from r1train.data import DatasetError
+
+    rng = random.Random()
+    tok = char_tokenizer()
+    tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template  # a `think` keyword shows
+    chat = [[{"role": "user", "content": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
+    for kw in (None, {}, {"think": True}, {"think": False}):
+        want = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       **(kw or {}))["input_ids"]
+        ids, mask = encode_prompts(tok, chat, 512, chat_template_kwargs=kw)
+        assert [[t for t, m in zip(r, k) if m] for r, k in zip(ids.tolist(), mask.tolist())] == want
+        assert all((tok.decode(w).startswith("<think>")) == bool(kw and kw["think"]) for w in want)
+    strings = ["What is 1+2?", "Hi"]
+    ids, mask = encode_prompts(tok, strings, 512, chat_template_kwargs={"think": True})
+    assert [[t for t, m in zip(r, k) if m] for r, k in zip(ids.tolist(), mask.tolist())] == tok(text=strings)[
+        "input_ids"]
+    for bad, msg in (("think", r"chat_template_kwargs must be a dict"),
+                     ({"add_generation_prompt": False}, r"chat_template_kwargs sets \['add_generation_prompt'\]")):
+        with pytest.raises(DatasetError, match=msg):
+            encode_prompts(tok, chat, 512, chat_template_kwargs=bad)
+    tok.chat_template = None
+    assert encode_prompts(tok, strings, 512, chat_template_kwargs={"think": True})[0].shape[0] == 2
+    with pytest.raises(DatasetError, match="chat_template_kwargs is passed to the chat template, and the tokenizer "
+                                           "has none"):
+        encode_prompts(tok, chat, 512, chat_template_kwargs={"think": True})

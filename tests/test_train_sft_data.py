@@ -482,3 +482,69 @@ def test_sft_renders_a_rows_tools_and_chat_template_kwargs_as_trl():
     with pytest.raises(DatasetError, match="SFT row 7: column 'tools' is passed to the chat template, and the "
                                            "tokenizer has none"):
         sft_tokens(tok, {"prompt": prompt, "completion": comp, "tools": tools}, 7, max_length=512, **KW)
+
+
+def _thinking_generation_prompt(tok):
+    """The character tokenizer with a chat template whose generation prompt opens a <think> block that an
+    assistant message does not start with (as DeepSeek-R1's and Qwen3's templates render them): the prompt
+    rendered alone is not a prefix of prompt + completion."""
+    tok.chat_template = tok.chat_template.replace("{% if add_generation_prompt %}<|assistant|>",
+                                                  "{% if add_generation_prompt %}<|assistant|><think>")
+    return tok
+
+
+def test_sft_warns_once_of_a_prompt_that_is_not_a_prefix_of_prompt_and_completion(caplog, monkeypatch):
+    """TRL 1.16's SFTTrainer (tokenize_fn) warns once where the tokenized prompt is not a prefix of the tokenized
+    prompt + completion (common prefix shorter than the prompt): the row trains without the prompt's end. r1train
+    split such rows alike but said nothing. Now the first one logs a warning naming the row and the ids left out,
+    for a chat template whose generation prompt differs and for BPE tokens merging across a string row's
+    boundary; the split is unchanged (the common prefix of the two tokenizations, computed here with TRL's)."""
+    import logging
+    import random
+
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    import r1train.data as D
+
+    ours = lambda: [r.getMessage() for r in caplog.records if r.name == "r1train"]  # noqa: E731
+    rng = random.Random()
+    tok = _thinking_generation_prompt(char_tokenizer())
+    prompt = [{"role": "user", "content": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?"}]
+    comp = [{"role": "assistant", "content": f"<answer>{rng.randint(0, 200)}</answer>"}]
+    p_ids = _tokenize(tok, prompt, add_generation_prompt=True)["input_ids"]
+    full = _tokenize(tok, prompt + comp)["input_ids"]
+    n = common_prefix_length(p_ids, full)
+    assert n < len(p_ids)  # TRL's condition for its warning holds
+    monkeypatch.setattr(D, "_warned_not_prefix", False)
+    row = {"prompt": prompt, "completion": comp}
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        for cache in (None, D.TokenCache(tok)):
+            got = D.sft_tokens(tok, row, 3, max_length=512, cache=cache, **KW)
+            assert got == (full[:n], full[n:])
+        assert len(ours()) == 1 and "SFT row 3: the tokenized prompt is not a prefix" in ours()[0]
+        assert repr(tok.decode(p_ids[n:])) in ours()[0]
+        # a row whose prompt is a prefix (a string completion follows the rendered prompt): no warning
+        monkeypatch.setattr(D, "_warned_not_prefix", False)
+        D.sft_tokens(tok, {"prompt": prompt, "completion": "5"}, 0, max_length=512, **KW)
+        assert len(ours()) == 1
+        # a cached row warns too (the cache keeps what its prompt left out)
+        cache = D.TokenCache(tok)
+        D.sft_tokens(tok, row, 0, max_length=512, cache=cache, **KW)
+        monkeypatch.setattr(D, "_warned_not_prefix", False)
+        D.sft_tokens(tok, row, 4, max_length=512, cache=cache, **KW)
+        assert [m[:10] for m in ours()[1:]] == ["SFT row 0:", "SFT row 4:"] and len(cache) > 0
+
+    # a string row: BPE merges the prompt's last character with the completion's first
+    a, b = rng.sample("abcdefghijklmnopqrstuvwxyz", 2)
+    tok = _merging_tokenizer([(a, b)])
+    row = {"prompt": "what is " + a, "completion": b + " " + str(rng.randint(0, 99))}
+    p_ids = _tokenize(tok, row["prompt"])["input_ids"]
+    full = _tokenize(tok, row["prompt"] + row["completion"] + tok.eos_token)["input_ids"]
+    n = common_prefix_length(p_ids, full)
+    assert n < len(p_ids)
+    monkeypatch.setattr(D, "_warned_not_prefix", False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        assert D.sft_tokens(tok, row, 7, max_length=512, **KW) == (full[:n], full[n:])
+        assert D.sft_tokens(tok, {**row, "prompt": row["prompt"] + " "}, 8, max_length=512, **KW)  # a prefix
+        assert len(ours()) == 1 and ours()[0].startswith("SFT row 7:") and repr(a) in ours()[0]
