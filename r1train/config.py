@@ -138,6 +138,9 @@ class TrainConfig:
     num_generations: int = f(8, "G: completions per prompt")
     max_prompt_length: int = f(512, "GRPO: prompts longer than this (tokens) keep their last max_prompt_length "
                                "tokens (truncated from the left); SFT cuts no prompt (max_length bounds the row)")
+    chat_template_kwargs: Optional[dict] = f(None, "GRPO: keywords for the chat template of conversational prompts "
+                                             "(TRL GRPOConfig's), e.g. {enable_thinking: false}; a dict or its JSON "
+                                             "text")
     max_completion_length: int = f(512, "tokens generated per completion at most")
     temperature: float = f(1.0, "sampling temperature of rollouts (also used in the loss's log-probs)")
     top_p: float = f(1.0, "nucleus sampling of rollouts")
@@ -263,6 +266,11 @@ class TrainConfig:
             v = getattr(self, x.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{x.name} must be a finite number, got {v}")
+        from .data import OWN_TEMPLATE_KEYS
+
+        clash = [k for k in OWN_TEMPLATE_KEYS if k in (self.chat_template_kwargs or {})]
+        if clash:
+            raise ConfigError(f"chat_template_kwargs sets {clash}, which the prompt rendering sets itself")
         pos = ["per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
                "max_completion_length", "num_iterations", "max_prompt_length", "eval_num_samples",
                "ref_model_sync_steps", "max_length", "rejection_num_samples", "rejection_max_per_prompt",
@@ -704,7 +712,7 @@ def check_type(x: dataclasses.Field, v):
         return
     ok = {bool: lambda: isinstance(v, bool), int: lambda: isinstance(v, int) and not isinstance(v, bool),
           float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda: isinstance(v, str),
-          list: lambda: isinstance(v, list)}[base]()
+          list: lambda: isinstance(v, list), dict: lambda: isinstance(v, dict)}[base]()
     if not ok:
         raise ConfigError(f"{x.name}: expected {base.__name__}, got {type(v).__name__} {v!r}")
     if base is list:
@@ -716,6 +724,8 @@ def check_type(x: dataclasses.Field, v):
     choices = x.metadata.get("choices")
     if choices is not None and v not in choices:
         raise ConfigError(f"{x.name}: {v!r} is not one of {choices}")
+    if base is dict and not all(isinstance(k, str) for k in v):
+        raise ConfigError(f"{x.name} must be a dict with string keys, got {v!r}")
 
 
 def parse_override(x: dataclasses.Field, raw: str):
@@ -791,6 +801,11 @@ def load_config(path: Optional[str] = None, overrides=(), section: Optional[str]
             values[k] = _split(v)
         elif hints[k] in (list, Optional[list]) and isinstance(v, (int, float)) and not isinstance(v, bool):
             values[k] = [v]  # reward_weights=2 with one reward
+        elif hints[k] == Optional[dict] and isinstance(v, str):  # TRL: a dict key given as JSON text
+            try:
+                values[k] = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{k}: expected a dict or its JSON text, got {v!r} ({e})") from None
     sr = values.get("scale_rewards")  # TRL also accepts True / False
     if isinstance(sr, bool) or str(sr).lower() in ("true", "false"):
         values["scale_rewards"] = "group" if str(sr).lower() == "true" else "none"

@@ -193,7 +193,7 @@ def keep_prompt_tail(ids: list, max_prompt_length: int) -> list:
 
 
 # keywords the prompt and SFT renderings set themselves: chat-template keywords may not set them (TRL: a TypeError)
-_OWN_TEMPLATE_KEYS = ("add_generation_prompt", "tokenize", "return_dict")
+OWN_TEMPLATE_KEYS = ("add_generation_prompt", "tokenize", "return_dict")
 
 
 def grpo_template_kwargs(tok, prompts, chat_template_kwargs) -> dict:
@@ -208,7 +208,7 @@ def grpo_template_kwargs(tok, prompts, chat_template_kwargs) -> dict:
     if not isinstance(chat_template_kwargs, dict):
         raise DatasetError(f"chat_template_kwargs must be a dict of chat-template keywords, got "
                            f"{type(chat_template_kwargs).__name__}")
-    clash = [k for k in _OWN_TEMPLATE_KEYS if k in chat_template_kwargs]
+    clash = [k for k in OWN_TEMPLATE_KEYS if k in chat_template_kwargs]
     if clash:
         raise DatasetError(f"chat_template_kwargs sets {clash}, which the prompt rendering sets itself")
     if chat_template_kwargs and getattr(tok, "chat_template", None) is None and any(
@@ -397,7 +397,7 @@ def sft_template_kwargs(tok, row, i) -> dict:
     if extra is not None and not isinstance(extra, dict):
         raise DatasetError(f"SFT row {i}: column 'chat_template_kwargs' must be a dict, got {type(extra).__name__}")
     kw = {**({"tools": tools} if tools is not None else {}), **(extra or {})}  # TRL: the row's kwargs win
-    clash = [k for k in _OWN_TEMPLATE_KEYS if k in kw]
+    clash = [k for k in OWN_TEMPLATE_KEYS if k in kw]
     if clash:
         raise DatasetError(f"SFT row {i}: column 'chat_template_kwargs' sets {clash}, which SFT's tokenization "
                            "sets itself")

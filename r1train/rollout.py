@@ -91,7 +91,7 @@ def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=l
     dev = next(model.parameters()).device
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length)
+        ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length, cfg.chat_template_kwargs)
         seeds = [row_seed(*seed_key, index(s + i), j) for i in range(len(chunk)) for j in range(num_samples)]
         ro = sample(model, ids.repeat_interleave(num_samples, 0).to(dev),
                     mask.repeat_interleave(num_samples, 0).to(dev), seeds_B=seeds,

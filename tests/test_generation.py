@@ -673,7 +673,7 @@ def test_sample_rows_bad_counts_name_the_argument(kw, name):
 
     model = _model("tiny-qwen2", layers=1)
     cfg = SimpleNamespace(max_prompt_length=16, max_completion_length=3, temperature=1.0, top_p=1.0, top_k=0,
-                          min_p=0.0, rollout_engine="r1train", kernel_backend="torch")
+                          min_p=0.0, rollout_engine="r1train", kernel_backend="torch", chat_template_kwargs=None)
     rows = [{"prompt": "ab"}, {"prompt": "cde"}]
     args = dict(num_samples=2, batch_size=1)
     out = list(sample_rows(model, _CharTok(), rows, cfg=cfg, **args))

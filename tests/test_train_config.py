@@ -756,3 +756,49 @@ def test_good_list_keys_still_load(tmp_path, key, text, want):
     p.write_text(f"{key}: {text}\nuse_peft: true\n")
     for cfg in (load_config(str(p)), load_config(overrides=[f"{key}={text}", "use_peft=true"])):
         assert getattr(cfg, key) == want
+
+
+def test_chat_template_kwargs_key(tmp_path):
+    """chat_template_kwargs (TRL GRPOConfig's dict key): a YAML mapping on the command line or in a file, or its
+    JSON text (as TRL parses a dict key given as a string); anything else, or a keyword the prompt rendering sets
+    itself, is a ConfigError naming the key."""
+    assert load_config(overrides=["chat_template_kwargs={enable_thinking: false}"]).chat_template_kwargs == \
+        {"enable_thinking": False}
+    assert load_config(overrides=['chat_template_kwargs={"a": [1, 2]}']).chat_template_kwargs == {"a": [1, 2]}
+    p = tmp_path / "c.yaml"
+    p.write_text("chat_template_kwargs: '{\"enable_thinking\": true, \"x\": \"y\"}'\n")
+    assert load_config(str(p)).chat_template_kwargs == {"enable_thinking": True, "x": "y"}
+    assert load_config().chat_template_kwargs is None
+    for bad, msg in (("chat_template_kwargs={a: 1", "chat_template_kwargs"), ("chat_template_kwargs=[1, 2]", "dict"),
+                     ("chat_template_kwargs='[1]'", "dict"), ("chat_template_kwargs={1: 2}", "string keys"),
+                     ("chat_template_kwargs={tokenize: false}", "sets itself")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(overrides=[bad])
+
+
+def test_chat_template_kwargs_render_sampled_prompts(monkeypatch):
+    """rollout.sample_rows (evaluation, `r1train sample`, rejection sampling) renders conversational prompts with
+    cfg.chat_template_kwargs: the prompt ids it samples from are the tokenizer's own apply_chat_template with
+    those keywords."""
+    import torch
+
+    from r1train import rollout
+    from r1train.tasks import char_tokenizer
+
+    class Sampled(Exception):
+        pass
+
+    def fake_sample(model, ids, mask, **_):
+        raise Sampled([[t for t, m in zip(r, k) if m] for r, k in zip(ids.tolist(), mask.tolist())])
+
+    monkeypatch.setattr(rollout, "sample", fake_sample)
+    tok = char_tokenizer()
+    tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template
+    prompt = [{"role": "user", "content": "2+3?"}]
+    for kw in ({"think": True}, None):
+        cfg = load_config(overrides=[f"chat_template_kwargs={json.dumps(kw)}"])
+        with pytest.raises(Sampled) as got:
+            next(rollout.sample_rows(torch.nn.Linear(1, 1), tok, [{"prompt": prompt}], num_samples=1, cfg=cfg))
+        want = tok.apply_chat_template([prompt], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       **(kw or {}))["input_ids"]
+        assert got.value.args[0] == want and tok.decode(want[0]).startswith("<think>") == bool(kw)
