@@ -275,17 +275,34 @@ def _replace_groups(got, new, slots, G, pad_id):
     return [out, *lists]
 
 
+def reward_runner(cfg, reward_funcs=None) -> tuple[RewardRunner, torch.Tensor]:
+    """The RewardRunner of reward_funcs (as GRPOTrainer takes them) and their weights, float32 [R]: an error naming
+    reward_funcs or reward_weights when there is no function or not one weight per function."""
+    if reward_funcs is None:
+        reward_funcs = cfg.reward_funcs
+    elif not isinstance(reward_funcs, list):  # one function, as TRL takes it
+        reward_funcs = [reward_funcs]
+    if not reward_funcs:
+        raise ValueError("reward_funcs: an empty list; pass at least one reward function (None: the config's "
+                         "reward_funcs)")
+    runner = RewardRunner(reward_funcs, cfg, timeout=cfg.reward_timeout)
+    w = [1.0] * len(reward_funcs) if cfg.reward_weights is None else cfg.reward_weights
+    if len(w) != len(reward_funcs):
+        raise ValueError(f"reward_weights has {len(w)} entries for the {len(reward_funcs)} reward functions "
+                         f"passed ({', '.join(runner.names)}); give one weight per function")
+    return runner, torch.tensor(w, dtype=torch.float32)
+
+
 class GRPOTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, eval_rows=None, reward_funcs=None):
+        """reward_funcs: TRL's, a list of reward functions (or one); None: cfg.reward_funcs. cfg.reward_weights
+        holds one weight per function of those (TRL's rule: per function passed, whatever cfg.reward_funcs)."""
         check_grpo_batch(cfg)
+        # before Trainer.__init__, which prepares output_dir (overwrite_output_dir: deletes the last run's outputs)
+        self.rewards, self.reward_w_R = reward_runner(cfg, reward_funcs)
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
-        self.rewards = RewardRunner(reward_funcs or cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
-        w = cfg.reward_weights or [1.0] * len(self.rewards.names)
-        if len(w) != len(self.rewards.names):
-            raise ValueError(f"reward_weights has {len(w)} entries for {len(self.rewards.names)} reward functions")
-        self.reward_w_R = torch.tensor(w, dtype=torch.float32)
         # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError)
         self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
 

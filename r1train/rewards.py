@@ -8,8 +8,10 @@ past the timeout is logged and counted; the affected samples are marked failed a
 as unscorable and gives them zero loss weight; the run goes on unless every sample of a step failed
 (RewardError naming the reward). A return value that is not one finite float or None per completion is a
 RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). After a
-chat-message prompt its completion is passed as TRL does: [{"role": "assistant", "content": text}]. Each call
-gets its own copies of the prompts, completions and columns (TRL's rows are fresh per completion). Calls run in
+chat-message prompt its completion is passed as TRL does: [{"role": "assistant", "content": text}]. The dataset
+columns are passed by name, all but `prompt`, `completion` and `completion_ids` (NOT_FORWARDED, as TRL). Each
+call gets its own copies of the prompts, completions and columns it can take (TRL's rows are fresh per
+completion); this module's rewards, which only read them, get them uncopied. Calls run in
 daemon threads, an async function's awaited on one event loop of its own for the process's life (TRL keeps one):
 a hung call is abandoned at the timeout and never keeps the process alive.
 A reward_funcs entry naming a local model directory is a neural reward model (reward_model.RewardModel, TRL's
@@ -28,6 +30,7 @@ import logging
 import math
 import numbers
 import os
+import pickle
 import re
 import threading
 from fractions import Fraction
@@ -157,6 +160,14 @@ def _one_per_completion(name: str, values, completions, hint: str = "give one pe
         raise ValueError(f"{name}: {len(values)} values for {len(completions)} completions; {hint}")
 
 
+def _reads_only(fn):
+    """Marks a reward of this module that never changes its arguments: RewardRunner passes it the caller's
+    objects, uncopied."""
+    fn._reads_only = True
+    return fn
+
+
+@_reads_only
 def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_):
     """1.0 if the <answer> matches the `answer` column (see answers_match), 0.0 if not or if there is no
     <answer>, None if the row has no gold answer (None or blank)."""
@@ -172,6 +183,7 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_)
     return out
 
 
+@_reads_only
 def format_reward(prompts, completions, completion_ids=None, **_):
     """1.0 for exactly <think>...</think><answer>...</answer> (whitespace around allowed), else 0.0: each of the
     four tags once, in that order (a second <answer>, or a tag inside the other's body, is not the format)."""
@@ -191,6 +203,7 @@ def _in_language(word: str, language: str) -> bool:
     raise ValueError(f"language: unsupported {language!r} (use 'en' or 'zh')")
 
 
+@_reads_only
 def language_consistency_reward(prompts, completions, completion_ids=None, language="en", **_):
     """R1: share of chain-of-thought words (inside <think>, else the whole text; each Chinese character a word)
     in the target language: `language` ('en' or 'zh'), or one per completion (a dataset column of that name, as
@@ -213,7 +226,7 @@ def _language_reward_for(language: str):
         columns["language"] = language
         return language_consistency_reward(prompts, completions, completion_ids, **columns)
 
-    return functools.update_wrapper(reward, language_consistency_reward)
+    return _reads_only(functools.update_wrapper(reward, language_consistency_reward))
 
 
 def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int):
@@ -233,7 +246,7 @@ def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int):
                 out.append(-1.0)
         return out
 
-    return overlong_reward
+    return _reads_only(overlong_reward)
 
 
 REGISTRY = {
@@ -470,20 +483,40 @@ def check_values(name: str, vals, n: int) -> list:
 # TRL 1.16's keyword arguments beside the columns (GRPOTrainer._calculate_rewards)
 TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
 # every argument a reward function gets besides the dataset columns: a column of one of these names would
-# replace it (TRL raises a TypeError there; the dataset check names the column: loading.load_datasets)
+# replace it (in TRL a prompts or completions column is a TypeError, a trainer_state or log_* one replaced, a
+# completion_ids one left out: NOT_FORWARDED); the dataset check names such a column: loading.load_datasets
 REWARD_ARGS = ("prompts", "completions", "completion_ids", *TRL_KWARGS)
+# the dataset columns TRL 1.16 does not pass to reward functions (GRPOTrainer._calculate_rewards)
+NOT_FORWARDED = ("prompt", "completion", "completion_ids")
+
+
+def _keywords(fn, follow_wrapped: bool = True) -> frozenset | None:
+    """The names fn takes by keyword; None when it takes any (**kwargs) or has no signature to read."""
+    try:
+        params = inspect.signature(fn, follow_wrapped=follow_wrapped).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _takes(fn) -> set:
-    """Which of TRL_KWARGS fn accepts: all with **kwargs (as TRL's reward functions have), else those it names
-    (a function with neither worked before they were passed and still does)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: pass them, as TRL does
-        return set(TRL_KWARGS)
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return set(TRL_KWARGS)
-    return {p.name for p in params if p.name in TRL_KWARGS}
+    """Which of TRL_KWARGS fn accepts: all with **kwargs (as TRL's reward functions have) or no signature to read
+    (as TRL passes them), else those it names (a function with neither worked before they were passed and still
+    does)."""
+    names = _keywords(fn)
+    return set(TRL_KWARGS) if names is None else set(TRL_KWARGS) & names
+
+
+def _copied(fn) -> frozenset | None:
+    """The arguments fn's calls get copies of (None: all): none for a reward of this module (_reads_only), else
+    those fn itself takes by keyword: any other makes the call raise TypeError (as TRL's) while binding, before fn's
+    code runs, so fn never holds it. Read from fn's own signature, not a function it wraps: a functools.wraps
+    wrapper runs before the wrapped function's binding fails."""
+    if getattr(fn, "_reads_only", False) is True:
+        return frozenset()
+    return _keywords(fn, follow_wrapped=False)
 
 
 class _Logged:
@@ -500,12 +533,30 @@ class _Logged:
         self.metrics.append((name, value))
 
 
-def _fresh(values) -> list:
-    """A copy of each value for one call: TRL's rows are fresh per completion (a datasets row per index), so a
-    reward that changes its prompts or columns in place (prompt += completion) changes no other completion's input,
-    no later call's (another reward's, a retry's) and no dataset row; the caller's lists share the rows' objects
-    (a group's G samples share one). Strings and numbers are immutable: not copied."""
-    return [v if isinstance(v, (str, bytes, int, float, type(None))) else copy.deepcopy(v) for v in values]
+class _Copies:
+    """Fresh copies of one RewardRunner call's arguments: TRL's rows are fresh per completion (a datasets row per
+    index), so a reward that changes its prompts or columns in place (prompt += completion) changes no other
+    completion's input, no later call's (another reward's, a retry's) and no dataset row; the caller's lists share
+    the rows' objects (a group's G samples share one). Strings and numbers are immutable: not copied. Each other
+    object is pickled once and every copy of it unpickled from those bytes (several times faster than
+    copy.deepcopy on nested lists and dicts): no reward changes the caller's objects (each that may gets copies),
+    so one pickle serves every completion, function and retry of the call. What pickle cannot hold is
+    deep-copied."""
+
+    def __init__(self):
+        self._pickles = {}  # id(object) -> its pickle, None if it has none; the caller's lists keep the objects
+
+    def fresh(self, values) -> list:
+        return [v if isinstance(v, (str, bytes, int, float, type(None))) else self._copy(v) for v in values]
+
+    def _copy(self, v):
+        if id(v) not in self._pickles:
+            try:
+                self._pickles[id(v)] = pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001 -- a lambda, a local class, a lock ...: copy.deepcopy's rules
+                self._pickles[id(v)] = None
+        data = self._pickles[id(v)]
+        return copy.deepcopy(v) if data is None else pickle.loads(data)
 
 
 class RewardRunner:
@@ -519,6 +570,7 @@ class RewardRunner:
         self.names = [reward_name(n) for n in names]
         self.funcs = check_reward_funcs(names, cfg)
         self.takes = {n: _takes(f) for n, f in zip(self.names, self.funcs)}
+        self.copied = {n: _copied(f) for n, f in zip(self.names, self.funcs)}
         self.timeout = timeout
         self.failures = {n: 0 for n in self.names}
         self.last_errors = {}  # reward name -> what went wrong in the latest call (for RewardError)
@@ -531,13 +583,15 @@ class RewardRunner:
         out, self._metrics = self._metrics, {}
         return out
 
-    def _call(self, name, fn, args, columns):
+    def _call(self, name, fn, args, columns, copies):
         """fn(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=...,
-        log_metric=...), all by keyword as TRL does -> (its value, what it logged)."""
+        log_metric=...), all by keyword as TRL does -> (its value, what it logged). The prompts, completions and
+        columns that fn may hold are copies (`copies`, a _Copies); completion_ids are shared, as TRL shares them."""
         logged = _Logged()
-        prompts, completions, completion_ids = args  # completion_ids shared, as TRL shares them between functions
-        kw = {**{k: _fresh(v) for k, v in columns.items()}, "prompts": _fresh(prompts),
-              "completions": _fresh(completions), "completion_ids": completion_ids}
+        copied = self.copied[name]
+        kw = {**columns, "prompts": args[0], "completions": args[1]}
+        kw = {k: copies.fresh(v) if copied is None or k in copied else v for k, v in kw.items()}
+        kw["completion_ids"] = args[2]
         extra = {"trainer_state": self._state, "log_extra": logged.log_extra, "log_metric": logged.log_metric}
         kw.update((k, v) for k, v in extra.items() if k in self.takes[name])
         return _call_in_thread(fn, kw, self.timeout), logged
@@ -569,11 +623,11 @@ class RewardRunner:
                                   "it takes a metric name (str) and a finite number")
             self._metrics.setdefault(metric, []).append(float(real))
 
-    def _run_one(self, name, fn, prompts, completions, completion_ids, columns):
+    def _run_one(self, name, fn, prompts, completions, completion_ids, columns, copies):
         """values (float or None) and failed flags, per sample."""
         n = len(completions)
         try:
-            vals, logged = self._call(name, fn, (prompts, completions, completion_ids), columns)
+            vals, logged = self._call(name, fn, (prompts, completions, completion_ids), columns, copies)
         except _Timeout:
             log.warning("reward %s timed out after %.1fs; skipping %d samples", name, self.timeout, n)
             self.last_errors[name] = f"timed out after {self.timeout:g}s (reward_timeout)"
@@ -588,7 +642,8 @@ class RewardRunner:
         for i in range(n):
             cols = {k: [v[i]] for k, v in columns.items()}
             try:
-                v, logged = self._call(name, fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols)
+                v, logged = self._call(name, fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols,
+                                       copies)
             except _Timeout:
                 err = f"timed out after {self.timeout:g}s (reward_timeout)"
             except Exception as e:  # noqa: BLE001 -- any failure of user code skips the sample
@@ -616,10 +671,12 @@ class RewardRunner:
                 fn.load()
         n = len(completions)
         completions = as_trl_completions(prompts, completions)
+        columns = {k: v for k, v in columns.items() if k not in NOT_FORWARDED}
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n
         self.last_errors, self.last_extra, self._state = {}, [{} for _ in range(n)], trainer_state
+        copies = _Copies()
         for j, (name, fn) in enumerate(zip(self.names, self.funcs)):
-            vals, bad = self._run_one(name, fn, prompts, completions, completion_ids, columns)
+            vals, bad = self._run_one(name, fn, prompts, completions, completion_ids, columns, copies)
             for i in range(n):
                 table[i][j] = vals[i]
                 failed[i] = failed[i] or bad[i]

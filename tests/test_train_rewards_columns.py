@@ -1,0 +1,182 @@
+"""What reward functions receive: the dataset columns TRL 1.16 forwards (all but prompt, completion and
+completion_ids), copies only of what a function can hold (none for r1train's own rewards), and GRPOTrainer's
+reward_funcs given in code, with reward_weights checked against them (TRL's rule)."""
+
+import dataclasses
+import functools
+import json
+import random
+
+import pytest
+import train_helpers as H
+
+from r1train import rewards as R
+from r1train.data import reward_columns
+
+
+def _spy(seen):
+    def spy(prompts, completions, completion_ids, **kw):
+        seen.append({**{k: v for k, v in kw.items() if k not in R.TRL_KWARGS}, "completion_ids": completion_ids})
+        return [0.0] * len(completions)
+    return spy
+
+
+# ---- TRL 1.16, GRPOTrainer._calculate_rewards: every input column but "prompt", "completion", "completion_ids"
+def test_reward_functions_get_every_column_trl_forwards():
+    """A prompt-completion dataset's reference completion is no reward argument; completion_ids is always the
+    generated ids, whatever a column of that name holds."""
+    rng = random.Random()
+    extra = {f"col{k}": rng.random() for k in range(rng.randint(1, 4))}
+    rows = [{"prompt": f"q{i}", "completion": f"ref{i}", "completion_ids": [7, i], "answer": str(i), **extra}
+            for i in range(3)]
+    seen, G = [], 2
+    ids = [[rng.randint(0, 9)] for _ in range(3 * G)]
+    R.RewardRunner([_spy(seen)], timeout=5)([r["prompt"] for r in rows for _ in range(G)], ["c"] * (3 * G), ids,
+                                           reward_columns(rows, G, "answer"))
+    want = {k for r in rows for k in r} - {"prompt", "completion", "completion_ids"}
+    assert set(seen[0]) - {"completion_ids"} == want
+    assert seen[0]["completion_ids"] == ids
+    assert all(seen[0][k] == [r[k] for r in rows for _ in range(G)] for k in want)
+
+
+def test_answer_column_named_completion_still_reaches_accuracy_as_answer():
+    """answer_column is r1train's: its values come as `answer` even when its column is one TRL keeps back."""
+    rows = [{"prompt": "1+1?", "completion": "2"}, {"prompt": "2+2?", "completion": "5"}]
+    seen = []
+    R.RewardRunner([_spy(seen)], timeout=5)(["1+1?", "2+2?"], ["x", "y"], [[1], [2]],
+                                           reward_columns(rows, 1, "completion"))
+    assert "completion" not in seen[0] and seen[0]["answer"] == ["2", "5"]
+
+
+# ---- copies: a function gets copies of what it can hold; r1train's own rewards only read theirs
+class Counted:
+    """A column value that counts its copies (copy.deepcopy and pickle both reduce it) and tells them apart."""
+    copies = 0
+
+    def __init__(self, hits=None):
+        self.hits = [] if hits is None else hits
+
+    def __reduce_ex__(self, protocol):
+        type(self).copies += 1
+        return (Counted, (list(self.hits),))
+
+
+def _no_column(prompts, completions, completion_ids):
+    return [0.0] * len(completions)
+
+
+def _takes_tests(prompts, completions, tests, **_):
+    for t in tests:
+        t.hits.append(1)  # in place: no other completion, function or row may see it
+    return [float(len(t.hits)) for t in tests]
+
+
+def _takes_tests_too(prompts, completions, tests, **_):
+    return _takes_tests(prompts, completions, tests)
+
+
+def _columns(n):
+    return {"tests": [Counted()] * n, "answer": ["1"] * n}
+
+
+@pytest.mark.parametrize("funcs", [[_no_column], ["accuracy", "format", "language", "overlong"]])
+def test_a_function_that_cannot_hold_a_column_gets_no_copy_of_it(funcs):
+    """_no_column's call fails binding (TypeError, as TRL's), before any of its code runs; r1train's rewards
+    never change their arguments. Each got n copies per call (and n more for _no_column's per-sample retries)."""
+    n = random.randint(2, 6)
+    Counted.copies = 0
+    cols = _columns(n)
+    _, failed = R.RewardRunner(funcs, timeout=5)(["p"] * n, ["<answer>1</answer>"] * n, [[1]] * n, cols)
+    assert failed == [funcs == [_no_column]] * n
+    assert Counted.copies == 0
+
+
+def test_each_completion_and_function_gets_its_own_copy():
+    n = random.randint(2, 6)
+    cols = _columns(n)
+    run = R.RewardRunner([_takes_tests, _takes_tests_too], timeout=5)
+    for _ in range(2):  # two steps
+        table, failed = run(["p"] * n, ["c"] * n, [[1]] * n, cols)
+        assert table == [[1.0, 1.0]] * n and failed == [False] * n
+    assert cols["tests"][0].hits == []
+
+
+def _wrapped_no_column(prompts, completions, completion_ids):
+    return [0.0] * len(completions)
+
+
+@functools.wraps(_wrapped_no_column)
+def _logs_then_calls(*args, **kw):
+    """A decorator's wrapper: its code runs with every argument before the wrapped function's binding fails."""
+    kw["tests"][0].hits.append("seen")
+    return _wrapped_no_column(*args, **kw)
+
+
+def test_a_wrapper_whose_wrapped_function_takes_no_column_still_gets_copies():
+    cols = _columns(2)
+    R.RewardRunner([_logs_then_calls], timeout=5)(["p"] * 2, ["c"] * 2, [[1]] * 2, cols)
+    assert cols["tests"][0].hits == []
+
+
+def test_what_pickle_cannot_hold_is_deep_copied():
+    """A value holding a lambda (no pickle) still comes as a copy."""
+    row = {"prompt": [{"role": "user", "content": "q"}], "meta": {"check": lambda c: len(c), "hits": []}}
+
+    def uses_meta(prompts, completions, meta, **_):
+        for p, m in zip(prompts, meta):
+            m["hits"].append(m["check"](p))
+            p.append({"role": "tool", "content": "x"})
+        return [float(len(m["hits"])) for m in meta]
+    before, run = repr(row), R.RewardRunner([uses_meta], timeout=5)
+    for _ in range(2):  # two steps
+        table, failed = run([row["prompt"]] * 3, ["c"] * 3, [[1]] * 3, reward_columns([row], 3, "answer"))
+        assert table == [[1.0]] * 3 and failed == [False] * 3
+    assert repr(row) == before
+
+
+# ---- GRPOTrainer(reward_funcs=...) in code: TRL's reward_weights are one per function passed
+def _len_reward(prompts, completions, completion_ids=None, **_):
+    return [float(len(R.completion_text(c))) for c in completions]
+
+
+def _digits(prompts, completions, completion_ids=None, **_):
+    return H.digit_share(prompts, completions)
+
+
+def _trainer(out, *overrides, weights=None, reward_funcs=None):
+    from r1train.config import load_config
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={out}", *overrides])  # reward_funcs: accuracy,format
+    if weights is not None:  # as a TrainConfig built in code holds them (load_config checks them against its own)
+        cfg = dataclasses.replace(cfg, reward_weights=weights)
+    model, tok = load_model_and_tokenizer(cfg)
+    return GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=reward_funcs)
+
+
+def test_weights_follow_the_reward_functions_passed_in_code(tmp_path):
+    w = [random.uniform(0.1, 2) for _ in range(3)]
+    t = _trainer(tmp_path, weights=w, reward_funcs=[_len_reward, _digits, "format"])
+    assert t.rewards.names == ["_len_reward", "_digits", "format"]
+    assert t.reward_w_R.tolist() == pytest.approx(w)
+
+
+def test_one_reward_function_not_in_a_list_is_taken_as_trl_takes_it(tmp_path):
+    t = _trainer(tmp_path, reward_funcs=_len_reward)
+    assert t.rewards.names == ["_len_reward"] and t.reward_w_R.tolist() == [1.0]
+
+
+def test_an_empty_reward_funcs_is_an_error_not_the_configs_functions(tmp_path):
+    with pytest.raises(ValueError, match="reward_funcs: an empty list"):
+        _trainer(tmp_path, reward_funcs=[])
+
+
+def test_weights_of_another_count_than_the_functions_passed_fail_before_output_dir_is_touched(tmp_path):
+    """The check ran after Trainer.__init__, whose overwrite_output_dir had deleted the last run's metrics."""
+    last_run = json.dumps({"step": 1, "loss": random.random()}) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(last_run)
+    with pytest.raises(ValueError, match="reward_weights has 2 entries for") as e:
+        _trainer(tmp_path, "reward_weights=1,2", "overwrite_output_dir=true", reward_funcs=[_len_reward])
+    assert (tmp_path / "metrics.jsonl").read_text() == last_run
+    assert "the 1 reward functions passed (_len_reward)" in str(e.value)
