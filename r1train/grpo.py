@@ -32,7 +32,7 @@ from r1kernels.reference.grpo import (
 
 from . import moe_replay
 from .config import check_grpo_batch
-from .data import decode_completions, encode_prompts, reward_columns
+from .data import decode_completions, encode_prompts, grpo_template_kwargs, reward_columns
 from .engine import Trainer
 from .generation import release as release_engine
 from .metrics import PhaseClock
@@ -300,6 +300,8 @@ class GRPOTrainer(Trainer):
         check_grpo_batch(cfg)
         # before Trainer.__init__, which prepares output_dir (overwrite_output_dir: deletes the last run's outputs)
         self.rewards, self.reward_w_R = reward_runner(cfg, reward_funcs)
+        if cfg.chat_template_kwargs:  # a bad value is an error before any work, not at the first rollout
+            grpo_template_kwargs(tokenizer, [r["prompt"] for r in train_rows], cfg.chat_template_kwargs)
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
@@ -334,7 +336,8 @@ class GRPOTrainer(Trainer):
     def _rollout(self, step, rows, gidx):
         """This rank's G completions of each row (seeded by (seed, step, gidx[i], j)) and their rewards."""
         cfg, G, tok = self.cfg, self.cfg.num_generations, self.tok
-        p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length)
+        p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length,
+                                       cfg.chat_template_kwargs)
         seeds = [row_seed(cfg.seed, step, g, j) for g in gidx for j in range(G)]
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(self.model, tok),

@@ -76,10 +76,11 @@ class RewardModel:
 
     _reads_only = True  # never changes its arguments: rewards.RewardRunner passes them uncopied
 
-    def __init__(self, path: str, device=None, dtype=None, batch_size: int = 32):
+    def __init__(self, path: str, device=None, dtype=None, batch_size: int = 32, chat_template_kwargs=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path, self.device, self.dtype, self.batch_size = path, device, dtype, batch_size
+        self.chat_template_kwargs = chat_template_kwargs or {}  # TRL renders reward-model texts with GRPO's
         self.__name__ = model_dir_name(path)
         self.model = self.tokenizer = None
         self._lock = threading.Lock()  # one load, also when a timed-out call's thread is still running
@@ -134,7 +135,8 @@ class RewardModel:
         if any(chat) and self.tokenizer.chat_template is None:
             raise ValueError(f"reward model {self.path!r}: chat-message prompts need a chat template, and its "
                              "tokenizer has none")
-        return [self.tokenizer.apply_chat_template(p + c, tokenize=False) if is_chat else p + c
+        return [self.tokenizer.apply_chat_template(p + c, tokenize=False, **self.chat_template_kwargs) if is_chat
+                else p + c
                 for p, c, is_chat in zip(prompts, completions, chat)]
 
     def __call__(self, prompts, completions, **_) -> list[float]:

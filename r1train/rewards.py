@@ -285,7 +285,8 @@ def resolve(name, cfg=None):
         check_model_dir(name)
         import torch
 
-        return RewardModel(name, dtype=torch.bfloat16 if getattr(cfg, "bf16", False) else None)
+        return RewardModel(name, dtype=torch.bfloat16 if getattr(cfg, "bf16", False) else None,
+                           chat_template_kwargs=getattr(cfg, "chat_template_kwargs", None))
     if os.path.isdir(name):
         raise ConfigError(f"reward_funcs: {name!r} is a directory with no model in it (no config.json); a reward "
                           "model is a sequence-classification model saved with save_pretrained")

@@ -180,3 +180,57 @@ def test_weights_of_another_count_than_the_functions_passed_fail_before_output_d
         _trainer(tmp_path, "reward_weights=1,2", "overwrite_output_dir=true", reward_funcs=[_len_reward])
     assert (tmp_path / "metrics.jsonl").read_text() == last_run
     assert "the 1 reward functions passed (_len_reward)" in str(e.value)
+
+
+# ---- chat_template_kwargs (TRL GRPOConfig's): GRPO's conversational prompts and its reward model's texts
+def test_grpo_rollout_prompts_are_rendered_with_chat_template_kwargs(tmp_path, monkeypatch):
+    """The prompt ids GRPOTrainer samples from are the tokenizer's apply_chat_template with the config's
+    chat_template_kwargs (a template keyword that shows in the text); with no chat template they are an error
+    before any work."""
+    from r1train import grpo
+    from r1train.config import load_config
+    from r1train.data import DatasetError
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    rng = random.Random()
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?"}], "answer": "1"}
+            for _ in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'out'}", f"dataset_name={data}",
+                                          "chat_template_kwargs={think: true}", "reward_funcs=format"])
+    model, tok = load_model_and_tokenizer(cfg)
+    tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template
+    t = grpo.GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0])
+
+    class Sampled(Exception):
+        pass
+
+    def fake_sample(model, ids, mask, **_):
+        raise Sampled([[i for i, m in zip(r, k) if m] for r, k in zip(ids.tolist(), mask.tolist())])
+
+    monkeypatch.setattr(grpo, "sample", fake_sample)
+    with pytest.raises(Sampled) as got:
+        t._rollout(0, rows[:2], [0, 1])
+    want = tok.apply_chat_template([r["prompt"] for r in rows[:2]], add_generation_prompt=True, tokenize=True,
+                                   return_dict=True, think=True)["input_ids"]
+    G = cfg.num_generations
+    assert got.value.args[0] == [w for w in want for _ in range(G)]
+    assert all(tok.decode(w).startswith("<think>") for w in want)
+    tok.chat_template = None
+    with pytest.raises(DatasetError, match="chat_template_kwargs"):
+        grpo.GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0])
+
+
+def test_reward_model_texts_use_chat_template_kwargs():
+    """A reward model's chat texts are rendered with GRPO's chat_template_kwargs (TRL's reward-model path)."""
+    from r1train.reward_model import RewardModel
+    from r1train.tasks import char_tokenizer
+
+    rm = RewardModel("unused", chat_template_kwargs={"think": True})
+    rm.tokenizer = char_tokenizer()
+    rm.tokenizer.chat_template = "{% if think %}<think>{% endif %}" + rm.tokenizer.chat_template
+    p = [{"role": "user", "content": "1+1?"}]
+    c = [{"role": "assistant", "content": "2"}]
+    assert rm.texts([p], [c]) == [rm.tokenizer.apply_chat_template(p + c, tokenize=False, think=True)]
+    assert rm.texts([p], [c])[0].startswith("<think>")
