@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument("--completion-length", type=int, default=512)
     p.add_argument("--zero-stage", type=int, default=1,
                    help="1 (default): on one GPU the memory of 2 without its per-parameter gradient hooks")
-    p.add_argument("--loss-impl", default="linear", choices=["linear", "logits"])
+    p.add_argument("--loss-impl", default="auto", choices=["auto", "linear", "logits"])
     p.add_argument("--beta", type=float, default=0.04, help="> 0 adds the reference log-prob pass")
     p.add_argument("--num-iterations", type=int, default=2, help="> 1: num_iterations passes per batch")
     p.add_argument("--gradient-checkpointing", action="store_true",

@@ -216,8 +216,11 @@ class TrainConfig:
     ref_model_sync_steps: int = f(512, "optimizer steps between reference syncs (TRL's global steps: a GRPO step "
                                   "makes num_iterations)")
     ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
-    loss_impl: str = f("linear", "'linear': fused hidden->loss kernels (no [B,T,V] logits); 'logits'",
-                       ["linear", "logits"])
+    loss_impl: str = f("auto", "'linear': fused hidden->loss kernels (no [B,T,V] logits; at temperature / s for a "
+                       "model that multiplies its logits by s); 'logits': the model's own logits; 'auto': linear, "
+                       "unless the model soft-caps its logits (Gemma 2/3), its head's logits are otherwise not what "
+                       "the fused kernels compute, or lora_target_modules names lm_head: then logits (logged)",
+                       ["auto", "linear", "logits"])
     padding_free: bool = f(False, "GRPO and SFT: training forwards without padding (verl use_remove_padding, TRL "
                             "SFT's name): each micro-batch's rows (prompt + completion, pads removed) run as one "
                             "packed sequence, positions restarting per row (varlen flash attention on CUDA "
@@ -330,13 +333,12 @@ class TrainConfig:
                 raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
             if not 0 <= self.lora_dropout < 1:
                 raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-            if self.loss_impl == "linear" and "lm_head" in (self.lora_target_modules or []):
-                raise ConfigError("lora_target_modules: an adapter on lm_head is not seen by the fused linear "
-                                  "loss (it reads lm_head.weight); use lora_modules_to_save=lm_head or "
-                                  "loss_impl=logits")
             if self.sync_ref_model:
                 raise ConfigError("sync_ref_model: with use_peft the reference is the base model with the "
                                   "adapters disabled; it cannot be synced")
+        from .loading import loss_impl_for
+
+        loss_impl_for(None, self)  # an explicit linear the config alone rules out (the model's part: Trainer init)
         if self.sync_ref_model and self.beta == 0:  # as TRL 1.16's GRPOTrainer
             raise ConfigError("sync_ref_model: with beta 0 there is no reference model to sync; set beta > 0 or "
                               "sync_ref_model=false")

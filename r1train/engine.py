@@ -29,7 +29,7 @@ from .config import (
     deepspeed_file,
     read_deepspeed_config,
 )
-from .loading import apply_lora, check_loss_head, enable_activation_checkpointing, patch_layers
+from .loading import apply_lora, enable_activation_checkpointing, loss_impl_for, patch_layers
 from .metrics import MetricsLogger
 from .moe_load import ExpertLoad
 from .optim import make_optimizer, param_groups
@@ -198,7 +198,8 @@ class Trainer(CheckpointMixin):
         n_step = self.prompts_per_rank * self.world
         if not self.train_rows:
             raise ValueError("the training dataset is empty")
-        check_loss_head(model, cfg)  # a ConfigError before prepare_run, which may delete old outputs
+        # linear or logits (a ConfigError before prepare_run, which may delete old outputs)
+        self.loss_impl = loss_impl_for(model, cfg, log=self.rank == 0)
         resume = self.prepare_run()  # lock output_dir; the checkpoint to resume from, checked (before any work)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))
@@ -220,7 +221,7 @@ class Trainer(CheckpointMixin):
         self.expert_load = ExpertLoad(model, cfg.moe_bias_update_rate)
         opt = make_optimizer(cfg, param_groups(cfg, model))  # the `optim` key; no decay for biases and norms
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps * optimizer_steps))
-        self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, cfg.loss_impl), optimizer=opt,
+        self.engine, _, _, _ = deepspeed.initialize(model=Policy(model, self.loss_impl), optimizer=opt,
                                                     lr_scheduler=sched, config=dsc)
         # ZeRO-0 in one process: DeepSpeed would still all-reduce the gradients over the world of one, through
         # flat copies of up to 5e8 values (and an fp32 copy of each when DeepSpeed's bf16 is off): 2.8 GiB of
@@ -230,9 +231,9 @@ class Trainer(CheckpointMixin):
             self.engine.enable_backward_allreduce = False
         self.ref = None
         if ref is not None:
-            self.ref, *_ = deepspeed.initialize(model=Policy(ref, cfg.loss_impl), config=reference_config(dsc))
+            self.ref, *_ = deepspeed.initialize(model=Policy(ref, self.loss_impl), config=reference_config(dsc))
             self.ref.eval()
-        if zero3(self.engine) and cfg.loss_impl == "linear":
+        if zero3(self.engine) and self.loss_impl == "linear":
             for e in filter(None, (self.engine, self.ref)):
                 deepspeed.zero.register_external_parameter(e.module, e.module.head.weight)
         self.step0 = self.saved_step = self.load(resume) if resume else 0

@@ -756,11 +756,12 @@ class GRPOTrainer(Trainer):
         if kw["top_entropy_quantile"] < 1.0:
             return self._quantile_loss(comp_BT, adv, mask_BT, kw)
 
-        def fn(x, weight=None, bias=None):
+        def fn(x, weight=None, bias=None, logit_scale=1.0):  # logits = logit_scale * the head's (rollout.Policy)
             if weight is None:
                 out = rk.grpo_loss(x, comp_BT, adv, mask_BT, **kw)
             else:
-                out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias, **kw)
+                out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias,
+                                          **dict(kw, temperature=kw["temperature"] / logit_scale))
             ent = out.metrics.pop("entropy", None)
             if kw["entropy_coef"] != 0.0:  # the loss's entropy term: entropy_coef * the masked mean entropy
                 out.metrics[POLICY_LOSS] = out.loss.detach() + kw["entropy_coef"] * ent
@@ -782,9 +783,9 @@ class GRPOTrainer(Trainer):
         rkw = {k: v for k, v in kw.items() if k not in ("temperature", "backend", "compute_entropy")}
         group = self.entropy_group()
 
-        def fn(x, weight=None, bias=None):
-            logp, h = rk.token_logprobs(x, comp_BT, **lkw) if weight is None else \
-                rk.linear_token_logprobs(x, weight, comp_BT, bias=bias, **lkw)
+        def fn(x, weight=None, bias=None, logit_scale=1.0):
+            logp, h = rk.token_logprobs(x, comp_BT, **lkw) if weight is None else rk.linear_token_logprobs(
+                x, weight, comp_BT, bias=bias, **dict(lkw, temperature=lkw["temperature"] / logit_scale))
             loss, metrics, ent_mask = grpo_loss_from_logprobs(logp, adv, mask_BT, entropy=h, entropy_group=group,
                                                               return_entropy_mask=True, **rkw)
             metrics = {k: v.detach() for k, v in metrics.items()}
@@ -825,8 +826,8 @@ class GRPOTrainer(Trainer):
             # every token weighs 1/num_items: the fused loss on the packed tokens is exactly their share
             fused = self._fused_loss(ids_1C, adv_N[pk.rows[pk.tok_row]][None], pk.gather(mask_BT), kw)
 
-            def fn_fused(*args):
-                out, ent = fused(*args)
+            def fn_fused(*args, **head):
+                out, ent = fused(*args, **head)
                 return out._replace(per_token_logprobs=pk.to_rows(out.per_token_logprobs)), ent
             return self.engine(pk.input_ids, None, 0, fn_fused, pack=pk)
         # otherwise the log-prob kernel on the packed tokens (entropy in the same pass), then the loss family's
@@ -839,8 +840,8 @@ class GRPOTrainer(Trainer):
         w_b, we_b, share_b = (w[pk.rows][:, None] for w in weights)
         group = self.entropy_group() if ent_loss else None
 
-        def fn(x, weight=None, bias=None):
-            lkw = dict(temperature=cfg.temperature, return_entropy=ent_on, backend=cfg.kernel_backend)
+        def fn(x, weight=None, bias=None, logit_scale=1.0):
+            lkw = dict(temperature=cfg.temperature / logit_scale, return_entropy=ent_on, backend=cfg.kernel_backend)
             lp = rk.token_logprobs(x, ids_1C, **lkw) if weight is None else \
                 rk.linear_token_logprobs(x, weight, ids_1C, bias=bias, **lkw)
             logp_1C, h_1C = lp if ent_on else (lp, None)

@@ -122,20 +122,46 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
-def check_loss_head(model, cfg: TrainConfig):
-    """loss_impl=linear scores tokens with log_softmax(hidden @ lm_head.weight.T + bias) (r1kernels' fused head
-    kernels, rollout.Policy); a model whose config scales or soft-caps its logits (Gemma 2/3's
-    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...; TRL's fused head applies them)
-    has other log-probs. Invariant: a model trained with loss_impl=linear has logits = its lm_head's output; else a
-    ConfigError naming loss_impl, before any work (engine.Trainer calls it before prepare_run)."""
-    from r1kernels.patch.lm_head import logit_scaling
+def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
+    """The loss_impl ("linear" or "logits") a run of `model` trains with: the one place that decides. linear
+    scores tokens with log_softmax(s * (hidden @ lm_head.weight.T + bias) / T), r1kernels' fused head kernels at
+    temperature T / s (rollout.Policy), where the model's forward multiplies its logits by s (Cohere's logit_scale,
+    Granite's 1 / logits_scaling, ...; logit_scaling): the model's own log-probs. It cannot follow a soft-capped
+    head (Gemma 2/3's final_logit_softcapping), a logit rule r1kernels does not know, an lm_head other than a
+    torch.nn.Linear, or a LoRA adapter on lm_head (it reads lm_head.weight). loss_impl=auto then takes the model's
+    own logits (one log line says why; with log), else linear; an explicit linear is a ConfigError naming loss_impl.
+    model None (TrainConfig.validate): only what the config alone rules out; returns cfg.loss_impl."""
+    import logging
 
-    bad = logit_scaling(model) if cfg.loss_impl == "linear" else {}
-    if bad:
-        what = ", ".join(f"{k}={v!r}" for k, v in bad.items())
-        raise ConfigError(f"loss_impl=linear: {type(model).__name__}'s config sets {what}, which the fused head "
-                          "kernels do not apply to its logits (its log-probs and loss would be wrong); set "
-                          "loss_impl=logits")
+    why = scaling = None
+    if model is not None:
+        import torch
+
+        from r1kernels.patch.lm_head import logit_scaling
+
+        head, scaling = model.get_output_embeddings(), logit_scaling(model)
+    if cfg.use_peft and "lm_head" in (cfg.lora_target_modules or []):
+        why = ("lora_target_modules puts a LoRA adapter on lm_head, which the fused head kernels do not see (they "
+               "read lm_head.weight); use lora_modules_to_save=lm_head")
+    elif model is not None and type(head) is not torch.nn.Linear:
+        why = (f"{type(model).__name__}'s lm_head is a {type(head).__name__}; the fused head kernels compute a "
+               "torch.nn.Linear's output only")
+    elif scaling is not None and scaling.linear_scale is None:
+        why = f"{type(model).__name__}: {scaling}, which the fused head kernels do not compute"
+    if cfg.loss_impl == "linear" and why:
+        raise ConfigError(f"loss_impl=linear: {why} (its log-probs and loss would be wrong); set loss_impl=logits "
+                          "(or auto)")
+    if cfg.loss_impl != "auto" or model is None:
+        return cfg.loss_impl
+    impl = "logits" if why else "linear"
+    if log and why:  # [B, T, V] logits per micro-batch: a memory cost the user did not ask for
+        logging.getLogger("r1train").warning("loss_impl=auto: logits (the model's own); %s", why)
+    elif log:
+        s = scaling.linear_scale
+        logging.getLogger("r1train").info("loss_impl=auto: linear (r1kernels' fused head kernels, no [B, T, V] logits):"
+                                          " %s: %s%s", type(model).__name__, scaling,
+                                          f", scored at temperature / {s:g}" if s != 1.0 else "")
+    return impl
 
 
 def patch_layers(model, cfg: TrainConfig):

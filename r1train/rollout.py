@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import r1kernels as rk
+from r1kernels.patch.lm_head import logit_scaling
 
 from .generation import SamplingParams, eos_tuple, generate
 from .generation.attention import position_ids
@@ -122,18 +123,33 @@ class Policy(torch.nn.Module):
     forward(..., fn) calls fn(hidden_BTH, weight_VH, bias_V) (impl "linear": the fused kernels never build
     [B, T, V]) or fn(logits_BTV) (impl "logits"), where index t scores completion token t. Running fn inside
     the forward is what lets ZeRO-3 gather the lm_head weight (registered as an external parameter) for
-    both the forward and the backward.
+    both the forward and the backward. impl "linear" on a model whose forward multiplies lm_head's output by
+    s != 1 (logit_scale: r1kernels.patch.lm_head.logit_scaling) adds logit_scale=s: fn then scores at
+    temperature T / s, as log_softmax(s * z / T) is the head's log_softmax at T / s (the model's own log-probs).
+    The impl comes from r1train.loading.loss_impl_for; a model whose logits are no multiple of lm_head's output
+    (soft-capped, unknown) takes "logits".
     """
 
     def __init__(self, model, impl: str = "linear"):
         super().__init__()
         if impl not in ("linear", "logits"):
             raise ValueError(f"loss_impl must be 'linear' or 'logits', got {impl!r}")
-        self.model, self.impl = model, impl
+        self.model, self.impl, self.logit_scale = model, impl, 1.0
+        if impl == "linear":
+            scaling = logit_scaling(model)
+            if scaling.linear_scale is None:
+                raise ValueError(f"loss_impl='linear': {type(model).__name__}: {scaling}, which the fused head kernels "
+                                 "do not compute; use 'logits'")
+            self.logit_scale = scaling.linear_scale
 
     @property
     def head(self):
         return self.model.get_output_embeddings()
+
+    def _head_fn(self, fn, h):
+        """fn on hidden states h scored by the head (impl "linear")."""
+        kw = {} if self.logit_scale == 1.0 else {"logit_scale": self.logit_scale}
+        return fn(h, self.head.weight, getattr(self.head, "bias", None), **kw)
 
     def forward(self, input_ids_BL, attention_mask_BL, T: int, fn, pack=None):
         if pack is not None:
@@ -148,7 +164,7 @@ class Policy(torch.nn.Module):
         base = getattr(hf, hf.base_model_prefix)
         h_BLH = base(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
                      position_ids=pos_BL).last_hidden_state
-        return fn(h_BLH[:, -T - 1:-1], self.head.weight, getattr(self.head, "bias", None))
+        return self._head_fn(fn, h_BLH[:, -T - 1:-1])
 
     def _forward_packed(self, pk, fn):
         """A packed micro-batch (r1train.packing.Pack): one [1, n] sequence, no attention mask; fn gets the
@@ -161,16 +177,17 @@ class Policy(torch.nn.Module):
                 return fn(self.model(**kw, logits_to_keep=pk.score_idx).logits)
             hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             h_1NH = getattr(hf, hf.base_model_prefix)(**kw).last_hidden_state
-        return fn(h_1NH[:, pk.score_idx], self.head.weight, getattr(self.head, "bias", None))
+        return self._head_fn(fn, h_1NH[:, pk.score_idx])
 
 
 def logprob_fn(completion_ids_BT, temperature: float, return_entropy: bool = False, backend: str = "auto"):
-    """fn for Policy.forward that returns fp32 log p(completion) [B, T] (, entropy [B, T])."""
-    def fn(x, weight=None, bias=None):
+    """fn for Policy.forward that returns fp32 log p(completion) [B, T] (, entropy [B, T]) at `temperature`
+    (logit_scale: Policy's, the model's logits being logit_scale * the head's output)."""
+    def fn(x, weight=None, bias=None, logit_scale=1.0):
         if weight is None:
             return rk.token_logprobs(x, completion_ids_BT, temperature=temperature,
                                      return_entropy=return_entropy, backend=backend)
-        return rk.linear_token_logprobs(x, weight, completion_ids_BT, bias=bias, temperature=temperature,
+        return rk.linear_token_logprobs(x, weight, completion_ids_BT, bias=bias, temperature=temperature / logit_scale,
                                         return_entropy=return_entropy, backend=backend)
     return fn
 

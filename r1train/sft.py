@@ -22,9 +22,10 @@ _TOP1_CHUNK_BYTES = 1 << 28  # the no-grad top-1 pass's logits chunk (mean_token
 def top1_fn(ids_BT, fn):
     """fn for Policy.forward: (fn's output, whether each target token is its position's first argmax) [B, T],
     TRL's is_top1 (mean_token_accuracy), from the logits (loss_impl logits) or, without grad, from the hidden
-    states through the head in chunks of rows (loss_impl linear: one more head GEMM, no [N, V] logits)."""
-    def wrapped(x, weight=None, bias=None):
-        out = fn(x) if weight is None else fn(x, weight, bias)
+    states through the head in chunks of rows (loss_impl linear: one more head GEMM, no [N, V] logits; Policy's
+    logit_scale s > 0 goes to fn; the head's argmax is the logits' argmax)."""
+    def wrapped(x, weight=None, bias=None, **head):
+        out = fn(x) if weight is None else fn(x, weight, bias, **head)
         with torch.no_grad():
             if weight is None:
                 top = x.argmax(-1)

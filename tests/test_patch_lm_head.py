@@ -150,3 +150,27 @@ def test_deepcopy_of_a_patched_model_is_its_own(family):
     assert_close(out.log_probs, logp, torch.float32, name="copy's fused log-probs")
     out.loss.backward()
     assert all(p.grad is None for p in model.parameters()) and any(p.grad is not None for p in ref.parameters())
+
+
+def test_logit_keys_the_forward_does_not_read_do_not_block_the_fused_head():
+    """A Llama config carrying logit-scaling keys LlamaForCausalLM.forward never reads (as MPT's carries logit_scale)
+    has logits = lm_head's output: the fused head patches and matches them (it was refused, naming the key); a
+    model whose forward does scale its logits (Cohere) is still refused."""
+    from r1kernels.patch.lm_head import unsupported_reason
+
+    model = _model("llama")
+    model.config.logit_scale, model.config.final_logit_softcapping = 0.5, 2.0
+    patched = copy.deepcopy(model)
+    patch_lm_head(patched)
+    ids = torch.randint(0, V, (2, 7))
+    mask = torch.ones_like(ids)
+    out = patched(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+    logp, ent, _ = _expected(model, ids, mask, ids, 1.0)
+    assert_close(out.log_probs, logp, name="log_probs")
+    assert_close(out.entropy, ent, name="entropy")
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2)
+    cohere = transformers.AutoModelForCausalLM.from_config(transformers.CohereConfig(logit_scale=0.3, **common))
+    assert "CohereForCausalLM is not one of" in unsupported_reason(cohere)
+    with pytest.raises(ValueError, match="no fused lm_head path for this model"):
+        patch_lm_head(cohere)

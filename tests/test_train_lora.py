@@ -58,7 +58,7 @@ def test_reference_is_the_base_with_adapters_disabled(tmp_path):
 
 
 @pytest.mark.parametrize("ov,key", [(["lora_r=0"], "lora_r"), (["lora_dropout=1.0"], "lora_dropout"),
-                                    (["lora_target_modules=q_proj,lm_head"], "lora_target_modules"),
+                                    (["lora_target_modules=q_proj,lm_head", "loss_impl=linear"], "lora_target_modules"),
                                     (["sync_ref_model=true", "beta=0.1"], "sync_ref_model")])
 def test_bad_lora_keys(ov, key):
     with pytest.raises(ConfigError, match=key):

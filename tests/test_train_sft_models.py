@@ -1,8 +1,10 @@
 """SFT on models that are not plain Qwen/Llama: Gemma 2's attention logit soft-capping, which padding_free's packed
 attention ignored (it trained on other attention outputs than the model's own, with no error; now an error naming
-padding_free, before any update; without the soft-capping the packed step's loss is the model's own NLL), and its
-final logit soft-capping, which loss_impl=linear's fused head kernels ignored (a wrong loss with no error; now a
-ConfigError naming loss_impl, while loss_impl=logits trains on the model's own NLL)."""
+padding_free, before any update; without the soft-capping the packed step's loss is the model's own NLL); its
+final logit soft-capping, which the fused head kernels of loss_impl=linear do not apply (the default loss_impl=auto
+trains it on the model's own logits, an explicit linear is a ConfigError naming loss_impl); and Cohere's / Granite's
+logit scale, which the default config refused (a ConfigError telling to set loss_impl=logits): the linear path now
+scores at temperature / scale, the model's own NLL."""
 
 import copy
 
@@ -73,8 +75,9 @@ def test_sft_padding_free_refuses_attention_it_does_not_compute(tmp_path, softca
             assert t.train_step(0, ROWS)["loss"] == pytest.approx(want, rel=1e-5)
 
 
-def test_sft_loss_impl_linear_refuses_a_soft_capped_head(tmp_path):
+def test_sft_soft_capped_head_trains_on_its_own_logits_by_default(tmp_path, caplog):
     from r1train.config import ConfigError
+    from r1train.rollout import sequence_logprobs
     from r1train.sft import SFTTrainer
 
     tok = char_tokenizer()
@@ -82,17 +85,54 @@ def test_sft_loss_impl_linear_refuses_a_soft_capped_head(tmp_path):
     want = _hand_nll(copy.deepcopy(base).eval(), tok, ROWS)
     uncapped = copy.deepcopy(base).eval()
     uncapped.config.final_logit_softcapping = None  # the logits the fused head kernels compute: hidden @ W.T
-    assert abs(_hand_nll(uncapped, tok, ROWS) - want) > 0.1 * want  # what loss_impl=linear trained on before
-    for impl in ("linear", "logits"):
-        cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / impl}", "max_length=64", f"loss_impl={impl}",
-                                              "per_device_train_batch_size=3"])
+    assert abs(_hand_nll(uncapped, tok, ROWS) - want) > 0.1 * want  # what loss_impl=linear would train on
+    for impl in (None, "logits", "linear"):  # None: the default (auto)
+        keys = [f"output_dir={tmp_path / str(impl)}", "max_length=64", "per_device_train_batch_size=3"]
+        cfg = load_config(overrides=H.FAST + keys + ([f"loss_impl={impl}"] if impl else []))
         if impl == "linear":
-            with pytest.raises(ConfigError, match=r"loss_impl=linear: Gemma2ForCausalLM's config sets "
-                                                  r"final_logit_softcapping=2.0, .*; set loss_impl=logits"):
+            with pytest.raises(ConfigError, match=r"loss_impl=linear: Gemma2ForCausalLM: its forward soft-caps its "
+                                                  r"logits \(final_logit_softcapping=2.0\).*; set loss_impl=logits"):
                 SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, [])
-        else:
-            assert SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, []).train_step(0, ROWS)["loss"] == \
-                pytest.approx(want, rel=1e-5)
+            continue
+        caplog.clear()
+        t = SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, [])
+        assert t.loss_impl == "logits" and t.engine.module.impl == "logits"
+        assert bool(impl) != any(m.startswith("loss_impl=auto: logits") for m in caplog.messages)
+        ids = torch.tensor([tok("What is 3+4?<answer>7</answer>")["input_ids"]])
+        with torch.no_grad():  # the training forward's log-probs are the model's own
+            got = sequence_logprobs(t.engine.module, ids, torch.ones_like(ids), ids[:, 5:], backend="torch")
+            own = torch.log_softmax(base(ids).logits[0, 4:-1].double(), -1).gather(1, ids[0, 5:, None])[:, 0]
+        torch.testing.assert_close(got[0].double(), own, rtol=1e-5, atol=1e-6)
+        assert t.train_step(0, ROWS)["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def _scaled(family, tok):
+    """A tiny Cohere (logits * logit_scale) or Granite (logits / logits_scaling) with large logits."""
+    import transformers
+
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+    mc = (transformers.CohereConfig(logit_scale=0.3, **common) if family == "cohere" else
+          transformers.GraniteConfig(logits_scaling=4.0, **common))
+    model = transformers.AutoModelForCausalLM.from_config(mc, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_scaled_head_trains_linear_on_its_own_logits(tmp_path, family, padding_free):
+    from r1train.sft import SFTTrainer
+
+    tok = char_tokenizer()
+    base = _scaled(family, tok)
+    want = _hand_nll(copy.deepcopy(base).eval(), tok, ROWS)
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=64", "per_device_train_batch_size=3",
+                                          f"padding_free={str(padding_free).lower()}"])
+    t = SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, [])
+    assert t.loss_impl == "linear" and t.engine.module.logit_scale == pytest.approx(0.3 if family == "cohere" else 0.25)
+    assert t.train_step(0, ROWS)["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_packed_attention_refuses_a_non_causal_attention_module():

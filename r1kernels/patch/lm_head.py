@@ -16,6 +16,7 @@ with autocast off, on inputs cast to the autocast dtype when autocast is on (wha
 from __future__ import annotations
 
 import inspect
+import math
 import types
 from dataclasses import dataclass
 
@@ -24,8 +25,54 @@ import torch
 # Causal LMs whose logits are exactly lm_head(last_hidden_state): no soft-capping, no logit scale.
 LM_HEAD_CLASSES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 ALSO_FUSABLE = ("DeepseekV3ForCausalLM",)  # fused by r1kernels.integrations.trl, not by rk.patch
-_SCALE_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-               "logits_scaling")
+# Config keys some forwards apply to z = lm_head(hidden) (as _LOGIT_RULES says); a model type not in _LOGIT_RULES
+# that sets one has logits this module cannot describe.
+_CAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")
+_SCALE_KEYS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling") + _CAP_KEYS
+# model_type -> (scale key, "*" or "/", soft-cap key): the forward's logits are c * tanh(s * z / c) with s = the
+# scale key's value ("*") or its inverse ("/") and c the soft-cap key's value (None: s * z), as transformers 5.x's
+# <Type>ForCausalLM.forward applies them. A type listed here applies no other _SCALE_KEYS: MPT's config carries
+# logit_scale, which MptForCausalLM.forward never reads.
+_LOGIT_RULES = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "*", None)),
+    # MiniCPM3 divides the hidden states before its lm_head, which has no bias: the same logits
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
+                     "minicpm3"), ("logits_scaling", "/", None)),
+    "hyperclovax": ("logits_scaling", "*", None),
+    "falcon_h1": ("lm_head_multiplier", "*", None),
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma", "nanochat", "beam"),
+                    (None, None, "final_logit_softcapping")),
+    "recurrent_gemma": (None, None, "logits_soft_cap"),
+    **dict.fromkeys(("qwen2", "qwen3", "llama", "mistral", "deepseek_v3", "mpt"), (None, None, None)),
+}
+
+
+@dataclass(frozen=True)
+class LogitScaling:
+    """What a model's forward applies to z = lm_head(hidden): logits = scale * z, soft-capped to
+    softcap * tanh(logits / softcap) when softcap is set. keys: the config keys (and values) behind them; with
+    known False, keys its model type sets whose use is not known here (nothing is said about its logits)."""
+    scale: float = 1.0
+    softcap: float | None = None
+    keys: tuple = ()
+    known: bool = True
+
+    @property
+    def linear_scale(self) -> float | None:
+        """s > 0 when the logits are s * z (log_softmax(s * z / T) is the fused head's at temperature T / s; 1.0:
+        the logits are the head's output); None when they are no such multiple (soft-capped, unknown, s <= 0)."""
+        ok = self.known and self.softcap is None and 0 < self.scale < math.inf
+        return self.scale if ok else None
+
+    def __str__(self):
+        keys = ", ".join(f"{k}={v!r}" for k, v in self.keys)
+        if not self.known:
+            return f"its config sets {keys}, which r1kernels does not know how its forward applies"
+        if self.softcap is not None:
+            return f"its forward soft-caps its logits ({keys})"
+        if self.scale != 1.0:
+            return f"its forward multiplies its logits by {self.scale:g} ({keys})"
+        return "its logits are its lm_head's output"
 
 
 @dataclass
@@ -39,11 +86,19 @@ class FusedLMHeadOutput:
     aux_loss: torch.Tensor | None = None
 
 
-def logit_scaling(model) -> dict:
-    """The logit scaling / soft-capping keys `model`'s config sets to other than None or 1 (its logits are then not
-    its lm_head's output), with their values."""
+def logit_scaling(model) -> LogitScaling:
+    """What `model`'s forward applies to its lm_head's output, from its config (_LOGIT_RULES)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return {k: getattr(cfg, k) for k in _SCALE_KEYS if getattr(cfg, k, None) not in (None, 1.0)}
+    rule = _LOGIT_RULES.get(getattr(model.config, "model_type", None))
+    names = _SCALE_KEYS if rule is None else [k for k in (rule[0], rule[2]) if k]
+    # the keys that change the logits: a soft-cap of any value, a scale other than 1
+    keys = tuple((k, v) for k in names if (v := getattr(cfg, k, None)) is not None and (k in _CAP_KEYS or v != 1))
+    if rule is None:
+        return LogitScaling(keys=keys, known=not keys)
+    scale_key, op, cap_key = rule
+    s, c = dict(keys).get(scale_key), dict(keys).get(cap_key)
+    scale = 1.0 if s is None else float(s) if op == "*" else 1.0 / float(s) if s else math.inf
+    return LogitScaling(scale=scale, softcap=None if c is None else float(c), keys=keys)
 
 
 def unsupported_reason(model) -> str | None:
@@ -54,10 +109,9 @@ def unsupported_reason(model) -> str | None:
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"its lm_head is a {type(head).__name__}, not a torch.nn.Linear (e.g. a PEFT adapter on lm_head)"
-    scaled = logit_scaling(model)
-    if scaled:
-        key, v = next(iter(scaled.items()))
-        return f"its config sets {key}={v!r}"
+    scaling = logit_scaling(model)
+    if scaling.linear_scale != 1.0:  # the fused path computes log_softmax(lm_head(hidden) / T)
+        return str(scaling)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "output_router_logits", False):
         return "its config sets output_router_logits (a router aux loss in the forward)"
