@@ -148,12 +148,7 @@ AB = {"cublas": "decode projections on cuBLAS", "down": "down_proj through rk.de
       "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)",
       "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)",
       "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS = 1; default 17)",
-      "cublaslt": "torch's GEMMs (down_proj, lm_head) on cuBLASLt (torch.backends.cuda.preferred_blas_library)",
-      "pf": "L2 prefetch of gate/up's first half of columns beside the attention half (fused.PREFETCH)",
-      "pf_full": "L2 prefetch of all of gate/up beside the attention half (fused.PREFETCH)",
-      "pf_down": "L2 prefetch of all of down_proj (and a quarter of gate/up unless set) (fused.PREFETCH)",
-      "pf_last": "the L2 prefetch at evict_last priority (fused.PREFETCH)"}
-_PF = {"pf": {"gate_up": 0.5}, "pf_full": {"gate_up": 1.0}, "pf_down": {"down": 1.0}, "pf_last": {"evict": "last"}}
+      "cublaslt": "torch's GEMMs (down_proj, lm_head) on cuBLASLt (torch.backends.cuda.preferred_blas_library)"}
 
 
 @contextlib.contextmanager
@@ -161,7 +156,7 @@ def ab_variant(v: str):
     from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
-    kept = fz.DECODE_LINEAR, ge.STEP_FUSIONS, fz.PREFETCH
+    kept = fz.DECODE_LINEAR, ge.STEP_FUSIONS
     min_rows = fz.DECODE_LINEAR_MIN_ROWS
     blas = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
     try:
@@ -178,18 +173,13 @@ def ab_variant(v: str):
                 ge.STEP_FUSIONS = ()
             elif change == "dl_all_rows":
                 fz.DECODE_LINEAR_MIN_ROWS = 1
-            elif change in _PF:
-                pf = {**(fz.PREFETCH or {}), **_PF[change]}
-                if change == "pf_down":
-                    pf.setdefault("gate_up", 0.25)
-                fz.PREFETCH = pf
             elif change == "cublaslt":
                 if blas is None:
                     raise ValueError("--ab cublaslt needs a CUDA device (torch's BLAS backend choice)")
                 torch.backends.cuda.preferred_blas_library("cublaslt")
         yield
     finally:
-        fz.DECODE_LINEAR, ge.STEP_FUSIONS, fz.PREFETCH = kept
+        fz.DECODE_LINEAR, ge.STEP_FUSIONS = kept
         fz.DECODE_LINEAR_MIN_ROWS = min_rows
         if blas is not None:
             torch.backends.cuda.preferred_blas_library(blas)

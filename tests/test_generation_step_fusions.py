@@ -167,33 +167,3 @@ def test_gpu_step_fusions_in_captured_steps(greedy, fusion, monkeypatch):
         assert eng.cuda_graphs and eng.stats["captures"] >= 1
     for (t0, l0), (t1, l1) in zip(out[()], out[(fusion,)]):
         assert torch.equal(t0, t1) and torch.equal(l0, l1)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pf", [{"gate_up": 0.5}, {"gate_up": 1.0, "down": 1.0, "evict": "last"}])
-@pytest.mark.parametrize("graphs", [False, True])
-def test_gpu_prefetch_changes_nothing(pf, graphs, monkeypatch):
-    """fused.PREFETCH (the MLP weights' L2 prefetch on a side stream, joined before the MLP): tokens and log-probs
-    bitwise those without it, eager and in captured graphs replayed, and the side stream's kernels run."""
-    from test_generation import _model, _prompts
-
-    from r1kernels.triton import prefetch
-    from r1train.generation import Engine, SamplingParams
-    from r1train.generation import fused as fz
-
-    calls = []
-    real = prefetch.l2_prefetch
-    monkeypatch.setattr(prefetch, "l2_prefetch", lambda *a: calls.append(a[1]) or real(*a))
-    torch.manual_seed(6)
-    model = _model("tiny-qwen2", sharp=False).cuda().to(torch.bfloat16)
-    ids, mask = _prompts([5, 3, 6, 2, 4, 7, 1, 5])
-    ids, mask = ids.cuda(), mask.cuda()
-    out = {}
-    for on in (None, pf):
-        monkeypatch.setattr(fz, "PREFETCH", on)
-        eng = Engine(model, cuda_graphs=graphs, check_every=2)
-        out[on is None] = [eng.generate(ids, mask, list(range(8)), SamplingParams(16), eos_id=4, pad_id=0)
-                           for _ in range(2)]
-    assert calls and all(n > 0 for n in calls)
-    for (t0, l0), (t1, l1) in zip(out[True], out[False]):
-        assert torch.equal(t0, t1) and torch.equal(l0, l1)

@@ -37,12 +37,6 @@ DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
 # results/decode_linear_rows_h100_2026-12-05_91b4823.json): 4 rows 2.074 vs 1.969 ms, 8: 2.167 vs 2.053,
 # 16: 2.217 vs 2.067, 32: 2.142 vs 2.240, 64: 2.230 vs 2.298.
 DECODE_LINEAR_MIN_ROWS = 17
-# L2 prefetch of each decoder layer's MLP weights on a side stream during the decode step's attention half (norms,
-# q/k/v, attention, o_proj: latency-bound kernels that leave the memory bus partly idle), joined before the MLP:
-# {"gate_up": fraction of gate/up's columns, "down": fraction of down_proj's, "evict": "normal" | "last"}; None off.
-# Not measured yet (bench_rollout --ab pf...).
-PREFETCH: dict | None = None
-_SIDE_STREAMS: dict = {}
 
 
 def _decode_kernel(backend, x, x2, w, **kw) -> bool:
@@ -191,45 +185,14 @@ def _res_linear(self, x):
 
 
 def _layer(self, hidden_states, *args, **kwargs):
-    """A Llama-family decoder layer whose o_proj / down_proj add the residual themselves (_res_linear). Decode
-    steps with PREFETCH: the MLP weights' L2 prefetch runs on a side stream beside the attention half."""
+    """A Llama-family decoder layer whose o_proj / down_proj add the residual themselves (_res_linear)."""
     if args:  # a caller that passes more than hidden_states positionally: the model's own forward
         return type(self).forward(self, hidden_states, *args, **kwargs)
     attn, mlp = self.self_attn, self.mlp
-    pf = self._r1k_pf if hidden_states.shape[1] == 1 else None
-    if pf is not None:
-        from r1kernels.triton.prefetch import l2_prefetch
-
-        main, side = torch.cuda.current_stream(), _SIDE_STREAMS[hidden_states.device]
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for w, lines, evict in pf:
-                l2_prefetch(w, lines, evict)
     attn.o_proj._r1k_res = hidden_states
     hidden_states = attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
     mlp.down_proj._r1k_res = hidden_states
-    if pf is not None:
-        main.wait_stream(side)
     return mlp(self.post_attention_layernorm(hidden_states))
-
-
-def _prefetch_items(m):
-    """(weight, 128-byte lines per row, evict) for the L2 prefetch of decoder layer m's MLP under PREFETCH; None
-    when off or not on a CUDA device."""
-    mlp, cfg = m.mlp, PREFETCH
-    if not cfg or not mlp.down_proj.weight.is_cuda:
-        return None
-    gu = getattr(mlp, "_r1k_gu", None)
-    gate_up = [gu] if gu is not None else [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]
-    items = []
-    for ws, frac in ((gate_up, cfg.get("gate_up", 0.0)), ([mlp.down_proj.weight.detach()], cfg.get("down", 0.0))):
-        for w in ws:
-            lines = round(frac * -(-w.shape[1] * w.element_size() // 128))
-            if lines > 0:
-                items.append((w, lines, cfg.get("evict", "normal")))
-    if items:
-        _SIDE_STREAMS.setdefault(mlp.down_proj.weight.device, torch.cuda.Stream(mlp.down_proj.weight.device))
-    return items or None
 
 
 def _residual_layer(m) -> bool:
@@ -276,12 +239,12 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, 
     if llama_family:
         for m in model.modules():
             if _residual_layer(m):
-                m.forward, m._r1k_pf = types.MethodType(_layer, m), _prefetch_items(m)
+                m.forward = types.MethodType(_layer, m)
                 for lin, name in ((m.self_attn.o_proj, "o_proj"), (m.mlp.down_proj, "down_proj")):
                     lin.forward, lin._r1k_res = types.MethodType(_res_linear, lin), None
                     lin._r1k_backend, lin._r1k_decode_linear = backend, name in DECODE_LINEAR
                     fused.append((lin, ("forward", "_r1k_res", "_r1k_backend", "_r1k_decode_linear")))
-                fused.append((m, ("forward", "_r1k_pf")))
+                fused.append((m, ("forward",)))
     try:
         with fused_rotary(model, backend, defer=rope_sink) if llama_family else contextlib.nullcontext():
             yield
