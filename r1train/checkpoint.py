@@ -174,6 +174,7 @@ class CheckpointMixin:
                           fh, indent=1, default=str)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
+            self.logger.sync()  # the run's rows up to this step on disk before the checkpoint that keeps them
             write_manifest(tmp)  # last: lists every rank's files, each on disk (fsync) before it
             # a step saved before (a resumed run saves it again) is renamed aside, deleted once the new copy is
             # published: a crash leaves one complete checkpoint-<step> (tmp-* are deleted at the next start)
@@ -314,7 +315,8 @@ def write_manifest(path: str):
                 e = {"size": os.fstat(fh.fileno()).st_size}
                 if e["size"] <= HASH_MAX_BYTES:
                     e["sha256"] = _sha256_of(fh)
-                os.fsync(fh.fileno())
+                if os.name == "posix":  # Windows' fsync (FlushFileBuffers) needs a handle open for writing
+                    os.fsync(fh.fileno())
             files[rel] = e
         fsync_dir(root)
     tmp = os.path.join(path, MANIFEST + ".tmp")

@@ -93,11 +93,23 @@ class MetricsLogger:
             tmp = p + ".tmp"
             with open(tmp, "w") as fh:
                 fh.writelines(keep)
+                fh.flush()
+                os.fsync(fh.fileno())  # on disk before it replaces the old file (a power loss keeps one whole)
             os.replace(tmp, p)
         for name in resolve_report_to(report_to):
             sink = _open(name, output_dir, config or {}, resume_step=resume_step)
             if sink is not None:
                 self.sinks[name] = sink
+
+    def sync(self):
+        """metrics.jsonl and completions.jsonl on disk (fsync; rank 0): a checkpoint published after this has every
+        row up to its step on disk, so a power loss loses no row that a resume from it keeps."""
+        if self.rank != 0:
+            return
+        for p in (self.path, self.comp_path):
+            if os.path.exists(p):
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
 
     def log(self, step: int, metrics: dict):
         if self.rank != 0:

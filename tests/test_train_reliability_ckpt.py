@@ -545,6 +545,8 @@ def test_checkpoint_is_on_disk_before_older_ones_are_deleted(sft_run, tmp_path, 
             if n != "manifest.json":
                 assert os.path.join(want, n) in synced[:manifest], f"{os.path.join(rel, n)} was not fsynced"
     assert synced[-1] == tmp  # after the manifest's rename into it
+    # the run's rows up to the step (metrics.jsonl: every step logged; a resume from it keeps them) before it
+    assert os.path.join(real, "metrics.jsonl") in synced[:manifest]
     deleted = [i for i, e in enumerate(events) if e[0] == "rmtree" and i > publish]
     assert {events[i][1] for i in deleted} >= {os.path.join(real, "checkpoint-2"),
                                                os.path.join(real, "tmp-checkpoint-4-replaced")}
