@@ -439,10 +439,7 @@ class TrainConfig:
 
         if not self.reward_funcs:
             raise ConfigError(f"reward_funcs must be a non-empty list of names, got {self.reward_funcs!r}")
-        if self.reward_weights is not None:
-            if len(self.reward_weights) != len(self.reward_funcs):
-                raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
-                                  f"{len(self.reward_funcs)}")
+        if self.reward_weights is not None:  # their count: check_reward_weights (reward functions may come in code)
             # the weights become a float32 tensor (TRL's): past its range a weight is inf, and inf x a 0 reward NaN
             bad = [w for w in self.reward_weights if abs(w) > FLOAT32_MAX]  # finite: check_type
             if bad:
@@ -669,6 +666,14 @@ def check_grpo_batch(cfg: TrainConfig):
     if n % G:
         raise ConfigError(f"num_generations: per_device_train_batch_size * gradient_accumulation_steps = {n} must "
                           f"be a multiple of num_generations = {G} (each prompt's G completions stay on one rank)")
+
+
+def check_reward_weights(cfg: TrainConfig):
+    """GRPO with the config's reward_funcs (the CLI, the recipe's stages): one reward_weights entry per function.
+    Functions given in code (GRPOTrainer(reward_funcs=...)) are counted there instead (TRL's rule)."""
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.reward_funcs):
+        raise ConfigError(f"reward_weights has {len(cfg.reward_weights)} entries but reward_funcs has "
+                          f"{len(cfg.reward_funcs)}")
 
 
 # the ops every trainer calls with backend=kernel_backend

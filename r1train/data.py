@@ -147,8 +147,8 @@ def load_rows(name: str, split: str = "train", required=("prompt",), key: str = 
 
 def reward_columns(rows, repeats: int, answer_column: str) -> dict:
     """The dataset columns reward functions receive, each row's value repeated for its `repeats` samples:
-    every column but `prompt` under its own name, and `answer` = the values of `answer_column` (what the
-    accuracy reward reads; evaluation reads the same column)."""
+    every column but `prompt` under its own name (rewards.RewardRunner forwards those TRL forwards), and
+    `answer` = the values of `answer_column` (what the accuracy reward reads; evaluation reads the same column)."""
     names = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"]
     cols = {k: [r.get(k) for r in rows for _ in range(repeats)] for k in names}
     if answer_column in cols:

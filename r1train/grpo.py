@@ -301,6 +301,7 @@ class GRPOTrainer(Trainer):
         # before Trainer.__init__, which prepares output_dir (overwrite_output_dir: deletes the last run's outputs)
         self.rewards, self.reward_w_R = reward_runner(cfg, reward_funcs)
         if cfg.chat_template_kwargs:  # a bad value is an error before any work, not at the first rollout
+            train_rows = list(train_rows)  # read twice (here and by Trainer.__init__): not a one-shot iterator
             grpo_template_kwargs(tokenizer, [r["prompt"] for r in train_rows], cfg.chat_template_kwargs)
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")

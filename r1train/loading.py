@@ -225,11 +225,12 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
 
 
 def check_reward_columns(cfg: TrainConfig, rows):
-    """Reward functions get every column but `prompt` by name, beside their own arguments (rewards.REWARD_ARGS):
-    a column of such a name would take the argument's place."""
-    from .rewards import REWARD_ARGS
+    """Reward functions get every column but rewards.NOT_FORWARDED (TRL's: prompt, completion, completion_ids)
+    by name, beside their own arguments (rewards.REWARD_ARGS): a forwarded column of such a name would take the
+    argument's place (in TRL a TypeError or silently replaced)."""
+    from .rewards import NOT_FORWARDED, REWARD_ARGS
 
-    clash = [k for k in dict.fromkeys(k for r in rows for k in r) if k in REWARD_ARGS]
+    clash = [k for k in dict.fromkeys(k for r in rows for k in r) if k in REWARD_ARGS and k not in NOT_FORWARDED]
     if clash:
         raise DatasetError(f"dataset_name={cfg.dataset_name!r}: column(s) {clash} have the name of an argument "
                            f"reward functions receive ({', '.join(REWARD_ARGS)}); rename them")

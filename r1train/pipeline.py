@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .config import ConfigError, TrainConfig, check_grpo_batch, load_config
+from .config import ConfigError, TrainConfig, check_grpo_batch, check_reward_weights, load_config
 from .data import DatasetError
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
@@ -35,6 +35,7 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
         c = stage_cfg(load_config(path, overrides, section=section), sub)
         if section.startswith("grpo"):
             check_grpo_batch(c)
+            check_reward_weights(c)
         out.append(c)
     paths = [c.resume_from_checkpoint for c in out[1:] if c.resume_from_checkpoint not in (None, "latest")]
     for p in dict.fromkeys(paths):  # one checkpoint path given to several stages (the top level, key=value)
@@ -162,10 +163,19 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
         dist.all_gather_object(every, ([seen for _, seen in kept], n))  # texts only: each rank has the rows
         kept = [(r, every[g % world][0][g // world]) for g, r in enumerate(rows)]
         n = {k: sum(e[1][k] for e in every) for k in n}
-    out = [{**r, cfg.completion_column: t} for r, seen in kept for t in seen]
+    out = [{**_as_sampled(r, cfg), cfg.completion_column: t} for r, seen in kept for t in seen]
     if stats is not None:
         stats.update(n)
     return out
+
+
+def _as_sampled(row, cfg) -> dict:
+    """row as its prompt was sampled: a conversational prompt rendered with cfg.chat_template_kwargs (sample_rows)
+    carries them in its chat_template_kwargs column (the row's own keys win), which SFT reads per row as TRL's
+    SFTTrainer does, so the SFT on the kept samples trains on the prompt they were sampled from."""
+    if not cfg.chat_template_kwargs or not isinstance(row.get("prompt"), list):
+        return row
+    return {**row, "chat_template_kwargs": {**cfg.chat_template_kwargs, **(row.get("chat_template_kwargs") or {})}}
 
 
 def recipe(cfg_path=None, overrides=()):

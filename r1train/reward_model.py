@@ -74,8 +74,6 @@ class RewardModel:
     DeepSpeed engine casts the reward model's weights; without DeepSpeed, bf16 autocast); batch_size: texts per
     forward."""
 
-    _reads_only = True  # never changes its arguments: rewards.RewardRunner passes them uncopied
-
     def __init__(self, path: str, device=None, dtype=None, batch_size: int = 32, chat_template_kwargs=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

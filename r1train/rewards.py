@@ -33,6 +33,7 @@ import os
 import pickle
 import re
 import threading
+import weakref
 from fractions import Fraction
 
 from .reward_model import RewardModel, check_model_dir, is_model_dir, model_dir_name
@@ -160,10 +161,14 @@ def _one_per_completion(name: str, values, completions, hint: str = "give one pe
         raise ValueError(f"{name}: {len(values)} values for {len(completions)} completions; {hint}")
 
 
+# the rewards this module made that never change their arguments: RewardRunner passes them the caller's objects,
+# uncopied. By identity: an attribute would reach a user's functools.wraps wrapper of one (update_wrapper copies
+# __dict__), whose own code may change them
+_READS_ONLY = weakref.WeakSet()
+
+
 def _reads_only(fn):
-    """Marks a reward of this module that never changes its arguments: RewardRunner passes it the caller's
-    objects, uncopied."""
-    fn._reads_only = True
+    _READS_ONLY.add(fn)
     return fn
 
 
@@ -285,8 +290,8 @@ def resolve(name, cfg=None):
         check_model_dir(name)
         import torch
 
-        return RewardModel(name, dtype=torch.bfloat16 if getattr(cfg, "bf16", False) else None,
-                           chat_template_kwargs=getattr(cfg, "chat_template_kwargs", None))
+        return _reads_only(RewardModel(name, dtype=torch.bfloat16 if getattr(cfg, "bf16", False) else None,
+                                       chat_template_kwargs=getattr(cfg, "chat_template_kwargs", None)))
     if os.path.isdir(name):
         raise ConfigError(f"reward_funcs: {name!r} is a directory with no model in it (no config.json); a reward "
                           "model is a sequence-classification model saved with save_pretrained")
@@ -515,8 +520,11 @@ def _copied(fn) -> frozenset | None:
     those fn itself takes by keyword: any other makes the call raise TypeError (as TRL's) while binding, before fn's
     code runs, so fn never holds it. Read from fn's own signature, not a function it wraps: a functools.wraps
     wrapper runs before the wrapped function's binding fails."""
-    if getattr(fn, "_reads_only", False) is True:
-        return frozenset()
+    try:
+        if fn in _READS_ONLY:
+            return frozenset()
+    except TypeError:  # an unhashable callable object: not one of this module's
+        pass
     return _keywords(fn, follow_wrapped=False)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from r1train.config import ConfigError, load_config
+from r1train.config import ConfigError, check_reward_weights, load_config
 from r1train.data import DatasetError, load_rows
 
 
@@ -64,9 +64,10 @@ def test_yaml_sections_and_precedence(tmp_path):
     p.write_text("1: 2\n")
     with pytest.raises(ConfigError, match="unknown config key '1'"):
         load_config(str(p))
-    p.write_text("reward_weights: [1, 2]\n")
-    with pytest.raises(ConfigError, match="reward_weights has 2 entries but reward_funcs has 2|reward_weights"):
-        load_config(str(p), ["reward_funcs=accuracy"])
+    p.write_text("reward_weights: [1, 2]\n")  # the count is checked against the functions GRPO runs
+    c = load_config(str(p), ["reward_funcs=accuracy"])
+    with pytest.raises(ConfigError, match="reward_weights has 2 entries but reward_funcs has 1"):
+        check_reward_weights(c)
 
 
 def test_grpo_batch_not_multiple_of_g():
@@ -420,10 +421,14 @@ def test_token_budget_is_checked_against_the_trainers_longest_row(tmp_path):
 
 @pytest.mark.parametrize("column", ["completions", "completion_ids", "trainer_state", "log_metric"])
 def test_a_column_named_like_a_reward_argument_is_an_error(tmp_path, column):
-    """Reward functions get the columns by name beside their own arguments: such a column would replace one."""
+    """Reward functions get the columns by name beside their own arguments: such a column would replace one. A
+    completion_ids column is not forwarded (TRL drops it, rewards.NOT_FORWARDED): it loads."""
     from r1train.loading import load_datasets
 
     train = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1+1?", "answer": "2", column: "x"}])
+    if column == "completion_ids":
+        assert load_datasets(load_config(overrides=[f"dataset_name={train}"]))[0][0][column] == "x"
+        return
     with pytest.raises(DatasetError, match=rf"column\(s\) \['{column}'\] have the name of an argument"):
         load_datasets(load_config(overrides=[f"dataset_name={train}"]))
 

@@ -316,3 +316,32 @@ def test_distill_resumed_before_its_first_checkpoint_starts_fresh(tmp_path, monk
     res = pipeline.distill(None, H.FAST + ["teacher_model=tiny-qwen2", "model_name_or_path=tiny-qwen2",
                                            f"output_dir={out}", "max_steps=2", "resume_from_checkpoint=latest"])
     assert res["distill_rows"] == 4 and (out / "distill" / "checkpoint-2").is_dir()
+
+
+def test_rejection_sampled_rows_train_on_the_prompt_they_were_sampled_from(tmp_path, monkeypatch):
+    """Conversational prompts are sampled with chat_template_kwargs (sample_rows); the kept rows carry them in their
+    chat_template_kwargs column (the row's own keys win), so the SFT on them renders the prompt as it was sampled:
+    its tokens equal the tokenizer's apply_chat_template of the prompt with the sampling keywords."""
+    from r1train.config import load_config
+    from r1train.data import TokenCache, sft_tokens
+    from r1train.tasks import char_tokenizer
+
+    def sampler(model, tok, rows, *, num_samples, **kw):
+        yield 0, rows, None, [f"<think>s</think><answer>{r['answer']}</answer>" for r in rows
+                              for _ in range(num_samples)]
+
+    monkeypatch.setattr(pipeline, "sample_rows", sampler)
+    monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
+    rows = [{"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"},
+            {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2", "chat_template_kwargs": {"x": 1}},
+            {"prompt": "4+4?", "answer": "8"}]
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "chat_template_kwargs={think: true}"])
+    kept = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1)
+    assert [r.get("chat_template_kwargs") for r in kept] == [{"think": True}, {"think": True, "x": 1}, None]
+    tok = char_tokenizer()
+    tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template
+    ctx, _ = sft_tokens(tok, kept[0], 0, completion_column=cfg.completion_column, max_length=512,
+                        completion_only_loss=True, cache=TokenCache(tok))
+    want = tok.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   think=True)["input_ids"]
+    assert ctx[:len(want)] == list(want) and tok.decode(want).startswith("<think>")

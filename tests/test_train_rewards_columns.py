@@ -2,7 +2,6 @@
 completion_ids), copies only of what a function can hold (none for r1train's own rewards), and GRPOTrainer's
 reward_funcs given in code, with reward_weights checked against them (TRL's rule)."""
 
-import dataclasses
 import functools
 import json
 import random
@@ -148,9 +147,10 @@ def _trainer(out, *overrides, weights=None, reward_funcs=None):
     from r1train.grpo import GRPOTrainer
     from r1train.loading import load_datasets, load_model_and_tokenizer
 
-    cfg = load_config(overrides=H.FAST + [f"output_dir={out}", *overrides])  # reward_funcs: accuracy,format
-    if weights is not None:  # as a TrainConfig built in code holds them (load_config checks them against its own)
-        cfg = dataclasses.replace(cfg, reward_weights=weights)
+    # reward_funcs: accuracy,format; reward_weights as a config file or the command line gives them (their count
+    # is the functions GRPOTrainer runs: TRL's rule)
+    w = [] if weights is None else ["reward_weights=" + ",".join(map(repr, weights))]
+    cfg = load_config(overrides=H.FAST + [f"output_dir={out}", *w, *overrides])
     model, tok = load_model_and_tokenizer(cfg)
     return GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=reward_funcs)
 
@@ -234,3 +234,27 @@ def test_reward_model_texts_use_chat_template_kwargs():
     c = [{"role": "assistant", "content": "2"}]
     assert rm.texts([p], [c]) == [rm.tokenizer.apply_chat_template(p + c, tokenize=False, think=True)]
     assert rm.texts([p], [c])[0].startswith("<think>")
+
+
+def test_a_users_wrapper_of_a_builtin_reward_gets_copies():
+    """A functools.wraps wrapper of accuracy_reward (update_wrapper copies the wrapped function's __dict__) that
+    edits its prompts in place changes no dataset row and no other function's input: only this module's own
+    rewards get the caller's objects."""
+    row = {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}
+
+    @functools.wraps(R.accuracy_reward)
+    def noted(prompts, completions, **kw):
+        for p in prompts:
+            p.append({"role": "system", "content": "noted"})
+        return R.accuracy_reward(prompts, completions, **kw)
+
+    seen = []
+
+    def count(prompts, completions, **_):
+        seen.append([len(p) for p in prompts])
+        return [0.0] * len(prompts)
+    before, run = repr(row), R.RewardRunner([noted, count], timeout=5)
+    for _ in range(3):
+        run([row["prompt"]] * 4, ["<answer>2</answer>"] * 4, [[1]] * 4, reward_columns([row], 4, "answer"))
+    assert repr(row) == before and seen == [[1] * 4] * 3
+    assert R._copied(R.accuracy_reward) == frozenset() and R._copied(noted) is None
