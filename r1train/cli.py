@@ -80,8 +80,10 @@ def cmd_sample(args):
             prompts = [r["prompt"] for r in chunk for _ in range(G)]
             table, failed = runner(prompts, texts, ids_list, cols)
             for i, t in enumerate(texts):
-                row = {k: v for k, v in chunk[i // G].items()}
-                row.update(completion=t, rewards=dict(zip(runner.names, table[i])), reward_failed=failed[i])
+                # the sample's fields; a dataset column of one of their names is kept as dataset_<name>
+                own = {"completion": t, "rewards": dict(zip(runner.names, table[i])), "reward_failed": failed[i]}
+                row = {(f"dataset_{k}" if k in own else k): v for k, v in chunk[i // G].items()}
+                row.update(own)
                 fh.write(json.dumps(row) + "\n")
     print(f"wrote {len(rows) * G} samples to {path}")
 

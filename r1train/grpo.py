@@ -35,6 +35,7 @@ from .config import check_grpo_batch
 from .data import decode_completions, encode_prompts, grpo_template_kwargs, reward_columns
 from .engine import Trainer
 from .generation import release as release_engine
+from .loading import check_reward_columns
 from .metrics import PhaseClock
 from .packing import build_packs, packed_attention, packed_logprobs, reduction_weights
 from .rewards import RewardError, RewardRunner
@@ -300,8 +301,9 @@ class GRPOTrainer(Trainer):
         check_grpo_batch(cfg)
         # before Trainer.__init__, which prepares output_dir (overwrite_output_dir: deletes the last run's outputs)
         self.rewards, self.reward_w_R = reward_runner(cfg, reward_funcs)
+        train_rows = list(train_rows)  # read here and by Trainer.__init__: not a one-shot iterator
+        check_reward_columns(cfg, train_rows)  # rows given in code too: a column may not replace a reward argument
         if cfg.chat_template_kwargs:  # a bad value is an error before any work, not at the first rollout
-            train_rows = list(train_rows)  # read twice (here and by Trainer.__init__): not a one-shot iterator
             grpo_template_kwargs(tokenizer, [r["prompt"] for r in train_rows], cfg.chat_template_kwargs)
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")

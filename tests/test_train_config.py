@@ -515,6 +515,31 @@ def test_sample_does_not_overwrite_earlier_samples(tmp_path, capsys):
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
 
 
+def test_sample_keeps_dataset_columns_named_like_its_fields(tmp_path):
+    """`r1train sample` writes each sample's completion, rewards and reward_failed beside the row's columns: a
+    dataset column of one of those names (a prompt-completion dataset's reference completion) was overwritten;
+    it is kept as dataset_<name>."""
+    import json
+    import random
+
+    import train_helpers as H
+
+    from r1train.cli import main
+
+    rng = random.Random()
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1), "completion": f"ref {rng.random()}", "rewards": i}
+            for i in range(2)]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "o"
+    ov = [*H.FAST, f"output_dir={out}", f"dataset_name={data}", "max_steps=2", "num_generations=2",
+          "max_completion_length=2"]
+    assert main(["sample", *ov]) == 0
+    got = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(g["dataset_completion"], g["dataset_rewards"]) for g in got] == \
+        [(r["completion"], r["rewards"]) for r in rows for _ in range(2)]
+    assert all(isinstance(g["rewards"], dict) and isinstance(g["completion"], str) for g in got)
+
+
 @pytest.mark.parametrize("given,want", [("true", "latest"), ("True", "latest"), ("false", None), ("False", None),
                                         ("latest", "latest"), ("runs/x/checkpoint-4", "runs/x/checkpoint-4")])
 def test_resume_from_checkpoint_true_and_false_as_in_hf(tmp_path, given, want):

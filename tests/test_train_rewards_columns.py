@@ -155,6 +155,24 @@ def _trainer(out, *overrides, weights=None, reward_funcs=None):
     return GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=reward_funcs)
 
 
+def test_rows_given_in_code_are_checked_for_columns_named_like_reward_arguments(tmp_path):
+    """GRPOTrainer's training rows given in code (not through load_datasets): a `prompts` column would replace
+    the prompts argument silently (TRL: a TypeError); it is a DatasetError naming it, before output_dir is
+    touched. A one-shot iterable of rows is read once."""
+    from r1train.config import load_config
+    from r1train.data import DatasetError
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_model_and_tokenizer
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
+    model, tok = load_model_and_tokenizer(cfg)
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(8)]
+    with pytest.raises(DatasetError, match=r"column\(s\) \['prompts'\]"):
+        GRPOTrainer(cfg, model, tok, [{**r, "prompts": "x"} for r in rows])
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert len(GRPOTrainer(cfg, model, tok, iter(rows)).train_rows) == 8
+
+
 def test_weights_follow_the_reward_functions_passed_in_code(tmp_path):
     w = [random.uniform(0.1, 2) for _ in range(3)]
     t = _trainer(tmp_path, weights=w, reward_funcs=[_len_reward, _digits, "format"])
