@@ -134,6 +134,11 @@ def _entropy_worker(out_dir, packed):
         RG.high_entropy_mask = real
     with open(f"{out_dir}/rank{dist.get_rank()}.json", "w") as fh:
         json.dump({"calls": calls, "last_entropy": t.last_entropy}, fh)
+    # a rank that exits while the other still uses the group aborted once in a full suite ("terminate called
+    # without an active exception", exit -6): both end together, the group destroyed
+    from r1train.engine import teardown_distributed
+
+    teardown_distributed()
 
 
 def _window_entropy(calls_per_rank, q):
