@@ -307,16 +307,19 @@ class GRPOTrainer(Trainer):
             grpo_template_kwargs(tokenizer, [r["prompt"] for r in train_rows], cfg.chat_template_kwargs)
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")
+        self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens of every rank's batches so far
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
         # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError)
         self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
 
     def trainer_state(self) -> dict:
-        """Adaptive entropy control's state (a resumed run continues it; inf, before any step: null)."""
+        """Adaptive entropy control's state (last_entropy null before any step) and num_tokens: a resumed run
+        continues them."""
         last = self.last_entropy if math.isfinite(self.last_entropy) else None
-        return {"entropy_coef": self.entropy_coef, "last_entropy": last}
+        return {"entropy_coef": self.entropy_coef, "last_entropy": last, "num_tokens": self.num_tokens}
 
     def load_trainer_state(self, state: dict):
+        self.num_tokens = int(state.get("num_tokens", 0))
         if "entropy_coef" in state:
             self.entropy_coef = float(state["entropy_coef"])
             last = state.get("last_entropy")
@@ -504,7 +507,8 @@ class GRPOTrainer(Trainer):
 
     def reward_metrics(self, vals_NR, total_N, std_N, failed_N, ro):
         """TRL's: reward and reward_std over the batch's scored rows (unscorable and failed rows left out),
-        frac_reward_zero_std the share of rows whose advantage scale (std_N, TRL's std_rewards) is 0."""
+        frac_reward_zero_std the share of rows whose advantage scale (std_N, TRL's std_rewards) is 0;
+        num_tokens the running count of every rank's prompt + completion tokens, this batch's added."""
         m = {"reward": total_N.nanmean().item(), "reward_std": _nanstd(total_N, 0).item(),
              "frac_reward_zero_std": torch.isclose(std_N, torch.zeros_like(std_N)).double().mean().item(),
              "rewards/failed": failed_N.sum().item()}
@@ -522,12 +526,15 @@ class GRPOTrainer(Trainer):
             return t.min() if t.numel() else t.new_tensor(float("inf"))
 
         sums = torch.stack([lens.new_tensor(float(lens.numel())), lens.sum(), trunc.double().sum(),
-                            lens.new_tensor(float(term.numel())), term.sum()])
+                            lens.new_tensor(float(term.numel())), term.sum(),
+                            ro.prompt_mask_BP.sum().double().to(self.dev)])
         mins = torch.stack([least(lens), least(-lens), least(term), least(-term)])
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(mins, op=dist.ReduceOp.MIN)
-        (n, tot, n_trunc, n_term, tot_term), mn = sums.tolist(), mins.tolist()
+        (n, tot, n_trunc, n_term, tot_term, n_prompt), mn = sums.tolist(), mins.tolist()
+        self.num_tokens += int(n_prompt + tot)
+        m["num_tokens"] = self.num_tokens
         m["completions/mean_length"] = tot / max(n, 1.0)
         m["completions/min_length"], m["completions/max_length"] = (mn[0], -mn[1]) if n else (0.0, 0.0)
         m["completions/clipped_ratio"] = n_trunc / max(n, 1.0)
@@ -585,7 +592,9 @@ class GRPOTrainer(Trainer):
         acc = {}  # metric -> per-micro-batch device tensors, reduced with one all-reduce at the end
         tok_acc = {}  # token-mean metric -> per-micro-batch [sum, tokens], all-reduced per micro-batch
         ext = []  # per micro-batch: clip_extremes, min-reduced over the ranks
-        no_clip = () if cfg.loss_type in CLIP_EXTREME_LOSSES else CLIP_MEAN_METRICS  # TRL logs none of them
+        # keys TRL does not log: clip_ratio/*_mean outside its two-sided clipped losses, kl without a KL term
+        skip = (() if cfg.loss_type in CLIP_EXTREME_LOSSES else CLIP_MEAN_METRICS) + (("kl",) if cfg.beta == 0 else ())
+        coefs = []  # the entropy coefficient after each optimizer step (TRL logs their mean)
         bonus, items = cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy, LOSS_REDUCTION[cfg.loss_type] == "items"
         # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
         # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
@@ -672,8 +681,10 @@ class GRPOTrainer(Trainer):
                     for k, v in self.expert_load.step().items():
                         acc.setdefault(k, []).append(v)
                     gn = self.engine.get_global_grad_norm()
-                    if gn is not None:
-                        acc.setdefault("grad_norm", []).append(torch.as_tensor(gn, dtype=torch.float32))
+                    if gn is not None:  # the last optimizer step's, as transformers logs it
+                        acc["grad_norm"] = [torch.as_tensor(gn, dtype=torch.float32)]
+                    if bonus:
+                        coefs.append(self.entropy_coef)
                 # each iteration ends with exactly one optimizer step, so this one is the run's
                 # (step * num_iterations + it + 1)-th: TRL's global_step, which its SyncRefModelCallback counts.
                 # After the MoE bias update (the policy as the step leaves it); the step's ref log-probs are taken
@@ -687,7 +698,7 @@ class GRPOTrainer(Trainer):
                 pol = pol * share / (cfg.gradient_accumulation_steps if items else 1.0) if bonus else None
                 for k, v in [("loss", out.loss.detach() * share), ("policy_loss", pol), *out.metrics.items(),
                              ("entropy", ent)]:
-                    if v is None or (filler and k not in ("loss", "policy_loss")) or k in no_clip:
+                    if v is None or (filler and k not in ("loss", "policy_loss")) or k in skip:
                         continue
                     v = torch.as_tensor(v).detach().reshape(())
                     if k in TOKEN_MEAN_METRICS:  # TRL's global_masked_mean: the micro-batch's sum and count
@@ -729,8 +740,8 @@ class GRPOTrainer(Trainer):
                 m["sampling/importance_sampling_ratio/mean"] = su[2] / su[3]
                 m["sampling/importance_sampling_ratio/max"] = mx[1]
         m.update({f"time/{k}": v for k, v in clock.seconds().items()})
-        if cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy:
-            m["entropy_coef"] = self.entropy_coef
+        if coefs:
+            m["entropy_coef"] = sum(coefs) / len(coefs)
         show = cfg.log_completions and cfg.logging_steps and (step + 1) % cfg.logging_steps == 0
         self.logger.log_completions(step + 1, samples, to_backends=show)
         if show and self.rank == 0:

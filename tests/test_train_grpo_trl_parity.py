@@ -2,10 +2,13 @@
 process's tokens (get_high_entropy_mask's gather), the adaptive entropy controller's window over the selected
 tokens (_entropy_window_stats), and clip_ratio/*_mean counting sequences at importance_sampling_level=sequence
 (global_masked_mean of a [B, 1] indicator). Each against an independent float64 computation of TRL's formula
-on fresh random inputs (or the values a run produced)."""
+on fresh random inputs (or the values a run produced). Then the step's logged keys and their reductions over a
+step's optimizer steps (TRL's row at logging_steps = num_iterations): kl only with a KL term, entropy always,
+num_tokens, entropy_coef and grad_norm."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -280,6 +283,76 @@ def test_sequence_level_clip_metrics_in_training(tmp_path):
     # token counting would give other values
     assert any(abs(a - b) > 10 * TOL for s, x in zip(seq, tok) for a, b in zip(s, x))
 
+
+
+# ---- 4. the logged keys, and their reductions over a step's num_iterations optimizer steps
+
+@pytest.mark.parametrize("run", [["beta=0.0"], ["beta=0.04"], ["beta=0.0", *PACKED]], ids=["beta0", "kl", "packed"])
+def test_kl_only_with_a_kl_term_entropy_always(tmp_path, run):
+    """TRL 1.16's _compute_loss logs kl only when beta != 0 (no reference model, no KL term otherwise) and
+    entropy at every loss call, whatever the loss options."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_iterations=2", *run, reward_funcs=[H.digit_share])
+    m = t.train_step(0, t.rows_for(0)[0])
+    assert ("kl" in m) == (t.cfg.beta != 0), sorted(m)
+    assert math.isfinite(m["entropy"]) and m["entropy"] > 0
+
+
+def test_num_tokens_counts_every_prompt_and_completion_token(tmp_path):
+    """TRL's num_tokens: the running sum over the generated batches of each completion's prompt length (its
+    prompt's ids, unpadded, once per completion) plus its length up to and including its eos (all of it where
+    it has none); logged after every step, continued by a resume (trainer_state)."""
+    from r1train.data import prompt_ids
+
+    t = H.grpo_trainer(tmp_path, "max_steps=2", "max_completion_length=12", reward_funcs=[H.digit_share])
+    eos = {i for i in range(t.model.config.vocab_size) if i % 7 == 0} | {t.tok.eos_token_id}
+    t.model.generation_config.eos_token_id = sorted(eos)
+    want, lens, got, real = [], [], [], t._rollout
+
+    def rollout(step, rows, gidx):
+        out = real(step, rows, gidx)
+        n = sum(len(prompt_ids(t.tok, r["prompt"])) for r in rows) * t.cfg.num_generations
+        for ids in out[0].completion_ids_BT.tolist():
+            lens.append(next((j + 1 for j, x in enumerate(ids) if x in eos), len(ids)))
+            n += lens[-1]
+        want.append(n)
+        return out
+    t._rollout = rollout
+    for s in range(2):
+        got.append(t.train_step(s, t.rows_for(s)[0])["num_tokens"])
+    assert got == [want[0], want[0] + want[1]]
+    assert min(lens) < max(lens)  # completions of different lengths: a count of padded widths would differ
+    t2 = H.grpo_trainer(tmp_path / "b", "max_steps=2", reward_funcs=[H.digit_share])
+    t2.load_trainer_state(json.loads(json.dumps(t.trainer_state())))
+    assert t2.num_tokens == got[-1]
+
+
+def test_entropy_coef_is_the_mean_over_the_steps_optimizer_steps(tmp_path):
+    """TRL appends entropy_coef after every optimizer step (after the adaptive update) and logs their mean: with
+    num_iterations=3 and the entropy always below the target, c + delta, c + 2 delta, c + 3 delta -> c + 2 delta."""
+    c, d = 0.01, 0.004
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_iterations=3", "use_adaptive_entropy=true",
+                       f"entropy_coef={c}", f"entropy_coef_delta={d}", "entropy_target=100.0",
+                       reward_funcs=[H.digit_share])
+    m = t.train_step(0, t.rows_for(0)[0])
+    assert m["entropy_coef"] == pytest.approx((3 * c + (1 + 2 + 3) * d) / 3)
+    assert t.entropy_coef == pytest.approx(c + 3 * d)  # the controller itself moved three times
+
+
+def test_grad_norm_is_the_last_optimizer_steps(tmp_path):
+    """transformers' Trainer logs the grad_norm of the last optimizer step before the log (not a mean over the
+    logging interval): with num_iterations=2, the second optimizer step's norm."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "num_iterations=2", "zero_stage=1", "learning_rate=0.05",
+                       reward_funcs=[H.digit_share])
+    norms, real = [], t.engine.step
+
+    def step(*a, **k):
+        out = real(*a, **k)
+        norms.append(float(t.engine.get_global_grad_norm()))
+        return out
+    t.engine.step = step
+    m = t.train_step(0, t.rows_for(0)[0])
+    assert len(norms) == 2 and abs(norms[0] - norms[1]) > 1e-3 * norms[1]  # a mean would differ
+    assert m["grad_norm"] == pytest.approx(norms[1], rel=1e-6)
 
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo_trl_parity.py <worker> <args>
     globals()[sys.argv[1]](*sys.argv[2:])
