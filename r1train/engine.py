@@ -257,6 +257,23 @@ class Trainer(CheckpointMixin):
         raise NotImplementedError
 
     # ---- data order: a function of (seed, step) only
+    def optimizer_step(self) -> tuple[bool, object]:
+        """engine.step() after a backward: (whether it was an optimizer step, the gradients' global L2 norm before
+        clipping, as transformers logs grad_norm; None on a micro-step). DeepSpeed's own norm where it keeps one
+        (ZeRO >= 1, bf16 / fp16); at ZeRO-0 in fp32 it keeps none, so the norm of the gradients the step is about to
+        apply (all-reduced in the boundary backward) is taken first: a device tensor, read with the step's metrics."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        before = None
+        if boundary and self.engine.zero_optimization_stage() == 0 and not (
+                self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            before = torch.nn.utils.get_total_norm(grads) if grads else None
+        self.engine.step()
+        if not boundary:
+            return False, None
+        gn = self.engine.get_global_grad_norm()
+        return True, before if gn is None else gn
+
     def rows_for(self, step: int) -> tuple[list, list[int]]:
         """This rank's rows for `step` and their global indices in the step's batch."""
         n, N = self.prompts_per_rank * self.world, len(self.train_rows)

@@ -668,8 +668,7 @@ class GRPOTrainer(Trainer):
                 clock.mark("backward")
                 self.engine.backward(out.loss)
                 clock.mark("optimizer")
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.step()
+                boundary, gn = self.optimizer_step()
                 if boundary and cfg.use_adaptive_entropy:  # one host read per optimizer step
                     if dist.is_initialized() and self.world > 1:
                         dist.all_reduce(ent_window)
@@ -680,7 +679,6 @@ class GRPOTrainer(Trainer):
                 if boundary:  # MoE bias update; its metrics join the step's one device-to-host read
                     for k, v in self.expert_load.step().items():
                         acc.setdefault(k, []).append(v)
-                    gn = self.engine.get_global_grad_norm()
                     if gn is not None:  # the last optimizer step's, as transformers logs it
                         acc["grad_norm"] = [torch.as_tensor(gn, dtype=torch.float32)]
                     if bonus:

@@ -162,11 +162,9 @@ class SFTTrainer(Trainer):
                     vals = torch.stack([top1.double() * m_, (h.double() if ent else m_ * 0) * m_, m_], -1)
                     stats.index_add_(0, which.reshape(-1).to(self.dev), vals.reshape(-1, 3))
                 self.engine.backward(loss)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.step()
+                boundary, norm = self.optimizer_step()
                 if boundary:
-                    moe = self.expert_load.step()
-                    gn = self.engine.get_global_grad_norm()
+                    moe, gn = self.expert_load.step(), norm
                 losses.append(loss.detach())  # read with the step's metrics: no host sync per micro-batch
         # the step's metrics in one all-reduce and one host read: the per-micro-batch counts, the loss sum and
         # the step's prompt + completion tokens, over every rank

@@ -354,5 +354,35 @@ def test_grad_norm_is_the_last_optimizer_steps(tmp_path):
     assert len(norms) == 2 and abs(norms[0] - norms[1]) > 1e-3 * norms[1]  # a mean would differ
     assert m["grad_norm"] == pytest.approx(norms[1], rel=1e-6)
 
+
+@pytest.mark.parametrize("trainer", ["grpo", "sft"])
+def test_grad_norm_at_zero0_fp32_is_the_pre_clip_norm(tmp_path, trainer):
+    """At ZeRO-0 in fp32 (the default) DeepSpeed keeps no gradient norm, and grad_norm was never logged
+    (transformers logs it always): it is the global L2 norm of the gradients the optimizer step applies, before
+    clipping (max_grad_norm far below it here), read off the parameters just before each step."""
+    from r1train.config import load_config
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    ov = ["max_steps=1", "max_grad_norm=0.001", "zero_stage=0", "bf16=false"]
+    if trainer == "grpo":
+        t = H.grpo_trainer(tmp_path, *ov, reward_funcs=[H.digit_share])
+    else:
+        cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", *ov])
+        model, tok = load_model_and_tokenizer(cfg)
+        t = SFTTrainer(cfg, model, tok, *load_datasets(cfg, sft=True))
+    norms, real = [], t.engine.step
+
+    def step(*a, **k):
+        if t.engine.is_gradient_accumulation_boundary():
+            g = [p.grad.double().norm() for p in t.engine.module.parameters() if p.grad is not None]
+            norms.append(float(torch.stack(g).norm()))
+        return real(*a, **k)
+    t.engine.step = step
+    m = t.train_step(0, t.rows_for(0)[0])
+    assert norms and norms[-1] > 0.01
+    assert m["grad_norm"] == pytest.approx(norms[-1], rel=1e-5)
+
+
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo_trl_parity.py <worker> <args>
     globals()[sys.argv[1]](*sys.argv[2:])
