@@ -82,7 +82,13 @@ def cmd_sample(args):
             for i, t in enumerate(texts):
                 # the sample's fields; a dataset column of one of their names is kept as dataset_<name>
                 own = {"completion": t, "rewards": dict(zip(runner.names, table[i])), "reward_failed": failed[i]}
-                row = {(f"dataset_{k}" if k in own else k): v for k, v in chunk[i // G].items()}
+                row = dict(chunk[i // G])
+                for k in own:
+                    if k in row:  # dataset_<k>, or dataset_dataset_<k> ... until the name is free
+                        name = f"dataset_{k}"
+                        while name in row or name in own:
+                            name = f"dataset_{name}"
+                        row[name] = row.pop(k)
                 row.update(own)
                 fh.write(json.dumps(row) + "\n")
     print(f"wrote {len(rows) * G} samples to {path}")

@@ -264,10 +264,12 @@ class Trainer(CheckpointMixin):
         apply (all-reduced in the boundary backward) is taken first: a device tensor, read with the step's metrics."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         before = None
-        if boundary and self.engine.zero_optimization_stage() == 0 and not (
-                self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            before = torch.nn.utils.get_total_norm(grads) if grads else None
+        e = self.engine
+        if boundary and e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled()) \
+                and getattr(e, "torch_autocast_z0_gradscaler", None) is None:  # scaled gradients: no true norm here
+            norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in e.module.parameters()
+                     if p.grad is not None]  # fp32 also for bf16 weights (ds_zero0_bf16: DeepSpeed's bf16 off)
+            before = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
         self.engine.step()
         if not boundary:
             return False, None

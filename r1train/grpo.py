@@ -302,7 +302,8 @@ class GRPOTrainer(Trainer):
         # before Trainer.__init__, which prepares output_dir (overwrite_output_dir: deletes the last run's outputs)
         self.rewards, self.reward_w_R = reward_runner(cfg, reward_funcs)
         train_rows = list(train_rows)  # read here and by Trainer.__init__: not a one-shot iterator
-        check_reward_columns(cfg, train_rows)  # rows given in code too: a column may not replace a reward argument
+        # rows given in code too: a column may not replace a reward argument
+        check_reward_columns(cfg, train_rows, "GRPOTrainer's train_rows")
         if cfg.chat_template_kwargs:  # a bad value is an error before any work, not at the first rollout
             grpo_template_kwargs(tokenizer, [r["prompt"] for r in train_rows], cfg.chat_template_kwargs)
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state

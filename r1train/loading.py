@@ -224,7 +224,7 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
     return train, ev
 
 
-def check_reward_columns(cfg: TrainConfig, rows):
+def check_reward_columns(cfg: TrainConfig, rows, source: str | None = None):
     """Reward functions get every column but rewards.NOT_FORWARDED (TRL's: prompt, completion, completion_ids)
     by name, beside their own arguments (rewards.REWARD_ARGS): a forwarded column of such a name would take the
     argument's place (in TRL a TypeError or silently replaced)."""
@@ -232,7 +232,8 @@ def check_reward_columns(cfg: TrainConfig, rows):
 
     clash = [k for k in dict.fromkeys(k for r in rows for k in r) if k in REWARD_ARGS and k not in NOT_FORWARDED]
     if clash:
-        raise DatasetError(f"dataset_name={cfg.dataset_name!r}: column(s) {clash} have the name of an argument "
+        where = source or f"dataset_name={cfg.dataset_name!r}"
+        raise DatasetError(f"{where}: column(s) {clash} have the name of an argument "
                            f"reward functions receive ({', '.join(REWARD_ARGS)}); rename them")
 
 

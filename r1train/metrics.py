@@ -104,7 +104,7 @@ class MetricsLogger:
     def sync(self):
         """metrics.jsonl and completions.jsonl on disk (fsync; rank 0): a checkpoint published after this has every
         row up to its step on disk, so a power loss loses no row that a resume from it keeps."""
-        if self.rank != 0:
+        if self.rank != 0 or os.name != "posix":  # Windows' fsync (FlushFileBuffers) needs a writable handle
             return
         for p in (self.path, self.comp_path):
             if os.path.exists(p):

@@ -114,7 +114,7 @@ def run_grpo(cfg, model, tok, eval_before=False):
 
 @torch.no_grad()
 def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batch_size: int = 64,
-                     language: str | None = None, stats: dict | None = None):
+                     language: str | None = None, stats: dict | None = None, as_sampled: bool = True):
     """R1 stage 3: sample num_samples per prompt, keep up to `keep` correct, well-formed ones as SFT rows.
     language: also require a readable chain of thought (language reward 1, or no words at all); the recipe and
     distill pass cfg.language (R1 keeps no chain of thought that mixes languages). stats, when given, gets the
@@ -163,19 +163,25 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
         dist.all_gather_object(every, ([seen for _, seen in kept], n))  # texts only: each rank has the rows
         kept = [(r, every[g % world][0][g // world]) for g, r in enumerate(rows)]
         n = {k: sum(e[1][k] for e in every) for k in n}
-    out = [{**_as_sampled(r, cfg), cfg.completion_column: t} for r, seen in kept for t in seen]
+    # for an SFT by the sampling tokenizer (the recipe) the rows render their prompts as sampled; distill's student
+    # renders them with its own chat template (as_sampled=False)
+    out = [{**(_as_sampled(r, cfg) if as_sampled else r), cfg.completion_column: t} for r, seen in kept for t in seen]
     if stats is not None:
         stats.update(n)
     return out
 
 
 def _as_sampled(row, cfg) -> dict:
-    """row as its prompt was sampled: a conversational prompt rendered with cfg.chat_template_kwargs (sample_rows)
-    carries them in its chat_template_kwargs column (the row's own keys win), which SFT reads per row as TRL's
-    SFTTrainer does, so the SFT on the kept samples trains on the prompt they were sampled from."""
-    if not cfg.chat_template_kwargs or not isinstance(row.get("prompt"), list):
+    """row as its prompt was sampled, for an SFT by the sampling tokenizer: sample_rows renders a conversational
+    prompt with cfg.chat_template_kwargs alone (no row's tools / chat_template_kwargs column, as TRL's GRPO), and SFT
+    renders a row with its tools and chat_template_kwargs columns (TRL's SFTTrainer): so the kept row carries
+    exactly cfg's keywords and no tools, and the SFT trains on the prompt its samples were drawn from."""
+    if not isinstance(row.get("prompt"), list):
         return row
-    return {**row, "chat_template_kwargs": {**cfg.chat_template_kwargs, **(row.get("chat_template_kwargs") or {})}}
+    out = {k: v for k, v in row.items() if k not in ("tools", "chat_template_kwargs")}
+    if cfg.chat_template_kwargs:
+        out["chat_template_kwargs"] = dict(cfg.chat_template_kwargs)
+    return out
 
 
 def recipe(cfg_path=None, overrides=()):
@@ -213,7 +219,7 @@ def distill(cfg_path=None, overrides=()):
     teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)
     train, _ = load_datasets(cfg)
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
-                            keep=cfg.rejection_max_per_prompt, language=cfg.language)
+                            keep=cfg.rejection_max_per_prompt, language=cfg.language, as_sampled=False)
     del teacher
     if not rows:
         raise ValueError("distill: the teacher produced no correct, well-formed samples to learn from "

@@ -305,3 +305,15 @@ def test_rejection_stage_keeps_or_raises_pass_at_1_at_small_size(tmp_path):
     rs = res["rejection_sampling"]
     assert 0 < rs["kept"] <= rs["correct"] < rs["samples"]
     assert res["after_rl"]["sampled/accuracy"] >= res["start_model"]["sampled/accuracy"], res["table"]
+
+
+def test_demo_stage_configs_check_the_reward_weights_count(tmp_path):
+    """A demo stage's GRPO section with reward_weights of another count than its reward_funcs is a ConfigError when
+    the stage's configs load (before any SFT or GRPO work), as the CLI and the recipe check it."""
+    from r1train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward_weights has 3 entries but reward_funcs has 2"):
+        C.configs("demo.yaml", ["reward_funcs=accuracy,format", "reward_weights=1,2,3"], str(tmp_path),
+                  {"grpo": "grpo"})
+    assert len(C.configs("demo.yaml", ["reward_funcs=accuracy,format", "reward_weights=1,2"], str(tmp_path),
+                         {"grpo": "grpo"})) == 2

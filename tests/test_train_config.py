@@ -527,16 +527,16 @@ def test_sample_keeps_dataset_columns_named_like_its_fields(tmp_path):
     from r1train.cli import main
 
     rng = random.Random()
-    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1), "completion": f"ref {rng.random()}", "rewards": i}
-            for i in range(2)]
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1), "completion": f"ref {rng.random()}", "rewards": i,
+             "dataset_rewards": -i} for i in range(2)]
     data = _write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "o"
     ov = [*H.FAST, f"output_dir={out}", f"dataset_name={data}", "max_steps=2", "num_generations=2",
           "max_completion_length=2"]
     assert main(["sample", *ov]) == 0
     got = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
-    assert [(g["dataset_completion"], g["dataset_rewards"]) for g in got] == \
-        [(r["completion"], r["rewards"]) for r in rows for _ in range(2)]
+    assert [(g["dataset_completion"], g["dataset_dataset_rewards"], g["dataset_rewards"]) for g in got] == \
+        [(r["completion"], r["rewards"], r["dataset_rewards"]) for r in rows for _ in range(2)]
     assert all(isinstance(g["rewards"], dict) and isinstance(g["completion"], str) for g in got)
 
 

@@ -355,16 +355,19 @@ def test_grad_norm_is_the_last_optimizer_steps(tmp_path):
     assert m["grad_norm"] == pytest.approx(norms[1], rel=1e-6)
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "sft"])
-def test_grad_norm_at_zero0_fp32_is_the_pre_clip_norm(tmp_path, trainer):
-    """At ZeRO-0 in fp32 (the default) DeepSpeed keeps no gradient norm, and grad_norm was never logged
-    (transformers logs it always): it is the global L2 norm of the gradients the optimizer step applies, before
-    clipping (max_grad_norm far below it here), read off the parameters just before each step."""
-    from r1train.config import load_config
+@pytest.mark.parametrize("trainer,bf16", [("grpo", False), ("sft", False), ("sft", True)])
+def test_grad_norm_at_zero0_fp32_is_the_pre_clip_norm(tmp_path, trainer, bf16):
+    """At ZeRO-0 without DeepSpeed's mixed precision (the default; and bf16 weights with configs/ds_zero0_bf16.json)
+    DeepSpeed keeps no gradient norm, and grad_norm was never logged (transformers logs it always): it is the
+    global L2 norm of the gradients the optimizer step applies, before clipping (max_grad_norm far below it
+    here), read off the parameters just before each step in float64 (bf16 gradients: within fp32 summation)."""
+    from r1train.config import CONFIG_DIR, load_config
     from r1train.loading import load_datasets, load_model_and_tokenizer
     from r1train.sft import SFTTrainer
 
-    ov = ["max_steps=1", "max_grad_norm=0.001", "zero_stage=0", "bf16=false"]
+    ov = ["max_steps=1", "max_grad_norm=0.001", "zero_stage=0", f"bf16={str(bf16).lower()}"]
+    if bf16:
+        ov.append(f"deepspeed={CONFIG_DIR}/ds_zero0_bf16.json")
     if trainer == "grpo":
         t = H.grpo_trainer(tmp_path, *ov, reward_funcs=[H.digit_share])
     else:
@@ -381,7 +384,7 @@ def test_grad_norm_at_zero0_fp32_is_the_pre_clip_norm(tmp_path, trainer):
     t.engine.step = step
     m = t.train_step(0, t.rows_for(0)[0])
     assert norms and norms[-1] > 0.01
-    assert m["grad_norm"] == pytest.approx(norms[-1], rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(norms[-1], rel=1e-5)  # a bf16 sum would be off by ~1e-3
 
 
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo_trl_parity.py <worker> <args>

@@ -319,8 +319,8 @@ def test_distill_resumed_before_its_first_checkpoint_starts_fresh(tmp_path, monk
 
 
 def test_rejection_sampled_rows_train_on_the_prompt_they_were_sampled_from(tmp_path, monkeypatch):
-    """Conversational prompts are sampled with chat_template_kwargs (sample_rows); the kept rows carry them in their
-    chat_template_kwargs column (the row's own keys win), so the SFT on them renders the prompt as it was sampled:
+    """Conversational prompts are sampled with chat_template_kwargs alone (sample_rows: no row column, as TRL's GRPO);
+    the kept rows carry exactly those keywords and no tools, so the SFT on them renders the prompt as it was sampled:
     its tokens equal the tokenizer's apply_chat_template of the prompt with the sampling keywords."""
     from r1train.config import load_config
     from r1train.data import TokenCache, sft_tokens
@@ -333,11 +333,20 @@ def test_rejection_sampled_rows_train_on_the_prompt_they_were_sampled_from(tmp_p
     monkeypatch.setattr(pipeline, "sample_rows", sampler)
     monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
     rows = [{"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"},
-            {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2", "chat_template_kwargs": {"x": 1}},
-            {"prompt": "4+4?", "answer": "8"}]
+            {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2", "chat_template_kwargs": {"think": False},
+             "tools": [{"type": "function"}]},
+            {"prompt": "4+4?", "answer": "8", "chat_template_kwargs": {"x": 1}}]
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "chat_template_kwargs={think: true}"])
     kept = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1)
-    assert [r.get("chat_template_kwargs") for r in kept] == [{"think": True}, {"think": True, "x": 1}, None]
+    # sampling rendered the chat prompts with cfg's keywords alone (no row column, no tools); a string prompt with none
+    assert [(r.get("chat_template_kwargs"), "tools" in r) for r in kept] == [({"think": True}, False),
+                                                                           ({"think": True}, False), ({"x": 1}, False)]
+    plain = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
+    kept_plain = pipeline.rejection_sample(plain, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1)
+    assert ["chat_template_kwargs" in r for r in kept_plain] == [False, False, True]
+    distilled = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1,
+                                          as_sampled=False)  # distill: the student renders with its own template
+    assert [r.get("chat_template_kwargs") for r in distilled] == [r.get("chat_template_kwargs") for r in rows]
     tok = char_tokenizer()
     tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template
     ctx, _ = sft_tokens(tok, kept[0], 0, completion_column=cfg.completion_column, max_length=512,

@@ -167,7 +167,7 @@ def test_rows_given_in_code_are_checked_for_columns_named_like_reward_arguments(
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
     model, tok = load_model_and_tokenizer(cfg)
     rows = [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(8)]
-    with pytest.raises(DatasetError, match=r"column\(s\) \['prompts'\]"):
+    with pytest.raises(DatasetError, match=r"GRPOTrainer's train_rows: column\(s\) \['prompts'\]"):
         GRPOTrainer(cfg, model, tok, [{**r, "prompts": "x"} for r in rows])
     assert not (tmp_path / "metrics.jsonl").exists()
     assert len(GRPOTrainer(cfg, model, tok, iter(rows)).train_rows) == 8
