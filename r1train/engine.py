@@ -256,26 +256,25 @@ class Trainer(CheckpointMixin):
     def train_step(self, step: int, rows: list) -> dict:
         raise NotImplementedError
 
-    # ---- data order: a function of (seed, step) only
     def optimizer_step(self) -> tuple[bool, object]:
         """engine.step() after a backward: (whether it was an optimizer step, the gradients' global L2 norm before
         clipping, as transformers logs grad_norm; None on a micro-step). DeepSpeed's own norm where it keeps one
         (ZeRO >= 1, bf16 / fp16); at ZeRO-0 in fp32 it keeps none, so the norm of the gradients the step is about to
         apply (all-reduced in the boundary backward) is taken first: a device tensor, read with the step's metrics."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        before = None
         e = self.engine
+        boundary, before = e.is_gradient_accumulation_boundary(), None
         if boundary and e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled()) \
                 and getattr(e, "torch_autocast_z0_gradscaler", None) is None:  # scaled gradients: no true norm here
             norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in e.module.parameters()
                      if p.grad is not None]  # fp32 also for bf16 weights (ds_zero0_bf16: DeepSpeed's bf16 off)
             before = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
-        self.engine.step()
+        e.step()
         if not boundary:
             return False, None
-        gn = self.engine.get_global_grad_norm()
+        gn = e.get_global_grad_norm()
         return True, before if gn is None else gn
 
+    # ---- data order: a function of (seed, step) only
     def rows_for(self, step: int) -> tuple[list, list[int]]:
         """This rank's rows for `step` and their global indices in the step's batch."""
         n, N = self.prompts_per_rank * self.world, len(self.train_rows)
