@@ -562,7 +562,8 @@ def check_deepspeed_values(cfg, c: dict):
     with the file's value over the config's (a file's GA 4 with the config's 1 stepped the optimizer every 4th
     micro-batch, none in 3 steps). bf16.enabled=false with bf16=true is allowed: bf16 weights stepped directly
     without DeepSpeed's mixed precision (r1train/configs/ds_zero0_bf16.json). Also, when the config loads (before
-    any model): fp16 off, the optimizer / scheduler sections (check_optimizer_sections), and no offload section of
+    any model): fp16 off, managed_gradient_accumulation absent or true, the optimizer / scheduler sections
+    (check_optimizer_sections), and no offload section of
     device "none" under an offload_* key that is on, and train_batch_size against the number of processes
     (check_train_batch_size)."""
     for ds_key, key in DEEPSPEED_FILLED:
@@ -580,6 +581,11 @@ def check_deepspeed_values(cfg, c: dict):
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets fp16={fp16!r}; r1train does not support fp16 (loss "
                           "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
                           "16-bit training")
+    mga = c.get("managed_gradient_accumulation", True)  # DeepSpeed >= 0.19's unmanaged mode
+    if mga is not True:  # makes every engine.step() an optimizer step: r1train calls it after each micro-batch
+        raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets managed_gradient_accumulation={mga!r}; r1train lets "
+                          "DeepSpeed place the optimizer step at every gradient_accumulation_steps-th micro-batch "
+                          "(unmanaged, each micro-batch would step the optimizer): remove the key or set it to true")
     check_optimizer_sections(cfg, c)
     check_train_batch_size(cfg, c)
     zo = c.get("zero_optimization", {})

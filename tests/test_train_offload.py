@@ -126,6 +126,26 @@ def test_deepspeed_fp16_is_an_error(tmp_path):
         assert ds_config(cfg, 8, 1)["fp16"]["enabled"] is False
 
 
+def test_deepspeed_unmanaged_gradient_accumulation_is_an_error(tmp_path):
+    """DeepSpeed's managed_gradient_accumulation=false makes each engine.step() an optimizer step; r1train calls
+    step() after every micro-batch, so with gradient_accumulation_steps=4 the optimizer would step at each one
+    (DeepSpeed 0.19.8's is_gradient_accumulation_boundary: in that mode step() is the boundary). Now a ConfigError
+    naming `deepspeed` and the key; true works."""
+    import json
+
+    from r1train.engine import ds_config
+
+    path = tmp_path / "ds.json"
+    for bad in (False, 0, "false"):
+        path.write_text(json.dumps({"managed_gradient_accumulation": bad, "zero_optimization": {"stage": 1}}))
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*managed_gradient_accumulation"):
+            load_config(overrides=[f"deepspeed={path}"])
+        with pytest.raises(ConfigError, match=r"^deepspeed: .*managed_gradient_accumulation"):
+            ds_config(dataclasses.replace(load_config(), deepspeed=str(path)), 8, 4)
+    path.write_text(json.dumps({"managed_gradient_accumulation": True, "zero_optimization": {"stage": 1}}))
+    assert ds_config(load_config(overrides=[f"deepspeed={path}"]), 8, 4)["managed_gradient_accumulation"] is True
+
+
 @pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])
 def test_offload_key_against_a_file_section_that_turns_it_off(tmp_path, key):
     """offload_optimizer / offload_param=true with a `deepspeed` file whose section says device "none": the file's
