@@ -3,7 +3,9 @@ torch.compile(reference), triton, Liger's fused_selective_log_softmax (forward) 
 (forward+backward: it writes the gradient during its forward) when installed.
 Bytes floor: forward reads the logits once; forward+backward reads twice and writes the gradient once.
 Also linear_token_logprobs from hidden states (N=8192, H=3584; floor: its GEMMs), whose Triton rows carry
-the chunk plan (chunks, rows, budget) of its memory budget."""
+the chunk plan (chunks, rows, budget) of its memory budget, and its soft-capped form (softcap=30, Gemma 2's)
+beside the same op uncapped, the model's own logits path (the [N, V] logits capped by torch, then
+token_logprobs) and Liger's fused linear cross-entropy with softcap (reduction sum: the same gradients)."""
 from __future__ import annotations
 
 import torch
@@ -90,6 +92,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     ]
 
 
+def _liger_flce():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        return liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+
+
 def _linear_cases(device, quick):
     """linear_token_logprobs forward (no grad: reference / old-policy log-probs) and forward+backward."""
     if device == "cpu":
@@ -116,7 +126,37 @@ def _linear_cases(device, quick):
         info_fb["triton"] = chunk_info(N, H, V, dtype, device, LOGPROB_CHUNK_BUDGET, True)
     shape = f"N={N} H={H} V={V} {str(dtype).split('.')[-1]}"
     return [Case("linear_token_logprobs fwd", shape, fwd, flops=2 * N * H * V, info=info_f),
-            Case("linear_token_logprobs fwd+bwd", shape, fb, flops=4 * 2 * N * H * V, info=info_fb)]
+            Case("linear_token_logprobs fwd+bwd", shape, fb, flops=4 * 2 * N * H * V, info=info_fb),
+            _softcap_case(hidden, weight, y, shape)]
+
+
+def _softcap_case(hidden, weight, y, shape, cap=30.0):
+    """forward+backward of the soft-capped log-probs (Gemma 2: cap 30): the fused op with softcap, the same op
+    uncapped (the cap's cost), the model's own logits path (loss_impl=logits: [N, V] logits, capped by torch),
+    and Liger's fused linear cross-entropy with its softcap."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device.type
+    provs, peers = {}, []
+
+    def grads(fn):
+        def run():
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            return torch.autograd.grad(fn(h, w), (h, w))
+        return run
+    for b in rk._backend.available("linear_token_logprobs", dev):
+        provs[b] = grads(lambda h, w, b=b: rk.linear_token_logprobs(h, w, y, softcap=cap, backend=b).sum())
+    if "triton" in provs:
+        provs["triton, uncapped"] = grads(lambda h, w: rk.linear_token_logprobs(h, w, y, backend="triton").sum())
+        peers.append("triton, uncapped")
+    provs["logits path"] = grads(lambda h, w: rk.token_logprobs(cap * torch.tanh((h @ w.t()) / cap), y).sum())
+    peers.append("logits path")
+    flce = _liger_flce()
+    if flce is not None and dev == "cuda":
+        provs["liger fused_linear_cross_entropy"] = grads(lambda h, w: -flce(h, w, y, reduction="sum", softcap=cap))
+        peers.append("liger fused_linear_cross_entropy")
+    return Case(f"linear_token_logprobs fwd+bwd softcap={cap:g}", shape, provs, flops=4 * 2 * N * H * V,
+                peers=tuple(peers))
 
 
 def tune(out_json: str | None = None, N: int = 8192, V: int = 151936):

@@ -79,18 +79,26 @@ def token_logprobs(logits, labels, *, temperature=1.0, return_entropy=False, bac
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
-                          chunk_budget_bytes=None, backend="auto"):
+                          softcap=None, chunk_budget_bytes=None, backend="auto"):
     """token_logprobs(hidden @ weight.T + bias, labels) without materializing the [N, V] logits.
+    softcap: the logits are softcap * tanh(z / softcap) of z = hidden @ weight.T + bias (Gemma 2's
+    final_logit_softcapping; Liger's softcap), before the temperature; None: z.
     chunk_budget_bytes: the kernels' memory budget for the logits chunk and its per-row temporaries
     (None: 300 MiB; r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields)."""
     temperature, chunk_budget_bytes = _checks.as_python(temperature), _checks.as_python(chunk_budget_bytes)
     _check_linear(hidden, weight, bias, labels, temperature)
+    softcap = _check_softcap(softcap)
     _check_budget(chunk_budget_bytes)
     fn = _backend.pick("linear_token_logprobs", backend, hidden.device, hidden, weight, labels)
     if fn is None:
-        return _ref.linear_token_logprobs(hidden, weight, labels, bias, temperature, return_entropy)
+        return _ref.linear_token_logprobs(hidden, weight, labels, bias, temperature, return_entropy, softcap=softcap)
     budget = {} if chunk_budget_bytes is None else {"chunk_budget_bytes": chunk_budget_bytes}
-    return fn(hidden, weight, labels, bias, temperature, return_entropy, **budget)
+    return fn(hidden, weight, labels, bias, temperature, return_entropy, softcap=softcap, **budget)
+
+
+def _check_softcap(softcap):
+    """None or a finite number > 0, returned as a Python float."""
+    return None if softcap is None else float(_checks.positive("softcap", softcap))
 
 
 def _check_budget(chunk_budget_bytes):
@@ -309,9 +317,10 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                      use_bias_correction_kl=True,
                      sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
                      vespo_k_neg=3.0, vespo_lambda_neg=2.0, top_entropy_quantile=1.0, entropy_coef=0.0,
-                     compute_entropy=False, chunk_budget_bytes=None, backend="auto") -> GRPOLossOutput:
+                     compute_entropy=False, softcap=None, chunk_budget_bytes=None, backend="auto") -> GRPOLossOutput:
     """grpo_loss(hidden @ weight.T + bias, ...) from hidden [B, T, H] and the lm_head weight [V, H],
-    never holding the [B, T, V] logits. chunk_budget_bytes: the kernels' memory budget for the logits
+    never holding the [B, T, V] logits. softcap: linear_token_logprobs's (the logits soft-capped before the
+    temperature). chunk_budget_bytes: the kernels' memory budget for the logits
     chunk, its per-row temporaries and (when it fits) an fp32 weight-gradient accumulator (None: 960 MiB;
     r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields). The loss options are grpo_loss's."""
     extra = {k: v for k, v in locals().items() if k in EXTRA_DEFAULTS}  # (evaluated in this frame)
@@ -320,6 +329,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
         beta, epsilon, epsilon_high, delta, temperature, max_completion_length, num_items_in_batch)
     chunk_budget_bytes = _checks.as_python(chunk_budget_bytes)
     _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids", check_values=False)
+    softcap = _check_softcap(softcap)
     _check_budget(chunk_budget_bytes)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
@@ -334,7 +344,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
         opts["chunk_budget_bytes"] = chunk_budget_bytes
     impl = fn or _ref.linear_grpo_loss
     loss, logp, metrics = impl(hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
-                               temperature=temperature, **opts)
+                               temperature=temperature, softcap=softcap, **opts)
     return GRPOLossOutput(loss, logp.detach(), metrics)
 
 

@@ -769,11 +769,11 @@ class GRPOTrainer(Trainer):
         if kw["top_entropy_quantile"] < 1.0:
             return self._quantile_loss(comp_BT, adv, mask_BT, kw)
 
-        def fn(x, weight=None, bias=None, logit_scale=1.0):  # logits = logit_scale * the head's (rollout.Policy)
+        def fn(x, weight=None, bias=None, logit_scale=1.0, softcap=None):  # the head's logits (rollout.Policy)
             if weight is None:
                 out = rk.grpo_loss(x, comp_BT, adv, mask_BT, **kw)
             else:
-                out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias,
+                out = rk.linear_grpo_loss(x, weight, comp_BT, adv, mask_BT, bias=bias, softcap=softcap,
                                           **dict(kw, temperature=kw["temperature"] / logit_scale))
             ent = out.metrics.pop("entropy", None)
             if kw["entropy_coef"] != 0.0:  # the loss's entropy term: entropy_coef * the masked mean entropy
@@ -796,9 +796,10 @@ class GRPOTrainer(Trainer):
         rkw = {k: v for k, v in kw.items() if k not in ("temperature", "backend", "compute_entropy")}
         group = self.entropy_group()
 
-        def fn(x, weight=None, bias=None, logit_scale=1.0):
+        def fn(x, weight=None, bias=None, logit_scale=1.0, softcap=None):
             logp, h = rk.token_logprobs(x, comp_BT, **lkw) if weight is None else rk.linear_token_logprobs(
-                x, weight, comp_BT, bias=bias, **dict(lkw, temperature=lkw["temperature"] / logit_scale))
+                x, weight, comp_BT, bias=bias, softcap=softcap,
+                **dict(lkw, temperature=lkw["temperature"] / logit_scale))
             loss, metrics, ent_mask = grpo_loss_from_logprobs(logp, adv, mask_BT, entropy=h, entropy_group=group,
                                                               return_entropy_mask=True, **rkw)
             metrics = {k: v.detach() for k, v in metrics.items()}
@@ -853,10 +854,10 @@ class GRPOTrainer(Trainer):
         w_b, we_b, share_b = (w[pk.rows][:, None] for w in weights)
         group = self.entropy_group() if ent_loss else None
 
-        def fn(x, weight=None, bias=None, logit_scale=1.0):
+        def fn(x, weight=None, bias=None, logit_scale=1.0, softcap=None):
             lkw = dict(temperature=cfg.temperature / logit_scale, return_entropy=ent_on, backend=cfg.kernel_backend)
             lp = rk.token_logprobs(x, ids_1C, **lkw) if weight is None else \
-                rk.linear_token_logprobs(x, weight, ids_1C, bias=bias, **lkw)
+                rk.linear_token_logprobs(x, weight, ids_1C, bias=bias, softcap=softcap, **lkw)
             logp_1C, h_1C = lp if ent_on else (lp, None)
             logp, h = pk.to_rows(logp_1C), None if h_1C is None else pk.to_rows(h_1C)
             L, ent_mask, metrics = grpo_token_loss(logp, adv_N[pk.rows], m_bT, entropy=h if ent_loss else None,

@@ -126,10 +126,11 @@ def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
     """The loss_impl ("linear" or "logits") a run of `model` trains with: the one place that decides. linear
     scores tokens with log_softmax(s * (hidden @ lm_head.weight.T + bias) / T), r1kernels' fused head kernels at
     temperature T / s (rollout.Policy), where the model's forward multiplies its logits by s (Cohere's logit_scale,
-    Granite's 1 / logits_scaling, ...; logit_scaling): the model's own log-probs. It cannot follow a soft-capped
-    head (Gemma 2/3's final_logit_softcapping), a logit rule r1kernels does not know, an lm_head other than a
-    torch.nn.Linear, or a LoRA adapter on lm_head (it reads lm_head.weight). loss_impl=auto then takes the model's
-    own logits (one log line says why; with log), else linear; an explicit linear is a ConfigError naming loss_impl.
+    Granite's 1 / logits_scaling, ...; logit_scaling), soft-capped at c (Gemma 2's final_logit_softcapping) by
+    the kernels' softcap: the model's own log-probs. It cannot follow a logit rule r1kernels does not know, an
+    lm_head other than a torch.nn.Linear, or a LoRA adapter on lm_head (it reads lm_head.weight). loss_impl=auto
+    then takes the model's own logits (one log line says why; with log), else linear; an explicit linear is a
+    ConfigError naming loss_impl.
     model None (TrainConfig.validate): only what the config alone rules out; returns cfg.loss_impl."""
     import logging
 
@@ -146,7 +147,7 @@ def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
     elif model is not None and type(head) is not torch.nn.Linear:
         why = (f"{type(model).__name__}'s lm_head is a {type(head).__name__}; the fused head kernels compute a "
                "torch.nn.Linear's output only")
-    elif scaling is not None and scaling.linear_scale is None:
+    elif scaling is not None and scaling.head_kwargs is None:
         why = f"{type(model).__name__}: {scaling}, which the fused head kernels do not compute"
     if cfg.loss_impl == "linear" and why:
         raise ConfigError(f"loss_impl=linear: {why} (its log-probs and loss would be wrong); set loss_impl=logits "
@@ -157,10 +158,10 @@ def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
     if log and why:  # [B, T, V] logits per micro-batch: a memory cost the user did not ask for
         logging.getLogger("r1train").warning("loss_impl=auto: logits (the model's own); %s", why)
     elif log:
-        s = scaling.linear_scale
+        kw = scaling.head_kwargs
+        how = "".join(f", {k}={v:g}" for k, v in kw.items())  # logit_scale s: scored at temperature / s
         logging.getLogger("r1train").info("loss_impl=auto: linear (r1kernels' fused head kernels, no [B, T, V] logits):"
-                                          " %s: %s%s", type(model).__name__, scaling,
-                                          f", scored at temperature / {s:g}" if s != 1.0 else "")
+                                          " %s: %s%s", type(model).__name__, scaling, how)
     return impl
 
 

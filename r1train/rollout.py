@@ -123,24 +123,24 @@ class Policy(torch.nn.Module):
     forward(..., fn) calls fn(hidden_BTH, weight_VH, bias_V) (impl "linear": the fused kernels never build
     [B, T, V]) or fn(logits_BTV) (impl "logits"), where index t scores completion token t. Running fn inside
     the forward is what lets ZeRO-3 gather the lm_head weight (registered as an external parameter) for
-    both the forward and the backward. impl "linear" on a model whose forward multiplies lm_head's output by
-    s != 1 (logit_scale: r1kernels.patch.lm_head.logit_scaling) adds logit_scale=s: fn then scores at
-    temperature T / s, as log_softmax(s * z / T) is the head's log_softmax at T / s (the model's own log-probs).
-    The impl comes from r1train.loading.loss_impl_for; a model whose logits are no multiple of lm_head's output
-    (soft-capped, unknown) takes "logits".
+    both the forward and the backward. impl "linear" on a model whose forward changes lm_head's output z
+    (r1kernels.patch.lm_head.logit_scaling) adds its head_kwargs: logit_scale=s for logits s * z (fn scores at
+    temperature T / s, as log_softmax(s * z / T) is the head's log_softmax at T / s) and softcap for soft-capped
+    logits (Gemma 2), so fn computes the model's own log-probs. The impl comes from
+    r1train.loading.loss_impl_for; a model whose logits the kernels cannot compute (unknown rules) takes "logits".
     """
 
     def __init__(self, model, impl: str = "linear"):
         super().__init__()
         if impl not in ("linear", "logits"):
             raise ValueError(f"loss_impl must be 'linear' or 'logits', got {impl!r}")
-        self.model, self.impl, self.logit_scale = model, impl, 1.0
+        self.model, self.impl, self.head_kwargs = model, impl, {}
         if impl == "linear":
             scaling = logit_scaling(model)
-            if scaling.linear_scale is None:
+            if scaling.head_kwargs is None:
                 raise ValueError(f"loss_impl='linear': {type(model).__name__}: {scaling}, which the fused head kernels "
                                  "do not compute; use 'logits'")
-            self.logit_scale = scaling.linear_scale
+            self.head_kwargs = scaling.head_kwargs
 
     @property
     def head(self):
@@ -148,8 +148,7 @@ class Policy(torch.nn.Module):
 
     def _head_fn(self, fn, h):
         """fn on hidden states h scored by the head (impl "linear")."""
-        kw = {} if self.logit_scale == 1.0 else {"logit_scale": self.logit_scale}
-        return fn(h, self.head.weight, getattr(self.head, "bias", None), **kw)
+        return fn(h, self.head.weight, getattr(self.head, "bias", None), **self.head_kwargs)
 
     def forward(self, input_ids_BL, attention_mask_BL, T: int, fn, pack=None):
         if pack is not None:
@@ -182,12 +181,13 @@ class Policy(torch.nn.Module):
 
 def logprob_fn(completion_ids_BT, temperature: float, return_entropy: bool = False, backend: str = "auto"):
     """fn for Policy.forward that returns fp32 log p(completion) [B, T] (, entropy [B, T]) at `temperature`
-    (logit_scale: Policy's, the model's logits being logit_scale * the head's output)."""
-    def fn(x, weight=None, bias=None, logit_scale=1.0):
+    (logit_scale, softcap: Policy's head_kwargs, what the model's forward applies to the head's output)."""
+    def fn(x, weight=None, bias=None, logit_scale=1.0, softcap=None):
         if weight is None:
             return rk.token_logprobs(x, completion_ids_BT, temperature=temperature,
                                      return_entropy=return_entropy, backend=backend)
         return rk.linear_token_logprobs(x, weight, completion_ids_BT, bias=bias, temperature=temperature / logit_scale,
+                                        softcap=softcap,
                                         return_entropy=return_entropy, backend=backend)
     return fn
 

@@ -23,7 +23,7 @@ def top1_fn(ids_BT, fn):
     """fn for Policy.forward: (fn's output, whether each target token is its position's first argmax) [B, T],
     TRL's is_top1 (mean_token_accuracy), from the logits (loss_impl logits) or, without grad, from the hidden
     states through the head in chunks of rows (loss_impl linear: one more head GEMM, no [N, V] logits; Policy's
-    logit_scale s > 0 goes to fn; the head's argmax is the logits' argmax)."""
+    head_kwargs go to fn; the head's argmax is the logits' argmax: a scale s > 0 and a soft-cap keep the order)."""
     def wrapped(x, weight=None, bias=None, **head):
         out = fn(x) if weight is None else fn(x, weight, bias, **head)
         with torch.no_grad():

@@ -49,10 +49,13 @@ def _check(B, T, H, V, device="cpu", dtype=torch.float32, with_bias=True, with_s
         # loss and gradients. Two bf16 GEMMs of different shapes (the kernel's chunks, one full product) round
         # some logits differently, and at logit scale ~10 an ulp (1/16) moves probabilities by percents, so
         # the kernel is held to 2x the error of the same fp64 computation from cuBLAS's full bf16 product.
+        cap = kw.get("softcap")
+
         def from_logits(logits):
             logits64 = logits.double().requires_grad_()
-            e = rk.grpo_loss(logits64, ids, adv.double(), mask, backend="torch",
-                             **{k: v for k, v in o64.items() if k != "chunk_budget_bytes"})  # a linear-only option
+            z = logits64 if cap is None else cap * torch.tanh(logits64 / cap)
+            e = rk.grpo_loss(z, ids, adv.double(), mask, backend="torch",  # without the linear-only options
+                             **{k: v for k, v in o64.items() if k not in ("chunk_budget_bytes", "softcap")})
             (g_logits,) = torch.autograd.grad(e.loss * 1.5, logits64)
             g2 = g_logits.reshape(-1, V)
             return e, [(g2 @ leaves64[1].detach()).reshape(B, T, H), g2.t() @ leaves64[0].detach().reshape(-1, H),
@@ -123,6 +126,31 @@ def test_loss_family_and_entropy(loss_type, level):
            sapo_temperature_neg=1.7)
     _check(3, 4, 6, 29, loss_type=loss_type, importance_sampling_level=level, top_entropy_quantile=0.4,
            entropy_coef=0.03)
+
+
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+@pytest.mark.parametrize("softcap,chunk", [(2.5, None), (1.2, 5), (30.0, 7)])
+def test_softcap(level, softcap, chunk):
+    """softcap (Gemma 2's final_logit_softcapping): the fused kernel's loss, metrics, log-probs and gradients
+    of hidden / weight / bias against the float64 reference on c * tanh(z / c) (logits of scale ~3 against caps
+    of 1.2-30: saturated and nearly linear), with chunk boundaries inside sequences; entropy on."""
+    budget = {"chunk_budget_bytes": _budget_for_rows(chunk, 37)} if chunk else {}
+    _check(3, 4, 8, 37, importance_sampling_level=level, softcap=softcap, temperature=0.9, compute_entropy=True,
+           **budget)
+    _check(2, 5, 8, 37, importance_sampling_level=level, softcap=softcap, loss_type="grpo", with_bias=False, **budget)
+
+
+def test_softcap_bf16_against_rounded_logits():
+    _check(2, 8, 32, 61, dtype=torch.bfloat16, softcap=3.0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "30"])
+@pytest.mark.parametrize("op", ["linear_grpo_loss", "linear_token_logprobs"])
+def test_bad_softcap(op, bad):
+    h, w, ids = torch.randn(2, 3, 4), torch.randn(11, 4), torch.randint(0, 11, (2, 3))
+    args = (h, w, ids, torch.randn(2)) if op == "linear_grpo_loss" else (h, w, ids)
+    with pytest.raises(ValueError, match="softcap"):
+        getattr(rk, op)(*args, softcap=bad)
 
 
 def _budget_for_rows(rows, V, dtype=torch.float32):
@@ -196,8 +224,9 @@ def test_compile_fullgraph():
     from r1kernels.reference import linear_token_logprobs as ref_lin
     ref_lin(h64, w64, ids).sum().backward()
     assert_close(hidden.grad, h64.grad, name="compiled logprob grad hidden")
-    torch.library.opcheck(lin_ops.linear_logprobs_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids,
-                                                        0.9, True, 2**20))
+    for cap in (None, 2.5):  # softcap: an optional float of the op's schema
+        torch.library.opcheck(lin_ops.linear_logprobs_fwd, (hidden.detach().requires_grad_(), weight.detach(), None,
+                                                            ids, 0.9, True, 2**20, cap))
     opts = dict(num_items_f=None, max_completion_length=None, temperature=1.0, epsilon=0.2, epsilon_high=0.2,
                 delta=None, beta=0.0, loss_type="dapo", kl_estimator="k3", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                 is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=True, entropy=False, chunk_budget_bytes=2**20)
@@ -205,7 +234,7 @@ def test_compile_fullgraph():
                                                      None, None), opts)
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(),
                                                      torch.randn(V), ids, adv, None, None, None, None, None),
-                          {**opts, "loss_type": "sapo", "entropy": True},
+                          {**opts, "loss_type": "sapo", "entropy": True, "softcap": 2.5},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids, adv,
                                                      None, None, None, None, None), {**opts, "grad_weight": False},
@@ -233,9 +262,12 @@ def test_empty_batch_backpropagates(backend, shape, entropy):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
-@pytest.mark.parametrize("entropy,with_bias,chunk", [(False, True, None), (True, False, 5), (True, True, 4)])
-def test_linear_token_logprobs(entropy, with_bias, chunk):
-    """Unchunked, and chunks of 5 and 4 of the 6 rows (a boundary inside the second sequence)."""
+@pytest.mark.parametrize("entropy,with_bias,chunk,softcap", [(False, True, None, None), (True, False, 5, None),
+                                                             (True, True, 4, None), (False, True, None, 2.5),
+                                                             (True, True, 5, 1.7), (True, False, None, 40.0)])
+def test_linear_token_logprobs(entropy, with_bias, chunk, softcap):
+    """Unchunked, and chunks of 5 and 4 of the 6 rows (a boundary inside the second sequence); soft-capped
+    logits (Gemma 2), which the reference computes as an independent formula says."""
     from r1kernels.reference import linear_token_logprobs as ref_lin
     H, V = 7, 43
     budget = {"chunk_budget_bytes": _budget_for_rows(chunk, V)} if chunk else {}
@@ -244,8 +276,16 @@ def test_linear_token_logprobs(entropy, with_bias, chunk):
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     labels = torch.randint(0, V, (2, 3))
     out = rk.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if with_bias else None,
-                                   temperature=0.8, return_entropy=entropy, backend="triton", **budget)
-    exp = ref_lin(leaves64[0], leaves64[1], labels, leaves64[2] if with_bias else None, 0.8, entropy)
+                                   temperature=0.8, return_entropy=entropy, softcap=softcap, backend="triton", **budget)
+    exp = ref_lin(leaves64[0], leaves64[1], labels, leaves64[2] if with_bias else None, 0.8, entropy,
+                  softcap=softcap)
+    if softcap is not None:  # the spec itself: log_softmax(c * tanh(z / c) / T)
+        with torch.no_grad():
+            z = leaves64[0] @ leaves64[1].t() + (leaves64[2] if with_bias else 0.0)
+            lp = torch.log_softmax(softcap * torch.tanh(z / softcap) / 0.8, -1)
+            torch.testing.assert_close(exp[0] if entropy else exp, lp.gather(-1, labels[..., None])[..., 0])
+            if entropy:
+                torch.testing.assert_close(exp[1], -(lp.exp() * lp).sum(-1))
     out, exp = (out, exp) if entropy else ((out,), (exp,))
     gs = [torch.randn_like(o) for o in out]
     sum((o * g).sum() for o, g in zip(out, gs)).backward()
@@ -342,15 +382,24 @@ def test_gpu_batch_of_one_row(loss_type):
 
 
 @pytest.mark.gpu
-def test_gpu_linear_token_logprobs():
+def test_gpu_softcap_real_shape():
+    """Gemma 2's cap (30) and vocabulary: the GRPO loss kernel's cap path at a real shape (logits of scale ~3,
+    the cap's near-linear range; test_gpu_linear_token_logprobs runs logits of scale ~20)."""
+    _check(2, 128, 2304, 256000, device="cuda", dtype=torch.bfloat16, softcap=30.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_gpu_linear_token_logprobs(softcap):
     from r1kernels.reference import linear_token_logprobs as ref_lin
     N, H, V = 512, 3584, 151936
     h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(V, H, device="cuda") / H ** 0.5).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, H, device="cuda") / H ** 0.5 * (1 if softcap is None else 20)).to(torch.bfloat16)
+    w.requires_grad_()
     y = torch.randint(0, V, (N,), device="cuda")
-    lp = rk.linear_token_logprobs(h, w, y, backend="triton")
+    lp = rk.linear_token_logprobs(h, w, y, backend="triton", softcap=softcap)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    exp = ref_lin(h64, w64, y)
+    exp = ref_lin(h64, w64, y, softcap=softcap)
     g = torch.randn_like(lp)
     (lp * g).sum().backward()
     (exp * g.double()).sum().backward()

@@ -2,10 +2,11 @@
 checked against the model's own logits; the linear path (rollout.Policy) of a model that multiplies its logits by s
 (Cohere's logit_scale, Granite's 1 / logits_scaling, HyperCLOVAX's logits_scaling) scores at temperature T / s and
 gives the model's own log-probs, entropy and gradients (it was refused: a ConfigError telling to set
-loss_impl=logits, with the default config); loss_impl=auto (r1train.loading.loss_impl_for, the default) takes the
-model's own logits where the fused head cannot follow (a soft-capped head, a logit rule not known, an lm_head other
-than a torch.nn.Linear, a LoRA adapter on lm_head) and linear otherwise; an explicit linear there is a ConfigError
-naming loss_impl."""
+loss_impl=logits, with the default config), and so does a soft-capped head (Gemma 2's final_logit_softcapping, the
+kernels' softcap; it took the logits path); loss_impl=auto (r1train.loading.loss_impl_for, the default) takes the
+model's own logits where the fused head cannot follow (a logit rule not known, an lm_head other than a
+torch.nn.Linear, a LoRA adapter on lm_head) and linear otherwise; an explicit linear there is a ConfigError naming
+loss_impl."""
 
 import logging
 
@@ -75,13 +76,14 @@ def test_logit_scaling_is_what_the_forward_applies(family):
     got = logit_scaling(model)
     if kind == "scale":
         assert got.linear_scale == pytest.approx(value) and got.softcap is None
+        assert got.head_kwargs == ({} if value == 1.0 else {"logit_scale": pytest.approx(value)})
     else:
-        assert got.linear_scale is None and got.softcap == value
+        assert got.linear_scale is None and got.softcap == value and got.head_kwargs == {"softcap": value}
     if value == 1.0:  # keys the forward does not read are not reported
         assert got.keys == () and str(got) == "its logits are its lm_head's output"
 
 
-@pytest.mark.parametrize("family", ["cohere", "granite", "hyperclovax"])
+@pytest.mark.parametrize("family", ["cohere", "granite", "hyperclovax", "gemma2", "gemma3_text"])
 def test_linear_policy_gives_the_model_own_logprobs_entropy_and_gradients(family):
     model = _model(family)
     B, P, T = 3, 5, 7
@@ -90,7 +92,8 @@ def test_linear_policy_gives_the_model_own_logprobs_entropy_and_gradients(family
     comp = ids[:, P:]
     temperature = float(torch.empty(()).uniform_(0.6, 1.4))
     pol = Policy(model, "linear")
-    assert pol.logit_scale == pytest.approx(FAMILIES[family][1][1])
+    kind, value = FAMILIES[family][1]
+    assert pol.head_kwargs == {"logit_scale" if kind == "scale" else "softcap": pytest.approx(value)}
     logp, ent = pol(ids, mask, T, logprob_fn(comp, temperature, return_entropy=True, backend="torch"))
     # the model's own logits (its forward applies the scale), at the temperature
     all_lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1].double() / temperature,
@@ -116,20 +119,14 @@ def test_auto_resolves_each_model_and_explicit_linear_refuses(caplog):
     assert loss_impl_for(plain, auto, log=True) == loss_impl_for(plain, linear) == "linear"
     assert caplog.records[-1].levelno == logging.INFO and "loss_impl=auto: linear" in caplog.messages[-1]
     assert loss_impl_for(scaled, auto, log=True) == loss_impl_for(scaled, linear) == "linear"
-    assert "at temperature / 0.3" in caplog.messages[-1]
-    assert loss_impl_for(capped, auto, log=True) == "logits"
-    assert caplog.records[-1].levelno == logging.WARNING
-    assert caplog.messages[-1].startswith("loss_impl=auto: logits") and "final_logit_softcapping=2.0" in \
-        caplog.messages[-1]
+    assert "logit_scale=0.3" in caplog.messages[-1]
+    assert loss_impl_for(capped, auto, log=True) == loss_impl_for(capped, linear) == "linear"
+    assert caplog.records[-1].levelno == logging.INFO
+    assert "soft-caps its logits (final_logit_softcapping=2.0), softcap=2" in caplog.messages[-1]
     n = len(caplog.records)
-    assert loss_impl_for(capped, auto) == "logits" and len(caplog.records) == n  # log=False: no line
-    with pytest.raises(ConfigError, match=r"loss_impl=linear: Gemma2ForCausalLM: its forward soft-caps its logits "
-                                          r"\(final_logit_softcapping=2.0\).*set loss_impl=logits"):
-        loss_impl_for(capped, linear)
+    assert loss_impl_for(capped, auto) == "linear" and len(caplog.records) == n  # log=False: no line
     for m in (plain, scaled, capped):
         assert loss_impl_for(m, logits) == "logits"
-    with pytest.raises(ValueError, match="loss_impl='linear': Gemma2ForCausalLM: its forward soft-caps"):
-        Policy(capped, "linear")
 
 
 def test_auto_takes_logits_where_the_head_is_not_known():
@@ -164,15 +161,20 @@ def test_lora_on_lm_head_takes_logits_unless_linear_is_asked():
     assert _cfg(*lora, "loss_impl=logits").loss_impl == "logits"
 
 
-@pytest.mark.parametrize("quantile", ["1.0", "0.5"])
-def test_grpo_loss_of_a_scaled_head_scores_the_model_own_logprobs(tmp_path, quantile):
+@pytest.mark.parametrize("quantile,family", [("1.0", "cohere"), ("0.5", "cohere"), ("1.0", "gemma2"),
+                                             ("0.5", "gemma2")])
+def test_grpo_loss_of_a_scaled_head_scores_the_model_own_logprobs(tmp_path, quantile, family):
+    """A scaled head (Cohere) and a soft-capped one (Gemma 2) on the fused loss (quantile 1) and the log-prob
+    path (quantile 0.5): the model's own log-probs and entropy."""
     import train_helpers as H
 
     from r1train.grpo import GRPOTrainer
     from r1train.tasks import char_tokenizer
 
     tok = char_tokenizer()
-    mc = transformers.CohereConfig(**dict(COMMON, vocab_size=len(tok)), logit_scale=0.3, pad_token_id=tok.pad_token_id)
+    common = dict(COMMON, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    mc = transformers.CohereConfig(**common, logit_scale=0.3) if family == "cohere" else \
+        transformers.Gemma2Config(**common, final_logit_softcapping=2.0, head_dim=8)
     model = transformers.AutoModelForCausalLM.from_config(mc, dtype=torch.float32)
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "temperature=0.7", "log_entropy=true",
                                           f"top_entropy_quantile={quantile}", "rollout_engine=transformers"])

@@ -1,10 +1,10 @@
 """SFT on models that are not plain Qwen/Llama: Gemma 2's attention logit soft-capping, which padding_free's packed
 attention ignored (it trained on other attention outputs than the model's own, with no error; now an error naming
 padding_free, before any update; without the soft-capping the packed step's loss is the model's own NLL); its
-final logit soft-capping, which the fused head kernels of loss_impl=linear do not apply (the default loss_impl=auto
-trains it on the model's own logits, an explicit linear is a ConfigError naming loss_impl); and Cohere's / Granite's
-logit scale, which the default config refused (a ConfigError telling to set loss_impl=logits): the linear path now
-scores at temperature / scale, the model's own NLL."""
+final logit soft-capping, which the fused head kernels apply (softcap; the default loss_impl=auto took the logits
+path for it, an explicit linear was a ConfigError): every loss_impl trains on the model's own NLL; and Cohere's /
+Granite's logit scale, which the default config refused (a ConfigError telling to set loss_impl=logits): the linear
+path now scores at temperature / scale, the model's own NLL."""
 
 import copy
 
@@ -75,8 +75,7 @@ def test_sft_padding_free_refuses_attention_it_does_not_compute(tmp_path, softca
             assert t.train_step(0, ROWS)["loss"] == pytest.approx(want, rel=1e-5)
 
 
-def test_sft_soft_capped_head_trains_on_its_own_logits_by_default(tmp_path, caplog):
-    from r1train.config import ConfigError
+def test_sft_soft_capped_head_trains_on_its_own_logits(tmp_path, caplog):
     from r1train.rollout import sequence_logprobs
     from r1train.sft import SFTTrainer
 
@@ -86,18 +85,15 @@ def test_sft_soft_capped_head_trains_on_its_own_logits_by_default(tmp_path, capl
     uncapped = copy.deepcopy(base).eval()
     uncapped.config.final_logit_softcapping = None  # the logits the fused head kernels compute: hidden @ W.T
     assert abs(_hand_nll(uncapped, tok, ROWS) - want) > 0.1 * want  # what loss_impl=linear would train on
-    for impl in (None, "logits", "linear"):  # None: the default (auto)
+    for impl in (None, "logits", "linear"):  # None: the default (auto), the fused head with softcap=2
         keys = [f"output_dir={tmp_path / str(impl)}", "max_length=64", "per_device_train_batch_size=3"]
         cfg = load_config(overrides=H.FAST + keys + ([f"loss_impl={impl}"] if impl else []))
-        if impl == "linear":
-            with pytest.raises(ConfigError, match=r"loss_impl=linear: Gemma2ForCausalLM: its forward soft-caps its "
-                                                  r"logits \(final_logit_softcapping=2.0\).*; set loss_impl=logits"):
-                SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, [])
-            continue
         caplog.clear()
         t = SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, [])
-        assert t.loss_impl == "logits" and t.engine.module.impl == "logits"
-        assert bool(impl) != any(m.startswith("loss_impl=auto: logits") for m in caplog.messages)
+        want_impl = impl or "linear"
+        assert t.loss_impl == want_impl and t.engine.module.impl == want_impl
+        assert t.engine.module.head_kwargs == ({"softcap": 2.0} if want_impl == "linear" else {})
+        assert not any(m.startswith("loss_impl=auto: logits") for m in caplog.messages)
         ids = torch.tensor([tok("What is 3+4?<answer>7</answer>")["input_ids"]])
         with torch.no_grad():  # the training forward's log-probs are the model's own
             got = sequence_logprobs(t.engine.module, ids, torch.ones_like(ids), ids[:, 5:], backend="torch")
@@ -131,7 +127,8 @@ def test_sft_scaled_head_trains_linear_on_its_own_logits(tmp_path, family, paddi
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=64", "per_device_train_batch_size=3",
                                           f"padding_free={str(padding_free).lower()}"])
     t = SFTTrainer(cfg, copy.deepcopy(base), tok, ROWS, [])
-    assert t.loss_impl == "linear" and t.engine.module.logit_scale == pytest.approx(0.3 if family == "cohere" else 0.25)
+    assert t.loss_impl == "linear"
+    assert t.engine.module.head_kwargs == {"logit_scale": pytest.approx(0.3 if family == "cohere" else 0.25)}
     assert t.train_step(0, ROWS)["loss"] == pytest.approx(want, rel=1e-5)
 
 

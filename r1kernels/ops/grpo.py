@@ -102,12 +102,13 @@ def grpo_token_cuda(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, d
 
 def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *, num_items_f, max_completion_length,
                 temperature, epsilon, epsilon_high, delta, beta, loss_type, kl_estimator, rows=None,
-                token_kernel="triton", **kernel_opts):
+                token_kernel="triton", softcap=None, **kernel_opts):
     """The token-level kernel: (per-token sums [5], logp); writes the gradient for upstream 1 into dx
     (strides dx_strides). x is the [B, T, V] logits of the whole batch, or with rows = (r0, r1) the
     [r1 - r0, V] logits of flattened rows r0:r1 of the B*T tokens (then logp is [r1 - r0]). The other
     tensors cover the whole batch (the reduction needs all of mask). token_kernel: "triton" (_k.grpo_token) or "cuda"
-    (grpo_token_cuda). kernel_opts: KERNEL_OPTS."""
+    (grpo_token_cuda). kernel_opts: KERNEL_OPTS. softcap (the fused head's, Triton only): the logits are
+    softcap * tanh(x / softcap)."""
     B, T = ids.shape
     dev = x.device
     mask_f = mask.float().contiguous() if mask is not None else None
@@ -131,6 +132,9 @@ def token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, dx_strides, *,
     logp = torch.empty(n_rows, device=dev, dtype=torch.float32)
     stats = torch.empty(6, n_rows, device=dev, dtype=torch.float32)
     launch = grpo_token_cuda if token_kernel == "cuda" else _k.grpo_token
+    if softcap is not None:
+        assert token_kernel == "triton", "softcap: the Triton token kernel only"
+        kernel_opts = {**kernel_opts, "softcap": softcap}
     launch(x3, ids_, adv_, mask_, old_, ref_, samp_, s_, logp, stats, dx, dx_strides, temperature=temperature,
            eps_low=epsilon, eps_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
            kl_estimator=kl_estimator, **kernel_opts)

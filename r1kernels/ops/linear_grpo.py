@@ -6,6 +6,8 @@ logits kernel); backward scales them by the upstream scalar in place (skipped wh
 level: the reference loss on linear_token_logprobs (autograd; its backward recomputes each chunk's logits).
 linear_token_logprobs: per chunk, logits -> the log-prob kernel (lse saved); backward recomputes each
 chunk's logits, writes their gradient in place and runs the two gradient matmuls.
+softcap (both ops): the kernels read each logit x as softcap * tanh(x / softcap) (Gemma 2's
+final_logit_softcapping) and write the gradient w.r.t. x: no extra pass over the chunk.
 
 Chunk sizes come from a memory budget (chunk_plan): the bytes of the temporaries that grow with the chunk
 (the logits buffer, which also holds its gradient, and the per-row fp32 vectors) plus, when it fits with
@@ -106,7 +108,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
                     sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None, is_clip_max: float | None,
                     bias_kl: bool, entropy: bool, chunk_budget_bytes: int, grad_hidden: bool = True,
-                    grad_weight: bool = True
+                    grad_weight: bool = True, softcap: float | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (stats, logp, dh, dw, db): the gradients of the loss (stats[0]) written in the forward; dh / dw
     empty (0 values) when not grad_hidden / grad_weight (a frozen lm_head: no weight-gradient GEMM, no
@@ -129,7 +131,7 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         r1 = min(B * T, r0 + plan.rows)
         z = _logits(h2[r0:r1], weight, bias, buf)
         s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, samp, num_items, z, (0, z.stride(0)),
-                                     rows=(r0, r1), **opts)
+                                     rows=(r0, r1), softcap=softcap, **opts)
         sums += s
         # z now holds dLoss/dlogits of rows r0:r1
         if grad_hidden:
@@ -143,7 +145,8 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 @linear_grpo_fwd.register_fake
-def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, grad_hidden=True, grad_weight=True, **opts):
+def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, grad_hidden=True, grad_weight=True, softcap=None,
+      **opts):
     B, T, H = hidden.shape
     f = torch.float32
     return (hidden.new_empty(6, dtype=f), hidden.new_empty(B, T, dtype=f),
@@ -173,14 +176,15 @@ linear_grpo_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completion_mask=None, *, bias=None,
-                            temperature=1.0, old_logprobs=None, ref_logprobs=None, chunk_budget_bytes=None, **opts):
+                            temperature=1.0, old_logprobs=None, ref_logprobs=None, chunk_budget_bytes=None,
+                            softcap=None, **opts):
     """Token-local losses (reference/grpo.py token_local): the fused chunked kernel path. Others:
     linear_token_logprobs (+ entropy) and the reference loss (its backward recomputes each chunk)."""
     budget = GRPO_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
     if not _ref.token_local(opts):
         ent = _ref.reports_entropy(opts)
         out = linear_token_logprobs_triton(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                           return_entropy=ent, chunk_budget_bytes=budget)
+                                           return_entropy=ent, chunk_budget_bytes=budget, softcap=softcap)
         logp, h = out if ent else (out, None)
         return per_token_loss(logp, h, advantages, completion_mask, old_logprobs, ref_logprobs, opts)
     samp = opts.get("sampling_logprobs")
@@ -189,7 +193,7 @@ def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completi
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
                                            old_logprobs, ref_logprobs, samp if kopts["is_mode"] else None, nt,
                                            chunk_budget_bytes=budget, grad_hidden=grad and hidden.requires_grad,
-                                           grad_weight=grad and weight.requires_grad, **kopts)
+                                           grad_weight=grad and weight.requires_grad, softcap=softcap, **kopts)
     return stats[0], logp, stat_metrics(stats, kopts["entropy"])
 
 
@@ -207,7 +211,7 @@ def _rows2d(hidden, labels):
 
 @torch.library.custom_op("r1kernels::linear_logprobs_fwd", mutates_args=())
 def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                        temperature: float, entropy: bool, chunk_budget_bytes: int
+                        temperature: float, entropy: bool, chunk_budget_bytes: int, softcap: float | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h, y = _rows2d(hidden, labels)
     N = h.shape[0]
@@ -219,7 +223,8 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     rows, buf = plan.rows, _chunk_buffer(plan, h, weight)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        lp, ls, en = _lk.logprob_fwd(_logits(h[r0:r1], weight, bias, buf), y[r0:r1], temperature, entropy)
+        lp, ls, en = _lk.logprob_fwd(_logits(h[r0:r1], weight, bias, buf), y[r0:r1], temperature, entropy,
+                                     softcap=softcap)
         logp[r0:r1], lse[r0:r1] = lp, ls
         if entropy:
             ent[r0:r1] = en
@@ -228,7 +233,7 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, entropy, chunk_budget_bytes):
+def _(hidden, weight, bias, labels, temperature, entropy, chunk_budget_bytes, softcap):
     f = hidden.new_empty(labels.shape, dtype=torch.float32)
     return f, torch.empty_like(f), torch.empty_like(f) if entropy else f.new_empty(0)
 
@@ -236,7 +241,7 @@ def _(hidden, weight, bias, labels, temperature, entropy, chunk_budget_bytes):
 @torch.library.custom_op("r1kernels::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                         lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                        temperature: float, chunk_budget_bytes: int, grad_weight: bool = True
+                        temperature: float, chunk_budget_bytes: int, softcap: float | None, grad_weight: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dh, dw, db); dw empty (0 values) when not grad_weight (no weight-gradient GEMM)."""
     h, y = _rows2d(hidden, labels)
@@ -253,7 +258,7 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         r1 = min(N, r0 + plan.rows)
         z = _logits(h[r0:r1], weight, bias, buf)
         _lk.logprob_bwd(z, y[r0:r1], lse[r0:r1], ent[r0:r1], g[r0:r1], ge[r0:r1] if ge is not None else None,
-                        temperature, out=z, out_strides=(0, z.stride(0)))
+                        temperature, out=z, out_strides=(0, z.stride(0)), softcap=softcap)
         torch.mm(z, weight, out=dh[r0:r1])
         if grad_weight:
             _accumulate(dw, z, h[r0:r1])
@@ -263,37 +268,39 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 @linear_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, chunk_budget_bytes, grad_weight=True):
+def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, chunk_budget_bytes, softcap,
+      grad_weight=True):
     return (torch.empty_like(hidden), torch.empty_like(weight) if grad_weight else weight.new_empty(0),
             bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32))
 
 
 def _lp_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, entropy, budget = inputs
+    hidden, weight, bias, labels, temperature, entropy, budget, softcap = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
-    ctx.temperature, ctx.entropy, ctx.budget = temperature, entropy, budget
+    ctx.temperature, ctx.entropy, ctx.budget, ctx.softcap = temperature, entropy, budget, softcap
     ctx.set_materialize_grads(False)
 
 
 def _lp_backward(ctx, g_logp, g_lse, g_ent):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
     if g_logp is None and g_ent is None:
-        return (None,) * 7
+        return (None,) * 8
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     grad_weight = ctx.needs_input_grad[1]
     dh, dw, db = linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, g_logp,
-                                     g_ent if ctx.entropy else None, ctx.temperature, ctx.budget, grad_weight)
-    return dh, dw if grad_weight else None, db if bias is not None else None, None, None, None, None
+                                     g_ent if ctx.entropy else None, ctx.temperature, ctx.budget, ctx.softcap,
+                                     grad_weight)
+    return dh, dw if grad_weight else None, db if bias is not None else None, None, None, None, None, None
 
 
 linear_logprobs_fwd.register_autograd(_lp_backward, setup_context=_lp_setup)
 
 
 def linear_token_logprobs_triton(hidden, weight, labels, bias=None, temperature=1.0, return_entropy=False,
-                                 chunk_budget_bytes=LOGPROB_CHUNK_BUDGET):
+                                 chunk_budget_bytes=LOGPROB_CHUNK_BUDGET, softcap=None):
     logp, _, ent = linear_logprobs_fwd(hidden, weight, bias, labels, float(temperature), bool(return_entropy),
-                                       int(chunk_budget_bytes))
+                                       int(chunk_budget_bytes), None if softcap is None else float(softcap))
     return (logp, ent) if return_entropy else logp
 
 

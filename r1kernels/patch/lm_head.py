@@ -64,6 +64,21 @@ class LogitScaling:
         ok = self.known and self.softcap is None and 0 < self.scale < math.inf
         return self.scale if ok else None
 
+    @property
+    def head_kwargs(self) -> dict | None:
+        """The fused head kernels' keywords that give these logits from z (r1train's rollout.Policy passes them to
+        its fns), or None when there are none (unknown rules, s <= 0): {} for z; logit_scale=s for s * z (scored at
+        temperature T / s); softcap=c / s with a soft-cap c, as c * tanh(s * z / c) = s * (c / s) * tanh(z / (c / s))
+        (with s = 1: Gemma 2's c * tanh(z / c))."""
+        if not (self.known and 0 < self.scale < math.inf):
+            return None
+        kw = {} if self.scale == 1.0 else {"logit_scale": self.scale}
+        if self.softcap is not None:
+            if not 0 < self.softcap < math.inf:
+                return None
+            kw["softcap"] = self.softcap / self.scale
+        return kw
+
     def __str__(self):
         keys = ", ".join(f"{k}={v!r}" for k, v in self.keys)
         if not self.known:

@@ -361,11 +361,12 @@ def grpo_loss(logits, completion_ids, advantages, completion_mask=None, temperat
 
 
 def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask=None, bias=None,
-                     temperature=1.0, **kw):
-    """hidden [B, T, H], weight [V, H]: grpo_loss(hidden @ weight.T + bias, ...) without [B, T, V]."""
+                     temperature=1.0, softcap=None, **kw):
+    """hidden [B, T, H], weight [V, H]: grpo_loss(hidden @ weight.T + bias, ...) without [B, T, V]; softcap:
+    linear_token_logprobs's."""
     ent_on = reports_entropy(kw)
     out = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                return_entropy=ent_on)
+                                return_entropy=ent_on, softcap=softcap)
     logp, ent = out if ent_on else (out, None)
     loss, metrics = grpo_loss_from_logprobs(logp, advantages, completion_mask, entropy=ent, **kw)
     return loss, logp, metrics

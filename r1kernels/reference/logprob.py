@@ -29,18 +29,21 @@ def token_logprobs(logits, labels, temperature=1.0, return_entropy=False):
     return logp, entropy
 
 
-def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy):
+def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy, softcap):
     logits_NV = acc(hidden_NH) @ acc(weight_VH).t()
     if bias_V is not None:
         logits_NV = logits_NV + acc(bias_V)
+    if softcap is not None:
+        logits_NV = softcap * torch.tanh(logits_NV / softcap)
     out = token_logprobs(logits_NV, labels_N, temperature, return_entropy)
     return out if return_entropy else (out,)
 
 
 def linear_token_logprobs(hidden, weight, labels, bias=None, temperature=1.0, return_entropy=False,
-                          chunk_rows=LINEAR_CHUNK_ROWS):
+                          chunk_rows=LINEAR_CHUNK_ROWS, softcap=None):
     """Same as token_logprobs(hidden @ weight.T + bias, labels) without holding the [N, V] logits:
-    each chunk of rows is recomputed in backward (activation checkpointing)."""
+    each chunk of rows is recomputed in backward (activation checkpointing). softcap: the logits are
+    softcap * tanh(z / softcap) of z = hidden @ weight.T + bias, before the temperature (Gemma 2)."""
     lead = hidden.shape[:-1]
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     labels_N = labels.reshape(-1)
@@ -49,7 +52,8 @@ def linear_token_logprobs(hidden, weight, labels, bias=None, temperature=1.0, re
     outs = []
     # no rows: one empty chunk, so the (empty) outputs still come from weight and hidden in the autograd graph
     for s in range(0, max(hidden_NH.shape[0], 1), chunk_rows):
-        args = (hidden_NH[s:s + chunk_rows], weight, bias, labels_N[s:s + chunk_rows], temperature, return_entropy)
+        args = (hidden_NH[s:s + chunk_rows], weight, bias, labels_N[s:s + chunk_rows], temperature, return_entropy,
+                softcap)
         outs.append(checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args))
     logp = torch.cat([o[0] for o in outs]).reshape(lead)
     if not return_entropy:

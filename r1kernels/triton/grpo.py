@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..reference.grpo import KL_CODE, LOSS_CODE, SAPO_TAU_NEG, SAPO_TAU_POS
 from .device import sm_count
-from .logprob import INTERPRET, _range_grad, _range_lse, block_v, num_warps
+from .logprob import INTERPRET, _range_grad, _range_lse, _softcap, block_v, num_warps
 
 CISPO = tl.constexpr(LOSS_CODE["cispo"])
 SAPO = tl.constexpr(LOSS_CODE["sapo"])
@@ -133,11 +133,11 @@ def _token_terms(l, A, old, lref, samp, eps_low, eps_high, delta, beta, tau_pos,
 @triton.jit
 def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp_ptr, scale_ptr, logp_ptr,
                        stats_ptr, dx_ptr, N, T, V, stride_b, stride_t, dx_sb, dx_st, adv_sb, adv_st, sc_sb, sc_st,
-                       inv_t, eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi,
+                       inv_t, eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi, cap,
                        REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
                        KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
                        USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_IS: tl.constexpr, IS_MASK: tl.constexpr,
-                       BIAS_KL: tl.constexpr, ENTROPY: tl.constexpr):
+                       BIAS_KL: tl.constexpr, ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr):
     """One program per row (b, t) of the [B, T] tokens; the loss scale of row (b, t) is
     scale[b * sc_sb + t * sc_st] (per sequence: strides (1, 0); per row: (T, 1)). stats rows: loss, kl,
     clip low, high, region and (ENTROPY: from pass 1's sums, no extra read) the entropy, each times the mask."""
@@ -159,14 +159,14 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
         for k in range(6):
             tl.store(stats_ptr + k * N + row, 0.0)
     else:
-        mx, sm, tz = _range_lse(x_row, 0, V, scale, BLOCK, ENTROPY, "evict_last")
+        mx, sm, tz = _range_lse(x_row, 0, V, scale, cap, BLOCK, ENTROPY, "evict_last", SOFTCAP)
         mx = tl.where(mx == float("-inf"), 0.0, mx * scale)  # base-2 units
         lse2 = mx + tl.log2(sm)
         ent = 0.0
         if ENTROPY:  # lse - E[z], both in base-2 units here
             ent = (lse2 - tz / sm) * 0.6931471805599453
         y = tl.load(ids_ptr + row).to(tl.int64)
-        xy = tl.load(x_row + y).to(tl.float32)
+        xy = _softcap(tl.load(x_row + y).to(tl.float32), cap, SOFTCAP)
         l = (xy * scale - lse2) * 0.6931471805599453
         A = tl.load(adv_ptr + b * adv_sb + t * adv_st)
         old = l
@@ -190,7 +190,8 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
         tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
         tl.store(stats_ptr + 5 * N + row, m * ent)
         ct = sb * dL * inv_t
-        _range_grad(x_row, dx_row, 0, V, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, BLOCK, REVERSE, False, STORE_CM)
+        _range_grad(x_row, dx_row, 0, V, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, cap, BLOCK, REVERSE, False, STORE_CM,
+                    SOFTCAP)
 
 
 @triton.jit
@@ -209,11 +210,12 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
 
 def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_strides, *, temperature, eps_low,
                eps_high, delta, beta, loss_type, kl_estimator, sapo_tau_pos=SAPO_TAU_POS, sapo_tau_neg=SAPO_TAU_NEG,
-               is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False, entropy=False, config=None):
+               is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False, entropy=False, softcap=None,
+               config=None):
     """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides;
     adv and scale are [B] (per sequence) or [B, T] (per row); samp (the sampling log-probs) with is_mode
-    token_truncate / token_mask; stats is [6, B * T] (entropy: its last row). config overrides CONFIG
-    (tuning sweeps only)."""
+    token_truncate / token_mask; stats is [6, B * T] (entropy: its last row); softcap: the logits are
+    softcap * tanh(x / softcap) (logprob.logprob_fwd's). config overrides CONFIG (tuning sweeps only)."""
     B, T, V = x.shape
     N = B * T
     if N == 0:
@@ -230,11 +232,11 @@ def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_str
         x.stride(1), dx_strides[0], dx_strides[1], adv_sb, adv_st, sc_sb, sc_st, 1.0 / temperature, eps_low, eps_high,
         delta if delta is not None else 0.0, beta, sapo_tau_pos, sapo_tau_neg,
         is_clip_min if is_clip_min is not None else (-math.inf if is_mode == "token_mask" else 0.0),
-        is_clip_max if is_clip_max is not None else math.inf, REVERSE=cfg["REVERSE"],
+        is_clip_max if is_clip_max is not None else math.inf, float(softcap or 1.0), REVERSE=cfg["REVERSE"],
         STORE_CM="" if INTERPRET else cfg["STORE_CM"], BLOCK=BLOCK, LOSS=LOSS_CODE[loss_type],
         KL=KL_CODE[kl_estimator], HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
         USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, HAS_IS=has_is,
-        IS_MASK=is_mode == "token_mask", BIAS_KL=bool(bias_kl), ENTROPY=bool(entropy),
+        IS_MASK=is_mode == "token_mask", BIAS_KL=bool(bias_kl), ENTROPY=bool(entropy), SOFTCAP=softcap is not None,
         num_warps=cfg["num_warps"] or num_warps(BLOCK))
 
 
