@@ -2,7 +2,8 @@
 without use_r1kernels see the same completions (the second run replays the first run's generations) and
 must give the same loss, metrics and gradients (TOLERANCES[float32]). Plain SGD: Adam's first step is
 sign(grad), which turns a 1e-7 difference in a near-zero gradient entry into a full-size step. Unsupported
-options warn once and run TRL's loss code."""
+options warn once and run TRL's loss code. A soft-capped Gemma 2 policy takes the fused head and loss with its
+final_logit_softcapping: the model's own log-probs, TRL's loss and gradients."""
 from __future__ import annotations
 
 import types
@@ -283,6 +284,70 @@ def test_compute_loss_edge_micro_batches(direct_trainer, B, T, masked_rows, leve
         a, b = torch.tensor(want[2][k]), torch.tensor(got[2][k])
         if "clip_ratio" in k:  # a ratio within float error of a clip bound may land on either side
             assert ((a - b).abs() <= 1.0 / min_len + 1e-6).all() or (a.isnan() & b.isnan()).all(), (k, a, b)
+        else:
+            assert_close(b, a.double(), name=k)
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """A random tiny Gemma 2 (final_logit_softcapping=2.0; head logits of the cap's size, so that the cap changes
+    the log-probs) and the character tokenizer, saved where TRL loads policy and reference from."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from r1train.tasks.tokenizer import char_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gemma2")
+    tok = char_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15)  # tied to the embeddings: they scale too
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+def test_gemma2_trains_through_the_fused_head_with_its_softcap(gemma2_dir, tmp_path):
+    """use_r1kernels on a Gemma 2 policy (logits 2 * tanh(z / 2)): policy and reference get the fused head (no
+    warning; Gemma 2 was refused: 'its forward soft-caps its logits') and the loss is r1kernels'. The fused
+    log-probs (TRL's old / reference log-probs) equal log_softmax of each model's own logits / T (the cap matters:
+    the uncapped head's differ); on one micro-batch the loss, gradients and metrics equal TRL's own code with TRL's
+    own fused head (its final_logit_softcapping)."""
+    tr, _ = _trainer(gemma2_dir, tmp_path, beta=0.04, temperature=0.8,
+                     model_init_kwargs={"attn_implementation": "eager"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (rollout_engine='r1train' warns: r1train's engine does not serve Gemma 2)
+        use_r1kernels(tr, rollout_engine="transformers")
+    assert hasattr(tr, "_r1k_trl_compute_loss")
+    ids = torch.randint(3, tr.model.config.vocab_size, (2, 9))
+    labels = ids.masked_fill(torch.rand(2, 9) < 0.3, -100)
+    keep = labels[:, 1:] != -100
+    for m in (tr.model, tr.ref_model):
+        out = m(input_ids=ids, labels=labels, fused_lm_head=True)
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits[:, :-1].double() / 0.8
+            z = m.lm_head(m.model(input_ids=ids).last_hidden_state)[:, :-1].double() / 0.8
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] * keep
+        assert_close(out.log_probs, ref, name="log_probs")
+        uncapped = torch.log_softmax(z, -1).gather(-1, ids[:, 1:, None])[..., 0] * keep
+        assert (uncapped - ref).abs().max() > 0.1
+    tr.current_gradient_accumulation_steps = 2  # set by Trainer's training loop
+    tr.model.train()
+    inp = _micro_batch(tr, 3, 6, 0)
+    with pytest.MonkeyPatch.context() as mp:  # TRL's own code throughout: its fused forward, under ours
+        mp.setattr(tr.model, "forward", tr.model._r1k_lm_head["forward"].original_forward())
+        want = _loss_grads_metrics(tr, tr._r1k_trl_compute_loss, inp)
+    got = _loss_grads_metrics(tr, tr._compute_loss, inp)
+    assert_close(got[0], want[0].double(), name="loss")
+    assert set(got[1]) == set(want[1]) and set(got[2]) == set(want[2])
+    for n in want[1]:
+        assert_close(got[1][n], want[1][n].double(), name=f"grad {n}")
+    for k in want[2]:
+        a, b = torch.tensor(want[2][k]), torch.tensor(got[2][k])
+        if "clip_ratio" in k:  # a ratio within float error of a clip bound may land on either side
+            assert ((a - b).abs() <= 1.0 / 6 + 1e-6).all() or (a.isnan() & b.isnan()).all(), (k, a, b)
         else:
             assert_close(b, a.double(), name=k)
 

@@ -1,6 +1,7 @@
 """rk.patch on Qwen2/Qwen3/Llama/Mistral: the fused lm_head path (model(..., labels, fused_lm_head=True))
 against the unpatched model's own logits in float64 -- log-probs, entropy, loss and gradients -- at several
-shapes with -100 labels; the plain forward and generate stay the model's own."""
+shapes with -100 labels; the plain forward and generate stay the model's own. Gemma 2 / Gemma 3 text: the same
+against their own soft-capped logits (final_logit_softcapping), through both fused paths."""
 from __future__ import annotations
 
 import copy
@@ -174,3 +175,97 @@ def test_logit_keys_the_forward_does_not_read_do_not_block_the_fused_head():
     assert "CohereForCausalLM is not one of" in unsupported_reason(cohere)
     with pytest.raises(ValueError, match="no fused lm_head path for this model"):
         patch_lm_head(cohere)
+
+
+def _gemma(family, softcap=2.0):
+    """A tiny Gemma 2 / Gemma 3 text model (eager attention) whose head's logits z are of the cap's size (std ~1.7),
+    so that soft-capping changes its log-probs (the default init keeps |z| ~0.1, where c * tanh(z / c) ~ z)."""
+    cfg_cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[family]
+    cfg = cfg_cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=softcap)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15)  # tied to the embeddings (Gemma's default): they scale too
+    return model.eval()
+
+
+def _uncapped_logprobs(model, ids, mask, temperature):
+    """log_softmax(z / T) of the head's output z, float64 [B, L - 1, V]: what an uncapped fused head would score."""
+    with torch.no_grad():
+        z = model.lm_head(model.model(input_ids=ids, attention_mask=mask).last_hidden_state)[:, :-1]
+    return torch.log_softmax(z.double() / temperature, -1)
+
+
+@pytest.mark.parametrize("family,backend", [("gemma2", "auto"), ("gemma3_text", "auto"), ("gemma2", "triton")])
+def test_soft_capped_head_matches_logits(family, backend):
+    """Gemma 2 / Gemma 3 text (transformers' forward: logits = c * tanh(z / c), c = final_logit_softcapping):
+    rk.patch gives them the fused lm_head path (they were refused: 'its forward soft-caps its logits'), whose
+    log-probs, entropy, loss and gradients equal their own logits' (the cap matters here: the uncapped head's
+    log-probs differ); a callable gets softcap=c."""
+    from r1kernels.patch.lm_head import unsupported_reason
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = _gemma(family)
+    assert unsupported_reason(model) is None
+    patched = copy.deepcopy(model)
+    assert list(rk.patch(patched, backend=backend)) == ["forward"]  # no fused layer ops for Gemma
+    temperature = float(torch.empty(()).uniform_(0.6, 1.4))
+    patch_lm_head(patched, temperature=temperature, backend=backend)
+    B, L = 3, 9
+    ids = torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, : L // 2] = 0  # left padding
+    labels = ids.masked_fill((mask == 0) | (torch.rand(B, L) < 0.2), -100)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    logp, ent, loss = _expected(model, ids, mask, labels, temperature)
+    assert_close(out.log_probs, logp, name="log_probs")
+    assert_close(out.entropy, ent, name="entropy")
+    assert_close(out.loss, loss, name="loss")
+    uncapped = _uncapped_logprobs(model, ids, mask, temperature).gather(-1, labels[:, 1:].clamp(min=0)[..., None])
+    assert ((uncapped[..., 0] - logp).abs() * (labels[:, 1:] != -100)).max() > 0.1
+    g_lp, g_ent = torch.randn(B, L - 1, dtype=torch.float64), torch.randn(B, L - 1, dtype=torch.float64)
+    ((out.log_probs * g_lp.float()).sum() + (out.entropy * g_ent.float()).sum()).backward()
+    ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    for (n, p), (_, p2) in zip(model.named_parameters(), patched.named_parameters()):
+        if p.grad is not None:
+            assert_close(p2.grad, p.grad, name=f"grad {n}")
+    # a callable (the TRL drop-in's contract) is called with softcap=c and scores the last logits_to_keep tokens
+    got = patched(input_ids=ids, attention_mask=mask, logits_to_keep=5,
+                  fused_lm_head=lambda h, w, bias, softcap: rk.linear_token_logprobs(
+                      h, w, ids[:, -5:], bias=bias, temperature=temperature, softcap=softcap, backend=backend))
+    assert_close(got, _expected(model, ids, mask, ids, temperature)[0][:, -5:], name="callable's log-probs")
+
+
+def test_soft_cap_read_at_each_call_and_callable_contract():
+    """The fused paths read final_logit_softcapping at each call, as the forward does (a cap set after patching is
+    applied; none: the head's own logits, and a callable is called with three arguments as before); on a capped
+    model a callable without a softcap keyword is a ValueError naming fused_lm_head (it would score the uncapped
+    logits); a cap the kernels cannot apply is refused, naming the model."""
+    from r1kernels.patch.lm_head import unsupported_reason
+
+    model = _gemma("gemma3_text", softcap=None)
+    patch_lm_head(model)
+    ids = torch.randint(0, V, (2, 6))
+    mask = torch.ones_like(ids)
+    for cap in (None, 3.0):
+        model.config.final_logit_softcapping = cap
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+        logp, ent, _ = _expected(model, ids, mask, ids, 1.0)
+        assert_close(out.log_probs, logp, name=f"log_probs, cap {cap}")
+        assert_close(out.entropy, ent, name=f"entropy, cap {cap}")
+    model.config.final_logit_softcapping = None
+    seen = []
+    model(input_ids=ids, fused_lm_head=lambda *a, **k: seen.append((len(a), k)))
+    assert seen == [(3, {})]
+    model.config.final_logit_softcapping = 3.0
+    model(input_ids=ids, fused_lm_head=lambda *a, **k: seen.append((len(a), k)))
+    assert seen[-1] == (3, {"softcap": 3.0})
+    with pytest.raises(ValueError, match="fused_lm_head: Gemma3ForCausalLM soft-caps its logits at 3"):
+        model(input_ids=ids, fused_lm_head=lambda h, w, bias: h)
+    model.config.final_logit_softcapping = 0.0  # transformers' forward would divide by 0
+    assert "which the fused head kernels do not compute" in unsupported_reason(model)
+    with pytest.raises(ValueError, match="model: no fused lm_head path"):
+        model(input_ids=ids, labels=ids, fused_lm_head=True)
+    with pytest.raises(ValueError, match="no fused lm_head path.*final_logit_softcapping=0.0"):
+        patch_lm_head(_gemma("gemma2", softcap=0.0))

@@ -7,8 +7,9 @@ has (their own GRPOTrainer subclasses included) and leaves TRL's constructor and
 
 What it switches:
 - log-probs and entropy (policy, old policy, reference): the models' fused lm_head becomes
-  r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral and DeepseekV3;
-  DeepseekV3 MoE layers also route through r1kernels.moe (patch/deepseek_v3.py);
+  r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral, DeepseekV3, Gemma 2
+  and Gemma 3 (text); DeepseekV3 MoE layers also route through r1kernels.moe (patch/deepseek_v3.py); Gemma's
+  final_logit_softcapping goes to the kernels' softcap (the loss's too), as TRL's own fused head applies it;
 - every forward and backward of Qwen2, Qwen3, Llama and Mistral models (generation included): RMSNorm,
   the SiLU MLP's activation and the rotary embedding run as one fused kernel each (patch/layers.py);
 - the loss: r1kernels.linear_grpo_loss from the last hidden states, with TRL's GRPOConfig names
@@ -167,8 +168,9 @@ def _compute_loss(self, model, inputs):
               sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", SAPO_TAU_NEG),
               compute_entropy=True)  # the entropy metric from the loss kernel's own pass
 
-    def head(hidden, weight, bias):
-        return linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias, **kw)
+    def head(hidden, weight, bias, softcap=None):  # softcap: a soft-capped model's cap (patch/lm_head.py)
+        return linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias,
+                                softcap=softcap, **kw)
 
     with self.accelerator.autocast():
         out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=head,

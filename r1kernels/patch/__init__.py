@@ -7,16 +7,17 @@ def patch(model, *, backend: str = "auto"):
     DeepseekV3 MoE layers get the fused router/experts; Qwen2/Qwen3/Llama/Mistral causal LMs get the
     fused lm_head log-prob path (`model(..., labels=labels, fused_lm_head=True)`, see patch/lm_head.py) and
     fused, differentiable RMSNorm / SiLU-MLP / rotary ops in every forward (patch/layers.py; the counts
-    under "layers"). backend: an op backend ("auto", "triton", "cuda", "cpp", "torch"; the layer ops read
+    under "layers"); Gemma 2 / Gemma 3 text causal LMs get the fused lm_head path only (their soft-capped
+    logits). backend: an op backend ("auto", "triton", "cuda", "cpp", "torch"; the layer ops read
     "cuda" / "cpp" as "auto"). Patching a patched model raises nothing and sets the backend."""
     from .deepseek_v3 import patch_deepseek_v3, routers
     from .layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
-    from .lm_head import LM_HEAD_CLASSES, patch_lm_head
+    from .lm_head import LM_HEAD_CLASSES, SOFTCAP_CLASSES, patch_lm_head
 
     replaced = {}
     # the lm_head patch first: it checks all its arguments before it changes anything, so a bad backend leaves
     # the model as it was (not half patched)
-    if type(model).__name__ in LM_HEAD_CLASSES:
+    if type(model).__name__ in LM_HEAD_CLASSES + SOFTCAP_CLASSES:
         replaced.update(patch_lm_head(model, backend=backend))
     replaced.update(patch_deepseek_v3(model, backend=backend))
     if getattr(getattr(model, "config", None), "model_type", None) in FUSED_MODEL_TYPES:
@@ -25,5 +26,5 @@ def patch(model, *, backend: str = "auto"):
     if not replaced and not routers(model):  # a DeepseekV3 model patched before is still supported
         raise ValueError(f"model ({type(model).__name__}) has no module that r1kernels.patch supports "
                          f"(supported: transformers DeepseekV3 MoE layers; fused lm_head log-probs for "
-                         f"{', '.join(LM_HEAD_CLASSES)})")
+                         f"{', '.join(LM_HEAD_CLASSES + SOFTCAP_CLASSES)})")
     return replaced

@@ -12,6 +12,15 @@ runs on a patched model unchanged.
 the forward, where hidden[:, t] scores input_ids[:, L - n + t] and n = logits_to_keep (default L - 1):
 the fused GRPO loss runs there, so DDP and ZeRO-3 see one ordinary forward. Both fused paths run the head
 with autocast off, on inputs cast to the autocast dtype when autocast is on (what F.linear would use).
+
+Soft-capped models (SOFTCAP_CLASSES: Gemma 2, Gemma 3's text-only class): their forward's logits are
+c * tanh(z / c) of z = lm_head(hidden), c = config.final_logit_softcapping when it is set. The fused paths read c
+at each call, as that forward does, and score the capped logits (before the temperature): fused_lm_head=True
+passes softcap=c to r1kernels.linear_token_logprobs, and a callable is called fn(hidden, weight, bias,
+softcap=c) -- the keyword of r1kernels.linear_token_logprobs / linear_grpo_loss -- only when c is set (an
+uncapped model calls fn(hidden, weight, bias) as before; a callable without a softcap keyword on a capped model
+is a ValueError naming fused_lm_head). Models whose forward scales their logits (Cohere's logit_scale, ...) stay
+refused: the fused paths take no logit scale.
 """
 from __future__ import annotations
 
@@ -24,6 +33,9 @@ import torch
 
 # Causal LMs whose logits are exactly lm_head(last_hidden_state): no soft-capping, no logit scale.
 LM_HEAD_CLASSES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+# Causal LMs whose logits are lm_head(last_hidden_state), soft-capped to c * tanh(z / c) where their config sets
+# final_logit_softcapping = c (transformers 5.x's forwards; no logit scale): _LOGIT_RULES' gemma2 / gemma3_text.
+SOFTCAP_CLASSES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 ALSO_FUSABLE = ("DeepseekV3ForCausalLM",)  # fused by r1kernels.integrations.trl, not by rk.patch
 # Config keys some forwards apply to z = lm_head(hidden) (as _LOGIT_RULES says); a model type not in _LOGIT_RULES
 # that sets one has logits this module cannot describe.
@@ -119,18 +131,52 @@ def logit_scaling(model) -> LogitScaling:
 def unsupported_reason(model) -> str | None:
     """Why `model` cannot take the fused lm_head path, or None when it can."""
     name = type(model).__name__
-    if name not in LM_HEAD_CLASSES + ALSO_FUSABLE:
-        return f"{name} is not one of {', '.join(LM_HEAD_CLASSES + ALSO_FUSABLE)}"
+    fusable = LM_HEAD_CLASSES + SOFTCAP_CLASSES + ALSO_FUSABLE
+    if name not in fusable:
+        return f"{name} is not one of {', '.join(fusable)}"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"its lm_head is a {type(head).__name__}, not a torch.nn.Linear (e.g. a PEFT adapter on lm_head)"
-    scaling = logit_scaling(model)
-    if scaling.linear_scale != 1.0:  # the fused path computes log_softmax(lm_head(hidden) / T)
-        return str(scaling)
+    reason = _softcap_or_reason(model)[1]
+    if reason is not None:
+        return reason
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "output_router_logits", False):
         return "its config sets output_router_logits (a router aux loss in the forward)"
     return None
+
+
+def _softcap_or_reason(model) -> tuple[float | None, str | None]:
+    """(c, None) where `model`'s logits are c * tanh(z / c) of z = lm_head(hidden) (c None: z itself), the fused
+    paths' log_softmax(logits / T) with softcap=c; else (None, why they cannot give its logits): a scale (s * z,
+    head_kwargs' logit_scale, which the fused_lm_head contract does not carry), a cap <= 0 or not finite, or a
+    logit rule not known here."""
+    scaling = logit_scaling(model)
+    kw = scaling.head_kwargs
+    if kw is None:
+        return None, str(scaling) if not scaling.known else f"{scaling}, which the fused head kernels do not compute"
+    if "logit_scale" in kw:
+        return None, f"{scaling}; the fused lm_head path takes no logit scale"
+    return kw.get("softcap"), None
+
+
+def _softcap(model) -> float | None:
+    """The softcap the fused paths score `model`'s logits with, read from its config at each call as its forward
+    reads final_logit_softcapping (None: uncapped)."""
+    softcap, reason = _softcap_or_reason(model)
+    if reason is not None:  # the config changed after patch_lm_head accepted it
+        raise ValueError(f"model: no fused lm_head path for this model: {reason}")
+    return softcap
+
+
+def _takes_softcap(fn) -> bool:
+    """Whether the callable fn accepts a softcap keyword (True where its signature cannot be read: the call
+    decides)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any((p.name == "softcap" and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _head_params(self, hidden, fp32):
@@ -149,7 +195,8 @@ def _head_params(self, hidden, fp32):
     return hidden.to(dtype), weight.to(dtype), bias
 
 
-def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy, fp32, backend):
+def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy, fp32, backend, softcap):
+    """FusedLMHeadOutput of labels [B, n] (-100: not scored) from hidden [B, n, H]; softcap: _softcap(self)."""
     from .. import linear_token_logprobs
 
     hidden, weight, bias = _head_params(self, hidden, fp32)
@@ -158,7 +205,7 @@ def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, retur
     # only the scored rows go through the head; masked_scatter keeps an all-masked batch differentiable
     with torch.autocast(hidden.device.type, enabled=False):
         out = linear_token_logprobs(hidden[mask], weight, labels[mask], bias=bias, temperature=temperature,
-                                    return_entropy=return_entropy, backend=backend)
+                                    return_entropy=return_entropy, softcap=softcap, backend=backend)
     logp, ent = out if return_entropy else (out, None)
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     logp = zeros.masked_scatter(mask, logp)
@@ -228,6 +275,12 @@ class _ForwardWithFusedHead:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         keep = kwargs.pop("logits_to_keep", None)
         kwargs["use_cache"] = False
+        softcap = _softcap(model)  # before the backbone runs: a config refused now costs no forward
+        # a capped model's callable gets softcap=c (module docstring); one that cannot take it would score z
+        if callable(fused_lm_head) and softcap is not None and not _takes_softcap(fused_lm_head):
+            raise ValueError(f"fused_lm_head: {type(model).__name__} soft-caps its logits at {softcap:g}: the "
+                             f"callable is called fn(hidden, weight, bias, softcap={softcap:g}) and must take a "
+                             "softcap keyword")
         hidden = getattr(model, model.base_model_prefix)(*args, **kwargs).last_hidden_state
         if callable(fused_lm_head):
             n = hidden.shape[1] - 1 if not keep else int(keep)
@@ -235,8 +288,9 @@ class _ForwardWithFusedHead:
                 raise ValueError(f"logits_to_keep must be in [1, {hidden.shape[1] - 1}] (the sequence has "
                                  f"{hidden.shape[1]} tokens; position t scores token t + 1), got {keep!r}")
             h, weight, bias = _head_params(model, hidden[:, hidden.shape[1] - n - 1:-1], state["fp32"])
+            cap = {} if softcap is None else {"softcap": softcap}  # uncapped: the 3-argument call, as before
             with torch.autocast(h.device.type, enabled=False):
-                return fused_lm_head(h, weight, bias)
+                return fused_lm_head(h, weight, bias, **cap)
         if shift_labels is None:
             if labels is None:
                 raise ValueError("labels (or shift_labels) is required with fused_lm_head=True")
@@ -244,5 +298,5 @@ class _ForwardWithFusedHead:
         else:
             labels = shift_labels
         return _fused_logprobs(model, hidden, labels, num_items_in_batch, temperature, return_entropy,
-                               state["fp32"], state["backend"])
+                               state["fp32"], state["backend"], softcap)
 
