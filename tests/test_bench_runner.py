@@ -178,18 +178,19 @@ def test_rollout_ab_variants_set_and_restore_the_engine_switches():
         assert state() == before, change
 
 
-def test_patch_generate_bench_runs_and_reports_both_models(tmp_path):
-    """bench_patch_generate on the CPU (tiny model): every variant generates in every timed round, the host times
+def test_runner_runs_patch_generate_small_on_cpu_and_reports_both_models(tmp_path):
+    """python -m benchmarks --only patch_generate on CPU runs the tiny model through runner_argv (it built the
+    1.5B-shaped model there and ran for minutes): every variant generates in every timed round, the host times
     of every forward of both modules are positive numbers, and the shipped HOST_BOUND_ROWS is restored."""
     import json
 
     from benchmarks import bench_patch_generate as bp
-
-    bp.main(["--device", "cpu", "--tiny", "--new-tokens", "3", "--rounds", "2", "--prompts", "1",
-             "--prompt-tokens", "5", "--train-rows", "2", "--train-tokens", "6", "--out", str(tmp_path)])
-    res = json.loads((tmp_path / "bench_patch_generate.json").read_text())
+    from benchmarks.__main__ import main
     from r1kernels.patch import layers
 
+    assert "--tiny" in bp.runner_argv("cpu", None, True) and "--tiny" not in bp.runner_argv("cuda", None, True)
+    assert main(["--only", "patch_generate", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_patch_generate.json").read_text())
     assert len(res["generate_s"]) == 3 and "unpatched" in res["generate_s"]
     assert layers.HOST_BOUND_ROWS == 512
     assert all(len(v["runs"]) == 2 and all(t > 0 for t in v["runs"]) for v in res["generate_s"].values())
@@ -197,14 +198,3 @@ def test_patch_generate_bench_runs_and_reports_both_models(tmp_path):
     assert res["rows"] == 8 and res["new_tokens"] == 3
     tm = res["train_micro_batch_ms"]
     assert all(len(tm[k]) == 2 and all(v > 0 for r in tm[k] for v in r.values()) for k in ("unpatched", "fused"))
-
-
-def test_runner_runs_patch_generate_small_on_cpu(tmp_path):
-    """python -m benchmarks --only patch_generate on CPU: the tiny model through runner_argv (it built the
-    1.5B-shaped model there and ran for minutes)."""
-    from benchmarks import bench_patch_generate as bp
-    from benchmarks.__main__ import main
-
-    assert "--tiny" in bp.runner_argv("cpu", None, True) and "--tiny" not in bp.runner_argv("cuda", None, True)
-    assert main(["--only", "patch_generate", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "bench_patch_generate.json").exists()

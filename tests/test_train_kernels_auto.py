@@ -36,7 +36,7 @@ def _run(tmp_path, backend, overrides, monkeypatch):
         return fn
 
     monkeypatch.setattr(_backend, "pick", recording_pick)
-    t = H.grpo_trainer(tmp_path / backend, "max_steps=3", "seed=5", "per_device_train_batch_size=4",
+    t = H.grpo_trainer(tmp_path / backend, "max_steps=2", "seed=5", "per_device_train_batch_size=4",
                        "num_generations=4", f"kernel_backend={backend}", *overrides, reward_funcs=[digit_share])
     hist = t.train()
     fused = {type(m).__name__ for m in t.engine.module.modules() if getattr(type(m), "_r1k_layers", False)}
@@ -57,7 +57,7 @@ def test_auto_matches_torch(tmp_path, monkeypatch, overrides):
     assert not picked_ref
     loss_op = "grpo_loss" if "loss_impl=logits" in overrides else "linear_grpo_loss"
     assert loss_op in picked, picked  # the kernels ran
-    assert len(auto) == len(ref) == 3
+    assert len(auto) == len(ref) == 2  # the second step samples and trains from the first one's updated weights
     for step, (a, r) in enumerate(zip(auto, ref)):
         assert set(a) == set(r)
         for k, v in r.items():
