@@ -40,6 +40,17 @@ def _expected(model, ids, mask, labels, temperature):
     return logp, ent, -logp.sum() / keep.sum().clamp(min=1)
 
 
+def _check_grads(model, patched, out, logp, ent):
+    """The patched model's parameter gradients of random weights of its log-probs and entropy equal the model's own
+    (logp, ent: _expected's, from the model's logits)."""
+    g_lp, g_ent = torch.randn(logp.shape, dtype=torch.float64), torch.randn(logp.shape, dtype=torch.float64)
+    ((out.log_probs * g_lp.float()).sum() + (out.entropy * g_ent.float()).sum()).backward()
+    ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    for (n, p), (_, p2) in zip(model.named_parameters(), patched.named_parameters()):
+        if p.grad is not None:
+            assert_close(p2.grad, p.grad, name=f"grad {n}")
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral"])
 @pytest.mark.parametrize("B,L", [(1, 2), (3, 9), (2, 17)])
 def test_fused_head_matches_logits(family, B, L):
@@ -58,12 +69,7 @@ def test_fused_head_matches_logits(family, B, L):
     assert_close(out.log_probs, logp, name="log_probs")
     assert_close(out.entropy, ent, name="entropy")
     assert_close(out.loss, loss, name="loss")
-    g_lp, g_ent = torch.randn(B, L - 1, dtype=torch.float64), torch.randn(B, L - 1, dtype=torch.float64)
-    ((out.log_probs * g_lp.float()).sum() + (out.entropy * g_ent.float()).sum()).backward()
-    ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
-    for (n, p), (_, p2) in zip(model.named_parameters(), patched.named_parameters()):
-        if p.grad is not None:
-            assert_close(p2.grad, p.grad, name=f"grad {n}")
+    _check_grads(model, patched, out, logp, ent)
     # the plain forward is the model's own (rk.patch also fuses its layers: fp32 math rounded once)
     torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits,
                                model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
@@ -224,12 +230,7 @@ def test_soft_capped_head_matches_logits(family, backend):
     assert_close(out.loss, loss, name="loss")
     uncapped = _uncapped_logprobs(model, ids, mask, temperature).gather(-1, labels[:, 1:].clamp(min=0)[..., None])
     assert ((uncapped[..., 0] - logp).abs() * (labels[:, 1:] != -100)).max() > 0.1
-    g_lp, g_ent = torch.randn(B, L - 1, dtype=torch.float64), torch.randn(B, L - 1, dtype=torch.float64)
-    ((out.log_probs * g_lp.float()).sum() + (out.entropy * g_ent.float()).sum()).backward()
-    ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
-    for (n, p), (_, p2) in zip(model.named_parameters(), patched.named_parameters()):
-        if p.grad is not None:
-            assert_close(p2.grad, p.grad, name=f"grad {n}")
+    _check_grads(model, patched, out, logp, ent)
     # a callable (the TRL drop-in's contract) is called with softcap=c and scores the last logits_to_keep tokens
     got = patched(input_ids=ids, attention_mask=mask, logits_to_keep=5,
                   fused_lm_head=lambda h, w, bias, softcap: rk.linear_token_logprobs(
