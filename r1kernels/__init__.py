@@ -97,8 +97,8 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 
 
 def _check_softcap(softcap):
-    """None or a finite number > 0, returned as a Python float."""
-    return None if softcap is None else float(_checks.positive("softcap", softcap))
+    """None or a number in [_checks.MIN_SOFTCAP, _checks.MAX_SOFTCAP], returned as a Python float."""
+    return _checks.softcap(softcap)
 
 
 def _check_budget(chunk_budget_bytes):

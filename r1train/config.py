@@ -217,9 +217,10 @@ class TrainConfig:
                                   "makes num_iterations)")
     ref_model_mixup_alpha: float = f(0.6, "ref <- alpha * policy + (1 - alpha) * ref (1.0 = replace)")
     loss_impl: str = f("auto", "'linear': fused hidden->loss kernels (no [B,T,V] logits; at temperature / s for a "
-                       "model that multiplies its logits by s); 'logits': the model's own logits; 'auto': linear, "
-                       "unless the model soft-caps its logits (Gemma 2/3), its head's logits are otherwise not what "
-                       "the fused kernels compute, or lora_target_modules names lm_head: then logits (logged)",
+                       "model that multiplies its logits by s, with the kernels' softcap for one that soft-caps them, "
+                       "Gemma 2); 'logits': the model's own logits; 'auto': linear, unless the head's logits are not "
+                       "what the fused kernels compute (an unknown rule, a cap outside their range) or "
+                       "lora_target_modules names lm_head: then logits (logged)",
                        ["auto", "linear", "logits"])
     padding_free: bool = f(False, "GRPO and SFT: training forwards without padding (verl use_remove_padding, TRL "
                             "SFT's name): each micro-batch's rows (prompt + completion, pads removed) run as one "
@@ -581,8 +582,8 @@ def check_deepspeed_values(cfg, c: dict):
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets fp16={fp16!r}; r1train does not support fp16 (loss "
                           "scaling skips optimizer steps): set fp16.enabled to false or \"auto\", and bf16=true for "
                           "16-bit training")
-    mga = c.get("managed_gradient_accumulation", True)  # DeepSpeed >= 0.19's unmanaged mode
-    if mga is not True:  # makes every engine.step() an optimizer step: r1train calls it after each micro-batch
+    mga = c.get("managed_gradient_accumulation", True)  # DeepSpeed >= 0.19's unmanaged mode (any falsy value there)
+    if not mga:  # makes every engine.step() an optimizer step: r1train calls it after each micro-batch
         raise ConfigError(f"deepspeed: {cfg.deepspeed!r} sets managed_gradient_accumulation={mga!r}; r1train lets "
                           "DeepSpeed place the optimizer step at every gradient_accumulation_steps-th micro-batch "
                           "(unmanaged, each micro-batch would step the optimizer): remove the key or set it to true")

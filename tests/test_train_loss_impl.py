@@ -91,8 +91,11 @@ def test_linear_policy_gives_the_model_own_logprobs_entropy_and_gradients(family
     mask = torch.ones_like(ids)
     comp = ids[:, P:]
     temperature = float(torch.empty(()).uniform_(0.6, 1.4))
-    pol = Policy(model, "linear")
     kind, value = FAMILIES[family][1]
+    if kind == "softcap":  # head logits of the cap's size, so that the cap changes the log-probs
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(15)
+    pol = Policy(model, "linear")
     assert pol.head_kwargs == {"logit_scale" if kind == "scale" else "softcap": pytest.approx(value)}
     logp, ent = pol(ids, mask, T, logprob_fn(comp, temperature, return_entropy=True, backend="torch"))
     # the model's own logits (its forward applies the scale), at the temperature
@@ -139,6 +142,13 @@ def test_auto_takes_logits_where_the_head_is_not_known():
     with pytest.raises(ConfigError, match="loss_impl=linear: GemmaForCausalLM: its config sets logit_scale=0.5, "
                                           "which r1kernels does not know"):
         loss_impl_for(unknown, linear)
+    # a cap outside the kernels' float32 range (_checks.MIN_SOFTCAP..MAX_SOFTCAP)
+    for cap in (1e5, 1e-5):
+        capped = _model("gemma2", final_logit_softcapping=cap)
+        assert logit_scaling(capped).head_kwargs is None and loss_impl_for(capped, auto) == "logits"
+        with pytest.raises(ConfigError, match="loss_impl=linear: Gemma2ForCausalLM: its forward soft-caps its logits "
+                                              r"\(final_logit_softcapping=.*which the fused head kernels do not"):
+            loss_impl_for(capped, linear)
 
     class ScaledHead(torch.nn.Linear):  # a head with its own output rule (e.g. transformers' DoryLMHead)
         def forward(self, x):

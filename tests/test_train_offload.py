@@ -136,14 +136,15 @@ def test_deepspeed_unmanaged_gradient_accumulation_is_an_error(tmp_path):
     from r1train.engine import ds_config
 
     path = tmp_path / "ds.json"
-    for bad in (False, 0, "false"):
+    for bad in (False, 0, None):  # what DeepSpeed reads as unmanaged (`if not managed_gradient_accumulation()`)
         path.write_text(json.dumps({"managed_gradient_accumulation": bad, "zero_optimization": {"stage": 1}}))
         with pytest.raises(ConfigError, match=r"^deepspeed: .*managed_gradient_accumulation"):
             load_config(overrides=[f"deepspeed={path}"])
         with pytest.raises(ConfigError, match=r"^deepspeed: .*managed_gradient_accumulation"):
             ds_config(dataclasses.replace(load_config(), deepspeed=str(path)), 8, 4)
-    path.write_text(json.dumps({"managed_gradient_accumulation": True, "zero_optimization": {"stage": 1}}))
-    assert ds_config(load_config(overrides=[f"deepspeed={path}"]), 8, 4)["managed_gradient_accumulation"] is True
+    for ok in (True, 1):
+        path.write_text(json.dumps({"managed_gradient_accumulation": ok, "zero_optimization": {"stage": 1}}))
+        assert ds_config(load_config(overrides=[f"deepspeed={path}"]), 8, 4)["managed_gradient_accumulation"] == ok
 
 
 @pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])

@@ -79,14 +79,17 @@ class LogitScaling:
     @property
     def head_kwargs(self) -> dict | None:
         """The fused head kernels' keywords that give these logits from z (r1train's rollout.Policy passes them to
-        its fns), or None when there are none (unknown rules, s <= 0): {} for z; logit_scale=s for s * z (scored at
+        its fns), or None when there are none (unknown rules, s <= 0, a cap c / s outside the kernels' float32 range
+        _checks.MIN_SOFTCAP..MAX_SOFTCAP): {} for z; logit_scale=s for s * z (scored at
         temperature T / s); softcap=c / s with a soft-cap c, as c * tanh(s * z / c) = s * (c / s) * tanh(z / (c / s))
         (with s = 1: Gemma 2's c * tanh(z / c))."""
         if not (self.known and 0 < self.scale < math.inf):
             return None
         kw = {} if self.scale == 1.0 else {"logit_scale": self.scale}
         if self.softcap is not None:
-            if not 0 < self.softcap < math.inf:
+            from .._checks import MAX_SOFTCAP, MIN_SOFTCAP
+
+            if not MIN_SOFTCAP <= self.softcap / self.scale <= MAX_SOFTCAP:  # the kernels' float32 range
                 return None
             kw["softcap"] = self.softcap / self.scale
         return kw
@@ -149,8 +152,8 @@ def unsupported_reason(model) -> str | None:
 def _softcap_or_reason(model) -> tuple[float | None, str | None]:
     """(c, None) where `model`'s logits are c * tanh(z / c) of z = lm_head(hidden) (c None: z itself), the fused
     paths' log_softmax(logits / T) with softcap=c; else (None, why they cannot give its logits): a scale (s * z,
-    head_kwargs' logit_scale, which the fused_lm_head contract does not carry), a cap <= 0 or not finite, or a
-    logit rule not known here."""
+    head_kwargs' logit_scale, which the fused_lm_head contract does not carry), a cap outside the kernels' range, or
+    a logit rule not known here."""
     scaling = logit_scaling(model)
     kw = scaling.head_kwargs
     if kw is None:
