@@ -70,6 +70,22 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             "top_p", "top_k", "min_p", "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len",
             "language", "multi_objective_aggregation", "sync_ref_model", "ref_model_sync_steps",
             "ref_model_mixup_alpha", "moe_bias_update_rate", "moe_router_replay")
+# RUN_KEYS that only GRPO's training reads (its sampling, loss, rewards, advantages, reference and routing replay):
+# SFTTrainer's never does (its evaluation may sample with the sampling keys: metrics, not the trained model), so
+# a change of one does not block resuming an SFT run -- e.g. a recipe whose GRPO section changed while its SFT
+# stage was interrupted
+GRPO_ONLY_RUN_KEYS = frozenset((
+    "num_generations", "chat_template_kwargs", "max_completion_length", "loss_type", "beta", "num_iterations",
+    "reward_funcs", "reward_weights", "scale_rewards", "temperature", "importance_sampling_level", "epsilon",
+    "epsilon_high", "delta", "kl_estimator", "mask_truncated_completions", "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+    "off_policy_mask_threshold", "use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg",
+    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile", "entropy_coef",
+    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target", "top_p",
+    "top_k", "min_p", "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len", "language",
+    "multi_objective_aggregation", "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha",
+    "moe_router_replay"))
+assert GRPO_ONLY_RUN_KEYS <= set(RUN_KEYS)
 
 
 class CheckpointError(ConfigError):
@@ -387,13 +403,14 @@ def resumes_latest(spec) -> bool:
 
 
 def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
-    """The checkpoint's run and this one must agree on RUN_KEYS, the trainer and the number of processes.
-    Returns the checkpoint's trainer_state.json."""
+    """The checkpoint's run and this one must agree on RUN_KEYS (an SFTTrainer's: less GRPO_ONLY_RUN_KEYS), the
+    trainer and the number of processes. Returns the checkpoint's trainer_state.json."""
     with open(os.path.join(path, "trainer_state.json")) as fh:
         state = json.load(fh)
     saved = state.get("config", {})
     now = json.loads(json.dumps(vars(cfg), default=str))
-    diff = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in RUN_KEYS if k in saved and saved[k] != now[k]]
+    keys = [k for k in RUN_KEYS if trainer != "SFTTrainer" or k not in GRPO_ONLY_RUN_KEYS]
+    diff = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in keys if k in saved and saved[k] != now[k]]
     if state.get("trainer", trainer) != trainer:
         diff.append(f"trainer (checkpoint {state['trainer']}, now {trainer})")
     if state.get("world_size", world) != world:

@@ -88,10 +88,10 @@ def test_resume_refuses_a_checkpoint_of_other_settings(sft_run, tmp_path):
     msg = str(e.value)
     # learning_rate: the optimizer state would restore the old one; use_peft: the saved state has no adapter;
     # task_eval_size: the held-out problems are left out of the training rows
-    for k in ("seed", "num_generations", "per_device_train_batch_size", "learning_rate", "use_peft",
-              "task_eval_size", "completion_only_loss"):
+    for k in ("seed", "per_device_train_batch_size", "learning_rate", "use_peft", "task_eval_size",
+              "completion_only_loss"):
         assert k in msg, msg
-    assert "max_steps" not in msg
+    assert "max_steps" not in msg and "num_generations" not in msg  # SFT's training never reads num_generations
     t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest", "logging_steps=3")  # run-control keys may change
     assert t.step0 == 4
 
@@ -584,3 +584,31 @@ def test_zero_stage_of_reads_the_file_the_engine_is_built_from(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     assert zero_stage_of(load_config(overrides=["zero_stage=1", f"deepspeed={f}"])) == 2
+
+
+def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
+    """A recipe's GRPO keys (temperature, chat_template_kwargs, beta, ...) changed while its SFT stage was
+    interrupted blocked resuming the SFT run, whose training never reads them; they still block a GRPO resume, and
+    a key SFT's training does read (learning_rate) still blocks both."""
+    import dataclasses
+
+    from r1train.checkpoint import GRPO_ONLY_RUN_KEYS, RUN_KEYS, check_resume_config
+    from r1train.config import load_config
+
+    cfg = load_config(overrides=["report_to=none"])
+    grpo_only = {"temperature": 0.7, "chat_template_kwargs": {"enable_thinking": False}, "beta": 0.1,
+                 "num_generations": 4, "top_p": 0.9}
+    assert set(grpo_only) <= GRPO_ONLY_RUN_KEYS < set(RUN_KEYS) and "learning_rate" not in GRPO_ONLY_RUN_KEYS
+    for trainer in ("SFTTrainer", "GRPOTrainer"):
+        ckpt = tmp_path / trainer
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text(json.dumps(
+            {"config": json.loads(json.dumps(vars(cfg), default=str)), "trainer": trainer, "world_size": 1}))
+        changed = dataclasses.replace(cfg, **grpo_only)
+        if trainer == "SFTTrainer":
+            assert check_resume_config(str(ckpt), changed, trainer, 1)["trainer"] == trainer
+        else:
+            with pytest.raises(CheckpointError, match="temperature.*beta|beta.*temperature"):
+                check_resume_config(str(ckpt), changed, trainer, 1)
+        with pytest.raises(CheckpointError, match=r"learning_rate \(checkpoint"):
+            check_resume_config(str(ckpt), dataclasses.replace(cfg, learning_rate=cfg.learning_rate * 2), trainer, 1)
