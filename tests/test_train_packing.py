@@ -129,14 +129,18 @@ def _padded_and_packed(t, batch, mb, GA, budget, entropy_coef):
 def test_packed_loss_and_grads_equal_padded(tmp_path):
     """Fresh random rows of varied lengths (some fully masked), old/ref/sampling log-probs near the policy's:
     for each loss configuration, the packed micro-batches' summed loss and its gradients equal the padded
-    micro-batches' (both shapes; no budget = the padded partition, a budget = other compositions)."""
+    micro-batches' (both shapes; no budget = the padded partition, a budget = other compositions); also with the
+    head keywords of a logit-scaled and of a soft-capped model."""
     t = H.grpo_trainer(tmp_path, "max_steps=1", "gradient_checkpointing=false", "model_num_layers=2",
                        "max_completion_length=9", reward_funcs=[H.digit_share])
     V = t.model.config.vocab_size
-    runs = [(i, impl) for i in range(len(CASES)) for impl in ("linear", "logits") if impl == "linear" or i < 3]
-    for i, impl in runs:
+    runs = [(i, impl, {}) for i in range(len(CASES)) for impl in ("linear", "logits") if impl == "linear" or i < 3]
+    # the head keywords of a logit-scaled or a soft-capped model (rollout.Policy.head_kwargs): the packed head fns
+    # must score with them as the padded ones do
+    runs += [(0, "linear", {"logit_scale": 0.5}), (1, "linear", {"softcap": 1.5})]
+    for i, impl, head_kw in runs:
         (mb, GA, P, T), (case, with_samp) = [(4, 2, 6, 9), (3, 3, 5, 7)][i % 2], CASES[i]
-        t.engine.module.impl = impl
+        t.engine.module.impl, t.engine.module.head_kwargs = impl, head_kw
         for k, v in {**dict(loss_type="dapo", beta=0.0, importance_sampling_level="token", entropy_coef=0.0,
                             vllm_importance_sampling_mode="sequence_mask", kl_estimator="k3", delta=None,
                             use_bias_correction_kl=True, off_policy_mask_threshold=None, epsilon_high=None,
@@ -156,7 +160,7 @@ def test_packed_loss_and_grads_equal_padded(tmp_path):
         ec = case.get("entropy_coef", 0.0)
         for budget in (None, P + T + 3):
             (l0, g0), (l1, g1) = _padded_and_packed(t, batch, mb, GA, budget, ec)
-            tag = f"{case} {impl} mb={mb} budget={budget}"
+            tag = f"{case} {impl} {head_kw} mb={mb} budget={budget}"
             assert torch.isfinite(l0) and l0.abs() > 0, tag
             if case.get("top_entropy_quantile", 1.0) < 1.0 and budget is not None:
                 assert torch.isfinite(l1) and all(torch.isfinite(g).all() for g in g1), tag
@@ -164,7 +168,7 @@ def test_packed_loss_and_grads_equal_padded(tmp_path):
             assert_close(l1, l0, name=f"loss {tag}")
             assert_close(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g0]),
                          name=f"grads {tag}")
-    t.engine.module.impl = "linear"
+    t.engine.module.impl, t.engine.module.head_kwargs = "linear", {}
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
