@@ -69,22 +69,24 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             # the batches, their rewards and advantages, the reference, MoE routing
             "top_p", "top_k", "min_p", "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len",
             "language", "multi_objective_aggregation", "sync_ref_model", "ref_model_sync_steps",
-            "ref_model_mixup_alpha", "moe_bias_update_rate", "moe_router_replay")
-# RUN_KEYS that only GRPO's training reads (its sampling, loss, rewards, advantages, reference and routing replay):
-# SFTTrainer's never does (its evaluation may sample with the sampling keys: metrics, not the trained model), so
-# a change of one does not block resuming an SFT run -- e.g. a recipe whose GRPO section changed while its SFT
-# stage was interrupted
+            "ref_model_mixup_alpha", "moe_bias_update_rate", "moe_router_replay",
+            # the rows of the recipe's rejection-sampling SFT stage and of distill, sampled again when they resume
+            "rejection_num_samples", "rejection_max_per_prompt")
+# RUN_KEYS that only GRPO's training reads (its group size, loss, rewards, advantages, reference and routing
+# replay): an SFT run's training never does, so a change of one does not block resuming an SFT run -- e.g. a
+# recipe whose GRPO section changed while its SFT stage was interrupted. The sampling keys (temperature, top_p,
+# top_k, min_p, max_completion_length, chat_template_kwargs, language) are not here: the recipe's rejection-sampling
+# SFT stage and distill sample their training rows again when they resume
 GRPO_ONLY_RUN_KEYS = frozenset((
-    "num_generations", "chat_template_kwargs", "max_completion_length", "loss_type", "beta", "num_iterations",
-    "reward_funcs", "reward_weights", "scale_rewards", "temperature", "importance_sampling_level", "epsilon",
+    "num_generations", "loss_type", "beta", "num_iterations",
+    "reward_funcs", "reward_weights", "scale_rewards", "importance_sampling_level", "epsilon",
     "epsilon_high", "delta", "kl_estimator", "mask_truncated_completions", "vllm_importance_sampling_correction",
     "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
     "off_policy_mask_threshold", "use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg",
     "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile", "entropy_coef",
-    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target", "top_p",
-    "top_k", "min_p", "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len", "language",
-    "multi_objective_aggregation", "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha",
-    "moe_router_replay"))
+    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
+    "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len", "multi_objective_aggregation",
+    "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "moe_router_replay"))
 assert GRPO_ONLY_RUN_KEYS <= set(RUN_KEYS)
 
 

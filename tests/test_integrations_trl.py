@@ -321,6 +321,7 @@ def test_gemma2_trains_through_the_fused_head_with_its_softcap(gemma2_dir, tmp_p
         warnings.simplefilter("error")  # (rollout_engine='r1train' warns: r1train's engine does not serve Gemma 2)
         use_r1kernels(tr, rollout_engine="transformers")
     assert hasattr(tr, "_r1k_trl_compute_loss")
+    assert all(getattr(m, "_r1k_lm_head", None) is not None for m in (tr.model, tr.ref_model))  # both patched
     ids = torch.randint(3, tr.model.config.vocab_size, (2, 9))
     labels = ids.masked_fill(torch.rand(2, 9) < 0.3, -100)
     keep = labels[:, 1:] != -100

@@ -587,18 +587,21 @@ def test_zero_stage_of_reads_the_file_the_engine_is_built_from(tmp_path):
 
 
 def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
-    """A recipe's GRPO keys (temperature, chat_template_kwargs, beta, ...) changed while its SFT stage was
-    interrupted blocked resuming the SFT run, whose training never reads them; they still block a GRPO resume, and
-    a key SFT's training does read (learning_rate) still blocks both."""
+    """A recipe's GRPO keys (beta, num_generations, the loss's) changed while its SFT stage was interrupted blocked
+    resuming the SFT run, whose training never reads them; they still block a GRPO resume. Keys an SFT run does
+    read still block both: learning_rate, and the sampling keys (the rejection-sampling SFT stage and distill
+    sample their rows again when they resume: temperature, chat_template_kwargs)."""
     import dataclasses
 
     from r1train.checkpoint import GRPO_ONLY_RUN_KEYS, RUN_KEYS, check_resume_config
     from r1train.config import load_config
 
     cfg = load_config(overrides=["report_to=none"])
-    grpo_only = {"temperature": 0.7, "chat_template_kwargs": {"enable_thinking": False}, "beta": 0.1,
-                 "num_generations": 4, "top_p": 0.9}
-    assert set(grpo_only) <= GRPO_ONLY_RUN_KEYS < set(RUN_KEYS) and "learning_rate" not in GRPO_ONLY_RUN_KEYS
+    grpo_only = {"beta": 0.1, "num_generations": 4, "loss_type": "grpo", "epsilon": 0.3}
+    assert set(grpo_only) <= GRPO_ONLY_RUN_KEYS < set(RUN_KEYS)
+    sft_reads = {"learning_rate": cfg.learning_rate * 2, "temperature": 0.7,
+                 "chat_template_kwargs": {"enable_thinking": False}, "rejection_num_samples": 2}
+    assert not set(sft_reads) & GRPO_ONLY_RUN_KEYS and set(sft_reads) <= set(RUN_KEYS)
     for trainer in ("SFTTrainer", "GRPOTrainer"):
         ckpt = tmp_path / trainer
         ckpt.mkdir()
@@ -608,7 +611,8 @@ def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
         if trainer == "SFTTrainer":
             assert check_resume_config(str(ckpt), changed, trainer, 1)["trainer"] == trainer
         else:
-            with pytest.raises(CheckpointError, match="temperature.*beta|beta.*temperature"):
+            with pytest.raises(CheckpointError, match="num_generations.*beta|beta.*num_generations"):
                 check_resume_config(str(ckpt), changed, trainer, 1)
-        with pytest.raises(CheckpointError, match=r"learning_rate \(checkpoint"):
-            check_resume_config(str(ckpt), dataclasses.replace(cfg, learning_rate=cfg.learning_rate * 2), trainer, 1)
+        for k, v in sft_reads.items():
+            with pytest.raises(CheckpointError, match=rf"{k} \(checkpoint"):
+                check_resume_config(str(ckpt), dataclasses.replace(cfg, **{k: v}), trainer, 1)
