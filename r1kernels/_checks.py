@@ -166,12 +166,17 @@ def temperature(v, name="temperature"):
 MIN_SOFTCAP, MAX_SOFTCAP = 1e-3, 1e3
 
 
+def softcap_in_range(v: float) -> bool:
+    """Whether the fused head kernels compute a cap of v (MIN_SOFTCAP <= v <= MAX_SOFTCAP)."""
+    return MIN_SOFTCAP <= v <= MAX_SOFTCAP
+
+
 def softcap(v, name="softcap"):
     """None, or a finite number in [MIN_SOFTCAP, MAX_SOFTCAP]; returns None or v as a Python float."""
     if v is None:
         return None
     v = float(positive(name, v))
-    if not MIN_SOFTCAP <= v <= MAX_SOFTCAP:
+    if not softcap_in_range(v):
         raise ValueError(f"{name} must be in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}] (the kernels' float32 tanh), got {v!r}")
     return v
 

@@ -75,10 +75,10 @@ def test_logit_scaling_is_what_the_forward_applies(family):
     assert_close(logits, want, name=f"{family} logits")  # the table entry is the forward's own rule
     got = logit_scaling(model)
     if kind == "scale":
-        assert got.linear_scale == pytest.approx(value) and got.softcap is None
+        assert got.scale == pytest.approx(value) and got.softcap is None
         assert got.head_kwargs == ({} if value == 1.0 else {"logit_scale": pytest.approx(value)})
     else:
-        assert got.linear_scale is None and got.softcap == value and got.head_kwargs == {"softcap": value}
+        assert got.scale == 1.0 and got.softcap == value and got.head_kwargs == {"softcap": value}
     if value == 1.0:  # keys the forward does not read are not reported
         assert got.keys == () and str(got) == "its logits are its lm_head's output"
 

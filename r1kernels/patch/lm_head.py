@@ -70,26 +70,19 @@ class LogitScaling:
     known: bool = True
 
     @property
-    def linear_scale(self) -> float | None:
-        """s > 0 when the logits are s * z (log_softmax(s * z / T) is the fused head's at temperature T / s; 1.0:
-        the logits are the head's output); None when they are no such multiple (soft-capped, unknown, s <= 0)."""
-        ok = self.known and self.softcap is None and 0 < self.scale < math.inf
-        return self.scale if ok else None
-
-    @property
     def head_kwargs(self) -> dict | None:
         """The fused head kernels' keywords that give these logits from z (r1train's rollout.Policy passes them to
-        its fns), or None when there are none (unknown rules, s <= 0, a cap c / s outside the kernels' float32 range
-        _checks.MIN_SOFTCAP..MAX_SOFTCAP): {} for z; logit_scale=s for s * z (scored at
+        its fns), or None when there are none (unknown rules, s <= 0, a cap c / s outside the kernels' float32 range:
+        _checks.softcap_in_range): {} for z; logit_scale=s for s * z (scored at
         temperature T / s); softcap=c / s with a soft-cap c, as c * tanh(s * z / c) = s * (c / s) * tanh(z / (c / s))
         (with s = 1: Gemma 2's c * tanh(z / c))."""
         if not (self.known and 0 < self.scale < math.inf):
             return None
         kw = {} if self.scale == 1.0 else {"logit_scale": self.scale}
         if self.softcap is not None:
-            from .._checks import MAX_SOFTCAP, MIN_SOFTCAP
+            from .._checks import softcap_in_range
 
-            if not MIN_SOFTCAP <= self.softcap / self.scale <= MAX_SOFTCAP:  # the kernels' float32 range
+            if not softcap_in_range(self.softcap / self.scale):
                 return None
             kw["softcap"] = self.softcap / self.scale
         return kw
