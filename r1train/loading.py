@@ -147,8 +147,8 @@ def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
     elif model is not None and type(head) is not torch.nn.Linear:
         why = (f"{type(model).__name__}'s lm_head is a {type(head).__name__}; the fused head kernels compute a "
                "torch.nn.Linear's output only")
-    elif scaling is not None and scaling.head_kwargs is None:
-        why = f"{type(model).__name__}: {scaling}, which the fused head kernels do not compute"
+    elif scaling is not None and scaling.unfused_reason is not None:
+        why = f"{type(model).__name__}: {scaling.unfused_reason}"
     if cfg.loss_impl == "linear" and why:
         raise ConfigError(f"loss_impl=linear: {why} (its log-probs and loss would be wrong); set loss_impl=logits "
                           "(or auto)")

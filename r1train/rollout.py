@@ -137,9 +137,8 @@ class Policy(torch.nn.Module):
         self.model, self.impl, self.head_kwargs = model, impl, {}
         if impl == "linear":
             scaling = logit_scaling(model)
-            if scaling.head_kwargs is None:
-                raise ValueError(f"loss_impl='linear': {type(model).__name__}: {scaling}, which the fused head kernels "
-                                 "do not compute; use 'logits'")
+            if scaling.unfused_reason is not None:
+                raise ValueError(f"loss_impl='linear': {type(model).__name__}: {scaling.unfused_reason}; use 'logits'")
             self.head_kwargs = scaling.head_kwargs
 
     @property

@@ -241,8 +241,8 @@ def test_soft_capped_head_matches_logits(family, backend):
 def test_soft_cap_read_at_each_call_and_callable_contract():
     """The fused paths read final_logit_softcapping at each call, as the forward does (a cap set after patching is
     applied; none: the head's own logits, and a callable is called with three arguments as before); on a capped
-    model a callable without a softcap keyword is a ValueError naming fused_lm_head (it would score the uncapped
-    logits); a cap the kernels cannot apply is refused, naming the model."""
+    model a callable that does not declare a softcap parameter is a ValueError naming fused_lm_head (it would score
+    the uncapped logits); a cap the kernels cannot apply is refused, naming the model."""
     from r1kernels.patch.lm_head import unsupported_reason
 
     model = _gemma("gemma3_text", softcap=None)
@@ -260,7 +260,7 @@ def test_soft_cap_read_at_each_call_and_callable_contract():
     model(input_ids=ids, fused_lm_head=lambda *a, **k: seen.append((len(a), k)))
     assert seen == [(3, {})]
     model.config.final_logit_softcapping = 3.0
-    model(input_ids=ids, fused_lm_head=lambda *a, **k: seen.append((len(a), k)))
+    model(input_ids=ids, fused_lm_head=lambda *a, softcap, **k: seen.append((len(a), dict(k, softcap=softcap))))
     assert seen[-1] == (3, {"softcap": 3.0})
     with pytest.raises(ValueError, match="fused_lm_head: Gemma3ForCausalLM soft-caps its logits at 3"):
         model(input_ids=ids, fused_lm_head=lambda h, w, bias: h)
@@ -270,3 +270,24 @@ def test_soft_cap_read_at_each_call_and_callable_contract():
         model(input_ids=ids, labels=ids, fused_lm_head=True)
     with pytest.raises(ValueError, match="no fused lm_head path.*final_logit_softcapping=0.0"):
         patch_lm_head(_gemma("gemma2", softcap=0.0))
+
+
+def test_soft_capped_model_refuses_a_kwargs_catch_all_callable():
+    """A **kwargs catch-all does not declare softcap: a callable that takes it there can drop the cap and score
+    the uncapped logits without an error, so on a capped model it is a ValueError naming fused_lm_head, before
+    the callable runs; one that declares softcap (keyword-only too) is called with it."""
+    model = _gemma("gemma2")
+    patch_lm_head(model)
+    ids = torch.randint(0, V, (2, 6))
+    called = []
+
+    def drops_cap(h, w, b, **kw):
+        called.append(kw)
+        return rk.linear_token_logprobs(h, w, ids[:, 1:], bias=b)  # the uncapped log-probs
+
+    for fn in (drops_cap, lambda *a, **kw: called.append(kw)):
+        with pytest.raises(ValueError, match=r"^fused_lm_head: Gemma2ForCausalLM .*declare a softcap parameter"):
+            model(input_ids=ids, fused_lm_head=fn)
+    assert called == []
+    model(input_ids=ids, fused_lm_head=lambda h, w, b, *, softcap, **kw: called.append(softcap))
+    assert called == [2.0]

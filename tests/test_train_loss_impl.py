@@ -142,6 +142,10 @@ def test_auto_takes_logits_where_the_head_is_not_known():
     with pytest.raises(ConfigError, match="loss_impl=linear: GemmaForCausalLM: its config sets logit_scale=0.5, "
                                           "which r1kernels does not know"):
         loss_impl_for(unknown, linear)
+    # rollout.Policy gives the same reason (LogitScaling.unfused_reason), once
+    with pytest.raises(ValueError, match=r"^loss_impl='linear': GemmaForCausalLM: its config sets logit_scale=0.5, "
+                                         "which r1kernels does not know how its forward applies; use 'logits'$"):
+        Policy(unknown, "linear")
     # a cap outside the kernels' float32 range (_checks.MIN_SOFTCAP..MAX_SOFTCAP)
     for cap in (1e5, 1e-5):
         capped = _model("gemma2", final_logit_softcapping=cap)

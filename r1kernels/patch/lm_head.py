@@ -18,9 +18,9 @@ c * tanh(z / c) of z = lm_head(hidden), c = config.final_logit_softcapping when 
 at each call, as that forward does, and score the capped logits (before the temperature): fused_lm_head=True
 passes softcap=c to r1kernels.linear_token_logprobs, and a callable is called fn(hidden, weight, bias,
 softcap=c) -- the keyword of r1kernels.linear_token_logprobs / linear_grpo_loss -- only when c is set (an
-uncapped model calls fn(hidden, weight, bias) as before; a callable without a softcap keyword on a capped model
-is a ValueError naming fused_lm_head). Models whose forward scales their logits (Cohere's logit_scale, ...) stay
-refused: the fused paths take no logit scale.
+uncapped model calls fn(hidden, weight, bias) as before; on a capped model, a callable that does not declare a
+softcap parameter -- **kwargs alone could drop it -- is a ValueError naming fused_lm_head). Models whose forward
+scales their logits (Cohere's logit_scale, ...) stay refused: the fused paths take no logit scale.
 """
 from __future__ import annotations
 
@@ -87,6 +87,14 @@ class LogitScaling:
             kw["softcap"] = self.softcap / self.scale
         return kw
 
+    @property
+    def unfused_reason(self) -> str | None:
+        """Why the fused head kernels cannot compute these logits, or None when they can (head_kwargs is not
+        None)."""
+        if self.head_kwargs is not None:
+            return None
+        return str(self) if not self.known else f"{self}, which the fused head kernels do not compute"
+
     def __str__(self):
         keys = ", ".join(f"{k}={v!r}" for k, v in self.keys)
         if not self.known:
@@ -150,7 +158,7 @@ def _softcap_or_reason(model) -> tuple[float | None, str | None]:
     scaling = logit_scaling(model)
     kw = scaling.head_kwargs
     if kw is None:
-        return None, str(scaling) if not scaling.known else f"{scaling}, which the fused head kernels do not compute"
+        return None, scaling.unfused_reason
     if "logit_scale" in kw:
         return None, f"{scaling}; the fused lm_head path takes no logit scale"
     return kw.get("softcap"), None
@@ -166,13 +174,14 @@ def _softcap(model) -> float | None:
 
 
 def _takes_softcap(fn) -> bool:
-    """Whether the callable fn accepts a softcap keyword (True where its signature cannot be read: the call
-    decides)."""
+    """Whether the callable fn declares a parameter softcap that can be passed by keyword (True where its signature
+    cannot be read: the call decides). A **kwargs catch-all does not count: it can drop the cap, and fn would
+    score the uncapped logits without an error."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        p = inspect.signature(fn).parameters.get("softcap")
     except (TypeError, ValueError):
         return True
-    return any((p.name == "softcap" and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD for p in params)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def _head_params(self, hidden, fp32):
@@ -275,8 +284,8 @@ class _ForwardWithFusedHead:
         # a capped model's callable gets softcap=c (module docstring); one that cannot take it would score z
         if callable(fused_lm_head) and softcap is not None and not _takes_softcap(fused_lm_head):
             raise ValueError(f"fused_lm_head: {type(model).__name__} soft-caps its logits at {softcap:g}: the "
-                             f"callable is called fn(hidden, weight, bias, softcap={softcap:g}) and must take a "
-                             "softcap keyword")
+                             f"callable is called fn(hidden, weight, bias, softcap={softcap:g}) and must declare a "
+                             "softcap parameter (a **kwargs catch-all is not enough: it can drop the cap silently)")
         hidden = getattr(model, model.base_model_prefix)(*args, **kwargs).last_hidden_state
         if callable(fused_lm_head):
             n = hidden.shape[1] - 1 if not keep else int(keep)
