@@ -6,7 +6,7 @@ scheduler states) + ref_model.pt (when beta > 0) + rng_state_<rank>.pth + traine
 written to tmp-checkpoint-<step>/ and renamed when complete; on resume it must match its manifest, or
 `resume_from_checkpoint=latest` skips it (with a warning) for the newest complete one, and a named one is an
 error. A resume must also keep the settings that define the run (RUN_KEYS, the ZeRO stage and DeepSpeed's
-mixed precision).
+mixed precision) and the rows it trains from (their sha256: trainer_state.json's train_rows_sha256).
 
 output_dir is locked by its run (flock on output_dir/.r1train.lock, released when the process ends, even by
 kill -9), and a fresh run refuses a directory that holds another run's checkpoints or metrics unless
@@ -111,7 +111,8 @@ def zero3(engine) -> bool:
 
 
 class CheckpointMixin:
-    """Mixed into engine.Trainer (uses self.engine, self.ref, self.model, self.tok, self.cfg, self.rank)."""
+    """Mixed into engine.Trainer (uses self.engine, self.ref, self.model, self.tok, self.cfg, self.rank, and on
+    rank 0 self.rows_sha256: the fingerprint of the rows the run trains from)."""
 
     # ---- a trainer's own state beyond model, optimizer and RNG (JSON values; the same on every rank)
     def trainer_state(self) -> dict:
@@ -188,6 +189,7 @@ class CheckpointMixin:
                            "world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
                            "ds_precision": self.ds_precision,
                            "trainer_state": self.trainer_state(), "config": vars(cfg),
+                           "train_rows_sha256": self.rows_sha256,
                            "sft_whole_prompts": True},  # SFT keeps whole prompts (check_resume_state)
                           fh, indent=1, default=str)
         dist.barrier()
@@ -238,6 +240,7 @@ class CheckpointMixin:
                 if self.cfg.resume_from_checkpoint:
                     path = resolve_checkpoint(self.cfg.resume_from_checkpoint, self.cfg.output_dir)
                     state = check_resume_config(path, self.cfg, type(self).__name__, self.world)
+                    check_train_rows(path, state, self.cfg, self.rows_sha256)
                     self.check_resume_state(path, state)
                     res = ("ok", path)
             except ConfigError as e:
@@ -429,6 +432,38 @@ def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
                               f"with other settings: {', '.join(diff)}. Resume with the checkpoint's values, or "
                               "start a fresh run (another output_dir, or overwrite_output_dir=true)")
     return state
+
+
+def rows_sha256(rows) -> str:
+    """The fingerprint of a run's training rows: sha256 over each row's JSON (sorted keys) on a line, in the rows'
+    order. A value JSON has no form for (bytes, a datetime, a numpy scalar of a parquet or datasets row) counts by
+    its repr; one whose repr is its address (an object with no repr of its own) by its type, so the same rows hash
+    alike in every process."""
+    def default(v):
+        r = repr(v)
+        return type(v).__qualname__ if " at 0x" in r else r
+
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, default=default).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def check_train_rows(path: str, state: dict, cfg, sha: str):
+    """The checkpoint's run and this one train on the same rows (their rows_sha256 in trainer_state.json): a
+    dataset edited or regenerated under the same name would silently resume on other rows. A checkpoint written
+    before the rows were recorded resumes unchecked (a warning)."""
+    saved = state.get("train_rows_sha256")
+    if saved is None:
+        log.warning("resume_from_checkpoint=%s: %s records no fingerprint of its training rows; not checked that "
+                    "this run trains on the same rows", cfg.resume_from_checkpoint, path)
+    elif saved != sha:
+        raise CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {path} was written by a run on "
+                              f"other training rows: the rows of dataset_name={cfg.dataset_name!r} (or the rows "
+                              f"given in code) differ from the checkpoint's (sha256 {saved[:12]} in the checkpoint, "
+                              f"{sha[:12]} now): the data changed since. Resume on the checkpoint's rows, or start "
+                              "a fresh run (another output_dir, or overwrite_output_dir=true)")
 
 
 def schedule_has_horizon(cfg) -> bool:

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, unlock_output_dir, zero3
+from .checkpoint import CheckpointMixin, StopOnSignal, TrainingInterrupted, rows_sha256, unlock_output_dir, zero3
 from .config import (
     TrainConfig,
     check_deepspeed_values,
@@ -177,9 +177,13 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 
 class Trainer(CheckpointMixin):
-    """Base of GRPOTrainer / SFTTrainer: subclasses implement `train_step(step, rows) -> metrics`."""
+    """Base of GRPOTrainer / SFTTrainer: subclasses implement `train_step(step, rows) -> metrics`.
 
-    def __init__(self, cfg: TrainConfig, model, tokenizer, train_rows, eval_rows=None, *, optimizer_steps=1):
+    source_rows: the rows train_rows are drawn from, whose fingerprint a resume must match (default train_rows;
+    rows sampled when the run starts, as rejection sampling's and distill's, pass the prompts they sample from)."""
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, train_rows, eval_rows=None, *, optimizer_steps=1,
+                 source_rows=None):
         import deepspeed
 
         self.cfg, self.tok = cfg, tokenizer
@@ -200,6 +204,9 @@ class Trainer(CheckpointMixin):
             raise ValueError("the training dataset is empty")
         # linear or logits (a ConfigError before prepare_run, which may delete old outputs)
         self.loss_impl = loss_impl_for(model, cfg, log=self.rank == 0)
+        # rank 0 alone checks a resume and writes trainer_state.json: the others need no fingerprint
+        self.rows_sha256 = rows_sha256(self.train_rows if source_rows is None else source_rows) \
+            if self.rank == 0 else None
         resume = self.prepare_run()  # lock output_dir; the checkpoint to resume from, checked (before any work)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(self.train_rows) / n_step))

@@ -83,7 +83,10 @@ def _handoff(trainer, cfg: TrainConfig):
 def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
     """rows: sampled SFT rows (distillation, rejection sampling); the dataset then needs no completions."""
     train, ev = load_datasets(cfg, sft=rows is None)
-    t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows)
+    # a resume matches the dataset's rows: with sampled rows, the prompts they were sampled from (sampled again
+    # when the run resumes, they may differ across hardware)
+    t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows,
+                   source_rows=train)
     t.train()
     res = t.evaluate() if evaluate else {}
     if res:

@@ -81,6 +81,32 @@ def test_distill_on_prompt_answer_data(tmp_path, monkeypatch):
     assert len(H.read_metrics(tmp_path / "out" / "distill")) == 2
 
 
+def test_distill_resume_matches_the_prompts_not_the_samples(tmp_path, monkeypatch):
+    """distill samples its SFT rows again when it resumes (they may differ across hardware): the resume matches
+    the prompts they are sampled from, so other samples resume and an edited prompt file is a ConfigError."""
+    rows = [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    calls = []
+
+    def teacher(cfg, model, tok, prompts, **kw):  # other samples at each call
+        calls.append(1)
+        return [{**r, cfg.completion_column: f"<think>{len(calls)}</think><answer>{r['answer']}</answer>"}
+                for r in prompts]
+
+    def distill(*over):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return pipeline.distill(None, [o for o in H.FAST if not o.startswith("task_")] + [
+            f"output_dir={tmp_path / 'out'}", f"dataset_name={data}", "teacher_model=tiny-qwen2", *over])
+
+    monkeypatch.setattr(pipeline, "rejection_sample", teacher)
+    distill("max_steps=2")
+    distill("max_steps=4", "resume_from_checkpoint=latest")
+    assert len(H.read_metrics(tmp_path / "out" / "distill")) == 4
+    rows[3]["answer"] = "5"
+    with pytest.raises(ConfigError, match=r"other training rows: the rows of dataset_name=.*train\.jsonl"):
+        distill("max_steps=6", "resume_from_checkpoint=latest")
+
+
 def test_demo_config_is_the_users_file(tmp_path, monkeypatch):
     """`r1train demo --config demo.yaml` reads the file in the working directory, not the packaged one of the
     same name (each stage loads its configs first: the spy stops there)."""

@@ -7,6 +7,7 @@ checkpoint is skipped by `latest` and an error when named; SIGTERM saves a check
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,42 @@ def test_resume_refuses_an_sft_checkpoint_that_cut_prompts(sft_run, tmp_path):
         resume(2)  # every prompt is longer than 2 tokens
     assert resume(4096).step0 == 4  # every prompt fits: both rules tokenize alike
     assert resume(2, whole=True).step0 == 4  # a checkpoint of this version: nothing to check
+
+
+def test_resume_refuses_training_rows_that_changed(tmp_path, caplog):
+    """A local dataset edited under the same name between the interruption and the resume would resume on other
+    rows: their sha256 (trainer_state.json) differs from the checkpoint's, a CheckpointError naming the dataset and
+    both hashes. The same rows resume; a checkpoint that records no rows' sha256 resumes unchecked (a warning)."""
+    rows, _ = load_datasets(load_config(overrides=SFT), sft=True)
+    data, out = tmp_path / "train.jsonl", tmp_path / "run"
+
+    def write(edit=False):
+        data.write_text("".join(json.dumps({**r, "completion": r["completion"] + " "} if edit and i == 5 else r) + "\n"
+                                for i, r in enumerate(rows)))
+
+    def resume():
+        return _sft(out, "max_steps=4", f"dataset_name={data}", "resume_from_checkpoint=latest")
+
+    write()
+    t = _sft(out, "max_steps=2", f"dataset_name={data}")
+    t.train()
+    t.finish()
+    write(edit=True)
+    named = re.escape(f"other training rows: the rows of dataset_name={str(data)!r} ")
+    with pytest.raises(CheckpointError, match=named + r".*sha256 [0-9a-f]{12} in the checkpoint, [0-9a-f]{12} now.*"
+                                                      r"another output_dir, or overwrite_output_dir=true"):
+        resume()
+    write()
+    assert resume().step0 == 2
+    ckpt = out / "checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["train_rows_sha256"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(str(ckpt))
+    write(edit=True)
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        assert resume().step0 == 2
+    assert "records no fingerprint of its training rows" in caplog.text
 
 
 # ---- item 9: a damaged checkpoint is skipped by `latest` (with a warning), an error when named

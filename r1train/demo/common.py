@@ -86,8 +86,9 @@ def evaluate(model, tok, rows, cfg: TrainConfig, *, temperature: float | None = 
 
 
 # ---- training on explicit rows
-def sft(cfg: TrainConfig, model, tok, rows):
-    t = SFTTrainer(cfg, model, tok, rows, [])
+def sft(cfg: TrainConfig, model, tok, rows, source_rows=None):
+    """source_rows: the prompts sampled rows were drawn from (a resume matches them; Trainer's docstring)."""
+    t = SFTTrainer(cfg, model, tok, rows, [], source_rows=source_rows)
     t.train()
     t.finish()
     return t

@@ -199,6 +199,11 @@ def _predecessor(name: str, overrides, ctx, base):
     return model, tok, ckpt
 
 
+def _sampled_prompts(train, c_rs) -> list[dict]:
+    """The training prompts rejection sampling draws from: the first c_rs.task_train_size."""
+    return arith.rl_rows(train[:c_rs.task_train_size])
+
+
 def _start_and_sample(predecessor, overrides, ctx, base, c_rs, c_eval, clock):
     """The predecessor's model, the problems, its held-out metrics, and its rejection samples of the first
     c_rs.task_train_size training prompts (correct, well-formed, in c_rs.language) with their counts."""
@@ -208,7 +213,7 @@ def _start_and_sample(predecessor, overrides, ctx, base, c_rs, c_eval, clock):
     eval_rows = arith.rl_rows(ev)
     start = C.evaluate(model, tok, eval_rows, c_eval)
     stats = {}
-    prompts = arith.rl_rows(train[:c_rs.task_train_size])
+    prompts = _sampled_prompts(train, c_rs)
     rows = pipeline.rejection_sample(c_rs, model, tok, prompts, num_samples=c_rs.rejection_num_samples,
                                      keep=c_rs.rejection_max_per_prompt, language=c_rs.language, stats=stats)
     stats["kept_share"] = stats["kept"] / max(stats["samples"], 1)
@@ -228,7 +233,7 @@ def rejection(overrides, out_dir, ctx) -> dict:
     model, tok, source, train, ev, eval_rows, before, rows, stats = _start_and_sample(
         "language", overrides, ctx, base, c_rs, c_rl, clock)
     if rows:
-        model = C.sft(c_rs, model, tok, rows).model
+        model = C.sft(c_rs, model, tok, rows, _sampled_prompts(train, c_rs)).model
         mid = C.evaluate(model, tok, eval_rows, c_rl)
     else:  # nothing correct to keep (a toy-size run): the SFT step is skipped, the RL model goes on
         log.warning("demo rejection: no sample was kept; skipping the rejection SFT")
@@ -287,7 +292,7 @@ def distill(overrides, out_dir, ctx) -> dict:
     clock.lap("student cold-start sft")
     b = {}
     if rows:
-        b = C.evaluate(C.sft(c_dist, init, stok, rows).model, stok, eval_rows, c_rl)
+        b = C.evaluate(C.sft(c_dist, init, stok, rows, _sampled_prompts(train, c_teach)).model, stok, eval_rows, c_rl)
     else:  # a toy-size teacher that solves nothing
         log.warning("demo distill: the teacher produced no correct, readable sample; no distilled student")
     clock.lap("student distill sft")
