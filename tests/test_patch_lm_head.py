@@ -291,3 +291,31 @@ def test_soft_capped_model_refuses_a_kwargs_catch_all_callable():
     assert called == []
     model(input_ids=ids, fused_lm_head=lambda h, w, b, *, softcap, **kw: called.append(softcap))
     assert called == [2.0]
+
+
+def test_soft_capped_model_reads_a_module_callables_forward():
+    """A torch.nn.Module passed as fused_lm_head is called through Module.__call__ (*args, **kwargs): whether it
+    takes softcap is its forward's signature (also under torch.compile's wrapper), so a head module that declares
+    softcap gets it and one whose forward does not is refused."""
+    model = _gemma("gemma2")
+    patch_lm_head(model)
+    ids = torch.randint(0, V, (2, 6))
+    seen = []
+
+    class Head(torch.nn.Module):
+        def forward(self, h, w, b=None, softcap=None):
+            seen.append(softcap)
+            return rk.linear_token_logprobs(h, w, ids[:, 1:], bias=b, softcap=softcap)
+
+    class NoCap(torch.nn.Module):
+        def forward(self, h, w, b=None, **kw):
+            return rk.linear_token_logprobs(h, w, ids[:, 1:], bias=b)
+
+    want = model(input_ids=ids, fused_lm_head=Head().forward)
+    got = model(input_ids=ids, fused_lm_head=Head())
+    assert seen == [2.0, 2.0] and torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"^fused_lm_head: Gemma2ForCausalLM .*declare a softcap parameter"):
+        model(input_ids=ids, fused_lm_head=NoCap())
+    compiled = torch.compile(Head(), backend="eager")
+    model(input_ids=ids, fused_lm_head=compiled)
+    assert seen[-1] == 2.0

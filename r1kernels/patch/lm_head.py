@@ -177,6 +177,8 @@ def _takes_softcap(fn) -> bool:
     """Whether the callable fn declares a parameter softcap that can be passed by keyword (True where its signature
     cannot be read: the call decides). A **kwargs catch-all does not count: it can drop the cap, and fn would
     score the uncapped logits without an error."""
+    if isinstance(fn, torch.nn.Module):  # Module.__call__ reads (*args, **kwargs): its forward's signature counts
+        fn = getattr(fn, "_orig_mod", fn).forward  # torch.compile's OptimizedModule wraps the module
     try:
         p = inspect.signature(fn).parameters.get("softcap")
     except (TypeError, ValueError):
