@@ -71,7 +71,7 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             "language", "multi_objective_aggregation", "sync_ref_model", "ref_model_sync_steps",
             "ref_model_mixup_alpha", "moe_bias_update_rate", "moe_router_replay",
             # the rows of the recipe's rejection-sampling SFT stage and of distill, sampled again when they resume
-            "rejection_num_samples", "rejection_max_per_prompt")
+            "rejection_num_samples", "rejection_max_per_prompt", "teacher_model")
 # RUN_KEYS that only GRPO's training reads (its group size, loss, rewards, advantages, reference and routing
 # replay): an SFT run's training never does, so a change of one does not block resuming an SFT run -- e.g. a
 # recipe whose GRPO section changed while its SFT stage was interrupted. The sampling keys (temperature, top_p,
@@ -434,18 +434,33 @@ def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
     return state
 
 
-def rows_sha256(rows) -> str:
-    """The fingerprint of a run's training rows: sha256 over each row's JSON (sorted keys) on a line, in the rows'
-    order. A value JSON has no form for (bytes, a datetime, a numpy scalar of a parquet or datasets row) counts by
-    its repr; one whose repr is its address (an object with no repr of its own) by its type, so the same rows hash
-    alike in every process."""
-    def default(v):
-        r = repr(v)
-        return type(v).__qualname__ if " at 0x" in r else r
+def _canonical(v):
+    """v as JSON values, one form per value in every process: dict keys as strings (a non-string key tagged by
+    its type), sets sorted (their order follows PYTHONHASHSEED), numpy arrays and scalars and torch tensors as
+    (nested) lists of numbers in full (a repr elides the middle of a large one), bytes as hex; anything else by
+    its repr, or by its type where the repr is its address."""
+    if isinstance(v, dict):
+        return {k if isinstance(k, str) else f"{type(k).__name__}:{k!r}": _canonical(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return sorted((_canonical(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True))
+    if isinstance(v, (bytes, bytearray)):
+        return v.hex()
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if callable(getattr(v, "tolist", None)):
+        return _canonical(v.tolist())
+    r = repr(v)
+    return type(v).__qualname__ if " at 0x" in r else r
 
+
+def rows_sha256(rows) -> str:
+    """The fingerprint of a run's training rows: sha256 over each row's canonical JSON (_canonical, sorted keys)
+    on a line, in the rows' order. Never raises: any row hashes."""
     h = hashlib.sha256()
     for row in rows:
-        h.update(json.dumps(row, sort_keys=True, default=default).encode())
+        h.update(json.dumps(_canonical(row), sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 

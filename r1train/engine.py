@@ -272,7 +272,8 @@ class Trainer(CheckpointMixin):
         boundary, before = e.is_gradient_accumulation_boundary(), None
         if boundary and e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled()) \
                 and getattr(e, "torch_autocast_z0_gradscaler", None) is None:  # scaled gradients: no true norm here
-            grads = [p.grad for p in e.module.parameters() if p.grad is not None]
+            # empty gradients left out: torch 2.4-2.5's CUDA _foreach_norm could return wrong norms with them
+            grads = [p.grad for p in e.module.parameters() if p.grad is not None and p.grad.numel()]
             # one multi-tensor kernel per dtype (a launch per tensor took ~340 for a 1.5B model); fp32 also for
             # bf16 weights (ds_zero0_bf16: DeepSpeed's bf16 off)
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else None

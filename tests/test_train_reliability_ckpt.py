@@ -627,7 +627,7 @@ def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
     """A recipe's GRPO keys (beta, num_generations, the loss's) changed while its SFT stage was interrupted blocked
     resuming the SFT run, whose training never reads them; they still block a GRPO resume. Keys an SFT run does
     read still block both: learning_rate, and the sampling keys (the rejection-sampling SFT stage and distill
-    sample their rows again when they resume: temperature, chat_template_kwargs)."""
+    sample their rows again when they resume: temperature, chat_template_kwargs, distill's teacher_model)."""
     import dataclasses
 
     from r1train.checkpoint import GRPO_ONLY_RUN_KEYS, RUN_KEYS, check_resume_config
@@ -637,7 +637,8 @@ def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
     grpo_only = {"beta": 0.1, "num_generations": 4, "loss_type": "grpo", "epsilon": 0.3}
     assert set(grpo_only) <= GRPO_ONLY_RUN_KEYS < set(RUN_KEYS)
     sft_reads = {"learning_rate": cfg.learning_rate * 2, "temperature": 0.7,
-                 "chat_template_kwargs": {"enable_thinking": False}, "rejection_num_samples": 2}
+                 "chat_template_kwargs": {"enable_thinking": False}, "rejection_num_samples": 2,
+                 "teacher_model": "/another/teacher"}
     assert not set(sft_reads) & GRPO_ONLY_RUN_KEYS and set(sft_reads) <= set(RUN_KEYS)
     for trainer in ("SFTTrainer", "GRPOTrainer"):
         ckpt = tmp_path / trainer
@@ -653,3 +654,28 @@ def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
         for k, v in sft_reads.items():
             with pytest.raises(CheckpointError, match=rf"{k} \(checkpoint"):
                 check_resume_config(str(ckpt), dataclasses.replace(cfg, **{k: v}), trainer, 1)
+
+
+def test_rows_sha256_is_one_value_per_rows_in_every_process():
+    """The rows' fingerprint a resume compares: the same in processes with other hash seeds (a set's order follows
+    PYTHONHASHSEED), defined for any row (non-string keys, bytes, arrays, tensors, objects), and it sees an edit
+    in the middle of a large array (whose repr elides it)."""
+    import numpy as np
+    import torch
+
+    from r1train.checkpoint import rows_sha256
+
+    code = ("from r1train.checkpoint import rows_sha256; "
+            "print(rows_sha256([{'tags': {'alpha', 'beta', 'gamma', 'delta'}, 'prompt': 'p'}]))")
+    seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3)}
+    assert len(seen) == 1
+    arr = np.arange(5000)
+    rows = [{1: "int key", "x": 2}, {(1, 2): b"\x00\xff", "a": arr, "t": torch.arange(3000.0), "o": object()}]
+    base = rows_sha256(rows)
+    assert base == rows_sha256([dict(reversed(list(r.items()))) for r in rows])  # key order does not count
+    arr[2500] = -1
+    assert rows_sha256(rows) != base
+    arr[2500] = 2500
+    rows[1]["t"][1500] = 0.5
+    assert rows_sha256(rows) != base
