@@ -457,7 +457,8 @@ def _canonical(v):
 
 def rows_sha256(rows) -> str:
     """The fingerprint of a run's training rows: sha256 over each row's canonical JSON (_canonical, sorted keys)
-    on a line, in the rows' order. Never raises: any row hashes."""
+    on a line, in the rows' order: defined for rows of JSON values, sets, arrays, tensors, bytes and other
+    objects, with keys of any type."""
     h = hashlib.sha256()
     for row in rows:
         h.update(json.dumps(_canonical(row), sort_keys=True).encode())
