@@ -186,9 +186,19 @@ def test_logit_keys_the_forward_does_not_read_do_not_block_the_fused_head():
 def _gemma(family, softcap=2.0):
     """A tiny Gemma 2 / Gemma 3 text model (eager attention) whose head's logits z are of the cap's size (std ~1.7),
     so that soft-capping changes its log-probs (the default init keeps |z| ~0.1, where c * tanh(z / c) ~ z)."""
-    cfg_cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[family]
-    cfg = cfg_cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=softcap)
+    cfg_cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
+               "gemma3n_text": transformers.Gemma3nTextConfig, "gemma4_text": transformers.Gemma4TextConfig,
+               "vaultgemma": transformers.VaultGemmaConfig}[family]
+    extra = {}  # Gemma 3n's per-layer inputs, LAuReL and AltUp at tiny sizes, one full-attention layer
+    if family == "gemma3n_text":
+        extra = dict(vocab_size_per_layer_input=V, hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                     num_kv_shared_layers=0, activation_sparsity_pattern=[0.0], intermediate_size=[48],
+                     layer_types=["full_attention"])
+    if family == "gemma4_text":
+        extra = dict(layer_types=["full_attention"])
+    cfg = cfg_cls(**{**dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                            final_logit_softcapping=softcap), **extra})
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         model.lm_head.weight.mul_(15)  # tied to the embeddings (Gemma's default): they scale too
@@ -202,9 +212,11 @@ def _uncapped_logprobs(model, ids, mask, temperature):
     return torch.log_softmax(z.double() / temperature, -1)
 
 
-@pytest.mark.parametrize("family,backend", [("gemma2", "auto"), ("gemma3_text", "auto"), ("gemma2", "triton")])
+@pytest.mark.parametrize("family,backend", [("gemma2", "auto"), ("gemma3_text", "auto"), ("gemma3n_text", "auto"),
+                                            ("gemma4_text", "auto"), ("vaultgemma", "auto"), ("gemma2", "triton")])
 def test_soft_capped_head_matches_logits(family, backend):
-    """Gemma 2 / Gemma 3 text (transformers' forward: logits = c * tanh(z / c), c = final_logit_softcapping):
+    """Gemma 2 / 3 / 3n / 4 text, VaultGemma (transformers' forward: logits = c * tanh(z / c), c =
+    final_logit_softcapping):
     rk.patch gives them the fused lm_head path (they were refused: 'its forward soft-caps its logits'), whose
     log-probs, entropy, loss and gradients equal their own logits' (the cap matters here: the uncapped head's
     log-probs differ); a callable gets softcap=c."""

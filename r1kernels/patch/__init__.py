@@ -7,9 +7,9 @@ def patch(model, *, backend: str = "auto"):
     DeepseekV3 MoE layers get the fused router/experts; Qwen2/Qwen3/Llama/Mistral causal LMs get the
     fused lm_head log-prob path (`model(..., labels=labels, fused_lm_head=True)`, see patch/lm_head.py) and
     fused, differentiable RMSNorm / SiLU-MLP / rotary ops in every forward (patch/layers.py; the counts
-    under "layers"); Gemma 2 / Gemma 3 text causal LMs get the fused lm_head path only (their soft-capped
-    logits). backend: an op backend ("auto", "triton", "cuda", "cpp", "torch"; the layer ops read
-    "cuda" / "cpp" as "auto"). Patching a patched model raises nothing and sets the backend."""
+    under "layers"); the soft-capped Gemma-family causal LMs (lm_head.SOFTCAP_CLASSES) get the fused lm_head
+    path only (their soft-capped logits). backend: an op backend ("auto", "triton", "cuda", "cpp", "torch"; the
+    layer ops read "cuda" / "cpp" as "auto"). Patching a patched model raises nothing and sets the backend."""
     from .deepseek_v3 import patch_deepseek_v3, routers
     from .layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
     from .lm_head import LM_HEAD_CLASSES, SOFTCAP_CLASSES, patch_lm_head
