@@ -187,7 +187,8 @@ def _gemma(family, softcap=2.0):
     """A tiny Gemma 2 / Gemma 3 text model (eager attention) whose head's logits z are of the cap's size (std ~1.7),
     so that soft-capping changes its log-probs (the default init keeps |z| ~0.1, where c * tanh(z / c) ~ z)."""
     name = {"gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "gemma3n_text": "Gemma3nTextConfig",
-            "gemma4_text": "Gemma4TextConfig", "vaultgemma": "VaultGemmaConfig"}[family]
+            "gemma4_text": "Gemma4TextConfig", "vaultgemma": "VaultGemmaConfig", "nanochat": "NanoChatConfig",
+            "beam": "BeamConfig", "recurrent_gemma": "RecurrentGemmaConfig"}[family]
     cfg_cls = getattr(transformers, name, None)
     if cfg_cls is None:  # pyproject allows transformers >= 4.56, before some of these families
         pytest.skip(f"this transformers has no {name}")
@@ -198,9 +199,13 @@ def _gemma(family, softcap=2.0):
                      layer_types=["full_attention"])
     if family == "gemma4_text":
         extra = dict(layer_types=["full_attention"])
-    cfg = cfg_cls(**{**dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                            final_logit_softcapping=softcap), **extra})
+    kw = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=softcap)
+    if family == "recurrent_gemma":  # its cap key; one local-attention block
+        drop = ("head_dim", "max_position_embeddings", "final_logit_softcapping")
+        kw = {k: v for k, v in kw.items() if k not in drop}
+        extra = dict(logits_soft_cap=softcap, lru_width=32, attention_window_size=16, block_types=["attention"])
+    cfg = cfg_cls(**{**kw, **extra})
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         model.lm_head.weight.mul_(15)  # tied to the embeddings (Gemma's default): they scale too
@@ -210,15 +215,17 @@ def _gemma(family, softcap=2.0):
 def _uncapped_logprobs(model, ids, mask, temperature):
     """log_softmax(z / T) of the head's output z, float64 [B, L - 1, V]: what an uncapped fused head would score."""
     with torch.no_grad():
-        z = model.lm_head(model.model(input_ids=ids, attention_mask=mask).last_hidden_state)[:, :-1]
+        hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask).last_hidden_state
+        z = model.get_output_embeddings()(hidden)[:, :-1]
     return torch.log_softmax(z.double() / temperature, -1)
 
 
 @pytest.mark.parametrize("family,backend", [("gemma2", "auto"), ("gemma3_text", "auto"), ("gemma3n_text", "auto"),
-                                            ("gemma4_text", "auto"), ("vaultgemma", "auto"), ("gemma2", "triton")])
+                                            ("gemma4_text", "auto"), ("vaultgemma", "auto"), ("nanochat", "auto"),
+                                            ("beam", "auto"), ("recurrent_gemma", "auto"), ("gemma2", "triton")])
 def test_soft_capped_head_matches_logits(family, backend):
-    """Gemma 2 / 3 / 3n / 4 text, VaultGemma (transformers' forward: logits = c * tanh(z / c), c =
-    final_logit_softcapping):
+    """Gemma 2 / 3 / 3n / 4 text, VaultGemma, NanoChat, Beam, RecurrentGemma (transformers' forward: logits =
+    c * tanh(z / c), c = final_logit_softcapping, RecurrentGemma's logits_soft_cap):
     rk.patch gives them the fused lm_head path (they were refused: 'its forward soft-caps its logits'), whose
     log-probs, entropy, loss and gradients equal their own logits' (the cap matters here: the uncapped head's
     log-probs differ); a callable gets softcap=c."""

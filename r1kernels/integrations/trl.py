@@ -8,7 +8,7 @@ has (their own GRPOTrainer subclasses included) and leaves TRL's constructor and
 What it switches:
 - log-probs and entropy (policy, old policy, reference): the models' fused lm_head becomes
   r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral, DeepseekV3, and the
-  soft-capped Gemma 2 / 3 / 3n / 4 text models and VaultGemma (lm_head.SOFTCAP_CLASSES); DeepseekV3 MoE layers
+  soft-capped Gemma-family models (lm_head.SOFTCAP_CLASSES); DeepseekV3 MoE layers
   also route through r1kernels.moe (patch/deepseek_v3.py); Gemma's
   final_logit_softcapping goes to the kernels' softcap (the loss's too), as TRL's own fused head applies it;
 - every forward and backward of Qwen2, Qwen3, Llama and Mistral models (generation included): RMSNorm,

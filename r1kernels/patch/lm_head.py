@@ -13,14 +13,15 @@ the forward, where hidden[:, t] scores input_ids[:, L - n + t] and n = logits_to
 the fused GRPO loss runs there, so DDP and ZeRO-3 see one ordinary forward. Both fused paths run the head
 with autocast off, on inputs cast to the autocast dtype when autocast is on (what F.linear would use).
 
-Soft-capped models (SOFTCAP_CLASSES: the text-only classes of Gemma 2, 3, 3n and 4, VaultGemma): their forward's
-logits are c * tanh(z / c) of z = lm_head(hidden), c = config.final_logit_softcapping when it is set. The fused paths
-read c at each call, as that forward does, and score the capped logits (before the temperature): fused_lm_head=True
-passes softcap=c to r1kernels.linear_token_logprobs, and a callable is called fn(hidden, weight, bias,
-softcap=c) -- the keyword of r1kernels.linear_token_logprobs / linear_grpo_loss -- only when c is set (an
-uncapped model calls fn(hidden, weight, bias) as before; on a capped model, a callable that does not declare a
-softcap parameter -- **kwargs alone could drop it -- is a ValueError naming fused_lm_head). Models whose forward
-scales their logits (Cohere's logit_scale, ...) stay refused: the fused paths take no logit scale.
+Soft-capped models (SOFTCAP_CLASSES: Gemma 2, 3, 3n and 4 text, VaultGemma, NanoChat, Beam, RecurrentGemma): their
+forward's logits are c * tanh(z / c) of z = lm_head(hidden), c = config.final_logit_softcapping when it is set
+(RecurrentGemma: logits_soft_cap). The fused paths read c at each call, as that forward does, and score the capped
+logits (before the temperature): fused_lm_head=True passes softcap=c to r1kernels.linear_token_logprobs, and a
+callable is called fn(hidden, weight, bias, softcap=c) -- the keyword of r1kernels.linear_token_logprobs /
+linear_grpo_loss -- only when c is set (an uncapped model calls fn(hidden, weight, bias) as before; on a capped
+model, a callable that does not declare a softcap parameter -- **kwargs alone could drop it -- is a ValueError
+naming fused_lm_head). Models whose forward scales their logits (Cohere's logit_scale, ...) stay refused: the fused
+paths take no logit scale.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ import torch
 # Causal LMs whose logits are exactly lm_head(last_hidden_state): no soft-capping, no logit scale.
 LM_HEAD_CLASSES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 # Causal LMs whose logits are lm_head(last_hidden_state), soft-capped to c * tanh(z / c) where their config sets
-# final_logit_softcapping = c (transformers 5.x's forwards; no logit scale): _LOGIT_RULES' gemma2, gemma3_text,
-# gemma3n_text, gemma4_text, vaultgemma (each checked against its forward's logits in tests/test_patch_lm_head.py).
+# final_logit_softcapping = c (RecurrentGemma: logits_soft_cap; transformers 5.x's forwards; no logit scale): every
+# soft-capped type of _LOGIT_RULES, each checked against its forward's logits in tests/test_patch_lm_head.py.
 SOFTCAP_CLASSES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "Gemma4ForCausalLM",
-                   "VaultGemmaForCausalLM")
+                   "VaultGemmaForCausalLM", "NanoChatForCausalLM", "BeamForCausalLM", "RecurrentGemmaForCausalLM")
 ALSO_FUSABLE = ("DeepseekV3ForCausalLM",)  # fused by r1kernels.integrations.trl, not by rk.patch
 # Config keys some forwards apply to z = lm_head(hidden) (as _LOGIT_RULES says); a model type not in _LOGIT_RULES
 # that sets one has logits this module cannot describe.
