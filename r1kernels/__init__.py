@@ -87,18 +87,13 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     (None: 300 MiB; r1kernels.ops.linear_grpo.chunk_plan gives the chunks it yields)."""
     temperature, chunk_budget_bytes = _checks.as_python(temperature), _checks.as_python(chunk_budget_bytes)
     _check_linear(hidden, weight, bias, labels, temperature)
-    softcap = _check_softcap(softcap)
+    softcap = _checks.softcap(softcap)
     _check_budget(chunk_budget_bytes)
     fn = _backend.pick("linear_token_logprobs", backend, hidden.device, hidden, weight, labels)
     if fn is None:
         return _ref.linear_token_logprobs(hidden, weight, labels, bias, temperature, return_entropy, softcap=softcap)
     budget = {} if chunk_budget_bytes is None else {"chunk_budget_bytes": chunk_budget_bytes}
     return fn(hidden, weight, labels, bias, temperature, return_entropy, softcap=softcap, **budget)
-
-
-def _check_softcap(softcap):
-    """None or a number in [_checks.MIN_SOFTCAP, _checks.MAX_SOFTCAP], returned as a Python float."""
-    return _checks.softcap(softcap)
 
 
 def _check_budget(chunk_budget_bytes):
@@ -329,7 +324,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
         beta, epsilon, epsilon_high, delta, temperature, max_completion_length, num_items_in_batch)
     chunk_budget_bytes = _checks.as_python(chunk_budget_bytes)
     _check_linear(hidden, weight, bias, completion_ids, temperature, "completion_ids", check_values=False)
-    softcap = _check_softcap(softcap)
+    softcap = _checks.softcap(softcap)
     _check_budget(chunk_budget_bytes)
     opts = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,

@@ -276,8 +276,8 @@ class Trainer(CheckpointMixin):
             grads = [p.grad for p in e.module.parameters() if p.grad is not None and p.grad.numel()]
             # one multi-tensor kernel per dtype (a launch per tensor took ~340 for a 1.5B model); fp32 also for
             # bf16 weights (ds_zero0_bf16: DeepSpeed's bf16 off)
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else None
-            before = torch.linalg.vector_norm(torch.stack(norms)) if grads else None
+            if grads:
+                before = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
         e.step()
         if not boundary:
             return False, None

@@ -7,10 +7,10 @@ has (their own GRPOTrainer subclasses included) and leaves TRL's constructor and
 
 What it switches:
 - log-probs and entropy (policy, old policy, reference): the models' fused lm_head becomes
-  r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral, DeepseekV3, and the
-  soft-capped Gemma-family models (lm_head.SOFTCAP_CLASSES); DeepseekV3 MoE layers
-  also route through r1kernels.moe (patch/deepseek_v3.py); Gemma's
-  final_logit_softcapping goes to the kernels' softcap (the loss's too), as TRL's own fused head applies it;
+  r1kernels.linear_token_logprobs (patch/lm_head.py) for Qwen2, Qwen3, Llama, Mistral, DeepseekV3 and the
+  soft-capped Gemma-family models (lm_head.SOFTCAP_CLASSES); DeepseekV3 MoE layers also route through
+  r1kernels.moe (patch/deepseek_v3.py); a soft-capped model's cap goes to the kernels' softcap (the loss's too),
+  as TRL's own fused head applies it;
 - every forward and backward of Qwen2, Qwen3, Llama and Mistral models (generation included): RMSNorm,
   the SiLU MLP's activation and the rotary embedding run as one fused kernel each (patch/layers.py);
 - the loss: r1kernels.linear_grpo_loss from the last hidden states, with TRL's GRPOConfig names
