@@ -440,7 +440,7 @@ def _canonical(v):
     (nested) lists of numbers in full (a repr elides the middle of a large one), bytes as hex; anything else by
     its repr, or by its type where the repr is its address."""
     if isinstance(v, dict):
-        return {k if isinstance(k, str) else f"{type(k).__name__}:{k!r}": _canonical(x) for k, x in v.items()}
+        return {k if isinstance(k, str) else f"{type(k).__name__}:{_repr(k)}": _canonical(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_canonical(x) for x in v]
     if isinstance(v, (set, frozenset)):
@@ -451,6 +451,11 @@ def _canonical(v):
         return v
     if callable(getattr(v, "tolist", None)):
         return _canonical(v.tolist())
+    return _repr(v)
+
+
+def _repr(v) -> str:
+    """repr(v), or v's type where the repr holds its address (which differs between processes)."""
     r = repr(v)
     return type(v).__qualname__ if " at 0x" in r else r
 

@@ -665,8 +665,8 @@ def test_rows_sha256_is_one_value_per_rows_in_every_process():
 
     from r1train.checkpoint import rows_sha256
 
-    code = ("from r1train.checkpoint import rows_sha256; "
-            "print(rows_sha256([{'tags': {'alpha', 'beta', 'gamma', 'delta'}, 'prompt': 'p'}]))")
+    code = ("from r1train.checkpoint import rows_sha256; "  # an object key: its repr is its address
+            "print(rows_sha256([{'tags': {'alpha', 'beta', 'gamma', 'delta'}, 'prompt': 'p', object(): 1}]))")
     seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3)}
     assert len(seen) == 1
