@@ -248,10 +248,13 @@ def rows_us(rows_list, dev) -> dict:
                                                    if _smem(dict(cfg, STAGES=s), epi) * bm // 64 <= 200 * 1024))
             forms = {"cuBLAS": None, "BLOCK_M=64": {"BLOCK_M": 64}, f"BLOCK_M={bm}": {"BLOCK_M": bm},
                      f"BLOCK_M={bm},STAGES={more['STAGES']}": more}
+            forms[f"BLOCK_M={bm},num_warps=8"] = dict(cfg, BLOCK_M=bm, num_warps=8)  # two warpgroups a program
             if op != "gate_up":  # 8-row weight tiles: twice the programs, two per SM (<= 113 KB of stages each)
                 for bk, st in ((256, 3), (128, 6)):
                     forms[f"BLOCK_M={bm},BLOCK_N=8,BLOCK_K={bk},STAGES={st}"] = dict(
                         cfg, BLOCK_M=bm, BLOCK_N=8, BLOCK_K=bk, STAGES=st)
+            else:  # 140 programs of 64 weight rows, two per SM (98 KB of stages each): every SM streams
+                forms[f"BLOCK_M={bm},BLOCK_N=64,STAGES=4"] = dict(cfg, BLOCK_M=bm, BLOCK_N=64, STAGES=4)
             us = {}
             for key, c in forms.items():
                 f = eng if c is None else functools.partial(ours, c=c)

@@ -8,8 +8,11 @@ keeps them), pipelined over K in STAGES, fp32 accumulation, one rounding at the 
               [M, 2I] gate/up output is never written and no SiLU kernel runs
 
 Program p owns weight rows [p * BLOCK_N, (p + 1) * BLOCK_N); the x tile's rows past M are zero-filled by the
-descriptor. H200, Qwen2.5-1.5B decode shapes at 64 rows, 28 distinct weights per CUDA graph (bench_decode_linear
---sweep, results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json), best of 33 configs against the engine's
+descriptor. The bias and the residual tile load before the K loop, not after it (H100, 28-call graphs at 64 rows,
+results/decode_linear_variants_h100_2026-12-07_56ee7ae.json: q/k/v 5.52 -> 5.41 us, o_proj + its RMSNorm 8.51 ->
+8.38, down_proj + its RMSNorm 18.05 -> 17.83).
+H200, Qwen2.5-1.5B decode shapes at 64 rows, 28 distinct weights per CUDA graph (bench_decode_linear --sweep,
+results/decode_gemm_few_rows_h200_2026-12-05_3d03630.json), best of 33 configs against the engine's
 cuBLAS form: q/k/v + bias 5.2 vs 6.0 us, o_proj + residual 4.9 vs 5.4, gate/up + SiLU 17.7 vs 20.8
 (cuBLAS + silu_mul); down_proj + residual 13.4 vs 12.7 (cuBLAS wins: the engine keeps it). Measured slower
 and removed (benchmarks/NOTES-decode-linear.md): the layer's RMSNorm folded into the K loop (H200 rollout +5.0%),
@@ -46,7 +49,16 @@ def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, s
                           HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    # the epilogue's global operands load before the K loop: no dependent round trip after it
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EPI == 1:
+        acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([0, k0])  # columns past K are zero-filled: no tail mask
@@ -60,14 +72,6 @@ def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, s
             if DOT_F32:
                 w2 = w2.to(tl.float32)
             acc2 = tl.dot(x, w2.T, acc2)
-    rm = tl.arange(0, BLOCK_M)
-    rn = n0 + tl.arange(0, BLOCK_N)
-    msk = (rm[:, None] < M) & (rn[None, :] < N)
-    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if EPI == 1:
-        acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
     if EPI == 2:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
@@ -82,7 +86,8 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
                   config: dict | None = None) -> torch.Tensor:
     """x_MK [1 <= M <= 64, K > 0] and w_NK / w2_NK [N, K] with unit stride along K and 16-byte aligned (eligible());
     residual_MN [M, N] (unit stride along N): updated in place and returned; w2_NK: the silu_gate epilogue
-    (w_NK is the gate's). config: overrides of CONFIGS[epilogue] (the benchmark's sweep)."""
+    (w_NK is the gate's). config: overrides of CONFIGS[epilogue] and of BLOCK_M (default MAX_ROWS; the benchmarks'
+    sweeps)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     epi = _epilogue(residual_MN, w2_NK)
@@ -90,7 +95,7 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     if INTERPRET:
         bn, bk = min(bn, 16), min(bk, 32)
-    bm = MAX_ROWS if not INTERPRET else max(16, triton.next_power_of_2(M))
+    bm = cfg.get("BLOCK_M", MAX_ROWS) if not INTERPRET else max(16, triton.next_power_of_2(M))
     out_MN = residual_MN if residual_MN is not None else x_MK.new_empty(M, N)
     x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
