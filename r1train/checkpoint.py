@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, deepspeed_file, read_deepspeed_config
+from .durable import posix_fsync
 
 log = logging.getLogger("r1train")
 
@@ -203,7 +204,7 @@ class CheckpointMixin:
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
-            fsync_dir(cfg.output_dir)  # the renames are on disk before any older checkpoint is deleted
+            posix_fsync(cfg.output_dir)  # the renames are on disk before any older checkpoint is deleted
             shutil.rmtree(old, ignore_errors=True)
             self._prune(step)
         dist.barrier()
@@ -310,17 +311,6 @@ def _sha256(path: str) -> str:
         return _sha256_of(fh)
 
 
-def fsync_dir(path: str):
-    """Put a directory's entries (the names created, renamed or removed in it) on disk."""
-    if os.name != "posix":  # a directory cannot be opened on Windows (NTFS journals its entries)
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(path: str):
     """path/manifest.json: every file under path with its size (and sha256 up to HASH_MAX_BYTES). Each file
     (whichever process wrote it) and each directory is on disk (fsync) before the manifest is written, and the
@@ -336,17 +326,16 @@ def write_manifest(path: str):
                 e = {"size": os.fstat(fh.fileno()).st_size}
                 if e["size"] <= HASH_MAX_BYTES:
                     e["sha256"] = _sha256_of(fh)
-                if os.name == "posix":  # Windows' fsync (FlushFileBuffers) needs a handle open for writing
-                    os.fsync(fh.fileno())
+                posix_fsync(fh.fileno())
             files[rel] = e
-        fsync_dir(root)
+        posix_fsync(root)
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as fh:
         json.dump({"format": 1, "files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(path, MANIFEST))
-    fsync_dir(path)
+    posix_fsync(path)
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -573,7 +562,7 @@ def recover_replaced(output_dir: str):
                 log.warning("output_dir: a save of checkpoint-%s was killed while replacing it; restoring it from %s",
                             step, src)
                 os.replace(src, final)
-                fsync_dir(output_dir)  # on disk before the start's cleanup deletes the other copy
+                posix_fsync(output_dir)  # on disk before the start's cleanup deletes the other copy
                 break
 
 

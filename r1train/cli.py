@@ -97,7 +97,7 @@ def cmd_sample(args):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .config import ConfigError, TrainConfig, check_grpo_batch, check_reward_weights, load_config
+    from .config import ConfigError, TrainConfig, check_grpo_config, load_config
     from .data import DatasetError
     from .rewards import RewardError
 
@@ -139,8 +139,7 @@ def main(argv=None) -> int:
 
             cfg = load_config(args.config, args.overrides, section=args.command)
             if args.command == "grpo":  # before the model loads
-                check_grpo_batch(cfg)
-                check_reward_weights(cfg)
+                check_grpo_config(cfg)
             model, tok = load_model_and_tokenizer(cfg)
             if args.command == "sft":
                 _, res = pipeline.run_sft(cfg, model, tok)

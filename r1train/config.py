@@ -683,6 +683,13 @@ def check_reward_weights(cfg: TrainConfig):
                           f"{len(cfg.reward_funcs)}")
 
 
+def check_grpo_config(cfg: TrainConfig):
+    """A GRPO config whose reward functions are its reward_funcs (the CLI's grpo, the recipe's and the demo's
+    grpo sections), checked before a model loads: whole groups per rank, then one reward_weights entry each."""
+    check_grpo_batch(cfg)
+    check_reward_weights(cfg)
+
+
 # the ops every trainer calls with backend=kernel_backend
 _TRAIN_OPS = ("token_logprobs", "linear_token_logprobs", "grpo_loss", "linear_grpo_loss")
 

@@ -10,6 +10,8 @@ import math
 import os
 import time
 
+from .durable import posix_fsync
+
 log = logging.getLogger("r1train")
 
 
@@ -104,12 +106,11 @@ class MetricsLogger:
     def sync(self):
         """metrics.jsonl and completions.jsonl on disk (fsync; rank 0): a checkpoint published after this has every
         row up to its step on disk, so a power loss loses no row that a resume from it keeps."""
-        if self.rank != 0 or os.name != "posix":  # Windows' fsync (FlushFileBuffers) needs a writable handle
+        if self.rank != 0:
             return
         for p in (self.path, self.comp_path):
             if os.path.exists(p):
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
+                posix_fsync(p)
 
     def log(self, step: int, metrics: dict):
         if self.rank != 0:

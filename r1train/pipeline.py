@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .config import ConfigError, TrainConfig, check_grpo_batch, check_reward_weights, load_config
+from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, load_config
 from .data import DatasetError
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
@@ -34,8 +34,7 @@ def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     for section, sub in stages.items():
         c = stage_cfg(load_config(path, overrides, section=section), sub)
         if section.startswith("grpo"):
-            check_grpo_batch(c)
-            check_reward_weights(c)
+            check_grpo_config(c)
         out.append(c)
     paths = [c.resume_from_checkpoint for c in out[1:] if c.resume_from_checkpoint not in (None, "latest")]
     for p in dict.fromkeys(paths):  # one checkpoint path given to several stages (the top level, key=value)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..config import CONFIG_DIR, TrainConfig, check_grpo_batch, check_reward_weights, load_config, task_spec
+from ..config import CONFIG_DIR, TrainConfig, check_grpo_config, load_config, task_spec
 from ..engine import setup_distributed
 from ..grpo import GRPOTrainer
 from ..rewards import accuracy_reward, format_reward, language_consistency_reward
@@ -36,8 +36,7 @@ def configs(yaml_name: str, overrides, out_dir: str, sections: dict) -> list[Tra
         c = load_config(path, ov, section=section)
         c = dataclasses.replace(c, output_dir=os.path.join(out_dir, sub))
         if section.startswith("grpo"):
-            check_grpo_batch(c)
-            check_reward_weights(c)
+            check_grpo_config(c)
         out.append(c)
     return out
 
