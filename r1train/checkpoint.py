@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, deepspeed_file, read_deepspeed_config
+from .config import ConfigError, deepspeed_file, ds_bf16_enabled, read_deepspeed_config
 from .durable import posix_fsync
 
 log = logging.getLogger("r1train")
@@ -494,9 +494,8 @@ def ds_precision_of(cfg) -> dict:
     file keeps them in bf16; "auto" is the bf16 key) and its two bf16_* options (False with bf16 off). A
     checkpoint's optimizer state has this layout and dtype: another one fails to load (deep in DeepSpeed) or
     loads into other dtypes, so a resume keeps it (check_resume_config)."""
-    bf16 = read_deepspeed_config(deepspeed_file(cfg)).get("bf16", {})
-    on = bf16.get("enabled", "auto")
-    on = bool(cfg.bf16) if on == "auto" else bool(on)
+    c = read_deepspeed_config(deepspeed_file(cfg))
+    bf16, on = c.get("bf16", {}), bool(ds_bf16_enabled(cfg, c))
     return {"bf16": on, **{k: on and bool(bf16.get(k, False))
                            for k in ("bf16_master_weights_and_grads", "bf16_optimizer_states")}}
 

@@ -542,6 +542,14 @@ def read_deepspeed_config(path: str) -> dict:
     return c
 
 
+def ds_bf16_enabled(cfg, c: dict):
+    """DeepSpeed's bf16.enabled for a run built from the `deepspeed` file c (read_deepspeed_config): the file's
+    value, or the config's bf16 where the file has "auto" or none. The one rule engine.ds_config fills and
+    checkpoint.ds_precision_of reads."""
+    v = c.get("bf16", {}).get("enabled", "auto")
+    return cfg.bf16 if v == "auto" else v
+
+
 def check_token_budget(cfg, longest: int, what: str):
     """max_tokens_per_batch (with padding_free) must hold the trainer's longest row, `longest` tokens (`what`
     says whose); packing.build_packs raised on it mid-training. The trainer calls it before any work: the

@@ -302,11 +302,22 @@ def warn_not_prefix(tok, i, left_out: list):
 
 class TokenCache(dict):
     """Token ids of prompts and completions already encoded: SFT revisits its rows every epoch, and encoding
-    (chat template + tokenizer) was 9% of the demo's SFT step. Holds at most max_entries texts."""
+    (chat template + tokenizer) was 9% of the demo's SFT step. Holds at most max_entries texts' ids, and as
+    many decoded JSON texts (json_value)."""
 
     def __init__(self, tok, max_entries: int = 1 << 16):
         super().__init__()
         self.tok, self.max_entries = tok, max_entries
+        self.json_values = {}  # JSON text -> its value (rows' `tools` text); at most max_entries, beside the ids
+
+    def json_value(self, text: str):
+        """text's JSON value, decoded once per text and shared: its users only read it (sft_template_kwargs)."""
+        if text in self.json_values:
+            return self.json_values[text]
+        v = json.loads(text)
+        if len(self.json_values) < self.max_entries:
+            self.json_values[text] = v
+        return v
 
     def _get(self, key, encode):
         ids = self.get(key)
@@ -378,17 +389,17 @@ def check_sft_completion(row, i, completion_column: str):
     return c
 
 
-def sft_template_kwargs(tok, row, i) -> dict:
+def sft_template_kwargs(tok, row, i, cache: TokenCache | None = None) -> dict:
     """Row i's chat-template keywords, as TRL 1.16's SFTTrainer reads them from a conversational row: its `tools`
     column (a list of tool schemas, or their JSON text as datasets may store it) and its `chat_template_kwargs`
     column (a dict, e.g. {"enable_thinking": false}), passed to the template when the row's prompt and
     prompt + completion are rendered. Absent or None: none. A bad value, or either column with a tokenizer that
     has no chat template to render it (r1train's plain rendering would drop it unseen), is a DatasetError naming
-    the row and the column."""
+    the row and the column. A cache decodes each `tools` text once (cache.json_value)."""
     tools, extra = row.get("tools"), row.get("chat_template_kwargs")
     if isinstance(tools, str):
         try:
-            tools = json.loads(tools)
+            tools = json.loads(tools) if cache is None else cache.json_value(tools)
         except json.JSONDecodeError as e:
             raise DatasetError(f"SFT row {i}: column 'tools' is text that is not JSON: {e.msg}") from e
     if tools is not None and not isinstance(tools, list):
@@ -421,7 +432,7 @@ def sft_tokens(tok, row, i, *, completion_column: str, max_length: int, completi
     cache = TokenCache(tok, 0) if cache is None else cache
     c = check_sft_completion(row, i, completion_column)
     # a conversational prompt is rendered with the row's tools / chat_template_kwargs (TRL: a string one ignores them)
-    kw = sft_template_kwargs(tok, row, i) if isinstance(row["prompt"], list) else {}
+    kw = sft_template_kwargs(tok, row, i, cache) if isinstance(row["prompt"], list) else {}
     if isinstance(c, list):
         p, comp, left_out = cache.chat_row(row["prompt"], c, kw)
     elif isinstance(row["prompt"], str):

@@ -27,6 +27,7 @@ from .config import (
     check_offload,
     check_token_budget,
     deepspeed_file,
+    ds_bf16_enabled,
     read_deepspeed_config,
 )
 from .loading import apply_lora, enable_activation_checkpointing, loss_impl_for, patch_layers
@@ -107,9 +108,7 @@ def ds_config(cfg: TrainConfig, micro_batch: int, grad_accum: int) -> dict:
             c[k] = v
     if "fp16" in c:  # checked (check_deepspeed_values): false or "auto", which transformers fills from its fp16 key
         c["fp16"] = {**c["fp16"], "enabled": False}
-    c.setdefault("bf16", {})
-    if c["bf16"].get("enabled", "auto") == "auto":
-        c["bf16"]["enabled"] = cfg.bf16
+    c.setdefault("bf16", {})["enabled"] = ds_bf16_enabled(cfg, c)
     c.pop("train_batch_size", None)  # checked: "auto" or micro-batch x accumulation x processes
     c.pop("optimizer", None)  # checked: the engine gets r1train's (the reference engine would build this one)
     zo = c.setdefault("zero_optimization", {"stage": 0})

@@ -623,6 +623,27 @@ def test_zero_stage_of_reads_the_file_the_engine_is_built_from(tmp_path):
     assert zero_stage_of(load_config(overrides=["zero_stage=1", f"deepspeed={f}"])) == 2
 
 
+def test_ds_precision_of_reads_the_bf16_the_engine_is_built_with(tmp_path):
+    """ds_precision_of (the precision a resume must keep) and engine.ds_config resolve bf16.enabled by one rule
+    (config.ds_bf16_enabled): the file's value, "auto" or none filled from bf16. Over every bf16 section a
+    config loads with, both give the rule's result, and the bf16_* options count only with DeepSpeed's bf16 on."""
+    from r1train.checkpoint import ds_precision_of
+    from r1train.engine import ds_config
+
+    f = tmp_path / "ds.json"
+    opts = {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    for bf16 in (False, True):
+        for section in (None, {}, {"enabled": "auto"}, {"enabled": False}, {"enabled": True},
+                        {"enabled": "auto", **opts}, {"enabled": False, **opts}, {"enabled": True, **opts}):
+            if section is not None and section.get("enabled") is True and not bf16:
+                continue  # a ConfigError at load (test_deepspeed_file_values_must_match_the_config)
+            f.write_text(json.dumps({} if section is None else {"bf16": section}))
+            cfg = load_config(overrides=[f"bf16={str(bf16).lower()}", f"deepspeed={f}"])
+            on = bf16 if (section or {}).get("enabled", "auto") == "auto" else section["enabled"]
+            assert ds_config(cfg, 8, 1)["bf16"]["enabled"] is on
+            assert ds_precision_of(cfg) == {"bf16": on, **{k: on and k in (section or {}) for k in opts}}
+
+
 def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
     """A recipe's GRPO keys (beta, num_generations, the loss's) changed while its SFT stage was interrupted blocked
     resuming the SFT run, whose training never reads them; they still block a GRPO resume. Keys an SFT run does

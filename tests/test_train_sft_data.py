@@ -484,6 +484,39 @@ def test_sft_renders_a_rows_tools_and_chat_template_kwargs_as_trl():
         sft_tokens(tok, {"prompt": prompt, "completion": comp, "tools": tools}, 7, max_length=512, **KW)
 
 
+def test_sft_decodes_each_rows_tools_text_once(tmp_path, monkeypatch):
+    """A row's `tools` column as JSON text was decoded each time the row was collated (every step; its token ids
+    were cached). SFTTrainer decodes each text once, when it checks its rows before training, and its steps'
+    collates give the same tensors as a collate that decodes every row afresh (no cache)."""
+    import json
+
+    from r1train.data import TokenCache
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.sft import SFTTrainer
+
+    def tools(name):
+        return json.dumps([{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}])
+
+    texts = [tools("add"), tools("mul")]
+    rows = [{"prompt": [{"role": "user", "content": f"{j}+{j}?"}], "completion": f"{2 * j}", "tools": texts[j % 2]}
+            for j in range(4)]
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_length=96", "per_device_train_batch_size=2"])
+    model, tok = load_model_and_tokenizer(cfg)
+    _tool_template(tok)
+    decoded, loads = [], json.loads
+    monkeypatch.setattr(json, "loads", lambda s, *a, **k: (decoded.append(s), loads(s, *a, **k))[1])
+    t = SFTTrainer(cfg, model, tok, rows, [])
+    assert sorted(s for s in decoded if s in texts) == sorted(texts)  # once each, before training
+    n = len(decoded)
+    for step in range(2):
+        t.train_step(step, rows)
+    got = sft_collate(tok, rows, **t.token_keys(cfg))
+    assert len(decoded) == n and isinstance(t.tokens.json_values[texts[0]], list)
+    want = sft_collate(tok, rows, **{**t.token_keys(cfg), "cache": TokenCache(tok, 0)})  # decodes each row again
+    assert len(decoded) == n + len(rows)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def _thinking_generation_prompt(tok):
     """The character tokenizer with a chat template whose generation prompt opens a <think> block that an
     assistant message does not start with (as DeepSeek-R1's and Qwen3's templates render them): the prompt
