@@ -429,7 +429,11 @@ def _canonical(v):
     (nested) lists of numbers in full (a repr elides the middle of a large one), bytes as hex; anything else by
     its repr, or by its type where the repr is its address."""
     if isinstance(v, dict):
-        return {k if isinstance(k, str) else f"{type(k).__name__}:{_repr(k)}": _canonical(x) for k, x in v.items()}
+        d = {k if isinstance(k, str) else f"{type(k).__name__}:{_repr(k)}": _canonical(x) for k, x in v.items()}
+        if len(d) < len(v):  # keys alike in canonical form (objects of one type): every pair, sorted, kept
+            return sorted(([_canonical(k), _canonical(x)] for k, x in v.items()),
+                          key=lambda p: json.dumps(p, sort_keys=True))
+        return d
     if isinstance(v, (list, tuple)):
         return [_canonical(x) for x in v]
     if isinstance(v, (set, frozenset)):

@@ -700,3 +700,6 @@ def test_rows_sha256_is_one_value_per_rows_in_every_process():
     arr[2500] = 2500
     rows[1]["t"][1500] = 0.5
     assert rows_sha256(rows) != base
+    a, b = object(), object()  # two keys of one canonical form: no value is lost to the other's
+    assert rows_sha256([{a: 1, b: 2}]) != rows_sha256([{a: 2, b: 2}])
+    assert rows_sha256([{a: 1, b: 2}]) == rows_sha256([{b: 2, a: 1}])
