@@ -245,7 +245,7 @@ def rows_us(rows_list, dev) -> dict:
             bm = max(16, 1 << (M - 1).bit_length())
             cfg = CONFIGS[epi]
             more = dict(cfg, BLOCK_M=bm, STAGES=max(s for s in range(cfg["STAGES"], 13)
-                                                   if _smem(dict(cfg, STAGES=s), epi) * bm // 64 <= 200 * 1024))
+                                                   if _smem(dict(cfg, STAGES=s), epi, bm) <= 200 * 1024))
             forms = {"cuBLAS": None, "BLOCK_M=64": {"BLOCK_M": 64}, f"BLOCK_M={bm}": {"BLOCK_M": bm},
                      f"BLOCK_M={bm},STAGES={more['STAGES']}": more}
             forms[f"BLOCK_M={bm},num_warps=8"] = dict(cfg, BLOCK_M=bm, num_warps=8)  # two warpgroups a program

@@ -145,6 +145,15 @@ def test_opcheck(device):
     torch.library.opcheck(dops.decode_linear_residual_op, (x, w, res.clone(), b))
 
 
+def test_block_m_below_rows_is_refused():
+    """A config's x tile of fewer rows than x (the benchmarks' BLOCK_M) would leave rows uncomputed: an error."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, _, _, _ = _inputs(20, 32, 64, dev)
+    with pytest.raises(ValueError, match="BLOCK_M=16 is below the 20 rows"):
+        dk.decode_linear(x, w, config={"BLOCK_M": 16})
+    assert_close(dk.decode_linear(x, w, config={"BLOCK_M": 32}), x.double() @ w.double().t(), torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(64, 2048, 1536), (37, 1536, 8960), (64, 17920, 1536), (1, 1536, 1536)])
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 3},

@@ -86,8 +86,8 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
                   config: dict | None = None) -> torch.Tensor:
     """x_MK [1 <= M <= 64, K > 0] and w_NK / w2_NK [N, K] with unit stride along K and 16-byte aligned (eligible());
     residual_MN [M, N] (unit stride along N): updated in place and returned; w2_NK: the silu_gate epilogue
-    (w_NK is the gate's). config: overrides of CONFIGS[epilogue] and of BLOCK_M (default MAX_ROWS; the benchmarks'
-    sweeps)."""
+    (w_NK is the gate's). config: overrides of CONFIGS[epilogue] and of BLOCK_M (the x tile's rows, >= M; default
+    MAX_ROWS; the benchmarks' sweeps)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     epi = _epilogue(residual_MN, w2_NK)
@@ -95,7 +95,9 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     if INTERPRET:
         bn, bk = min(bn, 16), min(bk, 32)
-    bm = cfg.get("BLOCK_M", MAX_ROWS) if not INTERPRET else max(16, triton.next_power_of_2(M))
+    bm = cfg.get("BLOCK_M", MAX_ROWS if not INTERPRET else max(16, triton.next_power_of_2(M)))
+    if bm < M:  # one tile of rows a program: a smaller one would leave rows uncomputed
+        raise ValueError(f"decode_linear: config BLOCK_M={bm} is below the {M} rows of x_MK")
     out_MN = residual_MN if residual_MN is not None else x_MK.new_empty(M, N)
     x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
@@ -121,9 +123,9 @@ def _device_ok(index: int) -> bool:
     return p.major >= 9 and getattr(p, "shared_memory_per_block_optin", 0) >= need
 
 
-def _smem(cfg: dict, epi: str) -> int:
+def _smem(cfg: dict, epi: str, block_m: int = MAX_ROWS) -> int:
     """Bytes of shared memory the pipeline's stages hold: the x tile and one (two for silu_gate) weight tiles."""
-    return (MAX_ROWS + (2 if epi == "silu_gate" else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["STAGES"]
+    return (block_m + (2 if epi == "silu_gate" else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["STAGES"]
 
 
 def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
