@@ -537,7 +537,11 @@ def test_rollout_engine_sliding_window(window):
     gc = GenerationConfig(max_new_tokens=T, do_sample=False, pad_token_id=0, eos_token_id=63)
     got, want, warned = _engine_vs_transformers(m, torch.randint(3, 64, (3, P)), gc)
     assert torch.equal(got, want)
-    assert [("sliding window" in x) for x in warned] == ([True] if window == "passed" else [])
+    # one message, naming the window and the lengths window_passed compared (not a sum recomputed beside it)
+    said = (f"r1kernels: transformers' generate runs this rollout (the model's {w}-token sliding window, which "
+            f"prompt + max_new_tokens - 1 ({P} + {T} - 1) pass)")
+    assert warned == ([said] if window == "passed" else [])
+    assert _engine_vs_transformers(m, torch.randint(3, 64, (3, P)), gc)[2] == []  # once a model, not per call
 
 
 def test_sliding_window_of_configs():
