@@ -280,6 +280,11 @@ def _tp_cases():
     base = next(c for c in cases if c["kind"] == "linear" and c["dtype"] == torch.float32 and c["reduction"] == "none")
     cases.append({**base, "g_logp": torch.zeros_like(base["g_logp"])})
     cases.append({**base, "g_ent": torch.zeros_like(base["g_ent"])})
+    # the logits-level drop-ins one at a time (verl's actor calls the entropy only where it needs it): the other's
+    # call runs without grad, so each backward goes through one drop-in's graph alone
+    for c in [c for c in cases if c["kind"] == "logits" and c["logits"].shape[-1] > 2]:
+        cases.append({**c, "only": "ent", "g_logp": torch.zeros_like(c["g_logp"])})
+        cases.append({**c, "only": "logp", "g_ent": torch.zeros_like(c["g_ent"])})
     return cases
 
 
@@ -291,8 +296,12 @@ def _tp_run(case, rank, group):
     if case["kind"] == "logits":
         V = case["logits"].shape[-1]
         shard = case["logits"][..., rank * V // TP:(rank + 1) * V // TP].clone().requires_grad_()
-        logp = v.vocab_parallel_log_probs_from_logits(shard, case["labels"], group=group)
-        ent = v.vocab_parallel_entropy(shard, group=group)
+        only = case.get("only")
+        with torch.set_grad_enabled(only != "ent"):
+            logp = v.vocab_parallel_log_probs_from_logits(shard, case["labels"], group=group)
+        with torch.set_grad_enabled(only != "logp"):
+            ent = v.vocab_parallel_entropy(shard, group=group)
+        assert (logp.grad_fn is None) == (only == "ent") and (ent.grad_fn is None) == (only == "logp")
         leaves = {"logits": shard}
     else:
         V = case["weight"].shape[0]
@@ -417,7 +426,7 @@ def test_tensor_parallel_matches_full_vocabulary(tp_results):
         dtype = case["dtype"]
         lowp_grads = (_full_reference(case, lowp=True)[2] if case["kind"] == "linear" and dtype == torch.bfloat16
                       else {})
-        what = f"case {i} ({case['kind']}, {dtype}, {tuple(case['labels'].shape)})"
+        what = f"case {i} ({case['kind']}, {dtype}, {tuple(case['labels'].shape)}, only {case.get('only')})"
         for r, res in enumerate(ranks):
             got = res["cases"][i]
             assert got["logp"].shape == logp.shape and got["ent"].shape == ent.shape
@@ -501,3 +510,40 @@ def test_vocab_parallel_one_rank_and_no_group(tmp_path, monkeypatch):
         dist.destroy_process_group()
     assert_close(logp, logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
     assert_close(ent, -(logp_all.exp() * logp_all).sum(-1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_vocab_parallel_one_rank_each_alone(tmp_path, dtype, backend):
+    """A group of one rank, each logits-level drop-in called alone (verl's actor calls the entropy only where it
+    needs it): values and gradients against the float64 formula at several shapes, fresh inputs per run."""
+    import torch.distributed as dist
+    from conftest import SEED
+
+    gen = torch.Generator().manual_seed(SEED % 2**31 + 29)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for shape in [(5, 2), (2, 5, 11), (3, 7, 300), (1, 33, 1000)]:
+            logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+            labels = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+            g = torch.randn(shape[:-1], generator=gen, dtype=torch.float64)
+            ref = logits.double().requires_grad_()
+            logp_all = torch.log_softmax(ref, -1)
+            want = {"ent": -(logp_all.exp() * logp_all).sum(-1),
+                    "logp": logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)}
+            for name in ("ent", "logp"):
+                x = logits.clone().requires_grad_()
+                if name == "ent":
+                    got = integ.vocab_parallel_entropy(x, group=dist.group.WORLD, backend=backend)
+                else:
+                    got = integ.vocab_parallel_log_probs_from_logits(x, labels, group=dist.group.WORLD,
+                                                                     backend=backend)
+                assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                assert got.shape == shape[:-1]
+                (grad,) = torch.autograd.grad((got * g.to(got.dtype)).sum(), x)
+                (want_grad,) = torch.autograd.grad((want[name] * g).sum(), ref, retain_graph=True)
+                what = f"{name} {shape} {dtype} {backend}"
+                assert_close(got, want[name].detach(), dtype, name=what)
+                assert_close(grad, want_grad, dtype, name=f"{what} grad")
+    finally:
+        dist.destroy_process_group()

@@ -2,9 +2,9 @@
 layout, the one verl's kernels assume): rank r of a group of W holds the logits of token ids [r * Vl, (r + 1) * Vl),
 every shard the same size Vl, and every rank the same rows and the same (full-vocabulary) labels.
 
-Each rank runs r1kernels' op on its own shard (labels off the shard replaced by a local index 0) and gets, per row,
-lse_r (the shard's log-sum-exp, from the shard log-prob of that index and its logit), ent_r (the shard
-distribution's entropy) and the label's logit where the shard holds it. Two all-reduces combine them:
+Each rank runs r1kernels' op on its own shard (labels off the shard replaced by an in-shard index: local_labels)
+and gets, per row, lse_r (the shard's log-sum-exp, from the shard log-prob of that index and its logit), ent_r (the
+shard distribution's entropy) and the label's logit where the shard holds it. Two all-reduces combine them:
 
     m = max_r lse_r                    (all-reduce MAX; also carries the shard-size and label-range checks, read
                                         without a host sync: r1kernels' device-side value checks)
@@ -13,12 +13,14 @@ distribution's entropy) and the label's logit where the shard holds it. Two all-
     lse = m + log S,  logp = Z - log S,  entropy = D / S + log S
 
 (entropy = sum_r pi_r ent_r - sum_r pi_r log pi_r with pi_r = w_r / S, the mixture identity: every term of D and
-log S is >= 0, so nothing cancels). The SUM is differentiable with an identity backward: the outputs are computed
-the same on every rank and so is the loss on them (Megatron's convention), and each rank's own terms enter S, D, Z
-once, so the chain rule through the identity gives each rank the full-vocabulary gradient restricted to its
-shard; m only shifts the exponents and is a constant. Gradients into anything a shard's logits come from (the
-hidden states of a vocab-parallel lm_head) are this rank's part; summing them over the group is the caller's,
-as it is with verl's kernel and Megatron's own vocab-parallel cross-entropy.
+log S is >= 0, so nothing cancels). The log-probs alone (logits_logprobs) leave D out; the entropy alone
+(logits_entropy) has no labels: its local index is 0 on every rank, and the label check and Z are left out. The SUM
+is differentiable with an identity backward: the outputs are computed the same on every rank and so is the loss on
+them (Megatron's convention), and each rank's own terms enter S, D, Z once, so the chain rule through the identity
+gives each rank the full-vocabulary gradient restricted to its shard; m only shifts the exponents and is a
+constant. Gradients into anything a shard's logits come from (the hidden states of a vocab-parallel lm_head) are
+this rank's part; summing them over the group is the caller's, as it is with verl's kernel and Megatron's own
+vocab-parallel cross-entropy.
 """
 from __future__ import annotations
 
@@ -60,46 +62,61 @@ def local_labels(labels, rank, shard):
 
 
 def combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world):
-    """Per-row shard results -> full-vocabulary (logp, entropy or None). logp_r / z_idx: the shard log-prob and
-    logit of the local index; ent_r: the shard entropy or None; owned: rows whose label is on this shard."""
+    """Per-row shard results -> full-vocabulary (logp or None, entropy or None). logp_r / z_idx: the shard log-prob
+    and logit of the local index; ent_r: the shard entropy or None; owned: rows whose label is on this shard.
+    labels and owned None: the entropy alone (ent_r given; no label check, no log-prob, logp None)."""
     lse_r = z_idx - logp_r
     vocab = shard * world
-    bad_label = ((labels < 0) | (labels >= vocab)).any()
-    # shard sizes and the flag ride on the MAX: exact in any float dtype up to 2**24, far above a vocab shard
-    tail = torch.stack([lse_r.new_tensor(shard), lse_r.new_tensor(-shard), bad_label.to(lse_r.dtype)])
-    stat = torch.cat([lse_r.detach().reshape(-1), tail])
+    # shard sizes (and the label flag) ride on the MAX: exact in any float dtype up to 2**24, far above a vocab shard
+    tail = [lse_r.new_tensor(shard), lse_r.new_tensor(-shard)]
+    if labels is not None:
+        tail.append(((labels < 0) | (labels >= vocab)).any().to(lse_r.dtype))
+    stat = torch.cat([lse_r.detach().reshape(-1), torch.stack(tail)])
     dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
     # checked on the reduced values without a host read: a ValueError for CPU tensors (and under
     # R1K_SYNC_CHECKS=1), a device assert for CUDA ones, as r1kernels' other value checks
-    hi, neg_lo, bad = stat[-3:]
+    n = len(tail)
+    hi, neg_lo = stat[-n], stat[-n + 1]
     _value_check((hi == shard) & (neg_lo == -shard),
                  "weight / logits: every rank of the tensor-parallel group must hold a vocabulary shard of the same "
                  f"size (Megatron's layout: rank r holds ids [r * Vl, (r + 1) * Vl)); this rank's is {shard}, "
                  "another's differs")
-    _value_check(bad == 0, f"labels must be token ids in [0, {vocab}) (the full vocabulary: {world} ranks x {shard} "
-                           "ids each) on every rank")
-    m = stat[:-3].reshape(lse_r.shape)
+    if labels is not None:
+        _value_check(stat[-1] == 0, f"labels must be token ids in [0, {vocab}) (the full vocabulary: {world} ranks x "
+                                    f"{shard} ids each) on every rank")
+    m = stat[:-n].reshape(lse_r.shape)
     w = torch.exp(lse_r - m)
-    z_t = torch.where(owned, z_idx - m, torch.zeros_like(z_idx))
-    parts = [w, z_t] if ent_r is None else [w, z_t, w * (ent_r + (m - lse_r))]
+    parts = [w]
+    if labels is not None:
+        parts.append(torch.where(owned, z_idx - m, torch.zeros_like(z_idx)))
+    if ent_r is not None:
+        parts.append(w * (ent_r + (m - lse_r)))
     sums = _GroupSum.apply(torch.stack(parts), group)
     log_s = sums[0].log()
-    logp = sums[1] - log_s
-    ent = None if ent_r is None else sums[2] / sums[0] + log_s
+    logp = None if labels is None else sums[1] - log_s
+    ent = None if ent_r is None else sums[-1] / sums[0] + log_s
     return logp, ent
 
 
-def logits_logprobs(logits, labels, group, return_entropy, backend="auto"):
+def logits_logprobs(logits, labels, group, backend="auto"):
     """logits [..., Vl] (this rank's shard), labels [...] full-vocabulary ids -> fp32 (fp64 for float64 logits)
-    full-vocabulary log-probs [...] and entropy [...] (or None)."""
+    full-vocabulary log-probs [...]."""
     rank, world = rank_and_size(group)
     shard = logits.shape[-1]
     idx, owned = local_labels(labels, rank, shard)
-    out = token_logprobs(logits, idx, return_entropy=return_entropy, backend=backend)  # entropy only if asked
-    logp_r, ent_r = out if return_entropy else (out, None)
+    logp_r = token_logprobs(logits, idx, backend=backend)
     z_idx = acc(logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
-    logp, ent = combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world)
-    return logp, ent
+    return combine(logp_r, None, z_idx, owned, labels, shard, group, world)[0]
+
+
+def logits_entropy(logits, group, backend="auto"):
+    """logits [..., Vl] (this rank's shard) -> fp32 (fp64 for float64 logits) full-vocabulary entropy [...]. The
+    shard's op still needs an index per row (its log-prob there gives lse_r): 0, on every rank."""
+    world = dist.get_world_size(group)
+    idx = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    logp_r, ent_r = token_logprobs(logits, idx, return_entropy=True, backend=backend)
+    z_idx = acc(logits[..., 0])
+    return combine(logp_r, ent_r, z_idx, None, None, logits.shape[-1], group, world)[1]
 
 
 def linear_logprobs(hidden, weight, labels, temperature, group, backend="auto"):

@@ -176,18 +176,12 @@ def _tp_group(group):
     return mpu.get_tensor_model_parallel_group()
 
 
-def _vocab_parallel_call(logits, labels, group, return_entropy, backend):
+def _tp_group_and_size(group):
     group = _tp_group(group)
     size = _group_size(group)
     if size is None:
         raise ValueError(f"group must be a process group of an initialized torch.distributed, got {group!r}")
-    if size == 1:
-        logp, ent = token_logprobs(logits, labels, return_entropy=True, backend=backend)
-        return logp, ent if return_entropy else None
-    _checks.float_tensor("logits", logits, min_ndim=1)
-    _checks.int_tensor("labels", labels)
-    _checks.shape("labels", labels, logits.shape[:-1], " (the leading dims of logits)")
-    return _vocab_parallel.logits_logprobs(logits, labels, group, return_entropy, backend)
+    return group, size
 
 
 def vocab_parallel_log_probs_from_logits(logits, labels, *, group=None, backend="auto"):
@@ -195,14 +189,25 @@ def vocab_parallel_log_probs_from_logits(logits, labels, *, group=None, backend=
     (this rank's vocabulary shard, Megatron's layout), labels [...] full-vocabulary ids -> fp32 log softmax(full
     logits)[label] [...] on every rank. group (keyword only, not verl's): the tensor-parallel group, default
     Megatron's; backend: the r1kernels backend."""
-    return _vocab_parallel_call(logits, labels, group, False, backend)[0]
+    group, size = _tp_group_and_size(group)
+    if size == 1:
+        return token_logprobs(logits, labels, backend=backend)
+    _checks.float_tensor("logits", logits, min_ndim=1)
+    _checks.int_tensor("labels", labels)
+    _checks.shape("labels", labels, logits.shape[:-1], " (the leading dims of logits)")
+    return _vocab_parallel.logits_logprobs(logits, labels, group, backend)
 
 
 def vocab_parallel_entropy(vocab_parallel_logits, *, group=None, backend="auto"):
     """Drop-in for verl.utils.megatron.tensor_parallel.vocab_parallel_entropy: logits [..., V / tp] (this rank's
     vocabulary shard) -> fp32 entropy [...] of softmax over the full vocabulary, on every rank. group / backend
-    as in vocab_parallel_log_probs_from_logits."""
+    as in vocab_parallel_log_probs_from_logits. No log-prob is combined or reduced (r1kernels has no entropy-only
+    op: its per-row log-prob at index 0, one element read and one written by the same kernel, is discarded, or on a
+    group of W > 1 ranks gives the shard's log-sum-exp)."""
     logits = vocab_parallel_logits
     _checks.float_tensor("vocab_parallel_logits", logits, min_ndim=1)
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return _vocab_parallel_call(logits, labels, group, True, backend)[1]
+    group, size = _tp_group_and_size(group)
+    if size == 1:
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        return token_logprobs(logits, labels, return_entropy=True, backend=backend)[1]
+    return _vocab_parallel.logits_entropy(logits, group, backend)
