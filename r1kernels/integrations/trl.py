@@ -318,14 +318,7 @@ def _fallback_reason(model, gc, kwargs) -> str | None:
         if v is not None and v != off and not (off is None and v == []):
             return f"generation_config.{k}={v!r}"
     ids = kwargs.get("input_ids")
-    if ids is None:
-        return None
-    # window_passed owns the rule (which positions are attended); the message names the lengths it was given
-    P, T = ids.shape[1], gc.max_new_tokens
-    w = window_passed(model.config, P, T)
-    if w is not None:
-        return f"the model's {w}-token sliding window, which prompt + max_new_tokens - 1 ({P} + {T} - 1) pass"
-    return None
+    return None if ids is None else window_passed(model.config, ids.shape[1], gc.max_new_tokens)
 
 
 def _engine_generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):

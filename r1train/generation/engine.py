@@ -209,11 +209,14 @@ def sliding_window(config) -> int | None:
     return w  # Mistral: a set sliding_window applies to every layer
 
 
-def window_passed(config, P: int, T: int) -> int | None:
-    """The model's sliding window where a rollout of P prompt columns and T new tokens passes it (the engine
-    attends to every position), else None. P + T - 1 positions are attended: the last sampled token is not fed."""
+def window_passed(config, P: int, T: int) -> str | None:
+    """Why the engine cannot run a rollout of P prompt columns and T new tokens on this model (it attends to every
+    position): the model's sliding window, which they pass; else None. P + T - 1 positions are attended: the last
+    sampled token is not fed."""
     w = sliding_window(config)
-    return w if w is not None and P + T - 1 > w else None
+    if w is None or P + T - 1 <= w:
+        return None
+    return f"the model's {w}-token sliding window, which prompt + max_new_tokens - 1 ({P} + {T} - 1) pass"
 
 
 class Engine:
@@ -388,11 +391,10 @@ class Engine:
         T, dev = sp.max_new_tokens, prompt_ids_BP.device
         if B == 0:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, device=dev)
-        w = window_passed(self.model.config, P, T)
-        if w is not None:
-            raise ValueError(f"the model's layers attend within a {w}-token sliding window, which prompt + "
-                             f"max_new_tokens - 1 ({P} + {T} - 1) pass; the generation engine attends to every "
-                             "position: use rollout_engine=transformers")
+        why = window_passed(self.model.config, P, T)
+        if why is not None:
+            raise ValueError(f"the generation engine attends to every position, not within {why}: use "
+                             "rollout_engine=transformers")
         check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model, pad_id)
         # padding columns are not read (check_prompt_rows checks the masked-in ids only), but the prefill embeds
         # them: a caller's own pad value (-1, an id past the vocabulary) would index outside the embedding
