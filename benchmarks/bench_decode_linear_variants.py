@@ -206,8 +206,9 @@ def qkv_us(M, dev) -> dict:
     return us
 
 
-def _row_forms(op, x, ws, w2s, bs, res):
-    """(the engine's cuBLAS form, rk.decode_linear with a config, the fp32 reference) of layer i."""
+def _row_forms(op, x, ws, w2s, bs, res, gu):
+    """(the engine's cuBLAS form, rk.decode_linear with a config, the fp32 reference) of layer i; gu: gate_up's
+    stacked [gate; up] weights (the engine's one GEMM), built once per op."""
     import torch.nn.functional as F
 
     import r1kernels as rk
@@ -218,7 +219,6 @@ def _row_forms(op, x, ws, w2s, bs, res):
     if op == "o_proj":
         return (lambda i: res.addmm_(x, ws[i].t()), lambda i, c: production(x, ws[i], residual_MN=res, config=c), None)
     n = ws[0].shape[0]
-    gu = [torch.cat([a, b]) for a, b in zip(ws, w2s)]
     return (lambda i: rk.silu_mul(*F.linear(x, gu[i]).split(n, -1)),
             lambda i, c: production(x, ws[i], w2_NK=w2s[i], config=c),
             lambda i: F.silu(reference(x, ws[i])) * reference(x, w2s[i]))
@@ -238,10 +238,11 @@ def rows_us(rows_list, dev) -> dict:
         ws, w2s = [[torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5 for _ in range(LAYERS)]
                    for _ in range(2 if epi == "silu_gate" else 1)] + [None] * (epi != "silu_gate")
         bs = [torch.randn(n, device=dev, dtype=bf) for _ in range(LAYERS)] if op == "qkv" else None
+        gu = [torch.cat([a, b]) for a, b in zip(ws, w2s)] if w2s is not None else None
         for M in rows_list:
             x = torch.randn(M, k, device=dev, dtype=bf)
             res = torch.randn(M, n, device=dev, dtype=bf)
-            eng, ours, want = _row_forms(op, x, ws, w2s, bs, res)
+            eng, ours, want = _row_forms(op, x, ws, w2s, bs, res, gu)
             bm = max(16, 1 << (M - 1).bit_length())
             cfg = CONFIGS[epi]
             more = dict(cfg, BLOCK_M=bm, STAGES=max(s for s in range(cfg["STAGES"], 13)
@@ -266,7 +267,7 @@ def rows_us(rows_list, dev) -> dict:
                     us[key] = f"{type(e).__name__}: {e}"[:160]
             out.setdefault(op, {})[M] = us
             print(op, M, {kk: (round(v, 2) if isinstance(v, float) else v) for kk, v in us.items()}, flush=True)
-        ws = w2s = bs = None
+        ws = w2s = bs = gu = None
         torch.cuda.empty_cache()
     return out
 

@@ -431,13 +431,12 @@ def _canonical(v):
     if isinstance(v, dict):
         d = {k if isinstance(k, str) else f"{type(k).__name__}:{_repr(k)}": _canonical(x) for k, x in v.items()}
         if len(d) < len(v):  # keys alike in canonical form (objects of one type): every pair, sorted, kept
-            return sorted(([_canonical(k), _canonical(x)] for k, x in v.items()),
-                          key=lambda p: json.dumps(p, sort_keys=True))
+            return sorted(([_canonical(k), _canonical(x)] for k, x in v.items()), key=_json_order)
         return d
     if isinstance(v, (list, tuple)):
         return [_canonical(x) for x in v]
     if isinstance(v, (set, frozenset)):
-        return sorted((_canonical(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True))
+        return sorted((_canonical(x) for x in v), key=_json_order)
     if isinstance(v, (bytes, bytearray)):
         return v.hex()
     if v is None or isinstance(v, (str, int, float, bool)):
@@ -445,6 +444,11 @@ def _canonical(v):
     if callable(getattr(v, "tolist", None)):
         return _canonical(v.tolist())
     return _repr(v)
+
+
+def _json_order(v) -> str:
+    """A sort key of canonical values that is the same in every process: their JSON with sorted keys."""
+    return json.dumps(v, sort_keys=True)
 
 
 def _repr(v) -> str:
