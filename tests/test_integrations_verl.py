@@ -547,3 +547,43 @@ def test_vocab_parallel_one_rank_each_alone(tmp_path, dtype, backend):
                 assert_close(grad, want_grad, dtype, name=f"{what} grad")
     finally:
         dist.destroy_process_group()
+
+
+def test_vocab_parallel_backward_makes_one_logits_sized_tensor(tmp_path):
+    """The shard's log-sum-exp comes from the kernel with its own gradient, so the multi-rank logits drop-ins'
+    backward writes the kernel's [..., Vl] gradient and nothing else of that size (the log-prob's gather of the
+    local index's logit added a zero tensor, a scatter and a sum of two gradients; the entropy's a select's)."""
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from r1kernels.integrations import _vocab_parallel as vp
+
+    pytest.importorskip("triton")
+
+    class NewTensors(TorchDispatchMode):  # out-of-place ops whose output has the logits' size
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.ops = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            first = out[0] if isinstance(out, (tuple, list)) and out else out
+            inplace_or_alias = func._schema.name.endswith("_") or func in (torch.ops.aten.view.default,
+                                                                            torch.ops.aten.detach.default)
+            if isinstance(first, torch.Tensor) and first.numel() == self.numel and not inplace_or_alias:
+                self.ops.append(str(func))
+            return out
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            logits, labels = (torch.randn(4, 6, 37) * 3).to(dtype), torch.randint(0, 37, (4, 6))
+            for name in ("logp", "ent"):
+                x = logits.clone().requires_grad_()
+                out = (vp.logits_logprobs(x, labels, dist.group.WORLD, "triton") if name == "logp"
+                       else vp.logits_entropy(x, dist.group.WORLD, "triton"))
+                with NewTensors(x.numel()) as rec:
+                    (out * torch.randn(out.shape)).sum().backward()
+                assert rec.ops == ["r1kernels.token_logprobs_bwd.default"], f"{name} {dtype}: {rec.ops}"
+    finally:
+        dist.destroy_process_group()

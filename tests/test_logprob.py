@@ -76,6 +76,35 @@ def test_compile_fullgraph():
     assert_close(logits.grad, x64.grad, torch.float32, name="compiled grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grads", ["lse", "logp+lse", "lse+entropy", "all"])
+def test_lse_output_has_its_gradient(dtype, grads):
+    """The op's lse output (logsumexp(logits / T), which the verl drop-ins use) carries its own gradient p / T:
+    it was dropped. Any mix of the three outputs' gradients against the float64 reference's autograd."""
+    shape, V, T = (3, 5), 41, 0.8
+    logits = (torch.randn(*shape, V) * 3).to(dtype)
+    labels = torch.randint(0, V, shape)
+    entropy = "entropy" in grads or grads == "all"
+    x = logits.clone().requires_grad_()
+    x64 = logits.double().requires_grad_()
+    out = lp_ops.token_logprobs_lse_triton(x, labels, T, entropy)
+    ref = rk.reference.token_logprobs_lse(x64, labels, T, entropy)
+    for o, r, name in zip(out, ref, ("logp", "lse", "entropy")):
+        if r is not None:
+            assert_close(o, r, torch.float32, name=name)
+    used = {"lse": (1,), "logp+lse": (0, 1), "lse+entropy": (1, 2), "all": (0, 1, 2)}[grads]
+    gs = {i: torch.randn(shape) for i in used}
+    sum((out[i] * g).sum() for i, g in gs.items()).backward()
+    sum((ref[i] * g.double()).sum() for i, g in gs.items()).backward()
+    lowp = None
+    if dtype != torch.float32:  # the torch reference in the same low precision
+        xl = logits.clone().requires_grad_()
+        rl = rk.reference.token_logprobs_lse(xl, labels, T, entropy)
+        sum((rl[i] * g).sum() for i, g in gs.items()).backward()
+        lowp = xl.grad
+    assert_close(x.grad, x64.grad, dtype, lowp=lowp, name="grad")
+
+
 def test_opcheck():
     logits = torch.randn(2, 3, 19, requires_grad=True)
     labels = torch.randint(0, 19, (2, 3))

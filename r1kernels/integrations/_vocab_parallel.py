@@ -3,8 +3,9 @@ layout, the one verl's kernels assume): rank r of a group of W holds the logits 
 every shard the same size Vl, and every rank the same rows and the same (full-vocabulary) labels.
 
 Each rank runs r1kernels' op on its own shard (labels off the shard replaced by an in-shard index: local_labels)
-and gets, per row, lse_r (the shard's log-sum-exp, from the shard log-prob of that index and its logit), ent_r (the
-shard distribution's entropy) and the label's logit where the shard holds it. Two all-reduces combine them:
+and gets, per row, lse_r (the shard's log-sum-exp: the logits op returns it; the fused lm_head op gives the shard
+log-prob of that index, and lse_r is that index's logit minus it), ent_r (the shard distribution's entropy) and the
+label's logit where the shard holds it (lse_r + the shard log-prob). Two all-reduces combine them:
 
     m = max_r lse_r                    (all-reduce MAX; also carries the shard-size and label-range checks, read
                                         without a host sync: r1kernels' device-side value checks)
@@ -27,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import linear_token_logprobs, token_logprobs
+from .. import _backend, _check_logits_labels, linear_token_logprobs
+from .. import reference as _ref
 from .._checks import _value_check
 from ..reference.logprob import acc
 
@@ -61,11 +63,13 @@ def local_labels(labels, rank, shard):
     return labels.long().remainder(shard), owned
 
 
-def combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world):
+def combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world, lse_r=None):
     """Per-row shard results -> full-vocabulary (logp or None, entropy or None). logp_r / z_idx: the shard log-prob
-    and logit of the local index; ent_r: the shard entropy or None; owned: rows whose label is on this shard.
-    labels and owned None: the entropy alone (ent_r given; no label check, no log-prob, logp None)."""
-    lse_r = z_idx - logp_r
+    and logit of the local index; ent_r: the shard entropy or None; owned: rows whose label is on this shard;
+    lse_r: the shard's log-sum-exp where the kernel gives it (else z_idx - logp_r). labels and owned None: the
+    entropy alone (ent_r and lse_r given; no label check, no log-prob, logp None)."""
+    if lse_r is None:
+        lse_r = z_idx - logp_r
     vocab = shard * world
     # shard sizes (and the label flag) ride on the MAX: exact in any float dtype up to 2**24, far above a vocab shard
     tail = [lse_r.new_tensor(shard), lse_r.new_tensor(-shard)]
@@ -98,25 +102,32 @@ def combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world):
     return logp, ent
 
 
+def _shard_lse(logits, idx, entropy, backend):
+    """The shard's (log-prob of idx, lse, entropy or None) [...] from r1kernels' token_logprobs kernels (the
+    reference on the torch backend), lse with its own gradient: no gather of the idx logit, whose backward is a
+    full [..., Vl] zero tensor added to the kernel's gradient."""
+    _check_logits_labels("logits", logits, "labels", idx, 1.0, check_values=False)  # idx: in the shard by making
+    fn = _backend.pick("token_logprobs", backend, logits.device, logits, idx)
+    return (fn.with_lse if fn is not None else _ref.token_logprobs_lse)(logits, idx, 1.0, entropy)
+
+
 def logits_logprobs(logits, labels, group, backend="auto"):
     """logits [..., Vl] (this rank's shard), labels [...] full-vocabulary ids -> fp32 (fp64 for float64 logits)
     full-vocabulary log-probs [...]."""
     rank, world = rank_and_size(group)
     shard = logits.shape[-1]
     idx, owned = local_labels(labels, rank, shard)
-    logp_r = token_logprobs(logits, idx, backend=backend)
-    z_idx = acc(logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
-    return combine(logp_r, None, z_idx, owned, labels, shard, group, world)[0]
+    logp_r, lse_r, _ = _shard_lse(logits, idx, False, backend)
+    return combine(logp_r, None, logp_r + lse_r, owned, labels, shard, group, world, lse_r=lse_r)[0]
 
 
 def logits_entropy(logits, group, backend="auto"):
     """logits [..., Vl] (this rank's shard) -> fp32 (fp64 for float64 logits) full-vocabulary entropy [...]. The
-    shard's op still needs an index per row (its log-prob there gives lse_r): 0, on every rank."""
+    shard's op still takes an index per row: 0, on every rank."""
     world = dist.get_world_size(group)
     idx = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    logp_r, ent_r = token_logprobs(logits, idx, return_entropy=True, backend=backend)
-    z_idx = acc(logits[..., 0])
-    return combine(logp_r, ent_r, z_idx, None, None, logits.shape[-1], group, world)[1]
+    _, lse_r, ent_r = _shard_lse(logits, idx, True, backend)
+    return combine(None, ent_r, None, None, None, logits.shape[-1], group, world, lse_r=lse_r)[1]
 
 
 def linear_logprobs(hidden, weight, labels, temperature, group, backend="auto"):

@@ -1,6 +1,7 @@
 """token_logprobs as torch.library custom ops over the Triton kernels: r1kernels::token_logprobs_fwd
-returns (logp, lse, entropy); its autograd calls r1kernels::token_logprobs_bwd (one read of the logits,
-one write of their gradient). Fakes make both traceable by torch.compile(fullgraph=True)."""
+returns (logp, lse, entropy); its autograd (every output's gradient, lse's included) calls
+r1kernels::token_logprobs_bwd (one read of the logits, one write of their gradient). Fakes make both traceable by
+torch.compile(fullgraph=True)."""
 from __future__ import annotations
 
 import torch
@@ -45,12 +46,19 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_logp, g_lse, g_ent):
+    """d logp / dz = (onehot - p) / T and d lse / dz = p / T = (onehot - (onehot - p)) / T: the kernel's log-prob
+    gradient at weights g_logp - g_lse, then g_lse / T added at each row's label (N elements, in logits' dtype: in
+    bf16 that element rounds twice, as the sum of two bf16 gradients would)."""
     logits, labels, lse, ent = ctx.saved_tensors
-    if g_logp is None:
-        g_logp = torch.zeros_like(lse)
     if g_ent is not None and not ctx.entropy:
         g_ent = None
-    d = token_logprobs_bwd(logits, labels, lse, ent, g_logp, g_ent, ctx.temperature)
+    g = torch.zeros_like(lse) if g_logp is None else g_logp
+    if g_lse is not None:
+        g = g - g_lse
+    d = token_logprobs_bwd(logits, labels, lse, ent, g, g_ent, ctx.temperature)
+    if g_lse is not None:
+        at_label = (g_lse / ctx.temperature).reshape(-1, 1).to(d.dtype)
+        d.view(-1, d.shape[-1]).scatter_add_(1, labels.reshape(-1, 1).long(), at_label)
     return d, None, None, None
 
 
@@ -62,8 +70,15 @@ def token_logprobs_triton(logits, labels, temperature=1.0, return_entropy=False)
     return (logp, ent) if return_entropy else logp
 
 
+def token_logprobs_lse_triton(logits, labels, temperature=1.0, return_entropy=False):
+    """reference.token_logprobs_lse's contract: (logp, lse, entropy or None), each differentiable."""
+    logp, lse, ent = token_logprobs_fwd(logits, labels, float(temperature), bool(return_entropy))
+    return logp, lse, ent if return_entropy else None
+
+
 def _eligible(logits, labels, *a, **k):
     return logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 token_logprobs_triton.eligible = _eligible
+token_logprobs_triton.with_lse = token_logprobs_lse_triton  # the same kernels, lse returned (the verl drop-ins)

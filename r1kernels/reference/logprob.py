@@ -17,16 +17,21 @@ LINEAR_CHUNK_ROWS = 4096
 
 def token_logprobs(logits, labels, temperature=1.0, return_entropy=False):
     """logits [..., V], labels [...] -> fp32 log p(label) [...] (and fp32 entropy [...])."""
+    logp, _, entropy = token_logprobs_lse(logits, labels, temperature, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def token_logprobs_lse(logits, labels, temperature=1.0, return_entropy=False):
+    """-> (log p(label), lse = logsumexp(logits / T), entropy or None) [...], fp32, each differentiable."""
     z = acc(logits)
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
     if not return_entropy:
-        return logp
+        return logp, lse, None
     p = torch.softmax(z, dim=-1)
-    entropy = lse - (p * z).sum(-1)
-    return logp, entropy
+    return logp, lse, lse - (p * z).sum(-1)
 
 
 def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy, softcap):
