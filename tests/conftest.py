@@ -115,7 +115,9 @@ def assert_close(out, ref, dtype=torch.float32, *, lowp=None, name="output", sca
     if lowp is not None:
         tol = max(tol, lowp_ratio * rel_err(lowp, ref, scale))
     tol += _atol(ref, scale)
-    assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.3e} (seed {SEED})"
+    nan_ref = int(torch.isnan(ref.detach()).sum())
+    why = f"; the reference itself has {nan_ref} NaN values" if nan_ref else ""
+    assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.3e}{why} (seed {SEED})"
 
 
 def assert_close_set(outs: dict, refs: dict, dtype, *, lowps: dict | None = None, name="output"):
