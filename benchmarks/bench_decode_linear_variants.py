@@ -10,6 +10,9 @@ runs as 28 calls over 28 distinct weights in one CUDA graph (as bench_decode_lin
             residual; one launch, the launch the step pays for the norm today). Program count S x N / BLOCK_N
             at BLOCK_N 32-128: the x tile every program reads shrinks to its K range, and each SM's
             shared-memory stages hold more weight bytes (at BLOCK_N 16 the 64-row x tile is 4/5 of every stage).
+  ws        the K loop warp-specialized (tl.range(warp_specialize=True): producer warps issue the descriptor
+            loads, consumer warps run the dots), with 4 or 8 warps: the H100 ncu of the production o_proj shows
+            one 4-warp program per SM issuing one instruction every ~8 cycles, long-scoreboard bound (NOTES)
 
 The residual projections are timed with the RMSNorm that follows them in the step (o_proj -> the post-attention
 norm, down_proj -> the next layer's input norm), so every variant pays its consumer: cuBLAS addmm_ + rk.rms_norm,
@@ -44,7 +47,8 @@ SPLITS = {"o_proj": [(16, 256, 5, 1), (64, 128, 4, 4), (32, 128, 4, 4), (32, 256
 @triton.jit
 def _variant_kernel(x_desc, w_desc, out_ptr, part_ptr, bias_ptr, M, N, CHUNKS, stride_om, EPI: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PRELOAD: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                    WS: tl.constexpr):
     """rk.decode_linear's body (EPI 0: out = acc (+ bias); 1: out += acc in place) with PRELOAD and SPLIT (module
     docstring). SPLIT: program (j, s) takes K chunks [s * CHUNKS // S, (s + 1) * CHUNKS // S) and stores its fp32
     partial at part[s] (no bias, no residual: the consumer's)."""
@@ -63,7 +67,7 @@ def _variant_kernel(x_desc, w_desc, out_ptr, part_ptr, bias_ptr, M, N, CHUNKS, s
             acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
     c0 = s * CHUNKS // S
     c1 = (s + 1) * CHUNKS // S
-    for c in tl.range(c0, c1, num_stages=STAGES):
+    for c in tl.range(c0, c1, num_stages=STAGES, warp_specialize=WS):
         x = x_desc.load([0, c * BLOCK_K])
         w = w_desc.load([n0, c * BLOCK_K])
         if DOT_F32:  # the interpreter's bf16 dot is wrong
@@ -82,8 +86,9 @@ def _variant_kernel(x_desc, w_desc, out_ptr, part_ptr, bias_ptr, M, N, CHUNKS, s
 
 
 def variant(x_MK, w_NK, *, bias_N=None, residual_MN=None, part_SMN=None, preload=False, block_n=16, block_k=256,
-            stages=5):
-    """out [M, N] (or residual_MN in place), or with part_SMN [S, M, N] fp32 the S partials (split)."""
+            stages=5, ws=False, num_warps=4):
+    """out [M, N] (or residual_MN in place), or with part_SMN [S, M, N] fp32 the S partials (split); ws: the K
+    loop warp-specialized."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     interp = x_MK.device.type != "cuda"
@@ -96,7 +101,7 @@ def variant(x_MK, w_NK, *, bias_N=None, residual_MN=None, part_SMN=None, preload
         x_desc, w_desc, out, part_SMN if part_SMN is not None else out, bias_N if bias_N is not None else out,
         M, N, triton.cdiv(K, block_k), out.stride(-2), EPI=int(residual_MN is not None), HAS_BIAS=bias_N is not None,
         PRELOAD=preload, SPLIT=part_SMN is not None, DOT_F32=interp, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=stages, num_warps=4)
+        STAGES=stages, WS=ws, num_warps=num_warps)
     return out
 
 
@@ -143,8 +148,9 @@ def _graph_us(calls) -> float:
     return time_ms(graphed(lambda: [f() for f in calls]), "cuda") / len(calls) * 1e3
 
 
-def residual_us(name, M, dev, configs) -> dict:
-    """o_proj / down_proj + the RMSNorm after it: us per layer of each form."""
+def residual_us(name, M, dev, configs, warp_spec=False) -> dict:
+    """o_proj / down_proj + the RMSNorm after it: us per layer of each form (warp_spec: the warp-specialized forms
+    beside the production kernel and cuBLAS, no others)."""
     import r1kernels as rk
     from r1kernels.reference.fused import rms_norm as rms_norm_reference
     from r1kernels.triton.decode_linear import decode_linear as production
@@ -163,6 +169,12 @@ def residual_us(name, M, dev, configs) -> dict:
     forms = {"cuBLAS addmm_ + rms_norm": lambda i: (res.addmm_(x, ws[i].t()), norm(i)),
              "rk.decode_linear + rms_norm": lambda i: (production(x, ws[i], residual_MN=res), norm(i)),
              "preload + rms_norm": lambda i: (variant(x, ws[i], residual_MN=res, preload=True), norm(i))}
+    if warp_spec:
+        del forms["preload + rms_norm"]
+        configs = ()
+        for nw_ in (4, 8):
+            forms[f"ws num_warps={nw_} + rms_norm"] = (
+                lambda i, n_=nw_: (variant(x, ws[i], residual_MN=res, preload=True, ws=True, num_warps=n_), norm(i)))
     parts = {}
     for bn, bk, st, S in configs:
         part = parts.setdefault(S, torch.empty(S, M, n, device=dev, dtype=torch.float32))
@@ -188,7 +200,7 @@ def residual_us(name, M, dev, configs) -> dict:
     return us
 
 
-def qkv_us(M, dev) -> dict:
+def qkv_us(M, dev, warp_spec=False) -> dict:
     import torch.nn.functional as F
 
     from r1kernels.triton.decode_linear import decode_linear as production
@@ -199,6 +211,11 @@ def qkv_us(M, dev) -> dict:
     forms = {"cuBLAS F.linear": lambda i: F.linear(x, ws[i], bs[i]),
              "rk.decode_linear": lambda i: production(x, ws[i], bias_N=bs[i]),
              "preload": lambda i: variant(x, ws[i], bias_N=bs[i], preload=True)}
+    if warp_spec:
+        del forms["preload"]
+        for nw_ in (4, 8):
+            forms[f"ws num_warps={nw_}"] = lambda i, n_=nw_: variant(x, ws[i], bias_N=bs[i], preload=True, ws=True,
+                                                                      num_warps=n_)
     us = {}
     for key, f in forms.items():
         err = _rel(f(0), reference(x, ws[0], bias_N=bs[0]))
@@ -285,6 +302,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--rows-sweep", default=None, help="comma list of row counts: rows_us only")
+    p.add_argument("--ws", action="store_true", help="the warp-specialized K loop only (q/k/v, o_proj; its own "
+                   "process and JSON: a form the compiler mishandles cannot take the others' results with it)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available() or TensorDescriptor is None:
         print("bench_decode_linear_variants: needs a CUDA device and Triton tensor descriptors")
@@ -296,16 +315,16 @@ def main(argv=None):
         res = {"benchmark": "decode_linear_rows", **environment("cuda"), "layers": LAYERS, "floor_us": floors,
                "us": rows_us([int(r) for r in a.rows_sweep.split(",")], "cuda")}
         return _save(a.out, "bench_decode_linear_rows.json", res)
-    rows = {"qkv": qkv_us(a.rows, "cuda")}
-    for name in ("o_proj", "down"):
-        rows[name] = residual_us(name, a.rows, "cuda", SPLITS[name])
+    rows = {"qkv": qkv_us(a.rows, "cuda", warp_spec=a.ws)}
+    for name in ("o_proj",) if a.ws else ("o_proj", "down"):
+        rows[name] = residual_us(name, a.rows, "cuda", SPLITS[name], warp_spec=a.ws)
     for name, us in rows.items():
         print(f"{name} (weight floor {floors[name]:.1f} us)")
         for key, t in sorted(us.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9):
             print(f"   {t if isinstance(t, str) else f'{t:7.2f} us'}  {key}")
     res = {"benchmark": "decode_linear_variants", **environment("cuda"), "rows": a.rows, "layers": LAYERS,
            "floor_us": floors, "us": rows}
-    return _save(a.out, "bench_decode_linear_variants.json", res)
+    return _save(a.out, f"bench_decode_linear_variants{'_ws' if a.ws else ''}.json", res)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ def test_variants_equal_float64(M, N, K, S, bn, bk):
     y = x.double() @ w.double().t()
     tol = TOLERANCES[BF]
     kw = dict(block_n=bn, block_k=bk, stages=2)
-    for preload in (False, True):
-        assert _rel(variant(x, w, bias_N=b, preload=preload, **kw), y + b.double()) < tol
+    for preload, ws in ((False, False), (True, False), (True, True)):
+        assert _rel(variant(x, w, bias_N=b, preload=preload, ws=ws, **kw), y + b.double()) < tol
         res = r.clone()
-        variant(x, w, residual_MN=res, preload=preload, **kw)
+        variant(x, w, residual_MN=res, preload=preload, ws=ws, **kw)
         assert _rel(res, y + r.double()) < tol
     part = torch.full((S, M, N), float("nan"), device=dev)  # every element written, empty K ranges included
     variant(x, w, part_SMN=part, **kw)
