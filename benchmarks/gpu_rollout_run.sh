@@ -5,7 +5,7 @@
 # use_r1kernels. JSON under $OUT.
 # Needs the wheels in .wheels/ (carry=[".wheels"]): deepspeed (+ hjson, pydantic, pydantic-core,
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
-# Env: DL (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,trle,varied); KERNELS (benches, default
+# Env: DL, DLV (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,trle,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
 # "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
 # TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the default, AB and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
@@ -33,6 +33,15 @@ if [ -n "${DL:-}" ]; then
   python3 -m benchmarks.bench_rollout --out "$OUT" --only fixed --skip-peers --reps 3 --profile \
     --ab "${ROLLOUT_AB:-cublas,nofusions,down,dl_all_rows}" || rc=$?
   SKIP=${SKIP:-},rollout
+fi
+# DLV=1: rk.decode_linear's gpu tests and its experiment benches: the x tile's rows (BLOCK_M 64 vs next_pow2(rows),
+# --rows-sweep), then the warp-specialized K loop (--ws, its own process: a miscompile cannot take the sweep with it)
+if [ -n "${DLV:-}" ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_linear.py 2>&1 | tail -2
+  python3 -m pytest -q -p no:cacheprovider tests/test_bench_decode_linear_variants.py 2>&1 | tail -2  # on cuda there
+  timeout 300 python3 -m benchmarks.bench_decode_linear_variants --rows-sweep "${DLV_ROWS:-2,8,16,32,64}" --out "$OUT" \
+    2>&1 | tail -20
+  timeout 180 python3 -m benchmarks.bench_decode_linear_variants --ws --out "$OUT" 2>&1 | tail -12
 fi
 skip rollout || python3 -m benchmarks.bench_rollout --out "$OUT" ${ROLLOUT_ARGS:---reps 2 --profile} || rc=$?
 skip step || k300 python3 benchmarks/train_gpu.py "$OUT/train_gpu.json" --steps 4 ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -3
