@@ -362,8 +362,6 @@ class TrainConfig:
             _checks.temperature(self.eval_temperature, "eval_temperature")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2 for group advantages, got {self.num_generations}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ConfigError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
         if self.delta is not None:
@@ -426,13 +424,9 @@ class TrainConfig:
         if not self.padding_free:
             raise ConfigError(f"max_tokens_per_batch={b} needs padding_free=true (token-budget micro-batches are "
                               "packed)")
-        # the longest row: a GRPO row's max_prompt_length + max_completion_length, an SFT row's at most max_length
-        # tokens; the trainer checks the bound of its rows (check_token_budget), so here a budget below both
-        grpo, sft = self.max_prompt_length + self.max_completion_length, self.max_length
-        if b < min(grpo, sft):
-            raise ConfigError(f"max_tokens_per_batch must hold the longest row: >= max_prompt_length + "
-                              f"max_completion_length = {grpo} for GRPO, >= max_length = {sft} (or the longest "
-                              f"training row's tokens) for SFT; got {b}")
+        # the budget's floor is the trainer's longest row (check_token_budget): GRPO's max_prompt_length +
+        # max_completion_length (check_grpo_config, before a model loads), SFT's longest training row (the
+        # trainer tokenizes its rows before any work): this config alone does not know which it runs
 
     def _check_rewards(self):
         # each name and weight is checked by check_type (the keys' LIST_ITEMS kinds)
@@ -675,9 +669,17 @@ def check_offload(cfg, stage: int):
         raise ConfigError(f"offload_param needs ZeRO stage 3 (zero_stage=3), got stage {stage}")
 
 
+# values another trainer's config takes under the same key (a TRL SFTConfig ported as is)
+CHOICE_HINTS = {("loss_type", "nll"): " (loss_type is GRPO's key; SFT always minimizes the NLL, TRL SFTConfig's "
+                                      "loss_type=nll: leave it unset for sft)"}
+
+
 def check_grpo_batch(cfg: TrainConfig):
-    """GRPO keeps each prompt's G completions on one rank: the per-rank batch must hold whole groups."""
+    """GRPO compares each prompt's G >= 2 completions, kept on one rank: the per-rank batch must hold whole
+    groups (`r1train sample` may draw one completion a prompt)."""
     n, G = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.num_generations
+    if G < 2:
+        raise ConfigError(f"num_generations must be >= 2 for group advantages, got {G}")
     if n % G:
         raise ConfigError(f"num_generations: per_device_train_batch_size * gradient_accumulation_steps = {n} must "
                           f"be a multiple of num_generations = {G} (each prompt's G completions stay on one rank)")
@@ -693,9 +695,18 @@ def check_reward_weights(cfg: TrainConfig):
 
 def check_grpo_config(cfg: TrainConfig):
     """A GRPO config whose reward functions are its reward_funcs (the CLI's grpo, the recipe's and the demo's
-    grpo sections), checked before a model loads: whole groups per rank, then one reward_weights entry each."""
+    grpo sections), checked before a model loads: whole groups per rank, one reward_weights entry each, a token
+    budget that holds the longest GRPO row."""
     check_grpo_batch(cfg)
     check_reward_weights(cfg)
+    if cfg.padding_free and cfg.max_tokens_per_batch is not None:
+        check_token_budget(cfg, *grpo_longest_row(cfg))
+
+
+def grpo_longest_row(cfg) -> tuple[int, str]:
+    """(tokens, what): a GRPO row's most tokens, prompt + completion."""
+    return cfg.max_prompt_length + cfg.max_completion_length, \
+        "max_prompt_length + max_completion_length (the longest GRPO row)"
 
 
 # the ops every trainer calls with backend=kernel_backend
@@ -752,7 +763,8 @@ def check_type(x: dataclasses.Field, v):
                                   f"{item!r})")
     choices = x.metadata.get("choices")
     if choices is not None and v not in choices:
-        raise ConfigError(f"{x.name}: {v!r} is not one of {choices}")
+        hint = CHOICE_HINTS.get((x.name, v), "")
+        raise ConfigError(f"{x.name}: {v!r} is not one of {choices}{hint}")
     if base is dict and not all(isinstance(k, str) for k in v):
         raise ConfigError(f"{x.name} must be a dict with string keys, got {v!r}")
 

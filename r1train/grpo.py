@@ -31,7 +31,7 @@ from r1kernels.reference.grpo import (
 )
 
 from . import moe_replay
-from .config import check_grpo_batch
+from .config import check_grpo_batch, grpo_longest_row
 from .data import decode_completions, encode_prompts, grpo_template_kwargs, reward_columns
 from .engine import Trainer
 from .generation import release as release_engine
@@ -362,8 +362,7 @@ class GRPOTrainer(Trainer):
         return [ro, texts, ids_list, table, failed, self.rewards.last_extra if rows else []]
 
     def longest_row(self, cfg, rows):
-        return cfg.max_prompt_length + cfg.max_completion_length, \
-            "max_prompt_length + max_completion_length (the longest GRPO row)"
+        return grpo_longest_row(cfg)
 
     def reward_state(self, step):
         """TRL's trainer_state for the reward functions of `step` (0-based): a transformers.TrainerState as at

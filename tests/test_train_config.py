@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from r1train.config import ConfigError, check_reward_weights, load_config
+from r1train.config import ConfigError, check_grpo_config, check_reward_weights, load_config
 from r1train.data import DatasetError, load_rows
 
 
@@ -14,7 +14,9 @@ from r1train.data import DatasetError, load_rows
     ("learning_rate=fast", "learning_rate: expected float, got str 'fast'"),
     ("loss_type=ppo", "loss_type: 'ppo' is not one of"),
     ("zero_stage=4", "zero_stage: 4 is not one of [0, 1, 2, 3]"),
-    ("num_generations=1", "num_generations must be >= 2"),
+    ("num_generations=1", "__valid__"),  # `r1train sample` may draw one a prompt; GRPO refuses it (below)
+    ("num_generations=0", "num_generations must be"),
+    ("loss_type=nll", "SFT always minimizes the NLL, TRL SFTConfig's loss_type=nll: leave it unset for sft"),
     ("top_p=1.5", "top_p must be in (0, 1]"),
     ("bf16=maybe", "bf16: expected bool"),
     ("beta", "expected key=value"),
@@ -46,6 +48,22 @@ def test_bad_override(override, msg):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=override.split(" "))
     assert msg in str(e.value)
+
+
+def test_grpo_needs_two_generations_a_prompt(tmp_path):
+    """num_generations < 2 is refused where GRPO runs (its command's check, the trainer), not at load: `r1train
+    sample` may draw one completion a prompt."""
+    import train_helpers as H
+
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    cfg = load_config(overrides=H.FAST + ["num_generations=1", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="num_generations must be >= 2 for group advantages, got 1"):
+        check_grpo_config(cfg)
+    model, tok = load_model_and_tokenizer(cfg)
+    with pytest.raises(ConfigError, match="num_generations must be >= 2 for group advantages, got 1"):
+        GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=[H.digit_share])
 
 
 def test_yaml_sections_and_precedence(tmp_path):
@@ -393,10 +411,6 @@ def test_token_budget_is_checked_against_the_trainers_longest_row(tmp_path):
         return GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=[H.digit_share])
 
     sft = ["max_length=64", "max_prompt_length=32", "max_steps=1"]
-    # below both bounds: an error at load, naming both
-    with pytest.raises(ConfigError, match=r"max_tokens_per_batch must hold the longest row.*= 40 for GRPO.*"
-                                          r"max_length = 64 .*for SFT; got 39"):
-        load_config(overrides=H.FAST + sft + ["padding_free=true", "max_tokens_per_batch=39"])
     # SFT: the longest training row, counted here as training tokenizes it (prompt + completion + eos)
     cfg = load_config(overrides=H.FAST + sft)
     _, tok = load_model_and_tokenizer(cfg)
@@ -413,9 +427,19 @@ def test_token_budget_is_checked_against_the_trainers_longest_row(tmp_path):
     t = trainer(SFTTrainer, "sft_ok", "max_length=64", "max_steps=1", "max_tokens_per_batch=512")
     assert t.cfg.max_prompt_length + t.cfg.max_completion_length > 512 >= t.cfg.max_length
     assert len(t.train()) == 1
-    # GRPO: below prompt + completion, above max_length (an SFT key)
-    with pytest.raises(ConfigError, match=r"max_tokens_per_batch must be >= max_prompt_length \+ "
-                                          r"max_completion_length \(the longest GRPO row\) = 40, got 39"):
+    # SFT: a budget that holds its rows though below both GRPO's bound and max_length (it was refused at load,
+    # the message's "or the longest training row" notwithstanding)
+    big = ["max_length=128", "max_prompt_length=120", "max_steps=1", f"max_tokens_per_batch={longest}"]
+    load_config(overrides=H.FAST + big + ["padding_free=true"])
+    assert len(trainer(SFTTrainer, "sft_below_both", *big).train()) == 1
+    # GRPO: below prompt + completion, above max_length (an SFT key): at the grpo command's check, before a model
+    # loads, and at the trainer's init
+    small = H.FAST + ["max_prompt_length=32", "max_length=16", "padding_free=true", "max_tokens_per_batch=39"]
+    msg = (r"max_tokens_per_batch must be >= max_prompt_length \+ max_completion_length \(the longest GRPO row\) "
+           r"= 40, got 39")
+    with pytest.raises(ConfigError, match=msg):
+        check_grpo_config(load_config(overrides=small))
+    with pytest.raises(ConfigError, match=msg):
         trainer(GRPOTrainer, "grpo_small", "max_prompt_length=32", "max_length=16", "max_tokens_per_batch=39")
 
 
