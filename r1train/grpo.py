@@ -50,6 +50,8 @@ TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_m
 CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # with importance_sampling_level=sequence TRL's clip_ratio/*_mean count sequences (every row of the micro-batch)
 CLIP_MEAN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+# the keys Trainer.train adds to each step's metrics after train_step
+LOOP_METRICS = ("learning_rate", "epoch", "step_time")
 # a loss call's [sum of H over the tokens the loss trains on, their count] (top_entropy_quantile < 1; popped from
 # its metrics by train_step, never logged): adaptive entropy control's window, as TRL's _entropy_window_stats
 ENTROPY_WINDOW = "entropy/window"
@@ -83,8 +85,8 @@ def cispo_clipped(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
     adv = adv_b[:, None] if adv_b.dim() == 1 else adv_b
     eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     hit = ((r > eps_high) & (adv > 0)).double()
-    if r.shape[1] == 1:
-        return torch.stack([hit.sum(), hit.new_tensor(float(hit.shape[0]))])
+    if cfg.importance_sampling_level == "sequence":  # not r's width: a trimmed micro-batch may be 1 token wide
+        return torch.stack([hit.sum(), hit.new_full((), hit.shape[0])])
     return torch.stack([(hit * m).sum(), m.double().sum()])
 
 
@@ -103,7 +105,7 @@ def vespo_phi(logp_bT, old_bT, adv_b, mask_bT, samp_bT, cfg) -> torch.Tensor:
     adv = (adv_b[:, None] if adv_b.dim() == 1 else adv_b).float()
     phi = vespo_weights(adv, lp - old, m, is_w, cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg,
                         cfg.vespo_lambda_neg).double()
-    return torch.stack([phi.sum(), phi.new_tensor(float(phi.shape[0]))])
+    return torch.stack([phi.sum(), phi.new_full((), phi.shape[0])])
 
 
 @torch.no_grad()
@@ -120,14 +122,14 @@ def clip_extremes(logp_bT, old_bT, adv_b, mask_bT, cfg) -> torch.Tensor:
     adv = adv_b[:, None] if adv_b.dim() == 1 else adv_b
     eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     low, high = ((r < 1 - cfg.epsilon) & (adv < 0)).float(), ((r > 1 + eps_high) & (adv > 0)).float()
-    if r.shape[1] == 1:  # sequence level: the sequence's own value
+    if cfg.importance_sampling_level == "sequence":  # the sequence's own value (not r's width: see cispo_clipped)
         low_b, high_b = low[:, 0], high[:, 0]
     else:
         n_b = m.sum(-1)
         low_b, high_b = (low * m).sum(-1) / n_b, (high * m).sum(-1) / n_b  # NaN: no scored token
-    inf = torch.tensor(math.inf, device=m.device)
-    return torch.stack([torch.cat([low_b.nan_to_num(math.inf), inf[None]]).min(),
-                        torch.cat([-high_b.nan_to_num(-math.inf), inf[None]]).min()])
+    inf = m.new_full((1,), math.inf)  # a fill, not a host-to-device copy (a stream sync on CUDA)
+    return torch.stack([torch.cat([low_b.nan_to_num(math.inf), inf]).min(),
+                        torch.cat([-high_b.nan_to_num(-math.inf), inf]).min()])
 
 
 def loss_keys(cfg) -> dict:
@@ -377,7 +379,7 @@ class GRPOTrainer(Trainer):
                             train_batch_size=cfg.per_device_train_batch_size, is_world_process_zero=self.rank == 0,
                             is_local_process_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
-    def _logged_metrics(self, m) -> dict:
+    def _logged_metrics(self) -> dict:
         """The step's log_metric values by name, averaged over every rank's calls (TRL: sum / count)."""
         got = self.rewards.take_metrics()
         names = sorted(got)
@@ -391,10 +393,16 @@ class GRPOTrainer(Trainer):
                             device=self.dev)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(sums)
-        taken = [k for k in names if k in m]
+        return {k: s / c for k, (s, c) in zip(names, sums.tolist())}
+
+    def _add_logged_metrics(self, m: dict, user: dict):
+        """The step's log_metric values join its metrics m (the trainer's, complete but for LOOP_METRICS); a name
+        the trainer logs itself is an error (its value would be overwritten: the check ran before the loss
+        metrics existed). The same names on every rank: every rank raises."""
+        taken = sorted(k for k in user if k in m or k in LOOP_METRICS)
         if taken:
             raise RewardError(f"log_metric: {taken} are metrics the trainer logs itself; log them under other names")
-        return {k: s / c for k, (s, c) in zip(names, sums.tolist())}
+        m.update(user)
 
     def _varied(self, table, failed) -> list[bool]:
         """Per group of G samples: do the weighted rewards of its scored samples differ? Failed and unscorable
@@ -492,7 +500,7 @@ class GRPOTrainer(Trainer):
             mask_BT[ro.truncated_B] = 0
         mask_BT[failed_N.bool().to(mask_BT.device)] = 0
         m.update(self.reward_metrics(vals_all, total_N, std_all, failed_all, ro))
-        m.update(self._logged_metrics(m))
+        self._user_metrics = self._logged_metrics()  # joined to the step's metrics at its end
         samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
                     "reward": _finite_or_none(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
@@ -629,7 +637,7 @@ class GRPOTrainer(Trainer):
                                                entropy_coef=self.applied_entropy_coef())
                 n_tok = mask_BT[sl].sum().double()  # the micro-batch's scored tokens (metric weights)
                 # with importance_sampling_level=sequence TRL's clip_ratio/*_mean weigh each row of the micro-batch
-                n_seq = n_tok.new_tensor(float(out.per_token_logprobs.shape[0]))
+                n_seq = n_tok.new_full((), out.per_token_logprobs.shape[0])  # a fill: no host-to-device copy
                 # TRL's adaptive-entropy window: the entropy sum and count of the tokens the loss trains on (the
                 # top_entropy_quantile selection; else every scored token)
                 win = out.metrics.pop(ENTROPY_WINDOW, None)
@@ -660,11 +668,15 @@ class GRPOTrainer(Trainer):
                                                cfg.vllm_importance_sampling_mode,
                                                cfg.vllm_importance_sampling_clip_min,
                                                cfg.vllm_importance_sampling_clip_max)
-                        w = w[:, 0] if w.shape[1] == 1 else w[m_BT]  # sequence modes: one weight per row
-                        if w.numel():
-                            w = w.double()
-                            samp_sum[2:] += torch.stack([w.sum(), w.new_tensor(w.numel())])
-                            samp_max[1:] = torch.maximum(samp_max[1:], torch.stack([w.max(), -w.min()]))
+                        # sequence modes: one weight per row, every row; token modes: the scored tokens. Masked
+                        # sums and extremes, no boolean index (its nonzero is a stream sync per micro-batch)
+                        w = w.double()
+                        seq = cfg.vllm_importance_sampling_mode.startswith("sequence")
+                        cnt = torch.ones_like(w, dtype=torch.bool) if seq else m_BT
+                        if w.numel():  # a filler pack has no rows
+                            samp_sum[2:] += torch.stack([(w * cnt).sum(), cnt.double().sum()])
+                            samp_max[1:] = torch.maximum(samp_max[1:], torch.stack(
+                                [w.masked_fill(~cnt, -math.inf).max(), -w.masked_fill(~cnt, math.inf).min()]))
                 clock.mark("backward")
                 self.engine.backward(out.loss)
                 clock.mark("optimizer")
@@ -746,6 +758,7 @@ class GRPOTrainer(Trainer):
             for smp in samples[:2]:
                 r = "none" if smp["reward"] is None else f"{smp['reward']:.2f}"
                 print(f"[step {step + 1}] reward={r} {smp['prompt']!r} -> {smp['completion']!r}")
+        self._add_logged_metrics(m, self._user_metrics)
         return m
 
     def _loss_kw(self, n_items, entropy_coef, **tensors) -> dict:

@@ -707,3 +707,38 @@ if __name__ == "__main__":  # a worker process of the tests above: test_train_gr
     import sys
 
     globals()[sys.argv[1]](*sys.argv[2:])
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_clip_metrics_read_the_level_from_the_config_not_the_width(T):
+    """Token-level clip_ratio/low_min, high_max and cispo_clip_ratio at any micro-batch width: a micro-batch
+    trimmed to one token (every row with at most one scored token) was read as sequence level (width 1), counting
+    the masked rows. Against the per-sequence shares computed here over the scored tokens."""
+    from r1train.grpo import cispo_clipped, clip_extremes
+
+    g = torch.Generator().manual_seed(T)
+    cfg = load_config(overrides=["epsilon=0.2", "epsilon_high=0.28"])
+    b = 6
+    old = torch.randn(b, T, generator=g, dtype=torch.float64).float()
+    logp = old + torch.randn(b, T, generator=g).mul(0.5)
+    adv = torch.tensor([-1.0, 1.0, -1.0, 1.0, 2.0, -2.0])
+    mask = (torch.rand(b, T, generator=g) < 0.7).float()
+    mask[0, 0], mask[1, 0], mask[2:4] = 1.0, 1.0, 0.0  # two rows with a scored token, two with none
+    r = (logp - old).exp()
+    low = ((r < 0.8) & (adv[:, None] < 0)).double()
+    high = ((r > 1.28) & (adv[:, None] > 0)).double()
+    seen = mask.sum(1) > 0
+    low_b, high_b = [(x * mask).sum(1)[seen] / mask.sum(1)[seen] for x in (low, high)]
+    got = clip_extremes(logp, old, adv, mask, cfg)
+    assert got.tolist() == pytest.approx([low_b.min().item(), -high_b.max().item()])
+    hit = ((r > 0.28) & (adv[:, None] > 0)).double()
+    assert cispo_clipped(logp, old, adv, mask, cfg).tolist() == pytest.approx([(hit * mask).sum().item(),
+                                                                              mask.sum().item()])
+    # every scored token low-clipped: the least share is 1 (a masked row's 0 was taken)
+    assert clip_extremes(old - 1.0, old, -adv.abs(), mask, cfg)[0].item() == 1.0
+    # sequence level: one ratio a row (the masked mean of its log-ratio), every row counted
+    cfg = load_config(overrides=["epsilon=0.2", "epsilon_high=0.28", "importance_sampling_level=sequence",
+                                 "loss_type=grpo"])
+    rs = (((logp - old) * mask).sum(1) / mask.sum(1).clamp(min=1)).exp()
+    hit = ((rs > 0.28) & (adv > 0)).double()
+    assert cispo_clipped(logp, old, adv, mask, cfg).tolist() == pytest.approx([hit.sum().item(), float(b)])

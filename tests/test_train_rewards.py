@@ -232,9 +232,11 @@ def test_grpo_rewards_get_trl_trainer_state_log_metric_and_log_extra(tmp_path):
     assert all(r["seen_step"] == r["step"] - 1 for r in rows)
 
 
-def _own_metric(prompts, completions, log_metric, **_):
-    log_metric("reward", 1.0)
-    return [0.0] * len(completions)
+def _own_metric(name):
+    def own_metric(prompts, completions, log_metric, **_):
+        log_metric(name, 1.0)
+        return [0.0] * len(completions)
+    return own_metric
 
 
 def _own_column(prompts, completions, log_extra, **_):
@@ -242,12 +244,23 @@ def _own_column(prompts, completions, log_extra, **_):
     return [0.0] * len(completions)
 
 
-@pytest.mark.parametrize("fn, msg", [(_own_metric, r"log_metric: \['reward'\] are metrics the trainer logs itself"),
-                                     (_own_column, r"log_extra: columns \['advantage'\] are the completions log's")])
+@pytest.mark.parametrize("fn, msg", [
+    (_own_metric("reward"), r"log_metric: \['reward'\] are metrics the trainer logs itself"),
+    # the loss phase's and the loop's own keys (they overwrote the reward's value without an error)
+    (_own_metric("entropy"), r"log_metric: \['entropy'\] are metrics the trainer logs itself"),
+    (_own_metric("loss"), r"log_metric: \['loss'\] are metrics the trainer logs itself"),
+    (_own_metric("learning_rate"), r"log_metric: \['learning_rate'\] are metrics the trainer logs itself"),
+    (_own_column, r"log_extra: columns \['advantage'\] are the completions log's")])
 def test_trl_hooks_cannot_overwrite_the_trainers_own(tmp_path, fn, msg):
     t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[fn])
     with pytest.raises(R.RewardError, match=msg):
-        t.make_batch(0, t.rows_for(0)[0])
+        t.train()
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip()
+
+
+def test_a_logged_metric_of_another_name_is_logged(tmp_path):
+    t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[_own_metric("mine/x")])
+    assert t.train()[0]["mine/x"] == 1.0
 
 
 # ---- audit: answer comparison, format, missing completions
