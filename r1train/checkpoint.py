@@ -243,6 +243,7 @@ class CheckpointMixin:
                     state = check_resume_config(path, self.cfg, type(self).__name__, self.world)
                     check_train_rows(path, state, self.cfg, self.rows_sha256)
                     self.check_resume_state(path, state)
+                    record_rewind(path, self.cfg.output_dir)
                     res = ("ok", path)
             except ConfigError as e:
                 res = ("error", type(e).__name__, str(e))
@@ -378,9 +379,11 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     found = sorted(list_checkpoints(output_dir), key=_step_of, reverse=True)
     if not found:
         raise CheckpointError(f"resume_from_checkpoint=latest: no checkpoint-<step> in {output_dir}")
-    skipped = []
+    skipped, left = [], _abandoned(output_dir)
     for path in found:
         problem = checkpoint_problem(path)
+        if problem is None and _manifest_sha(path) in left.get(os.path.basename(path), ()):
+            problem = f"a run resumed from an earlier checkpoint left it behind (listed in {ABANDONED})"
         if problem is None:
             return path
         log.warning("resume_from_checkpoint=latest: skipping %s, which is incomplete or damaged: %s",
@@ -388,6 +391,60 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
         skipped.append(f"{os.path.basename(path)}: {problem}")
     raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir} ("
                           + "; ".join(skipped) + ")")
+
+
+# output_dir's record of the checkpoints a resume from an earlier one left behind: {name: [manifest sha256, ...]}
+ABANDONED = "abandoned_checkpoints.json"
+
+
+def _manifest_sha(path: str) -> str | None:
+    """The sha256 of a checkpoint's manifest (which lists every file's sha256: one save's identity), or None."""
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _abandoned(output_dir: str) -> dict:
+    try:
+        with open(os.path.join(output_dir, ABANDONED)) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"output_dir: {os.path.join(output_dir, ABANDONED)} is unreadable ({e}); it lists "
+                              "the checkpoints resume_from_checkpoint=latest must not continue from") from e
+
+
+def record_rewind(path: str, output_dir: str):
+    """A resume from `path`, a checkpoint of output_dir older than others there (a rewind): those newer ones
+    belong to the run it leaves, and resume_from_checkpoint=latest, after this run saves an earlier step and is
+    killed, would continue that run's instead (its metrics cut at this step). Each is listed in ABANDONED by its
+    manifest's sha256, which `latest` skips; a save of the same step by this run (another manifest) is not."""
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) != os.path.realpath(output_dir):
+        return
+    newer = [d for d in list_checkpoints(output_dir) if _step_of(d) > _step_of(path)]
+    left = _abandoned(output_dir)
+    added = False
+    for d in newer:
+        sha = _manifest_sha(d)
+        name = os.path.basename(d)
+        if sha is not None and sha not in left.get(name, []):
+            left.setdefault(name, []).append(sha)
+            added = True
+    if not added:
+        return
+    log.warning("resume_from_checkpoint=%s: %s, newer, belong to the run this one leaves; "
+                "resume_from_checkpoint=latest will not continue from them", path,
+                ", ".join(sorted(os.path.basename(d) for d in newer)))
+    tmp = os.path.join(output_dir, ABANDONED + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(left, fh, indent=1, sort_keys=True)
+        fh.flush()
+        posix_fsync(fh.fileno())
+    os.replace(tmp, os.path.join(output_dir, ABANDONED))
+    posix_fsync(output_dir)
 
 
 def resumes_latest(spec) -> bool:
@@ -549,7 +606,8 @@ def unlock_output_dir(output_dir: str):
         fh.close()  # closing the file releases the flock
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "completions.jsonl", "curves.png", "runs")  # besides checkpoint-* / tmp-checkpoint-*
+# besides checkpoint-* / tmp-checkpoint-*
+RUN_OUTPUTS = ("metrics.jsonl", "completions.jsonl", "curves.png", "runs", ABANDONED)
 
 
 def recover_replaced(output_dir: str):

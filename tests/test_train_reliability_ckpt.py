@@ -703,3 +703,23 @@ def test_rows_sha256_is_one_value_per_rows_in_every_process():
     a, b = object(), object()  # two keys of one canonical form: no value is lost to the other's
     assert rows_sha256([{a: 1, b: 2}]) != rows_sha256([{a: 2, b: 2}])
     assert rows_sha256([{a: 1, b: 2}]) == rows_sha256([{b: 2, a: 1}])
+
+
+def test_latest_after_a_rewind_continues_the_rewound_run(sft_run, tmp_path, caplog):
+    """A resume from checkpoint-2 of a run that reached checkpoint-4 (a rewind), killed after it saved step 3:
+    resume_from_checkpoint=latest took the left-behind checkpoint-4 (the other run's state, its metrics cut at
+    step 2) instead of this run's checkpoint-3. Once this run saves step 4 itself, latest takes that."""
+    out = _copy(sft_run, tmp_path)
+    left = json.loads((out / "checkpoint-4" / "manifest.json").read_text())
+    with caplog.at_level("WARNING"):
+        t = _sft(out, "max_steps=3", "save_steps=1", f"resume_from_checkpoint={out / 'checkpoint-2'}")
+    assert "checkpoint-4, newer, belong to the run this one leaves" in caplog.text
+    t.train()
+    t.finish()  # checkpoint-3 (as a run killed after saving its step 3 leaves it)
+    t = _sft(out, "max_steps=4", "save_steps=1", "resume_from_checkpoint=latest")
+    assert t.step0 == 3
+    t.train()
+    t.finish()  # this run's checkpoint-4 replaces the left-behind one
+    assert json.loads((out / "checkpoint-4" / "manifest.json").read_text()) != left
+    assert _sft(out, "max_steps=6", "resume_from_checkpoint=latest").step0 == 4
+    assert [r["step"] for r in H.read_metrics(out)] == [1, 2, 3, 4]
