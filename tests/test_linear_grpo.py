@@ -298,6 +298,36 @@ def test_linear_token_logprobs(entropy, with_bias, chunk, softcap):
         assert_close(t.grad, t64.grad, name="grad")
 
 
+@pytest.mark.parametrize("softcap,chunk,with_bias", [(None, None, True), (2.5, 4, False), (1.7, 5, True)])
+def test_linear_logprobs_lse_output_has_its_gradient(softcap, chunk, with_bias):
+    """The fused op's lse output (logsumexp of the capped logits / T) carries its own gradient beside the
+    log-prob's and the entropy's (it was dropped); against float64 autograd of the formula, chunked or not."""
+    H, V, T = 7, 43, 0.8
+    budget = _budget_for_rows(chunk, V) if chunk else 2**20
+    leaves = [torch.randn(2, 3, H), torch.randn(V, H) / H ** 0.5 * 3] + ([torch.randn(V) * 0.1] if with_bias else [])
+    leaves = [t.requires_grad_() for t in leaves]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    labels = torch.randint(0, V, (2, 3))
+    outs = lin_ops.linear_logprobs_fwd(leaves[0], leaves[1], leaves[2] if with_bias else None, labels, T, True,
+                                       budget, softcap)
+    z = leaves64[0] @ leaves64[1].t() + (leaves64[2] if with_bias else 0.0)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z / T, -1)
+    lp_all = torch.log_softmax(z / T, -1)
+    exp = (lp_all.gather(-1, labels[..., None])[..., 0], lse, -(lp_all.exp() * lp_all).sum(-1))
+    for o, e, name in zip(outs, exp, ("logp", "lse", "entropy")):
+        assert_close(o, e.detach(), name=name)
+    gs = [torch.randn(labels.shape) for _ in range(3)]
+    for used in ((1,), (0, 1, 2)):
+        for t in leaves + leaves64:
+            t.grad = None
+        sum((outs[i] * gs[i]).sum() for i in used).backward(retain_graph=True)
+        sum((exp[i] * gs[i].double()).sum() for i in used).backward(retain_graph=True)
+        for t, t64 in zip(leaves, leaves64):
+            assert_close(t.grad, t64.grad, name=f"grad of outputs {used}")
+
+
 @pytest.mark.parametrize("op", ["linear_grpo_loss", "linear_token_logprobs"])
 @pytest.mark.parametrize("B,T,H,V", [(2, 3, 8, 17), (3, 5, 12, 61)])
 def test_frozen_weight_runs_no_weight_gradient_gemm(op, B, T, H, V, monkeypatch):

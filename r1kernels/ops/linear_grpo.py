@@ -241,12 +241,18 @@ def _(hidden, weight, bias, labels, temperature, entropy, chunk_budget_bytes, so
 @torch.library.custom_op("r1kernels::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                         lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                        temperature: float, chunk_budget_bytes: int, softcap: float | None, grad_weight: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dh, dw, db); dw empty (0 values) when not grad_weight (no weight-gradient GEMM)."""
+                        temperature: float, chunk_budget_bytes: int, softcap: float | None, grad_weight: bool = True,
+                        g_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dh, dw, db); dw empty (0 values) when not grad_weight (no weight-gradient GEMM). g_lse: the lse
+    output's gradient: d lse / dz = p c'(z) / T = the log-prob's gradient at weight -1 plus c'(z_y) / T at the
+    label (c the soft-cap, c' = 1 - (c(z) / cap)^2; 1 without one): the kernel runs at g_logp - g_lse and each
+    row's label logit gets g_lse c'(z_y) / T (N elements)."""
     h, y = _rows2d(hidden, labels)
     N, H = h.shape
     lse, g = lse.reshape(-1), g_logp.reshape(-1).float()
+    if g_lse is not None:
+        g_lse = g_lse.reshape(-1).float()
+        g = g - g_lse
     ent = ent.reshape(-1) if g_ent is not None else lse
     ge = g_ent.reshape(-1).float() if g_ent is not None else None
     plan = _plan(h, weight, chunk_budget_bytes, grad_weight)
@@ -257,8 +263,14 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     for r0 in range(0, N, plan.rows):
         r1 = min(N, r0 + plan.rows)
         z = _logits(h[r0:r1], weight, bias, buf)
+        at = y[r0:r1, None].long()
+        if g_lse is not None:  # d lse / d z_y's factor, read before the kernel overwrites z with its gradient
+            zy = z.gather(1, at).float()
+            fix = g_lse[r0:r1, None] / temperature * (1.0 - torch.tanh(zy / softcap) ** 2 if softcap else 1.0)
         _lk.logprob_bwd(z, y[r0:r1], lse[r0:r1], ent[r0:r1], g[r0:r1], ge[r0:r1] if ge is not None else None,
                         temperature, out=z, out_strides=(0, z.stride(0)), softcap=softcap)
+        if g_lse is not None:
+            z.scatter_add_(1, at, fix.to(z.dtype))
         torch.mm(z, weight, out=dh[r0:r1])
         if grad_weight:
             _accumulate(dw, z, h[r0:r1])
@@ -269,7 +281,7 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 @linear_logprobs_bwd.register_fake
 def _(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, chunk_budget_bytes, softcap,
-      grad_weight=True):
+      grad_weight=True, g_lse=None):
     return (torch.empty_like(hidden), torch.empty_like(weight) if grad_weight else weight.new_empty(0),
             bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32))
 
@@ -283,14 +295,14 @@ def _lp_setup(ctx, inputs, output):
 
 def _lp_backward(ctx, g_logp, g_lse, g_ent):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-    if g_logp is None and g_ent is None:
+    if g_logp is None and g_ent is None and g_lse is None:
         return (None,) * 8
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     grad_weight = ctx.needs_input_grad[1]
     dh, dw, db = linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, g_logp,
                                      g_ent if ctx.entropy else None, ctx.temperature, ctx.budget, ctx.softcap,
-                                     grad_weight)
+                                     grad_weight, g_lse)
     return dh, dw if grad_weight else None, db if bias is not None else None, None, None, None, None, None
 
 
