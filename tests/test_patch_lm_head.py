@@ -31,8 +31,10 @@ def _model(family, bias=False):
     return model
 
 
-def _expected(model, ids, mask, labels, temperature):
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double() / temperature
+def _expected(model, ids, mask, labels, temperature, **inputs):
+    """log-probs, entropy [B, L - 1] and loss of labels from the model's own logits in float64 (inputs: more of its
+    forward's inputs, e.g. a multimodal model's pixel_values)."""
+    logits = model(input_ids=ids, attention_mask=mask, **inputs).logits[:, :-1].double() / temperature
     logp_all = torch.log_softmax(logits, -1)
     keep = labels[:, 1:] != -100
     logp = logp_all.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * keep
@@ -197,8 +199,9 @@ def _gemma(family, softcap=2.0):
         extra = dict(vocab_size_per_layer_input=V, hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
                      num_kv_shared_layers=0, activation_sparsity_pattern=[0.0], intermediate_size=[48],
                      layer_types=["full_attention"])
-    if family == "gemma4_text":
-        extra = dict(layer_types=["full_attention"])
+    if family == "gemma4_text":  # its full-attention head_dim and per-layer inputs at tiny sizes too
+        extra = dict(layer_types=["full_attention"], global_head_dim=8, vocab_size_per_layer_input=V,
+                     hidden_size_per_layer_input=8)
     kw = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=softcap)
     if family == "recurrent_gemma":  # its cap key; one local-attention block

@@ -13,15 +13,24 @@ the forward, where hidden[:, t] scores input_ids[:, L - n + t] and n = logits_to
 the fused GRPO loss runs there, so DDP and ZeRO-3 see one ordinary forward. Both fused paths run the head
 with autocast off, on inputs cast to the autocast dtype when autocast is on (what F.linear would use).
 
-Soft-capped models (SOFTCAP_CLASSES: Gemma 2, 3, 3n and 4 text, VaultGemma, NanoChat, Beam, RecurrentGemma): their
-forward's logits are c * tanh(z / c) of z = lm_head(hidden), c = config.final_logit_softcapping when it is set
-(RecurrentGemma: logits_soft_cap). The fused paths read c at each call, as that forward does, and score the capped
-logits (before the temperature): fused_lm_head=True passes softcap=c to r1kernels.linear_token_logprobs, and a
-callable is called fn(hidden, weight, bias, softcap=c) -- the keyword of r1kernels.linear_token_logprobs /
-linear_grpo_loss -- only when c is set (an uncapped model calls fn(hidden, weight, bias) as before; on a capped
-model, a callable that does not declare a softcap parameter -- **kwargs alone could drop it -- is a ValueError
-naming fused_lm_head). Models whose forward scales their logits (Cohere's logit_scale, ...) stay refused: the fused
-paths take no logit scale.
+Soft-capped models (SOFTCAP_CLASSES: Gemma 2, 3, 3n and 4 text, VaultGemma, NanoChat, Beam, RecurrentGemma; the
+Gemma 4 and PaliGemma multimodal wrappers): their forward's logits are c * tanh(z / c) of z = lm_head(hidden), c =
+config.final_logit_softcapping when it is set (RecurrentGemma: logits_soft_cap; a wrapper: its text config's). The
+fused paths read c at each call, as that forward does, and score the capped logits (before the temperature):
+fused_lm_head=True passes softcap=c to r1kernels.linear_token_logprobs, and a callable is called fn(hidden, weight,
+bias, softcap=c) -- the keyword of r1kernels.linear_token_logprobs / linear_grpo_loss -- only when c is set (an
+uncapped model calls fn(hidden, weight, bias) as before; on a capped model, a callable that does not declare a
+softcap parameter -- **kwargs alone could drop it -- is a ValueError naming fused_lm_head). Models whose forward
+scales their logits (Cohere's logit_scale, ...) stay refused: the fused paths take no logit scale.
+
+Multimodal wrappers (MULTIMODAL_CLASSES: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llava, Mistral 3, Gemma 3, Gemma 4, PaliGemma
+<Type>ForConditionalGeneration): their forward runs self.model -- the vision tower, the image features merged into the
+input embeddings, the language model -- and scores its last_hidden_state with lm_head, as a causal LM does; the fused
+paths run that self.model on the same inputs (pixel_values, image_grid_thw, token_type_ids, mm_token_type_ids, ...
+pass through), so the hidden states are the forward's. What each applies to z = lm_head(hidden) is its own forward's
+rule (_LOGIT_RULES under its model_type, the keys read from config.get_text_config()), not its language model's:
+Gemma 4 and PaliGemma soft-cap at the text config's final_logit_softcapping; Gemma 3's wrapper does not (its text
+config's final_logit_softcapping is read by Gemma3ForCausalLM only), nor does Llava whatever its language model.
 """
 from __future__ import annotations
 
@@ -32,22 +41,38 @@ from dataclasses import dataclass
 
 import torch
 
-# Causal LMs whose logits are exactly lm_head(last_hidden_state): no soft-capping, no logit scale.
-LM_HEAD_CLASSES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
-# Causal LMs whose logits are lm_head(last_hidden_state), soft-capped to c * tanh(z / c) where their config sets
-# final_logit_softcapping = c (RecurrentGemma: logits_soft_cap; transformers 5.x's forwards; no logit scale): every
-# soft-capped type of _LOGIT_RULES, each checked against its forward's logits in tests/test_patch_lm_head.py.
+# Multimodal wrappers whose forward is logits = lm_head(self.model(**inputs).last_hidden_state), then the rule of
+# _LOGIT_RULES under their model_type (transformers 5.x's forwards read; each checked against its own logits, text
+# and image inputs, in tests/test_patch_lm_head_multimodal.py). Refused, not listed: Gemma3nForConditionalGeneration
+# (its vision tower needs timm, so no test builds one here), the MoE wrappers (Qwen3-VL-MoE's forward adds a router
+# aux loss when asked), and every other wrapper, whose forward is unchecked.
+MULTIMODAL_PLAIN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                            "Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration",
+                            "Mistral3ForConditionalGeneration", "Gemma3ForConditionalGeneration")
+MULTIMODAL_SOFTCAP_CLASSES = ("Gemma4ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
+MULTIMODAL_CLASSES = MULTIMODAL_PLAIN_CLASSES + MULTIMODAL_SOFTCAP_CLASSES
+# Causal LMs (and multimodal wrappers) whose logits are exactly lm_head(last_hidden_state): no soft-capping, no
+# logit scale.
+LM_HEAD_CLASSES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                   *MULTIMODAL_PLAIN_CLASSES)
+# Causal LMs (and multimodal wrappers) whose logits are lm_head(last_hidden_state), soft-capped to c * tanh(z / c)
+# where their (text) config sets final_logit_softcapping = c (RecurrentGemma: logits_soft_cap; transformers 5.x's
+# forwards; no logit scale): every soft-capped type of _LOGIT_RULES, each checked against its forward's logits in
+# tests/test_patch_lm_head.py (wrappers: tests/test_patch_lm_head_multimodal.py).
 SOFTCAP_CLASSES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "Gemma4ForCausalLM",
-                   "VaultGemmaForCausalLM", "NanoChatForCausalLM", "BeamForCausalLM", "RecurrentGemmaForCausalLM")
+                   "VaultGemmaForCausalLM", "NanoChatForCausalLM", "BeamForCausalLM", "RecurrentGemmaForCausalLM",
+                   *MULTIMODAL_SOFTCAP_CLASSES)
 ALSO_FUSABLE = ("DeepseekV3ForCausalLM",)  # fused by r1kernels.integrations.trl, not by rk.patch
 # Config keys some forwards apply to z = lm_head(hidden) (as _LOGIT_RULES says); a model type not in _LOGIT_RULES
 # that sets one has logits this module cannot describe.
 _CAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")
 _SCALE_KEYS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling") + _CAP_KEYS
 # model_type -> (scale key, "*" or "/", soft-cap key): the forward's logits are c * tanh(s * z / c) with s = the
-# scale key's value ("*") or its inverse ("/") and c the soft-cap key's value (None: s * z), as transformers 5.x's
-# <Type>ForCausalLM.forward applies them. A type listed here applies no other _SCALE_KEYS: MPT's config carries
-# logit_scale, which MptForCausalLM.forward never reads.
+# scale key's value ("*") or its inverse ("/") and c the soft-cap key's value (None: s * z), read from
+# config.get_text_config() (the config itself for a causal LM), as transformers 5.x's <Type>ForCausalLM.forward (or
+# <Type>ForConditionalGeneration.forward, for a multimodal type) applies them. A type listed here applies no other
+# _SCALE_KEYS: MPT's config carries logit_scale, which MptForCausalLM.forward never reads; a Gemma 3 wrapper's text
+# config carries final_logit_softcapping, which Gemma3ForConditionalGeneration.forward never reads.
 _LOGIT_RULES = {
     **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "*", None)),
     # MiniCPM3 divides the hidden states before its lm_head, which has no bias: the same logits
@@ -59,6 +84,9 @@ _LOGIT_RULES = {
                     (None, None, "final_logit_softcapping")),
     "recurrent_gemma": (None, None, "logits_soft_cap"),
     **dict.fromkeys(("qwen2", "qwen3", "llama", "mistral", "deepseek_v3", "mpt"), (None, None, None)),
+    # multimodal wrappers (MULTIMODAL_CLASSES): their own forward's rule, whatever their language model's type
+    **dict.fromkeys(("gemma4", "paligemma"), (None, None, "final_logit_softcapping")),
+    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "mistral3", "gemma3"), (None, None, None)),
 }
 
 
@@ -121,7 +149,8 @@ class FusedLMHeadOutput:
 
 
 def logit_scaling(model) -> LogitScaling:
-    """What `model`'s forward applies to its lm_head's output, from its config (_LOGIT_RULES)."""
+    """What `model`'s forward applies to its lm_head's output: the rule of its config's model_type (_LOGIT_RULES; a
+    multimodal wrapper's own type), its keys' values read from config.get_text_config()."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     rule = _LOGIT_RULES.get(getattr(model.config, "model_type", None))
     names = _SCALE_KEYS if rule is None else [k for k in (rule[0], rule[2]) if k]
@@ -187,6 +216,25 @@ def _takes_softcap(fn) -> bool:
     except (TypeError, ValueError):
         return True
     return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _as_keywords(forward, args, kwargs) -> tuple[tuple, dict]:
+    """The call's positional args as keywords, named by the patched `forward`'s signature: the fused paths pop labels
+    & co. by name and call the base model, whose parameters come in another order (Qwen2VLForConditionalGeneration's
+    6th is labels, Qwen2VLModel's use_cache). Unchanged when `forward` takes *args. Too many positional args, or one
+    also passed by keyword: a TypeError, as the forward would raise."""
+    if not args:
+        return args, kwargs
+    sig = inspect.signature(forward)
+    if any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
+        return args, kwargs
+    # args alone: binding kwargs too would reject the fused path's own keywords (temperature, shift_labels, ...)
+    # on a forward without **kwargs
+    named = sig.bind_partial(*args).arguments
+    twice = sorted(named.keys() & kwargs.keys())
+    if twice:
+        raise TypeError(f"forward() got multiple values for argument(s) {', '.join(twice)}")
+    return (), {**named, **kwargs}
 
 
 def _head_params(self, hidden, fp32):
@@ -277,6 +325,7 @@ class _ForwardWithFusedHead:
             return self.original_forward()(*args, **kwargs)
         if fused_lm_head is not True and not callable(fused_lm_head):
             raise ValueError(f"fused_lm_head must be True, False or a callable, got {fused_lm_head!r}")
+        args, kwargs = _as_keywords(self.original_forward(), args, kwargs)
         temperature = kwargs.pop("temperature", None)
         temperature = state["temperature"] if temperature is None else temperature
         return_entropy = kwargs.pop("return_entropy", None)
@@ -291,6 +340,7 @@ class _ForwardWithFusedHead:
             raise ValueError(f"fused_lm_head: {type(model).__name__} soft-caps its logits at {softcap:g}: the "
                              f"callable is called fn(hidden, weight, bias, softcap={softcap:g}) and must declare a "
                              "softcap parameter (a **kwargs catch-all is not enough: it can drop the cap silently)")
+        # a multimodal wrapper's base model takes its image inputs (pixel_values, ...) as its forward passes them
         hidden = getattr(model, model.base_model_prefix)(*args, **kwargs).last_hidden_state
         if callable(fused_lm_head):
             n = hidden.shape[1] - 1 if not keep else int(keep)
