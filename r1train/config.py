@@ -11,6 +11,10 @@ Defaults that differ from TRL 1.16's, on purpose:
   SFTConfig has 2e-5); every shipped SFT section sets its own.
 - loss_type is GRPOConfig's key (dapo); SFT always minimizes TRL SFTConfig's loss_type nll (dft is not
   implemented).
+- max_steps from num_train_epochs is ceil(epochs x rows / rows per step): the epochs are seeded permutations read
+  back to back, every step full (TRL's GRPO sampler drops each epoch's partial batch of prompts; HF's Trainer
+  counts ceil(rows / rows per step) steps an epoch, the last one partial: 10 rows, 4 a step, 3 epochs are 8 steps
+  here, 9 in HF's SFTTrainer).
 """
 
 from __future__ import annotations
