@@ -605,7 +605,8 @@ class GRPOTrainer(Trainer):
         coefs = []  # the entropy coefficient after each optimizer step (TRL logs their mean)
         bonus, items = cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy, LOSS_REDUCTION[cfg.loss_type] == "items"
         # TRL's sampling/* metrics of the first pass, on the device: sums [|rollout - training log-prob|,
-        # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]
+        # tokens, rollout-correction weight, weights] and maxima [|log-prob difference|, weight, -weight]. The
+        # means are over every process's tokens (TRL averages the per-process means: equal with equal token counts)
         samp_sum = torch.zeros(4, dtype=torch.float64, device=self.dev)
         samp_max = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64, device=self.dev)
         ent_window = torch.zeros(2, dtype=torch.float64, device=self.dev)  # adaptive entropy: sum, tokens
