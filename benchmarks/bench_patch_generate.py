@@ -6,7 +6,7 @@ launch) may cost more than the eager ops it replaces. Measured here, same proces
 
 - generate (dynamic cache, sampling at T = 1) of the Qwen2.5-1.5B-shaped model, 8 prompts x 8 completions,
   256 prompt tokens: unpatched, rk.patch's fused layers (patch_layers) with the fused ops at every size, and as
-  shipped (layers.HOST_BOUND_ROWS: no-grad calls over few token rows run HF's forward);
+  shipped (layers.HOST_BOUND_ROWS: no-grad decode steps of few rows run HF's forward);
 - host microseconds per call at the decode shape [64, 1, 1536] of one RMSNorm and one MLP, HF's forward vs the
   fused one (CPU clock over many calls, one sync at the end: the GPU keeps up, so this is host time);
 - a training micro-batch as TRL's loss forward runs it (8 x 768 tokens, logits of the last 512, autograd on: the
@@ -112,7 +112,7 @@ def main(argv=None):
     shipped = layers.HOST_BOUND_ROWS
     # name: (model, HOST_BOUND_ROWS while it runs)
     variants = {"unpatched": (plain, shipped), "fused ops at every size": (fused, 0),
-                f"patched as shipped (HF forward for no-grad calls <= {shipped} rows)": (fused, shipped)}
+                f"patched as shipped (HF forward for no-grad decode steps <= {shipped} rows)": (fused, shipped)}
     runs = {k: [] for k in variants}
     for i in range(a.rounds + 1):  # the first round warms up (allocator, Triton compiles) and is dropped
         for k in (list(variants) if i % 2 else list(variants)[::-1]):

@@ -93,10 +93,12 @@ def test_unpatched_model_of_the_same_class_keeps_hf_rotary(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
-def test_small_calls_without_autograd_run_hf_forward(family, monkeypatch):
-    """Without autograd, a call over at most HOST_BOUND_ROWS token rows (the decode steps of HF's generate, bound
-    by host time per op) runs HF's own forward: logits bitwise the unpatched model's, no fused op called. Over
-    more rows, or with autograd at any size, every fused op runs."""
+def test_decode_steps_without_autograd_run_hf_forward(family, monkeypatch):
+    """Without autograd, a decode step (one token a row, at most HOST_BOUND_ROWS rows: HF's generate, bound by
+    host time per op) runs HF's own forward: logits bitwise the unpatched model's, no fused op called. More rows,
+    whole sequences without autograd (TRL's old and reference log-probs: they ran HF's ops below 512 rows, so
+    their ratio to the training forward's log-probs was not 1), and autograd at any size run every fused op,
+    the no-grad forward bitwise the training one."""
     base = _model(family)
     patched = copy.deepcopy(base)
     patch_layers(patched)
@@ -106,17 +108,22 @@ def test_small_calls_without_autograd_run_hf_forward(family, monkeypatch):
 
     for name in ("rms_norm", "silu_mul", "apply_rotary"):
         monkeypatch.setattr(rk, name, counted(name, getattr(rk, name)))
-    B, T = 2, int(torch.randint(2, 6, ()))
-    monkeypatch.setattr(layers, "HOST_BOUND_ROWS", B * T)
-    ids, more = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T + 1))
+    B, T = int(torch.randint(2, 5, ())), int(torch.randint(2, 6, ()))
+    monkeypatch.setattr(layers, "HOST_BOUND_ROWS", B * T)  # the whole sequences fit: still fused
+    step, seq, more = (torch.randint(0, V, s) for s in ((B, 1), (B, T), (B * T + 1, 1)))
     with torch.no_grad():
-        assert torch.equal(patched(ids).logits, base(ids).logits)
+        assert torch.equal(patched(step).logits, base(step).logits)
         assert calls == []
-        assert_close(patched(more).logits, copy.deepcopy(base).double()(more).logits, torch.float32)
-    assert set(calls) == {"rms_norm", "silu_mul", "apply_rotary"}
+        for ids in (seq, more):
+            assert_close(patched(ids).logits, copy.deepcopy(base).double()(ids).logits, torch.float32)
+            assert set(calls) == {"rms_norm", "silu_mul", "apply_rotary"}
+            calls.clear()
+        no_grad = patched(seq).logits
     calls.clear()
-    patched(ids).logits.sum().backward()
+    with_grad = patched(seq).logits
     assert set(calls) == {"rms_norm", "silu_mul", "apply_rotary"}
+    assert torch.equal(no_grad, with_grad.detach())
+    with_grad.sum().backward()
 
 
 def test_patch_twice_and_bad_input():

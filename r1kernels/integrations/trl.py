@@ -11,8 +11,9 @@ What it switches:
   soft-capped Gemma-family models (lm_head.SOFTCAP_CLASSES); DeepseekV3 MoE layers also route through
   r1kernels.moe (patch/deepseek_v3.py); a soft-capped model's cap goes to the kernels' softcap (the loss's too),
   as TRL's own fused head applies it;
-- every forward and backward of Qwen2, Qwen3, Llama and Mistral models (generation included): RMSNorm,
-  the SiLU MLP's activation and the rotary embedding run as one fused kernel each (patch/layers.py);
+- every forward and backward of Qwen2, Qwen3, Llama and Mistral models (HF generate's small decode steps
+  aside: patch/layers.HOST_BOUND_ROWS): RMSNorm, the SiLU MLP's activation and the rotary embedding run as one
+  fused kernel each (patch/layers.py);
 - the loss: r1kernels.linear_grpo_loss from the last hidden states, with TRL's GRPOConfig names
   (loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo/luspo, epsilon, epsilon_high, delta, beta with TRL's k3
   KL and use_bias_correction_kl, sapo_temperature_pos/neg, importance_sampling_level, temperature,

@@ -29,18 +29,21 @@ FUSED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 _SUBCLASS: dict = {}
 _ROPE = threading.local()  # .backend: set while a patched attention's forward runs
 
-# A call without autograd over at most this many token rows runs HF's own forward: the decode steps of HF's
-# generate (TRL's rollout without vLLM) are bound by host time per op, where a fused op's dispatch (custom op,
-# argument checks, Triton launch) costs more than the few eager ops it replaces save on the GPU
-# (benchmarks/bench_patch_generate.py). Training forwards (autograd on) and log-prob forwards of whole sequences
-# always take the fused ops.
+# A decode step (one token a row) without autograd over at most this many rows runs HF's own forward: the decode
+# steps of HF's generate (TRL's rollout without vLLM) are bound by host time per op, where a fused op's dispatch
+# (custom op, argument checks, Triton launch) costs more than the few eager ops it replaces save on the GPU
+# (benchmarks/bench_patch_generate.py). Training forwards (autograd on) and forwards of whole sequences without
+# autograd (TRL's old and reference log-probs) take the fused ops at any size: a log-prob ratio of two forwards
+# of the same weights is 1 only when both run the same ops (bf16, 6 layers: 0.90-1.09 when the no-grad one ran
+# HF's ops over <= 512 rows).
 HOST_BOUND_ROWS = 512
 
 
 def _host_bound(x: torch.Tensor) -> bool:
-    """x: HF's [B, T, ...] hidden states ([B, T, heads, head_dim] at Qwen3's q/k norms) or [N, H] token rows."""
-    rows = x.shape[0] * (x.shape[1] if x.dim() >= 3 else 1) if x.dim() >= 2 else 1
-    return not torch.is_grad_enabled() and rows <= HOST_BOUND_ROWS
+    """x: HF's [B, T, ...] hidden states ([B, T, heads, head_dim] at Qwen3's q/k norms); True for a no-grad
+    decode step (T == 1) of at most HOST_BOUND_ROWS rows. [N, H] token rows (no T axis): never."""
+    return (not torch.is_grad_enabled() and x.dim() >= 3 and x.shape[1] == 1
+            and x.shape[0] <= HOST_BOUND_ROWS)
 
 
 def _norm_forward(self, x):
