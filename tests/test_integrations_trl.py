@@ -193,6 +193,75 @@ def test_bad_input():
         use_r1kernels(object())
 
 
+def test_a_subclass_loss_runs_as_written(model_dir, tmp_path):
+    """A GRPOTrainer subclass with its own _compute_loss keeps it (it was replaced by the instance attribute
+    without a word: the subclass's loss and metrics were gone), with a warning naming it."""
+    class Mine(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            return super()._compute_loss(model, inputs) * 0.0 + 123.0
+
+    tr, _ = _trainer(model_dir, tmp_path)
+    tr.__class__ = Mine
+    with pytest.warns(UserWarning, match="Mine._compute_loss overrides TRL's and runs as written"):
+        use_r1kernels(tr, backend="torch")
+    assert "_compute_loss" not in vars(tr)
+    assert tr._compute_loss.__func__ is Mine._compute_loss
+
+
+def test_remove_and_call_again(model_dir, tmp_path):
+    """remove_r1kernels gives the trainer TRL's loss and the policy its own generate back (a later trainer on the
+    same model object rolled out through r1train's engine); a second use_r1kernels with other options warns that it
+    changes nothing; after a remove it applies them."""
+    from r1kernels.integrations.trl import remove_r1kernels
+
+    tr, _ = _trainer(model_dir, tmp_path)
+    use_r1kernels(tr, backend="torch")
+    assert "_compute_loss" in vars(tr) and "generate" in vars(tr.model)
+    with pytest.warns(UserWarning, match="changes nothing"):
+        use_r1kernels(tr, backend="torch", rollout_engine="transformers")
+    assert "generate" in vars(tr.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        use_r1kernels(tr, backend="torch")  # the same options: silent
+    assert remove_r1kernels(tr) is tr
+    assert "_compute_loss" not in vars(tr) and "generate" not in vars(tr.model)
+    assert tr._compute_loss.__func__ is GRPOTrainer._compute_loss
+    use_r1kernels(tr, backend="torch", rollout_engine="transformers")
+    assert "_compute_loss" in vars(tr) and "generate" not in vars(tr.model)
+    assert remove_r1kernels(remove_r1kernels(tr)) is tr
+
+
+def test_engine_bound_model_pickles_and_copies(model_dir, tmp_path):
+    """torch.save of the policy after use_r1kernels (its generate bound to the engine) failed on load
+    ('no attribute _engine_generate'); the loaded model's and a deepcopy's generate run the engine on themselves."""
+    import copy
+    import inspect
+    import io
+
+    from transformers import GenerationConfig
+
+    tr, _ = _trainer(model_dir, tmp_path)
+    use_r1kernels(tr, backend="torch")
+    buf = io.BytesIO()
+    torch.save(tr.model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    ids = torch.randint(3, 100, (2, 5))
+    for m in (loaded, copy.deepcopy(tr.model)):
+        assert m.generate.model is m
+        assert list(inspect.signature(m.generate).parameters)[:3] == ["input_ids", "attention_mask",
+                                                                       "generation_config"]
+        for p, q in zip(m.parameters(), tr.model.parameters()):
+            assert torch.equal(p, q)
+        gc = GenerationConfig(max_new_tokens=3, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="r1kernels: transformers' generate")  # the engine runs
+            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        want = type(tr.model).generate(tr.model, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       generation_config=gc)
+        assert torch.equal(out, want)
+
+
 def test_bad_backend(model_dir, tmp_path):
     tr, _ = _trainer(model_dir, tmp_path)
     with pytest.raises(ValueError, match="backend"):

@@ -216,6 +216,19 @@ def test_patch_rejects_other_models():
         rk.patch(torch.nn.Linear(3, 3))
 
 
+@pytest.mark.parametrize("backend, msg", [("fastest", "backend must be one of"),
+                                          ("cpp", "no cpp kernel for route, permute, unpermute")])
+def test_patch_refuses_a_backend_before_changing_the_model(backend, msg):
+    """A backend the MoE ops cannot run was accepted and failed at the first forward ('fastest', 'cpp'): now a
+    ValueError naming it, the model left as it was."""
+    model = _tiny()
+    classes = [type(m) for m in model.modules()]
+    for call in (rk.patch, dsv3.patch_deepseek_v3):
+        with pytest.raises(ValueError, match=msg):
+            call(model, backend=backend)
+        assert [type(m) for m in model.modules()] == classes
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_patch_matches_unpatched(dtype):

@@ -36,6 +36,8 @@ With vLLM or TRL's continuous batching the policy's generate is never called and
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 import warnings
 
@@ -102,7 +104,8 @@ def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1tr
                   rollout_release_memory: bool = False):
     """Make a trl.GRPOTrainer compute log-probs, entropy and the loss with r1kernels (module docstring);
     returns the trainer. Call it after constructing the trainer and before train(); calling it twice is a
-    no-op. backend: as every r1kernels op ("auto" | "triton" | "cuda" | "torch"). rollout_engine:
+    no-op (a warning when the second call's options differ: remove_r1kernels first). backend: as every r1kernels
+    op ("auto" | "triton" | "cuda" | "torch"). rollout_engine:
     "r1train" (default: r1train's generation engine for TRL's rollout without vLLM) or "transformers"
     (TRL's own generate, its random stream included). rollout_release_memory: free the engine's KV cache, decode
     buffers and CUDA graphs after each rollout (r1train's key of that name: less memory in the training phase,
@@ -117,23 +120,50 @@ def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1tr
     _checks.choice("rollout_engine", rollout_engine, ROLLOUT_ENGINES)
     if not isinstance(rollout_release_memory, bool):
         raise ValueError(f"rollout_release_memory must be a bool, got {rollout_release_memory!r}")
-    if getattr(trainer, "_r1k_backend", None) is not None:
+    options = (backend, rollout_engine, rollout_release_memory)
+    if getattr(trainer, "_r1k_options", None) is not None:
+        if trainer._r1k_options != options:
+            warnings.warn(f"r1kernels: use_r1kernels was called on this trainer before with backend, "
+                          f"rollout_engine, rollout_release_memory = {trainer._r1k_options}; this call's "
+                          f"{options} changes nothing (call remove_r1kernels(trainer) first)", stacklevel=2)
         return trainer
-    trainer._r1k_backend = backend
-    if rollout_engine == "r1train":
-        _use_engine(trainer, backend, rollout_release_memory)
+    # the models first: a patch that raises leaves the trainer as it was (no engine bound, TRL's loss)
     reason = _patch_model(trainer.model, trainer, True, backend)
     if getattr(trainer, "ref_model", None) is not None:
         _patch_model(trainer.ref_model, trainer, False, backend)
+    trainer._r1k_options, trainer._r1k_backend = options, backend
+    if rollout_engine == "r1train":
+        _use_engine(trainer, backend, rollout_release_memory)
     todo = unsupported_options(trainer)
+    own = type(trainer)._compute_loss is not GRPOTrainer._compute_loss
     if reason is not None:
         warnings.warn(f"r1kernels: the model keeps TRL's lm_head and loss ({reason})", stacklevel=2)
+    elif own:  # the subclass's loss runs as written: replacing it would drop the user's code without a word
+        warnings.warn(f"r1kernels: {type(trainer).__name__}._compute_loss overrides TRL's and runs as written "
+                      "(log-probs and entropy still use r1kernels' fused lm_head)", stacklevel=2)
     elif todo:
         warnings.warn(f"r1kernels: TRL's loss code runs for {', '.join(todo)} (log-probs and entropy still use "
                       "r1kernels' fused lm_head)", stacklevel=2)
     else:
         trainer._r1k_trl_compute_loss = trainer._compute_loss
         trainer._compute_loss = types.MethodType(_compute_loss, trainer)
+    return trainer
+
+
+def remove_r1kernels(trainer):
+    """Undo use_r1kernels' trainer-level switches: TRL's own loss and the policy's own generate again (a later
+    trainer on the same model object would otherwise roll out through r1train's engine). The models keep their
+    fused layer ops (the same values within the tolerance table) and their fused lm_head path, which runs only
+    when a call asks for it (fused_lm_head=...). Returns the trainer; a trainer use_r1kernels never saw is
+    returned as it is."""
+    if getattr(trainer, "_r1k_options", None) is None:
+        return trainer
+    if "_compute_loss" in vars(trainer):
+        del trainer._compute_loss
+    model = _unwrap(trainer.model)
+    if isinstance(vars(model).get("generate"), _EngineGenerate):
+        del model.generate
+    trainer._r1k_options = trainer._r1k_backend = None
     return trainer
 
 
@@ -276,8 +306,24 @@ def _use_engine(trainer, backend, release_memory=False):
     if why is not None:
         warnings.warn(f"r1kernels: rollout_engine='r1train' not used: {why}", stacklevel=3)
         return
-    model.generate = types.MethodType(_engine_generate, model)
+    model.generate = _EngineGenerate(model)
     model._r1k_rollout_backend, model._r1k_rollout_release = backend, release_memory
+
+
+class _EngineGenerate:
+    """model.generate bound to _engine_generate, picklable (torch.save of the model: a bound method of a
+    module-level function pickles as getattr(model, its name), which the model does not have) and copied with
+    the model by copy.deepcopy (the copy's generate is bound to the copy)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return _engine_generate(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self):  # _engine_generate's parameters after self, as the bound method showed them
+        return inspect.signature(functools.partial(_engine_generate, None))
 
 
 def _zero3() -> bool:

@@ -8,12 +8,15 @@ def patch(model, *, backend: str = "auto"):
     fused lm_head log-prob path (`model(..., labels=labels, fused_lm_head=True)`, see patch/lm_head.py) and
     fused, differentiable RMSNorm / SiLU-MLP / rotary ops in every forward (patch/layers.py; the counts
     under "layers"); the soft-capped Gemma-family causal LMs (lm_head.SOFTCAP_CLASSES) get the fused lm_head
-    path only (their soft-capped logits). backend: an op backend ("auto", "triton", "cuda", "cpp", "torch"; the
-    layer ops read "cuda" / "cpp" as "auto"). Patching a patched model raises nothing and sets the backend."""
+    path only (their soft-capped logits). backend: an op backend ("auto", "triton", "cuda", "torch"; the layer
+    ops read "cuda" as "auto"; "cpp" is refused: neither the lm_head's nor the MoE layers' ops have a C++
+    kernel), checked before anything changes. Patching a patched model raises nothing and sets the backend."""
+    from .. import _backend, _checks
     from .deepseek_v3 import patch_deepseek_v3, routers
     from .layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
     from .lm_head import LM_HEAD_CLASSES, SOFTCAP_CLASSES, patch_lm_head
 
+    _checks.choice("backend", backend, _backend.BACKENDS)
     replaced = {}
     # the lm_head patch first: it checks all its arguments before it changes anything, so a bad backend leaves
     # the model as it was (not half patched)

@@ -183,7 +183,9 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
     returns {qualified name: replaced module}. gemm_dtype=torch.bfloat16 runs the router GEMM in bf16 with
     fp32 accumulation and fp32 logits (default None: transformers' fp32 GEMM).
     Patching a patched model replaces only what is still HF's (the experts of layers patched with
-    experts=False) and sets the backend of the patched routers and experts."""
+    experts=False) and sets the backend of the patched routers and experts. backend: checked here (a name the
+    ops do not know failed only at the first forward)."""
+    _check_backend(backend)
     replaced: dict[str, nn.Module] = {}
     for name, parent in list(model.named_modules()):
         gate = getattr(parent, "gate", None)
@@ -204,6 +206,22 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
             parent.experts = R1KExperts(old, backend=backend)
             replaced[prefix + "experts"] = old
     return replaced
+
+
+MOE_OPS = ("route", "permute", "unpermute")
+
+
+def _check_backend(backend: str):
+    """backend: "auto", "torch", or a backend with a kernel for every MoE op (KERNELS' names; the device is the
+    forward's, checked there)."""
+    from .. import _backend, _checks
+
+    _checks.choice("backend", backend, _backend.BACKENDS)
+    lacking = [op for op in MOE_OPS if backend not in ("auto", "torch")
+               and backend not in [b for b, _ in _backend.KERNELS[op]]]
+    if lacking:
+        raise ValueError(f"backend={backend!r}: r1kernels has no {backend} kernel for {', '.join(lacking)} (the "
+                         "MoE layers' ops); use auto, triton, cuda or torch")
 
 
 def routers(model: nn.Module) -> list[R1KRouter]:
