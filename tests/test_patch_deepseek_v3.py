@@ -216,6 +216,28 @@ def test_patch_rejects_other_models():
         rk.patch(torch.nn.Linear(3, 3))
 
 
+def test_patch_reads_zero3_partitioned_shapes():
+    """Under DeepSpeed ZeRO-3 a model built inside zero.Init (transformers' from_pretrained with ZeRO-3 on: TRL's
+    GRPOTrainer given a model name) holds each parameter as a (0,) tensor with its full shape in ds_shape: the
+    patch read the (0,) shape (0 experts counted; the experts' layout check failed to unpack it). With the data
+    put back (as ZeRO-3 gathers it in the forward) the patched model computes the unpatched one's logits."""
+    model = _tiny()
+    want_E = model.config.n_routed_experts
+    ref = copy.deepcopy(model)
+    full = {}
+    for name, p in model.named_parameters():  # partitioned as ZeRO-3 leaves them between forwards
+        full[name] = p.data
+        p.ds_shape = p.shape
+        p.data = p.data.new_empty(0)
+    dsv3.patch_deepseek_v3(model)
+    routers = dsv3.routers(model)
+    assert routers and all(r.num_experts == want_E and r.tokens_per_expert.shape == (want_E,) for r in routers)
+    assert all(m.num_experts == want_E for m in model.modules() if isinstance(m, dsv3.R1KExperts))
+    for name, p in model.named_parameters():
+        p.data = full[name]
+    _compare(ref, model, "cpu", torch.float32, torch.float32)
+
+
 @pytest.mark.parametrize("backend, msg", [("fastest", "backend must be one of"),
                                           ("cpp", "no cpp kernel for route, permute, unpermute")])
 def test_patch_refuses_a_backend_before_changing_the_model(backend, msg):

@@ -74,7 +74,7 @@ class R1KRouter(nn.Module):
         self.weight = gate.weight                              # the same Parameter
         self.register_buffer("e_score_correction_bias", gate.e_score_correction_bias)
         self.top_k = gate.top_k
-        self.num_experts = gate.weight.shape[0]
+        self.num_experts = full_shape(gate.weight)[0]
         self.n_group = gate.num_group if hasattr(gate, "num_group") else gate.n_group
         self.topk_group = gate.topk_group
         self.routed_scaling_factor = float(gate.routed_scaling_factor)
@@ -157,7 +157,7 @@ class R1KExperts(nn.Module):
         self.gate_up_proj = experts.gate_up_proj              # [E, 2I, H], the same Parameters
         self.down_proj = experts.down_proj                    # [E, H, I]
         self.act_fn = experts.act_fn
-        self.num_experts = experts.gate_up_proj.shape[0]
+        self.num_experts = full_shape(experts.gate_up_proj)[0]
         self.backend = backend
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -170,11 +170,16 @@ class R1KExperts(nn.Module):
         return _moe._unpermute(down, row_map, top_k_weights, self.backend)
 
 
+def full_shape(p: torch.Tensor) -> tuple:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (built under zero.Init, as
+    transformers' from_pretrained does with ZeRO-3 on: p.shape is (0,), p.ds_shape the full one)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def _check_experts(mod):
-    E, two_i, H = mod.gate_up_proj.shape
-    if mod.down_proj.shape != (E, H, two_i // 2) or getattr(mod, "is_transposed", False):
-        raise ValueError(f"unsupported DeepseekV3Experts layout: gate_up_proj {tuple(mod.gate_up_proj.shape)}, "
-                         f"down_proj {tuple(mod.down_proj.shape)}")
+    gu, dn = full_shape(mod.gate_up_proj), full_shape(mod.down_proj)
+    if len(gu) != 3 or dn != (gu[0], gu[2], gu[1] // 2) or getattr(mod, "is_transposed", False):
+        raise ValueError(f"unsupported DeepseekV3Experts layout: gate_up_proj {gu}, down_proj {dn}")
 
 
 def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None, backend: str = "auto",
