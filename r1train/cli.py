@@ -49,10 +49,12 @@ def parse(argv):
 
 
 def cmd_sample(args):
+    """Under N processes rank r samples and scores rows[r::N] (each row seeded by its index in rows, as rejection
+    sampling: the samples of one process); rank 0 writes every row's samples, in the rows' order, once."""
     import torch
+    import torch.distributed as dist
 
     from .config import ConfigError, load_config
-    from .data import reward_columns
     from .engine import device, setup_distributed
     from .loading import load_datasets, load_model_and_tokenizer
     from .rewards import RewardRunner
@@ -63,35 +65,72 @@ def cmd_sample(args):
     if os.path.isfile(path) and os.path.getsize(path) and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir: {path} holds earlier samples; set overwrite_output_dir=true to replace "
                           "them, or choose another output_dir")
-    setup_distributed()
+    rank, world = setup_distributed()
     model, tok = load_model_and_tokenizer(cfg)
     model = model.to(device())
     rows, _ = load_datasets(cfg)
-    n = cfg.max_steps if cfg.max_steps > 0 else len(rows)
-    rows, G = rows[:n], cfg.num_generations
+    rows = rows[:cfg.max_steps] if cfg.max_steps > 0 else rows
     runner = RewardRunner(cfg.reward_funcs, cfg, timeout=cfg.reward_timeout)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(path, "w") as fh, torch.no_grad():
-        for _, chunk, ro, texts in sample_rows(model, tok, rows, num_samples=G, cfg=cfg, seed_key=(cfg.seed,),
-                                               batch_size=16):
-            ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
-                                                                        ro.completion_mask_BT.tolist())]
-            cols = reward_columns(chunk, G, cfg.answer_column)
-            prompts = [r["prompt"] for r in chunk for _ in range(G)]
-            table, failed = runner(prompts, texts, ids_list, cols)
-            for i, t in enumerate(texts):
-                # the sample's fields; a dataset column of one of their names is kept as dataset_<name>
-                own = {"completion": t, "rewards": dict(zip(runner.names, table[i])), "reward_failed": failed[i]}
-                row = dict(chunk[i // G])
-                for k in own:
-                    if k in row:  # dataset_<k>, or dataset_dataset_<k> ... until the name is free
-                        name = f"dataset_{k}"
-                        while name in row or name in own:
-                            name = f"dataset_{name}"
-                        row[name] = row.pop(k)
-                row.update(own)
-                fh.write(json.dumps(row) + "\n")
-    print(f"wrote {len(rows) * G} samples to {path}")
+    mine = []  # per row of rows[rank::world]: its samples' output rows
+    with torch.no_grad():
+        for _, chunk, ro, texts in sample_rows(model, tok, rows[rank::world], num_samples=cfg.num_generations,
+                                               cfg=cfg, seed_key=(cfg.seed,), batch_size=16,
+                                               index=lambda i: rank + i * world):
+            mine += _sample_records(runner, cfg, chunk, ro, texts)
+    if world > 1:  # rank 0: every rank's rows; row g sits at position g // world of rank g % world's list
+        every = [None] * world if rank == 0 else None
+        dist.gather_object(mine, every, dst=0)
+        if rank != 0:
+            return
+        mine = [every[g % world][g // world] for g in range(len(rows))]
+    _write_jsonl(path, [s for samples in mine for s in samples])
+    print(f"wrote {len(rows) * cfg.num_generations} samples to {path}")
+
+
+def _sample_records(runner, cfg, chunk, ro, texts) -> list[list[dict]]:
+    """Per row of chunk, its num_generations samples scored by runner: the row's columns, then completion,
+    rewards and reward_failed (a dataset column of one of these names is kept as dataset_<name>)."""
+    from .data import reward_columns
+
+    G = cfg.num_generations
+    ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
+                                                                ro.completion_mask_BT.tolist())]
+    cols = reward_columns(chunk, G, cfg.answer_column)
+    prompts = [r["prompt"] for r in chunk for _ in range(G)]
+    table, failed = runner(prompts, texts, ids_list, cols)
+    out = [[] for _ in chunk]
+    for i, t in enumerate(texts):
+        own = {"completion": t, "rewards": dict(zip(runner.names, table[i])), "reward_failed": failed[i]}
+        row = dict(chunk[i // G])
+        for k in own:
+            if k in row:  # dataset_<k>, or dataset_dataset_<k> ... until the name is free
+                name = f"dataset_{k}"
+                while name in row or name in own:
+                    name = f"dataset_{name}"
+                row[name] = row.pop(k)
+        row.update(own)
+        out[i // G].append(row)
+    return out
+
+
+def _write_jsonl(path: str, records):
+    """path: one JSON line per record, written beside it and renamed over it once on disk (fsync): a failed or
+    killed write leaves the previous file whole, and no reader sees a partial one."""
+    from .durable import posix_fsync
+
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it replaces the old file
+        os.replace(tmp, path)
+        posix_fsync(d)  # the rename too
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None) -> int:
@@ -112,7 +151,8 @@ def main(argv=None) -> int:
 
     owns_group = not dist.is_initialized()  # the run's process group, torn down after a run every rank finished
     # SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C, with no traceback. Inside
-    # the loop, the first SIGINT / SIGTERM saves a checkpoint after the current step (checkpoint.StopOnSignal).
+    # the loop, the first SIGINT / SIGTERM saves a checkpoint after the current step (checkpoint.StopOnSignal);
+    # after the last step the final checkpoint is saved before the final evaluation (Trainer.finish_stage).
     catch_term = _main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
     prev_term = signal.signal(signal.SIGTERM, _raise_interrupted) if catch_term else None
     try:

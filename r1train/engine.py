@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 import time
 
@@ -243,6 +244,7 @@ class Trainer(CheckpointMixin):
             for e in filter(None, (self.engine, self.ref)):
                 deepspeed.zero.register_external_parameter(e.module, e.module.head.weight)
         self.step0 = self.saved_step = self.load(resume) if resume else 0
+        self.final_checkpoint = None  # checkpoint-<max_steps> once save_final saved it
         self.logger = MetricsLogger(cfg.output_dir, rank=self.rank, report_to=cfg.report_to,
                                     config=dataclasses.asdict(cfg),
                                     resume_step=self.step0)
@@ -364,9 +366,38 @@ class Trainer(CheckpointMixin):
         bar.close()
         return history
 
+    def save_final(self) -> str:
+        """Save checkpoint-<max_steps> once the last step is trained. A SIGINT / SIGTERM during the save waits for it
+        to be published (StopOnSignal), then stops the run (TrainingInterrupted naming it)."""
+        with StopOnSignal(self.rank) as stop:
+            path = self.save(self.max_steps)
+            signum = stop.requested(self.dev)  # the same answer on every rank
+        self.final_checkpoint = path
+        if signum:
+            raise TrainingInterrupted(signum, self.max_steps, path)
+        return path
+
+    def finish_stage(self, evaluate: bool = True) -> dict:
+        """The end of a run after train(): the final checkpoint (save_final), then the final evaluation (its row
+        logged at max_steps once), then finish(); returns the evaluation's metrics. The checkpoint comes first, so
+        a stop during the evaluation or finish (the CLI's SIGTERM handler, Ctrl-C) keeps every trained step:
+        metrics.jsonl holds their rows up to it, and a rerun with resume_from_checkpoint=latest trains no step and
+        evaluates it (log_once: the evaluation's row once)."""
+        path = self.save_final()
+        try:
+            res = self.evaluate() if evaluate else {}
+            if res:
+                self.logger.log_once(self.max_steps, res)
+            self.finish()
+        except KeyboardInterrupt as e:
+            raise TrainingInterrupted(getattr(e, "signum", signal.SIGINT), self.max_steps, path) from e
+        return res
+
     def finish(self, save: bool = True):
-        if save:
+        """save: checkpoint-<max_steps>, unless save_final saved it."""
+        if save and self.final_checkpoint is None:
             self.save(self.max_steps)
+        self.logger.sync()  # rows logged after the final save (the final evaluation's) on disk too
         self.logger.plot()
         self.logger.close()
         if self.rank == 0:

@@ -10,14 +10,16 @@ from .tasks import TINY_MODELS, char_tokenizer, generate, tiny_model
 
 
 def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
-    """A tiny built-in model, or a local Hugging Face directory (e.g. a checkpoint-<step>/)."""
+    """A tiny built-in model, or a local Hugging Face directory (e.g. a checkpoint-<step>/): model_name_or_path, or
+    `path` (distill's teacher_model, a predecessor's checkpoint). tokenizer_name_or_path is model_name_or_path's
+    tokenizer only: a model given as `path` comes with its own (a tiny model's is the character tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    tok_name = cfg.tokenizer_name_or_path if path is None else None
     path = path or cfg.model_name_or_path
     if path in TINY_MODELS:
-        tok = char_tokenizer() if cfg.tokenizer_name_or_path is None else load_tokenizer(cfg.tokenizer_name_or_path,
-                                                                                         "tokenizer_name_or_path")
+        tok = char_tokenizer() if tok_name is None else load_tokenizer(tok_name, "tokenizer_name_or_path")
         model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
                            num_layers=cfg.model_num_layers)
         return patch_layers(model, cfg), tok
@@ -31,8 +33,8 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
         raise ConfigError(f"{mkey}: {path!r} holds LoRA adapters (adapter_config.json), not a whole model: fold "
                           "them into their base model first (r1train merge model_name_or_path=BASE "
                           f"adapter_path={path} output_dir=OUT)")
-    key = "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else mkey
-    tok = load_tokenizer(cfg.tokenizer_name_or_path or path, key)
+    key = "tokenizer_name_or_path" if tok_name else mkey
+    tok = load_tokenizer(tok_name or path, key)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     try:

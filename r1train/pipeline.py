@@ -27,12 +27,29 @@ def stage_cfg(cfg: TrainConfig, name: str) -> TrainConfig:
     return dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, name))
 
 
+# the keys the recipe's one model and tokenizer are built from (loading.load_model_and_tokenizer of the top-level
+# config); each stage trains the model the previous one hands on, so a stage section cannot change them
+MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size", "model_num_layers")
+
+
+def _check_model_keys(base: TrainConfig, c: TrainConfig, section: str):
+    """A stage section that sets a model key to another value than the top level's: an error naming both (it
+    was ignored, while the stage's trainer_state.json recorded it)."""
+    for k in MODEL_KEYS:
+        if getattr(c, k) != getattr(base, k):
+            raise ConfigError(f"[{section}] {k}={getattr(c, k)!r}: the recipe builds its model and tokenizer once, "
+                              f"from the top level ({k}={getattr(base, k)!r}), and each stage trains the model the "
+                              f"previous stage hands on; set {k} at the top level of the config, not in a stage "
+                              "section")
+
+
 def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     """The base config and every stage's (section -> output subdirectory), all loaded and checked before
     any stage runs, so a bad value in a late stage is an error now rather than after the early stages."""
     out = [load_config(path, overrides)]
     for section, sub in stages.items():
         c = stage_cfg(load_config(path, overrides, section=section), sub)
+        _check_model_keys(out[0], c, section)
         if section.startswith("grpo"):
             check_grpo_config(c)
         out.append(c)
@@ -87,11 +104,7 @@ def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
     t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows,
                    source_rows=train)
     t.train()
-    res = t.evaluate() if evaluate else {}
-    if res:
-        t.logger.log_once(t.max_steps, res)
-    t.finish()
-    return t, res
+    return t, t.finish_stage(evaluate)  # the final checkpoint before the final evaluation
 
 
 def run_grpo(cfg, model, tok, eval_before=False):
@@ -108,10 +121,7 @@ def run_grpo(cfg, model, tok, eval_before=False):
     elif eval_before:
         before = {k: v for k, v in (t.logger.logged(0, ("eval/accuracy",)) or {}).items() if k.startswith("eval/")}
     t.train()
-    after = t.evaluate()
-    t.logger.log_once(t.max_steps, after)
-    t.finish()
-    return t, before, after
+    return t, before, t.finish_stage()  # the final checkpoint before the final evaluation
 
 
 @torch.no_grad()
@@ -218,14 +228,14 @@ def distill(cfg_path=None, overrides=()):
     cfg = load_config(cfg_path, overrides, section="distill")
     if not cfg.teacher_model:
         raise ConfigError("teacher_model: distill needs teacher_model=<checkpoint directory>")
-    teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)
+    teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)  # with its own tokenizer
     train, _ = load_datasets(cfg)
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
                             keep=cfg.rejection_max_per_prompt, language=cfg.language, as_sampled=False)
     del teacher
-    if not rows:
-        raise ValueError("distill: the teacher produced no correct, well-formed samples to learn from "
-                         "(raise rejection_num_samples or use a stronger teacher)")
+    if not rows:  # a user error (the CLI's exit 2): the teacher or the sampling keys
+        raise ConfigError(f"teacher_model={cfg.teacher_model}: the teacher produced no correct, well-formed samples "
+                          "to learn from (raise rejection_num_samples or use a stronger teacher)")
     # the hand-off is text (prompt, completion): the student's own tokenizer and chat template read it, so a
     # student of another family (R1's Qwen and Llama students of DeepSeek-V3) needs no common vocabulary
     student, stok = load_model_and_tokenizer(cfg)

@@ -191,6 +191,40 @@ def test_rejection_sampling_splits_prompts_across_ranks(tmp_path):
     assert [sum(t["calls"]) for t in two] == [6 * 3, 5 * 3]  # each rank its own half of the prompts
 
 
+@pytest.mark.slow
+def test_sample_splits_rows_across_ranks_and_writes_once(tmp_path):
+    """`r1train sample` under torchrun: every rank sampled and scored every row, and each opened samples.jsonl
+    with "w" (the work repeated, the ranks racing on one file). Now rank r samples rows[r::world], each row seeded
+    by its index in the rows (sample_rows: a completion depends on model, prompt and seed), and rank 0 writes
+    the gathered samples once: two processes write the one-process file, every sample scored once, each rank
+    its own share (4 and 3 of 7 prompts, 3 samples each)."""
+    import json
+    import subprocess
+
+    args = ["sample", *H.FAST, "max_steps=7", "num_generations=3", "reward_funcs=accuracy,train_helpers:scored_where"]
+    runs = {}
+    for nproc in (1, 2):  # side by side
+        out, scored = tmp_path / f"n{nproc}", tmp_path / f"scored{nproc}"
+        scored.mkdir()
+        runs[nproc] = (out, scored, subprocess.Popen(
+            H.cli_cmd([*args, f"output_dir={out}"], nproc), env={**H.env(), "R1_TEST_SCORED": str(scored)},
+            cwd=H.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    res = {}
+    for nproc, (out, scored, proc) in runs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert stdout.count("wrote 21 samples") == 1, stdout  # rank 0 alone
+        res[nproc] = ((out / "samples.jsonl").read_text(),
+                      {p.name: p.read_text().splitlines() for p in sorted(scored.iterdir())})
+    (one, _), (two, scored_by) = res[1], res[2]
+    assert two == one and len(one.splitlines()) == 21
+    prompts = [json.dumps(json.loads(ln)["prompt"]) for ln in one.splitlines()]
+    assert sorted(scored_by) == ["rank0.jsonl", "rank1.jsonl"]
+    assert sorted(scored_by["rank0.jsonl"] + scored_by["rank1.jsonl"]) == sorted(prompts)  # each sample once
+    assert [len(scored_by[f"rank{k}.jsonl"]) for k in (0, 1)] == [4 * 3, 3 * 3]
+    assert not [p.name for p in (tmp_path / "n2").iterdir() if p.name != "samples.jsonl"]  # no temporary file left
+
+
 def test_cli_run_tears_down_its_process_group(tmp_path, capsys):
     """A finished CLI run destroys the process group it made (torch asks for destroy_process_group before a
     process exits; r1train left it to interpreter shutdown), so a second run in the same process builds a new

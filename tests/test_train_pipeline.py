@@ -380,3 +380,81 @@ def test_rejection_sampled_rows_train_on_the_prompt_they_were_sampled_from(tmp_p
     want = tok.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True,
                                    think=True)["input_ids"]
     assert ctx[:len(want)] == list(want) and tok.decode(want).startswith("<think>")
+
+
+def test_distill_samples_the_teacher_with_its_own_tokenizer(tmp_path, monkeypatch):
+    """tokenizer_name_or_path is the student's: the teacher (teacher_model) samples through its own tokenizer.
+    Before, the teacher was loaded with tokenizer_name_or_path too, so a teacher of another vocabulary sampled
+    through the student's (here refused: the student's 160 tokens are past the teacher's embedding)."""
+    from transformers import AutoTokenizer
+
+    from r1train.tasks import char_tokenizer, tiny_model
+
+    teacher_dir, student_tok = tmp_path / "teacher", tmp_path / "student_tok"
+    ttok = char_tokenizer()
+    tiny_model("tiny-qwen2", ttok, hidden_size=32, num_layers=1).save_pretrained(teacher_dir)
+    ttok.save_pretrained(teacher_dir)
+    char_tokenizer(vocab_size=160).save_pretrained(student_tok)  # another vocabulary
+    kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+    seen = {}
+
+    def teacher(cfg, model, tok, rows, **kw):
+        seen["teacher"] = tok.get_vocab()
+        return kept
+
+    def student_sft(cfg, model, tok, rows):
+        seen["student"] = tok.get_vocab()
+        return real_sft(cfg, model, tok, rows=rows)
+
+    real_sft = pipeline.run_sft
+    monkeypatch.setattr(pipeline, "rejection_sample", teacher)
+    monkeypatch.setattr(pipeline, "run_sft", student_sft)
+    pipeline.distill(None, H.FAST + [f"teacher_model={teacher_dir}", "model_name_or_path=tiny-llama",
+                                     f"tokenizer_name_or_path={student_tok}", f"output_dir={tmp_path / 'out'}",
+                                     "max_steps=1"])
+    assert seen["teacher"] == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    assert seen["student"] == AutoTokenizer.from_pretrained(student_tok).get_vocab()
+    assert seen["teacher"] != seen["student"]
+
+
+@pytest.mark.parametrize("key,section", [("model_name_or_path", "grpo"), ("tokenizer_name_or_path", "rejection"),
+                                         ("model_hidden_size", "sft"), ("model_num_layers", "grpo2")])
+def test_recipe_refuses_model_keys_in_a_stage_section(tmp_path, key, section):
+    """The recipe builds its model and tokenizer once, from the top level, and hands the model from stage to
+    stage: a model key in a stage section was silently ignored (while the stage's trainer_state.json recorded
+    it). It is a ConfigError naming the key and the section before any stage runs; the top level's own value
+    repeated in a section changes nothing and stays allowed."""
+    import yaml
+
+    from r1train.config import load_config
+    from r1train.tasks import char_tokenizer
+
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    other = {"model_name_or_path": "tiny-llama", "tokenizer_name_or_path": str(tmp_path / "tok"),
+             "model_hidden_size": 48, "model_num_layers": 2}[key]
+    top = "\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n"
+    stages = {"sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"}
+    y = tmp_path / "recipe.yaml"
+
+    def with_section_value(value):
+        sections = yaml.safe_load(SECTIONS)
+        sections[section][key] = value
+        y.write_text(top + yaml.safe_dump(sections))
+        return str(y)
+
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key}=.*top level"):
+        pipeline._stage_configs(with_section_value(other), [], stages)
+    same = getattr(load_config(str(y)), key)  # the top level's value
+    cfgs = pipeline._stage_configs(with_section_value(same), [], stages)
+    assert all(getattr(c, key) == same for c in cfgs)
+
+
+def test_distill_with_no_correct_teacher_samples_is_a_cli_error(tmp_path, monkeypatch, capsys):
+    """A teacher with no correct, well-formed samples is a user error: `r1train: error: ...` naming teacher_model,
+    exit 2, as the CLI's other user errors (a plain ValueError before: a traceback and exit 1)."""
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: [])
+    rc = main(["distill", *H.FAST, "teacher_model=tiny-qwen2", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "r1train: error: teacher_model=tiny-qwen2" in err and "no correct" in err, err
+    assert "Traceback" not in err

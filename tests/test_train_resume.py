@@ -107,3 +107,46 @@ def test_resumed_cli_run_does_not_evaluate_before_training_again(tmp_path, capsy
     assert "before/eval/accuracy" in first
     assert {k: v for k, v in resumed.items() if k.startswith("before/")} == \
         {k: v for k, v in first.items() if k.startswith("before/")}
+
+
+@pytest.mark.parametrize("stop_in", ["evaluate", "_save"])
+def test_sigterm_after_the_last_step_keeps_the_trained_model(tmp_path, monkeypatch, capsys, stop_in):
+    """SIGTERM after the last step, in the final evaluation or the final save, outside the training loop's
+    StopOnSignal: the CLI stopped with no checkpoint (with save_steps=0 the whole run lost: nothing to resume, and
+    a fresh run refuses the directory, whose metrics.jsonl holds the steps). Now the final checkpoint is saved
+    before the final evaluation, and a signal during that save waits for it: the run stops (exit 143) naming the
+    checkpoint, and a rerun with resume_from_checkpoint=latest ends as the uninterrupted run did: the same
+    metrics.jsonl (the evaluation's row once) and the same weights."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from r1train.checkpoint import checkpoint_problem
+    from r1train.cli import main
+    from r1train.sft import SFTTrainer
+
+    args = ["sft", *H.FAST, "max_steps=3", "save_steps=0"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, f"output_dir={ref}"]) == 0
+    real = getattr(SFTTrainer, stop_in)
+
+    def terminated(self, *a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line, in this thread
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(SFTTrainer, stop_in, terminated)
+    capsys.readouterr()
+    assert main([*args, f"output_dir={run}"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert checkpoint_problem(str(run / "checkpoint-3")) is None, err
+    assert "checkpoint-3" in err and "resume_from_checkpoint=latest" in err, err
+    monkeypatch.setattr(SFTTrainer, stop_in, real)
+    assert main([*args, f"output_dir={run}", "resume_from_checkpoint=latest"]) == 0
+
+    def rows(d):
+        return H.strip_timing([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()])
+
+    assert rows(run) == rows(ref) and [r["step"] for r in rows(ref)] == [1, 2, 3, 3]
+    wa, wb = (load_file(d / "checkpoint-3" / "model.safetensors") for d in (ref, run))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

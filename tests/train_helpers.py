@@ -38,6 +38,15 @@ def half_constant(prompts, completions, completion_ids=None, **kw):
     return [0.5 if zlib.crc32(completion_text(p).encode()) % 2 == 0 else d for p, d in zip(prompts, ds)]
 
 
+def scored_where(prompts, completions, completion_ids=None, **_):
+    """0 for every sample; appends each prompt it scores (as JSON) to $R1_TEST_SCORED/rank<RANK>.jsonl: which
+    process scored which samples."""
+    path = os.path.join(os.environ["R1_TEST_SCORED"], f"rank{os.environ.get('RANK', '0')}.jsonl")
+    with open(path, "a") as fh:
+        fh.writelines(json.dumps(p) + "\n" for p in prompts)
+    return [0.0] * len(completions)
+
+
 def env():
     e = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):

@@ -106,6 +106,7 @@ def grpo(cfg: TrainConfig, model, tok, rows, eval_rows, before: dict):
     if cfg.eval_steps:
         t.logger.log(0, _curve_point(before))
     t.train()
+    t.save_final()  # before the evaluation: a stop there keeps every trained step
     after = evaluate(t.model, tok, eval_rows, cfg)
     t.logger.log(t.max_steps, _curve_point(after))
     t.finish()
