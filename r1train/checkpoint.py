@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -243,7 +244,6 @@ class CheckpointMixin:
                     state = check_resume_config(path, self.cfg, type(self).__name__, self.world)
                     check_train_rows(path, state, self.cfg, self.rows_sha256)
                     self.check_resume_state(path, state)
-                    record_rewind(path, self.cfg.output_dir)
                     res = ("ok", path)
             except ConfigError as e:
                 res = ("error", type(e).__name__, str(e))
@@ -284,7 +284,25 @@ class CheckpointMixin:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.load_trainer_state(state.get("trainer_state", {}))
+        self._record_rewind(path)
         return state["global_step"]
+
+    def _record_rewind(self, path: str):
+        """record_rewind once the resume is certain (loaded: a refused one records nothing), when the run's
+        metrics are cut to its step; rank 0 writes, every rank gets its verdict (no rank left waiting)."""
+        err = None
+        if self.rank == 0:
+            try:
+                record_rewind(path, self.cfg.output_dir)
+            except (OSError, ConfigError) as e:
+                err = f"{type(e).__name__}: {e}"
+        if self.world > 1:
+            box = [err]
+            dist.broadcast_object_list(box, src=0)
+            err = box[0]
+        if err:
+            raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: could not record the "
+                                  f"checkpoints this rewind leaves behind in {ABANDONED}: {err}")
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -332,7 +350,9 @@ def write_manifest(path: str):
         posix_fsync(root)
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump({"format": 1, "files": files}, fh, indent=1)
+        # save_id: this save's own (files past HASH_MAX_BYTES are listed by size only, so two saves of one step
+        # by two runs of the same settings could list the same: ABANDONED names saves by the manifest's hash)
+        json.dump({"format": 1, "save_id": uuid.uuid4().hex, "files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(path, MANIFEST))

@@ -50,8 +50,8 @@ TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_m
 CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # with importance_sampling_level=sequence TRL's clip_ratio/*_mean count sequences (every row of the micro-batch)
 CLIP_MEAN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-# the keys Trainer.train adds to each step's metrics after train_step
-LOOP_METRICS = ("learning_rate", "epoch", "step_time")
+# the keys Trainer.train adds to each step's metrics after train_step (eval steps: Trainer.evaluate's eval/*)
+LOOP_METRICS = ("learning_rate", "epoch", "step_time", "eval/accuracy", "eval/accuracy_greedy")
 # a loss call's [sum of H over the tokens the loss trains on, their count] (top_entropy_quantile < 1; popped from
 # its metrics by train_step, never logged): adaptive entropy control's window, as TRL's _entropy_window_stats
 ENTROPY_WINDOW = "entropy/window"

@@ -723,3 +723,32 @@ def test_latest_after_a_rewind_continues_the_rewound_run(sft_run, tmp_path, capl
     assert json.loads((out / "checkpoint-4" / "manifest.json").read_text()) != left
     assert _sft(out, "max_steps=6", "resume_from_checkpoint=latest").step0 == 4
     assert [r["step"] for r in H.read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_a_refused_rewind_leaves_nothing_behind(sft_run, tmp_path):
+    """A resume from checkpoint-2 that load refuses (past this run's max_steps) rewinds nothing: checkpoint-4 was
+    listed as left behind all the same, and latest fell back to checkpoint-2."""
+    from r1train.checkpoint import ABANDONED, CheckpointError, resolve_checkpoint
+
+    out = _copy(sft_run, tmp_path)
+    with pytest.raises(CheckpointError, match="past this run's max_steps"):
+        _sft(out, "max_steps=1", f"resume_from_checkpoint={out / 'checkpoint-2'}")
+    assert not (out / ABANDONED).exists()
+    assert resolve_checkpoint("latest", str(out)) == str(out / "checkpoint-4")
+
+
+def test_two_saves_of_a_step_have_distinct_manifests(tmp_path):
+    """The left-behind record names a save by its manifest's sha256; files past HASH_MAX_BYTES are listed by size
+    only, so two runs of the same settings saving the same step could write the same manifest, and latest then
+    skipped the rewound run's own save. Each manifest carries its save's own id."""
+    from r1train.checkpoint import _manifest_sha, checkpoint_problem, write_manifest
+
+    d = tmp_path / "checkpoint-4"
+    d.mkdir()
+    (d / "trainer_state.json").write_text("{}")
+    shas = set()
+    for _ in range(2):
+        write_manifest(str(d))
+        assert checkpoint_problem(str(d)) is None
+        shas.add(_manifest_sha(str(d)))
+    assert len(shas) == 2

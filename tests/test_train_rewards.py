@@ -250,6 +250,7 @@ def _own_column(prompts, completions, log_extra, **_):
     (_own_metric("entropy"), r"log_metric: \['entropy'\] are metrics the trainer logs itself"),
     (_own_metric("loss"), r"log_metric: \['loss'\] are metrics the trainer logs itself"),
     (_own_metric("learning_rate"), r"log_metric: \['learning_rate'\] are metrics the trainer logs itself"),
+    (_own_metric("eval/accuracy"), r"log_metric: \['eval/accuracy'\] are metrics the trainer logs itself"),
     (_own_column, r"log_extra: columns \['advantage'\] are the completions log's")])
 def test_trl_hooks_cannot_overwrite_the_trainers_own(tmp_path, fn, msg):
     t = H.grpo_trainer(tmp_path, "max_steps=1", reward_funcs=[fn])
