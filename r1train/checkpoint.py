@@ -219,8 +219,10 @@ class CheckpointMixin:
         limit = self.cfg.save_total_limit
         if not limit:
             return
+        left = _abandoned(self.cfg.output_dir)  # a left-behind checkpoint is not this run's: not counted
         done = [d for d in list_checkpoints(self.cfg.output_dir)
-                if _step_of(d) <= step and os.path.exists(os.path.join(d, MANIFEST))]
+                if _step_of(d) <= step and os.path.exists(os.path.join(d, MANIFEST))
+                and _manifest_sha(d) not in left.get(os.path.basename(d), ())]
         for d in sorted(done, key=_step_of)[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -427,14 +429,21 @@ def _manifest_sha(path: str) -> str | None:
 
 
 def _abandoned(output_dir: str) -> dict:
+    """ABANDONED's {checkpoint name: [manifest sha256, ...]} ({} when there is none)."""
+    path = os.path.join(output_dir, ABANDONED)
     try:
-        with open(os.path.join(output_dir, ABANDONED)) as fh:
-            return json.load(fh)
+        with open(path) as fh:
+            left = json.load(fh)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"output_dir: {os.path.join(output_dir, ABANDONED)} is unreadable ({e}); it lists "
-                              "the checkpoints resume_from_checkpoint=latest must not continue from") from e
+        left = e
+    if not (isinstance(left, dict) and all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                           for v in left.values())):
+        raise CheckpointError(f"output_dir: {path} is unreadable or not a {{checkpoint: [manifest sha256, ...]}} "
+                              f"object ({left if isinstance(left, Exception) else type(left).__name__}); it lists "
+                              "the checkpoints resume_from_checkpoint=latest must not continue from")
+    return left
 
 
 def record_rewind(path: str, output_dir: str):

@@ -231,6 +231,26 @@ def test_remove_and_call_again(model_dir, tmp_path):
     assert remove_r1kernels(remove_r1kernels(tr)) is tr
 
 
+def test_zero3_wrapped_reference_keeps_hf_moe_layers(monkeypatch):
+    """TRL wraps its ZeRO-3 reference model in a DeepSpeed engine at construction, whose parameter-gathering hooks
+    sit on the modules it has: a router put in afterwards would run with partitioned parameters. Such a model keeps
+    transformers' MoE layers, with a warning; an unwrapped one (the policy, wrapped later in train()) is patched."""
+    import transformers.integrations.deepspeed as hf_ds
+    from test_patch_deepseek_v3 import _tiny
+
+    from r1kernels.integrations import trl as it
+    from r1kernels.patch.deepseek_v3 import routers, routers_to_patch
+
+    monkeypatch.setattr(hf_ds, "is_deepspeed_zero3_enabled", lambda: True)
+    engine = types.SimpleNamespace(module=_tiny())
+    with pytest.warns(UserWarning, match="ZeRO-3 already wraps this model"):
+        it._patch_model(engine, None, False, "torch")
+    assert routers_to_patch(engine.module) and not routers(engine.module)
+    policy = _tiny()
+    it._patch_model(policy, None, False, "torch")
+    assert routers(policy) and not routers_to_patch(policy)
+
+
 def test_engine_bound_model_pickles_and_copies(model_dir, tmp_path):
     """torch.save of the policy after use_r1kernels (its generate bound to the engine) failed on load
     ('no attribute _engine_generate'); the loaded model's and a deepcopy's generate run the engine on themselves."""

@@ -752,3 +752,28 @@ def test_two_saves_of_a_step_have_distinct_manifests(tmp_path):
         assert checkpoint_problem(str(d)) is None
         shas.add(_manifest_sha(str(d)))
     assert len(shas) == 2
+
+
+def test_save_total_limit_does_not_count_left_behind_checkpoints(sft_run, tmp_path):
+    """Rewound to checkpoint-2 with checkpoint-4 left behind, the run saves step 5 with save_total_limit=2:
+    the left-behind checkpoint-4 counted as one of the two newest, and this run's checkpoint-2 was deleted (latest
+    then had nothing of this run's to fall back on)."""
+    from r1train.checkpoint import resolve_checkpoint
+
+    out = _copy(sft_run, tmp_path)
+    t = _sft(out, "max_steps=5", "save_steps=5", "save_total_limit=2", f"resume_from_checkpoint={out / 'checkpoint-2'}")
+    t.train()
+    t.finish()
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-5").is_dir()
+    shutil.rmtree(out / "checkpoint-5")
+    assert resolve_checkpoint("latest", str(out)) == str(out / "checkpoint-2")
+
+
+@pytest.mark.parametrize("text", ['["checkpoint-4"]', '{"checkpoint-4": "abc"}', "{not json"])
+def test_a_malformed_left_behind_record_is_a_clear_error(sft_run, tmp_path, text):
+    from r1train.checkpoint import ABANDONED, CheckpointError, resolve_checkpoint
+
+    out = _copy(sft_run, tmp_path)
+    (out / ABANDONED).write_text(text)
+    with pytest.raises(CheckpointError, match=f"{ABANDONED} is unreadable or not a"):
+        resolve_checkpoint("latest", str(out))

@@ -84,12 +84,19 @@ def _patch_model(model, trainer, return_entropy, backend):
     stays TRL's."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    from ..patch.deepseek_v3 import patch_deepseek_v3
+    from ..patch.deepseek_v3 import patch_deepseek_v3, routers_to_patch
     from ..patch.layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
     from ..patch.lm_head import patch_lm_head, unsupported_reason
 
+    zero3_wrapped = is_deepspeed_zero3_enabled() and _unwrap(model) is not model and hasattr(model, "module")
     model = _unwrap(model)
-    patch_deepseek_v3(model, backend=backend)
+    if zero3_wrapped and routers_to_patch(model):
+        # TRL's ZeRO-3 reference model is a DeepSpeed engine already: its parameter-gathering hooks sit on the
+        # modules it has, so a router or experts module put in now would run with its parameters partitioned
+        warnings.warn("r1kernels: DeepSpeed ZeRO-3 already wraps this model (TRL's reference model): its MoE "
+                      "layers keep transformers' code", stacklevel=3)
+    else:
+        patch_deepseek_v3(model, backend=backend)
     if getattr(model.config, "model_type", None) in FUSED_MODEL_TYPES:
         patch_layers(model, backend=layers_backend(backend))
     # ZeRO-3 materializes lm_head.weight only inside lm_head's own forward, which the fused path never calls

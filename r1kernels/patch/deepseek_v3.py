@@ -229,6 +229,11 @@ def _check_backend(backend: str):
                          "MoE layers' ops); use auto, triton, cuda or torch")
 
 
+def routers_to_patch(model: nn.Module) -> list[nn.Module]:
+    """The transformers DeepseekV3 routers of `model` that patch_deepseek_v3 would replace."""
+    return [m for m in model.modules() if type(getattr(m, "gate", None)).__name__ in ROUTER_CLASSES]
+
+
 def routers(model: nn.Module) -> list[R1KRouter]:
     return [m for m in model.modules() if isinstance(m, R1KRouter)]
 

@@ -103,12 +103,12 @@ def grpo(cfg: TrainConfig, model, tok, rows, eval_rows, before: dict):
     The accuracy curve's first and last points are these two evaluations, so each model is evaluated once;
     the points between come from the trainer's eval_steps."""
     t = GRPOTrainer(cfg, model, tok, rows, eval_rows)
-    if cfg.eval_steps:
-        t.logger.log(0, _curve_point(before))
+    if cfg.eval_steps:  # once: a resumed stage finds it logged
+        t.logger.log_once(0, _curve_point(before))
     t.train()
     t.save_final()  # before the evaluation: a stop there keeps every trained step
     after = evaluate(t.model, tok, eval_rows, cfg)
-    t.logger.log(t.max_steps, _curve_point(after))
+    t.logger.log_once(t.max_steps, _curve_point(after))
     t.finish()
     return t, after
 
