@@ -168,7 +168,10 @@ def main(argv=None):
         "completions_per_step": n, "tokens_generated_per_step": statistics.median(
             h["completions/mean_length"] * n for h in timed),
         "median_seconds": {k: statistics.median(h[k] for h in timed) for k in PHASES},
-        "steps": [{**{k: h[k] for k in (*PHASES, "loss", "kl", "completions/mean_length") if k in h}, "gc_s": g,
+        # sampling/*: the rollout's bf16 sampling log-probs against the training forward's, and the rollout
+        # correction's weights (a sequence-mode weight past clip_max masks the whole completion)
+        "steps": [{**{k: v for k, v in h.items() if k in (*PHASES, "loss", "kl", "completions/mean_length")
+                      or k.startswith("sampling/")}, "gc_s": g,
                    "triton_compiles": c} for h, g, c in zip(hist, gc_s, compiles)],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         # held between rollouts by the generation engine (part of the peak): KV cache, decode state, q/k/v

@@ -345,6 +345,8 @@ def test_train_gpu_bench_flags_tiny(tmp_path):
     lens = res["completion_lengths"]
     assert len(lens) == 8 and min(lens) >= 2 and max(lens) <= 16 and len(set(lens)) > 1
     assert res["steps"][0]["completions/mean_length"] == pytest.approx(sum(lens) / len(lens))
+    # the rollout's log-probs against the training forward's (the engine returns them): in the step's record
+    assert res["steps"][0]["sampling/sampling_logp_difference/max"] >= 0.0
 
 
 
