@@ -115,13 +115,57 @@ def _normalized_text(x: str) -> str:
     return " ".join(x.lower().split()).rstrip(".。").rstrip()
 
 
+# LaTeX spellings of a number: \$5 (an escaped dollar sign), \frac{a}{b} (and \dfrac, \tfrac), 10\,000 / 10{,}000 /
+# 10,\!000 (thousands separators), a leading "x =" / "answer:"
+_FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}$")
+_LEAD = re.compile(r"^(?:[A-Za-z]\w*\s*=|answer\s*[:=]|\\text\{[^}]*\}\s*[:=]?)\s*", re.I)
+
+
+def _latex_number(s: str) -> Fraction | None:
+    """_as_number of s after its LaTeX spellings of a number (above) are undone; None when s is not a number
+    literal (an expression such as "7+5-7+8" is not: its value is what the question asks for)."""
+    s = s.strip()
+    for _ in range(2):  # $\boxed{...}$ and \boxed{$...$}
+        s = s.strip("$").strip()
+        m = re.fullmatch(r"\\boxed\{(.*)\}", s)
+        s = m.group(1).strip() if m else s
+    s = _LEAD.sub("", s).replace("\\$", "").replace("\\!", "").replace("{,}", ",").strip().rstrip(".").strip()
+    s = re.sub(r"(?<=\d)\\,(?=\d{3})", ",", s)  # 10\,000: a thin space between digit groups
+    m = _FRAC.fullmatch(s)
+    if m:
+        s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
+    return _as_number(s)
+
+
+# math-verify (sympy) evaluates powers and factorials exactly, in C code that holds the GIL, so RewardRunner's
+# timeout cannot stop it: an exponent or factorial operand this large, or a nested power, is not sent to it
+# (2^{2^{40}}, 10^{999999999} and 99999999999! each ran past 20 s)
+_POW = r"(?:\^|\*\*)"
+_COSTLY = re.compile(rf"{_POW}\s*\{{[^{{}}]*{_POW}|{_POW}\s*[\w.]+\s*{_POW}|{_POW}\s*\{{?\s*[-+]?\d{{4,}}"
+                     r"|\d{4,}\s*!|[})\]]\s*!")
+# an answer is math (sent to math-verify) when it has a digit, an operator, a bracket or a LaTeX command; a word
+# or phrase is not: math-verify reads bare letters as a product of symbols ("listen" = "silent")
+_MATHLIKE = re.compile(r"[\d\\^_=+\-*/()\[\]{}<>]")
+
+
+# a binary arithmetic operation: a numeric gold answer's question asks for its value ("What is 7+5-7+8?" answered
+# "7+5-7+8" is the question, not its answer)
+_ARITH = re.compile(r"[\d)}\]]\s*[-+*/×÷·]\s*[\d(\\{]|\\(?:times|cdot|div)\b")
+
+
 def answers_match(pred: str, gold: str) -> bool:
-    """Numbers compare as numbers (see _numbers_match); other answers match when math-verify (if installed)
-    finds them equivalent or when they are equal as normalized text."""
-    p, g = _as_number(pred), _as_number(gold)
-    if p is not None and g is not None:
-        return _numbers_match(p, g)
-    if _math_verify(pred, gold):
+    """A numeric gold answer (_latex_number) is matched by a number literal equal to it (_numbers_match), or by a
+    form math-verify finds equal (\\sqrt{4} for 2) that is not an arithmetic operation (_ARITH). Other answers
+    match when math-verify (if installed) finds them equivalent -- both being math (_MATHLIKE), the prediction not
+    too costly to evaluate (_COSTLY) -- or when they are equal as normalized text."""
+    g = _latex_number(gold)
+    if g is not None:
+        p = _latex_number(pred)
+        if p is not None:
+            return _numbers_match(p, g)
+        if _ARITH.search(pred):
+            return False
+    if _MATHLIKE.search(pred) and _MATHLIKE.search(gold) and not _COSTLY.search(pred) and _math_verify(pred, gold):
         return True
     return _normalized_text(pred) == _normalized_text(gold)
 
@@ -136,7 +180,8 @@ def _math_verify(pred: str, gold: str) -> bool | None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": RewardRunner has one
     try:
         # bare answers (the <answer> content) need math delimiters for math-verify's LaTeX extraction
-        gold, pred = (x if "$" in x or "\\boxed" in x else f"${x}$" for x in (gold, pred))
+        # (an escaped \$ is a dollar sign, not a delimiter)
+        gold, pred = (x if re.search(r"(?<!\\)\$", x) or "\\boxed" in x else f"${x}$" for x in (gold, pred))
         try:
             g, p = math_verify.parse(gold, parsing_timeout=None), math_verify.parse(pred, parsing_timeout=None)
             return bool(math_verify.verify(g, p, timeout_seconds=None))
@@ -148,7 +193,9 @@ def _math_verify(pred: str, gold: str) -> bool | None:
 
 def has_gold(gold) -> bool:
     """A row's gold answer is missing when it is None, NaN (pandas' missing value) or blank text (an empty
-    <answer> must never match it)."""
+    <answer> must never match it), or a list (of accepted answers) of none."""
+    if isinstance(gold, (list, tuple)):
+        return any(has_gold(a) for a in gold)
     if gold is None or (isinstance(gold, numbers.Real) and not isinstance(gold, numbers.Rational)
                         and math.isnan(gold)):  # also numpy's float32 NaN (not a float subclass)
         return False
@@ -174,17 +221,20 @@ def _reads_only(fn):
 
 @_reads_only
 def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_):
-    """1.0 if the <answer> matches the `answer` column (see answers_match), 0.0 if not or if there is no
-    <answer>, None if the row has no gold answer (None or blank)."""
+    """1.0 if the <answer> matches the `answer` column (see answers_match; a list of accepted answers: any of
+    them), 0.0 if not or if there is no <answer>, None if the row has no gold answer (None, blank, or a list of
+    none)."""
     golds = answer if answer is not None else [None] * len(completions)
     _one_per_completion("answer", golds, completions)
     out = []
     for c, gold in zip(completions, golds):
-        if not has_gold(gold):
+        # a list (or tuple) of accepted answers: any of them (its text "['5', 'five']" matched none)
+        accepted = [str(a) for a in (gold if isinstance(gold, (list, tuple)) else [gold]) if has_gold(a)]
+        if not accepted:
             out.append(None)
             continue
         pred = extract_answer(completion_text(c))
-        out.append(1.0 if pred is not None and answers_match(pred, str(gold)) else 0.0)
+        out.append(1.0 if pred is not None and any(answers_match(pred, a) for a in accepted) else 0.0)
     return out
 
 

@@ -415,3 +415,54 @@ def test_completion_text_keeps_the_missing_text_contract():
     assert R.completion_text("<answer>1</answer>") == "<answer>1</answer>"
     parts = [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]
     assert R.completion_text([{"role": "assistant", "content": parts}, {"role": "tool", "content": "c"}]) == "ab"
+
+
+# ---- review findings: hangs, anagrams, the question as its own answer, LaTeX number spellings, accepted lists
+@pytest.mark.parametrize("pred", ["2^{2^{40}}", "10^{999999999}", "9^{9^{9^{9}}}", "99999999999!", "2^2^40"])
+@pytest.mark.parametrize("gold", ["5", "x^2+1"])
+def test_a_costly_answer_is_scored_fast(pred, gold):
+    """sympy evaluated these exactly in C code holding the GIL: the reward never returned and RewardRunner's timeout
+    could not fire (nor is there one at evaluation or rejection sampling). They score 0, at once."""
+    t0 = time.time()
+    assert R.accuracy_reward(None, [f"<answer>{pred}</answer>"], answer=[gold]) == [0.0]
+    assert time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("pred, gold", [("listen", "silent"), ("pots", "stop"), ("Mary", "Army"), ("no", "on"),
+                                        ("York New", "New York"), ("act the", "the cat")])
+def test_words_are_not_products_of_symbols(pred, gold):
+    """math-verify reads bare letters as a product of symbols, so anagrams scored 1.0."""
+    assert R.accuracy_reward(None, [f"<answer>{pred}</answer>"], answer=[gold]) == [0.0]
+    assert R.accuracy_reward(None, [f"<answer>{gold}</answer>"], answer=[gold]) == [1.0]
+
+
+def test_the_question_is_not_its_own_answer():
+    """A numeric gold answer is matched by a number (or a form such as \\sqrt{4}), not by an arithmetic expression
+    of that value: on the built-in task, answering "What is 7+5-7+8?" with 7+5-7+8 scored 1.0."""
+    from r1train.tasks.arith import ArithSpec, draw
+
+    rng = random.Random(int(np.random.randint(0, 2**31 - 1)))
+    for nums, ops, expr in draw(rng, ArithSpec(), 20):
+        value = nums[0] + sum(b if o == "+" else -b for o, b in zip(ops, nums[1:]))
+        comps = [f"<answer>{expr}</answer>", f"<answer>{value}</answer>", f"<answer>$\\boxed{{{value}}}$</answer>"]
+        assert R.accuracy_reward(None, comps, answer=[str(value)] * 3) == [0.0, 1.0, 1.0]
+    assert R.answers_match("\\sqrt{4}", "2") and not R.answers_match("2\\times 1", "2")
+
+
+@pytest.mark.parametrize("pred, gold", [("\\$5", "5"), ("\\$18.50", "18.5"), ("\\$1,000", "1000"),
+                                        ("10\\,000", "10000"), ("\\boxed{10\\,000}", "10000"), ("10,\\!000", "10000"),
+                                        ("1{,}000", "1000"), ("\\dfrac{3}{6}", "0.5"), ("-\\frac{1}{2}", "-0.5"),
+                                        ("x = 13", "13")])
+def test_latex_spellings_of_a_number(pred, gold):
+    """An escaped dollar sign read as a math delimiter, a thin-space thousands separator read as 1 * 0: 0.0."""
+    assert R.accuracy_reward(None, [f"<answer>{pred}</answer>"], answer=[gold]) == [1.0]
+    assert R.accuracy_reward(None, [f"<answer>{pred}</answer>"], answer=[str(float(gold) + 1)]) == [0.0]
+
+
+def test_a_list_of_accepted_answers():
+    """A gold column of lists: any accepted answer matches (its text "['5', 'five']" matched none); a list of
+    none is no gold answer."""
+    comps = ["<answer>five</answer>", "<answer>5</answer>", "<answer>6</answer>", "<answer>5</answer>"]
+    golds = [["5", "five"], ("5", "five"), ["5", "five"], [None, " "]]
+    assert R.accuracy_reward(None, comps, answer=golds) == [1.0, 1.0, 0.0, None]
+    assert not R.has_gold([]) and R.has_gold([None, "x"])

@@ -1,5 +1,6 @@
 """The built-in task, the character tokenizer and the tiny models."""
 
+import random
 import re
 
 import pytest
@@ -45,6 +46,26 @@ def test_arith_answers_flaws_and_determinism():
                for r in generate(50, seed=2, spec=spec, flaw_share=0.0))
     with pytest.raises(ValueError, match="task_ops"):
         ArithSpec(ops="*")
+
+
+@pytest.mark.parametrize("ops", ["-", "+", "+-"])
+def test_problems_use_only_the_allowed_operators(ops):
+    """task_ops='-' produced additions (131 of 200 problems): a running total at 0 forced '+1'. Every problem
+    uses only the spec's operators, its operands in range, its running totals >= 0, its term count in range."""
+    from r1train.tasks.arith import make_problem
+
+    spec = ArithSpec(min_terms=3, max_terms=5, max_operand=9, ops=ops)
+    rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
+    for _ in range(500):
+        nums, got = make_problem(rng, spec)
+        assert set(got) <= set(ops) and 3 <= len(nums) <= 5 and all(1 <= b <= 9 for b in nums)
+        total = nums[0]
+        for o, b in zip(got, nums[1:]):
+            total += b if o == "+" else -b
+            assert total >= 0
+    if ops == "-":
+        with pytest.raises(ValueError, match="task_max_operand .* must be >= task_max_terms - 1"):
+            ArithSpec(min_terms=3, max_terms=6, max_operand=4, ops="-")
 
 
 @pytest.mark.parametrize("sizes", [(2000, 400), (300, 50)])

@@ -36,16 +36,21 @@ class ArithSpec:
             raise ValueError(f"task_max_operand must be >= 1, got {self.max_operand}")
         if not self.ops or set(self.ops) - set("+-"):
             raise ValueError(f"task_ops must be a non-empty subset of '+-', got {self.ops!r}")
+        if set(self.ops) == {"-"} and self.max_terms - 1 > self.max_operand:
+            raise ValueError(f"task_ops='-': every step subtracts at least 1 from the first operand, so "
+                             f"task_max_operand ({self.max_operand}) must be >= task_max_terms - 1 "
+                             f"({self.max_terms - 1})")
 
 
 def make_problem(rng: random.Random, spec: ArithSpec) -> tuple[list[int], list[str]]:
     """Operands [a0, a1, ...] and operators [op1, ...] with non-negative running totals."""
     n = rng.randint(spec.min_terms, spec.max_terms)
-    nums = [rng.randint(1, spec.max_operand)]
+    minus_only = set(spec.ops) == {"-"}  # the total must leave each later step at least 1 to subtract
+    nums = [rng.randint(n - 1 if minus_only else 1, spec.max_operand)]
     ops, total = [], nums[0]
-    for _ in range(n - 1):
+    for i in range(n - 1):
         op = rng.choice(spec.ops)
-        b = rng.randint(1, spec.max_operand)
+        b = rng.randint(1, min(spec.max_operand, total - (n - 2 - i)) if minus_only else spec.max_operand)
         if op == "-" and b > total:
             op = "+" if "+" in spec.ops else "-"
             b = min(b, total) if op == "-" else b
