@@ -188,6 +188,13 @@ def _why(op: str, backend: str) -> str:
     return "the extension has no kernel for this device"
 
 
+def lacking(ops, backend: str) -> list[str]:
+    """The ops of `ops` with no kernel of `backend` in KERNELS ("auto" and "torch": none)."""
+    if backend in ("auto", "torch"):
+        return []
+    return [op for op in ops if backend not in [b for b, _ in KERNELS.get(op, [])]]
+
+
 def available(op: str, device_type: str = "cuda") -> list[str]:
     """Backends that would run `op` on tensors of device_type (the reference "torch" always)."""
     return [b for b, _, _ in _runnable(op, device_type)] + ["torch"]

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, deepspeed_file, ds_bf16_enabled, read_deepspeed_config
-from .durable import posix_fsync
+from .durable import posix_fsync, write_replace
 
 log = logging.getLogger("r1train")
 
@@ -467,13 +467,7 @@ def record_rewind(path: str, output_dir: str):
     log.warning("resume_from_checkpoint=%s: %s, newer, belong to the run this one leaves; "
                 "resume_from_checkpoint=latest will not continue from them", path,
                 ", ".join(sorted(os.path.basename(d) for d in newer)))
-    tmp = os.path.join(output_dir, ABANDONED + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(left, fh, indent=1, sort_keys=True)
-        fh.flush()
-        posix_fsync(fh.fileno())
-    os.replace(tmp, os.path.join(output_dir, ABANDONED))
-    posix_fsync(output_dir)
+    write_replace(os.path.join(output_dir, ABANDONED), json.dumps(left, indent=1, sort_keys=True))
 
 
 def resumes_latest(spec) -> bool:

@@ -114,23 +114,10 @@ def _sample_records(runner, cfg, chunk, ro, texts) -> list[list[dict]]:
 
 
 def _write_jsonl(path: str, records):
-    """path: one JSON line per record, written beside it and renamed over it once on disk (fsync): a failed or
-    killed write leaves the previous file whole, and no reader sees a partial one."""
-    from .durable import posix_fsync
+    """path: one JSON line per record, replaced whole (durable.write_replace)."""
+    from .durable import write_replace
 
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before it replaces the old file
-        os.replace(tmp, path)
-        posix_fsync(d)  # the rename too
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_replace(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def main(argv=None) -> int:

@@ -725,7 +725,7 @@ def _check_backend(backend: str):
 
     from r1kernels import _backend
 
-    missing = [op for op in _TRAIN_OPS if backend not in [b for b, _ in _backend.KERNELS.get(op, [])]]
+    missing = _backend.lacking(_TRAIN_OPS, backend)
     if missing:
         raise ConfigError(f"kernel_backend={backend!r}: r1kernels has no {backend} kernel for "
                           f"{', '.join(missing)}; use auto, triton or torch")

@@ -176,6 +176,12 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+# Trainer.evaluate's metrics, and every key Trainer.train adds to a step's metrics after train_step (theirs on eval
+# steps)
+EVAL_METRICS = ("eval/accuracy", "eval/accuracy_greedy")
+LOOP_METRICS = ("learning_rate", "epoch", "step_time", *EVAL_METRICS)
+
+
 class Trainer(CheckpointMixin):
     """Base of GRPOTrainer / SFTTrainer: subclasses implement `train_step(step, rows) -> metrics`.
 
@@ -442,7 +448,7 @@ class Trainer(CheckpointMixin):
                     "evaluation: none of the %d eval rows has a gold %r answer; no accuracy to report", len(rows),
                     self.cfg.answer_column)
             return {}
-        return {"eval/accuracy": tot[0].item() / n, "eval/accuracy_greedy": tot[1].item() / n}
+        return dict(zip(EVAL_METRICS, (tot[0].item() / n, tot[1].item() / n)))
 
     # ---- reference model
     @torch.no_grad()

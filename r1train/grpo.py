@@ -33,7 +33,7 @@ from r1kernels.reference.grpo import (
 from . import moe_replay
 from .config import check_grpo_batch, grpo_longest_row
 from .data import decode_completions, encode_prompts, grpo_template_kwargs, reward_columns
-from .engine import Trainer
+from .engine import LOOP_METRICS, Trainer
 from .generation import release as release_engine
 from .loading import check_reward_columns
 from .metrics import PhaseClock
@@ -50,8 +50,6 @@ TOKEN_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_m
 CLIP_EXTREME_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # with importance_sampling_level=sequence TRL's clip_ratio/*_mean count sequences (every row of the micro-batch)
 CLIP_MEAN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-# the keys Trainer.train adds to each step's metrics after train_step (eval steps: Trainer.evaluate's eval/*)
-LOOP_METRICS = ("learning_rate", "epoch", "step_time", "eval/accuracy", "eval/accuracy_greedy")
 # a loss call's [sum of H over the tokens the loss trains on, their count] (top_entropy_quantile < 1; popped from
 # its metrics by train_step, never logged): adaptive entropy control's window, as TRL's _entropy_window_stats
 ENTROPY_WINDOW = "entropy/window"
@@ -395,10 +393,11 @@ class GRPOTrainer(Trainer):
             dist.all_reduce(sums)
         return {k: s / c for k, (s, c) in zip(names, sums.tolist())}
 
-    def _add_logged_metrics(self, m: dict, user: dict):
-        """The step's log_metric values join its metrics m (the trainer's, complete but for LOOP_METRICS); a name
-        the trainer logs itself is an error (its value would be overwritten: the check ran before the loss
-        metrics existed). The same names on every rank: every rank raises."""
+    def _add_logged_metrics(self, m: dict):
+        """The step's log_metric values (_logged_metrics: its reward calls') join its metrics m (the trainer's,
+        complete but for LOOP_METRICS); a name the trainer logs itself is an error (its value would be overwritten).
+        The same names on every rank: every rank raises."""
+        user = self._logged_metrics()
         taken = sorted(k for k in user if k in m or k in LOOP_METRICS)
         if taken:
             raise RewardError(f"log_metric: {taken} are metrics the trainer logs itself; log them under other names")
@@ -500,7 +499,6 @@ class GRPOTrainer(Trainer):
             mask_BT[ro.truncated_B] = 0
         mask_BT[failed_N.bool().to(mask_BT.device)] = 0
         m.update(self.reward_metrics(vals_all, total_N, std_all, failed_all, ro))
-        self._user_metrics = self._logged_metrics()  # joined to the step's metrics at its end
         samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c,
                     "reward": _finite_or_none(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
@@ -759,7 +757,7 @@ class GRPOTrainer(Trainer):
             for smp in samples[:2]:
                 r = "none" if smp["reward"] is None else f"{smp['reward']:.2f}"
                 print(f"[step {step + 1}] reward={r} {smp['prompt']!r} -> {smp['completion']!r}")
-        self._add_logged_metrics(m, self._user_metrics)
+        self._add_logged_metrics(m)
         return m
 
     def _loss_kw(self, n_items, entropy_coef, **tensors) -> dict:

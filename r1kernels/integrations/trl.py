@@ -88,7 +88,7 @@ def _patch_model(model, trainer, return_entropy, backend):
     from ..patch.layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
     from ..patch.lm_head import patch_lm_head, unsupported_reason
 
-    zero3_wrapped = is_deepspeed_zero3_enabled() and _unwrap(model) is not model and hasattr(model, "module")
+    zero3_wrapped = is_deepspeed_zero3_enabled() and hasattr(model, "module")  # a DeepSpeed engine
     model = _unwrap(model)
     if zero3_wrapped and routers_to_patch(model):
         # TRL's ZeRO-3 reference model is a DeepSpeed engine already: its parameter-gathering hooks sit on the

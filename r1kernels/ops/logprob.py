@@ -65,15 +65,15 @@ def _backward(ctx, g_logp, g_lse, g_ent):
 token_logprobs_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def token_logprobs_triton(logits, labels, temperature=1.0, return_entropy=False):
-    logp, _, ent = token_logprobs_fwd(logits, labels, float(temperature), bool(return_entropy))
-    return (logp, ent) if return_entropy else logp
-
-
 def token_logprobs_lse_triton(logits, labels, temperature=1.0, return_entropy=False):
     """reference.token_logprobs_lse's contract: (logp, lse, entropy or None), each differentiable."""
     logp, lse, ent = token_logprobs_fwd(logits, labels, float(temperature), bool(return_entropy))
     return logp, lse, ent if return_entropy else None
+
+
+def token_logprobs_triton(logits, labels, temperature=1.0, return_entropy=False):
+    logp, _, ent = token_logprobs_lse_triton(logits, labels, temperature, return_entropy)
+    return (logp, ent) if return_entropy else logp
 
 
 def _eligible(logits, labels, *a, **k):

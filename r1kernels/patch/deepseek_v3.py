@@ -222,8 +222,7 @@ def _check_backend(backend: str):
     from .. import _backend, _checks
 
     _checks.choice("backend", backend, _backend.BACKENDS)
-    lacking = [op for op in MOE_OPS if backend not in ("auto", "torch")
-               and backend not in [b for b, _ in _backend.KERNELS[op]]]
+    lacking = _backend.lacking(MOE_OPS, backend)
     if lacking:
         raise ValueError(f"backend={backend!r}: r1kernels has no {backend} kernel for {', '.join(lacking)} (the "
                          "MoE layers' ops); use auto, triton, cuda or torch")
