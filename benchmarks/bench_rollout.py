@@ -147,17 +147,19 @@ AB = {"cublas": "decode projections on cuBLAS", "down": "down_proj through rk.de
       "emit": "the step's bookkeeping after sampling as one kernel (engine.STEP_FUSIONS)",
       "rope_table": "the rotary cos / sin of a step gathered from a table (engine.STEP_FUSIONS)",
       "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)",
-      "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS = 1; default 17)",
+      "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS all 1)",
+      "dl_64": "rk.decode_linear as before 2026-12-07: a 64-row x tile, every projection from 17 rows",
       "cublaslt": "torch's GEMMs (down_proj, lm_head) on cuBLASLt (torch.backends.cuda.preferred_blas_library)"}
 
 
 @contextlib.contextmanager
 def ab_variant(v: str):
+    from r1kernels.triton import decode_linear as dl
     from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
     kept = fz.DECODE_LINEAR, ge.STEP_FUSIONS
-    min_rows = fz.DECODE_LINEAR_MIN_ROWS
+    min_rows, configs = fz.DECODE_LINEAR_MIN_ROWS, dl.CONFIGS
     blas = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
     try:
         for change in v.split("+"):
@@ -172,7 +174,10 @@ def ab_variant(v: str):
             elif change == "nofusions":
                 ge.STEP_FUSIONS = ()
             elif change == "dl_all_rows":
-                fz.DECODE_LINEAR_MIN_ROWS = 1
+                fz.DECODE_LINEAR_MIN_ROWS = dict.fromkeys(min_rows, 1)
+            elif change == "dl_64":
+                fz.DECODE_LINEAR_MIN_ROWS = dict.fromkeys(min_rows, 17)
+                dl.CONFIGS = {epi: dict(c, BLOCK_M=dl.MAX_ROWS) for epi, c in configs.items()}
             elif change == "cublaslt":
                 if blas is None:
                     raise ValueError("--ab cublaslt needs a CUDA device (torch's BLAS backend choice)")
@@ -180,7 +185,7 @@ def ab_variant(v: str):
         yield
     finally:
         fz.DECODE_LINEAR, ge.STEP_FUSIONS = kept
-        fz.DECODE_LINEAR_MIN_ROWS = min_rows
+        fz.DECODE_LINEAR_MIN_ROWS, dl.CONFIGS = min_rows, configs
         if blas is not None:
             torch.backends.cuda.preferred_blas_library(blas)
 

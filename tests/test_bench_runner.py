@@ -151,20 +151,25 @@ def test_generated_tokens_counts_through_the_first_eos():
 
 def test_rollout_ab_variants_set_and_restore_the_engine_switches():
     """Each bench_rollout --ab change sets its switch inside the context and every switch is back after it, also
-    when the body raises (dl_all_rows: the decode_linear row minimum 17 -> 1)."""
+    when the body raises (dl_all_rows: every decode_linear row minimum 1; dl_64: the 64-row x tile)."""
     from benchmarks import bench_rollout as br
     from r1train.generation import engine as ge
     from r1train.generation import fused as fz
 
     cuda = torch.cuda.is_available()
 
+    from r1kernels.triton import decode_linear as dl
+
     def state():
-        return (fz.DECODE_LINEAR, fz.DECODE_LINEAR_MIN_ROWS, ge.STEP_FUSIONS,
+        return (fz.DECODE_LINEAR, dict(fz.DECODE_LINEAR_MIN_ROWS), ge.STEP_FUSIONS, repr(dl.CONFIGS),
                 torch.backends.cuda.preferred_blas_library() if cuda else None)
 
     before = state()
     with br.ab_variant("dl_all_rows+cublas"):
-        assert (fz.DECODE_LINEAR_MIN_ROWS, fz.DECODE_LINEAR) == (1, ())
+        assert (set(fz.DECODE_LINEAR_MIN_ROWS.values()), fz.DECODE_LINEAR) == ({1}, ())
+    with br.ab_variant("dl_64"):
+        assert set(fz.DECODE_LINEAR_MIN_ROWS.values()) == {17}
+        assert {c["BLOCK_M"] for c in dl.CONFIGS.values()} == {64}
     assert state() == before
     for change in br.AB:
         if change == "cublaslt" and not cuda:  # torch's BLAS choice exists only with CUDA

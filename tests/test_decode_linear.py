@@ -204,7 +204,8 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
     with q/k/v, o_proj and gate/up (extra: + down_proj) through rk.decode_linear's kernel as with DECODE_LINEAR
     empty (the cuBLAS forms and rk.rms_norm;
     flat: the stacked gate/up view of ZeRO 1/2's layout, else separate weights); the kernel runs from
-    DECODE_LINEAR_MIN_ROWS rows (5 rows: cuBLAS, as measured faster; then again with the minimum at 1);
+    DECODE_LINEAR_MIN_ROWS rows of each projection (by default gate/up from 1 row, q/k/v from 17, o_proj from 33;
+    then at 5 rows with every minimum at 1);
     prefills (several tokens a row), even of fewer than 64 token rows, call no kernel. Every RMSNorm runs
     rk.rms_norm."""
     from transformers import AutoModelForCausalLM
@@ -234,9 +235,12 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
         # interpreter its Triton kernel (tested in test_fused_decode) took ~2/3 of this test's time
         monkeypatch.setitem(rk._backend._RUNS, ("apply_rotary", "cpu"), [])
     L = model.config.num_hidden_layers
-    assert fz.DECODE_LINEAR_MIN_ROWS == 17
-    # decode steps below and above the row minimum, then at 5 rows with a minimum of 1; prefills of 80 and 48 rows
-    for rows, T, least in [(5, 1, 17), (20, 1, 17), (5, 1, 1), (2, 40, 1), (2, 24, 1)]:
+    default = {"qkv": 17, "o_proj": 33, "gate_up": 1, "down_proj": 17}
+    assert fz.DECODE_LINEAR_MIN_ROWS == default
+    least_1 = dict.fromkeys(default, 1)
+    # decode steps between the row minima, then at 5 rows with every minimum 1; prefills of 80 and 48 rows
+    for rows, T, least in [(5, 1, default), (20, 1, default), (40, 1, default), (5, 1, least_1), (2, 40, least_1),
+                           (2, 24, least_1)]:
         monkeypatch.setattr(fz, "DECODE_LINEAR_MIN_ROWS", least)
         ids = torch.randint(0, 97, (rows, T), device=device)
         with torch.no_grad():
@@ -248,9 +252,10 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
             monkeypatch.setattr(fz, "DECODE_LINEAR", ("qkv", "o_proj", "gate_up", *extra))
             with fz.fused_decode_ops(model, buffers={}):
                 got = model(ids).logits
-        want = {"none": L, "residual": L * (2 if "down_proj" in extra else 1), "silu_gate": L}
-        kernel = T == 1 and rows >= least  # prefill and steps of fewer rows: cuBLAS
-        assert {e: calls.count(e) for e in set(calls)} == (want if kernel else {})
+        on = {p for p in ("qkv", "o_proj", "gate_up", *extra) if T == 1 and rows >= least[p]}  # prefill: cuBLAS
+        want = {"none": L * ("qkv" in on), "residual": L * (("o_proj" in on) + ("down_proj" in on)),
+                "silu_gate": L * ("gate_up" in on)}
+        assert {e: calls.count(e) for e in set(calls)} == {e: n for e, n in want.items() if n}
         assert len(norms) == 2 * L + 1
         calls.clear()
         norms.clear()

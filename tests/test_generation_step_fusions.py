@@ -145,11 +145,12 @@ def test_engine_with_step_fusions(fusion, monkeypatch):
 def test_gpu_step_fusions_in_captured_steps(greedy, fusion, monkeypatch):
     """The captured decode step with the fusion (bf16 tiny Qwen2, 12 rows, compaction every 2 steps, two eos
     ids): tokens and log-probs bitwise the default's, on the first rollout and on replay. rk.decode_linear's
-    kernel runs in every bucket (its row minimum set to 1: by default 16 rows and fewer keep cuBLAS)."""
+    kernel runs in every bucket (every row minimum set to 1: by default q/k/v below 17 rows and o_proj below 33
+    keep cuBLAS)."""
     from test_generation import _model, _prompts
 
     from r1train.generation import fused as fz
-    monkeypatch.setattr(fz, "DECODE_LINEAR_MIN_ROWS", 1)
+    monkeypatch.setattr(fz, "DECODE_LINEAR_MIN_ROWS", dict.fromkeys(fz.DECODE_LINEAR_MIN_ROWS, 1))
 
     from r1train.generation import Engine, SamplingParams
     from r1train.generation import engine as eng_mod

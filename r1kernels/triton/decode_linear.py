@@ -87,7 +87,7 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     """x_MK [1 <= M <= 64, K > 0] and w_NK / w2_NK [N, K] with unit stride along K and 16-byte aligned (eligible());
     residual_MN [M, N] (unit stride along N): updated in place and returned; w2_NK: the silu_gate epilogue
     (w_NK is the gate's). config: overrides of CONFIGS[epilogue] and of BLOCK_M (the x tile's rows, >= M; default
-    MAX_ROWS; the benchmarks' sweeps)."""
+    block_m(M); the benchmarks' sweeps)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     epi = _epilogue(residual_MN, w2_NK)
@@ -95,7 +95,7 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     if INTERPRET:
         bn, bk = min(bn, 16), min(bk, 32)
-    bm = cfg.get("BLOCK_M", MAX_ROWS if not INTERPRET else max(16, triton.next_power_of_2(M)))
+    bm = cfg.get("BLOCK_M", block_m(M))
     if bm < M:  # one tile of rows a program: a smaller one would leave rows uncomputed
         raise ValueError(f"decode_linear: config BLOCK_M={bm} is below the {M} rows of x_MK")
     out_MN = residual_MN if residual_MN is not None else x_MK.new_empty(M, N)
@@ -107,6 +107,15 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
         EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
     return out_MN
+
+
+def block_m(M: int) -> int:
+    """The x tile's rows: the next power of two >= M, at least 16 (the MMA's smallest tile). A 64-row descriptor box
+    over fewer rows zero-fills the rest at a cost: H100, 28-call graphs (bench_decode_linear_variants
+    --rows-sweep, results/decode_linear_rows_h100_2026-12-07_32948a3.json), 64-row box vs this one, us:
+    q/k/v 8.18 vs 5.98 at 2 rows, 7.27 vs 6.00 at 16, 6.56 vs 5.64 at 32; o_proj 7.54 vs 5.79, 7.07 vs 5.80,
+    6.39 vs 5.85; gate/up 22.68 vs 21.54, 22.83 vs 21.99, 22.79 vs 22.75; equal at 64."""
+    return max(16, triton.next_power_of_2(M))
 
 
 def aligned(*tensors) -> bool:
@@ -123,9 +132,9 @@ def _device_ok(index: int) -> bool:
     return p.major >= 9 and getattr(p, "shared_memory_per_block_optin", 0) >= need
 
 
-def _smem(cfg: dict, epi: str, block_m: int = MAX_ROWS) -> int:
+def _smem(cfg: dict, epi: str, tile_m: int = MAX_ROWS) -> int:
     """Bytes of shared memory the pipeline's stages hold: the x tile and one (two for silu_gate) weight tiles."""
-    return (block_m + (2 if epi == "silu_gate" else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["STAGES"]
+    return (tile_m + (2 if epi == "silu_gate" else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["STAGES"]
 
 
 def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:

@@ -6,10 +6,10 @@ and k instead of about ten); the q/k/v projections of each attention -> one GEMM
 (a view where they lie back to back, else a concatenated buffer the engine keeps, refreshed from the
 parameters on every entry); and in each Llama-family decoder layer the two residual adds -> the beta = 1
 input of o_proj's and down_proj's GEMMs (torch.addmm; two kernels fewer). In the decode step (one token per
-row, 17-64 rows: DECODE_LINEAR_MIN_ROWS) q/k/v (+ bias), o_proj (+ the residual) and gate/up (+ SiLU) run as
-rk.decode_linear where its kernel takes them (a Hopper GPU; DECODE_LINEAR); prefill and everything else keeps the
-cuBLAS forms above. Instance attributes shadow the class methods for the duration and are removed after, so
-training forwards run the unpatched code."""
+row, up to 64 rows, each from its DECODE_LINEAR_MIN_ROWS) q/k/v (+ bias), o_proj (+ the residual) and gate/up
+(+ SiLU) run as rk.decode_linear where its kernel takes them (a Hopper GPU; DECODE_LINEAR); prefill and
+everything else keeps the cuBLAS forms above. Instance attributes shadow the class methods for the duration and
+are removed after, so training forwards run the unpatched code."""
 from __future__ import annotations
 
 import contextlib
@@ -32,17 +32,21 @@ from r1kernels.reference.decode_linear import stacked
 # q/k/v and gate/up kernels were measured slower too (H100 +2.5%, H200 +5.0%) and removed
 # (benchmarks/NOTES-decode-linear.md).
 DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
-# Decode steps of fewer rows keep the cuBLAS forms, which pick 8-row tiles there (the kernel's tile is 64 rows).
-# The 1.5B decode step replayed, kernel vs cuBLAS, H100 (2026-12-05, 91b4823;
-# results/decode_linear_rows_h100_2026-12-05_91b4823.json): 4 rows 2.074 vs 1.969 ms, 8: 2.167 vs 2.053,
-# 16: 2.217 vs 2.067, 32: 2.142 vs 2.240, 64: 2.230 vs 2.298.
-DECODE_LINEAR_MIN_ROWS = 17
+# Decode steps of fewer rows than a projection's minimum keep its cuBLAS form. H100, 1.5B shapes, 28-call graphs,
+# the kernel's x tile at decode_linear.block_m(rows) vs the engine's cuBLAS form, us at 2 / 8 / 16 / 32 / 64 rows
+# (bench_decode_linear_variants --rows-sweep, results/decode_linear_rows_h100_2026-12-07_32948a3.json):
+# q/k/v 5.98 / 5.92 / 6.00 / 5.64 / 5.25 vs 6.05 / 6.00 / 5.99 / 6.10 / 6.22 (even below 17 rows);
+# o_proj 5.79 / 5.71 / 5.80 / 5.85 / 4.81 vs 5.27 / 5.27 / 5.27 / 5.32 / 5.37 (the kernel wins at 64 only);
+# gate/up + SiLU 21.54 / 21.77 / 21.99 / 22.75 / 22.87 vs 22.73 / 23.08 / 23.42 / 24.31 / 25.27 (at every count).
+# down_proj's entry applies where DECODE_LINEAR names it (not by default).
+DECODE_LINEAR_MIN_ROWS = {"qkv": 17, "o_proj": 33, "gate_up": 1, "down_proj": 17}
 
 
-def _decode_kernel(backend, x, x2, w, **kw) -> bool:
-    """x [B, T, H] is one token per row (the decode step: T == 1; prefill keeps the cuBLAS forms), B >=
-    DECODE_LINEAR_MIN_ROWS, and rk.decode_linear's kernel takes x2 = x as [B, H] (few rows on a Hopper GPU)."""
-    return (x.dim() == 3 and x.shape[1] == 1 and x2.shape[0] >= DECODE_LINEAR_MIN_ROWS
+def _decode_kernel(name, backend, x, x2, w, **kw) -> bool:
+    """Projection `name` is in DECODE_LINEAR, x [B, T, H] is one token per row (the decode step: T == 1; prefill
+    keeps the cuBLAS forms), B >= DECODE_LINEAR_MIN_ROWS[name], and rk.decode_linear's kernel takes x2 = x as
+    [B, H] (few rows on a Hopper GPU)."""
+    return (name in DECODE_LINEAR and x.dim() == 3 and x.shape[1] == 1 and x2.shape[0] >= DECODE_LINEAR_MIN_ROWS[name]
             and _kernel("decode_linear", backend, x2.device, x2, w, **kw) is not None)
 
 
@@ -61,7 +65,7 @@ def _mlp_gate_up(self, x):
     n, gu = self.gate_proj.out_features, self._r1k_gu
     x2 = x.reshape(-1, x.shape[-1])
     wg, wu = (gu[:n], gu[n:]) if gu is not None else (self.gate_proj.weight.detach(), self.up_proj.weight.detach())
-    if "gate_up" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, wg, up_weight=wu):
+    if _decode_kernel("gate_up", self._r1k_backend, x, x2, wg, up_weight=wu):
         h = rk.decode_linear(x2, wg, up_weight=wu, backend=self._r1k_backend)
         return self.down_proj(h.view(*x.shape[:-1], n))
     if gu is None:
@@ -94,7 +98,7 @@ def _q(self, x):
     """q_proj's forward: one GEMM for q, k and v (decode rows: rk.decode_linear's kernel); k_proj / v_proj
     return their slices for the same x."""
     x2 = x.reshape(-1, x.shape[-1])
-    if "qkv" in DECODE_LINEAR and _decode_kernel(self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b):
+    if _decode_kernel("qkv", self._r1k_backend, x, x2, self._r1k_w, bias=self._r1k_b):
         qkv = rk.decode_linear(x2, self._r1k_w, bias=self._r1k_b, backend=self._r1k_backend).view(*x.shape[:-1], -1)
     else:
         qkv = F.linear(x, self._r1k_w, self._r1k_b)
@@ -177,7 +181,7 @@ def _res_linear(self, x):
     if not res.is_contiguous():
         return torch.addmm(res.reshape(-1, res.shape[-1]), x2, self.weight.t()).view(res.shape)
     res2, w = res.view(-1, res.shape[-1]), self.weight.detach()
-    if self._r1k_decode_linear and _decode_kernel(self._r1k_backend, x, x2, w, residual=res2):
+    if _decode_kernel(self._r1k_name, self._r1k_backend, x, x2, w, residual=res2):
         rk.decode_linear(x2, w, residual=res2, backend=self._r1k_backend)
     else:
         res2.addmm_(x2, w.t())
@@ -242,8 +246,8 @@ def fused_decode_ops(model, backend: str = "auto", buffers: dict | None = None, 
                 m.forward = types.MethodType(_layer, m)
                 for lin, name in ((m.self_attn.o_proj, "o_proj"), (m.mlp.down_proj, "down_proj")):
                     lin.forward, lin._r1k_res = types.MethodType(_res_linear, lin), None
-                    lin._r1k_backend, lin._r1k_decode_linear = backend, name in DECODE_LINEAR
-                    fused.append((lin, ("forward", "_r1k_res", "_r1k_backend", "_r1k_decode_linear")))
+                    lin._r1k_backend, lin._r1k_name = backend, name
+                    fused.append((lin, ("forward", "_r1k_res", "_r1k_backend", "_r1k_name")))
                 fused.append((m, ("forward",)))
     try:
         with fused_rotary(model, backend, defer=rope_sink) if llama_family else contextlib.nullcontext():
