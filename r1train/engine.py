@@ -250,7 +250,11 @@ class Trainer(CheckpointMixin):
             for e in filter(None, (self.engine, self.ref)):
                 deepspeed.zero.register_external_parameter(e.module, e.module.head.weight)
         self.step0 = self.saved_step = self.load(resume) if resume else 0
-        self.final_checkpoint = None  # checkpoint-<max_steps> once save_final saved it
+        # checkpoint-<max_steps> once save_final saved it, or this run resumed from it (nothing left to save)
+        self.final_checkpoint = None
+        if resume and self.step0 == self.max_steps \
+                and os.path.realpath(resume) == os.path.realpath(self.checkpoint_dir(self.max_steps)):
+            self.final_checkpoint = self.checkpoint_dir(self.max_steps)
         self.logger = MetricsLogger(cfg.output_dir, rank=self.rank, report_to=cfg.report_to,
                                     config=dataclasses.asdict(cfg),
                                     resume_step=self.step0)
@@ -374,7 +378,10 @@ class Trainer(CheckpointMixin):
 
     def save_final(self) -> str:
         """Save checkpoint-<max_steps> once the last step is trained. A SIGINT / SIGTERM during the save waits for it
-        to be published (StopOnSignal), then stops the run (TrainingInterrupted naming it)."""
+        to be published (StopOnSignal), then stops the run (TrainingInterrupted naming it). A run resumed from its
+        own checkpoint-<max_steps> keeps it as it is (the state it loaded: written again it would be the same)."""
+        if self.final_checkpoint is not None:
+            return self.final_checkpoint
         with StopOnSignal(self.rank) as stop:
             path = self.save(self.max_steps)
             signum = stop.requested(self.dev)  # the same answer on every rank

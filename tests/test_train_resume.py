@@ -129,7 +129,7 @@ def test_sigterm_after_the_last_step_keeps_the_trained_model(tmp_path, monkeypat
     args = ["sft", *H.FAST, "max_steps=3", "save_steps=0"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main([*args, f"output_dir={ref}"]) == 0
-    real = getattr(SFTTrainer, stop_in)
+    real, real_save = getattr(SFTTrainer, stop_in), SFTTrainer._save
 
     def terminated(self, *a, **kw):
         os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line, in this thread
@@ -143,6 +143,11 @@ def test_sigterm_after_the_last_step_keeps_the_trained_model(tmp_path, monkeypat
     assert "checkpoint-3" in err and "resume_from_checkpoint=latest" in err, err
     monkeypatch.setattr(SFTTrainer, stop_in, real)
     assert main([*args, f"output_dir={run}", "resume_from_checkpoint=latest"]) == 0
+    # the resume found checkpoint-3 complete: it trained no step and kept that checkpoint, not wrote it again
+    saves = []
+    monkeypatch.setattr(SFTTrainer, "_save", lambda self, step: saves.append(step) or real_save(self, step))
+    assert main([*args, f"output_dir={run}", "resume_from_checkpoint=latest"]) == 0 and saves == []
+    monkeypatch.setattr(SFTTrainer, "_save", real_save)
 
     def rows(d):
         return H.strip_timing([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()])
