@@ -76,7 +76,7 @@ def cmd_sample(args):
         for _, chunk, ro, texts in sample_rows(model, tok, rows[rank::world], num_samples=cfg.num_generations,
                                                cfg=cfg, seed_key=(cfg.seed,), batch_size=16,
                                                index=lambda i: rank + i * world):
-            mine += _sample_records(runner, cfg, chunk, ro, texts)
+            mine += _sample_records(runner, cfg, tok, chunk, ro, texts)
     if world > 1:  # rank 0: every rank's rows; row g sits at position g // world of rank g % world's list
         every = [None] * world if rank == 0 else None
         dist.gather_object(mine, every, dst=0)
@@ -87,17 +87,19 @@ def cmd_sample(args):
     print(f"wrote {len(rows) * cfg.num_generations} samples to {path}")
 
 
-def _sample_records(runner, cfg, chunk, ro, texts) -> list[list[dict]]:
+def _sample_records(runner, cfg, tok, chunk, ro, texts) -> list[list[dict]]:
     """Per row of chunk, its num_generations samples scored by runner: the row's columns, then completion,
     rewards and reward_failed (a dataset column of one of these names is kept as dataset_<name>)."""
-    from .data import reward_columns
+    from .data import rendered_prompts, reward_columns
 
     G = cfg.num_generations
     ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
                                                                 ro.completion_mask_BT.tolist())]
     cols = reward_columns(chunk, G, cfg.answer_column)
     prompts = [r["prompt"] for r in chunk for _ in range(G)]
-    table, failed = runner(prompts, texts, ids_list, cols)
+    table, failed = runner(prompts, texts, ids_list, cols,
+                           prompts_text=rendered_prompts(tok, [r["prompt"] for r in chunk],
+                                                         cfg.chat_template_kwargs, G))
     out = [[] for _ in chunk]
     for i, t in enumerate(texts):
         own = {"completion": t, "rewards": dict(zip(runner.names, table[i])), "reward_failed": failed[i]}

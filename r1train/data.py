@@ -166,6 +166,13 @@ def prompt_text(tok, prompt, **template_kwargs) -> str:
     return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **template_kwargs)
 
 
+def rendered_prompts(tok, prompts, chat_template_kwargs, n: int = 1) -> list[str]:
+    """Each prompt as sampling renders it (prompt_text with GRPO's template keywords, grpo_template_kwargs), each
+    repeated n times (one per completion): the rewards' prompts_text (rewards.PROMPTS_TEXT)."""
+    kw = grpo_template_kwargs(tok, prompts, chat_template_kwargs)
+    return [t for p in prompts for t in [prompt_text(tok, p, **kw)] * n]
+
+
 def prompt_ids(tok, prompt, **template_kwargs) -> list[int]:
     """A prompt's token ids as TRL 1.16's GRPOTrainer encodes them: a string with the tokenizer's defaults
     (processing_class(text=prompts): add_special_tokens=True, e.g. a Llama tokenizer's BOS); chat messages

@@ -32,7 +32,7 @@ from r1kernels.reference.grpo import (
 
 from . import moe_replay
 from .config import check_grpo_batch, grpo_longest_row
-from .data import decode_completions, encode_prompts, grpo_template_kwargs, reward_columns
+from .data import decode_completions, encode_prompts, grpo_template_kwargs, rendered_prompts, reward_columns
 from .engine import LOOP_METRICS, Trainer
 from .generation import release as release_engine
 from .loading import check_reward_columns
@@ -228,6 +228,14 @@ def advantages(vals_NR, failed_N, w_R, G: int, *, scale: str, aggregation: str, 
     return adv, std_N
 
 
+def _check_extra_columns(extra: list[dict]):
+    """log_extra's columns (one dict per completion) may not take the completions log's own names."""
+    own = {"step", "prompt", "completion", "reward", "advantage"} & {k for e in extra for k in e}
+    if own:
+        raise RewardError(f"log_extra: columns {sorted(own)} are the completions log's own; log them under other "
+                          "names")
+
+
 def _overflow_error(scale: str) -> RewardError:
     return RewardError(f"advantages overflow float32 with scale_rewards={scale}: a weighted reward minus its "
                        "group's mean is beyond float32's range (3.4e38); scale the rewards or reward_weights down, or "
@@ -356,10 +364,37 @@ class GRPOTrainer(Trainer):
                                                                      ro.completion_mask_BT.tolist())]
         cols = reward_columns(rows, G, cfg.answer_column)  # `answer` from answer_column, as evaluation reads
         prompts = [r["prompt"] for r in rows for _ in range(G)]
-        # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}]
-        table, failed = self.rewards(prompts, texts, ids_list, cols, trainer_state=self.reward_state(step)) \
-            if rows else ([], [])
-        return [ro, texts, ids_list, table, failed, self.rewards.last_extra if rows else []]
+        table, failed, extra, err = [], [], [], None
+        try:
+            if rows:
+                # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}];
+                # the prompts as rendered for sampling too (a template ending them with <think> opens the thought)
+                table, failed = self.rewards(prompts, texts, ids_list, cols, trainer_state=self.reward_state(step),
+                                             prompts_text=rendered_prompts(tok, [r["prompt"] for r in rows],
+                                                                           cfg.chat_template_kwargs, G))
+                extra = self.rewards.last_extra
+                _check_extra_columns(extra)
+        except RewardError as e:  # this rank's reward output only: every rank must stop, not wait in a collective
+            err = e
+        self._stop_together(err)
+        return [ro, texts, ids_list, table, failed, extra]
+
+    def _stop_together(self, err: RewardError | None):
+        """Raise err here and a RewardError naming it on every other rank, when any rank has one: a reward's bad
+        output (RewardRunner's checks, log_extra's columns) is found on the rank that scored it, and the others
+        would wait for it in the step's next collective until the launcher's timeout. One flag all-reduced per
+        rollout (its rewards are host values already), the messages gathered only when a rank failed."""
+        if dist.is_initialized() and self.world > 1:
+            flag = torch.tensor([float(err is not None)], device=self.dev)
+            dist.all_reduce(flag)
+            if flag.item():
+                every = [None] * self.world
+                dist.all_gather_object(every, None if err is None else str(err))
+                if err is None:
+                    r, msg = next((r, m) for r, m in enumerate(every) if m is not None)
+                    raise RewardError(f"rank {r} stopped on its rewards: {msg}")
+        if err is not None:
+            raise err
 
     def longest_row(self, cfg, rows):
         return grpo_longest_row(cfg)
@@ -503,10 +538,6 @@ class GRPOTrainer(Trainer):
                     "reward": _finite_or_none(total_N[lo + i]), "advantage": float(adv_N[i])}
                    for i, (p, c) in enumerate(zip(prompts, texts))]
         cols = list(dict.fromkeys(k for e in extra for k in e))  # log_extra's columns (None where not logged)
-        own = {"step", "prompt", "completion", "reward", "advantage"} & set(cols)
-        if own:
-            raise RewardError(f"log_extra: columns {sorted(own)} are the completions log's own; log them under "
-                              "other names")
         for smp, e in zip(samples, extra):
             smp.update((k, e.get(k)) for k in cols)
         return ro, adv_N.to(self.dev), mask_BT, m, samples

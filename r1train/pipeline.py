@@ -6,6 +6,7 @@ output_dir/<stage>/ (metrics, curves, final checkpoint); the next stage starts f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,10 +15,11 @@ import os
 import torch
 
 from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, load_config
-from .data import DatasetError
+from .data import DatasetError, rendered_prompts
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer, merge_adapters
+from .optim import adamw_8bit_class
 from .rewards import accuracy_reward, format_reward, has_gold, language_consistency_reward
 from .rollout import sample_rows
 from .sft import SFTTrainer
@@ -43,15 +45,39 @@ def _check_model_keys(base: TrainConfig, c: TrainConfig, section: str):
                               "section")
 
 
+@contextlib.contextmanager
+def _in_stage(section: str):
+    """A ConfigError or DatasetError raised inside names the stage's section: `[section] ...` (once)."""
+    try:
+        yield
+    except (ConfigError, DatasetError) as e:
+        if not str(e).startswith(f"[{section}] "):
+            e.args = (f"[{section}] {e}",)
+        raise
+
+
+def _check_stage(c: TrainConfig, section: str):
+    """The checks of a stage's config that need no model, rows or output directory, the same functions its
+    trainer calls when it is built: GRPO's batch, reward weights and token budget (check_grpo_config), and the
+    `optim` key's package (make_optimizer's adamw_8bit_class). SFT's token budget is held to the stage's own rows
+    (SFTTrainer.longest_row, below max_length): the rejection stage's exist only once sampled, so its trainer
+    checks it then."""
+    if section.startswith("grpo"):
+        check_grpo_config(c)
+    if c.optim == "adamw_torch_8bit":
+        adamw_8bit_class()
+
+
 def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     """The base config and every stage's (section -> output subdirectory), all loaded and checked before
-    any stage runs, so a bad value in a late stage is an error now rather than after the early stages."""
+    any stage runs, so a bad value in a late stage is an error now, naming its section, rather than after the
+    early stages."""
     out = [load_config(path, overrides)]
     for section, sub in stages.items():
-        c = stage_cfg(load_config(path, overrides, section=section), sub)
-        _check_model_keys(out[0], c, section)
-        if section.startswith("grpo"):
-            check_grpo_config(c)
+        with _in_stage(section):
+            c = stage_cfg(load_config(path, overrides, section=section), sub)
+            _check_model_keys(out[0], c, section)
+            _check_stage(c, section)
         out.append(c)
     paths = [c.resume_from_checkpoint for c in out[1:] if c.resume_from_checkpoint not in (None, "latest")]
     for p in dict.fromkeys(paths):  # one checkpoint path given to several stages (the top level, key=value)
@@ -154,12 +180,14 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
     for _, chunk, _, texts in sample_rows(model, tok, share, num_samples=num_samples, cfg=cfg,
                                           seed_key=(cfg.seed, "rs"), batch_size=batch_size, **spread):
         gold = [r.get(cfg.answer_column) for r in chunk for _ in range(num_samples)]
+        # a template that ends the prompt with <think> opens each completion's thought (rewards.thought_texts)
+        shown = rendered_prompts(tok, [r["prompt"] for r in chunk], cfg.chat_template_kwargs, num_samples)
         ok = [a == 1.0 and f == 1.0 for a, f in zip(accuracy_reward(None, texts, answer=gold),
-                                                      format_reward(None, texts))]
+                                                      format_reward(None, texts, prompts_text=shown))]
         n["samples"] += len(texts)
         n["correct"] += sum(ok)
         if language is not None:
-            lang = language_consistency_reward(None, texts, language=language)
+            lang = language_consistency_reward(None, texts, language=language, prompts_text=shown)
             ok = [o and (v is None or v == 1.0) for o, v in zip(ok, lang)]
         for i, r in enumerate(chunk):
             seen = []
@@ -206,19 +234,23 @@ def recipe(cfg_path=None, overrides=()):
         _check_handoff(c, section)
     model, tok = load_model_and_tokenizer(base)
     results = {}
-    t, results["cold_start_sft"] = run_sft(c1, model, tok)
-    t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1), tok)
+    with _in_stage("sft"):
+        t, results["cold_start_sft"] = run_sft(c1, model, tok)
+    with _in_stage("grpo"):
+        t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1), tok)
     model = _handoff(t, c2)
-    train, _ = load_datasets(c3)
-    rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,  # R1: readable ones only
-                            keep=c3.rejection_max_per_prompt, language=c3.language)
-    results["rejection_kept"] = len(rows)
-    if rows:
-        t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
-        model = _handoff(t, c3)
-    else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
-        logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
-    t, _, results["final_rl"] = run_grpo(c4, model, tok)
+    with _in_stage("rejection"):
+        train, _ = load_datasets(c3)
+        rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,  # R1: readable only
+                                keep=c3.rejection_max_per_prompt, language=c3.language)
+        results["rejection_kept"] = len(rows)
+        if rows:
+            t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
+            model = _handoff(t, c3)
+        else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
+            logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
+    with _in_stage("grpo2"):
+        t, _, results["final_rl"] = run_grpo(c4, model, tok)
     _write(base.output_dir, "pipeline_results.json", results)
     return results
 

@@ -9,7 +9,8 @@ as unscorable and gives them zero loss weight; the run goes on unless every samp
 (RewardError naming the reward). A return value that is not one finite float or None per completion is a
 RewardError at once, and so is a value beyond float32's range (TRL's reward table is float32). After a
 chat-message prompt its completion is passed as TRL does: [{"role": "assistant", "content": text}]. The dataset
-columns are passed by name, all but `prompt`, `completion` and `completion_ids` (NOT_FORWARDED, as TRL). Each
+columns are passed by name, all but `prompt`, `completion` and `completion_ids` (NOT_FORWARDED, as TRL); a function
+that names `prompts_text` also gets the rendered generation prompts (PROMPTS_TEXT; TRL passes none). Each
 call gets its own copies of the prompts, completions and columns it can take (TRL's rows are fresh per
 completion); this module's rewards, which only read them, get them uncopied. Calls run in
 daemon threads, an async function's awaited on one event loop of its own for the process's life (TRL keeps one):
@@ -44,6 +45,15 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
 _TAGS = re.compile(r"</?(?:think|answer)>")
+# A generation prompt that ends by opening the thought ("<think>", maybe whitespace after it: the chat templates of
+# DeepSeek-R1-Distill and of Qwen3's thinking models end theirs with "<think>\n") makes the model's completion start
+# inside the thought, without the tag. TRL 1.16's think_format_reward requires the completion itself to open with
+# <think> (^<think>(?!.*<think>)...) and its trainer passes reward functions only the prompts as given (chat messages,
+# not their rendering), so it scores 0 under such templates (huggingface/trl#6966). The rule here: where the rendered
+# prompt (prompts_text, else a text prompt itself) ends with this, the rewards that read the thought score the
+# prompt's tail + the completion; a completion that opens <think> again then holds two and is not the format.
+# Prompts without it score their completions as they are. The <answer> rewards read the completion alone.
+_PREFILL = re.compile(r"<think>\s*\Z")
 # a word: one Han character (Chinese has no spaces between words) or a run of other letters
 _WORD = re.compile(r"[\u4e00-\u9fff]|[^\W\d_\u4e00-\u9fff]+")
 # digits grouped in threes by "," or " " (1,000 / 1 000 000.5): the only commas and spaces a number may hold
@@ -76,6 +86,24 @@ def completion_text(c) -> str:
     if isinstance(c, list) and isinstance(c[0], dict):
         return _content_text(c[0].get("content"))
     return str(c)
+
+
+def _prefill(prompt) -> str:
+    """The "<think>" (and its trailing whitespace) that a rendered prompt ends with, or "" (a chat-message prompt,
+    unrendered, or None: none known)."""
+    m = _PREFILL.search(prompt) if isinstance(prompt, str) else None
+    return m.group(0) if m else ""
+
+
+def thought_texts(prompts, completions, prompts_text=None) -> list[str]:
+    """Each completion's text as the rewards that read its thought score it: after a prompt that ends by opening
+    the thought (_PREFILL), that tail + the completion; else the completion alone. prompts_text: the rendered
+    prompts, one per completion (what RewardRunner passes); without it a text prompt is its own rendering."""
+    rendered = prompts_text if prompts_text is not None else prompts
+    if rendered is None:
+        return [completion_text(c) for c in completions]
+    _one_per_completion(PROMPTS_TEXT if prompts_text is not None else "prompts", rendered, completions)
+    return [_prefill(p) + completion_text(c) for p, c in zip(rendered, completions)]
 
 
 def extract_answer(text: str) -> str | None:
@@ -239,12 +267,12 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **_)
 
 
 @_reads_only
-def format_reward(prompts, completions, completion_ids=None, **_):
+def format_reward(prompts, completions, completion_ids=None, prompts_text=None, **_):
     """1.0 for exactly <think>...</think><answer>...</answer> (whitespace around allowed), else 0.0: each of the
-    four tags once, in that order (a second <answer>, or a tag inside the other's body, is not the format)."""
+    four tags once, in that order (a second <answer>, or a tag inside the other's body, is not the format). After a
+    prompt that opens the thought (_PREFILL) the completion is scored with that <think> before it (thought_texts)."""
     out = []
-    for c in completions:
-        text = completion_text(c)
+    for text in thought_texts(prompts, completions, prompts_text):
         once = _TAGS.findall(text) == ["<think>", "</think>", "<answer>", "</answer>"]
         out.append(1.0 if once and _FORMAT.match(text) else 0.0)
     return out
@@ -259,15 +287,15 @@ def _in_language(word: str, language: str) -> bool:
 
 
 @_reads_only
-def language_consistency_reward(prompts, completions, completion_ids=None, language="en", **_):
+def language_consistency_reward(prompts, completions, completion_ids=None, language="en", prompts_text=None, **_):
     """R1: share of chain-of-thought words (inside <think>, else the whole text; each Chinese character a word)
     in the target language: `language` ('en' or 'zh'), or one per completion (a dataset column of that name, as
-    TRL passes columns). None when the chain of thought has no words (e.g. pure arithmetic)."""
+    TRL passes columns). None when the chain of thought has no words (e.g. pure arithmetic). After a prompt that
+    opens the thought (_PREFILL) the thought runs from the completion's start (thought_texts)."""
     langs = [language] * len(completions) if isinstance(language, str) else list(language)
     _one_per_completion("language", langs, completions, "give one language or one per completion")
     out = []
-    for c, lang in zip(completions, langs):
-        text = completion_text(c)
+    for text, lang in zip(thought_texts(prompts, completions, prompts_text), langs):
         m = _THINK.search(text)
         words = _WORD.findall(m.group(1) if m else text)
         out.append(sum(_in_language(w, lang) for w in words) / len(words) if words else None)
@@ -544,6 +572,10 @@ TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
 REWARD_ARGS = ("prompts", "completions", "completion_ids", *TRL_KWARGS)
 # the dataset columns TRL 1.16 does not pass to reward functions (GRPOTrainer._calculate_rewards)
 NOT_FORWARDED = ("prompt", "completion", "completion_ids")
+# the rendered generation prompts (chat messages through the chat template, a text prompt as it is), one per
+# completion: passed only to a function that names this parameter (TRL 1.16 passes no such argument, so a function
+# taking **kwargs gets exactly TRL's); where passed, it takes the place of a dataset column of this name
+PROMPTS_TEXT = "prompts_text"
 
 
 def _keywords(fn, follow_wrapped: bool = True) -> frozenset | None:
@@ -555,6 +587,15 @@ def _keywords(fn, follow_wrapped: bool = True) -> frozenset | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _names_param(fn, name: str) -> bool:
+    """fn names `name` among the parameters it takes by keyword (whether or not it also takes **kwargs)."""
+    try:
+        p = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def _takes(fn) -> set:
@@ -629,6 +670,7 @@ class RewardRunner:
         self.names = [reward_name(n) for n in names]
         self.funcs = check_reward_funcs(names, cfg)
         self.takes = {n: _takes(f) for n, f in zip(self.names, self.funcs)}
+        self.takes_text = {n: _names_param(f, PROMPTS_TEXT) for n, f in zip(self.names, self.funcs)}
         self.copied = {n: _copied(f) for n, f in zip(self.names, self.funcs)}
         self.timeout = timeout
         self.failures = {n: 0 for n in self.names}
@@ -644,11 +686,15 @@ class RewardRunner:
 
     def _call(self, name, fn, args, columns, copies):
         """fn(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=...,
-        log_metric=...), all by keyword as TRL does -> (its value, what it logged). The prompts, completions and
-        columns that fn may hold are copies (`copies`, a _Copies); completion_ids are shared, as TRL shares them."""
+        log_metric=...), all by keyword as TRL does -> (its value, what it logged); args: (prompts, completions,
+        completion_ids, prompts_text or None), prompts_text passed where fn names it (PROMPTS_TEXT). The prompts,
+        completions and columns that fn may hold are copies (`copies`, a _Copies); completion_ids are shared, as
+        TRL shares them."""
         logged = _Logged()
         copied = self.copied[name]
         kw = {**columns, "prompts": args[0], "completions": args[1]}
+        if args[3] is not None and self.takes_text[name]:
+            kw[PROMPTS_TEXT] = args[3]
         kw = {k: copies.fresh(v) if copied is None or k in copied else v for k, v in kw.items()}
         kw["completion_ids"] = args[2]
         extra = {"trainer_state": self._state, "log_extra": logged.log_extra, "log_metric": logged.log_metric}
@@ -682,11 +728,12 @@ class RewardRunner:
                                   "it takes a metric name (str) and a finite number")
             self._metrics.setdefault(metric, []).append(float(real))
 
-    def _run_one(self, name, fn, prompts, completions, completion_ids, columns, copies):
+    def _run_one(self, name, fn, prompts, completions, completion_ids, columns, copies, prompts_text=None):
         """values (float or None) and failed flags, per sample."""
         n = len(completions)
         try:
-            vals, logged = self._call(name, fn, (prompts, completions, completion_ids), columns, copies)
+            vals, logged = self._call(name, fn, (prompts, completions, completion_ids, prompts_text), columns,
+                                      copies)
         except _Timeout:
             log.warning("reward %s timed out after %.1fs; skipping %d samples", name, self.timeout, n)
             self.last_errors[name] = f"timed out after {self.timeout:g}s (reward_timeout)"
@@ -701,8 +748,9 @@ class RewardRunner:
         for i in range(n):
             cols = {k: [v[i]] for k, v in columns.items()}
             try:
-                v, logged = self._call(name, fn, ([prompts[i]], [completions[i]], [completion_ids[i]]), cols,
-                                       copies)
+                one_text = None if prompts_text is None else [prompts_text[i]]
+                v, logged = self._call(name, fn, ([prompts[i]], [completions[i]], [completion_ids[i]], one_text),
+                                       cols, copies)
             except _Timeout:
                 err = f"timed out after {self.timeout:g}s (reward_timeout)"
             except Exception as e:  # noqa: BLE001 -- any failure of user code skips the sample
@@ -718,9 +766,10 @@ class RewardRunner:
             failed.append(True)
         return vals, failed
 
-    def __call__(self, prompts, completions, completion_ids, columns, trainer_state=None):
+    def __call__(self, prompts, completions, completion_ids, columns, trainer_state=None, prompts_text=None):
         """-> (values [N][R] floats or None, failed [N] bool: some function failed on the sample).
-        trainer_state: what the functions get as TRL's trainer_state (None: a TrainerState at step 0)."""
+        trainer_state: what the functions get as TRL's trainer_state (None: a TrainerState at step 0).
+        prompts_text: the rendered generation prompts, one per completion (PROMPTS_TEXT; None: not passed)."""
         if trainer_state is None:
             from transformers import TrainerState
 
@@ -729,13 +778,15 @@ class RewardRunner:
             if isinstance(fn, RewardModel):
                 fn.load()
         n = len(completions)
+        if prompts_text is not None:
+            _one_per_completion(PROMPTS_TEXT, prompts_text, completions)
         completions = as_trl_completions(prompts, completions)
         columns = {k: v for k, v in columns.items() if k not in NOT_FORWARDED}
         table, failed = [[None] * len(self.funcs) for _ in range(n)], [False] * n
         self.last_errors, self.last_extra, self._state = {}, [{} for _ in range(n)], trainer_state
         copies = _Copies()
         for j, (name, fn) in enumerate(zip(self.names, self.funcs)):
-            vals, bad = self._run_one(name, fn, prompts, completions, completion_ids, columns, copies)
+            vals, bad = self._run_one(name, fn, prompts, completions, completion_ids, columns, copies, prompts_text)
             for i in range(n):
                 table[i][j] = vals[i]
                 failed[i] = failed[i] or bad[i]

@@ -225,6 +225,22 @@ def test_sample_splits_rows_across_ranks_and_writes_once(tmp_path):
     assert not [p.name for p in (tmp_path / "n2").iterdir() if p.name != "samples.jsonl"]  # no temporary file left
 
 
+@pytest.mark.slow
+def test_a_reward_error_on_one_rank_stops_every_rank(tmp_path):
+    """A reward's bad output found on one rank (here rank 1's reward returns one value too few) raised there while
+    the other rank went on into the step's next collective: it failed there with the transport's error (gloo: the
+    peer closed the connection) or waited until the launcher killed it (NCCL), never naming the cause. Now every
+    rank stops at that rollout with a RewardError: rank 1 the reward's, rank 0 naming rank 1 and it."""
+    import subprocess
+
+    args = ["grpo", *H.FAST, "max_steps=2", "num_generations=2", "per_device_train_batch_size=2",
+            "reward_funcs=train_helpers:bad_on_rank1", f"output_dir={tmp_path / 'out'}"]
+    r = subprocess.run(H.cli_cmd(args, 2), env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "rank 1 stopped on its rewards: reward 'bad_on_rank1' returned" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("reward 'bad_on_rank1' returned") >= 2, r.stderr[-3000:]  # rank 1's own error too
+
+
 def test_cli_run_tears_down_its_process_group(tmp_path, capsys):
     """A finished CLI run destroys the process group it made (torch asks for destroy_process_group before a
     process exits; r1train left it to interpreter shutdown), so a second run in the same process builds a new

@@ -2,6 +2,7 @@
 error on a teacher with no correct samples, and the `sample` command."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -272,6 +273,31 @@ def test_rejection_sampling_counts_blank_answers_as_missing(tmp_path, monkeypatc
     assert "4 of 5 rows have no 'answer'" in caplog.text
 
 
+def test_rejection_sampling_keeps_completions_whose_prompt_opens_the_thought(tmp_path, monkeypatch):
+    """A prompt rendered with "<think>" at its end (R1-Distill's and Qwen3's templates) opens each completion's
+    thought: rejection sampling scores the format with that tag before the completion (it kept none before: the
+    completions hold no opening tag). A completion that opens the thought again is not kept; prompts without the
+    tag score as before."""
+    from r1train.config import load_config
+
+    rng = random.Random(random.getrandbits(32))
+    gold = [str(rng.randint(0, 99)) for _ in range(4)]
+
+    def sampler(model, tok, rows, *, num_samples, **kw):
+        yield 0, rows, None, [f"{pre}s{rng.randint(0, 9)}</think><answer>{r['answer']}</answer>"
+                              for r in rows for pre in ("", "<think>")[:num_samples]]
+
+    monkeypatch.setattr(pipeline, "sample_rows", sampler)
+    monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
+    rows = [{"prompt": f"q{i} <think>" + "\n" * (i % 2), "answer": a} for i, a in enumerate(gold[:2])] + \
+        [{"prompt": f"q{i}", "answer": a} for i, a in enumerate(gold[2:], 2)]
+    kept = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), None, rows, num_samples=2, keep=2, language="en")
+    # prefilled prompts: the completion without the tag (the one repeating it has two); plain ones: with the tag
+    assert [(r["prompt"], r[cfg.completion_column].startswith("<think>")) for r in kept] == \
+        [(rows[0]["prompt"], False), (rows[1]["prompt"], False), (rows[2]["prompt"], True), (rows[3]["prompt"], True)]
+
+
 def test_results_json_is_written_atomically(tmp_path, monkeypatch):
     """pipeline_results.json / distill_results.json: a write that fails midway (a full disk, a kill) leaves the
     previous complete file, not a truncated one. Before, the file was opened with "w" (emptied) and written in
@@ -363,18 +389,18 @@ def test_rejection_sampled_rows_train_on_the_prompt_they_were_sampled_from(tmp_p
              "tools": [{"type": "function"}]},
             {"prompt": "4+4?", "answer": "8", "chat_template_kwargs": {"x": 1}}]
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "chat_template_kwargs={think: true}"])
-    kept = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1)
+    tok = char_tokenizer()
+    tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template
+    kept = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), tok, rows, num_samples=1, keep=1)
     # sampling rendered the chat prompts with cfg's keywords alone (no row column, no tools); a string prompt with none
     assert [(r.get("chat_template_kwargs"), "tools" in r) for r in kept] == [({"think": True}, False),
                                                                            ({"think": True}, False), ({"x": 1}, False)]
     plain = load_config(overrides=H.FAST + [f"output_dir={tmp_path}"])
-    kept_plain = pipeline.rejection_sample(plain, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1)
+    kept_plain = pipeline.rejection_sample(plain, torch.nn.Linear(1, 1), tok, rows, num_samples=1, keep=1)
     assert ["chat_template_kwargs" in r for r in kept_plain] == [False, False, True]
-    distilled = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), None, rows, num_samples=1, keep=1,
+    distilled = pipeline.rejection_sample(cfg, torch.nn.Linear(1, 1), tok, rows, num_samples=1, keep=1,
                                           as_sampled=False)  # distill: the student renders with its own template
     assert [r.get("chat_template_kwargs") for r in distilled] == [r.get("chat_template_kwargs") for r in rows]
-    tok = char_tokenizer()
-    tok.chat_template = "{% if think %}<think>{% endif %}" + tok.chat_template
     ctx, _ = sft_tokens(tok, kept[0], 0, completion_column=cfg.completion_column, max_length=512,
                         completion_only_loss=True, cache=TokenCache(tok))
     want = tok.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -448,6 +474,68 @@ def test_recipe_refuses_model_keys_in_a_stage_section(tmp_path, key, section):
     same = getattr(load_config(str(y)), key)  # the top level's value
     cfgs = pipeline._stage_configs(with_section_value(same), [], stages)
     assert all(getattr(c, key) == same for c in cfgs)
+
+
+def _recipe_yaml(tmp_path, **sections) -> str:
+    """A toy recipe config: H.FAST at the top level, SECTIONS with `sections`' keys set over them."""
+    import yaml
+
+    secs = yaml.safe_load(SECTIONS)
+    for name, keys in sections.items():
+        secs[name].update(keys)
+    y = tmp_path / "recipe.yaml"
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + f"\noutput_dir: {tmp_path / 'out'}\n"
+                 + yaml.safe_dump(secs))
+    return str(y)
+
+
+@pytest.mark.parametrize("section,keys,msg", [
+    ("sft", {"warmup_ratio": 0.1}, r"warmup_ratio=0.1 with lr_scheduler_type=constant"),
+    ("grpo2", {"padding_free": True, "max_tokens_per_batch": 20},
+     r"max_tokens_per_batch must be >= max_prompt_length \+ max_completion_length .* got 20"),
+    ("rejection", {"optim": "adamw_torch_8bit"}, r"optim=adamw_torch_8bit needs torchao"),
+])
+def test_recipe_checks_every_stage_before_the_first_runs_naming_it(tmp_path, monkeypatch, section, keys, msg):
+    """Every stage's config is loaded and checked (the checks its trainer makes that need no model or rows: here
+    a section's value, GRPO's token budget, the `optim` key's package) before the model loads or any stage runs,
+    and the error names the stage's section. Before, a section's error did not say which stage it came from, and
+    optim=adamw_torch_8bit without torchao in a late stage failed when that stage's trainer was built."""
+    import sys
+
+    ran = []
+
+    def stand_in(name):
+        def run(*a, **kw):
+            ran.append(name)
+            raise AssertionError(f"{name} ran before every stage was checked")
+        return run
+
+    for name in ("load_model_and_tokenizer", "run_sft", "run_grpo", "rejection_sample", "load_datasets"):
+        monkeypatch.setattr(pipeline, name, stand_in(name))
+    for mod in ("torchao", "torchao.optim", "torchao.optim.adam"):  # as if torchao were not installed
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(ConfigError, match=rf"^\[{section}\] {msg}"):
+        pipeline.recipe(_recipe_yaml(tmp_path, **{section: keys}))
+    assert ran == [] and not (tmp_path / "out").exists()
+
+
+def test_recipe_names_the_stage_whose_sft_rows_exceed_its_token_budget(tmp_path, monkeypatch):
+    """SFT's token budget below max_length is held to the stage's own rows (SFTTrainer.longest_row): the rejection
+    stage's are sampled after the earlier stages, so its trainer checks them when it is built, and the error
+    names the stage (it named no stage). Stages 1 and 2 are stand-ins here."""
+    kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+    real = pipeline.run_sft
+    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows=None: real(cfg, model, tok, rows=rows)
+                        if rows is not None else (model, {}))
+    monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
+    monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg: model)
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
+    y = _recipe_yaml(tmp_path, rejection={"padding_free": True, "max_tokens_per_batch": 12, "max_length": 64})
+    with pytest.raises(ConfigError, match=r"^\[rejection\] max_tokens_per_batch must be >= the longest SFT row's "
+                                          r"tokens \(row \d+; .*\) = \d+, got 12"):
+        pipeline.recipe(y)
+    assert not (tmp_path / "out" / "3-rejection-sft").exists()  # before any work
 
 
 def test_distill_with_no_correct_teacher_samples_is_a_cli_error(tmp_path, monkeypatch, capsys):

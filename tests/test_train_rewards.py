@@ -466,3 +466,156 @@ def test_a_list_of_accepted_answers():
     golds = [["5", "five"], ("5", "five"), ["5", "five"], [None, " "]]
     assert R.accuracy_reward(None, comps, answer=golds) == [1.0, 1.0, 0.0, None]
     assert not R.has_gold([]) and R.has_gold([None, "x"])
+
+
+# ---- a generation prompt that opens the thought: DeepSeek-R1-Distill's and Qwen3's templates end it with "<think>\n"
+_WORDS = ["add", "the", "carry", "so", "we", "get", "first", "then", "check", "it"]
+
+
+def _thought(rng):
+    return " ".join(rng.choice(_WORDS + [str(rng.randint(0, 999))]) for _ in range(rng.randint(1, 12)))
+
+
+def _prefilled_prompts(rng, n):
+    """n rendered prompts that end by opening the thought, in a few templates' spellings and trailing whitespace."""
+    heads = ["<｜begin▁of▁sentence｜><｜User｜>{q}<｜Assistant｜>", "Question: {q}\nAnswer: ",
+             "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"]
+    return [rng.choice(heads).format(q=f"What is {rng.randint(0, 99)}+{rng.randint(0, 99)}?") + "<think>" +
+            rng.choice(["", "\n", "\n\n", " ", "\r\n"]) for _ in range(n)]
+
+
+def test_format_scores_a_completion_after_a_prompt_that_opens_the_thought():
+    """After a prompt that ends with <think> (maybe whitespace after it) the completion starts inside the thought:
+    well formed, it scores 1.0 as <think> + completion (every completion scored 0.0); one that opens <think> again
+    holds two and scores 0.0; text prompts are read as they are, chat prompts through prompts_text (their
+    rendering). A prompt that does not end by opening the thought scores exactly as before."""
+    rng = random.Random(random.getrandbits(32))
+    n = 12
+    rendered = _prefilled_prompts(rng, n)
+    chats = [[{"role": "user", "content": p}] for p in rendered]  # the rendering is what counts, not the messages
+    ws = [rng.choice(["", "\n", " \n\n"]) for _ in range(n)]
+    well = [f"{ws[i]}{_thought(rng)}{ws[i]}</think>{ws[i]}<answer>{rng.randint(0, 99)}</answer>{ws[i]}"
+            for i in range(n)]
+    again = [rng.choice(["", "\n", " "]) + "<think>" + c.lstrip() for c in well]
+    unclosed = [c.replace("</think>", "") for c in well]
+    for comps, want in ((well, 1.0), (again, 0.0), (unclosed, 0.0)):
+        assert R.format_reward(rendered, comps) == [want] * n
+        assert R.format_reward(chats, [[{"role": "assistant", "content": c}] for c in comps],
+                               prompts_text=rendered) == [want] * n
+    # not prefilled: a prompt that ends elsewhere (after a closed thought, text after <think>, no tag) or a chat
+    # prompt without its rendering scores the completion alone, as before
+    plain = [p.rstrip().removesuffix("<think>") + rng.choice(["<think></think>\n", "<think> Let me see.", "<think>x",
+                                                               "", "</think>", "<think/>"]) for p in rendered]
+    mixed = [rng.choice([w, a, u]) for w, a, u in zip(well, again, unclosed)]
+    before = R.format_reward(None, mixed)
+    assert before == [float(c.lstrip().startswith("<think>") and "</think>" in c) for c in mixed]
+    assert R.format_reward(plain, mixed) == R.format_reward(chats, mixed) == before
+    assert R.format_reward(chats, mixed, prompts_text=plain) == before
+    assert R.format_reward(None, well) == [0.0] * n and R.format_reward(None, again) == [1.0] * n
+    with pytest.raises(ValueError, match="prompts_text: 1 values for 2 completions"):
+        R.format_reward(None, well[:2], prompts_text=rendered[:1])
+
+
+def test_language_reads_the_thought_from_the_start_after_a_prompt_that_opens_it():
+    """After a prefilled <think> the thought runs from the completion's start to </think>: the answer's words are
+    not part of it (the whole completion was read, as for a completion with no thought)."""
+    rng = random.Random(random.getrandbits(32))
+    rendered = _prefilled_prompts(rng, 6)
+    comps = [f"{_thought(rng)} 加</think><answer>{rng.choice(['五', '六', '七'])}</answer>" for _ in rendered]
+    words = [len(R._WORD.findall(c.split("</think>")[0])) for c in comps]
+    assert R.language_consistency_reward(rendered, comps) == [(w - 1) / w for w in words]
+    # no prefill: no thought found, the whole text is read (its tags' names are words too: think, answer, answer)
+    assert R.language_consistency_reward(None, comps) == [(w + 2) / (w + 4) for w in words]
+    lang = R.RewardRunner(["language"], R1Cfg(), timeout=5)
+    table, _ = lang([[{"role": "user", "content": "q"}]] * 6, comps, [[1]] * 6, {}, prompts_text=rendered)
+    assert [row[0] for row in table] == [(w - 1) / w for w in words]
+
+
+class R1Cfg:
+    language = "en"
+    max_completion_length = 8
+    overlong_buffer_len = 2
+
+
+def test_answer_rewards_read_the_completion_alone_after_a_prefilled_thought():
+    rng = random.Random(random.getrandbits(32))
+    rendered = _prefilled_prompts(rng, 8)
+    golds = [str(rng.randint(0, 99)) for _ in rendered]
+    comps = [f"{_thought(rng)}</think><answer>{g if rng.random() < 0.5 else int(g) + 1}</answer>" for g in golds]
+    want = [float(R.extract_answer(c) == g) for c, g in zip(comps, golds)]
+    assert R.accuracy_reward(rendered, comps, answer=golds) == want
+    assert R.accuracy_reward(None, comps, answer=golds, prompts_text=rendered) == want
+
+
+SEEN_TEXTS = []
+
+
+def _names_prompts_text(prompts, completions, completion_ids=None, prompts_text=None, **_):
+    SEEN_TEXTS.append(prompts_text)
+    if "bad" in map(R.completion_text, completions):
+        raise RuntimeError("bad")
+    return [0.0] * len(completions)
+
+
+def _takes_kwargs(prompts, completions, **kw):
+    """A TRL-style function: it gets exactly TRL's arguments and the columns."""
+    SEEN_TEXTS.append(sorted(kw))
+    return [0.0] * len(completions)
+
+
+def test_runner_passes_prompts_text_to_a_function_that_names_it():
+    """prompts_text reaches the functions that name it (format and language do), the i-th alone in a per-sample
+    retry, and no function that only takes **kwargs (TRL passes no such argument); a dataset column of that name
+    still reaches those."""
+    from r1train.data import reward_columns
+
+    SEEN_TEXTS.clear()
+    rng = random.Random(random.getrandbits(32))
+    rendered = _prefilled_prompts(rng, 3)
+    comps = [f"{_thought(rng)}</think><answer>1</answer>", "bad", "<think>x</think><answer>1</answer>"]
+    run = R.RewardRunner([_names_prompts_text, _takes_kwargs, "format"], timeout=5)
+    rows = [{"prompt": [{"role": "user", "content": str(i)}], "prompts_text": f"col{i}"} for i in range(3)]
+    table, failed = run([r["prompt"] for r in rows], comps, [[1]] * 3, reward_columns(rows, 1, "answer"),
+                        prompts_text=rendered)
+    assert [row[2] for row in table] == [1.0, 0.0, 0.0] and failed == [False, True, False]
+    assert SEEN_TEXTS == [rendered, [rendered[0]], [rendered[1]], [rendered[2]],
+                          ["completion_ids", "log_extra", "log_metric", "prompts_text", "trainer_state"]]
+    SEEN_TEXTS.clear()
+    table, _ = run([r["prompt"] for r in rows], comps[:1] * 3, [[1]] * 3, {})  # no prompts_text: none known
+    assert [row[2] for row in table] == [0.0] * 3 and SEEN_TEXTS[0] is None
+    with pytest.raises(ValueError, match="prompts_text: 2 values for 3 completions"):
+        run([r["prompt"] for r in rows], comps, [[1]] * 3, {}, prompts_text=rendered[:2])
+
+
+def test_grpo_rewards_get_the_rendered_prompts_a_template_opens_the_thought_in(tmp_path, monkeypatch):
+    """GRPOTrainer passes each sample's generation prompt as rendered for sampling (chat prompts through the chat
+    template with chat_template_kwargs, text prompts as they are): with a template that ends it with "<think>\\n"
+    the format reward scores a well-formed completion without the tag 1.0 (0.0 for every completion before)."""
+    from r1train import grpo
+    from r1train.config import load_config
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    SEEN_TEXTS.clear()
+    rng = random.Random(random.getrandbits(32))
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?"}], "answer": "1"}
+            for _ in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'out'}", f"dataset_name={data}",
+                                          "chat_template_kwargs={think: true}"])
+    model, tok = load_model_and_tokenizer(cfg)
+    tok.chat_template += "{% if add_generation_prompt and think %}<think>\n{% endif %}"
+    t = grpo.GRPOTrainer(cfg, model, tok, load_datasets(cfg)[0], reward_funcs=[_names_prompts_text, "format"])
+    G = cfg.num_generations
+    thoughts = [f"{_thought(rng)}</think>\n<answer>{rng.randint(0, 9)}</answer>" for _ in range(2 * G)]
+    monkeypatch.setattr(grpo, "decode_completions", lambda tok, ro: thoughts[:ro.completion_ids_BT.shape[0]])
+    table = t._rollout(0, rows[:2], [0, 1])[3]
+    want = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False, think=True)
+            for r in rows[:2]]
+    assert all(w.endswith("<|assistant|><think>\n") for w in want)
+    assert SEEN_TEXTS == [[w for w in want for _ in range(G)]]
+    assert [row[1] for row in table] == [1.0] * (2 * G)
+    texts = [f"Q{rng.randint(0, 99)}: <think>", f"Q{rng.randint(0, 99)}: "]  # text prompts: as they are
+    table = t._rollout(1, [{"prompt": p, "answer": "1"} for p in texts], [2, 3])[3]
+    assert SEEN_TEXTS[1] == [p for p in texts for _ in range(G)]
+    assert [row[1] for row in table] == [1.0] * G + [0.0] * G

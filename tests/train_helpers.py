@@ -47,6 +47,12 @@ def scored_where(prompts, completions, completion_ids=None, **_):
     return [0.0] * len(completions)
 
 
+def bad_on_rank1(prompts, completions, completion_ids=None, **_):
+    """0 for every sample on rank 0; on rank 1 one value too few (a RewardError of that rank alone)."""
+    n = len(completions) - (os.environ.get("RANK") == "1")
+    return [0.0] * n
+
+
 def env():
     e = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
