@@ -289,69 +289,6 @@ def rows_us(rows_list, dev) -> dict:
     return out
 
 
-def norm_chain_us(M, dev) -> dict:
-    """A residual projection, the RMSNorm after it and the projection that reads the norm, 28 layers a graph, us a
-    layer: attention side o_proj -> post-attention norm -> gate/up + SiLU, MLP side down_proj -> input norm -> q/k/v
-    + bias. "fused": the residual kernel also writes h * g and its per-program sums of h^2 (decode_linear's
-    norm_weight_N), the consumer scales its rows by rsqrt(mean(h^2) + eps) (row_ss_PM): no norm kernel. Each form
-    checked against torch (fp32 math of HF's rounding points) before it is timed."""
-    out = {}
-    for side, (k_in, n_next, gated) in {"o_proj -> norm -> gate_up": (HIDDEN, INTER, True),
-                                        "down -> norm -> qkv": (INTER, QKV, False)}.items():
-        out[side] = _norm_side(M, dev, k_in, n_next, gated)
-        print(side, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out[side].items()}, flush=True)
-    return out
-
-
-def _norm_side(M, dev, k_in, n_next, gated) -> dict:
-    import r1kernels as rk
-    from r1kernels.reference.fused import rms_norm as rms_ref
-    from r1kernels.triton.decode_linear import CONFIGS
-    from r1kernels.triton.decode_linear import decode_linear as dl
-
-    bf = torch.bfloat16
-    wr = [torch.randn(HIDDEN, k_in, device=dev, dtype=bf) / k_in ** 0.5 for _ in range(LAYERS)]
-    wn = [torch.randn(n_next, HIDDEN, device=dev, dtype=bf) / HIDDEN ** 0.5 for _ in range(LAYERS)]
-    wu = [torch.randn(n_next, HIDDEN, device=dev, dtype=bf) / HIDDEN ** 0.5 if gated else None for _ in range(LAYERS)]
-    bs = [None if gated else torch.randn(n_next, device=dev, dtype=bf) for _ in range(LAYERS)]
-    gs = [1 + 0.1 * torch.randn(HIDDEN, device=dev, dtype=bf) for _ in range(LAYERS)]
-    x = torch.randn(M, k_in, device=dev, dtype=bf)
-    res = torch.randn(M, HIDDEN, device=dev, dtype=bf)
-    hg = torch.empty_like(res)
-    ss = torch.empty(triton.cdiv(HIDDEN, CONFIGS["residual"]["BLOCK_N"]), M, device=dev)
-
-    def consumer(i, h, **kw):
-        return dl(h, wn[i], bias_N=bs[i], w2_NK=wu[i], **kw)
-
-    def fused(i):
-        dl(x, wr[i], residual_MN=res, norm_weight_N=gs[i], norm_out_MN=hg, ss_out_PM=ss)
-        return consumer(i, hg, row_ss_PM=ss)
-
-    forms = {"cuBLAS residual + rms_norm + kernel": lambda i: consumer(i, rk.rms_norm(res.addmm_(x, wr[i].t()), gs[i])),
-             "kernel residual + rms_norm + kernel": lambda i: consumer(i, rk.rms_norm(dl(x, wr[i], residual_MN=res),
-                                                                                      gs[i])),
-             "fused (no norm kernel)": fused}
-    us = {}
-    for key, f in forms.items():
-        try:
-            base = torch.randn_like(res)
-            res.copy_(base)
-            got = f(0)
-            h = reference(x, wr[0], residual_MN=base).to(bf)
-            n = rms_ref(h, gs[0]).float()
-            want = n @ wn[0].float().t()
-            want = torch.nn.functional.silu(want) * (n @ wu[0].float().t()) if gated else want + bs[0].float()
-            err = max(_rel(res, h.float()), _rel(got, want))
-            if not err < 2e-2:
-                us[key] = f"wrong: relative difference {err:.3g}"
-                continue
-            res.copy_(base)
-            us[key] = _graph_us([lambda i=i, f=f: f(i) for i in range(LAYERS)])
-        except Exception as e:  # a form the compiler or the device refuses is reported, not fatal
-            us[key] = f"{type(e).__name__}: {e}"[:160]
-    return us
-
-
 def _save(out_dir, name, res) -> int:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -367,8 +304,6 @@ def main(argv=None):
     p.add_argument("--rows-sweep", default=None, help="comma list of row counts: rows_us only")
     p.add_argument("--ws", action="store_true", help="the warp-specialized K loop only (q/k/v, o_proj; its own "
                    "process and JSON: a form the compiler mishandles cannot take the others' results with it)")
-    p.add_argument("--norm-chain", action="store_true", help="norm_chain_us only: the RMSNorms folded into the "
-                   "residual projections' epilogues and their consumers' row scale")
     a = p.parse_args(argv)
     if not torch.cuda.is_available() or TensorDescriptor is None:
         print("bench_decode_linear_variants: needs a CUDA device and Triton tensor descriptors")
@@ -376,10 +311,6 @@ def main(argv=None):
     bw = ceilings("cuda")["copy_GBps"] * 1e9
     floors = {"qkv": QKV * HIDDEN * 2 / bw * 1e6, "o_proj": HIDDEN * HIDDEN * 2 / bw * 1e6,
               "down": HIDDEN * INTER * 2 / bw * 1e6}
-    if a.norm_chain:
-        res = {"benchmark": "decode_linear_norm_chain", **environment("cuda"), "rows": a.rows, "layers": LAYERS,
-               "us": norm_chain_us(a.rows, "cuda")}
-        return _save(a.out, "bench_decode_linear_norm_chain.json", res)
     if a.rows_sweep:
         res = {"benchmark": "decode_linear_rows", **environment("cuda"), "layers": LAYERS, "floor_us": floors,
                "us": rows_us([int(r) for r in a.rows_sweep.split(",")], "cuda")}

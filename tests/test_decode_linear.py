@@ -235,7 +235,7 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
         # interpreter its Triton kernel (tested in test_fused_decode) took ~2/3 of this test's time
         monkeypatch.setitem(rk._backend._RUNS, ("apply_rotary", "cpu"), [])
     L = model.config.num_hidden_layers
-    default = {"qkv": 17, "o_proj": 33, "gate_up": 1, "down_proj": 17}
+    default = {"qkv": 17, "o_proj": 33, "gate_up": 1, "down_proj": 33}
     assert fz.DECODE_LINEAR_MIN_ROWS == default
     least_1 = dict.fromkeys(default, 1)
     # decode steps between the row minima, then at 5 rows with every minimum 1; prefills of 80 and 48 rows

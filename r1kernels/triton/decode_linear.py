@@ -45,11 +45,9 @@ CONFIGS = {"none": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
 
 
 @triton.jit
-def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride_om, ss_in_ptr, eps, P_IN,
-                          g_ptr, gout_ptr, ss_out_ptr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          STAGES: tl.constexpr, ROW_SCALE: tl.constexpr, P_IN_POW2: tl.constexpr,
-                          NORM_OUT: tl.constexpr):
+def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, stride_om, EPI: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -57,18 +55,10 @@ def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, s
     ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     # the epilogue's global operands load before the K loop: no dependent round trip after it
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    bias = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        if not ROW_SCALE:  # with ROW_SCALE the bias is added after the row scale
-            acc += bias[None, :]
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if EPI == 1:
         acc += tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
-    if ROW_SCALE:  # x holds h * g of an RMSNorm(h) * g: r = rsqrt(mean(h^2) + eps) from the producer's partials
-        rp = tl.arange(0, P_IN_POW2)
-        ss = tl.sum(tl.load(ss_in_ptr + rp[:, None] * M + rm[None, :], mask=(rp[:, None] < P_IN) & (rm[None, :] < M),
-                            other=0.0), axis=0)
-        r = tl.rsqrt(ss / K + eps)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([0, k0])  # columns past K are zero-filled: no tail mask
@@ -82,21 +72,9 @@ def _decode_linear_kernel(x_desc, w_desc, w2_desc, out_ptr, bias_ptr, M, N, K, s
             if DOT_F32:
                 w2 = w2.to(tl.float32)
             acc2 = tl.dot(x, w2.T, acc2)
-    if ROW_SCALE:
-        acc = acc * r[:, None]
-        acc2 = acc2 * r[:, None]
-        if HAS_BIAS:
-            acc += bias[None, :]
     if EPI == 2:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    y = acc.to(out_ptr.dtype.element_ty)
-    tl.store(ptrs, y, mask=msk)
-    if NORM_OUT:  # the next RMSNorm's pieces: h * g (bf16) and this program's sum of h^2 per row
-        yf = tl.where(msk, y.to(tl.float32), 0.0)
-        tl.store(ss_out_ptr + tl.program_id(0) * M + rm, tl.sum(yf * yf, axis=1), mask=rm < M)
-        g = tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        tl.store(gout_ptr + rm[:, None] * stride_om + rn[None, :], (yf * g[None, :]).to(out_ptr.dtype.element_ty),
-                 mask=msk)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
 
 
 def _epilogue(residual_MN, w2_NK) -> str:
@@ -105,9 +83,7 @@ def _epilogue(residual_MN, w2_NK) -> str:
 
 def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None,
                   residual_MN: torch.Tensor | None = None, w2_NK: torch.Tensor | None = None,
-                  config: dict | None = None, row_ss_PM: torch.Tensor | None = None, eps: float = 1e-6,
-                  norm_weight_N: torch.Tensor | None = None, norm_out_MN: torch.Tensor | None = None,
-                  ss_out_PM: torch.Tensor | None = None) -> torch.Tensor:
+                  config: dict | None = None) -> torch.Tensor:
     """x_MK [1 <= M <= 64, K > 0] and w_NK / w2_NK [N, K] with unit stride along K and 16-byte aligned (eligible());
     residual_MN [M, N] (unit stride along N): updated in place and returned; w2_NK: the silu_gate epilogue
     (w_NK is the gate's). config: overrides of CONFIGS[epilogue] and of BLOCK_M (the x tile's rows, >= M; default
@@ -126,19 +102,10 @@ def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor |
     x_desc = TensorDescriptor.from_tensor(x_MK, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_NK, [bn, bk])
     w2_desc = TensorDescriptor.from_tensor(w2_NK, [bn, bk]) if w2_NK is not None else w_desc
-    P = triton.cdiv(N, bn)
-    norm_out = norm_weight_N is not None
-    if norm_out and (residual_MN is None or ss_out_PM is None or norm_out_MN is None or ss_out_PM.shape[0] != P):
-        raise ValueError(f"decode_linear: norm_weight_N needs residual_MN, norm_out_MN and ss_out_PM [{P}, M]")
-    p_in = row_ss_PM.shape[0] if row_ss_PM is not None else 1
-    _decode_linear_kernel[(P,)](
+    _decode_linear_kernel[(triton.cdiv(N, bn),)](
         x_desc, w_desc, w2_desc, out_MN, bias_N if bias_N is not None else out_MN, M, N, K, out_MN.stride(0),
-        row_ss_PM if row_ss_PM is not None else out_MN, eps, p_in,
-        norm_weight_N if norm_out else out_MN, norm_out_MN if norm_out else out_MN,
-        ss_out_PM if norm_out else out_MN,
         EPI=EPILOGUES.index(epi), HAS_BIAS=bias_N is not None, DOT_F32=INTERPRET or x_MK.device.type != "cuda",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], ROW_SCALE=row_ss_PM is not None,
-        P_IN_POW2=triton.next_power_of_2(p_in), NORM_OUT=norm_out, num_warps=cfg["num_warps"])
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
     return out_MN
 
 

@@ -38,8 +38,10 @@ DECODE_LINEAR = ("qkv", "o_proj", "gate_up")
 # q/k/v 5.98 / 5.92 / 6.00 / 5.64 / 5.25 vs 6.05 / 6.00 / 5.99 / 6.10 / 6.22 (even below 17 rows);
 # o_proj 5.79 / 5.71 / 5.80 / 5.85 / 4.81 vs 5.27 / 5.27 / 5.27 / 5.32 / 5.37 (the kernel wins at 64 only);
 # gate/up + SiLU 21.54 / 21.77 / 21.99 / 22.75 / 22.87 vs 22.73 / 23.08 / 23.42 / 24.31 / 25.27 (at every count).
-# down_proj's entry applies where DECODE_LINEAR names it (not by default).
-DECODE_LINEAR_MIN_ROWS = {"qkv": 17, "o_proj": 33, "gate_up": 1, "down_proj": 17}
+# down_proj's entry applies where DECODE_LINEAR names it (not by default): from 33 rows, as down_proj -> norm ->
+# q/k/v chains measured (bench_decode_linear_variants --norm-chain, H100, 6e5a3e0): down through the kernel 22.33 us
+# a layer vs cuBLAS's 23.13 at 64 rows, 25.63 vs 22.93 at 32, 25.63 vs 22.51 at 8.
+DECODE_LINEAR_MIN_ROWS = {"qkv": 17, "o_proj": 33, "gate_up": 1, "down_proj": 33}
 
 
 def _decode_kernel(name, backend, x, x2, w, **kw) -> bool:
