@@ -10,7 +10,7 @@ import math
 import os
 import time
 
-from .durable import posix_fsync
+from .durable import posix_fsync, write_replace
 
 log = logging.getLogger("r1train")
 
@@ -92,12 +92,7 @@ class MetricsLogger:
                     keep.append(ln if ln.endswith("\n") else ln + "\n")
             # written beside it, then renamed over it: a failure or kill part way (disk full, SIGKILL) leaves the
             # old file whole (truncating it in place lost every earlier line)
-            tmp = p + ".tmp"
-            with open(tmp, "w") as fh:
-                fh.writelines(keep)
-                fh.flush()
-                os.fsync(fh.fileno())  # on disk before it replaces the old file (a power loss keeps one whole)
-            os.replace(tmp, p)
+            write_replace(p, "".join(keep))
         for name in resolve_report_to(report_to):
             sink = _open(name, output_dir, config or {}, resume_step=resume_step)
             if sink is not None:
@@ -317,9 +312,7 @@ def _open(name: str, output_dir: str, config: dict, resume_step: int = 0):
         run_id = None
         run = mod.init(project=project, name=run_name, config=config)
     if run_id is not None:  # written beside it, then renamed over it: a kill part way leaves the old id whole
-        with open(id_path + ".tmp", "w") as fh:
-            fh.write(run_id)
-        os.replace(id_path + ".tmp", id_path)
+        write_replace(id_path, run_id)
     return run
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, load_config
 from .data import DatasetError, rendered_prompts
+from .durable import write_replace
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
 from .loading import load_datasets, load_model_and_tokenizer, merge_adapters
@@ -290,13 +291,4 @@ def _write(d, name, obj):
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, name)
-    tmp = f"{path}.tmp-{os.getpid()}"  # written whole, then renamed: a failed write leaves the previous file
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_replace(os.path.join(d, name), json.dumps(obj, indent=1))  # a failed write leaves the previous file

@@ -302,17 +302,18 @@ def test_results_json_is_written_atomically(tmp_path, monkeypatch):
     """pipeline_results.json / distill_results.json: a write that fails midway (a full disk, a kill) leaves the
     previous complete file, not a truncated one. Before, the file was opened with "w" (emptied) and written in
     place."""
-    pipeline._write(str(tmp_path), "pipeline_results.json", {"final_rl": {"eval/accuracy": 0.5}})
-    real = json.dump
+    import os
 
-    def fails_midway(obj, fh, **kw):
-        fh.write(json.dumps(obj, **kw)[:5])
+    pipeline._write(str(tmp_path), "pipeline_results.json", {"final_rl": {"eval/accuracy": 0.5}})
+    real = os.fsync
+
+    def fails_midway(fd):  # the new text is in the file beside it when its flush to disk fails
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(json, "dump", fails_midway)
+    monkeypatch.setattr(os, "fsync", fails_midway)
     with pytest.raises(OSError):
         pipeline._write(str(tmp_path), "pipeline_results.json", {"final_rl": {"eval/accuracy": 0.75}})
-    monkeypatch.setattr(json, "dump", real)
+    monkeypatch.setattr(os, "fsync", real)
     assert json.loads((tmp_path / "pipeline_results.json").read_text()) == {"final_rl": {"eval/accuracy": 0.5}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline_results.json"]  # no temporary file left
 

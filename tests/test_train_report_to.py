@@ -173,7 +173,10 @@ def test_resume_rewrite_keeps_the_logs_if_it_fails(tmp_path, monkeypatch):
         fh = builtins.open(path, mode, *a, **kw)
         return Full(fh) if "w" in mode or "a" in mode else fh
 
-    monkeypatch.setattr(M, "open", failing_open, raising=False)
+    import r1train.durable as D
+
+    for mod in (M, D):  # the logger's own writes and durable.write_replace's
+        monkeypatch.setattr(mod, "open", failing_open, raising=False)
     with pytest.raises(OSError, match="No space"):
         M.MetricsLogger(str(tmp_path), resume_step=2, report_to="none")
     monkeypatch.undo()
