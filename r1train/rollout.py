@@ -3,7 +3,8 @@ old/ref log-prob passes.
 
 A completion depends only on (model, prompt, seed): the engine's sampler draws row b's token at
 position t from noise keyed by (seeds_B[b], t), so 1- and N-process runs and resumed runs see the same
-samples, whatever batch a row is generated in.
+samples, whatever batch a row is generated in (on a GPU up to the last bits of bf16 logits, whose GEMM
+kernels depend on the batch's row count: r1train.generation.engine, step 3).
 """
 
 from __future__ import annotations

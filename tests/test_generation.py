@@ -681,3 +681,98 @@ def test_sample_rows_bad_counts_name_the_argument(kw, name):
     args.update(kw)
     with pytest.raises(ValueError, match=name):
         list(sample_rows(model, _CharTok(), rows, cfg=cfg, **args))
+
+
+def test_engine_does_not_keep_its_model_alive():
+    """The engine cache is keyed by model (weakly) and its engine referred to the model strongly, so no model that
+    ever sampled was freed (its weights, KV cache and graphs' pool kept for the process's life: a distill teacher
+    after `del teacher`). Now the model and its engine go once the caller drops the model."""
+    import gc
+    import weakref
+
+    from r1train.generation import engine as ge
+
+    model = _model("tiny-qwen2")
+    ids, mask = _prompts([3, 5])
+    generate(model, ids, mask, [1, 2], SamplingParams(3, greedy=True), eos_id=-1, pad_id=0, backend="torch")
+    ref_m, ref_e = weakref.ref(model), weakref.ref(ge._ENGINES[model])
+    del model
+    gc.collect()
+    assert ref_m() is None and ref_e() is None
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_nan_logits_are_an_error_naming_the_rows(engine):
+    """A row whose logits are NaN (a NaN embedding row in its prompt) sampled token 0 with NaN log-probs at every
+    position, silently (the log-probs then reach the importance weights). Now a ValueError names the rows."""
+    model = _model("tiny-qwen2")
+    bad = int(torch.randint(10, V, ()))
+    with torch.no_grad():  # the input row only (tied, the head's row would make every row's logits NaN)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.model.embed_tokens.weight[bad] = float("nan")
+    ids, mask = _prompts([4, 3, 5])
+    ids[1, -1] = bad
+    with pytest.raises(ValueError, match=r"logits hold NaN for rows \[1\] \(1 of 3\)"):
+        generate(model, ids, mask, [1, 2, 3], SamplingParams(4), eos_id=-1, pad_id=0, engine=engine, backend="torch")
+    ids[1, -1] = 5
+    tok, logp = generate(model, ids, mask, [1, 2, 3], SamplingParams(4), eos_id=-1, pad_id=0, engine=engine,
+                         backend="torch")
+    assert torch.isfinite(logp).all()
+
+
+def test_inference_mode_call_then_a_normal_one():
+    """A rollout under torch.inference_mode allocated the kept buffers as inference tensors; the next rollout
+    outside it failed updating them in place. Now the buffers are allocated anew, and both rollouts equal a fresh
+    engine's."""
+    torch.manual_seed(0)
+    model = _model("tiny-llama")
+    ids, mask = _prompts([4, 6, 3])
+    sp = SamplingParams(5)
+    eng = Engine(model, backend="torch")
+    with torch.inference_mode():
+        a = eng.generate(ids, mask, [7, 8, 9], sp, eos_id=-1, pad_id=0)
+    with torch.no_grad():
+        b = eng.generate(ids, mask, [7, 8, 9], sp, eos_id=-1, pad_id=0)
+        want = Engine(model, backend="torch").generate(ids, mask, [7, 8, 9], sp, eos_id=-1, pad_id=0)
+    for got in (a, b):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cache_follows_the_models_dtype():
+    """After the model is cast to another dtype the kept KV cache stayed in the old one (keys / values rounded to
+    bf16 under an fp32 model: log-probs off a fresh engine's). Now a new dtype allocates a new cache."""
+    torch.manual_seed(0)
+    model = _model("tiny-qwen2").to(torch.bfloat16)
+    ids, mask = _prompts([5, 3])
+    sp = SamplingParams(4)
+    eng = Engine(model, backend="torch")
+    with torch.no_grad():
+        eng.generate(ids, mask, [1, 2], sp, eos_id=-1, pad_id=0)
+        model.float()
+        got = eng.generate(ids, mask, [1, 2], sp, eos_id=-1, pad_id=0)
+        want = Engine(model, backend="torch").generate(ids, mask, [1, 2], sp, eos_id=-1, pad_id=0)
+    assert eng.cache.k[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_zero3_rollout_keeps_no_weight_copies(monkeypatch):
+    """Under ZeRO-3 the engine kept its concatenated q/k/v weights (Qwen2's biased projections do not lie back to
+    back) between rollouts: a full copy of partitioned parameters on every rank. Now a ZeRO-3 rollout drops them
+    after it (the next one's gathered parameters are new storage: its graphs are captured anew anyway), and the
+    next rollout is the same."""
+    import contextlib
+
+    import r1train.generation as gen
+    from r1train.generation import engine as ge
+
+    monkeypatch.setattr(gen, "_zero3", lambda ds: ds is not None)
+    monkeypatch.setattr(gen, "gathered_for_generation", lambda ds: contextlib.nullcontext())
+    torch.manual_seed(0)
+    model = _model("tiny-qwen2")
+    ids, mask = _prompts([4, 5])
+    sp = SamplingParams(4, greedy=True)
+    a = generate(model, ids, mask, [1, 2], sp, eos_id=-1, pad_id=0, backend="triton")
+    eng = ge._ENGINES[model]
+    assert _qkv_buffers(eng) == len(model.model.layers)  # below ZeRO-3: kept for the next rollout
+    b = generate(model, ids, mask, [1, 2], sp, eos_id=-1, pad_id=0, backend="triton", ds_engine=object())
+    assert _qkv_buffers(eng) == 0 and torch.equal(a[0], b[0])

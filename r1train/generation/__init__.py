@@ -27,11 +27,15 @@ def _offload(ds_engine):
     return getattr(opt, "parameter_offload", opt)
 
 
+def _zero3(ds_engine) -> bool:
+    return ds_engine is not None and getattr(ds_engine, "zero_optimization_stage", lambda: 0)() == 3
+
+
 @contextlib.contextmanager
 def gathered_for_generation(ds_engine):
     """ZeRO-3: full parameters for the duration (one all-gather), without the per-module fetch/release
     hooks that would otherwise gather every layer at every decode step. A no-op below ZeRO-3."""
-    if ds_engine is None or getattr(ds_engine, "zero_optimization_stage", lambda: 0)() != 3:
+    if not _zero3(ds_engine):
         yield
         return
     import deepspeed
@@ -70,4 +74,8 @@ def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingPara
             return hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id,
                                pad_id=pad_id, backend=backend)
         eng = engine_for(model, backend=backend, cuda_graphs=cuda_graphs and torch.cuda.is_available())
-        return eng.generate(prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id, pad_id=pad_id)
+        try:
+            return eng.generate(prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id, pad_id=pad_id)
+        finally:
+            if _zero3(ds_engine):  # no full copy of partitioned weights kept between rollouts
+                eng.drop_weight_copies()

@@ -9,7 +9,11 @@ Per rollout of B rows (left-padded prompts [B, P], max_new_tokens T):
    the host reads back only the number of live rows every `check_every` steps, and then moves live rows
    to the front and continues on the smallest bucket (B, then powers of two) that holds them;
 3. a row's token at generation position t depends only on (model, its prompt, its seed, t):
-   rk.sample_tokens' counter-based noise, so any batch, rank count or resume draws the same samples.
+   rk.sample_tokens' counter-based noise, so any batch, rank count or resume draws the same samples. The
+   logits it is drawn from are bitwise the same in any batch on the CPU; on a GPU the projections' kernels
+   depend on the row count (rk.decode_linear from its row minima, cuBLAS's own choice by shape), so a row's
+   bf16 logits can differ in their last bits between batch sizes, which can flip a draw that sits on a
+   boundary of the sampling distribution.
 MoE router replay (r1train.moe_replay.enable(model)): the prefill records the prompt tokens' expert ids and
 the decode step writes each row's into a preallocated [layers, rows, T, k] int16 buffer (tensor indices, no
 host read: part of the captured graph); moe_replay.take(model) returns them after the rollout.
@@ -232,7 +236,11 @@ class Engine:
         _attn.register()
         self.options = dict(backend=backend, cuda_graphs=cuda_graphs, check_every=check_every, fused=fused)
         self.fused = fused and backend != "torch"  # the fused kernels, where rk runs a kernel for them
-        self.model, self.backend, self.check_every = model, backend, check_every
+        # the model through a weak reference: _ENGINES keys engines by model, and a strong one would keep every
+        # model that ever sampled (its weights, this cache, the graphs' pool) alive for the process's life
+        self._model = weakref.ref(model)
+        self.backend, self.check_every = backend, check_every
+        self._dtype = None  # the dtype the cache and buffers were allocated for
         self.cuda_graphs = cuda_graphs
         self.cache = self.st = None
         self.routes = None  # MoE router replay: expert ids [layers, rows, T, k] of the decoded tokens
@@ -246,14 +254,28 @@ class Engine:
         self._sig = None
         self.stats = {"captures": 0, "capture_seconds": 0.0}
 
+    @property
+    def model(self):
+        m = self._model()
+        if m is None:
+            raise RuntimeError("the generation engine's model was freed")
+        return m
+
     # ---- buffers and graphs
     def _param_sig(self):
         return tuple(p.data_ptr() for p in self.model.parameters())
 
     def _ensure(self, B: int, L: int, T: int, dev):
         c = self.cache
-        if c is None or c.rows_max < B or c.length < L or self.st.out_tok.shape[1] < T:
+        dtype = self.model.get_input_embeddings().weight.dtype
+        # kept buffers that cannot serve this call: a model cast to another dtype since (the cache would round its
+        # keys / values to the old one), or buffers allocated under torch.inference_mode, which are not updated in
+        # place outside it
+        stale = c is not None and (dtype != self._dtype or (self.st.out_tok.is_inference()
+                                                            and not torch.is_inference_mode_enabled()))
+        if c is None or stale or c.rows_max < B or c.length < L or self.st.out_tok.shape[1] < T:
             self.reset()  # free before allocating the larger ones
+            self._dtype = dtype
             self.st = _State(B, _round_up(T, 256), dev)
             self.cache = _attn.KVCache(self.model.config.num_hidden_layers, self.st.lens, _round_up(L, 256),
                                        backend=self.backend)
@@ -274,6 +296,13 @@ class Engine:
         self._drop_graphs()
         self.cache = self.st = self.routes = None
         self._fused_buffers.clear()
+
+    def drop_weight_copies(self):
+        """Free the concatenated q/k/v weights kept between rollouts (where the three do not lie back to back),
+        and the graphs that read them: under ZeRO-3 they are full copies of partitioned parameters, and the
+        next rollout's gathered parameters have new storage anyway (its graphs are captured anew)."""
+        self._drop_graphs()
+        self._fused_buffers.pop("qkv", None)
 
     def memory_bytes(self) -> int:
         """Device bytes this engine holds between rollouts: KV cache, decode state, q/k/v and rotary buffers (the
@@ -455,7 +484,19 @@ class Engine:
         if rec is not None:
             rec.finish(self.routes[:, :B, :steps])
             self._rec = None
-        return st.out_tok[:B, :steps].clone(), st.out_logp[:B, :steps].clone()
+        return st.out_tok[:B, :steps].clone(), checked_logprobs(st.out_logp[:B, :steps].clone())
+
+
+def checked_logprobs(logp_BT: torch.Tensor) -> torch.Tensor:
+    """logp_BT, or a ValueError naming the rows with a NaN log-prob: NaN logits sample token 0 (argmax and the
+    sampler treat NaN as the largest) with a NaN log-prob at every position. One host read a rollout."""
+    bad = logp_BT.isnan().any(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"the model's logits hold NaN for rows {rows[:8]}{' ...' if len(rows) > 8 else ''} "
+                         f"({len(rows)} of {len(bad)}): nothing can be sampled from them (its weights or the "
+                         "prompt's embeddings hold NaN or inf)")
+    return logp_BT
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
