@@ -112,15 +112,20 @@ def _check_handoff(cfg: TrainConfig, section: str):
                           "deepspeed file) for the recipe's LoRA stages, or use_peft=false")
 
 
-def _handoff(trainer, cfg: TrainConfig):
-    """The trained model for the next stage; LoRA adapters are merged into its weights (a next stage with
-    use_peft trains new adapters on the merged model)."""
+def _handoff(trainer, cfg: TrainConfig, nxt: TrainConfig):
+    """The model `trainer` trained under cfg, for the next stage (config nxt); LoRA adapters are merged into its
+    weights (a next stage with use_peft trains new adapters on the merged model). In nxt's dtype, as a fresh load
+    would be: DeepSpeed's bf16 mode casts the module it trains to bf16 in place, and a next stage with bf16=false
+    would otherwise train bf16 parameters without mixed precision (the cast up is exact)."""
     if _in_memory(cfg):
-        return merge_adapters(trainer.model)
+        model = merge_adapters(trainer.model)
+        if not nxt.bf16 and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            model.float()
+        return model
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if nxt.bf16 else torch.float32)
 
 
 def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
@@ -238,8 +243,8 @@ def recipe(cfg_path=None, overrides=()):
     with _in_stage("sft"):
         t, results["cold_start_sft"] = run_sft(c1, model, tok)
     with _in_stage("grpo"):
-        t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1), tok)
-    model = _handoff(t, c2)
+        t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1, c2), tok)
+    model = _handoff(t, c2, c3)
     with _in_stage("rejection"):
         train, _ = load_datasets(c3)
         rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,  # R1: readable only
@@ -247,7 +252,7 @@ def recipe(cfg_path=None, overrides=()):
         results["rejection_kept"] = len(rows)
         if rows:
             t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
-            model = _handoff(t, c3)
+            model = _handoff(t, c3, c4)
         else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
             logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
     with _in_stage("grpo2"):

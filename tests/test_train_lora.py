@@ -118,7 +118,7 @@ def test_recipe_hands_on_a_merged_model(tmp_path):
     ids = torch.randint(3, 40, (3, 11))
     with torch.no_grad():
         want = adapted(input_ids=ids).logits
-    handed = pipeline._handoff(t, c1)
+    handed = pipeline._handoff(t, c1, c2)
     assert not type(handed).__name__.startswith("Peft")
     with torch.no_grad():
         torch.testing.assert_close(handed.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)

@@ -530,7 +530,7 @@ def test_recipe_names_the_stage_whose_sft_rows_exceed_its_token_budget(tmp_path,
     monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows=None: real(cfg, model, tok, rows=rows)
                         if rows is not None else (model, {}))
     monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
-    monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg: model)
+    monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg, nxt: model)
     monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
     y = _recipe_yaml(tmp_path, rejection={"padding_free": True, "max_tokens_per_batch": 12, "max_length": 64})
     with pytest.raises(ConfigError, match=r"^\[rejection\] max_tokens_per_batch must be >= the longest SFT row's "
@@ -547,3 +547,23 @@ def test_distill_with_no_correct_teacher_samples_is_a_cli_error(tmp_path, monkey
     err = capsys.readouterr().err
     assert rc == 2 and "r1train: error: teacher_model=tiny-qwen2" in err and "no correct" in err, err
     assert "Traceback" not in err
+
+
+def test_handoff_gives_the_next_stage_its_dtype(tmp_path):
+    """DeepSpeed's bf16 mode casts the module it trains to bf16 in place; handed on in memory, a next stage with
+    bf16=false trained those bf16 parameters without mixed precision. Now the next stage gets its own dtype, as a
+    fresh load would: fp32 (the cast up exact) where it has bf16 off, the trained values kept."""
+    from types import SimpleNamespace
+
+    from r1train.config import load_config
+    from r1train.tasks import char_tokenizer, tiny_model
+
+    model = tiny_model("tiny-qwen2", char_tokenizer()).to(torch.bfloat16)
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ov = H.FAST + [f"output_dir={tmp_path}"]
+    done, bf16_next, fp32_next = (load_config(overrides=ov + [f"bf16={b}"]) for b in ("true", "true", "false"))
+    t = SimpleNamespace(model=model, max_steps=1)
+    assert all(p.dtype == torch.bfloat16 for p in pipeline._handoff(t, done, bf16_next).parameters())
+    handed = pipeline._handoff(t, done, fp32_next)
+    assert all(p.dtype == torch.float32 for p in handed.parameters())
+    assert all(torch.equal(p, want[n].float()) for n, p in handed.named_parameters())
