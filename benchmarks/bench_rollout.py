@@ -149,6 +149,7 @@ AB = {"cublas": "decode projections on cuBLAS", "down": "down_proj through rk.de
       "nofusions": "without the step's small-op fusions (engine.STEP_FUSIONS = (), on by default)",
       "dl_all_rows": "rk.decode_linear at every row count (fused.DECODE_LINEAR_MIN_ROWS all 1)",
       "dl_64": "rk.decode_linear as before 2026-12-07: a 64-row x tile, every projection from 17 rows",
+      "gu64": "gate/up + SiLU through rk.decode_linear at BLOCK_N 64, 4 stages (98 KB: two programs an SM)",
       "cublaslt": "torch's GEMMs (down_proj, lm_head) on cuBLASLt (torch.backends.cuda.preferred_blas_library)"}
 
 
@@ -178,6 +179,8 @@ def ab_variant(v: str):
             elif change == "dl_64":
                 fz.DECODE_LINEAR_MIN_ROWS = dict.fromkeys(min_rows, 17)
                 dl.CONFIGS = {epi: dict(c, BLOCK_M=dl.MAX_ROWS) for epi, c in configs.items()}
+            elif change == "gu64":
+                dl.CONFIGS = {**configs, "silu_gate": dict(configs["silu_gate"], BLOCK_N=64, STAGES=4)}
             elif change == "cublaslt":
                 if blas is None:
                     raise ValueError("--ab cublaslt needs a CUDA device (torch's BLAS backend choice)")

@@ -30,13 +30,14 @@ try:  # Triton >= 3.3 (tensor descriptors); older: the kernel is never eligible
 except ImportError:
     TensorDescriptor = None
 
-from .device import INTERPRET, sm_count
+from .device import INTERPRET, programs_per_sm, sm_count
 
 EPILOGUES = ("none", "residual", "silu_gate")
 MAX_ROWS = 64
-# ONE_WAVE: with 200 KB of shared memory a program holds its SM alone, so a grid past the SM count runs a second
-# wave. H200 (results/decode_linear_h200_2026-12-05_3267bdf.json, these configs vs cuBLAS): faster at the 1.5B
-# shapes, 70-128 programs (q/k/v 5.2 vs 6.0 us, o_proj 4.8 vs 5.4, gate/up 17.3 vs 20.0); slower at the 7B ones,
+# ONE_WAVE: with 200 KB of shared memory a program holds its SM alone, so a grid past the SM count (times the
+# programs an SM holds at once: device.programs_per_sm) runs a second wave. H200
+# (results/decode_linear_h200_2026-12-05_3267bdf.json, these configs vs cuBLAS): faster at the 1.5B shapes,
+# 70-128 programs (q/k/v 5.2 vs 6.0 us, o_proj 4.8 vs 5.4, gate/up 17.3 vs 20.0); slower at the 7B ones,
 # 148-288 programs (q/k/v 19.4 vs 12.0, o_proj 13.6 vs 9.4; gate/up 73.8 vs 74.7). Those run cuBLAS.
 # each epilogue's fastest config in the sweep above (5 stages x 40 KB of shared memory: Hopper's 228 KB)
 CONFIGS = {"none": {"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 5, "num_warps": 4},
@@ -151,7 +152,10 @@ def eligible(x_MK, w_NK, bias_N=None, residual_MN=None, w2_NK=None) -> bool:
     if x_MK.device.type == "cuda":
         if not _device_ok(x_MK.device.index if x_MK.device.index is not None else torch.cuda.current_device()):
             return False
-        if triton.cdiv(w_NK.shape[0], CONFIGS[_epilogue(residual_MN, w2_NK)]["BLOCK_N"]) > sm_count(x_MK.device):
+        epi = _epilogue(residual_MN, w2_NK)
+        cfg = CONFIGS[epi]
+        if triton.cdiv(w_NK.shape[0], cfg["BLOCK_N"]) > sm_count(x_MK.device) * programs_per_sm(
+                x_MK.device, _smem(cfg, epi)):
             return False  # more than one wave of programs: slower than cuBLAS (ONE_WAVE)
     elif not INTERPRET:
         return False

@@ -22,3 +22,16 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return _cuda_sms(_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_smem_per_sm(index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_multiprocessor", 0)
+
+
+def programs_per_sm(device: torch.device, smem_bytes: int) -> int:
+    """How many programs of smem_bytes of shared memory one SM holds at once (1 KB a block reserved by the
+    driver); at least 1, and 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    return max(1, _cuda_smem_per_sm(_index(device)) // (smem_bytes + 1024))
