@@ -37,7 +37,9 @@ def check_routing_config(num_experts, top_k, n_group, topk_group):
 def route(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group, routed_scaling_factor=1.0,
           norm_topk_prob=True, backend="auto"):
     """router_logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int64 [T, K]) by DeepSeek-V3's
-    sigmoid + bias + group-limited top-k; ids ordered by biased score, ties to the lower index."""
+    sigmoid + bias + group-limited top-k; ids ordered by biased score, ties to the lower index.
+    norm_topk_prob: a bool (a truthy string such as "false" would normalize); e_score_correction_bias finite
+    (a NaN or inf bias selects arbitrary experts; checked eagerly, as permute's ids)."""
     # NumPy scalars as their Python values (kernels take Python numbers; r1kernels' convention)
     top_k, n_group, topk_group, routed_scaling_factor = map(
         _checks.as_python, (top_k, n_group, topk_group, routed_scaling_factor))
@@ -48,10 +50,14 @@ def route(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group,
     _checks.same_device(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
     check_routing_config(E, top_k, n_group, topk_group)
     _checks.positive("routed_scaling_factor", routed_scaling_factor)
+    if not isinstance(norm_topk_prob, bool):
+        raise ValueError(f"norm_topk_prob must be a bool, got {norm_topk_prob!r}")
+    if _eager():
+        _checks.finite("e_score_correction_bias", e_score_correction_bias)
     fn = _backend.pick("route", backend, router_logits.device, router_logits, e_score_correction_bias,
                        top_k, n_group, topk_group)
     return (fn or _ref.route)(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
-                              float(routed_scaling_factor), bool(norm_topk_prob))
+                              float(routed_scaling_factor), norm_topk_prob)
 
 
 def router(hidden, gate_weight, e_score_correction_bias, *, top_k, n_group, topk_group, routed_scaling_factor=1.0,

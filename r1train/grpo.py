@@ -593,9 +593,12 @@ class GRPOTrainer(Trainer):
         # padding_free: the micro-batches are packs of rows (r1train/packing.py), planned once per step and
         # held over the num_iterations passes. Each packed forward switches its model's attention itself
         # (Policy._forward_packed); the training loop also holds the policy's switch over the backward, where
-        # activation checkpointing re-runs the attention
-        packs = build_packs(ids_BL, ro.prompt_mask_BP, mask_BT, rows_per_batch=mb,
-                            max_tokens=cfg.max_tokens_per_batch) if cfg.padding_free else None
+        # activation checkpointing re-runs the attention. An MoE policy's rows also feed the real completion
+        # tokens that the padded forward routes past their last loss token (build_packs' completion_mask_BT): the
+        # routers' counts (expert loads, the aux-loss-free bias update) are then the padded run's
+        packs = build_packs(ids_BL, ro.prompt_mask_BP, mask_BT, rows_per_batch=mb, max_tokens=cfg.max_tokens_per_batch,
+                            completion_mask_BT=ro.completion_mask_BT if self.expert_load else None) \
+            if cfg.padding_free else None
         packed = (lambda: packed_attention(self.model)) if packs else contextlib.nullcontext
         ref_BT = None
         # The old policy is the model of iteration 0: an iteration is exactly gradient_accumulation_steps

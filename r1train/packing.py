@@ -7,8 +7,13 @@ sequence [1, n]: its rows' real tokens back to back, position ids restarting at 
 attention inside each row only (`packed_attention`: torch's varlen flash attention on CUDA bf16/fp16,
 elsewhere one torch sdpa over the rows re-padded for attention only: measured on a 2-core CPU, the demo's
 SFT step 0.50 -> 0.39 s against the padded batch, where sdpa row by row was slower than padding). A row
-feeds its prompt and its completion up to the token before its last loss token: the hidden state before
-token t scores t, so nothing after the last scored token is computed.
+feeds its prompt and its completion through its last loss token (the hidden state before token t scores t;
+the last fed token's output is unscored): the padded forward feeds that token too, and an MoE router routes
+it, so the routers count the same tokens packed and padded (expert loads, moe/max_load_ratio, the
+aux-loss-free bias update). For an MoE policy GRPO also passes its completion mask: a row then feeds its real
+completion tokens up to its padded micro-batch's trim (the padded forward routes those of a row whose loss
+mask is zeroed, e.g. mask_truncated_completions, too). A row's fed tokens are at most its prompt + completion
+tokens, what max_tokens_per_batch must hold (check_token_budget: the longest row).
 
 Why the losses stay exactly those of the padded batch: every normalization of the loss family is a sum
 over tokens with a weight that depends only on the row and on the padded micro-batch the row would have
@@ -140,9 +145,16 @@ def plan_all_ranks(lengths, rows_per_batch, max_tokens, device) -> list[list[int
         bins = plan(lengths, rows_per_batch, max_tokens, min_batches=hi)
 
 
-def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, max_tokens: int | None = None):
-    """The rank's micro-batches as Packs. Row i feeds its p_i prompt tokens and its first max(n_i - 1, 0)
-    completion tokens (n_i = loss_lengths), and scores completion tokens 0..n_i-1."""
+def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, max_tokens: int | None = None,
+                completion_mask_BT=None):
+    """The rank's micro-batches as Packs. Row i feeds its p_i prompt tokens and its first f_i completion
+    tokens, and scores completion tokens 0..n_i-1 (n_i = loss_lengths; f_i >= n_i: the outputs past the last
+    scored token are unscored). f_i = n_i: the tokens the padded forward feeds through the last scored token,
+    which MoE routers route. completion_mask_BT [N, T] (a prefix of real tokens per row, as the rollout's): f_i =
+    max(n_i, min(c_i, T_g)) with c_i the row's real completion tokens and T_g = max(1, the longest n of its
+    padded micro-batch, rows_per_batch consecutive rows): exactly the real tokens of GRPO's padded forward,
+    trimmed to T_g completion columns, so that MoE routers count the padded run's tokens when mask_BT zeroes a
+    row's real tokens."""
     dev = input_ids_BL.device
     P, L = prompt_mask_BP.shape[1], input_ids_BL.shape[1]
     p = prompt_mask_BP.sum(1).cpu()
@@ -150,7 +162,12 @@ def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, m
     if (p < 1).any():
         raise ValueError("padding_free needs at least one prompt token per row (the first completion token is "
                          "scored from the last prompt token)")
-    feed = p + (n - 1).clamp(min=0)
+    f = n
+    if completion_mask_BT is not None and n.numel():
+        grp = torch.arange(n.numel()) // rows_per_batch
+        trim_G = torch.zeros(int(grp[-1]) + 1, dtype=n.dtype).scatter_reduce(0, grp, n, "amax").clamp(min=1)
+        f = torch.maximum(n, torch.minimum(loss_lengths(completion_mask_BT).cpu(), trim_G[grp]))
+    feed = p + f
     groups = plan_all_ranks(feed.tolist(), rows_per_batch, max_tokens, dev)
     flat = input_ids_BL.reshape(-1)
     packs = []
@@ -159,7 +176,7 @@ def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, m
             packs.append(_filler_pack(flat))
             continue
         r = torch.tensor(rows, dtype=torch.long)
-        f_r, p_r, n_r = feed[r], p[r], n[r]
+        f_r, p_r, n_r = feed[r], p[r], n[r]  # f_r: fed tokens, prompt + completion
         starts = torch.cumsum(f_r, 0) - f_r
         first = r * L + P - p_r  # flat index of each row's first prompt token (left padding)
         pos = torch.arange(int(f_r.sum())) - torch.repeat_interleave(starts, f_r)

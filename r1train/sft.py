@@ -16,25 +16,72 @@ from .grpo import _all_sum
 from .packing import build_packs, packed_attention
 from .rollout import logprob_fn
 
-_TOP1_CHUNK_BYTES = 1 << 28  # the no-grad top-1 pass's logits chunk (mean_token_accuracy; loss_impl linear)
+_TOP1_CHUNK_BYTES = 1 << 28  # the no-grad top-1 pass's fp32 temporaries (mean_token_accuracy; loss_impl linear)
+_MM_OUT_FP32 = [True]  # torch.mm(..., out_dtype=fp32) on CUDA bf16/fp16 operands (torch >= 2.8)
+
+
+def _mm_fp32(a_NH, b_VH):
+    """a @ b.T as fp32 on CUDA bf16/fp16 operands (fp32 accumulation, output not rounded to the operands' dtype);
+    None where the device or torch lacks it."""
+    if a_NH.is_cuda and a_NH.dtype == b_VH.dtype and a_NH.dtype in (torch.bfloat16, torch.float16) \
+            and _MM_OUT_FP32[0]:
+        try:
+            return torch.mm(a_NH, b_VH.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_FP32[0] = False
+    return None
+
+
+def top1_ids(x_NH, weight_VH, bias_V=None) -> torch.Tensor:
+    """[N] first argmax of the fp32 logits x @ weight.T (+ bias), in chunks of rows (no [N, V] logits): the
+    operands' exact products accumulated and kept in fp32, as TRL's top-1 (logits rounded to bf16 tie
+    near-equal maxima, and a tie's first index is often not the label). CUDA bf16/fp16: one fp32-output GEMM
+    per chunk; elsewhere the operands upcast, the weight in blocks of vocab rows (each block's first maximum
+    replaces the running one only where strictly larger: the first index overall). Each temporary (a logits
+    chunk, an fp32 weight block) stays within _TOP1_CHUNK_BYTES."""
+    N, H = x_NH.shape
+    V = weight_VH.shape[0]
+    rows = max(1, _TOP1_CHUNK_BYTES // (4 * V))
+    vstep = max(1, _TOP1_CHUNK_BYTES // (4 * H))
+    b_V = None if bias_V is None else bias_V.float()
+    out = []
+    for s in range(0, N, rows):
+        x = x_NH[s:s + rows]
+        lg = _mm_fp32(x, weight_VH)
+        if lg is not None:
+            if b_V is not None:
+                lg += b_V
+            out.append(lg.argmax(-1))
+            continue
+        x32 = x.float()
+        for v in range(0, V, vstep):
+            lg = x32 @ weight_VH[v:v + vstep].float().t()
+            if b_V is not None:
+                lg += b_V[v:v + vstep]
+            m, i = lg.max(-1)  # the block's first maximum
+            if v == 0:
+                best, top = m, i
+            else:  # strictly larger only: a tie keeps the earlier block's index
+                new = m > best
+                best, top = torch.where(new, m, best), torch.where(new, i + v, top)
+        out.append(top)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x_NH.device)
 
 
 def top1_fn(ids_BT, fn):
     """fn for Policy.forward: (fn's output, whether each target token is its position's first argmax) [B, T],
-    TRL's is_top1 (mean_token_accuracy), from the logits (loss_impl logits) or, without grad, from the hidden
-    states through the head in chunks of rows (loss_impl linear: one more head GEMM, no [N, V] logits; Policy's
-    head_kwargs go to fn; the head's argmax is the logits' argmax: a scale s > 0 and a soft-cap keep the order)."""
+    TRL's is_top1 (mean_token_accuracy), from the logits (loss_impl logits: the model's own, whose dtype an fp32
+    copy would not change: widening is exact and keeps every tie) or, without grad, from the hidden states
+    through the head as fp32 logits in chunks of rows (loss_impl linear, top1_ids: one more head GEMM, no [N, V]
+    logits; Policy's head_kwargs go to fn; the head's argmax is the logits' argmax: a scale s > 0 and a
+    soft-cap keep the order)."""
     def wrapped(x, weight=None, bias=None, **head):
         out = fn(x) if weight is None else fn(x, weight, bias, **head)
         with torch.no_grad():
             if weight is None:
                 top = x.argmax(-1)
-            else:
-                flat = x.detach().reshape(-1, x.shape[-1])
-                step = max(1, _TOP1_CHUNK_BYTES // (4 * weight.shape[0]))
-                # at least one chunk: a filler pack scores no token (0 rows)
-                top = torch.cat([torch.nn.functional.linear(flat[s:s + step], weight, bias).argmax(-1)
-                                 for s in range(0, max(flat.shape[0], 1), step)]).reshape(x.shape[:-1])
+            else:  # a filler pack scores no token (0 rows)
+                top = top1_ids(x.detach().reshape(-1, x.shape[-1]), weight, bias).reshape(x.shape[:-1])
         return out, top == ids_BT
     return wrapped
 

@@ -406,3 +406,58 @@ def test_permute_unpermute_empty_batch_and_no_expert_per_token(backend):
         out.sum().backward()
         assert hidden.grad.shape == (T, H) and not hidden.grad.any()
         assert w.grad.shape == (T, K)
+
+
+@pytest.mark.parametrize("cfg", [(32, 4, 2, 4), (12, 3, 1, 2), (64, 1, 1, 6)])
+@pytest.mark.parametrize("backend", ["torch", "auto"] + BACKENDS)
+def test_route_rejects_non_bool_norm_topk_prob_and_non_finite_bias(cfg, backend, monkeypatch):
+    """norm_topk_prob was bool()-converted: the string "false" (a config value read as text) normalized silently;
+    now anything but a bool is an error naming it. A NaN or inf e_score_correction_bias selected arbitrary experts
+    silently; now an error naming it, through rk.moe.router too (on a GPU a ValueError under R1K_SYNC_CHECKS=1,
+    else a device assert). Valid inputs still route as the reference."""
+    monkeypatch.setattr(rk._checks, "SYNC_CHECKS", True)
+    E, n_group, topk_group, top_k = cfg
+    T = int(torch.randint(1, 20, ()))
+    x, bias = _logits(T, E, "random"), (torch.randn(E) * 0.05).to(DEV)
+    kw = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, backend=backend)
+    for bad in ("false", "true", 0, 1, None, torch.tensor(False)):
+        with pytest.raises(ValueError, match="norm_topk_prob must be a bool"):
+            rk.moe.route(x, bias, norm_topk_prob=bad, **kw)
+    for norm in (True, False):
+        w, ids = rk.moe.route(x, bias, norm_topk_prob=norm, **kw)
+        w_ref, ids_ref = ref.route(x, bias, top_k, n_group, topk_group, 1.0, norm)
+        assert torch.equal(ids, ids_ref)
+        assert_close(w, w_ref, name=f"weights norm={norm}")
+    hidden, gate = torch.randn(T, 8, device=DEV), torch.randn(E, 8, device=DEV)
+    for v in (float("nan"), float("inf"), -float("inf")):
+        b = bias.clone()
+        b[int(torch.randint(0, E, ()))] = v
+        with pytest.raises(ValueError, match="e_score_correction_bias contains NaN or inf"):
+            rk.moe.route(x, b, **kw)
+        with pytest.raises(ValueError, match="e_score_correction_bias"):
+            rk.moe.router(hidden, gate, b, **kw)
+
+
+def test_cuda_permute_eligible_only_for_its_expert_range(monkeypatch):
+    """The CUDA permute index kernel takes 1..1024 experts (csrc/cuda/moe_launch.cpp); its eligibility said yes to
+    any count, so backend auto on CUDA with more experts raised there instead of falling back. Now it is
+    ineligible past 1024: auto picks another kernel or the reference, backend="cuda" is a ValueError naming the
+    backend. Triton's sort-based index has no such bound."""
+    T, K = int(torch.randint(1, 9, ())), int(torch.randint(1, 4, ()))
+    hidden, ids = torch.randn(T, 8), torch.randint(0, 4, (T, K))
+    assert moe_ops.CUDA_PERMUTE_MAX_EXPERTS == 1024
+    for E, ok in ((1, True), (4, True), (1024, True), (1025, False), (int(torch.randint(1025, 5000, ())), False)):
+        assert moe_ops._permute_cuda_eligible(hidden, ids, E) is ok, E
+        assert moe_ops._permute_eligible(hidden, ids, E)  # the shared conditions hold: the count alone decides
+    assert not moe_ops._permute_cuda_eligible(hidden, ids[:, :0], 8)  # K = 0: the reference, as before
+    if not HAS_CPP:
+        return
+    assert moe_ops.permute_cuda.eligible is moe_ops._permute_cuda_eligible
+    # backend selection with the CUDA kernel as the only candidate (no GPU needed: pick reads the eligibility)
+    monkeypatch.setitem(_backend._RUNS, ("permute", "cuda"), [("cuda", moe_ops.permute_cuda,
+                                                               moe_ops.permute_cuda.eligible)])
+    dev = torch.device("cuda")
+    assert _backend.kernel("permute", "auto", dev, hidden, ids, 1024) is moe_ops.permute_cuda
+    assert _backend.kernel("permute", "auto", dev, hidden, ids, 1025) is None
+    with pytest.raises(ValueError, match="backend='cuda' for permute does not support these inputs"):
+        _backend.pick("permute", "cuda", dev, hidden, ids, 2048)

@@ -189,9 +189,10 @@ def test_reduction_weights_equal_padded_micro_batches(loss_type, with_items):
     assert abs(float(packed - padded)) <= TOLERANCES[torch.float32] * max(abs(float(padded)), 1.0)
 
 
-def _varied_lengths(monkeypatch):
+def _varied_lengths(monkeypatch, truncate: bool = False):
     """Rollouts whose completions stop (eos) at a length drawn from the row's seed, 1..max_new_tokens: a random
-    tiny model never stops by itself."""
+    tiny model never stops by itself. truncate: every third seed's row runs to max_new_tokens without an eos
+    (truncated: mask_truncated_completions zeroes its loss mask, its real tokens stay)."""
     import r1train.grpo as G
 
     orig = G.sample
@@ -200,14 +201,46 @@ def _varied_lengths(monkeypatch):
         ro = orig(model, p_ids, p_mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                   seeds_B=seeds_B, **kw)
         B, T = ro.completion_ids_BT.shape
-        n = torch.tensor([1 + s % T for s in seeds_B], device=p_ids.device)
+        trunc = torch.tensor([truncate and s % 3 == 0 for s in seeds_B], device=p_ids.device)
+        n = torch.tensor([1 + s % T for s in seeds_B], device=p_ids.device).masked_fill(trunc, T)
         col = torch.arange(T, device=p_ids.device)[None]
         eos = eos_id if isinstance(eos_id, int) else eos_id[0]  # the rollout's eos ids (rollout.eos_ids)
-        comp = ro.completion_ids_BT.masked_fill(col == n[:, None] - 1, eos).masked_fill(col >= n[:, None], pad_id)
+        comp = ro.completion_ids_BT.masked_fill((col == n[:, None] - 1) & ~trunc[:, None], eos)
+        comp = comp.masked_fill(col >= n[:, None], pad_id)
         mask = (col < n[:, None]).long()
-        return Rollout(ro.prompt_ids_BP, ro.prompt_mask_BP, comp, mask, torch.zeros(B, dtype=torch.bool,
-                       device=p_ids.device), None if ro.logprobs_BT is None else ro.logprobs_BT * mask)
+        return Rollout(ro.prompt_ids_BP, ro.prompt_mask_BP, comp, mask, trunc,
+                       None if ro.logprobs_BT is None else ro.logprobs_BT * mask)
     monkeypatch.setattr(G, "sample", sample)
+
+
+def _route_counts(t) -> list:
+    """Each optimizer step's expert counts [routers, E] (read before expert_load.step resets them), appended to
+    the returned list as the trainer steps."""
+    seen, orig = [], t.expert_load.step
+
+    def step():
+        seen.append(torch.stack([r.tokens_per_expert.clone() for r in t.expert_load.routers]))
+        return orig()
+    t.expert_load.step = step
+    return seen
+
+
+def _biases(t) -> torch.Tensor:
+    """The routers' e_score_correction_bias [routers, E]."""
+    return torch.stack([r.e_score_correction_bias.detach().clone() for r in t.expert_load.routers])
+
+
+def _assert_same_routing(runs, tag):
+    """runs: per run (counts per optimizer step, final biases); a real MoE layer routed tokens in every step, and
+    every run counted the first's tokens per expert and ended with its biases."""
+    (c0, b0) = runs[0]
+    assert c0 and all(c.shape[0] >= 1 and c.sum() > 0 for c in c0), tag
+    assert not torch.equal(b0, torch.zeros_like(b0)), f"{tag}: the biases never moved"
+    for c, b in runs[1:]:
+        assert len(c) == len(c0), tag
+        for k, (x, y) in enumerate(zip(c, c0)):
+            assert torch.equal(x, y), f"{tag} optimizer step {k}: routed {x.sum(-1).tolist()} != {y.sum(-1).tolist()}"
+        assert torch.equal(b, b0), f"{tag}: e_score_correction_bias differs"
 
 
 def _trained_params(t):
@@ -228,28 +261,38 @@ def _trained_params(t):
 # full-size step (measured: 4.4e-2 relative on the updates of exactly equal packed and padded losses).
 ADAM_LINEAR = "adam_epsilon=1.0"
 
+# the MoE runs: tiny-deepseek-v3's layer 0 is dense (first_k_dense_replace=1), layer 1 an MoE layer; with
+# moe_bias_update_rate > 0 its router counts its tokens and moves its bias (the runs compare both)
+MOE = ["model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "moe_bias_update_rate=0.001"]
 RUNS = [
     ["loss_type=bnpo", "beta=0.04", "num_iterations=2", "gradient_checkpointing=true", "zero_stage=2"],
-    ["model_name_or_path=tiny-deepseek-v3", "loss_type=grpo", "moe_bias_update_rate=0", "use_peft=true",
-     "beta=0.04", "zero_stage=3", "lora_dropout=0"],
+    ["model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "moe_bias_update_rate=0", "loss_type=grpo",
+     "use_peft=true", "beta=0.04", "zero_stage=3", "lora_dropout=0"],
+    [*MOE, "loss_type=grpo", "zero_stage=2", "mask_truncated_completions=true"],
 ]
 
 
-@pytest.mark.parametrize("ov", RUNS, ids=["dense-zero2-ref-mu2-gc", "moe-lora-zero3-ref"])
+@pytest.mark.parametrize("ov", RUNS, ids=["dense-zero2-ref-mu2-gc", "moe-lora-zero3-ref", "moe-zero2-masked-truncated"])
 def test_grpo_steps_packed_equal_padded(tmp_path, monkeypatch, ov):
     """Two GRPO steps on rows of varied length, padded and packed under a token budget (more, and differently
     composed, micro-batches than the padded run's): the same logged losses, the same optimizer steps, the
-    same parameter updates (activation checkpointing recomputes packed attention in the backward)."""
-    _varied_lengths(monkeypatch)
+    same parameter updates (activation checkpointing recomputes packed attention in the backward). MoE: the
+    router counts each optimizer step's tokens of the padded run per expert (each row's last completion token,
+    and the real tokens of truncated rows whose loss mask is zeroed, up to the padded micro-batch's trim) and
+    ends with its e_score_correction_bias."""
+    moe = "moe_bias_update_rate=0.001" in ov
+    _varied_lengths(monkeypatch, truncate="mask_truncated_completions=true" in ov)
     base = ["max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
             "max_completion_length=10", "max_prompt_length=18", "learning_rate=0.003", ADAM_LINEAR, *ov]
-    res = []
+    res, routing = [], []
     for extra in ([], ["padding_free=true", "max_tokens_per_batch=30"]):
         t = H.grpo_trainer(tmp_path / str(len(res)), *base, *extra, reward_funcs=[H.digit_share])
+        counts = _route_counts(t) if moe else None
         p0 = _trained_params(t)
         hist = t.train()
         upd = _trained_params(t) - p0
         res.append((hist, upd, t.engine.global_steps, t.cfg.num_iterations))
+        routing.append((counts, _biases(t) if moe else None))
     (h0, u0, s0, mu) = res[0]
     lens = [h["completions/mean_length"] for h in h0]
     assert 1 < min(lens) and max(lens) < 10, lens
@@ -258,29 +301,38 @@ def test_grpo_steps_packed_equal_padded(tmp_path, monkeypatch, ov):
         for a, b in zip(h0, hist):
             assert a["completions/mean_length"] == b["completions/mean_length"]
             assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), name="loss")
+            assert not moe or a["moe/max_load_ratio"] == b["moe/max_load_ratio"]
         assert_close(upd, u0, name="parameter update")
+    if "mask_truncated_completions=true" in ov:
+        assert any(h["completions/clipped_ratio"] > 0 for h in h0), "no truncated row"
+    if moe:
+        _assert_same_routing(routing, "GRPO packed vs padded")
 
 
-@pytest.mark.parametrize("ov", [["zero_stage=2", "gradient_checkpointing=true"],
-                                ["model_name_or_path=tiny-deepseek-v3", "moe_bias_update_rate=0", "zero_stage=3"]],
+@pytest.mark.parametrize("ov", [["zero_stage=2", "gradient_checkpointing=true"], [*MOE, "zero_stage=3"]],
                          ids=["dense-zero2-gc", "moe-zero3"])
 def test_sft_steps_packed_equal_padded(tmp_path, ov):
     """Two SFT steps on worked solutions of 2..5 terms (varied lengths), padded, packed, and packed under a
-    token budget (another count of micro-batches): the same logged losses, optimizer steps and updates."""
+    token budget (another count of micro-batches): the same logged losses, optimizer steps and updates. MoE:
+    the router counts each optimizer step's tokens of the padded run per expert (every real token, each row's
+    final completion token too) and ends with its e_score_correction_bias."""
     from r1train.config import load_config
     from r1train.loading import load_datasets, load_model_and_tokenizer
     from r1train.sft import SFTTrainer
 
+    moe = "moe_bias_update_rate=0.001" in ov
     base = ["max_steps=2", "gradient_accumulation_steps=2", "per_device_train_batch_size=4", "task_min_terms=2",
             "task_max_terms=5", "max_prompt_length=40", "learning_rate=0.003", ADAM_LINEAR, *ov]
-    res = []
+    res, routing = [], []
     for extra in ([], ["padding_free=true"], ["padding_free=true", "max_tokens_per_batch=90"]):
         cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / str(len(res))}", *base, *extra])
         model, tok = load_model_and_tokenizer(cfg)
         t = SFTTrainer(cfg, model, tok, load_datasets(cfg, sft=True)[0], [])
+        counts = _route_counts(t) if moe else None
         p0 = _trained_params(t)
         hist = t.train()
         res.append((hist, _trained_params(t) - p0, t.engine.global_steps))
+        routing.append((counts, _biases(t) if moe else None))
     (h0, u0, s0) = res[0]
     lens = [sum(len(r["solution"]) for r in t.train_rows[:8]) / 8, max(len(r["solution"]) for r in t.train_rows)]
     assert lens[1] > 1.3 * lens[0], lens  # rows of varied length: padding to remove
@@ -289,7 +341,10 @@ def test_sft_steps_packed_equal_padded(tmp_path, ov):
         for a, b in zip(h0, hist):
             assert a["tokens"] == b["tokens"]
             assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), name="loss")
+            assert not moe or a["moe/max_load_ratio"] == b["moe/max_load_ratio"]
         assert_close(upd, u0, name="parameter update")
+    if moe:
+        _assert_same_routing(routing, "SFT packed vs padded")
 
 
 def test_bad_values_name_the_key(tmp_path):
@@ -533,7 +588,7 @@ def test_build_packs_on_unequal_ranks_gives_fillers(monkeypatch):
         full = torch.full((B, 1), T) if B == 6 else torch.randint(1, T + 1, (B, 1))  # B=6: a pack per row
         cm = (torch.arange(T)[None] < full).long()
         per_rank.append((torch.randint(3, 50, (B, P + T)), pm, cm))
-    budget = P + T - 1  # a full row feeds its prompt and all but its last completion token
+    budget = P + T  # a full row feeds its prompt and its whole completion
     got = _on_ranks(monkeypatch, lambda r, b: build_packs(*b, rows_per_batch=2, max_tokens=budget), per_rank)
     assert len({len(p) for p in got}) == 1 and len(got[0]) >= 6, [len(p) for p in got]
     for (ids, _, _), packs in zip(per_rank, got):
@@ -542,6 +597,38 @@ def test_build_packs_on_unequal_ranks_gives_fillers(monkeypatch):
             assert pk.tokens <= budget and pk.tokens >= 1
             if not pk.rows.numel():
                 assert pk.tokens == 1 and pk.score_idx.numel() == 0 and pk.cu_seqlens.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("B,P,T,mb", [(7, 5, 9, 3), (12, 8, 6, 4), (5, 3, 12, 2), (9, 1, 4, 1)])
+def test_build_packs_feed_the_tokens_the_padded_forward_routes(B, P, T, mb):
+    """Fresh random rows (prompts of 1..P tokens, completions of 0..T, some rows' loss mask zeroed): every
+    scored token is fed (the token after its scoring position is the token itself, each row's last loss token
+    included), and the packs feed exactly the real tokens the padded forward routes: SFT's (loss mask =
+    completion mask), every real token; GRPO's with completion_mask_BT, the real tokens of each padded
+    micro-batch trimmed to max(1, its longest loss length) completion columns, rows whose loss mask is zeroed
+    included. Within a budget of the longest row (prompt + completion tokens)."""
+    ids, pm, cm = _rows(B, P, T, 50)
+    mask = cm.clone()
+    mask[torch.randperm(B)[:max(1, B // 3)]] = 0  # failed or truncated rows: real tokens, no loss
+    attn = torch.cat([pm, cm], 1).bool()
+    n = packing.loss_lengths(mask)
+    trim = [max(1, int(n[s:s + mb].max())) for s in range(0, B, mb)]
+    routed = attn.clone()  # GRPO's padded forward: micro-batch s // mb cut to P + its trim columns
+    for s, tr in zip(range(0, B, mb), trim):
+        routed[s:s + mb, P + tr:] = False
+    for budget in (None, P + T, 2 * (P + T)):
+        for what, loss_BT, want, kw in (("SFT", cm, attn, {}), ("GRPO", mask, routed, {"completion_mask_BT": cm})):
+            packs = build_packs(ids, pm, loss_BT, rows_per_batch=mb, max_tokens=budget, **kw)
+            tag = f"{what} B={B} P={P} T={T} mb={mb} budget={budget}"
+            src = torch.cat([pk.src for pk in packs])
+            assert sorted(src.tolist()) == want.reshape(-1).nonzero()[:, 0].tolist(), tag
+            for pk in packs:
+                assert budget is None or pk.tokens <= budget, tag
+                assert torch.equal(pk.input_ids[0], ids.reshape(-1)[pk.src]), tag
+                m_1C = pk.gather(loss_BT)
+                assert m_1C.numel() == int(packing.loss_lengths(loss_BT)[pk.rows].sum()), tag
+                assert (pk.score_idx + 1 < pk.tokens).all(), tag
+                assert torch.equal(pk.input_ids[0, pk.score_idx + 1], pk.gather(ids[:, P:])[0]), tag
 
 
 @pytest.mark.parametrize("loss", [["loss_type=grpo", "beta=0.04"], ["loss_type=dapo"]], ids=["grpo-ref", "dapo-fused"])

@@ -396,6 +396,39 @@ def test_sft_mean_token_accuracy_of_a_memorized_row_is_one(tmp_path):
     assert hist[-1]["mean_token_accuracy"] == 1.0
 
 
+@pytest.mark.parametrize("N,H,V,chunk_bytes,with_bias", [(600, 64, 1000, None, False), (1100, 48, 777, 1 << 15, True),
+                                                          (1000, 32, 3000, 1 << 17, False), (0, 16, 100, None, True)])
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_sft_top1_is_the_first_argmax_of_fp32_logits(monkeypatch, N, H, V, chunk_bytes, with_bias, dev):
+    """loss_impl linear's top-1 (mean_token_accuracy) of bf16 hidden states and head: the first argmax of the
+    fp32-accumulated logits, as TRL's, in chunks of rows and vocab blocks (small chunk budgets); logits rounded to
+    bf16 tie near-equal maxima, where their first argmax is often another token (these inputs have such rows).
+    Operands on a grid of 1/4 keep every fp32 logit exact whatever the GEMM's summation order, so the wanted
+    index is unambiguous (among exact ties, the first)."""
+    import r1train.sft as S
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(S, "_TOP1_CHUNK_BYTES", chunk_bytes)
+    grid = lambda *shape: (torch.randint(-8, 9, shape) / 4).bfloat16().to(dev)  # noqa: E731
+    x, w = grid(1, N, H), grid(V, H)  # logits of std ~2 sqrt(H), multiples of 1/16: bf16 rounds them to 1/4..1
+    b = grid(V) if with_bias else None
+    want = (x.float() @ w.float().t() + (0 if b is None else b.float())).argmax(-1)
+    if N:
+        lg16 = torch.nn.functional.linear(x, w, b)
+        assert ((lg16 == lg16.amax(-1, keepdim=True)).sum(-1) > 1).any(), "no bf16 tie: the test checks nothing"
+        assert (lg16.argmax(-1) != want).any()
+    out, top1 = S.top1_fn(want, lambda *a: "out")(x, w, b)
+    assert out == "out" and top1.shape == (1, N) and top1.all()
+    # exact fp32 ties across vocab blocks: the first index, as argmax
+    same = grid(1, H).expand(V, H).contiguous()
+    _, top1 = S.top1_fn(torch.zeros(1, N, dtype=torch.long, device=dev), lambda *a: None)(x, same, None)
+    assert top1.all()
+    # loss_impl logits: the logits' own first argmax
+    lg = torch.randn(1, N, V, device=dev).bfloat16()
+    assert S.top1_fn(lg.argmax(-1), lambda _: None)(lg)[1].all()
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_sft_cuts_no_prompt_to_max_prompt_length(tmp_path, padding_free):
     """TRL 1.16's SFTTrainer cuts no prompt: only the whole row, to its first max_length tokens. Prompts longer

@@ -153,6 +153,15 @@ def _permute_eligible(hidden, topk_ids, *a, **k):  # K = 0 (no expert per token)
     return hidden.dtype in _FLOAT and topk_ids.shape[1] > 0
 
 
+CUDA_PERMUTE_MAX_EXPERTS = 1024  # moe_permute_index_cuda (csrc/cuda/moe_launch.cpp) takes 1..1024 experts
+
+
+def _permute_cuda_eligible(hidden, topk_ids, num_experts, *a, **k):
+    """_permute_eligible within the CUDA index kernel's expert count (more: Triton's sort-based index or the
+    reference, as backend auto picks)."""
+    return _permute_eligible(hidden, topk_ids) and 1 <= num_experts <= CUDA_PERMUTE_MAX_EXPERTS
+
+
 def _unpermute_eligible(x, row_map, weights, *a, **k):  # the kernels divide the T*K rows by K
     return x.dtype in _FLOAT and weights.shape[1] > 0
 
@@ -188,7 +197,7 @@ if HAS_CPP:
     _cuda = {"cuda"} if _backend.extension_has("moe_route", "CUDA") else set()
     route_cuda.devices = permute_cuda.devices = unpermute_cuda.devices = _cuda
     route_cuda.eligible = route_eligible
-    permute_cuda.eligible = _permute_eligible
+    permute_cuda.eligible = _permute_cuda_eligible
     unpermute_cuda.eligible = _unpermute_eligible
 
 
