@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from r1kernels.patch import deepseek_v3 as dsv3
+
 from .config import ConfigError, TrainConfig, task_spec
 from .data import DatasetError, load_rows
 from .tasks import TINY_MODELS, char_tokenizer, generate, tiny_model
@@ -68,13 +72,31 @@ def apply_lora(model, cfg: TrainConfig):
     # would make any other name a full-match regex, so only this one is unwrapped: [q_proj] stays a suffix match)
     target = cfg.lora_target_modules
     target = "all-linear" if not target or target == ["all-linear"] else target
+    # MoE routers keep no adapter: on transformers 5, peft maps "all-linear" to the v4 names, router ("gate")
+    # included, and wraps DeepSeek-V3's router weight (a ParamWrapper), which hides it from the aux-loss-free
+    # balancing (moe_load.ExpertLoad would find no router: no bias update, no moe/* metrics). The linear layers'
+    # own names target the same modules and expert weights without it.
+    routers = _n_routers(model)
+    if routers and target == "all-linear":
+        head = model.get_output_embeddings()
+        target = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and m is not head})
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=target,
-                    modules_to_save=cfg.lora_modules_to_save, task_type="CAUSAL_LM")
+                    target_modules=target, modules_to_save=cfg.lora_modules_to_save, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lc)
+        peft_model = get_peft_model(model, lc)
     except ValueError as e:  # e.g. a target module that does not exist
         raise ConfigError(f"lora_target_modules / lora_modules_to_save: {e}") from e
+    if _n_routers(peft_model) < routers:
+        raise ConfigError(f"lora_target_modules={cfg.lora_target_modules}: an adapter on the MoE router (gate) hides "
+                          "it from the aux-loss-free load balancing (no bias update); leave the router out")
+    return peft_model
+
+
+def _n_routers(model) -> int:
+    """MoE blocks whose `gate` is a DeepSeek-V3 router itself, transformers' or rk.patch's (not wrapped by peft)."""
+    gates = (getattr(m, "gate", None) for m in model.modules())
+    return sum(type(g).__name__ in dsv3.ROUTER_CLASSES or isinstance(g, dsv3.R1KRouter) for g in gates)
 
 
 def merge_adapters(model):

@@ -164,3 +164,27 @@ def test_all_linear_as_a_one_item_list():
     assert every == adapted("lora_target_modules=all-linear") and len(every) > 1
     q = adapted("lora_target_modules=q_proj")
     assert q and all(n.endswith("q_proj.lora_A") for n in q) and set(q) < set(every)
+
+
+def test_lora_on_a_moe_model_keeps_its_router_balancing(tmp_path):
+    """On transformers 5 peft maps all-linear to the v4 names, the MoE router ("gate") among them, and wrapped
+    DeepSeek-V3's router weight: the aux-loss-free balancing then found no router (no bias update, no moe/*
+    metrics), silently. Now the router keeps no adapter (every other module and expert weight still gets one),
+    its bias moves after a step and the load is logged; an explicit target on the router is an error."""
+    from r1train.loading import apply_lora
+
+    ov = ["model_name_or_path=tiny-deepseek-v3", "model_num_layers=2", "lora_dropout=0.0"]
+    t = H.grpo_trainer(tmp_path, "use_peft=true", "max_steps=1", "moe_bias_update_rate=0.01", *ov,
+                       reward_funcs=[H.digit_share])
+    names = [n for n, _ in t.engine.module.model.named_parameters() if "lora_" in n]
+    assert any("experts" in n for n in names) and not any(n.split(".lora_")[0].endswith("mlp.gate") for n in names)
+    assert t.expert_load.routers
+    bias0 = [r.e_score_correction_bias.clone() for r in t.expert_load.routers]
+    m = t.train()[-1]
+    assert "moe/max_load_ratio" in m
+    assert any(not torch.equal(r.e_score_correction_bias, b) for r, b in zip(t.expert_load.routers, bias0))
+    t.finish()
+    cfg = load_config(overrides=[*H.FAST, *ov, "use_peft=true", "lora_target_modules=[q_proj,gate]"])
+    model, _ = load_model_and_tokenizer(cfg)
+    with pytest.raises(ConfigError, match="MoE router"):
+        apply_lora(model, cfg)
