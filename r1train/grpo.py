@@ -356,7 +356,10 @@ class GRPOTrainer(Trainer):
         seeds = [row_seed(cfg.seed, step, g, j) for g in gidx for j in range(G)]
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(self.model, tok),
-            pad_id=tok.pad_token_id, seeds_B=seeds, temperature=cfg.temperature, **sampling_kwargs(cfg, self.engine))
+            pad_id=tok.pad_token_id, seeds_B=seeds, temperature=cfg.temperature, check_finite=False,  # see below
+            **sampling_kwargs(cfg, self.engine))
+        # NaN logits (diverged weights) are not an error here: their NaN log-probs make the step's loss non-finite
+        # on every rank, and the loop's divergence check stops the run there (TrainingDiverged, its row logged)
         if self.replay is not None:  # a rank with no rows (a dynamic-sampling round) sampled nothing to record
             ro.routing = self.replay.take() if rows else None
         texts = decode_completions(tok, ro)

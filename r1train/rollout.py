@@ -56,14 +56,16 @@ def eos_ids(model, tok) -> list[int]:
 
 def sample(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int, eos_id, pad_id: int,
            seeds_B, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-           greedy: bool = False, engine: str = "r1train", ds_engine=None, backend: str = "auto") -> Rollout:
+           greedy: bool = False, engine: str = "r1train", ds_engine=None, backend: str = "auto",
+           check_finite: bool = True) -> Rollout:
     """Sample one completion per row (seeds_B: one int seed per row); eos_id: a token id or a sequence of them
     (eos_ids(model, tok)). ds_engine: the DeepSpeed engine under ZeRO-3 (parameters gathered once for the
-    rollout)."""
+    rollout). check_finite: NaN logits are an error (r1train.generation.generate)."""
     sp = SamplingParams(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         greedy=greedy)
     comp_BT, logp_BT = generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, eos_id=eos_id,
-                                pad_id=pad_id, engine=engine, ds_engine=ds_engine, backend=backend)
+                                pad_id=pad_id, engine=engine, ds_engine=ds_engine, backend=backend,
+                                check_finite=check_finite)
     dev, eos = comp_BT.device, eos_tuple(eos_id)
     is_eos_BT = torch.isin(comp_BT, torch.tensor(eos, device=dev))
     if comp_BT.shape[1] == 0:  # no rows (a rank with nothing to sample in a dynamic-sampling round)

@@ -711,9 +711,13 @@ def test_nan_logits_are_an_error_naming_the_rows(engine):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         model.model.embed_tokens.weight[bad] = float("nan")
     ids, mask = _prompts([4, 3, 5])
+    ids[ids == bad] = 5  # the NaN row's only: in row 1
     ids[1, -1] = bad
     with pytest.raises(ValueError, match=r"logits hold NaN for rows \[1\] \(1 of 3\)"):
         generate(model, ids, mask, [1, 2, 3], SamplingParams(4), eos_id=-1, pad_id=0, engine=engine, backend="torch")
+    _, logp = generate(model, ids, mask, [1, 2, 3], SamplingParams(4), eos_id=-1, pad_id=0, engine=engine,
+                       backend="torch", check_finite=False)  # the caller's own check (GRPO's divergence check)
+    assert logp[1].isnan().all() and torch.isfinite(logp[[0, 2]]).all()
     ids[1, -1] = 5
     tok, logp = generate(model, ids, mask, [1, 2, 3], SamplingParams(4), eos_id=-1, pad_id=0, engine=engine,
                          backend="torch")

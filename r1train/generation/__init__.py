@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from ..moe_replay import recorder
-from .engine import Engine, SamplingParams, buckets, check_arguments, engine_for, eos_tuple, release
+from .engine import Engine, SamplingParams, buckets, check_arguments, checked_logprobs, engine_for, eos_tuple, release
 from .hf import hf_generate
 
 ENGINES = ("r1train", "transformers")
@@ -54,10 +54,20 @@ def gathered_for_generation(ds_engine):
 
 
 def generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params: SamplingParams, *, eos_id, pad_id: int,
-             engine: str = "r1train", ds_engine=None, backend: str = "auto", cuda_graphs: bool = True):
+             engine: str = "r1train", ds_engine=None, backend: str = "auto", cuda_graphs: bool = True,
+             check_finite: bool = True):
     """Sample one completion per row of the left-padded prompts -> (tokens [B, T'], fp32 log-probs
     [B, T'] of each token under the distribution it was drawn from). eos_id: a token id or a sequence of
-    them (a row ends at any; rollout.eos_ids gives TRL's set)."""
+    them (a row ends at any; rollout.eos_ids gives TRL's set). check_finite: NaN logits (a row's log-probs NaN)
+    are a ValueError naming the rows (checked_logprobs; one host read); False leaves them to the caller (GRPO's
+    divergence check: the step's loss turns non-finite on every rank)."""
+    out = _generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params, eos_id=eos_id, pad_id=pad_id,
+                    engine=engine, ds_engine=ds_engine, backend=backend, cuda_graphs=cuda_graphs)
+    return (out[0], checked_logprobs(out[1])) if check_finite else out
+
+
+def _generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, params, *, eos_id, pad_id, engine, ds_engine, backend,
+              cuda_graphs):
     if engine not in ENGINES:
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {engine!r}")
     # shapes, dtypes, the model's device, one seed a row, pad_id

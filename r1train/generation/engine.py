@@ -484,7 +484,7 @@ class Engine:
         if rec is not None:
             rec.finish(self.routes[:, :B, :steps])
             self._rec = None
-        return st.out_tok[:B, :steps].clone(), checked_logprobs(st.out_logp[:B, :steps].clone())
+        return st.out_tok[:B, :steps].clone(), st.out_logp[:B, :steps].clone()
 
 
 def checked_logprobs(logp_BT: torch.Tensor) -> torch.Tensor:

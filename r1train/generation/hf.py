@@ -20,7 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 import r1kernels as rk
 from r1kernels.reference.sampling import kept_mask
 
-from .engine import check_arguments, check_prompt_rows, checked_logprobs, eos_tuple
+from .engine import check_arguments, check_prompt_rows, eos_tuple
 
 
 class _Exact(GenerationConfig):
@@ -96,4 +96,4 @@ def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pa
         logp_BT[:, t] = zk_BV.gather(-1, tok_BT[:, t, None]).squeeze(-1) - torch.logsumexp(zk_BV, -1)
     is_eos = torch.isin(tok_BT, torch.tensor(eos, dtype=tok_BT.dtype, device=tok_BT.device))
     after_eos = is_eos.long().cumsum(1) - is_eos.long() > 0
-    return tok_BT.masked_fill(after_eos, pad_id), checked_logprobs(logp_BT.masked_fill(after_eos, 0.0))
+    return tok_BT.masked_fill(after_eos, pad_id), logp_BT.masked_fill(after_eos, 0.0)
