@@ -159,6 +159,18 @@ def oom_message(err: str, cfg: TrainConfig) -> str:
     return msg
 
 
+def drop_from_zero3_stack(module):
+    """Take a ZeRO-3 engine's module and its submodules off DeepSpeed's global module stack
+    (parameter_offload.FWD_MODULE_STACK), where the engine's setup and its forwards put them and its destroy()
+    leaves them: the stack would keep the module, and through its hooks the engine and optimizer, alive for the
+    process's life."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    mine = {id(m) for m in module.modules()}
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if id(m) not in mine]
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
     """The lr multiplier at optimizer step s of `total`: transformers' get_scheduler (optimization.py) for each
     lr_scheduler_type, with TRL's warmup of ceil(warmup_ratio * total) steps rising from 0 (s / warm);
@@ -415,6 +427,16 @@ class Trainer(CheckpointMixin):
         self.logger.close()
         if self.rank == 0:
             unlock_output_dir(self.cfg.output_dir)
+
+    def release(self):
+        """After finish(), where the model goes on without this trainer: DeepSpeed's hooks come off the model (ZeRO's
+        gradient hooks hold the optimizer, its fp32 master weights and moments, for as long as the model lives) and
+        ZeRO-3's global module stack lets go of it, so dropping the trainer frees them. The model stays usable below
+        ZeRO-3 (its parameters whole); the trainer cannot train, evaluate or save after it."""
+        for e in filter(None, (self.engine, self.ref)):
+            e.destroy()
+            if zero3(e):
+                drop_from_zero3_stack(e.module)
 
     # ---- evaluation: held-out pass@1 (sampled) and greedy accuracy of the accuracy reward
     @torch.no_grad()

@@ -317,9 +317,22 @@ class GRPOTrainer(Trainer):
         # adaptive entropy control; set before Trainer.__init__, whose resume calls load_trainer_state
         self.entropy_coef, self.last_entropy = cfg.entropy_coef, float("inf")
         self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens of every rank's batches so far
+        if not cfg.moe_router_replay:  # a model handed on by a replay stage records no rollout of this one
+            moe_replay.disable(model)
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
-        # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError)
+        # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError) until
+        # finish()
         self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
+
+    def finish(self, save: bool = True):
+        """Trainer.finish; then the model's router replay is off (moe_replay.disable), so its later rollouts (the
+        next stage's, rejection sampling) record nothing."""
+        try:
+            super().finish(save)
+        finally:
+            if self.replay is not None:
+                moe_replay.disable(self.model)
+                self.replay = None
 
     def trainer_state(self) -> dict:
         """Adaptive entropy control's state (last_entropy null before any step) and num_tokens: a resumed run

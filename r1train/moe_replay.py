@@ -2,8 +2,8 @@
 the experts each token was routed to, and the training forward replays that selection, so the policy
 gradient is taken through the experts the samples came from.
 
-Recording (the generation engine, r1train/generation/engine.py): once `enable(model)` is called, every
-engine rollout of `model` writes each MoE layer's top-k expert ids into int16 buffers (int32 above 32767
+Recording (the generation engine, r1train/generation/engine.py): from `enable(model)` until `disable(model)`,
+every engine rollout of `model` writes each MoE layer's top-k expert ids into int16 buffers (int32 above 32767
 experts): the prompt tokens at prefill, [B, P, M, K], and in the decode step one token per row into a
 preallocated [M, rows, T, K] buffer at (row, position) with tensor indices (no host sync: the step stays
 CUDA-graph capturable). A token's ids are those the router chose when the token was the forward's INPUT,
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1kernels.patch.deepseek_v3 import in_reentrant_checkpoint
+from r1kernels.patch.deepseek_v3 import full_shape, in_reentrant_checkpoint
 
 ROUTER_CLASSES = ("DeepseekV3TopkRouter", "R1KRouter")
 KEY = "moe_router_replay"
@@ -111,11 +111,19 @@ class RouterReplay:
         self.routers = rs
         self._handles = [r.register_forward_hook(self._hook_for(j)) for j, r in enumerate(rs)]
 
+    def close(self):
+        """Stop recording and replaying: the hooks come off the routers; the record, armed ids and counts go."""
+        for h in self._handles:
+            h.remove()
+        self.routers, self._handles = [], []
+        self.recording, self._target, self._prompt_MBPK = False, None, None
+        self.record = self.ids_NMK = self._valid_NM = self.stats = None
+
     @property
     def shape(self) -> tuple[int, int, int]:
-        """(MoE layers M, top_k K, experts E)."""
+        """(MoE layers M, top_k K, experts E); E from the router weight's full shape (partitioned under ZeRO-3)."""
         r = self.routers[0]
-        return len(self.routers), int(r.top_k), int(r.weight.shape[0])
+        return len(self.routers), int(r.top_k), int(full_shape(r.weight)[0])
 
     @property
     def dtype(self):
@@ -274,6 +282,22 @@ def enable(model) -> RouterReplay:
     st.sync()
     st.recording = True
     return st
+
+
+def disable(model):
+    """Undo enable(model) and any replay(): its rollouts record nothing from now on, the hooks come off its
+    routers, and the last record, the armed ids and the agreement counts are dropped, with the buffers its
+    generation engine kept for a recording rollout (the engine's next rollout allocates anew). A model with no
+    router replay is left as it is (so a second call does nothing)."""
+    st = _STATES.pop(model, None)
+    if st is None:
+        return
+    recorded = st.recording
+    st.close()
+    if recorded:  # the engine's [M, rows, T, K] routes buffer and the graphs that write it
+        from .generation.engine import release
+
+        release(model)
 
 
 def recorder(model) -> RouterReplay | None:

@@ -129,19 +129,24 @@ def _handoff(trainer, cfg: TrainConfig, nxt: TrainConfig):
 
 
 def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
-    """rows: sampled SFT rows (distillation, rejection sampling); the dataset then needs no completions."""
+    """rows: sampled SFT rows (distillation, rejection sampling); the dataset then needs no completions. Returns
+    the finished, released trainer (Trainer.release: its model goes on without the optimizer) and its final
+    evaluation."""
     train, ev = load_datasets(cfg, sft=rows is None)
     # a resume matches the dataset's rows: with sampled rows, the prompts they were sampled from (sampled again
     # when the run resumes, they may differ across hardware)
     t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows,
                    source_rows=train)
     t.train()
-    return t, t.finish_stage(evaluate)  # the final checkpoint before the final evaluation
+    res = t.finish_stage(evaluate)  # the final checkpoint before the final evaluation
+    t.release()
+    return t, res
 
 
 def run_grpo(cfg, model, tok, eval_before=False):
     """eval_before: evaluate before training, logged at step 0. A resumed run does not evaluate again (as HF
-    Trainer): its `before` is its step-0 row in metrics.jsonl (rank 0; {} where there is none)."""
+    Trainer): its `before` is its step-0 row in metrics.jsonl (rank 0; {} where there is none). The trainer comes
+    back finished and released, as run_sft's."""
     check_grpo_batch(cfg)
     train, ev = load_datasets(cfg)
     t = GRPOTrainer(cfg, model, tok, train, ev)
@@ -153,7 +158,9 @@ def run_grpo(cfg, model, tok, eval_before=False):
     elif eval_before:
         before = {k: v for k, v in (t.logger.logged(0, ("eval/accuracy",)) or {}).items() if k.startswith("eval/")}
     t.train()
-    return t, before, t.finish_stage()  # the final checkpoint before the final evaluation
+    res = t.finish_stage()  # the final checkpoint before the final evaluation
+    t.release()
+    return t, before, res
 
 
 @torch.no_grad()
@@ -240,11 +247,16 @@ def recipe(cfg_path=None, overrides=()):
         _check_handoff(c, section)
     model, tok = load_model_and_tokenizer(base)
     results = {}
+    # a finished stage's trainer is dropped once its model is handed on (`del t`), before the next stage is built:
+    # its engine and optimizer (fp32 master weights, moments) are not held beside the next one's
     with _in_stage("sft"):
         t, results["cold_start_sft"] = run_sft(c1, model, tok)
     with _in_stage("grpo"):
-        t, _, results["reasoning_rl"] = run_grpo(c2, _handoff(t, c1, c2), tok)
+        model = _handoff(t, c1, c2)
+        del t
+        t, _, results["reasoning_rl"] = run_grpo(c2, model, tok)
     model = _handoff(t, c2, c3)
+    del t
     with _in_stage("rejection"):
         train, _ = load_datasets(c3)
         rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,  # R1: readable only
@@ -253,10 +265,11 @@ def recipe(cfg_path=None, overrides=()):
         if rows:
             t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
             model = _handoff(t, c3, c4)
+            del t
         else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
             logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
     with _in_stage("grpo2"):
-        t, _, results["final_rl"] = run_grpo(c4, model, tok)
+        _, _, results["final_rl"] = run_grpo(c4, model, tok)
     _write(base.output_dir, "pipeline_results.json", results)
     return results
 

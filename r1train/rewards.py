@@ -15,8 +15,8 @@ call gets its own copies of the prompts, completions and columns it can take (TR
 completion); this module's rewards, which only read them, get them uncopied. Calls run in
 daemon threads, an async function's awaited on one event loop of its own for the process's life (TRL keeps one):
 a hung call is abandoned at the timeout and never keeps the process alive.
-A reward_funcs entry naming a local model directory is a neural reward model (reward_model.RewardModel, TRL's
-sequence-classification reward), loaded before its first timed call.
+A reward_funcs entry naming a local model directory, or a transformers model object, is a neural reward model
+(reward_model.RewardModel, TRL's sequence-classification reward), loaded before its first timed call.
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ import threading
 import weakref
 from fractions import Fraction
 
-from .reward_model import RewardModel, check_model_dir, is_model_dir, model_dir_name
+from .reward_model import (
+    RewardModel,
+    check_model_dir,
+    is_model_dir,
+    is_model_object,
+    model_dir_name,
+    model_object_name,
+    wraps_model,
+)
 
 log = logging.getLogger("r1train.rewards")
 
@@ -343,13 +351,28 @@ class RewardError(RuntimeError):
     """A reward function broke its contract (what it returned) or failed on every sample of a step."""
 
 
+def _model_kwargs(cfg) -> dict:
+    """RewardModel's dtype and chat-template keywords under cfg (bf16 runs score in bf16, as TRL's)."""
+    import torch
+
+    return {"dtype": torch.bfloat16 if getattr(cfg, "bf16", False) else None,
+            "chat_template_kwargs": getattr(cfg, "chat_template_kwargs", None)}
+
+
 def resolve(name, cfg=None):
     """A callable, a registry name, "overlong" (built from cfg), a reward model's local directory (one with a
-    config.json: a RewardModel, its config checked, its weights loaded on first use), or an import path
-    "module:function". Unknown names, bad model directories, modules that do not import and non-callables raise
-    ConfigError naming reward_funcs."""
+    config.json: a RewardModel, its config checked, its weights loaded on first use), a sequence-classification
+    model object (a RewardModel scoring it, its tokenizer loaded from its config._name_or_path now), or an import
+    path "module:function". Unknown names, bad model directories or objects, modules that do not import and
+    non-callables raise ConfigError naming reward_funcs."""
     from .config import ConfigError
 
+    if is_model_object(name):  # callable, but its forward takes token ids
+        return _reads_only(RewardModel.of_model(name, **_model_kwargs(cfg)))
+    if wraps_model(name):
+        raise ConfigError(f"reward_funcs: a {type(name).__name__} around a transformers model is no reward "
+                          "function; pass the sequence-classification model itself (a PreTrainedModel) or its "
+                          "directory")
     if callable(name):
         return name
     if not isinstance(name, str):
@@ -366,10 +389,7 @@ def resolve(name, cfg=None):
         return REGISTRY[name]
     if is_model_dir(name):
         check_model_dir(name)
-        import torch
-
-        return _reads_only(RewardModel(name, dtype=torch.bfloat16 if getattr(cfg, "bf16", False) else None,
-                                       chat_template_kwargs=getattr(cfg, "chat_template_kwargs", None)))
+        return _reads_only(RewardModel(name, **_model_kwargs(cfg)))
     if os.path.isdir(name):
         raise ConfigError(f"reward_funcs: {name!r} is a directory with no model in it (no config.json); a reward "
                           "model is a sequence-classification model saved with save_pretrained")
@@ -391,12 +411,32 @@ def resolve(name, cfg=None):
 def reward_name(name) -> str:
     """The name a reward logs under: a callable's as TRL's get_callable_name gives it (its __name__; a
     functools.partial's wrapped function's; a callable object without one, its class's), a model directory's
-    basename, an import path's function name."""
+    basename, a model object's config._name_or_path's last part (TRL's), an import path's function name."""
+    if is_model_object(name):
+        return model_object_name(name)
     if callable(name):
         while isinstance(name, functools.partial):
             name = name.func
         return getattr(name, "__name__", type(name).__name__)
     return model_dir_name(name) if is_model_dir(name) else name.rpartition(":")[2]
+
+
+def _short(entry) -> str:
+    """A reward_funcs entry as an error names it: a model object by its class and _name_or_path (its repr is the
+    whole module tree)."""
+    if is_model_object(entry):
+        return f"{type(entry).__name__}({entry.config._name_or_path!r})"
+    return repr(entry)
+
+
+def _model_source(entry):
+    """Where a reward model entry (a directory or a model object) was loaded from, its real path where it is a
+    directory; None for another entry."""
+    if is_model_object(entry):
+        entry = entry.config._name_or_path
+    elif not is_model_dir(entry):
+        return None
+    return os.path.realpath(entry) if os.path.isdir(entry) else entry
 
 
 def check_reward_funcs(names, cfg=None) -> list:
@@ -411,13 +451,18 @@ def check_reward_funcs(names, cfg=None) -> list:
                 os.path.realpath(n) != os.path.realpath(seen[key]):
             raise ConfigError(f"reward_funcs: reward models {seen[key]!r} and {n!r} would both log as {key!r} (a "
                               "reward model logs under its directory's name): rename one directory")
-        if key in seen and callable(n) and callable(seen[key]) and n is not seen[key]:
+        models = is_model_object(n) or is_model_object(seen.get(key))
+        if key in seen and models and _model_source(n) != _model_source(seen[key]):
+            raise ConfigError(f"reward_funcs: {_short(seen[key])} and {_short(n)} would both log as {key!r} (a "
+                              "reward model logs under its directory's name, a model object under its "
+                              "config._name_or_path's last part): give one another name")
+        if key in seen and not models and callable(n) and callable(seen[key]) and n is not seen[key]:
             raise ConfigError(f"reward_funcs: {seen[key]!r} and {n!r} would both log as {key!r} (a partial logs "
                               "under its function's name, a callable object under its class's): give one another "
                               "__name__")
         if key in seen:
-            raise ConfigError(f"reward_funcs: {n!r} is listed twice (as {seen[key]!r}); each reward is counted "
-                              "once (use reward_weights to weight it more)")
+            raise ConfigError(f"reward_funcs: {_short(n)} is listed twice (as {_short(seen[key])}); each reward is "
+                              "counted once (use reward_weights to weight it more)")
         seen[key] = n
     return funcs
 

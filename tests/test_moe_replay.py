@@ -369,3 +369,70 @@ def test_trainer_replay_rank_without_rows_and_evaluation(tmp_path):
     assert t.replay.record is None
     ro = t._rollout(0, t.train_rows[:1], [0])[0]  # a real rollout still records, and it is taken
     assert ro.routing is not None and t.replay.record is None
+
+
+def test_replay_checks_ids_against_the_full_expert_count_under_zero3():
+    """Under ZeRO-3 the router weight is partitioned (shape (0,), the full one in ds_shape): the expert count is
+    the full shape's, so valid ids are accepted (E was 0 and every id was "out of range")."""
+    model = _tiny()
+    model.train()
+    for r in moe_replay.moe_routers(model):  # as deepspeed.zero.Init leaves a partitioned parameter
+        r.weight.ds_shape = r.weight.shape
+        r.weight.data = torch.empty(0)
+    ids = _random_ids(2, 5, unrecorded=0.2)
+    with moe_replay.replay(model, ids) as st:
+        assert st.shape == (M, K, E) and st.dtype == torch.int16
+    bad = ids.clone()
+    bad[torch.randint(0, 2, ()), torch.randint(0, 5, ()), torch.randint(0, M, ())] = torch.arange(E - K + 1, E + 1)
+    with pytest.raises(ValueError, match=rf"ids: expert ids must be in \[0, {E}\)"):
+        moe_replay.replay(model, bad)
+
+
+def test_disable_stops_recording_and_drops_the_record():
+    """disable(model) undoes enable(model): the rollout records nothing, the hooks are off the routers, the record
+    and the engine's routes buffer are gone; a second call and a model never enabled are no-ops."""
+    from r1train.generation.engine import _ENGINES
+
+    model = _model("tiny-deepseek-v3")
+    st = moe_replay.enable(model)
+    routers, handles = list(st.routers), list(st._handles)
+    ids, mask = _prompts([3, 2])
+    generate(model, ids, mask, [0, 1], SamplingParams(4), eos_id=-1, pad_id=0)
+    assert st.record is not None and _ENGINES[model].routes is not None
+    moe_replay.disable(model)
+    assert moe_replay.recorder(model) is None and model not in moe_replay._STATES and st.record is None
+    assert all(h.id not in r._forward_hooks for r, h in zip(routers, handles))
+    assert _ENGINES[model].routes is None
+    generate(model, ids, mask, [2, 3], SamplingParams(4), eos_id=-1, pad_id=0)
+    assert model not in moe_replay._STATES and _ENGINES[model].routes is None
+    moe_replay.disable(model)
+    moe_replay.disable(_model("tiny-qwen2"))
+
+
+def test_finished_replay_trainer_leaves_the_model_not_recording(tmp_path):
+    """After a replay trainer finishes, the model it hands on (pipeline) records no later rollout (rejection
+    sampling, a next stage with moe_router_replay=false) and keeps no record; a GRPOTrainer with
+    moe_router_replay=false turns off a replay it finds on its model."""
+    import train_helpers as H
+
+    from r1train.config import load_config
+    from r1train.generation.engine import _ENGINES
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_datasets
+    from r1train.rollout import sample
+
+    t = H.grpo_trainer(tmp_path / "a", *TRAIN, "max_steps=1", reward_funcs=[H.digit_share])
+    t.train()
+    model = t.model
+    assert moe_replay.recorder(model) is not None
+    t.finish(save=False)
+    assert moe_replay.recorder(model) is None and model not in moe_replay._STATES and t.replay is None
+    B = 6
+    ids = torch.randint(3, 20, (B, int(torch.randint(4, 9, ())))).long()
+    sample(model, ids, torch.ones_like(ids), max_new_tokens=6, eos_id=-1, pad_id=0, seeds_B=list(range(B)))
+    assert model not in moe_replay._STATES and _ENGINES[model].routes is None
+    moe_replay.enable(model)  # on when the next trainer starts
+    cfg = load_config(overrides=H.FAST + TRAIN + [f"output_dir={tmp_path / 'b'}", "moe_router_replay=false"])
+    train, ev = load_datasets(cfg)
+    t2 = GRPOTrainer(cfg, model, t.tok, train, ev, reward_funcs=[H.digit_share])
+    assert t2.replay is None and moe_replay.recorder(t2.model) is None and model not in moe_replay._STATES

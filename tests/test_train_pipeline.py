@@ -567,3 +567,54 @@ def test_handoff_gives_the_next_stage_its_dtype(tmp_path):
     handed = pipeline._handoff(t, done, fp32_next)
     assert all(p.dtype == torch.float32 for p in handed.parameters())
     assert all(torch.equal(p, want[n].float()) for n, p in handed.named_parameters())
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_recipe_frees_each_finished_stages_trainer(tmp_path, monkeypatch, zero):
+    """A finished stage's trainer (its DeepSpeed engines, the optimizer's fp32 master weights and moments) is freed
+    before the next stage's trainer is built and before rejection sampling: only its model goes on. The recipe kept
+    the trainer bound while the next stage ran; once dropped, ZeRO-2's gradient hooks on the handed-on model, or
+    ZeRO-3's global module stack, still kept the optimizer alive (Trainer.release takes them off)."""
+    import gc
+    import weakref
+
+    kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+    finished, checks = [], []  # (stage, weak references to its trainer's optimizer and engines); (where, alive)
+
+    def record(name, t):
+        parts = [t.engine.optimizer, t.engine] + ([t.ref] if t.ref is not None else [])
+        finished.append((name, [weakref.ref(p) for p in parts]))
+
+    def check(where):
+        gc.collect()
+        checks.append((where, [name for name, refs in finished if any(r() is not None for r in refs)]))
+
+    real_sft, real_grpo = pipeline.run_sft, pipeline.run_grpo
+
+    def sft(cfg, model, tok, rows=None):
+        check(f"sft {len(finished)}")
+        t, res = real_sft(cfg, model, tok, rows=rows)
+        record("sft", t)
+        return t, res
+
+    def grpo(cfg, model, tok):
+        check(f"grpo {len(finished)}")
+        if len(finished) == 3:  # the last stage: every earlier trainer checked
+            raise KeyboardInterrupt
+        t, before, res = real_grpo(cfg, model, tok)
+        record("grpo", t)
+        return t, before, res
+
+    def rejection(*a, **kw):
+        check("rejection sampling")
+        return kept
+
+    monkeypatch.setattr(pipeline, "run_sft", sft)
+    monkeypatch.setattr(pipeline, "run_grpo", grpo)
+    monkeypatch.setattr(pipeline, "rejection_sample", rejection)
+    one = {"max_steps": 1, "eval_steps": 0, "task_eval_size": 2}
+    y = _recipe_yaml(tmp_path, sft=dict(one), grpo=dict(one), rejection=dict(one), grpo2=dict(one))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.recipe(y, [f"zero_stage={zero}"])
+    assert checks == [("sft 0", []), ("grpo 1", []), ("rejection sampling", []), ("sft 2", []), ("grpo 3", [])]

@@ -173,7 +173,7 @@ def test_bad_directories(tmp_path, rm_dir):
         (d / "model.safetensors").write_bytes(open(os.path.join(rm_dir, "model.safetensors"), "rb").read())
         malformed.append((d, "cannot read"))
     cases = [(two, "num_labels=2"), (empty, "no model"), (no_weights, "no weights"), (bad_json, "cannot read"),
-             (causal, "num_labels=2"), *malformed]
+             (causal, "saved as a causal LM"), *malformed]
     for path, what in cases:
         with pytest.raises(ConfigError, match=f"^reward_funcs: .*{what}") as e:
             R.check_reward_funcs(["format", str(path)])
@@ -183,6 +183,99 @@ def test_bad_directories(tmp_path, rm_dir):
         R.check_reward_funcs([rm_dir, other])
     with pytest.raises(ConfigError, match="reward_funcs: .*two.*num_labels=2"):  # at config load
         H.grpo_trainer(tmp_path / "out", f"reward_funcs={two}")
+
+
+def test_model_object_scores_as_its_directory(tmp_path, rm_dir):
+    """A sequence-classification model object in reward_funcs (TRL 1.16 takes a PreTrainedModel) is a RewardModel
+    scoring it with the tokenizer of its config._name_or_path (TRL's), logged under that path's last part. It was
+    called as a reward function (it is callable), and every sample failed ("exactly one of input_ids or
+    inputs_embeds")."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
+    fn = R.resolve(model)
+    assert isinstance(fn, RewardModel) and fn.tokenizer is not None and R.reward_name(model) == "tiny-rm"
+    n = random.randint(3, 7)
+    prompts, comps = [rand_text(1, 12) for _ in range(n)], [rand_text(1, 30) for _ in range(n)]
+    ref = reference(rm_dir, [p + c for p, c in zip(prompts, comps)])
+    assert_close(torch.tensor(fn(prompts, comps), dtype=torch.float64), ref, torch.float32, name="model object")
+    assert fn.model is model and not model.training
+    run = R.RewardRunner([model, "format"], timeout=60)
+    table, failed = run(prompts, comps, [[1]] * n, {})
+    assert run.names == ["tiny-rm", "format"] and not any(failed), run.last_errors
+    assert_close(torch.tensor([row[0] for row in table], dtype=torch.float64), ref, torch.float32, name="runner")
+    t = H.grpo_trainer(tmp_path / "run", "max_steps=1", "per_device_train_batch_size=4", "reward_timeout=60",
+                       reward_funcs=[model])
+    h = t.train()[0]
+    t.finish(save=False)
+    assert h["rewards/failed"] == 0 and h["rewards/tiny-rm/std"] > 0, h
+
+
+def test_bad_model_objects_name_reward_funcs(tmp_path, rm_dir):
+    """A model object that is no one-label sequence-classification model, has no tokenizer at its
+    config._name_or_path, or is wrapped (a torch module around one), is a ConfigError naming reward_funcs when the
+    reward functions are resolved, not a failure of every sample; so is one that clashes with another's name."""
+    from transformers import AutoModelForSequenceClassification
+
+    from r1train.tasks.models import tiny_model
+
+    built = AutoModelForSequenceClassification.from_config(
+        tiny_config("tiny-qwen2", len(char_tokenizer()), hidden_size=32, num_layers=1, num_labels=1))
+    two = AutoModelForSequenceClassification.from_pretrained(save_reward_model(tmp_path / "two", num_labels=2))
+
+    class Wrapped(torch.nn.Module):  # as peft's PeftModel or torch.compile's module: a config, no PreTrainedModel
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+    one = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
+    cases = [(tiny_model("tiny-qwen2", char_tokenizer()), "a Qwen2ForCausalLM object is no reward model"),
+             (two, r"num_labels=2"), (built, "cannot load a tokenizer from ''"),
+             (Wrapped(one), "a Wrapped around a transformers model")]
+    for obj, what in cases:
+        with pytest.raises(ConfigError, match=f"^reward_funcs: .*{what}"):
+            R.RewardRunner(["format", obj])
+    with pytest.raises(ConfigError, match=r"tiny-rm' is listed twice \(as Qwen2ForSequenceClassification\('"):
+        R.check_reward_funcs([one, rm_dir])
+    other = AutoModelForSequenceClassification.from_pretrained(
+        save_reward_model(tmp_path / "elsewhere" / "tiny-rm"), num_labels=1)
+    with pytest.raises(ConfigError, match="would both log as 'tiny-rm'"):
+        R.check_reward_funcs([one, other])
+
+
+def _strip_labels(path, **keys):
+    """path's config.json without id2label / label2id (as a config that never set them saves), keys set over it."""
+    c = json.loads((path / "config.json").read_text())
+    c.pop("id2label", None), c.pop("label2id", None)
+    (path / "config.json").write_text(json.dumps({**c, **keys}))
+
+
+def test_config_without_labels_is_one_label(tmp_path, rm_dir):
+    """A reward model's config.json with no id2label (or num_labels) declares no label count: transformers' default
+    (2) is not one, and TRL loads the model with num_labels=1. It is accepted and scores as the same weights do
+    with the label declared. A config that declares 2 labels (num_labels alone) is refused, and so is one that
+    declares none over a 2-label head (as transformers saves a 2-label model: its default, not written)."""
+    import shutil
+
+    path = tmp_path / "no-labels"
+    shutil.copytree(rm_dir, path)
+    _strip_labels(path)
+    R.check_reward_funcs([str(path)])
+    n = random.randint(2, 6)
+    prompts, comps = [rand_text(1, 12) for _ in range(n)], [rand_text(1, 30) for _ in range(n)]
+    got = RewardModel(str(path), batch_size=n)
+    assert got(prompts, comps) == pytest.approx(RewardModel(rm_dir)(prompts, comps), rel=1e-6, abs=1e-6)
+    assert got.model.config.num_labels == 1 and got.model.score.weight.shape[0] == 1
+    two = tmp_path / "two-labels"
+    shutil.copytree(rm_dir, two)
+    _strip_labels(two, num_labels=2)
+    with pytest.raises(ConfigError, match="^reward_funcs: .*two-labels.*num_labels=2"):
+        R.check_reward_funcs([str(two)])
+    saved = save_reward_model(tmp_path / "saved-two", num_labels=2)  # transformers saves no id2label for 2 labels
+    assert "id2label" not in json.loads(open(os.path.join(saved, "config.json")).read())
+    with pytest.raises(ConfigError, match=r"^reward_funcs: .*saved-two.* declares no labels .*score\.weight has "
+                                          r"shape \(2, 32\).*num_labels=2"):
+        R.check_reward_funcs([saved])
 
 
 def test_head_without_weights_is_an_error(tmp_path, rm_dir):
