@@ -192,6 +192,8 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
     _checks.float_tensor("advantages", advantages, ndim=(1, 2))
     if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
         raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if _eager():  # a NaN / inf advantage makes the loss and every gradient NaN
+        _checks.finite("advantages", advantages)
     if mask is not None:
         _checks.tensor("completion_mask", mask, ndim=2)
         _checks.shape("completion_mask", mask, (B, T))

@@ -280,6 +280,30 @@ def test_empty(device):
     assert oq.shape == q.shape and ok.shape == (0, 1, 1, 16)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 0), (2, 4, 0), (0, 0), (1, 0)])
+def test_rms_norm_zero_width(device, backend, dtype, shape):
+    """H = 0: an empty [.., 0] output in the promoted dtype and empty gradients, as the float64 reference gives on
+    every backend (the Triton path's reshape(-1, 0) raised, forward and backward)."""
+    import r1kernels as rk
+
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    w = torch.randn(0, device=device, requires_grad=True)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    out = rk.rms_norm(x, w, backend=backend)
+    want = ref.rms_norm(x64, w64)
+    assert out.shape == want.shape == shape and out.dtype == torch.promote_types(dtype, torch.float32)
+    out.sum().backward()
+    want.sum().backward()
+    assert x.grad.shape == shape and x.grad.dtype == dtype and w.grad.shape == (0,)
+    if backend == "torch":
+        return
+    dx, dw = fops.rms_norm_backward_op(torch.randn(shape, device=device).to(out.dtype), x.detach(), w.detach(),
+                                       1e-6, True)
+    assert dx.shape == shape and dw.shape == (0,)
+
+
 def test_eligible():
     x = torch.randn(2, 8)
     assert fops.rms_norm_triton.eligible(x, torch.ones(8), 1e-6)

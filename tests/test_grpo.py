@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from conftest import TOLERANCES, assert_close, loss_scale
+from test_logprob import masked_vocab
 
 import r1kernels as rk
 from r1kernels.reference import grpo as R
@@ -140,6 +141,45 @@ def test_compute_entropy(level, inplace, mask_kind):
     off = rk.grpo_loss(logits, ids, adv, mask, backend="triton", **kw)
     assert "entropy" not in off.metrics
     assert torch.equal(out.loss, off.loss) and torch.equal(out.per_token_logprobs, off.per_token_logprobs)
+
+
+ENTROPY_OPTS = {"entropy_coef": dict(entropy_coef=0.05), "quantile": dict(top_entropy_quantile=0.5),
+                     "compute_entropy": dict(compute_entropy=True),
+                     "sequence": dict(compute_entropy=True, importance_sampling_level="sequence")}
+
+
+@pytest.mark.parametrize("backend,inplace", [("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("B,T,V,keep", [(3, 5, 37, 20), (2, 4, 130, 3), (4, 3, 64, 63)])
+@pytest.mark.parametrize("opts", list(ENTROPY_OPTS))
+def test_masked_vocabulary(backend, inplace, B, T, V, keep, opts):
+    """-inf logits (a masked vocabulary) add 0 to the entropy and its gradient: loss, metrics and gradient equal
+    the float64 loss over the finite columns alone (gradient 0 at the -inf ones). 0 * -inf was NaN: a NaN loss and
+    gradient with entropy_coef, a NaN entropy metric, and with top_entropy_quantile a NaN threshold that masked
+    every token (a loss of exactly 0). compute_entropy at the token level runs the fused loss kernel."""
+    kw = dict(ENTROPY_OPTS[opts], temperature=0.8)
+    logits, ids, cols, finite, j = masked_vocab((B, T), V, keep, scale=2.0)
+    adv = torch.randn(B)
+    mask = (torch.rand(B, T) > 0.25).float()
+    mask[0, 0] = 1.0
+    old = R.token_logprobs(finite, j, 0.8) + 0.3 * torch.randn(B, T)
+    x = logits.clone().requires_grad_()
+    out = rk.grpo_loss(x * 1.0 if inplace else x, ids, adv, mask, old_logprobs=old, backend=backend,
+                       inplace_backward=inplace, **kw)
+    f64 = finite.double().requires_grad_()
+    exp = rk.grpo_loss(f64, j, adv.double(), mask, old_logprobs=old.double(), backend="torch", **kw)
+    out.loss.backward()
+    exp.loss.backward()
+    scale = loss_scale(lambda a: rk.grpo_loss(finite.double(), j, a.double(), mask, old_logprobs=old.double(),
+                                              backend="torch", **kw).loss, adv)
+    assert_close(out.loss, exp.loss, name="loss", scale=scale)
+    assert_close(out.per_token_logprobs * mask, exp.per_token_logprobs * mask, name="logp")
+    assert set(out.metrics) == set(exp.metrics)
+    for k in exp.metrics:
+        assert_close(out.metrics[k], exp.metrics[k], name=k)
+    lsm = torch.log_softmax(finite.double() / 0.8, -1)
+    h = -(lsm.exp() * lsm).sum(-1)  # the entropy over the finite columns
+    assert_close(out.metrics["entropy"], (h * mask).sum() / mask.sum(), name="entropy")
+    assert_close(x.grad, torch.zeros(B, T, V, dtype=torch.float64).scatter(-1, cols, f64.grad), name="grad")
 
 
 @pytest.mark.parametrize("kl_estimator", R.KL_ESTIMATORS)
@@ -315,6 +355,27 @@ def test_dr_grpo_without_tokens_is_zero(backend):
     logits, ids, adv = torch.randn(2, 0, 11), torch.zeros(2, 0, dtype=torch.long), torch.randn(2)
     out = rk.grpo_loss(logits, ids, adv, loss_type="dr_grpo", backend=backend)
     assert out.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("B,T,V", [(0, 3, 11), (2, 0, 7), (0, 0, 5)])
+@pytest.mark.parametrize("opts", list(ENTROPY_OPTS))
+def test_empty_batch_entropy_options(inplace, B, T, V, opts):
+    """No tokens (B or T = 0) with the entropy options: the reference's loss (0), metrics (entropy among them) and
+    zero gradient. The Triton path passed no entropy for an empty one: top_entropy_quantile raised
+    AttributeError, and entropy_coef / compute_entropy at the sequence level lost the 'entropy' metric."""
+    kw = ENTROPY_OPTS[opts]
+    ids, adv, mask = torch.randint(0, V, (B, T)), torch.randn(B), torch.ones(B, T)
+    x, x64 = torch.randn(B, T, V).requires_grad_(), torch.randn(B, T, V, dtype=torch.float64).requires_grad_()
+    out = rk.grpo_loss(x * 1.0 if inplace else x, ids, adv, mask, backend="triton", inplace_backward=inplace, **kw)
+    exp = rk.grpo_loss(x64, ids, adv.double(), mask, backend="torch", **kw)
+    out.loss.backward()
+    exp.loss.backward()
+    assert out.loss.shape == () and out.loss.item() == exp.loss.item() == 0.0
+    assert out.per_token_logprobs.shape == (B, T)
+    assert set(out.metrics) == set(exp.metrics) and "entropy" in out.metrics
+    assert all(out.metrics[k].item() == exp.metrics[k].item() for k in exp.metrics)
+    assert x.grad.shape == x.shape and not x.grad.any()
 
 
 @pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
@@ -494,6 +555,30 @@ def test_advantages_get_no_gradient_on_any_backend(backend, adv_per_token, linea
         out = rk.grpo_loss(x, ids, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, backend=backend)
     out.loss.backward()
     assert adv.grad is None and x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("adv_shape", ["B", "B1", "BT"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("linear", [False, True])
+def test_non_finite_advantages_are_an_error(backend, adv_shape, bad, linear):
+    """A NaN or inf advantage (one, at a random position) is a ValueError naming advantages on every backend, for
+    grpo_loss and linear_grpo_loss: it made the loss and gradients NaN silently. Finite ones still run."""
+    B, T, V, H = 3, 4, 13, 8
+    logits, ids, adv, mask, old, _ = _inputs(B, T, V, adv_per_token=adv_shape == "BT")
+    adv = adv[:, None] if adv_shape == "B1" else adv
+    if linear:
+        x, w = torch.randn(B, T, H), torch.randn(V, H)
+
+        def run(a):
+            return rk.linear_grpo_loss(x, w, ids, a, mask, old_logprobs=old, backend=backend)
+    else:
+        def run(a):
+            return rk.grpo_loss(logits, ids, a, mask, old_logprobs=old, backend=backend)
+    assert torch.isfinite(run(adv).loss)
+    i = torch.randint(0, adv.numel(), ()).item()
+    with pytest.raises(ValueError, match="advantages contains NaN or inf"):
+        run(adv.flatten().index_fill(0, torch.tensor(i), bad).view_as(adv))
 
 
 def _dapo_k3_loss(logits, ids, adv, mask, old, ref, beta, eps, temperature):

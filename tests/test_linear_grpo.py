@@ -109,6 +109,63 @@ def test_compute_entropy(level):
     assert_close(out.metrics["entropy"], (ent * mask).sum() / mask.sum(), torch.float32, name="entropy")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B,T,H,V,keep,chunk", [(3, 4, 8, 37, 20, None), (2, 5, 6, 130, 3, 4), (4, 3, 8, 64, 63, 5)])
+@pytest.mark.parametrize("op", ["logprobs", "entropy_coef", "quantile", "compute_entropy", "sequence"])
+def test_masked_vocabulary_bias(backend, B, T, H, V, keep, chunk, op):
+    """A -inf bias entry (a vocabulary masked in the head) gives -inf logits, which add 0 to the entropy and its
+    gradient: outputs and the gradients of hidden, weight and bias equal the float64 head over the finite columns
+    alone (weight and bias gradients 0 at the masked ones); 0 * -inf was NaN in both backends."""
+    hidden = torch.randn(B, T, H)
+    weight = torch.randn(V, H) / H ** 0.5 * 3
+    bias = torch.randn(V) * 0.1
+    cols = torch.randperm(V)[:keep].sort().values
+    bias_inf = torch.full((V,), float("-inf")).index_copy(0, cols, bias[cols])
+    j = torch.randint(0, keep, (B, T))
+    ids = cols[j]
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias_inf)]
+    leaves64 = [t.double().requires_grad_() for t in (hidden, weight[cols], bias[cols])]
+    budget = {"chunk_budget_bytes": _budget_for_rows(chunk, V)} if chunk and backend == "triton" else {}
+    if op == "logprobs":
+        out = rk.linear_token_logprobs(*leaves[:2], ids, bias=leaves[2], temperature=0.8, return_entropy=True,
+                                       backend=backend, **budget)
+        exp = rk.linear_token_logprobs(*leaves64[:2], j, bias=leaves64[2], temperature=0.8, return_entropy=True,
+                                       backend="torch")
+        gs = [torch.randn(B, T) for _ in out]
+        sum((o * g).sum() for o, g in zip(out, gs)).backward()
+        sum((e * g.double()).sum() for e, g in zip(exp, gs)).backward()
+        for o, e, name in zip(out, exp, ("logp", "entropy")):
+            assert_close(o, e, name=name)
+    else:
+        kw = {"entropy_coef": dict(entropy_coef=0.05), "quantile": dict(top_entropy_quantile=0.5),
+              "compute_entropy": dict(compute_entropy=True),
+              "sequence": dict(compute_entropy=True, importance_sampling_level="sequence")}[op]
+        adv = torch.randn(B)
+        mask = (torch.rand(B, T) > 0.25).float()
+        mask[0, 0] = 1.0
+        out = rk.linear_grpo_loss(*leaves[:2], ids, adv, mask, bias=leaves[2], temperature=0.8, backend=backend,
+                                  **kw, **budget)
+        exp = rk.linear_grpo_loss(*leaves64[:2], j, adv.double(), mask, bias=leaves64[2], temperature=0.8,
+                                  backend="torch", **kw)
+        out.loss.backward()
+        exp.loss.backward()
+        scale = loss_scale(lambda a: rk.linear_grpo_loss(*[t.detach() for t in leaves64[:2]], j, a.double(), mask,
+                                                         bias=leaves64[2].detach(), temperature=0.8, backend="torch",
+                                                         **kw).loss, adv)
+        assert_close(out.loss, exp.loss, name="loss", scale=scale)
+        assert set(out.metrics) == set(exp.metrics)
+        for k in exp.metrics:
+            assert_close(out.metrics[k], exp.metrics[k], name=k)
+        with torch.no_grad():
+            lsm = torch.log_softmax((leaves64[0] @ leaves64[1].t() + leaves64[2]) / 0.8, -1)
+            h = -(lsm.exp() * lsm).sum(-1)  # the entropy over the finite columns
+        assert_close(out.metrics["entropy"], (h * mask).sum() / mask.sum(), name="entropy")
+    assert_close(leaves[0].grad, leaves64[0].grad, name="grad hidden")
+    for t, t64, name in zip(leaves[1:], leaves64[1:], ("weight", "bias")):
+        assert_close(t.grad, torch.zeros(t.shape, dtype=torch.float64).index_copy(0, cols, t64.grad),
+                     name=f"grad {name}")
+
+
 @pytest.mark.parametrize("mode", R.IS_MODES)
 def test_rollout_correction(mode):
     """Token modes run the fused chunked kernel (chunks split sequences here), sequence modes and the

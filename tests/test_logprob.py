@@ -56,6 +56,38 @@ def test_sliced_logits_int32_labels():
     _check(logits, labels, 1.0, False, torch.float32)
 
 
+def masked_vocab(lead, V, keep, scale=3.0):
+    """A masked vocabulary: logits [*lead, V] with V - keep columns of each row at -inf (each row its own set);
+    -> (logits, labels [*lead] among the finite columns, cols [*lead, keep] each row's finite columns in order,
+    finite [*lead, keep] their logits, j [*lead] each label's index in cols)."""
+    cols = torch.rand(*lead, V).argsort(-1)[..., :keep].sort(-1).values
+    finite = torch.randn(*lead, keep) * scale
+    logits = torch.full((*lead, V), float("-inf")).scatter(-1, cols, finite)
+    j = torch.randint(0, keep, lead)
+    return logits, cols.gather(-1, j[..., None])[..., 0], cols, finite, j
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lead,V,keep,temperature", [((3, 5), 67, 40, 1.0), ((2, 3), 130, 3, 0.7),
+                                                     ((7,), 29, 1, 1.3), ((1, 4, 2), 128, 100, 0.9)])
+def test_masked_vocabulary_entropy(backend, lead, V, keep, temperature):
+    """-inf logits (a masked vocabulary) have p = 0 and add 0 to the entropy (0 log 0 = 0) and to its gradient:
+    log-prob, entropy and gradient equal the float64 softmax over the finite columns alone (the gradient 0 at
+    the -inf ones); 0 * -inf was NaN in both backends."""
+    logits, labels, cols, finite, j = masked_vocab(lead, V, keep)
+    x = logits.clone().requires_grad_()
+    lp, h = rk.token_logprobs(x, labels, temperature=temperature, return_entropy=True, backend=backend)
+    f64 = finite.double().requires_grad_()
+    lsm = torch.log_softmax(f64 / temperature, -1)
+    lp64, h64 = lsm.gather(-1, j[..., None])[..., 0], -(lsm.exp() * lsm).sum(-1)
+    g, gh = torch.randn(lead), torch.randn(lead)
+    (lp * g + h * gh).sum().backward()
+    (lp64 * g + h64 * gh).sum().backward()
+    assert_close(lp, lp64, name="logp")
+    assert_close(h, h64, name="entropy")
+    assert_close(x.grad, torch.zeros(*lead, V, dtype=torch.float64).scatter(-1, cols, f64.grad), name="grad")
+
+
 def test_empty():
     out = rk.token_logprobs(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), backend="triton")
     assert out.shape == (0,)

@@ -100,6 +100,36 @@ def test_peaked_rows(opts):
     _check(logits, seeds, positions, opts)
 
 
+@pytest.mark.parametrize("V,temperature", [(4, 1.0), (70, 0.8), (130, 1.0), (1000, 1.3)])
+def test_top_p_logits_apart_with_equal_fp32_probabilities(V, temperature):
+    """Per row two logits one fp32 ulp apart (distinct after the temperature too) whose fp32 probabilities round
+    equal, each holding just under half the mass (the rest far below), top_p = 0.4: the larger one's mass alone
+    reaches top_p, so the rule keeps it alone: the kept set, every draw on both backends, log-prob 0. The
+    reference sorted by p, whose order among equal p is arbitrary: tau could come from the smaller logit,
+    keeping both (half the draws the excluded one)."""
+    B = 8
+    logits = torch.randn(B, V) * 0.5 - 12.0
+    big = torch.empty(B, dtype=torch.long)
+    for b in range(B):
+        small_col, big_col = torch.randperm(V)[:2].tolist()
+        while True:
+            a = torch.empty(()).uniform_(0.0, 0.5)
+            logits[b, small_col], logits[b, big_col] = a, torch.nextafter(a, torch.tensor(1.0))
+            z = logits[b] / temperature  # still apart after the temperature (equal z are a tie: both kept)
+            p = torch.softmax(z, -1)
+            if z[small_col] < z[big_col] and p[small_col] == p[big_col]:
+                break
+        big[b] = big_col
+    want = torch.zeros(B, V, dtype=torch.bool).scatter(-1, big[:, None], True)
+    assert torch.equal(_kept(logits, temperature, top_p=0.4), want)
+    assert torch.equal(ref.kept_mask(logits / temperature, top_p=0.4), want)
+    seeds, positions = torch.randint(-2**62, 2**62, (B,)), torch.randint(0, 2**31 - 1, (B,))
+    for backend in ("torch", "triton"):
+        tok, lp = rk.sample_tokens(logits, seeds, positions, temperature=temperature, top_p=0.4, backend=backend)
+        assert torch.equal(tok, big), (backend, tok.tolist(), big.tolist())
+        assert torch.equal(lp, torch.zeros(B)), (backend, lp.tolist())
+
+
 def test_strided_and_int32_inputs():
     full, seeds, positions = _inputs(5, 130)
     opts = dict(top_k=7, temperature=0.9)

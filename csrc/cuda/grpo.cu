@@ -55,7 +55,7 @@ __device__ __forceinline__ void lse_add(Lse& st, const float* v, int n, float k,
     const float z = v[j] * k;
     const float e = exp2f(z - ms);
     s += e;
-    if (entropy) t += e * z;
+    if (entropy && e > 0.f) t += e * z;  // a -inf logit (masked vocabulary) adds 0, not 0 * -inf = NaN
   }
   st = {mx, st.s * alpha + s, st.t * alpha + t};
 }

@@ -368,9 +368,11 @@ def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *
     inplace = bool(inplace_backward and logits.requires_grad and torch.is_grad_enabled() and holds_own_grad(logits))
     if not _ref.token_local(opts):
         x = logits if logits.stride(-1) == 1 or inplace else logits.contiguous()
+        ent_on = _ref.reports_entropy(opts)
         logp, ent = _LogProbs.apply(x, completion_ids.contiguous(), completion_mask, float(temperature), inplace,
-                                    _ref.reports_entropy(opts))
-        return per_token_loss(logp, ent if ent.numel() else None, advantages, completion_mask, old_logprobs,
+                                    ent_on)
+        # with ent_on, ent is [B, T] even when empty (B or T = 0): the reference's entropy options read it
+        return per_token_loss(logp, ent if ent_on else None, advantages, completion_mask, old_logprobs,
                               ref_logprobs, opts)
     samp = opts.get("sampling_logprobs")
     nt, kopts = op_options(temperature=temperature, **opts)

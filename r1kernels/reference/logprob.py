@@ -31,7 +31,9 @@ def token_logprobs_lse(logits, labels, temperature=1.0, return_entropy=False):
     if not return_entropy:
         return logp, lse, None
     p = torch.softmax(z, dim=-1)
-    return logp, lse, lse - (p * z).sum(-1)
+    # a column with p = 0 (a -inf logit: a masked vocabulary) adds 0 to sum p z (0 log 0 = 0) and 0 to its
+    # gradient: its z enters as 0, not as 0 * -inf = NaN (a where on the product would leave NaN in backward)
+    return logp, lse, lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
 
 
 def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy, softcap):

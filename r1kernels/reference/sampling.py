@@ -60,13 +60,14 @@ def kept_mask(z_BV, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
         keep &= z_BV >= kth
     if top_p < 1.0:
         zk = z_BV.masked_fill(~keep, float("-inf"))
-        p = torch.softmax(zk, -1)
-        sp, idx = p.sort(-1, descending=True)
+        # sorted by z, not by p: distinct z can round to equal fp32 p, and a p-sort orders those arbitrarily,
+        # taking tau from the smaller z (a token the rule excludes kept); equal z give equal tau in any order
+        sz, idx = zk.sort(-1, descending=True)
+        sp = torch.softmax(zk, -1).gather(-1, idx)
         before = sp.cumsum(-1) - sp  # mass strictly above each sorted token
         edge = torch.where(before < top_p, sp.new_zeros(()), sp.new_ones(())).argmax(-1, keepdim=True) - 1
         edge = edge.where(edge >= 0, torch.full_like(edge, V - 1))  # every prefix < top_p: keep all
-        tau = zk.gather(-1, idx.gather(-1, edge))
-        keep &= z_BV >= tau
+        keep &= z_BV >= sz.gather(-1, edge)
     if min_p > 0.0:
         keep &= z_BV >= z_BV.max(-1, keepdim=True).values + torch.log(torch.tensor(min_p))
     return keep

@@ -43,13 +43,13 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, M, H, sx, so, eps, ROWS: tl.constexpr,
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     H = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if out.numel() == 0:  # no rows or H = 0 (reshape(-1, 0) has no row count to infer)
+        return out
     if x.stride(-1) != 1:
         x = x.contiguous()
     x2 = x.reshape(-1, H)
     M = x2.shape[0]
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    if M == 0 or H == 0:
-        return out
     w = weight.contiguous()
     BLOCK = triton.next_power_of_2(H)
     ROWS = max(1, min(16, 2048 // BLOCK, triton.next_power_of_2(M)))
@@ -91,11 +91,11 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, e
                       need_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx in x's dtype and shape, dweight in weight's dtype or None)."""
     H = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if dx.numel() == 0:  # no rows or H = 0, as in rms_norm
+        return dx, (torch.zeros_like(weight) if need_dw else None)
     x2, dy2 = _row_view(x, H), _row_view(dy, H)
     M = x2.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if M == 0 or H == 0:
-        return dx, (torch.zeros_like(weight) if need_dw else None)
     progs = min(M, 4 * sm_count(x.device))
     rows_per = triton.cdiv(M, progs)
     progs = triton.cdiv(M, rows_per)

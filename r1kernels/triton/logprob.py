@@ -72,9 +72,8 @@ def _lse_block(x_row, cols, c1, m, acc, t, scale, cap, MASKED: tl.constexpr, EVI
     alpha = tl.exp2(m * scale - ms)
     e = tl.exp2(x * scale - ms)
     acc = acc * alpha + tl.sum(e, 0)
-    if ENTROPY:
-        if MASKED:
-            x = tl.where(cols < c1, x, 0.0)
+    if ENTROPY:  # columns with e = 0 (-inf logits, the padding) add 0 to t: 0 log 0 = 0, not 0 * -inf = NaN
+        x = tl.where(e > 0.0, x, 0.0)
         t = t * alpha + tl.sum(e * (x * scale), 0)
     return m_new, acc, t
 
@@ -120,8 +119,8 @@ def _grad_block(x_row, dx_row, cols, c1, scale, lse2, neg_c, inv_t, k_ent, neg_g
         x = tl.load(x_row + cols, eviction_policy="evict_first").to(tl.float32)
     x = _softcap(x, cap, SOFTCAP)
     p = tl.exp2(x * scale - lse2)
-    if ENTROPY:
-        d = p * (neg_c + neg_gh * (x * inv_t - k_ent))
+    if ENTROPY:  # p = 0 (a -inf logit): d = 0, not 0 * -inf = NaN
+        d = tl.where(p > 0.0, p * (neg_c + neg_gh * (x * inv_t - k_ent)), 0.0)
     else:
         d = p * neg_c
     d = _softcap_grad(d, x, cap, SOFTCAP)
