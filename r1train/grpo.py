@@ -613,7 +613,7 @@ class GRPOTrainer(Trainer):
         # tokens that the padded forward routes past their last loss token (build_packs' completion_mask_BT): the
         # routers' counts (expert loads, the aux-loss-free bias update) are then the padded run's
         packs = build_packs(ids_BL, ro.prompt_mask_BP, mask_BT, rows_per_batch=mb, max_tokens=cfg.max_tokens_per_batch,
-                            completion_mask_BT=ro.completion_mask_BT if self.expert_load else None) \
+                            routed=bool(self.expert_load), completion_mask_BT=ro.completion_mask_BT) \
             if cfg.padding_free else None
         packed = (lambda: packed_attention(self.model)) if packs else contextlib.nullcontext
         ref_BT = None

@@ -7,10 +7,11 @@ sequence [1, n]: its rows' real tokens back to back, position ids restarting at 
 attention inside each row only (`packed_attention`: torch's varlen flash attention on CUDA bf16/fp16,
 elsewhere one torch sdpa over the rows re-padded for attention only: measured on a 2-core CPU, the demo's
 SFT step 0.50 -> 0.39 s against the padded batch, where sdpa row by row was slower than padding). A row
-feeds its prompt and its completion through its last loss token (the hidden state before token t scores t;
-the last fed token's output is unscored): the padded forward feeds that token too, and an MoE router routes
-it, so the routers count the same tokens packed and padded (expert loads, moe/max_load_ratio, the
-aux-loss-free bias update). For an MoE policy GRPO also passes its completion mask: a row then feeds its real
+feeds its prompt and its completion up to the token before its last loss token (the hidden state before
+token t scores t, so nothing after the last scored token is computed); a policy with MoE routers that count
+(`routed`) feeds through its last loss token (that output unscored), as the padded forward does, so the routers
+count the same tokens packed and padded (expert loads, moe/max_load_ratio, the aux-loss-free bias update). For
+such a policy GRPO also passes its completion mask: a row then feeds its real
 completion tokens up to its padded micro-batch's trim (the padded forward routes those of a row whose loss
 mask is zeroed, e.g. mask_truncated_completions, too). A row's fed tokens are at most its prompt + completion
 tokens, what max_tokens_per_batch must hold (check_token_budget: the longest row).
@@ -146,15 +147,16 @@ def plan_all_ranks(lengths, rows_per_batch, max_tokens, device) -> list[list[int
 
 
 def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, max_tokens: int | None = None,
-                completion_mask_BT=None):
+                routed: bool = False, completion_mask_BT=None):
     """The rank's micro-batches as Packs. Row i feeds its p_i prompt tokens and its first f_i completion
-    tokens, and scores completion tokens 0..n_i-1 (n_i = loss_lengths; f_i >= n_i: the outputs past the last
-    scored token are unscored). f_i = n_i: the tokens the padded forward feeds through the last scored token,
-    which MoE routers route. completion_mask_BT [N, T] (a prefix of real tokens per row, as the rollout's): f_i =
-    max(n_i, min(c_i, T_g)) with c_i the row's real completion tokens and T_g = max(1, the longest n of its
-    padded micro-batch, rows_per_batch consecutive rows): exactly the real tokens of GRPO's padded forward,
-    trimmed to T_g completion columns, so that MoE routers count the padded run's tokens when mask_BT zeroes a
-    row's real tokens."""
+    tokens, and scores completion tokens 0..n_i-1 (n_i = loss_lengths). f_i = n_i - 1 (the hidden state before
+    token t scores t: nothing after the last scored token is computed); routed (a policy with MoE routers that
+    count): f_i = n_i, the tokens the padded forward feeds through the last scored token, which its routers
+    route (the last output unscored). completion_mask_BT (with routed) [N, T] (a prefix of real tokens per row,
+    as the rollout's): f_i = max(n_i, min(c_i, T_g)) with c_i the row's real completion tokens and T_g = max(1,
+    the longest n of its padded micro-batch, rows_per_batch consecutive rows): exactly the real tokens of GRPO's
+    padded forward, trimmed to T_g completion columns, so that MoE routers count the padded run's tokens when
+    mask_BT zeroes a row's real tokens."""
     dev = input_ids_BL.device
     P, L = prompt_mask_BP.shape[1], input_ids_BL.shape[1]
     p = prompt_mask_BP.sum(1).cpu()
@@ -162,8 +164,8 @@ def build_packs(input_ids_BL, prompt_mask_BP, mask_BT, *, rows_per_batch: int, m
     if (p < 1).any():
         raise ValueError("padding_free needs at least one prompt token per row (the first completion token is "
                          "scored from the last prompt token)")
-    f = n
-    if completion_mask_BT is not None and n.numel():
+    f = n if routed else (n - 1).clamp(min=0)
+    if routed and completion_mask_BT is not None and n.numel():
         grp = torch.arange(n.numel()) // rows_per_batch
         trim_G = torch.zeros(int(grp[-1]) + 1, dtype=n.dtype).scatter_reduce(0, grp, n, "amax").clamp(min=1)
         f = torch.maximum(n, torch.minimum(loss_lengths(completion_mask_BT).cpu(), trim_G[grp]))

@@ -171,8 +171,8 @@ class SFTTrainer(Trainer):
         # padding_free: each micro-batch is one packed sequence of its rows' real tokens (r1train/packing.py),
         # as many on every rank (filler packs); the loss is a plain sum over completion tokens, so the packs'
         # losses add up to the padded ones. Padded: a rank short of rows runs filler micro-batches (None)
-        packs = build_packs(ids_BL, p_mask, c_mask, rows_per_batch=mb,
-                            max_tokens=cfg.max_tokens_per_batch) if cfg.padding_free else None
+        packs = build_packs(ids_BL, p_mask, c_mask, rows_per_batch=mb, max_tokens=cfg.max_tokens_per_batch,
+                            routed=bool(self.expert_load)) if cfg.padding_free else None
         micro = packs
         if packs is None:
             micro = [slice(s, s + mb) for s in range(0, ids_BL.shape[0], mb)]

@@ -606,7 +606,8 @@ def test_build_packs_feed_the_tokens_the_padded_forward_routes(B, P, T, mb):
     included), and the packs feed exactly the real tokens the padded forward routes: SFT's (loss mask =
     completion mask), every real token; GRPO's with completion_mask_BT, the real tokens of each padded
     micro-batch trimmed to max(1, its longest loss length) completion columns, rows whose loss mask is zeroed
-    included. Within a budget of the longest row (prompt + completion tokens)."""
+    included. Within a budget of the longest row (prompt + completion tokens). A policy without routers (routed
+    False) feeds each row's prompt and its completion up to the token before its last loss token."""
     ids, pm, cm = _rows(B, P, T, 50)
     mask = cm.clone()
     mask[torch.randperm(B)[:max(1, B // 3)]] = 0  # failed or truncated rows: real tokens, no loss
@@ -616,8 +617,12 @@ def test_build_packs_feed_the_tokens_the_padded_forward_routes(B, P, T, mb):
     routed = attn.clone()  # GRPO's padded forward: micro-batch s // mb cut to P + its trim columns
     for s, tr in zip(range(0, B, mb), trim):
         routed[s:s + mb, P + tr:] = False
+    dense = attn.clone()  # no routers: nothing past the token before each row's last loss token
+    dense[:, P:] &= torch.arange(T)[None] < (packing.loss_lengths(cm) - 1)[:, None]
     for budget in (None, P + T, 2 * (P + T)):
-        for what, loss_BT, want, kw in (("SFT", cm, attn, {}), ("GRPO", mask, routed, {"completion_mask_BT": cm})):
+        for what, loss_BT, want, kw in (("SFT", cm, attn, {"routed": True}),
+                                        ("GRPO", mask, routed, {"routed": True, "completion_mask_BT": cm}),
+                                        ("dense", cm, dense, {})):
             packs = build_packs(ids, pm, loss_BT, rows_per_batch=mb, max_tokens=budget, **kw)
             tag = f"{what} B={B} P={P} T={T} mb={mb} budget={budget}"
             src = torch.cat([pk.src for pk in packs])
@@ -627,8 +632,9 @@ def test_build_packs_feed_the_tokens_the_padded_forward_routes(B, P, T, mb):
                 assert torch.equal(pk.input_ids[0], ids.reshape(-1)[pk.src]), tag
                 m_1C = pk.gather(loss_BT)
                 assert m_1C.numel() == int(packing.loss_lengths(loss_BT)[pk.rows].sum()), tag
-                assert (pk.score_idx + 1 < pk.tokens).all(), tag
-                assert torch.equal(pk.input_ids[0, pk.score_idx + 1], pk.gather(ids[:, P:])[0]), tag
+                if kw:  # routed: each scored token is fed too
+                    assert (pk.score_idx + 1 < pk.tokens).all(), tag
+                    assert torch.equal(pk.input_ids[0, pk.score_idx + 1], pk.gather(ids[:, P:])[0]), tag
 
 
 @pytest.mark.parametrize("loss", [["loss_type=grpo", "beta=0.04"], ["loss_type=dapo"]], ids=["grpo-ref", "dapo-fused"])
