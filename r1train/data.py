@@ -179,7 +179,12 @@ def prompt_ids(tok, prompt, **template_kwargs) -> list[int]:
     through the chat template (with the generation prompt; template_kwargs passed on) without extra special
     tokens (the template has them). With no chat template, messages are rendered as plain text and encoded as
     a string is."""
-    text = prompt_text(tok, prompt, **template_kwargs)
+    return _text_ids(tok, prompt, prompt_text(tok, prompt, **template_kwargs))
+
+
+def _text_ids(tok, prompt, text: str) -> list[int]:
+    """The ids of `text`, prompt's rendering (prompt_text): extra special tokens only for a string prompt or a
+    tokenizer with no chat template (a template has its own)."""
     templated = not isinstance(prompt, str) and getattr(tok, "chat_template", None) is not None
     return tok(text, add_special_tokens=not templated)["input_ids"]
 
@@ -228,9 +233,17 @@ def grpo_template_kwargs(tok, prompts, chat_template_kwargs) -> dict:
 def encode_prompts(tok, prompts, max_prompt_length: int, chat_template_kwargs: dict | None = None):
     """Left-padded prompt ids/mask [B, P] (prompt_ids; chat prompts rendered with chat_template_kwargs:
     grpo_template_kwargs); longer prompts keep their last max_prompt_length tokens."""
+    return encode_rendered_prompts(tok, prompts, max_prompt_length, chat_template_kwargs)[:2]
+
+
+def encode_rendered_prompts(tok, prompts, max_prompt_length: int, chat_template_kwargs: dict | None = None):
+    """(ids, mask, texts): encode_prompts' ids and mask and each prompt's rendering they were encoded from (the
+    whole text, before max_prompt_length's cut: what rendered_prompts gives), rendered once."""
     kw = grpo_template_kwargs(tok, prompts, chat_template_kwargs)
-    return left_pad([keep_prompt_tail(prompt_ids(tok, p, **kw), max_prompt_length) for p in prompts],
-                    tok.pad_token_id)
+    texts = [prompt_text(tok, p, **kw) for p in prompts]
+    ids, mask = left_pad([keep_prompt_tail(_text_ids(tok, p, t), max_prompt_length) for p, t in zip(prompts, texts)],
+                         tok.pad_token_id)
+    return ids, mask, texts
 
 
 def left_pad(seqs, pad_id):

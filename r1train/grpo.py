@@ -32,7 +32,7 @@ from r1kernels.reference.grpo import (
 
 from . import moe_replay
 from .config import check_grpo_batch, grpo_longest_row
-from .data import decode_completions, encode_prompts, grpo_template_kwargs, rendered_prompts, reward_columns
+from .data import decode_completions, encode_rendered_prompts, grpo_template_kwargs, reward_columns
 from .engine import LOOP_METRICS, Trainer
 from .generation import release as release_engine
 from .loading import check_reward_columns
@@ -364,8 +364,8 @@ class GRPOTrainer(Trainer):
     def _rollout(self, step, rows, gidx):
         """This rank's G completions of each row (seeded by (seed, step, gidx[i], j)) and their rewards."""
         cfg, G, tok = self.cfg, self.cfg.num_generations, self.tok
-        p_ids, p_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length,
-                                       cfg.chat_template_kwargs)
+        p_ids, p_mask, p_texts = encode_rendered_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length,
+                                                         cfg.chat_template_kwargs)
         seeds = [row_seed(cfg.seed, step, g, j) for g in gidx for j in range(G)]
         ro = sample(self.model, p_ids.repeat_interleave(G, 0).to(self.dev), p_mask.repeat_interleave(G, 0).to(
             self.dev), max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(self.model, tok),
@@ -386,8 +386,7 @@ class GRPOTrainer(Trainer):
                 # with chat-message prompts the runner passes completions as TRL does: [{"role": "assistant", ...}];
                 # the prompts as rendered for sampling too (a template ending them with <think> opens the thought)
                 table, failed = self.rewards(prompts, texts, ids_list, cols, trainer_state=self.reward_state(step),
-                                             prompts_text=rendered_prompts(tok, [r["prompt"] for r in rows],
-                                                                           cfg.chat_template_kwargs, G))
+                                             prompts_text=[t for t in p_texts for _ in range(G)])
                 extra = self.rewards.last_extra
                 _check_extra_columns(extra)
         except RewardError as e:  # this rank's reward output only: every rank must stop, not wait in a collective

@@ -61,7 +61,10 @@ _TAGS = re.compile(r"</?(?:think|answer)>")
 # prompt (prompts_text, else a text prompt itself) ends with this, the rewards that read the thought score the
 # prompt's tail + the completion; a completion that opens <think> again then holds two and is not the format.
 # Prompts without it score their completions as they are. The <answer> rewards read the completion alone.
-_PREFILL = re.compile(r"<think>\s*\Z")
+# A prompt that ends with an empty closed thought ("<think>\n\n</think>\n\n": Qwen3's template with
+# enable_thinking=False) is read the same way: the template wrote the thought, the completion should answer; a
+# completion that opens <think> again holds two thoughts (not the format), and the thought has no words.
+_PREFILL = re.compile(r"<think>\s*(?:</think>\s*)?\Z")
 # a word: one Han character (Chinese has no spaces between words) or a run of other letters
 _WORD = re.compile(r"[\u4e00-\u9fff]|[^\W\d_\u4e00-\u9fff]+")
 # digits grouped in threes by "," or " " (1,000 / 1 000 000.5): the only commas and spaces a number may hold
@@ -97,8 +100,8 @@ def completion_text(c) -> str:
 
 
 def _prefill(prompt) -> str:
-    """The "<think>" (and its trailing whitespace) that a rendered prompt ends with, or "" (a chat-message prompt,
-    unrendered, or None: none known)."""
+    """The "<think>" (and its trailing whitespace; or an empty closed thought) that a rendered prompt ends with, or
+    "" (a chat-message prompt, unrendered, or None: none known)."""
     m = _PREFILL.search(prompt) if isinstance(prompt, str) else None
     return m.group(0) if m else ""
 
@@ -296,16 +299,16 @@ def _in_language(word: str, language: str) -> bool:
 
 @_reads_only
 def language_consistency_reward(prompts, completions, completion_ids=None, language="en", prompts_text=None, **_):
-    """R1: share of chain-of-thought words (inside <think>, else the whole text; each Chinese character a word)
-    in the target language: `language` ('en' or 'zh'), or one per completion (a dataset column of that name, as
-    TRL passes columns). None when the chain of thought has no words (e.g. pure arithmetic). After a prompt that
-    opens the thought (_PREFILL) the thought runs from the completion's start (thought_texts)."""
+    """R1: share of chain-of-thought words (inside <think>, else the whole text, tags left out; each Chinese
+    character a word) in the target language: `language` ('en' or 'zh'), or one per completion (a dataset column
+    of that name, as TRL passes columns). None when the chain of thought has no words (e.g. pure arithmetic).
+    After a prompt that opens the thought (_PREFILL) the thought runs from the completion's start (thought_texts)."""
     langs = [language] * len(completions) if isinstance(language, str) else list(language)
     _one_per_completion("language", langs, completions, "give one language or one per completion")
     out = []
     for text, lang in zip(thought_texts(prompts, completions, prompts_text), langs):
         m = _THINK.search(text)
-        words = _WORD.findall(m.group(1) if m else text)
+        words = _WORD.findall(_TAGS.sub(" ", m.group(1) if m else text))  # a tag's name is not a word of the thought
         out.append(sum(_in_language(w, lang) for w in words) / len(words) if words else None)
     return out
 

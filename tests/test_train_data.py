@@ -3,6 +3,7 @@
 import torch
 import train_helpers as H
 
+from r1train import data as D
 from r1train.config import load_config
 from r1train.data import decode_completions, encode_prompts
 from r1train.loading import load_model_and_tokenizer
@@ -77,6 +78,12 @@ def test_prompts_are_encoded_as_trl_grpo_encodes_them():
     want = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert ids.tolist() == want
     assert encode_prompts(tok, strings, 3)[0].tolist() == [w[-3:] for w in tok(text=strings)["input_ids"]]
+    # the GRPO rollout's one rendering: the same ids and mask, and the texts the rewards get (rendered_prompts)
+    for prompts, cut in ((strings, 3), (chat + [[{"role": "user", "content": "Hi"}]], 512)):
+        ids, mask, texts = D.encode_rendered_prompts(tok, prompts, cut)
+        want_ids, want_mask = encode_prompts(tok, prompts, cut)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+        assert texts == D.rendered_prompts(tok, prompts, None)
 
 
 def test_sft_string_rows_are_tokenized_as_trl_sft():

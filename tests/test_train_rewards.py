@@ -504,7 +504,7 @@ def test_format_scores_a_completion_after_a_prompt_that_opens_the_thought():
                                prompts_text=rendered) == [want] * n
     # not prefilled: a prompt that ends elsewhere (after a closed thought, text after <think>, no tag) or a chat
     # prompt without its rendering scores the completion alone, as before
-    plain = [p.rstrip().removesuffix("<think>") + rng.choice(["<think></think>\n", "<think> Let me see.", "<think>x",
+    plain = [p.rstrip().removesuffix("<think>") + rng.choice(["<think>x</think>\n", "<think> Let me see.", "<think>x",
                                                                "", "</think>", "<think/>"]) for p in rendered]
     mixed = [rng.choice([w, a, u]) for w, a, u in zip(well, again, unclosed)]
     before = R.format_reward(None, mixed)
@@ -524,11 +524,40 @@ def test_language_reads_the_thought_from_the_start_after_a_prompt_that_opens_it(
     comps = [f"{_thought(rng)} 加</think><answer>{rng.choice(['五', '六', '七'])}</answer>" for _ in rendered]
     words = [len(R._WORD.findall(c.split("</think>")[0])) for c in comps]
     assert R.language_consistency_reward(rendered, comps) == [(w - 1) / w for w in words]
-    # no prefill: no thought found, the whole text is read (its tags' names are words too: think, answer, answer)
-    assert R.language_consistency_reward(None, comps) == [(w + 2) / (w + 4) for w in words]
+    # no prefill: no thought found, the whole text is read, without its tags (the answer is one more word, Chinese)
+    assert R.language_consistency_reward(None, comps) == [(w - 1) / (w + 1) for w in words]
     lang = R.RewardRunner(["language"], R1Cfg(), timeout=5)
     table, _ = lang([[{"role": "user", "content": "q"}]] * 6, comps, [[1]] * 6, {}, prompts_text=rendered)
     assert [row[0] for row in table] == [(w - 1) / w for w in words]
+
+
+def test_a_prompt_ending_with_an_empty_closed_thought_scores_the_answer_after_it():
+    """Qwen3's template with enable_thinking=False ends the prompt with "<think>\\n\\n</think>\\n\\n": the template
+    wrote the (empty) thought, so a completion that answers is the format (it scored 0.0: the completion alone has
+    no thought), one that thinks again holds two thoughts and is not, and the language reward finds no words in the
+    thought (None). A thought with words in the prompt is not read as the completion's."""
+    rng = random.Random(random.getrandbits(32))
+    n = 10
+    tails = ["<think>\n\n</think>\n\n", "<think></think>", "<think> </think>\n"]
+    closed = [p.rstrip().removesuffix("<think>") + rng.choice(tails) for p in _prefilled_prompts(rng, n)]
+    answers = [rng.choice(["", "\n"]) + f"<answer>{rng.randint(0, 99)}</answer>" for _ in range(n)]
+    thinks = [f"<think>{_thought(rng)}</think>{a}" for a in answers]
+    assert R.format_reward(closed, answers) == [1.0] * n
+    assert R.format_reward(None, answers, prompts_text=closed) == [1.0] * n
+    assert R.format_reward(closed, thinks) == [0.0] * n
+    assert R.language_consistency_reward(closed, answers) == [None] * n
+    worded = [p.replace("</think>", "some words</think>") for p in closed]
+    assert R.format_reward(worded, answers) == [0.0] * n and R.format_reward(worded, thinks) == [1.0] * n
+
+
+def test_language_reward_does_not_count_tag_names_as_words():
+    """Without a closed thought the whole text is read: its tags (<think>, <answer>, ...) are not words, so a
+    Chinese thought cut short before </think> is all Chinese, and an answer alone has no words (None)."""
+    rng = random.Random(random.getrandbits(32))
+    han = "".join(rng.choice("加减乘除等于") for _ in range(rng.randint(1, 9)))
+    assert R.language_consistency_reward(None, [f"<think>{han}"], language="zh") == [1.0]
+    assert R.language_consistency_reward(None, [f"<answer>{rng.randint(0, 9)}</answer>"]) == [None]
+    assert R.language_consistency_reward(None, [f"<think>{han}</think><answer>x</answer>"], language="zh") == [1.0]
 
 
 class R1Cfg:
