@@ -334,6 +334,11 @@ class TrainConfig:
             raise ConfigError("lora_target_modules: [] names no module; leave it unset (null) for every linear layer "
                               "of attention and MLP, or list the module names")
         if self.use_peft:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:  # the trainer's apply_lora imports it
+                raise ConfigError("use_peft=true needs peft, which is not installed: pip install peft (or set "
+                                  "use_peft=false)")
             if self.lora_r < 1 or self.lora_alpha < 1:
                 raise ConfigError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
             if not 0 <= self.lora_dropout < 1:

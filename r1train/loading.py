@@ -20,13 +20,36 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    tok, path, mkey, tkey = _tokenizer_of(cfg, path)
+    if path in TINY_MODELS:
+        model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
+                           num_layers=cfg.model_num_layers)
+        return patch_layers(model, cfg), tok
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    except (OSError, ValueError) as e:  # no or unreadable config / weights, an unknown model type
+        raise ConfigError(f"{mkey}: cannot load a model from {path!r}: {e}") from e
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_emb:  # a token id past the embedding: an IndexError (a device assert on CUDA) mid-run
+        raise ConfigError(f"{tkey}: the tokenizer has {len(tok)} tokens, the model's embedding {n_emb} rows; resize "
+                          "the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it first")
+    return patch_layers(model, cfg), tok
+
+
+def tokenizer_of(cfg: TrainConfig, path: str | None = None):
+    """The tokenizer load_model_and_tokenizer(cfg, path) returns, without loading the model (its path is checked
+    alike)."""
+    return _tokenizer_of(cfg, path)[0]
+
+
+def _tokenizer_of(cfg: TrainConfig, path: str | None):
+    """(tokenizer, model path, the key naming the model, the key naming the tokenizer) of
+    load_model_and_tokenizer(cfg, path)."""
     tok_name = cfg.tokenizer_name_or_path if path is None else None
     path = path or cfg.model_name_or_path
     if path in TINY_MODELS:
         tok = char_tokenizer() if tok_name is None else load_tokenizer(tok_name, "tokenizer_name_or_path")
-        model = tiny_model(path, tok, seed=cfg.seed, hidden_size=cfg.model_hidden_size,
-                           num_layers=cfg.model_num_layers)
-        return patch_layers(model, cfg), tok
+        return tok, path, "model_name_or_path", "tokenizer_name_or_path"
     mkey = ("model_name_or_path" if path == cfg.model_name_or_path else
             "teacher_model" if path == getattr(cfg, "teacher_model", None) else "model directory")
     if not os.path.isdir(path):
@@ -37,19 +60,11 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str | None = None):
         raise ConfigError(f"{mkey}: {path!r} holds LoRA adapters (adapter_config.json), not a whole model: fold "
                           "them into their base model first (r1train merge model_name_or_path=BASE "
                           f"adapter_path={path} output_dir=OUT)")
-    key = "tokenizer_name_or_path" if tok_name else mkey
-    tok = load_tokenizer(tok_name or path, key)
+    tkey = "tokenizer_name_or_path" if tok_name else mkey
+    tok = load_tokenizer(tok_name or path, tkey)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
-    except (OSError, ValueError) as e:  # no or unreadable config / weights, an unknown model type
-        raise ConfigError(f"{mkey}: cannot load a model from {path!r}: {e}") from e
-    n_emb = model.get_input_embeddings().num_embeddings
-    if len(tok) > n_emb:  # a token id past the embedding: an IndexError (a device assert on CUDA) mid-run
-        raise ConfigError(f"{key}: the tokenizer has {len(tok)} tokens, the model's embedding {n_emb} rows; resize "
-                          "the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it first")
-    return patch_layers(model, cfg), tok
+    return tok, path, mkey, tkey
 
 
 def load_tokenizer(name: str, key: str):
@@ -76,7 +91,7 @@ def apply_lora(model, cfg: TrainConfig):
     # included, and wraps DeepSeek-V3's router weight (a ParamWrapper), which hides it from the aux-loss-free
     # balancing (moe_load.ExpertLoad would find no router: no bias update, no moe/* metrics). The linear layers'
     # own names target the same modules and expert weights without it.
-    routers = _n_routers(model)
+    routers = len(dsv3.moe_routers(model))
     if routers and target == "all-linear":
         head = model.get_output_embeddings()
         target = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
@@ -87,16 +102,10 @@ def apply_lora(model, cfg: TrainConfig):
         peft_model = get_peft_model(model, lc)
     except ValueError as e:  # e.g. a target module that does not exist
         raise ConfigError(f"lora_target_modules / lora_modules_to_save: {e}") from e
-    if _n_routers(peft_model) < routers:
+    if len(dsv3.moe_routers(peft_model)) < routers:
         raise ConfigError(f"lora_target_modules={cfg.lora_target_modules}: an adapter on the MoE router (gate) hides "
                           "it from the aux-loss-free load balancing (no bias update); leave the router out")
     return peft_model
-
-
-def _n_routers(model) -> int:
-    """MoE blocks whose `gate` is a DeepSeek-V3 router itself, transformers' or rk.patch's (not wrapped by peft)."""
-    gates = (getattr(m, "gate", None) for m in model.modules())
-    return sum(type(g).__name__ in dsv3.ROUTER_CLASSES or isinstance(g, dsv3.R1KRouter) for g in gates)
 
 
 def merge_adapters(model):
@@ -192,11 +201,15 @@ def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
 def patch_layers(model, cfg: TrainConfig):
     """rk.patch(model): with patch_model=true DeepseekV3's fused MoE routing and the fused RMSNorm / SiLU-MLP /
     rotary ops of Qwen2, Qwen3, Llama and Mistral (forward and backward; r1kernels/patch/layers.py); by
-    default (None) DeepseekV3 on CUDA only."""
+    default (None) DeepseekV3 on CUDA only. A model patched here (model._r1k_patched: its backend, else None)
+    follows each config it is called with -- the recipe hands one model from stage to stage: patched again with
+    this cfg's backend, or unpatched (rk.patch.unpatch, the trained values kept) where this cfg patches nothing. A
+    model patched by its caller is patched over (wanted) or left as it is."""
     import logging
 
     import torch
 
+    from r1kernels.patch import unpatch
     from r1kernels.patch.layers import FUSED_MODEL_TYPES, layers_backend
 
     # None: DeepseekV3 only, on CUDA. The fused layers are opt-in (patch_model=true) until an H200 A/B in one
@@ -204,13 +217,20 @@ def patch_layers(model, cfg: TrainConfig):
     # ran TRL's host-bound generate 1.5x slower; TRL + the same layers ran 12% faster than TRL in one session.
     types = ("deepseek_v3", *FUSED_MODEL_TYPES) if cfg.patch_model else ("deepseek_v3",)
     want = cfg.patch_model if cfg.patch_model is not None else torch.cuda.is_available()
-    if not want or getattr(model, "_r1k_patched", False) or getattr(model.config, "model_type", "") not in types:
+    want = want and getattr(model.config, "model_type", "") in types
+    backend = layers_backend(cfg.kernel_backend)
+    done = getattr(model, "_r1k_patched", None)
+    if done == (backend if want else None):
+        return model
+    if not want:  # patched here for an earlier config
+        unpatch(model)
+        model._r1k_patched = None
         return model
     try:
         import r1kernels as rk
 
-        rk.patch(model, backend=layers_backend(cfg.kernel_backend))
-        model._r1k_patched = True  # loading patches, and so does the Trainer (models built in code): once
+        rk.patch(model, backend=backend)  # a patched model: its backend set
+        model._r1k_patched = backend
     except (ImportError, AttributeError, NotImplementedError, ValueError) as e:
         if cfg.patch_model:
             raise

@@ -14,12 +14,12 @@ import os
 
 import torch
 
-from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, load_config
-from .data import DatasetError, rendered_prompts
+from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, check_token_budget, load_config
+from .data import DatasetError, TokenCache, rendered_prompts, sft_template_kwargs
 from .durable import write_replace
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
-from .loading import load_datasets, load_model_and_tokenizer, merge_adapters
+from .loading import load_datasets, load_model_and_tokenizer, merge_adapters, patch_layers, tokenizer_of
 from .optim import adamw_8bit_class
 from .rewards import accuracy_reward, format_reward, has_gold, language_consistency_reward
 from .rollout import sample_rows
@@ -69,10 +69,10 @@ def _check_stage(c: TrainConfig, section: str):
         adamw_8bit_class()
 
 
-def _stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
+def stage_configs(path, overrides, stages: dict) -> list[TrainConfig]:
     """The base config and every stage's (section -> output subdirectory), all loaded and checked before
     any stage runs, so a bad value in a late stage is an error now, naming its section, rather than after the
-    early stages."""
+    early stages. The one loader of stage configs: the recipe's and the demo stages'."""
     out = [load_config(path, overrides)]
     for section, sub in stages.items():
         with _in_stage(section):
@@ -114,18 +114,20 @@ def _check_handoff(cfg: TrainConfig, section: str):
 
 def _handoff(trainer, cfg: TrainConfig, nxt: TrainConfig):
     """The model `trainer` trained under cfg, for the next stage (config nxt); LoRA adapters are merged into its
-    weights (a next stage with use_peft trains new adapters on the merged model). In nxt's dtype, as a fresh load
-    would be: DeepSpeed's bf16 mode casts the module it trains to bf16 in place, and a next stage with bf16=false
-    would otherwise train bf16 parameters without mixed precision (the cast up is exact)."""
+    weights (a next stage with use_peft trains new adapters on the merged model). In nxt's dtype and patched as
+    nxt says (patch_model, kernel_backend: loading.patch_layers), as a fresh load would be: DeepSpeed's bf16 mode
+    casts the module it trains to bf16 in place, and a next stage with bf16=false would otherwise train bf16
+    parameters without mixed precision (the cast up is exact)."""
     if _in_memory(cfg):
         model = merge_adapters(trainer.model)
         if not nxt.bf16 and any(p.dtype == torch.bfloat16 for p in model.parameters()):
             model.float()
-        return model
-    from transformers import AutoModelForCausalLM
+    else:
+        from transformers import AutoModelForCausalLM
 
-    path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if nxt.bf16 else torch.float32)
+        path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if nxt.bf16 else torch.float32)
+    return patch_layers(model, nxt)
 
 
 def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
@@ -239,7 +241,7 @@ def _as_sampled(row, cfg) -> dict:
 
 def recipe(cfg_path=None, overrides=()):
     """Cold-start SFT -> GRPO -> rejection-sampling SFT -> GRPO; returns the accuracy after each stage."""
-    base, c1, c2, c3, c4 = _stage_configs(cfg_path, overrides, {
+    base, c1, c2, c3, c4 = stage_configs(cfg_path, overrides, {
         "sft": "1-cold-start-sft", "grpo": "2-reasoning-rl", "rejection": "3-rejection-sft",
         "grpo2": "4-all-scenarios-rl"})
     c1, c2, c3, c4 = map(_resumed, (c1, c2, c3, c4))
@@ -279,8 +281,10 @@ def distill(cfg_path=None, overrides=()):
     cfg = load_config(cfg_path, overrides, section="distill")
     if not cfg.teacher_model:
         raise ConfigError("teacher_model: distill needs teacher_model=<checkpoint directory>")
-    teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)  # with its own tokenizer
+    _check_stage(cfg, "distill")  # before the teacher samples, as the student's trainer would after
     train, _ = load_datasets(cfg)
+    _check_distill_budget(cfg, tokenizer_of(cfg), train)
+    teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)  # with its own tokenizer
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
                             keep=cfg.rejection_max_per_prompt, language=cfg.language, as_sampled=False)
     del teacher
@@ -294,6 +298,23 @@ def distill(cfg_path=None, overrides=()):
     res["distill_rows"] = len(rows)
     _write(cfg.output_dir, "distill_results.json", res)
     return res
+
+
+def _check_distill_budget(cfg: TrainConfig, tok, prompts):
+    """padding_free's max_tokens_per_batch below max_length is held to the student's SFT rows (SFTTrainer.longest_row),
+    which exist once the teacher has sampled. Before it samples: any prompt's samples may be kept, and the row of a
+    conversational prompt holds the prompt as the student renders it (tok; its tools / chat_template_kwargs
+    columns), whatever the completion, and at least one completion token, up to max_length. So the budget must hold
+    that much for every such prompt (a string prompt is tokenized with its completion: known only then)."""
+    if not cfg.padding_free or cfg.max_tokens_per_batch is None or cfg.max_tokens_per_batch >= cfg.max_length:
+        return
+    cache = TokenCache(tok)
+    floors = [(min(len(cache.prompt(r["prompt"], sft_template_kwargs(tok, r, i, cache))) + 1, cfg.max_length), i)
+              for i, r in enumerate(prompts) if isinstance(r["prompt"], list)]
+    if floors:
+        n, i = max(floors)
+        check_token_budget(cfg, n, f"the longest SFT row's tokens (at least prompt {i}'s and one completion token; "
+                                   f"max_length={cfg.max_length} holds every row)")
 
 
 def demo(cfg_path=None, overrides=()):

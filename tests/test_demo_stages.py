@@ -317,3 +317,25 @@ def test_demo_stage_configs_check_the_reward_weights_count(tmp_path):
                   {"grpo": "grpo"})
     assert len(C.configs("demo.yaml", ["reward_funcs=accuracy,format", "reward_weights=1,2"], str(tmp_path),
                          {"grpo": "grpo"})) == 2
+
+
+@pytest.mark.parametrize("section_yaml,msg", [
+    ("sft:\n  model_hidden_size: 64\n", r"^\[sft\] model_hidden_size=64: the recipe builds its model and tokenizer "
+                                        r"once, from the top level \(model_hidden_size=128\)"),
+    ("grpo:\n  lr_scheduler_type: constant\n  warmup_ratio: 0.1\n",
+     r"^\[grpo\] warmup_ratio=0.1 with lr_scheduler_type=constant"),
+    ("grpo:\n  use_peft: true\n", r"^\[grpo\] use_peft=true needs peft"),
+])
+def test_demo_stage_configs_are_the_recipes(tmp_path, monkeypatch, section_yaml, msg):
+    """The demo's stage configs load through the recipe's one loader (pipeline.stage_configs): a stage section that
+    sets a model key is refused (the demo builds its model from the top level: the key was ignored), and a section's
+    error names its [section] (it named none)."""
+    import sys
+
+    from r1train.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    y = tmp_path / "demo.yaml"
+    y.write_text("model_name_or_path: tiny-qwen2\nmodel_hidden_size: 128\n" + section_yaml)
+    with pytest.raises(ConfigError, match=msg):
+        C.configs(str(y), [], str(tmp_path / "out"), {"sft": "sft", "grpo": "grpo"})

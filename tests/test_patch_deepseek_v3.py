@@ -294,3 +294,53 @@ def test_patched_model_pickles_patched():
         assert type(copied.model.layers[1].mlp.gate) is type(model.model.layers[1].mlp.gate)
         with torch.no_grad():
             assert torch.equal(copied(ids).logits, model(ids).logits)
+
+
+def test_unpatch_restores_transformers_modules_with_the_patched_models_values():
+    """rk.patch.unpatch puts transformers' router and experts back, holding what the patched model holds now: the
+    balanced e_score_correction_bias, trained weights, and the buffers a dtype change after the patch replaced (the
+    replaced modules kept theirs). The model is then the unpatched model of those values: its classes, state_dict
+    and logits (bitwise: both run transformers' code) are a fresh model's loaded with them."""
+    from r1kernels.patch import unpatch
+
+    model = _tiny()
+    fresh = copy.deepcopy(model)
+    rk.patch(model, backend="torch")
+    with torch.no_grad():
+        for r in dsv3.routers(model):
+            r.e_score_correction_bias.add_(torch.linspace(-0.02, 0.02, r.num_experts))
+            r.weight.mul_(1.5)
+    model.to(torch.bfloat16)  # the routers' bias buffers become new tensors
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    taken = unpatch(model)
+    assert sorted(taken) == [f"model.layers.{i}.mlp.{m}" for i in (1, 2) for m in ("experts", "gate")]
+    assert not dsv3.routers(model) and len(dsv3.routers_to_patch(model)) == 2
+    assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
+    got = model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    fresh.to(torch.bfloat16).load_state_dict(want)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+    assert unpatch(model) == {}
+
+
+def test_router_lists_count_the_moe_blocks_gates():
+    """routers / routers_to_patch (and r1train's LoRA router count) are one helper: each MoE block's `gate` that is
+    a DeepSeek-V3 router. A router that a wrapper holds (peft wraps the router it adapts: the block's gate is then
+    the wrapper) is not a router of the model: routers() counted it (it looked at every module), and
+    routers_to_patch listed the MoE blocks, not their routers."""
+    model = _tiny()
+    blocks = [model.model.layers[i].mlp for i in (1, 2)]
+    assert dsv3.routers_to_patch(model) == [b.gate for b in blocks] and dsv3.routers(model) == []
+    rk.patch(model, backend="torch")
+    assert dsv3.routers(model) == [b.gate for b in blocks] and dsv3.routers_to_patch(model) == []
+    assert dsv3.moe_routers(model) == [b.gate for b in blocks]
+
+    class Wrapper(torch.nn.Module):  # as peft's ParamWrapper holds the router it adapts
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+    blocks[0].gate = Wrapper(blocks[0].gate)
+    assert dsv3.routers(model) == [blocks[1].gate] and dsv3.moe_routers(model) == [blocks[1].gate]

@@ -195,6 +195,29 @@ def test_cli_reports_config_errors(capsys, tmp_path):
     assert "dataset file '/nonexistent.jsonl' does not exist" in capsys.readouterr().err
 
 
+def test_use_peft_without_peft_is_an_error_when_the_config_loads(tmp_path, monkeypatch, capsys):
+    """use_peft=true with peft missing failed only when the trainer was built (apply_lora): now the config's
+    validation says so, naming use_peft and the package; the CLI's sft / grpo exit 2 before any model loads."""
+    import sys
+
+    from r1train import loading
+    from r1train.cli import main
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    msg = "use_peft=true needs peft, which is not installed: pip install peft"
+    with pytest.raises(ConfigError, match=msg):
+        load_config(overrides=["use_peft=true"])
+    assert not load_config().use_peft  # without use_peft peft is not needed
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", no_model)
+    for cmd in ("sft", "grpo"):
+        assert main([cmd, "use_peft=true", f"output_dir={tmp_path}"]) == 2
+        assert f"r1train: error: {msg}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("engine", ["r1train", "transformers"])
 def test_vespo_with_a_sequence_rollout_correction_mode_is_a_config_error(engine):
     """vespo folds token rollout-IS weights into its sequence weight; both rollout engines return the sampling

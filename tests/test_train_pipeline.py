@@ -349,10 +349,10 @@ def test_recipe_refuses_one_checkpoint_path_for_every_stage(tmp_path):
     y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
     ckpt = tmp_path / "out" / "1-cold-start-sft" / "checkpoint-3"
     with pytest.raises(ConfigError, match=r"resume_from_checkpoint=.*4 stages would load it"):
-        pipeline._stage_configs(str(y), [f"resume_from_checkpoint={ckpt}"], {
+        pipeline.stage_configs(str(y), [f"resume_from_checkpoint={ckpt}"], {
             "sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"})
     y.write_text(y.read_text().replace("sft: {max_steps: 3,", f"sft: {{resume_from_checkpoint: {ckpt}, max_steps: 3,"))
-    cfgs = pipeline._stage_configs(str(y), [], {"sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"})
+    cfgs = pipeline.stage_configs(str(y), [], {"sft": "a", "grpo": "b", "rejection": "c", "grpo2": "d"})
     assert [c.resume_from_checkpoint for c in cfgs[1:]] == [str(ckpt), None, None, None]
 
 
@@ -471,9 +471,9 @@ def test_recipe_refuses_model_keys_in_a_stage_section(tmp_path, key, section):
         return str(y)
 
     with pytest.raises(ConfigError, match=rf"\[{section}\] {key}=.*top level"):
-        pipeline._stage_configs(with_section_value(other), [], stages)
+        pipeline.stage_configs(with_section_value(other), [], stages)
     same = getattr(load_config(str(y)), key)  # the top level's value
-    cfgs = pipeline._stage_configs(with_section_value(same), [], stages)
+    cfgs = pipeline.stage_configs(with_section_value(same), [], stages)
     assert all(getattr(c, key) == same for c in cfgs)
 
 
@@ -495,12 +495,14 @@ def _recipe_yaml(tmp_path, **sections) -> str:
     ("grpo2", {"padding_free": True, "max_tokens_per_batch": 20},
      r"max_tokens_per_batch must be >= max_prompt_length \+ max_completion_length .* got 20"),
     ("rejection", {"optim": "adamw_torch_8bit"}, r"optim=adamw_torch_8bit needs torchao"),
+    ("grpo2", {"use_peft": True}, r"use_peft=true needs peft, which is not installed: pip install peft"),
 ])
 def test_recipe_checks_every_stage_before_the_first_runs_naming_it(tmp_path, monkeypatch, section, keys, msg):
     """Every stage's config is loaded and checked (the checks its trainer makes that need no model or rows: here
     a section's value, GRPO's token budget, the `optim` key's package) before the model loads or any stage runs,
     and the error names the stage's section. Before, a section's error did not say which stage it came from, and
-    optim=adamw_torch_8bit without torchao in a late stage failed when that stage's trainer was built."""
+    optim=adamw_torch_8bit without torchao, or use_peft without peft, in a late stage failed when that stage's
+    trainer was built."""
     import sys
 
     ran = []
@@ -513,7 +515,7 @@ def test_recipe_checks_every_stage_before_the_first_runs_naming_it(tmp_path, mon
 
     for name in ("load_model_and_tokenizer", "run_sft", "run_grpo", "rejection_sample", "load_datasets"):
         monkeypatch.setattr(pipeline, name, stand_in(name))
-    for mod in ("torchao", "torchao.optim", "torchao.optim.adam"):  # as if torchao were not installed
+    for mod in ("torchao", "torchao.optim", "torchao.optim.adam", "peft"):  # as if torchao and peft were not installed
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(ConfigError, match=rf"^\[{section}\] {msg}"):
         pipeline.recipe(_recipe_yaml(tmp_path, **{section: keys}))
@@ -618,3 +620,106 @@ def test_recipe_frees_each_finished_stages_trainer(tmp_path, monkeypatch, zero):
     with pytest.raises(KeyboardInterrupt):
         pipeline.recipe(y, [f"zero_stage={zero}"])
     assert checks == [("sft 0", []), ("grpo 1", []), ("rejection sampling", []), ("sft 2", []), ("grpo 3", [])]
+
+
+def _stand_ins(monkeypatch, *names):
+    """pipeline's functions `names` replaced by ones that fail the test when called."""
+    def stand_in(name):
+        def run(*a, **kw):
+            raise AssertionError(f"{name} ran")
+        return run
+
+    for name in names:
+        monkeypatch.setattr(pipeline, name, stand_in(name))
+
+
+def test_distill_checks_its_sft_token_budget_before_the_teacher_samples(tmp_path, monkeypatch):
+    """distill's SFT token budget (padding_free's max_tokens_per_batch below max_length) was checked by the student's
+    trainer, after the teacher had sampled. Each SFT row holds its (conversational) prompt as the student renders it
+    and at least one completion token, whatever the teacher samples: a budget below that for some prompt is the
+    trainer's error before the teacher loads. The longest prompt's tokens are counted here with the tokenizer's own
+    chat template."""
+    from r1train.config import load_config
+    from r1train.loading import load_datasets
+    from r1train.tasks import char_tokenizer
+
+    ov = H.FAST + [f"output_dir={tmp_path}", "teacher_model=tiny-qwen2", "padding_free=true", "max_length=512"]
+    tok = char_tokenizer()
+    prompts, _ = load_datasets(load_config(overrides=ov))
+    floor = max(len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
+                for r in prompts) + 1
+    _stand_ins(monkeypatch, "load_model_and_tokenizer", "rejection_sample")
+    with pytest.raises(ConfigError, match=rf"max_tokens_per_batch must be >= the longest SFT row's tokens \(at least "
+                                          rf"prompt \d+'s and one completion token; .*\) = {floor}, got {floor - 1}$"):
+        pipeline.distill(None, ov + [f"max_tokens_per_batch={floor - 1}"])
+    with pytest.raises(AssertionError, match="load_model_and_tokenizer ran"):  # the budget holds: on to the teacher
+        pipeline.distill(None, ov + [f"max_tokens_per_batch={floor}"])
+    assert not (tmp_path / "distill").exists()
+
+
+@pytest.mark.parametrize("keys,msg", [(["optim=adamw_torch_8bit"], r"optim=adamw_torch_8bit needs torchao"),
+                                      (["use_peft=true"], r"use_peft=true needs peft, which is not installed")])
+def test_distill_checks_its_config_before_the_teacher_samples(tmp_path, monkeypatch, keys, msg):
+    """The student's config is checked as a recipe stage's is (pipeline._check_stage, the config's validation)
+    before the teacher loads: a missing package for optim or use_peft failed when the student's trainer was built,
+    after the teacher had sampled."""
+    import sys
+
+    for mod in ("torchao", "torchao.optim", "torchao.optim.adam", "peft"):  # as if not installed
+        monkeypatch.setitem(sys.modules, mod, None)
+    _stand_ins(monkeypatch, "load_model_and_tokenizer", "rejection_sample", "load_datasets")
+    with pytest.raises(ConfigError, match=msg):
+        pipeline.distill(None, H.FAST + [f"output_dir={tmp_path}", "teacher_model=tiny-qwen2", *keys])
+
+
+def _fused(model) -> dict:
+    """{module name: its fused-op backend} of the modules rk.patch's fused layers patched."""
+    return {n: m._r1k_layers_backend for n, m in model.named_modules() if type(m).__dict__.get("_r1k_layers")}
+
+
+@pytest.mark.parametrize("nxt", [["patch_model=false"], ["patch_model=true", "kernel_backend=auto"]])
+def test_handoff_patches_the_model_as_the_next_stage_says(tmp_path, nxt):
+    """A model patched at load (patch_model=true: tiny-qwen2's fused layers and lm_head, backend torch) stayed patched
+    with that backend in every later stage, whatever the later stages' configs said. Handed on, it is patched as the
+    next stage's config says: unpatched (transformers' classes and forward again, the trained weights kept: its
+    logits are those of an unpatched model with them) or patched with the next stage's backend."""
+    from types import SimpleNamespace
+
+    from r1train.config import load_config
+    from r1train.loading import load_model_and_tokenizer
+
+    ov = H.FAST + [f"output_dir={tmp_path}"]  # kernel_backend=torch
+    first = load_config(overrides=ov + ["patch_model=true"])
+    model, _ = load_model_and_tokenizer(first)
+    plain, _ = load_model_and_tokenizer(load_config(overrides=ov + ["patch_model=false"]))
+    assert _fused(model) and set(_fused(model).values()) == {"torch"} and model._r1k_lm_head["backend"] == "torch"
+    assert not _fused(plain) and not hasattr(plain, "_r1k_lm_head")
+    with torch.no_grad():  # trained: other weights than a fresh model's
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plain.load_state_dict(model.state_dict())
+    nxt_cfg = load_config(overrides=ov + nxt)
+    handed = pipeline._handoff(SimpleNamespace(model=model, max_steps=1), first, nxt_cfg)
+    assert handed is model
+    if not nxt_cfg.patch_model:
+        assert not _fused(handed) and not hasattr(handed, "_r1k_lm_head") and "forward" not in vars(handed)
+        assert [type(m) for m in handed.modules()] == [type(m) for m in plain.modules()]
+        ids = torch.randint(3, 20, (2, 7))
+        with torch.no_grad():
+            assert torch.equal(handed(ids).logits, plain(ids).logits)
+    else:
+        assert set(_fused(handed).values()) == {"auto"} and handed._r1k_lm_head["backend"] == "auto"
+        assert _fused(handed).keys() == _fused(load_model_and_tokenizer(first)[0]).keys()
+
+
+def test_a_model_patched_by_its_caller_is_left_to_it(tmp_path):
+    """The trainer's patch (loading.patch_layers) undoes only what r1train patched: a model the caller patched itself
+    stays patched under a config that patches nothing."""
+    import r1kernels as rk
+    from r1train.config import load_config
+    from r1train.loading import load_model_and_tokenizer, patch_layers
+
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "patch_model=false"])
+    model, _ = load_model_and_tokenizer(cfg)
+    rk.patch(model, backend="torch")
+    assert set(_fused(patch_layers(model, cfg)).values()) == {"torch"} and hasattr(model, "_r1k_lm_head")

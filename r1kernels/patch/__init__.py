@@ -31,3 +31,18 @@ def patch(model, *, backend: str = "auto"):
                          f"(supported: transformers DeepseekV3 MoE layers; fused lm_head log-probs for "
                          f"{', '.join(LM_HEAD_CLASSES + SOFTCAP_CLASSES)})")
     return replaced
+
+
+def unpatch(model) -> dict:
+    """Undo patch(model): the lm_head forward, the DeepseekV3 routers and experts and the fused layers go back to
+    transformers' own, holding the patched model's current parameters and buffers (trained values kept; the
+    state_dict is unchanged); returns {name: what was taken out} ({} for a model with nothing patched)."""
+    from .deepseek_v3 import unpatch_deepseek_v3
+    from .layers import unpatch_layers
+    from .lm_head import unpatch_lm_head
+
+    out = {**unpatch_lm_head(model), **unpatch_deepseek_v3(model)}
+    layers = unpatch_layers(model)
+    if any(layers.values()):
+        out["layers"] = layers
+    return out

@@ -71,6 +71,7 @@ class R1KRouter(nn.Module):
 
     def __init__(self, gate: nn.Module, *, gemm_dtype: torch.dtype | None = None, backend: str = "auto"):
         nn.Module.__init__(self)  # not the replaced router class's __init__ (_router_type: it takes a config)
+        _keep_replaced(self, gate)
         self.weight = gate.weight                              # the same Parameter
         self.register_buffer("e_score_correction_bias", gate.e_score_correction_bias)
         self.top_k = gate.top_k
@@ -154,6 +155,7 @@ class R1KExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, *, backend: str = "auto"):
         super().__init__()
+        _keep_replaced(self, experts)
         self.gate_up_proj = experts.gate_up_proj              # [E, 2I, H], the same Parameters
         self.down_proj = experts.down_proj                    # [E, H, I]
         self.act_fn = experts.act_fn
@@ -195,11 +197,11 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
     for name, parent in list(model.named_modules()):
         gate = getattr(parent, "gate", None)
         prefix = f"{name}." if name else ""
-        if isinstance(gate, R1KRouter):  # patched before
+        if is_router(gate, patched=True):  # patched before
             gate.backend = backend
             if isinstance(getattr(parent, "experts", None), R1KExperts):
                 parent.experts.backend = backend
-        elif type(gate).__name__ in ROUTER_CLASSES:
+        elif is_router(gate, patched=False):
             router = _router_type(type(gate))(gate, gemm_dtype=gemm_dtype, backend=backend)
             parent.gate = router
             replaced[prefix + "gate"] = gate
@@ -211,6 +213,41 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
             parent.experts = R1KExperts(old, backend=backend)
             replaced[prefix + "experts"] = old
     return replaced
+
+
+def _keep_replaced(module: nn.Module, replaced: nn.Module):
+    """`module` keeps the transformers module it replaces as a plain attribute, outside the module tree (no
+    submodule: state_dict keys and parameters stay those of the patched model), for unpatch_deepseek_v3."""
+    object.__setattr__(module, "_r1k_replaced", replaced)
+
+
+def _restored(module: nn.Module) -> nn.Module:
+    """The transformers module `module` replaced, holding `module`'s current parameters and buffers under their
+    names (the patched module trained them, and .to() / .float() replaced its buffers): nothing trained is lost."""
+    orig = module.__dict__.get("_r1k_replaced")
+    if orig is None:
+        raise ValueError(f"{type(module).__name__}: no replaced module kept (patched by an older r1kernels); reload "
+                         "the model instead of unpatching it")
+    for name in orig._parameters.keys() & module._parameters.keys():
+        setattr(orig, name, module._parameters[name])
+    for name in orig._buffers.keys() & module._buffers.keys():
+        orig._buffers[name] = module._buffers[name]
+    return orig
+
+
+def unpatch_deepseek_v3(model: nn.Module) -> dict[str, nn.Module]:
+    """Undo patch_deepseek_v3: every patched router and expert block of `model` goes back to the transformers
+    module it replaced, with the patched one's parameters and buffers (e_score_correction_bias as balanced);
+    returns {qualified name: the patched module taken out}."""
+    out: dict[str, nn.Module] = {}
+    for name, parent in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        for attr, cls in (("gate", R1KRouter), ("experts", R1KExperts)):
+            mod = getattr(parent, attr, None)
+            if isinstance(mod, cls):
+                setattr(parent, attr, _restored(mod))
+                out[prefix + attr] = mod
+    return out
 
 
 MOE_OPS = ("route", "permute", "unpermute")
@@ -228,13 +265,27 @@ def _check_backend(backend: str):
                          "MoE layers' ops); use auto, triton, cuda or torch")
 
 
+def is_router(gate, patched: bool | None = None) -> bool:
+    """`gate` (an MoE block's `gate` attribute) is a DeepSeek-V3 router: rk.patch's (patched=True), transformers'
+    (False), or either (None). A router that a peft adapter wraps is the wrapper there: not a router."""
+    if isinstance(gate, R1KRouter):
+        return patched is not False
+    return patched is not True and type(gate).__name__ in ROUTER_CLASSES
+
+
+def moe_routers(model: nn.Module, patched: bool | None = None) -> list[nn.Module]:
+    """The routers of `model`'s MoE blocks (is_router of each module's `gate`, counted through the block)."""
+    return [g for g in (getattr(m, "gate", None) for m in model.modules()) if is_router(g, patched)]
+
+
 def routers_to_patch(model: nn.Module) -> list[nn.Module]:
     """The transformers DeepseekV3 routers of `model` that patch_deepseek_v3 would replace."""
-    return [m for m in model.modules() if type(getattr(m, "gate", None)).__name__ in ROUTER_CLASSES]
+    return moe_routers(model, patched=False)
 
 
 def routers(model: nn.Module) -> list[R1KRouter]:
-    return [m for m in model.modules() if isinstance(m, R1KRouter)]
+    """The patched routers of `model` (the ones update_router_biases balances)."""
+    return moe_routers(model, patched=True)
 
 
 @torch.no_grad()

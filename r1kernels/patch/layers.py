@@ -198,3 +198,18 @@ def patch_layers(model, *, backend: str = "auto") -> dict:
         m._r1k_layers_backend = backend
         counts[key] += 1
     return counts
+
+
+def unpatch_layers(model) -> dict:
+    """Undo patch_layers: each patched module's class is its own class again (its forward HF's); returns the counts
+    of patch_layers' keys. The rotary wrapper stays in the modeling module: outside a patched attention (or a
+    fused_rotary scope) it calls HF's function."""
+    names = {_norm_forward: "rms_norm", _mlp_forward: "silu_mul", _attention_forward: "apply_rotary"}
+    counts = dict.fromkeys(names.values(), 0)
+    for m in model.modules():
+        cls = type(m)
+        if cls.__dict__.get("_r1k_layers", False):
+            m.__class__ = cls.__bases__[0]
+            del m._r1k_layers_backend
+            counts[names[cls.forward]] += 1
+    return counts

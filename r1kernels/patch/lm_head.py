@@ -298,6 +298,24 @@ def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = Tru
     return {"forward": model._r1k_lm_head["forward"].original_forward()}
 
 
+def unpatch_lm_head(model) -> dict:
+    """Undo patch_lm_head: model.forward is the one it replaced; returns {"forward": the fused_lm_head forward taken
+    out} ({} for a model without it). A forward set over it since is a ValueError (unpatching would drop it)."""
+    state = getattr(model, "_r1k_lm_head", None)
+    if state is None:
+        return {}
+    fused = state["forward"]
+    if model.__dict__.get("forward") is not fused:
+        raise ValueError(f"model ({type(model).__name__}): its forward was replaced after patch_lm_head; unpatching "
+                         "would drop that forward")
+    if fused.original is None:  # the class's own forward
+        del model.forward
+    else:
+        model.forward = fused.original
+    del model._r1k_lm_head
+    return {"forward": fused}
+
+
 class _ForwardWithFusedHead:
     """model.forward after patch_lm_head: an object of a module-level class, not a method bound to the model,
     so that torch.save(model) reloads it patched and copy.deepcopy(model) (a reference copy) gets one that runs

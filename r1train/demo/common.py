@@ -9,14 +9,14 @@ outside the target language, i.e. language reward < 1) and length (completion to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 
 import torch
 
-from ..config import CONFIG_DIR, TrainConfig, check_grpo_config, load_config, task_spec
+from .. import pipeline
+from ..config import CONFIG_DIR, TrainConfig, task_spec
 from ..engine import setup_distributed
 from ..grpo import GRPOTrainer
 from ..rewards import accuracy_reward, format_reward, language_consistency_reward
@@ -26,19 +26,13 @@ from ..tasks import arith
 
 
 def configs(yaml_name: str, overrides, out_dir: str, sections: dict) -> list[TrainConfig]:
-    """The stage's base config and one per section (section -> output subdirectory), all loaded and checked
-    before any work; output_dir is the stage's directory (key=value overrides of output_dir name the root).
+    """The stage's base config and one per section (section -> output subdirectory), loaded and checked before
+    any work by the recipe's loader (pipeline.stage_configs: errors name the [section]; a section cannot change the
+    model keys); output_dir is the stage's directory (key=value overrides of output_dir name the root).
     yaml_name: a file name in r1train/configs/, or a path (demo.run makes the user's --config absolute)."""
     path = yaml_name if os.sep in yaml_name else os.path.join(CONFIG_DIR, yaml_name)
     ov = [o for o in overrides if o.partition("=")[0].strip() != "output_dir"] + [f"output_dir={out_dir}"]
-    out = [load_config(path, ov)]
-    for section, sub in sections.items():
-        c = load_config(path, ov, section=section)
-        c = dataclasses.replace(c, output_dir=os.path.join(out_dir, sub))
-        if section.startswith("grpo"):
-            check_grpo_config(c)
-        out.append(c)
-    return out
+    return pipeline.stage_configs(path, ov, sections)
 
 
 def problems(cfg: TrainConfig):
