@@ -345,3 +345,66 @@ def test_soft_capped_model_reads_a_module_callables_forward():
     compiled = torch.compile(Head(), backend="eager")
     model(input_ids=ids, fused_lm_head=compiled)
     assert seen[-1] == 2.0
+
+
+def _labels(B, L):
+    ids = torch.randint(0, V, (B, L))
+    return ids, torch.ones(B, L, dtype=torch.long), ids.masked_fill(torch.rand(B, L) < 0.2, -100)
+
+
+def test_repatch_goes_over_a_forward_wrapped_since_and_keeps_unnamed_options():
+    """Something that wraps the fused forward after patching (TRL's GRPOTrainer puts its own fused-head forward
+    over it, taking fused_lm_head itself) is wrapped again by the next patch: the fused call is ours again (it
+    reached the wrapper, which failed); plain calls still pass through it. A re-patch sets only the options it
+    names (rk.patch's backend kept the temperature and fp32 head; it reset them to 1.0 / False)."""
+    B, L = int(torch.randint(1, 4, ())), int(torch.randint(3, 12, ()))
+    model = _model("qwen2")
+    patched = copy.deepcopy(model)
+    temperature = float(torch.empty(()).uniform_(0.5, 0.9))
+    patch_lm_head(patched, temperature=temperature, fp32_lm_head=True)
+    seen = []
+    inner = patched.forward
+
+    def foreign(*args, fused_lm_head=None, **kwargs):  # takes fused_lm_head as its own, as TRL's does
+        seen.append(fused_lm_head)
+        if fused_lm_head is not None:
+            raise TypeError("the foreign fused path")
+        return inner(*args, **kwargs)
+
+    patched.forward = foreign
+    rk.patch(patched, backend="torch")
+    ids, mask, labels = _labels(B, L)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    state = patched._r1k_lm_head
+    assert (state["temperature"], state["fp32"], state["backend"]) == (temperature, True, "torch")
+    logp, ent, _ = _expected(model, ids, mask, labels, temperature)
+    assert_close(out.log_probs, logp, name="log_probs")
+    assert_close(out.entropy, ent, name="entropy")
+    torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+    assert seen == [None]  # the plain call went through the foreign forward; the fused one did not
+
+
+def test_fused_head_of_a_float64_model_is_float64():
+    B, L = int(torch.randint(1, 4, ())), int(torch.randint(3, 12, ()))
+    model = _model("llama").double()
+    patched = copy.deepcopy(model)
+    patch_lm_head(patched, backend="torch")
+    ids, mask, labels = _labels(B, L)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    logp, ent, loss = _expected(model, ids, mask, labels, 1.0)
+    assert out.log_probs.dtype == torch.float64
+    torch.testing.assert_close(out.log_probs, logp)
+    torch.testing.assert_close(out.entropy, ent)
+    torch.testing.assert_close(out.loss, loss)
+
+
+@pytest.mark.parametrize("name", ["labels", "shift_labels"])
+def test_labels_of_another_shape_are_an_error_naming_them(name):
+    model = _model("qwen3")
+    patch_lm_head(model)
+    B, L = int(torch.randint(1, 4, ())), int(torch.randint(3, 12, ()))
+    ids, mask, labels = _labels(B, L)
+    for bad in (labels[:, 1:], labels[:1].expand(B + 1, L)):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \({B}, {L}\)"):
+            model(input_ids=ids, attention_mask=mask, fused_lm_head=True, **{name: bad})

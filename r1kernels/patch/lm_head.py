@@ -237,6 +237,20 @@ def _as_keywords(forward, args, kwargs) -> tuple[tuple, dict]:
     return (), {**named, **kwargs}
 
 
+def _check_labels(kwargs, labels, shift_labels):
+    """labels / shift_labels [B, T] as the input's tokens (input_ids, else inputs_embeds [B, T, H]): a ValueError
+    naming them before the backbone runs (a mismatch failed in the boolean indexing of the head's rows)."""
+    ref = kwargs.get("input_ids")
+    ref = kwargs.get("inputs_embeds") if ref is None else ref
+    if ref is None:
+        return
+    from .. import _checks
+
+    for name, lab in (("labels", labels), ("shift_labels", shift_labels)):
+        if lab is not None:
+            _checks.shape(name, lab, tuple(ref.shape[:2]), " (the input's [batch, tokens])")
+
+
 def _head_params(self, hidden, fp32):
     """hidden, weight, bias as the head GEMM reads them: fp32 with fp32_lm_head, else in the autocast dtype
     when autocast is on (what F.linear would run in), else in hidden's dtype."""
@@ -265,37 +279,48 @@ def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, retur
         out = linear_token_logprobs(hidden[mask], weight, labels[mask], bias=bias, temperature=temperature,
                                     return_entropy=return_entropy, softcap=softcap, backend=backend)
     logp, ent = out if return_entropy else (out, None)
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    zeros = logp.new_zeros(mask.shape)  # the op's dtype: fp32 for 16-bit heads, fp64 for an fp64 model
     logp = zeros.masked_scatter(mask, logp)
     ent = zeros.masked_scatter(mask, ent) if ent is not None else None
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return FusedLMHeadOutput(loss=-logp.sum() / denom, log_probs=logp, entropy=ent, label_mask=mask)
 
 
-def patch_lm_head(model, *, temperature: float = 1.0, return_entropy: bool = True, fp32_lm_head: bool = False,
-                  backend: str = "auto") -> dict:
+_DEFAULTS = dict(temperature=1.0, return_entropy=True, fp32=False, backend="auto")
+
+
+def patch_lm_head(model, *, temperature: float | None = None, return_entropy: bool | None = None,
+                  fp32_lm_head: bool | None = None, backend: str | None = None) -> dict:
     """Give `model` the fused_lm_head forward (module docstring); returns {"forward": the replaced forward}.
-    temperature / return_entropy are the defaults of each fused call (a call may pass its own);
-    fp32_lm_head runs the head on fp32 hidden states and weight (TRL's cast_lm_head_to_fp32).
-    Patching a patched model only updates these defaults."""
+    temperature (1.0) / return_entropy (True) are the defaults of each fused call (a call may pass its own);
+    fp32_lm_head (False) runs the head on fp32 hidden states and weight (TRL's cast_lm_head_to_fp32); backend
+    ("auto"). Patching a patched model sets the options it is given and keeps the others; where something wrapped
+    the fused forward since (TRL's GRPOTrainer puts its own fused-head forward over it), the fused forward goes
+    over that again (calls without fused_lm_head still reach it)."""
     from .. import _checks
 
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"model: no fused lm_head path for this model: {reason}")
-    _checks.temperature(temperature)
+    if temperature is not None:
+        _checks.temperature(temperature)
     for name, flag in (("return_entropy", return_entropy), ("fp32_lm_head", fp32_lm_head)):
-        if not isinstance(flag, bool):
+        if flag is not None and not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
-    _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
-    defaults = dict(temperature=float(temperature), return_entropy=return_entropy, fp32=fp32_lm_head,
-                    backend=backend)
-    if getattr(model, "_r1k_lm_head", None) is not None:
-        model._r1k_lm_head.update(defaults)
-    else:
-        model._r1k_lm_head = dict(defaults, forward=_ForwardWithFusedHead(model, model.forward))
-        model.forward = model._r1k_lm_head["forward"]
-    return {"forward": model._r1k_lm_head["forward"].original_forward()}
+    if backend is not None:
+        _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
+    given = dict(temperature=None if temperature is None else float(temperature), return_entropy=return_entropy,
+                 fp32=fp32_lm_head, backend=backend)
+    given = {k: v for k, v in given.items() if v is not None}
+    state = getattr(model, "_r1k_lm_head", None)
+    if state is None:
+        state = model._r1k_lm_head = dict(_DEFAULTS, forward=_ForwardWithFusedHead(model, model.forward))
+        model.forward = state["forward"]
+    elif model.__dict__.get("forward") is not state["forward"]:
+        state["forward"] = _ForwardWithFusedHead(model, model.forward)
+        model.forward = state["forward"]
+    state.update(given)
+    return {"forward": state["forward"].original_forward()}
 
 
 def unpatch_lm_head(model) -> dict:
@@ -338,9 +363,9 @@ class _ForwardWithFusedHead:
 
     def __call__(self, *args, fused_lm_head=False, **kwargs):
         model = self.model
+        if fused_lm_head is False or fused_lm_head is None:  # reads no state: a forward wrapped over since may
+            return self.original_forward()(*args, **kwargs)  # outlive unpatch_lm_head
         state = model._r1k_lm_head
-        if fused_lm_head is False or fused_lm_head is None:
-            return self.original_forward()(*args, **kwargs)
         if fused_lm_head is not True and not callable(fused_lm_head):
             raise ValueError(f"fused_lm_head must be True, False or a callable, got {fused_lm_head!r}")
         args, kwargs = _as_keywords(self.original_forward(), args, kwargs)
@@ -349,6 +374,7 @@ class _ForwardWithFusedHead:
         return_entropy = kwargs.pop("return_entropy", None)
         return_entropy = state["return_entropy"] if return_entropy is None else return_entropy
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        _check_labels(kwargs, labels, shift_labels)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         keep = kwargs.pop("logits_to_keep", None)
         kwargs["use_cache"] = False
