@@ -9,6 +9,7 @@ import logging
 import os
 
 from .. import pipeline
+from ..data import prompt_ids
 from ..loading import load_model_and_tokenizer
 from ..tasks import arith
 from . import common as C
@@ -298,7 +299,7 @@ def distill(overrides, out_dir, ctx) -> dict:
     clock.lap("student distill sft")
     t_c, c = C.grpo(c_rl, copy.deepcopy(t_a.model), stok, arith.rl_rows(train), eval_rows, a)
     clock.lap("student rl")
-    prompt_tokens = sum(len(stok.apply_chat_template(r["prompt"], add_generation_prompt=True)) for r in eval_rows)
+    prompt_tokens = sum(len(prompt_ids(stok, r["prompt"])) for r in eval_rows)  # as sampling encodes them
     prompt_tokens /= len(eval_rows)
     flops = {"distill_sft": _flops(n_student, C.read_metrics(c_dist.output_dir), "sft",
                                    c_dist.per_device_train_batch_size, prompt_tokens),
