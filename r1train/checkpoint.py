@@ -16,6 +16,7 @@ overwrite_output_dir=true (which deletes them first).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, deepspeed_file, ds_bf16_enabled, read_deepspeed_config
 from .durable import posix_fsync, write_replace
+from .reward_model import is_model_object
 
 log = logging.getLogger("r1train")
 
@@ -48,7 +50,8 @@ LOCK = ".r1train.lock"
 # here because loading its state restores the checkpoint's (a new value would be silently ignored), entropy_coef
 # too (the trainer state restores it); the schedule's because the restored scheduler runs the new config's
 # lr_lambda from the checkpoint's step (its horizon, max_steps, is checked in load); the LoRA keys because they
-# shape the saved state (another shape cannot load). A key a checkpoint's config lacks is not compared
+# shape the saved state (another shape cannot load). Not zero_stage: a `deepspeed` file overrides it, and the stage
+# the run uses is compared (zero_stage_of). A key a checkpoint's config lacks is not compared
 RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size", "model_num_layers", "dataset_name",
             "dataset_split", "task_min_terms", "task_max_terms", "task_max_operand", "task_ops", "task_train_size",
             "task_eval_size", "task_flaw_share", "answer_column", "completion_column", "completion_only_loss",
@@ -56,7 +59,7 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             "num_generations", "max_prompt_length", "chat_template_kwargs", "max_completion_length", "max_length",
             "loss_type", "beta",
             "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
-            "importance_sampling_level", "bf16", "zero_stage", "optim", "learning_rate", "weight_decay",
+            "importance_sampling_level", "bf16", "optim", "learning_rate", "weight_decay",
             "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
             "lora_modules_to_save", "lora_dropout",
             # the schedule and the update
@@ -190,10 +193,10 @@ class CheckpointMixin:
                 json.dump({"global_step": step, "max_steps": self.max_steps, "trainer": type(self).__name__,
                            "world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
                            "ds_precision": self.ds_precision,
-                           "trainer_state": self.trainer_state(), "config": vars(cfg),
+                           "trainer_state": self.trainer_state(), "config": config_values(cfg),
                            "train_rows_sha256": self.rows_sha256,
                            "sft_whole_prompts": True},  # SFT keeps whole prompts (check_resume_state)
-                          fh, indent=1, default=str)
+                          fh, indent=1)
         dist.barrier()
         if self.rank == 0:  # atomic publish: a crash before this leaves only tmp-checkpoint-<step>
             self.logger.sync()  # the run's rows up to this step on disk before the checkpoint that keeps them
@@ -482,7 +485,7 @@ def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
     with open(os.path.join(path, "trainer_state.json")) as fh:
         state = json.load(fh)
     saved = state.get("config", {})
-    now = json.loads(json.dumps(vars(cfg), default=str))
+    now = config_values(cfg)
     keys = [k for k in RUN_KEYS if trainer != "SFTTrainer" or k not in GRPO_ONLY_RUN_KEYS]
     diff = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in keys if k in saved and saved[k] != now[k]]
     if state.get("trainer", trainer) != trainer:
@@ -503,11 +506,18 @@ def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
     return state
 
 
+def config_values(cfg) -> dict:
+    """The config as trainer_state.json keeps it and a resume compares it: its values in canonical form
+    (_canonical), one form per value in every process (a reward function in reward_funcs by its qualified name,
+    not its repr's address)."""
+    return json.loads(json.dumps(_canonical(vars(cfg))))
+
+
 def _canonical(v):
     """v as JSON values, one form per value in every process: dict keys as strings (a non-string key tagged by
     its type), sets sorted (their order follows PYTHONHASHSEED), numpy arrays and scalars and torch tensors as
     (nested) lists of numbers in full (a repr elides the middle of a large one), bytes as hex; anything else by
-    its repr, or by its type where the repr is its address."""
+    its repr without addresses (_repr: a function by its qualified name)."""
     if isinstance(v, dict):
         d = {k if isinstance(k, str) else f"{type(k).__name__}:{_repr(k)}": _canonical(x) for k, x in v.items()}
         if len(d) < len(v):  # keys alike in canonical form (objects of one type): every pair, sorted, kept
@@ -532,9 +542,25 @@ def _json_order(v) -> str:
 
 
 def _repr(v) -> str:
-    """repr(v), or v's type where the repr holds its address (which differs between processes)."""
+    """repr(v) without addresses (which differ between processes): a transformers model object (a reward model)
+    by its class and _name_or_path; where the repr holds an address, a callable by its qualified name
+    (_callable_name), another object by its type."""
+    if is_model_object(v):  # its repr is the module tree: alike for every model of one architecture
+        return f"{type(v).__qualname__}({v.config._name_or_path!r})"
     r = repr(v)
-    return type(v).__qualname__ if " at 0x" in r else r
+    if " at 0x" not in r:
+        return r
+    return _callable_name(v) if callable(v) else type(v).__qualname__
+
+
+def _callable_name(v) -> str:
+    """A callable by name: a function, method or class by its module and qualified name, a functools.partial by
+    its function and arguments, another callable object by its class's."""
+    if isinstance(v, functools.partial):
+        args = ", ".join([*map(_repr, v.args), *(f"{k}={_repr(x)}" for k, x in v.keywords.items())])
+        return f"functools.partial({_callable_name(v.func)}{', ' if args else ''}{args})"
+    named = v if hasattr(v, "__qualname__") else type(v)
+    return f"{getattr(named, '__module__', None)}.{named.__qualname__}"
 
 
 def rows_sha256(rows) -> str:

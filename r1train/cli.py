@@ -28,6 +28,26 @@ COMMANDS = {
     "merge": "merge a LoRA checkpoint (adapter_path=...) into model_name_or_path; save to output_dir",
 }
 
+# Keys only some commands read. One YAML may hold every stage's keys, so `sft` and `grpo` warn (unread_keys) about
+# a key of another command's set away from its default, and go on.
+SFT_ONLY_KEYS = frozenset(("max_length", "completion_only_loss", "completion_column"))
+# besides checkpoint.GRPO_ONLY_RUN_KEYS: GRPO's rollouts and rewards (SFT's evaluation samples at eval_temperature)
+GRPO_ONLY_KEYS = frozenset(("temperature", "language", "reward_timeout", "rollout_release_memory", "log_completions"))
+OTHER_COMMANDS_KEYS = frozenset(("rejection_num_samples", "rejection_max_per_prompt",  # pipeline's rejection stage
+                                 "teacher_model",  # distill
+                                 "adapter_path",  # merge
+                                 "task_slip_share", "task_mix_share"))  # the demo's stages
+
+
+def unread_keys(command: str, cfg) -> list[str]:
+    """The keys of cfg that `command` (sft or grpo) never reads, set away from their defaults."""
+    from .checkpoint import GRPO_ONLY_RUN_KEYS
+    from .config import TrainConfig
+
+    never = OTHER_COMMANDS_KEYS | (GRPO_ONLY_RUN_KEYS | GRPO_ONLY_KEYS if command == "sft" else SFT_ONLY_KEYS)
+    default = TrainConfig()
+    return [k for k in vars(cfg) if k in never and getattr(cfg, k) != getattr(default, k)]
+
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="r1train", description="GRPO / SFT trainer on DeepSpeed with r1kernels")
@@ -65,6 +85,7 @@ def cmd_sample(args):
     if os.path.isfile(path) and os.path.getsize(path) and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir: {path} holds earlier samples; set overwrite_output_dir=true to replace "
                           "them, or choose another output_dir")
+    _check_writable_dir(cfg.output_dir)  # before the model loads: the samples are written only at the end
     rank, world = setup_distributed()
     model, tok = load_model_and_tokenizer(cfg)
     model = model.to(device())
@@ -115,11 +136,29 @@ def _sample_records(runner, cfg, tok, chunk, ro, texts) -> list[list[dict]]:
     return out
 
 
-def _write_jsonl(path: str, records):
-    """path: one JSON line per record, replaced whole (durable.write_replace)."""
-    from .durable import write_replace
+def _check_writable_dir(d: str):
+    """d is a directory this process can write a file in (created if missing); else a ConfigError naming
+    output_dir."""
+    import tempfile
 
-    write_replace(path, "".join(json.dumps(r) + "\n" for r in records))
+    from .config import ConfigError
+
+    try:
+        os.makedirs(d, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write to {d!r}: {e}") from e
+
+
+def _write_jsonl(path: str, records):
+    """path: one line of standard JSON per record (as metrics.jsonl's rows: numpy / torch numbers as numbers, NaN
+    and inf as null; any other value JSON lacks, e.g. a dataset's dates, as its str), replaced whole
+    (durable.write_replace)."""
+    from .durable import write_replace
+    from .metrics import _py
+
+    write_replace(path, "".join(json.dumps(_py(r), allow_nan=False, default=str) + "\n" for r in records))
 
 
 def main(argv=None) -> int:
@@ -167,6 +206,11 @@ def main(argv=None) -> int:
             from .loading import load_model_and_tokenizer
 
             cfg = load_config(args.config, args.overrides, section=args.command)
+            unread = unread_keys(args.command, cfg)
+            if unread and _rank() == 0:
+                logging.getLogger("r1train").warning(
+                    "`r1train %s` does not read %s: they have no effect on this run", args.command,
+                    ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unread))
             if args.command == "grpo":  # before the model loads
                 check_grpo_config(cfg)
             model, tok = load_model_and_tokenizer(cfg)

@@ -244,7 +244,7 @@ def load_datasets(cfg: TrainConfig, sft: bool = False):
     if cfg.dataset_name == "arith":
         spec = task_spec(cfg)
         try:
-            ev = generate(cfg.task_eval_size, cfg.seed + 10_000, spec)
+            ev = generate(cfg.task_eval_size, cfg.seed + 10_000, spec, distinct=True)
             held_out = frozenset(r["expression"] for r in ev)  # never trained on
             train = generate(cfg.task_train_size, cfg.seed, spec, flaw_share=cfg.task_flaw_share, exclude=held_out)
         except ValueError as e:

@@ -113,13 +113,14 @@ class MetricsLogger:
         row = _row(step, metrics)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
-        nums = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        nums = backend_names({k: v for k, v in row.items()
+                              if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)})
         for name, sink in self.sinks.items():
             if name == "tensorboard":
                 for k, v in nums.items():
                     sink.add_scalar(k, v, step)
-            else:  # wandb and trackio share the call
-                sink.log(nums, step=step)
+            else:  # wandb and trackio share the call; TRL's x-axis key beside the metrics, as its callbacks send it
+                sink.log({**nums, "train/global_step": step}, step=step)
 
     def log_once(self, step: int, metrics: dict):
         """log, unless metrics.jsonl already has a row at this step holding every key of metrics (an evaluation
@@ -203,6 +204,18 @@ class MetricsLogger:
         fig.savefig(out, dpi=80)
         plt.close(fig)
         return out
+
+
+def backend_names(metrics: dict) -> dict:
+    """metrics under the names the report_to backends get in TRL: transformers' TensorBoard, W&B and Trackio
+    callbacks rename the logs (rewrite_logs) to eval/<name> for eval_<name>, test/<name> for test_<name> and
+    train/<name> for every other key. r1train's evaluation keys, eval/<name>, already have their eval name and
+    keep it. metrics.jsonl keeps the bare names (TRL's log_history)."""
+    out = {}
+    for k, v in metrics.items():
+        prefix = next((p for p in ("eval", "test") if k.startswith((p + "_", p + "/"))), None)
+        out[f"{prefix}/{k[len(prefix) + 1:]}" if prefix else f"train/{k}"] = v
+    return out
 
 
 def gather_rows(rows: list) -> list:

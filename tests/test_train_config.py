@@ -587,6 +587,61 @@ def test_sample_keeps_dataset_columns_named_like_its_fields(tmp_path):
     assert all(isinstance(g["rewards"], dict) and isinstance(g["completion"], str) for g in got)
 
 
+def test_sample_checks_output_dir_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """`r1train sample` wrote output_dir/samples.jsonl only after sampling every row: an output_dir that is a
+    regular file failed there, the work lost. It is an error naming output_dir (exit 2) before the model loads;
+    a missing one is created."""
+    import train_helpers as H
+
+    from r1train import loading
+    from r1train.cli import main
+
+    loads = []
+    real = loading.load_model_and_tokenizer
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **kw: loads.append(1) or real(*a, **kw))
+    f = tmp_path / "a_file"
+    f.write_text("not a directory")
+    ov = [*H.FAST, "max_steps=1", "num_generations=2", "max_completion_length=2"]
+    assert main(["sample", *ov, f"output_dir={f}"]) == 2
+    err = capsys.readouterr().err
+    assert "r1train: error: output_dir" in err and str(f) in err and not loads
+    assert f.read_text() == "not a directory"
+    out = tmp_path / "new" / "dir"
+    assert main(["sample", *ov, f"output_dir={out}"]) == 0 and loads
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_sample_writes_columns_json_lacks(tmp_path):
+    """A dataset column JSON has no type for (a parquet file's dates and times, decimals) failed json.dumps after
+    sampling every row: nothing written. Every sample is written, such a value as its str, a NaN as null, as
+    metrics.jsonl writes its rows."""
+    import datetime
+    import decimal
+    import random
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    import train_helpers as H
+
+    from r1train.cli import main
+
+    rng = random.Random()
+    n = 3
+    when = [datetime.datetime(2020, 1, 1) + datetime.timedelta(seconds=rng.randrange(10**8)) for _ in range(n)]
+    price = [decimal.Decimal(f"{rng.randrange(10**6)}.{rng.randrange(100):02d}") for _ in range(n)]
+    score = [float("nan") if i == 1 else rng.random() for i in range(n)]
+    data = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"prompt": [f"{i}+1?" for i in range(n)], "answer": [str(i + 1) for i in range(n)],
+                             "when": when, "price": pa.array(price, pa.decimal128(12, 2)), "score": score}), data)
+    out = tmp_path / "o"
+    ov = [*H.FAST, f"output_dir={out}", f"dataset_name={data}", "max_steps=-1", "num_generations=2",
+          "max_completion_length=2"]
+    assert main(["sample", *ov]) == 0
+    got = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(g["when"], g["price"], g["score"]) for g in got] == \
+        [(str(w), str(p), None if s != s else s) for w, p, s in zip(when, price, score) for _ in range(2)]
+
+
 @pytest.mark.parametrize("given,want", [("true", "latest"), ("True", "latest"), ("false", None), ("False", None),
                                         ("latest", "latest"), ("runs/x/checkpoint-4", "runs/x/checkpoint-4")])
 def test_resume_from_checkpoint_true_and_false_as_in_hf(tmp_path, given, want):
@@ -879,3 +934,38 @@ def test_chat_template_kwargs_render_sampled_prompts(monkeypatch):
         want = tok.apply_chat_template([prompt], add_generation_prompt=True, tokenize=True, return_dict=True,
                                        **(kw or {}))["input_ids"]
         assert got.value.args[0] == want and tok.decode(want[0]).startswith("<think>") == bool(kw)
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_keys_the_command_never_reads_are_one_warning(tmp_path, monkeypatch, caplog, command):
+    """`r1train sft ... num_generations=3 beta=0.5` ran without a word about keys SFT never reads (and `grpo`
+    about SFT's keys). One warning names those set away from their defaults; the run goes on (one YAML may
+    hold every stage's keys). Keys the command reads, and keys at their defaults, are not named."""
+    import logging
+    import random
+
+    from r1train import cli, loading, pipeline
+    from r1train.config import fields
+
+    names = {x.name for x in fields()}
+    assert cli.SFT_ONLY_KEYS | cli.GRPO_ONLY_KEYS | cli.OTHER_COMMANDS_KEYS <= names
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **kw: (None, None))
+    monkeypatch.setattr(pipeline, "run_sft", lambda *a, **kw: (None, {}))
+    monkeypatch.setattr(pipeline, "run_grpo", lambda *a, **kw: (None, {}, {}))
+    rng = random.Random()
+    g, beta, n = rng.choice([2, 4, 16]), round(rng.uniform(0.01, 0.5), 3), rng.randrange(64, 512)
+    unread = {"sft": [f"num_generations={g}", f"beta={beta}", "temperature=0.7"],
+              "grpo": [f"max_length={n}", "completion_only_loss=false"]}[command]
+    unread += ["rejection_num_samples=4", f"task_slip_share={rng.random():.3f}"]
+    read = [f"learning_rate={rng.uniform(1e-6, 1e-3):.2e}", "max_completion_length=16", "max_prompt_length=512",
+            f"output_dir={tmp_path}"]
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        assert cli.main([command, *read, *sorted(unread, key=lambda _: rng.random())]) == 0
+    said = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert len(said) == 1, said
+    named = {k.partition("=")[0] for k in said[0].split("read ")[1].split(": ")[0].split(", ")}
+    assert named == {k.partition("=")[0] for k in unread}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        assert cli.main([command, *read]) == 0
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]

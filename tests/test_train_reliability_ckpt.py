@@ -777,3 +777,17 @@ def test_a_malformed_left_behind_record_is_a_clear_error(sft_run, tmp_path, text
     (out / ABANDONED).write_text(text)
     with pytest.raises(CheckpointError, match=f"{ABANDONED} is unreadable or not a"):
         resolve_checkpoint("latest", str(out))
+
+
+def test_resume_keeps_the_stage_of_a_deepspeed_file_whatever_zero_stage_says(sft_run, tmp_path):
+    """A `deepspeed` file overrides zero_stage: a resume under a file of the checkpoint's stage was refused when
+    zero_stage differed (a key the run does not use); the stage the run uses is what must match."""
+    import random
+
+    from r1train.config import CONFIG_DIR
+
+    out = _copy(sft_run, tmp_path)
+    stage = random.choice([1, 2, 3])
+    zero0 = os.path.join(CONFIG_DIR, "ds_zero0.json")
+    t = _sft(out, "max_steps=6", "resume_from_checkpoint=latest", f"zero_stage={stage}", f"deepspeed={zero0}")
+    assert t.step0 == 4

@@ -20,10 +20,11 @@ def test_wandb_offline_gets_metrics_and_completions(tmp_path, monkeypatch):
     calls, log = [], run.log
     run.log = lambda data, step=None, **kw: (calls.append((step, data)), log(data, step=step, **kw))[1]
     hist = t.train()
-    metrics = [(st, d) for st, d in calls if "loss" in d]
-    assert [st for st, _ in metrics] == [1, 2]
-    for (_, d), h in zip(metrics, hist):
-        assert d["loss"] == h["loss"] and d["reward"] == h["reward"] and d["entropy"] == h["entropy"]
+    metrics = [(st, d) for st, d in calls if "train/loss" in d]
+    assert [st for st, _ in metrics] == [1, 2] and [d["train/global_step"] for _, d in metrics] == [1, 2]
+    for (_, d), h in zip(metrics, hist):  # TRL's names on the backends (transformers' rewrite_logs)
+        assert d["train/loss"] == h["loss"] and d["train/reward"] == h["reward"]
+        assert d["train/entropy"] == h["entropy"]
     tables = [(st, d["completions"]) for st, d in calls if "completions" in d]
     assert [st for st, _ in tables] == [2]  # logging_steps=2
     tab = tables[0][1]
@@ -203,7 +204,44 @@ def test_tensorboard_resume_drops_the_killed_runs_later_steps(tmp_path):
     log.close()
     ea = EventAccumulator(str(tmp_path / "runs"))
     ea.Reload()
-    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb", "trackio"])
+def test_backends_get_trls_metric_names(tmp_path, backend):
+    """transformers' TensorBoard / W&B / Trackio callbacks send TRL's logs renamed (rewrite_logs): train/<name>,
+    eval_<name> as eval/<name>, and (W&B, Trackio) train/global_step, the step. The backends got the bare names.
+    metrics.jsonl keeps them bare, as TRL's log_history."""
+    import json
+    import random
+
+    from r1train.metrics import MetricsLogger
+
+    class Sink:
+        def __init__(self):
+            self.got = []
+
+        def add_scalar(self, tag, value, step):
+            self.got.append((step, {tag: value}))
+
+        def log(self, data, step=None):
+            self.got.append((step, data))
+
+    log = MetricsLogger(str(tmp_path), report_to="none")
+    sink = log.sinks[backend] = Sink()
+    rng = random.Random()
+    step = rng.randrange(1, 1000)
+    values = {"loss": rng.random(), "rewards/accuracy/mean": rng.random(), "eval/accuracy": rng.random(),
+              "eval_loss": rng.random(), "kl": float("nan")}
+    log.log(step, values)
+    got = {k: v for st, d in sink.got for k, v in d.items() if st == step}
+    want = {"train/loss": values["loss"], "train/rewards/accuracy/mean": values["rewards/accuracy/mean"],
+            "eval/accuracy": values["eval/accuracy"], "eval/loss": values["eval_loss"]}
+    if backend != "tensorboard":
+        want["train/global_step"] = step
+    assert got == want and all(st == step for st, _ in sink.got)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row == {"step": step, **values, "kl": None, "nonfinite": {"kl": "nan"}}
 
 
 def test_completions_table_with_columns_that_differ_by_rank(tmp_path, monkeypatch):

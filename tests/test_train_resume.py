@@ -155,3 +155,45 @@ def test_sigterm_after_the_last_step_keeps_the_trained_model(tmp_path, monkeypat
     assert rows(run) == rows(ref) and [r["step"] for r in rows(ref)] == [1, 2, 3, 3]
     wa, wb = (load_file(d / "checkpoint-3" / "model.safetensors") for d in (ref, run))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_reward_functions_in_the_config(tmp_path, monkeypatch):
+    """cfg.reward_funcs may hold functions (a config built in code, as TRL takes reward_funcs): trainer_state.json
+    kept their repr, whose address differs in the next process, so every resume was refused as another
+    reward_funcs. A function is kept by its qualified name: the same function imported again (another object,
+    another address, as in a new process) resumes; another function is still refused, naming reward_funcs."""
+    import dataclasses
+    import importlib
+    import random
+
+    from r1train.checkpoint import CheckpointError
+    from r1train.config import load_config
+    from r1train.grpo import GRPOTrainer
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    name = f"r1_test_rewards_{random.randrange(10**9)}"
+    (tmp_path / f"{name}.py").write_text(
+        "def shaped(completions, **kw):\n    return [float(len(str(c)) % 3) for c in completions]\n\n\n"
+        "def other(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    out = tmp_path / "run"
+    cfg = load_config(overrides=H.FAST + ["max_steps=1", "save_steps=1", f"output_dir={out}"])
+    train, ev = load_datasets(cfg)
+
+    def trainer(fns, **kw):
+        c = dataclasses.replace(cfg, reward_funcs=fns, **kw)
+        model, tok = load_model_and_tokenizer(c)
+        return GRPOTrainer(c, model, tok, train, ev)
+
+    first = mod.shaped
+    t = trainer([first, "format"])
+    t.train()
+    t.finish()
+    mod = importlib.reload(mod)  # new function objects of the same names
+    assert mod.shaped is not first and repr(mod.shaped) != repr(first)
+    resume = dict(max_steps=2, resume_from_checkpoint="latest")
+    for fns in ([mod.other, "format"], [mod.shaped, "accuracy"], ["format", mod.shaped]):
+        with pytest.raises(CheckpointError, match=r"reward_funcs \(checkpoint \['[\w.]*shaped', 'format'\]"):
+            trainer(fns, **resume)
+    assert trainer([mod.shaped, "format"], **resume).step0 == 1

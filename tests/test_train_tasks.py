@@ -68,21 +68,46 @@ def test_problems_use_only_the_allowed_operators(ops):
             ArithSpec(min_terms=3, max_terms=6, max_operand=4, ops="-")
 
 
-@pytest.mark.parametrize("sizes", [(2000, 400), (300, 50)])
+@pytest.mark.parametrize("sizes", [(2000, 100), (300, 50)])
 def test_builtin_held_out_set_never_trained_on(sizes):
-    from r1train.config import ConfigError, TrainConfig
+    """The CLI's held-out problems (load_datasets) are distinct (its 400 of 126 two-term problems counted some
+    several times) and never trained on; they and the training problems are split()'s, the demo's."""
+    from r1train.config import ConfigError, TrainConfig, task_spec
     from r1train.loading import load_datasets
+    from r1train.tasks import arith
 
     n_train, n_eval = sizes
-    cfg = TrainConfig(task_train_size=n_train, task_eval_size=n_eval, task_min_terms=2, task_max_terms=2)
+    cfg = TrainConfig(task_train_size=n_train, task_eval_size=n_eval, task_min_terms=2, task_max_terms=2,
+                      seed=random.randrange(2**31))
     train, ev = load_datasets(cfg)
     assert len(train) == n_train and len(ev) == n_eval
     q = lambda r: r["prompt"][-1]["content"]  # noqa: E731
-    assert not {q(r) for r in train} & {q(r) for r in ev}
+    assert not {q(r) for r in train} & {q(r) for r in ev} and len({q(r) for r in ev}) == n_eval
     assert all(q(r) == f"What is {r['expression']}?" for r in train + ev)
-    small = TrainConfig(task_train_size=10, task_eval_size=60, task_min_terms=2, task_max_terms=2, task_max_operand=1)
-    with pytest.raises(ConfigError, match="task_train_size"):  # 1+1 and 1-1 only: 60 draws hold both out
+    want = arith.split(n_train, n_eval, cfg.seed, task_spec(cfg))
+    assert tuple([arith.expression(*p) for p in part] for part in want) == \
+        ([r["expression"] for r in train], [r["expression"] for r in ev])
+    with pytest.raises(ConfigError, match="distinct held-out problems.*task_eval_size=400"):
+        load_datasets(TrainConfig(task_eval_size=400, task_min_terms=2, task_max_terms=2))  # of 126
+    small = TrainConfig(task_train_size=10, task_eval_size=2, task_min_terms=2, task_max_terms=2, task_max_operand=1)
+    with pytest.raises(ConfigError, match="task_train_size"):  # 1+1 and 1-1 only: both held out
         load_datasets(small)
+
+
+def test_problems_do_not_depend_on_the_flaw_share():
+    """The flaws' coin flips drew from the problems' stream, so task_flaw_share changed the problems (the same
+    seed, other problems): they come from their own stream. A share flaws about that share of the rows, and
+    the flawed rows at a share are among those at any larger share, with the same slips."""
+    seed, spec = random.randrange(2**31), ArithSpec(min_terms=3, max_terms=4, max_operand=9)
+    lo, hi = sorted(random.uniform(0.1, 0.9) for _ in range(2))
+    rows = {s: generate(600, seed, spec, flaw_share=s) for s in (0.0, lo, hi, 1.0)}
+    assert len({tuple(r["expression"] for r in rs) for rs in rows.values()}) == 1
+    assert generate(600, seed, spec, flaw_share=lo) == rows[lo]
+    flawed = {s: {i for i, (r, c) in enumerate(zip(rs, rows[0.0])) if r["solution"] != c["solution"]}
+              for s, rs in rows.items()}
+    assert not flawed[0.0] and len(flawed[1.0]) == 600 and flawed[lo] <= flawed[hi]
+    assert all(rows[lo][i] == rows[hi][i] == rows[1.0][i] for i in flawed[lo])
+    assert abs(len(flawed[lo]) / 600 - lo) < 0.1
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -96,17 +96,23 @@ def worked_solution(nums, ops, flaw_step: int | None = None, flaw_delta: int = 0
 
 
 def generate(n: int, seed: int, spec: ArithSpec = ArithSpec(), flaw_share: float = 0.0,
-             exclude=frozenset()) -> list[dict]:
+             exclude=frozenset(), distinct: bool = False) -> list[dict]:
     """n rows: {"prompt": [chat messages], "answer": str, "solution": worked (possibly flawed) text,
-    "expression": "7+5-3"}; problems whose expression is in `exclude` are skipped (held-out sets)."""
-    rng = random.Random(seed)
+    "expression": "7+5-3"}. exclude: expressions never drawn (a held-out set, for the training set beside it);
+    distinct: no problem twice (a held-out set). So a distinct set from seed + 10_000 and the set from seed
+    excluding it are split()'s problems. The problems depend on seed and spec only: the slips come from a stream
+    of their own, and flaw_share only picks the rows that have theirs (the flawed rows at a share are among those
+    at any larger share)."""
+    rng, rng_flaw = random.Random(seed), random.Random(f"arith-flaws-{seed}")
+    seen = set(exclude) if distinct else exclude  # draw() reads it lazily: each problem added as drawn
+    what = "distinct held-out problems" if distinct else "problems outside the held-out set"
     rows = []
-    for nums, ops, expr in draw(rng, spec, n, exclude):
+    for nums, ops, expr in draw(rng, spec, n, seen, what=what):
+        if distinct:
+            seen.add(expr)
         truth = worked_solution(nums, ops)[1]
-        flawed = rng.random() < flaw_share
-        step = rng.randrange(len(ops)) if flawed else None
-        delta = rng.choice([-2, -1, 1, 2]) if flawed else 0
-        text, _ = worked_solution(nums, ops, step, delta)
+        u, step, delta = rng_flaw.random(), rng_flaw.randrange(len(ops)), rng_flaw.choice([-2, -1, 1, 2])
+        text, _ = worked_solution(nums, ops, step if u < flaw_share else None, delta)
         msgs = [{"role": "user", "content": f"What is {expr}?"}]
         if SYSTEM_PROMPT:
             msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
