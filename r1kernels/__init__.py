@@ -108,9 +108,11 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
     (unbiased std), the whole batch's std for "batch", no division for "none". rewards and reward_weights
     must be finite (NaN or inf: ValueError, a device assert for CUDA tensors), and so must the advantages in float32:
     scale="none" with rewards whose spread passes float32's range, or float64 rewards past F64_REWARD_MAX, is a
-    AdvantageOverflowError (a ValueError) naming rewards (eager calls; see _ADV_OVERFLOW)."""
+    AdvantageOverflowError (a ValueError) naming rewards (eager calls; see _ADV_OVERFLOW). Not differentiable: the
+    advantages never require grad, on every backend (constants of the loss; TRL computes them under no_grad)."""
     group_size, eps = _checks.as_python(group_size), _checks.as_python(eps)
     _checks.float_tensor("rewards", rewards, ndim=(1, 2))
+    rewards = rewards.detach()
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     n = rewards.shape[0]
@@ -130,7 +132,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_wei
         if rewards.dim() != 2:
             raise ValueError("reward_weights needs rewards of shape [B*G, R]")
         try:
-            reward_weights = torch.as_tensor(reward_weights, dtype=torch.float32)
+            reward_weights = torch.as_tensor(reward_weights, dtype=torch.float32).detach()
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"reward_weights must be numbers, one per reward column, got {reward_weights!r}") from e
         _checks.shape("reward_weights", reward_weights, (rewards.shape[1],), " (one per reward column)")
@@ -224,6 +226,8 @@ def _check_grpo(ids, advantages, mask, *, old_logprobs, ref_logprobs, beta, epsi
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
                              f"{tuple(num_items_in_batch.shape)}")
+        # on another device the kernels read it through a pointer of the wrong device (garbage or a crash)
+        _checks.same_device(completion_ids=ids, num_items_in_batch=num_items_in_batch)
         if _eager():
             _checks._value_check(((num_items_in_batch > 0) & torch.isfinite(num_items_in_batch)).all(),
                                  "num_items_in_batch must be finite and > 0")
@@ -351,8 +355,13 @@ def sample_tokens(logits, seeds, positions, *, temperature=1.0, top_k=0, top_p=1
     the distribution sampled from). seeds [B] and positions [B] (int tensors) key the counter-based noise:
     a row's token depends only on (logits row, seed, position), never on the batch it sits in.
     top_k 0 and top_p 1.0 and min_p 0.0 disable those truncations; greedy takes the argmax. No host sync
-    (CUDA-graph safe). The exact semantics are r1kernels.reference.sampling's docstring."""
+    (CUDA-graph safe). A row whose logits hold NaN or +inf (or a logit that overflows at this temperature), or are
+    all -inf, draws token 0 with log-prob NaN on every backend (found by one max over each row on the device; the
+    caller checks the log-probs, as r1train's generate(check_finite=True) does once per rollout). Not
+    differentiable: the log-probs never require grad, on every backend. The exact semantics are
+    r1kernels.reference.sampling's docstring."""
     _checks.float_tensor("logits", logits, ndim=2)
+    logits = logits.detach()
     B, V = logits.shape
     _checks.int_tensor("seeds", seeds, ndim=1)
     _checks.shape("seeds", seeds, (B,), " (one per logits row)")
@@ -480,12 +489,13 @@ def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backen
 
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):
     """Hugging Face RMSNorm (Qwen2/Llama): weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), fp32 math;
-    x [..., H], weight [H]. Differentiable in x and weight (the Triton kernel has a fused backward)."""
+    x [..., H], weight [H]; eps a finite number > 0. Differentiable in x and weight (the Triton kernel has a fused
+    backward)."""
     _checks.float_tensor("x", x, min_ndim=1)
     _checks.float_tensor("weight", weight, ndim=1)
     _checks.shape("weight", weight, (x.shape[-1],), " (the last dim of x)")
     _checks.same_device(x=x, weight=weight)
-    eps = _checks.positive("eps", eps, allow_zero=True)
+    eps = _checks.positive("eps", eps)  # eps = 0: an all-zero row is 0 * rsqrt(0) = 0 * inf = NaN
     fn = _backend.pick("rms_norm", backend, x.device, x, weight)
     return (fn or _ref.rms_norm)(x, weight, float(eps))
 

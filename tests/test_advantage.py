@@ -190,3 +190,23 @@ def test_cuda_scale_none_past_float32_raises_with_sync_checks(backend, monkeypat
     r[:3] = torch.randn(3)
     out = rk.group_advantages(r, 3, scale="none", backend=backend)
     torch.testing.assert_close(out, ref_adv(r, 3, "none", 1e-4, None), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("cols", [0, 3])
+def test_rewards_that_require_grad_give_advantages_without_grad(backend, cols):
+    """group_advantages is not differentiable on any backend (the advantages are constants of the loss, computed
+    under no_grad in TRL): rewards (and reward weights) that require grad give advantages that do not, equal to
+    those of the detached rewards (the reference returned a gradient, the Triton op raised in backward, the C++
+    op's graph gave None)."""
+    _cpu_backend(backend)
+    for n_groups, G in [(2, 4), (5, 3)]:
+        r = torch.randn(n_groups * G, cols) if cols else torch.randn(n_groups * G)
+        w = torch.rand(cols).requires_grad_() if cols else None
+        x = r.clone().requires_grad_()
+        for scale in ("group", "batch", "none"):
+            out = rk.group_advantages(x * 2.0, G, scale=scale, reward_weights=w, backend=backend)
+            want = rk.group_advantages(r * 2.0, G, scale=scale, reward_weights=None if w is None else w.detach(),
+                                       backend=backend)
+            assert not out.requires_grad and out.grad_fn is None
+            assert torch.equal(out, want)

@@ -230,6 +230,21 @@ def test_inf_scalar_options(call):
         call()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eps", [0.0, 0, -1e-6, -math.inf, math.nan])
+def test_rms_norm_eps_must_be_positive(backend, eps):
+    """eps <= 0 (or NaN) is a ValueError naming eps on every backend: an all-zero row is 0 * rsqrt(0 + eps), NaN at
+    eps = 0. Any eps > 0 gives that row zeros."""
+    pytest.importorskip("triton")
+    for shape in [(3, 8), (2, 5, 33)]:
+        x, w = torch.randn(shape), torch.randn(shape[-1])
+        x[0] = 0.0
+        with pytest.raises(ValueError, match="eps must be"):
+            rk.rms_norm(x, w, eps, backend=backend)
+        out = rk.rms_norm(x, w, 1e-12, backend=backend)
+        assert torch.isfinite(out).all() and (out[0] == 0).all()
+
+
 def test_route_and_permute_shapes():
     with pytest.raises(ValueError, match="e_score_correction_bias"):
         rk.moe.route(torch.randn(5, 16), torch.zeros(8), top_k=2, n_group=4, topk_group=2)

@@ -271,6 +271,7 @@ def test_opcheck():
                           {**opts, "num_items_f": None, "is_mode": "token_mask", "is_clip_max": 1.5})
     torch.library.opcheck(grpo_ops.grpo_loss_fwd_inplace, (logits.clone(),) + args, opts)
     torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args, {**opts, "entropy": True})
+    torch.library.opcheck(grpo_ops.grpo_loss_fwd, (logits.clone(),) + args, {**opts, "grad": False})
     torch.library.opcheck(grpo_ops.grpo_scale_grad_, (logits.clone(), torch.tensor(2.0)))
     for entropy in (False, True):
         logp, lse, ent = grpo_ops.grpo_logprobs(logits, ids, mask, 0.9, entropy)
@@ -634,3 +635,108 @@ def test_sampling_logprobs_get_no_gradient(backend, mode):
     out.loss.backward()
     assert samp.grad is None or samp.grad.abs().max() == 0
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def _f64(kw):
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_repeated_backward_matches_reference(level, inplace):
+    """Backward through one loss three times (torch.autograd.grad twice with retain_graph=True, then .backward(),
+    which frees the graph) at upstream g1 = 1, g2, g3: each gives the float64 reference's gradient, and the first
+    result is left as it was (the forward's saved gradient is scaled in place only by a backward that frees the
+    graph; it was scaled twice, or the second backward failed on its version counter)."""
+    for B, T, V in [(2, 3, 17), (3, 5, 37), (1, 1, 5)]:
+        logits, ids, adv, mask, old, ref = _inputs(B, T, V)
+        kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.04, importance_sampling_level=level)
+        x = logits.clone().requires_grad_()
+        out = rk.grpo_loss(x * 1.0, ids, adv, mask, backend="triton", inplace_backward=inplace, **kw)
+        x64 = logits.double().requires_grad_()
+        ref_loss = rk.grpo_loss(x64, ids, adv.double(), mask, backend="torch", **_f64(kw)).loss
+        g1, g2, g3 = 1.0, 0.5 + torch.rand(()).item(), -1.0 - torch.rand(()).item()
+        (first,) = torch.autograd.grad(out.loss * g1, x, retain_graph=True)
+        kept = first.clone()
+        (second,) = torch.autograd.grad(out.loss * g2, x, retain_graph=True)
+        (out.loss * g3).backward()
+        for g, got, name in ((g1, first, "first"), (g2, second, "second"), (g3, x.grad, "third")):
+            (want,) = torch.autograd.grad(ref_loss * g, x64, retain_graph=True)
+            assert_close(got, want, name=f"{name} backward {(B, T, V)}")
+        assert torch.equal(first, kept)
+
+
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+@pytest.mark.parametrize("how", ["no_grad", "no_requires_grad"])
+@pytest.mark.parametrize("B,T,V", [(2, 3, 1000), (3, 4, 517)])
+def test_no_gradient_wanted_writes_none(level, how, B, T, V):
+    """Without a gradient to compute (torch.no_grad(), or logits that do not require grad) the kernel path
+    allocates no logits-sized buffer (the largest allocation is far below one; with grad the token-level forward
+    writes one) and its loss, metrics and log-probs are bitwise those of the call with grad."""
+    from torch.profiler import ProfilerActivity, profile
+
+    logits, ids, adv, mask, old, ref = _inputs(B, T, V)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.04, importance_sampling_level=level, compute_entropy=True)
+
+    def largest_allocation(x, grad):
+        with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+            out = rk.grpo_loss(x, ids, adv, mask, backend="triton", **kw)
+        return out, max([e.cpu_memory_usage for e in p.events()] + [0])
+
+    with_grad, big = largest_allocation(logits.clone().requires_grad_(), True)
+    if level == "token":  # the forward's gradient buffer: the measurement sees it (sequence: in backward)
+        assert big >= logits.nbytes
+    out, big = largest_allocation(logits.clone().requires_grad_(how == "no_grad"), how != "no_grad")
+    assert big < logits.nbytes // 4, (how, big, logits.nbytes)
+    assert out.loss.grad_fn is None
+    assert torch.equal(out.loss, with_grad.loss.detach())
+    assert torch.equal(out.per_token_logprobs, with_grad.per_token_logprobs)
+    assert all(torch.equal(out.metrics[k], with_grad.metrics[k]) for k in with_grad.metrics)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_num_items_tensor_on_another_device_is_an_error(backend, linear):
+    """num_items_in_batch as a tensor on another device than the inputs: a ValueError naming it on every backend
+    (the Triton kernel read it through a pointer of the wrong device: a loss of ~1e-17 from a "meta" tensor; the
+    reference returned a meta loss). The GPU case is test_gpu_num_items_tensor_on_the_cpu_is_an_error."""
+    B, T, V, H = 2, 3, 7, 4
+    logits, ids, adv, mask, _, _ = _inputs(B, T, V)
+    for n in (torch.tensor(5.0, device="meta"), torch.tensor([5.0], device="meta")):
+        with pytest.raises(ValueError, match="num_items_in_batch is on meta but completion_ids is on cpu"):
+            if linear:
+                rk.linear_grpo_loss(torch.randn(B, T, H), torch.randn(V, H), ids, adv, mask, num_items_in_batch=n,
+                                    backend=backend)
+            else:
+                rk.grpo_loss(logits, ids, adv, mask, num_items_in_batch=n, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_num_items_tensor_on_the_cpu_is_an_error(backend):
+    logits, ids, adv, mask, _, _ = _inputs(2, 3, 7, device="cuda")
+    with pytest.raises(ValueError, match="num_items_in_batch is on cpu but completion_ids is on cuda"):
+        rk.grpo_loss(logits, ids, adv, mask, num_items_in_batch=torch.tensor(5.0), backend=backend)
+
+
+@pytest.mark.parametrize("level", R.IS_LEVELS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_per_token_logprobs_are_zero_where_masked(backend, level, linear):
+    """per_token_logprobs: 0 where completion_mask is 0 on every backend and path (the kernels read nothing there;
+    the reference and the linear sequence-level path returned the label's log-prob), the float64 log-prob
+    elsewhere; masked labels may be -100."""
+    for B, T, V, H in [(2, 3, 11, 4), (3, 7, 40, 8)]:
+        hidden, weight = torch.randn(B, T, H), torch.randn(V, H)
+        logits = hidden @ weight.t()
+        ids = torch.randint(0, V, (B, T))
+        mask = (torch.rand(B, T) > 0.4).long()
+        mask[0, 0], mask[-1, -1] = 0, 1
+        kw = dict(importance_sampling_level=level, backend=backend)
+        if linear:
+            out = rk.linear_grpo_loss(hidden, weight, ids.masked_fill(mask == 0, -100), torch.randn(B), mask, **kw)
+        else:
+            out = rk.grpo_loss(logits, ids.masked_fill(mask == 0, -100), torch.randn(B), mask, **kw)
+        want = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
+        assert (out.per_token_logprobs[mask == 0] == 0).all()
+        assert_close(out.per_token_logprobs[mask == 1], want[mask == 1], name="unmasked log-probs")

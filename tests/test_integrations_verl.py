@@ -587,3 +587,109 @@ def test_vocab_parallel_backward_makes_one_logits_sized_tensor(tmp_path):
                 assert rec.ops == ["r1kernels.token_logprobs_bwd.default"], f"{name} {dtype}: {rec.ops}"
     finally:
         dist.destroy_process_group()
+
+
+class _FakeGroup:
+    """torch.distributed's calls of r1kernels.integrations._vocab_parallel for `world` threads as ranks (rank:
+    thread-local): all_reduce meets at a barrier. One thread runs at a time (`turn`, released only while waiting),
+    so the Triton interpreter never runs two kernels at once."""
+    ReduceOp = torch.distributed.ReduceOp
+
+    def __init__(self, world):
+        import threading
+
+        self.world, self.turn = world, threading.Lock()
+        self.barrier = threading.Barrier(world, timeout=120)
+        self.slots, self.local = [None] * world, threading.local()
+
+    def get_rank(self, group=None):
+        return self.local.rank
+
+    def get_world_size(self, group=None):
+        return self.world
+
+    def _meet(self):
+        self.turn.release()
+        try:
+            self.barrier.wait()
+        finally:
+            self.turn.acquire()
+
+    def all_reduce(self, t, op=ReduceOp.SUM, group=None):
+        self.slots[self.local.rank] = t.detach().clone()
+        self._meet()
+        stacked = torch.stack(self.slots)
+        t.copy_(stacked.amax(0) if op == self.ReduceOp.MAX else stacked.sum(0))
+        self._meet()  # every rank has read the slots before any writes the next round's
+
+    def run(self, fn):
+        """[fn(rank) for each rank], one thread per rank (a rank's exception re-raised here)."""
+        import threading
+
+        out = [None] * self.world
+
+        def body(rank):
+            self.local.rank = rank
+            with self.turn:
+                try:
+                    out[rank] = fn(rank)
+                except Exception as e:  # noqa: BLE001 -- re-raised in the test's thread
+                    out[rank] = e
+                    self.barrier.abort()  # no rank left waiting for this one
+
+        threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(self.world)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(300)
+        for o in sorted(out, key=lambda o: isinstance(o, threading.BrokenBarrierError)):  # the cause first
+            if isinstance(o, Exception):
+                raise o
+        return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world,lead,shard", [(2, (3,), 5), (3, (2, 4), 7), (4, (17,), 40)])
+def test_vocab_parallel_shard_of_minus_inf_logits(monkeypatch, dtype, backend, world, lead, shard):
+    """A row whose logits on one or more ranks' shards are all -inf (a masked vocabulary: that shard holds no
+    probability): the log-probs, entropy and logits gradients of the vocab-parallel drop-ins equal the float64
+    full-vocabulary computation, finite, the gradient 0 on the -inf shards (each shard's share of the entropy
+    was 0 * NaN: NaN entropy and gradients). Ranks are threads under a fake process group; fresh inputs at several
+    shapes and group sizes."""
+    from r1kernels.integrations import _vocab_parallel as vp
+
+    V = world * shard
+    logits = (torch.randn(*lead, V, dtype=torch.float64) * 3).to(dtype)
+    rows = logits.view(-1, world, shard)
+    dead = torch.rand(rows.shape[:2]) < 0.5
+    dead[0, 1:], dead[0, 0] = True, False  # one row with every shard but the first dead
+    dead[dead.all(-1), 0] = False  # every row keeps a live shard
+    rows.masked_fill_(dead[..., None], float("-inf"))
+    live_ids = [torch.nonzero(~d)[:, 0] for d in dead]  # each row's label on one of its live shards
+    labels = torch.stack([ids[torch.randint(len(ids), ())] * shard + torch.randint(shard, ())
+                          for ids in live_ids]).reshape(lead)
+
+    z = logits.double().requires_grad_()
+    logp_all = torch.log_softmax(z, -1)
+    p = logp_all.exp()
+    want = {"ent": -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1),  # 0 log 0 = 0
+            "logp": logp_all.gather(-1, labels[..., None])[..., 0]}
+    assert all(torch.isfinite(w).all() for w in want.values())
+
+    fake = _FakeGroup(world)
+    monkeypatch.setattr(vp, "dist", fake)
+    shards = {name: [logits[..., r * shard:(r + 1) * shard].clone().requires_grad_() for r in range(world)]
+              for name in want}
+    got = {"ent": fake.run(lambda r: vp.logits_entropy(shards["ent"][r], None, backend)),
+           "logp": fake.run(lambda r: vp.logits_logprobs(shards["logp"][r], labels, None, backend))}
+    for name, outs in got.items():
+        g = torch.randn(lead, dtype=torch.float64)
+        (want_grad,) = torch.autograd.grad((want[name] * g).sum(), z, retain_graph=True)
+        for out in outs:
+            (out * g.to(out.dtype)).sum().backward()  # the loss is the same on every rank (Megatron's)
+        grad = torch.cat([s.grad for s in shards[name]], -1)
+        for r, out in enumerate(outs):
+            assert_close(out, want[name].detach(), dtype, name=f"{name} rank {r}")
+        assert_close(grad, want_grad, dtype, name=f"{name} grad")
+        assert (grad.view(-1, world, shard)[dead] == 0).all(), name

@@ -298,6 +298,9 @@ def test_compile_fullgraph():
     torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach().requires_grad_(), weight.detach(), None, ids, adv,
                                                      None, None, None, None, None), {**opts, "grad_weight": False},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(lin_ops.linear_grpo_fwd, (hidden.detach(), weight.detach(), torch.randn(V), ids, adv, None,
+                                                     None, None, None, None),
+                          {**opts, "grad_hidden": False, "grad_weight": False, "grad_bias": False})
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -517,3 +520,68 @@ def test_linear_old_ref_logprobs_get_no_gradient(backend):
     assert_close(out.loss, want.detach(), name="loss")
     assert_close(h.grad, h64.grad, name="hidden grad")
     assert_close(w.grad, w64.grad, name="weight grad")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("B,T,H,V", [(2, 3, 8, 17), (3, 5, 12, 61), (1, 1, 4, 5)])
+def test_repeated_backward_matches_reference(with_bias, B, T, H, V):
+    """Backward through one loss three times (torch.autograd.grad twice with retain_graph=True, then .backward(),
+    which frees the graph) at upstream g1 = 1, g2, g3: the hidden / weight / bias gradients equal the float64
+    reference's each time, and the first results are left as they were (the gradients written in the forward are
+    scaled in place only by a backward that frees the graph; the second backward failed on their version)."""
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H) / H ** 0.5 * 3
+    bias = torch.randn(V) * 0.1 if with_bias else None
+    ids, adv, old = torch.randint(0, V, (B, T)), torch.randn(B), torch.randn(B, T) - 3.0
+    mask = (torch.rand(B, T) > 0.2).float()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+
+    def loss(ls, backend):
+        b = ls[2] if with_bias else None
+        o = old.to(ls[0].dtype)
+        return rk.linear_grpo_loss(ls[0], ls[1], ids, adv.to(ls[0].dtype), mask, bias=b, old_logprobs=o,
+                                   ref_logprobs=o, beta=0.04, backend=backend).loss
+
+    out, ref = loss(leaves, "triton"), loss(leaves64, "torch")
+    g1, g2, g3 = 1.0, 0.5 + torch.rand(()).item(), -1.0 - torch.rand(()).item()
+    first = torch.autograd.grad(out * g1, leaves, retain_graph=True)
+    kept = [t.clone() for t in first]
+    second = torch.autograd.grad(out * g2, leaves, retain_graph=True)
+    (out * g3).backward()
+    for g, got, name in ((g1, first, "first"), (g2, second, "second"), (g3, [t.grad for t in leaves], "third")):
+        want = torch.autograd.grad(ref * g, leaves64, retain_graph=True)
+        for n, a, b in zip(("hidden", "weight", "bias"), got, want):
+            assert_close(a, b, name=f"{name} backward grad {n}")
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+
+
+@pytest.mark.parametrize("how", ["no_grad", "no_requires_grad"])
+@pytest.mark.parametrize("B,T,H,V", [(2, 3, 8, 17), (3, 5, 12, 61)])
+def test_no_gradient_wanted_writes_none(how, B, T, H, V, monkeypatch):
+    """Without a gradient to compute the fused loss kernel is launched with no gradient output (it skips its
+    second pass over the logits; no bias-gradient reduction), over several chunks, and the loss, metrics and
+    log-probs are bitwise those of the call with grad."""
+    from r1kernels.triton import grpo as k
+
+    launched = []
+    orig = k.grpo_token
+    monkeypatch.setattr(k, "grpo_token", lambda *a, **kw: (launched.append(a[10] is not None), orig(*a, **kw))[1])
+    hidden, weight, bias = torch.randn(B, T, H), torch.randn(V, H) / H ** 0.5 * 3, torch.randn(V) * 0.1
+    ids, adv, old = torch.randint(0, V, (B, T)), torch.randn(B), torch.randn(B, T) - 3.0
+
+    def run(grad, *ts):
+        with torch.set_grad_enabled(grad):
+            return rk.linear_grpo_loss(ts[0], ts[1], ids, adv, bias=ts[2], old_logprobs=old, compute_entropy=True,
+                                       chunk_budget_bytes=4 * V * 4, backend="triton")
+
+    def leaves():
+        return [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+
+    with_grad = run(True, *leaves())
+    assert len(launched) > 1 and all(launched)
+    launched.clear()
+    out = run(True, hidden, weight, bias) if how == "no_requires_grad" else run(False, *leaves())
+    assert len(launched) > 1 and not any(launched), launched
+    assert out.loss.grad_fn is None and torch.equal(out.loss, with_grad.loss.detach())
+    assert torch.equal(out.per_token_logprobs, with_grad.per_token_logprobs)
+    assert all(torch.equal(out.metrics[k], with_grad.metrics[k]) for k in with_grad.metrics)

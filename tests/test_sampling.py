@@ -385,3 +385,63 @@ def test_gpu_edge_options_match_transformers_warpers(B, V, opts):
     assert hf.gather(-1, tok[:, None]).all()
     assert int((tok != rtok).sum()) <= 1  # a float near-tie of -log(-log(u)) can differ across backends
     assert_close(lp, _logp64(logits, tok, hf, **o).float(), torch.float32, name="triton logp")
+
+
+def _no_distribution_rows(B, V):
+    """logits [B, V] whose even rows have nothing to sample from (a NaN at a random index, +inf, NaN and +inf, all
+    NaN, all -inf, a finite logit past float32 at temperature 1e-5, cycling), odd rows finite (one -inf entry)."""
+    logits, seeds, positions = _inputs(B, V)
+    bad = torch.zeros(B, dtype=torch.bool)
+    for b in range(0, B, 2):
+        kind, i, j = (b // 2) % 6, torch.randint(0, V, ()).item(), torch.randint(0, V, ()).item()
+        if kind == 0:
+            logits[b, i] = math.nan
+        elif kind == 1:
+            logits[b, i] = math.inf
+        elif kind == 2:
+            logits[b, i], logits[b, j] = math.nan, math.inf
+        elif kind == 3:
+            logits[b] = math.nan
+        elif kind == 4:
+            logits[b] = -math.inf
+        else:
+            logits[b, i] = 4e33  # finite; 4e33 / 1e-5 overflows float32: no distribution at that temperature
+        bad[b] = kind != 5
+    logits[1::2, 0] = -math.inf
+    return logits, seeds, positions, bad
+
+
+@pytest.mark.parametrize("B,V", [(12, 9), (12, 400)])  # 400: two programs per row under the interpreter
+@pytest.mark.parametrize("opts", OPTS + [dict(temperature=1e-5, top_k=3)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_rows_with_nan_or_inf_logits_are_marked_alike(B, V, opts):
+    """A row whose logits hold NaN or +inf (also one that overflows at the temperature), or are all -inf, draws
+    token 0 with log-prob NaN on every backend and with every option (the Triton kernel skipped a NaN logit and
+    returned a finite log-prob, the reference took the NaN's index: different tokens, and a NaN row that r1train's
+    generate(check_finite=True) could not see); the other rows draw as they do without them."""
+    logits, seeds, positions, bad = _no_distribution_rows(B, V)
+    o = _opts(**opts)
+    if o["temperature"] == 1e-5:
+        bad |= (logits / 1e-5 == math.inf).any(-1)
+    for backend in ("torch", "triton"):
+        tok, lp = rk.sample_tokens(logits, seeds, positions, backend=backend, **opts)
+        assert (tok[bad] == 0).all() and lp[bad].isnan().all(), (backend, tok.tolist(), lp.tolist())
+        good = ~bad
+        tok_g, lp_g = rk.sample_tokens(logits[good], seeds[good], positions[good], backend=backend, **opts)
+        assert torch.equal(tok[good], tok_g) and torch.isfinite(lp[good]).all() and torch.equal(lp[good], lp_g)
+    rtok, rlp = rk.sample_tokens(logits, seeds, positions, backend="torch", **opts)
+    assert torch.equal(tok, rtok)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_that_require_grad_give_outputs_without_grad(backend):
+    """sample_tokens is not differentiable on any backend: logits that require grad give log-probs that do not
+    (the reference returned a differentiable log-prob, the Triton op one whose backward raised), equal to those of
+    the detached logits."""
+    for B, V in [(3, 20), (5, 130)]:
+        logits, seeds, positions = _inputs(B, V)
+        x = logits.clone().requires_grad_()
+        tok, lp = rk.sample_tokens(x * 2.0, seeds, positions, top_p=0.9, backend=backend)
+        want_tok, want_lp = rk.sample_tokens(logits * 2.0, seeds, positions, top_p=0.9, backend=backend)
+        assert not lp.requires_grad and lp.grad_fn is None and not tok.requires_grad
+        assert torch.equal(tok, want_tok) and torch.equal(lp, want_lp)

@@ -89,12 +89,19 @@ def combine(logp_r, ent_r, z_idx, owned, labels, shard, group, world, lse_r=None
         _value_check(stat[-1] == 0, f"labels must be token ids in [0, {vocab}) (the full vocabulary: {world} ranks x "
                                     f"{shard} ids each) on every rank")
     m = stat[:-n].reshape(lse_r.shape)
-    w = torch.exp(lse_r - m)
+    # a row's shard with no probability mass (every logit -inf: lse_r = -inf, its entropy and log-prob NaN) adds
+    # nothing: w_r = 0, Z's term -inf where it holds the label, and its NaN terms are replaced before any product
+    # (0 * NaN is NaN, in the backward too: the gradient into such a shard is 0, as the full vocabulary's). A NaN
+    # lse_r (NaN logits) stays live: the NaN reaches the outputs
+    live = lse_r != float("-inf")
+    lse_r = torch.where(live, lse_r, m)
+    w = torch.where(live, torch.exp(lse_r - m), 0.0)
     parts = [w]
     if labels is not None:
+        z_idx = torch.where(live, z_idx, float("-inf"))
         parts.append(torch.where(owned, z_idx - m, torch.zeros_like(z_idx)))
     if ent_r is not None:
-        parts.append(w * (ent_r + (m - lse_r)))
+        parts.append(w * (torch.where(live, ent_r, 0.0) + (m - lse_r)))
     sums = _GroupSum.apply(torch.stack(parts), group)
     log_s = sums[0].log()
     logp = None if labels is None else sums[1] - log_s
@@ -108,7 +115,13 @@ def _shard_lse(logits, idx, entropy, backend):
     full [..., Vl] zero tensor added to the kernel's gradient."""
     _check_logits_labels("logits", logits, "labels", idx, 1.0, check_values=False)  # idx: in the shard by making
     fn = _backend.pick("token_logprobs", backend, logits.device, logits, idx)
-    return (fn.with_lse if fn is not None else _ref.token_logprobs_lse)(logits, idx, 1.0, entropy)
+    if fn is not None:  # a row of -inf logits: lse -inf, zero gradient when its outputs' gradients are 0 (combine)
+        return fn.with_lse(logits, idx, 1.0, entropy)
+    # the reference's autograd gives such a row NaN gradients whatever its upstream (softmax of -inf only): it runs
+    # on zeros there and reports lse -inf, for combine to leave the row out
+    dead = torch.isneginf(logits).all(-1, keepdim=True)
+    logp, lse, ent = _ref.token_logprobs_lse(logits.masked_fill(dead, 0.0), idx, 1.0, entropy)
+    return logp, lse.masked_fill(dead[..., 0], float("-inf")), ent
 
 
 def logits_logprobs(logits, labels, group, backend="auto"):

@@ -239,8 +239,9 @@ def _log_metrics(self, mode, logp, old, inputs, mask, entropy):
     from trl.trainer.utils import nanmax, nanmin
 
     mask = mask.to(logp.dtype)
-    # TRL's log-probs read 0 where the completion is padding (label -100); the kernels' may hold the token's
-    # log-prob there. Only TRL's unmasked reading of [B, 1] tensors (completions of one token) sees them.
+    # TRL's log-probs read 0 where the completion is padding (label -100), as linear_grpo_loss's do where its mask
+    # (this one, or with tool_mask) is 0; kept explicit: TRL's unmasked reading of [B, 1] tensors (completions of one
+    # token) sees those positions.
     logp = logp.masked_fill(inputs["completion_mask"] == 0, 0.0)
     adv = inputs["advantages"]
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv

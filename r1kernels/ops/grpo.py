@@ -7,8 +7,9 @@ unless entropy=True: from the same pass); per-token
 log-probs [B, T]; the logits' gradient [B, T, V] for upstream 1): one kernel, one read of the logits (a
 second read of each row from L2) and one write of the gradient. r1kernels::grpo_loss_fwd_inplace writes
 that gradient into the logits' own storage instead (no [B, T, V] buffer). _GRPOLoss, the autograd.Function
-over both, saves the gradient and its backward scales it by the upstream scalar, in place (a no-op kernel
-when it is 1).
+over both, saves the gradient and its backward scales it by the upstream scalar (scale_saved_grads: in place,
+a no-op kernel when it is 1, unless the backward keeps the graph for another). With no gradient wanted (no_grad,
+or logits that do not require it) grpo_loss_fwd(grad=False) writes none: the loss and metrics only.
 Sequence level: the sequence ratio needs every token's log-prob before any gradient, so the loss is the
 reference (reference/grpo.py) on masked log-probs, differentiated by autograd; _LogProbs computes those
 log-probs (r1kernels::grpo_logprobs, masked tokens skipped) and, in backward, the logits' gradient for the
@@ -155,19 +156,23 @@ def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, ma
                   temperature: float, epsilon: float, epsilon_high: float, delta: float | None, beta: float,
                   loss_type: str, kl_estimator: str, sapo_tau_pos: float, sapo_tau_neg: float, is_mode: str | None,
                   is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool, entropy: bool,
-                  token_kernel: str = "triton") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  token_kernel: str = "triton", grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (stats, logp, the logits' gradient for upstream 1); not grad: that gradient is an empty tensor and
+    the Triton kernel writes none (no [B, T, V] buffer)."""
     B, T, V = logits.shape
-    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+    # the CUDA token kernel always writes a gradient (csrc/cuda/grpo.cu has no gradient-free form)
+    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if grad or token_kernel == "cuda" \
+        else None
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     sums, logp = token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, (T * V, V), **_opts(locals()))
-    return finish_stats(sums, mask, B, T), logp, dx
+    return finish_stats(sums, mask, B, T), logp, dx if grad else logits.new_empty(0)
 
 
 @grpo_loss_fwd.register_fake
-def _(logits, ids, adv, mask, old, ref, samp, num_items, **opts):
+def _(logits, ids, adv, mask, old, ref, samp, num_items, grad=True, **opts):
     B, T, V = logits.shape
     return (logits.new_empty(6, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.float32),
-            torch.empty(logits.shape, device=logits.device, dtype=logits.dtype))
+            torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if grad else logits.new_empty(0))
 
 
 @torch.library.custom_op("r1kernels::grpo_loss_fwd_inplace", mutates_args=("logits",))
@@ -204,14 +209,29 @@ def _(grad, g):
     return None
 
 
+def keeps_graph() -> bool:
+    """Whether the backward running now keeps the graph (retain_graph=True or create_graph=True), so that a
+    later backward may read the saved tensors again; True where torch cannot tell (outside a backward)."""
+    current = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if current is None else bool(current())
+
+
 def scale_saved_grads(ctx, g):
-    """The backward of every op whose forward already wrote its gradients: scale them by the upstream
-    scalar g in place; None for the inputs without one (and for all when the loss was not used)."""
+    """The backward of every op whose forward already wrote its gradients (for upstream 1): those gradients
+    times the upstream scalar g; None for the inputs without one (and for all when the loss was not used).
+    Invariant: a saved gradient is scaled in place only by a backward that frees the graph (the usual
+    loss.backward(): no new buffer, a no-op kernel when g == 1); a backward that keeps it (retain_graph /
+    create_graph) scales copies, so every later backward reads the unscaled gradients and gives the reference's
+    result (one gradient-sized buffer, only then). torch.compile traces the in-place form (its graph is
+    functionalized)."""
     saved = ctx.saved_tensors
-    if g is not None:
-        for t in saved:
-            grpo_scale_grad_(t, g)
-    return tuple(t if g is not None else None for t in saved)
+    if g is None:
+        return (None,) * len(saved)
+    if not torch.compiler.is_compiling() and keeps_graph():
+        saved = tuple(t.clone() for t in saved)
+    for t in saved:
+        grpo_scale_grad_(t, g)
+    return saved
 
 
 class _GRPOLoss(torch.autograd.Function):
@@ -302,7 +322,8 @@ class _LogProbs(torch.autograd.Function):
         logits, ids, lse, ent = ctx.saved_tensors
         g = torch.zeros_like(lse) if g is None else g.float().contiguous()
         g_ent = g_ent.float().contiguous() if g_ent is not None and ent.numel() else None
-        if ctx.inplace:
+        # in place only when no later backward reads the logits again (scale_saved_grads' rule)
+        if ctx.inplace and (torch.compiler.is_compiling() or not keeps_graph()):
             grpo_logprobs_grad_(logits, ids, lse, ent, g, g_ent, ctx.temperature)
             dx = logits
         else:
@@ -345,11 +366,11 @@ def stat_metrics(stats, entropy: bool) -> dict:
 
 
 def per_token_loss(logp, ent, advantages, completion_mask, old_logprobs, ref_logprobs, opts):
-    """(loss, logp, metrics): the reference loss and metrics on per-token log-probs logp [B, T] (and entropy
-    ent [B, T] or None), both differentiable: the path for losses that are not token-local."""
+    """(loss, logp (0 where masked), metrics): the reference loss and metrics on per-token log-probs logp [B, T]
+    (and entropy ent [B, T] or None), both differentiable: the path for losses that are not token-local."""
     loss, metrics = _ref.grpo_loss_from_logprobs(logp, advantages, completion_mask, old_logprobs, ref_logprobs,
                                                  entropy=ent, **opts)
-    return loss, logp, {k: v.detach() for k, v in metrics.items()}
+    return loss, _ref.masked_logprobs(logp, completion_mask), {k: v.detach() for k, v in metrics.items()}
 
 
 def holds_own_grad(logits) -> bool:
@@ -377,8 +398,12 @@ def grpo_loss_triton(logits, completion_ids, advantages, completion_mask=None, *
     samp = opts.get("sampling_logprobs")
     nt, kopts = op_options(temperature=temperature, **opts)
     kopts["token_kernel"] = token_kernel
-    stats, logp = _GRPOLoss.apply(logits, inplace, completion_ids, advantages, completion_mask, old_logprobs,
-                                  ref_logprobs, samp if kopts["is_mode"] else None, nt, kopts)
+    args = (completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs,
+            samp if kopts["is_mode"] else None, nt)
+    if logits.requires_grad and torch.is_grad_enabled():
+        stats, logp = _GRPOLoss.apply(logits, inplace, *args, kopts)
+    else:  # no gradient wanted: the kernel writes none
+        stats, logp, _ = grpo_loss_fwd(logits, *args, grad=False, **kopts)
     return stats[0], logp, stat_metrics(stats, kopts["entropy"])
 
 

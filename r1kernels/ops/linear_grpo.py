@@ -2,7 +2,8 @@
 [B, T, V] logits. Token level, per chunk of rows of the B*T tokens: cuBLAS logits (hidden dtype) -> the
 fused Triton loss kernel writing dLoss/dlogits into the chunk's own logits buffer -> the two gradient
 matmuls (dhidden written in place, dweight accumulated). Gradients are computed in the forward (like the
-logits kernel); backward scales them by the upstream scalar in place (skipped when it is 1). Sequence
+logits kernel), none when none is wanted; backward scales them by the upstream scalar (grpo.scale_saved_grads:
+in place, skipped when it is 1, unless the backward keeps the graph for another). Sequence
 level: the reference loss on linear_token_logprobs (autograd; its backward recomputes each chunk's logits).
 linear_token_logprobs: per chunk, logits -> the log-prob kernel (lse saved); backward recomputes each
 chunk's logits, writes their gradient in place and runs the two gradient matmuls.
@@ -108,11 +109,11 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     delta: float | None, beta: float, loss_type: str, kl_estimator: str, sapo_tau_pos: float,
                     sapo_tau_neg: float, is_mode: str | None, is_clip_min: float | None, is_clip_max: float | None,
                     bias_kl: bool, entropy: bool, chunk_budget_bytes: int, grad_hidden: bool = True,
-                    grad_weight: bool = True, softcap: float | None = None
+                    grad_weight: bool = True, softcap: float | None = None, grad_bias: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (stats, logp, dh, dw, db): the gradients of the loss (stats[0]) written in the forward; dh / dw
-    empty (0 values) when not grad_hidden / grad_weight (a frozen lm_head: no weight-gradient GEMM, no
-    [V, H] buffer)."""
+    """-> (stats, logp, dh, dw, db): the gradients of the loss (stats[0]) written in the forward; dh / dw / db
+    empty (0 values) when not grad_hidden / grad_weight / grad_bias (a frozen lm_head: no weight-gradient GEMM,
+    no [V, H] buffer). None of them: the kernel writes no logits gradient either (the loss and metrics only)."""
     B, T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -123,42 +124,44 @@ def linear_grpo_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     plan = _plan(h2, weight, chunk_budget_bytes, grad_weight)
     dh = torch.empty_like(h2) if grad_hidden else h2.new_empty(0)
     dw = _dweight(plan, weight) if grad_weight else weight.new_empty(0)
-    db = torch.zeros(V if bias is not None else 0, device=dev, dtype=torch.float32)
+    grad_bias = grad_bias and bias is not None
+    db = torch.zeros(V if grad_bias else 0, device=dev, dtype=torch.float32)
+    any_grad = grad_hidden or grad_weight or grad_bias
     logp = torch.empty(B * T, device=dev, dtype=torch.float32)
     sums = torch.zeros(6, device=dev, dtype=torch.float32)
     buf = _chunk_buffer(plan, h2, weight)
     for r0 in range(0, B * T, plan.rows):
         r1 = min(B * T, r0 + plan.rows)
         z = _logits(h2[r0:r1], weight, bias, buf)
-        s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, samp, num_items, z, (0, z.stride(0)),
-                                     rows=(r0, r1), softcap=softcap, **opts)
+        s, logp[r0:r1] = token_level(z, ids, adv, mask, old, ref, samp, num_items, z if any_grad else None,
+                                     (0, z.stride(0)), rows=(r0, r1), softcap=softcap, **opts)
         sums += s
-        # z now holds dLoss/dlogits of rows r0:r1
+        # with any_grad, z now holds dLoss/dlogits of rows r0:r1
         if grad_hidden:
             torch.mm(z, weight, out=dh[r0:r1])
         if grad_weight:
             _accumulate(dw, z, h2[r0:r1])
-        if bias is not None:
+        if grad_bias:
             db.add_(z.sum(0, dtype=torch.float32))
     return (finish_stats(sums, mask, B, T), logp.view(B, T), dh.view(B, T, H) if grad_hidden else dh,
-            dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db)
+            dw.to(weight.dtype), db.to(bias.dtype) if grad_bias else db)
 
 
 @linear_grpo_fwd.register_fake
 def _(hidden, weight, bias, ids, adv, mask, old, ref, samp, num_items, grad_hidden=True, grad_weight=True, softcap=None,
-      **opts):
+      grad_bias=True, **opts):
     B, T, H = hidden.shape
     f = torch.float32
     return (hidden.new_empty(6, dtype=f), hidden.new_empty(B, T, dtype=f),
             torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0),
-            bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=f))
+            bias.new_empty(bias.shape) if bias is not None and grad_bias else hidden.new_empty(0, dtype=f))
 
 
 def _setup(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(*output[2:] if inputs[2] is not None else output[2:4])
     ctx.has_bias = inputs[2] is not None
-    ctx.written = (keyword_only_inputs.get("grad_hidden", True), keyword_only_inputs.get("grad_weight", True), True)
+    ctx.written = tuple(keyword_only_inputs.get(k, True) for k in ("grad_hidden", "grad_weight", "grad_bias"))
     ctx.set_materialize_grads(False)
 
 
@@ -193,7 +196,9 @@ def linear_grpo_loss_triton(hidden, weight, completion_ids, advantages, completi
     stats, logp, _, _, _ = linear_grpo_fwd(hidden, weight, bias, completion_ids, advantages, completion_mask,
                                            old_logprobs, ref_logprobs, samp if kopts["is_mode"] else None, nt,
                                            chunk_budget_bytes=budget, grad_hidden=grad and hidden.requires_grad,
-                                           grad_weight=grad and weight.requires_grad, softcap=softcap, **kopts)
+                                           grad_weight=grad and weight.requires_grad,
+                                           grad_bias=grad and bias is not None and bias.requires_grad,
+                                           softcap=softcap, **kopts)
     return stats[0], logp, stat_metrics(stats, kopts["entropy"])
 
 

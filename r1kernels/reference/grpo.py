@@ -350,14 +350,21 @@ def reports_entropy(opts) -> bool:
     return needs_entropy(opts) or bool(opts.get("compute_entropy", False))
 
 
+def masked_logprobs(logp, completion_mask):
+    """The per_token_logprobs output: logp with 0 where completion_mask is 0 (every backend: the kernels read
+    nothing there, and a masked label may be a placeholder such as -100 mapped to 0)."""
+    return logp if completion_mask is None else logp.masked_fill(completion_mask == 0, 0.0)
+
+
 def grpo_loss(logits, completion_ids, advantages, completion_mask=None, temperature=1.0, **kw):
-    """logits [B, T, V] aligned with completion_ids [B, T] -> (loss, per_token_logprobs [B, T], metrics)."""
+    """logits [B, T, V] aligned with completion_ids [B, T] -> (loss, per_token_logprobs [B, T] (0 where masked),
+    metrics)."""
     if reports_entropy(kw):
         logp, ent = token_logprobs(logits, completion_ids, temperature, return_entropy=True)
     else:
         logp, ent = token_logprobs(logits, completion_ids, temperature), None
     loss, metrics = grpo_loss_from_logprobs(logp, advantages, completion_mask, entropy=ent, **kw)
-    return loss, logp, metrics
+    return loss, masked_logprobs(logp, completion_mask), metrics
 
 
 def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask=None, bias=None,
@@ -369,4 +376,4 @@ def linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask
                                 return_entropy=ent_on, softcap=softcap)
     logp, ent = out if ent_on else (out, None)
     loss, metrics = grpo_loss_from_logprobs(logp, advantages, completion_mask, entropy=ent, **kw)
-    return loss, logp, metrics
+    return loss, masked_logprobs(logp, completion_mask), metrics

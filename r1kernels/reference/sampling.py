@@ -14,6 +14,9 @@ the float keys):
   token in any batch, on any rank, and after a resume.
 - logprob = z[token] - logsumexp(z over the kept set): the log-probability under the distribution
   sampled from (with no truncation, log softmax(logits / T)[token], what the training forward computes).
+- A row with no distribution (no_distribution: z holds NaN or +inf, or is -inf everywhere) draws token 0 with
+  log-prob NaN, whatever the options: the NaN marks the row for the caller (r1train's generate(check_finite=True)
+  reads the log-probs once after a rollout); found on the device, no host sync.
 """
 from __future__ import annotations
 
@@ -73,6 +76,20 @@ def kept_mask(z_BV, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     return keep
 
 
+def no_distribution(logits_BV, temperature: float):
+    """bool [B]: the rows whose z = logits / temperature holds NaN or +inf (a NaN logit, or one that overflows
+    float32 at this temperature) or is -inf everywhere: max z is not finite (amax propagates NaN; the division by
+    a positive temperature is monotone, so it is the max of z). One read of the logits."""
+    return ~torch.isfinite(logits_BV.amax(-1).float() / temperature)
+
+
+def mark_no_distribution(logits_BV, temperature: float, tok_B, logp_B):
+    """(tokens, log-probs) with the rows of no_distribution set to token 0 and log-prob NaN (the spec's rule, applied
+    after any backend's draw: what a backend draws from such a row is its own)."""
+    bad = no_distribution(logits_BV, temperature)
+    return tok_B.masked_fill(bad, 0), logp_B.masked_fill(bad, float("nan"))
+
+
 def sample_tokens(logits_BV, seeds_B, positions_B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                   greedy=False):
     """-> (tokens int64 [B], fp32 log-prob [B] under the sampled distribution)."""
@@ -86,4 +103,4 @@ def sample_tokens(logits_BV, seeds_B, positions_B, temperature=1.0, top_k=0, top
         key = zk - torch.log(-torch.log(u))
     tok = key.argmax(-1)  # first maximum: ties to the lower index
     logp = zk.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(zk, -1)
-    return tok, logp
+    return mark_no_distribution(logits_BV, temperature, tok, logp)

@@ -137,10 +137,11 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
                        REVERSE: tl.constexpr, STORE_CM: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
                        KL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
                        USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_IS: tl.constexpr, IS_MASK: tl.constexpr,
-                       BIAS_KL: tl.constexpr, ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr):
+                       BIAS_KL: tl.constexpr, ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DX: tl.constexpr):
     """One program per row (b, t) of the [B, T] tokens; the loss scale of row (b, t) is
     scale[b * sc_sb + t * sc_st] (per sequence: strides (1, 0); per row: (T, 1)). stats rows: loss, kl,
-    clip low, high, region and (ENTROPY: from pass 1's sums, no extra read) the entropy, each times the mask."""
+    clip low, high, region and (ENTROPY: from pass 1's sums, no extra read) the entropy, each times the mask.
+    HAS_DX False (no gradient wanted): no pass 2, nothing written to dx (pass 1 and its outputs unchanged)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
@@ -152,9 +153,10 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
     if HAS_MASK:
         m = tl.load(mask_ptr + row)
     if m == 0.0:
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + offs
-            tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
+        if HAS_DX:
+            for v0 in range(0, V, BLOCK):
+                cols = v0 + offs
+                tl.store(dx_row + cols, tl.zeros((BLOCK,), tl.float32).to(dx_ptr.dtype.element_ty), mask=cols < V)
         tl.store(logp_ptr + row, 0.0)
         for k in range(6):
             tl.store(stats_ptr + k * N + row, 0.0)
@@ -189,9 +191,10 @@ def _grpo_token_kernel(x_ptr, ids_ptr, adv_ptr, mask_ptr, old_ptr, ref_ptr, samp
         tl.store(stats_ptr + 3 * N + row, m * high)
         tl.store(stats_ptr + 4 * N + row, m * tl.maximum(low, high))
         tl.store(stats_ptr + 5 * N + row, m * ent)
-        ct = sb * dL * inv_t
-        _range_grad(x_row, dx_row, 0, V, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, cap, BLOCK, REVERSE, False, STORE_CM,
-                    SOFTCAP)
+        if HAS_DX:
+            ct = sb * dL * inv_t
+            _range_grad(x_row, dx_row, 0, V, y, xy, scale, lse2, ct, inv_t, 0.0, 0.0, cap, BLOCK, REVERSE, False,
+                        STORE_CM, SOFTCAP)
 
 
 @triton.jit
@@ -212,7 +215,8 @@ def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_str
                eps_high, delta, beta, loss_type, kl_estimator, sapo_tau_pos=SAPO_TAU_POS, sapo_tau_neg=SAPO_TAU_NEG,
                is_mode=None, is_clip_min=None, is_clip_max=None, bias_kl=False, entropy=False, softcap=None,
                config=None):
-    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides;
+    """Launch the token-level kernel; x is [B, T, V] with a contiguous last dim; dx has strides dx_strides (dx
+    None: no gradient, the loss and metrics only);
     adv and scale are [B] (per sequence) or [B, T] (per row); samp (the sampling log-probs) with is_mode
     token_truncate / token_mask; stats is [6, B * T] (entropy: its last row); softcap: the logits are
     softcap * tanh(x / softcap) (logprob.logprob_fwd's). config overrides CONFIG (tuning sweeps only)."""
@@ -228,7 +232,8 @@ def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_str
     has_is = samp is not None and is_mode is not None
     _grpo_token_kernel[(N,)](
         x, ids, adv, mask if mask is not None else dummy, old if old is not None else dummy,
-        ref if ref is not None else dummy, samp if has_is else dummy, scale, logp, stats, dx, N, T, V, x.stride(0),
+        ref if ref is not None else dummy, samp if has_is else dummy, scale, logp, stats,
+        dx if dx is not None else dummy, N, T, V, x.stride(0),
         x.stride(1), dx_strides[0], dx_strides[1], adv_sb, adv_st, sc_sb, sc_st, 1.0 / temperature, eps_low, eps_high,
         delta if delta is not None else 0.0, beta, sapo_tau_pos, sapo_tau_neg,
         is_clip_min if is_clip_min is not None else (-math.inf if is_mode == "token_mask" else 0.0),
@@ -237,7 +242,7 @@ def grpo_token(x, ids, adv, mask, old, ref, samp, scale, logp, stats, dx, dx_str
         KL=KL_CODE[kl_estimator], HAS_MASK=mask is not None, HAS_OLD=old is not None, HAS_REF=ref is not None,
         USE_KL=(ref is not None and beta != 0.0), HAS_DELTA=delta is not None, HAS_IS=has_is,
         IS_MASK=is_mode == "token_mask", BIAS_KL=bool(bias_kl), ENTROPY=bool(entropy), SOFTCAP=softcap is not None,
-        num_warps=cfg["num_warps"] or num_warps(BLOCK))
+        HAS_DX=dx is not None, num_warps=cfg["num_warps"] or num_warps(BLOCK))
 
 
 @triton.jit

@@ -8,6 +8,9 @@ Every row is split into ranges of blocks, one program each (grid (rows, splits))
   is z >= the largest of them.
 - _partial_kernel: over its blocks, the online log-sum-exp of the kept z and the running argmax of z + Gumbel
   noise (of z when greedy), ties to the lower index; _combine_kernel merges the splits -> token, log-prob.
+- A row with no distribution (z holds NaN or +inf, or is -inf everywhere: the reference's no_distribution) gets
+  token 0 and log-prob NaN: _partial_kernel flags NaN / +inf in the blocks it reads (with truncation, _bmax_kernel
+  gives a block holding NaN the maximum +inf, so it is read), _combine_kernel the rest; no extra pass.
 z = logits / temperature is an IEEE division (div_rn) so every kernel and the reference see the same z.
 """
 from __future__ import annotations
@@ -66,14 +69,16 @@ def _gumbel_key(zk, blk, c1, k0, k1, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bmax_kernel(x_ptr, bmax_ptr, V, stride_x, nblk, per, temperature, BLOCK: tl.constexpr):
-    """bmax[row, blk] = the largest z of each block."""
+    """bmax[row, blk] = the largest z of each block; +inf for a block holding NaN (so _partial_kernel reads it)."""
     row = tl.program_id(0).to(tl.int64)
     b0 = tl.program_id(1) * per
     offs = tl.arange(0, BLOCK)
     for blk in range(b0, tl.minimum(b0 + per, nblk)):
         cols = blk * BLOCK + offs
         x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        tl.store(bmax_ptr + row * nblk + blk, tl.max(tl.math.div_rn(x, temperature), 0))
+        z = tl.math.div_rn(x, temperature)
+        tl.store(bmax_ptr + row * nblk + blk, tl.where(tl.max((z != z).to(tl.int32), 0) > 0, float("inf"),
+                                                       tl.max(z, 0)))
 
 
 @triton.jit
@@ -184,7 +189,8 @@ def _threshold_kernel(bmax_ptr, hist_ptr, ans_ptr, tot_ptr, thr_ptr, nblk, nspli
 def _partial_kernel(x_ptr, seed_ptr, pos_ptr, thr_ptr, bmax_ptr, part_ptr, pidx_ptr, V, stride_x, nblk,
                     blocks_per_split, temperature, BLOCK: tl.constexpr, TRUNC: tl.constexpr,
                     GREEDY: tl.constexpr):
-    """part[row, split] = (max kept z, sum exp(kept z - max), best key, z of the best), pidx = its index."""
+    """part[row, split] = (max kept z, sum exp(kept z - max), best key, z of the best, 1.0 if a block read holds NaN
+    or +inf z else 0.0), pidx = its index."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -202,6 +208,7 @@ def _partial_kernel(x_ptr, seed_ptr, pos_ptr, thr_ptr, bmax_ptr, part_ptr, pidx_
     best = tl.full((), float("-inf"), tl.float32)
     best_z = tl.full((), float("-inf"), tl.float32)
     best_i = tl.zeros((), tl.int32)
+    bad = tl.zeros((), tl.int32)
     b0 = sp * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, nblk)
     for blk in range(b0, b1):
@@ -212,6 +219,7 @@ def _partial_kernel(x_ptr, seed_ptr, pos_ptr, thr_ptr, bmax_ptr, part_ptr, pidx_
             cols = blk * BLOCK + offs
             x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             z = tl.math.div_rn(x, temperature)
+            bad = tl.maximum(bad, tl.max(((z != z) | (z == float("inf"))).to(tl.int32), 0))
             zk = tl.where(z >= thr, z, float("-inf"))
             bm = tl.max(zk, 0)
             m_new = tl.maximum(m, bm)
@@ -233,11 +241,12 @@ def _partial_kernel(x_ptr, seed_ptr, pos_ptr, thr_ptr, bmax_ptr, part_ptr, pidx_
                 best_z = tl.where(upd, tl.max(tl.where(cols == ib, zk, float("-inf")), 0), best_z)
                 best_i = tl.where(upd, ib, best_i)
                 best = tl.where(upd, kb, best)
-    out = (row * nsplit + sp) * 4
+    out = (row * nsplit + sp) * 5
     tl.store(part_ptr + out, m)
     tl.store(part_ptr + out + 1, s)
     tl.store(part_ptr + out + 2, best)
     tl.store(part_ptr + out + 3, best_z)
+    tl.store(part_ptr + out + 4, bad.to(tl.float32))
     tl.store(pidx_ptr + row * nsplit + sp, best_i)
 
 
@@ -246,7 +255,7 @@ def _combine_kernel(part_ptr, pidx_ptr, tok_ptr, logp_ptr, nsplit, NSP: tl.const
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NSP)
     ok = j < nsplit
-    base = (row * nsplit + j) * 4
+    base = (row * nsplit + j) * 5
     m = tl.load(part_ptr + base, mask=ok, other=float("-inf"))
     s = tl.load(part_ptr + base + 1, mask=ok, other=0.0)
     key = tl.load(part_ptr + base + 2, mask=ok, other=float("-inf"))
@@ -258,8 +267,11 @@ def _combine_kernel(part_ptr, pidx_ptr, tok_ptr, logp_ptr, nsplit, NSP: tl.const
     kb = tl.max(key, 0)
     win = tl.min(tl.where(key == kb, idx, 2147483647), 0)  # splits are in index order: lowest index on ties
     z = tl.max(tl.where((key == kb) & (idx == win), zb, float("-inf")), 0)
-    tl.store(tok_ptr + row, win.to(tl.int64))
-    tl.store(logp_ptr + row, z - lse)
+    # no distribution: NaN / +inf read by a split, or no finite z kept (the row is -inf everywhere: a kept set is
+    # never empty otherwise)
+    none = (tl.max(tl.load(part_ptr + base + 4, mask=ok, other=0.0), 0) > 0) | (mx == float("-inf"))
+    tl.store(tok_ptr + row, tl.where(none, 0, win).to(tl.int64))
+    tl.store(logp_ptr + row, tl.where(none, float("nan"), z - lse))
 
 
 # Blocks of one row per program of _partial_kernel: a function of nothing but the build, so a row's log-prob
@@ -308,7 +320,7 @@ def sample(logits, seeds, positions, temperature: float, top_k: int, top_p: floa
         _threshold_kernel[(B,)](bmax, hist, ans, tot, thr, nblk, nsplit, int(top_k), float(top_p), log_min_p,
                                 NSP=NSP, NBP=NBP, TOP_K=use_k, TOP_P=use_p, MIN_P=use_min_p, BITS=BITS,
                                 num_warps=1 if INTERPRET else 4)
-    part = torch.empty(B, nsplit, 4, device=dev, dtype=torch.float32)
+    part = torch.empty(B, nsplit, 5, device=dev, dtype=torch.float32)
     pidx = torch.empty(B, nsplit, device=dev, dtype=torch.int32)
     _partial_kernel[(B, nsplit)](logits, seeds, positions, thr, bmax, part, pidx, V, logits.stride(0), nblk, per,
                                  T, BLOCK=BLOCK, TRUNC=trunc, GREEDY=bool(greedy),
