@@ -248,6 +248,8 @@ def recipe(cfg_path=None, overrides=()):
     for c, section in ((c1, "sft"), (c2, "grpo"), (c3, "rejection")):  # the stages whose model is handed on
         _check_handoff(c, section)
     model, tok = load_model_and_tokenizer(base)
+    with _in_stage("rejection"):  # its SFT rows' floor, before stage 1 runs (the rows' own check comes after sampling)
+        _check_sft_budget_floor(c3, tok, [_as_sampled(r, c3) for r in load_datasets(c3)[0]])
     results = {}
     # a finished stage's trainer is dropped once its model is handed on (`del t`), before the next stage is built:
     # its engine and optimizer (fp32 master weights, moments) are not held beside the next one's
@@ -283,7 +285,7 @@ def distill(cfg_path=None, overrides=()):
         raise ConfigError("teacher_model: distill needs teacher_model=<checkpoint directory>")
     _check_stage(cfg, "distill")  # before the teacher samples, as the student's trainer would after
     train, _ = load_datasets(cfg)
-    _check_distill_budget(cfg, tokenizer_of(cfg), train)
+    _check_sft_budget_floor(cfg, tokenizer_of(cfg), train)
     teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)  # with its own tokenizer
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
                             keep=cfg.rejection_max_per_prompt, language=cfg.language, as_sampled=False)
@@ -300,12 +302,13 @@ def distill(cfg_path=None, overrides=()):
     return res
 
 
-def _check_distill_budget(cfg: TrainConfig, tok, prompts):
-    """padding_free's max_tokens_per_batch below max_length is held to the student's SFT rows (SFTTrainer.longest_row),
-    which exist once the teacher has sampled. Before it samples: any prompt's samples may be kept, and the row of a
-    conversational prompt holds the prompt as the student renders it (tok; its tools / chat_template_kwargs
-    columns), whatever the completion, and at least one completion token, up to max_length. So the budget must hold
-    that much for every such prompt (a string prompt is tokenized with its completion: known only then)."""
+def _check_sft_budget_floor(cfg: TrainConfig, tok, prompts):
+    """padding_free's max_tokens_per_batch below max_length is held to the SFT rows of sampled completions
+    (SFTTrainer.longest_row: distill's student, the recipe's rejection stage), which exist once the model has
+    sampled. Before it samples: any prompt's samples may be kept, and the row of a conversational prompt holds the
+    prompt as the SFT renders it (tok; the row's tools / chat_template_kwargs columns), whatever the completion, and at
+    least one completion token, up to max_length. So the budget must hold that much for every such prompt (a string
+    prompt is tokenized with its completion: known only then)."""
     if not cfg.padding_free or cfg.max_tokens_per_batch is None or cfg.max_tokens_per_batch >= cfg.max_length:
         return
     cache = TokenCache(tok)

@@ -525,20 +525,39 @@ def test_recipe_checks_every_stage_before_the_first_runs_naming_it(tmp_path, mon
 def test_recipe_names_the_stage_whose_sft_rows_exceed_its_token_budget(tmp_path, monkeypatch):
     """SFT's token budget below max_length is held to the stage's own rows (SFTTrainer.longest_row): the rejection
     stage's are sampled after the earlier stages, so its trainer checks them when it is built, and the error
-    names the stage (it named no stage). Stages 1 and 2 are stand-ins here."""
+    names the stage (it named no stage). Before stage 1 runs, the floor every kept row of a conversational prompt
+    reaches (its prompt as the SFT renders it + one completion token) is checked too (it was found only after the
+    cold-start SFT and GRPO stages ran). Stages 1 and 2 are stand-ins here."""
+    from r1train.data import TokenCache, sft_template_kwargs
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
     kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
-             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>" * 20} for i in range(4)]
+    ran = []
     real = pipeline.run_sft
     monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows=None: real(cfg, model, tok, rows=rows)
-                        if rows is not None else (model, {}))
+                        if rows is not None else (ran.append("sft") or model, {}))
     monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
     monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg, nxt: model)
     monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
-    y = _recipe_yaml(tmp_path, rejection={"padding_free": True, "max_tokens_per_batch": 12, "max_length": 64})
-    with pytest.raises(ConfigError, match=r"^\[rejection\] max_tokens_per_batch must be >= the longest SFT row's "
-                                          r"tokens \(row \d+; .*\) = \d+, got 12"):
+    # the floor, computed apart: the longest rendered prompt of the rejection stage's data + 1
+    c3 = pipeline.stage_configs(_recipe_yaml(tmp_path), [], {"rejection": "r"})[1]
+    tok = load_model_and_tokenizer(c3)[1]
+    cache = TokenCache(tok)
+    floor = max(len(cache.prompt(r["prompt"], sft_template_kwargs(tok, r, i, cache))) + 1
+                for i, r in enumerate(load_datasets(c3)[0]))
+    y = _recipe_yaml(tmp_path, rejection={"padding_free": True, "max_tokens_per_batch": floor - 1, "max_length": 512})
+    with pytest.raises(ConfigError, match=rf"^\[rejection\] max_tokens_per_batch must be >= the longest SFT row's "
+                                          rf"tokens \(at least prompt \d+'s .*\) = {floor}, got {floor - 1}"):
         pipeline.recipe(y)
-    assert not (tmp_path / "out" / "3-rejection-sft").exists()  # before any work
+    assert ran == []  # before stage 1
+    budget = floor  # the floor holds; the kept rows (~200 tokens) are longer
+    assert budget < 150
+    y = _recipe_yaml(tmp_path, rejection={"padding_free": True, "max_tokens_per_batch": budget, "max_length": 512})
+    with pytest.raises(ConfigError, match=r"^\[rejection\] max_tokens_per_batch must be >= the longest SFT row's "
+                                          rf"tokens \(row \d+; .*\) = \d+, got {budget}"):
+        pipeline.recipe(y)
+    assert ran == ["sft"] and not (tmp_path / "out" / "3-rejection-sft").exists()  # before the stage's work
 
 
 def test_distill_with_no_correct_teacher_samples_is_a_cli_error(tmp_path, monkeypatch, capsys):
