@@ -803,3 +803,35 @@ def test_rollout_engine_falls_back_for_dropout_in_training_mode(where):
     assert not torch.equal(want, eval_got)  # the dropout changes transformers' tokens here
     assert torch.equal(got, want)
     assert len(warned) == 1 and "dropout" in warned[0]
+
+
+@pytest.mark.parametrize("prepatched", [False, True])
+def test_a_reference_patch_that_raises_leaves_the_trainer_and_models_as_they_were(model_dir, tmp_path, monkeypatch,
+                                                                                prepatched):
+    """The policy is patched before the reference model: a reference patch that raises left the policy patched
+    (the docstring promised the trainer as it was). Now the policy is unpatched again -- unless it was patched before
+    the call (rk.patch by the user), which is left as it was -- and no loss or engine is bound."""
+    import r1kernels as rk
+    import r1kernels.integrations.trl as T
+    from r1kernels.patch import is_patched
+
+    tr, _ = _trainer(model_dir, tmp_path, beta=0.04)
+    if prepatched:
+        rk.patch(tr.model, backend="torch")
+    before = tr.model.forward
+    real = T._patch_model
+
+    def failing(model, trainer, return_entropy, backend):
+        if model is trainer.ref_model:
+            raise RuntimeError("the reference model's patch")
+        return real(model, trainer, return_entropy, backend)
+
+    monkeypatch.setattr(T, "_patch_model", failing)
+    with pytest.raises(RuntimeError, match="the reference model's patch"):
+        use_r1kernels(tr, backend="torch")
+    assert (getattr(tr.model, "_r1k_lm_head", None) is not None) == prepatched
+    assert is_patched(tr.model) == prepatched and not is_patched(tr.ref_model)
+    if not prepatched:
+        assert tr.model.forward == before  # TRL's own fused-head forward, as the trainer set it
+    assert "_compute_loss" not in vars(tr) and "generate" not in vars(tr.model)
+    assert getattr(tr, "_r1k_options", None) is None

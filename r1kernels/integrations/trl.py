@@ -79,6 +79,30 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
 
 
+def _patch_models(trainer, backend):
+    """_patch_model on the policy, then the reference model; the policy's reason. The models first: a patch that
+    raises leaves the trainer as it was (no engine bound, TRL's loss) and each model as it was before this call
+    (one this call began to patch is unpatched, one patched before is left to its caller)."""
+    from ..patch import is_patched, unpatch
+
+    models = [(trainer.model, True)]
+    if getattr(trainer, "ref_model", None) is not None:
+        models.append((trainer.ref_model, False))
+    started = []
+    reason = None
+    try:
+        for model, policy in models:
+            if not is_patched(_unwrap(model)):
+                started.append(model)
+            r = _patch_model(model, trainer, policy, backend)
+            reason = r if policy else reason
+    except BaseException:
+        for model in started:
+            unpatch(_unwrap(model))
+        raise
+    return reason
+
+
 def _patch_model(model, trainer, return_entropy, backend):
     """DeepseekV3 routing, the fused layer ops and the fused lm_head on one model; the reason when the head
     stays TRL's."""
@@ -134,10 +158,7 @@ def use_r1kernels(trainer, *, backend: str = "auto", rollout_engine: str = "r1tr
                           f"rollout_engine, rollout_release_memory = {trainer._r1k_options}; this call's "
                           f"{options} changes nothing (call remove_r1kernels(trainer) first)", stacklevel=2)
         return trainer
-    # the models first: a patch that raises leaves the trainer as it was (no engine bound, TRL's loss)
-    reason = _patch_model(trainer.model, trainer, True, backend)
-    if getattr(trainer, "ref_model", None) is not None:
-        _patch_model(trainer.ref_model, trainer, False, backend)
+    reason = _patch_models(trainer, backend)
     trainer._r1k_options, trainer._r1k_backend = options, backend
     if rollout_engine == "r1train":
         _use_engine(trainer, backend, rollout_release_memory)

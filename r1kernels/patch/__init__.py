@@ -46,3 +46,12 @@ def unpatch(model) -> dict:
     if any(layers.values()):
         out["layers"] = layers
     return out
+
+
+def is_patched(model) -> bool:
+    """Whether patch(model) changed anything of `model` that unpatch would undo (its lm_head forward, a DeepseekV3
+    router or expert block, a fused layer)."""
+    from .deepseek_v3 import moe_routers
+
+    return (getattr(model, "_r1k_lm_head", None) is not None or bool(moe_routers(model, patched=True))
+            or any(type(m).__dict__.get("_r1k_layers", False) for m in model.modules()))
