@@ -24,6 +24,9 @@ def test_tokenizer_roundtrip_tags_and_template():
                                    tokenize=False)
     assert text == "<|user|>What is 1+2?<|assistant|>"
     assert len(char_tokenizer(vocab_size=500)) == 500
+    for bad in (108, 0, 200.0, True):  # below its own 109 tokens it was ignored silently
+        with pytest.raises(ValueError, match="vocab_size must be an int >= 109"):
+            char_tokenizer(vocab_size=bad)
 
 
 def test_arith_answers_flaws_and_determinism():

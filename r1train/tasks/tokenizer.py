@@ -60,6 +60,9 @@ def char_tokenizer(vocab_size: int | None = None):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                   or vocab_size < len(vocab)):
+        raise ValueError(f"vocab_size must be an int >= {len(vocab)} (the tokenizer's own tokens), got {vocab_size!r}")
     vocab.update({f"<|x{i}|>": i for i in range(len(vocab), vocab_size or 0)})
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
