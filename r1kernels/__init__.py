@@ -356,8 +356,8 @@ def sample_tokens(logits, seeds, positions, *, temperature=1.0, top_k=0, top_p=1
     a row's token depends only on (logits row, seed, position), never on the batch it sits in.
     top_k 0 and top_p 1.0 and min_p 0.0 disable those truncations; greedy takes the argmax. No host sync
     (CUDA-graph safe). A row whose logits hold NaN or +inf (or a logit that overflows at this temperature), or are
-    all -inf, draws token 0 with log-prob NaN on every backend (found by one max over each row on the device; the
-    caller checks the log-probs, as r1train's generate(check_finite=True) does once per rollout). Not
+    all -inf, draws token 0 with log-prob NaN on every backend (found on the device, no host sync; the caller
+    checks the log-probs, as r1train's generate(check_finite=True) does once per rollout). Not
     differentiable: the log-probs never require grad, on every backend. The exact semantics are
     r1kernels.reference.sampling's docstring."""
     _checks.float_tensor("logits", logits, ndim=2)

@@ -248,8 +248,10 @@ def recipe(cfg_path=None, overrides=()):
     for c, section in ((c1, "sft"), (c2, "grpo"), (c3, "rejection")):  # the stages whose model is handed on
         _check_handoff(c, section)
     model, tok = load_model_and_tokenizer(base)
-    with _in_stage("rejection"):  # its SFT rows' floor, before stage 1 runs (the rows' own check comes after sampling)
-        _check_sft_budget_floor(c3, tok, [_as_sampled(r, c3) for r in load_datasets(c3)[0]])
+    # the rejection stage's data and SFT rows' floor, before stage 1 runs (the rows' own check: after sampling)
+    with _in_stage("rejection"):
+        rejection_rows, _ = load_datasets(c3)
+        _check_sft_budget_floor(c3, tok, [_as_sampled(r, c3) for r in rejection_rows])
     results = {}
     # a finished stage's trainer is dropped once its model is handed on (`del t`), before the next stage is built:
     # its engine and optimizer (fp32 master weights, moments) are not held beside the next one's
@@ -262,8 +264,7 @@ def recipe(cfg_path=None, overrides=()):
     model = _handoff(t, c2, c3)
     del t
     with _in_stage("rejection"):
-        train, _ = load_datasets(c3)
-        rows = rejection_sample(c3, model, tok, train, num_samples=c3.rejection_num_samples,  # R1: readable only
+        rows = rejection_sample(c3, model, tok, rejection_rows, num_samples=c3.rejection_num_samples,  # R1: readable
                                 keep=c3.rejection_max_per_prompt, language=c3.language)
         results["rejection_kept"] = len(rows)
         if rows:

@@ -209,11 +209,14 @@ def _(grad, g):
     return None
 
 
-def keeps_graph() -> bool:
-    """Whether the backward running now keeps the graph (retain_graph=True or create_graph=True), so that a
-    later backward may read the saved tensors again; True where torch cannot tell (outside a backward)."""
+def may_overwrite_saved() -> bool:
+    """Whether the backward running now may overwrite its saved tensors: no later backward reads them again (it
+    frees the graph: not retain_graph / create_graph), or torch.compile traces it (its graph is functionalized).
+    False where torch cannot tell (outside a backward)."""
+    if torch.compiler.is_compiling():
+        return True
     current = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if current is None else bool(current())
+    return current is not None and not current()
 
 
 def scale_saved_grads(ctx, g):
@@ -222,12 +225,11 @@ def scale_saved_grads(ctx, g):
     Invariant: a saved gradient is scaled in place only by a backward that frees the graph (the usual
     loss.backward(): no new buffer, a no-op kernel when g == 1); a backward that keeps it (retain_graph /
     create_graph) scales copies, so every later backward reads the unscaled gradients and gives the reference's
-    result (one gradient-sized buffer, only then). torch.compile traces the in-place form (its graph is
-    functionalized)."""
+    result (one gradient-sized buffer, only then): may_overwrite_saved."""
     saved = ctx.saved_tensors
     if g is None:
         return (None,) * len(saved)
-    if not torch.compiler.is_compiling() and keeps_graph():
+    if not may_overwrite_saved():
         saved = tuple(t.clone() for t in saved)
     for t in saved:
         grpo_scale_grad_(t, g)
@@ -323,7 +325,7 @@ class _LogProbs(torch.autograd.Function):
         g = torch.zeros_like(lse) if g is None else g.float().contiguous()
         g_ent = g_ent.float().contiguous() if g_ent is not None and ent.numel() else None
         # in place only when no later backward reads the logits again (scale_saved_grads' rule)
-        if ctx.inplace and (torch.compiler.is_compiling() or not keeps_graph()):
+        if ctx.inplace and may_overwrite_saved():
             grpo_logprobs_grad_(logits, ids, lse, ent, g, g_ent, ctx.temperature)
             dx = logits
         else:
