@@ -1,6 +1,6 @@
 """Token sampling: B=64 rows of V=151936 bf16 logits (one decode step of a rollout batch). Providers: the torch
 reference and triton through the public API, and on CUDA the triton op replayed from a CUDA graph (as the
-generation engine runs it: no launch overhead). Cases: plain sampling, top-p 0.9 + top-k 50, greedy.
+generation engine runs it: no launch overhead). Cases: plain sampling, top-p 0.9 + top-k 50, top-p 0.9 alone, greedy.
 Bytes floor: one read of the logits (the outputs are 12 bytes a row)."""
 from __future__ import annotations
 
@@ -36,23 +36,32 @@ def cases(device: str, quick: bool) -> list[Case]:
             return rk.sample_tokens(logits, seeds, positions, backend=backend, **opts)
         return f
 
-    def graphed(**opts):
+    def graphed(pass_sub=None, **opts):
+        """pass_sub: an experiment's value of sampling.PASS_SUB for the captured kernels (None: the module's)."""
         from r1kernels.ops.sampling import sample_tokens_triton
+        from r1kernels.triton import sampling
         graphs = []
-        for logits, seeds, positions in inputs.sets:
-            sample_tokens_triton(logits, seeds, positions, **opts)  # compile outside the capture
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                sample_tokens_triton(logits, seeds, positions, **opts)
-            graphs.append(g)
+        kept = sampling.PASS_SUB
+        sampling.PASS_SUB = pass_sub or kept
+        try:
+            for logits, seeds, positions in inputs.sets:
+                sample_tokens_triton(logits, seeds, positions, **opts)  # compile outside the capture
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    sample_tokens_triton(logits, seeds, positions, **opts)
+                graphs.append(g)
+        finally:
+            sampling.PASS_SUB = kept
         it = itertools.cycle(graphs)
         return lambda: next(it).replay()
 
     out = []
     for name, opts in (("sample_tokens", {}), ("sample_tokens top_p=0.9 top_k=50", dict(top_p=0.9, top_k=50)),
-                       ("sample_tokens greedy", dict(greedy=True))):
+                       ("sample_tokens top_p=0.9", dict(top_p=0.9)), ("sample_tokens greedy", dict(greedy=True))):
         providers = {b: run(b, **opts) for b in backends}
         if device == "cuda" and "triton" in backends:
             providers["triton (cuda graph)"] = graphed(**opts)
+            if "top_p" in opts:  # the bisection passes comparing whole 1024-column blocks (before 2026-12-07)
+                providers["triton (cuda graph, PASS_SUB=1024)"] = graphed(pass_sub=1024, **opts)
         out.append(Case(name, shape, providers, bytes=logit_bytes))
     return out

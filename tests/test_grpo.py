@@ -694,6 +694,39 @@ def test_no_gradient_wanted_writes_none(level, how, B, T, V):
     assert all(torch.equal(out.metrics[k], with_grad.metrics[k]) for k in with_grad.metrics)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mask_kind", ["random", "empty"])
+@pytest.mark.parametrize("B,T,V", [(2, 5, 151936), (3, 4, 32003)])
+def test_gpu_no_gradient_wanted_writes_none(backend, mask_kind, B, T, V):
+    """Under torch.no_grad() the token-level GPU kernels allocate no logits-sized buffer (the peak allocation of
+    the call stays far below one; with grad the forward allocates its gradient) and give the loss, metrics and
+    log-probs of the call with grad bitwise (the gradient pass is skipped, the first pass unchanged)."""
+    if backend == "cuda" and not grpo_ops.HAS_CUDA_TOKEN:
+        pytest.skip("extension built without the CUDA token kernel")
+    logits, ids, adv, mask, old, ref = _inputs(B, T, V, device="cuda", dtype=torch.bfloat16, mask_kind=mask_kind)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.04, compute_entropy=True, backend=backend)
+
+    def peak(grad):
+        x = logits.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.set_grad_enabled(grad):
+            out = rk.grpo_loss(x, ids, adv, mask, **kw)
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+
+    with_grad, big = peak(True)
+    assert big >= logits.nbytes
+    out, big = peak(False)
+    assert big < logits.nbytes // 4, (backend, big, logits.nbytes)
+    assert out.loss.grad_fn is None
+    assert torch.equal(out.loss, with_grad.loss.detach())
+    assert torch.equal(out.per_token_logprobs, with_grad.per_token_logprobs)
+    assert all(torch.equal(out.metrics[k], with_grad.metrics[k]) for k in with_grad.metrics)
+
+
 @pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_num_items_tensor_on_another_device_is_an_error(backend, linear):

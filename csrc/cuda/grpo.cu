@@ -4,7 +4,8 @@
 // log-sum-exp (max, sum, entropy sum) in base 2, publishes that partial and, if it holds the label, the
 // label's logit; after a cluster barrier every CTA combines the partials through distributed shared memory,
 // computes the token's loss terms (the same scalar math in every CTA) and writes its slice of the gradient
-// from shared memory with streaming stores. A row whose mask is 0 reads nothing and writes zeros.
+// from shared memory with streaming stores. A row whose mask is 0 reads nothing and writes zeros. With
+// p.dx null (no gradient wanted) nothing is written to dx: step 4 and the masked rows' zeros are skipped.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -183,10 +184,12 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
   const int64_t N = p.B * p.T;
   const int64_t b = row / p.T, t = row - b * p.T;
   const T* x_row = static_cast<const T*>(p.x) + b * p.x_sb + t * p.x_st;
-  T* dx_row = static_cast<T*>(p.dx) + b * p.dx_sb + t * p.dx_st;
+  const bool has_dx = p.dx != nullptr;
+  T* dx_row = has_dx ? static_cast<T*>(p.dx) + b * p.dx_sb + t * p.dx_st : nullptr;
   const int64_t c0 = rank * chunk;
   const int64_t n = c0 < p.V ? (p.V - c0 < chunk ? p.V - c0 : chunk) : 0;
-  const bool aligned = ((reinterpret_cast<uintptr_t>(x_row + c0) | reinterpret_cast<uintptr_t>(dx_row + c0)) & 15) == 0;
+  const uintptr_t dx_addr = has_dx ? reinterpret_cast<uintptr_t>(dx_row + c0) : 0;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x_row + c0) | dx_addr) & 15) == 0;
   const int64_t nv = aligned ? n / E : 0;  // 16-byte vectors; the rest element by element
   const float m_row = p.mask ? p.mask[row] : 1.f;
 
@@ -195,8 +198,10 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
     uint4 z4;
     T* zp = reinterpret_cast<T*>(&z4);
     for (int j = 0; j < E; ++j) zp[j] = zero;
-    for (int64_t i = threadIdx.x; i < nv; i += kThreads) __stcs(reinterpret_cast<uint4*>(dx_row + c0) + i, z4);
-    for (int64_t i = nv * E + threadIdx.x; i < n; i += kThreads) dx_row[c0 + i] = zero;
+    if (has_dx) {
+      for (int64_t i = threadIdx.x; i < nv; i += kThreads) __stcs(reinterpret_cast<uint4*>(dx_row + c0) + i, z4);
+      for (int64_t i = nv * E + threadIdx.x; i < n; i += kThreads) dx_row[c0 + i] = zero;
+    }
     if (rank == 0 && threadIdx.x == 0) {
       p.logp[row] = 0.f;
       for (int k = 0; k < 6; ++k) p.stats[k * N + row] = 0.f;
@@ -278,7 +283,8 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
 
   // 4. dx = c (onehot(y) - p) over this slice, from shared memory
   const float lse2 = bcast[0], c = bcast[1];
-  for (int64_t i = threadIdx.x; i < nv; i += kThreads) {
+  const int64_t nv_dx = has_dx ? nv : 0, n_dx = has_dx ? n : 0;
+  for (int64_t i = threadIdx.x; i < nv_dx; i += kThreads) {
     const uint4 raw = reinterpret_cast<const uint4*>(xs)[i];
     const T* e = reinterpret_cast<const T*>(&raw);
     uint4 out;
@@ -290,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
     }
     __stcs(reinterpret_cast<uint4*>(dx_row + c0) + i, out);
   }
-  for (int64_t i = nv * E + threadIdx.x; i < n; i += kThreads) {
+  for (int64_t i = nv * E + threadIdx.x; i < n_dx; i += kThreads) {
     const float pj = exp2f(to_f(xs[i]) * k - lse2);
     dx_row[c0 + i] = from_f<T>(c0 + i == y ? c - c * pj : -c * pj);
   }

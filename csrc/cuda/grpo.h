@@ -30,7 +30,7 @@ typedef struct {
   const float* scale;   // the loss reduction s_b: element (b, t) at b * sc_sb + t * sc_st
   float* logp;          // [B * T] out: l (0 where masked)
   float* stats;         // [6, B * T] out: s_b m L, m kl, m low, m high, m max(low, high), m entropy
-  void* dx;             // [B, T, V] out (may be x): strides dx_sb, dx_st
+  void* dx;             // [B, T, V] out (may be x): strides dx_sb, dx_st; null: no gradient, nothing written
   int64_t B, T, V, x_sb, x_st, dx_sb, dx_st, adv_sb, adv_st, sc_sb, sc_st;
   float inv_t, eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi;
   int dtype;            // 0 f32, 2 f16, 3 bf16 (x and dx)

@@ -1,6 +1,6 @@
 // r1kernels::grpo_token: the CUDA binding of csrc/cuda/grpo.cu (tensors -> R1kGrpoToken). Internal: called by
 // r1kernels/ops/grpo.py's token-level path with its tensors already float32 / contiguous, and it writes logp,
-// stats and dx (dx may be x itself: the in-place backward). Schema and CUDA kernel only (no CPU kernel).
+// stats and dx (dx may be x itself: the in-place backward; None: no gradient written). Schema and CUDA kernel only (no CPU kernel).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -19,14 +19,16 @@ const float* opt_f32(const std::optional<at::Tensor>& t, const char* name, int64
 void grpo_token_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& adv,
                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& old,
                      const std::optional<at::Tensor>& ref, const std::optional<at::Tensor>& samp,
-                     const at::Tensor& scale, at::Tensor& logp, at::Tensor& stats, at::Tensor& dx,
+                     const at::Tensor& scale, at::Tensor& logp, at::Tensor& stats, const std::optional<at::Tensor>& dx,
                      c10::IntArrayRef dx_strides, double inv_t, double eps_low, double eps_high, double delta,
                      double beta, double tau_pos, double tau_neg, double is_lo, double is_hi, int64_t loss_code,
                      int64_t kl_code, bool has_delta, bool is_mask, bool bias_kl, bool entropy, bool use_kl,
                      int64_t cluster) {
   R1K_CHECK_CUDA(x);
   R1K_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [B, T, V] with a contiguous last dimension");
-  R1K_CHECK(dx.scalar_type() == x.scalar_type() && dx_strides.size() == 2, "dx must have x's dtype; 2 strides");
+  R1K_CHECK(!dx.has_value() || (dx->scalar_type() == x.scalar_type() && dx->is_cuda()),
+            "dx must be a CUDA tensor of x's dtype (or None: no gradient)");
+  R1K_CHECK(dx_strides.size() == 2, "dx_strides must hold 2 strides");
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), N = B * T;
   int dt = -1;
   switch (x.scalar_type()) {
@@ -51,7 +53,7 @@ void grpo_token_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tenso
   p.scale = scale.data_ptr<float>();
   p.logp = logp.data_ptr<float>();
   p.stats = stats.data_ptr<float>();
-  p.dx = dx.data_ptr();
+  p.dx = dx.has_value() ? dx->data_ptr() : nullptr;
   p.B = B;
   p.T = T;
   p.V = V;
@@ -94,7 +96,7 @@ void grpo_token_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(r1kernels, m) {
   m.def(
       "grpo_token(Tensor x, Tensor ids, Tensor adv, Tensor? mask, Tensor? old, Tensor? ref, Tensor? samp, "
-      "Tensor scale, Tensor(a!) logp, Tensor(b!) stats, Tensor(c!) dx, int[] dx_strides, *, float inv_t, "
+      "Tensor scale, Tensor(a!) logp, Tensor(b!) stats, Tensor(c!)? dx, int[] dx_strides, *, float inv_t, "
       "float eps_low, float eps_high, float delta, float beta, float tau_pos, float tau_neg, float is_lo, "
       "float is_hi, int loss_code, int kl_code, bool has_delta, bool is_mask, bool bias_kl, bool entropy, "
       "bool use_kl, int cluster) -> ()");

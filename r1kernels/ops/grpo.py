@@ -158,11 +158,9 @@ def grpo_loss_fwd(logits: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, ma
                   is_clip_min: float | None, is_clip_max: float | None, bias_kl: bool, entropy: bool,
                   token_kernel: str = "triton", grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (stats, logp, the logits' gradient for upstream 1); not grad: that gradient is an empty tensor and
-    the Triton kernel writes none (no [B, T, V] buffer)."""
+    neither token kernel writes one (no [B, T, V] buffer)."""
     B, T, V = logits.shape
-    # the CUDA token kernel always writes a gradient (csrc/cuda/grpo.cu has no gradient-free form)
-    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if grad or token_kernel == "cuda" \
-        else None
+    dx = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if grad else None
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     sums, logp = token_level(x, ids, adv, mask, old, ref, samp, num_items, dx, (T * V, V), **_opts(locals()))
     return finish_stats(sums, mask, B, T), logp, dx if grad else logits.new_empty(0)

@@ -102,7 +102,7 @@ def _next_ans(h, a, q, nsplit, target, BITS: tl.constexpr, NSP: tl.constexpr):
 @triton.jit
 def _pass_kernel(x_ptr, bmax_ptr, hist_ptr, ans_ptr, tot_ptr, V, stride_x, nblk, per, temperature, top_k, top_p,
                  p, BLOCK: tl.constexpr, NSP: tl.constexpr, NBP: tl.constexpr, MASS: tl.constexpr,
-                 TOP_K: tl.constexpr, BITS: tl.constexpr):
+                 TOP_K: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr):
     """Pass p of the bisection for the top-k (count) or top-p (MASS) threshold: the largest uint32 key t
     with F(t) >= target, F(t) over the tokens with z >= kth and key >= t, F the count (target top_k) or the
     sum of exp(z - max z) (target top_p * F(0), the mass kept by top-k); F is nonincreasing in t. Pass p
@@ -144,22 +144,25 @@ def _pass_kernel(x_ptr, bmax_ptr, hist_ptr, ans_ptr, tot_ptr, V, stride_x, nblk,
     j = tl.arange(0, NC).to(tl.uint32)
     cand = ans + (j << (32 - BITS * (p + 1)))
     acc = tl.zeros((NC,), tl.float32)
-    offs = tl.arange(0, BLOCK)
+    offs = tl.arange(0, SUB)
     b0 = sp * per
     for blk in range(b0, tl.minimum(b0 + per, nblk)):
         bm = tl.load(bmax_ptr + row * nblk + blk)
         bb = bm.to(tl.uint32, bitcast=True)  # ukey(bm)
         if (bm >= kth) & (tl.where((bb >> 31) != 0, ~bb, bb | 0x80000000) >= ans):  # else below every candidate
-            cols = blk * BLOCK + offs
-            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            z = tl.math.div_rn(x, temperature)
-            b = z.to(tl.uint32, bitcast=True)  # ukey(z)
-            ge = tl.where((b >> 31) != 0, ~b, b | 0x80000000)[:, None] >= cand[None, :]
-            if MASS:
-                w = tl.where(z >= kth, tl.exp(z - m), 0.0)
-            else:
-                w = tl.where(cols < V, 1.0, 0.0)
-            acc += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+            # SUB columns at a time: the [SUB, NC] compare tile stays in registers ([BLOCK, NC] at 1024 x 16 is
+            # 128 floats a thread at 4 warps)
+            for c in tl.static_range(BLOCK // SUB):
+                cols = blk * BLOCK + c * SUB + offs
+                x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                z = tl.math.div_rn(x, temperature)
+                b = z.to(tl.uint32, bitcast=True)  # ukey(z)
+                ge = tl.where((b >> 31) != 0, ~b, b | 0x80000000)[:, None] >= cand[None, :]
+                if MASS:
+                    w = tl.where(z >= kth, tl.exp(z - m), 0.0)
+                else:
+                    w = tl.where(cols < V, 1.0, 0.0)
+                acc += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
     tl.store(h + (p * nsplit + sp) * NC + j, acc)
 
 
@@ -278,6 +281,8 @@ def _combine_kernel(part_ptr, pidx_ptr, tok_ptr, logp_ptr, nsplit, NSP: tl.const
 # is bitwise the same in any batch (8 x 1024 on a GPU: 19 programs per row of 151936; under the interpreter
 # 6 x 64, so V = 1000 gives 3 splits and the combine is exercised).
 SPLIT_BLOCKS = 6 if INTERPRET else 8
+# Columns of a block _pass_kernel compares at once (under the interpreter 32 of 64, so the sub-loop runs).
+PASS_SUB = 32 if INTERPRET else 256
 
 
 def sample(logits, seeds, positions, temperature: float, top_k: int, top_p: float, min_p: float, greedy: bool):
@@ -314,7 +319,7 @@ def sample(logits, seeds, positions, temperature: float, top_k: int, top_p: floa
             for p in range(NPASS):
                 _pass_kernel[(B, nsplit)](logits, bmax, hist, ans, tot, V, logits.stride(0), nblk, per, T, int(top_k),
                                           float(top_p), p, BLOCK=BLOCK, NSP=NSP, NBP=NBP, MASS=mass, TOP_K=use_k,
-                                          BITS=BITS, num_warps=warps)
+                                          BITS=BITS, SUB=min(BLOCK, PASS_SUB), num_warps=warps)
         # log(min_p) in fp32 as the reference computes it (a CPU tensor: no device sync)
         log_min_p = float(torch.log(torch.tensor(min_p, dtype=torch.float32))) if use_min_p else 0.0
         _threshold_kernel[(B,)](bmax, hist, ans, tot, thr, nblk, nsplit, int(top_k), float(top_p), log_min_p,
