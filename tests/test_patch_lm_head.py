@@ -13,7 +13,7 @@ from conftest import assert_close
 transformers = pytest.importorskip("transformers")
 
 import r1kernels as rk  # noqa: E402
-from r1kernels.patch.lm_head import FusedLMHeadOutput, patch_lm_head  # noqa: E402
+from r1kernels.patch.lm_head import EXTRA_OUTPUTS, FusedLMHeadOutput, patch_lm_head  # noqa: E402
 
 V = 61
 
@@ -408,3 +408,185 @@ def test_labels_of_another_shape_are_an_error_naming_them(name):
     for bad in (labels[:, 1:], labels[:1].expand(B + 1, L)):
         with pytest.raises(ValueError, match=rf"{name} must have shape \({B}, {L}\)"):
             model(input_ids=ids, attention_mask=mask, fused_lm_head=True, **{name: bad})
+
+
+def _own_logits(model, ids, mask):
+    """The model's own next-token logits [B, L - 1, V] in float64 (its forward's soft-cap included)."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+
+
+def _expected_extras(logits, labels, temperature):
+    """TRL's FusedCausalLMOutput extras of the next-token labels from float64 logits [B, L - 1, V], 0 / False at -100:
+    log sum_v p_v^2 (as logsumexp of 2 log p), mean_v logits / T, label == argmax; the gap between the two largest
+    logits / T (argmax is only compared where rounding cannot swap them) and the scale of the mean's terms."""
+    x = logits / temperature
+    y = labels[:, 1:]
+    keep = y != -100
+    top2 = x.topk(2, -1).values
+    return dict(log_sum_sq_probs=torch.logsumexp(2 * torch.log_softmax(x, -1), -1) * keep,
+                mean_logits=x.mean(-1) * keep, is_top1=(x.argmax(-1) == y) & keep,
+                gap=top2[..., 0] - top2[..., 1], mean_scale=(x.abs().mean(-1) * keep).norm().item())
+
+
+def _labels_half_argmax(ids, mask, logits):
+    """Next-token labels of ids, about half of them the model's own argmax (is_top1 True there); -100 at padding
+    and at about 20% of the rest."""
+    B, L = ids.shape
+    top = torch.cat([ids[:, :1], logits.argmax(-1)], 1)
+    labels = torch.where(torch.rand(B, L) < 0.5, top, ids)
+    return labels.masked_fill((mask == 0) | (torch.rand(B, L) < 0.2), -100)
+
+
+def _check_extras(out, want, dtype=torch.float32):
+    keep = out.label_mask
+    assert_close(out.log_sum_sq_probs, want["log_sum_sq_probs"], dtype, name="log_sum_sq_probs")
+    assert_close(out.mean_logits, want["mean_logits"], dtype, name="mean_logits", scale=want["mean_scale"])
+    assert out.is_top1.dtype == torch.bool and not out.is_top1[~keep].any()
+    clear = want["gap"] > 1e-4
+    assert torch.equal(out.is_top1[clear], want["is_top1"][clear])
+    for name in EXTRA_OUTPUTS:
+        assert not getattr(out, name).requires_grad, name
+
+
+@pytest.mark.parametrize("family,dtype", [("qwen2", torch.float32), ("llama", torch.float32),
+                                          ("gemma2", torch.float32), ("llama", torch.float64)])
+@pytest.mark.parametrize("B,L", [(1, 2), (3, 9), (2, 17)])
+def test_extra_outputs_match_logits(family, dtype, B, L):
+    """extra_outputs: log_sum_sq_probs, mean_logits and is_top1 (TRL's names, read by its SFT / DPO / KTO trainers)
+    of the model's own logits / T in float64 (Gemma 2's soft-capped ones), 0 / False at -100 labels, without
+    gradient, in the log-probs' dtype; log-probs, entropy and loss are unchanged; not asked for: None."""
+    model = (_gemma("gemma2") if family == "gemma2" else _model(family, bias=family == "llama")).to(dtype)
+    patched = copy.deepcopy(model)
+    temperature = float(torch.empty(()).uniform_(0.6, 1.4))
+    patch_lm_head(patched, temperature=temperature, backend="torch" if dtype == torch.float64 else None)
+    ids = torch.randint(1, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, : L // 2] = 0  # left padding
+    logits = _own_logits(model, ids, mask)
+    labels = _labels_half_argmax(ids, mask, logits)
+    plain = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert all(getattr(plain, name) is None for name in EXTRA_OUTPUTS)
+    patch_lm_head(patched, extra_outputs=("is_top1", "mean_logits", "log_sum_sq_probs"))
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert out.mean_logits.dtype == out.log_sum_sq_probs.dtype == out.log_probs.dtype == dtype
+    _check_extras(out, _expected_extras(logits, labels, temperature), dtype)
+    logp, ent, loss = _expected(model, ids, mask, labels, temperature)
+    assert_close(out.log_probs, logp, dtype, name="log_probs")
+    assert_close(out.entropy, ent, dtype, name="entropy")
+    assert_close(out.loss, loss, dtype, name="loss")
+    patch_lm_head(patched, extra_outputs=("mean_logits",))  # only what is named
+    one = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert one.is_top1 is None and one.log_sum_sq_probs is None and torch.equal(one.mean_logits, out.mean_logits)
+    for bad in ("is_top1", ("token_accuracy",), 3, [None], [["is_top1"]]):
+        with pytest.raises(ValueError, match="extra_outputs"):
+            patch_lm_head(patched, extra_outputs=bad)
+
+
+def test_extra_outputs_of_an_all_masked_batch_are_zeros():
+    model = _model("qwen2")
+    patch_lm_head(model, extra_outputs=EXTRA_OUTPUTS)
+    ids = torch.randint(0, V, (2, 5))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    assert out.log_sum_sq_probs.abs().sum() == 0 and out.mean_logits.abs().sum() == 0 and not out.is_top1.any()
+    assert out.is_top1.shape == out.mean_logits.shape == (2, 4)
+
+
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy"), ("log_probs", "entropy", "is_top1"),
+                                     ("log_probs", "entropy", "mean_logits"),
+                                     ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")])
+def test_patch_over_trls_fused_head_takes_its_options(outputs):
+    """A model TRL's add_fused_lm_head has patched (what its trainers do when built: SFT asks for is_top1, DPO for
+    mean_logits and is_top1 (+ log_sum_sq_probs), KTO for mean_logits) and rk.patch then goes over: the fused call
+    is ours and returns every field TRL's forward returns (were missing: AttributeError in TRL's trainers), at TRL's
+    temperature and fp32 head setting, against the model's own float64 logits; the others are None as TRL's are."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    B, L = int(torch.randint(1, 4, ())), int(torch.randint(3, 12, ()))
+    model = _model("qwen2")
+    plain = copy.deepcopy(model)
+    temperature, fp32 = float(torch.empty(()).uniform_(0.6, 1.4)), bool(torch.randint(0, 2, ()))
+    trl_utils.add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=fp32, outputs=outputs)
+    trl_forward = model.forward
+    rk.patch(model, backend="torch")
+    state = model._r1k_lm_head
+    assert (state["temperature"], state["fp32"], state["return_entropy"]) == (temperature, fp32, "entropy" in outputs)
+    assert state["extra_outputs"] == tuple(n for n in EXTRA_OUTPUTS if n in outputs)
+    ids = torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    logits = _own_logits(plain, ids, mask)
+    labels = _labels_half_argmax(ids, mask, logits)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert isinstance(out, FusedLMHeadOutput)
+    theirs = trl_forward(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    for name in ("entropy", *EXTRA_OUTPUTS):
+        assert (getattr(out, name) is None) == (getattr(theirs, name) is None), name
+    logp, ent, loss = _expected(plain, ids, mask, labels, temperature)
+    assert_close(out.log_probs, logp, name="log_probs")
+    assert_close(out.loss, loss, name="loss")
+    if "entropy" in outputs:
+        assert_close(out.entropy, ent, name="entropy")
+    want = _expected_extras(logits, labels, temperature)
+    for name in EXTRA_OUTPUTS:
+        if name in outputs:
+            kw = {"scale": want["mean_scale"]} if name == "mean_logits" else {}
+            got = getattr(out, name)
+            if got.dtype == torch.bool:
+                clear = want["gap"] > 1e-4
+                assert torch.equal(got[clear], want[name][clear]) and torch.equal(got[clear], theirs.is_top1[clear])
+            else:
+                assert_close(got, want[name], name=name, **kw)
+    # a later explicit option wins over TRL's
+    patch_lm_head(model, temperature=1.0, extra_outputs=())
+    assert state["temperature"] == 1.0 and state["extra_outputs"] == ()
+
+
+def _trl_trainer(kind, path, tok, out_dir, seed, n):
+    """A TRL SFT / DPO / KTO trainer of the tiny model saved at path on arithmetic rows of the numbers n (one step,
+    SGD, CPU)."""
+    import trl
+    from datasets import Dataset
+
+    common = dict(output_dir=str(out_dir), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                  use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, logging_steps=1, optim="sgd",
+                  learning_rate=0.1, seed=seed)
+    if kind == "sft":
+        rows, cls, cfg = [{"prompt": f"{i}+{i}=", "completion": f"{2 * i}"} for i in n], trl.SFTTrainer, trl.SFTConfig
+    elif kind == "dpo":
+        rows = [{"prompt": f"{i}+{i}=", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in n]
+        cls, cfg = trl.DPOTrainer, trl.DPOConfig
+    else:
+        rows = [{"prompt": f"{i}+{i}=", "completion": f"{2 * i + k % 2}", "label": k % 2 == 0}
+                for k, i in enumerate(n)]
+        cls, cfg = trl.KTOTrainer, trl.KTOConfig
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    return cls(model=model, args=cfg(**common), train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
+def test_trl_trainers_run_on_a_model_patched_after_them(kind, tmp_path):
+    """TRL 1.16's SFTTrainer / DPOTrainer / KTOTrainer built on a model, then rk.patch(model): a training step runs
+    through r1kernels' fused head (it failed: 'FusedLMHeadOutput' object has no attribute 'is_top1' / 'mean_logits')
+    and logs what the same trainer logs with TRL's own fused head (loss, grad_norm, entropy, mean_token_accuracy,
+    logits/*, ...)."""
+    pytest.importorskip("trl")
+    from r1train.tasks.models import tiny_model
+    from r1train.tasks.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    tiny_model("tiny-qwen2", tok, seed=seed, hidden_size=32, num_layers=1).save_pretrained(tmp_path / "m")
+    n = [int(x) for x in torch.randint(0, 50, (4,))]
+    logs = []
+    for patched in (False, True):
+        tr = _trl_trainer(kind, str(tmp_path / "m"), tok, tmp_path / str(patched), seed, n)
+        if patched:
+            rk.patch(tr.model, backend="torch")
+            assert isinstance(tr.model.forward, type(tr.model._r1k_lm_head["forward"]))
+        tr.train()
+        logs.append(tr.state.log_history[0])
+    want, got = logs
+    keys = {k for k in want if isinstance(want[k], float) and k not in ("epoch", "learning_rate")}
+    assert keys == {k for k in got if isinstance(got[k], float) and k not in ("epoch", "learning_rate")}
+    assert {"loss", "grad_norm", "entropy"} <= keys
+    for k in keys:
+        assert_close(torch.tensor(got[k]), torch.tensor(want[k], dtype=torch.float64), name=k)

@@ -5,8 +5,18 @@ entropy) of the next-token labels through `r1kernels.linear_token_logprobs`, nev
 
 The keyword contract is TRL's `add_fused_lm_head` (trl 1.16): labels are shifted inside (position t scores
 labels[:, t + 1]) unless `shift_labels` is given; -100 labels are skipped and read 0; `loss` is the mean
-negative log-likelihood over the scored tokens (or their sum / num_items_in_batch). So TRL's GRPOTrainer
-runs on a patched model unchanged.
+negative log-likelihood over the scored tokens (or their sum / num_items_in_batch). The output carries the fields of
+TRL's FusedCausalLMOutput: besides log_probs / entropy / label_mask, the no-gradient per-token fields EXTRA_OUTPUTS
+(log_sum_sq_probs, mean_logits, is_top1), each computed only where it is asked for (patch_lm_head's extra_outputs)
+and None otherwise, as TRL's are. TRL 1.16's trainers read them from a fused call: SFTTrainer is_top1 (its
+mean_token_accuracy), DPOTrainer mean_logits and is_top1 (and log_sum_sq_probs with use_weighting), KTOTrainer
+mean_logits; GRPOTrainer and RLOOTrainer read log_probs and entropy only.
+
+A trainer built before the patch has put TRL's own fused forward on the model (add_fused_lm_head(model,
+temperature, cast_lm_head_to_fp32, outputs)); patch_lm_head goes over it and takes over the options that trainer
+gave it -- its temperature, its fp32 head, entropy where its outputs name it, the EXTRA_OUTPUTS they name -- before
+the options of the patch_lm_head call itself. So SFT, DPO, KTO, GRPO and RLOO trainers run unchanged on a model
+patched before or after they are built (before: TRL's forward goes over ours and answers the fused calls itself).
 
 `fused_lm_head=fn` (a callable) returns fn(hidden [B, n, H], weight [V, H], bias | None) computed inside
 the forward, where hidden[:, t] scores input_ids[:, L - n + t] and n = logits_to_keep (default L - 1):
@@ -137,15 +147,27 @@ class LogitScaling:
         return "its logits are its lm_head's output"
 
 
+# TRL's FusedCausalLMOutput fields beyond log_probs and entropy, all without gradient
+EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
+# fp32 logits per row chunk of the EXTRA_OUTPUTS pass
+_EXTRA_CHUNK_BYTES = 128 * 2**20
+
+
 @dataclass
 class FusedLMHeadOutput:
-    """What a patched model returns with fused_lm_head=True. Per-token fields are [B, L - 1] (or the shape
-    of shift_labels), fp32, 0 where the label is -100."""
+    """What a patched model returns with fused_lm_head=True: TRL's FusedCausalLMOutput fields. Per-token fields
+    are [B, L - 1] (or the shape of shift_labels), in the log-probs' dtype (fp32; fp64 for an fp64 model), 0 (is_top1:
+    False) where the label is -100. Of x = the scored logits (soft-capped where the model caps them) / temperature:
+    log_sum_sq_probs = log sum_v softmax(x)_v^2, mean_logits = mean_v x_v, is_top1 = (label == argmax_v x_v, the
+    first maximum, as torch.argmax), bool; each is None unless asked for (EXTRA_OUTPUTS)."""
     loss: torch.Tensor
     log_probs: torch.Tensor
     entropy: torch.Tensor | None
     label_mask: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
 
 
 def logit_scaling(model) -> LogitScaling:
@@ -267,8 +289,32 @@ def _head_params(self, hidden, fp32):
     return hidden.to(dtype), weight.to(dtype), bias
 
 
-def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy, fp32, backend, softcap):
-    """FusedLMHeadOutput of labels [B, n] (-100: not scored) from hidden [B, n, H]; softcap: _softcap(self)."""
+def _extra_outputs(hidden, weight, bias, labels, temperature, softcap, names, dtype) -> dict:
+    """{name: [N] tensor} for the EXTRA_OUTPUTS in `names` (FusedLMHeadOutput's definitions) of rows hidden [N, H]
+    with labels [N], from their logits z = hidden @ weight.T + bias in the head's dtype, then in `dtype`: x =
+    softcap * tanh(z / softcap) (z where softcap is None), divided by temperature. No gradient; one more head GEMM,
+    in row chunks of at most _EXTRA_CHUNK_BYTES of fp32 logits."""
+    rows = max(1, _EXTRA_CHUNK_BYTES // (4 * max(weight.shape[0], 1)))
+    parts = {name: [] for name in names}
+    with torch.no_grad():
+        for start in range(0, max(hidden.shape[0], 1), rows):
+            x = torch.nn.functional.linear(hidden[start:start + rows], weight, bias).to(dtype)
+            if softcap is not None:
+                x = x.div_(softcap).tanh_().mul_(softcap)
+            x = x.div_(temperature)
+            if "mean_logits" in parts:
+                parts["mean_logits"].append(x.mean(-1))
+            if "is_top1" in parts:
+                parts["is_top1"].append(x.argmax(-1) == labels[start:start + rows])
+            if "log_sum_sq_probs" in parts:
+                parts["log_sum_sq_probs"].append(torch.logsumexp(2 * x, -1) - 2 * torch.logsumexp(x, -1))
+    return {name: torch.cat(p) for name, p in parts.items()}
+
+
+def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, return_entropy, fp32, backend, softcap,
+                    extra_outputs=()):
+    """FusedLMHeadOutput of labels [B, n] (-100: not scored) from hidden [B, n, H]; softcap: _softcap(self);
+    extra_outputs: the EXTRA_OUTPUTS to compute."""
     from .. import linear_token_logprobs
 
     hidden, weight, bias = _head_params(self, hidden, fp32)
@@ -276,27 +322,64 @@ def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, retur
     mask = labels != -100
     # only the scored rows go through the head; masked_scatter keeps an all-masked batch differentiable
     with torch.autocast(hidden.device.type, enabled=False):
-        out = linear_token_logprobs(hidden[mask], weight, labels[mask], bias=bias, temperature=temperature,
+        h, y = hidden[mask], labels[mask]
+        out = linear_token_logprobs(h, weight, y, bias=bias, temperature=temperature,
                                     return_entropy=return_entropy, softcap=softcap, backend=backend)
-    logp, ent = out if return_entropy else (out, None)
+        logp, ent = out if return_entropy else (out, None)
+        extra = _extra_outputs(h, weight, bias, y, temperature, softcap, extra_outputs, logp.dtype)
     zeros = logp.new_zeros(mask.shape)  # the op's dtype: fp32 for 16-bit heads, fp64 for an fp64 model
     logp = zeros.masked_scatter(mask, logp)
     ent = zeros.masked_scatter(mask, ent) if ent is not None else None
+    extra = {k: torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+             for k, v in extra.items()}
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return FusedLMHeadOutput(loss=-logp.sum() / denom, log_probs=logp, entropy=ent, label_mask=mask)
+    return FusedLMHeadOutput(loss=-logp.sum() / denom, log_probs=logp, entropy=ent, label_mask=mask, **extra)
 
 
-_DEFAULTS = dict(temperature=1.0, return_entropy=True, fp32=False, backend="auto")
+def _trl_head_options(forward) -> dict:
+    """The options TRL's add_fused_lm_head gave `forward` when it is that function's fused forward (a bound
+    _fused_forward of trl.trainer.utils, whose closure holds them), as patch_lm_head's state keys: temperature,
+    fp32 (cast_lm_head_to_fp32), return_entropy ("entropy" in its outputs), extra_outputs (the EXTRA_OUTPUTS its
+    outputs name; all of them where its closure holds no outputs). {} for any other forward."""
+    fn = getattr(forward, "__func__", forward)
+    code = getattr(fn, "__code__", None)
+    module = getattr(fn, "__globals__", {}).get("__name__", "")
+    if code is None or code.co_name != "_fused_forward" or not str(module).startswith("trl."):
+        return {}
+    cells = {}
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            cells[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            pass
+    outputs = cells.get("outputs")
+    if isinstance(outputs, (tuple, list, set, frozenset)):
+        opts = dict(return_entropy="entropy" in outputs,
+                    extra_outputs=tuple(n for n in EXTRA_OUTPUTS if n in outputs))
+    else:  # every field one of its trainers may read
+        opts = dict(return_entropy=True, extra_outputs=EXTRA_OUTPUTS)
+    temperature = cells.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        opts["temperature"] = float(temperature)
+    if isinstance(cells.get("cast_lm_head_to_fp32"), bool):
+        opts["fp32"] = cells["cast_lm_head_to_fp32"]
+    return opts
+
+
+_DEFAULTS = dict(temperature=1.0, return_entropy=True, fp32=False, backend="auto", extra_outputs=())
 
 
 def patch_lm_head(model, *, temperature: float | None = None, return_entropy: bool | None = None,
-                  fp32_lm_head: bool | None = None, backend: str | None = None) -> dict:
+                  fp32_lm_head: bool | None = None, backend: str | None = None,
+                  extra_outputs: tuple[str, ...] | None = None) -> dict:
     """Give `model` the fused_lm_head forward (module docstring); returns {"forward": the replaced forward}.
     temperature (1.0) / return_entropy (True) are the defaults of each fused call (a call may pass its own);
     fp32_lm_head (False) runs the head on fp32 hidden states and weight (TRL's cast_lm_head_to_fp32); backend
-    ("auto"). Patching a patched model sets the options it is given and keeps the others; where something wrapped
-    the fused forward since (TRL's GRPOTrainer puts its own fused-head forward over it), the fused forward goes
-    over that again (calls without fused_lm_head still reach it)."""
+    ("auto"); extra_outputs (()): the EXTRA_OUTPUTS each fused call computes (one more head GEMM without gradient
+    where any is named). Patching a patched model sets the options it is given and keeps the others; where something
+    wrapped the fused forward since (TRL's trainers put their own fused-head forward over it), the fused forward goes
+    over that again (calls without fused_lm_head still reach it), with the options TRL gave that forward
+    (_trl_head_options) under the ones this call names."""
     from .. import _checks
 
     reason = unsupported_reason(model)
@@ -309,14 +392,21 @@ def patch_lm_head(model, *, temperature: float | None = None, return_entropy: bo
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     if backend is not None:
         _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
+    if extra_outputs is not None:
+        if not (isinstance(extra_outputs, (tuple, list, set, frozenset))
+                and all(isinstance(n, str) and n in EXTRA_OUTPUTS for n in extra_outputs)):
+            raise ValueError(f"extra_outputs must be a tuple of names among {EXTRA_OUTPUTS}, got {extra_outputs!r}")
+        extra_outputs = tuple(n for n in EXTRA_OUTPUTS if n in extra_outputs)
     given = dict(temperature=None if temperature is None else float(temperature), return_entropy=return_entropy,
-                 fp32=fp32_lm_head, backend=backend)
+                 fp32=fp32_lm_head, backend=backend, extra_outputs=extra_outputs)
     given = {k: v for k, v in given.items() if v is not None}
     state = getattr(model, "_r1k_lm_head", None)
     if state is None:
-        state = model._r1k_lm_head = dict(_DEFAULTS, forward=_ForwardWithFusedHead(model, model.forward))
+        state = model._r1k_lm_head = dict(_DEFAULTS, **_trl_head_options(model.forward),
+                                          forward=_ForwardWithFusedHead(model, model.forward))
         model.forward = state["forward"]
     elif model.__dict__.get("forward") is not state["forward"]:
+        state.update(_trl_head_options(model.forward))
         state["forward"] = _ForwardWithFusedHead(model, model.forward)
         model.forward = state["forward"]
     state.update(given)
@@ -402,5 +492,5 @@ class _ForwardWithFusedHead:
         else:
             labels = shift_labels
         return _fused_logprobs(model, hidden, labels, num_items_in_batch, temperature, return_entropy,
-                               state["fp32"], state["backend"], softcap)
+                               state["fp32"], state["backend"], softcap, state.get("extra_outputs", ()))
 
