@@ -28,8 +28,8 @@ COMMANDS = {
     "merge": "merge a LoRA checkpoint (adapter_path=...) into model_name_or_path; save to output_dir",
 }
 
-# Keys only some commands read. One YAML may hold every stage's keys, so `sft` and `grpo` warn (unread_keys) about
-# a key of another command's set away from its default, and go on.
+# Keys only some commands read. One YAML may hold every stage's keys, so `sft`, `grpo`, `sample` and `distill` warn
+# (warn_unread_keys) about a key of another command's set away from its default, and go on.
 SFT_ONLY_KEYS = frozenset(("max_length", "completion_only_loss", "completion_column"))
 # besides checkpoint.GRPO_ONLY_RUN_KEYS: GRPO's rollouts and rewards (SFT's evaluation samples at eval_temperature)
 GRPO_ONLY_KEYS = frozenset(("temperature", "language", "reward_timeout", "rollout_release_memory", "log_completions"))
@@ -37,16 +37,37 @@ OTHER_COMMANDS_KEYS = frozenset(("rejection_num_samples", "rejection_max_per_pro
                                  "teacher_model",  # distill
                                  "adapter_path",  # merge
                                  "task_slip_share", "task_mix_share"))  # the demo's stages
+# of the keys above, those `sample` reads: num_generations samples a prompt at temperature (rollout.sample_rows),
+# scored by reward_funcs (rewards.RewardRunner: reward_timeout; the language and overlong rewards' keys)
+SAMPLE_READS = frozenset(("num_generations", "temperature", "reward_funcs", "reward_timeout", "language",
+                          "overlong_buffer_len"))
+# of the keys above, those `distill` reads beside SFT's: the teacher's rejection sampling (pipeline.rejection_sample
+# at temperature, its language filter)
+DISTILL_READS = frozenset(("teacher_model", "rejection_num_samples", "rejection_max_per_prompt", "temperature",
+                           "language"))
 
 
 def unread_keys(command: str, cfg) -> list[str]:
-    """The keys of cfg that `command` (sft or grpo) never reads, set away from their defaults."""
+    """The keys of cfg that `command` (sft, grpo, sample or distill) never reads, set away from their defaults."""
     from .checkpoint import GRPO_ONLY_RUN_KEYS
     from .config import TrainConfig
 
-    never = OTHER_COMMANDS_KEYS | (GRPO_ONLY_RUN_KEYS | GRPO_ONLY_KEYS if command == "sft" else SFT_ONLY_KEYS)
+    grpo = GRPO_ONLY_RUN_KEYS | GRPO_ONLY_KEYS
+    never = {"sft": OTHER_COMMANDS_KEYS | grpo,
+             "grpo": OTHER_COMMANDS_KEYS | SFT_ONLY_KEYS,
+             "sample": (OTHER_COMMANDS_KEYS | SFT_ONLY_KEYS | grpo) - SAMPLE_READS,
+             "distill": (OTHER_COMMANDS_KEYS | grpo) - DISTILL_READS}[command]
     default = TrainConfig()
     return [k for k in vars(cfg) if k in never and getattr(cfg, k) != getattr(default, k)]
+
+
+def warn_unread_keys(command: str, cfg):
+    """One warning (rank 0) naming unread_keys(command, cfg) with their values; the run goes on."""
+    unread = unread_keys(command, cfg)
+    if unread and _rank() == 0:
+        logging.getLogger("r1train").warning(
+            "`r1train %s` does not read %s: they have no effect on this run", command,
+            ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unread))
 
 
 def parse(argv):
@@ -56,7 +77,8 @@ def parse(argv):
     p.add_argument("--config", default=None, help="YAML file of config keys (see --help-config)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--stage", default=None, choices=CHOICES, help="demo: " + " | ".join(CHOICES))
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    # the launcher's: deepspeed passes --local_rank, torch.distributed.launch --local-rank
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_intermixed_args(argv)  # `cmd --config x.yaml k=v` and `cmd k=v --config x.yaml`
     if a.command is None and not a.help_config:
@@ -81,6 +103,7 @@ def cmd_sample(args):
     from .rollout import sample_rows
 
     cfg = load_config(args.config, args.overrides, section="grpo")
+    warn_unread_keys("sample", cfg)
     path = os.path.join(cfg.output_dir, "samples.jsonl")
     if os.path.isfile(path) and os.path.getsize(path) and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir: {path} holds earlier samples; set overwrite_output_dir=true to replace "
@@ -171,6 +194,8 @@ def main(argv=None) -> int:
     if args.help_config:
         print(TrainConfig().help())
         return 0
+    if args.local_rank is not None:  # the device comes from LOCAL_RANK (engine.init_distributed); the env wins
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import torch.distributed as dist
 
     from . import pipeline
@@ -206,11 +231,7 @@ def main(argv=None) -> int:
             from .loading import load_model_and_tokenizer
 
             cfg = load_config(args.config, args.overrides, section=args.command)
-            unread = unread_keys(args.command, cfg)
-            if unread and _rank() == 0:
-                logging.getLogger("r1train").warning(
-                    "`r1train %s` does not read %s: they have no effect on this run", args.command,
-                    ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unread))
+            warn_unread_keys(args.command, cfg)
             if args.command == "grpo":  # before the model loads
                 check_grpo_config(cfg)
             model, tok = load_model_and_tokenizer(cfg)

@@ -130,11 +130,12 @@ def _handoff(trainer, cfg: TrainConfig, nxt: TrainConfig):
     return patch_layers(model, nxt)
 
 
-def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True):
-    """rows: sampled SFT rows (distillation, rejection sampling); the dataset then needs no completions. Returns
-    the finished, released trainer (Trainer.release: its model goes on without the optimizer) and its final
-    evaluation."""
-    train, ev = load_datasets(cfg, sft=rows is None)
+def run_sft(cfg, model, tok, rows=None, eval_rows=None, evaluate=True, loaded=None):
+    """rows: sampled SFT rows (distillation, rejection sampling); the dataset then needs no completions. loaded:
+    the (train, eval) rows load_datasets(cfg, sft=rows is None) returns, where the caller holds them (None: loaded
+    here). Returns the finished, released trainer (Trainer.release: its model goes on without the optimizer) and
+    its final evaluation."""
+    train, ev = load_datasets(cfg, sft=rows is None) if loaded is None else loaded
     # a resume matches the dataset's rows: with sampled rows, the prompts they were sampled from (sampled again
     # when the run resumes, they may differ across hardware)
     t = SFTTrainer(cfg, model, tok, rows if rows is not None else train, ev if eval_rows is None else eval_rows,
@@ -250,7 +251,8 @@ def recipe(cfg_path=None, overrides=()):
     model, tok = load_model_and_tokenizer(base)
     # the rejection stage's data and SFT rows' floor, before stage 1 runs (the rows' own check: after sampling)
     with _in_stage("rejection"):
-        rejection_rows, _ = load_datasets(c3)
+        rejection_data = load_datasets(c3)  # (train, eval): sampled from, then the stage's SFT source and eval rows
+        rejection_rows = rejection_data[0]
         _check_sft_budget_floor(c3, tok, [_as_sampled(r, c3) for r in rejection_rows])
     results = {}
     # a finished stage's trainer is dropped once its model is handed on (`del t`), before the next stage is built:
@@ -268,7 +270,7 @@ def recipe(cfg_path=None, overrides=()):
                                 keep=c3.rejection_max_per_prompt, language=c3.language)
         results["rejection_kept"] = len(rows)
         if rows:
-            t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows)
+            t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows, loaded=rejection_data)
             model = _handoff(t, c3, c4)
             del t
         else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
@@ -281,11 +283,14 @@ def recipe(cfg_path=None, overrides=()):
 
 def distill(cfg_path=None, overrides=()):
     """SFT of the student (model_name_or_path) on teacher_model's correct, well-formed samples."""
+    from .cli import warn_unread_keys
+
     cfg = load_config(cfg_path, overrides, section="distill")
+    warn_unread_keys("distill", cfg)
     if not cfg.teacher_model:
         raise ConfigError("teacher_model: distill needs teacher_model=<checkpoint directory>")
     _check_stage(cfg, "distill")  # before the teacher samples, as the student's trainer would after
-    train, _ = load_datasets(cfg)
+    train, ev = load_datasets(cfg)  # also its student SFT's rows: stage_cfg and _resumed change no dataset key
     _check_sft_budget_floor(cfg, tokenizer_of(cfg), train)
     teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)  # with its own tokenizer
     rows = rejection_sample(cfg, teacher, tok, train, num_samples=cfg.rejection_num_samples,
@@ -297,7 +302,8 @@ def distill(cfg_path=None, overrides=()):
     # the hand-off is text (prompt, completion): the student's own tokenizer and chat template read it, so a
     # student of another family (R1's Qwen and Llama students of DeepSeek-V3) needs no common vocabulary
     student, stok = load_model_and_tokenizer(cfg)
-    _, res = run_sft(_resumed(stage_cfg(cfg, "distill")), student, stok, rows=rows)  # latest: fresh if none yet
+    _, res = run_sft(_resumed(stage_cfg(cfg, "distill")), student, stok, rows=rows,  # latest: fresh if none yet
+                     loaded=(train, ev))
     res["distill_rows"] = len(rows)
     _write(cfg.output_dir, "distill_results.json", res)
     return res

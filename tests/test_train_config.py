@@ -1,6 +1,8 @@
 """Bad configs and bad dataset rows give clear errors naming the key / row; YAML + overrides precedence."""
 
 import json
+import os
+import random
 
 import pytest
 
@@ -544,6 +546,36 @@ def test_stage_with_a_command_that_ignores_it_is_an_error(argv, capsys):
     assert parse(["demo", "--config", "r.yaml", "--stage", "default"]).stage == "default"
 
 
+@pytest.mark.parametrize("flag", ["--local_rank", "--local-rank"])
+def test_launchers_local_rank_flag_in_either_spelling(flag):
+    """deepspeed's launcher passes --local_rank=N and torch.distributed.launch --local-rank=N: both parse, before or
+    after the command's key=value (the hyphenated one was an error, exit 2)."""
+    from r1train.cli import parse
+
+    rank = random.randrange(8)
+    a = parse([f"{flag}={rank}", "grpo", "seed=1"])
+    assert (a.command, a.local_rank, a.overrides) == ("grpo", rank, ["seed=1"])
+    a = parse(["sft", "seed=1", flag, str(rank), "beta=0"])
+    assert (a.command, a.local_rank, a.overrides) == ("sft", rank, ["seed=1", "beta=0"])
+    assert parse(["sft"]).local_rank is None
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_local_rank_flag_sets_the_device_rank_when_the_launcher_sets_no_env(env, monkeypatch):
+    """The device is cuda:LOCAL_RANK (engine.init_distributed): a launcher passing only the flag sets it; a
+    LOCAL_RANK already in the env wins. (The run stops at its config error, before any model.)"""
+    from r1train import cli
+
+    rank = random.randint(1, 7)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so the test's change is undone
+    if env is None:
+        monkeypatch.delenv("LOCAL_RANK")
+    else:
+        monkeypatch.setenv("LOCAL_RANK", env)
+    assert cli.main([f"--local-rank={rank}", "sft", "no_such_key=1"]) != 0
+    assert os.environ["LOCAL_RANK"] == (str(rank) if env is None else env)
+
+
 def test_sample_does_not_overwrite_earlier_samples(tmp_path, capsys):
     """`r1train sample` replaced output_dir/samples.jsonl (an earlier run's samples) without a word; now it
     needs overwrite_output_dir=true, and says so before any model loads."""
@@ -936,33 +968,51 @@ def test_chat_template_kwargs_render_sampled_prompts(monkeypatch):
         assert got.value.args[0] == want and tok.decode(want[0]).startswith("<think>") == bool(kw)
 
 
-@pytest.mark.parametrize("command", ["sft", "grpo"])
+@pytest.mark.parametrize("command", ["sft", "grpo", "sample", "distill"])
 def test_keys_the_command_never_reads_are_one_warning(tmp_path, monkeypatch, caplog, command):
     """`r1train sft ... num_generations=3 beta=0.5` ran without a word about keys SFT never reads (and `grpo`
-    about SFT's keys). One warning names those set away from their defaults; the run goes on (one YAML may
-    hold every stage's keys). Keys the command reads, and keys at their defaults, are not named."""
+    about SFT's keys; `sample` and `distill` about any). One warning names those set away from their defaults; the
+    run goes on (one YAML may hold every stage's keys). Keys the command reads (of `sample`, GRPO's sampling and
+    reward keys; of `distill`, its teacher's rejection-sampling keys), and keys at their defaults, are not named."""
     import logging
     import random
 
-    from r1train import cli, loading, pipeline
+    import torch
+
+    from r1train import cli, loading, pipeline, rollout
     from r1train.config import fields
 
     names = {x.name for x in fields()}
     assert cli.SFT_ONLY_KEYS | cli.GRPO_ONLY_KEYS | cli.OTHER_COMMANDS_KEYS <= names
-    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **kw: (None, None))
+    assert cli.SAMPLE_READS | cli.DISTILL_READS <= names
+    # stand-ins for the models and the work: the commands' configs and warnings are real
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **kw: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda *a, **kw: (None, None))
     monkeypatch.setattr(pipeline, "run_sft", lambda *a, **kw: (None, {}))
     monkeypatch.setattr(pipeline, "run_grpo", lambda *a, **kw: (None, {}, {}))
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: [{"prompt": "1+1?", "completion": "2"}])
+    monkeypatch.setattr(rollout, "sample_rows", lambda *a, **kw: iter(()))
     rng = random.Random()
-    g, beta, n = rng.choice([2, 4, 16]), round(rng.uniform(0.01, 0.5), 3), rng.randrange(64, 512)
-    unread = {"sft": [f"num_generations={g}", f"beta={beta}", "temperature=0.7"],
-              "grpo": [f"max_length={n}", "completion_only_loss=false"]}[command]
-    unread += ["rejection_num_samples=4", f"task_slip_share={rng.random():.3f}"]
+    g, beta, n = rng.choice([2, 4]), round(rng.uniform(0.01, 0.5), 3), rng.randrange(64, 512)
+    others = ["adapter_path=x", f"task_slip_share={rng.uniform(0, 0.5):.3f}"]
+    unread = {"sft": [f"num_generations={g}", f"beta={beta}", "temperature=0.7", "rejection_num_samples=4"],
+              "grpo": [f"max_length={n}", "completion_only_loss=false", "rejection_num_samples=4"],
+              "sample": [f"beta={beta}", "loss_type=grpo", "log_completions=true", f"max_length={n}",
+                         "rejection_num_samples=4"],
+              "distill": [f"num_generations={g}", f"beta={beta}", "reward_timeout=5", "log_completions=true"]
+              }[command] + others
     read = [f"learning_rate={rng.uniform(1e-6, 1e-3):.2e}", "max_completion_length=16", "max_prompt_length=512",
             f"output_dir={tmp_path}"]
+    read += {"sft": [f"max_length={n}"], "grpo": [f"num_generations={g}", "temperature=0.7"],
+             "sample": [f"num_generations={g}", "temperature=0.7", "language=zh", "reward_timeout=5",
+                        "max_steps=2", "overwrite_output_dir=true"],
+             "distill": ["teacher_model=tiny-qwen2", "rejection_num_samples=4", "temperature=0.7", "language=zh",
+                         f"max_length={n}", "task_train_size=8", "task_eval_size=2"]}[command]
     with caplog.at_level(logging.WARNING, logger="r1train"):
         assert cli.main([command, *read, *sorted(unread, key=lambda _: rng.random())]) == 0
     said = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
     assert len(said) == 1, said
+    assert said[0].startswith(f"`r1train {command}` does not read ")
     named = {k.partition("=")[0] for k in said[0].split("read ")[1].split(": ")[0].split(", ")}
     assert named == {k.partition("=")[0] for k in unread}
     caplog.clear()

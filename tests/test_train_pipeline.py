@@ -333,8 +333,8 @@ def test_distill_into_a_student_with_another_tokenizer(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
     real = pipeline.run_sft
-    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows: seen.append((len(tok), rows)) or
-                        real(cfg, model, tok, rows=rows))
+    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows, **kw: seen.append((len(tok), rows)) or
+                        real(cfg, model, tok, rows=rows, **kw))
     res = pipeline.distill(None, H.FAST + ["teacher_model=tiny-qwen2", f"model_name_or_path={student_dir}",
                                            f"output_dir={tmp_path / 'distill'}", "max_steps=2"])
     assert res["distill_rows"] == 4 and seen == [(160, kept)]
@@ -430,9 +430,9 @@ def test_distill_samples_the_teacher_with_its_own_tokenizer(tmp_path, monkeypatc
         seen["teacher"] = tok.get_vocab()
         return kept
 
-    def student_sft(cfg, model, tok, rows):
+    def student_sft(cfg, model, tok, rows, **kw):
         seen["student"] = tok.get_vocab()
-        return real_sft(cfg, model, tok, rows=rows)
+        return real_sft(cfg, model, tok, rows=rows, **kw)
 
     real_sft = pipeline.run_sft
     monkeypatch.setattr(pipeline, "rejection_sample", teacher)
@@ -535,8 +535,8 @@ def test_recipe_names_the_stage_whose_sft_rows_exceed_its_token_budget(tmp_path,
              "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>" * 20} for i in range(4)]
     ran = []
     real = pipeline.run_sft
-    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows=None: real(cfg, model, tok, rows=rows)
-                        if rows is not None else (ran.append("sft") or model, {}))
+    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows=None, **kw: real(
+                        cfg, model, tok, rows=rows, **kw) if rows is not None else (ran.append("sft") or model, {}))
     monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
     monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg, nxt: model)
     monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
@@ -613,9 +613,9 @@ def test_recipe_frees_each_finished_stages_trainer(tmp_path, monkeypatch, zero):
 
     real_sft, real_grpo = pipeline.run_sft, pipeline.run_grpo
 
-    def sft(cfg, model, tok, rows=None):
+    def sft(cfg, model, tok, rows=None, **kw):
         check(f"sft {len(finished)}")
-        t, res = real_sft(cfg, model, tok, rows=rows)
+        t, res = real_sft(cfg, model, tok, rows=rows, **kw)
         record("sft", t)
         return t, res
 
@@ -742,3 +742,57 @@ def test_a_model_patched_by_its_caller_is_left_to_it(tmp_path):
     model, _ = load_model_and_tokenizer(cfg)
     rk.patch(model, backend="torch")
     assert set(_fused(patch_layers(model, cfg)).values()) == {"torch"} and hasattr(model, "_r1k_lm_head")
+
+
+@pytest.mark.parametrize("entry", ["recipe", "distill"])
+def test_sampled_sft_stages_load_their_dataset_once(tmp_path, monkeypatch, entry):
+    """The recipe's rejection-sampling SFT and distill's student SFT sample from the stage's dataset, then train on
+    the kept samples with the dataset's rows as their resume fingerprint and its held-out rows as evaluation:
+    run_sft loaded that dataset a second time for them. It is loaded once per stage, and the SFT is what run_sft
+    loading the rows itself gives: the same training, source and evaluation rows, fingerprint and final
+    evaluation. The earlier stages and the teacher's sampling are stand-ins here."""
+    import dataclasses
+
+    from r1train.loading import load_datasets, load_model_and_tokenizer
+
+    kept = [{"prompt": f"What is {i}+1?", "answer": str(i + 1),
+             "completion": f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"} for i in range(4)]
+    loads, built = [], []
+
+    def counted(cfg, *a, **kw):
+        loads.append(cfg.output_dir)
+        return load_datasets(cfg, *a, **kw)
+
+    class Recorded(pipeline.SFTTrainer):
+        def __init__(self, cfg, model, tok, train_rows, eval_rows, **kw):
+            super().__init__(cfg, model, tok, train_rows, eval_rows, **kw)
+            built.append((train_rows, eval_rows, kw.get("source_rows"), self.rows_sha256))
+
+    real_sft = pipeline.run_sft
+    monkeypatch.setattr(pipeline, "load_datasets", counted)
+    monkeypatch.setattr(pipeline, "SFTTrainer", Recorded)
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
+    sft_steps = ["max_steps=2", "eval_steps=0", "task_eval_size=4"]
+    if entry == "recipe":
+        monkeypatch.setattr(pipeline, "run_sft", lambda cfg, model, tok, rows=None, **kw: real_sft(
+                            cfg, model, tok, rows=rows, **kw) if rows is not None else (model, {}))
+        monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
+        monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg, nxt: model)
+        y = _recipe_yaml(tmp_path, rejection=dict(o.split("=") for o in sft_steps))
+        res = pipeline.recipe(y)["rejection_sft"]
+        stage = pipeline.stage_configs(y, [], {"rejection": "3-rejection-sft"})[1]
+    else:
+        ov = H.FAST + ["teacher_model=tiny-qwen2", f"output_dir={tmp_path / 'out'}", *sft_steps]
+        res = pipeline.distill(None, ov)
+        res.pop("distill_rows")
+        stage = pipeline.stage_cfg(pipeline.load_config(None, ov, section="distill"), "distill")
+    assert loads == [stage.output_dir if entry == "recipe" else str(tmp_path / "out")], loads
+    assert len(built) == 1
+    # run_sft loading the stage's rows itself, in another output directory, from the model the stage started from
+    ref_cfg = dataclasses.replace(stage, output_dir=str(tmp_path / "ref"))
+    model, tok = load_model_and_tokenizer(ref_cfg)
+    _, want = real_sft(ref_cfg, model, tok, rows=kept)
+    assert len(loads) == 2 and len(built) == 2
+    (rows, ev, source, sha), (rows_ref, ev_ref, source_ref, sha_ref) = built
+    assert rows == rows_ref == kept and ev == ev_ref and ev and source == source_ref and sha == sha_ref
+    assert res == want and res
