@@ -198,8 +198,9 @@ def _ab_name(v: str) -> str:
 
 
 def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile, reps, skip_peers=False, ab=(),
-                 breakdown=False):
-    """ab: names of AB, each run as its own provider; breakdown: step_breakdown of one more warm rollout."""
+                 breakdown=False, top_p=1.0, top_k=0):
+    """ab: names of AB, each run as its own provider; breakdown: step_breakdown of one more warm rollout; top_p /
+    top_k: the truncation every provider samples with (default none, as GRPO's defaults)."""
     from r1train.generation import SamplingParams, engine_for
 
     B = n_prompts * G
@@ -207,7 +208,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     ids = torch.randint(3, model.config.vocab_size, (n_prompts, P), device=device).repeat_interleave(G, 0)
     mask = torch.ones_like(ids)
     seeds = list(range(B))
-    sp = SamplingParams(T, temperature=1.0)
+    sp = SamplingParams(T, temperature=1.0, top_p=top_p, top_k=top_k)
     eng = engine_for(model)
     eng.reset()  # graphs captured for another workload would replay without this one's hooks
     stats0 = dict(eng.stats)  # the engine's counters run over its life: this workload's are the difference
@@ -217,7 +218,7 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
         eng_rows = {"on": False}
         hook = ForcedLengths(model, P, len_B, eos, lambda b: eng.st.rid[:b] if eng_rows["on"]
                              else torch.arange(b, device=device))
-    res = {"workload": name, "rows": B, "prompt_tokens": P, "max_new_tokens": T,
+    res = {"workload": name, "rows": B, "prompt_tokens": P, "max_new_tokens": T, "top_p": top_p, "top_k": top_k,
            "tokens_generated": int(len_B.sum()), "providers": {}}
     res["floor_s"] = floor_seconds(model, P, len_B.tolist())
 
@@ -257,8 +258,8 @@ def run_workload(name, model, device, *, n_prompts, G, P, T, lens, with_compile,
     def hf(**kw):
         def run():
             model.generation_config.eos_token_id = None if lens is None else eos
-            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                                  top_p=1.0, max_new_tokens=T, pad_token_id=0,
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=top_k,
+                                  top_p=top_p, max_new_tokens=T, pad_token_id=0,
                                   eos_token_id=None if lens is None else eos, **kw)
         return run
 
@@ -535,6 +536,8 @@ def main(argv=None):
     p.add_argument("--skip-peers", action="store_true", help="the engine only (no transformers generate)")
     p.add_argument("--ab", default="", help="comma list of variants, each a change or changes joined by +: also "
                    "the engine with that change; changes: " + ", ".join(f"{k} = {v}" for k, v in AB.items()))
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling truncation of every provider (default none)")
+    p.add_argument("--top-k", type=int, default=0, help="sampling truncation of every provider (default none)")
     p.add_argument("--separate-params", action="store_true",
                    help="each parameter in its own allocation (default: one flat buffer, as under ZeRO 1/2)")
     a = p.parse_args(argv)
@@ -553,7 +556,7 @@ def main(argv=None):
     for name in a.only.split(","):
         r = run_workload(name, model, a.device, **work[name], with_compile=a.with_compile and name == "fixed",
                          reps=a.reps, skip_peers=a.skip_peers,
-                         ab=variants, breakdown=a.profile)
+                         ab=variants, breakdown=a.profile, top_p=a.top_p, top_k=a.top_k)
         if name == "throughput":
             r["tokens_per_second"] = r["tokens_generated"] / r["providers"]["r1train engine"]["seconds"]
         results.append(r)
