@@ -61,7 +61,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         providers = {b: run(b, **opts) for b in backends}
         if device == "cuda" and "triton" in backends:
             providers["triton (cuda graph)"] = graphed(**opts)
-            if "top_p" in opts:  # the bisection passes comparing whole 1024-column blocks (before 2026-12-07)
-                providers["triton (cuda graph, PASS_SUB=1024)"] = graphed(pass_sub=1024, **opts)
+            if "top_p" in opts:  # the bisection passes' sub-block width (1024: whole blocks, before 2026-12-07)
+                for sub in (64, 1024):
+                    providers[f"triton (cuda graph, PASS_SUB={sub})"] = graphed(pass_sub=sub, **opts)
         out.append(Case(name, shape, providers, bytes=logit_bytes))
     return out
