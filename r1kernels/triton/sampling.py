@@ -143,17 +143,15 @@ def _pass_kernel(x_ptr, bmax_ptr, hist_ptr, ans_ptr, tot_ptr, V, stride_x, nblk,
     tl.store(a + p, ans.to(tl.int32, bitcast=True), mask=sp == 0)
     j = tl.arange(0, NC).to(tl.uint32)
     cand = ans + (j << (32 - BITS * (p + 1)))
-    # per-thread partial sums, reduced over the columns once after the loop: a cross-thread tl.sum per sub-block
-    # cost ~366 instructions an element (H100 ncu, 2026-12-07: the passes were instruction-bound, ~120 us each)
-    acc_SN = tl.zeros((SUB, NC), tl.float32)
+    acc = tl.zeros((NC,), tl.float32)
     offs = tl.arange(0, SUB)
     b0 = sp * per
     for blk in range(b0, tl.minimum(b0 + per, nblk)):
         bm = tl.load(bmax_ptr + row * nblk + blk)
         bb = bm.to(tl.uint32, bitcast=True)  # ukey(bm)
         if (bm >= kth) & (tl.where((bb >> 31) != 0, ~bb, bb | 0x80000000) >= ans):  # else below every candidate
-            # SUB columns at a time: the [SUB, NC] tiles stay in registers (at [1024, 16] the kernel took 255
-            # registers a thread, two programs an SM)
+            # SUB columns at a time: the [SUB, NC] compare tile stays in registers ([BLOCK, NC] at 1024 x 16 is
+            # 128 floats a thread at 4 warps)
             for c in tl.static_range(BLOCK // SUB):
                 cols = blk * BLOCK + c * SUB + offs
                 x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -164,8 +162,8 @@ def _pass_kernel(x_ptr, bmax_ptr, hist_ptr, ans_ptr, tot_ptr, V, stride_x, nblk,
                     w = tl.where(z >= kth, tl.exp(z - m), 0.0)
                 else:
                     w = tl.where(cols < V, 1.0, 0.0)
-                acc_SN += tl.where(ge, w[:, None], 0.0)
-    tl.store(h + (p * nsplit + sp) * NC + j, tl.sum(acc_SN, 0))
+                acc += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+    tl.store(h + (p * nsplit + sp) * NC + j, acc)
 
 
 @triton.jit
