@@ -81,6 +81,7 @@ class MetricsLogger:
         os.makedirs(output_dir, exist_ok=True)
         # a resumed run continues the files: drop lines past the checkpoint (written after it, then lost), and a
         # line that does not parse (a run killed while writing it: its last line, past the checkpoint too)
+        past = 0  # the last step metrics.jsonl held past the checkpoint (0: none)
         for p in (self.path, self.comp_path):
             keep = []
             for ln in _read(p) if resume_step else []:
@@ -90,6 +91,8 @@ class MetricsLogger:
                                 p, ln[:80])
                 elif row.get("step", 0) <= resume_step:
                     keep.append(ln if ln.endswith("\n") else ln + "\n")
+                elif p == self.path and isinstance(row.get("step"), int):
+                    past = max(past, row["step"])
             # written beside it, then renamed over it: a failure or kill part way (disk full, SIGKILL) leaves the
             # old file whole (truncating it in place lost every earlier line)
             write_replace(p, "".join(keep))
@@ -97,6 +100,12 @@ class MetricsLogger:
             sink = _open(name, output_dir, config or {}, resume_step=resume_step)
             if sink is not None:
                 self.sinks[name] = sink
+        if past and "wandb" in self.sinks:
+            # wandb takes only increasing steps and its history rewind (wandb.init resume_from) is a private
+            # preview: the run keeps what the run before the resume logged past the checkpoint
+            log.warning("wandb run %s holds steps %d-%d from the run before this resume; wandb drops this run's "
+                        "values at those steps (metrics.jsonl and TensorBoard hold this run's)",
+                        getattr(self.sinks["wandb"], "id", "?"), resume_step + 1, past)
 
     def sync(self):
         """metrics.jsonl and completions.jsonl on disk (fsync; rank 0): a checkpoint published after this has every

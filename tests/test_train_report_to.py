@@ -329,9 +329,9 @@ def test_wandb_resume_continues_the_run_and_a_fresh_run_starts_a_new_one(tmp_pat
     assert run(a, resume_step=1)["id"] == fresh
 
 
-def test_wandb_resume_through_the_trainer(tmp_path, monkeypatch):
+def test_wandb_resume_through_the_trainer(tmp_path, monkeypatch, caplog):
     """The trainer's resume (resume_from_checkpoint=latest) continues the killed run's wandb run from the step
-    after its checkpoint."""
+    after its checkpoint, with a warning that wandb keeps the killed run's values at the steps it logged past it."""
     wandb = _fake_wandb(monkeypatch)
     t = H.grpo_trainer(tmp_path, "max_steps=2", "save_steps=1", "report_to=wandb", reward_funcs=[H.digit_share])
     run = t.logger.sinks["wandb"]
@@ -341,9 +341,13 @@ def test_wandb_resume_through_the_trainer(tmp_path, monkeypatch):
 
     unlock_output_dir(str(tmp_path))
     assert run.steps == [1, 2]
-    t = H.grpo_trainer(tmp_path, "max_steps=2", "save_steps=1", "report_to=wandb", "resume_from_checkpoint=latest",
-                       reward_funcs=[H.digit_share])
+    with caplog.at_level("WARNING", logger="r1train"):
+        t = H.grpo_trainer(tmp_path, "max_steps=2", "save_steps=1", "report_to=wandb",
+                           "resume_from_checkpoint=latest", reward_funcs=[H.digit_share])
     assert t.step0 == 1
+    assert [r.getMessage() for r in caplog.records if "holds steps" in r.getMessage()] == [
+        f"wandb run {run.id} holds steps 2-2 from the run before this resume; wandb drops this run's values at "
+        "those steps (metrics.jsonl and TensorBoard hold this run's)"]
     resumed = t.logger.sinks["wandb"]
     assert resumed.id == run.id and wandb.inits[-1]["resume"] in ("allow", "must")
     t.train()
