@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the rollout engine: its gpu tests (engine, sampling, decode attention), bench_rollout
+# One device call for the rollout engine (after building the CUDA extension): its gpu tests (engine, sampling, decode attention), bench_rollout
 # (+ a per-kernel profile of one decode step), the two kernels' benches, the GRPO step of train_gpu.py (its
 # defaults: ZeRO-1, fused layers) and under ZeRO-3, and TRL's GRPOTrainer on the same work, without and with
 # use_r1kernels. JSON under $OUT.
@@ -20,6 +20,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 rc=0
+# the CUDA extension of this tree (ninja rebuilds only what changed on a warm machine): the gpu tests and the
+# backend="cuda" paths need it, and a .so left by an earlier call would be another commit's
+MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; echo "BUILD FAILED"; rc=1; }
 k300() { timeout -s KILL 300 "$@"; }
 # DL=1: first rk.decode_linear: its gpu tests, bench_decode_linear (killed past DL_TIMEOUT s, default 420; the kernel beside the engine's cuBLAS form of
 # each projection; DL=sweep: + the config sweep), and the fixed rollout beside the same engine with its decode
