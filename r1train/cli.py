@@ -134,16 +134,14 @@ def cmd_sample(args):
 def _sample_records(runner, cfg, tok, chunk, ro, texts) -> list[list[dict]]:
     """Per row of chunk, its num_generations samples scored by runner: the row's columns, then completion,
     rewards and reward_failed (a dataset column of one of these names is kept as dataset_<name>)."""
-    from .data import rendered_prompts, reward_columns
+    from .data import reward_columns
 
     G = cfg.num_generations
     ids_list = [[t for t, k in zip(a, b) if k] for a, b in zip(ro.completion_ids_BT.tolist(),
                                                                 ro.completion_mask_BT.tolist())]
     cols = reward_columns(chunk, G, cfg.answer_column)
     prompts = [r["prompt"] for r in chunk for _ in range(G)]
-    table, failed = runner(prompts, texts, ids_list, cols,
-                           prompts_text=rendered_prompts(tok, [r["prompt"] for r in chunk],
-                                                         cfg.chat_template_kwargs, G))
+    table, failed = runner(prompts, texts, ids_list, cols, prompts_text=ro.prompt_texts)
     out = [[] for _ in chunk]
     for i, t in enumerate(texts):
         own = {"completion": t, "rewards": dict(zip(runner.names, table[i])), "reward_failed": failed[i]}

@@ -15,7 +15,7 @@ import os
 import torch
 
 from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, check_token_budget, load_config
-from .data import DatasetError, TokenCache, rendered_prompts, sft_template_kwargs
+from .data import DatasetError, TokenCache, sft_template_kwargs
 from .durable import write_replace
 from .engine import device, setup_distributed
 from .grpo import GRPOTrainer
@@ -193,11 +193,11 @@ def rejection_sample(cfg, model, tok, rows, *, num_samples: int, keep: int, batc
     spread = {"index": lambda i: rank + i * world} if world > 1 else {}
     model = model.to(device())
     kept, n = [], {"samples": 0, "correct": 0, "kept": 0, "prompts_kept": 0}  # kept: (row, its kept texts)
-    for _, chunk, _, texts in sample_rows(model, tok, share, num_samples=num_samples, cfg=cfg,
+    for _, chunk, ro, texts in sample_rows(model, tok, share, num_samples=num_samples, cfg=cfg,
                                           seed_key=(cfg.seed, "rs"), batch_size=batch_size, **spread):
         gold = [r.get(cfg.answer_column) for r in chunk for _ in range(num_samples)]
         # a template that ends the prompt with <think> opens each completion's thought (rewards.thought_texts)
-        shown = rendered_prompts(tok, [r["prompt"] for r in chunk], cfg.chat_template_kwargs, num_samples)
+        shown = ro.prompt_texts
         ok = [a == 1.0 and f == 1.0 for a, f in zip(accuracy_reward(None, texts, answer=gold),
                                                       format_reward(None, texts, prompts_text=shown))]
         n["samples"] += len(texts)

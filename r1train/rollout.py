@@ -31,6 +31,7 @@ class Rollout:
     logprobs_BT: torch.Tensor | None = None  # fp32 log-prob of each token under the sampling distribution
     routing: object = None  # moe_router_replay: the rollout's expert ids (r1train.moe_replay.RoutingRecord)
     eos_ids: tuple = ()  # the ids that ended a completion (sample's eos_id); decode_completions drops them
+    prompt_texts: list | None = None  # sample_rows: each row's prompt as rendered for sampling (rewards' prompts_text)
 
     @property
     def input_ids(self):
@@ -86,8 +87,9 @@ def sampling_kwargs(cfg, ds_engine=None) -> dict:
 def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=lambda i: i, greedy=False,
                 temperature=None, ds_engine=None, batch_size: int = 64):
     """Sample num_samples completions for each row's prompt, batch by batch. Yields (start, chunk, rollout,
-    texts); completion j of row i sits at i * num_samples + j and is seeded by (seed_key, index(i), j)."""
-    from .data import decode_completions, encode_prompts
+    texts); completion j of row i sits at i * num_samples + j and is seeded by (seed_key, index(i), j). Each
+    prompt is rendered once: rollout.prompt_texts holds the rendering per completion."""
+    from .data import decode_completions, encode_rendered_prompts
 
     for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -95,13 +97,15 @@ def sample_rows(model, tok, rows, *, num_samples: int, cfg, seed_key=(), index=l
     dev = next(model.parameters()).device
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ids, mask = encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length, cfg.chat_template_kwargs)
+        ids, mask, shown = encode_rendered_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_length,
+                                                   cfg.chat_template_kwargs)
         seeds = [row_seed(*seed_key, index(s + i), j) for i in range(len(chunk)) for j in range(num_samples)]
         ro = sample(model, ids.repeat_interleave(num_samples, 0).to(dev),
                     mask.repeat_interleave(num_samples, 0).to(dev), seeds_B=seeds,
                     max_new_tokens=cfg.max_completion_length, eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id,
                     temperature=cfg.temperature if temperature is None else temperature, greedy=greedy,
                     **sampling_kwargs(cfg, ds_engine))
+        ro.prompt_texts = [t for t in shown for _ in range(num_samples)]
         yield s, chunk, ro, decode_completions(tok, ro)
 
 

@@ -59,7 +59,9 @@ def test_rejection_sample_filter_and_counts(monkeypatch):
 
     def fake(model, tok, rows, *, num_samples, cfg, seed_key, batch_size):
         assert num_samples == 4
-        yield 0, rows, None, texts
+        from types import SimpleNamespace
+
+        yield 0, rows, SimpleNamespace(prompt_texts=[r["prompt"] for r in rows for _ in range(num_samples)]), texts
 
     monkeypatch.setattr(pipeline, "sample_rows", fake)
     monkeypatch.setattr(pipeline, "setup_distributed", lambda: (0, 1))

@@ -22,6 +22,16 @@ grpo2: {max_steps: 1, temperature: 0.7}
 
 
 @pytest.mark.slow
+
+def _rendered(tok, rows, num_samples, cfg):
+    """A stand-in sampler's rollout: only the prompts' renderings per completion (sample_rows' prompt_texts)."""
+    from types import SimpleNamespace
+
+    from r1train.data import rendered_prompts
+
+    return SimpleNamespace(prompt_texts=rendered_prompts(tok, [r["prompt"] for r in rows], cfg.chat_template_kwargs,
+                                                         num_samples))
+
 def test_recipe_distill_sample(tmp_path, monkeypatch):
     y = tmp_path / "recipe.yaml"
     y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
@@ -166,7 +176,7 @@ def test_rejection_sampling_names_rows_without_an_answer(tmp_path, monkeypatch, 
 
     def sampler(model, tok, rows, *, num_samples, **kw):
         texts = [f"<think>sum</think><answer>{r.get('answer', '0')}</answer>" for r in rows for _ in range(num_samples)]
-        yield 0, rows, None, texts
+        yield 0, rows, _rendered(tok, rows, num_samples, kw["cfg"]), texts
 
     monkeypatch.setattr(pipeline, "sample_rows", sampler)
     monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
@@ -257,7 +267,7 @@ def test_rejection_sampling_counts_blank_answers_as_missing(tmp_path, monkeypatc
 
     def sampler(model, tok, rows, *, num_samples, **kw):
         texts = [f"<think>sum</think><answer>{r.get('answer')}</answer>" for r in rows for _ in range(num_samples)]
-        yield 0, rows, None, texts
+        yield 0, rows, _rendered(tok, rows, num_samples, kw["cfg"]), texts
 
     monkeypatch.setattr(pipeline, "sample_rows", sampler)
     monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
@@ -284,8 +294,9 @@ def test_rejection_sampling_keeps_completions_whose_prompt_opens_the_thought(tmp
     gold = [str(rng.randint(0, 99)) for _ in range(4)]
 
     def sampler(model, tok, rows, *, num_samples, **kw):
-        yield 0, rows, None, [f"{pre}s{rng.randint(0, 9)}</think><answer>{r['answer']}</answer>"
-                              for r in rows for pre in ("", "<think>")[:num_samples]]
+        yield 0, rows, _rendered(tok, rows, num_samples, kw["cfg"]), [
+            f"{pre}s{rng.randint(0, 9)}</think><answer>{r['answer']}</answer>"
+            for r in rows for pre in ("", "<think>")[:num_samples]]
 
     monkeypatch.setattr(pipeline, "sample_rows", sampler)
     monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)
@@ -380,8 +391,8 @@ def test_rejection_sampled_rows_train_on_the_prompt_they_were_sampled_from(tmp_p
     from r1train.tasks import char_tokenizer
 
     def sampler(model, tok, rows, *, num_samples, **kw):
-        yield 0, rows, None, [f"<think>s</think><answer>{r['answer']}</answer>" for r in rows
-                              for _ in range(num_samples)]
+        yield 0, rows, _rendered(tok, rows, num_samples, kw["cfg"]), [
+            f"<think>s</think><answer>{r['answer']}</answer>" for r in rows for _ in range(num_samples)]
 
     monkeypatch.setattr(pipeline, "sample_rows", sampler)
     monkeypatch.setattr(pipeline, "setup_distributed", lambda: None)

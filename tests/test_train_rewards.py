@@ -648,3 +648,30 @@ def test_grpo_rewards_get_the_rendered_prompts_a_template_opens_the_thought_in(t
     table = t._rollout(1, [{"prompt": p, "answer": "1"} for p in texts], [2, 3])[3]
     assert SEEN_TEXTS[1] == [p for p in texts for _ in range(G)]
     assert [row[1] for row in table] == [1.0] * G + [0.0] * G
+
+
+def test_sample_rows_renders_each_prompt_once_and_hands_on_the_rendering(tmp_path, monkeypatch):
+    """sample_rows renders each chat prompt once (chat_template_kwargs applied) and keeps the rendering per completion
+    in rollout.prompt_texts, which rejection sampling and `r1train sample` give the rewards (they rendered every
+    prompt a second time): equal to rendered_prompts, one prompt_text call per prompt."""
+    from r1train import data as D
+    from r1train.config import load_config
+    from r1train.loading import load_model_and_tokenizer
+    from r1train.rollout import sample_rows
+
+    rng = random.Random(random.getrandbits(32))
+    cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'out'}", "chat_template_kwargs={think: true}",
+                                          "max_completion_length=3"])
+    model, tok = load_model_and_tokenizer(cfg)
+    tok.chat_template += "{% if add_generation_prompt and think %}<think>\n{% endif %}"
+    rows = [{"prompt": [{"role": "user", "content": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}?"}]}
+            for _ in range(rng.randint(2, 5))] + [{"prompt": f"Q{rng.randint(0, 99)}:"}]
+    k, bs = rng.randint(1, 3), rng.randint(1, 3)
+    want = D.rendered_prompts(tok, [r["prompt"] for r in rows], cfg.chat_template_kwargs, k)
+    calls = []
+    real = D.prompt_text
+    monkeypatch.setattr(D, "prompt_text", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = [t for _, chunk, ro, texts in sample_rows(model, tok, rows, num_samples=k, cfg=cfg, batch_size=bs)
+           for t in ro.prompt_texts]
+    assert got == want and len(calls) == len(rows)
+    assert all(w.endswith("<think>\n") for w in want[:-k]) and want[-1] == rows[-1]["prompt"]
