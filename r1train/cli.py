@@ -28,48 +28,6 @@ COMMANDS = {
     "merge": "merge a LoRA checkpoint (adapter_path=...) into model_name_or_path; save to output_dir",
 }
 
-# Keys only some commands read. One YAML may hold every stage's keys, so `sft`, `grpo`, `sample` and `distill` warn
-# (warn_unread_keys) about a key of another command's set away from its default, and go on.
-SFT_ONLY_KEYS = frozenset(("max_length", "completion_only_loss", "completion_column"))
-# besides checkpoint.GRPO_ONLY_RUN_KEYS: GRPO's rollouts and rewards (SFT's evaluation samples at eval_temperature)
-GRPO_ONLY_KEYS = frozenset(("temperature", "language", "reward_timeout", "rollout_release_memory", "log_completions"))
-OTHER_COMMANDS_KEYS = frozenset(("rejection_num_samples", "rejection_max_per_prompt",  # pipeline's rejection stage
-                                 "teacher_model",  # distill
-                                 "adapter_path",  # merge
-                                 "task_slip_share", "task_mix_share"))  # the demo's stages
-# of the keys above, those `sample` reads: num_generations samples a prompt at temperature (rollout.sample_rows),
-# scored by reward_funcs (rewards.RewardRunner: reward_timeout; the language and overlong rewards' keys)
-SAMPLE_READS = frozenset(("num_generations", "temperature", "reward_funcs", "reward_timeout", "language",
-                          "overlong_buffer_len"))
-# of the keys above, those `distill` reads beside SFT's: the teacher's rejection sampling (pipeline.rejection_sample
-# at temperature, its language filter)
-DISTILL_READS = frozenset(("teacher_model", "rejection_num_samples", "rejection_max_per_prompt", "temperature",
-                           "language"))
-
-
-def unread_keys(command: str, cfg) -> list[str]:
-    """The keys of cfg that `command` (sft, grpo, sample or distill) never reads, set away from their defaults."""
-    from .checkpoint import GRPO_ONLY_RUN_KEYS
-    from .config import TrainConfig
-
-    grpo = GRPO_ONLY_RUN_KEYS | GRPO_ONLY_KEYS
-    never = {"sft": OTHER_COMMANDS_KEYS | grpo,
-             "grpo": OTHER_COMMANDS_KEYS | SFT_ONLY_KEYS,
-             "sample": (OTHER_COMMANDS_KEYS | SFT_ONLY_KEYS | grpo) - SAMPLE_READS,
-             "distill": (OTHER_COMMANDS_KEYS | grpo) - DISTILL_READS}[command]
-    default = TrainConfig()
-    return [k for k in vars(cfg) if k in never and getattr(cfg, k) != getattr(default, k)]
-
-
-def warn_unread_keys(command: str, cfg):
-    """One warning (rank 0) naming unread_keys(command, cfg) with their values; the run goes on."""
-    unread = unread_keys(command, cfg)
-    if unread and _rank() == 0:
-        logging.getLogger("r1train").warning(
-            "`r1train %s` does not read %s: they have no effect on this run", command,
-            ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unread))
-
-
 def parse(argv):
     p = argparse.ArgumentParser(prog="r1train", description="GRPO / SFT trainer on DeepSpeed with r1kernels")
     p.add_argument("command", nargs="?", choices=sorted(COMMANDS),
@@ -96,7 +54,7 @@ def cmd_sample(args):
     import torch
     import torch.distributed as dist
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, warn_unread_keys
     from .engine import device, setup_distributed
     from .loading import load_datasets, load_model_and_tokenizer
     from .rewards import RewardRunner
@@ -185,7 +143,7 @@ def _write_jsonl(path: str, records):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .config import ConfigError, TrainConfig, check_grpo_config, load_config
+    from .config import ConfigError, TrainConfig, check_grpo_config, launch_rank, load_config, warn_unread_keys
     from .data import DatasetError
     from .rewards import RewardError
 
@@ -252,7 +210,7 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt as e:  # TrainingInterrupted (a signal; maybe a checkpoint saved) or Ctrl-C
         signum = e.signum if isinstance(e, TrainingInterrupted) else signal.SIGINT
-        if _rank() == 0:
+        if launch_rank() == 0:
             print(f"r1train: {e if isinstance(e, TrainingInterrupted) else 'interrupted (SIGINT)'}", file=sys.stderr)
         return 128 + signum
     finally:
@@ -271,12 +229,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import typing
@@ -807,6 +808,54 @@ def _split(v: str) -> list:
 
 
 STAGES = ("sft", "grpo", "rejection", "grpo2", "distill")
+
+
+# Keys only some commands read. One YAML may hold every stage's keys, so `sft`, `grpo`, `sample` and `distill` warn
+# (warn_unread_keys) about a key of another command's set away from its default, and go on.
+SFT_ONLY_KEYS = frozenset(("max_length", "completion_only_loss", "completion_column"))
+# besides checkpoint.GRPO_ONLY_RUN_KEYS: GRPO's rollouts and rewards (SFT's evaluation samples at eval_temperature)
+GRPO_ONLY_KEYS = frozenset(("temperature", "language", "reward_timeout", "rollout_release_memory", "log_completions"))
+OTHER_COMMANDS_KEYS = frozenset(("rejection_num_samples", "rejection_max_per_prompt",  # pipeline's rejection stage
+                                 "teacher_model",  # distill
+                                 "adapter_path",  # merge
+                                 "task_slip_share", "task_mix_share"))  # the demo's stages
+# of the keys above, those `sample` reads: num_generations samples a prompt at temperature (rollout.sample_rows),
+# scored by reward_funcs (rewards.RewardRunner: reward_timeout; the language and overlong rewards' keys)
+SAMPLE_READS = frozenset(("num_generations", "temperature", "reward_funcs", "reward_timeout", "language",
+                          "overlong_buffer_len"))
+# of the keys above, those `distill` reads beside SFT's: the teacher's rejection sampling (pipeline.rejection_sample
+# at temperature, its language filter)
+DISTILL_READS = frozenset(("teacher_model", "rejection_num_samples", "rejection_max_per_prompt", "temperature",
+                           "language"))
+
+
+def unread_keys(command: str, cfg) -> list[str]:
+    """The keys of cfg that `command` (sft, grpo, sample or distill) never reads, set away from their defaults."""
+    from .checkpoint import GRPO_ONLY_RUN_KEYS
+
+    grpo = GRPO_ONLY_RUN_KEYS | GRPO_ONLY_KEYS
+    never = {"sft": OTHER_COMMANDS_KEYS | grpo,
+             "grpo": OTHER_COMMANDS_KEYS | SFT_ONLY_KEYS,
+             "sample": (OTHER_COMMANDS_KEYS | SFT_ONLY_KEYS | grpo) - SAMPLE_READS,
+             "distill": (OTHER_COMMANDS_KEYS | grpo) - DISTILL_READS}[command]
+    default = TrainConfig()
+    return [k for k in vars(cfg) if k in never and getattr(cfg, k) != getattr(default, k)]
+
+
+def warn_unread_keys(command: str, cfg):
+    """One warning (rank 0) naming unread_keys(command, cfg) with their values; the run goes on."""
+    unread = unread_keys(command, cfg)
+    if unread and launch_rank() == 0:
+        logging.getLogger("r1train").warning(
+            "`r1train %s` does not read %s: they have no effect on this run", command,
+            ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unread))
+
+
+def launch_rank() -> int:
+    """This process's rank: torch.distributed's once initialized, else the launcher's RANK (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def load_config(path: Optional[str] = None, overrides=(), section: Optional[str] = None, **defaults) -> TrainConfig:

@@ -14,7 +14,15 @@ import os
 
 import torch
 
-from .config import ConfigError, TrainConfig, check_grpo_batch, check_grpo_config, check_token_budget, load_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_grpo_batch,
+    check_grpo_config,
+    check_token_budget,
+    load_config,
+    warn_unread_keys,
+)
 from .data import DatasetError, TokenCache, sft_template_kwargs
 from .durable import write_replace
 from .engine import device, setup_distributed
@@ -283,8 +291,6 @@ def recipe(cfg_path=None, overrides=()):
 
 def distill(cfg_path=None, overrides=()):
     """SFT of the student (model_name_or_path) on teacher_model's correct, well-formed samples."""
-    from .cli import warn_unread_keys
-
     cfg = load_config(cfg_path, overrides, section="distill")
     warn_unread_keys("distill", cfg)
     if not cfg.teacher_model:

@@ -979,12 +979,12 @@ def test_keys_the_command_never_reads_are_one_warning(tmp_path, monkeypatch, cap
 
     import torch
 
-    from r1train import cli, loading, pipeline, rollout
+    from r1train import cli, config, loading, pipeline, rollout
     from r1train.config import fields
 
     names = {x.name for x in fields()}
-    assert cli.SFT_ONLY_KEYS | cli.GRPO_ONLY_KEYS | cli.OTHER_COMMANDS_KEYS <= names
-    assert cli.SAMPLE_READS | cli.DISTILL_READS <= names
+    assert config.SFT_ONLY_KEYS | config.GRPO_ONLY_KEYS | config.OTHER_COMMANDS_KEYS <= names
+    assert config.SAMPLE_READS | config.DISTILL_READS <= names
     # stand-ins for the models and the work: the commands' configs and warnings are real
     monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **kw: (torch.nn.Linear(1, 1), None))
     monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda *a, **kw: (None, None))
