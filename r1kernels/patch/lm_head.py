@@ -327,11 +327,13 @@ def _fused_logprobs(self, hidden, labels, num_items_in_batch, temperature, retur
                                     return_entropy=return_entropy, softcap=softcap, backend=backend)
         logp, ent = out if return_entropy else (out, None)
         extra = _extra_outputs(h, weight, bias, y, temperature, softcap, extra_outputs, logp.dtype)
-    zeros = logp.new_zeros(mask.shape)  # the op's dtype: fp32 for 16-bit heads, fp64 for an fp64 model
-    logp = zeros.masked_scatter(mask, logp)
-    ent = zeros.masked_scatter(mask, ent) if ent is not None else None
-    extra = {k: torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
-             for k, v in extra.items()}
+
+    def per_token(v):  # the scored rows' values at their positions, 0 (False) elsewhere, in v's dtype: the op's
+        return v.new_zeros(mask.shape).masked_scatter(mask, v)  # fp32 for 16-bit heads, fp64 for an fp64 model
+
+    logp = per_token(logp)
+    ent = per_token(ent) if ent is not None else None
+    extra = {k: per_token(v) for k, v in extra.items()}
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return FusedLMHeadOutput(loss=-logp.sum() / denom, log_probs=logp, entropy=ent, label_mask=mask, **extra)
 
