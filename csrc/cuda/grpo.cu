@@ -188,9 +188,12 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
   T* dx_row = has_dx ? static_cast<T*>(p.dx) + b * p.dx_sb + t * p.dx_st : nullptr;
   const int64_t c0 = rank * chunk;
   const int64_t n = c0 < p.V ? (p.V - c0 < chunk ? p.V - c0 : chunk) : 0;
-  const uintptr_t dx_addr = has_dx ? reinterpret_cast<uintptr_t>(dx_row + c0) : 0;
-  const bool aligned = ((reinterpret_cast<uintptr_t>(x_row + c0) | dx_addr) & 15) == 0;
-  const int64_t nv = aligned ? n / E : 0;  // 16-byte vectors; the rest element by element
+  // 16-byte vectors where the slice is aligned, the rest element by element: the loads and the log-sum-exp by x's
+  // alignment alone (so the log-prob is bitwise the same with and without a gradient), the stores by dx's
+  const bool x_aligned = (reinterpret_cast<uintptr_t>(x_row + c0) & 15) == 0;
+  const bool dx_aligned = has_dx && (reinterpret_cast<uintptr_t>(dx_row + c0) & 15) == 0;
+  const int64_t nv = x_aligned ? n / E : 0;
+  const int64_t nv_dx = dx_aligned ? n / E : 0;
   const float m_row = p.mask ? p.mask[row] : 1.f;
 
   if (m_row == 0.f) {  // every CTA of the cluster takes this branch: no cluster barrier is pending
@@ -199,8 +202,8 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
     T* zp = reinterpret_cast<T*>(&z4);
     for (int j = 0; j < E; ++j) zp[j] = zero;
     if (has_dx) {
-      for (int64_t i = threadIdx.x; i < nv; i += kThreads) __stcs(reinterpret_cast<uint4*>(dx_row + c0) + i, z4);
-      for (int64_t i = nv * E + threadIdx.x; i < n; i += kThreads) dx_row[c0 + i] = zero;
+      for (int64_t i = threadIdx.x; i < nv_dx; i += kThreads) __stcs(reinterpret_cast<uint4*>(dx_row + c0) + i, z4);
+      for (int64_t i = nv_dx * E + threadIdx.x; i < n; i += kThreads) dx_row[c0 + i] = zero;
     }
     if (rank == 0 && threadIdx.x == 0) {
       p.logp[row] = 0.f;
@@ -283,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
 
   // 4. dx = c (onehot(y) - p) over this slice, from shared memory
   const float lse2 = bcast[0], c = bcast[1];
-  const int64_t nv_dx = has_dx ? nv : 0, n_dx = has_dx ? n : 0;
+  const int64_t n_dx = has_dx ? n : 0;
   for (int64_t i = threadIdx.x; i < nv_dx; i += kThreads) {
     const uint4 raw = reinterpret_cast<const uint4*>(xs)[i];
     const T* e = reinterpret_cast<const T*>(&raw);
@@ -296,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) grpo_token_kernel(const R1kGrpoToken
     }
     __stcs(reinterpret_cast<uint4*>(dx_row + c0) + i, out);
   }
-  for (int64_t i = nv * E + threadIdx.x; i < n_dx; i += kThreads) {
+  for (int64_t i = nv_dx * E + threadIdx.x; i < n_dx; i += kThreads) {
     const float pj = exp2f(to_f(xs[i]) * k - lse2);
     dx_row[c0 + i] = from_f<T>(c0 + i == y ? c - c * pj : -c * pj);
   }
