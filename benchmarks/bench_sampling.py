@@ -36,13 +36,14 @@ def cases(device: str, quick: bool) -> list[Case]:
             return rk.sample_tokens(logits, seeds, positions, backend=backend, **opts)
         return f
 
-    def graphed(pass_sub=None, **opts):
-        """pass_sub: an experiment's value of sampling.PASS_SUB for the captured kernels (None: the module's)."""
+    def graphed(pass_sub=None, bits=None, **opts):
+        """pass_sub, bits: an experiment's sampling.PASS_SUB / BITS for the captured kernels (None: the module's)."""
         from r1kernels.ops.sampling import sample_tokens_triton
         from r1kernels.triton import sampling
         graphs = []
-        kept = sampling.PASS_SUB
-        sampling.PASS_SUB = pass_sub or kept
+        kept = sampling.PASS_SUB, sampling.BITS
+        sampling.PASS_SUB, sampling.BITS = pass_sub or kept[0], bits or kept[1]
+        sampling.NPASS = 32 // sampling.BITS
         try:
             for logits, seeds, positions in inputs.sets:
                 sample_tokens_triton(logits, seeds, positions, **opts)  # compile outside the capture
@@ -51,7 +52,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                     sample_tokens_triton(logits, seeds, positions, **opts)
                 graphs.append(g)
         finally:
-            sampling.PASS_SUB = kept
+            sampling.PASS_SUB, sampling.BITS = kept
+            sampling.NPASS = 32 // sampling.BITS
         it = itertools.cycle(graphs)
         return lambda: next(it).replay()
 
@@ -61,8 +63,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         providers = {b: run(b, **opts) for b in backends}
         if device == "cuda" and "triton" in backends:
             providers["triton (cuda graph)"] = graphed(**opts)
-            if "top_p" in opts:  # the bisection passes' sub-block width (1024: whole blocks, before 2026-12-07)
-                for sub in (64, 1024):
-                    providers[f"triton (cuda graph, PASS_SUB={sub})"] = graphed(pass_sub=sub, **opts)
+            if "top_p" in opts:  # the bisection passes: sub-block width (1024: whole blocks), bits a pass
+                for sub, bits in ((1024, None), (None, 2), (1024, 2), (1024, 1)):
+                    name = ", ".join([f"PASS_SUB={sub}"] * bool(sub) + [f"BITS={bits}"] * bool(bits))
+                    providers[f"triton (cuda graph, {name})"] = graphed(pass_sub=sub, bits=bits, **opts)
         out.append(Case(name, shape, providers, bytes=logit_bytes))
     return out
