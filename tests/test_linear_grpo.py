@@ -535,6 +535,9 @@ def test_repeated_backward_matches_reference(with_bias, B, T, H, V):
     mask = (torch.rand(B, T) > 0.2).float()
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    # the torch reference in float32 bounds the error: a row whose token has p ~ 1 - 4e-5 (drawn at H = 4) loses
+    # ~3 significant digits of 1 - p in float32 in any implementation
+    leaves32 = [t.detach().clone().requires_grad_() for t in leaves]
 
     def loss(ls, backend):
         b = ls[2] if with_bias else None
@@ -542,7 +545,7 @@ def test_repeated_backward_matches_reference(with_bias, B, T, H, V):
         return rk.linear_grpo_loss(ls[0], ls[1], ids, adv.to(ls[0].dtype), mask, bias=b, old_logprobs=o,
                                    ref_logprobs=o, beta=0.04, backend=backend).loss
 
-    out, ref = loss(leaves, "triton"), loss(leaves64, "torch")
+    out, ref, ref32 = loss(leaves, "triton"), loss(leaves64, "torch"), loss(leaves32, "torch")
     g1, g2, g3 = 1.0, 0.5 + torch.rand(()).item(), -1.0 - torch.rand(()).item()
     first = torch.autograd.grad(out * g1, leaves, retain_graph=True)
     kept = [t.clone() for t in first]
@@ -550,8 +553,9 @@ def test_repeated_backward_matches_reference(with_bias, B, T, H, V):
     (out * g3).backward()
     for g, got, name in ((g1, first, "first"), (g2, second, "second"), (g3, [t.grad for t in leaves], "third")):
         want = torch.autograd.grad(ref * g, leaves64, retain_graph=True)
-        for n, a, b in zip(("hidden", "weight", "bias"), got, want):
-            assert_close(a, b, name=f"{name} backward grad {n}")
+        want32 = torch.autograd.grad(ref32 * g, leaves32, retain_graph=True)
+        for n, a, b, lp in zip(("hidden", "weight", "bias"), got, want, want32):
+            assert_close(a, b, lowp=lp, name=f"{name} backward grad {n}")
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
 
 
