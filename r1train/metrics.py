@@ -96,10 +96,14 @@ class MetricsLogger:
             # written beside it, then renamed over it: a failure or kill part way (disk full, SIGKILL) leaves the
             # old file whole (truncating it in place lost every earlier line)
             write_replace(p, "".join(keep))
-        for name in resolve_report_to(report_to):
-            sink = _open(name, output_dir, config or {}, resume_step=resume_step)
-            if sink is not None:
-                self.sinks[name] = sink
+        try:
+            for name in resolve_report_to(report_to):
+                sink = _open(name, output_dir, config or {}, resume_step=resume_step)
+                if sink is not None:
+                    self.sinks[name] = sink
+        except BaseException:
+            self.close()  # the backends opened before the one that failed
+            raise
         if past and "wandb" in self.sinks:
             # wandb takes only increasing steps and its history rewind (wandb.init resume_from) is a private
             # preview: the run keeps what the run before the resume logged past the checkpoint
@@ -328,14 +332,26 @@ def _open(name: str, output_dir: str, config: dict, resume_step: int = 0):
                 kw["resume"] = os.environ["WANDB_RESUME"].strip()
         else:
             kw = dict(id=uuid.uuid4().hex[:12], resume="allow")
-        run = mod.init(project=project, name=run_name, dir=output_dir, config=config, **kw)
+        run = _init(mod, name, project=project, name=run_name, dir=output_dir, config=config, **kw)
         run_id = getattr(run, "id", None) or kw["id"]  # the id wandb runs under, kept for a resume
     else:  # trackio: wandb-style init / log / finish
         run_id = None
-        run = mod.init(project=project, name=run_name, config=config)
+        run = _init(mod, name, project=project, name=run_name, config=config)
     if run_id is not None:  # written beside it, then renamed over it: a kill part way leaves the old id whole
         write_replace(id_path, run_id)
     return run
+
+
+def _init(mod, backend: str, **kw):
+    """mod.init(**kw); its failure (wandb without a login, no network) is a ConfigError naming report_to: the CLI
+    prints one line, not the client's traceback."""
+    from .config import ConfigError
+
+    try:
+        return mod.init(**kw)
+    except Exception as e:
+        hint = " (log in with `wandb login` or WANDB_API_KEY, or set WANDB_MODE=offline)" if backend == "wandb" else ""
+        raise ConfigError(f"report_to: {backend}.init failed: {type(e).__name__}: {e}{hint}") from e
 
 
 def _stored_run_id(path: str) -> str | None:

@@ -454,3 +454,31 @@ def test_wandb_offline_takes_the_environments_run_id(tmp_path, monkeypatch):
     finally:
         log.close()
     assert (tmp_path / ".wandb_run_id").read_text() == "r1k-env-id-1"
+
+
+def test_a_backend_that_fails_to_start_is_a_config_error(tmp_path, monkeypatch):
+    """wandb.init raising (no login, no network: wandb's UsageError) is a ConfigError naming report_to and the
+    client's message (the CLI prints it as one line, exit 2), and a backend opened before it is closed."""
+    import sys
+    import types
+
+    import r1train.metrics as M
+
+    wandb = _fake_wandb(monkeypatch)
+
+    def init(**kw):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    wandb.init = init
+    with pytest.raises(ConfigError, match=r"report_to: wandb.init failed: RuntimeError: api_key not configured.*"
+                                          r"WANDB_MODE=offline") as e:
+        M.MetricsLogger(str(tmp_path), report_to=["wandb"])
+    assert isinstance(e.value.__cause__, RuntimeError)
+    finished = []
+    trackio = types.ModuleType("trackio")
+    trackio.init = lambda **kw: types.SimpleNamespace(finish=lambda: finished.append(kw["project"]))
+    monkeypatch.setitem(sys.modules, "trackio", trackio)
+    monkeypatch.setattr(M, "backend_installed", lambda name: True)
+    with pytest.raises(ConfigError, match="wandb.init failed"):
+        M.MetricsLogger(str(tmp_path), report_to=["trackio", "wandb"])
+    assert finished == ["r1train"]
