@@ -149,14 +149,19 @@ def positive(name, v, *, allow_zero=False, allow_inf=False):
 # overflows to inf below ~3e-39 (NaN log-probs), and logits of magnitude 30 overflow below ~1e-37. 1e-5 is
 # also where vLLM switches to greedy; for argmax decoding pass greedy instead.
 MIN_TEMPERATURE = 1e-5
+# The largest: float32's maximum (a larger one rounds to inf there: z = x / inf is 0, or NaN for a -inf logit).
+MAX_TEMPERATURE = 3.4028234663852886e38
 
 
 def temperature(v, name="temperature"):
-    """positive(name, v) and >= MIN_TEMPERATURE; returns v as a Python number (as positive)."""
+    """positive(name, v) and in [MIN_TEMPERATURE, MAX_TEMPERATURE]; returns v as a Python number (as positive)."""
     v = positive(name, v)
     if v < MIN_TEMPERATURE:
         raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (smaller scales the logits past float32's range); "
                          f"for argmax decoding use greedy, got {v!r}")
+    if v > MAX_TEMPERATURE:  # exact for a Python int of any size
+        raise ValueError(f"{name} must be <= float32's maximum {MAX_TEMPERATURE} (the kernels divide in float32), "
+                         f"got {v!r}")
     return v
 
 

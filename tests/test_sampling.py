@@ -254,6 +254,10 @@ def test_public_api_dispatch():
     (dict(temperature=0.0), "temperature"), (dict(min_p=1.01), "min_p"), (dict(min_p=-0.1), "min_p"),
     (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("inf"), greedy=True), "temperature"),
     (dict(temperature=1e-40), "temperature"),
+    # past float32's range (rounded to inf there: NaN log-probs) and an int float() cannot convert
+    (dict(temperature=3.5e38), "temperature"), (dict(temperature=10**400), "temperature"),
+    # below float32's smallest normal number (rounded to 0 or a subnormal: top-p kept every token)
+    (dict(top_p=1e-46), "top_p"), (dict(top_p=1e-39), "top_p"),
     (dict(seeds=torch.zeros(2, dtype=torch.long)), "seeds"), (dict(positions=torch.zeros(3, 1, dtype=torch.long)),
                                                               "positions"),
     (dict(seeds=torch.zeros(3)), "seeds"),
@@ -263,6 +267,20 @@ def test_bad_input(override, name):
     args = {**dict(logits=logits, seeds=seeds, positions=positions), **override}
     with pytest.raises(ValueError, match=name):
         rk.sample_tokens(**args)
+
+
+def test_top_k_past_int64_is_no_top_k():
+    """top_k >= V keeps every token on every backend, also past the custom op's int64 (2**63: a RuntimeError of the
+    op's schema on the Triton backend before); the smallest top_p accepted keeps only the top token."""
+    logits, seeds, positions = _inputs(3, 70)
+    want = rk.sample_tokens(logits, seeds, positions, backend="torch")
+    for backend in ["torch"] + (["triton"] if "triton" in rk._backend.available("sample_tokens", "cpu") else []):
+        for k in (70, 71, 2**63, 10**30):
+            tok, lp = rk.sample_tokens(logits, seeds, positions, top_k=k, backend=backend)
+            assert torch.equal(tok, want[0]), (backend, k)
+            assert_close(lp, want[1], torch.float32)
+        tok, lp = rk.sample_tokens(logits, seeds, positions, top_p=rk._F32_TINY, backend=backend)
+        assert torch.equal(tok, logits.argmax(-1)) and torch.equal(lp, torch.zeros(3)), backend
 
 
 def test_opcheck():

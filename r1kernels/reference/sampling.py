@@ -6,6 +6,8 @@ the float keys):
 - kept set: top_k > 0 keeps z >= the k-th largest z; top_p < 1 keeps, among those, the tokens with
   z >= tau_p, tau_p the largest value such that the kept-by-k probability mass at or above it is
   >= top_p (the smallest nucleus, ties at its edge kept); min_p > 0 keeps z >= max z + log(min_p).
+  The mass is summed in fp32 in each backend's order: a top_p within its rounding of a cumulative mass (~1e-7
+  relative) may keep one token more or less on one backend than on another.
 - token = argmax over the kept set of z + g, g = -log(-log(u)) (Gumbel-max: an exact draw from
   softmax over the kept set), ties to the lower index; greedy: argmax of z over the kept set.
 - u = ((x >> 9) + 0.5) * 2^-23 in (0, 1), x = word v mod 4 of Philox4x32-10 with counter
@@ -13,7 +15,8 @@ the float keys):
   of 4 consecutive tokens; the noise is a function of (seed, position, v) only, so a row draws the same
   token in any batch, on any rank, and after a resume.
 - logprob = z[token] - logsumexp(z over the kept set): the log-probability under the distribution
-  sampled from (with no truncation, log softmax(logits / T)[token], what the training forward computes).
+  sampled from (with no truncation, log softmax(logits / T)[token], what the training forward computes), in fp32
+  as written: its absolute error grows with |z| (~|z| * 6e-8; z of 1e4 at T = 1e-4 for logits of 1).
 - A row with no distribution (no_distribution: z holds NaN or +inf, or is -inf everywhere) draws token 0 with
   log-prob NaN, whatever the options: the NaN marks the row for the caller (r1train's generate(check_finite=True)
   reads the log-probs once after a rollout); found on the device, no host sync.
