@@ -160,10 +160,18 @@ def pick(op: str, backend: str, device: torch.device, *args, **kwargs):
         if name == backend:
             if eligible is None or eligible(*args, **kwargs):
                 return fn
-            raise ValueError(f"backend={backend!r} for {op} does not support these inputs")
+            raise ValueError(f"backend={backend!r} for {op} does not support these inputs ({_describe(args, kwargs)}); "
+                             "backend='auto' falls back to the torch reference")
     if any(name == backend for name, _ in _LOADED.get(op, [])):
         raise ValueError(f"backend={backend!r} for {op} cannot run on {dev} tensors here ({_why(op, backend)})")
     raise ValueError(f"backend={backend!r} is not available for {op} ({_why(op, backend)})")
+
+
+def _describe(args, kwargs) -> str:
+    """The tensor inputs' dtypes and shapes (positional ones by position), for an eligibility error."""
+    items = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    return ", ".join(f"{n}: {str(t.dtype).replace('torch.', '')} {list(t.shape)}" for n, t in items
+                     if isinstance(t, torch.Tensor)) or "no tensors"
 
 
 def kernel(op: str, backend: str, device: torch.device, *args, **kwargs):

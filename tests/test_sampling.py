@@ -283,6 +283,15 @@ def test_top_k_past_int64_is_no_top_k():
         assert torch.equal(tok, logits.argmax(-1)) and torch.equal(lp, torch.zeros(3)), backend
 
 
+def test_backend_refusing_the_inputs_names_them():
+    if "triton" not in rk._backend.available("sample_tokens", "cpu"):
+        pytest.skip("r1kernels._backend.KERNELS has no triton entry for sample_tokens")
+    logits, seeds, positions = _inputs(3, 70)
+    with pytest.raises(ValueError, match=r"backend='triton' for sample_tokens does not support these inputs "
+                                         r"\(input 0: float64 \[3, 70\]\)"):
+        rk.sample_tokens(logits.double(), seeds, positions, backend="triton")
+
+
 def test_opcheck():
     logits, seeds, positions = _inputs(3, 40)
     torch.library.opcheck(ops.sample_tokens_op, (logits, seeds, positions, 1.0, 0, 1.0, 0.0, False))
