@@ -43,7 +43,6 @@ def cases(device: str, quick: bool) -> list[Case]:
         graphs = []
         kept = sampling.PASS_SUB, sampling.BITS
         sampling.PASS_SUB, sampling.BITS = pass_sub or kept[0], bits or kept[1]
-        sampling.NPASS = 32 // sampling.BITS
         try:
             for logits, seeds, positions in inputs.sets:
                 sample_tokens_triton(logits, seeds, positions, **opts)  # compile outside the capture
@@ -53,7 +52,6 @@ def cases(device: str, quick: bool) -> list[Case]:
                 graphs.append(g)
         finally:
             sampling.PASS_SUB, sampling.BITS = kept
-            sampling.NPASS = 32 // sampling.BITS
         it = itertools.cycle(graphs)
         return lambda: next(it).replay()
 

@@ -377,9 +377,6 @@ def sample_tokens(logits, seeds, positions, *, temperature=1.0, top_k=0, top_p=1
                                       float(top_p), float(min_p), bool(greedy))
 
 
-_F32_TINY = 1.1754943508222875e-38
-
-
 def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_tokens=None):
     """ValueError naming the first bad sampling option (shared with the generation engine). The numbers may be
     numpy scalars (np.float32(0.9), np.int64(5): numbers.Real / numbers.Integral); bools are not numbers here."""
@@ -391,10 +388,9 @@ def check_sampling_options(*, temperature, top_k, top_p, min_p, greedy, max_new_
     _checks.temperature(_checks.as_python(temperature))
     if not integral(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
-    # top_p is compared in float32: below its smallest normal number it rounds to 0 or a subnormal (which a GPU may
-    # flush to 0), and top-p would keep every token instead of the top one
-    if not real(top_p) or not _F32_TINY <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] and >= float32's smallest normal number {_F32_TINY}, got {top_p!r}")
+    if not real(top_p) or not _checks.MIN_TOP_P <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] and >= float32's smallest normal number {_checks.MIN_TOP_P}, "
+                         f"got {top_p!r}")
     # [0, 1] as transformers' MinPLogitsWarper and TRL's GRPOConfig: min_p 1.0 keeps the tokens as likely as the top
     if not real(min_p) or not 0.0 <= min_p <= 1.0:
         raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")

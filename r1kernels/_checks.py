@@ -150,7 +150,10 @@ def positive(name, v, *, allow_zero=False, allow_inf=False):
 # also where vLLM switches to greedy; for argmax decoding pass greedy instead.
 MIN_TEMPERATURE = 1e-5
 # The largest: float32's maximum (a larger one rounds to inf there: z = x / inf is 0, or NaN for a -inf logit).
-MAX_TEMPERATURE = 3.4028234663852886e38
+MAX_TEMPERATURE = torch.finfo(torch.float32).max
+# The smallest top_p: float32's smallest normal number (the kernels compare the mass in float32; below it top_p
+# rounds to 0 or a subnormal, which a GPU may flush to 0, and top-p would keep every token, not the top one).
+MIN_TOP_P = torch.finfo(torch.float32).tiny
 
 
 def temperature(v, name="temperature"):

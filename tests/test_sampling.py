@@ -279,7 +279,7 @@ def test_top_k_past_int64_is_no_top_k():
             tok, lp = rk.sample_tokens(logits, seeds, positions, top_k=k, backend=backend)
             assert torch.equal(tok, want[0]), (backend, k)
             assert_close(lp, want[1], torch.float32)
-        tok, lp = rk.sample_tokens(logits, seeds, positions, top_p=rk._F32_TINY, backend=backend)
+        tok, lp = rk.sample_tokens(logits, seeds, positions, top_p=torch.finfo(torch.float32).tiny, backend=backend)
         assert torch.equal(tok, logits.argmax(-1)) and torch.equal(lp, torch.zeros(3)), backend
 
 

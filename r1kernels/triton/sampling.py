@@ -24,7 +24,6 @@ from .device import INTERPRET
 # Upper bound of the Gumbel noise: u <= 1 - 2^-24 gives -log(-log(u)) <= 16.64.
 G_MAX = tl.constexpr(17.0)
 BITS = 4  # bits of a threshold fixed per bisection pass (2^BITS candidates tried at once)
-NPASS = 32 // BITS
 
 
 # Nested @triton.jit calls are kept out of the per-block loops: the interpreter pays ~1 ms per call.
@@ -313,12 +312,13 @@ def sample(logits, seeds, positions, temperature: float, top_k: int, top_p: floa
         warps = 1 if INTERPRET else 4
         _bmax_kernel[(B, nsplit)](logits, bmax, V, logits.stride(0), nblk, per, T, BLOCK=BLOCK, num_warps=warps)
         NSP, NBP = triton.next_power_of_2(nsplit), triton.next_power_of_2(nblk)
+        npass = 32 // BITS
         if use_k or use_p:
-            hist = torch.empty(B, 2, NPASS, nsplit, 1 << BITS, device=dev, dtype=torch.float32)
-            ans = torch.empty(B, 2, NPASS, device=dev, dtype=torch.int32)
+            hist = torch.empty(B, 2, npass, nsplit, 1 << BITS, device=dev, dtype=torch.float32)
+            ans = torch.empty(B, 2, npass, device=dev, dtype=torch.int32)
             tot = torch.empty(B, device=dev, dtype=torch.float32)
         for mass in [False] * use_k + [True] * use_p:
-            for p in range(NPASS):
+            for p in range(npass):
                 _pass_kernel[(B, nsplit)](logits, bmax, hist, ans, tot, V, logits.stride(0), nblk, per, T, int(top_k),
                                           float(top_p), p, BLOCK=BLOCK, NSP=NSP, NBP=NBP, MASS=mass, TOP_K=use_k,
                                           BITS=BITS, SUB=min(BLOCK, PASS_SUB), num_warps=warps)
