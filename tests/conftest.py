@@ -31,6 +31,8 @@ def _inductor_cache_dir() -> str:
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 
 SEED = int(os.environ.get("R1K_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# pytest-xdist workers are started after this module is imported by the controller: they inherit the seed
+os.environ["R1K_TEST_SEED"] = str(SEED)
 
 # Relative-norm error ||out - ref|| / ||ref|| allowed against a float64 reference, by input dtype.
 # Kernels must also stay within 2x the error of the torch reference run in the same low precision.

@@ -23,6 +23,14 @@ def _want(ids):
     return tuple(out)
 
 
+class _Opaque:
+    """An object that is no number, with a repr that is the same in every process (an object()'s names its
+    address, and pytest-xdist's workers must collect the same test ids)."""
+
+    def __repr__(self):
+        return "opaque"
+
+
 @pytest.mark.parametrize("eos_id", [np.int64(2), np.int32(7), np.uint8(255), np.int64(0), np.array(7),
                                     np.array([2, 5, 2]), np.array([3], dtype=np.int32), torch.tensor(3),
                                     torch.tensor(4, dtype=torch.int32), torch.tensor([3, 4, 3]),
@@ -37,7 +45,7 @@ def test_eos_tuple_takes_numpy_and_tensor_integers(eos_id):
 @pytest.mark.parametrize("eos_id", [True, False, np.bool_(True), torch.tensor(True), np.array([True, False]),
                                     torch.tensor([True]), [1, True], 2.0, np.float32(2), np.float64(2.0),
                                     torch.tensor(2.0), np.array([2.0]), torch.tensor([2.5]), [2, 3.0], "2", b"\x02",
-                                    None, [], (), np.array([], dtype=np.int64), [[2]], object(), 2 ** 63,
+                                    None, [], (), np.array([], dtype=np.int64), [[2]], _Opaque(), 2 ** 63,
                                     [np.uint64(2 ** 63)]], ids=repr)
 def test_eos_tuple_still_rejects_junk(eos_id):
     with pytest.raises(ValueError, match="eos_id"):
@@ -130,7 +138,7 @@ REALS = [np.float16(0.5), np.float32(0.9), np.float64(-2.5), np.longdouble(1.25)
          np.float64("inf"), 0.9, -3.0, float("nan")]
 INTEGRALS = [np.int8(-3), np.int32(7), np.int64(2 ** 62), np.uint8(255), np.uint64(2 ** 63 + 1), 5, -1, 2 ** 80]
 NOT_NUMBERS = [True, False, np.bool_(True), np.bool_(False), np.array(0.5), np.array([2]), np.array([1.0, 2.0]),
-               torch.tensor(0.5), torch.tensor(3), "0.5", b"1", None, 1 + 0j, np.complex64(1), [1.0], object()]
+               torch.tensor(0.5), torch.tensor(3), "0.5", b"1", None, 1 + 0j, np.complex64(1), [1.0], _Opaque()]
 
 
 @pytest.mark.parametrize("v", REALS + INTEGRALS + NOT_NUMBERS, ids=repr)
