@@ -358,6 +358,27 @@ def test_dr_grpo_without_tokens_is_zero(backend):
     assert out.loss.item() == 0.0
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("B,T,V", [(2, 8, 13), (3, 17, 40), (1, 1, 5)])
+def test_dr_grpo_sequence_level_divides_by_the_completion_width(backend, B, T, V):
+    """dr_grpo at the sequence level with beta = 0 and no max_completion_length: the loss is the sum of the
+    masked per-token terms over B * T, T the mask's width (a [B, 1] sequence-level loss was divided by B * 1:
+    T times too large), by an independent float64 computation, for grpo_loss and linear_grpo_loss."""
+    H = 8
+    h, w = torch.randn(B, T, H), torch.randn(V, H) / 2
+    ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+    mask = (torch.rand(B, T) > 0.3).float()
+    mask[:, 0] = 1.0
+    logp = torch.log_softmax(h.double() @ w.double().t(), -1).gather(-1, ids[..., None])[..., 0]
+    old = (logp + 0.2 * torch.randn(B, T, dtype=torch.float64)).float()
+    r = torch.exp(((logp - old.double()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True))
+    a = adv.double()[:, None]
+    want = (-torch.min(r * a, r.clamp(0.8, 1.2) * a) * mask).sum() / (B * T)
+    kw = dict(old_logprobs=old, loss_type="dr_grpo", importance_sampling_level="sequence", backend=backend)
+    assert_close(rk.grpo_loss(h @ w.t(), ids, adv, mask, **kw).loss.double(), want, name="grpo_loss")
+    assert_close(rk.linear_grpo_loss(h, w, ids, adv, mask, **kw).loss.double(), want, name="linear_grpo_loss")
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("B,T,V", [(0, 3, 11), (2, 0, 7), (0, 0, 5)])
 @pytest.mark.parametrize("opts", list(ENTROPY_OPTS))

@@ -251,7 +251,10 @@ def test_bad_input_named():
                            ("completion_mask", (old, ref, ids, adv, mask[:1])),
                            ("completion_mask", (old, ref, ids, adv, torch.ones(2, 6))),
                            ("advantages", (old, ref, ids, adv[:1], mask)),
-                           ("completion_ids", (old, ref, ids + 20, adv, mask))):
+                           ("completion_ids", (old, ref, ids + 20, adv, mask)),
+                           ("old_logp", (old.long(), ref, ids, adv, mask)),  # the core named old_logprobs
+                           ("ref_logp", (old, ref.long(), ids, adv, mask)),
+                           ("advantages", (old, ref, ids, adv.masked_fill(adv > adv.min(), float("nan")), mask))):
             with pytest.raises(ValueError, match=name):
                 ours.triton_grpo_loss(logits, *args, reduce=reduce)
     with pytest.raises(ValueError, match="ref_weight"):
@@ -341,7 +344,9 @@ def test_fused_linear_bad_input_names_liger_arguments():
             ("ref_bias", dict(beta=0.1), dict(ref_per_token_logps=None, ref_input=hidden, ref_weight=weight,
                                               ref_bias=torch.randn(3))),
             ("selected_token_ids .* ref_weight", dict(beta=0.1),
-             dict(ref_per_token_logps=None, ref_input=hidden, ref_weight=weight[:3]))):
+             dict(ref_per_token_logps=None, ref_input=hidden, ref_weight=weight[:3])),
+            # an id past lin_weight's rows (Liger computes a wrong value; the core named completion_ids)
+            ("selected_token_ids .* lin_weight", {}, dict(selected_token_ids=ids.masked_fill(mask != 0, 20)))):
         args = dict(_input=hidden, lin_weight=weight, selected_token_ids=ids, attention_mask=mask,
                     advantages=adv, ref_per_token_logps=ref, old_per_token_logps=old)
         args.update(call)

@@ -589,3 +589,30 @@ def test_no_gradient_wanted_writes_none(how, B, T, H, V, monkeypatch):
     assert out.loss.grad_fn is None and torch.equal(out.loss, with_grad.loss.detach())
     assert torch.equal(out.per_token_logprobs, with_grad.per_token_logprobs)
     assert all(torch.equal(out.metrics[k], with_grad.metrics[k]) for k in with_grad.metrics)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("h_dtype,w_dtype", [(torch.float32, torch.float64), (torch.float64, torch.bfloat16),
+                                             (torch.float64, torch.float32)])
+def test_float64_with_another_dtype(backend, h_dtype, w_dtype):
+    """hidden and weight of different dtypes, one float64 (Liger accepts them): computed in float64, equal to the
+    all-float64 head (the other input's values as given), each gradient in its input's dtype (it raised in the
+    reference's GEMM: 'expected m1 and m2 to have the same dtype')."""
+    B, T, H, V = 2, 5, 8, 19
+    h, w = torch.randn(B, T, H).to(h_dtype), (torch.randn(V, H) / 3).to(w_dtype)
+    ids, adv, mask = torch.randint(0, V, (B, T)), torch.randn(B), (torch.rand(B, T) > 0.3).float()
+    for op in ("linear_token_logprobs", "linear_grpo_loss"):
+        x, y = h.clone().requires_grad_(), w.clone().requires_grad_()
+        x64, y64 = h.double().clone().requires_grad_(), w.double().clone().requires_grad_()
+        if op == "linear_token_logprobs":
+            got, want = (rk.linear_token_logprobs(a, b, ids, backend=bk).sum()
+                         for a, b, bk in ((x, y, backend), (x64, y64, "torch")))
+        else:
+            got, want = (rk.linear_grpo_loss(a, b, ids, adv, mask, backend=bk).loss
+                         for a, b, bk in ((x, y, backend), (x64, y64, "torch")))
+        got.backward()
+        want.backward()
+        assert_close(got.double(), want.detach(), torch.float64, name=f"{op} value")
+        assert x.grad.dtype == h_dtype and y.grad.dtype == w_dtype, op
+        assert_close(x.grad.double(), x64.grad, h_dtype, name=f"{op} hidden gradient")  # rounded to its dtype
+        assert_close(y.grad.double(), y64.grad, w_dtype, name=f"{op} weight gradient")

@@ -237,6 +237,10 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 with torch.no_grad():
                     ref = linear_token_logprobs(ref_input, ref_weight, ref_ids,
                                                 bias=ref_bias, temperature=c["temperature"], backend=self.backend)
+        if not torch.compiler.is_compiling():  # under Liger's names (the core's: completion_ids, completion_mask)
+            V = lin_weight.shape[0]
+            _checks.labels_in_range("selected_token_ids", selected_token_ids.masked_fill(attention_mask == 0, 0), V,
+                                    " (the rows of lin_weight) where attention_mask is not 0")
         beta = c["beta"] if ref is not None else 0.0  # Liger: no reference -> KL 0
         items = LOSS_REDUCTION[c["loss_type"]] == "items"
         _check_loss_rows("_input", _input.shape[0], c["loss_type"], _LIGER_NAN)
@@ -302,7 +306,7 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp if beta != 0.0 else None),
                     ("completion_mask", completion_mask)):
         if t is not None:
-            _checks.tensor(name, t)
+            (_checks.tensor if name == "completion_mask" else _checks.float_tensor)(name, t)
             _checks.shape(name, t, (B, T1 - 1), " (logits has T + 1 positions)")
     _checks.float_tensor("advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, 1)):
@@ -323,6 +327,8 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                         use_bias_correction_kl=False, inplace_backward=bool(inplace), backend=backend)
         return out.loss, _metrics(out, old_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
                               importance_sampling_level)
+    if not torch.compiler.is_compiling():  # as reduce=True (the core's check) refuses them
+        _checks.finite("advantages", advantages)
     m = mask.float()
     ids = _mask_ids(completion_ids, mask, V)
     _checks.labels_in_range("completion_ids", ids.masked_fill(m == 0, 0), V,

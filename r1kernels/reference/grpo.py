@@ -205,7 +205,7 @@ def per_token_objective(logp, old_logp, adv, mask, *, epsilon, epsilon_high, del
 
 
 def reduce_loss(L, mask, loss_type, max_completion_length, num_items_in_batch):
-    B, T = L.shape
+    B, T = mask.shape  # not L's: a sequence-level L without a KL term is [B, 1]
     mL = L * mask
     reduction = LOSS_REDUCTION[loss_type]
     if reduction == "sequence":

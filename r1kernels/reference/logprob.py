@@ -37,7 +37,10 @@ def token_logprobs_lse(logits, labels, temperature=1.0, return_entropy=False):
 
 
 def _chunk(hidden_NH, weight_VH, bias_V, labels_N, temperature, return_entropy, softcap):
-    logits_NV = acc(hidden_NH) @ acc(weight_VH).t()
+    # float64 with any other dtype computes in float64 (acc keeps float64 alone: the GEMM needs one dtype)
+    h, w = acc(hidden_NH), acc(weight_VH)
+    dt = torch.promote_types(h.dtype, w.dtype)
+    logits_NV = h.to(dt) @ w.to(dt).t()
     if bias_V is not None:
         logits_NV = logits_NV + acc(bias_V)
     if softcap is not None:
