@@ -43,7 +43,8 @@ MANIFEST = "manifest.json"
 HASH_MAX_BYTES = 64 << 20  # larger files (weights, optimizer states of big models) are checked by size only
 LOCK = ".r1train.lock"
 # config keys that define the run: a resume must keep them (max_steps, save/log/eval cadence, output_dir,
-# kernel_backend, loss_impl, padding_free, reward_timeout ... may change: they do not change what is trained).
+# kernel_backend, loss_impl, padding_free (but see PACKING_RUN_KEYS), reward_timeout ... may change: they do not
+# change what is trained).
 # task_eval_size too: its held-out problems are left out of the training rows; answer_column, completion_column,
 # completion_only_loss: they define the objective, as the loss's keys (every option the loss is called with),
 # the advantages', the rollouts' sampling, the rewards' and the reference's. The optimizer's hyperparameters are
@@ -93,6 +94,10 @@ GRPO_ONLY_RUN_KEYS = frozenset((
     "dynamic_sampling", "max_dynamic_sampling_rounds", "overlong_buffer_len", "multi_objective_aggregation",
     "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "moe_router_replay"))
 assert GRPO_ONLY_RUN_KEYS <= set(RUN_KEYS)
+# With top_entropy_quantile < 1 the entropy threshold is taken over each micro-batch's tokens, and these keys make
+# the micro-batches (packs of a token budget): a change trains other tokens (a helper's audit: the loss 3e-3 off the
+# uninterrupted run's at the first resumed step, 5e-2 two steps later). With quantile 1 they may change
+PACKING_RUN_KEYS = ("padding_free", "max_tokens_per_batch")
 
 
 class CheckpointError(ConfigError):
@@ -393,6 +398,7 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """resume_from_checkpoint -> a complete checkpoint directory. `latest`: the newest complete
     checkpoint-<step> in output_dir (damaged or unfinished newer ones are skipped with a warning); `true` too
     (HF Trainer's resume_from_checkpoint=True), unless a directory has that name."""
+    given = spec  # the error names the value the user set (true, True, ...)
     if resumes_latest(spec):
         spec = "latest"
     if spec != "latest":
@@ -403,7 +409,7 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
         return spec
     found = sorted(list_checkpoints(output_dir), key=_step_of, reverse=True)
     if not found:
-        raise CheckpointError(f"resume_from_checkpoint=latest: no checkpoint-<step> in {output_dir}")
+        raise CheckpointError(f"resume_from_checkpoint={given}: no checkpoint-<step> in {output_dir}")
     skipped, left = [], _abandoned(output_dir)
     for path in found:
         problem = checkpoint_problem(path)
@@ -414,7 +420,7 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
         log.warning("resume_from_checkpoint=latest: skipping %s, which is incomplete or damaged: %s",
                     path, problem)
         skipped.append(f"{os.path.basename(path)}: {problem}")
-    raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir} ("
+    raise CheckpointError(f"resume_from_checkpoint={given}: no complete checkpoint in {output_dir} ("
                           + "; ".join(skipped) + ")")
 
 
@@ -487,6 +493,9 @@ def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
     saved = state.get("config", {})
     now = config_values(cfg)
     keys = [k for k in RUN_KEYS if trainer != "SFTTrainer" or k not in GRPO_ONLY_RUN_KEYS]
+    quantile = min(saved.get("top_entropy_quantile", 1.0), now.get("top_entropy_quantile", 1.0))
+    if trainer != "SFTTrainer" and quantile < 1:
+        keys += PACKING_RUN_KEYS
     diff = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in keys if k in saved and saved[k] != now[k]]
     if state.get("trainer", trainer) != trainer:
         diff.append(f"trainer (checkpoint {state['trainer']}, now {trainer})")

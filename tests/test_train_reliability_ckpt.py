@@ -677,6 +677,45 @@ def test_sft_resume_ignores_keys_only_grpo_training_reads(tmp_path):
                 check_resume_config(str(ckpt), dataclasses.replace(cfg, **{k: v}), trainer, 1)
 
 
+def test_packing_keys_block_a_resume_only_with_an_entropy_quantile(tmp_path):
+    """padding_free / max_tokens_per_batch make the micro-batches over which top_entropy_quantile < 1 takes its
+    threshold: a change trains other tokens (an audit's resume drifted 3e-3 in loss at its first step), so a GRPO
+    resume refuses it there (in the checkpoint's run or this one); with quantile 1, or in SFT, it may change."""
+    import dataclasses
+
+    from r1train.checkpoint import PACKING_RUN_KEYS, check_resume_config
+    from r1train.config import load_config
+
+    cfg = load_config(overrides=["report_to=none"])
+    changes = {"padding_free": not cfg.padding_free, "max_tokens_per_batch": 4096}
+    assert set(changes) == set(PACKING_RUN_KEYS)
+    for trainer in ("GRPOTrainer", "SFTTrainer"):
+        for q_saved, q_now in ((1.0, 1.0), (0.5, 0.5), (1.0, 0.8), (0.2, 1.0)):
+            ckpt = tmp_path / f"{trainer}_{q_saved}_{q_now}"
+            ckpt.mkdir()
+            saved = dataclasses.replace(cfg, top_entropy_quantile=q_saved)
+            (ckpt / "trainer_state.json").write_text(json.dumps(
+                {"config": json.loads(json.dumps(vars(saved), default=str)), "trainer": trainer, "world_size": 1}))
+            for k, v in changes.items():
+                now = dataclasses.replace(cfg, top_entropy_quantile=q_now, **{k: v})
+                if trainer == "GRPOTrainer" and min(q_saved, q_now) < 1:
+                    with pytest.raises(CheckpointError, match=rf"{k} \(checkpoint"):
+                        check_resume_config(str(ckpt), now, trainer, 1)
+                else:
+                    assert check_resume_config(str(ckpt), now, trainer, 1)["trainer"] == trainer
+
+
+def test_resume_true_without_a_checkpoint_names_true(tmp_path):
+    """resume_from_checkpoint=true (HF Trainer's True) with no checkpoint: the error names the value set, not the
+    `latest` it stands for."""
+    from r1train.checkpoint import resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"resume_from_checkpoint=true: no checkpoint-<step>"):
+        resolve_checkpoint("true", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"resume_from_checkpoint=latest: no checkpoint-<step>"):
+        resolve_checkpoint("latest", str(tmp_path))
+
+
 def test_rows_sha256_is_one_value_per_rows_in_every_process():
     """The rows' fingerprint a resume compares: the same in processes with other hash seeds (a set's order follows
     PYTHONHASHSEED), defined for any row (non-string keys, bytes, arrays, tensors, objects), and it sees an edit
