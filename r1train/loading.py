@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -165,7 +166,6 @@ def loss_impl_for(model, cfg: TrainConfig, *, log: bool = False) -> str:
     then takes the model's own logits (one log line says why; with log), else linear; an explicit linear is a
     ConfigError naming loss_impl.
     model None (TrainConfig.validate): only what the config alone rules out; returns cfg.loss_impl."""
-    import logging
 
     why = scaling = None
     if model is not None:
@@ -205,7 +205,6 @@ def patch_layers(model, cfg: TrainConfig):
     follows each config it is called with -- the recipe hands one model from stage to stage: patched again with
     this cfg's backend, or unpatched (rk.patch.unpatch, the trained values kept) where this cfg patches nothing. A
     model patched by its caller is patched over (wanted) or left as it is."""
-    import logging
 
     import torch
 
@@ -275,11 +274,17 @@ def check_reward_columns(cfg: TrainConfig, rows, source: str | None = None):
     argument's place (in TRL a TypeError or silently replaced)."""
     from .rewards import NOT_FORWARDED, REWARD_ARGS
 
-    clash = [k for k in dict.fromkeys(k for r in rows for k in r) if k in REWARD_ARGS and k not in NOT_FORWARDED]
+    columns = dict.fromkeys(k for r in rows for k in r)
+    clash = [k for k in columns if k in REWARD_ARGS and k not in NOT_FORWARDED]
+    where = source or f"dataset_name={cfg.dataset_name!r}"
     if clash:
-        where = source or f"dataset_name={cfg.dataset_name!r}"
         raise DatasetError(f"{where}: column(s) {clash} have the name of an argument "
                            f"reward functions receive ({', '.join(REWARD_ARGS)}); rename them")
+    answer_column = getattr(cfg, "answer_column", "answer")
+    if answer_column != "answer" and "answer" in columns and answer_column in columns:
+        logging.getLogger("r1train").warning(
+            "%s: reward functions receive `answer` = the answer_column=%r values, in place of the rows' own `answer` "
+            "column (data.reward_columns); rename that column to pass it too", where, answer_column)
 
 
 def check_answer_column(cfg: TrainConfig, rows, source: str, reader: str):

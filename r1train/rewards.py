@@ -149,9 +149,20 @@ def _numbers_match(p: Fraction, g: Fraction) -> bool:
     return abs(p - g) <= Fraction(1, 10**6) * max(abs(p), abs(g))
 
 
+# LaTeX text commands around a word answer: MATH's golds write \text{(C)}, \text{Monday}
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+
+
 def _normalized_text(x: str) -> str:
-    """Case- and whitespace-insensitive text, without a final full stop ("Paris." is "Paris")."""
-    return " ".join(x.lower().split()).rstrip(".。").rstrip()
+    """Case- and whitespace-insensitive text, without $...$, \\boxed{}, LaTeX text commands (\\text{Monday} is
+    "Monday") or a final full stop ("Paris." is "Paris"); a choice letter in parentheses is the letter ("(C)")."""
+    for _ in range(2):  # $\\boxed{...}$ and \\boxed{$...$}
+        x = x.strip().strip("$").strip()
+        m = re.fullmatch(r"\\boxed\{(.*)\}", x, re.S)
+        x = m.group(1) if m else x
+    x = " ".join(_TEXT_CMD.sub(r"\1", x).lower().split()).rstrip(".。").rstrip()
+    m = re.fullmatch(r"\(([a-z])\)", x)
+    return m.group(1) if m else x
 
 
 # LaTeX spellings of a number: \$5 (an escaped dollar sign), \frac{a}{b} (and \dfrac, \tfrac), 10\,000 / 10{,}000 /
@@ -187,9 +198,9 @@ _COSTLY = re.compile(rf"{_POW}\s*\{{[^{{}}]*{_POW}|{_POW}\s*[\w.]+\s*{_POW}|{_PO
 _MATHLIKE = re.compile(r"[\d\\^_=+\-*/()\[\]{}<>]")
 
 
-# a binary arithmetic operation: a numeric gold answer's question asks for its value ("What is 7+5-7+8?" answered
-# "7+5-7+8" is the question, not its answer)
-_ARITH = re.compile(r"[\d)}\]]\s*[-+*/×÷·]\s*[\d(\\{]|\\(?:times|cdot|div)\b")
+# a binary arithmetic operation (a power too: 2^3 for 8): a numeric gold answer's question asks for its value
+# ("What is 7+5-7+8?" answered "7+5-7+8" is the question, not its answer)
+_ARITH = re.compile(r"[\d)}\]]\s*(?:[-+*/×÷·^]|\*\*)\s*[\d(\\{]|\\(?:times|cdot|div)\b")
 
 
 def answers_match(pred: str, gold: str) -> bool:

@@ -675,3 +675,21 @@ def test_sample_rows_renders_each_prompt_once_and_hands_on_the_rendering(tmp_pat
            for t in ro.prompt_texts]
     assert got == want and len(calls) == len(rows)
     assert all(w.endswith("<think>\n") for w in want[:-k]) and want[-1] == rows[-1]["prompt"]
+
+
+@pytest.mark.parametrize("gold, pred", [(r"\text{Monday}", "Monday"), ("Monday", r"\text{Monday}"),
+                                        (r"\text{(C)}", "C"), (r"\textbf{(C)}", "(c)"), (r"\text{yes}", "Yes."),
+                                        (r"$\boxed{\text{B}}$", "B"), (r"\mathrm{Paris}", "paris")])
+def test_word_golds_in_latex_text_commands_match_the_word(gold, pred):
+    """MATH-style golds (\\text{(C)}, \\text{Monday}) against the bare word, either way round (both scored 0:
+    words are not sent to math-verify, and the text comparison kept the command); another word still fails."""
+    assert R.accuracy_reward(None, [f"<answer>{pred}</answer>"], answer=[gold]) == [1.0]
+    assert R.accuracy_reward(None, ["<answer>Tuesday</answer>", "<answer>(D)</answer>"], answer=[gold] * 2) == [0.0,
+                                                                                                              0.0]
+
+
+@pytest.mark.parametrize("pred, gold", [("2^3", "8"), ("3^{2}", "9"), ("2**3", "8"), ("(1+1)^3", "8")])
+def test_a_power_is_an_expression_not_its_value(pred, gold):
+    """A numeric gold is never matched by an arithmetic expression (README): powers were (2^3 scored 1 for 8)."""
+    assert R.accuracy_reward(None, [f"<answer>{pred}</answer>"], answer=[gold]) == [0.0]
+    assert R.accuracy_reward(None, [f"<answer>{gold}</answer>"], answer=[gold]) == [1.0]

@@ -276,3 +276,22 @@ def test_a_users_wrapper_of_a_builtin_reward_gets_copies():
         run([row["prompt"]] * 4, ["<answer>2</answer>"] * 4, [[1]] * 4, reward_columns([row], 4, "answer"))
     assert repr(row) == before and seen == [[1] * 4] * 3
     assert R._copied(R.accuracy_reward) == frozenset() and R._copied(noted) is None
+
+
+def test_an_answer_column_replaced_by_answer_column_is_named_in_a_warning(caplog):
+    """answer_column=gold with rows that have their own `answer`: reward functions get `answer` = the gold values
+    (documented) and a warning says the rows' `answer` is not passed; no warning without such a column."""
+    from r1train.config import load_config
+    from r1train.loading import check_reward_columns
+
+    cfg = load_config(overrides=["report_to=none", "answer_column=gold"])
+    rows = [{"prompt": "q", "gold": "2", "answer": "two"}]
+    with caplog.at_level("WARNING", logger="r1train"):
+        check_reward_columns(cfg, rows, "rows")
+    assert any("answer_column='gold'" in r.getMessage() and "`answer`" in r.getMessage() for r in caplog.records)
+    assert reward_columns(rows, 2, "gold")["answer"] == ["2", "2"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1train"):
+        check_reward_columns(cfg, [{"prompt": "q", "gold": "2"}], "rows")
+        check_reward_columns(load_config(overrides=["report_to=none"]), rows, "rows")
+    assert not caplog.records
