@@ -101,6 +101,40 @@ def test_route_single_token_and_empty():
         assert w.shape == (0, 3) and ids.shape == (0, 3)
 
 
+def _nan_logit_routes(cfg, norm, dev):
+    """A NaN router logit makes its token's weights NaN (some with norm_topk_prob=False, as the reference and
+    transformers) on every backend of dev, so the layer's output and the loss show it; the other tokens are routed
+    as without it. The Triton kernel ranked the NaN below -inf and returned finite weights."""
+    E, n_group, topk_group, top_k = cfg
+    x, bias = (torch.randn(5, E) * 2).to(dev), torch.randn(E, device=dev) * 0.1
+    bad = x.clone()
+    bad[2, torch.randint(0, E, ()).item()] = math.nan
+    for backend in [*_backend.available("route", dev), "torch"]:
+        w, ids = rk.moe.route(bad, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                              routed_scaling_factor=1.5, norm_topk_prob=norm, backend=backend)
+        w0, ids0 = rk.moe.route(x, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                                routed_scaling_factor=1.5, norm_topk_prob=norm, backend=backend)
+        assert torch.isnan(w[2]).any(), backend
+        rows = [0, 1, 3, 4]
+        assert torch.equal(ids[rows], ids0[rows]) and torch.equal(w[rows], w0[rows]), backend
+    if HAS_CPP and dev == "cpu":
+        w, _, _ = torch.ops.r1kernels.moe_route(bad, bias, top_k, n_group, topk_group, 1.5, norm)
+        assert torch.isnan(w[2]).any()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_nan_logit_gives_nan_weights_on_every_backend(cfg, norm):
+    _nan_logit_routes(cfg, norm, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", [True, False])
+def test_gpu_route_nan_logit_gives_nan_weights(norm):
+    for cfg in CONFIGS:
+        _nan_logit_routes(cfg, norm, "cuda")
+
+
 @pytest.mark.skipif(not HAS_CPP, reason="r1kernels._C has no MoE ops")
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_cpp_cpu_route_is_the_reference(cfg):

@@ -80,8 +80,10 @@ __device__ __forceinline__ void route_token(const float (&x)[VPT], const float (
   const int base = lane * VPT;
   float s[VPT], c[VPT];
   float a1 = -INFINITY, a2 = -INFINITY;
+  bool nan_here = false;  // a NaN logit: the token's weights are NaN, as the reference's (fmaxf would drop it)
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
+    nan_here |= x[j] != x[j];
     s[j] = sigmoid_exact(x[j]);
     c[j] = __fadd_rn(s[j], b[j]);
     if (c[j] > a1) { a2 = a1; a1 = c[j]; } else if (c[j] > a2) { a2 = c[j]; }
@@ -126,9 +128,10 @@ __device__ __forceinline__ void route_token(const float (&x)[VPT], const float (
     if (lane == r) { my_id = id; my_s = sv; }
   }
   const float total = warp_sum(lane < top_k ? my_s : 0.0f);
+  const bool any_nan = __any_sync(FULL, nan_here);
   if (lane < top_k) {
     float w = norm ? __fdiv_rn(my_s, __fadd_rn(total, 1e-20f)) : my_s;
-    w_out[t * top_k + lane] = __fmul_rn(w, scale);
+    w_out[t * top_k + lane] = any_nan ? __int_as_float(0x7fc00000) : __fmul_rn(w, scale);
     ids_out[t * top_k + lane] = my_id;
     s_out[t * top_k + lane] = my_s;
   }

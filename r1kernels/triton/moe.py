@@ -43,6 +43,7 @@ def _route_fwd_kernel(x_ptr, b_ptr, w_ptr, ids_ptr, s_ptr, T, scale, E: tl.const
     emask = e < E
     x = tl.load(x_ptr + t[:, None].to(tl.int64) * E + e[None, :], mask=tmask[:, None] & emask[None, :],
                 other=0.0).to(tl.float32)
+    nan_row = tl.max(tl.where(x != x, 1, 0), axis=1)  # a NaN logit: the row's weights are NaN (as the reference's)
     s = _sigmoid_exact(x, EXACT)
     b = tl.load(b_ptr + e, mask=emask, other=0.0)
     c = s + b[None, :]
@@ -84,7 +85,7 @@ def _route_fwd_kernel(x_ptr, b_ptr, w_ptr, ids_ptr, s_ptr, T, scale, E: tl.const
     if NORM:
         total = tl.sum(sel_s, axis=1)
         w = sel_s / (total[:, None] + 1e-20)
-    w = w * scale
+    w = tl.where(nan_row[:, None] != 0, float("nan"), w * scale)
     omask = tmask[:, None] & (kk < TOP_K)[None, :]
     off = t[:, None].to(tl.int64) * TOP_K + kk[None, :]
     tl.store(w_ptr + off, w, mask=omask)
