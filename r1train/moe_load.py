@@ -30,6 +30,11 @@ class ExpertLoad:
         if not dsv3.routers(model):
             dsv3.patch_deepseek_v3(model, backend="torch", experts=False)
         self.routers = dsv3.routers(model)
+        for r in self.routers:  # update_bias needs float32 (model.to(bf16) casts the buffer): here, not after a step
+            if r.e_score_correction_bias.dtype != torch.float32:
+                raise ValueError(f"moe_bias_update_rate: the routers' e_score_correction_bias must be float32 to take "
+                                 f"rate-sized steps, got {r.e_score_correction_bias.dtype} (a model.to(dtype) cast "
+                                 "it; from_pretrained keeps it float32)")
 
     def __bool__(self):
         return bool(self.routers)

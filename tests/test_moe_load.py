@@ -106,3 +106,11 @@ def test_expert_load_token_mask_of_another_size_is_an_error(delta):
     model(ids)
     expected = torch.stack([_ref_counts(model, ids, i, mask) + _ref_counts(model, ids, i) for i in (1, 2)])
     assert torch.equal(torch.stack([r.tokens_per_expert for r in load.routers]), expected)
+
+
+def test_expert_load_rejects_a_low_precision_bias_before_any_work():
+    """model.to(bf16) casts e_score_correction_bias, whose rate-sized steps need float32: an error naming it when
+    ExpertLoad is made (it came from the first step(), after a whole training step)."""
+    with pytest.raises(ValueError, match="e_score_correction_bias must be float32.*bfloat16"):
+        ExpertLoad(_tiny(dtype=torch.bfloat16), 1e-3)
+    assert ExpertLoad(_tiny(), 1e-3)

@@ -344,3 +344,17 @@ def test_router_lists_count_the_moe_blocks_gates():
 
     blocks[0].gate = Wrapper(blocks[0].gate)
     assert dsv3.routers(model) == [blocks[1].gate] and dsv3.moe_routers(model) == [blocks[1].gate]
+
+
+@pytest.mark.parametrize("kw, name", [(dict(n_group=4, topk_group=5), "topk_group"),
+                                      (dict(E=12, n_group=8, topk_group=2), "n_group"),
+                                      (dict(n_group=4, topk_group=1, top_k=5), "top_k")])
+def test_patch_names_a_bad_routing_config(kw, name):
+    """A routing config the router cannot run is an error naming the key when the model is patched (it came
+    from the first forward)."""
+    try:
+        model = _tiny(**kw)
+    except Exception as e:  # noqa: BLE001 -- a transformers that refuses the config itself
+        pytest.skip(f"transformers refuses the config: {e!r}")
+    with pytest.raises(ValueError, match=name):
+        dsv3.patch_deepseek_v3(model)

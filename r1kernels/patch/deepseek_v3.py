@@ -78,6 +78,9 @@ class R1KRouter(nn.Module):
         self.num_experts = full_shape(gate.weight)[0]
         self.n_group = gate.num_group if hasattr(gate, "num_group") else gate.n_group
         self.topk_group = gate.topk_group
+        # a bad config (n_group not dividing the experts, topk_group > n_group, ...) names itself at patch time,
+        # not at the first forward
+        _moe.check_routing_config(self.num_experts, self.top_k, self.n_group, self.topk_group)
         self.routed_scaling_factor = float(gate.routed_scaling_factor)
         self.norm_topk_prob = bool(gate.norm_topk_prob)
         self.gemm_dtype = gemm_dtype        # None: transformers' fp32 GEMM; torch.bfloat16: bf16 x bf16 -> fp32
