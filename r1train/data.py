@@ -142,7 +142,7 @@ def load_rows(name: str, split: str = "train", required=("prompt",), key: str = 
                                    "names the split)")
             ds = ds[split]
         rows = list(ds)
-    return validate_rows(rows, name, required)
+    return validate_rows(rows, f"{key}={name!r}", required)  # errors name the key and the file
 
 
 def reward_columns(rows, repeats: int, answer_column: str) -> dict:

@@ -110,8 +110,9 @@ def apply_lora(model, cfg: TrainConfig):
 
 
 def merge_adapters(model):
-    """A peft model -> its base model with the adapters folded into the weights (a trained lm_head copy stays
-    untied from the embeddings); any other model as it is."""
+    """A peft model -> its base model with the adapters folded into the weights (a trained lm_head copy, or an
+    adapter on a tied embed_tokens / lm_head, leaves the two untied: each keeps its own adapted weight); any other
+    model as it is."""
     import torch
 
     try:
@@ -120,6 +121,14 @@ def merge_adapters(model):
         return model
     if not isinstance(model, PeftModel):
         return model
+    inner = model.get_base_model()
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    base_emb, base_head = (getattr(m, "get_base_layer", lambda m=m: m)() for m in (emb, head))
+    if head is not None and (emb is not base_emb or head is not base_head) and base_head.weight is base_emb.weight:
+        # an adapter on a tied embed_tokens or lm_head: merged into the one shared weight, its delta would land on
+        # the other module too (peft's merge does; logits ~3 off the adapted model's). Each gets its own weight
+        base_head.weight = torch.nn.Parameter(base_head.weight.detach().clone(), requires_grad=False)
+        inner.config.tie_word_embeddings = False
     merged = model.merge_and_unload()
     emb, head = merged.get_input_embeddings(), merged.get_output_embeddings()
     if head is not None and head.weight is not emb.weight and getattr(merged.config, "tie_word_embeddings", False):
@@ -136,7 +145,12 @@ def merge_lora(cfg: TrainConfig) -> str:
     if not cfg.adapter_path or not os.path.isfile(os.path.join(cfg.adapter_path, "adapter_config.json")):
         raise ConfigError(f"adapter_path: {cfg.adapter_path!r} is not a LoRA checkpoint (no adapter_config.json)")
     base, tok = load_model_and_tokenizer(cfg)
-    merged = merge_adapters(PeftModel.from_pretrained(base, cfg.adapter_path))
+    try:
+        adapted = PeftModel.from_pretrained(base, cfg.adapter_path)
+    except RuntimeError as e:  # an adapter of another model: peft's "size mismatch for ..." traceback
+        raise ConfigError(f"adapter_path={cfg.adapter_path!r} does not fit model_name_or_path="
+                          f"{cfg.model_name_or_path!r} (the base the adapter was trained on): {e}") from e
+    merged = merge_adapters(adapted)
     os.makedirs(cfg.output_dir, exist_ok=True)
     merged.save_pretrained(cfg.output_dir)
     if hasattr(tok, "save_pretrained"):

@@ -100,6 +100,36 @@ def test_merge_equals_the_adapted_model(tmp_path):
                                    atol=1e-4)
     r = H.run_cli(["merge", *H.FAST, f"adapter_path={tmp_path}", f"output_dir={tmp_path / 'x'}"])
     assert r.returncode != 0 and "adapter_path" in r.stderr
+    # an adapter of another base (another hidden size): one error naming both keys, not peft's traceback
+    r = H.run_cli(["merge", *H.FAST, "model_hidden_size=48", f"adapter_path={tmp_path / 'run' / 'checkpoint-3'}",
+                   f"output_dir={tmp_path / 'y'}"])
+    assert r.returncode == 2 and "does not fit model_name_or_path" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("targets", ["embed_tokens,q_proj", "q_proj,lm_head", "q_proj,v_proj"])
+def test_merge_with_tied_embeddings_equals_the_adapted_model(tmp_path, targets):
+    """The tiny model ties embed_tokens and lm_head (as Qwen2.5-0.5B / 1.5B do): an adapter on either one merged
+    into the shared weight also moved the other (logits ~3 off the adapted model's); saved and reloaded, the
+    merged model equals the adapted one. Adapters on other modules keep the tie."""
+    from transformers import AutoModelForCausalLM
+
+    from r1train.loading import apply_lora, merge_adapters
+
+    cfg = load_config(overrides=H.FAST + ["use_peft=true", f"lora_target_modules={targets}", "lora_dropout=0.0"])
+    model, _ = load_model_and_tokenizer(cfg)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    adapted = apply_lora(model, cfg).eval()
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)  # a trained adapter (lora_B starts at 0)
+        ids = torch.randint(3, 40, (3, 11))
+        want = adapted(input_ids=ids).logits
+        merge_adapters(adapted).save_pretrained(tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    tied = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert tied == ("embed_tokens" not in targets and "lm_head" not in targets)
 
 
 def test_recipe_hands_on_a_merged_model(tmp_path):

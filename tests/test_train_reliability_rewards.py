@@ -203,7 +203,7 @@ def test_empty_dataset_is_a_dataset_error(tmp_path, capsys):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(DatasetError, match="empty.jsonl: the dataset has no rows"):
+    with pytest.raises(DatasetError, match="empty.jsonl': the dataset has no rows"):
         load_rows(str(empty))
     (tmp_path / "e.json").write_text("[]")
     with pytest.raises(DatasetError, match="has no rows"):
@@ -211,7 +211,7 @@ def test_empty_dataset_is_a_dataset_error(tmp_path, capsys):
     with pytest.raises(ConfigError, match="task_train_size must be >= 1"):
         load_config(overrides=["task_train_size=0"])
     assert main(["grpo", *H.FAST, f"dataset_name={empty}", f"output_dir={tmp_path / 'o'}"]) == 2
-    assert "the dataset has no rows" in capsys.readouterr().err
+    assert f"dataset_name='{empty}': the dataset has no rows" in capsys.readouterr().err  # the key and the file
 
 
 def test_cli_grpo_batch_and_distill_errors(tmp_path, capsys):

@@ -313,7 +313,7 @@ def test_a_null_completion_in_a_parquet_file_is_named_null(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": "1+1?", "completion": "2"}, {"prompt": "2+2?"},
                                          {"prompt": "3+3?", "completion": "6"}]), str(path))
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path / 'o'}", f"dataset_name={path}"])
-    with pytest.raises(DatasetError, match=r"sft.parquet: row 1: column 'completion' is null \(None\)$"):
+    with pytest.raises(DatasetError, match=r"sft.parquet': row 1: column 'completion' is null \(None\)$"):
         load_datasets(cfg, sft=True)
 
 
