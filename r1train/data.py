@@ -393,7 +393,9 @@ def with_eos(tok, ids: list) -> list:
 def check_sft_completion(row, i, completion_column: str):
     """Row i's completion: a string, or (with a message-list prompt) a non-empty list of messages
     ({"role": str, "content": str}); anything else is a DatasetError naming the row and the column."""
-    c = row.get(completion_column)
+    if completion_column not in row:  # not "got None", which reads as a null value
+        raise DatasetError(f"SFT row {i}: missing column {completion_column!r} (has {sorted(row)})")
+    c = row[completion_column]
     if isinstance(c, str):
         return c
     if not isinstance(c, list):

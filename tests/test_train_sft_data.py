@@ -71,6 +71,9 @@ def test_sft_trainer_checks_every_rows_completion_before_training(tmp_path, bad)
     with pytest.raises(DatasetError, match="SFT row 10: column 'completion' must be"):
         SFTTrainer(cfg, None, char_tokenizer(), rows, [])  # no model work before the check
     assert not (tmp_path / "metrics.jsonl").exists()
+    rows[10] = {"prompt": rows[10]["prompt"]}  # no completion at all: missing, not "got None"
+    with pytest.raises(DatasetError, match=r"SFT row 10: missing column 'completion' \(has \['prompt'\]\)"):
+        SFTTrainer(cfg, None, char_tokenizer(), rows, [])
 
 
 @pytest.mark.parametrize("row,what", [
