@@ -62,7 +62,7 @@ RUN_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "model_hidden_size",
             "num_iterations", "reward_funcs", "reward_weights", "scale_rewards", "temperature",
             "importance_sampling_level", "bf16", "optim", "learning_rate", "weight_decay",
             "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
-            "lora_modules_to_save", "lora_dropout",
+            "lora_modules_to_save", "lora_dropout", "use_rslora",
             # the schedule and the update
             "lr_scheduler_type", "warmup_ratio", "max_grad_norm",
             # the loss (GRPOTrainer._loss_kw) and adaptive entropy control

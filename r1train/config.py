@@ -117,6 +117,7 @@ class TrainConfig:
     lora_r: int = f(16, "LoRA rank")
     lora_alpha: int = f(32, "LoRA alpha (scale alpha / r)")
     lora_dropout: float = f(0.05, "LoRA dropout")
+    use_rslora: bool = f(False, "rank-stabilized LoRA (TRL's / peft's key): scale alpha / sqrt(r) instead of alpha / r")
     lora_target_modules: Optional[list] = f(None, "modules that get adapters; None: every linear layer of "
                                             "attention and MLP (peft's 'all-linear', lm_head excluded)",
                                             items="name")

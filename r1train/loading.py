@@ -98,7 +98,8 @@ def apply_lora(model, cfg: TrainConfig):
         target = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) and m is not head})
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=target, modules_to_save=cfg.lora_modules_to_save, task_type="CAUSAL_LM")
+                    use_rslora=cfg.use_rslora, target_modules=target, modules_to_save=cfg.lora_modules_to_save,
+                    task_type="CAUSAL_LM")
     try:
         peft_model = get_peft_model(model, lc)
     except ValueError as e:  # e.g. a target module that does not exist

@@ -65,6 +65,25 @@ def test_bad_lora_keys(ov, key):
         load_config(overrides=["use_peft=true", *ov])
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_use_rslora_scales_by_the_root_of_the_rank(rslora):
+    """use_rslora (TRL's / peft's key; it was an unknown-key error): each adapter's output is scaled by
+    alpha / sqrt(r), else alpha / r, checked on the adapted layer's output against its base and its A, B."""
+    from r1train.loading import apply_lora
+
+    cfg = load_config(overrides=H.FAST + ["use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0",
+                                          "lora_target_modules=q_proj", f"use_rslora={str(rslora).lower()}"])
+    model, _ = load_model_and_tokenizer(cfg)
+    adapted = apply_lora(model, cfg).eval()
+    layer = next(m for n, m in adapted.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+        x = torch.randn(5, layer.in_features)
+        delta = layer(x) - layer.get_base_layer()(x)
+        low_rank = x @ layer.lora_A["default"].weight.t() @ layer.lora_B["default"].weight.t()
+        torch.testing.assert_close(delta, low_rank * (8 / 4 ** 0.5 if rslora else 8 / 4), rtol=1e-4, atol=1e-5)
+
+
 def test_lora_sft_loss_falls(tmp_path):
     from r1train.loading import load_datasets
     from r1train.sft import SFTTrainer
