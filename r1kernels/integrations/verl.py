@@ -35,7 +35,9 @@ hidden_size % 128 == 0). vocab_parallel_entropy returns fp32 (verl's: the logits
 
 `install()` binds them in place of verl's in the calling process. verl's actors are Ray workers, so it must
 run in each of them, e.g. ray.init(runtime_env={"worker_process_setup_hook":
-"r1kernels.integrations.verl.install"}).
+"r1kernels.integrations.verl.install"}). verl's FSDP workers call linear_cross_entropy only with
+actor_rollout_ref.model.fused_kernel_options.impl_backend=triton: its default, torch, runs verl's own
+FusedLinearForPPO, which install() leaves alone (Megatron's fused path always calls linear_cross_entropy).
 """
 from __future__ import annotations
 
