@@ -548,6 +548,47 @@ def test_rollout_engine_falls_back_for_what_it_does_not_implement(model_dir, tmp
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("field, value", [("force_words_ids", [[5]]), ("constraints", ["c"]), ("use_mtp", True)])
+def test_rollout_engine_falls_back_for_constraints_and_mtp(model_dir, tmp_path, field, value):
+    """generation_kwargs the engine does not implement and that were missing from its list (the engine sampled
+    without them, silently; transformers' generate, TRL's own path, refuses or runs them): a fallback naming the
+    field. The same config without it takes the engine."""
+    from transformers import GenerationConfig
+
+    from r1kernels.integrations import trl as it
+
+    tr, _ = _trainer(model_dir, tmp_path)
+    use_r1kernels(tr, rollout_engine="r1train", backend="torch")
+    ids, mask = _prompts(model_dir[1], 2)
+    gc = GenerationConfig(do_sample=False, max_new_tokens=4, pad_token_id=0)
+    kw = {"input_ids": ids, "attention_mask": mask}
+    assert it._fallback_reason(tr.model, gc, kw) is None
+    setattr(gc, field, value)  # set after construction: GenerationConfig's validation is transformers' business
+    assert f"generation_config.{field}" in it._fallback_reason(tr.model, gc, kw)
+
+
+def test_rollout_engine_takes_an_empty_eos_list_as_no_stop_token(model_dir, tmp_path):
+    """generation_kwargs={"eos_token_id": []}: no stop token, as transformers' generate (it was a ValueError from
+    eos_tuple naming eos_id, not generation_kwargs): the engine runs and equals transformers' greedy rows."""
+    from transformers import GenerationConfig
+
+    import r1train.generation as gen
+
+    tr, _ = _trainer(model_dir, tmp_path)
+    use_r1kernels(tr, rollout_engine="r1train", backend="torch")
+    model = tr.model
+    ids, mask = (t.to(model.device) for t in _prompts(model_dir[1], 3))
+    gc = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=[])
+    calls = []
+    real = gen.generate
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(gen, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    with torch.no_grad():
+        want = type(model).generate(model, input_ids=ids, attention_mask=mask, generation_config=gc)
+    assert calls == [1] and torch.equal(got, want) and got.shape[1] == ids.shape[1] + 6
+
+
 def test_grpo_trainer_trains_with_the_engine_rollout(model_dir, tmp_path):
     """TRL's GRPOTrainer with use_r1kernels(rollout_engine='r1train'): every rollout goes through r1train's engine
     (no fallback warning), and the steps log a finite loss and completions within max_completion_length."""

@@ -311,7 +311,8 @@ _OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "s
         "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "exponential_decay_length_penalty": None,
         "top_h": None, "assistant_model": None, "prompt_lookup_num_tokens": None, "stop_strings": None,
         "min_length": 0, "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
-        "watermarking_config": None, "dola_layers": None, "token_healing": False, "max_time": None}
+        "watermarking_config": None, "dola_layers": None, "token_healing": False, "max_time": None,
+        "force_words_ids": None, "constraints": None, "use_mtp": False}
 
 
 def _use_engine(trainer, backend, release_memory=False):
@@ -425,7 +426,8 @@ def _engine_generate(self, input_ids=None, attention_mask=None, generation_confi
     # missing pad id is the first eos id; no eos id at all: rows run to max_new_tokens
     own = self.generation_config
     eos_id = gc.eos_token_id if gc.eos_token_id is not None else own.eos_token_id
-    eos = eos_tuple(eos_id) if eos_id is not None else ()
+    empty = isinstance(eos_id, (list, tuple)) and not eos_id  # eos_token_id=[]: no stop token, as transformers
+    eos = eos_tuple(eos_id) if eos_id is not None and not empty else ()
     pad = next((p for p in (gc.pad_token_id, own.pad_token_id, *eos[:1]) if p is not None), 0)
     tok, _ = generate(self, input_ids, mask, seeds, params, eos_id=eos or -1, pad_id=int(pad),
                       backend=self._r1k_rollout_backend)
