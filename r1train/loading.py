@@ -291,7 +291,7 @@ def check_reward_columns(cfg: TrainConfig, rows, source: str | None = None):
 
     columns = dict.fromkeys(k for r in rows for k in r)
     clash = [k for k in columns if k in REWARD_ARGS and k not in NOT_FORWARDED]
-    where = source or f"dataset_name={cfg.dataset_name!r}"
+    where = source or f"dataset_name={getattr(cfg, 'dataset_name', None)!r}"
     if clash:
         raise DatasetError(f"{where}: column(s) {clash} have the name of an argument "
                            f"reward functions receive ({', '.join(REWARD_ARGS)}); rename them")
