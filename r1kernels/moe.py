@@ -137,6 +137,13 @@ def _torch_only(op, backend):
                          "torch implementation (use backend='auto' or 'torch')")
 
 
+def check_bias_float32(bias, name="bias", hint=""):
+    """update_bias's dtype rule: rate-sized steps vanish or double in bf16/fp16 (0.6016 + 1e-3 == 0.6016)."""
+    if bias.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 (transformers keeps e_score_correction_bias in fp32{hint}), got "
+                         f"{bias.dtype}")
+
+
 def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=None, backend="auto"):
     """Auxiliary-loss-free balancing, in place and without grad: bias += rate * sign(mean - count).
     Sum tokens_per_expert over micro-batches first; all_reduce=True sums it over the ranks of `group`
@@ -144,9 +151,7 @@ def update_bias(bias, tokens_per_expert, *, rate=1e-3, all_reduce=False, group=N
     backend: "auto" or "torch" (the only implementation; a named kernel backend raises)."""
     _torch_only("update_bias", backend)
     _checks.float_tensor("bias", bias, ndim=1)
-    if bias.dtype != torch.float32:  # rate-sized steps vanish or double in bf16/fp16 (0.6016 + 1e-3 == 0.6016)
-        raise ValueError(f"bias must be float32 (transformers keeps e_score_correction_bias in fp32), got "
-                         f"{bias.dtype}")
+    check_bias_float32(bias)
     _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1,
                    dtypes=_checks.INT_DTYPES + (torch.int16, torch.int8, torch.uint8) + _checks.FLOAT_DTYPES,
                    kind="an integer or floating-point tensor of counts")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _checks
+from r1kernels.moe import check_bias_float32
 from r1kernels.patch import deepseek_v3 as dsv3
 
 
@@ -30,11 +31,9 @@ class ExpertLoad:
         if not dsv3.routers(model):
             dsv3.patch_deepseek_v3(model, backend="torch", experts=False)
         self.routers = dsv3.routers(model)
-        for r in self.routers:  # update_bias needs float32 (model.to(bf16) casts the buffer): here, not after a step
-            if r.e_score_correction_bias.dtype != torch.float32:
-                raise ValueError(f"moe_bias_update_rate: the routers' e_score_correction_bias must be float32 to take "
-                                 f"rate-sized steps, got {r.e_score_correction_bias.dtype} (a model.to(dtype) cast "
-                                 "it; from_pretrained keeps it float32)")
+        for r in self.routers:  # update_bias's rule, here and not at the first step() after a training step
+            check_bias_float32(r.e_score_correction_bias, "moe_bias_update_rate: the routers' e_score_correction_bias",
+                               "; a model.to(dtype) cast it, from_pretrained keeps it")
 
     def __bool__(self):
         return bool(self.routers)

@@ -153,13 +153,19 @@ def _numbers_match(p: Fraction, g: Fraction) -> bool:
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
 
 
+def _unwrapped(s: str) -> str:
+    """s without the $...$ and \\boxed{} around it, in either order ($\\boxed{...}$, \\boxed{$...$})."""
+    for _ in range(2):
+        s = s.strip().strip("$").strip()
+        m = re.fullmatch(r"\\boxed\{(.*)\}", s)
+        s = m.group(1).strip() if m else s
+    return s
+
+
 def _normalized_text(x: str) -> str:
     """Case- and whitespace-insensitive text, without $...$, \\boxed{}, LaTeX text commands (\\text{Monday} is
     "Monday") or a final full stop ("Paris." is "Paris"); a choice letter in parentheses is the letter ("(C)")."""
-    for _ in range(2):  # $\\boxed{...}$ and \\boxed{$...$}
-        x = x.strip().strip("$").strip()
-        m = re.fullmatch(r"\\boxed\{(.*)\}", x, re.S)
-        x = m.group(1) if m else x
+    x = _unwrapped(" ".join(x.split()))  # on one line: a \boxed{} spanning lines is unwrapped too
     x = " ".join(_TEXT_CMD.sub(r"\1", x).lower().split()).rstrip(".。").rstrip()
     m = re.fullmatch(r"\(([a-z])\)", x)
     return m.group(1) if m else x
@@ -174,12 +180,8 @@ _LEAD = re.compile(r"^(?:[A-Za-z]\w*\s*=|answer\s*[:=]|\\text\{[^}]*\}\s*[:=]?)\
 def _latex_number(s: str) -> Fraction | None:
     """_as_number of s after its LaTeX spellings of a number (above) are undone; None when s is not a number
     literal (an expression such as "7+5-7+8" is not: its value is what the question asks for)."""
-    s = s.strip()
-    for _ in range(2):  # $\boxed{...}$ and \boxed{$...$}
-        s = s.strip("$").strip()
-        m = re.fullmatch(r"\\boxed\{(.*)\}", s)
-        s = m.group(1).strip() if m else s
-    s = _LEAD.sub("", s).replace("\\$", "").replace("\\!", "").replace("{,}", ",").strip().rstrip(".").strip()
+    s = _LEAD.sub("", _unwrapped(s))
+    s = s.replace("\\$", "").replace("\\!", "").replace("{,}", ",").strip().rstrip(".").strip()
     s = re.sub(r"(?<=\d)\\,(?=\d{3})", ",", s)  # 10\,000: a thin space between digit groups
     m = _FRAC.fullmatch(s)
     if m:
