@@ -188,7 +188,8 @@ class TrainConfig:
                                      "gradient (DeepSeek-V3.2)")
     top_entropy_quantile: float = f(1.0, "train only on the top quantile of each micro-batch's tokens by entropy, "
                                     "the threshold taken over every process's micro-batch as TRL does (0.2 in "
-                                    "'Beyond the 80/20 rule'; 1.0 = all tokens), in (0, 1]")
+                                    "'Beyond the 80/20 rule'; 1.0 = all tokens; 0.0 = the highest-entropy token), "
+                                    "in [0, 1]")
     entropy_coef: float = f(0.0, "entropy bonus: loss - entropy_coef * mean token entropy (the initial value "
                             "with use_adaptive_entropy)")
     use_adaptive_entropy: bool = f(False, "Skywork-OR1 adaptive entropy control: entropy_coef += delta when the "

@@ -302,6 +302,15 @@ def reward_runner(cfg, reward_funcs=None) -> tuple[RewardRunner, torch.Tensor]:
     return runner, torch.tensor(w, dtype=torch.float32)
 
 
+def truncated_sampling_correction(cfg) -> str:
+    """The truncating sampling options (top_p < 1, top_k > 0, min_p > 0) set beside the rollout correction, as
+    text; '' when none is or the correction is off."""
+    if not cfg.vllm_importance_sampling_correction:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v, on in (("top_p", cfg.top_p, cfg.top_p < 1.0), ("top_k", cfg.top_k,
+                     cfg.top_k > 0), ("min_p", cfg.min_p, cfg.min_p > 0.0)) if on)
+
+
 class GRPOTrainer(Trainer):
     def __init__(self, cfg, model, tokenizer, train_rows, eval_rows=None, reward_funcs=None):
         """reward_funcs: TRL's, a list of reward functions (or one); None: cfg.reward_funcs. cfg.reward_weights
@@ -320,6 +329,15 @@ class GRPOTrainer(Trainer):
         if not cfg.moe_router_replay:  # a model handed on by a replay stage records no rollout of this one
             moe_replay.disable(model)
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
+        if self.rank == 0 and truncated_sampling_correction(cfg):
+            log.warning("vllm_importance_sampling_correction with %s: the rollout log-probs are the truncated "
+                        "sampling distribution's, so each token's weight exp(l_old - l_rollout) is its kept "
+                        "probability mass (< 1) and a %s weight shrinks the loss%s; set "
+                        "vllm_importance_sampling_correction=false to train at full strength (TRL's default "
+                        "without vLLM)", truncated_sampling_correction(cfg),
+                        "sequence's" if cfg.vllm_importance_sampling_mode.startswith("sequence") else "token's",
+                        " with the completion's length (0.9^256 at 90% kept a token)"
+                        if cfg.vllm_importance_sampling_mode.startswith("sequence") else "")
         # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError) until
         # finish()
         self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
@@ -454,11 +472,20 @@ class GRPOTrainer(Trainer):
         m.update(user)
 
     def _varied(self, table, failed) -> list[bool]:
-        """Per group of G samples: do the weighted rewards of its scored samples differ? Failed and unscorable
-        samples (every reward None) are left out, as from the advantages: they give a group no signal."""
+        """Per group of G samples: would its advantages differ from 0? The totals the advantages normalize:
+        the weighted rewards (sum_then_normalize) or the weighted sum of each reward normalized within the
+        group (normalize_then_sum: equal weighted totals can still carry signal, [[2, 0], [0, 1]] with weights
+        [1, 2]). Failed and unscorable samples (every reward None) are left out, as from the advantages: they
+        give a group no signal."""
         G, w = self.cfg.num_generations, self.reward_w_R.tolist()
-        tot = [None if f or all(v is None for v in row) else sum(wj * v for wj, v in zip(w, row) if v is not None)
-               for row, f in zip(table, failed)]
+        if self.cfg.multi_objective_aggregation == "normalize_then_sum":
+            vals_NR = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in table],
+                                   dtype=torch.float64).view(len(table), len(w))
+            tot = [None if t != t else t for t in _gdpo_totals(vals_NR, torch.tensor(failed, dtype=torch.bool),
+                                                                torch.tensor(w), G).tolist()]
+        else:
+            tot = [None if f or all(v is None for v in row) else sum(wj * v for wj, v in zip(w, row) if v is not None)
+                   for row, f in zip(table, failed)]
         out = []
         for g in range(len(tot) // G):
             vals = [t for t in tot[g * G:(g + 1) * G] if t is not None]

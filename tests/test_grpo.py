@@ -144,8 +144,8 @@ def test_compute_entropy(level, inplace, mask_kind):
 
 
 ENTROPY_OPTS = {"entropy_coef": dict(entropy_coef=0.05), "quantile": dict(top_entropy_quantile=0.5),
-                     "compute_entropy": dict(compute_entropy=True),
-                     "sequence": dict(compute_entropy=True, importance_sampling_level="sequence")}
+                "quantile0": dict(top_entropy_quantile=0.0), "compute_entropy": dict(compute_entropy=True),
+                "sequence": dict(compute_entropy=True, importance_sampling_level="sequence")}
 
 
 @pytest.mark.parametrize("backend,inplace", [("torch", False), ("triton", False), ("triton", True)])

@@ -100,3 +100,28 @@ def test_unscorable_samples_are_no_variation(tmp_path):
     assert mixed > 0  # groups of 1.0 and unscorable samples: what None-as-0 took for variation
     assert m["dynamic_sampling/drop_rate"] == 1.0 and m["dynamic_sampling/constant_groups_kept"] == len(rows)
     assert (adv_N == 0).all()
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+@pytest.mark.parametrize("G,R", [(2, 2), (4, 3), (8, 2)])
+def test_varied_means_nonzero_advantages(aggregation, G, R):
+    """A group counts as varied exactly when its advantages (computed alone) are not all 0: under
+    normalize_then_sum equal weighted totals can still carry signal ([[2, 0], [0, 1]], weights [1, 2])."""
+    import types
+
+    from r1train.grpo import GRPOTrainer, advantages
+
+    gen = torch.Generator().manual_seed(G * 10 + R)
+    for _ in range(60):
+        w_R = torch.randint(-2, 3, (R,), generator=gen).double()
+        table = [[None if torch.rand((), generator=gen) < 0.15 else float(torch.randint(0, 3, (), generator=gen))
+                  for _ in range(R)] for _ in range(G)]
+        failed = [bool(torch.rand((), generator=gen) < 0.1) for _ in range(G)]
+        t = types.SimpleNamespace(cfg=types.SimpleNamespace(num_generations=G, multi_objective_aggregation=aggregation),
+                                  reward_w_R=w_R)
+        vals = torch.tensor([[float("nan") if v is None else v for v in row] for row in table])
+        adv, _ = advantages(vals, torch.tensor(failed), w_R, G, scale="group", aggregation=aggregation)
+        assert GRPOTrainer._varied(t, table, failed) == [bool(adv.abs().max() > 1e-3)], (table, failed, w_R)
+    t = types.SimpleNamespace(cfg=types.SimpleNamespace(num_generations=2, multi_objective_aggregation=aggregation),
+                              reward_w_R=torch.tensor([1.0, 2.0]))
+    assert GRPOTrainer._varied(t, [[2.0, 0.0], [0.0, 1.0]], [False, False]) == [aggregation == "normalize_then_sum"]

@@ -13,7 +13,7 @@ from r1train.grpo import adaptive_entropy_step
 
 @pytest.mark.parametrize("override,key", [
     ("vllm_importance_sampling_mode=token_clip", "vllm_importance_sampling_mode"),
-    ("top_entropy_quantile=0", "top_entropy_quantile"),
+    ("top_entropy_quantile=-0.1", "top_entropy_quantile"),
     ("top_entropy_quantile=1.5", "top_entropy_quantile"),
     ("loss_type=luspo", "importance_sampling_level"),
     ("vllm_importance_sampling_clip_min=4.0", "vllm_importance_sampling_clip_min"),
@@ -56,3 +56,23 @@ def test_grpo_step_runs(tmp_path, overrides):
         assert rows[0]["entropy_coef"] == pytest.approx(0.01 + 0.005)
         assert rows[1]["entropy_coef"] == pytest.approx(0.01 + 2 * 0.005)
         assert 0.0 < rows[1]["entropy"] < 100.0
+
+
+@pytest.mark.parametrize("overrides,said", [
+    ([], ""), (["top_p=0.9"], "top_p=0.9"), (["top_k=20", "min_p=0.05"], "top_k=20, min_p=0.05"),
+    (["top_p=0.9", "vllm_importance_sampling_correction=false"], ""),
+    (["top_k=5", "vllm_importance_sampling_mode=token_mask"], "top_k=5"),
+])
+def test_correction_with_truncated_sampling_warns(tmp_path, caplog, overrides, said):
+    """The rollout correction beside top_p / top_k / min_p weights each token by its kept probability mass (the
+    rollout log-probs are the truncated distribution's): one warning naming those keys at the trainer's start."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="r1train"):
+        t = H.grpo_trainer(tmp_path, "max_steps=1", *overrides)
+    warned = [r.getMessage() for r in caplog.records if "kept probability mass" in r.getMessage()]
+    assert len(warned) == (1 if said else 0)
+    if said:
+        assert f"with {said}:" in warned[0]
+        assert ("with the completion's length" in warned[0]) == t.cfg.vllm_importance_sampling_mode.startswith(
+            "sequence")

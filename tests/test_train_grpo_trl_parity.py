@@ -391,3 +391,19 @@ def test_grad_norm_at_zero0_fp32_is_the_pre_clip_norm(tmp_path, trainer, bf16):
 
 if __name__ == "__main__":  # a worker process of the tests above: test_train_grpo_trl_parity.py <worker> <args>
     globals()[sys.argv[1]](*sys.argv[2:])
+
+
+@pytest.mark.parametrize("q", [0.0, 0.2, 0.7, 1.0])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (5, 2)])
+def test_high_entropy_mask_quantiles(q, B, T):
+    """high_entropy_mask at TRL's whole range [0, 1] (0: the highest-entropy token(s) only) against numpy's
+    quantile of the masked entropies; ties at the top all count, as in TRL."""
+    h = torch.rand(B, T)
+    if B * T > 2:
+        h.view(-1)[1] = h.max()  # a tie at the top
+    m = (torch.rand(B, T) < 0.7).float()
+    m.view(-1)[0] = 1.0
+    want = _global_selection([h.double().numpy()], [m.numpy()], q)[0]
+    np.testing.assert_array_equal(RG.high_entropy_mask(h, m, q).numpy(), want)
+    if q == 0.0:
+        assert want.sum() >= 1 and (h * m)[want > 0].min() == (h * m).max()

@@ -68,9 +68,9 @@ def check_extra_options(loss_type, importance_sampling_level, **o):
     for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
         _number(name, o[name], 0.0)
     q = o["top_entropy_quantile"]
-    _number("top_entropy_quantile", q, 0.0, strict=True)
+    _number("top_entropy_quantile", q, 0.0)  # 0: only the highest-entropy token(s), as TRL's [0, 1]
     if q > 1.0:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q}")
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {q}")
     _number("entropy_coef", o["entropy_coef"])
     if loss_type == "luspo" and importance_sampling_level != "sequence":
         raise ValueError("loss_type='luspo' needs importance_sampling_level='sequence' (LUSPO scales GSPO's "
