@@ -506,6 +506,50 @@ def test_sliding_window_past_the_prompt_and_completion_is_an_error():
         assert tok[0].tolist() == _greedy_no_cache(model, ids[0].tolist(), T, None)
 
 
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+@pytest.mark.parametrize("rope_type,refused", [("dynamic", True), ("longrope", True), ("linear", False),
+                                               (None, False)])
+def test_batch_dependent_rope_past_its_length_is_an_error(engine, rope_type, refused):
+    """Dynamic / longrope scaling rescales the rotary frequencies by the longest row of each forward once it passes
+    original_max_position_embeddings (a row's completion would depend on its batch): a rollout reaching past it
+    is a ValueError naming rope_scaling on both engines; within it, and for linear scaling, greedy tokens equal
+    the full forward's."""
+    from transformers import AutoModelForCausalLM
+
+    P, T, n = 5, 6, 8
+    for ok_len in (False, True):
+        cfg = tiny_config("tiny-llama", V, hidden_size=64, num_layers=2, num_heads=4, max_position=n)
+        if rope_type is not None:
+            rp = dict(rope_type=rope_type, factor=4.0, rope_theta=10000.0)
+            if rope_type == "longrope":
+                rp.update(original_max_position_embeddings=n, short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+            cfg.rope_parameters = rp
+        cfg.max_position_embeddings = P + T - 1 if ok_len else n
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        ids, mask = _prompts([P, P - 2])
+        T_run = T if not ok_len or rope_type != "longrope" else n - P + 1
+        sp = SamplingParams(T_run, greedy=True)
+        if refused and not ok_len:
+            with pytest.raises(ValueError, match="rope_scaling rope_type.*original_max_position_embeddings"):
+                generate(model, ids, mask, [1, 2], sp, eos_id=V + 5, pad_id=0, engine=engine)
+            continue
+        tok, _ = generate(model, ids, mask, [1, 2], sp, eos_id=V + 5, pad_id=0, engine=engine)
+        assert tok[0].tolist() == _greedy_no_cache(model, ids[0].tolist(), T_run, None)
+
+
+@pytest.mark.parametrize("engine", ["r1train", "transformers"])
+def test_generate_restores_each_modules_mode(engine):
+    """A policy in training mode with one submodule the caller put in eval mode: generate runs in eval mode and
+    gives each module its own flag back (model.train(flag) set one flag on every submodule)."""
+    model = _model("tiny-qwen2").train()
+    model.model.layers[0].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    ids, mask = _prompts([4, 3])
+    generate(model, ids, mask, [1, 2], SamplingParams(3, greedy=True), eos_id=V + 5, pad_id=0, engine=engine)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert not model.model.layers[0].training and model.training
+
+
 _BAD_ARGS = [
     (dict(pad_id=None), "pad_id"), (dict(pad_id=-1), "pad_id"), (dict(pad_id=V), "pad_id"),
     (dict(pad_id=0.5), "pad_id"), (dict(pad_id=True), "pad_id"), (dict(mask=lambda m: m[:, 1:]), "prompt_mask_BP"),

@@ -674,6 +674,22 @@ def test_rollout_engine_sliding_window(window):
     assert _engine_vs_transformers(m, torch.randint(3, 64, (3, P)), gc)[2] == []  # once a model, not per call
 
 
+@pytest.mark.parametrize("past", [True, False])
+def test_rollout_engine_dynamic_rope(past):
+    """Dynamic rope scaling rescales by each forward's longest row once past the original length, step by step in
+    transformers' generate: a rollout reaching past it runs transformers' generate after one warning naming
+    rope_scaling (TRL's own behaviour); within it the engine's greedy tokens equal transformers'."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    P, T = int(torch.randint(6, 11, ())), int(torch.randint(6, 13, ()))
+    m = _bare_policy(LlamaConfig, rope_parameters=dict(rope_type="dynamic", factor=4.0, rope_theta=10000.0,
+                                                        original_max_position_embeddings=P + T - (2 if past else 1)))
+    gc = GenerationConfig(max_new_tokens=T, do_sample=False, pad_token_id=0, eos_token_id=63)
+    got, want, warned = _engine_vs_transformers(m, torch.randint(3, 64, (3, P)), gc)
+    assert torch.equal(got, want)
+    assert len(warned) == past and (not past or "rope_scaling rope_type='dynamic'" in warned[0])
+
+
 def test_sliding_window_of_configs():
     """transformers' rules: Mistral's window applies to every layer when set; Qwen2's only with
     use_sliding_window (layer_types then names sliding layers); Llama has none."""

@@ -379,7 +379,7 @@ def _active_dropout(model) -> str | None:
 def _fallback_reason(model, gc, kwargs) -> str | None:
     """Why this generate call needs transformers' generate (None: the engine runs it). gc: the call's generation
     config merged with the model's own as transformers' generate merges them."""
-    from r1train.generation.engine import window_passed
+    from r1train.generation.engine import rope_rescaled, window_passed
 
     extra = sorted(k for k, v in kwargs.items() if k not in _ENGINE_KWARGS and v is not None)
     if extra:
@@ -395,7 +395,11 @@ def _fallback_reason(model, gc, kwargs) -> str | None:
         if v is not None and v != off and not (off is None and v == []):
             return f"generation_config.{k}={v!r}"
     ids = kwargs.get("input_ids")
-    return None if ids is None else window_passed(model.config, ids.shape[1], gc.max_new_tokens)
+    if ids is None:
+        return None
+    # rope_rescaled: transformers' generate rescales step by step as TRL expects; the engine would not match it
+    return (window_passed(model.config, ids.shape[1], gc.max_new_tokens)
+            or rope_rescaled(model.config, ids.shape[1], gc.max_new_tokens))
 
 
 def _engine_generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):

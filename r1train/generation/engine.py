@@ -223,6 +223,48 @@ def window_passed(config, P: int, T: int) -> str | None:
     return f"the model's {w}-token sliding window, which prompt + max_new_tokens - 1 ({P} + {T} - 1) pass"
 
 
+# transformers' rope types whose frequencies follow the longest position of each forward call once it passes
+# original_max_position_embeddings (dynamic_rope_update): a row's logits then depend on the other rows' lengths
+BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_rescaled(config, P: int, T: int) -> str | None:
+    """Why no engine can run a rollout of P prompt columns and T new tokens on this model with its contract (a
+    completion depends only on model, prompt and seed): its rope_scaling rescales the rotary frequencies by the
+    longest row of a forward call past the original length, which P + T - 1 positions reach; else None."""
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rp.get("rope_type", rp.get("type")) if isinstance(rp, dict) else None
+    if kind not in BATCH_DEPENDENT_ROPE:
+        return None
+    n = (rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+         or config.max_position_embeddings)
+    if P + T - 1 <= n:
+        return None
+    return (f"rope_scaling rope_type={kind!r} rescales the rotary frequencies by the longest row of each forward "
+            f"past original_max_position_embeddings ({n}), which prompt + max_new_tokens - 1 ({P} + {T} - 1) "
+            "pass: a completion would depend on the other rows of its batch")
+
+
+def check_rope(config, P: int, T: int):
+    """rope_rescaled as a ValueError (both rollout engines: transformers' generate rescales the same way)."""
+    why = rope_rescaled(config, P, T)
+    if why is not None:
+        raise ValueError(f"{why}; keep max_prompt_length + max_completion_length within it")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside, then every module's own training flag back (model.train(flag) would set one flag on
+    every submodule: a submodule the caller froze in eval mode came back in training mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
 class Engine:
     def __init__(self, model, *, backend: str = "auto", cuda_graphs: bool = True, check_every: int = 8,
                  fused: bool = True):
@@ -316,22 +358,21 @@ class Engine:
     @contextlib.contextmanager
     def _active(self):
         cfg = self.model.config
-        old, was_training = cfg._attn_implementation, self.model.training
-        cfg._attn_implementation = _attn.ATTN_NAME
-        self.model.eval()
-        _attn._ACTIVE.append(self.cache)
+        old = cfg._attn_implementation
         dev = next(self.model.parameters()).device
         fuse = (self.fused and (dev.type == "cuda" or self.backend == "triton")
                 and all(len(rk._backend.available(op, dev.type)) > 1 for op in FUSED_OPS))
-        try:
-            rope = self.cache.length if "rope_table" in STEP_FUSIONS else None
-            with fused_decode_ops(self.model, self.backend, self._fused_buffers, rope_sink=self.cache,
-                                  rope_table=rope) if fuse else contextlib.nullcontext():
-                yield
-        finally:
-            _attn._ACTIVE.pop()
-            cfg._attn_implementation = old
-            self.model.train(was_training)
+        with eval_mode(self.model):
+            cfg._attn_implementation = _attn.ATTN_NAME
+            _attn._ACTIVE.append(self.cache)
+            try:
+                rope = self.cache.length if "rope_table" in STEP_FUSIONS else None
+                with fused_decode_ops(self.model, self.backend, self._fused_buffers, rope_sink=self.cache,
+                                      rope_table=rope) if fuse else contextlib.nullcontext():
+                    yield
+            finally:
+                _attn._ACTIVE.pop()
+                cfg._attn_implementation = old
 
     def _forward(self, ids_BT, pos_BT):
         return self.model(input_ids=ids_BT, position_ids=pos_BT, use_cache=False, logits_to_keep=1).logits[:, -1]
@@ -424,6 +465,7 @@ class Engine:
         if why is not None:
             raise ValueError(f"the generation engine attends to every position, not within {why}: use "
                              "rollout_engine=transformers")
+        check_rope(self.model.config, P, T)
         check_prompt_rows(prompt_mask_BP, prompt_ids_BP, self.model, pad_id)
         # padding columns are not read (check_prompt_rows checks the masked-in ids only), but the prefill embeds
         # them: a caller's own pad value (-1, an id past the vocabulary) would index outside the embedding

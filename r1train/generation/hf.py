@@ -20,7 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 import r1kernels as rk
 from r1kernels.reference.sampling import kept_mask
 
-from .engine import check_arguments, check_prompt_rows, eos_tuple
+from .engine import check_arguments, check_prompt_rows, check_rope, eos_tuple, eval_mode
 
 
 class _Exact(GenerationConfig):
@@ -76,19 +76,16 @@ def hf_generate(model, prompt_ids_BP, prompt_mask_BP, seeds_B, sp, *, eos_id, pa
     seeds = check_arguments(prompt_ids_BP, prompt_mask_BP, seeds_B, pad_id, model=model)
     P = prompt_ids_BP.shape[1]
     check_prompt_rows(prompt_mask_BP, prompt_ids_BP, model, pad_id)
+    check_rope(model.config, P, sp.max_new_tokens)
     prompt_ids_BP = prompt_ids_BP.masked_fill(~prompt_mask_BP.bool(), pad_id)  # padding is embedded, not read
     eos = eos_tuple(eos_id)  # negative ids never match
-    was_training = model.training
-    model.eval()
     dev = prompt_ids_BP.device
     # no draw from a global generator: the caller's state of it is left alone (it was left reseeded: the
     # trainer's later draws were a function of the rollout's seeds)
-    try:
+    with eval_mode(model):
         out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
                              generation_config=_config(sp, eos, pad_id),
                              logits_processor=LogitsProcessorList([_Draw(sp, seeds.to(dev), P, backend)]))
-    finally:
-        model.train(was_training)
     tok_BT = out.sequences[:, P:]
     logp_BT = torch.zeros(tok_BT.shape, dtype=torch.float32, device=tok_BT.device)
     for t, logits_BV in enumerate(out.logits):  # the raw logits, not the processed scores
