@@ -424,6 +424,20 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
                           + "; ".join(skipped) + ")")
 
 
+def final_checkpoint(output_dir: str) -> str | None:
+    """The final checkpoint of a finished run in output_dir: the newest complete one, not left behind by a resume,
+    whose global_step is its run's max_steps; None when there is none (no checkpoint, or the newest complete one
+    is an interrupted run's)."""
+    left = _abandoned(output_dir)
+    for path in sorted(list_checkpoints(output_dir), key=_step_of, reverse=True):
+        if checkpoint_problem(path) or _manifest_sha(path) in left.get(os.path.basename(path), ()):
+            continue
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            state = json.load(fh)
+        return path if state.get("global_step") == state.get("max_steps") else None
+    return None
+
+
 # output_dir's record of the checkpoints a resume from an earlier one left behind: {name: [manifest sha256, ...]}
 ABANDONED = "abandoned_checkpoints.json"
 
@@ -699,25 +713,19 @@ def resumes_elsewhere(cfg) -> bool:
     return os.path.realpath(parent) != os.path.realpath(cfg.output_dir)
 
 
-def prepare_output_dir(cfg):
-    """Lock output_dir; a fresh run (no resume_from_checkpoint), or one resuming from a checkpoint of another
-    directory, refuses one holding another run's checkpoints or metrics, or with overwrite_output_dir=true
-    deletes them (a resume would cut metrics.jsonl to its checkpoint's step and save over the checkpoints)."""
+def check_output_dir(cfg) -> tuple[list[str], list[str]]:
+    """prepare_output_dir's refusal without its lock or any deletion (a caller checks before costly work, e.g.
+    distill before its teacher samples): a fresh run, or one resuming from a checkpoint of another directory,
+    refuses an output_dir holding another run's checkpoints or metrics unless overwrite_output_dir=true. ->
+    (checkpoint names, non-empty logs) such a run would delete; ([], []) when there are none or it resumes there."""
     d = cfg.output_dir
-    lock_output_dir(d)
-    recover_replaced(d)
-    for n in os.listdir(d):  # unfinished saves of a killed run (nobody else writes here: we hold the lock)
-        if n.startswith("tmp-checkpoint-"):
-            shutil.rmtree(os.path.join(d, n), ignore_errors=True)
     elsewhere = resumes_elsewhere(cfg)
-    if cfg.resume_from_checkpoint and not elsewhere:
-        return
+    if not os.path.isdir(d) or (cfg.resume_from_checkpoint and not elsewhere):
+        return [], []
     ckpts = [n for n in os.listdir(d) if n.startswith("checkpoint-")]
     logs = [n for n in ("metrics.jsonl", "completions.jsonl")
             if os.path.isfile(os.path.join(d, n)) and os.path.getsize(os.path.join(d, n))]
-    if not (ckpts or logs):
-        return
-    if not cfg.overwrite_output_dir:
+    if (ckpts or logs) and not cfg.overwrite_output_dir:
         shown = sorted(ckpts, key=lambda n: (len(n), n))[-3:] + logs
         if elsewhere:
             raise ConfigError(f"output_dir {d} holds a run's outputs ({', '.join(shown)}), and "
@@ -729,6 +737,21 @@ def prepare_output_dir(cfg):
         raise ConfigError(f"output_dir {d} holds another run's outputs ({', '.join(shown)}): resume it with "
                           "resume_from_checkpoint=latest, choose another output_dir, or pass "
                           "overwrite_output_dir=true to delete them")
+    return ckpts, logs
+
+
+def prepare_output_dir(cfg):
+    """Lock output_dir; then check_output_dir's refusal, or with overwrite_output_dir=true delete the previous
+    run's outputs (a resume would cut metrics.jsonl to its checkpoint's step and save over the checkpoints)."""
+    d = cfg.output_dir
+    lock_output_dir(d)
+    recover_replaced(d)
+    for n in os.listdir(d):  # unfinished saves of a killed run (nobody else writes here: we hold the lock)
+        if n.startswith("tmp-checkpoint-"):
+            shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+    ckpts, logs = check_output_dir(cfg)
+    if not (ckpts or logs):
+        return
     log.warning("overwrite_output_dir=true: deleting the previous run's outputs in %s", d)
     for n in ckpts + list(RUN_OUTPUTS):
         p = os.path.join(d, n)

@@ -860,17 +860,23 @@ def launch_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
-def load_config(path: Optional[str] = None, overrides=(), section: Optional[str] = None, **defaults) -> TrainConfig:
-    """defaults (code) < YAML top level < YAML `section:` block < key=value overrides. Validated."""
+def read_config_file(path: str) -> dict:
+    """The --config YAML file's top-level mapping, as written (load_config checks its keys and values)."""
     import yaml
 
+    data = read_file(path, "--config", lambda fh: yaml.load(fh, Loader=_yaml_loader()) or {}, "YAML",
+                     (yaml.YAMLError,))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides=(), section: Optional[str] = None, **defaults) -> TrainConfig:
+    """defaults (code) < YAML top level < YAML `section:` block < key=value overrides. Validated."""
     names = {x.name: x for x in fields()}
     values = dict(defaults)
     if path:
-        data = read_file(path, "--config", lambda fh: yaml.load(fh, Loader=_yaml_loader()) or {}, "YAML",
-                         (yaml.YAMLError,))
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        data = read_config_file(path)
         for k, v in data.items():
             if not isinstance(k, str):  # YAML reads `1:` as an int key
                 raise ConfigError(f"{path}: {_unknown(str(k))}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -138,6 +139,27 @@ def merge_adapters(model):
     return merged
 
 
+# the keys a built-in tiny model's weights come from (tiny_model: its name, seed and sizes)
+TINY_BASE_KEYS = ("model_name_or_path", "seed", "model_hidden_size", "model_num_layers")
+
+
+def _check_tiny_base(cfg: TrainConfig):
+    """merge_lora onto a built-in tiny model: its weights are built from TINY_BASE_KEYS, so an adapter trained on
+    one built with other values (recorded in the checkpoint's trainer_state.json) would merge into another base,
+    silently. A ConfigError naming the key and the value the adapter was trained with."""
+    path = os.path.join(cfg.adapter_path, "trainer_state.json")
+    if cfg.model_name_or_path not in TINY_MODELS or not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        trained = json.load(fh).get("config") or {}
+    for k in TINY_BASE_KEYS:
+        if k in trained and trained[k] != getattr(cfg, k):
+            raise ConfigError(f"{k}={getattr(cfg, k)!r}: the adapter at adapter_path={cfg.adapter_path!r} was "
+                              f"trained on {trained.get('model_name_or_path')!r} built with {k}={trained[k]!r} (a "
+                              f"built-in tiny model's weights come from {', '.join(TINY_BASE_KEYS)}); pass "
+                              f"{k}={trained[k]}")
+
+
 def merge_lora(cfg: TrainConfig) -> str:
     """model_name_or_path + the adapter at adapter_path -> a plain save_pretrained model in output_dir (the
     adapters folded into the weights; a trained lm_head copy stays untied from the embeddings)."""
@@ -145,6 +167,7 @@ def merge_lora(cfg: TrainConfig) -> str:
 
     if not cfg.adapter_path or not os.path.isfile(os.path.join(cfg.adapter_path, "adapter_config.json")):
         raise ConfigError(f"adapter_path: {cfg.adapter_path!r} is not a LoRA checkpoint (no adapter_config.json)")
+    _check_tiny_base(cfg)
     base, tok = load_model_and_tokenizer(cfg)
     try:
         adapted = PeftModel.from_pretrained(base, cfg.adapter_path)

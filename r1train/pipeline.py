@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .checkpoint import check_output_dir
 from .config import (
     ConfigError,
     TrainConfig,
@@ -123,18 +124,23 @@ def _check_handoff(cfg: TrainConfig, section: str):
 def _handoff(trainer, cfg: TrainConfig, nxt: TrainConfig):
     """The model `trainer` trained under cfg, for the next stage (config nxt); LoRA adapters are merged into its
     weights (a next stage with use_peft trains new adapters on the merged model). In nxt's dtype and patched as
-    nxt says (patch_model, kernel_backend: loading.patch_layers), as a fresh load would be: DeepSpeed's bf16 mode
-    casts the module it trains to bf16 in place, and a next stage with bf16=false would otherwise train bf16
-    parameters without mixed precision (the cast up is exact)."""
+    nxt says (_for_stage), as a fresh load would be."""
     if _in_memory(cfg):
-        model = merge_adapters(trainer.model)
-        if not nxt.bf16 and any(p.dtype == torch.bfloat16 for p in model.parameters()):
-            model.float()
-    else:
-        from transformers import AutoModelForCausalLM
+        return _for_stage(merge_adapters(trainer.model), nxt)
+    from transformers import AutoModelForCausalLM
 
-        path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if nxt.bf16 else torch.float32)
+    path = os.path.join(cfg.output_dir, f"checkpoint-{trainer.max_steps}")
+    return _for_stage(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if nxt.bf16 else torch.float32),
+                      nxt)
+
+
+def _for_stage(model, nxt: TrainConfig):
+    """A handed-on model for the stage of config nxt: float32 where nxt has bf16=false (DeepSpeed's bf16 mode casts
+    the module it trains to bf16 in place, and a bf16=false stage would otherwise train bf16 parameters without
+    mixed precision; the cast up is exact), patched as nxt says (patch_model, kernel_backend:
+    loading.patch_layers)."""
+    if not nxt.bf16 and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        model.float()
     return patch_layers(model, nxt)
 
 
@@ -248,6 +254,22 @@ def _as_sampled(row, cfg) -> dict:
     return out
 
 
+def _trained(trainer, section: str, before: str | None) -> str | None:
+    """section when its trainer trained steps in this call (it did not resume its final checkpoint), else before."""
+    return section if trainer.step0 < trainer.max_steps else before
+
+
+def _check_upstream(c: TrainConfig, trained: str | None):
+    """A stage resuming its checkpoint (resume_from_checkpoint=latest found one) after an earlier stage, `trained`,
+    trained steps in this call (its config changed since, e.g. more max_steps): that checkpoint was trained from
+    the model the earlier stage handed on before, and resuming it would keep it silently. An error naming both."""
+    if trained is not None and c.resume_from_checkpoint:
+        raise ConfigError(f"{c.output_dir} holds this stage's checkpoint, trained from the model stage [{trained}] "
+                          f"handed on before; [{trained}] trained steps in this run, so that checkpoint does not "
+                          f"derive from its model now: delete {c.output_dir} to train this stage (and the later "
+                          "ones) from it")
+
+
 def recipe(cfg_path=None, overrides=()):
     """Cold-start SFT -> GRPO -> rejection-sampling SFT -> GRPO; returns the accuracy after each stage."""
     base, c1, c2, c3, c4 = stage_configs(cfg_path, overrides, {
@@ -256,6 +278,9 @@ def recipe(cfg_path=None, overrides=()):
     c1, c2, c3, c4 = map(_resumed, (c1, c2, c3, c4))
     for c, section in ((c1, "sft"), (c2, "grpo"), (c3, "rejection")):  # the stages whose model is handed on
         _check_handoff(c, section)
+    for c, section in ((c1, "sft"), (c2, "grpo"), (c3, "rejection"), (c4, "grpo2")):
+        with _in_stage(section):  # another run's outputs: an error now, not after the stages before it ran
+            check_output_dir(c)
     model, tok = load_model_and_tokenizer(base)
     # the rejection stage's data and SFT rows' floor, before stage 1 runs (the rows' own check: after sampling)
     with _in_stage("rejection"):
@@ -267,10 +292,13 @@ def recipe(cfg_path=None, overrides=()):
     # its engine and optimizer (fp32 master weights, moments) are not held beside the next one's
     with _in_stage("sft"):
         t, results["cold_start_sft"] = run_sft(c1, model, tok)
+    trained = _trained(t, "sft", None)  # the last stage before this one that trained steps in this call
     with _in_stage("grpo"):
         model = _handoff(t, c1, c2)
         del t
+        _check_upstream(c2, trained)
         t, _, results["reasoning_rl"] = run_grpo(c2, model, tok)
+    trained = _trained(t, "grpo", trained)
     model = _handoff(t, c2, c3)
     del t
     with _in_stage("rejection"):
@@ -278,12 +306,16 @@ def recipe(cfg_path=None, overrides=()):
                                 keep=c3.rejection_max_per_prompt, language=c3.language)
         results["rejection_kept"] = len(rows)
         if rows:
+            _check_upstream(c3, trained)
             t, results["rejection_sft"] = run_sft(c3, model, tok, rows=rows, loaded=rejection_data)
+            trained = _trained(t, "rejection", trained)
             model = _handoff(t, c3, c4)
             del t
-        else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on
+        else:  # nothing correct to keep: the stage is a no-op (logged), the RL model goes on in grpo2's dtype
             logging.getLogger("r1train").warning("rejection sampling kept no samples; skipping its SFT stage")
+            model = _for_stage(model, c4)
     with _in_stage("grpo2"):
+        _check_upstream(c4, trained)
         _, _, results["final_rl"] = run_grpo(c4, model, tok)
     _write(base.output_dir, "pipeline_results.json", results)
     return results
@@ -296,6 +328,7 @@ def distill(cfg_path=None, overrides=()):
     if not cfg.teacher_model:
         raise ConfigError("teacher_model: distill needs teacher_model=<checkpoint directory>")
     _check_stage(cfg, "distill")  # before the teacher samples, as the student's trainer would after
+    check_output_dir(_resumed(stage_cfg(cfg, "distill")))  # likewise: another run's outputs where the student saves
     train, ev = load_datasets(cfg)  # also its student SFT's rows: stage_cfg and _resumed change no dataset key
     _check_sft_budget_floor(cfg, tokenizer_of(cfg), train)
     teacher, tok = load_model_and_tokenizer(cfg, cfg.teacher_model)  # with its own tokenizer

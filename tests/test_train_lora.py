@@ -119,9 +119,19 @@ def test_merge_equals_the_adapted_model(tmp_path):
                                    atol=1e-4)
     r = H.run_cli(["merge", *H.FAST, f"adapter_path={tmp_path}", f"output_dir={tmp_path / 'x'}"])
     assert r.returncode != 0 and "adapter_path" in r.stderr
-    # an adapter of another base (another hidden size): one error naming both keys, not peft's traceback
+    # an adapter of another base (another hidden size): one error naming the key, not peft's traceback
     r = H.run_cli(["merge", *H.FAST, "model_hidden_size=48", f"adapter_path={tmp_path / 'run' / 'checkpoint-3'}",
                    f"output_dir={tmp_path / 'y'}"])
+    assert r.returncode == 2 and "model_hidden_size=48" in r.stderr and "pass model_hidden_size=32" in r.stderr, \
+        r.stderr[-2000:]
+    # the adapter files alone (no trainer_state.json to read the base from): peft's size mismatch, named
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in (tmp_path / "run" / "checkpoint-3").glob("adapter_*"):
+        shutil.copy(f, bare / f.name)
+    r = H.run_cli(["merge", *H.FAST, "model_hidden_size=48", f"adapter_path={bare}", f"output_dir={tmp_path / 'z'}"])
     assert r.returncode == 2 and "does not fit model_name_or_path" in r.stderr, r.stderr[-2000:]
 
 
@@ -237,3 +247,17 @@ def test_lora_on_a_moe_model_keeps_its_router_balancing(tmp_path):
     model, _ = load_model_and_tokenizer(cfg)
     with pytest.raises(ConfigError, match="MoE router"):
         apply_lora(model, cfg)
+
+
+def test_merge_onto_a_tiny_base_built_with_other_values_is_an_error(tmp_path):
+    """A built-in tiny model's weights come from its name, seed and sizes: merging an adapter trained on one
+    built with seed=7 into the default seed's gave another model silently (logits 0.6 off). An error naming the
+    key and the value the adapter was trained with; with that value the merge runs."""
+    t = H.grpo_trainer(tmp_path / "run", "use_peft=true", "max_steps=1", "seed=7", reward_funcs=[H.digit_share])
+    t.train()
+    t.finish()
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    r = H.run_cli(["merge", *H.FAST, f"adapter_path={ckpt}", f"output_dir={tmp_path / 'm0'}"])
+    assert r.returncode == 2 and "seed=42" in r.stderr and "pass seed=7" in r.stderr, r.stderr[-2000:]
+    r = H.run_cli(["merge", *H.FAST, "seed=7", f"adapter_path={ckpt}", f"output_dir={tmp_path / 'm7'}"])
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -550,6 +550,7 @@ def test_recipe_names_the_stage_whose_sft_rows_exceed_its_token_budget(tmp_path,
                         cfg, model, tok, rows=rows, **kw) if rows is not None else (ran.append("sft") or model, {}))
     monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
     monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg, nxt: model)
+    monkeypatch.setattr(pipeline, "_trained", lambda t, section, before: before)  # the stand-ins train nothing
     monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: kept)
     # the floor, computed apart: the longest rendered prompt of the rejection stage's data + 1
     c3 = pipeline.stage_configs(_recipe_yaml(tmp_path), [], {"rejection": "r"})[1]
@@ -789,6 +790,7 @@ def test_sampled_sft_stages_load_their_dataset_once(tmp_path, monkeypatch, entry
                             cfg, model, tok, rows=rows, **kw) if rows is not None else (model, {}))
         monkeypatch.setattr(pipeline, "run_grpo", lambda cfg, model, tok: (model, {}, {}))
         monkeypatch.setattr(pipeline, "_handoff", lambda model, cfg, nxt: model)
+        monkeypatch.setattr(pipeline, "_trained", lambda t, section, before: before)  # the stand-ins train nothing
         y = _recipe_yaml(tmp_path, rejection=dict(o.split("=") for o in sft_steps))
         res = pipeline.recipe(y)["rejection_sft"]
         stage = pipeline.stage_configs(y, [], {"rejection": "3-rejection-sft"})[1]
@@ -807,3 +809,113 @@ def test_sampled_sft_stages_load_their_dataset_once(tmp_path, monkeypatch, entry
     (rows, ev, source, sha), (rows_ref, ev_ref, source_ref, sha_ref) = built
     assert rows == rows_ref == kept and ev == ev_ref and ev and source == source_ref and sha == sha_ref
     assert res == want and res
+
+
+def test_recipe_with_no_rejection_rows_hands_grpo2_its_dtype(tmp_path, monkeypatch):
+    """Rejection sampling that keeps no row skips its SFT; the RL model, prepared for the rejection stage's bf16,
+    went to a bf16=false grpo2 as it was (bf16 parameters trained without mixed precision, saved in bf16). Now
+    grpo2 gets its own dtype, as after an SFT stage."""
+    y = tmp_path / "recipe.yaml"
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS.replace(
+        "grpo: {max_steps: 2,", "grpo: {bf16: true, max_steps: 1,").replace(
+        "rejection: {", "rejection: {bf16: true, ").replace("sft: {max_steps: 3,", "sft: {max_steps: 1,"))
+    monkeypatch.setattr(pipeline, "rejection_sample", lambda *a, **kw: [])
+    seen, real = [], pipeline.run_grpo
+
+    def spy(cfg, model, tok, **kw):
+        seen.append((cfg.output_dir, cfg.bf16, {p.dtype for p in model.parameters()}))
+        if cfg.output_dir.endswith("4-all-scenarios-rl"):
+            raise KeyboardInterrupt
+        return real(cfg, model, tok, **kw)
+
+    monkeypatch.setattr(pipeline, "run_grpo", spy)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.recipe(str(y), [f"output_dir={tmp_path / 'out'}"])
+    assert seen[-1][1:] == (False, {torch.float32}), seen
+
+
+def test_demo_output_dir_in_the_config_file_is_the_root(tmp_path, monkeypatch):
+    """`r1train demo --config my.yaml` with output_dir in the file: the stages go under it (they went under
+    outputs/demo, whose demo.yaml has overwrite_output_dir: true, deleting an earlier demo's outputs); a key=value
+    output_dir still wins."""
+    from r1train import demo
+    from r1train.demo import common
+
+    (tmp_path / "my.yaml").write_text(f"model_hidden_size: 24\noutput_dir: {tmp_path / 'mine'}\n")
+    monkeypatch.chdir(tmp_path)
+    seen, real = [], common.configs
+
+    def spy(*a):
+        seen.append(real(*a)[1].output_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "configs", spy)
+    for ov, root in (([], tmp_path / "mine"), ([f"output_dir={tmp_path / 'cli'}"], tmp_path / "cli")):
+        with pytest.raises(KeyboardInterrupt):
+            demo.run("default", ov, config="my.yaml")
+        assert seen[-1] == str(root / "sft")
+
+
+def test_final_checkpoint_is_a_finished_runs(tmp_path, monkeypatch):
+    """final_checkpoint (a demo stage's predecessor, run alone): the newest complete checkpoint only when its run
+    finished (global_step = max_steps). A run stopped after step 1 of 2 left checkpoint-1, which a later stage took
+    as the predecessor's model."""
+    from r1train.checkpoint import final_checkpoint
+    from r1train.grpo import GRPOTrainer
+
+    out = tmp_path / "run"
+    real = GRPOTrainer.save
+
+    def stopped(self, step):
+        path = real(self, step)
+        raise KeyboardInterrupt(path)
+
+    monkeypatch.setattr(GRPOTrainer, "save", stopped)
+    t = H.grpo_trainer(out, "max_steps=2", "save_steps=1", reward_funcs=[H.digit_share])
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    monkeypatch.setattr(GRPOTrainer, "save", real)
+    assert (out / "checkpoint-1").is_dir() and final_checkpoint(str(out)) is None
+    assert final_checkpoint(str(tmp_path / "none")) is None
+    t = H.grpo_trainer(out, "max_steps=2", "save_steps=1", "resume_from_checkpoint=latest",
+                       reward_funcs=[H.digit_share])
+    t.train()
+    t.finish()
+    assert final_checkpoint(str(out)) == str(out / "checkpoint-2")
+
+
+def test_recipe_rerun_after_an_earlier_stage_trained_more_is_an_error(tmp_path):
+    """A finished recipe rerun with resume_from_checkpoint=latest after the sft section's max_steps grew: stage 1
+    trains on, and stage 2 resumed its finished checkpoint, trained from the old stage-1 model, silently (its
+    results kept as if derived from the new one). Now an error naming that directory; an unchanged rerun trains
+    nothing and is no error."""
+    y = tmp_path / "recipe.yaml"
+    sections = SECTIONS.replace("sft: {max_steps: 3,", "sft: {max_steps: 1,").replace(
+        "grpo: {max_steps: 2,", "grpo: {max_steps: 1,").replace("max_steps: 2}", "max_steps: 1}")
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + sections)
+    over = [f"output_dir={tmp_path / 'out'}", "resume_from_checkpoint=latest"]
+    pipeline.recipe(str(y), over)
+    pipeline.recipe(str(y), over)  # nothing trains
+    y.write_text(y.read_text().replace("sft: {max_steps: 1,", "sft: {max_steps: 2,"))
+    with pytest.raises(ConfigError, match=r"\[grpo\] .*2-reasoning-rl holds this stage's checkpoint.*\[sft\] trained"):
+        pipeline.recipe(str(y), over)
+
+
+def test_another_runs_outputs_are_refused_before_any_sampling(tmp_path, monkeypatch):
+    """distill into an output_dir whose distill/ holds another run's outputs refused them only after the teacher
+    sampled every prompt; the recipe, a late stage's only after the stages before it trained. Both now before."""
+    def never(*a, **kw):
+        raise AssertionError("sampled or trained before the output_dir check")
+
+    monkeypatch.setattr(pipeline, "rejection_sample", never)
+    monkeypatch.setattr(pipeline, "run_sft", never)
+    out = tmp_path / "run"
+    (out / "distill" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="distill holds another run's outputs"):
+        pipeline.distill(None, H.FAST + ["teacher_model=tiny-qwen2", f"output_dir={out}", "max_steps=1"])
+    y = tmp_path / "recipe.yaml"
+    y.write_text("\n".join(o.replace("=", ": ", 1) for o in H.FAST) + "\n" + SECTIONS)
+    (out / "4-all-scenarios-rl").mkdir()
+    (out / "4-all-scenarios-rl" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"\[grpo2\] output_dir .*4-all-scenarios-rl holds another run's"):
+        pipeline.recipe(str(y), [f"output_dir={out}"])

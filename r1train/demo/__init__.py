@@ -2,7 +2,7 @@
 the built-in arithmetic task and tiny models, on a laptop CPU. Every stage prints its table (held-out
 greedy and sampled accuracy, format, language mixing, length) and writes <stage>_results.json and
 <stage>_curves.png under its output directory (outputs/demo/ for the default stage, outputs/demo/<stage>/
-for the others; `output_dir=` moves the root).
+for the others; `output_dir=`, or an output_dir in the --config file, moves the root).
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def run(stage: str = "default", overrides=(), ctx: dict | None = None, config: s
         raise ValueError(f"--stage: {stage!r} is not one of {', '.join(CHOICES)}")
     ctx = {} if ctx is None else ctx
     if config is not None:  # the user's file, as given (relative to the working directory)
+        from ..config import read_config_file
+
         ctx["config"] = os.path.abspath(config)
+        root = read_config_file(config).get("output_dir")
+        if root is not None:  # the file's output_dir names the root, as for any command; key=value ones win
+            overrides = [f"output_dir={root}", *overrides]
     todo = STAGES if stage == "all" else (stage,)
     return {s: getattr(stages, s)(list(overrides), out_dir(s, overrides), ctx) for s in todo}

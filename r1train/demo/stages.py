@@ -9,6 +9,7 @@ import logging
 import os
 
 from .. import pipeline
+from ..checkpoint import final_checkpoint
 from ..data import prompt_ids
 from ..loading import load_model_and_tokenizer
 from ..tasks import arith
@@ -176,13 +177,6 @@ def language(overrides, out_dir, ctx) -> dict:
                     ("+ GRPO with language", lang)], res, panels, notes)
 
 
-def _latest_checkpoint(d: str) -> str | None:
-    if not os.path.isdir(d):
-        return None
-    steps = [int(x.split("-")[1]) for x in os.listdir(d) if x.startswith("checkpoint-") and x.split("-")[1].isdigit()]
-    return os.path.join(d, f"checkpoint-{max(steps)}") if steps else None
-
-
 def _predecessor(name: str, overrides, ctx, base):
     """The model a stage starts from: in memory (same run), else the predecessor's saved final checkpoint,
     else the predecessor stage is run now. -> (model, tokenizer, source)."""
@@ -191,9 +185,10 @@ def _predecessor(name: str, overrides, ctx, base):
     sub = {"language": "rl-language", "rejection": "rl"}[name]
     if name in ctx:
         return ctx[name], load_model_and_tokenizer(base)[1], f"{name} stage (this run)"
-    ckpt = _latest_checkpoint(os.path.join(stage_dir(name, overrides), sub))
+    ckpt = final_checkpoint(os.path.join(stage_dir(name, overrides), sub))  # not an interrupted run's
     if ckpt is None:
-        print(f"[demo] no {name} stage checkpoint under {stage_dir(name, overrides)}; running that stage first")
+        print(f"[demo] no finished {name} stage checkpoint under {stage_dir(name, overrides)}; running that stage "
+              "first")
         globals()[name](overrides, stage_dir(name, overrides), ctx)
         return ctx[name], load_model_and_tokenizer(base)[1], f"{name} stage (run now)"
     model, tok = load_model_and_tokenizer(base, ckpt)
