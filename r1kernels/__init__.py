@@ -263,6 +263,8 @@ def _grpo_inputs(completion_ids, advantages, completion_mask, V):
         hint = (" where completion_mask is not 0 (masked positions may hold any value, e.g. -100)"
                 if completion_mask is not None else " (positions holding -100 need a completion_mask of 0 there)")
         _checks.labels_in_range("completion_ids", ids, V, hint=hint)
+        if completion_mask is not None and completion_mask.is_floating_point():  # a NaN weight: a NaN loss
+            _checks.finite("completion_mask", completion_mask)
     return ids, advantages
 
 
@@ -407,7 +409,8 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
     at position lens[b] of each row with lens[b] < L, which then attends to lens[b] + 1 positions.
     cos / sin [B, Dk] (with k_new; both or neither): the rotary embedding at each row's position, applied to q
     and k_new first as rk.apply_rotary does (in the same kernel). check_lens=False skips the data check of
-    lens (>= 0; three kernels on a GPU, a host sync on a CPU), for callers that count lens themselves."""
+    lens (>= 0; three kernels on a GPU, a host sync on a CPU), for callers that count lens themselves. Inference only
+    (no autograd: an input that requires grad with grad mode on is a ValueError)."""
     _checks.float_tensor("q", q, ndim=3)
     _checks.float_tensor("k_cache", k_cache, ndim=4)
     _checks.float_tensor("v_cache", v_cache, ndim=4)
@@ -450,6 +453,8 @@ def decode_attention(q, k_cache, v_cache, lens, *, scale=None, k_new=None, v_new
         _checks.shape("cos", cos, (B, Dk), " ([B, Dk])")
         _checks.shape("sin", sin, (B, Dk), " ([B, Dk])")
         _checks.same_device(q=q, cos=cos, sin=sin)
+    _checks.no_autograd("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new,
+                        cos=cos, sin=sin)
     fn = _backend.pick("decode_attention", backend, q.device, q, k_cache, v_cache)
     return (fn or _ref.decode_attention)(q, k_cache, v_cache, lens, scale, k_new, v_new, cos, sin)
 
@@ -458,7 +463,8 @@ def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backen
     """A projection of the decode step: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
     up_weight [N, K]: silu(x @ weight^T) * (x @ up_weight^T) instead (a SwiGLU MLP's gate/up, weight being
     gate_proj's; no bias). residual [M, N]: residual += the result, in place, and residual is returned (the
-    layer's residual add). All tensors share x's dtype and device. Inference only (no autograd). The kernel (a
+    layer's residual add). All tensors share x's dtype and device. Inference only (no autograd: an input that
+    requires grad with grad mode on is a ValueError). The kernel (a
     Hopper GPU, bf16/fp16, M <= 64: the decode step's rows) reads each weight once with fp32 accumulation and
     fuses the epilogue; other inputs run the reference's cuBLAS forms."""
     _checks.float_tensor("x", x, ndim=2)
@@ -485,6 +491,7 @@ def decode_linear(x, weight, *, bias=None, residual=None, up_weight=None, backen
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     _checks.same_device(x=x, **named)
+    _checks.no_autograd("decode_linear", x=x, **named)
     fn = _backend.pick("decode_linear", backend, x.device, x, weight, bias, residual, up_weight)
     return (fn or _ref.decode_linear)(x, weight, bias, residual, up_weight)
 

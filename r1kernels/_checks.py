@@ -39,6 +39,17 @@ def same_device(**named):
             raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev0}")
 
 
+def no_autograd(op: str, **named):
+    """An inference-only op (no backward on its kernels) with grad mode on and an input that requires grad: a
+    ValueError naming it (the torch path recorded a graph, the Triton one raised at backward or dropped it)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{op} is inference only (no autograd): {name} requires grad; call it under "
+                             f"torch.no_grad() or pass {name}.detach()")
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last) byte addresses t's elements can touch."""
     n = sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + 1

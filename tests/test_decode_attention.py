@@ -340,3 +340,18 @@ def test_gpu_cuda_graph_replay(sync_checks, monkeypatch):
         g.replay()
         ref = ref_attention(q.double(), k.double(), v.double(), lens)
         assert_close(out, ref, torch.bfloat16, lowp=ref_attention(q, k, v, lens))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", ["q", "k_cache", "v_cache", "k_new"])
+def test_an_input_that_requires_grad_is_an_error(backend, name):
+    """Inference only: with grad mode on, an input that requires grad is a ValueError naming it (the torch path
+    recorded a graph, the Triton one raised inside torch.library at backward); under torch.no_grad it runs."""
+    q, k, v = _inputs(2, 4, 2, 9, 16, 16, torch.float32)
+    kw = dict(q=q, k_cache=k, v_cache=v, lens=torch.tensor([3, 8]), k_new=torch.randn(2, 2, 16),
+              v_new=torch.randn(2, 2, 16))
+    kw[name] = kw[name].requires_grad_()
+    with pytest.raises(ValueError, match=f"decode_attention is inference only.*{name} requires grad"):
+        rk.decode_attention(backend=backend, **kw)
+    with torch.no_grad():
+        rk.decode_attention(backend=backend, **kw)

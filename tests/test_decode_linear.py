@@ -260,3 +260,19 @@ def _engine_decode_forward(device, flat, extra, monkeypatch):
         calls.clear()
         norms.clear()
         assert_close(got, ref.double(), torch.bfloat16, name=f"logits rows={rows} T={T}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "residual", "up_weight"])
+def test_an_input_that_requires_grad_is_an_error(backend, name, device):
+    """Inference only: with grad mode on, an input that requires grad is a ValueError naming it (the torch path
+    recorded a graph, the Triton one raised inside torch.library at backward, or with residual dropped it);
+    under torch.no_grad the same call runs."""
+    x, w, w2, b, res = _inputs(5, 48, 64, device)
+    kw = dict(x=x, weight=w, **({"up_weight": w2} if name == "up_weight" else
+                                {"bias": b, "residual": res.clone()} if name in ("bias", "residual") else {}))
+    kw[name] = kw[name].detach().requires_grad_()
+    with pytest.raises(ValueError, match=f"decode_linear is inference only.*{name} requires grad"):
+        rk.decode_linear(backend=backend, **kw)
+    with torch.no_grad():
+        rk.decode_linear(backend=backend, **kw)

@@ -800,3 +800,37 @@ def test_per_token_logprobs_are_zero_where_masked(backend, level, linear):
         want = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
         assert (out.per_token_logprobs[mask == 0] == 0).all()
         assert_close(out.per_token_logprobs[mask == 1], want[mask == 1], name="unmasked log-probs")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_masked_token_on_a_masked_column(backend, loss_type):
+    """A masked-out position (completion_mask 0) whose id sits on a -inf logit: it adds nothing. The reference
+    padded its old log-prob with the policy's own -inf (exp(-inf - -inf) = NaN loss); the kernels skip it. Loss
+    and gradient equal the loss over the other positions (that token's logits left finite)."""
+    B, T, V = 3, 5, 37
+    logits = torch.randn(B, T, V)
+    ids = torch.randint(0, V, (B, T))
+    mask = (torch.rand(B, T) > 0.3).float()
+    mask[0, 0], mask[1, 2] = 1.0, 0.0
+    clean = logits.clone()
+    logits[1, 2, ids[1, 2]] = float("-inf")
+    adv = torch.randn(B)
+    kw = dict(loss_type=loss_type, max_completion_length=T, beta=0.1, ref_logprobs=torch.randn(B, T) - 3.0)
+    x, y = logits.clone().requires_grad_(), clean.clone().requires_grad_()
+    out = rk.grpo_loss(x, ids, adv, mask, backend=backend, **kw)
+    exp = rk.grpo_loss(y, ids, adv, mask, backend="torch", **kw)
+    out.loss.backward()
+    exp.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+    assert_close(out.loss, exp.loss, name="loss")
+    assert_close(x.grad, y.grad, name="grad")
+
+
+def test_nan_completion_mask_is_an_error():
+    """A NaN in a float completion_mask gave a NaN loss on every backend, silently: a ValueError naming it."""
+    mask = torch.ones(2, 3)
+    mask[1, 1] = float("nan")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="completion_mask contains NaN"):
+            rk.grpo_loss(torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3)), torch.randn(2), mask, backend=backend)

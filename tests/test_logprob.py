@@ -88,6 +88,27 @@ def test_masked_vocabulary_entropy(backend, lead, V, keep, temperature):
     assert_close(x.grad, torch.zeros(*lead, V, dtype=torch.float64).scatter(-1, cols, f64.grad), name="grad")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lead,V,keep", [((3, 5), 67, 40), ((2, 3), 130, 3), ((1, 4, 2), 128, 100)])
+def test_label_on_a_masked_column_entropy_gradient(backend, lead, V, keep):
+    """A label on a -inf logit (log-prob -inf): the entropy's gradient is the float64 one over the finite columns
+    (0 at the -inf ones, the label's included). The Triton backward's label fix-up computed 0 * -inf = NaN there."""
+    logits, labels, cols, finite, j = masked_vocab(lead, V, keep)
+    masked = torch.ones(*lead, V, dtype=torch.bool).scatter(-1, cols, False)
+    labels = masked.float().multinomial(1)[..., 0] if len(lead) == 1 else \
+        masked.reshape(-1, V).float().multinomial(1).view(lead)
+    x = logits.clone().requires_grad_()
+    lp, h = rk.token_logprobs(x, labels, return_entropy=True, backend=backend)
+    assert torch.isinf(lp).all() and (lp < 0).all()
+    gh = torch.randn(lead)
+    (h * gh).sum().backward()
+    f64 = finite.double().requires_grad_()
+    lsm = torch.log_softmax(f64, -1)
+    (-(lsm.exp() * lsm).sum(-1) * gh).sum().backward()
+    assert_close(h, -(lsm.exp() * lsm).sum(-1), name="entropy")
+    assert_close(x.grad, torch.zeros(*lead, V, dtype=torch.float64).scatter(-1, cols, f64.grad), name="grad")
+
+
 def test_empty():
     out = rk.token_logprobs(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), backend="triton")
     assert out.shape == (0,)

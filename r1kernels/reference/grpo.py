@@ -259,6 +259,9 @@ def grpo_token_loss(logp, advantages, completion_mask=None, old_logprobs=None, r
     # and its gradient (the kernels skip masked tokens). Detached: old/ref/sampling log-probs are constants
     # of the loss (TRL computes them without grad; the kernels return them no gradient)
     valid = mask.bool()
+    # and the policy's own log-prob there is 0 (the kernels' value at a skipped token): a label on a -inf logit
+    # (a masked vocabulary entry) at a masked position gave exp(-inf - -inf) = NaN
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
     pad = lambda x: None if x is None else torch.where(valid, acc(x).detach(), logp.detach())  # noqa: E731
     old = logp.detach() if old_logprobs is None else pad(old_logprobs)
     samp, ref_logprobs = pad(o["sampling_logprobs"]), pad(ref_logprobs)

@@ -155,8 +155,8 @@ def _range_grad(x_row, dx_row, c0, c1, y, xy, scale, lse2, c, inv_t, k_ent, neg_
     if (y >= c0) & (y < c1):
         tl.debug_barrier()  # the block store of column y (any thread) before this fix-up
         py = tl.exp2(xy * scale - lse2)
-        if ENTROPY:
-            dy = py * (neg_gh * (xy * inv_t - k_ent) - c) + c
+        if ENTROPY:  # py = 0 (the label on a -inf logit): dy = c, not 0 * -inf = NaN
+            dy = tl.where(py > 0.0, py * (neg_gh * (xy * inv_t - k_ent) - c), 0.0) + c
         else:
             dy = c - c * py
         dy = _softcap_grad(dy, xy, cap, SOFTCAP)
