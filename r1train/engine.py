@@ -451,7 +451,8 @@ class Trainer(CheckpointMixin):
         if zero3(self.engine):  # every rank must run the same forwards: pad with copies, weight 0
             mine = mine + [rows[0]] * (math.ceil(len(rows) / self.world) - len(mine))
         k = self.cfg.eval_num_samples
-        tot = torch.zeros(3, dtype=torch.float64)
+        # on the trainer's device: NCCL (every CUDA run, one process included) reduces no CPU tensor
+        tot = torch.zeros(3, dtype=torch.float64, device=self.dev)
         for greedy in (False, True):
             reps = 1 if greedy else k
             for s, chunk, _, texts in sample_rows(
@@ -470,14 +471,14 @@ class Trainer(CheckpointMixin):
             replay.record = None
         if dist.is_initialized():
             dist.all_reduce(tot)
-        n = tot[2].item()
+        acc_sampled, acc_greedy, n = tot.tolist()  # one host read
         if n == 0:  # no row has a gold answer to score against
             if self.rank == 0:
                 logging.getLogger("r1train").warning(
                     "evaluation: none of the %d eval rows has a gold %r answer; no accuracy to report", len(rows),
                     self.cfg.answer_column)
             return {}
-        return dict(zip(EVAL_METRICS, (tot[0].item() / n, tot[1].item() / n)))
+        return dict(zip(EVAL_METRICS, (acc_sampled / n, acc_greedy / n)))
 
     # ---- reference model
     @torch.no_grad()

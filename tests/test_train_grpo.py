@@ -95,6 +95,18 @@ def test_phase_clock_charges_queued_device_work():
     assert s["gemm"] > 10 * s["tail"] > 0, s
 
 
+@pytest.mark.gpu
+def test_evaluate_on_cuda(tmp_path):
+    """On CUDA the process group is NCCL's (one process too), which reduces no CPU tensor: evaluate's totals were
+    one ("No backend type associated with device type cpu": `r1train grpo` stopped at its evaluation before the
+    first step). Its metrics come back, the same in two calls (seeds from (seed, row, sample))."""
+    t = H.grpo_trainer(tmp_path, "max_steps=1", "task_eval_size=6", "eval_num_samples=2")
+    assert t.dev.type == "cuda"
+    first = t.evaluate()
+    assert set(first) == {"eval/accuracy", "eval/accuracy_greedy"} and all(0.0 <= v <= 1.0 for v in first.values())
+    assert t.evaluate() == first
+
+
 def test_sft_loss_falls(tmp_path):
     cfg = load_config(overrides=H.FAST + [f"output_dir={tmp_path}", "max_steps=25", "learning_rate=0.01",
                                           "model_hidden_size=64", "per_device_train_batch_size=16"])
