@@ -292,6 +292,19 @@ def test_backend_refusing_the_inputs_names_them():
         rk.sample_tokens(logits.double(), seeds, positions, backend="triton")
 
 
+@pytest.mark.parametrize("logits,T", [([1.0, 1.0], 1e-4), ([30.0, 30.0, 29.0], 0.01), ([1e30, 1e30], 1.0),
+                                      ([2.0, -1.0, 0.5], 1.0)])
+def test_logprob_precision_at_large_z(logits, T):
+    """The log-prob keeps log_softmax's precision where |z| = |logits / T| is large (z - logsumexp(z) in fp32 gave
+    -0.69336 for [1, 1] at T = 1e-4 and 0.0 for [1e30, 1e30])."""
+    x = torch.tensor([logits] * 2)
+    seeds, positions = torch.tensor([1, 2]), torch.tensor([3, 4])
+    want = torch.log_softmax(x.double() / T, -1)
+    for backend in ["torch"] + (["triton"] if "triton" in rk._backend.available("sample_tokens", "cpu") else []):
+        tok, lp = rk.sample_tokens(x, seeds, positions, temperature=T, backend=backend)
+        assert_close(lp, want.gather(-1, tok[:, None]).squeeze(-1), torch.float32, name=f"{backend} logp")
+
+
 def test_opcheck():
     logits, seeds, positions = _inputs(3, 40)
     torch.library.opcheck(ops.sample_tokens_op, (logits, seeds, positions, 1.0, 0, 1.0, 0.0, False))

@@ -15,8 +15,8 @@ the float keys):
   of 4 consecutive tokens; the noise is a function of (seed, position, v) only, so a row draws the same
   token in any batch, on any rank, and after a resume.
 - logprob = z[token] - logsumexp(z over the kept set): the log-probability under the distribution
-  sampled from (with no truncation, log softmax(logits / T)[token], what the training forward computes), in fp32
-  as written: its absolute error grows with |z| (~|z| * 6e-8; z of 1e4 at T = 1e-4 for logits of 1).
+  sampled from (with no truncation, log softmax(logits / T)[token], what the training forward computes),
+  computed as (z[token] - max z) - log(sum exp(z - max z)) (its fp32 error does not grow with |z|).
 - A row with no distribution (no_distribution: z holds NaN or +inf, or is -inf everywhere) draws token 0 with
   log-prob NaN, whatever the options: the NaN marks the row for the caller (r1train's generate(check_finite=True)
   reads the log-probs once after a rollout); found on the device, no host sync.
@@ -105,5 +105,8 @@ def sample_tokens(logits_BV, seeds_B, positions_B, temperature=1.0, top_k=0, top
         u = uniforms(seeds_B, positions_B, z.shape[-1])
         key = zk - torch.log(-torch.log(u))
     tok = key.argmax(-1)  # first maximum: ties to the lower index
-    logp = zk.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(zk, -1)
+    # (z - max) - log(sum exp(z - max)): z - logsumexp(z) would round max + log(sum) at large |z|
+    m = zk.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    logp = (zk.gather(-1, tok[:, None]) - m).squeeze(-1) - torch.log(torch.exp(zk - m).sum(-1))
     return mark_no_distribution(logits_BV, temperature, tok, logp)

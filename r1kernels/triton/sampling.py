@@ -267,7 +267,7 @@ def _combine_kernel(part_ptr, pidx_ptr, tok_ptr, logp_ptr, nsplit, NSP: tl.const
     idx = tl.load(pidx_ptr + row * nsplit + j, mask=ok, other=2147483647)
     mx = tl.max(m, 0)
     ms = tl.where(mx == float("-inf"), 0.0, mx)
-    lse = ms + tl.log(tl.sum(s * tl.exp(m - ms), 0))
+    log_s = tl.log(tl.sum(s * tl.exp(m - ms), 0))  # (z - max) - log(sum): no rounding of a large max + log(sum)
     kb = tl.max(key, 0)
     win = tl.min(tl.where(key == kb, idx, 2147483647), 0)  # splits are in index order: lowest index on ties
     z = tl.max(tl.where((key == kb) & (idx == win), zb, float("-inf")), 0)
@@ -275,7 +275,7 @@ def _combine_kernel(part_ptr, pidx_ptr, tok_ptr, logp_ptr, nsplit, NSP: tl.const
     # never empty otherwise)
     none = (tl.max(tl.load(part_ptr + base + 4, mask=ok, other=0.0), 0) > 0) | (mx == float("-inf"))
     tl.store(tok_ptr + row, tl.where(none, 0, win).to(tl.int64))
-    tl.store(logp_ptr + row, tl.where(none, float("nan"), z - lse))
+    tl.store(logp_ptr + row, tl.where(none, float("nan"), (z - ms) - log_s))
 
 
 # Blocks of one row per program of _partial_kernel: a function of nothing but the build, so a row's log-prob
