@@ -63,7 +63,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             providers["triton (cuda graph)"] = graphed(**opts)
             if "top_p" in opts:  # the bisection passes: sub-block width (1024: whole blocks), bits a pass
                 for sub, bits in ((1024, None), (None, 2), (1024, 2), (1024, 1)):
-                    name = ", ".join([f"PASS_SUB={sub}"] * bool(sub) + [f"BITS={bits}"] * bool(bits))
-                    providers[f"triton (cuda graph, {name})"] = graphed(pass_sub=sub, bits=bits, **opts)
+                    variant = ", ".join([f"PASS_SUB={sub}"] * bool(sub) + [f"BITS={bits}"] * bool(bits))
+                    providers[f"triton (cuda graph, {variant})"] = graphed(pass_sub=sub, bits=bits, **opts)
         out.append(Case(name, shape, providers, bytes=logit_bytes))
     return out
