@@ -267,8 +267,7 @@ class CheckpointMixin:
 
     def load(self, path: str) -> int:
         """Restore a checkpoint that prepare_run picked and checked."""
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            state = json.load(fh)
+        state = read_trainer_state(path)
         if state["global_step"] > self.max_steps:  # no step to train; finish() would save it as another step
             raise CheckpointError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint}: {path} is at step "
                                   f"{state['global_step']}, past this run's max_steps ({self.max_steps}): raise "
@@ -424,6 +423,12 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
                           + "; ".join(skipped) + ")")
 
 
+def read_trainer_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json (global_step, max_steps, the run's config, ...)."""
+    with open(os.path.join(path, "trainer_state.json")) as fh:
+        return json.load(fh)
+
+
 def final_checkpoint(output_dir: str) -> str | None:
     """The final checkpoint of a finished run in output_dir: the newest complete one, not left behind by a resume,
     whose global_step is its run's max_steps; None when there is none (no checkpoint, or the newest complete one
@@ -432,8 +437,7 @@ def final_checkpoint(output_dir: str) -> str | None:
     for path in sorted(list_checkpoints(output_dir), key=_step_of, reverse=True):
         if checkpoint_problem(path) or _manifest_sha(path) in left.get(os.path.basename(path), ()):
             continue
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            state = json.load(fh)
+        state = read_trainer_state(path)
         return path if state.get("global_step") == state.get("max_steps") else None
     return None
 
@@ -502,8 +506,7 @@ def resumes_latest(spec) -> bool:
 def check_resume_config(path: str, cfg, trainer: str, world: int) -> dict:
     """The checkpoint's run and this one must agree on RUN_KEYS (an SFTTrainer's: less GRPO_ONLY_RUN_KEYS), the
     trainer and the number of processes. Returns the checkpoint's trainer_state.json."""
-    with open(os.path.join(path, "trainer_state.json")) as fh:
-        state = json.load(fh)
+    state = read_trainer_state(path)
     saved = state.get("config", {})
     now = config_values(cfg)
     keys = [k for k in RUN_KEYS if trainer != "SFTTrainer" or k not in GRPO_ONLY_RUN_KEYS]

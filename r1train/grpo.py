@@ -167,6 +167,13 @@ def _nanstd(x, dim):
     return torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
 
 
+def reward_table(table, R: int, dtype) -> torch.Tensor:
+    """The rollout's reward table (a row of R values per completion, None where a function gave none) as [N, R]
+    of dtype, NaN for None."""
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in table],
+                        dtype=dtype).reshape(-1, R)
+
+
 def reward_totals(vals_NR, failed_N, w_R):
     """Each row's weighted reward sum in float64 (TRL's nansum: None counts 0 beside a value); NaN for a row
     left out of every statistic: unscorable (every reward None; TRL's unscorable_mask) or failed (a reward
@@ -329,15 +336,15 @@ class GRPOTrainer(Trainer):
         if not cfg.moe_router_replay:  # a model handed on by a replay stage records no rollout of this one
             moe_replay.disable(model)
         super().__init__(cfg, model, tokenizer, train_rows, eval_rows, optimizer_steps=cfg.num_iterations)
-        if self.rank == 0 and truncated_sampling_correction(cfg):
+        truncating = truncated_sampling_correction(cfg)
+        if self.rank == 0 and truncating:
+            seq = cfg.vllm_importance_sampling_mode.startswith("sequence")
             log.warning("vllm_importance_sampling_correction with %s: the rollout log-probs are the truncated "
                         "sampling distribution's, so each token's weight exp(l_old - l_rollout) is its kept "
                         "probability mass (< 1) and a %s weight shrinks the loss%s; set "
                         "vllm_importance_sampling_correction=false to train at full strength (TRL's default "
-                        "without vLLM)", truncated_sampling_correction(cfg),
-                        "sequence's" if cfg.vllm_importance_sampling_mode.startswith("sequence") else "token's",
-                        " with the completion's length (0.9^256 at 90% kept a token)"
-                        if cfg.vllm_importance_sampling_mode.startswith("sequence") else "")
+                        "without vLLM)", truncating, "sequence's" if seq else "token's",
+                        " with the completion's length (0.9^256 at 90% kept a token)" if seq else "")
         # moe_router_replay: the engine records each rollout's expert ids (a model with no MoE: ConfigError) until
         # finish()
         self.replay = moe_replay.enable(self.model) if cfg.moe_router_replay else None
@@ -479,9 +486,8 @@ class GRPOTrainer(Trainer):
         give a group no signal."""
         G, w = self.cfg.num_generations, self.reward_w_R.tolist()
         if self.cfg.multi_objective_aggregation == "normalize_then_sum":
-            vals_NR = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in table],
-                                   dtype=torch.float64).view(len(table), len(w))
-            tot = [None if t != t else t for t in _gdpo_totals(vals_NR, torch.tensor(failed, dtype=torch.bool),
+            tot = [None if t != t else t for t in _gdpo_totals(reward_table(table, len(w), torch.float64),
+                                                                torch.tensor(failed, dtype=torch.bool),
                                                                 torch.tensor(w), G).tolist()]
         else:
             tot = [None if f or all(v is None for v in row) else sum(wj * v for wj, v in zip(w, row) if v is not None)
@@ -550,8 +556,7 @@ class GRPOTrainer(Trainer):
         clock.mark("rewards")
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         R = len(self.rewards.names)
-        vals_NR = torch.tensor([[float("nan") if v is None else v for v in row] for row in table],
-                               dtype=torch.float32).reshape(-1, R)
+        vals_NR = reward_table(table, R, torch.float32)
         failed_N = torch.tensor(failed, dtype=torch.float32)
         all_NR = _gather_rows(torch.cat([vals_NR, failed_N[:, None]], 1).to(self.dev)).cpu()
         vals_all, failed_all = all_NR[:, :R], all_NR[:, R] > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -147,11 +146,12 @@ def _check_tiny_base(cfg: TrainConfig):
     """merge_lora onto a built-in tiny model: its weights are built from TINY_BASE_KEYS, so an adapter trained on
     one built with other values (recorded in the checkpoint's trainer_state.json) would merge into another base,
     silently. A ConfigError naming the key and the value the adapter was trained with."""
-    path = os.path.join(cfg.adapter_path, "trainer_state.json")
-    if cfg.model_name_or_path not in TINY_MODELS or not os.path.isfile(path):
+    from .checkpoint import read_trainer_state
+
+    if cfg.model_name_or_path not in TINY_MODELS or not os.path.isfile(os.path.join(cfg.adapter_path,
+                                                                                   "trainer_state.json")):
         return
-    with open(path) as fh:
-        trained = json.load(fh).get("config") or {}
+    trained = read_trainer_state(cfg.adapter_path).get("config") or {}
     for k in TINY_BASE_KEYS:
         if k in trained and trained[k] != getattr(cfg, k):
             raise ConfigError(f"{k}={getattr(cfg, k)!r}: the adapter at adapter_path={cfg.adapter_path!r} was "
