@@ -3,7 +3,9 @@ form of each of the decode step's four projections at 64 rows, each as 28 calls 
 28 layers of a Qwen2.5 step: the weights do not stay in L2) replayed in one CUDA graph, so a call's time
 includes the graph's launch gaps. cuBLAS forms: F.linear (+ bias) for q/k/v, addmm_ into the residual for
 o_proj / down_proj, one GEMM over the stacked gate/up weight + rk.silu_mul. Floor: the weight's bytes at the
-measured copy bandwidth (harness.ceilings). --sweep: also each
+measured copy bandwidth (harness.ceilings). "read only" rows: the same 28 weights only read (a streaming-sum
+kernel, and torch's sum), each a launch in the same graph: what one kernel launch per projection can reach on
+these bytes, whatever its math. --sweep: also each
 config of SWEEP through the kernel, to choose r1kernels.triton.decode_linear.CONFIGS. Writes
 bench_decode_linear.json."""
 from __future__ import annotations
@@ -31,6 +33,37 @@ def graph_ms(calls) -> float:
     return time_ms(graphed(lambda: [f() for f in calls]), "cuda") / len(calls)
 
 
+READ = [(g, b) for g in (1, 2, 4) for b in (4096, 16384)]  # (programs per SM, elements per program a step)
+
+
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_sum(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        # program p sums the BLOCK-element chunks p, p + G, p + 2G, ... of w (a pure streaming read)
+        pid, G = tl.program_id(0), tl.num_programs(0)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(pid * BLOCK, n, G * BLOCK):
+            acc += tl.load(w_ptr + start + offs, mask=start + offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+    return read_sum
+
+
+def read_us(ws) -> dict:
+    """{'read only: ...': us}: the weights' bytes read by a streaming-sum kernel (each READ config) and torch's sum."""
+    kern, sms = _read_kernel(), torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(4 * sms, device=ws[0].device, dtype=torch.float32)
+    us = {"read only: torch sum": graph_ms([lambda w=w: w.sum(dtype=torch.float32) for w in ws]) * 1e3}
+    for g, b in READ:
+        us[f"read only: streaming sum, {g} program(s) an SM, BLOCK {b}"] = graph_ms(
+            [lambda w=w, g=g, b=b: kern[(g * sms,)](w, out, w.numel(), BLOCK=b, num_warps=8) for w in ws]) * 1e3
+    return us
+
+
 def projection_us(name, ws, bs, x, sweep: bool) -> dict:
     """{'engine (cuBLAS)': us, 'rk.decode_linear': us, 'config <cfg>': us, ...} for one projection."""
     import r1kernels as rk
@@ -52,7 +85,7 @@ def projection_us(name, ws, bs, x, sweep: bool) -> dict:
         eng = [lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(ws, bs)]
         ours = lambda cfg: [lambda w=w, b=b: kernel(x, w, bias_N=b, config=cfg) for w, b in zip(ws, bs)]
         per_stage = lambda c: (64 + c["BLOCK_N"]) * c["BLOCK_K"] * 2
-    us = {"engine (cuBLAS)": graph_ms(eng) * 1e3, "rk.decode_linear": graph_ms(ours(None)) * 1e3}
+    us = {"engine (cuBLAS)": graph_ms(eng) * 1e3, "rk.decode_linear": graph_ms(ours(None)) * 1e3, **read_us(ws)}
     for cfg in SWEEP if sweep else ():
         if per_stage(cfg) * cfg["STAGES"] > 220 * 1024:
             continue

@@ -652,6 +652,23 @@ def test_gpu_cuda_graph_greedy_equals_full_forward(name):
         assert eng.cuda_graphs and eng.stats["captures"] >= 1
 
 
+@pytest.mark.gpu
+def test_gpu_stock_deepseek_v3_bf16_decode_step_is_captured():
+    """transformers' stock DeepseekV3 experts in bf16 (the dtype a rollout runs): the decode step is captured and
+    replayed, and its tokens equal the same engine's eager decode steps. (The fp32 model above copies to the host
+    inside torch's grouped_mm and decodes eagerly.)"""
+    torch.manual_seed(0)
+    model = _model("tiny-deepseek-v3").to(device="cuda", dtype=torch.bfloat16)
+    ids, mask = _prompts([7, 2, 5, 1, 6, 3])
+    sp, seeds = SamplingParams(10, top_k=20), list(range(6))
+    graph = Engine(model, backend="auto", cuda_graphs=True, check_every=2)
+    tok, logp = graph.generate(ids.cuda(), mask.cuda(), seeds, sp, eos_id=-1, pad_id=0)
+    assert graph.cuda_graphs and graph.stats["captures"] >= 1 and not graph.stats.get("capture_failures")
+    tok_eager, logp_eager = Engine(model, backend="auto", cuda_graphs=False, check_every=2).generate(
+        ids.cuda(), mask.cuda(), seeds, sp, eos_id=-1, pad_id=0)
+    assert torch.equal(tok, tok_eager) and torch.equal(logp, logp_eager)
+
+
 @pytest.mark.parametrize("engine", ["r1train", "transformers"])
 @pytest.mark.parametrize("fill", [V, -1])
 def test_padding_ids_outside_the_vocabulary_are_not_read(engine, fill):
