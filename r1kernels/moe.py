@@ -9,6 +9,12 @@ from . import reference as _ref
 __all__ = ["route", "router", "permute", "unpermute", "update_bias", "sequence_aux_loss"]
 
 
+
+def check_gemm_dtype(gemm_dtype) -> None:
+    """The router GEMM's dtype: None (fp32, transformers'), torch.float32 or torch.bfloat16."""
+    if gemm_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"gemm_dtype must be None, torch.float32 or torch.bfloat16, got {gemm_dtype!r}")
+
 def _eager():
     return not torch.compiler.is_compiling()
 
@@ -70,8 +76,7 @@ def router(hidden, gate_weight, e_score_correction_bias, *, top_k, n_group, topk
     if gate_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"gate_weight must have shape [E, {hidden.shape[1]}], got {tuple(gate_weight.shape)}")
     _checks.same_device(hidden=hidden, gate_weight=gate_weight)
-    if gemm_dtype not in (None, torch.float32, torch.bfloat16):
-        raise ValueError(f"gemm_dtype must be None, torch.float32 or torch.bfloat16, got {gemm_dtype!r}")
+    check_gemm_dtype(gemm_dtype)
     from .ops.moe import router_logits
     logits = router_logits(hidden, gate_weight, gemm_dtype)
     w, ids = route(logits, e_score_correction_bias, top_k=top_k, n_group=n_group, topk_group=topk_group,

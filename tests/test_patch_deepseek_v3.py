@@ -251,6 +251,17 @@ def test_patch_refuses_a_backend_before_changing_the_model(backend, msg):
         assert [type(m) for m in model.modules()] == classes
 
 
+@pytest.mark.parametrize("gemm_dtype", ["bf16", torch.float16, torch.float64, torch.int8])
+def test_patch_refuses_a_gemm_dtype_before_changing_the_model(gemm_dtype):
+    """A router GEMM dtype the op refuses was accepted at patch time and failed at the first forward: now a
+    ValueError naming gemm_dtype, the model left as it was."""
+    model = _tiny()
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="gemm_dtype must be"):
+        dsv3.patch_deepseek_v3(model, gemm_dtype=gemm_dtype)
+    assert [type(m) for m in model.modules()] == classes
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_patch_matches_unpatched(dtype):

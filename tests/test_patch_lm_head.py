@@ -135,6 +135,26 @@ def test_patch_twice_and_bad_input():
         patch_lm_head(gpt2)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_cuda_backend_is_auto_for_the_head(family):
+    """linear_token_logprobs has no CUDA kernel: rk.patch(backend='cuda') was accepted and every fused_lm_head call
+    then failed ('no such kernel'); rk.patch reads 'cuda' as 'auto' for the head (as for the layer ops), a direct
+    patch_lm_head(backend='cuda') is refused at once, the model left as it was."""
+    torch.manual_seed(0)
+    model = _model(family)
+    plain = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="backend='cuda': linear_token_logprobs"):
+        patch_lm_head(model, backend="cuda")
+    assert getattr(model, "_r1k_lm_head", None) is None and "forward" not in model.__dict__
+    rk.patch(model, backend="cuda")
+    assert model._r1k_lm_head["backend"] == "auto"
+    ids = torch.randint(0, V, (2, 6))
+    mask = torch.ones_like(ids)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+    want, _, _ = _expected(plain, ids, mask, ids, 1.0)
+    assert_close(out.log_probs, want, name="log_probs")
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_deepcopy_of_a_patched_model_is_its_own(family):
     """A reference copy (copy.deepcopy after rk.patch, as TRL and r1train make one) runs its own weights and

@@ -110,7 +110,7 @@ def _patch_model(model, trainer, return_entropy, backend):
 
     from ..patch.deepseek_v3 import patch_deepseek_v3, routers_to_patch
     from ..patch.layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
-    from ..patch.lm_head import patch_lm_head, unsupported_reason
+    from ..patch.lm_head import head_backend, patch_lm_head, unsupported_reason
 
     zero3_wrapped = is_deepspeed_zero3_enabled() and hasattr(model, "module")  # a DeepSpeed engine
     model = _unwrap(model)
@@ -127,7 +127,8 @@ def _patch_model(model, trainer, return_entropy, backend):
     reason = "DeepSpeed ZeRO-3 shards lm_head.weight" if is_deepspeed_zero3_enabled() else unsupported_reason(model)
     if reason is None:
         patch_lm_head(model, temperature=trainer.temperature, return_entropy=return_entropy,
-                      fp32_lm_head=bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)), backend=backend)
+                      fp32_lm_head=bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)),
+                      backend=head_backend(backend))
     return reason
 
 

@@ -9,19 +9,20 @@ def patch(model, *, backend: str = "auto"):
     fused, differentiable RMSNorm / SiLU-MLP / rotary ops in every forward (patch/layers.py; the counts
     under "layers"); the soft-capped Gemma-family causal LMs (lm_head.SOFTCAP_CLASSES) get the fused lm_head
     path only (their soft-capped logits). backend: an op backend ("auto", "triton", "cuda", "torch"; the layer
-    ops read "cuda" as "auto"; "cpp" is refused: neither the lm_head's nor the MoE layers' ops have a C++
-    kernel), checked before anything changes. Patching a patched model raises nothing and sets the backend."""
+    ops and the lm_head's read "cuda" as "auto": they have no CUDA kernel; "cpp" is refused: neither the lm_head's
+    nor the MoE layers' ops have a C++ kernel), checked before anything changes. Patching a patched model raises
+    nothing and sets the backend."""
     from .. import _backend, _checks
     from .deepseek_v3 import patch_deepseek_v3, routers
     from .layers import FUSED_MODEL_TYPES, layers_backend, patch_layers
-    from .lm_head import LM_HEAD_CLASSES, SOFTCAP_CLASSES, patch_lm_head
+    from .lm_head import LM_HEAD_CLASSES, SOFTCAP_CLASSES, head_backend, patch_lm_head
 
     _checks.choice("backend", backend, _backend.BACKENDS)
     replaced = {}
     # the lm_head patch first: it checks all its arguments before it changes anything, so a bad backend leaves
     # the model as it was (not half patched)
     if type(model).__name__ in LM_HEAD_CLASSES + SOFTCAP_CLASSES:
-        replaced.update(patch_lm_head(model, backend=backend))
+        replaced.update(patch_lm_head(model, backend=head_backend(backend)))
     replaced.update(patch_deepseek_v3(model, backend=backend))
     if getattr(getattr(model, "config", None), "model_type", None) in FUSED_MODEL_TYPES:
         # the layer ops have Triton kernels and the reference only: "cuda" / "cpp" mean "auto" for them

@@ -193,9 +193,12 @@ def patch_deepseek_v3(model: nn.Module, *, gemm_dtype: torch.dtype | None = None
     returns {qualified name: replaced module}. gemm_dtype=torch.bfloat16 runs the router GEMM in bf16 with
     fp32 accumulation and fp32 logits (default None: transformers' fp32 GEMM).
     Patching a patched model replaces only what is still HF's (the experts of layers patched with
-    experts=False) and sets the backend of the patched routers and experts. backend: checked here (a name the
-    ops do not know failed only at the first forward)."""
+    experts=False) and sets the backend of the patched routers and experts. backend and gemm_dtype: checked here,
+    before anything changes (they failed only at the first forward)."""
+    from ..moe import check_gemm_dtype
+
     _check_backend(backend)
+    check_gemm_dtype(gemm_dtype)
     replaced: dict[str, nn.Module] = {}
     for name, parent in list(model.named_modules()):
         gate = getattr(parent, "gate", None)

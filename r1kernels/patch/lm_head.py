@@ -368,6 +368,13 @@ def _trl_head_options(forward) -> dict:
     return opts
 
 
+def head_backend(backend: str) -> str:
+    """The fused lm_head's backend for a caller's op backend (rk.patch, use_r1kernels): its op,
+    linear_token_logprobs, has Triton kernels and the reference only, so "cuda" (kernels other ops have) means
+    "auto"; any other name is patch_lm_head's to check."""
+    return "auto" if backend == "cuda" else backend
+
+
 _DEFAULTS = dict(temperature=1.0, return_entropy=True, fp32=False, backend="auto", extra_outputs=())
 
 
@@ -382,7 +389,7 @@ def patch_lm_head(model, *, temperature: float | None = None, return_entropy: bo
     wrapped the fused forward since (TRL's trainers put their own fused-head forward over it), the fused forward goes
     over that again (calls without fused_lm_head still reach it), with the options TRL gave that forward
     (_trl_head_options) under the ones this call names."""
-    from .. import _checks
+    from .. import _backend, _checks
 
     reason = unsupported_reason(model)
     if reason is not None:
@@ -394,6 +401,10 @@ def patch_lm_head(model, *, temperature: float | None = None, return_entropy: bo
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     if backend is not None:
         _checks.choice("backend", backend, ("auto", "triton", "cuda", "torch"))
+        if _backend.lacking(["linear_token_logprobs"], backend):  # every fused call would fail
+            raise ValueError(f"backend={backend!r}: linear_token_logprobs (the fused lm_head's op) has no {backend} "
+                             "kernel; use auto, triton or torch (rk.patch and use_r1kernels read 'cuda' as 'auto' "
+                             "for it)")
     if extra_outputs is not None:
         if not (isinstance(extra_outputs, (tuple, list, set, frozenset))
                 and all(isinstance(n, str) and n in EXTRA_OUTPUTS for n in extra_outputs)):
