@@ -227,7 +227,7 @@ def _r1train(name, variant, model, tok, rows, w, a, cuda, res, out_dir, t0):
           f"per_device_train_batch_size={w['micro_batch']}", f"gradient_accumulation_steps={n // w['micro_batch']}",
           f"max_prompt_length={w['prompt_length']}", f"max_completion_length={w['completion_length']}",
           "zero_stage=2", f"bf16={str(cuda).lower()}", f"beta={w['beta']}", f"num_iterations={w['num_iterations']}",
-          "learning_rate=1e-6", "save_steps=0", "report_to=none", "logging_steps=0", "log_entropy=false",
+          "learning_rate=1e-6", "save_steps=0", "report_to=none", "logging_steps=0",
           "disable_tqdm=true", "gradient_checkpointing=false", f"lora_r={LORA['r']}", f"lora_alpha={LORA['alpha']}",
           f"lora_dropout={LORA['dropout']}", "kernel_backend=auto" if cuda else "kernel_backend=torch"]
     for x in VARIANTS[variant]:

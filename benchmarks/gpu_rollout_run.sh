@@ -7,7 +7,7 @@
 # annotated-types, typing-inspection, typing-extensions) and trl (+ datasets, dill, multiprocess).
 # Env: DL, DLV (see below); SKIP (comma list of: tests,rollout,kernels,step,zero3,trl,trlk,trle,varied); KERNELS (benches, default
 # sampling,decode_attention); TESTS (gpu test files, default the engine's four); ROLLOUT_ARGS (default
-# "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 3); TRL_ORDER;
+# "--reps 2 --profile"; add --skip-peers to leave out transformers generate); TRL_STEPS (default 4: 3 timed batches, as train_gpu.py); TRL_ORDER;
 # TEST_MARK (default gpu; empty: all of $TESTS); AB (see below); TRAIN_ARGS (appended to the default, AB and varied-length train_gpu.py runs, e.g. "--steps 4 --profile-step 3").
 # Each trainer run is killed with SIGKILL past 300 s (SIGTERM would make it save a checkpoint).
 set -uo pipefail
@@ -54,7 +54,7 @@ trl_run() {  # $1: trl | trlk (use_r1kernels with TRL's generate) | trle (use_r1
   local name flags=""       # $2: a suffix for the JSON name
   case $1 in trlk) name=train_trl_r1kernels; flags="--use-r1kernels --rollout-engine transformers" ;;
     trle) name=train_trl_r1kernels_engine; flags="--use-r1kernels --rollout-engine r1train" ;; *) name=train_trl ;; esac
-  skip "$1" || k300 python3 benchmarks/train_trl_gpu.py "$OUT/$name$2.json" --steps "${TRL_STEPS:-3}" $flags 2>&1 \
+  skip "$1" || k300 python3 benchmarks/train_trl_gpu.py "$OUT/$name$2.json" --steps "${TRL_STEPS:-4}" $flags 2>&1 \
     | tail -2; }
 # TRL_ORDER: the TRL runs in this order (default "trl trle trlk"); e.g. "trlk trl trlk" checks an order effect, "trl trle"
 # times TRL's rollout on r1train's engine

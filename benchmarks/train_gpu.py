@@ -80,7 +80,8 @@ def main(argv=None):
     p.add_argument("--beta", type=float, default=0.04, help="> 0 adds the reference log-prob pass")
     p.add_argument("--num-iterations", type=int, default=2, help="> 1: num_iterations passes per batch")
     p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward (r1train's and TRL's default; off in these runs)")
+                   help="recompute activations in backward (r1train's and TRL's default; off in these runs and in "
+                        "train_trl_gpu.py's)")
     p.add_argument("--varied-lengths", action="store_true",
                    help="completion lengths uniform in completion_length/16..completion_length (eos forced)")
     p.add_argument("--early-eos", type=int, default=None, metavar="L",
@@ -128,7 +129,7 @@ def main(argv=None):
         f"max_prompt_length={a.prompt_length}", f"max_completion_length={a.completion_length}",
         f"zero_stage={a.zero_stage}", f"bf16={str(bf16).lower()}", f"loss_impl={a.loss_impl}",
         f"beta={a.beta}", f"num_iterations={a.num_iterations}", "learning_rate=1e-6", "save_steps=0",
-        "report_to=none", "logging_steps=1", "log_entropy=false",
+        "report_to=none", "logging_steps=1",
         f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
         f"padding_free={str(a.padding_free).lower()}",
         *(["patch_model=true"] if a.fused_layers else []),

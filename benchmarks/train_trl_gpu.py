@@ -1,7 +1,10 @@
 """TRL's GRPOTrainer on the work of benchmarks/train_gpu.py: the same Qwen2.5-1.5B-shaped model (random
 init, bf16), prompts, lengths, beta, num_iterations, micro-batches and reward -> seconds per generation
-batch and peak memory, JSON. TRL runs its own defaults otherwise (transformers generate, no vLLM; bf16
-AdamW states under bf16=True, so its numerics are not ours).
+batch and peak memory, JSON. Gradient checkpointing off on both sides unless --gradient-checkpointing (TRL's
+default is on; train_gpu.py's runs have it off). TRL runs its own defaults otherwise (transformers generate, no
+vLLM; bf16 AdamW states under bf16=True, so its numerics are not ours; with num_iterations > 1 its old log-probs
+come from one more no-grad forward of the batch, where r1train reuses the first iteration's; entropy computed in
+every loss forward, as r1train's log_entropy default).
 
 One r1train step = one generation batch = num_iterations optimizer steps; TRL counts optimizer steps, so
 each generation batch here is num_iterations of TRL's steps, timed together.
@@ -90,7 +93,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--steps", type=int, default=3, help="generation batches (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="generation batches (the first is warm-up; the median of the rest, as train_gpu.py's)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -98,6 +102,8 @@ def main(argv=None):
     p.add_argument("--completion-length", type=int, default=512)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--num-iterations", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="TRL's default (True); off unless given, as in train_gpu.py's runs (the same work)")
     p.add_argument("--use-r1kernels", action="store_true",
                    help="wrap the trainer in r1kernels.integrations.trl.use_r1kernels (the one-line switch)")
     p.add_argument("--rollout-engine", default="r1train", choices=("transformers", "r1train"),
@@ -127,6 +133,7 @@ def main(argv=None):
         max_completion_length=a.completion_length, beta=a.beta, num_iterations=a.num_iterations,
         max_steps=a.steps * a.num_iterations, learning_rate=1e-6, bf16=not a.tiny, logging_steps=1,
         report_to="none", save_strategy="no", temperature=1.0, use_cpu=a.tiny, disable_tqdm=True,
+        gradient_checkpointing=a.gradient_checkpointing,
         model_init_kwargs={"dtype": "float32" if a.tiny else "bfloat16"})
     marks = []
     trainer = GRPOTrainer(model=model_dir, reward_funcs=[checksum_reward], args=args,
