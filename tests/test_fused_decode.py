@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close
+from conftest import assert_close
 
 from r1kernels.ops import fused as fops
 from r1kernels.reference import fused as ref
@@ -140,7 +140,6 @@ def test_silu_mul(device, dtype, shape):
     _check(out, hf.double(), dtype, name="silu_mul vs HF")
     torch.testing.assert_close(out, ref.silu_mul(gate, up), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                atol=1e-5)
-    assert TOLERANCES[dtype] > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

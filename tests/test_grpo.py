@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, loss_scale
+from conftest import assert_close, loss_scale
 from test_logprob import masked_vocab
 
 import r1kernels as rk
@@ -422,7 +422,6 @@ def test_gpu_real_shape(level, inplace):
     logits, ids, adv, mask, old, ref = _inputs(B, T, V, device="cuda", dtype=torch.bfloat16)
     _check(logits, ids, adv, mask, dtype=torch.bfloat16, inplace=inplace, old_logprobs=old, ref_logprobs=ref,
            beta=0.04, importance_sampling_level=level, loss_type="grpo" if level == "sequence" else "dapo")
-    assert TOLERANCES[torch.bfloat16] > 0
 
 
 # The CUDA cluster kernel (csrc/cuda/grpo.cu, sm_90+): every option of the token-level family, at shapes whose

@@ -188,7 +188,7 @@ def test_route_kernels_match_transformers(cfg):
         _route_vs_hf(*cfg, backend)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_rejects_unsupported_and_auto_falls_back():
     x, b = torch.randn(4, 12, device="cuda"), torch.zeros(12, device="cuda")
     if "cuda" in BACKENDS:

@@ -44,8 +44,13 @@ def test_cpp_bitwise_equal_to_reference(n_groups, G, R_, scale):
 
 
 @needs_ext
-def test_auto_uses_cpp_on_cpu_and_opcheck():
-    assert _backend.pick("group_advantages", "auto", torch.device("cpu")) is not None or _backend.TRITON_INTERPRET
+def test_auto_picks_the_first_cpu_kernel_and_opcheck():
+    """auto on CPU runs the first kernel available there (the interpreter's Triton under the tests, else C++), not
+    the reference."""
+    avail = _backend.available("group_advantages", "cpu")
+    assert "cpp" in avail and avail[0] == ("triton" if _backend.TRITON_INTERPRET else "cpp")
+    assert _backend.pick("group_advantages", "auto", torch.device("cpu")) is _backend.pick(
+        "group_advantages", avail[0], torch.device("cpu"))
     r = torch.randn(32)
     torch.library.opcheck(torch.ops.r1kernels.group_advantages.default, (r, 8, "group", 1e-4, None))
     torch.library.opcheck(torch.ops.r1kernels.group_advantages.default,

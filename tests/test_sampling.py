@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close
+from conftest import assert_close
 
 import r1kernels as rk
 from r1kernels.reference import sampling as ref
@@ -78,7 +78,6 @@ def test_matches_reference(B, V, opts):
 def test_low_precision(dtype, opts):
     logits, seeds, positions = _inputs(4, 300, dtype)
     _check(logits, seeds, positions, opts)
-    assert TOLERANCES[dtype] > 0
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(greedy=True), dict(top_k=3), dict(top_p=0.5), dict(min_p=0.3)],

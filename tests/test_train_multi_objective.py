@@ -56,8 +56,25 @@ def test_normalize_then_sum_matches_independent(G, groups, R):
     assert got[0] == 0 and torch.isfinite(got).all()
 
 
+def _even_digit_share(prompts, completions, **_):
+    from r1train.rewards import completion_text
+
+    texts = [completion_text(c) for c in completions]
+    return [sum(ch in "02468" for ch in c) / max(len(c), 1) for c in texts]
+
+
 def test_grpo_step_with_normalize_then_sum(tmp_path):
+    """Two weighted rewards under normalize_then_sum: the advantages the trainer gives its first batch equal the
+    plain-Python computation (_independent) over the two rewards scored here on that batch's completions (the
+    rewards, their weights and the groups reach the formula); then it trains."""
     t = H.grpo_trainer(tmp_path, "max_steps=2", "multi_objective_aggregation=normalize_then_sum",
-                       "reward_weights=[1.0,0.5]", reward_funcs=[H.digit_share, "format"])
+                       "reward_weights=[1.0,0.5]", reward_funcs=[H.digit_share, _even_digit_share])
+    rows, _ = t.rows_for(0)
+    _, adv_N, _, _, samples = t.make_batch(0, list(rows))
+    comps = [s["completion"] for s in samples]
+    vals = [list(v) for v in zip(H.digit_share(None, comps), _even_digit_share(None, comps))]
+    assert all(len({v[k] for v in vals}) > 1 for k in range(2))  # both vary: the weights matter
+    want = _independent(vals, [False] * len(vals), [1.0, 0.5], t.cfg.num_generations)
+    torch.testing.assert_close(adv_N.cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     hist = t.train()
-    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)

@@ -64,7 +64,7 @@ def _boom_on_second(prompts, completions, completion_ids=None, **_):
 
 
 def _slow(prompts, completions, completion_ids=None, **_):
-    time.sleep(2)
+    time.sleep(8)  # far past the runner's 0.2 s timeout: a wait for it would show whatever the machine's load
     return [1.0] * len(completions)
 
 
@@ -84,7 +84,7 @@ def test_runner_isolates_failing_samples_timeouts_and_async():
     slow = R.RewardRunner([_slow], timeout=0.2)
     t0 = time.time()
     table, failed = slow(["p"], ["x"], [[1]], {})
-    assert failed == [True] and table == [[None]] and time.time() - t0 < 1.5
+    assert failed == [True] and table == [[None]] and time.time() - t0 < 5.0
 
 
 def test_symbolic_answers_with_math_verify():
