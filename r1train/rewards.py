@@ -205,9 +205,23 @@ _MATHLIKE = re.compile(r"[\d\\^_=+\-*/()\[\]{}<>]")
 _ARITH = re.compile(r"[\d)}\]]\s*(?:[-+*/×÷·^]|\*\*)\s*[\d(\\{]|\\(?:times|cdot|div)\b")
 
 
+# a numeric gold answer's prediction that states no single value, which math-verify would still read one number of:
+# sign clutter ('--3', '3-', '+-3'), an equation with a number left of '=' ('13=12'), two numbers ('13\n12',
+# '12 \approx 13'; a root's index \sqrt[3]{..} is not counted)
+_SIGNS = re.compile(r"[-+]\s*[-+]|[-+]\s*$")
+_ROOT_INDEX = re.compile(r"\\sqrt\s*\[[^\]]*\]")
+
+
+def _no_single_value(pred: str) -> bool:
+    if _SIGNS.search(pred) or re.search(r"\d", pred.rpartition("=")[0]):
+        return True
+    return len(re.findall(r"\d+(?:\.\d+)?", _ROOT_INDEX.sub("", pred))) > 1
+
+
 def answers_match(pred: str, gold: str) -> bool:
     """A numeric gold answer (_latex_number) is matched by a number literal equal to it (_numbers_match), or by a
-    form math-verify finds equal (\\sqrt{4} for 2) that is not an arithmetic operation (_ARITH). Other answers
+    form math-verify finds equal (\\sqrt{4} for 2) that is not an arithmetic operation (_ARITH) and states one value
+    (_no_single_value: '--3', '13=12', '13\\n12' do not). Other answers
     match when math-verify (if installed) finds them equivalent -- both being math (_MATHLIKE), the prediction not
     too costly to evaluate (_COSTLY) -- or when they are equal as normalized text."""
     g = _latex_number(gold)
@@ -215,7 +229,7 @@ def answers_match(pred: str, gold: str) -> bool:
         p = _latex_number(pred)
         if p is not None:
             return _numbers_match(p, g)
-        if _ARITH.search(pred):
+        if _ARITH.search(pred) or _no_single_value(pred):
             return False
     if _MATHLIKE.search(pred) and _MATHLIKE.search(gold) and not _COSTLY.search(pred) and _math_verify(pred, gold):
         return True

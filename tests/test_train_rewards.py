@@ -449,6 +449,20 @@ def test_the_question_is_not_its_own_answer():
     assert R.answers_match("\\sqrt{4}", "2") and not R.answers_match("2\\times 1", "2")
 
 
+def test_an_answer_stating_no_single_value_does_not_match_a_number():
+    """Sign clutter, a false equation and two numbers scored 1.0 against a numeric gold (math-verify reads one number
+    of them; '--3' for 3 was rewarded in the demo's own run); one value in any spelling still matches."""
+    rng = random.Random(int(np.random.randint(0, 2**31 - 1)))
+    for _ in range(20):
+        v, w = rng.randint(-999, 999), rng.randint(1000, 1999)  # w != v
+        bad = [f"--{v}", f"{v}-", f"+-{v}", f"-{v}-", f"{w}={v}", f"{w} = {v}", f"{w}\n{v}", f"{v} \\approx {w}",
+               f"{v}\\text{{ (or }}{w})", f"{w} \\lor {v}", f"x={w}\\quad x={v}"]
+        good = [f"{v}", f"x = {v}", f"\\boxed{{{v}}}", f"({v})", f"{v}.0", f"{v}\\text{{ cm}}"]
+        got = R.accuracy_reward(None, [f"<answer>{p}</answer>" for p in bad + good], answer=[str(v)] * (len(bad) + 6))
+        assert got == [0.0] * len(bad) + [1.0] * len(good), list(zip(bad + good, got))
+    assert R.answers_match("\\sqrt[3]{27}", "3") and R.answers_match("\\sqrt{144}", "12")
+
+
 @pytest.mark.parametrize("pred, gold", [("\\$5", "5"), ("\\$18.50", "18.5"), ("\\$1,000", "1000"),
                                         ("10\\,000", "10000"), ("\\boxed{10\\,000}", "10000"), ("10,\\!000", "10000"),
                                         ("1{,}000", "1000"), ("\\dfrac{3}{6}", "0.5"), ("-\\frac{1}{2}", "-0.5"),
