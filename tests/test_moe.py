@@ -373,6 +373,33 @@ def test_gpu_permute_real_shape():
         assert_close(out, ref64, torch.bfloat16, lowp=ref.unpermute(p, rm, w), name=f"{backend} unpermute")
 
 
+@pytest.mark.gpu
+def test_gpu_unpermute_int32_row_map_past_2_31_elements():
+    """An int32 row_map (accepted) whose rows reach r * H >= 2^31 elements (T = 37450, K = 8, H = 7168: rows from
+    299594): the Triton unpermute read and its backward wrote the wrong rows (r * H in int32); forward and gradients
+    now equal those of the same int64 row_map (the CUDA kernels widen it in their binding)."""
+    T, K, H = 37450, 8, 7168
+    x = torch.randn(T * K, H, device="cuda", dtype=torch.bfloat16)
+    rm = torch.randperm(T * K, device="cuda")
+    w = torch.rand(T, K, device="cuda")
+    g = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    for backend in PERMUTE_BACKENDS:
+        outs = []
+        for row_map in (rm, rm.int()):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            out = rk.moe.unpermute(xr, row_map, wr, backend=backend)
+            out.backward(g)
+            outs.append((out.detach(), xr.grad, wr.grad))
+            del xr, wr, out
+        for a, b, name in zip(*outs, ("out", "grad expert_out", "grad topk_weights")):
+            assert torch.equal(a, b), f"{backend} {name}"
+        rows = rm.view(T, K)[-4:]  # the last tokens' rows (most past 2^31 / H) against a direct float64 sum
+        want = (w[-4:, :, None].double() * x[rows].double()).sum(1)
+        assert_close(outs[1][0][-4:], want, torch.bfloat16, name=f"{backend} last tokens")
+        del outs
+    torch.cuda.empty_cache()
+
+
 def test_update_bias_all_reduce_single_rank(tmp_path):
     import torch.distributed as dist
     bias, counts = torch.zeros(4), torch.tensor([1, 2, 3, 6])

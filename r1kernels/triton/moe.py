@@ -130,7 +130,7 @@ def _permute_rows_kernel(h_ptr, row_map_ptr, out_ptr, H, K, BLOCK_H: tl.constexp
     hmask = h < H
     x = tl.load(h_ptr + t * H + h, mask=hmask)
     for k in range(K):
-        r = tl.load(row_map_ptr + t * K + k)
+        r = tl.load(row_map_ptr + t * K + k).to(tl.int64)  # an int32 row_map: r * H past 2^31 at T*K*H of 7168
         tl.store(out_ptr + r * H + h, x, mask=hmask)
 
 
@@ -141,7 +141,7 @@ def _unpermute_rows_kernel(x_ptr, row_map_ptr, w_ptr, out_ptr, H, K, HAS_W: tl.c
     hmask = h < H
     acc = tl.zeros([BLOCK_H], tl.float32)
     for k in range(K):
-        r = tl.load(row_map_ptr + t * K + k)
+        r = tl.load(row_map_ptr + t * K + k).to(tl.int64)
         v = tl.load(x_ptr + r * H + h, mask=hmask, other=0.0).to(tl.float32)
         if HAS_W:
             v = v * tl.load(w_ptr + t * K + k)
@@ -153,7 +153,7 @@ def _unpermute_rows_kernel(x_ptr, row_map_ptr, w_ptr, out_ptr, H, K, HAS_W: tl.c
 def _unpermute_bwd_kernel(g_ptr, x_ptr, row_map_ptr, w_ptr, gx_ptr, gw_ptr, H, K, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # one program per (t, k)
     t = pid // K
-    r = tl.load(row_map_ptr + pid)
+    r = tl.load(row_map_ptr + pid).to(tl.int64)
     wk = tl.load(w_ptr + pid)
     dot = tl.zeros([BLOCK_H], tl.float32)
     for h0 in range(0, H, BLOCK_H):
