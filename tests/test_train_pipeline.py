@@ -55,6 +55,21 @@ def test_recipe_distill_sample(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_shipped_recipe_config_loads_with_r1s_settings(tmp_path):
+    """r1train/configs/r1_recipe.yaml (no test read it): every stage loads and passes its checks; the reasoning-RL
+    stage has R1's KL term (k3 alone, beta 0.001: TRL's default multiplies k3 by the ratio) and clip ratio 10."""
+    import os
+
+    import r1train
+
+    path = os.path.join(os.path.dirname(r1train.__file__), "configs", "r1_recipe.yaml")
+    base, sft, grpo, rej, grpo2 = pipeline.stage_configs(path, [f"output_dir={tmp_path}"], {
+        "sft": "1", "grpo": "2", "rejection": "3", "grpo2": "4"})
+    assert grpo.beta == 0.001 and grpo.use_bias_correction_kl is False and grpo.epsilon == 10.0
+    assert grpo.reward_funcs == ["accuracy", "format", "language"] and grpo2.temperature == 0.7
+    assert base.model_name_or_path == sft.model_name_or_path == rej.model_name_or_path
+
+
 def test_own_model_dir_and_jsonl_data(tmp_path):
     """SFT then GRPO from a local model directory on user jsonl data (chat and plain-string prompts)."""
     rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "answer": str(i + 1),
