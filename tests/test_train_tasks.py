@@ -47,8 +47,9 @@ def test_arith_answers_flaws_and_determinism():
     assert 0.4 < flawed / len(rows) < 0.6
     assert all(accuracy_reward(None, [r["solution"]], answer=[r["answer"]]) == [1.0]
                for r in generate(50, seed=2, spec=spec, flaw_share=0.0))
-    with pytest.raises(ValueError, match="task_ops"):
-        ArithSpec(ops="*")
+    for ops in ("*", "++-", "--"):  # a repeated operator drew it more often, silently
+        with pytest.raises(ValueError, match="task_ops"):
+            ArithSpec(ops=ops)
 
 
 @pytest.mark.parametrize("ops", ["-", "+", "+-"])

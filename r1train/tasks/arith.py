@@ -34,8 +34,9 @@ class ArithSpec:
                              f"{self.min_terms}, {self.max_terms}")
         if self.max_operand < 1:
             raise ValueError(f"task_max_operand must be >= 1, got {self.max_operand}")
-        if not self.ops or set(self.ops) - set("+-"):
-            raise ValueError(f"task_ops must be a non-empty subset of '+-', got {self.ops!r}")
+        # each operator once: '++-' drew '+' twice as often, silently
+        if not self.ops or set(self.ops) - set("+-") or len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"task_ops must be '+', '-' or '+-' (each operator once), got {self.ops!r}")
         if set(self.ops) == {"-"} and self.max_terms - 1 > self.max_operand:
             raise ValueError(f"task_ops='-': every step subtracts at least 1 from the first operand, so "
                              f"task_max_operand ({self.max_operand}) must be >= task_max_terms - 1 "
