@@ -55,7 +55,9 @@ def _read_kernel():
 
 def read_us(ws) -> dict:
     """{'read only: ...': us}: the weights' bytes read by a streaming-sum kernel (each READ config) and torch's sum."""
-    kern, sms = _read_kernel(), torch.cuda.get_device_properties(0).multi_processor_count
+    from r1kernels.triton.device import sm_count
+
+    kern, sms = _read_kernel(), sm_count(ws[0].device)
     out = torch.empty(4 * sms, device=ws[0].device, dtype=torch.float32)
     us = {"read only: torch sum": graph_ms([lambda w=w: w.sum(dtype=torch.float32) for w in ws]) * 1e3}
     for g, b in READ:

@@ -9,11 +9,11 @@ from . import reference as _ref
 __all__ = ["route", "router", "permute", "unpermute", "update_bias", "sequence_aux_loss"]
 
 
-
 def check_gemm_dtype(gemm_dtype) -> None:
     """The router GEMM's dtype: None (fp32, transformers'), torch.float32 or torch.bfloat16."""
     if gemm_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"gemm_dtype must be None, torch.float32 or torch.bfloat16, got {gemm_dtype!r}")
+
 
 def _eager():
     return not torch.compiler.is_compiling()

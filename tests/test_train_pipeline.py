@@ -54,7 +54,6 @@ def test_recipe_distill_sample(tmp_path, monkeypatch):
     assert len(rows) == 6 and set(rows[0]["rewards"]) == {"accuracy", "format"}
 
 
-@pytest.mark.slow
 def test_shipped_recipe_config_loads_with_r1s_settings(tmp_path):
     """r1train/configs/r1_recipe.yaml (no test read it): every stage loads and passes its checks; the reasoning-RL
     stage has R1's KL term (k3 alone, beta 0.001: TRL's default multiplies k3 by the ratio) and clip ratio 10."""
@@ -70,6 +69,7 @@ def test_shipped_recipe_config_loads_with_r1s_settings(tmp_path):
     assert base.model_name_or_path == sft.model_name_or_path == rej.model_name_or_path
 
 
+@pytest.mark.slow
 def test_own_model_dir_and_jsonl_data(tmp_path):
     """SFT then GRPO from a local model directory on user jsonl data (chat and plain-string prompts)."""
     rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "answer": str(i + 1),
